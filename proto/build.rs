@@ -1,0 +1,37 @@
+//! Compiles the gpufleet.v1 protos with protox (pure Rust), so building needs
+//! no system `protoc`.
+
+use std::path::PathBuf;
+
+use prost::Message;
+
+const PROTOS: &[&str] = &[
+    "proto/gpufleet/v1/types.proto",
+    "proto/gpufleet/v1/agent_control.proto",
+    "proto/gpufleet/v1/agent.proto",
+    "proto/gpufleet/v1/jobs.proto",
+    "proto/gpufleet/v1/fleet.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    let descriptors = protox::compile(PROTOS, ["proto"])?;
+    // Served by gRPC reflection and used by the CLI's JSON output.
+    std::fs::write(
+        out_dir.join("gpufleet_descriptor.bin"),
+        descriptors.encode_to_vec(),
+    )?;
+    let mut config = prost_build::Config::new();
+    config.enable_type_names();
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        // `AgentControl.Connect` would clash with the generated `connect`
+        // constructor; clients build a `Channel` and call `new` instead.
+        .build_transport(false)
+        .compile_fds_with_config(descriptors, config)?;
+    Ok(())
+}
