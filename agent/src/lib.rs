@@ -1,1 +1,202 @@
-//! placeholder
+//! gpufleet agent: reports a GPU host's telemetry to the controller and runs
+//! the workloads it is given (or that the local `Agent` API starts).
+//!
+//! [`start`] builds everything and returns a [`RunningAgent`] handle;
+//! `main.rs` only parses configuration and waits for a signal.
+
+pub mod backend;
+pub mod config;
+pub mod service;
+pub mod supervisor;
+pub mod telemetry;
+mod uplink;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use gpufleet_proto::v1::NodeIdentity;
+use gpufleet_proto::v1::agent_server::AgentServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+pub use backend::catalog;
+pub use backend::catalog::{ModelSpec, parse_gpu_declaration};
+pub use backend::GpuBackend;
+pub use config::{AgentConfig, ConfigError, ConfigOverrides, GpuBackendKind, NodeConfig};
+pub use service::AgentService;
+pub use supervisor::{Source, Supervisor, SupervisorError};
+pub use telemetry::Telemetry;
+
+/// A started agent. Call [`RunningAgent::shutdown`] to stop it cleanly.
+#[derive(Debug)]
+pub struct RunningAgent {
+    local_addr: SocketAddr,
+    node_id: String,
+    gpu_uuids: Vec<String>,
+    supervisor: Supervisor,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Builds the GPU backend, the workload supervisor, the sampler, the
+/// controller uplink and the local `Agent` API (with health and reflection),
+/// and starts them. `listener` replaces binding `config.listen` (tests pass
+/// one bound to `127.0.0.1:0`).
+pub async fn start(config: AgentConfig, listener: Option<TcpListener>) -> anyhow::Result<RunningAgent> {
+    config.validate()?;
+    let node_id = config
+        .node
+        .id
+        .clone()
+        .unwrap_or_else(config::default_node_id);
+    let backend = {
+        let config = config.clone();
+        let node_id = node_id.clone();
+        // NVML initialisation blocks (and may take seconds on big hosts).
+        tokio::task::spawn_blocking(move || backend::build(&config, &node_id))
+            .await
+            .context("GPU backend initialisation panicked")??
+    };
+    let gpus = backend.gpus();
+    let gpu_uuids: Vec<String> = gpus.iter().map(|g| g.uuid.clone()).collect();
+    std::fs::create_dir_all(&config.data_dir).with_context(|| {
+        format!("cannot create the data directory {}", config.data_dir.display())
+    })?;
+
+    let identity = NodeIdentity {
+        node_id: node_id.clone(),
+        provider: config.node.provider.clone(),
+        region: config.node.region.clone(),
+        zone: config.node.zone.clone(),
+        instance_type: config.node.instance_type.clone(),
+        price_per_gpu_hour_micro_usd: config.price_micro_usd(),
+        spot: config.node.spot,
+        labels: config.node.labels.clone().into_iter().collect(),
+        hostname: hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    let telemetry = Arc::new(Telemetry::new(identity, backend.as_ref()));
+    let supervisor = Supervisor::new(
+        backend.clone(),
+        config.data_dir.clone(),
+        config.stop_grace_period,
+    );
+
+    let listener = match listener {
+        Some(l) => l,
+        None => TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?,
+    };
+    let local_addr = listener.local_addr().context("listener has no local address")?;
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(telemetry.clone().run_sampler(
+        backend.clone(),
+        config.sample_interval,
+        shutdown_rx.clone(),
+    )));
+    let uplink = uplink::Uplink::new(
+        config.controller.clone(),
+        config.join_token.clone(),
+        config.sample_interval,
+        supervisor.clone(),
+        telemetry.clone(),
+    );
+    tasks.push(tokio::spawn(uplink.run(shutdown_rx.clone())));
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<AgentServer<AgentService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(gpufleet_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("cannot build the gRPC reflection service")?;
+    let service = AgentService::new(supervisor.clone(), telemetry);
+    let mut server_shutdown = shutdown_rx;
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(AgentServer::new(service))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = server_shutdown.wait_for(|s| *s).await;
+            }),
+    );
+    info!(
+        %node_id,
+        listen = %local_addr,
+        backend = backend.name(),
+        gpus = gpu_uuids.len(),
+        controller = %config.controller,
+        "agent started"
+    );
+    Ok(RunningAgent {
+        local_addr,
+        node_id,
+        gpu_uuids,
+        supervisor,
+        shutdown,
+        server,
+        tasks,
+    })
+}
+
+impl RunningAgent {
+    /// Address the local `Agent` API actually listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// UUIDs of this node's GPUs, in index order.
+    pub fn gpu_uuids(&self) -> Vec<String> {
+        self.gpu_uuids.clone()
+    }
+
+    /// The workload manager, for embedding and tests.
+    pub fn supervisor(&self) -> &Supervisor {
+        &self.supervisor
+    }
+
+    /// Stops the uplink, the sampler and the local API, then stops every
+    /// running workload (SIGTERM, grace period, SIGKILL) so nothing is left
+    /// orphaned. A task's panic is re-raised as an error.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        // Workloads first: a following log stream ends only when its
+        // workload does, and the server drains open streams before exiting.
+        self.supervisor.shutdown().await;
+        let mut first_error = None;
+        for task in self.tasks {
+            if let Err(e) = task.await {
+                first_error.get_or_insert_with(|| anyhow::anyhow!("agent task failed: {e}"));
+            }
+        }
+        match self.server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                first_error.get_or_insert_with(|| anyhow::anyhow!("local API server failed: {e}"));
+            }
+            Err(e) => {
+                first_error.get_or_insert_with(|| anyhow::anyhow!("local API server task failed: {e}"));
+            }
+        }
+        info!("agent stopped");
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,1 +1,176 @@
-fn main() {}
+//! `gpufleet-agent`: parse config → init tracing → start → wait for
+//! SIGINT/SIGTERM → shut down with a deadline.
+//!
+//! Exit codes: 0 clean stop, 1 runtime failure, 2 bad configuration.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use gpufleet_agent::{AgentConfig, ConfigOverrides};
+use tracing::{info, warn};
+use tracing_subscriber::EnvFilter;
+
+const EXIT_RUNTIME: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+
+/// GPU host agent of gpufleet: reports GPU telemetry to the controller and
+/// runs the workloads it is given.
+///
+/// Every option is also an environment variable and a key of the TOML file
+/// given with --config. Precedence: flag > environment > file > default.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// TOML config file.
+    #[arg(long, env = "GPUFLEET_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Controller URL [default: http://127.0.0.1:7070].
+    #[arg(long, env = "GPUFLEET_CONTROLLER", value_name = "URL")]
+    controller: Option<String>,
+    /// Token proving this agent may join the controller [default: none].
+    #[arg(long, env = "GPUFLEET_JOIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// Node id [default: /etc/machine-id, else the hostname].
+    #[arg(long, env = "GPUFLEET_NODE_ID", value_name = "ID")]
+    node_id: Option<String>,
+    /// Cloud or owner, e.g. aws, azure, lambda [default: onprem].
+    #[arg(long, env = "GPUFLEET_PROVIDER")]
+    provider: Option<String>,
+    /// Provider region, e.g. us-east-1 [default: local].
+    #[arg(long, env = "GPUFLEET_REGION")]
+    region: Option<String>,
+    /// Availability zone [default: none].
+    #[arg(long, env = "GPUFLEET_ZONE")]
+    zone: Option<String>,
+    /// Instance type, e.g. p5.48xlarge [default: none].
+    #[arg(long, env = "GPUFLEET_INSTANCE_TYPE")]
+    instance_type: Option<String>,
+    /// Price of one GPU for one hour, in USD [default: 0].
+    #[arg(long, env = "GPUFLEET_PRICE_PER_GPU_HOUR", value_name = "USD")]
+    price_per_gpu_hour: Option<String>,
+    /// Spot / preemptible capacity [default: false].
+    #[arg(long, env = "GPUFLEET_SPOT", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    spot: Option<String>,
+    /// Node labels, k=v,k=v [default: none].
+    #[arg(long, env = "GPUFLEET_LABELS", value_name = "K=V,...")]
+    labels: Option<String>,
+    /// GPU backend: nvml or simulated [default: nvml].
+    #[arg(long, env = "GPUFLEET_GPU_BACKEND", value_name = "nvml|simulated")]
+    gpu_backend: Option<String>,
+    /// Simulated GPUs, e.g. 8xH100-SXM-80GB or 2xL4,1xT4.
+    #[arg(long, env = "GPUFLEET_SIMULATED_GPUS", value_name = "LIST")]
+    simulated_gpus: Option<String>,
+    /// Directory for allocation files and logs [default: /var/lib/gpufleet-agent].
+    #[arg(long, env = "GPUFLEET_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<String>,
+    /// GPU sampling and telemetry interval [default: 5s].
+    #[arg(long, env = "GPUFLEET_SAMPLE_INTERVAL", value_name = "DURATION")]
+    sample_interval: Option<String>,
+    /// Address of the local Agent API [default: 127.0.0.1:7071].
+    #[arg(long, env = "GPUFLEET_LISTEN", value_name = "ADDR")]
+    listen: Option<String>,
+    /// Time between SIGTERM and SIGKILL when stopping a workload [default: 10s].
+    #[arg(long, env = "GPUFLEET_STOP_GRACE_PERIOD", value_name = "DURATION")]
+    stop_grace_period: Option<String>,
+    /// Log format.
+    #[arg(long, env = "GPUFLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Args {
+    fn overrides(self) -> ConfigOverrides {
+        ConfigOverrides {
+            config: self.config,
+            controller: self.controller,
+            join_token: self.join_token,
+            node_id: self.node_id,
+            provider: self.provider,
+            region: self.region,
+            zone: self.zone,
+            instance_type: self.instance_type,
+            price_per_gpu_hour: self.price_per_gpu_hour,
+            spot: self.spot,
+            labels: self.labels,
+            gpu_backend: self.gpu_backend,
+            simulated_gpus: self.simulated_gpus,
+            data_dir: self.data_dir,
+            sample_interval: self.sample_interval,
+            listen: self.listen,
+            stop_grace_period: self.stop_grace_period,
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("GPUFLEET_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let log_format = args.log_format;
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let config = match AgentConfig::load(&env, args.overrides()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gpufleet-agent: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_tracing(log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gpufleet-agent: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes.
+            eprintln!("gpufleet-agent: {e:#}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    // Workloads get their grace period, plus time for the rest.
+    let deadline = config.stop_grace_period + Duration::from_secs(5);
+    let agent = gpufleet_agent::start(config, None).await?;
+    wait_for_signal().await?;
+    info!("shutting down");
+    match tokio::time::timeout(deadline, agent.shutdown()).await {
+        Ok(result) => result,
+        Err(_) => {
+            warn!(?deadline, "shutdown did not finish in time; exiting anyway");
+            Ok(())
+        }
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

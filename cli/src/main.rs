@@ -1,1 +1,84 @@
-fn main() {}
+//! `gpufleet`: the command line for operators and scripts.
+
+// A binary crate: nothing is reachable from outside, so `pub` only marks
+// what modules share.
+#![allow(unreachable_pub)]
+
+mod client;
+mod commands;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::output::Format;
+
+/// gpufleet: one GPU fleet across clouds and regions.
+#[derive(Debug, Parser)]
+#[command(name = "gpufleet", version, propagate_version = true)]
+pub struct Cli {
+    /// Controller address.
+    #[arg(
+        long,
+        global = true,
+        env = "GPUFLEET_CONTROLLER",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    pub controller: String,
+    /// Output format: human-readable table, or JSON (protobuf JSON mapping;
+    /// one object per line for streams).
+    #[arg(short, long, global = true, value_enum, default_value = "table")]
+    pub output: Format,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a local fleet: an embedded controller plus simulated GPU agents
+    /// across several providers and regions, talking real gRPC on loopback.
+    Dev(commands::dev::DevArgs),
+    /// List the fleet's nodes, or show one.
+    Nodes(commands::nodes::NodesArgs),
+    /// GPU capacity: total, healthy, allocated and free, grouped.
+    Capacity(commands::nodes::CapacityArgs),
+    /// Submit, inspect, cancel and follow jobs.
+    Jobs(commands::jobs::JobsArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", client::describe(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Dev(args) => commands::dev::run(args).await,
+        Command::Nodes(args) => commands::nodes::nodes(&cli.controller, cli.output, args).await,
+        Command::Capacity(args) => {
+            commands::nodes::capacity(&cli.controller, cli.output, args).await
+        }
+        Command::Jobs(args) => commands::jobs::run(&cli.controller, cli.output, args).await,
+    }
+}
+
+pub(crate) fn now() -> prost_types::Timestamp {
+    prost_types::Timestamp::from(std::time::SystemTime::now())
+}

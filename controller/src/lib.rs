@@ -1,1 +1,15 @@
-//! placeholder
+//! The gpufleet controller: node registry with leases, job store and
+//! scheduler, and the gRPC API for agents, schedulers and operators.
+
+pub mod config;
+pub mod error;
+pub mod scheduler;
+pub mod server;
+pub mod service;
+pub mod state;
+pub mod store;
+pub mod validate;
+
+pub use config::ControllerConfig;
+pub use server::{RunningController, start};
+pub use state::Controller;

@@ -1,1 +1,124 @@
-fn main() {}
+//! `gpufleet-controller`: config → tracing → serve → wait for a signal → drain.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use gpufleet_controller::config::{ConfigFile, ControllerConfig};
+
+/// The gpufleet controller: aggregates GPU capacity across clouds and
+/// regions, schedules jobs onto agents, and serves the gRPC API.
+#[derive(Debug, Parser)]
+#[command(name = "gpufleet-controller", version)]
+struct Args {
+    /// TOML config file; flags and GPUFLEET_* variables override its keys.
+    #[arg(long, env = "GPUFLEET_CONFIG")]
+    config: Option<PathBuf>,
+    /// gRPC listen address [default: 127.0.0.1:7070].
+    #[arg(long)]
+    listen: Option<String>,
+    /// Directory of the embedded store [default: /var/lib/gpufleet/controller].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Token agents must present to join; empty accepts any agent.
+    #[arg(long)]
+    join_token: Option<String>,
+    /// Silence after which a node is NotReady [default: 15s].
+    #[arg(long)]
+    node_not_ready_after: Option<String>,
+    /// Silence after which a node is Lost and its jobs end [default: 60s].
+    #[arg(long)]
+    node_lost_after: Option<String>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Log format.
+    #[arg(long, env = "GPUFLEET_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+/// Exit code for configuration errors, distinct from runtime failures (1).
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let env: std::collections::HashMap<String, String> = std::env::vars().collect();
+    let overrides = ConfigFile {
+        listen: args.listen.clone(),
+        data_dir: args.data_dir.clone(),
+        join_token: args.join_token.clone(),
+        node_not_ready_after: args.node_not_ready_after.clone(),
+        node_lost_after: args.node_lost_after.clone(),
+    };
+    let config = match ControllerConfig::load(args.config.as_deref(), &env, overrides) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("gpufleet-controller: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if args.print_config {
+        print!("{}", config.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    init_tracing(&args.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("gpufleet-controller: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gpufleet-controller: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: ControllerConfig) -> anyhow::Result<()> {
+    let running = gpufleet_controller::start(config, None).await?;
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    running.shutdown().await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GPUFLEET_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,543 @@
+//! Agent configuration: one TOML file, every key also an environment
+//! variable (`GPUFLEET_*`) and a command-line flag.
+//!
+//! Precedence: flag > environment > file > default. The loader takes the
+//! environment as a map so tests never touch the process environment.
+//!
+//! Defaults:
+//! - `controller`: `http://127.0.0.1:7070`
+//! - `join_token`: empty
+//! - `node.id`: the contents of `/etc/machine-id`, else the hostname
+//! - `node.provider`: `onprem`; `node.region`: `local`; `zone`, `instance_type`: empty
+//! - `node.price_per_gpu_hour_usd`: 0; `node.spot`: false; `node.labels`: none
+//! - `gpu_backend`: `nvml`; `simulated_gpus`: none (required with `simulated`)
+//! - `data_dir`: `/var/lib/gpufleet-agent`
+//! - `sample_interval`: 5s; `listen`: `127.0.0.1:7071`; `stop_grace_period`: 10s
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::backend::catalog;
+
+pub const DEFAULT_CONTROLLER: &str = "http://127.0.0.1:7070";
+pub const DEFAULT_PROVIDER: &str = "onprem";
+pub const DEFAULT_REGION: &str = "local";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/gpufleet-agent";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7071";
+pub const DEFAULT_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+pub const DEFAULT_STOP_GRACE_PERIOD: Duration = Duration::from_secs(10);
+/// Environment variable naming the config file.
+pub const CONFIG_ENV: &str = "GPUFLEET_CONFIG";
+
+/// Everything the agent needs to run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    /// Controller URL, e.g. `http://127.0.0.1:7070`.
+    pub controller: String,
+    /// Sent in `AgentHello.join_token` (may be empty).
+    pub join_token: String,
+    pub node: NodeConfig,
+    pub gpu_backend: GpuBackendKind,
+    /// Declarations such as `8xH100-SXM-80GB`, for the simulated backend.
+    pub simulated_gpus: Vec<String>,
+    /// Per-allocation directories and logs live under here.
+    pub data_dir: PathBuf,
+    pub sample_interval: Duration,
+    /// Local `Agent` API address.
+    pub listen: SocketAddr,
+    /// Default time between SIGTERM and SIGKILL when stopping a workload.
+    pub stop_grace_period: Duration,
+}
+
+/// Who this node is and what it costs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeConfig {
+    /// `None`: `/etc/machine-id`, else the hostname (see [`default_node_id`]).
+    pub id: Option<String>,
+    pub provider: String,
+    pub region: String,
+    pub zone: String,
+    pub instance_type: String,
+    pub price_per_gpu_hour_usd: f64,
+    pub spot: bool,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuBackendKind {
+    Nvml,
+    Simulated,
+}
+
+impl FromStr for GpuBackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "nvml" => Ok(Self::Nvml),
+            "simulated" | "sim" => Ok(Self::Simulated),
+            other => Err(format!("unknown GPU backend {other:?}; expected nvml or simulated")),
+        }
+    }
+}
+
+/// Why the configuration could not be loaded. One line each.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// The config file. Keys mirror [`AgentConfig`]; unknown keys are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    controller: Option<String>,
+    join_token: Option<String>,
+    gpu_backend: Option<String>,
+    simulated_gpus: Option<Vec<String>>,
+    data_dir: Option<PathBuf>,
+    sample_interval: Option<String>,
+    listen: Option<String>,
+    stop_grace_period: Option<String>,
+    #[serde(default)]
+    node: FileNode,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileNode {
+    id: Option<String>,
+    provider: Option<String>,
+    region: Option<String>,
+    zone: Option<String>,
+    instance_type: Option<String>,
+    price_per_gpu_hour_usd: Option<f64>,
+    spot: Option<bool>,
+    labels: Option<BTreeMap<String, String>>,
+}
+
+/// Values given on the command line, as text, so that flags and environment
+/// variables go through the same parsing and errors. `None` = not given.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigOverrides {
+    pub config: Option<PathBuf>,
+    pub controller: Option<String>,
+    pub join_token: Option<String>,
+    pub node_id: Option<String>,
+    pub provider: Option<String>,
+    pub region: Option<String>,
+    pub zone: Option<String>,
+    pub instance_type: Option<String>,
+    pub price_per_gpu_hour: Option<String>,
+    pub spot: Option<String>,
+    pub labels: Option<String>,
+    pub gpu_backend: Option<String>,
+    pub simulated_gpus: Option<String>,
+    pub data_dir: Option<String>,
+    pub sample_interval: Option<String>,
+    pub listen: Option<String>,
+    pub stop_grace_period: Option<String>,
+}
+
+/// (field, environment variable) for every key, in one table.
+macro_rules! for_each_key {
+    ($m:ident) => {
+        $m!(controller, "GPUFLEET_CONTROLLER");
+        $m!(join_token, "GPUFLEET_JOIN_TOKEN");
+        $m!(node_id, "GPUFLEET_NODE_ID");
+        $m!(provider, "GPUFLEET_PROVIDER");
+        $m!(region, "GPUFLEET_REGION");
+        $m!(zone, "GPUFLEET_ZONE");
+        $m!(instance_type, "GPUFLEET_INSTANCE_TYPE");
+        $m!(price_per_gpu_hour, "GPUFLEET_PRICE_PER_GPU_HOUR");
+        $m!(spot, "GPUFLEET_SPOT");
+        $m!(labels, "GPUFLEET_LABELS");
+        $m!(gpu_backend, "GPUFLEET_GPU_BACKEND");
+        $m!(simulated_gpus, "GPUFLEET_SIMULATED_GPUS");
+        $m!(data_dir, "GPUFLEET_DATA_DIR");
+        $m!(sample_interval, "GPUFLEET_SAMPLE_INTERVAL");
+        $m!(listen, "GPUFLEET_LISTEN");
+        $m!(stop_grace_period, "GPUFLEET_STOP_GRACE_PERIOD");
+    };
+}
+
+impl ConfigOverrides {
+    /// Reads the `GPUFLEET_*` variables out of an environment map.
+    pub fn from_env(env: &HashMap<String, String>) -> Self {
+        let mut o = Self {
+            config: env.get(CONFIG_ENV).filter(|v| !v.is_empty()).map(PathBuf::from),
+            ..Self::default()
+        };
+        macro_rules! take {
+            ($field:ident, $var:literal) => {
+                o.$field = env.get($var).cloned();
+            };
+        }
+        for_each_key!(take);
+        o
+    }
+
+    /// `self` where set, else `lower`.
+    fn or(self, lower: Self) -> Self {
+        let mut o = self;
+        o.config = o.config.or(lower.config);
+        macro_rules! merge {
+            ($field:ident, $var:literal) => {
+                o.$field = o.$field.or(lower.$field);
+            };
+        }
+        for_each_key!(merge);
+        o
+    }
+}
+
+fn parse_duration(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| invalid(key, format!("{s:?} is not a duration like \"5s\" ({e})")))
+}
+
+fn parse_bool(key: &'static str, s: &str) -> Result<bool, ConfigError> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" | "" => Ok(false),
+        _ => Err(invalid(key, format!("{s:?} is not true or false"))),
+    }
+}
+
+/// Parses `k=v,k=v` labels.
+fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut labels = BTreeMap::new();
+    for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| invalid("labels", format!("{pair:?} is not key=value")))?;
+        let k = k.trim();
+        if k.is_empty() {
+            return Err(invalid("labels", format!("{pair:?} has an empty key")));
+        }
+        labels.insert(k.to_string(), v.trim().to_string());
+    }
+    Ok(labels)
+}
+
+fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+impl AgentConfig {
+    /// Loads the configuration: the file named by `overrides.config` or
+    /// `GPUFLEET_CONFIG` (optional), then `GPUFLEET_*` variables from `env`,
+    /// then `overrides` (the command line), then validates the result.
+    pub fn load(
+        env: &HashMap<String, String>,
+        overrides: ConfigOverrides,
+    ) -> Result<Self, ConfigError> {
+        let o = overrides.or(ConfigOverrides::from_env(env));
+        let file = match &o.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let node = NodeConfig {
+            id: o.node_id.or(file.node.id).filter(|s| !s.trim().is_empty()),
+            provider: o
+                .provider
+                .or(file.node.provider)
+                .unwrap_or_else(|| DEFAULT_PROVIDER.into()),
+            region: o
+                .region
+                .or(file.node.region)
+                .unwrap_or_else(|| DEFAULT_REGION.into()),
+            zone: o.zone.or(file.node.zone).unwrap_or_default(),
+            instance_type: o.instance_type.or(file.node.instance_type).unwrap_or_default(),
+            price_per_gpu_hour_usd: match o.price_per_gpu_hour {
+                Some(s) => s.trim().parse().map_err(|_| {
+                    invalid("price_per_gpu_hour_usd", format!("{s:?} is not a number"))
+                })?,
+                None => file.node.price_per_gpu_hour_usd.unwrap_or(0.0),
+            },
+            spot: match o.spot {
+                Some(s) => parse_bool("spot", &s)?,
+                None => file.node.spot.unwrap_or(false),
+            },
+            labels: match o.labels {
+                Some(s) => parse_labels(&s)?,
+                None => file.node.labels.unwrap_or_default(),
+            },
+        };
+        let config = AgentConfig {
+            controller: o
+                .controller
+                .or(file.controller)
+                .unwrap_or_else(|| DEFAULT_CONTROLLER.into()),
+            join_token: o.join_token.or(file.join_token).unwrap_or_default(),
+            node,
+            gpu_backend: match o.gpu_backend.or(file.gpu_backend) {
+                Some(s) => s.parse().map_err(|e| invalid("gpu_backend", e))?,
+                None => GpuBackendKind::Nvml,
+            },
+            simulated_gpus: match o.simulated_gpus {
+                Some(s) => split_list(&s),
+                None => file.simulated_gpus.unwrap_or_default(),
+            },
+            data_dir: o
+                .data_dir
+                .map(PathBuf::from)
+                .or(file.data_dir)
+                .unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            sample_interval: match o.sample_interval.or(file.sample_interval) {
+                Some(s) => parse_duration("sample_interval", &s)?,
+                None => DEFAULT_SAMPLE_INTERVAL,
+            },
+            listen: {
+                let s = o.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.into());
+                s.trim().parse().map_err(|_| {
+                    invalid("listen", format!("{s:?} is not an address like 127.0.0.1:7071"))
+                })?
+            },
+            stop_grace_period: match o.stop_grace_period.or(file.stop_grace_period) {
+                Some(s) => parse_duration("stop_grace_period", &s)?,
+                None => DEFAULT_STOP_GRACE_PERIOD,
+            },
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but make no sense.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let url = self.controller.trim();
+        if !(url.starts_with("http://") || url.starts_with("https://"))
+            || tonic::transport::Endpoint::from_shared(url.to_string()).is_err()
+        {
+            return Err(invalid(
+                "controller",
+                format!("{url:?} is not a URL like http://controller:7070"),
+            ));
+        }
+        let price = self.node.price_per_gpu_hour_usd;
+        if !price.is_finite() || price < 0.0 {
+            return Err(invalid(
+                "price_per_gpu_hour_usd",
+                format!("{price} must be a finite number >= 0"),
+            ));
+        }
+        if self.node.provider.trim().is_empty() {
+            return Err(invalid("provider", "must not be empty"));
+        }
+        if self.node.region.trim().is_empty() {
+            return Err(invalid("region", "must not be empty"));
+        }
+        if self.sample_interval.is_zero() {
+            return Err(invalid("sample_interval", "must be greater than zero"));
+        }
+        if self.gpu_backend == GpuBackendKind::Simulated {
+            if self.simulated_gpus.is_empty() {
+                return Err(invalid(
+                    "simulated_gpus",
+                    "the simulated backend needs at least one declaration, e.g. 8xH100-SXM-80GB",
+                ));
+            }
+            for decl in &self.simulated_gpus {
+                catalog::parse_gpu_declaration(decl)
+                    .map_err(|e| invalid("simulated_gpus", e.to_string()))?;
+            }
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// Price in integer micro-USD, as the protos carry it.
+    pub fn price_micro_usd(&self) -> u64 {
+        (self.node.price_per_gpu_hour_usd * 1_000_000.0).round() as u64
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        // toml's message spans several lines (it quotes the source); keep the
+        // first line, which names the key, plus the position.
+        message: one_line_toml_error(&e),
+    })
+}
+
+fn one_line_toml_error(e: &toml::de::Error) -> String {
+    let msg = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => format!("{msg} (at byte {})", span.start),
+        None => msg,
+    }
+}
+
+/// The node id used when none is configured: `/etc/machine-id` (trimmed),
+/// else the hostname, else `localhost`.
+pub fn default_node_id() -> String {
+    std::fs::read_to_string("/etc/machine-id")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| {
+            hostname::get()
+                .ok()
+                .map(|h| h.to_string_lossy().into_owned())
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name)
+    }
+
+    #[test]
+    fn defaults_apply_without_any_source() {
+        let c = AgentConfig::load(&HashMap::new(), ConfigOverrides::default()).unwrap();
+        assert_eq!(c.controller, DEFAULT_CONTROLLER);
+        assert_eq!(c.node.provider, "onprem");
+        assert_eq!(c.node.region, "local");
+        assert_eq!(c.node.id, None);
+        assert_eq!(c.gpu_backend, GpuBackendKind::Nvml);
+        assert_eq!(c.sample_interval, Duration::from_secs(5));
+        assert_eq!(c.stop_grace_period, Duration::from_secs(10));
+        assert_eq!(c.listen, "127.0.0.1:7071".parse().unwrap());
+    }
+
+    #[test]
+    fn flag_beats_env_beats_file() {
+        let path = fixture("full.toml");
+        let e = env(&[
+            ("GPUFLEET_CONFIG", path.to_str().unwrap()),
+            ("GPUFLEET_REGION", "eu-west-1"),
+            ("GPUFLEET_ZONE", "eu-west-1b"),
+            ("GPUFLEET_LABELS", "team=ml, tier=gold"),
+            ("GPUFLEET_SAMPLE_INTERVAL", "2s"),
+        ]);
+        let flags = ConfigOverrides {
+            zone: Some("eu-west-1c".into()),
+            spot: Some("false".into()),
+            ..Default::default()
+        };
+        let c = AgentConfig::load(&e, flags).unwrap();
+        // File only.
+        assert_eq!(c.node.provider, "aws");
+        assert_eq!(c.node.id.as_deref(), Some("gpu-node-1"));
+        assert_eq!(c.simulated_gpus, ["8xH100-SXM-80GB"]);
+        assert_eq!(c.gpu_backend, GpuBackendKind::Simulated);
+        assert!((c.node.price_per_gpu_hour_usd - 3.93).abs() < 1e-9);
+        assert_eq!(c.price_micro_usd(), 3_930_000);
+        assert_eq!(c.stop_grace_period, Duration::from_secs(30));
+        // Env over file.
+        assert_eq!(c.node.region, "eu-west-1");
+        assert_eq!(c.sample_interval, Duration::from_secs(2));
+        assert_eq!(
+            c.node.labels,
+            BTreeMap::from([("team".into(), "ml".into()), ("tier".into(), "gold".into())])
+        );
+        // Flag over env and file (the file says spot = true).
+        assert_eq!(c.node.zone, "eu-west-1c");
+        assert!(!c.node.spot);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let flags = ConfigOverrides {
+            config: Some(fixture("unknown_key.toml")),
+            ..Default::default()
+        };
+        let err = AgentConfig::load(&HashMap::new(), flags).unwrap_err().to_string();
+        assert!(err.contains("sample_intervall"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("GPUFLEET_PRICE_PER_GPU_HOUR", "-1", "price_per_gpu_hour_usd"),
+            ("GPUFLEET_PRICE_PER_GPU_HOUR", "NaN", "price_per_gpu_hour_usd"),
+            ("GPUFLEET_PRICE_PER_GPU_HOUR", "cheap", "price_per_gpu_hour_usd"),
+            ("GPUFLEET_SAMPLE_INTERVAL", "0s", "sample_interval"),
+            ("GPUFLEET_SAMPLE_INTERVAL", "soon", "sample_interval"),
+            ("GPUFLEET_PROVIDER", " ", "provider"),
+            ("GPUFLEET_REGION", "", "region"),
+            ("GPUFLEET_GPU_BACKEND", "cuda", "gpu_backend"),
+            ("GPUFLEET_LISTEN", "localhost", "listen"),
+            ("GPUFLEET_CONTROLLER", "controller:7070", "controller"),
+            ("GPUFLEET_LABELS", "novalue", "labels"),
+            ("GPUFLEET_SPOT", "maybe", "spot"),
+        ];
+        for (var, value, key) in cases {
+            let err = AgentConfig::load(&env(&[(var, value)]), ConfigOverrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{var}={value}: {err}");
+        }
+        let err = AgentConfig::load(
+            &env(&[("GPUFLEET_GPU_BACKEND", "simulated"), ("GPUFLEET_SIMULATED_GPUS", "2xH101")]),
+            ConfigOverrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("H100-SXM-80GB"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let flags = ConfigOverrides {
+            config: Some(fixture("does-not-exist.toml")),
+            ..Default::default()
+        };
+        let err = AgentConfig::load(&HashMap::new(), flags).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let flags = ConfigOverrides {
+            config: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("example-config.toml")),
+            ..Default::default()
+        };
+        AgentConfig::load(&HashMap::new(), flags).unwrap();
+    }
+}

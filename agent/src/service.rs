@@ -1,0 +1,149 @@
+//! The local `Agent` gRPC API: adapters that validate a request, call the
+//! supervisor or backend, and map domain errors to `Status` in one place.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gpufleet_proto::v1::agent_server::Agent;
+use gpufleet_proto::v1::{
+    GetTelemetryRequest, GetTelemetryResponse, ListWorkloadsRequest, ListWorkloadsResponse,
+    LogChunk, RunWorkloadRequest, StopWorkloadRequest, StreamLogsRequest, WorkloadStatus,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::supervisor::{Supervisor, SupervisorError};
+use crate::telemetry::Telemetry;
+
+/// How often a following log stream looks for new output.
+const FOLLOW_POLL: Duration = Duration::from_millis(200);
+const STREAM_CAPACITY: usize = 16;
+
+/// The one place domain errors become gRPC statuses.
+pub(crate) fn to_status(err: SupervisorError) -> Status {
+    let msg = err.to_string();
+    match err {
+        SupervisorError::InvalidArgument { .. } => Status::invalid_argument(msg),
+        SupervisorError::NotFound(_) => Status::not_found(msg),
+        SupervisorError::AlreadyExists(_) => Status::already_exists(msg),
+        SupervisorError::GpuBusy { .. } => Status::failed_precondition(msg),
+        SupervisorError::Log { .. } => Status::internal(msg),
+        SupervisorError::ShuttingDown => Status::unavailable(msg),
+    }
+}
+
+/// Implements `gpufleet.v1.Agent`.
+#[derive(Debug, Clone)]
+pub struct AgentService {
+    supervisor: Supervisor,
+    telemetry: Arc<Telemetry>,
+}
+
+impl AgentService {
+    pub fn new(supervisor: Supervisor, telemetry: Arc<Telemetry>) -> Self {
+        Self {
+            supervisor,
+            telemetry,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn run_workload(
+        &self,
+        request: Request<RunWorkloadRequest>,
+    ) -> Result<Response<WorkloadStatus>, Status> {
+        let allocation = request
+            .into_inner()
+            .allocation
+            .ok_or_else(|| Status::invalid_argument("invalid allocation: missing"))?;
+        self.supervisor
+            .run_local(allocation)
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    async fn stop_workload(
+        &self,
+        request: Request<StopWorkloadRequest>,
+    ) -> Result<Response<WorkloadStatus>, Status> {
+        let req = request.into_inner();
+        let grace = (req.grace_period_seconds > 0)
+            .then(|| Duration::from_secs(u64::from(req.grace_period_seconds)));
+        self.supervisor
+            .stop(&req.allocation_id, grace)
+            .await
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    async fn list_workloads(
+        &self,
+        _request: Request<ListWorkloadsRequest>,
+    ) -> Result<Response<ListWorkloadsResponse>, Status> {
+        Ok(Response::new(ListWorkloadsResponse {
+            workloads: self.supervisor.statuses(),
+        }))
+    }
+
+    async fn get_telemetry(
+        &self,
+        _request: Request<GetTelemetryRequest>,
+    ) -> Result<Response<GetTelemetryResponse>, Status> {
+        let t = &self.telemetry;
+        Ok(Response::new(GetTelemetryResponse {
+            identity: Some(t.identity.clone()),
+            gpus: t.gpus.clone(),
+            samples: t.latest().as_ref().clone(),
+            driver_version: t.driver_version.clone(),
+            backend: t.backend_name.to_string(),
+        }))
+    }
+
+    type StreamLogsStream = ReceiverStream<Result<LogChunk, Status>>;
+
+    async fn stream_logs(
+        &self,
+        request: Request<StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        let req = request.into_inner();
+        // Fail fast (before the stream opens) for a bad or unknown id.
+        let first = self
+            .supervisor
+            .read_log(&req.allocation_id, req.offset, 0)
+            .await
+            .map_err(to_status)?;
+        let (tx, rx) = mpsc::channel(STREAM_CAPACITY);
+        let supervisor = self.supervisor.clone();
+        tokio::spawn(async move {
+            let mut chunk = first;
+            loop {
+                let next_offset = chunk.offset + chunk.data.len() as u64;
+                let eof = chunk.eof;
+                let has_data = !chunk.data.is_empty();
+                if (has_data || eof) && tx.send(Ok(chunk)).await.is_err() {
+                    return; // The client went away.
+                }
+                if eof || (!req.follow && !has_data) {
+                    return;
+                }
+                if !has_data {
+                    tokio::select! {
+                        _ = tokio::time::sleep(FOLLOW_POLL) => {}
+                        _ = tx.closed() => return,
+                    }
+                }
+                chunk = match supervisor.read_log(&req.allocation_id, next_offset, 0).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = tx.send(Err(to_status(e))).await;
+                        return;
+                    }
+                };
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

@@ -1,0 +1,54 @@
+//! Connecting to the controller, and turning failures into one clear line.
+
+use anyhow::Context;
+use gpufleet_proto::v1::fleet_client::FleetClient;
+use gpufleet_proto::v1::jobs_client::JobsClient;
+use tonic::transport::{Channel, Endpoint};
+
+pub async fn channel(address: &str) -> anyhow::Result<Channel> {
+    let uri = if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    };
+    let endpoint = Endpoint::from_shared(uri.clone())
+        .with_context(|| {
+            format!(
+                "--controller {address:?} is not a valid address; use e.g. http://127.0.0.1:7070"
+            )
+        })?
+        .connect_timeout(std::time::Duration::from_secs(5));
+    endpoint.connect().await.with_context(|| {
+        format!(
+            "cannot reach the controller at {uri}; is it running? Start a local one with `gpufleet dev`, or point --controller / GPUFLEET_CONTROLLER at yours"
+        )
+    })
+}
+
+pub async fn jobs(address: &str) -> anyhow::Result<JobsClient<Channel>> {
+    Ok(JobsClient::new(channel(address).await?))
+}
+
+pub async fn fleet(address: &str) -> anyhow::Result<FleetClient<Channel>> {
+    Ok(FleetClient::new(channel(address).await?))
+}
+
+/// The error chain as one line; gRPC statuses show their code and message.
+pub fn describe(err: &anyhow::Error) -> String {
+    if let Some(status) = err.downcast_ref::<tonic::Status>() {
+        return format!("{} ({:?})", status.message(), status.code());
+    }
+    let mut text = err.to_string();
+    for cause in err.chain().skip(1) {
+        if let Some(status) = cause.downcast_ref::<tonic::Status>() {
+            text.push_str(&format!(": {} ({:?})", status.message(), status.code()));
+            break;
+        }
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}

@@ -1,0 +1,333 @@
+//! `gpufleet dev`: the whole system on one machine. An embedded controller
+//! and one simulated agent per node, each a real gRPC peer on loopback.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use gpufleet_agent::{AgentConfig, GpuBackendKind, NodeConfig, RunningAgent};
+use gpufleet_controller::{ControllerConfig, RunningController};
+use gpufleet_proto::v1::{JobSpec, JobState, NodeState, WorkloadSpec};
+use tokio::net::TcpListener;
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Controller listen address; 127.0.0.1:0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Keep state here (survives restarts); default: a temporary directory
+    /// removed on exit.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Do not run the demo job at start.
+    #[arg(long)]
+    no_demo: bool,
+    /// Start, run the demo job, print the results and exit (for CI and scripts).
+    #[arg(long)]
+    exit_after_demo: bool,
+}
+
+/// One simulated node of the default fleet.
+struct DevNode {
+    id: &'static str,
+    provider: &'static str,
+    region: &'static str,
+    zone: &'static str,
+    instance_type: &'static str,
+    gpus: &'static str,
+    /// On-demand list price per GPU-hour, USD (late-2025 public prices).
+    price: f64,
+    spot: bool,
+}
+
+/// Four providers, five regions, three generations (Hopper, Ampere, Ada).
+const FLEET: &[DevNode] = &[
+    DevNode {
+        id: "aws-use1-p5-0",
+        provider: "aws",
+        region: "us-east-1",
+        zone: "us-east-1a",
+        instance_type: "p5.48xlarge",
+        gpus: "8xH100-SXM-80GB",
+        price: 3.93,
+        spot: false,
+    },
+    DevNode {
+        id: "aws-usw2-g6-0",
+        provider: "aws",
+        region: "us-west-2",
+        zone: "us-west-2b",
+        instance_type: "g6.12xlarge",
+        gpus: "4xL4",
+        price: 1.15,
+        spot: false,
+    },
+    DevNode {
+        id: "azure-weu-nd96-0",
+        provider: "azure",
+        region: "westeurope",
+        zone: "westeurope-1",
+        instance_type: "Standard_ND96amsr_A100_v4",
+        gpus: "8xA100-SXM-80GB",
+        price: 4.10,
+        spot: false,
+    },
+    DevNode {
+        id: "lambda-usw1-a100-0",
+        provider: "lambda",
+        region: "us-west-1",
+        zone: "",
+        instance_type: "gpu_8x_a100_80gb_sxm4",
+        gpus: "8xA100-SXM-80GB",
+        price: 1.79,
+        spot: false,
+    },
+    DevNode {
+        id: "lambda-usw1-h100-0",
+        provider: "lambda",
+        region: "us-west-1",
+        zone: "",
+        instance_type: "gpu_8x_h100_sxm5",
+        gpus: "8xH100-SXM-80GB",
+        price: 2.99,
+        spot: false,
+    },
+    DevNode {
+        id: "nebius-eun1-h200-0",
+        provider: "nebius",
+        region: "eu-north1",
+        zone: "eu-north1-a",
+        instance_type: "gpu-h200-sxm",
+        gpus: "8xH200-SXM-141GB",
+        price: 3.50,
+        spot: false,
+    },
+    DevNode {
+        id: "nebius-eun1-l40s-0",
+        provider: "nebius",
+        region: "eu-north1",
+        zone: "eu-north1-a",
+        instance_type: "gpu-l40s-a",
+        gpus: "2xL40S",
+        price: 1.55,
+        spot: true,
+    },
+];
+
+pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
+    init_tracing();
+    let (data_dir, _temp) = match &args.data_dir {
+        Some(dir) => (dir.clone(), None),
+        None => {
+            let temp = tempfile::Builder::new()
+                .prefix("gpufleet-dev-")
+                .tempdir()
+                .context("cannot create a temporary data dir")?;
+            (temp.path().to_path_buf(), Some(temp))
+        }
+    };
+    let listener = TcpListener::bind(args.listen).await.with_context(|| {
+        format!(
+            "cannot listen on {}; another gpufleet dev or controller may be running: stop it or pass --listen 127.0.0.1:0",
+            args.listen
+        )
+    })?;
+    let mut config = ControllerConfig::for_data_dir(data_dir.join("controller"));
+    config.listen = listener.local_addr()?;
+    let controller = gpufleet_controller::start(config, Some(listener)).await?;
+    let endpoint = controller.endpoint();
+
+    let mut agents = Vec::new();
+    for node in FLEET {
+        match start_agent(node, &endpoint, &data_dir).await {
+            Ok(agent) => agents.push(agent),
+            Err(e) => {
+                shutdown(agents, controller).await;
+                return Err(e.context(format!("cannot start simulated node {}", node.id)));
+            }
+        }
+    }
+    if let Err(e) = wait_until_ready(&controller, FLEET.len()).await {
+        shutdown(agents, controller).await;
+        return Err(e);
+    }
+
+    let total_gpus: usize = agents.iter().map(|a| a.gpu_uuids().len()).sum();
+    println!("gpufleet dev: controller at {endpoint}");
+    println!(
+        "fleet: {} nodes, {total_gpus} simulated GPUs across aws, azure, lambda and nebius (5 regions; Hopper, Ampere, Ada)",
+        agents.len()
+    );
+    println!("data dir: {}", data_dir.display());
+    println!();
+
+    let mut outcome = ExitCode::SUCCESS;
+    if !args.no_demo {
+        match demo_job(&controller).await {
+            Ok(true) => {}
+            Ok(false) => outcome = ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("demo job failed: {e:#}");
+                outcome = ExitCode::FAILURE;
+            }
+        }
+        println!();
+    }
+
+    if !args.exit_after_demo {
+        println!("Try, in another terminal:");
+        println!("  export GPUFLEET_CONTROLLER={endpoint}");
+        println!("  gpufleet capacity --by provider,region,generation");
+        println!(
+            "  gpufleet jobs submit --gpus 2 --generation hopper --max-price 3.50 -- sh -c 'echo $CUDA_VISIBLE_DEVICES'"
+        );
+        println!("  gpufleet jobs logs <JOB_ID>        (and: gpufleet nodes, gpufleet jobs list)");
+        println!();
+        println!("Ctrl-C stops everything.");
+        wait_for_signal().await;
+        println!("stopping…");
+    }
+    shutdown(agents, controller).await;
+    Ok(outcome)
+}
+
+async fn start_agent(
+    node: &DevNode,
+    endpoint: &str,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<RunningAgent> {
+    let config = AgentConfig {
+        controller: endpoint.to_string(),
+        join_token: String::new(),
+        node: NodeConfig {
+            id: Some(node.id.to_string()),
+            provider: node.provider.to_string(),
+            region: node.region.to_string(),
+            zone: node.zone.to_string(),
+            instance_type: node.instance_type.to_string(),
+            price_per_gpu_hour_usd: node.price,
+            spot: node.spot,
+            labels: BTreeMap::from([("gpufleet.dev/simulated".to_string(), "true".to_string())]),
+        },
+        gpu_backend: GpuBackendKind::Simulated,
+        simulated_gpus: vec![node.gpus.to_string()],
+        data_dir: data_dir.join("agents").join(node.id),
+        sample_interval: Duration::from_secs(2),
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        stop_grace_period: Duration::from_secs(5),
+    };
+    let listener = TcpListener::bind(config.listen).await?;
+    gpufleet_agent::start(config, Some(listener)).await
+}
+
+async fn wait_until_ready(controller: &RunningController, nodes: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = controller
+            .controller()
+            .list_nodes("", "", &[NodeState::Ready])
+            .len();
+        if ready >= nodes {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("only {ready} of {nodes} simulated nodes registered within 30s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs one 2-GPU job through the real path and prints where it ran and
+/// what it printed. Returns whether it succeeded.
+async fn demo_job(controller: &RunningController) -> anyhow::Result<bool> {
+    let core = controller.controller();
+    let job = core.submit_job(JobSpec {
+        name: "hello-gpus".to_string(),
+        gpus_per_task: 2,
+        workload: Some(WorkloadSpec {
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo \"hello from $GPUFLEET_JOB_ID on $CUDA_VISIBLE_DEVICES\"".into(),
+            ],
+            ..Default::default()
+        }),
+        ..Default::default()
+    })?;
+    println!(
+        "demo: submitted {} (2 GPUs, cheapest that fit): gpufleet jobs submit --name hello-gpus --gpus 2 -- sh -c 'echo …'",
+        job.id
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let job = loop {
+        let job = core.get_job(&job.id)?;
+        if gpufleet_controller::state::is_terminal_job(job.state()) {
+            break job;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "job {} did not finish within 30s (state {:?})",
+                job.id,
+                job.state()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let task = job.tasks.first().cloned().unwrap_or_default();
+    println!(
+        "demo: {} {:?} on {} ({}/{}, {}/GPU-hour)",
+        job.id,
+        job.state(),
+        task.node_id,
+        task.provider,
+        task.region,
+        gpufleet_controller::scheduler::format_usd(task.price_per_gpu_hour_micro_usd)
+    );
+    let chunk = core
+        .fetch_log(&task.node_id, &task.allocation_id, 0, 64 * 1024)
+        .await?;
+    print!("demo: log: {}", String::from_utf8_lossy(&chunk.data));
+    Ok(job.state() == JobState::Succeeded)
+}
+
+async fn shutdown(agents: Vec<RunningAgent>, controller: RunningController) {
+    for agent in agents {
+        let id = agent.node_id().to_string();
+        if let Err(e) = agent.shutdown().await {
+            eprintln!("agent {id}: {e:#}");
+        }
+    }
+    if let Err(e) = controller.shutdown().await {
+        eprintln!("controller: {e:#}");
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn init_tracing() {
+    // Quiet by default so the printed guide stays readable; GPUFLEET_LOG=info shows more.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GPUFLEET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,539 @@
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use gpufleet_controller::validate::{generation_names, parse_generation};
+use gpufleet_proto::v1::{
+    CancelJobRequest, GetJobRequest, Job, JobConstraints, JobSpec, JobState, ListJobsRequest,
+    StreamJobLogsRequest, SubmitJobRequest, WatchJobRequest, WorkloadSpec,
+};
+use tokio_stream::StreamExt;
+
+use crate::client;
+use crate::output::{self, Format};
+
+#[derive(Debug, Args)]
+pub struct JobsArgs {
+    #[command(subcommand)]
+    command: JobsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum JobsCommand {
+    /// Submit a job; prints its id (`-o json`: the whole job).
+    Submit(SubmitArgs),
+    /// List jobs, newest first.
+    List {
+        /// Only jobs in this state (pending, scheduled, running, succeeded, failed, cancelled, lost).
+        #[arg(long, value_delimiter = ',')]
+        state: Vec<String>,
+        /// Only this tenant's jobs.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Jobs per page.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Fetch every page.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show one job: state, placement, tasks, and why it is pending.
+    Get { job_id: String },
+    /// Cancel a job; running tasks get SIGTERM, then SIGKILL after their grace period.
+    Cancel {
+        job_id: String,
+        /// Recorded in the job's message.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Print every state change until the job ends; exits with the job's outcome.
+    Watch { job_id: String },
+    /// Print a task's combined stdout/stderr.
+    Logs {
+        job_id: String,
+        /// Task index.
+        #[arg(long, default_value_t = 0)]
+        task: u32,
+        /// Keep printing new output until the task ends.
+        #[arg(short, long)]
+        follow: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct SubmitArgs {
+    /// GPUs per task (all on one node).
+    #[arg(long)]
+    gpus: u32,
+    /// Tasks; all are placed at once or none.
+    #[arg(long, default_value_t = 1)]
+    tasks: u32,
+    /// Allowed GPU generations (repeat or comma-separate), e.g. hopper,ampere.
+    #[arg(long, value_delimiter = ',')]
+    generation: Vec<String>,
+    /// Allowed GPU models (repeat or comma-separate), e.g. H100-SXM-80GB.
+    #[arg(long, value_delimiter = ',')]
+    model: Vec<String>,
+    /// Minimum memory per GPU, in GiB.
+    #[arg(long, value_name = "GIB")]
+    min_memory: Option<u64>,
+    /// Allowed providers (repeat or comma-separate).
+    #[arg(long, value_delimiter = ',')]
+    provider: Vec<String>,
+    /// Allowed regions (repeat or comma-separate).
+    #[arg(long, value_delimiter = ',')]
+    region: Vec<String>,
+    /// Highest price per GPU-hour in USD the job will pay, e.g. 3.00.
+    #[arg(long, value_name = "USD", allow_hyphen_values = true)]
+    max_price: Option<String>,
+    /// Display name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Tenant to account the job to.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Environment variable for the workload, KEY=VALUE (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Seconds between SIGTERM and SIGKILL when the job is stopped.
+    #[arg(long, value_name = "SECONDS")]
+    grace_period: Option<u32>,
+    /// Wait for the job to end and exit with its outcome.
+    #[arg(long)]
+    wait: bool,
+    /// The command and its arguments, after `--`. Run directly, not by a shell.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+pub async fn run(address: &str, format: Format, args: JobsArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        JobsCommand::Submit(submit) => {
+            let wait = submit.wait;
+            let spec = build_spec(submit)?;
+            let mut jobs = client::jobs(address).await?;
+            let job = jobs
+                .submit_job(SubmitJobRequest { spec: Some(spec) })
+                .await?
+                .into_inner()
+                .job
+                .context("the controller answered without a job")?;
+            if format == Format::Json {
+                output::print_json(&job, !wait)?;
+            } else {
+                println!("{}", job.id);
+            }
+            if wait {
+                return watch(address, format, &job.id, false).await;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::List {
+            state,
+            tenant,
+            limit,
+            all,
+        } => {
+            let states = state
+                .iter()
+                .map(|s| parse_job_state(s).map(|s| s as i32))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let mut jobs = client::jobs(address).await?;
+            let mut collected = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = jobs
+                    .list_jobs(ListJobsRequest {
+                        states: states.clone(),
+                        tenant: tenant.clone().unwrap_or_default(),
+                        page_size: limit,
+                        page_token: page_token.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                collected.extend(page.jobs);
+                page_token = page.next_page_token;
+                if !all || page_token.is_empty() {
+                    break;
+                }
+            }
+            if format == Format::Json {
+                let response = gpufleet_proto::v1::ListJobsResponse {
+                    jobs: collected,
+                    next_page_token: page_token,
+                };
+                output::print_json(&response, true)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut table = output::table(&[
+                "JOB", "NAME", "TENANT", "STATE", "GPUS", "NODES", "AGE", "DETAIL",
+            ]);
+            for job in &collected {
+                let spec = job.spec.clone().unwrap_or_default();
+                let mut nodes: Vec<String> = job.tasks.iter().map(|t| t.node_id.clone()).collect();
+                nodes.dedup();
+                table.add_row(vec![
+                    job.id.clone(),
+                    if spec.name.is_empty() {
+                        "-".into()
+                    } else {
+                        spec.name.clone()
+                    },
+                    spec.tenant.clone(),
+                    state_label(job),
+                    format!("{}x{}", spec.tasks.max(1), spec.gpus_per_task),
+                    if nodes.is_empty() {
+                        "-".into()
+                    } else {
+                        nodes.join(",")
+                    },
+                    output::age(job.created_at.as_ref()),
+                    detail(job),
+                ]);
+            }
+            output::print_table(&table);
+            if !page_token.is_empty() {
+                eprintln!("(more jobs: pass --all or a larger --limit)");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::Get { job_id } => {
+            let mut jobs = client::jobs(address).await?;
+            let job = jobs.get_job(GetJobRequest { job_id }).await?.into_inner();
+            if format == Format::Json {
+                output::print_json(&job, true)?;
+            } else {
+                print_job(&job);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::Cancel { job_id, reason } => {
+            let mut jobs = client::jobs(address).await?;
+            let job = jobs
+                .cancel_job(CancelJobRequest {
+                    job_id,
+                    reason: reason.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            if format == Format::Json {
+                output::print_json(&job, true)?;
+            } else {
+                println!("{} {}", job.id, state_label(&job));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::Watch { job_id } => watch(address, format, &job_id, true).await,
+        JobsCommand::Logs {
+            job_id,
+            task,
+            follow,
+        } => {
+            let mut jobs = client::jobs(address).await?;
+            let mut stream = jobs
+                .stream_job_logs(StreamJobLogsRequest {
+                    job_id,
+                    task_index: task,
+                    offset: 0,
+                    follow,
+                })
+                .await?
+                .into_inner();
+            let mut stdout = std::io::stdout().lock();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk?;
+                if format == Format::Json {
+                    let value = output::to_json(&chunk)?;
+                    writeln!(stdout, "{}", serde_json::to_string(&value)?)?;
+                } else {
+                    stdout.write_all(&chunk.data)?;
+                }
+                stdout.flush()?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Follows a job to its end. Exit code: 0 succeeded, 1 otherwise.
+async fn watch(
+    address: &str,
+    format: Format,
+    job_id: &str,
+    print_first: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut jobs = client::jobs(address).await?;
+    let mut stream = jobs
+        .watch_job(WatchJobRequest {
+            job_id: job_id.to_string(),
+        })
+        .await?
+        .into_inner();
+    let mut first = true;
+    let mut last: Option<Job> = None;
+    while let Some(job) = stream.next().await {
+        let job = job?;
+        if first && !print_first {
+            first = false;
+            last = Some(job);
+            continue;
+        }
+        first = false;
+        if format == Format::Json {
+            output::print_json(&job, false)?;
+        } else {
+            println!(
+                "{}  {:<10} {}",
+                output::time(Some(&crate::now())),
+                state_label(&job),
+                detail(&job)
+            );
+        }
+        last = Some(job);
+    }
+    match last.map(|j| j.state()) {
+        Some(JobState::Succeeded) => Ok(ExitCode::SUCCESS),
+        Some(_) => Ok(ExitCode::FAILURE),
+        None => bail!("the watch ended without any update"),
+    }
+}
+
+fn build_spec(args: SubmitArgs) -> anyhow::Result<JobSpec> {
+    let generations = args
+        .generation
+        .iter()
+        .map(|name| {
+            parse_generation(name).map(|g| g as i32).with_context(|| {
+                format!(
+                    "--generation {name:?} is not a GPU generation; accepted: {}",
+                    generation_names().join(", ")
+                )
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let max_price = args.max_price.as_deref().map(parse_usd).transpose()?;
+    let mut env = std::collections::HashMap::new();
+    for pair in &args.env {
+        let (key, value) = pair
+            .split_once('=')
+            .with_context(|| format!("--env {pair:?} must look like KEY=VALUE"))?;
+        env.insert(key.to_string(), value.to_string());
+    }
+    Ok(JobSpec {
+        name: args.name.unwrap_or_default(),
+        tenant: args.tenant.unwrap_or_default(),
+        tasks: args.tasks,
+        gpus_per_task: args.gpus,
+        constraints: Some(JobConstraints {
+            generations,
+            models: args.model,
+            min_gpu_memory_bytes: args
+                .min_memory
+                .map(|gib| {
+                    gib.checked_mul(1 << 30)
+                        .context("--min-memory is too large")
+                })
+                .transpose()?
+                .unwrap_or(0),
+            providers: args.provider,
+            regions: args.region,
+            max_price_per_gpu_hour_micro_usd: max_price,
+        }),
+        workload: Some(WorkloadSpec {
+            argv: args.command,
+            env,
+            working_dir: String::new(),
+            stop_grace_period_seconds: args.grace_period.unwrap_or(0),
+        }),
+    })
+}
+
+/// `"3.5"` → 3 500 000 micro-USD.
+fn parse_usd(text: &str) -> anyhow::Result<u64> {
+    let value: f64 = text
+        .trim()
+        .trim_start_matches('$')
+        .parse()
+        .with_context(|| {
+            format!("--max-price {text:?} is not a number of US dollars, e.g. 3.00")
+        })?;
+    if !value.is_finite() || value < 0.0 {
+        bail!(
+            "--max-price {text:?} must be a price of zero or more US dollars per GPU-hour, e.g. 3.00"
+        );
+    }
+    if value > 1_000_000.0 {
+        bail!("--max-price {text:?} is implausibly high (over $1,000,000 per GPU-hour)");
+    }
+    Ok((value * 1_000_000.0).round() as u64)
+}
+
+fn parse_job_state(text: &str) -> anyhow::Result<JobState> {
+    let name = format!("JOB_STATE_{}", text.trim().to_ascii_uppercase());
+    JobState::from_str_name(&name)
+        .filter(|s| *s != JobState::Unspecified)
+        .with_context(|| {
+            format!("--state {text:?} is not a job state; accepted: pending, scheduled, running, succeeded, failed, cancelled, lost")
+        })
+}
+
+fn state_label(job: &Job) -> String {
+    output::enum_label(job.state().as_str_name(), "JOB_STATE_")
+}
+
+fn detail(job: &Job) -> String {
+    match (&job.pending_reason, job.state()) {
+        (Some(reason), JobState::Pending) => reason.message.clone(),
+        _ if !job.message.is_empty() => job.message.clone(),
+        _ => "-".to_string(),
+    }
+}
+
+fn print_job(job: &Job) {
+    let spec = job.spec.clone().unwrap_or_default();
+    let workload = spec.workload.clone().unwrap_or_default();
+    let constraints = spec.constraints.clone().unwrap_or_default();
+    println!("Job:       {}", job.id);
+    if !spec.name.is_empty() {
+        println!("Name:      {}", spec.name);
+    }
+    println!("Tenant:    {}", spec.tenant);
+    println!("State:     {}", state_label(job));
+    println!(
+        "Request:   {} task(s) x {} GPU(s)",
+        spec.tasks.max(1),
+        spec.gpus_per_task
+    );
+    let mut limits = Vec::new();
+    if !constraints.generations.is_empty() {
+        let names: Vec<String> = constraints
+            .generations
+            .iter()
+            .filter_map(|g| gpufleet_proto::v1::GpuGeneration::try_from(*g).ok())
+            .map(|g| output::enum_label(g.as_str_name(), "GPU_GENERATION_"))
+            .collect();
+        limits.push(format!("generation in [{}]", names.join(", ")));
+    }
+    if !constraints.models.is_empty() {
+        limits.push(format!("model in [{}]", constraints.models.join(", ")));
+    }
+    if constraints.min_gpu_memory_bytes > 0 {
+        limits.push(format!(
+            "memory >= {} GiB",
+            constraints.min_gpu_memory_bytes >> 30
+        ));
+    }
+    if !constraints.providers.is_empty() {
+        limits.push(format!(
+            "provider in [{}]",
+            constraints.providers.join(", ")
+        ));
+    }
+    if !constraints.regions.is_empty() {
+        limits.push(format!("region in [{}]", constraints.regions.join(", ")));
+    }
+    if let Some(max) = constraints.max_price_per_gpu_hour_micro_usd {
+        limits.push(format!("price <= {}/GPU-hour", output::usd(max)));
+    }
+    println!(
+        "Limits:    {}",
+        if limits.is_empty() {
+            "none".to_string()
+        } else {
+            limits.join("; ")
+        }
+    );
+    println!("Command:   {}", workload.argv.join(" "));
+    println!("Created:   {}", output::time(job.created_at.as_ref()));
+    if job.scheduled_at.is_some() {
+        println!("Scheduled: {}", output::time(job.scheduled_at.as_ref()));
+    }
+    if job.started_at.is_some() {
+        println!("Started:   {}", output::time(job.started_at.as_ref()));
+    }
+    if job.finished_at.is_some() {
+        println!("Finished:  {}", output::time(job.finished_at.as_ref()));
+    }
+    if let Some(code) = job.exit_code {
+        println!("Exit code: {code}");
+    }
+    if !job.message.is_empty() {
+        println!("Message:   {}", job.message);
+    }
+    if let (Some(reason), JobState::Pending) = (&job.pending_reason, job.state()) {
+        println!("Pending:   {} — {}", reason.code, reason.message);
+        for exclusion in &reason.exclusions {
+            println!(
+                "  {:<16} {:>4} nodes {:>5} GPUs  {}",
+                exclusion.constraint,
+                exclusion.nodes_excluded,
+                exclusion.gpus_excluded,
+                exclusion.detail
+            );
+        }
+    }
+    if !job.tasks.is_empty() {
+        println!();
+        let mut table = output::table(&[
+            "TASK",
+            "NODE",
+            "PROVIDER/REGION",
+            "PRICE/GPU-H",
+            "STATE",
+            "EXIT",
+            "GPUS",
+        ]);
+        for task in &job.tasks {
+            table.add_row(vec![
+                task.index.to_string(),
+                task.node_id.clone(),
+                format!("{}/{}", task.provider, task.region),
+                output::usd(task.price_per_gpu_hour_micro_usd),
+                output::enum_label(task.state().as_str_name(), "WORKLOAD_STATE_"),
+                match (task.exit_code, task.signal) {
+                    (_, Some(signal)) => format!("signal {signal}"),
+                    (Some(code), None) => code.to_string(),
+                    _ => "-".to_string(),
+                },
+                task.gpu_uuids.join(","),
+            ]);
+        }
+        output::print_table(&table);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prices_parse_exactly() {
+        assert_eq!(parse_usd("3.00").unwrap(), 3_000_000);
+        assert_eq!(parse_usd("$2.99").unwrap(), 2_990_000);
+        assert!(
+            parse_usd("-1")
+                .unwrap_err()
+                .to_string()
+                .contains("zero or more")
+        );
+        assert!(parse_usd("NaN").is_err());
+        assert!(
+            parse_usd("cheap")
+                .unwrap_err()
+                .to_string()
+                .contains("not a number")
+        );
+    }
+
+    #[test]
+    fn states_parse() {
+        assert_eq!(parse_job_state("Running").unwrap(), JobState::Running);
+        assert!(
+            parse_job_state("sleeping")
+                .unwrap_err()
+                .to_string()
+                .contains("accepted")
+        );
+    }
+}

@@ -1,0 +1,3 @@
+pub mod dev;
+pub mod jobs;
+pub mod nodes;

@@ -1,0 +1,303 @@
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand, ValueEnum};
+use gpufleet_proto::v1::{
+    CapacityDimension, CapacityGroup, GetCapacityRequest, GetNodeRequest, GpuGeneration,
+    ListNodesRequest, Node,
+};
+
+use crate::client;
+use crate::output::{self, Format};
+
+#[derive(Debug, Args)]
+pub struct NodesArgs {
+    #[command(subcommand)]
+    command: Option<NodesCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+enum NodesCommand {
+    /// List nodes (the default).
+    List {
+        /// Only nodes of this provider.
+        #[arg(long)]
+        provider: Option<String>,
+        /// Only nodes in this region.
+        #[arg(long)]
+        region: Option<String>,
+    },
+    /// Show one node with its GPUs and their latest telemetry.
+    Get {
+        /// Node id.
+        node_id: String,
+    },
+}
+
+pub async fn nodes(address: &str, format: Format, args: NodesArgs) -> anyhow::Result<ExitCode> {
+    let mut fleet = client::fleet(address).await?;
+    match args.command.unwrap_or(NodesCommand::List {
+        provider: None,
+        region: None,
+    }) {
+        NodesCommand::List { provider, region } => {
+            let response = fleet
+                .list_nodes(ListNodesRequest {
+                    provider: provider.unwrap_or_default(),
+                    region: region.unwrap_or_default(),
+                    states: Vec::new(),
+                })
+                .await?
+                .into_inner();
+            if format == Format::Json {
+                output::print_json(&response, true)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut table = output::table(&[
+                "NODE",
+                "PROVIDER",
+                "REGION",
+                "STATE",
+                "GPUS",
+                "MODEL",
+                "PRICE/GPU-H",
+                "SEEN",
+            ]);
+            for node in &response.nodes {
+                let identity = node.identity.clone().unwrap_or_default();
+                table.add_row(vec![
+                    identity.node_id,
+                    identity.provider,
+                    identity.region,
+                    output::enum_label(node.state().as_str_name(), "NODE_STATE_"),
+                    format!("{}/{}", node.allocated_gpus, node.gpus.len()),
+                    models(node),
+                    output::usd(identity.price_per_gpu_hour_micro_usd)
+                        + if identity.spot { " spot" } else { "" },
+                    output::age(node.last_seen_at.as_ref()),
+                ]);
+            }
+            output::print_table(&table);
+            if response.nodes.is_empty() {
+                eprintln!("no nodes yet: start an agent pointed at {address}");
+            }
+        }
+        NodesCommand::Get { node_id } => {
+            let node = fleet
+                .get_node(GetNodeRequest { node_id })
+                .await?
+                .into_inner();
+            if format == Format::Json {
+                output::print_json(&node, true)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            print_node(&node);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn models(node: &Node) -> String {
+    let mut models: Vec<String> = node
+        .gpus
+        .iter()
+        .filter_map(|g| g.info.as_ref().map(|i| i.model.clone()))
+        .collect();
+    models.dedup();
+    models.join(",")
+}
+
+fn print_node(node: &Node) {
+    let identity = node.identity.clone().unwrap_or_default();
+    println!("Node:          {}", identity.node_id);
+    println!(
+        "Provider:      {} / {} / {}",
+        identity.provider,
+        identity.region,
+        if identity.zone.is_empty() {
+            "-"
+        } else {
+            &identity.zone
+        }
+    );
+    println!(
+        "Instance type: {}",
+        if identity.instance_type.is_empty() {
+            "-"
+        } else {
+            &identity.instance_type
+        }
+    );
+    println!(
+        "Price:         {}/GPU-hour{}",
+        output::usd(identity.price_per_gpu_hour_micro_usd),
+        if identity.spot { " (spot)" } else { "" }
+    );
+    println!(
+        "State:         {}{}",
+        output::enum_label(node.state().as_str_name(), "NODE_STATE_"),
+        if node.connected {
+            ""
+        } else {
+            " (disconnected)"
+        }
+    );
+    println!(
+        "Last seen:     {} ago",
+        output::age(node.last_seen_at.as_ref())
+    );
+    println!(
+        "Agent:         {} (driver {})",
+        node.agent_version, node.driver_version
+    );
+    if !identity.labels.is_empty() {
+        let labels: Vec<String> = identity
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!("Labels:        {}", labels.join(","));
+    }
+    println!();
+    let mut table = output::table(&[
+        "GPU", "UUID", "MODEL", "MEMORY", "UTIL", "MEM USED", "TEMP", "POWER", "JOB",
+    ]);
+    for gpu in &node.gpus {
+        let info = gpu.info.clone().unwrap_or_default();
+        let sample = gpu.latest.clone().unwrap_or_default();
+        table.add_row(vec![
+            info.index.to_string(),
+            info.uuid,
+            info.model,
+            format!("{} GiB", info.memory_bytes >> 30),
+            sample
+                .gpu_utilization_percent
+                .map_or("-".into(), |u| format!("{u}%")),
+            sample.memory_used_bytes.map_or("-".into(), |b| {
+                format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+            }),
+            sample
+                .temperature_celsius
+                .map_or("-".into(), |t| format!("{t}°C")),
+            sample
+                .power_usage_milliwatts
+                .map_or("-".into(), |p| format!("{} W", p / 1000)),
+            if gpu.job_id.is_empty() {
+                "-".into()
+            } else {
+                gpu.job_id.clone()
+            },
+        ]);
+    }
+    output::print_table(&table);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Dimension {
+    Provider,
+    Region,
+    Generation,
+    Model,
+}
+
+#[derive(Debug, Args)]
+pub struct CapacityArgs {
+    /// Group by these dimensions (comma-separated).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "provider,region"
+    )]
+    by: Vec<Dimension>,
+}
+
+pub async fn capacity(
+    address: &str,
+    format: Format,
+    args: CapacityArgs,
+) -> anyhow::Result<ExitCode> {
+    let mut fleet = client::fleet(address).await?;
+    let group_by: Vec<i32> = args
+        .by
+        .iter()
+        .map(|d| match d {
+            Dimension::Provider => CapacityDimension::Provider,
+            Dimension::Region => CapacityDimension::Region,
+            Dimension::Generation => CapacityDimension::Generation,
+            Dimension::Model => CapacityDimension::Model,
+        } as i32)
+        .collect();
+    let response = fleet
+        .get_capacity(GetCapacityRequest { group_by })
+        .await?
+        .into_inner();
+    if format == Format::Json {
+        output::print_json(&response, true)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut headers: Vec<&str> = args
+        .by
+        .iter()
+        .map(|d| match d {
+            Dimension::Provider => "PROVIDER",
+            Dimension::Region => "REGION",
+            Dimension::Generation => "GENERATION",
+            Dimension::Model => "MODEL",
+        })
+        .collect();
+    headers.extend([
+        "NODES",
+        "GPUS",
+        "HEALTHY",
+        "ALLOCATED",
+        "FREE",
+        "PRICE/GPU-H",
+    ]);
+    let mut table = output::table(&headers);
+    let row = |group: &CapacityGroup, label: Option<&str>| {
+        let mut cells: Vec<String> = args
+            .by
+            .iter()
+            .enumerate()
+            .map(|(i, d)| match (label, i) {
+                (Some(label), 0) => label.to_string(),
+                (Some(_), _) => String::new(),
+                (None, _) => match d {
+                    Dimension::Provider => group.provider.clone(),
+                    Dimension::Region => group.region.clone(),
+                    Dimension::Generation => GpuGeneration::try_from(group.generation)
+                        .map(|g| output::enum_label(g.as_str_name(), "GPU_GENERATION_"))
+                        .unwrap_or_default(),
+                    Dimension::Model => group.model.clone(),
+                },
+            })
+            .collect();
+        let price =
+            if group.min_price_per_gpu_hour_micro_usd == group.max_price_per_gpu_hour_micro_usd {
+                output::usd(group.min_price_per_gpu_hour_micro_usd)
+            } else {
+                format!(
+                    "{}-{}",
+                    output::usd(group.min_price_per_gpu_hour_micro_usd),
+                    output::usd(group.max_price_per_gpu_hour_micro_usd)
+                )
+            };
+        cells.extend([
+            group.nodes.to_string(),
+            group.total_gpus.to_string(),
+            group.healthy_gpus.to_string(),
+            group.allocated_gpus.to_string(),
+            group.free_gpus.to_string(),
+            price,
+        ]);
+        cells
+    };
+    for group in &response.groups {
+        table.add_row(row(group, None));
+    }
+    if let Some(total) = &response.total {
+        table.add_row(row(total, Some("TOTAL")));
+    }
+    output::print_table(&table);
+    Ok(ExitCode::SUCCESS)
+}

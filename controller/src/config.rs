@@ -1,0 +1,216 @@
+//! Controller configuration: a TOML file, `GPUFLEET_*` environment variables
+//! and flags, in rising precedence. Unknown keys are rejected.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid: {message}")]
+    Parse { path: String, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+/// Every key of the controller's config file. Each is also a flag
+/// (`--listen`) and an environment variable (`GPUFLEET_LISTEN`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct ConfigFile {
+    /// gRPC listen address.
+    pub listen: Option<String>,
+    /// Directory of the embedded store.
+    pub data_dir: Option<PathBuf>,
+    /// Token agents must present to join; empty accepts any agent.
+    pub join_token: Option<String>,
+    /// Silence after which a node becomes NotReady (humantime, e.g. "15s").
+    pub node_not_ready_after: Option<String>,
+    /// Silence after which a NotReady node becomes Lost and its jobs end.
+    pub node_lost_after: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub join_token: String,
+    pub node_not_ready_after: Duration,
+    pub node_lost_after: Duration,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/gpufleet/controller";
+
+impl ControllerConfig {
+    /// Defaults suitable for a test or `gpufleet dev`: store in `data_dir`.
+    pub fn for_data_dir(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            listen: DEFAULT_LISTEN
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7070))),
+            data_dir: data_dir.into(),
+            join_token: String::new(),
+            node_not_ready_after: Duration::from_secs(15),
+            node_lost_after: Duration::from_secs(60),
+        }
+    }
+
+    /// Layers file < env < flags (the `overrides` file, built from flags).
+    pub fn load(
+        file: Option<&Path>,
+        env: &HashMap<String, String>,
+        overrides: ConfigFile,
+    ) -> Result<Self, ConfigError> {
+        let mut merged = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                toml::from_str::<ConfigFile>(&text).map_err(|e| ConfigError::Parse {
+                    path: path.display().to_string(),
+                    message: e.to_string().trim().replace('\n', " "),
+                })?
+            }
+            None => ConfigFile::default(),
+        };
+        let from_env = ConfigFile {
+            listen: env.get("GPUFLEET_LISTEN").cloned(),
+            data_dir: env.get("GPUFLEET_DATA_DIR").map(PathBuf::from),
+            join_token: env.get("GPUFLEET_JOIN_TOKEN").cloned(),
+            node_not_ready_after: env.get("GPUFLEET_NODE_NOT_READY_AFTER").cloned(),
+            node_lost_after: env.get("GPUFLEET_NODE_LOST_AFTER").cloned(),
+        };
+        for layer in [from_env, overrides] {
+            merged.listen = layer.listen.or(merged.listen);
+            merged.data_dir = layer.data_dir.or(merged.data_dir);
+            merged.join_token = layer.join_token.or(merged.join_token);
+            merged.node_not_ready_after =
+                layer.node_not_ready_after.or(merged.node_not_ready_after);
+            merged.node_lost_after = layer.node_lost_after.or(merged.node_lost_after);
+        }
+        Self::from_file(merged)
+    }
+
+    fn from_file(file: ConfigFile) -> Result<Self, ConfigError> {
+        let listen_text = file.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen = listen_text.parse().map_err(|_| ConfigError::Invalid {
+            key: "listen".into(),
+            message: format!("{listen_text:?} is not an address like 0.0.0.0:7070"),
+        })?;
+        let duration = |key: &str,
+                        value: Option<String>,
+                        default: u64|
+         -> Result<Duration, ConfigError> {
+            match value {
+                None => Ok(Duration::from_secs(default)),
+                Some(text) => humantime::parse_duration(&text).map_err(|e| ConfigError::Invalid {
+                    key: key.into(),
+                    message: format!("{text:?} is not a duration like \"15s\" or \"2m\": {e}"),
+                }),
+            }
+        };
+        let not_ready = duration("node_not_ready_after", file.node_not_ready_after, 15)?;
+        let lost = duration("node_lost_after", file.node_lost_after, 60)?;
+        if not_ready.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "node_not_ready_after".into(),
+                message: "must be longer than zero".into(),
+            });
+        }
+        if lost <= not_ready {
+            return Err(ConfigError::Invalid {
+                key: "node_lost_after".into(),
+                message: format!(
+                    "({}) must be longer than node_not_ready_after ({})",
+                    humantime::format_duration(lost),
+                    humantime::format_duration(not_ready)
+                ),
+            });
+        }
+        Ok(Self {
+            listen,
+            data_dir: file
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            join_token: file.join_token.unwrap_or_default(),
+            node_not_ready_after: not_ready,
+            node_lost_after: lost,
+        })
+    }
+
+    /// The effective configuration as a config file, for `--print-config`.
+    pub fn to_toml(&self) -> String {
+        let file = ConfigFile {
+            listen: Some(self.listen.to_string()),
+            data_dir: Some(self.data_dir.clone()),
+            join_token: Some(self.join_token.clone()),
+            node_not_ready_after: Some(
+                humantime::format_duration(self.node_not_ready_after).to_string(),
+            ),
+            node_lost_after: Some(humantime::format_duration(self.node_lost_after).to_string()),
+        };
+        toml::to_string(&file).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precedence_flag_over_env_over_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:1\"\ndata_dir = \"/from/file\"\nnode_lost_after = \"5m\"\n",
+        )
+        .unwrap();
+        let env = HashMap::from([("GPUFLEET_LISTEN".to_string(), "127.0.0.1:2".to_string())]);
+        let flags = ConfigFile {
+            data_dir: Some("/from/flag".into()),
+            ..Default::default()
+        };
+        let c = ControllerConfig::load(Some(&path), &env, flags).unwrap();
+        assert_eq!(c.listen.port(), 2);
+        assert_eq!(c.data_dir, PathBuf::from("/from/flag"));
+        assert_eq!(c.node_lost_after, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "listn = \"127.0.0.1:1\"\n").unwrap();
+        let err = ControllerConfig::load(Some(&path), &HashMap::new(), ConfigFile::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let env = HashMap::from([("GPUFLEET_NODE_LOST_AFTER".to_string(), "1s".to_string())]);
+        let err = ControllerConfig::load(None, &env, ConfigFile::default()).unwrap_err();
+        assert!(err.to_string().starts_with("node_lost_after"), "{err}");
+        let env = HashMap::from([("GPUFLEET_LISTEN".to_string(), "nowhere".to_string())]);
+        let err = ControllerConfig::load(None, &env, ConfigFile::default()).unwrap_err();
+        assert!(err.to_string().starts_with("listen"), "{err}");
+    }
+
+    #[test]
+    fn printed_config_round_trips() {
+        let c = ControllerConfig::for_data_dir("/d");
+        let again: ConfigFile = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(again.data_dir, Some(PathBuf::from("/d")));
+    }
+}

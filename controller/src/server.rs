@@ -1,0 +1,158 @@
+//! Builds the controller and serves it: gRPC services plus health and
+//! reflection, the scheduling loop and the lease checker.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use gpufleet_proto::v1::agent_control_server::AgentControlServer;
+use gpufleet_proto::v1::fleet_server::FleetServer;
+use gpufleet_proto::v1::jobs_server::JobsServer;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::ControllerConfig;
+use crate::service::{AgentControlService, FleetService, JobsService};
+use crate::state::Controller;
+use crate::store::SledStore;
+
+/// Largest gRPC message accepted (telemetry batches of big nodes, logs).
+const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+pub struct RunningController {
+    controller: Controller,
+    local_addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl RunningController {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// `http://ADDR`, ready for a client.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.local_addr)
+    }
+
+    pub fn controller(&self) -> &Controller {
+        &self.controller
+    }
+
+    /// Stops serving (open streams are cut) and releases the store.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        for task in self.background.drain(..) {
+            task.abort();
+            let _ = task.await;
+        }
+        match tokio::time::timeout(Duration::from_secs(10), &mut self.server).await {
+            Ok(joined) => joined
+                .context("controller server task panicked")?
+                .context("controller server failed")?,
+            Err(_) => {
+                self.server.abort();
+                tracing::warn!("controller server did not stop within 10s; aborted");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Opens the store, rebuilds state and starts serving. Pass a bound
+/// listener (tests bind `127.0.0.1:0`) or `None` to bind `config.listen`.
+pub async fn start(
+    config: ControllerConfig,
+    listener: Option<TcpListener>,
+) -> anyhow::Result<RunningController> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let store = SledStore::open(&config.data_dir)?;
+    let listener = match listener {
+        Some(listener) => listener,
+        None => TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?,
+    };
+    let local_addr = listener.local_addr()?;
+    let known_models: Vec<String> = gpufleet_agent::catalog::MODELS
+        .iter()
+        .map(|m| m.model.to_string())
+        .collect();
+    let controller = Controller::open(config, Box::new(store), known_models)?;
+
+    let mut background = Vec::new();
+    let scheduler = controller.clone();
+    background.push(tokio::spawn(async move {
+        loop {
+            // A pass on every relevant change, and at least once a second
+            // so that leases and readiness changes are picked up.
+            let _ = tokio::time::timeout(Duration::from_secs(1), scheduler.schedule_wanted()).await;
+            if let Err(e) = scheduler.schedule_pass() {
+                tracing::error!(error = %e, "scheduling pass failed");
+            }
+        }
+    }));
+    let leases = controller.clone();
+    background.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            if let Err(e) = leases.check_leases() {
+                tracing::error!(error = %e, "lease check failed");
+            }
+        }
+    }));
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<JobsServer<JobsService>>()
+        .await;
+    health_reporter
+        .set_serving::<FleetServer<FleetService>>()
+        .await;
+    health_reporter
+        .set_serving::<AgentControlServer<AgentControlService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(gpufleet_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("cannot build the reflection service")?;
+
+    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(
+            JobsServer::new(JobsService::new(controller.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(FleetServer::new(FleetService::new(controller.clone())))
+        .add_service(
+            AgentControlServer::new(AgentControlService::new(controller.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        );
+    let server = tokio::spawn(router.serve_with_incoming_shutdown(
+        TcpListenerStream::new(listener),
+        async {
+            let _ = shutdown_rx.await;
+        },
+    ));
+    tracing::info!(%local_addr, "controller serving");
+    Ok(RunningController {
+        controller,
+        local_addr,
+        shutdown: Some(shutdown_tx),
+        server,
+        background,
+    })
+}

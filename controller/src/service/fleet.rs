@@ -1,0 +1,72 @@
+use gpufleet_proto::v1::fleet_server::Fleet;
+use gpufleet_proto::v1::{
+    CapacityDimension, GetCapacityRequest, GetCapacityResponse, GetNodeRequest, ListNodesRequest,
+    ListNodesResponse, Node, NodeState,
+};
+use tonic::{Request, Response, Status};
+
+use super::to_status;
+use crate::state::Controller;
+
+pub struct FleetService {
+    controller: Controller,
+}
+
+impl FleetService {
+    pub fn new(controller: Controller) -> Self {
+        Self { controller }
+    }
+}
+
+#[tonic::async_trait]
+impl Fleet for FleetService {
+    async fn list_nodes(
+        &self,
+        request: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        let request = request.into_inner();
+        let states = request
+            .states
+            .iter()
+            .map(|s| {
+                NodeState::try_from(*s).map_err(|_| {
+                    Status::invalid_argument(format!("states: {s} is not a node state"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let nodes = self
+            .controller
+            .list_nodes(&request.provider, &request.region, &states);
+        Ok(Response::new(ListNodesResponse { nodes }))
+    }
+
+    async fn get_node(&self, request: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
+        let request = request.into_inner();
+        self.controller
+            .get_node(&request.node_id)
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    async fn get_capacity(
+        &self,
+        request: Request<GetCapacityRequest>,
+    ) -> Result<Response<GetCapacityResponse>, Status> {
+        let request = request.into_inner();
+        let dims = request
+            .group_by
+            .iter()
+            .map(|d| {
+                CapacityDimension::try_from(*d).map_err(|_| {
+                    Status::invalid_argument(format!(
+                        "group_by: {d} is not a dimension; accepted: provider, region, generation, model"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.controller
+            .capacity(&dims)
+            .map(Response::new)
+            .map_err(to_status)
+    }
+}

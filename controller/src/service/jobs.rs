@@ -1,0 +1,243 @@
+use std::pin::Pin;
+use std::time::Duration;
+
+use gpufleet_proto::v1::jobs_server::Jobs;
+use gpufleet_proto::v1::{
+    CancelJobRequest, GetJobRequest, Job, JobState, ListJobsRequest, ListJobsResponse, LogChunk,
+    StreamJobLogsRequest, SubmitJobRequest, SubmitJobResponse, WatchJobRequest, WorkloadState,
+};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status};
+
+use super::to_status;
+use crate::error::ControllerError;
+use crate::state::{Controller, is_terminal_job};
+use crate::validate;
+
+/// Bytes asked of an agent per log request.
+const LOG_CHUNK_BYTES: u32 = 256 * 1024;
+/// Pause between polls of a followed log that had nothing new.
+const LOG_POLL: Duration = Duration::from_millis(250);
+
+pub struct JobsService {
+    controller: Controller,
+}
+
+impl JobsService {
+    pub fn new(controller: Controller) -> Self {
+        Self { controller }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Jobs for JobsService {
+    type WatchJobStream = BoxStream<Job>;
+    type StreamJobLogsStream = BoxStream<LogChunk>;
+
+    async fn submit_job(
+        &self,
+        request: Request<SubmitJobRequest>,
+    ) -> Result<Response<SubmitJobResponse>, Status> {
+        let spec = request
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
+        let job = self.controller.submit_job(spec).map_err(to_status)?;
+        Ok(Response::new(SubmitJobResponse { job: Some(job) }))
+    }
+
+    async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        let id = request.into_inner().job_id;
+        self.controller
+            .get_job(&id)
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<ListJobsRequest>,
+    ) -> Result<Response<ListJobsResponse>, Status> {
+        let request = request.into_inner();
+        let states = request
+            .states
+            .iter()
+            .map(|s| {
+                JobState::try_from(*s).map_err(|_| {
+                    Status::invalid_argument(format!("states: {s} is not a job state"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.controller
+            .list_jobs(
+                &states,
+                &request.tenant,
+                request.page_size,
+                &request.page_token,
+            )
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<CancelJobRequest>,
+    ) -> Result<Response<Job>, Status> {
+        let request = request.into_inner();
+        self.controller
+            .cancel_job(&request.job_id, &request.reason)
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    async fn watch_job(
+        &self,
+        request: Request<WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let id = request.into_inner().job_id;
+        // Subscribe before the first read so that no change falls between.
+        let mut events = self.controller.subscribe_jobs();
+        let current = self.controller.get_job(&id).map_err(to_status)?;
+        let controller = self.controller.clone();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut last_version = current.version;
+            let mut done = is_terminal_job(current.state());
+            if tx.send(Ok(current)).await.is_err() {
+                return;
+            }
+            while !done {
+                let job = match events.recv().await {
+                    Ok(job) if job.id == id => job,
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(_)) => match controller.get_job(&id) {
+                        Ok(job) => job,
+                        Err(_) => return,
+                    },
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if job.version <= last_version {
+                    continue;
+                }
+                last_version = job.version;
+                done = is_terminal_job(job.state());
+                if tx.send(Ok(job)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn stream_job_logs(
+        &self,
+        request: Request<StreamJobLogsRequest>,
+    ) -> Result<Response<Self::StreamJobLogsStream>, Status> {
+        let request = request.into_inner();
+        let job = self
+            .controller
+            .get_job(&request.job_id)
+            .map_err(to_status)?;
+        let tasks = job.spec.as_ref().map_or(1, |s| s.tasks.max(1));
+        if request.task_index >= tasks {
+            return Err(to_status(ControllerError::invalid(
+                "task_index",
+                format!(
+                    "is {}, but job {} has {tasks} task(s) (0..{})",
+                    request.task_index,
+                    job.id,
+                    tasks - 1
+                ),
+            )));
+        }
+        if job.tasks.is_empty() && !request.follow {
+            let detail = if is_terminal_job(job.state()) {
+                "it ended before it was placed on a node"
+            } else {
+                "it is still pending; pass --follow to wait for its output"
+            };
+            return Err(Status::failed_precondition(format!(
+                "job {} has no logs: {detail}",
+                job.id
+            )));
+        }
+        let controller = self.controller.clone();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            if let Err(status) = pump_logs(&controller, request, &tx).await {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+async fn pump_logs(
+    controller: &Controller,
+    request: StreamJobLogsRequest,
+    tx: &mpsc::Sender<Result<LogChunk, Status>>,
+) -> Result<(), Status> {
+    validate::job_id("job_id", &request.job_id).map_err(to_status)?;
+    let mut offset = request.offset;
+    let mut events = controller.subscribe_jobs();
+    loop {
+        let job = controller.get_job(&request.job_id).map_err(to_status)?;
+        let Some(task) = job
+            .tasks
+            .iter()
+            .find(|t| t.index == request.task_index)
+            .cloned()
+        else {
+            if is_terminal_job(job.state()) {
+                return Ok(());
+            }
+            // Pending and following: wait for the placement.
+            tokio::select! {
+                _ = events.recv() => {},
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {},
+                _ = tx.closed() => return Ok(()),
+            }
+            continue;
+        };
+        if task.state() == WorkloadState::Unspecified {
+            // Placed but not started yet: there is no log file so far.
+            if !request.follow {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = events.recv() => {},
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {},
+                _ = tx.closed() => return Ok(()),
+            }
+            continue;
+        }
+        let chunk = controller
+            .fetch_log(&task.node_id, &task.allocation_id, offset, LOG_CHUNK_BYTES)
+            .await
+            .map_err(to_status)?;
+        let eof = chunk.eof;
+        let got = chunk.data.len() as u64;
+        if got > 0 {
+            offset = chunk.offset + got;
+            let chunk = LogChunk {
+                task_index: task.index,
+                ..chunk
+            };
+            if tx.send(Ok(chunk)).await.is_err() {
+                return Ok(());
+            }
+        }
+        if eof || (got == 0 && !request.follow) {
+            return Ok(());
+        }
+        if got == 0 {
+            tokio::select! {
+                _ = tokio::time::sleep(LOG_POLL) => {},
+                _ = tx.closed() => return Ok(()),
+            }
+        }
+    }
+}

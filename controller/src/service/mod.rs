@@ -1,0 +1,31 @@
+//! gRPC adapters: `into_inner()` → validate → call the domain → map the
+//! error to a `Status` here, in one place.
+
+mod agent_control;
+mod fleet;
+mod jobs;
+
+pub use agent_control::AgentControlService;
+pub use fleet::FleetService;
+pub use jobs::JobsService;
+
+use tonic::Status;
+
+use crate::error::ControllerError;
+
+pub(crate) fn to_status(err: ControllerError) -> Status {
+    match err {
+        ControllerError::InvalidArgument { .. } => Status::invalid_argument(err.to_string()),
+        ControllerError::NotFound(m) => Status::not_found(m),
+        ControllerError::AlreadyExists(m) => Status::already_exists(m),
+        ControllerError::FailedPrecondition(m) => Status::failed_precondition(m),
+        ControllerError::PermissionDenied(m) => Status::permission_denied(m),
+        ControllerError::Unavailable(m) => Status::unavailable(m),
+        ControllerError::ResourceExhausted(m) => Status::resource_exhausted(m),
+        ControllerError::Store(e) => {
+            tracing::error!(error = %e, "store failure");
+            Status::internal(e.to_string())
+        }
+        ControllerError::Internal(m) => Status::internal(m),
+    }
+}

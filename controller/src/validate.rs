@@ -1,0 +1,339 @@
+//! Validation of client input into a normalised form. Every error names the
+//! field at fault and the accepted values.
+
+use gpufleet_proto::v1::{GpuGeneration, JobSpec};
+
+use crate::error::{ControllerError, Result};
+
+/// No GPU server has been built with more GPUs than this in one node
+/// (DGX-2 / HGX-2: 16). Larger jobs use more tasks.
+pub const MAX_GPUS_PER_TASK: u32 = 16;
+pub const MAX_TASKS: u32 = 4096;
+const MAX_NAME_LEN: usize = 128;
+const MAX_ARGV_BYTES: usize = 64 * 1024;
+const MAX_ENV_VARS: usize = 256;
+const RESERVED_ENV: &[&str] = &["CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"];
+
+/// Names of every generation a client may ask for, for error messages.
+pub fn generation_names() -> Vec<String> {
+    all_generations().map(generation_name).collect()
+}
+
+pub fn all_generations() -> impl Iterator<Item = GpuGeneration> {
+    (1..).map_while(|v| GpuGeneration::try_from(v).ok())
+}
+
+/// `GpuGeneration::Hopper` → `hopper`.
+pub fn generation_name(generation: GpuGeneration) -> String {
+    generation
+        .as_str_name()
+        .trim_start_matches("GPU_GENERATION_")
+        .to_ascii_lowercase()
+}
+
+/// Parses `hopper`, `Hopper`, `HOPPER` (or the enum's full name).
+pub fn parse_generation(name: &str) -> Option<GpuGeneration> {
+    let upper = name.trim().to_ascii_uppercase();
+    let full = if upper.starts_with("GPU_GENERATION_") {
+        upper
+    } else {
+        format!("GPU_GENERATION_{upper}")
+    };
+    GpuGeneration::from_str_name(&full).filter(|g| *g != GpuGeneration::Unspecified)
+}
+
+/// A job id as this controller issues them: `job-` and 12 lowercase hex digits.
+pub fn job_id(field: &str, id: &str) -> Result<()> {
+    let ok = id.len() == 16
+        && id.starts_with("job-")
+        && id[4..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ControllerError::invalid(
+            field,
+            format!("{id:?} is not a job id; job ids look like job-3f2a9c0d41b7"),
+        ))
+    }
+}
+
+/// Node ids become keys and file names: keep them to a safe alphabet.
+pub fn node_id(field: &str, id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && id != "."
+        && id != "..";
+    if ok {
+        Ok(())
+    } else {
+        Err(ControllerError::invalid(
+            field,
+            format!("{id:?} is not a valid node id: use 1-128 letters, digits, '-', '_' or '.'"),
+        ))
+    }
+}
+
+fn label(field: &str, value: &str, what: &str) -> Result<()> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ControllerError::invalid(
+            field,
+            format!("{value:?} is not a valid {what}: use 1-64 letters, digits, '-', '_' or '.'"),
+        ))
+    }
+}
+
+/// Validates a submitted spec and fills defaults (tenant, tasks).
+pub fn job_spec(mut spec: JobSpec, known_models: &[String]) -> Result<JobSpec> {
+    if spec.name.len() > MAX_NAME_LEN {
+        return Err(ControllerError::invalid(
+            "spec.name",
+            format!(
+                "is {} bytes long; at most {MAX_NAME_LEN} are allowed",
+                spec.name.len()
+            ),
+        ));
+    }
+    if spec.tenant.is_empty() {
+        spec.tenant = "default".to_string();
+    }
+    label("spec.tenant", &spec.tenant, "tenant")?;
+    if spec.tasks == 0 {
+        spec.tasks = 1;
+    }
+    if spec.tasks > MAX_TASKS {
+        return Err(ControllerError::invalid(
+            "spec.tasks",
+            format!(
+                "is {}; at most {MAX_TASKS} tasks per job are accepted",
+                spec.tasks
+            ),
+        ));
+    }
+    if spec.gpus_per_task == 0 {
+        return Err(ControllerError::invalid(
+            "spec.gpus_per_task",
+            "must be at least 1 (pass --gpus N)",
+        ));
+    }
+    if spec.gpus_per_task > MAX_GPUS_PER_TASK {
+        return Err(ControllerError::invalid(
+            "spec.gpus_per_task",
+            format!(
+                "is {}, but no GPU server holds more than {MAX_GPUS_PER_TASK} GPUs; split the job into tasks (--tasks) of at most {MAX_GPUS_PER_TASK} GPUs",
+                spec.gpus_per_task
+            ),
+        ));
+    }
+
+    let constraints = spec.constraints.get_or_insert_with(Default::default);
+    for (i, value) in constraints.generations.iter().enumerate() {
+        let known = GpuGeneration::try_from(*value)
+            .ok()
+            .filter(|g| *g != GpuGeneration::Unspecified);
+        if known.is_none() {
+            return Err(ControllerError::invalid(
+                format!("spec.constraints.generations[{i}]"),
+                format!(
+                    "{value} is not a known GPU generation; accepted: {}",
+                    generation_names().join(", ")
+                ),
+            ));
+        }
+    }
+    for (i, model) in constraints.models.iter_mut().enumerate() {
+        match known_models.iter().find(|m| m.eq_ignore_ascii_case(model)) {
+            Some(canonical) => *model = canonical.clone(),
+            None => {
+                return Err(ControllerError::invalid(
+                    format!("spec.constraints.models[{i}]"),
+                    format!(
+                        "{model:?} is not a known GPU model; accepted: {}",
+                        known_models.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    for (i, provider) in constraints.providers.iter().enumerate() {
+        label(
+            &format!("spec.constraints.providers[{i}]"),
+            provider,
+            "provider name",
+        )?;
+    }
+    for (i, region) in constraints.regions.iter().enumerate() {
+        label(
+            &format!("spec.constraints.regions[{i}]"),
+            region,
+            "region name",
+        )?;
+    }
+
+    let workload = spec.workload.get_or_insert_with(Default::default);
+    if workload.argv.is_empty() {
+        return Err(ControllerError::invalid(
+            "spec.workload.argv",
+            "must not be empty: give the command to run after `--`, e.g. `gpufleet jobs submit --gpus 1 -- python train.py`",
+        ));
+    }
+    if workload.argv[0].is_empty() {
+        return Err(ControllerError::invalid(
+            "spec.workload.argv[0]",
+            "the program to run must not be an empty string",
+        ));
+    }
+    let argv_bytes: usize = workload.argv.iter().map(String::len).sum();
+    if argv_bytes > MAX_ARGV_BYTES {
+        return Err(ControllerError::invalid(
+            "spec.workload.argv",
+            format!("is {argv_bytes} bytes; at most {MAX_ARGV_BYTES} are accepted"),
+        ));
+    }
+    if workload.argv.iter().any(|a| a.contains('\0')) {
+        return Err(ControllerError::invalid(
+            "spec.workload.argv",
+            "arguments must not contain NUL bytes",
+        ));
+    }
+    if workload.env.len() > MAX_ENV_VARS {
+        return Err(ControllerError::invalid(
+            "spec.workload.env",
+            format!(
+                "has {} variables; at most {MAX_ENV_VARS} are accepted",
+                workload.env.len()
+            ),
+        ));
+    }
+    for (key, value) in &workload.env {
+        let valid_key = !key.is_empty()
+            && !key.as_bytes()[0].is_ascii_digit()
+            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !valid_key {
+            return Err(ControllerError::invalid(
+                format!("spec.workload.env[{key:?}]"),
+                "variable names use letters, digits and '_' and do not start with a digit",
+            ));
+        }
+        if RESERVED_ENV.contains(&key.as_str()) || key.starts_with("GPUFLEET_") {
+            return Err(ControllerError::invalid(
+                format!("spec.workload.env[{key:?}]"),
+                "is set by the agent from the allocation and cannot be overridden",
+            ));
+        }
+        if value.contains('\0') {
+            return Err(ControllerError::invalid(
+                format!("spec.workload.env[{key:?}]"),
+                "values must not contain NUL bytes",
+            ));
+        }
+    }
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpufleet_proto::v1::{JobConstraints, WorkloadSpec};
+
+    fn models() -> Vec<String> {
+        vec!["H100-SXM-80GB".to_string(), "A100-SXM-80GB".to_string()]
+    }
+
+    fn spec(gpus: u32, argv: &[&str]) -> JobSpec {
+        JobSpec {
+            gpus_per_task: gpus,
+            workload: Some(WorkloadSpec {
+                argv: argv.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn field_of(err: ControllerError) -> String {
+        match err {
+            ControllerError::InvalidArgument { field, .. } => field,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn fills_defaults() {
+        let s = job_spec(spec(2, &["true"]), &models()).unwrap();
+        assert_eq!(s.tenant, "default");
+        assert_eq!(s.tasks, 1);
+    }
+
+    #[test]
+    fn rejects_bad_input_naming_the_field() {
+        assert_eq!(
+            field_of(job_spec(spec(0, &["x"]), &models()).unwrap_err()),
+            "spec.gpus_per_task"
+        );
+        assert_eq!(
+            field_of(job_spec(spec(17, &["x"]), &models()).unwrap_err()),
+            "spec.gpus_per_task"
+        );
+        assert_eq!(
+            field_of(job_spec(spec(1, &[]), &models()).unwrap_err()),
+            "spec.workload.argv"
+        );
+        let mut s = spec(1, &["x"]);
+        s.constraints = Some(JobConstraints {
+            generations: vec![99],
+            ..Default::default()
+        });
+        let err = job_spec(s, &models()).unwrap_err();
+        assert!(err.to_string().contains("hopper"), "{err}");
+        let mut s = spec(1, &["x"]);
+        s.constraints = Some(JobConstraints {
+            models: vec!["Z9000".into()],
+            ..Default::default()
+        });
+        let err = job_spec(s, &models()).unwrap_err();
+        assert!(err.to_string().contains("H100-SXM-80GB"), "{err}");
+        let mut s = spec(1, &["x"]);
+        s.workload
+            .as_mut()
+            .unwrap()
+            .env
+            .insert("CUDA_VISIBLE_DEVICES".into(), "0".into());
+        assert!(field_of(job_spec(s, &models()).unwrap_err()).contains("CUDA_VISIBLE_DEVICES"));
+    }
+
+    #[test]
+    fn models_are_canonicalised() {
+        let mut s = spec(1, &["x"]);
+        s.constraints = Some(JobConstraints {
+            models: vec!["h100-sxm-80gb".into()],
+            ..Default::default()
+        });
+        let s = job_spec(s, &models()).unwrap();
+        assert_eq!(s.constraints.unwrap().models, vec!["H100-SXM-80GB"]);
+    }
+
+    #[test]
+    fn ids_and_generations() {
+        assert!(job_id("job_id", "job-0123456789ab").is_ok());
+        assert!(job_id("job_id", "job-0123456789AB").is_err());
+        assert!(job_id("job_id", "../etc").is_err());
+        assert_eq!(parse_generation("Hopper"), Some(GpuGeneration::Hopper));
+        assert_eq!(parse_generation("unspecified"), None);
+        assert_eq!(parse_generation("fermi"), None);
+        assert!(generation_names().contains(&"blackwell".to_string()));
+        assert!(node_id("n", "aws-use1-0").is_ok());
+        assert!(node_id("n", "a/b").is_err());
+    }
+}
