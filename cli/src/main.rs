@@ -4,9 +4,10 @@
 // what modules share.
 #![allow(unreachable_pub)]
 
+#[macro_use]
+mod output;
 mod client;
 mod commands;
-mod output;
 
 use std::process::ExitCode;
 
@@ -61,6 +62,7 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
+        Err(e) if is_broken_pipe(&e) => ExitCode::from(141),
         Err(e) => {
             eprintln!("error: {}", client::describe(&e));
             ExitCode::FAILURE
@@ -81,4 +83,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 pub(crate) fn now() -> prost_types::Timestamp {
     prost_types::Timestamp::from(std::time::SystemTime::now())
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

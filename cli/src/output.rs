@@ -1,5 +1,6 @@
 //! Rendering: tables for people, the protobuf JSON mapping for scripts.
 
+use std::io::Write;
 use std::sync::OnceLock;
 use std::time::SystemTime;
 
@@ -20,6 +21,26 @@ fn pool() -> anyhow::Result<&'static DescriptorPool> {
     })
     .as_ref()
     .map_err(|e| anyhow::anyhow!("the built-in API descriptors are unreadable: {e}"))
+}
+
+/// Prints one line to stdout. A closed pipe (`gpufleet … | head`) ends the
+/// process quietly, as it would for any Unix tool, instead of panicking.
+pub fn line(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = writeln!(stdout, "{text}").and_then(|_| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("error: cannot write to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` that survives a closed pipe.
+#[macro_export]
+macro_rules! say {
+    () => { $crate::output::line("") };
+    ($($arg:tt)*) => { $crate::output::line(&format!($($arg)*)) };
 }
 
 /// Serialises any API message with the protobuf JSON mapping.
@@ -43,7 +64,7 @@ pub fn print_json<M: prost::Message + prost::Name>(
     } else {
         serde_json::to_string(&value)?
     };
-    println!("{text}");
+    line(&text);
     Ok(())
 }
 
@@ -57,7 +78,7 @@ pub fn table(headers: &[&str]) -> Table {
 pub fn print_table(table: &Table) {
     // comfy-table pads the left edge with one space; trim it per line.
     for line in table.to_string().lines() {
-        println!("{}", line.strip_prefix(' ').unwrap_or(line).trim_end());
+        self::line(line.strip_prefix(' ').unwrap_or(line).trim_end());
     }
 }
 

@@ -157,13 +157,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     }
 
     let total_gpus: usize = agents.iter().map(|a| a.gpu_uuids().len()).sum();
-    println!("gpufleet dev: controller at {endpoint}");
-    println!(
+    say!("gpufleet dev: controller at {endpoint}");
+    say!(
         "fleet: {} nodes, {total_gpus} simulated GPUs across aws, azure, lambda and nebius (5 regions; Hopper, Ampere, Ada)",
         agents.len()
     );
-    println!("data dir: {}", data_dir.display());
-    println!();
+    say!("data dir: {}", data_dir.display());
+    say!();
 
     let mut outcome = ExitCode::SUCCESS;
     if !args.no_demo {
@@ -175,21 +175,21 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
                 outcome = ExitCode::FAILURE;
             }
         }
-        println!();
+        say!();
     }
 
     if !args.exit_after_demo {
-        println!("Try, in another terminal:");
-        println!("  export GPUFLEET_CONTROLLER={endpoint}");
-        println!("  gpufleet capacity --by provider,region,generation");
-        println!(
+        say!("Try, in another terminal:");
+        say!("  export GPUFLEET_CONTROLLER={endpoint}");
+        say!("  gpufleet capacity --by provider,region,generation");
+        say!(
             "  gpufleet jobs submit --gpus 2 --generation hopper --max-price 3.50 -- sh -c 'echo $CUDA_VISIBLE_DEVICES'"
         );
-        println!("  gpufleet jobs logs <JOB_ID>        (and: gpufleet nodes, gpufleet jobs list)");
-        println!();
-        println!("Ctrl-C stops everything.");
+        say!("  gpufleet jobs logs <JOB_ID>        (and: gpufleet nodes, gpufleet jobs list)");
+        say!();
+        say!("Ctrl-C stops everything.");
         wait_for_signal().await;
-        println!("stopping…");
+        say!("stopping…");
     }
     shutdown(agents, controller).await;
     Ok(outcome)
@@ -258,7 +258,7 @@ async fn demo_job(controller: &RunningController) -> anyhow::Result<bool> {
         }),
         ..Default::default()
     })?;
-    println!(
+    say!(
         "demo: submitted {} (2 GPUs, cheapest that fit): gpufleet jobs submit --name hello-gpus --gpus 2 -- sh -c 'echo …'",
         job.id
     );
@@ -278,7 +278,7 @@ async fn demo_job(controller: &RunningController) -> anyhow::Result<bool> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let task = job.tasks.first().cloned().unwrap_or_default();
-    println!(
+    say!(
         "demo: {} {:?} on {} ({}/{}, {}/GPU-hour)",
         job.id,
         job.state(),
@@ -290,7 +290,7 @@ async fn demo_job(controller: &RunningController) -> anyhow::Result<bool> {
     let chunk = core
         .fetch_log(&task.node_id, &task.allocation_id, 0, 64 * 1024)
         .await?;
-    print!("demo: log: {}", String::from_utf8_lossy(&chunk.data));
+    say!("demo: log: {}", String::from_utf8_lossy(&chunk.data).trim_end());
     Ok(job.state() == JobState::Succeeded)
 }
 

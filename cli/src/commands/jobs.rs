@@ -122,7 +122,7 @@ pub async fn run(address: &str, format: Format, args: JobsArgs) -> anyhow::Resul
             if format == Format::Json {
                 output::print_json(&job, !wait)?;
             } else {
-                println!("{}", job.id);
+                say!("{}", job.id);
             }
             if wait {
                 return watch(address, format, &job.id, false).await;
@@ -220,7 +220,7 @@ pub async fn run(address: &str, format: Format, args: JobsArgs) -> anyhow::Resul
             if format == Format::Json {
                 output::print_json(&job, true)?;
             } else {
-                println!("{} {}", job.id, state_label(&job));
+                say!("{} {}", job.id, state_label(&job));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -283,7 +283,7 @@ async fn watch(
         if format == Format::Json {
             output::print_json(&job, false)?;
         } else {
-            println!(
+            say!(
                 "{}  {:<10} {}",
                 output::time(Some(&crate::now())),
                 state_label(&job),
@@ -394,13 +394,13 @@ fn print_job(job: &Job) {
     let spec = job.spec.clone().unwrap_or_default();
     let workload = spec.workload.clone().unwrap_or_default();
     let constraints = spec.constraints.clone().unwrap_or_default();
-    println!("Job:       {}", job.id);
+    say!("Job:       {}", job.id);
     if !spec.name.is_empty() {
-        println!("Name:      {}", spec.name);
+        say!("Name:      {}", spec.name);
     }
-    println!("Tenant:    {}", spec.tenant);
-    println!("State:     {}", state_label(job));
-    println!(
+    say!("Tenant:    {}", spec.tenant);
+    say!("State:     {}", state_label(job));
+    say!(
         "Request:   {} task(s) x {} GPU(s)",
         spec.tasks.max(1),
         spec.gpus_per_task
@@ -436,7 +436,7 @@ fn print_job(job: &Job) {
     if let Some(max) = constraints.max_price_per_gpu_hour_micro_usd {
         limits.push(format!("price <= {}/GPU-hour", output::usd(max)));
     }
-    println!(
+    say!(
         "Limits:    {}",
         if limits.is_empty() {
             "none".to_string()
@@ -444,27 +444,27 @@ fn print_job(job: &Job) {
             limits.join("; ")
         }
     );
-    println!("Command:   {}", workload.argv.join(" "));
-    println!("Created:   {}", output::time(job.created_at.as_ref()));
+    say!("Command:   {}", workload.argv.join(" "));
+    say!("Created:   {}", output::time(job.created_at.as_ref()));
     if job.scheduled_at.is_some() {
-        println!("Scheduled: {}", output::time(job.scheduled_at.as_ref()));
+        say!("Scheduled: {}", output::time(job.scheduled_at.as_ref()));
     }
     if job.started_at.is_some() {
-        println!("Started:   {}", output::time(job.started_at.as_ref()));
+        say!("Started:   {}", output::time(job.started_at.as_ref()));
     }
     if job.finished_at.is_some() {
-        println!("Finished:  {}", output::time(job.finished_at.as_ref()));
+        say!("Finished:  {}", output::time(job.finished_at.as_ref()));
     }
     if let Some(code) = job.exit_code {
-        println!("Exit code: {code}");
+        say!("Exit code: {code}");
     }
     if !job.message.is_empty() {
-        println!("Message:   {}", job.message);
+        say!("Message:   {}", job.message);
     }
     if let (Some(reason), JobState::Pending) = (&job.pending_reason, job.state()) {
-        println!("Pending:   {} — {}", reason.code, reason.message);
+        say!("Pending:   {} — {}", reason.code, reason.message);
         for exclusion in &reason.exclusions {
-            println!(
+            say!(
                 "  {:<16} {:>4} nodes {:>5} GPUs  {}",
                 exclusion.constraint,
                 exclusion.nodes_excluded,
@@ -474,7 +474,7 @@ fn print_job(job: &Job) {
         }
     }
     if !job.tasks.is_empty() {
-        println!();
+        say!();
         let mut table = output::table(&[
             "TASK",
             "NODE",

@@ -108,8 +108,8 @@ fn models(node: &Node) -> String {
 
 fn print_node(node: &Node) {
     let identity = node.identity.clone().unwrap_or_default();
-    println!("Node:          {}", identity.node_id);
-    println!(
+    say!("Node:          {}", identity.node_id);
+    say!(
         "Provider:      {} / {} / {}",
         identity.provider,
         identity.region,
@@ -119,7 +119,7 @@ fn print_node(node: &Node) {
             &identity.zone
         }
     );
-    println!(
+    say!(
         "Instance type: {}",
         if identity.instance_type.is_empty() {
             "-"
@@ -127,12 +127,12 @@ fn print_node(node: &Node) {
             &identity.instance_type
         }
     );
-    println!(
+    say!(
         "Price:         {}/GPU-hour{}",
         output::usd(identity.price_per_gpu_hour_micro_usd),
         if identity.spot { " (spot)" } else { "" }
     );
-    println!(
+    say!(
         "State:         {}{}",
         output::enum_label(node.state().as_str_name(), "NODE_STATE_"),
         if node.connected {
@@ -141,11 +141,11 @@ fn print_node(node: &Node) {
             " (disconnected)"
         }
     );
-    println!(
+    say!(
         "Last seen:     {} ago",
         output::age(node.last_seen_at.as_ref())
     );
-    println!(
+    say!(
         "Agent:         {} (driver {})",
         node.agent_version, node.driver_version
     );
@@ -155,9 +155,9 @@ fn print_node(node: &Node) {
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
-        println!("Labels:        {}", labels.join(","));
+        say!("Labels:        {}", labels.join(","));
     }
-    println!();
+    say!();
     let mut table = output::table(&[
         "GPU", "UUID", "MODEL", "MEMORY", "UTIL", "MEM USED", "TEMP", "POWER", "JOB",
     ]);

@@ -1,0 +1,232 @@
+//! Workload manager: real processes, no GPUs needed.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{allocation, backend, eventually, supervisor};
+use gpufleet_agent::GpuBackend;
+use gpufleet_agent::supervisor::SupervisorError;
+use gpufleet_proto::v1::{DesiredState, WorkloadState};
+
+fn state(s: &gpufleet_proto::v1::WorkloadStatus) -> WorkloadState {
+    WorkloadState::try_from(s.state).unwrap()
+}
+
+#[tokio::test]
+async fn workload_sees_exactly_its_gpus_and_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = backend("n1", "4xL4");
+    let gpus: Vec<String> = b.gpus().iter().map(|g| g.uuid.clone()).collect();
+    let sup = supervisor(dir.path(), b);
+    let mine = vec![gpus[1].clone(), gpus[3].clone()];
+    let mut alloc = allocation(
+        "job-1.0",
+        &["sh", "-c", "echo $CUDA_VISIBLE_DEVICES; echo $NVIDIA_VISIBLE_DEVICES; echo $GPUFLEET_ALLOCATION_ID $FOO $HOME; echo err >&2"],
+        &mine,
+    );
+    alloc.workload.as_mut().unwrap().env.insert("FOO".into(), "bar".into());
+    let started = sup.run_local(alloc).unwrap();
+    assert_eq!(state(&started), WorkloadState::Running);
+    assert!(started.pid > 0);
+    let done = sup.wait("job-1.0").await.unwrap();
+    assert_eq!(state(&done), WorkloadState::Succeeded, "{done:?}");
+    assert_eq!(done.exit_code, Some(0));
+    assert!(done.finished_at.is_some() && done.started_at.is_some());
+
+    let log = std::fs::read_to_string(dir.path().join("allocations/job-1.0/output.log")).unwrap();
+    let home = dir.path().join("allocations/job-1.0");
+    let want = format!(
+        "{0}\n{0}\njob-1.0 bar {1}\nerr\n",
+        mine.join(","),
+        home.display()
+    );
+    assert_eq!(log, want);
+
+    let chunk = sup.read_log("job-1.0", 0, 0).await.unwrap();
+    assert_eq!(chunk.data, want.as_bytes());
+    assert!(chunk.eof);
+    let chunk = sup.read_log("job-1.0", 3, 4).await.unwrap();
+    assert_eq!(chunk.data.len(), 4);
+    assert!(!chunk.eof);
+}
+
+#[tokio::test]
+async fn non_zero_exit_is_failed_with_its_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let sup = supervisor(dir.path(), backend("n1", "1xT4"));
+    sup.run_local(allocation("exit3", &["sh", "-c", "exit 3"], &[])).unwrap();
+    let done = sup.wait("exit3").await.unwrap();
+    assert_eq!(state(&done), WorkloadState::Failed);
+    assert_eq!(done.exit_code, Some(3));
+    assert_eq!(done.signal, None);
+    assert!(done.message.contains("code 3"), "{}", done.message);
+}
+
+#[tokio::test]
+async fn stop_escalates_to_sigkill_for_a_workload_ignoring_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let sup = supervisor(dir.path(), backend("n1", "1xT4"));
+    // The marker proves the trap is installed before we signal.
+    sup.run_local(allocation(
+        "stubborn",
+        &["sh", "-c", "trap '' TERM; echo ready; sleep 30; echo survived"],
+        &[],
+    ))
+    .unwrap();
+    let log = dir.path().join("allocations/stubborn/output.log");
+    eventually("the workload to install its trap", || {
+        std::fs::read_to_string(&log).ok().filter(|s| s.contains("ready"))
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let done = sup
+        .stop("stubborn", Some(Duration::from_millis(300)))
+        .await
+        .unwrap();
+    assert_eq!(state(&done), WorkloadState::Stopped, "{done:?}");
+    assert_eq!(done.signal, Some(9), "{done:?}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(!std::fs::read_to_string(&log).unwrap().contains("survived"));
+}
+
+#[tokio::test]
+async fn stop_with_sigterm_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let sup = supervisor(dir.path(), backend("n1", "1xT4"));
+    sup.run_local(allocation("polite", &["sleep", "30"], &[])).unwrap();
+    let done = sup.stop("polite", None).await.unwrap();
+    assert_eq!(state(&done), WorkloadState::Stopped);
+    assert_eq!(done.signal, Some(15));
+    assert!(matches!(
+        sup.stop("nope", None).await,
+        Err(SupervisorError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn missing_command_fails_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let sup = supervisor(dir.path(), backend("n1", "1xT4"));
+    let status = sup
+        .run_local(allocation("missing", &["/no/such/program", "x"], &[]))
+        .unwrap();
+    assert_eq!(state(&status), WorkloadState::Failed);
+    assert!(status.message.contains("/no/such/program"), "{}", status.message);
+    assert!(status.message.contains("No such file"), "{}", status.message);
+    let log = std::fs::read_to_string(dir.path().join("allocations/missing/output.log")).unwrap();
+    assert!(log.contains("/no/such/program"), "{log}");
+    let chunk = sup.read_log("missing", 0, 0).await.unwrap();
+    assert!(chunk.eof);
+}
+
+#[tokio::test]
+async fn local_requests_are_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = backend("n1", "2xL4");
+    let gpus: Vec<String> = b.gpus().iter().map(|g| g.uuid.clone()).collect();
+    let sup = supervisor(dir.path(), b);
+    let err = sup.run_local(allocation("a", &[], &[])).unwrap_err();
+    assert!(matches!(err, SupervisorError::InvalidArgument { field: "workload.argv", .. }), "{err}");
+    let err = sup.run_local(allocation("../etc", &["true"], &[])).unwrap_err();
+    assert!(matches!(err, SupervisorError::InvalidArgument { field: "allocation_id", .. }), "{err}");
+    let err = sup
+        .run_local(allocation("b", &["true"], &["GPU-nope".to_string()]))
+        .unwrap_err();
+    assert!(matches!(err, SupervisorError::InvalidArgument { field: "gpu_uuids", .. }), "{err}");
+
+    let first = sup
+        .run_local(allocation("", &["sleep", "30"], &[gpus[0].clone()]))
+        .unwrap();
+    assert!(first.allocation_id.starts_with("local-"), "{}", first.allocation_id);
+    let err = sup
+        .run_local(allocation("c", &["true"], &[gpus[0].clone()]))
+        .unwrap_err();
+    assert!(matches!(err, SupervisorError::GpuBusy { .. }), "{err}");
+    let err = sup
+        .run_local(allocation(&first.allocation_id, &["true"], &[]))
+        .unwrap_err();
+    assert!(matches!(err, SupervisorError::AlreadyExists(_)), "{err}");
+    sup.shutdown().await;
+    let st = sup.status(&first.allocation_id).unwrap();
+    assert_eq!(state(&st), WorkloadState::Stopped);
+    assert!(matches!(
+        sup.run_local(allocation("d", &["true"], &[])),
+        Err(SupervisorError::ShuttingDown)
+    ));
+}
+
+#[tokio::test]
+async fn reconcile_starts_missing_and_stops_undesired() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = backend("n1", "2xH100-SXM-80GB");
+    let gpus: Vec<String> = b.gpus().iter().map(|g| g.uuid.clone()).collect();
+    let sup = supervisor(dir.path(), b.clone());
+    let mut events = sup.subscribe();
+
+    let local = sup.run_local(allocation("mine", &["sleep", "30"], &[])).unwrap();
+    let a = allocation("job-a.0", &["sleep", "30"], &[gpus[0].clone()]);
+    let quick = allocation("job-q.0", &["true"], &[]);
+    let bad = allocation("job-bad.0", &["true"], &["GPU-unknown".to_string()]);
+    sup.reconcile(&DesiredState {
+        generation: 2,
+        allocations: vec![a.clone(), quick.clone(), bad.clone()],
+    });
+    assert_eq!(sup.applied_generation(), 2);
+    assert_eq!(state(&sup.status("job-a.0").unwrap()), WorkloadState::Running);
+    let bad_status = sup.status("job-bad.0").unwrap();
+    assert_eq!(state(&bad_status), WorkloadState::Failed);
+    assert!(bad_status.message.contains("GPU-unknown"), "{}", bad_status.message);
+    // The busy GPU shows up in the simulated telemetry.
+    let busy = HashSet::from([gpus[0].clone()]);
+    let _ = busy;
+    eventually("the busy GPU to heat up", || {
+        let s = b.sample();
+        (s[0].gpu_utilization_percent.unwrap_or(0) > 50).then_some(())
+    })
+    .await;
+
+    let q = sup.wait("job-q.0").await.unwrap();
+    assert_eq!(state(&q), WorkloadState::Succeeded);
+    // Re-sending the same state never restarts the finished allocation.
+    sup.reconcile(&DesiredState {
+        generation: 2,
+        allocations: vec![a.clone(), quick.clone()],
+    });
+    assert_eq!(state(&sup.status("job-q.0").unwrap()), WorkloadState::Succeeded);
+    // An older generation is ignored.
+    sup.reconcile(&DesiredState {
+        generation: 1,
+        allocations: vec![],
+    });
+    assert_eq!(state(&sup.status("job-a.0").unwrap()), WorkloadState::Running);
+
+    // Generation 3 no longer wants job-a: it is stopped; finished ones are forgotten.
+    sup.reconcile(&DesiredState {
+        generation: 3,
+        allocations: vec![],
+    });
+    assert!(sup.status("job-q.0").is_none());
+    assert!(sup.status("job-bad.0").is_none());
+    let stopped = sup.wait("job-a.0").await.unwrap();
+    assert_eq!(state(&stopped), WorkloadState::Stopped);
+    // The local workload is untouched.
+    assert_eq!(state(&sup.status(&local.allocation_id).unwrap()), WorkloadState::Running);
+    // Next reconcile forgets the stopped one.
+    sup.reconcile(&DesiredState {
+        generation: 4,
+        allocations: vec![],
+    });
+    assert!(sup.status("job-a.0").is_none());
+
+    // Every change was published.
+    let mut seen = Vec::new();
+    while let Ok(s) = events.try_recv() {
+        seen.push((s.allocation_id.clone(), state(&s)));
+    }
+    assert!(seen.contains(&("job-a.0".into(), WorkloadState::Running)), "{seen:?}");
+    assert!(seen.contains(&("job-a.0".into(), WorkloadState::Stopped)), "{seen:?}");
+    assert!(seen.contains(&("job-q.0".into(), WorkloadState::Succeeded)), "{seen:?}");
+    sup.shutdown().await;
+}
