@@ -80,7 +80,9 @@ impl FromStr for GpuBackendKind {
         match s.trim().to_ascii_lowercase().as_str() {
             "nvml" => Ok(Self::Nvml),
             "simulated" | "sim" => Ok(Self::Simulated),
-            other => Err(format!("unknown GPU backend {other:?}; expected nvml or simulated")),
+            other => Err(format!(
+                "unknown GPU backend {other:?}; expected nvml or simulated"
+            )),
         }
     }
 }
@@ -184,7 +186,10 @@ impl ConfigOverrides {
     /// Reads the `GPUFLEET_*` variables out of an environment map.
     pub fn from_env(env: &HashMap<String, String>) -> Self {
         let mut o = Self {
-            config: env.get(CONFIG_ENV).filter(|v| !v.is_empty()).map(PathBuf::from),
+            config: env
+                .get(CONFIG_ENV)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
             ..Self::default()
         };
         macro_rules! take {
@@ -271,7 +276,10 @@ impl AgentConfig {
                 .or(file.node.region)
                 .unwrap_or_else(|| DEFAULT_REGION.into()),
             zone: o.zone.or(file.node.zone).unwrap_or_default(),
-            instance_type: o.instance_type.or(file.node.instance_type).unwrap_or_default(),
+            instance_type: o
+                .instance_type
+                .or(file.node.instance_type)
+                .unwrap_or_default(),
             price_per_gpu_hour_usd: match o.price_per_gpu_hour {
                 Some(s) => s.trim().parse().map_err(|_| {
                     invalid("price_per_gpu_hour_usd", format!("{s:?} is not a number"))
@@ -312,9 +320,15 @@ impl AgentConfig {
                 None => DEFAULT_SAMPLE_INTERVAL,
             },
             listen: {
-                let s = o.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.into());
+                let s = o
+                    .listen
+                    .or(file.listen)
+                    .unwrap_or_else(|| DEFAULT_LISTEN.into());
                 s.trim().parse().map_err(|_| {
-                    invalid("listen", format!("{s:?} is not an address like 127.0.0.1:7071"))
+                    invalid(
+                        "listen",
+                        format!("{s:?} is not an address like 127.0.0.1:7071"),
+                    )
                 })?
             },
             stop_grace_period: match o.stop_grace_period.or(file.stop_grace_period) {
@@ -486,7 +500,9 @@ mod tests {
             config: Some(fixture("unknown_key.toml")),
             ..Default::default()
         };
-        let err = AgentConfig::load(&HashMap::new(), flags).unwrap_err().to_string();
+        let err = AgentConfig::load(&HashMap::new(), flags)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("sample_intervall"), "{err}");
         assert!(!err.contains('\n'), "{err}");
     }
@@ -494,9 +510,21 @@ mod tests {
     #[test]
     fn bad_values_are_rejected() {
         let cases: &[(&str, &str, &str)] = &[
-            ("GPUFLEET_PRICE_PER_GPU_HOUR", "-1", "price_per_gpu_hour_usd"),
-            ("GPUFLEET_PRICE_PER_GPU_HOUR", "NaN", "price_per_gpu_hour_usd"),
-            ("GPUFLEET_PRICE_PER_GPU_HOUR", "cheap", "price_per_gpu_hour_usd"),
+            (
+                "GPUFLEET_PRICE_PER_GPU_HOUR",
+                "-1",
+                "price_per_gpu_hour_usd",
+            ),
+            (
+                "GPUFLEET_PRICE_PER_GPU_HOUR",
+                "NaN",
+                "price_per_gpu_hour_usd",
+            ),
+            (
+                "GPUFLEET_PRICE_PER_GPU_HOUR",
+                "cheap",
+                "price_per_gpu_hour_usd",
+            ),
             ("GPUFLEET_SAMPLE_INTERVAL", "0s", "sample_interval"),
             ("GPUFLEET_SAMPLE_INTERVAL", "soon", "sample_interval"),
             ("GPUFLEET_PROVIDER", " ", "provider"),
@@ -514,7 +542,10 @@ mod tests {
             assert!(err.contains(key), "{var}={value}: {err}");
         }
         let err = AgentConfig::load(
-            &env(&[("GPUFLEET_GPU_BACKEND", "simulated"), ("GPUFLEET_SIMULATED_GPUS", "2xH101")]),
+            &env(&[
+                ("GPUFLEET_GPU_BACKEND", "simulated"),
+                ("GPUFLEET_SIMULATED_GPUS", "2xH101"),
+            ]),
             ConfigOverrides::default(),
         )
         .unwrap_err()

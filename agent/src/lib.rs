@@ -23,9 +23,9 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
+pub use backend::GpuBackend;
 pub use backend::catalog;
 pub use backend::catalog::{ModelSpec, parse_gpu_declaration};
-pub use backend::GpuBackend;
 pub use config::{AgentConfig, ConfigError, ConfigOverrides, GpuBackendKind, NodeConfig};
 pub use service::AgentService;
 pub use supervisor::{Source, Supervisor, SupervisorError};
@@ -47,7 +47,10 @@ pub struct RunningAgent {
 /// controller uplink and the local `Agent` API (with health and reflection),
 /// and starts them. `listener` replaces binding `config.listen` (tests pass
 /// one bound to `127.0.0.1:0`).
-pub async fn start(config: AgentConfig, listener: Option<TcpListener>) -> anyhow::Result<RunningAgent> {
+pub async fn start(
+    config: AgentConfig,
+    listener: Option<TcpListener>,
+) -> anyhow::Result<RunningAgent> {
     config.validate()?;
     let node_id = config
         .node
@@ -65,7 +68,10 @@ pub async fn start(config: AgentConfig, listener: Option<TcpListener>) -> anyhow
     let gpus = backend.gpus();
     let gpu_uuids: Vec<String> = gpus.iter().map(|g| g.uuid.clone()).collect();
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
-        format!("cannot create the data directory {}", config.data_dir.display())
+        format!(
+            "cannot create the data directory {}",
+            config.data_dir.display()
+        )
     })?;
 
     let identity = NodeIdentity {
@@ -94,7 +100,9 @@ pub async fn start(config: AgentConfig, listener: Option<TcpListener>) -> anyhow
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?,
     };
-    let local_addr = listener.local_addr().context("listener has no local address")?;
+    let local_addr = listener
+        .local_addr()
+        .context("listener has no local address")?;
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
@@ -190,7 +198,8 @@ impl RunningAgent {
                 first_error.get_or_insert_with(|| anyhow::anyhow!("local API server failed: {e}"));
             }
             Err(e) => {
-                first_error.get_or_insert_with(|| anyhow::anyhow!("local API server task failed: {e}"));
+                first_error
+                    .get_or_insert_with(|| anyhow::anyhow!("local API server task failed: {e}"));
             }
         }
         info!("agent stopped");

@@ -31,7 +31,12 @@ struct Args {
     #[arg(long, env = "GPUFLEET_CONTROLLER", value_name = "URL")]
     controller: Option<String>,
     /// Token proving this agent may join the controller [default: none].
-    #[arg(long, env = "GPUFLEET_JOIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "GPUFLEET_JOIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
     join_token: Option<String>,
     /// Node id [default: /etc/machine-id, else the hostname].
     #[arg(long, env = "GPUFLEET_NODE_ID", value_name = "ID")]

@@ -135,7 +135,10 @@ impl Agent for AgentService {
                         _ = tx.closed() => return,
                     }
                 }
-                chunk = match supervisor.read_log(&req.allocation_id, next_offset, 0).await {
+                chunk = match supervisor
+                    .read_log(&req.allocation_id, next_offset, 0)
+                    .await
+                {
                     Ok(c) => c,
                     Err(e) => {
                         let _ = tx.send(Err(to_status(e))).await;

@@ -81,7 +81,10 @@ pub fn validate_allocation_id(id: &str) -> Result<(), SupervisorError> {
 fn is_terminal(state: WorkloadState) -> bool {
     matches!(
         state,
-        WorkloadState::Succeeded | WorkloadState::Failed | WorkloadState::Stopped | WorkloadState::Lost
+        WorkloadState::Succeeded
+            | WorkloadState::Failed
+            | WorkloadState::Stopped
+            | WorkloadState::Lost
     )
 }
 
@@ -192,7 +195,10 @@ impl Supervisor {
     }
 
     pub fn status(&self, allocation_id: &str) -> Option<WorkloadStatus> {
-        self.lock().workloads.get(allocation_id).map(Workload::status)
+        self.lock()
+            .workloads
+            .get(allocation_id)
+            .map(Workload::status)
     }
 
     /// Generation of the last desired state applied (0 = none).
@@ -218,7 +224,11 @@ impl Supervisor {
             allocation.allocation_id = format!("local-{}", uuid::Uuid::new_v4());
         }
         validate_allocation_id(&allocation.allocation_id)?;
-        let argv = allocation.workload.as_ref().map(|w| w.argv.as_slice()).unwrap_or_default();
+        let argv = allocation
+            .workload
+            .as_ref()
+            .map(|w| w.argv.as_slice())
+            .unwrap_or_default();
         if argv.first().is_none_or(|a| a.is_empty()) {
             return Err(invalid("workload.argv", "must name a program to run"));
         }
@@ -240,7 +250,11 @@ impl Supervisor {
             if w.terminal() {
                 continue;
             }
-            if let Some(uuid) = allocation.gpu_uuids.iter().find(|u| w.allocation.gpu_uuids.contains(u)) {
+            if let Some(uuid) = allocation
+                .gpu_uuids
+                .iter()
+                .find(|u| w.allocation.gpu_uuids.contains(u))
+            {
                 return Err(SupervisorError::GpuBusy {
                     uuid: uuid.clone(),
                     holder: id.clone(),
@@ -298,7 +312,12 @@ impl Supervisor {
             match st.workloads.get(&allocation.allocation_id) {
                 None => {
                     let validation = self.validate_controller_allocation(allocation);
-                    self.start_locked(&mut st, allocation.clone(), Source::Controller, validation.err());
+                    self.start_locked(
+                        &mut st,
+                        allocation.clone(),
+                        Source::Controller,
+                        validation.err(),
+                    );
                 }
                 Some(w) if w.source == Source::Local => warn!(
                     allocation_id = %allocation.allocation_id,
@@ -337,7 +356,11 @@ impl Supervisor {
     /// recorded as FAILED with the reason, so the controller learns why.
     fn validate_controller_allocation(&self, allocation: &Allocation) -> Result<(), String> {
         validate_allocation_id(&allocation.allocation_id).map_err(|e| e.to_string())?;
-        let argv = allocation.workload.as_ref().map(|w| w.argv.as_slice()).unwrap_or_default();
+        let argv = allocation
+            .workload
+            .as_ref()
+            .map(|w| w.argv.as_slice())
+            .unwrap_or_default();
         if argv.first().is_none_or(|a| a.is_empty()) {
             return Err("invalid workload.argv: must name a program to run".into());
         }
@@ -408,8 +431,12 @@ impl Supervisor {
     fn spawn(&self, allocation: &Allocation) -> Result<tokio::process::Child, String> {
         let id = &allocation.allocation_id;
         let dir = self.allocation_dir(id);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create the allocation directory {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            format!(
+                "cannot create the allocation directory {}: {e}",
+                dir.display()
+            )
+        })?;
         let log_path = dir.join("output.log");
         let mut log = OpenOptions::new()
             .create(true)
@@ -458,7 +485,10 @@ impl Supervisor {
             // One file for both, like 2>&1; no pipes, so a workload never
             // blocks on the agent draining its output.
             .stdout(Stdio::from(stderr))
-            .stderr(Stdio::from(log.try_clone().map_err(|e| format!("cannot share the log file: {e}"))?))
+            .stderr(Stdio::from(
+                log.try_clone()
+                    .map_err(|e| format!("cannot share the log file: {e}"))?,
+            ))
             // Safety net if the agent's runtime goes away without a shutdown.
             .kill_on_drop(true);
         cmd.spawn()
@@ -476,12 +506,23 @@ impl Supervisor {
                 w.exit_code = status.code();
                 w.signal = status.signal();
                 (w.state, w.message) = match (w.stop_requested, status.code(), status.signal()) {
-                    (true, _, Some(sig)) => (WorkloadState::Stopped, format!("stopped (signal {})", signal_name(sig))),
+                    (true, _, Some(sig)) => (
+                        WorkloadState::Stopped,
+                        format!("stopped (signal {})", signal_name(sig)),
+                    ),
                     (true, _, _) => (WorkloadState::Stopped, "stopped".to_string()),
                     (false, Some(0), _) => (WorkloadState::Succeeded, String::new()),
-                    (false, Some(code), _) => (WorkloadState::Failed, format!("exited with code {code}")),
-                    (false, None, Some(sig)) => (WorkloadState::Failed, format!("killed by signal {}", signal_name(sig))),
-                    (false, None, None) => (WorkloadState::Failed, "ended for an unknown reason".to_string()),
+                    (false, Some(code), _) => {
+                        (WorkloadState::Failed, format!("exited with code {code}"))
+                    }
+                    (false, None, Some(sig)) => (
+                        WorkloadState::Failed,
+                        format!("killed by signal {}", signal_name(sig)),
+                    ),
+                    (false, None, None) => (
+                        WorkloadState::Failed,
+                        "ended for an unknown reason".to_string(),
+                    ),
                 };
             }
             Err(e) => {
@@ -592,7 +633,10 @@ impl Supervisor {
 
     /// Whether a workload is known and has ended.
     pub fn is_terminal(&self, allocation_id: &str) -> Option<bool> {
-        self.lock().workloads.get(allocation_id).map(Workload::terminal)
+        self.lock()
+            .workloads
+            .get(allocation_id)
+            .map(Workload::terminal)
     }
 
     /// Reads up to `max_bytes` (0 or more than 1 MiB means 1 MiB) of a
@@ -615,7 +659,11 @@ impl Supervisor {
                 .map(|w| (w.terminal(), w.allocation.task_index))
         };
         let (terminal, task_index) = known.unwrap_or((true, 0));
-        let max = if max_bytes == 0 { MAX_LOG_CHUNK } else { max_bytes.min(MAX_LOG_CHUNK) };
+        let max = if max_bytes == 0 {
+            MAX_LOG_CHUNK
+        } else {
+            max_bytes.min(MAX_LOG_CHUNK)
+        };
         let path = self.log_path(allocation_id);
         let mut chunk = LogChunk {
             allocation_id: allocation_id.to_string(),
@@ -647,9 +695,14 @@ impl Supervisor {
         };
         let len = file.metadata().await.map_err(log_err)?.len();
         if offset < len {
-            file.seek(std::io::SeekFrom::Start(offset)).await.map_err(log_err)?;
+            file.seek(std::io::SeekFrom::Start(offset))
+                .await
+                .map_err(log_err)?;
             let want = (len - offset).min(u64::from(max));
-            file.take(want).read_to_end(&mut chunk.data).await.map_err(log_err)?;
+            file.take(want)
+                .read_to_end(&mut chunk.data)
+                .await
+                .map_err(log_err)?;
         }
         chunk.eof = terminal && offset + chunk.data.len() as u64 >= len;
         Ok(chunk)

@@ -97,7 +97,8 @@ impl Backoff {
     fn next_delay(&mut self) -> Duration {
         let base = self.next;
         self.next = (self.next * 2).min(BACKOFF_MAX);
-        base.mul_f64(rand::rng().random_range(0.8..1.2)).min(BACKOFF_MAX)
+        base.mul_f64(rand::rng().random_range(0.8..1.2))
+            .min(BACKOFF_MAX)
     }
 }
 
@@ -153,7 +154,9 @@ impl Uplink {
             let text = err.to_string();
             if outage.as_deref() != Some(text.as_str()) {
                 match err {
-                    SessionError::Rejected { .. } => error!(controller = %self.controller, "{text}; retrying"),
+                    SessionError::Rejected { .. } => {
+                        error!(controller = %self.controller, "{text}; retrying")
+                    }
                     _ => warn!(controller = %self.controller, "{text}; retrying"),
                 }
                 outage = Some(text);
@@ -177,7 +180,8 @@ impl Uplink {
             driver_version: self.telemetry.driver_version.clone(),
             workloads: self.supervisor.statuses(),
             applied_generation: self.supervisor.applied_generation(),
-            telemetry_interval_ms: u32::try_from(self.sample_interval.as_millis()).unwrap_or(u32::MAX),
+            telemetry_interval_ms: u32::try_from(self.sample_interval.as_millis())
+                .unwrap_or(u32::MAX),
         }
     }
 
@@ -287,13 +291,18 @@ impl Uplink {
                 *healthy = true;
                 // Never send at or below what the controller already applied
                 // (e.g. after this host's clock went backwards).
-                self.seq.fetch_max(ack.last_seq.saturating_add(1), Ordering::Relaxed);
+                self.seq
+                    .fetch_max(ack.last_seq.saturating_add(1), Ordering::Relaxed);
                 info!(node_id = %ack.node_id, controller = %self.controller, "connected to the controller");
                 (ack.heartbeat_interval_ms > 0)
                     .then(|| Duration::from_millis(u64::from(ack.heartbeat_interval_ms)))
             }
             controller_message::Body::DesiredState(desired) => {
-                debug!(generation = desired.generation, allocations = desired.allocations.len(), "desired state");
+                debug!(
+                    generation = desired.generation,
+                    allocations = desired.allocations.len(),
+                    "desired state"
+                );
                 self.supervisor.reconcile(&desired);
                 None
             }

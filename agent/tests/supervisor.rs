@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use common::{allocation, backend, eventually, supervisor};
@@ -23,10 +22,19 @@ async fn workload_sees_exactly_its_gpus_and_environment() {
     let mine = vec![gpus[1].clone(), gpus[3].clone()];
     let mut alloc = allocation(
         "job-1.0",
-        &["sh", "-c", "echo $CUDA_VISIBLE_DEVICES; echo $NVIDIA_VISIBLE_DEVICES; echo $GPUFLEET_ALLOCATION_ID $FOO $HOME; echo err >&2"],
+        &[
+            "sh",
+            "-c",
+            "echo $CUDA_VISIBLE_DEVICES; echo $NVIDIA_VISIBLE_DEVICES; echo $GPUFLEET_ALLOCATION_ID $FOO $HOME; echo err >&2",
+        ],
         &mine,
     );
-    alloc.workload.as_mut().unwrap().env.insert("FOO".into(), "bar".into());
+    alloc
+        .workload
+        .as_mut()
+        .unwrap()
+        .env
+        .insert("FOO".into(), "bar".into());
     let started = sup.run_local(alloc).unwrap();
     assert_eq!(state(&started), WorkloadState::Running);
     assert!(started.pid > 0);
@@ -56,7 +64,8 @@ async fn workload_sees_exactly_its_gpus_and_environment() {
 async fn non_zero_exit_is_failed_with_its_code() {
     let dir = tempfile::tempdir().unwrap();
     let sup = supervisor(dir.path(), backend("n1", "1xT4"));
-    sup.run_local(allocation("exit3", &["sh", "-c", "exit 3"], &[])).unwrap();
+    sup.run_local(allocation("exit3", &["sh", "-c", "exit 3"], &[]))
+        .unwrap();
     let done = sup.wait("exit3").await.unwrap();
     assert_eq!(state(&done), WorkloadState::Failed);
     assert_eq!(done.exit_code, Some(3));
@@ -71,13 +80,19 @@ async fn stop_escalates_to_sigkill_for_a_workload_ignoring_sigterm() {
     // The marker proves the trap is installed before we signal.
     sup.run_local(allocation(
         "stubborn",
-        &["sh", "-c", "trap '' TERM; echo ready; sleep 30; echo survived"],
+        &[
+            "sh",
+            "-c",
+            "trap '' TERM; echo ready; sleep 30; echo survived",
+        ],
         &[],
     ))
     .unwrap();
     let log = dir.path().join("allocations/stubborn/output.log");
     eventually("the workload to install its trap", || {
-        std::fs::read_to_string(&log).ok().filter(|s| s.contains("ready"))
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|s| s.contains("ready"))
     })
     .await;
     let started = std::time::Instant::now();
@@ -95,7 +110,8 @@ async fn stop_escalates_to_sigkill_for_a_workload_ignoring_sigterm() {
 async fn stop_with_sigterm_is_stopped() {
     let dir = tempfile::tempdir().unwrap();
     let sup = supervisor(dir.path(), backend("n1", "1xT4"));
-    sup.run_local(allocation("polite", &["sleep", "30"], &[])).unwrap();
+    sup.run_local(allocation("polite", &["sleep", "30"], &[]))
+        .unwrap();
     let done = sup.stop("polite", None).await.unwrap();
     assert_eq!(state(&done), WorkloadState::Stopped);
     assert_eq!(done.signal, Some(15));
@@ -113,8 +129,16 @@ async fn missing_command_fails_with_a_message() {
         .run_local(allocation("missing", &["/no/such/program", "x"], &[]))
         .unwrap();
     assert_eq!(state(&status), WorkloadState::Failed);
-    assert!(status.message.contains("/no/such/program"), "{}", status.message);
-    assert!(status.message.contains("No such file"), "{}", status.message);
+    assert!(
+        status.message.contains("/no/such/program"),
+        "{}",
+        status.message
+    );
+    assert!(
+        status.message.contains("No such file"),
+        "{}",
+        status.message
+    );
     let log = std::fs::read_to_string(dir.path().join("allocations/missing/output.log")).unwrap();
     assert!(log.contains("/no/such/program"), "{log}");
     let chunk = sup.read_log("missing", 0, 0).await.unwrap();
@@ -128,18 +152,51 @@ async fn local_requests_are_validated() {
     let gpus: Vec<String> = b.gpus().iter().map(|g| g.uuid.clone()).collect();
     let sup = supervisor(dir.path(), b);
     let err = sup.run_local(allocation("a", &[], &[])).unwrap_err();
-    assert!(matches!(err, SupervisorError::InvalidArgument { field: "workload.argv", .. }), "{err}");
-    let err = sup.run_local(allocation("../etc", &["true"], &[])).unwrap_err();
-    assert!(matches!(err, SupervisorError::InvalidArgument { field: "allocation_id", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            SupervisorError::InvalidArgument {
+                field: "workload.argv",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = sup
+        .run_local(allocation("../etc", &["true"], &[]))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SupervisorError::InvalidArgument {
+                field: "allocation_id",
+                ..
+            }
+        ),
+        "{err}"
+    );
     let err = sup
         .run_local(allocation("b", &["true"], &["GPU-nope".to_string()]))
         .unwrap_err();
-    assert!(matches!(err, SupervisorError::InvalidArgument { field: "gpu_uuids", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            SupervisorError::InvalidArgument {
+                field: "gpu_uuids",
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     let first = sup
         .run_local(allocation("", &["sleep", "30"], &[gpus[0].clone()]))
         .unwrap();
-    assert!(first.allocation_id.starts_with("local-"), "{}", first.allocation_id);
+    assert!(
+        first.allocation_id.starts_with("local-"),
+        "{}",
+        first.allocation_id
+    );
     let err = sup
         .run_local(allocation("c", &["true"], &[gpus[0].clone()]))
         .unwrap_err();
@@ -165,7 +222,9 @@ async fn reconcile_starts_missing_and_stops_undesired() {
     let sup = supervisor(dir.path(), b.clone());
     let mut events = sup.subscribe();
 
-    let local = sup.run_local(allocation("mine", &["sleep", "30"], &[])).unwrap();
+    let local = sup
+        .run_local(allocation("mine", &["sleep", "30"], &[]))
+        .unwrap();
     let a = allocation("job-a.0", &["sleep", "30"], &[gpus[0].clone()]);
     let quick = allocation("job-q.0", &["true"], &[]);
     let bad = allocation("job-bad.0", &["true"], &["GPU-unknown".to_string()]);
@@ -174,13 +233,18 @@ async fn reconcile_starts_missing_and_stops_undesired() {
         allocations: vec![a.clone(), quick.clone(), bad.clone()],
     });
     assert_eq!(sup.applied_generation(), 2);
-    assert_eq!(state(&sup.status("job-a.0").unwrap()), WorkloadState::Running);
+    assert_eq!(
+        state(&sup.status("job-a.0").unwrap()),
+        WorkloadState::Running
+    );
     let bad_status = sup.status("job-bad.0").unwrap();
     assert_eq!(state(&bad_status), WorkloadState::Failed);
-    assert!(bad_status.message.contains("GPU-unknown"), "{}", bad_status.message);
+    assert!(
+        bad_status.message.contains("GPU-unknown"),
+        "{}",
+        bad_status.message
+    );
     // The busy GPU shows up in the simulated telemetry.
-    let busy = HashSet::from([gpus[0].clone()]);
-    let _ = busy;
     eventually("the busy GPU to heat up", || {
         let s = b.sample();
         (s[0].gpu_utilization_percent.unwrap_or(0) > 50).then_some(())
@@ -194,13 +258,19 @@ async fn reconcile_starts_missing_and_stops_undesired() {
         generation: 2,
         allocations: vec![a.clone(), quick.clone()],
     });
-    assert_eq!(state(&sup.status("job-q.0").unwrap()), WorkloadState::Succeeded);
+    assert_eq!(
+        state(&sup.status("job-q.0").unwrap()),
+        WorkloadState::Succeeded
+    );
     // An older generation is ignored.
     sup.reconcile(&DesiredState {
         generation: 1,
         allocations: vec![],
     });
-    assert_eq!(state(&sup.status("job-a.0").unwrap()), WorkloadState::Running);
+    assert_eq!(
+        state(&sup.status("job-a.0").unwrap()),
+        WorkloadState::Running
+    );
 
     // Generation 3 no longer wants job-a: it is stopped; finished ones are forgotten.
     sup.reconcile(&DesiredState {
@@ -212,7 +282,10 @@ async fn reconcile_starts_missing_and_stops_undesired() {
     let stopped = sup.wait("job-a.0").await.unwrap();
     assert_eq!(state(&stopped), WorkloadState::Stopped);
     // The local workload is untouched.
-    assert_eq!(state(&sup.status(&local.allocation_id).unwrap()), WorkloadState::Running);
+    assert_eq!(
+        state(&sup.status(&local.allocation_id).unwrap()),
+        WorkloadState::Running
+    );
     // Next reconcile forgets the stopped one.
     sup.reconcile(&DesiredState {
         generation: 4,
@@ -225,8 +298,17 @@ async fn reconcile_starts_missing_and_stops_undesired() {
     while let Ok(s) = events.try_recv() {
         seen.push((s.allocation_id.clone(), state(&s)));
     }
-    assert!(seen.contains(&("job-a.0".into(), WorkloadState::Running)), "{seen:?}");
-    assert!(seen.contains(&("job-a.0".into(), WorkloadState::Stopped)), "{seen:?}");
-    assert!(seen.contains(&("job-q.0".into(), WorkloadState::Succeeded)), "{seen:?}");
+    assert!(
+        seen.contains(&("job-a.0".into(), WorkloadState::Running)),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&("job-a.0".into(), WorkloadState::Stopped)),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&("job-q.0".into(), WorkloadState::Succeeded)),
+        "{seen:?}"
+    );
     sup.shutdown().await;
 }

@@ -43,8 +43,9 @@ impl RunningController {
         &self.controller
     }
 
-    /// Stops serving (open streams are cut) and releases the store.
+    /// Stops serving (open streams are ended) and releases the store.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.controller.close();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -60,6 +61,19 @@ impl RunningController {
                 self.server.abort();
                 tracing::warn!("controller server did not stop within 10s; aborted");
             }
+        }
+        // The store is released when the last handle goes; stream tasks
+        // drop theirs as they notice the close.
+        let weak = self.controller.downgrade();
+        drop(self.controller);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while weak.strong_count() > 0 {
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "controller state still in use 10s after shutdown; the store stays locked"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         Ok(())
     }

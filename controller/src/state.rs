@@ -18,7 +18,7 @@ use gpufleet_proto::v1::{
     TaskStatus, WorkloadState, WorkloadStatus, controller_message,
 };
 use prost_types::Timestamp;
-use tokio::sync::{Notify, broadcast, mpsc, oneshot};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 
 use crate::config::ControllerConfig;
 use crate::error::{ControllerError, Result};
@@ -100,6 +100,8 @@ struct Inner {
     schedule: Notify,
     log_waiters: Mutex<HashMap<String, oneshot::Sender<LogResponse>>>,
     next_session: AtomicU64,
+    /// Flipped once on shutdown; every stream and task watches it.
+    closing: watch::Sender<bool>,
 }
 
 /// Cheap to clone; every clone is the same controller.
@@ -161,8 +163,27 @@ impl Controller {
                 schedule: Notify::new(),
                 log_waiters: Mutex::new(HashMap::new()),
                 next_session: AtomicU64::new(1),
+                closing: watch::channel(false).0,
             }),
         })
+    }
+
+    /// Ends every open stream and background loop.
+    pub fn close(&self) {
+        self.inner.closing.send_replace(true);
+    }
+
+    /// Resolves once `close` was called.
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut closing = self.inner.closing.subscribe();
+        async move {
+            let _ = closing.wait_for(|closed| *closed).await;
+        }
+    }
+
+    /// A handle that does not keep the controller (and its store) alive.
+    pub fn downgrade(&self) -> std::sync::Weak<impl Sized + use<>> {
+        Arc::downgrade(&self.inner)
     }
 
     pub fn config(&self) -> &ControllerConfig {

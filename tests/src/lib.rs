@@ -1,1 +1,299 @@
-//! placeholder
+//! Test harness: real controllers and agents, in-process, talking gRPC over
+//! `127.0.0.1:0`. Waits poll a condition with a deadline; nothing sleeps a
+//! fixed time hoping things are done.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use gpufleet_agent::{AgentConfig, GpuBackendKind, NodeConfig, RunningAgent};
+use gpufleet_controller::{ControllerConfig, RunningController};
+use gpufleet_proto::v1::fleet_client::FleetClient;
+use gpufleet_proto::v1::jobs_client::JobsClient;
+use gpufleet_proto::v1::{
+    GetJobRequest, Job, JobSpec, ListNodesRequest, NodeState, SubmitJobRequest, WorkloadSpec,
+};
+use tokio::net::TcpListener;
+use tonic::transport::Channel;
+
+/// Generous: CI machines are small and busy.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Polls `check` until it yields `Some`, or fails after `DEADLINE`.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {DEADLINE:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A simulated node to start.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    pub id: String,
+    pub provider: String,
+    pub region: String,
+    pub gpus: String,
+    pub price: f64,
+}
+
+impl NodeSpec {
+    pub fn new(id: &str, provider: &str, region: &str, gpus: &str, price: f64) -> Self {
+        Self {
+            id: id.into(),
+            provider: provider.into(),
+            region: region.into(),
+            gpus: gpus.into(),
+            price,
+        }
+    }
+}
+
+/// A controller plus agents, each with its own data dir under one temp dir.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub controller: Option<RunningController>,
+    pub controller_addr: SocketAddr,
+    pub agents: Vec<RunningAgent>,
+    /// (NotReady after, Lost after) for the controller's leases.
+    leases: (Duration, Duration),
+}
+
+/// The default test fleet: two nodes on two providers.
+pub fn two_nodes() -> Vec<NodeSpec> {
+    vec![
+        NodeSpec::new("node-a", "aws", "us-east-1", "4xH100-SXM-80GB", 3.93),
+        NodeSpec::new("node-b", "lambda", "us-west-1", "4xA100-SXM-80GB", 1.79),
+    ]
+}
+
+impl Cluster {
+    pub async fn start(nodes: &[NodeSpec]) -> anyhow::Result<Self> {
+        Self::start_with_leases(nodes, (Duration::from_secs(15), Duration::from_secs(60))).await
+    }
+
+    /// Like `start`, with short leases for tests of node loss.
+    pub async fn start_with_leases(
+        nodes: &[NodeSpec],
+        leases: (Duration, Duration),
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let controller_addr = listener.local_addr()?;
+        let config = controller_config(&dir.path().join("controller"), controller_addr, leases);
+        let controller = gpufleet_controller::start(config, Some(listener)).await?;
+        let mut cluster = Self {
+            dir,
+            controller: Some(controller),
+            controller_addr,
+            agents: Vec::new(),
+            leases,
+        };
+        for node in nodes {
+            cluster.add_agent(node).await?;
+        }
+        cluster.wait_ready(nodes.len()).await?;
+        Ok(cluster)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.controller_addr)
+    }
+
+    pub fn agent_config(&self, node: &NodeSpec) -> AgentConfig {
+        AgentConfig {
+            controller: self.endpoint(),
+            join_token: String::new(),
+            node: NodeConfig {
+                id: Some(node.id.clone()),
+                provider: node.provider.clone(),
+                region: node.region.clone(),
+                zone: String::new(),
+                instance_type: "test".into(),
+                price_per_gpu_hour_usd: node.price,
+                spot: false,
+                labels: BTreeMap::new(),
+            },
+            gpu_backend: GpuBackendKind::Simulated,
+            simulated_gpus: vec![node.gpus.clone()],
+            data_dir: self.dir.path().join("agents").join(&node.id),
+            sample_interval: Duration::from_millis(200),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            stop_grace_period: Duration::from_secs(2),
+        }
+    }
+
+    pub async fn add_agent(&mut self, node: &NodeSpec) -> anyhow::Result<()> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let agent = gpufleet_agent::start(self.agent_config(node), Some(listener)).await?;
+        self.agents.push(agent);
+        Ok(())
+    }
+
+    pub async fn wait_ready(&self, count: usize) -> anyhow::Result<()> {
+        let endpoint = self.endpoint();
+        eventually(&format!("{count} Ready nodes"), || {
+            let endpoint = endpoint.clone();
+            async move {
+                let Ok(mut fleet) = fleet_client(&endpoint).await else {
+                    return Ok(None);
+                };
+                let Ok(nodes) = fleet.list_nodes(ListNodesRequest::default()).await else {
+                    return Ok(None);
+                };
+                let ready = nodes
+                    .into_inner()
+                    .nodes
+                    .iter()
+                    .filter(|n| n.state() == NodeState::Ready && n.connected)
+                    .count();
+                Ok((ready >= count).then_some(()))
+            }
+        })
+        .await
+    }
+
+    pub async fn jobs(&self) -> anyhow::Result<JobsClient<Channel>> {
+        jobs_client(&self.endpoint()).await
+    }
+
+    pub async fn fleet(&self) -> anyhow::Result<FleetClient<Channel>> {
+        fleet_client(&self.endpoint()).await
+    }
+
+    pub async fn submit(&self, gpus: u32, argv: &[&str]) -> anyhow::Result<Job> {
+        self.submit_spec(JobSpec {
+            gpus_per_task: gpus,
+            workload: Some(WorkloadSpec {
+                argv: argv.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+    }
+
+    pub async fn submit_spec(&self, spec: JobSpec) -> anyhow::Result<Job> {
+        let mut jobs = self.jobs().await?;
+        jobs.submit_job(SubmitJobRequest { spec: Some(spec) })
+            .await?
+            .into_inner()
+            .job
+            .context("no job in the answer")
+    }
+
+    /// Waits until the job satisfies `done`.
+    pub async fn wait_job(
+        &self,
+        id: &str,
+        what: &str,
+        done: impl Fn(&Job) -> bool,
+    ) -> anyhow::Result<Job> {
+        let jobs = self.jobs().await?;
+        let done = &done;
+        eventually(&format!("job {id}: {what}"), || {
+            let mut jobs = jobs.clone();
+            let request = GetJobRequest {
+                job_id: id.to_string(),
+            };
+            async move {
+                let job = jobs.get_job(request).await?.into_inner();
+                Ok(done(&job).then_some(job))
+            }
+        })
+        .await
+    }
+
+    /// Stops the controller and starts a new one on the same address and
+    /// data dir; agents reconnect by themselves.
+    pub async fn restart_controller(&mut self) -> anyhow::Result<()> {
+        if let Some(controller) = self.controller.take() {
+            controller.shutdown().await?;
+        }
+        // The port was just released; rebinding it may take a moment.
+        let addr = self.controller_addr;
+        let listener = eventually("the controller port to be free again", || async move {
+            Ok(TcpListener::bind(addr).await.ok())
+        })
+        .await?;
+        let config = controller_config(&self.dir.path().join("controller"), addr, self.leases);
+        let controller = gpufleet_controller::start(config, Some(listener)).await?;
+        self.controller = Some(controller);
+        Ok(())
+    }
+
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        for agent in self.agents.drain(..) {
+            agent.shutdown().await?;
+        }
+        if let Some(controller) = self.controller.take() {
+            controller.shutdown().await?;
+        }
+        Ok(())
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+}
+
+fn controller_config(
+    dir: &std::path::Path,
+    addr: SocketAddr,
+    leases: (Duration, Duration),
+) -> ControllerConfig {
+    let mut config = ControllerConfig::for_data_dir(dir);
+    config.listen = addr;
+    config.node_not_ready_after = leases.0;
+    config.node_lost_after = leases.1;
+    config
+}
+
+pub async fn jobs_client(endpoint: &str) -> anyhow::Result<JobsClient<Channel>> {
+    Ok(JobsClient::new(
+        Channel::from_shared(endpoint.to_string())?
+            .connect()
+            .await?,
+    ))
+}
+
+pub async fn fleet_client(endpoint: &str) -> anyhow::Result<FleetClient<Channel>> {
+    Ok(FleetClient::new(
+        Channel::from_shared(endpoint.to_string())?
+            .connect()
+            .await?,
+    ))
+}
+
+/// Collects a job task's whole log through the controller.
+pub async fn job_log(cluster: &Cluster, job_id: &str, task_index: u32) -> anyhow::Result<String> {
+    use tokio_stream::StreamExt;
+    let mut jobs = cluster.jobs().await?;
+    let mut stream = jobs
+        .stream_job_logs(gpufleet_proto::v1::StreamJobLogsRequest {
+            job_id: job_id.to_string(),
+            task_index,
+            offset: 0,
+            follow: true,
+        })
+        .await?
+        .into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        bytes.extend(chunk?.data);
+    }
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}

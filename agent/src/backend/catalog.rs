@@ -44,24 +44,164 @@ macro_rules! model {
 
 /// Every model the agent knows, oldest generation first.
 pub static MODELS: &[ModelSpec] = &[
-    model!("P100-PCIE-16GB", "Tesla P100-PCIE-16GB", Pascal, 16, (6, 0), 250, 30, 1328, 715),
-    model!("P100-SXM2-16GB", "Tesla P100-SXM2-16GB", Pascal, 16, (6, 0), 300, 35, 1480, 715),
-    model!("V100-SXM2-16GB", "Tesla V100-SXM2-16GB", Volta, 16, (7, 0), 300, 40, 1530, 877),
-    model!("V100-SXM2-32GB", "Tesla V100-SXM2-32GB", Volta, 32, (7, 0), 300, 40, 1530, 877),
+    model!(
+        "P100-PCIE-16GB",
+        "Tesla P100-PCIE-16GB",
+        Pascal,
+        16,
+        (6, 0),
+        250,
+        30,
+        1328,
+        715
+    ),
+    model!(
+        "P100-SXM2-16GB",
+        "Tesla P100-SXM2-16GB",
+        Pascal,
+        16,
+        (6, 0),
+        300,
+        35,
+        1480,
+        715
+    ),
+    model!(
+        "V100-SXM2-16GB",
+        "Tesla V100-SXM2-16GB",
+        Volta,
+        16,
+        (7, 0),
+        300,
+        40,
+        1530,
+        877
+    ),
+    model!(
+        "V100-SXM2-32GB",
+        "Tesla V100-SXM2-32GB",
+        Volta,
+        32,
+        (7, 0),
+        300,
+        40,
+        1530,
+        877
+    ),
     model!("T4", "Tesla T4", Turing, 16, (7, 5), 70, 10, 1590, 5001),
     model!("A10", "NVIDIA A10", Ampere, 24, (8, 6), 150, 20, 1695, 6251),
-    model!("A10G", "NVIDIA A10G", Ampere, 24, (8, 6), 300, 25, 1710, 6251),
-    model!("A100-PCIE-40GB", "NVIDIA A100-PCIE-40GB", Ampere, 40, (8, 0), 250, 35, 1410, 1215),
-    model!("A100-SXM-40GB", "NVIDIA A100-SXM4-40GB", Ampere, 40, (8, 0), 400, 55, 1410, 1215),
-    model!("A100-PCIE-80GB", "NVIDIA A100 80GB PCIe", Ampere, 80, (8, 0), 300, 45, 1410, 1512),
-    model!("A100-SXM-80GB", "NVIDIA A100-SXM4-80GB", Ampere, 80, (8, 0), 400, 60, 1410, 1593),
+    model!(
+        "A10G",
+        "NVIDIA A10G",
+        Ampere,
+        24,
+        (8, 6),
+        300,
+        25,
+        1710,
+        6251
+    ),
+    model!(
+        "A100-PCIE-40GB",
+        "NVIDIA A100-PCIE-40GB",
+        Ampere,
+        40,
+        (8, 0),
+        250,
+        35,
+        1410,
+        1215
+    ),
+    model!(
+        "A100-SXM-40GB",
+        "NVIDIA A100-SXM4-40GB",
+        Ampere,
+        40,
+        (8, 0),
+        400,
+        55,
+        1410,
+        1215
+    ),
+    model!(
+        "A100-PCIE-80GB",
+        "NVIDIA A100 80GB PCIe",
+        Ampere,
+        80,
+        (8, 0),
+        300,
+        45,
+        1410,
+        1512
+    ),
+    model!(
+        "A100-SXM-80GB",
+        "NVIDIA A100-SXM4-80GB",
+        Ampere,
+        80,
+        (8, 0),
+        400,
+        60,
+        1410,
+        1593
+    ),
     model!("L4", "NVIDIA L4", Ada, 24, (8, 9), 72, 16, 2040, 6251),
     model!("L40S", "NVIDIA L40S", Ada, 48, (8, 9), 350, 35, 2520, 9001),
-    model!("H100-PCIE-80GB", "NVIDIA H100 PCIe", Hopper, 80, (9, 0), 350, 50, 1755, 1593),
-    model!("H100-SXM-80GB", "NVIDIA H100 80GB HBM3", Hopper, 80, (9, 0), 700, 70, 1980, 2619),
-    model!("H200-SXM-141GB", "NVIDIA H200", Hopper, 141, (9, 0), 700, 75, 1980, 3201),
-    model!("B200-SXM-180GB", "NVIDIA B200", Blackwell, 180, (10, 0), 1000, 140, 1965, 3996),
-    model!("GB200-186GB", "NVIDIA GB200", Blackwell, 186, (10, 0), 1200, 160, 2062, 3996),
+    model!(
+        "H100-PCIE-80GB",
+        "NVIDIA H100 PCIe",
+        Hopper,
+        80,
+        (9, 0),
+        350,
+        50,
+        1755,
+        1593
+    ),
+    model!(
+        "H100-SXM-80GB",
+        "NVIDIA H100 80GB HBM3",
+        Hopper,
+        80,
+        (9, 0),
+        700,
+        70,
+        1980,
+        2619
+    ),
+    model!(
+        "H200-SXM-141GB",
+        "NVIDIA H200",
+        Hopper,
+        141,
+        (9, 0),
+        700,
+        75,
+        1980,
+        3201
+    ),
+    model!(
+        "B200-SXM-180GB",
+        "NVIDIA B200",
+        Blackwell,
+        180,
+        (10, 0),
+        1000,
+        140,
+        1965,
+        3996
+    ),
+    model!(
+        "GB200-186GB",
+        "NVIDIA GB200",
+        Blackwell,
+        186,
+        (10, 0),
+        1200,
+        160,
+        2062,
+        3996
+    ),
 ];
 
 /// Why a GPU declaration such as `8xH100-SXM-80GB` was rejected.
@@ -82,7 +222,11 @@ pub fn lookup(model: &str) -> Option<&'static ModelSpec> {
 
 /// Comma-separated list of every known model name, for error messages.
 pub fn known_models() -> String {
-    MODELS.iter().map(|m| m.model).collect::<Vec<_>>().join(", ")
+    MODELS
+        .iter()
+        .map(|m| m.model)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Parses `COUNTxMODEL` (e.g. `8xH100-SXM-80GB`, case-insensitive) into a
@@ -123,7 +267,10 @@ pub fn parse_gpu_declaration(s: &str) -> Result<(u32, &'static ModelSpec), Catal
 /// and the model with the closest memory size wins. Memory more than 10%
 /// off means a variant the catalog does not know (e.g. H100 NVL), so `None`.
 pub fn model_from_nvml_name(name: &str, memory_bytes: u64) -> Option<&'static ModelSpec> {
-    if let Some(m) = MODELS.iter().find(|m| m.nvml_name.eq_ignore_ascii_case(name.trim())) {
+    if let Some(m) = MODELS
+        .iter()
+        .find(|m| m.nvml_name.eq_ignore_ascii_case(name.trim()))
+    {
         return Some(m);
     }
     let tokens: Vec<String> = name
@@ -201,9 +348,18 @@ mod tests {
     #[test]
     fn bad_declarations_are_rejected_with_the_accepted_names() {
         let err = parse_gpu_declaration("8xH100").unwrap_err().to_string();
-        assert!(err.contains("H100-SXM-80GB") && err.contains("L40S"), "{err}");
-        assert!(matches!(parse_gpu_declaration("0xT4"), Err(CatalogError::BadCount(_))));
-        assert!(matches!(parse_gpu_declaration("100xT4"), Err(CatalogError::BadCount(_))));
+        assert!(
+            err.contains("H100-SXM-80GB") && err.contains("L40S"),
+            "{err}"
+        );
+        assert!(matches!(
+            parse_gpu_declaration("0xT4"),
+            Err(CatalogError::BadCount(_))
+        ));
+        assert!(matches!(
+            parse_gpu_declaration("100xT4"),
+            Err(CatalogError::BadCount(_))
+        ));
         assert!(parse_gpu_declaration("axT4").is_err());
         assert!(parse_gpu_declaration("").is_err());
     }
@@ -238,7 +394,10 @@ mod tests {
             assert_eq!(parse_generation(name), Some(m.generation));
             assert_eq!(parse_generation(&name.to_uppercase()), Some(m.generation));
         }
-        assert_eq!(parse_generation("GPU_GENERATION_HOPPER"), Some(GpuGeneration::Hopper));
+        assert_eq!(
+            parse_generation("GPU_GENERATION_HOPPER"),
+            Some(GpuGeneration::Hopper)
+        );
         assert_eq!(parse_generation("kepler"), None);
         assert_eq!(generation_name(GpuGeneration::Unspecified), "unknown");
     }

@@ -45,7 +45,10 @@ impl std::fmt::Debug for NvmlBackend {
 }
 
 fn one_line(s: impl std::fmt::Display) -> String {
-    s.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+    s.to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 impl NvmlBackend {
@@ -53,17 +56,20 @@ impl NvmlBackend {
     /// a fake library) and reads the static facts of every GPU.
     pub fn new(library: Option<&OsStr>) -> Result<Self, NvmlInitError> {
         let library = library.unwrap_or(OsStr::new(NVML_LIBRARY));
-        let nvml = Nvml::builder().lib_path(library).init().map_err(|e| match e {
-            NvmlError::LibloadingError(cause) => NvmlInitError::Load {
-                library: library.to_string_lossy().into_owned(),
-                cause: one_line(cause),
-            },
-            NvmlError::FailedToLoadSymbol(cause) => NvmlInitError::Load {
-                library: library.to_string_lossy().into_owned(),
-                cause: one_line(cause),
-            },
-            other => NvmlInitError::Init(one_line(other)),
-        })?;
+        let nvml = Nvml::builder()
+            .lib_path(library)
+            .init()
+            .map_err(|e| match e {
+                NvmlError::LibloadingError(cause) => NvmlInitError::Load {
+                    library: library.to_string_lossy().into_owned(),
+                    cause: one_line(cause),
+                },
+                NvmlError::FailedToLoadSymbol(cause) => NvmlInitError::Load {
+                    library: library.to_string_lossy().into_owned(),
+                    cause: one_line(cause),
+                },
+                other => NvmlInitError::Init(one_line(other)),
+            })?;
         let count = nvml
             .device_count()
             .map_err(|e| NvmlInitError::Enumerate(one_line(e)))?;
@@ -73,9 +79,9 @@ impl NvmlBackend {
                 .device_by_index(index)
                 .map_err(|e| NvmlInitError::Enumerate(format!("GPU {index}: {}", one_line(e))))?;
             // Without a UUID a GPU cannot be allocated, so that one is fatal.
-            let uuid = device
-                .uuid()
-                .map_err(|e| NvmlInitError::Enumerate(format!("GPU {index} UUID: {}", one_line(e))))?;
+            let uuid = device.uuid().map_err(|e| {
+                NvmlInitError::Enumerate(format!("GPU {index} UUID: {}", one_line(e)))
+            })?;
             let name = device.name().unwrap_or_default();
             let memory_bytes = device.memory_info().map(|m| m.total).unwrap_or(0);
             let cc = device.cuda_compute_capability().ok();
@@ -156,10 +162,14 @@ mod tests {
     #[test]
     fn missing_library_names_the_fix() {
         // A library that cannot exist, so this holds on GPU hosts too.
-        let err = NvmlBackend::new(Some(OsStr::new("libnvidia-ml-does-not-exist.so.1"))).unwrap_err();
+        let err =
+            NvmlBackend::new(Some(OsStr::new("libnvidia-ml-does-not-exist.so.1"))).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("--gpu-backend simulated"), "{msg}");
-        assert!(msg.contains("cannot load the NVIDIA management library"), "{msg}");
+        assert!(
+            msg.contains("cannot load the NVIDIA management library"),
+            "{msg}"
+        );
         assert!(!msg.contains('\n'), "{msg}");
     }
 

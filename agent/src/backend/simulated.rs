@@ -144,7 +144,12 @@ impl GpuBackend for SimulatedBackend {
                 let idle = f64::from(g.spec.idle_watts);
                 let (util_t, mem_t, power_t, temp_t) = if g.busy {
                     let util = rng.random_range(85.0..100.0);
-                    (util, g.busy_mem_frac, idle + (tdp - idle) * (0.8 + 0.15 * util / 100.0), 68.0 + 10.0 * util / 100.0)
+                    (
+                        util,
+                        g.busy_mem_frac,
+                        idle + (tdp - idle) * (0.8 + 0.15 * util / 100.0),
+                        68.0 + 10.0 * util / 100.0,
+                    )
                 } else {
                     (0.0, 0.0, idle, IDLE_TEMP_C + rng.random_range(0.0..3.0))
                 };

@@ -290,7 +290,10 @@ async fn demo_job(controller: &RunningController) -> anyhow::Result<bool> {
     let chunk = core
         .fetch_log(&task.node_id, &task.allocation_id, 0, 64 * 1024)
         .await?;
-    say!("demo: log: {}", String::from_utf8_lossy(&chunk.data).trim_end());
+    say!(
+        "demo: log: {}",
+        String::from_utf8_lossy(&chunk.data).trim_end()
+    );
     Ok(job.state() == JobState::Succeeded)
 }
 

@@ -147,7 +147,8 @@ fn print_node(node: &Node) {
     );
     say!(
         "Agent:         {} (driver {})",
-        node.agent_version, node.driver_version
+        node.agent_version,
+        node.driver_version
     );
     if !identity.labels.is_empty() {
         let labels: Vec<String> = identity

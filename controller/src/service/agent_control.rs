@@ -1,9 +1,10 @@
 use std::pin::Pin;
 use std::time::Duration;
 
+use futures::StreamExt;
 use gpufleet_proto::v1::agent_control_server::AgentControl;
 use gpufleet_proto::v1::{AgentMessage, ControllerMessage, agent_message};
-use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::to_status;
@@ -58,9 +59,15 @@ impl AgentControl for AgentControlService {
         let controller = self.controller.clone();
         let node_id = session.node_id.clone();
         let session_id = session.session_id;
+        let closed = self.controller.closed();
         tokio::spawn(async move {
+            tokio::pin!(closed);
             loop {
-                let message = match inbound.message().await {
+                let next = tokio::select! {
+                    next = inbound.message() => next,
+                    _ = &mut closed => break,
+                };
+                let message = match next {
                     Ok(Some(message)) => message,
                     Ok(None) => break,
                     Err(status) => {
@@ -95,7 +102,9 @@ impl AgentControl for AgentControlService {
             controller.disconnect_agent(&node_id, session_id);
         });
 
-        let stream = ReceiverStream::new(session.downlink).map(Ok);
+        let stream = ReceiverStream::new(session.downlink)
+            .map(Ok)
+            .take_until(Box::pin(self.controller.closed()));
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -1,6 +1,7 @@
 use std::pin::Pin;
 use std::time::Duration;
 
+use futures::StreamExt;
 use gpufleet_proto::v1::jobs_server::Jobs;
 use gpufleet_proto::v1::{
     CancelJobRequest, GetJobRequest, Job, JobState, ListJobsRequest, ListJobsResponse, LogChunk,
@@ -110,7 +111,11 @@ impl Jobs for JobsService {
                 return;
             }
             while !done {
-                let job = match events.recv().await {
+                let event = tokio::select! {
+                    event = events.recv() => event,
+                    _ = tx.closed() => return,
+                };
+                let job = match event {
                     Ok(job) if job.id == id => job,
                     Ok(_) => continue,
                     Err(broadcast::error::RecvError::Lagged(_)) => match controller.get_job(&id) {
@@ -129,7 +134,8 @@ impl Jobs for JobsService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let stream = ReceiverStream::new(rx).take_until(Box::pin(self.controller.closed()));
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn stream_job_logs(
@@ -171,7 +177,8 @@ impl Jobs for JobsService {
                 let _ = tx.send(Err(status)).await;
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let stream = ReceiverStream::new(rx).take_until(Box::pin(self.controller.closed()));
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 
