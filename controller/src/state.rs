@@ -203,10 +203,8 @@ impl Controller {
         let mut models: BTreeSet<String> = self.inner.known_models.iter().cloned().collect();
         for entry in state.nodes.values() {
             for gpu in &entry.record.gpus {
-                if let Some(info) = &gpu.info {
-                    if !info.model.is_empty() {
-                        models.insert(info.model.clone());
-                    }
+                if let Some(info) = gpu.info.as_ref().filter(|i| !i.model.is_empty()) {
+                    models.insert(info.model.clone());
                 }
             }
         }
@@ -291,7 +289,7 @@ impl Controller {
             })
             .filter(|job| after.as_ref().is_none_or(|key| sort_key(job) < *key))
             .collect();
-        jobs.sort_by(|a, b| sort_key(b).cmp(&sort_key(a)));
+        jobs.sort_by_key(|job| std::cmp::Reverse(sort_key(job)));
         let more = jobs.len() > page_size;
         jobs.truncate(page_size);
         let next_page_token = match (more, jobs.last()) {
@@ -493,9 +491,10 @@ impl Controller {
         let node_id = identity.node_id.clone();
         let mut state = self.lock();
         let now = Instant::now();
-        if let Some(entry) = state.nodes.get(&node_id) {
-            if entry.session.is_some()
-                && now.duration_since(entry.last_seen) < self.inner.config.node_not_ready_after
+        if let Some(entry) = state.nodes.get(&node_id)
+            && entry.session.is_some()
+            && now.duration_since(entry.last_seen) < self.inner.config.node_not_ready_after
+        {
             {
                 return Err(ControllerError::AlreadyExists(format!(
                     "node id {node_id} is held by another connected agent (host {:?}); give each agent a distinct node id (--node-id)",
@@ -617,12 +616,12 @@ impl Controller {
     /// The agent's stream ended.
     pub fn disconnect_agent(&self, node_id: &str, session_id: u64) {
         let mut state = self.lock();
-        if let Some(entry) = state.nodes.get_mut(node_id) {
-            if entry.session.as_ref().is_some_and(|s| s.id == session_id) {
-                entry.session = None;
-                entry.record.connected = false;
-                tracing::info!(node_id, "agent disconnected");
-            }
+        if let Some(entry) = state.nodes.get_mut(node_id)
+            && entry.session.as_ref().is_some_and(|s| s.id == session_id)
+        {
+            entry.session = None;
+            entry.record.connected = false;
+            tracing::info!(node_id, "agent disconnected");
         }
     }
 
@@ -932,8 +931,9 @@ impl Controller {
         }
         let state = self.lock();
         let held = held_gpus(&state);
-        let mut groups: BTreeMap<(String, String, i32, String), (CapacityGroup, BTreeSet<String>)> =
-            BTreeMap::new();
+        // Group key (provider, region, generation, model) → totals and the nodes counted.
+        type GroupKey = (String, String, i32, String);
+        let mut groups: BTreeMap<GroupKey, (CapacityGroup, BTreeSet<String>)> = BTreeMap::new();
         let mut total = (CapacityGroup::default(), BTreeSet::new());
         for (node_id, entry) in &state.nodes {
             if entry.record.state() == NodeState::Lost {

@@ -497,7 +497,9 @@ async fn capacity_groups_by_provider_and_generation() -> anyhow::Result<()> {
         })
         .await?
         .into_inner();
-    let rows: Vec<(String, i32, u32, u32, u32, u32, u64, u64)> = capacity
+    // (provider, generation, nodes, total, allocated, free, min price, max price)
+    type Row = (String, i32, u32, u32, u32, u32, u64, u64);
+    let rows: Vec<Row> = capacity
         .groups
         .iter()
         .map(|g| {

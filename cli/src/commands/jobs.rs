@@ -22,7 +22,7 @@ pub struct JobsArgs {
 #[derive(Debug, Subcommand)]
 enum JobsCommand {
     /// Submit a job; prints its id (`-o json`: the whole job).
-    Submit(SubmitArgs),
+    Submit(Box<SubmitArgs>),
     /// List jobs, newest first.
     List {
         /// Only jobs in this state (pending, scheduled, running, succeeded, failed, cancelled, lost).
@@ -111,7 +111,7 @@ pub async fn run(address: &str, format: Format, args: JobsArgs) -> anyhow::Resul
     match args.command {
         JobsCommand::Submit(submit) => {
             let wait = submit.wait;
-            let spec = build_spec(submit)?;
+            let spec = build_spec(*submit)?;
             let mut jobs = client::jobs(address).await?;
             let job = jobs
                 .submit_job(SubmitJobRequest { spec: Some(spec) })
