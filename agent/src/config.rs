@@ -566,7 +566,7 @@ mod tests {
     #[test]
     fn example_config_is_valid() {
         let flags = ConfigOverrides {
-            config: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("example-config.toml")),
+            config: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml")),
             ..Default::default()
         };
         AgentConfig::load(&HashMap::new(), flags).unwrap();

@@ -214,3 +214,22 @@ mod tests {
         assert_eq!(again.data_dir, Some(PathBuf::from("/d")));
     }
 }
+
+#[cfg(test)]
+mod shipped_config {
+    use super::*;
+
+    /// The example in deploy/ must load and match the defaults it documents.
+    #[test]
+    fn deploy_example_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/controller.toml");
+        let loaded =
+            ControllerConfig::load(Some(&path), &HashMap::new(), ConfigFile::default()).unwrap();
+        let defaults =
+            ControllerConfig::load(None, &HashMap::new(), ConfigFile::default()).unwrap();
+        assert_eq!(loaded.listen, defaults.listen);
+        assert_eq!(loaded.data_dir, defaults.data_dir);
+        assert_eq!(loaded.node_not_ready_after, defaults.node_not_ready_after);
+        assert_eq!(loaded.node_lost_after, defaults.node_lost_after);
+    }
+}

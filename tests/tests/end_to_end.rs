@@ -600,3 +600,52 @@ async fn lost_node_ends_its_jobs_and_its_capacity_leaves() -> anyhow::Result<()>
     assert_ne!(next.tasks[0].node_id, node_id);
     cluster.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_on_controller_and_agent() -> anyhow::Result<()> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let cluster = Cluster::start(&two_nodes()).await?;
+    let agent = format!("http://{}", cluster.agents[0].local_addr());
+    for (endpoint, service) in [
+        (cluster.endpoint(), "gpufleet.v1.Jobs"),
+        (agent, "gpufleet.v1.Agent"),
+    ] {
+        let channel = tonic::transport::Channel::from_shared(endpoint.clone())?
+            .connect()
+            .await?;
+        let mut health = HealthClient::new(channel.clone());
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.to_string(),
+            })
+            .await?
+            .into_inner();
+        assert_eq!(status.status, 1, "{service} SERVING on {endpoint}");
+
+        let mut reflection = ServerReflectionClient::new(channel);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = reflection
+            .server_reflection_info(tokio_stream::iter(vec![request]))
+            .await?
+            .into_inner();
+        let response = responses.next().await.expect("one answer")?;
+        let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+            panic!("unexpected reflection answer: {response:?}");
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(
+            names.contains(&service.to_string()),
+            "{endpoint}: {names:?}"
+        );
+    }
+    cluster.shutdown().await
+}

@@ -1,0 +1,202 @@
+//! The `gpufleet` binary against a real controller and agents.
+
+use std::process::{Command, Output};
+
+use gpufleet_tests::{Cluster, two_nodes};
+
+async fn gpufleet(controller: &str, args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_gpufleet"));
+    command.env("GPUFLEET_CONTROLLER", controller).args(args);
+    tokio::task::spawn_blocking(move || command.output().expect("gpufleet runs"))
+        .await
+        .expect("join")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_watch_logs_through_the_binary() -> anyhow::Result<()> {
+    let cluster = Cluster::start(&two_nodes()).await?;
+    let endpoint = cluster.endpoint();
+
+    let submitted = gpufleet(
+        &endpoint,
+        &[
+            "jobs",
+            "submit",
+            "--gpus",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            "echo $CUDA_VISIBLE_DEVICES",
+        ],
+    )
+    .await;
+    assert!(submitted.status.success(), "{}", stderr(&submitted));
+    let id = stdout(&submitted).trim().to_string();
+    assert!(id.starts_with("job-") && id.len() == 16, "{id:?}");
+
+    let watched = gpufleet(&endpoint, &["jobs", "watch", &id]).await;
+    assert!(
+        watched.status.success(),
+        "watch exits 0 for a succeeded job: {}",
+        stderr(&watched)
+    );
+    assert!(
+        stdout(&watched).contains("Succeeded"),
+        "{}",
+        stdout(&watched)
+    );
+
+    let logs = gpufleet(&endpoint, &["jobs", "logs", &id]).await;
+    assert!(logs.status.success(), "{}", stderr(&logs));
+    let uuids: Vec<String> = stdout(&logs)
+        .trim()
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    assert_eq!(uuids.len(), 2, "{}", stdout(&logs));
+    assert!(uuids.iter().all(|u| u.starts_with("GPU-")));
+
+    let json = gpufleet(&endpoint, &["-o", "json", "jobs", "get", &id]).await;
+    let job: serde_json::Value = serde_json::from_slice(&json.stdout)?;
+    assert_eq!(job["state"], "JOB_STATE_SUCCEEDED");
+    assert_eq!(
+        job["tasks"][0]["gpuUuids"].as_array().map(Vec::len),
+        Some(2)
+    );
+    let from_log: Vec<&str> = uuids.iter().map(String::as_str).collect();
+    let from_job: Vec<&str> = job["tasks"][0]["gpuUuids"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(from_log, from_job);
+
+    let list = gpufleet(&endpoint, &["jobs", "list"]).await;
+    assert!(stdout(&list).contains(&id));
+    let nodes = gpufleet(&endpoint, &["nodes"]).await;
+    assert!(
+        stdout(&nodes).contains("node-a") && stdout(&nodes).contains("node-b"),
+        "{}",
+        stdout(&nodes)
+    );
+    let capacity = gpufleet(&endpoint, &["capacity", "--by", "generation"]).await;
+    assert!(
+        stdout(&capacity).contains("Hopper") && stdout(&capacity).contains("Ampere"),
+        "{}",
+        stdout(&capacity)
+    );
+    let node = gpufleet(&endpoint, &["nodes", "get", "node-a"]).await;
+    assert!(stdout(&node).contains("H100-SXM-80GB"), "{}", stdout(&node));
+    cluster.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_exit_non_zero_with_one_clear_line() -> anyhow::Result<()> {
+    let cluster = Cluster::start(&two_nodes()).await?;
+    let endpoint = cluster.endpoint();
+
+    let failed = gpufleet(
+        &endpoint,
+        &[
+            "jobs", "submit", "--wait", "--gpus", "1", "--", "sh", "-c", "exit 4",
+        ],
+    )
+    .await;
+    assert_eq!(
+        failed.status.code(),
+        Some(1),
+        "--wait exits with the job's outcome"
+    );
+
+    let zero = gpufleet(&endpoint, &["jobs", "submit", "--gpus", "0", "--", "true"]).await;
+    assert_eq!(zero.status.code(), Some(1));
+    assert!(
+        stderr(&zero).contains("spec.gpus_per_task"),
+        "{}",
+        stderr(&zero)
+    );
+    assert!(!stderr(&zero).contains("panicked"));
+
+    let generation = gpufleet(
+        &endpoint,
+        &[
+            "jobs",
+            "submit",
+            "--gpus",
+            "1",
+            "--generation",
+            "fermi",
+            "--",
+            "true",
+        ],
+    )
+    .await;
+    assert!(
+        stderr(&generation).contains("accepted: pascal, volta"),
+        "{}",
+        stderr(&generation)
+    );
+
+    let price = gpufleet(
+        &endpoint,
+        &[
+            "jobs",
+            "submit",
+            "--gpus",
+            "1",
+            "--max-price",
+            "-1",
+            "--",
+            "true",
+        ],
+    )
+    .await;
+    assert!(
+        stderr(&price).contains("zero or more"),
+        "{}",
+        stderr(&price)
+    );
+
+    let missing = gpufleet(&endpoint, &["jobs", "get", "job-ffffffffffff"]).await;
+    assert!(
+        stderr(&missing).contains("does not exist"),
+        "{}",
+        stderr(&missing)
+    );
+
+    let unreachable = gpufleet("http://127.0.0.1:1", &["nodes"]).await;
+    assert_eq!(unreachable.status.code(), Some(1));
+    assert!(
+        stderr(&unreachable).contains("cannot reach the controller"),
+        "{}",
+        stderr(&unreachable)
+    );
+    cluster.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_runs_a_fleet_and_a_demo_job() -> anyhow::Result<()> {
+    let output = gpufleet(
+        "http://unused",
+        &["dev", "--listen", "127.0.0.1:0", "--exit-after-demo"],
+    )
+    .await;
+    let out = stdout(&output);
+    assert!(output.status.success(), "{out}\n{}", stderr(&output));
+    assert!(out.contains("7 nodes"), "{out}");
+    assert!(out.contains("Succeeded"), "{out}");
+    let log_line = out
+        .lines()
+        .find(|l| l.starts_with("demo: log: hello from"))
+        .unwrap_or_default();
+    assert_eq!(log_line.matches("GPU-").count(), 2, "{out}");
+    Ok(())
+}
