@@ -1,12 +1,14 @@
 //! Controller configuration: a TOML file, `GPUFLEET_*` environment variables
 //! and flags, in rising precedence. Unknown keys are rejected.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::scheduler::{Policy, SchedulerConfig, TenantPolicy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -23,7 +25,7 @@ pub enum ConfigError {
 
 /// Every key of the controller's config file. Each is also a flag
 /// (`--listen`) and an environment variable (`GPUFLEET_LISTEN`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub struct ConfigFile {
     /// gRPC listen address.
@@ -36,6 +38,27 @@ pub struct ConfigFile {
     pub node_not_ready_after: Option<String>,
     /// Silence after which a NotReady node becomes Lost and its jobs end.
     pub node_lost_after: Option<String>,
+    /// Placement policy for jobs that name none: cost, pack or spread.
+    pub default_policy: Option<String>,
+    /// Half-life of past usage in fair share (humantime, e.g. "24h").
+    pub fair_share_half_life: Option<String>,
+    /// Queues jobs may name; empty accepts only "default".
+    pub queues: Option<Vec<String>>,
+    /// GPU-hours of a generation in normalised units, e.g. hopper = 2.0.
+    pub generation_factors: Option<BTreeMap<String, f64>>,
+    /// Tenants with weights and quotas. When any is listed, jobs must name one.
+    pub tenants: Option<BTreeMap<String, TenantConfig>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct TenantConfig {
+    /// Relative fair share, 0 < weight ≤ 1000; default 1.
+    pub weight: Option<f64>,
+    /// Most GPUs held at once.
+    pub max_gpus: Option<u32>,
+    /// Most GPUs of one generation held at once, e.g. { hopper = 16 }.
+    pub max_gpus_per_generation: Option<BTreeMap<String, u32>>,
 }
 
 #[derive(Debug, Clone)]
@@ -45,6 +68,9 @@ pub struct ControllerConfig {
     pub join_token: String,
     pub node_not_ready_after: Duration,
     pub node_lost_after: Duration,
+    pub scheduler: SchedulerConfig,
+    pub fair_share_half_life: Duration,
+    pub queues: Vec<String>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
@@ -61,6 +87,9 @@ impl ControllerConfig {
             join_token: String::new(),
             node_not_ready_after: Duration::from_secs(15),
             node_lost_after: Duration::from_secs(60),
+            scheduler: SchedulerConfig::default(),
+            fair_share_half_life: Duration::from_secs(24 * 3600),
+            queues: vec!["default".to_string()],
         }
     }
 
@@ -89,6 +118,9 @@ impl ControllerConfig {
             join_token: env.get("GPUFLEET_JOIN_TOKEN").cloned(),
             node_not_ready_after: env.get("GPUFLEET_NODE_NOT_READY_AFTER").cloned(),
             node_lost_after: env.get("GPUFLEET_NODE_LOST_AFTER").cloned(),
+            default_policy: env.get("GPUFLEET_DEFAULT_POLICY").cloned(),
+            fair_share_half_life: env.get("GPUFLEET_FAIR_SHARE_HALF_LIFE").cloned(),
+            ..Default::default()
         };
         for layer in [from_env, overrides] {
             merged.listen = layer.listen.or(merged.listen);
@@ -97,6 +129,9 @@ impl ControllerConfig {
             merged.node_not_ready_after =
                 layer.node_not_ready_after.or(merged.node_not_ready_after);
             merged.node_lost_after = layer.node_lost_after.or(merged.node_lost_after);
+            merged.default_policy = layer.default_policy.or(merged.default_policy);
+            merged.fair_share_half_life =
+                layer.fair_share_half_life.or(merged.fair_share_half_life);
         }
         Self::from_file(merged)
     }
@@ -137,6 +172,104 @@ impl ControllerConfig {
                 ),
             });
         }
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            key: key.into(),
+            message,
+        };
+        let mut scheduler = SchedulerConfig::default();
+        if let Some(policy) = &file.default_policy {
+            scheduler.default_policy = match policy.as_str() {
+                "cost" => Policy::Cost,
+                "pack" => Policy::Pack,
+                "spread" => Policy::Spread,
+                other => {
+                    return Err(invalid(
+                        "default_policy",
+                        format!("{other:?} is not a policy; accepted: cost, pack, spread"),
+                    ));
+                }
+            };
+        }
+        let half_life = duration(
+            "fair_share_half_life",
+            file.fair_share_half_life.clone(),
+            24 * 3600,
+        )?;
+        if half_life.is_zero() {
+            return Err(invalid(
+                "fair_share_half_life",
+                "must be longer than zero".into(),
+            ));
+        }
+        let generation = |key: &str, name: &str| {
+            crate::validate::parse_generation(name)
+                .map(|g| g as i32)
+                .ok_or_else(|| {
+                    invalid(
+                        key,
+                        format!(
+                            "{name:?} is not a GPU generation; accepted: {}",
+                            crate::validate::generation_names().join(", ")
+                        ),
+                    )
+                })
+        };
+        for (name, factor) in file.generation_factors.clone().unwrap_or_default() {
+            let key = format!("generation_factors.{name}");
+            let g = generation(&key, &name)?;
+            if !(factor.is_finite() && factor > 0.0 && factor <= 100.0) {
+                return Err(invalid(
+                    &key,
+                    format!("{factor} must be a number in (0, 100]"),
+                ));
+            }
+            scheduler.generation_factors.insert(g, factor);
+        }
+        for (tenant, t) in file.tenants.clone().unwrap_or_default() {
+            let key = format!("tenants.{tenant}");
+            if crate::validate::tenant_name(&tenant).is_err() {
+                return Err(invalid(
+                    &key,
+                    "tenant names use 1-64 letters, digits, '-', '_' or '.'".into(),
+                ));
+            }
+            let weight = t.weight.unwrap_or(1.0);
+            if !(weight.is_finite() && weight > 0.0 && weight <= 1000.0) {
+                return Err(invalid(
+                    &format!("{key}.weight"),
+                    format!("{weight} must be in (0, 1000]"),
+                ));
+            }
+            let mut per_gen = HashMap::new();
+            for (name, max) in t.max_gpus_per_generation.unwrap_or_default() {
+                per_gen.insert(
+                    generation(&format!("{key}.max_gpus_per_generation.{name}"), &name)?,
+                    max,
+                );
+            }
+            scheduler.tenants.insert(
+                tenant,
+                TenantPolicy {
+                    weight,
+                    max_gpus: t.max_gpus,
+                    max_gpus_per_generation: per_gen,
+                },
+            );
+        }
+        let queues = file
+            .queues
+            .clone()
+            .unwrap_or_else(|| vec!["default".to_string()]);
+        for queue in &queues {
+            if crate::validate::tenant_name(queue).is_err() {
+                return Err(invalid(
+                    "queues",
+                    format!(
+                        "{queue:?} is not a valid queue name: use 1-64 letters, digits, '-', '_' or '.'"
+                    ),
+                ));
+            }
+        }
         Ok(Self {
             listen,
             data_dir: file
@@ -145,6 +278,9 @@ impl ControllerConfig {
             join_token: file.join_token.unwrap_or_default(),
             node_not_ready_after: not_ready,
             node_lost_after: lost,
+            scheduler,
+            fair_share_half_life: half_life,
+            queues,
         })
     }
 
@@ -158,6 +294,54 @@ impl ControllerConfig {
                 humantime::format_duration(self.node_not_ready_after).to_string(),
             ),
             node_lost_after: Some(humantime::format_duration(self.node_lost_after).to_string()),
+            default_policy: Some(
+                match self.scheduler.default_policy {
+                    Policy::Pack => "pack",
+                    Policy::Spread => "spread",
+                    _ => "cost",
+                }
+                .to_string(),
+            ),
+            fair_share_half_life: Some(
+                humantime::format_duration(self.fair_share_half_life).to_string(),
+            ),
+            queues: Some(self.queues.clone()),
+            generation_factors: Some(
+                self.scheduler
+                    .generation_factors
+                    .iter()
+                    .filter_map(|(g, f)| {
+                        gpufleet_proto::v1::GpuGeneration::try_from(*g)
+                            .ok()
+                            .map(|g| (crate::validate::generation_name(g), *f))
+                    })
+                    .collect(),
+            ),
+            tenants: Some(
+                self.scheduler
+                    .tenants
+                    .iter()
+                    .map(|(name, t)| {
+                        (
+                            name.clone(),
+                            TenantConfig {
+                                weight: Some(t.weight),
+                                max_gpus: t.max_gpus,
+                                max_gpus_per_generation: Some(
+                                    t.max_gpus_per_generation
+                                        .iter()
+                                        .filter_map(|(g, n)| {
+                                            gpufleet_proto::v1::GpuGeneration::try_from(*g)
+                                                .ok()
+                                                .map(|g| (crate::validate::generation_name(g), *n))
+                                        })
+                                        .collect(),
+                                ),
+                            },
+                        )
+                    })
+                    .collect(),
+            ),
         };
         toml::to_string(&file).unwrap_or_default()
     }

@@ -3,6 +3,8 @@
 
 pub mod config;
 pub mod error;
+pub mod lifecycle;
+pub mod placement;
 pub mod scheduler;
 pub mod server;
 pub mod service;

@@ -29,6 +29,12 @@ struct Args {
     /// Silence after which a node is Lost and its jobs end [default: 60s].
     #[arg(long)]
     node_lost_after: Option<String>,
+    /// Placement policy for jobs that name none: cost, pack or spread [default: cost].
+    #[arg(long)]
+    default_policy: Option<String>,
+    /// Half-life of past usage in fair share [default: 24h].
+    #[arg(long)]
+    fair_share_half_life: Option<String>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -49,6 +55,9 @@ fn main() -> ExitCode {
         join_token: args.join_token.clone(),
         node_not_ready_after: args.node_not_ready_after.clone(),
         node_lost_after: args.node_lost_after.clone(),
+        default_policy: args.default_policy.clone(),
+        fair_share_half_life: args.fair_share_half_life.clone(),
+        ..Default::default()
     };
     let config = match ControllerConfig::load(args.config.as_deref(), &env, overrides) {
         Ok(config) => config,

@@ -17,6 +17,7 @@ use crate::config::ControllerConfig;
 use crate::service::{AgentControlService, FleetService, JobsService};
 use crate::state::Controller;
 use crate::store::SledStore;
+use crate::validate::ModelFacts;
 
 /// Largest gRPC message accepted (telemetry batches of big nodes, logs).
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -95,9 +96,14 @@ pub async fn start(
             .with_context(|| format!("cannot listen on {}", config.listen))?,
     };
     let local_addr = listener.local_addr()?;
-    let known_models: Vec<String> = gpufleet_agent::catalog::MODELS
+    let known_models: Vec<ModelFacts> = gpufleet_agent::catalog::MODELS
         .iter()
-        .map(|m| m.model.to_string())
+        .map(|m| ModelFacts {
+            name: m.model.to_string(),
+            generation: m.generation as i32,
+            memory_bytes: m.memory_bytes,
+            compute_capability: m.compute_capability,
+        })
         .collect();
     let controller = Controller::open(config, Box::new(store), known_models)?;
 

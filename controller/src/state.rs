@@ -17,12 +17,16 @@ use gpufleet_proto::v1::{
     ListJobsResponse, LogChunk, LogRequest, LogResponse, Node, NodeState, PendingReason,
     TaskStatus, WorkloadState, WorkloadStatus, controller_message,
 };
-use prost_types::Timestamp;
 use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 
 use crate::config::ControllerConfig;
 use crate::error::{ControllerError, Result};
-use crate::scheduler::{self, FleetSnapshot, GpuSlot, NodeSnapshot, PlacementRequest};
+use crate::lifecycle::{
+    apply_status, derive_job_state, enforce_max_runtime, is_desired, job_nodes, requeue,
+    task_holds_gpus,
+};
+use crate::placement;
+use crate::scheduler::{self, FairShare, Fleet, NodeInput, Outcome};
 use crate::store::{Keyspace, Store, WriteBatch, load_all};
 use crate::validate;
 
@@ -33,31 +37,7 @@ const LOG_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Agents are asked to send something at least this often.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 
-pub fn now_ts() -> Timestamp {
-    Timestamp::from(SystemTime::now())
-}
-
-pub fn is_terminal_job(state: JobState) -> bool {
-    matches!(
-        state,
-        JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::Lost
-    )
-}
-
-pub fn is_terminal_workload(state: WorkloadState) -> bool {
-    matches!(
-        state,
-        WorkloadState::Succeeded
-            | WorkloadState::Failed
-            | WorkloadState::Stopped
-            | WorkloadState::Lost
-    )
-}
-
-/// A task holds its GPUs until the agent says it ended (or its node is lost).
-fn task_holds_gpus(task: &TaskStatus) -> bool {
-    !is_terminal_workload(task.state())
-}
+pub use crate::lifecycle::{is_terminal_job, is_terminal_workload, now_ts};
 
 /// The live half of a node: what is not persisted.
 struct NodeEntry {
@@ -78,10 +58,10 @@ struct Session {
     tx: mpsc::Sender<ControllerMessage>,
 }
 
-#[derive(Default)]
 struct State {
     nodes: BTreeMap<String, NodeEntry>,
     jobs: HashMap<String, Job>,
+    fair: FairShare,
 }
 
 /// What an agent gets back for a successful hello.
@@ -94,7 +74,7 @@ pub struct AgentSession {
 struct Inner {
     config: ControllerConfig,
     store: Box<dyn Store>,
-    known_models: Vec<String>,
+    known_models: Vec<validate::ModelFacts>,
     state: Mutex<State>,
     job_events: broadcast::Sender<Job>,
     schedule: Notify,
@@ -116,9 +96,13 @@ impl Controller {
     pub fn open(
         config: ControllerConfig,
         store: Box<dyn Store>,
-        known_models: Vec<String>,
+        known_models: Vec<validate::ModelFacts>,
     ) -> Result<Self> {
-        let mut state = State::default();
+        let mut state = State {
+            nodes: BTreeMap::new(),
+            jobs: HashMap::new(),
+            fair: FairShare::new(config.fair_share_half_life.as_secs_f64()),
+        };
         let now = Instant::now();
         for mut node in load_all::<Node>(store.as_ref(), Keyspace::Nodes)? {
             let id = node
@@ -147,6 +131,12 @@ impl Controller {
         for job in load_all::<Job>(store.as_ref(), Keyspace::Jobs)? {
             state.jobs.insert(job.id.clone(), job);
         }
+        state.fair = placement::rebuild_fair_share(
+            state.jobs.values(),
+            &config.scheduler,
+            config.fair_share_half_life.as_secs_f64(),
+            placement::unix_secs(SystemTime::now()),
+        );
         tracing::info!(
             nodes = state.nodes.len(),
             jobs = state.jobs.len(),
@@ -199,23 +189,40 @@ impl Controller {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn known_models(&self, state: &State) -> Vec<String> {
-        let mut models: BTreeSet<String> = self.inner.known_models.iter().cloned().collect();
+    /// The catalog plus any model a node reported that the catalog lacks.
+    fn submit_rules(&self, state: &State) -> validate::SubmitRules {
+        let mut models = self.inner.known_models.clone();
         for entry in state.nodes.values() {
-            for gpu in &entry.record.gpus {
-                if let Some(info) = gpu.info.as_ref().filter(|i| !i.model.is_empty()) {
-                    models.insert(info.model.clone());
+            for info in entry.record.gpus.iter().filter_map(|g| g.info.as_ref()) {
+                if !info.model.is_empty() && !models.iter().any(|m| m.name == info.model) {
+                    models.push(validate::ModelFacts {
+                        name: info.model.clone(),
+                        generation: info.generation,
+                        memory_bytes: info.memory_bytes,
+                        compute_capability: (
+                            info.compute_capability_major,
+                            info.compute_capability_minor,
+                        ),
+                    });
                 }
             }
         }
-        models.into_iter().collect()
+        models.sort_by(|a, b| a.name.cmp(&b.name));
+        let config = &self.inner.config;
+        let mut tenants: Vec<String> = config.scheduler.tenants.keys().cloned().collect();
+        tenants.sort();
+        validate::SubmitRules {
+            models,
+            tenants,
+            queues: config.queues.clone(),
+        }
     }
 
     // ---------------------------------------------------------------- jobs
 
     pub fn submit_job(&self, spec: JobSpec) -> Result<Job> {
         let mut state = self.lock();
-        let spec = validate::job_spec(spec, &self.known_models(&state))?;
+        let spec = validate::job_spec(spec, &self.submit_rules(&state))?;
         let id = loop {
             let candidate = format!("job-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
             if !state.jobs.contains_key(&candidate) {
@@ -381,62 +388,112 @@ impl Controller {
         self.inner.schedule.notify_one();
     }
 
-    /// One scheduling pass over every pending job, oldest first.
+    /// One scheduling pass over every pending job. Returns how many were placed.
     pub fn schedule_pass(&self) -> Result<usize> {
         let mut state = self.lock();
-        let mut snapshot = snapshot(&state);
-        let mut pending: Vec<&Job> = state
-            .jobs
-            .values()
-            .filter(|j| j.state() == JobState::Pending)
-            .collect();
-        pending.sort_by_key(|j| sort_key(j));
+        let config = &self.inner.config.scheduler;
+        let now = placement::unix_secs(SystemTime::now());
+        let (held, running_norm) = placement::tenant_allocation(state.jobs.values(), config);
+        state.fair.advance(now, &running_norm);
+        let mut fleet = fleet_index(&state);
+        let pending = placement::pending_jobs(state.jobs.values());
+        let inputs: Vec<scheduler::JobInput> =
+            pending.iter().map(|j| placement::job_input(j)).collect();
+        let tenants = placement::tenant_state(&state.fair, held);
+        let result = scheduler::schedule(&mut fleet, &inputs, config, &tenants, now);
+
+        let ts = now_ts();
         let mut changed = Vec::new();
-        let mut placed = 0;
-        let now = now_ts();
-        for job in pending {
-            let Some(spec) = job.spec.as_ref() else {
-                continue;
-            };
-            let constraints = spec.constraints.clone().unwrap_or_default();
-            let request = PlacementRequest {
-                tasks: spec.tasks,
-                gpus_per_task: spec.gpus_per_task,
-                constraints: &constraints,
-            };
-            match snapshot.place(request) {
-                Ok(placements) => {
-                    let mut job = job.clone();
+        let mut victims: BTreeSet<String> = BTreeSet::new();
+        for ((job, input), outcome) in pending.iter().zip(&inputs).zip(result.outcomes) {
+            match outcome {
+                Outcome::Placed(placements) => {
+                    let mut job = (*job).clone();
                     job.set_state(JobState::Scheduled);
                     job.pending_reason = None;
-                    job.scheduled_at = Some(now);
+                    job.scheduled_at = Some(ts);
+                    job.not_before = None;
                     job.tasks = placements
                         .into_iter()
                         .enumerate()
-                        .map(|(index, p)| TaskStatus {
-                            index: index as u32,
-                            allocation_id: format!("{}.{index}", job.id),
-                            node_id: p.node_id,
-                            gpu_uuids: p.gpu_uuids,
-                            provider: p.provider,
-                            region: p.region,
-                            price_per_gpu_hour_micro_usd: p.price_per_gpu_hour_micro_usd,
-                            ..Default::default()
+                        .map(|(index, p)| {
+                            let model = state
+                                .nodes
+                                .get(&p.node_id)
+                                .and_then(|e| {
+                                    e.record
+                                        .gpus
+                                        .iter()
+                                        .filter_map(|g| g.info.as_ref())
+                                        .find(|i| p.gpu_uuids.first() == Some(&i.uuid))
+                                })
+                                .map(|i| i.model.clone())
+                                .unwrap_or_default();
+                            TaskStatus {
+                                index: index as u32,
+                                allocation_id: format!("{}.{index}", job.id),
+                                node_id: p.node_id,
+                                gpu_uuids: p.gpu_uuids,
+                                provider: p.provider,
+                                region: p.region,
+                                price_per_gpu_hour_micro_usd: p.price_per_gpu_hour_micro_usd,
+                                generation: p.generation,
+                                model,
+                                ..Default::default()
+                            }
                         })
                         .collect();
                     job.version += 1;
                     tracing::info!(job_id = %job.id, nodes = ?job_nodes(&job), "job scheduled");
-                    placed += 1;
                     changed.push(job);
                 }
-                Err(reason) => {
+                Outcome::Preempting { victims: evict } => {
+                    victims.extend(evict);
+                    let reason = gpufleet_proto::v1::PendingReason {
+                        code: scheduler::reason::PREEMPTING.to_string(),
+                        message: "evicting lower-priority preemptible work to make room"
+                            .to_string(),
+                        exclusions: Vec::new(),
+                    };
                     if job.pending_reason.as_ref() != Some(&reason) {
-                        let mut job = job.clone();
+                        let mut job = (*job).clone();
                         job.pending_reason = Some(reason);
                         job.version += 1;
                         changed.push(job);
                     }
                 }
+                Outcome::Pending { code } => {
+                    // The full explanation only when the verdict changes:
+                    // it is the costly part of a pass.
+                    let same = job.pending_reason.as_ref().is_some_and(|r| r.code == code);
+                    if !same {
+                        let (reason, _, _) = scheduler::explain::explain(&fleet, input, code);
+                        let mut job = (*job).clone();
+                        job.pending_reason = Some(reason);
+                        job.version += 1;
+                        changed.push(job);
+                    }
+                }
+            }
+        }
+        let placed = changed
+            .iter()
+            .filter(|j| j.state() == JobState::Scheduled)
+            .count();
+        for victim in &victims {
+            if let Some(job) = state.jobs.get(victim)
+                && is_desired(job)
+            {
+                let mut job = job.clone();
+                job.preemptions += 1;
+                requeue(
+                    &mut job,
+                    "preempted by a higher-priority job".to_string(),
+                    None,
+                );
+                job.version += 1;
+                tracing::info!(job_id = %job.id, "job preempted");
+                changed.push(job);
             }
         }
         let touched: BTreeSet<String> = changed.iter().flat_map(job_nodes).collect();
@@ -445,6 +502,100 @@ impl Controller {
             self.push_desired(&mut state, &node_id, false);
         }
         Ok(placed)
+    }
+
+    /// Why a job is pending, per constraint and per region, against the
+    /// fleet as it is now.
+    pub fn explain_job(&self, id: &str) -> Result<gpufleet_proto::v1::ExplainJobResponse> {
+        validate::job_id("job_id", id)?;
+        let state = self.lock();
+        let job = state
+            .jobs
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ControllerError::NotFound(format!("job {id} does not exist")))?;
+        let fleet = fleet_index(&state);
+        let input = placement::job_input(&job);
+        let code = match job.state() {
+            JobState::Pending => job
+                .pending_reason
+                .as_ref()
+                .map(|r| r.code.clone())
+                .unwrap_or_else(|| scheduler::reason::WAITING_FOR_SCHEDULER.to_string()),
+            _ => String::new(),
+        };
+        let (mut reason, regions, mut summary) = scheduler::explain::explain(&fleet, &input, &code);
+        if job.state() != JobState::Pending {
+            reason.code = String::new();
+            summary = format!(
+                "job {} is {} (not pending); this is how the fleet looks to its request now: {summary}",
+                job.id,
+                job.state()
+                    .as_str_name()
+                    .trim_start_matches("JOB_STATE_")
+                    .to_ascii_lowercase()
+            );
+        }
+        Ok(gpufleet_proto::v1::ExplainJobResponse {
+            job: Some(job),
+            reason: Some(reason),
+            regions,
+            summary,
+        })
+    }
+
+    // ---------------------------------------------------------- maintenance
+
+    pub fn cordon_node(&self, node_id: &str, reason: &str) -> Result<Node> {
+        self.update_node(node_id, |node| {
+            node.cordoned = true;
+            node.cordon_reason = if reason.is_empty() {
+                "cordoned by an operator".to_string()
+            } else {
+                reason.to_string()
+            };
+        })
+    }
+
+    pub fn uncordon_node(&self, node_id: &str) -> Result<Node> {
+        let node = self.update_node(node_id, |node| {
+            node.cordoned = false;
+            node.cordon_reason.clear();
+            node.drain_deadline = None;
+        })?;
+        self.inner.schedule.notify_one();
+        Ok(node)
+    }
+
+    /// Cordons the node; work still running at the deadline is evicted and
+    /// queued again.
+    pub fn drain_node(&self, node_id: &str, deadline: Duration) -> Result<Node> {
+        let at = SystemTime::now() + deadline;
+        let node = self.update_node(node_id, |node| {
+            node.cordoned = true;
+            node.cordon_reason = "draining".to_string();
+            node.drain_deadline = Some(prost_types::Timestamp::from(at));
+        })?;
+        self.check_leases()?;
+        Ok(node)
+    }
+
+    fn update_node(&self, node_id: &str, change: impl FnOnce(&mut Node)) -> Result<Node> {
+        validate::node_id("node_id", node_id)?;
+        let mut state = self.lock();
+        let entry = state.nodes.get(node_id).ok_or_else(|| {
+            ControllerError::NotFound(format!("node {node_id} is not registered"))
+        })?;
+        let mut record = entry.record.clone();
+        change(&mut record);
+        let mut batch = WriteBatch::default();
+        batch.put(Keyspace::Nodes, node_id, &record);
+        self.inner.store.apply(batch)?;
+        if let Some(entry) = state.nodes.get_mut(node_id) {
+            entry.record = record;
+        }
+        let entry = &state.nodes[node_id];
+        Ok(node_view(&state, entry))
     }
 
     // ------------------------------------------------------------ agents
@@ -532,6 +683,13 @@ impl Controller {
             agent_version: hello.agent_version.clone(),
             driver_version: hello.driver_version.clone(),
             allocated_gpus: 0,
+            // Maintenance state belongs to operators; a reconnect keeps it.
+            cordoned: previous.as_ref().is_some_and(|p| p.record.cordoned),
+            cordon_reason: previous
+                .as_ref()
+                .map(|p| p.record.cordon_reason.clone())
+                .unwrap_or_default(),
+            drain_deadline: previous.as_ref().and_then(|p| p.record.drain_deadline),
         };
         let mut batch = WriteBatch::default();
         batch.put(Keyspace::Nodes, &node_id, &record);
@@ -691,20 +849,21 @@ impl Controller {
         if !apply_status(task, &status) {
             return Ok(());
         }
-        let was_terminal = is_terminal_job(job.state());
+        let was_desired = is_desired(&job);
         derive_job_state(&mut job);
         job.version += 1;
-        let now_terminal = is_terminal_job(job.state());
+        let left_desired = was_desired && !is_desired(&job);
+        let requeued = job.state() == JobState::Pending;
         let nodes = job_nodes(&job);
         tracing::info!(job_id = %job.id, allocation_id = %status.allocation_id, state = ?status.state(), job_state = ?job.state(), "workload status");
         self.commit_jobs(&mut state, vec![job])?;
-        if now_terminal && !was_terminal {
+        if left_desired {
             for node in nodes {
                 self.push_desired(&mut state, &node, false);
             }
         }
         drop(state);
-        if released {
+        if released || requeued {
             self.inner.schedule.notify_one();
         }
         Ok(())
@@ -803,8 +962,53 @@ impl Controller {
                 }
             }
         }
+        // Max runtimes, and drains whose deadline passed.
+        let wall = SystemTime::now();
+        let drained: BTreeSet<String> = state
+            .nodes
+            .iter()
+            .filter(|(_, e)| {
+                e.record
+                    .drain_deadline
+                    .and_then(|t| SystemTime::try_from(t).ok())
+                    .is_some_and(|deadline| deadline <= wall)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for job in state.jobs.values() {
+            if changed.iter().any(|c: &Job| c.id == job.id) {
+                continue;
+            }
+            let mut job = job.clone();
+            if enforce_max_runtime(&mut job, wall) {
+                tracing::info!(job_id = %job.id, "job exceeded its max runtime");
+                job.version += 1;
+                changed.push(job);
+            } else if is_desired(&job)
+                && job
+                    .tasks
+                    .iter()
+                    .any(|t| drained.contains(&t.node_id) && task_holds_gpus(t))
+            {
+                let nodes: Vec<String> = job_nodes(&job)
+                    .into_iter()
+                    .filter(|n| drained.contains(n))
+                    .collect();
+                requeue(
+                    &mut job,
+                    format!("evicted: node {} was drained", nodes.join(",")),
+                    None,
+                );
+                job.version += 1;
+                changed.push(job);
+            }
+        }
         let touched: BTreeSet<String> = changed.iter().flat_map(job_nodes).collect();
+        let requeued = changed.iter().any(|j| j.state() == JobState::Pending);
         self.commit_jobs(&mut state, changed)?;
+        if requeued {
+            self.inner.schedule.notify_one();
+        }
         let resend: Vec<String> = state
             .nodes
             .iter()
@@ -1016,81 +1220,6 @@ impl Controller {
     }
 }
 
-/// Applies an agent's status to a task; returns whether anything changed.
-/// A terminal task never goes back to running.
-fn apply_status(task: &mut TaskStatus, status: &WorkloadStatus) -> bool {
-    if is_terminal_workload(task.state()) || status.state() == WorkloadState::Unspecified {
-        return false;
-    }
-    let before = task.clone();
-    task.set_state(status.state());
-    task.exit_code = status.exit_code;
-    task.signal = status.signal;
-    task.message = status.message.clone();
-    if status.started_at.is_some() {
-        task.started_at = status.started_at;
-    }
-    if status.finished_at.is_some() {
-        task.finished_at = status.finished_at;
-    } else if is_terminal_workload(status.state()) && task.finished_at.is_none() {
-        task.finished_at = Some(now_ts());
-    }
-    *task != before
-}
-
-/// Derives a non-terminal job's state from its tasks.
-fn derive_job_state(job: &mut Job) {
-    if is_terminal_job(job.state()) {
-        return;
-    }
-    let now = now_ts();
-    let states: Vec<WorkloadState> = job.tasks.iter().map(|t| t.state()).collect();
-    if let Some(task) = job
-        .tasks
-        .iter()
-        .find(|t| t.state() == WorkloadState::Lost)
-        .cloned()
-    {
-        job.set_state(JobState::Lost);
-        job.message = format!("task {}: {}", task.index, task.message);
-        job.finished_at = Some(now);
-    } else if let Some(task) = job
-        .tasks
-        .iter()
-        .find(|t| matches!(t.state(), WorkloadState::Failed | WorkloadState::Stopped))
-        .cloned()
-    {
-        job.set_state(JobState::Failed);
-        job.exit_code = task.exit_code;
-        job.message = match (task.state(), task.exit_code, task.signal) {
-            (WorkloadState::Stopped, _, _) => {
-                format!("task {} was stopped outside the controller", task.index)
-            }
-            (_, _, Some(signal)) => format!("task {} was killed by signal {signal}", task.index),
-            (_, Some(code), _) => format!("task {} exited with code {code}", task.index),
-            _ => format!("task {} failed: {}", task.index, task.message),
-        };
-        job.finished_at = Some(now);
-    } else if !states.is_empty() && states.iter().all(|s| *s == WorkloadState::Succeeded) {
-        job.set_state(JobState::Succeeded);
-        job.exit_code = Some(0);
-        job.message = "all tasks exited with code 0".to_string();
-        job.finished_at = Some(now);
-    } else if job.state() == JobState::Scheduled
-        && !states.is_empty()
-        && states
-            .iter()
-            .all(|s| matches!(s, WorkloadState::Running | WorkloadState::Succeeded))
-    {
-        job.set_state(JobState::Running);
-        job.started_at = Some(now);
-    }
-}
-
-fn job_nodes(job: &Job) -> BTreeSet<String> {
-    job.tasks.iter().map(|t| t.node_id.clone()).collect()
-}
-
 /// GPU UUID → (job id, allocation id) for every GPU a task still holds.
 fn held_gpus(state: &State) -> HashMap<String, (String, String)> {
     let mut held = HashMap::new();
@@ -1126,41 +1255,15 @@ fn desired_allocations(state: &State, node_id: &str) -> Vec<Allocation> {
     allocations
 }
 
-fn snapshot(state: &State) -> FleetSnapshot {
-    let held = held_gpus(state);
-    FleetSnapshot::new(
-        state
-            .nodes
-            .iter()
-            .map(|(id, entry)| {
-                let identity = entry.record.identity.clone().unwrap_or_default();
-                NodeSnapshot {
-                    node_id: id.clone(),
-                    provider: identity.provider,
-                    region: identity.region,
-                    price_per_gpu_hour_micro_usd: identity.price_per_gpu_hour_micro_usd,
-                    ready: entry.record.state() == NodeState::Ready && entry.session.is_some(),
-                    gpus: entry
-                        .record
-                        .gpus
-                        .iter()
-                        .filter_map(|gpu| {
-                            let info = gpu.info.as_ref()?;
-                            Some(GpuSlot {
-                                uuid: info.uuid.clone(),
-                                index: info.index,
-                                model: info.model.clone(),
-                                generation: info.generation,
-                                memory_bytes: info.memory_bytes,
-                                healthy: gpu.health() != GpuHealth::Unhealthy,
-                                allocated: held.contains_key(&info.uuid),
-                            })
-                        })
-                        .collect(),
-                }
-            })
-            .collect(),
-    )
+/// The scheduler's view of the fleet now.
+fn fleet_index(state: &State) -> Fleet {
+    let nodes: Vec<NodeInput> = state
+        .nodes
+        .values()
+        .map(|e| placement::node_input(&e.record, e.session.is_some()))
+        .collect();
+    let running = placement::running_inputs(state.jobs.values());
+    Fleet::build(&nodes, &running)
 }
 
 fn node_view(state: &State, entry: &NodeEntry) -> Node {

@@ -78,6 +78,11 @@ pub fn node_id(field: &str, id: &str) -> Result<()> {
     }
 }
 
+/// Tenant and queue names.
+pub fn tenant_name(name: &str) -> Result<()> {
+    label("tenant", name, "tenant name")
+}
+
 fn label(field: &str, value: &str, what: &str) -> Result<()> {
     let ok = !value.is_empty()
         && value.len() <= 64
@@ -94,8 +99,33 @@ fn label(field: &str, value: &str, what: &str) -> Result<()> {
     }
 }
 
-/// Validates a submitted spec and fills defaults (tenant, tasks).
-pub fn job_spec(mut spec: JobSpec, known_models: &[String]) -> Result<JobSpec> {
+/// Facts about a GPU model that constraints are checked against.
+#[derive(Debug, Clone)]
+pub struct ModelFacts {
+    pub name: String,
+    pub generation: i32,
+    pub memory_bytes: u64,
+    pub compute_capability: (u32, u32),
+}
+
+/// What a submission is checked against besides its own consistency.
+#[derive(Debug, Clone, Default)]
+pub struct SubmitRules {
+    pub models: Vec<ModelFacts>,
+    /// Configured tenants; empty accepts any valid name.
+    pub tenants: Vec<String>,
+    pub queues: Vec<String>,
+}
+
+pub const MAX_PRIORITY: i32 = 1000;
+const MAX_RUNTIME_SECS: u32 = 30 * 24 * 3600;
+const MAX_RETRIES: u32 = 100;
+const MAX_BACKOFF_SECS: u32 = 24 * 3600;
+
+/// Validates a submitted spec and fills defaults (tenant, tasks, queue).
+pub fn job_spec(mut spec: JobSpec, rules: &SubmitRules) -> Result<JobSpec> {
+    let known_models: Vec<String> = rules.models.iter().map(|m| m.name.clone()).collect();
+    let known_models = known_models.as_slice();
     if spec.name.len() > MAX_NAME_LEN {
         return Err(ControllerError::invalid(
             "spec.name",
@@ -109,6 +139,91 @@ pub fn job_spec(mut spec: JobSpec, known_models: &[String]) -> Result<JobSpec> {
         spec.tenant = "default".to_string();
     }
     label("spec.tenant", &spec.tenant, "tenant")?;
+    if !rules.tenants.is_empty() && !rules.tenants.contains(&spec.tenant) {
+        return Err(ControllerError::invalid(
+            "spec.tenant",
+            format!(
+                "{:?} is not a configured tenant; accepted: {}",
+                spec.tenant,
+                rules.tenants.join(", ")
+            ),
+        ));
+    }
+    if spec.queue.is_empty() {
+        spec.queue = "default".to_string();
+    }
+    if !rules.queues.is_empty() && !rules.queues.contains(&spec.queue) {
+        return Err(ControllerError::invalid(
+            "spec.queue",
+            format!(
+                "{:?} is not a configured queue; accepted: {}",
+                spec.queue,
+                rules.queues.join(", ")
+            ),
+        ));
+    }
+    if !spec.workload_class.is_empty() {
+        label(
+            "spec.workload_class",
+            &spec.workload_class,
+            "workload class",
+        )?;
+    }
+    if !(0..=MAX_PRIORITY).contains(&spec.priority) {
+        return Err(ControllerError::invalid(
+            "spec.priority",
+            format!(
+                "is {}; accepted: 0 to {MAX_PRIORITY} (higher runs first)",
+                spec.priority
+            ),
+        ));
+    }
+    if spec.max_runtime_seconds > MAX_RUNTIME_SECS {
+        return Err(ControllerError::invalid(
+            "spec.max_runtime_seconds",
+            format!(
+                "is {}; at most {MAX_RUNTIME_SECS} (30 days)",
+                spec.max_runtime_seconds
+            ),
+        ));
+    }
+    if let Some(retry) = &spec.retry {
+        for (field, value) in [
+            (
+                "spec.retry.max_retries_on_failure",
+                retry.max_retries_on_failure,
+            ),
+            (
+                "spec.retry.max_retries_on_node_loss",
+                retry.max_retries_on_node_loss,
+            ),
+        ] {
+            if value > MAX_RETRIES {
+                return Err(ControllerError::invalid(
+                    field,
+                    format!("is {value}; at most {MAX_RETRIES}"),
+                ));
+            }
+        }
+        if retry.backoff_seconds > MAX_BACKOFF_SECS {
+            return Err(ControllerError::invalid(
+                "spec.retry.backoff_seconds",
+                format!(
+                    "is {}; at most {MAX_BACKOFF_SECS} (one day)",
+                    retry.backoff_seconds
+                ),
+            ));
+        }
+    }
+    if gpufleet_proto::v1::PlacementPolicy::try_from(spec.placement_policy).is_err() {
+        return Err(ControllerError::invalid(
+            "spec.placement_policy",
+            format!(
+                "{} is not a policy; accepted: cost, pack, spread",
+                spec.placement_policy
+            ),
+        ));
+    }
     if spec.tasks == 0 {
         spec.tasks = 1;
     }
@@ -166,19 +281,124 @@ pub fn job_spec(mut spec: JobSpec, known_models: &[String]) -> Result<JobSpec> {
             }
         }
     }
-    for (i, provider) in constraints.providers.iter().enumerate() {
-        label(
-            &format!("spec.constraints.providers[{i}]"),
-            provider,
-            "provider name",
-        )?;
+    for (list, name) in [
+        (&constraints.providers, "providers"),
+        (&constraints.exclude_providers, "exclude_providers"),
+        (&constraints.regions, "regions"),
+        (&constraints.exclude_regions, "exclude_regions"),
+        (&constraints.preferred_regions, "preferred_regions"),
+    ] {
+        for (i, value) in list.iter().enumerate() {
+            let what = if name.contains("provider") {
+                "provider name"
+            } else {
+                "region name"
+            };
+            label(&format!("spec.constraints.{name}[{i}]"), value, what)?;
+        }
     }
-    for (i, region) in constraints.regions.iter().enumerate() {
-        label(
-            &format!("spec.constraints.regions[{i}]"),
-            region,
-            "region name",
-        )?;
+    if !constraints.providers.is_empty()
+        && constraints
+            .providers
+            .iter()
+            .all(|p| constraints.exclude_providers.contains(p))
+    {
+        return Err(ControllerError::invalid(
+            "spec.constraints.exclude_providers",
+            "excludes every allowed provider, so nothing could ever run the job",
+        ));
+    }
+    if !constraints.regions.is_empty()
+        && constraints
+            .regions
+            .iter()
+            .all(|r| constraints.exclude_regions.contains(r))
+    {
+        return Err(ControllerError::invalid(
+            "spec.constraints.exclude_regions",
+            "excludes every allowed region, so nothing could ever run the job",
+        ));
+    }
+    for (i, region) in constraints.preferred_regions.iter().enumerate() {
+        if constraints.exclude_regions.contains(region)
+            || (!constraints.regions.is_empty() && !constraints.regions.contains(region))
+        {
+            return Err(ControllerError::invalid(
+                format!("spec.constraints.preferred_regions[{i}]"),
+                format!(
+                    "{region:?} is excluded by the region constraints, so preferring it has no effect"
+                ),
+            ));
+        }
+    }
+    if constraints.min_generation != 0
+        && GpuGeneration::try_from(constraints.min_generation)
+            .ok()
+            .filter(|g| *g != GpuGeneration::Unspecified)
+            .is_none()
+    {
+        return Err(ControllerError::invalid(
+            "spec.constraints.min_generation",
+            format!(
+                "{} is not a known GPU generation; accepted: {}",
+                constraints.min_generation,
+                generation_names().join(", ")
+            ),
+        ));
+    }
+    if gpufleet_proto::v1::Locality::try_from(constraints.locality).is_err() {
+        return Err(ControllerError::invalid(
+            "spec.constraints.locality",
+            format!(
+                "{} is not a locality; accepted: any, region, provider",
+                constraints.locality
+            ),
+        ));
+    }
+    // Hardware constraints must leave at least one model that exists.
+    let fits = |m: &ModelFacts| {
+        (constraints.generations.is_empty() || constraints.generations.contains(&m.generation))
+            && (constraints.min_generation == 0 || m.generation >= constraints.min_generation)
+            && m.memory_bytes >= constraints.min_gpu_memory_bytes
+            && m.compute_capability
+                >= (
+                    constraints.min_compute_capability_major,
+                    constraints.min_compute_capability_minor,
+                )
+    };
+    for (i, name) in constraints.models.iter().enumerate() {
+        if let Some(model) = rules.models.iter().find(|m| &m.name == name)
+            && !fits(model)
+        {
+            return Err(ControllerError::invalid(
+                format!("spec.constraints.models[{i}]"),
+                format!(
+                    "{name} ({}, {} GiB, compute capability {}.{}) contradicts the generation, memory or compute-capability constraints",
+                    generation_name(
+                        GpuGeneration::try_from(model.generation)
+                            .unwrap_or(GpuGeneration::Unspecified)
+                    ),
+                    model.memory_bytes >> 30,
+                    model.compute_capability.0,
+                    model.compute_capability.1
+                ),
+            ));
+        }
+    }
+    if constraints.models.is_empty() && !rules.models.is_empty() && !rules.models.iter().any(fits) {
+        let largest = rules
+            .models
+            .iter()
+            .map(|m| m.memory_bytes)
+            .max()
+            .unwrap_or(0);
+        return Err(ControllerError::invalid(
+            "spec.constraints",
+            format!(
+                "no GPU model satisfies the generation, minimum memory and compute-capability constraints together (the largest GPU has {} GiB)",
+                largest >> 30
+            ),
+        ));
     }
 
     let workload = spec.workload.get_or_insert_with(Default::default);
@@ -247,8 +467,25 @@ mod tests {
     use super::*;
     use gpufleet_proto::v1::{JobConstraints, WorkloadSpec};
 
-    fn models() -> Vec<String> {
-        vec!["H100-SXM-80GB".to_string(), "A100-SXM-80GB".to_string()]
+    fn models() -> SubmitRules {
+        SubmitRules {
+            models: vec![
+                ModelFacts {
+                    name: "H100-SXM-80GB".into(),
+                    generation: GpuGeneration::Hopper as i32,
+                    memory_bytes: 80 << 30,
+                    compute_capability: (9, 0),
+                },
+                ModelFacts {
+                    name: "A100-SXM-80GB".into(),
+                    generation: GpuGeneration::Ampere as i32,
+                    memory_bytes: 80 << 30,
+                    compute_capability: (8, 0),
+                },
+            ],
+            tenants: Vec::new(),
+            queues: vec!["default".into()],
+        }
     }
 
     fn spec(gpus: u32, argv: &[&str]) -> JobSpec {
@@ -311,6 +548,57 @@ mod tests {
             .env
             .insert("CUDA_VISIBLE_DEVICES".into(), "0".into());
         assert!(field_of(job_spec(s, &models()).unwrap_err()).contains("CUDA_VISIBLE_DEVICES"));
+    }
+
+    #[test]
+    fn contradictions_are_rejected() {
+        let mut s = spec(1, &["x"]);
+        s.constraints = Some(JobConstraints {
+            generations: vec![GpuGeneration::Hopper as i32],
+            models: vec!["A100-SXM-80GB".into()],
+            ..Default::default()
+        });
+        assert_eq!(
+            field_of(job_spec(s, &models()).unwrap_err()),
+            "spec.constraints.models[0]"
+        );
+        let mut s = spec(1, &["x"]);
+        s.constraints = Some(JobConstraints {
+            min_gpu_memory_bytes: 200 << 30,
+            ..Default::default()
+        });
+        assert_eq!(
+            field_of(job_spec(s, &models()).unwrap_err()),
+            "spec.constraints"
+        );
+        let mut s = spec(1, &["x"]);
+        s.constraints = Some(JobConstraints {
+            providers: vec!["aws".into()],
+            exclude_providers: vec!["aws".into()],
+            ..Default::default()
+        });
+        assert_eq!(
+            field_of(job_spec(s, &models()).unwrap_err()),
+            "spec.constraints.exclude_providers"
+        );
+        let mut s = spec(1, &["x"]);
+        s.priority = 5000;
+        assert_eq!(
+            field_of(job_spec(s, &models()).unwrap_err()),
+            "spec.priority"
+        );
+        let mut s = spec(1, &["x"]);
+        s.queue = "nope".into();
+        assert!(
+            job_spec(s, &models())
+                .unwrap_err()
+                .to_string()
+                .contains("accepted: default")
+        );
+        let mut rules = models();
+        rules.tenants = vec!["research".into()];
+        let err = job_spec(spec(1, &["x"]), &rules).unwrap_err();
+        assert!(err.to_string().contains("accepted: research"), "{err}");
     }
 
     #[test]

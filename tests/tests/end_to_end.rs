@@ -8,7 +8,7 @@ use gpufleet_proto::v1::agent_control_client::AgentControlClient;
 use gpufleet_proto::v1::{
     AgentHello, AgentMessage, CancelJobRequest, CapacityDimension, GetCapacityRequest,
     GetJobRequest, GpuGeneration, GpuInfo, JobConstraints, JobSpec, JobState, ListJobsRequest,
-    NodeIdentity, NodeState, WatchJobRequest, WorkloadSpec, WorkloadState, agent_message,
+    Locality, NodeIdentity, NodeState, WatchJobRequest, WorkloadSpec, WorkloadState, agent_message,
 };
 use gpufleet_tests::{Cluster, NodeSpec, job_log, two_nodes};
 use tokio_stream::StreamExt;
@@ -175,7 +175,7 @@ async fn unsatisfiable_job_stays_pending_with_its_reason() -> anyhow::Result<()>
         .iter()
         .map(|e| (e.constraint.as_str(), e.gpus_excluded))
         .collect();
-    assert_eq!(by, vec![("max_price", 4), ("generation", 4)], "{reason:?}");
+    assert_eq!(by, vec![("max_price", 4), ("gpu_model", 4)], "{reason:?}");
     assert!(
         reason.message.contains("us-east-1 at $3.93/h"),
         "{}",
@@ -319,17 +319,44 @@ async fn watch_streams_every_state_until_the_end() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gang_job_runs_all_tasks_across_nodes() -> anyhow::Result<()> {
     let cluster = Cluster::start(&two_nodes()).await?;
-    let job = cluster
-        .submit_spec(JobSpec {
-            tasks: 2,
-            gpus_per_task: 4,
-            workload: Some(WorkloadSpec {
-                argv: vec!["sh".into(), "-c".into(), "echo $GPUFLEET_TASK_INDEX".into()],
-                ..Default::default()
-            }),
+    let gang = |locality: Locality| JobSpec {
+        tasks: 2,
+        gpus_per_task: 4,
+        constraints: Some(JobConstraints {
+            locality: locality as i32,
             ..Default::default()
+        }),
+        workload: Some(WorkloadSpec {
+            argv: vec!["sh".into(), "-c".into(), "echo $GPUFLEET_TASK_INDEX".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // By default a gang stays in one region: the two 4-GPU nodes are in
+    // different regions, so it cannot run, and says why.
+    let regional = cluster.submit_spec(gang(Locality::Unspecified)).await?;
+    let regional = cluster
+        .wait_job(&regional.id, "a verdict", |j| {
+            j.pending_reason
+                .as_ref()
+                .is_some_and(|r| r.code != "WAITING_FOR_SCHEDULER")
         })
         .await?;
+    let reason = regional.pending_reason.clone().unwrap_or_default();
+    assert_eq!(reason.code, "NO_FEASIBLE_NODES", "{reason:?}");
+    assert!(
+        reason.message.contains("in one region"),
+        "{}",
+        reason.message
+    );
+    let mut jobs = cluster.jobs().await?;
+    jobs.cancel_job(CancelJobRequest {
+        job_id: regional.id.clone(),
+        reason: String::new(),
+    })
+    .await?;
+
+    let job = cluster.submit_spec(gang(Locality::Any)).await?;
     let job = cluster.wait_job(&job.id, "to end", is_terminal).await?;
     assert_eq!(job.state(), JobState::Succeeded);
     let nodes: BTreeSet<&str> = job.tasks.iter().map(|t| t.node_id.as_str()).collect();

@@ -5,8 +5,9 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use gpufleet_controller::validate::{generation_names, parse_generation};
 use gpufleet_proto::v1::{
-    CancelJobRequest, GetJobRequest, Job, JobConstraints, JobSpec, JobState, ListJobsRequest,
-    StreamJobLogsRequest, SubmitJobRequest, WatchJobRequest, WorkloadSpec,
+    CancelJobRequest, ExplainJobRequest, GetJobRequest, Job, JobConstraints, JobSpec, JobState,
+    ListJobsRequest, Locality, PlacementPolicy, RetryPolicy, StreamJobLogsRequest,
+    SubmitJobRequest, WatchJobRequest, WorkloadSpec,
 };
 use tokio_stream::StreamExt;
 
@@ -40,6 +41,8 @@ enum JobsCommand {
     },
     /// Show one job: state, placement, tasks, and why it is pending.
     Get { job_id: String },
+    /// Why a job is pending: capacity excluded per constraint and per region.
+    Explain { job_id: String },
     /// Cancel a job; running tasks get SIGTERM, then SIGKILL after their grace period.
     Cancel {
         job_id: String,
@@ -99,6 +102,57 @@ struct SubmitArgs {
     /// Seconds between SIGTERM and SIGKILL when the job is stopped.
     #[arg(long, value_name = "SECONDS")]
     grace_period: Option<u32>,
+    /// At least this generation, e.g. hopper (admits Hopper and newer).
+    #[arg(long)]
+    min_generation: Option<String>,
+    /// Minimum CUDA compute capability, e.g. 8.0.
+    #[arg(long, value_name = "MAJOR.MINOR")]
+    min_compute_capability: Option<String>,
+    /// Providers never to use (repeat or comma-separate).
+    #[arg(long, value_delimiter = ',')]
+    exclude_provider: Vec<String>,
+    /// Regions never to use (repeat or comma-separate).
+    #[arg(long, value_delimiter = ',')]
+    exclude_region: Vec<String>,
+    /// Regions to prefer when several fit (soft).
+    #[arg(long, value_delimiter = ',')]
+    prefer_region: Vec<String>,
+    /// Spot capacity may be used.
+    #[arg(long)]
+    allow_spot: bool,
+    /// Where tasks may spread: any, region (default for several tasks) or provider.
+    #[arg(long, value_parser = ["any", "region", "provider"])]
+    locality: Option<String>,
+    /// Multi-GPU tasks need NVLink-connected GPUs.
+    #[arg(long)]
+    nvlink: bool,
+    /// Placement policy: cost, pack or spread (default: the controller's).
+    #[arg(long, value_parser = ["cost", "pack", "spread"])]
+    policy: Option<String>,
+    /// 0..=1000; higher runs first.
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    priority: i32,
+    /// May be evicted for a higher-priority job.
+    #[arg(long)]
+    preemptible: bool,
+    /// Queue name.
+    #[arg(long)]
+    queue: Option<String>,
+    /// Workload class for usage reports, e.g. training, inference, batch.
+    #[arg(long = "class")]
+    workload_class: Option<String>,
+    /// Stop the job after this long, e.g. 2h (also its backfill estimate).
+    #[arg(long)]
+    max_runtime: Option<String>,
+    /// Times to queue the job again after a task fails.
+    #[arg(long, default_value_t = 0)]
+    retries: u32,
+    /// Times to queue the job again after its node is lost.
+    #[arg(long, default_value_t = 0)]
+    retries_on_node_loss: u32,
+    /// Wait before a retry, doubling each time, e.g. 30s.
+    #[arg(long)]
+    retry_backoff: Option<String>,
     /// Wait for the job to end and exit with its outcome.
     #[arg(long)]
     wait: bool,
@@ -225,6 +279,52 @@ pub async fn run(address: &str, format: Format, args: JobsArgs) -> anyhow::Resul
             Ok(ExitCode::SUCCESS)
         }
         JobsCommand::Watch { job_id } => watch(address, format, &job_id, true).await,
+        JobsCommand::Explain { job_id } => {
+            let mut jobs = client::jobs(address).await?;
+            let explained = jobs
+                .explain_job(ExplainJobRequest { job_id })
+                .await?
+                .into_inner();
+            if format == Format::Json {
+                output::print_json(&explained, true)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let job = explained.job.clone().unwrap_or_default();
+            say!("{} {}", job.id, state_label(&job));
+            say!("{}", explained.summary);
+            if let Some(reason) = &explained.reason
+                && !reason.exclusions.is_empty()
+            {
+                say!();
+                let mut table = output::table(&["CONSTRAINT", "NODES", "GPUS", "DETAIL"]);
+                for e in &reason.exclusions {
+                    table.add_row(vec![
+                        e.constraint.clone(),
+                        e.nodes_excluded.to_string(),
+                        e.gpus_excluded.to_string(),
+                        e.detail.clone(),
+                    ]);
+                }
+                output::print_table(&table);
+            }
+            say!();
+            let mut table = output::table(&[
+                "PROVIDER", "REGION", "GPUS", "MATCHING", "FREE", "FROM", "VERDICT",
+            ]);
+            for r in &explained.regions {
+                table.add_row(vec![
+                    r.provider.clone(),
+                    r.region.clone(),
+                    r.total_gpus.to_string(),
+                    r.matching_gpus.to_string(),
+                    r.free_matching_gpus.to_string(),
+                    output::usd(r.min_price_per_gpu_hour_micro_usd),
+                    r.verdict.clone(),
+                ]);
+            }
+            output::print_table(&table);
+            Ok(ExitCode::SUCCESS)
+        }
         JobsCommand::Logs {
             job_id,
             task,
@@ -313,6 +413,49 @@ fn build_spec(args: SubmitArgs) -> anyhow::Result<JobSpec> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let max_price = args.max_price.as_deref().map(parse_usd).transpose()?;
+    let min_generation = match &args.min_generation {
+        Some(name) => parse_generation(name).map(|g| g as i32).with_context(|| {
+            format!(
+                "--min-generation {name:?} is not a GPU generation; accepted: {}",
+                generation_names().join(", ")
+            )
+        })?,
+        None => 0,
+    };
+    let (cc_major, cc_minor) = match &args.min_compute_capability {
+        Some(text) => {
+            let parsed = text
+                .split_once('.')
+                .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)));
+            parsed.with_context(|| {
+                format!("--min-compute-capability {text:?} must look like 8.0 or 9.0")
+            })?
+        }
+        None => (0, 0),
+    };
+    let duration = |flag: &str, text: &Option<String>| -> anyhow::Result<u32> {
+        match text {
+            None => Ok(0),
+            Some(text) => {
+                let d = humantime::parse_duration(text).with_context(|| {
+                    format!("{flag} {text:?} is not a duration like 90s, 30m or 2h")
+                })?;
+                u32::try_from(d.as_secs()).with_context(|| format!("{flag} {text:?} is too long"))
+            }
+        }
+    };
+    let locality = match args.locality.as_deref() {
+        Some("any") => Locality::Any,
+        Some("region") => Locality::Region,
+        Some("provider") => Locality::Provider,
+        _ => Locality::Unspecified,
+    };
+    let policy = match args.policy.as_deref() {
+        Some("cost") => PlacementPolicy::Cost,
+        Some("pack") => PlacementPolicy::Pack,
+        Some("spread") => PlacementPolicy::Spread,
+        _ => PlacementPolicy::Unspecified,
+    };
     let mut env = std::collections::HashMap::new();
     for pair in &args.env {
         let (key, value) = pair
@@ -339,6 +482,15 @@ fn build_spec(args: SubmitArgs) -> anyhow::Result<JobSpec> {
             providers: args.provider,
             regions: args.region,
             max_price_per_gpu_hour_micro_usd: max_price,
+            min_generation,
+            min_compute_capability_major: cc_major,
+            min_compute_capability_minor: cc_minor,
+            exclude_providers: args.exclude_provider,
+            exclude_regions: args.exclude_region,
+            preferred_regions: args.prefer_region,
+            allow_spot: args.allow_spot,
+            locality: locality as i32,
+            require_nvlink: args.nvlink,
         }),
         workload: Some(WorkloadSpec {
             argv: args.command,
@@ -346,6 +498,17 @@ fn build_spec(args: SubmitArgs) -> anyhow::Result<JobSpec> {
             working_dir: String::new(),
             stop_grace_period_seconds: args.grace_period.unwrap_or(0),
         }),
+        priority: args.priority,
+        preemptible: args.preemptible,
+        queue: args.queue.unwrap_or_default(),
+        workload_class: args.workload_class.unwrap_or_default(),
+        max_runtime_seconds: duration("--max-runtime", &args.max_runtime)?,
+        retry: Some(RetryPolicy {
+            max_retries_on_failure: args.retries,
+            max_retries_on_node_loss: args.retries_on_node_loss,
+            backoff_seconds: duration("--retry-backoff", &args.retry_backoff)?,
+        }),
+        placement_policy: policy as i32,
     })
 }
 

@@ -2,8 +2,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand, ValueEnum};
 use gpufleet_proto::v1::{
-    CapacityDimension, CapacityGroup, GetCapacityRequest, GetNodeRequest, GpuGeneration,
-    ListNodesRequest, Node,
+    CapacityDimension, CapacityGroup, CordonNodeRequest, DrainNodeRequest, GetCapacityRequest,
+    GetNodeRequest, GpuGeneration, ListNodesRequest, Node, UncordonNodeRequest,
 };
 
 use crate::client;
@@ -30,6 +30,22 @@ enum NodesCommand {
     Get {
         /// Node id.
         node_id: String,
+    },
+    /// Place no new work on the node; running work continues.
+    Cordon {
+        node_id: String,
+        /// Shown with the node.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Let the node receive work again (also ends a drain).
+    Uncordon { node_id: String },
+    /// Cordon the node and evict what still runs at the deadline (evicted jobs are queued again).
+    Drain {
+        node_id: String,
+        /// Time running jobs get to finish, e.g. 10m; 0s evicts now.
+        #[arg(long, default_value = "10m")]
+        deadline: String,
     },
 }
 
@@ -68,7 +84,14 @@ pub async fn nodes(address: &str, format: Format, args: NodesArgs) -> anyhow::Re
                     identity.node_id,
                     identity.provider,
                     identity.region,
-                    output::enum_label(node.state().as_str_name(), "NODE_STATE_"),
+                    output::enum_label(node.state().as_str_name(), "NODE_STATE_")
+                        + if node.drain_deadline.is_some() {
+                            ",Draining"
+                        } else if node.cordoned {
+                            ",Cordoned"
+                        } else {
+                            ""
+                        },
                     format!("{}/{}", node.allocated_gpus, node.gpus.len()),
                     models(node),
                     output::usd(identity.price_per_gpu_hour_micro_usd)
@@ -80,6 +103,47 @@ pub async fn nodes(address: &str, format: Format, args: NodesArgs) -> anyhow::Re
             if response.nodes.is_empty() {
                 eprintln!("no nodes yet: start an agent pointed at {address}");
             }
+        }
+        NodesCommand::Cordon { node_id, reason } => {
+            let node = fleet
+                .cordon_node(CordonNodeRequest {
+                    node_id,
+                    reason: reason.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            print_change(&node, format, "cordoned")?;
+        }
+        NodesCommand::Uncordon { node_id } => {
+            let node = fleet
+                .uncordon_node(UncordonNodeRequest { node_id })
+                .await?
+                .into_inner();
+            print_change(&node, format, "uncordoned")?;
+        }
+        NodesCommand::Drain { node_id, deadline } => {
+            let secs = humantime::parse_duration(&deadline)
+                .map_err(|e| {
+                    anyhow::anyhow!("--deadline {deadline:?} is not a duration like 10m: {e}")
+                })?
+                .as_secs();
+            let deadline_seconds = u32::try_from(secs)
+                .map_err(|_| anyhow::anyhow!("--deadline {deadline:?} is too long"))?;
+            let node = fleet
+                .drain_node(DrainNodeRequest {
+                    node_id,
+                    deadline_seconds,
+                })
+                .await?
+                .into_inner();
+            print_change(
+                &node,
+                format,
+                &format!(
+                    "draining; running work is evicted at {}",
+                    output::time(node.drain_deadline.as_ref())
+                ),
+            )?;
         }
         NodesCommand::Get { node_id } => {
             let node = fleet
@@ -94,6 +158,19 @@ pub async fn nodes(address: &str, format: Format, args: NodesArgs) -> anyhow::Re
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_change(node: &Node, format: Format, what: &str) -> anyhow::Result<()> {
+    if format == Format::Json {
+        return output::print_json(node, true);
+    }
+    let id = node
+        .identity
+        .as_ref()
+        .map(|i| i.node_id.as_str())
+        .unwrap_or_default();
+    say!("{id} {what}");
+    Ok(())
 }
 
 fn models(node: &Node) -> String {

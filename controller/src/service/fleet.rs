@@ -1,7 +1,8 @@
 use gpufleet_proto::v1::fleet_server::Fleet;
 use gpufleet_proto::v1::{
-    CapacityDimension, GetCapacityRequest, GetCapacityResponse, GetNodeRequest, ListNodesRequest,
-    ListNodesResponse, Node, NodeState,
+    CapacityDimension, CordonNodeRequest, DrainNodeRequest, GetCapacityRequest,
+    GetCapacityResponse, GetNodeRequest, ListNodesRequest, ListNodesResponse, Node, NodeState,
+    UncordonNodeRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -66,6 +67,47 @@ impl Fleet for FleetService {
             .collect::<Result<Vec<_>, _>>()?;
         self.controller
             .capacity(&dims)
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    async fn cordon_node(
+        &self,
+        request: Request<CordonNodeRequest>,
+    ) -> Result<Response<Node>, Status> {
+        let request = request.into_inner();
+        self.controller
+            .cordon_node(&request.node_id, &request.reason)
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    async fn uncordon_node(
+        &self,
+        request: Request<UncordonNodeRequest>,
+    ) -> Result<Response<Node>, Status> {
+        let request = request.into_inner();
+        self.controller
+            .uncordon_node(&request.node_id)
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    async fn drain_node(
+        &self,
+        request: Request<DrainNodeRequest>,
+    ) -> Result<Response<Node>, Status> {
+        let request = request.into_inner();
+        if request.deadline_seconds > 7 * 24 * 3600 {
+            return Err(Status::invalid_argument(
+                "deadline_seconds: at most 604800 (7 days)",
+            ));
+        }
+        self.controller
+            .drain_node(
+                &request.node_id,
+                std::time::Duration::from_secs(request.deadline_seconds as u64),
+            )
             .map(Response::new)
             .map_err(to_status)
     }

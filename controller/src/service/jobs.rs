@@ -4,8 +4,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use gpufleet_proto::v1::jobs_server::Jobs;
 use gpufleet_proto::v1::{
-    CancelJobRequest, GetJobRequest, Job, JobState, ListJobsRequest, ListJobsResponse, LogChunk,
-    StreamJobLogsRequest, SubmitJobRequest, SubmitJobResponse, WatchJobRequest, WorkloadState,
+    CancelJobRequest, ExplainJobRequest, ExplainJobResponse, GetJobRequest, Job, JobState,
+    ListJobsRequest, ListJobsResponse, LogChunk, StreamJobLogsRequest, SubmitJobRequest,
+    SubmitJobResponse, WatchJobRequest, WorkloadState,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
@@ -48,6 +49,17 @@ impl Jobs for JobsService {
             .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
         let job = self.controller.submit_job(spec).map_err(to_status)?;
         Ok(Response::new(SubmitJobResponse { job: Some(job) }))
+    }
+
+    async fn explain_job(
+        &self,
+        request: Request<ExplainJobRequest>,
+    ) -> Result<Response<ExplainJobResponse>, Status> {
+        let id = request.into_inner().job_id;
+        self.controller
+            .explain_job(&id)
+            .map(Response::new)
+            .map_err(to_status)
     }
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {

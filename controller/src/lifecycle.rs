@@ -1,0 +1,303 @@
+//! The job state machine, as pure functions over job records.
+//!
+//! `Pending → Scheduled → Running → Succeeded | Failed | Cancelled | Lost`,
+//! plus `Requeuing`: the job's tasks are being stopped so it can be queued
+//! again — after a preemption, a drain eviction, or a failure or lost node
+//! that its retry policy covers. A requeuing job returns to `Pending` (with
+//! `attempt + 1`) once none of its tasks holds GPUs any more.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime};
+
+use gpufleet_proto::v1::{Job, JobState, PendingReason, TaskStatus, WorkloadState, WorkloadStatus};
+use prost_types::Timestamp;
+
+use crate::scheduler::reason;
+
+pub fn now_ts() -> Timestamp {
+    Timestamp::from(SystemTime::now())
+}
+
+pub fn is_terminal_job(state: JobState) -> bool {
+    matches!(
+        state,
+        JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::Lost
+    )
+}
+
+pub fn is_terminal_workload(state: WorkloadState) -> bool {
+    matches!(
+        state,
+        WorkloadState::Succeeded
+            | WorkloadState::Failed
+            | WorkloadState::Stopped
+            | WorkloadState::Lost
+    )
+}
+
+/// A task holds its GPUs until the agent says it ended (or its node is lost).
+pub fn task_holds_gpus(task: &TaskStatus) -> bool {
+    !is_terminal_workload(task.state())
+}
+
+pub fn job_nodes(job: &Job) -> BTreeSet<String> {
+    job.tasks.iter().map(|t| t.node_id.clone()).collect()
+}
+
+/// Whether the job's tasks should be running on their nodes.
+pub fn is_desired(job: &Job) -> bool {
+    matches!(job.state(), JobState::Scheduled | JobState::Running)
+}
+
+/// Applies an agent's status to a task; returns whether anything changed.
+/// A terminal task never goes back to running.
+pub fn apply_status(task: &mut TaskStatus, status: &WorkloadStatus) -> bool {
+    if is_terminal_workload(task.state()) || status.state() == WorkloadState::Unspecified {
+        return false;
+    }
+    let before = task.clone();
+    task.set_state(status.state());
+    task.exit_code = status.exit_code;
+    task.signal = status.signal;
+    task.message = status.message.clone();
+    if status.started_at.is_some() {
+        task.started_at = status.started_at;
+    }
+    if status.finished_at.is_some() {
+        task.finished_at = status.finished_at;
+    } else if is_terminal_workload(status.state()) && task.finished_at.is_none() {
+        task.finished_at = Some(now_ts());
+    }
+    *task != before
+}
+
+/// Moves the job to Requeuing (its tasks will be stopped), or straight back
+/// to Pending when nothing of it runs. `backoff` delays the next placement.
+pub fn requeue(job: &mut Job, why: String, backoff: Option<Duration>) {
+    job.history.push(format!("attempt {}: {why}", job.attempt));
+    job.set_state(JobState::Requeuing);
+    job.message = why;
+    job.not_before = backoff
+        .filter(|d| !d.is_zero())
+        .map(|d| Timestamp::from(SystemTime::now() + d));
+    settle_requeue(job);
+}
+
+/// A requeuing job whose tasks all ended goes back to the queue.
+pub fn settle_requeue(job: &mut Job) {
+    if job.state() != JobState::Requeuing || job.tasks.iter().any(task_holds_gpus) {
+        return;
+    }
+    job.set_state(JobState::Pending);
+    job.attempt += 1;
+    job.tasks.clear();
+    job.scheduled_at = None;
+    job.started_at = None;
+    job.exit_code = None;
+    job.pending_reason = Some(PendingReason {
+        code: reason::WAITING_FOR_SCHEDULER.to_string(),
+        message: "queued again; waiting for the next scheduling pass".to_string(),
+        exclusions: Vec::new(),
+    });
+}
+
+fn backoff_for(job: &Job, retries_used: u32) -> Option<Duration> {
+    let base = job.spec.as_ref()?.retry.as_ref()?.backoff_seconds as u64;
+    // Doubles per retry, capped at one hour.
+    let secs = base.saturating_mul(1u64 << retries_used.min(12)).min(3600);
+    Some(Duration::from_secs(secs))
+}
+
+/// Derives a job's state from its tasks, applying its retry policy.
+pub fn derive_job_state(job: &mut Job) {
+    if job.state() == JobState::Requeuing {
+        settle_requeue(job);
+        return;
+    }
+    if is_terminal_job(job.state()) {
+        return;
+    }
+    let now = now_ts();
+    let retry = job.spec.as_ref().and_then(|s| s.retry).unwrap_or_default();
+    if let Some(task) = job
+        .tasks
+        .iter()
+        .find(|t| t.state() == WorkloadState::Lost)
+        .cloned()
+    {
+        let why = format!("task {}: {}", task.index, task.message);
+        if job.node_loss_retries < retry.max_retries_on_node_loss {
+            let backoff = backoff_for(job, job.node_loss_retries);
+            job.node_loss_retries += 1;
+            requeue(job, why, backoff);
+        } else {
+            job.set_state(JobState::Lost);
+            job.message = why;
+            job.finished_at = Some(now);
+        }
+        return;
+    }
+    if let Some(task) = job
+        .tasks
+        .iter()
+        .find(|t| matches!(t.state(), WorkloadState::Failed | WorkloadState::Stopped))
+        .cloned()
+    {
+        let why = match (task.state(), task.exit_code, task.signal) {
+            (WorkloadState::Stopped, _, _) => {
+                format!("task {} was stopped outside the controller", task.index)
+            }
+            (_, _, Some(signal)) => format!("task {} was killed by signal {signal}", task.index),
+            (_, Some(code), _) => format!("task {} exited with code {code}", task.index),
+            _ => format!("task {} failed: {}", task.index, task.message),
+        };
+        if job.failure_retries < retry.max_retries_on_failure {
+            let backoff = backoff_for(job, job.failure_retries);
+            job.failure_retries += 1;
+            requeue(job, why, backoff);
+        } else {
+            job.set_state(JobState::Failed);
+            job.exit_code = task.exit_code;
+            job.message = why;
+            job.finished_at = Some(now);
+        }
+        return;
+    }
+    let states: Vec<WorkloadState> = job.tasks.iter().map(|t| t.state()).collect();
+    if !states.is_empty() && states.iter().all(|s| *s == WorkloadState::Succeeded) {
+        job.set_state(JobState::Succeeded);
+        job.exit_code = Some(0);
+        job.message = "all tasks exited with code 0".to_string();
+        job.finished_at = Some(now);
+    } else if job.state() == JobState::Scheduled
+        && !states.is_empty()
+        && states
+            .iter()
+            .all(|s| matches!(s, WorkloadState::Running | WorkloadState::Succeeded))
+    {
+        job.set_state(JobState::Running);
+        job.started_at = Some(now);
+    }
+}
+
+/// Fails a job that ran longer than its max runtime (retry policy applies).
+pub fn enforce_max_runtime(job: &mut Job, now: SystemTime) -> bool {
+    let Some(limit) = job
+        .spec
+        .as_ref()
+        .map(|s| s.max_runtime_seconds)
+        .filter(|s| *s > 0)
+    else {
+        return false;
+    };
+    if job.state() != JobState::Running && job.state() != JobState::Scheduled {
+        return false;
+    }
+    let Some(started) = job
+        .started_at
+        .or(job.scheduled_at)
+        .and_then(|t| SystemTime::try_from(t).ok())
+    else {
+        return false;
+    };
+    if now.duration_since(started).unwrap_or_default() < Duration::from_secs(limit as u64) {
+        return false;
+    }
+    let why = format!(
+        "exceeded its max runtime of {}",
+        humantime::format_duration(Duration::from_secs(limit as u64))
+    );
+    let retry = job.spec.as_ref().and_then(|s| s.retry).unwrap_or_default();
+    if job.failure_retries < retry.max_retries_on_failure {
+        let backoff = backoff_for(job, job.failure_retries);
+        job.failure_retries += 1;
+        requeue(job, why, backoff);
+    } else {
+        job.set_state(JobState::Failed);
+        job.message = why;
+        job.finished_at = Some(now_ts());
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpufleet_proto::v1::{JobSpec, RetryPolicy};
+
+    fn job_with_tasks(states: &[WorkloadState], retry: RetryPolicy) -> Job {
+        let mut job = Job {
+            id: "job-000000000001".into(),
+            spec: Some(JobSpec {
+                retry: Some(retry),
+                ..Default::default()
+            }),
+            state: JobState::Running as i32,
+            ..Default::default()
+        };
+        job.tasks = states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| TaskStatus {
+                index: i as u32,
+                state: *s as i32,
+                exit_code: Some(3),
+                ..Default::default()
+            })
+            .collect();
+        job
+    }
+
+    #[test]
+    fn failure_without_retries_fails_the_job() {
+        let mut job = job_with_tasks(&[WorkloadState::Failed], RetryPolicy::default());
+        derive_job_state(&mut job);
+        assert_eq!(job.state(), JobState::Failed);
+        assert_eq!(job.exit_code, Some(3));
+    }
+
+    #[test]
+    fn failure_with_retries_requeues_after_the_other_tasks_stop() {
+        let retry = RetryPolicy {
+            max_retries_on_failure: 1,
+            backoff_seconds: 10,
+            ..Default::default()
+        };
+        let mut job = job_with_tasks(&[WorkloadState::Failed, WorkloadState::Running], retry);
+        derive_job_state(&mut job);
+        assert_eq!(job.state(), JobState::Requeuing);
+        assert!(job.not_before.is_some());
+        job.tasks[1].set_state(WorkloadState::Stopped);
+        derive_job_state(&mut job);
+        assert_eq!(job.state(), JobState::Pending);
+        assert_eq!(job.attempt, 1);
+        assert!(job.tasks.is_empty());
+        assert_eq!(job.history.len(), 1);
+        // The budget is spent: the next failure is final.
+        job.set_state(JobState::Running);
+        job.tasks = vec![TaskStatus {
+            state: WorkloadState::Failed as i32,
+            exit_code: Some(1),
+            ..Default::default()
+        }];
+        derive_job_state(&mut job);
+        assert_eq!(job.state(), JobState::Failed);
+    }
+
+    #[test]
+    fn lost_node_uses_its_own_budget() {
+        let retry = RetryPolicy {
+            max_retries_on_node_loss: 1,
+            ..Default::default()
+        };
+        let mut job = job_with_tasks(&[WorkloadState::Lost], retry);
+        derive_job_state(&mut job);
+        assert_eq!(
+            job.state(),
+            JobState::Pending,
+            "nothing left running: straight back to the queue"
+        );
+        assert_eq!(job.node_loss_retries, 1);
+        assert!(job.not_before.is_none());
+    }
+}

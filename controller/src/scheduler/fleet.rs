@@ -1,0 +1,424 @@
+//! The fleet as the scheduler indexes it.
+//!
+//! Nodes are grouped into equivalence classes (provider, region, model,
+//! price, spot); each class keeps its schedulable nodes in buckets by free
+//! GPU count, so one placement touches classes and buckets, not every node.
+//! A node with GPUs of several models is split into one slot per model
+//! (disjoint GPU sets), which keeps every slot homogeneous.
+
+use std::collections::HashMap;
+
+/// GPUs per slot are tracked in a `u32` mask.
+pub const MAX_GPUS_PER_SLOT: usize = 32;
+/// Sentinel for "no known end".
+pub const NEVER: u64 = u64::MAX;
+
+/// A node as the controller describes it to the scheduler.
+#[derive(Debug, Clone, Default)]
+pub struct NodeInput {
+    pub id: String,
+    pub provider: String,
+    pub region: String,
+    pub price_per_gpu_hour_micro_usd: u64,
+    pub spot: bool,
+    /// Ready and not cordoned or draining.
+    pub schedulable: bool,
+    /// In index order.
+    pub gpus: Vec<GpuInput>,
+    /// Sets of GPU positions that are all NVLink-connected; empty = unknown.
+    pub nvlink_groups: Vec<Vec<u32>>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct GpuInput {
+    pub uuid: String,
+    pub model: String,
+    /// `GpuGeneration` wire value.
+    pub generation: i32,
+    pub memory_bytes: u64,
+    pub compute_capability: (u32, u32),
+    pub healthy: bool,
+}
+
+/// Work already holding GPUs.
+#[derive(Debug, Clone, Default)]
+pub struct RunningInput {
+    pub job_id: String,
+    pub tenant: String,
+    pub priority: i32,
+    pub preemptible: bool,
+    pub node_id: String,
+    pub gpu_uuids: Vec<String>,
+    /// Unix seconds by which it will have ended (start + max runtime).
+    pub expected_end: Option<u64>,
+    /// Already being stopped (preempted, cancelled, drained).
+    pub evicting: bool,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct ModelInfo {
+    pub(crate) name: String,
+    pub(crate) generation: i32,
+    pub(crate) memory_bytes: u64,
+    pub(crate) compute_capability: (u32, u32),
+}
+
+#[derive(Debug)]
+pub(crate) struct Class {
+    pub(crate) provider: u16,
+    pub(crate) region: u16,
+    pub(crate) model: u16,
+    pub(crate) price: u64,
+    pub(crate) spot: bool,
+    /// `buckets[k]`: schedulable, unreserved slots with exactly k free GPUs.
+    pub(crate) buckets: Vec<Vec<u32>>,
+    /// Schedulable slots under a reservation (checked only by jobs that can
+    /// prove they end in time).
+    pub(crate) reserved: Vec<u32>,
+    /// Every slot of the class, schedulable or not.
+    pub(crate) slots: Vec<u32>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Slot {
+    pub(crate) node: u32,
+    pub(crate) class: u32,
+    /// Positions (within the node) of this slot's GPUs.
+    pub(crate) gpus: u32,
+    pub(crate) healthy: u32,
+    /// Healthy and not allocated.
+    pub(crate) free: u32,
+    pub(crate) schedulable: bool,
+    /// Index within its bucket (or reserved list).
+    pub(crate) pos: u32,
+    /// 0 = not reserved; else work placed here must end by this time.
+    pub(crate) reserved_until: u64,
+    pub(crate) nvlink_groups: Vec<u32>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Running {
+    pub(crate) job: u32,
+    pub(crate) mask: u32,
+    pub(crate) end: u64,
+    pub(crate) priority: i32,
+    pub(crate) preemptible: bool,
+    pub(crate) evicting: bool,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Interner {
+    pub(crate) names: Vec<String>,
+    index: HashMap<String, u16>,
+}
+
+impl Interner {
+    pub(crate) fn intern(&mut self, name: &str) -> u16 {
+        if let Some(&id) = self.index.get(name) {
+            return id;
+        }
+        let id = self.names.len() as u16;
+        self.names.push(name.to_string());
+        self.index.insert(name.to_string(), id);
+        id
+    }
+
+    pub(crate) fn get(&self, name: &str) -> Option<u16> {
+        self.index.get(name).copied()
+    }
+}
+
+/// The scheduler's index of the fleet for one pass.
+#[derive(Debug, Default)]
+pub struct Fleet {
+    pub(crate) node_ids: Vec<String>,
+    /// Per node: GPU UUIDs by position.
+    pub(crate) node_gpus: Vec<Vec<String>>,
+    pub(crate) slots: Vec<Slot>,
+    pub(crate) classes: Vec<Class>,
+    /// Class ids by ascending price, then id.
+    pub(crate) classes_by_price: Vec<u32>,
+    pub(crate) providers: Interner,
+    pub(crate) regions: Interner,
+    pub(crate) models: Vec<ModelInfo>,
+    pub(crate) running: Vec<Running>,
+    pub(crate) running_jobs: Vec<String>,
+    /// Running allocation ids per slot.
+    pub(crate) running_by_slot: Vec<Vec<u32>>,
+    /// Nodes whose GPUs beyond `MAX_GPUS_PER_SLOT` per model were ignored.
+    pub skipped_gpus: u32,
+}
+
+impl Fleet {
+    /// Builds the index. Running allocations mark their GPUs allocated;
+    /// unknown nodes or GPUs in them are ignored.
+    pub fn build(nodes: &[NodeInput], running: &[RunningInput]) -> Self {
+        let mut fleet = Fleet::default();
+        let mut model_index: HashMap<(String, i32, u64, (u32, u32)), u16> = HashMap::new();
+        let mut class_index: HashMap<(u16, u16, u16, u64, bool), u32> = HashMap::new();
+        let mut gpu_slot: HashMap<&str, (u32, u32)> = HashMap::new();
+
+        for node in nodes {
+            let node_idx = fleet.node_ids.len() as u32;
+            fleet.node_ids.push(node.id.clone());
+            fleet
+                .node_gpus
+                .push(node.gpus.iter().map(|g| g.uuid.clone()).collect());
+            let provider = fleet.providers.intern(&node.provider);
+            let region = fleet.regions.intern(&node.region);
+            // One slot per model on this node.
+            let mut slots_of_node: Vec<(u16, u32)> = Vec::new();
+            for (pos, gpu) in node.gpus.iter().enumerate() {
+                if pos >= MAX_GPUS_PER_SLOT {
+                    fleet.skipped_gpus += 1;
+                    continue;
+                }
+                let key = (
+                    gpu.model.clone(),
+                    gpu.generation,
+                    gpu.memory_bytes,
+                    gpu.compute_capability,
+                );
+                let model = *model_index.entry(key).or_insert_with(|| {
+                    fleet.models.push(ModelInfo {
+                        name: gpu.model.clone(),
+                        generation: gpu.generation,
+                        memory_bytes: gpu.memory_bytes,
+                        compute_capability: gpu.compute_capability,
+                    });
+                    (fleet.models.len() - 1) as u16
+                });
+                let slot_idx = match slots_of_node.iter().find(|(m, _)| *m == model) {
+                    Some((_, s)) => *s,
+                    None => {
+                        let class_key = (
+                            provider,
+                            region,
+                            model,
+                            node.price_per_gpu_hour_micro_usd,
+                            node.spot,
+                        );
+                        let class = *class_index.entry(class_key).or_insert_with(|| {
+                            fleet.classes.push(Class {
+                                provider,
+                                region,
+                                model,
+                                price: node.price_per_gpu_hour_micro_usd,
+                                spot: node.spot,
+                                buckets: vec![Vec::new(); MAX_GPUS_PER_SLOT + 1],
+                                reserved: Vec::new(),
+                                slots: Vec::new(),
+                            });
+                            (fleet.classes.len() - 1) as u32
+                        });
+                        let slot = fleet.slots.len() as u32;
+                        fleet.slots.push(Slot {
+                            node: node_idx,
+                            class,
+                            gpus: 0,
+                            healthy: 0,
+                            free: 0,
+                            schedulable: node.schedulable,
+                            pos: 0,
+                            reserved_until: 0,
+                            nvlink_groups: Vec::new(),
+                        });
+                        fleet.classes[class as usize].slots.push(slot);
+                        slots_of_node.push((model, slot));
+                        slot
+                    }
+                };
+                let bit = 1u32 << pos;
+                let slot = &mut fleet.slots[slot_idx as usize];
+                slot.gpus |= bit;
+                if gpu.healthy {
+                    slot.healthy |= bit;
+                    slot.free |= bit;
+                }
+                gpu_slot.insert(gpu.uuid.as_str(), (slot_idx, pos as u32));
+            }
+            for (_, slot_idx) in &slots_of_node {
+                let slot = &mut fleet.slots[*slot_idx as usize];
+                slot.nvlink_groups = node
+                    .nvlink_groups
+                    .iter()
+                    .map(|group| {
+                        group
+                            .iter()
+                            .filter(|&&p| (p as usize) < MAX_GPUS_PER_SLOT)
+                            .fold(0u32, |mask, &p| mask | (1 << p))
+                            & slot.gpus
+                    })
+                    .filter(|mask| *mask != 0)
+                    .collect();
+            }
+        }
+
+        fleet.running_by_slot = vec![Vec::new(); fleet.slots.len()];
+        for alloc in running {
+            let job = fleet.running_jobs.len() as u32;
+            fleet.running_jobs.push(alloc.job_id.clone());
+            let mut per_slot: Vec<(u32, u32)> = Vec::new();
+            for uuid in &alloc.gpu_uuids {
+                if let Some(&(slot, pos)) = gpu_slot.get(uuid.as_str()) {
+                    match per_slot.iter_mut().find(|(s, _)| *s == slot) {
+                        Some((_, mask)) => *mask |= 1 << pos,
+                        None => per_slot.push((slot, 1 << pos)),
+                    }
+                }
+            }
+            for (slot, mask) in per_slot {
+                fleet.slots[slot as usize].free &= !mask;
+                let id = fleet.running.len() as u32;
+                fleet.running.push(Running {
+                    job,
+                    mask,
+                    end: alloc.expected_end.unwrap_or(NEVER),
+                    priority: alloc.priority,
+                    preemptible: alloc.preemptible,
+                    evicting: alloc.evicting,
+                });
+                fleet.running_by_slot[slot as usize].push(id);
+            }
+        }
+
+        for slot_idx in 0..fleet.slots.len() {
+            if fleet.slots[slot_idx].schedulable {
+                fleet.bucket_insert(slot_idx as u32);
+            }
+        }
+        let mut order: Vec<u32> = (0..fleet.classes.len() as u32).collect();
+        order.sort_by_key(|&c| (fleet.classes[c as usize].price, c));
+        fleet.classes_by_price = order;
+        fleet
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.node_ids.len()
+    }
+
+    pub fn gpu_count(&self) -> usize {
+        self.slots
+            .iter()
+            .map(|s| s.gpus.count_ones() as usize)
+            .sum()
+    }
+
+    pub fn free_gpu_count(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| s.schedulable)
+            .map(|s| s.free.count_ones() as usize)
+            .sum()
+    }
+
+    pub(crate) fn bucket_insert(&mut self, slot_idx: u32) {
+        let slot = &self.slots[slot_idx as usize];
+        let class = &mut self.classes[slot.class as usize];
+        let list = if slot.reserved_until != 0 {
+            &mut class.reserved
+        } else {
+            &mut class.buckets[slot.free.count_ones() as usize]
+        };
+        let pos = list.len() as u32;
+        list.push(slot_idx);
+        self.slots[slot_idx as usize].pos = pos;
+    }
+
+    pub(crate) fn bucket_remove(&mut self, slot_idx: u32) {
+        let slot = &self.slots[slot_idx as usize];
+        let pos = slot.pos as usize;
+        let class = &mut self.classes[slot.class as usize];
+        let list = if slot.reserved_until != 0 {
+            &mut class.reserved
+        } else {
+            &mut class.buckets[slot.free.count_ones() as usize]
+        };
+        list.swap_remove(pos);
+        if let Some(&moved) = list.get(pos) {
+            self.slots[moved as usize].pos = pos as u32;
+        }
+    }
+
+    /// Marks `mask` allocated on a slot, keeping the buckets right.
+    pub(crate) fn take(&mut self, slot_idx: u32, mask: u32) {
+        let schedulable = self.slots[slot_idx as usize].schedulable;
+        if schedulable {
+            self.bucket_remove(slot_idx);
+        }
+        self.slots[slot_idx as usize].free &= !mask;
+        if schedulable {
+            self.bucket_insert(slot_idx);
+        }
+    }
+
+    /// Returns `mask` to a slot's free GPUs.
+    pub(crate) fn give_back(&mut self, slot_idx: u32, mask: u32) {
+        let schedulable = self.slots[slot_idx as usize].schedulable;
+        if schedulable {
+            self.bucket_remove(slot_idx);
+        }
+        let slot = &mut self.slots[slot_idx as usize];
+        slot.free |= mask & slot.healthy;
+        if schedulable {
+            self.bucket_insert(slot_idx);
+        }
+    }
+
+    /// Puts a slot under a reservation ending at `until` (keeps the earliest).
+    pub(crate) fn reserve(&mut self, slot_idx: u32, until: u64) {
+        let slot = &self.slots[slot_idx as usize];
+        if !slot.schedulable {
+            return;
+        }
+        let current = slot.reserved_until;
+        let until = until.max(1);
+        if current != 0 && current <= until {
+            return;
+        }
+        self.bucket_remove(slot_idx);
+        self.slots[slot_idx as usize].reserved_until = until;
+        self.bucket_insert(slot_idx);
+    }
+
+    /// GPU UUIDs of a mask on a slot, in position order.
+    pub(crate) fn uuids(&self, slot_idx: u32, mask: u32) -> Vec<String> {
+        let slot = &self.slots[slot_idx as usize];
+        let gpus = &self.node_gpus[slot.node as usize];
+        (0..MAX_GPUS_PER_SLOT)
+            .filter(|p| mask & (1 << p) != 0)
+            .filter_map(|p| gpus.get(p).cloned())
+            .collect()
+    }
+
+    /// Picks `count` GPUs from `free`: inside one NVLink group when asked
+    /// and known, else the lowest positions.
+    pub(crate) fn pick_gpus(&self, slot_idx: u32, count: u32, nvlink: bool) -> Option<u32> {
+        let slot = &self.slots[slot_idx as usize];
+        let free = slot.free;
+        if free.count_ones() < count {
+            return None;
+        }
+        if nvlink && count > 1 && !slot.nvlink_groups.is_empty() {
+            return slot
+                .nvlink_groups
+                .iter()
+                .map(|group| group & free)
+                .filter(|avail| avail.count_ones() >= count)
+                .min_by_key(|avail| avail.count_ones())
+                .map(|avail| lowest_bits(avail, count));
+        }
+        Some(lowest_bits(free, count))
+    }
+}
+
+/// The `count` lowest set bits of `mask`.
+pub(crate) fn lowest_bits(mut mask: u32, count: u32) -> u32 {
+    let mut out = 0;
+    for _ in 0..count {
+        let bit = mask & mask.wrapping_neg();
+        out |= bit;
+        mask &= !bit;
+    }
+    out
+}

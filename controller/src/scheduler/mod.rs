@@ -1,0 +1,881 @@
+//! The scheduler: a pure, synchronous library. `(fleet, queue, config, now)
+//! → decisions`: no I/O, no async, no locks, no clock of its own. The
+//! controller, the benchmarks and the property tests share it.
+//!
+//! # One pass
+//! 1. Jobs are ordered by priority (higher first); within a priority, the
+//!    tenant with the lowest fair share goes next (see [`queue`]); within a
+//!    tenant, the oldest job.
+//! 2. Each job is matched against equivalence classes of nodes (provider,
+//!    region, model, price, spot) — never against every node — and placed by
+//!    its policy (below). A gang (several tasks) is placed whole or not at all,
+//!    by default inside one region.
+//! 3. The first job of each priority level that does not fit gets a
+//!    *reservation*: the nodes where it will fit earliest (from the expected
+//!    ends of running work, i.e. start + max runtime). Later jobs may use free
+//!    GPUs on reserved nodes only if their own max runtime ends before the
+//!    reservation's start — so they cannot delay it. Jobs without a max runtime
+//!    never backfill into a reservation.
+//! 4. A job that does not fit, is not preemptible, and outranks preemptible
+//!    running work may evict the smallest set of such work that makes room.
+//!    The victims are stopped with their grace period and queued again; the
+//!    job is placed in a later pass, when their GPUs are free.
+//!
+//! # Placement policies and scoring
+//! Among slots (a node's GPUs of one model) in eligible classes with at least
+//! the task's GPUs free:
+//! * `cost`: lowest effective price per GPU-hour; then the fewest free GPUs
+//!   (pack); then class and slot order.
+//! * `pack`: fewest free GPUs (best fit: partly used nodes fill first and
+//!   whole nodes stay whole for 8-GPU tasks); then effective price.
+//! * `spread`: most free GPUs; then effective price.
+//!
+//! The *effective price* is the node's price, discounted by
+//! [`SchedulerConfig::preferred_region_discount`] (default 10 %) in a
+//! preferred region: a soft preference that changes the order among GPUs
+//! that satisfy every constraint and never admits one that does not. Ties
+//! break by class id (first seen), then slot order, so a pass is
+//! deterministic for a given input.
+
+pub mod explain;
+pub mod fleet;
+pub mod queue;
+
+use std::collections::HashMap;
+
+use gpufleet_proto::v1::{GpuGeneration, JobConstraints, Locality};
+
+pub use fleet::{Fleet, GpuInput, NEVER, NodeInput, RunningInput};
+pub use queue::FairShare;
+
+/// `3930000` → `$3.93`.
+pub fn format_usd(micro_usd: u64) -> String {
+    let cents = (micro_usd + 5_000) / 10_000;
+    format!("${}.{:02}", cents / 100, cents % 100)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Policy {
+    #[default]
+    Cost,
+    Pack,
+    Spread,
+    /// The naive baseline for benchmarks: first slot in node order that fits.
+    FirstFit,
+}
+
+/// Machine-readable reasons a job is still pending.
+pub mod reason {
+    pub const NO_NODES: &str = "NO_NODES";
+    pub const NO_FEASIBLE_NODES: &str = "NO_FEASIBLE_NODES";
+    pub const INSUFFICIENT_FREE_GPUS: &str = "INSUFFICIENT_FREE_GPUS";
+    pub const QUOTA_EXCEEDED: &str = "QUOTA_EXCEEDED";
+    pub const BACKOFF: &str = "BACKOFF";
+    pub const RESERVED_FOR_HIGHER_PRIORITY: &str = "RESERVED_FOR_HIGHER_PRIORITY";
+    pub const PREEMPTING: &str = "PREEMPTING";
+    pub const WAITING_FOR_SCHEDULER: &str = "WAITING_FOR_SCHEDULER";
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TenantPolicy {
+    /// Relative share; default 1.
+    pub weight: f64,
+    /// Most GPUs the tenant may hold at once.
+    pub max_gpus: Option<u32>,
+    /// Most GPUs of one generation (wire value) at once.
+    pub max_gpus_per_generation: HashMap<i32, u32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub default_policy: Policy,
+    /// Unknown tenants get weight 1 and no quota.
+    pub tenants: HashMap<String, TenantPolicy>,
+    /// Normalisation of GPU-hours by generation (wire value); default 1.
+    pub generation_factors: HashMap<i32, f64>,
+    /// Reservations per pass (one per priority level at most).
+    pub max_reservations: usize,
+    /// Preemption attempts per pass.
+    pub max_preemptions: usize,
+    pub preferred_region_discount: f64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            default_policy: Policy::Cost,
+            tenants: HashMap::new(),
+            generation_factors: HashMap::new(),
+            max_reservations: 8,
+            max_preemptions: 16,
+            preferred_region_discount: 0.10,
+        }
+    }
+}
+
+impl SchedulerConfig {
+    pub fn weight(&self, tenant: &str) -> f64 {
+        self.tenants
+            .get(tenant)
+            .map_or(1.0, |t| if t.weight > 0.0 { t.weight } else { 1.0 })
+    }
+
+    pub fn factor(&self, generation: i32) -> f64 {
+        self.generation_factors
+            .get(&generation)
+            .copied()
+            .unwrap_or(1.0)
+    }
+}
+
+/// One pending job as the scheduler sees it.
+#[derive(Debug, Clone, Default)]
+pub struct JobInput {
+    pub id: String,
+    pub tenant: String,
+    pub priority: i32,
+    pub preemptible: bool,
+    /// Orders jobs of one tenant (e.g. submit time in nanoseconds).
+    pub submitted_at: u64,
+    pub tasks: u32,
+    pub gpus_per_task: u32,
+    pub constraints: JobConstraints,
+    pub policy: Option<Policy>,
+    pub max_runtime_secs: Option<u64>,
+    /// Unix seconds before which the job is not placed (retry backoff).
+    pub not_before: Option<u64>,
+}
+
+/// What tenants hold now and have used, for fair share and quotas.
+#[derive(Debug, Clone, Default)]
+pub struct TenantState {
+    /// Decayed normalised GPU-hours ([`FairShare::usage`]).
+    pub usage: HashMap<String, f64>,
+    /// GPUs held now per tenant, per generation.
+    pub allocated: HashMap<String, HashMap<i32, u32>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskPlacement {
+    pub node_id: String,
+    pub provider: String,
+    pub region: String,
+    pub price_per_gpu_hour_micro_usd: u64,
+    pub gpu_uuids: Vec<String>,
+    /// `GpuGeneration` wire value of the GPUs.
+    pub generation: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Placed(Vec<TaskPlacement>),
+    /// Victims (job ids) must be stopped and queued again; the job waits.
+    Preempting {
+        victims: Vec<String>,
+    },
+    Pending {
+        code: &'static str,
+    },
+}
+
+#[derive(Debug, Default)]
+pub struct PassResult {
+    /// One entry per input job, in input order.
+    pub outcomes: Vec<Outcome>,
+    pub placed: usize,
+    pub reservations: usize,
+}
+
+/// A job's constraints resolved against one fleet's interned names.
+pub(crate) struct Compiled {
+    models: Vec<bool>,
+    providers_allow: Option<Vec<u16>>,
+    providers_deny: Vec<u16>,
+    regions_allow: Option<Vec<u16>>,
+    regions_deny: Vec<u16>,
+    preferred: Vec<u16>,
+    max_price: u64,
+    allow_spot: bool,
+    pub(crate) locality: Locality,
+    pub(crate) nvlink: bool,
+}
+
+pub(crate) fn model_matches(constraints: &JobConstraints, model: &fleet::ModelInfo) -> bool {
+    (constraints.generations.is_empty() || constraints.generations.contains(&model.generation))
+        && (constraints.min_generation == GpuGeneration::Unspecified as i32
+            || model.generation >= constraints.min_generation)
+        && (constraints.models.is_empty()
+            || constraints
+                .models
+                .iter()
+                .any(|m| m.eq_ignore_ascii_case(&model.name)))
+        && model.memory_bytes >= constraints.min_gpu_memory_bytes
+        && model.compute_capability
+            >= (
+                constraints.min_compute_capability_major,
+                constraints.min_compute_capability_minor,
+            )
+}
+
+impl Compiled {
+    pub(crate) fn new(fleet: &Fleet, job: &JobInput) -> Self {
+        let c = &job.constraints;
+        let names = |list: &[String], interner: &fleet::Interner| -> Vec<u16> {
+            list.iter().filter_map(|n| interner.get(n)).collect()
+        };
+        let locality = match Locality::try_from(c.locality).unwrap_or(Locality::Unspecified) {
+            Locality::Unspecified if job.tasks > 1 => Locality::Region,
+            Locality::Unspecified => Locality::Any,
+            other => other,
+        };
+        Self {
+            models: fleet.models.iter().map(|m| model_matches(c, m)).collect(),
+            providers_allow: (!c.providers.is_empty())
+                .then(|| names(&c.providers, &fleet.providers)),
+            providers_deny: names(&c.exclude_providers, &fleet.providers),
+            regions_allow: (!c.regions.is_empty()).then(|| names(&c.regions, &fleet.regions)),
+            regions_deny: names(&c.exclude_regions, &fleet.regions),
+            preferred: names(&c.preferred_regions, &fleet.regions),
+            max_price: c.max_price_per_gpu_hour_micro_usd.unwrap_or(u64::MAX),
+            allow_spot: c.allow_spot,
+            locality,
+            nvlink: c.require_nvlink,
+        }
+    }
+
+    pub(crate) fn class_ok(&self, class: &fleet::Class) -> bool {
+        self.models[class.model as usize]
+            && class.price <= self.max_price
+            && (self.allow_spot || !class.spot)
+            && self
+                .providers_allow
+                .as_ref()
+                .is_none_or(|a| a.contains(&class.provider))
+            && !self.providers_deny.contains(&class.provider)
+            && self
+                .regions_allow
+                .as_ref()
+                .is_none_or(|a| a.contains(&class.region))
+            && !self.regions_deny.contains(&class.region)
+    }
+
+    fn effective_price(&self, class: &fleet::Class, discount: f64) -> u64 {
+        if self.preferred.contains(&class.region) {
+            (class.price as f64 * (1.0 - discount)) as u64
+        } else {
+            class.price
+        }
+    }
+
+    fn group_of(&self, class: &fleet::Class) -> u16 {
+        match self.locality {
+            Locality::Region => class.region,
+            Locality::Provider => class.provider,
+            _ => 0,
+        }
+    }
+}
+
+/// Runs one scheduling pass. `fleet` is updated with every placement, so the
+/// caller may inspect it afterwards (e.g. to explain pending jobs).
+pub fn schedule(
+    fleet: &mut Fleet,
+    jobs: &[JobInput],
+    config: &SchedulerConfig,
+    tenants: &TenantState,
+    now: u64,
+) -> PassResult {
+    let mut result = PassResult {
+        outcomes: vec![
+            Outcome::Pending {
+                code: reason::WAITING_FOR_SCHEDULER
+            };
+            jobs.len()
+        ],
+        ..Default::default()
+    };
+    if fleet.slots.is_empty() {
+        for outcome in &mut result.outcomes {
+            *outcome = Outcome::Pending {
+                code: reason::NO_NODES,
+            };
+        }
+        return result;
+    }
+
+    let mut allocated: HashMap<&str, HashMap<i32, u32>> = tenants
+        .allocated
+        .iter()
+        .map(|(t, per_gen)| (t.as_str(), per_gen.clone()))
+        .collect();
+    let share_now = |tenant: &str| -> f64 {
+        let usage = tenants.usage.get(tenant).copied().unwrap_or(0.0);
+        let running: f64 = tenants
+            .allocated
+            .get(tenant)
+            .map(|per_gen| {
+                per_gen
+                    .iter()
+                    .map(|(g, n)| *n as f64 * config.factor(*g))
+                    .sum()
+            })
+            .unwrap_or(0.0);
+        usage + running
+    };
+
+    let mut levels: Vec<i32> = jobs.iter().map(|j| j.priority).collect();
+    levels.sort_unstable_by(|a, b| b.cmp(a));
+    levels.dedup();
+    let mut reservations = 0usize;
+    let mut preemptions = 0usize;
+
+    for level in levels {
+        let members: Vec<(usize, &str, u64)> = jobs
+            .iter()
+            .enumerate()
+            .filter(|(_, j)| j.priority == level)
+            .map(|(i, j)| (i, j.tenant.as_str(), j.submitted_at))
+            .collect();
+        let mut queue = queue::LevelQueue::new(members, share_now, |t| config.weight(t));
+        let mut level_reserved = false;
+        while let Some((index, tenant_slot)) = queue.pop() {
+            let job = &jobs[index];
+            if job.not_before.is_some_and(|t| t > now) {
+                result.outcomes[index] = Outcome::Pending {
+                    code: reason::BACKOFF,
+                };
+                queue.done(tenant_slot, 0.0);
+                continue;
+            }
+            let compiled = Compiled::new(fleet, job);
+            let quota = config.tenants.get(&job.tenant);
+            let held = allocated.get(job.tenant.as_str());
+            let total_gpus = job.tasks.max(1) * job.gpus_per_task;
+            if let Some(max) = quota.and_then(|q| q.max_gpus) {
+                let now_held: u32 = held.map_or(0, |h| h.values().sum());
+                if now_held + total_gpus > max {
+                    result.outcomes[index] = Outcome::Pending {
+                        code: reason::QUOTA_EXCEEDED,
+                    };
+                    queue.done(tenant_slot, 0.0);
+                    continue;
+                }
+            }
+            // Classes the job may use, honouring per-generation quotas.
+            let classes: Vec<u32> = fleet
+                .classes_by_price
+                .iter()
+                .copied()
+                .filter(|&c| {
+                    let class = &fleet.classes[c as usize];
+                    if !compiled.class_ok(class) {
+                        return false;
+                    }
+                    let generation = fleet.models[class.model as usize].generation;
+                    match quota.and_then(|q| q.max_gpus_per_generation.get(&generation)) {
+                        Some(max) => {
+                            held.and_then(|h| h.get(&generation)).copied().unwrap_or(0) + total_gpus
+                                <= *max
+                        }
+                        None => true,
+                    }
+                })
+                .collect();
+            let policy = job.policy.unwrap_or(config.default_policy);
+            let end = job
+                .max_runtime_secs
+                .map_or(NEVER, |r| now.saturating_add(r));
+            match place_job(
+                fleet,
+                job,
+                &compiled,
+                &classes,
+                policy,
+                end,
+                config.preferred_region_discount,
+            ) {
+                Some(placements) => {
+                    let granted: f64 = placements
+                        .iter()
+                        .map(|p| p.gpu_uuids.len() as f64 * config.factor(p.generation))
+                        .sum();
+                    let per_gen = allocated.entry(job.tenant.as_str()).or_default();
+                    for p in &placements {
+                        *per_gen.entry(p.generation).or_insert(0) += p.gpu_uuids.len() as u32;
+                    }
+                    result.outcomes[index] = Outcome::Placed(placements);
+                    result.placed += 1;
+                    queue.done(tenant_slot, granted);
+                }
+                None => {
+                    let ever = fits_when_idle(fleet, job, &compiled, &classes);
+                    let mut code = if classes.is_empty() || !ever {
+                        reason::NO_FEASIBLE_NODES
+                    } else if reserved_capacity_would_fit(fleet, job, &compiled, &classes) {
+                        reason::RESERVED_FOR_HIGHER_PRIORITY
+                    } else {
+                        reason::INSUFFICIENT_FREE_GPUS
+                    };
+                    if ever
+                        && !job.preemptible
+                        && preemptions < config.max_preemptions
+                        && let Some(victims) = preempt(fleet, job, &compiled, &classes, now)
+                    {
+                        preemptions += 1;
+                        result.outcomes[index] = Outcome::Preempting { victims };
+                        queue.done(tenant_slot, 0.0);
+                        continue;
+                    }
+                    if ever
+                        && !level_reserved
+                        && reservations < config.max_reservations
+                        && reserve(fleet, job, &compiled, &classes, now)
+                    {
+                        reservations += 1;
+                        level_reserved = true;
+                        if code == reason::RESERVED_FOR_HIGHER_PRIORITY {
+                            code = reason::INSUFFICIENT_FREE_GPUS;
+                        }
+                    }
+                    result.outcomes[index] = Outcome::Pending { code };
+                    queue.done(tenant_slot, 0.0);
+                }
+            }
+        }
+    }
+    result.reservations = reservations;
+    result
+}
+
+/// Places every task of a job or none.
+fn place_job(
+    fleet: &mut Fleet,
+    job: &JobInput,
+    compiled: &Compiled,
+    classes: &[u32],
+    policy: Policy,
+    end: u64,
+    discount: f64,
+) -> Option<Vec<TaskPlacement>> {
+    if classes.is_empty()
+        || job.gpus_per_task == 0
+        || job.gpus_per_task as usize > fleet::MAX_GPUS_PER_SLOT
+    {
+        return None;
+    }
+    let tasks = job.tasks.max(1);
+    let per_task = job.gpus_per_task;
+    if policy == Policy::FirstFit {
+        return first_fit(fleet, classes, tasks, per_task, end, compiled.nvlink);
+    }
+    // Classes by effective price, grouped by locality.
+    let mut ordered: Vec<(u64, u32)> = classes
+        .iter()
+        .map(|&c| {
+            (
+                compiled.effective_price(&fleet.classes[c as usize], discount),
+                c,
+            )
+        })
+        .collect();
+    ordered.sort_unstable();
+    let mut groups: Vec<(u16, Vec<(u64, u32)>)> = Vec::new();
+    for (price, c) in ordered {
+        let group = compiled.group_of(&fleet.classes[c as usize]);
+        match groups.iter_mut().find(|(g, _)| *g == group) {
+            Some((_, list)) => list.push((price, c)),
+            None => groups.push((group, vec![(price, c)])),
+        }
+    }
+    if policy == Policy::Spread {
+        // Emptiest group first.
+        groups.sort_by_key(|(_, list)| std::cmp::Reverse(group_free(fleet, list, per_task)));
+    }
+    for (_, group) in &groups {
+        if group_capacity(fleet, group, per_task, end) < tasks as u64 {
+            continue;
+        }
+        let mut taken: Vec<(u32, u32)> = Vec::with_capacity(tasks as usize);
+        for _ in 0..tasks {
+            match best_slot(fleet, group, per_task, policy, end, compiled.nvlink) {
+                Some((slot, mask)) => {
+                    fleet.take(slot, mask);
+                    taken.push((slot, mask));
+                }
+                None => break,
+            }
+        }
+        if taken.len() == tasks as usize {
+            return Some(
+                taken
+                    .into_iter()
+                    .map(|(slot, mask)| placement(fleet, slot, mask))
+                    .collect(),
+            );
+        }
+        for (slot, mask) in taken {
+            fleet.give_back(slot, mask);
+        }
+    }
+    None
+}
+
+fn placement(fleet: &Fleet, slot: u32, mask: u32) -> TaskPlacement {
+    let s = &fleet.slots[slot as usize];
+    let class = &fleet.classes[s.class as usize];
+    TaskPlacement {
+        node_id: fleet.node_ids[s.node as usize].clone(),
+        provider: fleet.providers.names[class.provider as usize].clone(),
+        region: fleet.regions.names[class.region as usize].clone(),
+        price_per_gpu_hour_micro_usd: class.price,
+        gpu_uuids: fleet.uuids(slot, mask),
+        generation: fleet.models[class.model as usize].generation,
+    }
+}
+
+fn group_free(fleet: &Fleet, group: &[(u64, u32)], per_task: u32) -> u64 {
+    group_capacity(fleet, group, per_task, NEVER)
+}
+
+/// Tasks of `per_task` GPUs the group could take now (upper bound).
+fn group_capacity(fleet: &Fleet, group: &[(u64, u32)], per_task: u32, end: u64) -> u64 {
+    let mut total = 0u64;
+    for &(_, c) in group {
+        let class = &fleet.classes[c as usize];
+        for k in per_task as usize..=fleet::MAX_GPUS_PER_SLOT {
+            total += class.buckets[k].len() as u64 * (k as u64 / per_task as u64);
+        }
+        if end != NEVER {
+            for &slot in &class.reserved {
+                let s = &fleet.slots[slot as usize];
+                if end <= s.reserved_until {
+                    total += (s.free.count_ones() / per_task) as u64;
+                }
+            }
+        }
+    }
+    total
+}
+
+fn best_slot(
+    fleet: &Fleet,
+    group: &[(u64, u32)],
+    per_task: u32,
+    policy: Policy,
+    end: u64,
+    nvlink: bool,
+) -> Option<(u32, u32)> {
+    // (score, slot, mask): lower is better.
+    let mut best: Option<((u64, u64), u32, u32)> = None;
+    for &(price, c) in group {
+        if policy == Policy::Cost
+            && let Some(((best_price, _), _, _)) = best
+            && price > best_price
+        {
+            break; // classes are in price order
+        }
+        let class = &fleet.classes[c as usize];
+        let ks: Box<dyn Iterator<Item = usize>> = if policy == Policy::Spread {
+            Box::new((per_task as usize..=fleet::MAX_GPUS_PER_SLOT).rev())
+        } else {
+            Box::new(per_task as usize..=fleet::MAX_GPUS_PER_SLOT)
+        };
+        let mut found: Option<(u64, u32, u32)> = None;
+        for k in ks {
+            let bucket = &class.buckets[k];
+            // The most recently added slot of a bucket first: cheap, and
+            // deterministic for a given input.
+            let candidate = bucket
+                .iter()
+                .rev()
+                .find_map(|&slot| fleet.pick_gpus(slot, per_task, nvlink).map(|m| (slot, m)));
+            if let Some((slot, mask)) = candidate {
+                found = Some((k as u64, slot, mask));
+                break;
+            }
+        }
+        if end != NEVER {
+            for &slot in &class.reserved {
+                let s = &fleet.slots[slot as usize];
+                if end > s.reserved_until {
+                    continue;
+                }
+                let k = s.free.count_ones() as u64;
+                let better = match (policy, found) {
+                    (_, None) => true,
+                    (Policy::Spread, Some((fk, _, _))) => k > fk,
+                    (_, Some((fk, _, _))) => k < fk,
+                };
+                if better && let Some(mask) = fleet.pick_gpus(slot, per_task, nvlink) {
+                    found = Some((k, slot, mask));
+                }
+            }
+        }
+        let Some((k, slot, mask)) = found else {
+            continue;
+        };
+        let score = match policy {
+            Policy::Cost => (price, k),
+            Policy::Pack => (k, price),
+            Policy::Spread | Policy::FirstFit => (u64::MAX - k, price),
+        };
+        if best.is_none_or(|(b, _, _)| score < b) {
+            best = Some((score, slot, mask));
+        }
+    }
+    best.map(|(_, slot, mask)| (slot, mask))
+}
+
+/// The naive baseline: slots in node order, first that fits; gangs anywhere.
+fn first_fit(
+    fleet: &mut Fleet,
+    classes: &[u32],
+    tasks: u32,
+    per_task: u32,
+    end: u64,
+    nvlink: bool,
+) -> Option<Vec<TaskPlacement>> {
+    let mut taken = Vec::new();
+    for slot in 0..fleet.slots.len() as u32 {
+        if taken.len() == tasks as usize {
+            break;
+        }
+        let s = &fleet.slots[slot as usize];
+        if !s.schedulable
+            || !classes.contains(&s.class)
+            || (s.reserved_until != 0 && end > s.reserved_until)
+        {
+            continue;
+        }
+        while taken.len() < tasks as usize {
+            match fleet.pick_gpus(slot, per_task, nvlink) {
+                Some(mask) => {
+                    fleet.take(slot, mask);
+                    taken.push((slot, mask));
+                }
+                None => break,
+            }
+        }
+    }
+    if taken.len() == tasks as usize {
+        return Some(
+            taken
+                .into_iter()
+                .map(|(slot, mask)| placement(fleet, slot, mask))
+                .collect(),
+        );
+    }
+    for (slot, mask) in taken {
+        fleet.give_back(slot, mask);
+    }
+    None
+}
+
+/// Whether the job fits the eligible classes if nothing ran at all.
+fn fits_when_idle(fleet: &Fleet, job: &JobInput, compiled: &Compiled, classes: &[u32]) -> bool {
+    let per_task = job.gpus_per_task.max(1);
+    let mut per_group: HashMap<u16, u64> = HashMap::new();
+    for &c in classes {
+        let class = &fleet.classes[c as usize];
+        let mut tasks = 0u64;
+        for &slot in &class.slots {
+            let s = &fleet.slots[slot as usize];
+            if s.schedulable {
+                tasks += (s.healthy.count_ones() / per_task) as u64;
+            }
+        }
+        *per_group.entry(compiled.group_of(class)).or_insert(0) += tasks;
+    }
+    per_group.values().any(|&t| t >= job.tasks.max(1) as u64)
+}
+
+/// Whether the job would fit now if reservations were ignored.
+fn reserved_capacity_would_fit(
+    fleet: &Fleet,
+    job: &JobInput,
+    compiled: &Compiled,
+    classes: &[u32],
+) -> bool {
+    let per_task = job.gpus_per_task.max(1);
+    let mut per_group: HashMap<u16, u64> = HashMap::new();
+    for &c in classes {
+        let class = &fleet.classes[c as usize];
+        let mut tasks = 0u64;
+        for k in per_task as usize..=fleet::MAX_GPUS_PER_SLOT {
+            tasks += class.buckets[k].len() as u64 * (k as u64 / per_task as u64);
+        }
+        for &slot in &class.reserved {
+            tasks += (fleet.slots[slot as usize].free.count_ones() / per_task) as u64;
+        }
+        *per_group.entry(compiled.group_of(class)).or_insert(0) += tasks;
+    }
+    per_group.values().any(|&t| t >= job.tasks.max(1) as u64)
+}
+
+/// Reserves the slots where the job fits earliest. Returns whether it did.
+fn reserve(
+    fleet: &mut Fleet,
+    job: &JobInput,
+    compiled: &Compiled,
+    classes: &[u32],
+    now: u64,
+) -> bool {
+    let per_task = job.gpus_per_task.max(1);
+    let tasks = job.tasks.max(1) as usize;
+    // Per group: (time a task slot becomes available, slot).
+    let mut per_group: HashMap<u16, Vec<(u64, u32)>> = HashMap::new();
+    for &c in classes {
+        let class = &fleet.classes[c as usize];
+        let group = compiled.group_of(class);
+        for &slot in &class.slots {
+            let s = &fleet.slots[slot as usize];
+            if !s.schedulable || s.healthy.count_ones() < per_task {
+                continue;
+            }
+            let mut ends: Vec<(u64, u32)> = fleet.running_by_slot[slot as usize]
+                .iter()
+                .map(|&r| {
+                    let run = &fleet.running[r as usize];
+                    (run.end, (run.mask & s.healthy).count_ones())
+                })
+                .collect();
+            ends.sort_unstable();
+            let mut free = s.free.count_ones();
+            let capacity = s.healthy.count_ones() / per_task;
+            let mut next = ends.into_iter();
+            let list = per_group.entry(group).or_default();
+            for m in 1..=capacity {
+                let mut at = now;
+                while free < m * per_task {
+                    match next.next() {
+                        Some((end, gpus)) => {
+                            free += gpus;
+                            at = end;
+                        }
+                        None => {
+                            at = NEVER;
+                            break;
+                        }
+                    }
+                }
+                list.push((at, slot));
+            }
+        }
+    }
+    let best = per_group
+        .into_values()
+        .filter(|list| list.len() >= tasks)
+        .map(|mut list| {
+            list.sort_unstable();
+            list.truncate(tasks);
+            let at = list.last().map_or(NEVER, |(t, _)| *t);
+            (at, list)
+        })
+        .min_by_key(|(at, _)| *at);
+    let Some((at, list)) = best else { return false };
+    for (_, slot) in list {
+        fleet.reserve(slot, at);
+    }
+    true
+}
+
+/// Finds the fewest lower-priority preemptible allocations whose eviction
+/// makes room for the whole job; marks their slots so nothing else takes
+/// the room. Returns the victim job ids, or None if eviction cannot help.
+fn preempt(
+    fleet: &mut Fleet,
+    job: &JobInput,
+    compiled: &Compiled,
+    classes: &[u32],
+    now: u64,
+) -> Option<Vec<String>> {
+    let per_task = job.gpus_per_task.max(1);
+    let tasks = job.tasks.max(1) as usize;
+    // Per group: candidate (victim GPUs needed, slot, victim allocations).
+    let mut per_group: HashMap<u16, Vec<(u32, u32, Vec<u32>)>> = HashMap::new();
+    for &c in classes {
+        let class = &fleet.classes[c as usize];
+        let group = compiled.group_of(class);
+        for &slot in &class.slots {
+            let s = &fleet.slots[slot as usize];
+            // A reserved slot is held for a job ordered earlier.
+            if !s.schedulable || s.reserved_until != 0 || s.healthy.count_ones() < per_task {
+                continue;
+            }
+            let mut available = s.free;
+            let mut candidates: Vec<(i32, u32, u32)> = Vec::new();
+            for &r in &fleet.running_by_slot[slot as usize] {
+                let run = &fleet.running[r as usize];
+                if run.evicting {
+                    available |= run.mask & s.healthy;
+                } else if run.preemptible && run.priority < job.priority {
+                    candidates.push((run.priority, run.mask.count_ones(), r));
+                }
+            }
+            candidates.sort_unstable();
+            let list = per_group.entry(group).or_default();
+            // How many tasks this slot can host with evictions.
+            let mut victims = Vec::new();
+            let mut cost = 0;
+            let capacity = s.healthy.count_ones() / per_task;
+            let mut cand = candidates.into_iter();
+            for m in 1..=capacity {
+                while available.count_ones() < m * per_task {
+                    match cand.next() {
+                        Some((_, gpus, r)) => {
+                            available |= fleet.running[r as usize].mask & s.healthy;
+                            cost += gpus;
+                            victims.push(r);
+                        }
+                        None => break,
+                    }
+                }
+                if available.count_ones() < m * per_task {
+                    break;
+                }
+                list.push((cost, slot, victims.clone()));
+            }
+        }
+    }
+    let best = per_group
+        .into_values()
+        .filter(|list| list.len() >= tasks)
+        .map(|mut list| {
+            list.sort_by_key(|(cost, slot, _)| (*cost, *slot));
+            list.truncate(tasks);
+            let cost: u32 = list.iter().map(|(c, _, _)| *c).sum();
+            (cost, list)
+        })
+        .min_by_key(|(cost, _)| *cost)?;
+    let (_, list) = best;
+    let uses_evicting = list.iter().any(|(_, slot, _)| {
+        fleet.running_by_slot[*slot as usize]
+            .iter()
+            .any(|&r| fleet.running[r as usize].evicting)
+    });
+    if list.iter().all(|(_, _, v)| v.is_empty()) && !uses_evicting {
+        return None;
+    }
+    let mut victim_jobs: Vec<u32> = list
+        .iter()
+        .flat_map(|(_, _, v)| v.iter().map(|&r| fleet.running[r as usize].job))
+        .collect();
+    victim_jobs.sort_unstable();
+    victim_jobs.dedup();
+    // Hold the room: nothing may start on these slots until the job runs.
+    for (_, slot, _) in &list {
+        fleet.reserve(*slot, now.max(1));
+    }
+    // Victims' allocations are now being evicted (for later jobs this pass).
+    for run in fleet.running.iter_mut() {
+        if victim_jobs.contains(&run.job) {
+            run.evicting = true;
+        }
+    }
+    Some(
+        victim_jobs
+            .into_iter()
+            .map(|j| fleet.running_jobs[j as usize].clone())
+            .collect(),
+    )
+}
