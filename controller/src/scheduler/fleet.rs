@@ -77,6 +77,12 @@ pub(crate) struct Class {
     pub(crate) reserved: Vec<u32>,
     /// Every slot of the class, schedulable or not.
     pub(crate) slots: Vec<u32>,
+    /// Schedulable slots by healthy GPU count: what fits when idle.
+    pub(crate) healthy_hist: Vec<u32>,
+    /// Lowest priority of preemptible running work here (i32::MAX: none).
+    pub(crate) min_preemptible_priority: i32,
+    /// Running allocations here that are already being evicted.
+    pub(crate) evicting: u32,
 }
 
 #[derive(Debug)]
@@ -208,6 +214,9 @@ impl Fleet {
                                 buckets: vec![Vec::new(); MAX_GPUS_PER_SLOT + 1],
                                 reserved: Vec::new(),
                                 slots: Vec::new(),
+                                healthy_hist: vec![0; MAX_GPUS_PER_SLOT + 1],
+                                min_preemptible_priority: i32::MAX,
+                                evicting: 0,
                             });
                             (fleet.classes.len() - 1) as u32
                         });
@@ -269,6 +278,13 @@ impl Fleet {
             }
             for (slot, mask) in per_slot {
                 fleet.slots[slot as usize].free &= !mask;
+                let class = &mut fleet.classes[fleet.slots[slot as usize].class as usize];
+                if alloc.evicting {
+                    class.evicting += 1;
+                } else if alloc.preemptible {
+                    class.min_preemptible_priority =
+                        class.min_preemptible_priority.min(alloc.priority);
+                }
                 let id = fleet.running.len() as u32;
                 fleet.running.push(Running {
                     job,
@@ -285,6 +301,9 @@ impl Fleet {
         for slot_idx in 0..fleet.slots.len() {
             if fleet.slots[slot_idx].schedulable {
                 fleet.bucket_insert(slot_idx as u32);
+                let slot = &fleet.slots[slot_idx];
+                fleet.classes[slot.class as usize].healthy_hist
+                    [slot.healthy.count_ones() as usize] += 1;
             }
         }
         let mut order: Vec<u32> = (0..fleet.classes.len() as u32).collect();

@@ -98,6 +98,8 @@ pub struct SchedulerConfig {
     /// Preemption attempts per pass.
     pub max_preemptions: usize,
     pub preferred_region_discount: f64,
+    /// Record the time of every decision in [`PassResult::decision_nanos`].
+    pub measure_decisions: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -109,6 +111,7 @@ impl Default for SchedulerConfig {
             max_reservations: 8,
             max_preemptions: 16,
             preferred_region_discount: 0.10,
+            measure_decisions: false,
         }
     }
 }
@@ -184,6 +187,9 @@ pub struct PassResult {
     pub outcomes: Vec<Outcome>,
     pub placed: usize,
     pub reservations: usize,
+    /// (job index, nanoseconds) per decision, in queue order, when
+    /// [`SchedulerConfig::measure_decisions`] is set (benchmarks).
+    pub decision_nanos: Vec<(usize, u64)>,
 }
 
 /// A job's constraints resolved against one fleet's interned names.
@@ -285,29 +291,36 @@ pub fn schedule(
     tenants: &TenantState,
     now: u64,
 ) -> PassResult {
-    let mut result = PassResult {
-        outcomes: vec![
-            Outcome::Pending {
-                code: reason::WAITING_FOR_SCHEDULER
-            };
-            jobs.len()
-        ],
-        ..Default::default()
+    let mut ctx = PassCtx {
+        config,
+        now,
+        result: PassResult {
+            outcomes: vec![
+                Outcome::Pending {
+                    code: reason::WAITING_FOR_SCHEDULER
+                };
+                jobs.len()
+            ],
+            ..Default::default()
+        },
+        allocated: tenants
+            .allocated
+            .iter()
+            .map(|(t, per_gen)| (t.as_str(), per_gen.clone()))
+            .collect(),
+        reservations: 0,
+        preemptions: 0,
+        level_reserved: false,
+        failed: HashMap::new(),
     };
     if fleet.slots.is_empty() {
-        for outcome in &mut result.outcomes {
+        for outcome in &mut ctx.result.outcomes {
             *outcome = Outcome::Pending {
                 code: reason::NO_NODES,
             };
         }
-        return result;
+        return ctx.result;
     }
-
-    let mut allocated: HashMap<&str, HashMap<i32, u32>> = tenants
-        .allocated
-        .iter()
-        .map(|(t, per_gen)| (t.as_str(), per_gen.clone()))
-        .collect();
     let share_now = |tenant: &str| -> f64 {
         let usage = tenants.usage.get(tenant).copied().unwrap_or(0.0);
         let running: f64 = tenants
@@ -326,9 +339,6 @@ pub fn schedule(
     let mut levels: Vec<i32> = jobs.iter().map(|j| j.priority).collect();
     levels.sort_unstable_by(|a, b| b.cmp(a));
     levels.dedup();
-    let mut reservations = 0usize;
-    let mut preemptions = 0usize;
-
     for level in levels {
         let members: Vec<(usize, &str, u64)> = jobs
             .iter()
@@ -337,114 +347,175 @@ pub fn schedule(
             .map(|(i, j)| (i, j.tenant.as_str(), j.submitted_at))
             .collect();
         let mut queue = queue::LevelQueue::new(members, share_now, |t| config.weight(t));
-        let mut level_reserved = false;
+        ctx.level_reserved = false;
         while let Some((index, tenant_slot)) = queue.pop() {
-            let job = &jobs[index];
-            if job.not_before.is_some_and(|t| t > now) {
-                result.outcomes[index] = Outcome::Pending {
-                    code: reason::BACKOFF,
-                };
-                queue.done(tenant_slot, 0.0);
-                continue;
+            let started = config.measure_decisions.then(std::time::Instant::now);
+            let (outcome, granted) = decide(fleet, &jobs[index], &mut ctx);
+            if matches!(outcome, Outcome::Placed(_)) {
+                ctx.result.placed += 1;
             }
-            let compiled = Compiled::new(fleet, job);
-            let quota = config.tenants.get(&job.tenant);
-            let held = allocated.get(job.tenant.as_str());
-            let total_gpus = job.tasks.max(1) * job.gpus_per_task;
-            if let Some(max) = quota.and_then(|q| q.max_gpus) {
-                let now_held: u32 = held.map_or(0, |h| h.values().sum());
-                if now_held + total_gpus > max {
-                    result.outcomes[index] = Outcome::Pending {
-                        code: reason::QUOTA_EXCEEDED,
-                    };
-                    queue.done(tenant_slot, 0.0);
-                    continue;
-                }
-            }
-            // Classes the job may use, honouring per-generation quotas.
-            let classes: Vec<u32> = fleet
-                .classes_by_price
-                .iter()
-                .copied()
-                .filter(|&c| {
-                    let class = &fleet.classes[c as usize];
-                    if !compiled.class_ok(class) {
-                        return false;
-                    }
-                    let generation = fleet.models[class.model as usize].generation;
-                    match quota.and_then(|q| q.max_gpus_per_generation.get(&generation)) {
-                        Some(max) => {
-                            held.and_then(|h| h.get(&generation)).copied().unwrap_or(0) + total_gpus
-                                <= *max
-                        }
-                        None => true,
-                    }
-                })
-                .collect();
-            let policy = job.policy.unwrap_or(config.default_policy);
-            let end = job
-                .max_runtime_secs
-                .map_or(NEVER, |r| now.saturating_add(r));
-            match place_job(
-                fleet,
-                job,
-                &compiled,
-                &classes,
-                policy,
-                end,
-                config.preferred_region_discount,
-            ) {
-                Some(placements) => {
-                    let granted: f64 = placements
-                        .iter()
-                        .map(|p| p.gpu_uuids.len() as f64 * config.factor(p.generation))
-                        .sum();
-                    let per_gen = allocated.entry(job.tenant.as_str()).or_default();
-                    for p in &placements {
-                        *per_gen.entry(p.generation).or_insert(0) += p.gpu_uuids.len() as u32;
-                    }
-                    result.outcomes[index] = Outcome::Placed(placements);
-                    result.placed += 1;
-                    queue.done(tenant_slot, granted);
-                }
-                None => {
-                    let ever = fits_when_idle(fleet, job, &compiled, &classes);
-                    let mut code = if classes.is_empty() || !ever {
-                        reason::NO_FEASIBLE_NODES
-                    } else if reserved_capacity_would_fit(fleet, job, &compiled, &classes) {
-                        reason::RESERVED_FOR_HIGHER_PRIORITY
-                    } else {
-                        reason::INSUFFICIENT_FREE_GPUS
-                    };
-                    if ever
-                        && !job.preemptible
-                        && preemptions < config.max_preemptions
-                        && let Some(victims) = preempt(fleet, job, &compiled, &classes, now)
-                    {
-                        preemptions += 1;
-                        result.outcomes[index] = Outcome::Preempting { victims };
-                        queue.done(tenant_slot, 0.0);
-                        continue;
-                    }
-                    if ever
-                        && !level_reserved
-                        && reservations < config.max_reservations
-                        && reserve(fleet, job, &compiled, &classes, now)
-                    {
-                        reservations += 1;
-                        level_reserved = true;
-                        if code == reason::RESERVED_FOR_HIGHER_PRIORITY {
-                            code = reason::INSUFFICIENT_FREE_GPUS;
-                        }
-                    }
-                    result.outcomes[index] = Outcome::Pending { code };
-                    queue.done(tenant_slot, 0.0);
-                }
+            ctx.result.outcomes[index] = outcome;
+            queue.done(tenant_slot, granted);
+            if let Some(started) = started {
+                ctx.result
+                    .decision_nanos
+                    .push((index, started.elapsed().as_nanos() as u64));
             }
         }
     }
-    result.reservations = reservations;
-    result
+    ctx.result.reservations = ctx.reservations;
+    ctx.result
+}
+
+/// Mutable state of one pass.
+struct PassCtx<'a> {
+    config: &'a SchedulerConfig,
+    now: u64,
+    result: PassResult,
+    /// GPUs held per tenant and generation, including this pass's placements.
+    allocated: HashMap<&'a str, HashMap<i32, u32>>,
+    reservations: usize,
+    preemptions: usize,
+    /// The current priority level already had its reservation attempt.
+    level_reserved: bool,
+    /// Request shape → (earliest end that failed, reason).
+    failed: HashMap<Vec<u8>, (u64, &'static str)>,
+}
+
+/// Everything that decides whether a request fits, as bytes.
+fn request_shape(job: &JobInput, policy: Policy) -> Vec<u8> {
+    use prost::Message;
+    let mut key = job.constraints.encode_to_vec();
+    key.extend_from_slice(&job.tasks.max(1).to_le_bytes());
+    key.extend_from_slice(&job.gpus_per_task.to_le_bytes());
+    key.extend_from_slice(&job.priority.to_le_bytes());
+    key.push(job.preemptible as u8);
+    key.push(policy as u8);
+    key
+}
+
+/// One decision: place, preempt for, or explain one job. Returns the outcome
+/// and the normalised GPUs granted (for fair share).
+fn decide<'a>(fleet: &mut Fleet, job: &'a JobInput, ctx: &mut PassCtx<'a>) -> (Outcome, f64) {
+    let config = ctx.config;
+    let now = ctx.now;
+    if job.not_before.is_some_and(|t| t > now) {
+        return (
+            Outcome::Pending {
+                code: reason::BACKOFF,
+            },
+            0.0,
+        );
+    }
+    let quota = config.tenants.get(&job.tenant);
+    let policy = job.policy.unwrap_or(config.default_policy);
+    let end = job
+        .max_runtime_secs
+        .map_or(NEVER, |r| now.saturating_add(r));
+    // Requests of the same shape that already failed this pass fail again
+    // (capacity only shrinks within a pass). The head of a level is always
+    // evaluated in full so that it can get its reservation.
+    // The naive baseline keeps no such memory.
+    let shape = (quota.is_none() && policy != Policy::FirstFit).then(|| request_shape(job, policy));
+    if ctx.level_reserved
+        && let Some(key) = &shape
+        && let Some((failed_end, code)) = ctx.failed.get(key)
+        && end >= *failed_end
+    {
+        return (Outcome::Pending { code }, 0.0);
+    }
+    let compiled = Compiled::new(fleet, job);
+    let total_gpus = job.tasks.max(1) * job.gpus_per_task;
+    let held = ctx.allocated.get(job.tenant.as_str());
+    if let Some(max) = quota.and_then(|q| q.max_gpus) {
+        let now_held: u32 = held.map_or(0, |h| h.values().sum());
+        if now_held + total_gpus > max {
+            return (
+                Outcome::Pending {
+                    code: reason::QUOTA_EXCEEDED,
+                },
+                0.0,
+            );
+        }
+    }
+    // Classes the job may use, honouring per-generation quotas.
+    let classes: Vec<u32> = fleet
+        .classes_by_price
+        .iter()
+        .copied()
+        .filter(|&c| {
+            let class = &fleet.classes[c as usize];
+            if !compiled.class_ok(class) {
+                return false;
+            }
+            let generation = fleet.models[class.model as usize].generation;
+            match quota.and_then(|q| q.max_gpus_per_generation.get(&generation)) {
+                Some(max) => {
+                    held.and_then(|h| h.get(&generation)).copied().unwrap_or(0) + total_gpus <= *max
+                }
+                None => true,
+            }
+        })
+        .collect();
+    let policy = job.policy.unwrap_or(config.default_policy);
+    let end = job
+        .max_runtime_secs
+        .map_or(NEVER, |r| now.saturating_add(r));
+    if let Some(placements) = place_job(
+        fleet,
+        job,
+        &compiled,
+        &classes,
+        policy,
+        end,
+        config.preferred_region_discount,
+    ) {
+        let granted: f64 = placements
+            .iter()
+            .map(|p| p.gpu_uuids.len() as f64 * config.factor(p.generation))
+            .sum();
+        let per_gen = ctx.allocated.entry(job.tenant.as_str()).or_default();
+        for p in &placements {
+            *per_gen.entry(p.generation).or_insert(0) += p.gpu_uuids.len() as u32;
+        }
+        return (Outcome::Placed(placements), granted);
+    }
+    let ever = fits_when_idle(fleet, job, &compiled, &classes);
+    let mut code = if classes.is_empty() || !ever {
+        reason::NO_FEASIBLE_NODES
+    } else if reserved_capacity_would_fit(fleet, job, &compiled, &classes) {
+        reason::RESERVED_FOR_HIGHER_PRIORITY
+    } else {
+        reason::INSUFFICIENT_FREE_GPUS
+    };
+    if ever
+        && !job.preemptible
+        && ctx.preemptions < config.max_preemptions
+        && preemption_possible(fleet, job, &classes)
+        && let Some(victims) = preempt(fleet, job, &compiled, &classes, now)
+    {
+        ctx.preemptions += 1;
+        return (Outcome::Preempting { victims }, 0.0);
+    }
+    if ever && !ctx.level_reserved && ctx.reservations < config.max_reservations {
+        // One attempt per level: the head job's.
+        ctx.level_reserved = true;
+        if reserve(fleet, job, &compiled, &classes, now) {
+            ctx.reservations += 1;
+            if code == reason::RESERVED_FOR_HIGHER_PRIORITY {
+                code = reason::INSUFFICIENT_FREE_GPUS;
+            }
+        }
+    }
+    if let Some(key) = shape {
+        // Free capacity only shrinks within a pass: the same request with
+        // the same or a later end fails again.
+        let entry = ctx.failed.entry(key).or_insert((end, code));
+        if end < entry.0 {
+            *entry = (end, code);
+        }
+    }
+    (Outcome::Pending { code }, 0.0)
 }
 
 /// Places every task of a job or none.
@@ -635,6 +706,10 @@ fn first_fit(
     end: u64,
     nvlink: bool,
 ) -> Option<Vec<TaskPlacement>> {
+    let mut allowed = vec![false; fleet.classes.len()];
+    for &c in classes {
+        allowed[c as usize] = true;
+    }
     let mut taken = Vec::new();
     for slot in 0..fleet.slots.len() as u32 {
         if taken.len() == tasks as usize {
@@ -642,7 +717,7 @@ fn first_fit(
         }
         let s = &fleet.slots[slot as usize];
         if !s.schedulable
-            || !classes.contains(&s.class)
+            || !allowed[s.class as usize]
             || (s.reserved_until != 0 && end > s.reserved_until)
         {
             continue;
@@ -673,20 +748,25 @@ fn first_fit(
 
 /// Whether the job fits the eligible classes if nothing ran at all.
 fn fits_when_idle(fleet: &Fleet, job: &JobInput, compiled: &Compiled, classes: &[u32]) -> bool {
-    let per_task = job.gpus_per_task.max(1);
+    let per_task = job.gpus_per_task.max(1) as usize;
     let mut per_group: HashMap<u16, u64> = HashMap::new();
     for &c in classes {
         let class = &fleet.classes[c as usize];
-        let mut tasks = 0u64;
-        for &slot in &class.slots {
-            let s = &fleet.slots[slot as usize];
-            if s.schedulable {
-                tasks += (s.healthy.count_ones() / per_task) as u64;
-            }
-        }
+        let tasks: u64 = (per_task..=fleet::MAX_GPUS_PER_SLOT)
+            .map(|k| class.healthy_hist[k] as u64 * (k / per_task) as u64)
+            .sum();
         *per_group.entry(compiled.group_of(class)).or_insert(0) += tasks;
     }
     per_group.values().any(|&t| t >= job.tasks.max(1) as u64)
+}
+
+/// Whether eviction could possibly help: preemptible lower-priority work,
+/// or work already being evicted, runs in an eligible class.
+fn preemption_possible(fleet: &Fleet, job: &JobInput, classes: &[u32]) -> bool {
+    classes.iter().any(|&c| {
+        let class = &fleet.classes[c as usize];
+        class.min_preemptible_priority < job.priority || class.evicting > 0
+    })
 }
 
 /// Whether the job would fit now if reservations were ignored.
@@ -867,9 +947,21 @@ fn preempt(
         fleet.reserve(*slot, now.max(1));
     }
     // Victims' allocations are now being evicted (for later jobs this pass).
-    for run in fleet.running.iter_mut() {
-        if victim_jobs.contains(&run.job) {
+    let mut newly_evicting = Vec::new();
+    for (r, run) in fleet.running.iter_mut().enumerate() {
+        if victim_jobs.contains(&run.job) && !run.evicting {
             run.evicting = true;
+            newly_evicting.push(r);
+        }
+    }
+    for (slot, runs) in fleet.running_by_slot.iter().enumerate() {
+        let n = runs
+            .iter()
+            .filter(|r| newly_evicting.contains(&(**r as usize)))
+            .count() as u32;
+        if n > 0 {
+            let class = fleet.slots[slot].class as usize;
+            fleet.classes[class].evicting += n;
         }
     }
     Some(

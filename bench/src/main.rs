@@ -1,0 +1,31 @@
+//! `gpufleet-bench`: every benchmark of the project, one subcommand each.
+//! Each prints a readable table and, as its last line, a one-line JSON
+//! summary of its figures. Results are recorded in BENCHMARKS.md.
+
+// A binary crate: `pub` only marks what modules share.
+#![allow(unreachable_pub)]
+
+mod report;
+mod scheduler;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "gpufleet-bench", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Scheduler: 10,000 nodes × 8 GPUs, 100,000 pending jobs; against a
+    /// first-fit baseline on the same inputs; fragmentation after churn.
+    Scheduler(scheduler::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Scheduler(args) => scheduler::run(args),
+    }
+}
