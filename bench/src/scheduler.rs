@@ -45,7 +45,8 @@ pub struct Args {
 }
 
 /// (model, generation, memory GiB, compute capability, base price USD/GPU-h)
-const MODELS: &[(&str, GpuGeneration, u64, (u32, u32), f64)] = &[
+type ModelRow = (&'static str, GpuGeneration, u64, (u32, u32), f64);
+const MODELS: &[ModelRow] = &[
     (
         "B200-SXM-180GB",
         GpuGeneration::Blackwell,
