@@ -431,7 +431,13 @@ impl Controller {
                                 .unwrap_or_default();
                             TaskStatus {
                                 index: index as u32,
-                                allocation_id: format!("{}.{index}", job.id),
+                                // Unique per attempt: an agent never re-runs an
+                                // allocation id it has seen finish.
+                                allocation_id: if job.attempt == 0 {
+                                    format!("{}.{index}", job.id)
+                                } else {
+                                    format!("{}.{index}.{}", job.id, job.attempt)
+                                },
                                 node_id: p.node_id,
                                 gpu_uuids: p.gpu_uuids,
                                 provider: p.provider,
