@@ -439,6 +439,7 @@ fn decide<'a>(fleet: &mut Fleet, job: &'a JobInput, ctx: &mut PassCtx<'a>) -> (O
         }
     }
     // Classes the job may use, honouring per-generation quotas.
+    let mut over_quota = false;
     let classes: Vec<u32> = fleet
         .classes_by_price
         .iter()
@@ -449,18 +450,24 @@ fn decide<'a>(fleet: &mut Fleet, job: &'a JobInput, ctx: &mut PassCtx<'a>) -> (O
                 return false;
             }
             let generation = fleet.models[class.model as usize].generation;
-            match quota.and_then(|q| q.max_gpus_per_generation.get(&generation)) {
+            let within = match quota.and_then(|q| q.max_gpus_per_generation.get(&generation)) {
                 Some(max) => {
                     held.and_then(|h| h.get(&generation)).copied().unwrap_or(0) + total_gpus <= *max
                 }
                 None => true,
-            }
+            };
+            over_quota |= !within;
+            within
         })
         .collect();
-    let policy = job.policy.unwrap_or(config.default_policy);
-    let end = job
-        .max_runtime_secs
-        .map_or(NEVER, |r| now.saturating_add(r));
+    if classes.is_empty() && over_quota {
+        return (
+            Outcome::Pending {
+                code: reason::QUOTA_EXCEEDED,
+            },
+            0.0,
+        );
+    }
     if let Some(placements) = place_job(
         fleet,
         job,
@@ -970,4 +977,276 @@ fn preempt(
             .map(|j| fleet.running_jobs[j as usize].clone())
             .collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpufleet_proto::v1::GpuGeneration;
+
+    fn node(id: &str, region: &str, price: u64, gpus: u32) -> NodeInput {
+        NodeInput {
+            id: id.into(),
+            provider: "aws".into(),
+            region: region.into(),
+            price_per_gpu_hour_micro_usd: price,
+            spot: false,
+            schedulable: true,
+            gpus: (0..gpus)
+                .map(|g| GpuInput {
+                    uuid: format!("GPU-{id}-{g}"),
+                    model: "H100-SXM-80GB".into(),
+                    generation: GpuGeneration::Hopper as i32,
+                    memory_bytes: 80 << 30,
+                    compute_capability: (9, 0),
+                    healthy: true,
+                })
+                .collect(),
+            nvlink_groups: Vec::new(),
+        }
+    }
+
+    fn job(id: &str, gpus: u32, policy: Policy) -> JobInput {
+        JobInput {
+            id: id.into(),
+            tenant: "t".into(),
+            tasks: 1,
+            gpus_per_task: gpus,
+            policy: Some(policy),
+            ..Default::default()
+        }
+    }
+
+    fn placed_node(outcome: &Outcome) -> String {
+        match outcome {
+            Outcome::Placed(tasks) => tasks[0].node_id.clone(),
+            other => panic!("not placed: {other:?}"),
+        }
+    }
+
+    fn run(
+        nodes: &[NodeInput],
+        running: &[RunningInput],
+        jobs: &[JobInput],
+        config: &SchedulerConfig,
+        tenants: &TenantState,
+    ) -> PassResult {
+        let mut fleet = Fleet::build(nodes, running);
+        schedule(&mut fleet, jobs, config, tenants, 1000)
+    }
+
+    fn running_on(node: &str, gpus: u32, tenant: &str) -> RunningInput {
+        RunningInput {
+            job_id: format!("run-{node}"),
+            tenant: tenant.into(),
+            node_id: node.into(),
+            gpu_uuids: (0..gpus).map(|g| format!("GPU-{node}-{g}")).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn policies_choose_as_documented() {
+        // a: 8 GPUs, 6 busy (2 free); b: 8 free; same price.
+        let nodes = [node("a", "r1", 1_000_000, 8), node("b", "r1", 1_000_000, 8)];
+        let busy = [running_on("a", 6, "x")];
+        let config = SchedulerConfig::default();
+        let pack = run(
+            &nodes,
+            &busy,
+            &[job("j", 1, Policy::Pack)],
+            &config,
+            &TenantState::default(),
+        );
+        assert_eq!(
+            placed_node(&pack.outcomes[0]),
+            "a",
+            "pack fills the partly used node"
+        );
+        let spread = run(
+            &nodes,
+            &busy,
+            &[job("j", 1, Policy::Spread)],
+            &config,
+            &TenantState::default(),
+        );
+        assert_eq!(
+            placed_node(&spread.outcomes[0]),
+            "b",
+            "spread takes the emptiest"
+        );
+        // Cost: cheaper wins over fuller.
+        let nodes = [node("a", "r1", 2_000_000, 8), node("b", "r1", 1_000_000, 8)];
+        let cost = run(
+            &nodes,
+            &busy,
+            &[job("j", 1, Policy::Cost)],
+            &config,
+            &TenantState::default(),
+        );
+        assert_eq!(placed_node(&cost.outcomes[0]), "b");
+    }
+
+    #[test]
+    fn preferred_region_is_soft() {
+        let nodes = [
+            node("cheap", "r1", 1_000_000, 8),
+            node("pref", "r2", 1_050_000, 8),
+            node("dear", "r3", 2_000_000, 8),
+        ];
+        let mut j = job("j", 1, Policy::Cost);
+        j.constraints.preferred_regions = vec!["r2".into()];
+        let r = run(
+            &nodes,
+            &[],
+            &[j.clone()],
+            &SchedulerConfig::default(),
+            &TenantState::default(),
+        );
+        assert_eq!(
+            placed_node(&r.outcomes[0]),
+            "pref",
+            "5 % dearer but preferred (10 % discount)"
+        );
+        j.constraints.preferred_regions = vec!["r3".into()];
+        let r = run(
+            &nodes,
+            &[],
+            &[j],
+            &SchedulerConfig::default(),
+            &TenantState::default(),
+        );
+        assert_eq!(
+            placed_node(&r.outcomes[0]),
+            "cheap",
+            "a preference never outweighs a 2x price"
+        );
+    }
+
+    #[test]
+    fn quotas_hold_jobs_back() {
+        let nodes = [node("a", "r1", 1_000_000, 8)];
+        let mut config = SchedulerConfig::default();
+        config.tenants.insert(
+            "t".into(),
+            TenantPolicy {
+                weight: 1.0,
+                max_gpus: Some(4),
+                max_gpus_per_generation: HashMap::from([(GpuGeneration::Hopper as i32, 3)]),
+            },
+        );
+        let jobs = [job("a", 2, Policy::Cost), job("b", 2, Policy::Cost)];
+        let r = run(&nodes, &[], &jobs, &config, &TenantState::default());
+        assert!(matches!(r.outcomes[0], Outcome::Placed(_)));
+        // 2 held + 2 more would exceed the Hopper quota of 3 (within the 4 total).
+        assert_eq!(
+            r.outcomes[1],
+            Outcome::Pending {
+                code: reason::QUOTA_EXCEEDED
+            }
+        );
+        if let Some(t) = config.tenants.get_mut("t") {
+            t.max_gpus_per_generation.clear();
+        }
+        let tenants = TenantState {
+            allocated: HashMap::from([(
+                "t".to_string(),
+                HashMap::from([(GpuGeneration::Hopper as i32, 3)]),
+            )]),
+            ..Default::default()
+        };
+        let r = run(&nodes, &[], &[job("c", 2, Policy::Cost)], &config, &tenants);
+        assert_eq!(
+            r.outcomes[0],
+            Outcome::Pending {
+                code: reason::QUOTA_EXCEEDED
+            }
+        );
+    }
+
+    #[test]
+    fn backoff_and_no_nodes() {
+        let mut j = job("j", 1, Policy::Cost);
+        j.not_before = Some(5000);
+        let r = run(
+            &[node("a", "r1", 1, 1)],
+            &[],
+            &[j.clone()],
+            &SchedulerConfig::default(),
+            &TenantState::default(),
+        );
+        assert_eq!(
+            r.outcomes[0],
+            Outcome::Pending {
+                code: reason::BACKOFF
+            }
+        );
+        let r = run(
+            &[],
+            &[],
+            &[j],
+            &SchedulerConfig::default(),
+            &TenantState::default(),
+        );
+        assert_eq!(
+            r.outcomes[0],
+            Outcome::Pending {
+                code: reason::NO_NODES
+            }
+        );
+    }
+
+    #[test]
+    fn preemption_picks_the_cheapest_victims_and_spares_higher_priorities() {
+        let nodes = [node("a", "r1", 1, 4), node("b", "r1", 1, 4)];
+        let running = [
+            RunningInput {
+                priority: 5,
+                preemptible: true,
+                ..running_on("a", 4, "x")
+            },
+            RunningInput {
+                job_id: "run-b".into(),
+                priority: 1,
+                preemptible: true,
+                ..running_on("b", 2, "x")
+            },
+            RunningInput {
+                job_id: "run-b2".into(),
+                priority: 50,
+                preemptible: true,
+                node_id: "b".into(),
+                gpu_uuids: vec!["GPU-b-2".into(), "GPU-b-3".into()],
+                ..Default::default()
+            },
+        ];
+        let mut urgent = job("urgent", 2, Policy::Cost);
+        urgent.priority = 10;
+        let r = run(
+            &nodes,
+            &running,
+            &[urgent.clone()],
+            &SchedulerConfig::default(),
+            &TenantState::default(),
+        );
+        assert_eq!(
+            r.outcomes[0],
+            Outcome::Preempting {
+                victims: vec!["run-b".into()]
+            },
+            "2 GPUs of priority 1 beat 4 of priority 5"
+        );
+        urgent.preemptible = true;
+        let r = run(
+            &nodes,
+            &running,
+            &[urgent],
+            &SchedulerConfig::default(),
+            &TenantState::default(),
+        );
+        assert!(
+            matches!(r.outcomes[0], Outcome::Pending { .. }),
+            "preemptible jobs never preempt"
+        );
+    }
 }
