@@ -95,6 +95,54 @@ async fn submit_watch_logs_through_the_binary() -> anyhow::Result<()> {
     );
     let node = gpufleet(&endpoint, &["nodes", "get", "node-a"]).await;
     assert!(stdout(&node).contains("H100-SXM-80GB"), "{}", stdout(&node));
+
+    // Maintenance and explanations.
+    let cordon = gpufleet(
+        &endpoint,
+        &["nodes", "cordon", "node-b", "--reason", "upgrade"],
+    )
+    .await;
+    assert!(
+        cordon.status.success() && stdout(&cordon).contains("node-b cordoned"),
+        "{}",
+        stderr(&cordon)
+    );
+    let nodes = gpufleet(&endpoint, &["nodes"]).await;
+    assert!(
+        stdout(&nodes).contains("Ready,Cordoned"),
+        "{}",
+        stdout(&nodes)
+    );
+    let pending = gpufleet(
+        &endpoint,
+        &[
+            "jobs",
+            "submit",
+            "--gpus",
+            "4",
+            "--model",
+            "A100-SXM-80GB",
+            "--",
+            "true",
+        ],
+    )
+    .await;
+    let pending_id = stdout(&pending).trim().to_string();
+    let explain = gpufleet(&endpoint, &["jobs", "explain", &pending_id]).await;
+    assert!(explain.status.success(), "{}", stderr(&explain));
+    let text = stdout(&explain);
+    assert!(
+        text.contains("node_not_ready") && text.contains("node-b"),
+        "{text}"
+    );
+    let uncordon = gpufleet(&endpoint, &["nodes", "uncordon", "node-b"]).await;
+    assert!(uncordon.status.success());
+    let watched = gpufleet(&endpoint, &["jobs", "watch", &pending_id]).await;
+    assert!(
+        watched.status.success(),
+        "runs once the node is back: {}",
+        stdout(&watched)
+    );
     cluster.shutdown().await
 }
 

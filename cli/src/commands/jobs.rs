@@ -318,7 +318,11 @@ pub async fn run(address: &str, format: Format, args: JobsArgs) -> anyhow::Resul
                     r.total_gpus.to_string(),
                     r.matching_gpus.to_string(),
                     r.free_matching_gpus.to_string(),
-                    output::usd(r.min_price_per_gpu_hour_micro_usd),
+                    if r.min_price_per_gpu_hour_micro_usd == 0 {
+                        "-".to_string()
+                    } else {
+                        output::usd(r.min_price_per_gpu_hour_micro_usd)
+                    },
                     r.verdict.clone(),
                 ]);
             }

@@ -125,6 +125,7 @@ pub fn explain(
                         "node_not_ready" => "not_ready",
                         "provider" => "provider_filter",
                         "region" => "region_filter",
+                        "max_price" | "spot" if !model_ok => "no_matching_gpus",
                         "max_price" => "over_bid",
                         "spot" => "spot_only",
                         _ => "no_matching_gpus",
