@@ -10,6 +10,7 @@ pub mod server;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod usage;
 pub mod validate;
 
 pub use config::ControllerConfig;

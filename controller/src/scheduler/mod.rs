@@ -39,6 +39,7 @@
 
 pub mod explain;
 pub mod fleet;
+pub mod market;
 pub mod queue;
 
 use std::collections::HashMap;

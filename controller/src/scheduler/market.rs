@@ -1,0 +1,217 @@
+//! Supply and demand per (provider, region, generation), from the scheduler's
+//! own index: what pending jobs could run where, and at what bids.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::fleet::Fleet;
+use super::{Compiled, JobInput, fits_when_idle};
+
+/// The price ladder of demand curves, micro-USD per GPU-hour.
+pub const PRICE_LADDER: &[u64] = &[
+    250_000, 500_000, 750_000, 1_000_000, 1_500_000, 2_000_000, 2_500_000, 3_000_000, 3_500_000,
+    4_000_000, 5_000_000, 6_000_000, 8_000_000, 10_000_000,
+];
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GroupMarket {
+    pub supply_gpus: u32,
+    pub allocated_gpus: u32,
+    pub free_gpus: u32,
+    /// GPUs of pending jobs whose every constraint (bid included) this group meets.
+    pub pending_demand_gpus: u32,
+    /// GPUs of pending jobs eligible here but for price, at each ladder price.
+    pub demand_curve: Vec<(u64, u32)>,
+    /// (price, healthy GPUs) offered, for ask statistics.
+    pub asks: Vec<(u64, u32)>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MarketSnapshot {
+    /// (provider, region, generation) → market.
+    pub groups: BTreeMap<(String, String, i32), GroupMarket>,
+    /// GPUs of pending jobs that no set of nodes could ever satisfy.
+    pub unmet_demand_gpus: u32,
+}
+
+/// Computes supply and demand. Jobs with the same request shape are
+/// evaluated once.
+pub fn snapshot(fleet: &Fleet, pending: &[JobInput]) -> MarketSnapshot {
+    let mut out = MarketSnapshot::default();
+    let mut class_group: Vec<(String, String, i32)> = Vec::with_capacity(fleet.classes.len());
+    for class in &fleet.classes {
+        let key = (
+            fleet.providers.names[class.provider as usize].clone(),
+            fleet.regions.names[class.region as usize].clone(),
+            fleet.models[class.model as usize].generation,
+        );
+        let group = out.groups.entry(key.clone()).or_default();
+        for &slot in &class.slots {
+            let s = &fleet.slots[slot as usize];
+            if !s.schedulable {
+                continue;
+            }
+            let healthy = s.healthy.count_ones();
+            let free = s.free.count_ones();
+            group.supply_gpus += healthy;
+            group.free_gpus += free;
+            group.allocated_gpus += healthy - free;
+            if healthy > 0 {
+                group.asks.push((class.price, healthy));
+            }
+        }
+        class_group.push(key);
+    }
+    // Shape → (gpus requested, classes eligible with price, without price,
+    // bid, feasible, feasible at some price).
+    type Shape = (u32, Vec<usize>, Vec<usize>, u64, bool, bool);
+    let mut shapes: HashMap<Vec<u8>, Shape> = HashMap::new();
+    for job in pending {
+        let mut key = {
+            use prost::Message;
+            job.constraints.encode_to_vec()
+        };
+        key.extend_from_slice(&job.tasks.to_le_bytes());
+        key.extend_from_slice(&job.gpus_per_task.to_le_bytes());
+        let gpus = job.tasks.max(1) * job.gpus_per_task;
+        let entry = shapes.entry(key).or_insert_with(|| {
+            let compiled = Compiled::new(fleet, job);
+            let mut no_price = job.clone();
+            no_price.constraints.max_price_per_gpu_hour_micro_usd = None;
+            let compiled_no_price = Compiled::new(fleet, &no_price);
+            // A class can take the job's tasks at all only with nodes big enough.
+            let big_enough = |c: usize| {
+                fleet.classes[c].healthy_hist
+                    [(job.gpus_per_task.max(1) as usize).min(super::fleet::MAX_GPUS_PER_SLOT)..]
+                    .iter()
+                    .any(|&n| n > 0)
+                    && job.gpus_per_task as usize <= super::fleet::MAX_GPUS_PER_SLOT
+            };
+            let with_price: Vec<usize> = (0..fleet.classes.len())
+                .filter(|&c| compiled.class_ok(&fleet.classes[c]) && big_enough(c))
+                .collect();
+            let without: Vec<usize> = (0..fleet.classes.len())
+                .filter(|&c| compiled_no_price.class_ok(&fleet.classes[c]) && big_enough(c))
+                .collect();
+            let ids: Vec<u32> = with_price.iter().map(|&c| c as u32).collect();
+            let feasible = !ids.is_empty() && fits_when_idle(fleet, job, &compiled, &ids);
+            let ids: Vec<u32> = without.iter().map(|&c| c as u32).collect();
+            let feasible_at_any_price =
+                !ids.is_empty() && fits_when_idle(fleet, &no_price, &compiled_no_price, &ids);
+            let bid = job
+                .constraints
+                .max_price_per_gpu_hour_micro_usd
+                .unwrap_or(u64::MAX);
+            (0, with_price, without, bid, feasible, feasible_at_any_price)
+        });
+        entry.0 += gpus;
+    }
+    for (gpus, with_price, without, bid, feasible, feasible_at_any_price) in shapes.values() {
+        if !feasible {
+            out.unmet_demand_gpus += gpus;
+        }
+        if !feasible_at_any_price {
+            continue;
+        }
+        let mut counted: Vec<&(String, String, i32)> = Vec::new();
+        for &c in with_price.iter().filter(|_| *feasible) {
+            let key = &class_group[c];
+            if !counted.contains(&key) {
+                counted.push(key);
+                if let Some(g) = out.groups.get_mut(key) {
+                    g.pending_demand_gpus += gpus;
+                }
+            }
+        }
+        let mut counted: Vec<&(String, String, i32)> = Vec::new();
+        for &c in without {
+            let key = &class_group[c];
+            if counted.contains(&key) {
+                continue;
+            }
+            counted.push(key);
+            if let Some(g) = out.groups.get_mut(key) {
+                if g.demand_curve.is_empty() {
+                    g.demand_curve = PRICE_LADDER.iter().map(|&p| (p, 0)).collect();
+                }
+                for point in &mut g.demand_curve {
+                    if *bid >= point.0 {
+                        point.1 += gpus;
+                    }
+                }
+            }
+        }
+    }
+    for g in out.groups.values_mut() {
+        if g.demand_curve.is_empty() {
+            g.demand_curve = PRICE_LADDER.iter().map(|&p| (p, 0)).collect();
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scheduler::{GpuInput, NodeInput};
+    use gpufleet_proto::v1::{GpuGeneration, JobConstraints};
+
+    #[test]
+    fn supply_demand_and_curve() {
+        let node = |id: &str, region: &str, price: u64, model: &str, generation: GpuGeneration| {
+            NodeInput {
+                id: id.into(),
+                provider: "aws".into(),
+                region: region.into(),
+                price_per_gpu_hour_micro_usd: price,
+                schedulable: true,
+                gpus: (0..8)
+                    .map(|g| GpuInput {
+                        uuid: format!("{id}-{g}"),
+                        model: model.into(),
+                        generation: generation as i32,
+                        memory_bytes: 80 << 30,
+                        compute_capability: (9, 0),
+                        healthy: true,
+                    })
+                    .collect(),
+                ..Default::default()
+            }
+        };
+        let nodes = [
+            node("a", "r1", 3_000_000, "H100-SXM-80GB", GpuGeneration::Hopper),
+            node("b", "r2", 1_500_000, "A100-SXM-80GB", GpuGeneration::Ampere),
+        ];
+        let fleet = Fleet::build(&nodes, &[]);
+        let job = |gpus: u32, bid: Option<u64>, generation: Option<GpuGeneration>| JobInput {
+            tasks: 1,
+            gpus_per_task: gpus,
+            constraints: JobConstraints {
+                max_price_per_gpu_hour_micro_usd: bid,
+                generations: generation.map(|g| vec![g as i32]).unwrap_or_default(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let pending = [
+            job(4, Some(2_000_000), Some(GpuGeneration::Hopper)),
+            job(2, None, None),
+            job(16, None, None),
+        ];
+        let m = snapshot(&fleet, &pending);
+        let hopper = &m.groups[&("aws".into(), "r1".into(), GpuGeneration::Hopper as i32)];
+        assert_eq!((hopper.supply_gpus, hopper.free_gpus), (8, 8));
+        // The 4-GPU job bids $2.00 < $3.00: not pending demand here, but on the curve.
+        assert_eq!(hopper.pending_demand_gpus, 2);
+        let at = |p: u64| {
+            hopper
+                .demand_curve
+                .iter()
+                .find(|(price, _)| *price == p)
+                .map(|(_, g)| *g)
+        };
+        assert_eq!(at(2_000_000), Some(4 + 2));
+        assert_eq!(at(2_500_000), Some(2));
+        // 16 GPUs per task fit no node; the under-bidding Hopper job fits nowhere at its bid.
+        assert_eq!(m.unmet_demand_gpus, 16 + 4);
+    }
+}

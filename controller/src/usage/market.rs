@@ -1,0 +1,1 @@
+//! Market signals over time: tightness and price elasticity.

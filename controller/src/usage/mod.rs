@@ -1,0 +1,547 @@
+//! The usage ledger: one record per allocation when it ends, rollups for
+//! reports, and market signals (see [`market`]). Plain Rust over prost
+//! records; the `Usage` gRPC service is an adapter on top.
+
+pub mod market;
+pub mod rollup;
+
+use std::collections::{BTreeMap, HashMap};
+
+pub use gpufleet_proto::v1::UsageDimension;
+use gpufleet_proto::v1::{
+    GpuSample, Job, TaskStatus, UsagePoint, UsageRecord, UsageReportResponse, UsageRow,
+    WorkloadState,
+};
+use prost_types::Timestamp;
+
+use self::rollup::{Cell, Contribution, Rollups, micro_usd};
+
+/// The dimensions usage is grouped by.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Dims {
+    pub provider: String,
+    pub region: String,
+    pub generation: i32,
+    pub model: String,
+    pub tenant: String,
+    pub workload_class: String,
+    pub job_name: String,
+}
+
+impl Dims {
+    pub fn of(record: &UsageRecord) -> Self {
+        Self {
+            provider: record.provider.clone(),
+            region: record.region.clone(),
+            generation: record.generation,
+            model: record.model.clone(),
+            tenant: record.tenant.clone(),
+            workload_class: record.workload_class.clone(),
+            job_name: record.job_name.clone(),
+        }
+    }
+
+    /// Only the fields named in `group_by`.
+    pub fn project(&self, group_by: &[UsageDimension]) -> Self {
+        let has = |d| group_by.contains(&d);
+        Self {
+            provider: if has(UsageDimension::Provider) {
+                self.provider.clone()
+            } else {
+                String::new()
+            },
+            region: if has(UsageDimension::Region) {
+                self.region.clone()
+            } else {
+                String::new()
+            },
+            generation: if has(UsageDimension::Generation) {
+                self.generation
+            } else {
+                0
+            },
+            model: if has(UsageDimension::Model) {
+                self.model.clone()
+            } else {
+                String::new()
+            },
+            tenant: if has(UsageDimension::Tenant) {
+                self.tenant.clone()
+            } else {
+                String::new()
+            },
+            workload_class: if has(UsageDimension::WorkloadClass) {
+                self.workload_class.clone()
+            } else {
+                String::new()
+            },
+            job_name: if has(UsageDimension::JobName) {
+                self.job_name.clone()
+            } else {
+                String::new()
+            },
+        }
+    }
+}
+
+pub fn ts_ms(ts: &Timestamp) -> u64 {
+    (ts.seconds.max(0) as u64) * 1000 + (ts.nanos.max(0) as u64) / 1_000_000
+}
+
+pub fn ms_ts(ms: u64) -> Timestamp {
+    Timestamp {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+/// Telemetry of one allocation's GPUs while it runs.
+#[derive(Debug, Clone, Default)]
+pub struct Accumulator {
+    util_sum: f64,
+    util_n: u64,
+    mem_sum: f64,
+    mem_n: u64,
+    /// Joules integrated from power samples.
+    energy_joules: f64,
+    /// Per GPU: last (sample ms, power mW) for integration.
+    last_power: HashMap<String, (u64, u32)>,
+}
+
+impl Accumulator {
+    /// Folds one sample of one of the allocation's GPUs in.
+    pub fn add(&mut self, sample: &GpuSample) {
+        if let Some(u) = sample.gpu_utilization_percent {
+            self.util_sum += u as f64;
+            self.util_n += 1;
+        }
+        if let Some(u) = sample.memory_utilization_percent {
+            self.mem_sum += u as f64;
+            self.mem_n += 1;
+        }
+        let (Some(power), Some(at)) = (sample.power_usage_milliwatts, sample.sampled_at.as_ref())
+        else {
+            return;
+        };
+        let at = ts_ms(at);
+        if let Some((last_at, last_power)) = self.last_power.get(&sample.uuid).copied() {
+            if at > last_at && at - last_at < 600_000 {
+                // Trapezoid over the interval; gaps over 10 minutes are not guessed.
+                let watts = (power as f64 + last_power as f64) / 2.0 / 1000.0;
+                self.energy_joules += watts * (at - last_at) as f64 / 1000.0;
+            }
+        }
+        self.last_power.insert(sample.uuid.clone(), (at, power));
+    }
+}
+
+/// Facts about the node a task ran on, for its record.
+#[derive(Debug, Clone, Default)]
+pub struct NodeFacts {
+    pub zone: String,
+    pub spot: bool,
+}
+
+/// The record of a task, ended (`running` false) or live up to `now_ms`.
+/// None when the task never started.
+pub fn build_record(
+    job: &Job,
+    task: &TaskStatus,
+    node: &NodeFacts,
+    acc: Option<&Accumulator>,
+    now_ms: u64,
+) -> Option<UsageRecord> {
+    let started = ts_ms(task.started_at.as_ref()?);
+    let running = !crate::lifecycle::is_terminal_workload(task.state());
+    let ended = if running {
+        now_ms
+    } else {
+        task.finished_at.as_ref().map_or(now_ms, ts_ms)
+    }
+    .max(started);
+    let gpus = task.gpu_uuids.len() as u32;
+    let gpu_ms = (ended - started) * gpus as u64;
+    let spec = job.spec.clone().unwrap_or_default();
+    let price = task.price_per_gpu_hour_micro_usd;
+    let (sm, mem, energy) = match acc {
+        Some(a) => (
+            (a.util_n > 0).then(|| a.util_sum / a.util_n as f64),
+            (a.mem_n > 0).then(|| a.mem_sum / a.mem_n as f64),
+            (a.energy_joules > 0.0).then_some(a.energy_joules),
+        ),
+        None => (None, None, None),
+    };
+    Some(UsageRecord {
+        allocation_id: task.allocation_id.clone(),
+        job_id: job.id.clone(),
+        task_index: task.index,
+        tenant: spec.tenant.clone(),
+        workload_class: spec.workload_class.clone(),
+        job_name: spec.name.clone(),
+        provider: task.provider.clone(),
+        region: task.region.clone(),
+        zone: node.zone.clone(),
+        generation: task.generation,
+        model: task.model.clone(),
+        gpu_count: gpus,
+        started_at: Some(ms_ts(started)),
+        ended_at: Some(ms_ts(ended)),
+        gpu_milliseconds: gpu_ms,
+        price_per_gpu_hour_micro_usd: price,
+        spot: node.spot,
+        cost_micro_usd: micro_usd(price as u128 * gpu_ms as u128),
+        mean_sm_utilization_percent: sm,
+        mean_memory_utilization_percent: mem,
+        energy_joules: energy,
+        ended_as: if running {
+            WorkloadState::Unspecified as i32
+        } else {
+            task.state
+        },
+        running,
+    })
+}
+
+fn contribution(record: &UsageRecord) -> Option<Contribution> {
+    let start = ts_ms(record.started_at.as_ref()?);
+    let end = ts_ms(record.ended_at.as_ref()?);
+    Some(Contribution {
+        dims: Dims::of(record),
+        start_ms: start,
+        end_ms: end,
+        gpus: record.gpu_count,
+        price_micro_usd: record.price_per_gpu_hour_micro_usd,
+        mean_util: record.mean_sm_utilization_percent,
+        energy_joules: record.energy_joules,
+    })
+}
+
+/// Retention of the ledger and its rollups, seconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub records: u64,
+    pub minute: u64,
+    pub hour: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            records: 400 * rollup::DAY,
+            minute: 2 * rollup::DAY,
+            hour: 90 * rollup::DAY,
+        }
+    }
+}
+
+/// Ended allocations, in memory, with their rollups.
+#[derive(Debug)]
+pub struct Ledger {
+    /// (ended ms, allocation id) → record.
+    records: BTreeMap<(u64, String), UsageRecord>,
+    ids: HashMap<String, u64>,
+    rollups: Rollups,
+    retention: Retention,
+}
+
+/// A usage query, already validated.
+#[derive(Debug, Clone, Default)]
+pub struct ReportQuery {
+    pub group_by: Vec<UsageDimension>,
+    pub since_secs: u64,
+    pub until_secs: u64,
+    pub series_secs: Option<u64>,
+    pub limit: usize,
+}
+
+impl Ledger {
+    pub fn new(retention: Retention) -> Self {
+        Self {
+            records: BTreeMap::new(),
+            ids: HashMap::new(),
+            rollups: Rollups::new([retention.minute, retention.hour, retention.records]),
+            retention,
+        }
+    }
+
+    pub fn contains(&self, allocation_id: &str) -> bool {
+        self.ids.contains_key(allocation_id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Adds an ended allocation's record (once; a repeat is ignored).
+    pub fn insert(&mut self, record: UsageRecord, now_secs: u64) {
+        if self.contains(&record.allocation_id) {
+            return;
+        }
+        if let Some(c) = contribution(&record) {
+            self.rollups.add(&c, now_secs);
+        }
+        let end = record.ended_at.as_ref().map_or(0, ts_ms);
+        self.ids.insert(record.allocation_id.clone(), end);
+        self.records
+            .insert((end, record.allocation_id.clone()), record);
+    }
+
+    /// Drops records and buckets past retention; returns the dropped ids.
+    pub fn prune(&mut self, now_secs: u64) -> Vec<String> {
+        self.rollups.prune(now_secs);
+        let cutoff_ms = now_secs.saturating_sub(self.retention.records) * 1000;
+        let keep = self.records.split_off(&(cutoff_ms, String::new()));
+        let dropped: Vec<String> = self
+            .records
+            .values()
+            .map(|r| r.allocation_id.clone())
+            .collect();
+        for id in &dropped {
+            self.ids.remove(id);
+        }
+        self.records = keep;
+        dropped
+    }
+
+    /// Records that ended in [since, until), newest first, filtered.
+    pub fn list(
+        &self,
+        since_ms: u64,
+        until_ms: u64,
+        tenant: &str,
+        job_id: &str,
+    ) -> Vec<&UsageRecord> {
+        self.records
+            .range((since_ms, String::new())..(until_ms, String::new()))
+            .rev()
+            .map(|(_, r)| r)
+            .filter(|r| {
+                (tenant.is_empty() || r.tenant == tenant)
+                    && (job_id.is_empty() || r.job_id == job_id)
+            })
+            .collect()
+    }
+
+    /// Grouped totals from the rollups, plus `live` records (running
+    /// allocations up to now), rendered as the API's report.
+    pub fn report(
+        &self,
+        query: &ReportQuery,
+        live: &[UsageRecord],
+        now_secs: u64,
+    ) -> UsageReportResponse {
+        let (rows, width) = self.rollups.query(
+            &query.group_by,
+            query.since_secs,
+            query.until_secs,
+            query.series_secs,
+            now_secs,
+        );
+        let mut merged: HashMap<Dims, rollup::Row> =
+            rows.into_iter().map(|r| (r.dims.clone(), r)).collect();
+        if !live.is_empty() {
+            let mut scratch = Rollups::new([
+                self.retention.minute,
+                self.retention.hour,
+                self.retention.records,
+            ]);
+            for record in live {
+                if let Some(c) = contribution(record) {
+                    scratch.add(&c, now_secs);
+                }
+            }
+            let (extra, _) = scratch.query(
+                &query.group_by,
+                query.since_secs,
+                query.until_secs,
+                query.series_secs,
+                now_secs,
+            );
+            for row in extra {
+                let entry = merged
+                    .entry(row.dims.clone())
+                    .or_insert_with(|| rollup::Row {
+                        dims: row.dims.clone(),
+                        ..Default::default()
+                    });
+                add_cell(&mut entry.total, &row.total);
+                for (bucket, cell) in row.series {
+                    add_cell(entry.series.entry(bucket).or_default(), &cell);
+                }
+            }
+        }
+        let mut rows: Vec<rollup::Row> = merged.into_values().collect();
+        rows.sort_by(|a, b| {
+            b.total
+                .gpu_ms
+                .cmp(&a.total.gpu_ms)
+                .then_with(|| format!("{:?}", a.dims).cmp(&format!("{:?}", b.dims)))
+        });
+        let mut total = Cell::default();
+        for row in &rows {
+            add_cell(&mut total, &row.total);
+        }
+        if query.limit > 0 {
+            rows.truncate(query.limit);
+        }
+        let render = |dims: &Dims, cell: &Cell, series: &BTreeMap<u64, Cell>| UsageRow {
+            provider: dims.provider.clone(),
+            region: dims.region.clone(),
+            generation: dims.generation,
+            model: dims.model.clone(),
+            tenant: dims.tenant.clone(),
+            workload_class: dims.workload_class.clone(),
+            job_name: dims.job_name.clone(),
+            gpu_milliseconds: cell.gpu_ms,
+            cost_micro_usd: micro_usd(cell.cost_exact),
+            allocations: cell.allocations as u64,
+            share: if total.gpu_ms == 0 {
+                0.0
+            } else {
+                cell.gpu_ms as f64 / total.gpu_ms as f64
+            },
+            mean_sm_utilization_percent: (cell.util_weight > 0.0)
+                .then(|| cell.util_weighted / cell.util_weight),
+            energy_joules: (cell.energy_joules > 0.0).then_some(cell.energy_joules),
+            series: series
+                .iter()
+                .map(|(bucket, c)| UsagePoint {
+                    bucket: Some(Timestamp {
+                        seconds: *bucket as i64,
+                        nanos: 0,
+                    }),
+                    gpu_milliseconds: c.gpu_ms,
+                    cost_micro_usd: micro_usd(c.cost_exact),
+                })
+                .collect(),
+        };
+        let from = (query.since_secs / width) * width;
+        let to = query.until_secs.div_ceil(width) * width;
+        UsageReportResponse {
+            rows: rows
+                .iter()
+                .map(|r| render(&r.dims, &r.total, &r.series))
+                .collect(),
+            total: Some(render(&Dims::default(), &total, &BTreeMap::new())),
+            since: Some(Timestamp {
+                seconds: from as i64,
+                nanos: 0,
+            }),
+            until: Some(Timestamp {
+                seconds: to as i64,
+                nanos: 0,
+            }),
+        }
+    }
+}
+
+fn add_cell(into: &mut Cell, other: &Cell) {
+    into.gpu_ms += other.gpu_ms;
+    into.cost_exact += other.cost_exact;
+    into.allocations += other.allocations;
+    into.util_weighted += other.util_weighted;
+    into.util_weight += other.util_weight;
+    into.energy_joules += other.energy_joules;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpufleet_proto::v1::{JobSpec, JobState};
+
+    fn job(tenant: &str, class: &str) -> Job {
+        Job {
+            id: "job-000000000001".into(),
+            spec: Some(JobSpec {
+                tenant: tenant.into(),
+                workload_class: class.into(),
+                name: "train".into(),
+                ..Default::default()
+            }),
+            state: JobState::Succeeded as i32,
+            ..Default::default()
+        }
+    }
+
+    fn task(start: u64, end: u64, gpus: u32, price: u64) -> TaskStatus {
+        TaskStatus {
+            allocation_id: format!("job-000000000001.{start}"),
+            node_id: "n".into(),
+            gpu_uuids: (0..gpus).map(|g| format!("GPU-{g}")).collect(),
+            state: WorkloadState::Succeeded as i32,
+            started_at: Some(ms_ts(start * 1000)),
+            finished_at: Some(ms_ts(end * 1000)),
+            provider: "aws".into(),
+            region: "us-east-1".into(),
+            price_per_gpu_hour_micro_usd: price,
+            generation: 6,
+            model: "H100-SXM-80GB".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn exact_totals_on_virtual_time() {
+        let now = 10 * rollup::DAY;
+        let mut ledger = Ledger::new(Retention::default());
+        let day = 9 * rollup::DAY;
+        // 2 GPUs × 1 h at $3.93, 8 GPUs × 30 min at $2.99, 1 GPU × 17 s at $0.75.
+        for (t, tenant) in [
+            (task(day, day + 3600, 2, 3_930_000), "a"),
+            (task(day + 10, day + 10 + 1800, 8, 2_990_000), "b"),
+            (task(day + 20, day + 37, 1, 750_000), "a"),
+        ] {
+            let r = build_record(
+                &job(tenant, "training"),
+                &t,
+                &NodeFacts::default(),
+                None,
+                now * 1000,
+            )
+            .unwrap();
+            ledger.insert(r.clone(), now);
+            ledger.insert(r, now); // exactly once
+        }
+        assert_eq!(ledger.len(), 3);
+        let query = ReportQuery {
+            group_by: vec![UsageDimension::Tenant],
+            since_secs: day,
+            until_secs: now,
+            ..Default::default()
+        };
+        let report = ledger.report(&query, &[], now);
+        let total = report.total.unwrap();
+        assert_eq!(total.gpu_milliseconds, (7200 + 14_400 + 17) * 1000);
+        // $7.86 + $11.96 + $0.00354166… = $19.82354 (micro-USD, rounded once).
+        assert_eq!(total.cost_micro_usd, 19_823_542);
+        let a = report.rows.iter().find(|r| r.tenant == "a").unwrap();
+        assert_eq!(a.gpu_milliseconds, 7_217_000);
+        assert_eq!(a.allocations, 2);
+    }
+
+    #[test]
+    fn live_records_count_up_to_now() {
+        let now = 1000;
+        let ledger = Ledger::new(Retention::default());
+        let mut t = task(400, 0, 4, 1_000_000);
+        t.state = WorkloadState::Running as i32;
+        t.finished_at = None;
+        let live =
+            build_record(&job("a", ""), &t, &NodeFacts::default(), None, now * 1000).unwrap();
+        assert!(live.running);
+        let report = ledger.report(
+            &ReportQuery {
+                since_secs: 0,
+                until_secs: now,
+                ..Default::default()
+            },
+            &[live],
+            now,
+        );
+        assert_eq!(report.total.unwrap().gpu_milliseconds, 4 * 600 * 1000);
+    }
+}

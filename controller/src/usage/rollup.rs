@@ -1,0 +1,325 @@
+//! Usage rollups: GPU-time and cost per (time bucket × provider, region,
+//! generation, model, tenant, workload class, job name), at minute, hour and
+//! day granularity, each with its own retention. Pure and in memory; rebuilt
+//! from the ledger when the controller starts.
+//!
+//! Money is kept exact: a cell stores `price (micro-USD per GPU-hour) ×
+//! GPU-milliseconds`, an integer, and divides by 3,600,000 only when a report
+//! is rendered, so any sum of cells equals the sum of the records it covers.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::{Dims, UsageDimension};
+
+pub const MINUTE: u64 = 60;
+pub const HOUR: u64 = 3600;
+pub const DAY: u64 = 86_400;
+
+/// One record's contribution, ready to be split over buckets.
+#[derive(Debug, Clone)]
+pub struct Contribution {
+    pub dims: Dims,
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub gpus: u32,
+    pub price_micro_usd: u64,
+    pub mean_util: Option<f64>,
+    pub energy_joules: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cell {
+    pub combo: u32,
+    pub gpu_ms: u64,
+    /// price (micro-USD/GPU-hour) × GPU-ms.
+    pub cost_exact: u128,
+    pub allocations: u32,
+    /// Σ utilisation × GPU-ms over the GPU-time with a known utilisation.
+    pub util_weighted: f64,
+    pub util_weight: f64,
+    pub energy_joules: f64,
+}
+
+impl Cell {
+    fn add(&mut self, other: &Cell) {
+        self.gpu_ms += other.gpu_ms;
+        self.cost_exact += other.cost_exact;
+        self.allocations += other.allocations;
+        self.util_weighted += other.util_weighted;
+        self.util_weight += other.util_weight;
+        self.energy_joules += other.energy_joules;
+    }
+}
+
+/// `cost_exact` → micro-USD, rounded half up.
+pub fn micro_usd(cost_exact: u128) -> u64 {
+    ((cost_exact + 1_800_000) / 3_600_000) as u64
+}
+
+#[derive(Debug, Default)]
+struct Bucket {
+    cells: Vec<Cell>,
+    index: HashMap<u32, u32>,
+}
+
+#[derive(Debug)]
+struct Granularity {
+    width: u64,
+    retention: u64,
+    buckets: BTreeMap<u64, Bucket>,
+}
+
+#[derive(Debug)]
+pub struct Rollups {
+    combos: Vec<Dims>,
+    combo_index: HashMap<Dims, u32>,
+    grans: [Granularity; 3],
+}
+
+/// A grouped total, optionally with a series.
+#[derive(Debug, Clone, Default)]
+pub struct Row {
+    pub dims: Dims,
+    pub total: Cell,
+    pub series: BTreeMap<u64, Cell>,
+}
+
+impl Rollups {
+    /// Retention per granularity (seconds): minute, hour, day.
+    pub fn new(retention: [u64; 3]) -> Self {
+        let g = |width, retention| Granularity {
+            width,
+            retention,
+            buckets: BTreeMap::new(),
+        };
+        Self {
+            combos: Vec::new(),
+            combo_index: HashMap::new(),
+            grans: [
+                g(MINUTE, retention[0]),
+                g(HOUR, retention[1]),
+                g(DAY, retention[2]),
+            ],
+        }
+    }
+
+    fn combo(&mut self, dims: &Dims) -> u32 {
+        if let Some(&id) = self.combo_index.get(dims) {
+            return id;
+        }
+        let id = self.combos.len() as u32;
+        self.combos.push(dims.clone());
+        self.combo_index.insert(dims.clone(), id);
+        id
+    }
+
+    /// Adds a record, split over the buckets it overlaps (only buckets
+    /// still within each granularity's retention at `now`).
+    pub fn add(&mut self, c: &Contribution, now_secs: u64) {
+        if c.end_ms <= c.start_ms || c.gpus == 0 {
+            return;
+        }
+        let combo = self.combo(&c.dims);
+        let total_ms = c.end_ms - c.start_ms;
+        for gran in &mut self.grans {
+            let cutoff = now_secs.saturating_sub(gran.retention);
+            let width_ms = gran.width * 1000;
+            let mut bucket = (c.start_ms / width_ms) * width_ms;
+            if bucket / 1000 + gran.width <= cutoff {
+                bucket = (cutoff / gran.width) * width_ms;
+            }
+            let mut first = true;
+            while bucket < c.end_ms {
+                let from = bucket.max(c.start_ms);
+                let to = (bucket + width_ms).min(c.end_ms);
+                if to > from {
+                    let ms = to - from;
+                    let gpu_ms = ms * c.gpus as u64;
+                    let share = ms as f64 / total_ms as f64;
+                    let cell = Cell {
+                        combo,
+                        gpu_ms,
+                        cost_exact: c.price_micro_usd as u128 * gpu_ms as u128,
+                        allocations: u32::from(first && bucket <= c.start_ms),
+                        util_weighted: c.mean_util.map_or(0.0, |u| u * gpu_ms as f64),
+                        util_weight: if c.mean_util.is_some() {
+                            gpu_ms as f64
+                        } else {
+                            0.0
+                        },
+                        energy_joules: c.energy_joules.map_or(0.0, |e| e * share),
+                    };
+                    let b = gran.buckets.entry(bucket / 1000).or_default();
+                    match b.index.get(&combo) {
+                        Some(&i) => b.cells[i as usize].add(&cell),
+                        None => {
+                            b.index.insert(combo, b.cells.len() as u32);
+                            b.cells.push(cell);
+                        }
+                    }
+                }
+                first = false;
+                bucket += width_ms;
+            }
+        }
+    }
+
+    /// Drops buckets past their retention.
+    pub fn prune(&mut self, now_secs: u64) {
+        for gran in &mut self.grans {
+            let cutoff = now_secs.saturating_sub(gran.retention);
+            let keep = gran
+                .buckets
+                .split_off(&((cutoff / gran.width) * gran.width));
+            gran.buckets = keep;
+        }
+    }
+
+    /// The finest granularity whose retention reaches back to `since`.
+    pub fn granularity_for(&self, since: u64, now_secs: u64) -> u64 {
+        self.grans
+            .iter()
+            .find(|g| since + g.retention >= now_secs)
+            .map_or(DAY, |g| g.width)
+    }
+
+    /// Totals grouped by `group_by` over [since, until), aligned to the
+    /// finest granularity that still holds `since`; with a series per row at
+    /// `series` seconds (≥ that granularity) when given.
+    pub fn query(
+        &self,
+        group_by: &[UsageDimension],
+        since: u64,
+        until: u64,
+        series: Option<u64>,
+        now_secs: u64,
+    ) -> (Vec<Row>, u64) {
+        let width = self.granularity_for(since, now_secs);
+        let Some(gran) = self.grans.iter().find(|g| g.width == width) else {
+            return (Vec::new(), width);
+        };
+        let from = (since / width) * width;
+        let to = until.div_ceil(width) * width;
+        // combo → row index, computed once per combo seen.
+        let mut row_of: Vec<Option<u32>> = vec![None; self.combos.len()];
+        let mut rows: Vec<Row> = Vec::new();
+        let mut row_index: HashMap<Dims, u32> = HashMap::new();
+        let series_width = series.map(|s| s.max(width));
+        for (&start, bucket) in gran.buckets.range(from..to) {
+            for cell in &bucket.cells {
+                let row = match row_of[cell.combo as usize] {
+                    Some(r) => r,
+                    None => {
+                        let key = self.combos[cell.combo as usize].project(group_by);
+                        let r = *row_index.entry(key.clone()).or_insert_with(|| {
+                            rows.push(Row {
+                                dims: key,
+                                ..Default::default()
+                            });
+                            (rows.len() - 1) as u32
+                        });
+                        row_of[cell.combo as usize] = Some(r);
+                        r
+                    }
+                };
+                let row = &mut rows[row as usize];
+                row.total.add(cell);
+                if let Some(sw) = series_width {
+                    row.series.entry((start / sw) * sw).or_default().add(cell);
+                }
+            }
+        }
+        (rows, width)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims(tenant: &str, generation: i32) -> Dims {
+        Dims {
+            provider: "aws".into(),
+            region: "us-east-1".into(),
+            generation,
+            model: "H100-SXM-80GB".into(),
+            tenant: tenant.into(),
+            workload_class: "training".into(),
+            job_name: "j".into(),
+        }
+    }
+
+    #[test]
+    fn splits_exactly_over_buckets_and_groups() {
+        let mut r = Rollups::new([2 * DAY, 90 * DAY, 3650 * DAY]);
+        let now = 500 * DAY;
+        // 2 GPUs from 00:59:30 to 02:00:30 at $3.93: 2 × 3660 s.
+        let start = 499 * DAY * 1000 + 3_570_000;
+        r.add(
+            &Contribution {
+                dims: dims("a", 6),
+                start_ms: start,
+                end_ms: start + 3_660_000,
+                gpus: 2,
+                price_micro_usd: 3_930_000,
+                mean_util: Some(50.0),
+                energy_joules: Some(1000.0),
+            },
+            now,
+        );
+        r.add(
+            &Contribution {
+                dims: dims("b", 4),
+                start_ms: start,
+                end_ms: start + 1_000,
+                gpus: 1,
+                price_micro_usd: 1_000_000,
+                mean_util: None,
+                energy_joules: None,
+            },
+            now,
+        );
+        for since in [499 * DAY, 440 * DAY, 100 * DAY] {
+            let (rows, _) = r.query(&[UsageDimension::Tenant], since, now, None, now);
+            let a = rows.iter().find(|row| row.dims.tenant == "a").unwrap();
+            assert_eq!(a.total.gpu_ms, 7_320_000);
+            // 3.93 × 7320 / 3600 = 7.991 → $7.991000
+            assert_eq!(micro_usd(a.total.cost_exact), 7_991_000);
+            assert_eq!(a.total.allocations, 1);
+            assert!((a.total.energy_joules - 1000.0).abs() < 1e-6);
+            assert!((a.total.util_weighted / a.total.util_weight - 50.0).abs() < 1e-9);
+            let (all, _) = r.query(&[], since, now, None, now);
+            assert_eq!(all.len(), 1);
+            assert_eq!(all[0].total.gpu_ms, 7_321_000);
+        }
+        let (series, width) = r.query(
+            &[UsageDimension::Generation],
+            499 * DAY,
+            now,
+            Some(HOUR),
+            now,
+        );
+        assert_eq!(width, MINUTE);
+        let hopper = series.iter().find(|row| row.dims.generation == 6).unwrap();
+        let hours: Vec<u64> = hopper.series.values().map(|c| c.gpu_ms).collect();
+        assert_eq!(hours, vec![60_000, 7_200_000, 60_000]);
+    }
+
+    #[test]
+    fn prune_drops_old_buckets() {
+        let mut r = Rollups::new([2 * DAY, 90 * DAY, 3650 * DAY]);
+        let c = Contribution {
+            dims: dims("a", 6),
+            start_ms: 0,
+            end_ms: 60_000,
+            gpus: 1,
+            price_micro_usd: 1,
+            mean_util: None,
+            energy_joules: None,
+        };
+        r.add(&c, 60);
+        r.prune(100 * DAY);
+        assert!(r.grans[0].buckets.is_empty() && r.grans[1].buckets.is_empty());
+        assert_eq!(r.grans[2].buckets.len(), 1);
+    }
+}
