@@ -48,6 +48,10 @@ pub struct ConfigFile {
     pub generation_factors: Option<BTreeMap<String, f64>>,
     /// Tenants with weights and quotas. When any is listed, jobs must name one.
     pub tenants: Option<BTreeMap<String, TenantConfig>>,
+    /// How long usage records and daily rollups are kept (e.g. "400d").
+    pub usage_retention: Option<String>,
+    /// How long per-minute market signals are kept (e.g. "30d").
+    pub market_retention: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -71,6 +75,8 @@ pub struct ControllerConfig {
     pub scheduler: SchedulerConfig,
     pub fair_share_half_life: Duration,
     pub queues: Vec<String>,
+    pub usage_retention: crate::usage::Retention,
+    pub market_retention: Duration,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
@@ -90,6 +96,8 @@ impl ControllerConfig {
             scheduler: SchedulerConfig::default(),
             fair_share_half_life: Duration::from_secs(24 * 3600),
             queues: vec!["default".to_string()],
+            usage_retention: crate::usage::Retention::default(),
+            market_retention: Duration::from_secs(30 * 86_400),
         }
     }
 
@@ -120,6 +128,8 @@ impl ControllerConfig {
             node_lost_after: env.get("GPUFLEET_NODE_LOST_AFTER").cloned(),
             default_policy: env.get("GPUFLEET_DEFAULT_POLICY").cloned(),
             fair_share_half_life: env.get("GPUFLEET_FAIR_SHARE_HALF_LIFE").cloned(),
+            usage_retention: env.get("GPUFLEET_USAGE_RETENTION").cloned(),
+            market_retention: env.get("GPUFLEET_MARKET_RETENTION").cloned(),
             ..Default::default()
         };
         for layer in [from_env, overrides] {
@@ -132,6 +142,8 @@ impl ControllerConfig {
             merged.default_policy = layer.default_policy.or(merged.default_policy);
             merged.fair_share_half_life =
                 layer.fair_share_half_life.or(merged.fair_share_half_life);
+            merged.usage_retention = layer.usage_retention.or(merged.usage_retention);
+            merged.market_retention = layer.market_retention.or(merged.market_retention);
         }
         Self::from_file(merged)
     }
@@ -270,7 +282,29 @@ impl ControllerConfig {
                 ));
             }
         }
+        let usage_days = duration(
+            "usage_retention",
+            file.usage_retention.clone(),
+            400 * 86_400,
+        )?;
+        let market = duration(
+            "market_retention",
+            file.market_retention.clone(),
+            30 * 86_400,
+        )?;
+        if usage_days < Duration::from_secs(86_400) {
+            return Err(invalid("usage_retention", "must be at least 1d".into()));
+        }
+        if market < Duration::from_secs(3600) {
+            return Err(invalid("market_retention", "must be at least 1h".into()));
+        }
+        let usage_retention = crate::usage::Retention {
+            records: usage_days.as_secs(),
+            ..Default::default()
+        };
         Ok(Self {
+            usage_retention,
+            market_retention: market,
             listen,
             data_dir: file
                 .data_dir
@@ -305,6 +339,11 @@ impl ControllerConfig {
             fair_share_half_life: Some(
                 humantime::format_duration(self.fair_share_half_life).to_string(),
             ),
+            usage_retention: Some(
+                humantime::format_duration(Duration::from_secs(self.usage_retention.records))
+                    .to_string(),
+            ),
+            market_retention: Some(humantime::format_duration(self.market_retention).to_string()),
             queues: Some(self.queues.clone()),
             generation_factors: Some(
                 self.scheduler

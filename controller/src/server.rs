@@ -8,13 +8,14 @@ use anyhow::Context;
 use gpufleet_proto::v1::agent_control_server::AgentControlServer;
 use gpufleet_proto::v1::fleet_server::FleetServer;
 use gpufleet_proto::v1::jobs_server::JobsServer;
+use gpufleet_proto::v1::usage_server::UsageServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::ControllerConfig;
-use crate::service::{AgentControlService, FleetService, JobsService};
+use crate::service::{AgentControlService, FleetService, JobsService, UsageService};
 use crate::state::Controller;
 use crate::store::SledStore;
 use crate::validate::ModelFacts;
@@ -127,6 +128,9 @@ pub async fn start(
             if let Err(e) = leases.check_leases() {
                 tracing::error!(error = %e, "lease check failed");
             }
+            if let Err(e) = leases.record_market_minute() {
+                tracing::error!(error = %e, "recording market signals failed");
+            }
         }
     }));
 
@@ -136,6 +140,9 @@ pub async fn start(
         .await;
     health_reporter
         .set_serving::<FleetServer<FleetService>>()
+        .await;
+    health_reporter
+        .set_serving::<UsageServer<UsageService>>()
         .await;
     health_reporter
         .set_serving::<AgentControlServer<AgentControlService>>()
@@ -157,6 +164,7 @@ pub async fn start(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(FleetServer::new(FleetService::new(controller.clone())))
+        .add_service(UsageServer::new(UsageService::new(controller.clone())))
         .add_service(
             AgentControlServer::new(AgentControlService::new(controller.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),

@@ -28,6 +28,7 @@ use crate::lifecycle::{
 use crate::placement;
 use crate::scheduler::{self, FairShare, Fleet, NodeInput, Outcome};
 use crate::store::{Keyspace, Store, WriteBatch, load_all};
+use crate::usage;
 use crate::validate;
 
 /// Capacity of each agent's downlink channel.
@@ -62,6 +63,15 @@ struct State {
     nodes: BTreeMap<String, NodeEntry>,
     jobs: HashMap<String, Job>,
     fair: FairShare,
+    ledger: usage::Ledger,
+    /// Telemetry of running allocations, by allocation id.
+    usage_acc: HashMap<String, usage::Accumulator>,
+    /// GPU UUID → allocation id holding it.
+    gpu_owner: HashMap<String, String>,
+    market: usage::market::MarketHistory,
+    /// Jobs placed since the last market minute.
+    starts: Vec<usage::market::StartEvent>,
+    last_market_minute: u64,
 }
 
 /// What an agent gets back for a successful hello.
@@ -102,6 +112,12 @@ impl Controller {
             nodes: BTreeMap::new(),
             jobs: HashMap::new(),
             fair: FairShare::new(config.fair_share_half_life.as_secs_f64()),
+            ledger: usage::Ledger::new(config.usage_retention),
+            usage_acc: HashMap::new(),
+            gpu_owner: HashMap::new(),
+            market: usage::market::MarketHistory::new(config.market_retention.as_secs()),
+            starts: Vec::new(),
+            last_market_minute: placement::unix_secs(SystemTime::now()) / 60,
         };
         let now = Instant::now();
         for mut node in load_all::<Node>(store.as_ref(), Keyspace::Nodes)? {
@@ -129,7 +145,24 @@ impl Controller {
             );
         }
         for job in load_all::<Job>(store.as_ref(), Keyspace::Jobs)? {
+            for task in job.tasks.iter().filter(|t| task_holds_gpus(t)) {
+                for uuid in &task.gpu_uuids {
+                    state
+                        .gpu_owner
+                        .insert(uuid.clone(), task.allocation_id.clone());
+                }
+            }
             state.jobs.insert(job.id.clone(), job);
+        }
+        let now_secs = placement::unix_secs(SystemTime::now());
+        for record in load_all::<gpufleet_proto::v1::UsageRecord>(store.as_ref(), Keyspace::Usage)?
+        {
+            state.ledger.insert(record, now_secs);
+        }
+        for signal in
+            load_all::<gpufleet_proto::v1::MarketSignal>(store.as_ref(), Keyspace::Market)?
+        {
+            state.market.push(signal);
         }
         state.fair = placement::rebuild_fair_share(
             state.jobs.values(),
@@ -366,11 +399,63 @@ impl Controller {
             return Ok(());
         }
         let mut batch = WriteBatch::default();
+        let now_ms = placement::unix_secs(SystemTime::now()) * 1000;
+        let mut records = Vec::new();
         for job in &jobs {
             batch.put(Keyspace::Jobs, &job.id, job);
+            // A task that just ended gets its ledger record in the same
+            // atomic batch: written exactly once, whatever restarts later.
+            let before = state.jobs.get(&job.id);
+            for task in &job.tasks {
+                let was_holding = before
+                    .and_then(|b| {
+                        b.tasks
+                            .iter()
+                            .find(|t| t.allocation_id == task.allocation_id)
+                    })
+                    .is_some_and(task_holds_gpus);
+                if !was_holding
+                    || task_holds_gpus(task)
+                    || state.ledger.contains(&task.allocation_id)
+                {
+                    continue;
+                }
+                let facts = node_facts(state, &task.node_id);
+                if let Some(record) = usage::build_record(
+                    job,
+                    task,
+                    &facts,
+                    state.usage_acc.get(&task.allocation_id),
+                    now_ms,
+                ) {
+                    batch.put(Keyspace::Usage, &record.allocation_id, &record);
+                    records.push(record);
+                }
+            }
         }
         self.inner.store.apply(batch)?;
+        let now_secs = now_ms / 1000;
+        for record in records {
+            state.usage_acc.remove(&record.allocation_id);
+            state.ledger.insert(record, now_secs);
+        }
         for job in jobs {
+            if let Some(before) = state.jobs.get(&job.id) {
+                for task in &before.tasks {
+                    for uuid in &task.gpu_uuids {
+                        if state.gpu_owner.get(uuid) == Some(&task.allocation_id) {
+                            state.gpu_owner.remove(uuid);
+                        }
+                    }
+                }
+            }
+            for task in job.tasks.iter().filter(|t| task_holds_gpus(t)) {
+                for uuid in &task.gpu_uuids {
+                    state
+                        .gpu_owner
+                        .insert(uuid.clone(), task.allocation_id.clone());
+                }
+            }
             state.jobs.insert(job.id.clone(), job.clone());
             let _ = self.inner.job_events.send(job);
         }
@@ -404,6 +489,7 @@ impl Controller {
 
         let ts = now_ts();
         let mut changed = Vec::new();
+        let mut starts = Vec::new();
         let mut victims: BTreeSet<String> = BTreeSet::new();
         for ((job, input), outcome) in pending.iter().zip(&inputs).zip(result.outcomes) {
             match outcome {
@@ -451,6 +537,20 @@ impl Controller {
                         .collect();
                     job.version += 1;
                     tracing::info!(job_id = %job.id, nodes = ?job_nodes(&job), "job scheduled");
+                    let wait_secs = job
+                        .created_at
+                        .and_then(|t| SystemTime::try_from(t).ok())
+                        .and_then(|t| SystemTime::now().duration_since(t).ok())
+                        .map_or(0.0, |d| d.as_secs_f64());
+                    for task in &job.tasks {
+                        starts.push(usage::market::StartEvent {
+                            provider: task.provider.clone(),
+                            region: task.region.clone(),
+                            generation: task.generation,
+                            wait_secs,
+                            gpus: task.gpu_uuids.len() as u32,
+                        });
+                    }
                     changed.push(job);
                 }
                 Outcome::Preempting { victims: evict } => {
@@ -504,10 +604,50 @@ impl Controller {
         }
         let touched: BTreeSet<String> = changed.iter().flat_map(job_nodes).collect();
         self.commit_jobs(&mut state, changed)?;
+        state.starts.extend(starts);
         for node_id in touched {
             self.push_desired(&mut state, &node_id, false);
         }
         Ok(placed)
+    }
+
+    /// Once a minute: records market signals (and prunes what retention
+    /// drops). Called from the lease ticker.
+    pub fn record_market_minute(&self) -> Result<bool> {
+        let mut state = self.lock();
+        let now = placement::unix_secs(SystemTime::now());
+        let minute = now / 60;
+        if minute <= state.last_market_minute {
+            return Ok(false);
+        }
+        state.last_market_minute = minute;
+        let fleet = fleet_index(&state);
+        let pending: Vec<scheduler::JobInput> = placement::pending_jobs(state.jobs.values())
+            .into_iter()
+            .map(placement::job_input)
+            .collect();
+        let snapshot = scheduler::market::snapshot(&fleet, &pending);
+        let starts = std::mem::take(&mut state.starts);
+        let signals = usage::market::signals_for_minute(minute * 60, &snapshot, &starts);
+        let mut batch = WriteBatch::default();
+        for signal in &signals {
+            batch.put(Keyspace::Market, &market_key(signal), signal);
+        }
+        for old in state.market.prune(now) {
+            batch.delete(Keyspace::Market, &market_key(&old));
+        }
+        // Ledger retention, at most once an hour.
+        if minute % 60 == 0 {
+            for id in state.ledger.prune(now) {
+                batch.delete(Keyspace::Usage, &id);
+            }
+        }
+        self.inner.store.apply(batch)?;
+        state.market.unmet_demand_gpus = snapshot.unmet_demand_gpus;
+        for signal in signals {
+            state.market.push(signal);
+        }
+        Ok(true)
     }
 
     /// Why a job is pending, per constraint and per region, against the
@@ -548,6 +688,95 @@ impl Controller {
             regions,
             summary,
         })
+    }
+
+    // ---------------------------------------------------------------- usage
+
+    /// Live records of running allocations, up to now.
+    fn live_usage(state: &State, now_ms: u64) -> Vec<gpufleet_proto::v1::UsageRecord> {
+        let mut out = Vec::new();
+        for job in state.jobs.values() {
+            for task in job.tasks.iter().filter(|t| task_holds_gpus(t)) {
+                let facts = node_facts(state, &task.node_id);
+                if let Some(r) = usage::build_record(
+                    job,
+                    task,
+                    &facts,
+                    state.usage_acc.get(&task.allocation_id),
+                    now_ms,
+                ) {
+                    out.push(r);
+                }
+            }
+        }
+        out
+    }
+
+    pub fn usage_report(
+        &self,
+        query: &usage::ReportQuery,
+        include_running: bool,
+    ) -> gpufleet_proto::v1::UsageReportResponse {
+        let state = self.lock();
+        let now = placement::unix_secs(SystemTime::now());
+        let live = if include_running {
+            Self::live_usage(&state, now * 1000)
+        } else {
+            Vec::new()
+        };
+        state.ledger.report(query, &live, now)
+    }
+
+    pub fn list_usage(
+        &self,
+        since_ms: u64,
+        until_ms: u64,
+        tenant: &str,
+        job_id: &str,
+        include_running: bool,
+        page_size: usize,
+        offset: usize,
+    ) -> (Vec<gpufleet_proto::v1::UsageRecord>, bool) {
+        let state = self.lock();
+        let now_ms = placement::unix_secs(SystemTime::now()) * 1000;
+        let mut records: Vec<gpufleet_proto::v1::UsageRecord> = Vec::new();
+        if include_running {
+            records.extend(Self::live_usage(&state, now_ms).into_iter().filter(|r| {
+                (tenant.is_empty() || r.tenant == tenant)
+                    && (job_id.is_empty() || r.job_id == job_id)
+            }));
+        }
+        records.extend(
+            state
+                .ledger
+                .list(since_ms, until_ms, tenant, job_id)
+                .into_iter()
+                .cloned(),
+        );
+        let more = records.len() > offset + page_size;
+        (
+            records.into_iter().skip(offset).take(page_size).collect(),
+            more,
+        )
+    }
+
+    pub fn market_tightness(&self, since_secs: u64) -> gpufleet_proto::v1::MarketTightnessResponse {
+        let state = self.lock();
+        gpufleet_proto::v1::MarketTightnessResponse {
+            regions: state.market.tightness(since_secs),
+            unmet_demand_gpus: state.market.unmet_demand_gpus,
+        }
+    }
+
+    pub fn market_elasticity(
+        &self,
+        region: &str,
+        generation: i32,
+        since_secs: u64,
+    ) -> gpufleet_proto::v1::MarketElasticityResponse {
+        self.lock()
+            .market
+            .elasticity(region, generation, since_secs)
     }
 
     // ---------------------------------------------------------- maintenance
@@ -813,7 +1042,18 @@ impl Controller {
     }
 
     pub fn record_telemetry(&self, node_id: &str, samples: Vec<GpuSample>) {
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        // Samples of allocated GPUs feed their allocation's usage record.
+        for sample in &samples {
+            if let Some(allocation) = state.gpu_owner.get(&sample.uuid) {
+                state
+                    .usage_acc
+                    .entry(allocation.clone())
+                    .or_default()
+                    .add(sample);
+            }
+        }
         if let Some(entry) = state.nodes.get_mut(node_id) {
             entry.last_seen = Instant::now();
             entry.record.last_seen_at = Some(now_ts());
@@ -1259,6 +1499,28 @@ fn desired_allocations(state: &State, node_id: &str) -> Vec<Allocation> {
         .collect();
     allocations.sort_by(|a, b| a.allocation_id.cmp(&b.allocation_id));
     allocations
+}
+
+fn market_key(signal: &gpufleet_proto::v1::MarketSignal) -> String {
+    format!(
+        "{:012}/{}/{}/{}",
+        signal.at.map_or(0, |t| t.seconds),
+        signal.provider,
+        signal.region,
+        signal.generation
+    )
+}
+
+fn node_facts(state: &State, node_id: &str) -> usage::NodeFacts {
+    state
+        .nodes
+        .get(node_id)
+        .and_then(|e| e.record.identity.as_ref())
+        .map(|i| usage::NodeFacts {
+            zone: i.zone.clone(),
+            spot: i.spot,
+        })
+        .unwrap_or_default()
 }
 
 /// The scheduler's view of the fleet now.

@@ -26,6 +26,10 @@ pub enum StoreError {
 pub enum Keyspace {
     Nodes,
     Jobs,
+    /// Usage ledger records, by allocation id.
+    Usage,
+    /// Market signals, by `<minute>/<provider>/<region>/<generation>`.
+    Market,
 }
 
 impl Keyspace {
@@ -33,6 +37,8 @@ impl Keyspace {
         match self {
             Keyspace::Nodes => "node/",
             Keyspace::Jobs => "job/",
+            Keyspace::Usage => "usage/",
+            Keyspace::Market => "market/",
         }
     }
 

@@ -4,10 +4,12 @@
 mod agent_control;
 mod fleet;
 mod jobs;
+mod usage;
 
 pub use agent_control::AgentControlService;
 pub use fleet::FleetService;
 pub use jobs::JobsService;
+pub use usage::UsageService;
 
 use tonic::Status;
 

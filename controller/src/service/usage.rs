@@ -1,0 +1,225 @@
+use std::time::SystemTime;
+
+use gpufleet_proto::v1::usage_server::Usage;
+use gpufleet_proto::v1::{
+    GpuGeneration, Granularity, ListUsageRecordsRequest, ListUsageRecordsResponse,
+    MarketElasticityRequest, MarketElasticityResponse, MarketTightnessRequest,
+    MarketTightnessResponse, TopUsageRequest, UsageByGenerationRequest, UsageDimension,
+    UsageReportRequest, UsageReportResponse,
+};
+use prost_types::Timestamp;
+use tonic::{Request, Response, Status};
+
+use crate::placement::unix_secs;
+use crate::state::Controller;
+use crate::usage::ReportQuery;
+use crate::usage::rollup::{DAY, HOUR, MINUTE};
+
+/// Reports may reach this far back.
+const MAX_RANGE_SECS: u64 = 5 * 366 * DAY;
+/// And have at most this many series points per row.
+const MAX_SERIES_POINTS: u64 = 10_000;
+
+pub struct UsageService {
+    controller: Controller,
+}
+
+impl UsageService {
+    pub fn new(controller: Controller) -> Self {
+        Self { controller }
+    }
+}
+
+fn secs(ts: Option<&Timestamp>) -> Option<u64> {
+    ts.map(|t| t.seconds.max(0) as u64)
+}
+
+/// [since, until) with defaults, validated.
+fn range(
+    since: Option<&Timestamp>,
+    until: Option<&Timestamp>,
+    default_back: u64,
+) -> Result<(u64, u64), Status> {
+    let now = unix_secs(SystemTime::now());
+    let until = secs(until).unwrap_or(now + 1);
+    let since = secs(since).unwrap_or(until.saturating_sub(default_back));
+    if since >= until {
+        return Err(Status::invalid_argument("since: must be before until"));
+    }
+    if until - since > MAX_RANGE_SECS {
+        return Err(Status::invalid_argument(format!(
+            "since: the range is {} days; at most {} days are accepted",
+            (until - since) / DAY,
+            MAX_RANGE_SECS / DAY
+        )));
+    }
+    Ok((since, until))
+}
+
+fn dimensions(values: &[i32]) -> Result<Vec<UsageDimension>, Status> {
+    values
+        .iter()
+        .map(|v| {
+            UsageDimension::try_from(*v).ok().filter(|d| *d != UsageDimension::Unspecified).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "group_by: {v} is not a dimension; accepted: provider, region, generation, model, tenant, workload_class, job_name"
+                ))
+            })
+        })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl Usage for UsageService {
+    async fn list_usage_records(
+        &self,
+        request: Request<ListUsageRecordsRequest>,
+    ) -> Result<Response<ListUsageRecordsResponse>, Status> {
+        let r = request.into_inner();
+        let (since, until) = range(r.since.as_ref(), r.until.as_ref(), 30 * DAY)?;
+        let page_size = match r.page_size {
+            0 => 100,
+            n if n > 1000 => return Err(Status::invalid_argument("page_size: at most 1000")),
+            n => n as usize,
+        };
+        let offset = if r.page_token.is_empty() {
+            0
+        } else {
+            r.page_token.parse::<usize>().map_err(|_| {
+                Status::invalid_argument("page_token: pass next_page_token unchanged")
+            })?
+        };
+        let (records, more) = self.controller.list_usage(
+            since * 1000,
+            until * 1000,
+            &r.tenant,
+            &r.job_id,
+            r.include_running,
+            page_size,
+            offset,
+        );
+        Ok(Response::new(ListUsageRecordsResponse {
+            records,
+            next_page_token: if more {
+                (offset + page_size).to_string()
+            } else {
+                String::new()
+            },
+        }))
+    }
+
+    async fn get_usage_report(
+        &self,
+        request: Request<UsageReportRequest>,
+    ) -> Result<Response<UsageReportResponse>, Status> {
+        let r = request.into_inner();
+        let (since, until) = range(r.since.as_ref(), r.until.as_ref(), 7 * DAY)?;
+        let series = match Granularity::try_from(r.series).unwrap_or(Granularity::Unspecified) {
+            Granularity::Unspecified => None,
+            Granularity::Minute => Some(MINUTE),
+            Granularity::Hour => Some(HOUR),
+            Granularity::Day => Some(DAY),
+        };
+        if let Some(step) = series {
+            if (until - since) / step > MAX_SERIES_POINTS {
+                return Err(Status::invalid_argument(format!(
+                    "series: {} points per row; at most {MAX_SERIES_POINTS}: use a coarser granularity or a shorter range",
+                    (until - since) / step
+                )));
+            }
+        }
+        let query = ReportQuery {
+            group_by: dimensions(&r.group_by)?,
+            since_secs: since,
+            until_secs: until,
+            series_secs: series,
+            limit: r.limit as usize,
+        };
+        Ok(Response::new(
+            self.controller.usage_report(&query, r.include_running),
+        ))
+    }
+
+    async fn top_usage(
+        &self,
+        request: Request<TopUsageRequest>,
+    ) -> Result<Response<UsageReportResponse>, Status> {
+        let r = request.into_inner();
+        let by = match UsageDimension::try_from(r.by) {
+            Ok(
+                d @ (UsageDimension::WorkloadClass
+                | UsageDimension::JobName
+                | UsageDimension::Tenant),
+            ) => d,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "by: accepted: workload_class, job_name, tenant",
+                ));
+            }
+        };
+        let (since, until) = range(r.since.as_ref(), None, 7 * DAY)?;
+        let query = ReportQuery {
+            group_by: vec![by],
+            since_secs: since,
+            until_secs: until,
+            series_secs: None,
+            limit: if r.limit == 0 { 10 } else { r.limit as usize },
+        };
+        Ok(Response::new(self.controller.usage_report(&query, true)))
+    }
+
+    async fn usage_by_generation(
+        &self,
+        request: Request<UsageByGenerationRequest>,
+    ) -> Result<Response<UsageReportResponse>, Status> {
+        let r = request.into_inner();
+        let (since, until) = range(r.since.as_ref(), None, 30 * DAY)?;
+        let step = if until - since <= 2 * DAY { HOUR } else { DAY };
+        let query = ReportQuery {
+            group_by: vec![UsageDimension::Generation],
+            since_secs: since,
+            until_secs: until,
+            series_secs: Some(step),
+            limit: 0,
+        };
+        Ok(Response::new(self.controller.usage_report(&query, true)))
+    }
+
+    async fn market_tightness(
+        &self,
+        request: Request<MarketTightnessRequest>,
+    ) -> Result<Response<MarketTightnessResponse>, Status> {
+        let r = request.into_inner();
+        let (since, _) = range(r.since.as_ref(), None, DAY)?;
+        Ok(Response::new(self.controller.market_tightness(since)))
+    }
+
+    async fn market_elasticity(
+        &self,
+        request: Request<MarketElasticityRequest>,
+    ) -> Result<Response<MarketElasticityResponse>, Status> {
+        let r = request.into_inner();
+        if r.region.is_empty() {
+            return Err(Status::invalid_argument(
+                "region: is required, e.g. us-east-1",
+            ));
+        }
+        if GpuGeneration::try_from(r.generation)
+            .ok()
+            .filter(|g| *g != GpuGeneration::Unspecified)
+            .is_none()
+        {
+            return Err(Status::invalid_argument(format!(
+                "generation: {} is not a GPU generation; accepted: {}",
+                r.generation,
+                crate::validate::generation_names().join(", ")
+            )));
+        }
+        let (since, _) = range(r.since.as_ref(), None, 7 * DAY)?;
+        Ok(Response::new(self.controller.market_elasticity(
+            &r.region,
+            r.generation,
+            since,
+        )))
+    }
+}
