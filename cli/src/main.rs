@@ -46,6 +46,10 @@ pub enum Command {
     Capacity(commands::nodes::CapacityArgs),
     /// Submit, inspect, cancel and follow jobs.
     Jobs(commands::jobs::JobsArgs),
+    /// The usage ledger: who used which GPUs, for how long, at what cost.
+    Usage(commands::usage::UsageArgs),
+    /// Market signals: tight regions, demand curves, price elasticity.
+    Market(commands::usage::MarketArgs),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +75,13 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if cli.output == output::Format::Csv
+        && !matches!(cli.command, Command::Usage(_) | Command::Market(_))
+    {
+        anyhow::bail!(
+            "-o csv is available for `usage` and `market` reports; use -o table or -o json here"
+        );
+    }
     match cli.command {
         Command::Dev(args) => commands::dev::run(args).await,
         Command::Nodes(args) => commands::nodes::nodes(&cli.controller, cli.output, args).await,
@@ -78,6 +89,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             commands::nodes::capacity(&cli.controller, cli.output, args).await
         }
         Command::Jobs(args) => commands::jobs::run(&cli.controller, cli.output, args).await,
+        Command::Usage(args) => commands::usage::usage(&cli.controller, cli.output, args).await,
+        Command::Market(args) => commands::usage::market(&cli.controller, cli.output, args).await,
     }
 }
 

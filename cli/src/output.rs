@@ -12,6 +12,8 @@ use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 pub enum Format {
     Table,
     Json,
+    /// Comma-separated values (usage and market reports).
+    Csv,
 }
 
 fn pool() -> anyhow::Result<&'static DescriptorPool> {
@@ -130,6 +132,40 @@ pub fn enum_label(name: &str, prefix: &str) -> String {
         .join("")
 }
 
+/// A one-line chart of values, with Unicode blocks.
+pub fn sparkline(values: &[f64]) -> String {
+    const BLOCKS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    let max = values.iter().copied().fold(0.0f64, f64::max);
+    values
+        .iter()
+        .map(|v| {
+            if max <= 0.0 || *v <= 0.0 {
+                ' '
+            } else {
+                BLOCKS[(((v / max) * 7.0).round() as usize).min(7)]
+            }
+        })
+        .collect()
+}
+
+/// A horizontal bar `width` cells long for `value` of `max`.
+pub fn bar(value: f64, max: f64, width: usize) -> String {
+    if max <= 0.0 {
+        return String::new();
+    }
+    let cells = ((value / max) * width as f64).round() as usize;
+    "█".repeat(cells.min(width))
+}
+
+/// Quotes a CSV field when needed.
+pub fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +184,14 @@ mod tests {
         assert_eq!(value["state"], "JOB_STATE_RUNNING");
         // uint64 is a string in the protobuf JSON mapping.
         assert_eq!(value["version"], "3");
+    }
+
+    #[test]
+    fn charts_and_csv() {
+        assert_eq!(sparkline(&[0.0, 1.0, 8.0]), " ▂█");
+        assert_eq!(bar(5.0, 10.0, 4), "██");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("plain"), "plain");
     }
 
     #[test]

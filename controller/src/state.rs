@@ -637,7 +637,7 @@ impl Controller {
             batch.delete(Keyspace::Market, &market_key(&old));
         }
         // Ledger retention, at most once an hour.
-        if minute % 60 == 0 {
+        if minute.is_multiple_of(60) {
             for id in state.ledger.prune(now) {
                 batch.delete(Keyspace::Usage, &id);
             }
@@ -727,29 +727,36 @@ impl Controller {
         state.ledger.report(query, &live, now)
     }
 
+    /// Ledger records (and live ones when asked) matching `filter`, one page.
     pub fn list_usage(
         &self,
-        since_ms: u64,
-        until_ms: u64,
-        tenant: &str,
-        job_id: &str,
-        include_running: bool,
+        filter: &usage::RecordFilter,
         page_size: usize,
         offset: usize,
     ) -> (Vec<gpufleet_proto::v1::UsageRecord>, bool) {
         let state = self.lock();
         let now_ms = placement::unix_secs(SystemTime::now()) * 1000;
+        let matches = |r: &gpufleet_proto::v1::UsageRecord| {
+            (filter.tenant.is_empty() || r.tenant == filter.tenant)
+                && (filter.job_id.is_empty() || r.job_id == filter.job_id)
+        };
         let mut records: Vec<gpufleet_proto::v1::UsageRecord> = Vec::new();
-        if include_running {
-            records.extend(Self::live_usage(&state, now_ms).into_iter().filter(|r| {
-                (tenant.is_empty() || r.tenant == tenant)
-                    && (job_id.is_empty() || r.job_id == job_id)
-            }));
+        if filter.include_running {
+            records.extend(
+                Self::live_usage(&state, now_ms)
+                    .into_iter()
+                    .filter(|r| matches(r)),
+            );
         }
         records.extend(
             state
                 .ledger
-                .list(since_ms, until_ms, tenant, job_id)
+                .list(
+                    filter.since_ms,
+                    filter.until_ms,
+                    &filter.tenant,
+                    &filter.job_id,
+                )
                 .into_iter()
                 .cloned(),
         );

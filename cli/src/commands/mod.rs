@@ -1,3 +1,4 @@
 pub mod dev;
 pub mod jobs;
 pub mod nodes;
+pub mod usage;

@@ -89,15 +89,14 @@ impl Usage for UsageService {
                 Status::invalid_argument("page_token: pass next_page_token unchanged")
             })?
         };
-        let (records, more) = self.controller.list_usage(
-            since * 1000,
-            until * 1000,
-            &r.tenant,
-            &r.job_id,
-            r.include_running,
-            page_size,
-            offset,
-        );
+        let filter = crate::usage::RecordFilter {
+            since_ms: since * 1000,
+            until_ms: until * 1000,
+            tenant: r.tenant,
+            job_id: r.job_id,
+            include_running: r.include_running,
+        };
+        let (records, more) = self.controller.list_usage(&filter, page_size, offset);
         Ok(Response::new(ListUsageRecordsResponse {
             records,
             next_page_token: if more {
@@ -120,13 +119,13 @@ impl Usage for UsageService {
             Granularity::Hour => Some(HOUR),
             Granularity::Day => Some(DAY),
         };
-        if let Some(step) = series {
-            if (until - since) / step > MAX_SERIES_POINTS {
-                return Err(Status::invalid_argument(format!(
-                    "series: {} points per row; at most {MAX_SERIES_POINTS}: use a coarser granularity or a shorter range",
-                    (until - since) / step
-                )));
-            }
+        if let Some(step) = series
+            && (until - since) / step > MAX_SERIES_POINTS
+        {
+            return Err(Status::invalid_argument(format!(
+                "series: {} points per row; at most {MAX_SERIES_POINTS}: use a coarser granularity or a shorter range",
+                (until - since) / step
+            )));
         }
         let query = ReportQuery {
             group_by: dimensions(&r.group_by)?,

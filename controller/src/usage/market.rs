@@ -180,8 +180,9 @@ impl MarketHistory {
 
     /// Regions (region-level signals) ranked by mean tightness since `since`.
     pub fn tightness(&self, since_secs: u64) -> Vec<RegionTightness> {
-        let mut by: BTreeMap<(String, i32), (RegionTightness, f64, Vec<f64>, Vec<f64>)> =
-            BTreeMap::new();
+        // (region, generation) → (row, Σ tightness, per-minute p50s, p95s)
+        type Acc = (RegionTightness, f64, Vec<f64>, Vec<f64>);
+        let mut by: BTreeMap<(String, i32), Acc> = BTreeMap::new();
         for s in self
             .signals
             .iter()

@@ -124,12 +124,13 @@ impl Accumulator {
             return;
         };
         let at = ts_ms(at);
-        if let Some((last_at, last_power)) = self.last_power.get(&sample.uuid).copied() {
-            if at > last_at && at - last_at < 600_000 {
-                // Trapezoid over the interval; gaps over 10 minutes are not guessed.
-                let watts = (power as f64 + last_power as f64) / 2.0 / 1000.0;
-                self.energy_joules += watts * (at - last_at) as f64 / 1000.0;
-            }
+        if let Some((last_at, last_power)) = self.last_power.get(&sample.uuid).copied()
+            && at > last_at
+            && at - last_at < 600_000
+        {
+            // Trapezoid over the interval; gaps over 10 minutes are not guessed.
+            let watts = (power as f64 + last_power as f64) / 2.0 / 1000.0;
+            self.energy_joules += watts * (at - last_at) as f64 / 1000.0;
         }
         self.last_power.insert(sample.uuid.clone(), (at, power));
     }
@@ -242,6 +243,16 @@ pub struct Ledger {
     ids: HashMap<String, u64>,
     rollups: Rollups,
     retention: Retention,
+}
+
+/// Which ledger records to list.
+#[derive(Debug, Clone, Default)]
+pub struct RecordFilter {
+    pub since_ms: u64,
+    pub until_ms: u64,
+    pub tenant: String,
+    pub job_id: String,
+    pub include_running: bool,
 }
 
 /// A usage query, already validated.

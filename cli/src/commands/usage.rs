@@ -1,0 +1,561 @@
+//! `gpufleet usage …` and `gpufleet market …`: the ledger, reports, and
+//! market signals.
+
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use gpufleet_controller::validate::{generation_names, parse_generation};
+use gpufleet_proto::v1::usage_client::UsageClient;
+use gpufleet_proto::v1::{
+    GpuGeneration, Granularity, ListUsageRecordsRequest, MarketElasticityRequest,
+    MarketTightnessRequest, TopUsageRequest, UsageByGenerationRequest, UsageDimension,
+    UsageReportRequest, UsageReportResponse, UsageRow,
+};
+use prost_types::Timestamp;
+
+use crate::client;
+use crate::output::{self, Format};
+
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    #[command(subcommand)]
+    command: UsageCommand,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Dim {
+    Provider,
+    Region,
+    Generation,
+    Model,
+    Tenant,
+    WorkloadClass,
+    JobName,
+}
+
+impl Dim {
+    fn proto(self) -> UsageDimension {
+        match self {
+            Dim::Provider => UsageDimension::Provider,
+            Dim::Region => UsageDimension::Region,
+            Dim::Generation => UsageDimension::Generation,
+            Dim::Model => UsageDimension::Model,
+            Dim::Tenant => UsageDimension::Tenant,
+            Dim::WorkloadClass => UsageDimension::WorkloadClass,
+            Dim::JobName => UsageDimension::JobName,
+        }
+    }
+
+    fn header(self) -> &'static str {
+        match self {
+            Dim::Provider => "PROVIDER",
+            Dim::Region => "REGION",
+            Dim::Generation => "GENERATION",
+            Dim::Model => "MODEL",
+            Dim::Tenant => "TENANT",
+            Dim::WorkloadClass => "CLASS",
+            Dim::JobName => "JOB NAME",
+        }
+    }
+
+    fn value(self, row: &UsageRow) -> String {
+        let text = match self {
+            Dim::Provider => row.provider.clone(),
+            Dim::Region => row.region.clone(),
+            Dim::Generation => generation_label(row.generation),
+            Dim::Model => row.model.clone(),
+            Dim::Tenant => row.tenant.clone(),
+            Dim::WorkloadClass => row.workload_class.clone(),
+            Dim::JobName => row.job_name.clone(),
+        };
+        if text.is_empty() {
+            "-".to_string()
+        } else {
+            text
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TopBy {
+    WorkloadClass,
+    JobName,
+    Tenant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Step {
+    Minute,
+    Hour,
+    Day,
+}
+
+#[derive(Debug, Subcommand)]
+enum UsageCommand {
+    /// Most active workloads by GPU-hours and cost.
+    Top {
+        #[arg(long, value_enum, default_value = "workload-class")]
+        by: TopBy,
+        /// How far back, e.g. 7d, 24h (or an RFC 3339 time).
+        #[arg(long, default_value = "7d")]
+        since: String,
+        #[arg(long, default_value_t = 10)]
+        limit: u32,
+    },
+    /// GPU-hours, share, utilisation and cost per generation, with the daily trend.
+    ByGeneration {
+        #[arg(long, default_value = "30d")]
+        since: String,
+    },
+    /// The general form: group by any dimensions over a range.
+    Report {
+        /// Dimensions, comma-separated.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "provider,region"
+        )]
+        group_by: Vec<Dim>,
+        #[arg(long, default_value = "7d")]
+        since: String,
+        /// End of the range (default: now).
+        #[arg(long)]
+        until: Option<String>,
+        /// Add a time series per row.
+        #[arg(long, value_enum)]
+        series: Option<Step>,
+        /// Leave out allocations still running.
+        #[arg(long)]
+        finished_only: bool,
+    },
+    /// Ledger records, newest first.
+    Records {
+        #[arg(long, default_value = "7d")]
+        since: String,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        job: Option<String>,
+        /// Include running allocations (up to now).
+        #[arg(long)]
+        running: bool,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct MarketArgs {
+    #[command(subcommand)]
+    command: MarketCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum MarketCommand {
+    /// Regions ranked by tightness (pending GPUs per free GPU), with queue waits.
+    Tight {
+        #[arg(long, default_value = "24h")]
+        since: String,
+    },
+    /// The demand curve and the price-elasticity estimates for one region and generation.
+    Elasticity {
+        #[arg(long)]
+        region: String,
+        #[arg(long)]
+        generation: String,
+        #[arg(long, default_value = "7d")]
+        since: String,
+    },
+}
+
+fn generation_label(generation: i32) -> String {
+    GpuGeneration::try_from(generation)
+        .ok()
+        .filter(|g| *g != GpuGeneration::Unspecified)
+        .map(|g| output::enum_label(g.as_str_name(), "GPU_GENERATION_"))
+        .unwrap_or_else(|| "-".to_string())
+}
+
+/// `7d` (that long ago) or an RFC 3339 time.
+fn when(flag: &str, text: &str) -> anyhow::Result<Timestamp> {
+    if let Ok(ago) = humantime::parse_duration(text) {
+        let at = SystemTime::now()
+            .checked_sub(ago)
+            .with_context(|| format!("{flag} {text:?} reaches before 1970"))?;
+        return Ok(Timestamp::from(at));
+    }
+    let at = humantime::parse_rfc3339_weak(text).with_context(|| {
+        format!(
+            "{flag} {text:?} is neither a duration like 7d nor a time like 2026-11-01T00:00:00Z"
+        )
+    })?;
+    Ok(Timestamp::from(at))
+}
+
+fn hours(gpu_ms: u64) -> String {
+    let h = gpu_ms as f64 / 3_600_000.0;
+    if h < 1.0 {
+        format!("{h:.4}")
+    } else {
+        format!("{h:.2}")
+    }
+}
+
+fn util(row: &UsageRow) -> String {
+    row.mean_sm_utilization_percent
+        .map_or("-".to_string(), |u| format!("{u:.0}%"))
+}
+
+fn print_report(
+    report: &UsageReportResponse,
+    dims: &[Dim],
+    format: Format,
+    trend: bool,
+) -> anyhow::Result<()> {
+    match format {
+        Format::Json => output::print_json(report, true),
+        Format::Csv => {
+            let mut header: Vec<String> = dims
+                .iter()
+                .map(|d| d.header().to_ascii_lowercase().replace(' ', "_"))
+                .collect();
+            header.extend(
+                [
+                    "gpu_hours",
+                    "cost_usd",
+                    "share",
+                    "allocations",
+                    "mean_sm_util_percent",
+                ]
+                .map(String::from),
+            );
+            say!("{}", header.join(","));
+            for row in &report.rows {
+                let mut cells: Vec<String> = dims
+                    .iter()
+                    .map(|d| output::csv_field(&d.value(row)))
+                    .collect();
+                cells.push(format!("{:.6}", row.gpu_milliseconds as f64 / 3_600_000.0));
+                cells.push(format!("{:.6}", row.cost_micro_usd as f64 / 1_000_000.0));
+                cells.push(format!("{:.4}", row.share));
+                cells.push(row.allocations.to_string());
+                cells.push(
+                    row.mean_sm_utilization_percent
+                        .map_or(String::new(), |u| format!("{u:.1}")),
+                );
+                say!("{}", cells.join(","));
+            }
+            Ok(())
+        }
+        Format::Table => {
+            let mut headers: Vec<&str> = dims.iter().map(|d| d.header()).collect();
+            headers.extend(["GPU-HOURS", "COST", "SHARE", "ALLOCS", "SM UTIL"]);
+            if trend {
+                headers.push("TREND");
+            }
+            let mut table = output::table(&headers);
+            for row in &report.rows {
+                let mut cells: Vec<String> = dims.iter().map(|d| d.value(row)).collect();
+                cells.extend([
+                    hours(row.gpu_milliseconds),
+                    output::usd(row.cost_micro_usd),
+                    format!("{:.1}%", row.share * 100.0),
+                    row.allocations.to_string(),
+                    util(row),
+                ]);
+                if trend {
+                    let values: Vec<f64> = row
+                        .series
+                        .iter()
+                        .map(|p| p.gpu_milliseconds as f64)
+                        .collect();
+                    cells.push(output::sparkline(&values));
+                }
+                table.add_row(cells);
+            }
+            if let Some(total) = &report.total {
+                let mut cells: Vec<String> = dims
+                    .iter()
+                    .enumerate()
+                    .map(|(i, _)| {
+                        if i == 0 {
+                            "TOTAL".into()
+                        } else {
+                            String::new()
+                        }
+                    })
+                    .collect();
+                if cells.is_empty() {
+                    cells.push("TOTAL".into());
+                }
+                cells.extend([
+                    hours(total.gpu_milliseconds),
+                    output::usd(total.cost_micro_usd),
+                    "100%".into(),
+                    total.allocations.to_string(),
+                    util(total),
+                ]);
+                table.add_row(cells);
+            }
+            output::print_table(&table);
+            say!(
+                "from {} to {}",
+                output::time(report.since.as_ref()),
+                output::time(report.until.as_ref())
+            );
+            Ok(())
+        }
+    }
+}
+
+pub async fn usage(address: &str, format: Format, args: UsageArgs) -> anyhow::Result<ExitCode> {
+    let mut client = UsageClient::new(client::channel(address).await?);
+    match args.command {
+        UsageCommand::Top { by, since, limit } => {
+            let (dim, proto) = match by {
+                TopBy::WorkloadClass => (Dim::WorkloadClass, UsageDimension::WorkloadClass),
+                TopBy::JobName => (Dim::JobName, UsageDimension::JobName),
+                TopBy::Tenant => (Dim::Tenant, UsageDimension::Tenant),
+            };
+            let report = client
+                .top_usage(TopUsageRequest {
+                    by: proto as i32,
+                    since: Some(when("--since", &since)?),
+                    limit,
+                })
+                .await?
+                .into_inner();
+            print_report(&report, &[dim], format, false)?;
+        }
+        UsageCommand::ByGeneration { since } => {
+            let report = client
+                .usage_by_generation(UsageByGenerationRequest {
+                    since: Some(when("--since", &since)?),
+                })
+                .await?
+                .into_inner();
+            print_report(&report, &[Dim::Generation], format, true)?;
+        }
+        UsageCommand::Report {
+            group_by,
+            since,
+            until,
+            series,
+            finished_only,
+        } => {
+            let request = UsageReportRequest {
+                group_by: group_by.iter().map(|d| d.proto() as i32).collect(),
+                since: Some(when("--since", &since)?),
+                until: until.as_deref().map(|u| when("--until", u)).transpose()?,
+                series: match series {
+                    None => Granularity::Unspecified,
+                    Some(Step::Minute) => Granularity::Minute,
+                    Some(Step::Hour) => Granularity::Hour,
+                    Some(Step::Day) => Granularity::Day,
+                } as i32,
+                include_running: !finished_only,
+                limit: 0,
+            };
+            let report = client.get_usage_report(request).await?.into_inner();
+            print_report(&report, &group_by, format, series.is_some())?;
+        }
+        UsageCommand::Records {
+            since,
+            tenant,
+            job,
+            running,
+            limit,
+        } => {
+            let response = client
+                .list_usage_records(ListUsageRecordsRequest {
+                    since: Some(when("--since", &since)?),
+                    until: None,
+                    tenant: tenant.unwrap_or_default(),
+                    job_id: job.unwrap_or_default(),
+                    include_running: running,
+                    page_size: limit,
+                    page_token: String::new(),
+                })
+                .await?
+                .into_inner();
+            if format == Format::Json {
+                output::print_json(&response, true)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut table = output::table(&[
+                "ALLOCATION",
+                "TENANT",
+                "CLASS",
+                "WHERE",
+                "GPUS",
+                "MODEL",
+                "GPU-HOURS",
+                "COST",
+                "SM UTIL",
+                "ENERGY",
+                "ENDED",
+            ]);
+            for r in &response.records {
+                table.add_row(vec![
+                    r.allocation_id.clone(),
+                    r.tenant.clone(),
+                    if r.workload_class.is_empty() {
+                        "-".into()
+                    } else {
+                        r.workload_class.clone()
+                    },
+                    format!("{}/{}", r.provider, r.region),
+                    r.gpu_count.to_string(),
+                    r.model.clone(),
+                    hours(r.gpu_milliseconds),
+                    output::usd(r.cost_micro_usd),
+                    r.mean_sm_utilization_percent
+                        .map_or("-".into(), |u| format!("{u:.0}%")),
+                    r.energy_joules
+                        .map_or("-".into(), |j| format!("{:.1} Wh", j / 3600.0)),
+                    if r.running {
+                        "running".into()
+                    } else {
+                        output::enum_label(r.ended_as().as_str_name(), "WORKLOAD_STATE_")
+                    },
+                ]);
+            }
+            output::print_table(&table);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn market(address: &str, format: Format, args: MarketArgs) -> anyhow::Result<ExitCode> {
+    let mut client = UsageClient::new(client::channel(address).await?);
+    match args.command {
+        MarketCommand::Tight { since } => {
+            let response = client
+                .market_tightness(MarketTightnessRequest {
+                    since: Some(when("--since", &since)?),
+                })
+                .await?
+                .into_inner();
+            if format == Format::Json {
+                output::print_json(&response, true)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let wait = |v: Option<f64>| {
+                v.map_or("-".to_string(), |s| {
+                    humantime::format_duration(Duration::from_secs(s.round() as u64)).to_string()
+                })
+            };
+            let mut table = output::table(&[
+                "REGION",
+                "GENERATION",
+                "TIGHTNESS",
+                "MEAN",
+                "PENDING GPUS",
+                "FREE",
+                "SUPPLY",
+                "WAIT P50",
+                "WAIT P95",
+                "ASK FROM",
+            ]);
+            for r in &response.regions {
+                table.add_row(vec![
+                    r.region.clone(),
+                    generation_label(r.generation),
+                    format!("{:.2}", r.tightness_now),
+                    format!("{:.2}", r.tightness_mean),
+                    r.pending_demand_gpus.to_string(),
+                    r.free_gpus.to_string(),
+                    r.supply_gpus.to_string(),
+                    wait(r.queue_wait_p50_seconds),
+                    wait(r.queue_wait_p95_seconds),
+                    output::usd(r.ask_min_micro_usd),
+                ]);
+            }
+            output::print_table(&table);
+            if response.regions.is_empty() {
+                eprintln!("no market signals yet: the controller records them once a minute");
+            }
+            say!(
+                "unmet demand (fits no region): {} GPUs",
+                response.unmet_demand_gpus
+            );
+        }
+        MarketCommand::Elasticity {
+            region,
+            generation,
+            since,
+        } => {
+            let generation = parse_generation(&generation).with_context(|| {
+                format!(
+                    "--generation {generation:?} is not a GPU generation; accepted: {}",
+                    generation_names().join(", ")
+                )
+            })?;
+            let response = client
+                .market_elasticity(MarketElasticityRequest {
+                    region,
+                    generation: generation as i32,
+                    since: Some(when("--since", &since)?),
+                })
+                .await?
+                .into_inner();
+            if format == Format::Json {
+                output::print_json(&response, true)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            if format == Format::Csv {
+                bail!("-o csv is not available for market elasticity; use -o json");
+            }
+            say!(
+                "{} {} — {} observations; median ask {}/GPU-hour",
+                response.region,
+                generation_label(response.generation),
+                response.observations,
+                output::usd(response.ask_median_micro_usd)
+            );
+            say!("demand curve (GPUs wanted by pending jobs at a bid ≥ price):");
+            let max = response
+                .demand_curve
+                .iter()
+                .map(|d| d.gpus)
+                .max()
+                .unwrap_or(0) as f64;
+            for point in &response.demand_curve {
+                let marker = if point.price_micro_usd >= response.ask_median_micro_usd
+                    && response
+                        .demand_curve
+                        .iter()
+                        .filter(|d| d.price_micro_usd >= response.ask_median_micro_usd)
+                        .map(|d| d.price_micro_usd)
+                        .min()
+                        == Some(point.price_micro_usd)
+                {
+                    " ← ask"
+                } else {
+                    ""
+                };
+                say!(
+                    "  {:>7} │{:<40} {}{marker}",
+                    output::usd(point.price_micro_usd),
+                    output::bar(point.gpus as f64, max, 40),
+                    point.gpus
+                );
+            }
+            let show =
+                |v: Option<f64>| v.map_or("not available".to_string(), |e| format!("{e:.2}"));
+            say!(
+                "elasticity from the curve (±10 % around the ask): {}",
+                show(response.elasticity_from_curve)
+            );
+            say!(
+                "elasticity over time (starts vs ask, log-log):   {}",
+                show(response.elasticity_over_time)
+            );
+            say!("method: {}", response.method);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
