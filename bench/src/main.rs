@@ -7,6 +7,7 @@
 
 mod report;
 mod scheduler;
+mod usage_query;
 
 use clap::{Parser, Subcommand};
 
@@ -22,10 +23,13 @@ enum Command {
     /// Scheduler: 10,000 nodes × 8 GPUs, 100,000 pending jobs; against a
     /// first-fit baseline on the same inputs; fragmentation after churn.
     Scheduler(scheduler::Args),
+    /// Usage reports over one year of hourly rollups; cost of recording market signals.
+    UsageQuery(usage_query::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Scheduler(args) => scheduler::run(args),
+        Command::UsageQuery(args) => usage_query::run(args),
     }
 }

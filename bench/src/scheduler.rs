@@ -89,7 +89,7 @@ const PROVIDERS: &[(&str, &[&str], f64)] = &[
     ),
 ];
 
-fn fleet_inputs(nodes: usize, rng: &mut StdRng) -> Vec<NodeInput> {
+pub fn fleet_inputs(nodes: usize, rng: &mut StdRng) -> Vec<NodeInput> {
     let regions: Vec<(usize, &str)> = PROVIDERS
         .iter()
         .enumerate()
@@ -138,7 +138,7 @@ fn fleet_inputs(nodes: usize, rng: &mut StdRng) -> Vec<NodeInput> {
         .collect()
 }
 
-fn job_inputs(count: usize, rng: &mut StdRng) -> Vec<JobInput> {
+pub fn job_inputs(count: usize, rng: &mut StdRng) -> Vec<JobInput> {
     (0..count)
         .map(|i| {
             let kind: f64 = rng.random();

@@ -61,81 +61,111 @@ pub fn snapshot(fleet: &Fleet, pending: &[JobInput]) -> MarketSnapshot {
         }
         class_group.push(key);
     }
-    // Shape → (gpus requested, classes eligible with price, without price,
-    // bid, feasible, feasible at some price).
-    type Shape = (u32, Vec<usize>, Vec<usize>, u64, bool, bool);
+    // Jobs are grouped by request shape without the bid (classes they could
+    // use at any price), then by bid within a shape: the class filter runs
+    // once per shape, the price cut once per (shape, bid).
+    struct Shape {
+        compiled: Compiled,
+        without: Vec<usize>,
+        feasible_at_any_price: bool,
+        by_bid: HashMap<u64, u32>,
+    }
     let mut shapes: HashMap<Vec<u8>, Shape> = HashMap::new();
     for job in pending {
+        let mut no_price = job.clone();
+        no_price.constraints.max_price_per_gpu_hour_micro_usd = None;
         let mut key = {
             use prost::Message;
-            job.constraints.encode_to_vec()
+            no_price.constraints.encode_to_vec()
         };
         key.extend_from_slice(&job.tasks.to_le_bytes());
         key.extend_from_slice(&job.gpus_per_task.to_le_bytes());
         let gpus = job.tasks.max(1) * job.gpus_per_task;
         let entry = shapes.entry(key).or_insert_with(|| {
-            let compiled = Compiled::new(fleet, job);
-            let mut no_price = job.clone();
-            no_price.constraints.max_price_per_gpu_hour_micro_usd = None;
-            let compiled_no_price = Compiled::new(fleet, &no_price);
+            let compiled = Compiled::new(fleet, &no_price);
             // A class can take the job's tasks at all only with nodes big enough.
-            let big_enough = |c: usize| {
-                fleet.classes[c].healthy_hist
-                    [(job.gpus_per_task.max(1) as usize).min(super::fleet::MAX_GPUS_PER_SLOT)..]
-                    .iter()
-                    .any(|&n| n > 0)
-                    && job.gpus_per_task as usize <= super::fleet::MAX_GPUS_PER_SLOT
-            };
-            let with_price: Vec<usize> = (0..fleet.classes.len())
-                .filter(|&c| compiled.class_ok(&fleet.classes[c]) && big_enough(c))
-                .collect();
+            let per_task = job.gpus_per_task.max(1) as usize;
             let without: Vec<usize> = (0..fleet.classes.len())
-                .filter(|&c| compiled_no_price.class_ok(&fleet.classes[c]) && big_enough(c))
+                .filter(|&c| {
+                    per_task <= super::fleet::MAX_GPUS_PER_SLOT
+                        && compiled.class_ok(&fleet.classes[c])
+                        && fleet.classes[c].healthy_hist[per_task..].iter().any(|&n| n > 0)
+                })
                 .collect();
-            let ids: Vec<u32> = with_price.iter().map(|&c| c as u32).collect();
-            let feasible = !ids.is_empty() && fits_when_idle(fleet, job, &compiled, &ids);
             let ids: Vec<u32> = without.iter().map(|&c| c as u32).collect();
-            let feasible_at_any_price =
-                !ids.is_empty() && fits_when_idle(fleet, &no_price, &compiled_no_price, &ids);
-            let bid = job
-                .constraints
-                .max_price_per_gpu_hour_micro_usd
-                .unwrap_or(u64::MAX);
-            (0, with_price, without, bid, feasible, feasible_at_any_price)
+            let feasible_at_any_price = !ids.is_empty() && fits_when_idle(fleet, &no_price, &compiled, &ids);
+            Shape {
+                compiled,
+                without,
+                feasible_at_any_price,
+                by_bid: HashMap::new(),
+            }
         });
-        entry.0 += gpus;
+        let bid = job.constraints.max_price_per_gpu_hour_micro_usd.unwrap_or(u64::MAX);
+        *entry.by_bid.entry(bid).or_insert(0) += gpus;
     }
-    for (gpus, with_price, without, bid, feasible, feasible_at_any_price) in shapes.values() {
-        if !feasible {
-            out.unmet_demand_gpus += gpus;
-        }
-        if !feasible_at_any_price {
+    let representative: HashMap<Vec<u8>, &JobInput> = pending
+        .iter()
+        .map(|job| {
+            let mut no_price = job.constraints.clone();
+            no_price.max_price_per_gpu_hour_micro_usd = None;
+            let mut key = {
+                use prost::Message;
+                no_price.encode_to_vec()
+            };
+            key.extend_from_slice(&job.tasks.to_le_bytes());
+            key.extend_from_slice(&job.gpus_per_task.to_le_bytes());
+            (key, job)
+        })
+        .collect();
+    for (key, shape) in &shapes {
+        let gpus_total: u32 = shape.by_bid.values().sum();
+        if !shape.feasible_at_any_price {
+            out.unmet_demand_gpus += gpus_total;
             continue;
         }
+        // Demand curve: eligible here at any price, counted where bid ≥ p.
         let mut counted: Vec<&(String, String, i32)> = Vec::new();
-        for &c in with_price.iter().filter(|_| *feasible) {
-            let key = &class_group[c];
-            if !counted.contains(&key) {
-                counted.push(key);
-                if let Some(g) = out.groups.get_mut(key) {
-                    g.pending_demand_gpus += gpus;
-                }
-            }
-        }
-        let mut counted: Vec<&(String, String, i32)> = Vec::new();
-        for &c in without {
-            let key = &class_group[c];
-            if counted.contains(&key) {
+        for &c in &shape.without {
+            let group_key = &class_group[c];
+            if counted.contains(&group_key) {
                 continue;
             }
-            counted.push(key);
-            if let Some(g) = out.groups.get_mut(key) {
+            counted.push(group_key);
+            if let Some(g) = out.groups.get_mut(group_key) {
                 if g.demand_curve.is_empty() {
                     g.demand_curve = PRICE_LADDER.iter().map(|&p| (p, 0)).collect();
                 }
-                for point in &mut g.demand_curve {
-                    if *bid >= point.0 {
-                        point.1 += gpus;
+                for (bid, gpus) in &shape.by_bid {
+                    for point in &mut g.demand_curve {
+                        if *bid >= point.0 {
+                            point.1 += gpus;
+                        }
+                    }
+                }
+            }
+        }
+        // Pending demand: where the job could run at its bid.
+        let Some(job) = representative.get(key) else { continue };
+        for (bid, gpus) in &shape.by_bid {
+            let with_price: Vec<u32> = shape
+                .without
+                .iter()
+                .filter(|&&c| fleet.classes[c].price <= *bid)
+                .map(|&c| c as u32)
+                .collect();
+            // Locality does not depend on the bid: the shape's compiled form serves.
+            if with_price.is_empty() || !fits_when_idle(fleet, job, &shape.compiled, &with_price) {
+                out.unmet_demand_gpus += gpus;
+                continue;
+            }
+            let mut counted: Vec<&(String, String, i32)> = Vec::new();
+            for &c in &with_price {
+                let group_key = &class_group[c as usize];
+                if !counted.contains(&group_key) {
+                    counted.push(group_key);
+                    if let Some(g) = out.groups.get_mut(group_key) {
+                        g.pending_demand_gpus += gpus;
                     }
                 }
             }

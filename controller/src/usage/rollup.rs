@@ -14,6 +14,8 @@ use super::{Dims, UsageDimension};
 pub const MINUTE: u64 = 60;
 pub const HOUR: u64 = 3600;
 pub const DAY: u64 = 86_400;
+/// The coarsest rollup: 30-day buckets (aligned to the Unix epoch).
+pub const MONTH: u64 = 30 * DAY;
 
 /// One record's contribution, ready to be split over buckets.
 #[derive(Debug, Clone)]
@@ -72,8 +74,13 @@ struct Granularity {
 #[derive(Debug)]
 pub struct Rollups {
     combos: Vec<Dims>,
+    /// Per combination, each dimension as a small id (strings interned
+    /// per dimension), so grouping never clones or hashes strings.
+    combo_keys: Vec<[u32; 7]>,
+    interned: [HashMap<String, u32>; 7],
     combo_index: HashMap<Dims, u32>,
-    grans: [Granularity; 3],
+    /// Minute, hour, day, 30 days.
+    grans: [Granularity; 4],
 }
 
 /// A grouped total, optionally with a series.
@@ -94,11 +101,14 @@ impl Rollups {
         };
         Self {
             combos: Vec::new(),
+            combo_keys: Vec::new(),
+            interned: Default::default(),
             combo_index: HashMap::new(),
             grans: [
                 g(MINUTE, retention[0]),
                 g(HOUR, retention[1]),
                 g(DAY, retention[2]),
+                g(MONTH, retention[2]),
             ],
         }
     }
@@ -108,6 +118,22 @@ impl Rollups {
             return id;
         }
         let id = self.combos.len() as u32;
+        let fields = [
+            &dims.provider,
+            &dims.region,
+            &String::new(),
+            &dims.model,
+            &dims.tenant,
+            &dims.workload_class,
+            &dims.job_name,
+        ];
+        let mut key = [0u32; 7];
+        for (i, field) in fields.iter().enumerate() {
+            let next = self.interned[i].len() as u32;
+            key[i] = *self.interned[i].entry((*field).clone()).or_insert(next);
+        }
+        key[2] = dims.generation as u32;
+        self.combo_keys.push(key);
         self.combos.push(dims.clone());
         self.combo_index.insert(dims.clone(), id);
         id
@@ -179,13 +205,17 @@ impl Rollups {
     pub fn granularity_for(&self, since: u64, now_secs: u64) -> u64 {
         self.grans
             .iter()
+            .take(3)
             .find(|g| since + g.retention >= now_secs)
             .map_or(DAY, |g| g.width)
     }
 
-    /// Totals grouped by `group_by` over [since, until), aligned to the
-    /// finest granularity that still holds `since`; with a series per row at
-    /// `series` seconds (≥ that granularity) when given.
+    /// Totals grouped by `group_by` over [since, until). The range is
+    /// aligned to the finest granularity that still holds `since` (returned);
+    /// its interior is read from the coarsest buckets that fit inside it
+    /// (30 days, then days, hours, minutes), so a year-long report reads a
+    /// few hundred thousand cells, not millions. With `series`, no bucket
+    /// wider than the series step is used.
     pub fn query(
         &self,
         group_by: &[UsageDimension],
@@ -195,41 +225,112 @@ impl Rollups {
         now_secs: u64,
     ) -> (Vec<Row>, u64) {
         let width = self.granularity_for(since, now_secs);
-        let Some(gran) = self.grans.iter().find(|g| g.width == width) else {
-            return (Vec::new(), width);
-        };
         let from = (since / width) * width;
         let to = until.div_ceil(width) * width;
-        // combo → row index, computed once per combo seen.
-        let mut row_of: Vec<Option<u32>> = vec![None; self.combos.len()];
-        let mut rows: Vec<Row> = Vec::new();
-        let mut row_index: HashMap<Dims, u32> = HashMap::new();
         let series_width = series.map(|s| s.max(width));
-        for (&start, bucket) in gran.buckets.range(from..to) {
-            for cell in &bucket.cells {
-                let row = match row_of[cell.combo as usize] {
-                    Some(r) => r,
-                    None => {
-                        let key = self.combos[cell.combo as usize].project(group_by);
-                        let r = *row_index.entry(key.clone()).or_insert_with(|| {
+        // Granularities usable: at least `width`, at most the series step.
+        let usable: Vec<&Granularity> = self
+            .grans
+            .iter()
+            .filter(|g| g.width >= width && series_width.is_none_or(|s| g.width <= s))
+            .collect();
+        let mut segments: Vec<(usize, u64, u64)> = Vec::new();
+        cover(&usable, usable.len(), from, to, &mut segments);
+
+        let mask = DimMask::of(group_by);
+        const NONE: u32 = u32::MAX;
+        let mut row_of: Vec<u32> = vec![NONE; self.combos.len()];
+        let mut rows: Vec<Row> = Vec::new();
+        let mut row_index: HashMap<[u32; 7], u32> = HashMap::new();
+        for (g, a, b) in segments {
+            let gran = usable[g];
+            for (&start, bucket) in gran.buckets.range(a..b) {
+                for cell in &bucket.cells {
+                    let mut row = row_of[cell.combo as usize];
+                    if row == NONE {
+                        let key = mask.key(&self.combo_keys[cell.combo as usize]);
+                        row = *row_index.entry(key).or_insert_with(|| {
                             rows.push(Row {
-                                dims: key,
+                                dims: mask.project(&self.combos[cell.combo as usize]),
                                 ..Default::default()
                             });
                             (rows.len() - 1) as u32
                         });
-                        row_of[cell.combo as usize] = Some(r);
-                        r
+                        row_of[cell.combo as usize] = row;
                     }
-                };
-                let row = &mut rows[row as usize];
-                row.total.add(cell);
-                if let Some(sw) = series_width {
-                    row.series.entry((start / sw) * sw).or_default().add(cell);
+                    let row = &mut rows[row as usize];
+                    row.total.add(cell);
+                    if let Some(sw) = series_width {
+                        row.series.entry((start / sw) * sw).or_default().add(cell);
+                    }
                 }
             }
         }
         (rows, width)
+    }
+}
+
+/// Splits [from, to) into aligned segments of the coarsest usable
+/// granularities: (granularity index, start, end).
+fn cover(grans: &[&Granularity], upto: usize, from: u64, to: u64, out: &mut Vec<(usize, u64, u64)>) {
+    if from >= to || upto == 0 {
+        return;
+    }
+    let g = upto - 1;
+    let w = grans[g].width;
+    let a = from.div_ceil(w) * w;
+    let b = (to / w) * w;
+    if g == 0 || a >= b {
+        if g == 0 {
+            out.push((0, from, to));
+        } else {
+            cover(grans, g, from, to, out);
+        }
+        return;
+    }
+    cover(grans, g, from, a, out);
+    out.push((g, a, b));
+    cover(grans, g, b, to, out);
+}
+
+/// Which dimensions a report keeps.
+struct DimMask([bool; 7]);
+
+impl DimMask {
+    fn of(group_by: &[UsageDimension]) -> Self {
+        let has = |d| group_by.contains(&d);
+        Self([
+            has(UsageDimension::Provider),
+            has(UsageDimension::Region),
+            has(UsageDimension::Generation),
+            has(UsageDimension::Model),
+            has(UsageDimension::Tenant),
+            has(UsageDimension::WorkloadClass),
+            has(UsageDimension::JobName),
+        ])
+    }
+
+    fn key(&self, ids: &[u32; 7]) -> [u32; 7] {
+        let mut key = [u32::MAX; 7];
+        for i in 0..7 {
+            if self.0[i] {
+                key[i] = ids[i];
+            }
+        }
+        key
+    }
+
+    fn project(&self, d: &Dims) -> Dims {
+        let keep = |i: usize, v: &String| if self.0[i] { v.clone() } else { String::new() };
+        Dims {
+            provider: keep(0, &d.provider),
+            region: keep(1, &d.region),
+            generation: if self.0[2] { d.generation } else { 0 },
+            model: keep(3, &d.model),
+            tenant: keep(4, &d.tenant),
+            workload_class: keep(5, &d.workload_class),
+            job_name: keep(6, &d.job_name),
+        }
     }
 }
 
@@ -306,6 +407,35 @@ mod tests {
     }
 
     #[test]
+    fn long_ranges_mix_granularities_without_double_counting() {
+        let mut r = Rollups::new([2 * DAY, 90 * DAY, 3650 * DAY]);
+        let now = 1000 * DAY;
+        // One record per day for 400 days, 1 GPU-hour each.
+        for d in 0..400 {
+            let start = (now - 400 * DAY + d * DAY + 3600) * 1000;
+            r.add(
+                &Contribution {
+                    dims: dims("a", 6),
+                    start_ms: start,
+                    end_ms: start + 3_600_000,
+                    gpus: 1,
+                    price_micro_usd: 1_000_000,
+                    mean_util: None,
+                    energy_joules: None,
+                },
+                now,
+            );
+        }
+        for back in [365, 100, 31, 7] {
+            let (rows, _) = r.query(&[], now - back * DAY, now, None, now);
+            assert_eq!(rows[0].total.gpu_ms, back * 3_600_000, "{back} days");
+            assert_eq!(rows[0].total.allocations as u64, back);
+        }
+        let (rows, _) = r.query(&[UsageDimension::Tenant], now - 100 * DAY, now, Some(DAY), now);
+        assert_eq!(rows[0].series.len(), 100, "daily series never uses 30-day buckets");
+    }
+
+    #[test]
     fn prune_drops_old_buckets() {
         let mut r = Rollups::new([2 * DAY, 90 * DAY, 3650 * DAY]);
         let c = Contribution {
@@ -321,5 +451,6 @@ mod tests {
         r.prune(100 * DAY);
         assert!(r.grans[0].buckets.is_empty() && r.grans[1].buckets.is_empty());
         assert_eq!(r.grans[2].buckets.len(), 1);
+        assert_eq!(r.grans[3].buckets.len(), 1);
     }
 }
