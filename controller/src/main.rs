@@ -35,6 +35,12 @@ struct Args {
     /// Half-life of past usage in fair share [default: 24h].
     #[arg(long)]
     fair_share_half_life: Option<String>,
+    /// How long usage records are kept [default: 400d].
+    #[arg(long)]
+    usage_retention: Option<String>,
+    /// How long per-minute market signals are kept [default: 30d].
+    #[arg(long)]
+    market_retention: Option<String>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -57,6 +63,8 @@ fn main() -> ExitCode {
         node_lost_after: args.node_lost_after.clone(),
         default_policy: args.default_policy.clone(),
         fair_share_half_life: args.fair_share_half_life.clone(),
+        usage_retention: args.usage_retention.clone(),
+        market_retention: args.market_retention.clone(),
         ..Default::default()
     };
     let config = match ControllerConfig::load(args.config.as_deref(), &env, overrides) {
