@@ -3,11 +3,13 @@
 
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod scheduler;
 pub mod server;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod telemetry;
 pub mod validate;
 
 pub use config::ControllerConfig;

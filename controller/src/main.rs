@@ -29,6 +29,12 @@ struct Args {
     /// Silence after which a node is Lost and its jobs end [default: 60s].
     #[arg(long)]
     node_lost_after: Option<String>,
+    /// How long per-minute telemetry rollups are kept [default: 7d].
+    #[arg(long)]
+    telemetry_retention: Option<String>,
+    /// HTTP address of the Prometheus /metrics endpoint [default: 127.0.0.1:9401].
+    #[arg(long)]
+    metrics_listen: Option<String>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -49,6 +55,8 @@ fn main() -> ExitCode {
         join_token: args.join_token.clone(),
         node_not_ready_after: args.node_not_ready_after.clone(),
         node_lost_after: args.node_lost_after.clone(),
+        telemetry_retention: args.telemetry_retention.clone(),
+        metrics_listen: args.metrics_listen.clone(),
     };
     let config = match ControllerConfig::load(args.config.as_deref(), &env, overrides) {
         Ok(config) => config,

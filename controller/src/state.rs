@@ -24,6 +24,7 @@ use crate::config::ControllerConfig;
 use crate::error::{ControllerError, Result};
 use crate::scheduler::{self, FleetSnapshot, GpuSlot, NodeSnapshot, PlacementRequest};
 use crate::store::{Keyspace, Store, WriteBatch, load_all};
+use crate::telemetry::{RollupStore, TelemetryHub};
 use crate::validate;
 
 /// Capacity of each agent's downlink channel.
@@ -70,7 +71,6 @@ struct NodeEntry {
     last_sent: Option<Vec<String>>,
     /// A desired-state message could not be queued; resend on the next tick.
     resend: bool,
-    latest: HashMap<String, GpuSample>,
 }
 
 struct Session {
@@ -96,6 +96,9 @@ struct Inner {
     store: Box<dyn Store>,
     known_models: Vec<String>,
     state: Mutex<State>,
+    /// Latest samples and rollups; its own locks, so ingest never waits
+    /// for the state lock. Order: state lock, then telemetry locks.
+    telemetry: TelemetryHub,
     job_events: broadcast::Sender<Job>,
     schedule: Notify,
     log_waiters: Mutex<HashMap<String, oneshot::Sender<LogResponse>>>,
@@ -116,6 +119,7 @@ impl Controller {
     pub fn open(
         config: ControllerConfig,
         store: Box<dyn Store>,
+        rollups: Arc<dyn RollupStore>,
         known_models: Vec<String>,
     ) -> Result<Self> {
         let mut state = State::default();
@@ -140,7 +144,6 @@ impl Controller {
                     last_seq: 0,
                     last_sent: None,
                     resend: false,
-                    latest: HashMap::new(),
                 },
             );
         }
@@ -153,8 +156,10 @@ impl Controller {
             "state loaded from store"
         );
         let (job_events, _) = broadcast::channel(1024);
+        let telemetry = TelemetryHub::new(rollups, config.telemetry_retention);
         Ok(Self {
             inner: Arc::new(Inner {
+                telemetry,
                 config,
                 store,
                 known_models,
@@ -188,6 +193,10 @@ impl Controller {
 
     pub fn config(&self) -> &ControllerConfig {
         &self.inner.config
+    }
+
+    pub fn telemetry(&self) -> &TelemetryHub {
+        &self.inner.telemetry
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -536,6 +545,8 @@ impl Controller {
         let mut batch = WriteBatch::default();
         batch.put(Keyspace::Nodes, &node_id, &record);
         self.inner.store.apply(batch)?;
+        let uuids: Vec<String> = hello.gpus.iter().map(|g| g.uuid.clone()).collect();
+        self.inner.telemetry.register_node(&node_id, &uuids);
         let generation = previous
             .as_ref()
             .map_or(0, |p| p.generation)
@@ -554,7 +565,6 @@ impl Controller {
                 last_seq,
                 last_sent: None,
                 resend: false,
-                latest: previous.map(|p| p.latest).unwrap_or_default(),
             },
         );
         let ack = ControllerMessage {
@@ -632,6 +642,7 @@ impl Controller {
             return false;
         };
         entry.last_seen = Instant::now();
+        entry.record.last_seen_at = Some(now_ts());
         if seq != 0 && seq <= entry.last_seq {
             return false;
         }
@@ -648,15 +659,22 @@ impl Controller {
         true
     }
 
+    /// Validates and keeps a batch of samples. Takes only the telemetry
+    /// locks: `accept_seq`, called for every message, already refreshed the
+    /// node's lease.
     pub fn record_telemetry(&self, node_id: &str, samples: Vec<GpuSample>) {
-        let mut state = self.lock();
-        if let Some(entry) = state.nodes.get_mut(node_id) {
-            entry.last_seen = Instant::now();
-            entry.record.last_seen_at = Some(now_ts());
-            for sample in samples {
-                entry.latest.insert(sample.uuid.clone(), sample);
-            }
+        self.inner
+            .telemetry
+            .ingest(node_id, samples, SystemTime::now());
+    }
+
+    /// Job counts by state, for `/metrics`.
+    pub fn job_counts(&self) -> BTreeMap<JobState, u64> {
+        let mut counts = BTreeMap::new();
+        for job in self.lock().jobs.values() {
+            *counts.entry(job.state()).or_insert(0) += 1;
         }
+        counts
     }
 
     /// Applies a workload status event from `node_id`.
@@ -906,7 +924,7 @@ impl Controller {
                     && (region.is_empty() || identity.region == region)
                     && (states.is_empty() || states.contains(&e.record.state()))
             })
-            .map(|e| node_view(&state, e))
+            .map(|e| node_view(&state, e, &self.inner.telemetry))
             .collect()
     }
 
@@ -916,7 +934,7 @@ impl Controller {
         state
             .nodes
             .get(node_id)
-            .map(|e| node_view(&state, e))
+            .map(|e| node_view(&state, e, &self.inner.telemetry))
             .ok_or_else(|| ControllerError::NotFound(format!("node {node_id} is not registered")))
     }
 
@@ -1163,9 +1181,15 @@ fn snapshot(state: &State) -> FleetSnapshot {
     )
 }
 
-fn node_view(state: &State, entry: &NodeEntry) -> Node {
+fn node_view(state: &State, entry: &NodeEntry, telemetry: &TelemetryHub) -> Node {
     let held = held_gpus(state);
     let mut node = entry.record.clone();
+    let node_id = node
+        .identity
+        .as_ref()
+        .map(|i| i.node_id.as_str())
+        .unwrap_or_default();
+    let mut latest = telemetry.latest_for_node(node_id);
     node.connected = entry.session.is_some();
     let mut allocated = 0;
     for gpu in &mut node.gpus {
@@ -1179,7 +1203,7 @@ fn node_view(state: &State, entry: &NodeEntry) -> Node {
             gpu.allocation_id = allocation_id.clone();
             allocated += 1;
         }
-        gpu.latest = entry.latest.get(&uuid).cloned();
+        gpu.latest = latest.remove(&uuid);
     }
     node.allocated_gpus = allocated;
     node

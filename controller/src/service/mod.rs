@@ -4,10 +4,12 @@
 mod agent_control;
 mod fleet;
 mod jobs;
+mod telemetry;
 
 pub use agent_control::AgentControlService;
 pub use fleet::FleetService;
 pub use jobs::JobsService;
+pub use telemetry::TelemetryService;
 
 use tonic::Status;
 
