@@ -46,6 +46,11 @@ pub enum Command {
     Capacity(commands::nodes::CapacityArgs),
     /// Submit, inspect, cancel and follow jobs.
     Jobs(commands::jobs::JobsArgs),
+    /// Live fleet table: every GPU's utilisation, memory, temperature,
+    /// power and job, refreshing (`--once` for one frame).
+    Top(commands::top::TopArgs),
+    /// GPU telemetry history (terminal chart) and fleet aggregates.
+    Telemetry(commands::telemetry::TelemetryArgs),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +83,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             commands::nodes::capacity(&cli.controller, cli.output, args).await
         }
         Command::Jobs(args) => commands::jobs::run(&cli.controller, cli.output, args).await,
+        Command::Top(args) => commands::top::run(&cli.controller, cli.output, args).await,
+        Command::Telemetry(args) => {
+            commands::telemetry::run(&cli.controller, cli.output, args).await
+        }
     }
 }
 

@@ -1,3 +1,5 @@
 pub mod dev;
 pub mod jobs;
 pub mod nodes;
+pub mod telemetry;
+pub mod top;
