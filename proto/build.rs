@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "proto/gpufleet/v1/jobs.proto",
     "proto/gpufleet/v1/fleet.proto",
     "proto/gpufleet/v1/usage.proto",
+    "proto/gpufleet/v1/telemetry.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

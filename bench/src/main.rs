@@ -5,9 +5,12 @@
 // A binary crate: `pub` only marks what modules share.
 #![allow(unreachable_pub)]
 
+mod ingest;
 mod report;
 mod scheduler;
 mod usage_query;
+
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
@@ -23,13 +26,24 @@ enum Command {
     /// Scheduler: 10,000 nodes × 8 GPUs, 100,000 pending jobs; against a
     /// first-fit baseline on the same inputs; fragmentation after churn.
     Scheduler(scheduler::Args),
+    /// Controller telemetry ingest from many agents, against a bare tonic
+    /// stream server in the same run; controller memory per GPU.
+    Ingest(ingest::IngestArgs),
     /// Usage reports over one year of hourly rollups; cost of recording market signals.
     UsageQuery(usage_query::Args),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
         Command::Scheduler(args) => scheduler::run(args),
+        Command::Ingest(args) => ingest::run(args),
         Command::UsageQuery(args) => usage_query::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gpufleet-bench: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -56,7 +56,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     generation: g,
                     model: format!("model-{g}"),
                     tenant: format!("tenant-{t:02}"),
-                    workload_class: ["training", "inference", "batch"][(t % 3) as usize].to_string(),
+                    workload_class: ["training", "inference", "batch"][(t % 3) as usize]
+                        .to_string(),
                     job_name: String::new(),
                 })
             })
@@ -91,12 +92,42 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let year = now - args.days * DAY;
     let queries: Vec<(&str, Vec<UsageDimension>, u64, Option<u64>)> = vec![
-        ("by generation, whole range", vec![UsageDimension::Generation], year, None),
-        ("by tenant, whole range", vec![UsageDimension::Tenant], year, None),
-        ("by region × generation, whole range", vec![UsageDimension::Region, UsageDimension::Generation], year, None),
-        ("by generation, 30 days, daily series", vec![UsageDimension::Generation], now - 30 * DAY, Some(DAY)),
-        ("by workload class, 7 days", vec![UsageDimension::WorkloadClass], now - 7 * DAY, None),
-        ("by tenant, last 24 h (minute rollups)", vec![UsageDimension::Tenant], now - DAY, None),
+        (
+            "by generation, whole range",
+            vec![UsageDimension::Generation],
+            year,
+            None,
+        ),
+        (
+            "by tenant, whole range",
+            vec![UsageDimension::Tenant],
+            year,
+            None,
+        ),
+        (
+            "by region × generation, whole range",
+            vec![UsageDimension::Region, UsageDimension::Generation],
+            year,
+            None,
+        ),
+        (
+            "by generation, 30 days, daily series",
+            vec![UsageDimension::Generation],
+            now - 30 * DAY,
+            Some(DAY),
+        ),
+        (
+            "by workload class, 7 days",
+            vec![UsageDimension::WorkloadClass],
+            now - 7 * DAY,
+            None,
+        ),
+        (
+            "by tenant, last 24 h (minute rollups)",
+            vec![UsageDimension::Tenant],
+            now - DAY,
+            None,
+        ),
     ];
     let mut rows = Vec::new();
     let mut worst = 0.0f64;
@@ -108,7 +139,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             _ => "day",
         };
         worst = worst.max(ms);
-        rows.push(vec![name.to_string(), granularity.to_string(), n.to_string(), format!("{ms:.2}")]);
+        rows.push(vec![
+            name.to_string(),
+            granularity.to_string(),
+            n.to_string(),
+            format!("{ms:.2}"),
+        ]);
     }
 
     // Market signals against a scheduling pass, on the scheduler benchmark's inputs.
@@ -125,9 +161,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     report::table(
         &["figure", "value", "goal"],
         &[
-            vec!["slowest query".into(), format!("{worst:.2} ms"), "<= 50 ms".into()],
-            vec!["scheduling pass (10k nodes, 100k jobs)".into(), format!("{pass_ms:.1} ms"), "-".into()],
-            vec!["recording market signals (once a minute)".into(), format!("{signal_ms:.1} ms"), "-".into()],
+            vec![
+                "slowest query".into(),
+                format!("{worst:.2} ms"),
+                "<= 50 ms".into(),
+            ],
+            vec![
+                "scheduling pass (10k nodes, 100k jobs)".into(),
+                format!("{pass_ms:.1} ms"),
+                "-".into(),
+            ],
+            vec![
+                "recording market signals (once a minute)".into(),
+                format!("{signal_ms:.1} ms"),
+                "-".into(),
+            ],
             vec![
                 "signals ÷ one pass".into(),
                 format!("{:.1} %", signal_ms / pass_ms * 100.0),
@@ -167,7 +215,13 @@ fn signal_overhead(seed: u64) -> (f64, f64) {
     for _ in 0..3 {
         let mut fleet = Fleet::build(&nodes, &[]);
         let started = Instant::now();
-        let result = schedule(&mut fleet, &jobs, &SchedulerConfig::default(), &TenantState::default(), 1_000_000);
+        let result = schedule(
+            &mut fleet,
+            &jobs,
+            &SchedulerConfig::default(),
+            &TenantState::default(),
+            1_000_000,
+        );
         pass.push(started.elapsed().as_secs_f64() * 1000.0);
         let still: Vec<_> = jobs
             .iter()
@@ -177,7 +231,8 @@ fn signal_overhead(seed: u64) -> (f64, f64) {
             .collect();
         let started = Instant::now();
         let snapshot = market::snapshot(&fleet, &still);
-        let recorded = gpufleet_controller::usage::market::signals_for_minute(1_000_000, &snapshot, &[]);
+        let recorded =
+            gpufleet_controller::usage::market::signals_for_minute(1_000_000, &snapshot, &[]);
         signals.push(started.elapsed().as_secs_f64() * 1000.0);
         std::hint::black_box(recorded);
     }

@@ -3,6 +3,7 @@
 use anyhow::Context;
 use gpufleet_proto::v1::fleet_client::FleetClient;
 use gpufleet_proto::v1::jobs_client::JobsClient;
+use gpufleet_proto::v1::telemetry_client::TelemetryClient;
 use tonic::transport::{Channel, Endpoint};
 
 pub async fn channel(address: &str) -> anyhow::Result<Channel> {
@@ -31,6 +32,10 @@ pub async fn jobs(address: &str) -> anyhow::Result<JobsClient<Channel>> {
 
 pub async fn fleet(address: &str) -> anyhow::Result<FleetClient<Channel>> {
     Ok(FleetClient::new(channel(address).await?))
+}
+
+pub async fn telemetry(address: &str) -> anyhow::Result<TelemetryClient<Channel>> {
+    Ok(TelemetryClient::new(channel(address).await?))
 }
 
 /// The error chain as one line; gRPC statuses show their code and message.

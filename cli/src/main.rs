@@ -50,6 +50,11 @@ pub enum Command {
     Usage(commands::usage::UsageArgs),
     /// Market signals: tight regions, demand curves, price elasticity.
     Market(commands::usage::MarketArgs),
+    /// Live fleet table: every GPU's utilisation, memory, temperature,
+    /// power and job, refreshing (`--once` for one frame).
+    Top(commands::top::TopArgs),
+    /// GPU telemetry history (terminal chart) and fleet aggregates.
+    Telemetry(commands::telemetry::TelemetryArgs),
 }
 
 fn main() -> ExitCode {
@@ -91,6 +96,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Jobs(args) => commands::jobs::run(&cli.controller, cli.output, args).await,
         Command::Usage(args) => commands::usage::usage(&cli.controller, cli.output, args).await,
         Command::Market(args) => commands::usage::market(&cli.controller, cli.output, args).await,
+        Command::Top(args) => commands::top::run(&cli.controller, cli.output, args).await,
+        Command::Telemetry(args) => {
+            commands::telemetry::run(&cli.controller, cli.output, args).await
+        }
     }
 }
 

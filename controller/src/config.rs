@@ -38,6 +38,10 @@ pub struct ConfigFile {
     pub node_not_ready_after: Option<String>,
     /// Silence after which a NotReady node becomes Lost and its jobs end.
     pub node_lost_after: Option<String>,
+    /// How long per-minute telemetry rollups are kept (humantime, e.g. "7d").
+    pub telemetry_retention: Option<String>,
+    /// HTTP address of the Prometheus `/metrics` endpoint.
+    pub metrics_listen: Option<String>,
     /// Placement policy for jobs that name none: cost, pack or spread.
     pub default_policy: Option<String>,
     /// Half-life of past usage in fair share (humantime, e.g. "24h").
@@ -77,10 +81,14 @@ pub struct ControllerConfig {
     pub queues: Vec<String>,
     pub usage_retention: crate::usage::Retention,
     pub market_retention: Duration,
+    pub telemetry_retention: Duration,
+    pub metrics_listen: SocketAddr,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/gpufleet/controller";
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9401";
+pub const DEFAULT_TELEMETRY_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl ControllerConfig {
     /// Defaults suitable for a test or `gpufleet dev`: store in `data_dir`.
@@ -98,6 +106,9 @@ impl ControllerConfig {
             queues: vec!["default".to_string()],
             usage_retention: crate::usage::Retention::default(),
             market_retention: Duration::from_secs(30 * 86_400),
+            telemetry_retention: DEFAULT_TELEMETRY_RETENTION,
+            // Any free port: several test or dev controllers share a host.
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         }
     }
 
@@ -126,6 +137,8 @@ impl ControllerConfig {
             join_token: env.get("GPUFLEET_JOIN_TOKEN").cloned(),
             node_not_ready_after: env.get("GPUFLEET_NODE_NOT_READY_AFTER").cloned(),
             node_lost_after: env.get("GPUFLEET_NODE_LOST_AFTER").cloned(),
+            telemetry_retention: env.get("GPUFLEET_TELEMETRY_RETENTION").cloned(),
+            metrics_listen: env.get("GPUFLEET_METRICS_LISTEN").cloned(),
             default_policy: env.get("GPUFLEET_DEFAULT_POLICY").cloned(),
             fair_share_half_life: env.get("GPUFLEET_FAIR_SHARE_HALF_LIFE").cloned(),
             usage_retention: env.get("GPUFLEET_USAGE_RETENTION").cloned(),
@@ -144,6 +157,8 @@ impl ControllerConfig {
                 layer.fair_share_half_life.or(merged.fair_share_half_life);
             merged.usage_retention = layer.usage_retention.or(merged.usage_retention);
             merged.market_retention = layer.market_retention.or(merged.market_retention);
+            merged.telemetry_retention = layer.telemetry_retention.or(merged.telemetry_retention);
+            merged.metrics_listen = layer.metrics_listen.or(merged.metrics_listen);
         }
         Self::from_file(merged)
     }
@@ -167,6 +182,24 @@ impl ControllerConfig {
             }
         };
         let not_ready = duration("node_not_ready_after", file.node_not_ready_after, 15)?;
+        let retention = duration(
+            "telemetry_retention",
+            file.telemetry_retention,
+            DEFAULT_TELEMETRY_RETENTION.as_secs(),
+        )?;
+        if retention < Duration::from_secs(60) {
+            return Err(ConfigError::Invalid {
+                key: "telemetry_retention".into(),
+                message: "must be at least 1m: rollups are per minute".into(),
+            });
+        }
+        let metrics_text = file
+            .metrics_listen
+            .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.to_string());
+        let metrics_listen = metrics_text.parse().map_err(|_| ConfigError::Invalid {
+            key: "metrics_listen".into(),
+            message: format!("{metrics_text:?} is not an address like 0.0.0.0:9401"),
+        })?;
         let lost = duration("node_lost_after", file.node_lost_after, 60)?;
         if not_ready.is_zero() {
             return Err(ConfigError::Invalid {
@@ -315,6 +348,8 @@ impl ControllerConfig {
             scheduler,
             fair_share_half_life: half_life,
             queues,
+            telemetry_retention: retention,
+            metrics_listen,
         })
     }
 
@@ -381,6 +416,10 @@ impl ControllerConfig {
                     })
                     .collect(),
             ),
+            telemetry_retention: Some(
+                humantime::format_duration(self.telemetry_retention).to_string(),
+            ),
+            metrics_listen: Some(self.metrics_listen.to_string()),
         };
         toml::to_string(&file).unwrap_or_default()
     }
@@ -431,6 +470,29 @@ mod tests {
     }
 
     #[test]
+    fn telemetry_keys_from_env_and_defaults() {
+        let c = ControllerConfig::load(None, &HashMap::new(), ConfigFile::default()).unwrap();
+        assert_eq!(c.telemetry_retention, Duration::from_secs(7 * 86_400));
+        assert_eq!(c.metrics_listen.to_string(), "127.0.0.1:9401");
+        let env = HashMap::from([
+            ("GPUFLEET_TELEMETRY_RETENTION".to_string(), "2d".to_string()),
+            (
+                "GPUFLEET_METRICS_LISTEN".to_string(),
+                "0.0.0.0:9999".to_string(),
+            ),
+        ]);
+        let c = ControllerConfig::load(None, &env, ConfigFile::default()).unwrap();
+        assert_eq!(c.telemetry_retention, Duration::from_secs(2 * 86_400));
+        assert_eq!(c.metrics_listen.port(), 9999);
+        let env = HashMap::from([(
+            "GPUFLEET_TELEMETRY_RETENTION".to_string(),
+            "30s".to_string(),
+        )]);
+        let err = ControllerConfig::load(None, &env, ConfigFile::default()).unwrap_err();
+        assert!(err.to_string().starts_with("telemetry_retention"), "{err}");
+    }
+
+    #[test]
     fn printed_config_round_trips() {
         let c = ControllerConfig::for_data_dir("/d");
         let again: ConfigFile = toml::from_str(&c.to_toml()).unwrap();
@@ -454,5 +516,7 @@ mod shipped_config {
         assert_eq!(loaded.data_dir, defaults.data_dir);
         assert_eq!(loaded.node_not_ready_after, defaults.node_not_ready_after);
         assert_eq!(loaded.node_lost_after, defaults.node_lost_after);
+        assert_eq!(loaded.telemetry_retention, defaults.telemetry_retention);
+        assert_eq!(loaded.metrics_listen, defaults.metrics_listen);
     }
 }

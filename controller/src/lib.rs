@@ -4,12 +4,14 @@
 pub mod config;
 pub mod error;
 pub mod lifecycle;
+pub mod metrics;
 pub mod placement;
 pub mod scheduler;
 pub mod server;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod telemetry;
 pub mod usage;
 pub mod validate;
 

@@ -41,6 +41,12 @@ struct Args {
     /// How long per-minute market signals are kept [default: 30d].
     #[arg(long)]
     market_retention: Option<String>,
+    /// How long per-minute telemetry rollups are kept [default: 7d].
+    #[arg(long)]
+    telemetry_retention: Option<String>,
+    /// HTTP address of the Prometheus /metrics endpoint [default: 127.0.0.1:9401].
+    #[arg(long)]
+    metrics_listen: Option<String>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -61,6 +67,8 @@ fn main() -> ExitCode {
         join_token: args.join_token.clone(),
         node_not_ready_after: args.node_not_ready_after.clone(),
         node_lost_after: args.node_lost_after.clone(),
+        telemetry_retention: args.telemetry_retention.clone(),
+        metrics_listen: args.metrics_listen.clone(),
         default_policy: args.default_policy.clone(),
         fair_share_half_life: args.fair_share_half_life.clone(),
         usage_retention: args.usage_retention.clone(),

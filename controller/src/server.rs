@@ -8,6 +8,7 @@ use anyhow::Context;
 use gpufleet_proto::v1::agent_control_server::AgentControlServer;
 use gpufleet_proto::v1::fleet_server::FleetServer;
 use gpufleet_proto::v1::jobs_server::JobsServer;
+use gpufleet_proto::v1::telemetry_server::TelemetryServer;
 use gpufleet_proto::v1::usage_server::UsageServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -15,18 +16,28 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::ControllerConfig;
-use crate::service::{AgentControlService, FleetService, JobsService, UsageService};
+use crate::service::{
+    AgentControlService, FleetService, JobsService, TelemetryService, UsageService,
+};
 use crate::state::Controller;
 use crate::store::SledStore;
+use crate::telemetry::SledRollupStore;
 use crate::validate::ModelFacts;
 
 /// Largest gRPC message accepted (telemetry batches of big nodes, logs).
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Finished telemetry minutes are written this often, in one batch.
+const ROLLUP_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+/// Rollups past the retention are deleted this often.
+const ROLLUP_PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 
 pub struct RunningController {
     controller: Controller,
     local_addr: SocketAddr,
+    metrics_addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
+    metrics_shutdown: Option<oneshot::Sender<()>>,
+    metrics: JoinHandle<std::io::Result<()>>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     background: Vec<JoinHandle<()>>,
 }
@@ -41,6 +52,11 @@ impl RunningController {
         format!("http://{}", self.local_addr)
     }
 
+    /// Where `/metrics` is served.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
     pub fn controller(&self) -> &Controller {
         &self.controller
     }
@@ -51,9 +67,22 @@ impl RunningController {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+        if let Some(tx) = self.metrics_shutdown.take() {
+            let _ = tx.send(());
+        }
         for task in self.background.drain(..) {
             task.abort();
             let _ = task.await;
+        }
+        // What the last flush missed: the unfinished minutes are kept too.
+        let end_of_time = std::time::SystemTime::now() + Duration::from_secs(3600);
+        if let Err(e) = self.controller.telemetry().flush(end_of_time) {
+            tracing::warn!(error = %e, "telemetry rollups not written at shutdown");
+        }
+        match tokio::time::timeout(Duration::from_secs(5), &mut self.metrics).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "metrics server failed"),
+            Ok(_) => {}
+            Err(_) => self.metrics.abort(),
         }
         match tokio::time::timeout(Duration::from_secs(10), &mut self.server).await {
             Ok(joined) => joined
@@ -90,6 +119,16 @@ pub async fn start(
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let store = SledStore::open(&config.data_dir)?;
+    let rollups = SledRollupStore::new(store.open_tree("telemetry")?);
+    let metrics_listener = TcpListener::bind(config.metrics_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (metrics_listen)",
+                config.metrics_listen
+            )
+        })?;
+    let metrics_addr = metrics_listener.local_addr()?;
     let listener = match listener {
         Some(listener) => listener,
         None => TcpListener::bind(config.listen)
@@ -106,7 +145,12 @@ pub async fn start(
             compute_capability: m.compute_capability,
         })
         .collect();
-    let controller = Controller::open(config, Box::new(store), known_models)?;
+    let controller = Controller::open(
+        config,
+        Box::new(store),
+        std::sync::Arc::new(rollups),
+        known_models,
+    )?;
 
     let mut background = Vec::new();
     let scheduler = controller.clone();
@@ -134,6 +178,41 @@ pub async fn start(
         }
     }));
 
+    let telemetry = controller.clone();
+    background.push(tokio::spawn(async move {
+        let mut flush = tokio::time::interval(ROLLUP_FLUSH_INTERVAL);
+        let mut prune = tokio::time::interval(ROLLUP_PRUNE_INTERVAL);
+        loop {
+            // Store I/O: off the async workers.
+            let hub = telemetry.clone();
+            let work = tokio::select! {
+                _ = flush.tick() => tokio::task::spawn_blocking(move || {
+                    hub.telemetry().flush(std::time::SystemTime::now()).map(|_| ())
+                }),
+                _ = prune.tick() => tokio::task::spawn_blocking(move || {
+                    let removed = hub.telemetry().prune(std::time::SystemTime::now())?;
+                    if removed > 0 {
+                        tracing::info!(removed, "telemetry rollups past retention deleted");
+                    }
+                    Ok(())
+                }),
+            };
+            match work.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "telemetry rollup write failed"),
+                Err(e) => tracing::error!(error = %e, "telemetry rollup task failed"),
+            }
+        }
+    }));
+    let (metrics_shutdown, metrics_shutdown_rx) = oneshot::channel::<()>();
+    let metrics = tokio::spawn(crate::metrics::serve(
+        metrics_listener,
+        controller.clone(),
+        async {
+            let _ = metrics_shutdown_rx.await;
+        },
+    ));
+
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<JobsServer<JobsService>>()
@@ -146,6 +225,9 @@ pub async fn start(
         .await;
     health_reporter
         .set_serving::<AgentControlServer<AgentControlService>>()
+        .await;
+    health_reporter
+        .set_serving::<TelemetryServer<TelemetryService>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(gpufleet_proto::FILE_DESCRIPTOR_SET)
@@ -165,6 +247,9 @@ pub async fn start(
         )
         .add_service(FleetServer::new(FleetService::new(controller.clone())))
         .add_service(UsageServer::new(UsageService::new(controller.clone())))
+        .add_service(TelemetryServer::new(TelemetryService::new(
+            controller.clone(),
+        )))
         .add_service(
             AgentControlServer::new(AgentControlService::new(controller.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
@@ -175,11 +260,14 @@ pub async fn start(
             let _ = shutdown_rx.await;
         },
     ));
-    tracing::info!(%local_addr, "controller serving");
+    tracing::info!(%local_addr, metrics = %crate::metrics::url(metrics_addr), "controller serving");
     Ok(RunningController {
         controller,
         local_addr,
+        metrics_addr,
         shutdown: Some(shutdown_tx),
+        metrics_shutdown: Some(metrics_shutdown),
+        metrics,
         server,
         background,
     })

@@ -28,6 +28,7 @@ use crate::lifecycle::{
 use crate::placement;
 use crate::scheduler::{self, FairShare, Fleet, NodeInput, Outcome};
 use crate::store::{Keyspace, Store, WriteBatch, load_all};
+use crate::telemetry::{RollupStore, TelemetryHub};
 use crate::usage;
 use crate::validate;
 
@@ -51,7 +52,6 @@ struct NodeEntry {
     last_sent: Option<Vec<String>>,
     /// A desired-state message could not be queued; resend on the next tick.
     resend: bool,
-    latest: HashMap<String, GpuSample>,
 }
 
 struct Session {
@@ -64,10 +64,6 @@ struct State {
     jobs: HashMap<String, Job>,
     fair: FairShare,
     ledger: usage::Ledger,
-    /// Telemetry of running allocations, by allocation id.
-    usage_acc: HashMap<String, usage::Accumulator>,
-    /// GPU UUID → allocation id holding it.
-    gpu_owner: HashMap<String, String>,
     market: usage::market::MarketHistory,
     /// Jobs placed since the last market minute.
     starts: Vec<usage::market::StartEvent>,
@@ -81,11 +77,25 @@ pub struct AgentSession {
     pub downlink: mpsc::Receiver<ControllerMessage>,
 }
 
+/// Per-allocation telemetry for the usage ledger. Its own lock, so that
+/// ingest does not wait for the state lock. Order: state, then this.
+#[derive(Default)]
+struct UsageFeed {
+    /// GPU UUID → allocation id holding it.
+    gpu_owner: HashMap<String, String>,
+    /// Telemetry of running allocations, by allocation id.
+    acc: HashMap<String, usage::Accumulator>,
+}
+
 struct Inner {
+    usage_feed: Mutex<UsageFeed>,
     config: ControllerConfig,
     store: Box<dyn Store>,
     known_models: Vec<validate::ModelFacts>,
     state: Mutex<State>,
+    /// Latest samples and rollups; its own locks, so ingest never waits
+    /// for the state lock. Order: state lock, then telemetry locks.
+    telemetry: TelemetryHub,
     job_events: broadcast::Sender<Job>,
     schedule: Notify,
     log_waiters: Mutex<HashMap<String, oneshot::Sender<LogResponse>>>,
@@ -106,6 +116,7 @@ impl Controller {
     pub fn open(
         config: ControllerConfig,
         store: Box<dyn Store>,
+        rollups: Arc<dyn RollupStore>,
         known_models: Vec<validate::ModelFacts>,
     ) -> Result<Self> {
         let mut state = State {
@@ -113,8 +124,6 @@ impl Controller {
             jobs: HashMap::new(),
             fair: FairShare::new(config.fair_share_half_life.as_secs_f64()),
             ledger: usage::Ledger::new(config.usage_retention),
-            usage_acc: HashMap::new(),
-            gpu_owner: HashMap::new(),
             market: usage::market::MarketHistory::new(config.market_retention.as_secs()),
             starts: Vec::new(),
             last_market_minute: placement::unix_secs(SystemTime::now()) / 60,
@@ -140,15 +149,14 @@ impl Controller {
                     last_seq: 0,
                     last_sent: None,
                     resend: false,
-                    latest: HashMap::new(),
                 },
             );
         }
+        let mut feed = UsageFeed::default();
         for job in load_all::<Job>(store.as_ref(), Keyspace::Jobs)? {
             for task in job.tasks.iter().filter(|t| task_holds_gpus(t)) {
                 for uuid in &task.gpu_uuids {
-                    state
-                        .gpu_owner
+                    feed.gpu_owner
                         .insert(uuid.clone(), task.allocation_id.clone());
                 }
             }
@@ -176,8 +184,11 @@ impl Controller {
             "state loaded from store"
         );
         let (job_events, _) = broadcast::channel(1024);
+        let telemetry = TelemetryHub::new(rollups, config.telemetry_retention);
         Ok(Self {
             inner: Arc::new(Inner {
+                usage_feed: Mutex::new(feed),
+                telemetry,
                 config,
                 store,
                 known_models,
@@ -211,6 +222,10 @@ impl Controller {
 
     pub fn config(&self) -> &ControllerConfig {
         &self.inner.config
+    }
+
+    pub fn telemetry(&self) -> &TelemetryHub {
+        &self.inner.telemetry
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -421,11 +436,12 @@ impl Controller {
                     continue;
                 }
                 let facts = node_facts(state, &task.node_id);
+                let feed = self.usage_feed();
                 if let Some(record) = usage::build_record(
                     job,
                     task,
                     &facts,
-                    state.usage_acc.get(&task.allocation_id),
+                    feed.acc.get(&task.allocation_id),
                     now_ms,
                 ) {
                     batch.put(Keyspace::Usage, &record.allocation_id, &record);
@@ -435,24 +451,24 @@ impl Controller {
         }
         self.inner.store.apply(batch)?;
         let now_secs = now_ms / 1000;
+        let mut feed = self.usage_feed();
         for record in records {
-            state.usage_acc.remove(&record.allocation_id);
+            feed.acc.remove(&record.allocation_id);
             state.ledger.insert(record, now_secs);
         }
         for job in jobs {
             if let Some(before) = state.jobs.get(&job.id) {
                 for task in &before.tasks {
                     for uuid in &task.gpu_uuids {
-                        if state.gpu_owner.get(uuid) == Some(&task.allocation_id) {
-                            state.gpu_owner.remove(uuid);
+                        if feed.gpu_owner.get(uuid) == Some(&task.allocation_id) {
+                            feed.gpu_owner.remove(uuid);
                         }
                     }
                 }
             }
             for task in job.tasks.iter().filter(|t| task_holds_gpus(t)) {
                 for uuid in &task.gpu_uuids {
-                    state
-                        .gpu_owner
+                    feed.gpu_owner
                         .insert(uuid.clone(), task.allocation_id.clone());
                 }
             }
@@ -693,7 +709,8 @@ impl Controller {
     // ---------------------------------------------------------------- usage
 
     /// Live records of running allocations, up to now.
-    fn live_usage(state: &State, now_ms: u64) -> Vec<gpufleet_proto::v1::UsageRecord> {
+    fn live_usage(&self, state: &State, now_ms: u64) -> Vec<gpufleet_proto::v1::UsageRecord> {
+        let feed = self.usage_feed();
         let mut out = Vec::new();
         for job in state.jobs.values() {
             for task in job.tasks.iter().filter(|t| task_holds_gpus(t)) {
@@ -702,7 +719,7 @@ impl Controller {
                     job,
                     task,
                     &facts,
-                    state.usage_acc.get(&task.allocation_id),
+                    feed.acc.get(&task.allocation_id),
                     now_ms,
                 ) {
                     out.push(r);
@@ -720,7 +737,7 @@ impl Controller {
         let state = self.lock();
         let now = placement::unix_secs(SystemTime::now());
         let live = if include_running {
-            Self::live_usage(&state, now * 1000)
+            self.live_usage(&state, now * 1000)
         } else {
             Vec::new()
         };
@@ -743,7 +760,7 @@ impl Controller {
         let mut records: Vec<gpufleet_proto::v1::UsageRecord> = Vec::new();
         if filter.include_running {
             records.extend(
-                Self::live_usage(&state, now_ms)
+                self.live_usage(&state, now_ms)
                     .into_iter()
                     .filter(|r| matches(r)),
             );
@@ -837,7 +854,7 @@ impl Controller {
             entry.record = record;
         }
         let entry = &state.nodes[node_id];
-        Ok(node_view(&state, entry))
+        Ok(node_view(&state, entry, &self.inner.telemetry))
     }
 
     // ------------------------------------------------------------ agents
@@ -936,6 +953,8 @@ impl Controller {
         let mut batch = WriteBatch::default();
         batch.put(Keyspace::Nodes, &node_id, &record);
         self.inner.store.apply(batch)?;
+        let uuids: Vec<String> = hello.gpus.iter().map(|g| g.uuid.clone()).collect();
+        self.inner.telemetry.register_node(&node_id, &uuids);
         let generation = previous
             .as_ref()
             .map_or(0, |p| p.generation)
@@ -954,7 +973,6 @@ impl Controller {
                 last_seq,
                 last_sent: None,
                 resend: false,
-                latest: previous.map(|p| p.latest).unwrap_or_default(),
             },
         );
         let ack = ControllerMessage {
@@ -1032,6 +1050,7 @@ impl Controller {
             return false;
         };
         entry.last_seen = Instant::now();
+        entry.record.last_seen_at = Some(now_ts());
         if seq != 0 && seq <= entry.last_seq {
             return false;
         }
@@ -1048,26 +1067,39 @@ impl Controller {
         true
     }
 
+    /// Validates and keeps a batch of samples. Takes only the telemetry
+    /// locks: `accept_seq`, called for every message, already refreshed the
+    /// node's lease.
     pub fn record_telemetry(&self, node_id: &str, samples: Vec<GpuSample>) {
-        let mut guard = self.lock();
-        let state = &mut *guard;
-        // Samples of allocated GPUs feed their allocation's usage record.
-        for sample in &samples {
-            if let Some(allocation) = state.gpu_owner.get(&sample.uuid) {
-                state
-                    .usage_acc
-                    .entry(allocation.clone())
-                    .or_default()
-                    .add(sample);
+        {
+            // Samples of allocated GPUs feed their allocation's usage record.
+            let mut feed = self.usage_feed();
+            let feed = &mut *feed;
+            for sample in &samples {
+                if let Some(allocation) = feed.gpu_owner.get(&sample.uuid) {
+                    feed.acc.entry(allocation.clone()).or_default().add(sample);
+                }
             }
         }
-        if let Some(entry) = state.nodes.get_mut(node_id) {
-            entry.last_seen = Instant::now();
-            entry.record.last_seen_at = Some(now_ts());
-            for sample in samples {
-                entry.latest.insert(sample.uuid.clone(), sample);
-            }
+        self.inner
+            .telemetry
+            .ingest(node_id, samples, SystemTime::now());
+    }
+
+    fn usage_feed(&self) -> MutexGuard<'_, UsageFeed> {
+        self.inner
+            .usage_feed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Job counts by state, for `/metrics`.
+    pub fn job_counts(&self) -> BTreeMap<JobState, u64> {
+        let mut counts = BTreeMap::new();
+        for job in self.lock().jobs.values() {
+            *counts.entry(job.state()).or_insert(0) += 1;
         }
+        counts
     }
 
     /// Applies a workload status event from `node_id`.
@@ -1363,7 +1395,7 @@ impl Controller {
                     && (region.is_empty() || identity.region == region)
                     && (states.is_empty() || states.contains(&e.record.state()))
             })
-            .map(|e| node_view(&state, e))
+            .map(|e| node_view(&state, e, &self.inner.telemetry))
             .collect()
     }
 
@@ -1373,7 +1405,7 @@ impl Controller {
         state
             .nodes
             .get(node_id)
-            .map(|e| node_view(&state, e))
+            .map(|e| node_view(&state, e, &self.inner.telemetry))
             .ok_or_else(|| ControllerError::NotFound(format!("node {node_id} is not registered")))
     }
 
@@ -1541,9 +1573,15 @@ fn fleet_index(state: &State) -> Fleet {
     Fleet::build(&nodes, &running)
 }
 
-fn node_view(state: &State, entry: &NodeEntry) -> Node {
+fn node_view(state: &State, entry: &NodeEntry, telemetry: &TelemetryHub) -> Node {
     let held = held_gpus(state);
     let mut node = entry.record.clone();
+    let node_id = node
+        .identity
+        .as_ref()
+        .map(|i| i.node_id.as_str())
+        .unwrap_or_default();
+    let mut latest = telemetry.latest_for_node(node_id);
     node.connected = entry.session.is_some();
     let mut allocated = 0;
     for gpu in &mut node.gpus {
@@ -1557,7 +1595,7 @@ fn node_view(state: &State, entry: &NodeEntry) -> Node {
             gpu.allocation_id = allocation_id.clone();
             allocated += 1;
         }
-        gpu.latest = entry.latest.get(&uuid).cloned();
+        gpu.latest = latest.remove(&uuid);
     }
     node.allocated_gpus = allocated;
     node

@@ -19,6 +19,8 @@ pub enum StoreError {
         key: String,
         source: prost::DecodeError,
     },
+    #[error("stored record {key} is corrupt: {message}")]
+    CorruptRecord { key: String, message: String },
 }
 
 /// A keyspace: every key of a record kind shares its prefix.
@@ -112,6 +114,12 @@ impl SledStore {
             })?;
         let tree = db.open_tree("state")?;
         Ok(Self { db, tree })
+    }
+
+    /// Another tree of the same database, for data outside the `Store`
+    /// trait's keyspaces (telemetry rollups).
+    pub fn open_tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        Ok(self.db.open_tree(name)?)
     }
 }
 

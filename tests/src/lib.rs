@@ -13,6 +13,7 @@ use gpufleet_agent::{AgentConfig, GpuBackendKind, NodeConfig, RunningAgent};
 use gpufleet_controller::{ControllerConfig, RunningController};
 use gpufleet_proto::v1::fleet_client::FleetClient;
 use gpufleet_proto::v1::jobs_client::JobsClient;
+use gpufleet_proto::v1::telemetry_client::TelemetryClient;
 use gpufleet_proto::v1::{
     GetJobRequest, Job, JobSpec, ListNodesRequest, NodeState, SubmitJobRequest, WorkloadSpec,
 };
@@ -174,6 +175,22 @@ impl Cluster {
         fleet_client(&self.endpoint()).await
     }
 
+    pub async fn telemetry(&self) -> anyhow::Result<TelemetryClient<Channel>> {
+        Ok(TelemetryClient::new(
+            Channel::from_shared(self.endpoint())?.connect().await?,
+        ))
+    }
+
+    /// The controller's `/metrics` body.
+    pub async fn scrape_metrics(&self) -> anyhow::Result<String> {
+        let addr = self
+            .controller
+            .as_ref()
+            .context("the controller is stopped")?
+            .metrics_addr();
+        http_get(addr, "/metrics").await
+    }
+
     pub async fn submit(&self, gpus: u32, argv: &[&str]) -> anyhow::Result<Job> {
         self.submit_spec(JobSpec {
             gpus_per_task: gpus,
@@ -296,4 +313,44 @@ pub async fn job_log(cluster: &Cluster, job_id: &str, task_index: u32) -> anyhow
         bytes.extend(chunk?.data);
     }
     Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// A minimal HTTP/1.1 GET; returns the body of a 200 answer.
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let text = String::from_utf8(response)?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("no end of HTTP headers")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {path}: {head}");
+    }
+    // `Connection: close` answers are not chunked by axum when the length
+    // is known; decode chunks anyway to stay correct if that changes.
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = String::new();
+        let mut rest = body;
+        loop {
+            let (size, after) = rest.split_once("\r\n").context("bad chunk")?;
+            let size = usize::from_str_radix(size.trim(), 16)?;
+            if size == 0 {
+                break;
+            }
+            out.push_str(after.get(..size).context("short chunk")?);
+            rest = after.get(size + 2..).context("short chunk")?;
+        }
+        return Ok(out);
+    }
+    Ok(body.to_string())
 }

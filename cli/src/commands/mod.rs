@@ -1,4 +1,6 @@
 pub mod dev;
 pub mod jobs;
 pub mod nodes;
+pub mod telemetry;
+pub mod top;
 pub mod usage;

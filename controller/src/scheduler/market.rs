@@ -89,11 +89,14 @@ pub fn snapshot(fleet: &Fleet, pending: &[JobInput]) -> MarketSnapshot {
                 .filter(|&c| {
                     per_task <= super::fleet::MAX_GPUS_PER_SLOT
                         && compiled.class_ok(&fleet.classes[c])
-                        && fleet.classes[c].healthy_hist[per_task..].iter().any(|&n| n > 0)
+                        && fleet.classes[c].healthy_hist[per_task..]
+                            .iter()
+                            .any(|&n| n > 0)
                 })
                 .collect();
             let ids: Vec<u32> = without.iter().map(|&c| c as u32).collect();
-            let feasible_at_any_price = !ids.is_empty() && fits_when_idle(fleet, &no_price, &compiled, &ids);
+            let feasible_at_any_price =
+                !ids.is_empty() && fits_when_idle(fleet, &no_price, &compiled, &ids);
             Shape {
                 compiled,
                 without,
@@ -101,7 +104,10 @@ pub fn snapshot(fleet: &Fleet, pending: &[JobInput]) -> MarketSnapshot {
                 by_bid: HashMap::new(),
             }
         });
-        let bid = job.constraints.max_price_per_gpu_hour_micro_usd.unwrap_or(u64::MAX);
+        let bid = job
+            .constraints
+            .max_price_per_gpu_hour_micro_usd
+            .unwrap_or(u64::MAX);
         *entry.by_bid.entry(bid).or_insert(0) += gpus;
     }
     let representative: HashMap<Vec<u8>, &JobInput> = pending
@@ -146,7 +152,9 @@ pub fn snapshot(fleet: &Fleet, pending: &[JobInput]) -> MarketSnapshot {
             }
         }
         // Pending demand: where the job could run at its bid.
-        let Some(job) = representative.get(key) else { continue };
+        let Some(job) = representative.get(key) else {
+            continue;
+        };
         for (bid, gpus) in &shape.by_bid {
             let with_price: Vec<u32> = shape
                 .without

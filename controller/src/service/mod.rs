@@ -4,11 +4,13 @@
 mod agent_control;
 mod fleet;
 mod jobs;
+mod telemetry;
 mod usage;
 
 pub use agent_control::AgentControlService;
 pub use fleet::FleetService;
 pub use jobs::JobsService;
+pub use telemetry::TelemetryService;
 pub use usage::UsageService;
 
 use tonic::Status;

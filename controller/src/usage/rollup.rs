@@ -272,7 +272,13 @@ impl Rollups {
 
 /// Splits [from, to) into aligned segments of the coarsest usable
 /// granularities: (granularity index, start, end).
-fn cover(grans: &[&Granularity], upto: usize, from: u64, to: u64, out: &mut Vec<(usize, u64, u64)>) {
+fn cover(
+    grans: &[&Granularity],
+    upto: usize,
+    from: u64,
+    to: u64,
+    out: &mut Vec<(usize, u64, u64)>,
+) {
     if from >= to || upto == 0 {
         return;
     }
@@ -431,8 +437,18 @@ mod tests {
             assert_eq!(rows[0].total.gpu_ms, back * 3_600_000, "{back} days");
             assert_eq!(rows[0].total.allocations as u64, back);
         }
-        let (rows, _) = r.query(&[UsageDimension::Tenant], now - 100 * DAY, now, Some(DAY), now);
-        assert_eq!(rows[0].series.len(), 100, "daily series never uses 30-day buckets");
+        let (rows, _) = r.query(
+            &[UsageDimension::Tenant],
+            now - 100 * DAY,
+            now,
+            Some(DAY),
+            now,
+        );
+        assert_eq!(
+            rows[0].series.len(),
+            100,
+            "daily series never uses 30-day buckets"
+        );
     }
 
     #[test]

@@ -1,0 +1,479 @@
+//! The controller's Prometheus `/metrics`: fleet gauges per provider, region
+//! and generation, nodes and jobs by state, and telemetry counters. The text
+//! format (0.0.4) is written by hand: it is small, and keeping it here
+//! avoids a metrics registry mirroring state the controller already has.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+use gpufleet_proto::v1::{
+    CapacityDimension, GetAggregatesResponse, GetCapacityResponse, GpuGeneration, JobState,
+    NodeState, NodeTelemetryStats,
+};
+use tokio::net::TcpListener;
+
+use crate::state::Controller;
+use crate::telemetry::{self, DROP_REASONS};
+
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+#[derive(Debug, Clone, Copy)]
+pub enum Kind {
+    Gauge,
+    Counter,
+}
+
+/// Writes metric families in the Prometheus text format.
+#[derive(Default)]
+pub struct Encoder {
+    out: String,
+}
+
+impl Encoder {
+    /// Starts a family: `# HELP` and `# TYPE` lines. Counters end in `_total`.
+    pub fn family(&mut self, name: &str, kind: Kind, help: &str) {
+        let help = help.replace('\\', "\\\\").replace('\n', "\\n");
+        let kind = match kind {
+            Kind::Gauge => "gauge",
+            Kind::Counter => "counter",
+        };
+        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+    }
+
+    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (key, value)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let value = value
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n");
+                let _ = write!(self.out, "{key}=\"{value}\"");
+            }
+            self.out.push('}');
+        }
+        let value = if value.is_nan() {
+            "NaN".to_string()
+        } else if value.is_infinite() {
+            if value > 0.0 { "+Inf" } else { "-Inf" }.to_string()
+        } else {
+            value.to_string()
+        };
+        let _ = writeln!(self.out, " {value}");
+    }
+
+    pub fn finish(self) -> String {
+        self.out
+    }
+}
+
+/// Everything `/metrics` shows, read from the controller at scrape time.
+pub struct Snapshot {
+    /// Grouped by provider, region, generation.
+    pub capacity: GetCapacityResponse,
+    /// Grouped by provider, region, generation.
+    pub aggregates: GetAggregatesResponse,
+    pub nodes_by_state: BTreeMap<NodeState, u64>,
+    pub jobs_by_state: BTreeMap<JobState, u64>,
+    pub telemetry: Vec<NodeTelemetryStats>,
+    pub rollups_dropped: u64,
+}
+
+const GROUPING: [CapacityDimension; 3] = [
+    CapacityDimension::Provider,
+    CapacityDimension::Region,
+    CapacityDimension::Generation,
+];
+
+impl Snapshot {
+    pub fn take(controller: &Controller) -> crate::error::Result<Self> {
+        let nodes = controller.list_nodes("", "", &[]);
+        let mut nodes_by_state = BTreeMap::new();
+        for node in &nodes {
+            *nodes_by_state.entry(node.state()).or_insert(0) += 1;
+        }
+        Ok(Self {
+            capacity: controller.capacity(&GROUPING)?,
+            aggregates: telemetry::aggregates(&nodes, &GROUPING, SystemTime::now())?,
+            nodes_by_state,
+            jobs_by_state: controller.job_counts(),
+            telemetry: controller.telemetry().all_stats(),
+            rollups_dropped: controller.telemetry().rollups_dropped(),
+        })
+    }
+}
+
+/// `GPU_GENERATION_HOPPER` → `hopper`.
+fn generation_label(generation: i32) -> String {
+    let name = GpuGeneration::try_from(generation)
+        .unwrap_or(GpuGeneration::Unspecified)
+        .as_str_name();
+    name.strip_prefix("GPU_GENERATION_")
+        .unwrap_or(name)
+        .to_ascii_lowercase()
+}
+
+fn state_label(name: &str, prefix: &str) -> String {
+    name.strip_prefix(prefix)
+        .unwrap_or(name)
+        .to_ascii_lowercase()
+}
+
+pub fn render(snapshot: &Snapshot) -> String {
+    let mut e = Encoder::default();
+    type Field = fn(&gpufleet_proto::v1::CapacityGroup) -> u32;
+    let capacity: [(&str, &str, Field); 4] = [
+        ("gpufleet_gpus", "GPUs on nodes that are not Lost.", |g| {
+            g.total_gpus
+        }),
+        (
+            "gpufleet_gpus_healthy",
+            "GPUs on Ready nodes that are not Unhealthy.",
+            |g| g.healthy_gpus,
+        ),
+        (
+            "gpufleet_gpus_allocated",
+            "GPUs held by a job's task.",
+            |g| g.allocated_gpus,
+        ),
+        (
+            "gpufleet_gpus_free",
+            "Healthy GPUs on Ready nodes that no task holds.",
+            |g| g.free_gpus,
+        ),
+    ];
+    for (name, help, field) in capacity {
+        e.family(name, Kind::Gauge, help);
+        for g in &snapshot.capacity.groups {
+            let generation = generation_label(g.generation);
+            let labels = [
+                ("provider", g.provider.as_str()),
+                ("region", g.region.as_str()),
+                ("generation", generation.as_str()),
+            ];
+            e.sample(name, &labels, f64::from(field(g)));
+        }
+    }
+    type AggField = fn(&gpufleet_proto::v1::TelemetryGroup) -> f64;
+    let telemetry: [(&str, &str, AggField); 5] = [
+        (
+            "gpufleet_gpus_reporting",
+            "GPUs on Ready nodes with a latest telemetry sample.",
+            |g| f64::from(g.reporting_gpus),
+        ),
+        (
+            "gpufleet_gpus_unhealthy",
+            "GPUs whose health is Unhealthy.",
+            |g| f64::from(g.unhealthy_gpus),
+        ),
+        (
+            "gpufleet_gpu_utilization_mean_percent",
+            "Mean GPU utilisation of the reporting GPUs, in percent.",
+            |g| g.mean_gpu_utilization_percent,
+        ),
+        (
+            "gpufleet_gpu_power_watts",
+            "Total power drawn by the reporting GPUs, in watts.",
+            |g| g.total_power_watts,
+        ),
+        (
+            "gpufleet_gpu_memory_used_bytes",
+            "Framebuffer memory used on the reporting GPUs, in bytes.",
+            |g| g.memory_used_bytes as f64,
+        ),
+    ];
+    for (name, help, field) in telemetry {
+        e.family(name, Kind::Gauge, help);
+        for g in &snapshot.aggregates.groups {
+            let generation = generation_label(g.generation);
+            let labels = [
+                ("provider", g.provider.as_str()),
+                ("region", g.region.as_str()),
+                ("generation", generation.as_str()),
+            ];
+            e.sample(name, &labels, field(g));
+        }
+    }
+    e.family("gpufleet_nodes", Kind::Gauge, "Registered nodes by state.");
+    for state in [NodeState::Ready, NodeState::NotReady, NodeState::Lost] {
+        let count = snapshot.nodes_by_state.get(&state).copied().unwrap_or(0);
+        let label = state_label(state.as_str_name(), "NODE_STATE_");
+        e.sample("gpufleet_nodes", &[("state", &label)], count as f64);
+    }
+    e.family(
+        "gpufleet_jobs",
+        Kind::Gauge,
+        "Jobs known to the controller by state.",
+    );
+    for (state, count) in &snapshot.jobs_by_state {
+        let label = state_label(state.as_str_name(), "JOB_STATE_");
+        e.sample("gpufleet_jobs", &[("state", &label)], *count as f64);
+    }
+    e.family(
+        "gpufleet_telemetry_samples_accepted_total",
+        Kind::Counter,
+        "GPU samples accepted from each node since the controller started.",
+    );
+    for stats in &snapshot.telemetry {
+        e.sample(
+            "gpufleet_telemetry_samples_accepted_total",
+            &[("node", &stats.node_id)],
+            stats.samples_accepted as f64,
+        );
+    }
+    e.family(
+        "gpufleet_telemetry_samples_dropped_total",
+        Kind::Counter,
+        "Malformed or out-of-range GPU samples dropped, by node and reason.",
+    );
+    for stats in &snapshot.telemetry {
+        for reason in DROP_REASONS {
+            let count = stats
+                .dropped_by_reason
+                .get(reason.as_str())
+                .copied()
+                .unwrap_or(0);
+            e.sample(
+                "gpufleet_telemetry_samples_dropped_total",
+                &[("node", &stats.node_id), ("reason", reason.as_str())],
+                count as f64,
+            );
+        }
+    }
+    e.family(
+        "gpufleet_telemetry_rollups_dropped_total",
+        Kind::Counter,
+        "Per-minute rollups lost because the store could not keep up.",
+    );
+    e.sample(
+        "gpufleet_telemetry_rollups_dropped_total",
+        &[],
+        snapshot.rollups_dropped as f64,
+    );
+    e.finish()
+}
+
+/// Serves `GET /metrics` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    controller: Controller,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::http::{StatusCode, header};
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let controller = controller.clone();
+            async move {
+                match Snapshot::take(&controller) {
+                    Ok(snapshot) => (
+                        StatusCode::OK,
+                        [(header::CONTENT_TYPE, CONTENT_TYPE)],
+                        render(&snapshot),
+                    ),
+                    Err(e) => (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                        format!("cannot read the fleet: {e}\n"),
+                    ),
+                }
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Address helper for logs.
+pub fn url(addr: SocketAddr) -> String {
+    format!("http://{addr}/metrics")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpufleet_proto::v1::{CapacityGroup, TelemetryGroup};
+    use std::collections::HashSet;
+
+    /// A parser-level check of the exposition format, the rules
+    /// `promtool check metrics` enforces that a hand-written encoder can
+    /// break: HELP and TYPE before samples, valid names and labels, parseable
+    /// values, counters named `_total`, no duplicate series, each family in
+    /// one block.
+    pub(crate) fn check_exposition(text: &str) -> Result<usize, String> {
+        let name_ok = |n: &str| {
+            let mut chars = n.chars();
+            chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+        };
+        let mut typed: BTreeMap<String, String> = BTreeMap::new();
+        let mut helped = HashSet::new();
+        let mut finished_families = HashSet::new();
+        let mut current: Option<String> = None;
+        let mut series = HashSet::new();
+        let mut samples = 0;
+        if !text.ends_with('\n') {
+            return Err("exposition must end with a newline".into());
+        }
+        for (n, line) in text.lines().enumerate() {
+            let at = |m: &str| format!("line {}: {m}: {line}", n + 1);
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let name = rest.split(' ').next().unwrap_or_default();
+                if !name_ok(name) || !helped.insert(name.to_string()) {
+                    return Err(at("bad or repeated HELP"));
+                }
+                if let Some(prev) = current.replace(name.to_string())
+                    && prev != name
+                {
+                    finished_families.insert(prev);
+                }
+                if finished_families.contains(name) {
+                    return Err(at("family split in two blocks"));
+                }
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let mut parts = rest.split(' ');
+                let (name, kind) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                if !["gauge", "counter"].contains(&kind) || typed.contains_key(name) {
+                    return Err(at("bad or repeated TYPE"));
+                }
+                if kind == "counter" && !name.ends_with("_total") {
+                    return Err(at("counter not named _total"));
+                }
+                typed.insert(name.to_string(), kind.to_string());
+                continue;
+            }
+            if line.starts_with('#') || line.is_empty() {
+                return Err(at("unexpected line"));
+            }
+            let (series_text, value) = line.rsplit_once(' ').ok_or_else(|| at("no value"))?;
+            if value.parse::<f64>().is_err() && !["NaN", "+Inf", "-Inf"].contains(&value) {
+                return Err(at("bad value"));
+            }
+            let name = series_text.split('{').next().unwrap_or_default();
+            if !name_ok(name) || current.as_deref() != Some(name) || !typed.contains_key(name) {
+                return Err(at("sample outside its family's HELP/TYPE block"));
+            }
+            if let Some(labels) = series_text.strip_prefix(name).filter(|l| !l.is_empty()) {
+                let inner = labels
+                    .strip_prefix('{')
+                    .and_then(|l| l.strip_suffix('}'))
+                    .ok_or_else(|| at("bad label braces"))?;
+                // key="value" pairs; values may contain escaped quotes.
+                let mut rest = inner;
+                while !rest.is_empty() {
+                    let (key, after) = rest.split_once("=\"").ok_or_else(|| at("bad label"))?;
+                    if !name_ok(key) || key.starts_with("__") {
+                        return Err(at("bad label name"));
+                    }
+                    let mut escaped = false;
+                    let end = after
+                        .char_indices()
+                        .find(|(_, c)| {
+                            let stop = *c == '"' && !escaped;
+                            escaped = *c == '\\' && !escaped;
+                            stop
+                        })
+                        .map(|(i, _)| i)
+                        .ok_or_else(|| at("unterminated label value"))?;
+                    rest = &after[end + 1..];
+                    rest = rest.strip_prefix(',').unwrap_or(rest);
+                }
+            }
+            if !series.insert(series_text.to_string()) {
+                return Err(at("duplicate series"));
+            }
+            samples += 1;
+        }
+        Ok(samples)
+    }
+
+    fn snapshot() -> Snapshot {
+        let capacity_group = CapacityGroup {
+            provider: "aws".into(),
+            region: "us-east-1".into(),
+            generation: GpuGeneration::Hopper as i32,
+            total_gpus: 8,
+            healthy_gpus: 7,
+            allocated_gpus: 2,
+            free_gpus: 5,
+            ..Default::default()
+        };
+        let telemetry_group = TelemetryGroup {
+            provider: "a \"quoted\\\" provider\nwith newline".into(),
+            region: "us-east-1".into(),
+            generation: GpuGeneration::Hopper as i32,
+            gpus: 8,
+            reporting_gpus: 8,
+            mean_gpu_utilization_percent: 42.5,
+            total_power_watts: 5600.0,
+            memory_used_bytes: 1 << 40,
+            ..Default::default()
+        };
+        Snapshot {
+            capacity: GetCapacityResponse {
+                groups: vec![capacity_group],
+                ..Default::default()
+            },
+            aggregates: GetAggregatesResponse {
+                groups: vec![telemetry_group],
+                ..Default::default()
+            },
+            nodes_by_state: BTreeMap::from([(NodeState::Ready, 3)]),
+            jobs_by_state: BTreeMap::from([(JobState::Running, 2), (JobState::Pending, 1)]),
+            telemetry: vec![NodeTelemetryStats {
+                node_id: "node-a".into(),
+                samples_accepted: 10,
+                samples_dropped: 4,
+                dropped_by_reason: [("out_of_range".to_string(), 4)].into_iter().collect(),
+            }],
+            rollups_dropped: 0,
+        }
+    }
+
+    #[test]
+    fn rendered_metrics_are_valid_exposition() {
+        let text = render(&snapshot());
+        let samples = check_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert!(samples > 10);
+        assert!(text.contains(
+            "gpufleet_gpus_free{provider=\"aws\",region=\"us-east-1\",generation=\"hopper\"} 5\n"
+        ));
+        assert!(text.contains("gpufleet_nodes{state=\"ready\"} 3\n"));
+        assert!(text.contains("gpufleet_nodes{state=\"lost\"} 0\n"));
+        assert!(text.contains("gpufleet_jobs{state=\"running\"} 2\n"));
+        assert!(text.contains(
+            "gpufleet_telemetry_samples_dropped_total{node=\"node-a\",reason=\"out_of_range\"} 4\n"
+        ));
+        // Label values are escaped.
+        assert!(text.contains(r#"provider="a \"quoted\\\" provider\nwith newline""#));
+        assert!(text.contains("gpufleet_gpu_memory_used_bytes{"));
+        assert!(text.contains("} 1099511627776\n"));
+    }
+
+    #[test]
+    fn the_checker_catches_what_promtool_would() {
+        for bad in [
+            "gpufleet_x 1\n",
+            "# HELP a_total x\n# TYPE a_total counter\na_total{k=\"v} 1\n",
+            "# HELP a x\n# TYPE a counter\na 1\n",
+            "# HELP a x\n# TYPE a gauge\na 1\na 2\n",
+            "# HELP a x\n# TYPE a gauge\na one\n",
+            "# HELP a x\n# TYPE a gauge\na 1",
+        ] {
+            assert!(check_exposition(bad).is_err(), "accepted {bad:?}");
+        }
+    }
+}

@@ -1,0 +1,1690 @@
+//! Fleet telemetry: the latest sample of every GPU in memory, validation of
+//! what agents send (bad samples are dropped and counted per node), and
+//! per-minute rollups (count, sum and max of each metric per GPU) persisted
+//! with bounded retention, plus the history and aggregate queries over them.
+//!
+//! The ingest path takes one per-node lock and never touches the disk:
+//! finished minutes queue in memory and a background flush writes them in
+//! one batch. Time is always passed in (`now`), so tests run on virtual time.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use gpufleet_proto::v1::{
+    CapacityDimension, GetAggregatesResponse, GetHistoryResponse, GetLatestRequest,
+    GetLatestResponse, GpuHealth, GpuLatest, GpuSample, HistoryPoint, HistorySeries, Node,
+    NodeState, NodeTelemetryStats, TelemetryGroup,
+};
+use prost_types::Timestamp;
+
+use crate::error::{ControllerError, Result};
+use crate::store::StoreError;
+
+// ------------------------------------------------------------------ metrics
+
+/// One numeric field of `GpuSample` that is validated, rolled up and
+/// queryable. Adding a metric is one entry in `METRICS`.
+#[derive(Debug)]
+pub struct Metric {
+    /// Stable id in stored rollups: never reuse or renumber.
+    pub id: u8,
+    pub name: &'static str,
+    pub unit: &'static str,
+    /// Short names accepted by queries.
+    pub aliases: &'static [&'static str],
+    /// Largest plausible value; a sample above it is dropped as out of range.
+    pub max_valid: f64,
+    pub extract: fn(&GpuSample) -> Option<f64>,
+}
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+pub const METRICS: &[Metric] = &[
+    Metric {
+        id: 1,
+        name: "gpu_utilization_percent",
+        unit: "percent",
+        aliases: &["util", "gpu_util", "utilization"],
+        max_valid: 100.0,
+        extract: |s| s.gpu_utilization_percent.map(f64::from),
+    },
+    Metric {
+        id: 2,
+        name: "memory_utilization_percent",
+        unit: "percent",
+        aliases: &["mem_util"],
+        max_valid: 100.0,
+        extract: |s| s.memory_utilization_percent.map(f64::from),
+    },
+    Metric {
+        id: 3,
+        name: "memory_used_bytes",
+        unit: "bytes",
+        aliases: &["mem", "memory"],
+        // Far above any GPU made (B200: 192 GB), far below nonsense.
+        max_valid: 4096.0 * GIB,
+        extract: |s| s.memory_used_bytes.map(|v| v as f64),
+    },
+    Metric {
+        id: 4,
+        name: "memory_total_bytes",
+        unit: "bytes",
+        aliases: &[],
+        max_valid: 4096.0 * GIB,
+        extract: |s| s.memory_total_bytes.map(|v| v as f64),
+    },
+    Metric {
+        id: 5,
+        name: "temperature_celsius",
+        unit: "celsius",
+        aliases: &["temp", "temperature"],
+        max_valid: 150.0,
+        extract: |s| s.temperature_celsius.map(f64::from),
+    },
+    Metric {
+        id: 6,
+        name: "power_usage_milliwatts",
+        unit: "milliwatts",
+        aliases: &["power"],
+        // 5 kW per GPU: twice the largest board power announced so far.
+        max_valid: 5_000_000.0,
+        extract: |s| s.power_usage_milliwatts.map(f64::from),
+    },
+    Metric {
+        id: 7,
+        name: "power_limit_milliwatts",
+        unit: "milliwatts",
+        aliases: &["power_limit"],
+        max_valid: 5_000_000.0,
+        extract: |s| s.power_limit_milliwatts.map(f64::from),
+    },
+    Metric {
+        id: 8,
+        name: "sm_clock_mhz",
+        unit: "MHz",
+        aliases: &["sm_clock", "clock"],
+        max_valid: 10_000.0,
+        extract: |s| s.sm_clock_mhz.map(f64::from),
+    },
+    Metric {
+        id: 9,
+        name: "memory_clock_mhz",
+        unit: "MHz",
+        aliases: &["mem_clock"],
+        max_valid: 20_000.0,
+        extract: |s| s.memory_clock_mhz.map(f64::from),
+    },
+];
+
+const METRIC_COUNT: usize = METRICS.len();
+
+/// Finds a metric by name or alias.
+pub fn metric(name: &str) -> Result<&'static Metric> {
+    METRICS
+        .iter()
+        .find(|m| m.name == name || m.aliases.contains(&name))
+        .ok_or_else(|| {
+            let known: Vec<&str> = METRICS.iter().map(|m| m.name).collect();
+            ControllerError::invalid(
+                "metric",
+                format!(
+                    "{name:?} is not a metric; known metrics: {}",
+                    known.join(", ")
+                ),
+            )
+        })
+}
+
+// --------------------------------------------------------------- validation
+
+/// Why a sample was dropped. The label values are part of `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    /// The UUID is not one of the GPUs the node announced.
+    UnknownGpu,
+    /// `sampled_at` missing or not a valid time.
+    BadTimestamp,
+    /// `sampled_at` more than `MAX_FUTURE_SKEW` ahead of the controller.
+    Future,
+    /// `sampled_at` not after the GPU's previous accepted sample.
+    Stale,
+    /// Older than the rollup retention: nothing could be kept of it.
+    TooOld,
+    /// A value outside what any GPU can report (e.g. utilisation > 100 %,
+    /// memory used > total).
+    OutOfRange,
+}
+
+pub const DROP_REASONS: [DropReason; 6] = [
+    DropReason::UnknownGpu,
+    DropReason::BadTimestamp,
+    DropReason::Future,
+    DropReason::Stale,
+    DropReason::TooOld,
+    DropReason::OutOfRange,
+];
+
+impl DropReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::UnknownGpu => "unknown_gpu",
+            DropReason::BadTimestamp => "bad_timestamp",
+            DropReason::Future => "future",
+            DropReason::Stale => "stale",
+            DropReason::TooOld => "too_old",
+            DropReason::OutOfRange => "out_of_range",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Agent clocks drift; more than this ahead is a broken clock.
+pub const MAX_FUTURE_SKEW: Duration = Duration::from_secs(300);
+
+/// Nanoseconds since the epoch, or `None` for a missing/invalid timestamp.
+fn ts_nanos(ts: Option<&Timestamp>) -> Option<i128> {
+    let ts = ts?;
+    if !(0..1_000_000_000).contains(&ts.nanos) || ts.seconds < 0 {
+        return None;
+    }
+    Some(ts.seconds as i128 * 1_000_000_000 + ts.nanos as i128)
+}
+
+fn system_nanos(t: SystemTime) -> i128 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
+}
+
+/// Minutes since the epoch.
+pub fn minute_of(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() / 60)
+        .unwrap_or(0)
+}
+
+fn minute_to_ts(minute: u64) -> Timestamp {
+    Timestamp {
+        seconds: (minute * 60) as i64,
+        nanos: 0,
+    }
+}
+
+/// Checks one sample's values on their own (not its GPU or time).
+pub fn check_values(sample: &GpuSample) -> std::result::Result<(), DropReason> {
+    for m in METRICS {
+        if let Some(v) = (m.extract)(sample)
+            && !(v.is_finite() && v >= 0.0 && v <= m.max_valid)
+        {
+            return Err(DropReason::OutOfRange);
+        }
+    }
+    if let (Some(used), Some(total)) = (sample.memory_used_bytes, sample.memory_total_bytes)
+        && used > total
+    {
+        return Err(DropReason::OutOfRange);
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------ rollups
+
+/// Count, sum and max of one metric over one minute (or one step).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Acc {
+    pub count: u32,
+    pub sum: f64,
+    pub max: f64,
+}
+
+impl Acc {
+    pub fn add(&mut self, v: f64) {
+        self.max = if self.count == 0 { v } else { self.max.max(v) };
+        self.count += 1;
+        self.sum += v;
+    }
+
+    pub fn merge(&mut self, other: &Acc) {
+        if other.count == 0 {
+            return;
+        }
+        self.max = if self.count == 0 {
+            other.max
+        } else {
+            self.max.max(other.max)
+        };
+        self.count += other.count;
+        self.sum += other.sum;
+    }
+
+    pub fn mean(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum / self.count as f64)
+    }
+}
+
+/// Every metric of one GPU over one minute.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rollup {
+    pub minute: u64,
+    pub metrics: [Acc; METRIC_COUNT],
+}
+
+/// Stored-record format version (first byte).
+const ROLLUP_FORMAT: u8 = 1;
+/// id (1) + count (4) + sum (8) + max (8).
+const ROLLUP_ENTRY_BYTES: usize = 21;
+
+impl Rollup {
+    pub fn new(minute: u64) -> Self {
+        Self {
+            minute,
+            metrics: [Acc::default(); METRIC_COUNT],
+        }
+    }
+
+    pub fn add(&mut self, sample: &GpuSample) {
+        for (acc, m) in self.metrics.iter_mut().zip(METRICS) {
+            if let Some(v) = (m.extract)(sample) {
+                acc.add(v);
+            }
+        }
+    }
+
+    pub fn merge(&mut self, other: &Rollup) {
+        for (a, b) in self.metrics.iter_mut().zip(&other.metrics) {
+            a.merge(b);
+        }
+    }
+
+    pub fn get(&self, metric: &Metric) -> Acc {
+        METRICS
+            .iter()
+            .position(|m| m.id == metric.id)
+            .map(|i| self.metrics[i])
+            .unwrap_or_default()
+    }
+
+    /// Compact little-endian record; metrics without samples are left out.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![ROLLUP_FORMAT];
+        for (acc, m) in self.metrics.iter().zip(METRICS) {
+            if acc.count == 0 {
+                continue;
+            }
+            out.push(m.id);
+            out.extend_from_slice(&acc.count.to_le_bytes());
+            out.extend_from_slice(&acc.sum.to_le_bytes());
+            out.extend_from_slice(&acc.max.to_le_bytes());
+        }
+        out
+    }
+
+    /// Unknown metric ids (written by a newer controller) are skipped.
+    pub fn decode(minute: u64, bytes: &[u8]) -> std::result::Result<Self, String> {
+        let Some((&format, mut rest)) = bytes.split_first() else {
+            return Err("empty rollup record".into());
+        };
+        if format != ROLLUP_FORMAT {
+            return Err(format!("rollup record format {format} is not supported"));
+        }
+        let mut rollup = Rollup::new(minute);
+        while !rest.is_empty() {
+            if rest.len() < ROLLUP_ENTRY_BYTES {
+                return Err("rollup record is truncated".into());
+            }
+            let (entry, tail) = rest.split_at(ROLLUP_ENTRY_BYTES);
+            rest = tail;
+            let word = |range: std::ops::Range<usize>| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&entry[range]);
+                b
+            };
+            let mut count = [0u8; 4];
+            count.copy_from_slice(&entry[1..5]);
+            if let Some(i) = METRICS.iter().position(|m| m.id == entry[0]) {
+                rollup.metrics[i] = Acc {
+                    count: u32::from_le_bytes(count),
+                    sum: f64::from_le_bytes(word(5..13)),
+                    max: f64::from_le_bytes(word(13..21)),
+                };
+            }
+        }
+        Ok(rollup)
+    }
+}
+
+/// Where rollups are persisted: keyed by (GPU UUID, minute).
+pub trait RollupStore: Send + Sync + 'static {
+    /// Merges each rollup into what is stored for its (GPU, minute). Not
+    /// flushed to disk per call: losing the last second of rollups in a
+    /// crash is acceptable, an fsync per GPU-minute is not.
+    fn merge(&self, rollups: &[(String, Rollup)]) -> std::result::Result<(), StoreError>;
+    /// Rollups of one GPU with `start <= minute < end`, in minute order.
+    fn range(
+        &self,
+        uuid: &str,
+        start: u64,
+        end: u64,
+    ) -> std::result::Result<Vec<Rollup>, StoreError>;
+    /// Deletes every rollup older than `minute`; returns how many.
+    fn prune_before(&self, minute: u64) -> std::result::Result<u64, StoreError>;
+}
+
+/// In-memory rollups, for tests and benchmarks.
+#[derive(Default)]
+pub struct MemoryRollupStore {
+    rows: Mutex<BTreeMap<(String, u64), Rollup>>,
+}
+
+impl MemoryRollupStore {
+    fn rows(&self) -> MutexGuard<'_, BTreeMap<(String, u64), Rollup>> {
+        self.rows.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl RollupStore for MemoryRollupStore {
+    fn merge(&self, rollups: &[(String, Rollup)]) -> std::result::Result<(), StoreError> {
+        let mut rows = self.rows();
+        for (uuid, rollup) in rollups {
+            rows.entry((uuid.clone(), rollup.minute))
+                .and_modify(|r| r.merge(rollup))
+                .or_insert_with(|| rollup.clone());
+        }
+        Ok(())
+    }
+
+    fn range(
+        &self,
+        uuid: &str,
+        start: u64,
+        end: u64,
+    ) -> std::result::Result<Vec<Rollup>, StoreError> {
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .rows()
+            .range((uuid.to_string(), start)..(uuid.to_string(), end))
+            .map(|(_, r)| r.clone())
+            .collect())
+    }
+
+    fn prune_before(&self, minute: u64) -> std::result::Result<u64, StoreError> {
+        let mut rows = self.rows();
+        let before = rows.len();
+        rows.retain(|(_, m), _| *m >= minute);
+        Ok((before - rows.len()) as u64)
+    }
+}
+
+/// Rollups in their own sled tree, key `<uuid length: 4 bytes BE><uuid>
+/// <minute: 8 bytes BE>`: one GPU's rows are contiguous and in minute order
+/// (the length prefix keeps "GPU-a" and "GPU-a/x" apart), so a range query
+/// is one ordered scan and pruning can jump from GPU to GPU.
+pub struct SledRollupStore {
+    tree: sled::Tree,
+}
+
+impl SledRollupStore {
+    pub fn new(tree: sled::Tree) -> Self {
+        Self { tree }
+    }
+
+    fn key(uuid: &[u8], minute: u64) -> Vec<u8> {
+        let mut key = Vec::with_capacity(uuid.len() + 12);
+        key.extend_from_slice(&(uuid.len() as u32).to_be_bytes());
+        key.extend_from_slice(uuid);
+        key.extend_from_slice(&minute.to_be_bytes());
+        key
+    }
+
+    /// Splits a key; `None` for a key of another shape.
+    fn split(key: &[u8]) -> Option<(&[u8], u64)> {
+        let (len, rest) = key.split_first_chunk::<4>()?;
+        let len = u32::from_be_bytes(*len) as usize;
+        if rest.len() != len + 8 {
+            return None;
+        }
+        let (uuid, minute) = rest.split_at(len);
+        Some((uuid, u64::from_be_bytes(minute.try_into().ok()?)))
+    }
+
+    fn corrupt(key: &[u8], message: String) -> StoreError {
+        StoreError::CorruptRecord {
+            key: format!("telemetry/{}", String::from_utf8_lossy(key)),
+            message,
+        }
+    }
+}
+
+impl RollupStore for SledRollupStore {
+    fn merge(&self, rollups: &[(String, Rollup)]) -> std::result::Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        // Merge within the batch too: one (GPU, minute) may appear twice.
+        let mut merged: BTreeMap<Vec<u8>, Rollup> = BTreeMap::new();
+        for (uuid, rollup) in rollups {
+            let key = Self::key(uuid.as_bytes(), rollup.minute);
+            match merged.get_mut(&key) {
+                Some(existing) => existing.merge(rollup),
+                None => {
+                    let mut fresh = rollup.clone();
+                    if let Some(stored) = self.tree.get(&key)? {
+                        // A corrupt old record is replaced rather than
+                        // blocking every later write of this minute.
+                        if let Ok(stored) = Rollup::decode(rollup.minute, &stored) {
+                            fresh.merge(&stored);
+                        }
+                    }
+                    merged.insert(key, fresh);
+                }
+            }
+        }
+        for (key, rollup) in merged {
+            batch.insert(key, rollup.encode());
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn range(
+        &self,
+        uuid: &str,
+        start: u64,
+        end: u64,
+    ) -> std::result::Result<Vec<Rollup>, StoreError> {
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for entry in self
+            .tree
+            .range(Self::key(uuid.as_bytes(), start)..Self::key(uuid.as_bytes(), end))
+        {
+            let (key, value) = entry?;
+            let Some((key_uuid, minute)) = Self::split(&key) else {
+                continue;
+            };
+            if key_uuid != uuid.as_bytes() {
+                continue;
+            }
+            out.push(Rollup::decode(minute, &value).map_err(|m| Self::corrupt(&key, m))?);
+        }
+        Ok(out)
+    }
+
+    fn prune_before(&self, minute: u64) -> std::result::Result<u64, StoreError> {
+        // Skip from GPU to GPU: delete one GPU's old range, then jump past
+        // all of its keys, so the cost follows GPUs, not stored rows.
+        let mut removed = 0;
+        let mut from: Vec<u8> = Vec::new();
+        loop {
+            let Some((key, _)) = self.tree.range(from.clone()..).next().transpose()? else {
+                break;
+            };
+            let Some((uuid, _)) = Self::split(&key) else {
+                // Foreign key: step over it.
+                from = key.to_vec();
+                from.push(0);
+                continue;
+            };
+            let uuid = uuid.to_vec();
+            let mut batch = sled::Batch::default();
+            for entry in self
+                .tree
+                .range(Self::key(&uuid, 0)..Self::key(&uuid, minute))
+            {
+                let (old, _) = entry?;
+                batch.remove(old);
+                removed += 1;
+            }
+            self.tree.apply_batch(batch)?;
+            from = Self::key(&uuid, u64::MAX);
+            from.push(0);
+        }
+        Ok(removed)
+    }
+}
+
+// --------------------------------------------------------------------- hub
+
+#[derive(Default)]
+struct GpuTelemetry {
+    latest: Option<GpuSample>,
+    /// `sampled_at` of `latest`, in nanoseconds since the epoch.
+    last_at: i128,
+    current: Option<Rollup>,
+}
+
+#[derive(Default)]
+struct NodeTelemetry {
+    gpus: HashMap<String, GpuTelemetry>,
+    accepted: u64,
+    dropped: [u64; DROP_REASONS.len()],
+}
+
+/// What one `ingest` call did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct IngestOutcome {
+    pub accepted: usize,
+    pub dropped: usize,
+}
+
+/// Finished minutes waiting for the next flush are bounded; beyond this the
+/// oldest are dropped (and counted) rather than growing without limit when
+/// the disk stalls.
+const MAX_PENDING_ROLLUPS: usize = 1_000_000;
+
+/// The controller's telemetry: latest samples, counters and rollups.
+pub struct TelemetryHub {
+    nodes: RwLock<HashMap<String, Arc<Mutex<NodeTelemetry>>>>,
+    pending: Mutex<Vec<(String, Rollup)>>,
+    store: Arc<dyn RollupStore>,
+    retention: Duration,
+    rollups_dropped: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Telemetry is best effort: a panic elsewhere must not stop ingest.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl TelemetryHub {
+    pub fn new(store: Arc<dyn RollupStore>, retention: Duration) -> Self {
+        Self {
+            nodes: RwLock::new(HashMap::new()),
+            pending: Mutex::new(Vec::new()),
+            store,
+            retention,
+            rollups_dropped: AtomicU64::new(0),
+        }
+    }
+
+    pub fn retention(&self) -> Duration {
+        self.retention
+    }
+
+    fn node(&self, node_id: &str) -> Option<Arc<Mutex<NodeTelemetry>>> {
+        self.nodes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node_id)
+            .cloned()
+    }
+
+    /// Sets the GPUs a node may report (from its hello). GPUs it no longer
+    /// has are forgotten; their unfinished minute is kept for the flush.
+    pub fn register_node(&self, node_id: &str, uuids: &[String]) {
+        let node = {
+            let mut nodes = self.nodes.write().unwrap_or_else(|p| p.into_inner());
+            nodes.entry(node_id.to_string()).or_default().clone()
+        };
+        let mut node = lock(&node);
+        let mut finished = Vec::new();
+        node.gpus.retain(|uuid, gpu| {
+            let keep = uuids.contains(uuid);
+            if !keep && let Some(current) = gpu.current.take() {
+                finished.push((uuid.clone(), current));
+            }
+            keep
+        });
+        for uuid in uuids {
+            node.gpus.entry(uuid.clone()).or_default();
+        }
+        drop(node);
+        self.queue(finished);
+    }
+
+    /// Validates and folds in one batch of a node's samples. Bad samples
+    /// are counted under the node and otherwise ignored.
+    pub fn ingest(&self, node_id: &str, samples: Vec<GpuSample>, now: SystemTime) -> IngestOutcome {
+        let Some(node) = self.node(node_id) else {
+            return IngestOutcome {
+                accepted: 0,
+                dropped: samples.len(),
+            };
+        };
+        let now_nanos = system_nanos(now);
+        let future_limit = now_nanos + MAX_FUTURE_SKEW.as_nanos() as i128;
+        let oldest = system_nanos(now.checked_sub(self.retention).unwrap_or(UNIX_EPOCH));
+        let mut outcome = IngestOutcome::default();
+        let mut finished = Vec::new();
+        {
+            let mut guard = lock(&node);
+            let node = &mut *guard;
+            for sample in samples {
+                let verdict = match (
+                    node.gpus.get_mut(&sample.uuid),
+                    ts_nanos(sample.sampled_at.as_ref()),
+                ) {
+                    (None, _) => Err(DropReason::UnknownGpu),
+                    (Some(_), None) => Err(DropReason::BadTimestamp),
+                    (Some(_), Some(at)) if at > future_limit => Err(DropReason::Future),
+                    (Some(_), Some(at)) if at < oldest => Err(DropReason::TooOld),
+                    (Some(gpu), Some(at)) if gpu.latest.is_some() && at <= gpu.last_at => {
+                        Err(DropReason::Stale)
+                    }
+                    (Some(gpu), Some(at)) => check_values(&sample).map(|()| (gpu, at)),
+                };
+                let (gpu, at) = match verdict {
+                    Ok(ok) => ok,
+                    Err(reason) => {
+                        node.dropped[reason.index()] += 1;
+                        outcome.dropped += 1;
+                        continue;
+                    }
+                };
+                let minute = (at / 60_000_000_000) as u64;
+                match &mut gpu.current {
+                    Some(current) if current.minute == minute => current.add(&sample),
+                    slot => {
+                        let mut fresh = Rollup::new(minute);
+                        fresh.add(&sample);
+                        if let Some(done) = slot.replace(fresh) {
+                            finished.push((sample.uuid.clone(), done));
+                        }
+                    }
+                }
+                gpu.last_at = at;
+                gpu.latest = Some(sample);
+                node.accepted += 1;
+                outcome.accepted += 1;
+            }
+        }
+        self.queue(finished);
+        outcome
+    }
+
+    fn queue(&self, finished: Vec<(String, Rollup)>) {
+        if finished.is_empty() {
+            return;
+        }
+        let mut pending = lock(&self.pending);
+        pending.extend(finished);
+        if pending.len() > MAX_PENDING_ROLLUPS {
+            let excess = pending.len() - MAX_PENDING_ROLLUPS;
+            pending.drain(..excess);
+            self.rollups_dropped
+                .fetch_add(excess as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Writes every finished minute (queued, or a GPU's current minute
+    /// once `now` is past it) to the store in one batch. Returns how many.
+    pub fn flush(&self, now: SystemTime) -> std::result::Result<usize, StoreError> {
+        let now_minute = minute_of(now);
+        let nodes: Vec<_> = self
+            .nodes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut finished = Vec::new();
+        for node in nodes {
+            let mut node = lock(&node);
+            for (uuid, gpu) in &mut node.gpus {
+                if gpu.current.as_ref().is_some_and(|c| c.minute < now_minute)
+                    && let Some(done) = gpu.current.take()
+                {
+                    finished.push((uuid.clone(), done));
+                }
+            }
+        }
+        let mut batch = std::mem::take(&mut *lock(&self.pending));
+        batch.extend(finished);
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        match self.store.merge(&batch) {
+            Ok(()) => Ok(batch.len()),
+            Err(e) => {
+                // Keep them for the next try (bounded by `queue`).
+                self.queue(batch);
+                Err(e)
+            }
+        }
+    }
+
+    /// Deletes rollups older than the retention.
+    pub fn prune(&self, now: SystemTime) -> std::result::Result<u64, StoreError> {
+        let cutoff = now.checked_sub(self.retention).unwrap_or(UNIX_EPOCH);
+        self.store.prune_before(minute_of(cutoff))
+    }
+
+    /// Latest accepted sample of each GPU of a node.
+    pub fn latest_for_node(&self, node_id: &str) -> HashMap<String, GpuSample> {
+        let Some(node) = self.node(node_id) else {
+            return HashMap::new();
+        };
+        let node = lock(&node);
+        node.gpus
+            .iter()
+            .filter_map(|(uuid, gpu)| Some((uuid.clone(), gpu.latest.clone()?)))
+            .collect()
+    }
+
+    pub fn stats(&self, node_id: &str) -> NodeTelemetryStats {
+        let mut stats = NodeTelemetryStats {
+            node_id: node_id.to_string(),
+            ..Default::default()
+        };
+        if let Some(node) = self.node(node_id) {
+            let node = lock(&node);
+            stats.samples_accepted = node.accepted;
+            for reason in DROP_REASONS {
+                let count = node.dropped[reason.index()];
+                stats.samples_dropped += count;
+                if count > 0 {
+                    stats
+                        .dropped_by_reason
+                        .insert(reason.as_str().to_string(), count);
+                }
+            }
+        }
+        stats
+    }
+
+    /// Every node's counters, by node id.
+    pub fn all_stats(&self) -> Vec<NodeTelemetryStats> {
+        let mut ids: Vec<String> = self
+            .nodes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        ids.sort();
+        ids.iter().map(|id| self.stats(id)).collect()
+    }
+
+    /// Finished minutes lost because the store could not keep up.
+    pub fn rollups_dropped(&self) -> u64 {
+        self.rollups_dropped.load(Ordering::Relaxed)
+    }
+
+    /// Per-minute rollups of one GPU over `[start, end)` minutes: stored,
+    /// queued and the current (unfinished) minute together.
+    fn minutes(
+        &self,
+        node_id: &str,
+        uuid: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<BTreeMap<u64, Rollup>> {
+        let mut by_minute: BTreeMap<u64, Rollup> = BTreeMap::new();
+        let mut fold = |r: &Rollup| {
+            if (start..end).contains(&r.minute) {
+                by_minute
+                    .entry(r.minute)
+                    .and_modify(|e| e.merge(r))
+                    .or_insert_with(|| r.clone());
+            }
+        };
+        for r in self.store.range(uuid, start, end)? {
+            fold(&r);
+        }
+        for (u, r) in lock(&self.pending).iter() {
+            if u == uuid {
+                fold(r);
+            }
+        }
+        if let Some(node) = self.node(node_id)
+            && let Some(current) = lock(&node).gpus.get(uuid).and_then(|g| g.current.as_ref())
+        {
+            fold(current);
+        }
+        Ok(by_minute)
+    }
+
+    /// History of one metric for the given GPUs (node id, uuid).
+    pub fn history(
+        &self,
+        gpus: &[(String, String)],
+        metric: &'static Metric,
+        plan: &HistoryPlan,
+    ) -> Result<GetHistoryResponse> {
+        let mut series = Vec::with_capacity(gpus.len());
+        for (node_id, uuid) in gpus {
+            let minutes = self.minutes(node_id, uuid, plan.start_minute, plan.end_minute)?;
+            series.push(HistorySeries {
+                gpu_uuid: uuid.clone(),
+                node_id: node_id.clone(),
+                points: bucket(&minutes, metric, plan),
+            });
+        }
+        Ok(GetHistoryResponse {
+            metric: metric.name.to_string(),
+            unit: metric.unit.to_string(),
+            step_seconds: plan.step_minutes as u32 * 60,
+            start: Some(minute_to_ts(plan.start_minute)),
+            end: Some(minute_to_ts(plan.end_minute)),
+            series,
+        })
+    }
+}
+
+// ------------------------------------------------------------------ history
+
+/// Most points one history series may have.
+pub const MAX_HISTORY_POINTS: u64 = 10_000;
+/// Points a series gets when the caller leaves the step to the controller.
+pub const AUTO_HISTORY_POINTS: u64 = 500;
+
+/// A validated history query, in whole minutes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryPlan {
+    pub start_minute: u64,
+    pub end_minute: u64,
+    pub step_minutes: u64,
+}
+
+/// Checks a history range and step and rounds them to whole minutes
+/// (start down, end up). `step_seconds == 0` picks one.
+pub fn plan_history(
+    start: Option<&Timestamp>,
+    end: Option<&Timestamp>,
+    step_seconds: u32,
+    now: SystemTime,
+) -> Result<HistoryPlan> {
+    let start = ts_nanos(start).ok_or_else(|| {
+        ControllerError::invalid("start", "is required and must be a valid time after 1970")
+    })?;
+    let end = match end {
+        None => system_nanos(now),
+        Some(ts) => ts_nanos(Some(ts))
+            .ok_or_else(|| ControllerError::invalid("end", "must be a valid time after 1970"))?,
+    };
+    if end <= start {
+        return Err(ControllerError::invalid(
+            "end",
+            "must be after start (the range is [start, end))",
+        ));
+    }
+    const MINUTE: i128 = 60_000_000_000;
+    let start_minute = (start / MINUTE) as u64;
+    let end_minute = ((end + MINUTE - 1) / MINUTE) as u64;
+    let span = end_minute - start_minute;
+    let step_minutes = if step_seconds == 0 {
+        span.div_ceil(AUTO_HISTORY_POINTS).max(1)
+    } else {
+        if step_seconds < 60 || step_seconds % 60 != 0 {
+            return Err(ControllerError::invalid(
+                "step",
+                format!(
+                    "is {step_seconds}s; rollups are per minute, so the step must be a whole number of minutes (at least 60s)"
+                ),
+            ));
+        }
+        u64::from(step_seconds / 60)
+    };
+    let points = span.div_ceil(step_minutes);
+    if points > MAX_HISTORY_POINTS {
+        let least = span.div_ceil(MAX_HISTORY_POINTS);
+        return Err(ControllerError::invalid(
+            "step",
+            format!(
+                "a {}m step over {} gives {points} points; at most {MAX_HISTORY_POINTS} are returned: use a step of at least {least}m or a shorter range",
+                step_minutes,
+                humantime::format_duration(Duration::from_secs(span * 60)),
+            ),
+        ));
+    }
+    Ok(HistoryPlan {
+        start_minute,
+        end_minute,
+        step_minutes,
+    })
+}
+
+/// Folds per-minute rollups into steps; steps without samples are left out.
+pub fn bucket(
+    minutes: &BTreeMap<u64, Rollup>,
+    metric: &Metric,
+    plan: &HistoryPlan,
+) -> Vec<HistoryPoint> {
+    let mut steps: BTreeMap<u64, Acc> = BTreeMap::new();
+    for (minute, rollup) in minutes.range(plan.start_minute..plan.end_minute) {
+        let acc = rollup.get(metric);
+        if acc.count == 0 {
+            continue;
+        }
+        let step = plan.start_minute
+            + (minute - plan.start_minute) / plan.step_minutes * plan.step_minutes;
+        steps.entry(step).or_default().merge(&acc);
+    }
+    steps
+        .into_iter()
+        .filter_map(|(step, acc)| {
+            Some(HistoryPoint {
+                time: Some(minute_to_ts(step)),
+                mean: acc.mean()?,
+                max: acc.max,
+                samples: u64::from(acc.count),
+            })
+        })
+        .collect()
+}
+
+// ------------------------------------------------------- latest, aggregates
+
+/// Flattens nodes (with their GPUs' latest samples) into the GPUs matching
+/// the filter, with the counters of the nodes that appear.
+pub fn latest(
+    nodes: &[Node],
+    filter: &GetLatestRequest,
+    stats: impl Fn(&str) -> NodeTelemetryStats,
+    now: SystemTime,
+) -> GetLatestResponse {
+    let mut response = GetLatestResponse {
+        as_of: Some(Timestamp::from(now)),
+        ..Default::default()
+    };
+    for node in nodes {
+        let identity = node.identity.clone().unwrap_or_default();
+        if (!filter.node_id.is_empty() && identity.node_id != filter.node_id)
+            || (!filter.provider.is_empty() && identity.provider != filter.provider)
+            || (!filter.region.is_empty() && identity.region != filter.region)
+        {
+            continue;
+        }
+        let before = response.gpus.len();
+        for gpu in &node.gpus {
+            let info = gpu.info.clone().unwrap_or_default();
+            if (!filter.gpu_uuid.is_empty() && info.uuid != filter.gpu_uuid)
+                || (filter.generation != 0 && info.generation != filter.generation)
+                || (!filter.model.is_empty() && info.model != filter.model)
+            {
+                continue;
+            }
+            response.gpus.push(GpuLatest {
+                node_id: identity.node_id.clone(),
+                provider: identity.provider.clone(),
+                region: identity.region.clone(),
+                node_state: node.state,
+                info: Some(info),
+                health: gpu.health,
+                job_id: gpu.job_id.clone(),
+                allocation_id: gpu.allocation_id.clone(),
+                sample: gpu.latest.clone(),
+            });
+        }
+        if response.gpus.len() > before {
+            response.nodes.push(stats(&identity.node_id));
+        }
+    }
+    response
+}
+
+/// Sums of one group before the means are taken.
+#[derive(Default)]
+struct GroupSums {
+    group: TelemetryGroup,
+    util_sum: f64,
+    util_count: u32,
+    power_sum_mw: f64,
+    power_count: u32,
+}
+
+impl GroupSums {
+    fn finish(mut self) -> TelemetryGroup {
+        if self.util_count > 0 {
+            self.group.mean_gpu_utilization_percent = self.util_sum / f64::from(self.util_count);
+        }
+        if self.power_count > 0 {
+            self.group.mean_power_watts = self.power_sum_mw / 1000.0 / f64::from(self.power_count);
+        }
+        self.group.total_power_watts = self.power_sum_mw / 1000.0;
+        self.group
+    }
+}
+
+/// Groups every GPU of non-Lost nodes. Samples count only from Ready nodes:
+/// a silent node's last sample says nothing about now.
+pub fn aggregates(
+    nodes: &[Node],
+    group_by: &[CapacityDimension],
+    now: SystemTime,
+) -> Result<GetAggregatesResponse> {
+    for (i, dim) in group_by.iter().enumerate() {
+        if *dim == CapacityDimension::Unspecified {
+            return Err(ControllerError::invalid(
+                format!("group_by[{i}]"),
+                "accepted dimensions: provider, region, generation, model",
+            ));
+        }
+    }
+    let has = |d: CapacityDimension| group_by.contains(&d);
+    let mut groups: BTreeMap<(String, String, i32, String), GroupSums> = BTreeMap::new();
+    let mut total = GroupSums::default();
+    for node in nodes {
+        if node.state() == NodeState::Lost {
+            continue;
+        }
+        let identity = node.identity.clone().unwrap_or_default();
+        let ready = node.state() == NodeState::Ready;
+        for gpu in &node.gpus {
+            let info = gpu.info.clone().unwrap_or_default();
+            let key = (
+                if has(CapacityDimension::Provider) {
+                    identity.provider.clone()
+                } else {
+                    String::new()
+                },
+                if has(CapacityDimension::Region) {
+                    identity.region.clone()
+                } else {
+                    String::new()
+                },
+                if has(CapacityDimension::Generation) {
+                    info.generation
+                } else {
+                    0
+                },
+                if has(CapacityDimension::Model) {
+                    info.model.clone()
+                } else {
+                    String::new()
+                },
+            );
+            let group = groups.entry(key.clone()).or_insert_with(|| GroupSums {
+                group: TelemetryGroup {
+                    provider: key.0.clone(),
+                    region: key.1.clone(),
+                    generation: key.2,
+                    model: key.3.clone(),
+                    ..Default::default()
+                },
+                ..Default::default()
+            });
+            for sums in [&mut *group, &mut total] {
+                sums.group.gpus += 1;
+                sums.group.unhealthy_gpus += u32::from(gpu.health() == GpuHealth::Unhealthy);
+                let Some(sample) = gpu.latest.as_ref().filter(|_| ready) else {
+                    continue;
+                };
+                sums.group.reporting_gpus += 1;
+                if let Some(util) = sample.gpu_utilization_percent {
+                    sums.util_sum += f64::from(util);
+                    sums.util_count += 1;
+                }
+                if let Some(power) = sample.power_usage_milliwatts {
+                    sums.power_sum_mw += f64::from(power);
+                    sums.power_count += 1;
+                }
+                sums.group.memory_used_bytes += sample.memory_used_bytes.unwrap_or(0);
+                sums.group.memory_total_bytes +=
+                    sample.memory_total_bytes.unwrap_or(info.memory_bytes);
+            }
+        }
+    }
+    Ok(GetAggregatesResponse {
+        groups: if group_by.is_empty() {
+            Vec::new()
+        } else {
+            groups.into_values().map(GroupSums::finish).collect()
+        },
+        total: Some(total.finish()),
+        as_of: Some(Timestamp::from(now)),
+    })
+}
+
+// ------------------------------------------------- controller-facing queries
+
+/// `Telemetry.GetLatest`.
+pub fn get_latest(
+    controller: &crate::state::Controller,
+    filter: GetLatestRequest,
+) -> Result<GetLatestResponse> {
+    if !filter.node_id.is_empty() {
+        crate::validate::node_id("node_id", &filter.node_id)?;
+    }
+    let nodes = controller.list_nodes(&filter.provider, &filter.region, &[]);
+    let hub = controller.telemetry();
+    Ok(latest(
+        &nodes,
+        &filter,
+        |id| hub.stats(id),
+        SystemTime::now(),
+    ))
+}
+
+/// `Telemetry.GetHistory`: one metric of one GPU, or of each GPU of a node.
+pub fn get_history(
+    controller: &crate::state::Controller,
+    request: gpufleet_proto::v1::GetHistoryRequest,
+) -> Result<GetHistoryResponse> {
+    let metric = metric(&request.metric)?;
+    let now = SystemTime::now();
+    let plan = plan_history(
+        request.start.as_ref(),
+        request.end.as_ref(),
+        request.step_seconds,
+        now,
+    )?;
+    let gpus: Vec<(String, String)> =
+        match (request.gpu_uuid.is_empty(), request.node_id.is_empty()) {
+            (false, true) => {
+                let node = controller
+                    .list_nodes("", "", &[])
+                    .into_iter()
+                    .find(|n| {
+                        n.gpus
+                            .iter()
+                            .any(|g| g.info.as_ref().is_some_and(|i| i.uuid == request.gpu_uuid))
+                    })
+                    .ok_or_else(|| {
+                        ControllerError::NotFound(format!(
+                            "no registered node has GPU {}; list GPUs with `gpufleet top --once`",
+                            request.gpu_uuid
+                        ))
+                    })?;
+                let node_id = node.identity.map(|i| i.node_id).unwrap_or_default();
+                vec![(node_id, request.gpu_uuid)]
+            }
+            (true, false) => {
+                let node = controller.get_node(&request.node_id)?;
+                node.gpus
+                    .iter()
+                    .filter_map(|g| g.info.as_ref())
+                    .map(|i| (request.node_id.clone(), i.uuid.clone()))
+                    .collect()
+            }
+            _ => {
+                return Err(ControllerError::invalid(
+                    "gpu_uuid",
+                    "set exactly one of gpu_uuid and node_id",
+                ));
+            }
+        };
+    controller.telemetry().history(&gpus, metric, &plan)
+}
+
+/// `Telemetry.GetAggregates`.
+pub fn get_aggregates(
+    controller: &crate::state::Controller,
+    group_by: &[CapacityDimension],
+) -> Result<GetAggregatesResponse> {
+    aggregates(
+        &controller.list_nodes("", "", &[]),
+        group_by,
+        SystemTime::now(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpufleet_proto::v1::{GpuGeneration, GpuInfo, GpuStatus, NodeIdentity};
+
+    /// A fixed virtual "now": 2025-01-01T00:00:00Z.
+    fn t0() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_735_689_600)
+    }
+
+    fn sample(uuid: &str, at: SystemTime, util: u32, power_mw: u32) -> GpuSample {
+        GpuSample {
+            uuid: uuid.into(),
+            sampled_at: Some(Timestamp::from(at)),
+            gpu_utilization_percent: Some(util),
+            power_usage_milliwatts: Some(power_mw),
+            memory_used_bytes: Some(10),
+            memory_total_bytes: Some(100),
+            ..Default::default()
+        }
+    }
+
+    fn hub() -> (Arc<MemoryRollupStore>, TelemetryHub) {
+        let store = Arc::new(MemoryRollupStore::default());
+        let hub = TelemetryHub::new(store.clone(), Duration::from_secs(3600));
+        hub.register_node("n1", &["GPU-a".into(), "GPU-b".into()]);
+        (store, hub)
+    }
+
+    fn util() -> &'static Metric {
+        metric("util").unwrap()
+    }
+
+    #[test]
+    fn metric_ids_and_names_are_unique() {
+        let mut ids: Vec<u8> = METRICS.iter().map(|m| m.id).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), METRICS.len());
+        let mut names: Vec<&str> = METRICS
+            .iter()
+            .flat_map(|m| std::iter::once(m.name).chain(m.aliases.iter().copied()))
+            .collect();
+        let all = names.len();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), all, "a name or alias is used twice");
+        let err = metric("wattage").unwrap_err().to_string();
+        assert!(err.contains("gpu_utilization_percent"), "{err}");
+    }
+
+    #[test]
+    fn rollup_mean_and_max_and_merge() {
+        let mut r = Rollup::new(7);
+        for (i, u) in [10, 30, 20].into_iter().enumerate() {
+            r.add(&sample(
+                "GPU-a",
+                t0() + Duration::from_secs(i as u64),
+                u,
+                1000,
+            ));
+        }
+        let acc = r.get(util());
+        assert_eq!((acc.count, acc.sum, acc.max), (3, 60.0, 30.0));
+        assert_eq!(acc.mean(), Some(20.0));
+        // A metric the device did not report stays empty: absent, not zero.
+        assert_eq!(r.get(metric("temp").unwrap()).count, 0);
+        let mut other = Rollup::new(7);
+        other.add(&sample("GPU-a", t0(), 90, 1000));
+        r.merge(&other);
+        let acc = r.get(util());
+        assert_eq!((acc.count, acc.sum, acc.max), (4, 150.0, 90.0));
+        // Merging an empty accumulator leaves max alone, even at zero.
+        let mut zero = Acc::default();
+        zero.add(0.0);
+        zero.merge(&Acc::default());
+        assert_eq!((zero.count, zero.max), (1, 0.0));
+    }
+
+    #[test]
+    fn rollup_encoding_round_trips_and_rejects_garbage() {
+        let mut r = Rollup::new(42);
+        r.add(&sample("GPU-a", t0(), 55, 700_000));
+        let bytes = r.encode();
+        assert_eq!(Rollup::decode(42, &bytes).unwrap(), r);
+        assert!(Rollup::decode(42, &[]).is_err());
+        assert!(Rollup::decode(42, &[9]).is_err());
+        assert!(Rollup::decode(42, &bytes[..bytes.len() - 1]).is_err());
+        // An id from a newer controller is skipped, the rest kept.
+        let mut newer = bytes.clone();
+        newer.push(250);
+        newer.extend_from_slice(&[0; ROLLUP_ENTRY_BYTES - 1]);
+        assert_eq!(Rollup::decode(42, &newer).unwrap(), r);
+    }
+
+    #[test]
+    fn bad_samples_are_dropped_and_counted_per_reason() {
+        let (_, hub) = hub();
+        let now = t0();
+        let ok = sample("GPU-a", now, 50, 1000);
+        let mut too_busy = sample("GPU-b", now, 101, 1000);
+        too_busy.gpu_utilization_percent = Some(101);
+        let mut overfull = sample("GPU-b", now, 50, 1000);
+        overfull.memory_used_bytes = Some(101);
+        let mut hot = sample("GPU-b", now, 50, 1000);
+        hot.temperature_celsius = Some(4000);
+        let mut no_time = sample("GPU-b", now, 50, 1000);
+        no_time.sampled_at = None;
+        let mut bad_nanos = sample("GPU-b", now, 50, 1000);
+        bad_nanos.sampled_at = Some(Timestamp {
+            seconds: 5,
+            nanos: -1,
+        });
+        let outcome = hub.ingest(
+            "n1",
+            vec![
+                ok.clone(),
+                ok.clone(), // same time again: stale
+                sample("GPU-a", now - Duration::from_secs(1), 50, 1000), // backwards
+                sample("GPU-zz", now, 50, 1000),
+                sample("GPU-b", now + Duration::from_secs(3600), 50, 1000),
+                sample("GPU-b", now - Duration::from_secs(7200), 50, 1000),
+                too_busy,
+                overfull,
+                hot,
+                no_time,
+                bad_nanos,
+            ],
+            now,
+        );
+        assert_eq!(
+            outcome,
+            IngestOutcome {
+                accepted: 1,
+                dropped: 10
+            }
+        );
+        let stats = hub.stats("n1");
+        assert_eq!(stats.samples_accepted, 1);
+        assert_eq!(stats.samples_dropped, 10);
+        let by = |r: DropReason| {
+            stats
+                .dropped_by_reason
+                .get(r.as_str())
+                .copied()
+                .unwrap_or(0)
+        };
+        assert_eq!(by(DropReason::Stale), 2);
+        assert_eq!(by(DropReason::UnknownGpu), 1);
+        assert_eq!(by(DropReason::Future), 1);
+        assert_eq!(by(DropReason::TooOld), 1);
+        assert_eq!(by(DropReason::OutOfRange), 3);
+        assert_eq!(by(DropReason::BadTimestamp), 2);
+        // Only the good sample is kept as latest; nothing was rolled up from the rest.
+        let latest = hub.latest_for_node("n1");
+        assert_eq!(latest.len(), 1);
+        assert_eq!(latest["GPU-a"], ok);
+        // Unknown node: counted as dropped, nothing kept.
+        let outcome = hub.ingest("nobody", vec![sample("GPU-a", now, 1, 1)], now);
+        assert_eq!(outcome.dropped, 1);
+        assert!(hub.latest_for_node("nobody").is_empty());
+    }
+
+    #[test]
+    fn minutes_roll_into_the_store_only_when_finished() {
+        let (store, hub) = hub();
+        let start = t0();
+        // 3 minutes of samples every 10 s on one GPU.
+        for i in 0..18u64 {
+            let at = start + Duration::from_secs(i * 10);
+            let util = if i < 6 {
+                10
+            } else if i < 12 {
+                50
+            } else {
+                90
+            };
+            hub.ingest("n1", vec![sample("GPU-a", at, util, 1000)], at);
+        }
+        // Two minutes are finished and queued; nothing touched the store yet.
+        assert!(store.is_empty());
+        assert_eq!(hub.flush(start + Duration::from_secs(170)).unwrap(), 2);
+        assert_eq!(store.len(), 2);
+        // The third minute is flushed once the clock passes it.
+        assert_eq!(hub.flush(start + Duration::from_secs(170)).unwrap(), 0);
+        assert_eq!(hub.flush(start + Duration::from_secs(180)).unwrap(), 1);
+        let m0 = minute_of(start);
+        let rows = store.range("GPU-a", m0, m0 + 3).unwrap();
+        let means: Vec<f64> = rows.iter().filter_map(|r| r.get(util()).mean()).collect();
+        assert_eq!(means, vec![10.0, 50.0, 90.0]);
+        assert!(rows.iter().all(|r| r.get(util()).count == 6));
+    }
+
+    #[test]
+    fn history_merges_store_queue_and_current_minute() {
+        let (_, hub) = hub();
+        let start = t0();
+        for i in 0..30u64 {
+            let at = start + Duration::from_secs(i * 10);
+            // Minute k has utilisation 10 * (k + 1).
+            let util = 10 * (i / 6 + 1) as u32;
+            hub.ingest("n1", vec![sample("GPU-a", at, util, 1000)], at);
+            if i == 13 {
+                hub.flush(at).unwrap();
+            }
+        }
+        let now = start + Duration::from_secs(295);
+        let plan = plan_history(
+            Some(&Timestamp::from(start)),
+            Some(&Timestamp::from(now)),
+            120,
+            now,
+        )
+        .unwrap();
+        assert_eq!(plan.step_minutes, 2);
+        let response = hub
+            .history(&[("n1".into(), "GPU-a".into())], util(), &plan)
+            .unwrap();
+        assert_eq!(response.step_seconds, 120);
+        let points = &response.series[0].points;
+        // Minutes 0+1, 2+3, 4 (current, unfinished).
+        let got: Vec<(f64, f64, u64)> = points.iter().map(|p| (p.mean, p.max, p.samples)).collect();
+        assert_eq!(
+            got,
+            vec![(15.0, 20.0, 12), (35.0, 40.0, 12), (50.0, 50.0, 6)]
+        );
+        assert_eq!(points[1].time, Some(minute_to_ts(minute_of(start) + 2)));
+        // A GPU without samples has an empty series, not an error.
+        let response = hub
+            .history(&[("n1".into(), "GPU-b".into())], util(), &plan)
+            .unwrap();
+        assert!(response.series[0].points.is_empty());
+    }
+
+    #[test]
+    fn history_ranges_and_steps_are_checked_and_capped() {
+        let now = t0();
+        let ts = |secs_ago: u64| Timestamp::from(now - Duration::from_secs(secs_ago));
+        let err = |r: Result<HistoryPlan>| r.unwrap_err().to_string();
+        assert!(err(plan_history(None, None, 60, now)).starts_with("start"));
+        assert!(err(plan_history(Some(&ts(0)), Some(&ts(60)), 60, now)).starts_with("end"));
+        let tiny = err(plan_history(Some(&ts(3600)), None, 10, now));
+        assert!(tiny.contains("at least 60s"), "{tiny}");
+        assert!(err(plan_history(Some(&ts(3600)), None, 90, now)).contains("whole number"));
+        // 7 days at 1 minute = 10,080 points: over the cap, and the error
+        // names the cap and the smallest step that fits.
+        let huge = err(plan_history(Some(&ts(7 * 86_400)), None, 60, now));
+        assert!(huge.starts_with("step"), "{huge}");
+        assert!(
+            huge.contains("10080 points") && huge.contains("10000"),
+            "{huge}"
+        );
+        assert!(huge.contains("at least 2m"), "{huge}");
+        assert!(plan_history(Some(&ts(7 * 86_400)), None, 120, now).is_ok());
+        // Exactly at the cap is fine.
+        assert!(plan_history(Some(&ts(10_000 * 60)), None, 60, now).is_ok());
+        // Automatic step: at most AUTO_HISTORY_POINTS points, whole minutes.
+        let auto = plan_history(Some(&ts(7 * 86_400)), None, 0, now).unwrap();
+        assert_eq!(auto.step_minutes, 21);
+        let auto = plan_history(Some(&ts(3600)), None, 0, now).unwrap();
+        assert_eq!(auto.step_minutes, 1);
+        assert_eq!(auto.end_minute - auto.start_minute, 60);
+    }
+
+    #[test]
+    fn retention_prunes_old_rollups_in_memory_and_in_sled() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let sled_store: Arc<dyn RollupStore> =
+            Arc::new(SledRollupStore::new(db.open_tree("telemetry").unwrap()));
+        let memory: Arc<dyn RollupStore> = Arc::new(MemoryRollupStore::default());
+        for store in [sled_store, memory] {
+            let retention = Duration::from_secs(3600);
+            let hub = TelemetryHub::new(store.clone(), retention);
+            // "GPU-a" is a prefix of "GPU-a/x": keys of one must not leak
+            // into the other's range or pruning.
+            let uuids: Vec<String> = vec!["GPU-a".into(), "GPU-a/x".into(), "GPU-b".into()];
+            hub.register_node("n1", &uuids);
+            let start = t0();
+            // Three hours of one sample a minute; `now` moves with them.
+            for i in 0..180u64 {
+                let at = start + Duration::from_secs(i * 60);
+                let batch = uuids.iter().map(|u| sample(u, at, 50, 1000)).collect();
+                assert_eq!(hub.ingest("n1", batch, at).accepted, 3);
+                if i % 30 == 0 {
+                    hub.flush(at).unwrap();
+                }
+            }
+            let now = start + Duration::from_secs(180 * 60);
+            hub.flush(now).unwrap();
+            let m0 = minute_of(start);
+            for uuid in &uuids {
+                assert_eq!(store.range(uuid, 0, u64::MAX).unwrap().len(), 180, "{uuid}");
+            }
+            // Keep the last hour: minutes m0+120 .. m0+179.
+            let removed = hub.prune(now).unwrap();
+            assert_eq!(removed, 3 * 120);
+            for uuid in &uuids {
+                let left = store.range(uuid, 0, u64::MAX).unwrap();
+                assert_eq!(left.len(), 60, "{uuid}");
+                assert_eq!(left[0].minute, m0 + 120);
+            }
+            assert_eq!(hub.prune(now).unwrap(), 0);
+        }
+    }
+
+    #[test]
+    fn sled_merge_folds_a_minute_written_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let store = SledRollupStore::new(db.open_tree("telemetry").unwrap());
+        let mut a = Rollup::new(5);
+        a.add(&sample("GPU-a", t0(), 10, 1));
+        let mut b = Rollup::new(5);
+        b.add(&sample("GPU-a", t0(), 30, 1));
+        store.merge(&[("GPU-a".into(), a.clone())]).unwrap();
+        store
+            .merge(&[("GPU-a".into(), b.clone()), ("GPU-a".into(), b)])
+            .unwrap();
+        let rows = store.range("GPU-a", 0, 10).unwrap();
+        assert_eq!(rows.len(), 1);
+        let acc = rows[0].get(util());
+        assert_eq!((acc.count, acc.sum, acc.max), (3, 70.0, 30.0));
+    }
+
+    #[test]
+    fn reregistering_forgets_removed_gpus_but_keeps_their_minute() {
+        let (store, hub) = hub();
+        let at = t0();
+        hub.ingest("n1", vec![sample("GPU-b", at, 10, 1)], at);
+        hub.register_node("n1", &["GPU-a".into()]);
+        let outcome = hub.ingest(
+            "n1",
+            vec![sample("GPU-b", at + Duration::from_secs(1), 10, 1)],
+            at,
+        );
+        assert_eq!(outcome.dropped, 1);
+        hub.flush(at).unwrap();
+        assert_eq!(store.len(), 1);
+    }
+
+    fn node(
+        id: &str,
+        provider: &str,
+        state: NodeState,
+        gpus: &[(&str, GpuGeneration, Option<(u32, u32)>, GpuHealth)],
+    ) -> Node {
+        Node {
+            identity: Some(NodeIdentity {
+                node_id: id.into(),
+                provider: provider.into(),
+                region: "r1".into(),
+                ..Default::default()
+            }),
+            state: state as i32,
+            gpus: gpus
+                .iter()
+                .map(|(model, generation, reading, health)| GpuStatus {
+                    info: Some(GpuInfo {
+                        uuid: format!("{id}-{model}"),
+                        model: (*model).into(),
+                        generation: *generation as i32,
+                        memory_bytes: 80,
+                        ..Default::default()
+                    }),
+                    health: *health as i32,
+                    latest: reading.map(|(util, mw)| GpuSample {
+                        gpu_utilization_percent: Some(util),
+                        power_usage_milliwatts: Some(mw),
+                        memory_used_bytes: Some(8),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn aggregates_group_and_average_over_reporting_gpus() {
+        use GpuGeneration::{Ampere, Hopper};
+        let nodes = vec![
+            node(
+                "a",
+                "aws",
+                NodeState::Ready,
+                &[
+                    ("H100", Hopper, Some((80, 700_000)), GpuHealth::Healthy),
+                    ("H100b", Hopper, Some((40, 500_000)), GpuHealth::Unhealthy),
+                ],
+            ),
+            node(
+                "b",
+                "gcp",
+                NodeState::Ready,
+                &[
+                    ("A100", Ampere, Some((10, 300_000)), GpuHealth::Healthy),
+                    ("A100b", Ampere, None, GpuHealth::Healthy),
+                ],
+            ),
+            // NotReady: counted, but its stale samples are not.
+            node(
+                "c",
+                "gcp",
+                NodeState::NotReady,
+                &[("A100", Ampere, Some((100, 400_000)), GpuHealth::Healthy)],
+            ),
+            // Lost: not counted at all.
+            node(
+                "d",
+                "aws",
+                NodeState::Lost,
+                &[("H100", Hopper, Some((100, 1)), GpuHealth::Healthy)],
+            ),
+        ];
+        let response = aggregates(&nodes, &[CapacityDimension::Provider], t0()).unwrap();
+        let aws = &response.groups[0];
+        assert_eq!(
+            (
+                aws.provider.as_str(),
+                aws.gpus,
+                aws.unhealthy_gpus,
+                aws.reporting_gpus
+            ),
+            ("aws", 2, 1, 2)
+        );
+        assert_eq!(aws.mean_gpu_utilization_percent, 60.0);
+        assert_eq!(aws.total_power_watts, 1200.0);
+        assert_eq!(aws.mean_power_watts, 600.0);
+        assert_eq!(aws.memory_used_bytes, 16);
+        let gcp = &response.groups[1];
+        assert_eq!((gcp.gpus, gcp.reporting_gpus), (3, 1));
+        assert_eq!(gcp.mean_gpu_utilization_percent, 10.0);
+        assert!(
+            gcp.region.is_empty() && gcp.generation == 0,
+            "only grouped-by fields are set"
+        );
+        let total = response.total.unwrap();
+        assert_eq!((total.gpus, total.reporting_gpus), (5, 3));
+        assert_eq!(total.total_power_watts, 1500.0);
+        let by_gen = aggregates(&nodes, &[CapacityDimension::Generation], t0()).unwrap();
+        assert_eq!(by_gen.groups.len(), 2);
+        assert!(aggregates(&nodes, &[CapacityDimension::Unspecified], t0()).is_err());
+
+        let filter = GetLatestRequest {
+            provider: "gcp".into(),
+            model: "A100".into(),
+            ..Default::default()
+        };
+        let latest = latest(
+            &nodes,
+            &filter,
+            |id| NodeTelemetryStats {
+                node_id: id.into(),
+                ..Default::default()
+            },
+            t0(),
+        );
+        let ids: Vec<&str> = latest.gpus.iter().map(|g| g.node_id.as_str()).collect();
+        assert_eq!(ids, vec!["b", "c"]);
+        assert_eq!(latest.nodes.len(), 2);
+    }
+}
