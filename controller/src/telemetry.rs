@@ -920,7 +920,7 @@ pub fn plan_history(
     let step_minutes = if step_seconds == 0 {
         span.div_ceil(AUTO_HISTORY_POINTS).max(1)
     } else {
-        if step_seconds < 60 || step_seconds % 60 != 0 {
+        if step_seconds < 60 || !step_seconds.is_multiple_of(60) {
             return Err(ControllerError::invalid(
                 "step",
                 format!(
@@ -1565,12 +1565,10 @@ mod tests {
         assert_eq!(store.len(), 1);
     }
 
-    fn node(
-        id: &str,
-        provider: &str,
-        state: NodeState,
-        gpus: &[(&str, GpuGeneration, Option<(u32, u32)>, GpuHealth)],
-    ) -> Node {
+    /// (model, generation, (utilisation, milliwatts) if reporting, health).
+    type TestGpu = (&'static str, GpuGeneration, Option<(u32, u32)>, GpuHealth);
+
+    fn node(id: &str, provider: &str, state: NodeState, gpus: &[TestGpu]) -> Node {
         Node {
             identity: Some(NodeIdentity {
                 node_id: id.into(),
