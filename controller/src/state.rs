@@ -650,12 +650,32 @@ impl Controller {
 
     pub fn record_telemetry(&self, node_id: &str, samples: Vec<GpuSample>) {
         let mut state = self.lock();
+        let mut returned = false;
         if let Some(entry) = state.nodes.get_mut(node_id) {
             entry.last_seen = Instant::now();
             entry.record.last_seen_at = Some(now_ts());
             for sample in samples {
+                // The agent judges GPU health (XIDs, ECC, remaps); the
+                // scheduler and capacity read it from here. Older agents
+                // leave it unspecified, which keeps what the hello set.
+                if sample.health != GpuHealth::Unspecified as i32
+                    && let Some(gpu) = entry
+                        .record
+                        .gpus
+                        .iter_mut()
+                        .find(|g| g.info.as_ref().is_some_and(|i| i.uuid == sample.uuid))
+                {
+                    returned |= gpu.health == GpuHealth::Unhealthy as i32
+                        && sample.health != GpuHealth::Unhealthy as i32;
+                    gpu.health = sample.health;
+                }
                 entry.latest.insert(sample.uuid.clone(), sample);
             }
+        }
+        drop(state);
+        if returned {
+            // A GPU came back into service: pending jobs may fit now.
+            self.request_schedule();
         }
     }
 

@@ -133,6 +133,7 @@ impl Cluster {
             sample_interval: Duration::from_millis(200),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             stop_grace_period: Duration::from_secs(2),
+            monitoring: Default::default(),
         }
     }
 
