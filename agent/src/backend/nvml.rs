@@ -215,11 +215,19 @@ impl NvmlBackend {
         let stop = Arc::new(AtomicBool::new(false));
         {
             let (nvml, xids, stop) = (nvml.clone(), xids.clone(), stop.clone());
+            let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
             let spawned = std::thread::Builder::new()
                 .name("nvml-xid-events".into())
-                .spawn(move || xid_event_loop(&nvml, &xids, &stop));
-            if let Err(e) = spawned {
-                warn!(error = %e, "cannot start the NVML XID event thread; XIDs come from kernel messages only");
+                .spawn(move || xid_event_loop(&nvml, &xids, &stop, ready_tx));
+            match spawned {
+                // Wait for the registration so that every XID after `new`
+                // returns is seen (NVML reports only later events).
+                Ok(_) => {
+                    let _ = ready_rx.recv_timeout(REGISTRATION_TIMEOUT);
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot start the NVML XID event thread; XIDs come from kernel messages only");
+                }
             }
         }
         Ok(Self {
@@ -350,12 +358,19 @@ fn resolve_nvlink_peers(gpus: &mut [GpuInfo]) {
     }
 }
 
+/// Longest wait in `new` for the event thread to register its GPUs.
+const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one blocking wait lasts; only bounds how late shutdown is noticed.
 const EVENT_WAIT_MS: u32 = 500;
 
 /// Blocks on the NVML event set for critical-XID events of every GPU until
 /// `stop`. Runs on its own thread: NVML's wait is a blocking call.
-fn xid_event_loop(nvml: &Nvml, xids: &Mutex<Vec<RawXid>>, stop: &AtomicBool) {
+fn xid_event_loop(
+    nvml: &Nvml,
+    xids: &Mutex<Vec<RawXid>>,
+    stop: &AtomicBool,
+    ready: std::sync::mpsc::SyncSender<()>,
+) {
     let mut set = match nvml.create_event_set() {
         Ok(s) => s,
         Err(e) => {
@@ -384,6 +399,7 @@ fn xid_event_loop(nvml: &Nvml, xids: &Mutex<Vec<RawXid>>, stop: &AtomicBool) {
             }
         }
     }
+    let _ = ready.send(());
     if registered == 0 {
         return;
     }
