@@ -716,6 +716,52 @@ mod tests {
     }
 
     #[test]
+    fn monitoring_keys_parse_and_are_checked() {
+        let c = AgentConfig::load(
+            &env(&[
+                ("GPUFLEET_METRICS_LISTEN", "off"),
+                ("GPUFLEET_CRITICAL_XIDS", "79, 48"),
+                ("GPUFLEET_EXPECTED_GPU_COUNT", "8"),
+                ("GPUFLEET_HEALTH_CLEAN_PERIOD", "2m"),
+                ("GPUFLEET_NVML_LIBRARY_PATH", "/opt/libnvidia-ml.so.1"),
+            ]),
+            ConfigOverrides::default(),
+        )
+        .unwrap();
+        let m = &c.monitoring;
+        assert_eq!(m.metrics_listen, None);
+        assert_eq!(m.health.critical_xids, BTreeSet::from([48, 79]));
+        assert_eq!(m.health.expected_gpu_count, Some(8));
+        assert_eq!(m.health.clean_period, Duration::from_secs(120));
+        assert_eq!(
+            m.nvml_library_path.as_deref(),
+            Some(Path::new("/opt/libnvidia-ml.so.1"))
+        );
+        let d = AgentConfig::load(&HashMap::new(), ConfigOverrides::default()).unwrap();
+        assert_eq!(
+            d.monitoring.metrics_listen,
+            Some("127.0.0.1:9400".parse().unwrap())
+        );
+        assert!(d.monitoring.read_kmsg);
+        for (var, value, key) in [
+            ("GPUFLEET_METRICS_LISTEN", "9400", "metrics_listen"),
+            ("GPUFLEET_CRITICAL_XIDS", "79,x", "health.critical_xids"),
+            ("GPUFLEET_CRITICAL_XIDS", "13", "health.critical_xids"),
+            ("GPUFLEET_HEALTH_CLEAN_PERIOD", "0s", "health.clean_period"),
+            (
+                "GPUFLEET_EXPECTED_GPU_COUNT",
+                "-1",
+                "health.expected_gpu_count",
+            ),
+        ] {
+            let err = AgentConfig::load(&env(&[(var, value)]), ConfigOverrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
     fn missing_file_is_an_error() {
         let flags = ConfigOverrides {
             config: Some(fixture("does-not-exist.toml")),
