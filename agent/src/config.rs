@@ -13,8 +13,15 @@
 //! - `gpu_backend`: `nvml`; `simulated_gpus`: none (required with `simulated`)
 //! - `data_dir`: `/var/lib/gpufleet-agent`
 //! - `sample_interval`: 5s; `listen`: `127.0.0.1:7071`; `stop_grace_period`: 10s
+//! - `metrics_listen`: `127.0.0.1:9400` (dcgm-exporter's port; `off` disables)
+//! - `nvml_library_path`: `libnvidia-ml.so.1` from the loader path
+//! - `read_kmsg`: true (XIDs from /dev/kmsg where readable, nvml backend only)
+//! - `[health]`: `clean_period` 10m, `expected_gpu_count` none,
+//!   `critical_xids` [48, 63, 64, 74, 79, 92, 94, 95, 119, 120],
+//!   `application_xids` [13, 31, 43, 45, 68], `slowdown_degraded_after` 60s,
+//!   `sbe_storm_per_minute` 100 (see `health.rs` for what each means)
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -23,6 +30,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::backend::catalog;
+use crate::health::HealthPolicy;
 
 pub const DEFAULT_CONTROLLER: &str = "http://127.0.0.1:7070";
 pub const DEFAULT_PROVIDER: &str = "onprem";
@@ -31,6 +39,8 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/gpufleet-agent";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7071";
 pub const DEFAULT_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_STOP_GRACE_PERIOD: Duration = Duration::from_secs(10);
+/// dcgm-exporter's port, so existing scrape configs find the agent.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9400";
 /// Environment variable naming the config file.
 pub const CONFIG_ENV: &str = "GPUFLEET_CONFIG";
 
@@ -52,6 +62,23 @@ pub struct AgentConfig {
     pub listen: SocketAddr,
     /// Default time between SIGTERM and SIGKILL when stopping a workload.
     pub stop_grace_period: Duration,
+    /// Metrics endpoint, NVML location, XID sources and health policy.
+    pub monitoring: MonitoringConfig,
+}
+
+/// Telemetry and health settings. `Default` is what embedders (tests,
+/// `gpufleet dev`) want: no `/metrics` listener and no kernel log reader, so
+/// several agents fit in one process; [`AgentConfig::load`] defaults
+/// `metrics_listen` to [`DEFAULT_METRICS_LISTEN`] and `read_kmsg` to true.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MonitoringConfig {
+    /// Prometheus `/metrics` address; `None` = no endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+    /// NVML library to load instead of `libnvidia-ml.so.1`.
+    pub nvml_library_path: Option<PathBuf>,
+    /// Read XIDs from `/dev/kmsg` too (nvml backend only).
+    pub read_kmsg: bool,
+    pub health: HealthPolicy,
 }
 
 /// Who this node is and what it costs.
@@ -120,8 +147,24 @@ struct FileConfig {
     sample_interval: Option<String>,
     listen: Option<String>,
     stop_grace_period: Option<String>,
+    metrics_listen: Option<String>,
+    nvml_library_path: Option<PathBuf>,
+    read_kmsg: Option<bool>,
     #[serde(default)]
     node: FileNode,
+    #[serde(default)]
+    health: FileHealth,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileHealth {
+    clean_period: Option<String>,
+    expected_gpu_count: Option<u32>,
+    critical_xids: Option<Vec<u32>>,
+    application_xids: Option<Vec<u32>>,
+    slowdown_degraded_after: Option<String>,
+    sbe_storm_per_minute: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -158,6 +201,15 @@ pub struct ConfigOverrides {
     pub sample_interval: Option<String>,
     pub listen: Option<String>,
     pub stop_grace_period: Option<String>,
+    pub metrics_listen: Option<String>,
+    pub nvml_library_path: Option<String>,
+    pub read_kmsg: Option<String>,
+    pub health_clean_period: Option<String>,
+    pub expected_gpu_count: Option<String>,
+    pub critical_xids: Option<String>,
+    pub application_xids: Option<String>,
+    pub slowdown_degraded_after: Option<String>,
+    pub sbe_storm_per_minute: Option<String>,
 }
 
 /// (field, environment variable) for every key, in one table.
@@ -179,6 +231,15 @@ macro_rules! for_each_key {
         $m!(sample_interval, "GPUFLEET_SAMPLE_INTERVAL");
         $m!(listen, "GPUFLEET_LISTEN");
         $m!(stop_grace_period, "GPUFLEET_STOP_GRACE_PERIOD");
+        $m!(metrics_listen, "GPUFLEET_METRICS_LISTEN");
+        $m!(nvml_library_path, "GPUFLEET_NVML_LIBRARY_PATH");
+        $m!(read_kmsg, "GPUFLEET_READ_KMSG");
+        $m!(health_clean_period, "GPUFLEET_HEALTH_CLEAN_PERIOD");
+        $m!(expected_gpu_count, "GPUFLEET_EXPECTED_GPU_COUNT");
+        $m!(critical_xids, "GPUFLEET_CRITICAL_XIDS");
+        $m!(application_xids, "GPUFLEET_APPLICATION_XIDS");
+        $m!(slowdown_degraded_after, "GPUFLEET_SLOWDOWN_DEGRADED_AFTER");
+        $m!(sbe_storm_per_minute, "GPUFLEET_SBE_STORM_PER_MINUTE");
     };
 }
 
@@ -218,6 +279,65 @@ impl ConfigOverrides {
 fn parse_duration(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
     humantime::parse_duration(s.trim())
         .map_err(|e| invalid(key, format!("{s:?} is not a duration like \"5s\" ({e})")))
+}
+
+fn parse_u64(key: &'static str, s: &str) -> Result<u64, ConfigError> {
+    s.trim()
+        .parse()
+        .map_err(|_| invalid(key, format!("{s:?} is not a whole number")))
+}
+
+/// `79, 48` → {48, 79}.
+fn parse_xids(key: &'static str, s: &str) -> Result<BTreeSet<u32>, ConfigError> {
+    split_list(s)
+        .iter()
+        .map(|x| {
+            x.parse()
+                .map_err(|_| invalid(key, format!("{x:?} is not an XID number (list: 48,79)")))
+        })
+        .collect()
+}
+
+fn health_policy(o: &ConfigOverrides, file: FileHealth) -> Result<HealthPolicy, ConfigError> {
+    let d = HealthPolicy::default();
+    Ok(HealthPolicy {
+        clean_period: match o.health_clean_period.clone().or(file.clean_period) {
+            Some(s) => parse_duration("health.clean_period", &s)?,
+            None => d.clean_period,
+        },
+        expected_gpu_count: match &o.expected_gpu_count {
+            Some(s) if s.trim().is_empty() => None,
+            Some(s) => Some(
+                u32::try_from(parse_u64("health.expected_gpu_count", s)?)
+                    .map_err(|_| invalid("health.expected_gpu_count", "is too large"))?,
+            ),
+            None => file.expected_gpu_count,
+        },
+        critical_xids: match &o.critical_xids {
+            Some(s) => parse_xids("health.critical_xids", s)?,
+            None => file
+                .critical_xids
+                .map_or(d.critical_xids, |v| v.into_iter().collect()),
+        },
+        application_xids: match &o.application_xids {
+            Some(s) => parse_xids("health.application_xids", s)?,
+            None => file
+                .application_xids
+                .map_or(d.application_xids, |v| v.into_iter().collect()),
+        },
+        slowdown_degraded_after: match o
+            .slowdown_degraded_after
+            .clone()
+            .or(file.slowdown_degraded_after)
+        {
+            Some(s) => parse_duration("health.slowdown_degraded_after", &s)?,
+            None => d.slowdown_degraded_after,
+        },
+        sbe_storm_per_minute: match &o.sbe_storm_per_minute {
+            Some(s) => parse_u64("health.sbe_storm_per_minute", s)?,
+            None => file.sbe_storm_per_minute.unwrap_or(d.sbe_storm_per_minute),
+        },
+    })
 }
 
 fn parse_bool(key: &'static str, s: &str) -> Result<bool, ConfigError> {
@@ -265,6 +385,7 @@ impl AgentConfig {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
+        let health = health_policy(&o, file.health)?;
         let node = NodeConfig {
             id: o.node_id.or(file.node.id).filter(|s| !s.trim().is_empty()),
             provider: o
@@ -335,6 +456,33 @@ impl AgentConfig {
                 Some(s) => parse_duration("stop_grace_period", &s)?,
                 None => DEFAULT_STOP_GRACE_PERIOD,
             },
+            monitoring: MonitoringConfig {
+                metrics_listen: {
+                    let s = o
+                        .metrics_listen
+                        .or(file.metrics_listen)
+                        .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.into());
+                    match s.trim() {
+                        "" | "off" | "none" => None,
+                        t => Some(t.parse().map_err(|_| {
+                            invalid(
+                                "metrics_listen",
+                                format!("{s:?} is not an address like 127.0.0.1:9400 (or off)"),
+                            )
+                        })?),
+                    }
+                },
+                nvml_library_path: o
+                    .nvml_library_path
+                    .map(PathBuf::from)
+                    .or(file.nvml_library_path)
+                    .filter(|p| !p.as_os_str().is_empty()),
+                read_kmsg: match o.read_kmsg {
+                    Some(s) => parse_bool("read_kmsg", &s)?,
+                    None => file.read_kmsg.unwrap_or(true),
+                },
+                health,
+            },
         };
         config.validate()?;
         Ok(config)
@@ -381,6 +529,20 @@ impl AgentConfig {
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
+        }
+        let health = &self.monitoring.health;
+        if health.clean_period.is_zero() {
+            return Err(invalid("health.clean_period", "must be greater than zero"));
+        }
+        if let Some(xid) = health
+            .critical_xids
+            .intersection(&health.application_xids)
+            .next()
+        {
+            return Err(invalid(
+                "health.critical_xids",
+                format!("XID {xid} is also in application_xids; list it in one of them"),
+            ));
         }
         Ok(())
     }
@@ -551,6 +713,52 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("H100-SXM-80GB"), "{err}");
+    }
+
+    #[test]
+    fn monitoring_keys_parse_and_are_checked() {
+        let c = AgentConfig::load(
+            &env(&[
+                ("GPUFLEET_METRICS_LISTEN", "off"),
+                ("GPUFLEET_CRITICAL_XIDS", "79, 48"),
+                ("GPUFLEET_EXPECTED_GPU_COUNT", "8"),
+                ("GPUFLEET_HEALTH_CLEAN_PERIOD", "2m"),
+                ("GPUFLEET_NVML_LIBRARY_PATH", "/opt/libnvidia-ml.so.1"),
+            ]),
+            ConfigOverrides::default(),
+        )
+        .unwrap();
+        let m = &c.monitoring;
+        assert_eq!(m.metrics_listen, None);
+        assert_eq!(m.health.critical_xids, BTreeSet::from([48, 79]));
+        assert_eq!(m.health.expected_gpu_count, Some(8));
+        assert_eq!(m.health.clean_period, Duration::from_secs(120));
+        assert_eq!(
+            m.nvml_library_path.as_deref(),
+            Some(Path::new("/opt/libnvidia-ml.so.1"))
+        );
+        let d = AgentConfig::load(&HashMap::new(), ConfigOverrides::default()).unwrap();
+        assert_eq!(
+            d.monitoring.metrics_listen,
+            Some("127.0.0.1:9400".parse().unwrap())
+        );
+        assert!(d.monitoring.read_kmsg);
+        for (var, value, key) in [
+            ("GPUFLEET_METRICS_LISTEN", "9400", "metrics_listen"),
+            ("GPUFLEET_CRITICAL_XIDS", "79,x", "health.critical_xids"),
+            ("GPUFLEET_CRITICAL_XIDS", "13", "health.critical_xids"),
+            ("GPUFLEET_HEALTH_CLEAN_PERIOD", "0s", "health.clean_period"),
+            (
+                "GPUFLEET_EXPECTED_GPU_COUNT",
+                "-1",
+                "health.expected_gpu_count",
+            ),
+        ] {
+            let err = AgentConfig::load(&env(&[(var, value)]), ConfigOverrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{var}={value}: {err}");
+        }
     }
 
     #[test]

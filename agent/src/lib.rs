@@ -6,6 +6,9 @@
 
 pub mod backend;
 pub mod config;
+pub mod health;
+pub mod kmsg;
+pub mod metrics;
 pub mod service;
 pub mod supervisor;
 pub mod telemetry;
@@ -26,7 +29,11 @@ use tracing::info;
 pub use backend::GpuBackend;
 pub use backend::catalog;
 pub use backend::catalog::{ModelSpec, parse_gpu_declaration};
-pub use config::{AgentConfig, ConfigError, ConfigOverrides, GpuBackendKind, NodeConfig};
+pub use backend::simulated::{SimFault, SimulatedBackend};
+pub use config::{
+    AgentConfig, ConfigError, ConfigOverrides, GpuBackendKind, MonitoringConfig, NodeConfig,
+};
+pub use health::{HealthPolicy, HealthTracker};
 pub use service::AgentService;
 pub use supervisor::{Source, Supervisor, SupervisorError};
 pub use telemetry::Telemetry;
@@ -35,7 +42,10 @@ pub use telemetry::Telemetry;
 #[derive(Debug)]
 pub struct RunningAgent {
     local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     node_id: String,
+    backend: Arc<dyn GpuBackend>,
+    telemetry: Arc<Telemetry>,
     gpu_uuids: Vec<String>,
     supervisor: Supervisor,
     shutdown: watch::Sender<bool>,
@@ -87,7 +97,14 @@ pub async fn start(
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_default(),
     };
-    let telemetry = Arc::new(Telemetry::new(identity, backend.as_ref()));
+    let telemetry = Arc::new(Telemetry::new(
+        identity,
+        backend.as_ref(),
+        config.monitoring.health.clone(),
+    ));
+    if config.monitoring.read_kmsg && config.gpu_backend == GpuBackendKind::Nvml {
+        telemetry.start_kmsg_reader();
+    }
     let supervisor = Supervisor::new(
         backend.clone(),
         config.data_dir.clone(),
@@ -108,9 +125,19 @@ pub async fn start(
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(telemetry.clone().run_sampler(
         backend.clone(),
+        supervisor.clone(),
         config.sample_interval,
         shutdown_rx.clone(),
     )));
+    let metrics_addr = match config.monitoring.metrics_listen {
+        Some(addr) => {
+            let (local, task) =
+                metrics::serve(addr, telemetry.clone(), shutdown_rx.clone()).await?;
+            tasks.push(task);
+            Some(local)
+        }
+        None => None,
+    };
     let uplink = uplink::Uplink::new(
         config.controller.clone(),
         config.join_token.clone(),
@@ -128,7 +155,7 @@ pub async fn start(
         .register_encoded_file_descriptor_set(gpufleet_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("cannot build the gRPC reflection service")?;
-    let service = AgentService::new(supervisor.clone(), telemetry);
+    let service = AgentService::new(supervisor.clone(), telemetry.clone());
     let mut server_shutdown = shutdown_rx;
     let server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -145,11 +172,15 @@ pub async fn start(
         backend = backend.name(),
         gpus = gpu_uuids.len(),
         controller = %config.controller,
+        metrics = ?metrics_addr,
         "agent started"
     );
     Ok(RunningAgent {
         local_addr,
+        metrics_addr,
         node_id,
+        backend,
+        telemetry,
         gpu_uuids,
         supervisor,
         shutdown,
@@ -162,6 +193,22 @@ impl RunningAgent {
     /// Address the local `Agent` API actually listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Address `/metrics` is served on, when enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The GPU backend (tests reach the simulated one through
+    /// [`GpuBackend::as_simulated`] to inject faults).
+    pub fn backend(&self) -> &Arc<dyn GpuBackend> {
+        &self.backend
+    }
+
+    /// Latest samples, health and static GPU facts.
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
     }
 
     pub fn node_id(&self) -> &str {

@@ -80,6 +80,37 @@ struct Args {
     /// Time between SIGTERM and SIGKILL when stopping a workload [default: 10s].
     #[arg(long, env = "GPUFLEET_STOP_GRACE_PERIOD", value_name = "DURATION")]
     stop_grace_period: Option<String>,
+    /// Prometheus /metrics address, or "off" [default: 127.0.0.1:9400].
+    #[arg(long, env = "GPUFLEET_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<String>,
+    /// NVML library to load [default: libnvidia-ml.so.1 from the loader path].
+    #[arg(long, env = "GPUFLEET_NVML_LIBRARY_PATH", value_name = "PATH")]
+    nvml_library_path: Option<String>,
+    /// Also read XIDs from /dev/kmsg where readable [default: true].
+    #[arg(long, env = "GPUFLEET_READ_KMSG", value_name = "BOOL")]
+    read_kmsg: Option<String>,
+    /// Fault-free time before an unhealthy GPU returns to service [default: 10m].
+    #[arg(long, env = "GPUFLEET_HEALTH_CLEAN_PERIOD", value_name = "DURATION")]
+    health_clean_period: Option<String>,
+    /// GPUs this host must have; fewer marks its GPUs unhealthy [default: not checked].
+    #[arg(long, env = "GPUFLEET_EXPECTED_GPU_COUNT", value_name = "N")]
+    expected_gpu_count: Option<String>,
+    /// XIDs that mark a GPU unhealthy [default: 48,63,64,74,79,92,94,95,119,120].
+    #[arg(long, env = "GPUFLEET_CRITICAL_XIDS", value_name = "LIST")]
+    critical_xids: Option<String>,
+    /// XIDs blamed on the job, not the GPU [default: 13,31,43,45,68].
+    #[arg(long, env = "GPUFLEET_APPLICATION_XIDS", value_name = "LIST")]
+    application_xids: Option<String>,
+    /// HW/thermal slowdown lasting this long marks a GPU degraded [default: 60s].
+    #[arg(
+        long,
+        env = "GPUFLEET_SLOWDOWN_DEGRADED_AFTER",
+        value_name = "DURATION"
+    )]
+    slowdown_degraded_after: Option<String>,
+    /// Correctable ECC errors per minute that mark a GPU degraded [default: 100].
+    #[arg(long, env = "GPUFLEET_SBE_STORM_PER_MINUTE", value_name = "N")]
+    sbe_storm_per_minute: Option<String>,
     /// Log format.
     #[arg(long, env = "GPUFLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -111,6 +142,15 @@ impl Args {
             sample_interval: self.sample_interval,
             listen: self.listen,
             stop_grace_period: self.stop_grace_period,
+            metrics_listen: self.metrics_listen,
+            nvml_library_path: self.nvml_library_path,
+            read_kmsg: self.read_kmsg,
+            health_clean_period: self.health_clean_period,
+            expected_gpu_count: self.expected_gpu_count,
+            critical_xids: self.critical_xids,
+            application_xids: self.application_xids,
+            slowdown_degraded_after: self.slowdown_degraded_after,
+            sbe_storm_per_minute: self.sbe_storm_per_minute,
         }
     }
 }

@@ -46,6 +46,7 @@ fn config(controller: SocketAddr, data_dir: &Path, node: &str) -> AgentConfig {
         sample_interval: Duration::from_millis(100),
         listen: "127.0.0.1:0".parse().unwrap(),
         stop_grace_period: Duration::from_secs(2),
+        monitoring: Default::default(),
     }
 }
 

@@ -297,6 +297,7 @@ fn batch(uuids: &[String], at: SystemTime, k: u64) -> Vec<GpuSample> {
             power_limit_milliwatts: Some(700_000),
             sm_clock_mhz: Some(1980),
             memory_clock_mhz: Some(2619),
+            ..Default::default()
         })
         .collect()
 }

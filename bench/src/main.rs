@@ -5,6 +5,7 @@
 // A binary crate: `pub` only marks what modules share.
 #![allow(unreachable_pub)]
 
+mod agent_overhead;
 mod ingest;
 mod report;
 mod scheduler;
@@ -29,6 +30,9 @@ enum Command {
     /// Controller telemetry ingest from many agents, against a bare tonic
     /// stream server in the same run; controller memory per GPU.
     Ingest(ingest::IngestArgs),
+    /// CPU and memory of a real gpufleet-agent sampling 8 GPUs through the
+    /// fake NVML library every second.
+    AgentOverhead(agent_overhead::Options),
     /// Usage reports over one year of hourly rollups; cost of recording market signals.
     UsageQuery(usage_query::Args),
 }
@@ -37,6 +41,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Scheduler(args) => scheduler::run(args),
         Command::Ingest(args) => ingest::run(args),
+        Command::AgentOverhead(args) => agent_overhead::run(args),
         Command::UsageQuery(args) => usage_query::run(args),
     };
     match result {

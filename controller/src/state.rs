@@ -85,6 +85,8 @@ struct UsageFeed {
     gpu_owner: HashMap<String, String>,
     /// Telemetry of running allocations, by allocation id.
     acc: HashMap<String, usage::Accumulator>,
+    /// Last health reported per GPU UUID (absent: healthy).
+    health: HashMap<String, i32>,
 }
 
 struct Inner {
@@ -1071,6 +1073,10 @@ impl Controller {
     /// locks: `accept_seq`, called for every message, already refreshed the
     /// node's lease.
     pub fn record_telemetry(&self, node_id: &str, samples: Vec<GpuSample>) {
+        // GPU health, as the agent judges it (XIDs, ECC, remaps). The state
+        // lock is taken only when a GPU's health changes, so ingest stays
+        // off the state lock in the common case.
+        let mut changes: Vec<(String, i32)> = Vec::new();
         {
             // Samples of allocated GPUs feed their allocation's usage record.
             let mut feed = self.usage_feed();
@@ -1079,6 +1085,42 @@ impl Controller {
                 if let Some(allocation) = feed.gpu_owner.get(&sample.uuid) {
                     feed.acc.entry(allocation.clone()).or_default().add(sample);
                 }
+                // Older agents leave health unspecified: keep what the hello set.
+                if sample.health != GpuHealth::Unspecified as i32 {
+                    let known = feed
+                        .health
+                        .get(&sample.uuid)
+                        .copied()
+                        .unwrap_or(GpuHealth::Healthy as i32);
+                    if known != sample.health {
+                        feed.health.insert(sample.uuid.clone(), sample.health);
+                        changes.push((sample.uuid.clone(), sample.health));
+                    }
+                }
+            }
+        }
+        if !changes.is_empty() {
+            let mut returned = false;
+            let mut state = self.lock();
+            if let Some(entry) = state.nodes.get_mut(node_id) {
+                for (uuid, health) in &changes {
+                    if let Some(gpu) = entry
+                        .record
+                        .gpus
+                        .iter_mut()
+                        .find(|g| g.info.as_ref().is_some_and(|i| &i.uuid == uuid))
+                    {
+                        returned |= gpu.health == GpuHealth::Unhealthy as i32
+                            && *health != GpuHealth::Unhealthy as i32;
+                        tracing::info!(node_id, gpu = %uuid, health = ?GpuHealth::try_from(*health).unwrap_or_default(), "GPU health changed");
+                        gpu.health = *health;
+                    }
+                }
+            }
+            drop(state);
+            if returned {
+                // A GPU came back into service: pending jobs may fit now.
+                self.request_schedule();
             }
         }
         self.inner

@@ -105,13 +105,33 @@ pub struct SledStore {
 impl SledStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join("store");
-        let db = sled::Config::new()
-            .path(&path)
-            .open()
-            .map_err(|source| StoreError::Open {
-                path: path.display().to_string(),
-                source,
-            })?;
+        // sled's background flusher may hold the file lock for a moment
+        // after a previous handle in this process was dropped (a restart):
+        // retry briefly before calling the directory busy.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let db = loop {
+            let opened = sled::Config::new()
+                .path(&path)
+                // Bounded page cache (sled's default is 1 GiB).
+                .cache_capacity(64 * 1024 * 1024)
+                .open();
+            match opened {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if (e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.to_string().contains("could not acquire lock"))
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(source) => {
+                    return Err(StoreError::Open {
+                        path: path.display().to_string(),
+                        source,
+                    });
+                }
+            }
+        };
         let tree = db.open_tree("state")?;
         Ok(Self { db, tree })
     }

@@ -63,6 +63,36 @@ impl NodeSpec {
     }
 }
 
+/// The fake NVML library (`tests/fake-nvml`), copied into `dir` as
+/// `libnvidia-ml.so.1` so that it reads `dir/fake-nvml.json`. Cargo builds
+/// it first because gpufleet-tests lists it as a dev-dependency; it lies
+/// next to the test executable's `deps/` directory.
+pub fn fake_nvml_in(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    const NAME: &str = "libgpufleet_fake_nvml.so";
+    let exe = std::env::current_exe().context("cannot find the test executable")?;
+    let deps = exe.parent().context("test executable has no directory")?;
+    let candidates = [deps.join(NAME), deps.join("..").join(NAME)];
+    let built = candidates.iter().find(|p| p.exists()).with_context(|| {
+        format!(
+            "{NAME} not built; run cargo build -p gpufleet-fake-nvml (looked in {candidates:?})"
+        )
+    })?;
+    std::fs::create_dir_all(dir)?;
+    let copy = dir.join("libnvidia-ml.so.1");
+    std::fs::copy(built, &copy)
+        .with_context(|| format!("cannot copy {} to {}", built.display(), copy.display()))?;
+    Ok(copy)
+}
+
+/// Replaces the fake NVML's JSON atomically (write, then rename), so the
+/// library never reads a half-written file.
+pub fn write_fake_nvml_config(dir: &std::path::Path, json: &str) -> anyhow::Result<()> {
+    let tmp = dir.join("fake-nvml.json.tmp");
+    std::fs::write(&tmp, json)?;
+    std::fs::rename(&tmp, dir.join("fake-nvml.json"))?;
+    Ok(())
+}
+
 /// A controller plus agents, each with its own data dir under one temp dir.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
@@ -134,12 +164,19 @@ impl Cluster {
             sample_interval: Duration::from_millis(200),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             stop_grace_period: Duration::from_secs(2),
+            monitoring: Default::default(),
         }
     }
 
     pub async fn add_agent(&mut self, node: &NodeSpec) -> anyhow::Result<()> {
+        self.add_agent_with(self.agent_config(node)).await
+    }
+
+    /// Starts an agent from a config (e.g. `agent_config` switched to the
+    /// nvml backend with a fake library).
+    pub async fn add_agent_with(&mut self, config: AgentConfig) -> anyhow::Result<()> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let agent = gpufleet_agent::start(self.agent_config(node), Some(listener)).await?;
+        let agent = gpufleet_agent::start(config, Some(listener)).await?;
         self.agents.push(agent);
         Ok(())
     }

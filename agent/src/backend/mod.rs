@@ -5,16 +5,17 @@ pub mod catalog;
 pub mod nvml;
 pub mod simulated;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use gpufleet_proto::v1::{GpuInfo, GpuSample};
 
 use crate::config::{AgentConfig, GpuBackendKind};
+use crate::health::RawXid;
 
 /// A source of GPU facts and samples. Calls may block briefly (NVML), so
 /// async callers use `spawn_blocking` for `sample`.
-pub trait GpuBackend: Send + Sync {
+pub trait GpuBackend: Send + Sync + std::fmt::Debug {
     /// Short backend name, e.g. `nvml` or `simulated`.
     fn name(&self) -> &'static str;
     fn driver_version(&self) -> String;
@@ -25,12 +26,35 @@ pub trait GpuBackend: Send + Sync {
     /// Tells the backend which GPUs currently run workloads (the simulated
     /// backend makes their utilisation follow).
     fn set_busy(&self, _busy_uuids: &HashSet<String>) {}
+    /// How many GPUs the driver sees now (`None`: cannot tell). Compared
+    /// with `expected_gpu_count` to notice GPUs that fell off the bus.
+    fn visible_gpu_count(&self) -> Option<u32> {
+        u32::try_from(self.gpus().len()).ok()
+    }
+    /// XIDs the backend received since the last call (NVML event set,
+    /// simulated fault injection).
+    fn drain_xids(&self) -> Vec<RawXid> {
+        Vec::new()
+    }
+    /// The agent's workload pids per GPU UUID, before each sample (the
+    /// simulated backend reports them as the GPU's compute processes).
+    fn set_workload_pids(&self, _pids: &HashMap<String, Vec<u32>>) {}
+    /// The simulated backend, for fault injection in tests and demos.
+    fn as_simulated(&self) -> Option<&simulated::SimulatedBackend> {
+        None
+    }
 }
 
 /// Builds the backend the config asks for.
 pub fn build(config: &AgentConfig, node_id: &str) -> anyhow::Result<Arc<dyn GpuBackend>> {
     Ok(match config.gpu_backend {
-        GpuBackendKind::Nvml => Arc::new(nvml::NvmlBackend::new(None)?),
+        GpuBackendKind::Nvml => Arc::new(nvml::NvmlBackend::new(
+            config
+                .monitoring
+                .nvml_library_path
+                .as_deref()
+                .map(|p| p.as_os_str()),
+        )?),
         GpuBackendKind::Simulated => Arc::new(simulated::SimulatedBackend::new(
             node_id,
             &config.simulated_gpus,

@@ -1,14 +1,25 @@
 //! The real backend: NVIDIA's management library through nvml-wrapper.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
-use gpufleet_proto::v1::{GpuInfo, GpuSample};
+use gpufleet_proto::v1::{GpuInfo, GpuProcess, GpuSample, NvLinkPeer};
 use nvml_wrapper::Nvml;
-use nvml_wrapper::enum_wrappers::device::{Clock, TemperatureSensor};
+use nvml_wrapper::bitmasks::event::EventTypes;
+use nvml_wrapper::enum_wrappers::device::{Clock, PcieUtilCounter, TemperatureSensor};
+use nvml_wrapper::enums::device::{SampleValue, UsedGpuMemory};
+use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::structs::device::FieldId;
+use nvml_wrapper::sys_exports::field_id;
+use tracing::{debug, warn};
 
 use super::catalog;
 use super::{GpuBackend, now_timestamp};
+use crate::health::RawXid;
 
 /// The soname the driver package installs; the unversioned `.so` (the
 /// nvml-wrapper default) exists only with development packages.
@@ -31,9 +42,13 @@ pub enum NvmlInitError {
 
 /// GPUs as the driver reports them.
 pub struct NvmlBackend {
-    nvml: Nvml,
+    nvml: Arc<Nvml>,
     gpus: Vec<GpuInfo>,
     driver_version: String,
+    /// XIDs the event thread received since the last `drain_xids`.
+    xids: Arc<Mutex<Vec<RawXid>>>,
+    /// Tells the event thread to end (it notices within one wait).
+    stop: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for NvmlBackend {
@@ -44,6 +59,12 @@ impl std::fmt::Debug for NvmlBackend {
     }
 }
 
+impl Drop for NvmlBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 fn one_line(s: impl std::fmt::Display) -> String {
     s.to_string()
         .split_whitespace()
@@ -51,9 +72,75 @@ fn one_line(s: impl std::fmt::Display) -> String {
         .join(" ")
 }
 
+/// NVML's clocks-event (throttle) reason bits, by stable name.
+pub const THROTTLE_REASONS: [(u64, &str); 9] = [
+    (0x1, "gpu_idle"),
+    (0x2, "applications_clocks_setting"),
+    (0x4, "sw_power_cap"),
+    (0x8, "hw_slowdown"),
+    (0x10, "sync_boost"),
+    (0x20, "sw_thermal_slowdown"),
+    (0x40, "hw_thermal_slowdown"),
+    (0x80, "hw_power_brake_slowdown"),
+    (0x100, "display_clock_setting"),
+];
+
+/// The names of the bits set in `mask`.
+pub fn throttle_reason_names(mask: u64) -> Vec<String> {
+    THROTTLE_REASONS
+        .iter()
+        .filter(|(bit, _)| mask & bit != 0)
+        .map(|(_, name)| (*name).to_string())
+        .collect()
+}
+
+/// Field values read in one `nvmlDeviceGetFieldValues` call per sample:
+/// each comes back with its own status, so an unsupported one is simply
+/// absent.
+const FIELDS: [u32; 16] = [
+    field_id::NVML_FI_DEV_MEMORY_TEMP,
+    field_id::NVML_FI_DEV_PCIE_REPLAY_COUNTER,
+    field_id::NVML_FI_DEV_ECC_SBE_VOL_TOTAL,
+    field_id::NVML_FI_DEV_ECC_DBE_VOL_TOTAL,
+    field_id::NVML_FI_DEV_ECC_SBE_AGG_TOTAL,
+    field_id::NVML_FI_DEV_ECC_DBE_AGG_TOTAL,
+    field_id::NVML_FI_DEV_RETIRED_SBE,
+    field_id::NVML_FI_DEV_RETIRED_DBE,
+    field_id::NVML_FI_DEV_RETIRED_PENDING,
+    field_id::NVML_FI_DEV_REMAPPED_COR,
+    field_id::NVML_FI_DEV_REMAPPED_UNC,
+    field_id::NVML_FI_DEV_REMAPPED_PENDING,
+    field_id::NVML_FI_DEV_REMAPPED_FAILURE,
+    field_id::NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL,
+    field_id::NVML_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL,
+    field_id::NVML_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL,
+];
+/// NVML has at most this many NVLinks per GPU (NVML_NVLINK_MAX_LINKS).
+const NVLINK_MAX_LINKS: u32 = 18;
+
+fn sample_value_u64(v: &SampleValue) -> Option<u64> {
+    match *v {
+        SampleValue::U32(x) => Some(u64::from(x)),
+        SampleValue::U64(x) => Some(x),
+        SampleValue::I64(x) => u64::try_from(x).ok(),
+        SampleValue::F64(x) if x.is_finite() && x >= 0.0 => Some(x as u64),
+        SampleValue::F64(_) => None,
+    }
+}
+
+fn cuda_version_string(v: i32) -> String {
+    // NVML encodes 12.4 as 12040.
+    if v <= 0 {
+        String::new()
+    } else {
+        format!("{}.{}", v / 1000, (v % 1000) / 10)
+    }
+}
+
 impl NvmlBackend {
     /// Loads NVML from `library` (default [`NVML_LIBRARY`]; tests point it at
-    /// a fake library) and reads the static facts of every GPU.
+    /// a fake library), reads the static facts of every GPU and starts the
+    /// XID event thread.
     pub fn new(library: Option<&OsStr>) -> Result<Self, NvmlInitError> {
         let library = library.unwrap_or(OsStr::new(NVML_LIBRARY));
         let nvml = Nvml::builder()
@@ -73,6 +160,11 @@ impl NvmlBackend {
         let count = nvml
             .device_count()
             .map_err(|e| NvmlInitError::Enumerate(one_line(e)))?;
+        let driver_version = nvml.sys_driver_version().unwrap_or_default();
+        let cuda_driver_version = nvml
+            .sys_cuda_driver_version()
+            .map(cuda_version_string)
+            .unwrap_or_default();
         let mut gpus = Vec::with_capacity(count as usize);
         for index in 0..count {
             let device = nvml
@@ -86,6 +178,19 @@ impl NvmlBackend {
             let memory_bytes = device.memory_info().map(|m| m.total).unwrap_or(0);
             let cc = device.cuda_compute_capability().ok();
             let spec = catalog::model_from_nvml_name(&name, memory_bytes);
+            let nvlink_peers = (0..NVLINK_MAX_LINKS)
+                .filter_map(|link| {
+                    let l = device.link_wrapper_for(link);
+                    if !l.is_active().ok()? {
+                        return None;
+                    }
+                    Some(NvLinkPeer {
+                        link,
+                        remote_pci_bus_id: l.remote_pci_info().ok()?.bus_id,
+                        remote_gpu_uuid: String::new(),
+                    })
+                })
+                .collect();
             gpus.push(GpuInfo {
                 index,
                 uuid,
@@ -96,14 +201,233 @@ impl NvmlBackend {
                 compute_capability_minor: cc.as_ref().map_or(0, |c| c.minor.max(0) as u32),
                 pci_bus_id: device.pci_info().map(|p| p.bus_id).unwrap_or_default(),
                 name,
+                serial: device.serial().unwrap_or_default(),
+                driver_version: driver_version.clone(),
+                cuda_driver_version: cuda_driver_version.clone(),
+                persistence_mode: device.is_in_persistent_mode().ok(),
+                numa_node: device.numa_node_id().ok(),
+                nvlink_peers,
             });
         }
-        let driver_version = nvml.sys_driver_version().unwrap_or_default();
+        resolve_nvlink_peers(&mut gpus);
+        let nvml = Arc::new(nvml);
+        let xids = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let (nvml, xids, stop) = (nvml.clone(), xids.clone(), stop.clone());
+            let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+            let spawned = std::thread::Builder::new()
+                .name("nvml-xid-events".into())
+                .spawn(move || xid_event_loop(&nvml, &xids, &stop, ready_tx));
+            match spawned {
+                // Wait for the registration so that every XID after `new`
+                // returns is seen (NVML reports only later events).
+                Ok(_) => {
+                    let _ = ready_rx.recv_timeout(REGISTRATION_TIMEOUT);
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot start the NVML XID event thread; XIDs come from kernel messages only");
+                }
+            }
+        }
         Ok(Self {
             nvml,
             gpus,
             driver_version,
+            xids,
+            stop,
         })
+    }
+
+    fn sample_one(&self, info: &GpuInfo, now: prost_types::Timestamp) -> GpuSample {
+        let mut sample = GpuSample {
+            uuid: info.uuid.clone(),
+            index: info.index,
+            sampled_at: Some(now),
+            ..Default::default()
+        };
+        // Each field is read on its own: one unsupported or failing query
+        // leaves that field absent and keeps the rest.
+        let device = match self.nvml.device_by_uuid(info.uuid.as_str()) {
+            Ok(d) => d,
+            Err(e) => {
+                sample.sample_error = one_line(e);
+                return sample;
+            }
+        };
+        if let Ok(u) = device.utilization_rates() {
+            sample.gpu_utilization_percent = Some(u.gpu);
+            sample.memory_utilization_percent = Some(u.memory);
+        }
+        sample.encoder_utilization_percent =
+            device.encoder_utilization().ok().map(|u| u.utilization);
+        sample.decoder_utilization_percent =
+            device.decoder_utilization().ok().map(|u| u.utilization);
+        if let Ok(m) = device.memory_info() {
+            sample.memory_used_bytes = Some(m.used);
+            sample.memory_free_bytes = Some(m.free);
+            sample.memory_total_bytes = Some(m.total);
+        }
+        sample.temperature_celsius = device.temperature(TemperatureSensor::Gpu).ok();
+        sample.power_usage_milliwatts = device.power_usage().ok();
+        sample.power_limit_milliwatts = device.enforced_power_limit().ok();
+        sample.total_energy_millijoules = device.total_energy_consumption().ok();
+        sample.sm_clock_mhz = device.clock_info(Clock::SM).ok();
+        sample.memory_clock_mhz = device.clock_info(Clock::Memory).ok();
+        if let Ok(reasons) = device.current_throttle_reasons() {
+            sample.throttle_reasons_mask = Some(reasons.bits());
+            sample.throttle_reasons = throttle_reason_names(reasons.bits());
+        }
+        sample.pcie_tx_kib_per_second = device.pcie_throughput(PcieUtilCounter::Send).ok();
+        sample.pcie_rx_kib_per_second = device.pcie_throughput(PcieUtilCounter::Receive).ok();
+        sample.mig_enabled = device.mig_mode().ok().map(|m| m.current == 1);
+        if let Ok(processes) = device.running_compute_processes() {
+            sample.processes = processes
+                .into_iter()
+                .map(|p| GpuProcess {
+                    pid: p.pid,
+                    used_memory_bytes: match p.used_gpu_memory {
+                        UsedGpuMemory::Used(b) => Some(b),
+                        UsedGpuMemory::Unavailable => None,
+                    },
+                    ..Default::default()
+                })
+                .collect();
+        }
+        let ids: Vec<FieldId> = FIELDS.iter().map(|&f| FieldId(f)).collect();
+        if let Ok(values) = device.field_values_for(&ids) {
+            let mut crc = None::<u64>;
+            for v in values.into_iter().flatten() {
+                let Some(x) = v.value.as_ref().ok().and_then(sample_value_u64) else {
+                    continue;
+                };
+                match v.field.0 {
+                    field_id::NVML_FI_DEV_MEMORY_TEMP => {
+                        sample.memory_temperature_celsius = u32::try_from(x).ok();
+                    }
+                    field_id::NVML_FI_DEV_PCIE_REPLAY_COUNTER => sample.pcie_replay_count = Some(x),
+                    field_id::NVML_FI_DEV_ECC_SBE_VOL_TOTAL => sample.ecc_sbe_volatile = Some(x),
+                    field_id::NVML_FI_DEV_ECC_DBE_VOL_TOTAL => sample.ecc_dbe_volatile = Some(x),
+                    field_id::NVML_FI_DEV_ECC_SBE_AGG_TOTAL => sample.ecc_sbe_aggregate = Some(x),
+                    field_id::NVML_FI_DEV_ECC_DBE_AGG_TOTAL => sample.ecc_dbe_aggregate = Some(x),
+                    field_id::NVML_FI_DEV_RETIRED_SBE => sample.retired_pages_sbe = Some(x),
+                    field_id::NVML_FI_DEV_RETIRED_DBE => sample.retired_pages_dbe = Some(x),
+                    field_id::NVML_FI_DEV_RETIRED_PENDING => {
+                        sample.retired_pages_pending = Some(x != 0);
+                    }
+                    field_id::NVML_FI_DEV_REMAPPED_COR => {
+                        sample.remapped_rows_correctable = Some(x);
+                    }
+                    field_id::NVML_FI_DEV_REMAPPED_UNC => {
+                        sample.remapped_rows_uncorrectable = Some(x);
+                    }
+                    field_id::NVML_FI_DEV_REMAPPED_PENDING => {
+                        sample.row_remap_pending = Some(x != 0);
+                    }
+                    field_id::NVML_FI_DEV_REMAPPED_FAILURE => {
+                        sample.row_remap_failure = Some(x != 0);
+                    }
+                    field_id::NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL => crc = Some(x),
+                    field_id::NVML_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL => {
+                        sample.nvlink_replay_errors = Some(x);
+                    }
+                    field_id::NVML_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL => {
+                        sample.nvlink_recovery_errors = Some(x);
+                    }
+                    _ => {}
+                }
+            }
+            sample.nvlink_crc_errors = crc;
+        }
+        sample
+    }
+}
+
+/// Fills `remote_gpu_uuid` of links whose other end is a GPU of this host.
+fn resolve_nvlink_peers(gpus: &mut [GpuInfo]) {
+    let by_bus: HashMap<String, String> = gpus
+        .iter()
+        .map(|g| (g.pci_bus_id.to_ascii_lowercase(), g.uuid.clone()))
+        .collect();
+    for g in gpus.iter_mut() {
+        for peer in &mut g.nvlink_peers {
+            if let Some(uuid) = by_bus.get(&peer.remote_pci_bus_id.to_ascii_lowercase()) {
+                peer.remote_gpu_uuid = uuid.clone();
+            }
+        }
+    }
+}
+
+/// Longest wait in `new` for the event thread to register its GPUs.
+const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one blocking wait lasts; only bounds how late shutdown is noticed.
+const EVENT_WAIT_MS: u32 = 500;
+
+/// Blocks on the NVML event set for critical-XID events of every GPU until
+/// `stop`. Runs on its own thread: NVML's wait is a blocking call.
+fn xid_event_loop(
+    nvml: &Nvml,
+    xids: &Mutex<Vec<RawXid>>,
+    stop: &AtomicBool,
+    ready: std::sync::mpsc::SyncSender<()>,
+) {
+    let mut set = match nvml.create_event_set() {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %one_line(e), "NVML event sets unavailable; XIDs come from kernel messages only");
+            return;
+        }
+    };
+    let mut registered = 0;
+    for index in 0..nvml.device_count().unwrap_or(0) {
+        let Ok(device) = nvml.device_by_index(index) else {
+            continue;
+        };
+        match device.register_events(EventTypes::CRITICAL_XID_ERROR, set) {
+            Ok(s) => {
+                set = s;
+                registered += 1;
+            }
+            Err(e) => {
+                // A failed registration frees the set; start a new one for
+                // the remaining GPUs.
+                warn!(index, error = %one_line(e.error), "cannot watch XIDs of this GPU");
+                match nvml.create_event_set() {
+                    Ok(s) => set = s,
+                    Err(_) => return,
+                }
+            }
+        }
+    }
+    let _ = ready.send(());
+    if registered == 0 {
+        return;
+    }
+    while !stop.load(Ordering::Relaxed) {
+        match set.wait(EVENT_WAIT_MS) {
+            Ok(event) => {
+                let xid = match event.event_data {
+                    Some(XidError::Value(v)) => u32::try_from(v).unwrap_or(u32::MAX),
+                    _ => continue,
+                };
+                let Ok(gpu_uuid) = event.device.uuid() else {
+                    continue;
+                };
+                warn!(%gpu_uuid, xid, "XID error reported by NVML");
+                xids.lock().unwrap_or_else(|e| e.into_inner()).push(RawXid {
+                    gpu_uuid,
+                    xid,
+                    at: SystemTime::now(),
+                    source: "nvml",
+                });
+            }
+            Err(NvmlError::Timeout) => {}
+            Err(e) => {
+                // E.g. a GPU fell off the bus; do not spin on a broken set.
+                debug!(error = %one_line(e), "NVML event wait failed");
+                std::thread::sleep(Duration::from_millis(u64::from(EVENT_WAIT_MS)));
+            }
+        }
     }
 }
 
@@ -124,34 +448,16 @@ impl GpuBackend for NvmlBackend {
         let now = now_timestamp();
         self.gpus
             .iter()
-            .map(|info| {
-                let mut sample = GpuSample {
-                    uuid: info.uuid.clone(),
-                    index: info.index,
-                    sampled_at: Some(now),
-                    ..Default::default()
-                };
-                // Each field is read on its own: one unsupported or failing
-                // query leaves that field absent and keeps the rest.
-                let Ok(device) = self.nvml.device_by_uuid(info.uuid.as_str()) else {
-                    return sample;
-                };
-                if let Ok(u) = device.utilization_rates() {
-                    sample.gpu_utilization_percent = Some(u.gpu);
-                    sample.memory_utilization_percent = Some(u.memory);
-                }
-                if let Ok(m) = device.memory_info() {
-                    sample.memory_used_bytes = Some(m.used);
-                    sample.memory_total_bytes = Some(m.total);
-                }
-                sample.temperature_celsius = device.temperature(TemperatureSensor::Gpu).ok();
-                sample.power_usage_milliwatts = device.power_usage().ok();
-                sample.power_limit_milliwatts = device.enforced_power_limit().ok();
-                sample.sm_clock_mhz = device.clock_info(Clock::SM).ok();
-                sample.memory_clock_mhz = device.clock_info(Clock::Memory).ok();
-                sample
-            })
+            .map(|info| self.sample_one(info, now))
             .collect()
+    }
+
+    fn visible_gpu_count(&self) -> Option<u32> {
+        self.nvml.device_count().ok()
+    }
+
+    fn drain_xids(&self) -> Vec<RawXid> {
+        std::mem::take(&mut *self.xids.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 

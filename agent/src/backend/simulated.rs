@@ -2,23 +2,64 @@
 //! power and temperature follow the workloads the supervisor runs on them,
 //! ramping between samples so dashboards look alive.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
+use std::time::SystemTime;
 
-use gpufleet_proto::v1::{GpuInfo, GpuSample};
+use gpufleet_proto::v1::{GpuInfo, GpuProcess, GpuSample, NvLinkPeer};
 use rand::Rng;
 
+use super::GpuBackend;
 use super::catalog::{self, CatalogError, ModelSpec};
-use super::{GpuBackend, now_timestamp};
+use super::nvml::throttle_reason_names;
+use crate::health::RawXid;
+
+/// A little idle PCIe traffic (KiB/s), so idle GPUs are not flat zero.
+fn rng_small(base: f64) -> u32 {
+    (base * rand::rng().random_range(0.0..0.0001)) as u32
+}
 
 /// PCI buses of the GPUs in a typical 8-GPU HGX board, so ids look familiar.
 const PCI_BUSES: [u8; 8] = [0x18, 0x2a, 0x3a, 0x5d, 0x9a, 0xab, 0xba, 0xdb];
 const IDLE_TEMP_C: f64 = 32.0;
+const SIM_DRIVER: &str = "550.54.15-simulated";
+
+/// A fault the simulated backend can be told to show, for tests and demos.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SimFault {
+    /// The driver reports this XID for the GPU.
+    Xid(u32),
+    /// Adds to the volatile and aggregate ECC counts.
+    Ecc { corrected: u64, uncorrected: u64 },
+    /// A row remap is pending (cleared by `Clear`).
+    RemapPending,
+    /// These clock-throttle reason bits are set (see `nvml::THROTTLE_REASONS`).
+    Throttle(u64),
+    /// The GPU no longer answers: its sample carries an error and the
+    /// driver sees one GPU fewer.
+    Lost,
+    /// Removes the remap, throttle and lost faults (counters stay).
+    Clear,
+}
+
+#[derive(Debug, Default)]
+struct SimFaults {
+    sbe: u64,
+    dbe: u64,
+    remap_pending: bool,
+    throttle: u64,
+    lost: bool,
+}
 
 struct SimGpu {
     info: GpuInfo,
     spec: &'static ModelSpec,
     busy: bool,
+    faults: SimFaults,
+    /// Workload processes on the GPU (pids), as the agent started them.
+    pids: Vec<u32>,
+    energy_mj: f64,
+    pcie_replays: u64,
     // Current values, ramped towards targets on every sample.
     util: f64,
     mem_frac: f64,
@@ -31,6 +72,8 @@ struct SimGpu {
 /// GPUs that exist only in memory.
 pub struct SimulatedBackend {
     gpus: Mutex<Vec<SimGpu>>,
+    xids: Mutex<Vec<RawXid>>,
+    last_sample: Mutex<Option<SystemTime>>,
 }
 
 impl std::fmt::Debug for SimulatedBackend {
@@ -59,6 +102,12 @@ impl SimulatedBackend {
                     compute_capability_major: spec.compute_capability.0,
                     compute_capability_minor: spec.compute_capability.1,
                     pci_bus_id: pci_bus_id(index),
+                    serial: format!("{}", 1_650_923_000_000u64 + u64::from(index)),
+                    driver_version: SIM_DRIVER.to_string(),
+                    cuda_driver_version: "12.4".to_string(),
+                    persistence_mode: Some(true),
+                    numa_node: Some(if index < 4 { 0 } else { 1 }),
+                    nvlink_peers: Vec::new(),
                 };
                 gpus.push(SimGpu {
                     info,
@@ -69,12 +118,78 @@ impl SimulatedBackend {
                     power_w: f64::from(spec.idle_watts),
                     temp_c: IDLE_TEMP_C,
                     busy_mem_frac: 0.75,
+                    faults: SimFaults::default(),
+                    pids: Vec::new(),
+                    energy_mj: 0.0,
+                    pcie_replays: 0,
                 });
             }
         }
+        // Datacenter parts of one model are fully NVLinked (an HGX board):
+        // one link to every other GPU of the same model.
+        let peers: Vec<Vec<NvLinkPeer>> = gpus
+            .iter()
+            .map(|g| {
+                if !g.spec.model.contains("SXM") {
+                    return Vec::new();
+                }
+                gpus.iter()
+                    .filter(|o| o.info.index != g.info.index && o.spec.model == g.spec.model)
+                    .enumerate()
+                    .map(|(link, o)| NvLinkPeer {
+                        link: link as u32,
+                        remote_pci_bus_id: o.info.pci_bus_id.clone(),
+                        remote_gpu_uuid: o.info.uuid.clone(),
+                    })
+                    .collect()
+            })
+            .collect();
+        for (g, p) in gpus.iter_mut().zip(peers) {
+            g.info.nvlink_peers = p;
+        }
         Ok(Self {
             gpus: Mutex::new(gpus),
+            xids: Mutex::new(Vec::new()),
+            last_sample: Mutex::new(None),
         })
+    }
+
+    /// Makes GPU `index` show `fault` from the next sample on.
+    pub fn inject(&self, index: u32, fault: SimFault) -> Result<(), String> {
+        let mut gpus = self.lock();
+        let count = gpus.len();
+        let g = gpus
+            .get_mut(index as usize)
+            .ok_or_else(|| format!("no simulated GPU {index}; this node has {count}"))?;
+        match fault {
+            SimFault::Xid(xid) => {
+                self.xids
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(RawXid {
+                        gpu_uuid: g.info.uuid.clone(),
+                        xid,
+                        at: SystemTime::now(),
+                        source: "simulated",
+                    });
+            }
+            SimFault::Ecc {
+                corrected,
+                uncorrected,
+            } => {
+                g.faults.sbe += corrected;
+                g.faults.dbe += uncorrected;
+            }
+            SimFault::RemapPending => g.faults.remap_pending = true,
+            SimFault::Throttle(mask) => g.faults.throttle = mask,
+            SimFault::Lost => g.faults.lost = true,
+            SimFault::Clear => {
+                g.faults.remap_pending = false;
+                g.faults.throttle = 0;
+                g.faults.lost = false;
+            }
+        }
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<SimGpu>> {
@@ -127,7 +242,7 @@ impl GpuBackend for SimulatedBackend {
     }
 
     fn driver_version(&self) -> String {
-        "550.54.15-simulated".to_string()
+        SIM_DRIVER.to_string()
     }
 
     fn gpus(&self) -> Vec<GpuInfo> {
@@ -136,7 +251,14 @@ impl GpuBackend for SimulatedBackend {
 
     fn sample(&self) -> Vec<GpuSample> {
         let mut rng = rand::rng();
-        let now = now_timestamp();
+        let now_sys = SystemTime::now();
+        let now = prost_types::Timestamp::from(now_sys);
+        let interval_s = {
+            let mut last = self.last_sample.lock().unwrap_or_else(|e| e.into_inner());
+            let dt = last.and_then(|l| now_sys.duration_since(l).ok());
+            *last = Some(now_sys);
+            dt.map(|d| d.as_secs_f64())
+        };
         let mut gpus = self.lock();
         gpus.iter_mut()
             .map(|g| {
@@ -163,6 +285,35 @@ impl GpuBackend for SimulatedBackend {
                 let total = g.spec.memory_bytes;
                 let used = (total as f64 * g.mem_frac) as u64;
                 let busy = g.busy || util > 0;
+                let dt = interval_s.unwrap_or(0.0);
+                g.energy_mj += g.power_w * 1000.0 * dt;
+                if busy && rng.random_bool(0.01) {
+                    g.pcie_replays += 1;
+                }
+                if g.faults.lost {
+                    return GpuSample {
+                        uuid: g.info.uuid.clone(),
+                        index: g.info.index,
+                        sampled_at: Some(now),
+                        sample_error: "GPU is lost".to_string(),
+                        ..Default::default()
+                    };
+                }
+                let throttle = g.faults.throttle | if busy { 0x4 } else { 0x1 };
+                let pcie = |base: f64| {
+                    if busy {
+                        Some((base * (0.5 + g.util / 200.0)) as u32)
+                    } else {
+                        Some(rng_small(base))
+                    }
+                };
+                let nvlink = !g.info.nvlink_peers.is_empty();
+                let nvlink_kib = g.energy_mj / 10.0;
+                let share = if g.pids.is_empty() {
+                    0
+                } else {
+                    used / g.pids.len() as u64
+                };
                 GpuSample {
                     uuid: g.info.uuid.clone(),
                     index: g.info.index,
@@ -170,15 +321,70 @@ impl GpuBackend for SimulatedBackend {
                     gpu_utilization_percent: Some(util),
                     memory_utilization_percent: Some((f64::from(util) * 0.6).round() as u32),
                     memory_used_bytes: Some(used),
+                    memory_free_bytes: Some(total - used),
                     memory_total_bytes: Some(total),
                     temperature_celsius: Some(g.temp_c.round() as u32),
+                    memory_temperature_celsius: Some((g.temp_c + 4.0).round() as u32),
                     power_usage_milliwatts: Some((g.power_w * 1000.0) as u32),
                     power_limit_milliwatts: Some(g.spec.tdp_watts * 1000),
+                    total_energy_millijoules: Some(g.energy_mj as u64),
                     sm_clock_mhz: Some(if busy { g.spec.max_sm_clock_mhz } else { 345 }),
                     memory_clock_mhz: Some(if busy { g.spec.max_mem_clock_mhz } else { 405 }),
+                    encoder_utilization_percent: Some(0),
+                    decoder_utilization_percent: Some(0),
+                    throttle_reasons_mask: Some(throttle),
+                    throttle_reasons: throttle_reason_names(throttle),
+                    pcie_tx_kib_per_second: pcie(12_000_000.0),
+                    pcie_rx_kib_per_second: pcie(14_000_000.0),
+                    pcie_replay_count: Some(g.pcie_replays),
+                    ecc_sbe_volatile: Some(g.faults.sbe),
+                    ecc_dbe_volatile: Some(g.faults.dbe),
+                    ecc_sbe_aggregate: Some(g.faults.sbe),
+                    ecc_dbe_aggregate: Some(g.faults.dbe),
+                    retired_pages_sbe: Some(0),
+                    retired_pages_dbe: Some(0),
+                    retired_pages_pending: Some(false),
+                    remapped_rows_correctable: Some(0),
+                    remapped_rows_uncorrectable: Some(u64::from(g.faults.dbe > 0)),
+                    row_remap_pending: Some(g.faults.remap_pending),
+                    row_remap_failure: Some(false),
+                    nvlink_tx_kib: nvlink.then_some(nvlink_kib as u64),
+                    nvlink_rx_kib: nvlink.then_some(nvlink_kib as u64),
+                    nvlink_crc_errors: nvlink.then_some(0),
+                    nvlink_replay_errors: nvlink.then_some(0),
+                    nvlink_recovery_errors: nvlink.then_some(0),
+                    processes: g
+                        .pids
+                        .iter()
+                        .map(|&pid| GpuProcess {
+                            pid,
+                            used_memory_bytes: Some(share),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    mig_enabled: Some(false),
+                    ..Default::default()
                 }
             })
             .collect()
+    }
+
+    fn visible_gpu_count(&self) -> Option<u32> {
+        u32::try_from(self.lock().iter().filter(|g| !g.faults.lost).count()).ok()
+    }
+
+    fn drain_xids(&self) -> Vec<RawXid> {
+        std::mem::take(&mut *self.xids.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn set_workload_pids(&self, pids: &HashMap<String, Vec<u32>>) {
+        for g in self.lock().iter_mut() {
+            g.pids = pids.get(&g.info.uuid).cloned().unwrap_or_default();
+        }
+    }
+
+    fn as_simulated(&self) -> Option<&SimulatedBackend> {
+        Some(self)
     }
 
     fn set_busy(&self, busy_uuids: &HashSet<String>) {

@@ -219,6 +219,7 @@ async fn start_agent(
         sample_interval: Duration::from_secs(2),
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         stop_grace_period: Duration::from_secs(5),
+        monitoring: Default::default(),
     };
     let listener = TcpListener::bind(config.listen).await?;
     gpufleet_agent::start(config, Some(listener)).await

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Scrapes a real gpufleet-agent (simulated GPUs) and lints the scrape with
+# `promtool check metrics`. Installs Debian's prometheus package (promtool)
+# when missing; CI runs this as root. Usage: tests/promtool.sh [agent-binary]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v promtool >/dev/null; then
+    echo "promtool missing; installing Debian's prometheus package"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+
+agent=${1:-target/debug/gpufleet-agent}
+if [[ ! -x $agent ]]; then
+    cargo build --locked -p gpufleet-agent
+fi
+
+work=$(mktemp -d)
+cleanup() {
+    if [[ -n ${pid:-} ]]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+for attempt in 1 2 3 4 5; do
+    port=$((20000 + RANDOM % 20000))
+    # The controller address is unreachable on purpose: the agent keeps
+    # retrying and serves /metrics all the same.
+    GPUFLEET_LOG=warn "$agent" \
+        --gpu-backend simulated --simulated-gpus 8xH100-SXM-80GB,1xL4 \
+        --controller http://127.0.0.1:9 \
+        --data-dir "$work/data" --listen 127.0.0.1:0 \
+        --metrics-listen "127.0.0.1:$port" --sample-interval 200ms \
+        --provider aws --region us-east-1 >"$work/agent.log" 2>&1 &
+    pid=$!
+    # Wait until a scrape contains samples (the first sample takes one interval).
+    for _ in $(seq 1 100); do
+        if ! kill -0 "$pid" 2>/dev/null; then break; fi
+        if curl -sf "http://127.0.0.1:$port/metrics" -o "$work/scrape" \
+            && grep -q '^DCGM_FI_DEV_GPU_UTIL{' "$work/scrape"; then
+            break 2
+        fi
+        sleep 0.1
+    done
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    pid=
+    echo "attempt $attempt: agent did not serve /metrics on port $port:" >&2
+    cat "$work/agent.log" >&2
+done
+if [[ -z ${pid:-} ]]; then
+    echo "FAIL: no scrape obtained" >&2
+    exit 1
+fi
+echo "$(grep -c '^[A-Za-z]' "$work/scrape") series scraped; running promtool check metrics"
+promtool check metrics <"$work/scrape"
+echo "promtool: OK"
