@@ -84,6 +84,10 @@ pub struct Snapshot {
     pub jobs_by_state: BTreeMap<JobState, u64>,
     pub telemetry: Vec<NodeTelemetryStats>,
     pub rollups_dropped: u64,
+    /// Finished usage by provider, region, generation, tenant (retained ledger).
+    pub usage: gpufleet_proto::v1::UsageReportResponse,
+    /// Latest market signal per region and generation.
+    pub market: gpufleet_proto::v1::MarketTightnessResponse,
 }
 
 const GROUPING: [CapacityDimension; 3] = [
@@ -106,6 +110,28 @@ impl Snapshot {
             jobs_by_state: controller.job_counts(),
             telemetry: controller.telemetry().all_stats(),
             rollups_dropped: controller.telemetry().rollups_dropped(),
+            usage: {
+                use crate::usage::{ReportQuery, UsageDimension};
+                let now = crate::placement::unix_secs(SystemTime::now());
+                controller.usage_report(
+                    &ReportQuery {
+                        group_by: vec![
+                            UsageDimension::Provider,
+                            UsageDimension::Region,
+                            UsageDimension::Generation,
+                            UsageDimension::Tenant,
+                        ],
+                        since_secs: now.saturating_sub(controller.config().usage_retention.records),
+                        until_secs: now + 1,
+                        series_secs: None,
+                        limit: 0,
+                    },
+                    false,
+                )
+            },
+            market: controller.market_tightness(
+                crate::placement::unix_secs(SystemTime::now()).saturating_sub(120),
+            ),
         })
     }
 }
@@ -256,6 +282,88 @@ pub fn render(snapshot: &Snapshot) -> String {
         "gpufleet_telemetry_rollups_dropped_total",
         &[],
         snapshot.rollups_dropped as f64,
+    );
+
+    // Usage: totals of the retained ledger (finished allocations); they
+    // drop when retention deletes records, which Prometheus reads as a reset.
+    e.family(
+        "gpufleet_usage_gpu_seconds_total",
+        Kind::Counter,
+        "GPU-seconds of finished allocations, by provider, region, generation and tenant.",
+    );
+    for row in &snapshot.usage.rows {
+        let generation = generation_label(row.generation);
+        e.sample(
+            "gpufleet_usage_gpu_seconds_total",
+            &[
+                ("provider", &row.provider),
+                ("region", &row.region),
+                ("generation", &generation),
+                ("tenant", &row.tenant),
+            ],
+            row.gpu_milliseconds as f64 / 1000.0,
+        );
+    }
+    e.family(
+        "gpufleet_usage_cost_usd_total",
+        Kind::Counter,
+        "Cost in USD of finished allocations at their nodes' prices.",
+    );
+    for row in &snapshot.usage.rows {
+        let generation = generation_label(row.generation);
+        e.sample(
+            "gpufleet_usage_cost_usd_total",
+            &[
+                ("provider", &row.provider),
+                ("region", &row.region),
+                ("generation", &generation),
+                ("tenant", &row.tenant),
+            ],
+            row.cost_micro_usd as f64 / 1_000_000.0,
+        );
+    }
+
+    // Market: the latest minute's signal per region and generation.
+    for (name, help) in [
+        (
+            "gpufleet_market_supply_gpus",
+            "Healthy GPUs on ready nodes.",
+        ),
+        ("gpufleet_market_free_gpus", "Free healthy GPUs."),
+        (
+            "gpufleet_market_pending_demand_gpus",
+            "GPUs requested by pending jobs that could run here.",
+        ),
+        (
+            "gpufleet_region_tightness",
+            "Pending demand per free GPU (pending ÷ max(free, 1)).",
+        ),
+    ] {
+        e.family(name, Kind::Gauge, help);
+        for r in &snapshot.market.regions {
+            let generation = generation_label(r.generation);
+            let value = match name {
+                "gpufleet_market_supply_gpus" => r.supply_gpus as f64,
+                "gpufleet_market_free_gpus" => r.free_gpus as f64,
+                "gpufleet_market_pending_demand_gpus" => r.pending_demand_gpus as f64,
+                _ => r.tightness_now,
+            };
+            e.sample(
+                name,
+                &[("region", &r.region), ("generation", &generation)],
+                value,
+            );
+        }
+    }
+    e.family(
+        "gpufleet_market_unmet_demand_gpus",
+        Kind::Gauge,
+        "GPUs requested by pending jobs that no region can satisfy.",
+    );
+    e.sample(
+        "gpufleet_market_unmet_demand_gpus",
+        &[],
+        snapshot.market.unmet_demand_gpus as f64,
     );
     e.finish()
 }
@@ -440,6 +548,30 @@ mod tests {
                 dropped_by_reason: [("out_of_range".to_string(), 4)].into_iter().collect(),
             }],
             rollups_dropped: 0,
+            usage: gpufleet_proto::v1::UsageReportResponse {
+                rows: vec![gpufleet_proto::v1::UsageRow {
+                    provider: "aws".into(),
+                    region: "us-east-1".into(),
+                    generation: GpuGeneration::Hopper as i32,
+                    tenant: "research".into(),
+                    gpu_milliseconds: 7_200_000,
+                    cost_micro_usd: 7_860_000,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            market: gpufleet_proto::v1::MarketTightnessResponse {
+                regions: vec![gpufleet_proto::v1::RegionTightness {
+                    region: "us-east-1".into(),
+                    generation: GpuGeneration::Hopper as i32,
+                    supply_gpus: 8,
+                    free_gpus: 1,
+                    pending_demand_gpus: 16,
+                    tightness_now: 16.0,
+                    ..Default::default()
+                }],
+                unmet_demand_gpus: 4,
+            },
         }
     }
 
@@ -448,6 +580,14 @@ mod tests {
         let text = render(&snapshot());
         let samples = check_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert!(samples > 10);
+        assert!(text.contains("gpufleet_usage_gpu_seconds_total{provider=\"aws\",region=\"us-east-1\",generation=\"hopper\",tenant=\"research\"} 7200"), "{text}");
+        assert!(text.contains("gpufleet_usage_cost_usd_total{provider=\"aws\",region=\"us-east-1\",generation=\"hopper\",tenant=\"research\"} 7.86"), "{text}");
+        assert!(
+            text.contains(
+                "gpufleet_region_tightness{region=\"us-east-1\",generation=\"hopper\"} 16"
+            ),
+            "{text}"
+        );
         assert!(text.contains(
             "gpufleet_gpus_free{provider=\"aws\",region=\"us-east-1\",generation=\"hopper\"} 5\n"
         ));
