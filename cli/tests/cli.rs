@@ -248,3 +248,84 @@ async fn dev_runs_a_fleet_and_a_demo_job() -> anyhow::Result<()> {
     assert_eq!(log_line.matches("GPU-").count(), 2, "{out}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_and_market_commands() -> anyhow::Result<()> {
+    let cluster = Cluster::start(&two_nodes()).await?;
+    let endpoint = cluster.endpoint();
+    let done = gpufleet(
+        &endpoint,
+        &[
+            "jobs", "submit", "--wait", "--gpus", "2", "--class", "training", "--tenant",
+            "research", "--", "sleep", "0.2",
+        ],
+    )
+    .await;
+    assert!(done.status.success(), "{}", stderr(&done));
+
+    let top = gpufleet(&endpoint, &["usage", "top", "--by", "workload-class"]).await;
+    assert!(top.status.success(), "{}", stderr(&top));
+    assert!(stdout(&top).contains("training"), "{}", stdout(&top));
+    let csv = gpufleet(
+        &endpoint,
+        &[
+            "-o",
+            "csv",
+            "usage",
+            "report",
+            "--group-by",
+            "tenant,provider",
+        ],
+    )
+    .await;
+    let text = stdout(&csv);
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some("tenant,provider,gpu_hours,cost_usd,share,allocations,mean_sm_util_percent")
+    );
+    assert!(
+        lines
+            .next()
+            .is_some_and(|l| l.starts_with("research,lambda,")),
+        "{text}"
+    );
+    let records = gpufleet(&endpoint, &["usage", "records"]).await;
+    assert!(
+        stdout(&records).contains("Succeeded"),
+        "{}",
+        stdout(&records)
+    );
+    let by_gen = gpufleet(&endpoint, &["usage", "by-generation", "--since", "1d"]).await;
+    assert!(stdout(&by_gen).contains("Ampere"), "{}", stdout(&by_gen));
+    let tight = gpufleet(&endpoint, &["market", "tight"]).await;
+    assert!(
+        tight.status.success() && stdout(&tight).contains("unmet demand"),
+        "{}",
+        stderr(&tight)
+    );
+    let bad = gpufleet(
+        &endpoint,
+        &[
+            "market",
+            "elasticity",
+            "--region",
+            "r",
+            "--generation",
+            "fermi",
+        ],
+    )
+    .await;
+    assert!(
+        stderr(&bad).contains("accepted: pascal"),
+        "{}",
+        stderr(&bad)
+    );
+    let csv_elsewhere = gpufleet(&endpoint, &["-o", "csv", "nodes"]).await;
+    assert!(
+        stderr(&csv_elsewhere).contains("-o csv is available for"),
+        "{}",
+        stderr(&csv_elsewhere)
+    );
+    cluster.shutdown().await
+}

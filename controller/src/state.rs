@@ -632,13 +632,21 @@ impl Controller {
     /// Once a minute: records market signals (and prunes what retention
     /// drops). Called from the lease ticker.
     pub fn record_market_minute(&self) -> Result<bool> {
-        let mut state = self.lock();
-        let now = placement::unix_secs(SystemTime::now());
-        let minute = now / 60;
-        if minute <= state.last_market_minute {
+        let minute = placement::unix_secs(SystemTime::now()) / 60;
+        if minute <= self.lock().last_market_minute {
             return Ok(false);
         }
-        state.last_market_minute = minute;
+        self.record_market_at(minute)?;
+        Ok(true)
+    }
+
+    /// Records the market signals of `minute` (Unix minutes) from the fleet
+    /// and queue as they are now. The ticker calls it once a minute; tests
+    /// and tools may call it directly.
+    pub fn record_market_at(&self, minute: u64) -> Result<()> {
+        let mut state = self.lock();
+        let now = placement::unix_secs(SystemTime::now()).max(minute * 60);
+        state.last_market_minute = state.last_market_minute.max(minute);
         let fleet = fleet_index(&state);
         let pending: Vec<scheduler::JobInput> = placement::pending_jobs(state.jobs.values())
             .into_iter()
@@ -665,7 +673,7 @@ impl Controller {
         for signal in signals {
             state.market.push(signal);
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Why a job is pending, per constraint and per region, against the

@@ -167,3 +167,105 @@ async fn ledger_is_exact_and_written_once_across_a_controller_restart() -> anyho
     }
     cluster.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn market_signals_rank_tight_regions_and_draw_the_demand_curve() -> anyhow::Result<()> {
+    use gpufleet_proto::v1::{
+        GpuGeneration, JobConstraints, MarketElasticityRequest, MarketTightnessRequest,
+    };
+    // node-a: 4 Hopper GPUs in us-east-1 at $3.93; node-b: 4 Ampere in us-west-1 at $1.79.
+    let cluster = Cluster::start(&two_nodes()).await?;
+    // Fill us-east-1, then queue Hopper demand there: 4 GPUs with no bid,
+    // 2 GPUs bidding $3.00 (below the ask), and an impossible 64-GPU gang.
+    let busy = cluster
+        .submit_spec(JobSpec {
+            constraints: Some(JobConstraints {
+                regions: vec!["us-east-1".into()],
+                ..Default::default()
+            }),
+            ..spec("a", "training", "fill", 4, "sleep 30")
+        })
+        .await?;
+    cluster
+        .wait_job(&busy.id, "to run", |j| j.state() == JobState::Running)
+        .await?;
+    let hopper = |gpus: u32, bid: Option<u64>| JobSpec {
+        constraints: Some(JobConstraints {
+            generations: vec![GpuGeneration::Hopper as i32],
+            max_price_per_gpu_hour_micro_usd: bid,
+            ..Default::default()
+        }),
+        ..spec("b", "training", "wait", gpus, "true")
+    };
+    cluster.submit_spec(hopper(4, None)).await?;
+    cluster.submit_spec(hopper(2, Some(3_000_000))).await?;
+    cluster
+        .submit_spec(JobSpec {
+            tasks: 16,
+            ..hopper(4, None)
+        })
+        .await?;
+
+    let controller = cluster
+        .controller
+        .as_ref()
+        .expect("controller")
+        .controller()
+        .clone();
+    let minute = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        / 60
+        + 1;
+    controller.record_market_at(minute)?;
+    // The handle would keep the controller (and its store) alive past shutdown.
+    drop(controller);
+
+    let mut client = usage(&cluster).await?;
+    let tight = client
+        .market_tightness(MarketTightnessRequest::default())
+        .await?
+        .into_inner();
+    let east = tight
+        .regions
+        .iter()
+        .find(|r| r.region == "us-east-1")
+        .expect("us-east-1 is recorded");
+    assert_eq!((east.supply_gpus, east.free_gpus), (4, 0));
+    assert_eq!(
+        east.pending_demand_gpus, 4,
+        "the $3.00 bid cannot run at $3.93"
+    );
+    assert_eq!(east.tightness_now, 4.0);
+    assert_eq!(tight.regions[0].region, "us-east-1", "tightest first");
+    assert_eq!(
+        tight.unmet_demand_gpus,
+        64 + 2,
+        "the gang fits nowhere; the low bid fits nowhere at its price"
+    );
+
+    let curve = client
+        .market_elasticity(MarketElasticityRequest {
+            region: "us-east-1".into(),
+            generation: GpuGeneration::Hopper as i32,
+            since: None,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(curve.ask_median_micro_usd, 3_930_000);
+    let at = |p: u64| {
+        curve
+            .demand_curve
+            .iter()
+            .find(|d| d.price_micro_usd == p)
+            .map(|d| d.gpus)
+    };
+    assert_eq!(at(3_000_000), Some(6), "both bids at $3.00");
+    assert_eq!(
+        at(3_500_000),
+        Some(4),
+        "only the job without a bid above $3.00"
+    );
+    assert!(curve.method.contains("arc elasticity"));
+    cluster.shutdown().await
+}
