@@ -87,6 +87,8 @@ struct UsageFeed {
     acc: HashMap<String, usage::Accumulator>,
     /// Last health reported per GPU UUID (absent: healthy).
     health: HashMap<String, i32>,
+    /// GPUs an operator returned to service → latest fault time (ns) known then.
+    overrides: HashMap<String, i128>,
 }
 
 struct Inner {
@@ -836,6 +838,56 @@ impl Controller {
         Ok(node)
     }
 
+    /// Returns a GPU to service now. The agent keeps reporting the fault
+    /// until its clean period passes; those reports are ignored until the
+    /// fault is seen *again* (a reason's `last_seen` moves past the one
+    /// known now) or the agent reports the GPU healthy.
+    pub fn uncordon_gpu(&self, node_id: &str, uuid: &str) -> Result<Node> {
+        validate::node_id("node_id", node_id)?;
+        {
+            let state = self.lock();
+            let entry = state.nodes.get(node_id).ok_or_else(|| {
+                ControllerError::NotFound(format!("node {node_id} is not registered"))
+            })?;
+            if !entry
+                .record
+                .gpus
+                .iter()
+                .any(|g| g.info.as_ref().is_some_and(|i| i.uuid == uuid))
+            {
+                return Err(ControllerError::NotFound(format!(
+                    "node {node_id} has no GPU {uuid:?}; `gpufleet nodes get {node_id}` lists its GPUs"
+                )));
+            }
+        }
+        let seen = self
+            .inner
+            .telemetry
+            .latest_for_node(node_id)
+            .get(uuid)
+            .map_or(0, last_fault_seen);
+        {
+            let mut feed = self.usage_feed();
+            feed.overrides.insert(uuid.to_string(), seen);
+            feed.health
+                .insert(uuid.to_string(), GpuHealth::Healthy as i32);
+        }
+        let node = self.update_node(node_id, |node| {
+            for gpu in &mut node.gpus {
+                if gpu.info.as_ref().is_some_and(|i| i.uuid == uuid) {
+                    gpu.health = GpuHealth::Healthy as i32;
+                }
+            }
+        })?;
+        tracing::info!(
+            node_id,
+            gpu = uuid,
+            "GPU returned to service by an operator"
+        );
+        self.inner.schedule.notify_one();
+        Ok(node)
+    }
+
     /// Cordons the node; work still running at the deadline is evicted and
     /// queued again.
     pub fn drain_node(&self, node_id: &str, deadline: Duration) -> Result<Node> {
@@ -1092,6 +1144,15 @@ impl Controller {
             for sample in &samples {
                 if let Some(allocation) = feed.gpu_owner.get(&sample.uuid) {
                     feed.acc.entry(allocation.clone()).or_default().add(sample);
+                }
+                // An operator's uncordon holds until the fault is seen again.
+                if let Some(&seen) = feed.overrides.get(&sample.uuid) {
+                    if sample.health == GpuHealth::Healthy as i32 || last_fault_seen(sample) > seen
+                    {
+                        feed.overrides.remove(&sample.uuid);
+                    } else {
+                        continue;
+                    }
                 }
                 // Older agents leave health unspecified: keep what the hello set.
                 if sample.health != GpuHealth::Unspecified as i32 {
@@ -1588,6 +1649,17 @@ fn desired_allocations(state: &State, node_id: &str) -> Vec<Allocation> {
         .collect();
     allocations.sort_by(|a, b| a.allocation_id.cmp(&b.allocation_id));
     allocations
+}
+
+/// When the sample's latest health fault was seen, in nanoseconds (0: none).
+fn last_fault_seen(sample: &GpuSample) -> i128 {
+    sample
+        .health_reasons
+        .iter()
+        .filter_map(|r| r.last_seen.as_ref())
+        .map(|t| t.seconds as i128 * 1_000_000_000 + t.nanos as i128)
+        .max()
+        .unwrap_or(0)
 }
 
 fn market_key(signal: &gpufleet_proto::v1::MarketSignal) -> String {

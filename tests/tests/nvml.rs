@@ -224,3 +224,87 @@ async fn xid_79_keeps_work_off_the_gpu_until_a_clean_period_passes() -> anyhow::
     assert_eq!(health_of(node)[0], GpuHealth::Healthy);
     cluster.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_returns_a_gpu_to_service_until_the_fault_comes_back() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(&[]).await?;
+    let nvml_dir = cluster.dir.path().join("nvml");
+    let lib = library(&nvml_dir, &[]);
+    let node = gpufleet_tests::NodeSpec::new("nvml-node", "aws", "us-east-1", "", 3.93);
+    let mut config = cluster.agent_config(&node);
+    config.gpu_backend = gpufleet_agent::GpuBackendKind::Nvml;
+    config.simulated_gpus.clear();
+    config.monitoring.nvml_library_path = Some(lib);
+    // Longer than the test's deadline: only the operator can bring it back.
+    config.monitoring.health.clean_period = Duration::from_secs(600);
+    cluster.add_agent_with(config).await?;
+    cluster.wait_ready(1).await?;
+    let fleet = cluster.fleet().await?;
+    let get = GetNodeRequest {
+        node_id: "nvml-node".into(),
+    };
+    let gpu0_health =
+        |fleet: gpufleet_proto::v1::fleet_client::FleetClient<tonic::transport::Channel>,
+         get: GetNodeRequest| async move {
+            let node = fleet.clone().get_node(get).await?.into_inner();
+            anyhow::Ok(node.gpus.first().map(|g| g.health()).unwrap_or_default())
+        };
+
+    write_fake_nvml_config(&nvml_dir, &machine(&[79]))?;
+    eventually("GPU 0 unhealthy", || {
+        let (fleet, get) = (fleet.clone(), get.clone());
+        async move { Ok((gpu0_health(fleet, get).await? == GpuHealth::Unhealthy).then_some(())) }
+    })
+    .await?;
+    let job = cluster.submit(2, &["sleep", "60"]).await?;
+    cluster
+        .wait_job(&job.id, "pending on the unhealthy GPU", |j| {
+            j.pending_reason
+                .as_ref()
+                .is_some_and(|r| r.exclusions.iter().any(|e| e.constraint == "unhealthy"))
+        })
+        .await?;
+
+    let uuid = fleet.clone().get_node(get.clone()).await?.into_inner().gpus[0]
+        .info
+        .clone()
+        .unwrap_or_default()
+        .uuid;
+    fleet
+        .clone()
+        .uncordon_gpu(gpufleet_proto::v1::UncordonGpuRequest {
+            node_id: "nvml-node".into(),
+            gpu_uuid: uuid.clone(),
+        })
+        .await?;
+    let placed = cluster
+        .wait_job(&job.id, "placed after the uncordon", |j| {
+            j.state() != JobState::Pending
+        })
+        .await?;
+    assert!(placed.tasks[0].gpu_uuids.contains(&uuid), "{placed:?}");
+    // The agent still reports the old fault; that does not take it out again.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        gpu0_health(fleet.clone(), get.clone()).await?,
+        GpuHealth::Healthy
+    );
+
+    // A new XID does.
+    write_fake_nvml_config(&nvml_dir, &machine(&[79, 79]))?;
+    eventually("GPU 0 unhealthy again after a new XID", || {
+        let (fleet, get) = (fleet.clone(), get.clone());
+        async move { Ok((gpu0_health(fleet, get).await? == GpuHealth::Unhealthy).then_some(())) }
+    })
+    .await?;
+    let err = fleet
+        .clone()
+        .uncordon_gpu(gpufleet_proto::v1::UncordonGpuRequest {
+            node_id: "nvml-node".into(),
+            gpu_uuid: "GPU-nope".into(),
+        })
+        .await
+        .expect_err("unknown GPU");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    cluster.shutdown().await
+}

@@ -40,6 +40,9 @@ enum NodesCommand {
     },
     /// Let the node receive work again (also ends a drain).
     Uncordon { node_id: String },
+    /// Return an Unhealthy GPU to service now instead of after the clean
+    /// period; a fault seen again takes it out again.
+    UncordonGpu { node_id: String, gpu_uuid: String },
     /// Cordon the node and evict what still runs at the deadline (evicted jobs are queued again).
     Drain {
         node_id: String,
@@ -113,6 +116,20 @@ pub async fn nodes(address: &str, format: Format, args: NodesArgs) -> anyhow::Re
                 .await?
                 .into_inner();
             print_change(&node, format, "cordoned")?;
+        }
+        NodesCommand::UncordonGpu { node_id, gpu_uuid } => {
+            let node = fleet
+                .uncordon_gpu(gpufleet_proto::v1::UncordonGpuRequest {
+                    node_id,
+                    gpu_uuid: gpu_uuid.clone(),
+                })
+                .await?
+                .into_inner();
+            print_change(
+                &node,
+                format,
+                &format!("GPU {gpu_uuid} returned to service"),
+            )?;
         }
         NodesCommand::Uncordon { node_id } => {
             let node = fleet

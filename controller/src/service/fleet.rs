@@ -111,4 +111,15 @@ impl Fleet for FleetService {
             .map(Response::new)
             .map_err(to_status)
     }
+
+    async fn uncordon_gpu(
+        &self,
+        request: Request<gpufleet_proto::v1::UncordonGpuRequest>,
+    ) -> Result<Response<Node>, Status> {
+        let request = request.into_inner();
+        self.controller
+            .uncordon_gpu(&request.node_id, &request.gpu_uuid)
+            .map(Response::new)
+            .map_err(to_status)
+    }
 }
