@@ -50,7 +50,109 @@ pub fn node_input(node: &Node, connected: bool) -> NodeInput {
                 })
             })
             .collect(),
-        nvlink_groups: Vec::new(),
+        nvlink_groups: nvlink_groups(node),
+    }
+}
+
+/// GPUs (by position in index order) that NVLink connects, directly or
+/// through a shared NVSwitch. Empty when no GPU reports links (unknown).
+fn nvlink_groups(node: &Node) -> Vec<Vec<u32>> {
+    let mut infos: Vec<&gpufleet_proto::v1::GpuInfo> =
+        node.gpus.iter().filter_map(|g| g.info.as_ref()).collect();
+    infos.sort_by_key(|i| i.index);
+    if infos.iter().all(|i| i.nvlink_peers.is_empty()) {
+        return Vec::new();
+    }
+    let position: HashMap<&str, usize> = infos
+        .iter()
+        .enumerate()
+        .map(|(p, i)| (i.uuid.as_str(), p))
+        .collect();
+    let mut parent: Vec<usize> = (0..infos.len()).collect();
+    fn find(parent: &mut [usize], mut x: usize) -> usize {
+        while parent[x] != x {
+            parent[x] = parent[parent[x]];
+            x = parent[x];
+        }
+        x
+    }
+    let mut switches: HashMap<&str, usize> = HashMap::new();
+    for (p, info) in infos.iter().enumerate() {
+        for peer in &info.nvlink_peers {
+            let other = if !peer.remote_gpu_uuid.is_empty() {
+                position.get(peer.remote_gpu_uuid.as_str()).copied()
+            } else if !peer.remote_pci_bus_id.is_empty() {
+                // Every GPU on one NVSwitch reaches every other.
+                Some(*switches.entry(peer.remote_pci_bus_id.as_str()).or_insert(p))
+            } else {
+                None
+            };
+            if let Some(o) = other {
+                let (a, b) = (find(&mut parent, p), find(&mut parent, o));
+                parent[a] = b;
+            }
+        }
+    }
+    let mut groups: HashMap<usize, Vec<u32>> = HashMap::new();
+    for p in 0..infos.len() {
+        let root = find(&mut parent, p);
+        groups.entry(root).or_default().push(p as u32);
+    }
+    let mut out: Vec<Vec<u32>> = groups.into_values().filter(|g| g.len() > 1).collect();
+    out.sort();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpufleet_proto::v1::{GpuInfo, GpuStatus, NvLinkPeer};
+
+    fn gpu(index: u32, peers: Vec<NvLinkPeer>) -> GpuStatus {
+        GpuStatus {
+            info: Some(GpuInfo {
+                index,
+                uuid: format!("GPU-{index}"),
+                nvlink_peers: peers,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn to_gpu(uuid: u32) -> NvLinkPeer {
+        NvLinkPeer {
+            remote_gpu_uuid: format!("GPU-{uuid}"),
+            ..Default::default()
+        }
+    }
+
+    fn to_switch(bus: &str) -> NvLinkPeer {
+        NvLinkPeer {
+            remote_pci_bus_id: bus.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn nvlink_groups_from_direct_links_and_switches() {
+        let node = Node {
+            gpus: vec![
+                gpu(0, vec![to_gpu(1)]),
+                gpu(1, vec![to_gpu(0)]),
+                gpu(2, vec![to_switch("sw0")]),
+                gpu(3, vec![to_switch("sw0")]),
+                gpu(4, vec![to_switch("sw0")]),
+                gpu(5, vec![]),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(nvlink_groups(&node), vec![vec![0, 1], vec![2, 3, 4]]);
+        let unknown = Node {
+            gpus: vec![gpu(0, vec![]), gpu(1, vec![])],
+            ..Default::default()
+        };
+        assert!(nvlink_groups(&unknown).is_empty());
     }
 }
 

@@ -1186,6 +1186,48 @@ impl Controller {
                     }
                 }
             }
+            // A running job on a GPU that turned Unhealthy is told so: the
+            // line lands in its history, and the log says which job to check.
+            let sick: Vec<&String> = changes
+                .iter()
+                .filter(|(_, h)| *h == GpuHealth::Unhealthy as i32)
+                .map(|(uuid, _)| uuid)
+                .collect();
+            let mut reported: BTreeMap<String, Job> = BTreeMap::new();
+            if !sick.is_empty() {
+                let reasons: HashMap<&str, String> = samples
+                    .iter()
+                    .map(|s| {
+                        let why: Vec<String> =
+                            s.health_reasons.iter().map(|r| r.message.clone()).collect();
+                        (s.uuid.as_str(), why.join("; "))
+                    })
+                    .collect();
+                for job in state.jobs.values() {
+                    for task in job
+                        .tasks
+                        .iter()
+                        .filter(|t| task_holds_gpus(t) && t.node_id == node_id)
+                    {
+                        for uuid in task.gpu_uuids.iter().filter(|u| sick.contains(u)) {
+                            tracing::warn!(job_id = %job.id, node_id, gpu = %uuid, "a GPU of a running job became unhealthy");
+                            let job = reported.entry(job.id.clone()).or_insert_with(|| {
+                                let mut job = job.clone();
+                                job.version += 1;
+                                job
+                            });
+                            job.history.push(format!(
+                                "GPU {uuid} on {node_id} became unhealthy while task {} ran: {}",
+                                task.index,
+                                reasons.get(uuid.as_str()).cloned().unwrap_or_default()
+                            ));
+                        }
+                    }
+                }
+            }
+            if let Err(e) = self.commit_jobs(&mut state, reported.into_values().collect()) {
+                tracing::error!(error = %e, "cannot record an unhealthy GPU on its job");
+            }
             drop(state);
             if returned {
                 // A GPU came back into service: pending jobs may fit now.

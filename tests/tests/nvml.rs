@@ -297,6 +297,19 @@ async fn an_operator_returns_a_gpu_to_service_until_the_fault_comes_back() -> an
         async move { Ok((gpu0_health(fleet, get).await? == GpuHealth::Unhealthy).then_some(())) }
     })
     .await?;
+    // The job running on it is told.
+    let told = cluster
+        .wait_job(&job.id, "a history line about the GPU", |j| {
+            j.history.iter().any(|h| h.contains("became unhealthy"))
+        })
+        .await?;
+    assert!(
+        told.history
+            .iter()
+            .any(|h| h.contains(&uuid) && h.contains("79")),
+        "{:?}",
+        told.history
+    );
     let err = fleet
         .clone()
         .uncordon_gpu(gpufleet_proto::v1::UncordonGpuRequest {

@@ -1166,6 +1166,44 @@ mod tests {
     }
 
     #[test]
+    fn nvlink_tasks_stay_inside_one_group() {
+        let mut n = node("a", "r1", 1, 4);
+        n.nvlink_groups = vec![vec![0, 1], vec![2, 3]];
+        let busy = [RunningInput {
+            job_id: "busy".into(),
+            node_id: "a".into(),
+            gpu_uuids: vec!["GPU-a-1".into()],
+            ..Default::default()
+        }];
+        let mut j = job("j", 2, Policy::Cost);
+        j.constraints.require_nvlink = true;
+        let r = run(
+            &[n.clone()],
+            &busy,
+            &[j.clone()],
+            &SchedulerConfig::default(),
+            &TenantState::default(),
+        );
+        match &r.outcomes[0] {
+            Outcome::Placed(tasks) => assert_eq!(tasks[0].gpu_uuids, vec!["GPU-a-2", "GPU-a-3"]),
+            other => panic!("{other:?}"),
+        }
+        // Without the requirement the lowest free GPUs are taken.
+        j.constraints.require_nvlink = false;
+        let r = run(
+            &[n],
+            &busy,
+            &[j],
+            &SchedulerConfig::default(),
+            &TenantState::default(),
+        );
+        match &r.outcomes[0] {
+            Outcome::Placed(tasks) => assert_eq!(tasks[0].gpu_uuids, vec!["GPU-a-0", "GPU-a-2"]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn backoff_and_no_nodes() {
         let mut j = job("j", 1, Policy::Cost);
         j.not_before = Some(5000);
