@@ -103,59 +103,6 @@ fn nvlink_groups(node: &Node) -> Vec<Vec<u32>> {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use gpufleet_proto::v1::{GpuInfo, GpuStatus, NvLinkPeer};
-
-    fn gpu(index: u32, peers: Vec<NvLinkPeer>) -> GpuStatus {
-        GpuStatus {
-            info: Some(GpuInfo {
-                index,
-                uuid: format!("GPU-{index}"),
-                nvlink_peers: peers,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
-    fn to_gpu(uuid: u32) -> NvLinkPeer {
-        NvLinkPeer {
-            remote_gpu_uuid: format!("GPU-{uuid}"),
-            ..Default::default()
-        }
-    }
-
-    fn to_switch(bus: &str) -> NvLinkPeer {
-        NvLinkPeer {
-            remote_pci_bus_id: bus.into(),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn nvlink_groups_from_direct_links_and_switches() {
-        let node = Node {
-            gpus: vec![
-                gpu(0, vec![to_gpu(1)]),
-                gpu(1, vec![to_gpu(0)]),
-                gpu(2, vec![to_switch("sw0")]),
-                gpu(3, vec![to_switch("sw0")]),
-                gpu(4, vec![to_switch("sw0")]),
-                gpu(5, vec![]),
-            ],
-            ..Default::default()
-        };
-        assert_eq!(nvlink_groups(&node), vec![vec![0, 1], vec![2, 3, 4]]);
-        let unknown = Node {
-            gpus: vec![gpu(0, vec![]), gpu(1, vec![])],
-            ..Default::default()
-        };
-        assert!(nvlink_groups(&unknown).is_empty());
-    }
-}
-
 /// Every task that holds GPUs, as running work.
 pub fn running_inputs<'a>(jobs: impl Iterator<Item = &'a Job>) -> Vec<RunningInput> {
     let mut out = Vec::new();
@@ -291,4 +238,57 @@ pub fn tenant_state(fair: &FairShare, held: HashMap<String, HashMap<i32, u32>>) 
 
 pub fn pending_jobs<'a>(jobs: impl Iterator<Item = &'a Job>) -> Vec<&'a Job> {
     jobs.filter(|j| j.state() == JobState::Pending).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpufleet_proto::v1::{GpuInfo, GpuStatus, NvLinkPeer};
+
+    fn gpu(index: u32, peers: Vec<NvLinkPeer>) -> GpuStatus {
+        GpuStatus {
+            info: Some(GpuInfo {
+                index,
+                uuid: format!("GPU-{index}"),
+                nvlink_peers: peers,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn to_gpu(uuid: u32) -> NvLinkPeer {
+        NvLinkPeer {
+            remote_gpu_uuid: format!("GPU-{uuid}"),
+            ..Default::default()
+        }
+    }
+
+    fn to_switch(bus: &str) -> NvLinkPeer {
+        NvLinkPeer {
+            remote_pci_bus_id: bus.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn nvlink_groups_from_direct_links_and_switches() {
+        let node = Node {
+            gpus: vec![
+                gpu(0, vec![to_gpu(1)]),
+                gpu(1, vec![to_gpu(0)]),
+                gpu(2, vec![to_switch("sw0")]),
+                gpu(3, vec![to_switch("sw0")]),
+                gpu(4, vec![to_switch("sw0")]),
+                gpu(5, vec![]),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(nvlink_groups(&node), vec![vec![0, 1], vec![2, 3, 4]]);
+        let unknown = Node {
+            gpus: vec![gpu(0, vec![]), gpu(1, vec![])],
+            ..Default::default()
+        };
+        assert!(nvlink_groups(&unknown).is_empty());
+    }
 }
