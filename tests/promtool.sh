@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Scrapes a real gpufleet-agent (simulated GPUs) and lints the scrape with
-# `promtool check metrics`. Installs Debian's prometheus package (promtool)
+# Scrapes a real gpufleet-agent (simulated GPUs), then a real controller
+# with an agent connected, and lints both scrapes with `promtool check metrics`. Installs Debian's prometheus package (promtool)
 # when missing; CI runs this as root. Usage: tests/promtool.sh [agent-binary]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,13 +12,14 @@ if ! command -v promtool >/dev/null; then
 fi
 
 agent=${1:-target/debug/gpufleet-agent}
-if [[ ! -x $agent ]]; then
-    cargo build --locked -p gpufleet-agent
+controller=target/debug/gpufleet-controller
+if [[ ! -x $agent || ! -x $controller ]]; then
+    cargo build --locked -p gpufleet-agent -p gpufleet-controller
 fi
 
 work=$(mktemp -d)
 cleanup() {
-    if [[ -n ${pid:-} ]]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+    for p in ${pid:-} ${cpid:-} ${apid:-}; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -56,3 +57,35 @@ fi
 echo "$(grep -c '^[A-Za-z]' "$work/scrape") series scraped; running promtool check metrics"
 promtool check metrics <"$work/scrape"
 echo "promtool: OK"
+
+# The controller's fleet /metrics, with one agent connected so that the
+# capacity, telemetry and market families carry samples.
+kill "$pid" 2>/dev/null || true
+wait "$pid" 2>/dev/null || true
+pid=
+grpc=$((40000 + RANDOM % 10000))
+cmetrics=$((50000 + RANDOM % 10000))
+GPUFLEET_LOG=warn "$controller" --data-dir "$work/controller" --listen "127.0.0.1:$grpc" \
+    --metrics-listen "127.0.0.1:$cmetrics" >"$work/controller.log" 2>&1 &
+cpid=$!
+GPUFLEET_LOG=warn "$agent" \
+    --gpu-backend simulated --simulated-gpus 4xA100-SXM-80GB \
+    --controller "http://127.0.0.1:$grpc" --node-id promtool-node \
+    --data-dir "$work/agent2" --listen 127.0.0.1:0 --metrics-listen off --sample-interval 200ms \
+    --provider lambda --region us-west-1 --price-per-gpu-hour 1.79 >"$work/agent2.log" 2>&1 &
+apid=$!
+for _ in $(seq 1 150); do
+    if curl -sf "http://127.0.0.1:$cmetrics/metrics" -o "$work/cscrape" \
+        && grep -q '^gpufleet_gpus_reporting{.*} [1-9]' "$work/cscrape"; then
+        break
+    fi
+    sleep 0.1
+done
+if ! grep -q '^gpufleet_gpus{' "$work/cscrape" 2>/dev/null; then
+    echo "FAIL: the controller did not serve fleet metrics" >&2
+    cat "$work/controller.log" "$work/agent2.log" >&2
+    exit 1
+fi
+echo "$(grep -c '^[A-Za-z]' "$work/cscrape") controller series scraped; running promtool check metrics"
+promtool check metrics <"$work/cscrape"
+echo "promtool (controller): OK"
