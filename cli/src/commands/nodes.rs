@@ -286,12 +286,33 @@ fn print_node(node: &Node) {
     output::print_table(&table);
 }
 
+/// A fleet grouping dimension, shared by `capacity` and `telemetry aggregates`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Dimension {
+pub enum Dimension {
     Provider,
     Region,
     Generation,
     Model,
+}
+
+impl Dimension {
+    pub fn proto(self) -> CapacityDimension {
+        match self {
+            Dimension::Provider => CapacityDimension::Provider,
+            Dimension::Region => CapacityDimension::Region,
+            Dimension::Generation => CapacityDimension::Generation,
+            Dimension::Model => CapacityDimension::Model,
+        }
+    }
+
+    pub fn header(self) -> &'static str {
+        match self {
+            Dimension::Provider => "PROVIDER",
+            Dimension::Region => "REGION",
+            Dimension::Generation => "GENERATION",
+            Dimension::Model => "MODEL",
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -312,16 +333,7 @@ pub async fn capacity(
     args: CapacityArgs,
 ) -> anyhow::Result<ExitCode> {
     let mut fleet = client::fleet(address).await?;
-    let group_by: Vec<i32> = args
-        .by
-        .iter()
-        .map(|d| match d {
-            Dimension::Provider => CapacityDimension::Provider,
-            Dimension::Region => CapacityDimension::Region,
-            Dimension::Generation => CapacityDimension::Generation,
-            Dimension::Model => CapacityDimension::Model,
-        } as i32)
-        .collect();
+    let group_by: Vec<i32> = args.by.iter().map(|d| d.proto() as i32).collect();
     let response = fleet
         .get_capacity(GetCapacityRequest { group_by })
         .await?
@@ -330,16 +342,7 @@ pub async fn capacity(
         output::print_json(&response, true)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let mut headers: Vec<&str> = args
-        .by
-        .iter()
-        .map(|d| match d {
-            Dimension::Provider => "PROVIDER",
-            Dimension::Region => "REGION",
-            Dimension::Generation => "GENERATION",
-            Dimension::Model => "MODEL",
-        })
-        .collect();
+    let mut headers: Vec<&str> = args.by.iter().map(|d| d.header()).collect();
     headers.extend([
         "NODES",
         "GPUS",

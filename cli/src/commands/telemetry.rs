@@ -4,10 +4,8 @@
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use clap::{Args, Subcommand, ValueEnum};
-use gpufleet_proto::v1::{
-    CapacityDimension, GetAggregatesRequest, GetHistoryRequest, GpuGeneration, HistoryPoint,
-};
+use clap::{Args, Subcommand};
+use gpufleet_proto::v1::{GetAggregatesRequest, GetHistoryRequest, GpuGeneration, HistoryPoint};
 
 use crate::client;
 use crate::output::{self, Format};
@@ -62,13 +60,7 @@ struct HistoryArgs {
     width: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Dimension {
-    Provider,
-    Region,
-    Generation,
-    Model,
-}
+use super::nodes::Dimension;
 
 pub async fn run(address: &str, format: Format, args: TelemetryArgs) -> anyhow::Result<ExitCode> {
     match args.command {
@@ -202,15 +194,7 @@ pub fn chart(points: &[HistoryPoint], width: usize, height: usize, unit: &str) -
 
 async fn aggregates(address: &str, format: Format, by: &[Dimension]) -> anyhow::Result<ExitCode> {
     let mut telemetry = client::telemetry(address).await?;
-    let group_by = by
-        .iter()
-        .map(|d| match d {
-            Dimension::Provider => CapacityDimension::Provider,
-            Dimension::Region => CapacityDimension::Region,
-            Dimension::Generation => CapacityDimension::Generation,
-            Dimension::Model => CapacityDimension::Model,
-        } as i32)
-        .collect();
+    let group_by = by.iter().map(|d| d.proto() as i32).collect();
     let response = telemetry
         .get_aggregates(GetAggregatesRequest { group_by })
         .await?
@@ -219,15 +203,7 @@ async fn aggregates(address: &str, format: Format, by: &[Dimension]) -> anyhow::
         output::print_json(&response, true)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let mut headers: Vec<&str> = by
-        .iter()
-        .map(|d| match d {
-            Dimension::Provider => "PROVIDER",
-            Dimension::Region => "REGION",
-            Dimension::Generation => "GENERATION",
-            Dimension::Model => "MODEL",
-        })
-        .collect();
+    let mut headers: Vec<&str> = by.iter().map(|d| d.header()).collect();
     headers.extend([
         "GPUS",
         "REPORTING",

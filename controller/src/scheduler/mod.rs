@@ -584,17 +584,30 @@ fn place_job(
                 None => break,
             }
         }
-        if taken.len() == tasks as usize {
-            return Some(
-                taken
-                    .into_iter()
-                    .map(|(slot, mask)| placement(fleet, slot, mask))
-                    .collect(),
-            );
+        if let Some(placements) = finish_gang(fleet, taken, tasks) {
+            return Some(placements);
         }
-        for (slot, mask) in taken {
-            fleet.give_back(slot, mask);
-        }
+    }
+    None
+}
+
+/// Turns a complete gang's tentative picks into placements, or gives an
+/// incomplete gang's picks back.
+fn finish_gang(
+    fleet: &mut Fleet,
+    taken: Vec<(u32, u32)>,
+    tasks: u32,
+) -> Option<Vec<TaskPlacement>> {
+    if taken.len() == tasks as usize {
+        return Some(
+            taken
+                .into_iter()
+                .map(|(slot, mask)| placement(fleet, slot, mask))
+                .collect(),
+        );
+    }
+    for (slot, mask) in taken {
+        fleet.give_back(slot, mask);
     }
     None
 }
@@ -740,18 +753,7 @@ fn first_fit(
             }
         }
     }
-    if taken.len() == tasks as usize {
-        return Some(
-            taken
-                .into_iter()
-                .map(|(slot, mask)| placement(fleet, slot, mask))
-                .collect(),
-        );
-    }
-    for (slot, mask) in taken {
-        fleet.give_back(slot, mask);
-    }
-    None
+    finish_gang(fleet, taken, tasks)
 }
 
 /// Whether the job fits the eligible classes if nothing ran at all.
