@@ -163,6 +163,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         agents.len()
     );
     say!("data dir: {}", data_dir.display());
+    say!("metrics: http://{}/metrics", controller.metrics_addr());
     say!();
 
     let mut outcome = ExitCode::SUCCESS;
