@@ -46,6 +46,8 @@ pub enum Command {
     Capacity(commands::nodes::CapacityArgs),
     /// Submit, inspect, cancel and follow jobs.
     Jobs(commands::jobs::JobsArgs),
+    /// Print a shell completion script: bash, zsh or fish.
+    Completions(commands::completions::CompletionsArgs),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +80,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             commands::nodes::capacity(&cli.controller, cli.output, args).await
         }
         Command::Jobs(args) => commands::jobs::run(&cli.controller, cli.output, args).await,
+        Command::Completions(args) => commands::completions::run(&args),
     }
 }
 
