@@ -49,3 +49,6 @@ seen=$(sed -n 's/^gpus: //p' "$work/out.txt")
 [[ $(tr ',' '\n' <<<"$allocated" | grep -c '^GPU-') -eq 2 ]] || fail "expected two GPU UUIDs, got '$allocated'"
 [[ $allocated == "$seen" ]] || fail "allocated GPUs '$allocated' differ from the workload's CUDA_VISIBLE_DEVICES '$seen'"
 echo "examples/python: OK (job succeeded on $allocated)"
+
+# The grpcurl examples in docs/grpc.md name real methods and valid bodies.
+"$PYTHON" examples/python/check_grpc_docs.py
