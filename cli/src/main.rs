@@ -55,6 +55,8 @@ pub enum Command {
     Top(commands::top::TopArgs),
     /// GPU telemetry history (terminal chart) and fleet aggregates.
     Telemetry(commands::telemetry::TelemetryArgs),
+    /// Print a shell completion script: bash, zsh or fish.
+    Completions(commands::completions::CompletionsArgs),
 }
 
 fn main() -> ExitCode {
@@ -100,6 +102,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Telemetry(args) => {
             commands::telemetry::run(&cli.controller, cli.output, args).await
         }
+        Command::Completions(args) => commands::completions::run(&args),
     }
 }
 

@@ -69,6 +69,22 @@ impl Encoder {
         let _ = writeln!(self.out, " {value}");
     }
 
+    /// A whole histogram family: cumulative `_bucket`s, `_sum`, `_count`.
+    pub fn histogram(&mut self, name: &str, help: &str, h: &crate::state::WaitHistogram) {
+        let help = help.replace('\\', "\\\\").replace('\n', "\\n");
+        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# TYPE {name} histogram");
+        let mut cumulative = 0u64;
+        for (bound, count) in crate::state::WAIT_BUCKETS.iter().zip(&h.counts) {
+            cumulative += count;
+            let le = bound.to_string();
+            self.sample(&format!("{name}_bucket"), &[("le", &le)], cumulative as f64);
+        }
+        self.sample(&format!("{name}_bucket"), &[("le", "+Inf")], h.count as f64);
+        self.sample(&format!("{name}_sum"), &[], h.sum);
+        self.sample(&format!("{name}_count"), &[], h.count as f64);
+    }
+
     pub fn finish(self) -> String {
         self.out
     }
@@ -88,6 +104,8 @@ pub struct Snapshot {
     pub usage: gpufleet_proto::v1::UsageReportResponse,
     /// Latest market signal per region and generation.
     pub market: gpufleet_proto::v1::MarketTightnessResponse,
+    /// Created → scheduled waits of placed jobs (since the controller started).
+    pub queue_wait: crate::state::WaitHistogram,
 }
 
 const GROUPING: [CapacityDimension; 3] = [
@@ -129,6 +147,7 @@ impl Snapshot {
                     false,
                 )
             },
+            queue_wait: controller.queue_wait(),
             market: controller.market_tightness(
                 crate::placement::unix_secs(SystemTime::now()).saturating_sub(120),
             ),
@@ -355,6 +374,67 @@ pub fn render(snapshot: &Snapshot) -> String {
             );
         }
     }
+    // The names the shipped dashboards and alerts query (deploy/metrics.yaml).
+    e.family(
+        "gpufleet_fleet_gpus",
+        Kind::Gauge,
+        "GPUs by provider, region, generation and state (total, healthy, allocated, free).",
+    );
+    for g in &snapshot.capacity.groups {
+        let generation = generation_label(g.generation);
+        for (state, value) in [
+            ("total", g.total_gpus),
+            ("healthy", g.healthy_gpus),
+            ("allocated", g.allocated_gpus),
+            ("free", g.free_gpus),
+        ] {
+            e.sample(
+                "gpufleet_fleet_gpus",
+                &[
+                    ("provider", &g.provider),
+                    ("region", &g.region),
+                    ("generation", &generation),
+                    ("state", state),
+                ],
+                value as f64,
+            );
+        }
+    }
+    e.family(
+        "gpufleet_price_per_gpu_hour_usd",
+        Kind::Gauge,
+        "Lowest on-demand price per GPU-hour, by provider, region and generation.",
+    );
+    for g in &snapshot.capacity.groups {
+        let generation = generation_label(g.generation);
+        e.sample(
+            "gpufleet_price_per_gpu_hour_usd",
+            &[
+                ("provider", &g.provider),
+                ("region", &g.region),
+                ("generation", &generation),
+            ],
+            g.min_price_per_gpu_hour_micro_usd as f64 / 1_000_000.0,
+        );
+    }
+    e.family(
+        "gpufleet_pending_gpus",
+        Kind::Gauge,
+        "GPUs requested by pending jobs that could run in the region (latest market minute).",
+    );
+    for r in &snapshot.market.regions {
+        let generation = generation_label(r.generation);
+        e.sample(
+            "gpufleet_pending_gpus",
+            &[("region", &r.region), ("generation", &generation)],
+            r.pending_demand_gpus as f64,
+        );
+    }
+    e.histogram(
+        "gpufleet_queue_wait_seconds",
+        "Time from submission to placement of placed jobs.",
+        &snapshot.queue_wait,
+    );
     e.family(
         "gpufleet_market_unmet_demand_gpus",
         Kind::Gauge,
@@ -454,7 +534,7 @@ mod tests {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
                 let mut parts = rest.split(' ');
                 let (name, kind) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                if !["gauge", "counter"].contains(&kind) || typed.contains_key(name) {
+                if !["gauge", "counter", "histogram"].contains(&kind) || typed.contains_key(name) {
                     return Err(at("bad or repeated TYPE"));
                 }
                 if kind == "counter" && !name.ends_with("_total") {
@@ -470,11 +550,26 @@ mod tests {
             if value.parse::<f64>().is_err() && !["NaN", "+Inf", "-Inf"].contains(&value) {
                 return Err(at("bad value"));
             }
-            let name = series_text.split('{').next().unwrap_or_default();
+            let sample_name = series_text.split('{').next().unwrap_or_default();
+            // A histogram's samples are its `_bucket`, `_sum` and `_count`.
+            let name = match current.as_deref() {
+                Some(family)
+                    if typed.get(family).is_some_and(|k| k == "histogram")
+                        && ["_bucket", "_sum", "_count"]
+                            .iter()
+                            .any(|suffix| sample_name.strip_suffix(suffix) == Some(family)) =>
+                {
+                    family
+                }
+                _ => sample_name,
+            };
             if !name_ok(name) || current.as_deref() != Some(name) || !typed.contains_key(name) {
                 return Err(at("sample outside its family's HELP/TYPE block"));
             }
-            if let Some(labels) = series_text.strip_prefix(name).filter(|l| !l.is_empty()) {
+            if let Some(labels) = series_text
+                .strip_prefix(sample_name)
+                .filter(|l| !l.is_empty())
+            {
                 let inner = labels
                     .strip_prefix('{')
                     .and_then(|l| l.strip_suffix('}'))
@@ -559,6 +654,12 @@ mod tests {
                     ..Default::default()
                 }],
                 ..Default::default()
+            },
+            queue_wait: {
+                let mut h = crate::state::WaitHistogram::default();
+                h.observe(3.0);
+                h.observe(700.0);
+                h
             },
             market: gpufleet_proto::v1::MarketTightnessResponse {
                 regions: vec![gpufleet_proto::v1::RegionTightness {

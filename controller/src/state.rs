@@ -77,6 +77,30 @@ pub struct AgentSession {
     pub downlink: mpsc::Receiver<ControllerMessage>,
 }
 
+/// Upper bounds (seconds) of the queue-wait histogram's buckets.
+pub const WAIT_BUCKETS: [f64; 11] = [
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14_400.0,
+];
+
+/// Created → scheduled waits of placed jobs, for `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct WaitHistogram {
+    /// Per bucket (not cumulative); waits above the last bound count only in `count`.
+    pub counts: [u64; 11],
+    pub count: u64,
+    pub sum: f64,
+}
+
+impl WaitHistogram {
+    pub fn observe(&mut self, secs: f64) {
+        if let Some(i) = WAIT_BUCKETS.iter().position(|b| secs <= *b) {
+            self.counts[i] += 1;
+        }
+        self.count += 1;
+        self.sum += secs;
+    }
+}
+
 /// Per-allocation telemetry for the usage ledger. Its own lock, so that
 /// ingest does not wait for the state lock. Order: state, then this.
 #[derive(Default)]
@@ -87,6 +111,7 @@ struct UsageFeed {
     acc: HashMap<String, usage::Accumulator>,
     /// Last health reported per GPU UUID (absent: healthy).
     health: HashMap<String, i32>,
+    queue_wait: WaitHistogram,
     /// GPUs an operator returned to service → latest fault time (ns) known then.
     overrides: HashMap<String, i128>,
 }
@@ -564,6 +589,7 @@ impl Controller {
                         .map_or(0.0, |d| d.as_secs_f64());
                     for task in &job.tasks {
                         starts.push(usage::market::StartEvent {
+                            first_task: task.index == 0,
                             provider: task.provider.clone(),
                             region: task.region.clone(),
                             generation: task.generation,
@@ -624,6 +650,15 @@ impl Controller {
         }
         let touched: BTreeSet<String> = changed.iter().flat_map(job_nodes).collect();
         self.commit_jobs(&mut state, changed)?;
+        {
+            let mut feed = self.usage_feed();
+            for start in &starts {
+                // One observation per job (its first task carries the wait).
+                if start.first_task {
+                    feed.queue_wait.observe(start.wait_secs);
+                }
+            }
+        }
         state.starts.extend(starts);
         for node_id in touched {
             self.push_desired(&mut state, &node_id, false);
@@ -1237,6 +1272,11 @@ impl Controller {
         self.inner
             .telemetry
             .ingest(node_id, samples, SystemTime::now());
+    }
+
+    /// The queue-wait histogram so far.
+    pub fn queue_wait(&self) -> WaitHistogram {
+        self.usage_feed().queue_wait.clone()
     }
 
     fn usage_feed(&self) -> MutexGuard<'_, UsageFeed> {

@@ -1,3 +1,4 @@
+pub mod completions;
 pub mod dev;
 pub mod jobs;
 pub mod nodes;

@@ -22,6 +22,8 @@ use crate::scheduler::market::{GroupMarket, MarketSnapshot};
 /// A job placed during the current minute, for wait statistics.
 #[derive(Debug, Clone)]
 pub struct StartEvent {
+    /// The job's first task (a job's wait is counted once).
+    pub first_task: bool,
     pub provider: String,
     pub region: String,
     pub generation: i32,
@@ -407,6 +409,7 @@ mod tests {
             .groups
             .insert(("aws".into(), "slack".into(), 6), group(8, 0));
         let starts = vec![StartEvent {
+            first_task: true,
             provider: "aws".into(),
             region: "tight".into(),
             generation: 6,

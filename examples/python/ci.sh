@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Runs scheduler.py against a real controller and a simulated 2xL4 agent on
+# loopback, and checks its output. Called by deploy/ci-checks.sh; runnable
+# alone: examples/python/ci.sh [PYTHON]   (PYTHON needs grpcio, grpcio-tools)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PYTHON=${1:-python3}
+
+cargo build --quiet --locked -p gpufleet-controller -p gpufleet-agent --bins
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+# A free port for the controller (the agent must be told where it is).
+port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+target/debug/gpufleet-controller --listen "127.0.0.1:$port" --data-dir "$work/controller" \
+    >"$work/controller.log" 2>&1 &
+pids+=($!)
+target/debug/gpufleet-agent --controller "http://127.0.0.1:$port" --gpu-backend simulated \
+    --simulated-gpus 2xL4 --node-id python-ci-node --data-dir "$work/agent" --listen 127.0.0.1:0 \
+    >"$work/agent.log" 2>&1 &
+pids+=($!)
+
+# scheduler.py waits for the controller itself, and a job submitted before
+# the agent registers stays pending until it does.
+status=0
+# shellcheck disable=SC2016 # expanded by the workload's shell, not here
+timeout 120 "$PYTHON" examples/python/scheduler.py --controller "127.0.0.1:$port" --gpus 2 \
+    --timeout 90 -- sh -c 'echo "gpus: $CUDA_VISIBLE_DEVICES"' >"$work/out.txt" 2>&1 || status=$?
+cat "$work/out.txt"
+
+fail() {
+    echo "examples/python: $*" >&2
+    echo "--- controller log" >&2; tail -n 20 "$work/controller.log" >&2
+    echo "--- agent log" >&2; tail -n 20 "$work/agent.log" >&2
+    exit 1
+}
+[[ $status -eq 0 ]] || fail "scheduler.py exited $status"
+grep -q "finished: JOB_STATE_SUCCEEDED" "$work/out.txt" || fail "no SUCCEEDED in its output"
+# The GPUs the controller allocated (task line) are the ones the workload saw (log line).
+allocated=$(sed -n 's/^task 0: .* gpus \([^ ]*\) exit 0$/\1/p' "$work/out.txt")
+seen=$(sed -n 's/^gpus: //p' "$work/out.txt")
+[[ -n $allocated ]] || fail "no task line with exit 0"
+[[ $(tr ',' '\n' <<<"$allocated" | grep -c '^GPU-') -eq 2 ]] || fail "expected two GPU UUIDs, got '$allocated'"
+[[ $allocated == "$seen" ]] || fail "allocated GPUs '$allocated' differ from the workload's CUDA_VISIBLE_DEVICES '$seen'"
+echo "examples/python: OK (job succeeded on $allocated)"
+
+# The grpcurl examples in docs/grpc.md name real methods and valid bodies.
+"$PYTHON" examples/python/check_grpc_docs.py
