@@ -106,11 +106,41 @@ pub struct Accumulator {
     energy_joules: f64,
     /// Per GPU: last (sample ms, power mW) for integration.
     last_power: HashMap<String, (u64, u32)>,
+    /// Per GPU: (first, last) total-energy counter readings, millijoules.
+    energy_counter: HashMap<String, (u64, u64)>,
 }
 
 impl Accumulator {
+    /// Energy over the allocation: from the GPUs' energy counters when every
+    /// GPU reported one, else integrated power.
+    pub fn energy_joules(&self) -> Option<f64> {
+        let from_counters: u64 = self
+            .energy_counter
+            .values()
+            .map(|(first, last)| last.saturating_sub(*first))
+            .sum();
+        if !self.energy_counter.is_empty()
+            && self.energy_counter.len() >= self.last_power.len()
+            && from_counters > 0
+        {
+            return Some(from_counters as f64 / 1000.0);
+        }
+        (self.energy_joules > 0.0).then_some(self.energy_joules)
+    }
+
     /// Folds one sample of one of the allocation's GPUs in.
     pub fn add(&mut self, sample: &GpuSample) {
+        if let Some(mj) = sample.total_energy_millijoules {
+            let entry = self
+                .energy_counter
+                .entry(sample.uuid.clone())
+                .or_insert((mj, mj));
+            // A counter that went backwards (driver reload) restarts the span.
+            if mj < entry.1 {
+                *entry = (mj, mj);
+            }
+            entry.1 = mj;
+        }
         if let Some(u) = sample.gpu_utilization_percent {
             self.util_sum += u as f64;
             self.util_n += 1;
@@ -168,7 +198,7 @@ pub fn build_record(
         Some(a) => (
             (a.util_n > 0).then(|| a.util_sum / a.util_n as f64),
             (a.mem_n > 0).then(|| a.mem_sum / a.mem_n as f64),
-            (a.energy_joules > 0.0).then_some(a.energy_joules),
+            a.energy_joules(),
         ),
         None => (None, None, None),
     };
@@ -532,6 +562,26 @@ mod tests {
         let a = report.rows.iter().find(|r| r.tenant == "a").unwrap();
         assert_eq!(a.gpu_milliseconds, 7_217_000);
         assert_eq!(a.allocations, 2);
+    }
+
+    #[test]
+    fn energy_prefers_counters_and_falls_back_to_power() {
+        let sample = |uuid: &str, at_ms: u64, mw: u32, counter: Option<u64>| GpuSample {
+            uuid: uuid.into(),
+            sampled_at: Some(ms_ts(at_ms)),
+            power_usage_milliwatts: Some(mw),
+            total_energy_millijoules: counter,
+            ..Default::default()
+        };
+        let mut acc = Accumulator::default();
+        acc.add(&sample("g", 0, 100_000, None));
+        acc.add(&sample("g", 10_000, 300_000, None));
+        // Trapezoid: mean 200 W over 10 s.
+        assert!((acc.energy_joules().unwrap() - 2000.0).abs() < 1e-9);
+        let mut acc = Accumulator::default();
+        acc.add(&sample("g", 0, 100_000, Some(5_000_000)));
+        acc.add(&sample("g", 10_000, 300_000, Some(7_500_000)));
+        assert_eq!(acc.energy_joules(), Some(2500.0), "the counter wins");
     }
 
     #[test]
