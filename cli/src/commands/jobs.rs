@@ -243,7 +243,8 @@ pub async fn run(address: &str, format: Format, args: JobsArgs) -> anyhow::Resul
                         nodes.join(",")
                     },
                     output::age(job.created_at.as_ref()),
-                    detail(job),
+                    // The full reason is one `jobs get` or `jobs explain` away.
+                    shorten(&detail(job), 90),
                 ]);
             }
             output::print_table(&table);
@@ -557,6 +558,15 @@ fn detail(job: &Job) -> String {
     }
 }
 
+/// At most `max` characters, with an ellipsis when cut.
+fn shorten(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_string();
+    }
+    let cut: String = text.chars().take(max.saturating_sub(1)).collect();
+    format!("{}…", cut.trim_end())
+}
+
 fn print_job(job: &Job) {
     let spec = job.spec.clone().unwrap_or_default();
     let workload = spec.workload.clone().unwrap_or_default();
@@ -690,6 +700,15 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("not a number")
+        );
+    }
+
+    #[test]
+    fn long_details_are_shortened() {
+        assert_eq!(shorten("short", 10), "short");
+        assert_eq!(
+            shorten("needs 2 tasks × 8 GPUs: no node", 12),
+            "needs 2 tas…"
         );
     }
 
