@@ -171,6 +171,30 @@ fn jobs(specs: &[JobSpec]) -> Vec<JobInput> {
         .collect()
 }
 
+/// `count` identical nodes `n0…` of 8 H100s in aws/r1 at $1.00.
+fn h100_nodes(count: usize) -> Vec<NodeInput> {
+    (0..count)
+        .map(|n| NodeInput {
+            id: format!("n{n}"),
+            provider: "aws".into(),
+            region: "r1".into(),
+            price_per_gpu_hour_micro_usd: 1_000_000,
+            schedulable: true,
+            gpus: (0..8)
+                .map(|g| GpuInput {
+                    uuid: format!("GPU-{n}-{g}"),
+                    model: "H100-SXM-80GB".into(),
+                    generation: GpuGeneration::Hopper as i32,
+                    memory_bytes: 80 << 30,
+                    compute_capability: (9, 0),
+                    healthy: true,
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .collect()
+}
+
 struct GpuFacts {
     node: usize,
     healthy: bool,
@@ -273,26 +297,7 @@ proptest! {
         ends in prop::collection::vec(1u64..40, 16),
         stream_runtimes in prop::collection::vec(prop::option::weighted(0.5, 1u64..60), 60),
         gpus_needed in 4u32..=8) {
-        let node_inputs: Vec<NodeInput> = (0..2)
-            .map(|n| NodeInput {
-                id: format!("n{n}"),
-                provider: "aws".into(),
-                region: "r1".into(),
-                price_per_gpu_hour_micro_usd: 1_000_000,
-                schedulable: true,
-                gpus: (0..8)
-                    .map(|g| GpuInput {
-                        uuid: format!("GPU-{n}-{g}"),
-                        model: "H100-SXM-80GB".into(),
-                        generation: GpuGeneration::Hopper as i32,
-                        memory_bytes: 80 << 30,
-                        compute_capability: (9, 0),
-                        healthy: true,
-                    })
-                    .collect(),
-                ..Default::default()
-            })
-            .collect();
+        let node_inputs = h100_nodes(2);
         // Every GPU busy with one-GPU work ending at a random minute.
         let mut running: Vec<(String, String, Vec<String>, u64)> = (0..16)
             .map(|i| (format!("init-{i}"), format!("n{}", i / 8), vec![format!("GPU-{}-{}", i / 8, i % 8)], ends[i] * 60))
@@ -368,26 +373,7 @@ proptest! {
 /// over a long run each one's GPU time converges to its weight's share.
 #[test]
 fn fair_share_converges_to_weights() {
-    let node_inputs: Vec<NodeInput> = (0..3)
-        .map(|n| NodeInput {
-            id: format!("n{n}"),
-            provider: "aws".into(),
-            region: "r1".into(),
-            price_per_gpu_hour_micro_usd: 1_000_000,
-            schedulable: true,
-            gpus: (0..8)
-                .map(|g| GpuInput {
-                    uuid: format!("GPU-{n}-{g}"),
-                    model: "H100-SXM-80GB".into(),
-                    generation: GpuGeneration::Hopper as i32,
-                    memory_bytes: 80 << 30,
-                    compute_capability: (9, 0),
-                    healthy: true,
-                })
-                .collect(),
-            ..Default::default()
-        })
-        .collect();
+    let node_inputs = h100_nodes(3);
     let weights = [1.0, 2.0, 3.0];
     let mut config = SchedulerConfig::default();
     for (t, w) in weights.iter().enumerate() {
