@@ -285,7 +285,29 @@ pub fn explain(
     let head = match code {
         reason::NO_NODES => "no nodes have registered; start an agent".to_string(),
         reason::NO_FEASIBLE_NODES => {
-            format!("{need}: no set of nodes satisfies the constraints, even when idle")
+            // How many such tasks the eligible nodes could ever hold, in the
+            // best region (or provider) when the job must stay in one.
+            let mut per_group: BTreeMap<u16, u64> = BTreeMap::new();
+            for class in fleet.classes.iter().filter(|c| compiled.class_ok(c)) {
+                let tasks: u64 = (per_task as usize..=super::fleet::MAX_GPUS_PER_SLOT)
+                    .map(|k| class.healthy_hist[k] as u64 * (k as u64 / per_task as u64))
+                    .sum();
+                *per_group.entry(compiled.group_of(class)).or_insert(0) += tasks;
+            }
+            let best = per_group.values().copied().max().unwrap_or(0);
+            if best == 0 {
+                format!("{need}: no node satisfies the constraints, even when idle")
+            } else {
+                let scope = match compiled.locality {
+                    gpufleet_proto::v1::Locality::Region => " in one region",
+                    gpufleet_proto::v1::Locality::Provider => " with one provider",
+                    _ => "",
+                };
+                format!(
+                    "{need}: the nodes that satisfy the constraints hold at most {best} such task{}{scope}, even when idle",
+                    plural(best)
+                )
+            }
         }
         reason::QUOTA_EXCEEDED => {
             format!("{need}: tenant {} would exceed its GPU quota", job.tenant)
