@@ -64,6 +64,19 @@ pub struct AgentConfig {
     pub stop_grace_period: Duration,
     /// Metrics endpoint, NVML location, XID sources and health policy.
     pub monitoring: MonitoringConfig,
+    /// TLS towards the controller (an `https://` controller URL).
+    pub tls: TlsClientConfig,
+}
+
+/// PEM files for dialling an `https://` controller. Without `ca`, the
+/// controller's certificate must chain to a public root (webpki roots).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TlsClientConfig {
+    /// CA that signed the controller's certificate.
+    pub ca: Option<PathBuf>,
+    /// This agent's client certificate and key, for mutual TLS.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 /// Telemetry and health settings. `Default` is what embedders (tests,
@@ -150,6 +163,9 @@ struct FileConfig {
     metrics_listen: Option<String>,
     nvml_library_path: Option<PathBuf>,
     read_kmsg: Option<bool>,
+    tls_ca: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
     #[serde(default)]
     node: FileNode,
     #[serde(default)]
@@ -210,6 +226,9 @@ pub struct ConfigOverrides {
     pub application_xids: Option<String>,
     pub slowdown_degraded_after: Option<String>,
     pub sbe_storm_per_minute: Option<String>,
+    pub tls_ca: Option<String>,
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
 }
 
 /// (field, environment variable) for every key, in one table.
@@ -240,6 +259,9 @@ macro_rules! for_each_key {
         $m!(application_xids, "GPUFLEET_APPLICATION_XIDS");
         $m!(slowdown_degraded_after, "GPUFLEET_SLOWDOWN_DEGRADED_AFTER");
         $m!(sbe_storm_per_minute, "GPUFLEET_SBE_STORM_PER_MINUTE");
+        $m!(tls_ca, "GPUFLEET_TLS_CA");
+        $m!(tls_cert, "GPUFLEET_TLS_CERT");
+        $m!(tls_key, "GPUFLEET_TLS_KEY");
     };
 }
 
@@ -483,6 +505,11 @@ impl AgentConfig {
                 },
                 health,
             },
+            tls: TlsClientConfig {
+                ca: o.tls_ca.map(PathBuf::from).or(file.tls_ca),
+                cert: o.tls_cert.map(PathBuf::from).or(file.tls_cert),
+                key: o.tls_key.map(PathBuf::from).or(file.tls_key),
+            },
         };
         config.validate()?;
         Ok(config)
@@ -542,6 +569,12 @@ impl AgentConfig {
             return Err(invalid(
                 "health.critical_xids",
                 format!("XID {xid} is also in application_xids; list it in one of them"),
+            ));
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(invalid(
+                "tls_cert",
+                "tls_cert and tls_key go together: give both (mutual TLS) or neither",
             ));
         }
         Ok(())

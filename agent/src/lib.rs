@@ -32,6 +32,7 @@ pub use backend::catalog::{ModelSpec, parse_gpu_declaration};
 pub use backend::simulated::{SimFault, SimulatedBackend};
 pub use config::{
     AgentConfig, ConfigError, ConfigOverrides, GpuBackendKind, MonitoringConfig, NodeConfig,
+    TlsClientConfig,
 };
 pub use health::{HealthPolicy, HealthTracker};
 pub use service::AgentService;
@@ -138,13 +139,15 @@ pub async fn start(
         }
         None => None,
     };
+    let tls = uplink::client_tls(&config.controller, &config.tls)?;
     let uplink = uplink::Uplink::new(
         config.controller.clone(),
         config.join_token.clone(),
         config.sample_interval,
         supervisor.clone(),
         telemetry.clone(),
-    );
+    )
+    .with_tls(tls);
     tasks.push(tokio::spawn(uplink.run(shutdown_rx.clone())));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

@@ -111,6 +111,15 @@ struct Args {
     /// Correctable ECC errors per minute that mark a GPU degraded [default: 100].
     #[arg(long, env = "GPUFLEET_SBE_STORM_PER_MINUTE", value_name = "N")]
     sbe_storm_per_minute: Option<String>,
+    /// CA (PEM) that signed the controller's certificate; use with an https:// controller.
+    #[arg(long, env = "GPUFLEET_TLS_CA", value_name = "PEM")]
+    tls_ca: Option<String>,
+    /// This agent's client certificate (PEM), for mutual TLS.
+    #[arg(long, env = "GPUFLEET_TLS_CERT", value_name = "PEM")]
+    tls_cert: Option<String>,
+    /// This agent's client key (PEM), for mutual TLS.
+    #[arg(long, env = "GPUFLEET_TLS_KEY", value_name = "PEM")]
+    tls_key: Option<String>,
     /// Log format.
     #[arg(long, env = "GPUFLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -148,6 +157,9 @@ impl Args {
             health_clean_period: self.health_clean_period,
             expected_gpu_count: self.expected_gpu_count,
             critical_xids: self.critical_xids,
+            tls_ca: self.tls_ca,
+            tls_cert: self.tls_cert,
+            tls_key: self.tls_key,
             application_xids: self.application_xids,
             slowdown_degraded_after: self.slowdown_degraded_after,
             sbe_storm_per_minute: self.sbe_storm_per_minute,

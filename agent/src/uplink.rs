@@ -42,6 +42,35 @@ pub(crate) struct Uplink {
     pub(crate) supervisor: Supervisor,
     pub(crate) telemetry: Arc<Telemetry>,
     seq: Arc<AtomicU64>,
+    tls: Option<tonic::transport::ClientTlsConfig>,
+}
+
+/// The TLS settings for dialling the controller, from PEM files; `None`
+/// for a plain `http://` controller. Without a CA, public roots are trusted.
+pub(crate) fn client_tls(
+    controller: &str,
+    config: &crate::config::TlsClientConfig,
+) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
+    use anyhow::Context;
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    if !controller.trim().starts_with("https://") {
+        return Ok(None);
+    }
+    let read = |path: &std::path::PathBuf, what: &str| {
+        std::fs::read(path).with_context(|| format!("cannot read the {what} {}", path.display()))
+    };
+    let mut tls = match &config.ca {
+        Some(ca) => ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(ca, "TLS CA (tls_ca)")?)),
+        None => ClientTlsConfig::new().with_webpki_roots(),
+    };
+    if let (Some(cert), Some(key)) = (&config.cert, &config.key) {
+        tls = tls.identity(Identity::from_pem(
+            read(cert, "client certificate (tls_cert)")?,
+            read(key, "client key (tls_key)")?,
+        ));
+    }
+    Ok(Some(tls))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +143,11 @@ fn initial_seq() -> u64 {
 }
 
 impl Uplink {
+    pub(crate) fn with_tls(mut self, tls: Option<tonic::transport::ClientTlsConfig>) -> Self {
+        self.tls = tls;
+        self
+    }
+
     pub(crate) fn new(
         controller: String,
         join_token: String,
@@ -128,6 +162,7 @@ impl Uplink {
             supervisor,
             telemetry,
             seq: Arc::new(AtomicU64::new(initial_seq())),
+            tls: None,
         }
     }
 
@@ -192,11 +227,16 @@ impl Uplink {
             url: self.controller.clone(),
             cause,
         };
-        let endpoint = Endpoint::from_shared(self.controller.clone())
+        let mut endpoint = Endpoint::from_shared(self.controller.clone())
             .map_err(|e| connect_err(e.to_string()))?
             .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10));
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| connect_err(error_chain(&e)))?;
+        }
         let channel = endpoint
             .connect()
             .await

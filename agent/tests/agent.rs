@@ -47,6 +47,7 @@ fn config(controller: SocketAddr, data_dir: &Path, node: &str) -> AgentConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         stop_grace_period: Duration::from_secs(2),
         monitoring: Default::default(),
+        tls: Default::default(),
     }
 }
 
@@ -499,4 +500,37 @@ async fn uplink_retries_after_a_refusal_and_rehellos_with_current_statuses() {
     drop(second_tx);
     agent.shutdown().await.unwrap();
     controller.server.abort();
+}
+
+#[test]
+fn tls_settings_are_checked_together() {
+    use gpufleet_agent::{AgentConfig, ConfigOverrides};
+    use std::collections::HashMap;
+    let load = |o: ConfigOverrides| AgentConfig::load(&HashMap::new(), o);
+    let base = || ConfigOverrides {
+        gpu_backend: Some("simulated".into()),
+        simulated_gpus: Some("1xL4".into()),
+        ..Default::default()
+    };
+    // Without a CA, an https controller needs a publicly trusted certificate.
+    assert!(
+        load(ConfigOverrides {
+            controller: Some("https://c:7070".into()),
+            ..base()
+        })
+        .is_ok()
+    );
+    let err = load(ConfigOverrides {
+        tls_cert: Some("/c.pem".into()),
+        ..base()
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("tls_key"), "{err}");
+    let ok = load(ConfigOverrides {
+        controller: Some("https://c:7070".into()),
+        tls_ca: Some("/ca.pem".into()),
+        ..base()
+    })
+    .unwrap();
+    assert_eq!(ok.tls.ca.as_deref(), Some(std::path::Path::new("/ca.pem")));
 }

@@ -6,6 +6,13 @@ use gpufleet_proto::v1::jobs_client::JobsClient;
 use gpufleet_proto::v1::telemetry_client::TelemetryClient;
 use tonic::transport::{Channel, Endpoint};
 
+static CA_FILE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+
+/// The `--ca-file` of this invocation (set once, before any call).
+pub fn set_ca_file(path: Option<std::path::PathBuf>) {
+    let _ = CA_FILE.set(path);
+}
+
 pub async fn channel(address: &str) -> anyhow::Result<Channel> {
     let uri = if address.contains("://") {
         address.to_string()
@@ -19,6 +26,23 @@ pub async fn channel(address: &str) -> anyhow::Result<Channel> {
             )
         })?
         .connect_timeout(std::time::Duration::from_secs(5));
+    let endpoint = match CA_FILE.get().and_then(|p| p.as_ref()) {
+        Some(ca) => {
+            let pem = std::fs::read(ca)
+                .with_context(|| format!("cannot read --ca-file {}", ca.display()))?;
+            endpoint
+                .tls_config(
+                    tonic::transport::ClientTlsConfig::new()
+                        .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+                )
+                .context("invalid TLS settings")?
+        }
+        // Without --ca-file, an https controller needs a publicly trusted certificate.
+        None if uri.starts_with("https://") => endpoint
+            .tls_config(tonic::transport::ClientTlsConfig::new().with_webpki_roots())
+            .context("invalid TLS settings")?,
+        None => endpoint,
+    };
     endpoint.connect().await.with_context(|| {
         format!(
             "cannot reach the controller at {uri}; is it running? Start a local one with `gpufleet dev`, or point --controller / GPUFLEET_CONTROLLER at yours"

@@ -31,6 +31,9 @@ pub struct Cli {
     /// one object per line for streams).
     #[arg(short, long, global = true, value_enum, default_value = "table")]
     pub output: Format,
+    /// CA (PEM) that signed the controller's certificate; for an https:// controller.
+    #[arg(long, global = true, env = "GPUFLEET_CA_FILE", value_name = "PEM")]
+    pub ca_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    client::set_ca_file(cli.ca_file.clone());
     if cli.output == output::Format::Csv
         && !matches!(cli.command, Command::Usage(_) | Command::Market(_))
     {

@@ -42,6 +42,11 @@ pub struct ConfigFile {
     pub telemetry_retention: Option<String>,
     /// HTTP address of the Prometheus `/metrics` endpoint.
     pub metrics_listen: Option<String>,
+    /// PEM certificate chain and key for TLS on the gRPC listener.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA for agents' client certificates: agents must present one (mutual TLS).
+    pub tls_client_ca: Option<PathBuf>,
     /// Placement policy for jobs that name none: cost, pack or spread.
     pub default_policy: Option<String>,
     /// Half-life of past usage in fair share (humantime, e.g. "24h").
@@ -69,6 +74,15 @@ pub struct TenantConfig {
     pub max_gpus_per_generation: Option<BTreeMap<String, u32>>,
 }
 
+/// PEM files for TLS on the controller's gRPC listener.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsServerConfig {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// When set, agents must present a client certificate this CA signed.
+    pub client_ca: Option<PathBuf>,
+}
+
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
     pub listen: SocketAddr,
@@ -83,6 +97,8 @@ pub struct ControllerConfig {
     pub market_retention: Duration,
     pub telemetry_retention: Duration,
     pub metrics_listen: SocketAddr,
+    /// TLS on the gRPC listener (and mutual TLS for agents).
+    pub tls: TlsServerConfig,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
@@ -109,6 +125,7 @@ impl ControllerConfig {
             telemetry_retention: DEFAULT_TELEMETRY_RETENTION,
             // Any free port: several test or dev controllers share a host.
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tls: TlsServerConfig::default(),
         }
     }
 
@@ -139,6 +156,9 @@ impl ControllerConfig {
             node_lost_after: env.get("GPUFLEET_NODE_LOST_AFTER").cloned(),
             telemetry_retention: env.get("GPUFLEET_TELEMETRY_RETENTION").cloned(),
             metrics_listen: env.get("GPUFLEET_METRICS_LISTEN").cloned(),
+            tls_cert: env.get("GPUFLEET_TLS_CERT").map(PathBuf::from),
+            tls_key: env.get("GPUFLEET_TLS_KEY").map(PathBuf::from),
+            tls_client_ca: env.get("GPUFLEET_TLS_CLIENT_CA").map(PathBuf::from),
             default_policy: env.get("GPUFLEET_DEFAULT_POLICY").cloned(),
             fair_share_half_life: env.get("GPUFLEET_FAIR_SHARE_HALF_LIFE").cloned(),
             usage_retention: env.get("GPUFLEET_USAGE_RETENTION").cloned(),
@@ -159,6 +179,9 @@ impl ControllerConfig {
             merged.market_retention = layer.market_retention.or(merged.market_retention);
             merged.telemetry_retention = layer.telemetry_retention.or(merged.telemetry_retention);
             merged.metrics_listen = layer.metrics_listen.or(merged.metrics_listen);
+            merged.tls_cert = layer.tls_cert.or(merged.tls_cert);
+            merged.tls_key = layer.tls_key.or(merged.tls_key);
+            merged.tls_client_ca = layer.tls_client_ca.or(merged.tls_client_ca);
         }
         Self::from_file(merged)
     }
@@ -331,6 +354,18 @@ impl ControllerConfig {
         if market < Duration::from_secs(3600) {
             return Err(invalid("market_retention", "must be at least 1h".into()));
         }
+        if file.tls_cert.is_some() != file.tls_key.is_some() {
+            return Err(invalid(
+                "tls_cert",
+                "tls_cert and tls_key go together: give both, or neither for plain gRPC".into(),
+            ));
+        }
+        if file.tls_client_ca.is_some() && file.tls_cert.is_none() {
+            return Err(invalid(
+                "tls_client_ca",
+                "mutual TLS needs TLS: also give tls_cert and tls_key".into(),
+            ));
+        }
         let usage_retention = crate::usage::Retention {
             records: usage_days.as_secs(),
             ..Default::default()
@@ -350,6 +385,11 @@ impl ControllerConfig {
             queues,
             telemetry_retention: retention,
             metrics_listen,
+            tls: TlsServerConfig {
+                cert: file.tls_cert.clone(),
+                key: file.tls_key.clone(),
+                client_ca: file.tls_client_ca.clone(),
+            },
         })
     }
 
@@ -420,6 +460,9 @@ impl ControllerConfig {
                 humantime::format_duration(self.telemetry_retention).to_string(),
             ),
             metrics_listen: Some(self.metrics_listen.to_string()),
+            tls_cert: self.tls.cert.clone(),
+            tls_key: self.tls.key.clone(),
+            tls_client_ca: self.tls.client_ca.clone(),
         };
         toml::to_string(&file).unwrap_or_default()
     }
@@ -518,5 +561,27 @@ mod shipped_config {
         assert_eq!(loaded.node_lost_after, defaults.node_lost_after);
         assert_eq!(loaded.telemetry_retention, defaults.telemetry_retention);
         assert_eq!(loaded.metrics_listen, defaults.metrics_listen);
+    }
+}
+
+#[cfg(test)]
+mod tls_keys {
+    use super::*;
+
+    #[test]
+    fn tls_keys_are_checked_together() {
+        let env = HashMap::from([("GPUFLEET_TLS_CERT".to_string(), "/c.pem".to_string())]);
+        let err = ControllerConfig::load(None, &env, ConfigFile::default()).unwrap_err();
+        assert!(err.to_string().starts_with("tls_cert"), "{err}");
+        let env = HashMap::from([("GPUFLEET_TLS_CLIENT_CA".to_string(), "/ca.pem".to_string())]);
+        let err = ControllerConfig::load(None, &env, ConfigFile::default()).unwrap_err();
+        assert!(err.to_string().starts_with("tls_client_ca"), "{err}");
+        let flags = ConfigFile {
+            tls_cert: Some("/c.pem".into()),
+            tls_key: Some("/k.pem".into()),
+            ..Default::default()
+        };
+        let c = ControllerConfig::load(None, &HashMap::new(), flags).unwrap();
+        assert_eq!(c.tls.key, Some(PathBuf::from("/k.pem")));
     }
 }

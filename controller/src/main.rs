@@ -47,6 +47,15 @@ struct Args {
     /// HTTP address of the Prometheus /metrics endpoint [default: 127.0.0.1:9401].
     #[arg(long)]
     metrics_listen: Option<String>,
+    /// PEM certificate chain for TLS on the gRPC listener.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS on the gRPC listener.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// PEM CA of agents' client certificates: agents must present one (mutual TLS).
+    #[arg(long)]
+    tls_client_ca: Option<PathBuf>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -69,6 +78,9 @@ fn main() -> ExitCode {
         node_lost_after: args.node_lost_after.clone(),
         telemetry_retention: args.telemetry_retention.clone(),
         metrics_listen: args.metrics_listen.clone(),
+        tls_cert: args.tls_cert.clone(),
+        tls_key: args.tls_key.clone(),
+        tls_client_ca: args.tls_client_ca.clone(),
         default_policy: args.default_policy.clone(),
         fair_share_half_life: args.fair_share_half_life.clone(),
         usage_retention: args.usage_retention.clone(),

@@ -110,6 +110,34 @@ impl RunningController {
     }
 }
 
+/// The listener's TLS settings from PEM files; `None` for plain gRPC.
+fn server_tls(
+    config: &crate::config::TlsServerConfig,
+) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let (Some(cert), Some(key)) = (&config.cert, &config.key) else {
+        return Ok(None);
+    };
+    let read = |path: &std::path::PathBuf, what: &str| {
+        std::fs::read(path).with_context(|| format!("cannot read the {what} {}", path.display()))
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        read(cert, "TLS certificate (tls_cert)")?,
+        read(key, "TLS key (tls_key)")?,
+    ));
+    if let Some(ca) = &config.client_ca {
+        // Optional at the TLS layer, so CLI and scheduler clients need no
+        // certificate; AgentControl.Connect refuses agents without one.
+        tls = tls
+            .client_ca_root(Certificate::from_pem(read(
+                ca,
+                "client CA (tls_client_ca)",
+            )?))
+            .client_auth_optional(true);
+    }
+    Ok(Some(tls))
+}
+
 /// Opens the store, rebuilds state and starts serving. Pass a bound
 /// listener (tests bind `127.0.0.1:0`) or `None` to bind `config.listen`.
 pub async fn start(
@@ -118,6 +146,7 @@ pub async fn start(
 ) -> anyhow::Result<RunningController> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let tls_config = config.tls.clone();
     let store = SledStore::open(&config.data_dir)?;
     let rollups = SledRollupStore::new(store.open_tree("telemetry")?);
     let metrics_listener = TcpListener::bind(config.metrics_listen)
@@ -236,9 +265,15 @@ pub async fn start(
         .context("cannot build the reflection service")?;
 
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+    if let Some(tls) = server_tls(&tls_config)? {
+        builder = builder
+            .tls_config(tls)
+            .context("invalid TLS configuration")?;
+    }
+    let router = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(

@@ -165,6 +165,7 @@ impl Cluster {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             stop_grace_period: Duration::from_secs(2),
             monitoring: Default::default(),
+            tls: Default::default(),
         }
     }
 

@@ -221,6 +221,7 @@ async fn start_agent(
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         stop_grace_period: Duration::from_secs(5),
         monitoring: Default::default(),
+        tls: Default::default(),
     };
     let listener = TcpListener::bind(config.listen).await?;
     gpufleet_agent::start(config, Some(listener)).await

@@ -34,6 +34,15 @@ impl AgentControl for AgentControlService {
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let peer = request.remote_addr();
+        // With mutual TLS configured, only agents with a client certificate
+        // signed by the configured CA may join (the TLS layer verified it).
+        if self.controller.config().tls.client_ca.is_some()
+            && request.peer_certs().is_none_or(|certs| certs.is_empty())
+        {
+            return Err(Status::unauthenticated(
+                "this controller requires agents to present a client certificate (mutual TLS): configure the agent's tls_cert and tls_key",
+            ));
+        }
         let mut inbound = request.into_inner();
         let first = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Err(_) => {
