@@ -66,6 +66,9 @@ pub struct AgentConfig {
     pub monitoring: MonitoringConfig,
     /// TLS towards the controller (an `https://` controller URL).
     pub tls: TlsClientConfig,
+    /// Run workloads as this (unprivileged) user and its primary group; the
+    /// agent must run as root to switch. `None`: as the agent's own user.
+    pub workload_user: Option<String>,
 }
 
 /// PEM files for dialling an `https://` controller. Without `ca`, the
@@ -166,6 +169,7 @@ struct FileConfig {
     tls_ca: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    workload_user: Option<String>,
     #[serde(default)]
     node: FileNode,
     #[serde(default)]
@@ -229,6 +233,7 @@ pub struct ConfigOverrides {
     pub tls_ca: Option<String>,
     pub tls_cert: Option<String>,
     pub tls_key: Option<String>,
+    pub workload_user: Option<String>,
 }
 
 /// (field, environment variable) for every key, in one table.
@@ -262,6 +267,7 @@ macro_rules! for_each_key {
         $m!(tls_ca, "GPUFLEET_TLS_CA");
         $m!(tls_cert, "GPUFLEET_TLS_CERT");
         $m!(tls_key, "GPUFLEET_TLS_KEY");
+        $m!(workload_user, "GPUFLEET_WORKLOAD_USER");
     };
 }
 
@@ -510,6 +516,10 @@ impl AgentConfig {
                 cert: o.tls_cert.map(PathBuf::from).or(file.tls_cert),
                 key: o.tls_key.map(PathBuf::from).or(file.tls_key),
             },
+            workload_user: o
+                .workload_user
+                .or(file.workload_user)
+                .filter(|u| !u.trim().is_empty()),
         };
         config.validate()?;
         Ok(config)

@@ -111,6 +111,19 @@ pub async fn start(
         config.data_dir.clone(),
         config.stop_grace_period,
     );
+    if let Some(name) = &config.workload_user {
+        let user = nix::unistd::User::from_name(name)
+            .map_err(|e| anyhow::anyhow!("cannot look up workload_user {name:?}: {e}"))?
+            .ok_or_else(|| anyhow::anyhow!("workload_user {name:?} does not exist on this host; create it or change the setting"))?;
+        if !nix::unistd::geteuid().is_root() {
+            anyhow::bail!(
+                "workload_user {name:?} needs the agent to run as root (it runs as uid {}); run it as root or drop the setting",
+                nix::unistd::geteuid()
+            );
+        }
+        supervisor.run_as(user.uid.as_raw(), user.gid.as_raw());
+        info!(user = %name, uid = user.uid.as_raw(), "workloads run as an unprivileged user");
+    }
 
     let listener = match listener {
         Some(l) => l,

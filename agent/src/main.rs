@@ -120,6 +120,9 @@ struct Args {
     /// This agent's client key (PEM), for mutual TLS.
     #[arg(long, env = "GPUFLEET_TLS_KEY", value_name = "PEM")]
     tls_key: Option<String>,
+    /// Run workloads as this unprivileged user (and its primary group); needs the agent to run as root.
+    #[arg(long, env = "GPUFLEET_WORKLOAD_USER", value_name = "USER")]
+    workload_user: Option<String>,
     /// Log format.
     #[arg(long, env = "GPUFLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -160,6 +163,7 @@ impl Args {
             tls_ca: self.tls_ca,
             tls_cert: self.tls_cert,
             tls_key: self.tls_key,
+            workload_user: self.workload_user,
             application_xids: self.application_xids,
             slowdown_degraded_after: self.slowdown_degraded_after,
             sbe_storm_per_minute: self.sbe_storm_per_minute,

@@ -135,6 +135,8 @@ struct State {
 }
 
 struct Inner {
+    /// (uid, gid) workloads run as; `None`: the agent's own.
+    run_as: std::sync::OnceLock<(u32, u32)>,
     data_dir: PathBuf,
     node_gpus: Vec<String>,
     default_grace: Duration,
@@ -159,11 +161,18 @@ impl std::fmt::Debug for Supervisor {
 
 impl Supervisor {
     /// `data_dir/allocations/<id>/` holds each workload's files.
+    /// Workloads started from now on run as `uid`/`gid` (the agent must be
+    /// root). Set once, at start.
+    pub fn run_as(&self, uid: u32, gid: u32) {
+        let _ = self.inner.run_as.set((uid, gid));
+    }
+
     pub fn new(backend: Arc<dyn GpuBackend>, data_dir: PathBuf, default_grace: Duration) -> Self {
         let node_gpus = backend.gpus().into_iter().map(|g| g.uuid).collect();
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         Self {
             inner: Arc::new(Inner {
+                run_as: std::sync::OnceLock::new(),
                 data_dir,
                 node_gpus,
                 default_grace,
@@ -437,6 +446,20 @@ impl Supervisor {
                 dir.display()
             )
         })?;
+        if let Some(&(uid, gid)) = self.inner.run_as.get() {
+            // The workload's HOME and default working directory.
+            nix::unistd::chown(
+                &dir,
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(gid)),
+            )
+            .map_err(|e| {
+                format!(
+                    "cannot hand the allocation directory {} to uid {uid}: {e}",
+                    dir.display()
+                )
+            })?;
+        }
         let log_path = dir.join("output.log");
         let mut log = OpenOptions::new()
             .create(true)
@@ -491,6 +514,10 @@ impl Supervisor {
             ))
             // Safety net if the agent's runtime goes away without a shutdown.
             .kill_on_drop(true);
+        if let Some(&(uid, gid)) = self.inner.run_as.get() {
+            // std drops supplementary groups when it switches users.
+            cmd.uid(uid).gid(gid);
+        }
         cmd.spawn()
             .map_err(|e| fail(&mut log, format!("cannot start {program:?}: {e}")))
     }

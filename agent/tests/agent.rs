@@ -48,6 +48,7 @@ fn config(controller: SocketAddr, data_dir: &Path, node: &str) -> AgentConfig {
         stop_grace_period: Duration::from_secs(2),
         monitoring: Default::default(),
         tls: Default::default(),
+        workload_user: None,
     }
 }
 

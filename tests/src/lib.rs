@@ -166,6 +166,7 @@ impl Cluster {
             stop_grace_period: Duration::from_secs(2),
             monitoring: Default::default(),
             tls: Default::default(),
+            workload_user: None,
         }
     }
 

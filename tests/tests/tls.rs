@@ -80,6 +80,7 @@ fn agent_config(dir: &Path, endpoint: &str, tls: TlsClientConfig, id: &str) -> A
         stop_grace_period: Duration::from_secs(2),
         monitoring: Default::default(),
         tls,
+        workload_user: None,
     }
 }
 

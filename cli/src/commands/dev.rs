@@ -222,6 +222,7 @@ async fn start_agent(
         stop_grace_period: Duration::from_secs(5),
         monitoring: Default::default(),
         tls: Default::default(),
+        workload_user: None,
     };
     let listener = TcpListener::bind(config.listen).await?;
     gpufleet_agent::start(config, Some(listener)).await
