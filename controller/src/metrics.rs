@@ -305,41 +305,34 @@ pub fn render(snapshot: &Snapshot) -> String {
 
     // Usage: totals of the retained ledger (finished allocations); they
     // drop when retention deletes records, which Prometheus reads as a reset.
-    e.family(
-        "gpufleet_usage_gpu_seconds_total",
-        Kind::Counter,
-        "GPU-seconds of finished allocations, by provider, region, generation and tenant.",
-    );
-    for row in &snapshot.usage.rows {
-        let generation = generation_label(row.generation);
-        e.sample(
+    type UsageValue = fn(&gpufleet_proto::v1::UsageRow) -> f64;
+    let usage_families: [(&str, &str, UsageValue); 2] = [
+        (
             "gpufleet_usage_gpu_seconds_total",
-            &[
-                ("provider", &row.provider),
-                ("region", &row.region),
-                ("generation", &generation),
-                ("tenant", &row.tenant),
-            ],
-            row.gpu_milliseconds as f64 / 1000.0,
-        );
-    }
-    e.family(
-        "gpufleet_usage_cost_usd_total",
-        Kind::Counter,
-        "Cost in USD of finished allocations at their nodes' prices.",
-    );
-    for row in &snapshot.usage.rows {
-        let generation = generation_label(row.generation);
-        e.sample(
+            "GPU-seconds of finished allocations, by provider, region, generation and tenant.",
+            |row| row.gpu_milliseconds as f64 / 1000.0,
+        ),
+        (
             "gpufleet_usage_cost_usd_total",
-            &[
-                ("provider", &row.provider),
-                ("region", &row.region),
-                ("generation", &generation),
-                ("tenant", &row.tenant),
-            ],
-            row.cost_micro_usd as f64 / 1_000_000.0,
-        );
+            "Cost in USD of finished allocations at their nodes' prices.",
+            |row| row.cost_micro_usd as f64 / 1_000_000.0,
+        ),
+    ];
+    for (name, help, value) in usage_families {
+        e.family(name, Kind::Counter, help);
+        for row in &snapshot.usage.rows {
+            let generation = generation_label(row.generation);
+            e.sample(
+                name,
+                &[
+                    ("provider", &row.provider),
+                    ("region", &row.region),
+                    ("generation", &generation),
+                    ("tenant", &row.tenant),
+                ],
+                value(row),
+            );
+        }
     }
 
     // Market: the latest minute's signal per region and generation.
@@ -349,10 +342,6 @@ pub fn render(snapshot: &Snapshot) -> String {
             "Healthy GPUs on ready nodes.",
         ),
         ("gpufleet_market_free_gpus", "Free healthy GPUs."),
-        (
-            "gpufleet_market_pending_demand_gpus",
-            "GPUs requested by pending jobs that could run here.",
-        ),
         (
             "gpufleet_region_tightness",
             "Pending demand per free GPU (pending ÷ max(free, 1)).",
@@ -364,7 +353,6 @@ pub fn render(snapshot: &Snapshot) -> String {
             let value = match name {
                 "gpufleet_market_supply_gpus" => r.supply_gpus as f64,
                 "gpufleet_market_free_gpus" => r.free_gpus as f64,
-                "gpufleet_market_pending_demand_gpus" => r.pending_demand_gpus as f64,
                 _ => r.tightness_now,
             };
             e.sample(
