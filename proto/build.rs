@@ -7,6 +7,7 @@ use prost::Message;
 
 const PROTOS: &[&str] = &[
     "proto/gpufleet/v1/types.proto",
+    "proto/gpufleet/v1/auth.proto",
     "proto/gpufleet/v1/agent_control.proto",
     "proto/gpufleet/v1/agent.proto",
     "proto/gpufleet/v1/jobs.proto",

@@ -69,6 +69,9 @@ pub struct AgentConfig {
     /// Run workloads as this (unprivileged) user and its primary group; the
     /// agent must run as root to switch. `None`: as the agent's own user.
     pub workload_user: Option<String>,
+    /// Bearer token the local `Agent` API requires. Mandatory when `listen`
+    /// is not a loopback address; `None` on loopback: no token.
+    pub api_token: Option<String>,
 }
 
 /// PEM files for dialling an `https://` controller. Without `ca`, the
@@ -170,6 +173,7 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     workload_user: Option<String>,
+    api_token: Option<String>,
     #[serde(default)]
     node: FileNode,
     #[serde(default)]
@@ -234,6 +238,7 @@ pub struct ConfigOverrides {
     pub tls_cert: Option<String>,
     pub tls_key: Option<String>,
     pub workload_user: Option<String>,
+    pub api_token: Option<String>,
 }
 
 /// (field, environment variable) for every key, in one table.
@@ -268,6 +273,7 @@ macro_rules! for_each_key {
         $m!(tls_cert, "GPUFLEET_TLS_CERT");
         $m!(tls_key, "GPUFLEET_TLS_KEY");
         $m!(workload_user, "GPUFLEET_WORKLOAD_USER");
+        $m!(api_token, "GPUFLEET_API_TOKEN");
     };
 }
 
@@ -520,6 +526,11 @@ impl AgentConfig {
                 .workload_user
                 .or(file.workload_user)
                 .filter(|u| !u.trim().is_empty()),
+            api_token: o
+                .api_token
+                .or(file.api_token)
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty()),
         };
         config.validate()?;
         Ok(config)
@@ -548,6 +559,23 @@ impl AgentConfig {
         }
         if self.node.region.trim().is_empty() {
             return Err(invalid("region", "must not be empty"));
+        }
+        if !self.listen.ip().is_loopback() && self.api_token.is_none() {
+            return Err(invalid(
+                "listen",
+                format!(
+                    "{} is not a loopback address, so the Agent API would be open to the network: set api_token (GPUFLEET_API_TOKEN), or listen on 127.0.0.1",
+                    self.listen
+                ),
+            ));
+        }
+        if let Some(token) = &self.api_token
+            && (token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(invalid(
+                "api_token",
+                "must be at least 16 printable characters without spaces (e.g. `openssl rand -hex 32`)",
+            ));
         }
         if self.sample_interval.is_zero() {
             return Err(invalid("sample_interval", "must be greater than zero"));

@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod config;
 pub mod health;
+pub mod identity;
 pub mod kmsg;
 pub mod metrics;
 pub mod service;
@@ -153,6 +154,12 @@ pub async fn start(
         None => None,
     };
     let tls = uplink::client_tls(&config.controller, &config.tls)?;
+    let node_secret = identity::NodeSecret::load(&config.data_dir).with_context(|| {
+        format!(
+            "cannot read the node secret in {}",
+            config.data_dir.display()
+        )
+    })?;
     let uplink = uplink::Uplink::new(
         config.controller.clone(),
         config.join_token.clone(),
@@ -160,7 +167,8 @@ pub async fn start(
         supervisor.clone(),
         telemetry.clone(),
     )
-    .with_tls(tls);
+    .with_tls(tls)
+    .with_node_secret(node_secret);
     tasks.push(tokio::spawn(uplink.run(shutdown_rx.clone())));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -172,12 +180,20 @@ pub async fn start(
         .build_v1()
         .context("cannot build the gRPC reflection service")?;
     let service = AgentService::new(supervisor.clone(), telemetry.clone());
+    if !local_addr.ip().is_loopback() && config.api_token.is_none() {
+        anyhow::bail!(
+            "listen: {local_addr} is not a loopback address, so the Agent API would be open to the network: set api_token (GPUFLEET_API_TOKEN), or listen on 127.0.0.1"
+        );
+    }
+    let api_token = config.api_token.clone();
     let mut server_shutdown = shutdown_rx;
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(AgentServer::new(service))
+            .add_service(AgentServer::with_interceptor(service, move |request| {
+                service::check_api_token(api_token.as_deref(), request)
+            }))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 let _ = server_shutdown.wait_for(|s| *s).await;
             }),

@@ -123,6 +123,14 @@ struct Args {
     /// Run workloads as this unprivileged user (and its primary group); needs the agent to run as root.
     #[arg(long, env = "GPUFLEET_WORKLOAD_USER", value_name = "USER")]
     workload_user: Option<String>,
+    /// Bearer token the local Agent API requires; mandatory when --listen is not loopback.
+    #[arg(
+        long,
+        env = "GPUFLEET_API_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    api_token: Option<String>,
     /// Log format.
     #[arg(long, env = "GPUFLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -164,6 +172,7 @@ impl Args {
             tls_cert: self.tls_cert,
             tls_key: self.tls_key,
             workload_user: self.workload_user,
+            api_token: self.api_token,
             application_xids: self.application_xids,
             slowdown_degraded_after: self.slowdown_degraded_after,
             sbe_storm_per_minute: self.sbe_storm_per_minute,

@@ -150,3 +150,36 @@ impl Agent for AgentService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
+
+/// With `token` configured, only calls carrying `authorization: Bearer
+/// <token>` reach the Agent API.
+pub fn check_api_token(
+    token: Option<&str>,
+    request: tonic::Request<()>,
+) -> Result<tonic::Request<()>, Status> {
+    let Some(token) = token else {
+        return Ok(request);
+    };
+    let presented = request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        None => Err(Status::unauthenticated(
+            "this agent's API requires `authorization: Bearer <api_token>`",
+        )),
+        // Same length and no early exit: the comparison takes the same
+        // time wherever the first wrong byte is.
+        Some(p)
+            if p.len() == token.len()
+                && p.bytes()
+                    .zip(token.bytes())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0 =>
+        {
+            Ok(request)
+        }
+        Some(_) => Err(Status::unauthenticated("wrong api_token for this agent")),
+    }
+}

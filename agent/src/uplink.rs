@@ -43,6 +43,7 @@ pub(crate) struct Uplink {
     pub(crate) telemetry: Arc<Telemetry>,
     seq: Arc<AtomicU64>,
     tls: Option<tonic::transport::ClientTlsConfig>,
+    node_secret: Option<crate::identity::NodeSecret>,
 }
 
 /// The TLS settings for dialling the controller, from PEM files; `None`
@@ -148,6 +149,11 @@ impl Uplink {
         self
     }
 
+    pub(crate) fn with_node_secret(mut self, secret: crate::identity::NodeSecret) -> Self {
+        self.node_secret = Some(secret);
+        self
+    }
+
     pub(crate) fn new(
         controller: String,
         join_token: String,
@@ -163,6 +169,7 @@ impl Uplink {
             telemetry,
             seq: Arc::new(AtomicU64::new(initial_seq())),
             tls: None,
+            node_secret: None,
         }
     }
 
@@ -217,6 +224,11 @@ impl Uplink {
             applied_generation: self.supervisor.applied_generation(),
             telemetry_interval_ms: u32::try_from(self.sample_interval.as_millis())
                 .unwrap_or(u32::MAX),
+            node_secret: self
+                .node_secret
+                .as_ref()
+                .map(|s| s.get())
+                .unwrap_or_default(),
         }
     }
 
@@ -333,6 +345,21 @@ impl Uplink {
                 // (e.g. after this host's clock went backwards).
                 self.seq
                     .fetch_max(ack.last_seq.saturating_add(1), Ordering::Relaxed);
+                if !ack.node_secret.is_empty()
+                    && let Some(secret) = &self.node_secret
+                {
+                    match secret.save(&ack.node_secret) {
+                        Ok(()) => {
+                            info!(node_id = %ack.node_id, path = %secret.path().display(), "node identity bound; node secret stored")
+                        }
+                        Err(e) => error!(
+                            node_id = %ack.node_id,
+                            path = %secret.path().display(),
+                            error = %e,
+                            "cannot store the node secret: after a restart this agent cannot register as this node until an admin runs `gpufleet nodes reset-identity`"
+                        ),
+                    }
+                }
                 info!(node_id = %ack.node_id, controller = %self.controller, "connected to the controller");
                 (ack.heartbeat_interval_ms > 0)
                     .then(|| Duration::from_millis(u64::from(ack.heartbeat_interval_ms)))

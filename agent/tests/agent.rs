@@ -49,6 +49,7 @@ fn config(controller: SocketAddr, data_dir: &Path, node: &str) -> AgentConfig {
         monitoring: Default::default(),
         tls: Default::default(),
         workload_user: None,
+        api_token: None,
     }
 }
 
@@ -326,6 +327,7 @@ async fn uplink_says_hello_reconciles_and_answers_log_requests() {
             last_seq: 0,
             heartbeat_interval_ms: 1000,
             server_time: None,
+            node_secret: String::new(),
         }))
         .await;
     let batch = controller
@@ -463,6 +465,9 @@ async fn uplink_retries_after_a_refusal_and_rehellos_with_current_statuses() {
                 last_seq: 0,
                 heartbeat_interval_ms: 200,
                 server_time: None,
+                // The first registration binds the node id; the agent must
+                // keep the secret and present it from then on.
+                node_secret: "gfn_issued-secret".into(),
             })),
         }))
         .await
@@ -492,6 +497,11 @@ async fn uplink_retries_after_a_refusal_and_rehellos_with_current_statuses() {
         .await;
     assert!(seq2 > seq1);
     assert_eq!(hello.applied_generation, 5);
+    assert_eq!(hello.node_secret, "gfn_issued-secret");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("node.secret")).unwrap(),
+        "gfn_issued-secret"
+    );
     let job = hello
         .workloads
         .iter()

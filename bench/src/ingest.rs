@@ -188,6 +188,7 @@ async fn measure_controller(args: &IngestArgs) -> anyhow::Result<Rate> {
     let dir = tempfile::tempdir()?;
     let mut config = ControllerConfig::for_data_dir(dir.path());
     config.listen = "127.0.0.1:0".parse()?;
+    config.join_token = BENCH_JOIN_TOKEN.to_string();
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let running = gpufleet_controller::start(config, Some(listener)).await?;
     let controller = running.controller().clone();
@@ -254,6 +255,9 @@ fn gpu_uuid(node: usize, gpu: usize) -> String {
     format!("GPU-{node:08x}-0000-4000-8000-{gpu:012x}")
 }
 
+/// The join token of the benchmark's controllers and simulated agents.
+pub(crate) const BENCH_JOIN_TOKEN: &str = "bench-join-token";
+
 fn hello_message(node: usize, gpus: usize) -> AgentMessage {
     AgentMessage {
         seq: 1,
@@ -273,6 +277,7 @@ fn hello_message(node: usize, gpus: usize) -> AgentMessage {
                     ..Default::default()
                 })
                 .collect(),
+            join_token: BENCH_JOIN_TOKEN.to_string(),
             ..Default::default()
         })),
     }
@@ -390,7 +395,8 @@ fn measure_memory(agents: usize, gpus: usize, write_rollups: bool) -> anyhow::Re
     let dir = tempfile::tempdir()?;
     let store = SledStore::open(dir.path())?;
     let rollups = Arc::new(SledRollupStore::new(store.open_tree("telemetry")?));
-    let config = ControllerConfig::for_data_dir(dir.path());
+    let mut config = ControllerConfig::for_data_dir(dir.path());
+    config.join_token = BENCH_JOIN_TOKEN.to_string();
     let before = rss_bytes()?;
     let controller = Controller::open(config, Box::new(store), rollups, Vec::new())?;
     let mut sessions = Vec::with_capacity(agents);

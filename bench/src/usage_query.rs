@@ -132,7 +132,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut worst = 0.0f64;
     for (name, group_by, since, series) in &queries {
-        let (ms, n) = median_ms(|| rollups.query(group_by, *since, now, *series, now).0.len());
+        let (ms, n) = median_ms(|| {
+            rollups
+                .query(group_by, *since, now, *series, None, now)
+                .0
+                .len()
+        });
         let granularity = match rollups.granularity_for(*since, now) {
             60 => "minute",
             3600 => "hour",

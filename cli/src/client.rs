@@ -4,16 +4,74 @@ use anyhow::Context;
 use gpufleet_proto::v1::fleet_client::FleetClient;
 use gpufleet_proto::v1::jobs_client::JobsClient;
 use gpufleet_proto::v1::telemetry_client::TelemetryClient;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 static CA_FILE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+static TOKEN: std::sync::OnceLock<Option<MetadataValue<Ascii>>> = std::sync::OnceLock::new();
 
 /// The `--ca-file` of this invocation (set once, before any call).
 pub fn set_ca_file(path: Option<std::path::PathBuf>) {
     let _ = CA_FILE.set(path);
 }
 
-pub async fn channel(address: &str) -> anyhow::Result<Channel> {
+/// The token of this invocation, from `--token` or `--token-file` (set
+/// once, before any call).
+pub fn set_token(
+    token: Option<String>,
+    token_file: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let text = match (token, token_file) {
+        (Some(token), _) => Some(token),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --token-file {}", path.display()))?,
+        ),
+        (None, None) => None,
+    };
+    let value =
+        match text.map(|t| t.trim().to_string()).filter(|t| !t.is_empty()) {
+            Some(token) => Some(MetadataValue::try_from(format!("Bearer {token}")).context(
+                "the token has characters that cannot be sent in a header; copy it again",
+            )?),
+            None => None,
+        };
+    let _ = TOKEN.set(value);
+    Ok(())
+}
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Debug, Clone)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A connection to the controller that carries the token.
+pub type Authed = InterceptedService<Channel, BearerToken>;
+
+pub async fn channel(address: &str) -> anyhow::Result<Authed> {
+    let channel = raw_channel(address).await?;
+    Ok(InterceptedService::new(
+        channel,
+        BearerToken(TOKEN.get().cloned().flatten()),
+    ))
+}
+
+async fn raw_channel(address: &str) -> anyhow::Result<Channel> {
     let uri = if address.contains("://") {
         address.to_string()
     } else {
@@ -50,27 +108,32 @@ pub async fn channel(address: &str) -> anyhow::Result<Channel> {
     })
 }
 
-pub async fn jobs(address: &str) -> anyhow::Result<JobsClient<Channel>> {
+pub async fn jobs(address: &str) -> anyhow::Result<JobsClient<Authed>> {
     Ok(JobsClient::new(channel(address).await?))
 }
 
-pub async fn fleet(address: &str) -> anyhow::Result<FleetClient<Channel>> {
+pub async fn fleet(address: &str) -> anyhow::Result<FleetClient<Authed>> {
     Ok(FleetClient::new(channel(address).await?))
 }
 
-pub async fn telemetry(address: &str) -> anyhow::Result<TelemetryClient<Channel>> {
+pub async fn telemetry(address: &str) -> anyhow::Result<TelemetryClient<Authed>> {
     Ok(TelemetryClient::new(channel(address).await?))
 }
 
 /// The error chain as one line; gRPC statuses show their code and message.
 pub fn describe(err: &anyhow::Error) -> String {
     if let Some(status) = err.downcast_ref::<tonic::Status>() {
-        return format!("{} ({:?})", status.message(), status.code());
+        return format!("{} ({:?}){}", status.message(), status.code(), hint(status));
     }
     let mut text = err.to_string();
     for cause in err.chain().skip(1) {
         if let Some(status) = cause.downcast_ref::<tonic::Status>() {
-            text.push_str(&format!(": {} ({:?})", status.message(), status.code()));
+            text.push_str(&format!(
+                ": {} ({:?}){}",
+                status.message(),
+                status.code(),
+                hint(status)
+            ));
             break;
         }
         let cause = cause.to_string();
@@ -80,4 +143,12 @@ pub fn describe(err: &anyhow::Error) -> String {
         }
     }
     text
+}
+
+fn hint(status: &tonic::Status) -> &'static str {
+    if status.code() == tonic::Code::Unauthenticated && TOKEN.get().cloned().flatten().is_none() {
+        "\nhint: pass --token or --token-file, or set GPUFLEET_TOKEN"
+    } else {
+        ""
+    }
 }

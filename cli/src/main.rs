@@ -34,6 +34,13 @@ pub struct Cli {
     /// CA (PEM) that signed the controller's certificate; for an https:// controller.
     #[arg(long, global = true, env = "GPUFLEET_CA_FILE", value_name = "PEM")]
     pub ca_file: Option<std::path::PathBuf>,
+    /// Bearer token for the controller (`gpufleet dev` prints one; a new
+    /// controller writes an admin token to admin.token in its data dir).
+    #[arg(long, global = true, env = "GPUFLEET_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the token (used when --token is not given).
+    #[arg(long, global = true, env = "GPUFLEET_TOKEN_FILE", value_name = "PATH")]
+    pub token_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -58,6 +65,8 @@ pub enum Command {
     Top(commands::top::TopArgs),
     /// GPU telemetry history (terminal chart) and fleet aggregates.
     Telemetry(commands::telemetry::TelemetryArgs),
+    /// Client tokens: create, list, revoke (admin), and whoami.
+    Tokens(commands::tokens::TokensArgs),
     /// Print a shell completion script: bash, zsh or fish.
     Completions(commands::completions::CompletionsArgs),
 }
@@ -86,6 +95,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     client::set_ca_file(cli.ca_file.clone());
+    client::set_token(cli.token.clone(), cli.token_file.as_deref())?;
     if cli.output == output::Format::Csv
         && !matches!(cli.command, Command::Usage(_) | Command::Market(_))
     {
@@ -106,6 +116,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Telemetry(args) => {
             commands::telemetry::run(&cli.controller, cli.output, args).await
         }
+        Command::Tokens(args) => commands::tokens::run(&cli.controller, cli.output, args).await,
         Command::Completions(args) => commands::completions::run(&args),
     }
 }

@@ -4,9 +4,15 @@ use std::process::{Command, Output};
 
 use gpufleet_tests::{Cluster, two_nodes};
 
-async fn gpufleet(controller: &str, args: &[&str]) -> Output {
+/// (controller address, token)
+type Target = (String, String);
+
+async fn gpufleet(target: &Target, args: &[&str]) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_gpufleet"));
-    command.env("GPUFLEET_CONTROLLER", controller).args(args);
+    command
+        .env("GPUFLEET_CONTROLLER", &target.0)
+        .env("GPUFLEET_TOKEN", &target.1)
+        .args(args);
     tokio::task::spawn_blocking(move || command.output().expect("gpufleet runs"))
         .await
         .expect("join")
@@ -23,7 +29,7 @@ fn stderr(output: &Output) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_watch_logs_through_the_binary() -> anyhow::Result<()> {
     let cluster = Cluster::start(&two_nodes()).await?;
-    let endpoint = cluster.endpoint();
+    let endpoint: Target = (cluster.endpoint(), cluster.admin_token.clone());
 
     let submitted = gpufleet(
         &endpoint,
@@ -149,7 +155,7 @@ async fn submit_watch_logs_through_the_binary() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_exit_non_zero_with_one_clear_line() -> anyhow::Result<()> {
     let cluster = Cluster::start(&two_nodes()).await?;
-    let endpoint = cluster.endpoint();
+    let endpoint: Target = (cluster.endpoint(), cluster.admin_token.clone());
 
     let failed = gpufleet(
         &endpoint,
@@ -220,7 +226,7 @@ async fn failures_exit_non_zero_with_one_clear_line() -> anyhow::Result<()> {
         stderr(&missing)
     );
 
-    let unreachable = gpufleet("http://127.0.0.1:1", &["nodes"]).await;
+    let unreachable = gpufleet(&("http://127.0.0.1:1".into(), String::new()), &["nodes"]).await;
     assert_eq!(unreachable.status.code(), Some(1));
     assert!(
         stderr(&unreachable).contains("cannot reach the controller"),
@@ -233,7 +239,7 @@ async fn failures_exit_non_zero_with_one_clear_line() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_runs_a_fleet_and_a_demo_job() -> anyhow::Result<()> {
     let output = gpufleet(
-        "http://unused",
+        &("http://unused".into(), String::new()),
         &["dev", "--listen", "127.0.0.1:0", "--exit-after-demo"],
     )
     .await;
@@ -252,7 +258,7 @@ async fn dev_runs_a_fleet_and_a_demo_job() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_and_market_commands() -> anyhow::Result<()> {
     let cluster = Cluster::start(&two_nodes()).await?;
-    let endpoint = cluster.endpoint();
+    let endpoint: Target = (cluster.endpoint(), cluster.admin_token.clone());
     let done = gpufleet(
         &endpoint,
         &[
@@ -327,5 +333,79 @@ async fn usage_and_market_commands() -> anyhow::Result<()> {
         "{}",
         stderr(&csv_elsewhere)
     );
+    cluster.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_through_the_binary() -> anyhow::Result<()> {
+    let cluster = Cluster::start(&two_nodes()).await?;
+    let admin: Target = (cluster.endpoint(), cluster.admin_token.clone());
+
+    // No token: refused, with the way out in the message.
+    let anonymous = gpufleet(&(cluster.endpoint(), String::new()), &["nodes"]).await;
+    assert_eq!(anonymous.status.code(), Some(1));
+    assert!(
+        stderr(&anonymous).contains("Unauthenticated") && stderr(&anonymous).contains("--token"),
+        "{}",
+        stderr(&anonymous)
+    );
+
+    let created = gpufleet(
+        &admin,
+        &[
+            "tokens",
+            "create",
+            "--name",
+            "ci-team-a",
+            "--role",
+            "submitter",
+            "--tenant",
+            "team-a",
+        ],
+    )
+    .await;
+    assert!(created.status.success(), "{}", stderr(&created));
+    let token = stdout(&created).trim().to_string();
+    assert!(token.starts_with("gft_"), "{token:?}");
+    let submitter: Target = (cluster.endpoint(), token);
+
+    let whoami = gpufleet(&submitter, &["tokens", "whoami"]).await;
+    assert!(
+        stdout(&whoami).contains("ci-team-a") && stdout(&whoami).contains("Submitter"),
+        "{}",
+        stdout(&whoami)
+    );
+    // A submitter cannot manage tokens or cordon nodes.
+    let list = gpufleet(&submitter, &["tokens", "list"]).await;
+    assert!(
+        stderr(&list).contains("PermissionDenied"),
+        "{}",
+        stderr(&list)
+    );
+    let cordon = gpufleet(&submitter, &["nodes", "cordon", "node-a"]).await;
+    assert!(
+        stderr(&cordon).contains("PermissionDenied"),
+        "{}",
+        stderr(&cordon)
+    );
+    // Its jobs are accounted to its tenant.
+    let submitted = gpufleet(&submitter, &["jobs", "submit", "--gpus", "1", "--", "true"]).await;
+    assert!(submitted.status.success(), "{}", stderr(&submitted));
+    let id = stdout(&submitted).trim().to_string();
+    let job = gpufleet(&admin, &["-o", "json", "jobs", "get", &id]).await;
+    assert!(stdout(&job).contains("team-a"), "{}", stdout(&job));
+
+    let listed = gpufleet(&admin, &["-o", "json", "tokens", "list"]).await;
+    let listed: serde_json::Value = serde_json::from_str(&stdout(&listed))?;
+    let id = listed["tokens"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["name"] == "ci-team-a"))
+        .and_then(|t| t["id"].as_str())
+        .map(str::to_string)
+        .ok_or_else(|| anyhow::anyhow!("ci-team-a not listed: {listed}"))?;
+    let revoked = gpufleet(&admin, &["tokens", "revoke", &id]).await;
+    assert!(revoked.status.success(), "{}", stderr(&revoked));
+    let after = gpufleet(&submitter, &["nodes"]).await;
+    assert!(stderr(&after).contains("revoked"), "{}", stderr(&after));
     cluster.shutdown().await
 }

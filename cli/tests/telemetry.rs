@@ -5,9 +5,15 @@ use std::process::{Command, Output};
 use gpufleet_proto::v1::GetLatestRequest;
 use gpufleet_tests::{Cluster, eventually, two_nodes};
 
-async fn gpufleet(controller: &str, args: &[&str]) -> Output {
+/// (controller address, token)
+type Target = (String, String);
+
+async fn gpufleet(target: &Target, args: &[&str]) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_gpufleet"));
-    command.env("GPUFLEET_CONTROLLER", controller).args(args);
+    command
+        .env("GPUFLEET_CONTROLLER", &target.0)
+        .env("GPUFLEET_TOKEN", &target.1)
+        .args(args);
     tokio::task::spawn_blocking(move || command.output().expect("gpufleet runs"))
         .await
         .expect("join")
@@ -20,7 +26,7 @@ fn text(bytes: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn top_once_and_history_through_the_binary() -> anyhow::Result<()> {
     let cluster = Cluster::start(&two_nodes()).await?;
-    let endpoint = cluster.endpoint();
+    let endpoint: Target = (cluster.endpoint(), cluster.admin_token.clone());
     let telemetry = cluster.telemetry().await?;
     let uuid = eventually("every GPU to report", || {
         let mut telemetry = telemetry.clone();

@@ -32,8 +32,16 @@ pub struct ConfigFile {
     pub listen: Option<String>,
     /// Directory of the embedded store.
     pub data_dir: Option<PathBuf>,
-    /// Token agents must present to join; empty accepts any agent.
+    /// Token agents must present to join; empty: the controller generates
+    /// one at its first start and writes it to `join.token` in the data dir.
     pub join_token: Option<String>,
+    /// Where the first start writes the bootstrap admin token (mode 0600);
+    /// default `admin.token` in the data dir.
+    pub admin_token_file: Option<PathBuf>,
+    /// Requests per second each client token may make; 0 turns the limit off.
+    pub rate_limit_per_token: Option<u32>,
+    /// Requests a token may make at once above its rate; default 2 × the rate.
+    pub rate_limit_burst: Option<u32>,
     /// Silence after which a node becomes NotReady (humantime, e.g. "15s").
     pub node_not_ready_after: Option<String>,
     /// Silence after which a NotReady node becomes Lost and its jobs end.
@@ -88,6 +96,10 @@ pub struct ControllerConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub join_token: String,
+    /// Where the bootstrap admin token is written at the first start.
+    pub admin_token_file: PathBuf,
+    /// Per client token; `None`: unlimited.
+    pub rate_limit: Option<crate::auth::RateLimit>,
     pub node_not_ready_after: Duration,
     pub node_lost_after: Duration,
     pub scheduler: SchedulerConfig,
@@ -104,17 +116,24 @@ pub struct ControllerConfig {
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/gpufleet/controller";
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9401";
+pub const DEFAULT_RATE_LIMIT_PER_TOKEN: u32 = 1000;
 pub const DEFAULT_TELEMETRY_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl ControllerConfig {
     /// Defaults suitable for a test or `gpufleet dev`: store in `data_dir`.
     pub fn for_data_dir(data_dir: impl Into<PathBuf>) -> Self {
+        let data_dir: PathBuf = data_dir.into();
         Self {
             listen: DEFAULT_LISTEN
                 .parse()
                 .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7070))),
-            data_dir: data_dir.into(),
+            admin_token_file: data_dir.join("admin.token"),
+            data_dir,
             join_token: String::new(),
+            rate_limit: Some(crate::auth::RateLimit {
+                per_second: f64::from(DEFAULT_RATE_LIMIT_PER_TOKEN),
+                burst: f64::from(2 * DEFAULT_RATE_LIMIT_PER_TOKEN),
+            }),
             node_not_ready_after: Duration::from_secs(15),
             node_lost_after: Duration::from_secs(60),
             scheduler: SchedulerConfig::default(),
@@ -152,6 +171,9 @@ impl ControllerConfig {
             listen: env.get("GPUFLEET_LISTEN").cloned(),
             data_dir: env.get("GPUFLEET_DATA_DIR").map(PathBuf::from),
             join_token: env.get("GPUFLEET_JOIN_TOKEN").cloned(),
+            admin_token_file: env.get("GPUFLEET_ADMIN_TOKEN_FILE").map(PathBuf::from),
+            rate_limit_per_token: parse_env_u32(env, "GPUFLEET_RATE_LIMIT_PER_TOKEN")?,
+            rate_limit_burst: parse_env_u32(env, "GPUFLEET_RATE_LIMIT_BURST")?,
             node_not_ready_after: env.get("GPUFLEET_NODE_NOT_READY_AFTER").cloned(),
             node_lost_after: env.get("GPUFLEET_NODE_LOST_AFTER").cloned(),
             telemetry_retention: env.get("GPUFLEET_TELEMETRY_RETENTION").cloned(),
@@ -169,6 +191,10 @@ impl ControllerConfig {
             merged.listen = layer.listen.or(merged.listen);
             merged.data_dir = layer.data_dir.or(merged.data_dir);
             merged.join_token = layer.join_token.or(merged.join_token);
+            merged.admin_token_file = layer.admin_token_file.or(merged.admin_token_file);
+            merged.rate_limit_per_token =
+                layer.rate_limit_per_token.or(merged.rate_limit_per_token);
+            merged.rate_limit_burst = layer.rate_limit_burst.or(merged.rate_limit_burst);
             merged.node_not_ready_after =
                 layer.node_not_ready_after.or(merged.node_not_ready_after);
             merged.node_lost_after = layer.node_lost_after.or(merged.node_lost_after);
@@ -370,13 +396,32 @@ impl ControllerConfig {
             records: usage_days.as_secs(),
             ..Default::default()
         };
+        let rate = file
+            .rate_limit_per_token
+            .unwrap_or(DEFAULT_RATE_LIMIT_PER_TOKEN);
+        let burst = file.rate_limit_burst.unwrap_or(rate.saturating_mul(2));
+        if rate > 0 && burst == 0 {
+            return Err(invalid(
+                "rate_limit_burst",
+                "must be at least 1 while rate_limit_per_token is on".into(),
+            ));
+        }
+        let rate_limit = (rate > 0).then(|| crate::auth::RateLimit {
+            per_second: f64::from(rate),
+            burst: f64::from(burst),
+        });
+        let data_dir = file
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         Ok(Self {
             usage_retention,
             market_retention: market,
             listen,
-            data_dir: file
-                .data_dir
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            admin_token_file: file
+                .admin_token_file
+                .unwrap_or_else(|| data_dir.join("admin.token")),
+            data_dir,
+            rate_limit,
             join_token: file.join_token.unwrap_or_default(),
             node_not_ready_after: not_ready,
             node_lost_after: lost,
@@ -399,6 +444,9 @@ impl ControllerConfig {
             listen: Some(self.listen.to_string()),
             data_dir: Some(self.data_dir.clone()),
             join_token: Some(self.join_token.clone()),
+            admin_token_file: Some(self.admin_token_file.clone()),
+            rate_limit_per_token: Some(self.rate_limit.map_or(0, |r| r.per_second as u32)),
+            rate_limit_burst: self.rate_limit.map(|r| r.burst as u32),
             node_not_ready_after: Some(
                 humantime::format_duration(self.node_not_ready_after).to_string(),
             ),
@@ -584,4 +632,15 @@ mod tls_keys {
         let c = ControllerConfig::load(None, &HashMap::new(), flags).unwrap();
         assert_eq!(c.tls.key, Some(PathBuf::from("/k.pem")));
     }
+}
+
+fn parse_env_u32(env: &HashMap<String, String>, key: &str) -> Result<Option<u32>, ConfigError> {
+    env.get(key)
+        .map(|v| {
+            v.trim().parse::<u32>().map_err(|_| ConfigError::Invalid {
+                key: key.into(),
+                message: format!("{v:?} is not a whole number"),
+            })
+        })
+        .transpose()
 }

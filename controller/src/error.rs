@@ -15,6 +15,8 @@ pub enum ControllerError {
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
     PermissionDenied(String),
     #[error("{0}")]
     Unavailable(String),

@@ -1,6 +1,7 @@
 //! The gpufleet controller: node registry with leases, job store and
 //! scheduler, and the gRPC API for agents, schedulers and operators.
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod lifecycle;

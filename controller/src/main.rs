@@ -20,9 +20,20 @@ struct Args {
     /// Directory of the embedded store [default: /var/lib/gpufleet/controller].
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Token agents must present to join; empty accepts any agent.
+    /// Token agents must present to join [default: generated at the first
+    /// start, written to join.token in the data dir].
     #[arg(long)]
     join_token: Option<String>,
+    /// Where the first start writes the bootstrap admin token (mode 0600)
+    /// [default: admin.token in the data dir].
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    /// Requests per second each client token may make; 0 = no limit [default: 1000].
+    #[arg(long)]
+    rate_limit_per_token: Option<u32>,
+    /// Requests a token may make at once above its rate [default: 2 × the rate].
+    #[arg(long)]
+    rate_limit_burst: Option<u32>,
     /// Silence after which a node is NotReady [default: 15s].
     #[arg(long)]
     node_not_ready_after: Option<String>,
@@ -74,6 +85,9 @@ fn main() -> ExitCode {
         listen: args.listen.clone(),
         data_dir: args.data_dir.clone(),
         join_token: args.join_token.clone(),
+        admin_token_file: args.admin_token_file.clone(),
+        rate_limit_per_token: args.rate_limit_per_token,
+        rate_limit_burst: args.rate_limit_burst,
         node_not_ready_after: args.node_not_ready_after.clone(),
         node_lost_after: args.node_lost_after.clone(),
         telemetry_retention: args.telemetry_retention.clone(),

@@ -143,6 +143,7 @@ impl Snapshot {
                         until_secs: now + 1,
                         series_secs: None,
                         limit: 0,
+                        tenant: None,
                     },
                     false,
                 )

@@ -9,6 +9,7 @@ use gpufleet_proto::v1::agent_control_server::AgentControlServer;
 use gpufleet_proto::v1::fleet_server::FleetServer;
 use gpufleet_proto::v1::jobs_server::JobsServer;
 use gpufleet_proto::v1::telemetry_server::TelemetryServer;
+use gpufleet_proto::v1::tokens_server::TokensServer;
 use gpufleet_proto::v1::usage_server::UsageServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -17,7 +18,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::ControllerConfig;
 use crate::service::{
-    AgentControlService, FleetService, JobsService, TelemetryService, UsageService,
+    AgentControlService, FleetService, JobsService, TelemetryService, TokensService, UsageService,
 };
 use crate::state::Controller;
 use crate::store::SledStore;
@@ -258,6 +259,9 @@ pub async fn start(
     health_reporter
         .set_serving::<TelemetryServer<TelemetryService>>()
         .await;
+    health_reporter
+        .set_serving::<TokensServer<TokensService>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(gpufleet_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -282,6 +286,7 @@ pub async fn start(
         )
         .add_service(FleetServer::new(FleetService::new(controller.clone())))
         .add_service(UsageServer::new(UsageService::new(controller.clone())))
+        .add_service(TokensServer::new(TokensService::new(controller.clone())))
         .add_service(TelemetryServer::new(TelemetryService::new(
             controller.clone(),
         )))

@@ -19,6 +19,7 @@ use gpufleet_proto::v1::{
 };
 use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 
+use crate::auth::{Action, Authority, Principal, TokenRecord};
 use crate::config::ControllerConfig;
 use crate::error::{ControllerError, Result};
 use crate::lifecycle::{
@@ -118,6 +119,7 @@ struct UsageFeed {
 
 struct Inner {
     usage_feed: Mutex<UsageFeed>,
+    auth: Authority,
     config: ControllerConfig,
     store: Box<dyn Store>,
     known_models: Vec<validate::ModelFacts>,
@@ -212,11 +214,23 @@ impl Controller {
             jobs = state.jobs.len(),
             "state loaded from store"
         );
+        let mut auth = Authority::load(store.as_ref(), &config.join_token, config.rate_limit)?;
+        let join_token_file = config.data_dir.join("join.token");
+        if let Some(path) = auth.ensure_join_token(store.as_ref(), &join_token_file)? {
+            tracing::info!(path = %path.display(), "generated the join token agents need (mode 0600)");
+        }
+        if let Some(path) = auth.bootstrap_admin(store.as_ref(), &config.admin_token_file)? {
+            tracing::info!(
+                path = %path.display(),
+                "first start: wrote an admin token (mode 0600); use it to create other tokens with `gpufleet tokens create`"
+            );
+        }
         let (job_events, _) = broadcast::channel(1024);
         let telemetry = TelemetryHub::new(rollups, config.telemetry_retention);
         Ok(Self {
             inner: Arc::new(Inner {
                 usage_feed: Mutex::new(feed),
+                auth,
                 telemetry,
                 config,
                 store,
@@ -251,6 +265,40 @@ impl Controller {
 
     pub fn config(&self) -> &ControllerConfig {
         &self.inner.config
+    }
+
+    /// Tokens, node identities and rate limits.
+    pub fn auth(&self) -> &Authority {
+        &self.inner.auth
+    }
+
+    /// Checks the caller of a client call (see [`Authority::authorize`]).
+    pub fn authorize(&self, header: Option<&str>, action: Action) -> Result<Principal> {
+        self.inner.auth.authorize(header, action)
+    }
+
+    pub fn create_token(
+        &self,
+        name: &str,
+        role: gpufleet_proto::v1::Role,
+        tenant: &str,
+        ttl: Option<Duration>,
+    ) -> Result<(TokenRecord, String)> {
+        self.inner
+            .auth
+            .create_token(self.inner.store.as_ref(), name, role, tenant, ttl)
+    }
+
+    pub fn revoke_token(&self, id: &str) -> Result<TokenRecord> {
+        self.inner.auth.revoke_token(self.inner.store.as_ref(), id)
+    }
+
+    /// Forgets the agent identity bound to a node id.
+    pub fn reset_node_identity(&self, node_id: &str) -> Result<bool> {
+        validate::node_id("node_id", node_id)?;
+        self.inner
+            .auth
+            .reset_node(self.inner.store.as_ref(), node_id)
     }
 
     pub fn telemetry(&self) -> &TelemetryHub {
@@ -975,13 +1023,9 @@ impl Controller {
                 ));
             }
         }
-        let token = &self.inner.config.join_token;
-        if !token.is_empty() && hello.join_token != *token {
-            return Err(ControllerError::PermissionDenied(format!(
-                "node {}: the join token is wrong; configure the agent with the controller's join token",
-                identity.node_id
-            )));
-        }
+        self.inner
+            .auth
+            .check_join_token(&identity.node_id, &hello.join_token)?;
         let mut seen = HashSet::new();
         for gpu in &hello.gpus {
             if gpu.uuid.is_empty() || !seen.insert(gpu.uuid.as_str()) {
@@ -996,6 +1040,10 @@ impl Controller {
         }
 
         let node_id = identity.node_id.clone();
+        let issued_secret =
+            self.inner
+                .auth
+                .bind_node(self.inner.store.as_ref(), &node_id, &hello.node_secret)?;
         let mut state = self.lock();
         let now = Instant::now();
         if let Some(entry) = state.nodes.get(&node_id)
@@ -1078,6 +1126,7 @@ impl Controller {
                 last_seq,
                 heartbeat_interval_ms: HEARTBEAT_INTERVAL.as_millis() as u32,
                 server_time: Some(now_ts()),
+                node_secret: issued_secret.unwrap_or_default(),
             })),
         };
         // A fresh channel has room; failing here means the receiver is gone.

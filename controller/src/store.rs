@@ -32,6 +32,12 @@ pub enum Keyspace {
     Usage,
     /// Market signals, by `<minute>/<provider>/<region>/<generation>`.
     Market,
+    /// Client tokens (hashed), by token id.
+    Tokens,
+    /// Node identity bindings (hashed node secrets), by node id.
+    NodeIdentities,
+    /// Single values, by name (e.g. the generated join token's digest).
+    Settings,
 }
 
 impl Keyspace {
@@ -41,6 +47,9 @@ impl Keyspace {
             Keyspace::Jobs => "job/",
             Keyspace::Usage => "usage/",
             Keyspace::Market => "market/",
+            Keyspace::Tokens => "token/",
+            Keyspace::NodeIdentities => "node-identity/",
+            Keyspace::Settings => "setting/",
         }
     }
 
@@ -60,6 +69,11 @@ pub struct WriteBatch {
 impl WriteBatch {
     pub fn put<M: Message>(&mut self, space: Keyspace, id: &str, record: &M) {
         self.ops.push((space.key(id), Some(record.encode_to_vec())));
+    }
+
+    /// A value that is not a message (e.g. a digest).
+    pub fn put_raw(&mut self, space: Keyspace, id: &str, value: Vec<u8>) {
+        self.ops.push((space.key(id), Some(value)));
     }
 
     pub fn delete(&mut self, space: Keyspace, id: &str) {

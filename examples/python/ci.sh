@@ -18,13 +18,22 @@ trap cleanup EXIT
 
 # A free port for the controller (the agent must be told where it is).
 port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+join_token=python-ci-join-token
 target/debug/gpufleet-controller --listen "127.0.0.1:$port" --data-dir "$work/controller" \
+    --join-token "$join_token" \
     >"$work/controller.log" 2>&1 &
 pids+=($!)
-target/debug/gpufleet-agent --controller "http://127.0.0.1:$port" --gpu-backend simulated \
+target/debug/gpufleet-agent --controller "http://127.0.0.1:$port" --join-token "$join_token" \
+    --gpu-backend simulated \
     --simulated-gpus 2xL4 --node-id python-ci-node --data-dir "$work/agent" --listen 127.0.0.1:0 \
     >"$work/agent.log" 2>&1 &
 pids+=($!)
+
+# The controller writes its bootstrap admin token at its first start.
+for _ in $(seq 100); do [[ -s $work/controller/admin.token ]] && break; sleep 0.1; done
+[[ -s $work/controller/admin.token ]] || { echo "examples/python: no admin.token" >&2; exit 1; }
+GPUFLEET_TOKEN=$(cat "$work/controller/admin.token")
+export GPUFLEET_TOKEN
 
 # scheduler.py waits for the controller itself, and a job submitted before
 # the agent registers stays pending until it does.

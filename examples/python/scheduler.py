@@ -14,6 +14,7 @@ ended otherwise, 2 on bad usage or an unreachable controller.
 
 import argparse
 import importlib
+import os
 import sys
 import tempfile
 import time
@@ -47,6 +48,8 @@ def generate_stubs(out_dir):
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--controller", default="127.0.0.1:7070", help="controller host:port (plaintext gRPC)")
+    p.add_argument("--token", default=os.environ.get("GPUFLEET_TOKEN", ""),
+                   help="bearer token with the submitter role or above (default: $GPUFLEET_TOKEN)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs for the job's one task")
     p.add_argument("--name", default="python-example")
     p.add_argument("--tenant", default="")
@@ -74,6 +77,8 @@ def main():
             print(f"scheduler.py: cannot reach the controller at {args.controller}", file=sys.stderr)
             return 2
         jobs = jobs_grpc.JobsStub(channel)
+        # Every call carries the token; the controller answers UNAUTHENTICATED without one.
+        md = (("authorization", f"Bearer {args.token}"),) if args.token else ()
 
         constraints = jobs_pb2.JobConstraints()
         for g in args.generation:
@@ -91,7 +96,7 @@ def main():
             constraints=constraints, workload=types_pb2.WorkloadSpec(argv=args.argv),
         )
         try:
-            job = jobs.SubmitJob(jobs_pb2.SubmitJobRequest(spec=spec), timeout=30).job
+            job = jobs.SubmitJob(jobs_pb2.SubmitJobRequest(spec=spec), timeout=30, metadata=md).job
         except grpc.RpcError as e:
             print(f"scheduler.py: SubmitJob failed: {e.code().name}: {e.details()}", file=sys.stderr)
             return 2
@@ -102,7 +107,7 @@ def main():
         deadline = time.monotonic() + args.timeout
         try:
             for job in jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job.id),
-                                     timeout=max(1.0, deadline - time.monotonic())):
+                                     timeout=max(1.0, deadline - time.monotonic()), metadata=md):
                 state = state_name(job.state)
                 if state != last:
                     line = f"{job.id} {state.removeprefix('JOB_STATE_')}"
@@ -122,7 +127,7 @@ def main():
         if job.tasks:
             print("--- logs of task 0")
             for chunk in jobs.StreamJobLogs(jobs_pb2.StreamJobLogsRequest(job_id=job.id, task_index=0),
-                                            timeout=30):
+                                            timeout=30, metadata=md):
                 sys.stdout.write(chunk.data.decode("utf-8", errors="replace"))
             print("--- end of logs")
         print(f"{job.id} finished: {state_name(job.state)}")

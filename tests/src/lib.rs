@@ -18,7 +18,64 @@ use gpufleet_proto::v1::{
     GetJobRequest, Job, JobSpec, ListNodesRequest, NodeState, SubmitJobRequest, WorkloadSpec,
 };
 use tokio::net::TcpListener;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// The join token test controllers and agents share.
+pub const JOIN_TOKEN: &str = "test-join-token";
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Debug, Clone)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl BearerToken {
+    pub fn new(token: &str) -> anyhow::Result<Self> {
+        Ok(Self(Some(MetadataValue::try_from(format!(
+            "Bearer {token}"
+        ))?)))
+    }
+
+    /// Sends no token (to test refusals).
+    pub fn none() -> Self {
+        Self(None)
+    }
+}
+
+impl Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A client connection that carries a token.
+pub type Authed = InterceptedService<Channel, BearerToken>;
+
+/// Connects to `endpoint` with `token` on every call.
+pub async fn authed(endpoint: &str, token: &str) -> anyhow::Result<Authed> {
+    let channel = Channel::from_shared(endpoint.to_string())?
+        .connect()
+        .await?;
+    Ok(InterceptedService::new(channel, BearerToken::new(token)?))
+}
+
+/// The bootstrap admin token a controller wrote in its data dir.
+pub fn admin_token_in(controller_data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = controller_data_dir.join("admin.token");
+    Ok(std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .trim()
+        .to_string())
+}
 
 /// Generous: CI machines are small and busy.
 pub const DEADLINE: Duration = Duration::from_secs(30);
@@ -99,6 +156,8 @@ pub struct Cluster {
     pub controller: Option<RunningController>,
     pub controller_addr: SocketAddr,
     pub agents: Vec<RunningAgent>,
+    /// The controller's bootstrap admin token; the harness's clients use it.
+    pub admin_token: String,
     /// (NotReady after, Lost after) for the controller's leases.
     leases: (Duration, Duration),
 }
@@ -126,11 +185,13 @@ impl Cluster {
         let controller_addr = listener.local_addr()?;
         let config = controller_config(&dir.path().join("controller"), controller_addr, leases);
         let controller = gpufleet_controller::start(config, Some(listener)).await?;
+        let admin_token = admin_token_in(&dir.path().join("controller"))?;
         let mut cluster = Self {
             dir,
             controller: Some(controller),
             controller_addr,
             agents: Vec::new(),
+            admin_token,
             leases,
         };
         for node in nodes {
@@ -147,7 +208,7 @@ impl Cluster {
     pub fn agent_config(&self, node: &NodeSpec) -> AgentConfig {
         AgentConfig {
             controller: self.endpoint(),
-            join_token: String::new(),
+            join_token: JOIN_TOKEN.to_string(),
             node: NodeConfig {
                 id: Some(node.id.clone()),
                 provider: node.provider.clone(),
@@ -167,6 +228,7 @@ impl Cluster {
             monitoring: Default::default(),
             tls: Default::default(),
             workload_user: None,
+            api_token: None,
         }
     }
 
@@ -185,10 +247,12 @@ impl Cluster {
 
     pub async fn wait_ready(&self, count: usize) -> anyhow::Result<()> {
         let endpoint = self.endpoint();
+        let token = self.admin_token.clone();
         eventually(&format!("{count} Ready nodes"), || {
             let endpoint = endpoint.clone();
+            let token = token.clone();
             async move {
-                let Ok(mut fleet) = fleet_client(&endpoint).await else {
+                let Ok(mut fleet) = fleet_client(&endpoint, &token).await else {
                     return Ok(None);
                 };
                 let Ok(nodes) = fleet.list_nodes(ListNodesRequest::default()).await else {
@@ -206,18 +270,23 @@ impl Cluster {
         .await
     }
 
-    pub async fn jobs(&self) -> anyhow::Result<JobsClient<Channel>> {
-        jobs_client(&self.endpoint()).await
+    pub async fn jobs(&self) -> anyhow::Result<JobsClient<Authed>> {
+        jobs_client(&self.endpoint(), &self.admin_token).await
     }
 
-    pub async fn fleet(&self) -> anyhow::Result<FleetClient<Channel>> {
-        fleet_client(&self.endpoint()).await
+    pub async fn fleet(&self) -> anyhow::Result<FleetClient<Authed>> {
+        fleet_client(&self.endpoint(), &self.admin_token).await
     }
 
-    pub async fn telemetry(&self) -> anyhow::Result<TelemetryClient<Channel>> {
+    pub async fn telemetry(&self) -> anyhow::Result<TelemetryClient<Authed>> {
         Ok(TelemetryClient::new(
-            Channel::from_shared(self.endpoint())?.connect().await?,
+            authed(&self.endpoint(), &self.admin_token).await?,
         ))
+    }
+
+    /// A connection with the admin token, for any service's client.
+    pub async fn channel(&self) -> anyhow::Result<Authed> {
+        authed(&self.endpoint(), &self.admin_token).await
     }
 
     /// The controller's `/metrics` body.
@@ -315,23 +384,16 @@ fn controller_config(
     config.listen = addr;
     config.node_not_ready_after = leases.0;
     config.node_lost_after = leases.1;
+    config.join_token = JOIN_TOKEN.to_string();
     config
 }
 
-pub async fn jobs_client(endpoint: &str) -> anyhow::Result<JobsClient<Channel>> {
-    Ok(JobsClient::new(
-        Channel::from_shared(endpoint.to_string())?
-            .connect()
-            .await?,
-    ))
+pub async fn jobs_client(endpoint: &str, token: &str) -> anyhow::Result<JobsClient<Authed>> {
+    Ok(JobsClient::new(authed(endpoint, token).await?))
 }
 
-pub async fn fleet_client(endpoint: &str) -> anyhow::Result<FleetClient<Channel>> {
-    Ok(FleetClient::new(
-        Channel::from_shared(endpoint.to_string())?
-            .connect()
-            .await?,
-    ))
+pub async fn fleet_client(endpoint: &str, token: &str) -> anyhow::Result<FleetClient<Authed>> {
+    Ok(FleetClient::new(authed(endpoint, token).await?))
 }
 
 /// Collects a job task's whole log through the controller.

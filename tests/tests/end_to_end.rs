@@ -457,13 +457,13 @@ async fn bad_input_is_invalid_argument_naming_the_field() -> anyhow::Result<()> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_agent_cannot_take_a_live_node_id() -> anyhow::Result<()> {
+async fn a_second_agent_cannot_take_a_node_id() -> anyhow::Result<()> {
     let cluster = Cluster::start(&two_nodes()).await?;
     let channel = tonic::transport::Channel::from_shared(cluster.endpoint())?
         .connect()
         .await?;
     let mut client = AgentControlClient::new(channel);
-    let hello = AgentMessage {
+    let impostor = |join_token: &str| AgentMessage {
         seq: 1,
         body: Some(agent_message::Body::Hello(AgentHello {
             identity: Some(NodeIdentity {
@@ -477,13 +477,49 @@ async fn a_second_agent_cannot_take_a_live_node_id() -> anyhow::Result<()> {
                 uuid: "GPU-impostor".into(),
                 ..Default::default()
             }],
+            join_token: join_token.to_string(),
             ..Default::default()
         })),
     };
+    // Without the join token: refused at the door.
     let err = client
-        .connect(tokio_stream::iter(vec![hello]))
+        .connect(tokio_stream::iter(vec![impostor("wrong")]))
         .await
-        .expect_err("duplicate node id must be refused");
+        .expect_err("a wrong join token must be refused");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("join token"), "{}", err.message());
+
+    // With the join token but without node-a's secret: the id is bound to
+    // the agent that registered it first.
+    let err = client
+        .connect(tokio_stream::iter(vec![impostor(
+            gpufleet_tests::JOIN_TOKEN,
+        )]))
+        .await
+        .expect_err("another agent must not take a bound node id");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("node-a") && err.message().contains("reset-identity"),
+        "{}",
+        err.message()
+    );
+
+    // An admin resets the identity (a reinstalled host); while the real
+    // agent is still connected, the id stays taken.
+    let mut fleet = cluster.fleet().await?;
+    let reset = fleet
+        .reset_node_identity(gpufleet_proto::v1::ResetNodeIdentityRequest {
+            node_id: "node-a".into(),
+        })
+        .await?
+        .into_inner();
+    assert!(reset.was_bound);
+    let err = client
+        .connect(tokio_stream::iter(vec![impostor(
+            gpufleet_tests::JOIN_TOKEN,
+        )]))
+        .await
+        .expect_err("a live node id must not be taken");
     assert_eq!(err.code(), Code::AlreadyExists);
     assert!(
         err.message().contains("node-a") && err.message().contains("--node-id"),
@@ -491,7 +527,6 @@ async fn a_second_agent_cannot_take_a_live_node_id() -> anyhow::Result<()> {
         err.message()
     );
     // The real node is untouched.
-    let mut fleet = cluster.fleet().await?;
     let node = fleet
         .get_node(gpufleet_proto::v1::GetNodeRequest {
             node_id: "node-a".into(),

@@ -244,7 +244,7 @@ async fn an_operator_returns_a_gpu_to_service_until_the_fault_comes_back() -> an
         node_id: "nvml-node".into(),
     };
     let gpu0_health =
-        |fleet: gpufleet_proto::v1::fleet_client::FleetClient<tonic::transport::Channel>,
+        |fleet: gpufleet_proto::v1::fleet_client::FleetClient<gpufleet_tests::Authed>,
          get: GetNodeRequest| async move {
             let node = fleet.clone().get_node(get).await?.into_inner();
             anyhow::Ok(node.gpus.first().map(|g| g.health()).unwrap_or_default())

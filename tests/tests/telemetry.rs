@@ -201,6 +201,7 @@ async fn bad_samples_are_dropped_and_counted_never_stored() -> anyhow::Result<()
                     uuid: "GPU-raw-0".into(),
                     ..Default::default()
                 }],
+                join_token: gpufleet_tests::JOIN_TOKEN.into(),
                 ..Default::default()
             })),
         },

@@ -61,7 +61,7 @@ fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<std::path::PathBu
 fn agent_config(dir: &Path, endpoint: &str, tls: TlsClientConfig, id: &str) -> AgentConfig {
     AgentConfig {
         controller: endpoint.to_string(),
-        join_token: String::new(),
+        join_token: gpufleet_tests::JOIN_TOKEN.to_string(),
         node: NodeConfig {
             id: Some(id.to_string()),
             provider: "aws".into(),
@@ -81,6 +81,7 @@ fn agent_config(dir: &Path, endpoint: &str, tls: TlsClientConfig, id: &str) -> A
         monitoring: Default::default(),
         tls,
         workload_user: None,
+        api_token: None,
     }
 }
 
@@ -90,6 +91,7 @@ async fn jobs_run_over_mutual_tls_and_plain_or_certless_peers_are_refused() -> a
     let pki = pki()?;
     let ca = write(dir.path(), "ca.pem", &pki.ca)?;
     let mut config = ControllerConfig::for_data_dir(dir.path().join("controller"));
+    config.join_token = gpufleet_tests::JOIN_TOKEN.to_string();
     config.tls = TlsServerConfig {
         cert: Some(write(dir.path(), "server.pem", &pki.server_cert)?),
         key: Some(write(dir.path(), "server.key", &pki.server_key)?),
@@ -100,6 +102,7 @@ async fn jobs_run_over_mutual_tls_and_plain_or_certless_peers_are_refused() -> a
     config.listen = listener.local_addr()?;
     let controller = gpufleet_controller::start(config, Some(listener)).await?;
     let endpoint = format!("https://localhost:{port}");
+    let admin_token = gpufleet_tests::admin_token_in(&dir.path().join("controller"))?;
 
     // An agent with a client certificate joins; one without is refused.
     let with_cert = TlsClientConfig {
@@ -128,6 +131,10 @@ async fn jobs_run_over_mutual_tls_and_plain_or_certless_peers_are_refused() -> a
         .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))?
         .connect()
         .await?;
+    let channel = tonic::service::interceptor::InterceptedService::new(
+        channel,
+        gpufleet_tests::BearerToken::new(&admin_token)?,
+    );
     let fleet = FleetClient::new(channel.clone());
     eventually("the agent with a certificate to be Ready", || {
         let mut fleet = fleet.clone();

@@ -10,7 +10,6 @@ use gpufleet_proto::v1::{
     WorkloadSpec, WorkloadState,
 };
 use gpufleet_tests::{Cluster, two_nodes};
-use tonic::transport::Channel;
 
 fn spec(tenant: &str, class: &str, name: &str, gpus: u32, script: &str) -> JobSpec {
     JobSpec {
@@ -30,10 +29,8 @@ fn ms(ts: &Option<prost_types::Timestamp>) -> u64 {
     ts.map_or(0, |t| t.seconds as u64 * 1000 + t.nanos as u64 / 1_000_000)
 }
 
-async fn usage(cluster: &Cluster) -> anyhow::Result<UsageClient<Channel>> {
-    Ok(UsageClient::new(
-        Channel::from_shared(cluster.endpoint())?.connect().await?,
-    ))
+async fn usage(cluster: &Cluster) -> anyhow::Result<UsageClient<gpufleet_tests::Authed>> {
+    Ok(UsageClient::new(cluster.channel().await?))
 }
 
 fn terminal(job: &gpufleet_proto::v1::Job) -> bool {

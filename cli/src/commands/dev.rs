@@ -138,12 +138,29 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     })?;
     let mut config = ControllerConfig::for_data_dir(data_dir.join("controller"));
     config.listen = listener.local_addr()?;
+    let admin_token_file = config.admin_token_file.clone();
+    let join_token_file = config.data_dir.join("join.token");
     let controller = gpufleet_controller::start(config, Some(listener)).await?;
     let endpoint = controller.endpoint();
+    let read_secret = |path: &std::path::Path, what: &str| {
+        std::fs::read_to_string(path)
+            .map(|t| t.trim().to_string())
+            .with_context(|| format!("cannot read the {what} at {}", path.display()))
+    };
+    let (join_token, admin_token) = match (
+        read_secret(&join_token_file, "join token"),
+        read_secret(&admin_token_file, "admin token"),
+    ) {
+        (Ok(join), Ok(admin)) => (join, admin),
+        (Err(e), _) | (_, Err(e)) => {
+            shutdown(Vec::new(), controller).await;
+            return Err(e);
+        }
+    };
 
     let mut agents = Vec::new();
     for node in FLEET {
-        match start_agent(node, &endpoint, &data_dir).await {
+        match start_agent(node, &endpoint, &join_token, &data_dir).await {
             Ok(agent) => agents.push(agent),
             Err(e) => {
                 shutdown(agents, controller).await;
@@ -164,6 +181,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     );
     say!("data dir: {}", data_dir.display());
     say!("metrics: http://{}/metrics", controller.metrics_addr());
+    say!(
+        "admin token: {} (also in {})",
+        admin_token,
+        admin_token_file.display()
+    );
     say!();
 
     let mut outcome = ExitCode::SUCCESS;
@@ -182,6 +204,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     if !args.exit_after_demo {
         say!("Try, in another terminal:");
         say!("  export GPUFLEET_CONTROLLER={endpoint}");
+        say!("  export GPUFLEET_TOKEN={admin_token}");
         say!("  gpufleet capacity --by provider,region,generation");
         say!(
             "  gpufleet jobs submit --gpus 2 --generation hopper --max-price 3.50 -- sh -c 'echo $CUDA_VISIBLE_DEVICES'"
@@ -199,11 +222,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
 async fn start_agent(
     node: &DevNode,
     endpoint: &str,
+    join_token: &str,
     data_dir: &std::path::Path,
 ) -> anyhow::Result<RunningAgent> {
     let config = AgentConfig {
         controller: endpoint.to_string(),
-        join_token: String::new(),
+        join_token: join_token.to_string(),
         node: NodeConfig {
             id: Some(node.id.to_string()),
             provider: node.provider.to_string(),
@@ -223,6 +247,7 @@ async fn start_agent(
         monitoring: Default::default(),
         tls: Default::default(),
         workload_user: None,
+        api_token: None,
     };
     let listener = TcpListener::bind(config.listen).await?;
     gpufleet_agent::start(config, Some(listener)).await

@@ -3,5 +3,6 @@ pub mod dev;
 pub mod jobs;
 pub mod nodes;
 pub mod telemetry;
+pub mod tokens;
 pub mod top;
 pub mod usage;

@@ -50,6 +50,9 @@ enum NodesCommand {
         #[arg(long, default_value = "10m")]
         deadline: String,
     },
+    /// Forget the agent identity bound to a node id, so a reinstalled host
+    /// can register under it again (admin).
+    ResetIdentity { node_id: String },
 }
 
 pub async fn nodes(address: &str, format: Format, args: NodesArgs) -> anyhow::Result<ExitCode> {
@@ -116,6 +119,23 @@ pub async fn nodes(address: &str, format: Format, args: NodesArgs) -> anyhow::Re
                 .await?
                 .into_inner();
             print_change(&node, format, "cordoned")?;
+        }
+        NodesCommand::ResetIdentity { node_id } => {
+            let response = fleet
+                .reset_node_identity(gpufleet_proto::v1::ResetNodeIdentityRequest {
+                    node_id: node_id.clone(),
+                })
+                .await?
+                .into_inner();
+            if format == Format::Json {
+                output::print_json(&response, true)?;
+            } else if response.was_bound {
+                say!(
+                    "node {node_id}: identity forgotten; the next agent to register as {node_id} binds it"
+                );
+            } else {
+                say!("node {node_id} had no bound identity");
+            }
         }
         NodesCommand::UncordonGpu { node_id, gpu_uuid } => {
             let node = fleet

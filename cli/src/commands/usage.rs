@@ -103,11 +103,17 @@ enum UsageCommand {
         since: String,
         #[arg(long, default_value_t = 10)]
         limit: u32,
+        /// Only this tenant's usage (a token scoped to one tenant sees only its own).
+        #[arg(long)]
+        tenant: Option<String>,
     },
     /// GPU-hours, share, utilisation and cost per generation, with the daily trend.
     ByGeneration {
         #[arg(long, default_value = "30d")]
         since: String,
+        /// Only this tenant's usage (a token scoped to one tenant sees only its own).
+        #[arg(long)]
+        tenant: Option<String>,
     },
     /// The general form: group by any dimensions over a range.
     Report {
@@ -130,6 +136,9 @@ enum UsageCommand {
         /// Leave out allocations still running.
         #[arg(long)]
         finished_only: bool,
+        /// Only this tenant's usage (a token scoped to one tenant sees only its own).
+        #[arg(long)]
+        tenant: Option<String>,
     },
     /// Ledger records, newest first.
     Records {
@@ -314,7 +323,12 @@ fn print_report(
 pub async fn usage(address: &str, format: Format, args: UsageArgs) -> anyhow::Result<ExitCode> {
     let mut client = UsageClient::new(client::channel(address).await?);
     match args.command {
-        UsageCommand::Top { by, since, limit } => {
+        UsageCommand::Top {
+            by,
+            since,
+            limit,
+            tenant,
+        } => {
             let (dim, proto) = match by {
                 TopBy::WorkloadClass => (Dim::WorkloadClass, UsageDimension::WorkloadClass),
                 TopBy::JobName => (Dim::JobName, UsageDimension::JobName),
@@ -325,15 +339,17 @@ pub async fn usage(address: &str, format: Format, args: UsageArgs) -> anyhow::Re
                     by: proto as i32,
                     since: Some(when("--since", &since)?),
                     limit,
+                    tenant: tenant.unwrap_or_default(),
                 })
                 .await?
                 .into_inner();
             print_report(&report, &[dim], format, false)?;
         }
-        UsageCommand::ByGeneration { since } => {
+        UsageCommand::ByGeneration { since, tenant } => {
             let report = client
                 .usage_by_generation(UsageByGenerationRequest {
                     since: Some(when("--since", &since)?),
+                    tenant: tenant.unwrap_or_default(),
                 })
                 .await?
                 .into_inner();
@@ -345,6 +361,7 @@ pub async fn usage(address: &str, format: Format, args: UsageArgs) -> anyhow::Re
             until,
             series,
             finished_only,
+            tenant,
         } => {
             let request = UsageReportRequest {
                 group_by: group_by.iter().map(|d| d.proto() as i32).collect(),
@@ -358,6 +375,7 @@ pub async fn usage(address: &str, format: Format, args: UsageArgs) -> anyhow::Re
                 } as i32,
                 include_running: !finished_only,
                 limit: 0,
+                tenant: tenant.unwrap_or_default(),
             };
             let report = client.get_usage_report(request).await?.into_inner();
             print_report(&report, &group_by, format, series.is_some())?;

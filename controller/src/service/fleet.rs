@@ -6,7 +6,8 @@ use gpufleet_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use super::to_status;
+use super::{caller, to_status};
+use crate::auth::Action;
 use crate::state::Controller;
 
 pub struct FleetService {
@@ -25,6 +26,7 @@ impl Fleet for FleetService {
         &self,
         request: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
+        caller(&self.controller, &request, Action::ReadFleet)?;
         let request = request.into_inner();
         let states = request
             .states
@@ -42,6 +44,7 @@ impl Fleet for FleetService {
     }
 
     async fn get_node(&self, request: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
+        caller(&self.controller, &request, Action::ReadFleet)?;
         let request = request.into_inner();
         self.controller
             .get_node(&request.node_id)
@@ -53,6 +56,7 @@ impl Fleet for FleetService {
         &self,
         request: Request<GetCapacityRequest>,
     ) -> Result<Response<GetCapacityResponse>, Status> {
+        caller(&self.controller, &request, Action::ReadFleet)?;
         let request = request.into_inner();
         let dims = request
             .group_by
@@ -75,6 +79,7 @@ impl Fleet for FleetService {
         &self,
         request: Request<CordonNodeRequest>,
     ) -> Result<Response<Node>, Status> {
+        caller(&self.controller, &request, Action::OperateFleet)?;
         let request = request.into_inner();
         self.controller
             .cordon_node(&request.node_id, &request.reason)
@@ -86,6 +91,7 @@ impl Fleet for FleetService {
         &self,
         request: Request<UncordonNodeRequest>,
     ) -> Result<Response<Node>, Status> {
+        caller(&self.controller, &request, Action::OperateFleet)?;
         let request = request.into_inner();
         self.controller
             .uncordon_node(&request.node_id)
@@ -97,6 +103,7 @@ impl Fleet for FleetService {
         &self,
         request: Request<DrainNodeRequest>,
     ) -> Result<Response<Node>, Status> {
+        caller(&self.controller, &request, Action::OperateFleet)?;
         let request = request.into_inner();
         if request.deadline_seconds > 7 * 24 * 3600 {
             return Err(Status::invalid_argument(
@@ -116,10 +123,26 @@ impl Fleet for FleetService {
         &self,
         request: Request<gpufleet_proto::v1::UncordonGpuRequest>,
     ) -> Result<Response<Node>, Status> {
+        caller(&self.controller, &request, Action::OperateFleet)?;
         let request = request.into_inner();
         self.controller
             .uncordon_gpu(&request.node_id, &request.gpu_uuid)
             .map(Response::new)
             .map_err(to_status)
+    }
+
+    async fn reset_node_identity(
+        &self,
+        request: Request<gpufleet_proto::v1::ResetNodeIdentityRequest>,
+    ) -> Result<Response<gpufleet_proto::v1::ResetNodeIdentityResponse>, Status> {
+        caller(&self.controller, &request, Action::Administer)?;
+        let request = request.into_inner();
+        let was_bound = self
+            .controller
+            .reset_node_identity(&request.node_id)
+            .map_err(to_status)?;
+        Ok(Response::new(
+            gpufleet_proto::v1::ResetNodeIdentityResponse { was_bound },
+        ))
     }
 }

@@ -12,7 +12,8 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 
-use super::to_status;
+use super::{caller, to_status};
+use crate::auth::{Action, Principal};
 use crate::error::ControllerError;
 use crate::state::{Controller, is_terminal_job};
 use crate::validate;
@@ -32,6 +33,23 @@ impl JobsService {
     }
 }
 
+/// The tenant a job is accounted to.
+fn job_tenant(job: &Job) -> &str {
+    job.spec
+        .as_ref()
+        .map(|s| s.tenant.as_str())
+        .filter(|t| !t.is_empty())
+        .unwrap_or("default")
+}
+
+/// The job, if the caller may see its tenant's data.
+fn visible_job(controller: &Controller, who: &Principal, id: &str) -> Result<Job, Status> {
+    let job = controller.get_job(id).map_err(to_status)?;
+    who.check_tenant(job_tenant(&job), &format!("job {id}"))
+        .map_err(to_status)?;
+    Ok(job)
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -43,10 +61,12 @@ impl Jobs for JobsService {
         &self,
         request: Request<SubmitJobRequest>,
     ) -> Result<Response<SubmitJobResponse>, Status> {
-        let spec = request
+        let who = caller(&self.controller, &request, Action::SubmitJobs)?;
+        let mut spec = request
             .into_inner()
             .spec
             .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
+        spec.tenant = who.submit_tenant(&spec.tenant).map_err(to_status)?;
         let job = self.controller.submit_job(spec).map_err(to_status)?;
         Ok(Response::new(SubmitJobResponse { job: Some(job) }))
     }
@@ -55,7 +75,9 @@ impl Jobs for JobsService {
         &self,
         request: Request<ExplainJobRequest>,
     ) -> Result<Response<ExplainJobResponse>, Status> {
+        let who = caller(&self.controller, &request, Action::ReadJobs)?;
         let id = request.into_inner().job_id;
+        visible_job(&self.controller, &who, &id)?;
         self.controller
             .explain_job(&id)
             .map(Response::new)
@@ -63,18 +85,18 @@ impl Jobs for JobsService {
     }
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        let who = caller(&self.controller, &request, Action::ReadJobs)?;
         let id = request.into_inner().job_id;
-        self.controller
-            .get_job(&id)
-            .map(Response::new)
-            .map_err(to_status)
+        visible_job(&self.controller, &who, &id).map(Response::new)
     }
 
     async fn list_jobs(
         &self,
         request: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
-        let request = request.into_inner();
+        let who = caller(&self.controller, &request, Action::ReadJobs)?;
+        let mut request = request.into_inner();
+        request.tenant = who.tenant_filter(&request.tenant).map_err(to_status)?;
         let states = request
             .states
             .iter()
@@ -99,7 +121,9 @@ impl Jobs for JobsService {
         &self,
         request: Request<CancelJobRequest>,
     ) -> Result<Response<Job>, Status> {
+        let who = caller(&self.controller, &request, Action::SubmitJobs)?;
         let request = request.into_inner();
+        visible_job(&self.controller, &who, &request.job_id)?;
         self.controller
             .cancel_job(&request.job_id, &request.reason)
             .map(Response::new)
@@ -110,10 +134,11 @@ impl Jobs for JobsService {
         &self,
         request: Request<WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let who = caller(&self.controller, &request, Action::ReadJobs)?;
         let id = request.into_inner().job_id;
         // Subscribe before the first read so that no change falls between.
         let mut events = self.controller.subscribe_jobs();
-        let current = self.controller.get_job(&id).map_err(to_status)?;
+        let current = visible_job(&self.controller, &who, &id)?;
         let controller = self.controller.clone();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
@@ -154,11 +179,9 @@ impl Jobs for JobsService {
         &self,
         request: Request<StreamJobLogsRequest>,
     ) -> Result<Response<Self::StreamJobLogsStream>, Status> {
+        let who = caller(&self.controller, &request, Action::ReadJobs)?;
         let request = request.into_inner();
-        let job = self
-            .controller
-            .get_job(&request.job_id)
-            .map_err(to_status)?;
+        let job = visible_job(&self.controller, &who, &request.job_id)?;
         let tasks = job.spec.as_ref().map_or(1, |s| s.tasks.max(1));
         if request.task_index >= tasks {
             return Err(to_status(ControllerError::invalid(

@@ -5,7 +5,8 @@ use gpufleet_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use super::to_status;
+use super::{caller, to_status};
+use crate::auth::Action;
 use crate::state::Controller;
 use crate::telemetry;
 
@@ -25,6 +26,7 @@ impl Telemetry for TelemetryService {
         &self,
         request: Request<GetLatestRequest>,
     ) -> Result<Response<GetLatestResponse>, Status> {
+        caller(&self.controller, &request, Action::ReadFleet)?;
         telemetry::get_latest(&self.controller, request.into_inner())
             .map(Response::new)
             .map_err(to_status)
@@ -34,6 +36,7 @@ impl Telemetry for TelemetryService {
         &self,
         request: Request<GetHistoryRequest>,
     ) -> Result<Response<GetHistoryResponse>, Status> {
+        caller(&self.controller, &request, Action::ReadFleet)?;
         let controller = self.controller.clone();
         // Reading rollups is disk I/O: keep it off the async workers.
         tokio::task::spawn_blocking(move || {
@@ -49,6 +52,7 @@ impl Telemetry for TelemetryService {
         &self,
         request: Request<GetAggregatesRequest>,
     ) -> Result<Response<GetAggregatesResponse>, Status> {
+        caller(&self.controller, &request, Action::ReadFleet)?;
         let dims = request
             .into_inner()
             .group_by

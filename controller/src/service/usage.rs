@@ -10,6 +10,8 @@ use gpufleet_proto::v1::{
 use prost_types::Timestamp;
 use tonic::{Request, Response, Status};
 
+use super::{caller, to_status};
+use crate::auth::{Action, Principal};
 use crate::placement::unix_secs;
 use crate::state::Controller;
 use crate::usage::ReportQuery;
@@ -56,6 +58,12 @@ fn range(
     Ok((since, until))
 }
 
+/// The tenant a report covers: the token's own when it is scoped to one.
+fn report_tenant(who: &Principal, requested: &str) -> Result<Option<String>, Status> {
+    let tenant = who.tenant_filter(requested).map_err(to_status)?;
+    Ok((!tenant.is_empty()).then_some(tenant))
+}
+
 fn dimensions(values: &[i32]) -> Result<Vec<UsageDimension>, Status> {
     values
         .iter()
@@ -75,7 +83,9 @@ impl Usage for UsageService {
         &self,
         request: Request<ListUsageRecordsRequest>,
     ) -> Result<Response<ListUsageRecordsResponse>, Status> {
-        let r = request.into_inner();
+        let who = caller(&self.controller, &request, Action::ReadUsage)?;
+        let mut r = request.into_inner();
+        r.tenant = who.tenant_filter(&r.tenant).map_err(to_status)?;
         let (since, until) = range(r.since.as_ref(), r.until.as_ref(), 30 * DAY)?;
         let page_size = match r.page_size {
             0 => 100,
@@ -111,7 +121,9 @@ impl Usage for UsageService {
         &self,
         request: Request<UsageReportRequest>,
     ) -> Result<Response<UsageReportResponse>, Status> {
+        let who = caller(&self.controller, &request, Action::ReadUsage)?;
         let r = request.into_inner();
+        let tenant = report_tenant(&who, &r.tenant)?;
         let (since, until) = range(r.since.as_ref(), r.until.as_ref(), 7 * DAY)?;
         let series = match Granularity::try_from(r.series).unwrap_or(Granularity::Unspecified) {
             Granularity::Unspecified => None,
@@ -133,6 +145,7 @@ impl Usage for UsageService {
             until_secs: until,
             series_secs: series,
             limit: r.limit as usize,
+            tenant,
         };
         Ok(Response::new(
             self.controller.usage_report(&query, r.include_running),
@@ -143,7 +156,9 @@ impl Usage for UsageService {
         &self,
         request: Request<TopUsageRequest>,
     ) -> Result<Response<UsageReportResponse>, Status> {
+        let who = caller(&self.controller, &request, Action::ReadUsage)?;
         let r = request.into_inner();
+        let tenant = report_tenant(&who, &r.tenant)?;
         let by = match UsageDimension::try_from(r.by) {
             Ok(
                 d @ (UsageDimension::WorkloadClass
@@ -163,6 +178,7 @@ impl Usage for UsageService {
             until_secs: until,
             series_secs: None,
             limit: if r.limit == 0 { 10 } else { r.limit as usize },
+            tenant,
         };
         Ok(Response::new(self.controller.usage_report(&query, true)))
     }
@@ -171,7 +187,9 @@ impl Usage for UsageService {
         &self,
         request: Request<UsageByGenerationRequest>,
     ) -> Result<Response<UsageReportResponse>, Status> {
+        let who = caller(&self.controller, &request, Action::ReadUsage)?;
         let r = request.into_inner();
+        let tenant = report_tenant(&who, &r.tenant)?;
         let (since, until) = range(r.since.as_ref(), None, 30 * DAY)?;
         let step = if until - since <= 2 * DAY { HOUR } else { DAY };
         let query = ReportQuery {
@@ -180,6 +198,7 @@ impl Usage for UsageService {
             until_secs: until,
             series_secs: Some(step),
             limit: 0,
+            tenant,
         };
         Ok(Response::new(self.controller.usage_report(&query, true)))
     }
@@ -188,6 +207,7 @@ impl Usage for UsageService {
         &self,
         request: Request<MarketTightnessRequest>,
     ) -> Result<Response<MarketTightnessResponse>, Status> {
+        caller(&self.controller, &request, Action::ReadFleet)?;
         let r = request.into_inner();
         let (since, _) = range(r.since.as_ref(), None, DAY)?;
         Ok(Response::new(self.controller.market_tightness(since)))
@@ -197,6 +217,7 @@ impl Usage for UsageService {
         &self,
         request: Request<MarketElasticityRequest>,
     ) -> Result<Response<MarketElasticityResponse>, Status> {
+        caller(&self.controller, &request, Action::ReadFleet)?;
         let r = request.into_inner();
         if r.region.is_empty() {
             return Err(Status::invalid_argument(

@@ -293,6 +293,8 @@ pub struct ReportQuery {
     pub until_secs: u64,
     pub series_secs: Option<u64>,
     pub limit: usize,
+    /// Only this tenant's usage.
+    pub tenant: Option<String>,
 }
 
 impl Ledger {
@@ -380,6 +382,7 @@ impl Ledger {
             query.since_secs,
             query.until_secs,
             query.series_secs,
+            query.tenant.as_deref(),
             now_secs,
         );
         let mut merged: HashMap<Dims, rollup::Row> =
@@ -400,6 +403,7 @@ impl Ledger {
                 query.since_secs,
                 query.until_secs,
                 query.series_secs,
+                query.tenant.as_deref(),
                 now_secs,
             );
             for row in extra {

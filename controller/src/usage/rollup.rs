@@ -222,6 +222,7 @@ impl Rollups {
         since: u64,
         until: u64,
         series: Option<u64>,
+        tenant: Option<&str>,
         now_secs: u64,
     ) -> (Vec<Row>, u64) {
         let width = self.granularity_for(since, now_secs);
@@ -239,6 +240,8 @@ impl Rollups {
 
         let mask = DimMask::of(group_by);
         const NONE: u32 = u32::MAX;
+        // Combos of other tenants, when the query names one.
+        const SKIP: u32 = u32::MAX - 1;
         let mut row_of: Vec<u32> = vec![NONE; self.combos.len()];
         let mut rows: Vec<Row> = Vec::new();
         let mut row_index: HashMap<[u32; 7], u32> = HashMap::new();
@@ -247,7 +250,14 @@ impl Rollups {
             for (&start, bucket) in gran.buckets.range(a..b) {
                 for cell in &bucket.cells {
                     let mut row = row_of[cell.combo as usize];
+                    if row == SKIP {
+                        continue;
+                    }
                     if row == NONE {
+                        if tenant.is_some_and(|t| self.combos[cell.combo as usize].tenant != t) {
+                            row_of[cell.combo as usize] = SKIP;
+                            continue;
+                        }
                         let key = mask.key(&self.combo_keys[cell.combo as usize]);
                         row = *row_index.entry(key).or_insert_with(|| {
                             rows.push(Row {
@@ -387,7 +397,7 @@ mod tests {
             now,
         );
         for since in [499 * DAY, 440 * DAY, 100 * DAY] {
-            let (rows, _) = r.query(&[UsageDimension::Tenant], since, now, None, now);
+            let (rows, _) = r.query(&[UsageDimension::Tenant], since, now, None, None, now);
             let a = rows.iter().find(|row| row.dims.tenant == "a").unwrap();
             assert_eq!(a.total.gpu_ms, 7_320_000);
             // 3.93 × 7320 / 3600 = 7.991 → $7.991000
@@ -395,15 +405,20 @@ mod tests {
             assert_eq!(a.total.allocations, 1);
             assert!((a.total.energy_joules - 1000.0).abs() < 1e-6);
             assert!((a.total.util_weighted / a.total.util_weight - 50.0).abs() < 1e-9);
-            let (all, _) = r.query(&[], since, now, None, now);
+            let (all, _) = r.query(&[], since, now, None, None, now);
             assert_eq!(all.len(), 1);
             assert_eq!(all[0].total.gpu_ms, 7_321_000);
+            let (only_a, _) = r.query(&[], since, now, None, Some("a"), now);
+            assert_eq!(only_a[0].total.gpu_ms, 7_320_000, "tenant filter");
+            let (nobody, _) = r.query(&[], since, now, None, Some("zz"), now);
+            assert!(nobody.is_empty());
         }
         let (series, width) = r.query(
             &[UsageDimension::Generation],
             499 * DAY,
             now,
             Some(HOUR),
+            None,
             now,
         );
         assert_eq!(width, MINUTE);
@@ -433,7 +448,7 @@ mod tests {
             );
         }
         for back in [365, 100, 31, 7] {
-            let (rows, _) = r.query(&[], now - back * DAY, now, None, now);
+            let (rows, _) = r.query(&[], now - back * DAY, now, None, None, now);
             assert_eq!(rows[0].total.gpu_ms, back * 3_600_000, "{back} days");
             assert_eq!(rows[0].total.allocations as u64, back);
         }
@@ -442,6 +457,7 @@ mod tests {
             now - 100 * DAY,
             now,
             Some(DAY),
+            None,
             now,
         );
         assert_eq!(

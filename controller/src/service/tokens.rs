@@ -1,0 +1,124 @@
+use std::time::Duration;
+
+use gpufleet_proto::v1::tokens_server::Tokens;
+use gpufleet_proto::v1::{
+    CreateTokenRequest, CreateTokenResponse, ListTokensRequest, ListTokensResponse,
+    RevokeTokenRequest, Role, TokenInfo, WhoAmIRequest,
+};
+use prost_types::Timestamp;
+use tonic::{Request, Response, Status};
+
+use super::{caller, to_status};
+use crate::auth::{Action, TokenRecord};
+use crate::state::Controller;
+
+/// Longest token lifetime accepted: ten years.
+const MAX_TTL_SECS: u64 = 10 * 366 * 86_400;
+
+pub struct TokensService {
+    controller: Controller,
+}
+
+impl TokensService {
+    pub fn new(controller: Controller) -> Self {
+        Self { controller }
+    }
+}
+
+fn timestamp(unix: u64) -> Option<Timestamp> {
+    (unix != 0).then(|| Timestamp {
+        seconds: i64::try_from(unix).unwrap_or(i64::MAX),
+        nanos: 0,
+    })
+}
+
+fn info(record: &TokenRecord) -> TokenInfo {
+    TokenInfo {
+        id: record.id.clone(),
+        name: record.name.clone(),
+        role: record.role,
+        tenant: record.tenant.clone(),
+        created_at: timestamp(record.created_unix),
+        revoked_at: timestamp(record.revoked_unix),
+        expires_at: timestamp(record.expires_unix),
+    }
+}
+
+#[tonic::async_trait]
+impl Tokens for TokensService {
+    async fn create_token(
+        &self,
+        request: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreateTokenResponse>, Status> {
+        caller(&self.controller, &request, Action::Administer)?;
+        let r = request.into_inner();
+        let role = Role::try_from(r.role).map_err(|_| {
+            Status::invalid_argument(format!(
+                "role: {} is not a role; accepted: viewer, submitter, operator, admin",
+                r.role
+            ))
+        })?;
+        if r.tenant.is_empty() {
+            return Err(Status::invalid_argument(
+                "tenant: is required: a tenant name, or \"*\" for every tenant",
+            ));
+        }
+        if r.ttl_seconds > MAX_TTL_SECS {
+            return Err(Status::invalid_argument(format!(
+                "ttl_seconds: at most {MAX_TTL_SECS} (ten years); 0 = never expires"
+            )));
+        }
+        let ttl = (r.ttl_seconds > 0).then(|| Duration::from_secs(r.ttl_seconds));
+        let (record, token) = self
+            .controller
+            .create_token(&r.name, role, &r.tenant, ttl)
+            .map_err(to_status)?;
+        tracing::info!(id = %record.id, name = %record.name, tenant = %record.tenant, role = r.role, "token created");
+        Ok(Response::new(CreateTokenResponse {
+            info: Some(info(&record)),
+            token,
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<ListTokensRequest>,
+    ) -> Result<Response<ListTokensResponse>, Status> {
+        caller(&self.controller, &request, Action::Administer)?;
+        let r = request.into_inner();
+        let tokens = self
+            .controller
+            .auth()
+            .list_tokens(r.include_revoked)
+            .iter()
+            .map(info)
+            .collect();
+        Ok(Response::new(ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<RevokeTokenRequest>,
+    ) -> Result<Response<TokenInfo>, Status> {
+        caller(&self.controller, &request, Action::Administer)?;
+        let r = request.into_inner();
+        let record = self.controller.revoke_token(&r.id).map_err(to_status)?;
+        tracing::info!(id = %record.id, name = %record.name, "token revoked");
+        Ok(Response::new(info(&record)))
+    }
+
+    async fn who_am_i(
+        &self,
+        request: Request<WhoAmIRequest>,
+    ) -> Result<Response<TokenInfo>, Status> {
+        let who = caller(&self.controller, &request, Action::WhoAmI)?;
+        let record = self
+            .controller
+            .auth()
+            .list_tokens(false)
+            .into_iter()
+            .find(|t| t.id == who.token_id)
+            .ok_or_else(|| Status::unauthenticated("the token was revoked during this call"))?;
+        Ok(Response::new(info(&record)))
+    }
+}
