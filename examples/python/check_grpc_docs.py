@@ -35,7 +35,7 @@ def main():
     problems, checked = [], 0
     with tempfile.TemporaryDirectory(prefix="gpufleet-stubs-") as stubs:
         scheduler.generate_stubs(stubs)
-        for module in ("fleet", "jobs", "agent", "agent_control", "types"):
+        for module in ("auth", "fleet", "jobs", "usage", "telemetry", "agent", "agent_control", "types"):
             importlib.import_module(f"gpufleet.v1.{module}_pb2")
         pool = descriptor_pool.Default()
         for cmd in commands(DOC.read_text()):

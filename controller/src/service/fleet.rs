@@ -135,7 +135,14 @@ impl Fleet for FleetService {
         &self,
         request: Request<gpufleet_proto::v1::ResetNodeIdentityRequest>,
     ) -> Result<Response<gpufleet_proto::v1::ResetNodeIdentityResponse>, Status> {
-        caller(&self.controller, &request, Action::Administer)?;
+        let who = caller(&self.controller, &request, Action::Administer)?;
+        // Node identities belong to the whole fleet, not to one tenant.
+        if !who.all_tenants() {
+            return Err(Status::permission_denied(format!(
+                "token {} ({}) is scoped to tenant {:?}; resetting a node identity needs an admin token for every tenant (\"*\")",
+                who.token_id, who.name, who.tenant
+            )));
+        }
         let request = request.into_inner();
         let was_bound = self
             .controller

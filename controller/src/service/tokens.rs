@@ -50,8 +50,11 @@ impl Tokens for TokensService {
         &self,
         request: Request<CreateTokenRequest>,
     ) -> Result<Response<CreateTokenResponse>, Status> {
-        caller(&self.controller, &request, Action::Administer)?;
+        let who = caller(&self.controller, &request, Action::Administer)?;
         let r = request.into_inner();
+        // An admin of one tenant makes tokens for that tenant only.
+        who.check_tenant(&r.tenant, "a token for that tenant")
+            .map_err(to_status)?;
         let role = Role::try_from(r.role).map_err(|_| {
             Status::invalid_argument(format!(
                 "role: {} is not a role; accepted: viewer, submitter, operator, admin",
@@ -84,13 +87,14 @@ impl Tokens for TokensService {
         &self,
         request: Request<ListTokensRequest>,
     ) -> Result<Response<ListTokensResponse>, Status> {
-        caller(&self.controller, &request, Action::Administer)?;
+        let who = caller(&self.controller, &request, Action::Administer)?;
         let r = request.into_inner();
         let tokens = self
             .controller
             .auth()
             .list_tokens(r.include_revoked)
             .iter()
+            .filter(|t| who.all_tenants() || t.tenant == who.tenant)
             .map(info)
             .collect();
         Ok(Response::new(ListTokensResponse { tokens }))
@@ -100,8 +104,18 @@ impl Tokens for TokensService {
         &self,
         request: Request<RevokeTokenRequest>,
     ) -> Result<Response<TokenInfo>, Status> {
-        caller(&self.controller, &request, Action::Administer)?;
+        let who = caller(&self.controller, &request, Action::Administer)?;
         let r = request.into_inner();
+        if let Some(target) = self
+            .controller
+            .auth()
+            .list_tokens(true)
+            .into_iter()
+            .find(|t| t.id == r.id)
+        {
+            who.check_tenant(&target.tenant, &format!("token {}", target.id))
+                .map_err(to_status)?;
+        }
         let record = self.controller.revoke_token(&r.id).map_err(to_status)?;
         tracing::info!(id = %record.id, name = %record.name, "token revoked");
         Ok(Response::new(info(&record)))
