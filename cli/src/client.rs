@@ -46,6 +46,16 @@ pub fn set_token(
 #[derive(Debug, Clone)]
 pub struct BearerToken(Option<MetadataValue<Ascii>>);
 
+impl BearerToken {
+    /// A given token (rather than this invocation's flags).
+    pub fn with(token: &str) -> anyhow::Result<Self> {
+        Ok(Self(Some(
+            MetadataValue::try_from(format!("Bearer {token}"))
+                .context("the token has characters that cannot be sent in a header")?,
+        )))
+    }
+}
+
 impl Interceptor for BearerToken {
     fn call(
         &mut self,

@@ -190,7 +190,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
 
     let mut outcome = ExitCode::SUCCESS;
     if !args.no_demo {
-        match demo_job(&controller).await {
+        match demo_job(&endpoint, &admin_token).await {
             Ok(true) => {}
             Ok(false) => outcome = ExitCode::FAILURE,
             Err(e) => {
@@ -270,30 +270,53 @@ async fn wait_until_ready(controller: &RunningController, nodes: usize) -> anyho
     }
 }
 
-/// Runs one 2-GPU job through the real path and prints where it ran and
-/// what it printed. Returns whether it succeeded.
-async fn demo_job(controller: &RunningController) -> anyhow::Result<bool> {
-    let core = controller.controller();
-    let job = core.submit_job(JobSpec {
-        name: "hello-gpus".to_string(),
-        gpus_per_task: 2,
-        workload: Some(WorkloadSpec {
-            argv: vec![
-                "sh".into(),
-                "-c".into(),
-                "echo \"hello from $GPUFLEET_JOB_ID on $CUDA_VISIBLE_DEVICES\"".into(),
-            ],
-            ..Default::default()
-        }),
-        ..Default::default()
-    })?;
+/// Runs one 2-GPU job through the real path — the gRPC API with the admin
+/// token, the scheduler, an agent — and prints where it ran and what it
+/// printed. Returns whether it succeeded.
+async fn demo_job(endpoint: &str, token: &str) -> anyhow::Result<bool> {
+    use gpufleet_proto::v1::jobs_client::JobsClient;
+    use gpufleet_proto::v1::{GetJobRequest, StreamJobLogsRequest, SubmitJobRequest};
+    let channel = tonic::transport::Channel::from_shared(endpoint.to_string())?
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the embedded controller at {endpoint}"))?;
+    let authed = tonic::service::interceptor::InterceptedService::new(
+        channel,
+        crate::client::BearerToken::with(token)?,
+    );
+    let mut jobs = JobsClient::new(authed);
+    let job = jobs
+        .submit_job(SubmitJobRequest {
+            spec: Some(JobSpec {
+                name: "hello-gpus".to_string(),
+                gpus_per_task: 2,
+                workload: Some(WorkloadSpec {
+                    argv: vec![
+                        "sh".into(),
+                        "-c".into(),
+                        "echo \"hello from $GPUFLEET_JOB_ID on $CUDA_VISIBLE_DEVICES\"".into(),
+                    ],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        })
+        .await?
+        .into_inner()
+        .job
+        .context("the controller answered without a job")?;
     say!(
         "demo: submitted {} (2 GPUs, cheapest that fit): gpufleet jobs submit --name hello-gpus --gpus 2 -- sh -c 'echo …'",
         job.id
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     let job = loop {
-        let job = core.get_job(&job.id)?;
+        let job = jobs
+            .get_job(GetJobRequest {
+                job_id: job.id.clone(),
+            })
+            .await?
+            .into_inner();
         if gpufleet_controller::state::is_terminal_job(job.state()) {
             break job;
         }
@@ -316,13 +339,20 @@ async fn demo_job(controller: &RunningController) -> anyhow::Result<bool> {
         task.region,
         gpufleet_controller::scheduler::format_usd(task.price_per_gpu_hour_micro_usd)
     );
-    let chunk = core
-        .fetch_log(&task.node_id, &task.allocation_id, 0, 64 * 1024)
-        .await?;
-    say!(
-        "demo: log: {}",
-        String::from_utf8_lossy(&chunk.data).trim_end()
-    );
+    let mut logs = jobs
+        .stream_job_logs(StreamJobLogsRequest {
+            job_id: job.id.clone(),
+            task_index: 0,
+            offset: 0,
+            follow: false,
+        })
+        .await?
+        .into_inner();
+    let mut text = Vec::new();
+    while let Some(chunk) = logs.message().await? {
+        text.extend(chunk.data);
+    }
+    say!("demo: log: {}", String::from_utf8_lossy(&text).trim_end());
     Ok(job.state() == JobState::Succeeded)
 }
 
