@@ -807,6 +807,11 @@ fn verify_outcomes(jobs: &[Job], planned: &HashMap<String, &PlannedJob>) -> anyh
             ));
         }
     }
+    let mut task_ends: BTreeMap<String, usize> = BTreeMap::new();
+    for task in jobs.iter().flat_map(|j| &j.tasks) {
+        *task_ends.entry(format!("{:?}", task.state())).or_default() += 1;
+    }
+    println!("final attempts' tasks ended as {task_ends:?}");
     ensure!(
         wrong.is_empty(),
         "{} jobs ended wrongly:\n{}",
@@ -998,7 +1003,18 @@ async fn verify_usage(api: &Api, jobs: &[Job], ran: &BTreeSet<String>) -> anyhow
         total.allocations,
         records.len()
     );
-    let cost: u64 = records.iter().map(|r| r.cost_micro_usd).sum();
+    // Money is summed exactly (price × GPU-ms) and rounded once, half up
+    // to the micro-dollar (docs/usage.md).
+    let cost_exact: u128 = records
+        .iter()
+        .map(|r| u128::from(r.price_per_gpu_hour_micro_usd) * u128::from(r.gpu_milliseconds))
+        .sum();
+    let cost = (cost_exact + 1_800_000) / 3_600_000;
+    ensure!(
+        u128::from(total.cost_micro_usd) == cost,
+        "the usage report totals {} micro-USD; the records' exact sum rounds to {cost}",
+        total.cost_micro_usd
+    );
     println!(
         "{} jobs, {} usage records, {listed} GPU-ms, {cost} micro-USD",
         jobs.len(),
