@@ -572,8 +572,9 @@ impl Authority {
     }
 
     /// Checks the node secret an agent presented, binding the node id on
-    /// its first registration. Returns the new secret when it bound one
-    /// (the agent must store it).
+    /// its first registration to the secret the agent generated (as k3s
+    /// binds node passwords). An agent that presents none at its first
+    /// registration is issued one: returned here, the agent must store it.
     pub fn bind_node(
         &self,
         store: &dyn Store,
@@ -589,7 +590,18 @@ impl Authority {
                 "node id {node_id} is bound to another agent (its node secret does not match); if this host was reinstalled, an admin can run `gpufleet nodes reset-identity {node_id}`"
             )));
         }
-        let secret = format!("gfn_{}", self.random_hex(SECRET_BYTES)?);
+        let secret = if presented.is_empty() {
+            format!("gfn_{}", self.random_hex(SECRET_BYTES)?)
+        } else if (16..=256).contains(&presented.len())
+            && presented.bytes().all(|b| b.is_ascii_graphic())
+        {
+            presented.to_string()
+        } else {
+            return Err(ControllerError::invalid(
+                "hello.node_secret",
+                "must be 16-256 printable characters without spaces",
+            ));
+        };
         let binding = NodeBinding {
             secret_sha256: sha256(secret.as_bytes()),
             bound_unix: unix_now(),
@@ -599,7 +611,7 @@ impl Authority {
         // Write first: an agent never holds a secret the store forgot.
         store.apply(batch)?;
         nodes.insert(node_id.to_string(), binding.secret_sha256);
-        Ok(Some(secret))
+        Ok(presented.is_empty().then_some(secret))
     }
 
     /// Forgets a node's binding; returns whether there was one.
@@ -751,6 +763,18 @@ mod tests {
         let (_dir, store, auth) = authority(None);
         let secret = auth.bind_node(&store, "n1", "").unwrap().unwrap();
         assert!(auth.bind_node(&store, "n1", &secret).unwrap().is_none());
+        // An agent that generated its own secret binds with it.
+        assert!(
+            auth.bind_node(&store, "n2", "agent-made-secret-0123")
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            auth.bind_node(&store, "n2", "agent-made-secret-0123")
+                .is_ok()
+        );
+        assert!(auth.bind_node(&store, "n2", "").is_err());
+        assert!(auth.bind_node(&store, "n3", "short").is_err());
         let err = auth.bind_node(&store, "n1", "").unwrap_err();
         assert!(err.to_string().contains("reset-identity"), "{err}");
         let reloaded = Authority::load(&store, "", None).unwrap();

@@ -73,24 +73,27 @@ pub fn apply_status(task: &mut TaskStatus, status: &WorkloadStatus) -> bool {
 
 /// Moves the job to Requeuing (its tasks will be stopped), or straight back
 /// to Pending when nothing of it runs. `backoff` delays the next placement.
-pub fn requeue(job: &mut Job, why: String, backoff: Option<Duration>) {
+/// Returns the tasks a return to Pending retired (see [`settle_requeue`]).
+pub fn requeue(job: &mut Job, why: String, backoff: Option<Duration>) -> Vec<TaskStatus> {
     job.history.push(format!("attempt {}: {why}", job.attempt));
     job.set_state(JobState::Requeuing);
     job.message = why;
     job.not_before = backoff
         .filter(|d| !d.is_zero())
         .map(|d| Timestamp::from(SystemTime::now() + d));
-    settle_requeue(job);
+    settle_requeue(job)
 }
 
-/// A requeuing job whose tasks all ended goes back to the queue.
-pub fn settle_requeue(job: &mut Job) {
+/// A requeuing job whose tasks all ended goes back to the queue. Returns
+/// the ended attempt's tasks, which the job no longer lists: their usage
+/// records are still to be written from them.
+pub fn settle_requeue(job: &mut Job) -> Vec<TaskStatus> {
     if job.state() != JobState::Requeuing || job.tasks.iter().any(task_holds_gpus) {
-        return;
+        return Vec::new();
     }
     job.set_state(JobState::Pending);
     job.attempt += 1;
-    job.tasks.clear();
+    let retired = std::mem::take(&mut job.tasks);
     job.scheduled_at = None;
     job.started_at = None;
     job.exit_code = None;
@@ -99,6 +102,7 @@ pub fn settle_requeue(job: &mut Job) {
         message: "queued again; waiting for the next scheduling pass".to_string(),
         exclusions: Vec::new(),
     });
+    retired
 }
 
 fn backoff_for(job: &Job, retries_used: u32) -> Option<Duration> {
@@ -109,13 +113,13 @@ fn backoff_for(job: &Job, retries_used: u32) -> Option<Duration> {
 }
 
 /// Derives a job's state from its tasks, applying its retry policy.
-pub fn derive_job_state(job: &mut Job) {
+/// Returns the tasks a return to the queue retired (see [`settle_requeue`]).
+pub fn derive_job_state(job: &mut Job) -> Vec<TaskStatus> {
     if job.state() == JobState::Requeuing {
-        settle_requeue(job);
-        return;
+        return settle_requeue(job);
     }
     if is_terminal_job(job.state()) {
-        return;
+        return Vec::new();
     }
     let now = now_ts();
     let retry = job.spec.as_ref().and_then(|s| s.retry).unwrap_or_default();
@@ -129,13 +133,12 @@ pub fn derive_job_state(job: &mut Job) {
         if job.node_loss_retries < retry.max_retries_on_node_loss {
             let backoff = backoff_for(job, job.node_loss_retries);
             job.node_loss_retries += 1;
-            requeue(job, why, backoff);
-        } else {
-            job.set_state(JobState::Lost);
-            job.message = why;
-            job.finished_at = Some(now);
+            return requeue(job, why, backoff);
         }
-        return;
+        job.set_state(JobState::Lost);
+        job.message = why;
+        job.finished_at = Some(now);
+        return Vec::new();
     }
     if let Some(task) = job
         .tasks
@@ -154,14 +157,13 @@ pub fn derive_job_state(job: &mut Job) {
         if job.failure_retries < retry.max_retries_on_failure {
             let backoff = backoff_for(job, job.failure_retries);
             job.failure_retries += 1;
-            requeue(job, why, backoff);
-        } else {
-            job.set_state(JobState::Failed);
-            job.exit_code = task.exit_code;
-            job.message = why;
-            job.finished_at = Some(now);
+            return requeue(job, why, backoff);
         }
-        return;
+        job.set_state(JobState::Failed);
+        job.exit_code = task.exit_code;
+        job.message = why;
+        job.finished_at = Some(now);
+        return Vec::new();
     }
     let states: Vec<WorkloadState> = job.tasks.iter().map(|t| t.state()).collect();
     if !states.is_empty() && states.iter().all(|s| *s == WorkloadState::Succeeded) {
@@ -178,30 +180,27 @@ pub fn derive_job_state(job: &mut Job) {
         job.set_state(JobState::Running);
         job.started_at = Some(now);
     }
+    Vec::new()
 }
 
 /// Fails a job that ran longer than its max runtime (retry policy applies).
-pub fn enforce_max_runtime(job: &mut Job, now: SystemTime) -> bool {
-    let Some(limit) = job
+/// None when the job is within its limit; else the tasks a return to the
+/// queue retired (see [`settle_requeue`]).
+pub fn enforce_max_runtime(job: &mut Job, now: SystemTime) -> Option<Vec<TaskStatus>> {
+    let limit = job
         .spec
         .as_ref()
         .map(|s| s.max_runtime_seconds)
-        .filter(|s| *s > 0)
-    else {
-        return false;
-    };
+        .filter(|s| *s > 0)?;
     if job.state() != JobState::Running && job.state() != JobState::Scheduled {
-        return false;
+        return None;
     }
-    let Some(started) = job
+    let started = job
         .started_at
         .or(job.scheduled_at)
-        .and_then(|t| SystemTime::try_from(t).ok())
-    else {
-        return false;
-    };
+        .and_then(|t| SystemTime::try_from(t).ok())?;
     if now.duration_since(started).unwrap_or_default() < Duration::from_secs(limit as u64) {
-        return false;
+        return None;
     }
     let why = format!(
         "exceeded its max runtime of {}",
@@ -211,13 +210,12 @@ pub fn enforce_max_runtime(job: &mut Job, now: SystemTime) -> bool {
     if job.failure_retries < retry.max_retries_on_failure {
         let backoff = backoff_for(job, job.failure_retries);
         job.failure_retries += 1;
-        requeue(job, why, backoff);
-    } else {
-        job.set_state(JobState::Failed);
-        job.message = why;
-        job.finished_at = Some(now_ts());
+        return Some(requeue(job, why, backoff));
     }
-    true
+    job.set_state(JobState::Failed);
+    job.message = why;
+    job.finished_at = Some(now_ts());
+    Some(Vec::new())
 }
 
 #[cfg(test)]
@@ -268,10 +266,13 @@ mod tests {
         assert_eq!(job.state(), JobState::Requeuing);
         assert!(job.not_before.is_some());
         job.tasks[1].set_state(WorkloadState::Stopped);
-        derive_job_state(&mut job);
+        let retired = derive_job_state(&mut job);
         assert_eq!(job.state(), JobState::Pending);
         assert_eq!(job.attempt, 1);
         assert!(job.tasks.is_empty());
+        // The ended attempt's tasks come back, for their usage records.
+        let states: Vec<WorkloadState> = retired.iter().map(|t| t.state()).collect();
+        assert_eq!(states, [WorkloadState::Failed, WorkloadState::Stopped]);
         assert_eq!(job.history.len(), 1);
         // The budget is spent: the next failure is final.
         job.set_state(JobState::Running);

@@ -487,6 +487,19 @@ impl Controller {
     /// Persists changed jobs (one atomic batch), then updates memory and
     /// announces them.
     fn commit_jobs(&self, state: &mut State, jobs: Vec<Job>) -> Result<()> {
+        self.commit_jobs_retiring(state, jobs, Vec::new())
+    }
+
+    /// Like `commit_jobs`, where `retired` holds tasks that a return to the
+    /// queue dropped from these jobs (see `lifecycle::settle_requeue`):
+    /// they ended with this change, so their usage records belong in the
+    /// same batch.
+    fn commit_jobs_retiring(
+        &self,
+        state: &mut State,
+        jobs: Vec<Job>,
+        retired: Vec<TaskStatus>,
+    ) -> Result<()> {
         if jobs.is_empty() {
             return Ok(());
         }
@@ -498,7 +511,11 @@ impl Controller {
             // A task that just ended gets its ledger record in the same
             // atomic batch: written exactly once, whatever restarts later.
             let before = state.jobs.get(&job.id);
-            for task in &job.tasks {
+            let prefix = format!("{}.", job.id);
+            let retired_here = retired
+                .iter()
+                .filter(|t| t.allocation_id.starts_with(&prefix));
+            for task in job.tasks.iter().chain(retired_here) {
                 let was_holding = before
                     .and_then(|b| {
                         b.tasks
@@ -680,24 +697,25 @@ impl Controller {
             .iter()
             .filter(|j| j.state() == JobState::Scheduled)
             .count();
+        let mut retired = Vec::new();
         for victim in &victims {
             if let Some(job) = state.jobs.get(victim)
                 && is_desired(job)
             {
                 let mut job = job.clone();
                 job.preemptions += 1;
-                requeue(
+                retired.extend(requeue(
                     &mut job,
                     "preempted by a higher-priority job".to_string(),
                     None,
-                );
+                ));
                 job.version += 1;
                 tracing::info!(job_id = %job.id, "job preempted");
                 changed.push(job);
             }
         }
         let touched: BTreeSet<String> = changed.iter().flat_map(job_nodes).collect();
-        self.commit_jobs(&mut state, changed)?;
+        self.commit_jobs_retiring(&mut state, changed, retired)?;
         {
             let mut feed = self.usage_feed();
             for start in &starts {
@@ -1040,10 +1058,6 @@ impl Controller {
         }
 
         let node_id = identity.node_id.clone();
-        let issued_secret =
-            self.inner
-                .auth
-                .bind_node(self.inner.store.as_ref(), &node_id, &hello.node_secret)?;
         let mut state = self.lock();
         let now = Instant::now();
         if let Some(entry) = state.nodes.get(&node_id)
@@ -1062,6 +1076,12 @@ impl Controller {
                 )));
             }
         }
+        // After the live-session check, so that an agent refused as a
+        // duplicate never binds (or rebinds) the id.
+        let issued_secret =
+            self.inner
+                .auth
+                .bind_node(self.inner.store.as_ref(), &node_id, &hello.node_secret)?;
         let (tx, rx) = mpsc::channel(DOWNLINK_CAPACITY);
         let session_id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
         let previous = state.nodes.remove(&node_id);
@@ -1139,6 +1159,7 @@ impl Controller {
             .map(|w| (w.allocation_id.as_str(), w))
             .collect();
         let mut changed = Vec::new();
+        let mut retired = Vec::new();
         for job in state.jobs.values() {
             let mut job_changed = job.clone();
             let mut touched = false;
@@ -1157,15 +1178,26 @@ impl Controller {
                     task.message = "the agent reconnected without this workload (it restarted or lost track of it)".to_string();
                     task.finished_at = Some(now_ts());
                     touched = true;
+                } else if task.state() == WorkloadState::Unspecified && !is_desired(job) {
+                    // The agent never received it, and the job no longer
+                    // wants it (e.g. a gang partner failed while the
+                    // controller was down): nothing will ever report its
+                    // end, so release its GPUs now.
+                    task.set_state(WorkloadState::Stopped);
+                    task.message =
+                        "never started: the job no longer needed it when its agent reconnected"
+                            .to_string();
+                    task.finished_at = Some(now_ts());
+                    touched = true;
                 }
             }
             if touched {
-                derive_job_state(&mut job_changed);
+                retired.extend(derive_job_state(&mut job_changed));
                 job_changed.version += 1;
                 changed.push(job_changed);
             }
         }
-        self.commit_jobs(&mut state, changed)?;
+        self.commit_jobs_retiring(&mut state, changed, retired)?;
         self.push_desired(&mut state, &node_id, true);
         drop(state);
         tracing::info!(node_id = %node_id, gpus = hello.gpus.len(), session_id, "agent connected");
@@ -1189,7 +1221,8 @@ impl Controller {
         }
     }
 
-    /// Returns false when the message is a duplicate (already applied).
+    /// Refreshes the node's lease; returns false when the message is a
+    /// duplicate (already applied). Apply the message, then `applied_seq`.
     pub fn accept_seq(&self, node_id: &str, seq: u64) -> bool {
         let mut state = self.lock();
         let Some(entry) = state.nodes.get_mut(node_id) else {
@@ -1197,9 +1230,17 @@ impl Controller {
         };
         entry.last_seen = Instant::now();
         entry.record.last_seen_at = Some(now_ts());
-        if seq != 0 && seq <= entry.last_seq {
-            return false;
-        }
+        seq == 0 || seq > entry.last_seq
+    }
+
+    /// Marks message `seq` applied and acknowledges it. Only after the
+    /// message's effects are in the store (write first, then act): an
+    /// agent may forget what was acknowledged.
+    pub fn applied_seq(&self, node_id: &str, seq: u64) {
+        let mut state = self.lock();
+        let Some(entry) = state.nodes.get_mut(node_id) else {
+            return;
+        };
         entry.last_seq = entry.last_seq.max(seq);
         if let Some(session) = &entry.session {
             let ack = ControllerMessage {
@@ -1210,7 +1251,6 @@ impl Controller {
             // Acks are cumulative: dropping one when the channel is full is harmless.
             let _ = session.tx.try_send(ack);
         }
-        true
     }
 
     /// Validates and keeps a batch of samples. Takes only the telemetry
@@ -1377,13 +1417,13 @@ impl Controller {
             return Ok(());
         }
         let was_desired = is_desired(&job);
-        derive_job_state(&mut job);
+        let retired = derive_job_state(&mut job);
         job.version += 1;
         let left_desired = was_desired && !is_desired(&job);
         let requeued = job.state() == JobState::Pending;
         let nodes = job_nodes(&job);
         tracing::info!(job_id = %job.id, allocation_id = %status.allocation_id, state = ?status.state(), job_state = ?job.state(), "workload status");
-        self.commit_jobs(&mut state, vec![job])?;
+        self.commit_jobs_retiring(&mut state, vec![job], retired)?;
         if left_desired {
             for node in nodes {
                 self.push_desired(&mut state, &node, false);
@@ -1466,6 +1506,7 @@ impl Controller {
         self.inner.store.apply(batch)?;
 
         let mut changed = Vec::new();
+        let mut retired = Vec::new();
         if !lost_nodes.is_empty() {
             for job in state.jobs.values() {
                 let mut job = job.clone();
@@ -1483,7 +1524,7 @@ impl Controller {
                     }
                 }
                 if touched {
-                    derive_job_state(&mut job);
+                    retired.extend(derive_job_state(&mut job));
                     job.version += 1;
                     changed.push(job);
                 }
@@ -1507,8 +1548,9 @@ impl Controller {
                 continue;
             }
             let mut job = job.clone();
-            if enforce_max_runtime(&mut job, wall) {
+            if let Some(ended) = enforce_max_runtime(&mut job, wall) {
                 tracing::info!(job_id = %job.id, "job exceeded its max runtime");
+                retired.extend(ended);
                 job.version += 1;
                 changed.push(job);
             } else if is_desired(&job)
@@ -1521,18 +1563,18 @@ impl Controller {
                     .into_iter()
                     .filter(|n| drained.contains(n))
                     .collect();
-                requeue(
+                retired.extend(requeue(
                     &mut job,
                     format!("evicted: node {} was drained", nodes.join(",")),
                     None,
-                );
+                ));
                 job.version += 1;
                 changed.push(job);
             }
         }
         let touched: BTreeSet<String> = changed.iter().flat_map(job_nodes).collect();
         let requeued = changed.iter().any(|j| j.state() == JobState::Pending);
-        self.commit_jobs(&mut state, changed)?;
+        self.commit_jobs_retiring(&mut state, changed, retired)?;
         if requeued {
             self.inner.schedule.notify_one();
         }

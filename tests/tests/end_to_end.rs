@@ -458,7 +458,7 @@ async fn bad_input_is_invalid_argument_naming_the_field() -> anyhow::Result<()> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_agent_cannot_take_a_node_id() -> anyhow::Result<()> {
-    let cluster = Cluster::start(&two_nodes()).await?;
+    let mut cluster = Cluster::start(&two_nodes()).await?;
     let channel = tonic::transport::Channel::from_shared(cluster.endpoint())?
         .connect()
         .await?;
@@ -489,8 +489,38 @@ async fn a_second_agent_cannot_take_a_node_id() -> anyhow::Result<()> {
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("join token"), "{}", err.message());
 
-    // With the join token but without node-a's secret: the id is bound to
-    // the agent that registered it first.
+    // With the join token, while node-a's agent is connected: the id is taken.
+    let err = client
+        .connect(tokio_stream::iter(vec![impostor(
+            gpufleet_tests::JOIN_TOKEN,
+        )]))
+        .await
+        .expect_err("a live node id must not be taken");
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert!(
+        err.message().contains("node-a") && err.message().contains("--node-id"),
+        "{}",
+        err.message()
+    );
+
+    // node-a's agent goes away: the id stays bound to it (its node secret),
+    // so the impostor is still refused.
+    let agent = cluster.agents.remove(0);
+    agent.shutdown().await?;
+    let mut fleet = cluster.fleet().await?;
+    gpufleet_tests::eventually("node-a to be disconnected", || {
+        let mut fleet = fleet.clone();
+        async move {
+            let node = fleet
+                .get_node(gpufleet_proto::v1::GetNodeRequest {
+                    node_id: "node-a".into(),
+                })
+                .await?
+                .into_inner();
+            Ok((!node.connected).then_some(()))
+        }
+    })
+    .await?;
     let err = client
         .connect(tokio_stream::iter(vec![impostor(
             gpufleet_tests::JOIN_TOKEN,
@@ -504,9 +534,8 @@ async fn a_second_agent_cannot_take_a_node_id() -> anyhow::Result<()> {
         err.message()
     );
 
-    // An admin resets the identity (a reinstalled host); while the real
-    // agent is still connected, the id stays taken.
-    let mut fleet = cluster.fleet().await?;
+    // An admin resets the identity (a reinstalled host): the next agent to
+    // register as node-a binds it.
     let reset = fleet
         .reset_node_identity(gpufleet_proto::v1::ResetNodeIdentityRequest {
             node_id: "node-a".into(),
@@ -514,26 +543,21 @@ async fn a_second_agent_cannot_take_a_node_id() -> anyhow::Result<()> {
         .await?
         .into_inner();
     assert!(reset.was_bound);
-    let err = client
-        .connect(tokio_stream::iter(vec![impostor(
-            gpufleet_tests::JOIN_TOKEN,
-        )]))
-        .await
-        .expect_err("a live node id must not be taken");
-    assert_eq!(err.code(), Code::AlreadyExists);
-    assert!(
-        err.message().contains("node-a") && err.message().contains("--node-id"),
-        "{}",
-        err.message()
-    );
-    // The real node is untouched.
-    let node = fleet
-        .get_node(gpufleet_proto::v1::GetNodeRequest {
-            node_id: "node-a".into(),
-        })
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(impostor(gpufleet_tests::JOIN_TOKEN)).await?;
+    let mut downlink = client
+        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await?
         .into_inner();
-    assert_eq!(node.gpus.len(), 4);
+    let ack = downlink.message().await?;
+    assert!(
+        matches!(
+            ack.and_then(|m| m.body),
+            Some(gpufleet_proto::v1::controller_message::Body::HelloAck(a)) if !a.node_secret.is_empty()
+        ),
+        "the new agent is issued a node secret"
+    );
+    drop(tx);
     cluster.shutdown().await
 }
 

@@ -63,7 +63,10 @@ impl AgentControl for AgentControlService {
             tracing::warn!(?peer, error = %e, "agent refused");
             to_status(e)
         })?;
-        self.controller.accept_seq(&session.node_id, first.seq);
+        // connect_agent persisted what the hello reported.
+        if self.controller.accept_seq(&session.node_id, first.seq) {
+            self.controller.applied_seq(&session.node_id, first.seq);
+        }
 
         let controller = self.controller.clone();
         let node_id = session.node_id.clone();
@@ -99,7 +102,10 @@ impl AgentControl for AgentControlService {
                     }
                     agent_message::Body::WorkloadStatus(status) => {
                         if let Err(e) = controller.record_workload_status(&node_id, status) {
-                            tracing::error!(node_id, error = %e, "cannot record workload status");
+                            // Unacknowledged and unapplied: end the stream so
+                            // that the agent's next hello reports it again.
+                            tracing::error!(node_id, error = %e, "cannot record workload status; closing the agent's stream");
+                            break;
                         }
                     }
                     agent_message::Body::Hello(_) => {
@@ -107,6 +113,7 @@ impl AgentControl for AgentControlService {
                     }
                     agent_message::Body::LogResponse(_) => {}
                 }
+                controller.applied_seq(&node_id, message.seq);
             }
             controller.disconnect_agent(&node_id, session_id);
         });

@@ -142,11 +142,16 @@ impl Rollups {
     /// Adds a record, split over the buckets it overlaps (only buckets
     /// still within each granularity's retention at `now`).
     pub fn add(&mut self, c: &Contribution, now_secs: u64) {
-        if c.end_ms <= c.start_ms || c.gpus == 0 {
+        if c.gpus == 0 {
             return;
         }
         let combo = self.combo(&c.dims);
-        let total_ms = c.end_ms - c.start_ms;
+        // An allocation that ended within the millisecond it started (a
+        // workload that failed at once) used no measurable GPU-time, but it
+        // is still an allocation: it counts in the bucket of its start.
+        let end_ms = c.end_ms.max(c.start_ms);
+        let total_ms = end_ms - c.start_ms;
+        let instant = total_ms == 0;
         for gran in &mut self.grans {
             let cutoff = now_secs.saturating_sub(gran.retention);
             let width_ms = gran.width * 1000;
@@ -155,13 +160,17 @@ impl Rollups {
                 bucket = (cutoff / gran.width) * width_ms;
             }
             let mut first = true;
-            while bucket < c.end_ms {
+            while bucket < end_ms || (instant && first && bucket <= c.start_ms) {
                 let from = bucket.max(c.start_ms);
-                let to = (bucket + width_ms).min(c.end_ms);
-                if to > from {
+                let to = (bucket + width_ms).min(end_ms);
+                if to > from || instant {
                     let ms = to - from;
                     let gpu_ms = ms * c.gpus as u64;
-                    let share = ms as f64 / total_ms as f64;
+                    let share = if instant {
+                        1.0
+                    } else {
+                        ms as f64 / total_ms as f64
+                    };
                     let cell = Cell {
                         combo,
                         gpu_ms,
@@ -425,6 +434,52 @@ mod tests {
         let hopper = series.iter().find(|row| row.dims.generation == 6).unwrap();
         let hours: Vec<u64> = hopper.series.values().map(|c| c.gpu_ms).collect();
         assert_eq!(hours, vec![60_000, 7_200_000, 60_000]);
+    }
+
+    #[test]
+    fn an_allocation_shorter_than_a_millisecond_still_counts() {
+        let mut r = Rollups::new([2 * DAY, 90 * DAY, 3650 * DAY]);
+        let now = 500 * DAY;
+        let at = 499 * DAY * 1000 + 1234;
+        for (start, end) in [(at, at), (at, at + 60_000)] {
+            r.add(
+                &Contribution {
+                    dims: dims("a", 6),
+                    start_ms: start,
+                    end_ms: end,
+                    gpus: 2,
+                    price_micro_usd: 3_930_000,
+                    mean_util: None,
+                    energy_joules: None,
+                },
+                now,
+            );
+        }
+        for since in [499 * DAY, 440 * DAY, 100 * DAY] {
+            let (all, _) = r.query(&[], since, now, None, None, now);
+            assert_eq!(all.len(), 1);
+            assert_eq!(all[0].total.allocations, 2, "since {since}");
+            assert_eq!(all[0].total.gpu_ms, 120_000);
+        }
+        // Past every retention: not counted at all.
+        let mut old = Rollups::new([2 * DAY, 90 * DAY, 3650 * DAY]);
+        old.add(
+            &Contribution {
+                dims: dims("a", 6),
+                start_ms: 1000,
+                end_ms: 1000,
+                gpus: 1,
+                price_micro_usd: 1,
+                mean_util: None,
+                energy_joules: None,
+            },
+            now * 10,
+        );
+        assert!(
+            old.query(&[], 0, now * 10, None, None, now * 10)
+                .0
+                .is_empty()
+        );
     }
 
     #[test]

@@ -1,0 +1,227 @@
+//! Recovery windows that a random crash hits only by chance, driven step by
+//! step through the controller library: a controller dropped without a
+//! shutdown (its store reopened as after a SIGKILL) and agents reconnecting
+//! with what they know. The real-process version is
+//! `tests/tests/controller_crash.rs`.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use gpufleet_controller::state::AgentSession;
+use gpufleet_controller::store::SledStore;
+use gpufleet_controller::telemetry::MemoryRollupStore;
+use gpufleet_controller::usage::RecordFilter;
+use gpufleet_controller::{Controller, ControllerConfig};
+use gpufleet_proto::v1::{
+    AgentHello, GpuInfo, Job, JobSpec, JobState, NodeIdentity, RetryPolicy, UsageRecord,
+    WorkloadSpec, WorkloadState, WorkloadStatus,
+};
+use prost_types::Timestamp;
+
+fn open(dir: &std::path::Path) -> anyhow::Result<Controller> {
+    let store = SledStore::open(dir)?;
+    let mut config = ControllerConfig::for_data_dir(dir);
+    config.join_token = "recovery-join-token".into();
+    Ok(Controller::open(
+        config,
+        Box::new(store),
+        Arc::new(MemoryRollupStore::default()),
+        Vec::new(),
+    )?)
+}
+
+fn hello(node: &str, workloads: Vec<WorkloadStatus>) -> AgentHello {
+    AgentHello {
+        identity: Some(NodeIdentity {
+            node_id: node.into(),
+            provider: "aws".into(),
+            region: "us-east-1".into(),
+            price_per_gpu_hour_micro_usd: 2_000_000,
+            ..Default::default()
+        }),
+        gpus: (0..4)
+            .map(|g| GpuInfo {
+                index: g,
+                uuid: format!("GPU-{node}-{g}"),
+                model: "H100-SXM-80GB".into(),
+                memory_bytes: 80 << 30,
+                ..Default::default()
+            })
+            .collect(),
+        workloads,
+        join_token: "recovery-join-token".into(),
+        // The agent's own secret, the same across reconnects.
+        node_secret: format!("secret-of-{node}-0123456789"),
+        ..Default::default()
+    }
+}
+
+fn spec(tasks: u32, retries: u32) -> JobSpec {
+    JobSpec {
+        tasks,
+        // A whole node per task: a gang of two spans both nodes.
+        gpus_per_task: 4,
+        workload: Some(WorkloadSpec {
+            argv: vec!["train".into()],
+            ..Default::default()
+        }),
+        retry: Some(RetryPolicy {
+            max_retries_on_failure: retries,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A task's status as its agent reports it: `state`, having run 1.5 s.
+fn status(job: &Job, task: usize, state: WorkloadState, exit_code: i32) -> WorkloadStatus {
+    let task = &job.tasks[task];
+    let end = SystemTime::now();
+    let start = end - std::time::Duration::from_millis(1500);
+    WorkloadStatus {
+        allocation_id: task.allocation_id.clone(),
+        job_id: job.id.clone(),
+        task_index: task.index,
+        state: state as i32,
+        exit_code: Some(exit_code),
+        gpu_uuids: task.gpu_uuids.clone(),
+        started_at: Some(Timestamp::from(start)),
+        finished_at: (state != WorkloadState::Running).then(|| Timestamp::from(end)),
+        ..Default::default()
+    }
+}
+
+fn usage(controller: &Controller, job_id: &str) -> Vec<UsageRecord> {
+    let filter = RecordFilter {
+        until_ms: u64::MAX / 2,
+        job_id: job_id.into(),
+        ..Default::default()
+    };
+    controller.list_usage(&filter, 1000, 0).0
+}
+
+fn allocated_gpus(controller: &Controller) -> anyhow::Result<u32> {
+    Ok(controller
+        .capacity(&[])?
+        .total
+        .map_or(0, |t| t.allocated_gpus))
+}
+
+/// Keeps the agent sessions (their downlinks) open, as connected agents do.
+fn connect(controller: &Controller, hello: AgentHello) -> anyhow::Result<AgentSession> {
+    Ok(controller.connect_agent(hello)?)
+}
+
+#[test]
+fn a_retried_attempt_keeps_its_usage_record() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let controller = open(dir.path())?;
+    let _a = connect(&controller, hello("node-a", Vec::new()))?;
+    let job = controller.submit_job(spec(1, 1))?;
+    assert_eq!(controller.schedule_pass()?, 1);
+    let placed = controller.get_job(&job.id)?;
+    controller.record_workload_status("node-a", status(&placed, 0, WorkloadState::Running, 0))?;
+    controller.record_workload_status("node-a", status(&placed, 0, WorkloadState::Failed, 3))?;
+
+    let requeued = controller.get_job(&job.id)?;
+    assert_eq!(requeued.state(), JobState::Pending);
+    assert_eq!(requeued.attempt, 1);
+    assert!(requeued.tasks.is_empty(), "the retry starts with new tasks");
+    // The failed attempt left the job's task list, not the ledger.
+    let records = usage(&controller, &job.id);
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].allocation_id, format!("{}.0", job.id));
+    assert_eq!(records[0].ended_as, WorkloadState::Failed as i32);
+    assert_eq!(records[0].gpu_milliseconds, 1500 * 4);
+    Ok(())
+}
+
+#[test]
+fn a_gang_partner_its_agent_never_received_is_released_after_a_crash() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let job = {
+        let controller = open(dir.path())?;
+        let _a = connect(&controller, hello("node-a", Vec::new()))?;
+        let _b = connect(&controller, hello("node-b", Vec::new()))?;
+        let job = controller.submit_job(spec(2, 0))?;
+        assert_eq!(controller.schedule_pass()?, 1);
+        let placed = controller.get_job(&job.id)?;
+        assert_eq!(placed.state(), JobState::Scheduled);
+        // Dropped without close or shutdown: what a SIGKILL leaves.
+        placed
+    };
+    let a = job
+        .tasks
+        .iter()
+        .position(|t| t.node_id == "node-a")
+        .ok_or_else(|| anyhow::anyhow!("no task on node-a: {job:?}"))?;
+    let b = 1 - a;
+
+    let controller = open(dir.path())?;
+    // node-a ran its task to a failure while the controller was down;
+    // node-b never received its allocation.
+    let _a = connect(
+        &controller,
+        hello("node-a", vec![status(&job, a, WorkloadState::Failed, 3)]),
+    )?;
+    let failed = controller.get_job(&job.id)?;
+    assert_eq!(failed.state(), JobState::Failed);
+    assert_eq!(failed.exit_code, Some(3));
+    let _b = connect(&controller, hello("node-b", Vec::new()))?;
+
+    let ended = controller.get_job(&job.id)?;
+    assert_eq!(ended.tasks[b].state(), WorkloadState::Stopped, "{ended:?}");
+    assert_eq!(
+        allocated_gpus(&controller)?,
+        0,
+        "no task of an ended job may keep GPUs"
+    );
+    let records = usage(&controller, &job.id);
+    assert_eq!(
+        records.len(),
+        1,
+        "only the task that ran is billed: {records:?}"
+    );
+    assert_eq!(records[0].allocation_id, job.tasks[a].allocation_id);
+    Ok(())
+}
+
+#[test]
+fn a_retried_gang_whose_partner_never_started_is_queued_again_after_a_crash() -> anyhow::Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let job = {
+        let controller = open(dir.path())?;
+        let _a = connect(&controller, hello("node-a", Vec::new()))?;
+        let _b = connect(&controller, hello("node-b", Vec::new()))?;
+        let job = controller.submit_job(spec(2, 1))?;
+        assert_eq!(controller.schedule_pass()?, 1);
+        controller.get_job(&job.id)?
+    };
+    let a = job
+        .tasks
+        .iter()
+        .position(|t| t.node_id == "node-a")
+        .ok_or_else(|| anyhow::anyhow!("no task on node-a: {job:?}"))?;
+
+    let controller = open(dir.path())?;
+    let _a = connect(
+        &controller,
+        hello("node-a", vec![status(&job, a, WorkloadState::Failed, 3)]),
+    )?;
+    assert_eq!(
+        controller.get_job(&job.id)?.state(),
+        JobState::Requeuing,
+        "waits for its other task to end"
+    );
+    let _b = connect(&controller, hello("node-b", Vec::new()))?;
+
+    let requeued = controller.get_job(&job.id)?;
+    assert_eq!(requeued.state(), JobState::Pending, "{requeued:?}");
+    assert_eq!(requeued.attempt, 1);
+    assert_eq!(controller.schedule_pass()?, 1, "the retry is placed");
+    let records = usage(&controller, &job.id);
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].allocation_id, job.tasks[a].allocation_id);
+    Ok(())
+}
