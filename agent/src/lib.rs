@@ -9,6 +9,7 @@ pub mod config;
 pub mod health;
 pub mod kmsg;
 pub mod metrics;
+pub mod outbox;
 pub mod service;
 pub mod supervisor;
 pub mod telemetry;
@@ -35,6 +36,7 @@ pub use config::{
     TlsClientConfig,
 };
 pub use health::{HealthPolicy, HealthTracker};
+pub use outbox::{Outbox, OutboxStats};
 pub use service::AgentService;
 pub use supervisor::{Source, Supervisor, SupervisorError};
 pub use telemetry::Telemetry;
@@ -49,6 +51,7 @@ pub struct RunningAgent {
     telemetry: Arc<Telemetry>,
     gpu_uuids: Vec<String>,
     supervisor: Supervisor,
+    outbox: Arc<Outbox>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     tasks: Vec<JoinHandle<()>>,
@@ -84,6 +87,29 @@ pub async fn start(
             config.data_dir.display()
         )
     })?;
+
+    // One sled database per agent; sled's lock file makes a second agent
+    // on the same data_dir fail here rather than corrupt it.
+    let db_path = config.data_dir.join("db");
+    let db = sled::Config::new().path(&db_path).open().with_context(|| {
+        format!(
+            "cannot open the agent's database {} (is another agent using data_dir {}?)",
+            db_path.display(),
+            config.data_dir.display()
+        )
+    })?;
+    let outbox = Arc::new(
+        Outbox::open(&db, config.outbox_max_bytes, uplink::initial_seq())
+            .context("cannot open the agent's outbox")?,
+    );
+    let backlog = outbox.stats();
+    if backlog.events > 0 {
+        info!(
+            events = backlog.events,
+            bytes = backlog.bytes,
+            "events from before the restart wait in the outbox for the controller"
+        );
+    }
 
     let identity = NodeIdentity {
         node_id: node_id.clone(),
@@ -137,16 +163,25 @@ pub async fn start(
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
+    // Status changes are recorded from the start, whether or not the
+    // controller is reachable.
+    tasks.push(tokio::spawn(uplink::record_statuses(
+        supervisor.clone(),
+        outbox.clone(),
+        shutdown_rx.clone(),
+    )));
     tasks.push(tokio::spawn(telemetry.clone().run_sampler(
         backend.clone(),
         supervisor.clone(),
+        outbox.clone(),
         config.sample_interval,
         shutdown_rx.clone(),
     )));
     let metrics_addr = match config.monitoring.metrics_listen {
         Some(addr) => {
             let (local, task) =
-                metrics::serve(addr, telemetry.clone(), shutdown_rx.clone()).await?;
+                metrics::serve(addr, telemetry.clone(), outbox.clone(), shutdown_rx.clone())
+                    .await?;
             tasks.push(task);
             Some(local)
         }
@@ -159,6 +194,7 @@ pub async fn start(
         config.sample_interval,
         supervisor.clone(),
         telemetry.clone(),
+        outbox.clone(),
     )
     .with_tls(tls);
     tasks.push(tokio::spawn(uplink.run(shutdown_rx.clone())));
@@ -199,6 +235,7 @@ pub async fn start(
         telemetry,
         gpu_uuids,
         supervisor,
+        outbox,
         shutdown,
         server,
         tasks,
@@ -236,6 +273,11 @@ impl RunningAgent {
         self.gpu_uuids.clone()
     }
 
+    /// Size and counters of the outbox of events for the controller.
+    pub fn outbox_stats(&self) -> OutboxStats {
+        self.outbox.stats()
+    }
+
     /// The workload manager, for embedding and tests.
     pub fn supervisor(&self) -> &Supervisor {
         &self.supervisor
@@ -264,6 +306,9 @@ impl RunningAgent {
                 first_error
                     .get_or_insert_with(|| anyhow::anyhow!("local API server task failed: {e}"));
             }
+        }
+        if let Err(e) = self.outbox.flush() {
+            first_error.get_or_insert_with(|| anyhow::anyhow!("cannot flush the outbox: {e}"));
         }
         info!("agent stopped");
         match first_error {

@@ -32,6 +32,10 @@ pub enum Keyspace {
     Usage,
     /// Market signals, by `<minute>/<provider>/<region>/<generation>`.
     Market,
+    /// Highest sequence number applied from each agent (a `u64` message),
+    /// by node id, so a restarted controller still drops replayed events
+    /// it already applied.
+    AgentSeq,
 }
 
 impl Keyspace {
@@ -41,6 +45,7 @@ impl Keyspace {
             Keyspace::Jobs => "job/",
             Keyspace::Usage => "usage/",
             Keyspace::Market => "market/",
+            Keyspace::AgentSeq => "agent_seq/",
         }
     }
 
@@ -79,6 +84,24 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// Decodes every record of a keyspace.
+/// Every record of a keyspace with its id.
+pub fn load_all_by_id<M: Message + Default>(
+    store: &dyn Store,
+    space: Keyspace,
+) -> Result<Vec<(String, M)>, StoreError> {
+    store
+        .scan_raw(space)?
+        .into_iter()
+        .map(|(id, bytes)| {
+            let record = M::decode(bytes.as_slice()).map_err(|source| StoreError::Corrupt {
+                key: format!("{}{id}", space.prefix()),
+                source,
+            })?;
+            Ok((id, record))
+        })
+        .collect()
+}
+
 pub fn load_all<M: Message + Default>(
     store: &dyn Store,
     space: Keyspace,

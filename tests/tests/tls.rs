@@ -81,6 +81,7 @@ fn agent_config(dir: &Path, endpoint: &str, tls: TlsClientConfig, id: &str) -> A
         monitoring: Default::default(),
         tls,
         workload_user: None,
+        outbox_max_bytes: gpufleet_agent::config::DEFAULT_OUTBOX_MAX_BYTES,
     }
 }
 
