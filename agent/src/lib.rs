@@ -11,6 +11,7 @@ pub mod kmsg;
 pub mod metrics;
 pub mod outbox;
 pub mod service;
+pub mod store;
 pub mod supervisor;
 pub mod telemetry;
 mod uplink;
@@ -52,6 +53,8 @@ pub struct RunningAgent {
     gpu_uuids: Vec<String>,
     supervisor: Supervisor,
     outbox: Arc<Outbox>,
+    stop_recorder: watch::Sender<bool>,
+    recorder: JoinHandle<()>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     tasks: Vec<JoinHandle<()>>,
@@ -90,14 +93,12 @@ pub async fn start(
 
     // One sled database per agent; sled's lock file makes a second agent
     // on the same data_dir fail here rather than corrupt it.
-    let db_path = config.data_dir.join("db");
-    let db = sled::Config::new().path(&db_path).open().with_context(|| {
-        format!(
-            "cannot open the agent's database {} (is another agent using data_dir {}?)",
-            db_path.display(),
-            config.data_dir.display()
-        )
-    })?;
+    let db = {
+        let data_dir = config.data_dir.clone();
+        tokio::task::spawn_blocking(move || store::open(&data_dir))
+            .await
+            .context("opening the agent's database panicked")??
+    };
     let outbox = Arc::new(
         Outbox::open(&db, config.outbox_max_bytes, uplink::initial_seq())
             .context("cannot open the agent's outbox")?,
@@ -164,12 +165,13 @@ pub async fn start(
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     // Status changes are recorded from the start, whether or not the
-    // controller is reachable.
-    tasks.push(tokio::spawn(uplink::record_statuses(
+    // controller is reachable, until after the workloads are stopped.
+    let (stop_recorder, stop_recorder_rx) = watch::channel(false);
+    let recorder = tokio::spawn(uplink::record_statuses(
         supervisor.clone(),
         outbox.clone(),
-        shutdown_rx.clone(),
-    )));
+        stop_recorder_rx,
+    ));
     tasks.push(tokio::spawn(telemetry.clone().run_sampler(
         backend.clone(),
         supervisor.clone(),
@@ -236,6 +238,8 @@ pub async fn start(
         gpu_uuids,
         supervisor,
         outbox,
+        stop_recorder,
+        recorder,
         shutdown,
         server,
         tasks,
@@ -292,6 +296,11 @@ impl RunningAgent {
         // workload does, and the server drains open streams before exiting.
         self.supervisor.shutdown().await;
         let mut first_error = None;
+        // The workloads' last statuses go into the outbox for the next run.
+        let _ = self.stop_recorder.send(true);
+        if let Err(e) = self.recorder.await {
+            first_error.get_or_insert_with(|| anyhow::anyhow!("status recorder failed: {e}"));
+        }
         for task in self.tasks {
             if let Err(e) = task.await {
                 first_error.get_or_insert_with(|| anyhow::anyhow!("agent task failed: {e}"));

@@ -19,6 +19,7 @@ use gpufleet_proto::v1::agent_message::Body;
 use gpufleet_proto::v1::controller_message;
 use gpufleet_proto::v1::{
     AgentHello, AgentMessage, ControllerMessage, LogRequest, LogResponse, TelemetryBatch,
+    WorkloadStatus,
 };
 use rand::Rng;
 use tokio::sync::{broadcast, mpsc, watch};
@@ -375,43 +376,67 @@ fn unsequenced(body: Body) -> AgentMessage {
     }
 }
 
-/// Writes every workload status change to the outbox until `shutdown`, so
+/// Writes every workload status change to the outbox until `stop`, so
 /// changes made while the controller is unreachable are delivered, in
-/// order, after it is back.
+/// order, after it is back. Stopped after the workloads are (at shutdown),
+/// so their last statuses are kept for the next run to send.
 pub(crate) async fn record_statuses(
     supervisor: Supervisor,
     outbox: Arc<Outbox>,
-    mut shutdown: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let mut events = supervisor.subscribe();
     loop {
-        let statuses = tokio::select! {
+        let (statuses, last) = tokio::select! {
+            biased;
             event = events.recv() => match event {
-                Ok(status) => vec![status],
+                Ok(status) => (vec![status], false),
                 // Missed some changes: the current statuses cover them.
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     warn!(missed, "workload status changes came faster than the outbox took them; recording the current statuses");
-                    supervisor.statuses()
+                    (supervisor.statuses(), false)
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             },
-            _ = shutdown.wait_for(|s| *s) => return,
-        };
-        let outbox = outbox.clone();
-        // Status appends are flushed to disk: off the async workers.
-        let written = tokio::task::spawn_blocking(move || {
-            statuses
-                .into_iter()
-                .try_for_each(|status| outbox.append(Body::WorkloadStatus(status)).map(|_| ()))
-        })
-        .await;
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                error!(error = %e, "cannot record a workload status change in the outbox; the hello after the next reconnect carries it")
+            _ = stop.wait_for(|s| *s) => {
+                let mut rest = Vec::new();
+                loop {
+                    match events.try_recv() {
+                        Ok(status) => rest.push(status),
+                        Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                            rest = supervisor.statuses();
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                (rest, true)
             }
-            Err(e) => error!(error = %e, "recording a workload status change panicked"),
+        };
+        if !statuses.is_empty() {
+            append_statuses(&outbox, statuses).await;
         }
+        if last {
+            return;
+        }
+    }
+}
+
+async fn append_statuses(outbox: &Arc<Outbox>, statuses: Vec<WorkloadStatus>) {
+    let outbox = outbox.clone();
+    // Status appends are flushed to disk: off the async workers.
+    let written = tokio::task::spawn_blocking(move || {
+        statuses
+            .into_iter()
+            .try_for_each(|status| outbox.append(Body::WorkloadStatus(status)).map(|_| ()))
+    })
+    .await;
+    match written {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            error!(error = %e, "cannot record a workload status change in the outbox; the hello after the next reconnect carries it")
+        }
+        Err(e) => error!(error = %e, "recording a workload status change panicked"),
     }
 }
 

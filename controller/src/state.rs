@@ -48,7 +48,8 @@ struct NodeEntry {
     session: Option<Session>,
     generation: u64,
     /// Highest seq applied from the agent; events at or below it are
-    /// duplicates (replays).
+    /// duplicates (replays). The one field here that is persisted, lazily,
+    /// by `persist_agent_seqs` (keyspace `AgentSeq`).
     last_seq: u64,
     /// `last_seq` as last written to the store.
     persisted_seq: u64,
