@@ -31,10 +31,6 @@ const KEY_BYTES: u64 = 8;
 pub enum OutboxError {
     #[error("the agent's outbox store failed: {0}")]
     Store(#[from] sled::Error),
-    #[error(
-        "outbox entry {seq} is corrupt ({why}); delete the agent's data_dir/db to start afresh"
-    )]
-    Corrupt { seq: u64, why: String },
     #[error("only telemetry and workload status go through the outbox")]
     NotSequenced,
 }
@@ -102,10 +98,15 @@ impl Outbox {
         let mut last = 0;
         for entry in tree.iter() {
             let (key, value) = entry?;
-            let seq = seq_of(&key).ok_or_else(|| OutboxError::Corrupt {
-                seq: 0,
-                why: format!("key of {} bytes, expected 8", key.len()),
-            })?;
+            let Some(seq) = seq_of(&key) else {
+                // Not written by this code: nothing to send, so not fatal.
+                warn!(
+                    key_bytes = key.len(),
+                    "outbox key is not a seq; deleting it"
+                );
+                tree.remove(&key)?;
+                continue;
+            };
             held.bytes += KEY_BYTES + value.len() as u64;
             held.events += 1;
             held.status_events += u64::from(value.first() == Some(&KIND_STATUS));
@@ -144,12 +145,7 @@ impl Outbox {
         };
         let mut value = Vec::with_capacity(1 + message.encoded_len());
         value.push(kind);
-        message
-            .encode(&mut value)
-            .map_err(|e| OutboxError::Corrupt {
-                seq,
-                why: e.to_string(),
-            })?;
+        value.extend_from_slice(&message.encode_to_vec());
         self.tree.insert(seq.to_be_bytes(), value.as_slice())?;
         held.next_seq = seq + 1;
         held.bytes += KEY_BYTES + value.len() as u64;
@@ -209,21 +205,32 @@ impl Outbox {
     }
 
     /// Up to `limit` held events with a seq above `after`, in seq order.
+    /// An entry that cannot be decoded (a damaged disk) is deleted with a
+    /// warning rather than blocking every later event.
     pub fn after(&self, after: u64, limit: usize) -> Result<Vec<AgentMessage>, OutboxError> {
-        let start = after.saturating_add(1).to_be_bytes();
         let mut out = Vec::new();
         if after == u64::MAX {
             return Ok(out);
         }
+        let start = (after + 1).to_be_bytes();
+        let mut corrupt = Vec::new();
         for entry in self.tree.range(start..).take(limit) {
             let (key, value) = entry?;
+            match value.get(1..).map(AgentMessage::decode) {
+                Some(Ok(message)) => out.push(message),
+                Some(Err(e)) => corrupt.push((key, e.to_string())),
+                None => corrupt.push((key, "empty value".to_string())),
+            }
+        }
+        for (key, why) in corrupt {
             let seq = seq_of(&key).unwrap_or(0);
-            let message = value
-                .get(1..)
-                .ok_or_else(|| "empty value".to_string())
-                .and_then(|v| AgentMessage::decode(v).map_err(|e| e.to_string()))
-                .map_err(|why| OutboxError::Corrupt { seq, why })?;
-            out.push(message);
+            warn!(seq, %why, "outbox entry cannot be decoded; deleting it");
+            let mut held = self.held();
+            if let Some(value) = self.tree.remove(&key)? {
+                held.bytes -= KEY_BYTES + value.len() as u64;
+                held.events -= 1;
+                held.status_events -= u64::from(value.first() == Some(&KIND_STATUS));
+            }
         }
         Ok(out)
     }
@@ -395,6 +402,26 @@ mod tests {
         assert!(stats.bytes > 1);
         outbox.ack(3).unwrap();
         assert_eq!(outbox.stats().events, 0);
+    }
+
+    #[test]
+    fn an_undecodable_entry_is_deleted_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db(&dir);
+        let outbox = Outbox::open(&db, 1 << 20, 1).unwrap();
+        outbox.append(telemetry(1)).unwrap();
+        outbox.append(telemetry(1)).unwrap();
+        // Damage entry 1 and add a stray key behind the outbox's back.
+        let tree = db.open_tree(TREE).unwrap();
+        tree.insert(1u64.to_be_bytes(), &[KIND_TELEMETRY, 0xff, 0xff][..])
+            .unwrap();
+        tree.insert(b"junk", &b"x"[..]).unwrap();
+        let outbox = Outbox::open(&db, 1 << 20, 1).unwrap();
+        assert_eq!(outbox.stats().events, 2);
+        assert_eq!(seqs(&outbox), [2]);
+        assert_eq!(outbox.stats().events, 1);
+        assert_eq!(outbox.stats().bytes, size_of(telemetry(1)));
+        assert!(!tree.contains_key(b"junk").unwrap());
     }
 
     #[test]
