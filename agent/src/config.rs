@@ -13,6 +13,8 @@
 //! - `gpu_backend`: `nvml`; `simulated_gpus`: none (required with `simulated`)
 //! - `data_dir`: `/var/lib/gpufleet-agent`
 //! - `sample_interval`: 5s; `listen`: `127.0.0.1:7071`; `stop_grace_period`: 10s
+//! - `outbox_max_bytes`: 64 MiB (events held for the controller while it is
+//!   unreachable; over it the oldest telemetry is dropped)
 //! - `metrics_listen`: `127.0.0.1:9400` (dcgm-exporter's port; `off` disables)
 //! - `nvml_library_path`: `libnvidia-ml.so.1` from the loader path
 //! - `read_kmsg`: true (XIDs from /dev/kmsg where readable, nvml backend only)
@@ -41,6 +43,9 @@ pub const DEFAULT_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_STOP_GRACE_PERIOD: Duration = Duration::from_secs(10);
 /// dcgm-exporter's port, so existing scrape configs find the agent.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9400";
+/// Events held for an unreachable controller: at a 5s interval, 8 GPUs'
+/// samples are about 3 KB, so 64 MiB is days of telemetry.
+pub const DEFAULT_OUTBOX_MAX_BYTES: u64 = 64 * 1024 * 1024;
 /// Environment variable naming the config file.
 pub const CONFIG_ENV: &str = "GPUFLEET_CONFIG";
 
@@ -72,6 +77,9 @@ pub struct AgentConfig {
     /// Bearer token the local `Agent` API requires. Mandatory when `listen`
     /// is not a loopback address; `None` on loopback: no token.
     pub api_token: Option<String>,
+    /// Bound of the outbox (events not yet acknowledged by the controller),
+    /// in bytes. Over it the oldest telemetry is dropped; status never is.
+    pub outbox_max_bytes: u64,
 }
 
 /// PEM files for dialling an `https://` controller. Without `ca`, the
@@ -174,10 +182,28 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     workload_user: Option<String>,
     api_token: Option<String>,
+    outbox_max_bytes: Option<FileBytes>,
     #[serde(default)]
     node: FileNode,
     #[serde(default)]
     health: FileHealth,
+}
+
+/// A byte size in the file: `67108864` or `"64MiB"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum FileBytes {
+    Number(u64),
+    Text(String),
+}
+
+impl FileBytes {
+    fn into_text(self) -> String {
+        match self {
+            FileBytes::Number(n) => n.to_string(),
+            FileBytes::Text(s) => s,
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -239,6 +265,7 @@ pub struct ConfigOverrides {
     pub tls_key: Option<String>,
     pub workload_user: Option<String>,
     pub api_token: Option<String>,
+    pub outbox_max_bytes: Option<String>,
 }
 
 /// (field, environment variable) for every key, in one table.
@@ -274,6 +301,7 @@ macro_rules! for_each_key {
         $m!(tls_key, "GPUFLEET_TLS_KEY");
         $m!(workload_user, "GPUFLEET_WORKLOAD_USER");
         $m!(api_token, "GPUFLEET_API_TOKEN");
+        $m!(outbox_max_bytes, "GPUFLEET_OUTBOX_MAX_BYTES");
     };
 }
 
@@ -313,6 +341,37 @@ impl ConfigOverrides {
 fn parse_duration(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
     humantime::parse_duration(s.trim())
         .map_err(|e| invalid(key, format!("{s:?} is not a duration like \"5s\" ({e})")))
+}
+
+/// `67108864`, `64MiB`, `512 KiB`, `1GiB` (also KB/MB/GB, as powers of 1000).
+fn parse_bytes(key: &'static str, s: &str) -> Result<u64, ConfigError> {
+    let text = s.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        _ => {
+            return Err(invalid(
+                key,
+                format!(
+                    "{s:?} is not a size like 67108864 or 64MiB (units: B, KiB, MiB, GiB, KB, MB, GB)"
+                ),
+            ));
+        }
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(multiplier))
+        .ok_or_else(|| invalid(key, format!("{s:?} is not a size like 67108864 or 64MiB")))
 }
 
 fn parse_u64(key: &'static str, s: &str) -> Result<u64, ConfigError> {
@@ -531,6 +590,13 @@ impl AgentConfig {
                 .or(file.api_token)
                 .map(|t| t.trim().to_string())
                 .filter(|t| !t.is_empty()),
+            outbox_max_bytes: match o
+                .outbox_max_bytes
+                .or(file.outbox_max_bytes.map(FileBytes::into_text))
+            {
+                Some(s) => parse_bytes("outbox_max_bytes", &s)?,
+                None => DEFAULT_OUTBOX_MAX_BYTES,
+            },
         };
         config.validate()?;
         Ok(config)
@@ -607,6 +673,12 @@ impl AgentConfig {
             return Err(invalid(
                 "health.critical_xids",
                 format!("XID {xid} is also in application_xids; list it in one of them"),
+            ));
+        }
+        if self.outbox_max_bytes == 0 {
+            return Err(invalid(
+                "outbox_max_bytes",
+                "must be greater than zero, e.g. 64MiB",
             ));
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
@@ -689,6 +761,40 @@ mod tests {
         assert_eq!(c.sample_interval, Duration::from_secs(5));
         assert_eq!(c.stop_grace_period, Duration::from_secs(10));
         assert_eq!(c.listen, "127.0.0.1:7071".parse().unwrap());
+        assert_eq!(c.outbox_max_bytes, 64 * 1024 * 1024);
+    }
+
+    #[test]
+    fn outbox_bound_takes_a_number_or_a_size_from_every_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(&file, "outbox_max_bytes = 1048576\n").unwrap();
+        let from_file = |env: &[(&str, &str)]| {
+            let mut pairs = vec![("GPUFLEET_CONFIG", file.to_str().unwrap())];
+            pairs.extend_from_slice(env);
+            AgentConfig::load(&self::env(&pairs), ConfigOverrides::default()).unwrap()
+        };
+        assert_eq!(from_file(&[]).outbox_max_bytes, 1 << 20);
+        assert_eq!(
+            from_file(&[("GPUFLEET_OUTBOX_MAX_BYTES", "2 MiB")]).outbox_max_bytes,
+            2 << 20
+        );
+        std::fs::write(&file, "outbox_max_bytes = \"512KiB\"\n").unwrap();
+        assert_eq!(from_file(&[]).outbox_max_bytes, 512 << 10);
+        let flags = ConfigOverrides {
+            outbox_max_bytes: Some("1GB".into()),
+            ..Default::default()
+        };
+        let c = AgentConfig::load(&env(&[("GPUFLEET_OUTBOX_MAX_BYTES", "5MiB")]), flags).unwrap();
+        assert_eq!(c.outbox_max_bytes, 1_000_000_000);
+        std::fs::write(&file, "outbox_max_byte = 5\n").unwrap();
+        let err = AgentConfig::load(
+            &env(&[("GPUFLEET_CONFIG", file.to_str().unwrap())]),
+            ConfigOverrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("outbox_max_byte"), "{err}");
     }
 
     #[test]
@@ -767,6 +873,14 @@ mod tests {
             ("GPUFLEET_CONTROLLER", "controller:7070", "controller"),
             ("GPUFLEET_LABELS", "novalue", "labels"),
             ("GPUFLEET_SPOT", "maybe", "spot"),
+            ("GPUFLEET_OUTBOX_MAX_BYTES", "0", "outbox_max_bytes"),
+            ("GPUFLEET_OUTBOX_MAX_BYTES", "lots", "outbox_max_bytes"),
+            ("GPUFLEET_OUTBOX_MAX_BYTES", "64PiB", "outbox_max_bytes"),
+            (
+                "GPUFLEET_OUTBOX_MAX_BYTES",
+                "99999999999GiB",
+                "outbox_max_bytes",
+            ),
         ];
         for (var, value, key) in cases {
             let err = AgentConfig::load(&env(&[(var, value)]), ConfigOverrides::default())

@@ -10,7 +10,9 @@ pub mod health;
 pub mod identity;
 pub mod kmsg;
 pub mod metrics;
+pub mod outbox;
 pub mod service;
+pub mod store;
 pub mod supervisor;
 pub mod telemetry;
 mod uplink;
@@ -36,6 +38,7 @@ pub use config::{
     TlsClientConfig,
 };
 pub use health::{HealthPolicy, HealthTracker};
+pub use outbox::{Outbox, OutboxStats};
 pub use service::AgentService;
 pub use supervisor::{Source, Supervisor, SupervisorError};
 pub use telemetry::Telemetry;
@@ -50,6 +53,9 @@ pub struct RunningAgent {
     telemetry: Arc<Telemetry>,
     gpu_uuids: Vec<String>,
     supervisor: Supervisor,
+    outbox: Arc<Outbox>,
+    stop_recorder: watch::Sender<bool>,
+    recorder: JoinHandle<()>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     tasks: Vec<JoinHandle<()>>,
@@ -85,6 +91,27 @@ pub async fn start(
             config.data_dir.display()
         )
     })?;
+
+    // One sled database per agent; sled's lock file makes a second agent
+    // on the same data_dir fail here rather than corrupt it.
+    let db = {
+        let data_dir = config.data_dir.clone();
+        tokio::task::spawn_blocking(move || store::open(&data_dir))
+            .await
+            .context("opening the agent's database panicked")??
+    };
+    let outbox = Arc::new(
+        Outbox::open(&db, config.outbox_max_bytes, uplink::initial_seq())
+            .context("cannot open the agent's outbox")?,
+    );
+    let backlog = outbox.stats();
+    if backlog.events > 0 {
+        info!(
+            events = backlog.events,
+            bytes = backlog.bytes,
+            "events from before the restart wait in the outbox for the controller"
+        );
+    }
 
     let identity = NodeIdentity {
         node_id: node_id.clone(),
@@ -138,16 +165,26 @@ pub async fn start(
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
+    // Status changes are recorded from the start, whether or not the
+    // controller is reachable, until after the workloads are stopped.
+    let (stop_recorder, stop_recorder_rx) = watch::channel(false);
+    let recorder = tokio::spawn(uplink::record_statuses(
+        supervisor.clone(),
+        outbox.clone(),
+        stop_recorder_rx,
+    ));
     tasks.push(tokio::spawn(telemetry.clone().run_sampler(
         backend.clone(),
         supervisor.clone(),
+        outbox.clone(),
         config.sample_interval,
         shutdown_rx.clone(),
     )));
     let metrics_addr = match config.monitoring.metrics_listen {
         Some(addr) => {
             let (local, task) =
-                metrics::serve(addr, telemetry.clone(), shutdown_rx.clone()).await?;
+                metrics::serve(addr, telemetry.clone(), outbox.clone(), shutdown_rx.clone())
+                    .await?;
             tasks.push(task);
             Some(local)
         }
@@ -166,6 +203,7 @@ pub async fn start(
         config.sample_interval,
         supervisor.clone(),
         telemetry.clone(),
+        outbox.clone(),
     )
     .with_tls(tls)
     .with_node_secret(node_secret);
@@ -215,6 +253,9 @@ pub async fn start(
         telemetry,
         gpu_uuids,
         supervisor,
+        outbox,
+        stop_recorder,
+        recorder,
         shutdown,
         server,
         tasks,
@@ -252,6 +293,11 @@ impl RunningAgent {
         self.gpu_uuids.clone()
     }
 
+    /// Size and counters of the outbox of events for the controller.
+    pub fn outbox_stats(&self) -> OutboxStats {
+        self.outbox.stats()
+    }
+
     /// The workload manager, for embedding and tests.
     pub fn supervisor(&self) -> &Supervisor {
         &self.supervisor
@@ -266,6 +312,11 @@ impl RunningAgent {
         // workload does, and the server drains open streams before exiting.
         self.supervisor.shutdown().await;
         let mut first_error = None;
+        // The workloads' last statuses go into the outbox for the next run.
+        let _ = self.stop_recorder.send(true);
+        if let Err(e) = self.recorder.await {
+            first_error.get_or_insert_with(|| anyhow::anyhow!("status recorder failed: {e}"));
+        }
         for task in self.tasks {
             if let Err(e) = task.await {
                 first_error.get_or_insert_with(|| anyhow::anyhow!("agent task failed: {e}"));
@@ -280,6 +331,9 @@ impl RunningAgent {
                 first_error
                     .get_or_insert_with(|| anyhow::anyhow!("local API server task failed: {e}"));
             }
+        }
+        if let Err(e) = self.outbox.flush() {
+            first_error.get_or_insert_with(|| anyhow::anyhow!("cannot flush the outbox: {e}"));
         }
         info!("agent stopped");
         match first_error {

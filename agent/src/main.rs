@@ -80,6 +80,10 @@ struct Args {
     /// Time between SIGTERM and SIGKILL when stopping a workload [default: 10s].
     #[arg(long, env = "GPUFLEET_STOP_GRACE_PERIOD", value_name = "DURATION")]
     stop_grace_period: Option<String>,
+    /// Bound of the outbox of events not yet acknowledged by the controller,
+    /// e.g. 64MiB; over it the oldest telemetry is dropped [default: 64MiB].
+    #[arg(long, env = "GPUFLEET_OUTBOX_MAX_BYTES", value_name = "SIZE")]
+    outbox_max_bytes: Option<String>,
     /// Prometheus /metrics address, or "off" [default: 127.0.0.1:9400].
     #[arg(long, env = "GPUFLEET_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<String>,
@@ -173,6 +177,7 @@ impl Args {
             tls_key: self.tls_key,
             workload_user: self.workload_user,
             api_token: self.api_token,
+            outbox_max_bytes: self.outbox_max_bytes,
             application_xids: self.application_xids,
             slowdown_degraded_after: self.slowdown_degraded_after,
             sbe_storm_per_minute: self.sbe_storm_per_minute,

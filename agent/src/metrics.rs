@@ -32,6 +32,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::outbox::{Outbox, OutboxStats};
 use crate::telemetry::Telemetry;
 
 /// Prometheus text format 0.0.4.
@@ -405,13 +406,56 @@ pub fn render(
     out
 }
 
-async fn metrics(State(telemetry): State<Arc<Telemetry>>) -> impl IntoResponse {
-    let body = render(
+/// The outbox's size and drops, with the host's labels.
+pub fn render_outbox(identity: &NodeIdentity, stats: &OutboxStats) -> String {
+    let labels = format!(
+        "Hostname=\"{}\",provider=\"{}\",region=\"{}\"",
+        escape_label(&identity.hostname),
+        escape_label(&identity.provider),
+        escape_label(&identity.region),
+    );
+    let mut out = String::with_capacity(1024);
+    for (name, help, kind, v) in [
+        (
+            "gpufleet_agent_outbox_dropped_total",
+            "Telemetry events dropped because the outbox was over outbox_max_bytes (the controller was unreachable or slow too long).",
+            "counter",
+            stats.dropped_events,
+        ),
+        (
+            "gpufleet_agent_outbox_bytes",
+            "Bytes of events in the outbox not yet acknowledged by the controller.",
+            "gauge",
+            stats.bytes,
+        ),
+        (
+            "gpufleet_agent_outbox_events",
+            "Events in the outbox not yet acknowledged by the controller.",
+            "gauge",
+            stats.events,
+        ),
+    ] {
+        family(&mut out, name, help, kind);
+        let _ = writeln!(out, "{name}{{{labels}}} {v}");
+    }
+    out
+}
+
+#[derive(Clone)]
+struct Sources {
+    telemetry: Arc<Telemetry>,
+    outbox: Arc<Outbox>,
+}
+
+async fn metrics(State(sources): State<Sources>) -> impl IntoResponse {
+    let telemetry = &sources.telemetry;
+    let mut body = render(
         &telemetry.identity,
         &telemetry.gpus,
         &telemetry.latest(),
         &telemetry.gpu_jobs(),
     );
+    body.push_str(&render_outbox(&telemetry.identity, &sources.outbox.stats()));
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], body)
 }
 
@@ -419,6 +463,7 @@ async fn metrics(State(telemetry): State<Arc<Telemetry>>) -> impl IntoResponse {
 pub(crate) async fn serve(
     addr: SocketAddr,
     telemetry: Arc<Telemetry>,
+    outbox: Arc<Outbox>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await.with_context(|| {
@@ -429,7 +474,7 @@ pub(crate) async fn serve(
         .context("metrics listener has no local address")?;
     let app = Router::new()
         .route("/metrics", get(metrics))
-        .with_state(telemetry);
+        .with_state(Sources { telemetry, outbox });
     let task = tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
@@ -497,6 +542,30 @@ mod tests {
         assert!(!text.contains("DCGM_FI_DEV_GPU_TEMP"), "{text}");
         // One HELP/TYPE per family.
         assert_eq!(text.matches("# TYPE DCGM_FI_DEV_GPU_UTIL gauge").count(), 1);
+    }
+
+    #[test]
+    fn outbox_metrics_carry_the_host_labels() {
+        let identity = NodeIdentity {
+            hostname: "h".into(),
+            provider: "aws".into(),
+            region: "r".into(),
+            ..Default::default()
+        };
+        let stats = OutboxStats {
+            bytes: 2048,
+            events: 3,
+            dropped_events: 7,
+            ..Default::default()
+        };
+        let text = render_outbox(&identity, &stats);
+        let labels = r#"Hostname="h",provider="aws",region="r""#;
+        assert!(text.contains("# TYPE gpufleet_agent_outbox_dropped_total counter\n"));
+        assert!(text.contains(&format!(
+            "gpufleet_agent_outbox_dropped_total{{{labels}}} 7\n"
+        )));
+        assert!(text.contains(&format!("gpufleet_agent_outbox_bytes{{{labels}}} 2048\n")));
+        assert!(text.contains(&format!("gpufleet_agent_outbox_events{{{labels}}} 3\n")));
     }
 
     #[test]

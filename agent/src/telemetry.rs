@@ -6,13 +6,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use gpufleet_proto::v1::{GpuInfo, GpuSample, NodeIdentity, WorkloadState};
+use gpufleet_proto::v1::agent_message::Body;
+use gpufleet_proto::v1::{GpuInfo, GpuSample, NodeIdentity, TelemetryBatch, WorkloadState};
 use tokio::sync::watch;
 use tracing::warn;
 
 use crate::backend::GpuBackend;
 use crate::health::{HealthPolicy, HealthTracker, Owner, RawXid};
 use crate::kmsg;
+use crate::outbox::Outbox;
 use crate::supervisor::Supervisor;
 
 /// The same XID from NVML and the kernel log within this window is one event.
@@ -73,8 +75,13 @@ impl Telemetry {
         kmsg::spawn_reader(&self.gpus, self.kmsg_xids.clone());
     }
 
-    /// One round: sample, attribute, judge health, publish.
-    pub fn sample_once(&self, backend: &dyn GpuBackend, supervisor: &Supervisor) {
+    /// One round: sample, attribute, judge health, publish. Returns what
+    /// was published.
+    pub fn sample_once(
+        &self,
+        backend: &dyn GpuBackend,
+        supervisor: &Supervisor,
+    ) -> Arc<Vec<GpuSample>> {
         let owners = WorkloadOwners::from_supervisor(supervisor);
         backend.set_workload_pids(&owners.pids_by_gpu);
         let mut samples = backend.sample();
@@ -106,14 +113,18 @@ impl Telemetry {
             .map(|(uuid, (_, job))| (uuid.clone(), job.clone()))
             .collect();
         *self.gpu_jobs.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(jobs);
-        self.latest.send_replace(Arc::new(samples));
+        let samples = Arc::new(samples);
+        self.latest.send_replace(samples.clone());
+        samples
     }
 
-    /// Samples every `interval` until `shutdown` turns true.
+    /// Samples every `interval` until `shutdown` turns true; every round
+    /// goes into the outbox for the controller.
     pub(crate) async fn run_sampler(
         self: Arc<Self>,
         backend: Arc<dyn GpuBackend>,
         supervisor: Supervisor,
+        outbox: Arc<Outbox>,
         interval: Duration,
         mut shutdown: watch::Receiver<bool>,
     ) {
@@ -125,11 +136,24 @@ impl Telemetry {
                 _ = shutdown.wait_for(|s| *s) => return,
             }
             let (this, b, s) = (self.clone(), backend.clone(), supervisor.clone());
-            // NVML calls block; keep them off the async workers.
-            if let Err(e) =
-                tokio::task::spawn_blocking(move || this.sample_once(b.as_ref(), &s)).await
-            {
-                warn!(error = %e, "GPU sampling failed");
+            let outbox = outbox.clone();
+            // NVML calls and the outbox write block; keep them off the
+            // async workers.
+            let sampled = tokio::task::spawn_blocking(move || {
+                let samples = this.sample_once(b.as_ref(), &s);
+                if samples.is_empty() {
+                    return Ok(());
+                }
+                let batch = TelemetryBatch {
+                    samples: samples.as_ref().clone(),
+                };
+                outbox.append(Body::Telemetry(batch)).map(|_| ())
+            })
+            .await;
+            match sampled {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "samples not recorded for the controller"),
+                Err(e) => warn!(error = %e, "GPU sampling failed"),
             }
         }
     }

@@ -1,13 +1,17 @@
 //! The connection to the controller: one long-lived `AgentControl.Connect`
 //! stream, redialled with exponential backoff whenever it breaks.
 //!
-//! Up: a hello carrying every workload's current status (so status changes
-//! missed while disconnected are recovered on reconnect), then telemetry
-//! (which doubles as heartbeat), workload status changes and log responses.
-//! Down: desired state (reconciled by the supervisor) and log requests.
+//! Up: a hello carrying every workload's current status, then every event
+//! still in the [`Outbox`] (telemetry and workload status changes, written
+//! there first by the sampler and [`record_statuses`]) in seq order, then
+//! new events as they are appended; log responses and heartbeats go
+//! unsequenced (seq 0). The controller acknowledges each seq it applied and
+//! the outbox forgets everything up to it, so a partition or a restart of
+//! either side replays exactly what is not yet applied.
+//! Down: desired state (reconciled by the supervisor), log requests, acks.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gpufleet_proto::v1::agent_control_client::AgentControlClient;
@@ -15,19 +19,22 @@ use gpufleet_proto::v1::agent_message::Body;
 use gpufleet_proto::v1::controller_message;
 use gpufleet_proto::v1::{
     AgentHello, AgentMessage, ControllerMessage, LogRequest, LogResponse, TelemetryBatch,
+    WorkloadStatus,
 };
 use rand::Rng;
 use tokio::sync::{broadcast, mpsc, watch};
-use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 use tracing::{debug, error, info, warn};
 
+use crate::outbox::Outbox;
 use crate::supervisor::Supervisor;
 use crate::telemetry::Telemetry;
 
 const OUTBOUND_CAPACITY: usize = 1024;
+/// Outbox events read per sled scan while replaying.
+const REPLAY_BATCH: usize = 256;
 const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -41,7 +48,7 @@ pub(crate) struct Uplink {
     pub(crate) sample_interval: Duration,
     pub(crate) supervisor: Supervisor,
     pub(crate) telemetry: Arc<Telemetry>,
-    seq: Arc<AtomicU64>,
+    outbox: Arc<Outbox>,
     tls: Option<tonic::transport::ClientTlsConfig>,
     node_secret: Option<crate::identity::NodeSecret>,
 }
@@ -86,6 +93,8 @@ enum SessionError {
     Ended,
     #[error("the controller did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("{0}")]
+    Outbox(#[from] crate::outbox::OutboxError),
 }
 
 impl SessionError {
@@ -132,11 +141,12 @@ impl Backoff {
     }
 }
 
-/// First sequence number of this agent process. The controller ignores
+/// Lowest sequence number of this agent process. The controller ignores
 /// anything at or below the last seq it applied, so a restarted agent must
 /// never go back: starting at unix-millis × 1000 is above any earlier run
-/// unless that run averaged over 1000 messages per millisecond.
-fn initial_seq() -> u64 {
+/// unless that run averaged over 1000 messages per millisecond, and the
+/// outbox starts above whatever it still holds in any case.
+pub(crate) fn initial_seq() -> u64 {
     let millis = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -160,6 +170,7 @@ impl Uplink {
         sample_interval: Duration,
         supervisor: Supervisor,
         telemetry: Arc<Telemetry>,
+        outbox: Arc<Outbox>,
     ) -> Self {
         Self {
             controller,
@@ -167,7 +178,7 @@ impl Uplink {
             sample_interval,
             supervisor,
             telemetry,
-            seq: Arc::new(AtomicU64::new(initial_seq())),
+            outbox,
             tls: None,
             node_secret: None,
         }
@@ -255,24 +266,13 @@ impl Uplink {
             .map_err(|e| connect_err(error_chain(&e)))?;
         let mut client = AgentControlClient::new(channel);
 
-        // Subscribe before reading the statuses for the hello, so no change
-        // falls between the two (a duplicate is harmless).
-        let mut status_rx = self.supervisor.subscribe();
-        let mut samples_rx = self.telemetry.subscribe();
-        samples_rx.mark_unchanged();
-
-        let (tx, rx) = mpsc::channel::<Body>(OUTBOUND_CAPACITY);
-        // seq is assigned as tonic pulls each message, so seqs are strictly
-        // increasing in wire order even with several producers.
-        let seq = self.seq.clone();
-        let outbound = ReceiverStream::new(rx).map(move |body| AgentMessage {
-            seq: seq.fetch_add(1, Ordering::Relaxed),
-            body: Some(body),
-        });
+        let (tx, rx) = mpsc::channel::<AgentMessage>(OUTBOUND_CAPACITY);
+        // The hello is not sequenced: the controller's answer says which
+        // seqs it already applied, and the replay starts above that.
         // Cannot fail: the receiver is alive and the channel empty.
-        let _ = tx.send(Body::Hello(self.hello())).await;
+        let _ = tx.send(unsequenced(Body::Hello(self.hello()))).await;
 
-        let response = tokio::time::timeout(OPEN_TIMEOUT, client.connect(outbound))
+        let response = tokio::time::timeout(OPEN_TIMEOUT, client.connect(ReceiverStream::new(rx)))
             .await
             .map_err(|_| SessionError::Timeout(OPEN_TIMEOUT))?
             .map_err(|s| SessionError::from_status(s, true))?;
@@ -281,12 +281,23 @@ impl Uplink {
         let mut heartbeat = self.sample_interval;
         let mut heartbeat_tick = ticker(heartbeat);
         let mut last_sent = Instant::now();
-        let mut dropped_batches: u64 = 0;
+        // Highest seq handed to the stream; `None` until the hello ack says
+        // where to start.
+        let mut sent_up_to: Option<u64> = None;
+        let mut backlog: VecDeque<AgentMessage> = VecDeque::new();
         loop {
+            // Registered before reading the outbox, so an append between
+            // the read and the wait still wakes us.
+            let appended = self.outbox.appended();
+            tokio::pin!(appended);
+            appended.as_mut().enable();
+            if let (Some(after), true) = (sent_up_to, backlog.is_empty()) {
+                backlog.extend(self.outbox.after(after, REPLAY_BATCH)?);
+            }
             tokio::select! {
                 message = inbound.message() => match message {
                     Ok(Some(m)) => {
-                        if let Some(hb) = self.handle(m, &tx, healthy) {
+                        if let Some(hb) = self.handle(m, &tx, healthy, &mut sent_up_to)? {
                             heartbeat = hb;
                             heartbeat_tick = ticker(heartbeat);
                         }
@@ -294,35 +305,18 @@ impl Uplink {
                     Ok(None) => return Err(SessionError::Ended),
                     Err(status) => return Err(SessionError::from_status(status, !*healthy)),
                 },
-                event = status_rx.recv() => {
-                    let statuses = match event {
-                        Ok(status) => vec![status],
-                        // Missed some changes: the current statuses cover them.
-                        Err(broadcast::error::RecvError::Lagged(_)) => self.supervisor.statuses(),
-                        Err(broadcast::error::RecvError::Closed) => return Err(SessionError::Ended),
-                    };
-                    for status in statuses {
-                        // Status changes are never dropped: wait for room.
-                        tx.send(Body::WorkloadStatus(status)).await.map_err(|_| SessionError::Ended)?;
+                permit = tx.reserve(), if !backlog.is_empty() => {
+                    let permit = permit.map_err(|_| SessionError::Ended)?;
+                    if let Some(message) = backlog.pop_front() {
+                        sent_up_to = Some(message.seq);
+                        permit.send(message);
+                        last_sent = Instant::now();
                     }
-                    last_sent = Instant::now();
                 },
-                changed = samples_rx.changed() => {
-                    if changed.is_err() {
-                        return Err(SessionError::Ended);
-                    }
-                    let samples = samples_rx.borrow_and_update().as_ref().clone();
-                    // Telemetry may be dropped when the stream is backed up;
-                    // the next batch supersedes it.
-                    if tx.try_send(Body::Telemetry(TelemetryBatch { samples })).is_err() {
-                        dropped_batches += 1;
-                        debug!(dropped_batches, "outbound queue full; telemetry batch dropped");
-                    }
-                    last_sent = Instant::now();
-                },
+                _ = &mut appended, if sent_up_to.is_some() && backlog.is_empty() => {},
                 _ = heartbeat_tick.tick() => {
                     if last_sent.elapsed() >= heartbeat {
-                        let _ = tx.try_send(Body::Telemetry(TelemetryBatch::default()));
+                        let _ = tx.try_send(unsequenced(Body::Telemetry(TelemetryBatch::default())));
                         last_sent = Instant::now();
                     }
                 },
@@ -335,16 +329,16 @@ impl Uplink {
     fn handle(
         &self,
         message: ControllerMessage,
-        tx: &mpsc::Sender<Body>,
+        tx: &mpsc::Sender<AgentMessage>,
         healthy: &mut bool,
-    ) -> Option<Duration> {
-        match message.body? {
+        sent_up_to: &mut Option<u64>,
+    ) -> Result<Option<Duration>, SessionError> {
+        let Some(body) = message.body else {
+            return Ok(None);
+        };
+        Ok(match body {
             controller_message::Body::HelloAck(ack) => {
                 *healthy = true;
-                // Never send at or below what the controller already applied
-                // (e.g. after this host's clock went backwards).
-                self.seq
-                    .fetch_max(ack.last_seq.saturating_add(1), Ordering::Relaxed);
                 if !ack.node_secret.is_empty()
                     && let Some(secret) = &self.node_secret
                 {
@@ -360,7 +354,13 @@ impl Uplink {
                         ),
                     }
                 }
-                info!(node_id = %ack.node_id, controller = %self.controller, "connected to the controller");
+                // Everything up to last_seq is applied; never hand out a seq
+                // at or below it (e.g. after this host's clock went back).
+                self.outbox.ack(ack.last_seq)?;
+                self.outbox.raise_next_seq(ack.last_seq);
+                *sent_up_to = Some(ack.last_seq);
+                let backlog = self.outbox.stats().events;
+                info!(node_id = %ack.node_id, controller = %self.controller, backlog, "connected to the controller");
                 (ack.heartbeat_interval_ms > 0)
                     .then(|| Duration::from_millis(u64::from(ack.heartbeat_interval_ms)))
             }
@@ -378,12 +378,92 @@ impl Uplink {
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     let response = answer_log_request(&supervisor, request).await;
-                    let _ = tx.send(Body::LogResponse(response)).await;
+                    // Replies are correlated by request id, not sequenced.
+                    let _ = tx.send(unsequenced(Body::LogResponse(response))).await;
                 });
                 None
             }
-            controller_message::Body::Ack(_) => None,
+            controller_message::Body::Ack(ack) => {
+                // Acks are cumulative; 0 acknowledges an unsequenced message.
+                if ack.seq > 0 {
+                    self.outbox.ack(ack.seq)?;
+                }
+                None
+            }
+        })
+    }
+}
+
+/// A message outside the outbox's sequence (hello, heartbeat, log reply):
+/// the controller applies it without touching its last applied seq.
+fn unsequenced(body: Body) -> AgentMessage {
+    AgentMessage {
+        seq: 0,
+        body: Some(body),
+    }
+}
+
+/// Writes every workload status change to the outbox until `stop`, so
+/// changes made while the controller is unreachable are delivered, in
+/// order, after it is back. Stopped after the workloads are (at shutdown),
+/// so their last statuses are kept for the next run to send.
+pub(crate) async fn record_statuses(
+    supervisor: Supervisor,
+    outbox: Arc<Outbox>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut events = supervisor.subscribe();
+    loop {
+        let (statuses, last) = tokio::select! {
+            biased;
+            event = events.recv() => match event {
+                Ok(status) => (vec![status], false),
+                // Missed some changes: the current statuses cover them.
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    warn!(missed, "workload status changes came faster than the outbox took them; recording the current statuses");
+                    (supervisor.statuses(), false)
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            _ = stop.wait_for(|s| *s) => {
+                let mut rest = Vec::new();
+                loop {
+                    match events.try_recv() {
+                        Ok(status) => rest.push(status),
+                        Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                            rest = supervisor.statuses();
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                (rest, true)
+            }
+        };
+        if !statuses.is_empty() {
+            append_statuses(&outbox, statuses).await;
         }
+        if last {
+            return;
+        }
+    }
+}
+
+async fn append_statuses(outbox: &Arc<Outbox>, statuses: Vec<WorkloadStatus>) {
+    let outbox = outbox.clone();
+    // Status appends are flushed to disk: off the async workers.
+    let written = tokio::task::spawn_blocking(move || {
+        statuses
+            .into_iter()
+            .try_for_each(|status| outbox.append(Body::WorkloadStatus(status)).map(|_| ()))
+    })
+    .await;
+    match written {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            error!(error = %e, "cannot record a workload status change in the outbox; the hello after the next reconnect carries it")
+        }
+        Err(e) => error!(error = %e, "recording a workload status change panicked"),
     }
 }
 

@@ -50,6 +50,7 @@ fn config(controller: SocketAddr, data_dir: &Path, node: &str) -> AgentConfig {
         tls: Default::default(),
         workload_user: None,
         api_token: None,
+        outbox_max_bytes: gpufleet_agent::config::DEFAULT_OUTBOX_MAX_BYTES,
     }
 }
 
@@ -353,8 +354,11 @@ async fn uplink_says_hello_reconciles_and_answers_log_requests() {
     let mut last_seq = batch.0;
     let final_status = controller
         .next("job-7.0 to succeed", |m| {
-            assert!(m.seq > last_seq, "seq must increase");
-            last_seq = m.seq;
+            // Heartbeats and log replies are unsequenced (0).
+            if m.seq != 0 {
+                assert!(m.seq > last_seq, "seq must increase");
+                last_seq = m.seq;
+            }
             match m.body {
                 Some(Body::WorkloadStatus(s))
                     if s.allocation_id == "job-7.0"
@@ -495,7 +499,8 @@ async fn uplink_retries_after_a_refusal_and_rehellos_with_current_statuses() {
     let (seq2, hello) = controller
         .next("hello after the stream ended", is_hello)
         .await;
-    assert!(seq2 > seq1);
+    // Hellos are unsequenced: the hello ack says where the replay starts.
+    assert_eq!((seq1, seq2), (0, 0));
     assert_eq!(hello.applied_generation, 5);
     assert_eq!(hello.node_secret, "gfn_issued-secret");
     assert_eq!(
@@ -544,4 +549,89 @@ fn tls_settings_are_checked_together() {
     })
     .unwrap();
     assert_eq!(ok.tls.ca.as_deref(), Some(std::path::Path::new("/ca.pem")));
+}
+
+fn hello_ack(node: &str, last_seq: u64) -> Result<ControllerMessage, Status> {
+    Ok(ControllerMessage {
+        body: Some(controller_message::Body::HelloAck(HelloAck {
+            node_id: node.into(),
+            last_seq,
+            heartbeat_interval_ms: 1000,
+            server_time: None,
+            node_secret: String::new(),
+        })),
+    })
+}
+
+/// Seq of the next sequenced (non-zero) message from the agent.
+async fn next_seq(controller: &mut Controller, what: &str) -> u64 {
+    controller
+        .next(what, |m| (m.seq != 0).then_some(m.seq))
+        .await
+}
+
+#[tokio::test]
+async fn unacknowledged_events_are_replayed_after_a_reconnect_and_a_restart() {
+    let (first_tx, first_rx) = mpsc::channel(16);
+    let (second_tx, second_rx) = mpsc::channel(16);
+    let mut controller = fake_controller_with(VecDeque::from([Ok(first_rx), Ok(second_rx)])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = gpufleet_agent::start(
+        config(controller.addr, dir.path(), "node-replay"),
+        Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+    )
+    .await
+    .unwrap();
+    let is_hello = |m: AgentMessage| matches!(m.body, Some(Body::Hello(_))).then_some(());
+
+    controller.next("first hello", is_hello).await;
+    first_tx.send(hello_ack("node-replay", 0)).await.unwrap();
+    let mut seqs = Vec::new();
+    for _ in 0..4 {
+        seqs.push(next_seq(&mut controller, "telemetry").await);
+    }
+    // Seqs are consecutive: nothing but telemetry goes through the outbox here.
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    // The controller acknowledges up to seqs[1], then the stream breaks
+    // (the ack is read before the end of the stream).
+    first_tx
+        .send(Ok(ControllerMessage {
+            body: Some(controller_message::Body::Ack(gpufleet_proto::v1::Ack {
+                seq: seqs[1],
+            })),
+        }))
+        .await
+        .unwrap();
+    drop(first_tx);
+    // A controller that lost track (last_seq 0) gets everything not
+    // acknowledged, in order: from seqs[2], although it was sent before.
+    controller.next("second hello", is_hello).await;
+    second_tx.send(hello_ack("node-replay", 0)).await.unwrap();
+    assert_eq!(next_seq(&mut controller, "the replay").await, seqs[2]);
+    assert_eq!(next_seq(&mut controller, "the replay").await, seqs[3]);
+    // The agent restarts; what was never acknowledged is still there, and
+    // the hello ack acknowledges too: the replay starts right above it.
+    agent.shutdown().await.unwrap();
+    drop(second_tx);
+    controller.server.abort();
+    let mut controller = fake_controller().await;
+    let agent = gpufleet_agent::start(
+        config(controller.addr, dir.path(), "node-replay"),
+        Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+    )
+    .await
+    .unwrap();
+    assert!(agent.outbox_stats().events >= 2);
+    controller.next("hello after the restart", is_hello).await;
+    controller
+        .to_agent
+        .send(hello_ack("node-replay", seqs[2]))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_seq(&mut controller, "the replay after the restart").await,
+        seqs[3]
+    );
+    agent.shutdown().await.unwrap();
+    controller.server.abort();
 }

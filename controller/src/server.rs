@@ -75,10 +75,26 @@ impl RunningController {
             task.abort();
             let _ = task.await;
         }
+        // Agent streams stop applying at the close; wait for the last
+        // message in hand, so the flush below and the saved seqs agree.
+        let streams_deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.controller.agent_streams() > 0 {
+            if tokio::time::Instant::now() > streams_deadline {
+                tracing::warn!(
+                    streams = self.controller.agent_streams(),
+                    "agent streams still open 5s after shutdown began"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         // What the last flush missed: the unfinished minutes are kept too.
         let end_of_time = std::time::SystemTime::now() + Duration::from_secs(3600);
         if let Err(e) = self.controller.telemetry().flush(end_of_time) {
             tracing::warn!(error = %e, "telemetry rollups not written at shutdown");
+        }
+        if let Err(e) = self.controller.persist_agent_seqs() {
+            tracing::warn!(error = %e, "agents' applied seqs not written at shutdown; they may replay events once");
         }
         match tokio::time::timeout(Duration::from_secs(5), &mut self.metrics).await {
             Ok(Ok(Err(e))) => tracing::warn!(error = %e, "metrics server failed"),
@@ -217,7 +233,10 @@ pub async fn start(
             let hub = telemetry.clone();
             let work = tokio::select! {
                 _ = flush.tick() => tokio::task::spawn_blocking(move || {
-                    hub.telemetry().flush(std::time::SystemTime::now()).map(|_| ())
+                    hub.telemetry().flush(std::time::SystemTime::now())?;
+                    // After the rollups: a crash then loses samples rather
+                    // than applying a replay twice.
+                    hub.persist_agent_seqs().map(|_| ())
                 }),
                 _ = prune.tick() => tokio::task::spawn_blocking(move || {
                     let removed = hub.telemetry().prune(std::time::SystemTime::now())?;

@@ -7,7 +7,7 @@
 //! (write first, then act).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -28,7 +28,7 @@ use crate::lifecycle::{
 };
 use crate::placement;
 use crate::scheduler::{self, FairShare, Fleet, NodeInput, Outcome};
-use crate::store::{Keyspace, Store, WriteBatch, load_all};
+use crate::store::{Keyspace, Store, StoreError, WriteBatch, load_all, load_all_by_id};
 use crate::telemetry::{RollupStore, TelemetryHub};
 use crate::usage;
 use crate::validate;
@@ -48,7 +48,12 @@ struct NodeEntry {
     last_seen: Instant,
     session: Option<Session>,
     generation: u64,
+    /// Highest seq applied from the agent; events at or below it are
+    /// duplicates (replays). The one field here that is persisted, lazily,
+    /// by `persist_agent_seqs` (keyspace `AgentSeq`).
     last_seq: u64,
+    /// `last_seq` as last written to the store.
+    persisted_seq: u64,
     /// Allocation ids last sent, to skip sending an unchanged set.
     last_sent: Option<Vec<String>>,
     /// A desired-state message could not be queued; resend on the next tick.
@@ -133,6 +138,22 @@ struct Inner {
     next_session: AtomicU64,
     /// Flipped once on shutdown; every stream and task watches it.
     closing: watch::Sender<bool>,
+    /// Agent streams whose messages are still being applied.
+    agent_streams: AtomicUsize,
+}
+
+/// See [`Controller::agent_stream_started`].
+pub struct AgentStreamGuard {
+    controller: Controller,
+}
+
+impl Drop for AgentStreamGuard {
+    fn drop(&mut self) {
+        self.controller
+            .inner
+            .agent_streams
+            .fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Cheap to clone; every clone is the same controller.
@@ -160,6 +181,9 @@ impl Controller {
             last_market_minute: placement::unix_secs(SystemTime::now()) / 60,
         };
         let now = Instant::now();
+        let seqs: HashMap<String, u64> = load_all_by_id::<u64>(store.as_ref(), Keyspace::AgentSeq)?
+            .into_iter()
+            .collect();
         for mut node in load_all::<Node>(store.as_ref(), Keyspace::Nodes)? {
             let id = node
                 .identity
@@ -170,6 +194,7 @@ impl Controller {
             if node.state() == NodeState::Ready {
                 node.set_state(NodeState::NotReady);
             }
+            let applied_seq = seqs.get(&id).copied().unwrap_or(0);
             state.nodes.insert(
                 id,
                 NodeEntry {
@@ -177,7 +202,8 @@ impl Controller {
                     last_seen: now,
                     session: None,
                     generation: 0,
-                    last_seq: 0,
+                    last_seq: applied_seq,
+                    persisted_seq: applied_seq,
                     last_sent: None,
                     resend: false,
                 },
@@ -241,6 +267,7 @@ impl Controller {
                 log_waiters: Mutex::new(HashMap::new()),
                 next_session: AtomicU64::new(1),
                 closing: watch::channel(false).0,
+                agent_streams: AtomicUsize::new(0),
             }),
         })
     }
@@ -1125,6 +1152,7 @@ impl Controller {
             .map_or(0, |p| p.generation)
             .max(hello.applied_generation);
         let last_seq = previous.as_ref().map_or(0, |p| p.last_seq);
+        let persisted_seq = previous.as_ref().map_or(0, |p| p.persisted_seq);
         state.nodes.insert(
             node_id.clone(),
             NodeEntry {
@@ -1136,6 +1164,7 @@ impl Controller {
                 }),
                 generation,
                 last_seq,
+                persisted_seq,
                 last_sent: None,
                 resend: false,
             },
@@ -1222,8 +1251,13 @@ impl Controller {
     }
 
     /// Refreshes the node's lease; returns false when the message is a
-    /// duplicate (already applied). Apply the message, then `applied_seq`.
+    /// duplicate (already applied), or when the controller is shutting
+    /// down: what is not acknowledged the agent sends again to the next
+    /// controller. Apply the message, then `applied_seq`.
     pub fn accept_seq(&self, node_id: &str, seq: u64) -> bool {
+        if *self.inner.closing.borrow() {
+            return false;
+        }
         let mut state = self.lock();
         let Some(entry) = state.nodes.get_mut(node_id) else {
             return false;
@@ -1237,6 +1271,10 @@ impl Controller {
     /// message's effects are in the store (write first, then act): an
     /// agent may forget what was acknowledged.
     pub fn applied_seq(&self, node_id: &str, seq: u64) {
+        if seq == 0 {
+            // Unsequenced (hellos, heartbeats): nothing to acknowledge.
+            return;
+        }
         let mut state = self.lock();
         let Some(entry) = state.nodes.get_mut(node_id) else {
             return;
@@ -1251,6 +1289,49 @@ impl Controller {
             // Acks are cumulative: dropping one when the channel is full is harmless.
             let _ = session.tx.try_send(ack);
         }
+    }
+
+    /// Writes each agent's highest applied seq that changed since the last
+    /// call, so a restarted controller keeps dropping replays of events it
+    /// already applied. Called after each telemetry flush and at shutdown;
+    /// returns how many were written.
+    pub fn persist_agent_seqs(&self) -> std::result::Result<usize, StoreError> {
+        let changed: Vec<(String, u64)> = self
+            .lock()
+            .nodes
+            .iter()
+            .filter(|(_, e)| e.last_seq != e.persisted_seq)
+            .map(|(id, e)| (id.clone(), e.last_seq))
+            .collect();
+        if changed.is_empty() {
+            return Ok(0);
+        }
+        let mut batch = WriteBatch::default();
+        for (id, seq) in &changed {
+            batch.put(Keyspace::AgentSeq, id, seq);
+        }
+        self.inner.store.apply(batch)?;
+        let mut state = self.lock();
+        for (id, seq) in &changed {
+            if let Some(entry) = state.nodes.get_mut(id) {
+                entry.persisted_seq = entry.persisted_seq.max(*seq);
+            }
+        }
+        Ok(changed.len())
+    }
+
+    /// Counts an agent stream until the guard is dropped, so shutdown can
+    /// wait for ingest to stop before its last flush.
+    pub fn agent_stream_started(&self) -> AgentStreamGuard {
+        self.inner.agent_streams.fetch_add(1, Ordering::SeqCst);
+        AgentStreamGuard {
+            controller: self.clone(),
+        }
+    }
+
+    /// Agent streams still being read.
+    pub fn agent_streams(&self) -> usize {
+        self.inner.agent_streams.load(Ordering::SeqCst)
     }
 
     /// Validates and keeps a batch of samples. Takes only the telemetry

@@ -38,6 +38,10 @@ pub enum Keyspace {
     NodeIdentities,
     /// Single values, by name (e.g. the generated join token's digest).
     Settings,
+    /// Highest sequence number applied from each agent (a `u64` message),
+    /// by node id, so a restarted controller still drops replayed events
+    /// it already applied.
+    AgentSeq,
 }
 
 impl Keyspace {
@@ -50,6 +54,7 @@ impl Keyspace {
             Keyspace::Tokens => "token/",
             Keyspace::NodeIdentities => "node-identity/",
             Keyspace::Settings => "setting/",
+            Keyspace::AgentSeq => "agent_seq/",
         }
     }
 
@@ -93,6 +98,24 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// Decodes every record of a keyspace.
+/// Every record of a keyspace with its id.
+pub fn load_all_by_id<M: Message + Default>(
+    store: &dyn Store,
+    space: Keyspace,
+) -> Result<Vec<(String, M)>, StoreError> {
+    store
+        .scan_raw(space)?
+        .into_iter()
+        .map(|(id, bytes)| {
+            let record = M::decode(bytes.as_slice()).map_err(|source| StoreError::Corrupt {
+                key: format!("{}{id}", space.prefix()),
+                source,
+            })?;
+            Ok((id, record))
+        })
+        .collect()
+}
+
 pub fn load_all<M: Message + Default>(
     store: &dyn Store,
     space: Keyspace,

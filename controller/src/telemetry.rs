@@ -148,7 +148,9 @@ pub enum DropReason {
     BadTimestamp,
     /// `sampled_at` more than `MAX_FUTURE_SKEW` ahead of the controller.
     Future,
-    /// `sampled_at` not after the GPU's previous accepted sample.
+    /// `sampled_at` equal to the GPU's latest accepted sample: the same
+    /// sample again. (Earlier samples, e.g. replayed from an agent's
+    /// outbox after a partition, are accepted into their minute's rollup.)
     Stale,
     /// Older than the rollup retention: nothing could be kept of it.
     TooOld,
@@ -661,6 +663,7 @@ impl TelemetryHub {
         let oldest = system_nanos(now.checked_sub(self.retention).unwrap_or(UNIX_EPOCH));
         let mut outcome = IngestOutcome::default();
         let mut finished = Vec::new();
+        let mut late: BTreeMap<(String, u64), Rollup> = BTreeMap::new();
         {
             let mut guard = lock(&node);
             let node = &mut *guard;
@@ -673,7 +676,7 @@ impl TelemetryHub {
                     (Some(_), None) => Err(DropReason::BadTimestamp),
                     (Some(_), Some(at)) if at > future_limit => Err(DropReason::Future),
                     (Some(_), Some(at)) if at < oldest => Err(DropReason::TooOld),
-                    (Some(gpu), Some(at)) if gpu.latest.is_some() && at <= gpu.last_at => {
+                    (Some(gpu), Some(at)) if gpu.latest.is_some() && at == gpu.last_at => {
                         Err(DropReason::Stale)
                     }
                     (Some(gpu), Some(at)) => check_values(&sample).map(|()| (gpu, at)),
@@ -687,6 +690,22 @@ impl TelemetryHub {
                     }
                 };
                 let minute = (at / 60_000_000_000) as u64;
+                node.accepted += 1;
+                outcome.accepted += 1;
+                if gpu.latest.is_some() && at < gpu.last_at {
+                    // Late (replayed after a partition): it belongs in the
+                    // history of its minute but must not move "latest"
+                    // back. A minute already written is merged, not
+                    // overwritten, by the store.
+                    match &mut gpu.current {
+                        Some(current) if current.minute == minute => current.add(&sample),
+                        _ => late
+                            .entry((sample.uuid.clone(), minute))
+                            .or_insert_with(|| Rollup::new(minute))
+                            .add(&sample),
+                    }
+                    continue;
+                }
                 match &mut gpu.current {
                     Some(current) if current.minute == minute => current.add(&sample),
                     slot => {
@@ -699,10 +718,9 @@ impl TelemetryHub {
                 }
                 gpu.last_at = at;
                 gpu.latest = Some(sample);
-                node.accepted += 1;
-                outcome.accepted += 1;
             }
         }
+        finished.extend(late.into_iter().map(|((uuid, _), rollup)| (uuid, rollup)));
         self.queue(finished);
         outcome
     }
@@ -1342,7 +1360,6 @@ mod tests {
             vec![
                 ok.clone(),
                 ok.clone(), // same time again: stale
-                sample("GPU-a", now - Duration::from_secs(1), 50, 1000), // backwards
                 sample("GPU-zz", now, 50, 1000),
                 sample("GPU-b", now + Duration::from_secs(3600), 50, 1000),
                 sample("GPU-b", now - Duration::from_secs(7200), 50, 1000),
@@ -1358,12 +1375,12 @@ mod tests {
             outcome,
             IngestOutcome {
                 accepted: 1,
-                dropped: 10
+                dropped: 9
             }
         );
         let stats = hub.stats("n1");
         assert_eq!(stats.samples_accepted, 1);
-        assert_eq!(stats.samples_dropped, 10);
+        assert_eq!(stats.samples_dropped, 9);
         let by = |r: DropReason| {
             stats
                 .dropped_by_reason
@@ -1371,7 +1388,7 @@ mod tests {
                 .copied()
                 .unwrap_or(0)
         };
-        assert_eq!(by(DropReason::Stale), 2);
+        assert_eq!(by(DropReason::Stale), 1);
         assert_eq!(by(DropReason::UnknownGpu), 1);
         assert_eq!(by(DropReason::Future), 1);
         assert_eq!(by(DropReason::TooOld), 1);
@@ -1385,6 +1402,57 @@ mod tests {
         let outcome = hub.ingest("nobody", vec![sample("GPU-a", now, 1, 1)], now);
         assert_eq!(outcome.dropped, 1);
         assert!(hub.latest_for_node("nobody").is_empty());
+    }
+
+    #[test]
+    fn late_samples_join_their_minute_without_moving_latest_back() {
+        let (store, hub) = hub();
+        let start = t0();
+        let newest = sample("GPU-a", start + Duration::from_secs(70), 90, 1000);
+        hub.ingest("n1", vec![sample("GPU-a", start, 10, 1000)], start);
+        hub.ingest("n1", vec![newest.clone()], start + Duration::from_secs(70));
+        // Minute 0 is finished and written.
+        assert_eq!(hub.flush(start + Duration::from_secs(70)).unwrap(), 1);
+        let m0 = minute_of(start);
+        // Replayed after a partition: one for the written minute, one for
+        // the current one.
+        let now = start + Duration::from_secs(80);
+        let outcome = hub.ingest(
+            "n1",
+            vec![
+                sample("GPU-a", start + Duration::from_secs(30), 30, 1000),
+                sample("GPU-a", start + Duration::from_secs(65), 70, 1000),
+            ],
+            now,
+        );
+        assert_eq!(
+            outcome,
+            IngestOutcome {
+                accepted: 2,
+                dropped: 0
+            }
+        );
+        assert_eq!(hub.latest_for_node("n1")["GPU-a"], newest);
+        assert_eq!(hub.flush(now).unwrap(), 1);
+        // Merged into the stored minute: both samples count.
+        let stored = &store.range("GPU-a", m0, m0 + 1).unwrap()[0];
+        let acc = stored.get(util());
+        assert_eq!((acc.count, acc.mean(), acc.max), (2, Some(20.0), 30.0));
+        let current = hub.minutes("n1", "GPU-a", m0 + 1, m0 + 2).unwrap();
+        let acc = current[&(m0 + 1)].get(util());
+        assert_eq!((acc.count, acc.max), (2, 90.0));
+        // The same instant as the latest is a repeat; older than retention
+        // is still too old.
+        let too_old = now - hub.retention() - Duration::from_secs(60);
+        let outcome = hub.ingest(
+            "n1",
+            vec![newest.clone(), sample("GPU-a", too_old, 1, 1)],
+            now,
+        );
+        assert_eq!(outcome.dropped, 2);
+        let stats = hub.stats("n1");
+        assert_eq!(stats.dropped_by_reason["stale"], 1);
+        assert_eq!(stats.dropped_by_reason["too_old"], 1);
     }
 
     #[test]

@@ -229,6 +229,7 @@ impl Cluster {
             tls: Default::default(),
             workload_user: None,
             api_token: None,
+            outbox_max_bytes: gpufleet_agent::config::DEFAULT_OUTBOX_MAX_BYTES,
         }
     }
 
@@ -345,8 +346,22 @@ impl Cluster {
     /// Stops the controller and starts a new one on the same address and
     /// data dir; agents reconnect by themselves.
     pub async fn restart_controller(&mut self) -> anyhow::Result<()> {
+        self.stop_controller().await?;
+        self.start_controller().await
+    }
+
+    /// Stops the controller (agents keep running and keep redialling).
+    pub async fn stop_controller(&mut self) -> anyhow::Result<()> {
         if let Some(controller) = self.controller.take() {
             controller.shutdown().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts a controller on the address and data dir of the stopped one.
+    pub async fn start_controller(&mut self) -> anyhow::Result<()> {
+        if self.controller.is_some() {
+            bail!("the controller is already running");
         }
         // The port was just released; rebinding it may take a moment.
         let addr = self.controller_addr;

@@ -180,7 +180,9 @@ async fn bad_samples_are_dropped_and_counted_never_stored() -> anyhow::Result<()
             uuid: "GPU-not-mine".into(),
             ..good(10, now + Duration::from_millis(3))
         },
-        good(10, now - Duration::from_secs(1)),
+        // The same instant again: a repeat (stale). An earlier time would
+        // be accepted into its minute, as replays after a partition are.
+        good(10, now),
         good(10, now + Duration::from_secs(86_400)),
         GpuSample {
             sampled_at: None,

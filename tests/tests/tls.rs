@@ -82,6 +82,7 @@ fn agent_config(dir: &Path, endpoint: &str, tls: TlsClientConfig, id: &str) -> A
         tls,
         workload_user: None,
         api_token: None,
+        outbox_max_bytes: gpufleet_agent::config::DEFAULT_OUTBOX_MAX_BYTES,
     }
 }
 

@@ -248,6 +248,7 @@ async fn start_agent(
         tls: Default::default(),
         workload_user: None,
         api_token: None,
+        outbox_max_bytes: gpufleet_agent::config::DEFAULT_OUTBOX_MAX_BYTES,
     };
     let listener = TcpListener::bind(config.listen).await?;
     gpufleet_agent::start(config, Some(listener)).await

@@ -72,12 +72,17 @@ impl AgentControl for AgentControlService {
         let node_id = session.node_id.clone();
         let session_id = session.session_id;
         let closed = self.controller.closed();
+        let stream_guard = self.controller.agent_stream_started();
         tokio::spawn(async move {
+            let _stream_guard = stream_guard;
             tokio::pin!(closed);
             loop {
                 let next = tokio::select! {
-                    next = inbound.message() => next,
+                    // Closing wins over a waiting message: shutdown's last
+                    // flush must see everything that was applied.
+                    biased;
                     _ = &mut closed => break,
+                    next = inbound.message() => next,
                 };
                 let message = match next {
                     Ok(Some(message)) => message,
