@@ -123,6 +123,9 @@ struct Args {
     /// Run workloads as this unprivileged user (and its primary group); needs the agent to run as root.
     #[arg(long, env = "GPUFLEET_WORKLOAD_USER", value_name = "USER")]
     workload_user: Option<String>,
+    /// Cap on each allocation's output log, e.g. 64MiB; output beyond it is dropped [default: 64MiB].
+    #[arg(long, env = "GPUFLEET_LOG_MAX_BYTES", value_name = "SIZE")]
+    log_max_bytes: Option<String>,
     /// Log format.
     #[arg(long, env = "GPUFLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -164,6 +167,7 @@ impl Args {
             tls_cert: self.tls_cert,
             tls_key: self.tls_key,
             workload_user: self.workload_user,
+            log_max_bytes: self.log_max_bytes,
             application_xids: self.application_xids,
             slowdown_degraded_after: self.slowdown_degraded_after,
             sbe_storm_per_minute: self.sbe_storm_per_minute,
@@ -183,6 +187,10 @@ fn init_tracing(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    // Each workload's shim is this executable started with a hidden argument.
+    if let Some(code) = gpufleet_agent::shim::dispatch() {
+        return code;
+    }
     let args = Args::parse();
     let log_format = args.log_format;
     let env: HashMap<String, String> = std::env::vars().collect();

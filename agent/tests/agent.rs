@@ -49,6 +49,8 @@ fn config(controller: SocketAddr, data_dir: &Path, node: &str) -> AgentConfig {
         monitoring: Default::default(),
         tls: Default::default(),
         workload_user: None,
+        log_max_bytes: 1 << 20,
+        shim_program: Some(common::SHIM.into()),
     }
 }
 

@@ -81,6 +81,8 @@ fn agent_config(dir: &Path, endpoint: &str, tls: TlsClientConfig, id: &str) -> A
         monitoring: Default::default(),
         tls,
         workload_user: None,
+        log_max_bytes: 1 << 20,
+        shim_program: Some(gpufleet_tests::test_shim()),
     }
 }
 

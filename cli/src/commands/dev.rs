@@ -223,6 +223,8 @@ async fn start_agent(
         monitoring: Default::default(),
         tls: Default::default(),
         workload_user: None,
+        log_max_bytes: gpufleet_agent::supervisor::DEFAULT_LOG_MAX_BYTES,
+        shim_program: None,
     };
     let listener = TcpListener::bind(config.listen).await?;
     gpufleet_agent::start(config, Some(listener)).await
