@@ -792,9 +792,14 @@ impl Supervisor {
             // The shim logged it and recorded it in exit.json.
             Ok(Reply::Failed { message }) => Err(message),
             Err(why) => {
+                // Name the real file behind /proc/self/exe.
+                let shown = std::fs::read_link(program)
+                    .ok()
+                    .filter(|_| program.starts_with("/proc"))
+                    .unwrap_or_else(|| program.clone());
                 let why = format!(
                     "{why}; the shim program {} must be a gpufleet agent executable (one that calls shim::dispatch first thing in main)",
-                    program.display()
+                    shown.display()
                 );
                 let message = abort(&mut child, &mut log, why);
                 // It may have started the workload before it stalled.
@@ -884,6 +889,11 @@ impl Supervisor {
         dir: &Path,
     ) -> Result<Option<(String, Recovered)>, String> {
         let Some(record) = store::read_agent_record(dir)? else {
+            // A launch the agent died in before it let the shim start the
+            // workload: nothing ran, nothing to report.
+            if let Err(e) = store::forget(dir) {
+                warn!(dir = %dir.display(), error = %e, "cannot remove the records of an aborted launch");
+            }
             return Ok(None);
         };
         let allocation = store::read_allocation(dir)?;
@@ -893,6 +903,10 @@ impl Supervisor {
                 "{} records allocation {id:?}",
                 store::ALLOCATION_FILE
             ));
+        }
+        if st.workloads.contains_key(&id) {
+            // Already known: recovered before, or started since.
+            return Ok(None);
         }
         let source = if record.local {
             Source::Local

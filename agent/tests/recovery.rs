@@ -156,8 +156,16 @@ fn workloads_survive_their_supervisor_and_are_re_adopted() {
     let third = runtime();
     third.block_on(async {
         let sup = supervisor(data, backend("n1", "1xT4"));
+        // An aborted launch (records but no state.json: the agent died
+        // before letting its shim start) is cleaned up, not reported.
+        let aborted = data.join("workloads/aborted");
+        std::fs::create_dir_all(&aborted).unwrap();
+        std::fs::write(aborted.join("allocation.pb"), b"").unwrap();
         let found = sup.recover();
+        assert!(!aborted.exists());
         assert!(found.adopted.is_empty(), "{found:?}");
+        // Recovering twice changes nothing.
+        assert_eq!(sup.recover(), Default::default());
         // The workloads that ended under the second run were still
         // running at its recovery, so their records remain until now.
         assert_eq!(
