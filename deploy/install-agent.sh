@@ -38,6 +38,9 @@ Options:
   --instance-type NAME    instance type, e.g. p5.48xlarge
   --node-id ID            node id (default: /etc/machine-id, else the hostname)
   --spot                  spot / preemptible capacity
+  --workload-user USER    run workloads as this existing unprivileged user (and its
+                          primary group) instead of root; "$SERVICE_USER" is created
+                          by this script
   --binary PATH           gpufleet-agent binary to install
                           (default: gpufleet-agent next to this script, else on PATH)
   --unit PATH             unit file to install (default: systemd/$UNIT_NAME next to this script)
@@ -63,7 +66,7 @@ die() {
 }
 
 controller="" token="" token_set=0 token_file="" provider="" region="" price=""
-zone="" instance_type="" node_id="" spot=false binary="" unit=""
+zone="" instance_type="" node_id="" spot=false binary="" unit="" workload_user=""
 simulated="" driver_root=/ root="" dry_run=0
 
 # A flag's value: present and not another flag.
@@ -86,6 +89,7 @@ while [[ $# -gt 0 ]]; do
         --instance-type) instance_type=$(value "$@"); shift 2 ;;
         --node-id) node_id=$(value "$@"); shift 2 ;;
         --spot) spot=true; shift ;;
+        --workload-user) workload_user=$(value "$@"); shift 2 ;;
         --binary) binary=$(value "$@"); shift 2 ;;
         --unit) unit=$(value "$@"); shift 2 ;;
         --simulated-gpus) simulated=$(value "$@"); shift 2 ;;
@@ -141,6 +145,23 @@ done
 [[ -n $price ]] || die_usage "--price is required: USD per GPU-hour, e.g. --price 3.93 (0 for owned hardware)"
 [[ $price =~ ^[0-9]+(\.[0-9]{1,6})?$ ]] ||
     die_usage "--price '$price' is not a non-negative amount of USD like 3.93"
+
+if [[ -n $workload_user ]]; then
+    [[ $workload_user =~ ^[a-z_][a-z0-9_-]{0,31}$ ]] ||
+        die_usage "--workload-user '$workload_user' is not a user name (lowercase letters, digits, _ and -)"
+    [[ $workload_user != root ]] ||
+        die_usage "--workload-user root gains nothing: omit the flag to run workloads as root"
+    # The service user is created below; any other must exist already.
+    if [[ $workload_user != "$SERVICE_USER" ]]; then
+        if [[ -n $root ]]; then
+            grep -q "^$workload_user:" "$root/etc/passwd" 2>/dev/null ||
+                die_usage "--workload-user '$workload_user' does not exist in $root/etc/passwd; create it first"
+        else
+            getent passwd "$workload_user" >/dev/null ||
+                die_usage "--workload-user '$workload_user' does not exist; create it first (useradd --system --user-group $workload_user)"
+        fi
+    fi
+fi
 
 if [[ -n $simulated ]]; then
     [[ $simulated =~ ^[1-9][0-9]*x[A-Za-z0-9-]+(,[1-9][0-9]*x[A-Za-z0-9-]+)*$ ]] ||
@@ -291,6 +312,7 @@ trap 'rm -rf "$workdir"' EXIT
         echo 'gpu_backend = "nvml"'
     fi
     echo 'data_dir = "/var/lib/gpufleet-agent"'
+    if [[ -n $workload_user ]]; then echo "workload_user = \"$workload_user\""; fi
     echo
     echo "[node]"
     if [[ -n $node_id ]]; then echo "id = \"$node_id\""; fi
@@ -337,7 +359,9 @@ else
         systemctl enable --now "$UNIT_NAME"
         say "enabled    $UNIT_NAME"
     elif [[ $changed -eq 1 ]]; then
-        # Workloads survive this restart (KillMode=process in the unit).
+        # A restart is a clean stop: the agent stops running workloads
+        # (SIGTERM, grace period) before it exits. Only a crash leaves them
+        # running for the next agent to re-adopt.
         systemctl try-restart "$UNIT_NAME"
         say "restarted  $UNIT_NAME"
     else

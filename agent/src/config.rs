@@ -15,6 +15,7 @@
 //! - `sample_interval`: 5s; `listen`: `127.0.0.1:7071`; `stop_grace_period`: 10s
 //! - `outbox_max_bytes`: 64 MiB (events held for the controller while it is
 //!   unreachable; over it the oldest telemetry is dropped)
+//! - `log_max_bytes`: 64 MiB per allocation
 //! - `metrics_listen`: `127.0.0.1:9400` (dcgm-exporter's port; `off` disables)
 //! - `nvml_library_path`: `libnvidia-ml.so.1` from the loader path
 //! - `read_kmsg`: true (XIDs from /dev/kmsg where readable, nvml backend only)
@@ -80,6 +81,14 @@ pub struct AgentConfig {
     /// Bound of the outbox (events not yet acknowledged by the controller),
     /// in bytes. Over it the oldest telemetry is dropped; status never is.
     pub outbox_max_bytes: u64,
+    /// Cap on each allocation's `output.log`; output beyond it is dropped
+    /// after one marker line.
+    pub log_max_bytes: u64,
+    /// Executable that runs each workload's shim (`<it> __shim <dir>`).
+    /// `None`: this executable, which must then call
+    /// [`crate::shim::dispatch`] first thing in `main`. Not a file key:
+    /// only embedders whose `main` is not theirs (test harnesses) set it.
+    pub shim_program: Option<PathBuf>,
 }
 
 /// PEM files for dialling an `https://` controller. Without `ca`, the
@@ -183,6 +192,7 @@ struct FileConfig {
     workload_user: Option<String>,
     api_token: Option<String>,
     outbox_max_bytes: Option<FileBytes>,
+    log_max_bytes: Option<toml::Value>,
     #[serde(default)]
     node: FileNode,
     #[serde(default)]
@@ -266,6 +276,7 @@ pub struct ConfigOverrides {
     pub workload_user: Option<String>,
     pub api_token: Option<String>,
     pub outbox_max_bytes: Option<String>,
+    pub log_max_bytes: Option<String>,
 }
 
 /// (field, environment variable) for every key, in one table.
@@ -302,6 +313,7 @@ macro_rules! for_each_key {
         $m!(workload_user, "GPUFLEET_WORKLOAD_USER");
         $m!(api_token, "GPUFLEET_API_TOKEN");
         $m!(outbox_max_bytes, "GPUFLEET_OUTBOX_MAX_BYTES");
+        $m!(log_max_bytes, "GPUFLEET_LOG_MAX_BYTES");
     };
 }
 
@@ -431,6 +443,31 @@ fn health_policy(o: &ConfigOverrides, file: FileHealth) -> Result<HealthPolicy, 
             None => file.sbe_storm_per_minute.unwrap_or(d.sbe_storm_per_minute),
         },
     })
+}
+
+/// `67108864`, `64MiB`, `64M`, `512KiB`, `1G` (binary multiples).
+fn parse_size(key: &'static str, s: &str) -> Result<u64, ConfigError> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => 0,
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .filter(|_| multiplier > 0)
+        .and_then(|n| n.checked_mul(multiplier))
+        .ok_or_else(|| {
+            invalid(
+                key,
+                format!("{s:?} is not a size like 67108864, 64MiB or 1GiB"),
+            )
+        })
 }
 
 fn parse_bool(key: &'static str, s: &str) -> Result<bool, ConfigError> {
@@ -597,6 +634,17 @@ impl AgentConfig {
                 Some(s) => parse_bytes("outbox_max_bytes", &s)?,
                 None => DEFAULT_OUTBOX_MAX_BYTES,
             },
+            log_max_bytes: match o.log_max_bytes.or_else(|| {
+                // A TOML number or a string with a unit.
+                file.log_max_bytes.map(|v| match v {
+                    toml::Value::String(s) => s,
+                    other => other.to_string(),
+                })
+            }) {
+                Some(s) => parse_size("log_max_bytes", &s)?,
+                None => crate::supervisor::DEFAULT_LOG_MAX_BYTES,
+            },
+            shim_program: None,
         };
         config.validate()?;
         Ok(config)
@@ -660,6 +708,12 @@ impl AgentConfig {
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
+        }
+        if self.log_max_bytes == 0 {
+            return Err(invalid(
+                "log_max_bytes",
+                "must be greater than zero (e.g. 64MiB)",
+            ));
         }
         let health = &self.monitoring.health;
         if health.clean_period.is_zero() {
@@ -821,6 +875,7 @@ mod tests {
         assert!((c.node.price_per_gpu_hour_usd - 3.93).abs() < 1e-9);
         assert_eq!(c.price_micro_usd(), 3_930_000);
         assert_eq!(c.stop_grace_period, Duration::from_secs(30));
+        assert_eq!(c.log_max_bytes, 16 << 20);
         // Env over file.
         assert_eq!(c.node.region, "eu-west-1");
         assert_eq!(c.sample_interval, Duration::from_secs(2));
@@ -881,6 +936,9 @@ mod tests {
                 "99999999999GiB",
                 "outbox_max_bytes",
             ),
+            ("GPUFLEET_LOG_MAX_BYTES", "lots", "log_max_bytes"),
+            ("GPUFLEET_LOG_MAX_BYTES", "64TiB", "log_max_bytes"),
+            ("GPUFLEET_LOG_MAX_BYTES", "0", "log_max_bytes"),
         ];
         for (var, value, key) in cases {
             let err = AgentConfig::load(&env(&[(var, value)]), ConfigOverrides::default())
@@ -944,6 +1002,25 @@ mod tests {
                 .to_string();
             assert!(err.contains(key), "{var}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn log_max_bytes_takes_sizes_with_units() {
+        let load = |value: &str| {
+            AgentConfig::load(
+                &env(&[("GPUFLEET_LOG_MAX_BYTES", value)]),
+                ConfigOverrides::default(),
+            )
+            .unwrap()
+            .log_max_bytes
+        };
+        assert_eq!(load("1000"), 1000);
+        assert_eq!(load("64MiB"), 64 << 20);
+        assert_eq!(load(" 2 G "), 2 << 30);
+        assert_eq!(load("512k"), 512 << 10);
+        let d = AgentConfig::load(&HashMap::new(), ConfigOverrides::default()).unwrap();
+        assert_eq!(d.log_max_bytes, 64 << 20);
+        assert_eq!(d.shim_program, None);
     }
 
     #[test]

@@ -12,10 +12,12 @@ pub mod kmsg;
 pub mod metrics;
 pub mod outbox;
 pub mod service;
+pub mod shim;
 pub mod store;
 pub mod supervisor;
 pub mod telemetry;
 mod uplink;
+mod workload_store;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,7 +42,7 @@ pub use config::{
 pub use health::{HealthPolicy, HealthTracker};
 pub use outbox::{Outbox, OutboxStats};
 pub use service::AgentService;
-pub use supervisor::{Source, Supervisor, SupervisorError};
+pub use supervisor::{Recovery, Source, Supervisor, SupervisorError, SupervisorSettings};
 pub use telemetry::Telemetry;
 
 /// A started agent. Call [`RunningAgent::shutdown`] to stop it cleanly.
@@ -134,11 +136,13 @@ pub async fn start(
     if config.monitoring.read_kmsg && config.gpu_backend == GpuBackendKind::Nvml {
         telemetry.start_kmsg_reader();
     }
-    let supervisor = Supervisor::new(
-        backend.clone(),
-        config.data_dir.clone(),
-        config.stop_grace_period,
-    );
+    let mut settings = SupervisorSettings::new(config.data_dir.clone());
+    settings.default_grace = config.stop_grace_period;
+    settings.log_max_bytes = config.log_max_bytes;
+    if let Some(program) = &config.shim_program {
+        settings.shim_program = program.clone();
+    }
+    let supervisor = Supervisor::new(backend.clone(), settings);
     if let Some(name) = &config.workload_user {
         let user = nix::unistd::User::from_name(name)
             .map_err(|e| anyhow::anyhow!("cannot look up workload_user {name:?}: {e}"))?
@@ -151,6 +155,17 @@ pub async fn start(
         }
         supervisor.run_as(user.uid.as_raw(), user.gid.as_raw());
         info!(user = %name, uid = user.uid.as_raw(), "workloads run as an unprivileged user");
+    }
+    // Before the uplink starts, so its first hello reports them.
+    let recovery = supervisor.recover();
+    if recovery != Recovery::default() {
+        info!(
+            adopted = recovery.adopted.len(),
+            finished = recovery.finished.len(),
+            lost = recovery.lost.len(),
+            unreadable = recovery.unreadable.len(),
+            "recovered the workloads of an earlier run"
+        );
     }
 
     let listener = match listener {

@@ -135,6 +135,9 @@ struct Args {
         hide_env_values = true
     )]
     api_token: Option<String>,
+    /// Cap on each allocation's output log, e.g. 64MiB; output beyond it is dropped [default: 64MiB].
+    #[arg(long, env = "GPUFLEET_LOG_MAX_BYTES", value_name = "SIZE")]
+    log_max_bytes: Option<String>,
     /// Log format.
     #[arg(long, env = "GPUFLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -178,6 +181,7 @@ impl Args {
             workload_user: self.workload_user,
             api_token: self.api_token,
             outbox_max_bytes: self.outbox_max_bytes,
+            log_max_bytes: self.log_max_bytes,
             application_xids: self.application_xids,
             slowdown_degraded_after: self.slowdown_degraded_after,
             sbe_storm_per_minute: self.sbe_storm_per_minute,
@@ -197,6 +201,10 @@ fn init_tracing(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    // Each workload's shim is this executable started with a hidden argument.
+    if let Some(code) = gpufleet_agent::shim::dispatch() {
+        return code;
+    }
     let args = Args::parse();
     let log_format = args.log_format;
     let env: HashMap<String, String> = std::env::vars().collect();

@@ -4,16 +4,22 @@
 //!
 //! Processes run without a shell, in their own process group (so a stop
 //! reaches every process the workload started), with a cleared environment,
-//! and write stdout and stderr to one `output.log` per allocation.
+//! and write stdout and stderr to one capped `output.log` per allocation.
+//!
+//! Each workload runs under a small shim process (see [`crate::shim`]) in
+//! its own session, so it outlives the agent. What a restarted agent needs
+//! is recorded in `data_dir/workloads/<id>/` ([`crate::workload_store`])
+//! before a workload is reported running; [`Supervisor::recover`] re-adopts
+//! the workloads still running and reports how the others ended.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::OpenOptions;
-use std::io::Write;
-use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use gpufleet_proto::v1::{Allocation, DesiredState, LogChunk, WorkloadState, WorkloadStatus};
 use nix::sys::signal::{Signal, killpg};
@@ -23,12 +29,62 @@ use tokio::sync::{broadcast, watch};
 use tracing::{debug, info, warn};
 
 use crate::backend::GpuBackend;
+use crate::shim::{LaunchSpec, Reply};
+use crate::workload_store::{self as store, AgentRecord, ExitRecord};
 
 /// Largest log chunk one read returns.
 pub const MAX_LOG_CHUNK: u32 = 1024 * 1024;
 /// PATH given to every workload (the agent's own PATH is not inherited).
 pub const WORKLOAD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const EVENT_CAPACITY: usize = 1024;
+/// Default cap on one allocation's `output.log`.
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// Longest wait for a shim to report that its workload started.
+const SHIM_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a re-adopted workload (not the agent's child) is checked.
+const ADOPTED_POLL: Duration = Duration::from_millis(200);
+
+/// How the supervisor runs workloads.
+#[derive(Debug, Clone)]
+pub struct SupervisorSettings {
+    /// `data_dir/allocations/<id>/` is each workload's home and log;
+    /// `data_dir/workloads/<id>/` the agent's records of it.
+    pub data_dir: PathBuf,
+    /// Time between SIGTERM and SIGKILL when a stop names none.
+    pub default_grace: Duration,
+    /// Cap on each allocation's `output.log`.
+    pub log_max_bytes: u64,
+    /// Executable started as `<program> __shim <dir>` for every workload; it
+    /// must call [`crate::shim::dispatch`] first thing in `main`.
+    pub shim_program: PathBuf,
+}
+
+impl SupervisorSettings {
+    /// Defaults: 10 s grace, [`DEFAULT_LOG_MAX_BYTES`], and this very
+    /// executable as the shim (`/proc/self/exe`, which stays valid even when
+    /// the file on disk is replaced by an upgrade).
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            default_grace: Duration::from_secs(10),
+            log_max_bytes: DEFAULT_LOG_MAX_BYTES,
+            shim_program: PathBuf::from("/proc/self/exe"),
+        }
+    }
+}
+
+/// What [`Supervisor::recover`] found in the allocation directories.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// Still running: watched again, stoppable as before.
+    pub adopted: Vec<String>,
+    /// Ended while the agent was away; their real outcome is reported.
+    pub finished: Vec<String>,
+    /// Their shim is gone without recording an outcome: reported `Lost`.
+    pub lost: Vec<String>,
+    /// Directories whose records could not be read (named with the reason).
+    pub unreadable: Vec<String>,
+}
 
 /// Who asked for a workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,7 +148,10 @@ struct Workload {
     allocation: Allocation,
     source: Source,
     state: WorkloadState,
+    /// The workload's pid, also its process group id; 0 until known.
     pid: u32,
+    /// The shim's pid and start time (`None`: never got one).
+    shim: Option<(u32, u64)>,
     exit_code: Option<i32>,
     signal: Option<i32>,
     message: String,
@@ -123,6 +182,114 @@ impl Workload {
     fn terminal(&self) -> bool {
         is_terminal(self.state)
     }
+
+    /// Takes the outcome from the shim's exit record.
+    fn apply_exit(&mut self, exit: &ExitRecord) {
+        self.exit_code = exit.exit_code;
+        self.signal = exit.signal;
+        self.finished_at = Some(store::from_unix_ms(exit.finished_at_ms));
+        (self.state, self.message) = outcome(self.stop_requested, exit);
+    }
+}
+
+/// The state and message for a workload that ended as `exit` says.
+fn outcome(stop_requested: bool, exit: &ExitRecord) -> (WorkloadState, String) {
+    if let Some(error) = &exit.start_error {
+        return (WorkloadState::Failed, error.clone());
+    }
+    match (stop_requested, exit.exit_code, exit.signal) {
+        (true, _, Some(sig)) => (
+            WorkloadState::Stopped,
+            format!("stopped (signal {})", signal_name(sig)),
+        ),
+        (true, _, _) => (WorkloadState::Stopped, "stopped".to_string()),
+        (false, Some(0), _) => (WorkloadState::Succeeded, String::new()),
+        (false, Some(code), _) => (WorkloadState::Failed, format!("exited with code {code}")),
+        (false, None, Some(sig)) => (
+            WorkloadState::Failed,
+            format!("killed by signal {}", signal_name(sig)),
+        ),
+        (false, None, None) => (
+            WorkloadState::Failed,
+            "ended for an unknown reason".to_string(),
+        ),
+    }
+}
+
+/// A shim that is up and has started its workload.
+struct Launched {
+    child: tokio::process::Child,
+    pid: u32,
+    shim: (u32, u64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recovered {
+    Adopted,
+    Finished,
+    Lost,
+}
+
+/// Reads the shim's one-line answer, giving up after `timeout`.
+fn read_reply(mut from: std::fs::File, timeout: Duration) -> Result<Reply, String> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let deadline = Instant::now() + timeout;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 512];
+    while !buf.contains(&b'\n') {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "the workload shim did not answer within {timeout:?}"
+            ));
+        }
+        let mut fds = [PollFd::new(from.as_fd(), PollFlags::POLLIN)];
+        match poll(
+            &mut fds,
+            PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX),
+        ) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => {}
+            Err(e) => return Err(format!("cannot wait for the workload shim: {e}")),
+        }
+        match from.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("cannot read the workload shim's answer: {e}")),
+        }
+    }
+    let line = buf.split(|&b| b == b'\n').next().unwrap_or_default();
+    if line.is_empty() {
+        return Err("the workload shim exited without answering".to_string());
+    }
+    serde_json::from_slice(line).map_err(|e| {
+        format!(
+            "the workload shim answered {:?}, not a start report: {e}",
+            String::from_utf8_lossy(line)
+        )
+    })
+}
+
+/// Kills what is left of a workload whose shim died: its process group,
+/// but only members still in the shim's session (both ids stay reserved
+/// while a member lives, so nothing unrelated matches).
+fn kill_leftovers(pgid: u32, shim_pid: u32) {
+    if pgid == 0 || shim_pid == 0 {
+        return;
+    }
+    let (Ok(pgid), Ok(session)) = (i32::try_from(pgid), i32::try_from(shim_pid)) else {
+        return;
+    };
+    let members = store::group_members(pgid, session);
+    if !members.is_empty() {
+        warn!(
+            pgid,
+            count = members.len(),
+            "killing what is left of a workload whose shim died"
+        );
+        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    }
 }
 
 #[derive(Default)]
@@ -137,9 +304,8 @@ struct State {
 struct Inner {
     /// (uid, gid) workloads run as; `None`: the agent's own.
     run_as: std::sync::OnceLock<(u32, u32)>,
-    data_dir: PathBuf,
+    settings: SupervisorSettings,
     node_gpus: Vec<String>,
-    default_grace: Duration,
     backend: Arc<dyn GpuBackend>,
     state: Mutex<State>,
     events: broadcast::Sender<WorkloadStatus>,
@@ -154,28 +320,26 @@ pub struct Supervisor {
 impl std::fmt::Debug for Supervisor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Supervisor")
-            .field("data_dir", &self.inner.data_dir)
+            .field("data_dir", &self.inner.settings.data_dir)
             .finish_non_exhaustive()
     }
 }
 
 impl Supervisor {
-    /// `data_dir/allocations/<id>/` holds each workload's files.
     /// Workloads started from now on run as `uid`/`gid` (the agent must be
     /// root). Set once, at start.
     pub fn run_as(&self, uid: u32, gid: u32) {
         let _ = self.inner.run_as.set((uid, gid));
     }
 
-    pub fn new(backend: Arc<dyn GpuBackend>, data_dir: PathBuf, default_grace: Duration) -> Self {
+    pub fn new(backend: Arc<dyn GpuBackend>, settings: SupervisorSettings) -> Self {
         let node_gpus = backend.gpus().into_iter().map(|g| g.uuid).collect();
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         Self {
             inner: Arc::new(Inner {
                 run_as: std::sync::OnceLock::new(),
-                data_dir,
+                settings,
                 node_gpus,
-                default_grace,
                 backend,
                 state: Mutex::new(State::default()),
                 events,
@@ -217,12 +381,23 @@ impl Supervisor {
 
     /// Directory of one allocation's files.
     pub fn allocation_dir(&self, allocation_id: &str) -> PathBuf {
-        self.inner.data_dir.join("allocations").join(allocation_id)
+        self.inner
+            .settings
+            .data_dir
+            .join("allocations")
+            .join(allocation_id)
+    }
+
+    /// Directory of the agent's and the shim's records of one workload.
+    /// Apart from the allocation directory because that one belongs to the
+    /// workload's user (`workload_user`), who must not forge them.
+    fn records_dir(&self, allocation_id: &str) -> PathBuf {
+        store::records_root(&self.inner.settings.data_dir).join(allocation_id)
     }
 
     /// Path of one allocation's combined stdout/stderr log.
     pub fn log_path(&self, allocation_id: &str) -> PathBuf {
-        self.allocation_dir(allocation_id).join("output.log")
+        self.allocation_dir(allocation_id).join(store::LOG_FILE)
     }
 
     /// Starts a workload for the local API. Unlike the controller path, bad
@@ -352,6 +527,10 @@ impl Supervisor {
         }
         for id in forget {
             st.workloads.remove(&id);
+            // A restarted agent must not report it again.
+            if let Err(e) = store::forget(&self.records_dir(&id)) {
+                warn!(allocation_id = %id, error = %e, "cannot drop the record of a finished workload");
+            }
         }
         for id in stops {
             if let Some(w) = st.workloads.get_mut(&id) {
@@ -395,6 +574,7 @@ impl Supervisor {
             source,
             state: WorkloadState::Starting,
             pid: 0,
+            shim: None,
             exit_code: None,
             signal: None,
             message: String::new(),
@@ -405,20 +585,23 @@ impl Supervisor {
         };
         let spawned = match rejected {
             Some(reason) => Err(reason),
-            None => self.spawn(&w.allocation),
+            None => self.spawn(&w.allocation, source),
         };
         match spawned {
-            Ok(child) => {
-                w.pid = child.id().unwrap_or(0);
+            Ok(launched) => {
+                w.pid = launched.pid;
+                w.shim = Some(launched.shim);
                 w.state = WorkloadState::Running;
                 w.started_at = Some(SystemTime::now());
-                info!(allocation_id = %id, pid = w.pid, gpus = ?w.allocation.gpu_uuids, "workload started");
+                info!(allocation_id = %id, pid = w.pid, shim_pid = launched.shim.0, gpus = ?w.allocation.gpu_uuids, "workload started");
                 let this = self.clone();
                 let reap_id = id.clone();
                 tokio::spawn(async move {
-                    let mut child = child;
-                    let result = child.wait().await;
-                    this.on_exit(&reap_id, result);
+                    let mut shim = launched.child;
+                    // The shim's own exit status says nothing about the
+                    // workload; its exit record does.
+                    let _ = shim.wait().await;
+                    this.on_exit(&reap_id);
                     let _ = done_tx.send(true);
                 });
             }
@@ -435,9 +618,13 @@ impl Supervisor {
         self.emit(st, status);
     }
 
-    /// Spawns the process; the error is a message for the workload status
-    /// (also written to its log when the log could be opened).
-    fn spawn(&self, allocation: &Allocation) -> Result<tokio::process::Child, String> {
+    /// Starts the workload through a shim: records the allocation and the
+    /// shim before the shim may start it, then waits for the shim's answer.
+    /// The error is a message for the workload status (also written to its
+    /// log when the log could be opened). Runs under the state lock, like a
+    /// plain spawn did: a shim answers within milliseconds, and
+    /// [`SHIM_START_TIMEOUT`] bounds a stuck one.
+    fn spawn(&self, allocation: &Allocation, source: Source) -> Result<Launched, String> {
         let id = &allocation.allocation_id;
         let dir = self.allocation_dir(id);
         std::fs::create_dir_all(&dir).map_err(|e| {
@@ -446,7 +633,8 @@ impl Supervisor {
                 dir.display()
             )
         })?;
-        if let Some(&(uid, gid)) = self.inner.run_as.get() {
+        let run_as = self.inner.run_as.get().copied();
+        if let Some((uid, gid)) = run_as {
             // The workload's HOME and default working directory.
             nix::unistd::chown(
                 &dir,
@@ -460,7 +648,8 @@ impl Supervisor {
                 )
             })?;
         }
-        let log_path = dir.join("output.log");
+        let records = self.records_dir(id);
+        let log_path = dir.join(store::LOG_FILE);
         let mut log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -472,9 +661,9 @@ impl Supervisor {
         };
         let default_spec = Default::default();
         let spec = allocation.workload.as_ref().unwrap_or(&default_spec);
-        let Some(program) = spec.argv.first() else {
+        if spec.argv.is_empty() {
             return Err(fail(&mut log, "workload.argv is empty".into()));
-        };
+        }
         let working_dir = if spec.working_dir.is_empty() {
             dir.clone()
         } else {
@@ -486,88 +675,335 @@ impl Supervisor {
                 format!("working directory {} does not exist", working_dir.display()),
             ));
         }
-        let stderr = log
+        let gpus = allocation.gpu_uuids.join(",");
+        let mut env: Vec<(String, String)> = vec![
+            ("PATH".into(), WORKLOAD_PATH.into()),
+            ("HOME".into(), dir.to_string_lossy().into_owned()),
+        ];
+        let mut job_env: Vec<_> = spec.env.iter().collect();
+        job_env.sort();
+        env.extend(job_env.into_iter().map(|(k, v)| (k.clone(), v.clone())));
+        // After the job's env, so a job cannot escape its GPUs.
+        env.extend([
+            ("CUDA_VISIBLE_DEVICES".into(), gpus.clone()),
+            ("NVIDIA_VISIBLE_DEVICES".into(), gpus),
+            ("GPUFLEET_JOB_ID".into(), allocation.job_id.clone()),
+            (
+                "GPUFLEET_TASK_INDEX".into(),
+                allocation.task_index.to_string(),
+            ),
+            ("GPUFLEET_ALLOCATION_ID".into(), id.clone()),
+        ]);
+        if let Err(e) = store::create_records_dir(&records) {
+            return Err(fail(
+                &mut log,
+                format!(
+                    "cannot create the records directory {}: {e}",
+                    records.display()
+                ),
+            ));
+        }
+        let launch = LaunchSpec {
+            argv: spec.argv.clone(),
+            log_path,
+            env,
+            working_dir,
+            run_as,
+            log_max_bytes: self.inner.settings.log_max_bytes,
+        };
+        let mut line = serde_json::to_string(&launch)
+            .map_err(|e| fail(&mut log, format!("cannot encode the launch spec: {e}")))?;
+        line.push('\n');
+        store::write_allocation(&records, allocation).map_err(|e| {
+            fail(
+                &mut log,
+                format!("cannot record the allocation in {}: {e}", records.display()),
+            )
+        })?;
+
+        let shim_stderr = log
             .try_clone()
             .map_err(|e| fail(&mut log, format!("cannot share the log file: {e}")))?;
-        let gpus = allocation.gpu_uuids.join(",");
-        let mut cmd = tokio::process::Command::new(program);
-        cmd.args(&spec.argv[1..])
-            .process_group(0)
-            .env_clear()
-            .env("PATH", WORKLOAD_PATH)
-            .env("HOME", &dir)
-            .envs(&spec.env)
-            // Set after the job's env so a job cannot escape its GPUs.
-            .env("CUDA_VISIBLE_DEVICES", &gpus)
-            .env("NVIDIA_VISIBLE_DEVICES", &gpus)
-            .env("GPUFLEET_JOB_ID", &allocation.job_id)
-            .env("GPUFLEET_TASK_INDEX", allocation.task_index.to_string())
-            .env("GPUFLEET_ALLOCATION_ID", id)
-            .current_dir(&working_dir)
-            .stdin(Stdio::null())
-            // One file for both, like 2>&1; no pipes, so a workload never
-            // blocks on the agent draining its output.
-            .stdout(Stdio::from(stderr))
-            .stderr(Stdio::from(
-                log.try_clone()
-                    .map_err(|e| format!("cannot share the log file: {e}"))?,
-            ))
-            // Safety net if the agent's runtime goes away without a shutdown.
-            .kill_on_drop(true);
-        if let Some(&(uid, gid)) = self.inner.run_as.get() {
-            // std drops supplementary groups when it switches users.
-            cmd.uid(uid).gid(gid);
+        let program = &self.inner.settings.shim_program;
+        let mut child = crate::shim::command(program, &records)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            // The shim's own complaints (there should be none) go to the log.
+            .stderr(Stdio::from(shim_stderr))
+            // The whole point: the shim and its workload outlive the agent.
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| {
+                fail(
+                    &mut log,
+                    format!("cannot start the workload shim {}: {e}", program.display()),
+                )
+            })?;
+        let abort = |child: &mut tokio::process::Child, log: &mut std::fs::File, why: String| {
+            let _ = child.start_kill();
+            fail(log, why)
+        };
+        let (Some(shim_pid), Some(stdin), Some(stdout)) =
+            (child.id(), child.stdin.take(), child.stdout.take())
+        else {
+            return Err(abort(
+                &mut child,
+                &mut log,
+                "the workload shim exited at once".into(),
+            ));
+        };
+        let Some(shim_start) = store::proc_stat(shim_pid).map(|s| s.start_ticks) else {
+            return Err(abort(
+                &mut child,
+                &mut log,
+                format!("cannot read /proc/{shim_pid}/stat of the workload shim"),
+            ));
+        };
+        let record = AgentRecord {
+            local: source == Source::Local,
+            shim_pid,
+            shim_start_ticks: shim_start,
+            stop_requested: false,
+        };
+        if let Err(e) = store::write_agent_record(&records, &record) {
+            return Err(abort(
+                &mut child,
+                &mut log,
+                format!("cannot record the workload in {}: {e}", records.display()),
+            ));
         }
-        cmd.spawn()
-            .map_err(|e| fail(&mut log, format!("cannot start {program:?}: {e}")))
+        // From here on a restarted agent knows the shim: let it start.
+        let handshake = stdin
+            .into_owned_fd()
+            .and_then(|fd| std::fs::File::from(fd).write_all(line.as_bytes()))
+            .map_err(|e| format!("cannot talk to the workload shim: {e}"))
+            .and_then(|()| {
+                let stdout = stdout
+                    .into_owned_fd()
+                    .map_err(|e| format!("cannot talk to the workload shim: {e}"))?;
+                read_reply(std::fs::File::from(stdout), SHIM_START_TIMEOUT)
+            });
+        match handshake {
+            Ok(Reply::Started { pid }) => Ok(Launched {
+                child,
+                pid,
+                shim: (shim_pid, shim_start),
+            }),
+            // The shim logged it and recorded it in exit.json.
+            Ok(Reply::Failed { message }) => Err(message),
+            Err(why) => {
+                // Name the real file behind /proc/self/exe.
+                let shown = std::fs::read_link(program)
+                    .ok()
+                    .filter(|_| program.starts_with("/proc"))
+                    .unwrap_or_else(|| program.clone());
+                let why = format!(
+                    "{why}; the shim program {} must be a gpufleet agent executable (one that calls shim::dispatch first thing in main)",
+                    shown.display()
+                );
+                let message = abort(&mut child, &mut log, why);
+                // It may have started the workload before it stalled.
+                if let Ok(Some(started)) = store::read_started(&records) {
+                    let _ = killpg(Pid::from_raw(started.pid as i32), Signal::SIGKILL);
+                }
+                let record = ExitRecord {
+                    exit_code: None,
+                    signal: None,
+                    start_error: Some(message.clone()),
+                    finished_at_ms: store::unix_ms(SystemTime::now()),
+                };
+                let _ = store::write_exit(&records, &record);
+                Err(message)
+            }
+        }
     }
 
-    fn on_exit(&self, id: &str, result: std::io::Result<std::process::ExitStatus>) {
+    /// Ends a workload from its exit record; without one (its shim died),
+    /// reports it lost and kills what is left of it.
+    fn on_exit(&self, id: &str) {
+        let dir = self.records_dir(id);
+        let exit = store::read_exit(&dir);
         let mut st = self.lock();
         let Some(w) = st.workloads.get_mut(id) else {
             return;
         };
-        w.finished_at = Some(SystemTime::now());
-        match result {
-            Ok(status) => {
-                w.exit_code = status.code();
-                w.signal = status.signal();
-                (w.state, w.message) = match (w.stop_requested, status.code(), status.signal()) {
-                    (true, _, Some(sig)) => (
-                        WorkloadState::Stopped,
-                        format!("stopped (signal {})", signal_name(sig)),
-                    ),
-                    (true, _, _) => (WorkloadState::Stopped, "stopped".to_string()),
-                    (false, Some(0), _) => (WorkloadState::Succeeded, String::new()),
-                    (false, Some(code), _) => {
-                        (WorkloadState::Failed, format!("exited with code {code}"))
-                    }
-                    (false, None, Some(sig)) => (
-                        WorkloadState::Failed,
-                        format!("killed by signal {}", signal_name(sig)),
-                    ),
-                    (false, None, None) => (
-                        WorkloadState::Failed,
-                        "ended for an unknown reason".to_string(),
-                    ),
-                };
+        if w.terminal() {
+            return;
+        }
+        match exit {
+            Ok(Some(record)) => w.apply_exit(&record),
+            Ok(None) => {
+                let shim_pid = w.shim.map_or(0, |(pid, _)| pid);
+                w.state = WorkloadState::Lost;
+                w.message = format!(
+                    "the workload's shim (pid {shim_pid}) ended without recording how the workload ended"
+                );
+                w.finished_at = Some(SystemTime::now());
+                kill_leftovers(w.pid, shim_pid);
             }
             Err(e) => {
-                w.state = WorkloadState::Failed;
-                w.message = format!("cannot wait for the process: {e}");
+                w.state = WorkloadState::Lost;
+                w.message = e;
+                w.finished_at = Some(SystemTime::now());
             }
         }
-        info!(allocation_id = %id, state = ?w.state, exit_code = ?w.exit_code, signal = ?w.signal, "workload ended");
-        let pid = w.pid;
+        info!(allocation_id = %id, state = ?w.state, exit_code = ?w.exit_code, signal = ?w.signal, message = %w.message, "workload ended");
         let status = w.status();
         self.emit(&mut st, status);
-        drop(st);
-        // The workload ends with its leader: kill anything it left behind in
-        // its process group. The group id stays reserved while members live,
-        // so this cannot hit an unrelated process group.
-        if pid > 0 {
-            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+
+    /// Re-adopts the workloads recorded in the allocation directories: those
+    /// still running are watched again (and can be stopped as before), those
+    /// that ended while the agent was away get their real outcome, and those
+    /// whose shim died without recording one are reported lost. Call once,
+    /// at start, before anything else uses the supervisor.
+    pub fn recover(&self) -> Recovery {
+        let mut found = Recovery::default();
+        let root = store::records_root(&self.inner.settings.data_dir);
+        let dirs = match store::subdirectories(&root) {
+            Ok(dirs) => dirs,
+            Err(e) => {
+                found.unreadable.push(format!("{}: {e}", root.display()));
+                return found;
+            }
+        };
+        let mut st = self.lock();
+        for dir in dirs {
+            match self.recover_one(&mut st, &dir) {
+                Ok(None) => {}
+                Ok(Some((id, Recovered::Adopted))) => found.adopted.push(id),
+                Ok(Some((id, Recovered::Finished))) => found.finished.push(id),
+                Ok(Some((id, Recovered::Lost))) => found.lost.push(id),
+                Err(e) => {
+                    warn!(dir = %dir.display(), error = %e, "cannot recover a workload");
+                    found.unreadable.push(format!("{}: {e}", dir.display()));
+                }
+            }
         }
+        found
+    }
+
+    fn recover_one(
+        &self,
+        st: &mut State,
+        dir: &Path,
+    ) -> Result<Option<(String, Recovered)>, String> {
+        let Some(record) = store::read_agent_record(dir)? else {
+            // A launch the agent died in before it let the shim start the
+            // workload: nothing ran, nothing to report.
+            if let Err(e) = store::forget(dir) {
+                warn!(dir = %dir.display(), error = %e, "cannot remove the records of an aborted launch");
+            }
+            return Ok(None);
+        };
+        let allocation = store::read_allocation(dir)?;
+        let id = allocation.allocation_id.clone();
+        if dir.file_name() != Some(std::ffi::OsStr::new(&id)) {
+            return Err(format!(
+                "{} records allocation {id:?}",
+                store::ALLOCATION_FILE
+            ));
+        }
+        if st.workloads.contains_key(&id) {
+            // Already known: recovered before, or started since.
+            return Ok(None);
+        }
+        let source = if record.local {
+            Source::Local
+        } else {
+            Source::Controller
+        };
+        let started = store::read_started(dir)?;
+        let (done_tx, done_rx) = watch::channel(false);
+        let mut w = Workload {
+            allocation,
+            source,
+            state: WorkloadState::Running,
+            pid: started.as_ref().map_or(0, |s| s.pid),
+            shim: Some((record.shim_pid, record.shim_start_ticks)),
+            exit_code: None,
+            signal: None,
+            message: String::new(),
+            started_at: started
+                .as_ref()
+                .map(|s| store::from_unix_ms(s.started_at_ms)),
+            finished_at: None,
+            stop_requested: record.stop_requested,
+            done: done_rx,
+        };
+        // Exit record first: a shim that just wrote it and exited is
+        // finished, not lost.
+        let alive = store::is_same_live_process(record.shim_pid, record.shim_start_ticks);
+        let exit = store::read_exit(dir)?;
+        let outcome = match (exit, alive) {
+            (Some(exit), _) => {
+                w.apply_exit(&exit);
+                Recovered::Finished
+            }
+            (None, true) => Recovered::Adopted,
+            (None, false) => match store::read_exit(dir)? {
+                Some(exit) => {
+                    w.apply_exit(&exit);
+                    Recovered::Finished
+                }
+                None => {
+                    w.state = WorkloadState::Lost;
+                    w.message = format!(
+                        "the workload's shim (pid {}) ended while the agent was down, without recording how the workload ended",
+                        record.shim_pid
+                    );
+                    w.finished_at = Some(SystemTime::now());
+                    kill_leftovers(w.pid, record.shim_pid);
+                    Recovered::Lost
+                }
+            },
+        };
+        if outcome == Recovered::Adopted {
+            info!(allocation_id = %id, pid = w.pid, shim_pid = record.shim_pid, "re-adopted a running workload");
+            let this = self.clone();
+            let watch_id = id.clone();
+            let shim = (record.shim_pid, record.shim_start_ticks);
+            tokio::spawn(async move {
+                this.watch_adopted(&watch_id, shim).await;
+                let _ = done_tx.send(true);
+            });
+        } else {
+            info!(allocation_id = %id, state = ?w.state, message = %w.message, "recovered a workload that ended while the agent was down");
+            let _ = done_tx.send(true);
+            if source == Source::Local {
+                // Local results are kept until the next restart, not forever.
+                let _ = store::forget(dir);
+            }
+        }
+        let status = w.status();
+        st.workloads.insert(id.clone(), w);
+        self.emit(st, status);
+        Ok(Some((id, outcome)))
+    }
+
+    /// Waits for a re-adopted workload's shim, which is not our child, by
+    /// polling its exit record and whether it still lives.
+    async fn watch_adopted(&self, id: &str, (shim_pid, shim_start): (u32, u64)) {
+        let dir = self.records_dir(id);
+        loop {
+            if dir.join(store::EXIT_FILE).exists()
+                || !store::is_same_live_process(shim_pid, shim_start)
+            {
+                break;
+            }
+            // A shim adopted between "go" and starting its workload reports
+            // the pid late.
+            let unknown_pid = self.lock().workloads.get(id).is_some_and(|w| w.pid == 0);
+            if unknown_pid && let Ok(Some(started)) = store::read_started(&dir) {
+                let mut st = self.lock();
+                if let Some(w) = st.workloads.get_mut(id) {
+                    w.pid = started.pid;
+                    w.started_at = Some(store::from_unix_ms(started.started_at_ms));
+                }
+            }
+            tokio::time::sleep(ADOPTED_POLL).await;
+        }
+        self.on_exit(id);
     }
 
     /// Publishes a status and tells the backend when the busy GPUs changed.
@@ -591,6 +1027,20 @@ impl Supervisor {
     fn request_stop(&self, w: &mut Workload, grace: Option<Duration>) -> watch::Receiver<bool> {
         if !w.terminal() && !w.stop_requested && w.pid > 0 {
             w.stop_requested = true;
+            // Recorded first, so that a restarted agent still reports the
+            // signal death as Stopped.
+            if let Some((shim_pid, shim_start_ticks)) = w.shim {
+                let record = AgentRecord {
+                    local: w.source == Source::Local,
+                    shim_pid,
+                    shim_start_ticks,
+                    stop_requested: true,
+                };
+                let dir = self.records_dir(&w.allocation.allocation_id);
+                if let Err(e) = store::write_agent_record(&dir, &record) {
+                    warn!(allocation_id = %w.allocation.allocation_id, error = %e, "cannot record the stop request");
+                }
+            }
             let grace = grace
                 .filter(|g| !g.is_zero())
                 .or_else(|| {
@@ -600,7 +1050,7 @@ impl Supervisor {
                         .map(|s| Duration::from_secs(u64::from(s.stop_grace_period_seconds)))
                         .filter(|g| !g.is_zero())
                 })
-                .unwrap_or(self.inner.default_grace);
+                .unwrap_or(self.inner.settings.default_grace);
             let pgid = Pid::from_raw(w.pid as i32);
             debug!(allocation_id = %w.allocation.allocation_id, ?grace, "sending SIGTERM");
             let _ = killpg(pgid, Signal::SIGTERM);

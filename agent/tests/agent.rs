@@ -51,6 +51,8 @@ fn config(controller: SocketAddr, data_dir: &Path, node: &str) -> AgentConfig {
         workload_user: None,
         api_token: None,
         outbox_max_bytes: gpufleet_agent::config::DEFAULT_OUTBOX_MAX_BYTES,
+        log_max_bytes: 1 << 20,
+        shim_program: Some(common::SHIM.into()),
     }
 }
 

@@ -312,3 +312,52 @@ async fn reconcile_starts_missing_and_stops_undesired() {
     );
     sup.shutdown().await;
 }
+
+#[tokio::test]
+async fn output_beyond_the_log_cap_is_dropped_without_blocking_the_workload() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = common::settings(dir.path());
+    settings.log_max_bytes = 1000;
+    let sup = gpufleet_agent::Supervisor::new(backend("n1", "1xT4"), settings);
+    // 1 MB, far more than a pipe holds: the workload would hang if the
+    // shim stopped reading at the cap.
+    sup.run_local(allocation(
+        "chatty",
+        &[
+            "sh",
+            "-c",
+            "head -c 1000000 /dev/zero | tr '\\0' x; echo; echo done",
+        ],
+        &[],
+    ))
+    .unwrap();
+    let done = sup.wait("chatty").await.unwrap();
+    assert_eq!(state(&done), WorkloadState::Succeeded, "{done:?}");
+    let log = std::fs::read_to_string(dir.path().join("allocations/chatty/output.log")).unwrap();
+    let (kept, marker) = log.split_at(1000);
+    assert!(kept.bytes().all(|b| b == b'x'), "{kept}");
+    assert_eq!(
+        marker,
+        "\ngpufleet-agent: output truncated: the log reached log_max_bytes (1000 bytes); the rest is discarded\n"
+    );
+    let chunk = sup.read_log("chatty", 0, 0).await.unwrap();
+    assert_eq!(chunk.data.len(), log.len());
+    assert!(chunk.eof);
+}
+
+#[tokio::test]
+async fn a_shim_program_that_is_not_a_shim_fails_the_workload_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = common::settings(dir.path());
+    settings.shim_program = "/bin/true".into();
+    let sup = gpufleet_agent::Supervisor::new(backend("n1", "1xT4"), settings);
+    let status = sup
+        .run_local(allocation("noshim", &["sleep", "30"], &[]))
+        .unwrap();
+    assert_eq!(state(&status), WorkloadState::Failed, "{status:?}");
+    assert!(
+        status.message.contains("shim::dispatch") && status.message.contains("/bin/true"),
+        "{}",
+        status.message
+    );
+}

@@ -10,6 +10,7 @@ mod ingest;
 mod report;
 mod scheduler;
 mod usage_query;
+mod workload_spawn;
 
 use std::process::ExitCode;
 
@@ -35,14 +36,23 @@ enum Command {
     AgentOverhead(agent_overhead::Options),
     /// Usage reports over one year of hourly rollups; cost of recording market signals.
     UsageQuery(usage_query::Args),
+    /// Extra cost of starting workloads under their shim, against spawning
+    /// them directly in the same run; memory of one shim.
+    WorkloadSpawn(workload_spawn::Args),
 }
 
 fn main() -> ExitCode {
+    // `workload-spawn` runs the agent's supervisor in this process, whose
+    // workload shims are this executable started with a hidden argument.
+    if let Some(code) = gpufleet_agent::shim::dispatch() {
+        return code;
+    }
     let result = match Cli::parse().command {
         Command::Scheduler(args) => scheduler::run(args),
         Command::Ingest(args) => ingest::run(args),
         Command::AgentOverhead(args) => agent_overhead::run(args),
         Command::UsageQuery(args) => usage_query::run(args),
+        Command::WorkloadSpawn(args) => workload_spawn::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

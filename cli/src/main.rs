@@ -72,6 +72,11 @@ pub enum Command {
 }
 
 fn main() -> ExitCode {
+    // `gpufleet dev` runs agents in this process: their workload shims are
+    // this executable started with a hidden argument.
+    if let Some(code) = gpufleet_agent::shim::dispatch() {
+        return code;
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -141,6 +141,46 @@ pub fn fake_nvml_in(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
     Ok(copy)
 }
 
+/// The `gpufleet-test-shim` executable (this package's binary), which runs
+/// the workload shims of the agents that tests start in-process: a test
+/// executable cannot be its own shim. Cargo builds it before integration
+/// tests; it lies next to their `deps/` directory.
+pub fn test_shim() -> PathBuf {
+    sibling_of_test_exe("gpufleet-test-shim")
+}
+
+/// `name` in the directory above the test executable's `deps/` (where
+/// cargo puts binaries), else next to it.
+fn sibling_of_test_exe(name: &str) -> PathBuf {
+    let Some(deps) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(PathBuf::from))
+    else {
+        return PathBuf::from(name);
+    };
+    let above = deps.join("..").join(name);
+    if above.exists() {
+        above
+    } else {
+        deps.join(name)
+    }
+}
+
+/// A binary of another workspace package (`gpufleet-agent`,
+/// `gpufleet-controller`), built into the same target directory. Cargo
+/// builds those only for their own tests or when asked, so the error says
+/// how.
+pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let path = sibling_of_test_exe(name);
+    if !path.exists() {
+        bail!(
+            "{name} is not built (looked for {}); run `cargo build -p {name}` or `cargo test --workspace` first",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// Replaces the fake NVML's JSON atomically (write, then rename), so the
 /// library never reads a half-written file.
 pub fn write_fake_nvml_config(dir: &std::path::Path, json: &str) -> anyhow::Result<()> {
@@ -230,6 +270,8 @@ impl Cluster {
             workload_user: None,
             api_token: None,
             outbox_max_bytes: gpufleet_agent::config::DEFAULT_OUTBOX_MAX_BYTES,
+            log_max_bytes: 1 << 20,
+            shim_program: Some(test_shim()),
         }
     }
 

@@ -217,6 +217,40 @@ fn installs_into_a_temporary_root_and_a_second_run_changes_nothing() {
 }
 
 #[test]
+fn workload_user_is_written_when_it_exists() {
+    let s = setup();
+    std::fs::create_dir_all(s.root.join("etc")).unwrap();
+    std::fs::write(
+        s.root.join("etc/passwd"),
+        "trainer:x:1234:1234:ML jobs:/home/trainer:/bin/sh\n",
+    )
+    .unwrap();
+    let config = s.root.join("etc/gpufleet/agent.toml");
+    let mut args = base_args(&s);
+    args.extend(["--workload-user".to_string(), "trainer".to_string()]);
+    let out = run(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        load_config(&config).workload_user.as_deref(),
+        Some("trainer")
+    );
+
+    // The service user the script creates is accepted before it exists
+    // elsewhere; without the flag the key is gone again.
+    let mut args = base_args(&s);
+    args.extend(["--workload-user".to_string(), "gpufleet".to_string()]);
+    let out = run(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        load_config(&config).workload_user.as_deref(),
+        Some("gpufleet")
+    );
+    let out = run(&base_args(&s));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(load_config(&config).workload_user, None);
+}
+
+#[test]
 fn dry_run_writes_nothing() {
     let s = setup();
     let mut args = base_args(&s);
@@ -271,6 +305,12 @@ fn bad_flags_are_rejected_before_anything_is_written() {
         (replace("--binary", "/nonexistent/agent"), "--binary"),
         (replace("--root", "/nonexistent/root"), "--root"),
         (with(&["--zone"]), "--zone needs a value"),
+        (with(&["--workload-user", "Bad User"]), "--workload-user"),
+        (with(&["--workload-user", "root"]), "--workload-user root"),
+        (
+            with(&["--workload-user", "nosuchuser"]),
+            "--workload-user 'nosuchuser' does not exist",
+        ),
     ];
     for (args, expected) in cases {
         let out = run(&args);

@@ -83,6 +83,8 @@ fn agent_config(dir: &Path, endpoint: &str, tls: TlsClientConfig, id: &str) -> A
         workload_user: None,
         api_token: None,
         outbox_max_bytes: gpufleet_agent::config::DEFAULT_OUTBOX_MAX_BYTES,
+        log_max_bytes: 1 << 20,
+        shim_program: Some(gpufleet_tests::test_shim()),
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gpufleet_agent::backend::simulated::SimulatedBackend;
-use gpufleet_agent::supervisor::Supervisor;
+use gpufleet_agent::supervisor::{Supervisor, SupervisorSettings};
 use gpufleet_proto::v1::{Allocation, WorkloadSpec};
 
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -27,8 +27,18 @@ pub fn backend(node: &str, gpus: &str) -> Arc<SimulatedBackend> {
     Arc::new(SimulatedBackend::new(node, &[gpus.to_string()]).unwrap())
 }
 
+/// The agent binary, which runs each workload's shim.
+pub const SHIM: &str = env!("CARGO_BIN_EXE_gpufleet-agent");
+
+pub fn settings(dir: &std::path::Path) -> SupervisorSettings {
+    let mut settings = SupervisorSettings::new(dir.to_path_buf());
+    settings.default_grace = Duration::from_secs(5);
+    settings.shim_program = SHIM.into();
+    settings
+}
+
 pub fn supervisor(dir: &std::path::Path, backend: Arc<SimulatedBackend>) -> Supervisor {
-    Supervisor::new(backend, dir.to_path_buf(), Duration::from_secs(5))
+    Supervisor::new(backend, settings(dir))
 }
 
 pub fn allocation(id: &str, argv: &[&str], gpus: &[String]) -> Allocation {

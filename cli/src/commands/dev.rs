@@ -249,6 +249,8 @@ async fn start_agent(
         workload_user: None,
         api_token: None,
         outbox_max_bytes: gpufleet_agent::config::DEFAULT_OUTBOX_MAX_BYTES,
+        log_max_bytes: gpufleet_agent::supervisor::DEFAULT_LOG_MAX_BYTES,
+        shim_program: None,
     };
     let listener = TcpListener::bind(config.listen).await?;
     gpufleet_agent::start(config, Some(listener)).await

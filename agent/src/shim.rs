@@ -1,0 +1,425 @@
+//! The workload shim: one small process per workload, between the agent and
+//! the workload, so that workloads outlive the agent (like containerd-shim).
+//!
+//! The agent starts its own executable as `<exe> __shim <records dir>`
+//! (every binary that embeds the agent calls [`dispatch`] first thing in
+//! `main`). The shim:
+//!
+//! 1. leaves the agent's session (`setsid`), so signals meant for the agent
+//!    (a terminal's Ctrl-C, a crash) do not reach it;
+//! 2. waits for one line on stdin, the [`LaunchSpec`]; the agent sends it
+//!    only after it has recorded the shim's pid, so no workload ever runs
+//!    that a restarted agent does not know about (end of input without a
+//!    line means the agent went away: the shim exits without starting it);
+//! 3. starts the workload in its own process group, records its pid
+//!    (`started.json`) and answers one [`Reply`] line on stdout;
+//! 4. copies the workload's stdout and stderr into its log up to
+//!    `log_max_bytes`, then writes one marker line and keeps draining the
+//!    pipe, so the workload never blocks on a full pipe;
+//! 5. when the workload ends, kills what it left in its process group,
+//!    records how it ended (`exit.json`) and exits.
+//!
+//! The shim is synchronous (threads, no async runtime) to stay small.
+
+use std::ffi::OsString;
+use std::io::{BufRead, Read, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime};
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use crate::workload_store::{self, ExitRecord, StartedRecord};
+
+/// First argument that makes an agent executable act as a shim.
+pub const SHIM_ARG: &str = "__shim";
+
+/// How long the shim keeps copying output after the workload's process
+/// group was killed, for output still in the pipe (or held open by a
+/// process that escaped the group).
+const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
+
+/// Runs the shim when this process was started as one, and returns its
+/// exit code; `None` otherwise. Call it first thing in `main`:
+///
+/// ```no_run
+/// fn main() -> std::process::ExitCode {
+///     if let Some(code) = gpufleet_agent::shim::dispatch() {
+///         return code;
+///     }
+///     // ... the program itself
+/// #   std::process::ExitCode::SUCCESS
+/// }
+/// ```
+pub fn dispatch() -> Option<ExitCode> {
+    let mut args = std::env::args_os().skip(1);
+    if args.next().as_deref() != Some(std::ffi::OsStr::new(SHIM_ARG)) {
+        return None;
+    }
+    let Some(dir) = args.next() else {
+        eprintln!("gpufleet shim: usage: {SHIM_ARG} <records directory>");
+        return Some(ExitCode::from(2));
+    };
+    Some(run(Path::new(&dir)))
+}
+
+/// What the agent tells the shim to run: the workload's command line and
+/// its complete environment (the shim adds nothing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct LaunchSpec {
+    pub(crate) argv: Vec<String>,
+    /// The workload's `output.log`, appended to.
+    pub(crate) log_path: PathBuf,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) working_dir: PathBuf,
+    /// (uid, gid) to run as; `None`: the shim's own.
+    pub(crate) run_as: Option<(u32, u32)>,
+    pub(crate) log_max_bytes: u64,
+}
+
+/// The shim's one answer on stdout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Reply {
+    Started { pid: u32 },
+    Failed { message: String },
+}
+
+/// The shim process; see the module documentation.
+fn run(dir: &Path) -> ExitCode {
+    // Fails only if the shim already leads a process group, which the
+    // agent never makes it; it then still works, just without the
+    // isolation from the agent's signals.
+    if let Err(e) = nix::unistd::setsid() {
+        eprintln!("gpufleet shim: setsid failed: {e}");
+    }
+    let mut line = String::new();
+    match std::io::stdin().lock().read_line(&mut line) {
+        // The agent went away before it let the workload start.
+        Ok(0) => return ExitCode::SUCCESS,
+        Ok(_) => {}
+        Err(e) => {
+            eprintln!("gpufleet shim: cannot read the launch spec: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let outcome = serde_json::from_str::<LaunchSpec>(&line)
+        .map_err(|e| format!("invalid launch spec from the agent: {e}"))
+        .and_then(|spec| start(dir, &spec).map(|workload| (spec, workload)));
+    let (spec, workload) = match outcome {
+        Ok(started) => started,
+        Err(message) => {
+            let record = ExitRecord {
+                exit_code: None,
+                signal: None,
+                start_error: Some(message.clone()),
+                finished_at_ms: workload_store::unix_ms(SystemTime::now()),
+            };
+            if let Err(e) = workload_store::write_exit(dir, &record) {
+                eprintln!("gpufleet shim: cannot record the start failure: {e}");
+            }
+            reply(&Reply::Failed { message });
+            return ExitCode::FAILURE;
+        }
+    };
+    reply(&Reply::Started { pid: workload.pid });
+    supervise(dir, &spec, workload)
+}
+
+/// Answers the agent. A write error means the agent is gone; the workload
+/// runs on and a restarted agent finds it through the files.
+fn reply(reply: &Reply) {
+    if let Ok(mut text) = serde_json::to_string(reply) {
+        text.push('\n');
+        let _ = std::io::stdout().lock().write_all(text.as_bytes());
+        let _ = std::io::stdout().lock().flush();
+    }
+}
+
+struct Started {
+    child: std::process::Child,
+    pid: u32,
+    output: std::io::PipeReader,
+    log: std::fs::File,
+}
+
+/// Opens the log, starts the workload and records its pid. The error is a
+/// message for the workload's status, also written to its log.
+fn start(dir: &Path, spec: &LaunchSpec) -> Result<Started, String> {
+    let log_path = &spec.log_path;
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .map_err(|e| format!("cannot open the log file {}: {e}", log_path.display()))?;
+    let fail = |log: &mut std::fs::File, message: String| {
+        let _ = writeln!(log, "gpufleet-agent: {message}");
+        message
+    };
+    let Some(program) = spec.argv.first() else {
+        return Err(fail(&mut log, "workload.argv is empty".into()));
+    };
+    // One pipe for both streams, like 2>&1, so their order is kept.
+    let (output, writer) = std::io::pipe()
+        .map_err(|e| fail(&mut log, format!("cannot create the output pipe: {e}")))?;
+    let stderr = writer
+        .try_clone()
+        .map_err(|e| fail(&mut log, format!("cannot share the output pipe: {e}")))?;
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(&spec.argv[1..])
+        .process_group(0)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&spec.working_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::from(stderr));
+    if let Some((uid, gid)) = spec.run_as {
+        // std drops supplementary groups when it switches users.
+        cmd.uid(uid).gid(gid);
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| fail(&mut log, format!("cannot start {program:?}: {e}")))?;
+    // The pipe's write ends now live only in the workload: end of file on
+    // `output` means every process holding them is gone.
+    drop(cmd);
+    let pid = child.id();
+    let record = StartedRecord {
+        pid,
+        started_at_ms: workload_store::unix_ms(SystemTime::now()),
+    };
+    if let Err(e) = workload_store::write_started(dir, &record) {
+        // Without the record a restarted agent could not stop it.
+        let mut child = child;
+        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        let _ = child.wait();
+        return Err(fail(
+            &mut log,
+            format!("cannot record the workload's pid: {e}"),
+        ));
+    }
+    Ok(Started {
+        child,
+        pid,
+        output,
+        log,
+    })
+}
+
+/// Copies output until the workload ends, then records how it ended.
+fn supervise(dir: &Path, spec: &LaunchSpec, workload: Started) -> ExitCode {
+    let Started {
+        mut child,
+        pid,
+        mut output,
+        log,
+    } = workload;
+    let (drained_tx, drained_rx) = mpsc::channel();
+    let max = spec.log_max_bytes;
+    std::thread::spawn(move || {
+        let result = CappedLog::new(log, max).and_then(|mut log| copy_all(&mut output, &mut log));
+        let _ = drained_tx.send(result);
+    });
+    let status = child.wait();
+    // The workload ends with its leader: kill whatever it left in its
+    // process group. The group id stays reserved while members live, so
+    // this cannot hit an unrelated group.
+    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    match drained_rx.recv_timeout(DRAIN_AFTER_EXIT) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => eprintln!("gpufleet shim: copying the workload's output failed: {e}"),
+        // A process outside the group still holds the pipe: stop waiting.
+        Err(_) => {}
+    }
+    let record = match status {
+        Ok(status) => ExitRecord {
+            exit_code: status.code(),
+            signal: status.signal(),
+            start_error: None,
+            finished_at_ms: workload_store::unix_ms(SystemTime::now()),
+        },
+        Err(e) => ExitRecord {
+            exit_code: None,
+            signal: None,
+            start_error: Some(format!("cannot wait for the workload: {e}")),
+            finished_at_ms: workload_store::unix_ms(SystemTime::now()),
+        },
+    };
+    match workload_store::write_exit(dir, &record) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gpufleet shim: cannot record the exit status: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn copy_all(from: &mut impl Read, to: &mut impl Write) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return to.flush(),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+    }
+}
+
+/// A log that accepts at most `max` bytes in total (counting what the file
+/// already held), then one marker line, then silently discards the rest.
+/// Discarded bytes are still "written", so the copier keeps draining.
+pub(crate) struct CappedLog<W> {
+    inner: W,
+    written: u64,
+    max: u64,
+    last_byte: Option<u8>,
+    truncated: bool,
+}
+
+impl CappedLog<std::fs::File> {
+    fn new(file: std::fs::File, max: u64) -> std::io::Result<Self> {
+        let len = file.metadata()?.len();
+        let mut log = CappedLog::with_existing(file, max, len);
+        // The marker's newline only matters when the file ends mid-line.
+        log.last_byte = (len > 0).then_some(b'\n');
+        Ok(log)
+    }
+}
+
+impl<W: Write> CappedLog<W> {
+    pub(crate) fn with_existing(inner: W, max: u64, already: u64) -> Self {
+        Self {
+            inner,
+            written: already,
+            max,
+            last_byte: None,
+            truncated: false,
+        }
+    }
+
+    #[cfg(test)]
+    fn into_inner(self) -> W {
+        self.inner
+    }
+
+    fn truncate(&mut self) -> std::io::Result<()> {
+        self.truncated = true;
+        let newline = if matches!(self.last_byte, Some(b'\n') | None) {
+            ""
+        } else {
+            "\n"
+        };
+        let marker = format!(
+            "{newline}gpufleet-agent: output truncated: the log reached log_max_bytes ({} bytes); the rest is discarded\n",
+            self.max
+        );
+        self.inner.write_all(marker.as_bytes())
+    }
+}
+
+impl<W: Write> Write for CappedLog<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.truncated {
+            return Ok(buf.len());
+        }
+        let room = self.max.saturating_sub(self.written);
+        let keep = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        if keep > 0 {
+            self.inner.write_all(&buf[..keep])?;
+            self.written += keep as u64;
+            self.last_byte = Some(buf[keep - 1]);
+        }
+        if keep < buf.len() {
+            self.truncate()?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// `<shim program> __shim <dir>` with `argv[0]` naming what it is, and an
+/// empty environment: the shim needs none, and the agent's may hold its
+/// join token.
+pub(crate) fn command(program: &Path, dir: &Path) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.arg0(OsString::from("gpufleet-shim"))
+        .arg(SHIM_ARG)
+        .arg(dir)
+        .env_clear();
+    cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn capped(max: u64, writes: &[&[u8]]) -> String {
+        let mut log = CappedLog::with_existing(Vec::new(), max, 0);
+        for w in writes {
+            assert_eq!(log.write(w).unwrap(), w.len(), "every byte is accepted");
+        }
+        String::from_utf8(log.into_inner()).unwrap()
+    }
+
+    #[test]
+    fn output_under_the_cap_is_kept_whole() {
+        assert_eq!(capped(10, &[b"abc\n", b"defgh\n"]), "abc\ndefgh\n");
+    }
+
+    #[test]
+    fn output_over_the_cap_ends_with_one_marker_line() {
+        let text = capped(6, &[b"abc\n", b"defgh\n", b"more\n", b"and more\n"]);
+        let (kept, marker) = text.split_at(6);
+        assert_eq!(kept, "abc\nde");
+        assert_eq!(
+            marker,
+            "\ngpufleet-agent: output truncated: the log reached log_max_bytes (6 bytes); the rest is discarded\n"
+        );
+    }
+
+    #[test]
+    fn a_cap_reached_at_a_line_end_adds_no_blank_line() {
+        let text = capped(4, &[b"abc\n", b"d"]);
+        assert!(
+            text.starts_with("abc\ngpufleet-agent: output truncated"),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 2);
+    }
+
+    #[test]
+    fn bytes_already_in_the_file_count_against_the_cap() {
+        let mut log = CappedLog::with_existing(Vec::new(), 10, 8);
+        log.write_all(b"12345").unwrap();
+        let text = String::from_utf8(log.into_inner()).unwrap();
+        assert!(text.starts_with("12\n"), "{text}");
+        assert_eq!(text.matches("truncated").count(), 1);
+    }
+
+    #[test]
+    fn replies_and_specs_are_one_json_line() {
+        let text = serde_json::to_string(&Reply::Started { pid: 12 }).unwrap();
+        assert_eq!(text, r#"{"started":{"pid":12}}"#);
+        let spec = LaunchSpec {
+            argv: vec!["echo".into(), "a\nb".into()],
+            log_path: "/tmp/output.log".into(),
+            env: vec![("K".into(), "v".into())],
+            working_dir: "/tmp".into(),
+            run_as: Some((1000, 1000)),
+            log_max_bytes: 64,
+        };
+        let line = serde_json::to_string(&spec).unwrap();
+        assert!(!line.contains('\n'));
+        assert_eq!(serde_json::from_str::<LaunchSpec>(&line).unwrap(), spec);
+    }
+}
