@@ -359,9 +359,8 @@ else
         systemctl enable --now "$UNIT_NAME"
         say "enabled    $UNIT_NAME"
     elif [[ $changed -eq 1 ]]; then
-        # A restart is a clean stop: the agent stops running workloads
-        # (SIGTERM, grace period) before it exits. Only a crash leaves them
-        # running for the next agent to re-adopt.
+        # Running workloads survive the restart (keep_workloads_on_exit,
+        # the default): the new agent re-adopts them.
         systemctl try-restart "$UNIT_NAME"
         say "restarted  $UNIT_NAME"
     else

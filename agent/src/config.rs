@@ -89,6 +89,10 @@ pub struct AgentConfig {
     /// [`crate::shim::dispatch`] first thing in `main`. Not a file key:
     /// only embedders whose `main` is not theirs (test harnesses) set it.
     pub shim_program: Option<PathBuf>,
+    /// On a clean shutdown (SIGTERM), leave running workloads running for
+    /// the next agent start to re-adopt (an agent upgrade or restart does
+    /// not kill jobs); `false`: stop them with their grace period.
+    pub keep_workloads_on_exit: bool,
 }
 
 /// PEM files for dialling an `https://` controller. Without `ca`, the
@@ -192,7 +196,8 @@ struct FileConfig {
     workload_user: Option<String>,
     api_token: Option<String>,
     outbox_max_bytes: Option<FileBytes>,
-    log_max_bytes: Option<toml::Value>,
+    log_max_bytes: Option<FileBytes>,
+    keep_workloads_on_exit: Option<bool>,
     #[serde(default)]
     node: FileNode,
     #[serde(default)]
@@ -277,6 +282,7 @@ pub struct ConfigOverrides {
     pub api_token: Option<String>,
     pub outbox_max_bytes: Option<String>,
     pub log_max_bytes: Option<String>,
+    pub keep_workloads_on_exit: Option<String>,
 }
 
 /// (field, environment variable) for every key, in one table.
@@ -314,6 +320,7 @@ macro_rules! for_each_key {
         $m!(api_token, "GPUFLEET_API_TOKEN");
         $m!(outbox_max_bytes, "GPUFLEET_OUTBOX_MAX_BYTES");
         $m!(log_max_bytes, "GPUFLEET_LOG_MAX_BYTES");
+        $m!(keep_workloads_on_exit, "GPUFLEET_KEEP_WORKLOADS_ON_EXIT");
     };
 }
 
@@ -364,9 +371,9 @@ fn parse_bytes(key: &'static str, s: &str) -> Result<u64, ConfigError> {
     let (number, unit) = text.split_at(split);
     let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
-        "kib" => 1 << 10,
-        "mib" => 1 << 20,
-        "gib" => 1 << 30,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
         "kb" => 1_000,
         "mb" => 1_000_000,
         "gb" => 1_000_000_000,
@@ -374,7 +381,7 @@ fn parse_bytes(key: &'static str, s: &str) -> Result<u64, ConfigError> {
             return Err(invalid(
                 key,
                 format!(
-                    "{s:?} is not a size like 67108864 or 64MiB (units: B, KiB, MiB, GiB, KB, MB, GB)"
+                    "{s:?} is not a size like 67108864 or 64MiB (units: B, K/KiB, M/MiB, G/GiB binary; KB, MB, GB decimal)"
                 ),
             ));
         }
@@ -443,31 +450,6 @@ fn health_policy(o: &ConfigOverrides, file: FileHealth) -> Result<HealthPolicy, 
             None => file.sbe_storm_per_minute.unwrap_or(d.sbe_storm_per_minute),
         },
     })
-}
-
-/// `67108864`, `64MiB`, `64M`, `512KiB`, `1G` (binary multiples).
-fn parse_size(key: &'static str, s: &str) -> Result<u64, ConfigError> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, unit) = t.split_at(split);
-    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        _ => 0,
-    };
-    digits
-        .parse::<u64>()
-        .ok()
-        .filter(|_| multiplier > 0)
-        .and_then(|n| n.checked_mul(multiplier))
-        .ok_or_else(|| {
-            invalid(
-                key,
-                format!("{s:?} is not a size like 67108864, 64MiB or 1GiB"),
-            )
-        })
 }
 
 fn parse_bool(key: &'static str, s: &str) -> Result<bool, ConfigError> {
@@ -634,17 +616,18 @@ impl AgentConfig {
                 Some(s) => parse_bytes("outbox_max_bytes", &s)?,
                 None => DEFAULT_OUTBOX_MAX_BYTES,
             },
-            log_max_bytes: match o.log_max_bytes.or_else(|| {
-                // A TOML number or a string with a unit.
-                file.log_max_bytes.map(|v| match v {
-                    toml::Value::String(s) => s,
-                    other => other.to_string(),
-                })
-            }) {
-                Some(s) => parse_size("log_max_bytes", &s)?,
+            log_max_bytes: match o
+                .log_max_bytes
+                .or(file.log_max_bytes.map(FileBytes::into_text))
+            {
+                Some(s) => parse_bytes("log_max_bytes", &s)?,
                 None => crate::supervisor::DEFAULT_LOG_MAX_BYTES,
             },
             shim_program: None,
+            keep_workloads_on_exit: match o.keep_workloads_on_exit {
+                Some(s) => parse_bool("keep_workloads_on_exit", &s)?,
+                None => file.keep_workloads_on_exit.unwrap_or(true),
+            },
         };
         config.validate()?;
         Ok(config)
@@ -1021,6 +1004,16 @@ mod tests {
         let d = AgentConfig::load(&HashMap::new(), ConfigOverrides::default()).unwrap();
         assert_eq!(d.log_max_bytes, 64 << 20);
         assert_eq!(d.shim_program, None);
+        assert!(
+            d.keep_workloads_on_exit,
+            "agent restarts keep jobs by default"
+        );
+        let stop = AgentConfig::load(
+            &env(&[("GPUFLEET_KEEP_WORKLOADS_ON_EXIT", "false")]),
+            ConfigOverrides::default(),
+        )
+        .unwrap();
+        assert!(!stop.keep_workloads_on_exit);
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub struct RunningAgent {
     telemetry: Arc<Telemetry>,
     gpu_uuids: Vec<String>,
     supervisor: Supervisor,
+    /// `keep_workloads_on_exit`: shutdown leaves workloads running.
+    keep_workloads: bool,
     outbox: Arc<Outbox>,
     stop_recorder: watch::Sender<bool>,
     recorder: JoinHandle<()>,
@@ -268,6 +270,7 @@ pub async fn start(
         telemetry,
         gpu_uuids,
         supervisor,
+        keep_workloads: config.keep_workloads_on_exit,
         outbox,
         stop_recorder,
         recorder,
@@ -323,9 +326,19 @@ impl RunningAgent {
     /// orphaned. A task's panic is re-raised as an error.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
-        // Workloads first: a following log stream ends only when its
-        // workload does, and the server drains open streams before exiting.
-        self.supervisor.shutdown().await;
+        if self.keep_workloads {
+            let running = self.supervisor.detach();
+            if running > 0 {
+                info!(
+                    running,
+                    "leaving workloads running; the next agent start re-adopts them"
+                );
+            }
+        } else {
+            // Workloads first: a following log stream ends only when its
+            // workload does, and the server drains open streams before exiting.
+            self.supervisor.shutdown().await;
+        }
         let mut first_error = None;
         // The workloads' last statuses go into the outbox for the next run.
         let _ = self.stop_recorder.send(true);

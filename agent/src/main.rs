@@ -138,6 +138,10 @@ struct Args {
     /// Cap on each allocation's output log, e.g. 64MiB; output beyond it is dropped [default: 64MiB].
     #[arg(long, env = "GPUFLEET_LOG_MAX_BYTES", value_name = "SIZE")]
     log_max_bytes: Option<String>,
+    /// On SIGTERM, leave running workloads running for the next start to
+    /// re-adopt (true), or stop them with their grace period (false) [default: true].
+    #[arg(long, env = "GPUFLEET_KEEP_WORKLOADS_ON_EXIT", value_name = "BOOL")]
+    keep_workloads_on_exit: Option<String>,
     /// Log format.
     #[arg(long, env = "GPUFLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -182,6 +186,7 @@ impl Args {
             api_token: self.api_token,
             outbox_max_bytes: self.outbox_max_bytes,
             log_max_bytes: self.log_max_bytes,
+            keep_workloads_on_exit: self.keep_workloads_on_exit,
             application_xids: self.application_xids,
             slowdown_degraded_after: self.slowdown_degraded_after,
             sbe_storm_per_minute: self.sbe_storm_per_minute,

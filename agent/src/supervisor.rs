@@ -1185,6 +1185,15 @@ impl Supervisor {
         Ok(chunk)
     }
 
+    /// Refuses new work and leaves running workloads alone: their shims
+    /// keep them going (own session) and the next agent start re-adopts
+    /// them from their records. Returns how many are left running.
+    pub fn detach(&self) -> usize {
+        let mut st = self.lock();
+        st.shutting_down = true;
+        st.workloads.values().filter(|w| !w.terminal()).count()
+    }
+
     /// Refuses new work, stops every running workload and waits for them.
     pub async fn shutdown(&self) {
         let pending: Vec<(String, watch::Receiver<bool>)> = {

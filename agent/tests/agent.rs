@@ -53,6 +53,7 @@ fn config(controller: SocketAddr, data_dir: &Path, node: &str) -> AgentConfig {
         outbox_max_bytes: gpufleet_agent::config::DEFAULT_OUTBOX_MAX_BYTES,
         log_max_bytes: 1 << 20,
         shim_program: Some(common::SHIM.into()),
+        keep_workloads_on_exit: false,
     }
 }
 

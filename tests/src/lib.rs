@@ -272,6 +272,7 @@ impl Cluster {
             outbox_max_bytes: gpufleet_agent::config::DEFAULT_OUTBOX_MAX_BYTES,
             log_max_bytes: 1 << 20,
             shim_program: Some(test_shim()),
+            keep_workloads_on_exit: false,
         }
     }
 

@@ -29,22 +29,26 @@ use tokio_stream::StreamExt;
 /// test leaves nothing running for long.
 const GATE_TIMEOUT_TICKS: u32 = 2400; // × 0.05 s = 120 s
 
-/// The controller's bootstrap admin token, read once it serves (one
-/// controller per test binary).
-static ADMIN_TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// Each controller's bootstrap admin token, by endpoint, read once it
+/// serves.
+static ADMIN_TOKENS: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
+fn admin_token(endpoint: &str) -> anyhow::Result<String> {
+    ADMIN_TOKENS
+        .lock()
+        .map_err(|_| anyhow::anyhow!("token table poisoned"))?
+        .iter()
+        .find(|(e, _)| e == endpoint)
+        .map(|(_, t)| t.clone())
+        .with_context(|| format!("no controller started at {endpoint}"))
+}
 
 async fn jobs_client(endpoint: &str) -> anyhow::Result<JobsClient<Authed>> {
-    let token = ADMIN_TOKEN
-        .get()
-        .context("the controller has not started")?;
-    gpufleet_tests::jobs_client(endpoint, token).await
+    gpufleet_tests::jobs_client(endpoint, &admin_token(endpoint)?).await
 }
 
 async fn fleet_client(endpoint: &str) -> anyhow::Result<FleetClient<Authed>> {
-    let token = ADMIN_TOKEN
-        .get()
-        .context("the controller has not started")?;
-    gpufleet_tests::fleet_client(endpoint, token).await
+    gpufleet_tests::fleet_client(endpoint, &admin_token(endpoint)?).await
 }
 
 /// The controller binary on 127.0.0.1:0; its address is read from its
@@ -104,8 +108,13 @@ async fn start_controller(dir: &Path) -> anyhow::Result<(Child, String)> {
             bail!("the controller {why}; stdout:\n{stdout}\nstderr:\n{stderr}");
         }
     };
-    let _ = ADMIN_TOKEN.set(gpufleet_tests::admin_token_in(&dir.join("controller"))?);
-    Ok((child, format!("http://{addr}")))
+    let endpoint = format!("http://{addr}");
+    let token = gpufleet_tests::admin_token_in(&dir.join("controller"))?;
+    ADMIN_TOKENS
+        .lock()
+        .map_err(|_| anyhow::anyhow!("token table poisoned"))?
+        .push((endpoint.clone(), token));
+    Ok((child, endpoint))
 }
 
 /// The agent binary: 4 simulated L4s, local API on 127.0.0.1:0, no
@@ -371,6 +380,60 @@ async fn sigkilled_agent_re_adopts_its_workloads_and_loses_no_status() -> anyhow
     )?;
     let status = agent.wait().await?;
     assert!(status.success(), "clean agent stop: {status}");
+    controller.start_kill()?;
+    controller.wait().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleanly_stopped_agent_leaves_workloads_running_and_re_adopts_them() -> anyhow::Result<()>
+{
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let (mut controller, endpoint) = start_controller(dir).await?;
+    let mut agent = start_agent(dir, &endpoint, 1)?;
+    wait_connected(&endpoint).await?;
+    let job = jobs_client(&endpoint)
+        .await?
+        .submit_job(SubmitJobRequest {
+            spec: Some(gated_job(dir, "upgrade", 0)),
+        })
+        .await?
+        .into_inner()
+        .job
+        .context("no job in the answer")?;
+    eventually("the job to run", || async {
+        let job = get_job(&endpoint, &job.id).await?;
+        let running = job
+            .tasks
+            .first()
+            .is_some_and(|t| t.state() == WorkloadState::Running);
+        Ok((running && runs(dir, "upgrade").len() == 1).then_some(()))
+    })
+    .await?;
+
+    // An agent upgrade or `systemctl restart`: SIGTERM, a clean exit.
+    let pid = agent.id().context("the agent has no pid")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid)?),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let status = agent.wait().await?;
+    assert_eq!(status.code(), Some(0), "a clean exit: {status}");
+    let (workload, _) = runs(dir, "upgrade")[0];
+    assert!(alive(workload), "the workload outlives a clean agent stop");
+
+    let mut agent = start_agent(dir, &endpoint, 2)?;
+    wait_connected(&endpoint).await?;
+    release(dir, "upgrade")?;
+    let done = wait_job_end(&endpoint, &job.id).await?;
+    assert_eq!(done.state(), JobState::Succeeded, "{done:?}");
+    assert_eq!(done.tasks[0].exit_code, Some(0));
+    assert_eq!(runs(dir, "upgrade").len(), 1, "ran exactly once");
+    assert_eq!(done.attempt, 0);
+
+    agent.start_kill()?;
+    agent.wait().await?;
     controller.start_kill()?;
     controller.wait().await?;
     Ok(())

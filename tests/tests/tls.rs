@@ -85,6 +85,7 @@ fn agent_config(dir: &Path, endpoint: &str, tls: TlsClientConfig, id: &str) -> A
         outbox_max_bytes: gpufleet_agent::config::DEFAULT_OUTBOX_MAX_BYTES,
         log_max_bytes: 1 << 20,
         shim_program: Some(gpufleet_tests::test_shim()),
+        keep_workloads_on_exit: false,
     }
 }
 

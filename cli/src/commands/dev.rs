@@ -251,6 +251,7 @@ async fn start_agent(
         outbox_max_bytes: gpufleet_agent::config::DEFAULT_OUTBOX_MAX_BYTES,
         log_max_bytes: gpufleet_agent::supervisor::DEFAULT_LOG_MAX_BYTES,
         shim_program: None,
+        keep_workloads_on_exit: false,
     };
     let listener = TcpListener::bind(config.listen).await?;
     gpufleet_agent::start(config, Some(listener)).await
