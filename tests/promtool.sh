@@ -66,11 +66,11 @@ pid=
 grpc=$((40000 + RANDOM % 10000))
 cmetrics=$((50000 + RANDOM % 10000))
 GPUFLEET_LOG=warn "$controller" --data-dir "$work/controller" --listen "127.0.0.1:$grpc" \
-    --metrics-listen "127.0.0.1:$cmetrics" >"$work/controller.log" 2>&1 &
+    --metrics-listen "127.0.0.1:$cmetrics" --join-token promtool-join-token >"$work/controller.log" 2>&1 &
 cpid=$!
 GPUFLEET_LOG=warn "$agent" \
     --gpu-backend simulated --simulated-gpus 4xA100-SXM-80GB \
-    --controller "http://127.0.0.1:$grpc" --node-id promtool-node \
+    --controller "http://127.0.0.1:$grpc" --join-token promtool-join-token --node-id promtool-node \
     --data-dir "$work/agent2" --listen 127.0.0.1:0 --metrics-listen off --sample-interval 200ms \
     --provider lambda --region us-west-1 --price-per-gpu-hour 1.79 >"$work/agent2.log" 2>&1 &
 apid=$!
