@@ -638,3 +638,50 @@ async fn unacknowledged_events_are_replayed_after_a_reconnect_and_a_restart() {
     agent.shutdown().await.unwrap();
     controller.server.abort();
 }
+
+#[tokio::test]
+async fn the_agent_api_off_loopback_needs_a_token() {
+    let controller = fake_controller().await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // Every interface, no token: refused at start, with the way out.
+    let open = TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let err = gpufleet_agent::start(
+        config(controller.addr, &dir.path().join("open"), "node-open"),
+        Some(open),
+    )
+    .await
+    .expect_err("an open Agent API without a token must not start");
+    assert!(err.to_string().contains("api_token"), "{err}");
+
+    // With a token: calls without it, or with another one, are refused.
+    let token = "0123456789abcdef0123456789abcdef";
+    let mut with_token = config(controller.addr, &dir.path().join("tok"), "node-tok");
+    with_token.api_token = Some(token.into());
+    let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let agent = gpufleet_agent::start(with_token, Some(listener))
+        .await
+        .unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], agent.local_addr().port()));
+    let mut anonymous = AgentClient::new(channel(addr).await);
+    let err = anonymous
+        .list_workloads(gpufleet_proto::v1::ListWorkloadsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    for (presented, ok) in [("wrong-token-0123456789", false), (token, true)] {
+        let value: tonic::metadata::MetadataValue<_> =
+            format!("Bearer {presented}").parse().unwrap();
+        let mut client =
+            AgentClient::with_interceptor(channel(addr).await, move |mut r: Request<()>| {
+                r.metadata_mut().insert("authorization", value.clone());
+                Ok(r)
+            });
+        let result = client
+            .list_workloads(gpufleet_proto::v1::ListWorkloadsRequest::default())
+            .await;
+        assert_eq!(result.is_ok(), ok, "{presented}: {result:?}");
+    }
+    agent.shutdown().await.unwrap();
+    controller.server.abort();
+}
