@@ -695,6 +695,28 @@ mod tests {
     }
 
     #[test]
+    fn expired_tokens_are_unauthenticated() {
+        let (_dir, store, auth) = authority(None);
+        let (record, token) = auth
+            .create_token(
+                &store,
+                "short-lived",
+                Role::Viewer,
+                "a",
+                Some(Duration::from_secs(3600)),
+            )
+            .unwrap();
+        assert!(record.expires_unix > unix_now());
+        assert!(auth.authenticate(Some(&bearer(&token))).is_ok());
+        // An hour later.
+        if let Some(r) = auth.write_tokens().get_mut(&record.id) {
+            r.expires_unix = unix_now() - 1;
+        }
+        let err = auth.authenticate(Some(&bearer(&token))).unwrap_err();
+        assert!(err.to_string().contains("expired"), "{err}");
+    }
+
+    #[test]
     fn the_last_admin_token_cannot_be_revoked() {
         let (dir, store, auth) = authority(None);
         let path = dir.path().join("admin.token");
