@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -490,8 +490,10 @@ impl Supervisor {
             .try_clone()
             .map_err(|e| fail(&mut log, format!("cannot share the log file: {e}")))?;
         let gpus = allocation.gpu_uuids.join(",");
-        let mut cmd = tokio::process::Command::new(program);
-        cmd.args(&spec.argv[1..])
+        let search_path = spec.env.get("PATH").map_or(WORKLOAD_PATH, String::as_str);
+        let mut cmd = tokio::process::Command::new(resolve_program(program, search_path));
+        cmd.arg0(program)
+            .args(&spec.argv[1..])
             .process_group(0)
             .env_clear()
             .env("PATH", WORKLOAD_PATH)
@@ -759,9 +761,82 @@ impl Supervisor {
     }
 }
 
+/// A bare program name looked up in the workload's PATH here rather than
+/// by exec: std can then start it with posix_spawn (vfork) instead of
+/// fork, which copies the agent's page tables and makes every page it
+/// writes until the exec a copy-on-write fault. A name not found, or a
+/// PATH entry relative to the workload's directory (empty or not starting
+/// with `/`) reached first, leaves the name to exec, as before.
+fn resolve_program(program: &str, search_path: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    if program.contains('/') {
+        return PathBuf::from(program);
+    }
+    for dir in search_path.split(':') {
+        if !dir.starts_with('/') {
+            break;
+        }
+        let candidate = Path::new(dir).join(program);
+        if std::fs::metadata(&candidate)
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        {
+            return candidate;
+        }
+    }
+    PathBuf::from(program)
+}
+
 fn signal_name(sig: i32) -> String {
     match Signal::try_from(sig) {
         Ok(s) => format!("{sig} ({})", s.as_str()),
         Err(_) => sig.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn file(dir: &Path, name: &str, mode: u32) -> std::io::Result<PathBuf> {
+        let path = dir.join(name);
+        std::fs::write(&path, "#!/bin/sh\n")?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+        Ok(path)
+    }
+
+    #[test]
+    fn bare_names_resolve_to_the_first_executable_in_the_search_path() -> std::io::Result<()> {
+        let first = tempfile::tempdir()?;
+        let second = tempfile::tempdir()?;
+        let tool = file(first.path(), "tool", 0o755)?;
+        file(second.path(), "tool", 0o755)?;
+        file(first.path(), "notes", 0o644)?;
+        let search = format!(
+            "/nonexistent:{}:{}",
+            first.path().display(),
+            second.path().display()
+        );
+        assert_eq!(resolve_program("tool", &search), tool);
+        // Not executable, or nowhere: left for exec to report.
+        assert_eq!(resolve_program("notes", &search), PathBuf::from("notes"));
+        assert_eq!(
+            resolve_program("missing", &search),
+            PathBuf::from("missing")
+        );
+        // A path is never searched.
+        assert_eq!(resolve_program("./tool", &search), PathBuf::from("./tool"));
+        // A relative entry first (empty = the workload's directory): exec decides.
+        let relative_first = format!("/nonexistent::{}", first.path().display());
+        assert_eq!(
+            resolve_program("tool", &relative_first),
+            PathBuf::from("tool")
+        );
+        let relative_dir = format!("bin:{}", first.path().display());
+        assert_eq!(
+            resolve_program("tool", &relative_dir),
+            PathBuf::from("tool")
+        );
+        Ok(())
     }
 }

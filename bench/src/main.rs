@@ -6,9 +6,13 @@
 #![allow(unreachable_pub)]
 
 mod agent_overhead;
+mod clients;
+mod dispatch;
 mod ingest;
+mod load;
 mod report;
 mod scheduler;
+mod sim_agent;
 mod usage_query;
 
 use std::process::ExitCode;
@@ -35,6 +39,13 @@ enum Command {
     AgentOverhead(agent_overhead::Options),
     /// Usage reports over one year of hourly rollups; cost of recording market signals.
     UsageQuery(usage_query::Args),
+    /// Trivial jobs end to end through a real controller and agent: jobs/s
+    /// and submit → running latency, against bare process spawning.
+    Dispatch(dispatch::DispatchArgs),
+    /// Many simulated agents streaming telemetry plus a steady job
+    /// submission rate against one controller: errors, submit latency and
+    /// the controller's memory over time.
+    Load(load::LoadArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +54,8 @@ fn main() -> ExitCode {
         Command::Ingest(args) => ingest::run(args),
         Command::AgentOverhead(args) => agent_overhead::run(args),
         Command::UsageQuery(args) => usage_query::run(args),
+        Command::Dispatch(args) => dispatch::run(args),
+        Command::Load(args) => load::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
