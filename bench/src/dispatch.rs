@@ -30,6 +30,8 @@ const TRIVIAL: &str = "true";
 const TARGET_JOBS_PER_S: f64 = 1000.0;
 const TARGET_P50_MS: f64 = 10.0;
 const TARGET_P99_MS: f64 = 50.0;
+/// Longest wait for a job's next update before the run is called failed.
+const JOB_DEADLINE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Args)]
 pub struct DispatchArgs {
@@ -357,7 +359,16 @@ async fn client(endpoint: String, remaining: Arc<AtomicUsize>) -> anyhow::Result
             .into_inner();
         let mut client_running = None;
         let job = loop {
-            let Some(update) = updates.message().await? else {
+            // A job that never ends is a bug to report, not a reason to hang.
+            let update = tokio::time::timeout(JOB_DEADLINE, updates.message())
+                .await
+                .map_err(|_| {
+                    anyhow!(
+                        "job {} did not end within {JOB_DEADLINE:?} of its last update",
+                        job.id
+                    )
+                })??;
+            let Some(update) = update else {
                 bail!("WatchJob {} ended before the job did", job.id);
             };
             let state = update.state();

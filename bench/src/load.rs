@@ -32,6 +32,8 @@ use crate::{clients, report};
 const MAX_IN_FLIGHT_SUBMITS: usize = 1000;
 /// Connections shared by the submitting clients.
 const SUBMIT_CONNECTIONS: usize = 4;
+/// A submission unanswered this long counts as an error (and ends the wait).
+const SUBMIT_DEADLINE: Duration = Duration::from_secs(30);
 /// RSS growth from a third of the run to its end still called flat.
 const FLAT_GROWTH: f64 = 0.05;
 
@@ -437,20 +439,23 @@ async fn submit_steadily(
         calls.push(tokio::spawn(async move {
             let _permit = permit;
             let sent = Instant::now();
-            let answer = client
-                .submit_job(SubmitJobRequest {
+            let answer = tokio::time::timeout(
+                SUBMIT_DEADLINE,
+                client.submit_job(SubmitJobRequest {
                     spec: Some(load_job()),
-                })
-                .await;
+                }),
+            )
+            .await;
             let took = sent.elapsed().as_micros() as u64;
             match answer {
-                Ok(_) => {
+                Err(_) => errors.record(format!("SubmitJob: no answer within {SUBMIT_DEADLINE:?}")),
+                Ok(Err(status)) => errors.record(format!("SubmitJob: {status}")),
+                Ok(Ok(_)) => {
                     submitted.fetch_add(1, Ordering::Relaxed);
                     if let Ok(mut l) = latencies.lock() {
                         l.push((sent - started, took));
                     }
                 }
-                Err(status) => errors.record(format!("SubmitJob: {status}")),
             }
         }));
         calls.retain(|c| !c.is_finished());
