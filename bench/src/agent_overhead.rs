@@ -159,7 +159,7 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
         let mut config =
             gpufleet_controller::ControllerConfig::for_data_dir(dir.path().join("controller"));
         config.listen = listener.local_addr()?;
-        config.join_token = crate::ingest::BENCH_JOIN_TOKEN.to_string();
+        config.join_token = crate::sim_agent::BENCH_JOIN_TOKEN.to_string();
         gpufleet_controller::start(config, Some(listener)).await
     })?;
     let controller_url = format!("http://{}", controller.local_addr());
@@ -168,7 +168,7 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
         .args(["--gpu-backend", "nvml", "--nvml-library-path"])
         .arg(&fake)
         .args(["--controller", &controller_url, "--node-id", "bench-node"])
-        .args(["--join-token", crate::ingest::BENCH_JOIN_TOKEN])
+        .args(["--join-token", crate::sim_agent::BENCH_JOIN_TOKEN])
         .args(["--sample-interval", &o.sample_interval])
         .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
         .args(["--read-kmsg", "false", "--data-dir"])

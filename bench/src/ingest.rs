@@ -15,19 +15,17 @@ use clap::Args;
 use gpufleet_controller::store::SledStore;
 use gpufleet_controller::telemetry::SledRollupStore;
 use gpufleet_controller::{Controller, ControllerConfig};
-use gpufleet_proto::v1::agent_control_client::AgentControlClient;
 use gpufleet_proto::v1::agent_control_server::{AgentControl, AgentControlServer};
-use gpufleet_proto::v1::{
-    AgentHello, AgentMessage, ControllerMessage, GpuInfo, GpuSample, NodeIdentity, TelemetryBatch,
-    agent_message,
-};
-use prost_types::Timestamp;
+use gpufleet_proto::v1::{AgentMessage, ControllerMessage, TelemetryBatch, agent_message};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
+
+use crate::sim_agent::{
+    BENCH_JOIN_TOKEN, Connection, batch, connect, gpu_uuid, hello_message, node_id,
+};
 
 #[derive(Debug, Args)]
 pub struct IngestArgs {
@@ -251,62 +249,6 @@ async fn drive(
     })
 }
 
-fn gpu_uuid(node: usize, gpu: usize) -> String {
-    format!("GPU-{node:08x}-0000-4000-8000-{gpu:012x}")
-}
-
-/// The join token of the benchmark's controllers and simulated agents.
-pub(crate) const BENCH_JOIN_TOKEN: &str = "bench-join-token";
-
-fn hello_message(node: usize, gpus: usize) -> AgentMessage {
-    AgentMessage {
-        seq: 1,
-        body: Some(agent_message::Body::Hello(AgentHello {
-            identity: Some(NodeIdentity {
-                node_id: format!("bench-{node:05}"),
-                provider: ["aws", "gcp", "lambda", "coreweave"][node % 4].into(),
-                region: format!("region-{}", node % 7),
-                ..Default::default()
-            }),
-            gpus: (0..gpus)
-                .map(|g| GpuInfo {
-                    index: g as u32,
-                    uuid: gpu_uuid(node, g),
-                    model: "H100-SXM-80GB".into(),
-                    memory_bytes: 80 << 30,
-                    ..Default::default()
-                })
-                .collect(),
-            join_token: BENCH_JOIN_TOKEN.to_string(),
-            ..Default::default()
-        })),
-    }
-}
-
-/// One batch: every GPU of the node at time `at`.
-fn batch(uuids: &[String], at: SystemTime, k: u64) -> Vec<GpuSample> {
-    let ts = Timestamp::from(at);
-    uuids
-        .iter()
-        .enumerate()
-        .map(|(i, uuid)| GpuSample {
-            uuid: uuid.clone(),
-            index: i as u32,
-            sampled_at: Some(ts),
-            gpu_utilization_percent: Some(((k + i as u64) % 101) as u32),
-            memory_utilization_percent: Some(40),
-            memory_used_bytes: Some(40 << 30),
-            memory_total_bytes: Some(80 << 30),
-            temperature_celsius: Some(60),
-            power_usage_milliwatts: Some(500_000),
-            power_limit_milliwatts: Some(700_000),
-            sm_clock_mhz: Some(1980),
-            memory_clock_mhz: Some(2619),
-            ..Default::default()
-        })
-        .collect()
-}
-
 #[allow(clippy::too_many_arguments)]
 async fn agent(
     endpoint: String,
@@ -320,16 +262,13 @@ async fn agent(
 ) -> anyhow::Result<()> {
     let permit = dialing.acquire_owned().await?;
     let connected = async {
-        let channel: Channel = Endpoint::from_shared(endpoint)?.connect().await?;
-        let (tx, rx) = mpsc::channel::<AgentMessage>(32);
-        if hello {
-            tx.send(hello_message(node, gpus)).await?;
-        }
-        let mut client = AgentControlClient::new(channel);
-        let mut downlink = client.connect(ReceiverStream::new(rx)).await?.into_inner();
+        let Connection {
+            uplink,
+            mut downlink,
+        } = connect(endpoint, hello.then(|| hello_message(node, gpus))).await?;
         // Acks and desired state: read and dropped, as an agent would consume them.
         tokio::spawn(async move { while let Ok(Some(_)) = downlink.message().await {} });
-        anyhow::Ok(tx)
+        anyhow::Ok(uplink)
     }
     .await;
     drop(permit);
@@ -414,11 +353,9 @@ fn measure_memory(agents: usize, gpus: usize, write_rollups: bool) -> anyhow::Re
     for second in 0..120u64 {
         let at = start + Duration::from_secs(second);
         for (node, uuids) in uuids.iter().enumerate() {
-            controller.telemetry().ingest(
-                &format!("bench-{node:05}"),
-                batch(uuids, at, second),
-                at,
-            );
+            controller
+                .telemetry()
+                .ingest(&node_id(node), batch(uuids, at, second), at);
         }
         if write_rollups && second % 30 == 29 {
             controller.telemetry().flush(at)?;

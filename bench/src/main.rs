@@ -6,9 +6,13 @@
 #![allow(unreachable_pub)]
 
 mod agent_overhead;
+mod clients;
+mod dispatch;
 mod ingest;
+mod load;
 mod report;
 mod scheduler;
+mod sim_agent;
 mod usage_query;
 mod workload_spawn;
 
@@ -39,6 +43,13 @@ enum Command {
     /// Extra cost of starting workloads under their shim, against spawning
     /// them directly in the same run; memory of one shim.
     WorkloadSpawn(workload_spawn::Args),
+    /// Trivial jobs end to end through a real controller and agent: jobs/s
+    /// and submit → running latency, against bare process spawning.
+    Dispatch(dispatch::DispatchArgs),
+    /// Many simulated agents streaming telemetry plus a steady job
+    /// submission rate against one controller: errors, submit latency and
+    /// the controller's memory over time.
+    Load(load::LoadArgs),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +64,8 @@ fn main() -> ExitCode {
         Command::AgentOverhead(args) => agent_overhead::run(args),
         Command::UsageQuery(args) => usage_query::run(args),
         Command::WorkloadSpawn(args) => workload_spawn::run(args),
+        Command::Dispatch(args) => dispatch::run(args),
+        Command::Load(args) => load::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

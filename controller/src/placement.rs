@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use gpufleet_proto::v1::{GpuHealth, Job, JobState, Node, NodeState, PlacementPolicy};
+use gpufleet_proto::v1::{GpuHealth, Job, JobSpec, JobState, Node, NodeState, PlacementPolicy};
 
 use crate::lifecycle::{is_desired, task_holds_gpus};
 use crate::scheduler::{
@@ -106,8 +106,11 @@ fn nvlink_groups(node: &Node) -> Vec<Vec<u32>> {
 /// Every task that holds GPUs, as running work.
 pub fn running_inputs<'a>(jobs: impl Iterator<Item = &'a Job>) -> Vec<RunningInput> {
     let mut out = Vec::new();
-    for job in jobs {
-        let spec = job.spec.clone().unwrap_or_default();
+    let no_spec = JobSpec::default();
+    // Called on every pass over every job ever kept, most of them finished:
+    // look before cloning anything.
+    for job in jobs.filter(|j| j.tasks.iter().any(task_holds_gpus)) {
+        let spec = job.spec.as_ref().unwrap_or(&no_spec);
         let evicting = !is_desired(job);
         for task in job.tasks.iter().filter(|t| task_holds_gpus(t)) {
             let start = ts_secs(task.started_at.as_ref()).or(ts_secs(job.scheduled_at.as_ref()));
@@ -171,7 +174,7 @@ pub fn tenant_allocation<'a>(
 ) -> (HashMap<String, HashMap<i32, u32>>, HashMap<String, f64>) {
     let mut held: HashMap<String, HashMap<i32, u32>> = HashMap::new();
     let mut normalised: HashMap<String, f64> = HashMap::new();
-    for job in jobs {
+    for job in jobs.filter(|j| j.tasks.iter().any(task_holds_gpus)) {
         let tenant = job
             .spec
             .as_ref()

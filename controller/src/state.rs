@@ -617,8 +617,13 @@ impl Controller {
         let now = placement::unix_secs(SystemTime::now());
         let (held, running_norm) = placement::tenant_allocation(state.jobs.values(), config);
         state.fair.advance(now, &running_norm);
-        let mut fleet = fleet_index(&state);
         let pending = placement::pending_jobs(state.jobs.values());
+        // Every finished task asks for a pass; with nothing queued there is
+        // nothing to decide, and building the fleet index is most of a pass.
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let mut fleet = fleet_index(&state);
         let inputs: Vec<scheduler::JobInput> =
             pending.iter().map(|j| placement::job_input(j)).collect();
         let tenants = placement::tenant_state(&state.fair, held);

@@ -1,0 +1,446 @@
+//! `gpufleet-bench dispatch`: trivial jobs (`true`, one GPU each) through a
+//! real controller and one real agent with simulated GPUs, both started
+//! in-process on 127.0.0.1:0; clients submit over the gRPC Jobs API and
+//! follow each job with WatchJob until it ends. Against the machine's own
+//! limit measured in the same run: spawning the same process, as many at a
+//! time, with no scheduler at all.
+//!
+//! Latencies come from the job's own timestamps (all set by the
+//! controller's clock, except the task's process start, which the agent on
+//! the same host reports) and, for comparison, from what the clients see.
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, anyhow, bail};
+use clap::Args;
+use gpufleet_agent::{AgentConfig, GpuBackendKind, NodeConfig};
+use gpufleet_controller::ControllerConfig;
+use gpufleet_proto::v1::{Job, JobSpec, JobState, SubmitJobRequest, WatchJobRequest, WorkloadSpec};
+use prost_types::Timestamp;
+use tokio::net::TcpListener;
+
+use crate::{clients, report};
+
+/// The trivial workload, found on the agent's workload PATH.
+const TRIVIAL: &str = "true";
+/// Targets from the issue.
+const TARGET_JOBS_PER_S: f64 = 1000.0;
+const TARGET_P50_MS: f64 = 10.0;
+const TARGET_P99_MS: f64 = 50.0;
+/// Longest wait for a job's next update before the run is called failed.
+const JOB_DEADLINE: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Args)]
+pub struct DispatchArgs {
+    /// Jobs measured, end to end.
+    #[arg(long, default_value_t = 2000)]
+    jobs: usize,
+    /// Concurrent clients, each on its own connection and each keeping one
+    /// job in flight (submit, watch until it ends, submit the next). The
+    /// default matches the GPUs, so jobs never wait for a free GPU; the
+    /// baseline spawns this many at a time.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Simulated GPUs of the one agent.
+    #[arg(long, default_value_t = 8)]
+    gpus: usize,
+    /// Jobs run first and not measured (connections, allocator, page cache).
+    #[arg(long, default_value_t = 100)]
+    warmup: usize,
+}
+
+/// What one client saw of one job, and the job as it ended.
+struct Sample {
+    submit_rpc: Duration,
+    /// Submit call → the first WatchJob update in Running (or already ended).
+    client_running: Duration,
+    client_done: Duration,
+    job: Job,
+}
+
+pub fn run(args: DispatchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.jobs > 0 && args.concurrency > 0 && args.gpus > 0,
+        "--jobs, --concurrency and --gpus must be > 0"
+    );
+    let spawn_rate = spawn_baseline(args.jobs, args.concurrency)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let (samples, elapsed) = runtime.block_on(through_gpufleet(&args))?;
+    drop(runtime);
+
+    if let Some(failed) = samples
+        .iter()
+        .find(|s| s.job.state() != JobState::Succeeded)
+    {
+        bail!(
+            "job {} ended {:?}: {} (the figures would be meaningless)",
+            failed.job.id,
+            failed.job.state(),
+            failed.job.message
+        );
+    }
+    let jobs_per_s = samples.len() as f64 / elapsed.as_secs_f64();
+    let ratio = jobs_per_s / spawn_rate;
+
+    let span = |from: fn(&Job) -> Option<Timestamp>, to: fn(&Job) -> Option<Timestamp>| {
+        Latency::of(
+            samples
+                .iter()
+                .filter_map(|s| between(from(&s.job), to(&s.job))),
+        )
+    };
+    let created = |j: &Job| j.created_at;
+    let scheduled = |j: &Job| j.scheduled_at;
+    let process_started = |j: &Job| j.tasks.first().and_then(|t| t.started_at);
+    let running = |j: &Job| j.started_at;
+    let finished = |j: &Job| j.finished_at;
+    let to_running = span(created, running);
+    let stages = [
+        ("submit → running (job timestamps)", to_running.clone()),
+        ("  submit → scheduled", span(created, scheduled)),
+        (
+            "  scheduled → process started (agent)",
+            span(scheduled, process_started),
+        ),
+        (
+            "  process started → running",
+            span(process_started, running),
+        ),
+        ("running → succeeded", span(running, finished)),
+        (
+            "submit RPC (client)",
+            Latency::of(samples.iter().map(|s| s.submit_rpc)),
+        ),
+        (
+            "submit → running (client, WatchJob)",
+            Latency::of(samples.iter().map(|s| s.client_running)),
+        ),
+        (
+            "submit → succeeded (client)",
+            Latency::of(samples.iter().map(|s| s.client_done)),
+        ),
+    ];
+    // A job whose Running status the controller never saw (the process
+    // ended first) has no started_at; say how many, they are not in p50/p99.
+    let without_running = samples.len() - to_running.count;
+
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "dispatch: {} jobs (`{TRIVIAL}`, 1 GPU each) after {} warm-up, {} clients, 1 agent with {} simulated GPUs, {cores} CPU cores",
+        samples.len(),
+        args.warmup,
+        args.concurrency,
+        args.gpus
+    );
+    println!();
+    report::table(
+        &["path", "jobs/s"],
+        &[
+            vec![
+                "gpufleet: submit → succeeded, end to end".into(),
+                format!("{jobs_per_s:.0}"),
+            ],
+            vec![
+                format!("bare spawn of `{TRIVIAL}`, {} at a time", args.concurrency),
+                format!("{spawn_rate:.0}"),
+            ],
+            vec!["ratio gpufleet / bare".into(), format!("{ratio:.3}")],
+        ],
+    );
+    println!();
+    let rows: Vec<Vec<String>> = stages
+        .iter()
+        .map(|(name, l)| {
+            vec![
+                name.to_string(),
+                format!("{:.2}", l.p50),
+                format!("{:.2}", l.p99),
+                format!("{:.2}", l.max),
+            ]
+        })
+        .collect();
+    report::table(&["latency", "p50 (ms)", "p99 (ms)", "max (ms)"], &rows);
+    if without_running > 0 {
+        println!(
+            "({without_running} jobs ended before the controller saw them Running; not in the submit → running rows)"
+        );
+    }
+    println!();
+    let verdict = |ok: bool| if ok { "ok" } else { "missed" };
+    report::table(
+        &["goal", "measured", "target", ""],
+        &[
+            vec![
+                "jobs/s end to end".into(),
+                format!("{jobs_per_s:.0}"),
+                format!(">= {TARGET_JOBS_PER_S:.0}"),
+                verdict(jobs_per_s >= TARGET_JOBS_PER_S).into(),
+            ],
+            vec![
+                "submit → running p50".into(),
+                format!("{:.2} ms", to_running.p50),
+                format!("<= {TARGET_P50_MS} ms"),
+                verdict(to_running.p50 <= TARGET_P50_MS).into(),
+            ],
+            vec![
+                "submit → running p99".into(),
+                format!("{:.2} ms", to_running.p99),
+                format!("<= {TARGET_P99_MS} ms"),
+                verdict(to_running.p99 <= TARGET_P99_MS).into(),
+            ],
+        ],
+    );
+    let latencies: serde_json::Map<String, serde_json::Value> = stages
+        .iter()
+        .map(|(name, l)| {
+            (
+                name.trim().to_string(),
+                serde_json::json!({"p50_ms": l.p50, "p99_ms": l.p99, "max_ms": l.max}),
+            )
+        })
+        .collect();
+    let summary = serde_json::json!({
+        "bench": "dispatch",
+        "jobs": samples.len(),
+        "warmup_jobs": args.warmup,
+        "concurrency": args.concurrency,
+        "gpus": args.gpus,
+        "cores": cores,
+        "jobs_per_s": jobs_per_s.round(),
+        "baseline_spawns_per_s": spawn_rate.round(),
+        "ratio": (ratio * 1000.0).round() / 1000.0,
+        "submit_to_running_p50_ms": to_running.p50,
+        "submit_to_running_p99_ms": to_running.p99,
+        "jobs_without_running": without_running,
+        "latencies": latencies,
+    });
+    println!("{summary}");
+    Ok(())
+}
+
+/// Spawns `true` `total` times, `parallel` at a time, waiting for each:
+/// what the machine allows with no scheduler at all. Processes per second.
+fn spawn_baseline(total: usize, parallel: usize) -> anyhow::Result<f64> {
+    let remaining = AtomicUsize::new(total);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..parallel)
+            .map(|_| {
+                scope.spawn(|| -> anyhow::Result<()> {
+                    while take_one(&remaining) {
+                        let status = Command::new(TRIVIAL)
+                            .stdin(Stdio::null())
+                            .stdout(Stdio::null())
+                            .stderr(Stdio::null())
+                            .status()
+                            .with_context(|| format!("cannot run `{TRIVIAL}`"))?;
+                        anyhow::ensure!(status.success(), "`{TRIVIAL}` ended with {status}");
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker
+                .join()
+                .map_err(|_| anyhow!("a spawning thread panicked"))??;
+        }
+        anyhow::Ok(())
+    })?;
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Takes one unit of work from a shared counter; false when none is left.
+fn take_one(remaining: &AtomicUsize) -> bool {
+    remaining
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+/// Starts the controller and the agent, runs the warm-up, then the
+/// measured jobs; returns what the clients saw and the measured time.
+async fn through_gpufleet(args: &DispatchArgs) -> anyhow::Result<(Vec<Sample>, Duration)> {
+    let dir = tempfile::tempdir()?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let mut config = ControllerConfig::for_data_dir(dir.path().join("controller"));
+    config.listen = listener.local_addr()?;
+    config.join_token = crate::sim_agent::BENCH_JOIN_TOKEN.to_string();
+    // Auth is on (every call carries the admin token); the per-token rate
+    // limit is off, since one token drives every client here.
+    config.rate_limit = None;
+    let controller = gpufleet_controller::start(config, Some(listener)).await?;
+    let endpoint = controller.endpoint();
+    clients::use_admin_token(&dir.path().join("controller")).await?;
+    let agent = gpufleet_agent::start(
+        agent_config(&endpoint, dir.path(), args.gpus),
+        Some(TcpListener::bind("127.0.0.1:0").await?),
+    )
+    .await?;
+    clients::wait_nodes_ready(&endpoint, 1, Duration::from_secs(30)).await?;
+
+    let outcome = async {
+        run_jobs(&endpoint, args.warmup, args.concurrency).await?;
+        let started = Instant::now();
+        let samples = run_jobs(&endpoint, args.jobs, args.concurrency).await?;
+        anyhow::Ok((samples, started.elapsed()))
+    }
+    .await;
+    agent.shutdown().await?;
+    controller.shutdown().await?;
+    outcome
+}
+
+fn agent_config(endpoint: &str, dir: &std::path::Path, gpus: usize) -> AgentConfig {
+    AgentConfig {
+        controller: endpoint.to_string(),
+        join_token: crate::sim_agent::BENCH_JOIN_TOKEN.to_string(),
+        node: NodeConfig {
+            id: Some("dispatch-bench".into()),
+            provider: "local".into(),
+            region: "loopback".into(),
+            zone: String::new(),
+            instance_type: "bench".into(),
+            price_per_gpu_hour_usd: 2.0,
+            spot: false,
+            labels: Default::default(),
+        },
+        gpu_backend: GpuBackendKind::Simulated,
+        simulated_gpus: vec![format!("{gpus}xH100-SXM-80GB")],
+        data_dir: dir.join("agent"),
+        sample_interval: Duration::from_secs(1),
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        stop_grace_period: Duration::from_secs(2),
+        monitoring: Default::default(),
+        tls: Default::default(),
+        workload_user: None,
+        api_token: None,
+        outbox_max_bytes: gpufleet_agent::config::DEFAULT_OUTBOX_MAX_BYTES,
+        log_max_bytes: gpufleet_agent::supervisor::DEFAULT_LOG_MAX_BYTES,
+        // This executable dispatches `__shim` first thing in main.
+        shim_program: None,
+        keep_workloads_on_exit: false,
+    }
+}
+
+/// Runs `total` jobs through `concurrency` clients, each with one job in flight.
+async fn run_jobs(endpoint: &str, total: usize, concurrency: usize) -> anyhow::Result<Vec<Sample>> {
+    let remaining = Arc::new(AtomicUsize::new(total));
+    let mut clients = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let endpoint = endpoint.to_string();
+        let remaining = remaining.clone();
+        clients.push(tokio::spawn(
+            async move { client(endpoint, remaining).await },
+        ));
+    }
+    let mut samples = Vec::with_capacity(total);
+    for client in clients {
+        samples.extend(client.await.context("a client task panicked")??);
+    }
+    Ok(samples)
+}
+
+async fn client(endpoint: String, remaining: Arc<AtomicUsize>) -> anyhow::Result<Vec<Sample>> {
+    let mut jobs = clients::jobs_client(&endpoint).await?;
+    let mut samples = Vec::new();
+    while take_one(&remaining) {
+        let submitted = Instant::now();
+        let job = jobs
+            .submit_job(SubmitJobRequest {
+                spec: Some(trivial_job()),
+            })
+            .await
+            .context("SubmitJob failed")?
+            .into_inner()
+            .job
+            .context("SubmitJob answered without a job")?;
+        let submit_rpc = submitted.elapsed();
+        let mut updates = jobs
+            .watch_job(WatchJobRequest {
+                job_id: job.id.clone(),
+            })
+            .await
+            .with_context(|| format!("WatchJob {} failed", job.id))?
+            .into_inner();
+        let mut client_running = None;
+        let job = loop {
+            // A job that never ends is a bug to report, not a reason to hang.
+            let update = tokio::time::timeout(JOB_DEADLINE, updates.message())
+                .await
+                .map_err(|_| {
+                    anyhow!(
+                        "job {} did not end within {JOB_DEADLINE:?} of its last update",
+                        job.id
+                    )
+                })??;
+            let Some(update) = update else {
+                bail!("WatchJob {} ended before the job did", job.id);
+            };
+            let state = update.state();
+            let ended = matches!(
+                state,
+                JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::Lost
+            );
+            if client_running.is_none() && (state == JobState::Running || ended) {
+                client_running = Some(submitted.elapsed());
+            }
+            if ended {
+                break update;
+            }
+        };
+        samples.push(Sample {
+            submit_rpc,
+            client_running: client_running.unwrap_or_default(),
+            client_done: submitted.elapsed(),
+            job,
+        });
+    }
+    Ok(samples)
+}
+
+fn trivial_job() -> JobSpec {
+    JobSpec {
+        gpus_per_task: 1,
+        workload: Some(WorkloadSpec {
+            argv: vec![TRIVIAL.to_string()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// `to - from`, when both are set and in order.
+fn between(from: Option<Timestamp>, to: Option<Timestamp>) -> Option<Duration> {
+    let from = SystemTime::try_from(from?).ok()?;
+    let to = SystemTime::try_from(to?).ok()?;
+    to.duration_since(from).ok()
+}
+
+/// Percentiles of a set of durations, in milliseconds.
+#[derive(Clone)]
+struct Latency {
+    count: usize,
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+impl Latency {
+    fn of(durations: impl Iterator<Item = Duration>) -> Self {
+        let mut micros: Vec<u64> = durations.map(|d| d.as_micros() as u64).collect();
+        micros.sort_unstable();
+        let ms = |us: u64| us as f64 / 1000.0;
+        Self {
+            count: micros.len(),
+            p50: ms(report::percentile(&micros, 50.0)),
+            p99: ms(report::percentile(&micros, 99.0)),
+            max: ms(micros.last().copied().unwrap_or(0)),
+        }
+    }
+}
