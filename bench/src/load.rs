@@ -63,6 +63,10 @@ pub struct LoadArgs {
     /// gpufleet-controller binary [default: next to this one].
     #[arg(long)]
     controller: Option<PathBuf>,
+    /// Passed to the controller: how long finished jobs are kept, e.g. 30s
+    /// [default: the controller's, 7d].
+    #[arg(long)]
+    finished_job_retention: Option<String>,
 }
 
 /// Errors seen anywhere in the run, with the first few messages.
@@ -106,7 +110,11 @@ impl Drop for ControllerProcess {
 }
 
 impl ControllerProcess {
-    fn start(binary: &std::path::Path, dir: &std::path::Path) -> anyhow::Result<Self> {
+    fn start(
+        binary: &std::path::Path,
+        dir: &std::path::Path,
+        finished_job_retention: Option<&str>,
+    ) -> anyhow::Result<Self> {
         // The binary binds the port itself: take a free one and release it.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -115,7 +123,11 @@ impl ControllerProcess {
         let log = dir.join("controller.log");
         let log_file = std::fs::File::create(&log)
             .with_context(|| format!("cannot create {}", log.display()))?;
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        if let Some(retention) = finished_job_retention {
+            command.args(["--finished-job-retention", retention]);
+        }
+        let child = command
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")
@@ -219,7 +231,8 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
             .with_file_name("gpufleet-controller"),
     };
     let dir = tempfile::tempdir()?;
-    let mut controller = ControllerProcess::start(&binary, dir.path())?;
+    let mut controller =
+        ControllerProcess::start(&binary, dir.path(), args.finished_job_retention.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

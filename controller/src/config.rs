@@ -69,6 +69,9 @@ pub struct ConfigFile {
     pub usage_retention: Option<String>,
     /// How long per-minute market signals are kept (e.g. "30d").
     pub market_retention: Option<String>,
+    /// How long finished jobs are kept before they are deleted from memory
+    /// and the store (their usage records stay); e.g. "7d".
+    pub finished_job_retention: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -107,6 +110,8 @@ pub struct ControllerConfig {
     pub queues: Vec<String>,
     pub usage_retention: crate::usage::Retention,
     pub market_retention: Duration,
+    /// Finished jobs older than this are garbage-collected.
+    pub finished_job_retention: Duration,
     pub telemetry_retention: Duration,
     pub metrics_listen: SocketAddr,
     /// TLS on the gRPC listener (and mutual TLS for agents).
@@ -117,6 +122,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/gpufleet/controller";
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9401";
 pub const DEFAULT_RATE_LIMIT_PER_TOKEN: u32 = 1000;
+/// A week: several fair-share half-lives, so forgetting a job's usage there
+/// changes nothing that matters.
+pub const DEFAULT_FINISHED_JOB_RETENTION: Duration = Duration::from_secs(7 * 86_400);
 pub const DEFAULT_TELEMETRY_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl ControllerConfig {
@@ -141,6 +149,7 @@ impl ControllerConfig {
             queues: vec!["default".to_string()],
             usage_retention: crate::usage::Retention::default(),
             market_retention: Duration::from_secs(30 * 86_400),
+            finished_job_retention: DEFAULT_FINISHED_JOB_RETENTION,
             telemetry_retention: DEFAULT_TELEMETRY_RETENTION,
             // Any free port: several test or dev controllers share a host.
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -185,6 +194,7 @@ impl ControllerConfig {
             fair_share_half_life: env.get("GPUFLEET_FAIR_SHARE_HALF_LIFE").cloned(),
             usage_retention: env.get("GPUFLEET_USAGE_RETENTION").cloned(),
             market_retention: env.get("GPUFLEET_MARKET_RETENTION").cloned(),
+            finished_job_retention: env.get("GPUFLEET_FINISHED_JOB_RETENTION").cloned(),
             ..Default::default()
         };
         for layer in [from_env, overrides] {
@@ -203,6 +213,9 @@ impl ControllerConfig {
                 layer.fair_share_half_life.or(merged.fair_share_half_life);
             merged.usage_retention = layer.usage_retention.or(merged.usage_retention);
             merged.market_retention = layer.market_retention.or(merged.market_retention);
+            merged.finished_job_retention = layer
+                .finished_job_retention
+                .or(merged.finished_job_retention);
             merged.telemetry_retention = layer.telemetry_retention.or(merged.telemetry_retention);
             merged.metrics_listen = layer.metrics_listen.or(merged.metrics_listen);
             merged.tls_cert = layer.tls_cert.or(merged.tls_cert);
@@ -380,6 +393,17 @@ impl ControllerConfig {
         if market < Duration::from_secs(3600) {
             return Err(invalid("market_retention", "must be at least 1h".into()));
         }
+        let finished_job_retention = duration(
+            "finished_job_retention",
+            file.finished_job_retention.clone(),
+            DEFAULT_FINISHED_JOB_RETENTION.as_secs(),
+        )?;
+        if finished_job_retention < Duration::from_secs(10) {
+            return Err(invalid(
+                "finished_job_retention",
+                "must be at least 10s (clients read a job's outcome after it ends)".into(),
+            ));
+        }
         if file.tls_cert.is_some() != file.tls_key.is_some() {
             return Err(invalid(
                 "tls_cert",
@@ -416,6 +440,7 @@ impl ControllerConfig {
         Ok(Self {
             usage_retention,
             market_retention: market,
+            finished_job_retention,
             listen,
             admin_token_file: file
                 .admin_token_file
@@ -467,6 +492,9 @@ impl ControllerConfig {
                     .to_string(),
             ),
             market_retention: Some(humantime::format_duration(self.market_retention).to_string()),
+            finished_job_retention: Some(
+                humantime::format_duration(self.finished_job_retention).to_string(),
+            ),
             queues: Some(self.queues.clone()),
             generation_factors: Some(
                 self.scheduler

@@ -20,6 +20,10 @@ struct Args {
     /// Directory of the embedded store [default: /var/lib/gpufleet/controller].
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// How long finished jobs are kept before they are deleted (their usage
+    /// records stay) [default: 7d].
+    #[arg(long)]
+    finished_job_retention: Option<String>,
     /// Token agents must present to join [default: generated at the first
     /// start, written to join.token in the data dir].
     #[arg(long)]
@@ -86,6 +90,7 @@ fn main() -> ExitCode {
         data_dir: args.data_dir.clone(),
         join_token: args.join_token.clone(),
         admin_token_file: args.admin_token_file.clone(),
+        finished_job_retention: args.finished_job_retention.clone(),
         rate_limit_per_token: args.rate_limit_per_token,
         rate_limit_burst: args.rate_limit_burst,
         node_not_ready_after: args.node_not_ready_after.clone(),

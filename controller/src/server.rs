@@ -29,6 +29,8 @@ use crate::validate::ModelFacts;
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Finished telemetry minutes are written this often, in one batch.
 const ROLLUP_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+/// Finished jobs deleted per garbage-collection round (every 5 s).
+const JOB_GC_BATCH: usize = 10_000;
 /// Rollups past the retention are deleted this often.
 const ROLLUP_PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 
@@ -213,10 +215,23 @@ pub async fn start(
     let leases = controller.clone();
     background.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut ticks: u64 = 0;
         loop {
             tick.tick().await;
+            ticks += 1;
             if let Err(e) = leases.check_leases() {
                 tracing::error!(error = %e, "lease check failed");
+            }
+            // Every 5 s, a bounded batch, so a backlog is worked off
+            // without holding the state lock long.
+            if ticks.is_multiple_of(10) {
+                match leases.gc_finished_jobs(std::time::SystemTime::now(), JOB_GC_BATCH) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::debug!(deleted = n, "finished jobs past their retention deleted")
+                    }
+                    Err(e) => tracing::error!(error = %e, "deleting finished jobs failed"),
+                }
             }
             if let Err(e) = leases.record_market_minute() {
                 tracing::error!(error = %e, "recording market signals failed");

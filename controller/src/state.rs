@@ -407,11 +407,48 @@ impl Controller {
 
     pub fn get_job(&self, id: &str) -> Result<Job> {
         validate::job_id("job_id", id)?;
-        self.lock()
+        self.lock().jobs.get(id).cloned().ok_or_else(|| {
+            ControllerError::NotFound(format!(
+                "job {id} does not exist (finished jobs are kept for {}; their usage records stay: gpufleet usage records --job {id})",
+                humantime::format_duration(self.inner.config.finished_job_retention)
+            ))
+        })
+    }
+
+    /// Deletes finished jobs that ended more than `finished_job_retention`
+    /// before `now`, from the store and then from memory, at most `limit` per
+    /// call so that the state lock is never held long. Their usage records
+    /// stay in the ledger. Returns how many were deleted.
+    pub fn gc_finished_jobs(&self, now: SystemTime, limit: usize) -> Result<usize> {
+        let cutoff = now
+            .checked_sub(self.inner.config.finished_job_retention)
+            .map_or(0, placement::unix_secs);
+        let mut state = self.lock();
+        let expired: Vec<String> = state
             .jobs
-            .get(id)
-            .cloned()
-            .ok_or_else(|| ControllerError::NotFound(format!("job {id} does not exist")))
+            .values()
+            .filter(|j| {
+                is_terminal_job(j.state())
+                    && j.finished_at
+                        .as_ref()
+                        .is_some_and(|t| (t.seconds.max(0) as u64) < cutoff)
+            })
+            .take(limit)
+            .map(|j| j.id.clone())
+            .collect();
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let mut batch = WriteBatch::default();
+        for id in &expired {
+            batch.delete(Keyspace::Jobs, id);
+        }
+        // Write first: memory never holds less than the store.
+        self.inner.store.apply(batch)?;
+        for id in &expired {
+            state.jobs.remove(id);
+        }
+        Ok(expired.len())
     }
 
     pub fn list_jobs(

@@ -225,3 +225,36 @@ fn a_retried_gang_whose_partner_never_started_is_queued_again_after_a_crash() ->
     assert_eq!(records[0].allocation_id, job.tasks[a].allocation_id);
     Ok(())
 }
+
+#[test]
+fn finished_jobs_are_deleted_after_their_retention_and_their_usage_stays() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let controller = open(dir.path())?;
+    let _a = connect(&controller, hello("node-a", Vec::new()))?;
+    let done = controller.submit_job(spec(1, 0))?;
+    let running = controller.submit_job(spec(1, 0))?;
+    assert_eq!(controller.schedule_pass()?, 1);
+    let placed = controller.get_job(&done.id)?;
+    controller.record_workload_status("node-a", status(&placed, 0, WorkloadState::Running, 0))?;
+    controller.record_workload_status("node-a", status(&placed, 0, WorkloadState::Succeeded, 0))?;
+    assert_eq!(controller.get_job(&done.id)?.state(), JobState::Succeeded);
+    let retention = controller.config().finished_job_retention;
+
+    // Within the retention nothing goes; past it, only the finished job.
+    assert_eq!(controller.gc_finished_jobs(SystemTime::now(), 100)?, 0);
+    let later = SystemTime::now() + retention + std::time::Duration::from_secs(60);
+    assert_eq!(controller.gc_finished_jobs(later, 100)?, 1);
+    let err = controller.get_job(&done.id).unwrap_err();
+    assert!(err.to_string().contains("kept for"), "{err}");
+    assert!(controller.get_job(&running.id).is_ok(), "live jobs stay");
+    assert_eq!(usage(&controller, &done.id).len(), 1, "usage records stay");
+
+    // Gone from the store too: a restarted controller does not bring it back.
+    drop(_a);
+    drop(controller);
+    let controller = open(dir.path())?;
+    assert!(controller.get_job(&done.id).is_err());
+    assert!(controller.get_job(&running.id).is_ok());
+    assert_eq!(usage(&controller, &done.id).len(), 1);
+    Ok(())
+}
