@@ -187,7 +187,11 @@ impl Workload {
     fn apply_exit(&mut self, exit: &ExitRecord) {
         self.exit_code = exit.exit_code;
         self.signal = exit.signal;
-        self.finished_at = Some(store::from_unix_ms(exit.finished_at_ms));
+        // The record has millisecond precision and the shim's clock reading;
+        // `started_at` was taken after the shim answered. A workload that
+        // exits at once could seem to end before it started: it never does.
+        let finished = store::from_unix_ms(exit.finished_at_ms);
+        self.finished_at = Some(self.started_at.map_or(finished, |s| finished.max(s)));
         (self.state, self.message) = outcome(self.stop_requested, exit);
     }
 }

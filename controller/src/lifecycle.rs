@@ -68,6 +68,13 @@ pub fn apply_status(task: &mut TaskStatus, status: &WorkloadStatus) -> bool {
     } else if is_terminal_workload(status.state()) && task.finished_at.is_none() {
         task.finished_at = Some(now_ts());
     }
+    // A task never ends before it starts, whatever an agent's clock said:
+    // usage is end − start.
+    if let (Some(start), Some(end)) = (task.started_at, task.finished_at)
+        && (end.seconds, end.nanos) < (start.seconds, start.nanos)
+    {
+        task.finished_at = Some(start);
+    }
     *task != before
 }
 
@@ -244,6 +251,25 @@ mod tests {
             })
             .collect();
         job
+    }
+
+    #[test]
+    fn a_task_never_ends_before_it_starts() {
+        let mut task = TaskStatus::default();
+        let ts = |ms: i64| prost_types::Timestamp {
+            seconds: ms / 1000,
+            nanos: ((ms % 1000) * 1_000_000) as i32,
+        };
+        let status = WorkloadStatus {
+            state: WorkloadState::Succeeded as i32,
+            exit_code: Some(0),
+            started_at: Some(ts(10_500)),
+            // An exit recorded with a coarser clock, a moment "earlier".
+            finished_at: Some(ts(10_499)),
+            ..Default::default()
+        };
+        assert!(apply_status(&mut task, &status));
+        assert_eq!(task.finished_at, Some(ts(10_500)));
     }
 
     #[test]

@@ -914,6 +914,11 @@ async fn verify_usage(api: &Api, jobs: &[Job], ran: &BTreeSet<String>) -> anyhow
             bail!("{} lacks its start or end", record.allocation_id);
         };
         ensure!(
+            end >= start,
+            "{} ends before it starts: {record:?}",
+            record.allocation_id
+        );
+        ensure!(
             record.gpu_milliseconds == (end - start) * u64::from(record.gpu_count),
             "{}: {} GPU-ms is not ({end} - {start}) ms × {} GPUs",
             record.allocation_id,
@@ -949,7 +954,10 @@ async fn verify_usage(api: &Api, jobs: &[Job], ran: &BTreeSet<String>) -> anyhow
                 );
             };
             let gpus = task.gpu_uuids.len() as u32;
-            let want = (end - start) * u64::from(gpus);
+            let Some(ran) = end.checked_sub(start) else {
+                bail!("{} ends before it starts: {task:?}", task.allocation_id);
+            };
+            let want = ran * u64::from(gpus);
             ensure!(
                 ms(&record.started_at) == Some(start)
                     && ms(&record.ended_at) == Some(end)
