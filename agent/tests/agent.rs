@@ -507,7 +507,9 @@ async fn uplink_retries_after_a_refusal_and_rehellos_with_current_statuses() {
     assert_eq!(hello.applied_generation, 5);
     assert_eq!(hello.node_secret, "gfn_issued-secret");
     assert_eq!(
-        std::fs::read_to_string(dir.path().join("node.secret")).unwrap(),
+        std::fs::read_to_string(dir.path().join("node.secret"))
+            .unwrap()
+            .trim(),
         "gfn_issued-secret"
     );
     let job = hello

@@ -14,7 +14,6 @@
 //! value and map [`ControllerError`]s to statuses.
 
 use std::collections::HashMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -246,26 +245,6 @@ pub fn validate_token_name(name: &str) -> Result<()> {
     }
 }
 
-/// Writes `text` to `path` readable by the owner only (mode 0600), through
-/// a temporary file so that a reader never sees half of it.
-pub fn write_secret_file(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(text.as_bytes())?;
-    file.write_all(b"\n")?;
-    file.sync_all()?;
-    // The mode at creation is masked by the umask, which only removes
-    // bits; set it anyway in case the file system ignored it.
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-    std::fs::rename(&tmp, path)
-}
-
 impl Authority {
     /// Loads tokens and node bindings from the store. `join_token` is the
     /// configured one; when empty, the token generated at the first start is
@@ -339,7 +318,7 @@ impl Authority {
         let mut batch = WriteBatch::default();
         batch.put_raw(Keyspace::Settings, JOIN_TOKEN_KEY, digest.clone());
         store.apply(batch)?;
-        write_secret_file(path, &token).map_err(|e| {
+        gpufleet_agent::identity::write_private_file(path, &token).map_err(|e| {
             ControllerError::Internal(format!(
                 "cannot write the join token to {}: {e}",
                 path.display()
@@ -358,7 +337,7 @@ impl Authority {
         }
         let (_, token) =
             self.create_token(store, "bootstrap-admin", Role::Admin, ALL_TENANTS, None)?;
-        write_secret_file(path, &token).map_err(|e| {
+        gpufleet_agent::identity::write_private_file(path, &token).map_err(|e| {
             ControllerError::Internal(format!(
                 "cannot write the bootstrap admin token to {}: {e}",
                 path.display()
