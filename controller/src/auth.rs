@@ -385,6 +385,11 @@ impl Authority {
         Ok((record, format!("{TOKEN_PREFIX}{id}_{secret}")))
     }
 
+    /// One token's record, revoked or not.
+    pub fn token(&self, id: &str) -> Option<TokenRecord> {
+        self.read_tokens().get(id).cloned()
+    }
+
     /// Every token, newest first.
     pub fn list_tokens(&self, include_revoked: bool) -> Vec<TokenRecord> {
         let mut out: Vec<TokenRecord> = self

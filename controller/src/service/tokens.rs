@@ -106,13 +106,7 @@ impl Tokens for TokensService {
     ) -> Result<Response<TokenInfo>, Status> {
         let who = caller(&self.controller, &request, Action::Administer)?;
         let r = request.into_inner();
-        if let Some(target) = self
-            .controller
-            .auth()
-            .list_tokens(true)
-            .into_iter()
-            .find(|t| t.id == r.id)
-        {
+        if let Some(target) = self.controller.auth().token(&r.id) {
             who.check_tenant(&target.tenant, &format!("token {}", target.id))
                 .map_err(to_status)?;
         }
@@ -129,9 +123,8 @@ impl Tokens for TokensService {
         let record = self
             .controller
             .auth()
-            .list_tokens(false)
-            .into_iter()
-            .find(|t| t.id == who.token_id)
+            .token(&who.token_id)
+            .filter(|t| t.revoked_unix == 0)
             .ok_or_else(|| Status::unauthenticated("the token was revoked during this call"))?;
         Ok(Response::new(info(&record)))
     }
