@@ -81,7 +81,7 @@ for _ in $(seq 1 150); do
     fi
     sleep 0.1
 done
-if ! grep -q '^gpufleet_gpus{' "$work/cscrape" 2>/dev/null; then
+if ! grep -q '^gpufleet_fleet_gpus{' "$work/cscrape" 2>/dev/null; then
     echo "FAIL: the controller did not serve fleet metrics" >&2
     cat "$work/controller.log" "$work/agent2.log" >&2
     exit 1

@@ -174,39 +174,6 @@ fn state_label(name: &str, prefix: &str) -> String {
 
 pub fn render(snapshot: &Snapshot) -> String {
     let mut e = Encoder::default();
-    type Field = fn(&gpufleet_proto::v1::CapacityGroup) -> u32;
-    let capacity: [(&str, &str, Field); 4] = [
-        ("gpufleet_gpus", "GPUs on nodes that are not Lost.", |g| {
-            g.total_gpus
-        }),
-        (
-            "gpufleet_gpus_healthy",
-            "GPUs on Ready nodes that are not Unhealthy.",
-            |g| g.healthy_gpus,
-        ),
-        (
-            "gpufleet_gpus_allocated",
-            "GPUs held by a job's task.",
-            |g| g.allocated_gpus,
-        ),
-        (
-            "gpufleet_gpus_free",
-            "Healthy GPUs on Ready nodes that no task holds.",
-            |g| g.free_gpus,
-        ),
-    ];
-    for (name, help, field) in capacity {
-        e.family(name, Kind::Gauge, help);
-        for g in &snapshot.capacity.groups {
-            let generation = generation_label(g.generation);
-            let labels = [
-                ("provider", g.provider.as_str()),
-                ("region", g.region.as_str()),
-                ("generation", generation.as_str()),
-            ];
-            e.sample(name, &labels, f64::from(field(g)));
-        }
-    }
     type AggField = fn(&gpufleet_proto::v1::TelemetryGroup) -> f64;
     let telemetry: [(&str, &str, AggField); 5] = [
         (
@@ -363,7 +330,8 @@ pub fn render(snapshot: &Snapshot) -> String {
             );
         }
     }
-    // The names the shipped dashboards and alerts query (deploy/metrics.yaml).
+    // Capacity, one family with a state label (what the shipped dashboards
+    // and alerts query; deploy/metrics.yaml).
     e.family(
         "gpufleet_fleet_gpus",
         Kind::Gauge,
@@ -679,7 +647,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(
-            "gpufleet_gpus_free{provider=\"aws\",region=\"us-east-1\",generation=\"hopper\"} 5\n"
+            "gpufleet_fleet_gpus{provider=\"aws\",region=\"us-east-1\",generation=\"hopper\",state=\"free\"} 5\n"
         ));
         assert!(text.contains("gpufleet_nodes{state=\"ready\"} 3\n"));
         assert!(text.contains("gpufleet_nodes{state=\"lost\"} 0\n"));

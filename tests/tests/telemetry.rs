@@ -141,8 +141,8 @@ async fn latest_history_aggregates_and_metrics() -> anyhow::Result<()> {
     // /metrics has the fleet gauges.
     let metrics = cluster.scrape_metrics().await?;
     for line in [
-        "gpufleet_gpus{provider=\"aws\",region=\"us-east-1\",generation=\"hopper\"} 4",
-        "gpufleet_gpus_free{provider=\"lambda\",region=\"us-west-1\",generation=\"ampere\"} 4",
+        "gpufleet_fleet_gpus{provider=\"aws\",region=\"us-east-1\",generation=\"hopper\",state=\"total\"} 4",
+        "gpufleet_fleet_gpus{provider=\"lambda\",region=\"us-west-1\",generation=\"ampere\",state=\"free\"} 4",
         "gpufleet_gpus_reporting{provider=\"aws\",region=\"us-east-1\",generation=\"hopper\"} 4",
         "gpufleet_nodes{state=\"ready\"} 2",
         "gpufleet_telemetry_samples_dropped_total{node=\"node-a\",reason=\"out_of_range\"} 0",
