@@ -485,6 +485,39 @@ fn split_list(s: &str) -> Vec<String> {
 }
 
 impl AgentConfig {
+    /// What embedders start from (tests, `gpufleet dev`, benchmarks): an
+    /// agent with simulated GPUs (`simulated_gpus`, e.g. `8xH100-SXM-80GB`),
+    /// its API on `127.0.0.1:0`, no `/metrics`, the default sampling, grace
+    /// period and bounds, and workloads stopped with the agent (embedders
+    /// leave nothing running). Change fields with struct update syntax.
+    pub fn simulated(
+        controller: impl Into<String>,
+        join_token: impl Into<String>,
+        node: NodeConfig,
+        simulated_gpus: Vec<String>,
+        data_dir: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            controller: controller.into(),
+            join_token: join_token.into(),
+            node,
+            gpu_backend: GpuBackendKind::Simulated,
+            simulated_gpus,
+            data_dir: data_dir.into(),
+            sample_interval: DEFAULT_SAMPLE_INTERVAL,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            stop_grace_period: DEFAULT_STOP_GRACE_PERIOD,
+            monitoring: MonitoringConfig::default(),
+            tls: TlsClientConfig::default(),
+            workload_user: None,
+            api_token: None,
+            outbox_max_bytes: DEFAULT_OUTBOX_MAX_BYTES,
+            log_max_bytes: crate::supervisor::DEFAULT_LOG_MAX_BYTES,
+            shim_program: None,
+            keep_workloads_on_exit: false,
+        }
+    }
+
     /// Loads the configuration: the file named by `overrides.config` or
     /// `GPUFLEET_CONFIG` (optional), then `GPUFLEET_*` variables from `env`,
     /// then `overrides` (the command line), then validates the result.

@@ -27,33 +27,28 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
 fn config(controller: SocketAddr, data_dir: &Path, node: &str) -> AgentConfig {
+    let node = NodeConfig {
+        id: Some(node.into()),
+        provider: "aws".into(),
+        region: "us-east-1".into(),
+        zone: "us-east-1a".into(),
+        instance_type: "g6.12xlarge".into(),
+        price_per_gpu_hour_usd: 0.8,
+        spot: false,
+        labels: BTreeMap::new(),
+    };
     AgentConfig {
-        controller: format!("http://{controller}"),
-        join_token: "token-1".into(),
-        node: NodeConfig {
-            id: Some(node.into()),
-            provider: "aws".into(),
-            region: "us-east-1".into(),
-            zone: "us-east-1a".into(),
-            instance_type: "g6.12xlarge".into(),
-            price_per_gpu_hour_usd: 0.8,
-            spot: false,
-            labels: BTreeMap::new(),
-        },
-        gpu_backend: GpuBackendKind::Simulated,
-        simulated_gpus: vec!["4xL4".into()],
-        data_dir: data_dir.to_path_buf(),
         sample_interval: Duration::from_millis(100),
-        listen: "127.0.0.1:0".parse().unwrap(),
         stop_grace_period: Duration::from_secs(2),
-        monitoring: Default::default(),
-        tls: Default::default(),
-        workload_user: None,
-        api_token: None,
-        outbox_max_bytes: gpufleet_agent::config::DEFAULT_OUTBOX_MAX_BYTES,
         log_max_bytes: 1 << 20,
         shim_program: Some(common::SHIM.into()),
-        keep_workloads_on_exit: false,
+        ..AgentConfig::simulated(
+            format!("http://{controller}"),
+            "token-1",
+            node,
+            vec!["4xL4".into()],
+            data_dir,
+        )
     }
 }
 

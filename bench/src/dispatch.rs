@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, anyhow, bail};
 use clap::Args;
-use gpufleet_agent::{AgentConfig, GpuBackendKind, NodeConfig};
+use gpufleet_agent::{AgentConfig, NodeConfig};
 use gpufleet_controller::ControllerConfig;
 use gpufleet_proto::v1::{Job, JobSpec, JobState, SubmitJobRequest, WatchJobRequest, WorkloadSpec};
 use prost_types::Timestamp;
@@ -297,34 +297,27 @@ async fn through_gpufleet(args: &DispatchArgs) -> anyhow::Result<(Vec<Sample>, D
 }
 
 fn agent_config(endpoint: &str, dir: &std::path::Path, gpus: usize) -> AgentConfig {
+    let node = NodeConfig {
+        id: Some("dispatch-bench".into()),
+        provider: "local".into(),
+        region: "loopback".into(),
+        zone: String::new(),
+        instance_type: "bench".into(),
+        price_per_gpu_hour_usd: 2.0,
+        spot: false,
+        labels: Default::default(),
+    };
+    // No shim_program: this executable dispatches `__shim` first thing in main.
     AgentConfig {
-        controller: endpoint.to_string(),
-        join_token: crate::sim_agent::BENCH_JOIN_TOKEN.to_string(),
-        node: NodeConfig {
-            id: Some("dispatch-bench".into()),
-            provider: "local".into(),
-            region: "loopback".into(),
-            zone: String::new(),
-            instance_type: "bench".into(),
-            price_per_gpu_hour_usd: 2.0,
-            spot: false,
-            labels: Default::default(),
-        },
-        gpu_backend: GpuBackendKind::Simulated,
-        simulated_gpus: vec![format!("{gpus}xH100-SXM-80GB")],
-        data_dir: dir.join("agent"),
         sample_interval: Duration::from_secs(1),
-        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
         stop_grace_period: Duration::from_secs(2),
-        monitoring: Default::default(),
-        tls: Default::default(),
-        workload_user: None,
-        api_token: None,
-        outbox_max_bytes: gpufleet_agent::config::DEFAULT_OUTBOX_MAX_BYTES,
-        log_max_bytes: gpufleet_agent::supervisor::DEFAULT_LOG_MAX_BYTES,
-        // This executable dispatches `__shim` first thing in main.
-        shim_program: None,
-        keep_workloads_on_exit: false,
+        ..AgentConfig::simulated(
+            endpoint,
+            crate::sim_agent::BENCH_JOIN_TOKEN,
+            node,
+            vec![format!("{gpus}xH100-SXM-80GB")],
+            dir.join("agent"),
+        )
     }
 }
 

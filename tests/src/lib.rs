@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use gpufleet_agent::{AgentConfig, GpuBackendKind, NodeConfig, RunningAgent};
+use gpufleet_agent::{AgentConfig, NodeConfig, RunningAgent};
 use gpufleet_controller::{ControllerConfig, RunningController};
 use gpufleet_proto::v1::fleet_client::FleetClient;
 use gpufleet_proto::v1::jobs_client::JobsClient;
@@ -246,33 +246,28 @@ impl Cluster {
     }
 
     pub fn agent_config(&self, node: &NodeSpec) -> AgentConfig {
+        let node_config = NodeConfig {
+            id: Some(node.id.clone()),
+            provider: node.provider.clone(),
+            region: node.region.clone(),
+            zone: String::new(),
+            instance_type: "test".into(),
+            price_per_gpu_hour_usd: node.price,
+            spot: false,
+            labels: BTreeMap::new(),
+        };
         AgentConfig {
-            controller: self.endpoint(),
-            join_token: JOIN_TOKEN.to_string(),
-            node: NodeConfig {
-                id: Some(node.id.clone()),
-                provider: node.provider.clone(),
-                region: node.region.clone(),
-                zone: String::new(),
-                instance_type: "test".into(),
-                price_per_gpu_hour_usd: node.price,
-                spot: false,
-                labels: BTreeMap::new(),
-            },
-            gpu_backend: GpuBackendKind::Simulated,
-            simulated_gpus: vec![node.gpus.clone()],
-            data_dir: self.dir.path().join("agents").join(&node.id),
             sample_interval: Duration::from_millis(200),
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             stop_grace_period: Duration::from_secs(2),
-            monitoring: Default::default(),
-            tls: Default::default(),
-            workload_user: None,
-            api_token: None,
-            outbox_max_bytes: gpufleet_agent::config::DEFAULT_OUTBOX_MAX_BYTES,
             log_max_bytes: 1 << 20,
             shim_program: Some(test_shim()),
-            keep_workloads_on_exit: false,
+            ..AgentConfig::simulated(
+                self.endpoint(),
+                JOIN_TOKEN,
+                node_config,
+                vec![node.gpus.clone()],
+                self.dir.path().join("agents").join(&node.id),
+            )
         }
     }
 

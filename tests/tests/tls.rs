@@ -2,11 +2,10 @@
 //! with the CA. Certificates are made by the test (rcgen).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use gpufleet_agent::{AgentConfig, GpuBackendKind, NodeConfig, TlsClientConfig};
+use gpufleet_agent::{AgentConfig, NodeConfig, TlsClientConfig};
 use gpufleet_controller::ControllerConfig;
 use gpufleet_controller::config::TlsServerConfig;
 use gpufleet_proto::v1::fleet_client::FleetClient;
@@ -59,33 +58,29 @@ fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<std::path::PathBu
 }
 
 fn agent_config(dir: &Path, endpoint: &str, tls: TlsClientConfig, id: &str) -> AgentConfig {
+    let node = NodeConfig {
+        id: Some(id.to_string()),
+        provider: "aws".into(),
+        region: "us-east-1".into(),
+        zone: String::new(),
+        instance_type: String::new(),
+        price_per_gpu_hour_usd: 2.0,
+        spot: false,
+        labels: BTreeMap::new(),
+    };
     AgentConfig {
-        controller: endpoint.to_string(),
-        join_token: gpufleet_tests::JOIN_TOKEN.to_string(),
-        node: NodeConfig {
-            id: Some(id.to_string()),
-            provider: "aws".into(),
-            region: "us-east-1".into(),
-            zone: String::new(),
-            instance_type: String::new(),
-            price_per_gpu_hour_usd: 2.0,
-            spot: false,
-            labels: BTreeMap::new(),
-        },
-        gpu_backend: GpuBackendKind::Simulated,
-        simulated_gpus: vec!["2xL4".into()],
-        data_dir: dir.join(id),
         sample_interval: Duration::from_millis(200),
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         stop_grace_period: Duration::from_secs(2),
-        monitoring: Default::default(),
         tls,
-        workload_user: None,
-        api_token: None,
-        outbox_max_bytes: gpufleet_agent::config::DEFAULT_OUTBOX_MAX_BYTES,
         log_max_bytes: 1 << 20,
         shim_program: Some(gpufleet_tests::test_shim()),
-        keep_workloads_on_exit: false,
+        ..AgentConfig::simulated(
+            endpoint,
+            gpufleet_tests::JOIN_TOKEN,
+            node,
+            vec!["2xL4".into()],
+            dir.join(id),
+        )
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use gpufleet_agent::{AgentConfig, GpuBackendKind, NodeConfig, RunningAgent};
+use gpufleet_agent::{AgentConfig, NodeConfig, RunningAgent};
 use gpufleet_controller::{ControllerConfig, RunningController};
 use gpufleet_proto::v1::{JobSpec, JobState, NodeState, WorkloadSpec};
 use tokio::net::TcpListener;
@@ -225,33 +225,26 @@ async fn start_agent(
     join_token: &str,
     data_dir: &std::path::Path,
 ) -> anyhow::Result<RunningAgent> {
+    let node_config = NodeConfig {
+        id: Some(node.id.to_string()),
+        provider: node.provider.to_string(),
+        region: node.region.to_string(),
+        zone: node.zone.to_string(),
+        instance_type: node.instance_type.to_string(),
+        price_per_gpu_hour_usd: node.price,
+        spot: node.spot,
+        labels: BTreeMap::from([("gpufleet.dev/simulated".to_string(), "true".to_string())]),
+    };
     let config = AgentConfig {
-        controller: endpoint.to_string(),
-        join_token: join_token.to_string(),
-        node: NodeConfig {
-            id: Some(node.id.to_string()),
-            provider: node.provider.to_string(),
-            region: node.region.to_string(),
-            zone: node.zone.to_string(),
-            instance_type: node.instance_type.to_string(),
-            price_per_gpu_hour_usd: node.price,
-            spot: node.spot,
-            labels: BTreeMap::from([("gpufleet.dev/simulated".to_string(), "true".to_string())]),
-        },
-        gpu_backend: GpuBackendKind::Simulated,
-        simulated_gpus: vec![node.gpus.to_string()],
-        data_dir: data_dir.join("agents").join(node.id),
         sample_interval: Duration::from_secs(2),
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         stop_grace_period: Duration::from_secs(5),
-        monitoring: Default::default(),
-        tls: Default::default(),
-        workload_user: None,
-        api_token: None,
-        outbox_max_bytes: gpufleet_agent::config::DEFAULT_OUTBOX_MAX_BYTES,
-        log_max_bytes: gpufleet_agent::supervisor::DEFAULT_LOG_MAX_BYTES,
-        shim_program: None,
-        keep_workloads_on_exit: false,
+        ..AgentConfig::simulated(
+            endpoint,
+            join_token,
+            node_config,
+            vec![node.gpus.to_string()],
+            data_dir.join("agents").join(node.id),
+        )
     };
     let listener = TcpListener::bind(config.listen).await?;
     gpufleet_agent::start(config, Some(listener)).await
