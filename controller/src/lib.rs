@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod history;
 pub mod lifecycle;
 pub mod metrics;
 pub mod placement;

@@ -98,6 +98,8 @@ pub struct Snapshot {
     pub aggregates: GetAggregatesResponse,
     pub nodes_by_state: BTreeMap<NodeState, u64>,
     pub jobs_by_state: BTreeMap<JobState, u64>,
+    /// Jobs held in memory (live ones); finished jobs are in the store.
+    pub resident_jobs: u64,
     pub telemetry: Vec<NodeTelemetryStats>,
     pub rollups_dropped: u64,
     /// Finished usage by provider, region, generation, tenant (retained ledger).
@@ -126,6 +128,7 @@ impl Snapshot {
             aggregates: telemetry::aggregates(&nodes, &GROUPING, SystemTime::now())?,
             nodes_by_state,
             jobs_by_state: controller.job_counts(),
+            resident_jobs: controller.resident_jobs() as u64,
             telemetry: controller.telemetry().all_stats(),
             rollups_dropped: controller.telemetry().rollups_dropped(),
             usage: {
@@ -229,6 +232,16 @@ pub fn render(snapshot: &Snapshot) -> String {
         let label = state_label(state.as_str_name(), "JOB_STATE_");
         e.sample("gpufleet_jobs", &[("state", &label)], *count as f64);
     }
+    e.family(
+        "gpufleet_controller_resident_jobs",
+        Kind::Gauge,
+        "Jobs held in the controller's memory: the live ones (finished jobs are read from the store).",
+    );
+    e.sample(
+        "gpufleet_controller_resident_jobs",
+        &[],
+        snapshot.resident_jobs as f64,
+    );
     e.family(
         "gpufleet_telemetry_samples_accepted_total",
         Kind::Counter,
@@ -593,6 +606,7 @@ mod tests {
             },
             nodes_by_state: BTreeMap::from([(NodeState::Ready, 3)]),
             jobs_by_state: BTreeMap::from([(JobState::Running, 2), (JobState::Pending, 1)]),
+            resident_jobs: 3,
             telemetry: vec![NodeTelemetryStats {
                 node_id: "node-a".into(),
                 samples_accepted: 10,

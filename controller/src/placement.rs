@@ -196,40 +196,34 @@ pub fn tenant_allocation<'a>(
 
 /// Rebuilds decayed usage from finished and running tasks, so fair share
 /// survives a controller restart without a record of its own.
-pub fn rebuild_fair_share<'a>(
-    jobs: impl Iterator<Item = &'a Job>,
+/// Folds one job's GPU time into decayed per-tenant usage (GPU-hours, each
+/// moment weighted 2^-(now - t)/half-life), for rebuilding fair share from
+/// stored jobs one at a time.
+pub fn add_fair_share_usage(
+    usage: &mut HashMap<String, f64>,
+    job: &Job,
     config: &SchedulerConfig,
     half_life_secs: f64,
     now: u64,
-) -> FairShare {
-    let mut usage: HashMap<String, f64> = HashMap::new();
-    for job in jobs {
-        let tenant = job
-            .spec
-            .as_ref()
-            .map(|s| s.tenant.clone())
-            .unwrap_or_default();
-        for task in &job.tasks {
-            let Some(start) = ts_secs(task.started_at.as_ref()) else {
-                continue;
-            };
-            let end = ts_secs(task.finished_at.as_ref()).unwrap_or(now).min(now);
-            if end <= start {
-                continue;
-            }
-            // Integral of gpus × 2^-(now - t)/h over [start, end], in hours.
-            let gpus = task.gpu_uuids.len() as f64 * config.factor(task.generation);
-            let h = half_life_secs.max(1.0);
-            let k = std::f64::consts::LN_2 / h;
-            let value = gpus / k
-                * ((-k * (now - end) as f64).exp() - (-k * (now - start) as f64).exp())
-                / 3600.0;
-            *usage.entry(tenant.clone()).or_insert(0.0) += value;
+) {
+    let tenant = job.spec.as_ref().map(|s| s.tenant.as_str()).unwrap_or("");
+    for task in &job.tasks {
+        let Some(start) = ts_secs(task.started_at.as_ref()) else {
+            continue;
+        };
+        let end = ts_secs(task.finished_at.as_ref()).unwrap_or(now).min(now);
+        if end <= start {
+            continue;
         }
+        // Integral of gpus × 2^-(now - t)/h over [start, end], in hours.
+        let gpus = task.gpu_uuids.len() as f64 * config.factor(task.generation);
+        let h = half_life_secs.max(1.0);
+        let k = std::f64::consts::LN_2 / h;
+        let value = gpus / k
+            * ((-k * (now - end) as f64).exp() - (-k * (now - start) as f64).exp())
+            / 3600.0;
+        *usage.entry(tenant.to_string()).or_insert(0.0) += value;
     }
-    let mut fair = FairShare::new(half_life_secs);
-    fair.restore(usage, now);
-    fair
 }
 
 pub fn tenant_state(fair: &FairShare, held: HashMap<String, HashMap<i32, u32>>) -> TenantState {

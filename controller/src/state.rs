@@ -22,6 +22,7 @@ use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 use crate::auth::{Action, Authority, Principal, TokenRecord};
 use crate::config::ControllerConfig;
 use crate::error::{ControllerError, Result};
+use crate::history;
 use crate::lifecycle::{
     apply_status, derive_job_state, enforce_max_runtime, is_desired, job_nodes, requeue,
     task_holds_gpus,
@@ -33,6 +34,9 @@ use crate::telemetry::{RollupStore, TelemetryHub};
 use crate::usage;
 use crate::validate;
 
+/// Ledger records dropped by retention per market minute, at most (the
+/// rest follow on later minutes), so the state lock is never held long.
+const LEDGER_PRUNE_BATCH: usize = 10_000;
 /// Capacity of each agent's downlink channel.
 const DOWNLINK_CAPACITY: usize = 256;
 /// How long a log request to an agent may take.
@@ -67,7 +71,10 @@ struct Session {
 
 struct State {
     nodes: BTreeMap<String, NodeEntry>,
+    /// Resident jobs only (see [`history`]): settled ones are in the store.
     jobs: HashMap<String, Job>,
+    /// Settled jobs still in the store, by final state.
+    settled: history::SettledCounts,
     fair: FairShare,
     ledger: usage::Ledger,
     market: usage::market::MarketHistory,
@@ -174,12 +181,20 @@ impl Controller {
         let mut state = State {
             nodes: BTreeMap::new(),
             jobs: HashMap::new(),
+            settled: history::SettledCounts::new(),
             fair: FairShare::new(config.fair_share_half_life.as_secs_f64()),
             ledger: usage::Ledger::new(config.usage_retention),
             market: usage::market::MarketHistory::new(config.market_retention.as_secs()),
             starts: Vec::new(),
             last_market_minute: placement::unix_secs(SystemTime::now()) / 60,
         };
+        let indexed = history::migrate(store.as_ref())?;
+        if indexed > 0 {
+            tracing::info!(
+                jobs = indexed,
+                "indexed a store written by an older controller"
+            );
+        }
         let now = Instant::now();
         let seqs: HashMap<String, u64> = load_all_by_id::<u64>(store.as_ref(), Keyspace::AgentSeq)?
             .into_iter()
@@ -210,34 +225,48 @@ impl Controller {
             );
         }
         let mut feed = UsageFeed::default();
-        for job in load_all::<Job>(store.as_ref(), Keyspace::Jobs)? {
-            for task in job.tasks.iter().filter(|t| task_holds_gpus(t)) {
-                for uuid in &task.gpu_uuids {
-                    feed.gpu_owner
-                        .insert(uuid.clone(), task.allocation_id.clone());
-                }
-            }
-            state.jobs.insert(job.id.clone(), job);
-        }
         let now_secs = placement::unix_secs(SystemTime::now());
-        for record in load_all::<gpufleet_proto::v1::UsageRecord>(store.as_ref(), Keyspace::Usage)?
-        {
-            state.ledger.insert(record, now_secs);
-        }
+        // One job at a time: settled jobs only feed fair share and counts.
+        let mut fair_usage = HashMap::new();
+        crate::store::visit::<Job>(
+            store.as_ref(),
+            Keyspace::Jobs,
+            crate::store::IdRange::default(),
+            |_, job| {
+                placement::add_fair_share_usage(
+                    &mut fair_usage,
+                    &job,
+                    &config.scheduler,
+                    config.fair_share_half_life.as_secs_f64(),
+                    now_secs,
+                );
+                if !history::is_resident(&job) {
+                    *state.settled.entry(job.state()).or_insert(0) += 1;
+                    return Ok(true);
+                }
+                for task in job.tasks.iter().filter(|t| task_holds_gpus(t)) {
+                    for uuid in &task.gpu_uuids {
+                        feed.gpu_owner
+                            .insert(uuid.clone(), task.allocation_id.clone());
+                    }
+                }
+                state.jobs.insert(job.id.clone(), job);
+                Ok(true)
+            },
+        )?;
+        let records = state.ledger.load(store.as_ref(), now_secs)?;
         for signal in
             load_all::<gpufleet_proto::v1::MarketSignal>(store.as_ref(), Keyspace::Market)?
         {
             state.market.push(signal);
         }
-        state.fair = placement::rebuild_fair_share(
-            state.jobs.values(),
-            &config.scheduler,
-            config.fair_share_half_life.as_secs_f64(),
-            placement::unix_secs(SystemTime::now()),
-        );
+        state.fair = FairShare::new(config.fair_share_half_life.as_secs_f64());
+        state.fair.restore(fair_usage, now_secs);
         tracing::info!(
             nodes = state.nodes.len(),
-            jobs = state.jobs.len(),
+            live_jobs = state.jobs.len(),
+            finished_jobs = state.settled.values().sum::<u64>(),
+            usage_records = records,
             "state loaded from store"
         );
         let mut auth = Authority::load(store.as_ref(), &config.join_token, config.rate_limit)?;
@@ -377,7 +406,9 @@ impl Controller {
         let spec = validate::job_spec(spec, &self.submit_rules(&state))?;
         let id = loop {
             let candidate = format!("job-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-            if !state.jobs.contains_key(&candidate) {
+            if !state.jobs.contains_key(&candidate)
+                && history::get(self.inner.store.as_ref(), &candidate)?.is_none()
+            {
                 break candidate;
             }
         };
@@ -396,6 +427,7 @@ impl Controller {
         };
         let mut batch = WriteBatch::default();
         batch.put(Keyspace::Jobs, &id, &job);
+        history::index(&mut batch, None, &job);
         self.inner.store.apply(batch)?;
         state.jobs.insert(id.clone(), job.clone());
         drop(state);
@@ -407,12 +439,20 @@ impl Controller {
 
     pub fn get_job(&self, id: &str) -> Result<Job> {
         validate::job_id("job_id", id)?;
-        self.lock().jobs.get(id).cloned().ok_or_else(|| {
+        self.find_job(&self.lock(), id)?.ok_or_else(|| {
             ControllerError::NotFound(format!(
                 "job {id} does not exist (finished jobs are kept for {}; their usage records stay: gpufleet usage records --job {id})",
                 humantime::format_duration(self.inner.config.finished_job_retention)
             ))
         })
+    }
+
+    /// A resident job from memory, else a settled one from the store.
+    fn find_job(&self, state: &State, id: &str) -> Result<Option<Job>> {
+        if let Some(job) = state.jobs.get(id) {
+            return Ok(Some(job.clone()));
+        }
+        Ok(history::get(self.inner.store.as_ref(), id)?)
     }
 
     /// Deletes finished jobs that ended more than `finished_job_retention`
@@ -423,32 +463,32 @@ impl Controller {
         let cutoff = now
             .checked_sub(self.inner.config.finished_job_retention)
             .map_or(0, placement::unix_secs);
+        let store = self.inner.store.as_ref();
         let mut state = self.lock();
-        let expired: Vec<String> = state
-            .jobs
-            .values()
-            .filter(|j| {
-                is_terminal_job(j.state())
-                    && j.finished_at
-                        .as_ref()
-                        .is_some_and(|t| (t.seconds.max(0) as u64) < cutoff)
-            })
-            .take(limit)
-            .map(|j| j.id.clone())
-            .collect();
-        if expired.is_empty() {
+        let mut batch = WriteBatch::default();
+        let mut deleted = Vec::new();
+        for entry in history::finished_before(store, cutoff, limit)? {
+            // A finished job whose tasks still hold GPUs (a lost node not
+            // yet given up) stays until they end.
+            if state.jobs.contains_key(&entry.job_id) {
+                continue;
+            }
+            let job = history::get(store, &entry.job_id)?;
+            history::delete(&mut batch, &entry, job.as_ref());
+            if let Some(job) = job {
+                deleted.push(job.state());
+            }
+        }
+        if batch.is_empty() {
             return Ok(0);
         }
-        let mut batch = WriteBatch::default();
-        for id in &expired {
-            batch.delete(Keyspace::Jobs, id);
+        store.apply(batch)?;
+        for job_state in &deleted {
+            if let Some(count) = state.settled.get_mut(job_state) {
+                *count = count.saturating_sub(1);
+            }
         }
-        // Write first: memory never holds less than the store.
-        self.inner.store.apply(batch)?;
-        for id in &expired {
-            state.jobs.remove(id);
-        }
-        Ok(expired.len())
+        Ok(deleted.len())
     }
 
     pub fn list_jobs(
@@ -476,16 +516,51 @@ impl Controller {
             Some(parse_page_token(page_token)?)
         };
         let state = self.lock();
-        let mut jobs: Vec<&Job> = state
-            .jobs
-            .values()
-            .filter(|job| states.is_empty() || states.contains(&job.state()))
-            .filter(|job| {
-                tenant.is_empty() || job.spec.as_ref().is_some_and(|s| s.tenant == tenant)
-            })
-            .filter(|job| after.as_ref().is_none_or(|key| sort_key(job) < *key))
-            .collect();
-        jobs.sort_by_key(|job| std::cmp::Reverse(sort_key(job)));
+        let wanted = |job: &Job| {
+            (states.is_empty() || states.contains(&job.state()))
+                && (tenant.is_empty() || job.spec.as_ref().is_some_and(|s| s.tenant == tenant))
+        };
+        let mut jobs: Vec<Job> = Vec::new();
+        let only_live = !states.is_empty() && states.iter().all(|s| !is_terminal_job(*s));
+        if only_live {
+            // Only resident jobs can be in these states: no store walk.
+            let mut live: Vec<&Job> = state
+                .jobs
+                .values()
+                .filter(|job| wanted(job))
+                .filter(|job| after.as_ref().is_none_or(|key| sort_key(job) < *key))
+                .collect();
+            live.sort_by_key(|job| std::cmp::Reverse(sort_key(job)));
+            jobs.extend(live.into_iter().take(page_size + 1).cloned());
+        } else {
+            let store = self.inner.store.as_ref();
+            let before = after
+                .as_ref()
+                .map(|(nanos, id)| history::created_bound((*nanos).max(0) as u64, id));
+            let mut failed = None;
+            history::newest_first(store, before.as_deref(), &mut |id, job_tenant| {
+                if !tenant.is_empty() && job_tenant != tenant {
+                    return true;
+                }
+                let job = match state.jobs.get(id) {
+                    Some(job) => Some(job.clone()),
+                    None => match history::get(store, id) {
+                        Ok(job) => job,
+                        Err(e) => {
+                            failed = Some(e);
+                            return false;
+                        }
+                    },
+                };
+                if let Some(job) = job.filter(|j| wanted(j)) {
+                    jobs.push(job);
+                }
+                jobs.len() <= page_size
+            })?;
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
+        }
         let more = jobs.len() > page_size;
         jobs.truncate(page_size);
         let next_page_token = match (more, jobs.last()) {
@@ -496,7 +571,7 @@ impl Controller {
             _ => String::new(),
         };
         Ok(ListJobsResponse {
-            jobs: jobs.into_iter().cloned().collect(),
+            jobs,
             next_page_token,
         })
     }
@@ -504,15 +579,14 @@ impl Controller {
     pub fn cancel_job(&self, id: &str, reason: &str) -> Result<Job> {
         validate::job_id("job_id", id)?;
         let mut state = self.lock();
-        let Some(job) = state.jobs.get(id) else {
+        let Some(mut job) = self.find_job(&state, id)? else {
             return Err(ControllerError::NotFound(format!(
                 "job {id} does not exist"
             )));
         };
         if is_terminal_job(job.state()) {
-            return Ok(job.clone());
+            return Ok(job);
         }
-        let mut job = job.clone();
         job.set_state(JobState::Cancelled);
         job.pending_reason = None;
         job.finished_at = Some(now_ts());
@@ -570,8 +644,10 @@ impl Controller {
         let mut batch = WriteBatch::default();
         let now_ms = placement::unix_secs(SystemTime::now()) * 1000;
         let mut records = Vec::new();
+        let store = self.inner.store.as_ref();
         for job in &jobs {
             batch.put(Keyspace::Jobs, &job.id, job);
+            history::index(&mut batch, state.jobs.get(&job.id), job);
             // A task that just ended gets its ledger record in the same
             // atomic batch: written exactly once, whatever restarts later.
             let before = state.jobs.get(&job.id);
@@ -589,7 +665,7 @@ impl Controller {
                     .is_some_and(task_holds_gpus);
                 if !was_holding
                     || task_holds_gpus(task)
-                    || state.ledger.contains(&task.allocation_id)
+                    || usage::has_record(store, &task.allocation_id)?
                 {
                     continue;
                 }
@@ -602,7 +678,7 @@ impl Controller {
                     feed.acc.get(&task.allocation_id),
                     now_ms,
                 ) {
-                    batch.put(Keyspace::Usage, &record.allocation_id, &record);
+                    usage::put_record(&mut batch, &record);
                     records.push(record);
                 }
             }
@@ -612,7 +688,7 @@ impl Controller {
         let mut feed = self.usage_feed();
         for record in records {
             feed.acc.remove(&record.allocation_id);
-            state.ledger.insert(record, now_secs);
+            state.ledger.add(&record, now_secs);
         }
         for job in jobs {
             if let Some(before) = state.jobs.get(&job.id) {
@@ -630,7 +706,13 @@ impl Controller {
                         .insert(uuid.clone(), task.allocation_id.clone());
                 }
             }
-            state.jobs.insert(job.id.clone(), job.clone());
+            if history::is_resident(&job) {
+                state.jobs.insert(job.id.clone(), job.clone());
+            } else {
+                // Settled: it can never change again; the store has it.
+                state.jobs.remove(&job.id);
+                *state.settled.entry(job.state()).or_insert(0) += 1;
+            }
             let _ = self.inner.job_events.send(job);
         }
         Ok(())
@@ -834,12 +916,12 @@ impl Controller {
         for old in state.market.prune(now) {
             batch.delete(Keyspace::Market, &market_key(&old));
         }
-        // Ledger retention, at most once an hour.
-        if minute.is_multiple_of(60) {
-            for id in state.ledger.prune(now) {
-                batch.delete(Keyspace::Usage, &id);
-            }
-        }
+        // Ledger retention: a walk that stops at the first record still
+        // kept, so cheap when there is nothing to drop.
+        let store = self.inner.store.as_ref();
+        state
+            .ledger
+            .prune(store, &mut batch, now, LEDGER_PRUNE_BATCH)?;
         self.inner.store.apply(batch)?;
         state.market.unmet_demand_gpus = snapshot.unmet_demand_gpus;
         for signal in signals {
@@ -853,10 +935,8 @@ impl Controller {
     pub fn explain_job(&self, id: &str) -> Result<gpufleet_proto::v1::ExplainJobResponse> {
         validate::job_id("job_id", id)?;
         let state = self.lock();
-        let job = state
-            .jobs
-            .get(id)
-            .cloned()
+        let job = self
+            .find_job(&state, id)?
             .ok_or_else(|| ControllerError::NotFound(format!("job {id} does not exist")))?;
         let fleet = fleet_index(&state);
         let input = placement::job_input(&job);
@@ -926,44 +1006,38 @@ impl Controller {
         state.ledger.report(query, &live, now)
     }
 
-    /// Ledger records (and live ones when asked) matching `filter`, one page.
+    /// Ledger records (and live ones when asked, first) matching `filter`,
+    /// one page.
     pub fn list_usage(
         &self,
         filter: &usage::RecordFilter,
         page_size: usize,
         offset: usize,
-    ) -> (Vec<gpufleet_proto::v1::UsageRecord>, bool) {
+    ) -> Result<(Vec<gpufleet_proto::v1::UsageRecord>, bool)> {
         let state = self.lock();
         let now_ms = placement::unix_secs(SystemTime::now()) * 1000;
-        let matches = |r: &gpufleet_proto::v1::UsageRecord| {
-            (filter.tenant.is_empty() || r.tenant == filter.tenant)
-                && (filter.job_id.is_empty() || r.job_id == filter.job_id)
-        };
-        let mut records: Vec<gpufleet_proto::v1::UsageRecord> = Vec::new();
-        if filter.include_running {
-            records.extend(
-                self.live_usage(&state, now_ms)
-                    .into_iter()
-                    .filter(|r| matches(r)),
-            );
-        }
-        records.extend(
-            state
-                .ledger
-                .list(
-                    filter.since_ms,
-                    filter.until_ms,
-                    &filter.tenant,
-                    &filter.job_id,
-                )
+        let live: Vec<gpufleet_proto::v1::UsageRecord> = if filter.include_running {
+            self.live_usage(&state, now_ms)
                 .into_iter()
-                .cloned(),
-        );
-        let more = records.len() > offset + page_size;
-        (
-            records.into_iter().skip(offset).take(page_size).collect(),
-            more,
-        )
+                .filter(|r| filter.matches(r))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let live_count = live.len();
+        let mut page: Vec<_> = live.into_iter().skip(offset).take(page_size + 1).collect();
+        if page.len() > page_size {
+            page.truncate(page_size);
+            return Ok((page, true));
+        }
+        let (stored, more) = state.ledger.list(
+            self.inner.store.as_ref(),
+            filter,
+            offset.saturating_sub(live_count),
+            page_size - page.len(),
+        )?;
+        page.extend(stored);
+        Ok((page, more))
     }
 
     pub fn market_tightness(&self, since_secs: u64) -> gpufleet_proto::v1::MarketTightnessResponse {
@@ -1499,9 +1573,16 @@ impl Controller {
     }
 
     /// Job counts by state, for `/metrics`.
+    /// Jobs held in memory: the live ones (see [`history`]).
+    pub fn resident_jobs(&self) -> usize {
+        self.lock().jobs.len()
+    }
+
+    /// Jobs by state, resident and settled.
     pub fn job_counts(&self) -> BTreeMap<JobState, u64> {
-        let mut counts = BTreeMap::new();
-        for job in self.lock().jobs.values() {
+        let state = self.lock();
+        let mut counts = state.settled.clone();
+        for job in state.jobs.values() {
             *counts.entry(job.state()).or_insert(0) += 1;
         }
         counts

@@ -42,6 +42,17 @@ pub enum Keyspace {
     /// by node id, so a restarted controller still drops replayed events
     /// it already applied.
     AgentSeq,
+    /// Every job by creation time: `<created ns, 20 digits>/<job id>` →
+    /// the job's tenant. Lists jobs newest first without holding finished
+    /// jobs in memory.
+    JobsByCreated,
+    /// Finished jobs by end time: `<finished s, 12 digits>/<job id>` → the
+    /// job's final state (an `i32` message). Finished-job retention walks it
+    /// oldest first.
+    JobsByFinished,
+    /// Usage records by end time: `<ended ms, 13 digits>/<allocation id>` →
+    /// empty. Record listings and ledger retention walk it.
+    UsageByEnd,
 }
 
 impl Keyspace {
@@ -55,6 +66,9 @@ impl Keyspace {
             Keyspace::NodeIdentities => "node-identity/",
             Keyspace::Settings => "setting/",
             Keyspace::AgentSeq => "agent_seq/",
+            Keyspace::JobsByCreated => "job-created/",
+            Keyspace::JobsByFinished => "job-finished/",
+            Keyspace::UsageByEnd => "usage-end/",
         }
     }
 
@@ -90,11 +104,92 @@ impl WriteBatch {
     }
 }
 
+/// Which ids of a keyspace a [`Store::visit_raw`] walks, and in which order.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IdRange<'a> {
+    /// Inclusive lower bound ("" = the keyspace's first id).
+    pub from: &'a str,
+    /// Exclusive upper bound (None = past the keyspace's last id).
+    pub to: Option<&'a str>,
+    /// Highest id first.
+    pub reverse: bool,
+}
+
+impl<'a> IdRange<'a> {
+    /// Every id that starts with `prefix`, ascending.
+    pub fn prefixed(prefix: &'a str) -> Self {
+        Self {
+            from: prefix,
+            to: None,
+            reverse: false,
+        }
+    }
+}
+
 pub trait Store: Send + Sync + 'static {
     /// Applies the batch atomically and durably (flushed before returning).
     fn apply(&self, batch: WriteBatch) -> Result<(), StoreError>;
     /// Every record of a keyspace, as raw encoded messages keyed by id.
+    /// For small keyspaces; large ones are walked with [`Store::visit_raw`].
     fn scan_raw(&self, space: Keyspace) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// One record, raw.
+    fn get_raw(&self, space: Keyspace, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Calls `visit` with each record in `range`, one at a time (nothing is
+    /// collected), until it returns false.
+    fn visit_raw(
+        &self,
+        space: Keyspace,
+        range: IdRange<'_>,
+        visit: &mut dyn FnMut(&str, &[u8]) -> bool,
+    ) -> Result<(), StoreError>;
+}
+
+/// One decoded record, if present.
+pub fn get<M: Message + Default>(
+    store: &dyn Store,
+    space: Keyspace,
+    id: &str,
+) -> Result<Option<M>, StoreError> {
+    store
+        .get_raw(space, id)?
+        .map(|bytes| decode(space, id, &bytes))
+        .transpose()
+}
+
+/// Decodes a record read from `space` under `id`.
+pub fn decode<M: Message + Default>(
+    space: Keyspace,
+    id: &str,
+    bytes: &[u8],
+) -> Result<M, StoreError> {
+    M::decode(bytes).map_err(|source| StoreError::Corrupt {
+        key: format!("{}{id}", space.prefix()),
+        source,
+    })
+}
+
+/// Calls `visit` with each decoded record in `range` until it returns
+/// `Ok(false)`; a corrupt record or an error from `visit` stops the walk
+/// and is returned.
+pub fn visit<M: Message + Default>(
+    store: &dyn Store,
+    space: Keyspace,
+    range: IdRange<'_>,
+    mut visit: impl FnMut(&str, M) -> Result<bool, StoreError>,
+) -> Result<(), StoreError> {
+    let mut failed = None;
+    store.visit_raw(
+        space,
+        range,
+        &mut |id, bytes| match decode(space, id, bytes).and_then(|record| visit(id, record)) {
+            Ok(more) => more,
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
+        },
+    )?;
+    failed.map_or(Ok(()), Err)
 }
 
 /// Decodes every record of a keyspace.
@@ -199,14 +294,60 @@ impl Store for SledStore {
     }
 
     fn scan_raw(&self, space: Keyspace) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let prefix = space.prefix();
         let mut out = Vec::new();
-        for entry in self.tree.scan_prefix(prefix.as_bytes()) {
-            let (key, value) = entry?;
-            let id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
-            out.push((id, value.to_vec()));
-        }
+        self.visit_raw(space, IdRange::default(), &mut |id, value| {
+            out.push((id.to_string(), value.to_vec()));
+            true
+        })?;
         Ok(out)
+    }
+
+    fn get_raw(&self, space: Keyspace, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.tree.get(space.key(id))?.map(|v| v.to_vec()))
+    }
+
+    fn visit_raw(
+        &self,
+        space: Keyspace,
+        range: IdRange<'_>,
+        visit: &mut dyn FnMut(&str, &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        let prefix = space.prefix();
+        let start = space.key(range.from);
+        let end = match range.to {
+            Some(to) => space.key(to),
+            // Every prefix ends in '/', so '/' + 1 bounds the keyspace.
+            None => {
+                let mut end = prefix.as_bytes().to_vec();
+                if let Some(last) = end.last_mut() {
+                    *last += 1;
+                }
+                end
+            }
+        };
+        if start >= end {
+            return Ok(());
+        }
+        let entries = self.tree.range(start..end);
+        let mut step = |entry: sled::Result<(sled::IVec, sled::IVec)>| -> Result<bool, StoreError> {
+            let (key, value) = entry?;
+            let id = String::from_utf8_lossy(&key[prefix.len()..]);
+            Ok(visit(&id, &value))
+        };
+        if range.reverse {
+            for entry in entries.rev() {
+                if !step(entry)? {
+                    break;
+                }
+            }
+        } else {
+            for entry in entries {
+                if !step(entry)? {
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 }
 

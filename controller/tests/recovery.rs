@@ -97,7 +97,7 @@ fn usage(controller: &Controller, job_id: &str) -> Vec<UsageRecord> {
         job_id: job_id.into(),
         ..Default::default()
     };
-    controller.list_usage(&filter, 1000, 0).0
+    controller.list_usage(&filter, 1000, 0).unwrap().0
 }
 
 fn allocated_gpus(controller: &Controller) -> anyhow::Result<u32> {
@@ -256,5 +256,108 @@ fn finished_jobs_are_deleted_after_their_retention_and_their_usage_stays() -> an
     assert!(controller.get_job(&done.id).is_err());
     assert!(controller.get_job(&running.id).is_ok());
     assert_eq!(usage(&controller, &done.id).len(), 1);
+    Ok(())
+}
+
+#[test]
+fn settled_jobs_leave_memory_and_are_still_served_from_the_store() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let controller = open(dir.path())?;
+    let agent = connect(&controller, hello("node-a", Vec::new()))?;
+    // Five jobs run to success one after another (each takes the whole node).
+    let mut succeeded = Vec::new();
+    for _ in 0..5 {
+        let job = controller.submit_job(spec(1, 0))?;
+        assert_eq!(controller.schedule_pass()?, 1);
+        let placed = controller.get_job(&job.id)?;
+        controller
+            .record_workload_status("node-a", status(&placed, 0, WorkloadState::Running, 0))?;
+        controller
+            .record_workload_status("node-a", status(&placed, 0, WorkloadState::Succeeded, 0))?;
+        succeeded.push(job.id);
+    }
+    // One cancelled while queued, one left running, one left pending.
+    let cancelled = controller.submit_job(spec(1, 0))?;
+    controller.cancel_job(&cancelled.id, "test")?;
+    let running = controller.submit_job(spec(1, 0))?;
+    assert_eq!(controller.schedule_pass()?, 1);
+    let placed = controller.get_job(&running.id)?;
+    controller.record_workload_status("node-a", status(&placed, 0, WorkloadState::Running, 0))?;
+    let pending = controller.submit_job(spec(1, 0))?;
+    controller.schedule_pass()?;
+
+    let check = |controller: &Controller| -> anyhow::Result<()> {
+        assert_eq!(
+            controller.resident_jobs(),
+            2,
+            "only the live jobs stay in memory"
+        );
+        let counts = controller.job_counts();
+        assert_eq!(counts.get(&JobState::Succeeded), Some(&5));
+        assert_eq!(counts.get(&JobState::Cancelled), Some(&1));
+        assert_eq!(counts.get(&JobState::Running), Some(&1));
+        assert_eq!(counts.get(&JobState::Pending), Some(&1));
+        // Settled jobs are read back whole.
+        let first = controller.get_job(&succeeded[0])?;
+        assert_eq!(first.state(), JobState::Succeeded);
+        assert_eq!(first.tasks.len(), 1);
+        assert_eq!(
+            controller.cancel_job(&succeeded[0], "late")?.state(),
+            JobState::Succeeded,
+            "cancelling a finished job changes nothing"
+        );
+        assert!(
+            controller
+                .explain_job(&cancelled.id)?
+                .summary
+                .contains("not pending")
+        );
+        // Pages of two walk every job once, newest first.
+        let mut listed = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = controller.list_jobs(&[], "", 2, &token)?;
+            listed.extend(page.jobs.iter().map(|j| j.id.clone()));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        let mut expected: Vec<String> = succeeded.clone();
+        expected.extend([cancelled.id.clone(), running.id.clone(), pending.id.clone()]);
+        expected.reverse();
+        assert_eq!(listed, expected);
+        let done = controller.list_jobs(&[JobState::Succeeded], "", 100, "")?;
+        assert_eq!(done.jobs.len(), 5);
+        let live = controller.list_jobs(&[JobState::Running, JobState::Pending], "", 100, "")?;
+        let live: Vec<&str> = live.jobs.iter().map(|j| j.id.as_str()).collect();
+        assert_eq!(live, [pending.id.as_str(), running.id.as_str()]);
+        // The ledger pages through the store too, newest first.
+        let filter = RecordFilter {
+            until_ms: u64::MAX / 2,
+            ..Default::default()
+        };
+        let (first_page, more) = controller.list_usage(&filter, 3, 0)?;
+        assert!(more);
+        let (second_page, more) = controller.list_usage(&filter, 3, 3)?;
+        assert!(!more);
+        let mut jobs: Vec<String> = first_page
+            .iter()
+            .chain(&second_page)
+            .map(|r| r.job_id.clone())
+            .collect();
+        assert_eq!(jobs.len(), 5);
+        jobs.sort();
+        let mut expected = succeeded.clone();
+        expected.sort();
+        assert_eq!(jobs, expected);
+        Ok(())
+    };
+    check(&controller)?;
+    // A restarted controller loads only the live jobs back into memory.
+    drop(agent);
+    drop(controller);
+    let controller = open(dir.path())?;
+    check(&controller)?;
     Ok(())
 }

@@ -106,7 +106,10 @@ impl Usage for UsageService {
             job_id: r.job_id,
             include_running: r.include_running,
         };
-        let (records, more) = self.controller.list_usage(&filter, page_size, offset);
+        let (records, more) = self
+            .controller
+            .list_usage(&filter, page_size, offset)
+            .map_err(super::to_status)?;
         Ok(Response::new(ListUsageRecordsResponse {
             records,
             next_page_token: if more {

@@ -15,6 +15,7 @@ use gpufleet_proto::v1::{
 use prost_types::Timestamp;
 
 use self::rollup::{Cell, Contribution, Rollups, micro_usd};
+use crate::store::{self, IdRange, Keyspace, Store, StoreError, WriteBatch};
 
 /// The dimensions usage is grouped by.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
@@ -265,12 +266,13 @@ impl Default for Retention {
     }
 }
 
-/// Ended allocations, in memory, with their rollups.
+/// The ledger of ended allocations. Records live in the store only (by
+/// allocation id, indexed by end time), so memory stays flat however long
+/// the history; the rollups that reports read are kept in memory, bounded
+/// by their retention, and rebuilt from the records when the controller
+/// starts.
 #[derive(Debug)]
 pub struct Ledger {
-    /// (ended ms, allocation id) → record.
-    records: BTreeMap<(u64, String), UsageRecord>,
-    ids: HashMap<String, u64>,
     rollups: Rollups,
     retention: Retention,
 }
@@ -285,6 +287,18 @@ pub struct RecordFilter {
     pub include_running: bool,
 }
 
+impl RecordFilter {
+    pub fn matches(&self, record: &UsageRecord) -> bool {
+        (self.tenant.is_empty() || record.tenant == self.tenant)
+            && (self.job_id.is_empty() || record.job_id == self.job_id)
+    }
+
+    fn in_range(&self, record: &UsageRecord) -> bool {
+        let end = record.ended_at.as_ref().map_or(0, ts_ms);
+        self.since_ms <= end && end < self.until_ms
+    }
+}
+
 /// A usage query, already validated.
 #[derive(Debug, Clone, Default)]
 pub struct ReportQuery {
@@ -297,76 +311,209 @@ pub struct ReportQuery {
     pub tenant: Option<String>,
 }
 
+/// The id of a record's entry in the end-time index.
+fn end_key(allocation_id: &str, end_ms: u64) -> String {
+    format!("{}/{allocation_id}", end_bound(end_ms))
+}
+
+/// Sorts before every index entry that ended at `ms` or later, and after
+/// every one that ended earlier.
+fn end_bound(ms: u64) -> String {
+    // Fixed width keeps text order equal to time order (until year 2286).
+    format!("{:013}", ms.min(9_999_999_999_999))
+}
+
+/// Adds a record and its index entry to `batch`.
+pub fn put_record(batch: &mut WriteBatch, record: &UsageRecord) {
+    let end = record.ended_at.as_ref().map_or(0, ts_ms);
+    batch.put(Keyspace::Usage, &record.allocation_id, record);
+    batch.put_raw(
+        Keyspace::UsageByEnd,
+        &end_key(&record.allocation_id, end),
+        Vec::new(),
+    );
+}
+
+/// Whether the allocation already has its record.
+pub fn has_record(store: &dyn Store, allocation_id: &str) -> Result<bool, StoreError> {
+    Ok(store.get_raw(Keyspace::Usage, allocation_id)?.is_some())
+}
+
+/// Writes the end-time index entry of every record that lacks one (stores
+/// written before the index existed). Returns how many were written.
+pub fn index_records(store: &dyn Store) -> Result<usize, StoreError> {
+    let mut batch = WriteBatch::default();
+    let mut written = 0;
+    let mut failed = None;
+    store::visit::<UsageRecord>(store, Keyspace::Usage, IdRange::default(), |_, record| {
+        let end = record.ended_at.as_ref().map_or(0, ts_ms);
+        batch.put_raw(
+            Keyspace::UsageByEnd,
+            &end_key(&record.allocation_id, end),
+            Vec::new(),
+        );
+        written += 1;
+        if written % 10_000 == 0
+            && let Err(e) = store.apply(std::mem::take(&mut batch))
+        {
+            failed = Some(e);
+            return Ok(false);
+        }
+        Ok(true)
+    })?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    store.apply(batch)?;
+    Ok(written)
+}
+
 impl Ledger {
     pub fn new(retention: Retention) -> Self {
         Self {
-            records: BTreeMap::new(),
-            ids: HashMap::new(),
             rollups: Rollups::new([retention.minute, retention.hour, retention.records]),
             retention,
         }
     }
 
-    pub fn contains(&self, allocation_id: &str) -> bool {
-        self.ids.contains_key(allocation_id)
+    /// Rebuilds the rollups from every stored record, one at a time.
+    /// Returns how many records there were.
+    pub fn load(&mut self, store: &dyn Store, now_secs: u64) -> Result<usize, StoreError> {
+        let mut count = 0;
+        store::visit::<UsageRecord>(store, Keyspace::Usage, IdRange::default(), |_, record| {
+            self.add(&record, now_secs);
+            count += 1;
+            Ok(true)
+        })?;
+        Ok(count)
     }
 
-    pub fn len(&self) -> usize {
-        self.records.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
-    }
-
-    /// Adds an ended allocation's record (once; a repeat is ignored).
-    pub fn insert(&mut self, record: UsageRecord, now_secs: u64) {
-        if self.contains(&record.allocation_id) {
-            return;
-        }
-        if let Some(c) = contribution(&record) {
+    /// Adds a record (already in the store, see [`put_record`]) to the
+    /// rollups. The caller adds each record once: [`has_record`] first.
+    pub fn add(&mut self, record: &UsageRecord, now_secs: u64) {
+        if let Some(c) = contribution(record) {
             self.rollups.add(&c, now_secs);
         }
-        let end = record.ended_at.as_ref().map_or(0, ts_ms);
-        self.ids.insert(record.allocation_id.clone(), end);
-        self.records
-            .insert((end, record.allocation_id.clone()), record);
     }
 
-    /// Drops records and buckets past retention; returns the dropped ids.
-    pub fn prune(&mut self, now_secs: u64) -> Vec<String> {
+    /// Drops rollup buckets past retention, and adds to `batch` the
+    /// deletion of at most `limit` records that ended before the ledger's
+    /// retention. Returns how many records it dropped.
+    pub fn prune(
+        &mut self,
+        store: &dyn Store,
+        batch: &mut WriteBatch,
+        now_secs: u64,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
         self.rollups.prune(now_secs);
-        let cutoff_ms = now_secs.saturating_sub(self.retention.records) * 1000;
-        let keep = self.records.split_off(&(cutoff_ms, String::new()));
-        let dropped: Vec<String> = self
-            .records
-            .values()
-            .map(|r| r.allocation_id.clone())
-            .collect();
-        for id in &dropped {
-            self.ids.remove(id);
-        }
-        self.records = keep;
-        dropped
+        let cutoff = end_bound(now_secs.saturating_sub(self.retention.records) * 1000);
+        let mut dropped = 0;
+        store.visit_raw(
+            Keyspace::UsageByEnd,
+            IdRange {
+                from: "",
+                to: Some(&cutoff),
+                reverse: false,
+            },
+            &mut |key, _| {
+                if let Some((_, allocation_id)) = key.split_once('/') {
+                    batch.delete(Keyspace::Usage, allocation_id);
+                }
+                batch.delete(Keyspace::UsageByEnd, key);
+                dropped += 1;
+                dropped < limit
+            },
+        )?;
+        Ok(dropped)
     }
 
-    /// Records that ended in [since, until), newest first, filtered.
+    /// Records that ended in [since, until) and match `filter`, newest
+    /// first: `page_size` of them after skipping `skip`, and whether more
+    /// follow. A job's records are found through their allocation ids
+    /// (`<job id>.<n>`) without walking the whole ledger.
     pub fn list(
         &self,
-        since_ms: u64,
-        until_ms: u64,
-        tenant: &str,
-        job_id: &str,
-    ) -> Vec<&UsageRecord> {
-        self.records
-            .range((since_ms, String::new())..(until_ms, String::new()))
-            .rev()
-            .map(|(_, r)| r)
-            .filter(|r| {
-                (tenant.is_empty() || r.tenant == tenant)
-                    && (job_id.is_empty() || r.job_id == job_id)
-            })
-            .collect()
+        store: &dyn Store,
+        filter: &RecordFilter,
+        skip: usize,
+        page_size: usize,
+    ) -> Result<(Vec<UsageRecord>, bool), StoreError> {
+        let mut skipped = 0;
+        let mut page = Vec::new();
+        let mut more = false;
+        let mut take = |record: UsageRecord| {
+            if !filter.in_range(&record) || !filter.matches(&record) {
+                return true;
+            }
+            if skipped < skip {
+                skipped += 1;
+                return true;
+            }
+            if page.len() == page_size {
+                more = true;
+                return false;
+            }
+            page.push(record);
+            true
+        };
+        if !filter.job_id.is_empty() {
+            let prefix = format!("{}.", filter.job_id);
+            let mut records = Vec::new();
+            store::visit::<UsageRecord>(
+                store,
+                Keyspace::Usage,
+                IdRange::prefixed(&prefix),
+                |id, record| {
+                    if !id.starts_with(&prefix) {
+                        return Ok(false);
+                    }
+                    records.push(record);
+                    Ok(true)
+                },
+            )?;
+            records.sort_by_key(|r| {
+                std::cmp::Reverse((
+                    r.ended_at.as_ref().map_or(0, ts_ms),
+                    r.allocation_id.clone(),
+                ))
+            });
+            for record in records {
+                if !take(record) {
+                    break;
+                }
+            }
+            return Ok((page, more));
+        }
+        let from = end_bound(filter.since_ms);
+        let to = end_bound(filter.until_ms);
+        let mut failed = None;
+        store.visit_raw(
+            Keyspace::UsageByEnd,
+            IdRange {
+                from: &from,
+                to: Some(&to),
+                reverse: true,
+            },
+            &mut |key, _| {
+                let Some((_, allocation_id)) = key.split_once('/') else {
+                    return true;
+                };
+                match store::get::<UsageRecord>(store, Keyspace::Usage, allocation_id) {
+                    Ok(Some(record)) => take(record),
+                    // Pruned between the index read and this one.
+                    Ok(None) => true,
+                    Err(e) => {
+                        failed = Some(e);
+                        false
+                    }
+                }
+            },
+        )?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok((page, more)),
+        }
     }
 
     /// Grouped totals from the rollups, plus `live` records (running
@@ -532,6 +679,8 @@ mod tests {
     #[test]
     fn exact_totals_on_virtual_time() {
         let now = 10 * rollup::DAY;
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::SledStore::open(dir.path()).unwrap();
         let mut ledger = Ledger::new(Retention::default());
         let day = 9 * rollup::DAY;
         // 2 GPUs × 1 h at $3.93, 8 GPUs × 30 min at $2.99, 1 GPU × 17 s at $0.75.
@@ -548,10 +697,14 @@ mod tests {
                 now * 1000,
             )
             .unwrap();
-            ledger.insert(r.clone(), now);
-            ledger.insert(r, now); // exactly once
+            let mut batch = WriteBatch::default();
+            put_record(&mut batch, &r);
+            store.apply(batch).unwrap();
+            ledger.add(&r, now);
         }
-        assert_eq!(ledger.len(), 3);
+        // The rollups rebuilt from the store match the ones built live.
+        let mut reloaded = Ledger::new(Retention::default());
+        assert_eq!(reloaded.load(&store, now).unwrap(), 3);
         let query = ReportQuery {
             group_by: vec![UsageDimension::Tenant],
             since_secs: day,
@@ -559,6 +712,7 @@ mod tests {
             ..Default::default()
         };
         let report = ledger.report(&query, &[], now);
+        assert_eq!(report, reloaded.report(&query, &[], now));
         let total = report.total.unwrap();
         assert_eq!(total.gpu_milliseconds, (7200 + 14_400 + 17) * 1000);
         // $7.86 + $11.96 + $0.00354166… = $19.82354 (micro-USD, rounded once).
@@ -566,6 +720,69 @@ mod tests {
         let a = report.rows.iter().find(|r| r.tenant == "a").unwrap();
         assert_eq!(a.gpu_milliseconds, 7_217_000);
         assert_eq!(a.allocations, 2);
+    }
+
+    #[test]
+    fn prune_drops_expired_records_in_batches_and_list_pages_by_end_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::SledStore::open(dir.path()).unwrap();
+        let retention = Retention::default();
+        let mut ledger = Ledger::new(retention);
+        let now = 500 * rollup::DAY;
+        let old = now - retention.records - rollup::DAY;
+        let recent = now - rollup::DAY;
+        let mut batch = WriteBatch::default();
+        for (i, start) in [old, old + 1, old + 2, recent, recent + 1]
+            .into_iter()
+            .enumerate()
+        {
+            let mut t = task(start, start + 10, 1, 1_000_000);
+            t.allocation_id = format!("job-000000000001.{i}");
+            let r =
+                build_record(&job("a", ""), &t, &NodeFacts::default(), None, now * 1000).unwrap();
+            put_record(&mut batch, &r);
+        }
+        store.apply(batch).unwrap();
+        let all = RecordFilter {
+            until_ms: now * 1000,
+            ..Default::default()
+        };
+        let (page, more) = ledger.list(&store, &all, 0, 10).unwrap();
+        assert!(!more);
+        let ids: Vec<&str> = page.iter().map(|r| r.allocation_id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "job-000000000001.4",
+                "job-000000000001.3",
+                "job-000000000001.2",
+                "job-000000000001.1",
+                "job-000000000001.0"
+            ],
+            "newest first"
+        );
+        let (page, more) = ledger.list(&store, &all, 1, 2).unwrap();
+        assert!(more);
+        assert_eq!(page[0].allocation_id, "job-000000000001.3");
+        // At most two per call: the third expired record waits for the next.
+        let mut batch = WriteBatch::default();
+        assert_eq!(ledger.prune(&store, &mut batch, now, 2).unwrap(), 2);
+        store.apply(batch).unwrap();
+        let mut batch = WriteBatch::default();
+        assert_eq!(ledger.prune(&store, &mut batch, now, 2).unwrap(), 1);
+        store.apply(batch).unwrap();
+        let mut batch = WriteBatch::default();
+        assert_eq!(ledger.prune(&store, &mut batch, now, 2).unwrap(), 0);
+        let (page, _) = ledger.list(&store, &all, 0, 10).unwrap();
+        assert_eq!(page.len(), 2, "the recent records stay");
+        assert!(!has_record(&store, "job-000000000001.0").unwrap());
+        assert!(has_record(&store, "job-000000000001.3").unwrap());
+        // A job's records are found through their allocation ids.
+        let by_job = RecordFilter {
+            job_id: "job-000000000001".into(),
+            ..all
+        };
+        assert_eq!(ledger.list(&store, &by_job, 0, 10).unwrap().0.len(), 2);
     }
 
     #[test]
