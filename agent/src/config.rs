@@ -362,8 +362,14 @@ fn parse_duration(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
         .map_err(|e| invalid(key, format!("{s:?} is not a duration like \"5s\" ({e})")))
 }
 
-/// `67108864`, `64MiB`, `512 KiB`, `1GiB` (also KB/MB/GB, as powers of 1000).
 fn parse_bytes(key: &'static str, s: &str) -> Result<u64, ConfigError> {
+    parse_size(s).map_err(|message| invalid(key, message))
+}
+
+/// `67108864`, `64MiB`, `512 KiB`, `1GiB` (also KB/MB/GB, as powers of
+/// 1000). The error says what a size looks like. Shared with the
+/// controller's configuration.
+pub fn parse_size(s: &str) -> Result<u64, String> {
     let text = s.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
@@ -378,11 +384,8 @@ fn parse_bytes(key: &'static str, s: &str) -> Result<u64, ConfigError> {
         "mb" => 1_000_000,
         "gb" => 1_000_000_000,
         _ => {
-            return Err(invalid(
-                key,
-                format!(
-                    "{s:?} is not a size like 67108864 or 64MiB (units: B, K/KiB, M/MiB, G/GiB binary; KB, MB, GB decimal)"
-                ),
+            return Err(format!(
+                "{s:?} is not a size like 67108864 or 64MiB (units: B, K/KiB, M/MiB, G/GiB binary; KB, MB, GB decimal)"
             ));
         }
     };
@@ -390,7 +393,7 @@ fn parse_bytes(key: &'static str, s: &str) -> Result<u64, ConfigError> {
         .parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(multiplier))
-        .ok_or_else(|| invalid(key, format!("{s:?} is not a size like 67108864 or 64MiB")))
+        .ok_or_else(|| format!("{s:?} is not a size like 67108864 or 64MiB"))
 }
 
 fn parse_u64(key: &'static str, s: &str) -> Result<u64, ConfigError> {

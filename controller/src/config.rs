@@ -72,6 +72,9 @@ pub struct ConfigFile {
     /// How long finished jobs are kept before they are deleted from memory
     /// and the store (their usage records stay); e.g. "7d".
     pub finished_job_retention: Option<String>,
+    /// The embedded store's page cache (e.g. "16MiB"). sled's memory is a
+    /// multiple of it; this bounds how the store's memory grows with data.
+    pub store_cache: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -112,6 +115,8 @@ pub struct ControllerConfig {
     pub market_retention: Duration,
     /// Finished jobs older than this are garbage-collected.
     pub finished_job_retention: Duration,
+    /// The embedded store's page cache, bytes.
+    pub store_cache_bytes: u64,
     pub telemetry_retention: Duration,
     pub metrics_listen: SocketAddr,
     /// TLS on the gRPC listener (and mutual TLS for agents).
@@ -125,6 +130,8 @@ pub const DEFAULT_RATE_LIMIT_PER_TOKEN: u32 = 1000;
 /// A week: several fair-share half-lives, so forgetting a job's usage there
 /// changes nothing that matters.
 pub const DEFAULT_FINISHED_JOB_RETENTION: Duration = Duration::from_secs(7 * 86_400);
+/// See [`crate::store::DEFAULT_CACHE_BYTES`].
+pub const DEFAULT_STORE_CACHE_BYTES: u64 = crate::store::DEFAULT_CACHE_BYTES;
 pub const DEFAULT_TELEMETRY_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl ControllerConfig {
@@ -150,6 +157,7 @@ impl ControllerConfig {
             usage_retention: crate::usage::Retention::default(),
             market_retention: Duration::from_secs(30 * 86_400),
             finished_job_retention: DEFAULT_FINISHED_JOB_RETENTION,
+            store_cache_bytes: DEFAULT_STORE_CACHE_BYTES,
             telemetry_retention: DEFAULT_TELEMETRY_RETENTION,
             // Any free port: several test or dev controllers share a host.
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -195,6 +203,7 @@ impl ControllerConfig {
             usage_retention: env.get("GPUFLEET_USAGE_RETENTION").cloned(),
             market_retention: env.get("GPUFLEET_MARKET_RETENTION").cloned(),
             finished_job_retention: env.get("GPUFLEET_FINISHED_JOB_RETENTION").cloned(),
+            store_cache: env.get("GPUFLEET_STORE_CACHE").cloned(),
             ..Default::default()
         };
         for layer in [from_env, overrides] {
@@ -216,6 +225,7 @@ impl ControllerConfig {
             merged.finished_job_retention = layer
                 .finished_job_retention
                 .or(merged.finished_job_retention);
+            merged.store_cache = layer.store_cache.or(merged.store_cache);
             merged.telemetry_retention = layer.telemetry_retention.or(merged.telemetry_retention);
             merged.metrics_listen = layer.metrics_listen.or(merged.metrics_listen);
             merged.tls_cert = layer.tls_cert.or(merged.tls_cert);
@@ -404,6 +414,20 @@ impl ControllerConfig {
                 "must be at least 10s (clients read a job's outcome after it ends)".into(),
             ));
         }
+        let store_cache_bytes = match &file.store_cache {
+            None => DEFAULT_STORE_CACHE_BYTES,
+            Some(text) => {
+                let bytes = gpufleet_agent::config::parse_size(text)
+                    .map_err(|message| invalid("store_cache", message))?;
+                if bytes < 1 << 20 {
+                    return Err(invalid(
+                        "store_cache",
+                        format!("{text:?} is below the smallest useful cache, 1MiB"),
+                    ));
+                }
+                bytes
+            }
+        };
         if file.tls_cert.is_some() != file.tls_key.is_some() {
             return Err(invalid(
                 "tls_cert",
@@ -441,6 +465,7 @@ impl ControllerConfig {
             usage_retention,
             market_retention: market,
             finished_job_retention,
+            store_cache_bytes,
             listen,
             admin_token_file: file
                 .admin_token_file
@@ -495,6 +520,7 @@ impl ControllerConfig {
             finished_job_retention: Some(
                 humantime::format_duration(self.finished_job_retention).to_string(),
             ),
+            store_cache: Some(format!("{}", self.store_cache_bytes)),
             queues: Some(self.queues.clone()),
             generation_factors: Some(
                 self.scheduler
@@ -586,6 +612,16 @@ mod tests {
         let env = HashMap::from([("GPUFLEET_LISTEN".to_string(), "nowhere".to_string())]);
         let err = ControllerConfig::load(None, &env, ConfigFile::default()).unwrap_err();
         assert!(err.to_string().starts_with("listen"), "{err}");
+        for bad in ["lots", "512KiB"] {
+            let env = HashMap::from([("GPUFLEET_STORE_CACHE".to_string(), bad.to_string())]);
+            let err = ControllerConfig::load(None, &env, ConfigFile::default()).unwrap_err();
+            assert!(err.to_string().starts_with("store_cache"), "{err}");
+        }
+        let env = HashMap::from([("GPUFLEET_STORE_CACHE".to_string(), "64MiB".to_string())]);
+        let c = ControllerConfig::load(None, &env, ConfigFile::default()).unwrap();
+        assert_eq!(c.store_cache_bytes, 64 << 20);
+        let again: ConfigFile = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(again.store_cache.as_deref(), Some("67108864"));
     }
 
     #[test]
@@ -637,6 +673,7 @@ mod shipped_config {
         assert_eq!(loaded.node_lost_after, defaults.node_lost_after);
         assert_eq!(loaded.telemetry_retention, defaults.telemetry_retention);
         assert_eq!(loaded.metrics_listen, defaults.metrics_listen);
+        assert_eq!(loaded.store_cache_bytes, defaults.store_cache_bytes);
     }
 }
 

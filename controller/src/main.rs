@@ -24,6 +24,10 @@ struct Args {
     /// records stay) [default: 7d].
     #[arg(long)]
     finished_job_retention: Option<String>,
+    /// The embedded store's page cache, e.g. 16MiB; the store's memory is a
+    /// multiple of it [default: 16MiB].
+    #[arg(long)]
+    store_cache: Option<String>,
     /// Token agents must present to join [default: generated at the first
     /// start, written to join.token in the data dir].
     #[arg(long)]
@@ -91,6 +95,7 @@ fn main() -> ExitCode {
         join_token: args.join_token.clone(),
         admin_token_file: args.admin_token_file.clone(),
         finished_job_retention: args.finished_job_retention.clone(),
+        store_cache: args.store_cache.clone(),
         rate_limit_per_token: args.rate_limit_per_token,
         rate_limit_burst: args.rate_limit_burst,
         node_not_ready_after: args.node_not_ready_after.clone(),

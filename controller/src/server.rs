@@ -166,7 +166,7 @@ pub async fn start(
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let tls_config = config.tls.clone();
-    let store = SledStore::open(&config.data_dir)?;
+    let store = SledStore::open_with_cache(&config.data_dir, config.store_cache_bytes)?;
     let rollups = SledRollupStore::new(store.open_tree("telemetry")?);
     let metrics_listener = TcpListener::bind(config.metrics_listen)
         .await

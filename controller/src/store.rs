@@ -234,8 +234,18 @@ pub struct SledStore {
     tree: sled::Tree,
 }
 
+/// The default page cache. sled's memory is a multiple of its cache (it
+/// counts on-disk bytes), and live jobs are in the controller's own memory,
+/// so the store's cache serves history reads: a small one keeps the
+/// controller's memory flat while its data grows.
+pub const DEFAULT_CACHE_BYTES: u64 = 16 << 20;
+
 impl SledStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let path = dir.join("store");
         // sled's background flusher may hold the file lock for a moment
         // after a previous handle in this process was dropped (a restart):
@@ -245,7 +255,7 @@ impl SledStore {
             let opened = sled::Config::new()
                 .path(&path)
                 // Bounded page cache (sled's default is 1 GiB).
-                .cache_capacity(64 * 1024 * 1024)
+                .cache_capacity(cache_bytes)
                 .open();
             match opened {
                 Ok(db) => break db,
