@@ -151,24 +151,13 @@ pub fn migrate(store: &dyn Store) -> Result<usize, StoreError> {
     {
         return Ok(0);
     }
-    let mut batch = WriteBatch::default();
-    let mut jobs = 0;
-    let mut failed = None;
+    let mut writer = store::ChunkedWriter::new(store);
     store::visit::<Job>(store, Keyspace::Jobs, IdRange::default(), |_, job| {
-        index(&mut batch, None, &job);
-        jobs += 1;
-        if jobs % 10_000 == 0
-            && let Err(e) = store.apply(std::mem::take(&mut batch))
-        {
-            failed = Some(e);
-            return Ok(false);
-        }
+        index(writer.batch(), None, &job);
+        writer.record_done()?;
         Ok(true)
     })?;
-    if let Some(e) = failed {
-        return Err(e);
-    }
-    store.apply(batch)?;
+    let jobs = writer.finish()?;
     crate::usage::index_records(store)?;
     let mut batch = WriteBatch::default();
     batch.put(Keyspace::Settings, INDEX_VERSION_SETTING, &INDEX_VERSION);

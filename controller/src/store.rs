@@ -126,6 +126,47 @@ impl<'a> IdRange<'a> {
     }
 }
 
+/// Writes a long run of records (a one-off rewrite such as a migration) in
+/// batches of bounded size instead of one batch the size of the store.
+pub struct ChunkedWriter<'a> {
+    store: &'a dyn Store,
+    batch: WriteBatch,
+    records: usize,
+}
+
+impl<'a> ChunkedWriter<'a> {
+    const RECORDS_PER_BATCH: usize = 10_000;
+
+    pub fn new(store: &'a dyn Store) -> Self {
+        Self {
+            store,
+            batch: WriteBatch::default(),
+            records: 0,
+        }
+    }
+
+    /// The batch the next record's writes go to.
+    pub fn batch(&mut self) -> &mut WriteBatch {
+        &mut self.batch
+    }
+
+    /// Counts one record written to [`Self::batch`]; applies the batch
+    /// when it is full.
+    pub fn record_done(&mut self) -> Result<(), StoreError> {
+        self.records += 1;
+        if self.records.is_multiple_of(Self::RECORDS_PER_BATCH) {
+            self.store.apply(std::mem::take(&mut self.batch))?;
+        }
+        Ok(())
+    }
+
+    /// Applies what is left; returns how many records were written.
+    pub fn finish(self) -> Result<usize, StoreError> {
+        self.store.apply(self.batch)?;
+        Ok(self.records)
+    }
+}
+
 pub trait Store: Send + Sync + 'static {
     /// Applies the batch atomically and durably (flushed before returning).
     fn apply(&self, batch: WriteBatch) -> Result<(), StoreError>;

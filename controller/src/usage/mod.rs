@@ -342,30 +342,18 @@ pub fn has_record(store: &dyn Store, allocation_id: &str) -> Result<bool, StoreE
 /// Writes the end-time index entry of every record that lacks one (stores
 /// written before the index existed). Returns how many were written.
 pub fn index_records(store: &dyn Store) -> Result<usize, StoreError> {
-    let mut batch = WriteBatch::default();
-    let mut written = 0;
-    let mut failed = None;
+    let mut writer = store::ChunkedWriter::new(store);
     store::visit::<UsageRecord>(store, Keyspace::Usage, IdRange::default(), |_, record| {
         let end = record.ended_at.as_ref().map_or(0, ts_ms);
-        batch.put_raw(
+        writer.batch().put_raw(
             Keyspace::UsageByEnd,
             &end_key(&record.allocation_id, end),
             Vec::new(),
         );
-        written += 1;
-        if written % 10_000 == 0
-            && let Err(e) = store.apply(std::mem::take(&mut batch))
-        {
-            failed = Some(e);
-            return Ok(false);
-        }
+        writer.record_done()?;
         Ok(true)
     })?;
-    if let Some(e) = failed {
-        return Err(e);
-    }
-    store.apply(batch)?;
-    Ok(written)
+    writer.finish()
 }
 
 impl Ledger {
