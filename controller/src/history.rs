@@ -86,11 +86,13 @@ pub fn get(store: &dyn Store, id: &str) -> Result<Option<Job>, StoreError> {
     store::get(store, Keyspace::Jobs, id)
 }
 
-/// Jobs that finished before `cutoff_secs`, oldest first, at most `limit`.
+/// Jobs that finished before `cutoff_secs`, oldest first, at most `limit`,
+/// passing over those `keep` names (they neither count nor appear).
 pub fn finished_before(
     store: &dyn Store,
     cutoff_secs: u64,
     limit: usize,
+    keep: &dyn Fn(&str) -> bool,
 ) -> Result<Vec<Finished>, StoreError> {
     let to = finished_bound(cutoff_secs);
     let mut ids = Vec::new();
@@ -102,7 +104,9 @@ pub fn finished_before(
             reverse: false,
         },
         &mut |key, _| {
-            if let Some((_, id)) = key.split_once('/') {
+            if let Some((_, id)) = key.split_once('/')
+                && !keep(id)
+            {
                 ids.push(Finished {
                     index_id: key.to_string(),
                     job_id: id.to_string(),
@@ -241,7 +245,7 @@ mod tests {
         assert_eq!(seen, ["job-old"]);
         // Finished at 110, 210, 310: a cutoff of 300 expires two.
         let ids = |limit| -> Vec<String> {
-            finished_before(&store, 300, limit)
+            finished_before(&store, 300, limit, &|_| false)
                 .unwrap()
                 .into_iter()
                 .map(|f| f.job_id)
@@ -249,7 +253,15 @@ mod tests {
         };
         assert_eq!(ids(10), ["job-old", "job-mid"]);
         assert_eq!(ids(1), ["job-old"]);
-        let oldest = finished_before(&store, 300, 1).unwrap().remove(0);
+        let not_old = |id: &str| id == "job-old";
+        assert_eq!(
+            finished_before(&store, 300, 1, &not_old).unwrap()[0].job_id,
+            "job-mid",
+            "a kept job takes no place in the batch"
+        );
+        let oldest = finished_before(&store, 300, 1, &|_| false)
+            .unwrap()
+            .remove(0);
         let mut batch = WriteBatch::default();
         delete(
             &mut batch,
@@ -280,7 +292,10 @@ mod tests {
         );
         store.apply(batch).unwrap();
         assert_eq!(migrate(&store).unwrap(), 1);
-        assert_eq!(finished_before(&store, 100, 10).unwrap()[0].job_id, "job-a");
+        assert_eq!(
+            finished_before(&store, 100, 10, &|_| false).unwrap()[0].job_id,
+            "job-a"
+        );
         assert_eq!(migrate(&store).unwrap(), 0, "already indexed");
     }
 }

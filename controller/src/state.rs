@@ -467,12 +467,10 @@ impl Controller {
         let mut state = self.lock();
         let mut batch = WriteBatch::default();
         let mut deleted = Vec::new();
-        for entry in history::finished_before(store, cutoff, limit)? {
-            // A finished job whose tasks still hold GPUs (a lost node not
-            // yet given up) stays until they end.
-            if state.jobs.contains_key(&entry.job_id) {
-                continue;
-            }
+        // A finished job whose tasks still hold GPUs (a lost node not yet
+        // given up) is resident and stays until they end.
+        let resident = |id: &str| state.jobs.contains_key(id);
+        for entry in history::finished_before(store, cutoff, limit, &resident)? {
             let job = history::get(store, &entry.job_id)?;
             history::delete(&mut batch, &entry, job.as_ref());
             if let Some(job) = job {
