@@ -61,6 +61,24 @@ async fn workload_sees_exactly_its_gpus_and_environment() {
 }
 
 #[tokio::test]
+async fn a_program_found_in_path_keeps_the_name_it_was_given_as_argv0() {
+    let dir = tempfile::tempdir().unwrap();
+    let sup = supervisor(dir.path(), backend("n1", "1xT4"));
+    // The shell prints its own argv: argv[0] first.
+    sup.run_local(allocation(
+        "argv0",
+        &["sh", "-c", "tr '\\0' ' ' < /proc/$$/cmdline"],
+        &[],
+    ))
+    .await
+    .unwrap();
+    let done = sup.wait("argv0").await.unwrap();
+    assert_eq!(state(&done), WorkloadState::Succeeded, "{done:?}");
+    let log = std::fs::read_to_string(dir.path().join("allocations/argv0/output.log")).unwrap();
+    assert!(log.starts_with("sh -c "), "{log:?}");
+}
+
+#[tokio::test]
 async fn non_zero_exit_is_failed_with_its_code() {
     let dir = tempfile::tempdir().unwrap();
     let sup = supervisor(dir.path(), backend("n1", "1xT4"));
