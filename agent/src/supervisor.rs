@@ -6,6 +6,11 @@
 //! reaches every process the workload started), with a cleared environment,
 //! and write stdout and stderr to one capped `output.log` per allocation.
 //!
+//! Starts run concurrently, each on a task of its own and never under the
+//! state lock: a workload is `Starting` until its shim reports it running
+//! (or it fails), and a stop that comes meanwhile is carried out once the
+//! start settles.
+//!
 //! Each workload runs under a small shim process (see [`crate::shim`]) in
 //! its own session, so it outlives the agent. What a restarted agent needs
 //! is recorded in `data_dir/workloads/<id>/` ([`crate::workload_store`])
@@ -386,8 +391,9 @@ struct Inner {
     events: broadcast::Sender<WorkloadStatus>,
     /// One per shim handshake in progress ([`SupervisorSettings::max_concurrent_starts`]).
     start_permits: Arc<Semaphore>,
-    /// Launches past their permit and not yet recorded as settled; only
-    /// changed under the state lock's protection of `shutting_down`.
+    /// Launches past their permit and not yet settled. Raised only under
+    /// the state lock, after checking `shutting_down`, so that once that is
+    /// set the count can only fall.
     launching: watch::Sender<usize>,
 }
 
