@@ -301,6 +301,9 @@ struct Launched {
     child: tokio::process::Child,
     pid: u32,
     shim: (u32, u64),
+    /// When the shim's answer came (not when the start task got back to
+    /// recording it).
+    started_at: SystemTime,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -786,7 +789,7 @@ impl Supervisor {
                 w.pid = launched.pid;
                 w.shim = Some(launched.shim);
                 w.state = WorkloadState::Running;
-                w.started_at = Some(SystemTime::now());
+                w.started_at = Some(launched.started_at);
                 info!(allocation_id = %id, pid = w.pid, shim_pid = launched.shim.0, gpus = ?w.allocation.gpu_uuids, "workload started");
                 let this = self.clone();
                 let reap_id = id.to_string();
@@ -1003,6 +1006,7 @@ impl Supervisor {
                 child,
                 pid,
                 shim: (shim_pid, shim_start),
+                started_at: SystemTime::now(),
             }),
             // The shim logged it and recorded it in exit.json.
             Ok(Reply::Failed { message }) => Err(StartError::Failed(message)),
