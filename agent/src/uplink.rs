@@ -38,6 +38,8 @@ const REPLAY_BATCH: usize = 256;
 const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most status changes written to the outbox with one disk sync.
+const MAX_STATUS_BATCH: usize = 256;
 /// Longest wait for the controller to answer the opened stream.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -449,15 +451,16 @@ pub(crate) async fn record_statuses(
     }
 }
 
-/// `first` and every change already queued behind it: what came in while
-/// the last batch was being written goes to disk as one batch.
+/// `first` and the changes already queued behind it (up to
+/// [`MAX_STATUS_BATCH`]): what came in while the last batch was being
+/// written goes to disk as one batch.
 fn with_queued(
     first: WorkloadStatus,
     events: &mut broadcast::Receiver<WorkloadStatus>,
     supervisor: &Supervisor,
 ) -> Vec<WorkloadStatus> {
     let mut statuses = vec![first];
-    loop {
+    while statuses.len() < MAX_STATUS_BATCH {
         match events.try_recv() {
             Ok(status) => statuses.push(status),
             Err(broadcast::error::TryRecvError::Lagged(missed)) => {
@@ -467,9 +470,10 @@ fn with_queued(
                 );
                 statuses.extend(supervisor.statuses());
             }
-            Err(_) => return statuses,
+            Err(_) => break,
         }
     }
+    statuses
 }
 
 async fn append_statuses(outbox: &Arc<Outbox>, statuses: Vec<WorkloadStatus>) {
