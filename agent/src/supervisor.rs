@@ -65,8 +65,9 @@ pub struct SupervisorSettings {
     /// Executable started as `<program> __shim <dir>` for every workload; it
     /// must call [`crate::shim::dispatch`] first thing in `main`.
     pub shim_program: PathBuf,
-    /// Most workload starts (shim handshakes) in progress at once; more
-    /// wait their turn. Each one holds a blocking thread for its handshake.
+    /// Most workload starts (shim handshakes) in progress at once, at
+    /// least 1; more wait their turn. Each one holds a blocking thread for
+    /// its handshake.
     pub max_concurrent_starts: usize,
 }
 
