@@ -327,7 +327,7 @@ impl RunningAgent {
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
         if self.keep_workloads {
-            let running = self.supervisor.detach();
+            let running = self.supervisor.detach().await;
             if running > 0 {
                 info!(
                     running,

@@ -61,6 +61,7 @@ impl Agent for AgentService {
             .ok_or_else(|| Status::invalid_argument("invalid allocation: missing"))?;
         self.supervisor
             .run_local(allocation)
+            .await
             .map(Response::new)
             .map_err(to_status)
     }

@@ -169,7 +169,14 @@ fn start(dir: &Path, spec: &LaunchSpec) -> Result<Started, String> {
     let stderr = writer
         .try_clone()
         .map_err(|e| fail(&mut log, format!("cannot share the output pipe: {e}")))?;
-    let mut cmd = std::process::Command::new(program);
+    let mut cmd = match found_in_path(program, spec) {
+        Some(path) => {
+            let mut cmd = std::process::Command::new(path);
+            cmd.arg0(program);
+            cmd
+        }
+        None => std::process::Command::new(program),
+    };
     cmd.args(&spec.argv[1..])
         .process_group(0)
         .env_clear()
@@ -209,6 +216,32 @@ fn start(dir: &Path, spec: &LaunchSpec) -> Result<Started, String> {
         output,
         log,
     })
+}
+
+/// A bare program name looked up in the workload's own `PATH`, as `execvp`
+/// would, so that std starts it with `posix_spawn` (a vfork) instead of
+/// forking the shim: std forks whenever the child's environment sets
+/// `PATH` and the program is not a path. `None` leaves the search to std
+/// (and to its error message): a path, a name found nowhere, a `PATH` with
+/// relative entries, or a workload that switches users (std forks then in
+/// any case, and the check here would be for the wrong user).
+fn found_in_path(program: &str, spec: &LaunchSpec) -> Option<PathBuf> {
+    use nix::unistd::{AccessFlags, access};
+    if program.is_empty() || program.contains('/') || spec.run_as.is_some() {
+        return None;
+    }
+    // The last PATH wins, as with `Command::envs`.
+    let (_, path) = spec.env.iter().rev().find(|(key, _)| key == "PATH")?;
+    for dir in path.split(':') {
+        if !dir.starts_with('/') {
+            return None;
+        }
+        let candidate = Path::new(dir).join(program);
+        if candidate.is_file() && access(&candidate, AccessFlags::X_OK).is_ok() {
+            return Some(candidate);
+        }
+    }
+    None
 }
 
 /// Copies output until the workload ends, then records how it ended.
@@ -404,6 +437,47 @@ mod tests {
         let text = String::from_utf8(log.into_inner()).unwrap();
         assert!(text.starts_with("12\n"), "{text}");
         assert_eq!(text.matches("truncated").count(), 1);
+    }
+
+    fn spec_with_path(path: &str) -> LaunchSpec {
+        LaunchSpec {
+            argv: vec!["sh".into()],
+            log_path: "/tmp/output.log".into(),
+            env: vec![
+                ("PATH".into(), "/nowhere".into()),
+                ("PATH".into(), path.into()),
+            ],
+            working_dir: "/tmp".into(),
+            run_as: None,
+            log_max_bytes: 64,
+        }
+    }
+
+    #[test]
+    fn bare_names_are_found_in_the_workloads_own_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let (plain, tool) = (dir.path().join("plain"), dir.path().join("tool"));
+        std::fs::write(&plain, "not executable").unwrap();
+        std::fs::write(&tool, "#!/bin/sh\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = format!("/no/such/dir:{}", dir.path().display());
+        let spec = spec_with_path(&path);
+        assert_eq!(found_in_path("tool", &spec), Some(tool));
+        // Not executable, or absent: left to std's own search.
+        assert_eq!(found_in_path("plain", &spec), None);
+        assert_eq!(found_in_path("missing", &spec), None);
+        // A path is never searched; nor is a PATH with relative entries.
+        assert_eq!(found_in_path("./tool", &spec), None);
+        let relative = spec_with_path(&format!("bin:{}", dir.path().display()));
+        assert_eq!(found_in_path("tool", &relative), None);
+        // Switching users: std forks anyway, and access() would check the
+        // shim's user, not the workload's.
+        let other_user = LaunchSpec {
+            run_as: Some((1000, 1000)),
+            ..spec_with_path(&path)
+        };
+        assert_eq!(found_in_path("tool", &other_user), None);
     }
 
     #[test]

@@ -6,6 +6,11 @@
 //! reaches every process the workload started), with a cleared environment,
 //! and write stdout and stderr to one capped `output.log` per allocation.
 //!
+//! Starts run concurrently, each on a task of its own and never under the
+//! state lock: a workload is `Starting` until its shim reports it running
+//! (or it fails), and a stop that comes meanwhile is carried out once the
+//! start settles.
+//!
 //! Each workload runs under a small shim process (see [`crate::shim`]) in
 //! its own session, so it outlives the agent. What a restarted agent needs
 //! is recorded in `data_dir/workloads/<id>/` ([`crate::workload_store`])
@@ -25,7 +30,7 @@ use gpufleet_proto::v1::{Allocation, DesiredState, LogChunk, WorkloadState, Work
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{Notify, Semaphore, broadcast, watch};
 use tracing::{debug, info, warn};
 
 use crate::backend::GpuBackend;
@@ -39,6 +44,9 @@ pub const WORKLOAD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/b
 const EVENT_CAPACITY: usize = 1024;
 /// Default cap on one allocation's `output.log`.
 pub const DEFAULT_LOG_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// Default of [`SupervisorSettings::max_concurrent_starts`]: more than a
+/// host has GPUs, so one desired state starts a full node at once.
+pub const DEFAULT_MAX_CONCURRENT_STARTS: usize = 16;
 /// Longest wait for a shim to report that its workload started.
 const SHIM_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a re-adopted workload (not the agent's child) is checked.
@@ -57,6 +65,10 @@ pub struct SupervisorSettings {
     /// Executable started as `<program> __shim <dir>` for every workload; it
     /// must call [`crate::shim::dispatch`] first thing in `main`.
     pub shim_program: PathBuf,
+    /// Most workload starts (shim handshakes) in progress at once, at
+    /// least 1; more wait their turn. Each one holds a blocking thread for
+    /// its handshake.
+    pub max_concurrent_starts: usize,
 }
 
 impl SupervisorSettings {
@@ -69,6 +81,7 @@ impl SupervisorSettings {
             default_grace: Duration::from_secs(10),
             log_max_bytes: DEFAULT_LOG_MAX_BYTES,
             shim_program: PathBuf::from("/proc/self/exe"),
+            max_concurrent_starts: DEFAULT_MAX_CONCURRENT_STARTS,
         }
     }
 }
@@ -158,11 +171,36 @@ struct Workload {
     started_at: Option<SystemTime>,
     finished_at: Option<SystemTime>,
     stop_requested: bool,
+    /// The grace period the stop asked for (`None`: the workload's own).
+    stop_grace: Option<Duration>,
+    /// Wakes the workload's start task when a stop comes while it waits
+    /// for its turn to start.
+    stop_while_queued: Arc<Notify>,
     /// Becomes true once the workload is terminal.
     done: watch::Receiver<bool>,
 }
 
 impl Workload {
+    /// A workload about to start.
+    fn starting(allocation: Allocation, source: Source, done: watch::Receiver<bool>) -> Self {
+        Self {
+            allocation,
+            source,
+            state: WorkloadState::Starting,
+            pid: 0,
+            shim: None,
+            exit_code: None,
+            signal: None,
+            message: String::new(),
+            started_at: None,
+            finished_at: None,
+            stop_requested: false,
+            stop_grace: None,
+            stop_while_queued: Arc::new(Notify::new()),
+            done,
+        }
+    }
+
     fn status(&self) -> WorkloadStatus {
         WorkloadStatus {
             allocation_id: self.allocation.allocation_id.clone(),
@@ -220,11 +258,53 @@ fn outcome(stop_requested: bool, exit: &ExitRecord) -> (WorkloadState, String) {
     }
 }
 
+/// Why a start ended without a running workload.
+enum StartError {
+    /// It could not start; the message is for the workload's status.
+    Failed(String),
+    /// A stop came before the shim was let start the workload: it never ran.
+    Withdrawn,
+}
+
+impl From<String> for StartError {
+    fn from(message: String) -> Self {
+        StartError::Failed(message)
+    }
+}
+
+/// What a start task needs of the workload [`Supervisor::admit`] recorded.
+struct Admitted {
+    /// Marks the workload ended.
+    done: watch::Sender<bool>,
+    stop_while_queued: Arc<Notify>,
+}
+
+/// What a start task does once it holds a start permit.
+enum Launch {
+    Go,
+    /// Stopped while it waited: end it without starting anything.
+    Withdrawn,
+    /// The agent is detaching (or the workload is gone): start nothing.
+    Abandon,
+}
+
+/// Counts one launch in progress for [`Supervisor::detach`] until dropped.
+struct LaunchInProgress<'a>(&'a watch::Sender<usize>);
+
+impl Drop for LaunchInProgress<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
 /// A shim that is up and has started its workload.
 struct Launched {
     child: tokio::process::Child,
     pid: u32,
     shim: (u32, u64),
+    /// When the shim's answer came (not when the start task got back to
+    /// recording it).
+    started_at: SystemTime,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -313,6 +393,12 @@ struct Inner {
     backend: Arc<dyn GpuBackend>,
     state: Mutex<State>,
     events: broadcast::Sender<WorkloadStatus>,
+    /// One per shim handshake in progress ([`SupervisorSettings::max_concurrent_starts`]).
+    start_permits: Arc<Semaphore>,
+    /// Launches past their permit and not yet settled. Raised only under
+    /// the state lock, after checking `shutting_down`, so that once that is
+    /// set the count can only fall.
+    launching: watch::Sender<usize>,
 }
 
 /// Handle to the workload manager; cheap to clone.
@@ -339,6 +425,7 @@ impl Supervisor {
     pub fn new(backend: Arc<dyn GpuBackend>, settings: SupervisorSettings) -> Self {
         let node_gpus = backend.gpus().into_iter().map(|g| g.uuid).collect();
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let start_permits = Arc::new(Semaphore::new(settings.max_concurrent_starts.max(1)));
         Self {
             inner: Arc::new(Inner {
                 run_as: std::sync::OnceLock::new(),
@@ -347,6 +434,8 @@ impl Supervisor {
                 backend,
                 state: Mutex::new(State::default()),
                 events,
+                start_permits,
+                launching: watch::channel(0).0,
             }),
         }
     }
@@ -404,10 +493,14 @@ impl Supervisor {
         self.allocation_dir(allocation_id).join(store::LOG_FILE)
     }
 
-    /// Starts a workload for the local API. Unlike the controller path, bad
-    /// requests are refused rather than recorded as failed workloads. An
-    /// empty allocation id gets `local-<uuid>`.
-    pub fn run_local(&self, mut allocation: Allocation) -> Result<WorkloadStatus, SupervisorError> {
+    /// Starts a workload for the local API and returns its status once the
+    /// start has settled (running or failed). Unlike the controller path,
+    /// bad requests are refused rather than recorded as failed workloads.
+    /// An empty allocation id gets `local-<uuid>`.
+    pub async fn run_local(
+        &self,
+        mut allocation: Allocation,
+    ) -> Result<WorkloadStatus, SupervisorError> {
         if allocation.allocation_id.is_empty() {
             allocation.allocation_id = format!("local-{}", uuid::Uuid::new_v4());
         }
@@ -427,32 +520,36 @@ impl Supervisor {
             }
             self.check_known_gpu(uuid)?;
         }
-        let mut st = self.lock();
-        if st.shutting_down {
-            return Err(SupervisorError::ShuttingDown);
-        }
-        if st.workloads.contains_key(&allocation.allocation_id) {
-            return Err(SupervisorError::AlreadyExists(allocation.allocation_id));
-        }
-        for (id, w) in &st.workloads {
-            if w.terminal() {
-                continue;
+        let done = {
+            let mut st = self.lock();
+            if st.shutting_down {
+                return Err(SupervisorError::ShuttingDown);
             }
-            if let Some(uuid) = allocation
-                .gpu_uuids
-                .iter()
-                .find(|u| w.allocation.gpu_uuids.contains(u))
-            {
-                return Err(SupervisorError::GpuBusy {
-                    uuid: uuid.clone(),
-                    holder: id.clone(),
-                });
+            if st.workloads.contains_key(&allocation.allocation_id) {
+                return Err(SupervisorError::AlreadyExists(allocation.allocation_id));
             }
-        }
+            for (id, w) in &st.workloads {
+                if w.terminal() {
+                    continue;
+                }
+                if let Some(uuid) = allocation
+                    .gpu_uuids
+                    .iter()
+                    .find(|u| w.allocation.gpu_uuids.contains(u))
+                {
+                    return Err(SupervisorError::GpuBusy {
+                        uuid: uuid.clone(),
+                        holder: id.clone(),
+                    });
+                }
+            }
+            self.admit(&mut st, allocation.clone(), Source::Local)
+        };
         let id = allocation.allocation_id.clone();
-        self.start_locked(&mut st, allocation, Source::Local, None);
-        let status = st.workloads.get(&id).map(Workload::status);
-        status.ok_or(SupervisorError::NotFound(id))
+        // Awaited, not run here: the start completes even if this caller
+        // goes away (a client that hung up mid-call).
+        let _ = self.spawn_start(allocation, Source::Local, done).await;
+        self.status(&id).ok_or(SupervisorError::NotFound(id))
     }
 
     fn check_known_gpu(&self, uuid: &str) -> Result<(), SupervisorError> {
@@ -477,6 +574,11 @@ impl Supervisor {
     /// controller workloads no longer listed, and forgets finished ones no
     /// longer listed. Finished allocations are never restarted. Older
     /// generations are ignored; re-applying the same one is harmless.
+    ///
+    /// Returns at once: new workloads are recorded as starting and started
+    /// concurrently (at most [`SupervisorSettings::max_concurrent_starts`]
+    /// at a time), each reported running (or failed) when its shim answers.
+    /// Must be called within a Tokio runtime.
     pub fn reconcile(&self, desired: &DesiredState) {
         let mut st = self.lock();
         if st.shutting_down {
@@ -496,17 +598,16 @@ impl Supervisor {
             .iter()
             .map(|a| a.allocation_id.as_str())
             .collect();
+        let mut starts = Vec::new();
         for allocation in &desired.allocations {
             match st.workloads.get(&allocation.allocation_id) {
-                None => {
-                    let validation = self.validate_controller_allocation(allocation);
-                    self.start_locked(
-                        &mut st,
-                        allocation.clone(),
-                        Source::Controller,
-                        validation.err(),
-                    );
-                }
+                None => match self.validate_controller_allocation(allocation) {
+                    Ok(()) => {
+                        let done = self.admit(&mut st, allocation.clone(), Source::Controller);
+                        starts.push((allocation.clone(), done));
+                    }
+                    Err(reason) => self.reject(&mut st, allocation.clone(), reason),
+                },
                 Some(w) if w.source == Source::Local => warn!(
                     allocation_id = %allocation.allocation_id,
                     "the controller wants an allocation id already used by a local workload; ignoring it"
@@ -542,6 +643,10 @@ impl Supervisor {
                 self.request_stop(w, None);
             }
         }
+        drop(st);
+        for (allocation, done) in starts {
+            self.spawn_start(allocation, Source::Controller, done);
+        }
     }
 
     /// Controller allocations are authoritative, but one we cannot run is
@@ -562,73 +667,174 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Records the workload and, unless `rejected`, spawns it. Always ends
-    /// with the workload in the map and its status emitted.
-    fn start_locked(
+    /// Records a workload as starting; [`Supervisor::spawn_start`] starts
+    /// it.
+    fn admit(&self, st: &mut State, allocation: Allocation, source: Source) -> Admitted {
+        let (done_tx, done_rx) = watch::channel(false);
+        let id = allocation.allocation_id.clone();
+        let w = Workload::starting(allocation, source, done_rx);
+        let stop_while_queued = w.stop_while_queued.clone();
+        st.workloads.insert(id, w);
+        self.refresh_busy(st);
+        Admitted {
+            done: done_tx,
+            stop_while_queued,
+        }
+    }
+
+    /// Records a controller allocation that cannot run as failed, with why.
+    fn reject(&self, st: &mut State, allocation: Allocation, reason: String) {
+        let (done_tx, done_rx) = watch::channel(false);
+        let id = allocation.allocation_id.clone();
+        let mut w = Workload::starting(allocation, Source::Controller, done_rx);
+        warn!(allocation_id = %id, %reason, "workload could not start");
+        w.state = WorkloadState::Failed;
+        w.message = reason;
+        w.finished_at = Some(SystemTime::now());
+        let _ = done_tx.send(true);
+        let status = w.status();
+        st.workloads.insert(id, w);
+        self.emit(st, status);
+    }
+
+    /// Starts an admitted workload on a task of its own: waits for a start
+    /// permit, runs the shim handshake on a blocking thread, then records
+    /// how the start went. Starts run concurrently and never under the
+    /// state lock, so one slow shim holds up neither the others nor the
+    /// uplink. The task is not cancelled when the returned handle is
+    /// dropped.
+    fn spawn_start(
         &self,
-        st: &mut State,
         allocation: Allocation,
         source: Source,
-        rejected: Option<String>,
+        admitted: Admitted,
+    ) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        let Admitted {
+            done,
+            stop_while_queued,
+        } = admitted;
+        tokio::spawn(async move {
+            let id = allocation.allocation_id.clone();
+            let permits = this.inner.start_permits.clone();
+            let permit = tokio::select! {
+                // Never closed, so only `Ok`.
+                permit = permits.acquire_owned() => permit.ok(),
+                () = stop_while_queued.notified() => None,
+            };
+            let Some(permit) = permit else {
+                this.finish_start(&id, Err(StartError::Withdrawn), &done);
+                return;
+            };
+            match this.begin_launch(&id) {
+                Launch::Go => {}
+                Launch::Withdrawn => {
+                    this.finish_start(&id, Err(StartError::Withdrawn), &done);
+                    return;
+                }
+                Launch::Abandon => return,
+            }
+            let _in_progress = LaunchInProgress(&this.inner.launching);
+            let launcher = this.clone();
+            let launched = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                launcher.spawn(&allocation, source)
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(StartError::Failed(format!(
+                    "starting the workload failed unexpectedly: {e}"
+                )))
+            });
+            this.finish_start(&id, launched, &done);
+        })
+    }
+
+    /// Decides, under the lock, whether a start that got its permit goes
+    /// ahead; counts it as in progress when it does.
+    fn begin_launch(&self, id: &str) -> Launch {
+        let st = self.lock();
+        match st.workloads.get(id) {
+            Some(w) if w.stop_requested => Launch::Withdrawn,
+            Some(_) if !st.shutting_down => {
+                self.inner.launching.send_modify(|n| *n += 1);
+                Launch::Go
+            }
+            _ => Launch::Abandon,
+        }
+    }
+
+    /// Records how a start went and publishes the status: running (and
+    /// reaped from now on), failed, or stopped before it started. A stop
+    /// that came during the start is carried out now.
+    fn finish_start(
+        &self,
+        id: &str,
+        launched: Result<Launched, StartError>,
+        done: &watch::Sender<bool>,
     ) {
-        let id = allocation.allocation_id.clone();
-        let (done_tx, done_rx) = watch::channel(false);
-        let mut w = Workload {
-            allocation,
-            source,
-            state: WorkloadState::Starting,
-            pid: 0,
-            shim: None,
-            exit_code: None,
-            signal: None,
-            message: String::new(),
-            started_at: None,
-            finished_at: None,
-            stop_requested: false,
-            done: done_rx,
+        let mut st = self.lock();
+        let Some(w) = st.workloads.get_mut(id) else {
+            // Starting workloads are never forgotten; were one, its process
+            // must not run on unwatched.
+            if let Ok(launched) = launched
+                && let Ok(pgid) = i32::try_from(launched.pid)
+                && pgid > 0
+            {
+                let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            }
+            return;
         };
-        let spawned = match rejected {
-            Some(reason) => Err(reason),
-            None => self.spawn(&w.allocation, source),
-        };
-        match spawned {
+        match launched {
             Ok(launched) => {
                 w.pid = launched.pid;
                 w.shim = Some(launched.shim);
                 w.state = WorkloadState::Running;
-                w.started_at = Some(SystemTime::now());
+                w.started_at = Some(launched.started_at);
                 info!(allocation_id = %id, pid = w.pid, shim_pid = launched.shim.0, gpus = ?w.allocation.gpu_uuids, "workload started");
                 let this = self.clone();
-                let reap_id = id.clone();
+                let reap_id = id.to_string();
+                let done = done.clone();
                 tokio::spawn(async move {
                     let mut shim = launched.child;
                     // The shim's own exit status says nothing about the
                     // workload; its exit record does.
                     let _ = shim.wait().await;
                     this.on_exit(&reap_id);
-                    let _ = done_tx.send(true);
+                    let _ = done.send(true);
                 });
+                if w.stop_requested {
+                    info!(allocation_id = %id, "stopping a workload asked to stop while it started");
+                    self.signal_stop(w);
+                }
             }
-            Err(reason) => {
+            Err(StartError::Withdrawn) => {
+                info!(allocation_id = %id, "stopped before it started");
+                w.state = WorkloadState::Stopped;
+                w.message = "stopped before it started".to_string();
+                w.finished_at = Some(SystemTime::now());
+                let _ = done.send(true);
+            }
+            Err(StartError::Failed(reason)) => {
                 warn!(allocation_id = %id, %reason, "workload could not start");
                 w.state = WorkloadState::Failed;
                 w.message = reason;
                 w.finished_at = Some(SystemTime::now());
-                let _ = done_tx.send(true);
+                let _ = done.send(true);
             }
         }
         let status = w.status();
-        st.workloads.insert(id, w);
-        self.emit(st, status);
+        self.emit(&mut st, status);
     }
 
     /// Starts the workload through a shim: records the allocation and the
     /// shim before the shim may start it, then waits for the shim's answer.
     /// The error is a message for the workload status (also written to its
-    /// log when the log could be opened). Runs under the state lock, like a
-    /// plain spawn did: a shim answers within milliseconds, and
-    /// [`SHIM_START_TIMEOUT`] bounds a stuck one.
-    fn spawn(&self, allocation: &Allocation, source: Source) -> Result<Launched, String> {
+    /// log when the log could be opened). Blocks (file writes, the shim's
+    /// answer, at most [`SHIM_START_TIMEOUT`]): runs on a blocking thread,
+    /// never under the state lock. A stop requested before the shim is let
+    /// start the workload withdraws the start.
+    fn spawn(&self, allocation: &Allocation, source: Source) -> Result<Launched, StartError> {
         let id = &allocation.allocation_id;
         let dir = self.allocation_dir(id);
         std::fs::create_dir_all(&dir).map_err(|e| {
@@ -661,7 +867,7 @@ impl Supervisor {
             .map_err(|e| format!("cannot open the log file {}: {e}", log_path.display()))?;
         let fail = |log: &mut std::fs::File, message: String| {
             let _ = writeln!(log, "gpufleet-agent: {message}");
-            message
+            StartError::Failed(message)
         };
         let default_spec = Default::default();
         let spec = allocation.workload.as_ref().unwrap_or(&default_spec);
@@ -776,6 +982,15 @@ impl Supervisor {
                 format!("cannot record the workload in {}: {e}", records.display()),
             ));
         }
+        if self.stop_requested(id) {
+            // Nothing ran: at end of input the shim exits without starting
+            // the workload, so there is nothing for a restarted agent either.
+            drop((stdin, stdout));
+            if let Err(e) = store::forget(&records) {
+                warn!(allocation_id = %id, error = %e, "cannot remove the records of a withdrawn start");
+            }
+            return Err(StartError::Withdrawn);
+        }
         // From here on a restarted agent knows the shim: let it start.
         let handshake = stdin
             .into_owned_fd()
@@ -792,9 +1007,10 @@ impl Supervisor {
                 child,
                 pid,
                 shim: (shim_pid, shim_start),
+                started_at: SystemTime::now(),
             }),
             // The shim logged it and recorded it in exit.json.
-            Ok(Reply::Failed { message }) => Err(message),
+            Ok(Reply::Failed { message }) => Err(StartError::Failed(message)),
             Err(why) => {
                 // Name the real file behind /proc/self/exe.
                 let shown = std::fs::read_link(program)
@@ -805,7 +1021,8 @@ impl Supervisor {
                     "{why}; the shim program {} must be a gpufleet agent executable (one that calls shim::dispatch first thing in main)",
                     shown.display()
                 );
-                let message = abort(&mut child, &mut log, why);
+                let _ = child.start_kill();
+                let _ = writeln!(log, "gpufleet-agent: {why}");
                 // It may have started the workload before it stalled.
                 if let Ok(Some(started)) = store::read_started(&records) {
                     let _ = killpg(Pid::from_raw(started.pid as i32), Signal::SIGKILL);
@@ -813,11 +1030,11 @@ impl Supervisor {
                 let record = ExitRecord {
                     exit_code: None,
                     signal: None,
-                    start_error: Some(message.clone()),
+                    start_error: Some(why.clone()),
                     finished_at_ms: store::unix_ms(SystemTime::now()),
                 };
                 let _ = store::write_exit(&records, &record);
-                Err(message)
+                Err(StartError::Failed(why))
             }
         }
     }
@@ -933,6 +1150,8 @@ impl Supervisor {
                 .map(|s| store::from_unix_ms(s.started_at_ms)),
             finished_at: None,
             stop_requested: record.stop_requested,
+            stop_grace: None,
+            stop_while_queued: Arc::new(Notify::new()),
             done: done_rx,
         };
         // Exit record first: a shim that just wrote it and exited is
@@ -1014,6 +1233,11 @@ impl Supervisor {
     fn emit(&self, st: &mut State, status: WorkloadStatus) {
         // No receivers is fine: the uplink may be between sessions.
         let _ = self.inner.events.send(status);
+        self.refresh_busy(st);
+    }
+
+    /// Tells the backend when the GPUs of unfinished workloads changed.
+    fn refresh_busy(&self, st: &mut State) {
         let busy: HashSet<String> = st
             .workloads
             .values()
@@ -1028,47 +1252,74 @@ impl Supervisor {
 
     /// Sends SIGTERM to the workload's process group and SIGKILL after the
     /// grace period. Returns a receiver that turns true once it has ended.
+    /// A workload still starting is stopped once its start settles: not
+    /// started at all if its shim was not yet let start it, else signalled.
     fn request_stop(&self, w: &mut Workload, grace: Option<Duration>) -> watch::Receiver<bool> {
-        if !w.terminal() && !w.stop_requested && w.pid > 0 {
+        if w.terminal() || w.stop_requested {
+            return w.done.clone();
+        }
+        if w.state == WorkloadState::Starting {
             w.stop_requested = true;
-            // Recorded first, so that a restarted agent still reports the
-            // signal death as Stopped.
-            if let Some((shim_pid, shim_start_ticks)) = w.shim {
-                let record = AgentRecord {
-                    local: w.source == Source::Local,
-                    shim_pid,
-                    shim_start_ticks,
-                    stop_requested: true,
-                };
-                let dir = self.records_dir(&w.allocation.allocation_id);
-                if let Err(e) = store::write_agent_record(&dir, &record) {
-                    warn!(allocation_id = %w.allocation.allocation_id, error = %e, "cannot record the stop request");
-                }
-            }
-            let grace = grace
-                .filter(|g| !g.is_zero())
-                .or_else(|| {
-                    w.allocation
-                        .workload
-                        .as_ref()
-                        .map(|s| Duration::from_secs(u64::from(s.stop_grace_period_seconds)))
-                        .filter(|g| !g.is_zero())
-                })
-                .unwrap_or(self.inner.settings.default_grace);
-            let pgid = Pid::from_raw(w.pid as i32);
-            debug!(allocation_id = %w.allocation.allocation_id, ?grace, "sending SIGTERM");
-            let _ = killpg(pgid, Signal::SIGTERM);
-            let mut done = w.done.clone();
-            let id = w.allocation.allocation_id.clone();
-            tokio::spawn(async move {
-                let exited = tokio::time::timeout(grace, done.wait_for(|d| *d)).await;
-                if exited.is_err() {
-                    info!(allocation_id = %id, "grace period over; sending SIGKILL");
-                    let _ = killpg(pgid, Signal::SIGKILL);
-                }
-            });
+            w.stop_grace = grace;
+            // Kept if the start task is not waiting yet; ignored once it
+            // has its permit (it then checks `stop_requested`).
+            w.stop_while_queued.notify_one();
+        } else if w.pid > 0 {
+            w.stop_requested = true;
+            w.stop_grace = grace;
+            self.signal_stop(w);
         }
         w.done.clone()
+    }
+
+    /// Whether a stop was requested for a workload (true once it is gone).
+    fn stop_requested(&self, allocation_id: &str) -> bool {
+        self.lock()
+            .workloads
+            .get(allocation_id)
+            .is_none_or(|w| w.stop_requested)
+    }
+
+    /// Carries out a requested stop: SIGTERM to the workload's process
+    /// group now, SIGKILL after the grace period.
+    fn signal_stop(&self, w: &Workload) {
+        // Recorded first, so that a restarted agent still reports the
+        // signal death as Stopped.
+        if let Some((shim_pid, shim_start_ticks)) = w.shim {
+            let record = AgentRecord {
+                local: w.source == Source::Local,
+                shim_pid,
+                shim_start_ticks,
+                stop_requested: true,
+            };
+            let dir = self.records_dir(&w.allocation.allocation_id);
+            if let Err(e) = store::write_agent_record(&dir, &record) {
+                warn!(allocation_id = %w.allocation.allocation_id, error = %e, "cannot record the stop request");
+            }
+        }
+        let grace = w
+            .stop_grace
+            .filter(|g| !g.is_zero())
+            .or_else(|| {
+                w.allocation
+                    .workload
+                    .as_ref()
+                    .map(|s| Duration::from_secs(u64::from(s.stop_grace_period_seconds)))
+                    .filter(|g| !g.is_zero())
+            })
+            .unwrap_or(self.inner.settings.default_grace);
+        let pgid = Pid::from_raw(w.pid as i32);
+        debug!(allocation_id = %w.allocation.allocation_id, ?grace, "sending SIGTERM");
+        let _ = killpg(pgid, Signal::SIGTERM);
+        let mut done = w.done.clone();
+        let id = w.allocation.allocation_id.clone();
+        tokio::spawn(async move {
+            let exited = tokio::time::timeout(grace, done.wait_for(|d| *d)).await;
+            if exited.is_err() {
+                info!(allocation_id = %id, "grace period over; sending SIGKILL");
+                let _ = killpg(pgid, Signal::SIGKILL);
+            }
+        });
     }
 
     /// Stops a workload (SIGTERM, then SIGKILL after `grace` or the
@@ -1191,11 +1442,25 @@ impl Supervisor {
 
     /// Refuses new work and leaves running workloads alone: their shims
     /// keep them going (own session) and the next agent start re-adopts
-    /// them from their records. Returns how many are left running.
-    pub fn detach(&self) -> usize {
-        let mut st = self.lock();
-        st.shutting_down = true;
-        st.workloads.values().filter(|w| !w.terminal()).count()
+    /// them from their records. Starts already handed to their shim are
+    /// waited for, so that their statuses are published; starts still
+    /// waiting for their turn are dropped (the controller's desired state
+    /// asks the next agent run for them again). Returns how many are left
+    /// running.
+    pub async fn detach(&self) -> usize {
+        self.lock().shutting_down = true;
+        // No launch begins once `shutting_down` is set, so this ends.
+        let _ = self
+            .inner
+            .launching
+            .subscribe()
+            .wait_for(|launching| *launching == 0)
+            .await;
+        self.lock()
+            .workloads
+            .values()
+            .filter(|w| !w.terminal() && w.state != WorkloadState::Starting)
+            .count()
     }
 
     /// Refuses new work, stops every running workload and waits for them.

@@ -38,6 +38,8 @@ const REPLAY_BATCH: usize = 256;
 const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most status changes written to the outbox with one disk sync.
+const MAX_STATUS_BATCH: usize = 256;
 /// Longest wait for the controller to answer the opened stream.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -417,7 +419,7 @@ pub(crate) async fn record_statuses(
         let (statuses, last) = tokio::select! {
             biased;
             event = events.recv() => match event {
-                Ok(status) => (vec![status], false),
+                Ok(status) => (with_queued(status, &mut events, &supervisor), false),
                 // Missed some changes: the current statuses cover them.
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     warn!(missed, "workload status changes came faster than the outbox took them; recording the current statuses");
@@ -449,13 +451,37 @@ pub(crate) async fn record_statuses(
     }
 }
 
+/// `first` and the changes already queued behind it (up to
+/// [`MAX_STATUS_BATCH`]): what came in while the last batch was being
+/// written goes to disk as one batch.
+fn with_queued(
+    first: WorkloadStatus,
+    events: &mut broadcast::Receiver<WorkloadStatus>,
+    supervisor: &Supervisor,
+) -> Vec<WorkloadStatus> {
+    let mut statuses = vec![first];
+    while statuses.len() < MAX_STATUS_BATCH {
+        match events.try_recv() {
+            Ok(status) => statuses.push(status),
+            Err(broadcast::error::TryRecvError::Lagged(missed)) => {
+                warn!(
+                    missed,
+                    "workload status changes came faster than the outbox took them; recording the current statuses"
+                );
+                statuses.extend(supervisor.statuses());
+            }
+            Err(_) => break,
+        }
+    }
+    statuses
+}
+
 async fn append_statuses(outbox: &Arc<Outbox>, statuses: Vec<WorkloadStatus>) {
     let outbox = outbox.clone();
-    // Status appends are flushed to disk: off the async workers.
+    // Status appends are flushed to disk (once per batch): off the async
+    // workers.
     let written = tokio::task::spawn_blocking(move || {
-        statuses
-            .into_iter()
-            .try_for_each(|status| outbox.append(Body::WorkloadStatus(status)).map(|_| ()))
+        outbox.append_all(statuses.into_iter().map(Body::WorkloadStatus))
     })
     .await;
     match written {

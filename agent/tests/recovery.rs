@@ -57,16 +57,18 @@ fn workloads_survive_their_supervisor_and_are_re_adopted() {
         let sup = supervisor(data, backend("n1", "1xT4"));
         let mut pids = Vec::new();
         for (id, code) in [("runs-on", 0), ("fails-later", 5), ("stoppable", 0)] {
-            let status = sup.run_local(gated(id, code)).unwrap();
+            let status = sup.run_local(gated(id, code)).await.unwrap();
             assert_eq!(state(&status), WorkloadState::Running);
             pids.push(status.pid);
         }
         let status = sup
             .run_local(allocation("ends-while-down", &["sh", "-c", "exit 3"], &[]))
+            .await
             .unwrap();
         pids.push(status.pid);
         let status = sup
             .run_local(allocation("shim-killed", &["sleep", "30"], &[]))
+            .await
             .unwrap();
         pids.push(status.pid);
         pids
@@ -190,6 +192,7 @@ fn a_clean_shutdown_still_stops_every_workload() {
         let sup = supervisor(dir.path(), backend("n1", "1xT4"));
         let status = sup
             .run_local(allocation("w", &["sleep", "30"], &[]))
+            .await
             .unwrap();
         sup.shutdown().await;
         let st = sup.status("w").unwrap();
@@ -213,7 +216,9 @@ fn records_live_outside_the_workloads_home_and_only_the_agent_reads_them() {
     let rt = runtime();
     rt.block_on(async {
         let sup = supervisor(dir.path(), backend("n1", "1xT4"));
-        sup.run_local(allocation("w", &["true"], &[])).unwrap();
+        sup.run_local(allocation("w", &["true"], &[]))
+            .await
+            .unwrap();
         sup.wait("w").await.unwrap();
     });
     let records = dir.path().join("workloads/w");

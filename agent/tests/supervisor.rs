@@ -35,7 +35,7 @@ async fn workload_sees_exactly_its_gpus_and_environment() {
         .unwrap()
         .env
         .insert("FOO".into(), "bar".into());
-    let started = sup.run_local(alloc).unwrap();
+    let started = sup.run_local(alloc).await.unwrap();
     assert_eq!(state(&started), WorkloadState::Running);
     assert!(started.pid > 0);
     let done = sup.wait("job-1.0").await.unwrap();
@@ -61,10 +61,29 @@ async fn workload_sees_exactly_its_gpus_and_environment() {
 }
 
 #[tokio::test]
+async fn a_program_found_in_path_keeps_the_name_it_was_given_as_argv0() {
+    let dir = tempfile::tempdir().unwrap();
+    let sup = supervisor(dir.path(), backend("n1", "1xT4"));
+    // The shell prints its own argv: argv[0] first.
+    sup.run_local(allocation(
+        "argv0",
+        &["sh", "-c", "tr '\\0' ' ' < /proc/$$/cmdline"],
+        &[],
+    ))
+    .await
+    .unwrap();
+    let done = sup.wait("argv0").await.unwrap();
+    assert_eq!(state(&done), WorkloadState::Succeeded, "{done:?}");
+    let log = std::fs::read_to_string(dir.path().join("allocations/argv0/output.log")).unwrap();
+    assert!(log.starts_with("sh -c "), "{log:?}");
+}
+
+#[tokio::test]
 async fn non_zero_exit_is_failed_with_its_code() {
     let dir = tempfile::tempdir().unwrap();
     let sup = supervisor(dir.path(), backend("n1", "1xT4"));
     sup.run_local(allocation("exit3", &["sh", "-c", "exit 3"], &[]))
+        .await
         .unwrap();
     let done = sup.wait("exit3").await.unwrap();
     assert_eq!(state(&done), WorkloadState::Failed);
@@ -87,6 +106,7 @@ async fn stop_escalates_to_sigkill_for_a_workload_ignoring_sigterm() {
         ],
         &[],
     ))
+    .await
     .unwrap();
     let log = dir.path().join("allocations/stubborn/output.log");
     eventually("the workload to install its trap", || {
@@ -111,6 +131,7 @@ async fn stop_with_sigterm_is_stopped() {
     let dir = tempfile::tempdir().unwrap();
     let sup = supervisor(dir.path(), backend("n1", "1xT4"));
     sup.run_local(allocation("polite", &["sleep", "30"], &[]))
+        .await
         .unwrap();
     let done = sup.stop("polite", None).await.unwrap();
     assert_eq!(state(&done), WorkloadState::Stopped);
@@ -127,6 +148,7 @@ async fn missing_command_fails_with_a_message() {
     let sup = supervisor(dir.path(), backend("n1", "1xT4"));
     let status = sup
         .run_local(allocation("missing", &["/no/such/program", "x"], &[]))
+        .await
         .unwrap();
     assert_eq!(state(&status), WorkloadState::Failed);
     assert!(
@@ -151,7 +173,7 @@ async fn local_requests_are_validated() {
     let b = backend("n1", "2xL4");
     let gpus: Vec<String> = b.gpus().iter().map(|g| g.uuid.clone()).collect();
     let sup = supervisor(dir.path(), b);
-    let err = sup.run_local(allocation("a", &[], &[])).unwrap_err();
+    let err = sup.run_local(allocation("a", &[], &[])).await.unwrap_err();
     assert!(
         matches!(
             err,
@@ -164,6 +186,7 @@ async fn local_requests_are_validated() {
     );
     let err = sup
         .run_local(allocation("../etc", &["true"], &[]))
+        .await
         .unwrap_err();
     assert!(
         matches!(
@@ -177,6 +200,7 @@ async fn local_requests_are_validated() {
     );
     let err = sup
         .run_local(allocation("b", &["true"], &["GPU-nope".to_string()]))
+        .await
         .unwrap_err();
     assert!(
         matches!(
@@ -191,6 +215,7 @@ async fn local_requests_are_validated() {
 
     let first = sup
         .run_local(allocation("", &["sleep", "30"], &[gpus[0].clone()]))
+        .await
         .unwrap();
     assert!(
         first.allocation_id.starts_with("local-"),
@@ -199,17 +224,19 @@ async fn local_requests_are_validated() {
     );
     let err = sup
         .run_local(allocation("c", &["true"], &[gpus[0].clone()]))
+        .await
         .unwrap_err();
     assert!(matches!(err, SupervisorError::GpuBusy { .. }), "{err}");
     let err = sup
         .run_local(allocation(&first.allocation_id, &["true"], &[]))
+        .await
         .unwrap_err();
     assert!(matches!(err, SupervisorError::AlreadyExists(_)), "{err}");
     sup.shutdown().await;
     let st = sup.status(&first.allocation_id).unwrap();
     assert_eq!(state(&st), WorkloadState::Stopped);
     assert!(matches!(
-        sup.run_local(allocation("d", &["true"], &[])),
+        sup.run_local(allocation("d", &["true"], &[])).await,
         Err(SupervisorError::ShuttingDown)
     ));
 }
@@ -224,6 +251,7 @@ async fn reconcile_starts_missing_and_stops_undesired() {
 
     let local = sup
         .run_local(allocation("mine", &["sleep", "30"], &[]))
+        .await
         .unwrap();
     let a = allocation("job-a.0", &["sleep", "30"], &[gpus[0].clone()]);
     let quick = allocation("job-q.0", &["true"], &[]);
@@ -233,10 +261,12 @@ async fn reconcile_starts_missing_and_stops_undesired() {
         allocations: vec![a.clone(), quick.clone(), bad.clone()],
     });
     assert_eq!(sup.applied_generation(), 2);
-    assert_eq!(
-        state(&sup.status("job-a.0").unwrap()),
-        WorkloadState::Running
-    );
+    // Starts run apart from reconcile: job-a is running once its shim answers.
+    eventually("job-a.0 to run", || {
+        sup.status("job-a.0")
+            .filter(|s| state(s) == WorkloadState::Running)
+    })
+    .await;
     let bad_status = sup.status("job-bad.0").unwrap();
     assert_eq!(state(&bad_status), WorkloadState::Failed);
     assert!(
@@ -330,6 +360,7 @@ async fn output_beyond_the_log_cap_is_dropped_without_blocking_the_workload() {
         ],
         &[],
     ))
+    .await
     .unwrap();
     let done = sup.wait("chatty").await.unwrap();
     assert_eq!(state(&done), WorkloadState::Succeeded, "{done:?}");
@@ -353,6 +384,7 @@ async fn a_shim_program_that_is_not_a_shim_fails_the_workload_clearly() {
     let sup = gpufleet_agent::Supervisor::new(backend("n1", "1xT4"), settings);
     let status = sup
         .run_local(allocation("noshim", &["sleep", "30"], &[]))
+        .await
         .unwrap();
     assert_eq!(state(&status), WorkloadState::Failed, "{status:?}");
     assert!(

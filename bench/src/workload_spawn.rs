@@ -108,7 +108,7 @@ async fn shimmed(
     for i in 0..count {
         let id = format!("shim-{i}");
         let t0 = Instant::now();
-        let started = sup.run_local(allocation(&id, &["true"]))?;
+        let started = sup.run_local(allocation(&id, &["true"])).await?;
         figures.start.push(t0.elapsed());
         anyhow::ensure!(
             started.state() == WorkloadState::Running,
@@ -134,7 +134,7 @@ async fn shim_rss_mib(
     shim: Option<&std::path::Path>,
 ) -> anyhow::Result<(f64, f64)> {
     let sup = supervisor(dir, shim)?;
-    let status = sup.run_local(allocation("rss", &["sleep", "30"]))?;
+    let status = sup.run_local(allocation("rss", &["sleep", "30"])).await?;
     let stat = std::fs::read_to_string(format!("/proc/{}/stat", status.pid))?;
     let ppid: u32 = stat
         .rsplit_once(") ")
