@@ -101,8 +101,9 @@ pub fn run(args: IngestArgs) -> anyhow::Result<()> {
         memory.bytes_per_gpu
     );
     println!(
-        "  of which registry + sessions {:.0} B/GPU, telemetry (latest, rollups, sled writes) {:.0} B/GPU",
-        memory.registry_per_gpu,
+        "  of which opening the controller {:.0} B/GPU, registry + sessions {:.0} B/GPU, telemetry (latest, rollups, sled writes) {:.0} B/GPU",
+        memory.open_per_gpu,
+        memory.registry_per_gpu - memory.open_per_gpu,
         memory.bytes_per_gpu - memory.registry_per_gpu
     );
     let summary = serde_json::json!({
@@ -115,7 +116,8 @@ pub fn run(args: IngestArgs) -> anyhow::Result<()> {
         "controller_samples_per_s": controller.samples_per_s.round(),
         "ratio": (ratio * 1000.0).round() / 1000.0,
         "controller_bytes_per_gpu": memory.bytes_per_gpu.round(),
-        "registry_bytes_per_gpu": memory.registry_per_gpu.round(),
+        "open_bytes_per_gpu": memory.open_per_gpu.round(),
+        "registry_bytes_per_gpu": (memory.registry_per_gpu - memory.open_per_gpu).round(),
         "rollups_written_to_sled": !args.skip_rollup_writes,
     });
     println!("{summary}");
@@ -305,7 +307,10 @@ async fn agent(
 }
 
 struct Memory {
-    /// Of which: registering the nodes (registry, store, agent sessions).
+    /// Of which: opening the controller (fixed costs, spread over the GPUs).
+    open_per_gpu: f64,
+    /// Of which: opening the controller and registering the nodes
+    /// (registry, store, agent sessions).
     registry_per_gpu: f64,
     gpus: usize,
     rss_delta: u64,
@@ -333,11 +338,12 @@ fn measure_memory(agents: usize, gpus: usize, write_rollups: bool) -> anyhow::Re
     let _guard = runtime.enter();
     let dir = tempfile::tempdir()?;
     let store = SledStore::open(dir.path())?;
-    let rollups = Arc::new(SledRollupStore::new(store.open_tree("telemetry")?));
+    let rollups = Arc::new(SledRollupStore::open(&store)?);
     let mut config = ControllerConfig::for_data_dir(dir.path());
     config.join_token = BENCH_JOIN_TOKEN.to_string();
     let before = rss_bytes()?;
     let controller = Controller::open(config, Box::new(store), rollups, Vec::new())?;
+    let opened = rss_bytes()?;
     let mut sessions = Vec::with_capacity(agents);
     for node in 0..agents {
         let Some(agent_message::Body::Hello(hello)) = hello_message(node, gpus).body else {
@@ -367,6 +373,7 @@ fn measure_memory(agents: usize, gpus: usize, write_rollups: bool) -> anyhow::Re
     let rss_delta = after.saturating_sub(before);
     drop(sessions);
     Ok(Memory {
+        open_per_gpu: opened.saturating_sub(before) as f64 / total as f64,
         registry_per_gpu: registered.saturating_sub(before) as f64 / total as f64,
         gpus: total,
         rss_delta,

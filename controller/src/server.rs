@@ -167,7 +167,7 @@ pub async fn start(
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let tls_config = config.tls.clone();
     let store = SledStore::open(&config.data_dir)?;
-    let rollups = SledRollupStore::new(store.open_tree("telemetry")?);
+    let rollups = SledRollupStore::open(&store)?;
     let metrics_listener = TcpListener::bind(config.metrics_listen)
         .await
         .with_context(|| {

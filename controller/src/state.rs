@@ -2013,7 +2013,7 @@ fn node_view(state: &State, entry: &NodeEntry, telemetry: &TelemetryHub) -> Node
             gpu.allocation_id = allocation_id.clone();
             allocated += 1;
         }
-        gpu.latest = latest.remove(&uuid);
+        gpu.latest = latest.remove(&uuid).map(Box::new);
     }
     node.allocated_gpus = allocated;
     node
