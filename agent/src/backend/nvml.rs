@@ -200,6 +200,8 @@ fn scoped_field_values(
                 match v.valueType {
                     DOUBLE => SampleValue::F64(v.value.dVal),
                     UNSIGNED_INT => SampleValue::U32(v.value.uiVal),
+                    // c_ulong is 64 bits here, 32 on some other targets.
+                    #[allow(clippy::useless_conversion)]
                     UNSIGNED_LONG => SampleValue::U64(u64::from(v.value.ulVal)),
                     UNSIGNED_LONG_LONG => SampleValue::U64(v.value.ullVal),
                     SIGNED_LONG_LONG => SampleValue::I64(v.value.sllVal),
