@@ -977,6 +977,10 @@ impl GpuTelemetry {
     fn set_latest(&mut self, mut sample: GpuSample) {
         sample.uuid = String::new();
         self.latest.clear();
+        // Exactly the size needed the first time (growing by doubling would
+        // leave up to half unused, per GPU); later samples of a GPU have
+        // about the same size and reuse the buffer.
+        self.latest.reserve_exact(sample.encoded_len());
         // Encoding into a Vec cannot fail: it grows as needed.
         let _ = sample.encode(&mut self.latest);
         // One huge sample (say, hundreds of processes) must not pin its
