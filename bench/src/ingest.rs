@@ -117,6 +117,10 @@ pub fn run(args: IngestArgs) -> anyhow::Result<()> {
             memory.per_gpu(phase.heap)
         );
     }
+    println!(
+        "telemetry hub ingest: {:.0} ns per sample (memory phase: one thread, no gRPC)",
+        memory.ingest_ns_per_sample
+    );
     let summary = serde_json::json!({
         "bench": "ingest",
         "agents": args.agents,
@@ -128,6 +132,7 @@ pub fn run(args: IngestArgs) -> anyhow::Result<()> {
         "ratio": (ratio * 1000.0).round() / 1000.0,
         "controller_bytes_per_gpu": memory.per_gpu(memory.total.rss).round(),
         "controller_heap_bytes_per_gpu": memory.per_gpu(memory.total.heap).round(),
+        "hub_ingest_ns_per_sample": memory.ingest_ns_per_sample.round(),
         "open_bytes_per_gpu": memory.per_gpu(memory.open.rss).round(),
         "registry_bytes_per_gpu": memory.per_gpu(memory.registry.rss).round(),
         "telemetry_bytes_per_gpu": memory.per_gpu(memory.telemetry.rss).round(),
@@ -350,6 +355,9 @@ impl Mark {
 }
 
 struct Memory {
+    /// `TelemetryHub::ingest` time per sample in the memory phase (one
+    /// thread, no gRPC, no contention): the hub's own CPU cost.
+    ingest_ns_per_sample: f64,
     gpus: usize,
     /// Opening the controller (fixed costs, spread over the GPUs).
     open: Growth,
@@ -408,12 +416,14 @@ fn measure_memory(agents: usize, gpus: usize, write_rollups: bool) -> anyhow::Re
         .as_secs()
         .max(1);
     let start = SystemTime::now() - Duration::from_secs(180);
+    let mut ingest_time = Duration::ZERO;
     for second in 0..120u64 {
         let at = start + Duration::from_secs(second);
         for (node, uuids) in uuids.iter().enumerate() {
-            controller
-                .telemetry()
-                .ingest(&node_id(node), batch(uuids, at, second), at);
+            let samples = batch(uuids, at, second);
+            let t0 = Instant::now();
+            controller.telemetry().ingest(&node_id(node), samples, at);
+            ingest_time += t0.elapsed();
         }
         // As often as the server's flush task, on the same virtual clock.
         if write_rollups && (second + 1) % flush_every == 0 {
@@ -424,6 +434,7 @@ fn measure_memory(agents: usize, gpus: usize, write_rollups: bool) -> anyhow::Re
     let after = Mark::now()?;
     drop(sessions);
     Ok(Memory {
+        ingest_ns_per_sample: ingest_time.as_nanos() as f64 / (120 * agents * gpus) as f64,
         gpus: agents * gpus,
         open: opened.since(before),
         registry: registered.since(opened),

@@ -979,8 +979,10 @@ impl GpuTelemetry {
         self.latest.clear();
         // Exactly the size needed the first time (growing by doubling would
         // leave up to half unused, per GPU); later samples of a GPU have
-        // about the same size and reuse the buffer.
-        self.latest.reserve_exact(sample.encoded_len());
+        // about the same size and reuse the buffer without measuring first.
+        if self.latest.capacity() == 0 {
+            self.latest.reserve_exact(sample.encoded_len());
+        }
         // Encoding into a Vec cannot fail: it grows as needed.
         let _ = sample.encode(&mut self.latest);
         // One huge sample (say, hundreds of processes) must not pin its
@@ -1026,6 +1028,9 @@ pub struct IngestOutcome {
 /// oldest are dropped (and counted) rather than growing without limit when
 /// the disk stalls.
 const MAX_PENDING_ROLLUPS: usize = 1_000_000;
+
+/// Node-minute records per store write (one sled batch and flush each).
+const ROLLUP_WRITE_CHUNK: usize = 100;
 
 /// Finished minutes waiting for the next flush, already encoded, by
 /// (minute, node) so that the oldest go first when the queue is full.
@@ -1277,19 +1282,26 @@ impl TelemetryHub {
             }
         }
         self.queue(finished);
-        let batch = lock(&self.pending).take();
+        let mut batch = lock(&self.pending).take();
         if batch.is_empty() {
             return Ok(0);
         }
         let gpu_minutes = batch.iter().map(|r| r.gpu_minutes).sum();
-        match self.store.merge(&batch) {
-            Ok(()) => Ok(gpu_minutes),
-            Err(e) => {
-                // Keep them for the next try (bounded by `queue_records`).
-                self.queue_records(batch);
-                Err(e)
+        // In chunks, each written and flushed before the next is built:
+        // what sled holds for a write until its flush is then one chunk's
+        // worth, not a whole minute of the fleet's.
+        let mut written = 0;
+        while written < batch.len() {
+            let end = (written + ROLLUP_WRITE_CHUNK).min(batch.len());
+            if let Err(e) = self.store.merge(&batch[written..end]) {
+                // Keep what was not written for the next try (bounded by
+                // `queue_records`); the chunks before are stored.
+                self.queue_records(batch.split_off(written));
+                return Err(e);
             }
+            written = end;
         }
+        Ok(gpu_minutes)
     }
 
     /// Deletes rollups older than the retention.
