@@ -640,9 +640,9 @@ impl NodeMinute {
 /// Where rollups are persisted.
 pub trait RollupStore: Send + Sync + 'static {
     /// Merges each node-minute record into what is stored for its GPUs and
-    /// minute. Called once per flush interval with everything finished
-    /// since, so one disk flush per call is cheap; per GPU-minute it would
-    /// not be.
+    /// minute, atomically. The hub calls it every flush interval with what
+    /// finished since, in chunks of up to 100 node-minutes, so one disk
+    /// flush per call is cheap; per GPU-minute it would not be.
     fn merge(&self, records: &[NodeMinute]) -> std::result::Result<(), StoreError>;
     /// Rollups of one GPU (reported by `node_id`) with
     /// `start <= minute < end`, in minute order.
@@ -890,11 +890,11 @@ impl RollupStore for SledRollupStore {
             batch.insert(key, encode_node_minute(&gpus));
         }
         self.tree.apply_batch(batch)?;
-        // One flush per batch (every 5 s), not per GPU-minute: it makes the
-        // batch durable and lets sled write out and free its log buffers,
-        // which otherwise hold every record written since its last
-        // background flush (about 700 bytes per GPU in `gpufleet-bench
-        // ingest`).
+        // One flush per call (up to 100 node-minutes), not per GPU-minute:
+        // it makes the records durable and lets sled write out and free its
+        // log buffers, which otherwise hold every record written since its
+        // last background flush (about 700 bytes per GPU in
+        // `gpufleet-bench ingest`).
         self.tree.flush()?;
         Ok(())
     }
@@ -1974,6 +1974,71 @@ mod tests {
             .collect();
         assert_eq!(left, [(6, "n1".to_string()), (7, "n2".to_string())]);
         assert_eq!(pending.gpu_minutes, 0);
+    }
+
+    /// Fails its second `merge` call once, then behaves.
+    struct FlakyStore {
+        inner: MemoryRollupStore,
+        calls: AtomicU64,
+    }
+
+    impl RollupStore for FlakyStore {
+        fn merge(&self, records: &[NodeMinute]) -> std::result::Result<(), StoreError> {
+            if self.calls.fetch_add(1, Ordering::Relaxed) == 1 {
+                return Err(StoreError::CorruptRecord {
+                    key: "test".into(),
+                    message: "disk full".into(),
+                });
+            }
+            self.inner.merge(records)
+        }
+        fn range(
+            &self,
+            node_id: &str,
+            uuid: &str,
+            start: u64,
+            end: u64,
+        ) -> std::result::Result<Vec<Rollup>, StoreError> {
+            self.inner.range(node_id, uuid, start, end)
+        }
+        fn prune_before(&self, minute: u64) -> std::result::Result<u64, StoreError> {
+            self.inner.prune_before(minute)
+        }
+    }
+
+    #[test]
+    fn a_failed_chunk_and_the_rest_are_retried_without_writing_any_twice() {
+        let store = Arc::new(FlakyStore {
+            inner: MemoryRollupStore::default(),
+            calls: AtomicU64::new(0),
+        });
+        let hub = TelemetryHub::new(store.clone(), Duration::from_secs(3600));
+        // More node-minutes than one chunk holds: the flush takes 3 chunks.
+        let nodes = 2 * ROLLUP_WRITE_CHUNK + 1;
+        let at = t0();
+        for n in 0..nodes {
+            let (node, gpu) = (format!("n{n}"), format!("GPU-{n}"));
+            hub.register_node(&node, std::slice::from_ref(&gpu));
+            hub.ingest(&node, vec![sample(&gpu, at, 10, 1)], at);
+        }
+        let later = at + Duration::from_secs(60);
+        // The first chunk is written, the second fails: it and the third
+        // stay queued.
+        assert!(hub.flush(later).is_err());
+        assert_eq!(store.inner.len(), ROLLUP_WRITE_CHUNK);
+        assert_eq!(hub.flush(later).unwrap(), ROLLUP_WRITE_CHUNK + 1);
+        // Every GPU's minute once, with its one sample: none written twice.
+        assert_eq!(store.inner.len(), nodes);
+        let m = minute_of(at);
+        for n in 0..nodes {
+            let rows = store
+                .inner
+                .range(&format!("n{n}"), &format!("GPU-{n}"), m, m + 1)
+                .unwrap();
+            assert_eq!(rows.len(), 1);
+            assert_eq!(rows[0].get(util()).count, 1, "GPU-{n}");
+        }
+        assert_eq!(hub.rollups_dropped(), 0);
     }
 
     #[test]
