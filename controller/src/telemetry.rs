@@ -945,6 +945,59 @@ impl RollupStore for SledRollupStore {
 
 // --------------------------------------------------------------------- hub
 
+/// The unfinished minute of one GPU: what a `Rollup` holds, as arrays and
+/// with 16-bit counts, so 176 bytes instead of 224 (the controller keeps
+/// one per GPU). A count about to overflow finishes the minute so far
+/// early and begins another for the same minute; the store merges them.
+#[derive(Debug, Clone)]
+struct CurrentMinute {
+    minute: u64,
+    counts: [u16; METRIC_COUNT],
+    sums: [f64; METRIC_COUNT],
+    maxes: [f64; METRIC_COUNT],
+}
+
+impl CurrentMinute {
+    fn new(minute: u64) -> Self {
+        Self {
+            minute,
+            counts: [0; METRIC_COUNT],
+            sums: [0.0; METRIC_COUNT],
+            maxes: [0.0; METRIC_COUNT],
+        }
+    }
+
+    /// Whether `add` may be called for `minute`.
+    fn takes(&self, minute: u64) -> bool {
+        self.minute == minute && self.counts.iter().all(|&c| c < u16::MAX)
+    }
+
+    fn add(&mut self, sample: &GpuSample) {
+        for (i, m) in METRICS.iter().enumerate() {
+            if let Some(v) = (m.extract)(sample) {
+                self.maxes[i] = if self.counts[i] == 0 {
+                    v
+                } else {
+                    self.maxes[i].max(v)
+                };
+                self.counts[i] += 1;
+                self.sums[i] += v;
+            }
+        }
+    }
+
+    fn to_rollup(&self) -> Rollup {
+        Rollup {
+            minute: self.minute,
+            metrics: std::array::from_fn(|i| Acc {
+                count: u32::from(self.counts[i]),
+                sum: self.sums[i],
+                max: self.maxes[i],
+            }),
+        }
+    }
+}
+
 /// One GPU's live telemetry. Kept small: a controller holds one per GPU
 /// of the fleet.
 struct GpuTelemetry {
@@ -957,7 +1010,7 @@ struct GpuTelemetry {
     /// `sampled_at` of `latest`, in nanoseconds since the epoch (an i64
     /// lasts until 2262; accepted samples are never far in the future).
     last_at: i64,
-    current: Option<Rollup>,
+    current: Option<CurrentMinute>,
 }
 
 impl GpuTelemetry {
@@ -1142,7 +1195,7 @@ impl TelemetryHub {
                 Some(FinishedRollup {
                     node_id: node.node_id.clone(),
                     uuid: gpu.uuid,
-                    rollup: gpu.current?,
+                    rollup: gpu.current?.to_rollup(),
                 })
             })
             .collect();
@@ -1200,7 +1253,7 @@ impl TelemetryHub {
                 // back. A minute already written is merged, not
                 // overwritten, by the store.
                 match &mut gpu.current {
-                    Some(current) if current.minute == minute => current.add(&sample),
+                    Some(current) if current.takes(minute) => current.add(&sample),
                     _ => late
                         .entry((gpu.uuid.clone(), minute))
                         .or_insert_with(|| Rollup::new(minute))
@@ -1209,15 +1262,15 @@ impl TelemetryHub {
                 continue;
             }
             match &mut gpu.current {
-                Some(current) if current.minute == minute => current.add(&sample),
+                Some(current) if current.takes(minute) => current.add(&sample),
                 slot => {
-                    let mut fresh = Rollup::new(minute);
+                    let mut fresh = CurrentMinute::new(minute);
                     fresh.add(&sample);
                     if let Some(done) = slot.replace(fresh) {
                         finished.push(FinishedRollup {
                             node_id: owner.clone(),
                             uuid: gpu.uuid.clone(),
-                            rollup: done,
+                            rollup: done.to_rollup(),
                         });
                     }
                 }
@@ -1276,7 +1329,7 @@ impl TelemetryHub {
                     finished.push(FinishedRollup {
                         node_id: node.node_id.clone(),
                         uuid: gpu.uuid.clone(),
-                        rollup: done,
+                        rollup: done.to_rollup(),
                     });
                 }
             }
@@ -1400,7 +1453,7 @@ impl TelemetryHub {
         if let Some(node) = self.node(node_id)
             && let Some(current) = lock(&node).gpu_mut(uuid).and_then(|g| g.current.as_ref())
         {
-            fold(current);
+            fold(&current.to_rollup());
         }
         Ok(by_minute)
     }
@@ -2039,6 +2092,34 @@ mod tests {
             assert_eq!(rows[0].get(util()).count, 1, "GPU-{n}");
         }
         assert_eq!(hub.rollups_dropped(), 0);
+    }
+
+    #[test]
+    fn a_minute_with_more_samples_than_a_16_bit_count_loses_none() {
+        let (store, hub) = hub();
+        let at = t0();
+        let n = u64::from(u16::MAX) + 10;
+        for i in 0..n {
+            // Distinct timestamps within one minute (1 µs apart).
+            let t = at + Duration::from_micros(i);
+            let util = if i == 7 { 99 } else { 1 };
+            assert_eq!(
+                hub.ingest("n1", vec![sample("GPU-a", t, util, 1)], t)
+                    .accepted,
+                1
+            );
+        }
+        hub.flush(at + Duration::from_secs(60)).unwrap();
+        let m = minute_of(at);
+        let rows = store.range("n1", "GPU-a", m, m + 1).unwrap();
+        assert_eq!(rows.len(), 1);
+        let acc = rows[0].get(util());
+        assert_eq!(
+            (u64::from(acc.count), acc.sum, acc.max),
+            (n, (n - 1 + 99) as f64, 99.0)
+        );
+        // The per-GPU accumulator stays small.
+        assert!(std::mem::size_of::<Option<CurrentMinute>>() <= 184);
     }
 
     #[test]
