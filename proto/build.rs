@@ -29,6 +29,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     let mut config = prost_build::Config::new();
     config.enable_type_names();
+    // A `GpuSample` is ~600 bytes of mostly empty optional fields; inline, it
+    // would sit in every `GpuStatus` the controller keeps per GPU, sample
+    // or not.
+    config.boxed(".gpufleet.v1.GpuStatus.latest");
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -97,13 +97,29 @@ pub fn run(args: IngestArgs) -> anyhow::Result<()> {
     println!(
         "controller memory: {} GPUs, RSS +{:.1} MiB, {:.0} bytes per GPU (target <= 2048)",
         memory.gpus,
-        memory.rss_delta as f64 / (1 << 20) as f64,
-        memory.bytes_per_gpu
+        memory.total.rss as f64 / (1 << 20) as f64,
+        memory.per_gpu(memory.total.rss)
     );
     println!(
-        "  of which registry + sessions {:.0} B/GPU, telemetry (latest, rollups, sled writes) {:.0} B/GPU",
-        memory.registry_per_gpu,
-        memory.bytes_per_gpu - memory.registry_per_gpu
+        "{:<40} {:>12} {:>12}",
+        "  of which (bytes per GPU)", "RSS", "live heap"
+    );
+    for (name, phase) in [
+        ("opening the controller", &memory.open),
+        ("registry + agent sessions", &memory.registry),
+        ("telemetry: latest, rollups, sled", &memory.telemetry),
+        ("total", &memory.total),
+    ] {
+        println!(
+            "  {:<38} {:>12.0} {:>12.0}",
+            name,
+            memory.per_gpu(phase.rss),
+            memory.per_gpu(phase.heap)
+        );
+    }
+    println!(
+        "telemetry hub ingest: {:.0} ns per sample (memory phase: one thread, no gRPC)",
+        memory.ingest_ns_per_sample
     );
     let summary = serde_json::json!({
         "bench": "ingest",
@@ -114,8 +130,12 @@ pub fn run(args: IngestArgs) -> anyhow::Result<()> {
         "baseline_samples_per_s": baseline.samples_per_s.round(),
         "controller_samples_per_s": controller.samples_per_s.round(),
         "ratio": (ratio * 1000.0).round() / 1000.0,
-        "controller_bytes_per_gpu": memory.bytes_per_gpu.round(),
-        "registry_bytes_per_gpu": memory.registry_per_gpu.round(),
+        "controller_bytes_per_gpu": memory.per_gpu(memory.total.rss).round(),
+        "controller_heap_bytes_per_gpu": memory.per_gpu(memory.total.heap).round(),
+        "hub_ingest_ns_per_sample": memory.ingest_ns_per_sample.round(),
+        "open_bytes_per_gpu": memory.per_gpu(memory.open.rss).round(),
+        "registry_bytes_per_gpu": memory.per_gpu(memory.registry.rss).round(),
+        "telemetry_bytes_per_gpu": memory.per_gpu(memory.telemetry.rss).round(),
         "rollups_written_to_sled": !args.skip_rollup_writes,
     });
     println!("{summary}");
@@ -304,12 +324,54 @@ async fn agent(
     Ok(())
 }
 
+/// Growth of resident memory and of live heap bytes over one phase.
+#[derive(Debug, Clone, Copy, Default)]
+struct Growth {
+    rss: i64,
+    heap: i64,
+}
+
+/// RSS and live heap at one moment.
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    rss: u64,
+    heap: usize,
+}
+
+impl Mark {
+    fn now() -> anyhow::Result<Self> {
+        Ok(Self {
+            rss: rss_bytes()?,
+            heap: crate::heap_bytes(),
+        })
+    }
+
+    fn since(self, earlier: Mark) -> Growth {
+        Growth {
+            rss: self.rss as i64 - earlier.rss as i64,
+            heap: self.heap as i64 - earlier.heap as i64,
+        }
+    }
+}
+
 struct Memory {
-    /// Of which: registering the nodes (registry, store, agent sessions).
-    registry_per_gpu: f64,
+    /// `TelemetryHub::ingest` time per sample in the memory phase (one
+    /// thread, no gRPC, no contention): the hub's own CPU cost.
+    ingest_ns_per_sample: f64,
     gpus: usize,
-    rss_delta: u64,
-    bytes_per_gpu: f64,
+    /// Opening the controller (fixed costs, spread over the GPUs).
+    open: Growth,
+    /// Registering the nodes: registry, store, agent sessions.
+    registry: Growth,
+    /// Ingesting two minutes: latest samples, rollups, sled writes.
+    telemetry: Growth,
+    total: Growth,
+}
+
+impl Memory {
+    fn per_gpu(&self, bytes: i64) -> f64 {
+        bytes as f64 / self.gpus as f64
+    }
 }
 
 fn rss_bytes() -> anyhow::Result<u64> {
@@ -333,11 +395,12 @@ fn measure_memory(agents: usize, gpus: usize, write_rollups: bool) -> anyhow::Re
     let _guard = runtime.enter();
     let dir = tempfile::tempdir()?;
     let store = SledStore::open(dir.path())?;
-    let rollups = Arc::new(SledRollupStore::new(store.open_tree("telemetry")?));
+    let rollups = Arc::new(SledRollupStore::open(&store)?);
     let mut config = ControllerConfig::for_data_dir(dir.path());
     config.join_token = BENCH_JOIN_TOKEN.to_string();
-    let before = rss_bytes()?;
+    let before = Mark::now()?;
     let controller = Controller::open(config, Box::new(store), rollups, Vec::new())?;
+    let opened = Mark::now()?;
     let mut sessions = Vec::with_capacity(agents);
     for node in 0..agents {
         let Some(agent_message::Body::Hello(hello)) = hello_message(node, gpus).body else {
@@ -345,31 +408,37 @@ fn measure_memory(agents: usize, gpus: usize, write_rollups: bool) -> anyhow::Re
         };
         sessions.push(controller.connect_agent(hello)?);
     }
-    let registered = rss_bytes()?;
+    let registered = Mark::now()?;
     let uuids: Vec<Vec<String>> = (0..agents)
         .map(|n| (0..gpus).map(|g| gpu_uuid(n, g)).collect())
         .collect();
+    let flush_every = gpufleet_controller::server::ROLLUP_FLUSH_INTERVAL
+        .as_secs()
+        .max(1);
     let start = SystemTime::now() - Duration::from_secs(180);
+    let mut ingest_time = Duration::ZERO;
     for second in 0..120u64 {
         let at = start + Duration::from_secs(second);
         for (node, uuids) in uuids.iter().enumerate() {
-            controller
-                .telemetry()
-                .ingest(&node_id(node), batch(uuids, at, second), at);
+            let samples = batch(uuids, at, second);
+            let t0 = Instant::now();
+            controller.telemetry().ingest(&node_id(node), samples, at);
+            ingest_time += t0.elapsed();
         }
-        if write_rollups && second % 30 == 29 {
+        // As often as the server's flush task, on the same virtual clock.
+        if write_rollups && (second + 1) % flush_every == 0 {
             controller.telemetry().flush(at)?;
         }
     }
     drop(uuids);
-    let after = rss_bytes()?;
-    let total = agents * gpus;
-    let rss_delta = after.saturating_sub(before);
+    let after = Mark::now()?;
     drop(sessions);
     Ok(Memory {
-        registry_per_gpu: registered.saturating_sub(before) as f64 / total as f64,
-        gpus: total,
-        rss_delta,
-        bytes_per_gpu: rss_delta as f64 / total as f64,
+        ingest_ns_per_sample: ingest_time.as_nanos() as f64 / (120 * agents * gpus) as f64,
+        gpus: agents * gpus,
+        open: opened.since(before),
+        registry: registered.since(opened),
+        telemetry: after.since(registered),
+        total: after.since(before),
     })
 }

@@ -28,7 +28,7 @@ use crate::validate::ModelFacts;
 /// Largest gRPC message accepted (telemetry batches of big nodes, logs).
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Finished telemetry minutes are written this often, in one batch.
-const ROLLUP_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+pub const ROLLUP_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 /// Finished jobs deleted per garbage-collection round (every 5 s).
 const JOB_GC_BATCH: usize = 10_000;
 /// Rollups past the retention are deleted this often.
@@ -167,7 +167,7 @@ pub async fn start(
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let tls_config = config.tls.clone();
     let store = SledStore::open_with_cache(&config.data_dir, config.store_cache_bytes)?;
-    let rollups = SledRollupStore::new(store.open_tree("telemetry")?);
+    let rollups = SledRollupStore::open(&store)?;
     let metrics_listener = TcpListener::bind(config.metrics_listen)
         .await
         .with_context(|| {

@@ -17,6 +17,7 @@ use gpufleet_proto::v1::{
     GetLatestResponse, GpuHealth, GpuLatest, GpuSample, HistoryPoint, HistorySeries, Node,
     NodeState, NodeTelemetryStats, TelemetryGroup,
 };
+use prost::Message;
 use prost_types::Timestamp;
 
 use crate::error::{ControllerError, Result};
@@ -276,10 +277,13 @@ pub struct Rollup {
     pub metrics: [Acc; METRIC_COUNT],
 }
 
-/// Stored-record format version (first byte).
-const ROLLUP_FORMAT: u8 = 1;
+/// Format byte of the per-GPU records of the first rollup tree
+/// ([`LEGACY_ROLLUP_TREE`]), read (and pruned) but no longer written.
+const ROLLUP_FORMAT_V1: u8 = 1;
 /// id (1) + count (4) + sum (8) + max (8).
-const ROLLUP_ENTRY_BYTES: usize = 21;
+const ROLLUP_ENTRY_BYTES_V1: usize = 21;
+/// Format byte of a node-minute record ([`ROLLUP_TREE`]).
+const NODE_MINUTE_FORMAT: u8 = 2;
 
 impl Rollup {
     pub fn new(minute: u64) -> Self {
@@ -311,9 +315,11 @@ impl Rollup {
             .unwrap_or_default()
     }
 
-    /// Compact little-endian record; metrics without samples are left out.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![ROLLUP_FORMAT];
+    /// The first (per-GPU) record format: fixed-width little-endian
+    /// entries. Only tests write it now, to check that old data still reads.
+    #[cfg(test)]
+    fn encode_v1(&self) -> Vec<u8> {
+        let mut out = vec![ROLLUP_FORMAT_V1];
         for (acc, m) in self.metrics.iter().zip(METRICS) {
             if acc.count == 0 {
                 continue;
@@ -326,20 +332,21 @@ impl Rollup {
         out
     }
 
-    /// Unknown metric ids (written by a newer controller) are skipped.
-    pub fn decode(minute: u64, bytes: &[u8]) -> std::result::Result<Self, String> {
+    /// Reads a first-format record. Unknown metric ids (written by a newer
+    /// controller) are skipped.
+    pub fn decode_v1(minute: u64, bytes: &[u8]) -> std::result::Result<Self, String> {
         let Some((&format, mut rest)) = bytes.split_first() else {
             return Err("empty rollup record".into());
         };
-        if format != ROLLUP_FORMAT {
+        if format != ROLLUP_FORMAT_V1 {
             return Err(format!("rollup record format {format} is not supported"));
         }
         let mut rollup = Rollup::new(minute);
         while !rest.is_empty() {
-            if rest.len() < ROLLUP_ENTRY_BYTES {
+            if rest.len() < ROLLUP_ENTRY_BYTES_V1 {
                 return Err("rollup record is truncated".into());
             }
-            let (entry, tail) = rest.split_at(ROLLUP_ENTRY_BYTES);
+            let (entry, tail) = rest.split_at(ROLLUP_ENTRY_BYTES_V1);
             rest = tail;
             let word = |range: std::ops::Range<usize>| {
                 let mut b = [0u8; 8];
@@ -358,26 +365,300 @@ impl Rollup {
         }
         Ok(rollup)
     }
+
+    /// Compact form inside a node-minute record: the number of metrics
+    /// present, then per metric its id, count, sum and max as varints
+    /// ([`put_number`]). Every metric today comes from an integer field,
+    /// so a typical GPU-minute takes about 80 bytes instead of 190.
+    fn encode_compact(&self, out: &mut Vec<u8>) {
+        let present = self.metrics.iter().filter(|a| a.count > 0).count();
+        // METRIC_COUNT is far below 256 (ids are one byte).
+        out.push(present as u8);
+        for (acc, m) in self.metrics.iter().zip(METRICS) {
+            if acc.count == 0 {
+                continue;
+            }
+            out.push(m.id);
+            put_varint(out, u64::from(acc.count));
+            put_number(out, acc.sum);
+            put_number(out, acc.max);
+        }
+    }
+
+    /// Reads what `encode_compact` wrote from the front of `bytes`,
+    /// advancing it. Unknown metric ids are skipped.
+    fn decode_compact(minute: u64, bytes: &mut &[u8]) -> Option<Self> {
+        let (&present, rest) = bytes.split_first()?;
+        *bytes = rest;
+        let mut rollup = Rollup::new(minute);
+        for _ in 0..present {
+            let (&id, rest) = bytes.split_first()?;
+            *bytes = rest;
+            let count = u32::try_from(get_varint(bytes)?).ok()?;
+            let sum = get_number(bytes)?;
+            let max = get_number(bytes)?;
+            if let Some(i) = METRICS.iter().position(|m| m.id == id) {
+                rollup.metrics[i] = Acc { count, sum, max };
+            }
+        }
+        Some(rollup)
+    }
 }
 
-/// Where rollups are persisted: keyed by (GPU UUID, minute).
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn get_varint(bytes: &mut &[u8]) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&b, rest) = bytes.split_first()?;
+        *bytes = rest;
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Integers below 2^53 are exact in an f64 and are what every metric's
+/// sum and max are today.
+const EXACT_INTEGER_LIMIT: f64 = 9_007_199_254_740_992.0;
+
+/// Lossless and short for integers: an exact non-negative integer `n` is
+/// the varint `2n`; anything else is the varint `1` followed by the eight
+/// bytes of the f64.
+fn put_number(out: &mut Vec<u8>, v: f64) {
+    if (0.0..EXACT_INTEGER_LIMIT).contains(&v) && v.fract() == 0.0 {
+        put_varint(out, (v as u64) << 1);
+    } else {
+        put_varint(out, 1);
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+fn get_number(bytes: &mut &[u8]) -> Option<f64> {
+    match get_varint(bytes)? {
+        1 => {
+            let (raw, rest) = bytes.split_first_chunk::<8>()?;
+            *bytes = rest;
+            Some(f64::from_le_bytes(*raw))
+        }
+        tag if tag & 1 == 0 => Some((tag >> 1) as f64),
+        _ => None,
+    }
+}
+
+/// One node-minute record: every GPU of the node that reported in that
+/// minute. Format byte, then per GPU: UUID length (varint), UUID, rollup.
+fn encode_node_minute(gpus: &[(String, Rollup)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + gpus.len() * 128);
+    out.push(NODE_MINUTE_FORMAT);
+    for (uuid, rollup) in gpus {
+        put_uuid(&mut out, uuid);
+        rollup.encode_compact(&mut out);
+    }
+    out
+}
+
+/// NVML's GPU UUID: "GPU-" and 32 lowercase hex digits in 8-4-4-4-12 groups.
+const GPU_UUID_PREFIX: &str = "GPU-";
+const GPU_UUID_GROUPS: [usize; 5] = [8, 4, 4, 4, 12];
+
+/// The 16 bytes of a GPU UUID in NVML's canonical spelling; `None` for
+/// any other spelling (MIG devices, upper case, a test's short name).
+fn gpu_uuid_bytes(uuid: &str) -> Option<[u8; 16]> {
+    let mut groups = uuid.strip_prefix(GPU_UUID_PREFIX)?.split('-');
+    let mut hex = String::with_capacity(32);
+    for want in GPU_UUID_GROUPS {
+        let group = groups.next()?;
+        if group.len() != want
+            || !group
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return None;
+        }
+        hex.push_str(group);
+    }
+    if groups.next().is_some() {
+        return None;
+    }
+    let mut bytes = [0u8; 16];
+    for (i, byte) in bytes.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(bytes)
+}
+
+fn gpu_uuid_string(bytes: &[u8; 16]) -> String {
+    let mut out = String::with_capacity(40);
+    out.push_str(GPU_UUID_PREFIX);
+    let mut at = 0;
+    for (i, len) in GPU_UUID_GROUPS.into_iter().enumerate() {
+        if i > 0 {
+            out.push('-');
+        }
+        for byte in &bytes[at..at + len / 2] {
+            out.push_str(&format!("{byte:02x}"));
+        }
+        at += len / 2;
+    }
+    out
+}
+
+/// A canonical GPU UUID as a 0 length and its 16 bytes (17 bytes instead
+/// of 41: a quarter of a GPU-minute); anything else as length + bytes
+/// (never empty: the controller rejects empty UUIDs at registration).
+fn put_uuid(out: &mut Vec<u8>, uuid: &str) {
+    match gpu_uuid_bytes(uuid) {
+        Some(bytes) => {
+            out.push(0);
+            out.extend_from_slice(&bytes);
+        }
+        None => {
+            put_varint(out, uuid.len() as u64);
+            out.extend_from_slice(uuid.as_bytes());
+        }
+    }
+}
+
+fn get_uuid(bytes: &mut &[u8]) -> std::result::Result<String, String> {
+    let truncated = || "node-minute record is truncated".to_string();
+    let len = get_varint(bytes).ok_or_else(truncated)? as usize;
+    if len == 0 {
+        let (raw, rest) = bytes.split_first_chunk::<16>().ok_or_else(truncated)?;
+        *bytes = rest;
+        return Ok(gpu_uuid_string(raw));
+    }
+    if bytes.len() < len {
+        return Err(truncated());
+    }
+    let (uuid, rest) = bytes.split_at(len);
+    *bytes = rest;
+    String::from_utf8(uuid.to_vec())
+        .map_err(|_| "node-minute record holds a GPU UUID that is not UTF-8".to_string())
+}
+
+fn decode_node_minute(
+    minute: u64,
+    bytes: &[u8],
+) -> std::result::Result<Vec<(String, Rollup)>, String> {
+    let Some((&format, mut rest)) = bytes.split_first() else {
+        return Err("empty rollup record".into());
+    };
+    if format != NODE_MINUTE_FORMAT {
+        return Err(format!(
+            "node-minute record format {format} is not supported"
+        ));
+    }
+    let truncated = || "node-minute record is truncated".to_string();
+    let mut gpus = Vec::new();
+    while !rest.is_empty() {
+        let uuid = get_uuid(&mut rest)?;
+        let rollup = Rollup::decode_compact(minute, &mut rest).ok_or_else(truncated)?;
+        gpus.push((uuid, rollup));
+    }
+    Ok(gpus)
+}
+
+/// A finished minute of one GPU, on its way to the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinishedRollup {
+    pub node_id: Arc<str>,
+    pub uuid: Arc<str>,
+    pub rollup: Rollup,
+}
+
+/// The finished minutes of one node's GPUs in one minute, in their stored
+/// form (a node-minute record): what waits for the flush and what the
+/// store merges. Kept encoded so that the queue between flushes costs ~90
+/// bytes per GPU-minute instead of a ~260-byte struct.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeMinute {
+    pub node_id: Arc<str>,
+    pub minute: u64,
+    /// GPU-minutes in `record` (a GPU may appear more than once: late
+    /// samples of a minute already queued; readers merge them).
+    pub gpu_minutes: usize,
+    /// Format byte, then per GPU: UUID length, UUID, compact rollup.
+    pub record: Vec<u8>,
+}
+
+impl NodeMinute {
+    fn new(node_id: Arc<str>, minute: u64) -> Self {
+        Self {
+            node_id,
+            minute,
+            gpu_minutes: 0,
+            record: vec![NODE_MINUTE_FORMAT],
+        }
+    }
+
+    fn push(&mut self, uuid: &str, rollup: &Rollup) {
+        put_uuid(&mut self.record, uuid);
+        rollup.encode_compact(&mut self.record);
+        self.gpu_minutes += 1;
+    }
+
+    /// Appends another record of the same node-minute.
+    fn append(&mut self, other: &NodeMinute) {
+        self.record.extend_from_slice(&other.record[1..]);
+        self.gpu_minutes += other.gpu_minutes;
+    }
+
+    /// The GPUs of the record, a GPU that appears twice merged into one.
+    pub fn gpus(&self) -> std::result::Result<Vec<(String, Rollup)>, String> {
+        let mut merged: Vec<(String, Rollup)> = Vec::new();
+        for (uuid, rollup) in decode_node_minute(self.minute, &self.record)? {
+            match merged.iter_mut().find(|(u, _)| *u == uuid) {
+                Some((_, existing)) => existing.merge(&rollup),
+                None => merged.push((uuid, rollup)),
+            }
+        }
+        Ok(merged)
+    }
+
+    /// Groups finished GPU-minutes into node-minute records.
+    pub fn group(finished: &[FinishedRollup]) -> Vec<NodeMinute> {
+        let mut records: BTreeMap<(u64, Arc<str>), NodeMinute> = BTreeMap::new();
+        for f in finished {
+            records
+                .entry((f.rollup.minute, f.node_id.clone()))
+                .or_insert_with(|| NodeMinute::new(f.node_id.clone(), f.rollup.minute))
+                .push(&f.uuid, &f.rollup);
+        }
+        records.into_values().collect()
+    }
+}
+
+/// Where rollups are persisted.
 pub trait RollupStore: Send + Sync + 'static {
-    /// Merges each rollup into what is stored for its (GPU, minute). Not
-    /// flushed to disk per call: losing the last second of rollups in a
-    /// crash is acceptable, an fsync per GPU-minute is not.
-    fn merge(&self, rollups: &[(String, Rollup)]) -> std::result::Result<(), StoreError>;
-    /// Rollups of one GPU with `start <= minute < end`, in minute order.
+    /// Merges each node-minute record into what is stored for its GPUs and
+    /// minute, atomically. The hub calls it every flush interval with what
+    /// finished since, in chunks of up to 100 node-minutes, so one disk
+    /// flush per call is cheap; per GPU-minute it would not be.
+    fn merge(&self, records: &[NodeMinute]) -> std::result::Result<(), StoreError>;
+    /// Rollups of one GPU (reported by `node_id`) with
+    /// `start <= minute < end`, in minute order.
     fn range(
         &self,
+        node_id: &str,
         uuid: &str,
         start: u64,
         end: u64,
     ) -> std::result::Result<Vec<Rollup>, StoreError>;
-    /// Deletes every rollup older than `minute`; returns how many.
+    /// Deletes every rollup older than `minute`; returns how many stored
+    /// records went (one record may hold several GPUs).
     fn prune_before(&self, minute: u64) -> std::result::Result<u64, StoreError>;
 }
 
-/// In-memory rollups, for tests and benchmarks.
+/// In-memory rollups by (GPU, minute), for tests and benchmarks.
 #[derive(Default)]
 pub struct MemoryRollupStore {
     rows: Mutex<BTreeMap<(String, u64), Rollup>>,
@@ -388,6 +669,7 @@ impl MemoryRollupStore {
         self.rows.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Stored GPU-minutes.
     pub fn len(&self) -> usize {
         self.rows().len()
     }
@@ -398,18 +680,25 @@ impl MemoryRollupStore {
 }
 
 impl RollupStore for MemoryRollupStore {
-    fn merge(&self, rollups: &[(String, Rollup)]) -> std::result::Result<(), StoreError> {
+    fn merge(&self, records: &[NodeMinute]) -> std::result::Result<(), StoreError> {
         let mut rows = self.rows();
-        for (uuid, rollup) in rollups {
-            rows.entry((uuid.clone(), rollup.minute))
-                .and_modify(|r| r.merge(rollup))
-                .or_insert_with(|| rollup.clone());
+        for record in records {
+            let gpus = record.gpus().map_err(|message| StoreError::CorruptRecord {
+                key: format!("queued rollups of node {}", record.node_id),
+                message,
+            })?;
+            for (uuid, rollup) in gpus {
+                rows.entry((uuid, record.minute))
+                    .and_modify(|r| r.merge(&rollup))
+                    .or_insert(rollup);
+            }
         }
         Ok(())
     }
 
     fn range(
         &self,
+        _node_id: &str,
         uuid: &str,
         start: u64,
         end: u64,
@@ -432,77 +721,187 @@ impl RollupStore for MemoryRollupStore {
     }
 }
 
-/// Rollups in their own sled tree, key `<uuid length: 4 bytes BE><uuid>
-/// <minute: 8 bytes BE>`: one GPU's rows are contiguous and in minute order
-/// (the length prefix keeps "GPU-a" and "GPU-a/x" apart), so a range query
-/// is one ordered scan and pruning can jump from GPU to GPU.
+/// The sled tree rollups are written to: one record per node-minute.
+pub const ROLLUP_TREE: &str = "telemetry.v2";
+/// The tree of the first format (one record per GPU-minute), written by
+/// controllers before `telemetry.v2`. Still read by history queries and
+/// pruned by retention, so it empties itself within one retention period.
+pub const LEGACY_ROLLUP_TREE: &str = "telemetry";
+
+/// Rollups in sled, one record per node-minute, key `<node id length:
+/// 4 bytes BE><node id><minute: 8 bytes BE>`: one node's records are
+/// contiguous and in minute order (the length prefix keeps "n1" and "n1x"
+/// apart), so a history query is one ordered scan and pruning jumps from
+/// node to node.
+///
+/// Why per node and not per GPU: sled's memory grows with the number of
+/// keys written, not just their bytes; a node-minute record holds all of
+/// a node's GPUs (8 on a typical host) in one compact value.
 pub struct SledRollupStore {
     tree: sled::Tree,
+    /// The first format's tree (key `<uuid length><uuid><minute>`, one
+    /// record per GPU-minute), read and pruned, never written.
+    legacy: Option<sled::Tree>,
+}
+
+/// `<name length: 4 bytes BE><name><minute: 8 bytes BE>`.
+fn length_prefixed_key(name: &[u8], minute: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(name.len() + 12);
+    key.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    key.extend_from_slice(name);
+    key.extend_from_slice(&minute.to_be_bytes());
+    key
+}
+
+/// Splits a `length_prefixed_key`; `None` for a key of another shape.
+fn split_key(key: &[u8]) -> Option<(&[u8], u64)> {
+    let (len, rest) = key.split_first_chunk::<4>()?;
+    let len = u32::from_be_bytes(*len) as usize;
+    if rest.len() != len.checked_add(8)? {
+        return None;
+    }
+    let (name, minute) = rest.split_at(len);
+    Some((name, u64::from_be_bytes(minute.try_into().ok()?)))
+}
+
+fn corrupt(tree: &str, key: &[u8], message: String) -> StoreError {
+    StoreError::CorruptRecord {
+        key: format!("{tree}/{}", String::from_utf8_lossy(key)),
+        message,
+    }
+}
+
+/// Deletes the records of `tree` older than `minute`, name by name: one
+/// name's old range, then a jump past all of its keys, so the cost
+/// follows names (nodes, or GPUs in the legacy tree), not stored rows.
+fn prune_by_name(tree: &sled::Tree, minute: u64) -> std::result::Result<u64, StoreError> {
+    let mut removed = 0;
+    let mut from: Vec<u8> = Vec::new();
+    loop {
+        let Some((key, _)) = tree.range(from.clone()..).next().transpose()? else {
+            break;
+        };
+        let Some((name, _)) = split_key(&key) else {
+            // Foreign key: step over it.
+            from = key.to_vec();
+            from.push(0);
+            continue;
+        };
+        let name = name.to_vec();
+        let mut batch = sled::Batch::default();
+        for entry in tree.range(length_prefixed_key(&name, 0)..length_prefixed_key(&name, minute)) {
+            let (old, _) = entry?;
+            batch.remove(old);
+            removed += 1;
+        }
+        tree.apply_batch(batch)?;
+        from = length_prefixed_key(&name, u64::MAX);
+        from.push(0);
+    }
+    Ok(removed)
 }
 
 impl SledRollupStore {
+    /// Rollups in `tree` only (tests; a controller uses [`Self::open`]).
     pub fn new(tree: sled::Tree) -> Self {
-        Self { tree }
+        Self { tree, legacy: None }
     }
 
-    fn key(uuid: &[u8], minute: u64) -> Vec<u8> {
-        let mut key = Vec::with_capacity(uuid.len() + 12);
-        key.extend_from_slice(&(uuid.len() as u32).to_be_bytes());
-        key.extend_from_slice(uuid);
-        key.extend_from_slice(&minute.to_be_bytes());
-        key
+    /// The controller's rollups: [`ROLLUP_TREE`], plus the first format's
+    /// [`LEGACY_ROLLUP_TREE`] for reading what older controllers wrote.
+    pub fn open(store: &crate::store::SledStore) -> std::result::Result<Self, StoreError> {
+        Ok(Self {
+            tree: store.open_tree(ROLLUP_TREE)?,
+            legacy: Some(store.open_tree(LEGACY_ROLLUP_TREE)?),
+        })
     }
 
-    /// Splits a key; `None` for a key of another shape.
-    fn split(key: &[u8]) -> Option<(&[u8], u64)> {
-        let (len, rest) = key.split_first_chunk::<4>()?;
-        let len = u32::from_be_bytes(*len) as usize;
-        if rest.len() != len + 8 {
-            return None;
+    /// Also reads (and prunes) first-format records from `legacy`.
+    pub fn with_legacy(mut self, legacy: sled::Tree) -> Self {
+        self.legacy = Some(legacy);
+        self
+    }
+
+    fn legacy_range(
+        legacy: &sled::Tree,
+        uuid: &str,
+        start: u64,
+        end: u64,
+        out: &mut BTreeMap<u64, Rollup>,
+    ) -> std::result::Result<(), StoreError> {
+        let (from, to) = (
+            length_prefixed_key(uuid.as_bytes(), start),
+            length_prefixed_key(uuid.as_bytes(), end),
+        );
+        for entry in legacy.range(from..to) {
+            let (key, value) = entry?;
+            let Some((key_uuid, minute)) = split_key(&key) else {
+                continue;
+            };
+            if key_uuid != uuid.as_bytes() {
+                continue;
+            }
+            let rollup = Rollup::decode_v1(minute, &value)
+                .map_err(|m| corrupt(LEGACY_ROLLUP_TREE, &key, m))?;
+            out.entry(minute)
+                .and_modify(|r| r.merge(&rollup))
+                .or_insert(rollup);
         }
-        let (uuid, minute) = rest.split_at(len);
-        Some((uuid, u64::from_be_bytes(minute.try_into().ok()?)))
-    }
-
-    fn corrupt(key: &[u8], message: String) -> StoreError {
-        StoreError::CorruptRecord {
-            key: format!("telemetry/{}", String::from_utf8_lossy(key)),
-            message,
-        }
+        Ok(())
     }
 }
 
 impl RollupStore for SledRollupStore {
-    fn merge(&self, rollups: &[(String, Rollup)]) -> std::result::Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        // Merge within the batch too: one (GPU, minute) may appear twice.
-        let mut merged: BTreeMap<Vec<u8>, Rollup> = BTreeMap::new();
-        for (uuid, rollup) in rollups {
-            let key = Self::key(uuid.as_bytes(), rollup.minute);
-            match merged.get_mut(&key) {
-                Some(existing) => existing.merge(rollup),
+    fn merge(&self, records: &[NodeMinute]) -> std::result::Result<(), StoreError> {
+        // Records of one node-minute (a retried flush) are folded first.
+        let mut by_key: BTreeMap<Vec<u8>, NodeMinute> = BTreeMap::new();
+        for record in records {
+            let key = length_prefixed_key(record.node_id.as_bytes(), record.minute);
+            match by_key.get_mut(&key) {
+                Some(existing) => existing.append(record),
                 None => {
-                    let mut fresh = rollup.clone();
-                    if let Some(stored) = self.tree.get(&key)? {
-                        // A corrupt old record is replaced rather than
-                        // blocking every later write of this minute.
-                        if let Ok(stored) = Rollup::decode(rollup.minute, &stored) {
-                            fresh.merge(&stored);
-                        }
-                    }
-                    merged.insert(key, fresh);
+                    by_key.insert(key, record.clone());
                 }
             }
         }
-        for (key, rollup) in merged {
-            batch.insert(key, rollup.encode());
+        let mut batch = sled::Batch::default();
+        for (key, record) in by_key {
+            let stored = self.tree.get(&key)?;
+            let unique = record.gpus().map_err(|m| corrupt(ROLLUP_TREE, &key, m))?;
+            if stored.is_none() && unique.len() == record.gpu_minutes {
+                // The common case: a new minute, each GPU once.
+                batch.insert(key, record.record);
+                continue;
+            }
+            let mut gpus = unique;
+            // A minute written before (late samples, a retried flush) is
+            // merged. A corrupt old record is replaced rather than blocking
+            // every later write of this minute.
+            if let Some(stored) = stored
+                && let Ok(stored) = decode_node_minute(record.minute, &stored)
+            {
+                for (uuid, old) in stored {
+                    match gpus.iter_mut().find(|(u, _)| *u == uuid) {
+                        Some((_, fresh)) => fresh.merge(&old),
+                        None => gpus.push((uuid, old)),
+                    }
+                }
+            }
+            batch.insert(key, encode_node_minute(&gpus));
         }
         self.tree.apply_batch(batch)?;
+        // One flush per call (up to 100 node-minutes), not per GPU-minute:
+        // it makes the records durable and lets sled write out and free its
+        // log buffers, which otherwise hold every record written since its
+        // last background flush (about 700 bytes per GPU in
+        // `gpufleet-bench ingest`).
+        self.tree.flush()?;
         Ok(())
     }
 
     fn range(
         &self,
+        node_id: &str,
         uuid: &str,
         start: u64,
         end: u64,
@@ -510,51 +909,35 @@ impl RollupStore for SledRollupStore {
         if start >= end {
             return Ok(Vec::new());
         }
-        let mut out = Vec::new();
-        for entry in self
-            .tree
-            .range(Self::key(uuid.as_bytes(), start)..Self::key(uuid.as_bytes(), end))
-        {
+        let mut by_minute = BTreeMap::new();
+        let (from, to) = (
+            length_prefixed_key(node_id.as_bytes(), start),
+            length_prefixed_key(node_id.as_bytes(), end),
+        );
+        for entry in self.tree.range(from..to) {
             let (key, value) = entry?;
-            let Some((key_uuid, minute)) = Self::split(&key) else {
+            let Some((key_node, minute)) = split_key(&key) else {
                 continue;
             };
-            if key_uuid != uuid.as_bytes() {
+            if key_node != node_id.as_bytes() {
                 continue;
             }
-            out.push(Rollup::decode(minute, &value).map_err(|m| Self::corrupt(&key, m))?);
+            let gpus =
+                decode_node_minute(minute, &value).map_err(|m| corrupt(ROLLUP_TREE, &key, m))?;
+            if let Some((_, rollup)) = gpus.into_iter().find(|(u, _)| u == uuid) {
+                by_minute.insert(minute, rollup);
+            }
         }
-        Ok(out)
+        if let Some(legacy) = &self.legacy {
+            Self::legacy_range(legacy, uuid, start, end, &mut by_minute)?;
+        }
+        Ok(by_minute.into_values().collect())
     }
 
     fn prune_before(&self, minute: u64) -> std::result::Result<u64, StoreError> {
-        // Skip from GPU to GPU: delete one GPU's old range, then jump past
-        // all of its keys, so the cost follows GPUs, not stored rows.
-        let mut removed = 0;
-        let mut from: Vec<u8> = Vec::new();
-        loop {
-            let Some((key, _)) = self.tree.range(from.clone()..).next().transpose()? else {
-                break;
-            };
-            let Some((uuid, _)) = Self::split(&key) else {
-                // Foreign key: step over it.
-                from = key.to_vec();
-                from.push(0);
-                continue;
-            };
-            let uuid = uuid.to_vec();
-            let mut batch = sled::Batch::default();
-            for entry in self
-                .tree
-                .range(Self::key(&uuid, 0)..Self::key(&uuid, minute))
-            {
-                let (old, _) = entry?;
-                batch.remove(old);
-                removed += 1;
-            }
-            self.tree.apply_batch(batch)?;
-            from = Self::key(&uuid, u64::MAX);
-            from.push(0);
+        let mut removed = prune_by_name(&self.tree, minute)?;
+        if let Some(legacy) = &self.legacy {
+            removed += prune_by_name(legacy, minute)?;
         }
         Ok(removed)
     }
@@ -562,19 +945,129 @@ impl RollupStore for SledRollupStore {
 
 // --------------------------------------------------------------------- hub
 
-#[derive(Default)]
-struct GpuTelemetry {
-    latest: Option<GpuSample>,
-    /// `sampled_at` of `latest`, in nanoseconds since the epoch.
-    last_at: i128,
-    current: Option<Rollup>,
+/// The unfinished minute of one GPU: what a `Rollup` holds, as arrays and
+/// with 16-bit counts, so 176 bytes instead of 224 (the controller keeps
+/// one per GPU). A count about to overflow finishes the minute so far
+/// early and begins another for the same minute; the store merges them.
+#[derive(Debug, Clone)]
+struct CurrentMinute {
+    minute: u64,
+    counts: [u16; METRIC_COUNT],
+    sums: [f64; METRIC_COUNT],
+    maxes: [f64; METRIC_COUNT],
 }
 
-#[derive(Default)]
+impl CurrentMinute {
+    fn new(minute: u64) -> Self {
+        Self {
+            minute,
+            counts: [0; METRIC_COUNT],
+            sums: [0.0; METRIC_COUNT],
+            maxes: [0.0; METRIC_COUNT],
+        }
+    }
+
+    /// Whether `add` may be called for `minute`.
+    fn takes(&self, minute: u64) -> bool {
+        self.minute == minute && self.counts.iter().all(|&c| c < u16::MAX)
+    }
+
+    fn add(&mut self, sample: &GpuSample) {
+        for (i, m) in METRICS.iter().enumerate() {
+            if let Some(v) = (m.extract)(sample) {
+                self.maxes[i] = if self.counts[i] == 0 {
+                    v
+                } else {
+                    self.maxes[i].max(v)
+                };
+                self.counts[i] += 1;
+                self.sums[i] += v;
+            }
+        }
+    }
+
+    fn to_rollup(&self) -> Rollup {
+        Rollup {
+            minute: self.minute,
+            metrics: std::array::from_fn(|i| Acc {
+                count: u32::from(self.counts[i]),
+                sum: self.sums[i],
+                max: self.maxes[i],
+            }),
+        }
+    }
+}
+
+/// One GPU's live telemetry. Kept small: a controller holds one per GPU
+/// of the fleet.
+struct GpuTelemetry {
+    uuid: Arc<str>,
+    /// The latest accepted sample, protobuf-encoded with its UUID left
+    /// out (it is `uuid`); empty until the first. Encoded, a full sample
+    /// takes about 150 bytes; decoded, a `GpuSample` is about 600 bytes of
+    /// mostly empty optional fields before any of its strings.
+    latest: Vec<u8>,
+    /// `sampled_at` of `latest`, in nanoseconds since the epoch (an i64
+    /// lasts until 2262; accepted samples are never far in the future).
+    last_at: i64,
+    current: Option<CurrentMinute>,
+}
+
+impl GpuTelemetry {
+    fn new(uuid: Arc<str>) -> Self {
+        Self {
+            uuid,
+            latest: Vec::new(),
+            last_at: 0,
+            current: None,
+        }
+    }
+
+    fn has_latest(&self) -> bool {
+        !self.latest.is_empty()
+    }
+
+    fn set_latest(&mut self, mut sample: GpuSample) {
+        sample.uuid = String::new();
+        self.latest.clear();
+        // Exactly the size needed the first time (growing by doubling would
+        // leave up to half unused, per GPU); later samples of a GPU have
+        // about the same size and reuse the buffer without measuring first.
+        if self.latest.capacity() == 0 {
+            self.latest.reserve_exact(sample.encoded_len());
+        }
+        // Encoding into a Vec cannot fail: it grows as needed.
+        let _ = sample.encode(&mut self.latest);
+        // One huge sample (say, hundreds of processes) must not pin its
+        // buffer for good.
+        if self.latest.capacity() > 2 * self.latest.len() + 64 {
+            self.latest.shrink_to_fit();
+        }
+    }
+
+    fn latest(&self) -> Option<GpuSample> {
+        if !self.has_latest() {
+            return None;
+        }
+        let mut sample = GpuSample::decode(self.latest.as_slice()).ok()?;
+        sample.uuid = self.uuid.to_string();
+        Some(sample)
+    }
+}
+
 struct NodeTelemetry {
-    gpus: HashMap<String, GpuTelemetry>,
+    node_id: Arc<str>,
+    /// In the order the node announced them; a node has a handful of
+    /// GPUs, so a scan is as fast as a map and much smaller.
+    gpus: Vec<GpuTelemetry>,
     accepted: u64,
     dropped: [u64; DROP_REASONS.len()],
+}
+
+impl NodeTelemetry {
+    fn gpu_mut(&mut self, uuid: &str) -> Option<&mut GpuTelemetry> {
+        self.gpus.iter_mut().find(|g| &*g.uuid == uuid)
+    }
 }
 
 /// What one `ingest` call did.
@@ -589,10 +1082,53 @@ pub struct IngestOutcome {
 /// the disk stalls.
 const MAX_PENDING_ROLLUPS: usize = 1_000_000;
 
+/// Node-minute records per store write (one sled batch and flush each).
+const ROLLUP_WRITE_CHUNK: usize = 100;
+
+/// Finished minutes waiting for the next flush, already encoded, by
+/// (minute, node) so that the oldest go first when the queue is full.
+#[derive(Default)]
+struct Pending {
+    records: BTreeMap<(u64, Arc<str>), NodeMinute>,
+    gpu_minutes: usize,
+}
+
+impl Pending {
+    fn add(&mut self, record: NodeMinute) {
+        self.gpu_minutes += record.gpu_minutes;
+        match self.records.entry((record.minute, record.node_id.clone())) {
+            std::collections::btree_map::Entry::Occupied(mut queued) => {
+                queued.get_mut().append(&record)
+            }
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(record);
+            }
+        }
+    }
+
+    /// Drops the oldest records beyond `limit` GPU-minutes; returns how
+    /// many GPU-minutes went.
+    fn trim(&mut self, limit: usize) -> usize {
+        let mut dropped = 0;
+        while self.gpu_minutes > limit
+            && let Some((_, oldest)) = self.records.pop_first()
+        {
+            self.gpu_minutes -= oldest.gpu_minutes;
+            dropped += oldest.gpu_minutes;
+        }
+        dropped
+    }
+
+    fn take(&mut self) -> Vec<NodeMinute> {
+        self.gpu_minutes = 0;
+        std::mem::take(&mut self.records).into_values().collect()
+    }
+}
+
 /// The controller's telemetry: latest samples, counters and rollups.
 pub struct TelemetryHub {
     nodes: RwLock<HashMap<String, Arc<Mutex<NodeTelemetry>>>>,
-    pending: Mutex<Vec<(String, Rollup)>>,
+    pending: Mutex<Pending>,
     store: Arc<dyn RollupStore>,
     retention: Duration,
     rollups_dropped: AtomicU64,
@@ -607,7 +1143,7 @@ impl TelemetryHub {
     pub fn new(store: Arc<dyn RollupStore>, retention: Duration) -> Self {
         Self {
             nodes: RwLock::new(HashMap::new()),
-            pending: Mutex::new(Vec::new()),
+            pending: Mutex::new(Pending::default()),
             store,
             retention,
             rollups_dropped: AtomicU64::new(0),
@@ -631,20 +1167,38 @@ impl TelemetryHub {
     pub fn register_node(&self, node_id: &str, uuids: &[String]) {
         let node = {
             let mut nodes = self.nodes.write().unwrap_or_else(|p| p.into_inner());
-            nodes.entry(node_id.to_string()).or_default().clone()
+            nodes
+                .entry(node_id.to_string())
+                .or_insert_with(|| {
+                    Arc::new(Mutex::new(NodeTelemetry {
+                        node_id: node_id.into(),
+                        gpus: Vec::new(),
+                        accepted: 0,
+                        dropped: [0; DROP_REASONS.len()],
+                    }))
+                })
+                .clone()
         };
         let mut node = lock(&node);
-        let mut finished = Vec::new();
-        node.gpus.retain(|uuid, gpu| {
-            let keep = uuids.contains(uuid);
-            if !keep && let Some(current) = gpu.current.take() {
-                finished.push((uuid.clone(), current));
-            }
-            keep
-        });
+        let mut old = std::mem::take(&mut node.gpus);
+        let mut gpus = Vec::with_capacity(uuids.len());
         for uuid in uuids {
-            node.gpus.entry(uuid.clone()).or_default();
+            match old.iter().position(|g| &*g.uuid == uuid.as_str()) {
+                Some(i) => gpus.push(old.swap_remove(i)),
+                None => gpus.push(GpuTelemetry::new(uuid.as_str().into())),
+            }
         }
+        node.gpus = gpus;
+        let finished = old
+            .into_iter()
+            .filter_map(|gpu| {
+                Some(FinishedRollup {
+                    node_id: node.node_id.clone(),
+                    uuid: gpu.uuid,
+                    rollup: gpu.current?.to_rollup(),
+                })
+            })
+            .collect();
         drop(node);
         self.queue(finished);
     }
@@ -663,79 +1217,93 @@ impl TelemetryHub {
         let oldest = system_nanos(now.checked_sub(self.retention).unwrap_or(UNIX_EPOCH));
         let mut outcome = IngestOutcome::default();
         let mut finished = Vec::new();
-        let mut late: BTreeMap<(String, u64), Rollup> = BTreeMap::new();
-        {
-            let mut guard = lock(&node);
-            let node = &mut *guard;
-            for sample in samples {
-                let verdict = match (
-                    node.gpus.get_mut(&sample.uuid),
-                    ts_nanos(sample.sampled_at.as_ref()),
-                ) {
-                    (None, _) => Err(DropReason::UnknownGpu),
-                    (Some(_), None) => Err(DropReason::BadTimestamp),
-                    (Some(_), Some(at)) if at > future_limit => Err(DropReason::Future),
-                    (Some(_), Some(at)) if at < oldest => Err(DropReason::TooOld),
-                    (Some(gpu), Some(at)) if gpu.latest.is_some() && at == gpu.last_at => {
-                        Err(DropReason::Stale)
-                    }
-                    (Some(gpu), Some(at)) => check_values(&sample).map(|()| (gpu, at)),
-                };
-                let (gpu, at) = match verdict {
-                    Ok(ok) => ok,
-                    Err(reason) => {
-                        node.dropped[reason.index()] += 1;
-                        outcome.dropped += 1;
-                        continue;
-                    }
-                };
-                let minute = (at / 60_000_000_000) as u64;
-                node.accepted += 1;
-                outcome.accepted += 1;
-                if gpu.latest.is_some() && at < gpu.last_at {
-                    // Late (replayed after a partition): it belongs in the
-                    // history of its minute but must not move "latest"
-                    // back. A minute already written is merged, not
-                    // overwritten, by the store.
-                    match &mut gpu.current {
-                        Some(current) if current.minute == minute => current.add(&sample),
-                        _ => late
-                            .entry((sample.uuid.clone(), minute))
-                            .or_insert_with(|| Rollup::new(minute))
-                            .add(&sample),
-                    }
+        let mut late: BTreeMap<(Arc<str>, u64), Rollup> = BTreeMap::new();
+        let mut guard = lock(&node);
+        let node = &mut *guard;
+        let owner = node.node_id.clone();
+        for sample in samples {
+            let at = ts_nanos(sample.sampled_at.as_ref());
+            let verdict = match (node.gpu_mut(&sample.uuid), at) {
+                (None, _) => Err(DropReason::UnknownGpu),
+                (Some(_), None) => Err(DropReason::BadTimestamp),
+                (Some(_), Some(at)) if at > future_limit => Err(DropReason::Future),
+                (Some(_), Some(at)) if at < oldest => Err(DropReason::TooOld),
+                (Some(gpu), Some(at)) if gpu.has_latest() && at == i128::from(gpu.last_at) => {
+                    Err(DropReason::Stale)
+                }
+                (Some(_), Some(at)) => check_values(&sample).map(|()| at),
+            };
+            let at = match verdict {
+                Ok(at) => at,
+                Err(reason) => {
+                    node.dropped[reason.index()] += 1;
+                    outcome.dropped += 1;
                     continue;
                 }
+            };
+            node.accepted += 1;
+            outcome.accepted += 1;
+            let Some(gpu) = node.gpu_mut(&sample.uuid) else {
+                continue;
+            };
+            let minute = (at / 60_000_000_000) as u64;
+            if gpu.has_latest() && at < i128::from(gpu.last_at) {
+                // Late (replayed after a partition): it belongs in the
+                // history of its minute but must not move "latest"
+                // back. A minute already written is merged, not
+                // overwritten, by the store.
                 match &mut gpu.current {
-                    Some(current) if current.minute == minute => current.add(&sample),
-                    slot => {
-                        let mut fresh = Rollup::new(minute);
-                        fresh.add(&sample);
-                        if let Some(done) = slot.replace(fresh) {
-                            finished.push((sample.uuid.clone(), done));
-                        }
+                    Some(current) if current.takes(minute) => current.add(&sample),
+                    _ => late
+                        .entry((gpu.uuid.clone(), minute))
+                        .or_insert_with(|| Rollup::new(minute))
+                        .add(&sample),
+                }
+                continue;
+            }
+            match &mut gpu.current {
+                Some(current) if current.takes(minute) => current.add(&sample),
+                slot => {
+                    let mut fresh = CurrentMinute::new(minute);
+                    fresh.add(&sample);
+                    if let Some(done) = slot.replace(fresh) {
+                        finished.push(FinishedRollup {
+                            node_id: owner.clone(),
+                            uuid: gpu.uuid.clone(),
+                            rollup: done.to_rollup(),
+                        });
                     }
                 }
-                gpu.last_at = at;
-                gpu.latest = Some(sample);
             }
+            gpu.last_at = i64::try_from(at).unwrap_or(i64::MAX);
+            gpu.set_latest(sample);
         }
-        finished.extend(late.into_iter().map(|((uuid, _), rollup)| (uuid, rollup)));
+        finished.extend(late.into_iter().map(|((uuid, _), rollup)| FinishedRollup {
+            node_id: owner.clone(),
+            uuid,
+            rollup,
+        }));
+        drop(guard);
         self.queue(finished);
         outcome
     }
 
-    fn queue(&self, finished: Vec<(String, Rollup)>) {
+    fn queue(&self, finished: Vec<FinishedRollup>) {
         if finished.is_empty() {
             return;
         }
+        self.queue_records(NodeMinute::group(&finished));
+    }
+
+    fn queue_records(&self, records: Vec<NodeMinute>) {
         let mut pending = lock(&self.pending);
-        pending.extend(finished);
-        if pending.len() > MAX_PENDING_ROLLUPS {
-            let excess = pending.len() - MAX_PENDING_ROLLUPS;
-            pending.drain(..excess);
+        for record in records {
+            pending.add(record);
+        }
+        let dropped = pending.trim(MAX_PENDING_ROLLUPS);
+        if dropped > 0 {
             self.rollups_dropped
-                .fetch_add(excess as u64, Ordering::Relaxed);
+                .fetch_add(dropped as u64, Ordering::Relaxed);
         }
     }
 
@@ -753,27 +1321,40 @@ impl TelemetryHub {
         let mut finished = Vec::new();
         for node in nodes {
             let mut node = lock(&node);
-            for (uuid, gpu) in &mut node.gpus {
+            let node = &mut *node;
+            for gpu in &mut node.gpus {
                 if gpu.current.as_ref().is_some_and(|c| c.minute < now_minute)
                     && let Some(done) = gpu.current.take()
                 {
-                    finished.push((uuid.clone(), done));
+                    finished.push(FinishedRollup {
+                        node_id: node.node_id.clone(),
+                        uuid: gpu.uuid.clone(),
+                        rollup: done.to_rollup(),
+                    });
                 }
             }
         }
-        let mut batch = std::mem::take(&mut *lock(&self.pending));
-        batch.extend(finished);
+        self.queue(finished);
+        let mut batch = lock(&self.pending).take();
         if batch.is_empty() {
             return Ok(0);
         }
-        match self.store.merge(&batch) {
-            Ok(()) => Ok(batch.len()),
-            Err(e) => {
-                // Keep them for the next try (bounded by `queue`).
-                self.queue(batch);
-                Err(e)
+        let gpu_minutes = batch.iter().map(|r| r.gpu_minutes).sum();
+        // In chunks, each written and flushed before the next is built:
+        // what sled holds for a write until its flush is then one chunk's
+        // worth, not a whole minute of the fleet's.
+        let mut written = 0;
+        while written < batch.len() {
+            let end = (written + ROLLUP_WRITE_CHUNK).min(batch.len());
+            if let Err(e) = self.store.merge(&batch[written..end]) {
+                // Keep what was not written for the next try (bounded by
+                // `queue_records`); the chunks before are stored.
+                self.queue_records(batch.split_off(written));
+                return Err(e);
             }
+            written = end;
         }
+        Ok(gpu_minutes)
     }
 
     /// Deletes rollups older than the retention.
@@ -790,7 +1371,7 @@ impl TelemetryHub {
         let node = lock(&node);
         node.gpus
             .iter()
-            .filter_map(|(uuid, gpu)| Some((uuid.clone(), gpu.latest.clone()?)))
+            .filter_map(|gpu| Some((gpu.uuid.to_string(), gpu.latest()?)))
             .collect()
     }
 
@@ -851,18 +1432,28 @@ impl TelemetryHub {
                     .or_insert_with(|| r.clone());
             }
         };
-        for r in self.store.range(uuid, start, end)? {
+        for r in self.store.range(node_id, uuid, start, end)? {
             fold(&r);
         }
-        for (u, r) in lock(&self.pending).iter() {
-            if u == uuid {
-                fold(r);
+        for record in lock(&self.pending).records.values() {
+            if &*record.node_id != node_id || !(start..end).contains(&record.minute) {
+                continue;
+            }
+            // Queued records were encoded here, so they decode; were one
+            // not to, a missing minute beats a failed query.
+            for (_, rollup) in record
+                .gpus()
+                .unwrap_or_default()
+                .iter()
+                .filter(|(u, _)| u == uuid)
+            {
+                fold(rollup);
             }
         }
         if let Some(node) = self.node(node_id)
-            && let Some(current) = lock(&node).gpus.get(uuid).and_then(|g| g.current.as_ref())
+            && let Some(current) = lock(&node).gpu_mut(uuid).and_then(|g| g.current.as_ref())
         {
-            fold(current);
+            fold(&current.to_rollup());
         }
         Ok(by_minute)
     }
@@ -1036,7 +1627,7 @@ pub fn latest(
                 health: gpu.health,
                 job_id: gpu.job_id.clone(),
                 allocation_id: gpu.allocation_id.clone(),
-                sample: gpu.latest.clone(),
+                sample: gpu.latest.as_deref().cloned(),
             });
         }
         if response.gpus.len() > before {
@@ -1322,19 +1913,213 @@ mod tests {
     }
 
     #[test]
-    fn rollup_encoding_round_trips_and_rejects_garbage() {
+    fn legacy_rollup_encoding_round_trips_and_rejects_garbage() {
         let mut r = Rollup::new(42);
         r.add(&sample("GPU-a", t0(), 55, 700_000));
-        let bytes = r.encode();
-        assert_eq!(Rollup::decode(42, &bytes).unwrap(), r);
-        assert!(Rollup::decode(42, &[]).is_err());
-        assert!(Rollup::decode(42, &[9]).is_err());
-        assert!(Rollup::decode(42, &bytes[..bytes.len() - 1]).is_err());
+        let bytes = r.encode_v1();
+        assert_eq!(Rollup::decode_v1(42, &bytes).unwrap(), r);
+        assert!(Rollup::decode_v1(42, &[]).is_err());
+        assert!(Rollup::decode_v1(42, &[9]).is_err());
+        assert!(Rollup::decode_v1(42, &bytes[..bytes.len() - 1]).is_err());
         // An id from a newer controller is skipped, the rest kept.
         let mut newer = bytes.clone();
         newer.push(250);
-        newer.extend_from_slice(&[0; ROLLUP_ENTRY_BYTES - 1]);
-        assert_eq!(Rollup::decode(42, &newer).unwrap(), r);
+        newer.extend_from_slice(&[0; ROLLUP_ENTRY_BYTES_V1 - 1]);
+        assert_eq!(Rollup::decode_v1(42, &newer).unwrap(), r);
+    }
+
+    #[test]
+    fn node_minute_records_round_trip_losslessly_and_reject_garbage() {
+        let mut a = Rollup::new(42);
+        for util in [55, 0, 100] {
+            a.add(&sample("GPU-a", t0(), util, 700_000));
+        }
+        // A non-integer sum and max (a future metric) survive exactly too.
+        a.metrics[0].sum = 0.1;
+        a.metrics[0].max = f64::MAX;
+        let mut b = Rollup::new(42);
+        b.add(&GpuSample {
+            memory_used_bytes: Some(80 << 30),
+            memory_total_bytes: Some(80 << 30),
+            ..sample("GPU-b", t0(), 1, 1)
+        });
+        let gpus = vec![("GPU-a".to_string(), a), ("GPU-b".to_string(), b)];
+        let bytes = encode_node_minute(&gpus);
+        assert_eq!(decode_node_minute(42, &bytes).unwrap(), gpus);
+        // Integers are short: a GPU-minute of the usual metrics is well
+        // under the 190 bytes of the first format.
+        let mut typical = Rollup::new(42);
+        for i in 0..60 {
+            typical.add(&GpuSample {
+                memory_utilization_percent: Some(40),
+                temperature_celsius: Some(60),
+                power_limit_milliwatts: Some(700_000),
+                sm_clock_mhz: Some(1980),
+                memory_clock_mhz: Some(2619),
+                ..sample("GPU-a", t0(), i, 500_000)
+            });
+        }
+        let one = encode_node_minute(&[("GPU-a".to_string(), typical)]);
+        assert!(one.len() < 100, "{} bytes", one.len());
+        assert!(decode_node_minute(42, &[]).is_err());
+        assert!(decode_node_minute(42, &[1]).is_err());
+        // A cut record never decodes into wrong values: an error, or
+        // (cut between two GPUs) the GPUs before the cut.
+        for cut in 1..bytes.len() {
+            match decode_node_minute(42, &bytes[..cut]) {
+                Ok(some) => assert!(some.len() < gpus.len() && gpus.starts_with(&some)),
+                Err(e) => assert!(e.contains("truncated"), "{e}"),
+            }
+        }
+        assert!(decode_node_minute(42, &bytes[..10]).is_err());
+    }
+
+    #[test]
+    fn gpu_uuids_are_stored_in_16_bytes_and_anything_else_verbatim() {
+        let canonical = "GPU-5e9c6d95-1f3e-4a2b-8c7d-0123456789ab";
+        let mut r = Rollup::new(1);
+        r.add(&sample(canonical, t0(), 50, 1000));
+        let uuids = [
+            canonical,
+            // Not NVML's canonical spelling: kept as they are.
+            "GPU-5E9C6D95-1F3E-4A2B-8C7D-0123456789AB",
+            "MIG-5e9c6d95-1f3e-4a2b-8c7d-0123456789ab",
+            "GPU-5e9c6d95-1f3e-4a2b-8c7d-0123456789ab-",
+            "GPU-5e9c6d95-1f3e-4a2b-8c7d0-123456789ab",
+            "GPU-a",
+        ];
+        for uuid in uuids {
+            let gpus = vec![(uuid.to_string(), r.clone())];
+            let bytes = encode_node_minute(&gpus);
+            assert_eq!(decode_node_minute(1, &bytes).unwrap(), gpus, "{uuid}");
+        }
+        let short = encode_node_minute(&[(canonical.to_string(), r.clone())]);
+        let long = encode_node_minute(&[(uuids[1].to_string(), r)]);
+        assert_eq!(long.len() - short.len(), 40 + 1 - 17);
+    }
+
+    #[test]
+    fn a_full_queue_drops_its_oldest_minutes_first() {
+        let mut pending = Pending::default();
+        let r = |minute| {
+            let mut r = Rollup::new(minute);
+            r.add(&sample("GPU-a", t0(), 1, 1));
+            r
+        };
+        for (node, minute) in [("n2", 7), ("n1", 5), ("n1", 6), ("n1", 5)] {
+            let uuid = if minute == 5 && node == "n1" && pending.gpu_minutes > 0 {
+                "GPU-b"
+            } else {
+                "GPU-a"
+            };
+            for record in NodeMinute::group(&[finished(node, uuid, &r(minute))]) {
+                pending.add(record);
+            }
+        }
+        // n1's minute 5 holds two GPUs, queued at different times.
+        assert_eq!(pending.gpu_minutes, 4);
+        assert_eq!(pending.trim(3), 2);
+        assert_eq!(pending.gpu_minutes, 2);
+        let left: Vec<(u64, String)> = pending
+            .take()
+            .iter()
+            .map(|r| (r.minute, r.node_id.to_string()))
+            .collect();
+        assert_eq!(left, [(6, "n1".to_string()), (7, "n2".to_string())]);
+        assert_eq!(pending.gpu_minutes, 0);
+    }
+
+    /// Fails its second `merge` call once, then behaves.
+    struct FlakyStore {
+        inner: MemoryRollupStore,
+        calls: AtomicU64,
+    }
+
+    impl RollupStore for FlakyStore {
+        fn merge(&self, records: &[NodeMinute]) -> std::result::Result<(), StoreError> {
+            if self.calls.fetch_add(1, Ordering::Relaxed) == 1 {
+                return Err(StoreError::CorruptRecord {
+                    key: "test".into(),
+                    message: "disk full".into(),
+                });
+            }
+            self.inner.merge(records)
+        }
+        fn range(
+            &self,
+            node_id: &str,
+            uuid: &str,
+            start: u64,
+            end: u64,
+        ) -> std::result::Result<Vec<Rollup>, StoreError> {
+            self.inner.range(node_id, uuid, start, end)
+        }
+        fn prune_before(&self, minute: u64) -> std::result::Result<u64, StoreError> {
+            self.inner.prune_before(minute)
+        }
+    }
+
+    #[test]
+    fn a_failed_chunk_and_the_rest_are_retried_without_writing_any_twice() {
+        let store = Arc::new(FlakyStore {
+            inner: MemoryRollupStore::default(),
+            calls: AtomicU64::new(0),
+        });
+        let hub = TelemetryHub::new(store.clone(), Duration::from_secs(3600));
+        // More node-minutes than one chunk holds: the flush takes 3 chunks.
+        let nodes = 2 * ROLLUP_WRITE_CHUNK + 1;
+        let at = t0();
+        for n in 0..nodes {
+            let (node, gpu) = (format!("n{n}"), format!("GPU-{n}"));
+            hub.register_node(&node, std::slice::from_ref(&gpu));
+            hub.ingest(&node, vec![sample(&gpu, at, 10, 1)], at);
+        }
+        let later = at + Duration::from_secs(60);
+        // The first chunk is written, the second fails: it and the third
+        // stay queued.
+        assert!(hub.flush(later).is_err());
+        assert_eq!(store.inner.len(), ROLLUP_WRITE_CHUNK);
+        assert_eq!(hub.flush(later).unwrap(), ROLLUP_WRITE_CHUNK + 1);
+        // Every GPU's minute once, with its one sample: none written twice.
+        assert_eq!(store.inner.len(), nodes);
+        let m = minute_of(at);
+        for n in 0..nodes {
+            let rows = store
+                .inner
+                .range(&format!("n{n}"), &format!("GPU-{n}"), m, m + 1)
+                .unwrap();
+            assert_eq!(rows.len(), 1);
+            assert_eq!(rows[0].get(util()).count, 1, "GPU-{n}");
+        }
+        assert_eq!(hub.rollups_dropped(), 0);
+    }
+
+    #[test]
+    fn a_minute_with_more_samples_than_a_16_bit_count_loses_none() {
+        let (store, hub) = hub();
+        let at = t0();
+        let n = u64::from(u16::MAX) + 10;
+        for i in 0..n {
+            // Distinct timestamps within one minute (1 µs apart).
+            let t = at + Duration::from_micros(i);
+            let util = if i == 7 { 99 } else { 1 };
+            assert_eq!(
+                hub.ingest("n1", vec![sample("GPU-a", t, util, 1)], t)
+                    .accepted,
+                1
+            );
+        }
+        hub.flush(at + Duration::from_secs(60)).unwrap();
+        let m = minute_of(at);
+        let rows = store.range("n1", "GPU-a", m, m + 1).unwrap();
+        assert_eq!(rows.len(), 1);
+        let acc = rows[0].get(util());
+        assert_eq!(
+            (u64::from(acc.count), acc.sum, acc.max),
+            (n, (n - 1 + 99) as f64, 99.0)
+        );
+        // The per-GPU accumulator stays small.
+        assert!(std::mem::size_of::<Option<CurrentMinute>>() <= 184);
     }
 
     #[test]
@@ -1435,7 +2220,7 @@ mod tests {
         assert_eq!(hub.latest_for_node("n1")["GPU-a"], newest);
         assert_eq!(hub.flush(now).unwrap(), 1);
         // Merged into the stored minute: both samples count.
-        let stored = &store.range("GPU-a", m0, m0 + 1).unwrap()[0];
+        let stored = &store.range("n1", "GPU-a", m0, m0 + 1).unwrap()[0];
         let acc = stored.get(util());
         assert_eq!((acc.count, acc.mean(), acc.max), (2, Some(20.0), 30.0));
         let current = hub.minutes("n1", "GPU-a", m0 + 1, m0 + 2).unwrap();
@@ -1479,7 +2264,7 @@ mod tests {
         assert_eq!(hub.flush(start + Duration::from_secs(170)).unwrap(), 0);
         assert_eq!(hub.flush(start + Duration::from_secs(180)).unwrap(), 1);
         let m0 = minute_of(start);
-        let rows = store.range("GPU-a", m0, m0 + 3).unwrap();
+        let rows = store.range("n1", "GPU-a", m0, m0 + 3).unwrap();
         let means: Vec<f64> = rows.iter().filter_map(|r| r.get(util()).mean()).collect();
         assert_eq!(means, vec![10.0, 50.0, 90.0]);
         assert!(rows.iter().all(|r| r.get(util()).count == 6));
@@ -1561,21 +2346,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let sled_store: Arc<dyn RollupStore> =
-            Arc::new(SledRollupStore::new(db.open_tree("telemetry").unwrap()));
+            Arc::new(SledRollupStore::new(db.open_tree(ROLLUP_TREE).unwrap()));
         let memory: Arc<dyn RollupStore> = Arc::new(MemoryRollupStore::default());
-        for store in [sled_store, memory] {
+        // (store, records one minute of the three GPUs takes)
+        for (store, records_per_minute) in [(sled_store, 2), (memory, 3)] {
             let retention = Duration::from_secs(3600);
             let hub = TelemetryHub::new(store.clone(), retention);
-            // "GPU-a" is a prefix of "GPU-a/x": keys of one must not leak
-            // into the other's range or pruning.
-            let uuids: Vec<String> = vec!["GPU-a".into(), "GPU-a/x".into(), "GPU-b".into()];
-            hub.register_node("n1", &uuids);
+            // "n1" is a prefix of "n1/x": keys of one must not leak into
+            // the other's range or pruning.
+            let nodes: [(&str, Vec<String>); 2] = [
+                ("n1", vec!["GPU-a".into(), "GPU-b".into()]),
+                ("n1/x", vec!["GPU-c".into()]),
+            ];
+            for (node, uuids) in &nodes {
+                hub.register_node(node, uuids);
+            }
             let start = t0();
             // Three hours of one sample a minute; `now` moves with them.
             for i in 0..180u64 {
                 let at = start + Duration::from_secs(i * 60);
-                let batch = uuids.iter().map(|u| sample(u, at, 50, 1000)).collect();
-                assert_eq!(hub.ingest("n1", batch, at).accepted, 3);
+                for (node, uuids) in &nodes {
+                    let batch = uuids.iter().map(|u| sample(u, at, 50, 1000)).collect();
+                    assert_eq!(hub.ingest(node, batch, at).accepted, uuids.len());
+                }
                 if i % 30 == 0 {
                     hub.flush(at).unwrap();
                 }
@@ -1583,18 +2376,31 @@ mod tests {
             let now = start + Duration::from_secs(180 * 60);
             hub.flush(now).unwrap();
             let m0 = minute_of(start);
-            for uuid in &uuids {
-                assert_eq!(store.range(uuid, 0, u64::MAX).unwrap().len(), 180, "{uuid}");
+            for (node, uuids) in &nodes {
+                for uuid in uuids {
+                    let rows = store.range(node, uuid, 0, u64::MAX).unwrap();
+                    assert_eq!(rows.len(), 180, "{uuid}");
+                }
             }
             // Keep the last hour: minutes m0+120 .. m0+179.
             let removed = hub.prune(now).unwrap();
-            assert_eq!(removed, 3 * 120);
-            for uuid in &uuids {
-                let left = store.range(uuid, 0, u64::MAX).unwrap();
-                assert_eq!(left.len(), 60, "{uuid}");
-                assert_eq!(left[0].minute, m0 + 120);
+            assert_eq!(removed, records_per_minute * 120);
+            for (node, uuids) in &nodes {
+                for uuid in uuids {
+                    let left = store.range(node, uuid, 0, u64::MAX).unwrap();
+                    assert_eq!(left.len(), 60, "{uuid}");
+                    assert_eq!(left[0].minute, m0 + 120);
+                }
             }
             assert_eq!(hub.prune(now).unwrap(), 0);
+        }
+    }
+
+    fn finished(node: &str, uuid: &str, rollup: &Rollup) -> FinishedRollup {
+        FinishedRollup {
+            node_id: node.into(),
+            uuid: uuid.into(),
+            rollup: rollup.clone(),
         }
     }
 
@@ -1602,19 +2408,72 @@ mod tests {
     fn sled_merge_folds_a_minute_written_twice() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let store = SledRollupStore::new(db.open_tree("telemetry").unwrap());
+        let store = SledRollupStore::new(db.open_tree(ROLLUP_TREE).unwrap());
         let mut a = Rollup::new(5);
         a.add(&sample("GPU-a", t0(), 10, 1));
         let mut b = Rollup::new(5);
         b.add(&sample("GPU-a", t0(), 30, 1));
-        store.merge(&[("GPU-a".into(), a.clone())]).unwrap();
         store
-            .merge(&[("GPU-a".into(), b.clone()), ("GPU-a".into(), b)])
+            .merge(&NodeMinute::group(&[finished("n1", "GPU-a", &a)]))
             .unwrap();
-        let rows = store.range("GPU-a", 0, 10).unwrap();
+        // One record where GPU-a appears twice, as late samples queue it.
+        store
+            .merge(&NodeMinute::group(&[
+                finished("n1", "GPU-a", &b),
+                finished("n1", "GPU-b", &b),
+                finished("n1", "GPU-a", &b),
+            ]))
+            .unwrap();
+        let rows = store.range("n1", "GPU-a", 0, 10).unwrap();
         assert_eq!(rows.len(), 1);
         let acc = rows[0].get(util());
         assert_eq!((acc.count, acc.sum, acc.max), (3, 70.0, 30.0));
+        let rows = store.range("n1", "GPU-b", 0, 10).unwrap();
+        assert_eq!(rows[0].get(util()).count, 1);
+        // Another node's GPU of the same name is another series.
+        assert!(store.range("n2", "GPU-a", 0, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn rollups_of_the_first_format_are_still_read_and_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        // What a controller before telemetry.v2 left behind: per-GPU keys.
+        let legacy = db.open_tree(LEGACY_ROLLUP_TREE).unwrap();
+        let mut old = Rollup::new(5);
+        old.add(&sample("GPU-a", t0(), 10, 1));
+        for minute in [4, 5] {
+            legacy
+                .insert(
+                    length_prefixed_key(b"GPU-a", minute),
+                    Rollup {
+                        minute,
+                        ..old.clone()
+                    }
+                    .encode_v1(),
+                )
+                .unwrap();
+        }
+        let store =
+            SledRollupStore::new(db.open_tree(ROLLUP_TREE).unwrap()).with_legacy(legacy.clone());
+        // The upgrade minute has rows in both trees: they are merged.
+        let mut new = Rollup::new(5);
+        new.add(&sample("GPU-a", t0(), 30, 1));
+        new.add(&sample("GPU-a", t0(), 50, 1));
+        store
+            .merge(&NodeMinute::group(&[finished("n1", "GPU-a", &new)]))
+            .unwrap();
+        let rows = store.range("n1", "GPU-a", 0, 10).unwrap();
+        let got: Vec<(u64, u32, f64)> = rows
+            .iter()
+            .map(|r| (r.minute, r.get(util()).count, r.get(util()).sum))
+            .collect();
+        assert_eq!(got, vec![(4, 1, 10.0), (5, 3, 90.0)]);
+        // Retention empties the old tree like the new one.
+        assert_eq!(store.prune_before(5).unwrap(), 1);
+        assert_eq!(store.prune_before(6).unwrap(), 2);
+        assert!(legacy.is_empty());
+        assert!(store.range("n1", "GPU-a", 0, 10).unwrap().is_empty());
     }
 
     #[test]
@@ -1656,11 +2515,13 @@ mod tests {
                         ..Default::default()
                     }),
                     health: *health as i32,
-                    latest: reading.map(|(util, mw)| GpuSample {
-                        gpu_utilization_percent: Some(util),
-                        power_usage_milliwatts: Some(mw),
-                        memory_used_bytes: Some(8),
-                        ..Default::default()
+                    latest: reading.map(|(util, mw)| {
+                        Box::new(GpuSample {
+                            gpu_utilization_percent: Some(util),
+                            power_usage_milliwatts: Some(mw),
+                            memory_used_bytes: Some(8),
+                            ..Default::default()
+                        })
                     }),
                     ..Default::default()
                 })

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use gpufleet_agent::GpuBackend;
 use gpufleet_agent::backend::nvml::NvmlBackend;
-use gpufleet_proto::v1::{GetNodeRequest, GpuHealth, JobState};
+use gpufleet_proto::v1::{GetNodeRequest, GpuHealth, JobState, NodeIdentity};
 use gpufleet_tests::{Cluster, eventually, fake_nvml_in, write_fake_nvml_config};
 use serde_json::{Value, json};
 
@@ -153,6 +153,77 @@ fn nvml_backend_reads_what_the_fake_library_serves() {
         (got[0].gpu_uuid.as_str(), got[0].xid, got[0].source),
         (UUID0, 79, "nvml")
     );
+}
+
+/// NVLink data counters: read per GPU with the scope id NVML needs, summed
+/// over links, absent on a GPU without NVLink, and exported on /metrics.
+#[test]
+fn nvlink_data_counters_arrive_per_gpu_summed_over_links() {
+    const UUID2: &str = "GPU-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
+    let dir = tempfile::tempdir().unwrap();
+    let lib = fake_nvml_in(dir.path()).unwrap();
+    let links = |base: u64| {
+        (0..4u64)
+            .map(|l| json!({ "tx_kib": base + l, "rx_kib": 10 * (base + l) }))
+            .collect::<Vec<_>>()
+    };
+    let config = json!({
+        "driver_version": "550.54.15",
+        "gpus": [
+            // Four links; the driver sums them for the all-links scope.
+            { "uuid": UUID0, "name": "NVIDIA H100 80GB HBM3", "values": full_values(),
+              "nvlink": links(1000) },
+            // An older driver: per-link scopes only, so the agent adds them.
+            { "uuid": UUID1, "name": "NVIDIA H100 80GB HBM3", "values": full_values(),
+              "nvlink": links(5000), "nvlink_scope_all_unsupported": true },
+            // A PCIe card without NVLink.
+            { "uuid": UUID2, "name": "NVIDIA L4", "values": full_values() }
+        ]
+    });
+    write_fake_nvml_config(dir.path(), &config.to_string()).unwrap();
+    let backend = NvmlBackend::new(Some(lib.as_os_str())).unwrap();
+    let samples = backend.sample();
+    let got: Vec<(&str, Option<u64>, Option<u64>)> = samples
+        .iter()
+        .map(|s| (s.uuid.as_str(), s.nvlink_tx_kib, s.nvlink_rx_kib))
+        .collect();
+    // 1000 + 1001 + 1002 + 1003 = 4006; rx is ten times tx per link.
+    assert_eq!(
+        got,
+        [
+            (UUID0, Some(4006), Some(40_060)),
+            (UUID1, Some(20_006), Some(200_060)),
+            (UUID2, None, None),
+        ]
+    );
+    // The error counters read in the same sample are untouched.
+    assert_eq!(samples[0].nvlink_crc_errors, Some(0));
+
+    let metrics = gpufleet_agent::metrics::render(
+        &NodeIdentity::default(),
+        &backend.gpus(),
+        &samples,
+        &Default::default(),
+    );
+    let bandwidth: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL{"))
+        .collect();
+    assert_eq!(bandwidth.len(), 2, "{bandwidth:?}");
+    assert!(
+        bandwidth[0].contains(UUID0) && bandwidth[0].ends_with(" 44066"),
+        "{bandwidth:?}"
+    );
+    assert!(
+        bandwidth[1].contains(UUID1) && bandwidth[1].ends_with(" 220066"),
+        "{bandwidth:?}"
+    );
+
+    // The counters move with the driver's: a rewrite is read next sample.
+    let mut moved = config.clone();
+    moved["gpus"][0]["nvlink"][3]["tx_kib"] = json!(2003);
+    write_fake_nvml_config(dir.path(), &moved.to_string()).unwrap();
+    assert_eq!(backend.sample()[0].nvlink_tx_kib, Some(5006));
 }
 
 #[tokio::test]

@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use gpufleet_proto::v1::{GpuInfo, GpuProcess, GpuSample, NvLinkPeer};
-use nvml_wrapper::Nvml;
 use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::enum_wrappers::device::{Clock, PcieUtilCounter, TemperatureSensor};
 use nvml_wrapper::enums::device::{SampleValue, UsedGpuMemory};
@@ -15,6 +14,7 @@ use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::structs::device::FieldId;
 use nvml_wrapper::sys_exports::field_id;
+use nvml_wrapper::{Device, Nvml};
 use tracing::{debug, warn};
 
 use super::catalog;
@@ -117,6 +117,14 @@ const FIELDS: [u32; 16] = [
 ];
 /// NVML has at most this many NVLinks per GPU (NVML_NVLINK_MAX_LINKS).
 const NVLINK_MAX_LINKS: u32 = 18;
+/// NVLink data counters, KiB since the driver loaded (nvml.h:
+/// `NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX/RX`). Their `scopeId` selects a
+/// link; `UINT_MAX` asks for the sum over all links.
+const NVLINK_DATA_FIELDS: [u32; 2] = [
+    field_id::NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX,
+    field_id::NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX,
+];
+const SCOPE_ALL_LINKS: u32 = u32::MAX;
 
 fn sample_value_u64(v: &SampleValue) -> Option<u64> {
     match *v {
@@ -135,6 +143,116 @@ fn cuda_version_string(v: i32) -> String {
     } else {
         format!("{}.{}", v / 1000, (v % 1000) / 10)
     }
+}
+
+/// `nvmlDeviceGetFieldValues` with a scope id per field, which
+/// nvml-wrapper's `field_values_for` always leaves at 0. One entry per
+/// `(field id, scope id)` request: the value, or `None` when NVML answered
+/// that field with an error (e.g. not supported). `Err` when the call as a
+/// whole failed. Pass field ids outside 251..=273 only: nvml-wrapper
+/// renumbers those for newer drivers and this call does not.
+#[allow(unsafe_code)]
+fn scoped_field_values(
+    device: &Device<'_>,
+    requests: &[(u32, u32)],
+) -> Result<Vec<Option<u64>>, NvmlError> {
+    use nvml_wrapper_sys::bindings::{
+        nvmlFieldValue_t, nvmlReturn_enum_NVML_SUCCESS as SUCCESS,
+        nvmlValueType_enum_NVML_VALUE_TYPE_DOUBLE as DOUBLE,
+        nvmlValueType_enum_NVML_VALUE_TYPE_SIGNED_INT as SIGNED_INT,
+        nvmlValueType_enum_NVML_VALUE_TYPE_SIGNED_LONG_LONG as SIGNED_LONG_LONG,
+        nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_INT as UNSIGNED_INT,
+        nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_LONG as UNSIGNED_LONG,
+        nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_LONG_LONG as UNSIGNED_LONG_LONG,
+        nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_SHORT as UNSIGNED_SHORT,
+    };
+    let get_field_values = device
+        .nvml()
+        .lib()
+        .nvmlDeviceGetFieldValues
+        .as_ref()
+        .map_err(|e| NvmlError::FailedToLoadSymbol(e.to_string()))?;
+    let count = std::ffi::c_int::try_from(requests.len()).map_err(|_| NvmlError::InvalidArg)?;
+    let mut values: Vec<nvmlFieldValue_t> = requests
+        .iter()
+        .map(|&(field, scope)| {
+            // SAFETY: nvmlFieldValue_t is plain C data (integers and a
+            // union of numbers), for which all-zero bytes are a valid value.
+            let mut v: nvmlFieldValue_t = unsafe { std::mem::zeroed() };
+            v.fieldId = field;
+            v.scopeId = scope;
+            v
+        })
+        .collect();
+    // SAFETY: the handle belongs to `device`, which borrows a live `Nvml`
+    // for the whole call; `values` holds `count` initialised entries that
+    // NVML fills in place and does not keep.
+    let ret = unsafe { get_field_values(device.handle(), count, values.as_mut_ptr()) };
+    nvml_wrapper::error::nvml_try(ret)?;
+    Ok(values
+        .iter()
+        .map(|v| {
+            if v.nvmlReturn != SUCCESS {
+                return None;
+            }
+            // SAFETY: NVML wrote the union member that `valueType` names.
+            let value = unsafe {
+                match v.valueType {
+                    DOUBLE => SampleValue::F64(v.value.dVal),
+                    UNSIGNED_INT => SampleValue::U32(v.value.uiVal),
+                    // c_ulong is 64 bits here, 32 on some other targets.
+                    #[allow(clippy::useless_conversion)]
+                    UNSIGNED_LONG => SampleValue::U64(u64::from(v.value.ulVal)),
+                    UNSIGNED_LONG_LONG => SampleValue::U64(v.value.ullVal),
+                    SIGNED_LONG_LONG => SampleValue::I64(v.value.sllVal),
+                    SIGNED_INT => SampleValue::I64(i64::from(v.value.siVal)),
+                    UNSIGNED_SHORT => SampleValue::U32(u32::from(v.value.usVal)),
+                    _ => return None,
+                }
+            };
+            sample_value_u64(&value)
+        })
+        .collect())
+}
+
+/// NVLink data sent and received, KiB since the driver loaded, summed over
+/// the GPU's links; `None` for a direction NVML does not report (a GPU
+/// without NVLink). Asks for the all-links sum first; a driver that does
+/// not know that scope is asked link by link and the answers are added.
+fn nvlink_data_kib(device: &Device<'_>) -> [Option<u64>; 2] {
+    let all_links: Vec<(u32, u32)> = NVLINK_DATA_FIELDS
+        .iter()
+        .map(|&field| (field, SCOPE_ALL_LINKS))
+        .collect();
+    let mut totals = [None; 2];
+    if let Ok(values) = scoped_field_values(device, &all_links) {
+        for (total, value) in totals.iter_mut().zip(values) {
+            *total = value;
+        }
+    }
+    if totals.iter().all(Option::is_some) {
+        return totals;
+    }
+    let per_link: Vec<(u32, u32)> = (0..NVLINK_MAX_LINKS)
+        .flat_map(|link| NVLINK_DATA_FIELDS.map(|field| (field, link)))
+        .collect();
+    let Ok(values) = scoped_field_values(device, &per_link) else {
+        return totals;
+    };
+    for (direction, total) in totals.iter_mut().enumerate() {
+        if total.is_some() {
+            continue;
+        }
+        // Links that do not exist answer with an error and add nothing.
+        *total = values
+            .iter()
+            .skip(direction)
+            .step_by(NVLINK_DATA_FIELDS.len())
+            .flatten()
+            .copied()
+            .reduce(u64::saturating_add);
+    }
+    totals
 }
 
 impl NvmlBackend {
@@ -339,6 +457,7 @@ impl NvmlBackend {
             }
             sample.nvlink_crc_errors = crc;
         }
+        [sample.nvlink_tx_kib, sample.nvlink_rx_kib] = nvlink_data_kib(&device);
         sample
     }
 }

@@ -124,7 +124,7 @@ impl AgentControl for AgentControlService {
         });
 
         let stream = ReceiverStream::new(session.downlink)
-            .map(Ok)
+            .map(|message| Ok(*message))
             .take_until(Box::pin(self.controller.closed()));
         Ok(Response::new(Box::pin(stream)))
     }

@@ -19,6 +19,15 @@
 //!               "xids": [79], "lost": false } ] }
 //! ```
 //!
+//! NVLink data counters (`NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX/RX`, KiB)
+//! come from `"nvlink": [ { "tx_kib": …, "rx_kib": … }, … ]`, one entry per
+//! link, and honour the field value's `scopeId` as NVML does: a link index
+//! reads that link (an index past the list is `NVML_ERROR_INVALID_ARGUMENT`),
+//! `UINT_MAX` reads the sum over all links. `"nvlink_scope_all_unsupported":
+//! true` makes `UINT_MAX` an invalid argument, like a driver that only
+//! knows per-link scopes. A GPU without `nvlink` entries answers
+//! `NVML_ERROR_NOT_SUPPORTED` for every scope.
+//!
 //! A key missing from `values` makes the matching NVML call return
 //! `NVML_ERROR_NOT_SUPPORTED`, which is how tests check that an unsupported
 //! field is absent. `xids` is a log: each event set delivers every entry
@@ -67,10 +76,24 @@ pub struct FakeGpu {
     pub values: HashMap<String, f64>,
     #[serde(default)]
     pub processes: Vec<FakeProcess>,
+    /// NVLink data counters per link; empty: the GPU has no NVLink.
+    #[serde(default)]
+    pub nvlink: Vec<FakeNvLink>,
+    /// The all-links scope (`UINT_MAX`) is rejected, as by older drivers.
+    #[serde(default)]
+    pub nvlink_scope_all_unsupported: bool,
     #[serde(default)]
     pub xids: Vec<u64>,
     #[serde(default)]
     pub lost: bool,
+}
+
+/// One NVLink's data counters, KiB since the (fake) driver loaded.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FakeNvLink {
+    pub tx_kib: u64,
+    pub rx_kib: u64,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -99,6 +122,12 @@ pub const FIELD_KEYS: [(u32, &str); 16] = [
     (52, "nvlink_replay_errors"),
     (59, "nvlink_recovery_errors"),
 ];
+
+/// `NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX` and `_RX`: scoped by link.
+const FIELD_NVLINK_DATA_TX: c_uint = 138;
+const FIELD_NVLINK_DATA_RX: c_uint = 139;
+/// The scope id that asks for the sum over all links.
+const SCOPE_ALL_LINKS: c_uint = c_uint::MAX;
 
 type Ret = c_uint;
 const SUCCESS: Ret = 0;
@@ -188,6 +217,30 @@ fn with_gpu(device: Device, f: impl FnOnce(&FakeGpu) -> Ret) -> Ret {
         Some(g) if g.lost => ERROR_GPU_IS_LOST,
         Some(g) => f(g),
     }
+}
+
+/// An NVLink data counter for `scope` (a link index, or all links).
+fn nvlink_data(g: &FakeGpu, field: c_uint, scope: c_uint) -> Result<u64, Ret> {
+    if g.nvlink.is_empty() {
+        return Err(ERROR_NOT_SUPPORTED);
+    }
+    let pick = |link: &FakeNvLink| {
+        if field == FIELD_NVLINK_DATA_TX {
+            link.tx_kib
+        } else {
+            link.rx_kib
+        }
+    };
+    if scope == SCOPE_ALL_LINKS {
+        if g.nvlink_scope_all_unsupported {
+            return Err(ERROR_INVALID_ARGUMENT);
+        }
+        return Ok(g.nvlink.iter().map(pick).sum());
+    }
+    g.nvlink
+        .get(scope as usize)
+        .map(pick)
+        .ok_or(ERROR_INVALID_ARGUMENT)
 }
 
 fn value(g: &FakeGpu, key: &str) -> Option<f64> {
@@ -706,19 +759,27 @@ pub unsafe extern "C" fn nvmlDeviceGetFieldValues(
         for i in 0..count as usize {
             // SAFETY: i < count, the caller's buffer length.
             let fv = unsafe { &mut *values.add(i) };
-            let v = FIELD_KEYS
-                .iter()
-                .find(|(id, _)| *id == fv.field_id)
-                .and_then(|(_, key)| value(g, key));
+            let v = match fv.field_id {
+                FIELD_NVLINK_DATA_TX | FIELD_NVLINK_DATA_RX => {
+                    nvlink_data(g, fv.field_id, fv.scope_id)
+                }
+                // Device-wide fields ignore the scope, as NVML's do.
+                id => FIELD_KEYS
+                    .iter()
+                    .find(|(known, _)| *known == id)
+                    .and_then(|(_, key)| value(g, key))
+                    .map(|v| v as u64)
+                    .ok_or(ERROR_NOT_SUPPORTED),
+            };
             fv.timestamp = now_us;
             fv.latency_usec = 0;
             match v {
-                Some(v) => {
+                Ok(v) => {
                     fv.value_type = VALUE_TYPE_UNSIGNED_LONG_LONG;
                     fv.nvml_return = SUCCESS;
                     fv.value = v as c_ulonglong;
                 }
-                None => fv.nvml_return = ERROR_NOT_SUPPORTED,
+                Err(ret) => fv.nvml_return = ret,
             }
         }
         SUCCESS
