@@ -245,6 +245,15 @@ pub fn validate_token_name(name: &str) -> Result<()> {
     }
 }
 
+/// The outcome of a node's identity check (see [`Authority::check_node`]).
+#[derive(Debug, Default)]
+#[must_use = "a first registration's binding takes effect only through Authority::bound"]
+pub struct NodeCheck {
+    /// A first registration: the node id and its secret's digest.
+    new_binding: Option<(String, Vec<u8>)>,
+    issued_secret: Option<String>,
+}
+
 impl Authority {
     /// Loads tokens and node bindings from the store. `join_token` is the
     /// configured one; when empty, the token generated at the first start is
@@ -565,10 +574,26 @@ impl Authority {
         node_id: &str,
         presented: &str,
     ) -> Result<Option<String>> {
-        let mut nodes = lock(&self.nodes);
+        let mut batch = WriteBatch::default();
+        let check = self.check_node(&mut batch, node_id, presented)?;
+        // Write first: an agent never holds a secret the store forgot.
+        store.apply(batch)?;
+        Ok(self.bound(check))
+    }
+
+    /// Checks the secret a node presents; a first registration's binding
+    /// goes into `batch` (to be written with the node's record, one flush),
+    /// and takes effect with [`Self::bound`] once the batch is written.
+    pub fn check_node(
+        &self,
+        batch: &mut WriteBatch,
+        node_id: &str,
+        presented: &str,
+    ) -> Result<NodeCheck> {
+        let nodes = lock(&self.nodes);
         if let Some(digest) = nodes.get(node_id) {
             if same_digest(digest, &sha256(presented.as_bytes())) {
-                return Ok(None);
+                return Ok(NodeCheck::default());
             }
             return Err(ControllerError::PermissionDenied(format!(
                 "node id {node_id} is bound to another agent (its node secret does not match); if this host was reinstalled, an admin can run `gpufleet nodes reset-identity {node_id}`"
@@ -590,12 +615,20 @@ impl Authority {
             secret_sha256: sha256(secret.as_bytes()),
             bound_unix: unix_now(),
         };
-        let mut batch = WriteBatch::default();
         batch.put(Keyspace::NodeIdentities, node_id, &binding);
-        // Write first: an agent never holds a secret the store forgot.
-        store.apply(batch)?;
-        nodes.insert(node_id.to_string(), binding.secret_sha256);
-        Ok(presented.is_empty().then_some(secret))
+        Ok(NodeCheck {
+            new_binding: Some((node_id.to_string(), binding.secret_sha256)),
+            issued_secret: presented.is_empty().then_some(secret),
+        })
+    }
+
+    /// Makes a checked binding effective (its batch is written); returns
+    /// the secret issued to an agent that brought none.
+    pub fn bound(&self, check: NodeCheck) -> Option<String> {
+        if let Some((node_id, digest)) = check.new_binding {
+            lock(&self.nodes).insert(node_id, digest);
+        }
+        check.issued_secret
     }
 
     /// Forgets a node's binding; returns whether there was one.

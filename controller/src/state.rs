@@ -1221,10 +1221,13 @@ impl Controller {
         }
         // After the live-session check, so that an agent refused as a
         // duplicate never binds (or rebinds) the id.
-        let issued_secret =
+        // The binding of a first registration is written with the node's
+        // record: one flushed batch per registration.
+        let mut batch = WriteBatch::default();
+        let identity_check =
             self.inner
                 .auth
-                .bind_node(self.inner.store.as_ref(), &node_id, &hello.node_secret)?;
+                .check_node(&mut batch, &node_id, &hello.node_secret)?;
         let (tx, rx) = mpsc::channel(DOWNLINK_CAPACITY);
         let session_id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
         let previous = state.nodes.remove(&node_id);
@@ -1258,9 +1261,9 @@ impl Controller {
                 .unwrap_or_default(),
             drain_deadline: previous.as_ref().and_then(|p| p.record.drain_deadline),
         };
-        let mut batch = WriteBatch::default();
         batch.put(Keyspace::Nodes, &node_id, &record);
         self.inner.store.apply(batch)?;
+        let issued_secret = self.inner.auth.bound(identity_check);
         let uuids: Vec<String> = hello.gpus.iter().map(|g| g.uuid.clone()).collect();
         self.inner.telemetry.register_node(&node_id, &uuids);
         let generation = previous
