@@ -224,6 +224,21 @@ fn nvlink_data_counters_arrive_per_gpu_summed_over_links() {
     moved["gpus"][0]["nvlink"][3]["tx_kib"] = json!(2003);
     write_fake_nvml_config(dir.path(), &moved.to_string()).unwrap();
     assert_eq!(backend.sample()[0].nvlink_tx_kib, Some(5006));
+
+    // A GPU without the counters is not asked every sample (two calls, one
+    // for every link), but it is asked again: one that gains them (a driver
+    // reload, a misreported card) shows them within a minute of samples.
+    moved["gpus"][2]["nvlink"] = json!(links(7000));
+    write_fake_nvml_config(dir.path(), &moved.to_string()).unwrap();
+    let mut seen_after = None;
+    for n in 1..=61 {
+        if backend.sample()[2].nvlink_tx_kib.is_some() {
+            seen_after = Some(n);
+            break;
+        }
+    }
+    let seen_after = seen_after.expect("NVLink counters picked up again within 61 samples");
+    assert!(seen_after > 1, "skipped right after it reported none");
 }
 
 #[tokio::test]

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -49,7 +49,14 @@ pub struct NvmlBackend {
     xids: Arc<Mutex<Vec<RawXid>>>,
     /// Tells the event thread to end (it notices within one wait).
     stop: Arc<AtomicBool>,
+    /// Per GPU (as `gpus`): samples left before NVLink data counters are
+    /// asked for again, after a GPU reported none (no NVLink). Asking costs
+    /// two field-value calls, one of them for every link.
+    nvlink_data_skip: Vec<AtomicU32>,
 }
+
+/// Samples between retries of NVLink data counters on a GPU without them.
+const NVLINK_DATA_RETRY_SAMPLES: u32 = 60;
 
 impl std::fmt::Debug for NvmlBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -350,6 +357,7 @@ impl NvmlBackend {
         }
         Ok(Self {
             nvml,
+            nvlink_data_skip: gpus.iter().map(|_| AtomicU32::new(0)).collect(),
             gpus,
             driver_version,
             xids,
@@ -357,7 +365,12 @@ impl NvmlBackend {
         })
     }
 
-    fn sample_one(&self, info: &GpuInfo, now: prost_types::Timestamp) -> GpuSample {
+    fn sample_one(
+        &self,
+        info: &GpuInfo,
+        nvlink_data_skip: &AtomicU32,
+        now: prost_types::Timestamp,
+    ) -> GpuSample {
         let mut sample = GpuSample {
             uuid: info.uuid.clone(),
             index: info.index,
@@ -457,7 +470,15 @@ impl NvmlBackend {
             }
             sample.nvlink_crc_errors = crc;
         }
-        [sample.nvlink_tx_kib, sample.nvlink_rx_kib] = nvlink_data_kib(&device);
+        let skip = nvlink_data_skip.load(Ordering::Relaxed);
+        if skip > 0 {
+            nvlink_data_skip.store(skip - 1, Ordering::Relaxed);
+        } else {
+            [sample.nvlink_tx_kib, sample.nvlink_rx_kib] = nvlink_data_kib(&device);
+            if sample.nvlink_tx_kib.is_none() && sample.nvlink_rx_kib.is_none() {
+                nvlink_data_skip.store(NVLINK_DATA_RETRY_SAMPLES, Ordering::Relaxed);
+            }
+        }
         sample
     }
 }
@@ -567,7 +588,8 @@ impl GpuBackend for NvmlBackend {
         let now = now_timestamp();
         self.gpus
             .iter()
-            .map(|info| self.sample_one(info, now))
+            .zip(&self.nvlink_data_skip)
+            .map(|(info, skip)| self.sample_one(info, skip, now))
             .collect()
     }
 
