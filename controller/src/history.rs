@@ -98,11 +98,7 @@ pub fn finished_before(
     let mut ids = Vec::new();
     store.visit_raw(
         Keyspace::JobsByFinished,
-        IdRange {
-            from: "",
-            to: Some(&to),
-            reverse: false,
-        },
+        IdRange::below(&to),
         &mut |key, _| {
             if let Some((_, id)) = key.split_once('/')
                 && !keep(id)

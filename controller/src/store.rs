@@ -116,6 +116,15 @@ pub struct IdRange<'a> {
 }
 
 impl<'a> IdRange<'a> {
+    /// Every id below `to`, ascending (oldest first, for time-ordered ids).
+    pub fn below(to: &'a str) -> Self {
+        Self {
+            from: "",
+            to: Some(to),
+            reverse: false,
+        }
+    }
+
     /// Every id that starts with `prefix`, ascending.
     pub fn prefixed(prefix: &'a str) -> Self {
         Self {

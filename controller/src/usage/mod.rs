@@ -399,11 +399,7 @@ impl Ledger {
         let mut dropped = 0;
         store.visit_raw(
             Keyspace::UsageByEnd,
-            IdRange {
-                from: "",
-                to: Some(&cutoff),
-                reverse: false,
-            },
+            IdRange::below(&cutoff),
             &mut |key, _| {
                 if let Some((_, allocation_id)) = key.split_once('/') {
                     batch.delete(Keyspace::Usage, allocation_id);
