@@ -12,8 +12,8 @@
 //!    that a restarted agent does not know about (end of input without a
 //!    line means the agent went away: the shim exits without starting it);
 //! 3. starts the workload in its own process group, records its pid (a
-//!    `started` line in the records file, see [`crate::workload_store`])
-//!    and answers one [`Reply`] line on stdout;
+//!    `started` line in its records file, see `workload_store`) and
+//!    answers one [`Reply`] line on stdout;
 //! 4. copies the workload's stdout and stderr into its log up to
 //!    `log_max_bytes`, then writes one marker line and keeps draining the
 //!    pipe, so the workload never blocks on a full pipe;

@@ -14,8 +14,9 @@
 //! Each workload runs under a small shim process (see [`crate::shim`]) in
 //! its own session, so it outlives the agent. What a restarted agent needs
 //! is recorded in `data_dir/workloads/<id>.records`
-//! ([`crate::workload_store`]) before a workload is reported running; [`Supervisor::recover`] re-adopts
-//! the workloads still running and reports how the others ended.
+//! ([`crate::workload_store`]) before a workload is reported running;
+//! [`Supervisor::recover`] re-adopts the workloads still running and
+//! reports how the others ended.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::OpenOptions;

@@ -27,7 +27,7 @@
 //! One file, created once and deleted once, because on some file systems
 //! (ext4 without a journal) every created file or directory costs a scan
 //! past recently freed inodes: agents before this layout used a records
-//! directory of four files, each rewritten through a temporary file. That
+//! directory of four files, each written through a temporary file. That
 //! layout ([`Records::Legacy`]) is still read, so that an upgraded agent
 //! re-adopts the workloads an older one started (whose shims keep writing
 //! it).
