@@ -16,6 +16,7 @@
 //! - `outbox_max_bytes`: 64 MiB (events held for the controller while it is
 //!   unreachable; over it the oldest telemetry is dropped)
 //! - `log_max_bytes`: 64 MiB per allocation
+//! - `max_concurrent_starts`: 16 workload starts in progress at once
 //! - `metrics_listen`: `127.0.0.1:9400` (dcgm-exporter's port; `off` disables)
 //! - `nvml_library_path`: `libnvidia-ml.so.1` from the loader path
 //! - `read_kmsg`: true (XIDs from /dev/kmsg where readable, nvml backend only)
@@ -47,6 +48,9 @@ pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9400";
 /// Events held for an unreachable controller: at a 5s interval, 8 GPUs'
 /// samples are about 3 KB, so 64 MiB is days of telemetry.
 pub const DEFAULT_OUTBOX_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// Largest `max_concurrent_starts`: each start in progress holds a thread
+/// of its own, and no host starts this many workloads at once.
+pub const MAX_CONCURRENT_STARTS_LIMIT: usize = 1024;
 /// Environment variable naming the config file.
 pub const CONFIG_ENV: &str = "GPUFLEET_CONFIG";
 
@@ -84,7 +88,10 @@ pub struct AgentConfig {
     /// Cap on each allocation's `output.log`; output beyond it is dropped
     /// after one marker line.
     pub log_max_bytes: u64,
-    /// Executable that runs each workload's shim (`<it> __shim <dir>`).
+    /// Most workload starts (shim handshakes) in progress at once; more wait
+    /// their turn. 1 to [`MAX_CONCURRENT_STARTS_LIMIT`].
+    pub max_concurrent_starts: usize,
+    /// Executable that runs each workload's shim (`<it> __shim <records file>`).
     /// `None`: this executable, which must then call
     /// [`crate::shim::dispatch`] first thing in `main`. Not a file key:
     /// only embedders whose `main` is not theirs (test harnesses) set it.
@@ -197,6 +204,7 @@ struct FileConfig {
     api_token: Option<String>,
     outbox_max_bytes: Option<FileBytes>,
     log_max_bytes: Option<FileBytes>,
+    max_concurrent_starts: Option<u64>,
     keep_workloads_on_exit: Option<bool>,
     #[serde(default)]
     node: FileNode,
@@ -282,6 +290,7 @@ pub struct ConfigOverrides {
     pub api_token: Option<String>,
     pub outbox_max_bytes: Option<String>,
     pub log_max_bytes: Option<String>,
+    pub max_concurrent_starts: Option<String>,
     pub keep_workloads_on_exit: Option<String>,
 }
 
@@ -320,6 +329,7 @@ macro_rules! for_each_key {
         $m!(api_token, "GPUFLEET_API_TOKEN");
         $m!(outbox_max_bytes, "GPUFLEET_OUTBOX_MAX_BYTES");
         $m!(log_max_bytes, "GPUFLEET_LOG_MAX_BYTES");
+        $m!(max_concurrent_starts, "GPUFLEET_MAX_CONCURRENT_STARTS");
         $m!(keep_workloads_on_exit, "GPUFLEET_KEEP_WORKLOADS_ON_EXIT");
     };
 }
@@ -516,6 +526,7 @@ impl AgentConfig {
             api_token: None,
             outbox_max_bytes: DEFAULT_OUTBOX_MAX_BYTES,
             log_max_bytes: crate::supervisor::DEFAULT_LOG_MAX_BYTES,
+            max_concurrent_starts: crate::supervisor::DEFAULT_MAX_CONCURRENT_STARTS,
             shim_program: None,
             keep_workloads_on_exit: false,
         }
@@ -659,6 +670,16 @@ impl AgentConfig {
                 Some(s) => parse_bytes("log_max_bytes", &s)?,
                 None => crate::supervisor::DEFAULT_LOG_MAX_BYTES,
             },
+            max_concurrent_starts: {
+                let n = match o.max_concurrent_starts {
+                    Some(s) => parse_u64("max_concurrent_starts", &s)?,
+                    None => file
+                        .max_concurrent_starts
+                        .unwrap_or(crate::supervisor::DEFAULT_MAX_CONCURRENT_STARTS as u64),
+                };
+                // Anything past the limit is refused by `validate`.
+                usize::try_from(n).unwrap_or(usize::MAX)
+            },
             shim_program: None,
             keep_workloads_on_exit: match o.keep_workloads_on_exit {
                 Some(s) => parse_bool("keep_workloads_on_exit", &s)?,
@@ -732,6 +753,16 @@ impl AgentConfig {
             return Err(invalid(
                 "log_max_bytes",
                 "must be greater than zero (e.g. 64MiB)",
+            ));
+        }
+        if !(1..=MAX_CONCURRENT_STARTS_LIMIT).contains(&self.max_concurrent_starts) {
+            return Err(invalid(
+                "max_concurrent_starts",
+                format!(
+                    "{} must be from 1 to {MAX_CONCURRENT_STARTS_LIMIT} (the default is {}: a full node's workloads start at once)",
+                    self.max_concurrent_starts,
+                    crate::supervisor::DEFAULT_MAX_CONCURRENT_STARTS
+                ),
             ));
         }
         let health = &self.monitoring.health;
@@ -895,6 +926,7 @@ mod tests {
         assert_eq!(c.price_micro_usd(), 3_930_000);
         assert_eq!(c.stop_grace_period, Duration::from_secs(30));
         assert_eq!(c.log_max_bytes, 16 << 20);
+        assert_eq!(c.max_concurrent_starts, 4);
         // Env over file.
         assert_eq!(c.node.region, "eu-west-1");
         assert_eq!(c.sample_interval, Duration::from_secs(2));
@@ -958,6 +990,31 @@ mod tests {
             ("GPUFLEET_LOG_MAX_BYTES", "lots", "log_max_bytes"),
             ("GPUFLEET_LOG_MAX_BYTES", "64TiB", "log_max_bytes"),
             ("GPUFLEET_LOG_MAX_BYTES", "0", "log_max_bytes"),
+            (
+                "GPUFLEET_MAX_CONCURRENT_STARTS",
+                "0",
+                "max_concurrent_starts",
+            ),
+            (
+                "GPUFLEET_MAX_CONCURRENT_STARTS",
+                "-1",
+                "max_concurrent_starts",
+            ),
+            (
+                "GPUFLEET_MAX_CONCURRENT_STARTS",
+                "many",
+                "max_concurrent_starts",
+            ),
+            (
+                "GPUFLEET_MAX_CONCURRENT_STARTS",
+                "99999999999999999999",
+                "max_concurrent_starts",
+            ),
+            (
+                "GPUFLEET_MAX_CONCURRENT_STARTS",
+                "1025",
+                "max_concurrent_starts",
+            ),
         ];
         for (var, value, key) in cases {
             let err = AgentConfig::load(&env(&[(var, value)]), ConfigOverrides::default())
@@ -1021,6 +1078,40 @@ mod tests {
                 .to_string();
             assert!(err.contains(key), "{var}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn max_concurrent_starts_comes_from_the_file_env_or_flag() {
+        let load = |vars: &[(&str, &str)], flag: Option<&str>| {
+            AgentConfig::load(
+                &env(vars),
+                ConfigOverrides {
+                    max_concurrent_starts: flag.map(String::from),
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+            .max_concurrent_starts
+        };
+        assert_eq!(load(&[], None), 16);
+        assert_eq!(load(&[("GPUFLEET_MAX_CONCURRENT_STARTS", " 2 ")], None), 2);
+        assert_eq!(
+            load(&[("GPUFLEET_MAX_CONCURRENT_STARTS", "2")], Some("1024")),
+            1024
+        );
+        let err = AgentConfig::load(
+            &env(&[]),
+            ConfigOverrides {
+                max_concurrent_starts: Some("0".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("max_concurrent_starts") && err.contains("from 1 to 1024"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -141,6 +141,7 @@ pub async fn start(
     let mut settings = SupervisorSettings::new(config.data_dir.clone());
     settings.default_grace = config.stop_grace_period;
     settings.log_max_bytes = config.log_max_bytes;
+    settings.max_concurrent_starts = config.max_concurrent_starts;
     if let Some(program) = &config.shim_program {
         settings.shim_program = program.clone();
     }

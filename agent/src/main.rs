@@ -138,6 +138,9 @@ struct Args {
     /// Cap on each allocation's output log, e.g. 64MiB; output beyond it is dropped [default: 64MiB].
     #[arg(long, env = "GPUFLEET_LOG_MAX_BYTES", value_name = "SIZE")]
     log_max_bytes: Option<String>,
+    /// Most workload starts in progress at once (1-1024); more wait their turn [default: 16].
+    #[arg(long, env = "GPUFLEET_MAX_CONCURRENT_STARTS", value_name = "N")]
+    max_concurrent_starts: Option<String>,
     /// On SIGTERM, leave running workloads running for the next start to
     /// re-adopt (true), or stop them with their grace period (false) [default: true].
     #[arg(long, env = "GPUFLEET_KEEP_WORKLOADS_ON_EXIT", value_name = "BOOL")]
@@ -186,6 +189,7 @@ impl Args {
             api_token: self.api_token,
             outbox_max_bytes: self.outbox_max_bytes,
             log_max_bytes: self.log_max_bytes,
+            max_concurrent_starts: self.max_concurrent_starts,
             keep_workloads_on_exit: self.keep_workloads_on_exit,
             application_xids: self.application_xids,
             slowdown_degraded_after: self.slowdown_degraded_after,

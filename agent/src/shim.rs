@@ -1,7 +1,7 @@
 //! The workload shim: one small process per workload, between the agent and
 //! the workload, so that workloads outlive the agent (like containerd-shim).
 //!
-//! The agent starts its own executable as `<exe> __shim <records dir>`
+//! The agent starts its own executable as `<exe> __shim <records file>`
 //! (every binary that embeds the agent calls [`dispatch`] first thing in
 //! `main`). The shim:
 //!
@@ -11,13 +11,14 @@
 //!    only after it has recorded the shim's pid, so no workload ever runs
 //!    that a restarted agent does not know about (end of input without a
 //!    line means the agent went away: the shim exits without starting it);
-//! 3. starts the workload in its own process group, records its pid
-//!    (`started.json`) and answers one [`Reply`] line on stdout;
+//! 3. starts the workload in its own process group, records its pid (a
+//!    `started` line in its records file, see `workload_store`) and
+//!    answers one [`Reply`] line on stdout;
 //! 4. copies the workload's stdout and stderr into its log up to
 //!    `log_max_bytes`, then writes one marker line and keeps draining the
 //!    pipe, so the workload never blocks on a full pipe;
 //! 5. when the workload ends, kills what it left in its process group,
-//!    records how it ended (`exit.json`) and exits.
+//!    records how it ended (an `exit` line) and exits.
 //!
 //! The shim is synchronous (threads, no async runtime) to stay small.
 
@@ -60,11 +61,11 @@ pub fn dispatch() -> Option<ExitCode> {
     if args.next().as_deref() != Some(std::ffi::OsStr::new(SHIM_ARG)) {
         return None;
     }
-    let Some(dir) = args.next() else {
-        eprintln!("gpufleet shim: usage: {SHIM_ARG} <records directory>");
+    let Some(records) = args.next() else {
+        eprintln!("gpufleet shim: usage: {SHIM_ARG} <records file>");
         return Some(ExitCode::from(2));
     };
-    Some(run(Path::new(&dir)))
+    Some(run(Path::new(&records)))
 }
 
 /// What the agent tells the shim to run: the workload's command line and
@@ -90,7 +91,7 @@ pub(crate) enum Reply {
 }
 
 /// The shim process; see the module documentation.
-fn run(dir: &Path) -> ExitCode {
+fn run(records: &Path) -> ExitCode {
     // Fails only if the shim already leads a process group, which the
     // agent never makes it; it then still works, just without the
     // isolation from the agent's signals.
@@ -109,7 +110,7 @@ fn run(dir: &Path) -> ExitCode {
     }
     let outcome = serde_json::from_str::<LaunchSpec>(&line)
         .map_err(|e| format!("invalid launch spec from the agent: {e}"))
-        .and_then(|spec| start(dir, &spec).map(|workload| (spec, workload)));
+        .and_then(|spec| start(records, &spec).map(|workload| (spec, workload)));
     let (spec, workload) = match outcome {
         Ok(started) => started,
         Err(message) => {
@@ -119,7 +120,7 @@ fn run(dir: &Path) -> ExitCode {
                 start_error: Some(message.clone()),
                 finished_at_ms: workload_store::unix_ms(SystemTime::now()),
             };
-            if let Err(e) = workload_store::write_exit(dir, &record) {
+            if let Err(e) = workload_store::append_exit(records, &record) {
                 eprintln!("gpufleet shim: cannot record the start failure: {e}");
             }
             reply(&Reply::Failed { message });
@@ -127,11 +128,11 @@ fn run(dir: &Path) -> ExitCode {
         }
     };
     reply(&Reply::Started { pid: workload.pid });
-    supervise(dir, &spec, workload)
+    supervise(records, &spec, workload)
 }
 
 /// Answers the agent. A write error means the agent is gone; the workload
-/// runs on and a restarted agent finds it through the files.
+/// runs on and a restarted agent finds it through its records.
 fn reply(reply: &Reply) {
     if let Ok(mut text) = serde_json::to_string(reply) {
         text.push('\n');
@@ -149,7 +150,7 @@ struct Started {
 
 /// Opens the log, starts the workload and records its pid. The error is a
 /// message for the workload's status, also written to its log.
-fn start(dir: &Path, spec: &LaunchSpec) -> Result<Started, String> {
+fn start(records: &Path, spec: &LaunchSpec) -> Result<Started, String> {
     let log_path = &spec.log_path;
     let mut log = std::fs::OpenOptions::new()
         .create(true)
@@ -200,7 +201,7 @@ fn start(dir: &Path, spec: &LaunchSpec) -> Result<Started, String> {
         pid,
         started_at_ms: workload_store::unix_ms(SystemTime::now()),
     };
-    if let Err(e) = workload_store::write_started(dir, &record) {
+    if let Err(e) = workload_store::append_started(records, &record) {
         // Without the record a restarted agent could not stop it.
         let mut child = child;
         let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
@@ -245,7 +246,7 @@ fn found_in_path(program: &str, spec: &LaunchSpec) -> Option<PathBuf> {
 }
 
 /// Copies output until the workload ends, then records how it ended.
-fn supervise(dir: &Path, spec: &LaunchSpec, workload: Started) -> ExitCode {
+fn supervise(records: &Path, spec: &LaunchSpec, workload: Started) -> ExitCode {
     let Started {
         mut child,
         pid,
@@ -283,7 +284,7 @@ fn supervise(dir: &Path, spec: &LaunchSpec, workload: Started) -> ExitCode {
             finished_at_ms: workload_store::unix_ms(SystemTime::now()),
         },
     };
-    match workload_store::write_exit(dir, &record) {
+    match workload_store::append_exit(records, &record) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gpufleet shim: cannot record the exit status: {e}");
@@ -380,14 +381,14 @@ impl<W: Write> Write for CappedLog<W> {
     }
 }
 
-/// `<shim program> __shim <dir>` with `argv[0]` naming what it is, and an
-/// empty environment: the shim needs none, and the agent's may hold its
-/// join token.
-pub(crate) fn command(program: &Path, dir: &Path) -> tokio::process::Command {
+/// `<shim program> __shim <records file>` with `argv[0]` naming what it
+/// is, and an empty environment: the shim needs none, and the agent's may
+/// hold its join token.
+pub(crate) fn command(program: &Path, records: &Path) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(program);
     cmd.arg0(OsString::from("gpufleet-shim"))
         .arg(SHIM_ARG)
-        .arg(dir)
+        .arg(records)
         .env_clear();
     cmd
 }

@@ -13,15 +13,16 @@
 //!
 //! Each workload runs under a small shim process (see [`crate::shim`]) in
 //! its own session, so it outlives the agent. What a restarted agent needs
-//! is recorded in `data_dir/workloads/<id>/` ([`crate::workload_store`])
-//! before a workload is reported running; [`Supervisor::recover`] re-adopts
-//! the workloads still running and reports how the others ended.
+//! is recorded in `data_dir/workloads/<id>.records`
+//! ([`crate::workload_store`]) before a workload is reported running;
+//! [`Supervisor::recover`] re-adopts the workloads still running and
+//! reports how the others ended.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -35,7 +36,7 @@ use tracing::{debug, info, warn};
 
 use crate::backend::GpuBackend;
 use crate::shim::{LaunchSpec, Reply};
-use crate::workload_store::{self as store, AgentRecord, ExitRecord};
+use crate::workload_store::{self as store, AgentRecord, ExitRecord, Records};
 
 /// Largest log chunk one read returns.
 pub const MAX_LOG_CHUNK: u32 = 1024 * 1024;
@@ -56,7 +57,7 @@ const ADOPTED_POLL: Duration = Duration::from_millis(200);
 #[derive(Debug, Clone)]
 pub struct SupervisorSettings {
     /// `data_dir/allocations/<id>/` is each workload's home and log;
-    /// `data_dir/workloads/<id>/` the agent's records of it.
+    /// `data_dir/workloads/<id>.records` the agent's records of it.
     pub data_dir: PathBuf,
     /// Time between SIGTERM and SIGKILL when a stop names none.
     pub default_grace: Duration,
@@ -86,7 +87,7 @@ impl SupervisorSettings {
     }
 }
 
-/// What [`Supervisor::recover`] found in the allocation directories.
+/// What [`Supervisor::recover`] found in the workloads' records.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Recovery {
     /// Still running: watched again, stoppable as before.
@@ -95,7 +96,7 @@ pub struct Recovery {
     pub finished: Vec<String>,
     /// Their shim is gone without recording an outcome: reported `Lost`.
     pub lost: Vec<String>,
-    /// Directories whose records could not be read (named with the reason).
+    /// Records that could not be read (each named with the reason).
     pub unreadable: Vec<String>,
 }
 
@@ -178,11 +179,18 @@ struct Workload {
     stop_while_queued: Arc<Notify>,
     /// Becomes true once the workload is terminal.
     done: watch::Receiver<bool>,
+    /// Where its records are (or will be, until it starts).
+    records: Records,
 }
 
 impl Workload {
     /// A workload about to start.
-    fn starting(allocation: Allocation, source: Source, done: watch::Receiver<bool>) -> Self {
+    fn starting(
+        allocation: Allocation,
+        source: Source,
+        done: watch::Receiver<bool>,
+        records: Records,
+    ) -> Self {
         Self {
             allocation,
             source,
@@ -198,6 +206,7 @@ impl Workload {
             stop_grace: None,
             stop_while_queued: Arc::new(Notify::new()),
             done,
+            records,
         }
     }
 
@@ -481,11 +490,15 @@ impl Supervisor {
             .join(allocation_id)
     }
 
-    /// Directory of the agent's and the shim's records of one workload.
-    /// Apart from the allocation directory because that one belongs to the
-    /// workload's user (`workload_user`), who must not forge them.
-    fn records_dir(&self, allocation_id: &str) -> PathBuf {
-        store::records_root(&self.inner.settings.data_dir).join(allocation_id)
+    /// The file of the agent's and the shim's records of a workload this
+    /// agent starts. Apart from the allocation directory because that one
+    /// belongs to the workload's user (`workload_user`), who must not
+    /// forge them.
+    fn records_file(&self, allocation_id: &str) -> PathBuf {
+        store::records_file(
+            &store::records_root(&self.inner.settings.data_dir),
+            allocation_id,
+        )
     }
 
     /// Path of one allocation's combined stdout/stderr log.
@@ -631,9 +644,11 @@ impl Supervisor {
             }
         }
         for id in forget {
-            st.workloads.remove(&id);
+            let Some(w) = st.workloads.remove(&id) else {
+                continue;
+            };
             // A restarted agent must not report it again.
-            if let Err(e) = store::forget(&self.records_dir(&id)) {
+            if let Err(e) = w.records.forget() {
                 warn!(allocation_id = %id, error = %e, "cannot drop the record of a finished workload");
             }
         }
@@ -672,7 +687,8 @@ impl Supervisor {
     fn admit(&self, st: &mut State, allocation: Allocation, source: Source) -> Admitted {
         let (done_tx, done_rx) = watch::channel(false);
         let id = allocation.allocation_id.clone();
-        let w = Workload::starting(allocation, source, done_rx);
+        let records = Records::File(self.records_file(&id));
+        let w = Workload::starting(allocation, source, done_rx, records);
         let stop_while_queued = w.stop_while_queued.clone();
         st.workloads.insert(id, w);
         self.refresh_busy(st);
@@ -686,7 +702,9 @@ impl Supervisor {
     fn reject(&self, st: &mut State, allocation: Allocation, reason: String) {
         let (done_tx, done_rx) = watch::channel(false);
         let id = allocation.allocation_id.clone();
-        let mut w = Workload::starting(allocation, Source::Controller, done_rx);
+        // Never started, so never recorded: forgetting it removes nothing.
+        let records = Records::File(self.records_file(&id));
+        let mut w = Workload::starting(allocation, Source::Controller, done_rx, records);
         warn!(allocation_id = %id, %reason, "workload could not start");
         w.state = WorkloadState::Failed;
         w.message = reason;
@@ -828,7 +846,8 @@ impl Supervisor {
     }
 
     /// Starts the workload through a shim: records the allocation and the
-    /// shim before the shim may start it, then waits for the shim's answer.
+    /// shim (creating the records file) before the shim may start it, then
+    /// waits for the shim's answer.
     /// The error is a message for the workload status (also written to its
     /// log when the log could be opened). Blocks (file writes, the shim's
     /// answer, at most [`SHIM_START_TIMEOUT`]): runs on a blocking thread,
@@ -858,7 +877,7 @@ impl Supervisor {
                 )
             })?;
         }
-        let records = self.records_dir(id);
+        let records = self.records_file(id);
         let log_path = dir.join(store::LOG_FILE);
         let mut log = OpenOptions::new()
             .create(true)
@@ -904,12 +923,13 @@ impl Supervisor {
             ),
             ("GPUFLEET_ALLOCATION_ID".into(), id.clone()),
         ]);
-        if let Err(e) = store::create_records_dir(&records) {
+        let records_root = store::records_root(&self.inner.settings.data_dir);
+        if let Err(e) = store::create_records_root(&records_root) {
             return Err(fail(
                 &mut log,
                 format!(
                     "cannot create the records directory {}: {e}",
-                    records.display()
+                    records_root.display()
                 ),
             ));
         }
@@ -924,12 +944,6 @@ impl Supervisor {
         let mut line = serde_json::to_string(&launch)
             .map_err(|e| fail(&mut log, format!("cannot encode the launch spec: {e}")))?;
         line.push('\n');
-        store::write_allocation(&records, allocation).map_err(|e| {
-            fail(
-                &mut log,
-                format!("cannot record the allocation in {}: {e}", records.display()),
-            )
-        })?;
 
         let shim_stderr = log
             .try_clone()
@@ -975,7 +989,9 @@ impl Supervisor {
             shim_start_ticks: shim_start,
             stop_requested: false,
         };
-        if let Err(e) = store::write_agent_record(&records, &record) {
+        if let Err(e) = store::create_records(&records, allocation, &record) {
+            // A part of the agent's line reads as an aborted launch.
+            let _ = Records::File(records.clone()).forget();
             return Err(abort(
                 &mut child,
                 &mut log,
@@ -986,7 +1002,7 @@ impl Supervisor {
             // Nothing ran: at end of input the shim exits without starting
             // the workload, so there is nothing for a restarted agent either.
             drop((stdin, stdout));
-            if let Err(e) = store::forget(&records) {
+            if let Err(e) = Records::File(records.clone()).forget() {
                 warn!(allocation_id = %id, error = %e, "cannot remove the records of a withdrawn start");
             }
             return Err(StartError::Withdrawn);
@@ -1009,7 +1025,7 @@ impl Supervisor {
                 shim: (shim_pid, shim_start),
                 started_at: SystemTime::now(),
             }),
-            // The shim logged it and recorded it in exit.json.
+            // The shim logged it and recorded it in an exit line.
             Ok(Reply::Failed { message }) => Err(StartError::Failed(message)),
             Err(why) => {
                 // Name the real file behind /proc/self/exe.
@@ -1024,7 +1040,8 @@ impl Supervisor {
                 let _ = child.start_kill();
                 let _ = writeln!(log, "gpufleet-agent: {why}");
                 // It may have started the workload before it stalled.
-                if let Ok(Some(started)) = store::read_started(&records) {
+                let recorded = Records::File(records.clone());
+                if let Ok(Some(started)) = recorded.read_started() {
                     let _ = killpg(Pid::from_raw(started.pid as i32), Signal::SIGKILL);
                 }
                 let record = ExitRecord {
@@ -1033,7 +1050,7 @@ impl Supervisor {
                     start_error: Some(why.clone()),
                     finished_at_ms: store::unix_ms(SystemTime::now()),
                 };
-                let _ = store::write_exit(&records, &record);
+                let _ = store::append_exit(&records, &record);
                 Err(StartError::Failed(why))
             }
         }
@@ -1042,8 +1059,11 @@ impl Supervisor {
     /// Ends a workload from its exit record; without one (its shim died),
     /// reports it lost and kills what is left of it.
     fn on_exit(&self, id: &str) {
-        let dir = self.records_dir(id);
-        let exit = store::read_exit(&dir);
+        // Read off the lock: the records are the shim's and the agent's.
+        let Some(records) = self.lock().workloads.get(id).map(|w| w.records.clone()) else {
+            return;
+        };
+        let exit = records.read_exit();
         let mut st = self.lock();
         let Some(w) = st.workloads.get_mut(id) else {
             return;
@@ -1073,7 +1093,8 @@ impl Supervisor {
         self.emit(&mut st, status);
     }
 
-    /// Re-adopts the workloads recorded in the allocation directories: those
+    /// Re-adopts the workloads recorded under `data_dir/workloads` (records
+    /// files, and the records directories of agents before them): those
     /// still running are watched again (and can be stopped as before), those
     /// that ended while the agent was away get their real outcome, and those
     /// whose shim died without recording one are reported lost. Call once,
@@ -1081,49 +1102,54 @@ impl Supervisor {
     pub fn recover(&self) -> Recovery {
         let mut found = Recovery::default();
         let root = store::records_root(&self.inner.settings.data_dir);
-        let dirs = match store::subdirectories(&root) {
-            Ok(dirs) => dirs,
+        let entries = match store::list_records(&root) {
+            Ok(entries) => entries,
             Err(e) => {
                 found.unreadable.push(format!("{}: {e}", root.display()));
                 return found;
             }
         };
         let mut st = self.lock();
-        for dir in dirs {
-            match self.recover_one(&mut st, &dir) {
+        for (name, records) in entries {
+            match self.recover_one(&mut st, &name, records.clone()) {
                 Ok(None) => {}
                 Ok(Some((id, Recovered::Adopted))) => found.adopted.push(id),
                 Ok(Some((id, Recovered::Finished))) => found.finished.push(id),
                 Ok(Some((id, Recovered::Lost))) => found.lost.push(id),
                 Err(e) => {
-                    warn!(dir = %dir.display(), error = %e, "cannot recover a workload");
-                    found.unreadable.push(format!("{}: {e}", dir.display()));
+                    let path = records.path();
+                    warn!(records = %path.display(), error = %e, "cannot recover a workload");
+                    found.unreadable.push(format!("{}: {e}", path.display()));
                 }
             }
         }
         found
     }
 
+    /// Recovers the workload whose records' name says `name`.
     fn recover_one(
         &self,
         st: &mut State,
-        dir: &Path,
+        name: &str,
+        records: Records,
     ) -> Result<Option<(String, Recovered)>, String> {
-        let Some(record) = store::read_agent_record(dir)? else {
+        let Some(recorded) = records.read()? else {
             // A launch the agent died in before it let the shim start the
             // workload: nothing ran, nothing to report.
-            if let Err(e) = store::forget(dir) {
-                warn!(dir = %dir.display(), error = %e, "cannot remove the records of an aborted launch");
+            if let Err(e) = records.forget() {
+                warn!(records = %records.path().display(), error = %e, "cannot remove the records of an aborted launch");
             }
             return Ok(None);
         };
-        let allocation = store::read_allocation(dir)?;
+        let store::Recorded {
+            allocation,
+            agent: record,
+            started,
+            exit: _,
+        } = recorded;
         let id = allocation.allocation_id.clone();
-        if dir.file_name() != Some(std::ffi::OsStr::new(&id)) {
-            return Err(format!(
-                "{} records allocation {id:?}",
-                store::ALLOCATION_FILE
-            ));
+        if id != name {
+            return Err(format!("they record allocation {id:?}, not {name:?}"));
         }
         if st.workloads.contains_key(&id) {
             // Already known: recovered before, or started since.
@@ -1134,7 +1160,6 @@ impl Supervisor {
         } else {
             Source::Controller
         };
-        let started = store::read_started(dir)?;
         let (done_tx, done_rx) = watch::channel(false);
         let mut w = Workload {
             allocation,
@@ -1153,33 +1178,27 @@ impl Supervisor {
             stop_grace: None,
             stop_while_queued: Arc::new(Notify::new()),
             done: done_rx,
+            records: records.clone(),
         };
-        // Exit record first: a shim that just wrote it and exited is
-        // finished, not lost.
+        // The exit record is read after the liveness check: a shim that
+        // wrote it and exited in between is finished, not lost.
         let alive = store::is_same_live_process(record.shim_pid, record.shim_start_ticks);
-        let exit = store::read_exit(dir)?;
-        let outcome = match (exit, alive) {
+        let outcome = match (records.read_exit()?, alive) {
             (Some(exit), _) => {
                 w.apply_exit(&exit);
                 Recovered::Finished
             }
             (None, true) => Recovered::Adopted,
-            (None, false) => match store::read_exit(dir)? {
-                Some(exit) => {
-                    w.apply_exit(&exit);
-                    Recovered::Finished
-                }
-                None => {
-                    w.state = WorkloadState::Lost;
-                    w.message = format!(
-                        "the workload's shim (pid {}) ended while the agent was down, without recording how the workload ended",
-                        record.shim_pid
-                    );
-                    w.finished_at = Some(SystemTime::now());
-                    kill_leftovers(w.pid, record.shim_pid);
-                    Recovered::Lost
-                }
-            },
+            (None, false) => {
+                w.state = WorkloadState::Lost;
+                w.message = format!(
+                    "the workload's shim (pid {}) ended while the agent was down, without recording how the workload ended",
+                    record.shim_pid
+                );
+                w.finished_at = Some(SystemTime::now());
+                kill_leftovers(w.pid, record.shim_pid);
+                Recovered::Lost
+            }
         };
         if outcome == Recovered::Adopted {
             info!(allocation_id = %id, pid = w.pid, shim_pid = record.shim_pid, "re-adopted a running workload");
@@ -1187,7 +1206,7 @@ impl Supervisor {
             let watch_id = id.clone();
             let shim = (record.shim_pid, record.shim_start_ticks);
             tokio::spawn(async move {
-                this.watch_adopted(&watch_id, shim).await;
+                this.watch_adopted(&watch_id, &records, shim).await;
                 let _ = done_tx.send(true);
             });
         } else {
@@ -1195,7 +1214,7 @@ impl Supervisor {
             let _ = done_tx.send(true);
             if source == Source::Local {
                 // Local results are kept until the next restart, not forever.
-                let _ = store::forget(dir);
+                let _ = records.forget();
             }
         }
         let status = w.status();
@@ -1206,10 +1225,9 @@ impl Supervisor {
 
     /// Waits for a re-adopted workload's shim, which is not our child, by
     /// polling its exit record and whether it still lives.
-    async fn watch_adopted(&self, id: &str, (shim_pid, shim_start): (u32, u64)) {
-        let dir = self.records_dir(id);
+    async fn watch_adopted(&self, id: &str, records: &Records, (shim_pid, shim_start): (u32, u64)) {
         loop {
-            if dir.join(store::EXIT_FILE).exists()
+            if matches!(records.read_exit(), Ok(Some(_)))
                 || !store::is_same_live_process(shim_pid, shim_start)
             {
                 break;
@@ -1217,7 +1235,7 @@ impl Supervisor {
             // A shim adopted between "go" and starting its workload reports
             // the pid late.
             let unknown_pid = self.lock().workloads.get(id).is_some_and(|w| w.pid == 0);
-            if unknown_pid && let Ok(Some(started)) = store::read_started(&dir) {
+            if unknown_pid && let Ok(Some(started)) = records.read_started() {
                 let mut st = self.lock();
                 if let Some(w) = st.workloads.get_mut(id) {
                     w.pid = started.pid;
@@ -1292,8 +1310,7 @@ impl Supervisor {
                 shim_start_ticks,
                 stop_requested: true,
             };
-            let dir = self.records_dir(&w.allocation.allocation_id);
-            if let Err(e) = store::write_agent_record(&dir, &record) {
+            if let Err(e) = w.records.record_stop(&record) {
                 warn!(allocation_id = %w.allocation.allocation_id, error = %e, "cannot record the stop request");
             }
         }

@@ -28,11 +28,12 @@ fn gated_shim() -> &'static Path {
         use std::os::unix::fs::PermissionsExt;
         let path = Path::new(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("gated-shim-{}.sh", std::process::id()));
-        // $2 is the records directory, <data dir>/workloads/<id>.
+        // $2 is the records file, <data dir>/workloads/<id>.records.
         let script = format!(
             r#"#!/bin/sh
 PATH=/usr/bin:/bin
-gate="$2/../../gates/${{2##*/}}"
+name="${{2##*/}}"
+gate="${{2%/*}}/../gates/${{name%.records}}"
 IFS= read -r spec || exit 0
 : > "$gate.handed"
 while [ ! -e "$gate" ]; do sleep 0.01; done
@@ -204,7 +205,12 @@ async fn a_queued_start_that_is_stopped_never_runs() {
     assert_eq!(dropped.message, "stopped before it started");
     assert_eq!(dropped.pid, 0);
     assert!(dropped.finished_at.is_some() && dropped.started_at.is_none());
-    assert!(!g.data.join("workloads").join(second).exists());
+    assert!(
+        !g.data
+            .join("workloads")
+            .join(format!("{second}.records"))
+            .exists()
+    );
     assert!(!g.was_handed(second));
 
     g.open(first);
