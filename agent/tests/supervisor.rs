@@ -36,7 +36,15 @@ async fn workload_sees_exactly_its_gpus_and_environment() {
         .env
         .insert("FOO".into(), "bar".into());
     let started = sup.run_local(alloc).await.unwrap();
-    assert_eq!(state(&started), WorkloadState::Running);
+    // A loaded machine may see this short workload end before its status
+    // is read back.
+    assert!(
+        matches!(
+            state(&started),
+            WorkloadState::Running | WorkloadState::Succeeded
+        ),
+        "{started:?}"
+    );
     assert!(started.pid > 0);
     let done = sup.wait("job-1.0").await.unwrap();
     assert_eq!(state(&done), WorkloadState::Succeeded, "{done:?}");
