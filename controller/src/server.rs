@@ -239,6 +239,9 @@ pub async fn start(
         }
     }));
 
+    background.push(tokio::spawn(crate::memory::trim_periodically(
+        crate::memory::TRIM_INTERVAL,
+    )));
     let telemetry = controller.clone();
     background.push(tokio::spawn(async move {
         let mut flush = tokio::time::interval(ROLLUP_FLUSH_INTERVAL);
