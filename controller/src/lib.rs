@@ -2,6 +2,7 @@
 //! scheduler, and the gRPC API for agents, schedulers and operators.
 
 pub mod auth;
+pub mod commit;
 pub mod config;
 pub mod error;
 pub mod history;

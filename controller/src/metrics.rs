@@ -431,7 +431,10 @@ pub async fn serve(
         get(move || {
             let controller = controller.clone();
             async move {
-                match Snapshot::take(&controller) {
+                // Like every reply, only once what it shows is durable.
+                let snapshot = Snapshot::take(&controller);
+                let snapshot = controller.settled().await.and(snapshot);
+                match snapshot {
                     Ok(snapshot) => (
                         StatusCode::OK,
                         [(header::CONTENT_TYPE, CONTENT_TYPE)],

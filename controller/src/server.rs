@@ -18,7 +18,8 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::config::ControllerConfig;
 use crate::service::{
-    AgentControlService, FleetService, JobsService, TelemetryService, TokensService, UsageService,
+    AgentControlService, FleetService, JobsService, Settled, TelemetryService, TokensService,
+    UsageService,
 };
 use crate::state::Controller;
 use crate::store::SledStore;
@@ -97,6 +98,11 @@ impl RunningController {
         }
         if let Err(e) = self.controller.persist_agent_seqs() {
             tracing::warn!(error = %e, "agents' applied seqs not written at shutdown; they may replay events once");
+        }
+        // Everything queued is durable (and what waited for it was sent)
+        // before the store is released.
+        if let Err(e) = self.controller.settled().await {
+            tracing::warn!(error = %e, "changes not stored at shutdown");
         }
         match tokio::time::timeout(Duration::from_secs(5), &mut self.metrics).await {
             Ok(Ok(Err(e))) => tracing::warn!(error = %e, "metrics server failed"),
@@ -317,16 +323,29 @@ pub async fn start(
     let router = builder
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(
+        // Every reply waits until the changes it may show are durable.
+        // (The agent stream's messages wait in the store's queue instead.)
+        .add_service(Settled::new(
             JobsServer::new(JobsService::new(controller.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(FleetServer::new(FleetService::new(controller.clone())))
-        .add_service(UsageServer::new(UsageService::new(controller.clone())))
-        .add_service(TokensServer::new(TokensService::new(controller.clone())))
-        .add_service(TelemetryServer::new(TelemetryService::new(
             controller.clone(),
-        )))
+        ))
+        .add_service(Settled::new(
+            FleetServer::new(FleetService::new(controller.clone())),
+            controller.clone(),
+        ))
+        .add_service(Settled::new(
+            UsageServer::new(UsageService::new(controller.clone())),
+            controller.clone(),
+        ))
+        .add_service(Settled::new(
+            TokensServer::new(TokensService::new(controller.clone())),
+            controller.clone(),
+        ))
+        .add_service(Settled::new(
+            TelemetryServer::new(TelemetryService::new(controller.clone())),
+            controller.clone(),
+        ))
         .add_service(
             AgentControlServer::new(AgentControlService::new(controller.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),

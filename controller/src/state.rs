@@ -2,12 +2,15 @@
 //! allocations, desired state per node. Everything here is plain Rust over
 //! prost records; the gRPC services are adapters on top.
 //!
-//! One mutex guards the state. Critical sections never await; store writes
-//! happen inside them so that a change is durable before it is announced
-//! (write first, then act).
+//! One mutex guards the state. Critical sections never await and never wait
+//! for the disk: a change's writes are queued to the store inside them (so
+//! the order of writes is the order of changes), and what the change
+//! announces is held until those writes are durable (see [`crate::commit`]):
+//! nothing leaves the controller (a reply, a job event, a desired state, an
+//! ack) that depends on a write not yet durable — write first, then act.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,6 +23,7 @@ use gpufleet_proto::v1::{
 use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 
 use crate::auth::{Action, Authority, Principal, TokenRecord};
+use crate::commit::GroupCommit;
 use crate::config::ControllerConfig;
 use crate::error::{ControllerError, Result};
 use crate::history;
@@ -60,8 +64,6 @@ struct NodeEntry {
     persisted_seq: u64,
     /// Allocation ids last sent, to skip sending an unchanged set.
     last_sent: Option<Vec<String>>,
-    /// A desired-state message could not be queued; resend on the next tick.
-    resend: bool,
 }
 
 struct Session {
@@ -69,6 +71,9 @@ struct Session {
     // Boxed: a channel allocates 32 slots up front, and a 90-byte message
     // per slot made idle sessions cost ~3 KiB per node.
     tx: mpsc::Sender<Box<ControllerMessage>>,
+    /// A desired state could not be queued on `tx` (set where it is sent,
+    /// once durable); resend on the next tick.
+    undelivered: Arc<AtomicBool>,
 }
 
 struct State {
@@ -135,7 +140,9 @@ struct Inner {
     usage_feed: Mutex<UsageFeed>,
     auth: Authority,
     config: ControllerConfig,
-    store: Box<dyn Store>,
+    /// Writes are queued here under the state lock; announcements wait in
+    /// it until they are durable.
+    store: GroupCommit,
     known_models: Vec<validate::ModelFacts>,
     state: Mutex<State>,
     /// Latest samples and rollups; its own locks, so ingest never waits
@@ -190,7 +197,8 @@ impl Controller {
             starts: Vec::new(),
             last_market_minute: placement::unix_secs(SystemTime::now()) / 60,
         };
-        let indexed = history::migrate(store.as_ref())?;
+        let store = GroupCommit::new(store)?;
+        let indexed = history::migrate(&store)?;
         if indexed > 0 {
             tracing::info!(
                 jobs = indexed,
@@ -198,10 +206,10 @@ impl Controller {
             );
         }
         let now = Instant::now();
-        let seqs: HashMap<String, u64> = load_all_by_id::<u64>(store.as_ref(), Keyspace::AgentSeq)?
+        let seqs: HashMap<String, u64> = load_all_by_id::<u64>(&store, Keyspace::AgentSeq)?
             .into_iter()
             .collect();
-        for mut node in load_all::<Node>(store.as_ref(), Keyspace::Nodes)? {
+        for mut node in load_all::<Node>(&store, Keyspace::Nodes)? {
             let id = node
                 .identity
                 .as_ref()
@@ -222,7 +230,6 @@ impl Controller {
                     last_seq: applied_seq,
                     persisted_seq: applied_seq,
                     last_sent: None,
-                    resend: false,
                 },
             );
         }
@@ -231,7 +238,7 @@ impl Controller {
         // One job at a time: settled jobs only feed fair share and counts.
         let mut fair_usage = HashMap::new();
         crate::store::visit::<Job>(
-            store.as_ref(),
+            &store,
             Keyspace::Jobs,
             crate::store::IdRange::default(),
             |_, job| {
@@ -256,10 +263,8 @@ impl Controller {
                 Ok(true)
             },
         )?;
-        let records = state.ledger.load(store.as_ref(), now_secs)?;
-        for signal in
-            load_all::<gpufleet_proto::v1::MarketSignal>(store.as_ref(), Keyspace::Market)?
-        {
+        let records = state.ledger.load(&store, now_secs)?;
+        for signal in load_all::<gpufleet_proto::v1::MarketSignal>(&store, Keyspace::Market)? {
             state.market.push(signal);
         }
         state.fair = FairShare::new(config.fair_share_half_life.as_secs_f64());
@@ -271,12 +276,12 @@ impl Controller {
             usage_records = records,
             "state loaded from store"
         );
-        let mut auth = Authority::load(store.as_ref(), &config.join_token, config.rate_limit)?;
+        let mut auth = Authority::load(&store, &config.join_token, config.rate_limit)?;
         let join_token_file = config.data_dir.join("join.token");
-        if let Some(path) = auth.ensure_join_token(store.as_ref(), &join_token_file)? {
+        if let Some(path) = auth.ensure_join_token(&store, &join_token_file)? {
             tracing::info!(path = %path.display(), "generated the join token agents need (mode 0600)");
         }
-        if let Some(path) = auth.bootstrap_admin(store.as_ref(), &config.admin_token_file)? {
+        if let Some(path) = auth.bootstrap_admin(&store, &config.admin_token_file)? {
             tracing::info!(
                 path = %path.display(),
                 "first start: wrote an admin token (mode 0600); use it to create other tokens with `gpufleet tokens create`"
@@ -344,19 +349,17 @@ impl Controller {
     ) -> Result<(TokenRecord, String)> {
         self.inner
             .auth
-            .create_token(self.inner.store.as_ref(), name, role, tenant, ttl)
+            .create_token(&self.inner.store, name, role, tenant, ttl)
     }
 
     pub fn revoke_token(&self, id: &str) -> Result<TokenRecord> {
-        self.inner.auth.revoke_token(self.inner.store.as_ref(), id)
+        self.inner.auth.revoke_token(&self.inner.store, id)
     }
 
     /// Forgets the agent identity bound to a node id.
     pub fn reset_node_identity(&self, node_id: &str) -> Result<bool> {
         validate::node_id("node_id", node_id)?;
-        self.inner
-            .auth
-            .reset_node(self.inner.store.as_ref(), node_id)
+        self.inner.auth.reset_node(&self.inner.store, node_id)
     }
 
     pub fn telemetry(&self) -> &TelemetryHub {
@@ -406,10 +409,14 @@ impl Controller {
     pub fn submit_job(&self, spec: JobSpec) -> Result<Job> {
         let mut state = self.lock();
         let spec = validate::job_spec(spec, &self.submit_rules(&state))?;
+        // 48 random bits: a collision is rare but would overwrite a
+        // finished job's record, so it is checked. Every job is in the store
+        // from its submit on; the read goes to the store's queue, then to
+        // sled (a B-tree lookup, usually cached; never a sync).
         let id = loop {
             let candidate = format!("job-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
             if !state.jobs.contains_key(&candidate)
-                && history::get(self.inner.store.as_ref(), &candidate)?.is_none()
+                && history::get(&self.inner.store, &candidate)?.is_none()
             {
                 break candidate;
             }
@@ -430,11 +437,11 @@ impl Controller {
         let mut batch = WriteBatch::default();
         batch.put(Keyspace::Jobs, &id, &job);
         history::index(&mut batch, None, &job);
-        self.inner.store.apply(batch)?;
+        self.inner.store.write(batch);
         state.jobs.insert(id.clone(), job.clone());
+        self.announce_job(job.clone());
         drop(state);
         tracing::info!(job_id = %id, "job submitted");
-        let _ = self.inner.job_events.send(job.clone());
         self.inner.schedule.notify_one();
         Ok(job)
     }
@@ -454,7 +461,7 @@ impl Controller {
         if let Some(job) = state.jobs.get(id) {
             return Ok(Some(job.clone()));
         }
-        Ok(history::get(self.inner.store.as_ref(), id)?)
+        Ok(history::get(&self.inner.store, id)?)
     }
 
     /// Deletes finished jobs that ended more than `finished_job_retention`
@@ -465,7 +472,7 @@ impl Controller {
         let cutoff = now
             .checked_sub(self.inner.config.finished_job_retention)
             .map_or(0, placement::unix_secs);
-        let store = self.inner.store.as_ref();
+        let store = &self.inner.store;
         let mut state = self.lock();
         let mut batch = WriteBatch::default();
         let mut deleted = Vec::new();
@@ -482,7 +489,7 @@ impl Controller {
         if batch.is_empty() {
             return Ok(0);
         }
-        store.apply(batch)?;
+        self.inner.store.write(batch);
         for job_state in &deleted {
             if let Some(count) = state.settled.get_mut(job_state) {
                 *count = count.saturating_sub(1);
@@ -533,7 +540,7 @@ impl Controller {
             live.sort_by_key(|job| std::cmp::Reverse(sort_key(job)));
             jobs.extend(live.into_iter().take(page_size + 1).cloned());
         } else {
-            let store = self.inner.store.as_ref();
+            let store = &self.inner.store;
             let before = after
                 .as_ref()
                 .map(|(nanos, id)| history::created_bound((*nanos).max(0) as u64, id));
@@ -616,7 +623,31 @@ impl Controller {
         Ok(job)
     }
 
-    /// Every job change, as it happens. Subscribe before reading the
+    /// Sends a job change to watchers once its writes are durable. Call it
+    /// under the state lock, after the change's write, so that watchers see
+    /// changes in the order they were made.
+    fn announce_job(&self, job: Job) {
+        let events = self.inner.job_events.clone();
+        self.inner.store.hold(move || {
+            let _ = events.send(job);
+        });
+    }
+
+    /// Resolves once every change made so far is durable (and what it
+    /// announced has been sent). A reply that shows state must wait for it
+    /// first: the gRPC services do (see `service::Settled`).
+    pub async fn settled(&self) -> Result<()> {
+        Ok(self.inner.store.settled().await?)
+    }
+
+    /// [`Self::settled`], blocking the thread: for tests and tools outside
+    /// an async runtime.
+    pub fn wait_settled(&self) -> Result<()> {
+        let store = &self.inner.store;
+        Ok(store.wait_durable(store.written())?)
+    }
+
+    /// Every job change, once durable. Subscribe before reading the
     /// current job to miss nothing.
     pub fn subscribe_jobs(&self) -> broadcast::Receiver<Job> {
         self.inner.job_events.subscribe()
@@ -644,7 +675,7 @@ impl Controller {
         let mut batch = WriteBatch::default();
         let now_ms = placement::unix_secs(SystemTime::now()) * 1000;
         let mut records = Vec::new();
-        let store = self.inner.store.as_ref();
+        let store = &self.inner.store;
         for job in &jobs {
             batch.put(Keyspace::Jobs, &job.id, job);
             history::index(&mut batch, state.jobs.get(&job.id), job);
@@ -683,7 +714,7 @@ impl Controller {
                 }
             }
         }
-        self.inner.store.apply(batch)?;
+        self.inner.store.write(batch);
         let now_secs = now_ms / 1000;
         let mut feed = self.usage_feed();
         for record in records {
@@ -713,7 +744,7 @@ impl Controller {
                 state.jobs.remove(&job.id);
                 *state.settled.entry(job.state()).or_insert(0) += 1;
             }
-            let _ = self.inner.job_events.send(job);
+            self.announce_job(job);
         }
         Ok(())
     }
@@ -918,11 +949,11 @@ impl Controller {
         }
         // Ledger retention: a walk that stops at the first record still
         // kept, so cheap when there is nothing to drop.
-        let store = self.inner.store.as_ref();
+        let store = &self.inner.store;
         state
             .ledger
             .prune(store, &mut batch, now, LEDGER_PRUNE_BATCH)?;
-        self.inner.store.apply(batch)?;
+        self.inner.store.write(batch);
         state.market.unmet_demand_gpus = snapshot.unmet_demand_gpus;
         for signal in signals {
             state.market.push(signal);
@@ -1031,7 +1062,7 @@ impl Controller {
             return Ok((page, true));
         }
         let (stored, more) = state.ledger.list(
-            self.inner.store.as_ref(),
+            &self.inner.store,
             filter,
             offset.saturating_sub(live_count),
             page_size - page.len(),
@@ -1155,7 +1186,7 @@ impl Controller {
         change(&mut record);
         let mut batch = WriteBatch::default();
         batch.put(Keyspace::Nodes, node_id, &record);
-        self.inner.store.apply(batch)?;
+        self.inner.store.write(batch);
         if let Some(entry) = state.nodes.get_mut(node_id) {
             entry.record = record;
         }
@@ -1262,7 +1293,7 @@ impl Controller {
             drain_deadline: previous.as_ref().and_then(|p| p.record.drain_deadline),
         };
         batch.put(Keyspace::Nodes, &node_id, &record);
-        self.inner.store.apply(batch)?;
+        self.inner.store.write(batch);
         let issued_secret = self.inner.auth.bound(identity_check);
         let uuids: Vec<String> = hello.gpus.iter().map(|g| g.uuid.clone()).collect();
         self.inner.telemetry.register_node(&node_id, &uuids);
@@ -1280,12 +1311,12 @@ impl Controller {
                 session: Some(Session {
                     id: session_id,
                     tx: tx.clone(),
+                    undelivered: Arc::new(AtomicBool::new(false)),
                 }),
                 generation,
                 last_seq,
                 persisted_seq,
                 last_sent: None,
-                resend: false,
             },
         );
         let ack = ControllerMessage {
@@ -1297,8 +1328,12 @@ impl Controller {
                 node_secret: issued_secret.unwrap_or_default(),
             })),
         };
-        // A fresh channel has room; failing here means the receiver is gone.
-        let _ = tx.try_send(Box::new(ack));
+        // After the hello's writes (the node's record, a new identity
+        // binding whose secret the ack carries). A fresh channel has room;
+        // failing here means the receiver is gone.
+        self.inner.store.hold(move || {
+            let _ = tx.try_send(Box::new(ack));
+        });
 
         // Reconcile what the agent reports against what we believe.
         let reported: HashMap<&str, &WorkloadStatus> = hello
@@ -1405,8 +1440,13 @@ impl Controller {
                     seq,
                 })),
             };
-            // Acks are cumulative: dropping one when the channel is full is harmless.
-            let _ = session.tx.try_send(Box::new(ack));
+            // Sent once the message's effects are durable (its writes were
+            // queued before this). Acks are cumulative: dropping one when
+            // the channel is full is harmless.
+            let tx = session.tx.clone();
+            self.inner.store.hold(move || {
+                let _ = tx.try_send(Box::new(ack));
+            });
         }
     }
 
@@ -1429,6 +1469,8 @@ impl Controller {
         for (id, seq) in &changed {
             batch.put(Keyspace::AgentSeq, id, seq);
         }
+        // Queued after the writes of every message these seqs cover, and
+        // writes become durable in order: once this one is, so are they.
         self.inner.store.apply(batch)?;
         let mut state = self.lock();
         for (id, seq) in &changed {
@@ -1654,12 +1696,13 @@ impl Controller {
             .iter()
             .map(|a| a.allocation_id.clone())
             .collect();
-        if !force && !entry.resend && entry.last_sent.as_ref() == Some(&ids) {
-            return;
-        }
         let Some(session) = &entry.session else {
             return;
         };
+        let retry = session.undelivered.swap(false, Ordering::SeqCst);
+        if !force && !retry && entry.last_sent.as_ref() == Some(&ids) {
+            return;
+        }
         entry.generation += 1;
         let message = ControllerMessage {
             body: Some(controller_message::Body::DesiredState(DesiredState {
@@ -1667,13 +1710,17 @@ impl Controller {
                 allocations,
             })),
         };
-        match session.tx.try_send(Box::new(message)) {
-            Ok(()) => {
-                entry.last_sent = Some(ids);
-                entry.resend = false;
+        // Sent once the writes it reflects are durable, in order with the
+        // node's other messages. A full channel is retried on the next
+        // lease tick (the whole set: re-sending is always safe).
+        let tx = session.tx.clone();
+        let undelivered = session.undelivered.clone();
+        self.inner.store.hold(move || {
+            if tx.try_send(Box::new(message)).is_err() {
+                undelivered.store(true, Ordering::SeqCst);
             }
-            Err(_) => entry.resend = true,
-        }
+        });
+        entry.last_sent = Some(ids);
     }
 
     // -------------------------------------------------------------- leases
@@ -1710,7 +1757,7 @@ impl Controller {
         for (id, record) in &node_updates {
             batch.put(Keyspace::Nodes, id, record);
         }
-        self.inner.store.apply(batch)?;
+        self.inner.store.write(batch);
 
         let mut changed = Vec::new();
         let mut retired = Vec::new();
@@ -1788,7 +1835,11 @@ impl Controller {
         let resend: Vec<String> = state
             .nodes
             .iter()
-            .filter(|(_, e)| e.resend)
+            .filter(|(_, e)| {
+                e.session
+                    .as_ref()
+                    .is_some_and(|s| s.undelivered.load(Ordering::SeqCst))
+            })
             .map(|(id, _)| id.clone())
             .collect();
         for node_id in touched.into_iter().chain(resend) {

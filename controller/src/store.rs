@@ -21,6 +21,11 @@ pub enum StoreError {
     },
     #[error("stored record {key} is corrupt: {message}")]
     CorruptRecord { key: String, message: String },
+    /// A group commit (see [`crate::commit`]) could not be made durable.
+    /// The change stays in memory and is retried; nothing that depends on
+    /// it has been announced.
+    #[error("store write failed: {0}; nothing that depends on it was announced (it is retried)")]
+    NotDurable(String),
 }
 
 /// A keyspace: every key of a record kind shares its prefix.
@@ -72,15 +77,37 @@ impl Keyspace {
         }
     }
 
-    fn key(self, id: &str) -> Vec<u8> {
+    pub(crate) fn key(self, id: &str) -> Vec<u8> {
         let mut key = self.prefix().as_bytes().to_vec();
         key.extend_from_slice(id.as_bytes());
         key
     }
+
+    /// The keys `range` covers: `[start, end)`, or None when empty.
+    pub(crate) fn bounds(self, range: IdRange<'_>) -> Option<(Vec<u8>, Vec<u8>)> {
+        let start = self.key(range.from);
+        let end = match range.to {
+            Some(to) => self.key(to),
+            // Every prefix ends in '/', so '/' + 1 bounds the keyspace.
+            None => {
+                let mut end = self.prefix().as_bytes().to_vec();
+                if let Some(last) = end.last_mut() {
+                    *last += 1;
+                }
+                end
+            }
+        };
+        (start < end).then_some((start, end))
+    }
+
+    /// The id of a key of this keyspace.
+    pub(crate) fn id_of(self, key: &[u8]) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(key.get(self.prefix().len()..).unwrap_or_default())
+    }
 }
 
 /// Writes applied all together or not at all.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct WriteBatch {
     ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
@@ -101,6 +128,17 @@ impl WriteBatch {
 
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
+    }
+
+    /// The writes in order, as (key, value; None = delete).
+    pub(crate) fn ops(&self) -> &[(Vec<u8>, Option<Vec<u8>>)] {
+        &self.ops
+    }
+
+    /// Appends `other`'s writes after this batch's: a later write of a key
+    /// wins, as if the batches were applied one after the other.
+    pub(crate) fn append(&mut self, other: WriteBatch) {
+        self.ops.extend(other.ops);
     }
 }
 
@@ -181,7 +219,14 @@ pub trait Store: Send + Sync + 'static {
     fn apply(&self, batch: WriteBatch) -> Result<(), StoreError>;
     /// Every record of a keyspace, as raw encoded messages keyed by id.
     /// For small keyspaces; large ones are walked with [`Store::visit_raw`].
-    fn scan_raw(&self, space: Keyspace) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    fn scan_raw(&self, space: Keyspace) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        self.visit_raw(space, IdRange::default(), &mut |id, value| {
+            out.push((id.to_string(), value.to_vec()));
+            true
+        })?;
+        Ok(out)
+    }
     /// One record, raw.
     fn get_raw(&self, space: Keyspace, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Calls `visit` with each record in `range`, one at a time (nothing is
@@ -353,15 +398,6 @@ impl Store for SledStore {
         Ok(())
     }
 
-    fn scan_raw(&self, space: Keyspace) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let mut out = Vec::new();
-        self.visit_raw(space, IdRange::default(), &mut |id, value| {
-            out.push((id.to_string(), value.to_vec()));
-            true
-        })?;
-        Ok(out)
-    }
-
     fn get_raw(&self, space: Keyspace, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.tree.get(space.key(id))?.map(|v| v.to_vec()))
     }
@@ -372,27 +408,13 @@ impl Store for SledStore {
         range: IdRange<'_>,
         visit: &mut dyn FnMut(&str, &[u8]) -> bool,
     ) -> Result<(), StoreError> {
-        let prefix = space.prefix();
-        let start = space.key(range.from);
-        let end = match range.to {
-            Some(to) => space.key(to),
-            // Every prefix ends in '/', so '/' + 1 bounds the keyspace.
-            None => {
-                let mut end = prefix.as_bytes().to_vec();
-                if let Some(last) = end.last_mut() {
-                    *last += 1;
-                }
-                end
-            }
-        };
-        if start >= end {
+        let Some((start, end)) = space.bounds(range) else {
             return Ok(());
-        }
+        };
         let entries = self.tree.range(start..end);
         let mut step = |entry: sled::Result<(sled::IVec, sled::IVec)>| -> Result<bool, StoreError> {
             let (key, value) = entry?;
-            let id = String::from_utf8_lossy(&key[prefix.len()..]);
-            Ok(visit(&id, &value))
+            Ok(visit(&space.id_of(&key), &value))
         };
         if range.reverse {
             for entry in entries.rev() {

@@ -43,6 +43,8 @@ fn hello() -> AgentHello {
 /// `last_seq` of the hello ack a fresh session starts with.
 fn hello_ack_seq(controller: &Controller) -> anyhow::Result<u64> {
     let mut session = controller.connect_agent(hello())?;
+    // The ack leaves once the hello's writes are durable.
+    controller.wait_settled()?;
     match session.downlink.try_recv()?.body {
         Some(controller_message::Body::HelloAck(ack)) => Ok(ack.last_seq),
         other => anyhow::bail!("expected a hello ack first, got {other:?}"),

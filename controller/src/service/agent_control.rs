@@ -63,7 +63,8 @@ impl AgentControl for AgentControlService {
             tracing::warn!(?peer, error = %e, "agent refused");
             to_status(e)
         })?;
-        // connect_agent persisted what the hello reported.
+        // connect_agent queued what the hello reported; the ack waits
+        // in the store until it is durable.
         if self.controller.accept_seq(&session.node_id, first.seq) {
             self.controller.applied_seq(&session.node_id, first.seq);
         }

@@ -155,10 +155,13 @@ impl Jobs for JobsService {
                 let job = match event {
                     Ok(job) if job.id == id => job,
                     Ok(_) => continue,
-                    Err(broadcast::error::RecvError::Lagged(_)) => match controller.get_job(&id) {
-                        Ok(job) => job,
-                        Err(_) => return,
-                    },
+                    // Read from memory: sent only once durable, like the events.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        match (controller.get_job(&id), controller.settled().await) {
+                            (Ok(job), Ok(())) => job,
+                            _ => return,
+                        }
+                    }
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
                 if job.version <= last_version {
@@ -227,6 +230,9 @@ async fn pump_logs(
     let mut events = controller.subscribe_jobs();
     loop {
         let job = controller.get_job(&request.job_id).map_err(to_status)?;
+        // What it decides from the job (end the stream, which task to
+        // read) leaves the controller: only once durable.
+        controller.settled().await.map_err(to_status)?;
         let Some(task) = job
             .tasks
             .iter()

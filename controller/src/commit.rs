@@ -1,0 +1,597 @@
+//! Group commit: the controller's writes stop waiting for the disk.
+//!
+//! The controller changes its state under one lock, and every change is
+//! written to the store (write first, then act). A disk sync per change,
+//! under that lock, made every client and agent wait for every other's
+//! sync. Here a change is only *queued* under the lock ([`GroupCommit::write`],
+//! microseconds); one syncer thread applies everything queued since its
+//! last round as one atomic batch and syncs once, so concurrent changes
+//! share a sync.
+//!
+//! The rule that keeps this safe: **nothing leaves the controller (a reply,
+//! a job event, a desired state, an ack) that depends on a write not yet
+//! durable.** What a change announces is handed to [`GroupCommit::hold`],
+//! which runs it once every write queued before it is durable, in the
+//! order it was held; replies wait for [`GroupCommit::settled`]. A crash
+//! therefore loses only changes that nobody outside was told of: a client
+//! whose submit got no reply, an agent event that was not acknowledged
+//! (the agent sends it again).
+//!
+//! Writes are applied in the order they were queued, each round after the
+//! previous one is durable, so what survives a crash is always a prefix of
+//! the writes: any write being durable implies every earlier one is.
+//!
+//! Reads go through here too: a queued write is visible at once (an
+//! overlay of the queued values over the store), so the controller reads
+//! its own writes whether or not the syncer got to them.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::store::{IdRange, Keyspace, Store, StoreError, WriteBatch};
+
+/// Writes queued but not yet durable, at most; a writer beyond it waits
+/// for the syncer (a stalled disk then stalls the controller instead of
+/// growing memory without bound).
+const MAX_QUEUED_BATCHES: usize = 10_000;
+/// How long the syncer waits before retrying a failed round.
+const RETRY_AFTER: Duration = Duration::from_millis(500);
+
+/// Something to send once the writes before it are durable.
+type Announcement = Box<dyn FnOnce() + Send>;
+
+/// The embedded store behind a group-commit queue. Implements [`Store`]:
+/// its `apply` queues the batch and waits until it is durable.
+pub struct GroupCommit {
+    shared: Arc<Shared>,
+    syncer: Option<JoinHandle<()>>,
+}
+
+struct Shared {
+    store: Box<dyn Store>,
+    queue: Mutex<Queue>,
+    /// The syncer waits here for writes; writers wait here for room.
+    changed: Condvar,
+    durable: watch::Sender<Durable>,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// Number of the last batch queued (batches are numbered from 1).
+    written: u64,
+    batches: VecDeque<(u64, WriteBatch)>,
+    /// The latest queued value of each key not yet in the store (None: a
+    /// delete), with the number of the batch that wrote it.
+    overlay: BTreeMap<Vec<u8>, (u64, Option<Vec<u8>>)>,
+    /// Announcements waiting for the batch number they follow.
+    held: VecDeque<(u64, Announcement)>,
+    /// Announcements that follow batches up to this one have been sent.
+    released: u64,
+    closing: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Durable {
+    /// Every batch up to this one is durable.
+    through: u64,
+    /// The last round failed: the highest batch it held, and why.
+    failed: Option<(u64, Arc<str>)>,
+}
+
+impl GroupCommit {
+    /// Starts the syncer thread over `store`, whose `apply` must be atomic
+    /// and durable.
+    pub fn new(store: Box<dyn Store>) -> Result<Self, StoreError> {
+        let shared = Arc::new(Shared {
+            store,
+            queue: Mutex::new(Queue::default()),
+            changed: Condvar::new(),
+            durable: watch::channel(Durable::default()).0,
+        });
+        let syncer = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("store-sync".into())
+                .spawn(move || shared.run_syncer())
+                .map_err(|e| {
+                    StoreError::NotDurable(format!("cannot start the store's sync thread: {e}"))
+                })?
+        };
+        Ok(Self {
+            shared,
+            syncer: Some(syncer),
+        })
+    }
+
+    /// Queues `batch` (atomic, applied after every batch queued before it)
+    /// and returns its number. Readable through this store at once;
+    /// durable once [`Self::durable`] says so. Call it where the change is
+    /// made (under the state lock), so the order of writes is the order of
+    /// changes.
+    pub fn write(&self, batch: WriteBatch) -> u64 {
+        let mut queue = self.shared.lock();
+        while queue.batches.len() >= MAX_QUEUED_BATCHES && !queue.closing {
+            queue = self
+                .shared
+                .changed
+                .wait(queue)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        if batch.is_empty() {
+            return queue.written;
+        }
+        queue.written += 1;
+        let number = queue.written;
+        for (key, value) in batch.ops() {
+            queue.overlay.insert(key.clone(), (number, value.clone()));
+        }
+        queue.batches.push_back((number, batch));
+        drop(queue);
+        self.shared.changed.notify_all();
+        number
+    }
+
+    /// Runs `announce` once every batch queued so far is durable, after
+    /// everything held before it. Call it where the change is made, after
+    /// its write. `announce` runs on the syncer thread under the queue's
+    /// lock: it must not block or touch the store (a `try_send`, a
+    /// broadcast).
+    pub fn hold(&self, announce: impl FnOnce() + Send + 'static) {
+        let mut queue = self.shared.lock();
+        let after = queue.written;
+        if after <= queue.released {
+            // Everything it follows is durable and everything held before
+            // it was sent; under the lock, like a round's releases.
+            announce();
+        } else {
+            queue.held.push_back((after, Box::new(announce)));
+        }
+    }
+
+    /// The number of the last batch queued.
+    pub fn written(&self) -> u64 {
+        self.shared.lock().written
+    }
+
+    /// Resolves once batch `number` (and so every batch before it) is
+    /// durable and what was held behind it has been sent; an error when the
+    /// round that held it failed.
+    pub async fn durable(&self, number: u64) -> Result<(), StoreError> {
+        let mut durable = self.shared.durable.subscribe();
+        let state = durable
+            .wait_for(|d| {
+                d.through >= number || d.failed.as_ref().is_some_and(|(held, _)| *held >= number)
+            })
+            .await
+            .map_err(|_| StoreError::NotDurable("the store was closed".into()))?
+            .clone();
+        match state.failed {
+            Some((_, why)) if state.through < number => {
+                Err(StoreError::NotDurable(why.to_string()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Resolves once every batch queued so far is durable.
+    pub async fn settled(&self) -> Result<(), StoreError> {
+        self.durable(self.written()).await
+    }
+
+    /// [`Self::durable`] for code outside an async runtime (blocks the thread).
+    pub fn wait_durable(&self, number: u64) -> Result<(), StoreError> {
+        futures::executor::block_on(self.durable(number))
+    }
+}
+
+impl Drop for GroupCommit {
+    /// Makes everything queued durable (and sends what it held) before the
+    /// store closes.
+    fn drop(&mut self) {
+        self.shared.lock().closing = true;
+        self.shared.changed.notify_all();
+        if let Some(syncer) = self.syncer.take()
+            && syncer.join().is_err()
+        {
+            tracing::error!("the store's sync thread panicked");
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn run_syncer(&self) {
+        // Waiters must not wait forever for a thread that is gone.
+        struct PanicGuard<'a>(&'a Shared);
+        impl Drop for PanicGuard<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0.durable.send_modify(|d| {
+                        d.failed = Some((u64::MAX, "the store's sync thread panicked".into()));
+                    });
+                }
+            }
+        }
+        let _guard = PanicGuard(self);
+        loop {
+            {
+                let mut queue = self.lock();
+                while queue.batches.is_empty() && !queue.closing {
+                    queue = self.changed.wait(queue).unwrap_or_else(|p| p.into_inner());
+                }
+                if queue.batches.is_empty() {
+                    return;
+                }
+            }
+            if let Err(e) = self.sync_round() {
+                tracing::error!(error = %e, "store write failed; retrying");
+                if self.lock().closing {
+                    tracing::error!("queued writes were not stored at shutdown");
+                    return;
+                }
+                std::thread::sleep(RETRY_AFTER);
+            }
+        }
+    }
+
+    /// Applies everything queued as one atomic batch, syncs, then sends
+    /// what was held behind it and publishes the new durable point.
+    fn sync_round(&self) -> Result<(), StoreError> {
+        let (through, round) = {
+            let queue = self.lock();
+            let Some(&(through, _)) = queue.batches.back() else {
+                return Ok(());
+            };
+            // Cloned, not taken: a failed round is retried from the queue.
+            let mut round = WriteBatch::default();
+            for (_, batch) in &queue.batches {
+                round.append(batch.clone());
+            }
+            (through, round)
+        };
+        // Atomic and synced: the inner store's apply returns once durable.
+        if let Err(e) = self.store.apply(round) {
+            self.durable
+                .send_modify(|d| d.failed = Some((through, e.to_string().into())));
+            return Err(e);
+        }
+        {
+            let mut queue = self.lock();
+            while queue.batches.front().is_some_and(|(n, _)| *n <= through) {
+                queue.batches.pop_front();
+            }
+            // Keys written again after this round keep their newer value.
+            queue.overlay.retain(|_, (n, _)| *n > through);
+            queue.released = through;
+            // Under the queue's lock, so a `hold` meanwhile cannot overtake.
+            while queue
+                .held
+                .front()
+                .is_some_and(|(after, _)| *after <= through)
+            {
+                if let Some((_, announce)) = queue.held.pop_front() {
+                    announce();
+                }
+            }
+        }
+        self.changed.notify_all();
+        self.durable.send_modify(|d| {
+            d.through = through;
+            d.failed = None;
+        });
+        Ok(())
+    }
+}
+
+impl Store for GroupCommit {
+    /// Queues the batch and waits until it is durable (blocks the thread).
+    fn apply(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        let number = self.write(batch);
+        self.wait_durable(number)
+    }
+
+    fn get_raw(&self, space: Keyspace, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some((_, value)) = self.shared.lock().overlay.get(&space.key(id)) {
+            return Ok(value.clone());
+        }
+        // Absent from the overlay: either never queued, or already applied
+        // (a round applies before it clears the overlay).
+        self.shared.store.get_raw(space, id)
+    }
+
+    /// The store's records merged with the queued ones (a queued value
+    /// replaces the stored one; a queued delete hides it).
+    fn visit_raw(
+        &self,
+        space: Keyspace,
+        range: IdRange<'_>,
+        visit: &mut dyn FnMut(&str, &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        let Some((start, end)) = space.bounds(range) else {
+            return Ok(());
+        };
+        // Taken before the store is read: a round that applies meanwhile
+        // only makes the store agree with what was taken.
+        let mut queued: VecDeque<(String, Option<Vec<u8>>)> = {
+            let queue = self.shared.lock();
+            let entries = queue.overlay.range(start..end);
+            let entries: Box<dyn Iterator<Item = _>> = if range.reverse {
+                Box::new(entries.rev())
+            } else {
+                Box::new(entries)
+            };
+            entries
+                .map(|(key, (_, value))| (space.id_of(key).into_owned(), value.clone()))
+                .collect()
+        };
+        if queued.is_empty() {
+            return self.shared.store.visit_raw(space, range, visit);
+        }
+        // Does `a` come before `b` in this walk's order?
+        let before = |a: &str, b: &str| if range.reverse { a > b } else { a < b };
+        let mut stopped = false;
+        self.shared
+            .store
+            .visit_raw(space, range, &mut |id, stored| {
+                while let Some((next, _)) = queued.front()
+                    && before(next, id)
+                {
+                    if let Some((next, Some(value))) = queued.pop_front()
+                        && !visit(&next, &value)
+                    {
+                        stopped = true;
+                        return false;
+                    }
+                }
+                let more = match queued.front() {
+                    Some((next, _)) if next == id => match queued.pop_front() {
+                        Some((next, Some(value))) => visit(&next, &value),
+                        // Deleted by a queued write.
+                        _ => true,
+                    },
+                    _ => visit(id, stored),
+                };
+                stopped = !more;
+                more
+            })?;
+        if !stopped {
+            for (id, value) in queued {
+                if let Some(value) = value
+                    && !visit(&id, &value)
+                {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SledStore;
+    use futures::FutureExt;
+    use gpufleet_proto::v1::Job;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// An in-memory store whose `apply` waits while the test holds `gate`
+    /// and fails while `fail` is set: the syncer's round can be stopped
+    /// half-way at will.
+    #[derive(Default)]
+    struct Gated {
+        data: Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
+        gate: Mutex<()>,
+        fail: AtomicBool,
+    }
+
+    struct GatedStore(Arc<Gated>);
+
+    impl Store for GatedStore {
+        fn apply(&self, batch: WriteBatch) -> Result<(), StoreError> {
+            drop(self.0.gate.lock().unwrap());
+            if self.0.fail.load(Ordering::SeqCst) {
+                return Err(StoreError::NotDurable("disk on fire".into()));
+            }
+            let mut data = self.0.data.lock().unwrap();
+            for (key, value) in batch.ops() {
+                match value {
+                    Some(value) => data.insert(key.clone(), value.clone()),
+                    None => data.remove(key),
+                };
+            }
+            Ok(())
+        }
+
+        fn get_raw(&self, space: Keyspace, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(self.0.data.lock().unwrap().get(&space.key(id)).cloned())
+        }
+
+        fn visit_raw(
+            &self,
+            space: Keyspace,
+            range: IdRange<'_>,
+            visit: &mut dyn FnMut(&str, &[u8]) -> bool,
+        ) -> Result<(), StoreError> {
+            let Some((start, end)) = space.bounds(range) else {
+                return Ok(());
+            };
+            let data = self.0.data.lock().unwrap();
+            let entries: Vec<_> = data.range(start..end).collect();
+            let entries: Box<dyn Iterator<Item = _>> = if range.reverse {
+                Box::new(entries.into_iter().rev())
+            } else {
+                Box::new(entries.into_iter())
+            };
+            for (key, value) in entries {
+                if !visit(&space.id_of(key), value) {
+                    break;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn gated() -> (Arc<Gated>, GroupCommit) {
+        let inner = Arc::new(Gated::default());
+        let commit = GroupCommit::new(Box::new(GatedStore(inner.clone()))).unwrap();
+        (inner, commit)
+    }
+
+    fn put(id: &str) -> WriteBatch {
+        let mut batch = WriteBatch::default();
+        batch.put(
+            Keyspace::Jobs,
+            id,
+            &Job {
+                id: id.to_string(),
+                ..Default::default()
+            },
+        );
+        batch
+    }
+
+    fn ids(store: &dyn Store, range: IdRange<'_>) -> Vec<String> {
+        let mut out = Vec::new();
+        store
+            .visit_raw(Keyspace::Jobs, range, &mut |id, _| {
+                out.push(id.to_string());
+                true
+            })
+            .unwrap();
+        out
+    }
+
+    fn stored(inner: &Gated, id: &str) -> bool {
+        inner
+            .data
+            .lock()
+            .unwrap()
+            .contains_key(&Keyspace::Jobs.key(id))
+    }
+
+    #[test]
+    fn durable_means_in_the_store_and_announcements_wait_for_it() {
+        let (inner, commit) = gated();
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let gate = inner.gate.lock().unwrap();
+        let mut numbers = Vec::new();
+        for id in ["job-a", "job-b", "job-c"] {
+            numbers.push(commit.write(put(id)));
+            let sent = sent.clone();
+            let inner = inner.clone();
+            commit.hold(move || {
+                // Runs only once its write reached the store.
+                sent.lock().unwrap().push((id, stored(&inner, id)));
+            });
+        }
+        assert!(
+            commit.durable(numbers[0]).now_or_never().is_none(),
+            "not durable while the store has not applied it"
+        );
+        assert!(sent.lock().unwrap().is_empty(), "nothing announced yet");
+        drop(gate);
+        commit.wait_durable(numbers[2]).unwrap();
+        assert!(stored(&inner, "job-c"));
+        assert_eq!(
+            *sent.lock().unwrap(),
+            [("job-a", true), ("job-b", true), ("job-c", true)],
+            "in the order held, each after its write"
+        );
+        // With nothing queued, an announcement goes at once.
+        let ran = Arc::new(AtomicUsize::new(0));
+        let counter = ran.clone();
+        commit.hold(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
+        assert_eq!(ran.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn reads_see_queued_writes_merged_with_stored_ones() {
+        let (inner, commit) = gated();
+        let mut batch = WriteBatch::default();
+        for id in ["job-a", "job-c", "job-e"] {
+            batch.append(put(id));
+        }
+        commit.apply(batch).unwrap();
+        // The syncer is stopped in its round: these stay queued.
+        let gate = inner.gate.lock().unwrap();
+        let mut batch = put("job-b");
+        batch.delete(Keyspace::Jobs, "job-c");
+        batch.append(put("job-f"));
+        let number = commit.write(batch);
+        assert_eq!(
+            ids(&commit, IdRange::default()),
+            ["job-a", "job-b", "job-e", "job-f"]
+        );
+        let reverse = IdRange {
+            reverse: true,
+            ..Default::default()
+        };
+        assert_eq!(ids(&commit, reverse), ["job-f", "job-e", "job-b", "job-a"]);
+        assert_eq!(ids(&commit, IdRange::below("job-c")), ["job-a", "job-b"]);
+        assert!(commit.get_raw(Keyspace::Jobs, "job-c").unwrap().is_none());
+        assert!(commit.get_raw(Keyspace::Jobs, "job-b").unwrap().is_some());
+        assert!(!stored(&inner, "job-b"), "still only queued");
+        // A walk that stops early stops in the queued part too.
+        let mut first = Vec::new();
+        commit
+            .visit_raw(Keyspace::Jobs, IdRange::default(), &mut |id, _| {
+                first.push(id.to_string());
+                first.len() < 2
+            })
+            .unwrap();
+        assert_eq!(first, ["job-a", "job-b"]);
+        drop(gate);
+        commit.wait_durable(number).unwrap();
+        assert!(stored(&inner, "job-b") && !stored(&inner, "job-c"));
+        assert_eq!(
+            ids(&commit, IdRange::default()),
+            ["job-a", "job-b", "job-e", "job-f"]
+        );
+    }
+
+    #[test]
+    fn a_failed_round_announces_nothing_and_is_retried() {
+        let (inner, commit) = gated();
+        inner.fail.store(true, Ordering::SeqCst);
+        let sent = Arc::new(AtomicBool::new(false));
+        let number = commit.write(put("job-a"));
+        let flag = sent.clone();
+        commit.hold(move || flag.store(true, Ordering::SeqCst));
+        let err = commit.wait_durable(number).unwrap_err();
+        assert!(err.to_string().contains("disk on fire"), "{err}");
+        assert!(!sent.load(Ordering::SeqCst));
+        // Still readable from memory, and stored once the disk recovers.
+        assert!(commit.get_raw(Keyspace::Jobs, "job-a").unwrap().is_some());
+        inner.fail.store(false, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !sent.load(Ordering::SeqCst) {
+            assert!(std::time::Instant::now() < deadline, "never retried");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(stored(&inner, "job-a"));
+    }
+
+    #[test]
+    fn a_durable_write_survives_reopening_a_sled_store() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let commit = GroupCommit::new(Box::new(SledStore::open(dir.path()).unwrap())).unwrap();
+            let number = commit.write(put("job-a"));
+            commit.wait_durable(number).unwrap();
+            // Queued only: dropping the store still stores it.
+            commit.write(put("job-b"));
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(ids(&store, IdRange::default()), ["job-a", "job-b"]);
+    }
+}
