@@ -47,7 +47,7 @@ async fn submit_watch_logs_through_the_binary() -> anyhow::Result<()> {
     .await;
     assert!(submitted.status.success(), "{}", stderr(&submitted));
     let id = stdout(&submitted).trim().to_string();
-    assert!(id.starts_with("job-") && id.len() == 16, "{id:?}");
+    assert!(id.starts_with("job-") && id.len() == 20, "{id:?}");
 
     let watched = gpufleet(&endpoint, &["jobs", "watch", &id]).await;
     assert!(

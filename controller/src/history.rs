@@ -10,6 +10,28 @@ use gpufleet_proto::v1::{Job, JobState};
 use crate::lifecycle::{is_terminal_job, task_holds_gpus};
 use crate::store::{self, IdRange, Keyspace, Store, StoreError, WriteBatch};
 
+/// A new job id: `job-` and 16 hex digits, the submit's Unix second (9
+/// digits) then 28 random bits (7 digits).
+///
+/// Time first, so that ids sort by submit second: the store keeps jobs and
+/// usage records by id, and new ids then land among the newest keys instead
+/// of anywhere in those trees. With random ids every submit, status change
+/// and usage record touched a random page of the store, pulling old pages
+/// into its cache and evicting others, so the cache churned with every job
+/// (measured in BENCHMARKS.md, `load`). The random part keeps ids
+/// unguessable within a second; the caller still checks for a collision.
+pub fn new_job_id(now: std::time::SystemTime, random: u32) -> String {
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!(
+        "job-{:09x}{:07x}",
+        secs & 0xf_ffff_ffff,
+        random & 0x0fff_ffff
+    )
+}
+
 /// Whether the job must stay in memory: it can still change.
 pub fn is_resident(job: &Job) -> bool {
     !is_terminal_job(job.state()) || job.tasks.iter().any(task_holds_gpus)
@@ -171,6 +193,19 @@ pub type SettledCounts = std::collections::BTreeMap<JobState, u64>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn job_ids_sort_by_submit_second_and_differ_within_one() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let at = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let a = new_job_id(at, 0xffff_ffff);
+        let b = new_job_id(at + Duration::from_secs(1), 0);
+        assert_eq!(a, "job-06b49d200fffffff");
+        assert_eq!(b, "job-06b49d2010000000");
+        assert!(a < b, "a later second sorts after an earlier one");
+        assert_ne!(new_job_id(at, 1), new_job_id(at, 2));
+        assert_eq!(a.len(), "job-".len() + 16);
+    }
     use crate::store::SledStore;
     use gpufleet_proto::v1::{JobSpec, TaskStatus, WorkloadState};
     use prost_types::Timestamp;

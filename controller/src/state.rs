@@ -409,12 +409,14 @@ impl Controller {
     pub fn submit_job(&self, spec: JobSpec) -> Result<Job> {
         let mut state = self.lock();
         let spec = validate::job_spec(spec, &self.submit_rules(&state))?;
-        // 48 random bits: a collision is rare but would overwrite a
-        // finished job's record, so it is checked. Every job is in the store
-        // from its submit on; the read goes to the store's queue, then to
-        // sled (a B-tree lookup, usually cached; never a sync).
+        // 28 random bits per second: a collision is rare but would
+        // overwrite a finished job's record, so it is checked. Every job is
+        // in the store from its submit on; the read goes to the store's
+        // queue, then to sled (a lookup among the newest keys, which stay
+        // cached: see `history::new_job_id`; never a sync).
         let id = loop {
-            let candidate = format!("job-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+            let candidate =
+                history::new_job_id(SystemTime::now(), uuid::Uuid::new_v4().as_u128() as u32);
             if !state.jobs.contains_key(&candidate)
                 && history::get(&self.inner.store, &candidate)?.is_none()
             {

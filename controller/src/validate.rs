@@ -42,19 +42,22 @@ pub fn parse_generation(name: &str) -> Option<GpuGeneration> {
     GpuGeneration::from_str_name(&full).filter(|g| *g != GpuGeneration::Unspecified)
 }
 
-/// A job id as this controller issues them: `job-` and 12 lowercase hex digits.
+/// A job id as this controller issues them: `job-` and 16 lowercase hex
+/// digits (`history::new_job_id`), or 12 for jobs submitted before ids
+/// began with their submit time.
 pub fn job_id(field: &str, id: &str) -> Result<()> {
-    let ok = id.len() == 16
-        && id.starts_with("job-")
-        && id[4..]
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let ok = id.strip_prefix("job-").is_some_and(|digits| {
+        matches!(digits.len(), 12 | 16)
+            && digits
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    });
     if ok {
         Ok(())
     } else {
         Err(ControllerError::invalid(
             field,
-            format!("{id:?} is not a job id; job ids look like job-3f2a9c0d41b7"),
+            format!("{id:?} is not a job id; job ids look like job-06b0bdffc3f2a9c0"),
         ))
     }
 }
@@ -614,7 +617,12 @@ mod tests {
 
     #[test]
     fn ids_and_generations() {
-        assert!(job_id("job_id", "job-0123456789ab").is_ok());
+        assert!(job_id("job_id", "job-0123456789ab").is_ok(), "an older id");
+        assert!(job_id("job_id", "job-06b0bdffc3f2a9c0").is_ok());
+        let issued = crate::history::new_job_id(std::time::SystemTime::now(), 0xabcdef1);
+        assert!(job_id("job_id", &issued).is_ok(), "{issued}");
+        assert!(job_id("job_id", "job-0123456789abc").is_err(), "13 digits");
+        assert!(job_id("job_id", "job-").is_err());
         assert!(job_id("job_id", "job-0123456789AB").is_err());
         assert!(job_id("job_id", "../etc").is_err());
         assert_eq!(parse_generation("Hopper"), Some(GpuGeneration::Hopper));
