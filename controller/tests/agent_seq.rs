@@ -1,43 +1,18 @@
 //! The highest seq applied from each agent survives a controller restart,
 //! so events an agent replays from its outbox are applied once.
 
-use std::sync::Arc;
-
-use gpufleet_controller::config::ControllerConfig;
 use gpufleet_controller::state::Controller;
-use gpufleet_controller::store::SledStore;
-use gpufleet_controller::telemetry::MemoryRollupStore;
-use gpufleet_proto::v1::{AgentHello, GpuInfo, NodeIdentity, controller_message};
+use gpufleet_proto::v1::{AgentHello, controller_message};
 
-fn open(dir: &std::path::Path) -> anyhow::Result<Controller> {
-    let store = SledStore::open(dir)?;
-    let mut config = ControllerConfig::for_data_dir(dir);
-    config.join_token = "seq-join-token".into();
-    Ok(Controller::open(
-        config,
-        Box::new(store),
-        Arc::new(MemoryRollupStore::default()),
-        Vec::new(),
-    )?)
-}
+mod common;
+use common::open;
 
 fn hello() -> AgentHello {
-    AgentHello {
-        identity: Some(NodeIdentity {
-            node_id: "node-a".into(),
-            provider: "aws".into(),
-            region: "us-east-1".into(),
-            ..Default::default()
-        }),
-        gpus: vec![GpuInfo {
-            uuid: "GPU-a".into(),
-            model: "L4".into(),
-            ..Default::default()
-        }],
-        join_token: "seq-join-token".into(),
-        node_secret: "node-a-secret-0123456789".into(),
-        ..Default::default()
-    }
+    common::hello(
+        "node-a",
+        common::gpus("node-a", "L4", 1, 24 << 30),
+        Vec::new(),
+    )
 }
 
 /// `last_seq` of the hello ack a fresh session starts with.

@@ -6,13 +6,11 @@
 use std::sync::{Arc, Mutex};
 
 use gpufleet_controller::store::{IdRange, Keyspace, SledStore, Store, StoreError, WriteBatch};
-use gpufleet_controller::telemetry::MemoryRollupStore;
-use gpufleet_controller::{Controller, ControllerConfig};
-use gpufleet_proto::v1::{
-    AgentHello, GpuInfo, JobSpec, JobState, NodeIdentity, WorkloadSpec, controller_message,
-};
+use gpufleet_proto::v1::{AgentHello, JobSpec, JobState, WorkloadSpec, controller_message};
 use tokio::sync::broadcast::error::TryRecvError;
 use tokio::sync::mpsc::error::TryRecvError as DownlinkEmpty;
+
+mod common;
 
 /// A sled store whose writes wait while the test holds `gate`.
 struct GatedStore {
@@ -41,23 +39,11 @@ impl Store for GatedStore {
 }
 
 fn hello() -> AgentHello {
-    AgentHello {
-        identity: Some(NodeIdentity {
-            node_id: "node-a".into(),
-            provider: "aws".into(),
-            region: "us-east-1".into(),
-            ..Default::default()
-        }),
-        gpus: vec![GpuInfo {
-            uuid: "GPU-a".into(),
-            model: "L4".into(),
-            memory_bytes: 24 << 30,
-            ..Default::default()
-        }],
-        join_token: "durability-join-token".into(),
-        node_secret: "node-a-secret-0123456789".into(),
-        ..Default::default()
-    }
+    common::hello(
+        "node-a",
+        common::gpus("node-a", "L4", 1, 24 << 30),
+        Vec::new(),
+    )
 }
 
 fn spec() -> JobSpec {
@@ -80,14 +66,7 @@ fn nothing_leaves_before_its_write_is_durable() -> anyhow::Result<()> {
         inner: SledStore::open(dir.path())?,
         gate: gate.clone(),
     };
-    let mut config = ControllerConfig::for_data_dir(dir.path());
-    config.join_token = "durability-join-token".into();
-    let controller = Controller::open(
-        config,
-        Box::new(store),
-        Arc::new(MemoryRollupStore::default()),
-        Vec::new(),
-    )?;
+    let controller = common::open_with(dir.path(), Box::new(store))?;
     let mut session = controller.connect_agent(hello())?;
     controller.wait_settled()?;
     while session.downlink.try_recv().is_ok() {}

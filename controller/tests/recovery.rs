@@ -4,56 +4,26 @@
 //! with what they know. The real-process version is
 //! `tests/tests/controller_crash.rs`.
 
-use std::sync::Arc;
 use std::time::SystemTime;
 
+use gpufleet_controller::Controller;
 use gpufleet_controller::state::AgentSession;
-use gpufleet_controller::store::SledStore;
-use gpufleet_controller::telemetry::MemoryRollupStore;
 use gpufleet_controller::usage::RecordFilter;
-use gpufleet_controller::{Controller, ControllerConfig};
 use gpufleet_proto::v1::{
-    AgentHello, GpuInfo, Job, JobSpec, JobState, NodeIdentity, RetryPolicy, UsageRecord,
-    WorkloadSpec, WorkloadState, WorkloadStatus,
+    AgentHello, Job, JobSpec, JobState, RetryPolicy, UsageRecord, WorkloadSpec, WorkloadState,
+    WorkloadStatus,
 };
 use prost_types::Timestamp;
 
-fn open(dir: &std::path::Path) -> anyhow::Result<Controller> {
-    let store = SledStore::open(dir)?;
-    let mut config = ControllerConfig::for_data_dir(dir);
-    config.join_token = "recovery-join-token".into();
-    Ok(Controller::open(
-        config,
-        Box::new(store),
-        Arc::new(MemoryRollupStore::default()),
-        Vec::new(),
-    )?)
-}
+mod common;
+use common::open;
 
 fn hello(node: &str, workloads: Vec<WorkloadStatus>) -> AgentHello {
-    AgentHello {
-        identity: Some(NodeIdentity {
-            node_id: node.into(),
-            provider: "aws".into(),
-            region: "us-east-1".into(),
-            price_per_gpu_hour_micro_usd: 2_000_000,
-            ..Default::default()
-        }),
-        gpus: (0..4)
-            .map(|g| GpuInfo {
-                index: g,
-                uuid: format!("GPU-{node}-{g}"),
-                model: "H100-SXM-80GB".into(),
-                memory_bytes: 80 << 30,
-                ..Default::default()
-            })
-            .collect(),
+    common::hello(
+        node,
+        common::gpus(node, "H100-SXM-80GB", 4, 80 << 30),
         workloads,
-        join_token: "recovery-join-token".into(),
-        // The agent's own secret, the same across reconnects.
-        node_secret: format!("secret-of-{node}-0123456789"),
-        ..Default::default()
-    }
+    )
 }
 
 fn spec(tasks: u32, retries: u32) -> JobSpec {
