@@ -91,8 +91,9 @@ pub struct AgentConfig {
     /// Most workload starts (shim handshakes) in progress at once; more wait
     /// their turn. 1 to [`MAX_CONCURRENT_STARTS_LIMIT`].
     pub max_concurrent_starts: usize,
-    /// Executable that runs each workload's shim (`<it> __shim <records file>`).
-    /// `None`: this executable, which must then call
+    /// Executable that runs the workloads' shims (started once as
+    /// `<it> __shim-launcher`, which forks them). `None`: this executable,
+    /// which must then call
     /// [`crate::shim::dispatch`] first thing in `main`. Not a file key:
     /// only embedders whose `main` is not theirs (test harnesses) set it.
     pub shim_program: Option<PathBuf>,

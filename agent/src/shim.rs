@@ -1,9 +1,11 @@
 //! The workload shim: one small process per workload, between the agent and
 //! the workload, so that workloads outlive the agent (like containerd-shim).
 //!
-//! The agent starts its own executable as `<exe> __shim <records file>`
-//! (every binary that embeds the agent calls [`dispatch`] first thing in
-//! `main`). The shim:
+//! Shims are forked by the shim launcher ([`crate::shim_launcher`]), the
+//! agent's own executable started once as `<exe> __shim-launcher`; with
+//! [`crate::supervisor::ShimLaunch::Exec`] the agent instead executes
+//! `<exe> __shim <records file>` for each workload. Either way every binary
+//! that embeds the agent calls [`dispatch`] first thing in `main`. The shim:
 //!
 //! 1. leaves the agent's session (`setsid`), so signals meant for the agent
 //!    (a terminal's Ctrl-C, a crash) do not reach it;
@@ -58,14 +60,24 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 /// ```
 pub fn dispatch() -> Option<ExitCode> {
     let mut args = std::env::args_os().skip(1);
-    if args.next().as_deref() != Some(std::ffi::OsStr::new(SHIM_ARG)) {
+    let first = args.next();
+    if first.as_deref() == Some(std::ffi::OsStr::new(crate::shim_launcher::LAUNCHER_ARG)) {
+        return Some(crate::shim_launcher::serve());
+    }
+    if first.as_deref() != Some(std::ffi::OsStr::new(SHIM_ARG)) {
         return None;
     }
     let Some(records) = args.next() else {
         eprintln!("gpufleet shim: usage: {SHIM_ARG} <records file>");
         return Some(ExitCode::from(2));
     };
-    Some(run(Path::new(&records)))
+    if let Err(e) = nix::unistd::setsid() {
+        // Fails only if the shim already leads a process group, which the
+        // agent never makes it; it then still works, just without the
+        // isolation from the agent's signals.
+        eprintln!("gpufleet shim: setsid failed: {e}");
+    }
+    Some(ExitCode::from(run(Path::new(&records))))
 }
 
 /// What the agent tells the shim to run: the workload's command line and
@@ -90,22 +102,17 @@ pub(crate) enum Reply {
     Failed { message: String },
 }
 
-/// The shim process; see the module documentation.
-fn run(records: &Path) -> ExitCode {
-    // Fails only if the shim already leads a process group, which the
-    // agent never makes it; it then still works, just without the
-    // isolation from the agent's signals.
-    if let Err(e) = nix::unistd::setsid() {
-        eprintln!("gpufleet shim: setsid failed: {e}");
-    }
+/// The shim process, once in its own session; see the module
+/// documentation. Returns its exit status.
+pub(crate) fn run(records: &Path) -> u8 {
     let mut line = String::new();
     match std::io::stdin().lock().read_line(&mut line) {
         // The agent went away before it let the workload start.
-        Ok(0) => return ExitCode::SUCCESS,
+        Ok(0) => return 0,
         Ok(_) => {}
         Err(e) => {
             eprintln!("gpufleet shim: cannot read the launch spec: {e}");
-            return ExitCode::FAILURE;
+            return 1;
         }
     }
     let outcome = serde_json::from_str::<LaunchSpec>(&line)
@@ -124,7 +131,7 @@ fn run(records: &Path) -> ExitCode {
                 eprintln!("gpufleet shim: cannot record the start failure: {e}");
             }
             reply(&Reply::Failed { message });
-            return ExitCode::FAILURE;
+            return 1;
         }
     };
     reply(&Reply::Started { pid: workload.pid });
@@ -246,7 +253,7 @@ fn found_in_path(program: &str, spec: &LaunchSpec) -> Option<PathBuf> {
 }
 
 /// Copies output until the workload ends, then records how it ended.
-fn supervise(records: &Path, spec: &LaunchSpec, workload: Started) -> ExitCode {
+fn supervise(records: &Path, spec: &LaunchSpec, workload: Started) -> u8 {
     let Started {
         mut child,
         pid,
@@ -285,10 +292,10 @@ fn supervise(records: &Path, spec: &LaunchSpec, workload: Started) -> ExitCode {
         },
     };
     match workload_store::append_exit(records, &record) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("gpufleet shim: cannot record the exit status: {e}");
-            ExitCode::FAILURE
+            1
         }
     }
 }

@@ -21,7 +21,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -36,6 +36,7 @@ use tracing::{debug, info, warn};
 
 use crate::backend::GpuBackend;
 use crate::shim::{LaunchSpec, Reply};
+use crate::shim_launcher::{LaunchError, Launcher};
 use crate::workload_store::{self as store, AgentRecord, ExitRecord, Records};
 
 /// Largest log chunk one read returns.
@@ -63,9 +64,12 @@ pub struct SupervisorSettings {
     pub default_grace: Duration,
     /// Cap on each allocation's `output.log`.
     pub log_max_bytes: u64,
-    /// Executable started as `<program> __shim <dir>` for every workload; it
-    /// must call [`crate::shim::dispatch`] first thing in `main`.
+    /// A gpufleet agent executable (one that calls
+    /// [`crate::shim::dispatch`] first thing in `main`) that runs the
+    /// workloads' shims; see [`ShimLaunch`].
     pub shim_program: PathBuf,
+    /// How each workload's shim is started.
+    pub shim_launch: ShimLaunch,
     /// Most workload starts (shim handshakes) in progress at once, at
     /// least 1; more wait their turn. Each one holds a blocking thread for
     /// its handshake.
@@ -82,9 +86,25 @@ impl SupervisorSettings {
             default_grace: Duration::from_secs(10),
             log_max_bytes: DEFAULT_LOG_MAX_BYTES,
             shim_program: PathBuf::from("/proc/self/exe"),
+            shim_launch: ShimLaunch::Fork,
             max_concurrent_starts: DEFAULT_MAX_CONCURRENT_STARTS,
         }
     }
+}
+
+/// How the supervisor starts a workload's shim.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ShimLaunch {
+    /// Forked by one long-lived launcher, `<shim_program> __shim-launcher`
+    /// (see [`crate::shim_launcher`]): no `exec` and no dynamic loading per
+    /// workload.
+    #[default]
+    Fork,
+    /// `<shim_program> __shim <records file>` executed for every workload.
+    /// Slower, but `shim_program` may then be a wrapper (a script that ends
+    /// in `exec gpufleet-agent "$@"`) that runs before every shim; tests
+    /// use one to hold starts at a moment of their choosing.
+    Exec,
 }
 
 /// What [`Supervisor::recover`] found in the workloads' records.
@@ -308,7 +328,11 @@ impl Drop for LaunchInProgress<'_> {
 
 /// A shim that is up and has started its workload.
 struct Launched {
-    child: tokio::process::Child,
+    /// End of file here means the shim ended: it alone holds the write end
+    /// of its stdout.
+    shim_stdout: OwnedFd,
+    /// The shim itself with [`ShimLaunch::Exec`], to be reaped.
+    child: Option<tokio::process::Child>,
     pid: u32,
     shim: (u32, u64),
     /// When the shim's answer came (not when the start task got back to
@@ -323,8 +347,35 @@ enum Recovered {
     Lost,
 }
 
+/// Says what `program` must be, naming the real file behind
+/// `/proc/self/exe`.
+fn not_a_shim_hint(program: &std::path::Path) -> String {
+    let shown = std::fs::read_link(program)
+        .ok()
+        .filter(|_| program.starts_with("/proc"))
+        .unwrap_or_else(|| program.to_path_buf());
+    format!(
+        "the shim program {} must be a gpufleet agent executable (one that calls shim::dispatch first thing in main)",
+        shown.display()
+    )
+}
+
+/// Waits until every writer of `fd`, a pipe's read end, has closed it.
+async fn wait_for_end_of_file(fd: OwnedFd) -> std::io::Result<()> {
+    let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?;
+    let mut sink = [0u8; 256];
+    loop {
+        match pipe.read(&mut sink).await {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Reads the shim's one-line answer, giving up after `timeout`.
-fn read_reply(mut from: std::fs::File, timeout: Duration) -> Result<Reply, String> {
+fn read_reply(mut from: &std::io::PipeReader, timeout: Duration) -> Result<Reply, String> {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     let deadline = Instant::now() + timeout;
     let mut buf = Vec::new();
@@ -404,6 +455,9 @@ struct Inner {
     events: broadcast::Sender<WorkloadStatus>,
     /// One per shim handshake in progress ([`SupervisorSettings::max_concurrent_starts`]).
     start_permits: Arc<Semaphore>,
+    /// The shim launcher ([`ShimLaunch::Fork`]), started on first use and
+    /// again if it dies; held during one launch request.
+    launcher: Mutex<Option<Launcher>>,
     /// Launches past their permit and not yet settled. Raised only under
     /// the state lock, after checking `shutting_down`, so that once that is
     /// set the count can only fall.
@@ -444,6 +498,7 @@ impl Supervisor {
                 state: Mutex::new(State::default()),
                 events,
                 start_permits,
+                launcher: Mutex::new(None),
                 launching: watch::channel(0).0,
             }),
         }
@@ -813,11 +868,19 @@ impl Supervisor {
                 let this = self.clone();
                 let reap_id = id.to_string();
                 let done = done.clone();
+                let shim = launched.shim;
                 tokio::spawn(async move {
-                    let mut shim = launched.child;
-                    // The shim's own exit status says nothing about the
-                    // workload; its exit record does.
-                    let _ = shim.wait().await;
+                    if let Err(e) = wait_for_end_of_file(launched.shim_stdout).await {
+                        warn!(allocation_id = %reap_id, error = %e, "cannot watch the workload's shim through its pipe; polling it instead");
+                        while store::is_same_live_process(shim.0, shim.1) {
+                            tokio::time::sleep(ADOPTED_POLL).await;
+                        }
+                    }
+                    if let Some(mut shim) = launched.child {
+                        // The shim's own exit status says nothing about
+                        // the workload; its exit record does.
+                        let _ = shim.wait().await;
+                    }
                     this.on_exit(&reap_id);
                     let _ = done.send(true);
                 });
@@ -843,6 +906,62 @@ impl Supervisor {
         }
         let status = w.status();
         self.emit(&mut st, status);
+    }
+
+    /// Starts a shim with `stdio` as its stdin, stdout and stderr; returns
+    /// its pid, and the process itself with [`ShimLaunch::Exec`].
+    fn start_shim(
+        &self,
+        records: &std::path::Path,
+        stdio: [OwnedFd; 3],
+    ) -> Result<(u32, Option<tokio::process::Child>), String> {
+        let program = &self.inner.settings.shim_program;
+        if self.inner.settings.shim_launch == ShimLaunch::Exec {
+            let [stdin, stdout, stderr] = stdio;
+            let child = crate::shim::command(program, records)
+                .stdin(Stdio::from(stdin))
+                .stdout(Stdio::from(stdout))
+                .stderr(Stdio::from(stderr))
+                // The whole point: the shim and its workload outlive the agent.
+                .kill_on_drop(false)
+                .spawn()
+                .map_err(|e| {
+                    format!("cannot start the workload shim {}: {e}", program.display())
+                })?;
+            let pid = child
+                .id()
+                .ok_or_else(|| "the workload shim exited at once".to_string())?;
+            return Ok((pid, Some(child)));
+        }
+        let borrowed = [stdio[0].as_fd(), stdio[1].as_fd(), stdio[2].as_fd()];
+        let mut launcher = self
+            .inner
+            .launcher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut retried = false;
+        loop {
+            let current = match launcher.take() {
+                Some(current) => current,
+                None => Launcher::start(program)?,
+            };
+            match current.launch(records, borrowed, SHIM_START_TIMEOUT) {
+                Ok(pid) => {
+                    *launcher = Some(current);
+                    return Ok((pid, None));
+                }
+                Err(LaunchError::Failed(why)) => {
+                    *launcher = Some(current);
+                    return Err(why);
+                }
+                // It died since the last launch; a new one gets the request.
+                Err(LaunchError::Unsent(why)) if !retried => {
+                    debug!(reason = %why, "starting a new shim launcher");
+                    retried = true;
+                }
+                Err(LaunchError::Unsent(why) | LaunchError::Broken(why)) => return Err(why),
+            }
+        }
     }
 
     /// Starts the workload through a shim: records the allocation and the
@@ -948,34 +1067,29 @@ impl Supervisor {
         let shim_stderr = log
             .try_clone()
             .map_err(|e| fail(&mut log, format!("cannot share the log file: {e}")))?;
+        let pipes = std::io::pipe().and_then(|stdin| Ok((stdin, std::io::pipe()?)));
+        let ((stdin_reader, stdin), (stdout, stdout_writer)) =
+            pipes.map_err(|e| fail(&mut log, format!("cannot create the shim's pipes: {e}")))?;
         let program = &self.inner.settings.shim_program;
-        let mut child = crate::shim::command(program, &records)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            // The shim's own complaints (there should be none) go to the log.
-            .stderr(Stdio::from(shim_stderr))
-            // The whole point: the shim and its workload outlive the agent.
-            .kill_on_drop(false)
-            .spawn()
-            .map_err(|e| {
-                fail(
-                    &mut log,
-                    format!("cannot start the workload shim {}: {e}", program.display()),
-                )
-            })?;
-        let abort = |child: &mut tokio::process::Child, log: &mut std::fs::File, why: String| {
-            let _ = child.start_kill();
-            fail(log, why)
-        };
-        let (Some(shim_pid), Some(stdin), Some(stdout)) =
-            (child.id(), child.stdin.take(), child.stdout.take())
-        else {
-            return Err(abort(
-                &mut child,
-                &mut log,
-                "the workload shim exited at once".into(),
-            ));
-        };
+        let (shim_pid, mut child) = self
+            .start_shim(
+                &records,
+                [
+                    OwnedFd::from(stdin_reader),
+                    OwnedFd::from(stdout_writer),
+                    OwnedFd::from(shim_stderr),
+                ],
+            )
+            .map_err(|why| fail(&mut log, format!("{why}; {}", not_a_shim_hint(program))))?;
+        // Dropping `stdin` from here on, before the go, makes the shim exit
+        // without starting anything.
+        let abort =
+            |child: &mut Option<tokio::process::Child>, log: &mut std::fs::File, why: String| {
+                if let Some(child) = child {
+                    let _ = child.start_kill();
+                }
+                fail(log, why)
+            };
         let Some(shim_start) = store::proc_stat(shim_pid).map(|s| s.start_ticks) else {
             return Err(abort(
                 &mut child,
@@ -1008,18 +1122,15 @@ impl Supervisor {
             return Err(StartError::Withdrawn);
         }
         // From here on a restarted agent knows the shim: let it start.
+        let mut stdin = stdin;
         let handshake = stdin
-            .into_owned_fd()
-            .and_then(|fd| std::fs::File::from(fd).write_all(line.as_bytes()))
+            .write_all(line.as_bytes())
             .map_err(|e| format!("cannot talk to the workload shim: {e}"))
-            .and_then(|()| {
-                let stdout = stdout
-                    .into_owned_fd()
-                    .map_err(|e| format!("cannot talk to the workload shim: {e}"))?;
-                read_reply(std::fs::File::from(stdout), SHIM_START_TIMEOUT)
-            });
+            .and_then(|()| read_reply(&stdout, SHIM_START_TIMEOUT));
+        drop(stdin);
         match handshake {
             Ok(Reply::Started { pid }) => Ok(Launched {
+                shim_stdout: OwnedFd::from(stdout),
                 child,
                 pid,
                 shim: (shim_pid, shim_start),
@@ -1028,16 +1139,12 @@ impl Supervisor {
             // The shim logged it and recorded it in an exit line.
             Ok(Reply::Failed { message }) => Err(StartError::Failed(message)),
             Err(why) => {
-                // Name the real file behind /proc/self/exe.
-                let shown = std::fs::read_link(program)
-                    .ok()
-                    .filter(|_| program.starts_with("/proc"))
-                    .unwrap_or_else(|| program.clone());
-                let why = format!(
-                    "{why}; the shim program {} must be a gpufleet agent executable (one that calls shim::dispatch first thing in main)",
-                    shown.display()
-                );
-                let _ = child.start_kill();
+                let why = format!("{why}; {}", not_a_shim_hint(program));
+                if let Some(child) = &mut child {
+                    let _ = child.start_kill();
+                } else if store::is_same_live_process(shim_pid, shim_start) {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(shim_pid as i32), Signal::SIGKILL);
+                }
                 let _ = writeln!(log, "gpufleet-agent: {why}");
                 // It may have started the workload before it stalled.
                 let recorded = Records::File(records.clone());

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use common::{allocation, backend, eventually};
-use gpufleet_agent::supervisor::{Supervisor, SupervisorError};
+use gpufleet_agent::supervisor::{ShimLaunch, Supervisor, SupervisorError};
 use gpufleet_proto::v1::{DesiredState, WorkloadState, WorkloadStatus};
 
 fn state(s: &WorkloadStatus) -> WorkloadState {
@@ -63,6 +63,8 @@ impl Gated {
         std::fs::create_dir_all(&gates).unwrap();
         let mut settings = common::settings(dir);
         settings.shim_program = script.to_path_buf();
+        // The gate script runs in front of each shim, so each is executed.
+        settings.shim_launch = ShimLaunch::Exec;
         settings.max_concurrent_starts = max_concurrent_starts;
         Self {
             sup: Supervisor::new(backend("n1", "2xH100-SXM-80GB"), settings),

@@ -401,3 +401,116 @@ async fn a_shim_program_that_is_not_a_shim_fails_the_workload_clearly() {
         status.message
     );
 }
+
+/// Field `n` (1-based, as in proc(5)) of /proc/<pid>/stat; `None` once the
+/// process is gone.
+fn stat_field(pid: u32, n: usize) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(n - 3).map(str::to_string)
+}
+
+fn parent_of(pid: u32) -> u32 {
+    stat_field(pid, 4).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn shims_come_from_one_launcher_that_is_replaced_when_it_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let sup = supervisor(dir.path(), backend("n1", "2xL4"));
+    let first = sup
+        .run_local(allocation("first", &["sleep", "30"], &[]))
+        .await
+        .unwrap();
+    let second = sup
+        .run_local(allocation("second", &["sleep", "30"], &[]))
+        .await
+        .unwrap();
+    let (first_shim, second_shim) = (parent_of(first.pid), parent_of(second.pid));
+    let launcher = parent_of(first_shim);
+    assert_eq!(
+        parent_of(second_shim),
+        launcher,
+        "one launcher forks every shim"
+    );
+    assert_eq!(
+        parent_of(launcher),
+        std::process::id(),
+        "the launcher is the agent's child"
+    );
+    // Each shim leads its own session, apart from the launcher's and ours.
+    assert_eq!(stat_field(first_shim, 6).unwrap(), first_shim.to_string());
+    assert_eq!(stat_field(second_shim, 6).unwrap(), second_shim.to_string());
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(launcher as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually("the killed launcher to be gone", || {
+        stat_field(launcher, 3)
+            .is_none_or(|state| state == "Z")
+            .then_some(())
+    })
+    .await;
+    // Its shims and their workloads do not depend on it.
+    assert_eq!(state(&sup.status("first").unwrap()), WorkloadState::Running);
+
+    // The next start gets a new launcher.
+    let third = sup
+        .run_local(allocation("third", &["sleep", "30"], &[]))
+        .await
+        .unwrap();
+    assert_eq!(state(&third), WorkloadState::Running, "{third:?}");
+    let new_launcher = parent_of(parent_of(third.pid));
+    assert_ne!(new_launcher, launcher);
+    assert_eq!(parent_of(new_launcher), std::process::id());
+
+    // A shim whose launcher died still reports how its workload ended.
+    let stopped = sup.stop("first", None).await.unwrap();
+    assert_eq!(state(&stopped), WorkloadState::Stopped, "{stopped:?}");
+    for id in ["second", "third"] {
+        let stopped = sup.stop(id, None).await.unwrap();
+        assert_eq!(state(&stopped), WorkloadState::Stopped, "{stopped:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_workload_inherits_no_ignored_sigchld_and_its_shim_leaves_no_zombie() {
+    let dir = tempfile::tempdir().unwrap();
+    let sup = supervisor(dir.path(), backend("n1", "1xT4"));
+    // `read` waits for the test to look up the shim before the workload
+    // ends. The launcher ignores SIGCHLD and the shims SIGPIPE; a workload
+    // must inherit neither (with SIGCHLD ignored a shell's `wait` fails).
+    let fifo = dir.path().join("go");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let script = format!(
+        "grep -E '^Sig(Ign|Blk)' /proc/self/status; sleep 0.1 & wait $!; echo waited $?; read line < {}",
+        fifo.display()
+    );
+    let started = sup
+        .run_local(allocation("signals", &["sh", "-c", &script], &[]))
+        .await
+        .unwrap();
+    assert_eq!(state(&started), WorkloadState::Running, "{started:?}");
+    let shim = parent_of(started.pid);
+    std::fs::write(&fifo, "go\n").unwrap();
+    let done = sup.wait("signals").await.unwrap();
+    assert_eq!(state(&done), WorkloadState::Succeeded, "{done:?}");
+    let log = std::fs::read_to_string(dir.path().join("allocations/signals/output.log")).unwrap();
+    let mask = |name: &str| {
+        let line = log.lines().find(|l| l.starts_with(name)).unwrap();
+        u64::from_str_radix(line[name.len()..].trim(), 16).unwrap()
+    };
+    // Bit n-1 stands for signal n. (Whatever runs the tests may ignore
+    // others, such as glibc's real-time signals; those are inherited as
+    // they would be by any program.)
+    let (sigpipe, sigchld) = (1u64 << 12, 1u64 << 16);
+    assert_eq!(mask("SigIgn:") & (sigpipe | sigchld), 0, "{log}");
+    assert_eq!(mask("SigBlk:"), 0, "{log}");
+    assert!(log.contains("waited 0"), "{log}");
+    eventually("the shim to be reaped, not left a zombie", || {
+        stat_field(shim, 3).is_none().then_some(())
+    })
+    .await;
+}

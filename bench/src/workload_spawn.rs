@@ -1,17 +1,20 @@
 //! `workload-spawn`: what the workload shim (the extra process that lets
 //! workloads outlive the agent) costs. Runs N trivial workloads (`true`)
 //! one after another through the agent's real supervisor, each under its
-//! shim (this very executable, started as `gpufleet-bench __shim <dir>`),
+//! shim, both ways the supervisor can start one: forked by the shim
+//! launcher (the default) and executed (`<shim program> __shim <records>`);
 //! and, as the baseline in the same run, N times the same program spawned
 //! directly the way the agent did before shims (own process group, cleared
-//! environment, output to a file). Also reports the resident memory of one
-//! shim while its workload runs.
+//! environment, output to a file). Reports latency and the whole machine's
+//! CPU time per workload (what bounds throughput), and the resident memory
+//! of one shim while its workload runs.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use gpufleet_agent::supervisor::ShimLaunch;
 use gpufleet_agent::{SimulatedBackend, Supervisor, SupervisorSettings};
 use gpufleet_proto::v1::{Allocation, WorkloadSpec, WorkloadState};
 
@@ -31,6 +34,27 @@ struct Figures {
     start: Vec<Duration>,
     /// Until its end is known (wait returned).
     total: Vec<Duration>,
+    /// CPU time of the whole machine (every process, kernel included) over
+    /// the run, per workload.
+    cpu_per_workload: Duration,
+}
+
+/// Busy time of the whole machine so far: every CPU's time that was not
+/// idle, from /proc/stat (in clock ticks of 10 ms).
+fn machine_busy() -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .context("no cpu line in /proc/stat")?
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    anyhow::ensure!(ticks.len() >= 5, "short cpu line in /proc/stat");
+    // user nice system idle iowait irq softirq steal ...
+    let busy: u64 = ticks.iter().sum::<u64>() - ticks[3] - ticks[4];
+    Ok(Duration::from_millis(busy * 10))
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -64,7 +88,9 @@ async fn direct(count: usize, dir: &std::path::Path) -> anyhow::Result<Figures> 
     let mut figures = Figures {
         start: Vec::with_capacity(count),
         total: Vec::with_capacity(count),
+        cpu_per_workload: Duration::ZERO,
     };
+    let busy = machine_busy()?;
     for i in 0..count {
         let log = std::fs::File::create(dir.join(format!("direct-{i}.log")))?;
         let t0 = Instant::now();
@@ -83,15 +109,21 @@ async fn direct(count: usize, dir: &std::path::Path) -> anyhow::Result<Figures> 
         figures.total.push(t0.elapsed());
         anyhow::ensure!(status.success(), "true failed: {status}");
     }
+    figures.cpu_per_workload = machine_busy()?.saturating_sub(busy) / count.max(1) as u32;
     Ok(figures)
 }
 
-fn supervisor(dir: &std::path::Path, shim: Option<&std::path::Path>) -> anyhow::Result<Supervisor> {
+fn supervisor(
+    dir: &std::path::Path,
+    shim: Option<&std::path::Path>,
+    launch: ShimLaunch,
+) -> anyhow::Result<Supervisor> {
     let backend = Arc::new(SimulatedBackend::new("bench", &["1xT4".to_string()])?);
     let mut settings = SupervisorSettings::new(dir.to_path_buf());
     if let Some(shim) = shim {
         settings.shim_program = shim.to_path_buf();
     }
+    settings.shim_launch = launch;
     Ok(Supervisor::new(backend, settings))
 }
 
@@ -99,19 +131,37 @@ async fn shimmed(
     count: usize,
     dir: &std::path::Path,
     shim: Option<&std::path::Path>,
+    launch: ShimLaunch,
 ) -> anyhow::Result<Figures> {
-    let sup = supervisor(dir, shim)?;
+    let sup = supervisor(dir, shim, launch)?;
+    // The launcher starts with the first workload: not measured.
+    let warm = sup.run_local(allocation("warm", &["true"])).await?;
+    anyhow::ensure!(
+        matches!(
+            warm.state(),
+            WorkloadState::Running | WorkloadState::Succeeded
+        ),
+        "workload did not start: {}",
+        warm.message
+    );
+    sup.wait("warm").await?;
     let mut figures = Figures {
         start: Vec::with_capacity(count),
         total: Vec::with_capacity(count),
+        cpu_per_workload: Duration::ZERO,
     };
+    let busy = machine_busy()?;
     for i in 0..count {
         let id = format!("shim-{i}");
         let t0 = Instant::now();
         let started = sup.run_local(allocation(&id, &["true"])).await?;
         figures.start.push(t0.elapsed());
+        // `true` may be over before its start is read back.
         anyhow::ensure!(
-            started.state() == WorkloadState::Running,
+            matches!(
+                started.state(),
+                WorkloadState::Running | WorkloadState::Succeeded
+            ),
             "workload did not start: {}",
             started.message
         );
@@ -123,6 +173,7 @@ async fn shimmed(
             done.message
         );
     }
+    figures.cpu_per_workload = machine_busy()?.saturating_sub(busy) / count.max(1) as u32;
     Ok(figures)
 }
 
@@ -133,7 +184,7 @@ async fn shim_rss_mib(
     dir: &std::path::Path,
     shim: Option<&std::path::Path>,
 ) -> anyhow::Result<(f64, f64)> {
-    let sup = supervisor(dir, shim)?;
+    let sup = supervisor(dir, shim, ShimLaunch::Fork)?;
     let status = sup.run_local(allocation("rss", &["sleep", "30"])).await?;
     let stat = std::fs::read_to_string(format!("/proc/{}/stat", status.pid))?;
     let ppid: u32 = stat
@@ -159,15 +210,16 @@ async fn shim_rss_mib(
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let dir = tempfile::tempdir()?;
-    let (direct, shimmed, rss) = runtime.block_on(async {
+    let (direct, executed, forked, rss) = runtime.block_on(async {
         // Warm the page cache for both executables first.
         let shim = args.shim.as_deref();
         direct(5, dir.path()).await?;
-        shimmed(5, &dir.path().join("warm"), shim).await?;
+        shimmed(5, &dir.path().join("warm"), shim, ShimLaunch::Exec).await?;
         let d = direct(args.count, dir.path()).await?;
-        let s = shimmed(args.count, &dir.path().join("measured"), shim).await?;
+        let e = shimmed(args.count, &dir.path().join("exec"), shim, ShimLaunch::Exec).await?;
+        let f = shimmed(args.count, &dir.path().join("fork"), shim, ShimLaunch::Fork).await?;
         let rss = shim_rss_mib(&dir.path().join("rss"), shim).await?;
-        anyhow::Ok((d, s, rss))
+        anyhow::Ok((d, e, f, rss))
     })?;
     let summary = |f: &Figures| {
         let mut start = f.start.clone();
@@ -175,40 +227,44 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         start.sort();
         total.sort();
         let mean = |v: &[Duration]| v.iter().sum::<Duration>() / v.len().max(1) as u32;
-        (
+        [
             mean(&start),
             percentile(&start, 0.99),
             mean(&total),
             percentile(&total, 0.99),
-        )
+            f.cpu_per_workload,
+        ]
     };
-    let d = summary(&direct);
-    let s = summary(&shimmed);
+    let (d, e, f) = (summary(&direct), summary(&executed), summary(&forked));
     println!(
         "workload-spawn: {} trivial workloads (`true`) per variant, one at a time",
         args.count
     );
     println!(
-        "{:<34} {:>10} {:>10} {:>10}",
-        "figure (ms)", "direct", "shim", "extra"
+        "{:<34} {:>10} {:>12} {:>12}",
+        "figure (ms)", "direct", "shim, exec", "shim, fork"
     );
-    for (name, a, b) in [
-        ("start, mean", d.0, s.0),
-        ("start, p99", d.1, s.1),
-        ("start to end known, mean", d.2, s.2),
-        ("start to end known, p99", d.3, s.3),
-    ] {
+    for (i, name) in [
+        "start, mean",
+        "start, p99",
+        "start to end known, mean",
+        "start to end known, p99",
+        "machine CPU per workload",
+    ]
+    .into_iter()
+    .enumerate()
+    {
         println!(
-            "{:<34} {:>10.3} {:>10.3} {:>10.3}",
+            "{:<34} {:>10.3} {:>12.3} {:>12.3}",
             name,
-            ms(a),
-            ms(b),
-            ms(b.saturating_sub(a))
+            ms(d[i]),
+            ms(e[i]),
+            ms(f[i])
         );
     }
-    println!("{:<34} {:>21.1}", "RSS of one shim (MiB)", rss.0);
+    println!("{:<34} {:>36.1}", "RSS of one forked shim (MiB)", rss.0);
     println!(
-        "{:<34} {:>21.1}",
+        "{:<34} {:>36.1}",
         "  of which its own (RssAnon, MiB)", rss.1
     );
     println!(
@@ -216,12 +272,15 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         serde_json::json!({
             "bench": "workload-spawn",
             "count": args.count,
-            "direct_start_mean_ms": ms(d.0),
-            "shim_start_mean_ms": ms(s.0),
-            "direct_total_mean_ms": ms(d.2),
-            "shim_total_mean_ms": ms(s.2),
-            "extra_start_mean_ms": ms(s.0.saturating_sub(d.0)),
-            "extra_total_mean_ms": ms(s.2.saturating_sub(d.2)),
+            "direct_start_mean_ms": ms(d[0]),
+            "exec_shim_start_mean_ms": ms(e[0]),
+            "fork_shim_start_mean_ms": ms(f[0]),
+            "direct_total_mean_ms": ms(d[2]),
+            "exec_shim_total_mean_ms": ms(e[2]),
+            "fork_shim_total_mean_ms": ms(f[2]),
+            "direct_cpu_ms": ms(d[4]),
+            "exec_shim_cpu_ms": ms(e[4]),
+            "fork_shim_cpu_ms": ms(f[4]),
             "shim_rss_mib": (rss.0 * 10.0).round() / 10.0,
             "shim_rss_anon_mib": (rss.1 * 10.0).round() / 10.0,
         })
