@@ -105,6 +105,9 @@ pub(crate) enum Reply {
 /// The shim process, once in its own session; see the module
 /// documentation. Returns its exit status.
 pub(crate) fn run(records: &Path) -> u8 {
+    // What `ps -o comm` and `top` show (a forked shim would otherwise bear
+    // the launcher's name, an executed one `exe`).
+    let _ = nix::sys::prctl::set_name(c"gpufleet-shim");
     let mut line = String::new();
     match std::io::stdin().lock().read_line(&mut line) {
         // The agent went away before it let the workload start.

@@ -46,6 +46,8 @@ const FDS_PER_REQUEST: usize = 3;
 
 /// The launcher process: serves requests on stdin until end of input.
 pub(crate) fn serve() -> ExitCode {
+    // `ps -o comm` and `top` name it (15 bytes at most).
+    let _ = nix::sys::prctl::set_name(c"gpufleet-launch");
     // SAFETY: the process is single-threaded (this runs first thing in
     // `main`, before anything could start a thread), and the disposition
     // set is SIG_IGN, not a handler.

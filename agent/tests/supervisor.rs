@@ -428,6 +428,9 @@ async fn shims_come_from_one_launcher_that_is_replaced_when_it_dies() {
         .unwrap();
     let (first_shim, second_shim) = (parent_of(first.pid), parent_of(second.pid));
     let launcher = parent_of(first_shim);
+    let comm = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert_eq!(comm(first_shim), "gpufleet-shim\n");
+    assert_eq!(comm(launcher), "gpufleet-launch\n");
     assert_eq!(
         parent_of(second_shim),
         launcher,
