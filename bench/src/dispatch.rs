@@ -66,12 +66,13 @@ pub fn run(args: DispatchArgs) -> anyhow::Result<()> {
         args.jobs > 0 && args.concurrency > 0 && args.gpus > 0,
         "--jobs, --concurrency and --gpus must be > 0"
     );
-    let spawn_rate = spawn_baseline(args.jobs, args.concurrency)?;
+    let (spawn_rate, spawn_cpu) = spawn_baseline(args.jobs, args.concurrency)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let (samples, elapsed) = runtime.block_on(through_gpufleet(&args))?;
+    let (samples, elapsed, busy) = runtime.block_on(through_gpufleet(&args))?;
+    let job_cpu = busy / samples.len().max(1) as u32;
     drop(runtime);
 
     if let Some(failed) = samples
@@ -154,6 +155,19 @@ pub fn run(args: DispatchArgs) -> anyhow::Result<()> {
         ],
     );
     println!();
+    // What bounds throughput on a small machine: every process's CPU,
+    // the kernel's included (from /proc/stat, 10 ms ticks).
+    report::table(
+        &["machine CPU time", "ms"],
+        &[
+            vec!["per gpufleet job".into(), format!("{:.2}", ms(job_cpu))],
+            vec![
+                format!("per bare spawn of `{TRIVIAL}`"),
+                format!("{:.2}", ms(spawn_cpu)),
+            ],
+        ],
+    );
+    println!();
     let rows: Vec<Vec<String>> = stages
         .iter()
         .map(|(name, l)| {
@@ -215,6 +229,8 @@ pub fn run(args: DispatchArgs) -> anyhow::Result<()> {
         "jobs_per_s": jobs_per_s.round(),
         "baseline_spawns_per_s": spawn_rate.round(),
         "ratio": (ratio * 1000.0).round() / 1000.0,
+        "cpu_ms_per_job": (ms(job_cpu) * 100.0).round() / 100.0,
+        "cpu_ms_per_baseline_spawn": (ms(spawn_cpu) * 100.0).round() / 100.0,
         "submit_to_running_p50_ms": to_running.p50,
         "submit_to_running_p99_ms": to_running.p99,
         "jobs_without_running": without_running,
@@ -226,8 +242,10 @@ pub fn run(args: DispatchArgs) -> anyhow::Result<()> {
 
 /// Spawns `true` `total` times, `parallel` at a time, waiting for each:
 /// what the machine allows with no scheduler at all. Processes per second.
-fn spawn_baseline(total: usize, parallel: usize) -> anyhow::Result<f64> {
+/// Also returns the machine's CPU time per spawn.
+fn spawn_baseline(total: usize, parallel: usize) -> anyhow::Result<(f64, Duration)> {
     let remaining = AtomicUsize::new(total);
+    let busy = report::machine_busy()?;
     let started = Instant::now();
     std::thread::scope(|scope| {
         let workers: Vec<_> = (0..parallel)
@@ -253,7 +271,9 @@ fn spawn_baseline(total: usize, parallel: usize) -> anyhow::Result<f64> {
         }
         anyhow::Ok(())
     })?;
-    Ok(total as f64 / started.elapsed().as_secs_f64())
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    let cpu = report::machine_busy()?.saturating_sub(busy) / total as u32;
+    Ok((rate, cpu))
 }
 
 /// Takes one unit of work from a shared counter; false when none is left.
@@ -265,7 +285,11 @@ fn take_one(remaining: &AtomicUsize) -> bool {
 
 /// Starts the controller and the agent, runs the warm-up, then the
 /// measured jobs; returns what the clients saw and the measured time.
-async fn through_gpufleet(args: &DispatchArgs) -> anyhow::Result<(Vec<Sample>, Duration)> {
+/// The samples, the measured jobs' wall time and the machine's CPU time
+/// over it.
+async fn through_gpufleet(
+    args: &DispatchArgs,
+) -> anyhow::Result<(Vec<Sample>, Duration, Duration)> {
     let dir = tempfile::tempdir()?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let mut config = ControllerConfig::for_data_dir(dir.path().join("controller"));
@@ -286,9 +310,11 @@ async fn through_gpufleet(args: &DispatchArgs) -> anyhow::Result<(Vec<Sample>, D
 
     let outcome = async {
         run_jobs(&endpoint, args.warmup, args.concurrency).await?;
+        let busy = report::machine_busy()?;
         let started = Instant::now();
         let samples = run_jobs(&endpoint, args.jobs, args.concurrency).await?;
-        anyhow::Ok((samples, started.elapsed()))
+        let elapsed = started.elapsed();
+        anyhow::Ok((samples, elapsed, report::machine_busy()?.saturating_sub(busy)))
     }
     .await;
     agent.shutdown().await?;
@@ -436,4 +462,8 @@ impl Latency {
             max: ms(micros.last().copied().unwrap_or(0)),
         }
     }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }

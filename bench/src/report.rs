@@ -1,4 +1,27 @@
-//! Shared output helpers: an aligned table, then one JSON line.
+//! Shared output helpers: an aligned table, then one JSON line; and the
+//! machine's busy CPU time.
+
+use std::time::Duration;
+
+use anyhow::Context;
+
+/// Busy time of the whole machine so far: every CPU's time that was not
+/// idle, from /proc/stat (in clock ticks of 10 ms).
+pub(crate) fn machine_busy() -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .context("no cpu line in /proc/stat")?
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    anyhow::ensure!(ticks.len() >= 5, "short cpu line in /proc/stat");
+    // user nice system idle iowait irq softirq steal ...
+    let busy: u64 = ticks.iter().sum::<u64>() - ticks[3] - ticks[4];
+    Ok(Duration::from_millis(busy * 10))
+}
 
 /// Prints rows as an aligned table.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) {

@@ -39,23 +39,6 @@ struct Figures {
     cpu_per_workload: Duration,
 }
 
-/// Busy time of the whole machine so far: every CPU's time that was not
-/// idle, from /proc/stat (in clock ticks of 10 ms).
-fn machine_busy() -> anyhow::Result<Duration> {
-    let stat = std::fs::read_to_string("/proc/stat")?;
-    let ticks: Vec<u64> = stat
-        .lines()
-        .next()
-        .and_then(|l| l.strip_prefix("cpu "))
-        .context("no cpu line in /proc/stat")?
-        .split_whitespace()
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    anyhow::ensure!(ticks.len() >= 5, "short cpu line in /proc/stat");
-    // user nice system idle iowait irq softirq steal ...
-    let busy: u64 = ticks.iter().sum::<u64>() - ticks[3] - ticks[4];
-    Ok(Duration::from_millis(busy * 10))
-}
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -90,7 +73,7 @@ async fn direct(count: usize, dir: &std::path::Path) -> anyhow::Result<Figures> 
         total: Vec::with_capacity(count),
         cpu_per_workload: Duration::ZERO,
     };
-    let busy = machine_busy()?;
+    let busy = crate::report::machine_busy()?;
     for i in 0..count {
         let log = std::fs::File::create(dir.join(format!("direct-{i}.log")))?;
         let t0 = Instant::now();
@@ -109,7 +92,7 @@ async fn direct(count: usize, dir: &std::path::Path) -> anyhow::Result<Figures> 
         figures.total.push(t0.elapsed());
         anyhow::ensure!(status.success(), "true failed: {status}");
     }
-    figures.cpu_per_workload = machine_busy()?.saturating_sub(busy) / count.max(1) as u32;
+    figures.cpu_per_workload = crate::report::machine_busy()?.saturating_sub(busy) / count.max(1) as u32;
     Ok(figures)
 }
 
@@ -150,7 +133,7 @@ async fn shimmed(
         total: Vec::with_capacity(count),
         cpu_per_workload: Duration::ZERO,
     };
-    let busy = machine_busy()?;
+    let busy = crate::report::machine_busy()?;
     for i in 0..count {
         let id = format!("shim-{i}");
         let t0 = Instant::now();
@@ -173,7 +156,7 @@ async fn shimmed(
             done.message
         );
     }
-    figures.cpu_per_workload = machine_busy()?.saturating_sub(busy) / count.max(1) as u32;
+    figures.cpu_per_workload = crate::report::machine_busy()?.saturating_sub(busy) / count.max(1) as u32;
     Ok(figures)
 }
 
