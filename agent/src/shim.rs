@@ -26,11 +26,11 @@
 
 use std::ffi::OsString;
 use std::io::{BufRead, Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -256,41 +256,163 @@ fn found_in_path(program: &str, spec: &LaunchSpec) -> Option<PathBuf> {
 }
 
 /// Copies output until the workload ends, then records how it ended.
+///
+/// One thread: it waits in `poll` for output or the workload's end (a
+/// pidfd), so a shim costs no extra thread, stack or malloc arena. On
+/// kernels without `pidfd_open` (before 5.3) it looks every 100 ms.
 fn supervise(records: &Path, spec: &LaunchSpec, workload: Started) -> u8 {
+    let exit_watch = pidfd(workload.pid);
+    supervise_with(records, spec, workload, exit_watch)
+}
+
+/// [`supervise`] with `exit_watch`, a pidfd of the workload or `None`.
+fn supervise_with(
+    records: &Path,
+    spec: &LaunchSpec,
+    workload: Started,
+    mut exit_watch: Option<std::os::fd::OwnedFd>,
+) -> u8 {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    const EXIT_POLL: Duration = Duration::from_millis(100);
+
     let Started {
         mut child,
         pid,
-        mut output,
+        output,
         log,
     } = workload;
-    let (drained_tx, drained_rx) = mpsc::channel();
-    let max = spec.log_max_bytes;
-    std::thread::spawn(move || {
-        let result = CappedLog::new(log, max).and_then(|mut log| copy_all(&mut output, &mut log));
-        let _ = drained_tx.send(result);
-    });
-    let status = child.wait();
-    // The workload ends with its leader: kill whatever it left in its
-    // process group. The group id stays reserved while members live, so
-    // this cannot hit an unrelated group.
-    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-    match drained_rx.recv_timeout(DRAIN_AFTER_EXIT) {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => eprintln!("gpufleet shim: copying the workload's output failed: {e}"),
-        // A process outside the group still holds the pipe: stop waiting.
-        Err(_) => {}
+    let mut log = match CappedLog::new(log, spec.log_max_bytes) {
+        Ok(log) => Some(log),
+        Err(e) => {
+            eprintln!("gpufleet shim: cannot use the log: {e}; the workload's output is discarded");
+            None
+        }
+    };
+    let mut output = Some(output);
+    let mut buf = [0u8; 16 * 1024];
+    let mut status = None;
+    let mut drain_until: Option<Instant> = None;
+    loop {
+        if status.is_some() && output.is_none() {
+            break;
+        }
+        let timeout = match drain_until {
+            // The leader ended: keep copying what is left for a while (a
+            // process that escaped the group may hold the pipe forever).
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)
+            }
+            None if exit_watch.is_none() => {
+                PollTimeout::try_from(EXIT_POLL).unwrap_or(PollTimeout::MAX)
+            }
+            None => PollTimeout::NONE,
+        };
+        let (output_ready, ended) = {
+            let mut fds = Vec::with_capacity(2);
+            if let Some(output) = &output {
+                fds.push(PollFd::new(output.as_fd(), PollFlags::POLLIN));
+            }
+            if status.is_none()
+                && let Some(watch) = &exit_watch
+            {
+                fds.push(PollFd::new(watch.as_fd(), PollFlags::POLLIN));
+            }
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    // Cannot happen with two valid descriptors; if it does,
+                    // wait for the workload alone and give up its output.
+                    eprintln!(
+                        "gpufleet shim: cannot poll the workload: {e}; its output is no longer copied"
+                    );
+                    drop(fds);
+                    status = Some(child.wait());
+                    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                    break;
+                }
+            }
+            let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
+            let output_ready = output.is_some() && fds.first().is_some_and(ready);
+            (
+                output_ready,
+                fds.iter().skip(usize::from(output.is_some())).any(ready),
+            )
+        };
+        if output_ready && let Some(pipe) = &mut output {
+            match pipe.read(&mut buf) {
+                Ok(0) => output = None,
+                Ok(n) => {
+                    if let Some(sink) = &mut log
+                        && let Err(e) = sink.write_all(&buf[..n])
+                    {
+                        // Keep draining, so the workload never blocks on
+                        // a full pipe; the rest of its output is lost.
+                        eprintln!("gpufleet shim: cannot write the workload's output: {e}");
+                        log = None;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    eprintln!("gpufleet shim: cannot read the workload's output: {e}");
+                    output = None;
+                }
+            }
+        }
+        if status.is_none() && (ended || exit_watch.is_none() || output.is_none()) {
+            let waited = if output.is_none() && exit_watch.is_none() {
+                // Nothing else to watch: block.
+                child.wait().map(Some)
+            } else {
+                child.try_wait()
+            };
+            let ended_now = match waited {
+                Ok(Some(done)) => Some(Ok(done)),
+                Ok(None) => {
+                    if ended {
+                        // The pidfd woke us for nothing: never trust it
+                        // again (no busy loop), look every EXIT_POLL.
+                        exit_watch = None;
+                    }
+                    None
+                }
+                Err(e) => Some(Err(e)),
+            };
+            if let Some(done) = ended_now {
+                status = Some(done);
+                // The workload ends with its leader: kill whatever it left
+                // in its process group. The group id stays reserved while
+                // members live, so this cannot hit an unrelated group.
+                let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                drain_until = Some(Instant::now() + DRAIN_AFTER_EXIT);
+            }
+        }
+    }
+    if let Some(mut sink) = log
+        && let Err(e) = sink.flush()
+    {
+        eprintln!("gpufleet shim: cannot write the workload's output: {e}");
     }
     let record = match status {
-        Ok(status) => ExitRecord {
+        Some(Ok(status)) => ExitRecord {
             exit_code: status.code(),
             signal: status.signal(),
             start_error: None,
             finished_at_ms: workload_store::unix_ms(SystemTime::now()),
         },
-        Err(e) => ExitRecord {
+        Some(Err(e)) => ExitRecord {
             exit_code: None,
             signal: None,
             start_error: Some(format!("cannot wait for the workload: {e}")),
+            finished_at_ms: workload_store::unix_ms(SystemTime::now()),
+        },
+        None => ExitRecord {
+            exit_code: None,
+            signal: None,
+            start_error: Some("the shim stopped watching the workload before it ended".into()),
             finished_at_ms: workload_store::unix_ms(SystemTime::now()),
         },
     };
@@ -303,17 +425,18 @@ fn supervise(records: &Path, spec: &LaunchSpec, workload: Started) -> u8 {
     }
 }
 
-fn copy_all(from: &mut impl Read, to: &mut impl Write) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) => return to.flush(),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        to.write_all(&buf[..n])?;
-    }
+/// A descriptor that becomes readable when process `pid` (our child) ends;
+/// `None` where the kernel has no `pidfd_open` (before Linux 5.3).
+#[allow(unsafe_code)]
+fn pidfd(pid: u32) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let pid = libc::pid_t::try_from(pid).ok()?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new
+    // descriptor or -1; nothing is borrowed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+    // SAFETY: a descriptor the kernel just opened for us alone.
+    Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
 /// A log that accepts at most `max` bytes in total (counting what the file
@@ -413,6 +536,68 @@ mod tests {
             assert_eq!(log.write(w).unwrap(), w.len(), "every byte is accepted");
         }
         String::from_utf8(log.into_inner()).unwrap()
+    }
+
+    /// Starts `script` under `sh -c` and supervises it to the end, with a
+    /// pidfd or (`watch` false) looking every 100 ms; returns the exit
+    /// record and the log.
+    fn supervised(script: &str, watch: bool) -> (ExitRecord, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let records = dir.path().join("w.records");
+        std::fs::write(&records, "").unwrap();
+        let spec = LaunchSpec {
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            log_path: dir.path().join("output.log"),
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            working_dir: dir.path().into(),
+            run_as: None,
+            log_max_bytes: 1 << 20,
+        };
+        let started = start(&records, &spec).unwrap();
+        let watch = if watch { pidfd(started.pid) } else { None };
+        assert_eq!(supervise_with(&records, &spec, started, watch), 0);
+        let exit = workload_store::Records::File(records)
+            .read_exit()
+            .unwrap()
+            .expect("an exit record");
+        let log = std::fs::read_to_string(&spec.log_path).unwrap();
+        (exit, log)
+    }
+
+    fn alive(pid: &str) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+            .is_ok_and(|s| !s[s.rfind(')').unwrap() + 1..].trim_start().starts_with('Z'))
+    }
+
+    #[test]
+    fn output_and_exit_code_are_recorded_with_and_without_a_pidfd() {
+        for watch in [true, false] {
+            let (exit, log) = supervised("echo out; echo err >&2; exit 4", watch);
+            assert_eq!(exit.exit_code, Some(4), "watch={watch}");
+            assert_eq!(log, "out\nerr\n", "watch={watch}");
+        }
+    }
+
+    #[test]
+    fn what_a_workload_leaves_in_its_group_is_killed_when_it_ends() {
+        for watch in [true, false] {
+            // The background sleep holds the output pipe open.
+            let (exit, log) = supervised("sleep 300 & echo $!; exit 3", watch);
+            assert_eq!(exit.exit_code, Some(3), "watch={watch}");
+            let (left, _) = log.split_once('\n').unwrap();
+            assert!(!alive(left), "watch={watch}: {left} outlived its workload");
+        }
+    }
+
+    #[test]
+    fn an_escaped_process_holding_the_output_does_not_keep_the_workload_running() {
+        // setsid takes the sleep out of the group: it survives the kill
+        // and keeps the pipe open; the shim stops copying after
+        // DRAIN_AFTER_EXIT and records the exit.
+        let (exit, log) = supervised("setsid sleep 300 & echo $!; exit 0", true);
+        assert_eq!(exit.exit_code, Some(0));
+        let escaped = log.lines().next().unwrap().to_string();
+        let _ = nix::sys::signal::kill(Pid::from_raw(escaped.parse().unwrap()), Signal::SIGKILL);
     }
 
     #[test]

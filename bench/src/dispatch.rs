@@ -314,7 +314,11 @@ async fn through_gpufleet(
         let started = Instant::now();
         let samples = run_jobs(&endpoint, args.jobs, args.concurrency).await?;
         let elapsed = started.elapsed();
-        anyhow::Ok((samples, elapsed, report::machine_busy()?.saturating_sub(busy)))
+        anyhow::Ok((
+            samples,
+            elapsed,
+            report::machine_busy()?.saturating_sub(busy),
+        ))
     }
     .await;
     agent.shutdown().await?;

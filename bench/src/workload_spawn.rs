@@ -39,7 +39,6 @@ struct Figures {
     cpu_per_workload: Duration,
 }
 
-
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -92,7 +91,8 @@ async fn direct(count: usize, dir: &std::path::Path) -> anyhow::Result<Figures> 
         figures.total.push(t0.elapsed());
         anyhow::ensure!(status.success(), "true failed: {status}");
     }
-    figures.cpu_per_workload = crate::report::machine_busy()?.saturating_sub(busy) / count.max(1) as u32;
+    figures.cpu_per_workload =
+        crate::report::machine_busy()?.saturating_sub(busy) / count.max(1) as u32;
     Ok(figures)
 }
 
@@ -156,7 +156,8 @@ async fn shimmed(
             done.message
         );
     }
-    figures.cpu_per_workload = crate::report::machine_busy()?.saturating_sub(busy) / count.max(1) as u32;
+    figures.cpu_per_workload =
+        crate::report::machine_busy()?.saturating_sub(busy) / count.max(1) as u32;
     Ok(figures)
 }
 
