@@ -161,32 +161,42 @@ async fn shimmed(
     Ok(figures)
 }
 
-/// (VmRSS, RssAnon) of the shim of a running `sleep`, in MiB. RssAnon is
-/// its own memory; the rest of VmRSS is the executable's pages, shared
-/// with the agent and every other shim.
-async fn shim_rss_mib(
-    dir: &std::path::Path,
-    shim: Option<&std::path::Path>,
-) -> anyhow::Result<(f64, f64)> {
-    let sup = supervisor(dir, shim, ShimLaunch::Fork)?;
-    let status = sup.run_local(allocation("rss", &["sleep", "30"])).await?;
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", status.pid))?;
-    let ppid: u32 = stat
-        .rsplit_once(") ")
+/// Field 4 of /proc/<pid>/stat: the parent's pid.
+fn parent_of(pid: u32) -> anyhow::Result<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    stat.rsplit_once(") ")
         .and_then(|(_, rest)| rest.split_whitespace().nth(1))
         .and_then(|p| p.parse().ok())
-        .context("malformed /proc stat")?;
-    let proc_status = std::fs::read_to_string(format!("/proc/{ppid}/status"))?;
+        .context("malformed /proc stat")
+}
+
+/// (VmRSS, RssAnon) of process `pid`, in MiB. RssAnon is its own memory;
+/// the rest of VmRSS is the executable's pages, shared with the agent and
+/// every shim.
+fn memory_mib(pid: u32) -> anyhow::Result<(f64, f64)> {
+    let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let mib = |field: &str| -> anyhow::Result<f64> {
         let kib: f64 = proc_status
             .lines()
             .find(|l| l.starts_with(field))
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no {field} in /proc/{ppid}/status"))?;
+            .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
         Ok(kib / 1024.0)
     };
-    let figures = (mib("VmRSS:")?, mib("RssAnon:")?);
+    Ok((mib("VmRSS:")?, mib("RssAnon:")?))
+}
+
+/// Memory of the forked shim of a running `sleep`, and of the launcher
+/// that forked it.
+async fn shim_rss_mib(
+    dir: &std::path::Path,
+    shim: Option<&std::path::Path>,
+) -> anyhow::Result<[(f64, f64); 2]> {
+    let sup = supervisor(dir, shim, ShimLaunch::Fork)?;
+    let status = sup.run_local(allocation("rss", &["sleep", "30"])).await?;
+    let shim_pid = parent_of(status.pid)?;
+    let figures = [memory_mib(shim_pid)?, memory_mib(parent_of(shim_pid)?)?];
     sup.stop("rss", Some(Duration::from_secs(1))).await?;
     Ok(figures)
 }
@@ -246,11 +256,10 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             ms(f[i])
         );
     }
-    println!("{:<34} {:>36.1}", "RSS of one forked shim (MiB)", rss.0);
-    println!(
-        "{:<34} {:>36.1}",
-        "  of which its own (RssAnon, MiB)", rss.1
-    );
+    for (name, (all, own)) in [("one forked shim", rss[0]), ("the shim launcher", rss[1])] {
+        println!("{:<34} {:>36.1}", format!("RSS of {name} (MiB)"), all);
+        println!("{:<34} {:>36.1}", "  of which its own (RssAnon, MiB)", own);
+    }
     println!(
         "{}",
         serde_json::json!({
@@ -265,8 +274,10 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             "direct_cpu_ms": ms(d[4]),
             "exec_shim_cpu_ms": ms(e[4]),
             "fork_shim_cpu_ms": ms(f[4]),
-            "shim_rss_mib": (rss.0 * 10.0).round() / 10.0,
-            "shim_rss_anon_mib": (rss.1 * 10.0).round() / 10.0,
+            "shim_rss_mib": (rss[0].0 * 10.0).round() / 10.0,
+            "shim_rss_anon_mib": (rss[0].1 * 10.0).round() / 10.0,
+            "launcher_rss_mib": (rss[1].0 * 10.0).round() / 10.0,
+            "launcher_rss_anon_mib": (rss[1].1 * 10.0).round() / 10.0,
         })
     );
     Ok(())
