@@ -909,7 +909,8 @@ impl Supervisor {
     }
 
     /// Starts a shim with `stdio` as its stdin, stdout and stderr; returns
-    /// its pid, and the process itself with [`ShimLaunch::Exec`].
+    /// its pid, and the process itself with [`ShimLaunch::Exec`]. An error
+    /// that may come from a wrong `shim_program` says what it must be.
     fn start_shim(
         &self,
         records: &std::path::Path,
@@ -926,7 +927,11 @@ impl Supervisor {
                 .kill_on_drop(false)
                 .spawn()
                 .map_err(|e| {
-                    format!("cannot start the workload shim {}: {e}", program.display())
+                    format!(
+                        "cannot start the workload shim {}: {e}; {}",
+                        program.display(),
+                        not_a_shim_hint(program)
+                    )
                 })?;
             let pid = child
                 .id()
@@ -943,7 +948,8 @@ impl Supervisor {
         loop {
             let current = match launcher.take() {
                 Some(current) => current,
-                None => Launcher::start(program)?,
+                None => Launcher::start(program)
+                    .map_err(|why| format!("{why}; {}", not_a_shim_hint(program)))?,
             };
             match current.launch(records, borrowed, SHIM_START_TIMEOUT) {
                 Ok(pid) => {
@@ -959,7 +965,9 @@ impl Supervisor {
                     debug!(reason = %why, "starting a new shim launcher");
                     retried = true;
                 }
-                Err(LaunchError::Unsent(why) | LaunchError::Broken(why)) => return Err(why),
+                Err(LaunchError::Unsent(why) | LaunchError::Broken(why)) => {
+                    return Err(format!("{why}; {}", not_a_shim_hint(program)));
+                }
             }
         }
     }
@@ -1080,7 +1088,7 @@ impl Supervisor {
                     OwnedFd::from(shim_stderr),
                 ],
             )
-            .map_err(|why| fail(&mut log, format!("{why}; {}", not_a_shim_hint(program))))?;
+            .map_err(|why| fail(&mut log, why))?;
         // Dropping `stdin` from here on, before the go, makes the shim exit
         // without starting anything.
         let abort =
