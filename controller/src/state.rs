@@ -86,7 +86,7 @@ struct State {
     ledger: usage::Ledger,
     market: usage::market::MarketHistory,
     /// Jobs placed since the last market minute.
-    starts: Vec<usage::market::StartEvent>,
+    starts: usage::market::MinuteStarts,
     last_market_minute: u64,
 }
 
@@ -194,7 +194,7 @@ impl Controller {
             fair: FairShare::new(config.fair_share_half_life.as_secs_f64()),
             ledger: usage::Ledger::new(config.usage_retention),
             market: usage::market::MarketHistory::new(config.market_retention.as_secs()),
-            starts: Vec::new(),
+            starts: Default::default(),
             last_market_minute: placement::unix_secs(SystemTime::now()) / 60,
         };
         let store = GroupCommit::new(store)?;
@@ -909,7 +909,9 @@ impl Controller {
                 }
             }
         }
-        state.starts.extend(starts);
+        for start in &starts {
+            state.starts.record(start);
+        }
         for node_id in touched {
             self.push_desired(&mut state, &node_id, false);
         }

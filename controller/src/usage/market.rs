@@ -19,7 +19,7 @@ use gpufleet_proto::v1::{DemandPoint, MarketElasticityResponse, MarketSignal, Re
 
 use crate::scheduler::market::{GroupMarket, MarketSnapshot};
 
-/// A job placed during the current minute, for wait statistics.
+/// A task placed by one scheduling pass, for wait statistics.
 #[derive(Debug, Clone)]
 pub struct StartEvent {
     /// The job's first task (a job's wait is counted once).
@@ -29,6 +29,57 @@ pub struct StartEvent {
     pub generation: i32,
     pub wait_secs: f64,
     pub gpus: u32,
+}
+
+/// The starts of the current minute, one entry per (provider, region,
+/// generation) rather than one per start: a busy minute then holds a few
+/// growing vectors, not two strings per placed task kept for up to a
+/// minute among everything else the controller allocates (which leaves
+/// the allocator's pages fragmented once they are all freed at once).
+#[derive(Debug, Default)]
+pub struct MinuteStarts {
+    by_provider: BTreeMap<String, BTreeMap<String, BTreeMap<i32, GroupStarts>>>,
+}
+
+/// The starts of one group in one minute.
+#[derive(Debug, Default)]
+pub struct GroupStarts {
+    waits: Vec<f64>,
+    gpus: u32,
+}
+
+impl MinuteStarts {
+    pub fn record(&mut self, start: &StartEvent) {
+        let regions = match self.by_provider.get_mut(start.provider.as_str()) {
+            Some(regions) => regions,
+            None => self.by_provider.entry(start.provider.clone()).or_default(),
+        };
+        let generations = match regions.get_mut(start.region.as_str()) {
+            Some(generations) => generations,
+            None => regions.entry(start.region.clone()).or_default(),
+        };
+        let group = generations.entry(start.generation).or_default();
+        group.waits.push(start.wait_secs);
+        group.gpus += start.gpus;
+    }
+
+    fn of(&self, provider: &str, region: &str, generation: i32) -> Vec<&GroupStarts> {
+        self.by_provider
+            .get(provider)
+            .and_then(|regions| regions.get(region))
+            .and_then(|generations| generations.get(&generation))
+            .into_iter()
+            .collect()
+    }
+
+    /// Every provider's starts in `region` and `generation`.
+    fn in_region(&self, region: &str, generation: i32) -> Vec<&GroupStarts> {
+        self.by_provider
+            .values()
+            .filter_map(|regions| regions.get(region))
+            .filter_map(|generations| generations.get(&generation))
+            .collect()
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
@@ -59,9 +110,12 @@ fn signal(
     region: &str,
     generation: i32,
     g: &GroupMarket,
-    starts: &[&StartEvent],
+    starts: &[&GroupStarts],
 ) -> MarketSignal {
-    let mut waits: Vec<f64> = starts.iter().map(|s| s.wait_secs).collect();
+    let mut waits: Vec<f64> = starts
+        .iter()
+        .flat_map(|s| s.waits.iter().copied())
+        .collect();
     waits.sort_by(f64::total_cmp);
     MarketSignal {
         at: Some(prost_types::Timestamp {
@@ -97,17 +151,12 @@ fn signal(
 pub fn signals_for_minute(
     at_secs: u64,
     snapshot: &MarketSnapshot,
-    starts: &[StartEvent],
+    starts: &MinuteStarts,
 ) -> Vec<MarketSignal> {
     let mut out = Vec::new();
     let mut by_region: BTreeMap<(String, i32), GroupMarket> = BTreeMap::new();
     for ((provider, region, generation), g) in &snapshot.groups {
-        let here: Vec<&StartEvent> = starts
-            .iter()
-            .filter(|s| {
-                &s.provider == provider && &s.region == region && s.generation == *generation
-            })
-            .collect();
+        let here = starts.of(provider, region, *generation);
         out.push(signal(at_secs, provider, region, *generation, g, &here));
         let r = by_region.entry((region.clone(), *generation)).or_default();
         r.supply_gpus += g.supply_gpus;
@@ -126,10 +175,7 @@ pub fn signals_for_minute(
         }
     }
     for ((region, generation), g) in &by_region {
-        let here: Vec<&StartEvent> = starts
-            .iter()
-            .filter(|s| &s.region == region && s.generation == *generation)
-            .collect();
+        let here = starts.in_region(region, *generation);
         out.push(signal(at_secs, "", region, *generation, g, &here));
     }
     out
@@ -389,6 +435,53 @@ mod tests {
     }
 
     #[test]
+    fn a_minutes_starts_are_counted_per_provider_and_per_region() {
+        let mut snapshot = MarketSnapshot::default();
+        for key in [("aws", "tight"), ("gcp", "tight"), ("aws", "slack")] {
+            snapshot
+                .groups
+                .insert((key.0.into(), key.1.into(), 6), GroupMarket::default());
+        }
+        let mut starts = MinuteStarts::default();
+        let start = |provider: &str, region: &str, wait_secs, gpus| StartEvent {
+            first_task: true,
+            provider: provider.into(),
+            region: region.into(),
+            generation: 6,
+            wait_secs,
+            gpus,
+        };
+        for s in [
+            start("aws", "tight", 30.0, 8),
+            start("gcp", "tight", 10.0, 2),
+            start("gcp", "tight", 12.0, 2),
+            start("aws", "slack", 5.0, 1),
+            // Another generation: counted nowhere here.
+            StartEvent {
+                generation: 7,
+                ..start("aws", "tight", 99.0, 4)
+            },
+        ] {
+            starts.record(&s);
+        }
+        let signals = signals_for_minute(600, &snapshot, &starts);
+        let find = |provider: &str, region: &str| {
+            signals
+                .iter()
+                .find(|s| s.provider == provider && s.region == region)
+                .unwrap()
+        };
+        assert_eq!(find("aws", "tight").started_gpus, 8);
+        assert_eq!(find("aws", "tight").queue_wait_p50_seconds, Some(30.0));
+        assert_eq!(find("gcp", "tight").started_gpus, 4);
+        assert_eq!(find("gcp", "tight").queue_wait_p50_seconds, Some(12.0));
+        assert_eq!(find("", "tight").started_gpus, 12);
+        assert_eq!(find("", "tight").queue_wait_p95_seconds, Some(30.0));
+        assert_eq!(find("", "slack").started_gpus, 1);
+        assert_eq!(find("", "slack").queue_wait_p50_seconds, Some(5.0));
+    }
+
+    #[test]
     fn tightness_ranks_and_region_signals_merge_providers() {
         let mut snapshot = MarketSnapshot::default();
         let group = |free, pending| GroupMarket {
@@ -408,14 +501,15 @@ mod tests {
         snapshot
             .groups
             .insert(("aws".into(), "slack".into(), 6), group(8, 0));
-        let starts = vec![StartEvent {
+        let mut starts = MinuteStarts::default();
+        starts.record(&StartEvent {
             first_task: true,
             provider: "aws".into(),
             region: "tight".into(),
             generation: 6,
             wait_secs: 30.0,
             gpus: 8,
-        }];
+        });
         let mut history = MarketHistory::new(86_400);
         for s in signals_for_minute(600, &snapshot, &starts) {
             history.push(s);
