@@ -236,8 +236,11 @@ fn signal_overhead(seed: u64) -> (f64, f64) {
             .collect();
         let started = Instant::now();
         let snapshot = market::snapshot(&fleet, &still);
-        let recorded =
-            gpufleet_controller::usage::market::signals_for_minute(1_000_000, &snapshot, &[]);
+        let recorded = gpufleet_controller::usage::market::signals_for_minute(
+            1_000_000,
+            &snapshot,
+            &Default::default(),
+        );
         signals.push(started.elapsed().as_secs_f64() * 1000.0);
         std::hint::black_box(recorded);
     }
