@@ -36,6 +36,12 @@ const SUBMIT_CONNECTIONS: usize = 4;
 const SUBMIT_DEADLINE: Duration = Duration::from_secs(30);
 /// RSS growth from a third of the run to its end still called flat.
 const FLAT_GROWTH: f64 = 0.05;
+/// RSS is compared by its floor, the lowest sample in a window this long:
+/// once a minute the controller writes each node's telemetry minute and the
+/// market signals at once, and RSS peaks a few MiB for 10-20 s until the
+/// next trim. One sample compared with another tells whether either landed
+/// on such a peak; two floors tell what stayed.
+const FLOOR_WINDOW: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Args)]
 pub struct LoadArgs {
@@ -272,6 +278,82 @@ struct Outcome {
     rss: Vec<RssPoint>,
     /// Submit latency p50 and p99 (µs) over the interval ending at each RSS point.
     window_latency: Vec<Option<(u64, u64)>>,
+}
+
+/// Whether RSS stayed flat from a third of the run (the warm-up) to its
+/// end, judged by floors (see [`FLOOR_WINDOW`]).
+#[derive(Debug, Clone, PartialEq)]
+struct Flatness {
+    /// Where the comparison starts: the first sample at or after a third.
+    from: Duration,
+    window: Duration,
+    floor_start: u64,
+    floor_end: u64,
+    floor_growth: f64,
+    floor_share: f64,
+    floor_per_job: f64,
+    /// The single samples at `from` and at the end, compared.
+    sample_growth: f64,
+    sample_share: f64,
+    /// The highest sample from `from` on.
+    peak: u64,
+}
+
+impl Flatness {
+    fn of(points: &[RssPoint], duration: Duration) -> Self {
+        let third = duration / 3;
+        let window = FLOOR_WINDOW.min(third);
+        let start = points
+            .iter()
+            .position(|p| p.at >= third)
+            .unwrap_or(0)
+            .min(points.len().saturating_sub(1));
+        let after = points.get(start..).unwrap_or_default();
+        let (Some(first), Some(last)) = (after.first(), after.last()) else {
+            return Self {
+                from: Duration::ZERO,
+                window,
+                floor_start: 0,
+                floor_end: 0,
+                floor_growth: 0.0,
+                floor_share: 0.0,
+                floor_per_job: 0.0,
+                sample_growth: 0.0,
+                sample_share: 0.0,
+                peak: 0,
+            };
+        };
+        // The lowest sample of a window, and the jobs submitted by then.
+        let floor = |in_window: &dyn Fn(&RssPoint) -> bool, or: &RssPoint| {
+            let lowest = after
+                .iter()
+                .filter(|p| in_window(p))
+                .min_by_key(|p| p.rss)
+                .unwrap_or(or);
+            (lowest.rss, lowest.submitted)
+        };
+        let (floor_start, jobs_start) = floor(&|p| p.at <= first.at + window, first);
+        // The end window never reaches back into the start window; a run
+        // too short for both compares its last sample.
+        let (floor_end, jobs_end) = floor(
+            &|p| p.at + window >= last.at && p.at > first.at + window,
+            last,
+        );
+        let floor_growth = floor_end as f64 - floor_start as f64;
+        let sample_growth = last.rss as f64 - first.rss as f64;
+        Self {
+            from: first.at,
+            window,
+            floor_start,
+            floor_end,
+            floor_growth,
+            floor_share: floor_growth / floor_start.max(1) as f64,
+            floor_per_job: floor_growth / jobs_end.saturating_sub(jobs_start).max(1) as f64,
+            sample_growth,
+            sample_share: sample_growth / first.rss.max(1) as f64,
+            peak: after.iter().map(|p| p.rss).max().unwrap_or(0),
+        }
+    }
 }
 
 async fn drive(args: &LoadArgs, controller: &mut ControllerProcess) -> anyhow::Result<Outcome> {
@@ -706,19 +788,8 @@ fn print_report(args: &LoadArgs, o: &Outcome, log_errors: usize) {
     );
     println!();
 
-    // Flatness: from the first sample at or after a third of the run.
-    let third = args.duration / 3;
-    let from = o.rss.iter().find(|p| p.at >= third).or(o.rss.first());
-    let to = o.rss.last();
-    let (growth, growth_share, per_job) = match (from, to) {
-        (Some(a), Some(b)) => {
-            let growth = b.rss as f64 - a.rss as f64;
-            let jobs = b.submitted.saturating_sub(a.submitted).max(1) as f64;
-            (growth, growth / a.rss.max(1) as f64, growth / jobs)
-        }
-        _ => (0.0, 0.0, 0.0),
-    };
-    let flat = growth_share <= FLAT_GROWTH;
+    let verdict = Flatness::of(&o.rss, args.duration);
+    let flat = verdict.floor_share <= FLAT_GROWTH;
     let p = |q: f64| report::percentile(&o.submit_latency, q) as f64 / 1000.0;
     let (p50, p99, max) = (
         p(50.0),
@@ -756,16 +827,37 @@ fn print_report(args: &LoadArgs, o: &Outcome, log_errors: usize) {
             ],
             vec![
                 format!(
-                    "RSS growth from t={:.0}s to the end",
-                    from.map_or(0.0, |p| p.at.as_secs_f64())
+                    "RSS floor growth: lowest in {:.0}s from t={:.0}s, to lowest in the last {:.0}s",
+                    verdict.window.as_secs_f64(),
+                    verdict.from.as_secs_f64(),
+                    verdict.window.as_secs_f64(),
                 ),
                 format!(
-                    "{:+.1} MiB ({:+.1} %), {:.0} B per job submitted meanwhile",
-                    growth / (1 << 20) as f64,
-                    growth_share * 100.0,
-                    per_job
+                    "{:.1} -> {:.1} MiB: {:+.1} MiB ({:+.1} %), {:.0} B per job submitted meanwhile",
+                    mib(verdict.floor_start),
+                    mib(verdict.floor_end),
+                    verdict.floor_growth / (1 << 20) as f64,
+                    verdict.floor_share * 100.0,
+                    verdict.floor_per_job
                 ),
                 format!("<= {:.0} % (flat)", FLAT_GROWTH * 100.0),
+            ],
+            vec![
+                format!(
+                    "RSS sample at t={:.0}s to the last sample",
+                    verdict.from.as_secs_f64()
+                ),
+                format!(
+                    "{:+.1} MiB ({:+.1} %)",
+                    verdict.sample_growth / (1 << 20) as f64,
+                    verdict.sample_share * 100.0,
+                ),
+                "-".into(),
+            ],
+            vec![
+                "RSS peak after warm-up".into(),
+                format!("{:.1} MiB", mib(verdict.peak)),
+                "-".into(),
             ],
         ],
     );
@@ -792,9 +884,67 @@ fn print_report(args: &LoadArgs, o: &Outcome, log_errors: usize) {
         "submit_p99_ms": p99,
         "submit_max_ms": max,
         "rss_mib": o.rss.iter().map(|p| [p.at.as_secs_f64().round(), (mib(p.rss) * 10.0).round() / 10.0]).collect::<Vec<_>>(),
-        "rss_growth_after_third": (growth_share * 1000.0).round() / 1000.0,
-        "rss_bytes_per_job": per_job.round(),
+        "rss_floor_growth_after_third": (verdict.floor_share * 1000.0).round() / 1000.0,
+        "rss_floor_bytes_per_job": verdict.floor_per_job.round(),
+        "rss_sample_growth_after_third": (verdict.sample_share * 1000.0).round() / 1000.0,
+        "rss_peak_after_third_mib": (mib(verdict.peak) * 10.0).round() / 10.0,
         "rss_flat": flat,
     });
     println!("{summary}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Samples every 10 s of a 300 s run: `base` MiB plus `slope` MiB per
+    /// 10 s, plus `peak` MiB on every sixth sample (the minute's writes).
+    fn run(base: f64, slope: f64, peak: f64, peak_at_end: bool) -> Vec<RssPoint> {
+        (0..=30u64)
+            .map(|i| {
+                let minute_peak = i % 6 == 2 || (peak_at_end && i == 30);
+                let value = base + slope * i as f64 + if minute_peak { peak } else { 0.0 };
+                RssPoint {
+                    at: Duration::from_secs(10 * i),
+                    rss: (value * (1 << 20) as f64) as u64,
+                    submitted: 1000 * i,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_peak_on_the_last_sample_does_not_decide_the_verdict() {
+        let points = run(90.0, 0.0, 5.0, true);
+        let v = Flatness::of(&points, Duration::from_secs(300));
+        assert_eq!(v.from, Duration::from_secs(100));
+        assert!(v.sample_share > FLAT_GROWTH, "{v:?}");
+        assert_eq!(v.floor_start, v.floor_end, "{v:?}");
+        assert!(v.floor_share.abs() < 1e-9);
+        assert!(mib(v.peak) > 94.9, "{v:?}");
+    }
+
+    #[test]
+    fn steady_growth_under_the_peaks_is_not_flat() {
+        // 0.5 MiB per 10 s: +10 MiB over the last 200 s on about 95 MiB.
+        let points = run(90.0, 0.5, 5.0, false);
+        let v = Flatness::of(&points, Duration::from_secs(300));
+        assert!(v.floor_share > FLAT_GROWTH, "{v:?}");
+        assert!(v.floor_per_job > 0.0);
+    }
+
+    #[test]
+    fn a_run_too_short_for_two_windows_compares_its_last_sample() {
+        let points: Vec<RssPoint> = (0..=3u64)
+            .map(|i| RssPoint {
+                at: Duration::from_secs(10 * i),
+                rss: (100 + 10 * i) << 20,
+                submitted: 100 * i,
+            })
+            .collect();
+        let v = Flatness::of(&points, Duration::from_secs(30));
+        assert_eq!(v.floor_end, 130 << 20, "{v:?}");
+        assert!(v.floor_share > FLAT_GROWTH);
+        assert!(Flatness::of(&[], Duration::from_secs(30)).floor_share == 0.0);
+    }
 }

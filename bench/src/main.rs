@@ -13,6 +13,7 @@ mod load;
 mod report;
 mod scheduler;
 mod sim_agent;
+mod store_growth;
 mod usage_query;
 mod workload_spawn;
 
@@ -62,6 +63,9 @@ enum Command {
     /// submission rate against one controller: errors, submit latency and
     /// the controller's memory over time.
     Load(load::LoadArgs),
+    /// Memory the controller's store keeps per retained finished job once
+    /// its page cache is full (sled's per-page bookkeeping).
+    StoreGrowth(store_growth::Args),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +82,7 @@ fn main() -> ExitCode {
         Command::WorkloadSpawn(args) => workload_spawn::run(args),
         Command::Dispatch(args) => dispatch::run(args),
         Command::Load(args) => load::run(args),
+        Command::StoreGrowth(args) => store_growth::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -72,8 +72,9 @@ pub struct ConfigFile {
     /// How long finished jobs are kept before they are deleted from memory
     /// and the store (their usage records stay); e.g. "7d".
     pub finished_job_retention: Option<String>,
-    /// The embedded store's page cache (e.g. "16MiB"). sled's memory is a
-    /// multiple of it; this bounds how the store's memory grows with data.
+    /// The embedded store's page cache (e.g. "16MiB"). sled holds up to
+    /// twice this in heap; beyond it, the store's memory follows the keys it
+    /// holds (about 13 B each), which retention bounds.
     pub store_cache: Option<String>,
 }
 

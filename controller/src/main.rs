@@ -25,7 +25,7 @@ struct Args {
     #[arg(long)]
     finished_job_retention: Option<String>,
     /// The embedded store's page cache, e.g. 16MiB; the store's memory is a
-    /// multiple of it [default: 16MiB].
+    /// multiple of it [default: 4MiB].
     #[arg(long)]
     store_cache: Option<String>,
     /// Token agents must present to join [default: generated at the first

@@ -267,10 +267,11 @@ impl Default for Retention {
 }
 
 /// The ledger of ended allocations. Records live in the store only (by
-/// allocation id, indexed by end time), so memory stays flat however long
-/// the history; the rollups that reports read are kept in memory, bounded
-/// by their retention, and rebuilt from the records when the controller
-/// starts.
+/// allocation id, indexed by end time), so a record costs memory only as
+/// the store's per-key bookkeeping (about 26 B for its two keys, until
+/// `usage_retention` deletes it); the rollups that reports read are kept
+/// in memory, bounded by their retention, and rebuilt from the records
+/// when the controller starts.
 #[derive(Debug)]
 pub struct Ledger {
     rollups: Rollups,
