@@ -105,6 +105,7 @@ struct AgentCounters {
 struct ControllerProcess {
     child: Child,
     endpoint: String,
+    metrics_port: u16,
     log: PathBuf,
 }
 
@@ -121,11 +122,15 @@ impl ControllerProcess {
         dir: &std::path::Path,
         finished_job_retention: Option<&str>,
     ) -> anyhow::Result<Self> {
-        // The binary binds the port itself: take a free one and release it.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .context("cannot find a free loopback port")?
-            .port();
+        // The binary binds its ports itself: take free ones and release them.
+        let free_port = || -> anyhow::Result<u16> {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .context("cannot find a free loopback port")?
+                .port())
+        };
+        let port = free_port()?;
+        let metrics_port = free_port()?;
         let log = dir.join("controller.log");
         let log_file = std::fs::File::create(&log)
             .with_context(|| format!("cannot create {}", log.display()))?;
@@ -139,7 +144,7 @@ impl ControllerProcess {
             .arg("--data-dir")
             .arg(dir.join("controller"))
             .arg("--metrics-listen")
-            .arg("127.0.0.1:0")
+            .arg(format!("127.0.0.1:{metrics_port}"))
             .arg("--join-token")
             .arg(crate::sim_agent::BENCH_JOIN_TOKEN)
             // Auth stays on; one admin token drives every client here, so
@@ -159,6 +164,7 @@ impl ControllerProcess {
         Ok(Self {
             child,
             endpoint: format!("http://127.0.0.1:{port}"),
+            metrics_port,
             log,
         })
     }
@@ -210,6 +216,9 @@ impl ControllerProcess {
 struct RssPoint {
     at: Duration,
     rss: u64,
+    /// The controller's live heap (`gpufleet_controller_heap_bytes`), when
+    /// its /metrics answered.
+    heap: Option<u64>,
     submitted: u64,
 }
 
@@ -301,6 +310,11 @@ struct Flatness {
 
 impl Flatness {
     fn of(points: &[RssPoint], duration: Duration) -> Self {
+        Self::of_value(points, duration, |p| p.rss)
+    }
+
+    /// The same test over another figure of the samples (the live heap).
+    fn of_value(points: &[RssPoint], duration: Duration, value: fn(&RssPoint) -> u64) -> Self {
         let third = duration / 3;
         let window = FLOOR_WINDOW.min(third);
         let start = points
@@ -328,9 +342,9 @@ impl Flatness {
             let lowest = after
                 .iter()
                 .filter(|p| in_window(p))
-                .min_by_key(|p| p.rss)
+                .min_by_key(|p| value(p))
                 .unwrap_or(or);
-            (lowest.rss, lowest.submitted)
+            (value(lowest), lowest.submitted)
         };
         let (floor_start, jobs_start) = floor(&|p| p.at <= first.at + window, first);
         // The end window never reaches back into the start window; a run
@@ -340,7 +354,7 @@ impl Flatness {
             last,
         );
         let floor_growth = floor_end as f64 - floor_start as f64;
-        let sample_growth = last.rss as f64 - first.rss as f64;
+        let sample_growth = value(last) as f64 - value(first) as f64;
         Self {
             from: first.at,
             window,
@@ -350,10 +364,35 @@ impl Flatness {
             floor_share: floor_growth / floor_start.max(1) as f64,
             floor_per_job: floor_growth / jobs_end.saturating_sub(jobs_start).max(1) as f64,
             sample_growth,
-            sample_share: sample_growth / first.rss.max(1) as f64,
-            peak: after.iter().map(|p| p.rss).max().unwrap_or(0),
+            sample_share: sample_growth / value(first).max(1) as f64,
+            peak: after.iter().map(value).max().unwrap_or(0),
         }
     }
+}
+
+/// The controller's live heap from its /metrics; None when it does not
+/// answer within a few seconds or does not count its heap (an older build).
+async fn scrape_heap(port: u16) -> Option<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let scrape = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .ok()?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await.ok()?;
+        body.lines()
+            .find_map(|line| line.strip_prefix("gpufleet_controller_heap_bytes "))
+            .and_then(|value| value.trim().parse::<f64>().ok())
+            .map(|bytes| bytes as u64)
+    };
+    tokio::time::timeout(Duration::from_secs(5), scrape)
+        .await
+        .ok()
+        .flatten()
 }
 
 async fn drive(args: &LoadArgs, controller: &mut ControllerProcess) -> anyhow::Result<Outcome> {
@@ -404,9 +443,11 @@ async fn drive(args: &LoadArgs, controller: &mut ControllerProcess) -> anyhow::R
         let every = args.rss_every;
         let duration = args.duration;
         let pid_rss = |c: &ControllerProcess| c.rss_bytes();
+        let metrics_port = controller.metrics_port;
         let mut points = vec![RssPoint {
             at: Duration::ZERO,
             rss: pid_rss(controller)?,
+            heap: scrape_heap(metrics_port).await,
             submitted: 0,
         }];
         let submitter = submit_steadily(
@@ -423,16 +464,22 @@ async fn drive(args: &LoadArgs, controller: &mut ControllerProcess) -> anyhow::R
         loop {
             tokio::select! {
                 done = &mut submitter => { done?; break; }
-                _ = tick.tick() => points.push(RssPoint {
-                    at: started.elapsed(),
-                    rss: pid_rss(controller)?,
-                    submitted: submitted.load(Ordering::Relaxed),
-                }),
+                _ = tick.tick() => {
+                    let at = started.elapsed();
+                    let rss = pid_rss(controller)?;
+                    let submitted = submitted.load(Ordering::Relaxed);
+                    let heap = scrape_heap(metrics_port).await;
+                    points.push(RssPoint { at, rss, heap, submitted });
+                }
             }
         }
+        let at = started.elapsed();
+        let rss = pid_rss(controller)?;
+        let heap = scrape_heap(metrics_port).await;
         points.push(RssPoint {
-            at: started.elapsed(),
-            rss: pid_rss(controller)?,
+            at,
+            rss,
+            heap,
             submitted: submitted.load(Ordering::Relaxed),
         });
         points
@@ -770,6 +817,7 @@ fn print_report(args: &LoadArgs, o: &Outcome, log_errors: usize) {
             vec![
                 format!("{:.0}", p.at.as_secs_f64()),
                 format!("{:.1}", mib(p.rss)),
+                p.heap.map_or("-".into(), |h| format!("{:.1}", mib(h))),
                 p.submitted.to_string(),
                 latency.map_or("-".into(), |(p50, p99)| {
                     format!("{:.1} / {:.1}", p50 as f64 / 1000.0, p99 as f64 / 1000.0)
@@ -781,6 +829,7 @@ fn print_report(args: &LoadArgs, o: &Outcome, log_errors: usize) {
         &[
             "t (s)",
             "controller RSS (MiB)",
+            "live heap (MiB)",
             "jobs submitted",
             "submit p50 / p99 in interval (ms)",
         ],
@@ -790,6 +839,13 @@ fn print_report(args: &LoadArgs, o: &Outcome, log_errors: usize) {
 
     let verdict = Flatness::of(&o.rss, args.duration);
     let flat = verdict.floor_share <= FLAT_GROWTH;
+    // The heap by the same test, when every sample has it: what the
+    // controller holds, against what the allocator keeps.
+    let heap = o
+        .rss
+        .iter()
+        .all(|p| p.heap.is_some())
+        .then(|| Flatness::of_value(&o.rss, args.duration, |p| p.heap.unwrap_or(0)));
     let p = |q: f64| report::percentile(&o.submit_latency, q) as f64 / 1000.0;
     let (p50, p99, max) = (
         p(50.0),
@@ -859,6 +915,21 @@ fn print_report(args: &LoadArgs, o: &Outcome, log_errors: usize) {
                 format!("{:.1} MiB", mib(verdict.peak)),
                 "-".into(),
             ],
+            vec![
+                "live heap floor growth, the same windows".into(),
+                heap.as_ref()
+                    .map_or("- (no gpufleet_controller_heap_bytes)".into(), |h| {
+                        format!(
+                            "{:.1} -> {:.1} MiB: {:+.1} MiB ({:+.1} %), {:.0} B per job",
+                            mib(h.floor_start),
+                            mib(h.floor_end),
+                            h.floor_growth / (1 << 20) as f64,
+                            h.floor_share * 100.0,
+                            h.floor_per_job
+                        )
+                    }),
+                "-".into(),
+            ],
         ],
     );
     println!(
@@ -889,6 +960,9 @@ fn print_report(args: &LoadArgs, o: &Outcome, log_errors: usize) {
         "rss_sample_growth_after_third": (verdict.sample_share * 1000.0).round() / 1000.0,
         "rss_peak_after_third_mib": (mib(verdict.peak) * 10.0).round() / 10.0,
         "rss_flat": flat,
+        "heap_mib": o.rss.iter().filter_map(|p| p.heap.map(|h| [p.at.as_secs_f64().round(), (mib(h) * 10.0).round() / 10.0])).collect::<Vec<_>>(),
+        "heap_floor_growth_after_third": heap.as_ref().map(|h| (h.floor_share * 1000.0).round() / 1000.0),
+        "heap_floor_bytes_per_job": heap.as_ref().map(|h| h.floor_per_job.round()),
     });
     println!("{summary}");
 }
@@ -907,6 +981,7 @@ mod tests {
                 RssPoint {
                     at: Duration::from_secs(10 * i),
                     rss: (value * (1 << 20) as f64) as u64,
+                    heap: None,
                     submitted: 1000 * i,
                 }
             })
@@ -939,6 +1014,7 @@ mod tests {
             .map(|i| RssPoint {
                 at: Duration::from_secs(10 * i),
                 rss: (100 + 10 * i) << 20,
+                heap: Some(50 << 20),
                 submitted: 100 * i,
             })
             .collect();
@@ -946,5 +1022,8 @@ mod tests {
         assert_eq!(v.floor_end, 130 << 20, "{v:?}");
         assert!(v.floor_share > FLAT_GROWTH);
         assert!(Flatness::of(&[], Duration::from_secs(30)).floor_share == 0.0);
+        // The same test over the heap, which stayed level.
+        let heap = Flatness::of_value(&points, Duration::from_secs(30), |p| p.heap.unwrap_or(0));
+        assert_eq!(heap.floor_growth, 0.0, "{heap:?}");
     }
 }

@@ -6,6 +6,13 @@ use std::process::ExitCode;
 use clap::Parser;
 use gpufleet_controller::config::{ConfigFile, ControllerConfig};
 
+/// The system allocator, counting live bytes for
+/// `gpufleet_controller_heap_bytes`: next to RSS it tells memory the
+/// controller holds from memory the allocator keeps. One relaxed atomic
+/// add per allocation.
+#[global_allocator]
+static ALLOCATOR: cap::Cap<std::alloc::System> = cap::Cap::new(std::alloc::System, usize::MAX);
+
 /// The gpufleet controller: aggregates GPU capacity across clouds and
 /// regions, schedules jobs onto agents, and serves the gRPC API.
 #[derive(Debug, Parser)]
@@ -87,6 +94,7 @@ struct Args {
 const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
+    gpufleet_controller::memory::set_heap_probe(|| ALLOCATOR.allocated());
     let args = Args::parse();
     let env: std::collections::HashMap<String, String> = std::env::vars().collect();
     let overrides = ConfigFile {

@@ -8,7 +8,22 @@
 //! live heap stays level (measured in BENCHMARKS.md, `load`).
 //! `malloc_trim(0)` walks every arena and hands those free pages back.
 
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+/// Reads the live heap from the global allocator, which only the binary
+/// chooses (the controller's counts; `gpufleet dev` and tests do not).
+static HEAP_PROBE: OnceLock<fn() -> usize> = OnceLock::new();
+
+/// Called once by a binary whose global allocator counts live bytes.
+pub fn set_heap_probe(probe: fn() -> usize) {
+    let _ = HEAP_PROBE.set(probe);
+}
+
+/// Bytes allocated and not yet freed, when the binary counts them.
+pub fn heap_bytes() -> Option<u64> {
+    HEAP_PROBE.get().map(|probe| probe() as u64)
+}
 
 /// How often the controller trims. A trim of a ~100 MiB heap takes a few
 /// milliseconds on a blocking thread, and locks one arena at a time.

@@ -100,6 +100,8 @@ pub struct Snapshot {
     pub jobs_by_state: BTreeMap<JobState, u64>,
     /// Jobs held in memory (live ones); finished jobs are in the store.
     pub resident_jobs: u64,
+    /// Live heap, when the binary's allocator counts it.
+    pub heap_bytes: Option<u64>,
     pub telemetry: Vec<NodeTelemetryStats>,
     pub rollups_dropped: u64,
     /// Finished usage by provider, region, generation, tenant (retained ledger).
@@ -129,6 +131,7 @@ impl Snapshot {
             nodes_by_state,
             jobs_by_state: controller.job_counts(),
             resident_jobs: controller.resident_jobs() as u64,
+            heap_bytes: crate::memory::heap_bytes(),
             telemetry: controller.telemetry().all_stats(),
             rollups_dropped: controller.telemetry().rollups_dropped(),
             usage: {
@@ -242,6 +245,14 @@ pub fn render(snapshot: &Snapshot) -> String {
         &[],
         snapshot.resident_jobs as f64,
     );
+    if let Some(heap) = snapshot.heap_bytes {
+        e.family(
+            "gpufleet_controller_heap_bytes",
+            Kind::Gauge,
+            "Bytes the controller has allocated and not freed; RSS above it is memory the allocator keeps.",
+        );
+        e.sample("gpufleet_controller_heap_bytes", &[], heap as f64);
+    }
     e.family(
         "gpufleet_telemetry_samples_accepted_total",
         Kind::Counter,
@@ -610,6 +621,7 @@ mod tests {
             nodes_by_state: BTreeMap::from([(NodeState::Ready, 3)]),
             jobs_by_state: BTreeMap::from([(JobState::Running, 2), (JobState::Pending, 1)]),
             resident_jobs: 3,
+            heap_bytes: Some(83_886_080),
             telemetry: vec![NodeTelemetryStats {
                 node_id: "node-a".into(),
                 samples_accepted: 10,
@@ -669,6 +681,12 @@ mod tests {
         assert!(text.contains("gpufleet_nodes{state=\"ready\"} 3\n"));
         assert!(text.contains("gpufleet_nodes{state=\"lost\"} 0\n"));
         assert!(text.contains("gpufleet_jobs{state=\"running\"} 2\n"));
+        assert!(text.contains("gpufleet_controller_heap_bytes 83886080\n"));
+        let without_heap = render(&Snapshot {
+            heap_bytes: None,
+            ..snapshot()
+        });
+        assert!(!without_heap.contains("gpufleet_controller_heap_bytes"));
         assert!(text.contains(
             "gpufleet_telemetry_samples_dropped_total{node=\"node-a\",reason=\"out_of_range\"} 4\n"
         ));

@@ -11,10 +11,11 @@
 
 use std::collections::HashMap;
 use std::io::BufRead;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, bail, ensure};
 use gpufleet_proto::v1::fleet_client::FleetClient;
 use gpufleet_proto::v1::jobs_client::JobsClient;
 use gpufleet_proto::v1::{
@@ -51,9 +52,10 @@ async fn fleet_client(endpoint: &str) -> anyhow::Result<FleetClient<Authed>> {
     gpufleet_tests::fleet_client(endpoint, &admin_token(endpoint)?).await
 }
 
-/// The controller binary on 127.0.0.1:0; its address is read from its
-/// "controller serving" log line. Its log is copied to a file.
-async fn start_controller(dir: &Path) -> anyhow::Result<(Child, String)> {
+/// The controller binary on 127.0.0.1:0; its address and its /metrics
+/// address are read from its "controller serving" log line. Its log is
+/// copied to a file.
+async fn start_controller(dir: &Path) -> anyhow::Result<(Child, String, SocketAddr)> {
     let mut child = Command::new(workspace_binary("gpufleet-controller")?)
         .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
         .arg("--data-dir")
@@ -89,14 +91,18 @@ async fn start_controller(dir: &Path) -> anyhow::Result<(Child, String)> {
             };
             let fields = &entry["fields"];
             if fields["message"] == "controller serving"
-                && let (Some(tx), Some(addr)) = (addr_tx.take(), fields["local_addr"].as_str())
+                && let (Some(tx), Some(addr), Some(metrics)) = (
+                    addr_tx.take(),
+                    fields["local_addr"].as_str(),
+                    fields["metrics"].as_str(),
+                )
             {
-                let _ = tx.send(addr.to_string());
+                let _ = tx.send((addr.to_string(), metrics.to_string()));
             }
         }
     });
-    let addr = match tokio::time::timeout(gpufleet_tests::DEADLINE, addr_rx).await {
-        Ok(Ok(addr)) => addr,
+    let (addr, metrics) = match tokio::time::timeout(gpufleet_tests::DEADLINE, addr_rx).await {
+        Ok(Ok(addrs)) => addrs,
         outcome => {
             let stderr = std::fs::read_to_string(&log_path).unwrap_or_default();
             let stdout = std::fs::read_to_string(dir.join("controller.stdout")).unwrap_or_default();
@@ -114,7 +120,12 @@ async fn start_controller(dir: &Path) -> anyhow::Result<(Child, String)> {
         .lock()
         .map_err(|_| anyhow::anyhow!("token table poisoned"))?
         .push((endpoint.clone(), token));
-    Ok((child, endpoint))
+    let metrics: SocketAddr = metrics
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .parse()
+        .with_context(|| format!("unexpected metrics address {metrics:?}"))?;
+    Ok((child, endpoint, metrics))
 }
 
 /// The agent binary: 4 simulated L4s, local API on 127.0.0.1:0, no
@@ -259,7 +270,7 @@ async fn wait_job_end(endpoint: &str, id: &str) -> anyhow::Result<Job> {
 async fn sigkilled_agent_re_adopts_its_workloads_and_loses_no_status() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
-    let (mut controller, endpoint) = start_controller(dir).await?;
+    let (mut controller, endpoint, _) = start_controller(dir).await?;
     let mut agent = start_agent(dir, &endpoint, 1)?;
     wait_connected(&endpoint).await?;
 
@@ -390,9 +401,21 @@ async fn a_cleanly_stopped_agent_leaves_workloads_running_and_re_adopts_them() -
 {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
-    let (mut controller, endpoint) = start_controller(dir).await?;
+    let (mut controller, endpoint, metrics) = start_controller(dir).await?;
     let mut agent = start_agent(dir, &endpoint, 1)?;
     wait_connected(&endpoint).await?;
+    // The binary counts its live heap and exports it next to its RSS.
+    let scrape = gpufleet_tests::http_get(metrics, "/metrics").await?;
+    let heap: f64 = scrape
+        .lines()
+        .find_map(|line| line.strip_prefix("gpufleet_controller_heap_bytes "))
+        .with_context(|| format!("no gpufleet_controller_heap_bytes in:\n{scrape}"))?
+        .trim()
+        .parse()?;
+    ensure!(
+        heap > 1_048_576.0,
+        "a serving controller's heap is {heap} bytes"
+    );
     let job = jobs_client(&endpoint)
         .await?
         .submit_job(SubmitJobRequest {
