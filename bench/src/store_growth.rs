@@ -91,6 +91,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         records: window_secs,
         ..usage::Retention::default()
     });
+    let node = usage::NodeFacts {
+        zone: "us-east-1a".into(),
+        spot: false,
+    };
     let mut samples = vec![sample(0, 0, dir.path())];
     let mut written = 0u64;
     let mut expired = 0u64;
@@ -101,10 +105,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let (job, task) = finished_job(base + n / JOBS_PER_SEC, n);
             batch.put(Keyspace::Jobs, &job.id, &job);
             history::index(&mut batch, None, &job);
-            let node = usage::NodeFacts {
-                zone: "us-east-1a".into(),
-                spot: false,
-            };
             let record = usage::build_record(&job, &task, &node, None, 0)
                 .context("a started task has a usage record")?;
             usage::put_record(&mut batch, &record);
