@@ -3,8 +3,8 @@
 //! memory stays level once retention deletes as much as is written.
 //!
 //! Phase 1 writes `--jobs` finished jobs through the controller's own store
-//! layout (the job record, its creation and end index entries, one usage
-//! record and its end index entry: five keys per job) into a `SledStore`
+//! layout (the job record, one usage record and its end index entry: three
+//! keys per job; time-ordered job ids need no job indexes) into a `SledStore`
 //! with the controller's cache, one flushed batch at a time like the
 //! controller, and samples this process's live heap and RSS (after the
 //! trim the controller also does). Past the cache the heap still grows with
@@ -42,7 +42,7 @@ pub struct Args {
 }
 
 /// Keys one finished, one-task job leaves in the store.
-const KEYS_PER_JOB: u64 = 5;
+const KEYS_PER_JOB: u64 = 3;
 /// Submissions per (virtual) second, as in `load`.
 const JOBS_PER_SEC: u64 = 100;
 /// How long each job ran.
@@ -98,6 +98,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut samples = vec![sample(0, 0, dir.path())];
     let mut written = 0u64;
     let mut expired = 0u64;
+    let mut expiry = history::ExpiryCursor::default();
     while written < 2 * args.jobs {
         let mut batch = WriteBatch::default();
         let end = (written + args.batch).min(2 * args.jobs);
@@ -113,9 +114,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let now_secs = base + end / JOBS_PER_SEC + JOB_SECS;
             let cutoff = now_secs - window_secs;
             let limit = 10 * args.batch as usize;
-            for entry in history::finished_before(&store, cutoff, limit, &|_| false)? {
-                let job = history::get(&store, &entry.job_id)?;
-                history::delete(&mut batch, &entry, job.as_ref());
+            for entry in history::finished_before(&store, cutoff, limit, &|_| false, &mut expiry)? {
+                history::delete(&mut batch, &entry);
                 expired += 1;
             }
             ledger.prune(&store, &mut batch, now_secs, limit)?;

@@ -82,6 +82,8 @@ struct State {
     jobs: HashMap<String, Job>,
     /// Settled jobs still in the store, by final state.
     settled: history::SettledCounts,
+    /// Where finished-job retention goes on from.
+    expiry: history::ExpiryCursor,
     fair: FairShare,
     ledger: usage::Ledger,
     market: usage::market::MarketHistory,
@@ -191,6 +193,7 @@ impl Controller {
             nodes: BTreeMap::new(),
             jobs: HashMap::new(),
             settled: history::SettledCounts::new(),
+            expiry: history::ExpiryCursor::default(),
             fair: FairShare::new(config.fair_share_half_life.as_secs_f64()),
             ledger: usage::Ledger::new(config.usage_retention),
             market: usage::market::MarketHistory::new(config.market_retention.as_secs()),
@@ -198,11 +201,11 @@ impl Controller {
             last_market_minute: placement::unix_secs(SystemTime::now()) / 60,
         };
         let store = GroupCommit::new(store)?;
-        let indexed = history::migrate(&store)?;
-        if indexed > 0 {
+        let migrated = history::migrate(&store)?;
+        if migrated > 0 {
             tracing::info!(
-                jobs = indexed,
-                "indexed a store written by an older controller"
+                entries = migrated,
+                "brought the indexes of a store written by an older controller up to date"
             );
         }
         let now = Instant::now();
@@ -414,9 +417,11 @@ impl Controller {
         // in the store from its submit on; the read goes to the store's
         // queue, then to sled (a lookup among the newest keys, which stay
         // cached: see `history::new_job_id`; never a sync).
+        // One clock read for the id and the creation time: listings order
+        // by the id's second, then the creation time.
+        let now = SystemTime::now();
         let id = loop {
-            let candidate =
-                history::new_job_id(SystemTime::now(), uuid::Uuid::new_v4().as_u128() as u32);
+            let candidate = history::new_job_id(now, uuid::Uuid::new_v4().as_u128() as u32);
             if !state.jobs.contains_key(&candidate)
                 && history::get(&self.inner.store, &candidate)?.is_none()
             {
@@ -432,7 +437,7 @@ impl Controller {
                 message: "waiting for the next scheduling pass".to_string(),
                 exclusions: Vec::new(),
             }),
-            created_at: Some(now_ts()),
+            created_at: Some(now.into()),
             version: 1,
             ..Default::default()
         };
@@ -475,16 +480,17 @@ impl Controller {
             .checked_sub(self.inner.config.finished_job_retention)
             .map_or(0, placement::unix_secs);
         let store = &self.inner.store;
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
         let mut batch = WriteBatch::default();
         let mut deleted = Vec::new();
         // A finished job whose tasks still hold GPUs (a lost node not yet
         // given up) is resident and stays until they end.
-        let resident = |id: &str| state.jobs.contains_key(id);
-        for entry in history::finished_before(store, cutoff, limit, &resident)? {
-            let job = history::get(store, &entry.job_id)?;
-            history::delete(&mut batch, &entry, job.as_ref());
-            if let Some(job) = job {
+        let jobs = &state.jobs;
+        let resident = |id: &str| jobs.contains_key(id);
+        for entry in history::finished_before(store, cutoff, limit, &resident, &mut state.expiry)? {
+            history::delete(&mut batch, &entry);
+            if let Some(job) = &entry.job {
                 deleted.push(job.state());
             }
         }
@@ -517,8 +523,8 @@ impl Controller {
             }
             n => n as usize,
         };
-        // Newest first: order by (created_at, id) descending. The token is
-        // the sort key of the last job returned.
+        // Newest first: by submit second, creation time and id, descending
+        // (`history::ListKey`). The token is the key of the last job returned.
         let after = if page_token.is_empty() {
             None
         } else {
@@ -537,45 +543,40 @@ impl Controller {
                 .jobs
                 .values()
                 .filter(|job| wanted(job))
-                .filter(|job| after.as_ref().is_none_or(|key| sort_key(job) < *key))
+                .filter(|job| {
+                    after
+                        .as_ref()
+                        .is_none_or(|key| history::ListKey::of(job) < *key)
+                })
                 .collect();
-            live.sort_by_key(|job| std::cmp::Reverse(sort_key(job)));
+            live.sort_by_cached_key(|job| std::cmp::Reverse(history::ListKey::of(job)));
             jobs.extend(live.into_iter().take(page_size + 1).cloned());
         } else {
             let store = &self.inner.store;
-            let before = after
-                .as_ref()
-                .map(|(nanos, id)| history::created_bound((*nanos).max(0) as u64, id));
-            let mut failed = None;
-            history::newest_first(store, before.as_deref(), &mut |id, job_tenant| {
-                if !tenant.is_empty() && job_tenant != tenant {
-                    return true;
-                }
-                let job = match state.jobs.get(id) {
-                    Some(job) => Some(job.clone()),
-                    None => match history::get(store, id) {
-                        Ok(job) => job,
-                        Err(e) => {
-                            failed = Some(e);
-                            return false;
-                        }
-                    },
-                };
-                if let Some(job) = job.filter(|j| wanted(j)) {
-                    jobs.push(job);
-                }
-                jobs.len() <= page_size
-            })?;
-            if let Some(e) = failed {
-                return Err(e.into());
-            }
+            // A record that does not contain the tenant's name is not the
+            // tenant's: passed over without decoding it.
+            let tenant_bytes = tenant.as_bytes();
+            let may_match = |bytes: &[u8]| {
+                tenant_bytes.is_empty()
+                    || bytes.windows(tenant_bytes.len()).any(|w| w == tenant_bytes)
+            };
+            jobs = history::newest_first(
+                store,
+                after.as_ref(),
+                page_size + 1,
+                &may_match,
+                &mut |stored| {
+                    let job = state.jobs.get(&stored.id).cloned().unwrap_or(stored);
+                    wanted(&job).then_some(job)
+                },
+            )?;
         }
         let more = jobs.len() > page_size;
         jobs.truncate(page_size);
         let next_page_token = match (more, jobs.last()) {
             (true, Some(last)) => {
-                let (nanos, id) = sort_key(last);
-                format!("{nanos}:{id}")
+                let key = history::ListKey::of(last);
+                format!("{}:{}", key.nanos, key.id)
             }
             _ => String::new(),
         };
@@ -2158,15 +2159,7 @@ fn node_view(state: &State, entry: &NodeEntry, telemetry: &TelemetryHub) -> Node
     node
 }
 
-fn sort_key(job: &Job) -> (i128, String) {
-    let nanos = job
-        .created_at
-        .map(|t| t.seconds as i128 * 1_000_000_000 + t.nanos as i128)
-        .unwrap_or(0);
-    (nanos, job.id.clone())
-}
-
-fn parse_page_token(token: &str) -> Result<(i128, String)> {
+fn parse_page_token(token: &str) -> Result<history::ListKey> {
     let invalid = || {
         ControllerError::invalid(
             "page_token",
@@ -2176,5 +2169,5 @@ fn parse_page_token(token: &str) -> Result<(i128, String)> {
     let (nanos, id) = token.split_once(':').ok_or_else(invalid)?;
     let nanos = nanos.parse().map_err(|_| invalid())?;
     validate::job_id("page_token", id).map_err(|_| invalid())?;
-    Ok((nanos, id.to_string()))
+    Ok(history::ListKey::new(nanos, id))
 }
