@@ -721,27 +721,58 @@ impl RollupStore for MemoryRollupStore {
     }
 }
 
-/// The sled tree rollups are written to: one record per node-minute.
-pub const ROLLUP_TREE: &str = "telemetry.v2";
+/// The sled tree rollups are written to: one record per node-minute, key
+/// `<minute: 8 bytes BE><node id>`.
+pub const ROLLUP_TREE: &str = "telemetry.v3";
+/// The same records keyed node first (`<node id length: 4 bytes BE><node
+/// id><minute: 8 bytes BE>`), written by controllers before `telemetry.v3`.
+/// Still read by history queries and pruned by retention, so it empties
+/// itself within one retention period.
+pub const NODE_FIRST_ROLLUP_TREE: &str = "telemetry.v2";
 /// The tree of the first format (one record per GPU-minute), written by
-/// controllers before `telemetry.v2`. Still read by history queries and
-/// pruned by retention, so it empties itself within one retention period.
+/// controllers before `telemetry.v2`. Read and pruned the same way.
 pub const LEGACY_ROLLUP_TREE: &str = "telemetry";
 
-/// Rollups in sled, one record per node-minute, key `<node id length:
-/// 4 bytes BE><node id><minute: 8 bytes BE>`: one node's records are
-/// contiguous and in minute order (the length prefix keeps "n1" and "n1x"
-/// apart), so a history query is one ordered scan and pruning jumps from
-/// node to node.
+/// Records deleted per sled batch when retention prunes the rollups.
+const PRUNE_BATCH: usize = 10_000;
+
+/// Rollups in sled, one record per node-minute, keyed minute first.
 ///
 /// Why per node and not per GPU: sled's memory grows with the number of
 /// keys written, not just their bytes; a node-minute record holds all of
 /// a node's GPUs (8 on a typical host) in one compact value.
+///
+/// Why minute first: every minute the whole fleet's records are written at
+/// once. Keyed by minute they land together on the newest pages of the
+/// tree. Keyed node first (`telemetry.v2`) each went to the end of its
+/// node's run of keys, so each minute's write touched one leaf per node
+/// across the whole tree: with 1,000 nodes that pulled some 1,000 leaves of
+/// up to 16 records each through sled's page cache every minute, and the
+/// controller's resident memory ratcheted up by about 1.5 MiB a minute
+/// although its live heap stayed level (`load` in BENCHMARKS.md). A history
+/// query for one GPU now seeks once per stored minute instead of scanning
+/// one range, and retention deletes one range.
 pub struct SledRollupStore {
     tree: sled::Tree,
+    /// [`NODE_FIRST_ROLLUP_TREE`]: read and pruned, never written.
+    node_first: Option<sled::Tree>,
     /// The first format's tree (key `<uuid length><uuid><minute>`, one
     /// record per GPU-minute), read and pruned, never written.
     legacy: Option<sled::Tree>,
+}
+
+/// `<minute: 8 bytes BE><node id>`.
+fn minute_first_key(minute: u64, node_id: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(8 + node_id.len());
+    key.extend_from_slice(&minute.to_be_bytes());
+    key.extend_from_slice(node_id);
+    key
+}
+
+/// Splits a `minute_first_key`; `None` for a key too short to be one.
+fn split_minute_first(key: &[u8]) -> Option<(u64, &[u8])> {
+    let (minute, node) = key.split_first_chunk::<8>()?;
+    Some((u64::from_be_bytes(*minute), node))
 }
 
 /// `<name length: 4 bytes BE><name><minute: 8 bytes BE>`.
@@ -804,16 +835,61 @@ fn prune_by_name(tree: &sled::Tree, minute: u64) -> std::result::Result<u64, Sto
 impl SledRollupStore {
     /// Rollups in `tree` only (tests; a controller uses [`Self::open`]).
     pub fn new(tree: sled::Tree) -> Self {
-        Self { tree, legacy: None }
+        Self {
+            tree,
+            node_first: None,
+            legacy: None,
+        }
     }
 
-    /// The controller's rollups: [`ROLLUP_TREE`], plus the first format's
-    /// [`LEGACY_ROLLUP_TREE`] for reading what older controllers wrote.
+    /// The controller's rollups: [`ROLLUP_TREE`], plus
+    /// [`NODE_FIRST_ROLLUP_TREE`] and [`LEGACY_ROLLUP_TREE`] for reading
+    /// what older controllers wrote.
     pub fn open(store: &crate::store::SledStore) -> std::result::Result<Self, StoreError> {
         Ok(Self {
             tree: store.open_tree(ROLLUP_TREE)?,
+            node_first: Some(store.open_tree(NODE_FIRST_ROLLUP_TREE)?),
             legacy: Some(store.open_tree(LEGACY_ROLLUP_TREE)?),
         })
+    }
+
+    /// Also reads (and prunes) node-first records from `node_first`.
+    pub fn with_node_first(mut self, node_first: sled::Tree) -> Self {
+        self.node_first = Some(node_first);
+        self
+    }
+
+    /// `node_id`'s records of the node-first tree with `start <= minute <
+    /// end`, folded into `out`.
+    fn node_first_range(
+        tree: &sled::Tree,
+        node_id: &str,
+        uuid: &str,
+        start: u64,
+        end: u64,
+        out: &mut BTreeMap<u64, Rollup>,
+    ) -> std::result::Result<(), StoreError> {
+        let (from, to) = (
+            length_prefixed_key(node_id.as_bytes(), start),
+            length_prefixed_key(node_id.as_bytes(), end),
+        );
+        for entry in tree.range(from..to) {
+            let (key, value) = entry?;
+            let Some((key_node, minute)) = split_key(&key) else {
+                continue;
+            };
+            if key_node != node_id.as_bytes() {
+                continue;
+            }
+            let gpus = decode_node_minute(minute, &value)
+                .map_err(|m| corrupt(NODE_FIRST_ROLLUP_TREE, &key, m))?;
+            if let Some((_, rollup)) = gpus.into_iter().find(|(u, _)| u == uuid) {
+                out.entry(minute)
+                    .and_modify(|r| r.merge(&rollup))
+                    .or_insert(rollup);
+            }
+        }
+        Ok(())
     }
 
     /// Also reads (and prunes) first-format records from `legacy`.
@@ -856,7 +932,7 @@ impl RollupStore for SledRollupStore {
         // Records of one node-minute (a retried flush) are folded first.
         let mut by_key: BTreeMap<Vec<u8>, NodeMinute> = BTreeMap::new();
         for record in records {
-            let key = length_prefixed_key(record.node_id.as_bytes(), record.minute);
+            let key = minute_first_key(record.minute, record.node_id.as_bytes());
             match by_key.get_mut(&key) {
                 Some(existing) => existing.append(record),
                 None => {
@@ -910,23 +986,40 @@ impl RollupStore for SledRollupStore {
             return Ok(Vec::new());
         }
         let mut by_minute = BTreeMap::new();
-        let (from, to) = (
-            length_prefixed_key(node_id.as_bytes(), start),
-            length_prefixed_key(node_id.as_bytes(), end),
-        );
-        for entry in self.tree.range(from..to) {
+        // One seek per stored minute: to this node's key of the minute, or
+        // past it to the next minute that has any record.
+        let node = node_id.as_bytes();
+        let end_key = minute_first_key(end, b"");
+        let mut minute = start;
+        while minute < end {
+            let Some(entry) = self
+                .tree
+                .range(minute_first_key(minute, node)..end_key.clone())
+                .next()
+            else {
+                break;
+            };
             let (key, value) = entry?;
-            let Some((key_node, minute)) = split_key(&key) else {
+            let Some((key_minute, key_node)) = split_minute_first(&key) else {
+                minute += 1;
                 continue;
             };
-            if key_node != node_id.as_bytes() {
+            if key_minute > minute {
+                minute = key_minute;
                 continue;
             }
-            let gpus =
-                decode_node_minute(minute, &value).map_err(|m| corrupt(ROLLUP_TREE, &key, m))?;
-            if let Some((_, rollup)) = gpus.into_iter().find(|(u, _)| u == uuid) {
-                by_minute.insert(minute, rollup);
+            if key_node == node {
+                let gpus = decode_node_minute(key_minute, &value)
+                    .map_err(|m| corrupt(ROLLUP_TREE, &key, m))?;
+                if let Some((_, rollup)) = gpus.into_iter().find(|(u, _)| u == uuid) {
+                    by_minute.insert(key_minute, rollup);
+                }
             }
+            // This minute is done: its record read, or none for this node.
+            minute = key_minute.saturating_add(1);
+        }
+        if let Some(node_first) = &self.node_first {
+            Self::node_first_range(node_first, node_id, uuid, start, end, &mut by_minute)?;
         }
         if let Some(legacy) = &self.legacy {
             Self::legacy_range(legacy, uuid, start, end, &mut by_minute)?;
@@ -935,7 +1028,27 @@ impl RollupStore for SledRollupStore {
     }
 
     fn prune_before(&self, minute: u64) -> std::result::Result<u64, StoreError> {
-        let mut removed = prune_by_name(&self.tree, minute)?;
+        // The oldest minutes are the tree's first keys: one range, deleted
+        // a bounded batch at a time.
+        let mut removed = 0;
+        let end = minute_first_key(minute, b"");
+        loop {
+            let mut batch = sled::Batch::default();
+            let mut in_batch = 0;
+            for entry in self.tree.range(..end.clone()).take(PRUNE_BATCH) {
+                let (key, _) = entry?;
+                batch.remove(key);
+                in_batch += 1;
+            }
+            if in_batch == 0 {
+                break;
+            }
+            self.tree.apply_batch(batch)?;
+            removed += in_batch as u64;
+        }
+        if let Some(node_first) = &self.node_first {
+            removed += prune_by_name(node_first, minute)?;
+        }
         if let Some(legacy) = &self.legacy {
             removed += prune_by_name(legacy, minute)?;
         }
@@ -2432,6 +2545,113 @@ mod tests {
         assert_eq!(rows[0].get(util()).count, 1);
         // Another node's GPU of the same name is another series.
         assert!(store.range("n2", "GPU-a", 0, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn node_first_rollups_of_older_controllers_are_read_merged_and_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        // What a controller before telemetry.v3 left: node-first keys, for
+        // "n1" (minutes 4 and 5) and "n1/x", whose name "n1" prefixes.
+        let node_first = db.open_tree(NODE_FIRST_ROLLUP_TREE).unwrap();
+        let mut old = Rollup::new(4);
+        old.add(&sample("GPU-a", t0(), 10, 1));
+        for (node, minute) in [("n1", 4), ("n1", 5), ("n1/x", 5)] {
+            let rollup = Rollup {
+                minute,
+                ..old.clone()
+            };
+            node_first
+                .insert(
+                    length_prefixed_key(node.as_bytes(), minute),
+                    encode_node_minute(&[("GPU-a".to_string(), rollup)]),
+                )
+                .unwrap();
+        }
+        let store = SledRollupStore::new(db.open_tree(ROLLUP_TREE).unwrap())
+            .with_node_first(node_first.clone());
+        // The upgrade minute (5) gets more samples under the new key, and
+        // minute 7 is new.
+        let mut new = Rollup::new(5);
+        new.add(&sample("GPU-a", t0(), 30, 1));
+        let mut later = Rollup::new(7);
+        later.add(&sample("GPU-a", t0(), 70, 1));
+        store
+            .merge(&NodeMinute::group(&[
+                finished("n1", "GPU-a", &new),
+                finished("n1", "GPU-a", &later),
+            ]))
+            .unwrap();
+        let got = |node: &str| -> Vec<(u64, u32, f64)> {
+            store
+                .range(node, "GPU-a", 0, u64::MAX)
+                .unwrap()
+                .iter()
+                .map(|r| (r.minute, r.get(util()).count, r.get(util()).sum))
+                .collect()
+        };
+        assert_eq!(got("n1"), [(4, 1, 10.0), (5, 2, 40.0), (7, 1, 70.0)]);
+        assert_eq!(got("n1/x"), [(5, 1, 10.0)]);
+        // A window inside the stored minutes sees only its own.
+        let window: Vec<u64> = store
+            .range("n1", "GPU-a", 5, 7)
+            .unwrap()
+            .iter()
+            .map(|r| r.minute)
+            .collect();
+        assert_eq!(window, [5]);
+        // Retention empties both trees: minute 4 of n1 (node-first), then
+        // minute 5 of both nodes (both trees) and 7.
+        assert_eq!(store.prune_before(5).unwrap(), 1);
+        assert_eq!(store.prune_before(8).unwrap(), 4);
+        assert!(node_first.is_empty());
+        assert!(got("n1").is_empty());
+    }
+
+    #[test]
+    fn minute_first_history_seeks_past_minutes_and_nodes_without_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let store = SledRollupStore::new(db.open_tree(ROLLUP_TREE).unwrap());
+        // "n2" reports in minutes 10, 11 and 1,000; "n1" and "n3" in every
+        // minute from 10 to 20; nothing before 10 or between 21 and 999.
+        let mut records = Vec::new();
+        for minute in 10..=20 {
+            for node in ["n1", "n3"] {
+                let mut r = Rollup::new(minute);
+                r.add(&sample("GPU-a", t0(), minute as u32, 1));
+                records.push(finished(node, "GPU-a", &r));
+            }
+        }
+        for minute in [10, 11, 1_000] {
+            let mut r = Rollup::new(minute);
+            r.add(&sample("GPU-b", t0(), 5, 1));
+            records.push(finished("n2", "GPU-b", &r));
+        }
+        store.merge(&NodeMinute::group(&records)).unwrap();
+        let minutes = |node: &str, uuid: &str, start: u64, end: u64| -> Vec<u64> {
+            store
+                .range(node, uuid, start, end)
+                .unwrap()
+                .iter()
+                .map(|r| r.minute)
+                .collect()
+        };
+        assert_eq!(minutes("n2", "GPU-b", 0, u64::MAX), [10, 11, 1_000]);
+        assert_eq!(minutes("n2", "GPU-b", 11, 1_000), [11]);
+        assert_eq!(minutes("n1", "GPU-a", 18, 30), [18, 19, 20]);
+        assert_eq!(minutes("n3", "GPU-a", 0, 11), [10]);
+        assert!(
+            minutes("n1", "GPU-b", 0, u64::MAX).is_empty(),
+            "no such GPU"
+        );
+        assert!(
+            minutes("n0", "GPU-a", 0, u64::MAX).is_empty(),
+            "no such node"
+        );
+        assert!(minutes("n1", "GPU-a", 21, 1_001).is_empty());
+        assert_eq!(store.prune_before(11).unwrap(), 3);
+        assert_eq!(minutes("n1", "GPU-a", 0, u64::MAX).len(), 10);
     }
 
     #[test]
