@@ -14,6 +14,7 @@ mod report;
 mod scheduler;
 mod sim_agent;
 mod store_growth;
+mod telemetry_history;
 mod usage_query;
 mod workload_spawn;
 
@@ -66,6 +67,9 @@ enum Command {
     /// Memory the controller's store keeps per retained finished job once
     /// its page cache is full (sled's per-page bookkeeping).
     StoreGrowth(store_growth::Args),
+    /// One GPU's telemetry history read from the store: rollups keyed
+    /// minute first against node first, in the same run.
+    TelemetryHistory(telemetry_history::Args),
 }
 
 fn main() -> ExitCode {
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
         Command::Dispatch(args) => dispatch::run(args),
         Command::Load(args) => load::run(args),
         Command::StoreGrowth(args) => store_growth::run(args),
+        Command::TelemetryHistory(args) => telemetry_history::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
