@@ -859,69 +859,42 @@ impl SledRollupStore {
         self
     }
 
-    /// `node_id`'s records of the node-first tree with `start <= minute <
-    /// end`, folded into `out`.
-    fn node_first_range(
-        tree: &sled::Tree,
-        node_id: &str,
-        uuid: &str,
-        start: u64,
-        end: u64,
-        out: &mut BTreeMap<u64, Rollup>,
-    ) -> std::result::Result<(), StoreError> {
-        let (from, to) = (
-            length_prefixed_key(node_id.as_bytes(), start),
-            length_prefixed_key(node_id.as_bytes(), end),
-        );
-        for entry in tree.range(from..to) {
-            let (key, value) = entry?;
-            let Some((key_node, minute)) = split_key(&key) else {
-                continue;
-            };
-            if key_node != node_id.as_bytes() {
-                continue;
-            }
-            let gpus = decode_node_minute(minute, &value)
-                .map_err(|m| corrupt(NODE_FIRST_ROLLUP_TREE, &key, m))?;
-            if let Some((_, rollup)) = gpus.into_iter().find(|(u, _)| u == uuid) {
-                out.entry(minute)
-                    .and_modify(|r| r.merge(&rollup))
-                    .or_insert(rollup);
-            }
-        }
-        Ok(())
-    }
-
     /// Also reads (and prunes) first-format records from `legacy`.
     pub fn with_legacy(mut self, legacy: sled::Tree) -> Self {
         self.legacy = Some(legacy);
         self
     }
 
-    fn legacy_range(
-        legacy: &sled::Tree,
-        uuid: &str,
+    /// Folds into `out` the rollups that `name`'s records of a
+    /// length-prefixed tree (node first or the first format) hold for
+    /// `start <= minute < end`; `decode` reads one record and picks the
+    /// GPU's rollup out of it, if there.
+    fn fold_length_prefixed(
+        tree: &sled::Tree,
+        tree_name: &str,
+        name: &str,
         start: u64,
         end: u64,
+        decode: impl Fn(u64, &[u8]) -> std::result::Result<Option<Rollup>, String>,
         out: &mut BTreeMap<u64, Rollup>,
     ) -> std::result::Result<(), StoreError> {
         let (from, to) = (
-            length_prefixed_key(uuid.as_bytes(), start),
-            length_prefixed_key(uuid.as_bytes(), end),
+            length_prefixed_key(name.as_bytes(), start),
+            length_prefixed_key(name.as_bytes(), end),
         );
-        for entry in legacy.range(from..to) {
+        for entry in tree.range(from..to) {
             let (key, value) = entry?;
-            let Some((key_uuid, minute)) = split_key(&key) else {
+            let Some((key_name, minute)) = split_key(&key) else {
                 continue;
             };
-            if key_uuid != uuid.as_bytes() {
+            if key_name != name.as_bytes() {
                 continue;
             }
-            let rollup = Rollup::decode_v1(minute, &value)
-                .map_err(|m| corrupt(LEGACY_ROLLUP_TREE, &key, m))?;
-            out.entry(minute)
-                .and_modify(|r| r.merge(&rollup))
-                .or_insert(rollup);
+            if let Some(rollup) = decode(minute, &value).map_err(|m| corrupt(tree_name, &key, m))? {
+                out.entry(minute)
+                    .and_modify(|r| r.merge(&rollup))
+                    .or_insert(rollup);
+            }
         }
         Ok(())
     }
@@ -1019,10 +992,31 @@ impl RollupStore for SledRollupStore {
             minute = key_minute.saturating_add(1);
         }
         if let Some(node_first) = &self.node_first {
-            Self::node_first_range(node_first, node_id, uuid, start, end, &mut by_minute)?;
+            let pick = |minute, value: &[u8]| {
+                let gpus = decode_node_minute(minute, value)?;
+                Ok(gpus.into_iter().find(|(u, _)| u == uuid).map(|(_, r)| r))
+            };
+            Self::fold_length_prefixed(
+                node_first,
+                NODE_FIRST_ROLLUP_TREE,
+                node_id,
+                start,
+                end,
+                pick,
+                &mut by_minute,
+            )?;
         }
         if let Some(legacy) = &self.legacy {
-            Self::legacy_range(legacy, uuid, start, end, &mut by_minute)?;
+            let decode = |minute, value: &[u8]| Rollup::decode_v1(minute, value).map(Some);
+            Self::fold_length_prefixed(
+                legacy,
+                LEGACY_ROLLUP_TREE,
+                uuid,
+                start,
+                end,
+                decode,
+                &mut by_minute,
+            )?;
         }
         Ok(by_minute.into_values().collect())
     }
