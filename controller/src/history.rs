@@ -227,7 +227,8 @@ pub fn finished_before(
     let to = second_bound(cutoff_secs);
     // Strictly after the last id visited: ids are ASCII, so NUL sorts
     // before any character that could follow.
-    let from = cursor.after.take().map(|id| format!("{id}\0"));
+    let previous = cursor.after.take();
+    let from = previous.as_ref().map(|id| format!("{id}\0"));
     let budget = limit.saturating_mul(4);
     let mut visited = 0;
     let mut last_visited = None;
@@ -280,7 +281,13 @@ pub fn finished_before(
     }
     // A walk that reached the cutoff starts from the oldest next time, for
     // the jobs it kept that may have expired since.
-    cursor.after = if walk_ended { None } else { last_visited };
+    // One that stopped before its first job (the older ids' index filled
+    // the batch) keeps its place.
+    cursor.after = if walk_ended {
+        None
+    } else {
+        last_visited.or(previous)
+    };
     Ok(expired)
 }
 
@@ -654,6 +661,16 @@ mod tests {
         let mut cursor = ExpiryCursor::default();
         let expired = expire(&store, 250, 10, &|_| false, &mut cursor);
         assert_eq!(expired, ["job-0000000000aa", new_old.id.as_str()]);
+        // When the index alone fills the batch (with a job after the cursor
+        // within the cutoff), the walk keeps its place.
+        let mut cursor = ExpiryCursor {
+            after: Some(new_old.id.clone()),
+        };
+        assert_eq!(
+            expire(&store, 350, 1, &|_| false, &mut cursor),
+            ["job-0000000000aa"]
+        );
+        assert_eq!(cursor.after.as_deref(), Some(new_old.id.as_str()));
     }
 
     #[test]
