@@ -253,27 +253,21 @@ pub fn finished_before(
             if keep(id) {
                 return true;
             }
-            match store::decode::<Job>(Keyspace::Jobs, id, bytes) {
-                Ok(job) => {
-                    let finished = job
-                        .finished_at
-                        .as_ref()
-                        .map_or(0, |t| t.seconds.max(0) as u64);
-                    if is_terminal_job(job.state()) && finished < cutoff_secs && !is_resident(&job)
-                    {
-                        expired.push(Finished {
-                            job_id: id.to_string(),
-                            job: Some(job),
-                            index_id: None,
-                        });
-                    }
-                    true
-                }
-                Err(e) => {
-                    failed = Some(e);
-                    false
-                }
+            let Some(job) = decode_in_walk(id, bytes, &mut failed) else {
+                return false;
+            };
+            let finished = job
+                .finished_at
+                .as_ref()
+                .map_or(0, |t| t.seconds.max(0) as u64);
+            if is_terminal_job(job.state()) && finished < cutoff_secs && !is_resident(&job) {
+                expired.push(Finished {
+                    job_id: id.to_string(),
+                    job: Some(job),
+                    index_id: None,
+                });
             }
+            true
         },
     )?;
     if let Some(e) = failed {
@@ -289,6 +283,18 @@ pub fn finished_before(
         last_visited.or(previous)
     };
     Ok(expired)
+}
+
+/// Decodes a job record met in a store walk. A corrupt one goes to
+/// `failed` and gives None: the walk stops there and reports it.
+fn decode_in_walk(id: &str, bytes: &[u8], failed: &mut Option<StoreError>) -> Option<Job> {
+    match store::decode::<Job>(Keyspace::Jobs, id, bytes) {
+        Ok(job) => Some(job),
+        Err(e) => {
+            *failed = Some(e);
+            None
+        }
+    }
 }
 
 /// Up to `limit` stored jobs, highest [`ListKey`] first and strictly below
@@ -350,16 +356,11 @@ pub fn newest_first(
             if !may_match(bytes) {
                 return true;
             }
-            match store::decode::<Job>(Keyspace::Jobs, id, bytes) {
-                Ok(job) => {
-                    second.push(job);
-                    true
-                }
-                Err(e) => {
-                    failed = Some(e);
-                    false
-                }
-            }
+            let Some(job) = decode_in_walk(id, bytes, &mut failed) else {
+                return false;
+            };
+            second.push(job);
+            true
         },
     )?;
     if let Some(e) = failed {
