@@ -9,8 +9,11 @@
 //! node-first copy holds the same records under node-first keys, read
 //! through the controller's upgrade path (`with_node_first`). Queries: one
 //! GPU of a random node over the last hour, day and week
-//! (`RollupStore::range`, what `GetHistory` reads before bucketing), each
-//! the median of `--queries` runs with a different node each time.
+//! (`RollupStore::range`, what `GetHistory` reads before bucketing), and
+//! all 8 GPUs of the node read together (`RollupStore::range_gpus`, what
+//! `GetHistory` does for GPUs of one node) and one by one (what it did
+//! before); each the median of `--queries` runs, a different node each
+//! time.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -144,9 +147,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut rng = StdRng::seed_from_u64(args.seed);
     let mut rows = Vec::new();
     let mut summary = serde_json::Map::new();
+    let node_uuids =
+        |node: usize| -> Vec<String> { (0..GPUS_PER_NODE).map(|g| uuid(node, g)).collect() };
     for (name, span) in [("1 hour", 60), ("1 day", 24 * 60), ("7 days", 7 * 24 * 60)] {
         let span = span.min(minutes);
         let from = end - span;
+        let key = name.replace(' ', "_");
+        // One GPU.
         let gpu = |node: usize| uuid(node, 3);
         let (new_ms, new_rows) = median_ms(&mut rng, args.nodes, args.queries, |node| {
             Ok(minute_first
@@ -165,15 +172,61 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let ratio = new_ms / old_ms.max(1e-9);
         rows.push(vec![
             name.to_string(),
+            "1".to_string(),
             new_rows.to_string(),
             format!("{new_ms:.2}"),
+            "-".to_string(),
             format!("{old_ms:.2}"),
             format!("{ratio:.2}"),
         ]);
-        let key = name.replace(' ', "_");
         summary.insert(format!("minute_first_{key}_ms"), new_ms.into());
         summary.insert(format!("node_first_{key}_ms"), old_ms.into());
         summary.insert(format!("ratio_{key}"), ratio.into());
+
+        // A whole node: its GPUs read together (what GetHistory does for
+        // GPUs of one node), and one at a time (what it did before).
+        let together = |store: &SledRollupStore, node: usize| -> anyhow::Result<usize> {
+            let uuids = node_uuids(node);
+            let uuids: Vec<&str> = uuids.iter().map(String::as_str).collect();
+            let series = store.range_gpus(&node_id(node), &uuids, from, end)?;
+            Ok(series.iter().map(Vec::len).sum())
+        };
+        let (node_new_ms, node_new_rows) = median_ms(&mut rng, args.nodes, args.queries, |node| {
+            together(&minute_first, node)
+        })?;
+        let (node_each_ms, node_each_rows) =
+            median_ms(&mut rng, args.nodes, args.queries, |node| {
+                let mut rows = 0;
+                for uuid in node_uuids(node) {
+                    rows += minute_first.range(&node_id(node), &uuid, from, end)?.len();
+                }
+                Ok(rows)
+            })?;
+        let (node_old_ms, node_old_rows) = median_ms(&mut rng, args.nodes, args.queries, |node| {
+            together(&node_first, node)
+        })?;
+        let expected = span as usize * GPUS_PER_NODE;
+        anyhow::ensure!(
+            [node_new_rows, node_each_rows, node_old_rows] == [expected; 3],
+            "a {name} query of a whole node returned {node_new_rows}, {node_each_rows} and {node_old_rows} GPU-minutes, not {expected}"
+        );
+        let node_ratio = node_new_ms / node_old_ms.max(1e-9);
+        rows.push(vec![
+            name.to_string(),
+            GPUS_PER_NODE.to_string(),
+            expected.to_string(),
+            format!("{node_new_ms:.2}"),
+            format!("{node_each_ms:.2}"),
+            format!("{node_old_ms:.2}"),
+            format!("{node_ratio:.2}"),
+        ]);
+        summary.insert(format!("minute_first_node_{key}_ms"), node_new_ms.into());
+        summary.insert(
+            format!("minute_first_gpu_by_gpu_node_{key}_ms"),
+            node_each_ms.into(),
+        );
+        summary.insert(format!("node_first_node_{key}_ms"), node_old_ms.into());
+        summary.insert(format!("ratio_node_{key}"), node_ratio.into());
     }
     println!(
         "written in {:.1} s (both layouts); RSS {:.0} MiB",
@@ -184,8 +237,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     report::table(
         &[
             "range",
-            "minutes",
+            "GPUs",
+            "GPU-minutes",
             "minute first (ms, median)",
+            "minute first, GPU by GPU",
             "node first (ms, median)",
             "ratio",
         ],

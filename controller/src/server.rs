@@ -28,8 +28,11 @@ use crate::validate::ModelFacts;
 
 /// Largest gRPC message accepted (telemetry batches of big nodes, logs).
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
-/// Finished telemetry minutes are written this often, in one batch.
-pub const ROLLUP_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+/// Finished telemetry minutes are written this often, a paced share of
+/// the queue each time ([`crate::telemetry::paced_flush_budget`]).
+pub const ROLLUP_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// The agents' applied seqs are stored this often.
+const AGENT_SEQ_PERSIST_INTERVAL: Duration = Duration::from_secs(5);
 /// Finished jobs deleted per garbage-collection round (every 5 s).
 const JOB_GC_BATCH: usize = 10_000;
 /// Rollups past the retention are deleted this often.
@@ -251,15 +254,22 @@ pub async fn start(
     let telemetry = controller.clone();
     background.push(tokio::spawn(async move {
         let mut flush = tokio::time::interval(ROLLUP_FLUSH_INTERVAL);
+        let mut seqs = tokio::time::interval(AGENT_SEQ_PERSIST_INTERVAL);
         let mut prune = tokio::time::interval(ROLLUP_PRUNE_INTERVAL);
         loop {
             // Store I/O: off the async workers.
             let hub = telemetry.clone();
             let work = tokio::select! {
                 _ = flush.tick() => tokio::task::spawn_blocking(move || {
-                    hub.telemetry().flush(std::time::SystemTime::now())?;
-                    // After the rollups: a crash then loses samples rather
-                    // than applying a replay twice.
+                    let telemetry = hub.telemetry();
+                    let budget = crate::telemetry::paced_flush_budget(telemetry.queued_records());
+                    telemetry.flush_oldest(std::time::SystemTime::now(), budget).map(|_| ())
+                }),
+                // Samples of a stored seq whose minute is still queued are
+                // lost if the controller dies now: a crash loses samples
+                // (as it loses every GPU's current minute) rather than
+                // applying a replay twice.
+                _ = seqs.tick() => tokio::task::spawn_blocking(move || {
                     hub.persist_agent_seqs().map(|_| ())
                 }),
                 _ = prune.tick() => tokio::task::spawn_blocking(move || {

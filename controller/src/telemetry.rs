@@ -653,9 +653,42 @@ pub trait RollupStore: Send + Sync + 'static {
         start: u64,
         end: u64,
     ) -> std::result::Result<Vec<Rollup>, StoreError>;
+    /// [`RollupStore::range`] of several GPUs of one node: one list per
+    /// uuid, in the order given. A store that keeps a node's GPUs in one
+    /// record reads each record once for all of them.
+    fn range_gpus(
+        &self,
+        node_id: &str,
+        uuids: &[&str],
+        start: u64,
+        end: u64,
+    ) -> std::result::Result<Vec<Vec<Rollup>>, StoreError> {
+        uuids
+            .iter()
+            .map(|uuid| self.range(node_id, uuid, start, end))
+            .collect()
+    }
     /// Deletes every rollup older than `minute`; returns how many stored
     /// records went (one record may hold several GPUs).
     fn prune_before(&self, minute: u64) -> std::result::Result<u64, StoreError>;
+}
+
+/// Merges a decoded node-minute record's GPUs into the per-GPU maps of
+/// the `uuids` asked for; other GPUs are skipped.
+fn place_gpus(
+    uuids: &[&str],
+    by_gpu: &mut [BTreeMap<u64, Rollup>],
+    minute: u64,
+    gpus: Vec<(String, Rollup)>,
+) {
+    for (uuid, rollup) in gpus {
+        if let Some(i) = uuids.iter().position(|u| *u == uuid) {
+            by_gpu[i]
+                .entry(minute)
+                .and_modify(|r| r.merge(&rollup))
+                .or_insert(rollup);
+        }
+    }
 }
 
 /// In-memory rollups by (GPU, minute), for tests and benchmarks.
@@ -865,18 +898,59 @@ impl SledRollupStore {
         self
     }
 
-    /// Folds into `out` the rollups that `name`'s records of a
-    /// length-prefixed tree (node first or the first format) hold for
-    /// `start <= minute < end`; `decode` reads one record and picks the
-    /// GPU's rollup out of it, if there.
+    /// Folds `node_id`'s records in `telemetry.v3` for `start <= minute <
+    /// end` into `by_gpu`: one seek per stored minute, to this node's key
+    /// of the minute or past it to the next minute that has any record,
+    /// and each record decoded once for all the GPUs asked for.
+    fn fold_minute_first(
+        &self,
+        node_id: &str,
+        uuids: &[&str],
+        start: u64,
+        end: u64,
+        by_gpu: &mut [BTreeMap<u64, Rollup>],
+    ) -> std::result::Result<(), StoreError> {
+        let node = node_id.as_bytes();
+        let end_key = minute_first_key(end, b"");
+        let mut minute = start;
+        while minute < end {
+            let Some(entry) = self
+                .tree
+                .range(minute_first_key(minute, node)..end_key.clone())
+                .next()
+            else {
+                break;
+            };
+            let (key, value) = entry?;
+            let Some((key_minute, key_node)) = split_minute_first(&key) else {
+                minute += 1;
+                continue;
+            };
+            if key_minute > minute {
+                minute = key_minute;
+                continue;
+            }
+            if key_node == node {
+                let gpus = decode_node_minute(key_minute, &value)
+                    .map_err(|m| corrupt(ROLLUP_TREE, &key, m))?;
+                place_gpus(uuids, by_gpu, key_minute, gpus);
+            }
+            // This minute is done: its record read, or none for this node.
+            minute = key_minute.saturating_add(1);
+        }
+        Ok(())
+    }
+
+    /// Hands `visit` each record that `name` has in a length-prefixed
+    /// tree (node first or the first format) for `start <= minute < end`,
+    /// with its minute; an error from `visit` is that record's corruption.
     fn fold_length_prefixed(
         tree: &sled::Tree,
         tree_name: &str,
         name: &str,
         start: u64,
         end: u64,
-        decode: impl Fn(u64, &[u8]) -> std::result::Result<Option<Rollup>, String>,
-        out: &mut BTreeMap<u64, Rollup>,
+        mut visit: impl FnMut(u64, &[u8]) -> std::result::Result<(), String>,
     ) -> std::result::Result<(), StoreError> {
         let (from, to) = (
             length_prefixed_key(name.as_bytes(), start),
@@ -890,11 +964,7 @@ impl SledRollupStore {
             if key_name != name.as_bytes() {
                 continue;
             }
-            if let Some(rollup) = decode(minute, &value).map_err(|m| corrupt(tree_name, &key, m))? {
-                out.entry(minute)
-                    .and_modify(|r| r.merge(&rollup))
-                    .or_insert(rollup);
-            }
+            visit(minute, &value).map_err(|m| corrupt(tree_name, &key, m))?;
         }
         Ok(())
     }
@@ -955,70 +1025,63 @@ impl RollupStore for SledRollupStore {
         start: u64,
         end: u64,
     ) -> std::result::Result<Vec<Rollup>, StoreError> {
-        if start >= end {
-            return Ok(Vec::new());
-        }
-        let mut by_minute = BTreeMap::new();
-        // One seek per stored minute: to this node's key of the minute, or
-        // past it to the next minute that has any record.
-        let node = node_id.as_bytes();
-        let end_key = minute_first_key(end, b"");
-        let mut minute = start;
-        while minute < end {
-            let Some(entry) = self
-                .tree
-                .range(minute_first_key(minute, node)..end_key.clone())
-                .next()
-            else {
-                break;
-            };
-            let (key, value) = entry?;
-            let Some((key_minute, key_node)) = split_minute_first(&key) else {
-                minute += 1;
-                continue;
-            };
-            if key_minute > minute {
-                minute = key_minute;
-                continue;
+        let mut one = self.range_gpus(node_id, &[uuid], start, end)?;
+        Ok(one.pop().unwrap_or_default())
+    }
+
+    fn range_gpus(
+        &self,
+        node_id: &str,
+        uuids: &[&str],
+        start: u64,
+        end: u64,
+    ) -> std::result::Result<Vec<Vec<Rollup>>, StoreError> {
+        let mut by_gpu: Vec<BTreeMap<u64, Rollup>> = vec![BTreeMap::new(); uuids.len()];
+        if start < end && !uuids.is_empty() {
+            self.fold_minute_first(node_id, uuids, start, end, &mut by_gpu)?;
+            if let Some(node_first) = &self.node_first {
+                Self::fold_length_prefixed(
+                    node_first,
+                    NODE_FIRST_ROLLUP_TREE,
+                    node_id,
+                    start,
+                    end,
+                    |minute, value| {
+                        place_gpus(
+                            uuids,
+                            &mut by_gpu,
+                            minute,
+                            decode_node_minute(minute, value)?,
+                        );
+                        Ok(())
+                    },
+                )?;
             }
-            if key_node == node {
-                let gpus = decode_node_minute(key_minute, &value)
-                    .map_err(|m| corrupt(ROLLUP_TREE, &key, m))?;
-                if let Some((_, rollup)) = gpus.into_iter().find(|(u, _)| u == uuid) {
-                    by_minute.insert(key_minute, rollup);
+            if let Some(legacy) = &self.legacy {
+                // The first format is keyed per GPU.
+                for (uuid, minutes) in uuids.iter().zip(by_gpu.iter_mut()) {
+                    Self::fold_length_prefixed(
+                        legacy,
+                        LEGACY_ROLLUP_TREE,
+                        uuid,
+                        start,
+                        end,
+                        |minute, value| {
+                            let rollup = Rollup::decode_v1(minute, value)?;
+                            minutes
+                                .entry(minute)
+                                .and_modify(|r| r.merge(&rollup))
+                                .or_insert(rollup);
+                            Ok(())
+                        },
+                    )?;
                 }
             }
-            // This minute is done: its record read, or none for this node.
-            minute = key_minute.saturating_add(1);
         }
-        if let Some(node_first) = &self.node_first {
-            let pick = |minute, value: &[u8]| {
-                let gpus = decode_node_minute(minute, value)?;
-                Ok(gpus.into_iter().find(|(u, _)| u == uuid).map(|(_, r)| r))
-            };
-            Self::fold_length_prefixed(
-                node_first,
-                NODE_FIRST_ROLLUP_TREE,
-                node_id,
-                start,
-                end,
-                pick,
-                &mut by_minute,
-            )?;
-        }
-        if let Some(legacy) = &self.legacy {
-            let decode = |minute, value: &[u8]| Rollup::decode_v1(minute, value).map(Some);
-            Self::fold_length_prefixed(
-                legacy,
-                LEGACY_ROLLUP_TREE,
-                uuid,
-                start,
-                end,
-                decode,
-                &mut by_minute,
-            )?;
-        }
-        Ok(by_minute.into_values().collect())
+        Ok(by_gpu
+            .into_iter()
+            .map(|minutes| minutes.into_values().collect())
+            .collect())
     }
 
     fn prune_before(&self, minute: u64) -> std::result::Result<u64, StoreError> {
@@ -1192,6 +1255,18 @@ const MAX_PENDING_ROLLUPS: usize = 1_000_000;
 /// Node-minute records per store write (one sled batch and flush each).
 const ROLLUP_WRITE_CHUNK: usize = 100;
 
+/// The periodic flush writes a queue over this many calls (at least a
+/// chunk per call), so a fleet's minute reaches the store spread over
+/// that many flush intervals instead of in one burst.
+const ROLLUP_DRAIN_CALLS: usize = 20;
+
+/// Records the periodic flush writes per call for `queued` waiting: a
+/// share of the queue, so that a larger fleet's minute drains in the same
+/// number of calls and a backlog cannot outgrow the pace.
+pub fn paced_flush_budget(queued: usize) -> usize {
+    queued.div_ceil(ROLLUP_DRAIN_CALLS).max(ROLLUP_WRITE_CHUNK)
+}
+
 /// Finished minutes waiting for the next flush, already encoded, by
 /// (minute, node) so that the oldest go first when the queue is full.
 #[derive(Default)]
@@ -1226,9 +1301,20 @@ impl Pending {
         dropped
     }
 
-    fn take(&mut self) -> Vec<NodeMinute> {
-        self.gpu_minutes = 0;
-        std::mem::take(&mut self.records).into_values().collect()
+    /// Removes and returns up to `limit` records, oldest minute first.
+    fn take_oldest(&mut self, limit: usize) -> Vec<NodeMinute> {
+        if limit >= self.records.len() {
+            self.gpu_minutes = 0;
+            return std::mem::take(&mut self.records).into_values().collect();
+        }
+        let mut taken = Vec::with_capacity(limit);
+        while taken.len() < limit
+            && let Some((_, record)) = self.records.pop_first()
+        {
+            self.gpu_minutes -= record.gpu_minutes;
+            taken.push(record);
+        }
+        taken
     }
 }
 
@@ -1415,8 +1501,56 @@ impl TelemetryHub {
     }
 
     /// Writes every finished minute (queued, or a GPU's current minute
-    /// once `now` is past it) to the store in one batch. Returns how many.
+    /// once `now` is past it) to the store. Returns how many GPU-minutes.
     pub fn flush(&self, now: SystemTime) -> std::result::Result<usize, StoreError> {
+        self.flush_oldest(now, usize::MAX)
+    }
+
+    /// Node-minute records waiting for a flush.
+    pub fn queued_records(&self) -> usize {
+        lock(&self.pending).records.len()
+    }
+
+    /// Queues every GPU minute that ended before `now`, then writes at
+    /// most `max_records` node-minute records of the queue, oldest first;
+    /// the rest wait for the next call (queries read them meanwhile).
+    /// Returns how many GPU-minutes were written.
+    ///
+    /// A whole fleet's minute ends at once; written at once, the store's
+    /// rebuilt pages and the garbage of their old versions peak together
+    /// and the allocator keeps part of each peak. The periodic flush
+    /// spreads a minute over [`paced_flush_budget`]'s share per call.
+    pub fn flush_oldest(
+        &self,
+        now: SystemTime,
+        max_records: usize,
+    ) -> std::result::Result<usize, StoreError> {
+        self.finish_minutes_before(now);
+        let mut batch = lock(&self.pending).take_oldest(max_records);
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let gpu_minutes = batch.iter().map(|r| r.gpu_minutes).sum();
+        // In chunks, each written and flushed before the next is built:
+        // what sled holds for a write until its flush is then one chunk's
+        // worth, not a whole minute of the fleet's.
+        let mut written = 0;
+        while written < batch.len() {
+            let end = (written + ROLLUP_WRITE_CHUNK).min(batch.len());
+            if let Err(e) = self.store.merge(&batch[written..end]) {
+                // Keep what was not written for the next try (bounded by
+                // `queue_records`); the chunks before are stored.
+                self.queue_records(batch.split_off(written));
+                return Err(e);
+            }
+            written = end;
+        }
+        Ok(gpu_minutes)
+    }
+
+    /// Queues the current minute of every GPU whose minute ended before
+    /// `now` (a GPU's minute otherwise ends with its next sample).
+    fn finish_minutes_before(&self, now: SystemTime) {
         let now_minute = minute_of(now);
         let nodes: Vec<_> = self
             .nodes
@@ -1442,26 +1576,6 @@ impl TelemetryHub {
             }
         }
         self.queue(finished);
-        let mut batch = lock(&self.pending).take();
-        if batch.is_empty() {
-            return Ok(0);
-        }
-        let gpu_minutes = batch.iter().map(|r| r.gpu_minutes).sum();
-        // In chunks, each written and flushed before the next is built:
-        // what sled holds for a write until its flush is then one chunk's
-        // worth, not a whole minute of the fleet's.
-        let mut written = 0;
-        while written < batch.len() {
-            let end = (written + ROLLUP_WRITE_CHUNK).min(batch.len());
-            if let Err(e) = self.store.merge(&batch[written..end]) {
-                // Keep what was not written for the next try (bounded by
-                // `queue_records`); the chunks before are stored.
-                self.queue_records(batch.split_off(written));
-                return Err(e);
-            }
-            written = end;
-        }
-        Ok(gpu_minutes)
     }
 
     /// Deletes rollups older than the retention.
@@ -1523,6 +1637,7 @@ impl TelemetryHub {
 
     /// Per-minute rollups of one GPU over `[start, end)` minutes: stored,
     /// queued and the current (unfinished) minute together.
+    #[cfg(test)]
     fn minutes(
         &self,
         node_id: &str,
@@ -1530,39 +1645,63 @@ impl TelemetryHub {
         start: u64,
         end: u64,
     ) -> Result<BTreeMap<u64, Rollup>> {
-        let mut by_minute: BTreeMap<u64, Rollup> = BTreeMap::new();
-        let mut fold = |r: &Rollup| {
-            if (start..end).contains(&r.minute) {
-                by_minute
-                    .entry(r.minute)
-                    .and_modify(|e| e.merge(r))
-                    .or_insert_with(|| r.clone());
-            }
-        };
-        for r in self.store.range(node_id, uuid, start, end)? {
-            fold(&r);
-        }
+        let mut one = self.node_minutes(node_id, &[uuid], start, end)?;
+        Ok(one.pop().unwrap_or_default())
+    }
+
+    /// [`TelemetryHub::minutes`] of several GPUs of one node, one map per
+    /// uuid in the order given, each stored or queued record read once.
+    fn node_minutes(
+        &self,
+        node_id: &str,
+        uuids: &[&str],
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<BTreeMap<u64, Rollup>>> {
+        let in_range = |minute: &u64| (start..end).contains(minute);
+        let mut by_gpu: Vec<BTreeMap<u64, Rollup>> = self
+            .store
+            .range_gpus(node_id, uuids, start, end)?
+            .into_iter()
+            .map(|rollups| {
+                let mut minutes = BTreeMap::new();
+                for r in rollups.into_iter().filter(|r| in_range(&r.minute)) {
+                    minutes
+                        .entry(r.minute)
+                        .and_modify(|e: &mut Rollup| e.merge(&r))
+                        .or_insert(r);
+                }
+                minutes
+            })
+            .collect();
         for record in lock(&self.pending).records.values() {
-            if &*record.node_id != node_id || !(start..end).contains(&record.minute) {
+            if &*record.node_id != node_id || !in_range(&record.minute) {
                 continue;
             }
             // Queued records were encoded here, so they decode; were one
             // not to, a missing minute beats a failed query.
-            for (_, rollup) in record
-                .gpus()
-                .unwrap_or_default()
-                .iter()
-                .filter(|(u, _)| u == uuid)
-            {
-                fold(rollup);
+            place_gpus(
+                uuids,
+                &mut by_gpu,
+                record.minute,
+                record.gpus().unwrap_or_default(),
+            );
+        }
+        if let Some(node) = self.node(node_id) {
+            let mut node = lock(&node);
+            for (uuid, minutes) in uuids.iter().zip(by_gpu.iter_mut()) {
+                if let Some(current) = node.gpu_mut(uuid).and_then(|g| g.current.as_ref())
+                    && in_range(&current.minute)
+                {
+                    let rollup = current.to_rollup();
+                    minutes
+                        .entry(rollup.minute)
+                        .and_modify(|e| e.merge(&rollup))
+                        .or_insert(rollup);
+                }
             }
         }
-        if let Some(node) = self.node(node_id)
-            && let Some(current) = lock(&node).gpu_mut(uuid).and_then(|g| g.current.as_ref())
-        {
-            fold(&current.to_rollup());
-        }
-        Ok(by_minute)
+        Ok(by_gpu)
     }
 
     /// History of one metric for the given GPUs (node id, uuid).
@@ -1572,15 +1711,33 @@ impl TelemetryHub {
         metric: &'static Metric,
         plan: &HistoryPlan,
     ) -> Result<GetHistoryResponse> {
-        let mut series = Vec::with_capacity(gpus.len());
-        for (node_id, uuid) in gpus {
-            let minutes = self.minutes(node_id, uuid, plan.start_minute, plan.end_minute)?;
-            series.push(HistorySeries {
+        // A node's GPUs share its records: read them once per node.
+        let mut by_node: Vec<(&str, Vec<usize>)> = Vec::new();
+        let mut slot_of: HashMap<&str, usize> = HashMap::new();
+        for (i, (node_id, _)) in gpus.iter().enumerate() {
+            let slot = *slot_of.entry(node_id).or_insert_with(|| {
+                by_node.push((node_id, Vec::new()));
+                by_node.len() - 1
+            });
+            by_node[slot].1.push(i);
+        }
+        let mut points: Vec<Vec<HistoryPoint>> = vec![Vec::new(); gpus.len()];
+        for (node_id, members) in by_node {
+            let uuids: Vec<&str> = members.iter().map(|&i| gpus[i].1.as_str()).collect();
+            let minutes = self.node_minutes(node_id, &uuids, plan.start_minute, plan.end_minute)?;
+            for (&i, minutes) in members.iter().zip(minutes) {
+                points[i] = bucket(&minutes, metric, plan);
+            }
+        }
+        let series = gpus
+            .iter()
+            .zip(points)
+            .map(|((node_id, uuid), points)| HistorySeries {
                 gpu_uuid: uuid.clone(),
                 node_id: node_id.clone(),
-                points: bucket(&minutes, metric, plan),
-            });
-        }
+                points,
+            })
+            .collect();
         Ok(GetHistoryResponse {
             metric: metric.name.to_string(),
             unit: metric.unit.to_string(),
@@ -2127,12 +2284,19 @@ mod tests {
         assert_eq!(pending.gpu_minutes, 4);
         assert_eq!(pending.trim(3), 2);
         assert_eq!(pending.gpu_minutes, 2);
-        let left: Vec<(u64, String)> = pending
-            .take()
+        let oldest: Vec<(u64, String)> = pending
+            .take_oldest(1)
             .iter()
             .map(|r| (r.minute, r.node_id.to_string()))
             .collect();
-        assert_eq!(left, [(6, "n1".to_string()), (7, "n2".to_string())]);
+        assert_eq!(oldest, [(6, "n1".to_string())]);
+        assert_eq!(pending.gpu_minutes, 1);
+        let left: Vec<(u64, String)> = pending
+            .take_oldest(usize::MAX)
+            .iter()
+            .map(|r| (r.minute, r.node_id.to_string()))
+            .collect();
+        assert_eq!(left, [(7, "n2".to_string())]);
         assert_eq!(pending.gpu_minutes, 0);
     }
 
@@ -2199,6 +2363,61 @@ mod tests {
             assert_eq!(rows[0].get(util()).count, 1, "GPU-{n}");
         }
         assert_eq!(hub.rollups_dropped(), 0);
+    }
+
+    #[test]
+    fn a_paced_flush_writes_the_oldest_minutes_and_queries_still_see_the_rest() {
+        let store = Arc::new(MemoryRollupStore::default());
+        let hub = TelemetryHub::new(store.clone(), Duration::from_secs(3600));
+        let at = t0();
+        let m = minute_of(at);
+        for n in 0..3 {
+            let (node, gpu) = (format!("n{n}"), format!("GPU-{n}"));
+            hub.register_node(&node, std::slice::from_ref(&gpu));
+            // A sample in minute m, then one in m + 1 that ends minute m.
+            for (i, t) in [at, at + Duration::from_secs(60)].into_iter().enumerate() {
+                hub.ingest(&node, vec![sample(&gpu, t, 10 + i as u32, 1)], t);
+            }
+        }
+        let now = at + Duration::from_secs(120);
+        // Minute m + 1 ends with `now`: 6 records queued, 2 written, the
+        // two oldest (minute m, nodes n0 and n1).
+        assert_eq!(hub.flush_oldest(now, 2).unwrap(), 2);
+        assert_eq!(hub.queued_records(), 4);
+        assert_eq!(store.range("n0", "GPU-0", m, m + 2).unwrap().len(), 1);
+        assert_eq!(store.range("n1", "GPU-1", m, m + 2).unwrap().len(), 1);
+        assert!(store.range("n2", "GPU-2", m, m + 2).unwrap().is_empty());
+        // Queued minutes are read with the stored ones, none missing.
+        let minutes = hub.minutes("n2", "GPU-2", m, m + 2).unwrap();
+        let utils: Vec<f64> = minutes.values().map(|r| r.get(util()).sum).collect();
+        assert_eq!(utils, [10.0, 11.0]);
+        assert_eq!(hub.minutes("n0", "GPU-0", m, m + 2).unwrap().len(), 2);
+        // The rest goes with the next calls; nothing is written twice.
+        assert_eq!(hub.flush(now).unwrap(), 4);
+        assert_eq!(hub.queued_records(), 0);
+        assert_eq!(store.len(), 6);
+        for n in 0..3 {
+            let rows = store
+                .range(&format!("n{n}"), &format!("GPU-{n}"), m, m + 2)
+                .unwrap();
+            assert_eq!(rows.iter().map(|r| r.get(util()).count).sum::<u32>(), 2);
+        }
+    }
+
+    #[test]
+    fn the_paced_budget_is_a_share_of_the_queue_and_at_least_a_chunk() {
+        assert_eq!(paced_flush_budget(0), ROLLUP_WRITE_CHUNK);
+        assert_eq!(paced_flush_budget(1_000), ROLLUP_WRITE_CHUNK);
+        assert_eq!(paced_flush_budget(10_000), 500);
+        assert_eq!(paced_flush_budget(10_001), 501);
+        // A queue drains within ROLLUP_DRAIN_CALLS calls when nothing is added.
+        let (mut queued, mut calls) = (123_457_usize, 0);
+        let budget = paced_flush_budget(queued);
+        while queued > 0 {
+            queued = queued.saturating_sub(budget);
+            calls += 1;
+        }
+        assert!(calls <= ROLLUP_DRAIN_CALLS, "{calls}");
     }
 
     #[test]
@@ -2600,6 +2819,151 @@ mod tests {
         assert_eq!(store.prune_before(8).unwrap(), 4);
         assert!(node_first.is_empty());
         assert!(got("n1").is_empty());
+    }
+
+    #[test]
+    fn a_nodes_gpus_read_together_match_each_read_alone_across_all_three_trees() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let rollup = |minute: u64, util: u32| {
+            let mut r = Rollup::new(minute);
+            r.add(&sample("GPU-x", t0(), util, 1));
+            r
+        };
+        // Minute 3 in the first format (per GPU), minute 4 node first,
+        // minutes 4 (the upgrade minute, merged) to 6 minute first.
+        let legacy = db.open_tree(LEGACY_ROLLUP_TREE).unwrap();
+        for (uuid, util) in [("GPU-a", 1), ("GPU-c", 3)] {
+            legacy
+                .insert(
+                    length_prefixed_key(uuid.as_bytes(), 3),
+                    rollup(3, util).encode_v1(),
+                )
+                .unwrap();
+        }
+        let node_first = db.open_tree(NODE_FIRST_ROLLUP_TREE).unwrap();
+        node_first
+            .insert(
+                length_prefixed_key(b"n1", 4),
+                encode_node_minute(&[
+                    ("GPU-a".to_string(), rollup(4, 10)),
+                    ("GPU-b".to_string(), rollup(4, 20)),
+                ]),
+            )
+            .unwrap();
+        let store = SledRollupStore::new(db.open_tree(ROLLUP_TREE).unwrap())
+            .with_node_first(node_first)
+            .with_legacy(legacy);
+        let mut finished_minutes = Vec::new();
+        for minute in 4..7 {
+            for (uuid, util) in [("GPU-a", 100), ("GPU-b", 200), ("GPU-c", 300)] {
+                finished_minutes.push(finished("n1", uuid, &rollup(minute, util + minute as u32)));
+            }
+            // Another node's records, a GPU of the same name included, sit
+            // between n1's minutes.
+            finished_minutes.push(finished("n2", "GPU-a", &rollup(minute, 9)));
+        }
+        store.merge(&NodeMinute::group(&finished_minutes)).unwrap();
+
+        let sums = |rollups: &[Rollup]| -> Vec<(u64, f64)> {
+            rollups
+                .iter()
+                .map(|r| (r.minute, r.get(util()).sum))
+                .collect()
+        };
+        let together = store
+            .range_gpus("n1", &["GPU-c", "GPU-a", "GPU-zz"], 0, u64::MAX)
+            .unwrap();
+        assert_eq!(together.len(), 3);
+        assert_eq!(
+            sums(&together[0]),
+            [(3, 3.0), (4, 304.0), (5, 305.0), (6, 306.0)]
+        );
+        assert_eq!(
+            sums(&together[1]),
+            [(3, 1.0), (4, 114.0), (5, 105.0), (6, 106.0)]
+        );
+        assert!(together[2].is_empty());
+        for (uuid, got) in ["GPU-c", "GPU-a", "GPU-zz"].iter().zip(&together) {
+            assert_eq!(
+                &store.range("n1", uuid, 0, u64::MAX).unwrap(),
+                got,
+                "{uuid}"
+            );
+        }
+        // A window, and the default (one read per GPU) agrees.
+        let window = store.range_gpus("n1", &["GPU-b", "GPU-a"], 4, 6).unwrap();
+        assert_eq!(sums(&window[0]), [(4, 224.0), (5, 205.0)]);
+        assert_eq!(sums(&window[1]), [(4, 114.0), (5, 105.0)]);
+        // (The memory store keys by GPU alone: n1's records only.)
+        let memory = MemoryRollupStore::default();
+        let n1: Vec<FinishedRollup> = finished_minutes
+            .into_iter()
+            .filter(|f| &*f.node_id == "n1")
+            .collect();
+        memory.merge(&NodeMinute::group(&n1)).unwrap();
+        let by_default = memory.range_gpus("n1", &["GPU-b", "GPU-a"], 4, 6).unwrap();
+        assert_eq!(sums(&by_default[0]), [(4, 204.0), (5, 205.0)]);
+        assert_eq!(sums(&by_default[1]), [(4, 104.0), (5, 105.0)]);
+    }
+
+    #[test]
+    fn history_of_several_nodes_gpus_keeps_the_order_asked_for() {
+        let (_, hub) = hub();
+        hub.register_node("n2", &["GPU-z".into()]);
+        let start = t0();
+        for i in 0..3u64 {
+            let at = start + Duration::from_secs(i * 60);
+            let util = 10 * (i as u32 + 1);
+            hub.ingest(
+                "n1",
+                vec![
+                    sample("GPU-a", at, util, 1),
+                    sample("GPU-b", at, util + 1, 1),
+                ],
+                at,
+            );
+            hub.ingest("n2", vec![sample("GPU-z", at, util + 2, 1)], at);
+            if i == 1 {
+                // Minute 0 stored, minute 1 queued, minute 2 current.
+                hub.flush(at).unwrap();
+            }
+        }
+        let now = start + Duration::from_secs(150);
+        let plan = plan_history(
+            Some(&Timestamp::from(start)),
+            Some(&Timestamp::from(now)),
+            60,
+            now,
+        )
+        .unwrap();
+        let gpus = [
+            ("n1", "GPU-b"),
+            ("n2", "GPU-z"),
+            ("n1", "GPU-a"),
+            ("n1", "GPU-gone"),
+        ]
+        .map(|(n, u)| (n.to_string(), u.to_string()));
+        let response = hub.history(&gpus, util(), &plan).unwrap();
+        let got: Vec<(String, Vec<f64>)> = response
+            .series
+            .iter()
+            .map(|s| {
+                (
+                    s.gpu_uuid.clone(),
+                    s.points.iter().map(|p| p.mean).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("GPU-b".to_string(), vec![11.0, 21.0, 31.0]),
+                ("GPU-z".to_string(), vec![12.0, 22.0, 32.0]),
+                ("GPU-a".to_string(), vec![10.0, 20.0, 30.0]),
+                ("GPU-gone".to_string(), vec![]),
+            ]
+        );
     }
 
     #[test]
