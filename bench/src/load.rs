@@ -37,10 +37,10 @@ const SUBMIT_DEADLINE: Duration = Duration::from_secs(30);
 /// RSS growth from a third of the run to its end still called flat.
 const FLAT_GROWTH: f64 = 0.05;
 /// RSS is compared by its floor, the lowest sample in a window this long:
-/// once a minute the controller writes each node's telemetry minute and the
-/// market signals at once, and RSS peaks a few MiB for 10-20 s until the
-/// next trim. One sample compared with another tells whether either landed
-/// on such a peak; two floors tell what stayed.
+/// freed memory stays resident until the controller's next trim (every
+/// 10 s), and bursts of work (a minute's telemetry written at once, before
+/// it was paced) raise RSS for a while. One sample compared with another
+/// tells whether either landed on such a peak; two floors tell what stayed.
 const FLOOR_WINDOW: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Args)]
