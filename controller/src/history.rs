@@ -297,6 +297,28 @@ fn decode_in_walk(id: &str, bytes: &[u8], failed: &mut Option<StoreError>) -> Op
     }
 }
 
+/// What [`newest_first`] found.
+#[derive(Debug, Default)]
+pub struct Listed {
+    /// Highest [`ListKey`] first.
+    pub jobs: Vec<Job>,
+    /// Set when the walk stopped at its budget before `limit` jobs were
+    /// found: every job at or above this key was examined, none below.
+    /// The next page starts strictly below it.
+    pub resume: Option<ListKey>,
+}
+
+/// The [`ListKey`] below every job submitted in `second` and above every
+/// job of earlier seconds: where a walk stopped between two seconds goes
+/// on. (Its id is empty, which no job's is.)
+pub fn second_start(second: u64) -> ListKey {
+    ListKey {
+        second,
+        nanos: second.saturating_mul(1_000_000_000),
+        id: String::new(),
+    }
+}
+
 /// Up to `limit` stored jobs, highest [`ListKey`] first and strictly below
 /// `before`, each passed through `pick`, which returns the version to list
 /// (the resident one, say) or None to pass the job over. `may_match` sees
@@ -307,16 +329,24 @@ fn decode_in_walk(id: &str, bytes: &[u8], failed: &mut Option<StoreError>) -> Op
 /// submit second first; the jobs of one second are read together and
 /// sorted. Older ids come from the creation index. Both give their first
 /// `limit` picks, merged.
+///
+/// Each of the two walks examines about `budget` records at most (whole
+/// seconds at a time): a filter that few jobs match (a rare tenant or
+/// state in a store of millions) then costs a bounded pass per call, and
+/// [`Listed::resume`] says where the next one goes on.
 pub fn newest_first(
     store: &dyn Store,
     before: Option<&ListKey>,
     limit: usize,
+    budget: usize,
     may_match: &dyn Fn(&[u8]) -> bool,
     pick: &mut dyn FnMut(Job) -> Option<Job>,
-) -> Result<Vec<Job>, StoreError> {
+) -> Result<Listed, StoreError> {
     let below = |job: &Job| before.is_none_or(|b| ListKey::of(job) < *b);
     let mut listed: Vec<Job> = Vec::new();
     let mut failed = None;
+    let mut examined = 0_usize;
+    let mut resume: Option<ListKey> = None;
 
     let to = before.map(|b| second_bound(b.second.saturating_add(1)));
     // The jobs of the second being read, and which second that is.
@@ -351,8 +381,20 @@ pub fn newest_first(
                 if listed.len() >= limit {
                     return false;
                 }
+                // Everything from `second_at` up is examined. (Not when
+                // that is no lower than where this page began: the first
+                // second of a page resumed at a second's start.)
+                let stop_at = second_start(second_at);
+                if examined >= budget
+                    && second_at != u64::MAX
+                    && before.is_none_or(|b| stop_at < *b)
+                {
+                    resume = Some(stop_at);
+                    return false;
+                }
                 second_at = at;
             }
+            examined += 1;
             if !may_match(bytes) {
                 return true;
             }
@@ -373,6 +415,8 @@ pub fn newest_first(
     let to =
         before.map(|b| created_bound(b.second.saturating_add(1).saturating_mul(1_000_000_000), ""));
     let mut older = Vec::new();
+    let mut older_examined = 0_usize;
+    let mut older_resume: Option<ListKey> = None;
     store.visit_raw(
         Keyspace::JobsByCreated,
         IdRange {
@@ -386,10 +430,19 @@ pub fn newest_first(
             };
             match get(store, id) {
                 Ok(Some(job)) => {
-                    if below(&job)
-                        && let Some(job) = pick(job)
-                    {
+                    if !below(&job) {
+                        // Listed or examined by an earlier page.
+                        return true;
+                    }
+                    older_examined += 1;
+                    let key = ListKey::of(&job);
+                    if let Some(job) = pick(job) {
                         older.push(job);
+                    }
+                    if older_examined >= budget && older.len() < limit {
+                        // Everything from this job up is examined.
+                        older_resume = Some(key);
+                        return false;
                     }
                 }
                 Ok(None) => {}
@@ -401,12 +454,22 @@ pub fn newest_first(
     if let Some(e) = failed {
         return Err(e);
     }
+    // Both walks examined everything at or above the higher of their
+    // stopping points; what either listed below it is left for the next
+    // page, which goes on from there.
+    let resume = resume.max(older_resume);
     if !older.is_empty() {
         listed.append(&mut older);
         listed.sort_by_cached_key(|job| std::cmp::Reverse(ListKey::of(job)));
-        listed.truncate(limit);
     }
-    Ok(listed)
+    if let Some(resume) = &resume {
+        listed.retain(|job| ListKey::of(job) >= *resume);
+    }
+    listed.truncate(limit);
+    Ok(Listed {
+        jobs: listed,
+        resume,
+    })
 }
 
 /// The store's index layout, recorded once a store has it:
@@ -526,7 +589,9 @@ mod tests {
     }
 
     fn list(store: &dyn Store, before: Option<&ListKey>, limit: usize) -> Vec<Job> {
-        newest_first(store, before, limit, &|_| true, &mut Some).unwrap()
+        newest_first(store, before, limit, usize::MAX, &|_| true, &mut Some)
+            .unwrap()
+            .jobs
     }
 
     fn expire(
@@ -621,12 +686,13 @@ mod tests {
         assert_eq!(ids(&list(&store, Some(&token), 2)), [oldest]);
         // `pick` filters and replaces: every other job, renamed.
         let mut n = 0;
-        let picked = newest_first(&store, None, 2, &|_| true, &mut |mut j| {
+        let picked = newest_first(&store, None, 2, usize::MAX, &|_| true, &mut |mut j| {
             n += 1;
             j.spec.as_mut().unwrap().tenant = "picked".into();
             (n % 2 == 1).then_some(j)
         })
-        .unwrap();
+        .unwrap()
+        .jobs;
         assert_eq!(ids(&picked), [newest, in_mid_5]);
         assert!(
             picked
@@ -634,7 +700,16 @@ mod tests {
                 .all(|j| j.spec.as_ref().unwrap().tenant == "picked")
         );
         // `may_match` passes records over before they are decoded.
-        let none = newest_first(&store, None, 10, &|_| false, &mut |_| unreachable!()).unwrap();
+        let none = newest_first(
+            &store,
+            None,
+            10,
+            usize::MAX,
+            &|_| false,
+            &mut |_| unreachable!(),
+        )
+        .unwrap()
+        .jobs;
         assert!(none.is_empty());
     }
 
@@ -726,6 +801,76 @@ mod tests {
             [made[3].as_str(), made[2].as_str(), made[1].as_str()]
         );
         assert!(expire(&store, 2_000, 10, &|_| false, &mut cursor).contains(&made[2]));
+    }
+
+    #[test]
+    fn a_budgeted_listing_pages_through_everything_once_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        // 60 seconds of time-ordered ids (0 to 3 a second, creation times
+        // scattered within the second) and older 12-digit ids created in
+        // the same seconds, found through the creation index.
+        let mut seed = 0x9e37_79b9_u64;
+        let mut next = || {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (seed >> 33) as u32
+        };
+        let mut legacy = 0;
+        for second in 1_000..1_060_u64 {
+            for k in 0..next() % 4 {
+                let mut j = job(
+                    &timed(second, next() % 1_000 + k),
+                    second as i64,
+                    JobState::Succeeded,
+                );
+                j.created_at.as_mut().unwrap().nanos = (next() % 1_000_000_000) as i32;
+                store_finished(&store, &j);
+            }
+            if next() % 3 == 0 {
+                legacy += 1;
+                let id = format!("job-{legacy:012}");
+                store_finished(&store, &job(&id, second as i64, JobState::Succeeded));
+            }
+        }
+        // A filter few jobs pass.
+        let wanted = |id: &str| id.bytes().map(u32::from).sum::<u32>() % 5 == 0;
+        let everything: Vec<String> = list(&store, None, usize::MAX)
+            .into_iter()
+            .map(|j| j.id)
+            .filter(|id| wanted(id))
+            .collect();
+        assert!(everything.len() > 5, "{}", everything.len());
+        for budget in [1, 2, 7, 1_000] {
+            for limit in [1, 3, 50] {
+                let (mut before, mut paged, mut calls) = (None::<ListKey>, Vec::new(), 0);
+                loop {
+                    calls += 1;
+                    assert!(calls < 1_000, "budget {budget} limit {limit}: no end");
+                    let listed = newest_first(
+                        &store,
+                        before.as_ref(),
+                        limit + 1,
+                        budget,
+                        &|_| true,
+                        &mut |j| wanted(&j.id).then_some(j),
+                    )
+                    .unwrap();
+                    let mut jobs = listed.jobs;
+                    let more = jobs.len() > limit;
+                    jobs.truncate(limit);
+                    paged.extend(jobs.iter().map(|j| j.id.clone()));
+                    before = match (more, jobs.last(), listed.resume) {
+                        (true, Some(last), _) => Some(ListKey::of(last)),
+                        (false, _, Some(resume)) => Some(resume),
+                        _ => break,
+                    };
+                }
+                assert_eq!(paged, everything, "budget {budget} limit {limit}");
+                if budget == 1 && limit == 50 {
+                    assert!(calls > 10, "a small budget pages in steps: {calls} calls");
+                }
+            }
+        }
     }
 
     #[test]

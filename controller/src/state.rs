@@ -43,6 +43,11 @@ use crate::validate;
 const LEDGER_PRUNE_BATCH: usize = 10_000;
 /// Capacity of each agent's downlink channel.
 const DOWNLINK_CAPACITY: usize = 256;
+/// Stored jobs one `ListJobs` call examines at most (under the state
+/// lock, tens of milliseconds): a filter that few jobs match returns a
+/// short page and a token to go on, instead of walking a store of millions
+/// while every other request waits.
+const LIST_SCAN_BUDGET: usize = 20_000;
 /// How long a log request to an agent may take.
 const LOG_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Agents are asked to send something at least this often.
@@ -536,6 +541,7 @@ impl Controller {
                 && (tenant.is_empty() || job.spec.as_ref().is_some_and(|s| s.tenant == tenant))
         };
         let mut jobs: Vec<Job> = Vec::new();
+        let mut resume = None;
         let only_live = !states.is_empty() && states.iter().all(|s| !is_terminal_job(*s));
         if only_live {
             // Only resident jobs can be in these states: no store walk.
@@ -560,24 +566,28 @@ impl Controller {
                 tenant_bytes.is_empty()
                     || bytes.windows(tenant_bytes.len()).any(|w| w == tenant_bytes)
             };
-            jobs = history::newest_first(
+            let listed = history::newest_first(
                 store,
                 after.as_ref(),
                 page_size + 1,
+                LIST_SCAN_BUDGET,
                 &may_match,
                 &mut |stored| {
                     let job = state.jobs.get(&stored.id).cloned().unwrap_or(stored);
                     wanted(&job).then_some(job)
                 },
             )?;
+            jobs = listed.jobs;
+            resume = listed.resume;
         }
         let more = jobs.len() > page_size;
         jobs.truncate(page_size);
-        let next_page_token = match (more, jobs.last()) {
-            (true, Some(last)) => {
-                let key = history::ListKey::of(last);
-                format!("{}:{}", key.nanos, key.id)
-            }
+        let token = |key: &history::ListKey| format!("{}:{}", key.nanos, key.id);
+        let next_page_token = match (more, jobs.last(), resume) {
+            (true, Some(last), _) => token(&history::ListKey::of(last)),
+            // The walk stopped at its budget: this page may be short, even
+            // empty, and the next goes on where it stopped.
+            (false, _, Some(resume)) => token(&resume),
             _ => String::new(),
         };
         Ok(ListJobsResponse {
@@ -2168,6 +2178,34 @@ fn parse_page_token(token: &str) -> Result<history::ListKey> {
     };
     let (nanos, id) = token.split_once(':').ok_or_else(invalid)?;
     let nanos = nanos.parse().map_err(|_| invalid())?;
+    if id.is_empty() {
+        // Where a listing stopped between two seconds (`second_start`).
+        if nanos % 1_000_000_000 != 0 {
+            return Err(invalid());
+        }
+        return Ok(history::second_start(nanos / 1_000_000_000));
+    }
     validate::job_id("page_token", id).map_err(|_| invalid())?;
     Ok(history::ListKey::new(nanos, id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_are_a_jobs_key_or_a_seconds_start() {
+        let id = "job-00000041f0000300";
+        let key = parse_page_token(&format!("1055000000123:{id}")).unwrap();
+        assert_eq!(key, history::ListKey::new(1_055_000_000_123, id));
+        // Where a budgeted listing stopped: below every job of second 1,055.
+        let start = parse_page_token("1055000000000:").unwrap();
+        assert_eq!(start, history::second_start(1_055));
+        assert!(start < key);
+        assert!(history::second_start(1_054) < start);
+        for bad in ["1055000000123:", "x:", "1055", ":job-1", "12:not an id"] {
+            let err = parse_page_token(bad).unwrap_err().to_string();
+            assert!(err.contains("page_token"), "{bad}: {err}");
+        }
+    }
 }

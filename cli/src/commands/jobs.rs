@@ -197,18 +197,27 @@ pub async fn run(address: &str, format: Format, args: JobsArgs) -> anyhow::Resul
             let mut collected = Vec::new();
             let mut page_token = String::new();
             loop {
+                // A filter few jobs match can come back short (even empty)
+                // with a token: the controller examines a bounded part of
+                // its store per call. Without --all, fill one page of
+                // `limit` jobs.
+                let wanted = if all {
+                    limit
+                } else {
+                    limit.saturating_sub(collected.len() as u32)
+                };
                 let page = jobs
                     .list_jobs(ListJobsRequest {
                         states: states.clone(),
                         tenant: tenant.clone().unwrap_or_default(),
-                        page_size: limit,
+                        page_size: wanted,
                         page_token: page_token.clone(),
                     })
                     .await?
                     .into_inner();
                 collected.extend(page.jobs);
                 page_token = page.next_page_token;
-                if !all || page_token.is_empty() {
+                if page_token.is_empty() || (!all && collected.len() >= limit as usize) {
                     break;
                 }
             }
