@@ -43,11 +43,11 @@ use crate::validate;
 const LEDGER_PRUNE_BATCH: usize = 10_000;
 /// Capacity of each agent's downlink channel.
 const DOWNLINK_CAPACITY: usize = 256;
-/// Stored jobs one `ListJobs` call examines at most (under the state
-/// lock, tens of milliseconds): a filter that few jobs match returns a
-/// short page and a token to go on, instead of walking a store of millions
-/// while every other request waits.
-const LIST_SCAN_BUDGET: usize = 20_000;
+/// Stored jobs one `ListJobs` call examines at most (about 50-150 ms of
+/// store reads, without the state lock): a filter that few jobs match
+/// returns a short page and a token to go on instead of walking a store
+/// of millions in one call.
+const LIST_SCAN_BUDGET: usize = 10_000;
 /// How long a log request to an agent may take.
 const LOG_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Agents are asked to send something at least this often.
@@ -535,60 +535,111 @@ impl Controller {
         } else {
             Some(parse_page_token(page_token)?)
         };
-        let state = self.lock();
         let wanted = |job: &Job| {
             (states.is_empty() || states.contains(&job.state()))
                 && (tenant.is_empty() || job.spec.as_ref().is_some_and(|s| s.tenant == tenant))
         };
-        let mut jobs: Vec<Job> = Vec::new();
-        let mut resume = None;
+        let below_token = |job: &Job| {
+            after
+                .as_ref()
+                .is_none_or(|key| history::ListKey::of(job) < *key)
+        };
+        let newest_first = |jobs: &mut Vec<Job>| {
+            jobs.sort_by_cached_key(|job| std::cmp::Reverse(history::ListKey::of(job)))
+        };
+        let token = |key: &history::ListKey| format!("{}:{}", key.nanos, key.id);
         let only_live = !states.is_empty() && states.iter().all(|s| !is_terminal_job(*s));
         if only_live {
             // Only resident jobs can be in these states: no store walk.
-            let mut live: Vec<&Job> = state
+            let mut jobs: Vec<Job> = self
+                .lock()
                 .jobs
                 .values()
-                .filter(|job| wanted(job))
-                .filter(|job| {
-                    after
-                        .as_ref()
-                        .is_none_or(|key| history::ListKey::of(job) < *key)
-                })
+                .filter(|job| wanted(job) && below_token(job))
+                .cloned()
                 .collect();
-            live.sort_by_cached_key(|job| std::cmp::Reverse(history::ListKey::of(job)));
-            jobs.extend(live.into_iter().take(page_size + 1).cloned());
-        } else {
-            let store = &self.inner.store;
-            // A record that does not contain the tenant's name is not the
-            // tenant's: passed over without decoding it.
-            let tenant_bytes = tenant.as_bytes();
-            let may_match = |bytes: &[u8]| {
-                tenant_bytes.is_empty()
-                    || bytes.windows(tenant_bytes.len()).any(|w| w == tenant_bytes)
+            newest_first(&mut jobs);
+            let more = jobs.len() > page_size;
+            jobs.truncate(page_size);
+            let next_page_token = match (more, jobs.last()) {
+                (true, Some(last)) => token(&history::ListKey::of(last)),
+                _ => String::new(),
             };
-            let listed = history::newest_first(
-                store,
-                after.as_ref(),
-                page_size + 1,
-                LIST_SCAN_BUDGET,
-                &may_match,
-                &mut |stored| {
-                    let job = state.jobs.get(&stored.id).cloned().unwrap_or(stored);
-                    wanted(&job).then_some(job)
-                },
-            )?;
-            jobs = listed.jobs;
-            resume = listed.resume;
+            return Ok(ListJobsResponse {
+                jobs,
+                next_page_token,
+            });
         }
-        let more = jobs.len() > page_size;
-        jobs.truncate(page_size);
-        let token = |key: &history::ListKey| format!("{}:{}", key.nanos, key.id);
-        let next_page_token = match (more, jobs.last(), resume) {
-            (true, Some(last), _) => token(&history::ListKey::of(last)),
-            // The walk stopped at its budget: this page may be short, even
-            // empty, and the next goes on where it stopped.
-            (false, _, Some(resume)) => token(&resume),
-            _ => String::new(),
+
+        // The store walk runs without the state lock: a filter few jobs
+        // match can examine many records.
+        // A record that does not contain the tenant's name is not the
+        // tenant's: passed over without decoding it.
+        let tenant_bytes = tenant.as_bytes();
+        let may_match = |bytes: &[u8]| {
+            tenant_bytes.is_empty() || bytes.windows(tenant_bytes.len()).any(|w| w == tenant_bytes)
+        };
+        let listed = history::newest_first(
+            &self.inner.store,
+            after.as_ref(),
+            page_size + 1,
+            LIST_SCAN_BUDGET,
+            &may_match,
+            &mut |stored| wanted(&stored).then_some(stored),
+        )?;
+        // Everything at or above `covered` (and below the token) was
+        // examined: where the walk stopped, or the last of a full page's
+        // matches; None when the walk reached the oldest job.
+        let covered = match listed.resume {
+            Some(resume) => Some(resume),
+            None if listed.jobs.len() > page_size => listed.jobs.last().map(history::ListKey::of),
+            None => None,
+        };
+        let in_covered = |job: &Job| {
+            covered
+                .as_ref()
+                .is_none_or(|c| history::ListKey::of(job) >= *c)
+        };
+        // Resident jobs are newer than their stored records by at most a
+        // commit: listed as they are now, including those whose stored
+        // record did not match but whose current state does.
+        let mut jobs = Vec::with_capacity(listed.jobs.len());
+        {
+            let state = self.lock();
+            for stored in listed.jobs {
+                match state.jobs.get(&stored.id) {
+                    Some(resident) => {
+                        if wanted(resident) {
+                            jobs.push(resident.clone());
+                        }
+                    }
+                    None => jobs.push(stored),
+                }
+            }
+            let seen: HashSet<&str> = jobs.iter().map(|job| job.id.as_str()).collect();
+            let resident: Vec<Job> = state
+                .jobs
+                .values()
+                .filter(|job| {
+                    !seen.contains(job.id.as_str())
+                        && wanted(job)
+                        && below_token(job)
+                        && in_covered(job)
+                })
+                .cloned()
+                .collect();
+            jobs.extend(resident);
+        }
+        newest_first(&mut jobs);
+        let next_page_token = if jobs.len() > page_size {
+            jobs.truncate(page_size);
+            jobs.last()
+                .map(|last| token(&history::ListKey::of(last)))
+                .unwrap_or_default()
+        } else {
+            // A short page (even an empty one) with a token: the walk
+            // stopped at its budget, or found more matches than fit.
+            covered.as_ref().map(token).unwrap_or_default()
         };
         Ok(ListJobsResponse {
             jobs,

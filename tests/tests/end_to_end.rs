@@ -735,3 +735,76 @@ async fn health_and_reflection_on_controller_and_agent() -> anyhow::Result<()> {
     }
     cluster.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_pages_through_live_and_finished_jobs_once_each() -> anyhow::Result<()> {
+    let cluster = Cluster::start(&two_nodes()).await?;
+    let spec = |tenant: &str, argv: &[&str]| JobSpec {
+        tenant: tenant.into(),
+        gpus_per_task: 1,
+        workload: Some(WorkloadSpec {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // Finished and running jobs of two tenants, interleaved in time.
+    let mut submitted = Vec::new();
+    for (i, tenant) in ["team-a", "team-b", "team-a", "team-a", "team-b", "team-a"]
+        .into_iter()
+        .enumerate()
+    {
+        let argv: &[&str] = if i % 2 == 0 {
+            &["true"]
+        } else {
+            &["sleep", "300"]
+        };
+        let job = cluster.submit_spec(spec(tenant, argv)).await?;
+        let wait = if i % 2 == 0 { "to end" } else { "to run" };
+        cluster
+            .wait_job(&job.id, wait, |j| {
+                if i % 2 == 0 {
+                    is_terminal(j)
+                } else {
+                    j.state() == JobState::Running
+                }
+            })
+            .await?;
+        submitted.push((job.id, tenant));
+    }
+    let mut jobs = cluster.jobs().await?;
+    for (states, tenant) in [
+        (vec![], ""),
+        (vec![JobState::Running, JobState::Succeeded], ""),
+        (vec![], "team-a"),
+        (vec![JobState::Running, JobState::Succeeded], "team-b"),
+    ] {
+        let mut paged = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = jobs
+                .list_jobs(ListJobsRequest {
+                    states: states.iter().map(|s| *s as i32).collect(),
+                    tenant: tenant.into(),
+                    page_size: 1,
+                    page_token,
+                })
+                .await?
+                .into_inner();
+            assert!(page.jobs.len() <= 1);
+            paged.extend(page.jobs.into_iter().map(|j| j.id));
+            page_token = page.next_page_token;
+            if page_token.is_empty() {
+                break;
+            }
+        }
+        let expected: Vec<String> = submitted
+            .iter()
+            .rev()
+            .filter(|(_, t)| tenant.is_empty() || t == &tenant)
+            .map(|(id, _)| id.clone())
+            .collect();
+        assert_eq!(paged, expected, "states {states:?} tenant {tenant:?}");
+    }
+    cluster.shutdown().await
+}
