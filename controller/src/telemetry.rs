@@ -2596,6 +2596,17 @@ mod tests {
         assert!(rows.iter().all(|r| r.get(util()).count == 6));
     }
 
+    /// The plan of a query over `[start, end)` asked at `end`.
+    fn plan_between(start: SystemTime, end: SystemTime, step_seconds: u32) -> HistoryPlan {
+        plan_history(
+            Some(&Timestamp::from(start)),
+            Some(&Timestamp::from(end)),
+            step_seconds,
+            end,
+        )
+        .unwrap()
+    }
+
     #[test]
     fn history_merges_store_queue_and_current_minute() {
         let (_, hub) = hub();
@@ -2609,14 +2620,7 @@ mod tests {
                 hub.flush(at).unwrap();
             }
         }
-        let now = start + Duration::from_secs(295);
-        let plan = plan_history(
-            Some(&Timestamp::from(start)),
-            Some(&Timestamp::from(now)),
-            120,
-            now,
-        )
-        .unwrap();
+        let plan = plan_between(start, start + Duration::from_secs(295), 120);
         assert_eq!(plan.step_minutes, 2);
         let response = hub
             .history(&[("n1".into(), "GPU-a".into())], util(), &plan)
@@ -2929,14 +2933,7 @@ mod tests {
                 hub.flush(at).unwrap();
             }
         }
-        let now = start + Duration::from_secs(150);
-        let plan = plan_history(
-            Some(&Timestamp::from(start)),
-            Some(&Timestamp::from(now)),
-            60,
-            now,
-        )
-        .unwrap();
+        let plan = plan_between(start, start + Duration::from_secs(150), 60);
         let gpus = [
             ("n1", "GPU-b"),
             ("n2", "GPU-z"),
