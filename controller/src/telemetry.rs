@@ -673,6 +673,16 @@ pub trait RollupStore: Send + Sync + 'static {
     fn prune_before(&self, minute: u64) -> std::result::Result<u64, StoreError>;
 }
 
+/// Adds `rollup` to `minutes`, merged with what its minute already has.
+fn merge_minute(minutes: &mut BTreeMap<u64, Rollup>, rollup: Rollup) {
+    match minutes.entry(rollup.minute) {
+        std::collections::btree_map::Entry::Occupied(mut held) => held.get_mut().merge(&rollup),
+        std::collections::btree_map::Entry::Vacant(slot) => {
+            slot.insert(rollup);
+        }
+    }
+}
+
 /// Merges a decoded node-minute record's GPUs into the per-GPU maps of
 /// the `uuids` asked for; other GPUs are skipped.
 fn place_gpus(
@@ -683,10 +693,7 @@ fn place_gpus(
 ) {
     for (uuid, rollup) in gpus {
         if let Some(i) = uuids.iter().position(|u| *u == uuid) {
-            by_gpu[i]
-                .entry(minute)
-                .and_modify(|r| r.merge(&rollup))
-                .or_insert(rollup);
+            merge_minute(&mut by_gpu[i], Rollup { minute, ..rollup });
         }
     }
 }
@@ -1067,11 +1074,7 @@ impl RollupStore for SledRollupStore {
                         start,
                         end,
                         |minute, value| {
-                            let rollup = Rollup::decode_v1(minute, value)?;
-                            minutes
-                                .entry(minute)
-                                .and_modify(|r| r.merge(&rollup))
-                                .or_insert(rollup);
+                            merge_minute(minutes, Rollup::decode_v1(minute, value)?);
                             Ok(())
                         },
                     )?;
@@ -1666,10 +1669,7 @@ impl TelemetryHub {
             .map(|rollups| {
                 let mut minutes = BTreeMap::new();
                 for r in rollups.into_iter().filter(|r| in_range(&r.minute)) {
-                    minutes
-                        .entry(r.minute)
-                        .and_modify(|e: &mut Rollup| e.merge(&r))
-                        .or_insert(r);
+                    merge_minute(&mut minutes, r);
                 }
                 minutes
             })
@@ -1693,11 +1693,7 @@ impl TelemetryHub {
                 if let Some(current) = node.gpu_mut(uuid).and_then(|g| g.current.as_ref())
                     && in_range(&current.minute)
                 {
-                    let rollup = current.to_rollup();
-                    minutes
-                        .entry(rollup.minute)
-                        .and_modify(|e| e.merge(&rollup))
-                        .or_insert(rollup);
+                    merge_minute(minutes, current.to_rollup());
                 }
             }
         }
