@@ -11,6 +11,7 @@ pub mod memory;
 pub mod metrics;
 pub mod placement;
 pub mod scheduler;
+pub mod segments;
 pub mod server;
 pub mod service;
 pub mod state;

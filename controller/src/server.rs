@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
 use crate::config::ControllerConfig;
+use crate::segments::{ROLLUP_DIR, SegmentRollupStore};
 use crate::service::{
     AgentControlService, FleetService, JobsService, Settled, TelemetryService, TokensService,
     UsageService,
@@ -176,7 +177,12 @@ pub async fn start(
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let tls_config = config.tls.clone();
     let store = SledStore::open_with_cache(&config.data_dir, config.store_cache_bytes)?;
-    let rollups = SledRollupStore::open(&store)?;
+    // Rollups go to segment files; the sled trees older controllers
+    // wrote them to are still read until retention empties them.
+    let rollups = SegmentRollupStore::open(
+        &config.data_dir.join(ROLLUP_DIR),
+        Some(SledRollupStore::open(&store)?),
+    )?;
     let metrics_listener = TcpListener::bind(config.metrics_listen)
         .await
         .with_context(|| {

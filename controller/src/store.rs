@@ -21,6 +21,13 @@ pub enum StoreError {
     },
     #[error("stored record {key} is corrupt: {message}")]
     CorruptRecord { key: String, message: String },
+    /// A file the store keeps outside sled (telemetry rollup segments).
+    #[error("cannot {what} {path}: {source}")]
+    File {
+        path: String,
+        what: String,
+        source: std::io::Error,
+    },
     /// A group commit (see [`crate::commit`]) could not be made durable.
     /// The change stays in memory and is retried; nothing that depends on
     /// it has been announced.

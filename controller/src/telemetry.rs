@@ -545,7 +545,7 @@ fn get_uuid(bytes: &mut &[u8]) -> std::result::Result<String, String> {
         .map_err(|_| "node-minute record holds a GPU UUID that is not UTF-8".to_string())
 }
 
-fn decode_node_minute(
+pub(crate) fn decode_node_minute(
     minute: u64,
     bytes: &[u8],
 ) -> std::result::Result<Vec<(String, Rollup)>, String> {
@@ -674,7 +674,7 @@ pub trait RollupStore: Send + Sync + 'static {
 }
 
 /// Adds `rollup` to `minutes`, merged with what its minute already has.
-fn merge_minute(minutes: &mut BTreeMap<u64, Rollup>, rollup: Rollup) {
+pub(crate) fn merge_minute(minutes: &mut BTreeMap<u64, Rollup>, rollup: Rollup) {
     match minutes.entry(rollup.minute) {
         std::collections::btree_map::Entry::Occupied(mut held) => held.get_mut().merge(&rollup),
         std::collections::btree_map::Entry::Vacant(slot) => {
@@ -685,7 +685,7 @@ fn merge_minute(minutes: &mut BTreeMap<u64, Rollup>, rollup: Rollup) {
 
 /// Merges a decoded node-minute record's GPUs into the per-GPU maps of
 /// the `uuids` asked for; other GPUs are skipped.
-fn place_gpus(
+pub(crate) fn place_gpus(
     uuids: &[&str],
     by_gpu: &mut [BTreeMap<u64, Rollup>],
     minute: u64,
