@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use clap::Args;
+use gpufleet_controller::segments::{ROLLUP_DIR, SegmentRollupStore};
 use gpufleet_controller::store::SledStore;
 use gpufleet_controller::telemetry::SledRollupStore;
 use gpufleet_controller::{Controller, ControllerConfig};
@@ -42,7 +43,7 @@ pub struct IngestArgs {
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     warmup: Duration,
     /// In the memory phase, keep finished minutes queued instead of writing
-    /// them to sled: separates the controller's own memory from sled's cache.
+    /// them to the store: separates the controller's own memory from the store's.
     #[arg(long)]
     skip_rollup_writes: bool,
 }
@@ -107,7 +108,7 @@ pub fn run(args: IngestArgs) -> anyhow::Result<()> {
     for (name, phase) in [
         ("opening the controller", &memory.open),
         ("registry + agent sessions", &memory.registry),
-        ("telemetry: latest, rollups, sled", &memory.telemetry),
+        ("telemetry: latest, rollups, store", &memory.telemetry),
         ("total", &memory.total),
     ] {
         println!(
@@ -136,7 +137,7 @@ pub fn run(args: IngestArgs) -> anyhow::Result<()> {
         "open_bytes_per_gpu": memory.per_gpu(memory.open.rss).round(),
         "registry_bytes_per_gpu": memory.per_gpu(memory.registry.rss).round(),
         "telemetry_bytes_per_gpu": memory.per_gpu(memory.telemetry.rss).round(),
-        "rollups_written_to_sled": !args.skip_rollup_writes,
+        "rollups_written": !args.skip_rollup_writes,
     });
     println!("{summary}");
     Ok(())
@@ -363,7 +364,7 @@ struct Memory {
     open: Growth,
     /// Registering the nodes: registry, store, agent sessions.
     registry: Growth,
-    /// Ingesting two minutes: latest samples, rollups, sled writes.
+    /// Ingesting two minutes: latest samples, rollups, store writes.
     telemetry: Growth,
     total: Growth,
 }
@@ -387,7 +388,7 @@ fn rss_bytes() -> anyhow::Result<u64> {
 
 /// Registers the fleet and ingests two minutes of samples on virtual time
 /// straight into the controller's domain (no gRPC clients in the process
-/// to blur the figure), flushing rollups to sled as the server would.
+/// to blur the figure), flushing rollups to the store as the server would.
 fn measure_memory(agents: usize, gpus: usize, write_rollups: bool) -> anyhow::Result<Memory> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -395,7 +396,10 @@ fn measure_memory(agents: usize, gpus: usize, write_rollups: bool) -> anyhow::Re
     let _guard = runtime.enter();
     let dir = tempfile::tempdir()?;
     let store = SledStore::open(dir.path())?;
-    let rollups = Arc::new(SledRollupStore::open(&store)?);
+    let rollups = Arc::new(SegmentRollupStore::open(
+        &dir.path().join(ROLLUP_DIR),
+        Some(SledRollupStore::open(&store)?),
+    )?);
     let mut config = ControllerConfig::for_data_dir(dir.path());
     config.join_token = BENCH_JOIN_TOKEN.to_string();
     let before = Mark::now()?;

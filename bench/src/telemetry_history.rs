@@ -1,28 +1,26 @@
-//! `telemetry-history`: what one GPU's history query costs the store, with
-//! the rollups keyed minute first (`telemetry.v3`, what the controller
-//! writes) against the same records keyed node first (`telemetry.v2`, what
-//! it wrote before), in the same run.
+//! `telemetry-history`: what a history query costs the store, with the
+//! rollups in segment files (`SegmentRollupStore`, what the controller
+//! writes) against the same records in sled keyed minute first
+//! (`telemetry.v3`, what it wrote before), in the same run.
 //!
 //! Data: `--nodes` nodes × 8 GPUs reporting every minute of `--days` days,
-//! written through the controller's own `SledRollupStore::merge` into a
-//! fresh store opened as the controller opens it (its cache included). The
-//! node-first copy holds the same records under node-first keys, read
-//! through the controller's upgrade path (`with_node_first`). Queries: one
-//! GPU of a random node over the last hour, day and week
-//! (`RollupStore::range`, what `GetHistory` reads before bucketing), and
-//! all 8 GPUs of the node read together (`RollupStore::range_gpus`, what
-//! `GetHistory` does for GPUs of one node) and one by one (what it did
-//! before); each the median of `--queries` runs, a different node each
-//! time.
+//! written through each store's own `merge` in the controller's chunks of
+//! at most 100 node-minutes, into a fresh directory opened as the
+//! controller opens it (sled's cache included). Queries: one GPU of a
+//! random node over the last hour, day and week (`RollupStore::range`,
+//! what `GetHistory` reads before bucketing), and all 8 GPUs of the node
+//! read together (`RollupStore::range_gpus`, what `GetHistory` does for
+//! GPUs of one node); each the median of `--queries` runs, a different
+//! node each time.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
+use gpufleet_controller::segments::{ROLLUP_DIR, SegmentRollupStore};
 use gpufleet_controller::store::SledStore;
 use gpufleet_controller::telemetry::{
-    FinishedRollup, NODE_FIRST_ROLLUP_TREE, NodeMinute, ROLLUP_TREE, Rollup, RollupStore,
-    SledRollupStore,
+    FinishedRollup, NodeMinute, ROLLUP_TREE, Rollup, RollupStore, SledRollupStore,
 };
 use gpufleet_proto::v1::GpuSample;
 use rand::rngs::StdRng;
@@ -55,16 +53,6 @@ fn node_id(node: usize) -> String {
     format!("node-{node:05}")
 }
 
-/// `<node id length: 4 bytes BE><node id><minute: 8 bytes BE>`, the
-/// documented key of `telemetry.v2` (docs/telemetry.md).
-fn node_first_key(node: &[u8], minute: u64) -> Vec<u8> {
-    let mut key = Vec::with_capacity(12 + node.len());
-    key.extend_from_slice(&(node.len() as u32).to_be_bytes());
-    key.extend_from_slice(node);
-    key.extend_from_slice(&minute.to_be_bytes());
-    key
-}
-
 /// Median milliseconds of `queries` runs of `query` on a random node, and
 /// the rows the last returned.
 fn median_ms(
@@ -85,6 +73,24 @@ fn median_ms(
     Ok((times[times.len() / 2], rows))
 }
 
+/// Bytes of the files under `path`.
+fn disk_bytes(path: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// The controller writes at most this many node-minutes per `merge`.
+const CHUNK: usize = 100;
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.nodes > 0, "--nodes must be at least 1");
     anyhow::ensure!(args.days > 0, "--days must be at least 1");
@@ -92,9 +98,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let end = 1_800_000_000 / 60;
     let start = end - minutes;
     let dir = tempfile::tempdir().context("creating a temporary directory")?;
-    let store = SledStore::open(dir.path()).context("opening the store")?;
-    let minute_first = SledRollupStore::new(store.open_tree(ROLLUP_TREE)?);
-    let node_first_tree = store.open_tree(NODE_FIRST_ROLLUP_TREE)?;
+    let store = SledStore::open(&dir.path().join("sled")).context("opening the store")?;
+    let sled_store = SledRollupStore::new(store.open_tree(ROLLUP_TREE)?);
+    let segments = SegmentRollupStore::open(&dir.path().join(ROLLUP_DIR), None)
+        .context("opening the segment files")?;
 
     println!(
         "telemetry-history: {} nodes x {GPUS_PER_NODE} GPUs, every minute of {} days ({} node-minute records), {} queries per range",
@@ -103,11 +110,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.nodes as u64 * minutes,
         args.queries
     );
-    let started = Instant::now();
     let node_ids: Vec<Arc<str>> = (0..args.nodes).map(|n| node_id(n).into()).collect();
     let uuids: Vec<Vec<Arc<str>>> = (0..args.nodes)
         .map(|n| (0..GPUS_PER_NODE).map(|g| uuid(n, g).into()).collect())
         .collect();
+    let (mut segments_write, mut sled_write) = (0.0, 0.0);
+    let mut chunk: Vec<NodeMinute> = Vec::with_capacity(CHUNK + args.nodes);
     for minute in start..end {
         let mut finished = Vec::with_capacity(args.nodes * GPUS_PER_NODE);
         for (n, node) in node_ids.iter().enumerate() {
@@ -128,109 +136,75 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 });
             }
         }
-        let records = NodeMinute::group(&finished);
-        minute_first.merge(&records)?;
-        let mut batch = sled::Batch::default();
-        for record in &records {
-            batch.insert(
-                node_first_key(record.node_id.as_bytes(), record.minute),
-                record.record.clone(),
-            );
+        chunk.extend(NodeMinute::group(&finished));
+        if chunk.len() + args.nodes > CHUNK || minute + 1 == end {
+            for part in chunk.chunks(CHUNK) {
+                let started = Instant::now();
+                segments.merge(part)?;
+                segments_write += started.elapsed().as_secs_f64();
+                let started = Instant::now();
+                sled_store.merge(part)?;
+                sled_write += started.elapsed().as_secs_f64();
+            }
+            chunk.clear();
         }
-        node_first_tree.apply_batch(batch)?;
     }
-    node_first_tree.flush()?;
-    let written = started.elapsed();
-    let node_first = SledRollupStore::new(store.open_tree("telemetry.bench-empty")?)
-        .with_node_first(node_first_tree);
 
     let mut rng = StdRng::seed_from_u64(args.seed);
     let mut rows = Vec::new();
     let mut summary = serde_json::Map::new();
     let node_uuids =
         |node: usize| -> Vec<String> { (0..GPUS_PER_NODE).map(|g| uuid(node, g)).collect() };
+    let stores: [&dyn RollupStore; 2] = [&segments, &sled_store];
     for (name, span) in [("1 hour", 60), ("1 day", 24 * 60), ("7 days", 7 * 24 * 60)] {
         let span = span.min(minutes);
         let from = end - span;
         let key = name.replace(' ', "_");
-        // One GPU.
-        let gpu = |node: usize| uuid(node, 3);
-        let (new_ms, new_rows) = median_ms(&mut rng, args.nodes, args.queries, |node| {
-            Ok(minute_first
-                .range(&node_id(node), &gpu(node), from, end)?
-                .len())
-        })?;
-        let (old_ms, old_rows) = median_ms(&mut rng, args.nodes, args.queries, |node| {
-            Ok(node_first
-                .range(&node_id(node), &gpu(node), from, end)?
-                .len())
-        })?;
-        anyhow::ensure!(
-            new_rows == span as usize && old_rows == span as usize,
-            "a {name} query returned {new_rows} and {old_rows} minutes, not {span}"
-        );
-        let ratio = new_ms / old_ms.max(1e-9);
-        rows.push(vec![
-            name.to_string(),
-            "1".to_string(),
-            new_rows.to_string(),
-            format!("{new_ms:.2}"),
-            "-".to_string(),
-            format!("{old_ms:.2}"),
-            format!("{ratio:.2}"),
-        ]);
-        summary.insert(format!("minute_first_{key}_ms"), new_ms.into());
-        summary.insert(format!("node_first_{key}_ms"), old_ms.into());
-        summary.insert(format!("ratio_{key}"), ratio.into());
-
-        // A whole node: its GPUs read together (what GetHistory does for
-        // GPUs of one node), and one at a time (what it did before).
-        let together = |store: &SledRollupStore, node: usize| -> anyhow::Result<usize> {
-            let uuids = node_uuids(node);
-            let uuids: Vec<&str> = uuids.iter().map(String::as_str).collect();
-            let series = store.range_gpus(&node_id(node), &uuids, from, end)?;
-            Ok(series.iter().map(Vec::len).sum())
-        };
-        let (node_new_ms, node_new_rows) = median_ms(&mut rng, args.nodes, args.queries, |node| {
-            together(&minute_first, node)
-        })?;
-        let (node_each_ms, node_each_rows) =
-            median_ms(&mut rng, args.nodes, args.queries, |node| {
-                let mut rows = 0;
-                for uuid in node_uuids(node) {
-                    rows += minute_first.range(&node_id(node), &uuid, from, end)?.len();
-                }
-                Ok(rows)
-            })?;
-        let (node_old_ms, node_old_rows) = median_ms(&mut rng, args.nodes, args.queries, |node| {
-            together(&node_first, node)
-        })?;
-        let expected = span as usize * GPUS_PER_NODE;
-        anyhow::ensure!(
-            [node_new_rows, node_each_rows, node_old_rows] == [expected; 3],
-            "a {name} query of a whole node returned {node_new_rows}, {node_each_rows} and {node_old_rows} GPU-minutes, not {expected}"
-        );
-        let node_ratio = node_new_ms / node_old_ms.max(1e-9);
-        rows.push(vec![
-            name.to_string(),
-            GPUS_PER_NODE.to_string(),
-            expected.to_string(),
-            format!("{node_new_ms:.2}"),
-            format!("{node_each_ms:.2}"),
-            format!("{node_old_ms:.2}"),
-            format!("{node_ratio:.2}"),
-        ]);
-        summary.insert(format!("minute_first_node_{key}_ms"), node_new_ms.into());
-        summary.insert(
-            format!("minute_first_gpu_by_gpu_node_{key}_ms"),
-            node_each_ms.into(),
-        );
-        summary.insert(format!("node_first_node_{key}_ms"), node_old_ms.into());
-        summary.insert(format!("ratio_node_{key}"), node_ratio.into());
+        for gpus in [1, GPUS_PER_NODE] {
+            let mut ms = [0.0; 2];
+            for (i, store) in stores.iter().enumerate() {
+                let (median, got) = median_ms(&mut rng, args.nodes, args.queries, |node| {
+                    let uuids = node_uuids(node);
+                    // One GPU is GPU 3; a node is all of them.
+                    let uuids: Vec<&str> = if gpus == 1 {
+                        vec![uuids[3].as_str()]
+                    } else {
+                        uuids.iter().map(String::as_str).collect()
+                    };
+                    let series = store.range_gpus(&node_id(node), &uuids, from, end)?;
+                    Ok(series.iter().map(Vec::len).sum())
+                })?;
+                let expected = span as usize * gpus;
+                anyhow::ensure!(
+                    got == expected,
+                    "a {name} query of {gpus} GPUs returned {got} GPU-minutes, not {expected}"
+                );
+                ms[i] = median;
+            }
+            let ratio = ms[0] / ms[1].max(1e-9);
+            rows.push(vec![
+                name.to_string(),
+                gpus.to_string(),
+                (span as usize * gpus).to_string(),
+                format!("{:.2}", ms[0]),
+                format!("{:.2}", ms[1]),
+                format!("{ratio:.2}"),
+            ]);
+            let what = if gpus == 1 { "gpu" } else { "node" };
+            summary.insert(format!("segments_{what}_{key}_ms"), ms[0].into());
+            summary.insert(format!("sled_{what}_{key}_ms"), ms[1].into());
+            summary.insert(format!("ratio_{what}_{key}"), ratio.into());
+        }
     }
+    drop(segments);
+    drop(sled_store);
+    drop(store);
+    let segments_bytes = disk_bytes(&dir.path().join(ROLLUP_DIR));
+    let sled_bytes = disk_bytes(&dir.path().join("sled"));
     println!(
-        "written in {:.1} s (both layouts); RSS {:.0} MiB",
-        written.as_secs_f64(),
+        "written in {segments_write:.1} s to segment files ({:.0} MiB on disk), {sled_write:.1} s to sled ({:.0} MiB); RSS {:.0} MiB",
+        segments_bytes as f64 / (1 << 20) as f64,
+        sled_bytes as f64 / (1 << 20) as f64,
         report::rss_bytes() as f64 / (1 << 20) as f64
     );
     println!();
@@ -239,9 +213,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "range",
             "GPUs",
             "GPU-minutes",
-            "minute first (ms, median)",
-            "minute first, GPU by GPU",
-            "node first (ms, median)",
+            "segment files (ms, median)",
+            "sled minute first (ms, median)",
             "ratio",
         ],
         &rows,
@@ -250,6 +223,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     summary.insert("nodes".into(), args.nodes.into());
     summary.insert("days".into(), args.days.into());
     summary.insert("queries".into(), args.queries.into());
+    summary.insert("segments_write_s".into(), segments_write.into());
+    summary.insert("sled_write_s".into(), sled_write.into());
+    summary.insert("segments_disk_bytes".into(), segments_bytes.into());
+    summary.insert("sled_disk_bytes".into(), sled_bytes.into());
     println!("{}", serde_json::Value::Object(summary));
     Ok(())
 }
