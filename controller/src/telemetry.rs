@@ -640,9 +640,11 @@ impl NodeMinute {
 /// Where rollups are persisted.
 pub trait RollupStore: Send + Sync + 'static {
     /// Merges each node-minute record into what is stored for its GPUs and
-    /// minute, atomically. The hub calls it every flush interval with what
-    /// finished since, in chunks of up to 100 node-minutes, so one disk
-    /// flush per call is cheap; per GPU-minute it would not be.
+    /// minute: durable when it returns, and nothing of the call stored when
+    /// it fails (the hub retries it whole). The hub calls it every flush
+    /// interval with what finished since, in chunks of up to 100
+    /// node-minutes, so one disk sync per call is cheap; per GPU-minute it
+    /// would not be.
     fn merge(&self, records: &[NodeMinute]) -> std::result::Result<(), StoreError>;
     /// Rollups of one GPU (reported by `node_id`) with
     /// `start <= minute < end`, in minute order.
@@ -761,8 +763,10 @@ impl RollupStore for MemoryRollupStore {
     }
 }
 
-/// The sled tree rollups are written to: one record per node-minute, key
-/// `<minute: 8 bytes BE><node id>`.
+/// The sled tree controllers before segment files
+/// ([`crate::segments`]) wrote rollups to: one record per node-minute, key
+/// `<minute: 8 bytes BE><node id>`. Still read by history queries and
+/// pruned by retention.
 pub const ROLLUP_TREE: &str = "telemetry.v3";
 /// The same records keyed node first (`<node id length: 4 bytes BE><node
 /// id><minute: 8 bytes BE>`), written by controllers before `telemetry.v3`.
@@ -776,7 +780,9 @@ pub const LEGACY_ROLLUP_TREE: &str = "telemetry";
 /// Records deleted per sled batch when retention prunes the rollups.
 const PRUNE_BATCH: usize = 10_000;
 
-/// Rollups in sled, one record per node-minute, keyed minute first.
+/// Rollups in sled, one record per node-minute, keyed minute first: how
+/// controllers before segment files stored them; the controller now only
+/// reads and prunes them (tests and benchmarks still write them).
 ///
 /// Why per node and not per GPU: sled's memory grows with the number of
 /// keys written, not just their bytes; a node-minute record holds all of
@@ -1255,7 +1261,7 @@ pub struct IngestOutcome {
 /// the disk stalls.
 const MAX_PENDING_ROLLUPS: usize = 1_000_000;
 
-/// Node-minute records per store write (one sled batch and flush each).
+/// Node-minute records per store write (one append and sync each).
 const ROLLUP_WRITE_CHUNK: usize = 100;
 
 /// The periodic flush writes a queue over this many calls (at least a
@@ -1519,10 +1525,9 @@ impl TelemetryHub {
     /// the rest wait for the next call (queries read them meanwhile).
     /// Returns how many GPU-minutes were written.
     ///
-    /// A whole fleet's minute ends at once; written at once, the store's
-    /// rebuilt pages and the garbage of their old versions peak together
-    /// and the allocator keeps part of each peak. The periodic flush
-    /// spreads a minute over [`paced_flush_budget`]'s share per call.
+    /// A whole fleet's minute ends at once; the periodic flush spreads its
+    /// writes over [`paced_flush_budget`]'s share per call rather than one
+    /// burst of the whole fleet's records and their buffers.
     pub fn flush_oldest(
         &self,
         now: SystemTime,
@@ -1534,9 +1539,8 @@ impl TelemetryHub {
             return Ok(0);
         }
         let gpu_minutes = batch.iter().map(|r| r.gpu_minutes).sum();
-        // In chunks, each written and flushed before the next is built:
-        // what sled holds for a write until its flush is then one chunk's
-        // worth, not a whole minute of the fleet's.
+        // In chunks, each written and synced before the next: a failure
+        // leaves the chunks before it stored and the rest queued.
         let mut written = 0;
         while written < batch.len() {
             let end = (written + ROLLUP_WRITE_CHUNK).min(batch.len());
