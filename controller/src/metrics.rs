@@ -104,6 +104,8 @@ pub struct Snapshot {
     pub heap_bytes: Option<u64>,
     pub telemetry: Vec<NodeTelemetryStats>,
     pub rollups_dropped: u64,
+    /// Rollup segment files on disk, when the store keeps them in files.
+    pub rollup_disk: Option<crate::telemetry::RollupDiskUsage>,
     /// Finished usage by provider, region, generation, tenant (retained ledger).
     pub usage: gpufleet_proto::v1::UsageReportResponse,
     /// Latest market signal per region and generation.
@@ -134,6 +136,7 @@ impl Snapshot {
             heap_bytes: crate::memory::heap_bytes(),
             telemetry: controller.telemetry().all_stats(),
             rollups_dropped: controller.telemetry().rollups_dropped(),
+            rollup_disk: controller.telemetry().disk_usage(),
             usage: {
                 use crate::usage::{ReportQuery, UsageDimension};
                 let now = crate::placement::unix_secs(SystemTime::now());
@@ -294,6 +297,28 @@ pub fn render(snapshot: &Snapshot) -> String {
         &[],
         snapshot.rollups_dropped as f64,
     );
+    if let Some(disk) = snapshot.rollup_disk {
+        e.family(
+            "gpufleet_telemetry_rollup_segments",
+            Kind::Gauge,
+            "Telemetry rollup segment files on disk, the one being written included.",
+        );
+        e.sample(
+            "gpufleet_telemetry_rollup_segments",
+            &[],
+            disk.segments as f64,
+        );
+        e.family(
+            "gpufleet_telemetry_rollup_disk_bytes",
+            Kind::Gauge,
+            "Bytes of the telemetry rollup segment files and their indexes.",
+        );
+        e.sample(
+            "gpufleet_telemetry_rollup_disk_bytes",
+            &[],
+            disk.bytes as f64,
+        );
+    }
 
     // Usage: totals of the retained ledger (finished allocations); they
     // drop when retention deletes records, which Prometheus reads as a reset.
@@ -629,6 +654,10 @@ mod tests {
                 dropped_by_reason: [("out_of_range".to_string(), 4)].into_iter().collect(),
             }],
             rollups_dropped: 0,
+            rollup_disk: Some(crate::telemetry::RollupDiskUsage {
+                segments: 3,
+                bytes: 1_234_567,
+            }),
             usage: gpufleet_proto::v1::UsageReportResponse {
                 rows: vec![gpufleet_proto::v1::UsageRow {
                     provider: "aws".into(),
@@ -682,6 +711,14 @@ mod tests {
         assert!(text.contains("gpufleet_nodes{state=\"lost\"} 0\n"));
         assert!(text.contains("gpufleet_jobs{state=\"running\"} 2\n"));
         assert!(text.contains("gpufleet_controller_heap_bytes 83886080\n"));
+        assert!(
+            text.contains("gpufleet_telemetry_rollup_segments 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gpufleet_telemetry_rollup_disk_bytes 1234567\n"),
+            "{text}"
+        );
         let without_heap = render(&Snapshot {
             heap_bytes: None,
             ..snapshot()

@@ -21,7 +21,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::store::StoreError;
 use crate::telemetry::{
-    NodeMinute, Rollup, RollupStore, SledRollupStore, decode_node_minute, merge_minute, place_gpus,
+    NodeMinute, Rollup, RollupDiskUsage, RollupStore, SledRollupStore, decode_node_minute,
+    merge_minute, place_gpus,
 };
 
 /// The directory under the controller's data dir.
@@ -63,6 +64,8 @@ struct Sealed {
     min_minute: u64,
     max_minute: u64,
     records: u64,
+    /// Of the segment and its index, on disk.
+    bytes: u64,
 }
 
 /// The segment being written.
@@ -264,6 +267,7 @@ fn read_index_header(path: &Path) -> Result<Sealed, StoreError> {
         min_minute: parsed.min_minute,
         max_minute: parsed.max_minute,
         records: parsed.records,
+        bytes: size,
     })
 }
 
@@ -415,7 +419,12 @@ impl Open {
             .open(&path)
             .map_err(|e| io_error(&path, "create", e))?;
         sync_dir(dir)?;
-        Ok(Self {
+        Ok(Self::empty(id, file))
+    }
+
+    /// Segment `id` in `file`, before any record is added.
+    fn empty(id: u64, file: File) -> Self {
+        Self {
             id,
             file: Arc::new(file),
             len: 0,
@@ -424,7 +433,7 @@ impl Open {
             max_minute: 0,
             records: 0,
             nodes: HashMap::new(),
-        })
+        }
     }
 
     fn add(&mut self, node: &Arc<str>, entry: Entry) {
@@ -486,16 +495,7 @@ fn recover(dir: &Path, id: u64) -> Result<Open, StoreError> {
         .write(true)
         .open(&path)
         .map_err(|e| io_error(&path, "open", e))?;
-    let mut open = Open {
-        id,
-        file: Arc::new(file),
-        len: 0,
-        first_minute: None,
-        min_minute: u64::MAX,
-        max_minute: 0,
-        records: 0,
-        nodes: HashMap::new(),
-    };
+    let mut open = Open::empty(id, file);
     let mut at = 0usize;
     let mut names: HashMap<Vec<u8>, Arc<str>> = HashMap::new();
     let damage = loop {
@@ -546,9 +546,10 @@ fn recover(dir: &Path, id: u64) -> Result<Open, StoreError> {
 fn seal(dir: &Path, open: &Open) -> Result<Sealed, StoreError> {
     let path = idx_path(dir, open.id);
     let tmp = path.with_extension("idx.tmp");
+    let index = encode_index(open);
     let write = || -> std::io::Result<()> {
         let file = File::create(&tmp)?;
-        file.write_all_at(&encode_index(open), 0)?;
+        file.write_all_at(&index, 0)?;
         file.sync_all()?;
         std::fs::rename(&tmp, &path)
     };
@@ -559,6 +560,7 @@ fn seal(dir: &Path, open: &Open) -> Result<Sealed, StoreError> {
         min_minute: open.min_minute,
         max_minute: open.max_minute,
         records: open.records,
+        bytes: open.len + index.len() as u64,
     })
 }
 
@@ -608,7 +610,12 @@ impl SegmentRollupStore {
                 let path = idx_path(dir, id);
                 match read_index_header(&path) {
                     Ok(header) => {
-                        sealed.push(Sealed { id, ..header });
+                        let data = std::fs::metadata(seg_path(dir, id)).map_or(0, |m| m.len());
+                        sealed.push(Sealed {
+                            id,
+                            bytes: header.bytes + data,
+                            ..header
+                        });
                         continue;
                     }
                     Err(e) => {
@@ -651,8 +658,7 @@ impl SegmentRollupStore {
         self.segments.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sealed segments and whether one is being written (for tests and
-    /// diagnostics): `(sealed, open records)`.
+    /// Sealed segments and the records of the open one (tests).
     pub fn segment_counts(&self) -> (usize, u64) {
         let segments = self.lock();
         (segments.sealed.len(), segments.open.records)
@@ -670,6 +676,14 @@ impl SegmentRollupStore {
 }
 
 impl RollupStore for SegmentRollupStore {
+    fn disk_usage(&self) -> Option<RollupDiskUsage> {
+        let segments = self.lock();
+        Some(RollupDiskUsage {
+            segments: segments.sealed.len() as u64 + 1,
+            bytes: segments.sealed.iter().map(|s| s.bytes).sum::<u64>() + segments.open.len,
+        })
+    }
+
     fn merge(&self, records: &[NodeMinute]) -> Result<(), StoreError> {
         if records.is_empty() {
             return Ok(());
@@ -730,17 +744,6 @@ impl RollupStore for SegmentRollupStore {
         }
         open.len += segments.buf.len() as u64;
         Ok(())
-    }
-
-    fn range(
-        &self,
-        node_id: &str,
-        uuid: &str,
-        start: u64,
-        end: u64,
-    ) -> Result<Vec<Rollup>, StoreError> {
-        let mut one = self.range_gpus(node_id, &[uuid], start, end)?;
-        Ok(one.pop().unwrap_or_default())
     }
 
     fn range_gpus(
@@ -1040,9 +1043,22 @@ mod tests {
         drop(store);
         let store = SegmentRollupStore::open_with_span(dir.path(), None, 10).unwrap();
         assert_eq!(series(&store, "n1", "GPU-a", 0, 100).len(), 15);
+        let before = store.disk_usage().unwrap();
+        assert_eq!(before.segments, 3, "two sealed and the open one");
         assert_eq!(store.prune_before(30).unwrap(), 20);
         assert_eq!(series(&store, "n1", "GPU-a", 0, 100), []);
         assert_eq!(files(dir.path(), ".idx"), 0);
+        // What the metrics report is what is on disk.
+        let after = store.disk_usage().unwrap();
+        assert_eq!(after.segments, 1);
+        let on_disk: u64 = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|f| f.unwrap())
+            .filter(|f| f.file_name().to_str().unwrap().ends_with(".seg"))
+            .map(|f| f.metadata().unwrap().len())
+            .sum();
+        assert_eq!(after.bytes, on_disk);
+        assert!(before.bytes > after.bytes);
     }
 
     #[test]

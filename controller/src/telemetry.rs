@@ -646,33 +646,45 @@ pub trait RollupStore: Send + Sync + 'static {
     /// node-minutes, so one disk sync per call is cheap; per GPU-minute it
     /// would not be.
     fn merge(&self, records: &[NodeMinute]) -> std::result::Result<(), StoreError>;
-    /// Rollups of one GPU (reported by `node_id`) with
-    /// `start <= minute < end`, in minute order.
-    fn range(
-        &self,
-        node_id: &str,
-        uuid: &str,
-        start: u64,
-        end: u64,
-    ) -> std::result::Result<Vec<Rollup>, StoreError>;
-    /// [`RollupStore::range`] of several GPUs of one node: one list per
-    /// uuid, in the order given. A store that keeps a node's GPUs in one
-    /// record reads each record once for all of them.
+    /// Rollups of several GPUs of one node (reported by `node_id`) with
+    /// `start <= minute < end`: one list per uuid, in the order given, each
+    /// in minute order. A store that keeps a node's GPUs in one record
+    /// reads each record once for all of them.
     fn range_gpus(
         &self,
         node_id: &str,
         uuids: &[&str],
         start: u64,
         end: u64,
-    ) -> std::result::Result<Vec<Vec<Rollup>>, StoreError> {
-        uuids
-            .iter()
-            .map(|uuid| self.range(node_id, uuid, start, end))
-            .collect()
+    ) -> std::result::Result<Vec<Vec<Rollup>>, StoreError>;
+    /// [`RollupStore::range_gpus`] of one GPU.
+    fn range(
+        &self,
+        node_id: &str,
+        uuid: &str,
+        start: u64,
+        end: u64,
+    ) -> std::result::Result<Vec<Rollup>, StoreError> {
+        let mut one = self.range_gpus(node_id, &[uuid], start, end)?;
+        Ok(one.pop().unwrap_or_default())
     }
     /// Deletes every rollup older than `minute`; returns how many stored
     /// records went (one record may hold several GPUs).
     fn prune_before(&self, minute: u64) -> std::result::Result<u64, StoreError>;
+    /// Files and bytes the rollups take on disk, for a store that keeps
+    /// them in files of its own (`/metrics`).
+    fn disk_usage(&self) -> Option<RollupDiskUsage> {
+        None
+    }
+}
+
+/// What [`RollupStore::disk_usage`] reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RollupDiskUsage {
+    /// Segment files, the one being written included.
+    pub segments: u64,
+    /// Bytes of the segment files and their indexes.
+    pub bytes: u64,
 }
 
 /// Adds `rollup` to `minutes`, merged with what its minute already has.
@@ -738,20 +750,24 @@ impl RollupStore for MemoryRollupStore {
         Ok(())
     }
 
-    fn range(
+    fn range_gpus(
         &self,
         _node_id: &str,
-        uuid: &str,
+        uuids: &[&str],
         start: u64,
         end: u64,
-    ) -> std::result::Result<Vec<Rollup>, StoreError> {
-        if start >= end {
-            return Ok(Vec::new());
-        }
-        Ok(self
-            .rows()
-            .range((uuid.to_string(), start)..(uuid.to_string(), end))
-            .map(|(_, r)| r.clone())
+    ) -> std::result::Result<Vec<Vec<Rollup>>, StoreError> {
+        let rows = self.rows();
+        Ok(uuids
+            .iter()
+            .map(|uuid| {
+                if start >= end {
+                    return Vec::new();
+                }
+                rows.range((uuid.to_string(), start)..(uuid.to_string(), end))
+                    .map(|(_, r)| r.clone())
+                    .collect()
+            })
             .collect())
     }
 
@@ -1029,17 +1045,6 @@ impl RollupStore for SledRollupStore {
         // `gpufleet-bench ingest`).
         self.tree.flush()?;
         Ok(())
-    }
-
-    fn range(
-        &self,
-        node_id: &str,
-        uuid: &str,
-        start: u64,
-        end: u64,
-    ) -> std::result::Result<Vec<Rollup>, StoreError> {
-        let mut one = self.range_gpus(node_id, &[uuid], start, end)?;
-        Ok(one.pop().unwrap_or_default())
     }
 
     fn range_gpus(
@@ -1638,6 +1643,11 @@ impl TelemetryHub {
     }
 
     /// Finished minutes lost because the store could not keep up.
+    /// What the rollups take on disk, when the store keeps them in files.
+    pub fn disk_usage(&self) -> Option<RollupDiskUsage> {
+        self.store.disk_usage()
+    }
+
     pub fn rollups_dropped(&self) -> u64 {
         self.rollups_dropped.load(Ordering::Relaxed)
     }
@@ -2316,14 +2326,14 @@ mod tests {
             }
             self.inner.merge(records)
         }
-        fn range(
+        fn range_gpus(
             &self,
             node_id: &str,
-            uuid: &str,
+            uuids: &[&str],
             start: u64,
             end: u64,
-        ) -> std::result::Result<Vec<Rollup>, StoreError> {
-            self.inner.range(node_id, uuid, start, end)
+        ) -> std::result::Result<Vec<Vec<Rollup>>, StoreError> {
+            self.inner.range_gpus(node_id, uuids, start, end)
         }
         fn prune_before(&self, minute: u64) -> std::result::Result<u64, StoreError> {
             self.inner.prune_before(minute)
