@@ -292,11 +292,13 @@ fn parse_index_header(header: &[u8]) -> Option<IndexHeader> {
     })
 }
 
+/// The length an index with header `h` has; saturating, so a damaged
+/// header cannot overflow it.
 fn index_len(h: &IndexHeader) -> u64 {
-    INDEX_HEADER as u64
-        + h.nodes as u64 * INDEX_NODE as u64
-        + h.names_len as u64
-        + h.records * INDEX_ENTRY as u64
+    (INDEX_HEADER as u64)
+        .saturating_add(h.nodes as u64 * INDEX_NODE as u64)
+        .saturating_add(h.names_len as u64)
+        .saturating_add(h.records.saturating_mul(INDEX_ENTRY as u64))
 }
 
 /// `node`'s entries in a sealed segment with `start <= minute < end`;
@@ -319,6 +321,14 @@ fn sealed_entries(
     file.read_exact_at(&mut header, 0)
         .map_err(|_| damaged("header is truncated"))?;
     let h = parse_index_header(&header).ok_or_else(|| damaged("header has the wrong magic"))?;
+    // The counts size what is read next: they must fit the file.
+    let size = file
+        .metadata()
+        .map_err(|e| io_error(&path, "stat", e))?
+        .len();
+    if index_len(&h) != size {
+        return Err(damaged("is not as long as its header says"));
+    }
     // Node table and names in one read; a fleet of 1,000 nodes is ~40 KB.
     let table_len = h.nodes as usize * INDEX_NODE + h.names_len as usize;
     let mut table = vec![0u8; table_len];
@@ -383,6 +393,15 @@ fn fold_frames(
 ) -> Result<(), StoreError> {
     let mut buf = Vec::new();
     for entry in entries {
+        if entry.len as u64 > (FRAME_HEADER + u16::MAX as usize) as u64 + MAX_RECORD_BYTES as u64 {
+            return Err(corrupt_file(
+                path,
+                format!(
+                    "index names a {}-byte frame at byte {}, larger than any frame",
+                    entry.len, entry.offset
+                ),
+            ));
+        }
         buf.resize(entry.len as usize, 0);
         file.read_exact_at(&mut buf, entry.offset).map_err(|e| {
             corrupt_file(
@@ -488,56 +507,81 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 /// controller stopped): every whole, intact frame from the start; a torn
 /// or damaged tail is cut off so the segment can be indexed.
 fn recover(dir: &Path, id: u64) -> Result<Open, StoreError> {
+    use std::io::Read;
     let path = seg_path(dir, id);
-    let bytes = std::fs::read(&path).map_err(|e| io_error(&path, "read", e))?;
     let file = File::options()
         .read(true)
         .write(true)
         .open(&path)
         .map_err(|e| io_error(&path, "open", e))?;
-    let mut open = Open::empty(id, file);
-    let mut at = 0usize;
+    let size = file
+        .metadata()
+        .map_err(|e| io_error(&path, "stat", e))?
+        .len();
+    // Streamed: a segment may be up to 1 GiB.
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, &file);
+    let mut open = Open::empty(
+        id,
+        file.try_clone().map_err(|e| io_error(&path, "open", e))?,
+    );
+    let mut at = 0u64;
+    let mut frame = Vec::new();
     let mut names: HashMap<Vec<u8>, Arc<str>> = HashMap::new();
+    let cut_short = || "a frame cut short (the write the stop interrupted)".to_string();
     let damage = loop {
-        match parse_frame(&bytes[at..]) {
-            Ok(Some((frame, len))) => {
-                let Ok(name) = std::str::from_utf8(frame.node) else {
-                    break Some("a node id that is not UTF-8".to_string());
-                };
-                let node = names
-                    .entry(frame.node.to_vec())
-                    .or_insert_with(|| Arc::from(name))
-                    .clone();
-                open.add(
-                    &node,
-                    Entry {
-                        minute: frame.minute,
-                        offset: at as u64,
-                        len: len as u32,
-                    },
-                );
-                at += len;
-            }
-            Ok(None) if at == bytes.len() => break None,
-            Ok(None) => break Some("a frame cut short (the write the stop interrupted)".into()),
-            Err(why) => break Some(why),
+        if at == size {
+            break None;
         }
+        frame.resize(FRAME_HEADER, 0);
+        if reader.read_exact(&mut frame).is_err() {
+            break Some(cut_short());
+        }
+        let record_len = u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]);
+        let node_len = u16::from_le_bytes([frame[16], frame[17]]) as usize;
+        if record_len > MAX_RECORD_BYTES {
+            break Some(format!("a frame that claims a {record_len}-byte record"));
+        }
+        frame.resize(FRAME_HEADER + node_len + record_len as usize, 0);
+        if reader.read_exact(&mut frame[FRAME_HEADER..]).is_err() {
+            break Some(cut_short());
+        }
+        let (parsed, len) = match parse_frame(&frame) {
+            Ok(Some(parsed)) => parsed,
+            Ok(None) => break Some(cut_short()),
+            Err(why) => break Some(why),
+        };
+        let Ok(name) = std::str::from_utf8(parsed.node) else {
+            break Some("a node id that is not UTF-8".to_string());
+        };
+        let node = names
+            .entry(parsed.node.to_vec())
+            .or_insert_with(|| Arc::from(name))
+            .clone();
+        open.add(
+            &node,
+            Entry {
+                minute: parsed.minute,
+                offset: at,
+                len: len as u32,
+            },
+        );
+        at += len as u64;
     };
     if let Some(why) = damage {
         tracing::warn!(
             segment = %path.display(),
             kept_bytes = at,
-            dropped_bytes = bytes.len() - at,
+            dropped_bytes = size - at,
             "rollup segment ends in {why}; the rest after byte {at} is dropped"
         );
         open.file
-            .set_len(at as u64)
+            .set_len(at)
             .map_err(|e| io_error(&path, "truncate", e))?;
         open.file
             .sync_all()
             .map_err(|e| io_error(&path, "sync", e))?;
     }
-    open.len = at as u64;
+    open.len = at;
     Ok(open)
 }
 
@@ -1088,6 +1132,55 @@ mod tests {
         );
         assert_eq!(store.prune_before(5).unwrap(), 1);
         assert_eq!(tree.len(), 1);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Damaged segment and index files (flipped bytes, cut files) are
+        /// recovered or reported as errors, never a panic or a huge
+        /// allocation.
+        #[test]
+        fn damaged_files_are_errors_not_panics(
+            damage in proptest::collection::vec((any::<bool>(), any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in proptest::option::of((any::<bool>(), any::<prop::sample::Index>())),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let store = SegmentRollupStore::open_with_span(dir.path(), None, 5).unwrap();
+                for minute in 0..12 {
+                    store
+                        .merge(&records(&[("n1", "GPU-a", minute, 10), ("n2", "GPU-b", minute, 20)]))
+                        .unwrap();
+                }
+            }
+            // Sealed at the restart: segments 1..=3, each with an index.
+            drop(SegmentRollupStore::open_with_span(dir.path(), None, 5).unwrap());
+            let pick = |index: bool| if index { idx_path(dir.path(), 2) } else { seg_path(dir.path(), 2) };
+            for (index, at, xor) in damage {
+                let path = pick(index);
+                let mut bytes = std::fs::read(&path).unwrap();
+                let i = at.index(bytes.len());
+                bytes[i] ^= xor.max(1);
+                std::fs::write(&path, bytes).unwrap();
+            }
+            if let Some((index, at)) = cut {
+                let path = pick(index);
+                let len = std::fs::metadata(&path).unwrap().len() as usize;
+                std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(at.index(len) as u64).unwrap();
+            }
+            if let Ok(store) = SegmentRollupStore::open_with_span(dir.path(), None, 5) {
+                for node in ["n1", "n2", "n3"] {
+                    let _ = store.range_gpus(node, &["GPU-a", "GPU-b"], 0, 100);
+                }
+                // The segments nobody damaged still read.
+                let util = metric("util").unwrap();
+                let rows = store.range("n1", "GPU-a", 0, 5);
+                if let Ok(rows) = rows {
+                    prop_assert!(rows.iter().all(|r| r.get(util).sum == 10.0));
+                }
+            }
+        }
     }
 
     #[derive(Debug, Clone)]
