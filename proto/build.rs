@@ -39,6 +39,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // `AgentControl.Connect` would clash with the generated `connect`
         // constructor; clients build a `Channel` and call `new` instead.
         .build_transport(false)
+        // Smaller per-RPC buffers than tonic's 8 KiB (src/codec.rs).
+        .codec_path("crate::codec::GpufleetCodec")
         .compile_fds_with_config(descriptors, config)?;
     Ok(())
 }

@@ -7,6 +7,8 @@ pub mod v1 {
     tonic::include_proto!("gpufleet.v1");
 }
 
+pub mod codec;
+
 /// Encoded `FileDescriptorSet` of every gpufleet.v1 file (and the well-known
 /// types they import), for gRPC reflection and protobuf-JSON output.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
