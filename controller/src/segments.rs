@@ -798,7 +798,7 @@ impl RollupStore for SegmentRollupStore {
         end: u64,
     ) -> Result<Vec<Vec<Rollup>>, StoreError> {
         let mut by_gpu: Vec<BTreeMap<u64, Rollup>> = vec![BTreeMap::new(); uuids.len()];
-        let (sealed, open_entries, open_file, open_id, floor) = {
+        let (sealed, open_entries, open_file, open_id, start) = {
             let segments = self.lock();
             let start = start.max(segments.floor);
             let sealed: Vec<u64> = segments
@@ -823,10 +823,9 @@ impl RollupStore for SegmentRollupStore {
                 open_entries,
                 segments.open.file.clone(),
                 segments.open.id,
-                segments.floor,
+                start,
             )
         };
-        let start = start.max(floor);
         if start < end && !uuids.is_empty() {
             let node = node_id.as_bytes();
             for id in sealed {
