@@ -92,7 +92,7 @@ pub struct AgentConfig {
     /// their turn. 1 to [`MAX_CONCURRENT_STARTS_LIMIT`].
     pub max_concurrent_starts: usize,
     /// Executable that runs the workloads' shims (started once as
-    /// `<it> __shim-launcher`, which forks them). `None`: this executable,
+    /// `<it> __shim-host`, which runs them). `None`: this executable,
     /// which must then call
     /// [`crate::shim::dispatch`] first thing in `main`. Not a file key:
     /// only embedders whose `main` is not theirs (test harnesses) set it.

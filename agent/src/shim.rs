@@ -1,28 +1,30 @@
-//! The workload shim: one small process per workload, between the agent and
-//! the workload, so that workloads outlive the agent (like containerd-shim).
+//! The workload shim: what stands between the agent and one workload, so
+//! that workloads outlive the agent (like containerd-shim). It runs either
+//! on a thread of the agent's shim host ([`crate::shim_host`], the
+//! agent's own executable started once as `<exe> __shim-host`, which
+//! runs the shims of all the workloads it starts), or, with
+//! [`crate::supervisor::ShimLaunch::Exec`], as its own process executed as
+//! `<exe> __shim <records file>` per workload. Either way every binary that
+//! embeds the agent calls [`dispatch`] first thing in `main`. A shim:
 //!
-//! Shims are forked by the shim launcher ([`crate::shim_launcher`]), the
-//! agent's own executable started once as `<exe> __shim-launcher`; with
-//! [`crate::supervisor::ShimLaunch::Exec`] the agent instead executes
-//! `<exe> __shim <records file>` for each workload. Either way every binary
-//! that embeds the agent calls [`dispatch`] first thing in `main`. The shim:
-//!
-//! 1. leaves the agent's session (`setsid`), so signals meant for the agent
-//!    (a terminal's Ctrl-C, a crash) do not reach it;
-//! 2. waits for one line on stdin, the [`LaunchSpec`]; the agent sends it
-//!    only after it has recorded the shim's pid, so no workload ever runs
-//!    that a restarted agent does not know about (end of input without a
-//!    line means the agent went away: the shim exits without starting it);
-//! 3. starts the workload in its own process group, records its pid (a
-//!    `started` line in its records file, see `workload_store`) and
-//!    answers one [`Reply`] line on stdout;
-//! 4. copies the workload's stdout and stderr into its log up to
+//! 1. runs in a session of its own, apart from the agent's (the host calls
+//!    `setsid` once; an executed shim does for itself), so signals meant
+//!    for the agent (a terminal's Ctrl-C, a crash) do not reach it;
+//! 2. reads one line, the [`LaunchSpec`], from the agent; end of input
+//!    without a whole line means the agent went away: nothing starts;
+//! 3. creates the workload's records file (see `workload_store`) with the
+//!    allocation and its own pid and start time, so that no workload ever
+//!    runs that a restarted agent does not know about;
+//! 4. starts the workload in its own process group, records its pid (a
+//!    `started` line) and answers one [`Reply`] line;
+//! 5. copies the workload's stdout and stderr into its log up to
 //!    `log_max_bytes`, then writes one marker line and keeps draining the
 //!    pipe, so the workload never blocks on a full pipe;
-//! 5. when the workload ends, kills what it left in its process group,
-//!    records how it ended (an `exit` line) and exits.
+//! 6. when the workload ends, kills what it left in its process group,
+//!    records how it ended (an `exit` line) and closes its answer pipe:
+//!    end of file there tells the agent the workload has ended.
 //!
-//! The shim is synchronous (threads, no async runtime) to stay small.
+//! The shim is synchronous (one thread, no async runtime) to stay small.
 
 use std::ffi::OsString;
 use std::io::{BufRead, Read, Write};
@@ -36,7 +38,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use crate::workload_store::{self, ExitRecord, StartedRecord};
+use crate::workload_store::{self, AgentRecord, ExitRecord, StartedRecord};
 
 /// First argument that makes an agent executable act as a shim.
 pub const SHIM_ARG: &str = "__shim";
@@ -61,8 +63,8 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 pub fn dispatch() -> Option<ExitCode> {
     let mut args = std::env::args_os().skip(1);
     let first = args.next();
-    if first.as_deref() == Some(std::ffi::OsStr::new(crate::shim_launcher::LAUNCHER_ARG)) {
-        return Some(crate::shim_launcher::serve());
+    if first.as_deref() == Some(std::ffi::OsStr::new(crate::shim_host::HOST_ARG)) {
+        return Some(crate::shim_host::serve());
     }
     if first.as_deref() != Some(std::ffi::OsStr::new(SHIM_ARG)) {
         return None;
@@ -77,13 +79,51 @@ pub fn dispatch() -> Option<ExitCode> {
         // isolation from the agent's signals.
         eprintln!("gpufleet shim: setsid failed: {e}");
     }
-    Some(ExitCode::from(run(Path::new(&records))))
+    // What `ps -o comm` and `top` show (an executed shim would otherwise
+    // be `exe` or the agent's name).
+    let _ = nix::sys::prctl::set_name(c"gpufleet-shim");
+    let Some(identity) = ShimIdentity::of_this_process() else {
+        eprintln!("gpufleet shim: cannot read /proc/self/stat");
+        return Some(ExitCode::from(1));
+    };
+    Some(ExitCode::from(run(
+        Path::new(&records),
+        std::io::stdin().lock(),
+        &mut std::io::stdout(),
+        &mut std::io::stderr(),
+        identity,
+    )))
+}
+
+/// The process a shim runs in, as its records name it: pid and start time
+/// (clock ticks since boot), which tell it apart from a later process that
+/// reuses the pid. Shims on the host's threads share the host's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ShimIdentity {
+    pub(crate) pid: u32,
+    pub(crate) start_ticks: u64,
+}
+
+impl ShimIdentity {
+    pub(crate) fn of_this_process() -> Option<Self> {
+        let pid = std::process::id();
+        let stat = workload_store::proc_stat(pid)?;
+        Some(Self {
+            pid,
+            start_ticks: stat.start_ticks,
+        })
+    }
 }
 
 /// What the agent tells the shim to run: the workload's command line and
-/// its complete environment (the shim adds nothing).
+/// its complete environment (the shim adds nothing), and what the shim
+/// records for a restarted agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct LaunchSpec {
+    /// The allocation, as the records' `agent` line holds it.
+    pub(crate) allocation: String,
+    /// Started through the local `Agent` API.
+    pub(crate) local: bool,
     pub(crate) argv: Vec<String>,
     /// The workload's `output.log`, appended to.
     pub(crate) log_path: PathBuf,
@@ -94,35 +134,71 @@ pub(crate) struct LaunchSpec {
     pub(crate) log_max_bytes: u64,
 }
 
-/// The shim's one answer on stdout.
+/// The shim's one answer to the agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum Reply {
-    Started { pid: u32 },
-    Failed { message: String },
+    Started {
+        pid: u32,
+        shim_pid: u32,
+        shim_start_ticks: u64,
+    },
+    Failed {
+        message: String,
+    },
 }
 
-/// The shim process, once in its own session; see the module
-/// documentation. Returns its exit status.
-pub(crate) fn run(records: &Path) -> u8 {
-    // What `ps -o comm` and `top` show (a forked shim would otherwise bear
-    // the launcher's name, an executed one `exe`).
-    let _ = nix::sys::prctl::set_name(c"gpufleet-shim");
+/// One shim, from the launch spec on `input` to the workload's end:
+/// answers on `answer` (and closes it when it returns, which is how the
+/// agent learns the workload ended) and reports its own troubles on
+/// `diagnostics`. `identity` is the process it runs in. Returns its exit
+/// status.
+pub(crate) fn run(
+    records: &Path,
+    mut input: impl BufRead,
+    answer: &mut dyn Write,
+    diagnostics: &mut dyn Write,
+    identity: ShimIdentity,
+) -> u8 {
     let mut line = String::new();
-    match std::io::stdin().lock().read_line(&mut line) {
-        // The agent went away before it let the workload start.
+    match input.read_line(&mut line) {
+        // The agent went away before it let the workload start (a line
+        // cut short is the same).
         Ok(0) => return 0,
+        Ok(_) if !line.ends_with('\n') => return 0,
         Ok(_) => {}
         Err(e) => {
-            eprintln!("gpufleet shim: cannot read the launch spec: {e}");
+            let _ = writeln!(
+                diagnostics,
+                "gpufleet shim: cannot read the launch spec: {e}"
+            );
             return 1;
         }
     }
-    let outcome = serde_json::from_str::<LaunchSpec>(&line)
-        .map_err(|e| format!("invalid launch spec from the agent: {e}"))
-        .and_then(|spec| start(records, &spec).map(|workload| (spec, workload)));
-    let (spec, workload) = match outcome {
-        Ok(started) => started,
+    drop(input);
+    let spec = match serde_json::from_str::<LaunchSpec>(&line) {
+        Ok(spec) => spec,
+        Err(e) => {
+            // Nothing is recorded yet: the agent reports the failure.
+            let message = format!("invalid launch spec from the agent: {e}");
+            reply(answer, &Reply::Failed { message });
+            return 1;
+        }
+    };
+    let record = AgentRecord {
+        local: spec.local,
+        shim_pid: identity.pid,
+        shim_start_ticks: identity.start_ticks,
+        stop_requested: false,
+    };
+    if let Err(e) = workload_store::create_records_encoded(records, &spec.allocation, &record) {
+        // No records, so nothing for a restarted agent to find; nothing runs.
+        let message = format!("cannot record the workload in {}: {e}", records.display());
+        reply(answer, &Reply::Failed { message });
+        return 1;
+    }
+    let workload = match start(records, &spec) {
+        Ok(workload) => workload,
         Err(message) => {
             let record = ExitRecord {
                 exit_code: None,
@@ -131,23 +207,33 @@ pub(crate) fn run(records: &Path) -> u8 {
                 finished_at_ms: workload_store::unix_ms(SystemTime::now()),
             };
             if let Err(e) = workload_store::append_exit(records, &record) {
-                eprintln!("gpufleet shim: cannot record the start failure: {e}");
+                let _ = writeln!(
+                    diagnostics,
+                    "gpufleet shim: cannot record the start failure: {e}"
+                );
             }
-            reply(&Reply::Failed { message });
+            reply(answer, &Reply::Failed { message });
             return 1;
         }
     };
-    reply(&Reply::Started { pid: workload.pid });
-    supervise(records, &spec, workload)
+    reply(
+        answer,
+        &Reply::Started {
+            pid: workload.pid,
+            shim_pid: identity.pid,
+            shim_start_ticks: identity.start_ticks,
+        },
+    );
+    supervise(records, &spec, workload, diagnostics)
 }
 
 /// Answers the agent. A write error means the agent is gone; the workload
 /// runs on and a restarted agent finds it through its records.
-fn reply(reply: &Reply) {
+pub(crate) fn reply(answer: &mut dyn Write, reply: &Reply) {
     if let Ok(mut text) = serde_json::to_string(reply) {
         text.push('\n');
-        let _ = std::io::stdout().lock().write_all(text.as_bytes());
-        let _ = std::io::stdout().lock().flush();
+        let _ = answer.write_all(text.as_bytes());
+        let _ = answer.flush();
     }
 }
 
@@ -260,9 +346,14 @@ fn found_in_path(program: &str, spec: &LaunchSpec) -> Option<PathBuf> {
 /// One thread: it waits in `poll` for output or the workload's end (a
 /// pidfd), so a shim costs no extra thread, stack or malloc arena. On
 /// kernels without `pidfd_open` (before 5.3) it looks every 100 ms.
-fn supervise(records: &Path, spec: &LaunchSpec, workload: Started) -> u8 {
+fn supervise(
+    records: &Path,
+    spec: &LaunchSpec,
+    workload: Started,
+    diagnostics: &mut dyn Write,
+) -> u8 {
     let exit_watch = pidfd(workload.pid);
-    supervise_with(records, spec, workload, exit_watch)
+    supervise_with(records, spec, workload, exit_watch, diagnostics)
 }
 
 /// [`supervise`] with `exit_watch`, a pidfd of the workload or `None`.
@@ -271,6 +362,7 @@ fn supervise_with(
     spec: &LaunchSpec,
     workload: Started,
     mut exit_watch: Option<std::os::fd::OwnedFd>,
+    diagnostics: &mut dyn Write,
 ) -> u8 {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     const EXIT_POLL: Duration = Duration::from_millis(100);
@@ -284,7 +376,10 @@ fn supervise_with(
     let mut log = match CappedLog::new(log, spec.log_max_bytes) {
         Ok(log) => Some(log),
         Err(e) => {
-            eprintln!("gpufleet shim: cannot use the log: {e}; the workload's output is discarded");
+            let _ = writeln!(
+                diagnostics,
+                "gpufleet shim: cannot use the log: {e}; the workload's output is discarded"
+            );
             None
         }
     };
@@ -326,7 +421,8 @@ fn supervise_with(
                 Err(e) => {
                     // Cannot happen with two valid descriptors; if it does,
                     // wait for the workload alone and give up its output.
-                    eprintln!(
+                    let _ = writeln!(
+                        diagnostics,
                         "gpufleet shim: cannot poll the workload: {e}; its output is no longer copied"
                     );
                     drop(fds);
@@ -351,13 +447,19 @@ fn supervise_with(
                     {
                         // Keep draining, so the workload never blocks on
                         // a full pipe; the rest of its output is lost.
-                        eprintln!("gpufleet shim: cannot write the workload's output: {e}");
+                        let _ = writeln!(
+                            diagnostics,
+                            "gpufleet shim: cannot write the workload's output: {e}"
+                        );
                         log = None;
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    eprintln!("gpufleet shim: cannot read the workload's output: {e}");
+                    let _ = writeln!(
+                        diagnostics,
+                        "gpufleet shim: cannot read the workload's output: {e}"
+                    );
                     output = None;
                 }
             }
@@ -394,7 +496,10 @@ fn supervise_with(
     if let Some(mut sink) = log
         && let Err(e) = sink.flush()
     {
-        eprintln!("gpufleet shim: cannot write the workload's output: {e}");
+        let _ = writeln!(
+            diagnostics,
+            "gpufleet shim: cannot write the workload's output: {e}"
+        );
     }
     let record = match status {
         Some(Ok(status)) => ExitRecord {
@@ -419,7 +524,10 @@ fn supervise_with(
     match workload_store::append_exit(records, &record) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("gpufleet shim: cannot record the exit status: {e}");
+            let _ = writeln!(
+                diagnostics,
+                "gpufleet shim: cannot record the exit status: {e}"
+            );
             1
         }
     }
@@ -546,6 +654,8 @@ mod tests {
         let records = dir.path().join("w.records");
         std::fs::write(&records, "").unwrap();
         let spec = LaunchSpec {
+            allocation: String::new(),
+            local: false,
             argv: vec!["sh".into(), "-c".into(), script.into()],
             log_path: dir.path().join("output.log"),
             env: vec![("PATH".into(), "/usr/bin:/bin".into())],
@@ -555,13 +665,93 @@ mod tests {
         };
         let started = start(&records, &spec).unwrap();
         let watch = if watch { pidfd(started.pid) } else { None };
-        assert_eq!(supervise_with(&records, &spec, started, watch), 0);
+        let mut diagnostics = Vec::new();
+        assert_eq!(
+            supervise_with(&records, &spec, started, watch, &mut diagnostics),
+            0,
+            "{}",
+            String::from_utf8_lossy(&diagnostics)
+        );
         let exit = workload_store::Records::File(records)
             .read_exit()
             .unwrap()
             .expect("an exit record");
         let log = std::fs::read_to_string(&spec.log_path).unwrap();
         (exit, log)
+    }
+
+    #[test]
+    fn the_shim_records_the_workload_before_starting_it_and_nothing_for_a_cut_spec() {
+        let dir = tempfile::tempdir().unwrap();
+        let records = dir.path().join("w.records");
+        let allocation = gpufleet_proto::v1::Allocation {
+            allocation_id: "w".into(),
+            ..Default::default()
+        };
+        let spec = LaunchSpec {
+            allocation: workload_store::encode_allocation(&allocation),
+            local: true,
+            argv: vec!["sh".into(), "-c".into(), "echo hi; exit 6".into()],
+            log_path: dir.path().join("output.log"),
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            working_dir: dir.path().into(),
+            run_as: None,
+            log_max_bytes: 1 << 20,
+        };
+        let identity = ShimIdentity {
+            pid: 4242,
+            start_ticks: 17,
+        };
+        let line = serde_json::to_string(&spec).unwrap();
+        let (mut answer, mut diagnostics) = (Vec::new(), Vec::new());
+
+        // The agent died mid-line: nothing is recorded, nothing runs.
+        let code = run(
+            &records,
+            line.as_bytes(),
+            &mut answer,
+            &mut diagnostics,
+            identity,
+        );
+        assert_eq!(code, 0);
+        assert!(!records.exists());
+        assert!(answer.is_empty() && diagnostics.is_empty());
+
+        let whole = format!("{line}\n");
+        let code = run(
+            &records,
+            whole.as_bytes(),
+            &mut answer,
+            &mut diagnostics,
+            identity,
+        );
+        assert_eq!(code, 0, "{}", String::from_utf8_lossy(&diagnostics));
+        let reply: Reply = serde_json::from_slice(answer.strip_suffix(b"\n").unwrap()).unwrap();
+        let Reply::Started {
+            pid,
+            shim_pid: 4242,
+            shim_start_ticks: 17,
+        } = reply
+        else {
+            panic!("{reply:?}");
+        };
+        let recorded = workload_store::Records::File(records)
+            .read()
+            .unwrap()
+            .unwrap();
+        assert_eq!(recorded.allocation, allocation);
+        assert_eq!(
+            recorded.agent,
+            AgentRecord {
+                local: true,
+                shim_pid: 4242,
+                shim_start_ticks: 17,
+                stop_requested: false,
+            }
+        );
+        assert_eq!(recorded.started.map(|s| s.pid), Some(pid));
+        assert_eq!(recorded.exit.and_then(|e| e.exit_code), Some(6));
+        assert_eq!(std::fs::read_to_string(&spec.log_path).unwrap(), "hi\n");
     }
 
     fn alive(pid: &str) -> bool {
@@ -637,6 +827,8 @@ mod tests {
 
     fn spec_with_path(path: &str) -> LaunchSpec {
         LaunchSpec {
+            allocation: String::new(),
+            local: false,
             argv: vec!["sh".into()],
             log_path: "/tmp/output.log".into(),
             env: vec![
@@ -678,9 +870,19 @@ mod tests {
 
     #[test]
     fn replies_and_specs_are_one_json_line() {
-        let text = serde_json::to_string(&Reply::Started { pid: 12 }).unwrap();
-        assert_eq!(text, r#"{"started":{"pid":12}}"#);
+        let started = Reply::Started {
+            pid: 12,
+            shim_pid: 3,
+            shim_start_ticks: 99,
+        };
+        let text = serde_json::to_string(&started).unwrap();
+        assert_eq!(
+            text,
+            r#"{"started":{"pid":12,"shim_pid":3,"shim_start_ticks":99}}"#
+        );
         let spec = LaunchSpec {
+            allocation: "0a01".into(),
+            local: true,
             argv: vec!["echo".into(), "a\nb".into()],
             log_path: "/tmp/output.log".into(),
             env: vec![("K".into(), "v".into())],

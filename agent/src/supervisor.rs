@@ -11,8 +11,9 @@
 //! (or it fails), and a stop that comes meanwhile is carried out once the
 //! start settles.
 //!
-//! Each workload runs under a small shim process (see [`crate::shim`]) in
-//! its own session, so it outlives the agent. What a restarted agent needs
+//! Each workload runs under a shim (see [`crate::shim`]), a thread of the
+//! agent's shim host process ([`crate::shim_host`]) in a session of its
+//! own, so it outlives the agent. What a restarted agent needs
 //! is recorded in `data_dir/workloads/<id>.records`
 //! ([`crate::workload_store`]) before a workload is reported running;
 //! [`Supervisor::recover`] re-adopts the workloads still running and
@@ -36,7 +37,7 @@ use tracing::{debug, info, warn};
 
 use crate::backend::GpuBackend;
 use crate::shim::{LaunchSpec, Reply};
-use crate::shim_launcher::{LaunchError, Launcher};
+use crate::shim_host::{HostError, ShimHost};
 use crate::workload_store::{self as store, AgentRecord, ExitRecord, Records};
 
 /// Largest log chunk one read returns.
@@ -86,7 +87,7 @@ impl SupervisorSettings {
             default_grace: Duration::from_secs(10),
             log_max_bytes: DEFAULT_LOG_MAX_BYTES,
             shim_program: PathBuf::from("/proc/self/exe"),
-            shim_launch: ShimLaunch::Fork,
+            shim_launch: ShimLaunch::Host,
             max_concurrent_starts: DEFAULT_MAX_CONCURRENT_STARTS,
         }
     }
@@ -95,11 +96,11 @@ impl SupervisorSettings {
 /// How the supervisor starts a workload's shim.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ShimLaunch {
-    /// Forked by one long-lived launcher, `<shim_program> __shim-launcher`
-    /// (see [`crate::shim_launcher`]): no `exec` and no dynamic loading per
-    /// workload.
+    /// A thread of one long-lived shim host, `<shim_program> __shim-host`
+    /// (see [`crate::shim_host`]): no process, `exec` or dynamic loading
+    /// per workload.
     #[default]
-    Fork,
+    Host,
     /// `<shim_program> __shim <records file>` executed for every workload.
     /// Slower, but `shim_program` may then be a wrapper (a script that ends
     /// in `exec gpufleet-agent "$@"`) that runs before every shim; tests
@@ -328,9 +329,9 @@ impl Drop for LaunchInProgress<'_> {
 
 /// A shim that is up and has started its workload.
 struct Launched {
-    /// End of file here means the shim ended: it alone holds the write end
-    /// of its stdout.
-    shim_stdout: OwnedFd,
+    /// End of file here means the workload ended and its shim recorded
+    /// how: the shim alone holds the write end of its answer pipe.
+    shim_answer: OwnedFd,
     /// The shim itself with [`ShimLaunch::Exec`], to be reaped.
     child: Option<tokio::process::Child>,
     pid: u32,
@@ -455,9 +456,9 @@ struct Inner {
     events: broadcast::Sender<WorkloadStatus>,
     /// One per shim handshake in progress ([`SupervisorSettings::max_concurrent_starts`]).
     start_permits: Arc<Semaphore>,
-    /// The shim launcher ([`ShimLaunch::Fork`]), started on first use and
-    /// again if it dies; held during one launch request.
-    launcher: Mutex<Option<Launcher>>,
+    /// The shim host ([`ShimLaunch::Host`]), started on first use and
+    /// again if it dies; held while one request is sent.
+    host: Mutex<Option<ShimHost>>,
     /// Launches past their permit and not yet settled. Raised only under
     /// the state lock, after checking `shutting_down`, so that once that is
     /// set the count can only fall.
@@ -498,7 +499,7 @@ impl Supervisor {
                 state: Mutex::new(State::default()),
                 events,
                 start_permits,
-                launcher: Mutex::new(None),
+                host: Mutex::new(None),
                 launching: watch::channel(0).0,
             }),
         }
@@ -869,10 +870,15 @@ impl Supervisor {
                 let reap_id = id.to_string();
                 let done = done.clone();
                 let shim = launched.shim;
+                let records = w.records.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = wait_for_end_of_file(launched.shim_stdout).await {
-                        warn!(allocation_id = %reap_id, error = %e, "cannot watch the workload's shim through its pipe; polling it instead");
-                        while store::is_same_live_process(shim.0, shim.1) {
+                    if let Err(e) = wait_for_end_of_file(launched.shim_answer).await {
+                        warn!(allocation_id = %reap_id, error = %e, "cannot watch the workload's shim through its pipe; polling its records instead");
+                        // The host outlives the workload: its exit record
+                        // is what ends the wait.
+                        while !matches!(records.read_exit(), Ok(Some(_)))
+                            && store::is_same_live_process(shim.0, shim.1)
+                        {
                             tokio::time::sleep(ADOPTED_POLL).await;
                         }
                     }
@@ -908,21 +914,23 @@ impl Supervisor {
         self.emit(&mut st, status);
     }
 
-    /// Starts a shim with `stdio` as its stdin, stdout and stderr; returns
-    /// its pid, and the process itself with [`ShimLaunch::Exec`]. An error
-    /// that may come from a wrong `shim_program` says what it must be.
+    /// Starts a shim whose launch spec comes through `spec` (a pipe's read
+    /// end), whose answer goes to `answer` (a pipe's write end) and whose
+    /// own diagnostics to `log`: a thread of the shim host, or with
+    /// [`ShimLaunch::Exec`] a process of its own (returned, to be reaped).
+    /// An error that may come from a wrong `shim_program` says what it
+    /// must be.
     fn start_shim(
         &self,
         records: &std::path::Path,
-        stdio: [OwnedFd; 3],
-    ) -> Result<(u32, Option<tokio::process::Child>), String> {
+        [spec, answer, log]: [OwnedFd; 3],
+    ) -> Result<Option<tokio::process::Child>, String> {
         let program = &self.inner.settings.shim_program;
         if self.inner.settings.shim_launch == ShimLaunch::Exec {
-            let [stdin, stdout, stderr] = stdio;
             let child = crate::shim::command(program, records)
-                .stdin(Stdio::from(stdin))
-                .stdout(Stdio::from(stdout))
-                .stderr(Stdio::from(stderr))
+                .stdin(Stdio::from(spec))
+                .stdout(Stdio::from(answer))
+                .stderr(Stdio::from(log))
                 // The whole point: the shim and its workload outlive the agent.
                 .kill_on_drop(false)
                 .spawn()
@@ -933,53 +941,46 @@ impl Supervisor {
                         not_a_shim_hint(program)
                     )
                 })?;
-            let pid = child
-                .id()
-                .ok_or_else(|| "the workload shim exited at once".to_string())?;
-            return Ok((pid, Some(child)));
+            return Ok(Some(child));
         }
-        let borrowed = [stdio[0].as_fd(), stdio[1].as_fd(), stdio[2].as_fd()];
-        let mut launcher = self
-            .inner
-            .launcher
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let descriptors = [spec.as_fd(), answer.as_fd(), log.as_fd()];
+        let mut host = self.inner.host.lock().unwrap_or_else(|e| e.into_inner());
         let mut retried = false;
         loop {
-            let current = match launcher.take() {
+            let current = match host.take() {
                 Some(current) => current,
-                None => Launcher::start(program)
+                None => ShimHost::start(program)
                     .map_err(|why| format!("{why}; {}", not_a_shim_hint(program)))?,
             };
-            match current.launch(records, borrowed, SHIM_START_TIMEOUT) {
-                Ok(pid) => {
-                    *launcher = Some(current);
-                    return Ok((pid, None));
+            match current.launch(records, descriptors) {
+                Ok(()) => {
+                    *host = Some(current);
+                    return Ok(None);
                 }
-                Err(LaunchError::Failed(why)) => {
-                    *launcher = Some(current);
+                Err(HostError::Invalid(why)) => {
+                    *host = Some(current);
                     return Err(why);
                 }
-                // It died since the last launch; a new one gets the request.
-                Err(LaunchError::Unsent(why)) if !retried => {
-                    debug!(reason = %why, "starting a new shim launcher");
+                // It died since the last start; a new one gets the request.
+                Err(HostError::Gone(why)) if !retried => {
+                    debug!(reason = %why, "starting a new shim host");
                     retried = true;
                 }
-                Err(LaunchError::Unsent(why) | LaunchError::Broken(why)) => {
+                Err(HostError::Gone(why)) => {
                     return Err(format!("{why}; {}", not_a_shim_hint(program)));
                 }
             }
         }
     }
 
-    /// Starts the workload through a shim: records the allocation and the
-    /// shim (creating the records file) before the shim may start it, then
-    /// waits for the shim's answer.
-    /// The error is a message for the workload status (also written to its
-    /// log when the log could be opened). Blocks (file writes, the shim's
-    /// answer, at most [`SHIM_START_TIMEOUT`]): runs on a blocking thread,
-    /// never under the state lock. A stop requested before the shim is let
-    /// start the workload withdraws the start.
+    /// Starts the workload through a shim and waits for its answer. The
+    /// shim records the allocation (creating the records file) before it
+    /// starts anything, so a restarted agent knows every workload that may
+    /// run. The error is a message for the workload status (also written
+    /// to its log when the log could be opened). Blocks (file writes, the
+    /// shim's answer, at most [`SHIM_START_TIMEOUT`]): runs on a blocking
+    /// thread, never under the state lock. A stop requested before the
+    /// spec is sent withdraws the start.
     fn spawn(&self, allocation: &Allocation, source: Source) -> Result<Launched, StartError> {
         let id = &allocation.allocation_id;
         let dir = self.allocation_dir(id);
@@ -1061,6 +1062,8 @@ impl Supervisor {
             ));
         }
         let launch = LaunchSpec {
+            allocation: store::encode_allocation(allocation),
+            local: source == Source::Local,
             argv: spec.argv.clone(),
             log_path,
             env,
@@ -1072,89 +1075,63 @@ impl Supervisor {
             .map_err(|e| fail(&mut log, format!("cannot encode the launch spec: {e}")))?;
         line.push('\n');
 
-        let shim_stderr = log
+        let shim_log = log
             .try_clone()
             .map_err(|e| fail(&mut log, format!("cannot share the log file: {e}")))?;
-        let pipes = std::io::pipe().and_then(|stdin| Ok((stdin, std::io::pipe()?)));
-        let ((stdin_reader, stdin), (stdout, stdout_writer)) =
+        let pipes = std::io::pipe().and_then(|spec| Ok((spec, std::io::pipe()?)));
+        let ((spec_reader, spec_writer), (answer, answer_writer)) =
             pipes.map_err(|e| fail(&mut log, format!("cannot create the shim's pipes: {e}")))?;
         let program = &self.inner.settings.shim_program;
-        let (shim_pid, mut child) = self
+        let mut child = self
             .start_shim(
                 &records,
                 [
-                    OwnedFd::from(stdin_reader),
-                    OwnedFd::from(stdout_writer),
-                    OwnedFd::from(shim_stderr),
+                    OwnedFd::from(spec_reader),
+                    OwnedFd::from(answer_writer),
+                    OwnedFd::from(shim_log),
                 ],
             )
             .map_err(|why| fail(&mut log, why))?;
-        // Dropping `stdin` from here on, before the go, makes the shim exit
-        // without starting anything.
-        let abort =
-            |child: &mut Option<tokio::process::Child>, log: &mut std::fs::File, why: String| {
-                if let Some(child) = child {
-                    let _ = child.start_kill();
-                }
-                fail(log, why)
-            };
-        let Some(shim_start) = store::proc_stat(shim_pid).map(|s| s.start_ticks) else {
-            return Err(abort(
-                &mut child,
-                &mut log,
-                format!("cannot read /proc/{shim_pid}/stat of the workload shim"),
-            ));
-        };
-        let record = AgentRecord {
-            local: source == Source::Local,
-            shim_pid,
-            shim_start_ticks: shim_start,
-            stop_requested: false,
-        };
-        if let Err(e) = store::create_records(&records, allocation, &record) {
-            // A part of the agent's line reads as an aborted launch.
-            let _ = Records::File(records.clone()).forget();
-            return Err(abort(
-                &mut child,
-                &mut log,
-                format!("cannot record the workload in {}: {e}", records.display()),
-            ));
-        }
         if self.stop_requested(id) {
-            // Nothing ran: at end of input the shim exits without starting
-            // the workload, so there is nothing for a restarted agent either.
-            drop((stdin, stdout));
-            if let Err(e) = Records::File(records.clone()).forget() {
-                warn!(allocation_id = %id, error = %e, "cannot remove the records of a withdrawn start");
-            }
+            // Nothing ran or was recorded: at end of input the shim ends
+            // without starting the workload.
+            drop((spec_writer, answer));
             return Err(StartError::Withdrawn);
         }
-        // From here on a restarted agent knows the shim: let it start.
-        let mut stdin = stdin;
-        let handshake = stdin
+        // From here on the shim may record and start the workload.
+        let mut spec_writer = spec_writer;
+        let handshake = spec_writer
             .write_all(line.as_bytes())
             .map_err(|e| format!("cannot talk to the workload shim: {e}"))
-            .and_then(|()| read_reply(&stdout, SHIM_START_TIMEOUT));
-        drop(stdin);
+            .and_then(|()| {
+                drop(spec_writer);
+                read_reply(&answer, SHIM_START_TIMEOUT)
+            });
         match handshake {
-            Ok(Reply::Started { pid }) => Ok(Launched {
-                shim_stdout: OwnedFd::from(stdout),
+            Ok(Reply::Started {
+                pid,
+                shim_pid,
+                shim_start_ticks,
+            }) => Ok(Launched {
+                shim_answer: OwnedFd::from(answer),
                 child,
                 pid,
-                shim: (shim_pid, shim_start),
+                shim: (shim_pid, shim_start_ticks),
                 started_at: SystemTime::now(),
             }),
-            // The shim logged it and recorded it in an exit line.
+            // The shim logged it, and recorded it in an exit line if it had
+            // created the records.
             Ok(Reply::Failed { message }) => Err(StartError::Failed(message)),
             Err(why) => {
                 let why = format!("{why}; {}", not_a_shim_hint(program));
+                // A shim process of its own is killed; a host's thread is
+                // not (the host runs other workloads' shims).
                 if let Some(child) = &mut child {
                     let _ = child.start_kill();
-                } else if store::is_same_live_process(shim_pid, shim_start) {
-                    let _ = nix::sys::signal::kill(Pid::from_raw(shim_pid as i32), Signal::SIGKILL);
                 }
                 let _ = writeln!(log, "gpufleet-agent: {why}");
-                // It may have started the workload before it stalled.
+                // It may have recorded and started the workload before it
+                // stalled; a records file that is not there stays so.
                 let recorded = Records::File(records.clone());
                 if let Ok(Some(started)) = recorded.read_started() {
                     let _ = killpg(Pid::from_raw(started.pid as i32), Signal::SIGKILL);
@@ -1249,8 +1226,9 @@ impl Supervisor {
         records: Records,
     ) -> Result<Option<(String, Recovered)>, String> {
         let Some(recorded) = records.read()? else {
-            // A launch the agent died in before it let the shim start the
-            // workload: nothing ran, nothing to report.
+            // No whole agent line: a shim that died creating the file, or
+            // (agents before shims wrote it) a launch the agent died in
+            // before it let the shim start the workload. Nothing ran.
             if let Err(e) = records.forget() {
                 warn!(records = %records.path().display(), error = %e, "cannot remove the records of an aborted launch");
             }
@@ -1588,6 +1566,15 @@ impl Supervisor {
             .subscribe()
             .wait_for(|launching| *launching == 0)
             .await;
+        // Let the shim host go: it serves the workloads it has until they
+        // end, then exits (a restarted agent starts its own).
+        drop(
+            self.inner
+                .host
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
         self.lock()
             .workloads
             .values()

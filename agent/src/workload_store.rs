@@ -7,11 +7,13 @@
 //!
 //! The file is a log of JSON lines ([`Line`]), each appended with one
 //! `write` (`O_APPEND`, so the agent and the shim never overwrite each
-//! other's lines):
+//! other's lines). The shim creates the file once it holds the whole
+//! launch spec, so a file exists exactly for the workloads a shim may have
+//! started, whenever the agent died:
 //!
 //! | line | written by | when |
 //! |---|---|---|
-//! | `agent` | agent, creating the file | before the shim may start the workload: the allocation (protobuf, hex), who asked, the shim's pid and start time |
+//! | `agent` | shim, creating the file | before it starts the workload, from the agent's launch spec: the allocation (protobuf, hex), who asked, the shim's pid and start time |
 //! | `started` | shim | the workload's pid, right after it started |
 //! | `stop_requested` | agent | before it signals a stop |
 //! | `exit` | shim (the agent, when the shim failed) | how the workload ended (or why it never started), after its output is drained |
@@ -219,14 +221,30 @@ pub(crate) fn create_records_root(root: &Path) -> std::io::Result<()> {
 
 /// Creates the records file `path` (owner-only; replacing any leftover)
 /// with the agent's line, in one write.
+#[cfg(test)]
 pub(crate) fn create_records(
     path: &Path,
     allocation: &Allocation,
     record: &AgentRecord,
 ) -> std::io::Result<()> {
+    create_records_encoded(path, &encode_allocation(allocation), record)
+}
+
+/// An allocation as the `agent` line holds it (protobuf, in hex).
+pub(crate) fn encode_allocation(allocation: &Allocation) -> String {
+    hex_encode(&allocation.encode_to_vec())
+}
+
+/// [`create_records`] with the allocation already encoded by
+/// [`encode_allocation`]: what the shim writes, from its launch spec.
+pub(crate) fn create_records_encoded(
+    path: &Path,
+    allocation: &str,
+    record: &AgentRecord,
+) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let line = Line::Agent(AgentLine {
-        allocation: hex_encode(&allocation.encode_to_vec()),
+        allocation: allocation.to_string(),
         local: record.local,
         shim_pid: record.shim_pid,
         shim_start_ticks: record.shim_start_ticks,

@@ -66,11 +66,16 @@ fn workloads_survive_their_supervisor_and_are_re_adopted() {
             .await
             .unwrap();
         pids.push(status.pid);
-        let status = sup
+        // Under a shim host of its own (a second supervisor on the same
+        // data directory starts one), so that killing that host below
+        // takes no other workload's shim with it.
+        let lone = supervisor(data, backend("n1", "1xT4"));
+        let status = lone
             .run_local(allocation("shim-killed", &["sleep", "30"], &[]))
             .await
             .unwrap();
         pids.push(status.pid);
+        assert_ne!(parent_of(pids[0]), parent_of(status.pid));
         pids
     });
     drop(first);
@@ -160,9 +165,8 @@ fn workloads_survive_their_supervisor_and_are_re_adopted() {
     let third = runtime();
     third.block_on(async {
         let sup = supervisor(data, backend("n1", "1xT4"));
-        // An aborted launch (a records file without the agent's whole
-        // line: the agent died before letting its shim start) is cleaned
-        // up, not reported.
+        // An aborted launch (a records file without a whole agent line:
+        // its shim died creating it) is cleaned up, not reported.
         let aborted = data.join("workloads/aborted.records");
         std::fs::write(&aborted, b"{\"agent\":{\"allocation\":\"0a").unwrap();
         let found = sup.recover();

@@ -415,7 +415,7 @@ fn parent_of(pid: u32) -> u32 {
 }
 
 #[tokio::test]
-async fn shims_come_from_one_launcher_that_is_replaced_when_it_dies() {
+async fn workloads_share_one_shim_host_and_its_death_loses_them_all() {
     let dir = tempfile::tempdir().unwrap();
     let sup = supervisor(dir.path(), backend("n1", "2xL4"));
     let first = sup
@@ -426,65 +426,96 @@ async fn shims_come_from_one_launcher_that_is_replaced_when_it_dies() {
         .run_local(allocation("second", &["sleep", "30"], &[]))
         .await
         .unwrap();
-    let (first_shim, second_shim) = (parent_of(first.pid), parent_of(second.pid));
-    let launcher = parent_of(first_shim);
+    let host = parent_of(first.pid);
     let comm = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
-    assert_eq!(comm(first_shim), "gpufleet-shim\n");
-    assert_eq!(comm(launcher), "gpufleet-launch\n");
+    assert_eq!(comm(host), "gpufleet-shims\n");
+    assert_eq!(parent_of(second.pid), host, "one host runs every shim");
     assert_eq!(
-        parent_of(second_shim),
-        launcher,
-        "one launcher forks every shim"
-    );
-    assert_eq!(
-        parent_of(launcher),
+        parent_of(host),
         std::process::id(),
-        "the launcher is the agent's child"
+        "the host is the agent's child"
     );
-    // Each shim leads its own session, apart from the launcher's and ours.
-    assert_eq!(stat_field(first_shim, 6).unwrap(), first_shim.to_string());
-    assert_eq!(stat_field(second_shim, 6).unwrap(), second_shim.to_string());
+    // The host leads its own session, apart from ours; each workload is
+    // in that session, in a process group of its own.
+    assert_eq!(stat_field(host, 6).unwrap(), host.to_string());
+    for pid in [first.pid, second.pid] {
+        assert_eq!(stat_field(pid, 6).unwrap(), host.to_string());
+        assert_eq!(stat_field(pid, 5).unwrap(), pid.to_string());
+    }
 
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(launcher as i32),
+        nix::unistd::Pid::from_raw(host as i32),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    eventually("the killed launcher to be gone", || {
-        stat_field(launcher, 3)
-            .is_none_or(|state| state == "Z")
-            .then_some(())
-    })
-    .await;
-    // Its shims and their workloads do not depend on it.
-    assert_eq!(state(&sup.status("first").unwrap()), WorkloadState::Running);
+    // Its workloads lost their shims: reported lost, and killed rather
+    // than left running unwatched.
+    for (id, pid) in [("first", first.pid), ("second", second.pid)] {
+        let lost = sup.wait(id).await.unwrap();
+        assert_eq!(state(&lost), WorkloadState::Lost, "{lost:?}");
+        assert!(lost.message.contains("shim"), "{}", lost.message);
+        eventually("a workload of the dead host to be killed", || {
+            stat_field(pid, 3)
+                .is_none_or(|state| state == "Z")
+                .then_some(())
+        })
+        .await;
+    }
 
-    // The next start gets a new launcher.
+    // The next start gets a new host.
     let third = sup
         .run_local(allocation("third", &["sleep", "30"], &[]))
         .await
         .unwrap();
     assert_eq!(state(&third), WorkloadState::Running, "{third:?}");
-    let new_launcher = parent_of(parent_of(third.pid));
-    assert_ne!(new_launcher, launcher);
-    assert_eq!(parent_of(new_launcher), std::process::id());
-
-    // A shim whose launcher died still reports how its workload ended.
-    let stopped = sup.stop("first", None).await.unwrap();
+    let new_host = parent_of(third.pid);
+    assert_ne!(new_host, host);
+    assert_eq!(parent_of(new_host), std::process::id());
+    let stopped = sup.stop("third", None).await.unwrap();
     assert_eq!(state(&stopped), WorkloadState::Stopped, "{stopped:?}");
-    for id in ["second", "third"] {
-        let stopped = sup.stop(id, None).await.unwrap();
-        assert_eq!(state(&stopped), WorkloadState::Stopped, "{stopped:?}");
-    }
 }
 
 #[tokio::test]
-async fn a_workload_inherits_no_ignored_sigchld_and_its_shim_leaves_no_zombie() {
+async fn the_shim_host_outlives_the_agent_until_its_workloads_end() {
     let dir = tempfile::tempdir().unwrap();
     let sup = supervisor(dir.path(), backend("n1", "1xT4"));
-    // `read` waits for the test to look up the shim before the workload
-    // ends. The launcher ignores SIGCHLD and the shims SIGPIPE; a workload
-    // must inherit neither (with SIGCHLD ignored a shell's `wait` fails).
+    let fifo = dir.path().join("go");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let script = format!("read line < {}; echo done; exit 7", fifo.display());
+    let started = sup
+        .run_local(allocation("held", &["sh", "-c", &script], &[]))
+        .await
+        .unwrap();
+    assert_eq!(state(&started), WorkloadState::Running, "{started:?}");
+    let host = parent_of(started.pid);
+    // The agent lets the host go (as at its shutdown): the host takes no
+    // more requests but keeps serving its workload.
+    assert_eq!(sup.detach().await, 1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        stat_field(host, 3).is_some_and(|s| s != "Z"),
+        "the host ended early"
+    );
+    std::fs::write(&fifo, "go\n").unwrap();
+    eventually("the host to exit once its workload ended", || {
+        stat_field(host, 3)
+            .is_none_or(|state| state == "Z")
+            .then_some(())
+    })
+    .await;
+    let records = std::fs::read_to_string(dir.path().join("workloads/held.records")).unwrap();
+    assert!(records.contains(r#""exit_code":7"#), "{records}");
+    let log = std::fs::read_to_string(dir.path().join("allocations/held/output.log")).unwrap();
+    assert_eq!(log, "done\n");
+}
+
+#[tokio::test]
+async fn a_workload_inherits_no_ignored_sigchld_and_is_left_no_zombie() {
+    let dir = tempfile::tempdir().unwrap();
+    let sup = supervisor(dir.path(), backend("n1", "1xT4"));
+    // `read` holds the workload until the test has looked at it. The
+    // shim host ignores SIGPIPE (Rust's runtime does); a workload must not
+    // inherit that, nor an ignored SIGCHLD (a shell's `wait` then fails).
     let fifo = dir.path().join("go");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
     let script = format!(
@@ -496,7 +527,7 @@ async fn a_workload_inherits_no_ignored_sigchld_and_its_shim_leaves_no_zombie() 
         .await
         .unwrap();
     assert_eq!(state(&started), WorkloadState::Running, "{started:?}");
-    let shim = parent_of(started.pid);
+    let pid = started.pid;
     std::fs::write(&fifo, "go\n").unwrap();
     let done = sup.wait("signals").await.unwrap();
     assert_eq!(state(&done), WorkloadState::Succeeded, "{done:?}");
@@ -512,8 +543,8 @@ async fn a_workload_inherits_no_ignored_sigchld_and_its_shim_leaves_no_zombie() 
     assert_eq!(mask("SigIgn:") & (sigpipe | sigchld), 0, "{log}");
     assert_eq!(mask("SigBlk:"), 0, "{log}");
     assert!(log.contains("waited 0"), "{log}");
-    eventually("the shim to be reaped, not left a zombie", || {
-        stat_field(shim, 3).is_none().then_some(())
+    eventually("the workload to be reaped, not left a zombie", || {
+        stat_field(pid, 3).is_none().then_some(())
     })
     .await;
 }

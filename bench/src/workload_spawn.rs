@@ -1,13 +1,13 @@
-//! `workload-spawn`: what the workload shim (the extra process that lets
-//! workloads outlive the agent) costs. Runs N trivial workloads (`true`)
-//! one after another through the agent's real supervisor, each under its
-//! shim, both ways the supervisor can start one: forked by the shim
-//! launcher (the default) and executed (`<shim program> __shim <records>`);
+//! `workload-spawn`: what the workload shim (what lets workloads outlive
+//! the agent) costs. Runs N trivial workloads (`true`) one after another
+//! through the agent's real supervisor, each under its shim, both ways the
+//! supervisor can start one: a thread of the shim host (the default) and a
+//! process executed per workload (`<shim program> __shim <records>`);
 //! and, as the baseline in the same run, N times the same program spawned
 //! directly the way the agent did before shims (own process group, cleared
 //! environment, output to a file). Reports latency and the whole machine's
 //! CPU time per workload (what bounds throughput), and the resident memory
-//! of one shim while its workload runs.
+//! of the shim host while one workload runs.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -117,7 +117,7 @@ async fn shimmed(
     launch: ShimLaunch,
 ) -> anyhow::Result<Figures> {
     let sup = supervisor(dir, shim, launch)?;
-    // The launcher starts with the first workload: not measured.
+    // The shim host starts with the first workload: not measured.
     let warm = sup.run_local(allocation("warm", &["true"])).await?;
     anyhow::ensure!(
         matches!(
@@ -187,16 +187,14 @@ fn memory_mib(pid: u32) -> anyhow::Result<(f64, f64)> {
     Ok((mib("VmRSS:")?, mib("RssAnon:")?))
 }
 
-/// Memory of the forked shim of a running `sleep`, and of the launcher
-/// that forked it.
-async fn shim_rss_mib(
+/// Memory of the shim host while it runs the shim of one `sleep`.
+async fn host_rss_mib(
     dir: &std::path::Path,
     shim: Option<&std::path::Path>,
-) -> anyhow::Result<[(f64, f64); 2]> {
-    let sup = supervisor(dir, shim, ShimLaunch::Fork)?;
+) -> anyhow::Result<(f64, f64)> {
+    let sup = supervisor(dir, shim, ShimLaunch::Host)?;
     let status = sup.run_local(allocation("rss", &["sleep", "30"])).await?;
-    let shim_pid = parent_of(status.pid)?;
-    let figures = [memory_mib(shim_pid)?, memory_mib(parent_of(shim_pid)?)?];
+    let figures = memory_mib(parent_of(status.pid)?)?;
     sup.stop("rss", Some(Duration::from_secs(1))).await?;
     Ok(figures)
 }
@@ -211,8 +209,8 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         shimmed(5, &dir.path().join("warm"), shim, ShimLaunch::Exec).await?;
         let d = direct(args.count, dir.path()).await?;
         let e = shimmed(args.count, &dir.path().join("exec"), shim, ShimLaunch::Exec).await?;
-        let f = shimmed(args.count, &dir.path().join("fork"), shim, ShimLaunch::Fork).await?;
-        let rss = shim_rss_mib(&dir.path().join("rss"), shim).await?;
+        let f = shimmed(args.count, &dir.path().join("host"), shim, ShimLaunch::Host).await?;
+        let rss = host_rss_mib(&dir.path().join("rss"), shim).await?;
         anyhow::Ok((d, e, f, rss))
     })?;
     let summary = |f: &Figures| {
@@ -236,7 +234,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     );
     println!(
         "{:<34} {:>10} {:>12} {:>12}",
-        "figure (ms)", "direct", "shim, exec", "shim, fork"
+        "figure (ms)", "direct", "shim, exec", "shim host"
     );
     for (i, name) in [
         "start, mean",
@@ -256,10 +254,11 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             ms(f[i])
         );
     }
-    for (name, (all, own)) in [("one forked shim", rss[0]), ("the shim launcher", rss[1])] {
-        println!("{:<34} {:>36.1}", format!("RSS of {name} (MiB)"), all);
-        println!("{:<34} {:>36.1}", "  of which its own (RssAnon, MiB)", own);
-    }
+    println!("{:<34} {:>36.1}", "RSS of the shim host (MiB)", rss.0);
+    println!(
+        "{:<34} {:>36.1}",
+        "  of which its own (RssAnon, MiB)", rss.1
+    );
     println!(
         "{}",
         serde_json::json!({
@@ -267,17 +266,15 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             "count": args.count,
             "direct_start_mean_ms": ms(d[0]),
             "exec_shim_start_mean_ms": ms(e[0]),
-            "fork_shim_start_mean_ms": ms(f[0]),
+            "host_shim_start_mean_ms": ms(f[0]),
             "direct_total_mean_ms": ms(d[2]),
             "exec_shim_total_mean_ms": ms(e[2]),
-            "fork_shim_total_mean_ms": ms(f[2]),
+            "host_shim_total_mean_ms": ms(f[2]),
             "direct_cpu_ms": ms(d[4]),
             "exec_shim_cpu_ms": ms(e[4]),
-            "fork_shim_cpu_ms": ms(f[4]),
-            "shim_rss_mib": (rss[0].0 * 10.0).round() / 10.0,
-            "shim_rss_anon_mib": (rss[0].1 * 10.0).round() / 10.0,
-            "launcher_rss_mib": (rss[1].0 * 10.0).round() / 10.0,
-            "launcher_rss_anon_mib": (rss[1].1 * 10.0).round() / 10.0,
+            "host_shim_cpu_ms": ms(f[4]),
+            "host_rss_mib": (rss.0 * 10.0).round() / 10.0,
+            "host_rss_anon_mib": (rss.1 * 10.0).round() / 10.0,
         })
     );
     Ok(())

@@ -275,8 +275,8 @@ async fn sigkilled_agent_re_adopts_its_workloads_and_loses_no_status() -> anyhow
     wait_connected(&endpoint).await?;
 
     // ok: re-adopted, exits 0. failing: re-adopted, exits 3. ended: exits
-    // 4 while the agent is down. orphaned: its shim is killed while the
-    // agent is down.
+    // 4 while the agent is down. orphaned: re-adopted, then the dead
+    // agent's shim host, which still serves it, is killed.
     let names = [("ok", 0), ("failing", 3), ("ended", 4), ("orphaned", 0)];
     let mut jobs = jobs_client(&endpoint).await?;
     let mut ids = HashMap::new();
@@ -315,18 +315,13 @@ async fn sigkilled_agent_re_adopts_its_workloads_and_loses_no_status() -> anyhow
         let (pid, _) = runs(dir, name)[0];
         assert!(alive(pid), "{name} outlives the agent");
     }
-    // While the agent is down: one workload ends, one shim dies.
+    // While the agent is down, one workload ends.
     release(dir, "ended")?;
     let (ended_pid, _) = runs(dir, "ended")[0];
     eventually("the ended workload to exit", || async {
         Ok((!alive(ended_pid)).then_some(()))
     })
     .await?;
-    let (orphan_pid, orphan_shim) = runs(dir, "orphaned")[0];
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(orphan_shim)?),
-        nix::sys::signal::Signal::SIGKILL,
-    )?;
 
     let mut agent = start_agent(dir, &endpoint, 2)?;
     wait_connected(&endpoint).await?;
@@ -343,6 +338,13 @@ async fn sigkilled_agent_re_adopts_its_workloads_and_loses_no_status() -> anyhow
     let ended = wait_job_end(&endpoint, &ids["ended"]).await?;
     assert_eq!(ended.state(), JobState::Failed, "{ended:?}");
     assert_eq!(ended.tasks[0].exit_code, Some(4), "the real exit code");
+    // The dead agent's shim host still serves `orphaned` (the restarted
+    // agent started a host of its own); it dies now.
+    let (orphan_pid, old_host) = runs(dir, "orphaned")[0];
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(old_host)?),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
     let orphaned = wait_job_end(&endpoint, &ids["orphaned"]).await?;
     assert_eq!(orphaned.state(), JobState::Lost, "{orphaned:?}");
     assert!(

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     gpufleet_agent::shim::dispatch().unwrap_or_else(|| {
-        eprintln!("gpufleet-test-shim: only runs as `gpufleet-test-shim __shim-launcher` or `gpufleet-test-shim __shim <records file>`");
+        eprintln!("gpufleet-test-shim: only runs as `gpufleet-test-shim __shim-host` or `gpufleet-test-shim __shim <records file>`");
         ExitCode::from(2)
     })
 }

@@ -1,0 +1,311 @@
+//! The shim host: one long-lived process per agent that runs the shims
+//! (see [`crate::shim`]) of the workloads it starts, each on a thread of
+//! its own, instead of one shim process per workload.
+//!
+//! A process per workload cost the machine a fork, the page faults of the
+//! forked child and its teardown on every start: on a 2-core machine
+//! dispatching trivial jobs the shims and the process that forked them took
+//! a fifth of all CPU time, more than the agent. A thread costs a small
+//! stack. The host is the agent's own executable started as
+//! `<exe> __shim-host` with one end of a Unix socket as its stdin. For
+//! every workload the agent sends it the records file's path and three
+//! descriptors: the read end of a pipe that will carry the launch spec,
+//! the write end of the pipe for the shim's answer, and the workload's log
+//! (for the shim's own diagnostics). The host starts a shim thread with
+//! them and reads the next request; it never answers on the socket. The
+//! agent learns that a workload ended from end of file on the answer pipe
+//! (only its shim thread holds the write end).
+//!
+//! The host leads a session of its own, apart from the agent's, and the
+//! workloads are its children, each in its own process group. It outlives
+//! the agent: at end of input (the agent went away or replaced it) it takes
+//! no more requests, serves the shims it has until their workloads end, and
+//! exits. A restarted agent starts a new host for new workloads and
+//! re-adopts the old host's through their records. The price of sharing
+//! one process: if the host dies, every workload it started loses its
+//! shim, and the agent reports them lost and kills what is left of them
+//! (their records name the host as their shim, and the host's session is
+//! theirs). A shim thread that panics takes down only its own workload.
+
+#![allow(unsafe_code)]
+
+use std::ffi::OsStr;
+use std::io::{BufReader, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::thread::JoinHandle;
+
+use nix::errno::Errno;
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+use nix::sys::socket::{
+    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
+    sendmsg, socketpair,
+};
+
+use crate::shim::{Reply, ShimIdentity};
+
+/// First argument that makes an agent executable act as the shim host.
+pub const HOST_ARG: &str = "__shim-host";
+
+/// Longest records path a request carries (Linux's `PATH_MAX`).
+const MAX_REQUEST: usize = 4096;
+/// Descriptors per request: the launch spec's pipe, the answer pipe and the
+/// workload's log.
+const FDS_PER_REQUEST: usize = 3;
+/// A shim thread's stack: its output buffer (16 KiB), JSON and a few
+/// frames. Only the pages it touches are resident.
+const SHIM_STACK: usize = 256 * 1024;
+
+/// The host process: serves requests on stdin until end of input, then
+/// waits for its shims.
+pub(crate) fn serve() -> ExitCode {
+    // `ps -o comm` and `top` name it (15 bytes at most).
+    let _ = nix::sys::prctl::set_name(c"gpufleet-shims");
+    // The agent starts it in the agent's own process group, so it leads
+    // none and this succeeds; a failure only costs the isolation.
+    if let Err(e) = nix::unistd::setsid() {
+        eprintln!("gpufleet shim host: setsid failed: {e}");
+    }
+    // SAFETY: the process is single-threaded (this runs first thing in
+    // `main`), and the disposition set is SIG_DFL, not a handler. The
+    // shims wait for their workloads, which an ignored SIGCHLD would reap
+    // behind their backs.
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    if let Err(e) = unsafe { sigaction(Signal::SIGCHLD, &default) } {
+        eprintln!("gpufleet shim host: cannot restore SIGCHLD: {e}");
+        return ExitCode::FAILURE;
+    }
+    let Some(identity) = ShimIdentity::of_this_process() else {
+        eprintln!("gpufleet shim host: cannot read /proc/self/stat");
+        return ExitCode::FAILURE;
+    };
+    // SAFETY: fd 0 is the socket the agent gave as stdin; nothing else in
+    // this process owns it.
+    let socket = unsafe { OwnedFd::from_raw_fd(0) };
+    let mut shims: Vec<JoinHandle<()>> = Vec::new();
+    loop {
+        let request = match receive(socket.as_raw_fd()) {
+            Ok(Some(request)) => request,
+            // The agent went away, or gave this host up.
+            Ok(None) => break,
+            Err(e) => {
+                eprintln!("gpufleet shim host: cannot read a request: {e}; taking no more");
+                break;
+            }
+        };
+        shims.retain(|shim| !shim.is_finished());
+        match request {
+            Ok(request) => {
+                if let Some(shim) = start_shim(request, identity) {
+                    shims.push(shim);
+                }
+            }
+            Err(message) => eprintln!("gpufleet shim host: {message}"),
+        }
+    }
+    drop(socket);
+    for shim in shims {
+        // A panicked shim already dropped its answer pipe: the agent
+        // reports its workload lost.
+        let _ = shim.join();
+    }
+    ExitCode::SUCCESS
+}
+
+struct Request {
+    records: PathBuf,
+    spec: OwnedFd,
+    answer: OwnedFd,
+    log: OwnedFd,
+}
+
+/// Starts the shim thread of one request; a failure is answered on the
+/// request's answer pipe (nothing was recorded, nothing runs).
+fn start_shim(request: Request, identity: ShimIdentity) -> Option<JoinHandle<()>> {
+    let answer_on_failure = request.answer.try_clone();
+    let spawned = std::thread::Builder::new()
+        .name("gpufleet-shim".into())
+        .stack_size(SHIM_STACK)
+        .spawn(move || {
+            let Request {
+                records,
+                spec,
+                answer,
+                log,
+            } = request;
+            let mut answer = std::fs::File::from(answer);
+            let mut diagnostics = std::fs::File::from(log);
+            crate::shim::run(
+                &records,
+                BufReader::new(std::fs::File::from(spec)),
+                &mut answer,
+                &mut diagnostics,
+                identity,
+            );
+            // `answer` closes here: end of file tells the agent.
+        });
+    match spawned {
+        Ok(shim) => Some(shim),
+        Err(e) => {
+            if let Ok(answer) = answer_on_failure {
+                let message = format!("the shim host cannot start a shim thread: {e}");
+                crate::shim::reply(&mut std::fs::File::from(answer), &Reply::Failed { message });
+            }
+            None
+        }
+    }
+}
+
+/// One request: `None` at end of input; an inner error for a malformed
+/// request (its descriptors are closed, which the agent sees as a shim
+/// that ended without answering).
+fn receive(socket: RawFd) -> nix::Result<Option<Result<Request, String>>> {
+    let mut buf = vec![0u8; MAX_REQUEST];
+    let mut space = nix::cmsg_space!([RawFd; FDS_PER_REQUEST]);
+    let (len, fds, truncated) = loop {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        match recvmsg::<()>(
+            socket,
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(msg) => {
+                let mut fds = Vec::new();
+                let mut truncated = msg.flags.contains(MsgFlags::MSG_TRUNC);
+                match msg.cmsgs() {
+                    Ok(cmsgs) => {
+                        for cmsg in cmsgs {
+                            if let ControlMessageOwned::ScmRights(received) = cmsg {
+                                // SAFETY: SCM_RIGHTS hands this process new
+                                // descriptors that nothing else owns.
+                                fds.extend(
+                                    received
+                                        .into_iter()
+                                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                                );
+                            }
+                        }
+                    }
+                    Err(_) => truncated = true,
+                }
+                break (msg.bytes, fds, truncated);
+            }
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    if len == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    if truncated {
+        return Ok(Some(Err("a request was cut short; dropped".into())));
+    }
+    let Ok([spec, answer, log]) = <[OwnedFd; FDS_PER_REQUEST]>::try_from(fds) else {
+        return Ok(Some(Err(format!(
+            "a request must carry {FDS_PER_REQUEST} descriptors; dropped"
+        ))));
+    };
+    let records = PathBuf::from(OsStr::from_bytes(&buf[..len]));
+    Ok(Some(Ok(Request {
+        records,
+        spec,
+        answer,
+        log,
+    })))
+}
+
+/// The agent's end of a shim host process.
+#[derive(Debug)]
+pub(crate) struct ShimHost {
+    socket: OwnedFd,
+    /// Never killed: its shims outlive it being replaced. Closing the
+    /// socket (dropping this) lets it exit once its workloads have ended;
+    /// tokio reaps it meanwhile.
+    _process: tokio::process::Child,
+}
+
+/// Why a request did not reach the host.
+#[derive(Debug)]
+pub(crate) enum HostError {
+    /// The host is gone: start a new one and send it again.
+    Gone(String),
+    /// The request cannot be sent to any host.
+    Invalid(String),
+}
+
+impl ShimHost {
+    /// Starts `<program> __shim-host`. Needs a tokio runtime context.
+    pub(crate) fn start(program: &Path) -> Result<Self, String> {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| format!("cannot create the shim host's socket: {e}"))?;
+        let process = tokio::process::Command::new(program)
+            .arg0("gpufleet-shim-host")
+            .arg(HOST_ARG)
+            // The agent's environment may hold its join token; workloads get
+            // theirs from the launch spec.
+            .env_clear()
+            .stdin(Stdio::from(theirs))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            // It calls setsid first thing (a terminal's Ctrl-C meant for the
+            // agent does not reach it); in the agent's own process group
+            // until then, so that it does not lead one and setsid works.
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| {
+                format!(
+                    "cannot start the workload shim host {}: {e}",
+                    program.display()
+                )
+            })?;
+        Ok(Self {
+            socket: ours,
+            _process: process,
+        })
+    }
+
+    /// Hands the host a shim's descriptors: the read end of its launch
+    /// spec's pipe, the write end of its answer pipe and the workload's
+    /// log. The caller closes its copies afterwards, then writes the spec
+    /// and reads the answer.
+    pub(crate) fn launch(
+        &self,
+        records: &Path,
+        descriptors: [BorrowedFd<'_>; FDS_PER_REQUEST],
+    ) -> Result<(), HostError> {
+        let path = records.as_os_str().as_bytes();
+        if path.len() > MAX_REQUEST {
+            return Err(HostError::Invalid(format!(
+                "the records path {} is longer than {MAX_REQUEST} bytes",
+                records.display()
+            )));
+        }
+        let raw = descriptors.map(|fd| fd.as_raw_fd());
+        let rights = [ControlMessage::ScmRights(&raw)];
+        loop {
+            match sendmsg::<()>(
+                self.socket.as_raw_fd(),
+                &[IoSlice::new(path)],
+                &rights,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    return Err(HostError::Gone(format!(
+                        "cannot reach the workload shim host: {e}"
+                    )));
+                }
+            }
+        }
+    }
+}
