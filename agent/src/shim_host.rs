@@ -11,8 +11,10 @@
 //! every workload the agent sends it the records file's path and three
 //! descriptors: the read end of a pipe that will carry the launch spec,
 //! the write end of the pipe for the shim's answer, and the workload's log
-//! (for the shim's own diagnostics). The host starts a shim thread with
-//! them and reads the next request; it never answers on the socket. The
+//! (for the shim's own diagnostics). The host hands them to an idle shim
+//! thread (a thread whose workload ended waits a minute for the next), or
+//! starts a new one, and reads the next request; it never answers on the
+//! socket. The
 //! agent learns that a workload ended from end of file on the answer pipe
 //! (only its shim thread holds the write end).
 //!
@@ -29,13 +31,16 @@
 
 #![allow(unsafe_code)]
 
+use std::collections::VecDeque;
 use std::ffi::OsStr;
 use std::io::{BufReader, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
@@ -57,6 +62,10 @@ const FDS_PER_REQUEST: usize = 3;
 /// A shim thread's stack: its output buffer (16 KiB), JSON and a few
 /// frames. Only the pages it touches are resident.
 const SHIM_STACK: usize = 256 * 1024;
+/// How long a shim thread whose workload ended waits for the next one
+/// before it exits. Reusing threads spares each start a thread's creation,
+/// the page faults of a fresh stack and its unmapping.
+const IDLE_SHIM_THREAD: Duration = Duration::from_secs(60);
 
 /// The host process: serves requests on stdin until end of input, then
 /// waits for its shims.
@@ -84,7 +93,8 @@ pub(crate) fn serve() -> ExitCode {
     // SAFETY: fd 0 is the socket the agent gave as stdin; nothing else in
     // this process owns it.
     let socket = unsafe { OwnedFd::from_raw_fd(0) };
-    let mut shims: Vec<JoinHandle<()>> = Vec::new();
+    let pool = Arc::new(ShimPool::default());
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
     loop {
         let request = match receive(socket.as_raw_fd()) {
             Ok(Some(request)) => request,
@@ -95,23 +105,94 @@ pub(crate) fn serve() -> ExitCode {
                 break;
             }
         };
-        shims.retain(|shim| !shim.is_finished());
+        threads.retain(|thread| !thread.is_finished());
         match request {
             Ok(request) => {
-                if let Some(shim) = start_shim(request, identity) {
-                    shims.push(shim);
+                if let Some(request) = pool.hand_to_idle_thread(request)
+                    && let Some(thread) = start_shim_thread(request, &pool, identity)
+                {
+                    threads.push(thread);
                 }
             }
             Err(message) => eprintln!("gpufleet shim host: {message}"),
         }
     }
     drop(socket);
-    for shim in shims {
+    pool.close();
+    for thread in threads {
         // A panicked shim already dropped its answer pipe: the agent
         // reports its workload lost.
-        let _ = shim.join();
+        let _ = thread.join();
     }
     ExitCode::SUCCESS
+}
+
+/// Requests waiting for an idle shim thread, and how many idle threads are
+/// not yet promised one.
+#[derive(Default)]
+struct ShimPool {
+    state: Mutex<PoolState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct PoolState {
+    queued: VecDeque<Request>,
+    /// Idle threads minus queued requests: never negative, so every queued
+    /// request has a thread that will take it.
+    unpromised_idle: usize,
+    /// End of input: idle threads exit.
+    closing: bool,
+}
+
+impl ShimPool {
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `request` for an idle thread; gives it back when none is idle.
+    fn hand_to_idle_thread(&self, request: Request) -> Option<Request> {
+        let mut state = self.lock();
+        if state.unpromised_idle == 0 {
+            return Some(request);
+        }
+        state.unpromised_idle -= 1;
+        state.queued.push_back(request);
+        drop(state);
+        self.wake.notify_one();
+        None
+    }
+
+    /// Waits, idle, for the next request; `None` when the thread should
+    /// exit (idle for [`IDLE_SHIM_THREAD`], or the host is closing).
+    fn next_request(&self) -> Option<Request> {
+        let mut state = self.lock();
+        state.unpromised_idle += 1;
+        loop {
+            if let Some(request) = state.queued.pop_front() {
+                return Some(request);
+            }
+            // Leave only when no queued request counts on this thread.
+            if state.closing && state.unpromised_idle > 0 {
+                state.unpromised_idle -= 1;
+                return None;
+            }
+            let (next, waited) = self
+                .wake
+                .wait_timeout(state, IDLE_SHIM_THREAD)
+                .unwrap_or_else(|e| e.into_inner());
+            state = next;
+            if waited.timed_out() && state.queued.is_empty() && state.unpromised_idle > 0 {
+                state.unpromised_idle -= 1;
+                return None;
+            }
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closing = true;
+        self.wake.notify_all();
+    }
 }
 
 struct Request {
@@ -121,33 +202,28 @@ struct Request {
     log: OwnedFd,
 }
 
-/// Starts the shim thread of one request; a failure is answered on the
-/// request's answer pipe (nothing was recorded, nothing runs).
-fn start_shim(request: Request, identity: ShimIdentity) -> Option<JoinHandle<()>> {
+/// Starts a shim thread with its first request; it serves more while it
+/// is idle. A failure is answered on the request's answer pipe (nothing
+/// was recorded, nothing runs).
+fn start_shim_thread(
+    request: Request,
+    pool: &Arc<ShimPool>,
+    identity: ShimIdentity,
+) -> Option<JoinHandle<()>> {
     let answer_on_failure = request.answer.try_clone();
+    let pool = pool.clone();
     let spawned = std::thread::Builder::new()
         .name("gpufleet-shim".into())
         .stack_size(SHIM_STACK)
         .spawn(move || {
-            let Request {
-                records,
-                spec,
-                answer,
-                log,
-            } = request;
-            let mut answer = std::fs::File::from(answer);
-            let mut diagnostics = std::fs::File::from(log);
-            crate::shim::run(
-                &records,
-                BufReader::new(std::fs::File::from(spec)),
-                &mut answer,
-                &mut diagnostics,
-                identity,
-            );
-            // `answer` closes here: end of file tells the agent.
+            let mut next = Some(request);
+            while let Some(request) = next {
+                run_shim(request, identity);
+                next = pool.next_request();
+            }
         });
     match spawned {
-        Ok(shim) => Some(shim),
+        Ok(thread) => Some(thread),
         Err(e) => {
             if let Ok(answer) = answer_on_failure {
                 let message = format!("the shim host cannot start a shim thread: {e}");
@@ -156,6 +232,26 @@ fn start_shim(request: Request, identity: ShimIdentity) -> Option<JoinHandle<()>
             None
         }
     }
+}
+
+/// One workload's shim, from its request to its end.
+fn run_shim(request: Request, identity: ShimIdentity) {
+    let Request {
+        records,
+        spec,
+        answer,
+        log,
+    } = request;
+    let mut answer = std::fs::File::from(answer);
+    let mut diagnostics = std::fs::File::from(log);
+    crate::shim::run(
+        &records,
+        BufReader::new(std::fs::File::from(spec)),
+        &mut answer,
+        &mut diagnostics,
+        identity,
+    );
+    // `answer` closes here: end of file tells the agent.
 }
 
 /// One request: `None` at end of input; an inner error for a malformed

@@ -476,6 +476,49 @@ async fn workloads_share_one_shim_host_and_its_death_loses_them_all() {
 }
 
 #[tokio::test]
+async fn the_shim_host_reuses_the_thread_of_a_workload_that_ended() {
+    let dir = tempfile::tempdir().unwrap();
+    let sup = supervisor(dir.path(), backend("n1", "1xT4"));
+    for i in 0..3 {
+        let id = format!("short-{i}");
+        sup.run_local(allocation(&id, &["sh", "-c", "exit 0"], &[]))
+            .await
+            .unwrap();
+        let done = sup.wait(&id).await.unwrap();
+        assert_eq!(state(&done), WorkloadState::Succeeded, "{done:?}");
+    }
+    let records = std::fs::read_to_string(dir.path().join("workloads/short-0.records")).unwrap();
+    let host: u32 = records
+        .split("\"shim_pid\":")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let threads = || {
+        let mut ids: Vec<String> = std::fs::read_dir(format!("/proc/{host}/task"))
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let idle = threads();
+    assert_eq!(
+        idle.len(),
+        2,
+        "the host's main thread and one idle shim thread"
+    );
+    let long = sup
+        .run_local(allocation("long", &["sleep", "30"], &[]))
+        .await
+        .unwrap();
+    assert_eq!(parent_of(long.pid), host);
+    assert_eq!(threads(), idle, "the idle shim thread runs the next shim");
+    sup.stop("long", None).await.unwrap();
+}
+
+#[tokio::test]
 async fn the_shim_host_outlives_the_agent_until_its_workloads_end() {
     let dir = tempfile::tempdir().unwrap();
     let sup = supervisor(dir.path(), backend("n1", "1xT4"));
