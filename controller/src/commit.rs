@@ -28,7 +28,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -40,6 +40,15 @@ use crate::store::{IdRange, Keyspace, Store, StoreError, WriteBatch};
 const MAX_QUEUED_BATCHES: usize = 10_000;
 /// How long the syncer waits before retrying a failed round.
 const RETRY_AFTER: Duration = Duration::from_millis(500);
+/// Under sustained writes (a round that begins within [`BUSY_WINDOW`] of
+/// the previous one's end) the syncer lets writes gather this long before
+/// it applies them, so that more share one sync: each sync also wakes the
+/// store's IO thread, and under `dispatch` this took the syncs per job
+/// from 2.3 to 0.7 for at most a millisecond more per write. Idle, a write
+/// is applied at once.
+const GATHER: Duration = Duration::from_millis(1);
+/// See [`GATHER`].
+const BUSY_WINDOW: Duration = Duration::from_millis(2);
 
 /// Something to send once the writes before it are durable.
 type Announcement = Box<dyn FnOnce() + Send>;
@@ -220,8 +229,9 @@ impl Shared {
             }
         }
         let _guard = PanicGuard(self);
+        let mut last_round_end: Option<Instant> = None;
         loop {
-            {
+            let closing = {
                 let mut queue = self.lock();
                 while queue.batches.is_empty() && !queue.closing {
                     queue = self.changed.wait(queue).unwrap_or_else(|p| p.into_inner());
@@ -229,8 +239,14 @@ impl Shared {
                 if queue.batches.is_empty() {
                     return;
                 }
+                queue.closing
+            };
+            if !closing && last_round_end.is_some_and(|end| end.elapsed() < BUSY_WINDOW) {
+                std::thread::sleep(GATHER);
             }
-            if let Err(e) = self.sync_round() {
+            let round = self.sync_round();
+            last_round_end = Some(Instant::now());
+            if let Err(e) = round {
                 tracing::error!(error = %e, "store write failed; retrying");
                 if self.lock().closing {
                     tracing::error!("queued writes were not stored at shutdown");
