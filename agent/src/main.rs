@@ -13,6 +13,12 @@ use gpufleet_agent::{AgentConfig, ConfigOverrides};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
+/// The controller's allocator: less CPU per workload start and status
+/// than glibc's malloc (`gpufleet-bench dispatch`). The shim host, this
+/// executable too, uses it as well.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const EXIT_RUNTIME: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
 

@@ -20,12 +20,13 @@ mod workload_spawn;
 
 use std::process::ExitCode;
 
-/// The system allocator, counting live bytes: `ingest` reports the heap
-/// next to RSS, so that what the controller holds is told apart from what
-/// the allocator keeps. One relaxed atomic add per allocation, the same
-/// for every server a benchmark compares.
+/// The controller's and the agent's allocator (mimalloc), counting live
+/// bytes: `ingest` reports the heap next to RSS, so that what the
+/// controller holds is told apart from what the allocator keeps. One
+/// relaxed atomic add per allocation, the same for every server a
+/// benchmark compares.
 #[global_allocator]
-static ALLOCATOR: cap::Cap<std::alloc::System> = cap::Cap::new(std::alloc::System, usize::MAX);
+static ALLOCATOR: cap::Cap<mimalloc::MiMalloc> = cap::Cap::new(mimalloc::MiMalloc, usize::MAX);
 
 /// Bytes allocated and not yet freed, process-wide.
 pub fn heap_bytes() -> usize {
