@@ -7,6 +7,11 @@
 //! its resident size then creeps up with the jobs it has seen although the
 //! live heap stays level (measured in BENCHMARKS.md, `load`).
 //! `malloc_trim(0)` walks every arena and hands those free pages back.
+//!
+//! The `gpufleet-controller` binary allocates with mimalloc, which returns
+//! freed pages by itself; there the trim finds glibc's heap all but empty
+//! and costs microseconds. It matters where the controller runs in a binary
+//! on glibc's malloc (`gpufleet dev`, embedders).
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
