@@ -518,12 +518,19 @@ async fn the_shim_host_reuses_the_thread_of_a_workload_that_ended() {
     sup.stop("long", None).await.unwrap();
 }
 
+/// A named pipe in `dir`: a workload that reads it waits until the test
+/// writes a line to it.
+fn gate(dir: &std::path::Path) -> std::path::PathBuf {
+    let fifo = dir.join("go");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    fifo
+}
+
 #[tokio::test]
 async fn the_shim_host_outlives_the_agent_until_its_workloads_end() {
     let dir = tempfile::tempdir().unwrap();
     let sup = supervisor(dir.path(), backend("n1", "1xT4"));
-    let fifo = dir.path().join("go");
-    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let fifo = gate(dir.path());
     let script = format!("read line < {}; echo done; exit 7", fifo.display());
     let started = sup
         .run_local(allocation("held", &["sh", "-c", &script], &[]))
@@ -559,8 +566,7 @@ async fn a_workload_inherits_no_ignored_sigchld_and_is_left_no_zombie() {
     // `read` holds the workload until the test has looked at it. The
     // shim host ignores SIGPIPE (Rust's runtime does); a workload must not
     // inherit that, nor an ignored SIGCHLD (a shell's `wait` then fails).
-    let fifo = dir.path().join("go");
-    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let fifo = gate(dir.path());
     let script = format!(
         "grep -E '^Sig(Ign|Blk)' /proc/self/status; sleep 0.1 & wait $!; echo waited $?; read line < {}",
         fifo.display()
