@@ -38,7 +38,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use crate::workload_store::{self, AgentRecord, ExitRecord, StartedRecord};
+use crate::workload_store::{self, AgentRecord, ExitRecord, Records, StartedRecord};
 
 /// First argument that makes an agent executable act as a shim.
 pub const SHIM_ARG: &str = "__shim";
@@ -216,7 +216,7 @@ pub(crate) fn run(
             return 1;
         }
     };
-    reply(
+    let delivered = reply(
         answer,
         &Reply::Started {
             pid: workload.pid,
@@ -224,17 +224,31 @@ pub(crate) fn run(
             shim_start_ticks: identity.start_ticks,
         },
     );
+    if !delivered
+        && matches!(
+            Records::File(records.to_path_buf()).read_exit(),
+            Ok(Some(_))
+        )
+    {
+        // The agent gave up waiting for this start (a shim stalled past its
+        // timeout) and recorded it as failed: it must not run on. (An agent
+        // that died records nothing; its workload runs on, to be re-adopted.)
+        let Started { mut child, pid, .. } = workload;
+        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        let _ = child.wait();
+        return 1;
+    }
     supervise(records, &spec, workload, diagnostics)
 }
 
-/// Answers the agent. A write error means the agent is gone; the workload
-/// runs on and a restarted agent finds it through its records.
-pub(crate) fn reply(answer: &mut dyn Write, reply: &Reply) {
-    if let Ok(mut text) = serde_json::to_string(reply) {
-        text.push('\n');
-        let _ = answer.write_all(text.as_bytes());
-        let _ = answer.flush();
-    }
+/// Answers the agent; false when the answer could not be delivered (the
+/// agent is gone, or stopped waiting).
+pub(crate) fn reply(answer: &mut dyn Write, reply: &Reply) -> bool {
+    let Ok(mut text) = serde_json::to_string(reply) else {
+        return false;
+    };
+    text.push('\n');
+    answer.write_all(text.as_bytes()).is_ok() && answer.flush().is_ok()
 }
 
 struct Started {
@@ -752,6 +766,100 @@ mod tests {
         assert_eq!(recorded.started.map(|s| s.pid), Some(pid));
         assert_eq!(recorded.exit.and_then(|e| e.exit_code), Some(6));
         assert_eq!(std::fs::read_to_string(&spec.log_path).unwrap(), "hi\n");
+    }
+
+    /// An agent that stopped waiting for the start: before the shim's
+    /// answer arrives it records the start as failed and closes the pipe.
+    struct GaveUp(PathBuf);
+
+    impl Write for GaveUp {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            let record = ExitRecord {
+                exit_code: None,
+                signal: None,
+                start_error: Some("the workload shim did not answer within 10s".into()),
+                finished_at_ms: 1,
+            };
+            workload_store::append_exit(&self.0, &record).unwrap();
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_start_the_agent_gave_up_on_does_not_run_on_but_one_it_died_in_does() {
+        for gave_up in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let records = dir.path().join("w.records");
+            let spec = LaunchSpec {
+                allocation: String::new(),
+                local: false,
+                argv: vec!["sh".into(), "-c".into(), "sleep 30".into()],
+                log_path: dir.path().join("output.log"),
+                env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+                working_dir: dir.path().into(),
+                run_as: None,
+                log_max_bytes: 1 << 20,
+            };
+            let line = format!("{}\n", serde_json::to_string(&spec).unwrap());
+            let identity = ShimIdentity {
+                pid: 1,
+                start_ticks: 1,
+            };
+            let mut diagnostics = Vec::new();
+            if gave_up {
+                let mut answer = GaveUp(records.clone());
+                let code = run(
+                    &records,
+                    line.as_bytes(),
+                    &mut answer,
+                    &mut diagnostics,
+                    identity,
+                );
+                assert_eq!(code, 1);
+                let started = Records::File(records.clone())
+                    .read_started()
+                    .unwrap()
+                    .unwrap();
+                assert!(!alive(&started.pid.to_string()), "it ran on");
+            } else {
+                // The agent died: the answer goes nowhere, nothing recorded
+                // an exit, the workload runs on (here until it is killed).
+                let (reader, mut writer) = std::io::pipe().unwrap();
+                drop(reader);
+                let records_again = records.clone();
+                let killer = std::thread::spawn(move || {
+                    let started = loop {
+                        if let Ok(Some(started)) =
+                            Records::File(records_again.clone()).read_started()
+                        {
+                            break started;
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    };
+                    std::thread::sleep(Duration::from_millis(200));
+                    let ran_on = alive(&started.pid.to_string());
+                    let _ = killpg(Pid::from_raw(started.pid as i32), Signal::SIGKILL);
+                    ran_on
+                });
+                run(
+                    &records,
+                    line.as_bytes(),
+                    &mut writer,
+                    &mut diagnostics,
+                    identity,
+                );
+                assert!(
+                    killer.join().unwrap(),
+                    "the workload of a dead agent ran on"
+                );
+                let exit = Records::File(records).read_exit().unwrap().unwrap();
+                assert_eq!(exit.signal, Some(9));
+            }
+        }
     }
 
     fn alive(pid: &str) -> bool {

@@ -1125,7 +1125,9 @@ impl Supervisor {
             Err(why) => {
                 let why = format!("{why}; {}", not_a_shim_hint(program));
                 // A shim process of its own is killed; a host's thread is
-                // not (the host runs other workloads' shims).
+                // not (the host runs other workloads' shims): should it
+                // start the workload after all, it finds the exit record
+                // below when its answer cannot be delivered, and kills it.
                 if let Some(child) = &mut child {
                     let _ = child.start_kill();
                 }
