@@ -660,6 +660,20 @@ mod tests {
         String::from_utf8(log.into_inner()).unwrap()
     }
 
+    /// A spec that runs `script` under `sh -c`, its log in `dir`.
+    fn sh_spec(dir: &Path, script: &str) -> LaunchSpec {
+        LaunchSpec {
+            allocation: String::new(),
+            local: false,
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            log_path: dir.join("output.log"),
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            working_dir: dir.into(),
+            run_as: None,
+            log_max_bytes: 1 << 20,
+        }
+    }
+
     /// Starts `script` under `sh -c` and supervises it to the end, with a
     /// pidfd or (`watch` false) looking every 100 ms; returns the exit
     /// record and the log.
@@ -667,16 +681,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let records = dir.path().join("w.records");
         std::fs::write(&records, "").unwrap();
-        let spec = LaunchSpec {
-            allocation: String::new(),
-            local: false,
-            argv: vec!["sh".into(), "-c".into(), script.into()],
-            log_path: dir.path().join("output.log"),
-            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-            working_dir: dir.path().into(),
-            run_as: None,
-            log_max_bytes: 1 << 20,
-        };
+        let spec = sh_spec(dir.path(), script);
         let started = start(&records, &spec).unwrap();
         let watch = if watch { pidfd(started.pid) } else { None };
         let mut diagnostics = Vec::new();
@@ -705,12 +710,7 @@ mod tests {
         let spec = LaunchSpec {
             allocation: workload_store::encode_allocation(&allocation),
             local: true,
-            argv: vec!["sh".into(), "-c".into(), "echo hi; exit 6".into()],
-            log_path: dir.path().join("output.log"),
-            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-            working_dir: dir.path().into(),
-            run_as: None,
-            log_max_bytes: 1 << 20,
+            ..sh_spec(dir.path(), "echo hi; exit 6")
         };
         let identity = ShimIdentity {
             pid: 4242,
@@ -794,16 +794,7 @@ mod tests {
         for gave_up in [true, false] {
             let dir = tempfile::tempdir().unwrap();
             let records = dir.path().join("w.records");
-            let spec = LaunchSpec {
-                allocation: String::new(),
-                local: false,
-                argv: vec!["sh".into(), "-c".into(), "sleep 30".into()],
-                log_path: dir.path().join("output.log"),
-                env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-                working_dir: dir.path().into(),
-                run_as: None,
-                log_max_bytes: 1 << 20,
-            };
+            let spec = sh_spec(dir.path(), "sleep 30");
             let line = format!("{}\n", serde_json::to_string(&spec).unwrap());
             let identity = ShimIdentity {
                 pid: 1,
