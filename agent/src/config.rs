@@ -16,6 +16,8 @@
 //! - `outbox_max_bytes`: 64 MiB (events held for the controller while it is
 //!   unreachable; over it the oldest telemetry is dropped)
 //! - `log_max_bytes`: 64 MiB per allocation
+//! - `log_retention`: 7d (a finished allocation's directory and log are
+//!   deleted this long after its last write; `off` keeps them)
 //! - `max_concurrent_starts`: 16 workload starts in progress at once
 //! - `metrics_listen`: `127.0.0.1:9400` (dcgm-exporter's port; `off` disables)
 //! - `nvml_library_path`: `libnvidia-ml.so.1` from the loader path
@@ -43,6 +45,11 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/gpufleet-agent";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7071";
 pub const DEFAULT_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_STOP_GRACE_PERIOD: Duration = Duration::from_secs(10);
+/// How long a finished allocation's directory (its `output.log`) is kept.
+pub const DEFAULT_LOG_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Shortest `log_retention`: a log deleted sooner than this after its job
+/// ended is a typo, not a policy.
+pub const MIN_LOG_RETENTION: Duration = Duration::from_secs(60);
 /// dcgm-exporter's port, so existing scrape configs find the agent.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9400";
 /// Events held for an unreachable controller: at a 5s interval, 8 GPUs'
@@ -88,6 +95,9 @@ pub struct AgentConfig {
     /// Cap on each allocation's `output.log`; output beyond it is dropped
     /// after one marker line.
     pub log_max_bytes: u64,
+    /// A finished allocation's directory (its `output.log`) is deleted
+    /// this long after it was last written. `None`: kept forever.
+    pub log_retention: Option<Duration>,
     /// Most workload starts (shim handshakes) in progress at once; more wait
     /// their turn. 1 to [`MAX_CONCURRENT_STARTS_LIMIT`].
     pub max_concurrent_starts: usize,
@@ -205,6 +215,7 @@ struct FileConfig {
     api_token: Option<String>,
     outbox_max_bytes: Option<FileBytes>,
     log_max_bytes: Option<FileBytes>,
+    log_retention: Option<String>,
     max_concurrent_starts: Option<u64>,
     keep_workloads_on_exit: Option<bool>,
     #[serde(default)]
@@ -291,6 +302,7 @@ pub struct ConfigOverrides {
     pub api_token: Option<String>,
     pub outbox_max_bytes: Option<String>,
     pub log_max_bytes: Option<String>,
+    pub log_retention: Option<String>,
     pub max_concurrent_starts: Option<String>,
     pub keep_workloads_on_exit: Option<String>,
 }
@@ -330,6 +342,7 @@ macro_rules! for_each_key {
         $m!(api_token, "GPUFLEET_API_TOKEN");
         $m!(outbox_max_bytes, "GPUFLEET_OUTBOX_MAX_BYTES");
         $m!(log_max_bytes, "GPUFLEET_LOG_MAX_BYTES");
+        $m!(log_retention, "GPUFLEET_LOG_RETENTION");
         $m!(max_concurrent_starts, "GPUFLEET_MAX_CONCURRENT_STARTS");
         $m!(keep_workloads_on_exit, "GPUFLEET_KEEP_WORKLOADS_ON_EXIT");
     };
@@ -371,6 +384,19 @@ impl ConfigOverrides {
 fn parse_duration(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
     humantime::parse_duration(s.trim())
         .map_err(|e| invalid(key, format!("{s:?} is not a duration like \"5s\" ({e})")))
+}
+
+/// A duration, or `off` (never).
+fn parse_retention(key: &'static str, s: &str) -> Result<Option<Duration>, ConfigError> {
+    if s.trim().eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    humantime::parse_duration(s.trim()).map(Some).map_err(|e| {
+        invalid(
+            key,
+            format!("{s:?} is not a duration like \"7d\" or \"12h\", or \"off\" ({e})"),
+        )
+    })
 }
 
 fn parse_bytes(key: &'static str, s: &str) -> Result<u64, ConfigError> {
@@ -527,6 +553,7 @@ impl AgentConfig {
             api_token: None,
             outbox_max_bytes: DEFAULT_OUTBOX_MAX_BYTES,
             log_max_bytes: crate::supervisor::DEFAULT_LOG_MAX_BYTES,
+            log_retention: Some(DEFAULT_LOG_RETENTION),
             max_concurrent_starts: crate::supervisor::DEFAULT_MAX_CONCURRENT_STARTS,
             shim_program: None,
             keep_workloads_on_exit: false,
@@ -671,6 +698,10 @@ impl AgentConfig {
                 Some(s) => parse_bytes("log_max_bytes", &s)?,
                 None => crate::supervisor::DEFAULT_LOG_MAX_BYTES,
             },
+            log_retention: match o.log_retention.or(file.log_retention) {
+                Some(s) => parse_retention("log_retention", &s)?,
+                None => Some(DEFAULT_LOG_RETENTION),
+            },
             max_concurrent_starts: {
                 let n = match o.max_concurrent_starts {
                     Some(s) => parse_u64("max_concurrent_starts", &s)?,
@@ -754,6 +785,17 @@ impl AgentConfig {
             return Err(invalid(
                 "log_max_bytes",
                 "must be greater than zero (e.g. 64MiB)",
+            ));
+        }
+        if let Some(retention) = self.log_retention
+            && retention < MIN_LOG_RETENTION
+        {
+            return Err(invalid(
+                "log_retention",
+                format!(
+                    "{} is too short: logs would be deleted before anyone reads them; use at least 1m (the default is 7d), or \"off\" to keep them",
+                    humantime::format_duration(retention)
+                ),
             ));
         }
         if !(1..=MAX_CONCURRENT_STARTS_LIMIT).contains(&self.max_concurrent_starts) {
@@ -927,6 +969,7 @@ mod tests {
         assert_eq!(c.price_micro_usd(), 3_930_000);
         assert_eq!(c.stop_grace_period, Duration::from_secs(30));
         assert_eq!(c.log_max_bytes, 16 << 20);
+        assert_eq!(c.log_retention, Some(Duration::from_secs(3 * 24 * 3600)));
         assert_eq!(c.max_concurrent_starts, 4);
         // Env over file.
         assert_eq!(c.node.region, "eu-west-1");
@@ -1142,6 +1185,39 @@ mod tests {
         )
         .unwrap();
         assert!(!stop.keep_workloads_on_exit);
+    }
+
+    #[test]
+    fn log_retention_takes_a_duration_or_off_from_every_source() {
+        let load = |env_value: Option<&str>, flag: Option<&str>| {
+            let vars: Vec<(&str, &str)> = env_value
+                .map(|v| ("GPUFLEET_LOG_RETENTION", v))
+                .into_iter()
+                .collect();
+            AgentConfig::load(
+                &env(&vars),
+                ConfigOverrides {
+                    log_retention: flag.map(str::to_string),
+                    ..Default::default()
+                },
+            )
+            .map(|c| c.log_retention)
+        };
+        assert_eq!(load(None, None).unwrap(), Some(DEFAULT_LOG_RETENTION));
+        assert_eq!(
+            load(Some("12h"), None).unwrap(),
+            Some(Duration::from_secs(12 * 3600))
+        );
+        assert_eq!(load(Some("12h"), Some(" OFF ")).unwrap(), None);
+        assert_eq!(load(None, Some("1m")).unwrap(), Some(MIN_LOG_RETENTION));
+        for bad in ["30s", "0s", "soon", ""] {
+            let err = load(Some(bad), None).unwrap_err().to_string();
+            assert!(err.contains("log_retention"), "{bad:?}: {err}");
+        }
+        let err = load(Some("30s"), None).unwrap_err().to_string();
+        assert!(err.contains("at least 1m") && err.contains("off"), "{err}");
+        let err = load(Some("soon"), None).unwrap_err().to_string();
+        assert!(err.contains("\"7d\""), "{err}");
     }
 
     #[test]

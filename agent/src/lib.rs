@@ -9,6 +9,7 @@ pub mod config;
 pub mod health;
 pub mod identity;
 pub mod kmsg;
+pub mod log_retention;
 pub mod metrics;
 pub mod outbox;
 pub mod service;
@@ -209,6 +210,13 @@ pub async fn start(
         }
         None => None,
     };
+    if let Some(retention) = config.log_retention {
+        tasks.push(tokio::spawn(log_retention::run(
+            supervisor.clone(),
+            retention,
+            shutdown_rx.clone(),
+        )));
+    }
     let tls = uplink::client_tls(&config.controller, &config.tls)?;
     let node_secret = identity::NodeSecret::load(&config.data_dir).with_context(|| {
         format!(

@@ -144,6 +144,9 @@ struct Args {
     /// Cap on each allocation's output log, e.g. 64MiB; output beyond it is dropped [default: 64MiB].
     #[arg(long, env = "GPUFLEET_LOG_MAX_BYTES", value_name = "SIZE")]
     log_max_bytes: Option<String>,
+    /// How long a finished allocation's directory and log are kept after their last write, e.g. 7d or 12h; "off" keeps them [default: 7d].
+    #[arg(long, env = "GPUFLEET_LOG_RETENTION", value_name = "DURATION")]
+    log_retention: Option<String>,
     /// Most workload starts in progress at once (1-1024); more wait their turn [default: 16].
     #[arg(long, env = "GPUFLEET_MAX_CONCURRENT_STARTS", value_name = "N")]
     max_concurrent_starts: Option<String>,
@@ -195,6 +198,7 @@ impl Args {
             api_token: self.api_token,
             outbox_max_bytes: self.outbox_max_bytes,
             log_max_bytes: self.log_max_bytes,
+            log_retention: self.log_retention,
             max_concurrent_starts: self.max_concurrent_starts,
             keep_workloads_on_exit: self.keep_workloads_on_exit,
             application_xids: self.application_xids,

@@ -25,7 +25,7 @@ pub(crate) fn to_status(err: SupervisorError) -> Status {
     let msg = err.to_string();
     match err {
         SupervisorError::InvalidArgument { .. } => Status::invalid_argument(msg),
-        SupervisorError::NotFound(_) => Status::not_found(msg),
+        SupervisorError::NotFound(_) | SupervisorError::NoLog(_) => Status::not_found(msg),
         SupervisorError::AlreadyExists(_) => Status::already_exists(msg),
         SupervisorError::GpuBusy { .. } => Status::failed_precondition(msg),
         SupervisorError::Log { .. } => Status::internal(msg),

@@ -137,6 +137,10 @@ pub enum SupervisorError {
     InvalidArgument { field: &'static str, reason: String },
     #[error("workload {0:?} not found")]
     NotFound(String),
+    #[error(
+        "no log for allocation {0:?} on this node: it never ran here, or it ended longer than the agent's log_retention ago (default 7d) and its directory was deleted"
+    )]
+    NoLog(String),
     #[error("workload {0:?} already exists")]
     AlreadyExists(String),
     #[error("GPU {uuid} is in use by workload {holder:?}")]
@@ -537,6 +541,11 @@ impl Supervisor {
         self.lock().applied_generation
     }
 
+    /// The agent's data directory.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.inner.settings.data_dir
+    }
+
     /// Directory of one allocation's files.
     pub fn allocation_dir(&self, allocation_id: &str) -> PathBuf {
         self.inner
@@ -555,6 +564,24 @@ impl Supervisor {
             &store::records_root(&self.inner.settings.data_dir),
             allocation_id,
         )
+    }
+
+    /// Moves allocation `id`'s directory to `to` unless its workload is
+    /// running or starting here; returns whether it moved. Checked and
+    /// moved under the lock, so a start of the same id cannot slip in
+    /// between (a start registers its workload under the lock before it
+    /// creates the directory).
+    pub(crate) fn retire_allocation_dir(
+        &self,
+        id: &str,
+        to: &std::path::Path,
+    ) -> std::io::Result<bool> {
+        let st = self.lock();
+        if st.workloads.get(id).is_some_and(|w| !w.terminal()) {
+            return Ok(false);
+        }
+        std::fs::rename(self.allocation_dir(id), to)?;
+        Ok(true)
     }
 
     /// Path of one allocation's combined stdout/stderr log.
@@ -1520,7 +1547,7 @@ impl Supervisor {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if known.is_none() {
-                    return Err(SupervisorError::NotFound(allocation_id.to_string()));
+                    return Err(SupervisorError::NoLog(allocation_id.to_string()));
                 }
                 // Known but never got a log (rejected before spawning).
                 chunk.eof = terminal;
