@@ -200,23 +200,30 @@ pub async fn start(
         config.sample_interval,
         shutdown_rx.clone(),
     )));
+    let retention_stats = Arc::new(log_retention::RetentionStats::default());
+    if let Some(retention) = config.log_retention {
+        tasks.push(tokio::spawn(log_retention::run(
+            supervisor.clone(),
+            retention,
+            retention_stats.clone(),
+            shutdown_rx.clone(),
+        )));
+    }
     let metrics_addr = match config.monitoring.metrics_listen {
         Some(addr) => {
-            let (local, task) =
-                metrics::serve(addr, telemetry.clone(), outbox.clone(), shutdown_rx.clone())
-                    .await?;
+            let (local, task) = metrics::serve(
+                addr,
+                telemetry.clone(),
+                outbox.clone(),
+                retention_stats.clone(),
+                shutdown_rx.clone(),
+            )
+            .await?;
             tasks.push(task);
             Some(local)
         }
         None => None,
     };
-    if let Some(retention) = config.log_retention {
-        tasks.push(tokio::spawn(log_retention::run(
-            supervisor.clone(),
-            retention,
-            shutdown_rx.clone(),
-        )));
-    }
     let tls = uplink::client_tls(&config.controller, &config.tls)?;
     let node_secret = identity::NodeSecret::load(&config.data_dir).with_context(|| {
         format!(

@@ -16,6 +16,7 @@
 //! workload left are removed, never followed.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
@@ -38,6 +39,33 @@ pub struct Pruned {
     /// Directories (or leftovers of an earlier pass) that could not be
     /// moved or deleted, with why; tried again next pass.
     pub failed: Vec<String>,
+}
+
+/// Totals for `/metrics`, since the agent started.
+#[derive(Debug, Default)]
+pub struct RetentionStats {
+    deleted: AtomicU64,
+    failing: AtomicU64,
+}
+
+impl RetentionStats {
+    /// Allocation directories deleted.
+    pub fn deleted(&self) -> u64 {
+        self.deleted.load(Ordering::Relaxed)
+    }
+
+    /// Directories the last pass could not move or delete.
+    pub fn failing(&self) -> u64 {
+        self.failing.load(Ordering::Relaxed)
+    }
+
+    /// Counts one pass.
+    pub fn record(&self, pruned: &Pruned) {
+        self.deleted
+            .fetch_add(pruned.removed.len() as u64, Ordering::Relaxed);
+        self.failing
+            .store(pruned.failed.len() as u64, Ordering::Relaxed);
+    }
 }
 
 /// Time between passes: a tenth of the retention, from a minute to an hour,
@@ -128,6 +156,7 @@ fn delete_all_in(dir: &Path, failed: &mut Vec<String>) {
 pub(crate) async fn run(
     supervisor: Supervisor,
     retention: Duration,
+    stats: std::sync::Arc<RetentionStats>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let interval = pass_interval(retention);
@@ -138,6 +167,7 @@ pub(crate) async fn run(
                 .await;
         match pass {
             Ok(pruned) => {
+                stats.record(&pruned);
                 if !pruned.removed.is_empty() {
                     info!(
                         deleted = pruned.removed.len(),
@@ -177,6 +207,20 @@ mod tests {
             pass_interval(Duration::from_secs(7 * 24 * 3600)),
             MAX_PASS_INTERVAL
         );
+    }
+
+    #[test]
+    fn stats_add_deletions_and_keep_the_last_passes_failures() {
+        let stats = RetentionStats::default();
+        let pass = |removed: &[&str], failed: &[&str]| Pruned {
+            removed: removed.iter().map(|s| s.to_string()).collect(),
+            failed: failed.iter().map(|s| s.to_string()).collect(),
+        };
+        stats.record(&pass(&["a", "b"], &["c: denied"]));
+        stats.record(&pass(&["c"], &[]));
+        assert_eq!((stats.deleted(), stats.failing()), (3, 0));
+        stats.record(&pass(&[], &["d: denied", "e: denied"]));
+        assert_eq!((stats.deleted(), stats.failing()), (3, 2));
     }
 
     #[test]

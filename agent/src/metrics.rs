@@ -32,6 +32,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::log_retention::RetentionStats;
 use crate::outbox::{Outbox, OutboxStats};
 use crate::telemetry::Telemetry;
 
@@ -406,14 +407,19 @@ pub fn render(
     out
 }
 
-/// The outbox's size and drops, with the host's labels.
-pub fn render_outbox(identity: &NodeIdentity, stats: &OutboxStats) -> String {
-    let labels = format!(
+/// The labels of the agent's own series: which host.
+fn host_labels(identity: &NodeIdentity) -> String {
+    format!(
         "Hostname=\"{}\",provider=\"{}\",region=\"{}\"",
         escape_label(&identity.hostname),
         escape_label(&identity.provider),
         escape_label(&identity.region),
-    );
+    )
+}
+
+/// The outbox's size and drops, with the host's labels.
+pub fn render_outbox(identity: &NodeIdentity, stats: &OutboxStats) -> String {
+    let labels = host_labels(identity);
     let mut out = String::with_capacity(1024);
     for (name, help, kind, v) in [
         (
@@ -441,10 +447,35 @@ pub fn render_outbox(identity: &NodeIdentity, stats: &OutboxStats) -> String {
     out
 }
 
+/// Log retention's deletions and failures, with the host's labels.
+pub fn render_retention(identity: &NodeIdentity, stats: &RetentionStats) -> String {
+    let labels = host_labels(identity);
+    let mut out = String::with_capacity(512);
+    for (name, help, kind, v) in [
+        (
+            "gpufleet_agent_allocation_dirs_deleted_total",
+            "Directories (logs) of finished allocations deleted after log_retention.",
+            "counter",
+            stats.deleted(),
+        ),
+        (
+            "gpufleet_agent_allocation_dirs_delete_failures",
+            "Expired allocation directories the last log retention pass could not delete (retried next pass).",
+            "gauge",
+            stats.failing(),
+        ),
+    ] {
+        family(&mut out, name, help, kind);
+        let _ = writeln!(out, "{name}{{{labels}}} {v}");
+    }
+    out
+}
+
 #[derive(Clone)]
 struct Sources {
     telemetry: Arc<Telemetry>,
     outbox: Arc<Outbox>,
+    retention: Arc<RetentionStats>,
 }
 
 async fn metrics(State(sources): State<Sources>) -> impl IntoResponse {
@@ -456,6 +487,7 @@ async fn metrics(State(sources): State<Sources>) -> impl IntoResponse {
         &telemetry.gpu_jobs(),
     );
     body.push_str(&render_outbox(&telemetry.identity, &sources.outbox.stats()));
+    body.push_str(&render_retention(&telemetry.identity, &sources.retention));
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], body)
 }
 
@@ -464,6 +496,7 @@ pub(crate) async fn serve(
     addr: SocketAddr,
     telemetry: Arc<Telemetry>,
     outbox: Arc<Outbox>,
+    retention: Arc<RetentionStats>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await.with_context(|| {
@@ -474,7 +507,11 @@ pub(crate) async fn serve(
         .context("metrics listener has no local address")?;
     let app = Router::new()
         .route("/metrics", get(metrics))
-        .with_state(Sources { telemetry, outbox });
+        .with_state(Sources {
+            telemetry,
+            outbox,
+            retention,
+        });
     let task = tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
@@ -566,6 +603,32 @@ mod tests {
         )));
         assert!(text.contains(&format!("gpufleet_agent_outbox_bytes{{{labels}}} 2048\n")));
         assert!(text.contains(&format!("gpufleet_agent_outbox_events{{{labels}}} 3\n")));
+    }
+
+    #[test]
+    fn retention_metrics_carry_the_host_labels() {
+        use crate::log_retention::Pruned;
+        let identity = NodeIdentity {
+            hostname: "h".into(),
+            provider: "aws".into(),
+            region: "r".into(),
+            ..Default::default()
+        };
+        let stats = RetentionStats::default();
+        stats.record(&Pruned {
+            removed: vec!["a".into(), "b".into()],
+            failed: vec!["c: denied".into()],
+        });
+        let text = render_retention(&identity, &stats);
+        let labels = r#"Hostname="h",provider="aws",region="r""#;
+        assert!(text.contains("# TYPE gpufleet_agent_allocation_dirs_deleted_total counter\n"));
+        assert!(text.contains(&format!(
+            "gpufleet_agent_allocation_dirs_deleted_total{{{labels}}} 2\n"
+        )));
+        assert!(text.contains("# TYPE gpufleet_agent_allocation_dirs_delete_failures gauge\n"));
+        assert!(text.contains(&format!(
+            "gpufleet_agent_allocation_dirs_delete_failures{{{labels}}} 1\n"
+        )));
     }
 
     #[test]

@@ -172,6 +172,11 @@ async fn a_full_outbox_drops_old_telemetry_counts_it_and_keeps_status() -> anyho
         .ok_or_else(|| anyhow::anyhow!("no outbox drop counter in {scrape}"))?;
     assert!(exported >= stats.dropped_events, "{exported} in {scrape}");
     assert!(scrape.contains("# TYPE gpufleet_agent_outbox_bytes gauge"));
+    // Log retention's pass ran at start (nothing old to delete).
+    assert!(
+        scrape.contains("# TYPE gpufleet_agent_allocation_dirs_deleted_total counter"),
+        "{scrape}"
+    );
 
     cluster.start_controller().await?;
     let done = cluster
