@@ -109,7 +109,10 @@ pub fn prune(supervisor: &Supervisor, retention: Duration, now: SystemTime) -> P
             return pruned;
         }
         let moved_to = pruning.join(&id);
-        match supervisor.retire_allocation_dir(&id, &moved_to) {
+        // Checked again under the supervisor's lock: a workload of this id
+        // may have started and ended since.
+        let still_expired = || expired(&dir, retention, now);
+        match supervisor.retire_allocation_dir(&id, &moved_to, still_expired) {
             Ok(false) => {}
             Ok(true) => match std::fs::remove_dir_all(&moved_to) {
                 Ok(()) => pruned.removed.push(id),

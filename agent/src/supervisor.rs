@@ -566,18 +566,19 @@ impl Supervisor {
         )
     }
 
-    /// Moves allocation `id`'s directory to `to` unless its workload is
-    /// running or starting here; returns whether it moved. Checked and
-    /// moved under the lock, so a start of the same id cannot slip in
-    /// between (a start registers its workload under the lock before it
-    /// creates the directory).
+    /// Moves allocation `id`'s directory to `to` if its workload is not
+    /// running or starting here and `expired` still says so; returns
+    /// whether it moved. Checked and moved under the lock, so a start of
+    /// the same id cannot slip in between (a start registers its workload
+    /// under the lock before it creates the directory).
     pub(crate) fn retire_allocation_dir(
         &self,
         id: &str,
         to: &std::path::Path,
+        expired: impl FnOnce() -> bool,
     ) -> std::io::Result<bool> {
         let st = self.lock();
-        if st.workloads.get(id).is_some_and(|w| !w.terminal()) {
+        if st.workloads.get(id).is_some_and(|w| !w.terminal()) || !expired() {
             return Ok(false);
         }
         std::fs::rename(self.allocation_dir(id), to)?;
