@@ -407,68 +407,69 @@ pub fn render(
     out
 }
 
-/// The labels of the agent's own series: which host.
-fn host_labels(identity: &NodeIdentity) -> String {
-    format!(
+/// The agent's own series (name, help, type, value), one sample each,
+/// labelled with the host.
+fn render_host_series(identity: &NodeIdentity, series: &[(&str, &str, &str, u64)]) -> String {
+    let labels = format!(
         "Hostname=\"{}\",provider=\"{}\",region=\"{}\"",
         escape_label(&identity.hostname),
         escape_label(&identity.provider),
         escape_label(&identity.region),
-    )
+    );
+    let mut out = String::with_capacity(256 * series.len());
+    for (name, help, kind, v) in series {
+        family(&mut out, name, help, kind);
+        let _ = writeln!(out, "{name}{{{labels}}} {v}");
+    }
+    out
 }
 
 /// The outbox's size and drops, with the host's labels.
 pub fn render_outbox(identity: &NodeIdentity, stats: &OutboxStats) -> String {
-    let labels = host_labels(identity);
-    let mut out = String::with_capacity(1024);
-    for (name, help, kind, v) in [
-        (
-            "gpufleet_agent_outbox_dropped_total",
-            "Telemetry events dropped because the outbox was over outbox_max_bytes (the controller was unreachable or slow too long).",
-            "counter",
-            stats.dropped_events,
-        ),
-        (
-            "gpufleet_agent_outbox_bytes",
-            "Bytes of events in the outbox not yet acknowledged by the controller.",
-            "gauge",
-            stats.bytes,
-        ),
-        (
-            "gpufleet_agent_outbox_events",
-            "Events in the outbox not yet acknowledged by the controller.",
-            "gauge",
-            stats.events,
-        ),
-    ] {
-        family(&mut out, name, help, kind);
-        let _ = writeln!(out, "{name}{{{labels}}} {v}");
-    }
-    out
+    render_host_series(
+        identity,
+        &[
+            (
+                "gpufleet_agent_outbox_dropped_total",
+                "Telemetry events dropped because the outbox was over outbox_max_bytes (the controller was unreachable or slow too long).",
+                "counter",
+                stats.dropped_events,
+            ),
+            (
+                "gpufleet_agent_outbox_bytes",
+                "Bytes of events in the outbox not yet acknowledged by the controller.",
+                "gauge",
+                stats.bytes,
+            ),
+            (
+                "gpufleet_agent_outbox_events",
+                "Events in the outbox not yet acknowledged by the controller.",
+                "gauge",
+                stats.events,
+            ),
+        ],
+    )
 }
 
 /// Log retention's deletions and failures, with the host's labels.
 pub fn render_retention(identity: &NodeIdentity, stats: &RetentionStats) -> String {
-    let labels = host_labels(identity);
-    let mut out = String::with_capacity(512);
-    for (name, help, kind, v) in [
-        (
-            "gpufleet_agent_allocation_dirs_deleted_total",
-            "Directories (logs) of finished allocations deleted after log_retention.",
-            "counter",
-            stats.deleted(),
-        ),
-        (
-            "gpufleet_agent_allocation_dirs_delete_failures",
-            "Expired allocation directories the last log retention pass could not delete (retried next pass).",
-            "gauge",
-            stats.failing(),
-        ),
-    ] {
-        family(&mut out, name, help, kind);
-        let _ = writeln!(out, "{name}{{{labels}}} {v}");
-    }
-    out
+    render_host_series(
+        identity,
+        &[
+            (
+                "gpufleet_agent_allocation_dirs_deleted_total",
+                "Directories (logs) of finished allocations deleted after log_retention.",
+                "counter",
+                stats.deleted(),
+            ),
+            (
+                "gpufleet_agent_allocation_dirs_delete_failures",
+                "Expired allocation directories the last log retention pass could not delete (retried next pass).",
+                "gauge",
+                stats.failing(),
+            ),
+        ],
+    )
 }
 
 #[derive(Clone)]
