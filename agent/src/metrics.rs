@@ -582,14 +582,19 @@ mod tests {
         assert_eq!(text.matches("# TYPE DCGM_FI_DEV_GPU_UTIL gauge").count(), 1);
     }
 
-    #[test]
-    fn outbox_metrics_carry_the_host_labels() {
-        let identity = NodeIdentity {
+    /// Host `h` of aws region `r`: labels `Hostname="h",provider="aws",region="r"`.
+    fn host_h() -> NodeIdentity {
+        NodeIdentity {
             hostname: "h".into(),
             provider: "aws".into(),
             region: "r".into(),
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn outbox_metrics_carry_the_host_labels() {
+        let identity = host_h();
         let stats = OutboxStats {
             bytes: 2048,
             events: 3,
@@ -609,12 +614,7 @@ mod tests {
     #[test]
     fn retention_metrics_carry_the_host_labels() {
         use crate::log_retention::Pruned;
-        let identity = NodeIdentity {
-            hostname: "h".into(),
-            provider: "aws".into(),
-            region: "r".into(),
-            ..Default::default()
-        };
+        let identity = host_h();
         let stats = RetentionStats::default();
         stats.record(&Pruned {
             removed: vec!["a".into(), "b".into()],
