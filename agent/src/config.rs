@@ -35,8 +35,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::backend::catalog;
 use crate::health::HealthPolicy;
+use gpufleet_core::catalog;
+use gpufleet_core::parse_size;
 
 pub const DEFAULT_CONTROLLER: &str = "http://127.0.0.1:7070";
 pub const DEFAULT_PROVIDER: &str = "onprem";
@@ -401,36 +402,6 @@ fn parse_retention(key: &'static str, s: &str) -> Result<Option<Duration>, Confi
 
 fn parse_bytes(key: &'static str, s: &str) -> Result<u64, ConfigError> {
     parse_size(s).map_err(|message| invalid(key, message))
-}
-
-/// `67108864`, `64MiB`, `512 KiB`, `1GiB` (also KB/MB/GB, as powers of
-/// 1000). The error says what a size looks like. Shared with the
-/// controller's configuration.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let text = s.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        _ => {
-            return Err(format!(
-                "{s:?} is not a size like 67108864 or 64MiB (units: B, K/KiB, M/MiB, G/GiB binary; KB, MB, GB decimal)"
-            ));
-        }
-    };
-    number
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(multiplier))
-        .ok_or_else(|| format!("{s:?} is not a size like 67108864 or 64MiB"))
 }
 
 fn parse_u64(key: &'static str, s: &str) -> Result<u64, ConfigError> {

@@ -4,7 +4,7 @@
 //! the node id to it at the first registration, so another agent — even one
 //! with the join token — cannot take the id over.
 
-use std::io::Write as _;
+use gpufleet_core::write_private_file;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -57,27 +57,6 @@ impl NodeSecret {
     pub fn path(&self) -> &Path {
         &self.path
     }
-}
-
-/// Writes `text` (and a newline) to `path`, readable by the owner only
-/// (mode 0600), through a temporary file so that a reader never sees half
-/// of it. For secrets: node secrets here, tokens in the controller.
-pub fn write_private_file(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(text.as_bytes())?;
-    file.write_all(b"\n")?;
-    file.sync_all()?;
-    // The mode at creation is masked by the umask, which only removes
-    // bits; set it anyway in case the file system ignored it.
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

@@ -34,13 +34,13 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
 pub use backend::GpuBackend;
-pub use backend::catalog;
-pub use backend::catalog::{ModelSpec, parse_gpu_declaration};
 pub use backend::simulated::{SimFault, SimulatedBackend};
 pub use config::{
     AgentConfig, ConfigError, ConfigOverrides, GpuBackendKind, MonitoringConfig, NodeConfig,
     TlsClientConfig,
 };
+pub use gpufleet_core::catalog;
+pub use gpufleet_core::catalog::{ModelSpec, parse_gpu_declaration};
 pub use health::{HealthPolicy, HealthTracker};
 pub use outbox::{Outbox, OutboxStats};
 pub use service::AgentService;

@@ -173,16 +173,6 @@ pub fn validate_allocation_id(id: &str) -> Result<(), SupervisorError> {
     Ok(())
 }
 
-fn is_terminal(state: WorkloadState) -> bool {
-    matches!(
-        state,
-        WorkloadState::Succeeded
-            | WorkloadState::Failed
-            | WorkloadState::Stopped
-            | WorkloadState::Lost
-    )
-}
-
 struct Workload {
     allocation: Allocation,
     source: Source,
@@ -252,7 +242,7 @@ impl Workload {
     }
 
     fn terminal(&self) -> bool {
-        is_terminal(self.state)
+        gpufleet_core::is_terminal_workload(self.state)
     }
 
     /// Takes the outcome from the shim's exit record.

@@ -66,8 +66,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     anyhow::ensure!(args.batch > 0, "--batch must be at least 1");
     let cache = match &args.store_cache {
-        Some(text) => gpufleet_agent::config::parse_size(text)
-            .map_err(|e| anyhow::anyhow!("--store-cache: {e}"))?,
+        Some(text) => {
+            gpufleet_core::parse_size(text).map_err(|e| anyhow::anyhow!("--store-cache: {e}"))?
+        }
         None => gpufleet_controller::store::DEFAULT_CACHE_BYTES,
     };
     let dir = tempfile::tempdir()?;

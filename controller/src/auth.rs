@@ -327,7 +327,7 @@ impl Authority {
         let mut batch = WriteBatch::default();
         batch.put_raw(Keyspace::Settings, JOIN_TOKEN_KEY, digest.clone());
         store.apply(batch)?;
-        gpufleet_agent::identity::write_private_file(path, &token).map_err(|e| {
+        gpufleet_core::write_private_file(path, &token).map_err(|e| {
             ControllerError::Internal(format!(
                 "cannot write the join token to {}: {e}",
                 path.display()
@@ -346,7 +346,7 @@ impl Authority {
         }
         let (_, token) =
             self.create_token(store, "bootstrap-admin", Role::Admin, ALL_TENANTS, None)?;
-        gpufleet_agent::identity::write_private_file(path, &token).map_err(|e| {
+        gpufleet_core::write_private_file(path, &token).map_err(|e| {
             ControllerError::Internal(format!(
                 "cannot write the bootstrap admin token to {}: {e}",
                 path.display()

@@ -320,14 +320,14 @@ impl ControllerConfig {
             ));
         }
         let generation = |key: &str, name: &str| {
-            crate::validate::parse_generation(name)
+            gpufleet_core::parse_generation(name)
                 .map(|g| g as i32)
                 .ok_or_else(|| {
                     invalid(
                         key,
                         format!(
                             "{name:?} is not a GPU generation; accepted: {}",
-                            crate::validate::generation_names().join(", ")
+                            gpufleet_core::generation_names().join(", ")
                         ),
                     )
                 })
@@ -418,7 +418,7 @@ impl ControllerConfig {
         let store_cache_bytes = match &file.store_cache {
             None => DEFAULT_STORE_CACHE_BYTES,
             Some(text) => {
-                let bytes = gpufleet_agent::config::parse_size(text)
+                let bytes = gpufleet_core::parse_size(text)
                     .map_err(|message| invalid("store_cache", message))?;
                 if bytes < 1 << 20 {
                     return Err(invalid(
@@ -530,7 +530,7 @@ impl ControllerConfig {
                     .filter_map(|(g, f)| {
                         gpufleet_proto::v1::GpuGeneration::try_from(*g)
                             .ok()
-                            .map(|g| (crate::validate::generation_name(g), *f))
+                            .map(|g| (gpufleet_core::generation_name(g).to_string(), *f))
                     })
                     .collect(),
             ),
@@ -550,7 +550,13 @@ impl ControllerConfig {
                                         .filter_map(|(g, n)| {
                                             gpufleet_proto::v1::GpuGeneration::try_from(*g)
                                                 .ok()
-                                                .map(|g| (crate::validate::generation_name(g), *n))
+                                                .map(|g| {
+                                                    (
+                                                        gpufleet_core::generation_name(g)
+                                                            .to_string(),
+                                                        *n,
+                                                    )
+                                                })
                                         })
                                         .collect(),
                                 ),

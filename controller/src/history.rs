@@ -14,8 +14,9 @@
 
 use gpufleet_proto::v1::{Job, JobState};
 
-use crate::lifecycle::{is_terminal_job, task_holds_gpus};
+use crate::lifecycle::task_holds_gpus;
 use crate::store::{self, IdRange, Keyspace, Store, StoreError, WriteBatch};
+use gpufleet_core::is_terminal_job;
 
 /// A new job id: `job-` and 16 hex digits, the submit's Unix second (9
 /// digits) then 28 random bits (7 digits).

@@ -18,22 +18,7 @@ pub fn now_ts() -> Timestamp {
     Timestamp::from(SystemTime::now())
 }
 
-pub fn is_terminal_job(state: JobState) -> bool {
-    matches!(
-        state,
-        JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::Lost
-    )
-}
-
-pub fn is_terminal_workload(state: WorkloadState) -> bool {
-    matches!(
-        state,
-        WorkloadState::Succeeded
-            | WorkloadState::Failed
-            | WorkloadState::Stopped
-            | WorkloadState::Lost
-    )
-}
+pub use gpufleet_core::{is_terminal_job, is_terminal_workload};
 
 /// A task holds its GPUs until the agent says it ended (or its node is lost).
 pub fn task_holds_gpus(task: &TaskStatus) -> bool {

@@ -199,7 +199,7 @@ pub async fn start(
             .with_context(|| format!("cannot listen on {}", config.listen))?,
     };
     let local_addr = listener.local_addr()?;
-    let known_models: Vec<ModelFacts> = gpufleet_agent::catalog::MODELS
+    let known_models: Vec<ModelFacts> = gpufleet_core::catalog::MODELS
         .iter()
         .map(|m| ModelFacts {
             name: m.model.to_string(),

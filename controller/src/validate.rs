@@ -14,34 +14,6 @@ const MAX_ARGV_BYTES: usize = 64 * 1024;
 const MAX_ENV_VARS: usize = 256;
 const RESERVED_ENV: &[&str] = &["CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"];
 
-/// Names of every generation a client may ask for, for error messages.
-pub fn generation_names() -> Vec<String> {
-    all_generations().map(generation_name).collect()
-}
-
-pub fn all_generations() -> impl Iterator<Item = GpuGeneration> {
-    (1..).map_while(|v| GpuGeneration::try_from(v).ok())
-}
-
-/// `GpuGeneration::Hopper` → `hopper`.
-pub fn generation_name(generation: GpuGeneration) -> String {
-    generation
-        .as_str_name()
-        .trim_start_matches("GPU_GENERATION_")
-        .to_ascii_lowercase()
-}
-
-/// Parses `hopper`, `Hopper`, `HOPPER` (or the enum's full name).
-pub fn parse_generation(name: &str) -> Option<GpuGeneration> {
-    let upper = name.trim().to_ascii_uppercase();
-    let full = if upper.starts_with("GPU_GENERATION_") {
-        upper
-    } else {
-        format!("GPU_GENERATION_{upper}")
-    };
-    GpuGeneration::from_str_name(&full).filter(|g| *g != GpuGeneration::Unspecified)
-}
-
 /// A job id as this controller issues them: `job-` and 16 lowercase hex
 /// digits (`history::new_job_id`), or 12 for jobs submitted before ids
 /// began with their submit time.
@@ -265,7 +237,7 @@ pub fn job_spec(mut spec: JobSpec, rules: &SubmitRules) -> Result<JobSpec> {
                 format!("spec.constraints.generations[{i}]"),
                 format!(
                     "{value} is not a known GPU generation; accepted: {}",
-                    generation_names().join(", ")
+                    gpufleet_core::generation_names().join(", ")
                 ),
             ));
         }
@@ -345,7 +317,7 @@ pub fn job_spec(mut spec: JobSpec, rules: &SubmitRules) -> Result<JobSpec> {
             format!(
                 "{} is not a known GPU generation; accepted: {}",
                 constraints.min_generation,
-                generation_names().join(", ")
+                gpufleet_core::generation_names().join(", ")
             ),
         ));
     }
@@ -377,7 +349,7 @@ pub fn job_spec(mut spec: JobSpec, rules: &SubmitRules) -> Result<JobSpec> {
                 format!("spec.constraints.models[{i}]"),
                 format!(
                     "{name} ({}, {} GiB, compute capability {}.{}) contradicts the generation, memory or compute-capability constraints",
-                    generation_name(
+                    gpufleet_core::generation_name(
                         GpuGeneration::try_from(model.generation)
                             .unwrap_or(GpuGeneration::Unspecified)
                     ),
@@ -625,10 +597,6 @@ mod tests {
         assert!(job_id("job_id", "job-").is_err());
         assert!(job_id("job_id", "job-0123456789AB").is_err());
         assert!(job_id("job_id", "../etc").is_err());
-        assert_eq!(parse_generation("Hopper"), Some(GpuGeneration::Hopper));
-        assert_eq!(parse_generation("unspecified"), None);
-        assert_eq!(parse_generation("fermi"), None);
-        assert!(generation_names().contains(&"blackwell".to_string()));
         assert!(node_id("n", "aws-use1-0").is_ok());
         assert!(node_id("n", "a/b").is_err());
     }

@@ -139,7 +139,7 @@ proptest! {
     fn ids_never_panic(id in ".{0,40}") {
         let _ = validate::job_id("job_id", &id);
         let _ = validate::node_id("node_id", &id);
-        let _ = validate::parse_generation(&id);
+        let _ = gpufleet_core::parse_generation(&id);
     }
 
     #[test]

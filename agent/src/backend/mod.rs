@@ -1,7 +1,6 @@
 //! GPU discovery and telemetry behind one trait: the real NVML backend and a
 //! simulated one for development, demos and tests.
 
-pub mod catalog;
 pub mod nvml;
 pub mod simulated;
 

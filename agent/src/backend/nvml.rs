@@ -17,9 +17,9 @@ use nvml_wrapper::sys_exports::field_id;
 use nvml_wrapper::{Device, Nvml};
 use tracing::{debug, warn};
 
-use super::catalog;
 use super::{GpuBackend, now_timestamp};
 use crate::health::RawXid;
+use gpufleet_core::catalog;
 
 /// The soname the driver package installs; the unversioned `.so` (the
 /// nvml-wrapper default) exists only with development packages.

@@ -10,9 +10,9 @@ use gpufleet_proto::v1::{GpuInfo, GpuProcess, GpuSample, NvLinkPeer};
 use rand::Rng;
 
 use super::GpuBackend;
-use super::catalog::{self, CatalogError, ModelSpec};
 use super::nvml::throttle_reason_names;
 use crate::health::RawXid;
+use gpufleet_core::catalog::{self, CatalogError, ModelSpec};
 
 /// A little idle PCIe traffic (KiB/s), so idle GPUs are not flat zero.
 fn rng_small(base: f64) -> u32 {

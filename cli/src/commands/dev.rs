@@ -314,7 +314,7 @@ async fn demo_job(endpoint: &str, token: &str) -> anyhow::Result<bool> {
             })
             .await?
             .into_inner();
-        if gpufleet_controller::state::is_terminal_job(job.state()) {
+        if gpufleet_core::is_terminal_job(job.state()) {
             break job;
         }
         if Instant::now() > deadline {

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use gpufleet_controller::validate::{generation_names, parse_generation};
+use gpufleet_core::{generation_names, parse_generation};
 use gpufleet_proto::v1::{
     CancelJobRequest, ExplainJobRequest, GetJobRequest, Job, JobConstraints, JobSpec, JobState,
     ListJobsRequest, Locality, PlacementPolicy, RetryPolicy, StreamJobLogsRequest,

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use gpufleet_controller::validate::{generation_names, parse_generation};
+use gpufleet_core::{generation_names, parse_generation};
 use gpufleet_proto::v1::usage_client::UsageClient;
 use gpufleet_proto::v1::{
     GpuGeneration, Granularity, ListUsageRecordsRequest, MarketElasticityRequest,

@@ -235,7 +235,7 @@ impl Usage for UsageService {
             return Err(Status::invalid_argument(format!(
                 "generation: {} is not a GPU generation; accepted: {}",
                 r.generation,
-                crate::validate::generation_names().join(", ")
+                gpufleet_core::generation_names().join(", ")
             )));
         }
         let (since, _) = range(r.since.as_ref(), None, 7 * DAY)?;

@@ -184,7 +184,7 @@ pub fn build_record(
     now_ms: u64,
 ) -> Option<UsageRecord> {
     let started = ts_ms(task.started_at.as_ref()?);
-    let running = !crate::lifecycle::is_terminal_workload(task.state());
+    let running = !gpufleet_core::is_terminal_workload(task.state());
     let ended = if running {
         now_ms
     } else {

@@ -1,8 +1,8 @@
 //! Catalog of NVIDIA data-centre GPU models with their real properties.
 //!
-//! The simulated backend builds GPUs from it, the NVML backend maps a driver
-//! device name onto it, and the controller and CLI use the generation helpers
-//! for validation and display.
+//! The agent's simulated backend builds GPUs from it, its NVML backend maps
+//! a driver device name onto it, and the controller and CLI use the model
+//! facts and the generation names for validation and display.
 
 use gpufleet_proto::v1::GpuGeneration;
 
@@ -298,8 +298,34 @@ pub fn model_from_nvml_name(name: &str, memory_bytes: u64) -> Option<&'static Mo
     }
 }
 
-/// Parses a generation name (`hopper`, `Ampere`, `ADA`, also the proto
-/// spelling `GPU_GENERATION_HOPPER`), case-insensitively.
+/// Every generation, oldest first (not `Unspecified`).
+pub fn all_generations() -> impl Iterator<Item = GpuGeneration> {
+    (1..).map_while(|v| GpuGeneration::try_from(v).ok())
+}
+
+/// Lowercase name of a generation: `hopper`, `ampere`, …; `unspecified`
+/// for the proto default. The one spelling flags, config and output use.
+pub fn generation_name(generation: GpuGeneration) -> &'static str {
+    match generation {
+        GpuGeneration::Unspecified => "unspecified",
+        GpuGeneration::Pascal => "pascal",
+        GpuGeneration::Volta => "volta",
+        GpuGeneration::Turing => "turing",
+        GpuGeneration::Ampere => "ampere",
+        GpuGeneration::Ada => "ada",
+        GpuGeneration::Hopper => "hopper",
+        GpuGeneration::Blackwell => "blackwell",
+    }
+}
+
+/// The accepted generation names, for error messages.
+pub fn generation_names() -> Vec<&'static str> {
+    all_generations().map(generation_name).collect()
+}
+
+/// Parses a generation name (`hopper`, `Ampere`, `ADA`, `ada-lovelace`,
+/// also the proto spelling `GPU_GENERATION_HOPPER`), case-insensitively.
+/// `None` for anything else, `unspecified` included.
 pub fn parse_generation(s: &str) -> Option<GpuGeneration> {
     let lower = s.trim().to_ascii_lowercase();
     let name = lower.strip_prefix("gpu_generation_").unwrap_or(&lower);
@@ -314,20 +340,6 @@ pub fn parse_generation(s: &str) -> Option<GpuGeneration> {
         _ => return None,
     };
     Some(generation)
-}
-
-/// Display name of a generation: `Hopper`, `Ampere`, …; `unknown` when unspecified.
-pub fn generation_name(generation: GpuGeneration) -> &'static str {
-    match generation {
-        GpuGeneration::Unspecified => "unknown",
-        GpuGeneration::Pascal => "Pascal",
-        GpuGeneration::Volta => "Volta",
-        GpuGeneration::Turing => "Turing",
-        GpuGeneration::Ampere => "Ampere",
-        GpuGeneration::Ada => "Ada",
-        GpuGeneration::Hopper => "Hopper",
-        GpuGeneration::Blackwell => "Blackwell",
-    }
 }
 
 #[cfg(test)]
@@ -399,6 +411,9 @@ mod tests {
             Some(GpuGeneration::Hopper)
         );
         assert_eq!(parse_generation("kepler"), None);
-        assert_eq!(generation_name(GpuGeneration::Unspecified), "unknown");
+        assert_eq!(parse_generation("unspecified"), None);
+        assert_eq!(generation_name(GpuGeneration::Unspecified), "unspecified");
+        assert!(generation_names().contains(&"blackwell"));
+        assert_eq!(generation_names().len(), 7);
     }
 }

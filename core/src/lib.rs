@@ -1,0 +1,18 @@
+//! The facts agent, controller and CLI share: the GPU catalogue and
+//! generation names, sizes, job and workload state predicates, the
+//! injected [`Clock`], and private files for secrets. Plain Rust over the
+//! proto's enums; no I/O framework, no async.
+
+pub mod catalog;
+pub mod clock;
+pub mod private_file;
+pub mod states;
+pub mod units;
+
+pub use catalog::{
+    CatalogError, ModelSpec, all_generations, generation_name, generation_names, parse_generation,
+};
+pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
+pub use private_file::write_private_file;
+pub use states::{is_terminal_job, is_terminal_workload};
+pub use units::parse_size;
