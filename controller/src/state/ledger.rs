@@ -1,0 +1,129 @@
+//! Usage and market queries over the ledger and the live allocations.
+
+use std::sync::MutexGuard;
+use std::time::SystemTime;
+
+use super::*;
+use crate::error::Result;
+use crate::lifecycle::task_holds_gpus;
+use crate::placement;
+use crate::usage;
+
+impl Controller {
+    /// Live records of running allocations, up to now.
+    pub(super) fn live_usage(
+        &self,
+        state: &State,
+        now_ms: u64,
+    ) -> Vec<gpufleet_proto::v1::UsageRecord> {
+        let feed = self.usage_feed();
+        let mut out = Vec::new();
+        for job in state.jobs.values() {
+            for task in job.tasks.iter().filter(|t| task_holds_gpus(t)) {
+                let facts = node_facts(state, &task.node_id);
+                if let Some(r) = usage::build_record(
+                    job,
+                    task,
+                    &facts,
+                    feed.acc.get(&task.allocation_id),
+                    now_ms,
+                ) {
+                    out.push(r);
+                }
+            }
+        }
+        out
+    }
+
+    pub fn usage_report(
+        &self,
+        query: &usage::ReportQuery,
+        include_running: bool,
+    ) -> gpufleet_proto::v1::UsageReportResponse {
+        let state = self.lock();
+        let now = placement::unix_secs(SystemTime::now());
+        let live = if include_running {
+            self.live_usage(&state, now * 1000)
+        } else {
+            Vec::new()
+        };
+        state.ledger.report(query, &live, now)
+    }
+
+    /// Ledger records (and live ones when asked, first) matching `filter`,
+    /// one page.
+    pub fn list_usage(
+        &self,
+        filter: &usage::RecordFilter,
+        page_size: usize,
+        offset: usize,
+    ) -> Result<(Vec<gpufleet_proto::v1::UsageRecord>, bool)> {
+        let state = self.lock();
+        let now_ms = placement::unix_secs(SystemTime::now()) * 1000;
+        let live: Vec<gpufleet_proto::v1::UsageRecord> = if filter.include_running {
+            self.live_usage(&state, now_ms)
+                .into_iter()
+                .filter(|r| filter.matches(r))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let live_count = live.len();
+        let mut page: Vec<_> = live.into_iter().skip(offset).take(page_size + 1).collect();
+        if page.len() > page_size {
+            page.truncate(page_size);
+            return Ok((page, true));
+        }
+        let (stored, more) = state.ledger.list(
+            &self.inner.store,
+            filter,
+            offset.saturating_sub(live_count),
+            page_size - page.len(),
+        )?;
+        page.extend(stored);
+        Ok((page, more))
+    }
+
+    pub fn market_tightness(&self, since_secs: u64) -> gpufleet_proto::v1::MarketTightnessResponse {
+        let state = self.lock();
+        gpufleet_proto::v1::MarketTightnessResponse {
+            regions: state.market.tightness(since_secs),
+            unmet_demand_gpus: state.market.unmet_demand_gpus,
+        }
+    }
+
+    pub fn market_elasticity(
+        &self,
+        region: &str,
+        generation: i32,
+        since_secs: u64,
+    ) -> gpufleet_proto::v1::MarketElasticityResponse {
+        self.lock()
+            .market
+            .elasticity(region, generation, since_secs)
+    }
+
+    /// The queue-wait histogram so far.
+    pub fn queue_wait(&self) -> WaitHistogram {
+        self.usage_feed().queue_wait.clone()
+    }
+
+    pub(super) fn usage_feed(&self) -> MutexGuard<'_, UsageFeed> {
+        self.inner
+            .usage_feed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+pub(super) fn node_facts(state: &State, node_id: &str) -> usage::NodeFacts {
+    state
+        .nodes
+        .get(node_id)
+        .and_then(|e| e.record.identity.as_ref())
+        .map(|i| usage::NodeFacts {
+            zone: i.zone.clone(),
+            spot: i.spot,
+        })
+        .unwrap_or_default()
+}

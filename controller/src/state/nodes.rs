@@ -1,0 +1,365 @@
+//! The node registry: cordon, drain, leases (NotReady, Lost), listings and
+//! capacity.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use gpufleet_proto::v1::{
+    CapacityDimension, CapacityGroup, GetCapacityResponse, GpuHealth, Job, JobState, Node,
+    NodeState, WorkloadState,
+};
+
+use super::*;
+use crate::error::{ControllerError, Result};
+use crate::lifecycle::{
+    derive_job_state, enforce_max_runtime, is_desired, job_nodes, requeue, task_holds_gpus,
+};
+use crate::store::{Keyspace, WriteBatch};
+use crate::telemetry::TelemetryHub;
+use crate::validate;
+
+impl Controller {
+    pub fn cordon_node(&self, node_id: &str, reason: &str) -> Result<Node> {
+        self.update_node(node_id, |node| {
+            node.cordoned = true;
+            node.cordon_reason = if reason.is_empty() {
+                "cordoned by an operator".to_string()
+            } else {
+                reason.to_string()
+            };
+        })
+    }
+
+    pub fn uncordon_node(&self, node_id: &str) -> Result<Node> {
+        let node = self.update_node(node_id, |node| {
+            node.cordoned = false;
+            node.cordon_reason.clear();
+            node.drain_deadline = None;
+        })?;
+        self.inner.schedule.notify_one();
+        Ok(node)
+    }
+
+    /// Cordons the node; work still running at the deadline is evicted and
+    /// queued again.
+    pub fn drain_node(&self, node_id: &str, deadline: Duration) -> Result<Node> {
+        let at = SystemTime::now() + deadline;
+        let node = self.update_node(node_id, |node| {
+            node.cordoned = true;
+            node.cordon_reason = "draining".to_string();
+            node.drain_deadline = Some(prost_types::Timestamp::from(at));
+        })?;
+        self.check_leases()?;
+        Ok(node)
+    }
+
+    pub(super) fn update_node(
+        &self,
+        node_id: &str,
+        change: impl FnOnce(&mut Node),
+    ) -> Result<Node> {
+        validate::node_id("node_id", node_id)?;
+        let mut state = self.lock();
+        let entry = state.nodes.get(node_id).ok_or_else(|| {
+            ControllerError::NotFound(format!("node {node_id} is not registered"))
+        })?;
+        let mut record = entry.record.clone();
+        change(&mut record);
+        let mut batch = WriteBatch::default();
+        batch.put(Keyspace::Nodes, node_id, &record);
+        self.inner.store.write(batch);
+        if let Some(entry) = state.nodes.get_mut(node_id) {
+            entry.record = record;
+        }
+        let entry = &state.nodes[node_id];
+        Ok(node_view(&state, entry, &self.inner.telemetry))
+    }
+
+    /// Moves silent nodes to NotReady, then Lost; ends the tasks of lost
+    /// nodes. Call about once a second.
+    pub fn check_leases(&self) -> Result<()> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let config = &self.inner.config;
+        let mut node_updates = Vec::new();
+        let mut lost_nodes = Vec::new();
+        for (id, entry) in &mut state.nodes {
+            let silent = now.duration_since(entry.last_seen);
+            let next = match entry.record.state() {
+                NodeState::Ready
+                    if silent >= config.node_not_ready_after || entry.session.is_none() =>
+                {
+                    Some(NodeState::NotReady)
+                }
+                NodeState::NotReady if silent >= config.node_lost_after => Some(NodeState::Lost),
+                _ => None,
+            };
+            if let Some(next) = next {
+                tracing::warn!(node_id = %id, silent_for = ?silent, state = ?next, "node lease missed");
+                entry.record.set_state(next);
+                node_updates.push((id.clone(), entry.record.clone()));
+                if next == NodeState::Lost {
+                    lost_nodes.push(id.clone());
+                }
+            }
+        }
+        let mut batch = WriteBatch::default();
+        for (id, record) in &node_updates {
+            batch.put(Keyspace::Nodes, id, record);
+        }
+        self.inner.store.write(batch);
+
+        let mut changed = Vec::new();
+        let mut retired = Vec::new();
+        if !lost_nodes.is_empty() {
+            for job in state.jobs.values() {
+                let mut job = job.clone();
+                let mut touched = false;
+                for task in job
+                    .tasks
+                    .iter_mut()
+                    .filter(|t| lost_nodes.contains(&t.node_id))
+                {
+                    if task_holds_gpus(task) {
+                        task.set_state(WorkloadState::Lost);
+                        task.message = format!("node {} was lost", task.node_id);
+                        task.finished_at = Some(now_ts());
+                        touched = true;
+                    }
+                }
+                if touched {
+                    retired.extend(derive_job_state(&mut job));
+                    job.version += 1;
+                    changed.push(job);
+                }
+            }
+        }
+        // Max runtimes, and drains whose deadline passed.
+        let wall = SystemTime::now();
+        let drained: BTreeSet<String> = state
+            .nodes
+            .iter()
+            .filter(|(_, e)| {
+                e.record
+                    .drain_deadline
+                    .and_then(|t| SystemTime::try_from(t).ok())
+                    .is_some_and(|deadline| deadline <= wall)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for job in state.jobs.values() {
+            if changed.iter().any(|c: &Job| c.id == job.id) {
+                continue;
+            }
+            let mut job = job.clone();
+            if let Some(ended) = enforce_max_runtime(&mut job, wall) {
+                tracing::info!(job_id = %job.id, "job exceeded its max runtime");
+                retired.extend(ended);
+                job.version += 1;
+                changed.push(job);
+            } else if is_desired(&job)
+                && job
+                    .tasks
+                    .iter()
+                    .any(|t| drained.contains(&t.node_id) && task_holds_gpus(t))
+            {
+                let nodes: Vec<String> = job_nodes(&job)
+                    .into_iter()
+                    .filter(|n| drained.contains(n))
+                    .collect();
+                retired.extend(requeue(
+                    &mut job,
+                    format!("evicted: node {} was drained", nodes.join(",")),
+                    None,
+                ));
+                job.version += 1;
+                changed.push(job);
+            }
+        }
+        let touched: BTreeSet<String> = changed.iter().flat_map(job_nodes).collect();
+        let requeued = changed.iter().any(|j| j.state() == JobState::Pending);
+        self.commit_jobs_retiring(&mut state, changed, retired)?;
+        if requeued {
+            self.inner.schedule.notify_one();
+        }
+        let resend: Vec<String> = state
+            .nodes
+            .iter()
+            .filter(|(_, e)| {
+                e.session
+                    .as_ref()
+                    .is_some_and(|s| s.undelivered.load(Ordering::SeqCst))
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for node_id in touched.into_iter().chain(resend) {
+            self.push_desired(&mut state, &node_id, false);
+        }
+        if !node_updates.is_empty() {
+            self.inner.schedule.notify_one();
+        }
+        Ok(())
+    }
+
+    pub fn list_nodes(&self, provider: &str, region: &str, states: &[NodeState]) -> Vec<Node> {
+        let state = self.lock();
+        state
+            .nodes
+            .values()
+            .filter(|e| {
+                let identity = e.record.identity.clone().unwrap_or_default();
+                (provider.is_empty() || identity.provider == provider)
+                    && (region.is_empty() || identity.region == region)
+                    && (states.is_empty() || states.contains(&e.record.state()))
+            })
+            .map(|e| node_view(&state, e, &self.inner.telemetry))
+            .collect()
+    }
+
+    pub fn get_node(&self, node_id: &str) -> Result<Node> {
+        validate::node_id("node_id", node_id)?;
+        let state = self.lock();
+        state
+            .nodes
+            .get(node_id)
+            .map(|e| node_view(&state, e, &self.inner.telemetry))
+            .ok_or_else(|| ControllerError::NotFound(format!("node {node_id} is not registered")))
+    }
+
+    pub fn capacity(&self, group_by: &[CapacityDimension]) -> Result<GetCapacityResponse> {
+        for (i, dim) in group_by.iter().enumerate() {
+            if *dim == CapacityDimension::Unspecified {
+                return Err(ControllerError::invalid(
+                    format!("group_by[{i}]"),
+                    "accepted dimensions: provider, region, generation, model",
+                ));
+            }
+        }
+        let state = self.lock();
+        let held = held_gpus(&state);
+        // Group key (provider, region, generation, model) → totals and the nodes counted.
+        type GroupKey = (String, String, i32, String);
+        let mut groups: BTreeMap<GroupKey, (CapacityGroup, BTreeSet<String>)> = BTreeMap::new();
+        let mut total = (CapacityGroup::default(), BTreeSet::new());
+        for (node_id, entry) in &state.nodes {
+            if entry.record.state() == NodeState::Lost {
+                continue;
+            }
+            let identity = entry.record.identity.clone().unwrap_or_default();
+            let ready = entry.record.state() == NodeState::Ready;
+            for gpu in &entry.record.gpus {
+                let info = gpu.info.clone().unwrap_or_default();
+                let key = (
+                    if group_by.contains(&CapacityDimension::Provider) {
+                        identity.provider.clone()
+                    } else {
+                        String::new()
+                    },
+                    if group_by.contains(&CapacityDimension::Region) {
+                        identity.region.clone()
+                    } else {
+                        String::new()
+                    },
+                    if group_by.contains(&CapacityDimension::Generation) {
+                        info.generation
+                    } else {
+                        0
+                    },
+                    if group_by.contains(&CapacityDimension::Model) {
+                        info.model.clone()
+                    } else {
+                        String::new()
+                    },
+                );
+                let healthy = ready && gpu.health() != GpuHealth::Unhealthy;
+                let allocated = held.contains_key(&info.uuid);
+                let price = identity.price_per_gpu_hour_micro_usd;
+                let group = groups.entry(key.clone()).or_insert_with(|| {
+                    (
+                        CapacityGroup {
+                            provider: key.0.clone(),
+                            region: key.1.clone(),
+                            generation: key.2,
+                            model: key.3.clone(),
+                            min_price_per_gpu_hour_micro_usd: u64::MAX,
+                            ..Default::default()
+                        },
+                        BTreeSet::new(),
+                    )
+                });
+                if total.1.is_empty() && total.0.total_gpus == 0 {
+                    total.0.min_price_per_gpu_hour_micro_usd = u64::MAX;
+                }
+                for (g, nodes) in [(&mut group.0, &mut group.1), (&mut total.0, &mut total.1)] {
+                    nodes.insert(node_id.clone());
+                    g.nodes = nodes.len() as u32;
+                    g.total_gpus += 1;
+                    g.healthy_gpus += healthy as u32;
+                    g.allocated_gpus += allocated as u32;
+                    g.free_gpus += (healthy && !allocated) as u32;
+                    g.min_price_per_gpu_hour_micro_usd =
+                        g.min_price_per_gpu_hour_micro_usd.min(price);
+                    g.max_price_per_gpu_hour_micro_usd =
+                        g.max_price_per_gpu_hour_micro_usd.max(price);
+                }
+            }
+        }
+        let fix = |mut g: CapacityGroup| {
+            if g.min_price_per_gpu_hour_micro_usd == u64::MAX {
+                g.min_price_per_gpu_hour_micro_usd = 0;
+            }
+            g
+        };
+        Ok(GetCapacityResponse {
+            groups: if group_by.is_empty() {
+                Vec::new()
+            } else {
+                groups.into_values().map(|(g, _)| fix(g)).collect()
+            },
+            total: Some(fix(total.0)),
+            as_of: Some(now_ts()),
+        })
+    }
+}
+
+/// GPU UUID → (job id, allocation id) for every GPU a task still holds.
+pub(super) fn held_gpus(state: &State) -> HashMap<String, (String, String)> {
+    let mut held = HashMap::new();
+    for job in state.jobs.values() {
+        for task in job.tasks.iter().filter(|t| task_holds_gpus(t)) {
+            for uuid in &task.gpu_uuids {
+                held.insert(uuid.clone(), (job.id.clone(), task.allocation_id.clone()));
+            }
+        }
+    }
+    held
+}
+
+pub(super) fn node_view(state: &State, entry: &NodeEntry, telemetry: &TelemetryHub) -> Node {
+    let held = held_gpus(state);
+    let mut node = entry.record.clone();
+    let node_id = node
+        .identity
+        .as_ref()
+        .map(|i| i.node_id.as_str())
+        .unwrap_or_default();
+    let mut latest = telemetry.latest_for_node(node_id);
+    node.connected = entry.session.is_some();
+    let mut allocated = 0;
+    for gpu in &mut node.gpus {
+        let uuid = gpu
+            .info
+            .as_ref()
+            .map(|i| i.uuid.clone())
+            .unwrap_or_default();
+        if let Some((job_id, allocation_id)) = held.get(&uuid) {
+            gpu.job_id = job_id.clone();
+            gpu.allocation_id = allocation_id.clone();
+            allocated += 1;
+        }
+        gpu.latest = latest.remove(&uuid).map(Box::new);
+    }
+    node.allocated_gpus = allocated;
+    node
+}

@@ -1,0 +1,290 @@
+//! Scheduling passes, explain, and the market signals recorded once a
+//! minute: the controller's side of the pure scheduler (see
+//! [`crate::placement`] for the conversions).
+
+use std::collections::BTreeSet;
+use std::time::SystemTime;
+
+use gpufleet_proto::v1::{JobState, TaskStatus};
+
+use super::*;
+use crate::error::{ControllerError, Result};
+use crate::lifecycle::{is_desired, job_nodes, requeue};
+use crate::placement;
+use crate::scheduler::{self, Fleet, NodeInput, Outcome};
+use crate::store::{Keyspace, WriteBatch};
+use crate::usage;
+use crate::validate;
+
+impl Controller {
+    /// Waits until something may have made a pending job placeable.
+    pub async fn schedule_wanted(&self) {
+        self.inner.schedule.notified().await;
+    }
+
+    pub fn request_schedule(&self) {
+        self.inner.schedule.notify_one();
+    }
+
+    /// One scheduling pass over every pending job. Returns how many were placed.
+    pub fn schedule_pass(&self) -> Result<usize> {
+        let mut state = self.lock();
+        let config = &self.inner.config.scheduler;
+        let now = placement::unix_secs(SystemTime::now());
+        let (held, running_norm) = placement::tenant_allocation(state.jobs.values(), config);
+        state.fair.advance(now, &running_norm);
+        let pending = placement::pending_jobs(state.jobs.values());
+        // Every finished task asks for a pass; with nothing queued there is
+        // nothing to decide, and building the fleet index is most of a pass.
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let mut fleet = fleet_index(&state);
+        let inputs: Vec<scheduler::JobInput> =
+            pending.iter().map(|j| placement::job_input(j)).collect();
+        let tenants = placement::tenant_state(&state.fair, held);
+        let result = scheduler::schedule(&mut fleet, &inputs, config, &tenants, now);
+
+        let ts = now_ts();
+        let mut changed = Vec::new();
+        let mut starts = Vec::new();
+        let mut victims: BTreeSet<String> = BTreeSet::new();
+        for ((job, input), outcome) in pending.iter().zip(&inputs).zip(result.outcomes) {
+            match outcome {
+                Outcome::Placed(placements) => {
+                    let mut job = (*job).clone();
+                    job.set_state(JobState::Scheduled);
+                    job.pending_reason = None;
+                    job.scheduled_at = Some(ts);
+                    job.not_before = None;
+                    job.tasks = placements
+                        .into_iter()
+                        .enumerate()
+                        .map(|(index, p)| {
+                            let model = state
+                                .nodes
+                                .get(&p.node_id)
+                                .and_then(|e| {
+                                    e.record
+                                        .gpus
+                                        .iter()
+                                        .filter_map(|g| g.info.as_ref())
+                                        .find(|i| p.gpu_uuids.first() == Some(&i.uuid))
+                                })
+                                .map(|i| i.model.clone())
+                                .unwrap_or_default();
+                            TaskStatus {
+                                index: index as u32,
+                                // Unique per attempt: an agent never re-runs an
+                                // allocation id it has seen finish.
+                                allocation_id: if job.attempt == 0 {
+                                    format!("{}.{index}", job.id)
+                                } else {
+                                    format!("{}.{index}.{}", job.id, job.attempt)
+                                },
+                                node_id: p.node_id,
+                                gpu_uuids: p.gpu_uuids,
+                                provider: p.provider,
+                                region: p.region,
+                                price_per_gpu_hour_micro_usd: p.price_per_gpu_hour_micro_usd,
+                                generation: p.generation,
+                                model,
+                                ..Default::default()
+                            }
+                        })
+                        .collect();
+                    job.version += 1;
+                    tracing::info!(job_id = %job.id, nodes = ?job_nodes(&job), "job scheduled");
+                    let wait_secs = job
+                        .created_at
+                        .and_then(|t| SystemTime::try_from(t).ok())
+                        .and_then(|t| SystemTime::now().duration_since(t).ok())
+                        .map_or(0.0, |d| d.as_secs_f64());
+                    for task in &job.tasks {
+                        starts.push(usage::market::StartEvent {
+                            first_task: task.index == 0,
+                            provider: task.provider.clone(),
+                            region: task.region.clone(),
+                            generation: task.generation,
+                            wait_secs,
+                            gpus: task.gpu_uuids.len() as u32,
+                        });
+                    }
+                    changed.push(job);
+                }
+                Outcome::Preempting { victims: evict } => {
+                    victims.extend(evict);
+                    let reason = gpufleet_proto::v1::PendingReason {
+                        code: scheduler::reason::PREEMPTING.to_string(),
+                        message: "evicting lower-priority preemptible work to make room"
+                            .to_string(),
+                        exclusions: Vec::new(),
+                    };
+                    if job.pending_reason.as_ref() != Some(&reason) {
+                        let mut job = (*job).clone();
+                        job.pending_reason = Some(reason);
+                        job.version += 1;
+                        changed.push(job);
+                    }
+                }
+                Outcome::Pending { code } => {
+                    // The full explanation only when the verdict changes:
+                    // it is the costly part of a pass.
+                    let same = job.pending_reason.as_ref().is_some_and(|r| r.code == code);
+                    if !same {
+                        let (reason, _, _) = scheduler::explain::explain(&fleet, input, code);
+                        let mut job = (*job).clone();
+                        job.pending_reason = Some(reason);
+                        job.version += 1;
+                        changed.push(job);
+                    }
+                }
+            }
+        }
+        let placed = changed
+            .iter()
+            .filter(|j| j.state() == JobState::Scheduled)
+            .count();
+        let mut retired = Vec::new();
+        for victim in &victims {
+            if let Some(job) = state.jobs.get(victim)
+                && is_desired(job)
+            {
+                let mut job = job.clone();
+                job.preemptions += 1;
+                retired.extend(requeue(
+                    &mut job,
+                    "preempted by a higher-priority job".to_string(),
+                    None,
+                ));
+                job.version += 1;
+                tracing::info!(job_id = %job.id, "job preempted");
+                changed.push(job);
+            }
+        }
+        let touched: BTreeSet<String> = changed.iter().flat_map(job_nodes).collect();
+        self.commit_jobs_retiring(&mut state, changed, retired)?;
+        {
+            let mut feed = self.usage_feed();
+            for start in &starts {
+                // One observation per job (its first task carries the wait).
+                if start.first_task {
+                    feed.queue_wait.observe(start.wait_secs);
+                }
+            }
+        }
+        for start in &starts {
+            state.starts.record(start);
+        }
+        for node_id in touched {
+            self.push_desired(&mut state, &node_id, false);
+        }
+        Ok(placed)
+    }
+
+    /// Once a minute: records market signals (and prunes what retention
+    /// drops). Called from the lease ticker.
+    pub fn record_market_minute(&self) -> Result<bool> {
+        let minute = placement::unix_secs(SystemTime::now()) / 60;
+        if minute <= self.lock().last_market_minute {
+            return Ok(false);
+        }
+        self.record_market_at(minute)?;
+        Ok(true)
+    }
+
+    /// Records the market signals of `minute` (Unix minutes) from the fleet
+    /// and queue as they are now. The ticker calls it once a minute; tests
+    /// and tools may call it directly.
+    pub fn record_market_at(&self, minute: u64) -> Result<()> {
+        let mut state = self.lock();
+        let now = placement::unix_secs(SystemTime::now()).max(minute * 60);
+        state.last_market_minute = state.last_market_minute.max(minute);
+        let fleet = fleet_index(&state);
+        let pending: Vec<scheduler::JobInput> = placement::pending_jobs(state.jobs.values())
+            .into_iter()
+            .map(placement::job_input)
+            .collect();
+        let snapshot = scheduler::market::snapshot(&fleet, &pending);
+        let starts = std::mem::take(&mut state.starts);
+        let signals = usage::market::signals_for_minute(minute * 60, &snapshot, &starts);
+        let mut batch = WriteBatch::default();
+        for signal in &signals {
+            batch.put(Keyspace::Market, &market_key(signal), signal);
+        }
+        for old in state.market.prune(now) {
+            batch.delete(Keyspace::Market, &market_key(&old));
+        }
+        // Ledger retention: a walk that stops at the first record still
+        // kept, so cheap when there is nothing to drop.
+        let store = &self.inner.store;
+        state
+            .ledger
+            .prune(store, &mut batch, now, LEDGER_PRUNE_BATCH)?;
+        self.inner.store.write(batch);
+        state.market.unmet_demand_gpus = snapshot.unmet_demand_gpus;
+        for signal in signals {
+            state.market.push(signal);
+        }
+        Ok(())
+    }
+
+    /// Why a job is pending, per constraint and per region, against the
+    /// fleet as it is now.
+    pub fn explain_job(&self, id: &str) -> Result<gpufleet_proto::v1::ExplainJobResponse> {
+        validate::job_id("job_id", id)?;
+        let state = self.lock();
+        let job = self
+            .find_job(&state, id)?
+            .ok_or_else(|| ControllerError::NotFound(format!("job {id} does not exist")))?;
+        let fleet = fleet_index(&state);
+        let input = placement::job_input(&job);
+        let code = match job.state() {
+            JobState::Pending => job
+                .pending_reason
+                .as_ref()
+                .map(|r| r.code.clone())
+                .unwrap_or_else(|| scheduler::reason::WAITING_FOR_SCHEDULER.to_string()),
+            _ => String::new(),
+        };
+        let (mut reason, regions, mut summary) = scheduler::explain::explain(&fleet, &input, &code);
+        if job.state() != JobState::Pending {
+            reason.code = String::new();
+            summary = format!(
+                "job {} is {} (not pending); this is how the fleet looks to its request now: {summary}",
+                job.id,
+                job.state()
+                    .as_str_name()
+                    .trim_start_matches("JOB_STATE_")
+                    .to_ascii_lowercase()
+            );
+        }
+        Ok(gpufleet_proto::v1::ExplainJobResponse {
+            job: Some(job),
+            reason: Some(reason),
+            regions,
+            summary,
+        })
+    }
+}
+
+pub(super) fn market_key(signal: &gpufleet_proto::v1::MarketSignal) -> String {
+    format!(
+        "{:012}/{}/{}/{}",
+        signal.at.map_or(0, |t| t.seconds),
+        signal.provider,
+        signal.region,
+        signal.generation
+    )
+}
+
+/// The scheduler's view of the fleet now.
+pub(super) fn fleet_index(state: &State) -> Fleet {
+    let nodes: Vec<NodeInput> = state
+        .nodes
+        .values()
+        .map(|e| placement::node_input(&e.record, e.session.is_some()))
+        .collect();
+    let running = placement::running_inputs(state.jobs.values());
+    Fleet::build(&nodes, &running)
+}
