@@ -16,8 +16,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use gpufleet_core::SharedClock;
 use gpufleet_proto::v1::Role;
 use ring::digest::{SHA256, digest};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -190,6 +191,8 @@ pub struct Authority {
     rate_limit: Option<RateLimit>,
     buckets: Mutex<HashMap<String, Bucket>>,
     random: SystemRandom,
+    /// Token expiry, binding times and rate-limit refills.
+    clock: SharedClock,
 }
 
 impl std::fmt::Debug for Authority {
@@ -217,12 +220,6 @@ fn hex(bytes: &[u8]) -> String {
         let _ = write!(out, "{b:02x}");
     }
     out
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -262,6 +259,7 @@ impl Authority {
         store: &dyn Store,
         join_token: &str,
         rate_limit: Option<RateLimit>,
+        clock: SharedClock,
     ) -> Result<Self> {
         let tokens: Vec<TokenRecord> = load_all(store, Keyspace::Tokens)?;
         let mut nodes = HashMap::new();
@@ -292,6 +290,7 @@ impl Authority {
             rate_limit,
             buckets: Mutex::new(HashMap::new()),
             random: SystemRandom::new(),
+            clock,
         })
     }
 
@@ -376,7 +375,7 @@ impl Authority {
         }
         let id = self.random_hex(ID_BYTES)?;
         let secret = self.random_hex(SECRET_BYTES)?;
-        let now = unix_now();
+        let now = self.clock.unix_secs();
         let record = TokenRecord {
             id: id.clone(),
             name: name.to_string(),
@@ -427,7 +426,7 @@ impl Authority {
         if record.revoked_unix != 0 {
             return Ok(record);
         }
-        let now = unix_now();
+        let now = self.clock.unix_secs();
         let usable =
             |t: &TokenRecord| t.revoked_unix == 0 && (t.expires_unix == 0 || t.expires_unix > now);
         if record.role == Role::Admin as i32
@@ -494,7 +493,7 @@ impl Authority {
                 record.name
             )));
         }
-        if record.expires_unix != 0 && record.expires_unix <= unix_now() {
+        if record.expires_unix != 0 && record.expires_unix <= self.clock.unix_secs() {
             return Err(ControllerError::Unauthenticated(format!(
                 "token {id} ({}) has expired; create a new one",
                 record.name
@@ -530,7 +529,7 @@ impl Authority {
         let Some(limit) = self.rate_limit else {
             return Ok(());
         };
-        let now = Instant::now();
+        let now = self.clock.monotonic();
         let mut buckets = self.buckets_lock();
         let bucket = buckets.entry(token_id.to_string()).or_insert(Bucket {
             tokens: limit.burst,
@@ -613,7 +612,7 @@ impl Authority {
         };
         let binding = NodeBinding {
             secret_sha256: sha256(secret.as_bytes()),
-            bound_unix: unix_now(),
+            bound_unix: self.clock.unix_secs(),
         };
         batch.put(Keyspace::NodeIdentities, node_id, &binding);
         Ok(NodeCheck {
@@ -649,12 +648,23 @@ impl Authority {
 mod tests {
     use super::*;
     use crate::store::SledStore;
+    use gpufleet_core::{Clock as _, ManualClock, SystemClock};
+    use std::sync::Arc;
 
     fn authority(limit: Option<RateLimit>) -> (tempfile::TempDir, SledStore, Authority) {
+        let (dir, store, auth, _) = authority_on_clock(limit);
+        (dir, store, auth)
+    }
+
+    /// An authority on virtual time, with its clock.
+    fn authority_on_clock(
+        limit: Option<RateLimit>,
+    ) -> (tempfile::TempDir, SledStore, Authority, Arc<ManualClock>) {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path()).unwrap();
-        let auth = Authority::load(&store, "", limit).unwrap();
-        (dir, store, auth)
+        let clock = Arc::new(ManualClock::at_unix_secs(1_800_000_000));
+        let auth = Authority::load(&store, "", limit, clock.clone()).unwrap();
+        (dir, store, auth, clock)
     }
 
     fn bearer(token: &str) -> String {
@@ -679,7 +689,7 @@ mod tests {
         assert!(matches!(err, ControllerError::PermissionDenied(_)), "{err}");
 
         drop(auth);
-        let again = Authority::load(&store, "", None).unwrap();
+        let again = Authority::load(&store, "", None, SystemClock::shared()).unwrap();
         assert_eq!(
             again.authenticate(Some(&bearer(&token))).unwrap().token_id,
             record.id
@@ -713,7 +723,7 @@ mod tests {
 
     #[test]
     fn expired_tokens_are_unauthenticated() {
-        let (_dir, store, auth) = authority(None);
+        let (_dir, store, auth, clock) = authority_on_clock(None);
         let (record, token) = auth
             .create_token(
                 &store,
@@ -723,12 +733,10 @@ mod tests {
                 Some(Duration::from_secs(3600)),
             )
             .unwrap();
-        assert!(record.expires_unix > unix_now());
+        assert_eq!(record.expires_unix, clock.unix_secs() + 3600);
+        clock.advance(Duration::from_secs(3599));
         assert!(auth.authenticate(Some(&bearer(&token))).is_ok());
-        // An hour later.
-        if let Some(r) = auth.write_tokens().get_mut(&record.id) {
-            r.expires_unix = unix_now() - 1;
-        }
+        clock.advance(Duration::from_secs(1));
         let err = auth.authenticate(Some(&bearer(&token))).unwrap_err();
         assert!(err.to_string().contains("expired"), "{err}");
     }
@@ -816,7 +824,7 @@ mod tests {
         assert!(auth.bind_node(&store, "n3", "short").is_err());
         let err = auth.bind_node(&store, "n1", "").unwrap_err();
         assert!(err.to_string().contains("reset-identity"), "{err}");
-        let reloaded = Authority::load(&store, "", None).unwrap();
+        let reloaded = Authority::load(&store, "", None, SystemClock::shared()).unwrap();
         assert!(reloaded.bind_node(&store, "n1", "guess").is_err());
         assert!(reloaded.reset_node(&store, "n1").unwrap());
         assert!(reloaded.bind_node(&store, "n1", "").unwrap().is_some());
@@ -830,9 +838,9 @@ mod tests {
         let token = std::fs::read_to_string(&path).unwrap();
         auth.check_join_token("n", token.trim()).unwrap();
         assert!(auth.check_join_token("n", "wrong").is_err());
-        let reloaded = Authority::load(&store, "", None).unwrap();
+        let reloaded = Authority::load(&store, "", None, SystemClock::shared()).unwrap();
         reloaded.check_join_token("n", token.trim()).unwrap();
-        let configured = Authority::load(&store, "mine", None).unwrap();
+        let configured = Authority::load(&store, "mine", None, SystemClock::shared()).unwrap();
         configured.check_join_token("n", "mine").unwrap();
         assert!(configured.check_join_token("n", token.trim()).is_err());
     }

@@ -14,10 +14,6 @@ use prost_types::Timestamp;
 
 use crate::scheduler::reason;
 
-pub fn now_ts() -> Timestamp {
-    Timestamp::from(SystemTime::now())
-}
-
 pub use gpufleet_core::{is_terminal_job, is_terminal_workload};
 
 /// A task holds its GPUs until the agent says it ended (or its node is lost).
@@ -36,7 +32,8 @@ pub fn is_desired(job: &Job) -> bool {
 
 /// Applies an agent's status to a task; returns whether anything changed.
 /// A terminal task never goes back to running.
-pub fn apply_status(task: &mut TaskStatus, status: &WorkloadStatus) -> bool {
+/// `now` stamps a task that ended without the agent saying when.
+pub fn apply_status(task: &mut TaskStatus, status: &WorkloadStatus, now: SystemTime) -> bool {
     if is_terminal_workload(task.state()) || status.state() == WorkloadState::Unspecified {
         return false;
     }
@@ -51,7 +48,7 @@ pub fn apply_status(task: &mut TaskStatus, status: &WorkloadStatus) -> bool {
     if status.finished_at.is_some() {
         task.finished_at = status.finished_at;
     } else if is_terminal_workload(status.state()) && task.finished_at.is_none() {
-        task.finished_at = Some(now_ts());
+        task.finished_at = Some(Timestamp::from(now));
     }
     // A task never ends before it starts, whatever an agent's clock said:
     // usage is end − start.
@@ -66,13 +63,18 @@ pub fn apply_status(task: &mut TaskStatus, status: &WorkloadStatus) -> bool {
 /// Moves the job to Requeuing (its tasks will be stopped), or straight back
 /// to Pending when nothing of it runs. `backoff` delays the next placement.
 /// Returns the tasks a return to Pending retired (see [`settle_requeue`]).
-pub fn requeue(job: &mut Job, why: String, backoff: Option<Duration>) -> Vec<TaskStatus> {
+pub fn requeue(
+    job: &mut Job,
+    why: String,
+    backoff: Option<Duration>,
+    now: SystemTime,
+) -> Vec<TaskStatus> {
     job.history.push(format!("attempt {}: {why}", job.attempt));
     job.set_state(JobState::Requeuing);
     job.message = why;
     job.not_before = backoff
         .filter(|d| !d.is_zero())
-        .map(|d| Timestamp::from(SystemTime::now() + d));
+        .map(|d| Timestamp::from(now + d));
     settle_requeue(job)
 }
 
@@ -106,14 +108,15 @@ fn backoff_for(job: &Job, retries_used: u32) -> Option<Duration> {
 
 /// Derives a job's state from its tasks, applying its retry policy.
 /// Returns the tasks a return to the queue retired (see [`settle_requeue`]).
-pub fn derive_job_state(job: &mut Job) -> Vec<TaskStatus> {
+pub fn derive_job_state(job: &mut Job, now: SystemTime) -> Vec<TaskStatus> {
     if job.state() == JobState::Requeuing {
         return settle_requeue(job);
     }
     if is_terminal_job(job.state()) {
         return Vec::new();
     }
-    let now = now_ts();
+    let wall = now;
+    let now = Timestamp::from(now);
     let retry = job.spec.as_ref().and_then(|s| s.retry).unwrap_or_default();
     if let Some(task) = job
         .tasks
@@ -125,7 +128,7 @@ pub fn derive_job_state(job: &mut Job) -> Vec<TaskStatus> {
         if job.node_loss_retries < retry.max_retries_on_node_loss {
             let backoff = backoff_for(job, job.node_loss_retries);
             job.node_loss_retries += 1;
-            return requeue(job, why, backoff);
+            return requeue(job, why, backoff, wall);
         }
         job.set_state(JobState::Lost);
         job.message = why;
@@ -149,7 +152,7 @@ pub fn derive_job_state(job: &mut Job) -> Vec<TaskStatus> {
         if job.failure_retries < retry.max_retries_on_failure {
             let backoff = backoff_for(job, job.failure_retries);
             job.failure_retries += 1;
-            return requeue(job, why, backoff);
+            return requeue(job, why, backoff, wall);
         }
         job.set_state(JobState::Failed);
         job.exit_code = task.exit_code;
@@ -202,11 +205,11 @@ pub fn enforce_max_runtime(job: &mut Job, now: SystemTime) -> Option<Vec<TaskSta
     if job.failure_retries < retry.max_retries_on_failure {
         let backoff = backoff_for(job, job.failure_retries);
         job.failure_retries += 1;
-        return Some(requeue(job, why, backoff));
+        return Some(requeue(job, why, backoff, now));
     }
     job.set_state(JobState::Failed);
     job.message = why;
-    job.finished_at = Some(now_ts());
+    job.finished_at = Some(Timestamp::from(now));
     Some(Vec::new())
 }
 
@@ -253,14 +256,14 @@ mod tests {
             finished_at: Some(ts(10_499)),
             ..Default::default()
         };
-        assert!(apply_status(&mut task, &status));
+        assert!(apply_status(&mut task, &status, SystemTime::UNIX_EPOCH));
         assert_eq!(task.finished_at, Some(ts(10_500)));
     }
 
     #[test]
     fn failure_without_retries_fails_the_job() {
         let mut job = job_with_tasks(&[WorkloadState::Failed], RetryPolicy::default());
-        derive_job_state(&mut job);
+        derive_job_state(&mut job, SystemTime::UNIX_EPOCH);
         assert_eq!(job.state(), JobState::Failed);
         assert_eq!(job.exit_code, Some(3));
     }
@@ -273,11 +276,11 @@ mod tests {
             ..Default::default()
         };
         let mut job = job_with_tasks(&[WorkloadState::Failed, WorkloadState::Running], retry);
-        derive_job_state(&mut job);
+        derive_job_state(&mut job, SystemTime::UNIX_EPOCH);
         assert_eq!(job.state(), JobState::Requeuing);
         assert!(job.not_before.is_some());
         job.tasks[1].set_state(WorkloadState::Stopped);
-        let retired = derive_job_state(&mut job);
+        let retired = derive_job_state(&mut job, SystemTime::UNIX_EPOCH);
         assert_eq!(job.state(), JobState::Pending);
         assert_eq!(job.attempt, 1);
         assert!(job.tasks.is_empty());
@@ -292,7 +295,7 @@ mod tests {
             exit_code: Some(1),
             ..Default::default()
         }];
-        derive_job_state(&mut job);
+        derive_job_state(&mut job, SystemTime::UNIX_EPOCH);
         assert_eq!(job.state(), JobState::Failed);
     }
 
@@ -303,7 +306,7 @@ mod tests {
             ..Default::default()
         };
         let mut job = job_with_tasks(&[WorkloadState::Lost], retry);
-        derive_job_state(&mut job);
+        derive_job_state(&mut job, SystemTime::UNIX_EPOCH);
         assert_eq!(
             job.state(),
             JobState::Pending,

@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::time::SystemTime;
 
 use gpufleet_proto::v1::{
     CapacityDimension, GetAggregatesResponse, GetCapacityResponse, GpuGeneration, JobState,
@@ -129,7 +128,7 @@ impl Snapshot {
         }
         Ok(Self {
             capacity: controller.capacity(&GROUPING)?,
-            aggregates: telemetry::aggregates(&nodes, &GROUPING, SystemTime::now())?,
+            aggregates: telemetry::aggregates(&nodes, &GROUPING, controller.now())?,
             nodes_by_state,
             jobs_by_state: controller.job_counts(),
             resident_jobs: controller.resident_jobs() as u64,
@@ -139,7 +138,7 @@ impl Snapshot {
             rollup_disk: controller.telemetry().disk_usage(),
             usage: {
                 use crate::usage::{ReportQuery, UsageDimension};
-                let now = crate::placement::unix_secs(SystemTime::now());
+                let now = controller.clock().unix_secs();
                 controller.usage_report(
                     &ReportQuery {
                         group_by: vec![
@@ -158,9 +157,7 @@ impl Snapshot {
                 )
             },
             queue_wait: controller.queue_wait(),
-            market: controller.market_tightness(
-                crate::placement::unix_secs(SystemTime::now()).saturating_sub(120),
-            ),
+            market: controller.market_tightness(controller.clock().unix_secs().saturating_sub(120)),
         })
     }
 }

@@ -240,7 +240,7 @@ pub async fn start(
             // Every 5 s, a bounded batch, so a backlog is worked off
             // without holding the state lock long.
             if ticks.is_multiple_of(10) {
-                match leases.gc_finished_jobs(std::time::SystemTime::now(), JOB_GC_BATCH) {
+                match leases.gc_finished_jobs(leases.now(), JOB_GC_BATCH) {
                     Ok(0) => {}
                     Ok(n) => {
                         tracing::debug!(deleted = n, "finished jobs past their retention deleted")
@@ -269,7 +269,7 @@ pub async fn start(
                 _ = flush.tick() => tokio::task::spawn_blocking(move || {
                     let telemetry = hub.telemetry();
                     let budget = crate::telemetry::paced_flush_budget(telemetry.queued_records());
-                    telemetry.flush_oldest(std::time::SystemTime::now(), budget).map(|_| ())
+                    telemetry.flush_oldest(hub.now(), budget).map(|_| ())
                 }),
                 // Samples of a stored seq whose minute is still queued are
                 // lost if the controller dies now: a crash loses samples
@@ -279,7 +279,7 @@ pub async fn start(
                     hub.persist_agent_seqs().map(|_| ())
                 }),
                 _ = prune.tick() => tokio::task::spawn_blocking(move || {
-                    let removed = hub.telemetry().prune(std::time::SystemTime::now())?;
+                    let removed = hub.telemetry().prune(hub.now())?;
                     if removed > 0 {
                         tracing::info!(removed, "telemetry rollups past retention deleted");
                     }

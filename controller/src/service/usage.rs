@@ -1,5 +1,3 @@
-use std::time::SystemTime;
-
 use gpufleet_proto::v1::usage_server::Usage;
 use gpufleet_proto::v1::{
     GpuGeneration, Granularity, ListUsageRecordsRequest, ListUsageRecordsResponse,
@@ -12,7 +10,6 @@ use tonic::{Request, Response, Status};
 
 use super::{caller, to_status};
 use crate::auth::{Action, Principal};
-use crate::placement::unix_secs;
 use crate::state::Controller;
 use crate::usage::ReportQuery;
 use crate::usage::rollup::{DAY, HOUR, MINUTE};
@@ -38,11 +35,11 @@ fn secs(ts: Option<&Timestamp>) -> Option<u64> {
 
 /// [since, until) with defaults, validated.
 fn range(
+    now: u64,
     since: Option<&Timestamp>,
     until: Option<&Timestamp>,
     default_back: u64,
 ) -> Result<(u64, u64), Status> {
-    let now = unix_secs(SystemTime::now());
     let until = secs(until).unwrap_or(now + 1);
     let since = secs(since).unwrap_or(until.saturating_sub(default_back));
     if since >= until {
@@ -86,7 +83,12 @@ impl Usage for UsageService {
         let who = caller(&self.controller, &request, Action::ReadUsage)?;
         let mut r = request.into_inner();
         r.tenant = who.tenant_filter(&r.tenant).map_err(to_status)?;
-        let (since, until) = range(r.since.as_ref(), r.until.as_ref(), 30 * DAY)?;
+        let (since, until) = range(
+            self.controller.clock().unix_secs(),
+            r.since.as_ref(),
+            r.until.as_ref(),
+            30 * DAY,
+        )?;
         let page_size = match r.page_size {
             0 => 100,
             n if n > 1000 => return Err(Status::invalid_argument("page_size: at most 1000")),
@@ -127,7 +129,12 @@ impl Usage for UsageService {
         let who = caller(&self.controller, &request, Action::ReadUsage)?;
         let r = request.into_inner();
         let tenant = report_tenant(&who, &r.tenant)?;
-        let (since, until) = range(r.since.as_ref(), r.until.as_ref(), 7 * DAY)?;
+        let (since, until) = range(
+            self.controller.clock().unix_secs(),
+            r.since.as_ref(),
+            r.until.as_ref(),
+            7 * DAY,
+        )?;
         let series = match Granularity::try_from(r.series).unwrap_or(Granularity::Unspecified) {
             Granularity::Unspecified => None,
             Granularity::Minute => Some(MINUTE),
@@ -174,7 +181,12 @@ impl Usage for UsageService {
                 ));
             }
         };
-        let (since, until) = range(r.since.as_ref(), None, 7 * DAY)?;
+        let (since, until) = range(
+            self.controller.clock().unix_secs(),
+            r.since.as_ref(),
+            None,
+            7 * DAY,
+        )?;
         let query = ReportQuery {
             group_by: vec![by],
             since_secs: since,
@@ -193,7 +205,12 @@ impl Usage for UsageService {
         let who = caller(&self.controller, &request, Action::ReadUsage)?;
         let r = request.into_inner();
         let tenant = report_tenant(&who, &r.tenant)?;
-        let (since, until) = range(r.since.as_ref(), None, 30 * DAY)?;
+        let (since, until) = range(
+            self.controller.clock().unix_secs(),
+            r.since.as_ref(),
+            None,
+            30 * DAY,
+        )?;
         let step = if until - since <= 2 * DAY { HOUR } else { DAY };
         let query = ReportQuery {
             group_by: vec![UsageDimension::Generation],
@@ -212,7 +229,12 @@ impl Usage for UsageService {
     ) -> Result<Response<MarketTightnessResponse>, Status> {
         caller(&self.controller, &request, Action::ReadFleet)?;
         let r = request.into_inner();
-        let (since, _) = range(r.since.as_ref(), None, DAY)?;
+        let (since, _) = range(
+            self.controller.clock().unix_secs(),
+            r.since.as_ref(),
+            None,
+            DAY,
+        )?;
         Ok(Response::new(self.controller.market_tightness(since)))
     }
 
@@ -238,7 +260,12 @@ impl Usage for UsageService {
                 gpufleet_core::generation_names().join(", ")
             )));
         }
-        let (since, _) = range(r.since.as_ref(), None, 7 * DAY)?;
+        let (since, _) = range(
+            self.controller.clock().unix_secs(),
+            r.since.as_ref(),
+            None,
+            7 * DAY,
+        )?;
         Ok(Response::new(self.controller.market_elasticity(
             &r.region,
             r.generation,

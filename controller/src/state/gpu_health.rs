@@ -2,7 +2,6 @@
 //! service.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::SystemTime;
 
 use gpufleet_proto::v1::{GpuHealth, GpuSample, Job, Node};
 
@@ -169,7 +168,7 @@ impl Controller {
         }
         self.inner
             .telemetry
-            .ingest(node_id, samples, SystemTime::now());
+            .ingest(node_id, samples, self.inner.clock.now());
     }
 }
 

@@ -60,7 +60,7 @@ impl Controller {
         // cached: see `history::new_job_id`; never a sync).
         // One clock read for the id and the creation time: listings order
         // by the id's second, then the creation time.
-        let now = SystemTime::now();
+        let now = self.inner.clock.now();
         let id = loop {
             let candidate = history::new_job_id(now, uuid::Uuid::new_v4().as_u128() as u32);
             if !state.jobs.contains_key(&candidate)
@@ -296,7 +296,7 @@ impl Controller {
         }
         job.set_state(JobState::Cancelled);
         job.pending_reason = None;
-        job.finished_at = Some(now_ts());
+        job.finished_at = Some(self.now_ts());
         job.message = if reason.is_empty() {
             "cancelled by request".to_string()
         } else {
@@ -308,7 +308,7 @@ impl Controller {
             if task.state() == WorkloadState::Unspecified {
                 task.set_state(WorkloadState::Stopped);
                 task.message = "cancelled before it started".to_string();
-                task.finished_at = Some(now_ts());
+                task.finished_at = Some(self.now_ts());
             }
         }
         job.version += 1;
@@ -359,7 +359,7 @@ impl Controller {
             return Ok(());
         }
         let mut batch = WriteBatch::default();
-        let now_ms = placement::unix_secs(SystemTime::now()) * 1000;
+        let now_ms = self.inner.clock.unix_secs() * 1000;
         let mut records = Vec::new();
         let store = &self.inner.store;
         for job in &jobs {

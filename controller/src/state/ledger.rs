@@ -1,12 +1,10 @@
 //! Usage and market queries over the ledger and the live allocations.
 
 use std::sync::MutexGuard;
-use std::time::SystemTime;
 
 use super::*;
 use crate::error::Result;
 use crate::lifecycle::task_holds_gpus;
-use crate::placement;
 use crate::usage;
 
 impl Controller {
@@ -41,7 +39,7 @@ impl Controller {
         include_running: bool,
     ) -> gpufleet_proto::v1::UsageReportResponse {
         let state = self.lock();
-        let now = placement::unix_secs(SystemTime::now());
+        let now = self.inner.clock.unix_secs();
         let live = if include_running {
             self.live_usage(&state, now * 1000)
         } else {
@@ -59,7 +57,7 @@ impl Controller {
         offset: usize,
     ) -> Result<(Vec<gpufleet_proto::v1::UsageRecord>, bool)> {
         let state = self.lock();
-        let now_ms = placement::unix_secs(SystemTime::now()) * 1000;
+        let now_ms = self.inner.clock.unix_secs() * 1000;
         let live: Vec<gpufleet_proto::v1::UsageRecord> = if filter.include_running {
             self.live_usage(&state, now_ms)
                 .into_iter()

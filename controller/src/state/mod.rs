@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
+use gpufleet_core::{SharedClock, SystemClock};
 use gpufleet_proto::v1::{ControllerMessage, Job, LogResponse, Node, NodeState};
 use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 
@@ -45,7 +46,7 @@ const LOG_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Agents are asked to send something at least this often.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 
-pub use crate::lifecycle::{is_terminal_job, is_terminal_workload, now_ts};
+pub use gpufleet_core::{is_terminal_job, is_terminal_workload};
 
 /// The live half of a node: what is not persisted.
 struct NodeEntry {
@@ -136,6 +137,8 @@ struct UsageFeed {
 }
 
 struct Inner {
+    /// Every time domain code reads: leases, scheduling, usage, market.
+    clock: SharedClock,
     usage_feed: Mutex<UsageFeed>,
     auth: Authority,
     config: ControllerConfig,
@@ -186,6 +189,19 @@ impl Controller {
         rollups: Arc<dyn RollupStore>,
         known_models: Vec<validate::ModelFacts>,
     ) -> Result<Self> {
+        Self::open_with_clock(config, store, rollups, known_models, SystemClock::shared())
+    }
+
+    /// [`Self::open`] on the given clock: tests and the simulator pass a
+    /// [`gpufleet_core::ManualClock`] to run leases, scheduling, usage and
+    /// market minutes on virtual time.
+    pub fn open_with_clock(
+        config: ControllerConfig,
+        store: Box<dyn Store>,
+        rollups: Arc<dyn RollupStore>,
+        known_models: Vec<validate::ModelFacts>,
+        clock: SharedClock,
+    ) -> Result<Self> {
         let mut state = State {
             nodes: BTreeMap::new(),
             jobs: HashMap::new(),
@@ -195,7 +211,7 @@ impl Controller {
             ledger: usage::Ledger::new(config.usage_retention),
             market: usage::market::MarketHistory::new(config.market_retention.as_secs()),
             starts: Default::default(),
-            last_market_minute: placement::unix_secs(SystemTime::now()) / 60,
+            last_market_minute: clock.unix_secs() / 60,
         };
         let store = GroupCommit::new(store)?;
         let migrated = history::migrate(&store)?;
@@ -205,7 +221,7 @@ impl Controller {
                 "brought the indexes of a store written by an older controller up to date"
             );
         }
-        let now = Instant::now();
+        let now = clock.monotonic();
         let seqs: HashMap<String, u64> = load_all_by_id::<u64>(&store, Keyspace::AgentSeq)?
             .into_iter()
             .collect();
@@ -234,7 +250,7 @@ impl Controller {
             );
         }
         let mut feed = UsageFeed::default();
-        let now_secs = placement::unix_secs(SystemTime::now());
+        let now_secs = clock.unix_secs();
         // One job at a time: settled jobs only feed fair share and counts.
         let mut fair_usage = HashMap::new();
         crate::store::visit::<Job>(
@@ -276,7 +292,8 @@ impl Controller {
             usage_records = records,
             "state loaded from store"
         );
-        let mut auth = Authority::load(&store, &config.join_token, config.rate_limit)?;
+        let mut auth =
+            Authority::load(&store, &config.join_token, config.rate_limit, clock.clone())?;
         let join_token_file = config.data_dir.join("join.token");
         if let Some(path) = auth.ensure_join_token(&store, &join_token_file)? {
             tracing::info!(path = %path.display(), "generated the join token agents need (mode 0600)");
@@ -291,6 +308,7 @@ impl Controller {
         let telemetry = TelemetryHub::new(rollups, config.telemetry_retention);
         Ok(Self {
             inner: Arc::new(Inner {
+                clock,
                 usage_feed: Mutex::new(feed),
                 auth,
                 telemetry,
@@ -324,6 +342,20 @@ impl Controller {
     /// A handle that does not keep the controller (and its store) alive.
     pub fn downgrade(&self) -> std::sync::Weak<impl Sized + use<>> {
         Arc::downgrade(&self.inner)
+    }
+
+    /// The clock this controller reads.
+    pub fn clock(&self) -> &SharedClock {
+        &self.inner.clock
+    }
+
+    /// Wall-clock time now, by this controller's clock.
+    pub fn now(&self) -> SystemTime {
+        self.inner.clock.now()
+    }
+
+    fn now_ts(&self) -> prost_types::Timestamp {
+        prost_types::Timestamp::from(self.inner.clock.now())
     }
 
     pub fn config(&self) -> &ControllerConfig {

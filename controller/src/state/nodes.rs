@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use gpufleet_proto::v1::{
     CapacityDimension, CapacityGroup, GetCapacityResponse, GpuHealth, Job, JobState, Node,
@@ -44,7 +44,7 @@ impl Controller {
     /// Cordons the node; work still running at the deadline is evicted and
     /// queued again.
     pub fn drain_node(&self, node_id: &str, deadline: Duration) -> Result<Node> {
-        let at = SystemTime::now() + deadline;
+        let at = self.inner.clock.now() + deadline;
         let node = self.update_node(node_id, |node| {
             node.cordoned = true;
             node.cordon_reason = "draining".to_string();
@@ -80,7 +80,7 @@ impl Controller {
     /// nodes. Call about once a second.
     pub fn check_leases(&self) -> Result<()> {
         let mut state = self.lock();
-        let now = Instant::now();
+        let now = self.inner.clock.monotonic();
         let config = &self.inner.config;
         let mut node_updates = Vec::new();
         let mut lost_nodes = Vec::new();
@@ -124,19 +124,19 @@ impl Controller {
                     if task_holds_gpus(task) {
                         task.set_state(WorkloadState::Lost);
                         task.message = format!("node {} was lost", task.node_id);
-                        task.finished_at = Some(now_ts());
+                        task.finished_at = Some(self.now_ts());
                         touched = true;
                     }
                 }
                 if touched {
-                    retired.extend(derive_job_state(&mut job));
+                    retired.extend(derive_job_state(&mut job, self.now()));
                     job.version += 1;
                     changed.push(job);
                 }
             }
         }
         // Max runtimes, and drains whose deadline passed.
-        let wall = SystemTime::now();
+        let wall = self.inner.clock.now();
         let drained: BTreeSet<String> = state
             .nodes
             .iter()
@@ -172,6 +172,7 @@ impl Controller {
                     &mut job,
                     format!("evicted: node {} was drained", nodes.join(",")),
                     None,
+                    self.now(),
                 ));
                 job.version += 1;
                 changed.push(job);
@@ -318,7 +319,7 @@ impl Controller {
                 groups.into_values().map(|(g, _)| fix(g)).collect()
             },
             total: Some(fix(total.0)),
-            as_of: Some(now_ts()),
+            as_of: Some(self.now_ts()),
         })
     }
 }

@@ -30,7 +30,7 @@ impl Controller {
     pub fn schedule_pass(&self) -> Result<usize> {
         let mut state = self.lock();
         let config = &self.inner.config.scheduler;
-        let now = placement::unix_secs(SystemTime::now());
+        let now = self.inner.clock.unix_secs();
         let (held, running_norm) = placement::tenant_allocation(state.jobs.values(), config);
         state.fair.advance(now, &running_norm);
         let pending = placement::pending_jobs(state.jobs.values());
@@ -45,7 +45,7 @@ impl Controller {
         let tenants = placement::tenant_state(&state.fair, held);
         let result = scheduler::schedule(&mut fleet, &inputs, config, &tenants, now);
 
-        let ts = now_ts();
+        let ts = self.now_ts();
         let mut changed = Vec::new();
         let mut starts = Vec::new();
         let mut victims: BTreeSet<String> = BTreeSet::new();
@@ -98,7 +98,7 @@ impl Controller {
                     let wait_secs = job
                         .created_at
                         .and_then(|t| SystemTime::try_from(t).ok())
-                        .and_then(|t| SystemTime::now().duration_since(t).ok())
+                        .and_then(|t| self.inner.clock.now().duration_since(t).ok())
                         .map_or(0.0, |d| d.as_secs_f64());
                     for task in &job.tasks {
                         starts.push(usage::market::StartEvent {
@@ -156,6 +156,7 @@ impl Controller {
                     &mut job,
                     "preempted by a higher-priority job".to_string(),
                     None,
+                    self.now(),
                 ));
                 job.version += 1;
                 tracing::info!(job_id = %job.id, "job preempted");
@@ -185,7 +186,7 @@ impl Controller {
     /// Once a minute: records market signals (and prunes what retention
     /// drops). Called from the lease ticker.
     pub fn record_market_minute(&self) -> Result<bool> {
-        let minute = placement::unix_secs(SystemTime::now()) / 60;
+        let minute = self.inner.clock.unix_secs() / 60;
         if minute <= self.lock().last_market_minute {
             return Ok(false);
         }
@@ -198,7 +199,7 @@ impl Controller {
     /// and tools may call it directly.
     pub fn record_market_at(&self, minute: u64) -> Result<()> {
         let mut state = self.lock();
-        let now = placement::unix_secs(SystemTime::now()).max(minute * 60);
+        let now = self.inner.clock.unix_secs().max(minute * 60);
         state.last_market_minute = state.last_market_minute.max(minute);
         let fleet = fleet_index(&state);
         let pending: Vec<scheduler::JobInput> = placement::pending_jobs(state.jobs.values())

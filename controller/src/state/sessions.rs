@@ -4,7 +4,6 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
 
 use gpufleet_proto::v1::{
     AgentHello, Allocation, ControllerMessage, DesiredState, GpuHealth, GpuStatus, HelloAck,
@@ -56,7 +55,7 @@ impl Controller {
 
         let node_id = identity.node_id.clone();
         let mut state = self.lock();
-        let now = Instant::now();
+        let now = self.inner.clock.monotonic();
         if let Some(entry) = state.nodes.get(&node_id)
             && entry.session.is_some()
             && now.duration_since(entry.last_seen) < self.inner.config.node_not_ready_after
@@ -88,7 +87,7 @@ impl Controller {
         let registered_at = previous
             .as_ref()
             .and_then(|p| p.record.registered_at)
-            .unwrap_or_else(now_ts);
+            .unwrap_or_else(|| self.now_ts());
         let record = Node {
             identity: Some(identity),
             state: NodeState::Ready as i32,
@@ -102,7 +101,7 @@ impl Controller {
                 })
                 .collect(),
             registered_at: Some(registered_at),
-            last_seen_at: Some(now_ts()),
+            last_seen_at: Some(self.now_ts()),
             connected: true,
             agent_version: hello.agent_version.clone(),
             driver_version: hello.driver_version.clone(),
@@ -147,7 +146,7 @@ impl Controller {
                 node_id: node_id.clone(),
                 last_seq,
                 heartbeat_interval_ms: HEARTBEAT_INTERVAL.as_millis() as u32,
-                server_time: Some(now_ts()),
+                server_time: Some(self.now_ts()),
                 node_secret: issued_secret.unwrap_or_default(),
             })),
         };
@@ -175,14 +174,14 @@ impl Controller {
                 .filter(|t| t.node_id == node_id)
             {
                 if let Some(status) = reported.get(task.allocation_id.as_str()) {
-                    touched |= apply_status(task, status);
+                    touched |= apply_status(task, status, self.now());
                 } else if matches!(
                     task.state(),
                     WorkloadState::Starting | WorkloadState::Running
                 ) {
                     task.set_state(WorkloadState::Lost);
                     task.message = "the agent reconnected without this workload (it restarted or lost track of it)".to_string();
-                    task.finished_at = Some(now_ts());
+                    task.finished_at = Some(self.now_ts());
                     touched = true;
                 } else if task.state() == WorkloadState::Unspecified && !is_desired(job) {
                     // The agent never received it, and the job no longer
@@ -193,12 +192,12 @@ impl Controller {
                     task.message =
                         "never started: the job no longer needed it when its agent reconnected"
                             .to_string();
-                    task.finished_at = Some(now_ts());
+                    task.finished_at = Some(self.now_ts());
                     touched = true;
                 }
             }
             if touched {
-                retired.extend(derive_job_state(&mut job_changed));
+                retired.extend(derive_job_state(&mut job_changed, self.now()));
                 job_changed.version += 1;
                 changed.push(job_changed);
             }
@@ -239,8 +238,8 @@ impl Controller {
         let Some(entry) = state.nodes.get_mut(node_id) else {
             return false;
         };
-        entry.last_seen = Instant::now();
-        entry.record.last_seen_at = Some(now_ts());
+        entry.last_seen = self.inner.clock.monotonic();
+        entry.record.last_seen_at = Some(self.now_ts());
         seq == 0 || seq > entry.last_seq
     }
 
@@ -322,7 +321,7 @@ impl Controller {
     pub fn record_workload_status(&self, node_id: &str, status: WorkloadStatus) -> Result<()> {
         let mut state = self.lock();
         if let Some(entry) = state.nodes.get_mut(node_id) {
-            entry.last_seen = Instant::now();
+            entry.last_seen = self.inner.clock.monotonic();
         }
         let job_id = if status.job_id.is_empty() {
             status
@@ -347,11 +346,11 @@ impl Controller {
             return Ok(());
         };
         let released = !is_terminal_workload(task.state()) && is_terminal_workload(status.state());
-        if !apply_status(task, &status) {
+        if !apply_status(task, &status, self.now()) {
             return Ok(());
         }
         let was_desired = is_desired(&job);
-        let retired = derive_job_state(&mut job);
+        let retired = derive_job_state(&mut job, self.now());
         job.version += 1;
         let left_desired = was_desired && !is_desired(&job);
         let requeued = job.state() == JobState::Pending;

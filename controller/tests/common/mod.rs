@@ -9,6 +9,7 @@ use std::sync::Arc;
 use gpufleet_controller::store::{SledStore, Store};
 use gpufleet_controller::telemetry::MemoryRollupStore;
 use gpufleet_controller::{Controller, ControllerConfig};
+use gpufleet_core::{SharedClock, SystemClock};
 use gpufleet_proto::v1::{AgentHello, GpuInfo, NodeIdentity, WorkloadStatus};
 
 pub(crate) const JOIN_TOKEN: &str = "library-test-join-token";
@@ -24,13 +25,23 @@ pub(crate) fn open_with(
     dir: &std::path::Path,
     store: Box<dyn Store>,
 ) -> anyhow::Result<Controller> {
+    open_on_clock(dir, store, SystemClock::shared())
+}
+
+/// A controller over `store` that reads time from `clock`.
+pub(crate) fn open_on_clock(
+    dir: &std::path::Path,
+    store: Box<dyn Store>,
+    clock: SharedClock,
+) -> anyhow::Result<Controller> {
     let mut config = ControllerConfig::for_data_dir(dir);
     config.join_token = JOIN_TOKEN.into();
-    Ok(Controller::open(
+    Ok(Controller::open_with_clock(
         config,
         store,
         Arc::new(MemoryRollupStore::default()),
         Vec::new(),
+        clock,
     )?)
 }
 
