@@ -1,13 +1,14 @@
 //! Leases, max runtimes and usage on virtual time: the controller reads
 //! every time from its injected clock, so these run in milliseconds and
-//! decide exactly at the configured boundaries.
+//! decide exactly at the configured boundaries. The store is the in-memory
+//! one: nothing here is about durability.
 
 mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use gpufleet_controller::store::SledStore;
+use gpufleet_controller::store::MemoryStore;
 use gpufleet_core::ManualClock;
 use gpufleet_proto::v1::{
     JobSpec, JobState, NodeState, WorkloadSpec, WorkloadState, WorkloadStatus,
@@ -20,7 +21,7 @@ fn controller(
     dir: &std::path::Path,
 ) -> anyhow::Result<(gpufleet_controller::Controller, Arc<ManualClock>)> {
     let clock = Arc::new(ManualClock::at_unix_secs(START_UNIX));
-    let controller = common::open_on_clock(dir, Box::new(SledStore::open(dir)?), clock.clone())?;
+    let controller = common::open_on_clock(dir, Box::new(MemoryStore::new()), clock.clone())?;
     Ok((controller, clock))
 }
 
