@@ -10,6 +10,41 @@ use crate::error::{ControllerError, Result};
 use crate::lifecycle::task_holds_gpus;
 use crate::validate;
 
+impl UsageFeed {
+    /// Feeds samples of allocated GPUs to their allocation's usage record
+    /// and returns the GPUs whose health changed, as `(uuid, health)`. An
+    /// operator's return to service holds until the fault is seen again
+    /// (a later `last_seen`) or the agent reports the GPU healthy.
+    fn observe(&mut self, samples: &[GpuSample]) -> Vec<(String, i32)> {
+        let mut changes = Vec::new();
+        for sample in samples {
+            if let Some(allocation) = self.gpu_owner.get(&sample.uuid) {
+                self.acc.entry(allocation.clone()).or_default().add(sample);
+            }
+            if let Some(&seen) = self.overrides.get(&sample.uuid) {
+                if sample.health == GpuHealth::Healthy as i32 || last_fault_seen(sample) > seen {
+                    self.overrides.remove(&sample.uuid);
+                } else {
+                    continue;
+                }
+            }
+            // Older agents leave health unspecified: keep what the hello set.
+            if sample.health != GpuHealth::Unspecified as i32 {
+                let known = self
+                    .health
+                    .get(&sample.uuid)
+                    .copied()
+                    .unwrap_or(GpuHealth::Healthy as i32);
+                if known != sample.health {
+                    self.health.insert(sample.uuid.clone(), sample.health);
+                    changes.push((sample.uuid.clone(), sample.health));
+                }
+            }
+        }
+        changes
+    }
+}
+
 impl Controller {
     /// Returns a GPU to service now. The agent keeps reporting the fault
     /// until its clean period passes; those reports are ignored until the
@@ -68,38 +103,7 @@ impl Controller {
         // GPU health, as the agent judges it (XIDs, ECC, remaps). The state
         // lock is taken only when a GPU's health changes, so ingest stays
         // off the state lock in the common case.
-        let mut changes: Vec<(String, i32)> = Vec::new();
-        {
-            // Samples of allocated GPUs feed their allocation's usage record.
-            let mut feed = self.usage_feed();
-            let feed = &mut *feed;
-            for sample in &samples {
-                if let Some(allocation) = feed.gpu_owner.get(&sample.uuid) {
-                    feed.acc.entry(allocation.clone()).or_default().add(sample);
-                }
-                // An operator's uncordon holds until the fault is seen again.
-                if let Some(&seen) = feed.overrides.get(&sample.uuid) {
-                    if sample.health == GpuHealth::Healthy as i32 || last_fault_seen(sample) > seen
-                    {
-                        feed.overrides.remove(&sample.uuid);
-                    } else {
-                        continue;
-                    }
-                }
-                // Older agents leave health unspecified: keep what the hello set.
-                if sample.health != GpuHealth::Unspecified as i32 {
-                    let known = feed
-                        .health
-                        .get(&sample.uuid)
-                        .copied()
-                        .unwrap_or(GpuHealth::Healthy as i32);
-                    if known != sample.health {
-                        feed.health.insert(sample.uuid.clone(), sample.health);
-                        changes.push((sample.uuid.clone(), sample.health));
-                    }
-                }
-            }
-        }
+        let changes = self.usage_feed().observe(&samples);
         if !changes.is_empty() {
             let mut returned = false;
             let mut state = self.lock();
@@ -181,4 +185,55 @@ pub(super) fn last_fault_seen(sample: &GpuSample) -> i128 {
         .map(|t| t.seconds as i128 * 1_000_000_000 + t.nanos as i128)
         .max()
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpufleet_proto::v1::HealthReason;
+
+    fn sample(uuid: &str, health: GpuHealth, fault_seen_secs: Option<i64>) -> GpuSample {
+        GpuSample {
+            uuid: uuid.into(),
+            health: health as i32,
+            health_reasons: fault_seen_secs
+                .map(|seconds| HealthReason {
+                    last_seen: Some(prost_types::Timestamp { seconds, nanos: 0 }),
+                    ..Default::default()
+                })
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn health_changes_are_reported_once_and_an_override_holds_until_the_fault_recurs() {
+        let mut feed = UsageFeed::default();
+        let sick = sample("g0", GpuHealth::Unhealthy, Some(100));
+        assert_eq!(
+            feed.observe(std::slice::from_ref(&sick)),
+            [("g0".to_string(), GpuHealth::Unhealthy as i32)]
+        );
+        assert!(
+            feed.observe(std::slice::from_ref(&sick)).is_empty(),
+            "no change, no report"
+        );
+        assert!(
+            feed.observe(&[sample("g0", GpuHealth::Unspecified, None)])
+                .is_empty(),
+            "an older agent's unspecified health keeps what is known"
+        );
+
+        // An operator returns g0 to service with the fault seen at 100.
+        feed.overrides.insert("g0".into(), last_fault_seen(&sick));
+        feed.health.insert("g0".into(), GpuHealth::Healthy as i32);
+        assert!(
+            feed.observe(std::slice::from_ref(&sick)).is_empty(),
+            "the same fault is ignored"
+        );
+        let again = sample("g0", GpuHealth::Unhealthy, Some(200));
+        assert_eq!(feed.observe(&[again]).len(), 1, "a new occurrence counts");
+        assert!(feed.overrides.is_empty());
+    }
 }

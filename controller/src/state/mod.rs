@@ -422,6 +422,7 @@ impl Controller {
     }
 }
 
+mod capacity;
 mod gpu_health;
 mod jobs;
 mod ledger;

@@ -1,13 +1,12 @@
 //! The node registry: cordon, drain, leases (NotReady, Lost), listings and
 //! capacity.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use gpufleet_proto::v1::{
-    CapacityDimension, CapacityGroup, GetCapacityResponse, GpuHealth, Job, JobState, Node,
-    NodeState, WorkloadState,
+    CapacityDimension, GetCapacityResponse, Job, JobState, Node, NodeState, WorkloadState,
 };
 
 use super::*;
@@ -86,15 +85,13 @@ impl Controller {
         let mut lost_nodes = Vec::new();
         for (id, entry) in &mut state.nodes {
             let silent = now.duration_since(entry.last_seen);
-            let next = match entry.record.state() {
-                NodeState::Ready
-                    if silent >= config.node_not_ready_after || entry.session.is_none() =>
-                {
-                    Some(NodeState::NotReady)
-                }
-                NodeState::NotReady if silent >= config.node_lost_after => Some(NodeState::Lost),
-                _ => None,
-            };
+            let next = lease_transition(
+                entry.record.state(),
+                silent,
+                entry.session.is_some(),
+                config.node_not_ready_after,
+                config.node_lost_after,
+            );
             if let Some(next) = next {
                 tracing::warn!(node_id = %id, silent_for = ?silent, state = ?next, "node lease missed");
                 entry.record.set_state(next);
@@ -229,98 +226,31 @@ impl Controller {
     }
 
     pub fn capacity(&self, group_by: &[CapacityDimension]) -> Result<GetCapacityResponse> {
-        for (i, dim) in group_by.iter().enumerate() {
-            if *dim == CapacityDimension::Unspecified {
-                return Err(ControllerError::invalid(
-                    format!("group_by[{i}]"),
-                    "accepted dimensions: provider, region, generation, model",
-                ));
-            }
-        }
         let state = self.lock();
         let held = held_gpus(&state);
-        // Group key (provider, region, generation, model) → totals and the nodes counted.
-        type GroupKey = (String, String, i32, String);
-        let mut groups: BTreeMap<GroupKey, (CapacityGroup, BTreeSet<String>)> = BTreeMap::new();
-        let mut total = (CapacityGroup::default(), BTreeSet::new());
-        for (node_id, entry) in &state.nodes {
-            if entry.record.state() == NodeState::Lost {
-                continue;
-            }
-            let identity = entry.record.identity.clone().unwrap_or_default();
-            let ready = entry.record.state() == NodeState::Ready;
-            for gpu in &entry.record.gpus {
-                let info = gpu.info.clone().unwrap_or_default();
-                let key = (
-                    if group_by.contains(&CapacityDimension::Provider) {
-                        identity.provider.clone()
-                    } else {
-                        String::new()
-                    },
-                    if group_by.contains(&CapacityDimension::Region) {
-                        identity.region.clone()
-                    } else {
-                        String::new()
-                    },
-                    if group_by.contains(&CapacityDimension::Generation) {
-                        info.generation
-                    } else {
-                        0
-                    },
-                    if group_by.contains(&CapacityDimension::Model) {
-                        info.model.clone()
-                    } else {
-                        String::new()
-                    },
-                );
-                let healthy = ready && gpu.health() != GpuHealth::Unhealthy;
-                let allocated = held.contains_key(&info.uuid);
-                let price = identity.price_per_gpu_hour_micro_usd;
-                let group = groups.entry(key.clone()).or_insert_with(|| {
-                    (
-                        CapacityGroup {
-                            provider: key.0.clone(),
-                            region: key.1.clone(),
-                            generation: key.2,
-                            model: key.3.clone(),
-                            min_price_per_gpu_hour_micro_usd: u64::MAX,
-                            ..Default::default()
-                        },
-                        BTreeSet::new(),
-                    )
-                });
-                if total.1.is_empty() && total.0.total_gpus == 0 {
-                    total.0.min_price_per_gpu_hour_micro_usd = u64::MAX;
-                }
-                for (g, nodes) in [(&mut group.0, &mut group.1), (&mut total.0, &mut total.1)] {
-                    nodes.insert(node_id.clone());
-                    g.nodes = nodes.len() as u32;
-                    g.total_gpus += 1;
-                    g.healthy_gpus += healthy as u32;
-                    g.allocated_gpus += allocated as u32;
-                    g.free_gpus += (healthy && !allocated) as u32;
-                    g.min_price_per_gpu_hour_micro_usd =
-                        g.min_price_per_gpu_hour_micro_usd.min(price);
-                    g.max_price_per_gpu_hour_micro_usd =
-                        g.max_price_per_gpu_hour_micro_usd.max(price);
-                }
-            }
-        }
-        let fix = |mut g: CapacityGroup| {
-            if g.min_price_per_gpu_hour_micro_usd == u64::MAX {
-                g.min_price_per_gpu_hour_micro_usd = 0;
-            }
-            g
-        };
-        Ok(GetCapacityResponse {
-            groups: if group_by.is_empty() {
-                Vec::new()
-            } else {
-                groups.into_values().map(|(g, _)| fix(g)).collect()
-            },
-            total: Some(fix(total.0)),
-            as_of: Some(self.now_ts()),
-        })
+        let mut response = capacity::summarize(
+            state.nodes.iter().map(|(id, e)| (id.as_str(), &e.record)),
+            &|uuid| held.contains_key(uuid),
+            group_by,
+        )?;
+        response.as_of = Some(self.now_ts());
+        Ok(response)
+    }
+}
+
+/// The state a node moves to after `silent` without a message, if any:
+/// Ready → NotReady (silent too long, or its stream ended) → Lost.
+fn lease_transition(
+    current: NodeState,
+    silent: Duration,
+    connected: bool,
+    not_ready_after: Duration,
+    lost_after: Duration,
+) -> Option<NodeState> {
+    match current {
+        NodeState::Ready if silent >= not_ready_after || !connected => Some(NodeState::NotReady),
+        NodeState::NotReady if silent >= lost_after => Some(NodeState::Lost),
+        _ => None,
     }
 }
 
@@ -363,4 +293,38 @@ pub(super) fn node_view(state: &State, entry: &NodeEntry, telemetry: &TelemetryH
     }
     node.allocated_gpus = allocated;
     node
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leases_move_ready_to_not_ready_to_lost_and_no_further() {
+        let (not_ready, lost) = (Duration::from_secs(15), Duration::from_secs(60));
+        let step = |state, silent_secs, connected| {
+            lease_transition(
+                state,
+                Duration::from_secs(silent_secs),
+                connected,
+                not_ready,
+                lost,
+            )
+        };
+        assert_eq!(step(NodeState::Ready, 14, true), None);
+        assert_eq!(step(NodeState::Ready, 15, true), Some(NodeState::NotReady));
+        assert_eq!(
+            step(NodeState::Ready, 0, false),
+            Some(NodeState::NotReady),
+            "stream ended"
+        );
+        assert_eq!(step(NodeState::NotReady, 59, false), None);
+        assert_eq!(step(NodeState::NotReady, 60, false), Some(NodeState::Lost));
+        assert_eq!(
+            step(NodeState::Ready, 3600, true),
+            Some(NodeState::NotReady),
+            "one step per check"
+        );
+        assert_eq!(step(NodeState::Lost, 3600, false), None);
+    }
 }
