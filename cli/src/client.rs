@@ -54,6 +54,11 @@ impl BearerToken {
                 .context("the token has characters that cannot be sent in a header")?,
         )))
     }
+
+    /// Sends no token (a client that relies on the controller's refusal).
+    pub fn none() -> Self {
+        Self(None)
+    }
 }
 
 impl Interceptor for BearerToken {

@@ -6,12 +6,12 @@
 
 #[macro_use]
 mod output;
-mod client;
 mod commands;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use gpufleet_cli::client;
 
 use crate::output::Format;
 

@@ -18,44 +18,14 @@ use gpufleet_proto::v1::{
     GetJobRequest, Job, JobSpec, ListNodesRequest, NodeState, SubmitJobRequest, WorkloadSpec,
 };
 use tokio::net::TcpListener;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// The join token test controllers and agents share.
 pub const JOIN_TOKEN: &str = "test-join-token";
 
-/// Adds `authorization: Bearer <token>` to every call.
-#[derive(Debug, Clone)]
-pub struct BearerToken(Option<MetadataValue<Ascii>>);
-
-impl BearerToken {
-    pub fn new(token: &str) -> anyhow::Result<Self> {
-        Ok(Self(Some(MetadataValue::try_from(format!(
-            "Bearer {token}"
-        ))?)))
-    }
-
-    /// Sends no token (to test refusals).
-    pub fn none() -> Self {
-        Self(None)
-    }
-}
-
-impl Interceptor for BearerToken {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
+/// Adds `authorization: Bearer <token>` to every call: the CLI's own.
+pub use gpufleet_cli::client::BearerToken;
 
 /// A client connection that carries a token.
 pub type Authed = InterceptedService<Channel, BearerToken>;
@@ -65,7 +35,7 @@ pub async fn authed(endpoint: &str, token: &str) -> anyhow::Result<Authed> {
     let channel = Channel::from_shared(endpoint.to_string())?
         .connect()
         .await?;
-    Ok(InterceptedService::new(channel, BearerToken::new(token)?))
+    Ok(InterceptedService::new(channel, BearerToken::with(token)?))
 }
 
 /// The bootstrap admin token a controller wrote in its data dir.

@@ -216,7 +216,7 @@ fn connect(endpoint: &str, token: &str) -> anyhow::Result<Api> {
         .connect_lazy();
     let channel = tonic::service::interceptor::InterceptedService::new(
         channel,
-        gpufleet_tests::BearerToken::new(token)?,
+        gpufleet_tests::BearerToken::with(token)?,
     );
     Ok(Api {
         jobs: JobsClient::new(channel.clone()),

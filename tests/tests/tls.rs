@@ -132,7 +132,7 @@ async fn jobs_run_over_mutual_tls_and_plain_or_certless_peers_are_refused() -> a
         .await?;
     let channel = tonic::service::interceptor::InterceptedService::new(
         channel,
-        gpufleet_tests::BearerToken::new(&admin_token)?,
+        gpufleet_tests::BearerToken::with(&admin_token)?,
     );
     let fleet = FleetClient::new(channel.clone());
     eventually("the agent with a certificate to be Ready", || {
