@@ -14,7 +14,6 @@ pub mod metrics;
 pub mod outbox;
 pub mod service;
 pub mod shim;
-pub mod shim_host;
 pub mod store;
 pub mod supervisor;
 pub mod telemetry;

@@ -12,7 +12,7 @@
 //! start settles.
 //!
 //! Each workload runs under a shim (see [`crate::shim`]), a thread of the
-//! agent's shim host process ([`crate::shim_host`]) in a session of its
+//! agent's shim host process ([`crate::shim`]) in a session of its
 //! own, so it outlives the agent. What a restarted agent needs
 //! is recorded in `data_dir/workloads/<id>.records`
 //! ([`crate::workload_store`]) before a workload is reported running;
@@ -36,8 +36,8 @@ use tokio::sync::{Notify, Semaphore, broadcast, watch};
 use tracing::{debug, info, warn};
 
 use crate::backend::GpuBackend;
-use crate::shim::{LaunchSpec, Reply};
-use crate::shim_host::{HostError, ShimHost};
+use crate::shim::protocol::{LaunchSpec, Reply};
+use crate::shim::{HostError, ShimHost};
 use crate::workload_store::{self as store, AgentRecord, ExitRecord, Records};
 
 /// Largest log chunk one read returns.
@@ -97,7 +97,7 @@ impl SupervisorSettings {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ShimLaunch {
     /// A thread of one long-lived shim host, `<shim_program> __shim-host`
-    /// (see [`crate::shim_host`]): no process, `exec` or dynamic loading
+    /// (see [`crate::shim`]): no process, `exec` or dynamic loading
     /// per workload.
     #[default]
     Host,
