@@ -12,6 +12,7 @@ pub mod kmsg;
 pub mod log_retention;
 pub mod metrics;
 pub mod outbox;
+pub mod runtime;
 pub mod service;
 pub mod shim;
 pub mod store;
