@@ -3,7 +3,7 @@
 //! on a thread of the agent's shim host (`host`, the
 //! agent's own executable started once as `<exe> __shim-host`, which
 //! runs the shims of all the workloads it starts), or, with
-//! [`crate::supervisor::ShimLaunch::Exec`], as its own process executed as
+//! `ShimLaunch::Exec` (the process runtime's setting), as its own process executed as
 //! `<exe> __shim <records file>` per workload. Either way every binary that
 //! embeds the agent calls [`dispatch`] first thing in `main`. A shim:
 //!

@@ -65,7 +65,7 @@ pub struct SupervisorSettings {
     /// Cap on each allocation's `output.log`.
     pub log_max_bytes: u64,
     /// For the process runtime ([`Supervisor::new`]): a gpufleet agent
-    /// executable (one that calls [`crate::shim::dispatch`] first thing in
+    /// executable (one that calls `gpufleet_agent::shim::dispatch` first thing in
     /// `main`) that runs the workloads' shims; see [`ShimLaunch`].
     pub shim_program: PathBuf,
     /// For the process runtime: how each workload's shim is started.

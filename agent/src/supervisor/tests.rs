@@ -46,7 +46,6 @@ fn desired(generation: u64, allocations: Vec<Allocation>) -> DesiredState {
     DesiredState {
         generation,
         allocations,
-        ..Default::default()
     }
 }
 
