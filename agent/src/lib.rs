@@ -12,9 +12,9 @@ pub mod kmsg;
 pub mod log_retention;
 pub mod metrics;
 pub mod outbox;
+pub mod runtime;
 pub mod service;
 pub mod shim;
-pub mod shim_host;
 pub mod store;
 pub mod supervisor;
 pub mod telemetry;
@@ -85,7 +85,7 @@ pub async fn start(
         let config = config.clone();
         let node_id = node_id.clone();
         // NVML initialisation blocks (and may take seconds on big hosts).
-        tokio::task::spawn_blocking(move || backend::build(&config, &node_id))
+        tokio::task::spawn_blocking(move || build_backend(&config, &node_id))
             .await
             .context("GPU backend initialisation panicked")??
     };
@@ -294,6 +294,23 @@ pub async fn start(
         shutdown,
         server,
         tasks,
+    })
+}
+
+/// Builds the GPU backend the config asks for. Here, in the agent's
+/// startup, so that `backend` knows nothing of the configuration.
+fn build_backend(config: &AgentConfig, node_id: &str) -> anyhow::Result<Arc<dyn GpuBackend>> {
+    Ok(match config.gpu_backend {
+        GpuBackendKind::Nvml => Arc::new(backend::nvml::NvmlBackend::new(
+            config
+                .monitoring
+                .nvml_library_path
+                .as_deref()
+                .map(|p| p.as_os_str()),
+        )?),
+        GpuBackendKind::Simulated => {
+            Arc::new(SimulatedBackend::new(node_id, &config.simulated_gpus)?)
+        }
     })
 }
 

@@ -5,11 +5,9 @@ pub mod nvml;
 pub mod simulated;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 
 use gpufleet_proto::v1::{GpuInfo, GpuSample};
 
-use crate::config::{AgentConfig, GpuBackendKind};
 use crate::health::RawXid;
 
 /// A source of GPU facts and samples. Calls may block briefly (NVML), so
@@ -42,23 +40,6 @@ pub trait GpuBackend: Send + Sync + std::fmt::Debug {
     fn as_simulated(&self) -> Option<&simulated::SimulatedBackend> {
         None
     }
-}
-
-/// Builds the backend the config asks for.
-pub fn build(config: &AgentConfig, node_id: &str) -> anyhow::Result<Arc<dyn GpuBackend>> {
-    Ok(match config.gpu_backend {
-        GpuBackendKind::Nvml => Arc::new(nvml::NvmlBackend::new(
-            config
-                .monitoring
-                .nvml_library_path
-                .as_deref()
-                .map(|p| p.as_os_str()),
-        )?),
-        GpuBackendKind::Simulated => Arc::new(simulated::SimulatedBackend::new(
-            node_id,
-            &config.simulated_gpus,
-        )?),
-    })
 }
 
 pub(crate) fn now_timestamp() -> prost_types::Timestamp {

@@ -49,7 +49,7 @@ use nix::sys::socket::{
     sendmsg, socketpair,
 };
 
-use crate::shim::{Reply, ShimIdentity};
+use super::protocol::{Reply, ShimIdentity, reply};
 
 /// First argument that makes an agent executable act as the shim host.
 pub const HOST_ARG: &str = "__shim-host";
@@ -227,7 +227,7 @@ fn start_shim_thread(
         Err(e) => {
             if let Ok(answer) = answer_on_failure {
                 let message = format!("the shim host cannot start a shim thread: {e}");
-                crate::shim::reply(&mut std::fs::File::from(answer), &Reply::Failed { message });
+                reply(&mut std::fs::File::from(answer), &Reply::Failed { message });
             }
             None
         }
@@ -244,7 +244,7 @@ fn run_shim(request: Request, identity: ShimIdentity) {
     } = request;
     let mut answer = std::fs::File::from(answer);
     let mut diagnostics = std::fs::File::from(log);
-    crate::shim::run(
+    super::run::run(
         &records,
         BufReader::new(std::fs::File::from(spec)),
         &mut answer,

@@ -1,152 +1,22 @@
-//! The workload shim: what stands between the agent and one workload, so
-//! that workloads outlive the agent (like containerd-shim). It runs either
-//! on a thread of the agent's shim host ([`crate::shim_host`], the
-//! agent's own executable started once as `<exe> __shim-host`, which
-//! runs the shims of all the workloads it starts), or, with
-//! [`crate::supervisor::ShimLaunch::Exec`], as its own process executed as
-//! `<exe> __shim <records file>` per workload. Either way every binary that
-//! embeds the agent calls [`dispatch`] first thing in `main`. A shim:
-//!
-//! 1. runs in a session of its own, apart from the agent's (the host calls
-//!    `setsid` once; an executed shim does for itself), so signals meant
-//!    for the agent (a terminal's Ctrl-C, a crash) do not reach it;
-//! 2. reads one line, the [`LaunchSpec`], from the agent; end of input
-//!    without a whole line means the agent went away: nothing starts;
-//! 3. creates the workload's records file (see `workload_store`) with the
-//!    allocation and its own pid and start time, so that no workload ever
-//!    runs that a restarted agent does not know about;
-//! 4. starts the workload in its own process group, records its pid (a
-//!    `started` line) and answers one [`Reply`] line;
-//! 5. copies the workload's stdout and stderr into its log up to
-//!    `log_max_bytes`, then writes one marker line and keeps draining the
-//!    pipe, so the workload never blocks on a full pipe;
-//! 6. when the workload ends, kills what it left in its process group,
-//!    records how it ended (an `exit` line) and closes its answer pipe:
-//!    end of file there tells the agent the workload has ended.
-//!
-//! The shim is synchronous (one thread, no async runtime) to stay small.
+//! One shim, from the launch spec to its workload's end (see the
+//! [`crate::shim`] module for the steps).
 
-use std::ffi::OsString;
 use std::io::{BufRead, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{ExitCode, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
+use super::protocol::{LaunchSpec, Reply, ShimIdentity, reply};
+use crate::workload_store::{self, AgentRecord, ExitRecord, Records, StartedRecord};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use serde::{Deserialize, Serialize};
-
-use crate::workload_store::{self, AgentRecord, ExitRecord, Records, StartedRecord};
-
-/// First argument that makes an agent executable act as a shim.
-pub const SHIM_ARG: &str = "__shim";
 
 /// How long the shim keeps copying output after the workload's process
 /// group was killed, for output still in the pipe (or held open by a
 /// process that escaped the group).
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
-
-/// Runs the shim when this process was started as one, and returns its
-/// exit code; `None` otherwise. Call it first thing in `main`:
-///
-/// ```no_run
-/// fn main() -> std::process::ExitCode {
-///     if let Some(code) = gpufleet_agent::shim::dispatch() {
-///         return code;
-///     }
-///     // ... the program itself
-/// #   std::process::ExitCode::SUCCESS
-/// }
-/// ```
-pub fn dispatch() -> Option<ExitCode> {
-    let mut args = std::env::args_os().skip(1);
-    let first = args.next();
-    if first.as_deref() == Some(std::ffi::OsStr::new(crate::shim_host::HOST_ARG)) {
-        return Some(crate::shim_host::serve());
-    }
-    if first.as_deref() != Some(std::ffi::OsStr::new(SHIM_ARG)) {
-        return None;
-    }
-    let Some(records) = args.next() else {
-        eprintln!("gpufleet shim: usage: {SHIM_ARG} <records file>");
-        return Some(ExitCode::from(2));
-    };
-    if let Err(e) = nix::unistd::setsid() {
-        // Fails only if the shim already leads a process group, which the
-        // agent never makes it; it then still works, just without the
-        // isolation from the agent's signals.
-        eprintln!("gpufleet shim: setsid failed: {e}");
-    }
-    // What `ps -o comm` and `top` show (an executed shim would otherwise
-    // be `exe` or the agent's name).
-    let _ = nix::sys::prctl::set_name(c"gpufleet-shim");
-    let Some(identity) = ShimIdentity::of_this_process() else {
-        eprintln!("gpufleet shim: cannot read /proc/self/stat");
-        return Some(ExitCode::from(1));
-    };
-    Some(ExitCode::from(run(
-        Path::new(&records),
-        std::io::stdin().lock(),
-        &mut std::io::stdout(),
-        &mut std::io::stderr(),
-        identity,
-    )))
-}
-
-/// The process a shim runs in, as its records name it: pid and start time
-/// (clock ticks since boot), which tell it apart from a later process that
-/// reuses the pid. Shims on the host's threads share the host's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ShimIdentity {
-    pub(crate) pid: u32,
-    pub(crate) start_ticks: u64,
-}
-
-impl ShimIdentity {
-    pub(crate) fn of_this_process() -> Option<Self> {
-        let pid = std::process::id();
-        let stat = workload_store::proc_stat(pid)?;
-        Some(Self {
-            pid,
-            start_ticks: stat.start_ticks,
-        })
-    }
-}
-
-/// What the agent tells the shim to run: the workload's command line and
-/// its complete environment (the shim adds nothing), and what the shim
-/// records for a restarted agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct LaunchSpec {
-    /// The allocation, as the records' `agent` line holds it.
-    pub(crate) allocation: String,
-    /// Started through the local `Agent` API.
-    pub(crate) local: bool,
-    pub(crate) argv: Vec<String>,
-    /// The workload's `output.log`, appended to.
-    pub(crate) log_path: PathBuf,
-    pub(crate) env: Vec<(String, String)>,
-    pub(crate) working_dir: PathBuf,
-    /// (uid, gid) to run as; `None`: the shim's own.
-    pub(crate) run_as: Option<(u32, u32)>,
-    pub(crate) log_max_bytes: u64,
-}
-
-/// The shim's one answer to the agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub(crate) enum Reply {
-    Started {
-        pid: u32,
-        shim_pid: u32,
-        shim_start_ticks: u64,
-    },
-    Failed {
-        message: String,
-    },
-}
 
 /// One shim, from the launch spec on `input` to the workload's end:
 /// answers on `answer` (and closes it when it returns, which is how the
@@ -239,16 +109,6 @@ pub(crate) fn run(
         return 1;
     }
     supervise(records, &spec, workload, diagnostics)
-}
-
-/// Answers the agent; false when the answer could not be delivered (the
-/// agent is gone, or stopped waiting).
-pub(crate) fn reply(answer: &mut dyn Write, reply: &Reply) -> bool {
-    let Ok(mut text) = serde_json::to_string(reply) else {
-        return false;
-    };
-    text.push('\n');
-    answer.write_all(text.as_bytes()).is_ok() && answer.flush().is_ok()
 }
 
 struct Started {
@@ -634,18 +494,6 @@ impl<W: Write> Write for CappedLog<W> {
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
     }
-}
-
-/// `<shim program> __shim <records file>` with `argv[0]` naming what it
-/// is, and an empty environment: the shim needs none, and the agent's may
-/// hold its join token.
-pub(crate) fn command(program: &Path, records: &Path) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.arg0(OsString::from("gpufleet-shim"))
-        .arg(SHIM_ARG)
-        .arg(records)
-        .env_clear();
-    cmd
 }
 
 #[cfg(test)]

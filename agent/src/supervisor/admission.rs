@@ -1,0 +1,239 @@
+//! What may run: the local API's requests (refused when bad) and the
+//! controller's desired state, reconciled against what runs (started when
+//! missing, stopped when no longer wanted, forgotten once finished).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use gpufleet_proto::v1::{Allocation, DesiredState, WorkloadState, WorkloadStatus};
+use tokio::sync::{Notify, watch};
+use tracing::{debug, info, warn};
+
+use super::workload::Workload;
+use super::{Source, State, Supervisor, SupervisorError, invalid};
+
+/// Checks that an allocation id is safe as one path component:
+/// `[A-Za-z0-9._-]{1,128}` and not `.` or `..`.
+pub fn validate_allocation_id(id: &str) -> Result<(), SupervisorError> {
+    let ok_chars = id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if id.is_empty() || id.len() > 128 || !ok_chars || id == "." || id == ".." {
+        return Err(invalid(
+            "allocation_id",
+            format!("{id:?} must be 1-128 characters of A-Z a-z 0-9 . _ - and not . or .."),
+        ));
+    }
+    Ok(())
+}
+
+/// What a start task needs of the workload [`Supervisor::admit`] recorded.
+pub(super) struct Admitted {
+    /// Marks the workload ended.
+    pub(super) done: watch::Sender<bool>,
+    pub(super) stop_while_queued: Arc<Notify>,
+}
+
+impl Supervisor {
+    /// Starts a workload for the local API and returns its status once the
+    /// start has settled (running or failed). Unlike the controller path,
+    /// bad requests are refused rather than recorded as failed workloads.
+    /// An empty allocation id gets `local-<uuid>`.
+    pub async fn run_local(
+        &self,
+        mut allocation: Allocation,
+    ) -> Result<WorkloadStatus, SupervisorError> {
+        if allocation.allocation_id.is_empty() {
+            allocation.allocation_id = format!("local-{}", uuid::Uuid::new_v4());
+        }
+        validate_allocation_id(&allocation.allocation_id)?;
+        let argv = allocation
+            .workload
+            .as_ref()
+            .map(|w| w.argv.as_slice())
+            .unwrap_or_default();
+        if argv.first().is_none_or(|a| a.is_empty()) {
+            return Err(invalid("workload.argv", "must name a program to run"));
+        }
+        let mut seen = HashSet::new();
+        for uuid in &allocation.gpu_uuids {
+            if !seen.insert(uuid) {
+                return Err(invalid("gpu_uuids", format!("{uuid} is listed twice")));
+            }
+            self.check_known_gpu(uuid)?;
+        }
+        let done = {
+            let mut st = self.lock();
+            if st.shutting_down {
+                return Err(SupervisorError::ShuttingDown);
+            }
+            if st.workloads.contains_key(&allocation.allocation_id) {
+                return Err(SupervisorError::AlreadyExists(allocation.allocation_id));
+            }
+            for (id, w) in &st.workloads {
+                if w.terminal() {
+                    continue;
+                }
+                if let Some(uuid) = allocation
+                    .gpu_uuids
+                    .iter()
+                    .find(|u| w.allocation.gpu_uuids.contains(u))
+                {
+                    return Err(SupervisorError::GpuBusy {
+                        uuid: uuid.clone(),
+                        holder: id.clone(),
+                    });
+                }
+            }
+            self.admit(&mut st, allocation.clone(), Source::Local)
+        };
+        let id = allocation.allocation_id.clone();
+        // Awaited, not run here: the start completes even if this caller
+        // goes away (a client that hung up mid-call).
+        let _ = self.spawn_start(allocation, Source::Local, done).await;
+        self.status(&id).ok_or(SupervisorError::NotFound(id))
+    }
+
+    fn check_known_gpu(&self, uuid: &str) -> Result<(), SupervisorError> {
+        if self.inner.node_gpus.iter().any(|g| g == uuid) {
+            Ok(())
+        } else {
+            Err(invalid(
+                "gpu_uuids",
+                format!(
+                    "{uuid} is not a GPU of this node (its GPUs: {})",
+                    if self.inner.node_gpus.is_empty() {
+                        "none".to_string()
+                    } else {
+                        self.inner.node_gpus.join(", ")
+                    }
+                ),
+            ))
+        }
+    }
+
+    /// Applies the controller's desired state: starts what is missing, stops
+    /// controller workloads no longer listed, and forgets finished ones no
+    /// longer listed. Finished allocations are never restarted. Older
+    /// generations are ignored; re-applying the same one is harmless.
+    ///
+    /// Returns at once: new workloads are recorded as starting and started
+    /// concurrently (at most [`super::SupervisorSettings::max_concurrent_starts`]
+    /// at a time), each reported running (or failed) when its runtime
+    /// answers. Must be called within a Tokio runtime.
+    pub fn reconcile(&self, desired: &DesiredState) {
+        let mut st = self.lock();
+        if st.shutting_down {
+            return;
+        }
+        if desired.generation < st.applied_generation {
+            debug!(
+                generation = desired.generation,
+                applied = st.applied_generation,
+                "ignoring an older desired state"
+            );
+            return;
+        }
+        st.applied_generation = desired.generation;
+        let wanted: HashSet<&str> = desired
+            .allocations
+            .iter()
+            .map(|a| a.allocation_id.as_str())
+            .collect();
+        let mut starts = Vec::new();
+        for allocation in &desired.allocations {
+            match st.workloads.get(&allocation.allocation_id) {
+                None => match self.validate_controller_allocation(allocation) {
+                    Ok(()) => {
+                        let done = self.admit(&mut st, allocation.clone(), Source::Controller);
+                        starts.push((allocation.clone(), done));
+                    }
+                    Err(reason) => self.reject(&mut st, allocation.clone(), reason),
+                },
+                Some(w) if w.source == Source::Local => warn!(
+                    allocation_id = %allocation.allocation_id,
+                    "the controller wants an allocation id already used by a local workload; ignoring it"
+                ),
+                Some(_) => {}
+            }
+        }
+        // A finished workload's final status was emitted when it finished,
+        // i.e. before this desired state arrived, so forgetting it loses
+        // nothing the uplink has not already queued or sent in a hello.
+        let mut forget = Vec::new();
+        let mut stops = Vec::new();
+        for (id, w) in &st.workloads {
+            if w.source != Source::Controller || wanted.contains(id.as_str()) {
+                continue;
+            }
+            if w.terminal() {
+                forget.push(id.clone());
+            } else {
+                stops.push(id.clone());
+            }
+        }
+        for id in forget {
+            if let Some(w) = st.workloads.remove(&id) {
+                // A restarted agent must not report it again.
+                self.forget_in_runtime(&w);
+            }
+        }
+        for id in stops {
+            if let Some(w) = st.workloads.get_mut(&id) {
+                info!(allocation_id = %id, "stopping a workload the controller no longer wants");
+                self.request_stop(w, None);
+            }
+        }
+        drop(st);
+        for (allocation, done) in starts {
+            self.spawn_start(allocation, Source::Controller, done);
+        }
+    }
+
+    /// Controller allocations are authoritative, but one we cannot run is
+    /// recorded as FAILED with the reason, so the controller learns why.
+    fn validate_controller_allocation(&self, allocation: &Allocation) -> Result<(), String> {
+        validate_allocation_id(&allocation.allocation_id).map_err(|e| e.to_string())?;
+        let argv = allocation
+            .workload
+            .as_ref()
+            .map(|w| w.argv.as_slice())
+            .unwrap_or_default();
+        if argv.first().is_none_or(|a| a.is_empty()) {
+            return Err("invalid workload.argv: must name a program to run".into());
+        }
+        for uuid in &allocation.gpu_uuids {
+            self.check_known_gpu(uuid).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Records a workload as starting; [`Supervisor::spawn_start`] starts
+    /// it.
+    fn admit(&self, st: &mut State, allocation: Allocation, source: Source) -> Admitted {
+        let (done_tx, done_rx) = watch::channel(false);
+        let id = allocation.allocation_id.clone();
+        let w = Workload::starting(allocation, source, done_rx);
+        let stop_while_queued = w.stop_while_queued.clone();
+        st.workloads.insert(id, w);
+        self.refresh_busy(st);
+        Admitted {
+            done: done_tx,
+            stop_while_queued,
+        }
+    }
+
+    /// Records a controller allocation that cannot run as failed, with why.
+    /// It never reaches the runtime.
+    fn reject(&self, st: &mut State, allocation: Allocation, reason: String) {
+        let (done_tx, done_rx) = watch::channel(false);
+        let id = allocation.allocation_id.clone();
+        let mut w = Workload::starting(allocation, Source::Controller, done_rx);
+        warn!(allocation_id = %id, %reason, "workload could not start");
+        w.end(WorkloadState::Failed, reason);
+        let _ = done_tx.send(true);
+        let status = w.status();
+        st.workloads.insert(id, w);
+        self.emit(st, status);
+    }
+}
