@@ -163,11 +163,17 @@ impl ShimPool {
         None
     }
 
-    /// Waits, idle, for the next request; `None` when the thread should
-    /// exit (idle for [`IDLE_SHIM_THREAD`], or the host is closing).
+    /// Counts the calling thread as idle; it then waits in
+    /// [`Self::next_request`].
+    fn become_idle(&self) {
+        self.lock().unpromised_idle += 1;
+    }
+
+    /// Waits, idle (see [`Self::become_idle`]), for the next request;
+    /// `None` when the thread should exit (idle for [`IDLE_SHIM_THREAD`],
+    /// or the host is closing).
     fn next_request(&self) -> Option<Request> {
         let mut state = self.lock();
-        state.unpromised_idle += 1;
         loop {
             if let Some(request) = state.queued.pop_front() {
                 return Some(request);
@@ -218,7 +224,11 @@ fn start_shim_thread(
         .spawn(move || {
             let mut next = Some(request);
             while let Some(request) = next {
-                run_shim(request, identity);
+                let answer = run_shim(request, identity);
+                // Idle before the agent learns that the workload ended, so
+                // the start that its end lets in finds this thread.
+                pool.become_idle();
+                drop(answer);
                 next = pool.next_request();
             }
         });
@@ -234,8 +244,9 @@ fn start_shim_thread(
     }
 }
 
-/// One workload's shim, from its request to its end.
-fn run_shim(request: Request, identity: ShimIdentity) {
+/// One workload's shim, from its request to its end. Returns the answer
+/// pipe, whose end of file tells the agent the workload ended.
+fn run_shim(request: Request, identity: ShimIdentity) -> std::fs::File {
     let Request {
         records,
         spec,
@@ -251,7 +262,7 @@ fn run_shim(request: Request, identity: ShimIdentity) {
         &mut diagnostics,
         identity,
     );
-    // `answer` closes here: end of file tells the agent.
+    answer
 }
 
 /// One request: `None` at end of input; an inner error for a malformed
