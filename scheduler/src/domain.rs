@@ -1,8 +1,7 @@
 //! The scheduler's vocabulary: GPU generations, locality, a job's
 //! constraints and placement policy, the jobs it is asked to place and the
 //! outcomes it returns. Plain data, no wire format: callers convert their
-//! own records (the controller converts protobuf messages in its
-//! `placement` adapter).
+//! own records (the controller does it in its `placement` adapter).
 
 use crate::reason::PendingReason;
 

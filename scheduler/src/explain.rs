@@ -457,3 +457,80 @@ pub fn explain(fleet: &Fleet, job: &JobInput, reason: Option<PendingReason>) -> 
         summary,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Constraints, Generation};
+    use crate::fleet::{GpuInput, NodeInput};
+
+    fn node(id: &str, region: &str, price: u64, model: &str, generation: Generation) -> NodeInput {
+        NodeInput {
+            id: id.into(),
+            provider: "aws".into(),
+            region: region.into(),
+            price_per_gpu_hour_micro_usd: price,
+            schedulable: true,
+            gpus: (0..8)
+                .map(|g| GpuInput {
+                    uuid: format!("{id}-{g}"),
+                    model: model.into(),
+                    generation,
+                    memory_bytes: 80 << 30,
+                    compute_capability: (9, 0),
+                    healthy: true,
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn exclusions_and_region_verdicts_are_named_and_worded() {
+        let fleet = Fleet::build(
+            &[
+                node("a", "r1", 3_000_000, "H100-SXM-80GB", Generation::Hopper),
+                node("b", "r2", 1_500_000, "A100-SXM-80GB", Generation::Ampere),
+                node("c", "r3", 1_000_000, "H100-SXM-80GB", Generation::Hopper),
+            ],
+            &[],
+        );
+        let job = JobInput {
+            tasks: 1,
+            gpus_per_task: 4,
+            constraints: Constraints {
+                generations: vec![Generation::Hopper],
+                max_price_per_gpu_hour_micro_usd: Some(2_000_000),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let e = explain(&fleet, &job, Some(PendingReason::InsufficientFreeGpus));
+        assert_eq!(e.reason, Some(PendingReason::InsufficientFreeGpus));
+        let names: Vec<&str> = e.exclusions.iter().map(|x| x.constraint.name()).collect();
+        assert_eq!(names, ["max_price", "gpu_model"]);
+        assert_eq!(
+            e.message,
+            "needs 1 task × 4 Hopper GPUs ≤ $2.00/h: not enough free GPUs now; waiting for \
+             running work to end; 1 node / 8 GPUs excluded (over the bid of $2.00/h: r1 at \
+             $3.00/h); 1 node / 8 GPUs excluded (GPU model does not match: A100-SXM-80GB (Ampere))"
+        );
+        let verdicts: Vec<(&str, &str)> = e
+            .regions
+            .iter()
+            .map(|r| (r.region.as_str(), r.verdict.name()))
+            .collect();
+        assert_eq!(
+            verdicts,
+            [
+                ("r1", "over_bid"),
+                ("r2", "no_matching_gpus"),
+                ("r3", "fits")
+            ]
+        );
+        assert_eq!(
+            e.regions[2].detail,
+            "r3 has 8 matching GPUs free at $1.00/h"
+        );
+    }
+}

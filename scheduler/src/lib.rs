@@ -3,7 +3,7 @@
 //! own (the caller passes `now`), and no wire format: it speaks its own
 //! domain types ([`Constraints`], [`Generation`], [`Locality`],
 //! [`PendingReason`], [`NodeInput`], [`JobInput`], [`Outcome`]). The
-//! controller converts its protobuf records to and from them; the
+//! controller converts its wire records to and from them; the
 //! benchmarks, the property tests and the simulator use them directly.
 //!
 //! # One pass

@@ -73,6 +73,7 @@ pub fn schedule(
         let mut queue = queue::LevelQueue::new(members, share_now, |t| config.weight(t));
         ctx.level_reserved = false;
         while let Some((index, tenant_slot)) = queue.pop() {
+            // A benchmark's stopwatch only: no decision reads it.
             let started = config.measure_decisions.then(std::time::Instant::now);
             let (outcome, granted) = decide(fleet, &jobs[index], &mut ctx);
             if matches!(outcome, Outcome::Placed(_)) {
