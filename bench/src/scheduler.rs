@@ -13,11 +13,10 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use gpufleet_controller::scheduler::{
-    Fleet, GpuInput, JobInput, NodeInput, Outcome, Policy, RunningInput, SchedulerConfig,
-    TenantState, schedule,
+use gpufleet_scheduler::{
+    Constraints, Fleet, Generation, GpuInput, JobInput, Locality, NodeInput, Outcome, Policy,
+    RunningInput, SchedulerConfig, TenantState, schedule,
 };
-use gpufleet_proto::v1::{GpuGeneration, JobConstraints, Locality};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -45,21 +44,15 @@ pub struct Args {
 }
 
 /// (model, generation, memory GiB, compute capability, base price USD/GPU-h)
-type ModelRow = (&'static str, GpuGeneration, u64, (u32, u32), f64);
+type ModelRow = (&'static str, Generation, u64, (u32, u32), f64);
 const MODELS: &[ModelRow] = &[
-    (
-        "B200-SXM-180GB",
-        GpuGeneration::Blackwell,
-        180,
-        (10, 0),
-        6.25,
-    ),
-    ("H200-SXM-141GB", GpuGeneration::Hopper, 141, (9, 0), 3.80),
-    ("H100-SXM-80GB", GpuGeneration::Hopper, 80, (9, 0), 3.20),
-    ("A100-SXM-80GB", GpuGeneration::Ampere, 80, (8, 0), 1.90),
-    ("L40S", GpuGeneration::Ada, 48, (8, 9), 1.35),
-    ("L4", GpuGeneration::Ada, 24, (8, 9), 0.80),
-    ("A10G", GpuGeneration::Ampere, 24, (8, 6), 1.01),
+    ("B200-SXM-180GB", Generation::Blackwell, 180, (10, 0), 6.25),
+    ("H200-SXM-141GB", Generation::Hopper, 141, (9, 0), 3.80),
+    ("H100-SXM-80GB", Generation::Hopper, 80, (9, 0), 3.20),
+    ("A100-SXM-80GB", Generation::Ampere, 80, (8, 0), 1.90),
+    ("L40S", Generation::Ada, 48, (8, 9), 1.35),
+    ("L4", Generation::Ada, 24, (8, 9), 0.80),
+    ("A10G", Generation::Ampere, 24, (8, 6), 1.01),
 ];
 
 /// (provider, regions, price multiplier)
@@ -126,7 +119,7 @@ pub fn fleet_inputs(nodes: usize, rng: &mut StdRng) -> Vec<NodeInput> {
                     .map(|g| GpuInput {
                         uuid: format!("GPU-{n:06}-{g}"),
                         model: name.to_string(),
-                        generation: generation as i32,
+                        generation,
                         memory_bytes: gib << 30,
                         compute_capability: cc,
                         healthy: true,
@@ -149,13 +142,13 @@ pub fn job_inputs(count: usize, rng: &mut StdRng) -> Vec<JobInput> {
             } else {
                 (rng.random_range(2..=32), 8)
             };
-            let mut constraints = JobConstraints::default();
+            let mut constraints = Constraints::default();
             if rng.random_bool(0.3) {
                 if rng.random_bool(0.5) {
                     constraints.models =
                         vec![MODELS[rng.random_range(0..MODELS.len())].0.to_string()];
                 } else {
-                    constraints.min_generation = GpuGeneration::Hopper as i32;
+                    constraints.min_generation = Some(Generation::Hopper);
                 }
             }
             if rng.random_bool(0.2) {
@@ -163,9 +156,9 @@ pub fn job_inputs(count: usize, rng: &mut StdRng) -> Vec<JobInput> {
                     Some(rng.random_range(1_000_000..4_000_000));
             }
             constraints.locality = if tasks > 1 {
-                Locality::Region as i32
+                Locality::Region
             } else {
-                Locality::Any as i32
+                Locality::Any
             };
             JobInput {
                 id: format!("job-{i:012x}"),

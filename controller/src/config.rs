@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::placement;
 use crate::scheduler::{Policy, SchedulerConfig, TenantPolicy};
 
 #[derive(Debug, thiserror::Error)]
@@ -321,7 +322,7 @@ impl ControllerConfig {
         }
         let generation = |key: &str, name: &str| {
             gpufleet_core::parse_generation(name)
-                .map(|g| g as i32)
+                .map(placement::generation_from_proto)
                 .ok_or_else(|| {
                     invalid(
                         key,
@@ -527,11 +528,7 @@ impl ControllerConfig {
                 self.scheduler
                     .generation_factors
                     .iter()
-                    .filter_map(|(g, f)| {
-                        gpufleet_proto::v1::GpuGeneration::try_from(*g)
-                            .ok()
-                            .map(|g| (gpufleet_core::generation_name(g).to_string(), *f))
-                    })
+                    .map(|(g, f)| (placement::generation_name(*g).to_string(), *f))
                     .collect(),
             ),
             tenants: Some(
@@ -547,16 +544,8 @@ impl ControllerConfig {
                                 max_gpus_per_generation: Some(
                                     t.max_gpus_per_generation
                                         .iter()
-                                        .filter_map(|(g, n)| {
-                                            gpufleet_proto::v1::GpuGeneration::try_from(*g)
-                                                .ok()
-                                                .map(|g| {
-                                                    (
-                                                        gpufleet_core::generation_name(g)
-                                                            .to_string(),
-                                                        *n,
-                                                    )
-                                                })
+                                        .map(|(g, n)| {
+                                            (placement::generation_name(*g).to_string(), *n)
                                         })
                                         .collect(),
                                 ),

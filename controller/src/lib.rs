@@ -10,7 +10,6 @@ pub mod lifecycle;
 pub mod memory;
 pub mod metrics;
 pub mod placement;
-pub mod scheduler;
 pub mod segments;
 pub mod server;
 pub mod service;
@@ -19,6 +18,12 @@ pub mod store;
 pub mod telemetry;
 pub mod usage;
 pub mod validate;
+
+/// The scheduler crate under its old path, so `crate::scheduler::…` in the
+/// controller and `gpufleet_controller::scheduler::…` in its clients (the
+/// CLI's price formatting, the usage benchmark) keep working; the adapter
+/// that converts to and from proto is [`placement`].
+pub use gpufleet_scheduler as scheduler;
 
 pub use config::ControllerConfig;
 pub use server::{RunningController, start};

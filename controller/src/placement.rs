@@ -1,15 +1,26 @@
-//! Adapter between the controller's records and the pure scheduler: builds
-//! its inputs from nodes and jobs, and keeps fair-share usage.
+//! The controller's adapter to the pure scheduler (`gpufleet-scheduler`):
+//! converts protobuf nodes, jobs and constraints into the scheduler's own
+//! types, its generations and verdicts back into wire values and
+//! `PendingReason` / `RegionExplanation` messages, and rebuilds fair-share
+//! usage from stored jobs. Every proto ↔ scheduler conversion lives here,
+//! so the scheduler never sees the wire format and the rest of the
+//! controller never sees the scheduler's internals.
 
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use gpufleet_proto::v1::{GpuHealth, Job, JobSpec, JobState, Node, NodeState, PlacementPolicy};
+use gpufleet_proto::v1 as proto;
+use gpufleet_proto::v1::{
+    GpuGeneration, GpuHealth, Job, JobConstraints, JobSpec, JobState, Node, NodeState,
+    PlacementPolicy,
+};
+use gpufleet_scheduler::explain::{self, Explanation};
+use gpufleet_scheduler::{
+    Constraints, FairShare, Fleet, Generation, GpuInput, JobInput, Locality, NodeInput,
+    PendingReason, Policy, RunningInput, SchedulerConfig, TenantState,
+};
 
 use crate::lifecycle::{is_desired, task_holds_gpus};
-use crate::scheduler::{
-    FairShare, GpuInput, JobInput, NodeInput, Policy, RunningInput, SchedulerConfig, TenantState,
-};
 
 pub fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
@@ -40,7 +51,7 @@ pub fn node_input(node: &Node, connected: bool) -> NodeInput {
                 Some(GpuInput {
                     uuid: info.uuid.clone(),
                     model: info.model.clone(),
-                    generation: info.generation,
+                    generation: generation_from_wire(info.generation),
                     memory_bytes: info.memory_bytes,
                     compute_capability: (
                         info.compute_capability_major,
@@ -143,7 +154,8 @@ pub fn policy_of(policy: i32) -> Option<Policy> {
 }
 
 pub fn job_input(job: &Job) -> JobInput {
-    let spec = job.spec.clone().unwrap_or_default();
+    let no_spec = JobSpec::default();
+    let spec = job.spec.as_ref().unwrap_or(&no_spec);
     let submitted_at = job
         .created_at
         .map(|t| {
@@ -160,7 +172,11 @@ pub fn job_input(job: &Job) -> JobInput {
         submitted_at,
         tasks: spec.tasks.max(1),
         gpus_per_task: spec.gpus_per_task,
-        constraints: spec.constraints.clone().unwrap_or_default(),
+        constraints: spec
+            .constraints
+            .as_ref()
+            .map(constraints)
+            .unwrap_or_default(),
         policy: policy_of(spec.placement_policy),
         max_runtime_secs: (spec.max_runtime_seconds > 0).then_some(spec.max_runtime_seconds as u64),
         not_before: ts_secs(job.not_before.as_ref()),
@@ -171,8 +187,11 @@ pub fn job_input(job: &Job) -> JobInput {
 pub fn tenant_allocation<'a>(
     jobs: impl Iterator<Item = &'a Job>,
     config: &SchedulerConfig,
-) -> (HashMap<String, HashMap<i32, u32>>, HashMap<String, f64>) {
-    let mut held: HashMap<String, HashMap<i32, u32>> = HashMap::new();
+) -> (
+    HashMap<String, HashMap<Generation, u32>>,
+    HashMap<String, f64>,
+) {
+    let mut held: HashMap<String, HashMap<Generation, u32>> = HashMap::new();
     let mut normalised: HashMap<String, f64> = HashMap::new();
     for job in jobs.filter(|j| j.tasks.iter().any(task_holds_gpus)) {
         let tenant = job
@@ -182,13 +201,14 @@ pub fn tenant_allocation<'a>(
             .unwrap_or_default();
         for task in job.tasks.iter().filter(|t| task_holds_gpus(t)) {
             let gpus = task.gpu_uuids.len() as u32;
+            let generation = generation_from_wire(task.generation);
             *held
                 .entry(tenant.clone())
                 .or_default()
-                .entry(task.generation)
+                .entry(generation)
                 .or_insert(0) += gpus;
             *normalised.entry(tenant.clone()).or_insert(0.0) +=
-                gpus as f64 * config.factor(task.generation);
+                gpus as f64 * config.factor(generation);
         }
     }
     (held, normalised)
@@ -216,7 +236,8 @@ pub fn add_fair_share_usage(
             continue;
         }
         // Integral of gpus × 2^-(now - t)/h over [start, end], in hours.
-        let gpus = task.gpu_uuids.len() as f64 * config.factor(task.generation);
+        let gpus =
+            task.gpu_uuids.len() as f64 * config.factor(generation_from_wire(task.generation));
         let h = half_life_secs.max(1.0);
         let k = std::f64::consts::LN_2 / h;
         let value = gpus / k
@@ -226,7 +247,10 @@ pub fn add_fair_share_usage(
     }
 }
 
-pub fn tenant_state(fair: &FairShare, held: HashMap<String, HashMap<i32, u32>>) -> TenantState {
+pub fn tenant_state(
+    fair: &FairShare,
+    held: HashMap<String, HashMap<Generation, u32>>,
+) -> TenantState {
     TenantState {
         usage: fair.usage().clone(),
         allocated: held,
@@ -237,10 +261,229 @@ pub fn pending_jobs<'a>(jobs: impl Iterator<Item = &'a Job>) -> Vec<&'a Job> {
     jobs.filter(|j| j.state() == JobState::Pending).collect()
 }
 
+pub fn generation_from_proto(generation: GpuGeneration) -> Generation {
+    match generation {
+        GpuGeneration::Unspecified => Generation::Unspecified,
+        GpuGeneration::Pascal => Generation::Pascal,
+        GpuGeneration::Volta => Generation::Volta,
+        GpuGeneration::Turing => Generation::Turing,
+        GpuGeneration::Ampere => Generation::Ampere,
+        GpuGeneration::Ada => Generation::Ada,
+        GpuGeneration::Hopper => Generation::Hopper,
+        GpuGeneration::Blackwell => Generation::Blackwell,
+    }
+}
+
+pub fn generation_to_proto(generation: Generation) -> GpuGeneration {
+    match generation {
+        Generation::Unspecified => GpuGeneration::Unspecified,
+        Generation::Pascal => GpuGeneration::Pascal,
+        Generation::Volta => GpuGeneration::Volta,
+        Generation::Turing => GpuGeneration::Turing,
+        Generation::Ampere => GpuGeneration::Ampere,
+        Generation::Ada => GpuGeneration::Ada,
+        Generation::Hopper => GpuGeneration::Hopper,
+        Generation::Blackwell => GpuGeneration::Blackwell,
+    }
+}
+
+/// The configuration name of a generation: `hopper`, `ampere`, …
+pub fn generation_name(generation: Generation) -> &'static str {
+    gpufleet_core::generation_name(generation_to_proto(generation))
+}
+
+/// A `GpuGeneration` wire value; one this build does not know (a newer
+/// agent's) counts as `Unspecified`. Submitted constraints never carry
+/// one: validation rejects them.
+pub fn generation_from_wire(value: i32) -> Generation {
+    GpuGeneration::try_from(value).map_or(Generation::Unspecified, generation_from_proto)
+}
+
+pub fn generation_wire(generation: Generation) -> i32 {
+    generation_to_proto(generation) as i32
+}
+
+fn locality_from_wire(value: i32) -> Locality {
+    match proto::Locality::try_from(value).unwrap_or(proto::Locality::Unspecified) {
+        proto::Locality::Unspecified => Locality::Unspecified,
+        proto::Locality::Any => Locality::Any,
+        proto::Locality::Region => Locality::Region,
+        proto::Locality::Provider => Locality::Provider,
+    }
+}
+
+/// A job's constraints as the scheduler reads them.
+pub fn constraints(c: &JobConstraints) -> Constraints {
+    Constraints {
+        generations: c
+            .generations
+            .iter()
+            .map(|g| generation_from_wire(*g))
+            .collect(),
+        models: c.models.clone(),
+        min_gpu_memory_bytes: c.min_gpu_memory_bytes,
+        providers: c.providers.clone(),
+        regions: c.regions.clone(),
+        max_price_per_gpu_hour_micro_usd: c.max_price_per_gpu_hour_micro_usd,
+        min_generation: match generation_from_wire(c.min_generation) {
+            Generation::Unspecified => None,
+            min => Some(min),
+        },
+        min_compute_capability: (
+            c.min_compute_capability_major,
+            c.min_compute_capability_minor,
+        ),
+        exclude_providers: c.exclude_providers.clone(),
+        exclude_regions: c.exclude_regions.clone(),
+        preferred_regions: c.preferred_regions.clone(),
+        allow_spot: c.allow_spot,
+        locality: locality_from_wire(c.locality),
+        require_nvlink: c.require_nvlink,
+    }
+}
+
+/// The pending reason a pass records on a job: the verdict, explained
+/// against the fleet as the pass left it.
+pub fn explain_pending(
+    fleet: &Fleet,
+    job: &JobInput,
+    reason: PendingReason,
+) -> proto::PendingReason {
+    let explanation = explain::explain(fleet, job, Some(reason));
+    pending_reason(reason.code(), explanation).0
+}
+
+/// `ExplainJob`'s answer for a job whose stored pending code is `code`
+/// (empty, or a code this version does not know, explains the request
+/// without a verdict): the reason (carrying `code` as given), the regions,
+/// and the summary.
+pub fn explain_job(
+    fleet: &Fleet,
+    job: &JobInput,
+    code: &str,
+) -> (proto::PendingReason, Vec<proto::RegionExplanation>, String) {
+    let explanation = explain::explain(fleet, job, PendingReason::from_code(code));
+    pending_reason(code, explanation)
+}
+
+fn pending_reason(
+    code: &str,
+    explanation: Explanation,
+) -> (proto::PendingReason, Vec<proto::RegionExplanation>, String) {
+    let reason = proto::PendingReason {
+        code: code.to_string(),
+        message: explanation.message,
+        exclusions: explanation
+            .exclusions
+            .into_iter()
+            .map(|e| proto::ConstraintExclusion {
+                constraint: e.constraint.name().to_string(),
+                nodes_excluded: e.nodes_excluded,
+                gpus_excluded: e.gpus_excluded,
+                detail: e.detail,
+            })
+            .collect(),
+    };
+    let regions = explanation
+        .regions
+        .into_iter()
+        .map(|r| proto::RegionExplanation {
+            provider: r.provider,
+            region: r.region,
+            total_gpus: r.total_gpus,
+            matching_gpus: r.matching_gpus,
+            free_matching_gpus: r.free_matching_gpus,
+            min_price_per_gpu_hour_micro_usd: r.min_price_per_gpu_hour_micro_usd,
+            verdict: r.verdict.name().to_string(),
+            detail: r.detail,
+        })
+        .collect();
+    (reason, regions, explanation.summary)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use gpufleet_proto::v1::{GpuInfo, GpuStatus, NvLinkPeer};
+
+    #[test]
+    fn generations_convert_both_ways() {
+        for generation in Generation::ALL {
+            assert_eq!(
+                generation_from_wire(generation_wire(generation)),
+                generation
+            );
+        }
+        assert_eq!(generation_from_wire(99), Generation::Unspecified);
+    }
+
+    #[test]
+    fn constraints_carry_every_field() {
+        let wire = JobConstraints {
+            generations: vec![GpuGeneration::Hopper as i32, GpuGeneration::Ampere as i32],
+            models: vec!["H100-SXM-80GB".into()],
+            min_gpu_memory_bytes: 40 << 30,
+            providers: vec!["aws".into()],
+            regions: vec!["r1".into()],
+            max_price_per_gpu_hour_micro_usd: Some(2_000_000),
+            min_generation: GpuGeneration::Ampere as i32,
+            min_compute_capability_major: 8,
+            min_compute_capability_minor: 6,
+            exclude_providers: vec!["gcp".into()],
+            exclude_regions: vec!["r2".into()],
+            preferred_regions: vec!["r3".into()],
+            allow_spot: true,
+            locality: proto::Locality::Provider as i32,
+            require_nvlink: true,
+        };
+        assert_eq!(
+            constraints(&wire),
+            Constraints {
+                generations: vec![Generation::Hopper, Generation::Ampere],
+                models: vec!["H100-SXM-80GB".into()],
+                min_gpu_memory_bytes: 40 << 30,
+                providers: vec!["aws".into()],
+                regions: vec!["r1".into()],
+                max_price_per_gpu_hour_micro_usd: Some(2_000_000),
+                min_generation: Some(Generation::Ampere),
+                min_compute_capability: (8, 6),
+                exclude_providers: vec!["gcp".into()],
+                exclude_regions: vec!["r2".into()],
+                preferred_regions: vec!["r3".into()],
+                allow_spot: true,
+                locality: Locality::Provider,
+                require_nvlink: true,
+            }
+        );
+        assert_eq!(
+            constraints(&JobConstraints::default()),
+            Constraints::default(),
+            "unset on the wire is unset for the scheduler"
+        );
+    }
+
+    #[test]
+    fn explained_reasons_keep_their_codes_and_names() {
+        let fleet = Fleet::build(&[], &[]);
+        let job = JobInput {
+            tasks: 2,
+            gpus_per_task: 8,
+            ..Default::default()
+        };
+        let reason = explain_pending(&fleet, &job, PendingReason::NoNodes);
+        assert_eq!(reason.code, "NO_NODES");
+        assert_eq!(reason.message, "no nodes have registered; start an agent");
+        let (reason, regions, summary) = explain_job(&fleet, &job, "SOMETHING_OLDER");
+        assert_eq!(
+            reason.code, "SOMETHING_OLDER",
+            "a stored code is kept as given"
+        );
+        assert!(regions.is_empty());
+        assert_eq!(
+            summary,
+            "needs 2 tasks × 8 GPUs in one region: not enough free GPUs now; waiting for running work to end"
+        );
+    }
 
     fn gpu(index: u32, peers: Vec<NvLinkPeer>) -> GpuStatus {
         GpuStatus {

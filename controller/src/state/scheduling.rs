@@ -87,7 +87,7 @@ impl Controller {
                                 provider: p.provider,
                                 region: p.region,
                                 price_per_gpu_hour_micro_usd: p.price_per_gpu_hour_micro_usd,
-                                generation: p.generation,
+                                generation: placement::generation_wire(p.generation),
                                 model,
                                 ..Default::default()
                             }
@@ -127,12 +127,15 @@ impl Controller {
                         changed.push(job);
                     }
                 }
-                Outcome::Pending { code } => {
+                Outcome::Pending(verdict) => {
                     // The full explanation only when the verdict changes:
                     // it is the costly part of a pass.
-                    let same = job.pending_reason.as_ref().is_some_and(|r| r.code == code);
+                    let same = job
+                        .pending_reason
+                        .as_ref()
+                        .is_some_and(|r| r.code == verdict.code());
                     if !same {
-                        let (reason, _, _) = scheduler::explain::explain(&fleet, input, code);
+                        let reason = placement::explain_pending(&fleet, input, verdict);
                         let mut job = (*job).clone();
                         job.pending_reason = Some(reason);
                         job.version += 1;
@@ -248,7 +251,7 @@ impl Controller {
                 .unwrap_or_else(|| scheduler::reason::WAITING_FOR_SCHEDULER.to_string()),
             _ => String::new(),
         };
-        let (mut reason, regions, mut summary) = scheduler::explain::explain(&fleet, &input, &code);
+        let (mut reason, regions, mut summary) = placement::explain_job(&fleet, &input, &code);
         if job.state() != JobState::Pending {
             reason.code = String::new();
             summary = format!(

@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use gpufleet_proto::v1::{DemandPoint, MarketElasticityResponse, MarketSignal, RegionTightness};
 
+use crate::placement;
 use crate::scheduler::market::{GroupMarket, MarketSnapshot};
 
 /// A task placed by one scheduling pass, for wait statistics.
@@ -156,9 +157,10 @@ pub fn signals_for_minute(
     let mut out = Vec::new();
     let mut by_region: BTreeMap<(String, i32), GroupMarket> = BTreeMap::new();
     for ((provider, region, generation), g) in &snapshot.groups {
-        let here = starts.of(provider, region, *generation);
-        out.push(signal(at_secs, provider, region, *generation, g, &here));
-        let r = by_region.entry((region.clone(), *generation)).or_default();
+        let generation = placement::generation_wire(*generation);
+        let here = starts.of(provider, region, generation);
+        out.push(signal(at_secs, provider, region, generation, g, &here));
+        let r = by_region.entry((region.clone(), generation)).or_default();
         r.supply_gpus += g.supply_gpus;
         r.allocated_gpus += g.allocated_gpus;
         r.free_gpus += g.free_gpus;
@@ -401,6 +403,9 @@ fn log_log_slope(points: &[(f64, f64)]) -> Option<f64> {
 mod tests {
     use super::*;
 
+    /// The scheduler's side of generation 6 (`StartEvent`s carry the wire value).
+    const HOPPER: crate::scheduler::Generation = crate::scheduler::Generation::Hopper;
+
     fn curve(points: &[(u64, u32)]) -> Vec<DemandPoint> {
         points
             .iter()
@@ -440,7 +445,7 @@ mod tests {
         for key in [("aws", "tight"), ("gcp", "tight"), ("aws", "slack")] {
             snapshot
                 .groups
-                .insert((key.0.into(), key.1.into(), 6), GroupMarket::default());
+                .insert((key.0.into(), key.1.into(), HOPPER), GroupMarket::default());
         }
         let mut starts = MinuteStarts::default();
         let start = |provider: &str, region: &str, wait_secs, gpus| StartEvent {
@@ -494,13 +499,13 @@ mod tests {
         };
         snapshot
             .groups
-            .insert(("aws".into(), "tight".into(), 6), group(1, 16));
+            .insert(("aws".into(), "tight".into(), HOPPER), group(1, 16));
         snapshot
             .groups
-            .insert(("gcp".into(), "tight".into(), 6), group(1, 16));
+            .insert(("gcp".into(), "tight".into(), HOPPER), group(1, 16));
         snapshot
             .groups
-            .insert(("aws".into(), "slack".into(), 6), group(8, 0));
+            .insert(("aws".into(), "slack".into(), HOPPER), group(8, 0));
         let mut starts = MinuteStarts::default();
         starts.record(&StartEvent {
             first_task: true,

@@ -3,8 +3,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::fleet::Fleet;
-use super::{Compiled, JobInput, fits_when_idle};
+use crate::compiled::Compiled;
+use crate::domain::{Constraints, Generation, JobInput};
+use crate::fleet::{self, Fleet};
+use crate::reserve::fits_when_idle;
 
 /// The price ladder of demand curves, micro-USD per GPU-hour.
 pub const PRICE_LADDER: &[u64] = &[
@@ -28,16 +30,26 @@ pub struct GroupMarket {
 #[derive(Debug, Clone, Default)]
 pub struct MarketSnapshot {
     /// (provider, region, generation) → market.
-    pub groups: BTreeMap<(String, String, i32), GroupMarket>,
+    pub groups: BTreeMap<(String, String, Generation), GroupMarket>,
     /// GPUs of pending jobs that no set of nodes could ever satisfy.
     pub unmet_demand_gpus: u32,
+}
+
+/// A request without its bid: jobs of one shape can use the same classes
+/// at any price.
+#[derive(PartialEq, Eq, Hash)]
+struct ShapeWithoutBid {
+    constraints: Constraints,
+    tasks: u32,
+    gpus_per_task: u32,
 }
 
 /// Computes supply and demand. Jobs with the same request shape are
 /// evaluated once.
 pub fn snapshot(fleet: &Fleet, pending: &[JobInput]) -> MarketSnapshot {
     let mut out = MarketSnapshot::default();
-    let mut class_group: Vec<(String, String, i32)> = Vec::with_capacity(fleet.classes.len());
+    let mut class_group: Vec<(String, String, Generation)> =
+        Vec::with_capacity(fleet.classes.len());
     for class in &fleet.classes {
         let key = (
             fleet.providers.names[class.provider as usize].clone(),
@@ -64,30 +76,33 @@ pub fn snapshot(fleet: &Fleet, pending: &[JobInput]) -> MarketSnapshot {
     // Jobs are grouped by request shape without the bid (classes they could
     // use at any price), then by bid within a shape: the class filter runs
     // once per shape, the price cut once per (shape, bid).
-    struct Shape {
+    struct Shape<'a> {
+        /// The first job of the shape: what decides a fit is the same for all.
+        representative: &'a JobInput,
         compiled: Compiled,
         without: Vec<usize>,
         feasible_at_any_price: bool,
         by_bid: HashMap<u64, u32>,
     }
-    let mut shapes: HashMap<Vec<u8>, Shape> = HashMap::new();
+    let mut shapes: HashMap<ShapeWithoutBid, Shape<'_>> = HashMap::new();
     for job in pending {
-        let mut no_price = job.clone();
-        no_price.constraints.max_price_per_gpu_hour_micro_usd = None;
-        let mut key = {
-            use prost::Message;
-            no_price.constraints.encode_to_vec()
+        let mut constraints = job.constraints.clone();
+        constraints.max_price_per_gpu_hour_micro_usd = None;
+        let key = ShapeWithoutBid {
+            constraints,
+            tasks: job.tasks,
+            gpus_per_task: job.gpus_per_task,
         };
-        key.extend_from_slice(&job.tasks.to_le_bytes());
-        key.extend_from_slice(&job.gpus_per_task.to_le_bytes());
         let gpus = job.tasks.max(1) * job.gpus_per_task;
         let entry = shapes.entry(key).or_insert_with(|| {
+            let mut no_price = job.clone();
+            no_price.constraints.max_price_per_gpu_hour_micro_usd = None;
             let compiled = Compiled::new(fleet, &no_price);
             // A class can take the job's tasks at all only with nodes big enough.
             let per_task = job.gpus_per_task.max(1) as usize;
             let without: Vec<usize> = (0..fleet.classes.len())
                 .filter(|&c| {
-                    per_task <= super::fleet::MAX_GPUS_PER_SLOT
+                    per_task <= fleet::MAX_GPUS_PER_SLOT
                         && compiled.class_ok(&fleet.classes[c])
                         && fleet.classes[c].healthy_hist[per_task..]
                             .iter()
@@ -98,6 +113,7 @@ pub fn snapshot(fleet: &Fleet, pending: &[JobInput]) -> MarketSnapshot {
             let feasible_at_any_price =
                 !ids.is_empty() && fits_when_idle(fleet, &no_price, &compiled, &ids);
             Shape {
+                representative: job,
                 compiled,
                 without,
                 feasible_at_any_price,
@@ -110,28 +126,14 @@ pub fn snapshot(fleet: &Fleet, pending: &[JobInput]) -> MarketSnapshot {
             .unwrap_or(u64::MAX);
         *entry.by_bid.entry(bid).or_insert(0) += gpus;
     }
-    let representative: HashMap<Vec<u8>, &JobInput> = pending
-        .iter()
-        .map(|job| {
-            let mut no_price = job.constraints.clone();
-            no_price.max_price_per_gpu_hour_micro_usd = None;
-            let mut key = {
-                use prost::Message;
-                no_price.encode_to_vec()
-            };
-            key.extend_from_slice(&job.tasks.to_le_bytes());
-            key.extend_from_slice(&job.gpus_per_task.to_le_bytes());
-            (key, job)
-        })
-        .collect();
-    for (key, shape) in &shapes {
+    for shape in shapes.values() {
         let gpus_total: u32 = shape.by_bid.values().sum();
         if !shape.feasible_at_any_price {
             out.unmet_demand_gpus += gpus_total;
             continue;
         }
         // Demand curve: eligible here at any price, counted where bid ≥ p.
-        let mut counted: Vec<&(String, String, i32)> = Vec::new();
+        let mut counted: Vec<&(String, String, Generation)> = Vec::new();
         for &c in &shape.without {
             let group_key = &class_group[c];
             if counted.contains(&group_key) {
@@ -152,9 +154,7 @@ pub fn snapshot(fleet: &Fleet, pending: &[JobInput]) -> MarketSnapshot {
             }
         }
         // Pending demand: where the job could run at its bid.
-        let Some(job) = representative.get(key) else {
-            continue;
-        };
+        let job = shape.representative;
         for (bid, gpus) in &shape.by_bid {
             let with_price: Vec<u32> = shape
                 .without
@@ -167,7 +167,7 @@ pub fn snapshot(fleet: &Fleet, pending: &[JobInput]) -> MarketSnapshot {
                 out.unmet_demand_gpus += gpus;
                 continue;
             }
-            let mut counted: Vec<&(String, String, i32)> = Vec::new();
+            let mut counted: Vec<&(String, String, Generation)> = Vec::new();
             for &c in &with_price {
                 let group_key = &class_group[c as usize];
                 if !counted.contains(&group_key) {
@@ -190,13 +190,12 @@ pub fn snapshot(fleet: &Fleet, pending: &[JobInput]) -> MarketSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scheduler::{GpuInput, NodeInput};
-    use gpufleet_proto::v1::{GpuGeneration, JobConstraints};
+    use crate::fleet::{GpuInput, NodeInput};
 
     #[test]
     fn supply_demand_and_curve() {
-        let node = |id: &str, region: &str, price: u64, model: &str, generation: GpuGeneration| {
-            NodeInput {
+        let node =
+            |id: &str, region: &str, price: u64, model: &str, generation: Generation| NodeInput {
                 id: id.into(),
                 provider: "aws".into(),
                 region: region.into(),
@@ -206,37 +205,36 @@ mod tests {
                     .map(|g| GpuInput {
                         uuid: format!("{id}-{g}"),
                         model: model.into(),
-                        generation: generation as i32,
+                        generation,
                         memory_bytes: 80 << 30,
                         compute_capability: (9, 0),
                         healthy: true,
                     })
                     .collect(),
                 ..Default::default()
-            }
-        };
+            };
         let nodes = [
-            node("a", "r1", 3_000_000, "H100-SXM-80GB", GpuGeneration::Hopper),
-            node("b", "r2", 1_500_000, "A100-SXM-80GB", GpuGeneration::Ampere),
+            node("a", "r1", 3_000_000, "H100-SXM-80GB", Generation::Hopper),
+            node("b", "r2", 1_500_000, "A100-SXM-80GB", Generation::Ampere),
         ];
         let fleet = Fleet::build(&nodes, &[]);
-        let job = |gpus: u32, bid: Option<u64>, generation: Option<GpuGeneration>| JobInput {
+        let job = |gpus: u32, bid: Option<u64>, generation: Option<Generation>| JobInput {
             tasks: 1,
             gpus_per_task: gpus,
-            constraints: JobConstraints {
+            constraints: Constraints {
                 max_price_per_gpu_hour_micro_usd: bid,
-                generations: generation.map(|g| vec![g as i32]).unwrap_or_default(),
+                generations: generation.map(|g| vec![g]).unwrap_or_default(),
                 ..Default::default()
             },
             ..Default::default()
         };
         let pending = [
-            job(4, Some(2_000_000), Some(GpuGeneration::Hopper)),
+            job(4, Some(2_000_000), Some(Generation::Hopper)),
             job(2, None, None),
             job(16, None, None),
         ];
         let m = snapshot(&fleet, &pending);
-        let hopper = &m.groups[&("aws".into(), "r1".into(), GpuGeneration::Hopper as i32)];
+        let hopper = &m.groups[&("aws".into(), "r1".into(), Generation::Hopper)];
         assert_eq!((hopper.supply_gpus, hopper.free_gpus), (8, 8));
         // The 4-GPU job bids $2.00 < $3.00: not pending demand here, but on the curve.
         assert_eq!(hopper.pending_demand_gpus, 2);

@@ -8,6 +8,8 @@
 
 use std::collections::HashMap;
 
+use crate::domain::Generation;
+
 /// GPUs per slot are tracked in a `u32` mask.
 pub const MAX_GPUS_PER_SLOT: usize = 32;
 /// Sentinel for "no known end".
@@ -33,8 +35,7 @@ pub struct NodeInput {
 pub struct GpuInput {
     pub uuid: String,
     pub model: String,
-    /// `GpuGeneration` wire value.
-    pub generation: i32,
+    pub generation: Generation,
     pub memory_bytes: u64,
     pub compute_capability: (u32, u32),
     pub healthy: bool,
@@ -58,7 +59,7 @@ pub struct RunningInput {
 #[derive(Debug, Clone)]
 pub(crate) struct ModelInfo {
     pub(crate) name: String,
-    pub(crate) generation: i32,
+    pub(crate) generation: Generation,
     pub(crate) memory_bytes: u64,
     pub(crate) compute_capability: (u32, u32),
 }
@@ -160,7 +161,7 @@ impl Fleet {
     /// unknown nodes or GPUs in them are ignored.
     pub fn build(nodes: &[NodeInput], running: &[RunningInput]) -> Self {
         let mut fleet = Fleet::default();
-        let mut model_index: HashMap<(String, i32, u64, (u32, u32)), u16> = HashMap::new();
+        let mut model_index: HashMap<(String, Generation, u64, (u32, u32)), u16> = HashMap::new();
         let mut class_index: HashMap<(u16, u16, u16, u64, bool), u32> = HashMap::new();
         let mut gpu_slot: HashMap<&str, (u32, u32)> = HashMap::new();
 

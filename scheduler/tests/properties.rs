@@ -2,17 +2,16 @@
 
 use std::collections::{HashMap, HashSet};
 
-use gpufleet_controller::scheduler::{
-    FairShare, Fleet, GpuInput, JobInput, NodeInput, Outcome, Policy, RunningInput,
-    SchedulerConfig, TenantPolicy, TenantState, schedule,
+use gpufleet_scheduler::{
+    Constraints, FairShare, Fleet, Generation, GpuInput, JobInput, Locality, NodeInput, Outcome,
+    Policy, RunningInput, SchedulerConfig, TenantPolicy, TenantState, schedule,
 };
-use gpufleet_proto::v1::{GpuGeneration, JobConstraints, Locality};
 use proptest::prelude::*;
 
-const MODELS: &[(&str, GpuGeneration, u64)] = &[
-    ("H100-SXM-80GB", GpuGeneration::Hopper, 80),
-    ("A100-SXM-80GB", GpuGeneration::Ampere, 80),
-    ("L4", GpuGeneration::Ada, 24),
+const MODELS: &[(&str, Generation, u64)] = &[
+    ("H100-SXM-80GB", Generation::Hopper, 80),
+    ("A100-SXM-80GB", Generation::Ampere, 80),
+    ("L4", Generation::Ada, 24),
 ];
 const PROVIDERS: &[&str] = &["aws", "azure", "lambda"];
 const REGIONS: &[&str] = &["r1", "r2", "r3", "r4"];
@@ -127,7 +126,7 @@ fn nodes(specs: &[NodeSpec]) -> Vec<NodeInput> {
                     .map(|g| GpuInput {
                         uuid: format!("GPU-n{i}-{g}"),
                         model: model.into(),
-                        generation: generation as i32,
+                        generation,
                         memory_bytes: gib << 30,
                         compute_capability: (8, 0),
                         healthy: s.unhealthy & (1 << g) == 0 || g > 7,
@@ -151,17 +150,14 @@ fn jobs(specs: &[JobSpec]) -> Vec<JobInput> {
             submitted_at: i as u64,
             tasks: s.tasks,
             gpus_per_task: s.gpus,
-            constraints: JobConstraints {
-                generations: s
-                    .generation
-                    .map(|m| vec![MODELS[m].1 as i32])
-                    .unwrap_or_default(),
+            constraints: Constraints {
+                generations: s.generation.map(|m| vec![MODELS[m].1]).unwrap_or_default(),
                 regions: s
                     .region
                     .map(|r| vec![REGIONS[r].to_string()])
                     .unwrap_or_default(),
                 max_price_per_gpu_hour_micro_usd: s.max_price,
-                locality: s.locality as i32,
+                locality: s.locality,
                 ..Default::default()
             },
             policy: Some(s.policy),
@@ -184,7 +180,7 @@ fn h100_nodes(count: usize) -> Vec<NodeInput> {
                 .map(|g| GpuInput {
                     uuid: format!("GPU-{n}-{g}"),
                     model: "H100-SXM-80GB".into(),
-                    generation: GpuGeneration::Hopper as i32,
+                    generation: Generation::Hopper,
                     memory_bytes: 80 << 30,
                     compute_capability: (9, 0),
                     healthy: true,
@@ -396,13 +392,13 @@ fn fair_share_converges_to_weights() {
         let now = tick * step;
         running.retain(|r| r.4 > now);
         let mut norm: HashMap<String, f64> = HashMap::new();
-        let mut allocated: HashMap<String, HashMap<i32, u32>> = HashMap::new();
+        let mut allocated: HashMap<String, HashMap<Generation, u32>> = HashMap::new();
         for r in &running {
             *norm.entry(format!("t{}", r.1)).or_insert(0.0) += r.3.len() as f64;
             *allocated
                 .entry(format!("t{}", r.1))
                 .or_default()
-                .entry(GpuGeneration::Hopper as i32)
+                .entry(Generation::Hopper)
                 .or_insert(0) += r.3.len() as u32;
             gpu_seconds[r.1] += (r.3.len() as u64 * step) as f64;
         }

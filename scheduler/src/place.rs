@@ -1,0 +1,236 @@
+//! Placement: the slots a job's tasks take now, by policy, all tasks of a
+//! gang or none.
+
+use crate::compiled::Compiled;
+use crate::domain::{JobInput, Policy, TaskPlacement};
+use crate::fleet::{self, Fleet, NEVER};
+
+/// Places every task of a job or none.
+pub(crate) fn place_job(
+    fleet: &mut Fleet,
+    job: &JobInput,
+    compiled: &Compiled,
+    classes: &[u32],
+    policy: Policy,
+    end: u64,
+    discount: f64,
+) -> Option<Vec<TaskPlacement>> {
+    if classes.is_empty()
+        || job.gpus_per_task == 0
+        || job.gpus_per_task as usize > fleet::MAX_GPUS_PER_SLOT
+    {
+        return None;
+    }
+    let tasks = job.tasks.max(1);
+    let per_task = job.gpus_per_task;
+    if policy == Policy::FirstFit {
+        return first_fit(fleet, classes, tasks, per_task, end, compiled.nvlink);
+    }
+    // Classes by effective price, grouped by locality.
+    let mut ordered: Vec<(u64, u32)> = classes
+        .iter()
+        .map(|&c| {
+            (
+                compiled.effective_price(&fleet.classes[c as usize], discount),
+                c,
+            )
+        })
+        .collect();
+    ordered.sort_unstable();
+    let mut groups: Vec<(u16, Vec<(u64, u32)>)> = Vec::new();
+    for (price, c) in ordered {
+        let group = compiled.group_of(&fleet.classes[c as usize]);
+        match groups.iter_mut().find(|(g, _)| *g == group) {
+            Some((_, list)) => list.push((price, c)),
+            None => groups.push((group, vec![(price, c)])),
+        }
+    }
+    if policy == Policy::Spread {
+        // Emptiest group first.
+        groups.sort_by_key(|(_, list)| std::cmp::Reverse(group_free(fleet, list, per_task)));
+    }
+    for (_, group) in &groups {
+        if group_capacity(fleet, group, per_task, end) < tasks as u64 {
+            continue;
+        }
+        let mut taken: Vec<(u32, u32)> = Vec::with_capacity(tasks as usize);
+        for _ in 0..tasks {
+            match best_slot(fleet, group, per_task, policy, end, compiled.nvlink) {
+                Some((slot, mask)) => {
+                    fleet.take(slot, mask);
+                    taken.push((slot, mask));
+                }
+                None => break,
+            }
+        }
+        if let Some(placements) = finish_gang(fleet, taken, tasks) {
+            return Some(placements);
+        }
+    }
+    None
+}
+
+/// Turns a complete gang's tentative picks into placements, or gives an
+/// incomplete gang's picks back.
+fn finish_gang(
+    fleet: &mut Fleet,
+    taken: Vec<(u32, u32)>,
+    tasks: u32,
+) -> Option<Vec<TaskPlacement>> {
+    if taken.len() == tasks as usize {
+        return Some(
+            taken
+                .into_iter()
+                .map(|(slot, mask)| placement(fleet, slot, mask))
+                .collect(),
+        );
+    }
+    for (slot, mask) in taken {
+        fleet.give_back(slot, mask);
+    }
+    None
+}
+
+fn placement(fleet: &Fleet, slot: u32, mask: u32) -> TaskPlacement {
+    let s = &fleet.slots[slot as usize];
+    let class = &fleet.classes[s.class as usize];
+    TaskPlacement {
+        node_id: fleet.node_ids[s.node as usize].clone(),
+        provider: fleet.providers.names[class.provider as usize].clone(),
+        region: fleet.regions.names[class.region as usize].clone(),
+        price_per_gpu_hour_micro_usd: class.price,
+        gpu_uuids: fleet.uuids(slot, mask),
+        generation: fleet.models[class.model as usize].generation,
+    }
+}
+
+fn group_free(fleet: &Fleet, group: &[(u64, u32)], per_task: u32) -> u64 {
+    group_capacity(fleet, group, per_task, NEVER)
+}
+
+/// Tasks of `per_task` GPUs the group could take now (upper bound).
+fn group_capacity(fleet: &Fleet, group: &[(u64, u32)], per_task: u32, end: u64) -> u64 {
+    let mut total = 0u64;
+    for &(_, c) in group {
+        let class = &fleet.classes[c as usize];
+        for k in per_task as usize..=fleet::MAX_GPUS_PER_SLOT {
+            total += class.buckets[k].len() as u64 * (k as u64 / per_task as u64);
+        }
+        if end != NEVER {
+            for &slot in &class.reserved {
+                let s = &fleet.slots[slot as usize];
+                if end <= s.reserved_until {
+                    total += (s.free.count_ones() / per_task) as u64;
+                }
+            }
+        }
+    }
+    total
+}
+
+fn best_slot(
+    fleet: &Fleet,
+    group: &[(u64, u32)],
+    per_task: u32,
+    policy: Policy,
+    end: u64,
+    nvlink: bool,
+) -> Option<(u32, u32)> {
+    // (score, slot, mask): lower is better.
+    let mut best: Option<((u64, u64), u32, u32)> = None;
+    for &(price, c) in group {
+        if policy == Policy::Cost
+            && let Some(((best_price, _), _, _)) = best
+            && price > best_price
+        {
+            break; // classes are in price order
+        }
+        let class = &fleet.classes[c as usize];
+        let ks: Box<dyn Iterator<Item = usize>> = if policy == Policy::Spread {
+            Box::new((per_task as usize..=fleet::MAX_GPUS_PER_SLOT).rev())
+        } else {
+            Box::new(per_task as usize..=fleet::MAX_GPUS_PER_SLOT)
+        };
+        let mut found: Option<(u64, u32, u32)> = None;
+        for k in ks {
+            let bucket = &class.buckets[k];
+            // The most recently added slot of a bucket first: cheap, and
+            // deterministic for a given input.
+            let candidate = bucket
+                .iter()
+                .rev()
+                .find_map(|&slot| fleet.pick_gpus(slot, per_task, nvlink).map(|m| (slot, m)));
+            if let Some((slot, mask)) = candidate {
+                found = Some((k as u64, slot, mask));
+                break;
+            }
+        }
+        if end != NEVER {
+            for &slot in &class.reserved {
+                let s = &fleet.slots[slot as usize];
+                if end > s.reserved_until {
+                    continue;
+                }
+                let k = s.free.count_ones() as u64;
+                let better = match (policy, found) {
+                    (_, None) => true,
+                    (Policy::Spread, Some((fk, _, _))) => k > fk,
+                    (_, Some((fk, _, _))) => k < fk,
+                };
+                if better && let Some(mask) = fleet.pick_gpus(slot, per_task, nvlink) {
+                    found = Some((k, slot, mask));
+                }
+            }
+        }
+        let Some((k, slot, mask)) = found else {
+            continue;
+        };
+        let score = match policy {
+            Policy::Cost => (price, k),
+            Policy::Pack => (k, price),
+            Policy::Spread | Policy::FirstFit => (u64::MAX - k, price),
+        };
+        if best.is_none_or(|(b, _, _)| score < b) {
+            best = Some((score, slot, mask));
+        }
+    }
+    best.map(|(_, slot, mask)| (slot, mask))
+}
+
+/// The naive baseline: slots in node order, first that fits; gangs anywhere.
+fn first_fit(
+    fleet: &mut Fleet,
+    classes: &[u32],
+    tasks: u32,
+    per_task: u32,
+    end: u64,
+    nvlink: bool,
+) -> Option<Vec<TaskPlacement>> {
+    let mut allowed = vec![false; fleet.classes.len()];
+    for &c in classes {
+        allowed[c as usize] = true;
+    }
+    let mut taken = Vec::new();
+    for slot in 0..fleet.slots.len() as u32 {
+        if taken.len() == tasks as usize {
+            break;
+        }
+        let s = &fleet.slots[slot as usize];
+        if !s.schedulable
+            || !allowed[s.class as usize]
+            || (s.reserved_until != 0 && end > s.reserved_until)
+        {
+            continue;
+        }
+        while taken.len() < tasks as usize {
+            match fleet.pick_gpus(slot, per_task, nvlink) {
+                Some(mask) => {
+                    fleet.take(slot, mask);
+                    taken.push((slot, mask));
+                }
+                None => break,
+            }
+        }
+    }
+    finish_gang(fleet, taken, tasks)
+}
