@@ -11,7 +11,6 @@ pub mod memory;
 pub mod metrics;
 pub mod placement;
 pub mod scheduler;
-pub mod segments;
 pub mod server;
 pub mod service;
 pub mod state;
