@@ -36,14 +36,14 @@ pub mod validation;
 #[cfg(test)]
 mod test_support;
 
+// The paths callers outside telemetry use; everything else is reached
+// through its module.
 pub use aggregates::{aggregates, latest};
-pub use catalogue::{METRICS, Metric, metric};
+pub use catalogue::{Metric, metric};
 pub use codec::NodeMinute;
-pub use history::{AUTO_HISTORY_POINTS, HistoryPlan, MAX_HISTORY_POINTS, bucket, plan_history};
-pub use hub::{IngestOutcome, TelemetryHub, paced_flush_budget};
-pub use rollup::{Acc, FinishedRollup, Rollup};
-pub use segments::{ROLLUP_DIR, SEGMENT_MINUTES, SegmentRollupStore};
+pub use history::plan_history;
+pub use hub::{TelemetryHub, paced_flush_budget};
+pub use rollup::{FinishedRollup, Rollup};
 pub use sled_store::{ROLLUP_TREE, SledRollupStore};
 pub use store::{MemoryRollupStore, RollupDiskUsage, RollupStore};
-pub use time::minute_of;
-pub use validation::{DROP_REASONS, DropReason, MAX_FUTURE_SKEW, check_values};
+pub use validation::DROP_REASONS;

@@ -146,8 +146,9 @@ impl SegmentRollupStore {
         self.segments.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sealed segments and the records of the open one (tests).
-    pub fn segment_counts(&self) -> (usize, u64) {
+    /// Sealed segments and the records of the open one.
+    #[cfg(test)]
+    fn segment_counts(&self) -> (usize, u64) {
         let segments = self.lock();
         (segments.sealed.len(), segments.open.records)
     }
