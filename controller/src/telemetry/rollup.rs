@@ -87,8 +87,6 @@ pub struct FinishedRollup {
     pub rollup: Rollup,
 }
 
-/// The finished minutes of one node's GPUs in one minute, in their stored
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -153,9 +153,6 @@ impl RollupStore for MemoryRollupStore {
     }
 }
 
-/// The sled tree controllers before segment files
-/// ([`crate::segments`]) wrote rollups to: one record per node-minute, key
-
 #[cfg(test)]
 mod tests {
     use super::*;

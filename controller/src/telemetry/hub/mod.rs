@@ -366,12 +366,12 @@ impl TelemetryHub {
         ids.iter().map(|id| self.stats(id)).collect()
     }
 
-    /// Finished minutes lost because the store could not keep up.
     /// What the rollups take on disk, when the store keeps them in files.
     pub fn disk_usage(&self) -> Option<RollupDiskUsage> {
         self.store.disk_usage()
     }
 
+    /// Finished minutes lost because the store could not keep up.
     pub fn rollups_dropped(&self) -> u64 {
         self.rollups_dropped.load(Ordering::Relaxed)
     }
