@@ -12,9 +12,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use clap::Args;
-use gpufleet_controller::segments::{ROLLUP_DIR, SegmentRollupStore};
 use gpufleet_controller::store::SledStore;
-use gpufleet_controller::telemetry::SledRollupStore;
+use gpufleet_controller::telemetry::segments::{ROLLUP_DIR, SegmentRollupStore};
 use gpufleet_controller::{Controller, ControllerConfig};
 use gpufleet_proto::v1::agent_control_server::{AgentControl, AgentControlServer};
 use gpufleet_proto::v1::{AgentMessage, ControllerMessage, TelemetryBatch, agent_message};
@@ -396,10 +395,7 @@ fn measure_memory(agents: usize, gpus: usize, write_rollups: bool) -> anyhow::Re
     let _guard = runtime.enter();
     let dir = tempfile::tempdir()?;
     let store = SledStore::open(dir.path())?;
-    let rollups = Arc::new(SegmentRollupStore::open(
-        &dir.path().join(ROLLUP_DIR),
-        Some(SledRollupStore::open(&store)?),
-    )?);
+    let rollups = Arc::new(SegmentRollupStore::open(&dir.path().join(ROLLUP_DIR))?);
     let mut config = ControllerConfig::for_data_dir(dir.path());
     config.join_token = BENCH_JOIN_TOKEN.to_string();
     let before = Mark::now()?;

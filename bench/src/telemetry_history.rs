@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use gpufleet_controller::segments::{ROLLUP_DIR, SegmentRollupStore};
 use gpufleet_controller::store::SledStore;
+use gpufleet_controller::telemetry::segments::{ROLLUP_DIR, SegmentRollupStore};
 use gpufleet_controller::telemetry::{
     FinishedRollup, NodeMinute, ROLLUP_TREE, Rollup, RollupStore, SledRollupStore,
 };
@@ -100,7 +100,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let dir = tempfile::tempdir().context("creating a temporary directory")?;
     let store = SledStore::open(&dir.path().join("sled")).context("opening the store")?;
     let sled_store = SledRollupStore::new(store.open_tree(ROLLUP_TREE)?);
-    let segments = SegmentRollupStore::open(&dir.path().join(ROLLUP_DIR), None)
+    let segments = SegmentRollupStore::open(&dir.path().join(ROLLUP_DIR))
         .context("opening the segment files")?;
 
     println!(

@@ -10,7 +10,6 @@ pub mod lifecycle;
 pub mod memory;
 pub mod metrics;
 pub mod placement;
-pub mod segments;
 pub mod server;
 pub mod service;
 pub mod state;

@@ -17,14 +17,13 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
 use crate::config::ControllerConfig;
-use crate::segments::{ROLLUP_DIR, SegmentRollupStore};
 use crate::service::{
     AgentControlService, FleetService, JobsService, Settled, TelemetryService, TokensService,
     UsageService,
 };
 use crate::state::Controller;
 use crate::store::SledStore;
-use crate::telemetry::SledRollupStore;
+use crate::telemetry::segments::{ROLLUP_DIR, SegmentRollupStore};
 use crate::validate::ModelFacts;
 
 /// Largest gRPC message accepted (telemetry batches of big nodes, logs).
@@ -177,12 +176,7 @@ pub async fn start(
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let tls_config = config.tls.clone();
     let store = SledStore::open_with_cache(&config.data_dir, config.store_cache_bytes)?;
-    // Rollups go to segment files; the sled trees older controllers
-    // wrote them to are still read until retention empties them.
-    let rollups = SegmentRollupStore::open(
-        &config.data_dir.join(ROLLUP_DIR),
-        Some(SledRollupStore::open(&store)?),
-    )?;
+    let rollups = SegmentRollupStore::open(&config.data_dir.join(ROLLUP_DIR))?;
     let metrics_listener = TcpListener::bind(config.metrics_listen)
         .await
         .with_context(|| {

@@ -1,3 +1,9 @@
+//! The `Telemetry` service: finds the nodes and GPUs a query names in the
+//! controller's registry, then answers it with the telemetry hub and the
+//! pure queries of [`crate::telemetry`].
+
+use std::time::SystemTime;
+
 use gpufleet_proto::v1::telemetry_server::Telemetry;
 use gpufleet_proto::v1::{
     CapacityDimension, GetAggregatesRequest, GetAggregatesResponse, GetHistoryRequest,
@@ -7,6 +13,7 @@ use tonic::{Request, Response, Status};
 
 use super::{caller, to_status};
 use crate::auth::Action;
+use crate::error::{ControllerError, Result as ControllerResult};
 use crate::state::Controller;
 use crate::telemetry;
 
@@ -27,7 +34,7 @@ impl Telemetry for TelemetryService {
         request: Request<GetLatestRequest>,
     ) -> Result<Response<GetLatestResponse>, Status> {
         caller(&self.controller, &request, Action::ReadFleet)?;
-        telemetry::get_latest(&self.controller, request.into_inner())
+        get_latest(&self.controller, request.into_inner())
             .map(Response::new)
             .map_err(to_status)
     }
@@ -39,13 +46,11 @@ impl Telemetry for TelemetryService {
         caller(&self.controller, &request, Action::ReadFleet)?;
         let controller = self.controller.clone();
         // Reading rollups is disk I/O: keep it off the async workers.
-        tokio::task::spawn_blocking(move || {
-            telemetry::get_history(&controller, request.into_inner())
-        })
-        .await
-        .map_err(|e| Status::internal(format!("history query failed: {e}")))?
-        .map(Response::new)
-        .map_err(to_status)
+        tokio::task::spawn_blocking(move || get_history(&controller, request.into_inner()))
+            .await
+            .map_err(|e| Status::internal(format!("history query failed: {e}")))?
+            .map(Response::new)
+            .map_err(to_status)
     }
 
     async fn get_aggregates(
@@ -65,8 +70,95 @@ impl Telemetry for TelemetryService {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        telemetry::get_aggregates(&self.controller, &dims)
+        get_aggregates(&self.controller, &dims)
             .map(Response::new)
             .map_err(to_status)
     }
+}
+
+/// `Telemetry.GetLatest`.
+fn get_latest(
+    controller: &Controller,
+    filter: GetLatestRequest,
+) -> ControllerResult<GetLatestResponse> {
+    if !filter.node_id.is_empty() {
+        crate::validate::node_id("node_id", &filter.node_id)?;
+    }
+    let nodes = controller.list_nodes(&filter.provider, &filter.region, &[]);
+    let hub = controller.telemetry();
+    Ok(telemetry::latest(
+        &nodes,
+        &filter,
+        |id| hub.stats(id),
+        SystemTime::now(),
+    ))
+}
+
+/// `Telemetry.GetHistory`: one metric of one GPU, or of each GPU of a node.
+fn get_history(
+    controller: &Controller,
+    request: GetHistoryRequest,
+) -> ControllerResult<GetHistoryResponse> {
+    let metric = telemetry::metric(&request.metric)?;
+    let plan = telemetry::plan_history(
+        request.start.as_ref(),
+        request.end.as_ref(),
+        request.step_seconds,
+        SystemTime::now(),
+    )?;
+    let gpus = history_gpus(controller, request)?;
+    controller.telemetry().history(&gpus, metric, &plan)
+}
+
+/// The GPUs (node id, uuid) a history request names: the one GPU, found
+/// on the node that registered it, or every GPU of the node.
+fn history_gpus(
+    controller: &Controller,
+    request: GetHistoryRequest,
+) -> ControllerResult<Vec<(String, String)>> {
+    match (request.gpu_uuid.is_empty(), request.node_id.is_empty()) {
+        (false, true) => {
+            let node = controller
+                .list_nodes("", "", &[])
+                .into_iter()
+                .find(|n| {
+                    n.gpus
+                        .iter()
+                        .any(|g| g.info.as_ref().is_some_and(|i| i.uuid == request.gpu_uuid))
+                })
+                .ok_or_else(|| {
+                    ControllerError::NotFound(format!(
+                        "no registered node has GPU {}; list GPUs with `gpufleet top --once`",
+                        request.gpu_uuid
+                    ))
+                })?;
+            let node_id = node.identity.map(|i| i.node_id).unwrap_or_default();
+            Ok(vec![(node_id, request.gpu_uuid)])
+        }
+        (true, false) => {
+            let node = controller.get_node(&request.node_id)?;
+            Ok(node
+                .gpus
+                .iter()
+                .filter_map(|g| g.info.as_ref())
+                .map(|i| (request.node_id.clone(), i.uuid.clone()))
+                .collect())
+        }
+        _ => Err(ControllerError::invalid(
+            "gpu_uuid",
+            "set exactly one of gpu_uuid and node_id",
+        )),
+    }
+}
+
+/// `Telemetry.GetAggregates`.
+fn get_aggregates(
+    controller: &Controller,
+    group_by: &[CapacityDimension],
+) -> ControllerResult<GetAggregatesResponse> {
+    telemetry::aggregates(
+        &controller.list_nodes("", "", &[]),
+        group_by,
+        SystemTime::now(),
+    )
 }
