@@ -2,7 +2,6 @@
 //! controller's registry, then answers it with the telemetry hub and the
 //! pure queries of [`crate::telemetry`].
 
-use std::time::SystemTime;
 
 use gpufleet_proto::v1::telemetry_server::Telemetry;
 use gpufleet_proto::v1::{
@@ -90,7 +89,7 @@ fn get_latest(
         &nodes,
         &filter,
         |id| hub.stats(id),
-        SystemTime::now(),
+        controller.now(),
     ))
 }
 
@@ -104,7 +103,7 @@ fn get_history(
         request.start.as_ref(),
         request.end.as_ref(),
         request.step_seconds,
-        SystemTime::now(),
+        controller.now(),
     )?;
     let gpus = history_gpus(controller, request)?;
     controller.telemetry().history(&gpus, metric, &plan)
@@ -159,6 +158,6 @@ fn get_aggregates(
     telemetry::aggregates(
         &controller.list_nodes("", "", &[]),
         group_by,
-        SystemTime::now(),
+        controller.now(),
     )
 }
