@@ -4,11 +4,12 @@
 //! by the real agent and controller config loaders.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use gpufleet_agent::{AgentConfig, ConfigOverrides, GpuBackendKind};
+use gpufleet_agent::{AgentConfig, GpuBackendKind};
 use gpufleet_controller::config::{ConfigFile, ControllerConfig};
 
 fn base() -> PathBuf {
@@ -57,11 +58,8 @@ fn node_config(node_json: &str, defaults: &[(&str, &str)]) -> (Output, PathBuf, 
 
 fn load_agent(path: &Path) -> AgentConfig {
     AgentConfig::load(
+        [OsStr::new("gpufleet-agent"), OsStr::new("--config"), path.as_os_str()],
         &HashMap::new(),
-        ConfigOverrides {
-            config: Some(path.to_path_buf()),
-            ..Default::default()
-        },
     )
     .unwrap_or_else(|e| panic!("the agent rejects {}: {e}", path.display()))
 }
