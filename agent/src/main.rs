@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use gpufleet_agent::config::{self, ConfigError, LogFormat};
 use gpufleet_agent::AgentConfig;
+use gpufleet_agent::config::{self, ConfigError, LogFormat};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 

@@ -523,7 +523,13 @@ fn tls_settings_are_checked_together() {
     use gpufleet_agent::AgentConfig;
     use std::collections::HashMap;
     let load = |flags: &[&str]| {
-        let base = ["agent", "--gpu-backend", "simulated", "--simulated-gpus", "1xL4"];
+        let base = [
+            "agent",
+            "--gpu-backend",
+            "simulated",
+            "--simulated-gpus",
+            "1xL4",
+        ];
         AgentConfig::load(base.iter().chain(flags).copied(), &HashMap::new())
     };
     // Without a CA, an https controller needs a publicly trusted certificate.

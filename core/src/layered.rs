@@ -81,7 +81,11 @@ impl Layers {
     /// `cmd`'s arguments name. clap never reads the process environment
     /// here: the variables become `--flag=value` arguments of their own
     /// parse, so a bad one is reported with its variable's name.
-    pub fn parse<I, T>(cmd: &Command, env: &HashMap<String, String>, argv: I) -> Result<Self, ConfigError>
+    pub fn parse<I, T>(
+        cmd: &Command,
+        env: &HashMap<String, String>,
+        argv: I,
+    ) -> Result<Self, ConfigError>
     where
         I: IntoIterator<Item = T>,
         T: Into<OsString> + Clone,
@@ -111,10 +115,7 @@ impl Layers {
             // Help from the full command, so it names each variable.
             Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
                 return Err(ConfigError::Usage(
-                    cmd.clone()
-                        .try_get_matches_from(&argv)
-                        .err()
-                        .unwrap_or(e),
+                    cmd.clone().try_get_matches_from(&argv).err().unwrap_or(e),
                 ));
             }
             Err(e) => return Err(from_clap(cmd, e, Origin::Flags)),
@@ -142,7 +143,10 @@ enum Origin {
 
 /// A value clap refused becomes `invalid <key>: <reason> (<where from>)`.
 fn from_clap(cmd: &Command, e: clap::Error, origin: Origin) -> ConfigError {
-    if !matches!(e.kind(), ErrorKind::ValueValidation | ErrorKind::InvalidValue) {
+    if !matches!(
+        e.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) {
         return ConfigError::Usage(e);
     }
     let shown = match e.get(ContextKind::InvalidArg) {
@@ -275,7 +279,9 @@ pub fn check_docs(
         if cells.len() < 7 || cells[1] != binary {
             continue;
         }
-        let name = code(cells[2]).or_else(|| code(cells[3])).unwrap_or_default();
+        let name = code(cells[2])
+            .or_else(|| code(cells[3]))
+            .unwrap_or_default();
         let row = (code(cells[3]), code(cells[4]));
         if documented.insert(name.clone(), row).is_some() {
             problems.push(format!("{name} is documented twice"));

@@ -120,7 +120,11 @@ fn mode(path: &Path) -> u32 {
 
 fn load_config(path: &Path) -> AgentConfig {
     AgentConfig::load(
-        [OsStr::new("gpufleet-agent"), OsStr::new("--config"), path.as_os_str()],
+        [
+            OsStr::new("gpufleet-agent"),
+            OsStr::new("--config"),
+            path.as_os_str(),
+        ],
         &HashMap::new(),
     )
     .unwrap_or_else(|e| panic!("the agent rejects the installed config: {e}"))

@@ -10,8 +10,8 @@ mod settings;
 mod tests;
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
 use std::ffi::OsString;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -24,7 +24,9 @@ use gpufleet_core::catalog;
 use gpufleet_core::parse_size;
 
 pub use gpufleet_core::layered::ConfigError;
-pub use settings::{AgentCli, AgentSettings, HealthSettings, Labels, List, LogFormat, NodeSettings, Size};
+pub use settings::{
+    AgentCli, AgentSettings, HealthSettings, Labels, List, LogFormat, NodeSettings, Size,
+};
 
 pub const DEFAULT_CONTROLLER: &str = "http://127.0.0.1:7070";
 pub const DEFAULT_PROVIDER: &str = "onprem";
@@ -160,7 +162,6 @@ impl FromStr for GpuBackendKind {
     }
 }
 
-
 /// A loaded configuration and the binary's own flags.
 #[derive(Debug, Clone)]
 pub struct Loaded {
@@ -285,7 +286,6 @@ impl AgentConfig {
         }
     }
 
-
     /// Loads the configuration (see [`load`]) without the binary's own
     /// flags: what tests and embedders that read a config file want.
     pub fn load<I, T>(argv: I, env: &HashMap<String, String>) -> Result<Self, ConfigError>
@@ -352,9 +352,7 @@ impl AgentConfig {
             },
             monitoring: MonitoringConfig {
                 metrics_listen,
-                nvml_library_path: s
-                    .nvml_library_path
-                    .filter(|p| !p.as_os_str().is_empty()),
+                nvml_library_path: s.nvml_library_path.filter(|p| !p.as_os_str().is_empty()),
                 read_kmsg: s.read_kmsg.unwrap_or(true),
                 health: health_policy(s.health)?,
             },
@@ -383,10 +381,11 @@ impl AgentConfig {
                 None => Some(DEFAULT_LOG_RETENTION),
             },
             // Anything past the limit is refused by `validate`.
-            max_concurrent_starts: s.max_concurrent_starts.map_or(
-                crate::supervisor::DEFAULT_MAX_CONCURRENT_STARTS,
-                |n| usize::try_from(n).unwrap_or(usize::MAX),
-            ),
+            max_concurrent_starts: s
+                .max_concurrent_starts
+                .map_or(crate::supervisor::DEFAULT_MAX_CONCURRENT_STARTS, |n| {
+                    usize::try_from(n).unwrap_or(usize::MAX)
+                }),
             shim_program: None,
             keep_workloads_on_exit: s.keep_workloads_on_exit.unwrap_or(true),
         };
@@ -530,4 +529,3 @@ pub fn default_node_id() -> String {
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "localhost".to_string())
 }
-

@@ -137,16 +137,36 @@ pub struct AgentSettings {
 #[serde(deny_unknown_fields)]
 pub struct NodeSettings {
     /// Node id [default: /etc/machine-id, else the hostname].
-    #[arg(id = "node.id", long = "node-id", env = "GPUFLEET_NODE_ID", value_name = "ID")]
+    #[arg(
+        id = "node.id",
+        long = "node-id",
+        env = "GPUFLEET_NODE_ID",
+        value_name = "ID"
+    )]
     pub id: Option<String>,
     /// Cloud or owner, e.g. aws, azure, lambda [default: onprem].
-    #[arg(id = "node.provider", long = "provider", env = "GPUFLEET_PROVIDER", value_name = "PROVIDER")]
+    #[arg(
+        id = "node.provider",
+        long = "provider",
+        env = "GPUFLEET_PROVIDER",
+        value_name = "PROVIDER"
+    )]
     pub provider: Option<String>,
     /// Provider region, e.g. us-east-1 [default: local].
-    #[arg(id = "node.region", long = "region", env = "GPUFLEET_REGION", value_name = "REGION")]
+    #[arg(
+        id = "node.region",
+        long = "region",
+        env = "GPUFLEET_REGION",
+        value_name = "REGION"
+    )]
     pub region: Option<String>,
     /// Availability zone [default: none].
-    #[arg(id = "node.zone", long = "zone", env = "GPUFLEET_ZONE", value_name = "ZONE")]
+    #[arg(
+        id = "node.zone",
+        long = "zone",
+        env = "GPUFLEET_ZONE",
+        value_name = "ZONE"
+    )]
     pub zone: Option<String>,
     /// Instance type, e.g. p5.48xlarge [default: none].
     #[arg(
@@ -177,7 +197,12 @@ pub struct NodeSettings {
     )]
     pub spot: Option<bool>,
     /// Node labels, k=v,k=v [default: none].
-    #[arg(id = "node.labels", long = "labels", env = "GPUFLEET_LABELS", value_name = "K=V,...")]
+    #[arg(
+        id = "node.labels",
+        long = "labels",
+        env = "GPUFLEET_LABELS",
+        value_name = "K=V,..."
+    )]
     pub labels: Option<Labels>,
 }
 

@@ -288,9 +288,7 @@ fn log_retention_takes_a_duration_or_off_from_every_source() {
             .map(|v| ("GPUFLEET_LOG_RETENTION", v))
             .into_iter()
             .collect();
-        let flags: Vec<&str> = flag
-            .map(|f| vec!["--log-retention", f])
-            .unwrap_or_default();
+        let flags: Vec<&str> = flag.map(|f| vec!["--log-retention", f]).unwrap_or_default();
         load_with(&vars, &flags).map(|c| c.log_retention)
     };
     assert_eq!(load(None, None).unwrap(), Some(DEFAULT_LOG_RETENTION));
@@ -325,13 +323,18 @@ fn example_config_is_valid() {
 
 #[test]
 fn a_bad_flag_value_is_one_line_naming_the_key_and_its_source() {
-    let err = load_with(&[], &["--spot", "maybe"]).unwrap_err().to_string();
+    let err = load_with(&[], &["--spot", "maybe"])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("node.spot") && err.contains("--spot"), "{err}");
     assert!(!err.contains('\n'), "{err}");
     let err = load_with(&[("GPUFLEET_SPOT", "maybe")], &[])
         .unwrap_err()
         .to_string();
-    assert!(err.contains("node.spot") && err.contains("GPUFLEET_SPOT"), "{err}");
+    assert!(
+        err.contains("node.spot") && err.contains("GPUFLEET_SPOT"),
+        "{err}"
+    );
     assert!(!err.contains('\n'), "{err}");
     // A flag that does not exist is clap's (usage, exit code 2).
     let err = load_with(&[], &["--no-such-flag"]).unwrap_err();
@@ -341,11 +344,7 @@ fn a_bad_flag_value_is_one_line_naming_the_key_and_its_source() {
 #[test]
 fn bare_spot_flag_means_true_and_log_format_layers() {
     assert!(load_with(&[], &["--spot"]).unwrap().node.spot);
-    let loaded = load(
-        ["gpufleet-agent"],
-        &env(&[("GPUFLEET_LOG_FORMAT", "json")]),
-    )
-    .unwrap();
+    let loaded = load(["gpufleet-agent"], &env(&[("GPUFLEET_LOG_FORMAT", "json")])).unwrap();
     assert_eq!(loaded.log_format, LogFormat::Json);
     let loaded = load(
         ["gpufleet-agent", "--log-format", "text"],
@@ -363,13 +362,8 @@ fn configuration_doc_matches_the_keys() {
     let doc_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md");
     let doc = std::fs::read_to_string(&doc_path).unwrap();
     let settings = AgentSettings::augment_args(clap::Command::new("settings"));
-    let problems = gpufleet_core::layered::check_docs(
-        &doc,
-        "agent",
-        &AgentCli::command(),
-        &settings,
-        &[],
-    );
+    let problems =
+        gpufleet_core::layered::check_docs(&doc, "agent", &AgentCli::command(), &settings, &[]);
     assert!(
         problems.is_empty(),
         "docs/configuration.md is out of step with agent/src/config/settings.rs:\n{}",
@@ -382,7 +376,9 @@ fn every_file_key_is_a_flag_and_a_variable() {
     for key in gpufleet_core::layered::keys(&AgentCli::command()) {
         assert!(key.flag.is_some() && key.env.is_some(), "{key:?}");
         assert!(
-            key.env.as_deref().is_some_and(|e| e.starts_with("GPUFLEET_")),
+            key.env
+                .as_deref()
+                .is_some_and(|e| e.starts_with("GPUFLEET_")),
             "{key:?}"
         );
     }
