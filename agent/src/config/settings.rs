@@ -20,9 +20,9 @@ use serde::Deserialize;
 /// GPU host agent of gpufleet: reports GPU telemetry to the controller and
 /// runs the workloads it is given.
 ///
-/// Every option is also an environment variable and (but --config and
-/// --log-format) a key of the TOML file given with --config. Precedence:
-/// flag > environment > file > default.
+/// Every option is also an environment variable, and every option but
+/// --config and --log-format is a key of the TOML file given with --config.
+/// Precedence: flag > environment > file > default.
 #[derive(Debug, Parser)]
 #[command(name = "gpufleet-agent", version, about)]
 pub struct AgentCli {

@@ -19,9 +19,9 @@ use serde::{Deserialize, Serialize};
 /// The gpufleet controller: aggregates GPU capacity across clouds and
 /// regions, schedules jobs onto agents, and serves the gRPC API.
 ///
-/// Every option is also an environment variable and (but --config,
-/// --print-config and --log-format) a key of the TOML file given with
-/// --config. Precedence: flag > environment > file > default.
+/// Every option is also an environment variable, and every option but
+/// --config, --print-config and --log-format is a key of the TOML file
+/// given with --config. Precedence: flag > environment > file > default.
 #[derive(Debug, Parser)]
 #[command(name = "gpufleet-controller", version, about)]
 pub struct ControllerCli {
