@@ -93,6 +93,8 @@ where
         .flags
         .get_one::<PathBuf>("config")
         .or(layers.env.get_one::<PathBuf>("config"))
+        // An empty GPUFLEET_CONFIG names no file, as clap read it before.
+        .filter(|p| !p.as_os_str().is_empty())
         .cloned();
     let settings = match &path {
         Some(path) => read_file(path)?,
