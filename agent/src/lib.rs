@@ -36,8 +36,7 @@ use tracing::info;
 pub use backend::GpuBackend;
 pub use backend::simulated::{SimFault, SimulatedBackend};
 pub use config::{
-    AgentConfig, ConfigError, ConfigOverrides, GpuBackendKind, MonitoringConfig, NodeConfig,
-    TlsClientConfig,
+    AgentConfig, ConfigError, GpuBackendKind, MonitoringConfig, NodeConfig, TlsClientConfig,
 };
 pub use gpufleet_core::catalog;
 pub use gpufleet_core::catalog::{ModelSpec, parse_gpu_declaration};

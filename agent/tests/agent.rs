@@ -520,34 +520,23 @@ async fn uplink_retries_after_a_refusal_and_rehellos_with_current_statuses() {
 
 #[test]
 fn tls_settings_are_checked_together() {
-    use gpufleet_agent::{AgentConfig, ConfigOverrides};
+    use gpufleet_agent::AgentConfig;
     use std::collections::HashMap;
-    let load = |o: ConfigOverrides| AgentConfig::load(&HashMap::new(), o);
-    let base = || ConfigOverrides {
-        gpu_backend: Some("simulated".into()),
-        simulated_gpus: Some("1xL4".into()),
-        ..Default::default()
+    let load = |flags: &[&str]| {
+        let base = [
+            "agent",
+            "--gpu-backend",
+            "simulated",
+            "--simulated-gpus",
+            "1xL4",
+        ];
+        AgentConfig::load(base.iter().chain(flags).copied(), &HashMap::new())
     };
     // Without a CA, an https controller needs a publicly trusted certificate.
-    assert!(
-        load(ConfigOverrides {
-            controller: Some("https://c:7070".into()),
-            ..base()
-        })
-        .is_ok()
-    );
-    let err = load(ConfigOverrides {
-        tls_cert: Some("/c.pem".into()),
-        ..base()
-    })
-    .unwrap_err();
+    assert!(load(&["--controller", "https://c:7070"]).is_ok());
+    let err = load(&["--tls-cert", "/c.pem"]).unwrap_err();
     assert!(err.to_string().contains("tls_key"), "{err}");
-    let ok = load(ConfigOverrides {
-        controller: Some("https://c:7070".into()),
-        tls_ca: Some("/ca.pem".into()),
-        ..base()
-    })
-    .unwrap();
+    let ok = load(&["--controller", "https://c:7070", "--tls-ca", "/ca.pem"]).unwrap();
     assert_eq!(ok.tls.ca.as_deref(), Some(std::path::Path::new("/ca.pem")));
 }
 

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use gpufleet_controller::config::{ConfigFile, ControllerConfig};
+use gpufleet_controller::config::ControllerConfig;
 use gpufleet_controller::error::ControllerError;
 use gpufleet_controller::validate::{self, ModelFacts, SubmitRules};
 use gpufleet_proto::v1::{JobConstraints, JobSpec, RetryPolicy, WorkloadSpec};
@@ -152,7 +152,8 @@ proptest! {
         let dir = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
         let path = dir.path().join("controller.toml");
         std::fs::write(&path, &text).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        if let Err(e) = ControllerConfig::load(Some(&path), &HashMap::new(), ConfigFile::default()) {
+        let argv = [std::ffi::OsStr::new("gpufleet-controller"), std::ffi::OsStr::new("--config"), path.as_os_str()];
+        if let Err(e) = ControllerConfig::load(argv, &HashMap::new()) {
             prop_assert!(!e.to_string().is_empty());
         }
     }

@@ -5,6 +5,7 @@
 
 pub mod catalog;
 pub mod clock;
+pub mod layered;
 pub mod private_file;
 pub mod states;
 pub mod units;

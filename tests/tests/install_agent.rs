@@ -4,12 +4,13 @@
 //! naming the flag. The config it writes must load in the real agent.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::SystemTime;
 
-use gpufleet_agent::{AgentConfig, ConfigOverrides, GpuBackendKind};
+use gpufleet_agent::{AgentConfig, GpuBackendKind};
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/install-agent.sh")
@@ -119,11 +120,12 @@ fn mode(path: &Path) -> u32 {
 
 fn load_config(path: &Path) -> AgentConfig {
     AgentConfig::load(
+        [
+            OsStr::new("gpufleet-agent"),
+            OsStr::new("--config"),
+            path.as_os_str(),
+        ],
         &HashMap::new(),
-        ConfigOverrides {
-            config: Some(path.to_path_buf()),
-            ..Default::default()
-        },
     )
     .unwrap_or_else(|e| panic!("the agent rejects the installed config: {e}"))
 }

@@ -4,12 +4,13 @@
 //! by the real agent and controller config loaders.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use gpufleet_agent::{AgentConfig, ConfigOverrides, GpuBackendKind};
-use gpufleet_controller::config::{ConfigFile, ControllerConfig};
+use gpufleet_agent::{AgentConfig, GpuBackendKind};
+use gpufleet_controller::config::ControllerConfig;
 
 fn base() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/base")
@@ -57,11 +58,12 @@ fn node_config(node_json: &str, defaults: &[(&str, &str)]) -> (Output, PathBuf, 
 
 fn load_agent(path: &Path) -> AgentConfig {
     AgentConfig::load(
+        [
+            OsStr::new("gpufleet-agent"),
+            OsStr::new("--config"),
+            path.as_os_str(),
+        ],
         &HashMap::new(),
-        ConfigOverrides {
-            config: Some(path.to_path_buf()),
-            ..Default::default()
-        },
     )
     .unwrap_or_else(|e| panic!("the agent rejects {}: {e}", path.display()))
 }
@@ -140,10 +142,14 @@ fn a_bad_price_label_stops_the_pod_with_a_reason() {
 
 #[test]
 fn the_controller_configmap_loads() {
+    let path = base().join("controller.toml");
     let c = ControllerConfig::load(
-        Some(&base().join("controller.toml")),
+        [
+            OsStr::new("gpufleet-controller"),
+            OsStr::new("--config"),
+            path.as_os_str(),
+        ],
         &HashMap::new(),
-        ConfigFile::default(),
     )
     .unwrap_or_else(|e| panic!("the controller rejects its ConfigMap: {e}"));
     // Reachable from agents on other nodes, and on the PVC mount.

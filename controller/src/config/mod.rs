@@ -1,94 +1,27 @@
-//! Controller configuration: a TOML file, `GPUFLEET_*` environment variables
-//! and flags, in rising precedence. Unknown keys are rejected.
+//! Controller configuration: the runtime [`ControllerConfig`] and how it
+//! is loaded. The keys are declared once, in [`settings`] (file,
+//! environment and flags); [`load`] layers them (file ← environment ←
+//! flags, the environment an injected map) and checks the result into a
+//! [`ControllerConfig`] with errors that name the key.
 
-use std::collections::{BTreeMap, HashMap};
+mod settings;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use clap::CommandFactory;
+use gpufleet_core::layered::{Layers, read_file};
 
 use crate::placement;
 use crate::scheduler::{Policy, SchedulerConfig, TenantPolicy};
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("config file {path} is invalid: {message}")]
-    Parse { path: String, message: String },
-    #[error("{key}: {message}")]
-    Invalid { key: String, message: String },
-}
-
-/// Every key of the controller's config file. Each is also a flag
-/// (`--listen`) and an environment variable (`GPUFLEET_LISTEN`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
-pub struct ConfigFile {
-    /// gRPC listen address.
-    pub listen: Option<String>,
-    /// Directory of the embedded store.
-    pub data_dir: Option<PathBuf>,
-    /// Token agents must present to join; empty: the controller generates
-    /// one at its first start and writes it to `join.token` in the data dir.
-    pub join_token: Option<String>,
-    /// Where the first start writes the bootstrap admin token (mode 0600);
-    /// default `admin.token` in the data dir.
-    pub admin_token_file: Option<PathBuf>,
-    /// Requests per second each client token may make; 0 turns the limit off.
-    pub rate_limit_per_token: Option<u32>,
-    /// Requests a token may make at once above its rate; default 2 × the rate.
-    pub rate_limit_burst: Option<u32>,
-    /// Silence after which a node becomes NotReady (humantime, e.g. "15s").
-    pub node_not_ready_after: Option<String>,
-    /// Silence after which a NotReady node becomes Lost and its jobs end.
-    pub node_lost_after: Option<String>,
-    /// How long per-minute telemetry rollups are kept (humantime, e.g. "7d").
-    pub telemetry_retention: Option<String>,
-    /// HTTP address of the Prometheus `/metrics` endpoint.
-    pub metrics_listen: Option<String>,
-    /// PEM certificate chain and key for TLS on the gRPC listener.
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
-    /// PEM CA for agents' client certificates: agents must present one (mutual TLS).
-    pub tls_client_ca: Option<PathBuf>,
-    /// Placement policy for jobs that name none: cost, pack or spread.
-    pub default_policy: Option<String>,
-    /// Half-life of past usage in fair share (humantime, e.g. "24h").
-    pub fair_share_half_life: Option<String>,
-    /// Queues jobs may name; empty accepts only "default".
-    pub queues: Option<Vec<String>>,
-    /// GPU-hours of a generation in normalised units, e.g. hopper = 2.0.
-    pub generation_factors: Option<BTreeMap<String, f64>>,
-    /// Tenants with weights and quotas. When any is listed, jobs must name one.
-    pub tenants: Option<BTreeMap<String, TenantConfig>>,
-    /// How long usage records and daily rollups are kept (e.g. "400d").
-    pub usage_retention: Option<String>,
-    /// How long per-minute market signals are kept (e.g. "30d").
-    pub market_retention: Option<String>,
-    /// How long finished jobs are kept before they are deleted from memory
-    /// and the store (their usage records stay); e.g. "7d".
-    pub finished_job_retention: Option<String>,
-    /// The embedded store's page cache (e.g. "16MiB"). sled holds up to
-    /// twice this in heap; beyond it, the store's memory follows the keys it
-    /// holds (about 13 B each), which retention bounds.
-    pub store_cache: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
-pub struct TenantConfig {
-    /// Relative fair share, 0 < weight ≤ 1000; default 1.
-    pub weight: Option<f64>,
-    /// Most GPUs held at once.
-    pub max_gpus: Option<u32>,
-    /// Most GPUs of one generation held at once, e.g. { hopper = 16 }.
-    pub max_gpus_per_generation: Option<BTreeMap<String, u32>>,
-}
+pub use gpufleet_core::layered::ConfigError;
+pub use settings::{ControllerCli, ControllerSettings, TenantConfig};
 
 /// PEM files for TLS on the controller's gRPC listener.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -136,6 +69,52 @@ pub const DEFAULT_FINISHED_JOB_RETENTION: Duration = Duration::from_secs(7 * 86_
 pub const DEFAULT_STORE_CACHE_BYTES: u64 = crate::store::DEFAULT_CACHE_BYTES;
 pub const DEFAULT_TELEMETRY_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// A loaded configuration and the binary's own flags.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: ControllerConfig,
+    /// `text` or `json`.
+    pub log_format: String,
+    /// `--print-config`: print the effective configuration and exit.
+    pub print_config: bool,
+}
+
+/// Loads the controller's configuration from its command line `argv`
+/// (program name first) and environment `env`: the file named by
+/// `--config` or `GPUFLEET_CONFIG` (optional), then the `GPUFLEET_*`
+/// variables, then the flags; then checks the result.
+pub fn load<I, T>(argv: I, env: &HashMap<String, String>) -> Result<Loaded, ConfigError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cmd = ControllerCli::command();
+    let layers = Layers::parse(&cmd, env, argv)?;
+    let path = layers
+        .flags
+        .get_one::<PathBuf>("config")
+        .or(layers.env.get_one::<PathBuf>("config"))
+        // An empty GPUFLEET_CONFIG names no file, as clap read it before.
+        .filter(|p| !p.as_os_str().is_empty())
+        .cloned();
+    let settings = match &path {
+        Some(path) => read_file(path)?,
+        None => ControllerSettings::default(),
+    };
+    let mut cli = ControllerCli {
+        config: path,
+        print_config: false,
+        log_format: None,
+        settings,
+    };
+    layers.apply(&cmd, &mut cli)?;
+    Ok(Loaded {
+        config: ControllerConfig::from_settings(cli.settings)?,
+        log_format: cli.log_format.unwrap_or_else(|| "text".to_string()),
+        print_config: cli.print_config,
+    })
+}
+
 impl ControllerConfig {
     /// Defaults suitable for a test or `gpufleet dev`: store in `data_dir`.
     pub fn for_data_dir(data_dir: impl Into<PathBuf>) -> Self {
@@ -167,77 +146,18 @@ impl ControllerConfig {
         }
     }
 
-    /// Layers file < env < flags (the `overrides` file, built from flags).
-    pub fn load(
-        file: Option<&Path>,
-        env: &HashMap<String, String>,
-        overrides: ConfigFile,
-    ) -> Result<Self, ConfigError> {
-        let mut merged = match file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.display().to_string(),
-                    source,
-                })?;
-                toml::from_str::<ConfigFile>(&text).map_err(|e| ConfigError::Parse {
-                    path: path.display().to_string(),
-                    message: e.to_string().trim().replace('\n', " "),
-                })?
-            }
-            None => ConfigFile::default(),
-        };
-        let from_env = ConfigFile {
-            listen: env.get("GPUFLEET_LISTEN").cloned(),
-            data_dir: env.get("GPUFLEET_DATA_DIR").map(PathBuf::from),
-            join_token: env.get("GPUFLEET_JOIN_TOKEN").cloned(),
-            admin_token_file: env.get("GPUFLEET_ADMIN_TOKEN_FILE").map(PathBuf::from),
-            rate_limit_per_token: parse_env_u32(env, "GPUFLEET_RATE_LIMIT_PER_TOKEN")?,
-            rate_limit_burst: parse_env_u32(env, "GPUFLEET_RATE_LIMIT_BURST")?,
-            node_not_ready_after: env.get("GPUFLEET_NODE_NOT_READY_AFTER").cloned(),
-            node_lost_after: env.get("GPUFLEET_NODE_LOST_AFTER").cloned(),
-            telemetry_retention: env.get("GPUFLEET_TELEMETRY_RETENTION").cloned(),
-            metrics_listen: env.get("GPUFLEET_METRICS_LISTEN").cloned(),
-            tls_cert: env.get("GPUFLEET_TLS_CERT").map(PathBuf::from),
-            tls_key: env.get("GPUFLEET_TLS_KEY").map(PathBuf::from),
-            tls_client_ca: env.get("GPUFLEET_TLS_CLIENT_CA").map(PathBuf::from),
-            default_policy: env.get("GPUFLEET_DEFAULT_POLICY").cloned(),
-            fair_share_half_life: env.get("GPUFLEET_FAIR_SHARE_HALF_LIFE").cloned(),
-            usage_retention: env.get("GPUFLEET_USAGE_RETENTION").cloned(),
-            market_retention: env.get("GPUFLEET_MARKET_RETENTION").cloned(),
-            finished_job_retention: env.get("GPUFLEET_FINISHED_JOB_RETENTION").cloned(),
-            store_cache: env.get("GPUFLEET_STORE_CACHE").cloned(),
-            ..Default::default()
-        };
-        for layer in [from_env, overrides] {
-            merged.listen = layer.listen.or(merged.listen);
-            merged.data_dir = layer.data_dir.or(merged.data_dir);
-            merged.join_token = layer.join_token.or(merged.join_token);
-            merged.admin_token_file = layer.admin_token_file.or(merged.admin_token_file);
-            merged.rate_limit_per_token =
-                layer.rate_limit_per_token.or(merged.rate_limit_per_token);
-            merged.rate_limit_burst = layer.rate_limit_burst.or(merged.rate_limit_burst);
-            merged.node_not_ready_after =
-                layer.node_not_ready_after.or(merged.node_not_ready_after);
-            merged.node_lost_after = layer.node_lost_after.or(merged.node_lost_after);
-            merged.default_policy = layer.default_policy.or(merged.default_policy);
-            merged.fair_share_half_life =
-                layer.fair_share_half_life.or(merged.fair_share_half_life);
-            merged.usage_retention = layer.usage_retention.or(merged.usage_retention);
-            merged.market_retention = layer.market_retention.or(merged.market_retention);
-            merged.finished_job_retention = layer
-                .finished_job_retention
-                .or(merged.finished_job_retention);
-            merged.store_cache = layer.store_cache.or(merged.store_cache);
-            merged.telemetry_retention = layer.telemetry_retention.or(merged.telemetry_retention);
-            merged.metrics_listen = layer.metrics_listen.or(merged.metrics_listen);
-            merged.tls_cert = layer.tls_cert.or(merged.tls_cert);
-            merged.tls_key = layer.tls_key.or(merged.tls_key);
-            merged.tls_client_ca = layer.tls_client_ca.or(merged.tls_client_ca);
-        }
-        Self::from_file(merged)
+    /// Loads the configuration (see [`load`]) without the binary's own
+    /// flags: what tests and embedders that read a config file want.
+    pub fn load<I, T>(argv: I, env: &HashMap<String, String>) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        load(argv, env).map(|loaded| loaded.config)
     }
 
-    fn from_file(file: ConfigFile) -> Result<Self, ConfigError> {
+    /// Checks the layered settings and fills in the defaults.
+    pub fn from_settings(file: ControllerSettings) -> Result<Self, ConfigError> {
         let listen_text = file.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
         let listen = listen_text.parse().map_err(|_| ConfigError::Invalid {
             key: "listen".into(),
@@ -492,7 +412,7 @@ impl ControllerConfig {
 
     /// The effective configuration as a config file, for `--print-config`.
     pub fn to_toml(&self) -> String {
-        let file = ConfigFile {
+        let file = ControllerSettings {
             listen: Some(self.listen.to_string()),
             data_dir: Some(self.data_dir.clone()),
             join_token: Some(self.join_token.clone()),
@@ -564,144 +484,4 @@ impl ControllerConfig {
         };
         toml::to_string(&file).unwrap_or_default()
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn precedence_flag_over_env_over_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.toml");
-        std::fs::write(
-            &path,
-            "listen = \"127.0.0.1:1\"\ndata_dir = \"/from/file\"\nnode_lost_after = \"5m\"\n",
-        )
-        .unwrap();
-        let env = HashMap::from([("GPUFLEET_LISTEN".to_string(), "127.0.0.1:2".to_string())]);
-        let flags = ConfigFile {
-            data_dir: Some("/from/flag".into()),
-            ..Default::default()
-        };
-        let c = ControllerConfig::load(Some(&path), &env, flags).unwrap();
-        assert_eq!(c.listen.port(), 2);
-        assert_eq!(c.data_dir, PathBuf::from("/from/flag"));
-        assert_eq!(c.node_lost_after, Duration::from_secs(300));
-    }
-
-    #[test]
-    fn unknown_key_is_rejected_by_name() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.toml");
-        std::fs::write(&path, "listn = \"127.0.0.1:1\"\n").unwrap();
-        let err = ControllerConfig::load(Some(&path), &HashMap::new(), ConfigFile::default())
-            .unwrap_err();
-        assert!(err.to_string().contains("listn"), "{err}");
-    }
-
-    #[test]
-    fn bad_values_name_the_key() {
-        let env = HashMap::from([("GPUFLEET_NODE_LOST_AFTER".to_string(), "1s".to_string())]);
-        let err = ControllerConfig::load(None, &env, ConfigFile::default()).unwrap_err();
-        assert!(err.to_string().starts_with("node_lost_after"), "{err}");
-        let env = HashMap::from([("GPUFLEET_LISTEN".to_string(), "nowhere".to_string())]);
-        let err = ControllerConfig::load(None, &env, ConfigFile::default()).unwrap_err();
-        assert!(err.to_string().starts_with("listen"), "{err}");
-        for bad in ["lots", "512KiB"] {
-            let env = HashMap::from([("GPUFLEET_STORE_CACHE".to_string(), bad.to_string())]);
-            let err = ControllerConfig::load(None, &env, ConfigFile::default()).unwrap_err();
-            assert!(err.to_string().starts_with("store_cache"), "{err}");
-        }
-        let env = HashMap::from([("GPUFLEET_STORE_CACHE".to_string(), "64MiB".to_string())]);
-        let c = ControllerConfig::load(None, &env, ConfigFile::default()).unwrap();
-        assert_eq!(c.store_cache_bytes, 64 << 20);
-        let again: ConfigFile = toml::from_str(&c.to_toml()).unwrap();
-        assert_eq!(again.store_cache.as_deref(), Some("67108864"));
-    }
-
-    #[test]
-    fn telemetry_keys_from_env_and_defaults() {
-        let c = ControllerConfig::load(None, &HashMap::new(), ConfigFile::default()).unwrap();
-        assert_eq!(c.telemetry_retention, Duration::from_secs(7 * 86_400));
-        assert_eq!(c.metrics_listen.to_string(), "127.0.0.1:9401");
-        let env = HashMap::from([
-            ("GPUFLEET_TELEMETRY_RETENTION".to_string(), "2d".to_string()),
-            (
-                "GPUFLEET_METRICS_LISTEN".to_string(),
-                "0.0.0.0:9999".to_string(),
-            ),
-        ]);
-        let c = ControllerConfig::load(None, &env, ConfigFile::default()).unwrap();
-        assert_eq!(c.telemetry_retention, Duration::from_secs(2 * 86_400));
-        assert_eq!(c.metrics_listen.port(), 9999);
-        let env = HashMap::from([(
-            "GPUFLEET_TELEMETRY_RETENTION".to_string(),
-            "30s".to_string(),
-        )]);
-        let err = ControllerConfig::load(None, &env, ConfigFile::default()).unwrap_err();
-        assert!(err.to_string().starts_with("telemetry_retention"), "{err}");
-    }
-
-    #[test]
-    fn printed_config_round_trips() {
-        let c = ControllerConfig::for_data_dir("/d");
-        let again: ConfigFile = toml::from_str(&c.to_toml()).unwrap();
-        assert_eq!(again.data_dir, Some(PathBuf::from("/d")));
-    }
-}
-
-#[cfg(test)]
-mod shipped_config {
-    use super::*;
-
-    /// The example in deploy/ must load and match the defaults it documents.
-    #[test]
-    fn deploy_example_loads() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/controller.toml");
-        let loaded =
-            ControllerConfig::load(Some(&path), &HashMap::new(), ConfigFile::default()).unwrap();
-        let defaults =
-            ControllerConfig::load(None, &HashMap::new(), ConfigFile::default()).unwrap();
-        assert_eq!(loaded.listen, defaults.listen);
-        assert_eq!(loaded.data_dir, defaults.data_dir);
-        assert_eq!(loaded.node_not_ready_after, defaults.node_not_ready_after);
-        assert_eq!(loaded.node_lost_after, defaults.node_lost_after);
-        assert_eq!(loaded.telemetry_retention, defaults.telemetry_retention);
-        assert_eq!(loaded.metrics_listen, defaults.metrics_listen);
-        assert_eq!(loaded.store_cache_bytes, defaults.store_cache_bytes);
-    }
-}
-
-#[cfg(test)]
-mod tls_keys {
-    use super::*;
-
-    #[test]
-    fn tls_keys_are_checked_together() {
-        let env = HashMap::from([("GPUFLEET_TLS_CERT".to_string(), "/c.pem".to_string())]);
-        let err = ControllerConfig::load(None, &env, ConfigFile::default()).unwrap_err();
-        assert!(err.to_string().starts_with("tls_cert"), "{err}");
-        let env = HashMap::from([("GPUFLEET_TLS_CLIENT_CA".to_string(), "/ca.pem".to_string())]);
-        let err = ControllerConfig::load(None, &env, ConfigFile::default()).unwrap_err();
-        assert!(err.to_string().starts_with("tls_client_ca"), "{err}");
-        let flags = ConfigFile {
-            tls_cert: Some("/c.pem".into()),
-            tls_key: Some("/k.pem".into()),
-            ..Default::default()
-        };
-        let c = ControllerConfig::load(None, &HashMap::new(), flags).unwrap();
-        assert_eq!(c.tls.key, Some(PathBuf::from("/k.pem")));
-    }
-}
-
-fn parse_env_u32(env: &HashMap<String, String>, key: &str) -> Result<Option<u32>, ConfigError> {
-    env.get(key)
-        .map(|v| {
-            v.trim().parse::<u32>().map_err(|_| ConfigError::Invalid {
-                key: key.into(),
-                message: format!("{v:?} is not a whole number"),
-            })
-        })
-        .transpose()
 }
