@@ -9,9 +9,9 @@
 
 use std::time::Instant;
 
-use gpufleet_controller::scheduler::{Fleet, SchedulerConfig, TenantState, market, schedule};
 use gpufleet_controller::usage::rollup::{Contribution, DAY, HOUR, Rollups};
 use gpufleet_controller::usage::{Dims, UsageDimension};
+use gpufleet_scheduler::{Fleet, SchedulerConfig, TenantState, market, schedule};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -231,7 +231,7 @@ fn signal_overhead(seed: u64) -> (f64, f64) {
         let still: Vec<_> = jobs
             .iter()
             .zip(&result.outcomes)
-            .filter(|(_, o)| !matches!(o, gpufleet_controller::scheduler::Outcome::Placed(_)))
+            .filter(|(_, o)| !matches!(o, gpufleet_scheduler::Outcome::Placed(_)))
             .map(|(j, _)| j.clone())
             .collect();
         let started = Instant::now();

@@ -86,7 +86,7 @@ pub fn print_table(table: &Table) {
 
 /// `3930000` micro-USD → `$3.93`.
 pub fn usd(micro_usd: u64) -> String {
-    gpufleet_controller::scheduler::format_usd(micro_usd)
+    gpufleet_scheduler::format_usd(micro_usd)
 }
 
 /// Age like `5s`, `3m`, `2h`, `4d` since a timestamp.

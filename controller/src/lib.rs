@@ -18,12 +18,6 @@ pub mod telemetry;
 pub mod usage;
 pub mod validate;
 
-/// The scheduler crate under its old path, so `crate::scheduler::…` in the
-/// controller and `gpufleet_controller::scheduler::…` in its clients (the
-/// CLI's price formatting, the usage benchmark) keep working; the adapter
-/// that converts to and from proto is [`placement`].
-pub use gpufleet_scheduler as scheduler;
-
 pub use config::ControllerConfig;
 pub use server::{RunningController, start};
 pub use state::Controller;

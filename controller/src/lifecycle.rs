@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use gpufleet_proto::v1::{Job, JobState, PendingReason, TaskStatus, WorkloadState, WorkloadStatus};
 use prost_types::Timestamp;
 
-use crate::scheduler::reason;
+use gpufleet_scheduler::reason;
 
 pub use gpufleet_core::{is_terminal_job, is_terminal_workload};
 

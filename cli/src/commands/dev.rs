@@ -334,7 +334,7 @@ async fn demo_job(endpoint: &str, token: &str) -> anyhow::Result<bool> {
         task.node_id,
         task.provider,
         task.region,
-        gpufleet_controller::scheduler::format_usd(task.price_per_gpu_hour_micro_usd)
+        gpufleet_scheduler::format_usd(task.price_per_gpu_hour_micro_usd)
     );
     let mut logs = jobs
         .stream_job_logs(StreamJobLogsRequest {

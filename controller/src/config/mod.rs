@@ -18,7 +18,7 @@ use clap::CommandFactory;
 use gpufleet_core::layered::{Layers, read_file};
 
 use crate::placement;
-use crate::scheduler::{Policy, SchedulerConfig, TenantPolicy};
+use gpufleet_scheduler::{Policy, SchedulerConfig, TenantPolicy};
 
 pub use gpufleet_core::layered::ConfigError;
 pub use settings::{ControllerCli, ControllerSettings, TenantConfig};

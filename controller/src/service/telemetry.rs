@@ -2,7 +2,6 @@
 //! controller's registry, then answers it with the telemetry hub and the
 //! pure queries of [`crate::telemetry`].
 
-
 use gpufleet_proto::v1::telemetry_server::Telemetry;
 use gpufleet_proto::v1::{
     CapacityDimension, GetAggregatesRequest, GetAggregatesResponse, GetHistoryRequest,

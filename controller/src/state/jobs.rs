@@ -15,7 +15,7 @@ use crate::error::{ControllerError, Result};
 use crate::history;
 use crate::lifecycle::{job_nodes, task_holds_gpus};
 use crate::placement;
-use crate::scheduler::{self};
+
 use crate::store::{Keyspace, WriteBatch};
 use crate::usage;
 use crate::validate;
@@ -74,7 +74,7 @@ impl Controller {
             spec: Some(spec),
             state: JobState::Pending as i32,
             pending_reason: Some(PendingReason {
-                code: scheduler::reason::WAITING_FOR_SCHEDULER.to_string(),
+                code: gpufleet_scheduler::reason::WAITING_FOR_SCHEDULER.to_string(),
                 message: "waiting for the next scheduling pass".to_string(),
                 exclusions: Vec::new(),
             }),

@@ -25,11 +25,11 @@ use crate::error::Result;
 use crate::history;
 use crate::lifecycle::task_holds_gpus;
 use crate::placement;
-use crate::scheduler::FairShare;
 use crate::store::{Keyspace, Store, load_all, load_all_by_id};
 use crate::telemetry::{RollupStore, TelemetryHub};
 use crate::usage;
 use crate::validate;
+use gpufleet_scheduler::FairShare;
 
 /// Ledger records dropped by retention per market minute, at most (the
 /// rest follow on later minutes), so the state lock is never held long.

@@ -11,10 +11,10 @@ use super::*;
 use crate::error::{ControllerError, Result};
 use crate::lifecycle::{is_desired, job_nodes, requeue};
 use crate::placement;
-use crate::scheduler::{self, Fleet, NodeInput, Outcome};
 use crate::store::{Keyspace, WriteBatch};
 use crate::usage;
 use crate::validate;
+use gpufleet_scheduler::{Fleet, NodeInput, Outcome};
 
 impl Controller {
     /// Waits until something may have made a pending job placeable.
@@ -40,10 +40,10 @@ impl Controller {
             return Ok(0);
         }
         let mut fleet = fleet_index(&state);
-        let inputs: Vec<scheduler::JobInput> =
+        let inputs: Vec<gpufleet_scheduler::JobInput> =
             pending.iter().map(|j| placement::job_input(j)).collect();
         let tenants = placement::tenant_state(&state.fair, held);
-        let result = scheduler::schedule(&mut fleet, &inputs, config, &tenants, now);
+        let result = gpufleet_scheduler::schedule(&mut fleet, &inputs, config, &tenants, now);
 
         let ts = self.now_ts();
         let mut changed = Vec::new();
@@ -115,7 +115,7 @@ impl Controller {
                 Outcome::Preempting { victims: evict } => {
                     victims.extend(evict);
                     let reason = gpufleet_proto::v1::PendingReason {
-                        code: scheduler::reason::PREEMPTING.to_string(),
+                        code: gpufleet_scheduler::reason::PREEMPTING.to_string(),
                         message: "evicting lower-priority preemptible work to make room"
                             .to_string(),
                         exclusions: Vec::new(),
@@ -205,11 +205,12 @@ impl Controller {
         let now = self.inner.clock.unix_secs().max(minute * 60);
         state.last_market_minute = state.last_market_minute.max(minute);
         let fleet = fleet_index(&state);
-        let pending: Vec<scheduler::JobInput> = placement::pending_jobs(state.jobs.values())
-            .into_iter()
-            .map(placement::job_input)
-            .collect();
-        let snapshot = scheduler::market::snapshot(&fleet, &pending);
+        let pending: Vec<gpufleet_scheduler::JobInput> =
+            placement::pending_jobs(state.jobs.values())
+                .into_iter()
+                .map(placement::job_input)
+                .collect();
+        let snapshot = gpufleet_scheduler::market::snapshot(&fleet, &pending);
         let starts = std::mem::take(&mut state.starts);
         let signals = usage::market::signals_for_minute(minute * 60, &snapshot, &starts);
         let mut batch = WriteBatch::default();
@@ -248,7 +249,7 @@ impl Controller {
                 .pending_reason
                 .as_ref()
                 .map(|r| r.code.clone())
-                .unwrap_or_else(|| scheduler::reason::WAITING_FOR_SCHEDULER.to_string()),
+                .unwrap_or_else(|| gpufleet_scheduler::reason::WAITING_FOR_SCHEDULER.to_string()),
             _ => String::new(),
         };
         let (mut reason, regions, mut summary) = placement::explain_job(&fleet, &input, &code);

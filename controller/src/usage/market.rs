@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, VecDeque};
 use gpufleet_proto::v1::{DemandPoint, MarketElasticityResponse, MarketSignal, RegionTightness};
 
 use crate::placement;
-use crate::scheduler::market::{GroupMarket, MarketSnapshot};
+use gpufleet_scheduler::market::{GroupMarket, MarketSnapshot};
 
 /// A task placed by one scheduling pass, for wait statistics.
 #[derive(Debug, Clone)]
@@ -404,7 +404,7 @@ mod tests {
     use super::*;
 
     /// The scheduler's side of generation 6 (`StartEvent`s carry the wire value).
-    const HOPPER: crate::scheduler::Generation = crate::scheduler::Generation::Hopper;
+    const HOPPER: gpufleet_scheduler::Generation = gpufleet_scheduler::Generation::Hopper;
 
     fn curve(points: &[(u64, u32)]) -> Vec<DemandPoint> {
         points
