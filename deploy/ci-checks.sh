@@ -91,7 +91,8 @@ done
 
 # --- shell ---------------------------------------------------------------------
 step "shellcheck"
-run_check "shellcheck" shellcheck deploy/install-agent.sh deploy/ci-checks.sh examples/python/ci.sh
+run_check "shellcheck" shellcheck -x deploy/install-agent.sh deploy/ci-checks.sh examples/python/ci.sh \
+    tests/promtool.sh tests/bound-addr.sh
 run_check "shellcheck (POSIX sh)" shellcheck -s sh deploy/kubernetes/base/node-config.sh
 
 # --- Dockerfiles ---------------------------------------------------------------

@@ -11,8 +11,9 @@ if ! command -v promtool >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
-agent=${1:-target/debug/gpufleet-agent}
-controller=target/debug/gpufleet-controller
+bin=${CARGO_TARGET_DIR:-target}/debug
+agent=${1:-$bin/gpufleet-agent}
+controller=$bin/gpufleet-controller
 if [[ ! -x $agent || ! -x $controller ]]; then
     cargo build --locked -p gpufleet-agent -p gpufleet-controller
 fi
@@ -24,34 +25,35 @@ cleanup() {
 }
 trap cleanup EXIT
 
-for attempt in 1 2 3 4 5; do
-    port=$((20000 + RANDOM % 20000))
-    # The controller address is unreachable on purpose: the agent keeps
-    # retrying and serves /metrics all the same.
-    GPUFLEET_LOG=warn "$agent" \
-        --gpu-backend simulated --simulated-gpus 8xH100-SXM-80GB,1xL4 \
-        --controller http://127.0.0.1:9 \
-        --data-dir "$work/data" --listen 127.0.0.1:0 \
-        --metrics-listen "127.0.0.1:$port" --sample-interval 200ms \
-        --provider aws --region us-east-1 >"$work/agent.log" 2>&1 &
-    pid=$!
-    # Wait until a scrape contains samples (the first sample takes one interval).
-    for _ in $(seq 1 100); do
-        if ! kill -0 "$pid" 2>/dev/null; then break; fi
-        if curl -sf "http://127.0.0.1:$port/metrics" -o "$work/scrape" \
-            && grep -q '^DCGM_FI_DEV_GPU_UTIL{' "$work/scrape"; then
-            break 2
-        fi
-        sleep 0.1
-    done
-    kill "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    pid=
-    echo "attempt $attempt: agent did not serve /metrics on port $port:" >&2
-    cat "$work/agent.log" >&2
+# Every port is 127.0.0.1:0; each binary's startup log line says which
+# port it got (tests/bound-addr.sh).
+# shellcheck source=tests/bound-addr.sh
+source tests/bound-addr.sh
+
+# The controller address is unreachable on purpose: the agent keeps
+# retrying and serves /metrics all the same.
+GPUFLEET_LOG=info "$agent" --log-format json \
+    --gpu-backend simulated --simulated-gpus 8xH100-SXM-80GB,1xL4 \
+    --controller http://127.0.0.1:9 \
+    --data-dir "$work/data" --listen 127.0.0.1:0 \
+    --metrics-listen 127.0.0.1:0 --sample-interval 200ms \
+    --provider aws --region us-east-1 >"$work/agent.log" 2>&1 &
+pid=$!
+metrics=$(bare_addr "$(logged_field "$pid" "$work/agent.log" "agent started" metrics)")
+# Wait until a scrape contains samples (the first sample takes one interval).
+scraped=
+for _ in $(seq 1 100); do
+    if curl -sf "http://$metrics/metrics" -o "$work/scrape" \
+        && grep -q '^DCGM_FI_DEV_GPU_UTIL{' "$work/scrape"; then
+        scraped=1
+        break
+    fi
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
 done
-if [[ -z ${pid:-} ]]; then
-    echo "FAIL: no scrape obtained" >&2
+if [[ -z $scraped ]]; then
+    echo "FAIL: the agent served no GPU samples on $metrics/metrics" >&2
+    cat "$work/agent.log" >&2
     exit 1
 fi
 echo "$(grep -c '^[A-Za-z]' "$work/scrape") series scraped; running promtool check metrics"
@@ -63,19 +65,20 @@ echo "promtool: OK"
 kill "$pid" 2>/dev/null || true
 wait "$pid" 2>/dev/null || true
 pid=
-grpc=$((40000 + RANDOM % 10000))
-cmetrics=$((50000 + RANDOM % 10000))
-GPUFLEET_LOG=warn "$controller" --data-dir "$work/controller" --listen "127.0.0.1:$grpc" \
-    --metrics-listen "127.0.0.1:$cmetrics" --join-token promtool-join-token >"$work/controller.log" 2>&1 &
+GPUFLEET_LOG=info "$controller" --log-format json --data-dir "$work/controller" \
+    --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
+    --join-token promtool-join-token >"$work/controller.log" 2>&1 &
 cpid=$!
+grpc=$(logged_field "$cpid" "$work/controller.log" "controller serving" local_addr)
+cmetrics=$(bare_addr "$(logged_field "$cpid" "$work/controller.log" "controller serving" metrics)")
 GPUFLEET_LOG=warn "$agent" \
     --gpu-backend simulated --simulated-gpus 4xA100-SXM-80GB \
-    --controller "http://127.0.0.1:$grpc" --join-token promtool-join-token --node-id promtool-node \
+    --controller "http://$grpc" --join-token promtool-join-token --node-id promtool-node \
     --data-dir "$work/agent2" --listen 127.0.0.1:0 --metrics-listen off --sample-interval 200ms \
     --provider lambda --region us-west-1 --price-per-gpu-hour 1.79 >"$work/agent2.log" 2>&1 &
 apid=$!
 for _ in $(seq 1 150); do
-    if curl -sf "http://127.0.0.1:$cmetrics/metrics" -o "$work/cscrape" \
+    if curl -sf "http://$cmetrics/metrics" -o "$work/cscrape" \
         && grep -q '^gpufleet_gpus_reporting{.*} [1-9]' "$work/cscrape"; then
         break
     fi

@@ -8,6 +8,7 @@
 //! after warm-up. Loopback only; bounded in agents, rate and time.
 
 use std::collections::{HashSet, VecDeque};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -122,15 +123,6 @@ impl ControllerProcess {
         dir: &std::path::Path,
         finished_job_retention: Option<&str>,
     ) -> anyhow::Result<Self> {
-        // The binary binds its ports itself: take free ones and release them.
-        let free_port = || -> anyhow::Result<u16> {
-            Ok(std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .context("cannot find a free loopback port")?
-                .port())
-        };
-        let port = free_port()?;
-        let metrics_port = free_port()?;
         let log = dir.join("controller.log");
         let log_file = std::fs::File::create(&log)
             .with_context(|| format!("cannot create {}", log.display()))?;
@@ -138,13 +130,13 @@ impl ControllerProcess {
         if let Some(retention) = finished_job_retention {
             command.args(["--finished-job-retention", retention]);
         }
-        let child = command
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
+        // Ports the kernel picks, read back from the log: a port guessed
+        // free here could be taken before the controller binds it.
+        let mut child = command
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(["--log-format", "json"])
             .arg("--data-dir")
             .arg(dir.join("controller"))
-            .arg("--metrics-listen")
-            .arg(format!("127.0.0.1:{metrics_port}"))
             .arg("--join-token")
             .arg(crate::sim_agent::BENCH_JOIN_TOKEN)
             // Auth stays on; one admin token drives every client here, so
@@ -161,10 +153,31 @@ impl ControllerProcess {
                     binary.display()
                 )
             })?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (addr, metrics) = loop {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "the controller exited ({status}) before serving; see {}",
+                    log.display()
+                );
+            }
+            if let Some(addrs) = logged_addresses(&log) {
+                break addrs;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "the controller did not log its address within 30 s (an info line: check GPUFLEET_LOG); see {}",
+                    log.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
         Ok(Self {
             child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-            metrics_port,
+            endpoint: format!("http://{addr}"),
+            metrics_port: metrics.port(),
             log,
         })
     }
@@ -210,6 +223,27 @@ impl ControllerProcess {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// The gRPC and /metrics addresses from the controller's "controller
+/// serving" log line (`--log-format json`), once it has written it.
+fn logged_addresses(log: &std::path::Path) -> Option<(SocketAddr, SocketAddr)> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines().find_map(|line| {
+        let entry: serde_json::Value = serde_json::from_str(line).ok()?;
+        let fields = &entry["fields"];
+        if fields["message"] != "controller serving" {
+            return None;
+        }
+        let addr = fields["local_addr"].as_str()?.parse().ok()?;
+        let metrics = fields["metrics"]
+            .as_str()?
+            .trim_start_matches("http://")
+            .trim_end_matches("/metrics")
+            .parse()
+            .ok()?;
+        Some((addr, metrics))
+    })
 }
 
 /// One RSS sample: seconds into the run, bytes, jobs submitted by then.

@@ -1,8 +1,9 @@
-//! The vendored sled writes a flushed buffer on the flushing thread
-//! (`vendor/sled/README.gpufleet.md`). This kills a process that writes
-//! and flushes from several threads at once — single inserts, batches and
-//! removes, the controller's store and the agent's outbox patterns — and
-//! checks that everything a `flush` returned for is there after reopening.
+//! What the controller's store and the agent's outbox rely on from sled:
+//! once `flush` returns, everything written before it survives the process
+//! being killed. This kills a process that writes and flushes from several
+//! threads at once — single inserts, batches and removes, the controller's
+//! store and the agent's outbox patterns — and checks that everything a
+//! `flush` returned for is there after reopening.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};

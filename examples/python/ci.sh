@@ -7,6 +7,7 @@ cd "$(dirname "$0")/../.."
 PYTHON=${1:-python3}
 
 cargo build --quiet --locked -p gpufleet-controller -p gpufleet-agent --bins
+bin=${CARGO_TARGET_DIR:-target}/debug
 work=$(mktemp -d)
 pids=()
 cleanup() {
@@ -16,17 +17,20 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# A free port for the controller (the agent must be told where it is).
-port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# Every port is 127.0.0.1:0; the controller's startup log line says which
+# one it got (tests/bound-addr.sh), and the agent is told that one.
+# shellcheck source=tests/bound-addr.sh
+source tests/bound-addr.sh
 join_token=python-ci-join-token
-target/debug/gpufleet-controller --listen "127.0.0.1:$port" --data-dir "$work/controller" \
-    --join-token "$join_token" \
+GPUFLEET_LOG=info "$bin/gpufleet-controller" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
+    --log-format json --data-dir "$work/controller" --join-token "$join_token" \
     >"$work/controller.log" 2>&1 &
 pids+=($!)
-target/debug/gpufleet-agent --controller "http://127.0.0.1:$port" --join-token "$join_token" \
+addr=$(logged_field "${pids[0]}" "$work/controller.log" "controller serving" local_addr)
+"$bin/gpufleet-agent" --controller "http://$addr" --join-token "$join_token" \
     --gpu-backend simulated \
     --simulated-gpus 2xL4 --node-id python-ci-node --data-dir "$work/agent" --listen 127.0.0.1:0 \
-    >"$work/agent.log" 2>&1 &
+    --metrics-listen off >"$work/agent.log" 2>&1 &
 pids+=($!)
 
 # The controller writes its bootstrap admin token at its first start.
@@ -39,7 +43,7 @@ export GPUFLEET_TOKEN
 # the agent registers stays pending until it does.
 status=0
 # shellcheck disable=SC2016 # expanded by the workload's shell, not here
-timeout 120 "$PYTHON" examples/python/scheduler.py --controller "127.0.0.1:$port" --gpus 2 \
+timeout 120 "$PYTHON" examples/python/scheduler.py --controller "$addr" --gpus 2 \
     --timeout 90 -- sh -c 'echo "gpus: $CUDA_VISIBLE_DEVICES"' >"$work/out.txt" 2>&1 || status=$?
 cat "$work/out.txt"
 

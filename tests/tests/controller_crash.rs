@@ -258,6 +258,20 @@ impl Binaries {
     }
 }
 
+/// The gRPC address a controller logged once it bound its listener
+/// (`--log-format json`: the "controller serving" line), if it has yet.
+fn logged_address(log: &Path) -> Option<std::net::SocketAddr> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines().find_map(|line| {
+        let entry: serde_json::Value = serde_json::from_str(line).ok()?;
+        let fields = &entry["fields"];
+        if fields["message"] != "controller serving" {
+            return None;
+        }
+        fields["local_addr"].as_str()?.parse().ok()
+    })
+}
+
 /// A running binary; killed if dropped (a failing test leaves nothing behind).
 struct Daemon {
     name: String,
@@ -324,23 +338,32 @@ impl Daemon {
 struct Fleet {
     bins: Binaries,
     dir: PathBuf,
-    addr: std::net::SocketAddr,
+    /// Where the first controller bound `127.0.0.1:0`; every restart binds
+    /// it again, since the agents were told this address.
+    addr: Option<std::net::SocketAddr>,
     controller: Option<Daemon>,
     starts: usize,
     agents: Vec<Daemon>,
 }
 
 impl Fleet {
-    fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+    fn endpoint(&self) -> anyhow::Result<String> {
+        let addr = self.addr.context("no controller has started yet")?;
+        Ok(format!("http://{addr}"))
     }
 
-    /// Starts a controller on the fleet's address and data dir, and waits
+    /// Starts a controller on the fleet's address (the first time on a port
+    /// the kernel picks, read back from its log) and data dir, and waits
     /// until it serves.
     async fn start_controller(&mut self) -> anyhow::Result<()> {
+        let listen = self
+            .addr
+            .map_or_else(|| "127.0.0.1:0".to_string(), |addr| addr.to_string());
         let args: Vec<String> = [
             "--listen",
-            &self.addr.to_string(),
+            &listen,
+            "--log-format",
+            "json",
             "--data-dir",
             &self.dir.join("controller").display().to_string(),
             "--metrics-listen",
@@ -357,7 +380,6 @@ impl Fleet {
             .to_path_buf();
         self.starts += 1;
         let mut daemon = Daemon::spawn("controller", &self.bins.controller, &args, log)?;
-        let endpoint = self.endpoint();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = daemon.exited() {
@@ -366,7 +388,12 @@ impl Fleet {
                     tail(&daemon.log)
                 );
             }
-            if serving(&endpoint).await {
+            if self.addr.is_none() {
+                self.addr = logged_address(&daemon.log);
+            }
+            if let Some(addr) = self.addr
+                && serving(&format!("http://{addr}")).await
+            {
                 break;
             }
             ensure!(
@@ -384,7 +411,7 @@ impl Fleet {
             let data_dir = self.dir.join("agents").join(id);
             let args: Vec<String> = [
                 "--controller",
-                &self.endpoint(),
+                &self.endpoint()?,
                 "--join-token",
                 gpufleet_tests::JOIN_TOKEN,
                 "--node-id",
@@ -660,11 +687,10 @@ async fn controller_sigkilled_three_times_loses_and_repeats_nothing() -> anyhow:
     println!("kill moments: {kills:?}");
 
     let dir = tempfile::tempdir()?;
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let mut fleet = Fleet {
         bins: Binaries::find()?,
         dir: dir.path().to_path_buf(),
-        addr,
+        addr: None,
         controller: None,
         starts: 0,
         agents: Vec::new(),
@@ -688,7 +714,7 @@ async fn run(fleet: &mut Fleet, plan: &[PlannedJob], kills: &[KillMoment]) -> an
     fleet.start_controller().await?;
     fleet.start_agents()?;
     let api = connect(
-        &fleet.endpoint(),
+        &fleet.endpoint()?,
         &gpufleet_tests::admin_token_in(&fleet.dir.join("controller"))?,
     )?;
     wait_agents_connected(&api).await?;
