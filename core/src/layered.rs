@@ -126,6 +126,16 @@ impl Layers {
         })
     }
 
+    /// The config file that `--config` (or, without it, `GPUFLEET_CONFIG`)
+    /// names; an empty value names none. The argument's id is `config`.
+    pub fn config_file(&self) -> Option<PathBuf> {
+        self.flags
+            .get_one::<PathBuf>("config")
+            .or(self.env.get_one::<PathBuf>("config"))
+            .filter(|p| !p.as_os_str().is_empty())
+            .cloned()
+    }
+
     /// Layers the environment, then the flags, over `base` (the file).
     pub fn apply<T: FromArgMatches>(&self, cmd: &Command, base: &mut T) -> Result<(), ConfigError> {
         base.update_from_arg_matches(&self.env)

@@ -180,12 +180,7 @@ where
 {
     let cmd = AgentCli::command();
     let layers = Layers::parse(&cmd, env, argv)?;
-    let path = layers
-        .flags
-        .get_one::<PathBuf>("config")
-        .or(layers.env.get_one::<PathBuf>("config"))
-        .filter(|p| !p.as_os_str().is_empty())
-        .cloned();
+    let path = layers.config_file();
     let settings = match &path {
         Some(path) => read_file(path)?,
         None => AgentSettings::default(),

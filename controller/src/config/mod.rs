@@ -90,13 +90,7 @@ where
 {
     let cmd = ControllerCli::command();
     let layers = Layers::parse(&cmd, env, argv)?;
-    let path = layers
-        .flags
-        .get_one::<PathBuf>("config")
-        .or(layers.env.get_one::<PathBuf>("config"))
-        // An empty GPUFLEET_CONFIG names no file, as clap read it before.
-        .filter(|p| !p.as_os_str().is_empty())
-        .cloned();
+    let path = layers.config_file();
     let settings = match &path {
         Some(path) => read_file(path)?,
         None => ControllerSettings::default(),
