@@ -462,28 +462,7 @@ pub fn explain(fleet: &Fleet, job: &JobInput, reason: Option<PendingReason>) -> 
 mod tests {
     use super::*;
     use crate::domain::{Constraints, Generation};
-    use crate::fleet::{GpuInput, NodeInput};
-
-    fn node(id: &str, region: &str, price: u64, model: &str, generation: Generation) -> NodeInput {
-        NodeInput {
-            id: id.into(),
-            provider: "aws".into(),
-            region: region.into(),
-            price_per_gpu_hour_micro_usd: price,
-            schedulable: true,
-            gpus: (0..8)
-                .map(|g| GpuInput {
-                    uuid: format!("{id}-{g}"),
-                    model: model.into(),
-                    generation,
-                    memory_bytes: 80 << 30,
-                    compute_capability: (9, 0),
-                    healthy: true,
-                })
-                .collect(),
-            ..Default::default()
-        }
-    }
+    use crate::test_support::node;
 
     #[test]
     fn exclusions_and_region_verdicts_are_named_and_worded() {

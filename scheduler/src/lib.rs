@@ -67,3 +67,6 @@ pub fn format_usd(micro_usd: u64) -> String {
     let cents = (micro_usd + 5_000) / 10_000;
     format!("${}.{:02}", cents / 100, cents % 100)
 }
+
+#[cfg(test)]
+mod test_support;

@@ -190,29 +190,10 @@ pub fn snapshot(fleet: &Fleet, pending: &[JobInput]) -> MarketSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::{GpuInput, NodeInput};
+    use crate::test_support::node;
 
     #[test]
     fn supply_demand_and_curve() {
-        let node =
-            |id: &str, region: &str, price: u64, model: &str, generation: Generation| NodeInput {
-                id: id.into(),
-                provider: "aws".into(),
-                region: region.into(),
-                price_per_gpu_hour_micro_usd: price,
-                schedulable: true,
-                gpus: (0..8)
-                    .map(|g| GpuInput {
-                        uuid: format!("{id}-{g}"),
-                        model: model.into(),
-                        generation,
-                        memory_bytes: 80 << 30,
-                        compute_capability: (9, 0),
-                        healthy: true,
-                    })
-                    .collect(),
-                ..Default::default()
-            };
         let nodes = [
             node("a", "r1", 3_000_000, "H100-SXM-80GB", Generation::Hopper),
             node("b", "r2", 1_500_000, "A100-SXM-80GB", Generation::Ampere),
