@@ -101,10 +101,11 @@ struct AgentCounters {
     succeeded: AtomicU64,
 }
 
-/// The controller process; killed when dropped, so no error path leaves it behind.
-struct ControllerProcess {
+/// The controller process; killed when dropped, so no error path leaves it
+/// behind. `abuse` starts its controller the same way.
+pub(crate) struct ControllerProcess {
     child: Child,
-    endpoint: String,
+    pub(crate) endpoint: String,
     metrics_port: u16,
     log: PathBuf,
 }
@@ -117,7 +118,7 @@ impl Drop for ControllerProcess {
 }
 
 impl ControllerProcess {
-    fn start(
+    pub(crate) fn start(
         binary: &std::path::Path,
         dir: &std::path::Path,
         finished_job_retention: Option<&str>,
@@ -170,7 +171,7 @@ impl ControllerProcess {
     }
 
     /// VmRSS of the controller, bytes.
-    fn rss_bytes(&self) -> anyhow::Result<u64> {
+    pub(crate) fn rss_bytes(&self) -> anyhow::Result<u64> {
         let path = format!("/proc/{}/status", self.child.id());
         let status =
             std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
@@ -184,7 +185,7 @@ impl ControllerProcess {
     }
 
     /// Waits until the gRPC API answers, failing early if the process died.
-    async fn wait_serving(&mut self, within: Duration) -> anyhow::Result<()> {
+    pub(crate) async fn wait_serving(&mut self, within: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait()? {

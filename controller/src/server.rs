@@ -167,7 +167,10 @@ fn server_tls(
 
 /// A client-facing service as it is served: guarded, then settled.
 fn client_service<S>(service: S, controller: &Controller) -> Guarded<Settled<S>> {
-    Guarded::new(Settled::new(service, controller.clone()), controller.clone())
+    Guarded::new(
+        Settled::new(service, controller.clone()),
+        controller.clone(),
+    )
 }
 
 /// Opens the store, rebuilds state and starts serving. Pass a bound

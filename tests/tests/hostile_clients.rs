@@ -55,11 +55,18 @@ impl ControllerProcess {
         let child = Command::new(workspace_binary("gpufleet-controller")?)
             .arg("--listen")
             .arg(addr.to_string())
-            .args(["--metrics-listen", "127.0.0.1:0", "--join-token", JOIN_TOKEN])
+            .args([
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--join-token",
+                JOIN_TOKEN,
+            ])
             .arg("--data-dir")
             .arg(&data_dir)
             .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(dir.join("controller.log"))?))
+            .stderr(Stdio::from(std::fs::File::create(
+                dir.join("controller.log"),
+            )?))
             .kill_on_drop(true)
             .spawn()
             .context("cannot start gpufleet-controller")?;
@@ -168,7 +175,9 @@ async fn oversized_and_unauthenticated_requests_are_refused_cheaply() -> anyhow:
         })
         .await?
         .into_inner();
-    ensure!(serving.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    ensure!(
+        serving.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 
     // A well-behaved client, all along.
     let stop = Arc::new(AtomicBool::new(false));
@@ -218,9 +227,17 @@ async fn oversized_and_unauthenticated_requests_are_refused_cheaply() -> anyhow:
     for i in 0..CONCURRENT {
         for (kind, auth, body) in [
             ("unauthenticated", None, oversized.clone()),
-            ("bad token", Some("gft_0000000000000000_00"), oversized.clone()),
+            (
+                "bad token",
+                Some("gft_0000000000000000_00"),
+                oversized.clone(),
+            ),
             ("authenticated", Some(token.as_str()), oversized.clone()),
-            ("just over the limit", Some(token.as_str()), just_over.clone()),
+            (
+                "just over the limit",
+                Some(token.as_str()),
+                just_over.clone(),
+            ),
         ] {
             let connection = connections[i % connections.len()].clone();
             let auth = auth.map(str::to_string);
