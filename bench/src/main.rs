@@ -5,6 +5,7 @@
 // A binary crate: `pub` only marks what modules share.
 #![allow(unreachable_pub)]
 
+mod abuse;
 mod agent_overhead;
 mod clients;
 mod dispatch;
@@ -71,6 +72,10 @@ enum Command {
     /// One GPU's telemetry history read from the store: rollups keyed
     /// minute first against node first, in the same run.
     TelemetryHistory(telemetry_history::Args),
+    /// A well-behaved client's latency alone and under abuse (streams never
+    /// read, oversized requests with and without a token); the
+    /// controller's peak RSS.
+    Abuse(abuse::AbuseArgs),
 }
 
 fn main() -> ExitCode {
@@ -89,6 +94,7 @@ fn main() -> ExitCode {
         Command::Load(args) => load::run(args),
         Command::StoreGrowth(args) => store_growth::run(args),
         Command::TelemetryHistory(args) => telemetry_history::run(args),
+        Command::Abuse(args) => abuse::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

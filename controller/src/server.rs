@@ -17,17 +17,16 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
 use crate::config::ControllerConfig;
+use crate::service::guard::{AGENT_MESSAGE_BYTES, RESPONSE_BYTES, service_request_limit};
 use crate::service::{
-    AgentControlService, FleetService, JobsService, Settled, TelemetryService, TokensService,
-    UsageService,
+    AgentControlService, FleetService, Guarded, JobsService, Settled, TelemetryService,
+    TokensService, UsageService,
 };
 use crate::state::Controller;
 use crate::store::SledStore;
 use crate::telemetry::segments::{ROLLUP_DIR, SegmentRollupStore};
 use crate::validate::ModelFacts;
 
-/// Largest gRPC message accepted (telemetry batches of big nodes, logs).
-const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Finished telemetry minutes are written this often, a paced share of
 /// the queue each time ([`crate::telemetry::paced_flush_budget`]).
 pub const ROLLUP_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
@@ -164,6 +163,14 @@ fn server_tls(
             .client_auth_optional(true);
     }
     Ok(Some(tls))
+}
+
+/// A client-facing service as it is served: guarded, then settled.
+fn client_service<S>(service: S, controller: &Controller) -> Guarded<Settled<S>> {
+    Guarded::new(
+        Settled::new(service, controller.clone()),
+        controller.clone(),
+    )
 }
 
 /// Opens the store, rebuilds state and starts serving. Pass a bound
@@ -330,35 +337,51 @@ pub async fn start(
             .tls_config(tls)
             .context("invalid TLS configuration")?;
     }
+    // Client services: the guard authenticates before a body is read and
+    // caps it per RPC (service/guard.rs); tonic's decoding limit is the
+    // service's largest cap, so the guard's clearer refusal comes first.
+    // Every reply then waits until the changes it may show are durable.
+    // AgentControl authenticates in its hello and keeps a per-message
+    // limit; its messages wait in the store's queue instead.
+    use tonic::server::NamedService;
+    let decode = service_request_limit;
     let router = builder
         .add_service(health_service)
         .add_service(reflection)
-        // Every reply waits until the changes it may show are durable.
-        // (The agent stream's messages wait in the store's queue instead.)
-        .add_service(Settled::new(
+        .add_service(client_service(
             JobsServer::new(JobsService::new(controller.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
-            controller.clone(),
+                .max_decoding_message_size(decode(JobsServer::<JobsService>::NAME))
+                .max_encoding_message_size(RESPONSE_BYTES),
+            &controller,
         ))
-        .add_service(Settled::new(
-            FleetServer::new(FleetService::new(controller.clone())),
-            controller.clone(),
+        .add_service(client_service(
+            FleetServer::new(FleetService::new(controller.clone()))
+                .max_decoding_message_size(decode(FleetServer::<FleetService>::NAME))
+                .max_encoding_message_size(RESPONSE_BYTES),
+            &controller,
         ))
-        .add_service(Settled::new(
-            UsageServer::new(UsageService::new(controller.clone())),
-            controller.clone(),
+        .add_service(client_service(
+            UsageServer::new(UsageService::new(controller.clone()))
+                .max_decoding_message_size(decode(UsageServer::<UsageService>::NAME))
+                .max_encoding_message_size(RESPONSE_BYTES),
+            &controller,
         ))
-        .add_service(Settled::new(
-            TokensServer::new(TokensService::new(controller.clone())),
-            controller.clone(),
+        .add_service(client_service(
+            TokensServer::new(TokensService::new(controller.clone()))
+                .max_decoding_message_size(decode(TokensServer::<TokensService>::NAME))
+                .max_encoding_message_size(RESPONSE_BYTES),
+            &controller,
         ))
-        .add_service(Settled::new(
-            TelemetryServer::new(TelemetryService::new(controller.clone())),
-            controller.clone(),
+        .add_service(client_service(
+            TelemetryServer::new(TelemetryService::new(controller.clone()))
+                .max_decoding_message_size(decode(TelemetryServer::<TelemetryService>::NAME))
+                .max_encoding_message_size(RESPONSE_BYTES),
+            &controller,
         ))
         .add_service(
             AgentControlServer::new(AgentControlService::new(controller.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(AGENT_MESSAGE_BYTES)
+                .max_encoding_message_size(AGENT_MESSAGE_BYTES),
         );
     // TCP_NODELAY: the desired state is a small write often queued behind
     // another unacknowledged one (an Ack); with Nagle on it waits for the

@@ -10,10 +10,11 @@ use anyhow::{Context, bail};
 
 use super::*;
 
-/// The controller process; killed when dropped, so no error path leaves it behind.
-pub(super) struct ControllerProcess {
+/// The controller process; killed when dropped, so no error path leaves it
+/// behind. `abuse` starts its controller the same way.
+pub(crate) struct ControllerProcess {
     pub(super) child: Child,
-    pub(super) endpoint: String,
+    pub(crate) endpoint: String,
     pub(super) metrics_port: u16,
     pub(super) log: PathBuf,
 }
@@ -26,7 +27,7 @@ impl Drop for ControllerProcess {
 }
 
 impl ControllerProcess {
-    pub(super) fn start(
+    pub(crate) fn start(
         binary: &std::path::Path,
         dir: &std::path::Path,
         finished_job_retention: Option<&str>,
@@ -91,7 +92,7 @@ impl ControllerProcess {
     }
 
     /// VmRSS of the controller, bytes.
-    pub(super) fn rss_bytes(&self) -> anyhow::Result<u64> {
+    pub(crate) fn rss_bytes(&self) -> anyhow::Result<u64> {
         let path = format!("/proc/{}/status", self.child.id());
         let status =
             std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
@@ -105,7 +106,7 @@ impl ControllerProcess {
     }
 
     /// Waits until the gRPC API answers, failing early if the process died.
-    pub(super) async fn wait_serving(&mut self, within: Duration) -> anyhow::Result<()> {
+    pub(crate) async fn wait_serving(&mut self, within: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait()? {

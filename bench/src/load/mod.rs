@@ -26,7 +26,7 @@ mod controller;
 mod verdict;
 
 use agent::SimAgent;
-use controller::ControllerProcess;
+pub(crate) use controller::ControllerProcess;
 use verdict::print_report;
 
 /// Most submissions in flight at once; past it the submitter waits, and the

@@ -3,6 +3,7 @@
 
 mod agent_control;
 mod fleet;
+pub mod guard;
 mod jobs;
 mod telemetry;
 mod tokens;
@@ -10,6 +11,7 @@ mod usage;
 
 pub use agent_control::AgentControlService;
 pub use fleet::FleetService;
+pub use guard::Guarded;
 pub use jobs::JobsService;
 pub use telemetry::TelemetryService;
 pub use tokens::TokensService;
