@@ -28,6 +28,16 @@ use crate::validate::ModelFacts;
 
 /// Largest gRPC message accepted (telemetry batches of big nodes, logs).
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// HTTP/2 receive window per stream: request bytes one call may send
+/// before the controller reads them.
+const HTTP2_STREAM_WINDOW: u32 = 1024 * 1024;
+/// HTTP/2 receive window per connection, shared by its streams.
+const HTTP2_CONNECTION_WINDOW: u32 = 2 * 1024 * 1024;
+/// Calls one connection may have open at once (streams included).
+const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Streams a client may open and reset before the controller accepted them
+/// (the "rapid reset" flood); over it the connection is closed.
+const HTTP2_MAX_PENDING_RESETS: usize = 20;
 /// Finished telemetry minutes are written this often, a paced share of
 /// the queue each time ([`crate::telemetry::paced_flush_budget`]).
 pub const ROLLUP_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
@@ -322,9 +332,16 @@ pub async fn start(
         .context("cannot build the reflection service")?;
 
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    // HTTP/2 bounds (docs/grpc.md, "Limits on streams"). The windows are
+    // what a connection may send us before we read it; a client that stops
+    // reading its socket altogether is found by the keepalive and closed.
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+        .max_concurrent_streams(HTTP2_MAX_CONCURRENT_STREAMS)
+        .http2_max_pending_accept_reset_streams(Some(HTTP2_MAX_PENDING_RESETS));
     if let Some(tls) = server_tls(&tls_config)? {
         builder = builder
             .tls_config(tls)

@@ -4,6 +4,7 @@
 mod agent_control;
 mod fleet;
 mod jobs;
+mod streams;
 mod telemetry;
 mod tokens;
 mod usage;
