@@ -780,6 +780,40 @@ mod tests {
     }
 
     #[test]
+    fn a_revocation_is_announced_and_open_streams_can_recheck() {
+        let (_dir, store, auth, clock) = authority_on_clock(None);
+        let (_, _admin) = auth
+            .create_token(&store, "root", Role::Admin, ALL_TENANTS, None)
+            .unwrap();
+        let (record, _) = auth
+            .create_token(&store, "ci", Role::Viewer, "a", None)
+            .unwrap();
+        let (short, _) = auth
+            .create_token(
+                &store,
+                "brief",
+                Role::Viewer,
+                "a",
+                Some(Duration::from_secs(60)),
+            )
+            .unwrap();
+        let revocations = auth.revocations();
+        auth.check_still_valid(&record.id).unwrap();
+        assert_eq!(auth.expires_in(&record.id), None);
+        auth.revoke_token(&store, &record.id).unwrap();
+        assert!(revocations.has_changed().unwrap());
+        let err = auth.check_still_valid(&record.id).unwrap_err();
+        assert!(matches!(err, ControllerError::Unauthenticated(_)), "{err}");
+        assert!(err.to_string().contains("revoked"), "{err}");
+
+        assert_eq!(auth.expires_in(&short.id), Some(Duration::from_secs(60)));
+        clock.advance(Duration::from_secs(60));
+        let err = auth.check_still_valid(&short.id).unwrap_err();
+        assert!(err.to_string().contains("expired"), "{err}");
+        assert!(auth.check_still_valid("unknown").is_err());
+    }
+
+    #[test]
     fn the_last_admin_token_cannot_be_revoked() {
         let (dir, store, auth) = authority(None);
         let path = dir.path().join("admin.token");
@@ -841,6 +875,7 @@ mod tests {
             matches!(err, ControllerError::ResourceExhausted(_)),
             "{err}"
         );
+        assert!(err.to_string().contains("rate_limit_per_token"), "{err}");
     }
 
     #[test]
