@@ -193,6 +193,9 @@ pub struct Authority {
     random: SystemRandom,
     /// Token expiry, binding times and rate-limit refills.
     clock: SharedClock,
+    /// Bumped at every revocation, so that open streams re-check their
+    /// token at once instead of polling ([`Authority::revocations`]).
+    revocations: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Authority {
@@ -291,6 +294,7 @@ impl Authority {
             buckets: Mutex::new(HashMap::new()),
             random: SystemRandom::new(),
             clock,
+            revocations: tokio::sync::watch::channel(0).0,
         })
     }
 
@@ -445,8 +449,53 @@ impl Authority {
         batch.put(Keyspace::Tokens, id, &revoked);
         store.apply(batch)?;
         tokens.insert(id.to_string(), revoked.clone());
+        drop(tokens);
         self.buckets_lock().remove(id);
+        self.revocations.send_modify(|generation| *generation += 1);
         Ok(revoked)
+    }
+
+    /// Changes at every revocation; an open stream waits on it and then
+    /// re-checks its token with [`Authority::check_still_valid`].
+    pub fn revocations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.revocations.subscribe()
+    }
+
+    /// Whether a token authenticated earlier (by id) may still be used:
+    /// `Unauthenticated` once it is revoked, expired or gone.
+    pub fn check_still_valid(&self, token_id: &str) -> Result<()> {
+        let tokens = self.read_tokens();
+        let Some(record) = tokens.get(token_id) else {
+            return Err(ControllerError::Unauthenticated(format!(
+                "token {token_id} is no longer known to this controller"
+            )));
+        };
+        self.usable(record)
+    }
+
+    /// How long until the token expires by this authority's clock; `None`
+    /// for a token that never does (or is unknown).
+    pub fn expires_in(&self, token_id: &str) -> Option<Duration> {
+        let tokens = self.read_tokens();
+        let expires = tokens.get(token_id)?.expires_unix;
+        (expires != 0).then(|| Duration::from_secs(expires.saturating_sub(self.clock.unix_secs())))
+    }
+
+    /// Refuses a revoked or expired token.
+    fn usable(&self, record: &TokenRecord) -> Result<()> {
+        if record.revoked_unix != 0 {
+            return Err(ControllerError::Unauthenticated(format!(
+                "token {} ({}) was revoked",
+                record.id, record.name
+            )));
+        }
+        if record.expires_unix != 0 && record.expires_unix <= self.clock.unix_secs() {
+            return Err(ControllerError::Unauthenticated(format!(
+                "token {} ({}) has expired; create a new one",
+                record.id, record.name
+            )));
+        }
+        Ok(())
     }
 
     fn buckets_lock(&self) -> MutexGuard<'_, HashMap<String, Bucket>> {
@@ -487,18 +536,7 @@ impl Authority {
                     "token {TOKEN_PREFIX}{id}_… is not known to this controller"
                 ))
             })?;
-        if record.revoked_unix != 0 {
-            return Err(ControllerError::Unauthenticated(format!(
-                "token {id} ({}) was revoked",
-                record.name
-            )));
-        }
-        if record.expires_unix != 0 && record.expires_unix <= self.clock.unix_secs() {
-            return Err(ControllerError::Unauthenticated(format!(
-                "token {id} ({}) has expired; create a new one",
-                record.name
-            )));
-        }
+        self.usable(record)?;
         Ok(Principal {
             token_id: record.id.clone(),
             name: record.name.clone(),
@@ -544,7 +582,7 @@ impl Authority {
         }
         let wait = (1.0 - bucket.tokens) / limit.per_second;
         Err(ControllerError::ResourceExhausted(format!(
-            "token {token_id} is over its rate limit of {} requests/s (burst {}); retry in {:.0} ms",
+            "token {token_id} is over its rate limit (rate_limit_per_token) of {} requests/s (burst {}, rate_limit_burst); retry in {:.0} ms",
             limit.per_second,
             limit.burst,
             (wait * 1000.0).ceil()
@@ -742,6 +780,40 @@ mod tests {
     }
 
     #[test]
+    fn a_revocation_is_announced_and_open_streams_can_recheck() {
+        let (_dir, store, auth, clock) = authority_on_clock(None);
+        let (_, _admin) = auth
+            .create_token(&store, "root", Role::Admin, ALL_TENANTS, None)
+            .unwrap();
+        let (record, _) = auth
+            .create_token(&store, "ci", Role::Viewer, "a", None)
+            .unwrap();
+        let (short, _) = auth
+            .create_token(
+                &store,
+                "brief",
+                Role::Viewer,
+                "a",
+                Some(Duration::from_secs(60)),
+            )
+            .unwrap();
+        let revocations = auth.revocations();
+        auth.check_still_valid(&record.id).unwrap();
+        assert_eq!(auth.expires_in(&record.id), None);
+        auth.revoke_token(&store, &record.id).unwrap();
+        assert!(revocations.has_changed().unwrap());
+        let err = auth.check_still_valid(&record.id).unwrap_err();
+        assert!(matches!(err, ControllerError::Unauthenticated(_)), "{err}");
+        assert!(err.to_string().contains("revoked"), "{err}");
+
+        assert_eq!(auth.expires_in(&short.id), Some(Duration::from_secs(60)));
+        clock.advance(Duration::from_secs(60));
+        let err = auth.check_still_valid(&short.id).unwrap_err();
+        assert!(err.to_string().contains("expired"), "{err}");
+        assert!(auth.check_still_valid("unknown").is_err());
+    }
+
+    #[test]
     fn the_last_admin_token_cannot_be_revoked() {
         let (dir, store, auth) = authority(None);
         let path = dir.path().join("admin.token");
@@ -803,6 +875,7 @@ mod tests {
             matches!(err, ControllerError::ResourceExhausted(_)),
             "{err}"
         );
+        assert!(err.to_string().contains("rate_limit_per_token"), "{err}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod server;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod stream_quota;
 pub mod telemetry;
 pub mod usage;
 pub mod validate;

@@ -27,6 +27,17 @@ use crate::store::SledStore;
 use crate::telemetry::segments::{ROLLUP_DIR, SegmentRollupStore};
 use crate::validate::ModelFacts;
 
+/// HTTP/2 receive window per stream: request bytes one call may send
+/// before the controller reads them.
+const HTTP2_STREAM_WINDOW: u32 = 1024 * 1024;
+/// HTTP/2 receive window per connection, shared by its streams.
+const HTTP2_CONNECTION_WINDOW: u32 = 2 * 1024 * 1024;
+/// Calls one connection may have open at once (streams included).
+const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Streams a client may open and reset before the controller accepted them
+/// (the "rapid reset" flood); over it the connection is closed.
+const HTTP2_MAX_PENDING_RESETS: usize = 20;
+
 /// Finished telemetry minutes are written this often, a paced share of
 /// the queue each time ([`crate::telemetry::paced_flush_budget`]).
 pub const ROLLUP_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
@@ -94,7 +105,7 @@ impl RunningController {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // What the last flush missed: the unfinished minutes are kept too.
-        let end_of_time = std::time::SystemTime::now() + Duration::from_secs(3600);
+        let end_of_time = self.controller.now() + Duration::from_secs(3600);
         if let Err(e) = self.controller.telemetry().flush(end_of_time) {
             tracing::warn!(error = %e, "telemetry rollups not written at shutdown");
         }
@@ -329,9 +340,16 @@ pub async fn start(
         .context("cannot build the reflection service")?;
 
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    // HTTP/2 bounds (docs/grpc.md, "Limits on streams"). The windows are
+    // what a connection may send us before we read it; a client that stops
+    // reading its socket altogether is found by the keepalive and closed.
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+        .max_concurrent_streams(HTTP2_MAX_CONCURRENT_STREAMS)
+        .http2_max_pending_accept_reset_streams(Some(HTTP2_MAX_PENDING_RESETS));
     if let Some(tls) = server_tls(&tls_config)? {
         builder = builder
             .tls_config(tls)

@@ -170,6 +170,8 @@ pub struct Cluster {
     pub admin_token: String,
     /// (NotReady after, Lost after) for the controller's leases.
     leases: (Duration, Duration),
+    /// Changes to the test controller's config, applied at every start.
+    configure: fn(&mut ControllerConfig),
 }
 
 /// The default test fleet: two nodes on two providers.
@@ -190,10 +192,21 @@ impl Cluster {
         nodes: &[NodeSpec],
         leases: (Duration, Duration),
     ) -> anyhow::Result<Self> {
+        Self::start_configured(nodes, leases, |_| {}).await
+    }
+
+    /// Like `start_with_leases`, with `configure` applied to the
+    /// controller's config (limits, timeouts) at every start.
+    pub async fn start_configured(
+        nodes: &[NodeSpec],
+        leases: (Duration, Duration),
+        configure: fn(&mut ControllerConfig),
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let controller_addr = listener.local_addr()?;
-        let config = controller_config(&dir.path().join("controller"), controller_addr, leases);
+        let mut config = controller_config(&dir.path().join("controller"), controller_addr, leases);
+        configure(&mut config);
         let controller = gpufleet_controller::start(config, Some(listener)).await?;
         let admin_token = admin_token_in(&dir.path().join("controller"))?;
         let mut cluster = Self {
@@ -203,6 +216,7 @@ impl Cluster {
             agents: Vec::new(),
             admin_token,
             leases,
+            configure,
         };
         for node in nodes {
             cluster.add_agent(node).await?;
@@ -377,7 +391,8 @@ impl Cluster {
             Ok(TcpListener::bind(addr).await.ok())
         })
         .await?;
-        let config = controller_config(&self.dir.path().join("controller"), addr, self.leases);
+        let mut config = controller_config(&self.dir.path().join("controller"), addr, self.leases);
+        (self.configure)(&mut config);
         let controller = gpufleet_controller::start(config, Some(listener)).await?;
         self.controller = Some(controller);
         Ok(())

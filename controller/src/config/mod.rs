@@ -41,6 +41,8 @@ pub struct ControllerConfig {
     pub admin_token_file: PathBuf,
     /// Per client token; `None`: unlimited.
     pub rate_limit: Option<crate::auth::RateLimit>,
+    /// Caps on client streams open at once, and the stall timeout.
+    pub streams: crate::stream_quota::StreamLimits,
     pub node_not_ready_after: Duration,
     pub node_lost_after: Duration,
     pub scheduler: SchedulerConfig,
@@ -124,6 +126,7 @@ impl ControllerConfig {
                 per_second: f64::from(DEFAULT_RATE_LIMIT_PER_TOKEN),
                 burst: f64::from(2 * DEFAULT_RATE_LIMIT_PER_TOKEN),
             }),
+            streams: crate::stream_quota::StreamLimits::default(),
             node_not_ready_after: Duration::from_secs(15),
             node_lost_after: Duration::from_secs(60),
             scheduler: SchedulerConfig::default(),
@@ -169,6 +172,12 @@ impl ControllerConfig {
                 }),
             }
         };
+        let streams = stream_limits(
+            file.max_streams_per_token,
+            file.max_streams,
+            file.stream_stall_timeout.clone(),
+            duration,
+        )?;
         let not_ready = duration("node_not_ready_after", file.node_not_ready_after, 15)?;
         let retention = duration(
             "telemetry_retention",
@@ -388,6 +397,7 @@ impl ControllerConfig {
                 .unwrap_or_else(|| data_dir.join("admin.token")),
             data_dir,
             rate_limit,
+            streams,
             join_token: file.join_token.unwrap_or_default(),
             node_not_ready_after: not_ready,
             node_lost_after: lost,
@@ -413,6 +423,11 @@ impl ControllerConfig {
             admin_token_file: Some(self.admin_token_file.clone()),
             rate_limit_per_token: Some(self.rate_limit.map_or(0, |r| r.per_second as u32)),
             rate_limit_burst: self.rate_limit.map(|r| r.burst as u32),
+            max_streams_per_token: Some(self.streams.per_token),
+            max_streams: Some(self.streams.total),
+            stream_stall_timeout: Some(
+                humantime::format_duration(self.streams.stall_timeout).to_string(),
+            ),
             node_not_ready_after: Some(
                 humantime::format_duration(self.node_not_ready_after).to_string(),
             ),
@@ -478,4 +493,44 @@ impl ControllerConfig {
         };
         toml::to_string(&file).unwrap_or_default()
     }
+}
+
+/// `max_streams_per_token`, `max_streams` and `stream_stall_timeout`.
+fn stream_limits(
+    per_token: Option<u32>,
+    total: Option<u32>,
+    stall_timeout: Option<String>,
+    duration: impl Fn(&str, Option<String>, u64) -> Result<Duration, ConfigError>,
+) -> Result<crate::stream_quota::StreamLimits, ConfigError> {
+    use crate::stream_quota::{
+        DEFAULT_MAX_STREAMS, DEFAULT_MAX_STREAMS_PER_TOKEN, DEFAULT_STREAM_STALL_TIMEOUT,
+    };
+    let per_token = per_token.unwrap_or(DEFAULT_MAX_STREAMS_PER_TOKEN);
+    let total = total.unwrap_or(DEFAULT_MAX_STREAMS);
+    let at_least_one = |key: &str, value: u32| {
+        if value == 0 {
+            Err(ConfigError::Invalid {
+                key: key.into(),
+                message: "must be at least 1 (0 would refuse every stream)".into(),
+            })
+        } else {
+            Ok(value)
+        }
+    };
+    let stall_timeout = duration(
+        "stream_stall_timeout",
+        stall_timeout,
+        DEFAULT_STREAM_STALL_TIMEOUT.as_secs(),
+    )?;
+    if stall_timeout < Duration::from_secs(1) {
+        return Err(ConfigError::Invalid {
+            key: "stream_stall_timeout".into(),
+            message: "must be at least 1s: a busy client may pause that long between reads".into(),
+        });
+    }
+    Ok(crate::stream_quota::StreamLimits {
+        per_token: at_least_one("max_streams_per_token", per_token)?,
+        total: at_least_one("max_streams", total)?,
+        stall_timeout,
+    })
 }

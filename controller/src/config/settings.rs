@@ -68,6 +68,15 @@ pub struct ControllerSettings {
     /// Requests a token may make at once above its rate [default: 2 × the rate].
     #[arg(long, env = "GPUFLEET_RATE_LIMIT_BURST", value_name = "N", value_parser = trimmed::<u32>)]
     pub rate_limit_burst: Option<u32>,
+    /// Streams (WatchJob, StreamJobLogs) one client token may hold open at once [default: 64].
+    #[arg(long, env = "GPUFLEET_MAX_STREAMS_PER_TOKEN", value_name = "N", value_parser = trimmed::<u32>)]
+    pub max_streams_per_token: Option<u32>,
+    /// Streams all client tokens together may hold open at once [default: 1024].
+    #[arg(long, env = "GPUFLEET_MAX_STREAMS", value_name = "N", value_parser = trimmed::<u32>)]
+    pub max_streams: Option<u32>,
+    /// A stream whose client reads nothing from its full buffer for this long is ended [default: 1m].
+    #[arg(long, env = "GPUFLEET_STREAM_STALL_TIMEOUT", value_name = "DURATION")]
+    pub stream_stall_timeout: Option<String>,
     /// Silence after which a node is NotReady [default: 15s].
     #[arg(long, env = "GPUFLEET_NODE_NOT_READY_AFTER", value_name = "DURATION")]
     pub node_not_ready_after: Option<String>,

@@ -1,25 +1,25 @@
-use std::pin::Pin;
 use std::time::Duration;
 
-use futures::StreamExt;
 use gpufleet_proto::v1::jobs_server::Jobs;
 use gpufleet_proto::v1::{
     CancelJobRequest, ExplainJobRequest, ExplainJobResponse, GetJobRequest, Job, JobState,
     ListJobsRequest, ListJobsResponse, LogChunk, StreamJobLogsRequest, SubmitJobRequest,
     SubmitJobResponse, WatchJobRequest, WorkloadState,
 };
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 
+use super::streams::{self, BoxStream, Ended, StreamSink};
 use super::{caller, to_status};
 use crate::auth::{Action, Principal};
 use crate::error::ControllerError;
 use crate::state::{Controller, is_terminal_job};
 use crate::validate;
 
-/// Bytes asked of an agent per log request.
-const LOG_CHUNK_BYTES: u32 = 256 * 1024;
+/// Bytes asked of an agent per log request: also the most a log stream
+/// holds per message queued behind its client (docs/grpc.md, "Limits on
+/// streams").
+const LOG_CHUNK_BYTES: u32 = 64 * 1024;
 /// Pause between polls of a followed log that had nothing new.
 const LOG_POLL: Duration = Duration::from_millis(250);
 
@@ -49,8 +49,6 @@ fn visible_job(controller: &Controller, who: &Principal, id: &str) -> Result<Job
         .map_err(to_status)?;
     Ok(job)
 }
-
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Jobs for JobsService {
@@ -137,45 +135,17 @@ impl Jobs for JobsService {
         let who = caller(&self.controller, &request, Action::ReadJobs)?;
         let id = request.into_inner().job_id;
         // Subscribe before the first read so that no change falls between.
-        let mut events = self.controller.subscribe_jobs();
+        let events = self.controller.subscribe_jobs();
         let current = visible_job(&self.controller, &who, &id)?;
-        let controller = self.controller.clone();
-        let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(async move {
-            let mut last_version = current.version;
-            let mut done = is_terminal_job(current.state());
-            if tx.send(Ok(current)).await.is_err() {
-                return;
-            }
-            while !done {
-                let event = tokio::select! {
-                    event = events.recv() => event,
-                    _ = tx.closed() => return,
-                };
-                let job = match event {
-                    Ok(job) if job.id == id => job,
-                    Ok(_) => continue,
-                    // Read from memory: sent only once durable, like the events.
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        match (controller.get_job(&id), controller.settled().await) {
-                            (Ok(job), Ok(())) => job,
-                            _ => return,
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                };
-                if job.version <= last_version {
-                    continue;
-                }
-                last_version = job.version;
-                done = is_terminal_job(job.state());
-                if tx.send(Ok(job)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        let stream = ReceiverStream::new(rx).take_until(Box::pin(self.controller.closed()));
-        Ok(Response::new(Box::pin(stream)))
+        let (sink, stream) = streams::open(&self.controller, &who)?;
+        tokio::spawn(pump_job_changes(
+            self.controller.clone(),
+            id,
+            current,
+            events,
+            sink,
+        ));
+        Ok(Response::new(stream))
     }
 
     async fn stream_job_logs(
@@ -208,23 +178,86 @@ impl Jobs for JobsService {
                 job.id
             )));
         }
+        let (mut sink, stream) = streams::open(&self.controller, &who)?;
         let controller = self.controller.clone();
-        let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
-            if let Err(status) = pump_logs(&controller, request, &tx).await {
-                let _ = tx.send(Err(status)).await;
+            match pump_logs(&controller, request, &mut sink).await {
+                Ok(()) | Err(Stop::Ended(Ended)) => {}
+                Err(Stop::Failed(status)) => sink.fail(status).await,
             }
         });
-        let stream = ReceiverStream::new(rx).take_until(Box::pin(self.controller.closed()));
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(stream))
     }
 }
 
+/// Sends `current`, then each new version of job `id` until it ends.
+async fn pump_job_changes(
+    controller: Controller,
+    id: String,
+    current: Job,
+    mut events: broadcast::Receiver<Job>,
+    mut sink: StreamSink<Job>,
+) {
+    let mut last_version = current.version;
+    let mut done = is_terminal_job(current.state());
+    if sink.send(current).await.is_err() {
+        return;
+    }
+    while !done {
+        let Ok(event) = sink.guard(events.recv()).await else {
+            return;
+        };
+        let job = match event {
+            Ok(job) if job.id == id => job,
+            Ok(_) => continue,
+            // Read from memory: sent only once durable, like the events.
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                match (controller.get_job(&id), controller.settled().await) {
+                    (Ok(job), Ok(())) => job,
+                    _ => return,
+                }
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if job.version <= last_version {
+            continue;
+        }
+        last_version = job.version;
+        done = is_terminal_job(job.state());
+        if sink.send(job).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Why a log pump stopped early.
+enum Stop {
+    /// The stream's end is already decided (client gone, token revoked,
+    /// client stalled).
+    Ended(Ended),
+    /// A failure to show the client after what it already has.
+    Failed(Status),
+}
+
+impl From<Ended> for Stop {
+    fn from(ended: Ended) -> Self {
+        Stop::Ended(ended)
+    }
+}
+
+impl From<Status> for Stop {
+    fn from(status: Status) -> Self {
+        Stop::Failed(status)
+    }
+}
+
+/// Sends a task's log, a chunk at a time: the next chunk is read from the
+/// agent only once the client has taken room for it.
 async fn pump_logs(
     controller: &Controller,
     request: StreamJobLogsRequest,
-    tx: &mpsc::Sender<Result<LogChunk, Status>>,
-) -> Result<(), Status> {
+    sink: &mut StreamSink<LogChunk>,
+) -> Result<(), Stop> {
     validate::job_id("job_id", &request.job_id).map_err(to_status)?;
     let mut offset = request.offset;
     let mut events = controller.subscribe_jobs();
@@ -232,7 +265,7 @@ async fn pump_logs(
         let job = controller.get_job(&request.job_id).map_err(to_status)?;
         // What it decides from the job (end the stream, which task to
         // read) leaves the controller: only once durable.
-        controller.settled().await.map_err(to_status)?;
+        sink.guard(controller.settled()).await?.map_err(to_status)?;
         let Some(task) = job
             .tasks
             .iter()
@@ -243,11 +276,7 @@ async fn pump_logs(
                 return Ok(());
             }
             // Pending and following: wait for the placement.
-            tokio::select! {
-                _ = events.recv() => {},
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {},
-                _ = tx.closed() => return Ok(()),
-            }
+            sink.guard(next_change(&mut events)).await?;
             continue;
         };
         if task.state() == WorkloadState::Unspecified {
@@ -255,37 +284,41 @@ async fn pump_logs(
             if !request.follow {
                 return Ok(());
             }
-            tokio::select! {
-                _ = events.recv() => {},
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {},
-                _ = tx.closed() => return Ok(()),
-            }
+            sink.guard(next_change(&mut events)).await?;
             continue;
         }
-        let chunk = controller
-            .fetch_log(&task.node_id, &task.allocation_id, offset, LOG_CHUNK_BYTES)
-            .await
+        let chunk = sink
+            .guard(controller.fetch_log(
+                &task.node_id,
+                &task.allocation_id,
+                offset,
+                LOG_CHUNK_BYTES,
+            ))
+            .await?
             .map_err(to_status)?;
         let eof = chunk.eof;
         let got = chunk.data.len() as u64;
         if got > 0 {
             offset = chunk.offset + got;
-            let chunk = LogChunk {
+            sink.send(LogChunk {
                 task_index: task.index,
                 ..chunk
-            };
-            if tx.send(Ok(chunk)).await.is_err() {
-                return Ok(());
-            }
+            })
+            .await?;
         }
         if eof || (got == 0 && !request.follow) {
             return Ok(());
         }
         if got == 0 {
-            tokio::select! {
-                _ = tokio::time::sleep(LOG_POLL) => {},
-                _ = tx.closed() => return Ok(()),
-            }
+            sink.guard(tokio::time::sleep(LOG_POLL)).await?;
         }
+    }
+}
+
+/// A job changed, or a second passed.
+async fn next_change(events: &mut broadcast::Receiver<Job>) {
+    tokio::select! {
+        _ = events.recv() => {},
+        _ = tokio::time::sleep(Duration::from_secs(1)) => {},
     }
 }

@@ -5,6 +5,7 @@ mod agent_control;
 mod fleet;
 pub mod guard;
 mod jobs;
+mod streams;
 mod telemetry;
 mod tokens;
 mod usage;

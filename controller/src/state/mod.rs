@@ -158,6 +158,8 @@ struct Inner {
     closing: watch::Sender<bool>,
     /// Agent streams whose messages are still being applied.
     agent_streams: AtomicUsize,
+    /// Client streams open now, per token and in all.
+    stream_quotas: crate::stream_quota::StreamQuotas,
 }
 
 /// See [`Controller::agent_stream_started`].
@@ -306,6 +308,7 @@ impl Controller {
         }
         let (job_events, _) = broadcast::channel(1024);
         let telemetry = TelemetryHub::new(rollups, config.telemetry_retention);
+        let stream_quotas = crate::stream_quota::StreamQuotas::new(config.streams);
         Ok(Self {
             inner: Arc::new(Inner {
                 clock,
@@ -322,6 +325,7 @@ impl Controller {
                 next_session: AtomicU64::new(1),
                 closing: watch::channel(false).0,
                 agent_streams: AtomicUsize::new(0),
+                stream_quotas,
             }),
         })
     }
@@ -365,6 +369,11 @@ impl Controller {
     /// Tokens, node identities and rate limits.
     pub fn auth(&self) -> &Authority {
         &self.inner.auth
+    }
+
+    /// Client streams open now, and their caps.
+    pub fn stream_quotas(&self) -> &crate::stream_quota::StreamQuotas {
+        &self.inner.stream_quotas
     }
 
     /// Checks the caller of a client call (see [`Authority::authorize`]).
