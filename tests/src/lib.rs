@@ -190,7 +190,16 @@ impl Cluster {
         nodes: &[NodeSpec],
         leases: (Duration, Duration),
     ) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
+        Self::start_in(tempfile::tempdir()?, nodes, leases).await
+    }
+
+    /// Like `start_with_leases`, in a temp dir the caller prepared (e.g.
+    /// `dir/controller` a link to a small filesystem).
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        nodes: &[NodeSpec],
+        leases: (Duration, Duration),
+    ) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let controller_addr = listener.local_addr()?;
         let config = controller_config(&dir.path().join("controller"), controller_addr, leases);
