@@ -241,7 +241,7 @@ impl Controller {
             None => store.pending_space(Keyspace::Nodes),
         });
         for job in state.jobs.values() {
-            if job.tasks.iter().any(|t| task_holds_gpus(t)) {
+            if job.tasks.iter().any(task_holds_gpus) {
                 store.note_read(store.pending_key(Keyspace::Jobs, &job.id));
             }
         }
