@@ -24,22 +24,35 @@
 //! Reads go through here too: a queued write is visible at once (an
 //! overlay of the queued values over the store), so the controller reads
 //! its own writes whether or not the syncer got to them.
+//!
+//! When the store cannot write (a full disk), the failed round stays queued
+//! and is retried with backoff, after asking the store to recover (sled is
+//! reopened); [`StoreHealth`] says meanwhile that writes fail, and
+//! everything waiting for a queued write gets the reason at once instead
+//! of waiting. A reply that read only durable records need not wait at all:
+//! [`tracking_reads`] and [`GroupCommit::note_read`] let a read say which
+//! queued write (if any) it showed.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::store::{IdRange, Keyspace, Store, StoreError, WriteBatch};
+use crate::store::{IdRange, Keyspace, Store, StoreError, StoreHealth, StorePart, WriteBatch};
 
 /// Writes queued but not yet durable, at most; a writer beyond it waits
 /// for the syncer (a stalled disk then stalls the controller instead of
 /// growing memory without bound).
 const MAX_QUEUED_BATCHES: usize = 10_000;
-/// How long the syncer waits before retrying a failed round.
-const RETRY_AFTER: Duration = Duration::from_millis(500);
+/// How long the syncer waits before retrying a failed round; doubled on
+/// each failure in a row up to [`RETRY_AFTER_MAX`].
+const RETRY_AFTER: Duration = Duration::from_millis(250);
+/// See [`RETRY_AFTER`]: how long a freed disk may wait to be noticed.
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(4);
 /// Under sustained writes (a round that begins within [`BUSY_WINDOW`] of
 /// the previous one's end) the syncer lets writes gather this long before
 /// it applies them, so that more share one sync: each sync also wakes the
@@ -62,6 +75,7 @@ pub struct GroupCommit {
 
 struct Shared {
     store: Box<dyn Store>,
+    health: Arc<StoreHealth>,
     queue: Mutex<Queue>,
     /// The syncer waits here for writes; writers wait here for room.
     changed: Condvar,
@@ -87,16 +101,26 @@ struct Queue {
 struct Durable {
     /// Every batch up to this one is durable.
     through: u64,
-    /// The last round failed: the highest batch it held, and why.
-    failed: Option<(u64, Arc<str>)>,
+    /// The last round failed, and why: every batch after `through` waits
+    /// for a retry.
+    failing: Option<Arc<str>>,
 }
 
 impl GroupCommit {
     /// Starts the syncer thread over `store`, whose `apply` must be atomic
     /// and durable.
     pub fn new(store: Box<dyn Store>) -> Result<Self, StoreError> {
+        Self::with_health(store, StoreHealth::new())
+    }
+
+    /// [`Self::new`], reporting failed and recovered rounds to `health`.
+    pub fn with_health(
+        store: Box<dyn Store>,
+        health: Arc<StoreHealth>,
+    ) -> Result<Self, StoreError> {
         let shared = Arc::new(Shared {
             store,
+            health,
             queue: Mutex::new(Queue::default()),
             changed: Condvar::new(),
             durable: watch::channel(Durable::default()).0,
@@ -107,7 +131,7 @@ impl GroupCommit {
                 .name("store-sync".into())
                 .spawn(move || shared.run_syncer())
                 .map_err(|e| {
-                    StoreError::NotDurable(format!("cannot start the store's sync thread: {e}"))
+                    StoreError::Io(format!("cannot start the store's sync thread: {e}").into())
                 })?
         };
         Ok(Self {
@@ -167,23 +191,61 @@ impl GroupCommit {
     }
 
     /// Resolves once batch `number` (and so every batch before it) is
-    /// durable and what was held behind it has been sent; an error when the
-    /// round that held it failed.
+    /// durable and what was held behind it has been sent; an error, at
+    /// once, while it is not and the store's writes are failing (the batch
+    /// stays queued and is retried).
     pub async fn durable(&self, number: u64) -> Result<(), StoreError> {
         let mut durable = self.shared.durable.subscribe();
         let state = durable
-            .wait_for(|d| {
-                d.through >= number || d.failed.as_ref().is_some_and(|(held, _)| *held >= number)
-            })
+            .wait_for(|d| d.through >= number || d.failing.is_some())
             .await
-            .map_err(|_| StoreError::NotDurable("the store was closed".into()))?
+            .map_err(|_| StoreError::Io("the store was closed".into()))?
             .clone();
-        match state.failed {
-            Some((_, why)) if state.through < number => {
-                Err(StoreError::NotDurable(why.to_string()))
-            }
+        match state.failing {
+            Some(why) if state.through < number => Err(StoreError::NotDurable(why.to_string())),
             _ => Ok(()),
         }
+    }
+
+    /// Whether the store's writes work; shared with whoever reports it.
+    pub fn health(&self) -> &Arc<StoreHealth> {
+        &self.shared.health
+    }
+
+    /// The latest queued (not yet durable) batch that wrote `id`; 0 when
+    /// its stored value is durable.
+    pub fn pending_key(&self, space: Keyspace, id: &str) -> u64 {
+        let queue = self.shared.lock();
+        queue.overlay.get(&space.key(id)).map_or(0, |(n, _)| *n)
+    }
+
+    /// The latest queued batch that wrote anything in `space`; 0 if none.
+    pub fn pending_space(&self, space: Keyspace) -> u64 {
+        let Some((start, end)) = space.bounds(IdRange::default()) else {
+            return 0;
+        };
+        let queue = self.shared.lock();
+        queue
+            .overlay
+            .range(start..end)
+            .map(|(_, (n, _))| *n)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Notes, for the reply being built (inside [`tracking_reads`]), that
+    /// it shows what batch `number` wrote (0: only durable records).
+    /// Outside it, nothing: the reply waits for every queued write.
+    pub fn note_read(&self, number: u64) {
+        let _ = REPLY_READS.try_with(|reads| {
+            reads.set(Some(reads.get().unwrap_or(0).max(number)));
+        });
+    }
+
+    /// Whether a reply is tracking its reads now (so computing what it
+    /// read is worth it).
+    pub fn tracking_reads(&self) -> bool {
+        REPLY_READS.try_with(|_| ()).is_ok()
     }
 
     /// Resolves once every batch queued so far is durable.
@@ -223,13 +285,14 @@ impl Shared {
             fn drop(&mut self) {
                 if std::thread::panicking() {
                     self.0.durable.send_modify(|d| {
-                        d.failed = Some((u64::MAX, "the store's sync thread panicked".into()));
+                        d.failing = Some("the store's sync thread panicked".into());
                     });
                 }
             }
         }
         let _guard = PanicGuard(self);
         let mut last_round_end: Option<Instant> = None;
+        let mut retry_after = RETRY_AFTER;
         loop {
             let closing = {
                 let mut queue = self.lock();
@@ -246,13 +309,33 @@ impl Shared {
             }
             let round = self.sync_round();
             last_round_end = Some(Instant::now());
-            if let Err(e) = round {
-                tracing::error!(error = %e, "store write failed; retrying");
-                if self.lock().closing {
-                    tracing::error!("queued writes were not stored at shutdown");
-                    return;
+            match round {
+                Ok(()) => retry_after = RETRY_AFTER,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?retry_after, "store write failed; retrying");
+                    if self.lock().closing {
+                        tracing::error!("queued writes were not stored at shutdown");
+                        return;
+                    }
+                    std::thread::sleep(retry_after);
+                    retry_after = (retry_after * 2).min(RETRY_AFTER_MAX);
+                    self.recover();
                 }
-                std::thread::sleep(RETRY_AFTER);
+            }
+        }
+    }
+
+    /// Asks the store to recover (reopen) before a retry.
+    fn recover(&self) {
+        match self.store.recover() {
+            Ok(true) => self.health.reopened(),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "the store cannot recover yet");
+                self.health.failed(StorePart::State, &e);
+                self.durable.send_modify(|d| {
+                    d.failing = Some(crate::store::describe(&e).into());
+                });
             }
         }
     }
@@ -274,10 +357,12 @@ impl Shared {
         };
         // Atomic and synced: the inner store's apply returns once durable.
         if let Err(e) = self.store.apply(round) {
+            self.health.failed(StorePart::State, &e);
             self.durable
-                .send_modify(|d| d.failed = Some((through, e.to_string().into())));
+                .send_modify(|d| d.failing = Some(crate::store::describe(&e).into()));
             return Err(e);
         }
+        self.health.recovered(StorePart::State);
         {
             let mut queue = self.lock();
             while queue.batches.front().is_some_and(|(n, _)| *n <= through) {
@@ -300,10 +385,29 @@ impl Shared {
         self.changed.notify_all();
         self.durable.send_modify(|d| {
             d.through = through;
-            d.failed = None;
+            d.failing = None;
         });
         Ok(())
     }
+}
+
+tokio::task_local! {
+    /// What the reply being built read: the latest queued batch it showed
+    /// (None: it declared nothing, so it waits for every queued write).
+    static REPLY_READS: Cell<Option<u64>>;
+}
+
+/// Runs `reply` and returns, with its output, the latest queued batch that
+/// its reads declared through [`GroupCommit::note_read`] (None when they
+/// declared nothing: then it depends on every queued write). Only for a
+/// reply whose every read of controller state declares itself.
+pub async fn tracking_reads<F: Future>(reply: F) -> (F::Output, Option<u64>) {
+    REPLY_READS
+        .scope(Cell::new(None), async move {
+            let output = reply.await;
+            (output, REPLY_READS.with(Cell::get))
+        })
+        .await
 }
 
 impl Store for GroupCommit {
@@ -406,6 +510,8 @@ mod tests {
         data: Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
         gate: Mutex<()>,
         fail: AtomicBool,
+        /// `recover` calls that reopened (the store failed before).
+        reopened: AtomicUsize,
     }
 
     struct GatedStore(Arc<Gated>);
@@ -428,6 +534,14 @@ mod tests {
 
         fn get_raw(&self, space: Keyspace, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
             Ok(self.0.data.lock().unwrap().get(&space.key(id)).cloned())
+        }
+
+        fn recover(&self) -> Result<bool, StoreError> {
+            if self.0.fail.load(Ordering::SeqCst) {
+                return Err(StoreError::Io("still on fire".into()));
+            }
+            self.0.reopened.fetch_add(1, Ordering::SeqCst);
+            Ok(true)
         }
 
         fn visit_raw(
@@ -595,6 +709,48 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert!(stored(&inner, "job-a"));
+    }
+
+    #[test]
+    fn while_writes_fail_waiters_get_the_reason_at_once_and_health_recovers() {
+        let (inner, commit) = gated();
+        let health = commit.health().clone();
+        inner.fail.store(true, Ordering::SeqCst);
+        let first = commit.write(put("job-a"));
+        assert!(commit.wait_durable(first).is_err());
+        assert!(health.writes_refused().is_some());
+        // A later write fails at once, not after the next retry.
+        let second = commit.write(put("job-b"));
+        let err = commit
+            .durable(second)
+            .now_or_never()
+            .expect("answered at once while failing")
+            .unwrap_err();
+        assert!(err.to_string().contains("nothing was lost"), "{err}");
+        assert_eq!(commit.pending_key(Keyspace::Jobs, "job-b"), second);
+        assert_eq!(commit.pending_key(Keyspace::Jobs, "job-z"), 0);
+        assert_eq!(commit.pending_space(Keyspace::Jobs), second);
+        assert_eq!(commit.pending_space(Keyspace::Nodes), 0);
+        // A reply that read only durable records need not wait.
+        let (_, read) = futures::executor::block_on(tracking_reads(async {
+            commit.note_read(commit.pending_key(Keyspace::Jobs, "job-z"));
+        }));
+        assert_eq!(read, Some(0));
+        assert!(commit.durable(0).now_or_never().unwrap().is_ok());
+        inner.fail.store(false, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while health.writes_refused().is_some() {
+            assert!(Instant::now() < deadline, "never recovered");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        commit.wait_durable(second).unwrap();
+        assert!(stored(&inner, "job-a") && stored(&inner, "job-b"));
+        assert!(inner.reopened.load(Ordering::SeqCst) >= 1);
+        assert_eq!(
+            health.reopens(),
+            inner.reopened.load(Ordering::SeqCst) as u64
+        );
+        assert!(health.failures() >= 1);
     }
 
     #[test]

@@ -111,6 +111,16 @@ pub struct Snapshot {
     pub market: gpufleet_proto::v1::MarketTightnessResponse,
     /// Created → scheduled waits of placed jobs (since the controller started).
     pub queue_wait: crate::state::WaitHistogram,
+    /// Whether the store's writes work, and how often they failed.
+    pub store: StoreStatus,
+}
+
+/// The store's write health (see [`crate::store::StoreHealth`]).
+#[derive(Debug, Clone, Default)]
+pub struct StoreStatus {
+    pub failures: u64,
+    pub reopens: u64,
+    pub degraded: crate::store::Degraded,
 }
 
 const GROUPING: [CapacityDimension; 3] = [
@@ -157,6 +167,14 @@ impl Snapshot {
                 )
             },
             queue_wait: controller.queue_wait(),
+            store: {
+                let health = controller.store_health();
+                StoreStatus {
+                    failures: health.failures(),
+                    reopens: health.reopens(),
+                    degraded: health.now(),
+                }
+            },
             market: controller.market_tightness(controller.clock().unix_secs().saturating_sub(120)),
         })
     }
@@ -294,6 +312,41 @@ pub fn render(snapshot: &Snapshot) -> String {
         &[],
         snapshot.rollups_dropped as f64,
     );
+    e.family(
+        "gpufleet_controller_store_write_failures_total",
+        Kind::Counter,
+        "Store writes (state batches, telemetry rollups) that failed with an I/O error, a full disk among them; each retry that fails counts.",
+    );
+    e.sample(
+        "gpufleet_controller_store_write_failures_total",
+        &[],
+        snapshot.store.failures as f64,
+    );
+    e.family(
+        "gpufleet_controller_store_reopens_total",
+        Kind::Counter,
+        "Times the state store was reopened to recover from a failed write.",
+    );
+    e.sample(
+        "gpufleet_controller_store_reopens_total",
+        &[],
+        snapshot.store.reopens as f64,
+    );
+    e.family(
+        "gpufleet_controller_store_degraded",
+        Kind::Gauge,
+        "1 while writes to this part of the store fail (health NOT_SERVING, changes refused for part=\"state\"), else 0.",
+    );
+    for (part, failing) in [
+        ("state", &snapshot.store.degraded.state),
+        ("rollups", &snapshot.store.degraded.rollups),
+    ] {
+        e.sample(
+            "gpufleet_controller_store_degraded",
+            &[("part", part)],
+            if failing.is_some() { 1.0 } else { 0.0 },
+        );
+    }
     if let Some(disk) = snapshot.rollup_disk {
         e.family(
             "gpufleet_telemetry_rollup_segments",
@@ -464,9 +517,17 @@ pub async fn serve(
         get(move || {
             let controller = controller.clone();
             async move {
-                // Like every reply, only once what it shows is durable.
+                // Like every reply, only once what it shows is durable;
+                // except while the store cannot write: then the counts may
+                // include queued changes, and the scrape shows the failure.
                 let snapshot = Snapshot::take(&controller);
-                let snapshot = controller.settled().await.and(snapshot);
+                let settled = match controller.settled().await {
+                    Err(crate::error::ControllerError::Store(
+                        crate::store::StoreError::NotDurable(_),
+                    )) => Ok(()),
+                    other => other,
+                };
+                let snapshot = settled.and(snapshot);
                 match snapshot {
                     Ok(snapshot) => (
                         StatusCode::OK,
@@ -651,6 +712,14 @@ mod tests {
                 dropped_by_reason: [("out_of_range".to_string(), 4)].into_iter().collect(),
             }],
             rollups_dropped: 0,
+            store: StoreStatus {
+                failures: 3,
+                reopens: 1,
+                degraded: crate::store::Degraded {
+                    state: Some("the controller's disk is full".into()),
+                    rollups: None,
+                },
+            },
             rollup_disk: Some(crate::telemetry::RollupDiskUsage {
                 segments: 3,
                 bytes: 1_234_567,

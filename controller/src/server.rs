@@ -186,6 +186,36 @@ fn client_service<S>(service: S, controller: &Controller) -> Guarded<Settled<S>>
 
 /// Opens the store, rebuilds state and starts serving. Pass a bound
 /// listener (tests bind `127.0.0.1:0`) or `None` to bind `config.listen`.
+/// Flips every service's health (and the server's, "") to NOT_SERVING while
+/// the store cannot write, and back to SERVING once it can.
+async fn report_store_health(
+    mut degraded: tokio::sync::watch::Receiver<crate::store::Degraded>,
+    reporter: tonic_health::server::HealthReporter,
+) {
+    const SERVICES: [&str; 7] = [
+        "",
+        <JobsServer<JobsService> as tonic::server::NamedService>::NAME,
+        <FleetServer<FleetService> as tonic::server::NamedService>::NAME,
+        <UsageServer<UsageService> as tonic::server::NamedService>::NAME,
+        <AgentControlServer<AgentControlService> as tonic::server::NamedService>::NAME,
+        <TelemetryServer<TelemetryService> as tonic::server::NamedService>::NAME,
+        <TokensServer<TokensService> as tonic::server::NamedService>::NAME,
+    ];
+    loop {
+        let status = if degraded.borrow_and_update().is_degraded() {
+            tonic_health::ServingStatus::NotServing
+        } else {
+            tonic_health::ServingStatus::Serving
+        };
+        for service in SERVICES {
+            reporter.set_service_status(service, status).await;
+        }
+        if degraded.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 pub async fn start(
     config: ControllerConfig,
     listener: Option<TcpListener>,
@@ -333,6 +363,10 @@ pub async fn start(
     health_reporter
         .set_serving::<TokensServer<TokensService>>()
         .await;
+    background.push(tokio::spawn(report_store_health(
+        controller.store_health().subscribe(),
+        health_reporter,
+    )));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(gpufleet_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -202,7 +202,17 @@ impl Cluster {
         leases: (Duration, Duration),
         configure: fn(&mut ControllerConfig),
     ) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
+        Self::start_in(tempfile::tempdir()?, nodes, leases, configure).await
+    }
+
+    /// Like `start_configured`, in a temp dir the caller prepared (e.g.
+    /// `dir/controller` a link to a small filesystem).
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        nodes: &[NodeSpec],
+        leases: (Duration, Duration),
+        configure: fn(&mut ControllerConfig),
+    ) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let controller_addr = listener.local_addr()?;
         let mut config = controller_config(&dir.path().join("controller"), controller_addr, leases);

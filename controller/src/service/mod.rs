@@ -27,8 +27,10 @@ use tonic::codegen::{BoxFuture, Service, http};
 use tonic::server::NamedService;
 
 use crate::auth::{Action, Principal};
+use crate::commit::tracking_reads;
 use crate::error::ControllerError;
 use crate::state::Controller;
+use crate::store::StoreError;
 
 /// The caller of a client call, checked for `action` (role and rate
 /// limit). Every client RPC starts here.
@@ -56,6 +58,8 @@ pub(crate) fn to_status(err: ControllerError) -> Status {
         ControllerError::PermissionDenied(m) => Status::permission_denied(m),
         ControllerError::Unavailable(m) => Status::unavailable(m),
         ControllerError::ResourceExhausted(m) => Status::resource_exhausted(m),
+        // Not lost: queued, and retried until the disk takes it.
+        ControllerError::Store(e @ StoreError::NotDurable(_)) => Status::unavailable(e.to_string()),
         ControllerError::Store(e) => {
             tracing::error!(error = %e, "store failure");
             Status::internal(e.to_string())
@@ -71,6 +75,12 @@ pub(crate) fn to_status(err: ControllerError) -> Status {
 /// a write not yet durable. Waiting here, after the handler returned,
 /// covers every reply of the service in one place; with nothing queued it
 /// costs one check.
+///
+/// The calls in [`READS`] change nothing: they are served while the store
+/// cannot write, and wait only for the queued writes their reads declared
+/// (see [`crate::commit::tracking_reads`]; one that declares none waits
+/// for all). Every other call is refused with `UNAVAILABLE` and the reason
+/// while the store cannot write, before it changes anything.
 #[derive(Clone)]
 pub struct Settled<S> {
     inner: S,
@@ -101,14 +111,54 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let reply = self.inner.call(request);
+        let read = READS.contains(&request.uri().path());
         let controller = self.controller.clone();
+        if !read && let Some(reason) = controller.store_health().writes_refused() {
+            let refused = Status::unavailable(format!(
+                "{reason}; nothing was lost, retrying; this change was not made: try again once the controller's health is SERVING"
+            ));
+            return Box::pin(async move { Ok(refused.into_http()) });
+        }
+        let reply = self.inner.call(request);
         Box::pin(async move {
-            let response = reply.await?;
-            match controller.settled().await {
+            let (response, reads) = if read {
+                tracking_reads(reply).await
+            } else {
+                (reply.await, None)
+            };
+            let response = response?;
+            let settled = match reads {
+                Some(number) => controller.durable(number).await,
+                None => controller.settled().await,
+            };
+            match settled {
                 Ok(()) => Ok(response),
                 Err(e) => Ok(to_status(e).into_http()),
             }
         })
     }
 }
+
+/// The calls that change nothing (gRPC paths), served while the store
+/// cannot write. See [`Settled`].
+const READS: &[&str] = &[
+    "/gpufleet.v1.Jobs/GetJob",
+    "/gpufleet.v1.Jobs/ListJobs",
+    "/gpufleet.v1.Jobs/WatchJob",
+    "/gpufleet.v1.Jobs/StreamJobLogs",
+    "/gpufleet.v1.Jobs/ExplainJob",
+    "/gpufleet.v1.Fleet/ListNodes",
+    "/gpufleet.v1.Fleet/GetNode",
+    "/gpufleet.v1.Fleet/GetCapacity",
+    "/gpufleet.v1.Telemetry/GetLatest",
+    "/gpufleet.v1.Telemetry/GetHistory",
+    "/gpufleet.v1.Telemetry/GetAggregates",
+    "/gpufleet.v1.Usage/ListUsageRecords",
+    "/gpufleet.v1.Usage/GetUsageReport",
+    "/gpufleet.v1.Usage/TopUsage",
+    "/gpufleet.v1.Usage/UsageByGeneration",
+    "/gpufleet.v1.Usage/MarketTightness",
+    "/gpufleet.v1.Usage/MarketElasticity",
+    "/gpufleet.v1.Tokens/ListTokens",
+    "/gpufleet.v1.Tokens/WhoAmI",
+];

@@ -105,7 +105,10 @@ impl Controller {
     }
 
     /// A resident job from memory, else a settled one from the store.
+    /// Declares to a reply tracking its reads the queued write it shows.
     pub(super) fn find_job(&self, state: &State, id: &str) -> Result<Option<Job>> {
+        let store = &self.inner.store;
+        store.note_read(store.pending_key(Keyspace::Jobs, id));
         if let Some(job) = state.jobs.get(id) {
             return Ok(Some(job.clone()));
         }
@@ -184,6 +187,9 @@ impl Controller {
             jobs.sort_by_cached_key(|job| std::cmp::Reverse(history::ListKey::of(job)))
         };
         let token = |key: &history::ListKey| format!("{}:{}", key.nanos, key.id);
+        // What a page shows may include any queued job write.
+        let store = &self.inner.store;
+        store.note_read(store.pending_space(Keyspace::Jobs));
         let only_live = !states.is_empty() && states.iter().all(|s| !is_terminal_job(*s));
         if only_live {
             // Only resident jobs can be in these states: no store walk.

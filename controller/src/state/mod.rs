@@ -25,8 +25,8 @@ use crate::error::Result;
 use crate::history;
 use crate::lifecycle::task_holds_gpus;
 use crate::placement;
-use crate::store::{Keyspace, Store, load_all, load_all_by_id};
-use crate::telemetry::{RollupStore, TelemetryHub};
+use crate::store::{Keyspace, Store, StoreHealth, load_all, load_all_by_id};
+use crate::telemetry::{ReportingRollups, RollupStore, TelemetryHub};
 use crate::usage;
 use crate::validate;
 use gpufleet_scheduler::FairShare;
@@ -215,7 +215,8 @@ impl Controller {
             starts: Default::default(),
             last_market_minute: clock.unix_secs() / 60,
         };
-        let store = GroupCommit::new(store)?;
+        let health = StoreHealth::new();
+        let store = GroupCommit::with_health(store, health.clone())?;
         let migrated = history::migrate(&store)?;
         if migrated > 0 {
             tracing::info!(
@@ -307,6 +308,7 @@ impl Controller {
             );
         }
         let (job_events, _) = broadcast::channel(1024);
+        let rollups = Arc::new(ReportingRollups::new(rollups, health));
         let telemetry = TelemetryHub::new(rollups, config.telemetry_retention);
         let stream_quotas = crate::stream_quota::StreamQuotas::new(config.streams);
         Ok(Self {
@@ -421,6 +423,18 @@ impl Controller {
     /// first: the gRPC services do (see `service::Settled`).
     pub async fn settled(&self) -> Result<()> {
         Ok(self.inner.store.settled().await?)
+    }
+
+    /// Resolves once batch `number` of the store's queue is durable: for a
+    /// reply that showed only what that batch (and those before it) wrote.
+    pub async fn durable(&self, number: u64) -> Result<()> {
+        Ok(self.inner.store.durable(number).await?)
+    }
+
+    /// Whether the store's writes work (`/metrics`, health, and the gRPC
+    /// layer, which refuses changes while they do not).
+    pub fn store_health(&self) -> &Arc<StoreHealth> {
+        self.inner.store.health()
     }
 
     /// [`Self::settled`], blocking the thread: for tests and tools outside

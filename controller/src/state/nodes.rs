@@ -202,6 +202,7 @@ impl Controller {
 
     pub fn list_nodes(&self, provider: &str, region: &str, states: &[NodeState]) -> Vec<Node> {
         let state = self.lock();
+        self.note_node_reads(&state, None);
         state
             .nodes
             .values()
@@ -218,11 +219,32 @@ impl Controller {
     pub fn get_node(&self, node_id: &str) -> Result<Node> {
         validate::node_id("node_id", node_id)?;
         let state = self.lock();
+        self.note_node_reads(&state, Some(node_id));
         state
             .nodes
             .get(node_id)
             .map(|e| node_view(&state, e, &self.inner.telemetry))
             .ok_or_else(|| ControllerError::NotFound(format!("node {node_id} is not registered")))
+    }
+
+    /// Declares to a reply tracking its reads (see
+    /// [`crate::commit::tracking_reads`]) the queued writes a node view
+    /// shows: the node records, and the jobs holding GPUs (a view names
+    /// the job on each GPU).
+    fn note_node_reads(&self, state: &State, node_id: Option<&str>) {
+        let store = &self.inner.store;
+        if !store.tracking_reads() {
+            return;
+        }
+        store.note_read(match node_id {
+            Some(id) => store.pending_key(Keyspace::Nodes, id),
+            None => store.pending_space(Keyspace::Nodes),
+        });
+        for job in state.jobs.values() {
+            if job.tasks.iter().any(task_holds_gpus) {
+                store.note_read(store.pending_key(Keyspace::Jobs, &job.id));
+            }
+        }
     }
 
     pub fn capacity(&self, group_by: &[CapacityDimension]) -> Result<GetCapacityResponse> {

@@ -28,6 +28,11 @@ impl Controller {
 
     /// One scheduling pass over every pending job. Returns how many were placed.
     pub fn schedule_pass(&self) -> Result<usize> {
+        // While the store cannot write, a placement could not be made
+        // durable (nor announced): pending jobs wait for the disk.
+        if self.store_health().writes_refused().is_some() {
+            return Ok(0);
+        }
         let mut state = self.lock();
         let config = &self.inner.config.scheduler;
         let now = self.inner.clock.unix_secs();

@@ -8,9 +8,11 @@
 //!
 //! Per-GPU telemetry rollups are not in it (see `crate::telemetry`).
 
+mod health;
 mod memory;
 mod sled_store;
 
+pub use self::health::{Degraded, StoreHealth, StorePart, describe};
 pub use self::memory::MemoryStore;
 pub use self::sled_store::{DEFAULT_CACHE_BYTES, SledStore};
 
@@ -45,7 +47,7 @@ pub enum StoreError {
     /// A group commit (see [`crate::commit`]) could not be made durable.
     /// The change stays in memory and is retried; nothing that depends on
     /// it has been announced.
-    #[error("store write failed: {0}; nothing that depends on it was announced (it is retried)")]
+    #[error("{0}; nothing was lost, retrying")]
     NotDurable(String),
 }
 
@@ -261,6 +263,14 @@ pub trait Store: Send + Sync + 'static {
         range: IdRange<'_>,
         visit: &mut dyn FnMut(&str, &[u8]) -> bool,
     ) -> Result<(), StoreError>;
+    /// Called after a failed `apply`, before it is retried: a backend that
+    /// cannot write again in place after an I/O error (sled refuses every
+    /// later write once one failed) reopens itself here, and says so
+    /// (true). An error means "not yet": it is called again before the
+    /// next retry. Reads must keep working while it fails.
+    fn recover(&self) -> Result<bool, StoreError> {
+        Ok(false)
+    }
 }
 
 /// One decoded record, if present.

@@ -45,5 +45,5 @@ pub use history::plan_history;
 pub use hub::{TelemetryHub, paced_flush_budget};
 pub use rollup::{FinishedRollup, Rollup};
 pub use sled_store::{ROLLUP_TREE, SledRollupStore};
-pub use store::{MemoryRollupStore, RollupDiskUsage, RollupStore};
+pub use store::{MemoryRollupStore, ReportingRollups, RollupDiskUsage, RollupStore};
 pub use validation::DROP_REASONS;

@@ -9,7 +9,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use super::codec::NodeMinute;
 use super::rollup::Rollup;
-use crate::store::StoreError;
+use std::sync::Arc;
+
+use crate::store::{StoreError, StoreHealth, StorePart};
 
 /// Where rollups are persisted.
 pub trait RollupStore: Send + Sync + 'static {
@@ -49,6 +51,52 @@ pub trait RollupStore: Send + Sync + 'static {
     /// them in files of its own (`/metrics`).
     fn disk_usage(&self) -> Option<RollupDiskUsage> {
         None
+    }
+}
+
+/// A rollup store whose write failures and recoveries are reported to a
+/// [`StoreHealth`] (the segment files recover in place: the hub keeps what
+/// failed and the retry writes it at the same offset).
+pub struct ReportingRollups {
+    inner: Arc<dyn RollupStore>,
+    health: Arc<StoreHealth>,
+}
+
+impl ReportingRollups {
+    pub fn new(inner: Arc<dyn RollupStore>, health: Arc<StoreHealth>) -> Self {
+        Self { inner, health }
+    }
+
+    fn report<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        match &result {
+            Ok(_) => self.health.recovered(StorePart::Rollups),
+            Err(e) => self.health.failed(StorePart::Rollups, e),
+        }
+        result
+    }
+}
+
+impl RollupStore for ReportingRollups {
+    fn merge(&self, records: &[NodeMinute]) -> Result<(), StoreError> {
+        self.report(self.inner.merge(records))
+    }
+
+    fn range_gpus(
+        &self,
+        node_id: &str,
+        uuids: &[&str],
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Vec<Rollup>>, StoreError> {
+        self.inner.range_gpus(node_id, uuids, start, end)
+    }
+
+    fn prune_before(&self, minute: u64) -> Result<u64, StoreError> {
+        self.report(self.inner.prune_before(minute))
+    }
+
+    fn disk_usage(&self) -> Option<RollupDiskUsage> {
+        self.inner.disk_usage()
     }
 }
 
