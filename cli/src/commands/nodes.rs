@@ -66,7 +66,7 @@ pub async fn nodes(address: &str, format: Format, args: NodesArgs) -> anyhow::Re
                 .list_nodes(ListNodesRequest {
                     provider: provider.unwrap_or_default(),
                     region: region.unwrap_or_default(),
-                    states: Vec::new(),
+                    ..Default::default()
                 })
                 .await?
                 .into_inner();
