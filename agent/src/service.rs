@@ -59,6 +59,8 @@ impl Agent for AgentService {
             .into_inner()
             .allocation
             .ok_or_else(|| Status::invalid_argument("invalid allocation: missing"))?;
+        crate::limits::check_allocation(&allocation)
+            .map_err(|v| Status::invalid_argument(v.to_string()))?;
         self.supervisor
             .run_local(allocation)
             .await
@@ -71,6 +73,8 @@ impl Agent for AgentService {
         request: Request<StopWorkloadRequest>,
     ) -> Result<Response<WorkloadStatus>, Status> {
         let req = request.into_inner();
+        crate::limits::check_id("allocation_id", &req.allocation_id)
+            .map_err(|v| Status::invalid_argument(v.to_string()))?;
         let grace = (req.grace_period_seconds > 0)
             .then(|| Duration::from_secs(u64::from(req.grace_period_seconds)));
         self.supervisor
@@ -110,6 +114,8 @@ impl Agent for AgentService {
         request: Request<StreamLogsRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
         let req = request.into_inner();
+        crate::limits::check_id("allocation_id", &req.allocation_id)
+            .map_err(|v| Status::invalid_argument(v.to_string()))?;
         // Fail fast (before the stream opens) for a bad or unknown id.
         let first = self
             .supervisor
