@@ -55,7 +55,10 @@ mod tests {
         assert!(check_allocation(&ok).is_ok());
         let mut a = ok.clone();
         a.gpu_uuids = vec!["GPU-1".into(); GPU_UUIDS + 1];
-        assert_eq!(check_allocation(&a).unwrap_err().field, "allocation.gpu_uuids");
+        assert_eq!(
+            check_allocation(&a).unwrap_err().field,
+            "allocation.gpu_uuids"
+        );
         let mut a = ok.clone();
         a.job_id = "j".repeat(ID_BYTES + 1);
         assert_eq!(check_allocation(&a).unwrap_err().field, "allocation.job_id");

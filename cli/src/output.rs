@@ -106,7 +106,8 @@ pub fn log_bytes(data: &[u8], to_terminal: bool) -> anyhow::Result<()> {
 /// C0 controls (but newline and tab), DEL and C1 controls in UTF-8 shown
 /// as `\xNN`; everything else as it is.
 fn escape_log(data: &[u8]) -> Cow<'_, [u8]> {
-    let is_c1 = |i: usize| data[i] == 0xc2 && data.get(i + 1).is_some_and(|b| (0x80..0xa0).contains(b));
+    let is_c1 =
+        |i: usize| data[i] == 0xc2 && data.get(i + 1).is_some_and(|b| (0x80..0xa0).contains(b));
     let unsafe_at = |i: usize| {
         let b = data[i];
         (b < 0x20 && b != b'\n' && b != b'\t') || b == 0x7f || is_c1(i)
@@ -171,8 +172,7 @@ pub fn print_json<M: prost::Message + prost::Name>(
 
 /// JSON text with every unsafe character escaped as `\uXXXX`.
 fn json_safe(text: &str) -> Cow<'_, str> {
-    let unsafe_char =
-        |c: char| c != '\n' && gpufleet_core::limits::is_unsafe_char(c);
+    let unsafe_char = |c: char| c != '\n' && gpufleet_core::limits::is_unsafe_char(c);
     if !text.chars().any(unsafe_char) {
         return Cow::Borrowed(text);
     }
@@ -335,7 +335,10 @@ mod tests {
 
     #[test]
     fn server_text_is_escaped_in_lines_tables_and_logs() {
-        assert_eq!(safe("evil\x1b]0;owned\x07\nrow"), "evil\\x1b]0;owned\\x07\\nrow");
+        assert_eq!(
+            safe("evil\x1b]0;owned\x07\nrow"),
+            "evil\\x1b]0;owned\\x07\\nrow"
+        );
         let mut t = table(&["NAME", "STATE"]);
         t.add_row(["a\nb\x1b[2J", "Running"]);
         let text = t.to_string();

@@ -12,9 +12,9 @@ use std::process::{Command, Output, Stdio};
 
 use gpufleet_proto::v1::jobs_server::{Jobs, JobsServer};
 use gpufleet_proto::v1::{
-    CancelJobRequest, ExplainJobRequest, ExplainJobResponse, GetJobRequest, Job, JobSpec,
-    JobState, ListJobsRequest, ListJobsResponse, LogChunk, StreamJobLogsRequest,
-    SubmitJobRequest, SubmitJobResponse, WatchJobRequest,
+    CancelJobRequest, ExplainJobRequest, ExplainJobResponse, GetJobRequest, Job, JobSpec, JobState,
+    ListJobsRequest, ListJobsResponse, LogChunk, StreamJobLogsRequest, SubmitJobRequest,
+    SubmitJobResponse, WatchJobRequest,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -136,7 +136,9 @@ async fn run(mut command: Command) -> Output {
 
 fn has_control_chars(bytes: &[u8]) -> bool {
     // Newlines end lines; nothing else below 0x20 (or DEL) may appear.
-    bytes.iter().any(|b| (*b < 0x20 && *b != b'\n') || *b == 0x7f)
+    bytes
+        .iter()
+        .any(|b| (*b < 0x20 && *b != b'\n') || *b == 0x7f)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -222,7 +222,10 @@ mod tests {
             err.to_string(),
             format!("reason: {} bytes; at most {REASON_BYTES}", 15 << 20)
         );
-        assert_eq!(field_of(check_reason("reason", "a\nb").unwrap_err()), "reason");
+        assert_eq!(
+            field_of(check_reason("reason", "a\nb").unwrap_err()),
+            "reason"
+        );
         assert_eq!(
             field_of(check_reason("reason", "\x1b]0;owned\x07").unwrap_err()),
             "reason"

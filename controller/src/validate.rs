@@ -631,14 +631,20 @@ mod tests {
         }
         let mut s = spec(1, &["x"]);
         s.name = "train llama-3 (8B) — run #4".into();
-        assert!(job_spec(s, &models()).is_ok(), "printable Unicode is a name");
+        assert!(
+            job_spec(s, &models()).is_ok(),
+            "printable Unicode is a name"
+        );
         let mut s = spec(1, &["x"]);
         s.queue = "q".repeat(limits::LABEL_BYTES + 1);
         assert_eq!(field_of(job_spec(s, &models()).unwrap_err()), "spec.queue");
         let mut s = spec(1, &["x"]);
         s.tenant = "t".repeat(limits::LABEL_BYTES + 1);
         let err = job_spec(s, &models()).unwrap_err();
-        assert!(err.to_string().len() < 300, "the value is not echoed whole: {err}");
+        assert!(
+            err.to_string().len() < 300,
+            "the value is not echoed whole: {err}"
+        );
         let mut s = spec(1, &["x"]);
         s.constraints = Some(JobConstraints {
             exclude_regions: vec!["r".into(); limits::CONSTRAINT_LIST_COUNT + 1],
@@ -676,8 +682,14 @@ mod tests {
         assert!(cancel_reason("").is_ok());
         assert!(cancel_reason("superseded by job-06b0bdffc3f2a9c0").is_ok());
         assert_eq!(
-            cancel_reason(&"x".repeat(15 << 20)).unwrap_err().to_string(),
-            format!("reason: {} bytes; at most {}", 15 << 20, limits::REASON_BYTES)
+            cancel_reason(&"x".repeat(15 << 20))
+                .unwrap_err()
+                .to_string(),
+            format!(
+                "reason: {} bytes; at most {}",
+                15 << 20,
+                limits::REASON_BYTES
+            )
         );
         assert_eq!(field_of(cancel_reason("a\x1b[2J").unwrap_err()), "reason");
         assert_eq!(field_of(cordon_reason("a\nb").unwrap_err()), "reason");

@@ -222,13 +222,23 @@ mod tests {
         assert_eq!(err.to_string(), "spec.name: 300 bytes; at most 128");
         assert!(check_bytes("spec.name", &"x".repeat(128), 128).is_ok());
         let err = check_count("spec.workload.env", 300, 256).unwrap_err();
-        assert_eq!(err.to_string(), "spec.workload.env: 300 entries; at most 256");
+        assert_eq!(
+            err.to_string(),
+            "spec.workload.env: 300 entries; at most 256"
+        );
     }
 
     #[test]
     fn names_and_free_text_refuse_control_characters() {
         assert!(check_name("spec.name", "train llama — run 3", 128).is_ok());
-        for bad in ["a\x1b[2Jb", "a\nb", "nul\0", "del\x7f", "c1\u{9b}", "rtl\u{202e}"] {
+        for bad in [
+            "a\x1b[2Jb",
+            "a\nb",
+            "nul\0",
+            "del\x7f",
+            "c1\u{9b}",
+            "rtl\u{202e}",
+        ] {
             let err = check_name("spec.name", bad, 128).unwrap_err();
             assert_eq!(err.field, "spec.name", "{bad:?}");
         }
@@ -246,8 +256,8 @@ mod tests {
         assert!(check_workload("w", &spec(vec!["python".into(), "train.py".into()])).is_ok());
         let err = check_workload("w", &spec(vec!["x".into(); ARGV_COUNT + 1])).unwrap_err();
         assert_eq!(err.field, "w.argv");
-        let err = check_workload("w", &spec(vec!["a".into(), "b".repeat(ARG_BYTES + 1)]))
-            .unwrap_err();
+        let err =
+            check_workload("w", &spec(vec!["a".into(), "b".repeat(ARG_BYTES + 1)])).unwrap_err();
         assert_eq!(err.field, "w.argv[1]");
         let err = check_workload("w", &spec(vec!["c".repeat(ARG_BYTES); 3])).unwrap_err();
         assert!(err.message.contains("in all"), "{err}");
@@ -259,7 +269,12 @@ mod tests {
         assert_eq!(check_workload("w", &w).unwrap_err().field, "w.env[\"K\"]");
         let mut w = spec(vec!["x".into()]);
         w.env.insert("K".repeat(ENV_KEY_BYTES + 1), "v".into());
-        assert!(check_workload("w", &w).unwrap_err().field.ends_with("(name)"));
+        assert!(
+            check_workload("w", &w)
+                .unwrap_err()
+                .field
+                .ends_with("(name)")
+        );
         let mut w = spec(vec!["x".into()]);
         for i in 0..8 {
             w.env.insert(format!("K{i}"), "v".repeat(ENV_VALUE_BYTES));

@@ -31,8 +31,8 @@ fn pending_spec(name: &str, argv: Vec<String>) -> JobSpec {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oversized_and_control_character_fields_are_refused_naming_the_field()
--> anyhow::Result<()> {
+async fn oversized_and_control_character_fields_are_refused_naming_the_field() -> anyhow::Result<()>
+{
     let cluster = Cluster::start(&[]).await?;
     let mut jobs = cluster.jobs().await?;
     let client = jobs.clone();
@@ -42,8 +42,14 @@ async fn oversized_and_control_character_fields_are_refused_naming_the_field()
     };
 
     let cases: Vec<(JobSpec, &str)> = vec![
-        (pending_spec(&"n".repeat(300), vec!["true".into()]), "spec.name: 300 bytes; at most 128"),
-        (pending_spec("evil\x1b]0;owned\x07", vec!["true".into()]), "spec.name"),
+        (
+            pending_spec(&"n".repeat(300), vec!["true".into()]),
+            "spec.name: 300 bytes; at most 128",
+        ),
+        (
+            pending_spec("evil\x1b]0;owned\x07", vec!["true".into()]),
+            "spec.name",
+        ),
         (pending_spec("two\nlines", vec!["true".into()]), "spec.name"),
         (pending_spec("nul\0", vec!["true".into()]), "spec.name"),
         (
@@ -152,7 +158,11 @@ async fn listings_of_large_jobs_are_paged_under_four_mebibytes() -> anyhow::Resu
     let count = 70;
     let mut submitted = BTreeSet::new();
     for i in 0..count {
-        let argv = vec!["true".to_string(), "a".repeat(30 * 1024), "b".repeat(30 * 1024)];
+        let argv = vec![
+            "true".to_string(),
+            "a".repeat(30 * 1024),
+            "b".repeat(30 * 1024),
+        ];
         let job = jobs
             .submit_job(SubmitJobRequest {
                 spec: Some(pending_spec(&format!("big-{i}"), argv)),

@@ -12,9 +12,9 @@ use super::{caller, to_status};
 use crate::auth::{Action, Principal};
 use crate::limits;
 use crate::state::Controller;
-use crate::validate;
 use crate::usage::ReportQuery;
 use crate::usage::rollup::{DAY, HOUR, MINUTE};
+use crate::validate;
 
 /// Reports may reach this far back.
 const MAX_RANGE_SECS: u64 = 5 * 366 * DAY;

@@ -478,27 +478,6 @@ pub(super) fn parse_page_token(token: &str) -> Result<history::ListKey> {
     Ok(history::ListKey::new(nanos, id))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn page_tokens_are_a_jobs_key_or_a_seconds_start() {
-        let id = "job-00000041f0000300";
-        let key = parse_page_token(&format!("1055000000123:{id}")).unwrap();
-        assert_eq!(key, history::ListKey::new(1_055_000_000_123, id));
-        // Where a budgeted listing stopped: below every job of second 1,055.
-        let start = parse_page_token("1055000000000:").unwrap();
-        assert_eq!(start, history::second_start(1_055));
-        assert!(start < key);
-        assert!(history::second_start(1_054) < start);
-        for bad in ["1055000000123:", "x:", "1055", ":job-1", "12:not an id"] {
-            let err = parse_page_token(bad).unwrap_err().to_string();
-            assert!(err.contains("page_token"), "{bad}: {err}");
-        }
-    }
-}
-
 /// A page clipped to the response budget: stored free text clipped, and
 /// the page cut before the job that would pass the budget, whose key
 /// becomes the next page token (the next page starts below the last job
@@ -524,5 +503,26 @@ fn within_budget(
     ListJobsResponse {
         jobs,
         next_page_token,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_are_a_jobs_key_or_a_seconds_start() {
+        let id = "job-00000041f0000300";
+        let key = parse_page_token(&format!("1055000000123:{id}")).unwrap();
+        assert_eq!(key, history::ListKey::new(1_055_000_000_123, id));
+        // Where a budgeted listing stopped: below every job of second 1,055.
+        let start = parse_page_token("1055000000000:").unwrap();
+        assert_eq!(start, history::second_start(1_055));
+        assert!(start < key);
+        assert!(history::second_start(1_054) < start);
+        for bad in ["1055000000123:", "x:", "1055", ":job-1", "12:not an id"] {
+            let err = parse_page_token(bad).unwrap_err().to_string();
+            assert!(err.contains("page_token"), "{bad}: {err}");
+        }
     }
 }
