@@ -206,3 +206,46 @@ impl Fleet for FleetService {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpufleet_proto::v1::NodeIdentity;
+
+    fn node(id: &str, cordon_reason_bytes: usize) -> Node {
+        Node {
+            identity: Some(NodeIdentity {
+                node_id: id.into(),
+                ..Default::default()
+            }),
+            cordon_reason: "r".repeat(cordon_reason_bytes),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn node_pages_end_at_the_count_or_the_byte_budget() {
+        let nodes: Vec<Node> = ["a", "b", "c", "d"].iter().map(|id| node(id, 10)).collect();
+        let page = node_page(nodes.clone(), 0, "");
+        assert_eq!(page.nodes.len(), 4);
+        assert!(page.next_page_token.is_empty());
+        let page = node_page(nodes.clone(), 3, "");
+        assert_eq!(page.nodes.len(), 3);
+        assert_eq!(page.next_page_token, "c");
+        let page = node_page(nodes, 3, "c");
+        assert_eq!(page.nodes.len(), 1);
+        assert!(page.next_page_token.is_empty());
+
+        // Four nodes of 1 MiB each: three pass the budget.
+        let big: Vec<Node> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|id| node(id, 1 << 20))
+            .collect();
+        let page = node_page(big.clone(), 0, "");
+        assert_eq!(page.nodes.len(), 2);
+        assert_eq!(page.next_page_token, "b");
+        let page = node_page(big, 0, "b");
+        assert_eq!(page.nodes.len(), 2);
+        assert!(page.next_page_token.is_empty());
+    }
+}

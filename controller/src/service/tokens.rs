@@ -34,10 +34,13 @@ fn timestamp(unix: u64) -> Option<Timestamp> {
     })
 }
 
+/// A token as served; a name stored before names were bounded is clipped.
 fn info(record: &TokenRecord) -> TokenInfo {
+    let mut name = record.name.clone();
+    gpufleet_core::limits::clip(&mut name, limits::NAME_BYTES);
     TokenInfo {
         id: record.id.clone(),
-        name: record.name.clone(),
+        name,
         role: record.role,
         tenant: record.tenant.clone(),
         created_at: timestamp(record.created_unix),

@@ -331,8 +331,10 @@ impl Controller {
 
     /// Sends a job change to watchers once its writes are durable. Call it
     /// under the state lock, after the change's write, so that watchers see
-    /// changes in the order they were made.
-    pub(super) fn announce_job(&self, job: Job) {
+    /// changes in the order they were made. Events are served to `WatchJob`
+    /// as they are: clipped like `get_job`.
+    pub(super) fn announce_job(&self, mut job: Job) {
+        limits::clip_job(&mut job);
         let events = self.inner.job_events.clone();
         self.inner.store.hold(move || {
             let _ = events.send(job);
