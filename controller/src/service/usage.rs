@@ -257,7 +257,14 @@ impl Usage for UsageService {
             None,
             DAY,
         )?;
-        Ok(Response::new(self.controller.market_tightness(since)))
+        let answer = self.controller.market_tightness(since);
+        limits::check_response(
+            "the tightness report",
+            prost::Message::encoded_len(&answer),
+            "ask for a shorter range (since)",
+        )
+        .map_err(to_status)?;
+        Ok(Response::new(answer))
     }
 
     async fn market_elasticity(
@@ -289,10 +296,15 @@ impl Usage for UsageService {
             None,
             7 * DAY,
         )?;
-        Ok(Response::new(self.controller.market_elasticity(
-            &r.region,
-            r.generation,
-            since,
-        )))
+        let answer = self
+            .controller
+            .market_elasticity(&r.region, r.generation, since);
+        limits::check_response(
+            "the elasticity report",
+            prost::Message::encoded_len(&answer),
+            "ask for a shorter range (since)",
+        )
+        .map_err(to_status)?;
+        Ok(Response::new(answer))
     }
 }
