@@ -2,7 +2,7 @@
 //! workload's own limits are shared with the controller and live in
 //! `gpufleet_core::limits`). `docs/limits.md` lists them.
 
-use gpufleet_core::limits::{Violation, check_bytes, check_count, check_free_text, check_workload};
+use gpufleet_core::limits::{Violation, check_count, check_free_text, check_workload};
 use gpufleet_proto::v1::Allocation;
 
 /// GPU UUIDs one local workload may name: more than any node holds, MIG
@@ -32,7 +32,6 @@ pub fn check_allocation(allocation: &Allocation) -> Result<(), Violation> {
 
 /// An id: bounded and printable.
 pub fn check_id(field: &str, value: &str) -> Result<(), Violation> {
-    check_bytes(field, value, ID_BYTES)?;
     check_free_text(field, value, ID_BYTES)
 }
 
