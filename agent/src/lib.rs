@@ -9,6 +9,7 @@ pub mod config;
 pub mod health;
 pub mod identity;
 pub mod kmsg;
+pub mod limits;
 pub mod log_retention;
 pub mod metrics;
 pub mod outbox;

@@ -76,6 +76,8 @@ impl Agent for AgentService {
             .into_inner()
             .allocation
             .ok_or_else(|| Status::invalid_argument("invalid allocation: missing"))?;
+        crate::limits::check_allocation(&allocation)
+            .map_err(|v| Status::invalid_argument(v.to_string()))?;
         self.supervisor
             .run_local(allocation)
             .await
@@ -88,6 +90,8 @@ impl Agent for AgentService {
         request: Request<StopWorkloadRequest>,
     ) -> Result<Response<WorkloadStatus>, Status> {
         let req = request.into_inner();
+        crate::limits::check_id("allocation_id", &req.allocation_id)
+            .map_err(|v| Status::invalid_argument(v.to_string()))?;
         let grace = (req.grace_period_seconds > 0)
             .then(|| Duration::from_secs(u64::from(req.grace_period_seconds)));
         self.supervisor
@@ -127,6 +131,8 @@ impl Agent for AgentService {
         request: Request<StreamLogsRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
         let req = request.into_inner();
+        crate::limits::check_id("allocation_id", &req.allocation_id)
+            .map_err(|v| Status::invalid_argument(v.to_string()))?;
         let permit = self.log_streams.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
                 "this agent already serves {MAX_LOG_STREAMS} log streams, its limit; close one first"

@@ -160,6 +160,22 @@ pub fn describe(err: &anyhow::Error) -> String {
     text
 }
 
+/// [`describe`], naming the controller when the connection to it failed
+/// (it died or went away mid-call or mid-stream), so that the message
+/// says which server was lost rather than only "broken pipe".
+pub fn describe_for(err: &anyhow::Error, address: &str) -> String {
+    let text = describe(err);
+    let status = err.chain().find_map(|c| c.downcast_ref::<tonic::Status>());
+    // A status the server sent has no source; one the client made from
+    // a transport failure has.
+    let connection_lost = status.is_some_and(|s| std::error::Error::source(s).is_some());
+    if connection_lost {
+        format!("lost the connection to the controller at {address}: {text}")
+    } else {
+        text
+    }
+}
+
 fn hint(status: &tonic::Status) -> &'static str {
     if status.code() == tonic::Code::Unauthenticated && TOKEN.get().cloned().flatten().is_none() {
         "\nhint: pass --token or --token-file, or set GPUFLEET_TOKEN"

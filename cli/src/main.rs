@@ -78,6 +78,7 @@ fn main() -> ExitCode {
         return code;
     }
     let cli = Cli::parse();
+    let address = cli.controller.clone();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -90,9 +91,16 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
-        Err(e) if is_broken_pipe(&e) => ExitCode::from(141),
+        Err(e) if e.downcast_ref::<output::StdoutClosed>().is_some() => {
+            eprintln!("gpufleet: {e}");
+            ExitCode::from(141)
+        }
         Err(e) => {
-            eprintln!("error: {}", client::describe(&e));
+            // Server messages may echo what a client sent: escaped too.
+            eprintln!(
+                "error: {}",
+                output::safe(&client::describe_for(&e, &address))
+            );
             ExitCode::FAILURE
         }
     }
@@ -128,12 +136,4 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 pub(crate) fn now() -> prost_types::Timestamp {
     prost_types::Timestamp::from(std::time::SystemTime::now())
-}
-
-fn is_broken_pipe(err: &anyhow::Error) -> bool {
-    err.chain().any(|cause| {
-        cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
-    })
 }

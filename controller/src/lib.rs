@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod history;
 pub mod lifecycle;
+pub mod limits;
 pub mod memory;
 pub mod metrics;
 pub mod placement;

@@ -4,14 +4,12 @@
 use gpufleet_proto::v1::{GpuGeneration, JobSpec};
 
 use crate::error::{ControllerError, Result};
+use crate::limits;
 
 /// No GPU server has been built with more GPUs than this in one node
 /// (DGX-2 / HGX-2: 16). Larger jobs use more tasks.
 pub const MAX_GPUS_PER_TASK: u32 = 16;
 pub const MAX_TASKS: u32 = 4096;
-const MAX_NAME_LEN: usize = 128;
-const MAX_ARGV_BYTES: usize = 64 * 1024;
-const MAX_ENV_VARS: usize = 256;
 const RESERVED_ENV: &[&str] = &["CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"];
 
 /// A job id as this controller issues them: `job-` and 16 lowercase hex
@@ -29,7 +27,10 @@ pub fn job_id(field: &str, id: &str) -> Result<()> {
     } else {
         Err(ControllerError::invalid(
             field,
-            format!("{id:?} is not a job id; job ids look like job-06b0bdffc3f2a9c0"),
+            format!(
+                "{:?} is not a job id; job ids look like job-06b0bdffc3f2a9c0",
+                shown(id)
+            ),
         ))
     }
 }
@@ -37,7 +38,7 @@ pub fn job_id(field: &str, id: &str) -> Result<()> {
 /// Node ids become keys and file names: keep them to a safe alphabet.
 pub fn node_id(field: &str, id: &str) -> Result<()> {
     let ok = !id.is_empty()
-        && id.len() <= 128
+        && id.len() <= limits::ID_BYTES
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
@@ -48,7 +49,11 @@ pub fn node_id(field: &str, id: &str) -> Result<()> {
     } else {
         Err(ControllerError::invalid(
             field,
-            format!("{id:?} is not a valid node id: use 1-128 letters, digits, '-', '_' or '.'"),
+            format!(
+                "{:?} is not a valid node id: use 1-{} letters, digits, '-', '_' or '.'",
+                shown(id),
+                limits::ID_BYTES
+            ),
         ))
     }
 }
@@ -58,9 +63,22 @@ pub fn tenant_name(name: &str) -> Result<()> {
     label("tenant", name, "tenant name")
 }
 
+/// At most 64 characters of a value echoed in an error, so that an
+/// oversized value is not sent back whole.
+fn shown(value: &str) -> String {
+    if value.len() <= 64 {
+        value.to_string()
+    } else {
+        let cut: String = value.chars().take(64).collect();
+        format!("{cut}… ({} bytes)", value.len())
+    }
+}
+
+/// Labels (tenants, queues, workload classes, providers, regions):
+/// 1-[`limits::LABEL_BYTES`] of `[A-Za-z0-9._-]`.
 fn label(field: &str, value: &str, what: &str) -> Result<()> {
     let ok = !value.is_empty()
-        && value.len() <= 64
+        && value.len() <= limits::LABEL_BYTES
         && value
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
@@ -69,7 +87,11 @@ fn label(field: &str, value: &str, what: &str) -> Result<()> {
     } else {
         Err(ControllerError::invalid(
             field,
-            format!("{value:?} is not a valid {what}: use 1-64 letters, digits, '-', '_' or '.'"),
+            format!(
+                "{:?} is not a valid {what}: use 1-{} letters, digits, '-', '_' or '.'",
+                shown(value),
+                limits::LABEL_BYTES
+            ),
         ))
     }
 }
@@ -101,15 +123,7 @@ const MAX_BACKOFF_SECS: u32 = 24 * 3600;
 pub fn job_spec(mut spec: JobSpec, rules: &SubmitRules) -> Result<JobSpec> {
     let known_models: Vec<String> = rules.models.iter().map(|m| m.name.clone()).collect();
     let known_models = known_models.as_slice();
-    if spec.name.len() > MAX_NAME_LEN {
-        return Err(ControllerError::invalid(
-            "spec.name",
-            format!(
-                "is {} bytes long; at most {MAX_NAME_LEN} are allowed",
-                spec.name.len()
-            ),
-        ));
-    }
+    limits::check_name("spec.name", &spec.name)?;
     if spec.tenant.is_empty() {
         spec.tenant = "default".to_string();
     }
@@ -127,6 +141,7 @@ pub fn job_spec(mut spec: JobSpec, rules: &SubmitRules) -> Result<JobSpec> {
     if spec.queue.is_empty() {
         spec.queue = "default".to_string();
     }
+    label("spec.queue", &spec.queue, "queue name")?;
     if !rules.queues.is_empty() && !rules.queues.contains(&spec.queue) {
         return Err(ControllerError::invalid(
             "spec.queue",
@@ -228,6 +243,21 @@ pub fn job_spec(mut spec: JobSpec, rules: &SubmitRules) -> Result<JobSpec> {
     }
 
     let constraints = spec.constraints.get_or_insert_with(Default::default);
+    for (name, count) in [
+        ("generations", constraints.generations.len()),
+        ("models", constraints.models.len()),
+        ("providers", constraints.providers.len()),
+        ("exclude_providers", constraints.exclude_providers.len()),
+        ("regions", constraints.regions.len()),
+        ("exclude_regions", constraints.exclude_regions.len()),
+        ("preferred_regions", constraints.preferred_regions.len()),
+    ] {
+        limits::check_count(
+            &format!("spec.constraints.{name}"),
+            count,
+            limits::CONSTRAINT_LIST_COUNT,
+        )?;
+    }
     for (i, value) in constraints.generations.iter().enumerate() {
         let known = GpuGeneration::try_from(*value)
             .ok()
@@ -243,6 +273,11 @@ pub fn job_spec(mut spec: JobSpec, rules: &SubmitRules) -> Result<JobSpec> {
         }
     }
     for (i, model) in constraints.models.iter_mut().enumerate() {
+        limits::check_filter(
+            &format!("spec.constraints.models[{i}]"),
+            model,
+            limits::LABEL_BYTES,
+        )?;
         match known_models.iter().find(|m| m.eq_ignore_ascii_case(model)) {
             Some(canonical) => *model = canonical.clone(),
             None => {
@@ -389,29 +424,8 @@ pub fn job_spec(mut spec: JobSpec, rules: &SubmitRules) -> Result<JobSpec> {
             "the program to run must not be an empty string",
         ));
     }
-    let argv_bytes: usize = workload.argv.iter().map(String::len).sum();
-    if argv_bytes > MAX_ARGV_BYTES {
-        return Err(ControllerError::invalid(
-            "spec.workload.argv",
-            format!("is {argv_bytes} bytes; at most {MAX_ARGV_BYTES} are accepted"),
-        ));
-    }
-    if workload.argv.iter().any(|a| a.contains('\0')) {
-        return Err(ControllerError::invalid(
-            "spec.workload.argv",
-            "arguments must not contain NUL bytes",
-        ));
-    }
-    if workload.env.len() > MAX_ENV_VARS {
-        return Err(ControllerError::invalid(
-            "spec.workload.env",
-            format!(
-                "has {} variables; at most {MAX_ENV_VARS} are accepted",
-                workload.env.len()
-            ),
-        ));
-    }
-    for (key, value) in &workload.env {
+    gpufleet_core::limits::check_workload("spec.workload", workload)?;
+    for key in workload.env.keys() {
         let valid_key = !key.is_empty()
             && !key.as_bytes()[0].is_ascii_digit()
             && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
@@ -427,14 +441,42 @@ pub fn job_spec(mut spec: JobSpec, rules: &SubmitRules) -> Result<JobSpec> {
                 "is set by the agent from the allocation and cannot be overridden",
             ));
         }
-        if value.contains('\0') {
-            return Err(ControllerError::invalid(
-                format!("spec.workload.env[{key:?}]"),
-                "values must not contain NUL bytes",
-            ));
-        }
     }
     Ok(spec)
+}
+
+/// A cancel reason: one printable line of at most [`limits::REASON_BYTES`].
+pub fn cancel_reason(reason: &str) -> Result<()> {
+    limits::check_reason("reason", reason)
+}
+
+/// A cordon reason, under the same rule as a cancel reason.
+pub fn cordon_reason(reason: &str) -> Result<()> {
+    limits::check_reason("reason", reason)
+}
+
+/// A page token passed back: bounded, printable.
+pub fn page_token(token: &str) -> Result<()> {
+    limits::check_filter("page_token", token, limits::PAGE_TOKEN_BYTES)
+}
+
+/// A list of enum values to filter or group by.
+pub fn filter_list(field: &str, count: usize) -> Result<()> {
+    limits::check_count(field, count, limits::FILTER_COUNT)
+}
+
+/// A tenant, provider or region filter: empty (no filter) or a label.
+pub fn label_filter(field: &str, value: &str) -> Result<()> {
+    if value.is_empty() || value == "*" {
+        return Ok(());
+    }
+    limits::check_filter(field, value, limits::LABEL_BYTES)
+}
+
+/// An id compared against stored ones (GPU UUIDs, token ids, models):
+/// bounded, printable.
+pub fn id_filter(field: &str, value: &str) -> Result<()> {
+    limits::check_filter(field, value, limits::ID_BYTES)
 }
 
 #[cfg(test)]
@@ -574,6 +616,102 @@ mod tests {
         rules.tenants = vec!["research".into()];
         let err = job_spec(spec(1, &["x"]), &rules).unwrap_err();
         assert!(err.to_string().contains("accepted: research"), "{err}");
+    }
+
+    #[test]
+    fn every_string_and_list_of_a_spec_is_bounded() {
+        let mut s = spec(1, &["x"]);
+        s.name = "n".repeat(300);
+        let err = job_spec(s, &models()).unwrap_err();
+        assert_eq!(err.to_string(), "spec.name: 300 bytes; at most 128");
+        for name in ["evil\x1b]0;owned\x07", "two\nlines", "nul\0", "\u{202e}txt"] {
+            let mut s = spec(1, &["x"]);
+            s.name = name.into();
+            assert_eq!(field_of(job_spec(s, &models()).unwrap_err()), "spec.name");
+        }
+        let mut s = spec(1, &["x"]);
+        s.name = "train llama-3 (8B) — run #4".into();
+        assert!(
+            job_spec(s, &models()).is_ok(),
+            "printable Unicode is a name"
+        );
+        let mut s = spec(1, &["x"]);
+        s.queue = "q".repeat(limits::LABEL_BYTES + 1);
+        assert_eq!(field_of(job_spec(s, &models()).unwrap_err()), "spec.queue");
+        let mut s = spec(1, &["x"]);
+        s.tenant = "t".repeat(limits::LABEL_BYTES + 1);
+        let err = job_spec(s, &models()).unwrap_err();
+        assert!(
+            err.to_string().len() < 300,
+            "the value is not echoed whole: {err}"
+        );
+        let mut s = spec(1, &["x"]);
+        s.constraints = Some(JobConstraints {
+            exclude_regions: vec!["r".into(); limits::CONSTRAINT_LIST_COUNT + 1],
+            ..Default::default()
+        });
+        assert_eq!(
+            field_of(job_spec(s, &models()).unwrap_err()),
+            "spec.constraints.exclude_regions"
+        );
+        let mut s = spec(1, &["x"]);
+        s.constraints = Some(JobConstraints {
+            models: vec!["m".repeat(1000)],
+            ..Default::default()
+        });
+        assert_eq!(
+            field_of(job_spec(s, &models()).unwrap_err()),
+            "spec.constraints.models[0]"
+        );
+        let mut s = spec(1, &["x", &"a".repeat(limits::ARG_BYTES + 1)]);
+        s.workload.as_mut().unwrap().working_dir = "/tmp".into();
+        assert_eq!(
+            field_of(job_spec(s, &models()).unwrap_err()),
+            "spec.workload.argv[1]"
+        );
+        let mut s = spec(1, &["x"]);
+        s.workload.as_mut().unwrap().working_dir = "/".repeat(limits::WORKING_DIR_BYTES + 1);
+        assert_eq!(
+            field_of(job_spec(s, &models()).unwrap_err()),
+            "spec.workload.working_dir"
+        );
+    }
+
+    #[test]
+    fn reasons_filters_and_tokens() {
+        assert!(cancel_reason("").is_ok());
+        assert!(cancel_reason("superseded by job-06b0bdffc3f2a9c0").is_ok());
+        assert_eq!(
+            cancel_reason(&"x".repeat(15 << 20))
+                .unwrap_err()
+                .to_string(),
+            format!(
+                "reason: {} bytes; at most {}",
+                15 << 20,
+                limits::REASON_BYTES
+            )
+        );
+        assert_eq!(field_of(cancel_reason("a\x1b[2J").unwrap_err()), "reason");
+        assert_eq!(field_of(cordon_reason("a\nb").unwrap_err()), "reason");
+        assert!(page_token("1700000000000000000:job-06b0bdffc3f2a9c0").is_ok());
+        assert_eq!(
+            field_of(page_token(&"9".repeat(limits::PAGE_TOKEN_BYTES + 1)).unwrap_err()),
+            "page_token"
+        );
+        assert_eq!(
+            field_of(filter_list("states", limits::FILTER_COUNT + 1).unwrap_err()),
+            "states"
+        );
+        assert!(label_filter("tenant", "").is_ok());
+        assert!(label_filter("tenant", "*").is_ok());
+        assert_eq!(
+            field_of(label_filter("region", &"r".repeat(100)).unwrap_err()),
+            "region"
+        );
+        assert_eq!(
+            field_of(id_filter("gpu_uuid", "GPU-\x1b").unwrap_err()),
+            "gpu_uuid"
+        );
     }
 
     #[test]

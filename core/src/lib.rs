@@ -1,11 +1,13 @@
 //! The facts agent, controller and CLI share: the GPU catalogue and
 //! generation names, sizes, job and workload state predicates, the
-//! injected [`Clock`], and private files for secrets. Plain Rust over the
+//! injected [`Clock`], private files for secrets, and the limits on what a
+//! client may send (`limits`). Plain Rust over the
 //! proto's enums; no I/O framework, no async.
 
 pub mod catalog;
 pub mod clock;
 pub mod layered;
+pub mod limits;
 pub mod private_file;
 pub mod states;
 pub mod units;

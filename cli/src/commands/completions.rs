@@ -13,6 +13,7 @@ use clap::{Args, CommandFactory, ValueEnum};
 use clap_complete::Shell;
 
 use crate::Cli;
+use crate::output;
 
 #[derive(Debug, Args)]
 pub struct CompletionsArgs {
@@ -44,9 +45,10 @@ pub fn run(args: &CompletionsArgs) -> anyhow::Result<ExitCode> {
     let mut script = Vec::new();
     write_script(args.shell.into(), &mut script);
     let mut stdout = std::io::stdout().lock();
-    // A closed pipe surfaces as BrokenPipe, which main maps to exit 141.
-    stdout.write_all(&script)?;
-    stdout.flush()?;
+    stdout
+        .write_all(&script)
+        .and_then(|_| stdout.flush())
+        .map_err(output::stdout_error)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,4 +1,4 @@
-use std::io::Write;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
@@ -354,16 +354,14 @@ pub async fn run(address: &str, format: Format, args: JobsArgs) -> anyhow::Resul
                 })
                 .await?
                 .into_inner();
-            let mut stdout = std::io::stdout().lock();
+            let to_terminal = std::io::stdout().is_terminal();
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk?;
                 if format == Format::Json {
-                    let value = output::to_json(&chunk)?;
-                    writeln!(stdout, "{}", serde_json::to_string(&value)?)?;
+                    output::print_json(&chunk, false)?;
                 } else {
-                    stdout.write_all(&chunk.data)?;
+                    output::log_bytes(&chunk.data, to_terminal)?;
                 }
-                stdout.flush()?;
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand, ValueEnum};
 use gpufleet_proto::v1::{
     CapacityDimension, CapacityGroup, CordonNodeRequest, DrainNodeRequest, GetCapacityRequest,
-    GetNodeRequest, GpuGeneration, ListNodesRequest, Node, UncordonNodeRequest,
+    GetNodeRequest, GpuGeneration, ListNodesRequest, ListNodesResponse, Node, UncordonNodeRequest,
 };
 
 use crate::client;
@@ -62,14 +62,21 @@ pub async fn nodes(address: &str, format: Format, args: NodesArgs) -> anyhow::Re
         region: None,
     }) {
         NodesCommand::List { provider, region } => {
-            let response = fleet
-                .list_nodes(ListNodesRequest {
-                    provider: provider.unwrap_or_default(),
-                    region: region.unwrap_or_default(),
-                    states: Vec::new(),
-                })
-                .await?
-                .into_inner();
+            // Pages end at a byte budget too: follow them all.
+            let mut request = ListNodesRequest {
+                provider: provider.unwrap_or_default(),
+                region: region.unwrap_or_default(),
+                ..Default::default()
+            };
+            let mut response = ListNodesResponse::default();
+            loop {
+                let page = fleet.list_nodes(request.clone()).await?.into_inner();
+                response.nodes.extend(page.nodes);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                request.page_token = page.next_page_token;
+            }
             if format == Format::Json {
                 output::print_json(&response, true)?;
                 return Ok(ExitCode::SUCCESS);

@@ -8,7 +8,43 @@ use tonic::{Request, Response, Status};
 
 use super::{caller, to_status};
 use crate::auth::Action;
+use crate::limits;
 use crate::state::Controller;
+use crate::validate;
+
+/// Most nodes one `ListNodes` page may ask for.
+const MAX_NODE_PAGE: u32 = 1000;
+
+/// One page of nodes (sorted by id, as `list_nodes` returns them): those
+/// after `page_token` (the last id of the previous page), at most
+/// `page_size` (0 = no count limit) and at most the response budget.
+fn node_page(nodes: Vec<Node>, page_size: u32, page_token: &str) -> ListNodesResponse {
+    let id = |node: &Node| {
+        node.identity
+            .as_ref()
+            .map(|i| i.node_id.clone())
+            .unwrap_or_default()
+    };
+    let mut nodes: Vec<Node> = nodes
+        .into_iter()
+        .filter(|node| page_token.is_empty() || id(node).as_str() > page_token)
+        .collect();
+    let wanted = match page_size {
+        0 => nodes.len(),
+        n => (n as usize).min(nodes.len()),
+    };
+    let fit = limits::fitting(&nodes[..wanted]);
+    let more = fit < nodes.len();
+    nodes.truncate(fit);
+    let next_page_token = match (more, nodes.last()) {
+        (true, Some(last)) => id(last),
+        _ => String::new(),
+    };
+    ListNodesResponse {
+        nodes,
+        next_page_token,
+    }
+}
 
 pub struct FleetService {
     controller: Controller,
@@ -28,6 +64,16 @@ impl Fleet for FleetService {
     ) -> Result<Response<ListNodesResponse>, Status> {
         caller(&self.controller, &request, Action::ReadFleet)?;
         let request = request.into_inner();
+        validate::label_filter("provider", &request.provider).map_err(to_status)?;
+        validate::label_filter("region", &request.region).map_err(to_status)?;
+        validate::filter_list("states", request.states.len()).map_err(to_status)?;
+        validate::page_token(&request.page_token).map_err(to_status)?;
+        if request.page_size > MAX_NODE_PAGE {
+            return Err(Status::invalid_argument(format!(
+                "page_size: {}; at most {MAX_NODE_PAGE}",
+                request.page_size
+            )));
+        }
         let states = request
             .states
             .iter()
@@ -40,12 +86,17 @@ impl Fleet for FleetService {
         let nodes = self
             .controller
             .list_nodes(&request.provider, &request.region, &states);
-        Ok(Response::new(ListNodesResponse { nodes }))
+        Ok(Response::new(node_page(
+            nodes,
+            request.page_size,
+            &request.page_token,
+        )))
     }
 
     async fn get_node(&self, request: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
         caller(&self.controller, &request, Action::ReadFleet)?;
         let request = request.into_inner();
+        validate::id_filter("node_id", &request.node_id).map_err(to_status)?;
         self.controller
             .get_node(&request.node_id)
             .map(Response::new)
@@ -58,6 +109,7 @@ impl Fleet for FleetService {
     ) -> Result<Response<GetCapacityResponse>, Status> {
         caller(&self.controller, &request, Action::ReadFleet)?;
         let request = request.into_inner();
+        validate::filter_list("group_by", request.group_by.len()).map_err(to_status)?;
         let dims = request
             .group_by
             .iter()
@@ -125,6 +177,7 @@ impl Fleet for FleetService {
     ) -> Result<Response<Node>, Status> {
         caller(&self.controller, &request, Action::OperateFleet)?;
         let request = request.into_inner();
+        validate::id_filter("gpu_uuid", &request.gpu_uuid).map_err(to_status)?;
         self.controller
             .uncordon_gpu(&request.node_id, &request.gpu_uuid)
             .map(Response::new)
@@ -151,5 +204,48 @@ impl Fleet for FleetService {
         Ok(Response::new(
             gpufleet_proto::v1::ResetNodeIdentityResponse { was_bound },
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpufleet_proto::v1::NodeIdentity;
+
+    fn node(id: &str, cordon_reason_bytes: usize) -> Node {
+        Node {
+            identity: Some(NodeIdentity {
+                node_id: id.into(),
+                ..Default::default()
+            }),
+            cordon_reason: "r".repeat(cordon_reason_bytes),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn node_pages_end_at_the_count_or_the_byte_budget() {
+        let nodes: Vec<Node> = ["a", "b", "c", "d"].iter().map(|id| node(id, 10)).collect();
+        let page = node_page(nodes.clone(), 0, "");
+        assert_eq!(page.nodes.len(), 4);
+        assert!(page.next_page_token.is_empty());
+        let page = node_page(nodes.clone(), 3, "");
+        assert_eq!(page.nodes.len(), 3);
+        assert_eq!(page.next_page_token, "c");
+        let page = node_page(nodes, 3, "c");
+        assert_eq!(page.nodes.len(), 1);
+        assert!(page.next_page_token.is_empty());
+
+        // Four nodes of 1 MiB each: three pass the budget.
+        let big: Vec<Node> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|id| node(id, 1 << 20))
+            .collect();
+        let page = node_page(big.clone(), 0, "");
+        assert_eq!(page.nodes.len(), 2);
+        assert_eq!(page.next_page_token, "b");
+        let page = node_page(big, 0, "b");
+        assert_eq!(page.nodes.len(), 2);
+        assert!(page.next_page_token.is_empty());
     }
 }

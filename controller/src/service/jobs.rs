@@ -64,6 +64,7 @@ impl Jobs for JobsService {
             .into_inner()
             .spec
             .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
+        validate::label_filter("spec.tenant", &spec.tenant).map_err(to_status)?;
         spec.tenant = who.submit_tenant(&spec.tenant).map_err(to_status)?;
         let job = self.controller.submit_job(spec).map_err(to_status)?;
         Ok(Response::new(SubmitJobResponse { job: Some(job) }))
@@ -94,6 +95,7 @@ impl Jobs for JobsService {
     ) -> Result<Response<ListJobsResponse>, Status> {
         let who = caller(&self.controller, &request, Action::ReadJobs)?;
         let mut request = request.into_inner();
+        validate::label_filter("tenant", &request.tenant).map_err(to_status)?;
         request.tenant = who.tenant_filter(&request.tenant).map_err(to_status)?;
         let states = request
             .states

@@ -12,8 +12,10 @@ use tonic::{Request, Response, Status};
 use super::{caller, to_status};
 use crate::auth::Action;
 use crate::error::{ControllerError, Result as ControllerResult};
+use crate::limits;
 use crate::state::Controller;
 use crate::telemetry;
+use crate::validate;
 
 pub struct TelemetryService {
     controller: Controller,
@@ -56,9 +58,9 @@ impl Telemetry for TelemetryService {
         request: Request<GetAggregatesRequest>,
     ) -> Result<Response<GetAggregatesResponse>, Status> {
         caller(&self.controller, &request, Action::ReadFleet)?;
-        let dims = request
-            .into_inner()
-            .group_by
+        let group_by = request.into_inner().group_by;
+        validate::filter_list("group_by", group_by.len()).map_err(to_status)?;
+        let dims = group_by
             .iter()
             .map(|d| {
                 CapacityDimension::try_from(*d).map_err(|_| {
@@ -80,16 +82,21 @@ fn get_latest(
     filter: GetLatestRequest,
 ) -> ControllerResult<GetLatestResponse> {
     if !filter.node_id.is_empty() {
-        crate::validate::node_id("node_id", &filter.node_id)?;
+        validate::node_id("node_id", &filter.node_id)?;
     }
+    validate::id_filter("gpu_uuid", &filter.gpu_uuid)?;
+    validate::label_filter("provider", &filter.provider)?;
+    validate::label_filter("region", &filter.region)?;
+    validate::label_filter("model", &filter.model)?;
     let nodes = controller.list_nodes(&filter.provider, &filter.region, &[]);
     let hub = controller.telemetry();
-    Ok(telemetry::latest(
-        &nodes,
-        &filter,
-        |id| hub.stats(id),
-        controller.now(),
-    ))
+    let response = telemetry::latest(&nodes, &filter, |id| hub.stats(id), controller.now());
+    limits::check_response(
+        "the latest samples of every matching GPU",
+        prost::Message::encoded_len(&response),
+        "filter by node_id, provider, region, generation or model",
+    )?;
+    Ok(response)
 }
 
 /// `Telemetry.GetHistory`: one metric of one GPU, or of each GPU of a node.
@@ -97,6 +104,9 @@ fn get_history(
     controller: &Controller,
     request: GetHistoryRequest,
 ) -> ControllerResult<GetHistoryResponse> {
+    limits::check_filter("metric", &request.metric, limits::METRIC_BYTES)?;
+    validate::id_filter("gpu_uuid", &request.gpu_uuid)?;
+    validate::id_filter("node_id", &request.node_id)?;
     let metric = telemetry::metric(&request.metric)?;
     let plan = telemetry::plan_history(
         request.start.as_ref(),
@@ -105,7 +115,13 @@ fn get_history(
         controller.now(),
     )?;
     let gpus = history_gpus(controller, request)?;
-    controller.telemetry().history(&gpus, metric, &plan)
+    let response = controller.telemetry().history(&gpus, metric, &plan)?;
+    limits::check_response(
+        "the history",
+        prost::Message::encoded_len(&response),
+        "ask for one GPU (gpu_uuid), a shorter range or a longer step",
+    )?;
+    Ok(response)
 }
 
 /// The GPUs (node id, uuid) a history request names: the one GPU, found

@@ -10,7 +10,9 @@ use tonic::{Request, Response, Status};
 
 use super::{caller, to_status};
 use crate::auth::{Action, TokenRecord};
+use crate::limits;
 use crate::state::Controller;
+use crate::validate;
 
 /// Longest token lifetime accepted: ten years.
 const MAX_TTL_SECS: u64 = 10 * 366 * 86_400;
@@ -32,10 +34,13 @@ fn timestamp(unix: u64) -> Option<Timestamp> {
     })
 }
 
+/// A token as served; a name stored before names were bounded is clipped.
 fn info(record: &TokenRecord) -> TokenInfo {
+    let mut name = record.name.clone();
+    gpufleet_core::limits::clip(&mut name, limits::NAME_BYTES);
     TokenInfo {
         id: record.id.clone(),
-        name: record.name.clone(),
+        name,
         role: record.role,
         tenant: record.tenant.clone(),
         created_at: timestamp(record.created_unix),
@@ -52,6 +57,8 @@ impl Tokens for TokensService {
     ) -> Result<Response<CreateTokenResponse>, Status> {
         let who = caller(&self.controller, &request, Action::Administer)?;
         let r = request.into_inner();
+        limits::check_name("name", &r.name).map_err(to_status)?;
+        validate::label_filter("tenant", &r.tenant).map_err(to_status)?;
         // An admin of one tenant makes tokens for that tenant only.
         who.check_tenant(&r.tenant, "a token for that tenant")
             .map_err(to_status)?;
@@ -106,6 +113,7 @@ impl Tokens for TokensService {
     ) -> Result<Response<TokenInfo>, Status> {
         let who = caller(&self.controller, &request, Action::Administer)?;
         let r = request.into_inner();
+        validate::id_filter("id", &r.id).map_err(to_status)?;
         if let Some(target) = self.controller.auth().token(&r.id) {
             who.check_tenant(&target.tenant, &format!("token {}", target.id))
                 .map_err(to_status)?;

@@ -10,9 +10,11 @@ use tonic::{Request, Response, Status};
 
 use super::{caller, to_status};
 use crate::auth::{Action, Principal};
+use crate::limits;
 use crate::state::Controller;
 use crate::usage::ReportQuery;
 use crate::usage::rollup::{DAY, HOUR, MINUTE};
+use crate::validate;
 
 /// Reports may reach this far back.
 const MAX_RANGE_SECS: u64 = 5 * 366 * DAY;
@@ -57,11 +59,24 @@ fn range(
 
 /// The tenant a report covers: the token's own when it is scoped to one.
 fn report_tenant(who: &Principal, requested: &str) -> Result<Option<String>, Status> {
+    validate::label_filter("tenant", requested).map_err(to_status)?;
     let tenant = who.tenant_filter(requested).map_err(to_status)?;
     Ok((!tenant.is_empty()).then_some(tenant))
 }
 
+/// A report, refused when it would pass the response budget.
+fn bounded(report: UsageReportResponse) -> Result<Response<UsageReportResponse>, Status> {
+    limits::check_response(
+        "the report",
+        prost::Message::encoded_len(&report),
+        "ask for fewer rows (limit), fewer dimensions, a coarser series or a shorter range",
+    )
+    .map_err(to_status)?;
+    Ok(Response::new(report))
+}
+
 fn dimensions(values: &[i32]) -> Result<Vec<UsageDimension>, Status> {
+    validate::filter_list("group_by", values.len()).map_err(to_status)?;
     values
         .iter()
         .map(|v| {
@@ -82,6 +97,11 @@ impl Usage for UsageService {
     ) -> Result<Response<ListUsageRecordsResponse>, Status> {
         let who = caller(&self.controller, &request, Action::ReadUsage)?;
         let mut r = request.into_inner();
+        validate::label_filter("tenant", &r.tenant).map_err(to_status)?;
+        if !r.job_id.is_empty() {
+            validate::job_id("job_id", &r.job_id).map_err(to_status)?;
+        }
+        validate::page_token(&r.page_token).map_err(to_status)?;
         r.tenant = who.tenant_filter(&r.tenant).map_err(to_status)?;
         let (since, until) = range(
             self.controller.clock().unix_secs(),
@@ -108,17 +128,21 @@ impl Usage for UsageService {
             job_id: r.job_id,
             include_running: r.include_running,
         };
-        let (records, more) = self
+        let (mut records, more) = self
             .controller
             .list_usage(&filter, page_size, offset)
             .map_err(super::to_status)?;
+        // Records are small and bounded; the budget still ends a page.
+        let fit = limits::fitting(&records);
+        let cut = fit < records.len();
+        records.truncate(fit);
         Ok(Response::new(ListUsageRecordsResponse {
-            records,
-            next_page_token: if more {
-                (offset + page_size).to_string()
+            next_page_token: if more || cut {
+                (offset + records.len()).to_string()
             } else {
                 String::new()
             },
+            records,
         }))
     }
 
@@ -157,9 +181,7 @@ impl Usage for UsageService {
             limit: r.limit as usize,
             tenant,
         };
-        Ok(Response::new(
-            self.controller.usage_report(&query, r.include_running),
-        ))
+        bounded(self.controller.usage_report(&query, r.include_running))
     }
 
     async fn top_usage(
@@ -195,7 +217,7 @@ impl Usage for UsageService {
             limit: if r.limit == 0 { 10 } else { r.limit as usize },
             tenant,
         };
-        Ok(Response::new(self.controller.usage_report(&query, true)))
+        bounded(self.controller.usage_report(&query, true))
     }
 
     async fn usage_by_generation(
@@ -220,7 +242,7 @@ impl Usage for UsageService {
             limit: 0,
             tenant,
         };
-        Ok(Response::new(self.controller.usage_report(&query, true)))
+        bounded(self.controller.usage_report(&query, true))
     }
 
     async fn market_tightness(
@@ -235,7 +257,14 @@ impl Usage for UsageService {
             None,
             DAY,
         )?;
-        Ok(Response::new(self.controller.market_tightness(since)))
+        let answer = self.controller.market_tightness(since);
+        limits::check_response(
+            "the tightness report",
+            prost::Message::encoded_len(&answer),
+            "ask for a shorter range (since)",
+        )
+        .map_err(to_status)?;
+        Ok(Response::new(answer))
     }
 
     async fn market_elasticity(
@@ -244,6 +273,7 @@ impl Usage for UsageService {
     ) -> Result<Response<MarketElasticityResponse>, Status> {
         caller(&self.controller, &request, Action::ReadFleet)?;
         let r = request.into_inner();
+        validate::label_filter("region", &r.region).map_err(to_status)?;
         if r.region.is_empty() {
             return Err(Status::invalid_argument(
                 "region: is required, e.g. us-east-1",
@@ -266,10 +296,15 @@ impl Usage for UsageService {
             None,
             7 * DAY,
         )?;
-        Ok(Response::new(self.controller.market_elasticity(
-            &r.region,
-            r.generation,
-            since,
-        )))
+        let answer = self
+            .controller
+            .market_elasticity(&r.region, r.generation, since);
+        limits::check_response(
+            "the elasticity report",
+            prost::Message::encoded_len(&answer),
+            "ask for a shorter range (since)",
+        )
+        .map_err(to_status)?;
+        Ok(Response::new(answer))
     }
 }

@@ -14,6 +14,7 @@ use super::*;
 use crate::error::{ControllerError, Result};
 use crate::history;
 use crate::lifecycle::{job_nodes, task_holds_gpus};
+use crate::limits;
 use crate::placement;
 
 use crate::store::{Keyspace, WriteBatch};
@@ -94,14 +95,17 @@ impl Controller {
         Ok(job)
     }
 
+    /// The job as served: stored free text clipped (`limits::clip_job`).
     pub fn get_job(&self, id: &str) -> Result<Job> {
         validate::job_id("job_id", id)?;
-        self.find_job(&self.lock(), id)?.ok_or_else(|| {
+        let mut job = self.find_job(&self.lock(), id)?.ok_or_else(|| {
             ControllerError::NotFound(format!(
                 "job {id} does not exist (finished jobs are kept for {}; their usage records stay: gpufleet usage records --job {id})",
                 humantime::format_duration(self.inner.config.finished_job_retention)
             ))
-        })
+        })?;
+        limits::clip_job(&mut job);
+        Ok(job)
     }
 
     /// A resident job from memory, else a settled one from the store.
@@ -150,6 +154,10 @@ impl Controller {
         Ok(deleted.len())
     }
 
+    /// One page, newest first: at most `page_size` jobs and at most
+    /// `limits::RESPONSE_BUDGET_BYTES` encoded, stored free text clipped
+    /// (`limits::clip_job`), so that no page passes what a gRPC client
+    /// accepts by default.
     pub fn list_jobs(
         &self,
         states: &[JobState],
@@ -167,6 +175,9 @@ impl Controller {
             }
             n => n as usize,
         };
+        validate::label_filter("tenant", tenant)?;
+        validate::filter_list("states", states.len())?;
+        validate::page_token(page_token)?;
         // Newest first: by submit second, creation time and id, descending
         // (`history::ListKey`). The token is the key of the last job returned.
         let after = if page_token.is_empty() {
@@ -207,10 +218,7 @@ impl Controller {
                 (true, Some(last)) => token(&history::ListKey::of(last)),
                 _ => String::new(),
             };
-            return Ok(ListJobsResponse {
-                jobs,
-                next_page_token,
-            });
+            return Ok(within_budget(jobs, next_page_token, &token));
         }
 
         // The store walk runs without the state lock: a filter few jobs
@@ -283,14 +291,12 @@ impl Controller {
             // stopped at its budget, or found more matches than fit.
             covered.as_ref().map(token).unwrap_or_default()
         };
-        Ok(ListJobsResponse {
-            jobs,
-            next_page_token,
-        })
+        Ok(within_budget(jobs, next_page_token, &token))
     }
 
     pub fn cancel_job(&self, id: &str, reason: &str) -> Result<Job> {
         validate::job_id("job_id", id)?;
+        validate::cancel_reason(reason)?;
         let mut state = self.lock();
         let Some(mut job) = self.find_job(&state, id)? else {
             return Err(ControllerError::NotFound(format!(
@@ -331,8 +337,10 @@ impl Controller {
 
     /// Sends a job change to watchers once its writes are durable. Call it
     /// under the state lock, after the change's write, so that watchers see
-    /// changes in the order they were made.
-    pub(super) fn announce_job(&self, job: Job) {
+    /// changes in the order they were made. Events are served to `WatchJob`
+    /// as they are: clipped like `get_job`.
+    pub(super) fn announce_job(&self, mut job: Job) {
+        limits::clip_job(&mut job);
         let events = self.inner.job_events.clone();
         self.inner.store.hold(move || {
             let _ = events.send(job);
@@ -476,6 +484,34 @@ pub(super) fn parse_page_token(token: &str) -> Result<history::ListKey> {
     }
     validate::job_id("page_token", id).map_err(|_| invalid())?;
     Ok(history::ListKey::new(nanos, id))
+}
+
+/// A page clipped to the response budget: stored free text clipped, and
+/// the page cut before the job that would pass the budget, whose key
+/// becomes the next page token (the next page starts below the last job
+/// returned, as for a full page).
+fn within_budget(
+    mut jobs: Vec<Job>,
+    next_page_token: String,
+    token: &dyn Fn(&history::ListKey) -> String,
+) -> ListJobsResponse {
+    jobs.iter_mut().for_each(limits::clip_job);
+    let fit = limits::fitting(&jobs);
+    if fit == jobs.len() {
+        return ListJobsResponse {
+            jobs,
+            next_page_token,
+        };
+    }
+    jobs.truncate(fit);
+    let next_page_token = jobs
+        .last()
+        .map(|last| token(&history::ListKey::of(last)))
+        .unwrap_or_default();
+    ListJobsResponse {
+        jobs,
+        next_page_token,
+    }
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use crate::validate;
 
 impl Controller {
     pub fn cordon_node(&self, node_id: &str, reason: &str) -> Result<Node> {
+        validate::cordon_reason(reason)?;
         self.update_node(node_id, |node| {
             node.cordoned = true;
             node.cordon_reason = if reason.is_empty() {
@@ -314,6 +315,7 @@ pub(super) fn node_view(state: &State, entry: &NodeEntry, telemetry: &TelemetryH
         gpu.latest = latest.remove(&uuid).map(Box::new);
     }
     node.allocated_gpus = allocated;
+    crate::limits::clip_node(&mut node);
     node
 }
 

@@ -269,6 +269,8 @@ impl Controller {
                     .to_ascii_lowercase()
             );
         }
+        let mut job = job;
+        crate::limits::clip_job(&mut job);
         Ok(gpufleet_proto::v1::ExplainJobResponse {
             job: Some(job),
             reason: Some(reason),

@@ -26,6 +26,7 @@ impl Controller {
             .clone()
             .ok_or_else(|| ControllerError::invalid("hello.identity", "is required"))?;
         validate::node_id("hello.identity.node_id", &identity.node_id)?;
+        crate::limits::check_hello(&hello)?;
         for (field, value) in [
             ("provider", &identity.provider),
             ("region", &identity.region),
@@ -318,7 +319,9 @@ impl Controller {
     }
 
     /// Applies a workload status event from `node_id`.
-    pub fn record_workload_status(&self, node_id: &str, status: WorkloadStatus) -> Result<()> {
+    pub fn record_workload_status(&self, node_id: &str, mut status: WorkloadStatus) -> Result<()> {
+        // An agent's message is clipped, not refused: the status carries state.
+        gpufleet_core::limits::clip(&mut status.message, crate::limits::STATUS_MESSAGE_BYTES);
         let mut state = self.lock();
         if let Some(entry) = state.nodes.get_mut(node_id) {
             entry.last_seen = self.inner.clock.monotonic();
