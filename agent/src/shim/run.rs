@@ -63,7 +63,10 @@ pub(crate) fn run(
     };
     if let Err(e) = workload_store::create_records_encoded(records, &spec.allocation, &record) {
         // No records, so nothing for a restarted agent to find; nothing runs.
-        let message = format!("cannot record the workload in {}: {e}", records.display());
+        let message = crate::store::name_full_disk(format!(
+            "cannot record the workload in {}: {e}",
+            records.display()
+        ));
         reply(answer, &Reply::Failed { message });
         return 1;
     }
