@@ -655,7 +655,10 @@ mod tests {
             ("gpufleet_agent_outbox_reopens_total", 1),
             ("gpufleet_agent_outbox_unwritten_events", 2),
         ] {
-            assert!(text.contains(&format!("{name}{{{labels}}} {value}\n")), "{name}");
+            assert!(
+                text.contains(&format!("{name}{{{labels}}} {value}\n")),
+                "{name}"
+            );
         }
     }
 

@@ -94,10 +94,7 @@ mod tests {
     fn a_full_disk_is_named_and_other_errors_are_left_alone() {
         let full = std::io::Error::from_raw_os_error(28);
         let named = name_full_disk(format!("cannot record the workload: {full}"));
-        assert!(
-            named.starts_with("the agent's disk is full"),
-            "{named}"
-        );
+        assert!(named.starts_with("the agent's disk is full"), "{named}");
         let denied = std::io::Error::from_raw_os_error(13);
         let other = format!("cannot record the workload: {denied}");
         assert_eq!(name_full_disk(other.clone()), other);

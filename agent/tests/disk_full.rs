@@ -2,7 +2,7 @@
 //! filler file fills. The agent keeps running: its API answers, a workload
 //! start fails with a message naming the full disk, the outbox degrades
 //! (status events held in memory, telemetry dropped and counted) and
-//! `/metrics` says so. Once the filler is gone the agent recovers by itself
+//! `/metrics` says so, and status events still reach the controller. Once the filler is gone the agent recovers by itself
 //! (the database is reopened): the outbox writes again, what memory held is
 //! on disk, and a workload starts.
 //!
@@ -21,10 +21,19 @@ use std::time::Duration;
 use common::{DEADLINE, allocation};
 use gpufleet_agent::{AgentConfig, NodeConfig, RunningAgent};
 use gpufleet_proto::v1::agent_client::AgentClient;
-use gpufleet_proto::v1::{ListWorkloadsRequest, RunWorkloadRequest, WorkloadState};
+use gpufleet_proto::v1::agent_control_server::{AgentControl, AgentControlServer};
+use gpufleet_proto::v1::agent_message::Body;
+use gpufleet_proto::v1::{
+    AgentMessage, ControllerMessage, HelloAck, ListWorkloadsRequest, RunWorkloadRequest,
+    WorkloadState, controller_message,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::Endpoint;
+use tonic::{Request, Response, Status, Streaming};
 
 /// Small enough to fill in a moment, large enough for a fresh agent.
 const TMPFS_SIZE: &str = "16m";
@@ -85,7 +94,82 @@ fn fill(dir: &Path) -> PathBuf {
     }
 }
 
-fn config(data_dir: &Path) -> AgentConfig {
+/// A controller that answers every session with a hello ack (nothing
+/// applied yet, and no acks later: every event stays in the outbox) and
+/// passes on what the agent sends.
+struct FakeController {
+    inbound: mpsc::UnboundedSender<AgentMessage>,
+}
+
+#[tonic::async_trait]
+impl AgentControl for FakeController {
+    type ConnectStream = ReceiverStream<Result<ControllerMessage, Status>>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let (tx, rx) = mpsc::channel(4);
+        let ack = ControllerMessage {
+            body: Some(controller_message::Body::HelloAck(HelloAck {
+                node_id: "node-disk".into(),
+                last_seq: 0,
+                heartbeat_interval_ms: 1000,
+                server_time: None,
+                node_secret: String::new(),
+            })),
+        };
+        let _ = tx.send(Ok(ack)).await;
+        let mut stream = request.into_inner();
+        let inbound = self.inbound.clone();
+        tokio::spawn(async move {
+            // Held so the session stays open.
+            let _tx = tx;
+            while let Some(Ok(m)) = stream.next().await {
+                if inbound.send(m).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+async fn fake_controller() -> (SocketAddr, mpsc::UnboundedReceiver<AgentMessage>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (inbound, from_agent) = mpsc::unbounded_channel();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AgentControlServer::new(FakeController { inbound }))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    (addr, from_agent)
+}
+
+/// Waits for the status of `allocation_id` in `state` from the agent.
+async fn status_reaches_controller(
+    from_agent: &mut mpsc::UnboundedReceiver<AgentMessage>,
+    allocation_id: &str,
+    state: WorkloadState,
+) {
+    let wait = async {
+        while let Some(m) = from_agent.recv().await {
+            if let Some(Body::WorkloadStatus(s)) = m.body
+                && s.allocation_id == allocation_id
+                && s.state == state as i32
+            {
+                return;
+            }
+        }
+        panic!("the agent's stream ended");
+    };
+    tokio::time::timeout(DEADLINE, wait)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {allocation_id}'s status"));
+}
+
+fn config(controller: SocketAddr, data_dir: &Path) -> AgentConfig {
     let node = NodeConfig {
         id: Some("node-disk".into()),
         provider: "aws".into(),
@@ -101,9 +185,8 @@ fn config(data_dir: &Path) -> AgentConfig {
         stop_grace_period: Duration::from_secs(2),
         log_max_bytes: 1 << 20,
         shim_program: Some(common::SHIM.into()),
-        // No controller: every event stays in the outbox.
         ..AgentConfig::simulated(
-            "http://127.0.0.1:9".to_string(),
+            format!("http://{controller}"),
             "token-1",
             node,
             vec!["4xL4".into()],
@@ -147,8 +230,9 @@ async fn a_full_data_dir_degrades_the_agent_and_it_recovers_by_itself() {
     let Some(tmpfs) = Tmpfs::mount(&root.path().join("data")) else {
         return;
     };
+    let (controller, mut from_agent) = fake_controller().await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let agent = gpufleet_agent::start(config(&tmpfs.dir), Some(listener))
+    let agent = gpufleet_agent::start(config(controller, &tmpfs.dir), Some(listener))
         .await
         .unwrap();
     let gpus = agent.gpu_uuids();
@@ -208,6 +292,22 @@ async fn a_full_data_dir_degrades_the_agent_and_it_recovers_by_itself() {
     })
     .await;
     assert!(metric(&agent, "gpufleet_agent_outbox_write_failures_total").await > 0);
+    status_reaches_controller(&mut from_agent, "on-full-disk", WorkloadState::Failed).await;
+    // A status change while degraded is held in memory and sent from there.
+    let second = client
+        .run_workload(RunWorkloadRequest {
+            allocation: Some(allocation("still-full", &["true"], &[gpus[0].clone()])),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(second.state, WorkloadState::Failed as i32, "{second:?}");
+    until("the status held in memory", async || {
+        agent.outbox_stats().unwritten_events >= 1
+    })
+    .await;
+    assert_eq!(metric(&agent, "gpufleet_agent_outbox_degraded").await, 1);
+    status_reaches_controller(&mut from_agent, "still-full", WorkloadState::Failed).await;
     // The agent keeps answering.
     let listed = client
         .list_workloads(ListWorkloadsRequest {})
@@ -230,7 +330,10 @@ async fn a_full_data_dir_degrades_the_agent_and_it_recovers_by_itself() {
     assert!(metric(&agent, "gpufleet_agent_outbox_reopens_total").await >= 1);
     let stats = agent.outbox_stats();
     assert_eq!(stats.unwritten_events, 0, "memory was written: {stats:?}");
-    assert!(stats.status_events >= 1, "the failed start's status: {stats:?}");
+    assert!(
+        stats.status_events >= 2,
+        "the failed starts' statuses: {stats:?}"
+    );
 
     let started = client
         .run_workload(RunWorkloadRequest {
