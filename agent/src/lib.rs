@@ -100,16 +100,17 @@ pub async fn start(
 
     // One sled database per agent; sled's lock file makes a second agent
     // on the same data_dir fail here rather than corrupt it.
-    let db = {
+    let outbox = {
         let data_dir = config.data_dir.clone();
-        tokio::task::spawn_blocking(move || store::open(&data_dir))
-            .await
-            .context("opening the agent's database panicked")??
+        let max_bytes = config.outbox_max_bytes;
+        tokio::task::spawn_blocking(move || {
+            Outbox::open(&data_dir, max_bytes, uplink::initial_seq())
+        })
+        .await
+        .context("opening the agent's database panicked")?
+        .context("cannot open the agent's outbox")?
     };
-    let outbox = Arc::new(
-        Outbox::open(&db, config.outbox_max_bytes, uplink::initial_seq())
-            .context("cannot open the agent's outbox")?,
-    );
+    let outbox = Arc::new(outbox);
     let backlog = outbox.stats();
     if backlog.events > 0 {
         info!(
@@ -192,6 +193,10 @@ pub async fn start(
         supervisor.clone(),
         outbox.clone(),
         stop_recorder_rx,
+    ));
+    // A full disk degrades the outbox; this reopens it once writes work.
+    tasks.push(tokio::spawn(
+        outbox.clone().keep_recovering(shutdown_rx.clone()),
     ));
     tasks.push(tokio::spawn(telemetry.clone().run_sampler(
         backend.clone(),

@@ -447,6 +447,42 @@ pub fn render_outbox(identity: &NodeIdentity, stats: &OutboxStats) -> String {
                 "gauge",
                 stats.events,
             ),
+            (
+                "gpufleet_agent_outbox_degraded",
+                "1 while the outbox cannot write to the agent's disk (full): workload status events wait in memory, telemetry is dropped.",
+                "gauge",
+                u64::from(stats.degraded),
+            ),
+            (
+                "gpufleet_agent_outbox_write_failures_total",
+                "Outbox writes to the agent's disk that failed (a full disk), including failed attempts to recover.",
+                "counter",
+                stats.write_failures,
+            ),
+            (
+                "gpufleet_agent_outbox_reopens_total",
+                "Times the outbox's database was reopened once the disk took writes again.",
+                "counter",
+                stats.reopens,
+            ),
+            (
+                "gpufleet_agent_outbox_unwritten_events",
+                "Workload status events held only in memory because the disk refused them (sent from there; written once the disk has room).",
+                "gauge",
+                stats.unwritten_events,
+            ),
+            (
+                "gpufleet_agent_outbox_unwritten_dropped_total",
+                "Telemetry events dropped because the disk refused them.",
+                "counter",
+                stats.unwritten_dropped_telemetry,
+            ),
+            (
+                "gpufleet_agent_outbox_unwritten_status_dropped_total",
+                "Workload status events dropped because those held in memory reached their bound while the disk was full.",
+                "counter",
+                stats.unwritten_dropped_status,
+            ),
         ],
     )
 }
@@ -599,6 +635,10 @@ mod tests {
             bytes: 2048,
             events: 3,
             dropped_events: 7,
+            degraded: true,
+            write_failures: 4,
+            reopens: 1,
+            unwritten_events: 2,
             ..Default::default()
         };
         let text = render_outbox(&identity, &stats);
@@ -609,6 +649,17 @@ mod tests {
         )));
         assert!(text.contains(&format!("gpufleet_agent_outbox_bytes{{{labels}}} 2048\n")));
         assert!(text.contains(&format!("gpufleet_agent_outbox_events{{{labels}}} 3\n")));
+        for (name, value) in [
+            ("gpufleet_agent_outbox_degraded", 1),
+            ("gpufleet_agent_outbox_write_failures_total", 4),
+            ("gpufleet_agent_outbox_reopens_total", 1),
+            ("gpufleet_agent_outbox_unwritten_events", 2),
+        ] {
+            assert!(
+                text.contains(&format!("{name}{{{labels}}} {value}\n")),
+                "{name}"
+            );
+        }
     }
 
     #[test]

@@ -10,18 +10,40 @@
 //! the oldest telemetry is dropped (and counted) until it fits. Status
 //! events are never dropped; if only they are left and the bound is still
 //! exceeded they are kept, and a warning says so.
+//!
+//! When the disk refuses a write (full), the outbox degrades instead of
+//! failing: status events are held in memory (bounded by
+//! [`MAX_UNWRITTEN_BYTES`]) and sent from there, telemetry is dropped and
+//! counted. sled 0.34 refuses every write after one failed until the
+//! database is opened again, so [`Outbox::keep_recovering`] probes the
+//! disk with a test file and, once it takes writes, reopens the database
+//! and writes again what the old handle and memory held.
 
-use std::sync::Mutex;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use gpufleet_proto::v1::AgentMessage;
 use gpufleet_proto::v1::agent_message::Body;
 use prost::Message as _;
-use tokio::sync::Notify;
-use tracing::warn;
+use tokio::sync::{Notify, watch};
+use tracing::{debug, error, info, warn};
+
+use crate::store;
 
 /// Name of the outbox tree in the agent's sled database.
 pub const TREE: &str = "outbox";
+
+/// Most bytes of status events held in memory while the disk refuses
+/// them; over it the oldest go (the hello after a reconnect carries every
+/// workload's current status anyway).
+pub const MAX_UNWRITTEN_BYTES: u64 = 8 << 20;
+
+/// First and longest wait between attempts to write to the disk again.
+const RECOVER_FIRST_WAIT: Duration = Duration::from_millis(250);
+const RECOVER_MAX_WAIT: Duration = Duration::from_secs(2);
 
 const KIND_STATUS: u8 = 1;
 const KIND_TELEMETRY: u8 = 2;
@@ -31,6 +53,8 @@ const KEY_BYTES: u64 = 8;
 pub enum OutboxError {
     #[error("the agent's outbox store failed: {0}")]
     Store(#[from] sled::Error),
+    #[error(transparent)]
+    Open(#[from] store::OpenError),
     #[error("only telemetry and workload status go through the outbox")]
     NotSequenced,
 }
@@ -38,9 +62,9 @@ pub enum OutboxError {
 /// Sizes and counters, for `/metrics` and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OutboxStats {
-    /// Bytes held (keys and values).
+    /// Bytes held on disk (keys and values).
     pub bytes: u64,
-    /// Events held, not yet acknowledged.
+    /// Events held on disk, not yet acknowledged.
     pub events: u64,
     /// How many of them are workload status events.
     pub status_events: u64,
@@ -50,9 +74,26 @@ pub struct OutboxStats {
     pub dropped_samples: u64,
     /// GPU samples appended, since start.
     pub appended_samples: u64,
+    /// Whether writes to the disk fail now (status events wait in memory).
+    pub degraded: bool,
+    /// Writes to the disk that failed, since start.
+    pub write_failures: u64,
+    /// Times the database was reopened after failed writes, since start.
+    pub reopens: u64,
+    /// Status events held only in memory, not yet acknowledged.
+    pub unwritten_events: u64,
+    /// Telemetry events dropped because the disk refused them, since start.
+    pub unwritten_dropped_telemetry: u64,
+    /// Status events dropped because memory held [`MAX_UNWRITTEN_BYTES`].
+    pub unwritten_dropped_status: u64,
 }
 
-#[derive(Debug, Default)]
+struct Opened {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+#[derive(Default)]
 struct Held {
     bytes: u64,
     events: u64,
@@ -62,19 +103,38 @@ struct Held {
     /// Whether the last append found only status events over the bound
     /// (so the warning is logged once per episode, not per append).
     over_with_status_only: bool,
+    /// The database; None only while a reopen could not open it.
+    open: Option<Opened>,
+    /// Status events the disk refused, by seq (values as in the tree).
+    unwritten: BTreeMap<u64, Vec<u8>>,
+    unwritten_bytes: u64,
 }
 
 /// See the module docs.
-#[derive(Debug)]
 pub struct Outbox {
-    tree: sled::Tree,
+    data_dir: PathBuf,
     max_bytes: u64,
-    /// Appends and acks both change `held` and the tree together.
+    /// Appends, acks and reopens change `held` and the tree together.
     held: Mutex<Held>,
     dropped_events: AtomicU64,
     dropped_samples: AtomicU64,
     appended_samples: AtomicU64,
+    write_failures: AtomicU64,
+    reopens: AtomicU64,
+    unwritten_dropped_telemetry: AtomicU64,
+    unwritten_dropped_status: AtomicU64,
     appended: Notify,
+    /// Why writes fail now (None: they work).
+    failing: watch::Sender<Option<Arc<str>>>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("data_dir", &self.data_dir)
+            .field("stats", &self.stats())
+            .finish()
+    }
 }
 
 fn seq_of(key: &[u8]) -> Option<u64> {
@@ -89,38 +149,53 @@ fn kind_of(body: &Body) -> Option<u8> {
     }
 }
 
+/// Bytes, events and status events in `tree`; deletes keys that are not
+/// seqs (not written by this code: nothing to send). Returns the last seq.
+fn count(tree: &sled::Tree, held: &mut Held) -> Result<u64, sled::Error> {
+    let (mut bytes, mut events, mut status_events, mut last) = (0, 0, 0, 0);
+    for entry in tree.iter() {
+        let (key, value) = entry?;
+        let Some(seq) = seq_of(&key) else {
+            warn!(
+                key_bytes = key.len(),
+                "outbox key is not a seq; deleting it"
+            );
+            tree.remove(&key)?;
+            continue;
+        };
+        bytes += KEY_BYTES + value.len() as u64;
+        events += 1;
+        status_events += u64::from(value.first() == Some(&KIND_STATUS));
+        last = seq;
+    }
+    (held.bytes, held.events, held.status_events) = (bytes, events, status_events);
+    Ok(last)
+}
+
 impl Outbox {
-    /// Opens (or creates) the outbox tree of `db`. The first new event gets
-    /// a seq above both `min_seq` and everything already stored.
-    pub fn open(db: &sled::Db, max_bytes: u64, min_seq: u64) -> Result<Self, OutboxError> {
+    /// Opens (or creates) the agent's database in `data_dir` and its outbox
+    /// tree. The first new event gets a seq above both `min_seq` and
+    /// everything already stored. Blocks; call it off the async workers.
+    pub fn open(data_dir: &Path, max_bytes: u64, min_seq: u64) -> Result<Self, OutboxError> {
+        let db = store::open(data_dir)?;
         let tree = db.open_tree(TREE)?;
         let mut held = Held::default();
-        let mut last = 0;
-        for entry in tree.iter() {
-            let (key, value) = entry?;
-            let Some(seq) = seq_of(&key) else {
-                // Not written by this code: nothing to send, so not fatal.
-                warn!(
-                    key_bytes = key.len(),
-                    "outbox key is not a seq; deleting it"
-                );
-                tree.remove(&key)?;
-                continue;
-            };
-            held.bytes += KEY_BYTES + value.len() as u64;
-            held.events += 1;
-            held.status_events += u64::from(value.first() == Some(&KIND_STATUS));
-            last = seq;
-        }
+        let last = count(&tree, &mut held)?;
         held.next_seq = min_seq.max(last.saturating_add(1));
+        held.open = Some(Opened { db, tree });
         Ok(Self {
-            tree,
+            data_dir: data_dir.to_path_buf(),
             max_bytes,
             held: Mutex::new(held),
             dropped_events: AtomicU64::new(0),
             dropped_samples: AtomicU64::new(0),
             appended_samples: AtomicU64::new(0),
+            write_failures: AtomicU64::new(0),
+            reopens: AtomicU64::new(0),
+            unwritten_dropped_telemetry: AtomicU64::new(0),
+            unwritten_dropped_status: AtomicU64::new(0),
             appended: Notify::new(),
+            failing: watch::channel(None).0,
         })
     }
 
@@ -128,13 +203,40 @@ impl Outbox {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Why writes to the disk fail now; None while they work.
+    pub fn failing(&self) -> Option<Arc<str>> {
+        self.failing.borrow().clone()
+    }
+
+    /// A write failed: degrade (once per episode in the log).
+    fn write_failed(&self, error: &sled::Error) {
+        self.write_failures.fetch_add(1, Ordering::Relaxed);
+        let reason: Arc<str> = store::name_full_disk(format!(
+            "the agent's outbox cannot write to {}: {error}",
+            self.data_dir.display()
+        ))
+        .into();
+        self.failing.send_if_modified(|now| {
+            if now.is_some() {
+                return false;
+            }
+            error!(%reason, "outbox writes fail; workload status events wait in memory and telemetry is dropped until the disk takes writes again");
+            *now = Some(reason);
+            true
+        });
+    }
+
     /// Stores one event under the next seq and returns that seq. Status
     /// events are flushed to disk before returning; telemetry rides on
-    /// sled's periodic flush.
+    /// sled's periodic flush. While the disk refuses writes, status events
+    /// are held in memory and telemetry is dropped (see the module docs).
     pub fn append(&self, body: Body) -> Result<u64, OutboxError> {
-        let (seq, kind) = self.insert(body)?;
-        if kind == KIND_STATUS {
-            self.tree.flush()?;
+        let (seq, flush) = self.insert(body)?;
+        if let Some(tree) = flush
+            && let Err(e) = tree.flush()
+        {
+            // The event stays in the old handle's memory; a reopen writes it.
+            self.write_failed(&e);
         }
         self.appended.notify_waiters();
         Ok(seq)
@@ -144,21 +246,30 @@ impl Outbox {
     /// but with one flush for the lot: a burst of status changes costs one
     /// disk sync, not one each.
     pub fn append_all(&self, bodies: impl IntoIterator<Item = Body>) -> Result<(), OutboxError> {
-        let mut any_status = false;
+        let mut flush = None;
+        let mut result = Ok(());
         for body in bodies {
-            let (_, kind) = self.insert(body)?;
-            any_status |= kind == KIND_STATUS;
+            match self.insert(body) {
+                Ok((_, tree)) => flush = flush.or(tree),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
         }
-        if any_status {
-            self.tree.flush()?;
+        if let Some(tree) = flush
+            && let Err(e) = tree.flush()
+        {
+            self.write_failed(&e);
         }
         self.appended.notify_waiters();
-        Ok(())
+        result
     }
 
     /// Puts one event in the tree under the next seq (not flushed, not yet
-    /// announced); returns its seq and kind.
-    fn insert(&self, body: Body) -> Result<(u64, u8), OutboxError> {
+    /// announced), or in memory while writes fail; returns its seq and the
+    /// tree to flush (a status event written to the tree).
+    fn insert(&self, body: Body) -> Result<(u64, Option<sled::Tree>), OutboxError> {
         let kind = kind_of(&body).ok_or(OutboxError::NotSequenced)?;
         let samples = match &body {
             Body::Telemetry(batch) => batch.samples.len() as u64,
@@ -173,33 +284,70 @@ impl Outbox {
         let mut value = Vec::with_capacity(1 + message.encoded_len());
         value.push(kind);
         value.extend_from_slice(&message.encode_to_vec());
-        self.tree.insert(seq.to_be_bytes(), value.as_slice())?;
         held.next_seq = seq + 1;
+        self.appended_samples.fetch_add(samples, Ordering::Relaxed);
+        let tree = match &held.open {
+            Some(open) if self.failing.borrow().is_none() => open.tree.clone(),
+            _ => {
+                self.hold_in_memory(&mut held, seq, value);
+                return Ok((seq, None));
+            }
+        };
+        if let Err(e) = tree.insert(seq.to_be_bytes(), value.as_slice()) {
+            self.write_failed(&e);
+            self.hold_in_memory(&mut held, seq, value);
+            return Ok((seq, None));
+        }
         held.bytes += KEY_BYTES + value.len() as u64;
         held.events += 1;
         held.status_events += u64::from(kind == KIND_STATUS);
         if held.bytes > self.max_bytes {
-            self.shed_telemetry(&mut held)?;
+            self.shed_telemetry(&tree, &mut held)?;
         }
-        drop(held);
-        self.appended_samples.fetch_add(samples, Ordering::Relaxed);
-        Ok((seq, kind))
+        Ok((seq, (kind == KIND_STATUS).then_some(tree)))
+    }
+
+    /// Keeps a status event the disk refused in memory (bounded); drops
+    /// telemetry.
+    fn hold_in_memory(&self, held: &mut Held, seq: u64, value: Vec<u8>) {
+        if value.first() != Some(&KIND_STATUS) {
+            self.unwritten_dropped_telemetry
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        held.unwritten_bytes += KEY_BYTES + value.len() as u64;
+        held.unwritten.insert(seq, value);
+        while held.unwritten_bytes > MAX_UNWRITTEN_BYTES && held.unwritten.len() > 1 {
+            let Some((_, oldest)) = held.unwritten.pop_first() else {
+                break;
+            };
+            held.unwritten_bytes -= KEY_BYTES + oldest.len() as u64;
+            if self
+                .unwritten_dropped_status
+                .fetch_add(1, Ordering::Relaxed)
+                == 0
+            {
+                warn!(
+                    max_bytes = MAX_UNWRITTEN_BYTES,
+                    "workload status events held in memory while the disk is full reached their bound; dropping the oldest (the hello after a reconnect carries every current status)"
+                );
+            }
+        }
     }
 
     /// Drops the oldest telemetry until the outbox fits its bound.
-    fn shed_telemetry(&self, held: &mut Held) -> Result<(), OutboxError> {
+    fn shed_telemetry(&self, tree: &sled::Tree, held: &mut Held) -> Result<(), OutboxError> {
         let mut batch = sled::Batch::default();
-        let (mut events, mut samples) = (0u64, 0u64);
-        for entry in self.tree.iter() {
-            if held.bytes <= self.max_bytes {
+        let (mut bytes, mut events, mut samples) = (held.bytes, 0u64, 0u64);
+        for entry in tree.iter() {
+            if bytes <= self.max_bytes {
                 break;
             }
             let (key, value) = entry?;
             if value.first() != Some(&KIND_TELEMETRY) {
                 continue;
             }
-            held.bytes -= KEY_BYTES + value.len() as u64;
-            held.events -= 1;
+            bytes -= KEY_BYTES + value.len() as u64;
             events += 1;
             // Only for the count; an undecodable entry is dropped all the same.
             if let Ok(AgentMessage {
@@ -211,7 +359,13 @@ impl Outbox {
             }
             batch.remove(key);
         }
-        self.tree.apply_batch(batch)?;
+        if let Err(e) = tree.apply_batch(batch) {
+            // Nothing was dropped; the reopen after recovery sheds again.
+            self.write_failed(&e);
+            return Ok(());
+        }
+        held.bytes = bytes;
+        held.events -= events;
         self.dropped_events.fetch_add(events, Ordering::Relaxed);
         self.dropped_samples.fetch_add(samples, Ordering::Relaxed);
         let over = held.bytes > self.max_bytes;
@@ -227,35 +381,55 @@ impl Outbox {
         Ok(())
     }
 
-    /// Up to `limit` held events with a seq above `after`, in seq order.
+    /// Up to `limit` held events with a seq above `after`, in seq order:
+    /// from the disk and from memory (status events the disk refused).
     /// An entry that cannot be decoded (a damaged disk) is deleted with a
     /// warning rather than blocking every later event.
     pub fn after(&self, after: u64, limit: usize) -> Result<Vec<AgentMessage>, OutboxError> {
-        let mut out = Vec::new();
         if after == u64::MAX {
-            return Ok(out);
+            return Ok(Vec::new());
         }
-        let start = (after + 1).to_be_bytes();
+        let mut held = self.held();
+        let mut found = BTreeMap::new();
         let mut corrupt = Vec::new();
-        for entry in self.tree.range(start..).take(limit) {
-            let (key, value) = entry?;
-            match value.get(1..).map(AgentMessage::decode) {
-                Some(Ok(message)) => out.push(message),
-                Some(Err(e)) => corrupt.push((key, e.to_string())),
-                None => corrupt.push((key, "empty value".to_string())),
+        let from_disk = held.open.as_ref().map(|open| open.tree.clone());
+        let decode = |value: &[u8]| match value.get(1..).map(AgentMessage::decode) {
+            Some(Ok(message)) => Ok(message),
+            Some(Err(e)) => Err(e.to_string()),
+            None => Err("empty value".to_string()),
+        };
+        if let Some(tree) = &from_disk {
+            for entry in tree.range((after + 1).to_be_bytes()..).take(limit) {
+                let (key, value) = entry?;
+                match decode(&value) {
+                    Ok(message) => {
+                        found.insert(message.seq, message);
+                    }
+                    Err(why) => corrupt.push((key, why)),
+                }
             }
         }
-        for (key, why) in corrupt {
-            let seq = seq_of(&key).unwrap_or(0);
-            warn!(seq, %why, "outbox entry cannot be decoded; deleting it");
-            let mut held = self.held();
-            if let Some(value) = self.tree.remove(&key)? {
-                held.bytes -= KEY_BYTES + value.len() as u64;
-                held.events -= 1;
-                held.status_events -= u64::from(value.first() == Some(&KIND_STATUS));
+        for (_, value) in held.unwritten.range(after + 1..).take(limit) {
+            if let Ok(message) = decode(value) {
+                found.insert(message.seq, message);
             }
         }
-        Ok(out)
+        if let Some(tree) = &from_disk {
+            for (key, why) in corrupt {
+                let seq = seq_of(&key).unwrap_or(0);
+                warn!(seq, %why, "outbox entry cannot be decoded; deleting it");
+                match tree.remove(&key) {
+                    Ok(Some(value)) => {
+                        held.bytes -= KEY_BYTES + value.len() as u64;
+                        held.events -= 1;
+                        held.status_events -= u64::from(value.first() == Some(&KIND_STATUS));
+                    }
+                    Ok(None) => {}
+                    Err(e) => self.write_failed(&e),
+                }
+            }
+        }
+        Ok(found.into_values().take(limit).collect())
     }
 
     /// The controller applied everything up to `seq`: forget it. Returns
@@ -264,18 +438,28 @@ impl Outbox {
     /// Removed one key at a time, not as one sled batch: a batch seals
     /// sled's current write buffer and hands it to an IO thread, which
     /// for an ack per event was two thread wake-ups each. Atomicity is not
-    /// needed: an acked event that outlives a crash is sent again and the
-    /// controller drops it as a duplicate.
+    /// needed: an acked event that outlives a crash (or a failed removal)
+    /// is sent again and the controller drops it as a duplicate.
     pub fn ack(&self, seq: u64) -> Result<u64, OutboxError> {
         let mut held = self.held();
         let mut removed = 0;
-        for entry in self.tree.range(..=seq.to_be_bytes()) {
-            let (key, value) = entry?;
-            self.tree.remove(&key)?;
-            held.bytes -= KEY_BYTES + value.len() as u64;
-            held.events -= 1;
-            held.status_events -= u64::from(value.first() == Some(&KIND_STATUS));
+        let still_held = held.unwritten.split_off(&seq.saturating_add(1));
+        for value in std::mem::replace(&mut held.unwritten, still_held).into_values() {
+            held.unwritten_bytes -= KEY_BYTES + value.len() as u64;
             removed += 1;
+        }
+        if let Some(tree) = held.open.as_ref().map(|open| open.tree.clone()) {
+            for entry in tree.range(..=seq.to_be_bytes()) {
+                let (key, value) = entry?;
+                if let Err(e) = tree.remove(&key) {
+                    self.write_failed(&e);
+                    break;
+                }
+                held.bytes -= KEY_BYTES + value.len() as u64;
+                held.events -= 1;
+                held.status_events -= u64::from(value.first() == Some(&KIND_STATUS));
+                removed += 1;
+            }
         }
         if removed > 0 && held.bytes <= self.max_bytes {
             held.over_with_status_only = false;
@@ -304,13 +488,128 @@ impl Outbox {
             dropped_events: self.dropped_events.load(Ordering::Relaxed),
             dropped_samples: self.dropped_samples.load(Ordering::Relaxed),
             appended_samples: self.appended_samples.load(Ordering::Relaxed),
+            degraded: self.failing.borrow().is_some(),
+            write_failures: self.write_failures.load(Ordering::Relaxed),
+            reopens: self.reopens.load(Ordering::Relaxed),
+            unwritten_events: held.unwritten.len() as u64,
+            unwritten_dropped_telemetry: self.unwritten_dropped_telemetry.load(Ordering::Relaxed),
+            unwritten_dropped_status: self.unwritten_dropped_status.load(Ordering::Relaxed),
         }
     }
 
-    /// Writes everything to disk (at shutdown).
+    /// Writes everything to disk (at shutdown). While writes fail, says
+    /// why: the status events held in memory are lost with the process
+    /// (the next hello carries the workloads' current statuses).
     pub fn flush(&self) -> Result<(), OutboxError> {
-        self.tree.flush()?;
+        if let Some(why) = self.failing() {
+            let unwritten = self.held().unwritten.len();
+            warn!(unwritten, %why, "status events held in memory are not on disk at shutdown");
+        }
+        let tree = self.held().open.as_ref().map(|open| open.tree.clone());
+        if let Some(tree) = tree {
+            tree.flush()?;
+        }
         Ok(())
+    }
+
+    /// While writes fail: once a test file shows the disk has room, reopens
+    /// the database and writes again what the old handle held (sled may
+    /// have lost its unflushed part) and what memory held. `Ok(false)`:
+    /// nothing was failing; an error says why not yet. Blocks.
+    pub fn recover(&self) -> Result<bool, String> {
+        if self.failing().is_none() {
+            return Ok(false);
+        }
+        store::probe_room(&self.data_dir).map_err(|e| {
+            store::name_full_disk(format!(
+                "cannot write a test file to {}: {e}",
+                self.data_dir.display()
+            ))
+        })?;
+        let mut held = self.held();
+        // What the old handle holds, read before it is closed (sled's reads
+        // work after a failed write).
+        let mut pending: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        if let Some(old) = held.open.take() {
+            for (key, value) in old.tree.iter().flatten() {
+                if let Some(seq) = seq_of(&key) {
+                    pending.insert(seq, value.to_vec());
+                }
+            }
+            // The old database must be gone (its file lock released) first.
+            drop(old);
+        }
+        pending.append(&mut held.unwritten);
+        held.unwritten_bytes = 0;
+        (held.bytes, held.events, held.status_events) = (0, 0, 0);
+        let reopened = store::open(&self.data_dir)
+            .map_err(|e| e.to_string())
+            .and_then(|db| {
+                let tree = db.open_tree(TREE).map_err(|e| e.to_string())?;
+                Ok(Opened { db, tree })
+            });
+        let written = reopened.and_then(|open| {
+            let mut batch = sled::Batch::default();
+            for (seq, value) in &pending {
+                batch.insert(&seq.to_be_bytes(), value.as_slice());
+            }
+            let stored = open
+                .tree
+                .apply_batch(batch)
+                .and_then(|()| open.db.flush().map(|_| ()))
+                .and_then(|()| count(&open.tree, &mut held).map(|_| ()));
+            held.open = Some(open);
+            stored.map_err(|e| e.to_string())
+        });
+        if let Err(why) = written {
+            // Memory holds the status events until the next attempt.
+            for (seq, value) in pending {
+                self.hold_in_memory(&mut held, seq, value);
+            }
+            self.write_failures.fetch_add(1, Ordering::Relaxed);
+            return Err(store::name_full_disk(format!(
+                "cannot reopen the agent's database in {}: {why}",
+                self.data_dir.display()
+            )));
+        }
+        if held.bytes > self.max_bytes
+            && let Some(tree) = held.open.as_ref().map(|open| open.tree.clone())
+        {
+            // A read error leaves it over the bound until the next append.
+            let _ = self.shed_telemetry(&tree, &mut held);
+        }
+        drop(held);
+        self.reopens.fetch_add(1, Ordering::Relaxed);
+        self.failing.send_replace(None);
+        info!(dir = %self.data_dir.display(), "outbox writes work again (database reopened)");
+        self.appended.notify_waiters();
+        Ok(true)
+    }
+
+    /// Runs [`Outbox::recover`] whenever writes fail, with a growing pause
+    /// between attempts, until `shutdown`.
+    pub async fn keep_recovering(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut failing = self.failing.subscribe();
+        loop {
+            tokio::select! {
+                changed = failing.wait_for(Option::is_some) => if changed.is_err() { return },
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            let mut wait = RECOVER_FIRST_WAIT;
+            while self.failing().is_some() {
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    _ = shutdown.wait_for(|s| *s) => return,
+                }
+                let this = self.clone();
+                match tokio::task::spawn_blocking(move || this.recover()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(why)) => debug!(%why, "outbox writes still fail"),
+                    Err(e) => warn!(error = %e, "recovering the outbox panicked"),
+                }
+                wait = (wait * 2).min(RECOVER_MAX_WAIT);
+            }
+        }
     }
 }
 
@@ -319,11 +618,8 @@ mod tests {
     use super::*;
     use gpufleet_proto::v1::{GpuSample, TelemetryBatch, WorkloadState, WorkloadStatus};
 
-    fn db(dir: &tempfile::TempDir) -> sled::Db {
-        sled::Config::new()
-            .path(dir.path().join("db"))
-            .open()
-            .unwrap()
+    fn open(dir: &tempfile::TempDir, max_bytes: u64, min_seq: u64) -> Outbox {
+        Outbox::open(dir.path(), max_bytes, min_seq).unwrap()
     }
 
     fn telemetry(n: usize) -> Body {
@@ -366,7 +662,7 @@ mod tests {
     #[test]
     fn events_come_back_in_seq_order_until_acked() {
         let dir = tempfile::tempdir().unwrap();
-        let outbox = Outbox::open(&db(&dir), 1 << 20, 100).unwrap();
+        let outbox = open(&dir, 1 << 20, 100);
         let a = outbox.append(telemetry(2)).unwrap();
         let b = outbox.append(status("x")).unwrap();
         let c = outbox.append(telemetry(1)).unwrap();
@@ -394,7 +690,7 @@ mod tests {
     #[test]
     fn a_burst_is_stored_in_order_under_consecutive_seqs() {
         let dir = tempfile::tempdir().unwrap();
-        let outbox = Outbox::open(&db(&dir), 1 << 20, 10).unwrap();
+        let outbox = open(&dir, 1 << 20, 10);
         outbox.append(telemetry(1)).unwrap();
         outbox
             .append_all([status("a"), status("b"), telemetry(2)])
@@ -423,7 +719,7 @@ mod tests {
         let one = size_of(telemetry(4));
         // Room for three telemetry events and the status event.
         let bound = 3 * one + size_of(status("s"));
-        let outbox = Outbox::open(&db(&dir), bound, 1).unwrap();
+        let outbox = open(&dir, bound, 1);
         outbox.append(telemetry(4)).unwrap(); // 1
         outbox.append(status("s")).unwrap(); // 2
         outbox.append(telemetry(4)).unwrap(); // 3
@@ -441,7 +737,7 @@ mod tests {
     #[test]
     fn status_events_are_kept_even_over_the_bound() {
         let dir = tempfile::tempdir().unwrap();
-        let outbox = Outbox::open(&db(&dir), 1, 1).unwrap();
+        let outbox = open(&dir, 1, 1);
         outbox.append(status("a")).unwrap();
         outbox.append(telemetry(1)).unwrap();
         outbox.append(status("b")).unwrap();
@@ -458,20 +754,27 @@ mod tests {
     #[test]
     fn an_undecodable_entry_is_deleted_not_fatal() {
         let dir = tempfile::tempdir().unwrap();
-        let db = db(&dir);
-        let outbox = Outbox::open(&db, 1 << 20, 1).unwrap();
-        outbox.append(telemetry(1)).unwrap();
-        outbox.append(telemetry(1)).unwrap();
+        {
+            let outbox = open(&dir, 1 << 20, 1);
+            outbox.append(telemetry(1)).unwrap();
+            outbox.append(telemetry(1)).unwrap();
+            outbox.flush().unwrap();
+        }
         // Damage entry 1 and add a stray key behind the outbox's back.
-        let tree = db.open_tree(TREE).unwrap();
-        tree.insert(1u64.to_be_bytes(), &[KIND_TELEMETRY, 0xff, 0xff][..])
-            .unwrap();
-        tree.insert(b"junk", &b"x"[..]).unwrap();
-        let outbox = Outbox::open(&db, 1 << 20, 1).unwrap();
+        {
+            let db = store::open(dir.path()).unwrap();
+            let tree = db.open_tree(TREE).unwrap();
+            tree.insert(1u64.to_be_bytes(), &[KIND_TELEMETRY, 0xff, 0xff][..])
+                .unwrap();
+            tree.insert(b"junk", &b"x"[..]).unwrap();
+            db.flush().unwrap();
+        }
+        let outbox = open(&dir, 1 << 20, 1);
         assert_eq!(outbox.stats().events, 2);
         assert_eq!(seqs(&outbox), [2]);
         assert_eq!(outbox.stats().events, 1);
         assert_eq!(outbox.stats().bytes, size_of(telemetry(1)));
+        let tree = outbox.held().open.as_ref().unwrap().tree.clone();
         assert!(!tree.contains_key(b"junk").unwrap());
     }
 
@@ -479,17 +782,15 @@ mod tests {
     fn events_survive_a_reopen_and_seqs_keep_rising() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let db = db(&dir);
-            let outbox = Outbox::open(&db, 1 << 20, 50).unwrap();
+            let outbox = open(&dir, 1 << 20, 50);
             outbox.append(telemetry(1)).unwrap();
             outbox.append(status("a")).unwrap();
             outbox.append(telemetry(1)).unwrap();
             outbox.ack(50).unwrap();
             outbox.flush().unwrap();
         }
-        let db = db(&dir);
         // A lower starting point (clock went back) never reuses a seq.
-        let outbox = Outbox::open(&db, 1 << 20, 10).unwrap();
+        let outbox = open(&dir, 1 << 20, 10);
         assert_eq!(seqs(&outbox), [51, 52]);
         assert_eq!(outbox.stats().events, 2);
         assert_eq!(outbox.stats().status_events, 1);
@@ -500,5 +801,43 @@ mod tests {
         assert_eq!(outbox.append(telemetry(1)).unwrap(), 53);
         outbox.raise_next_seq(1000);
         assert_eq!(outbox.append(telemetry(1)).unwrap(), 1001);
+    }
+
+    #[test]
+    fn while_writes_fail_status_waits_in_memory_and_a_reopen_writes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = open(&dir, 1 << 20, 1);
+        outbox.append(status("before")).unwrap(); // 1, on disk
+        // What a full disk does to the next write.
+        outbox.write_failed(&sled::Error::Io(std::io::Error::from_raw_os_error(28)));
+        let why = outbox.failing().unwrap();
+        assert!(why.starts_with("the agent's disk is full"), "{why}");
+        outbox.append(telemetry(2)).unwrap(); // 2: dropped
+        outbox
+            .append_all([status("a"), status("b")]) // 3, 4: in memory
+            .unwrap();
+        let stats = outbox.stats();
+        assert!(stats.degraded);
+        assert_eq!((stats.events, stats.unwritten_events), (1, 2));
+        assert_eq!(stats.unwritten_dropped_telemetry, 1);
+        // Sent from memory, in seq order with what the disk holds.
+        assert_eq!(seqs(&outbox), [1, 3, 4]);
+        assert_eq!(outbox.after(1, 1).unwrap()[0].body, Some(status("a")));
+        assert_eq!(outbox.ack(3).unwrap(), 2);
+        assert_eq!(seqs(&outbox), [4]);
+
+        assert!(outbox.recover().unwrap(), "the disk has room: reopened");
+        let stats = outbox.stats();
+        assert!(!stats.degraded);
+        assert_eq!(stats.reopens, 1);
+        assert_eq!((stats.events, stats.unwritten_events), (1, 0));
+        assert_eq!(stats.status_events, 1);
+        assert_eq!(seqs(&outbox), [4]);
+        assert_eq!(outbox.append(status("c")).unwrap(), 5);
+        assert!(!outbox.recover().unwrap(), "nothing to recover");
+        drop(outbox);
+        // Written for real: a restart finds them.
+        let outbox = open(&dir, 1 << 20, 1);
+        assert_eq!(seqs(&outbox), [4, 5]);
     }
 }

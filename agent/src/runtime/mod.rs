@@ -264,10 +264,10 @@ pub async fn read_log_file(
 pub(crate) fn prepare_allocation_dir(request: &LaunchRequest) -> Result<(), String> {
     let dir = &request.allocation_dir;
     std::fs::create_dir_all(dir).map_err(|e| {
-        format!(
+        crate::store::name_full_disk(format!(
             "cannot create the allocation directory {}: {e}",
             dir.display()
-        )
+        ))
     })?;
     if let Some((uid, gid)) = request.run_as {
         nix::unistd::chown(

@@ -27,6 +27,7 @@ use super::{
 };
 use crate::shim::protocol::{LaunchSpec, Reply};
 use crate::shim::{HostError, ShimHost};
+use crate::store as store_checks;
 use crate::workload_store::{self as store, AgentRecord, ExitRecord, Records};
 
 /// PATH given to every workload (the agent's own PATH is not inherited).
@@ -233,7 +234,12 @@ impl WorkloadRuntime for ProcessRuntime {
             .create(true)
             .append(true)
             .open(&log_path)
-            .map_err(|e| format!("cannot open the log file {}: {e}", log_path.display()))?;
+            .map_err(|e| {
+                store_checks::name_full_disk(format!(
+                    "cannot open the log file {}: {e}",
+                    log_path.display()
+                ))
+            })?;
         let fail = |log: &mut std::fs::File, message: String| {
             let _ = writeln!(log, "gpufleet-agent: {message}");
             LaunchError::Failed(message)
@@ -264,10 +270,10 @@ impl WorkloadRuntime for ProcessRuntime {
         if let Err(e) = store::create_records_root(&records_root) {
             return Err(fail(
                 &mut log,
-                format!(
+                store_checks::name_full_disk(format!(
                     "cannot create the records directory {}: {e}",
                     records_root.display()
-                ),
+                )),
             ));
         }
         let launch = LaunchSpec {

@@ -63,7 +63,10 @@ pub(crate) fn run(
     };
     if let Err(e) = workload_store::create_records_encoded(records, &spec.allocation, &record) {
         // No records, so nothing for a restarted agent to find; nothing runs.
-        let message = format!("cannot record the workload in {}: {e}", records.display());
+        let message = crate::store::name_full_disk(format!(
+            "cannot record the workload in {}: {e}",
+            records.display()
+        ));
         reply(answer, &Reply::Failed { message });
         return 1;
     }
@@ -258,6 +261,9 @@ fn supervise_with(
         }
     };
     let mut output = Some(output);
+    // Whether output was dropped because the disk was full (the next write
+    // that succeeds says so in the log first).
+    let mut lost_to_full_disk = false;
     let mut buf = [0u8; 16 * 1024];
     let mut status = None;
     let mut drain_until: Option<Instant> = None;
@@ -316,16 +322,33 @@ fn supervise_with(
             match pipe.read(&mut buf) {
                 Ok(0) => output = None,
                 Ok(n) => {
-                    if let Some(sink) = &mut log
-                        && let Err(e) = sink.write_all(&buf[..n])
-                    {
-                        // Keep draining, so the workload never blocks on
-                        // a full pipe; the rest of its output is lost.
-                        let _ = writeln!(
-                            diagnostics,
-                            "gpufleet shim: cannot write the workload's output: {e}"
-                        );
-                        log = None;
+                    let written = log.as_mut().map(|sink| {
+                        if lost_to_full_disk {
+                            sink.write_all(LOST_TO_FULL_DISK.as_bytes())?;
+                        }
+                        sink.write_all(&buf[..n])
+                    });
+                    match written {
+                        None | Some(Ok(())) => lost_to_full_disk = false,
+                        // A full disk loses output only while it is full.
+                        Some(Err(e)) if crate::store::is_disk_full(&e.to_string()) => {
+                            if !lost_to_full_disk {
+                                let _ = writeln!(
+                                    diagnostics,
+                                    "gpufleet shim: the agent's disk is full; the workload's output is lost until it has room: {e}"
+                                );
+                            }
+                            lost_to_full_disk = true;
+                        }
+                        Some(Err(e)) => {
+                            // Keep draining, so the workload never blocks on
+                            // a full pipe; the rest of its output is lost.
+                            let _ = writeln!(
+                                diagnostics,
+                                "gpufleet shim: cannot write the workload's output: {e}"
+                            );
+                            log = None;
+                        }
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -420,6 +443,11 @@ fn pidfd(pid: u32) -> Option<std::os::fd::OwnedFd> {
     // SAFETY: a descriptor the kernel just opened for us alone.
     Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
+
+/// Written to the workload's log before its output resumes after a full
+/// disk.
+const LOST_TO_FULL_DISK: &str =
+    "\ngpufleet-agent: some output was lost while the agent's disk was full\n";
 
 /// A log that accepts at most `max` bytes in total (counting what the file
 /// already held), then one marker line, then silently discards the rest.
