@@ -87,7 +87,17 @@ pub fn run(args: AbuseArgs) -> anyhow::Result<()> {
             .with_file_name("gpufleet-controller"),
     };
     let dir = tempfile::tempdir()?;
-    let mut controller = ControllerProcess::start(&binary, dir.path(), None)?;
+    // Stream caps raised to admit every hostile stream: the bench measures
+    // what the most streams a configuration allows cost (the caps
+    // themselves are tested in tests/tests/streams.rs).
+    let caps = args.streams.to_string();
+    let cap_args = [
+        "--max-streams-per-token".to_string(),
+        caps.clone(),
+        "--max-streams".to_string(),
+        caps,
+    ];
+    let mut controller = ControllerProcess::start(&binary, dir.path(), &cap_args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -170,8 +180,16 @@ async fn drive(
         };
         let body = grpc_body(&message, message.len() as u32);
         let (response, _send) = open(conn, addr, path, Some(token), body).await?;
-        // Headers only; the body is kept and never read.
-        held.push(response.await?);
+        // Headers only; the body is kept and never read. A refusal comes
+        // as headers that already carry the status (trailers-only).
+        let response = response.await?;
+        if response.headers().contains_key("grpc-status") {
+            bail!(
+                "hostile stream {i} was refused ({:?}): raise the controller's stream caps",
+                response.headers().get("grpc-message")
+            );
+        }
+        held.push(response);
     }
     let streams_open = held.len();
 

@@ -30,15 +30,13 @@ impl ControllerProcess {
     pub(crate) fn start(
         binary: &std::path::Path,
         dir: &std::path::Path,
-        finished_job_retention: Option<&str>,
+        extra_args: &[String],
     ) -> anyhow::Result<Self> {
         let log = dir.join("controller.log");
         let log_file = std::fs::File::create(&log)
             .with_context(|| format!("cannot create {}", log.display()))?;
         let mut command = Command::new(binary);
-        if let Some(retention) = finished_job_retention {
-            command.args(["--finished-job-retention", retention]);
-        }
+        command.args(extra_args);
         // Ports the kernel picks, read back from the log: a port guessed
         // free here could be taken before the controller binds it.
         let mut child = command

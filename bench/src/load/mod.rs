@@ -137,8 +137,11 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
             .with_file_name("gpufleet-controller"),
     };
     let dir = tempfile::tempdir()?;
-    let mut controller =
-        ControllerProcess::start(&binary, dir.path(), args.finished_job_retention.as_deref())?;
+    let retention_args: Vec<String> = match &args.finished_job_retention {
+        Some(retention) => vec!["--finished-job-retention".into(), retention.clone()],
+        None => Vec::new(),
+    };
+    let mut controller = ControllerProcess::start(&binary, dir.path(), &retention_args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
