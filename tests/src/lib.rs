@@ -241,6 +241,8 @@ impl Cluster {
 
     pub fn agent_config(&self, node: &NodeSpec) -> AgentConfig {
         let node_config = NodeConfig {
+            // Every agent of this fleet runs on this host.
+            address: Some("127.0.0.1".into()),
             id: Some(node.id.clone()),
             provider: node.provider.clone(),
             region: node.region.clone(),
