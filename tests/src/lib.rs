@@ -119,6 +119,11 @@ pub fn test_shim() -> PathBuf {
     sibling_of_test_exe("gpufleet-test-shim")
 }
 
+/// The gang rendezvous program (`src/bin/rendezvous.rs`).
+pub fn rendezvous_program() -> PathBuf {
+    sibling_of_test_exe("gpufleet-rendezvous")
+}
+
 /// `name` in the directory above the test executable's `deps/` (where
 /// cargo puts binaries), else next to it.
 fn sibling_of_test_exe(name: &str) -> PathBuf {
