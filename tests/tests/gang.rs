@@ -45,6 +45,10 @@ async fn a_three_task_gang_finds_its_peers() -> anyhow::Result<()> {
         logs.push(job_log(&cluster, &job.id, rank).await?);
     }
     assert_eq!(job.state(), JobState::Succeeded, "{job:?}\n{logs:#?}");
+    // Shown with --nocapture; docs/workloads.md quotes it.
+    for (rank, log) in logs.iter().enumerate() {
+        println!("--- rank {rank}\n{log}");
+    }
     let port = job.tasks[0].rendezvous_port;
     assert_ne!(port, 0, "rank 0's port is recorded with the job");
     for (rank, log) in logs.iter().enumerate() {
