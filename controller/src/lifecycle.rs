@@ -9,7 +9,9 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
-use gpufleet_proto::v1::{Gang, Job, JobState, PendingReason, TaskStatus, WorkloadState, WorkloadStatus};
+use gpufleet_proto::v1::{
+    Gang, Job, JobState, PendingReason, TaskStatus, WorkloadState, WorkloadStatus,
+};
 use prost_types::Timestamp;
 
 use gpufleet_scheduler::reason;

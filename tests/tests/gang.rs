@@ -7,7 +7,15 @@ use gpufleet_tests::{Cluster, NodeSpec, job_log, rendezvous_program};
 
 fn three_nodes() -> Vec<NodeSpec> {
     (0..3)
-        .map(|i| NodeSpec::new(&format!("node-{i}"), "aws", "us-east-1", "1xH100-SXM-80GB", 3.0))
+        .map(|i| {
+            NodeSpec::new(
+                &format!("node-{i}"),
+                "aws",
+                "us-east-1",
+                "1xH100-SXM-80GB",
+                3.0,
+            )
+        })
         .collect()
 }
 
@@ -62,7 +70,10 @@ async fn a_three_task_gang_finds_its_peers() -> anyhow::Result<()> {
             format!("MASTER_PORT={port}"),
             "GPUFLEET_PEERS=127.0.0.1,127.0.0.1,127.0.0.1".to_string(),
         ] {
-            assert!(log.lines().any(|l| l == line), "rank {rank} lacks {line}:\n{log}");
+            assert!(
+                log.lines().any(|l| l == line),
+                "rank {rank} lacks {line}:\n{log}"
+            );
         }
     }
     assert!(
@@ -94,12 +105,18 @@ async fn a_failed_rank_restarts_the_whole_gang_once() -> anyhow::Result<()> {
     assert_eq!(job.attempt, 1, "one restart of the whole gang: {job:?}");
     assert_eq!(job.failure_retries, 1);
     assert!(
-        job.history.iter().any(|h| h.contains("task 2 exited with code 1")),
+        job.history
+            .iter()
+            .any(|h| h.contains("task 2 exited with code 1")),
         "{:?}",
         job.history
     );
     // Every task of the new attempt ran again, with a new rendezvous.
-    assert!(job.tasks.iter().all(|t| t.allocation_id.ends_with(".1")), "{:?}", job.tasks);
+    assert!(
+        job.tasks.iter().all(|t| t.allocation_id.ends_with(".1")),
+        "{:?}",
+        job.tasks
+    );
     assert!(marker.exists());
     cluster.shutdown().await
 }

@@ -89,12 +89,15 @@ fn serve(master: &str, world_size: u32) -> Result<(), String> {
             .and_then(|r| r.parse().ok())
             .ok_or_else(|| format!("{from} sent {line:?}, not `rank N`"))?;
         if rank == 0 || rank >= world_size || !ranks.insert(rank) {
-            return Err(format!("rank {rank} from {from} is out of range or repeated"));
+            return Err(format!(
+                "rank {rank} from {from} is out of range or repeated"
+            ));
         }
         peers.push(stream);
     }
     for mut peer in peers {
-        peer.write_all(b"ok\n").map_err(|e| format!("answer: {e}"))?;
+        peer.write_all(b"ok\n")
+            .map_err(|e| format!("answer: {e}"))?;
     }
     println!("rendezvous complete: world_size={world_size}, ranks heard={ranks:?}");
     Ok(())
