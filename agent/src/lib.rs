@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod gang;
 pub mod health;
 pub mod identity;
 pub mod kmsg;
@@ -32,7 +33,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
-use tracing::info;
+use tracing::{info, warn};
 
 pub use backend::GpuBackend;
 pub use backend::simulated::{SimFault, SimulatedBackend};
@@ -120,8 +121,24 @@ pub async fn start(
         );
     }
 
+    let address = match &config.node.address {
+        Some(address) => address.clone(),
+        None => match config::default_advertise_address() {
+            Ok(address) => address,
+            Err((fallback, why)) => {
+                warn!(
+                    address = %fallback,
+                    %why,
+                    "no private address found; gang peers on other nodes cannot reach this one: set node.address (--advertise-address)"
+                );
+                fallback
+            }
+        },
+    };
+    info!(%address, "address advertised to gang peers");
     let identity = NodeIdentity {
         node_id: node_id.clone(),
+        address,
         provider: config.node.provider.clone(),
         region: config.node.region.clone(),
         zone: config.node.zone.clone(),

@@ -520,6 +520,7 @@ mod tests {
 
     fn allocation(id: &str) -> Allocation {
         Allocation {
+            gang: None,
             allocation_id: id.into(),
             job_id: "job-1".into(),
             task_index: 0,

@@ -28,6 +28,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 fn config(controller: SocketAddr, data_dir: &Path, node: &str) -> AgentConfig {
     let node = NodeConfig {
+        address: None,
         id: Some(node.into()),
         provider: "aws".into(),
         region: "us-east-1".into(),

@@ -171,6 +171,7 @@ async fn status_reaches_controller(
 
 fn config(controller: SocketAddr, data_dir: &Path) -> AgentConfig {
     let node = NodeConfig {
+        address: None,
         id: Some("node-disk".into()),
         provider: "aws".into(),
         region: "us-east-1".into(),

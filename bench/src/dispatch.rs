@@ -328,6 +328,7 @@ async fn through_gpufleet(
 
 fn agent_config(endpoint: &str, dir: &std::path::Path, gpus: usize) -> AgentConfig {
     let node = NodeConfig {
+        address: None,
         id: Some("dispatch-bench".into()),
         provider: "local".into(),
         region: "loopback".into(),

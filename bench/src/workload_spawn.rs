@@ -53,6 +53,7 @@ fn ms(d: Duration) -> f64 {
 
 fn allocation(id: &str, argv: &[&str]) -> Allocation {
     Allocation {
+        gang: None,
         allocation_id: id.to_string(),
         job_id: "job-bench".to_string(),
         task_index: 0,

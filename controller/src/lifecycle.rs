@@ -9,7 +9,9 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
-use gpufleet_proto::v1::{Job, JobState, PendingReason, TaskStatus, WorkloadState, WorkloadStatus};
+use gpufleet_proto::v1::{
+    Gang, Job, JobState, PendingReason, TaskStatus, WorkloadState, WorkloadStatus,
+};
 use prost_types::Timestamp;
 
 use gpufleet_scheduler::reason;
@@ -42,6 +44,10 @@ pub fn apply_status(task: &mut TaskStatus, status: &WorkloadStatus, now: SystemT
     task.exit_code = status.exit_code;
     task.signal = status.signal;
     task.message = status.message.clone();
+    // Rank 0's port is chosen once per attempt; the first report stands.
+    if task.rendezvous_port == 0 {
+        task.rendezvous_port = status.rendezvous_port;
+    }
     if status.started_at.is_some() {
         task.started_at = status.started_at;
     }
@@ -58,6 +64,23 @@ pub fn apply_status(task: &mut TaskStatus, status: &WorkloadStatus, now: SystemT
         task.finished_at = Some(start);
     }
     *task != before
+}
+
+/// The gang facts of task `index` for its agent; `None` for a single-task
+/// job. MASTER_PORT is 0 until task 0's agent reported the port it chose.
+pub fn gang_for(job: &Job, index: u32) -> Option<Gang> {
+    if job.tasks.len() < 2 {
+        return None;
+    }
+    let peers: Vec<String> = job.tasks.iter().map(|t| t.address.clone()).collect();
+    let rank0 = job.tasks.iter().find(|t| t.index == 0)?;
+    Some(Gang {
+        rank: index,
+        world_size: job.tasks.len() as u32,
+        master_addr: rank0.address.clone(),
+        master_port: rank0.rendezvous_port,
+        peers,
+    })
 }
 
 /// Moves the job to Requeuing (its tasks will be stopped), or straight back

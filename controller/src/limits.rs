@@ -102,6 +102,7 @@ pub fn check_hello(hello: &AgentHello) -> Result<()> {
             ("zone", &identity.zone),
             ("instance_type", &identity.instance_type),
             ("hostname", &identity.hostname),
+            ("address", &identity.address),
         ] {
             check_filter(&format!("hello.identity.{field}"), value, AGENT_TEXT_BYTES)?;
         }

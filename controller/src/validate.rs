@@ -11,6 +11,18 @@ use crate::limits;
 pub const MAX_GPUS_PER_TASK: u32 = 16;
 pub const MAX_TASKS: u32 = 4096;
 const RESERVED_ENV: &[&str] = &["CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"];
+/// What the agent sets for every task of a gang (docs/workloads.md,
+/// "Multi-node gangs"): a gang's own value would silently break its
+/// rendezvous, so it is refused. Single-task jobs may set them.
+const GANG_ENV: &[&str] = &[
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "NODE_RANK",
+    "LOCAL_WORLD_SIZE",
+];
 
 /// A job id as this controller issues them: `job-` and 16 lowercase hex
 /// digits (`history::new_job_id`), or 12 for jobs submitted before ids
@@ -441,6 +453,12 @@ pub fn job_spec(mut spec: JobSpec, rules: &SubmitRules) -> Result<JobSpec> {
                 "is set by the agent from the allocation and cannot be overridden",
             ));
         }
+        if spec.tasks > 1 && GANG_ENV.contains(&key.as_str()) {
+            return Err(ControllerError::invalid(
+                format!("spec.workload.env[{key:?}]"),
+                "is set by the agent for every task of a gang (a job of 2 or more tasks) and cannot be overridden; see docs/workloads.md, \"Multi-node gangs\"",
+            ));
+        }
     }
     Ok(spec)
 }
@@ -565,6 +583,23 @@ mod tests {
             .env
             .insert("CUDA_VISIBLE_DEVICES".into(), "0".into());
         assert!(field_of(job_spec(s, &models()).unwrap_err()).contains("CUDA_VISIBLE_DEVICES"));
+        // A gang's rendezvous variables are the agent's; a single task's
+        // are its own.
+        let mut s = spec(1, &["x"]);
+        s.tasks = 2;
+        s.workload
+            .as_mut()
+            .unwrap()
+            .env
+            .insert("MASTER_PORT".into(), "29500".into());
+        assert!(field_of(job_spec(s, &models()).unwrap_err()).contains("MASTER_PORT"));
+        let mut s = spec(1, &["x"]);
+        s.workload
+            .as_mut()
+            .unwrap()
+            .env
+            .insert("MASTER_PORT".into(), "29500".into());
+        assert!(job_spec(s, &models()).is_ok());
     }
 
     #[test]

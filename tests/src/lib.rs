@@ -119,6 +119,11 @@ pub fn test_shim() -> PathBuf {
     sibling_of_test_exe("gpufleet-test-shim")
 }
 
+/// The gang rendezvous program (`src/bin/rendezvous.rs`).
+pub fn rendezvous_program() -> PathBuf {
+    sibling_of_test_exe("gpufleet-rendezvous")
+}
+
 /// `name` in the directory above the test executable's `deps/` (where
 /// cargo puts binaries), else next to it.
 fn sibling_of_test_exe(name: &str) -> PathBuf {
@@ -241,6 +246,8 @@ impl Cluster {
 
     pub fn agent_config(&self, node: &NodeSpec) -> AgentConfig {
         let node_config = NodeConfig {
+            // Every agent of this fleet runs on this host.
+            address: Some("127.0.0.1".into()),
             id: Some(node.id.clone()),
             provider: node.provider.clone(),
             region: node.region.clone(),

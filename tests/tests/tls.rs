@@ -59,6 +59,7 @@ fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<std::path::PathBu
 
 fn agent_config(dir: &Path, endpoint: &str, tls: TlsClientConfig, id: &str) -> AgentConfig {
     let node = NodeConfig {
+        address: None,
         id: Some(id.to_string()),
         provider: "aws".into(),
         region: "us-east-1".into(),

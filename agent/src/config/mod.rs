@@ -141,6 +141,8 @@ pub struct NodeConfig {
     pub price_per_gpu_hour_usd: f64,
     pub spot: bool,
     pub labels: BTreeMap<String, String>,
+    /// `None`: [`default_advertise_address`].
+    pub address: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -303,7 +305,14 @@ impl AgentConfig {
             price_per_gpu_hour_usd: n.price_per_gpu_hour_usd.unwrap_or(0.0),
             spot: n.spot.unwrap_or(false),
             labels: n.labels.map(|l| l.0).unwrap_or_default(),
+            address: n
+                .address
+                .map(|a| a.trim().to_string())
+                .filter(|a| !a.is_empty()),
         };
+        if let Some(address) = &node.address {
+            check_advertise_address(address)?;
+        }
         let metrics_listen = {
             let s = s
                 .metrics_listen
@@ -506,6 +515,48 @@ impl AgentConfig {
     /// Price in integer micro-USD, as the protos carry it.
     pub fn price_micro_usd(&self) -> u64 {
         (self.node.price_per_gpu_hour_usd * 1_000_000.0).round() as u64
+    }
+}
+
+/// An advertised address goes into peers' environment as one item of a
+/// comma-separated list: a host name or an IP literal, nothing else.
+fn check_advertise_address(address: &str) -> Result<(), ConfigError> {
+    let ok = address.len() <= 253
+        && address
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "node.address",
+            format!(
+                "{address:?} is not a host name or IP address (letters, digits, . - : _; at most 253)"
+            ),
+        ))
+    }
+}
+
+/// The address peers reach this node at when none is configured: the
+/// source address the kernel picks for the default route (a UDP socket
+/// "connected" to a TEST-NET address; no packet is sent), when it is a
+/// non-loopback IPv4 address. `Err` carries why it fell back to
+/// `127.0.0.1`, for the log.
+pub fn default_advertise_address() -> Result<String, (String, String)> {
+    const FALLBACK: &str = "127.0.0.1";
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|socket| {
+            socket.connect("192.0.2.1:9")?;
+            socket.local_addr()
+        })
+        .map(|addr| addr.ip());
+    match probe {
+        Ok(ip) if !ip.is_loopback() && !ip.is_unspecified() => Ok(ip.to_string()),
+        Ok(ip) => Err((
+            FALLBACK.to_string(),
+            format!("the default route's source address is {ip}"),
+        )),
+        Err(e) => Err((FALLBACK.to_string(), format!("no default route: {e}"))),
     }
 }
 

@@ -204,6 +204,16 @@ pub struct NodeSettings {
         value_name = "K=V,..."
     )]
     pub labels: Option<Labels>,
+    /// Address other nodes reach this one at: a gang's MASTER_ADDR and
+    /// GPUFLEET_PEERS [default: the private IPv4 address of the default
+    /// route's interface, else 127.0.0.1].
+    #[arg(
+        id = "node.address",
+        long = "advertise-address",
+        env = "GPUFLEET_ADVERTISE_ADDRESS",
+        value_name = "ADDRESS"
+    )]
+    pub address: Option<String>,
 }
 
 /// `[health]`.

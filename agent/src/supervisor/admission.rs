@@ -9,7 +9,7 @@ use gpufleet_proto::v1::{Allocation, DesiredState, WorkloadState, WorkloadStatus
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
-use super::workload::Workload;
+use super::workload::{WAITING_FOR_PORT, Workload, awaits_port};
 use super::{Source, State, Supervisor, SupervisorError, invalid};
 
 /// Checks that an allocation id is safe as one path component:
@@ -27,11 +27,29 @@ pub fn validate_allocation_id(id: &str) -> Result<(), SupervisorError> {
     Ok(())
 }
 
+/// Rank 0 of a gang whose port is not chosen yet gets a free port of this
+/// host (see [`crate::gang::pick_free_port`]); every other allocation is
+/// returned as it is.
+fn choose_rendezvous_port(mut allocation: Allocation) -> Result<Allocation, String> {
+    if let Some(gang) = allocation.gang.as_mut()
+        && gang.rank == 0
+        && gang.master_port == 0
+    {
+        let port = crate::gang::pick_free_port()
+            .map_err(|e| format!("cannot choose a rendezvous port for the gang: {e}"))?;
+        gang.master_port = u32::from(port);
+        info!(allocation_id = %allocation.allocation_id, port, "chose the gang's rendezvous port");
+    }
+    Ok(allocation)
+}
+
 /// What a start task needs of the workload [`Supervisor::admit`] recorded.
 pub(super) struct Admitted {
     /// Marks the workload ended.
     pub(super) done: watch::Sender<bool>,
     pub(super) stop_while_queued: Arc<Notify>,
+    /// Wakes a gang rank waiting for rank 0's port.
+    pub(super) port_known: Arc<Notify>,
 }
 
 impl Supervisor {
@@ -142,11 +160,25 @@ impl Supervisor {
             .collect();
         let mut starts = Vec::new();
         for allocation in &desired.allocations {
-            match st.workloads.get(&allocation.allocation_id) {
-                None => match self.validate_controller_allocation(allocation) {
-                    Ok(()) => {
+            match st.workloads.get_mut(&allocation.allocation_id) {
+                None => match self
+                    .validate_controller_allocation(allocation)
+                    .and_then(|()| choose_rendezvous_port(allocation.clone()))
+                {
+                    Ok(allocation) => {
                         let done = self.admit(&mut st, allocation.clone(), Source::Controller);
-                        starts.push((allocation.clone(), done));
+                        if allocation.gang.is_some()
+                            && let Some(w) = st.workloads.get_mut(&allocation.allocation_id)
+                        {
+                            // Rank 0 reports its port at once; the other
+                            // ranks say what they wait for.
+                            if w.awaiting_port() {
+                                w.message = WAITING_FOR_PORT.to_string();
+                            }
+                            let status = w.status();
+                            self.emit(&mut st, status);
+                        }
+                        starts.push((allocation, done));
                     }
                     Err(reason) => self.reject(&mut st, allocation.clone(), reason),
                 },
@@ -154,7 +186,17 @@ impl Supervisor {
                     allocation_id = %allocation.allocation_id,
                     "the controller wants an allocation id already used by a local workload; ignoring it"
                 ),
-                Some(_) => {}
+                Some(w) => {
+                    if w.state == WorkloadState::Starting
+                        && w.awaiting_port()
+                        && !awaits_port(allocation)
+                    {
+                        info!(allocation_id = %allocation.allocation_id, "rank 0's rendezvous port is known; starting");
+                        w.allocation.gang = allocation.gang.clone();
+                        w.message.clear();
+                        w.port_known.notify_one();
+                    }
+                }
             }
         }
         // A finished workload's final status was emitted when it finished,
@@ -215,11 +257,13 @@ impl Supervisor {
         let id = allocation.allocation_id.clone();
         let w = Workload::starting(allocation, source, done_rx);
         let stop_while_queued = w.stop_while_queued.clone();
+        let port_known = w.port_known.clone();
         st.workloads.insert(id, w);
         self.refresh_busy(st);
         Admitted {
             done: done_tx,
             stop_while_queued,
+            port_known,
         }
     }
 

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::admission::Admitted;
+use super::workload::awaits_port;
 use super::{Source, Supervisor};
 use crate::runtime::{Ended, LaunchControl, LaunchError, LaunchRequest, Launched, RunningWorkload};
 
@@ -74,9 +75,26 @@ impl Supervisor {
         let Admitted {
             done,
             stop_while_queued,
+            port_known,
         } = admitted;
         tokio::spawn(async move {
             let id = allocation.allocation_id.clone();
+            let mut allocation = allocation;
+            // A gang rank other than 0 holds its launch until a desired
+            // state brings rank 0's port (level-triggered: any later one).
+            while awaits_port(&allocation) {
+                tokio::select! {
+                    () = port_known.notified() => {}
+                    () = stop_while_queued.notified() => {
+                        this.finish_start(&id, Err(LaunchError::Withdrawn), &done);
+                        return;
+                    }
+                }
+                match this.lock().workloads.get(&id) {
+                    Some(w) => allocation = w.allocation.clone(),
+                    None => return,
+                }
+            }
             let permits = this.inner.start_permits.clone();
             let permit = tokio::select! {
                 // Never closed, so only `Ok`.
@@ -140,6 +158,9 @@ impl Supervisor {
         let spec = allocation.workload.clone().unwrap_or_default();
         let mut env: Vec<(String, String)> = spec.env.into_iter().collect();
         env.sort();
+        if let Some(gang) = &allocation.gang {
+            env = crate::gang::with_rendezvous_env(env, gang);
+        }
         LaunchRequest {
             local: source == Source::Local,
             argv: spec.argv,

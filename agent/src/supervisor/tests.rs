@@ -26,6 +26,7 @@ fn supervisor() -> (Supervisor, Arc<MemoryRuntime>, Vec<String>) {
 
 fn allocation(id: &str, gpus: &[String]) -> Allocation {
     Allocation {
+        gang: None,
         allocation_id: id.to_string(),
         job_id: "job-1".to_string(),
         task_index: 0,

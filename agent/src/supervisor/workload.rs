@@ -37,6 +37,9 @@ pub(super) struct Workload {
     pub(super) stop_while_queued: Arc<Notify>,
     /// Becomes true once the workload is terminal.
     pub(super) done: watch::Receiver<bool>,
+    /// Wakes the start task of a gang rank that waits for rank 0's
+    /// rendezvous port once a desired state brought it.
+    pub(super) port_known: Arc<Notify>,
 }
 
 impl Workload {
@@ -62,7 +65,13 @@ impl Workload {
             stop_grace: None,
             stop_while_queued: Arc::new(Notify::new()),
             done,
+            port_known: Arc::new(Notify::new()),
         }
+    }
+
+    /// A gang rank other than 0 whose launch waits for rank 0's port.
+    pub(super) fn awaiting_port(&self) -> bool {
+        awaits_port(&self.allocation)
     }
 
     pub(super) fn status(&self) -> WorkloadStatus {
@@ -78,6 +87,12 @@ impl Workload {
             gpu_uuids: self.allocation.gpu_uuids.clone(),
             started_at: self.started_at.map(prost_types::Timestamp::from),
             finished_at: self.finished_at.map(prost_types::Timestamp::from),
+            rendezvous_port: self
+                .allocation
+                .gang
+                .as_ref()
+                .filter(|g| g.rank == 0)
+                .map_or(0, |g| g.master_port),
         }
     }
 
@@ -107,6 +122,18 @@ impl Workload {
         self.running = None;
     }
 }
+
+/// Whether `allocation` is a gang rank other than 0 that does not know
+/// rank 0's rendezvous port yet.
+pub(super) fn awaits_port(allocation: &Allocation) -> bool {
+    allocation
+        .gang
+        .as_ref()
+        .is_some_and(|g| g.rank != 0 && g.master_port == 0)
+}
+
+/// The status message of a rank that waits for rank 0's port.
+pub(super) const WAITING_FOR_PORT: &str = "waiting for rank 0's rendezvous port";
 
 /// The state and message for a workload that ended as `exit` says.
 fn outcome(stop_requested: bool, exit: &Exit) -> (WorkloadState, String) {

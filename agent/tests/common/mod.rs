@@ -43,6 +43,7 @@ pub fn supervisor(dir: &std::path::Path, backend: Arc<SimulatedBackend>) -> Supe
 
 pub fn allocation(id: &str, argv: &[&str], gpus: &[String]) -> Allocation {
     Allocation {
+        gang: None,
         allocation_id: id.to_string(),
         job_id: "job-000000000001".to_string(),
         task_index: 0,

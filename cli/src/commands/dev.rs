@@ -226,6 +226,8 @@ async fn start_agent(
     data_dir: &std::path::Path,
 ) -> anyhow::Result<RunningAgent> {
     let node_config = NodeConfig {
+        // Every agent of this fleet runs on this host.
+        address: Some("127.0.0.1".into()),
         id: Some(node.id.to_string()),
         provider: node.provider.to_string(),
         region: node.region.to_string(),

@@ -78,6 +78,23 @@ impl Controller {
                                 })
                                 .map(|i| i.model.clone())
                                 .unwrap_or_default();
+                            // Kept with the task: a gang's peers stay the
+                            // same for the attempt even if a node's
+                            // address changes later.
+                            let address = state
+                                .nodes
+                                .get(&p.node_id)
+                                .and_then(|e| e.record.identity.as_ref())
+                                .map(|i| {
+                                    // An agent from before advertised
+                                    // addresses: its host name.
+                                    if i.address.is_empty() {
+                                        i.hostname.clone()
+                                    } else {
+                                        i.address.clone()
+                                    }
+                                })
+                                .unwrap_or_default();
                             TaskStatus {
                                 index: index as u32,
                                 // Unique per attempt: an agent never re-runs an
@@ -94,6 +111,7 @@ impl Controller {
                                 price_per_gpu_hour_micro_usd: p.price_per_gpu_hour_micro_usd,
                                 generation: placement::generation_wire(p.generation),
                                 model,
+                                address,
                                 ..Default::default()
                             }
                         })

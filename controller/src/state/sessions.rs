@@ -1,7 +1,7 @@
 //! Agent sessions: hello and reconciliation, sequence numbers and acks,
 //! workload status events, and the desired-state push.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -13,7 +13,9 @@ use tokio::sync::mpsc;
 
 use super::*;
 use crate::error::{ControllerError, Result};
-use crate::lifecycle::{apply_status, derive_job_state, is_desired, job_nodes, task_holds_gpus};
+use crate::lifecycle::{
+    apply_status, derive_job_state, gang_for, is_desired, job_nodes, task_holds_gpus,
+};
 use crate::store::{Keyspace, StoreError, WriteBatch};
 use crate::validate;
 
@@ -166,6 +168,7 @@ impl Controller {
             .collect();
         let mut changed = Vec::new();
         let mut retired = Vec::new();
+        let mut port_learned = Vec::new();
         for job in state.jobs.values() {
             let mut job_changed = job.clone();
             let mut touched = false;
@@ -175,7 +178,11 @@ impl Controller {
                 .filter(|t| t.node_id == node_id)
             {
                 if let Some(status) = reported.get(task.allocation_id.as_str()) {
+                    let port_before = task.rendezvous_port;
                     touched |= apply_status(task, status, self.now());
+                    if task.index == 0 && port_before == 0 && task.rendezvous_port != 0 {
+                        port_learned.push(job.id.clone());
+                    }
                 } else if matches!(
                     task.state(),
                     WorkloadState::Starting | WorkloadState::Running
@@ -205,6 +212,17 @@ impl Controller {
         }
         self.commit_jobs_retiring(&mut state, changed, retired)?;
         self.push_desired(&mut state, &node_id, true);
+        // A rank 0 whose port the controller learns only now: its peers wait.
+        let peer_nodes: BTreeSet<String> = port_learned
+            .iter()
+            .filter_map(|id| state.jobs.get(id))
+            .filter(|job| is_desired(job))
+            .flat_map(job_nodes)
+            .filter(|node| *node != node_id)
+            .collect();
+        for node in peer_nodes {
+            self.push_desired(&mut state, &node, true);
+        }
         drop(state);
         tracing::info!(node_id = %node_id, gpus = hello.gpus.len(), session_id, "agent connected");
         self.inner.schedule.notify_one();
@@ -349,20 +367,26 @@ impl Controller {
             return Ok(());
         };
         let released = !is_terminal_workload(task.state()) && is_terminal_workload(status.state());
+        let port_before = task.rendezvous_port;
         if !apply_status(task, &status, self.now()) {
             return Ok(());
         }
+        // Rank 0 chose its rendezvous port: the other ranks' agents, which
+        // hold their launch until they know it, get it with their next
+        // desired state (written first, sent after).
+        let port_learned = task.index == 0 && port_before == 0 && task.rendezvous_port != 0;
         let was_desired = is_desired(&job);
         let retired = derive_job_state(&mut job, self.now());
         job.version += 1;
-        let left_desired = was_desired && !is_desired(&job);
+        let is_desired_after = is_desired(&job);
+        let left_desired = was_desired && !is_desired_after;
         let requeued = job.state() == JobState::Pending;
         let nodes = job_nodes(&job);
         tracing::info!(job_id = %job.id, allocation_id = %status.allocation_id, state = ?status.state(), job_state = ?job.state(), "workload status");
         self.commit_jobs_retiring(&mut state, vec![job], retired)?;
-        if left_desired {
+        if left_desired || (port_learned && is_desired_after) {
             for node in nodes {
-                self.push_desired(&mut state, &node, false);
+                self.push_desired(&mut state, &node, port_learned);
             }
         }
         drop(state);
@@ -426,6 +450,7 @@ pub(super) fn desired_allocations(state: &State, node_id: &str) -> Vec<Allocatio
                     task_index: t.index,
                     gpu_uuids: t.gpu_uuids.clone(),
                     workload: job.spec.as_ref().and_then(|s| s.workload.clone()),
+                    gang: gang_for(job, t.index),
                 })
         })
         .collect();
