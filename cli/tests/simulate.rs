@@ -3,8 +3,14 @@
 
 use std::process::Command;
 
-const NODES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scheduler/tests/data/small_nodes.csv");
-const PODS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scheduler/tests/data/small_pods.csv");
+const NODES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../scheduler/tests/data/small_nodes.csv"
+);
+const PODS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../scheduler/tests/data/small_pods.csv"
+);
 
 #[test]
 fn simulate_prints_a_table_and_writes_the_chart() {
@@ -16,7 +22,11 @@ fn simulate_prints_a_table_and_writes_the_chart() {
         .output()
         .expect("gpufleet runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for needle in [
         "cost",
         "pack",
@@ -29,7 +39,10 @@ fn simulate_prints_a_table_and_writes_the_chart() {
         assert!(stdout.contains(needle), "{needle} missing in:\n{stdout}");
     }
     let svg = std::fs::read_to_string(&chart).expect("the chart was written");
-    assert!(svg.starts_with("<svg") && svg.contains("<polyline"), "{svg}");
+    assert!(
+        svg.starts_with("<svg") && svg.contains("<polyline"),
+        "{svg}"
+    );
 }
 
 #[test]
@@ -37,10 +50,21 @@ fn simulate_json_is_the_same_for_the_same_seed() {
     let run = || {
         let out = Command::new(env!("CARGO_BIN_EXE_gpufleet"))
             .args(["-o", "json", "simulate", "--synthetic-nodes", "10"])
-            .args(["--synthetic-jobs", "200", "--seed", "7", "--policy", "cost,baseline-first-fit"])
+            .args([
+                "--synthetic-jobs",
+                "200",
+                "--seed",
+                "7",
+                "--policy",
+                "cost,baseline-first-fit",
+            ])
             .output()
             .expect("gpufleet runs");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let mut v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
         // Wall times differ between runs; everything else must not.
         for p in v["policies"].as_array_mut().expect("policies") {
@@ -57,7 +81,9 @@ fn simulate_json_is_the_same_for_the_same_seed() {
 #[test]
 fn simulate_rejects_an_unknown_policy() {
     let out = Command::new(env!("CARGO_BIN_EXE_gpufleet"))
-        .args(["simulate", "--nodes", NODES, "--pods", PODS, "--policy", "fgd"])
+        .args([
+            "simulate", "--nodes", NODES, "--pods", PODS, "--policy", "fgd",
+        ])
         .output()
         .expect("gpufleet runs");
     assert!(!out.status.success());

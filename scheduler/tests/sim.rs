@@ -85,7 +85,11 @@ fn small_trace_matches_the_hand_computed_schedule() {
 #[test]
 fn spread_starts_the_first_job_on_the_emptiest_node() {
     let w = small();
-    let r = sim::simulate(&w, SimPolicy::Scheduler(Policy::Spread), &SimConfig::default());
+    let r = sim::simulate(
+        &w,
+        SimPolicy::Scheduler(Policy::Spread),
+        &SimConfig::default(),
+    );
     assert_eq!(r.starts[0], Some(0));
     // p2 needs all of n2, which spread has started filling: it waits.
     assert!(r.starts[2] > Some(10), "{:?}", r.starts);

@@ -99,7 +99,11 @@ fn parse_policies(list: &str) -> anyhow::Result<Vec<SimPolicy>> {
 
 fn load(args: &SimulateArgs) -> anyhow::Result<Workload> {
     if let Some(nodes) = args.synthetic_nodes {
-        return Ok(sim::workload::synthetic(nodes, args.synthetic_jobs, args.seed));
+        return Ok(sim::workload::synthetic(
+            nodes,
+            args.synthetic_jobs,
+            args.seed,
+        ));
     }
     let (Some(nodes), Some(pods)) = (&args.nodes, &args.pods) else {
         anyhow::bail!("give --nodes FILE --pods FILE (openb format) or --synthetic-nodes N");
@@ -160,7 +164,12 @@ fn table(workload: &Workload, reports: &[PolicyReport], walls: &[f64]) -> String
     row("placed", &|r| format!("{}/{}", r.placed, r.jobs));
     row("never placed", &|r| r.never_placed.to_string());
     row("wait p50/p95/p99", &|r| {
-        format!("{} / {} / {}", secs(r.waits.p50), secs(r.waits.p95), secs(r.waits.p99))
+        format!(
+            "{} / {} / {}",
+            secs(r.waits.p50),
+            secs(r.waits.p95),
+            secs(r.waits.p99)
+        )
     });
     for (i, class) in SIZE_CLASSES.iter().enumerate() {
         row(&format!("  {class} GPU p50/p99"), &|r| {
@@ -168,7 +177,9 @@ fn table(workload: &Workload, reports: &[PolicyReport], walls: &[f64]) -> String
             format!("{} / {} (n={})", secs(w.p50), secs(w.p99), w.jobs)
         });
     }
-    row("mean allocation", &|r| format!("{:.1} %", r.mean_allocation_pct));
+    row("mean allocation", &|r| {
+        format!("{:.1} %", r.mean_allocation_pct)
+    });
     row("stranded GPUs mean/peak", &|r| {
         format!("{:.1} / {}", r.mean_stranded_gpus, r.peak_stranded_gpus)
     });
@@ -252,7 +263,12 @@ fn downsample(series: &[sim::Sample], points: usize) -> Vec<sim::Sample> {
     out
 }
 
-const COLOURS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"];
+/// What a chart panel plots for one sample of one policy.
+type SeriesValue = dyn Fn(&PolicyReport, &sim::Sample) -> f64;
+
+const COLOURS: [&str; 6] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
+];
 
 /// Two stacked panels (allocation %, stranded GPUs) with one polyline per
 /// policy over virtual time, and a legend.
@@ -273,7 +289,7 @@ fn svg(reports: &[PolicyReport]) -> String {
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
     );
     let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let panels: [(&str, f64, Box<dyn Fn(&PolicyReport, &sim::Sample) -> f64>); 2] = [
+    let panels: [(&str, f64, Box<SeriesValue>); 2] = [
         (
             "GPU allocation (%)",
             100.0,

@@ -277,9 +277,7 @@ impl<'a> Engine<'a> {
                 priority: spec.priority,
                 preemptible: false,
                 node_id: node.id.clone(),
-                gpu_uuids: positions(run.mask)
-                    .map(|p| gpu_uuid(&node.id, p))
-                    .collect(),
+                gpu_uuids: positions(run.mask).map(|p| gpu_uuid(&node.id, p)).collect(),
                 expected_end: None,
                 evicting: false,
             });
@@ -371,7 +369,11 @@ impl<'a> Engine<'a> {
 }
 
 fn allows(job: &SimJob, node: &SimNode) -> bool {
-    job.models.is_empty() || job.models.iter().any(|m| m.eq_ignore_ascii_case(&node.model))
+    job.models.is_empty()
+        || job
+            .models
+            .iter()
+            .any(|m| m.eq_ignore_ascii_case(&node.model))
 }
 
 fn full_mask(gpus: u32) -> u32 {

@@ -71,7 +71,9 @@ impl<'a> Table<'a> {
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty());
         let Some((_, header)) = lines.next() else {
-            return Err(ParseError(format!("{what}: the file is empty; expected a header line")));
+            return Err(ParseError(format!(
+                "{what}: the file is empty; expected a header line"
+            )));
         };
         let columns: HashMap<&str, usize> = header
             .split(',')
@@ -155,7 +157,13 @@ pub fn parse_pods(text: &str) -> Result<(Vec<SimJob>, WorkloadNotes), ParseError
     let table = Table::parse(
         "pod list",
         text,
-        &["name", "num_gpu", "gpu_milli", "creation_time", "deletion_time"],
+        &[
+            "name",
+            "num_gpu",
+            "gpu_milli",
+            "creation_time",
+            "deletion_time",
+        ],
     )?;
     let mut notes = WorkloadNotes::default();
     let mut jobs = Vec::new();
@@ -228,7 +236,8 @@ mod tests {
 
     #[test]
     fn reads_nodes_and_pods_with_the_documented_rules() {
-        let nodes = "sn,cpu_milli,memory_mib,gpu,model\nn0,64000,262144,2,P100\nn1,96000,393216,8,G2\n";
+        let nodes =
+            "sn,cpu_milli,memory_mib,gpu,model\nn0,64000,262144,2,P100\nn1,96000,393216,8,G2\n";
         let pods = "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos,pod_phase,creation_time,deletion_time,scheduled_time\n\
                     p0,1000,1024,1,460,,LS,Running,10,100,10\n\
                     p1,1000,1024,0,0,,BE,Running,5,50,5\n\
@@ -256,7 +265,10 @@ mod tests {
     #[test]
     fn errors_name_the_line_and_field() {
         let err = parse_nodes("sn,gpu,model\nn0,2,H9000\n").expect_err("unknown model");
-        assert!(err.0.contains("line 2") && err.0.contains("`model`"), "{err}");
+        assert!(
+            err.0.contains("line 2") && err.0.contains("`model`"),
+            "{err}"
+        );
         let err = parse_pods("name,num_gpu,gpu_milli,creation_time,deletion_time\np,x,0,1,2\n")
             .expect_err("bad number");
         assert!(err.0.contains("`num_gpu`"), "{err}");

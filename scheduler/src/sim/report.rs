@@ -133,7 +133,11 @@ impl PolicyReport {
             } else {
                 0.0
             },
-            mean_stranded_gpus: if span > 0.0 { stranded_area / span } else { 0.0 },
+            mean_stranded_gpus: if span > 0.0 {
+                stranded_area / span
+            } else {
+                0.0
+            },
             peak_stranded_gpus: series.iter().map(|s| s.stranded_gpus).max().unwrap_or(0),
             passes,
             end_time: series.last().map_or(0, |s| s.time),
