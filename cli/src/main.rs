@@ -69,6 +69,9 @@ pub enum Command {
     Tokens(commands::tokens::TokensArgs),
     /// Print a shell completion script: bash, zsh or fish.
     Completions(commands::completions::CompletionsArgs),
+    /// Replay a workload (openb trace or synthetic) through the scheduler in
+    /// virtual time, every policy side by side. Local; no controller.
+    Simulate(commands::simulate::SimulateArgs),
 }
 
 fn main() -> ExitCode {
@@ -131,6 +134,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Tokens(args) => commands::tokens::run(&cli.controller, cli.output, args).await,
         Command::Completions(args) => commands::completions::run(&args),
+        Command::Simulate(args) => commands::simulate::run(cli.output, &args),
     }
 }
 

@@ -43,6 +43,7 @@ pub mod fleet;
 pub mod market;
 pub mod queue;
 pub mod reason;
+pub mod sim;
 
 mod compiled;
 mod config;

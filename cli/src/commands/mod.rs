@@ -2,6 +2,7 @@ pub mod completions;
 pub mod dev;
 pub mod jobs;
 pub mod nodes;
+pub mod simulate;
 pub mod telemetry;
 pub mod tokens;
 pub mod top;

@@ -1,0 +1,349 @@
+//! `gpufleet simulate`: replays a workload (the Alibaba openb trace format,
+//! or a synthetic one) through the production scheduler in virtual time,
+//! every policy side by side: a table, `-o json`, and an SVG chart of
+//! allocation and stranded GPUs over time. Runs locally; no controller.
+//! The logic is `gpufleet_scheduler::sim`; this file reads files, parses
+//! flags and formats.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+use gpufleet_scheduler::format_usd;
+use gpufleet_scheduler::sim::{self, PolicyReport, SIZE_CLASSES, SimConfig, SimPolicy, Workload};
+use serde_json::json;
+
+use crate::output::Format;
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// Node list in the openb format (`sn,cpu_milli,memory_mib,gpu,model`).
+    #[arg(long, value_name = "FILE", requires = "pods")]
+    nodes: Option<PathBuf>,
+    /// Pod list in the openb format (`name,…,num_gpu,gpu_milli,gpu_spec,…,
+    /// creation_time,deletion_time,scheduled_time`).
+    #[arg(long, value_name = "FILE", requires = "nodes")]
+    pods: Option<PathBuf>,
+    /// Generate a synthetic fleet of N nodes instead of reading files.
+    #[arg(long, value_name = "N", conflicts_with_all = ["nodes", "pods"])]
+    synthetic_nodes: Option<usize>,
+    /// Jobs in the synthetic workload (a 30-day month).
+    #[arg(long, value_name = "M", default_value_t = 10_000)]
+    synthetic_jobs: usize,
+    /// Policies to compare: `all`, or a comma-separated list of cost, pack,
+    /// spread, first-fit, baseline-first-fit, baseline-best-fit.
+    #[arg(long, default_value = "all")]
+    policy: String,
+    /// Scheduling tick grid in virtual time (`1s`, `30s`, `1m`).
+    #[arg(long, default_value = "1s")]
+    cadence: String,
+    /// Seed of the synthetic generator (the replay itself has no randomness).
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Write a chart (allocation % and stranded GPUs over time) to this SVG file.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
+}
+
+pub fn run(format: Format, args: &SimulateArgs) -> anyhow::Result<ExitCode> {
+    let policies = parse_policies(&args.policy)?;
+    let cadence = humantime::parse_duration(&args.cadence)
+        .map_err(|e| anyhow::anyhow!("--cadence `{}`: {e}; try 1s or 1m", args.cadence))?
+        .as_secs();
+    if cadence == 0 {
+        anyhow::bail!("--cadence must be at least 1s");
+    }
+    let workload = load(args)?;
+    let config = SimConfig {
+        cadence_secs: cadence,
+        ..Default::default()
+    };
+    let mut reports = Vec::new();
+    let mut walls = Vec::new();
+    for &policy in &policies {
+        let started = Instant::now();
+        reports.push(sim::simulate(&workload, policy, &config));
+        walls.push(started.elapsed().as_secs_f64());
+    }
+    if let Some(path) = &args.svg {
+        std::fs::write(path, svg(&reports))
+            .with_context(|| format!("writing the chart to {}", path.display()))?;
+    }
+    match format {
+        Format::Json => println!("{}", to_json(&workload, &reports, &walls)),
+        _ => print!("{}", table(&workload, &reports, &walls)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_policies(list: &str) -> anyhow::Result<Vec<SimPolicy>> {
+    if list.trim().eq_ignore_ascii_case("all") {
+        return Ok(SimPolicy::ALL.to_vec());
+    }
+    list.split(',')
+        .map(|name| {
+            SimPolicy::parse(name).ok_or_else(|| {
+                let known: Vec<&str> = SimPolicy::ALL.iter().map(|p| p.label()).collect();
+                anyhow::anyhow!(
+                    "--policy `{}` is unknown; use all or {}",
+                    name.trim(),
+                    known.join(", ")
+                )
+            })
+        })
+        .collect()
+}
+
+fn load(args: &SimulateArgs) -> anyhow::Result<Workload> {
+    if let Some(nodes) = args.synthetic_nodes {
+        return Ok(sim::workload::synthetic(
+            nodes,
+            args.synthetic_jobs,
+            args.seed,
+        ));
+    }
+    let (Some(nodes), Some(pods)) = (&args.nodes, &args.pods) else {
+        anyhow::bail!("give --nodes FILE --pods FILE (openb format) or --synthetic-nodes N");
+    };
+    let read = |p: &PathBuf| {
+        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+    };
+    Ok(sim::openb::parse(&read(nodes)?, &read(pods)?)?)
+}
+
+fn notes(workload: &Workload) -> Vec<String> {
+    let n = &workload.notes;
+    let mut out = vec![format!(
+        "{} jobs on {} nodes / {} GPUs",
+        workload.jobs.len(),
+        workload.nodes.len(),
+        workload.total_gpus()
+    )];
+    if n.fractional_rounded_up > 0 {
+        out.push(format!(
+            "{} fractional tasks rounded up to whole GPUs",
+            n.fractional_rounded_up
+        ));
+    }
+    if n.skipped_no_gpu > 0 {
+        out.push(format!("{} pods without a GPU skipped", n.skipped_no_gpu));
+    }
+    if n.skipped_no_deletion > 0 {
+        out.push(format!(
+            "{} pods without a deletion time skipped",
+            n.skipped_no_deletion
+        ));
+    }
+    if n.zero_duration > 0 {
+        out.push(format!("{} zero-length pods run for 1 s", n.zero_duration));
+    }
+    out
+}
+
+fn secs(s: u64) -> String {
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{:.1}m", s as f64 / 60.0),
+        _ => format!("{:.1}h", s as f64 / 3600.0),
+    }
+}
+
+fn table(workload: &Workload, reports: &[PolicyReport], walls: &[f64]) -> String {
+    let mut t = comfy_table::Table::new();
+    let mut header = vec!["".to_string()];
+    header.extend(reports.iter().map(|r| r.policy.label().to_string()));
+    t.set_header(header);
+    let mut row = |name: &str, f: &dyn Fn(&PolicyReport) -> String| {
+        let mut cells = vec![name.to_string()];
+        cells.extend(reports.iter().map(f));
+        t.add_row(cells);
+    };
+    row("placed", &|r| format!("{}/{}", r.placed, r.jobs));
+    row("never placed", &|r| r.never_placed.to_string());
+    row("wait p50/p95/p99", &|r| {
+        format!(
+            "{} / {} / {}",
+            secs(r.waits.p50),
+            secs(r.waits.p95),
+            secs(r.waits.p99)
+        )
+    });
+    for (i, class) in SIZE_CLASSES.iter().enumerate() {
+        row(&format!("  {class} GPU p50/p99"), &|r| {
+            let w = r.waits_by_class[i];
+            format!("{} / {} (n={})", secs(w.p50), secs(w.p99), w.jobs)
+        });
+    }
+    row("mean allocation", &|r| {
+        format!("{:.1} %", r.mean_allocation_pct)
+    });
+    row("stranded GPUs mean/peak", &|r| {
+        format!("{:.1} / {}", r.mean_stranded_gpus, r.peak_stranded_gpus)
+    });
+    row("GPU-hours", &|r| format!("{:.0}", r.gpu_hours));
+    row("cost", &|r| format_usd(r.cost_micro_usd));
+    row("passes", &|r| r.passes.to_string());
+    let wall_of = |r: &PolicyReport| {
+        reports
+            .iter()
+            .position(|x| x.policy == r.policy)
+            .and_then(|i| walls.get(i))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    row("wall time", &|r| format!("{:.2}s", wall_of(r)));
+    row("simulated s / wall s", &|r| {
+        format!("{:.0}", r.end_time as f64 / wall_of(r).max(1e-9))
+    });
+    let mut out = String::new();
+    for note in notes(workload) {
+        let _ = writeln!(out, "{note}");
+    }
+    let _ = writeln!(out, "{t}");
+    let _ = writeln!(
+        out,
+        "baseline-* policies are simple simulator baselines, not the gpufleet scheduler; FGD is not implemented yet."
+    );
+    out
+}
+
+fn wait_json(w: &sim::WaitStats) -> serde_json::Value {
+    json!({ "jobs": w.jobs, "p50_s": w.p50, "p95_s": w.p95, "p99_s": w.p99, "mean_s": w.mean })
+}
+
+fn to_json(workload: &Workload, reports: &[PolicyReport], walls: &[f64]) -> serde_json::Value {
+    let n = &workload.notes;
+    json!({
+        "workload": {
+            "nodes": workload.nodes.len(),
+            "gpus": workload.total_gpus(),
+            "jobs": workload.jobs.len(),
+            "fractional_rounded_up": n.fractional_rounded_up,
+            "skipped_no_gpu": n.skipped_no_gpu,
+            "skipped_no_deletion": n.skipped_no_deletion,
+            "zero_duration": n.zero_duration,
+        },
+        "policies": reports.iter().zip(walls).map(|(r, wall)| json!({
+            "policy": r.policy.label(),
+            "baseline": matches!(r.policy, SimPolicy::BaselineFirstFit | SimPolicy::BaselineBestFit),
+            "jobs": r.jobs,
+            "placed": r.placed,
+            "never_placed": r.never_placed,
+            "wait": wait_json(&r.waits),
+            "wait_by_size": SIZE_CLASSES.iter().zip(&r.waits_by_class)
+                .map(|(c, w)| (c.to_string(), wait_json(w)))
+                .collect::<serde_json::Map<_, _>>(),
+            "mean_allocation_pct": r.mean_allocation_pct,
+            "mean_stranded_gpus": r.mean_stranded_gpus,
+            "peak_stranded_gpus": r.peak_stranded_gpus,
+            "gpu_hours": r.gpu_hours,
+            "cost_usd": r.cost_micro_usd as f64 / 1e6,
+            "passes": r.passes,
+            "end_time_s": r.end_time,
+            "wall_s": wall,
+            "series": downsample(&r.series, 500).iter()
+                .map(|s| json!([s.time, s.allocated_gpus, s.stranded_gpus, s.pending_jobs]))
+                .collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// At most about `points` samples, evenly spaced in index, keeping the last.
+fn downsample(series: &[sim::Sample], points: usize) -> Vec<sim::Sample> {
+    let step = series.len().div_ceil(points.max(1)).max(1);
+    let mut out: Vec<sim::Sample> = series.iter().step_by(step).copied().collect();
+    if let Some(last) = series.last()
+        && out.last() != Some(last)
+    {
+        out.push(*last);
+    }
+    out
+}
+
+/// What a chart panel plots for one sample of one policy.
+type SeriesValue = dyn Fn(&PolicyReport, &sim::Sample) -> f64;
+
+const COLOURS: [&str; 6] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
+];
+
+/// Two stacked panels (allocation %, stranded GPUs) with one polyline per
+/// policy over virtual time, and a legend.
+fn svg(reports: &[PolicyReport]) -> String {
+    let (width, panel, left, top) = (900.0, 260.0, 70.0, 30.0);
+    let plot_w = width - left - 20.0;
+    let end = reports.iter().map(|r| r.end_time).max().unwrap_or(1).max(1) as f64;
+    let peak_stranded = reports
+        .iter()
+        .map(|r| r.peak_stranded_gpus)
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let height = top + 2.0 * (panel + 50.0) + 20.0 * reports.len() as f64;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let panels: [(&str, f64, Box<SeriesValue>); 2] = [
+        (
+            "GPU allocation (%)",
+            100.0,
+            Box::new(|r, x| 100.0 * f64::from(x.allocated_gpus) / r.total_gpus.max(1) as f64),
+        ),
+        (
+            "stranded GPUs (free, unusable by any pending job)",
+            peak_stranded,
+            Box::new(|_, x| f64::from(x.stranded_gpus)),
+        ),
+    ];
+    for (p, (title, max, value)) in panels.iter().enumerate() {
+        let y0 = top + p as f64 * (panel + 50.0);
+        let _ = writeln!(
+            s,
+            r##"<text x="{left}" y="{}" font-weight="bold">{title}</text><rect x="{left}" y="{y0}" width="{plot_w}" height="{panel}" fill="none" stroke="#999"/><text x="{}" y="{}" text-anchor="end">{max:.0}</text><text x="{}" y="{}" text-anchor="end">0</text><text x="{}" y="{}" text-anchor="end">{:.1} h</text>"##,
+            y0 - 8.0,
+            left - 4.0,
+            y0 + 10.0,
+            left - 4.0,
+            y0 + panel,
+            left + plot_w,
+            y0 + panel + 14.0,
+            end / 3600.0
+        );
+        for (i, r) in reports.iter().enumerate() {
+            let points: Vec<String> = downsample(&r.series, 1500)
+                .iter()
+                .map(|x| {
+                    let px = left + plot_w * x.time as f64 / end;
+                    let py = y0 + panel - panel * (value(r, x) / max).min(1.0);
+                    format!("{px:.1},{py:.1}")
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                r#"<polyline fill="none" stroke-width="1.2" stroke="{}" points="{}"/>"#,
+                COLOURS[i % COLOURS.len()],
+                points.join(" ")
+            );
+        }
+    }
+    let legend_y = top + 2.0 * (panel + 50.0);
+    for (i, r) in reports.iter().enumerate() {
+        let y = legend_y + 20.0 * i as f64;
+        let _ = writeln!(
+            s,
+            r#"<rect x="{left}" y="{}" width="14" height="4" fill="{}"/><text x="{}" y="{y}">{}</text>"#,
+            y - 4.0,
+            COLOURS[i % COLOURS.len()],
+            left + 20.0,
+            r.policy.label()
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}

@@ -1,0 +1,440 @@
+//! The simulator: replays a [`Workload`] through the production scheduler
+//! ([`crate::schedule`], called exactly as the controller calls it: a fresh
+//! [`Fleet`] from nodes and running work, then one pass over the pending
+//! jobs) in virtual time, and through two simple baselines for comparison.
+//!
+//! Time model: jobs arrive at their arrival times and leave `duration`
+//! seconds after they start. Scheduling ticks lie on a grid of
+//! `cadence_secs`; a tick runs when something changed since the previous
+//! one (an arrival or a departure at or before it). A tick where nothing
+//! changed is skipped: the workload has no max runtimes, backoffs or
+//! preemptible jobs, so the pass would decide exactly as the last one did.
+//! At a tick, departures are applied first, then arrivals queued, then one
+//! pass runs if anything is pending. Deterministic: no wall clock, no
+//! randomness (the seed only drives [`workload::synthetic`]).
+//!
+//! Not modelled yet: fractional GPUs, FGD, the paper's inflation mode,
+//! what-if edits, history replay, preemption (no workload job is
+//! preemptible), multi-task gangs.
+
+pub mod openb;
+pub mod report;
+pub mod workload;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+
+use crate::config::{SchedulerConfig, TenantState};
+use crate::domain::{Constraints, Generation, JobInput, Outcome, Policy};
+use crate::fleet::{Fleet, GpuInput, NodeInput, RunningInput, lowest_bits};
+use crate::pass::schedule;
+use crate::queue::FairShare;
+pub use report::{PolicyReport, SIZE_CLASSES, Sample, WaitStats};
+pub use workload::{SimJob, SimNode, Workload, WorkloadNotes};
+
+/// Who decides placements in a simulation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SimPolicy {
+    /// The production scheduler with this placement policy.
+    Scheduler(Policy),
+    /// Baseline (simulator only): jobs in arrival order, each on the first
+    /// node in list order with enough free GPUs.
+    BaselineFirstFit,
+    /// Baseline (simulator only): jobs in arrival order, each on the node
+    /// left with the fewest free GPUs after placing it.
+    BaselineBestFit,
+}
+
+impl SimPolicy {
+    /// Every policy a default run compares.
+    pub const ALL: [SimPolicy; 6] = [
+        SimPolicy::Scheduler(Policy::Cost),
+        SimPolicy::Scheduler(Policy::Pack),
+        SimPolicy::Scheduler(Policy::Spread),
+        SimPolicy::Scheduler(Policy::FirstFit),
+        SimPolicy::BaselineFirstFit,
+        SimPolicy::BaselineBestFit,
+    ];
+
+    /// The name on the command line and in reports.
+    pub fn label(self) -> &'static str {
+        match self {
+            SimPolicy::Scheduler(Policy::Cost) => "cost",
+            SimPolicy::Scheduler(Policy::Pack) => "pack",
+            SimPolicy::Scheduler(Policy::Spread) => "spread",
+            SimPolicy::Scheduler(Policy::FirstFit) => "first-fit",
+            SimPolicy::BaselineFirstFit => "baseline-first-fit",
+            SimPolicy::BaselineBestFit => "baseline-best-fit",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<SimPolicy> {
+        SimPolicy::ALL
+            .into_iter()
+            .find(|p| p.label().eq_ignore_ascii_case(name.trim()))
+    }
+}
+
+/// How the simulation runs.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Scheduling tick grid, virtual seconds (at least 1).
+    pub cadence_secs: u64,
+    /// The controller's default.
+    pub fair_share_half_life_secs: f64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            cadence_secs: 1,
+            fair_share_half_life_secs: 24.0 * 3600.0,
+        }
+    }
+}
+
+/// A placement that is running.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    node: u32,
+    mask: u32,
+}
+
+/// Simulates one policy over the workload (jobs must be sorted by arrival).
+pub fn simulate(workload: &Workload, policy: SimPolicy, config: &SimConfig) -> PolicyReport {
+    Engine::new(workload, policy, config).run()
+}
+
+/// Simulates each policy over the same workload, in the order given.
+pub fn simulate_all(
+    workload: &Workload,
+    policies: &[SimPolicy],
+    config: &SimConfig,
+) -> Vec<PolicyReport> {
+    policies
+        .iter()
+        .map(|&p| simulate(workload, p, config))
+        .collect()
+}
+
+struct Engine<'a> {
+    workload: &'a Workload,
+    policy: SimPolicy,
+    config: &'a SimConfig,
+    scheduler_config: SchedulerConfig,
+    /// The nodes as the scheduler is given them (built once).
+    node_inputs: Vec<NodeInput>,
+    node_index: HashMap<&'a str, u32>,
+    /// Free GPU positions per node.
+    free: Vec<u32>,
+    running: HashMap<usize, Run>,
+    departures: BinaryHeap<Reverse<(u64, usize)>>,
+    /// Job indexes in arrival order.
+    pending: Vec<usize>,
+    starts: Vec<Option<u64>>,
+    fair: FairShare,
+    cost_micro_usd: u64,
+    passes: u64,
+}
+
+impl<'a> Engine<'a> {
+    fn new(workload: &'a Workload, policy: SimPolicy, config: &'a SimConfig) -> Self {
+        let node_inputs = workload.nodes.iter().map(node_input).collect();
+        Engine {
+            workload,
+            policy,
+            config,
+            scheduler_config: SchedulerConfig {
+                default_policy: match policy {
+                    SimPolicy::Scheduler(p) => p,
+                    _ => Policy::Cost,
+                },
+                ..Default::default()
+            },
+            node_inputs,
+            node_index: workload
+                .nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.id.as_str(), i as u32))
+                .collect(),
+            free: workload.nodes.iter().map(|n| full_mask(n.gpus)).collect(),
+            running: HashMap::new(),
+            departures: BinaryHeap::new(),
+            pending: Vec::new(),
+            starts: vec![None; workload.jobs.len()],
+            fair: FairShare::new(config.fair_share_half_life_secs),
+            cost_micro_usd: 0,
+            passes: 0,
+        }
+    }
+
+    fn run(mut self) -> PolicyReport {
+        let jobs = &self.workload.jobs;
+        let cadence = self.config.cadence_secs.max(1);
+        let mut next_arrival = 0;
+        let mut series = Vec::new();
+        loop {
+            let arrival = jobs.get(next_arrival).map(|j| j.arrival);
+            let departure = self.departures.peek().map(|Reverse((end, _))| *end);
+            let Some(event) = [arrival, departure].into_iter().flatten().min() else {
+                break;
+            };
+            let tick = event.div_ceil(cadence) * cadence;
+            self.advance_fair_share(tick);
+            while let Some(&Reverse((end, job))) = self.departures.peek() {
+                if end > tick {
+                    break;
+                }
+                self.departures.pop();
+                if let Some(run) = self.running.remove(&job) {
+                    self.free[run.node as usize] |= run.mask;
+                }
+            }
+            while next_arrival < jobs.len() && jobs[next_arrival].arrival <= tick {
+                self.pending.push(next_arrival);
+                next_arrival += 1;
+            }
+            if !self.pending.is_empty() {
+                self.passes += 1;
+                match self.policy {
+                    SimPolicy::Scheduler(_) => self.scheduler_pass(tick),
+                    SimPolicy::BaselineFirstFit | SimPolicy::BaselineBestFit => {
+                        self.baseline_pass(tick)
+                    }
+                }
+            }
+            series.push(self.sample(tick));
+        }
+        PolicyReport::new(
+            self.policy,
+            jobs,
+            &self.workload.nodes,
+            self.starts,
+            series,
+            self.passes,
+            self.cost_micro_usd,
+        )
+    }
+
+    fn sample(&self, time: u64) -> Sample {
+        let total: u32 = self.workload.nodes.iter().map(|n| n.gpus).sum();
+        let free: u32 = self.free.iter().map(|m| m.count_ones()).sum();
+        let pending: Vec<&SimJob> = self
+            .pending
+            .iter()
+            .map(|&i| &self.workload.jobs[i])
+            .collect();
+        Sample {
+            time,
+            allocated_gpus: total - free,
+            stranded_gpus: report::stranded_gpus(&self.workload.nodes, &self.free, &pending),
+            pending_jobs: self.pending.len() as u32,
+        }
+    }
+
+    /// Decays and accrues tenants' usage as the controller's market minute does.
+    fn advance_fair_share(&mut self, now: u64) {
+        let mut running: HashMap<String, f64> = HashMap::new();
+        for (&job, run) in &self.running {
+            let tenant = &self.workload.jobs[job].tenant;
+            *running.entry(tenant.clone()).or_insert(0.0) += f64::from(run.mask.count_ones());
+        }
+        self.fair.advance(now, &running);
+    }
+
+    fn start(&mut self, job: usize, node: u32, mask: u32, now: u64) {
+        let spec = &self.workload.jobs[job];
+        let price = self.workload.nodes[node as usize].price_per_gpu_hour_micro_usd;
+        self.free[node as usize] &= !mask;
+        self.running.insert(job, Run { node, mask });
+        self.departures
+            .push(Reverse((now.saturating_add(spec.duration), job)));
+        self.starts[job] = Some(now);
+        let gpu_secs = u128::from(mask.count_ones()) * u128::from(spec.duration);
+        let cost = gpu_secs * u128::from(price) / 3600;
+        self.cost_micro_usd = self
+            .cost_micro_usd
+            .saturating_add(u64::try_from(cost).unwrap_or(u64::MAX));
+    }
+
+    /// One production pass: fleet and queue built as the controller builds
+    /// them, decisions applied.
+    fn scheduler_pass(&mut self, now: u64) {
+        let nodes = &self.workload.nodes;
+        let jobs = &self.workload.jobs;
+        let mut running_inputs = Vec::with_capacity(self.running.len());
+        let mut allocated: HashMap<String, HashMap<Generation, u32>> = HashMap::new();
+        // Sorted so the fleet (and so every tie-break) is the same each run.
+        let mut running: Vec<(&usize, &Run)> = self.running.iter().collect();
+        running.sort_unstable_by_key(|(job, _)| **job);
+        for (&job, run) in running {
+            let node = &nodes[run.node as usize];
+            let spec = &jobs[job];
+            running_inputs.push(RunningInput {
+                job_id: spec.id.clone(),
+                tenant: spec.tenant.clone(),
+                priority: spec.priority,
+                preemptible: false,
+                node_id: node.id.clone(),
+                gpu_uuids: positions(run.mask).map(|p| gpu_uuid(&node.id, p)).collect(),
+                expected_end: None,
+                evicting: false,
+            });
+            *allocated
+                .entry(spec.tenant.clone())
+                .or_default()
+                .entry(node.generation)
+                .or_insert(0) += run.mask.count_ones();
+        }
+        let mut fleet = Fleet::build(&self.node_inputs, &running_inputs);
+        let inputs: Vec<JobInput> = self
+            .pending
+            .iter()
+            .map(|&i| job_input(&jobs[i], i))
+            .collect();
+        let tenants = TenantState {
+            usage: self.fair.usage().clone(),
+            allocated,
+        };
+        let result = schedule(&mut fleet, &inputs, &self.scheduler_config, &tenants, now);
+        let mut still_pending = Vec::with_capacity(self.pending.len());
+        let pending = std::mem::take(&mut self.pending);
+        for (&job, outcome) in pending.iter().zip(&result.outcomes) {
+            let placed = match outcome {
+                Outcome::Placed(tasks) => tasks.first().and_then(|task| {
+                    let node = *self.node_index.get(task.node_id.as_str())?;
+                    let mask = task
+                        .gpu_uuids
+                        .iter()
+                        .filter_map(|u| uuid_position(u))
+                        .fold(0u32, |m, p| m | (1 << p));
+                    Some((node, mask))
+                }),
+                // No job is preemptible, so the scheduler never asks to evict.
+                Outcome::Preempting { .. } | Outcome::Pending(_) => None,
+            };
+            match placed {
+                Some((node, mask)) => self.start(job, node, mask, now),
+                None => still_pending.push(job),
+            }
+        }
+        self.pending = still_pending;
+    }
+
+    /// One baseline pass: pending jobs in arrival order, each placed on the
+    /// first (or best-fitting) node with enough free GPUs of an allowed
+    /// model; a job that does not fit waits without blocking later ones.
+    fn baseline_pass(&mut self, now: u64) {
+        let best_fit = self.policy == SimPolicy::BaselineBestFit;
+        let pending = std::mem::take(&mut self.pending);
+        let mut still_pending = Vec::with_capacity(pending.len());
+        // Free capacity only shrinks within a pass: a request shape that
+        // failed once fails again.
+        let mut failed: HashSet<(u32, &[String])> = HashSet::new();
+        for job in pending {
+            let spec = &self.workload.jobs[job];
+            let shape = (spec.gpus, spec.models.as_slice());
+            if failed.contains(&shape) {
+                still_pending.push(job);
+                continue;
+            }
+            let mut chosen: Option<(u32, u32)> = None; // (node, free after)
+            for (i, node) in self.workload.nodes.iter().enumerate() {
+                let free = self.free[i].count_ones();
+                if free < spec.gpus || !allows(spec, node) {
+                    continue;
+                }
+                let left = free - spec.gpus;
+                if chosen.is_none_or(|(_, best)| left < best) {
+                    chosen = Some((i as u32, left));
+                }
+                if !best_fit || left == 0 {
+                    break;
+                }
+            }
+            match chosen {
+                Some((node, _)) => {
+                    let mask = lowest_bits(self.free[node as usize], spec.gpus);
+                    self.start(job, node, mask, now);
+                }
+                None => {
+                    failed.insert(shape);
+                    still_pending.push(job);
+                }
+            }
+        }
+        self.pending = still_pending;
+    }
+}
+
+fn allows(job: &SimJob, node: &SimNode) -> bool {
+    job.models.is_empty()
+        || job
+            .models
+            .iter()
+            .any(|m| m.eq_ignore_ascii_case(&node.model))
+}
+
+fn full_mask(gpus: u32) -> u32 {
+    if gpus >= 32 {
+        u32::MAX
+    } else {
+        (1u32 << gpus) - 1
+    }
+}
+
+fn positions(mask: u32) -> impl Iterator<Item = u32> {
+    (0..32).filter(move |p| mask & (1 << p) != 0)
+}
+
+/// `node/pos`: the position is recoverable from the UUID the scheduler returns.
+fn gpu_uuid(node: &str, pos: u32) -> String {
+    format!("{node}/{pos}")
+}
+
+fn uuid_position(uuid: &str) -> Option<u32> {
+    uuid.rsplit_once('/')?.1.parse().ok()
+}
+
+fn node_input(node: &SimNode) -> NodeInput {
+    NodeInput {
+        id: node.id.clone(),
+        provider: "sim".into(),
+        region: node.region.clone(),
+        price_per_gpu_hour_micro_usd: node.price_per_gpu_hour_micro_usd,
+        spot: false,
+        schedulable: true,
+        gpus: (0..node.gpus.min(32))
+            .map(|p| GpuInput {
+                uuid: gpu_uuid(&node.id, p),
+                model: node.model.clone(),
+                generation: node.generation,
+                memory_bytes: 0,
+                compute_capability: (0, 0),
+                healthy: true,
+            })
+            .collect(),
+        nvlink_groups: Vec::new(),
+    }
+}
+
+fn job_input(job: &SimJob, index: usize) -> JobInput {
+    JobInput {
+        id: job.id.clone(),
+        tenant: job.tenant.clone(),
+        priority: job.priority,
+        preemptible: false,
+        // Arrival first, then workload order: ties stay deterministic.
+        submitted_at: job.arrival.saturating_mul(1_000_000_000) + index as u64 % 1_000_000_000,
+        tasks: 1,
+        gpus_per_task: job.gpus,
+        constraints: Constraints {
+            models: job.models.clone(),
+            ..Default::default()
+        },
+        policy: None,
+        max_runtime_secs: None,
+        not_before: None,
+    }
+}

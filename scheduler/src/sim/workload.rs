@@ -1,0 +1,151 @@
+//! What a simulation replays: a fleet of nodes and a stream of jobs, in the
+//! simulator's own plain types (every input format converts into these),
+//! plus a seeded synthetic generator for scale tests.
+
+use crate::domain::Generation;
+
+/// One node: `gpus` GPUs of one catalogue model at one price.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimNode {
+    pub id: String,
+    /// gpufleet catalogue model name, e.g. `V100-SXM2-32GB`.
+    pub model: String,
+    pub generation: Generation,
+    pub gpus: u32,
+    pub price_per_gpu_hour_micro_usd: u64,
+    pub region: String,
+}
+
+/// One job: a single task of `gpus` whole GPUs on one node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimJob {
+    pub id: String,
+    pub tenant: String,
+    pub priority: i32,
+    /// Virtual seconds from the start of the workload.
+    pub arrival: u64,
+    /// Run time once placed, virtual seconds (at least 1).
+    pub duration: u64,
+    pub gpus: u32,
+    /// Allowed catalogue models; empty = any.
+    pub models: Vec<String>,
+}
+
+/// What an input reader dropped or changed, so the report can say so.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkloadNotes {
+    /// Pods that ask for no GPU (the scheduler only places GPU work).
+    pub skipped_no_gpu: u64,
+    /// Pods without a deletion time (no duration to replay).
+    pub skipped_no_deletion: u64,
+    /// Pods asking for a fraction of a GPU, given one whole GPU.
+    pub fractional_rounded_up: u64,
+    /// Pods whose deletion time equals their creation time (run 1 s).
+    pub zero_duration: u64,
+}
+
+/// A fleet and the jobs that arrive at it, jobs sorted by arrival.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Workload {
+    pub nodes: Vec<SimNode>,
+    pub jobs: Vec<SimJob>,
+    pub notes: WorkloadNotes,
+}
+
+impl Workload {
+    /// Sorts jobs by arrival (stable: equal arrivals keep input order).
+    pub fn sort_jobs(&mut self) {
+        self.jobs.sort_by_key(|j| j.arrival);
+    }
+
+    pub fn total_gpus(&self) -> u64 {
+        self.nodes.iter().map(|n| u64::from(n.gpus)).sum()
+    }
+}
+
+/// A small, fast, seeded generator (SplitMix64): the same seed always gives
+/// the same workload, with no dependency.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..bound` (`bound` > 0).
+    pub fn below(&mut self, bound: u64) -> u64 {
+        self.next_u64() % bound.max(1)
+    }
+}
+
+/// The synthetic fleet's node shapes: (model, generation, GPUs, price).
+const SYNTHETIC_SHAPES: [(&str, Generation, u32, u64); 4] = [
+    ("H100-SXM-80GB", Generation::Hopper, 8, 2_990_000),
+    ("A100-SXM-80GB", Generation::Ampere, 8, 1_790_000),
+    ("L4", Generation::Ada, 4, 800_000),
+    ("T4", Generation::Turing, 2, 350_000),
+];
+
+/// `nodes` nodes and `jobs` single-task jobs over a 30-day month, drawn from
+/// `seed`. Job sizes follow the openb mix (mostly 1 GPU, some 2, 4 and 8);
+/// arrivals are uniform over the month, durations 1 min – 2 days, four
+/// tenants, a fifth of jobs pinned to one model.
+pub fn synthetic(nodes: usize, jobs: usize, seed: u64) -> Workload {
+    const MONTH: u64 = 30 * 24 * 3600;
+    let mut rng = Rng::new(seed);
+    let nodes: Vec<SimNode> = (0..nodes)
+        .map(|i| {
+            let (model, generation, gpus, price) =
+                SYNTHETIC_SHAPES[rng.below(SYNTHETIC_SHAPES.len() as u64) as usize];
+            SimNode {
+                id: format!("node-{i:06}"),
+                model: model.to_string(),
+                generation,
+                gpus,
+                price_per_gpu_hour_micro_usd: price,
+                region: format!("region-{}", i % 4),
+            }
+        })
+        .collect();
+    let jobs = (0..jobs)
+        .map(|i| {
+            let gpus = match rng.below(100) {
+                0..=79 => 1,
+                80..=89 => 2,
+                90..=96 => 4,
+                _ => 8,
+            };
+            let models = if rng.below(5) == 0 {
+                let shape = SYNTHETIC_SHAPES[rng.below(2) as usize];
+                vec![shape.0.to_string()]
+            } else {
+                Vec::new()
+            };
+            SimJob {
+                id: format!("job-{i:07}"),
+                tenant: format!("tenant-{}", rng.below(4)),
+                priority: 0,
+                arrival: rng.below(MONTH),
+                duration: 60 + rng.below(2 * 24 * 3600),
+                gpus,
+                models,
+            }
+        })
+        .collect();
+    let mut workload = Workload {
+        nodes,
+        jobs,
+        notes: WorkloadNotes::default(),
+    };
+    workload.sort_jobs();
+    workload
+}
