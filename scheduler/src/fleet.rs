@@ -41,6 +41,10 @@ pub struct GpuInput {
     pub healthy: bool,
 }
 
+/// A GPU model as the fleet tells models apart: name, generation, memory,
+/// compute capability.
+type ModelKey<'a> = (&'a str, Generation, u64, (u32, u32));
+
 /// Work already holding GPUs.
 #[derive(Debug, Clone, Default)]
 pub struct RunningInput {
@@ -49,6 +53,7 @@ pub struct RunningInput {
     pub priority: i32,
     pub preemptible: bool,
     pub node_id: String,
+    /// GPUs of `node_id` it holds; a uuid that node does not have is ignored.
     pub gpu_uuids: Vec<String>,
     /// Unix seconds by which it will have ended (start + max runtime).
     pub expected_end: Option<u64>,
@@ -161,12 +166,18 @@ impl Fleet {
     /// unknown nodes or GPUs in them are ignored.
     pub fn build(nodes: &[NodeInput], running: &[RunningInput]) -> Self {
         let mut fleet = Fleet::default();
-        let mut model_index: HashMap<(String, Generation, u64, (u32, u32)), u16> = HashMap::new();
+        // Keys borrow from `nodes`: a pass rebuilds the fleet, and a key
+        // copied per GPU was most of the build.
+        let mut model_index: HashMap<ModelKey<'_>, u16> = HashMap::new();
         let mut class_index: HashMap<(u16, u16, u16, u64, bool), u32> = HashMap::new();
-        let mut gpu_slot: HashMap<&str, (u32, u32)> = HashMap::new();
+        let mut node_index: HashMap<&str, u32> = HashMap::with_capacity(nodes.len());
+        // Per node, per GPU position in `NodeInput::gpus`: its slot and bit.
+        let mut gpu_slots: Vec<Vec<Option<(u32, u32)>>> = Vec::with_capacity(nodes.len());
 
         for node in nodes {
             let node_idx = fleet.node_ids.len() as u32;
+            node_index.entry(node.id.as_str()).or_insert(node_idx);
+            let mut slots_of_gpus = vec![None; node.gpus.len()];
             fleet.node_ids.push(node.id.clone());
             fleet
                 .node_gpus
@@ -175,26 +186,33 @@ impl Fleet {
             let region = fleet.regions.intern(&node.region);
             // One slot per model on this node.
             let mut slots_of_node: Vec<(u16, u32)> = Vec::new();
+            let mut previous_model: Option<(ModelKey<'_>, u16)> = None;
             for (pos, gpu) in node.gpus.iter().enumerate() {
                 if pos >= MAX_GPUS_PER_SLOT {
                     fleet.skipped_gpus += 1;
                     continue;
                 }
                 let key = (
-                    gpu.model.clone(),
+                    gpu.model.as_str(),
                     gpu.generation,
                     gpu.memory_bytes,
                     gpu.compute_capability,
                 );
-                let model = *model_index.entry(key).or_insert_with(|| {
-                    fleet.models.push(ModelInfo {
-                        name: gpu.model.clone(),
-                        generation: gpu.generation,
-                        memory_bytes: gpu.memory_bytes,
-                        compute_capability: gpu.compute_capability,
-                    });
-                    (fleet.models.len() - 1) as u16
-                });
+                // A node's GPUs are nearly always one model: the previous
+                // GPU's answer saves a hash per GPU.
+                let model = match previous_model {
+                    Some((previous_key, model)) if previous_key == key => model,
+                    _ => *model_index.entry(key).or_insert_with(|| {
+                        fleet.models.push(ModelInfo {
+                            name: gpu.model.clone(),
+                            generation: gpu.generation,
+                            memory_bytes: gpu.memory_bytes,
+                            compute_capability: gpu.compute_capability,
+                        });
+                        (fleet.models.len() - 1) as u16
+                    }),
+                };
+                previous_model = Some((key, model));
                 let slot_idx = match slots_of_node.iter().find(|(m, _)| *m == model) {
                     Some((_, s)) => *s,
                     None => {
@@ -245,8 +263,9 @@ impl Fleet {
                     slot.healthy |= bit;
                     slot.free |= bit;
                 }
-                gpu_slot.insert(gpu.uuid.as_str(), (slot_idx, pos as u32));
+                slots_of_gpus[pos] = Some((slot_idx, pos as u32));
             }
+            gpu_slots.push(slots_of_gpus);
             for (_, slot_idx) in &slots_of_node {
                 let slot = &mut fleet.slots[*slot_idx as usize];
                 slot.nvlink_groups = node
@@ -269,8 +288,18 @@ impl Fleet {
             let job = fleet.running_jobs.len() as u32;
             fleet.running_jobs.push(alloc.job_id.clone());
             let mut per_slot: Vec<(u32, u32)> = Vec::new();
+            // A running allocation's GPUs are on its node: found there by
+            // uuid among at most a node's GPUs.
+            let node = node_index.get(alloc.node_id.as_str()).copied();
             for uuid in &alloc.gpu_uuids {
-                if let Some(&(slot, pos)) = gpu_slot.get(uuid.as_str()) {
+                let found = node.and_then(|n| {
+                    let at = nodes[n as usize]
+                        .gpus
+                        .iter()
+                        .position(|g| g.uuid == *uuid)?;
+                    gpu_slots[n as usize][at]
+                });
+                if let Some((slot, pos)) = found {
                     match per_slot.iter_mut().find(|(s, _)| *s == slot) {
                         Some((_, mask)) => *mask |= 1 << pos,
                         None => per_slot.push((slot, 1 << pos)),
