@@ -497,17 +497,17 @@ impl Store for GroupCommit {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::SledStore;
+    use crate::store::{MemoryStore, SledStore};
     use futures::FutureExt;
     use gpufleet_proto::v1::Job;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-    /// An in-memory store whose `apply` waits while the test holds `gate`
-    /// and fails while `fail` is set: the syncer's round can be stopped
-    /// half-way at will.
+    /// The in-memory store, whose `apply` waits while the test holds
+    /// `gate` and fails while `fail` is set: the syncer's round can be
+    /// stopped half-way at will.
     #[derive(Default)]
     struct Gated {
-        data: Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
+        data: MemoryStore,
         gate: Mutex<()>,
         fail: AtomicBool,
         /// `recover` calls that reopened (the store failed before).
@@ -522,18 +522,11 @@ mod tests {
             if self.0.fail.load(Ordering::SeqCst) {
                 return Err(StoreError::NotDurable("disk on fire".into()));
             }
-            let mut data = self.0.data.lock().unwrap();
-            for (key, value) in batch.ops() {
-                match value {
-                    Some(value) => data.insert(key.clone(), value.clone()),
-                    None => data.remove(key),
-                };
-            }
-            Ok(())
+            self.0.data.apply(batch)
         }
 
         fn get_raw(&self, space: Keyspace, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-            Ok(self.0.data.lock().unwrap().get(&space.key(id)).cloned())
+            self.0.data.get_raw(space, id)
         }
 
         fn recover(&self) -> Result<bool, StoreError> {
@@ -550,22 +543,7 @@ mod tests {
             range: IdRange<'_>,
             visit: &mut dyn FnMut(&str, &[u8]) -> bool,
         ) -> Result<(), StoreError> {
-            let Some((start, end)) = space.bounds(range) else {
-                return Ok(());
-            };
-            let data = self.0.data.lock().unwrap();
-            let entries: Vec<_> = data.range(start..end).collect();
-            let entries: Box<dyn Iterator<Item = _>> = if range.reverse {
-                Box::new(entries.into_iter().rev())
-            } else {
-                Box::new(entries.into_iter())
-            };
-            for (key, value) in entries {
-                if !visit(&space.id_of(key), value) {
-                    break;
-                }
-            }
-            Ok(())
+            self.0.data.visit_raw(space, range, visit)
         }
     }
 
@@ -600,11 +578,7 @@ mod tests {
     }
 
     fn stored(inner: &Gated, id: &str) -> bool {
-        inner
-            .data
-            .lock()
-            .unwrap()
-            .contains_key(&Keyspace::Jobs.key(id))
+        inner.data.get_raw(Keyspace::Jobs, id).unwrap().is_some()
     }
 
     #[test]

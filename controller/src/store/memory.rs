@@ -58,20 +58,8 @@ impl Store for MemoryStore {
             .range(start..end)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let mut step = |(key, value): &(Vec<u8>, Vec<u8>)| visit(&space.id_of(key), value);
-        if range.reverse {
-            for entry in entries.iter().rev() {
-                if !step(entry) {
-                    break;
-                }
-            }
-        } else {
-            for entry in &entries {
-                if !step(entry) {
-                    break;
-                }
-            }
-        }
-        Ok(())
+        super::walk(entries.iter(), range.reverse, |(key, value)| {
+            Ok(visit(&space.id_of(key), value))
+        })
     }
 }

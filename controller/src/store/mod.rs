@@ -273,6 +273,29 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
+/// Feeds `entries` to `step` in order, or reversed, until it returns
+/// `Ok(false)` or fails: the walk every backend's `visit_raw` does.
+pub(crate) fn walk<T, E>(
+    entries: impl DoubleEndedIterator<Item = T>,
+    reverse: bool,
+    mut step: impl FnMut(T) -> Result<bool, E>,
+) -> Result<(), E> {
+    if reverse {
+        for entry in entries.rev() {
+            if !step(entry)? {
+                break;
+            }
+        }
+    } else {
+        for entry in entries {
+            if !step(entry)? {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// One decoded record, if present.
 pub fn get<M: Message + Default>(
     store: &dyn Store,

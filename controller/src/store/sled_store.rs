@@ -172,20 +172,7 @@ impl Store for SledStore {
                     let (key, value) = entry?;
                     Ok(visit(&space.id_of(&key), &value))
                 };
-            if range.reverse {
-                for entry in entries.rev() {
-                    if !step(entry)? {
-                        break;
-                    }
-                }
-            } else {
-                for entry in entries {
-                    if !step(entry)? {
-                        break;
-                    }
-                }
-            }
-            Ok(())
+            super::walk(entries, range.reverse, &mut step)
         })
     }
 
