@@ -954,7 +954,17 @@ async fn verify_usage(api: &Api, jobs: &[Job], ran: &BTreeSet<String>) -> anyhow
     }
     let recorded: BTreeSet<String> = by_allocation.keys().map(|s| s.to_string()).collect();
     let missing: Vec<&String> = ran.difference(&recorded).collect();
-    let extra: Vec<&String> = recorded.difference(ran).collect();
+    // A process the agent started and then stopped at once (a gang whose
+    // partner failed as this rank launched) can die before its first line
+    // writes the marker: its record is real, and it ended Stopped.
+    let extra: Vec<&String> = recorded
+        .difference(ran)
+        .filter(|id| {
+            by_allocation
+                .get(id.as_str())
+                .is_none_or(|r| r.ended_as != WorkloadState::Stopped as i32)
+        })
+        .collect();
     ensure!(
         missing.is_empty() && extra.is_empty(),
         "usage records do not match the allocations that ran: missing {missing:?}, without a run {extra:?}"
