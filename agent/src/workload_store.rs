@@ -530,6 +530,7 @@ mod tests {
                 env: [("TOKEN".to_string(), "a \"quoted\"\nvalue".to_string())].into(),
                 ..Default::default()
             }),
+            ..Default::default()
         }
     }
 

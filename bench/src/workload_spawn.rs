@@ -61,9 +61,9 @@ fn allocation(id: &str, argv: &[&str]) -> Allocation {
         workload: Some(WorkloadSpec {
             argv: argv.iter().map(|s| s.to_string()).collect(),
             env: HashMap::new(),
-            working_dir: String::new(),
-            stop_grace_period_seconds: 0,
+            ..WorkloadSpec::default()
         }),
+        ..Allocation::default()
     }
 }
 

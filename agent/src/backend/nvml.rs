@@ -332,6 +332,7 @@ impl NvmlBackend {
                 persistence_mode: device.is_in_persistent_mode().ok(),
                 numa_node: device.numa_node_id().ok(),
                 nvlink_peers,
+                ..GpuInfo::default()
             });
         }
         resolve_nvlink_peers(&mut gpus);

@@ -108,6 +108,7 @@ impl SimulatedBackend {
                     persistence_mode: Some(true),
                     numa_node: Some(if index < 4 { 0 } else { 1 }),
                     nvlink_peers: Vec::new(),
+                    ..GpuInfo::default()
                 };
                 gpus.push(SimGpu {
                     info,

@@ -40,6 +40,7 @@ fn allocation(id: &str, gpus: &[String]) -> Allocation {
             working_dir: String::new(),
             stop_grace_period_seconds: 0,
         }),
+        ..Default::default()
     }
 }
 

@@ -54,5 +54,6 @@ pub fn allocation(id: &str, argv: &[&str], gpus: &[String]) -> Allocation {
             working_dir: String::new(),
             stop_grace_period_seconds: 0,
         }),
+        ..Default::default()
     }
 }

@@ -451,6 +451,7 @@ pub(super) fn desired_allocations(state: &State, node_id: &str) -> Vec<Allocatio
                     gpu_uuids: t.gpu_uuids.clone(),
                     workload: job.spec.as_ref().and_then(|s| s.workload.clone()),
                     gang: gang_for(job, t.index),
+                    ..Allocation::default()
                 })
         })
         .collect();
