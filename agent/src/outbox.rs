@@ -144,7 +144,8 @@ fn seq_of(key: &[u8]) -> Option<u64> {
 fn kind_of(body: &Body) -> Option<u8> {
     match body {
         Body::Telemetry(_) => Some(KIND_TELEMETRY),
-        Body::WorkloadStatus(_) => Some(KIND_STATUS),
+        // An interruption notice is never dropped, like a status.
+        Body::WorkloadStatus(_) | Body::InterruptionNotice(_) => Some(KIND_STATUS),
         Body::Hello(_) | Body::LogResponse(_) => None,
     }
 }

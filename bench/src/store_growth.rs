@@ -95,6 +95,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let node = usage::NodeFacts {
         zone: "us-east-1a".into(),
         spot: false,
+        ..Default::default()
     };
     let mut samples = vec![sample(0, 0, dir.path())];
     let mut written = 0u64;

@@ -78,7 +78,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     start_ms: from * 1000,
                     end_ms: (from + HOUR) * 1000,
                     gpus: rng.random_range(1..=8),
-                    price_micro_usd: rng.random_range(500_000..6_000_000),
+                    prices: vec![(from * 1000, rng.random_range(500_000..6_000_000))],
                     mean_util: Some(rng.random_range(20.0..100.0)),
                     energy_joules: None,
                 },

@@ -144,7 +144,7 @@ pub fn derive_job_state(job: &mut Job, now: SystemTime) -> Vec<TaskStatus> {
     if let Some(task) = job
         .tasks
         .iter()
-        .find(|t| t.state() == WorkloadState::Lost)
+        .find(|t| matches!(t.state(), WorkloadState::Lost | WorkloadState::Interrupted))
         .cloned()
     {
         let why = format!("task {}: {}", task.index, task.message);

@@ -62,6 +62,9 @@ pub fn node_input(node: &Node, connected: bool) -> NodeInput {
             })
             .collect(),
         nvlink_groups: nvlink_groups(node),
+        // Measured per (provider, region, generation); the controller's
+        // fleet index fills it in (state::interruptions).
+        interruption_milli_per_hour: 0,
     }
 }
 
@@ -336,7 +339,15 @@ pub fn constraints(c: &JobConstraints) -> Constraints {
         exclude_providers: c.exclude_providers.clone(),
         exclude_regions: c.exclude_regions.clone(),
         preferred_regions: c.preferred_regions.clone(),
-        allow_spot: c.allow_spot,
+        allow_spot: match c.spot() {
+            proto::SpotPolicy::Unspecified => c.allow_spot,
+            proto::SpotPolicy::Never => false,
+            proto::SpotPolicy::Allowed | proto::SpotPolicy::Required => true,
+        },
+        require_spot: c.spot() == proto::SpotPolicy::Required,
+        max_interruption_milli_per_hour: c
+            .max_interruptions_per_hour
+            .map(|rate| (rate.max(0.0) * 1000.0).round().min(u32::MAX as f64) as u32),
         locality: locality_from_wire(c.locality),
         require_nvlink: c.require_nvlink,
     }
@@ -435,6 +446,7 @@ mod tests {
             allow_spot: true,
             locality: proto::Locality::Provider as i32,
             require_nvlink: true,
+            ..Default::default()
         };
         assert_eq!(
             constraints(&wire),
@@ -453,6 +465,7 @@ mod tests {
                 allow_spot: true,
                 locality: Locality::Provider,
                 require_nvlink: true,
+                ..Default::default()
             }
         );
         assert_eq!(

@@ -296,6 +296,28 @@ pub async fn start(
         }
     }));
 
+    for (index, source) in controller
+        .config()
+        .price_sources
+        .iter()
+        .cloned()
+        .enumerate()
+    {
+        let prices = controller.clone();
+        let every = controller.config().price_refresh_interval;
+        background.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                // A fetch may take up to one interval (at most a minute).
+                let fetched = source.fetch(every.min(Duration::from_secs(60))).await;
+                if let Err(e) = prices.apply_price_refresh(index, fetched) {
+                    tracing::error!(source = %source, error = %e, "applying prices failed");
+                }
+            }
+        }));
+    }
     background.push(tokio::spawn(crate::memory::trim_periodically(
         crate::memory::TRIM_INTERVAL,
     )));

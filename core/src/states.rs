@@ -19,6 +19,7 @@ pub fn is_terminal_workload(state: WorkloadState) -> bool {
             | WorkloadState::Failed
             | WorkloadState::Stopped
             | WorkloadState::Lost
+            | WorkloadState::Interrupted
     )
 }
 

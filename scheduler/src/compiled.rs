@@ -14,6 +14,8 @@ pub(crate) struct Compiled {
     pub(crate) preferred: Vec<u16>,
     pub(crate) max_price: u64,
     pub(crate) allow_spot: bool,
+    pub(crate) require_spot: bool,
+    pub(crate) max_interruption_milli: u32,
     pub(crate) locality: Locality,
     pub(crate) nvlink: bool,
 }
@@ -52,7 +54,9 @@ impl Compiled {
             regions_deny: names(&c.exclude_regions, &fleet.regions),
             preferred: names(&c.preferred_regions, &fleet.regions),
             max_price: c.max_price_per_gpu_hour_micro_usd.unwrap_or(u64::MAX),
-            allow_spot: c.allow_spot,
+            allow_spot: c.allow_spot || c.require_spot,
+            require_spot: c.require_spot,
+            max_interruption_milli: c.max_interruption_milli_per_hour.unwrap_or(u32::MAX),
             locality,
             nvlink: c.require_nvlink,
         }
@@ -61,7 +65,7 @@ impl Compiled {
     pub(crate) fn class_ok(&self, class: &fleet::Class) -> bool {
         self.models[class.model as usize]
             && class.price <= self.max_price
-            && (self.allow_spot || !class.spot)
+            && self.spot_ok(class)
             && self
                 .providers_allow
                 .as_ref()
@@ -74,11 +78,29 @@ impl Compiled {
             && !self.regions_deny.contains(&class.region)
     }
 
-    pub(crate) fn effective_price(&self, class: &fleet::Class, discount: f64) -> u64 {
-        if self.preferred.contains(&class.region) {
-            (class.price as f64 * (1.0 - discount)) as u64
+    /// Spot allowed (or required), and not interrupted too often.
+    pub(crate) fn spot_ok(&self, class: &fleet::Class) -> bool {
+        if class.spot {
+            self.allow_spot && class.interruption_milli <= self.max_interruption_milli
         } else {
-            class.price
+            !self.require_spot
+        }
+    }
+
+    /// The price the cost policy compares: spot at its expected cost per
+    /// useful GPU-hour, `price / (1 − p)` where p, the chance an hour's work
+    /// is lost, is the measured interruptions per node-hour (capped at
+    /// 0.9); a preferred region at its discount.
+    pub(crate) fn effective_price(&self, class: &fleet::Class, discount: f64) -> u64 {
+        let mut price = class.price;
+        if class.spot && class.interruption_milli > 0 {
+            let lost = u64::from(class.interruption_milli.min(900));
+            price = price.saturating_mul(1000) / (1000 - lost);
+        }
+        if self.preferred.contains(&class.region) {
+            (price as f64 * (1.0 - discount)) as u64
+        } else {
+            price
         }
     }
 

@@ -85,6 +85,12 @@ pub struct Constraints {
     pub preferred_regions: Vec<String>,
     /// Spot capacity may be used.
     pub allow_spot: bool,
+    /// Only spot capacity may be used (implies `allow_spot`).
+    pub require_spot: bool,
+    /// Spot capacity interrupted more often than this (milli-interruptions
+    /// per node-hour, as measured in its provider, region and generation)
+    /// is skipped.
+    pub max_interruption_milli_per_hour: Option<u32>,
     pub locality: Locality,
     /// Multi-GPU tasks need NVLink-connected GPUs (where topology is known).
     pub require_nvlink: bool,

@@ -20,6 +20,10 @@ pub enum ExcludedBy {
     Region,
     MaxPrice,
     Spot,
+    /// The job requires spot; this capacity is on-demand.
+    OnDemand,
+    /// Spot capacity interrupted more often than the job allows.
+    InterruptionRate,
     GpuModel,
     Unhealthy,
     GpusPerTask,
@@ -35,6 +39,8 @@ impl ExcludedBy {
             ExcludedBy::Region => "region",
             ExcludedBy::MaxPrice => "max_price",
             ExcludedBy::Spot => "spot",
+            ExcludedBy::OnDemand => "on_demand",
+            ExcludedBy::InterruptionRate => "interruption_rate",
             ExcludedBy::GpuModel => "gpu_model",
             ExcludedBy::Unhealthy => "unhealthy",
             ExcludedBy::GpusPerTask => "gpus_per_task",
@@ -64,6 +70,10 @@ pub enum RegionVerdict {
     AllAllocated,
     InsufficientFree,
     SpotOnly,
+    /// Only on-demand capacity; the job requires spot.
+    OnDemandOnly,
+    /// Its spot capacity is interrupted more often than the job allows.
+    InterruptedTooOften,
     NotReady,
 }
 
@@ -79,6 +89,8 @@ impl RegionVerdict {
             RegionVerdict::AllAllocated => "all_allocated",
             RegionVerdict::InsufficientFree => "insufficient_free",
             RegionVerdict::SpotOnly => "spot_only",
+            RegionVerdict::OnDemandOnly => "on_demand_only",
+            RegionVerdict::InterruptedTooOften => "interrupted_too_often",
             RegionVerdict::NotReady => "not_ready",
         }
     }
@@ -196,6 +208,19 @@ pub fn explain(fleet: &Fleet, job: &JobInput, reason: Option<PendingReason>) -> 
                 ))
             } else if class.spot && !compiled.allow_spot {
                 Some((ExcludedBy::Spot, fleet.node_ids[s.node as usize].clone()))
+            } else if !class.spot && compiled.require_spot {
+                Some((
+                    ExcludedBy::OnDemand,
+                    fleet.node_ids[s.node as usize].clone(),
+                ))
+            } else if !compiled.spot_ok(class) {
+                Some((
+                    ExcludedBy::InterruptionRate,
+                    format!(
+                        "{region} at {:.2} interruptions per node-hour",
+                        class.interruption_milli as f64 / 1000.0
+                    ),
+                ))
             } else if !model_ok {
                 Some((
                     ExcludedBy::GpuModel,
@@ -220,11 +245,18 @@ pub fn explain(fleet: &Fleet, job: &JobInput, reason: Option<PendingReason>) -> 
                         ExcludedBy::NodeNotReady => RegionVerdict::NotReady,
                         ExcludedBy::Provider => RegionVerdict::ProviderFilter,
                         ExcludedBy::Region => RegionVerdict::RegionFilter,
-                        ExcludedBy::MaxPrice | ExcludedBy::Spot if !model_ok => {
+                        ExcludedBy::MaxPrice
+                        | ExcludedBy::Spot
+                        | ExcludedBy::OnDemand
+                        | ExcludedBy::InterruptionRate
+                            if !model_ok =>
+                        {
                             RegionVerdict::NoMatchingGpus
                         }
                         ExcludedBy::MaxPrice => RegionVerdict::OverBid,
                         ExcludedBy::Spot => RegionVerdict::SpotOnly,
+                        ExcludedBy::OnDemand => RegionVerdict::OnDemandOnly,
+                        ExcludedBy::InterruptionRate => RegionVerdict::InterruptedTooOften,
                         _ => RegionVerdict::NoMatchingGpus,
                     });
                 }
@@ -304,6 +336,16 @@ pub fn explain(fleet: &Fleet, job: &JobInput, reason: Option<PendingReason>) -> 
                 RegionVerdict::SpotOnly => {
                     format!("{} offers only spot capacity (spot not allowed)", r.region)
                 }
+                RegionVerdict::OnDemandOnly => {
+                    format!(
+                        "{} offers only on-demand capacity (spot required)",
+                        r.region
+                    )
+                }
+                RegionVerdict::InterruptedTooOften => format!(
+                    "{}'s spot capacity is interrupted more often than the job allows",
+                    r.region
+                ),
                 RegionVerdict::NoMatchingGpus => {
                     format!("{} has no GPUs of the requested kind", r.region)
                 }
@@ -369,6 +411,11 @@ pub fn explain(fleet: &Fleet, job: &JobInput, reason: Option<PendingReason>) -> 
                 format_usd(c.max_price_per_gpu_hour_micro_usd.unwrap_or(0))
             ),
             ExcludedBy::Spot => format!("spot capacity not allowed: {shown}"),
+            ExcludedBy::OnDemand => format!("on-demand capacity, the job requires spot: {shown}"),
+            ExcludedBy::InterruptionRate => format!(
+                "spot interrupted more often than the job's {:.2} per node-hour: {shown}",
+                c.max_interruption_milli_per_hour.unwrap_or(0) as f64 / 1000.0
+            ),
             ExcludedBy::GpuModel => format!("GPU model does not match: {shown}"),
             ExcludedBy::Unhealthy => format!("unhealthy GPUs on: {shown}"),
             ExcludedBy::GpusPerTask => {

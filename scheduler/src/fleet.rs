@@ -23,6 +23,9 @@ pub struct NodeInput {
     pub region: String,
     pub price_per_gpu_hour_micro_usd: u64,
     pub spot: bool,
+    /// Measured interruptions per node-hour × 1000 of spot capacity like
+    /// this node's (provider, region, generation); 0 when unknown.
+    pub interruption_milli_per_hour: u32,
     /// Ready and not cordoned or draining.
     pub schedulable: bool,
     /// In index order.
@@ -76,6 +79,9 @@ pub(crate) struct Class {
     pub(crate) model: u16,
     pub(crate) price: u64,
     pub(crate) spot: bool,
+    /// See [`NodeInput::interruption_milli_per_hour`] (the highest of the
+    /// class's nodes; they share provider, region and generation).
+    pub(crate) interruption_milli: u32,
     /// `buckets[k]`: schedulable, unreserved slots with exactly k free GPUs.
     pub(crate) buckets: Vec<Vec<u32>>,
     /// Schedulable slots under a reservation (checked only by jobs that can
@@ -230,6 +236,7 @@ impl Fleet {
                                 model,
                                 price: node.price_per_gpu_hour_micro_usd,
                                 spot: node.spot,
+                                interruption_milli: 0,
                                 buckets: vec![Vec::new(); MAX_GPUS_PER_SLOT + 1],
                                 reserved: Vec::new(),
                                 slots: Vec::new(),
@@ -239,6 +246,8 @@ impl Fleet {
                             });
                             (fleet.classes.len() - 1) as u32
                         });
+                        let rate = &mut fleet.classes[class as usize].interruption_milli;
+                        *rate = (*rate).max(node.interruption_milli_per_hour);
                         let slot = fleet.slots.len() as u32;
                         fleet.slots.push(Slot {
                             node: node_idx,

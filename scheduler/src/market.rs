@@ -25,6 +25,8 @@ pub struct GroupMarket {
     pub demand_curve: Vec<(u64, u32)>,
     /// (price, healthy GPUs) offered, for ask statistics.
     pub asks: Vec<(u64, u32)>,
+    /// The demand curve of pending jobs that accept spot capacity.
+    pub spot_demand_curve: Vec<(u64, u32)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -144,10 +146,21 @@ pub fn snapshot(fleet: &Fleet, pending: &[JobInput]) -> MarketSnapshot {
                 if g.demand_curve.is_empty() {
                     g.demand_curve = PRICE_LADDER.iter().map(|&p| (p, 0)).collect();
                 }
+                let spot = shape.compiled.allow_spot;
+                if spot && g.spot_demand_curve.is_empty() {
+                    g.spot_demand_curve = PRICE_LADDER.iter().map(|&p| (p, 0)).collect();
+                }
                 for (bid, gpus) in &shape.by_bid {
                     for point in &mut g.demand_curve {
                         if *bid >= point.0 {
                             point.1 += gpus;
+                        }
+                    }
+                    if spot {
+                        for point in &mut g.spot_demand_curve {
+                            if *bid >= point.0 {
+                                point.1 += gpus;
+                            }
                         }
                     }
                 }

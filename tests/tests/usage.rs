@@ -246,6 +246,7 @@ async fn market_signals_rank_tight_regions_and_draw_the_demand_curve() -> anyhow
             region: "us-east-1".into(),
             generation: GpuGeneration::Hopper as i32,
             since: None,
+            ..Default::default()
         })
         .await?
         .into_inner();

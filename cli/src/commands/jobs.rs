@@ -503,6 +503,7 @@ fn build_spec(args: SubmitArgs) -> anyhow::Result<JobSpec> {
             allow_spot: args.allow_spot,
             locality: locality as i32,
             require_nvlink: args.nvlink,
+            ..Default::default()
         }),
         workload: Some(WorkloadSpec {
             argv: args.command,

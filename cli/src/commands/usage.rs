@@ -517,6 +517,7 @@ pub async fn market(address: &str, format: Format, args: MarketArgs) -> anyhow::
                     region,
                     generation: generation as i32,
                     since: Some(when("--since", &since)?),
+                    ..Default::default()
                 })
                 .await?
                 .into_inner();

@@ -58,7 +58,14 @@ pub struct ControllerConfig {
     pub metrics_listen: SocketAddr,
     /// TLS on the gRPC listener (and mutual TLS for agents).
     pub tls: TlsServerConfig,
+    /// Where prices come from besides each node's config, in priority order.
+    pub price_sources: Vec<crate::pricing::source::PriceSource>,
+    pub price_refresh_interval: Duration,
 }
+
+/// Most price sources (each is read every refresh).
+pub const MAX_PRICE_SOURCES: usize = 16;
+pub const DEFAULT_PRICE_REFRESH_INTERVAL: Duration = Duration::from_secs(300);
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/gpufleet/controller";
@@ -140,6 +147,8 @@ impl ControllerConfig {
             // Any free port: several test or dev controllers share a host.
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             tls: TlsServerConfig::default(),
+            price_sources: Vec::new(),
+            price_refresh_interval: DEFAULT_PRICE_REFRESH_INTERVAL,
         }
     }
 
@@ -328,6 +337,34 @@ impl ControllerConfig {
         if market < Duration::from_secs(3600) {
             return Err(invalid("market_retention", "must be at least 1h".into()));
         }
+        let price_sources = file
+            .price_sources
+            .clone()
+            .unwrap_or_default()
+            .iter()
+            .map(|s| crate::pricing::source::PriceSource::parse(s))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|message| invalid("price_sources", message))?;
+        if price_sources.len() > MAX_PRICE_SOURCES {
+            return Err(invalid(
+                "price_sources",
+                format!(
+                    "{} sources; at most {MAX_PRICE_SOURCES}",
+                    price_sources.len()
+                ),
+            ));
+        }
+        let price_refresh_interval = duration(
+            "price_refresh_interval",
+            file.price_refresh_interval.clone(),
+            DEFAULT_PRICE_REFRESH_INTERVAL.as_secs(),
+        )?;
+        if price_refresh_interval < Duration::from_secs(1) {
+            return Err(invalid(
+                "price_refresh_interval",
+                "must be at least 1s".into(),
+            ));
+        }
         let finished_job_retention = duration(
             "finished_job_retention",
             file.finished_job_retention.clone(),
@@ -411,6 +448,8 @@ impl ControllerConfig {
                 key: file.tls_key.clone(),
                 client_ca: file.tls_client_ca.clone(),
             },
+            price_sources,
+            price_refresh_interval,
         })
     }
 
@@ -452,6 +491,10 @@ impl ControllerConfig {
                 humantime::format_duration(self.finished_job_retention).to_string(),
             ),
             store_cache: Some(format!("{}", self.store_cache_bytes)),
+            price_sources: Some(self.price_sources.iter().map(|s| s.to_string()).collect()),
+            price_refresh_interval: Some(
+                humantime::format_duration(self.price_refresh_interval).to_string(),
+            ),
             queues: Some(self.queues.clone()),
             generation_factors: Some(
                 self.scheduler

@@ -129,6 +129,19 @@ pub struct ControllerSettings {
     /// this in heap [default: 4MiB].
     #[arg(long, env = "GPUFLEET_STORE_CACHE", value_name = "SIZE")]
     pub store_cache: Option<String>,
+    /// Price sources, first listed wins a key two name: file:/path.csv,
+    /// http(s)://host/prices.json (comma-separated as a flag or variable)
+    /// [default: none; each node's configured price].
+    #[arg(
+        long = "price-source",
+        env = "GPUFLEET_PRICE_SOURCES",
+        value_name = "SOURCE",
+        value_delimiter = ','
+    )]
+    pub price_sources: Option<Vec<String>>,
+    /// How often price sources are read [default: 5m].
+    #[arg(long, env = "GPUFLEET_PRICE_REFRESH_INTERVAL", value_name = "DURATION")]
+    pub price_refresh_interval: Option<String>,
 }
 
 /// One `[tenants.NAME]` table.

@@ -118,6 +118,12 @@ impl AgentControl for AgentControlService {
                         tracing::warn!(node_id, "second hello on one stream ignored");
                     }
                     agent_message::Body::LogResponse(_) => {}
+                    agent_message::Body::InterruptionNotice(notice) => {
+                        if let Err(e) = controller.record_interruption(&node_id, notice) {
+                            tracing::error!(node_id, error = %e, "cannot record the interruption notice; closing the agent's stream");
+                            break;
+                        }
+                    }
                 }
                 controller.applied_seq(&node_id, message.seq);
             }

@@ -159,6 +159,8 @@ const READS: &[&str] = &[
     "/gpufleet.v1.Usage/UsageByGeneration",
     "/gpufleet.v1.Usage/MarketTightness",
     "/gpufleet.v1.Usage/MarketElasticity",
+    "/gpufleet.v1.Usage/MarketPrices",
+    "/gpufleet.v1.Usage/MarketInterruptions",
     "/gpufleet.v1.Tokens/ListTokens",
     "/gpufleet.v1.Tokens/WhoAmI",
 ];

@@ -1,7 +1,8 @@
 use gpufleet_proto::v1::usage_server::Usage;
 use gpufleet_proto::v1::{
     GpuGeneration, Granularity, ListUsageRecordsRequest, ListUsageRecordsResponse,
-    MarketElasticityRequest, MarketElasticityResponse, MarketTightnessRequest,
+    MarketElasticityRequest, MarketElasticityResponse, MarketInterruptionsRequest,
+    MarketInterruptionsResponse, MarketPricesRequest, MarketPricesResponse, MarketTightnessRequest,
     MarketTightnessResponse, TopUsageRequest, UsageByGenerationRequest, UsageDimension,
     UsageReportRequest, UsageReportResponse,
 };
@@ -296,13 +297,89 @@ impl Usage for UsageService {
             None,
             7 * DAY,
         )?;
+        let bucket = match u64::from(r.bucket_seconds) {
+            0 => HOUR,
+            b if b < MINUTE => {
+                return Err(Status::invalid_argument(
+                    "bucket_seconds: at least 60 (market signals are per minute)",
+                ));
+            }
+            b => b,
+        };
         let answer = self
             .controller
-            .market_elasticity(&r.region, r.generation, since);
+            .market_elasticity(&r.region, r.generation, since, bucket);
         limits::check_response(
             "the elasticity report",
             prost::Message::encoded_len(&answer),
             "ask for a shorter range (since)",
+        )
+        .map_err(to_status)?;
+        Ok(Response::new(answer))
+    }
+
+    async fn market_prices(
+        &self,
+        request: Request<MarketPricesRequest>,
+    ) -> Result<Response<MarketPricesResponse>, Status> {
+        caller(&self.controller, &request, Action::ReadFleet)?;
+        let r = request.into_inner();
+        for (field, value) in [
+            ("provider", &r.provider),
+            ("region", &r.region),
+            ("model", &r.model),
+        ] {
+            validate::label_filter(field, value).map_err(to_status)?;
+        }
+        let (since, _) = range(
+            self.controller.clock().unix_secs(),
+            r.since.as_ref(),
+            None,
+            30 * DAY,
+        )?;
+        let any = |v: &str| {
+            if v == "*" {
+                String::new()
+            } else {
+                v.to_string()
+            }
+        };
+        let answer = self
+            .controller
+            .market_prices(&crate::state::prices::PriceQuery {
+                provider: any(&r.provider),
+                region: any(&r.region),
+                model: any(&r.model),
+                since_ms: since * 1000,
+                limit: r.limit as usize,
+            });
+        limits::check_response(
+            "the price report",
+            prost::Message::encoded_len(&answer),
+            "ask for fewer changes (limit), a filter or a shorter range (since)",
+        )
+        .map_err(to_status)?;
+        Ok(Response::new(answer))
+    }
+
+    async fn market_interruptions(
+        &self,
+        request: Request<MarketInterruptionsRequest>,
+    ) -> Result<Response<MarketInterruptionsResponse>, Status> {
+        caller(&self.controller, &request, Action::ReadFleet)?;
+        let r = request.into_inner();
+        let (since, _) = range(
+            self.controller.clock().unix_secs(),
+            r.since.as_ref(),
+            None,
+            7 * DAY,
+        )?;
+        let limit = if r.limit == 0 { 100 } else { r.limit as usize };
+        let answer = self.controller.market_interruptions(since, limit);
+        limits::check_response(
+            "the interruption report",
+            prost::Message::encoded_len(&answer),
+            "ask for fewer interruptions (limit) or a shorter range (since)",
         )
         .map_err(to_status)?;
         Ok(Response::new(answer))

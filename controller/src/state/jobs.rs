@@ -9,7 +9,7 @@ use gpufleet_proto::v1::{
 };
 use tokio::sync::broadcast;
 
-use super::ledger::node_facts;
+use super::ledger::task_facts;
 use super::*;
 use crate::error::{ControllerError, Result};
 use crate::history;
@@ -400,7 +400,7 @@ impl Controller {
                 {
                     continue;
                 }
-                let facts = node_facts(state, &task.node_id);
+                let facts = task_facts(state, task, now_ms);
                 let feed = self.usage_feed();
                 if let Some(record) = usage::build_record(
                     job,

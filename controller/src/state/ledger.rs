@@ -18,7 +18,7 @@ impl Controller {
         let mut out = Vec::new();
         for job in state.jobs.values() {
             for task in job.tasks.iter().filter(|t| task_holds_gpus(t)) {
-                let facts = node_facts(state, &task.node_id);
+                let facts = task_facts(state, task, now_ms);
                 if let Some(r) = usage::build_record(
                     job,
                     task,
@@ -95,10 +95,11 @@ impl Controller {
         region: &str,
         generation: i32,
         since_secs: u64,
+        bucket_secs: u64,
     ) -> gpufleet_proto::v1::MarketElasticityResponse {
         self.lock()
             .market
-            .elasticity(region, generation, since_secs)
+            .elasticity(region, generation, since_secs, bucket_secs)
     }
 
     /// The queue-wait histogram so far.
@@ -114,14 +115,35 @@ impl Controller {
     }
 }
 
-pub(super) fn node_facts(state: &State, node_id: &str) -> usage::NodeFacts {
-    state
-        .nodes
-        .get(node_id)
-        .and_then(|e| e.record.identity.as_ref())
-        .map(|i| usage::NodeFacts {
-            zone: i.zone.clone(),
-            spot: i.spot,
-        })
-        .unwrap_or_default()
+/// What a task's usage record needs to know of its node: its zone, spot,
+/// and the prices in force from the task's start to its end (or `now_ms`).
+pub(super) fn task_facts(
+    state: &State,
+    task: &gpufleet_proto::v1::TaskStatus,
+    now_ms: u64,
+) -> usage::NodeFacts {
+    let Some(node) = state.nodes.get(&task.node_id).map(|e| &e.record) else {
+        return usage::NodeFacts::default();
+    };
+    let identity = node.identity.clone().unwrap_or_default();
+    let started = task.started_at.as_ref().map_or(now_ms, usage::ts_ms);
+    let ended = task.finished_at.as_ref().map_or(now_ms, usage::ts_ms);
+    // Where no source prices the node: its own configured price.
+    let fallback = if identity.price_per_gpu_hour_micro_usd > 0 {
+        identity.price_per_gpu_hour_micro_usd
+    } else {
+        task.price_per_gpu_hour_micro_usd
+    };
+    let mut key = super::prices::node_price_key(node);
+    // The task's own model, in case the node mixes models.
+    if !task.model.is_empty() {
+        key.model = task.model.clone();
+    }
+    usage::NodeFacts {
+        zone: identity.zone,
+        spot: identity.spot,
+        price_timeline: state
+            .prices
+            .timeline(&key, started, ended.max(started), fallback),
+    }
 }

@@ -88,6 +88,13 @@ struct State {
     /// Jobs placed since the last market minute.
     starts: usage::market::MinuteStarts,
     last_market_minute: u64,
+    /// Prices from the price sources, and their history.
+    prices: crate::pricing::PriceBook,
+    /// Spot interruptions, oldest first (bounded; all in the store).
+    interruptions: std::collections::VecDeque<gpufleet_proto::v1::Interruption>,
+    /// Spot interruption rates the scheduler prices by, recomputed each
+    /// market minute and at each interruption.
+    interruption_rates: interruptions::InterruptionRates,
 }
 
 /// What an agent gets back for a successful hello.
@@ -214,6 +221,9 @@ impl Controller {
             market: usage::market::MarketHistory::new(config.market_retention.as_secs()),
             starts: Default::default(),
             last_market_minute: clock.unix_secs() / 60,
+            prices: Default::default(),
+            interruptions: Default::default(),
+            interruption_rates: Default::default(),
         };
         let health = StoreHealth::new();
         let store = GroupCommit::with_health(store, health.clone())?;
@@ -283,9 +293,15 @@ impl Controller {
             },
         )?;
         let records = state.ledger.load(&store, now_secs)?;
+        state.prices = prices::load_book(
+            &store,
+            config.price_sources.iter().map(|s| s.to_string()).collect(),
+        )?;
+        state.interruptions = interruptions::load(&store)?.into();
         for signal in load_all::<gpufleet_proto::v1::MarketSignal>(&store, Keyspace::Market)? {
             state.market.push(signal);
         }
+        state.interruption_rates = interruptions::scheduler_rates(&state, now_secs);
         state.fair = FairShare::new(config.fair_share_half_life.as_secs_f64());
         state.fair.restore(fair_usage, now_secs);
         tracing::info!(
@@ -447,9 +463,11 @@ impl Controller {
 
 mod capacity;
 mod gpu_health;
+pub mod interruptions;
 mod jobs;
 mod ledger;
 mod logs;
 mod nodes;
+pub mod prices;
 mod scheduling;
 mod sessions;

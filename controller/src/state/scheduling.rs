@@ -235,7 +235,18 @@ impl Controller {
                 .collect();
         let snapshot = gpufleet_scheduler::market::snapshot(&fleet, &pending);
         let starts = std::mem::take(&mut state.starts);
-        let signals = usage::market::signals_for_minute(minute * 60, &snapshot, &starts);
+        let mut signals = usage::market::signals_for_minute(minute * 60, &snapshot, &starts);
+        let spot_nodes = spot_nodes(&state);
+        for signal in signals.iter_mut().filter(|s| !s.provider.is_empty()) {
+            signal.spot_nodes = spot_nodes
+                .get(&(
+                    signal.provider.clone(),
+                    signal.region.clone(),
+                    signal.generation,
+                ))
+                .copied()
+                .unwrap_or(0);
+        }
         let mut batch = WriteBatch::default();
         for signal in &signals {
             batch.put(Keyspace::Market, &market_key(signal), signal);
@@ -254,6 +265,7 @@ impl Controller {
         for signal in signals {
             state.market.push(signal);
         }
+        state.interruption_rates = super::interruptions::scheduler_rates(&state, now);
         Ok(())
     }
 
@@ -309,11 +321,60 @@ pub(super) fn market_key(signal: &gpufleet_proto::v1::MarketSignal) -> String {
 }
 
 /// The scheduler's view of the fleet now.
+/// Spot nodes connected and Ready per (provider, region, generation).
+fn spot_nodes(state: &State) -> std::collections::BTreeMap<(String, String, i32), u32> {
+    let mut out = std::collections::BTreeMap::new();
+    for entry in state
+        .nodes
+        .values()
+        .filter(|e| e.session.is_some() && e.record.state() == gpufleet_proto::v1::NodeState::Ready)
+    {
+        let Some(identity) = entry.record.identity.as_ref().filter(|i| i.spot) else {
+            continue;
+        };
+        let generation = entry
+            .record
+            .gpus
+            .iter()
+            .filter_map(|g| g.info.as_ref())
+            .min_by_key(|i| i.index)
+            .map_or(0, |i| i.generation);
+        *out.entry((
+            identity.provider.clone(),
+            identity.region.clone(),
+            generation,
+        ))
+        .or_insert(0) += 1;
+    }
+    out
+}
+
 pub(super) fn fleet_index(state: &State) -> Fleet {
     let nodes: Vec<NodeInput> = state
         .nodes
         .values()
-        .map(|e| placement::node_input(&e.record, e.session.is_some()))
+        .map(|e| {
+            let mut input = placement::node_input(&e.record, e.session.is_some());
+            // A price source's price wins over the node's configured one.
+            if let Some(price) = state.prices.resolve(&prices::node_price_key(&e.record)) {
+                input.price_per_gpu_hour_micro_usd = price;
+            }
+            if input.spot {
+                let generation = e
+                    .record
+                    .gpus
+                    .iter()
+                    .filter_map(|g| g.info.as_ref())
+                    .min_by_key(|i| i.index)
+                    .map_or(0, |i| i.generation);
+                input.interruption_milli_per_hour = state
+                    .interruption_rates
+                    .get(&(input.provider.clone(), input.region.clone(), generation))
+                    .copied()
+                    .unwrap_or(0);
+            }
+            input
+        })
         .collect();
     let running = placement::running_inputs(state.jobs.values());
     Fleet::build(&nodes, &running)

@@ -81,6 +81,14 @@ pub enum Keyspace {
     /// Usage records by end time: `<ended ms, 13 digits>/<allocation id>` →
     /// empty. Record listings and ledger retention walk it.
     UsageByEnd,
+    /// Prices in force from the price sources, by price key
+    /// (`provider/region/model/capacity`, `*` for any) → `PriceEntry`.
+    Prices,
+    /// Every price change: `<at ms, 13 digits>/<price key>` → `PriceChange`.
+    PriceHistory,
+    /// Spot interruption notices: `<noticed ms, 13 digits>/<node id>` →
+    /// `Interruption`.
+    Interruptions,
 }
 
 impl Keyspace {
@@ -97,6 +105,9 @@ impl Keyspace {
             Keyspace::JobsByCreated => "job-created/",
             Keyspace::JobsByFinished => "job-finished/",
             Keyspace::UsageByEnd => "usage-end/",
+            Keyspace::Prices => "price/",
+            Keyspace::PriceHistory => "price-history/",
+            Keyspace::Interruptions => "interruption/",
         }
     }
 

@@ -144,6 +144,15 @@ fn signal(
             })
             .collect(),
         started_gpus: starts.iter().map(|s| s.gpus).sum(),
+        spot_demand_curve: g
+            .spot_demand_curve
+            .iter()
+            .map(|&(price, gpus)| DemandPoint {
+                price_micro_usd: price,
+                gpus,
+            })
+            .collect(),
+        spot_nodes: 0,
     }
 }
 
@@ -228,6 +237,20 @@ impl MarketHistory {
         self.signals.is_empty()
     }
 
+    /// Spot node-minutes per (provider, region, generation) since `since`.
+    pub fn spot_node_minutes(&self, since_secs: u64) -> BTreeMap<(String, String, i32), u64> {
+        let mut out: BTreeMap<(String, String, i32), u64> = BTreeMap::new();
+        for s in self
+            .signals
+            .iter()
+            .filter(|s| !s.provider.is_empty() && s.spot_nodes > 0 && at(s) >= since_secs)
+        {
+            *out.entry((s.provider.clone(), s.region.clone(), s.generation))
+                .or_default() += u64::from(s.spot_nodes);
+        }
+        out
+    }
+
     /// Regions (region-level signals) ranked by mean tightness since `since`.
     pub fn tightness(&self, since_secs: u64) -> Vec<RegionTightness> {
         // (region, generation) → (row, Σ tightness, per-minute p50s, p95s)
@@ -293,7 +316,9 @@ impl MarketHistory {
         region: &str,
         generation: i32,
         since_secs: u64,
+        bucket_secs: u64,
     ) -> MarketElasticityResponse {
+        let bucket_secs = bucket_secs.max(60);
         let series: Vec<&MarketSignal> = self
             .signals
             .iter()
@@ -313,6 +338,7 @@ impl MarketHistory {
         let mut notes = Vec::new();
         if let Some(latest) = series.last() {
             response.demand_curve = latest.demand_curve.clone();
+            response.spot_demand_curve = latest.spot_demand_curve.clone();
             response.ask_median_micro_usd = latest.ask_median_micro_usd;
             response.elasticity_from_curve =
                 arc_elasticity(&latest.demand_curve, latest.ask_median_micro_usd);
@@ -324,10 +350,10 @@ impl MarketHistory {
                 "no signals recorded for this region and generation in the window".to_string(),
             );
         }
-        // Hourly (mean ask, GPUs started).
+        // Per bucket (mean ask, GPUs started).
         let mut hours: BTreeMap<u64, (f64, u32, u64)> = BTreeMap::new();
         for s in &series {
-            let h = hours.entry(at(s) / 3600).or_default();
+            let h = hours.entry(at(s) / bucket_secs).or_default();
             h.0 += s.ask_median_micro_usd as f64;
             h.1 += 1;
             h.2 += s.started_gpus as u64;
@@ -337,17 +363,23 @@ impl MarketHistory {
             .filter(|(_, n, started)| *n > 0 && *started > 0)
             .map(|(sum, n, started)| ((sum / *n as f64).max(1.0).ln(), (*started as f64).ln()))
             .collect();
-        response.elasticity_over_time = log_log_slope(&points);
-        if response.elasticity_over_time.is_none() {
-            notes.push(format!(
-                "over time: {} hour(s) with starts; needs at least 3 and a price spread of 1 % or more",
-                points.len()
-            ));
+        response.over_time_points = points.len() as u32;
+        match log_log_fit(&points) {
+            Some(fit) => {
+                response.elasticity_over_time = Some(fit.slope);
+                response.elasticity_over_time_std_error = fit.std_error;
+                response.elasticity_over_time_r_squared = Some(fit.r_squared);
+            }
+            None => notes.push(format!(
+                "over time: {} bucket(s) of {} with starts; needs at least 3 and a price spread of 1 % or more",
+                points.len(),
+                humantime::format_duration(std::time::Duration::from_secs(bucket_secs))
+            )),
         }
         response.method = format!(
             "curve: arc elasticity of pending GPUs wanted at bid >= p between 0.9x and 1.1x the median ask; \
-             over time: least-squares slope of ln(GPUs started per hour) on ln(median ask), a correlation that also \
-             reflects supply and time of day{}",
+             over time: least-squares slope of ln(GPUs started per bucket) on ln(median ask), with its standard error \
+             and R², a correlation that also reflects supply and time of day{}",
             if notes.is_empty() {
                 String::new()
             } else {
@@ -378,6 +410,41 @@ fn arc_elasticity(curve: &[DemandPoint], ask: u64) -> Option<f64> {
         return None;
     }
     Some(((q2 - q1) / ((q1 + q2) / 2.0)) / ((p2 - p1) / ((p1 + p2) / 2.0)))
+}
+
+/// A least-squares line through (ln price, ln starts).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Fit {
+    slope: f64,
+    /// None with exactly three points and a perfect fit (no residual
+    /// degrees of freedom to spare is fine; a zero residual gives 0).
+    std_error: Option<f64>,
+    r_squared: f64,
+}
+
+fn log_log_fit(points: &[(f64, f64)]) -> Option<Fit> {
+    let slope = log_log_slope(points)?;
+    let n = points.len() as f64;
+    let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let intercept = my - slope * mx;
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let ss_res: f64 = points
+        .iter()
+        .map(|p| (p.1 - (intercept + slope * p.0)).powi(2))
+        .sum();
+    let ss_tot: f64 = points.iter().map(|p| (p.1 - my).powi(2)).sum();
+    let r_squared = if ss_tot > 0.0 {
+        1.0 - ss_res / ss_tot
+    } else {
+        1.0
+    };
+    let std_error = (n > 2.0).then(|| (ss_res / (n - 2.0) / sxx).sqrt());
+    Some(Fit {
+        slope,
+        std_error,
+        r_squared,
+    })
 }
 
 fn log_log_slope(points: &[(f64, f64)]) -> Option<f64> {
@@ -437,6 +504,19 @@ mod tests {
         assert!((slope + 1.5).abs() < 1e-9, "{slope}");
         let flat: Vec<(f64, f64)> = (0..5).map(|i| (1e6f64.ln(), i as f64)).collect();
         assert_eq!(log_log_slope(&flat), None);
+        let fit = log_log_fit(&points).unwrap();
+        assert!(fit.std_error.unwrap() < 1e-9 && (fit.r_squared - 1.0).abs() < 1e-12);
+        // Noisy: ln Q = 5 − 1.2 ln P ± 0.1 → a positive standard error, R² < 1.
+        let noisy: Vec<(f64, f64)> = [(1.0f64, 0.1), (1.5, -0.1), (2.0, 0.1), (2.5, -0.1)]
+            .iter()
+            .map(|&(x, e)| (x, 5.0 - 1.2 * x + e))
+            .collect();
+        let fit = log_log_fit(&noisy).unwrap();
+        assert!((fit.slope + 1.28).abs() < 1e-9, "{fit:?}");
+        assert!(
+            fit.std_error.unwrap() > 0.05 && fit.r_squared < 1.0,
+            "{fit:?}"
+        );
     }
 
     #[test]
@@ -496,6 +576,7 @@ mod tests {
             pending_demand_gpus: pending,
             demand_curve: vec![(1_000_000, pending)],
             asks: vec![(3_000_000, 8)],
+            ..Default::default()
         };
         snapshot
             .groups

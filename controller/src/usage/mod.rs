@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, HashMap};
 
 pub use gpufleet_proto::v1::UsageDimension;
 use gpufleet_proto::v1::{
-    GpuSample, Job, TaskStatus, UsagePoint, UsageRecord, UsageReportResponse, UsageRow,
-    WorkloadState,
+    GpuSample, Job, PriceChangePoint, TaskStatus, UsagePoint, UsageRecord, UsageReportResponse,
+    UsageRow, WorkloadState,
 };
 use prost_types::Timestamp;
 
@@ -172,6 +172,10 @@ impl Accumulator {
 pub struct NodeFacts {
     pub zone: String,
     pub spot: bool,
+    /// The prices in force over the task's span (see
+    /// [`crate::pricing::PriceBook::timeline`]); empty: the task's price
+    /// at placement throughout.
+    pub price_timeline: Vec<(u64, u64)>,
 }
 
 /// The record of a task, ended (`running` false) or live up to `now_ms`.
@@ -194,7 +198,12 @@ pub fn build_record(
     let gpus = task.gpu_uuids.len() as u32;
     let gpu_ms = (ended - started) * gpus as u64;
     let spec = job.spec.clone().unwrap_or_default();
-    let price = task.price_per_gpu_hour_micro_usd;
+    let timeline = match node.price_timeline.as_slice() {
+        [] => vec![(started, task.price_per_gpu_hour_micro_usd)],
+        given => given.to_vec(),
+    };
+    let price = timeline[0].1;
+    let cost_exact = crate::pricing::cost_exact(&timeline, started, ended, gpus);
     let (sm, mem, energy) = match acc {
         Some(a) => (
             (a.util_n > 0).then(|| a.util_sum / a.util_n as f64),
@@ -221,7 +230,7 @@ pub fn build_record(
         gpu_milliseconds: gpu_ms,
         price_per_gpu_hour_micro_usd: price,
         spot: node.spot,
-        cost_micro_usd: micro_usd(price as u128 * gpu_ms as u128),
+        cost_micro_usd: micro_usd(cost_exact),
         mean_sm_utilization_percent: sm,
         mean_memory_utilization_percent: mem,
         energy_joules: energy,
@@ -231,7 +240,28 @@ pub fn build_record(
             task.state
         },
         running,
+        price_changes: timeline[1..]
+            .iter()
+            .filter(|(at, _)| *at > started && *at < ended)
+            .map(|&(at, price)| PriceChangePoint {
+                at: Some(ms_ts(at)),
+                price_per_gpu_hour_micro_usd: price,
+            })
+            .collect(),
     })
+}
+
+/// A record's prices over its span: (from ms, price), first at its start.
+pub fn price_timeline(record: &UsageRecord) -> Vec<(u64, u64)> {
+    let start = record.started_at.as_ref().map_or(0, ts_ms);
+    std::iter::once((start, record.price_per_gpu_hour_micro_usd))
+        .chain(record.price_changes.iter().map(|c| {
+            (
+                c.at.as_ref().map_or(start, ts_ms),
+                c.price_per_gpu_hour_micro_usd,
+            )
+        }))
+        .collect()
 }
 
 fn contribution(record: &UsageRecord) -> Option<Contribution> {
@@ -242,7 +272,7 @@ fn contribution(record: &UsageRecord) -> Option<Contribution> {
         start_ms: start,
         end_ms: end,
         gpus: record.gpu_count,
-        price_micro_usd: record.price_per_gpu_hour_micro_usd,
+        prices: price_timeline(record),
         mean_util: record.mean_sm_utilization_percent,
         energy_joules: record.energy_joules,
     })
