@@ -9,6 +9,7 @@ pub mod config;
 pub mod gang;
 pub mod health;
 pub mod identity;
+pub mod interruption;
 pub mod kmsg;
 pub mod limits;
 pub mod log_retention;
@@ -264,6 +265,22 @@ pub async fn start(
     .with_tls(tls)
     .with_node_secret(node_secret);
     tasks.push(tokio::spawn(uplink.run(shutdown_rx.clone())));
+    if let Some(spot) = &config.interruptions {
+        tasks.push(tokio::spawn(interruption::watch(
+            interruption::cloud::Metadata::new(
+                spot.cloud,
+                spot.endpoint.clone(),
+                std::time::Duration::from_secs(5),
+            ),
+            supervisor.clone(),
+            outbox.clone(),
+            interruption::WatchSettings {
+                poll_interval: spot.poll_interval,
+                stop_margin: spot.stop_margin,
+            },
+            shutdown_rx.clone(),
+        )));
+    }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

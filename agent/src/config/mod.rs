@@ -101,7 +101,21 @@ pub struct AgentConfig {
     /// the next agent start to re-adopt (an agent upgrade or restart does
     /// not kill jobs); `false`: stop them with their grace period.
     pub keep_workloads_on_exit: bool,
+    /// Spot interruption notices to watch for; `None`: none.
+    pub interruptions: Option<InterruptionConfig>,
 }
+
+/// Where the agent reads its cloud's spot interruption notices.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InterruptionConfig {
+    pub cloud: crate::interruption::cloud::Cloud,
+    pub endpoint: crate::interruption::http::Endpoint,
+    pub poll_interval: Duration,
+    pub stop_margin: Duration,
+}
+
+pub const DEFAULT_INTERRUPTION_POLL_INTERVAL: Duration = Duration::from_secs(5);
+pub const DEFAULT_INTERRUPTION_STOP_MARGIN: Duration = Duration::from_secs(5);
 
 /// PEM files for dialling an `https://` controller. Without `ca`, the
 /// controller's certificate must chain to a public root (webpki roots).
@@ -247,6 +261,47 @@ fn health_policy(h: HealthSettings) -> Result<HealthPolicy, ConfigError> {
     })
 }
 
+/// The `[spot]` table checked: None when no cloud is named.
+fn interruption_config(
+    s: &settings::SpotSettings,
+) -> Result<Option<InterruptionConfig>, ConfigError> {
+    use crate::interruption::{cloud::Cloud, http::Endpoint};
+    let cloud = Cloud::parse(s.interruption_source.as_deref().unwrap_or(""))
+        .map_err(|e| invalid("spot.interruption_source", e))?;
+    let Some(cloud) = cloud else {
+        if s.metadata_endpoint.is_some() {
+            return Err(invalid(
+                "spot.metadata_endpoint",
+                "is set but spot.interruption_source is not; name the cloud (aws, gcp or azure)",
+            ));
+        }
+        return Ok(None);
+    };
+    let endpoint = Endpoint::parse(
+        s.metadata_endpoint
+            .as_deref()
+            .unwrap_or(cloud.default_endpoint()),
+    )
+    .map_err(|e| invalid("spot.metadata_endpoint", e))?;
+    let poll_interval = match &s.poll_interval {
+        Some(d) => parse_duration("spot.poll_interval", d)?,
+        None => DEFAULT_INTERRUPTION_POLL_INTERVAL,
+    };
+    if poll_interval < Duration::from_millis(100) {
+        return Err(invalid("spot.poll_interval", "must be at least 100ms"));
+    }
+    let stop_margin = match &s.stop_margin {
+        Some(d) => parse_duration("spot.stop_margin", d)?,
+        None => DEFAULT_INTERRUPTION_STOP_MARGIN,
+    };
+    Ok(Some(InterruptionConfig {
+        cloud,
+        endpoint,
+        poll_interval,
+        stop_margin,
+    }))
+}
+
 impl AgentConfig {
     /// What embedders start from (tests, `gpufleet dev`, benchmarks): an
     /// agent with simulated GPUs (`simulated_gpus`, e.g. `8xH100-SXM-80GB`),
@@ -280,6 +335,7 @@ impl AgentConfig {
             max_concurrent_starts: crate::supervisor::DEFAULT_MAX_CONCURRENT_STARTS,
             shim_program: None,
             keep_workloads_on_exit: false,
+            interruptions: None,
         }
     }
 
@@ -392,6 +448,7 @@ impl AgentConfig {
                 }),
             shim_program: None,
             keep_workloads_on_exit: s.keep_workloads_on_exit.unwrap_or(true),
+            interruptions: interruption_config(&s.spot)?,
         };
         config.validate()?;
         Ok(config)

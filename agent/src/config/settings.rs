@@ -130,6 +130,48 @@ pub struct AgentSettings {
     #[command(flatten)]
     #[serde(default)]
     pub health: HealthSettings,
+    /// The `[spot]` table: the cloud's interruption notices.
+    #[command(flatten)]
+    #[serde(default)]
+    pub spot: SpotSettings,
+}
+
+/// `[spot]`.
+#[derive(Debug, Clone, Default, Deserialize, Args)]
+#[serde(deny_unknown_fields)]
+pub struct SpotSettings {
+    /// Cloud whose spot interruption notices to watch: none, aws, gcp or azure [default: none].
+    #[arg(
+        id = "spot.interruption_source",
+        long = "interruption-source",
+        env = "GPUFLEET_INTERRUPTION_SOURCE",
+        value_name = "CLOUD"
+    )]
+    pub interruption_source: Option<String>,
+    /// The metadata service's host:port [default: the cloud's documented one].
+    #[arg(
+        id = "spot.metadata_endpoint",
+        long = "metadata-endpoint",
+        env = "GPUFLEET_METADATA_ENDPOINT",
+        value_name = "HOST:PORT"
+    )]
+    pub metadata_endpoint: Option<String>,
+    /// Pause between looks at the metadata service [default: 5s].
+    #[arg(
+        id = "spot.poll_interval",
+        long = "interruption-poll-interval",
+        env = "GPUFLEET_INTERRUPTION_POLL_INTERVAL",
+        value_name = "DURATION"
+    )]
+    pub poll_interval: Option<String>,
+    /// Workloads are killed this long before the cloud's deadline [default: 5s].
+    #[arg(
+        id = "spot.stop_margin",
+        long = "interruption-stop-margin",
+        env = "GPUFLEET_INTERRUPTION_STOP_MARGIN",
+        value_name = "DURATION"
+    )]
+    pub stop_margin: Option<String>,
 }
 
 /// `[node]`.

@@ -68,10 +68,19 @@ impl LaunchRequest {
         &self.allocation.allocation_id
     }
 
-    /// `GPUFLEET_JOB_ID`, `GPUFLEET_TASK_INDEX` and `GPUFLEET_ALLOCATION_ID`:
-    /// what every runtime tells a workload about itself.
-    pub fn identity_env(&self) -> [(String, String); 3] {
+    /// `GPUFLEET_JOB_ID`, `GPUFLEET_TASK_INDEX`, `GPUFLEET_ALLOCATION_ID`
+    /// and `GPUFLEET_INTERRUPT_FILE` (where a spot interruption's deadline
+    /// is written; absent until then): what every runtime tells a workload
+    /// about itself.
+    pub fn identity_env(&self) -> [(String, String); 4] {
         [
+            (
+                "GPUFLEET_INTERRUPT_FILE".into(),
+                self.allocation_dir
+                    .join(crate::supervisor::INTERRUPT_FILE)
+                    .to_string_lossy()
+                    .into_owned(),
+            ),
             ("GPUFLEET_JOB_ID".into(), self.allocation.job_id.clone()),
             (
                 "GPUFLEET_TASK_INDEX".into(),

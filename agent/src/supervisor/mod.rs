@@ -20,6 +20,8 @@
 //! this file holds the shared state and the queries.
 
 mod admission;
+mod interrupt;
+pub use self::interrupt::{INTERRUPT_FILE, Interruption};
 mod logs;
 mod recovery;
 mod start;

@@ -201,3 +201,87 @@ async fn recovery_takes_what_the_runtime_found() {
     // A local result is reported once, then dropped from the runtime.
     assert_eq!(runtime.forgotten(), ["gone"]);
 }
+
+#[tokio::test]
+async fn an_interruption_tells_each_workload_and_stops_it_before_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(SimulatedBackend::new("n1", &["2xT4".to_string()]).unwrap());
+    let gpus: Vec<String> = crate::GpuBackend::gpus(backend.as_ref())
+        .into_iter()
+        .map(|g| g.uuid)
+        .collect();
+    let runtime = Arc::new(MemoryRuntime::new());
+    let sup = Supervisor::with_runtime(
+        backend,
+        SupervisorSettings::new(dir.path().to_path_buf()),
+        runtime.clone(),
+    );
+    sup.reconcile(&desired(
+        1,
+        vec![allocation("a", &gpus[..1]), allocation("b", &gpus[1..])],
+    ));
+    state_of(&sup, "a", WorkloadState::Running).await;
+    state_of(&sup, "b", WorkloadState::Running).await;
+    // Every workload is told where the notice will be written.
+    let request = runtime.launch_requests().remove(0);
+    let file = request
+        .identity_env()
+        .into_iter()
+        .find(|(k, _)| k == "GPUFLEET_INTERRUPT_FILE")
+        .map(|(_, v)| std::path::PathBuf::from(v))
+        .unwrap();
+    assert_eq!(file, request.allocation_dir.join(super::INTERRUPT_FILE));
+
+    let deadline = SystemTime::now() + Duration::from_secs(120);
+    let told = sup.interrupt(
+        &super::Interruption {
+            source: "aws".into(),
+            action: "terminate".into(),
+            deadline,
+        },
+        Duration::from_secs(5),
+    );
+    assert_eq!(told, 2);
+    state_of(&sup, "a", WorkloadState::Interrupted).await;
+    state_of(&sup, "b", WorkloadState::Interrupted).await;
+    let status = sup.status("a").unwrap();
+    assert!(
+        status
+            .message
+            .starts_with("spot interruption: aws terminate at "),
+        "{}",
+        status.message
+    );
+    // SIGKILL 5 s before the 120 s deadline: a grace of 114-115 s.
+    for (_, grace) in runtime.stopped() {
+        assert!(
+            grace > Duration::from_secs(113) && grace <= Duration::from_secs(115),
+            "{grace:?}"
+        );
+    }
+    let text = std::fs::read_to_string(&file).unwrap();
+    let unix = deadline
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        text.contains(&format!("GPUFLEET_INTERRUPT_DEADLINE_UNIX={unix}\n")),
+        "{text}"
+    );
+    assert!(
+        text.contains("GPUFLEET_INTERRUPT_ACTION=terminate\n"),
+        "{text}"
+    );
+    // Ended workloads are not told again.
+    assert_eq!(
+        sup.interrupt(
+            &super::Interruption {
+                source: "aws".into(),
+                action: "terminate".into(),
+                deadline,
+            },
+            Duration::from_secs(5),
+        ),
+        0
+    );
+}

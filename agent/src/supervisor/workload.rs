@@ -40,6 +40,9 @@ pub(super) struct Workload {
     /// Wakes the start task of a gang rank that waits for rank 0's
     /// rendezvous port once a desired state brought it.
     pub(super) port_known: Arc<Notify>,
+    /// Set when a spot interruption stops it: it then ends `Interrupted`
+    /// with this message, not `Stopped`.
+    pub(super) interrupted: Option<String>,
 }
 
 impl Workload {
@@ -66,6 +69,7 @@ impl Workload {
             stop_while_queued: Arc::new(Notify::new()),
             done,
             port_known: Arc::new(Notify::new()),
+            interrupted: None,
         }
     }
 
@@ -119,6 +123,13 @@ impl Workload {
         let finished = exit.finished_at;
         self.finished_at = Some(self.started_at.map_or(finished, |s| finished.max(s)));
         (self.state, self.message) = outcome(self.stop_requested, exit);
+        if let Some(why) = &self.interrupted
+            && matches!(self.state, WorkloadState::Stopped | WorkloadState::Failed)
+            && exit.start_error.is_none()
+        {
+            self.state = WorkloadState::Interrupted;
+            self.message = format!("{why}; {}", self.message);
+        }
         self.running = None;
     }
 }
