@@ -59,7 +59,7 @@ pub enum Command {
     /// The usage ledger: who used which GPUs, for how long, at what cost.
     Usage(commands::usage::UsageArgs),
     /// Market signals: tight regions, demand curves, price elasticity.
-    Market(commands::usage::MarketArgs),
+    Market(commands::market::MarketArgs),
     /// Live fleet table: every GPU's utilisation, memory, temperature,
     /// power and job, refreshing (`--once` for one frame).
     Top(commands::top::TopArgs),
@@ -127,7 +127,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Jobs(args) => commands::jobs::run(&cli.controller, cli.output, args).await,
         Command::Usage(args) => commands::usage::usage(&cli.controller, cli.output, args).await,
-        Command::Market(args) => commands::usage::market(&cli.controller, cli.output, args).await,
+        Command::Market(args) => commands::market::market(&cli.controller, cli.output, args).await,
         Command::Top(args) => commands::top::run(&cli.controller, cli.output, args).await,
         Command::Telemetry(args) => {
             commands::telemetry::run(&cli.controller, cli.output, args).await

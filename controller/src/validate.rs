@@ -270,6 +270,23 @@ pub fn job_spec(mut spec: JobSpec, rules: &SubmitRules) -> Result<JobSpec> {
             limits::CONSTRAINT_LIST_COUNT,
         )?;
     }
+    if gpufleet_proto::v1::SpotPolicy::try_from(constraints.spot).is_err() {
+        return Err(ControllerError::invalid(
+            "spec.constraints.spot",
+            format!(
+                "{} is not a spot policy; accepted: 1 (never), 2 (allowed), 3 (required)",
+                constraints.spot
+            ),
+        ));
+    }
+    if let Some(rate) = constraints.max_interruptions_per_hour
+        && !(rate.is_finite() && rate >= 0.0)
+    {
+        return Err(ControllerError::invalid(
+            "spec.constraints.max_interruptions_per_hour",
+            format!("{rate} is not a rate of 0 or more interruptions per node-hour, like 0.05"),
+        ));
+    }
     for (i, value) in constraints.generations.iter().enumerate() {
         let known = GpuGeneration::try_from(*value)
             .ok()

@@ -6,7 +6,7 @@ use clap::{Args, Subcommand};
 use gpufleet_core::{generation_names, parse_generation};
 use gpufleet_proto::v1::{
     CancelJobRequest, ExplainJobRequest, GetJobRequest, Job, JobConstraints, JobSpec, JobState,
-    ListJobsRequest, Locality, PlacementPolicy, RetryPolicy, StreamJobLogsRequest,
+    ListJobsRequest, Locality, PlacementPolicy, RetryPolicy, SpotPolicy, StreamJobLogsRequest,
     SubmitJobRequest, WatchJobRequest, WorkloadSpec,
 };
 use tokio_stream::StreamExt;
@@ -117,9 +117,16 @@ struct SubmitArgs {
     /// Regions to prefer when several fit (soft).
     #[arg(long, value_delimiter = ',')]
     prefer_region: Vec<String>,
-    /// Spot capacity may be used.
-    #[arg(long)]
+    /// Spot capacity may be used (the same as --spot allowed).
+    #[arg(long, conflicts_with = "spot")]
     allow_spot: bool,
+    /// Spot capacity: never, allowed or required [default: never].
+    #[arg(long, value_parser = ["never", "allowed", "required"])]
+    spot: Option<String>,
+    /// Skip spot capacity interrupted more often than this many times per
+    /// node-hour (measured per provider, region and generation), e.g. 0.05.
+    #[arg(long, value_name = "RATE")]
+    max_interruptions_per_hour: Option<f64>,
     /// Where tasks may spread: any, region (default for several tasks) or provider.
     #[arg(long, value_parser = ["any", "region", "provider"])]
     locality: Option<String>,
@@ -503,7 +510,20 @@ fn build_spec(args: SubmitArgs) -> anyhow::Result<JobSpec> {
             allow_spot: args.allow_spot,
             locality: locality as i32,
             require_nvlink: args.nvlink,
-            ..Default::default()
+            spot: match args.spot.as_deref() {
+                Some("never") => SpotPolicy::Never,
+                Some("allowed") => SpotPolicy::Allowed,
+                Some("required") => SpotPolicy::Required,
+                _ => SpotPolicy::Unspecified,
+            } as i32,
+            max_interruptions_per_hour: match args.max_interruptions_per_hour {
+                Some(rate) if !(rate.is_finite() && rate >= 0.0) => {
+                    bail!(
+                        "--max-interruptions-per-hour {rate} is not a rate of 0 or more, like 0.05"
+                    )
+                }
+                rate => rate,
+            },
         }),
         workload: Some(WorkloadSpec {
             argv: args.command,

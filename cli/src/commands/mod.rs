@@ -1,7 +1,9 @@
 pub mod completions;
 pub mod dev;
 pub mod jobs;
+pub mod market;
 pub mod nodes;
+pub mod prices;
 pub mod simulate;
 pub mod telemetry;
 pub mod tokens;

@@ -1,17 +1,14 @@
-//! `gpufleet usage …` and `gpufleet market …`: the ledger, reports, and
-//! market signals.
+//! `gpufleet usage …`: the ledger and its reports.
 
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
-use gpufleet_core::{generation_names, parse_generation};
 use gpufleet_proto::v1::usage_client::UsageClient;
 use gpufleet_proto::v1::{
-    GpuGeneration, Granularity, ListUsageRecordsRequest, MarketElasticityRequest,
-    MarketTightnessRequest, TopUsageRequest, UsageByGenerationRequest, UsageDimension,
-    UsageReportRequest, UsageReportResponse, UsageRow,
+    GpuGeneration, Granularity, ListUsageRecordsRequest, TopUsageRequest, UsageByGenerationRequest,
+    UsageDimension, UsageReportRequest, UsageReportResponse, UsageRow,
 };
 use prost_types::Timestamp;
 
@@ -156,31 +153,7 @@ enum UsageCommand {
     },
 }
 
-#[derive(Debug, Args)]
-pub struct MarketArgs {
-    #[command(subcommand)]
-    command: MarketCommand,
-}
-
-#[derive(Debug, Subcommand)]
-enum MarketCommand {
-    /// Regions ranked by tightness (pending GPUs per free GPU), with queue waits.
-    Tight {
-        #[arg(long, default_value = "24h")]
-        since: String,
-    },
-    /// The demand curve and the price-elasticity estimates for one region and generation.
-    Elasticity {
-        #[arg(long)]
-        region: String,
-        #[arg(long)]
-        generation: String,
-        #[arg(long, default_value = "7d")]
-        since: String,
-    },
-}
-
-fn generation_label(generation: i32) -> String {
+pub(crate) fn generation_label(generation: i32) -> String {
     GpuGeneration::try_from(generation)
         .ok()
         .filter(|g| *g != GpuGeneration::Unspecified)
@@ -189,7 +162,7 @@ fn generation_label(generation: i32) -> String {
 }
 
 /// `7d` (that long ago) or an RFC 3339 time.
-fn when(flag: &str, text: &str) -> anyhow::Result<Timestamp> {
+pub(crate) fn when(flag: &str, text: &str) -> anyhow::Result<Timestamp> {
     if let Ok(ago) = humantime::parse_duration(text) {
         let at = SystemTime::now()
             .checked_sub(ago)
@@ -442,138 +415,6 @@ pub async fn usage(address: &str, format: Format, args: UsageArgs) -> anyhow::Re
                 ]);
             }
             output::print_table(&table);
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-pub async fn market(address: &str, format: Format, args: MarketArgs) -> anyhow::Result<ExitCode> {
-    let mut client = UsageClient::new(client::channel(address).await?);
-    match args.command {
-        MarketCommand::Tight { since } => {
-            let response = client
-                .market_tightness(MarketTightnessRequest {
-                    since: Some(when("--since", &since)?),
-                })
-                .await?
-                .into_inner();
-            if format == Format::Json {
-                output::print_json(&response, true)?;
-                return Ok(ExitCode::SUCCESS);
-            }
-            let wait = |v: Option<f64>| {
-                v.map_or("-".to_string(), |s| {
-                    humantime::format_duration(Duration::from_secs(s.round() as u64)).to_string()
-                })
-            };
-            let mut table = output::table(&[
-                "REGION",
-                "GENERATION",
-                "TIGHTNESS",
-                "MEAN",
-                "PENDING GPUS",
-                "FREE",
-                "SUPPLY",
-                "WAIT P50",
-                "WAIT P95",
-                "ASK FROM",
-            ]);
-            for r in &response.regions {
-                table.add_row(vec![
-                    r.region.clone(),
-                    generation_label(r.generation),
-                    format!("{:.2}", r.tightness_now),
-                    format!("{:.2}", r.tightness_mean),
-                    r.pending_demand_gpus.to_string(),
-                    r.free_gpus.to_string(),
-                    r.supply_gpus.to_string(),
-                    wait(r.queue_wait_p50_seconds),
-                    wait(r.queue_wait_p95_seconds),
-                    output::usd(r.ask_min_micro_usd),
-                ]);
-            }
-            output::print_table(&table);
-            if response.regions.is_empty() {
-                eprintln!("no market signals yet: the controller records them once a minute");
-            }
-            say!(
-                "unmet demand (fits no region): {} GPUs",
-                response.unmet_demand_gpus
-            );
-        }
-        MarketCommand::Elasticity {
-            region,
-            generation,
-            since,
-        } => {
-            let generation = parse_generation(&generation).with_context(|| {
-                format!(
-                    "--generation {generation:?} is not a GPU generation; accepted: {}",
-                    generation_names().join(", ")
-                )
-            })?;
-            let response = client
-                .market_elasticity(MarketElasticityRequest {
-                    region,
-                    generation: generation as i32,
-                    since: Some(when("--since", &since)?),
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
-            if format == Format::Json {
-                output::print_json(&response, true)?;
-                return Ok(ExitCode::SUCCESS);
-            }
-            if format == Format::Csv {
-                bail!("-o csv is not available for market elasticity; use -o json");
-            }
-            say!(
-                "{} {} — {} observations; median ask {}/GPU-hour",
-                response.region,
-                generation_label(response.generation),
-                response.observations,
-                output::usd(response.ask_median_micro_usd)
-            );
-            say!("demand curve (GPUs wanted by pending jobs at a bid ≥ price):");
-            let max = response
-                .demand_curve
-                .iter()
-                .map(|d| d.gpus)
-                .max()
-                .unwrap_or(0) as f64;
-            for point in &response.demand_curve {
-                let marker = if point.price_micro_usd >= response.ask_median_micro_usd
-                    && response
-                        .demand_curve
-                        .iter()
-                        .filter(|d| d.price_micro_usd >= response.ask_median_micro_usd)
-                        .map(|d| d.price_micro_usd)
-                        .min()
-                        == Some(point.price_micro_usd)
-                {
-                    " ← ask"
-                } else {
-                    ""
-                };
-                say!(
-                    "  {:>7} │{:<40} {}{marker}",
-                    output::usd(point.price_micro_usd),
-                    output::bar(point.gpus as f64, max, 40),
-                    point.gpus
-                );
-            }
-            let show =
-                |v: Option<f64>| v.map_or("not available".to_string(), |e| format!("{e:.2}"));
-            say!(
-                "elasticity from the curve (±10 % around the ask): {}",
-                show(response.elasticity_from_curve)
-            );
-            say!(
-                "elasticity over time (starts vs ask, log-log):   {}",
-                show(response.elasticity_over_time)
-            );
-            say!("method: {}", response.method);
         }
     }
     Ok(ExitCode::SUCCESS)
