@@ -29,6 +29,11 @@ pub struct DevArgs {
     /// Start, run the demo job, print the results and exit (for CI and scripts).
     #[arg(long)]
     exit_after_demo: bool,
+    /// Prices that move every minute (a local price file), steady demand
+    /// for Hopper, and the spot node reclaimed two minutes in (a mock AWS
+    /// metadata service): `gpufleet market …` then has data to answer.
+    #[arg(long)]
+    market_demo: bool,
 }
 
 /// One simulated node of the default fleet.
@@ -118,6 +123,20 @@ const FLEET: &[DevNode] = &[
     },
 ];
 
+/// The fleet's list prices, for the market demo's price file.
+fn listed() -> Vec<super::dev_market::Listed> {
+    FLEET
+        .iter()
+        .map(|n| super::dev_market::Listed {
+            provider: n.provider,
+            region: n.region,
+            gpus: n.gpus,
+            price: n.price,
+            spot: n.spot,
+        })
+        .collect()
+}
+
 pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     init_tracing();
     let (data_dir, _temp) = match &args.data_dir {
@@ -138,6 +157,23 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     })?;
     let mut config = ControllerConfig::for_data_dir(data_dir.join("controller"));
     config.listen = listener.local_addr()?;
+    let prices_file = data_dir.join("prices.csv");
+    let metadata = if args.market_demo {
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("cannot create {}", data_dir.display()))?;
+        super::dev_market::write_prices(&prices_file, &listed(), 0)?;
+        config.price_sources = vec![
+            gpufleet_controller::pricing::source::PriceSource::parse(&format!(
+                "file:{}",
+                prices_file.display()
+            ))
+            .map_err(anyhow::Error::msg)?,
+        ];
+        config.price_refresh_interval = Duration::from_secs(10);
+        Some(gpufleet_agent::interruption::mock::MockMetadata::start().await?)
+    } else {
+        None
+    };
     let admin_token_file = config.admin_token_file.clone();
     let join_token_file = config.data_dir.join("join.token");
     let controller = gpufleet_controller::start(config, Some(listener)).await?;
@@ -159,8 +195,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     };
 
     let mut agents = Vec::new();
+    let watch = match (&metadata, FLEET.iter().any(|n| n.spot)) {
+        (Some(m), true) => Some(super::dev_market::watch(m)?),
+        _ => None,
+    };
     for node in FLEET {
-        match start_agent(node, &endpoint, &join_token, &data_dir).await {
+        let watch = if node.spot { watch.clone() } else { None };
+        match start_agent(node, &endpoint, &join_token, &data_dir, watch).await {
             Ok(agent) => agents.push(agent),
             Err(e) => {
                 shutdown(agents, controller).await;
@@ -188,6 +229,21 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     );
     say!();
 
+    let market = metadata.map(|metadata| {
+        say!(
+            "market demo: prices in {} move every minute; the spot node {} is reclaimed in 2 minutes",
+            prices_file.display(),
+            FLEET.iter().find(|n| n.spot).map_or("-", |n| n.id)
+        );
+        say!();
+        tokio::spawn(super::dev_market::run(
+            endpoint.clone(),
+            admin_token.clone(),
+            prices_file.clone(),
+            listed(),
+            metadata,
+        ))
+    });
     let mut outcome = ExitCode::SUCCESS;
     if !args.no_demo {
         match demo_job(&endpoint, &admin_token).await {
@@ -210,10 +266,20 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
             "  gpufleet jobs submit --gpus 2 --generation hopper --max-price 3.50 -- sh -c 'echo $CUDA_VISIBLE_DEVICES'"
         );
         say!("  gpufleet jobs logs <JOB_ID>        (and: gpufleet nodes, gpufleet jobs list)");
+        if market.is_some() {
+            say!("  gpufleet market prices --since 1h");
+            say!("  gpufleet market interruptions");
+            say!(
+                "  gpufleet market elasticity --region us-east-1 --generation hopper --bucket 1m   (a number after a few minutes)"
+            );
+        }
         say!();
         say!("Ctrl-C stops everything.");
         wait_for_signal().await;
         say!("stopping…");
+    }
+    if let Some(market) = market {
+        market.abort();
     }
     shutdown(agents, controller).await;
     Ok(outcome)
@@ -224,6 +290,7 @@ async fn start_agent(
     endpoint: &str,
     join_token: &str,
     data_dir: &std::path::Path,
+    interruptions: Option<gpufleet_agent::config::InterruptionConfig>,
 ) -> anyhow::Result<RunningAgent> {
     let node_config = NodeConfig {
         // Every agent of this fleet runs on this host.
@@ -240,6 +307,7 @@ async fn start_agent(
     let config = AgentConfig {
         sample_interval: Duration::from_secs(2),
         stop_grace_period: Duration::from_secs(5),
+        interruptions,
         ..AgentConfig::simulated(
             endpoint,
             join_token,

@@ -1,5 +1,6 @@
 pub mod completions;
 pub mod dev;
+mod dev_market;
 pub mod jobs;
 pub mod market;
 pub mod nodes;

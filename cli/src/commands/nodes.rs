@@ -262,6 +262,9 @@ fn print_node(node: &Node) {
             " (disconnected)"
         }
     );
+    if node.cordoned {
+        say!("Cordoned:      {}", node.cordon_reason);
+    }
     say!(
         "Last seen:     {} ago",
         output::age(node.last_seen_at.as_ref())
