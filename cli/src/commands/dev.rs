@@ -270,7 +270,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
             say!("  gpufleet market prices --since 1h");
             say!("  gpufleet market interruptions");
             say!(
-                "  gpufleet market elasticity --region us-east-1 --generation hopper --bucket 1m   (a number after a few minutes)"
+                "  gpufleet market elasticity --region us-west-1 --generation hopper --bucket 1m   (a number after a few minutes)"
             );
         }
         say!();

@@ -75,25 +75,30 @@ fn document(fleet: &[Listed], step: u32) -> String {
 }
 
 /// Writes step `step`'s prices to `path` whole (a rename), returning the
-/// Hopper price relative to list (for demand).
+/// cheapest Hopper price relative to the cheapest Hopper list price (the
+/// demo's demand goes where Hopper is cheapest).
 pub fn write_prices(path: &std::path::Path, fleet: &[Listed], step: u32) -> anyhow::Result<f64> {
     let text = document(fleet, step);
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, &text).with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    let relative = fleet
+    let hopper = |gpus: &str| gpus.contains("H100") || gpus.contains("H200");
+    let now = fleet
         .iter()
         .zip(text.lines().skip(2))
-        .find(|(n, _)| n.gpus.contains("H100"))
-        .and_then(|(n, line)| {
-            line.rsplit(',')
-                .next()?
-                .parse::<f64>()
-                .ok()
-                .map(|p| p / n.price)
-        })
-        .unwrap_or(1.0);
-    Ok(relative)
+        .filter(|(n, _)| hopper(n.gpus))
+        .filter_map(|(_, line)| line.rsplit(',').next()?.parse::<f64>().ok())
+        .fold(f64::INFINITY, f64::min);
+    let list = fleet
+        .iter()
+        .filter(|n| hopper(n.gpus))
+        .map(|n| n.price)
+        .fold(f64::INFINITY, f64::min);
+    Ok(if now.is_finite() && list.is_finite() && list > 0.0 {
+        now / list
+    } else {
+        1.0
+    })
 }
 
 /// The spot node's agent watches `metadata` for notices.
