@@ -104,7 +104,7 @@ fn capacity(at: &str, value: &str) -> Result<bool, TableError> {
 
 /// USD per GPU-hour → micro-USD, exactly for up to six decimals.
 fn micro_usd(at: &str, usd: f64) -> Result<u64, TableError> {
-    if !usd.is_finite() || usd < 0.0 || usd > MAX_PRICE_USD {
+    if !usd.is_finite() || !(0.0..=MAX_PRICE_USD).contains(&usd) {
         return Err(row_error(
             at,
             format!("price_per_gpu_hour_usd {usd} is not between 0 and {MAX_PRICE_USD}"),
