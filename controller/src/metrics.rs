@@ -113,6 +113,10 @@ pub struct Snapshot {
     pub queue_wait: crate::state::WaitHistogram,
     /// Whether the store's writes work, and how often they failed.
     pub store: StoreStatus,
+    /// Prices in force from the price sources.
+    pub prices: gpufleet_proto::v1::MarketPricesResponse,
+    /// Spot interruptions in the last 7 days, with their rates.
+    pub interruptions: gpufleet_proto::v1::MarketInterruptionsResponse,
 }
 
 /// The store's write health (see [`crate::store::StoreHealth`]).
@@ -176,6 +180,17 @@ impl Snapshot {
                 }
             },
             market: controller.market_tightness(controller.clock().unix_secs().saturating_sub(120)),
+            prices: {
+                let mut prices = controller.market_prices(&crate::state::prices::PriceQuery {
+                    since_ms: controller.clock().unix_millis(),
+                    limit: 1,
+                    ..Default::default()
+                });
+                prices.history.clear();
+                prices
+            },
+            interruptions: controller
+                .market_interruptions(controller.clock().unix_secs().saturating_sub(7 * 86_400), 1),
         })
     }
 }
@@ -501,6 +516,61 @@ pub fn render(snapshot: &Snapshot) -> String {
         &[],
         snapshot.market.unmet_demand_gpus as f64,
     );
+    e.family(
+        "gpufleet_source_price_per_gpu_hour_usd",
+        Kind::Gauge,
+        "Price in force from the price sources, per price key (empty labels match any).",
+    );
+    for entry in &snapshot.prices.current {
+        let key = entry.key.clone().unwrap_or_default();
+        e.sample(
+            "gpufleet_source_price_per_gpu_hour_usd",
+            &[
+                ("provider", &key.provider),
+                ("region", &key.region),
+                ("model", &key.model),
+                ("capacity", if key.spot { "spot" } else { "on-demand" }),
+            ],
+            entry.price_per_gpu_hour_micro_usd as f64 / 1_000_000.0,
+        );
+    }
+    // One family at a time: every sample follows its own HELP/TYPE block.
+    e.family(
+        "gpufleet_spot_interruptions",
+        Kind::Gauge,
+        "Spot interruptions in the last 7 days.",
+    );
+    for rate in &snapshot.interruptions.rates {
+        let generation = generation_label(rate.generation);
+        e.sample(
+            "gpufleet_spot_interruptions",
+            &[
+                ("provider", &rate.provider),
+                ("region", &rate.region),
+                ("generation", &generation),
+            ],
+            rate.interruptions as f64,
+        );
+    }
+    e.family(
+        "gpufleet_spot_interruptions_per_node_hour",
+        Kind::Gauge,
+        "Spot interruptions per spot node-hour over the last 7 days.",
+    );
+    for rate in &snapshot.interruptions.rates {
+        let generation = generation_label(rate.generation);
+        if let Some(per_hour) = rate.interruptions_per_node_hour {
+            e.sample(
+                "gpufleet_spot_interruptions_per_node_hour",
+                &[
+                    ("provider", &rate.provider),
+                    ("region", &rate.region),
+                    ("generation", &generation),
+                ],
+                per_hour,
+            );
+        }
+    }
     e.finish()
 }
 
@@ -754,6 +824,30 @@ mod tests {
                 }],
                 unmet_demand_gpus: 4,
             },
+            prices: gpufleet_proto::v1::MarketPricesResponse {
+                current: vec![gpufleet_proto::v1::PriceEntry {
+                    key: Some(gpufleet_proto::v1::PriceKey {
+                        provider: "aws".into(),
+                        region: "us-east-1".into(),
+                        model: "H100-SXM-80GB".into(),
+                        spot: true,
+                    }),
+                    price_per_gpu_hour_micro_usd: 2_100_000,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            interruptions: gpufleet_proto::v1::MarketInterruptionsResponse {
+                rates: vec![gpufleet_proto::v1::InterruptionRate {
+                    provider: "aws".into(),
+                    region: "us-east-1".into(),
+                    generation: GpuGeneration::Hopper as i32,
+                    interruptions: 3,
+                    spot_node_hours: 12.0,
+                    interruptions_per_node_hour: Some(0.25),
+                }],
+                ..Default::default()
+            },
         }
     }
 
@@ -762,6 +856,8 @@ mod tests {
         let text = render(&snapshot());
         let samples = check_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert!(samples > 10);
+        assert!(text.contains("gpufleet_source_price_per_gpu_hour_usd{provider=\"aws\",region=\"us-east-1\",model=\"H100-SXM-80GB\",capacity=\"spot\"} 2.1\n"), "{text}");
+        assert!(text.contains("gpufleet_spot_interruptions_per_node_hour{provider=\"aws\",region=\"us-east-1\",generation=\"hopper\"} 0.25\n"), "{text}");
         assert!(text.contains("gpufleet_usage_gpu_seconds_total{provider=\"aws\",region=\"us-east-1\",generation=\"hopper\",tenant=\"research\"} 7200"), "{text}");
         assert!(text.contains("gpufleet_usage_cost_usd_total{provider=\"aws\",region=\"us-east-1\",generation=\"hopper\",tenant=\"research\"} 7.86"), "{text}");
         assert!(
