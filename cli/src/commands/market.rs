@@ -208,7 +208,9 @@ pub async fn market(address: &str, format: Format, args: MarketArgs) -> anyhow::
                 response.observations,
                 output::usd(response.ask_median_micro_usd)
             );
-            say!("demand curve (GPUs wanted by pending jobs at a bid ≥ price):");
+            say!(
+                "demand curve (GPUs wanted by pending jobs at a bid ≥ price; in brackets, by jobs that accept spot):"
+            );
             let max = response
                 .demand_curve
                 .iter()
@@ -229,8 +231,13 @@ pub async fn market(address: &str, format: Format, args: MarketArgs) -> anyhow::
                 } else {
                     ""
                 };
+                let spot = response
+                    .spot_demand_curve
+                    .iter()
+                    .find(|s| s.price_micro_usd == point.price_micro_usd)
+                    .map_or(0, |s| s.gpus);
                 say!(
-                    "  {:>7} │{:<40} {}{marker}",
+                    "  {:>7} │{:<40} {} [{spot}]{marker}",
                     output::usd(point.price_micro_usd),
                     output::bar(point.gpus as f64, max, 40),
                     point.gpus
