@@ -92,7 +92,8 @@ pub struct Constraints {
     /// is skipped.
     pub max_interruption_milli_per_hour: Option<u32>,
     pub locality: Locality,
-    /// Multi-GPU tasks need NVLink-connected GPUs (where topology is known).
+    /// Multi-GPU tasks need NVLink-connected GPUs; a node that reports no
+    /// links does not qualify.
     pub require_nvlink: bool,
 }
 

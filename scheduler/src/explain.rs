@@ -27,6 +27,8 @@ pub enum ExcludedBy {
     GpuModel,
     Unhealthy,
     GpusPerTask,
+    /// No NVLink group of the task's size (or no links at all).
+    NvLink,
     FreeGpus,
 }
 
@@ -44,6 +46,7 @@ impl ExcludedBy {
             ExcludedBy::GpuModel => "gpu_model",
             ExcludedBy::Unhealthy => "unhealthy",
             ExcludedBy::GpusPerTask => "gpus_per_task",
+            ExcludedBy::NvLink => "nvlink",
             ExcludedBy::FreeGpus => "free_gpus",
         }
     }
@@ -288,6 +291,29 @@ pub fn explain(fleet: &Fleet, job: &JobInput, reason: Option<PendingReason>) -> 
                     fleet.node_ids[s.node as usize],
                     s.healthy.count_ones()
                 ));
+            } else if compiled.nvlink
+                && per_task > 1
+                && !s
+                    .nvlink_groups
+                    .iter()
+                    .any(|g| (g & s.healthy).count_ones() >= per_task)
+            {
+                let tally = tallies.entry(ExcludedBy::NvLink).or_default();
+                tally.nodes.insert(s.node);
+                tally.gpus += s.healthy.count_ones() as u64;
+                tally.values.insert(if s.nvlink_groups.is_empty() {
+                    format!("{} reports no NVLink", fleet.node_ids[s.node as usize])
+                } else {
+                    format!(
+                        "{} links at most {}",
+                        fleet.node_ids[s.node as usize],
+                        s.nvlink_groups
+                            .iter()
+                            .map(|g| (g & s.healthy).count_ones())
+                            .max()
+                            .unwrap_or(0)
+                    )
+                });
             } else if s.free.count_ones() < per_task {
                 let tally = tallies.entry(ExcludedBy::FreeGpus).or_default();
                 tally.nodes.insert(s.node);
@@ -420,6 +446,9 @@ pub fn explain(fleet: &Fleet, job: &JobInput, reason: Option<PendingReason>) -> 
             ExcludedBy::Unhealthy => format!("unhealthy GPUs on: {shown}"),
             ExcludedBy::GpusPerTask => {
                 format!("fewer than {per_task} matching GPUs on one node: {shown}")
+            }
+            ExcludedBy::NvLink => {
+                format!("no {per_task} NVLink-connected GPUs (--nvlink): {shown}")
             }
             ExcludedBy::FreeGpus => format!("allocated to other jobs: {shown}"),
         };

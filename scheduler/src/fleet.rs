@@ -30,7 +30,8 @@ pub struct NodeInput {
     pub schedulable: bool,
     /// In index order.
     pub gpus: Vec<GpuInput>,
-    /// Sets of GPU positions that are all NVLink-connected; empty = unknown.
+    /// Sets of GPU positions that are all NVLink-connected; empty: no
+    /// links (a multi-GPU NVLink request does not fit here).
     pub nvlink_groups: Vec<Vec<u32>>,
 }
 
@@ -450,14 +451,15 @@ impl Fleet {
     }
 
     /// Picks `count` GPUs from `free`: inside one NVLink group when asked
-    /// and known, else the lowest positions.
+    /// (a slot that reports no links has none: it cannot serve such a
+    /// request), else the lowest positions.
     pub(crate) fn pick_gpus(&self, slot_idx: u32, count: u32, nvlink: bool) -> Option<u32> {
         let slot = &self.slots[slot_idx as usize];
         let free = slot.free;
         if free.count_ones() < count {
             return None;
         }
-        if nvlink && count > 1 && !slot.nvlink_groups.is_empty() {
+        if nvlink && count > 1 {
             return slot
                 .nvlink_groups
                 .iter()

@@ -427,6 +427,41 @@ mod tests {
     }
 
     #[test]
+    fn a_node_without_links_does_not_serve_an_nvlink_request() {
+        let pcie = node("pcie", "r1", 1, 4);
+        let mut j = job("j", 2, Policy::Cost);
+        j.constraints.require_nvlink = true;
+        let r = run(
+            &[pcie.clone()],
+            &[],
+            &[j.clone()],
+            &SchedulerConfig::default(),
+            &TenantState::default(),
+        );
+        assert!(
+            matches!(r.outcomes[0], Outcome::Pending(_)),
+            "{:?}",
+            r.outcomes[0]
+        );
+        // One GPU needs no link; and without the requirement it fits.
+        let mut one = job("one", 1, Policy::Cost);
+        one.constraints.require_nvlink = true;
+        j.constraints.require_nvlink = false;
+        let r = run(
+            &[pcie],
+            &[],
+            &[one, j],
+            &SchedulerConfig::default(),
+            &TenantState::default(),
+        );
+        assert!(
+            r.outcomes.iter().all(|o| matches!(o, Outcome::Placed(_))),
+            "{:?}",
+            r.outcomes
+        );
+    }
+
+    #[test]
     fn nvlink_tasks_stay_inside_one_group() {
         let mut n = node("a", "r1", 1, 4);
         n.nvlink_groups = vec![vec![0, 1], vec![2, 3]];
