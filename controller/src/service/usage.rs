@@ -76,6 +76,16 @@ fn bounded(report: UsageReportResponse) -> Result<Response<UsageReportResponse>,
     Ok(Response::new(report))
 }
 
+/// An answer, refused when it would pass the response budget.
+fn within_budget<M: prost::Message>(
+    answer: M,
+    what: &str,
+    how_to_ask_less: &str,
+) -> Result<Response<M>, Status> {
+    limits::check_response(what, answer.encoded_len(), how_to_ask_less).map_err(to_status)?;
+    Ok(Response::new(answer))
+}
+
 fn dimensions(values: &[i32]) -> Result<Vec<UsageDimension>, Status> {
     validate::filter_list("group_by", values.len()).map_err(to_status)?;
     values
@@ -259,13 +269,11 @@ impl Usage for UsageService {
             DAY,
         )?;
         let answer = self.controller.market_tightness(since);
-        limits::check_response(
+        within_budget(
+            answer,
             "the tightness report",
-            prost::Message::encoded_len(&answer),
             "ask for a shorter range (since)",
         )
-        .map_err(to_status)?;
-        Ok(Response::new(answer))
     }
 
     async fn market_elasticity(
@@ -309,13 +317,11 @@ impl Usage for UsageService {
         let answer = self
             .controller
             .market_elasticity(&r.region, r.generation, since, bucket);
-        limits::check_response(
+        within_budget(
+            answer,
             "the elasticity report",
-            prost::Message::encoded_len(&answer),
             "ask for a shorter range (since)",
         )
-        .map_err(to_status)?;
-        Ok(Response::new(answer))
     }
 
     async fn market_prices(
@@ -353,13 +359,11 @@ impl Usage for UsageService {
                 since_ms: since * 1000,
                 limit: r.limit as usize,
             });
-        limits::check_response(
+        within_budget(
+            answer,
             "the price report",
-            prost::Message::encoded_len(&answer),
             "ask for fewer changes (limit), a filter or a shorter range (since)",
         )
-        .map_err(to_status)?;
-        Ok(Response::new(answer))
     }
 
     async fn market_interruptions(
@@ -376,12 +380,10 @@ impl Usage for UsageService {
         )?;
         let limit = if r.limit == 0 { 100 } else { r.limit as usize };
         let answer = self.controller.market_interruptions(since, limit);
-        limits::check_response(
+        within_budget(
+            answer,
             "the interruption report",
-            prost::Message::encoded_len(&answer),
             "ask for fewer interruptions (limit) or a shorter range (since)",
         )
-        .map_err(to_status)?;
-        Ok(Response::new(answer))
     }
 }

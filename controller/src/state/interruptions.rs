@@ -86,12 +86,7 @@ impl Controller {
         record.cordoned = true;
         record.cordon_reason = reason.clone();
         let identity = record.identity.clone().unwrap_or_default();
-        let generation = record
-            .gpus
-            .iter()
-            .filter_map(|g| g.info.as_ref())
-            .min_by_key(|i| i.index)
-            .map_or(0, |i| i.generation);
+        let generation = super::prices::first_gpu(&record).map_or(0, |i| i.generation);
         let mut batch = WriteBatch::default();
         batch.put(Keyspace::Nodes, node_id, &record);
         if let Some(entry) = state.nodes.get_mut(node_id) {

@@ -34,17 +34,20 @@ impl PriceQuery {
     }
 }
 
+/// A node's first GPU (lowest index): what names its model and generation
+/// where a node is counted as one kind.
+pub fn first_gpu(node: &Node) -> Option<&gpufleet_proto::v1::GpuInfo> {
+    node.gpus
+        .iter()
+        .filter_map(|g| g.info.as_ref())
+        .min_by_key(|i| i.index)
+}
+
 /// What prices a node: its provider, region, first GPU's model, instance
 /// type and capacity.
 pub fn node_price_key(node: &Node) -> NodePriceKey {
     let identity = node.identity.clone().unwrap_or_default();
-    let model = node
-        .gpus
-        .iter()
-        .filter_map(|g| g.info.as_ref())
-        .min_by_key(|i| i.index)
-        .map(|i| i.model.clone())
-        .unwrap_or_default();
+    let model = first_gpu(node).map(|i| i.model.clone()).unwrap_or_default();
     NodePriceKey {
         provider: identity.provider,
         region: identity.region,

@@ -332,13 +332,7 @@ fn spot_nodes(state: &State) -> std::collections::BTreeMap<(String, String, i32)
         let Some(identity) = entry.record.identity.as_ref().filter(|i| i.spot) else {
             continue;
         };
-        let generation = entry
-            .record
-            .gpus
-            .iter()
-            .filter_map(|g| g.info.as_ref())
-            .min_by_key(|i| i.index)
-            .map_or(0, |i| i.generation);
+        let generation = prices::first_gpu(&entry.record).map_or(0, |i| i.generation);
         *out.entry((
             identity.provider.clone(),
             identity.region.clone(),
@@ -360,13 +354,7 @@ pub(super) fn fleet_index(state: &State) -> Fleet {
                 input.price_per_gpu_hour_micro_usd = price;
             }
             if input.spot {
-                let generation = e
-                    .record
-                    .gpus
-                    .iter()
-                    .filter_map(|g| g.info.as_ref())
-                    .min_by_key(|i| i.index)
-                    .map_or(0, |i| i.generation);
+                let generation = prices::first_gpu(&e.record).map_or(0, |i| i.generation);
                 input.interruption_milli_per_hour = state
                     .interruption_rates
                     .get(&(input.provider.clone(), input.region.clone(), generation))
