@@ -17,7 +17,7 @@
 pub mod source;
 pub mod table;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 
 use gpufleet_proto::v1 as proto;
@@ -71,6 +71,9 @@ impl PriceKey {
             .count()
     }
 
+    /// The definition the indexed lookups ([`PriceBook::resolve`],
+    /// [`PriceBook::timeline`]) are tested against.
+    #[cfg(test)]
     fn matches(&self, node: &NodePriceKey) -> bool {
         self.spot == node.spot
             && (self.provider.is_empty() || self.provider == node.provider)
@@ -175,12 +178,19 @@ pub struct SourceStatus {
     pub last_error: Option<String>,
 }
 
+/// One key's change: (at ms, old, new).
+type KeyChange = (u64, Option<u64>, Option<u64>);
+
 /// Merged prices of every source, with their history.
 #[derive(Debug, Default)]
 pub struct PriceBook {
     current: BTreeMap<PriceKey, Current>,
     /// Oldest first.
     history: VecDeque<Change>,
+    /// The same changes by key, oldest first: what a node's prices over
+    /// time are read from (a node matches at most 12 keys), so a lookup
+    /// never walks the whole history or table.
+    by_key: HashMap<PriceKey, VecDeque<KeyChange>>,
     sources: Vec<SourceStatus>,
 }
 
@@ -194,9 +204,18 @@ impl PriceBook {
     ) -> Self {
         history.sort_by(|a, b| a.at_ms.cmp(&b.at_ms).then_with(|| a.key.cmp(&b.key)));
         let skip = history.len().saturating_sub(MAX_HISTORY);
+        let history: VecDeque<Change> = history.into_iter().skip(skip).collect();
+        let mut by_key: HashMap<PriceKey, VecDeque<KeyChange>> = HashMap::new();
+        for c in &history {
+            by_key
+                .entry(c.key.clone())
+                .or_default()
+                .push_back((c.at_ms, c.old, c.new));
+        }
         Self {
             current,
-            history: history.into_iter().skip(skip).collect(),
+            history,
+            by_key,
             sources: sources
                 .into_iter()
                 .map(|name| SourceStatus {
@@ -304,41 +323,79 @@ impl PriceBook {
                 }
             }
             self.history.push_back(change.clone());
+            self.by_key
+                .entry(change.key.clone())
+                .or_default()
+                .push_back((change.at_ms, change.old, change.new));
         }
         let mut dropped = Vec::new();
         while self.history.len() > MAX_HISTORY {
             if let Some(old) = self.history.pop_front() {
+                // The oldest change overall is its key's oldest too.
+                if let Some(changes) = self.by_key.get_mut(&old.key) {
+                    changes.pop_front();
+                    if changes.is_empty() {
+                        self.by_key.remove(&old.key);
+                    }
+                }
                 dropped.push(old);
             }
         }
         (changes, dropped)
     }
 
+    /// Every key that could match `node` and is known (in force now or in
+    /// the history): at most 12 lookups, however large the table.
+    fn candidates(&self, node: &NodePriceKey) -> Vec<PriceKey> {
+        let mut models = vec![node.model.as_str(), ""];
+        if !node.instance_type.is_empty() {
+            models.insert(1, node.instance_type.as_str());
+        }
+        let mut out = Vec::new();
+        for provider in [node.provider.as_str(), ""] {
+            for region in [node.region.as_str(), ""] {
+                for model in &models {
+                    let key = PriceKey {
+                        provider: provider.to_string(),
+                        region: region.to_string(),
+                        model: model.to_string(),
+                        spot: node.spot,
+                    };
+                    if (self.current.contains_key(&key) || self.by_key.contains_key(&key))
+                        && !out.contains(&key)
+                    {
+                        out.push(key);
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// The price in force for `node` now; None when no key matches (the
     /// node's configured price applies).
     pub fn resolve(&self, node: &NodePriceKey) -> Option<u64> {
+        if self.current.is_empty() {
+            return None;
+        }
+        let keys = self.candidates(node);
         best(
-            self.current
-                .iter()
-                .filter(|(k, _)| k.matches(node))
-                .map(|(k, c)| (k, c.price)),
+            keys.iter()
+                .filter_map(|k| self.current.get(k).map(|c| (k, c.price))),
         )
     }
 
     /// The price of `key` at `at_ms`, from the history (a change at
     /// exactly `at_ms` is in force at `at_ms`).
     fn value_at(&self, key: &PriceKey, at_ms: u64) -> Option<u64> {
-        let mut after: Option<&Change> = None;
-        for change in self.history.iter().rev().filter(|c| &c.key == key) {
-            if change.at_ms <= at_ms {
-                return change.new;
-            }
-            after = Some(change);
-        }
-        match after {
+        let Some(changes) = self.by_key.get(key) else {
+            return self.current.get(key).map(|c| c.price);
+        };
+        let after = changes.partition_point(|(at, _, _)| *at <= at_ms);
+        match after.checked_sub(1).and_then(|i| changes.get(i)) {
+            Some((_, _, new)) => *new,
             // The key's first known change is later: before it, its old value.
-            Some(first) => first.old,
-            None => self.current.get(key).map(|c| c.price),
+            None => changes.front().and_then(|(_, old, _)| *old),
         }
     }
 
@@ -359,13 +416,8 @@ impl PriceBook {
         end_ms: u64,
         fallback: u64,
     ) -> Vec<(u64, u64)> {
-        let keys: BTreeSet<&PriceKey> = self
-            .current
-            .keys()
-            .chain(self.history.iter().map(|c| &c.key))
-            .filter(|k| k.matches(node))
-            .collect();
-        let keys: Vec<&PriceKey> = keys.into_iter().collect();
+        let candidates = self.candidates(node);
+        let keys: Vec<&PriceKey> = candidates.iter().collect();
         let mut timeline = vec![(
             start_ms,
             self.resolve_at(&keys, start_ms).unwrap_or(fallback),
@@ -373,11 +425,11 @@ impl PriceBook {
         if keys.is_empty() {
             return timeline;
         }
-        let points: BTreeSet<u64> = self
-            .history
+        let points: BTreeSet<u64> = keys
             .iter()
-            .filter(|c| c.at_ms > start_ms && c.at_ms < end_ms && keys.contains(&&c.key))
-            .map(|c| c.at_ms)
+            .filter_map(|k| self.by_key.get(*k))
+            .flat_map(|changes| changes.iter().map(|(at, _, _)| *at))
+            .filter(|at| *at > start_ms && *at < end_ms)
             .collect();
         for at in points {
             let price = self.resolve_at(&keys, at).unwrap_or(fallback);
@@ -395,10 +447,12 @@ impl PriceBook {
             return None;
         }
         let mut points: Vec<u64> = self
-            .history
-            .iter()
-            .filter(|c| &c.key == key && c.at_ms > from_ms && c.at_ms < to_ms)
-            .map(|c| c.at_ms)
+            .by_key
+            .get(key)
+            .into_iter()
+            .flatten()
+            .map(|(at, _, _)| *at)
+            .filter(|at| *at > from_ms && *at < to_ms)
             .collect();
         points.dedup();
         let mut total = 0.0;

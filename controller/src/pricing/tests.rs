@@ -213,3 +213,51 @@ fn history_is_bounded_and_reloads_in_order() {
     assert_eq!(Change::from_proto(&change.to_proto()), *change);
     assert_eq!(change.id(), "0000000000010/p/r/m/on-demand");
 }
+
+#[test]
+fn indexed_resolution_agrees_with_the_definition() {
+    let providers = ["aws", "gcp", ""];
+    let regions = ["r1", "r2", ""];
+    let models = ["H100", "p5.48xlarge", "L4", ""];
+    let mut rows = Vec::new();
+    let mut price = 1_000_000;
+    for (i, provider) in providers.iter().enumerate() {
+        for (j, region) in regions.iter().enumerate() {
+            for (k, model) in models.iter().enumerate() {
+                for spot in [false, true] {
+                    // A sparse, deterministic table.
+                    if (i + 2 * j + 3 * k + usize::from(spot)) % 3 == 0 {
+                        price += 10_000;
+                        rows.push((key(provider, region, model, spot), price));
+                    }
+                }
+            }
+        }
+    }
+    let mut book = PriceBook::new(vec!["a".into()], BTreeMap::new(), Vec::new());
+    book.refreshed(0, table(&rows), 0);
+    for provider in ["aws", "gcp", "azure"] {
+        for region in ["r1", "r2", "r3"] {
+            for model in ["H100", "L4", "A100"] {
+                for instance_type in ["", "p5.48xlarge"] {
+                    for spot in [false, true] {
+                        let n = NodePriceKey {
+                            provider: provider.into(),
+                            region: region.into(),
+                            model: model.into(),
+                            instance_type: instance_type.into(),
+                            spot,
+                        };
+                        let brute = best(
+                            book.current()
+                                .iter()
+                                .filter(|(k, _)| k.matches(&n))
+                                .map(|(k, c)| (k, c.price)),
+                        );
+                        assert_eq!(book.resolve(&n), brute, "{n:?}");
+                    }
+                }
+            }
+        }
+    }
+}
