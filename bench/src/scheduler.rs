@@ -123,6 +123,7 @@ pub fn fleet_inputs(nodes: usize, rng: &mut StdRng) -> Vec<NodeInput> {
                         memory_bytes: gib << 30,
                         compute_capability: cc,
                         healthy: true,
+                        ..Default::default()
                     })
                     .collect(),
                 nvlink_groups: Vec::new(),

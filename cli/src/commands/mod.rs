@@ -7,3 +7,4 @@ pub mod telemetry;
 pub mod tokens;
 pub mod top;
 pub mod usage;
+pub mod waste;

@@ -112,6 +112,9 @@ impl Controller {
                                 generation: placement::generation_wire(p.generation),
                                 model,
                                 address,
+                                gpu_share_milli: p.share_milli,
+                                gpu_memory_limit_bytes: p.memory_limit_bytes,
+                                mig_profile: p.mig_profile.unwrap_or_default(),
                                 ..Default::default()
                             }
                         })

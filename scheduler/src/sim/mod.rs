@@ -264,7 +264,7 @@ impl<'a> Engine<'a> {
         let nodes = &self.workload.nodes;
         let jobs = &self.workload.jobs;
         let mut running_inputs = Vec::with_capacity(self.running.len());
-        let mut allocated: HashMap<String, HashMap<Generation, u32>> = HashMap::new();
+        let mut allocated: HashMap<String, HashMap<Generation, u64>> = HashMap::new();
         // Sorted so the fleet (and so every tie-break) is the same each run.
         let mut running: Vec<(&usize, &Run)> = self.running.iter().collect();
         running.sort_unstable_by_key(|(job, _)| **job);
@@ -280,12 +280,13 @@ impl<'a> Engine<'a> {
                 gpu_uuids: positions(run.mask).map(|p| gpu_uuid(&node.id, p)).collect(),
                 expected_end: None,
                 evicting: false,
+                ..Default::default()
             });
             *allocated
                 .entry(spec.tenant.clone())
                 .or_default()
                 .entry(node.generation)
-                .or_insert(0) += run.mask.count_ones();
+                .or_insert(0) += u64::from(run.mask.count_ones()) * 1000;
         }
         let mut fleet = Fleet::build(&self.node_inputs, &running_inputs);
         let inputs: Vec<JobInput> = self
@@ -413,6 +414,7 @@ fn node_input(node: &SimNode) -> NodeInput {
                 memory_bytes: 0,
                 compute_capability: (0, 0),
                 healthy: true,
+                ..Default::default()
             })
             .collect(),
         nvlink_groups: Vec::new(),
@@ -429,6 +431,7 @@ fn job_input(job: &SimJob, index: usize) -> JobInput {
         submitted_at: job.arrival.saturating_mul(1_000_000_000) + index as u64 % 1_000_000_000,
         tasks: 1,
         gpus_per_task: job.gpus,
+        unit: Default::default(),
         constraints: Constraints {
             models: job.models.clone(),
             ..Default::default()
