@@ -436,3 +436,32 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn market_signals_count_shares_as_parts_of_gpus() {
+    let nodes = [node("a", 2, 1, LAYOUT)];
+    let running = [
+        RunningInput {
+            job_id: "s".into(),
+            node_id: "a".into(),
+            gpu_uuids: vec!["GPU-a-1".into()],
+            share_milli: 300,
+            ..Default::default()
+        },
+        RunningInput {
+            job_id: "m".into(),
+            node_id: "a".into(),
+            gpu_uuids: vec!["MIG-a-0-2".into()],
+            ..Default::default()
+        },
+    ];
+    let fleet = Fleet::build(&nodes, &running);
+    let pending = [share_job("p1", 500, 0), share_job("p2", 500, 0), share_job("p3", 250, 0)];
+    let snapshot = gpufleet_scheduler::market::snapshot(&fleet, &pending);
+    let group = snapshot.groups.values().next().cloned().unwrap_or_default();
+    assert_eq!(group.allocated_milli, 300 + 143);
+    assert_eq!(group.supply_milli, 1000 + 429 + 286 + 143 + 143);
+    assert_eq!(group.pending_demand_milli, 1250);
+    assert_eq!(group.pending_demand_gpus, 2, "1.25 GPUs rounded up");
+    assert_eq!(snapshot.unmet_demand_gpus, 0);
+}

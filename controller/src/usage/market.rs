@@ -144,6 +144,9 @@ fn signal(
             })
             .collect(),
         started_gpus: starts.iter().map(|s| s.gpus).sum(),
+        supply_milli: g.supply_milli,
+        allocated_milli: g.allocated_milli,
+        pending_demand_milli: g.pending_demand_milli,
     }
 }
 
@@ -167,6 +170,9 @@ pub fn signals_for_minute(
         // A job eligible with two providers of one region counts once per
         // provider here; take the larger rather than the sum.
         r.pending_demand_gpus = r.pending_demand_gpus.max(g.pending_demand_gpus);
+        r.supply_milli += g.supply_milli;
+        r.allocated_milli += g.allocated_milli;
+        r.pending_demand_milli = r.pending_demand_milli.max(g.pending_demand_milli);
         r.asks.extend(g.asks.iter().copied());
         if r.demand_curve.is_empty() {
             r.demand_curve = g.demand_curve.clone();
@@ -496,6 +502,7 @@ mod tests {
             pending_demand_gpus: pending,
             demand_curve: vec![(1_000_000, pending)],
             asks: vec![(3_000_000, 8)],
+            ..Default::default()
         };
         snapshot
             .groups
