@@ -457,7 +457,14 @@ pub async fn usage(address: &str, format: Format, args: UsageArgs) -> anyhow::Re
                         r.workload_class.clone()
                     },
                     format!("{}/{}", r.provider, r.region),
-                    r.gpu_count.to_string(),
+                    // A share or MIG instance: the part of its GPU billed.
+                    if !r.mig_profile.is_empty() {
+                        format!("MIG {}", r.mig_profile)
+                    } else if r.gpu_share_milli > 0 {
+                        format!("{}/1000", r.gpu_share_milli)
+                    } else {
+                        r.gpu_count.to_string()
+                    },
                     r.model.clone(),
                     hours(r.gpu_milliseconds),
                     output::usd(r.cost_micro_usd),
