@@ -39,6 +39,16 @@ pub fn schedule(
         preemptions: 0,
         level_reserved: false,
         failed: HashMap::new(),
+        // The smallest share anyone waits for: packing avoids leaving a GPU
+        // with less than that (a sliver nothing in the queue could use).
+        min_share: jobs
+            .iter()
+            .filter_map(|j| match j.unit {
+                GpuUnit::Share { milli, .. } if milli > 0 => Some(milli),
+                _ => None,
+            })
+            .min()
+            .unwrap_or(0),
     };
     if fleet.slots.is_empty() {
         for outcome in &mut ctx.result.outcomes {
@@ -107,6 +117,8 @@ struct PassCtx<'a> {
     level_reserved: bool,
     /// Request shape → (earliest end that failed, reason).
     failed: HashMap<RequestShape<'a>, (u64, PendingReason)>,
+    /// The smallest share of the pass's queue, thousandths (0: none).
+    min_share: u32,
 }
 
 /// Everything that decides whether a request fits: two jobs of one shape
@@ -204,6 +216,7 @@ fn decide<'a>(fleet: &mut Fleet, job: &'a JobInput, ctx: &mut PassCtx<'a>) -> (O
         policy,
         end,
         config.preferred_region_discount,
+        ctx.min_share,
     ) {
         let granted: f64 = placements
             .iter()

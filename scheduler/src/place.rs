@@ -15,6 +15,7 @@ pub(crate) fn place_job(
     policy: Policy,
     end: u64,
     discount: f64,
+    min_share: u32,
 ) -> Option<Vec<TaskPlacement>> {
     let whole = job.unit == GpuUnit::Whole;
     if classes.is_empty()
@@ -36,7 +37,7 @@ pub(crate) fn place_job(
         if policy == Policy::Spread {
             groups.sort_by_key(|(_, list)| std::cmp::Reverse(group_free(fleet, list, 1)));
         }
-        return units::place_units(fleet, job, &groups, policy, end);
+        return units::place_units(fleet, job, &groups, policy, end, min_share);
     }
     if policy == Policy::Spread {
         // Emptiest group first.

@@ -286,6 +286,7 @@ pub(crate) fn place_units(
     groups: &[(u16, Vec<(u64, u32)>)],
     policy: Policy,
     end: u64,
+    min_share: u32,
 ) -> Option<Vec<TaskPlacement>> {
     let tasks = job.tasks.max(1);
     for (_, group) in groups {
@@ -303,7 +304,7 @@ pub(crate) fn place_units(
                 GpuUnit::Share {
                     milli,
                     memory_bytes,
-                } => best_share(fleet, group, *milli, *memory_bytes, policy, end),
+                } => best_share(fleet, group, *milli, *memory_bytes, policy, end, min_share),
                 GpuUnit::Mig { .. } => best_mig(fleet, group, &job.unit, policy),
             };
             match pick {
@@ -414,8 +415,15 @@ fn best_share(
     memory_bytes: u64,
     policy: Policy,
     end: u64,
+    min_share: u32,
 ) -> Option<Pick> {
     let mut best: Option<((u64, u64, u64), Pick)> = None;
+    // Best fit, except that a leftover no waiting share could use (a
+    // sliver) ranks after every leftover that one could.
+    let waste = |left: u32| -> u64 {
+        let sliver = left > 0 && left < min_share;
+        (u64::from(sliver) << 32) | u64::from(left)
+    };
     for &(price, c) in group {
         if policy == Policy::Cost
             && let Some(((best_price, _, _), _)) = best
@@ -436,8 +444,8 @@ fn best_share(
                 let gpu = &fleet.shared[g as usize];
                 gpu.free_milli >= m && gpu.free_memory >= mem
             })
-            .min_by_key(|&&g| (fleet.shared[g as usize].free_milli - m, g))
-            .map(|&g| ((fleet.shared[g as usize].free_milli - m) as u64, g));
+            .min_by_key(|&&g| (waste(fleet.shared[g as usize].free_milli - m), g))
+            .map(|&g| (waste(fleet.shared[g as usize].free_milli - m), g));
         // Else a free GPU on the fullest node (emptiest for `spread`).
         let open = if existing.is_some() && policy != Policy::Spread {
             None
