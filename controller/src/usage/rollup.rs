@@ -66,9 +66,10 @@ pub struct Cell {
     pub measured_gpu_ms: f64,
     /// Of it, measured by the profiling (GPM) fields.
     pub profiled_gpu_ms: f64,
-    /// Σ activity × `cost_exact` over the measured GPU-time, and that cost.
-    pub active_cost: f64,
-    pub measured_cost: f64,
+    /// Σ (1 − activity) × `cost_exact` over the measured GPU-time: what
+    /// the idle part cost (one field, not two: a cell is kept per bucket
+    /// and combination, so every byte counts).
+    pub idle_cost: f64,
 }
 
 impl Cell {
@@ -82,8 +83,7 @@ impl Cell {
         self.active_gpu_ms += other.active_gpu_ms;
         self.measured_gpu_ms += other.measured_gpu_ms;
         self.profiled_gpu_ms += other.profiled_gpu_ms;
-        self.active_cost += other.active_cost;
-        self.measured_cost += other.measured_cost;
+        self.idle_cost += other.idle_cost;
     }
 }
 
@@ -224,12 +224,7 @@ impl Rollups {
                         active_gpu_ms: activity.map_or(0.0, |a| a * gpu_ms as f64),
                         measured_gpu_ms: measured,
                         profiled_gpu_ms: if c.activity_profiled { measured } else { 0.0 },
-                        active_cost: activity.map_or(0.0, |a| a * cost_exact as f64),
-                        measured_cost: if activity.is_some() {
-                            cost_exact as f64
-                        } else {
-                            0.0
-                        },
+                        idle_cost: activity.map_or(0.0, |a| (1.0 - a) * cost_exact as f64),
                     };
                     let b = gran.buckets.entry(bucket / 1000).or_default();
                     match b.index.get(&combo) {

@@ -33,7 +33,7 @@ fn key_of(dims: &Dims, by: UsageDimension) -> String {
 
 fn row(key: String, cell: &Cell) -> WasteRow {
     let idle_ms = (cell.measured_gpu_ms - cell.active_gpu_ms).max(0.0);
-    let idle_cost = (cell.measured_cost - cell.active_cost).max(0.0);
+    let idle_cost = cell.idle_cost.max(0.0);
     WasteRow {
         key,
         allocated_gpu_milliseconds: cell.gpu_ms,
