@@ -207,7 +207,11 @@ pub fn churn(nodes: &[NodeInput], policy: Policy, steps: usize, load: f64, seed:
 }
 
 /// Free capacity (‰) that no waiting job could use now.
-fn stranded_milli(nodes: &[NodeInput], running: &[(TaskPlacement, u64)], queue: &[JobInput]) -> u64 {
+fn stranded_milli(
+    nodes: &[NodeInput],
+    running: &[(TaskPlacement, u64)],
+    queue: &[JobInput],
+) -> u64 {
     let min_share = queue
         .iter()
         .filter_map(|j| match j.unit {

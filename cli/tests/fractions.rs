@@ -69,7 +69,13 @@ fn number(v: &serde_json::Value) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_halves_share_one_gpu_and_are_billed_as_halves() -> anyhow::Result<()> {
-    let nodes = [NodeSpec::new("node-a", "aws", "us-east-1", "1xH100-SXM-80GB", 2.0)];
+    let nodes = [NodeSpec::new(
+        "node-a",
+        "aws",
+        "us-east-1",
+        "1xH100-SXM-80GB",
+        2.0,
+    )];
     let cluster = Cluster::start(&nodes).await?;
     let target: Target = (cluster.endpoint(), cluster.admin_token.clone());
     // The halves hold their GPU until the test lets them go.
@@ -82,7 +88,10 @@ async fn two_halves_share_one_gpu_and_are_billed_as_halves() -> anyhow::Result<(
     let running = |j: &serde_json::Value| j["state"] == "JOB_STATE_RUNNING";
     let ja = until(&target, &a, "ran", running).await?;
     let jb = until(&target, &b, "ran", running).await?;
-    assert_eq!(ja["tasks"][0]["gpuUuids"], jb["tasks"][0]["gpuUuids"], "one GPU, two halves");
+    assert_eq!(
+        ja["tasks"][0]["gpuUuids"], jb["tasks"][0]["gpuUuids"],
+        "one GPU, two halves"
+    );
     assert_eq!(ja["tasks"][0]["gpuShareMilli"], 500);
 
     let c = submit(
@@ -100,7 +109,11 @@ async fn two_halves_share_one_gpu_and_are_billed_as_halves() -> anyhow::Result<(
         "{message}"
     );
     let capacity = gpufleet(&target, &["capacity"]).await;
-    assert!(text(&capacity.stdout).contains("SHARED"), "{}", text(&capacity.stdout));
+    assert!(
+        text(&capacity.stdout).contains("SHARED"),
+        "{}",
+        text(&capacity.stdout)
+    );
 
     std::fs::write(Path::new(&gate), b"")?;
     let ended = |j: &serde_json::Value| j["state"] == "JOB_STATE_SUCCEEDED";

@@ -163,7 +163,11 @@ fn gpu_unit(spec: &mut JobSpec, rules: &SubmitRules) -> Result<()> {
         }
     }
     if !spec.mig_profile.is_empty() {
-        limits::check_filter("spec.mig_profile", &spec.mig_profile, limits::MIG_PROFILE_BYTES)?;
+        limits::check_filter(
+            "spec.mig_profile",
+            &spec.mig_profile,
+            limits::MIG_PROFILE_BYTES,
+        )?;
         let ok = spec
             .mig_profile
             .chars()

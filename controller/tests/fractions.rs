@@ -104,11 +104,18 @@ fn two_halves_share_a_gpu_beside_a_mig_job_and_are_billed_once() -> anyhow::Resu
     let mig = controller.get_job(&mig.id)?;
     assert_eq!(mig.tasks[0].gpu_uuids, vec!["MIG-n1-1-0"]);
     assert_eq!(mig.tasks[0].mig_profile, "1g.10gb");
-    assert_eq!(mig.tasks[0].model, "H100-SXM-80GB", "the instance's GPU's model");
+    assert_eq!(
+        mig.tasks[0].model, "H100-SXM-80GB",
+        "the instance's GPU's model"
+    );
     for job in [&a, &b] {
         let job = controller.get_job(&job.id)?;
         assert_eq!(job.state(), JobState::Scheduled);
-        assert_eq!(job.tasks[0].gpu_uuids, vec!["GPU-n1-0"], "both halves on GPU 0");
+        assert_eq!(
+            job.tasks[0].gpu_uuids,
+            vec!["GPU-n1-0"],
+            "both halves on GPU 0"
+        );
         assert_eq!(job.tasks[0].gpu_share_milli, 500);
     }
     let third = controller.get_job(&c.id)?;
@@ -129,7 +136,10 @@ fn two_halves_share_a_gpu_beside_a_mig_job_and_are_billed_once() -> anyhow::Resu
     for allocation in &desired {
         if allocation.job_id == mig.id {
             assert_eq!(allocation.gpu_uuids, vec!["MIG-n1-1-0"]);
-            assert_eq!(allocation.gpu_share_milli, 0, "a MIG instance is whole to it");
+            assert_eq!(
+                allocation.gpu_share_milli, 0,
+                "a MIG instance is whole to it"
+            );
         } else {
             assert_eq!(allocation.gpu_uuids, vec!["GPU-n1-0"]);
             assert_eq!(allocation.gpu_share_milli, 500);
@@ -141,7 +151,14 @@ fn two_halves_share_a_gpu_beside_a_mig_job_and_are_billed_once() -> anyhow::Resu
     let total = controller.capacity(&[])?.total.unwrap_or_default();
     assert_eq!((total.total_gpus, total.free_gpus), (2, 0));
     assert_eq!((total.shared_gpus, total.shared_free_milli), (1, 0));
-    assert_eq!((total.mig_gpus, total.mig_instances, total.free_mig_instances), (1, 2, 1));
+    assert_eq!(
+        (
+            total.mig_gpus,
+            total.mig_instances,
+            total.free_mig_instances
+        ),
+        (1, 2, 1)
+    );
     assert_eq!(total.allocated_milli, 1000 + 143);
 
     // All three run for 100 s, then the halves end.

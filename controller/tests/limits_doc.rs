@@ -95,7 +95,10 @@ fn every_limit_row_states_the_enforced_value() {
                 bytes(controller::AGENT_TEXT_BYTES)
             ),
         ),
-        ("| `spec.mig_profile` |", bytes(controller::MIG_PROFILE_BYTES)),
+        (
+            "| `spec.mig_profile` |",
+            bytes(controller::MIG_PROFILE_BYTES),
+        ),
         (
             "| `hello.workloads` |",
             thousands(controller::HELLO_WORKLOADS),

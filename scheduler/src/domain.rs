@@ -145,7 +145,10 @@ impl GpuUnit {
     pub fn describe(&self, gpus_per_task: u32) -> String {
         match self {
             GpuUnit::Whole => {
-                format!("{gpus_per_task} GPU{}", if gpus_per_task == 1 { "" } else { "s" })
+                format!(
+                    "{gpus_per_task} GPU{}",
+                    if gpus_per_task == 1 { "" } else { "s" }
+                )
             }
             GpuUnit::Share {
                 milli,
@@ -183,7 +186,7 @@ impl GpuUnit {
 /// `12884901888` → `12 GiB`; `1610612736` → `1.5 GiB`.
 pub(crate) fn gib(bytes: u64) -> String {
     let tenths = (bytes as u128 * 10 + (1 << 29)) / (1u128 << 30);
-    if tenths % 10 == 0 {
+    if tenths.is_multiple_of(10) {
         format!("{} GiB", tenths / 10)
     } else {
         format!("{}.{} GiB", tenths / 10, tenths % 10)

@@ -254,7 +254,9 @@ pub fn explain(fleet: &Fleet, job: &JobInput, reason: Option<PendingReason>) -> 
             }
             if !whole {
                 let (now, idle) = units::slot_room(fleet, &job.unit, slot);
-                *unit_room.entry((provider.clone(), region.clone())).or_default() += now;
+                *unit_room
+                    .entry((provider.clone(), region.clone()))
+                    .or_default() += now;
                 if idle == 0 {
                     let tally = tallies.entry(ExcludedBy::GpusPerTask).or_default();
                     tally.nodes.insert(s.node);

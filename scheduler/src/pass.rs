@@ -7,7 +7,7 @@ use crate::compiled::Compiled;
 use crate::config::{SchedulerConfig, TenantState};
 use crate::domain::{Constraints, Generation, GpuUnit, JobInput, Outcome, PassResult, Policy};
 use crate::fleet::{Fleet, NEVER};
-use crate::place::place_job;
+use crate::place::{Prefs, place_job};
 use crate::preempt::{preempt, preemption_possible};
 use crate::queue;
 use crate::reason::PendingReason;
@@ -215,8 +215,10 @@ fn decide<'a>(fleet: &mut Fleet, job: &'a JobInput, ctx: &mut PassCtx<'a>) -> (O
         &classes,
         policy,
         end,
-        config.preferred_region_discount,
-        ctx.min_share,
+        Prefs {
+            discount: config.preferred_region_discount,
+            min_share: ctx.min_share,
+        },
     ) {
         let granted: f64 = placements
             .iter()

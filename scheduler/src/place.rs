@@ -6,6 +6,15 @@ use crate::domain::{GpuUnit, JobInput, Policy, TaskPlacement};
 use crate::fleet::{self, Fleet, NEVER};
 use crate::units;
 
+/// What orders the choice among slots besides the policy: the discount of
+/// preferred regions, and the smallest share waiting in the pass's queue
+/// (packing avoids leaving less than that on a GPU).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Prefs {
+    pub(crate) discount: f64,
+    pub(crate) min_share: u32,
+}
+
 /// Places every task of a job or none.
 pub(crate) fn place_job(
     fleet: &mut Fleet,
@@ -14,9 +23,12 @@ pub(crate) fn place_job(
     classes: &[u32],
     policy: Policy,
     end: u64,
-    discount: f64,
-    min_share: u32,
+    prefs: Prefs,
 ) -> Option<Vec<TaskPlacement>> {
+    let Prefs {
+        discount,
+        min_share,
+    } = prefs;
     let whole = job.unit == GpuUnit::Whole;
     if classes.is_empty()
         || (whole

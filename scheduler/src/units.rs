@@ -64,6 +64,15 @@ pub(crate) fn resolve_share(milli: u32, memory_bytes: u64, gpu_memory: u64) -> O
     (milli <= GpuUnit::WHOLE_MILLI as u64 && memory <= gpu_memory).then_some((milli as u32, memory))
 }
 
+/// How many shares of (`m` thousandths, `mem` bytes) fit in what is left of
+/// a GPU; memory 0 takes none.
+fn shares_fitting(free_milli: u32, free_memory: u64, m: u32, mem: u64) -> u64 {
+    let by_share = u64::from(free_milli / m.max(1));
+    free_memory
+        .checked_div(mem)
+        .map_or(by_share, |by_memory| by_share.min(by_memory))
+}
+
 /// Charges a running share to its GPU while the fleet is built.
 pub(crate) fn charge_share(
     fleet: &mut Fleet,
@@ -73,8 +82,8 @@ pub(crate) fn charge_share(
     milli: u32,
     memory_bytes: u64,
 ) {
-    let gpu_memory = fleet.models[fleet.classes[fleet.slots[slot as usize].class as usize].model
-        as usize]
+    let gpu_memory = fleet.models
+        [fleet.classes[fleet.slots[slot as usize].class as usize].model as usize]
         .memory_bytes;
     let id = *index.entry((slot, pos)).or_insert_with(|| {
         fleet.shared.push(SharedGpu {
@@ -159,12 +168,7 @@ pub(crate) fn idle_tasks(fleet: &Fleet, unit: &GpuUnit, class_idx: u32) -> u64 {
             let Some((m, mem)) = resolve_share(*milli, *memory_bytes, gpu_memory) else {
                 return 0;
             };
-            let per_gpu = (GpuUnit::WHOLE_MILLI / m.max(1)) as u64;
-            let per_gpu = if mem == 0 {
-                per_gpu
-            } else {
-                per_gpu.min(gpu_memory / mem)
-            };
+            let per_gpu = shares_fitting(GpuUnit::WHOLE_MILLI, gpu_memory, m, mem);
             let gpus: u64 = class
                 .healthy_hist
                 .iter()
@@ -198,14 +202,8 @@ fn free_tasks(fleet: &Fleet, unit: &GpuUnit, class_idx: u32, end: u64) -> u64 {
             let Some((m, mem)) = resolve_share(*milli, *memory_bytes, gpu_memory) else {
                 return 0;
             };
-            let fit = |free_milli: u32, free_memory: u64| -> u64 {
-                let by_share = (free_milli / m.max(1)) as u64;
-                if mem == 0 {
-                    by_share
-                } else {
-                    by_share.min(free_memory / mem)
-                }
-            };
+            let fit =
+                |free_milli: u32, free_memory: u64| shares_fitting(free_milli, free_memory, m, mem);
             let mut tasks: u64 = class
                 .shared
                 .iter()
@@ -459,7 +457,9 @@ fn best_share(
             (Policy::Spread, Some((left, g)), None) => {
                 Some(((1, u64::MAX - left, price), Pick::Existing(g, m, mem)))
             }
-            (Policy::Cost, Some((left, g)), _) => Some(((price, 0, left), Pick::Existing(g, m, mem))),
+            (Policy::Cost, Some((left, g)), _) => {
+                Some(((price, 0, left), Pick::Existing(g, m, mem)))
+            }
             (Policy::Cost, None, Some((k, slot, pos))) => {
                 Some(((price, 1, k), Pick::Open(slot, pos, m, mem)))
             }
@@ -647,14 +647,8 @@ pub(crate) fn slot_room(fleet: &Fleet, unit: &GpuUnit, slot: u32) -> (u64, u64) 
             let Some((m, mem)) = resolve_share(*milli, *memory_bytes, gpu_memory) else {
                 return (0, 0);
             };
-            let fit = |free_milli: u32, free_memory: u64| -> u64 {
-                let by_share = (free_milli / m.max(1)) as u64;
-                if mem == 0 {
-                    by_share
-                } else {
-                    by_share.min(free_memory / mem)
-                }
-            };
+            let fit =
+                |free_milli: u32, free_memory: u64| shares_fitting(free_milli, free_memory, m, mem);
             let whole = fit(GpuUnit::WHOLE_MILLI, gpu_memory);
             let mut now = s.free.count_ones() as u64 * whole;
             for gpu in fleet.shared.iter().filter(|g| g.slot == slot) {

@@ -135,13 +135,16 @@ fn two_halves_share_one_gpu_and_a_third_waits_with_its_reason() {
     );
     let e = explain(&fleet, &jobs[2], Some(PendingReason::InsufficientFreeGpus));
     assert!(
-        e.message.starts_with(
-            "needs 470/1000 of a GPU with 12 GiB free: no GPU has that much free now"
-        ),
+        e.message
+            .starts_with("needs 470/1000 of a GPU with 12 GiB free: no GPU has that much free now"),
         "{}",
         e.message
     );
-    assert!(e.message.contains("a has 0/1000 and 0 GiB free at most"), "{}", e.message);
+    assert!(
+        e.message.contains("a has 0/1000 and 0 GiB free at most"),
+        "{}",
+        e.message
+    );
 }
 
 #[test]
@@ -193,19 +196,34 @@ fn mig_instances_by_profile_or_by_minimum_and_never_whole() {
     let (fleet, outcomes) = pass(&nodes, &[], &jobs);
     let p = placed(&outcomes[0]);
     assert_eq!(p.gpu_uuids, vec!["MIG-a-0-2"]);
-    assert_eq!((p.share_milli, p.mig_profile.as_deref()), (143, Some("1g.10gb")));
-    assert_eq!(placed(&outcomes[1]).gpu_uuids, vec!["MIG-a-0-1"], "smallest with ≥ 15 GiB");
+    assert_eq!(
+        (p.share_milli, p.mig_profile.as_deref()),
+        (143, Some("1g.10gb"))
+    );
+    assert_eq!(
+        placed(&outcomes[1]).gpu_uuids,
+        vec!["MIG-a-0-1"],
+        "smallest with ≥ 15 GiB"
+    );
     assert_eq!(placed(&outcomes[2]).gpu_uuids, vec!["MIG-a-0-0"]);
-    assert_eq!(outcomes[3], Outcome::Pending(PendingReason::NoFeasibleNodes));
+    assert_eq!(
+        outcomes[3],
+        Outcome::Pending(PendingReason::NoFeasibleNodes)
+    );
     assert_eq!(
         outcomes[4],
         Outcome::Pending(PendingReason::NoFeasibleNodes),
         "a MIG-enabled GPU is not a whole GPU"
     );
-    assert_eq!(placed(&outcomes[5]).gpu_uuids, vec!["GPU-a-1"], "shares avoid MIG GPUs");
+    assert_eq!(
+        placed(&outcomes[5]).gpu_uuids,
+        vec!["GPU-a-1"],
+        "shares avoid MIG GPUs"
+    );
     let e = explain(&fleet, &jobs[3], Some(PendingReason::NoFeasibleNodes));
     assert!(
-        e.message.starts_with("needs a 7g.80gb MIG instance: no node satisfies"),
+        e.message
+            .starts_with("needs a 7g.80gb MIG instance: no node satisfies"),
         "{}",
         e.message
     );
@@ -217,7 +235,10 @@ fn mig_instances_by_profile_or_by_minimum_and_never_whole() {
         ..Default::default()
     }];
     let (_, outcomes) = pass(&nodes, &running, &[mig_job("p", Some("1g.10gb"), 0, 0)]);
-    assert_eq!(outcomes[0], Outcome::Pending(PendingReason::InsufficientFreeGpus));
+    assert_eq!(
+        outcomes[0],
+        Outcome::Pending(PendingReason::InsufficientFreeGpus)
+    );
 }
 
 #[test]
@@ -241,7 +262,10 @@ fn quotas_and_fair_share_count_thousandths() {
     let jobs = [share_job("a", 400, 0), share_job("b", 100, 0)];
     let r = schedule(&mut fleet, &jobs, &config, &tenants, 0);
     assert!(matches!(r.outcomes[0], Outcome::Placed(_)));
-    assert_eq!(r.outcomes[1], Outcome::Pending(PendingReason::QuotaExceeded));
+    assert_eq!(
+        r.outcomes[1],
+        Outcome::Pending(PendingReason::QuotaExceeded)
+    );
 }
 
 #[test]
@@ -330,7 +354,10 @@ impl Ledger {
     fn check(&self, mig_gpus: &[String]) -> Result<(), TestCaseError> {
         for (u, n) in &self.exclusive {
             prop_assert!(*n == 1, "{u} held exclusively {n} times");
-            prop_assert!(!self.shares.contains_key(u), "{u} both exclusive and shared");
+            prop_assert!(
+                !self.shares.contains_key(u),
+                "{u} both exclusive and shared"
+            );
             prop_assert!(!mig_gpus.contains(u), "{u} is MIG-enabled but held whole");
         }
         for (u, (milli, mem, _)) in &self.shares {
@@ -456,7 +483,11 @@ fn market_signals_count_shares_as_parts_of_gpus() {
         },
     ];
     let fleet = Fleet::build(&nodes, &running);
-    let pending = [share_job("p1", 500, 0), share_job("p2", 500, 0), share_job("p3", 250, 0)];
+    let pending = [
+        share_job("p1", 500, 0),
+        share_job("p2", 500, 0),
+        share_job("p3", 250, 0),
+    ];
     let snapshot = gpufleet_scheduler::market::snapshot(&fleet, &pending);
     let group = snapshot.groups.values().next().cloned().unwrap_or_default();
     assert_eq!(group.allocated_milli, 300 + 143);

@@ -149,6 +149,10 @@ fn shares_of_one_gpu_run_together_and_a_whole_gpu_waits_for_both() {
         assert_eq!(got, want, "{}", policy.label());
         // Billed as parts of a GPU: 0.46 × 100 + 0.47 × 60 + 0.07 × 10 + 1 × 10 s.
         let gpu_secs = 0.46 * 100.0 + 0.47 * 60.0 + 0.07 * 10.0 + 10.0;
-        assert!((r.gpu_hours - gpu_secs / 3600.0).abs() < 1e-9, "{}", r.gpu_hours);
+        assert!(
+            (r.gpu_hours - gpu_secs / 3600.0).abs() < 1e-9,
+            "{}",
+            r.gpu_hours
+        );
     }
 }

@@ -384,7 +384,12 @@ pub async fn capacity(
         .as_ref()
         .is_some_and(|t| t.mig_gpus > 0 || t.shared_gpus > 0);
     if fractions {
-        headers.extend(["MIG FREE/ALL", "SHARED GPUS", "SHARED FREE", "ALLOCATED GPU"]);
+        headers.extend([
+            "MIG FREE/ALL",
+            "SHARED GPUS",
+            "SHARED FREE",
+            "ALLOCATED GPU",
+        ]);
     }
     let mut table = output::table(&headers);
     let row = |group: &CapacityGroup, label: Option<&str>| {

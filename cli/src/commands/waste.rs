@@ -2,10 +2,10 @@
 //! paid-but-idle GPU-hours (allocated GPU-time whose GPUs were measured
 //! idle) and what that idle time cost.
 
+use crate::client::Authed;
 use clap::{Args, ValueEnum};
 use gpufleet_proto::v1::usage_client::UsageClient;
 use gpufleet_proto::v1::{UsageDimension, UsageWasteRequest, UsageWasteResponse, WasteRow};
-use crate::client::Authed;
 
 use crate::output::{self, Format};
 

@@ -13,8 +13,8 @@ use crate::auth::{Action, Principal};
 use crate::limits;
 use crate::state::Controller;
 use crate::usage::ReportQuery;
-use crate::usage::waste::WasteQuery;
 use crate::usage::rollup::{DAY, HOUR, MINUTE};
+use crate::usage::waste::WasteQuery;
 use crate::validate;
 
 /// Reports may reach this far back.

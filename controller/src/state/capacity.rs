@@ -311,7 +311,11 @@ mod tests {
             "the MIG GPU and the shared GPU are not free whole GPUs"
         );
         assert_eq!(
-            (total.mig_gpus, total.mig_instances, total.free_mig_instances),
+            (
+                total.mig_gpus,
+                total.mig_instances,
+                total.free_mig_instances
+            ),
             (1, 3, 2)
         );
         assert_eq!((total.shared_gpus, total.shared_free_milli), (1, 300));

@@ -459,7 +459,6 @@ pub(super) fn desired_allocations(state: &State, node_id: &str) -> Vec<Allocatio
                         0
                     },
                     gpu_memory_limit_bytes: t.gpu_memory_limit_bytes,
-                    ..Allocation::default()
                 })
         })
         .collect();

@@ -203,7 +203,11 @@ impl Rollups {
                     let gpu_ms = ms * c.milli_gpus() / 1000;
                     let cost_exact = c.price_micro_usd as u128 * gpu_ms as u128;
                     let activity = c.activity.map(|a| (a / 100.0).clamp(0.0, 1.0));
-                    let measured = if activity.is_some() { gpu_ms as f64 } else { 0.0 };
+                    let measured = if activity.is_some() {
+                        gpu_ms as f64
+                    } else {
+                        0.0
+                    };
                     let share = if instant {
                         1.0
                     } else {

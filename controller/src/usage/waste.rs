@@ -109,7 +109,15 @@ mod tests {
     use super::*;
     use crate::usage::{Retention, ms_ts, rollup::DAY};
 
-    fn record(id: &str, name: &str, tenant: &str, gpus: u32, share: u32, util: Option<f64>, sm_active: Option<f64>) -> UsageRecord {
+    fn record(
+        id: &str,
+        name: &str,
+        tenant: &str,
+        gpus: u32,
+        share: u32,
+        util: Option<f64>,
+        sm_active: Option<f64>,
+    ) -> UsageRecord {
         UsageRecord {
             allocation_id: id.into(),
             job_name: name.into(),
@@ -154,10 +162,16 @@ mod tests {
         let busy = &w.rows[0];
         assert_eq!(busy.allocated_gpu_milliseconds, 8 * 3_600_000);
         assert_eq!(busy.idle_gpu_milliseconds, 6 * 3_600_000);
-        assert_eq!(busy.idle_cost_micro_usd, 12_000_000, "6 idle GPU-hours at $2");
+        assert_eq!(
+            busy.idle_cost_micro_usd, 12_000_000,
+            "6 idle GPU-hours at $2"
+        );
         assert_eq!(busy.activity_source, "sm_active");
         let half = &w.rows[1];
-        assert_eq!(half.allocated_gpu_milliseconds, 1_800_000, "billed as half a GPU");
+        assert_eq!(
+            half.allocated_gpu_milliseconds, 1_800_000,
+            "billed as half a GPU"
+        );
         assert_eq!(half.idle_gpu_milliseconds, 1_620_000);
         assert_eq!(half.activity_source, "gpu_utilization");
         assert_eq!(w.rows[2].measured_gpu_milliseconds, 0);
