@@ -13,6 +13,7 @@ mod ingest;
 mod load;
 mod report;
 mod scheduler;
+mod scheduler_mixed;
 mod sim_agent;
 mod store_growth;
 mod telemetry_history;

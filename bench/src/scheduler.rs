@@ -123,6 +123,7 @@ pub fn fleet_inputs(nodes: usize, rng: &mut StdRng) -> Vec<NodeInput> {
                         memory_bytes: gib << 30,
                         compute_capability: cc,
                         healthy: true,
+                        ..Default::default()
                     })
                     .collect(),
                 nvlink_groups: Vec::new(),
@@ -398,6 +399,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.seed,
     );
 
+    // Mixed units (whole, MIG, shares) on the same small fleet, a quarter
+    // of its nodes with four MIG GPUs.
+    let mixed_nodes = crate::scheduler_mixed::with_mig(small.clone());
+    let mixed = crate::scheduler_mixed::churn(
+        &mixed_nodes,
+        Policy::Pack,
+        args.churn_steps / 2,
+        args.churn_load,
+        args.seed,
+    );
+    let mixed_first = crate::scheduler_mixed::churn(
+        &mixed_nodes,
+        Policy::FirstFit,
+        args.churn_steps / 2,
+        args.churn_load,
+        args.seed,
+    );
+    let rate = |m: &crate::scheduler_mixed::Mixed| m.placed as f64 / m.arrived.max(1) as f64;
+
     println!(
         "scheduler: {} nodes, {gpus} GPUs, {} pending jobs",
         args.nodes,
@@ -480,6 +500,39 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ],
         ],
     );
+    println!();
+    println!(
+        "mixed units (45 % shares, 15 % MIG, 40 % whole) on {} nodes, {} steps at {:.0} % load:",
+        mixed_nodes.len(),
+        args.churn_steps / 2,
+        args.churn_load * 100.0
+    );
+    let mixed_row = |name: &str, m: &crate::scheduler_mixed::Mixed| {
+        vec![
+            name.to_string(),
+            m.arrived.to_string(),
+            m.placed.to_string(),
+            format!("{:.1} %", rate(m) * 100.0),
+            format!("{:.1} %", m.utilisation * 100.0),
+            format!("{:.2} %", m.stranded * 100.0),
+            format!("{:.2}", m.pass_secs),
+        ]
+    };
+    report::table(
+        &[
+            "policy",
+            "arrived",
+            "placed",
+            "placement rate",
+            "GPU capacity allocated",
+            "capacity stranded",
+            "passes (s)",
+        ],
+        &[
+            mixed_row("pack (gpufleet)", &mixed),
+            mixed_row("first fit (baseline)", &mixed_first),
+        ],
+    );
     let summary = serde_json::json!({
         "bench": "scheduler",
         "nodes": args.nodes,
@@ -506,6 +559,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "pending_8gpu_job_steps_first_fit": first.pending_eight,
         "stranded_free_share_pack": pack.stranded_share,
         "stranded_free_share_first_fit": first.stranded_share,
+        "mixed_placement_rate_pack": rate(&mixed),
+        "mixed_placement_rate_first_fit": rate(&mixed_first),
+        "mixed_allocated_share_pack": mixed.utilisation,
+        "mixed_allocated_share_first_fit": mixed_first.utilisation,
+        "mixed_stranded_share_pack": mixed.stranded,
+        "mixed_stranded_share_first_fit": mixed_first.stranded,
     });
     println!("{summary}");
     Ok(())

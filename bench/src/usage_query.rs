@@ -81,6 +81,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     prices: vec![(from * 1000, rng.random_range(500_000..6_000_000))],
                     mean_util: Some(rng.random_range(20.0..100.0)),
                     energy_joules: None,
+                    ..Default::default()
                 },
                 now,
             );

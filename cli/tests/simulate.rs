@@ -33,7 +33,7 @@ fn simulate_prints_a_table_and_writes_the_chart() {
         "spread",
         "baseline-best-fit",
         "wait p50/p95/p99",
-        "1 fractional tasks rounded up to whole GPUs",
+        "1 fractional tasks replayed as shares of a GPU",
         "1 pods without a GPU skipped",
     ] {
         assert!(stdout.contains(needle), "{needle} missing in:\n{stdout}");

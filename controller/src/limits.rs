@@ -35,6 +35,10 @@ pub const METRIC_BYTES: usize = 64;
 
 /// GPUs (with MIG instances) one agent may report.
 pub const HELLO_GPUS: usize = 256;
+/// MIG instances one GPU reports (an H100 has at most 7).
+pub const HELLO_MIG_INSTANCES: usize = 64;
+/// `spec.mig_profile`, e.g. `1g.10gb` (NVML's longest are under 20 bytes).
+pub const MIG_PROFILE_BYTES: usize = 32;
 /// Workloads one agent may report in its hello.
 pub const HELLO_WORKLOADS: usize = 4096;
 /// A node's labels.
@@ -149,6 +153,25 @@ pub fn check_hello(hello: &AgentHello) -> Result<()> {
             gpu.nvlink_peers.len(),
             HELLO_GPUS,
         )?;
+    }
+    for (i, gpu) in hello.gpus.iter().enumerate() {
+        check_count(
+            &format!("hello.gpus[{i}].mig_instances"),
+            gpu.mig_instances.len(),
+            HELLO_MIG_INSTANCES,
+        )?;
+        for (j, instance) in gpu.mig_instances.iter().enumerate() {
+            check_filter(
+                &format!("hello.gpus[{i}].mig_instances[{j}].uuid"),
+                &instance.uuid,
+                AGENT_TEXT_BYTES,
+            )?;
+            check_filter(
+                &format!("hello.gpus[{i}].mig_instances[{j}].profile"),
+                &instance.profile,
+                AGENT_TEXT_BYTES,
+            )?;
+        }
     }
     check_count("hello.workloads", hello.workloads.len(), HELLO_WORKLOADS)?;
     Ok(())

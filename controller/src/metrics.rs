@@ -166,6 +166,7 @@ impl Snapshot {
                         series_secs: None,
                         limit: 0,
                         tenant: None,
+                        by_used: false,
                     },
                     false,
                 )

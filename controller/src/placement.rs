@@ -12,12 +12,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use gpufleet_proto::v1 as proto;
 use gpufleet_proto::v1::{
     GpuGeneration, GpuHealth, Job, JobConstraints, JobSpec, JobState, Node, NodeState,
-    PlacementPolicy,
+    PlacementPolicy, TaskStatus,
 };
 use gpufleet_scheduler::explain::{self, Explanation};
 use gpufleet_scheduler::{
-    Constraints, FairShare, Fleet, Generation, GpuInput, JobInput, Locality, NodeInput,
-    PendingReason, Policy, RunningInput, SchedulerConfig, TenantState,
+    Constraints, FairShare, Fleet, Generation, GpuInput, GpuUnit, JobInput, Locality, MigInput,
+    NodeInput, PendingReason, Policy, RunningInput, SchedulerConfig, TenantState,
 };
 
 use crate::lifecycle::{is_desired, task_holds_gpus};
@@ -58,6 +58,17 @@ pub fn node_input(node: &Node, connected: bool) -> NodeInput {
                         info.compute_capability_minor,
                     ),
                     healthy: g.health() != GpuHealth::Unhealthy,
+                    mig_enabled: info.mig_enabled,
+                    mig_instances: info
+                        .mig_instances
+                        .iter()
+                        .map(|m| MigInput {
+                            uuid: m.uuid.clone(),
+                            profile: m.profile.clone(),
+                            memory_bytes: m.memory_bytes,
+                            sm_share_milli: m.sm_share_milli,
+                        })
+                        .collect(),
                 })
             })
             .collect(),
@@ -139,6 +150,14 @@ pub fn running_inputs<'a>(jobs: impl Iterator<Item = &'a Job>) -> Vec<RunningInp
                 preemptible: spec.preemptible,
                 node_id: task.node_id.clone(),
                 gpu_uuids: task.gpu_uuids.clone(),
+                // A MIG instance is found by its uuid; only a share is
+                // charged to a GPU it shares.
+                share_milli: if task.mig_profile.is_empty() {
+                    task.gpu_share_milli
+                } else {
+                    0
+                },
+                memory_bytes: task.gpu_memory_limit_bytes,
                 expected_end,
                 evicting,
             });
@@ -175,6 +194,7 @@ pub fn job_input(job: &Job) -> JobInput {
         submitted_at,
         tasks: spec.tasks.max(1),
         gpus_per_task: spec.gpus_per_task,
+        unit: unit_of(spec),
         constraints: spec
             .constraints
             .as_ref()
@@ -186,15 +206,45 @@ pub fn job_input(job: &Job) -> JobInput {
     }
 }
 
-/// GPUs held per tenant and generation, normalised GPUs per tenant.
+/// What one task of a job takes: whole GPUs, a share, or a MIG instance.
+pub fn unit_of(spec: &JobSpec) -> GpuUnit {
+    if spec.mig || !spec.mig_profile.is_empty() {
+        GpuUnit::Mig {
+            profile: (!spec.mig_profile.is_empty()).then(|| spec.mig_profile.clone()),
+            min_memory_bytes: spec.gpu_memory_bytes,
+            min_sm_share_milli: spec.gpu_share_milli,
+        }
+    } else if spec.gpu_share_milli > 0 || spec.gpu_memory_bytes > 0 {
+        GpuUnit::Share {
+            milli: spec.gpu_share_milli,
+            memory_bytes: spec.gpu_memory_bytes,
+        }
+    } else {
+        GpuUnit::Whole
+    }
+}
+
+/// Thousandths of GPUs a task holds: 1000 per whole GPU, else its share
+/// (a MIG instance's share of its GPU's SMs). What fair share, quotas and
+/// the ledger count.
+pub fn task_milli_gpus(task: &TaskStatus) -> u64 {
+    if task.gpu_share_milli > 0 {
+        task.gpu_share_milli as u64
+    } else {
+        task.gpu_uuids.len() as u64 * 1000
+    }
+}
+
+/// Thousandths of GPUs held per tenant and generation, normalised GPUs per
+/// tenant.
 pub fn tenant_allocation<'a>(
     jobs: impl Iterator<Item = &'a Job>,
     config: &SchedulerConfig,
 ) -> (
-    HashMap<String, HashMap<Generation, u32>>,
+    HashMap<String, HashMap<Generation, u64>>,
     HashMap<String, f64>,
 ) {
-    let mut held: HashMap<String, HashMap<Generation, u32>> = HashMap::new();
+    let mut held: HashMap<String, HashMap<Generation, u64>> = HashMap::new();
     let mut normalised: HashMap<String, f64> = HashMap::new();
     for job in jobs.filter(|j| j.tasks.iter().any(task_holds_gpus)) {
         let tenant = job
@@ -203,15 +253,15 @@ pub fn tenant_allocation<'a>(
             .map(|s| s.tenant.clone())
             .unwrap_or_default();
         for task in job.tasks.iter().filter(|t| task_holds_gpus(t)) {
-            let gpus = task.gpu_uuids.len() as u32;
+            let milli = task_milli_gpus(task);
             let generation = generation_from_wire(task.generation);
             *held
                 .entry(tenant.clone())
                 .or_default()
                 .entry(generation)
-                .or_insert(0) += gpus;
+                .or_insert(0) += milli;
             *normalised.entry(tenant.clone()).or_insert(0.0) +=
-                gpus as f64 * config.factor(generation);
+                milli as f64 / 1000.0 * config.factor(generation);
         }
     }
     (held, normalised)
@@ -239,8 +289,8 @@ pub fn add_fair_share_usage(
             continue;
         }
         // Integral of gpus × 2^-(now - t)/h over [start, end], in hours.
-        let gpus =
-            task.gpu_uuids.len() as f64 * config.factor(generation_from_wire(task.generation));
+        let gpus = task_milli_gpus(task) as f64 / 1000.0
+            * config.factor(generation_from_wire(task.generation));
         let h = half_life_secs.max(1.0);
         let k = std::f64::consts::LN_2 / h;
         let value = gpus / k
@@ -252,7 +302,7 @@ pub fn add_fair_share_usage(
 
 pub fn tenant_state(
     fair: &FairShare,
-    held: HashMap<String, HashMap<Generation, u32>>,
+    held: HashMap<String, HashMap<Generation, u64>>,
 ) -> TenantState {
     TenantState {
         usage: fair.usage().clone(),

@@ -131,6 +131,86 @@ const MAX_RUNTIME_SECS: u32 = 30 * 24 * 3600;
 const MAX_RETRIES: u32 = 100;
 const MAX_BACKOFF_SECS: u32 = 24 * 3600;
 
+/// A share of a GPU or a MIG instance (docs/gpus.md): one per task, so
+/// `gpus_per_task` is 1 (filled in when left 0).
+fn gpu_unit(spec: &mut JobSpec, rules: &SubmitRules) -> Result<()> {
+    let mig = spec.mig || !spec.mig_profile.is_empty();
+    let share = spec.gpu_share_milli > 0 || spec.gpu_memory_bytes > 0;
+    if !mig && !share {
+        return Ok(());
+    }
+    let field = if mig {
+        if spec.mig_profile.is_empty() {
+            "spec.mig"
+        } else {
+            "spec.mig_profile"
+        }
+    } else if spec.gpu_share_milli > 0 {
+        "spec.gpu_share_milli"
+    } else {
+        "spec.gpu_memory_bytes"
+    };
+    match spec.gpus_per_task {
+        0 => spec.gpus_per_task = 1,
+        1 => {}
+        n => {
+            return Err(ControllerError::invalid(
+                "spec.gpus_per_task",
+                format!(
+                    "is {n}, but {field} asks for one unit per task: leave gpus_per_task at 1 and use tasks for more"
+                ),
+            ));
+        }
+    }
+    if !spec.mig_profile.is_empty() {
+        limits::check_filter(
+            "spec.mig_profile",
+            &spec.mig_profile,
+            limits::MIG_PROFILE_BYTES,
+        )?;
+        let ok = spec
+            .mig_profile
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '+' | '-' | '_'));
+        if !ok {
+            return Err(ControllerError::invalid(
+                "spec.mig_profile",
+                format!(
+                    "{:?} is not a MIG profile name; use NVML's, such as 1g.10gb or 3g.40gb",
+                    spec.mig_profile
+                ),
+            ));
+        }
+        spec.mig_profile = spec.mig_profile.to_ascii_lowercase();
+        spec.mig = true;
+    }
+    let top = if mig { 1000 } else { 999 };
+    if spec.gpu_share_milli > top {
+        let fix = if mig {
+            "a MIG instance holds at most its whole GPU's SMs (1000)"
+        } else {
+            "a share is 1 to 999 thousandths of a GPU; for whole GPUs leave it 0 and use gpus_per_task"
+        };
+        return Err(ControllerError::invalid(
+            "spec.gpu_share_milli",
+            format!("is {}; {fix}", spec.gpu_share_milli),
+        ));
+    }
+    let largest = rules.models.iter().map(|m| m.memory_bytes).max();
+    if let Some(largest) = largest
+        && spec.gpu_memory_bytes > largest
+    {
+        return Err(ControllerError::invalid(
+            "spec.gpu_memory_bytes",
+            format!(
+                "is {} bytes, more than any known GPU model has ({largest} bytes); ask for less or for whole GPUs",
+                spec.gpu_memory_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Validates a submitted spec and fills defaults (tenant, tasks, queue).
 pub fn job_spec(mut spec: JobSpec, rules: &SubmitRules) -> Result<JobSpec> {
     let known_models: Vec<String> = rules.models.iter().map(|m| m.name.clone()).collect();
@@ -238,6 +318,7 @@ pub fn job_spec(mut spec: JobSpec, rules: &SubmitRules) -> Result<JobSpec> {
             ),
         ));
     }
+    gpu_unit(&mut spec, rules)?;
     if spec.gpus_per_task == 0 {
         return Err(ControllerError::invalid(
             "spec.gpus_per_task",
@@ -555,6 +636,48 @@ mod tests {
         match err {
             ControllerError::InvalidArgument { field, .. } => field,
             other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn gpu_units_are_checked_naming_the_field() {
+        let mut s = spec(0, &["x"]);
+        s.gpu_share_milli = 470;
+        s.gpu_memory_bytes = 12 << 30;
+        let s = job_spec(s, &models()).unwrap();
+        assert_eq!(s.gpus_per_task, 1, "one share per task");
+        let mut s = spec(1, &["x"]);
+        s.mig_profile = "1G.10GB".into();
+        let s = job_spec(s, &models()).unwrap();
+        assert_eq!((s.mig_profile.as_str(), s.mig), ("1g.10gb", true));
+        for (mutate, field) in [
+            (
+                (|s: &mut JobSpec| s.gpu_share_milli = 1000) as fn(&mut JobSpec),
+                "spec.gpu_share_milli",
+            ),
+            (
+                |s: &mut JobSpec| s.gpu_memory_bytes = 81 << 30,
+                "spec.gpu_memory_bytes",
+            ),
+            (
+                |s: &mut JobSpec| {
+                    s.gpu_share_milli = 500;
+                    s.gpus_per_task = 2;
+                },
+                "spec.gpus_per_task",
+            ),
+            (
+                |s: &mut JobSpec| s.mig_profile = "1g 10gb".into(),
+                "spec.mig_profile",
+            ),
+            (
+                |s: &mut JobSpec| s.mig_profile = "x".repeat(33),
+                "spec.mig_profile",
+            ),
+        ] {
+            let mut s = spec(1, &["x"]);
+            mutate(&mut s);
+            assert_eq!(field_of(job_spec(s, &models()).unwrap_err()), field);
         }
     }
 

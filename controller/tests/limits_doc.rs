@@ -88,6 +88,18 @@ fn every_limit_row_states_the_enforced_value() {
         ),
         ("| `hello.gpus` |", thousands(controller::HELLO_GPUS)),
         (
+            "| each GPU's `mig_instances` |",
+            format!(
+                "{}; each instance's `uuid` and `profile` {}",
+                controller::HELLO_MIG_INSTANCES,
+                bytes(controller::AGENT_TEXT_BYTES)
+            ),
+        ),
+        (
+            "| `spec.mig_profile` |",
+            bytes(controller::MIG_PROFILE_BYTES),
+        ),
+        (
             "| `hello.workloads` |",
             thousands(controller::HELLO_WORKLOADS),
         ),

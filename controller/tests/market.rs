@@ -159,6 +159,7 @@ fn a_price_change_mid_job_is_billed_second_by_second() -> anyhow::Result<()> {
             series_secs: None,
             limit: 0,
             tenant: None,
+            by_used: false,
         },
         false,
     );

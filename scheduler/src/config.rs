@@ -9,9 +9,10 @@ use crate::domain::{Generation, Policy};
 pub struct TenantPolicy {
     /// Relative share; default 1.
     pub weight: f64,
-    /// Most GPUs the tenant may hold at once.
+    /// Most GPUs the tenant may hold at once (shares count as their part
+    /// of a GPU).
     pub max_gpus: Option<u32>,
-    /// Most GPUs of one generation at once.
+    /// Most GPUs of one generation at once (shares count likewise).
     pub max_gpus_per_generation: HashMap<Generation, u32>,
 }
 
@@ -67,6 +68,7 @@ impl SchedulerConfig {
 pub struct TenantState {
     /// Decayed normalised GPU-hours ([`crate::FairShare::usage`]).
     pub usage: HashMap<String, f64>,
-    /// GPUs held now per tenant, per generation.
-    pub allocated: HashMap<String, HashMap<Generation, u32>>,
+    /// Thousandths of GPUs held now per tenant, per generation (a whole GPU
+    /// is 1000, a share its thousandths, a MIG instance its SM share).
+    pub allocated: HashMap<String, HashMap<Generation, u64>>,
 }

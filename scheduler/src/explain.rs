@@ -6,10 +6,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::compiled::{Compiled, model_matches};
-use crate::domain::{JobInput, Locality};
+use crate::domain::{GpuUnit, JobInput, Locality};
 use crate::fleet::{self, Fleet};
 use crate::format_usd;
 use crate::reason::PendingReason;
+use crate::units;
 
 /// What excluded nodes or GPUs, in evaluation order: a node or GPU is
 /// charged to the first one it violates.
@@ -163,6 +164,9 @@ pub fn explain(fleet: &Fleet, job: &JobInput, reason: Option<PendingReason>) -> 
     let c = &job.constraints;
     let per_task = job.gpus_per_task.max(1);
     let tasks = job.tasks.max(1);
+    let whole = job.unit == GpuUnit::Whole;
+    // Shares and MIG: per (provider, region), tasks that fit now.
+    let mut unit_room: BTreeMap<(String, String), u64> = BTreeMap::new();
     let mut tallies: BTreeMap<ExcludedBy, Tally> = BTreeMap::new();
     let mut regions: BTreeMap<(String, String), RegionTally> = BTreeMap::new();
 
@@ -275,14 +279,39 @@ pub fn explain(fleet: &Fleet, job: &JobInput, reason: Option<PendingReason>) -> 
             entry.free_matching_gpus += s.free.count_ones();
             entry.min_price_per_gpu_hour_micro_usd =
                 entry.min_price_per_gpu_hour_micro_usd.min(class.price);
-            let unhealthy = (s.gpus & !s.healthy).count_ones() as u64;
+            // MIG-enabled GPUs are not unhealthy, only not whole.
+            let unhealthy = (s.gpus & !s.healthy & !s.mig).count_ones() as u64;
             if unhealthy > 0 {
                 let tally = tallies.entry(ExcludedBy::Unhealthy).or_default();
                 tally.nodes.insert(s.node);
                 tally.gpus += unhealthy;
                 tally.values.insert(fleet.node_ids[s.node as usize].clone());
             }
-            if s.healthy.count_ones() < per_task {
+            if !whole {
+                let (now, idle) = units::slot_room(fleet, &job.unit, slot);
+                *unit_room
+                    .entry((provider.clone(), region.clone()))
+                    .or_default() += now;
+                if idle == 0 {
+                    let tally = tallies.entry(ExcludedBy::GpusPerTask).or_default();
+                    tally.nodes.insert(s.node);
+                    tally.gpus += gpus;
+                    tally.values.insert(format!(
+                        "{} has no {}",
+                        fleet.node_ids[s.node as usize],
+                        units::kind_name(&job.unit)
+                    ));
+                } else if now == 0 {
+                    let tally = tallies.entry(ExcludedBy::FreeGpus).or_default();
+                    tally.nodes.insert(s.node);
+                    tally.gpus += gpus;
+                    tally.values.insert(format!(
+                        "{} has {}",
+                        fleet.node_ids[s.node as usize],
+                        units::slot_left(fleet, &job.unit, slot)
+                    ));
+                }
+            } else if s.healthy.count_ones() < per_task {
                 let tally = tallies.entry(ExcludedBy::GpusPerTask).or_default();
                 tally.nodes.insert(s.node);
                 tally.gpus += s.healthy.count_ones() as u64;
@@ -345,6 +374,19 @@ pub fn explain(fleet: &Fleet, job: &JobInput, reason: Option<PendingReason>) -> 
                 ) => v,
                 Some(v) if r.matching_gpus == 0 => v,
                 _ if r.matching_gpus == 0 => RegionVerdict::NoMatchingGpus,
+                _ if !whole => {
+                    let room = unit_room
+                        .get(&(r.provider.clone(), r.region.clone()))
+                        .copied()
+                        .unwrap_or(0);
+                    if room == 0 {
+                        RegionVerdict::AllAllocated
+                    } else if room < tasks as u64 {
+                        RegionVerdict::InsufficientFree
+                    } else {
+                        RegionVerdict::Fits
+                    }
+                }
                 _ if r.free_matching_gpus == 0 => RegionVerdict::AllAllocated,
                 _ if r.free_matching_gpus < per_task * tasks => RegionVerdict::InsufficientFree,
                 _ => RegionVerdict::Fits,
@@ -401,14 +443,30 @@ pub fn explain(fleet: &Fleet, job: &JobInput, reason: Option<PendingReason>) -> 
         })
         .collect();
 
-    let mut need = format!("needs {tasks} task{} × {per_task}", plural(tasks as u64));
     let gens: Vec<&str> = c.generations.iter().map(|g| g.label()).collect();
-    if !gens.is_empty() {
-        need.push_str(&format!(" {}", gens.join("/")));
-    } else if let Some(min) = c.min_generation {
-        need.push_str(&format!(" ≥{}", min.label()));
-    }
-    need.push_str(&format!(" GPU{}", plural(per_task as u64)));
+    let mut need = if whole {
+        let mut need = format!("needs {tasks} task{} × {per_task}", plural(tasks as u64));
+        if !gens.is_empty() {
+            need.push_str(&format!(" {}", gens.join("/")));
+        } else if let Some(min) = c.min_generation {
+            need.push_str(&format!(" ≥{}", min.label()));
+        }
+        need.push_str(&format!(" GPU{}", plural(per_task as u64)));
+        need
+    } else {
+        // "needs 470/1000 of a GPU with 12 GiB free"
+        let mut need = if tasks == 1 {
+            format!("needs {}", job.unit.describe(1))
+        } else {
+            format!("needs {tasks} tasks × {}", job.unit.describe(1))
+        };
+        if !gens.is_empty() {
+            need.push_str(&format!(" ({})", gens.join("/")));
+        } else if let Some(min) = c.min_generation {
+            need.push_str(&format!(" (≥{})", min.label()));
+        }
+        need
+    };
     if let Some(max) = c.max_price_per_gpu_hour_micro_usd {
         need.push_str(&format!(" ≤ {}/h", format_usd(max)));
     }
@@ -444,12 +502,14 @@ pub fn explain(fleet: &Fleet, job: &JobInput, reason: Option<PendingReason>) -> 
             ),
             ExcludedBy::GpuModel => format!("GPU model does not match: {shown}"),
             ExcludedBy::Unhealthy => format!("unhealthy GPUs on: {shown}"),
+            ExcludedBy::GpusPerTask if !whole => format!("no such unit: {shown}"),
             ExcludedBy::GpusPerTask => {
                 format!("fewer than {per_task} matching GPUs on one node: {shown}")
             }
             ExcludedBy::NvLink => {
                 format!("no {per_task} NVLink-connected GPUs (--nvlink): {shown}")
             }
+            ExcludedBy::FreeGpus if !whole => format!("not enough left: {shown}"),
             ExcludedBy::FreeGpus => format!("allocated to other jobs: {shown}"),
         };
         let nodes = tally.nodes.len() as u64;
@@ -472,10 +532,19 @@ pub fn explain(fleet: &Fleet, job: &JobInput, reason: Option<PendingReason>) -> 
             // How many such tasks the eligible nodes could ever hold, in the
             // best region (or provider) when the job must stay in one.
             let mut per_group: BTreeMap<u16, u64> = BTreeMap::new();
-            for class in fleet.classes.iter().filter(|c| compiled.class_ok(c)) {
-                let tasks: u64 = (per_task as usize..=fleet::MAX_GPUS_PER_SLOT)
-                    .map(|k| class.healthy_hist[k] as u64 * (k as u64 / per_task as u64))
-                    .sum();
+            for (idx, class) in fleet
+                .classes
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| compiled.class_ok(c))
+            {
+                let tasks: u64 = if whole {
+                    (per_task as usize..=fleet::MAX_GPUS_PER_SLOT)
+                        .map(|k| class.healthy_hist[k] as u64 * (k as u64 / per_task as u64))
+                        .sum()
+                } else {
+                    units::idle_tasks(fleet, &job.unit, idx as u32)
+                };
                 *per_group.entry(compiled.group_of(class)).or_insert(0) += tasks;
             }
             let best = per_group.values().copied().max().unwrap_or(0);
@@ -505,6 +574,9 @@ pub fn explain(fleet: &Fleet, job: &JobInput, reason: Option<PendingReason>) -> 
         }
         Some(PendingReason::WaitingForScheduler) => {
             format!("{need}: waiting for the next scheduling pass")
+        }
+        Some(PendingReason::InsufficientFreeGpus) | None if !whole => {
+            format!("{need}: no GPU has that much free now; waiting for running work to end")
         }
         Some(PendingReason::InsufficientFreeGpus) | None => {
             format!("{need}: not enough free GPUs now; waiting for running work to end")

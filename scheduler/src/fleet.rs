@@ -5,6 +5,12 @@
 //! GPU count, so one placement touches classes and buckets, not every node.
 //! A node with GPUs of several models is split into one slot per model
 //! (disjoint GPU sets), which keeps every slot homogeneous.
+//!
+//! Fractions of GPUs sit beside that index without slowing it: a GPU that
+//! hosts shares leaves its slot's free GPUs (whole-GPU work never lands
+//! beside shares) and is listed with its remaining share and memory in
+//! its class's `shared`; a MIG-enabled GPU is never a whole GPU at all, and
+//! its instances are listed in its class's `mig` (see `units.rs`).
 
 use std::collections::HashMap;
 
@@ -43,6 +49,22 @@ pub struct GpuInput {
     pub memory_bytes: u64,
     pub compute_capability: (u32, u32),
     pub healthy: bool,
+    /// MIG mode is on: the GPU is schedulable only through its instances.
+    pub mig_enabled: bool,
+    /// Its MIG instances (ignored unless `mig_enabled`).
+    pub mig_instances: Vec<MigInput>,
+}
+
+/// One MIG instance of a GPU: a schedulable unit of its own.
+#[derive(Debug, Clone, Default)]
+pub struct MigInput {
+    /// `MIG-…`: what running allocations name it by.
+    pub uuid: String,
+    /// `1g.10gb`, `3g.40gb`, …
+    pub profile: String,
+    pub memory_bytes: u64,
+    /// Its share of the GPU's SMs, thousandths.
+    pub sm_share_milli: u32,
 }
 
 /// A GPU model as the fleet tells models apart: name, generation, memory,
@@ -57,8 +79,14 @@ pub struct RunningInput {
     pub priority: i32,
     pub preemptible: bool,
     pub node_id: String,
-    /// GPUs of `node_id` it holds; a uuid that node does not have is ignored.
+    /// GPUs of `node_id` it holds (a MIG instance's uuid for MIG work); a
+    /// uuid that node does not have is ignored.
     pub gpu_uuids: Vec<String>,
+    /// 0: whole, exclusive GPUs (or a MIG instance). Else the share it holds
+    /// of its one GPU, thousandths.
+    pub share_milli: u32,
+    /// A share's GPU memory, bytes (0 = the same share of the GPU's memory).
+    pub memory_bytes: u64,
     /// Unix seconds by which it will have ended (start + max runtime).
     pub expected_end: Option<u64>,
     /// Already being stopped (preempted, cancelled, drained).
@@ -96,6 +124,10 @@ pub(crate) struct Class {
     pub(crate) min_preemptible_priority: i32,
     /// Running allocations here that are already being evicted.
     pub(crate) evicting: u32,
+    /// GPUs hosting shares on schedulable slots (ids into `Fleet::shared`).
+    pub(crate) shared: Vec<u32>,
+    /// MIG instances on schedulable slots (ids into `Fleet::mig_units`).
+    pub(crate) mig: Vec<u32>,
 }
 
 #[derive(Debug)]
@@ -105,8 +137,12 @@ pub(crate) struct Slot {
     /// Positions (within the node) of this slot's GPUs.
     pub(crate) gpus: u32,
     pub(crate) healthy: u32,
-    /// Healthy and not allocated.
+    /// Healthy and not allocated (MIG-enabled and shared GPUs never are).
     pub(crate) free: u32,
+    /// MIG-enabled GPUs: in `gpus`, never in `healthy` or `free`.
+    pub(crate) mig: u32,
+    /// GPUs hosting shares: healthy, not free.
+    pub(crate) shared: u32,
     pub(crate) schedulable: bool,
     /// Index within its bucket (or reserved list).
     pub(crate) pos: u32,
@@ -118,7 +154,11 @@ pub(crate) struct Slot {
 #[derive(Debug)]
 pub(crate) struct Running {
     pub(crate) job: u32,
+    /// Whole GPUs it holds; for a share, its GPU (which frees only when
+    /// every share on it ends); 0 for a MIG instance.
     pub(crate) mask: u32,
+    /// A share or a MIG instance: evicting it frees no whole GPU.
+    pub(crate) fractional: bool,
     pub(crate) end: u64,
     pub(crate) priority: i32,
     pub(crate) preemptible: bool,
@@ -164,6 +204,10 @@ pub struct Fleet {
     pub(crate) running_jobs: Vec<String>,
     /// Running allocation ids per slot.
     pub(crate) running_by_slot: Vec<Vec<u32>>,
+    /// GPUs hosting shares.
+    pub(crate) shared: Vec<crate::units::SharedGpu>,
+    /// Every MIG instance, node by node.
+    pub(crate) mig_units: Vec<crate::units::MigUnit>,
     /// Nodes whose GPUs beyond `MAX_GPUS_PER_SLOT` per model were ignored.
     pub skipped_gpus: u32,
 }
@@ -181,8 +225,11 @@ impl Fleet {
         // Per node, per GPU position in `NodeInput::gpus`: its slot and bit.
         let mut gpu_slots: Vec<Vec<Option<(u32, u32)>>> = Vec::with_capacity(nodes.len());
 
+        // Per node: the range of its MIG instances in `fleet.mig_units`.
+        let mut node_mig: Vec<(u32, u32)> = Vec::with_capacity(nodes.len());
         for node in nodes {
             let node_idx = fleet.node_ids.len() as u32;
+            let mig_start = fleet.mig_units.len() as u32;
             node_index.entry(node.id.as_str()).or_insert(node_idx);
             let mut slots_of_gpus = vec![None; node.gpus.len()];
             fleet.node_ids.push(node.id.clone());
@@ -244,6 +291,8 @@ impl Fleet {
                                 healthy_hist: vec![0; MAX_GPUS_PER_SLOT + 1],
                                 min_preemptible_priority: i32::MAX,
                                 evicting: 0,
+                                shared: Vec::new(),
+                                mig: Vec::new(),
                             });
                             (fleet.classes.len() - 1) as u32
                         });
@@ -256,6 +305,8 @@ impl Fleet {
                             gpus: 0,
                             healthy: 0,
                             free: 0,
+                            mig: 0,
+                            shared: 0,
                             schedulable: node.schedulable,
                             pos: 0,
                             reserved_until: 0,
@@ -269,13 +320,27 @@ impl Fleet {
                 let bit = 1u32 << pos;
                 let slot = &mut fleet.slots[slot_idx as usize];
                 slot.gpus |= bit;
-                if gpu.healthy {
+                if gpu.mig_enabled {
+                    slot.mig |= bit;
+                    for instance in &gpu.mig_instances {
+                        fleet.mig_units.push(crate::units::MigUnit {
+                            slot: slot_idx,
+                            uuid: instance.uuid.clone(),
+                            profile: instance.profile.clone(),
+                            memory_bytes: instance.memory_bytes,
+                            sm_share_milli: instance.sm_share_milli,
+                            healthy: gpu.healthy,
+                            free: gpu.healthy,
+                        });
+                    }
+                } else if gpu.healthy {
                     slot.healthy |= bit;
                     slot.free |= bit;
                 }
                 slots_of_gpus[pos] = Some((slot_idx, pos as u32));
             }
             gpu_slots.push(slots_of_gpus);
+            node_mig.push((mig_start, fleet.mig_units.len() as u32));
             for (_, slot_idx) in &slots_of_node {
                 let slot = &mut fleet.slots[*slot_idx as usize];
                 slot.nvlink_groups = node
@@ -294,6 +359,8 @@ impl Fleet {
         }
 
         fleet.running_by_slot = vec![Vec::new(); fleet.slots.len()];
+        // (slot, position) → id in `fleet.shared`.
+        let mut shared_index: HashMap<(u32, u32), u32> = HashMap::new();
         for alloc in running {
             let job = fleet.running_jobs.len() as u32;
             fleet.running_jobs.push(alloc.job_id.clone());
@@ -301,18 +368,44 @@ impl Fleet {
             // A running allocation's GPUs are on its node: found there by
             // uuid among at most a node's GPUs.
             let node = node_index.get(alloc.node_id.as_str()).copied();
+            // MIG work names its instance; the instance's slot is charged.
+            let mut fractional = alloc.share_milli > 0;
             for uuid in &alloc.gpu_uuids {
                 let found = node.and_then(|n| {
-                    let at = nodes[n as usize]
-                        .gpus
-                        .iter()
-                        .position(|g| g.uuid == *uuid)?;
-                    gpu_slots[n as usize][at]
+                    let at = nodes[n as usize].gpus.iter().position(|g| g.uuid == *uuid);
+                    match at {
+                        Some(at) => gpu_slots[n as usize][at],
+                        None => {
+                            let (start, end) = node_mig[n as usize];
+                            let unit = (start..end)
+                                .find(|&u| fleet.mig_units[u as usize].uuid == *uuid)?;
+                            let unit = &mut fleet.mig_units[unit as usize];
+                            unit.free = false;
+                            fractional = true;
+                            Some((unit.slot, MAX_GPUS_PER_SLOT as u32))
+                        }
+                    }
                 });
                 if let Some((slot, pos)) = found {
+                    // A MIG instance holds no whole GPU: an empty mask.
+                    let bit = if pos as usize >= MAX_GPUS_PER_SLOT {
+                        0
+                    } else {
+                        1 << pos
+                    };
+                    if bit != 0 && alloc.share_milli > 0 {
+                        crate::units::charge_share(
+                            &mut fleet,
+                            &mut shared_index,
+                            slot,
+                            pos,
+                            alloc.share_milli,
+                            alloc.memory_bytes,
+                        );
+                    }
                     match per_slot.iter_mut().find(|(s, _)| *s == slot) {
-                        Some((_, mask)) => *mask |= 1 << pos,
-                        None => per_slot.push((slot, 1 << pos)),
+                        Some((_, mask)) => *mask |= bit,
+                        None => per_slot.push((slot, bit)),
                     }
                 }
             }
@@ -329,6 +422,7 @@ impl Fleet {
                 fleet.running.push(Running {
                     job,
                     mask,
+                    fractional,
                     end: alloc.expected_end.unwrap_or(NEVER),
                     priority: alloc.priority,
                     preemptible: alloc.preemptible,
@@ -338,6 +432,7 @@ impl Fleet {
             }
         }
 
+        crate::units::index_units(&mut fleet);
         for slot_idx in 0..fleet.slots.len() {
             if fleet.slots[slot_idx].schedulable {
                 fleet.bucket_insert(slot_idx as u32);

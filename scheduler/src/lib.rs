@@ -52,13 +52,15 @@ mod pass;
 mod place;
 mod preempt;
 mod reserve;
+mod units;
 
 pub use config::{SchedulerConfig, TenantPolicy, TenantState};
 pub use domain::{
-    Constraints, Generation, JobInput, Locality, Outcome, PassResult, Policy, TaskPlacement,
+    Constraints, Generation, GpuUnit, JobInput, Locality, Outcome, PassResult, Policy,
+    TaskPlacement,
 };
 pub use explain::{ConstraintExclusion, ExcludedBy, Explanation, RegionExplanation, RegionVerdict};
-pub use fleet::{Fleet, GpuInput, NEVER, NodeInput, RunningInput};
+pub use fleet::{Fleet, GpuInput, MigInput, NEVER, NodeInput, RunningInput};
 pub use pass::schedule;
 pub use queue::FairShare;
 pub use reason::PendingReason;

@@ -4,9 +4,10 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::compiled::Compiled;
-use crate::domain::{Constraints, Generation, JobInput};
+use crate::domain::{Constraints, Generation, GpuUnit, JobInput};
 use crate::fleet::{self, Fleet};
 use crate::reserve::fits_when_idle;
+use crate::units;
 
 /// The price ladder of demand curves, micro-USD per GPU-hour.
 pub const PRICE_LADDER: &[u64] = &[
@@ -16,13 +17,26 @@ pub const PRICE_LADDER: &[u64] = &[
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GroupMarket {
+    /// Healthy whole GPUs (not MIG-enabled) on schedulable nodes.
     pub supply_gpus: u32,
+    /// Of them, held whole or hosting shares.
     pub allocated_gpus: u32,
     pub free_gpus: u32,
-    /// GPUs of pending jobs whose every constraint (bid included) this group meets.
+    /// GPUs of pending jobs whose every constraint (bid included) this
+    /// group meets; a share or MIG job counts as its thousandths, the sum
+    /// rounded up to whole GPUs.
     pub pending_demand_gpus: u32,
-    /// GPUs of pending jobs eligible here but for price, at each ladder price.
+    /// GPUs of pending jobs eligible here but for price, at each ladder
+    /// price (shares counted as for `pending_demand_gpus`).
     pub demand_curve: Vec<(u64, u32)>,
+    /// Thousandths of GPUs allocated: 1000 per GPU held whole, each share's
+    /// and each held MIG instance's thousandths.
+    pub allocated_milli: u64,
+    /// Thousandths of GPUs offered: 1000 per healthy whole GPU plus the
+    /// healthy MIG instances' SM shares.
+    pub supply_milli: u64,
+    /// `pending_demand_gpus` exactly, in thousandths.
+    pub pending_demand_milli: u64,
     /// (price, healthy GPUs) offered, for ask statistics.
     pub asks: Vec<(u64, u32)>,
     /// The demand curve of pending jobs that accept spot capacity.
@@ -44,6 +58,7 @@ struct ShapeWithoutBid {
     constraints: Constraints,
     tasks: u32,
     gpus_per_task: u32,
+    unit: GpuUnit,
 }
 
 /// Computes supply and demand. Jobs with the same request shape are
@@ -69,8 +84,26 @@ pub fn snapshot(fleet: &Fleet, pending: &[JobInput]) -> MarketSnapshot {
             group.supply_gpus += healthy;
             group.free_gpus += free;
             group.allocated_gpus += healthy - free;
+            group.supply_milli += healthy as u64 * 1000;
+            // Held whole: healthy, not free, not hosting shares.
+            group.allocated_milli += (s.healthy & !s.free & !s.shared).count_ones() as u64 * 1000;
             if healthy > 0 {
                 group.asks.push((class.price, healthy));
+            }
+        }
+        for &g in &class.shared {
+            let gpu = &fleet.shared[g as usize];
+            if fleet.slots[gpu.slot as usize].healthy & (1 << gpu.pos) != 0 {
+                group.allocated_milli += (1000 - gpu.free_milli.min(1000)) as u64;
+            }
+        }
+        for &u in &class.mig {
+            let unit = &fleet.mig_units[u as usize];
+            if unit.healthy {
+                group.supply_milli += unit.sm_share_milli as u64;
+                if !unit.free {
+                    group.allocated_milli += unit.sm_share_milli as u64;
+                }
             }
         }
         class_group.push(key);
@@ -84,7 +117,8 @@ pub fn snapshot(fleet: &Fleet, pending: &[JobInput]) -> MarketSnapshot {
         compiled: Compiled,
         without: Vec<usize>,
         feasible_at_any_price: bool,
-        by_bid: HashMap<u64, u32>,
+        /// Bid → thousandths of GPUs asked.
+        by_bid: HashMap<u64, u64>,
     }
     let mut shapes: HashMap<ShapeWithoutBid, Shape<'_>> = HashMap::new();
     for job in pending {
@@ -94,26 +128,39 @@ pub fn snapshot(fleet: &Fleet, pending: &[JobInput]) -> MarketSnapshot {
             constraints,
             tasks: job.tasks,
             gpus_per_task: job.gpus_per_task,
+            unit: job.unit.clone(),
         };
-        let gpus = job.tasks.max(1) * job.gpus_per_task;
+        // Thousandths of GPUs: a share counts as its part of a GPU.
+        let gpus = job.tasks.max(1) as u64 * job.unit.requested_milli(job.gpus_per_task);
         let entry = shapes.entry(key).or_insert_with(|| {
             let mut no_price = job.clone();
             no_price.constraints.max_price_per_gpu_hour_micro_usd = None;
             let compiled = Compiled::new(fleet, &no_price);
             // A class can take the job's tasks at all only with nodes big enough.
             let per_task = job.gpus_per_task.max(1) as usize;
+            let whole = job.unit == GpuUnit::Whole;
             let without: Vec<usize> = (0..fleet.classes.len())
                 .filter(|&c| {
-                    per_task <= fleet::MAX_GPUS_PER_SLOT
-                        && compiled.class_ok(&fleet.classes[c])
-                        && fleet.classes[c].healthy_hist[per_task..]
-                            .iter()
-                            .any(|&n| n > 0)
+                    compiled.class_ok(&fleet.classes[c])
+                        && if whole {
+                            per_task <= fleet::MAX_GPUS_PER_SLOT
+                                && fleet.classes[c].healthy_hist[per_task..]
+                                    .iter()
+                                    .any(|&n| n > 0)
+                        } else {
+                            units::idle_tasks(fleet, &job.unit, c as u32) > 0
+                        }
                 })
                 .collect();
             let ids: Vec<u32> = without.iter().map(|&c| c as u32).collect();
-            let feasible_at_any_price =
-                !ids.is_empty() && fits_when_idle(fleet, &no_price, &compiled, &ids);
+            let fits = |job: &JobInput, compiled: &Compiled, ids: &[u32]| {
+                if whole {
+                    fits_when_idle(fleet, job, compiled, ids)
+                } else {
+                    units::fits_when_idle(fleet, job, compiled, ids)
+                }
+            };
+            let feasible_at_any_price = !ids.is_empty() && fits(&no_price, &compiled, &ids);
             Shape {
                 representative: job,
                 compiled,
@@ -128,10 +175,15 @@ pub fn snapshot(fleet: &Fleet, pending: &[JobInput]) -> MarketSnapshot {
             .unwrap_or(u64::MAX);
         *entry.by_bid.entry(bid).or_insert(0) += gpus;
     }
+    // Demand is summed in thousandths and rounded up to GPUs at the end.
+    let mut unmet_milli = 0u64;
+    let mut curves: HashMap<&(String, String, Generation), Vec<u64>> = HashMap::new();
+    // The same, counting only jobs that accept spot capacity.
+    let mut spot_curves: HashMap<&(String, String, Generation), Vec<u64>> = HashMap::new();
     for shape in shapes.values() {
-        let gpus_total: u32 = shape.by_bid.values().sum();
+        let gpus_total: u64 = shape.by_bid.values().sum();
         if !shape.feasible_at_any_price {
-            out.unmet_demand_gpus += gpus_total;
+            unmet_milli += gpus_total;
             continue;
         }
         // Demand curve: eligible here at any price, counted where bid ≥ p.
@@ -142,28 +194,15 @@ pub fn snapshot(fleet: &Fleet, pending: &[JobInput]) -> MarketSnapshot {
                 continue;
             }
             counted.push(group_key);
-            if let Some(g) = out.groups.get_mut(group_key) {
-                if g.demand_curve.is_empty() {
-                    g.demand_curve = PRICE_LADDER.iter().map(|&p| (p, 0)).collect();
-                }
-                let spot = shape.compiled.allow_spot;
-                if spot && g.spot_demand_curve.is_empty() {
-                    g.spot_demand_curve = PRICE_LADDER.iter().map(|&p| (p, 0)).collect();
-                }
-                for (bid, gpus) in &shape.by_bid {
-                    for point in &mut g.demand_curve {
-                        if *bid >= point.0 {
-                            point.1 += gpus;
-                        }
-                    }
-                    if spot {
-                        for point in &mut g.spot_demand_curve {
-                            if *bid >= point.0 {
-                                point.1 += gpus;
-                            }
-                        }
-                    }
-                }
+            let curve = curves
+                .entry(group_key)
+                .or_insert_with(|| vec![0; PRICE_LADDER.len()]);
+            add_bids(curve, &shape.by_bid);
+            if shape.compiled.allow_spot {
+                let curve = spot_curves
+                    .entry(group_key)
+                    .or_insert_with(|| vec![0; PRICE_LADDER.len()]);
+                add_bids(curve, &shape.by_bid);
             }
         }
         // Pending demand: where the job could run at its bid.
@@ -176,8 +215,13 @@ pub fn snapshot(fleet: &Fleet, pending: &[JobInput]) -> MarketSnapshot {
                 .map(|&c| c as u32)
                 .collect();
             // Locality does not depend on the bid: the shape's compiled form serves.
-            if with_price.is_empty() || !fits_when_idle(fleet, job, &shape.compiled, &with_price) {
-                out.unmet_demand_gpus += gpus;
+            let fits = if job.unit == GpuUnit::Whole {
+                fits_when_idle(fleet, job, &shape.compiled, &with_price)
+            } else {
+                units::fits_when_idle(fleet, job, &shape.compiled, &with_price)
+            };
+            if with_price.is_empty() || !fits {
+                unmet_milli += gpus;
                 continue;
             }
             let mut counted: Vec<&(String, String, Generation)> = Vec::new();
@@ -186,18 +230,42 @@ pub fn snapshot(fleet: &Fleet, pending: &[JobInput]) -> MarketSnapshot {
                 if !counted.contains(&group_key) {
                     counted.push(group_key);
                     if let Some(g) = out.groups.get_mut(group_key) {
-                        g.pending_demand_gpus += gpus;
+                        g.pending_demand_milli += gpus;
                     }
                 }
             }
         }
     }
-    for g in out.groups.values_mut() {
-        if g.demand_curve.is_empty() {
-            g.demand_curve = PRICE_LADDER.iter().map(|&p| (p, 0)).collect();
+    let gpus_of = |milli: u64| u32::try_from(milli.div_ceil(1000)).unwrap_or(u32::MAX);
+    out.unmet_demand_gpus = gpus_of(unmet_milli);
+    for (key, g) in out.groups.iter_mut() {
+        g.pending_demand_gpus = gpus_of(g.pending_demand_milli);
+        let curve = curves.get(key);
+        g.demand_curve = PRICE_LADDER
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| (p, gpus_of(curve.map_or(0, |c| c[i]))))
+            .collect();
+        if let Some(curve) = spot_curves.get(key) {
+            g.spot_demand_curve = PRICE_LADDER
+                .iter()
+                .enumerate()
+                .map(|(i, &p)| (p, gpus_of(curve[i])))
+                .collect();
         }
     }
     out
+}
+
+/// Adds each bid's demand (thousandths) to the ladder prices it covers.
+fn add_bids(curve: &mut [u64], by_bid: &HashMap<u64, u64>) {
+    for (bid, gpus) in by_bid {
+        for (point, price) in curve.iter_mut().zip(PRICE_LADDER) {
+            if bid >= price {
+                *point += gpus;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -5,13 +5,14 @@ use std::collections::HashMap;
 
 use crate::compiled::Compiled;
 use crate::config::{SchedulerConfig, TenantState};
-use crate::domain::{Constraints, Generation, JobInput, Outcome, PassResult, Policy};
+use crate::domain::{Constraints, Generation, GpuUnit, JobInput, Outcome, PassResult, Policy};
 use crate::fleet::{Fleet, NEVER};
-use crate::place::place_job;
+use crate::place::{Prefs, place_job};
 use crate::preempt::{preempt, preemption_possible};
 use crate::queue;
 use crate::reason::PendingReason;
 use crate::reserve::{fits_when_idle, reserve, reserved_capacity_would_fit};
+use crate::units;
 
 /// Runs one scheduling pass. `fleet` is updated with every placement, so the
 /// caller may inspect it afterwards (e.g. to explain pending jobs).
@@ -38,6 +39,16 @@ pub fn schedule(
         preemptions: 0,
         level_reserved: false,
         failed: HashMap::new(),
+        // The smallest share anyone waits for: packing avoids leaving a GPU
+        // with less than that (a sliver nothing in the queue could use).
+        min_share: jobs
+            .iter()
+            .filter_map(|j| match j.unit {
+                GpuUnit::Share { milli, .. } if milli > 0 => Some(milli),
+                _ => None,
+            })
+            .min()
+            .unwrap_or(0),
     };
     if fleet.slots.is_empty() {
         for outcome in &mut ctx.result.outcomes {
@@ -53,7 +64,7 @@ pub fn schedule(
             .map(|per_gen| {
                 per_gen
                     .iter()
-                    .map(|(g, n)| *n as f64 * config.factor(*g))
+                    .map(|(g, milli)| *milli as f64 / 1000.0 * config.factor(*g))
                     .sum()
             })
             .unwrap_or(0.0);
@@ -97,14 +108,17 @@ struct PassCtx<'a> {
     config: &'a SchedulerConfig,
     now: u64,
     result: PassResult,
-    /// GPUs held per tenant and generation, including this pass's placements.
-    allocated: HashMap<&'a str, HashMap<Generation, u32>>,
+    /// Thousandths of GPUs held per tenant and generation, including this
+    /// pass's placements.
+    allocated: HashMap<&'a str, HashMap<Generation, u64>>,
     reservations: usize,
     preemptions: usize,
     /// The current priority level already had its reservation attempt.
     level_reserved: bool,
     /// Request shape → (earliest end that failed, reason).
     failed: HashMap<RequestShape<'a>, (u64, PendingReason)>,
+    /// The smallest share of the pass's queue, thousandths (0: none).
+    min_share: u32,
 }
 
 /// Everything that decides whether a request fits: two jobs of one shape
@@ -114,6 +128,7 @@ struct RequestShape<'a> {
     constraints: &'a Constraints,
     tasks: u32,
     gpus_per_task: u32,
+    unit: &'a GpuUnit,
     priority: i32,
     preemptible: bool,
     policy: Policy,
@@ -124,6 +139,7 @@ fn request_shape(job: &JobInput, policy: Policy) -> RequestShape<'_> {
         constraints: &job.constraints,
         tasks: job.tasks.max(1),
         gpus_per_task: job.gpus_per_task,
+        unit: &job.unit,
         priority: job.priority,
         preemptible: job.preemptible,
         policy,
@@ -156,11 +172,13 @@ fn decide<'a>(fleet: &mut Fleet, job: &'a JobInput, ctx: &mut PassCtx<'a>) -> (O
         return (Outcome::Pending(reason), 0.0);
     }
     let compiled = Compiled::new(fleet, job);
-    let total_gpus = job.tasks.max(1) * job.gpus_per_task;
+    // Quotas count thousandths of GPUs: shares count as what they hold.
+    let whole = job.unit == GpuUnit::Whole;
+    let total_milli = job.tasks.max(1) as u64 * job.unit.requested_milli(job.gpus_per_task);
     let held = ctx.allocated.get(job.tenant.as_str());
     if let Some(max) = quota.and_then(|q| q.max_gpus) {
-        let now_held: u32 = held.map_or(0, |h| h.values().sum());
-        if now_held + total_gpus > max {
+        let now_held: u64 = held.map_or(0, |h| h.values().sum());
+        if now_held + total_milli > max as u64 * 1000 {
             return (Outcome::Pending(PendingReason::QuotaExceeded), 0.0);
         }
     }
@@ -178,7 +196,8 @@ fn decide<'a>(fleet: &mut Fleet, job: &'a JobInput, ctx: &mut PassCtx<'a>) -> (O
             let generation = fleet.models[class.model as usize].generation;
             let within = match quota.and_then(|q| q.max_gpus_per_generation.get(&generation)) {
                 Some(max) => {
-                    held.and_then(|h| h.get(&generation)).copied().unwrap_or(0) + total_gpus <= *max
+                    held.and_then(|h| h.get(&generation)).copied().unwrap_or(0) + total_milli
+                        <= *max as u64 * 1000
                 }
                 None => true,
             };
@@ -196,27 +215,37 @@ fn decide<'a>(fleet: &mut Fleet, job: &'a JobInput, ctx: &mut PassCtx<'a>) -> (O
         &classes,
         policy,
         end,
-        config.preferred_region_discount,
+        Prefs {
+            discount: config.preferred_region_discount,
+            min_share: ctx.min_share,
+        },
     ) {
         let granted: f64 = placements
             .iter()
-            .map(|p| p.gpu_uuids.len() as f64 * config.factor(p.generation))
+            .map(|p| p.milli_gpus() as f64 / 1000.0 * config.factor(p.generation))
             .sum();
         let per_gen = ctx.allocated.entry(job.tenant.as_str()).or_default();
         for p in &placements {
-            *per_gen.entry(p.generation).or_insert(0) += p.gpu_uuids.len() as u32;
+            *per_gen.entry(p.generation).or_insert(0) += p.milli_gpus();
         }
         return (Outcome::Placed(placements), granted);
     }
-    let ever = fits_when_idle(fleet, job, &compiled, &classes);
+    let ever = if whole {
+        fits_when_idle(fleet, job, &compiled, &classes)
+    } else {
+        units::fits_when_idle(fleet, job, &compiled, &classes)
+    };
     let mut reason = if classes.is_empty() || !ever {
         PendingReason::NoFeasibleNodes
-    } else if reserved_capacity_would_fit(fleet, job, &compiled, &classes) {
+    } else if whole && reserved_capacity_would_fit(fleet, job, &compiled, &classes) {
         PendingReason::ReservedForHigherPriority
     } else {
         PendingReason::InsufficientFreeGpus
     };
+    // Shares and MIG instances neither preempt nor reserve: they wait for
+    // room (documented in docs/gpus.md).
     if ever
+        && whole
         && !job.preemptible
         && ctx.preemptions < config.max_preemptions
         && preemption_possible(fleet, job, &classes)
@@ -225,7 +254,7 @@ fn decide<'a>(fleet: &mut Fleet, job: &'a JobInput, ctx: &mut PassCtx<'a>) -> (O
         ctx.preemptions += 1;
         return (Outcome::Preempting { victims }, 0.0);
     }
-    if ever && !ctx.level_reserved && ctx.reservations < config.max_reservations {
+    if ever && whole && !ctx.level_reserved && ctx.reservations < config.max_reservations {
         // One attempt per level: the head job's.
         ctx.level_reserved = true;
         if reserve(fleet, job, &compiled, &classes, now) {
@@ -268,6 +297,7 @@ mod tests {
                     memory_bytes: 80 << 30,
                     compute_capability: (9, 0),
                     healthy: true,
+                    ..Default::default()
                 })
                 .collect(),
             nvlink_groups: Vec::new(),
@@ -416,7 +446,10 @@ mod tests {
             t.max_gpus_per_generation.clear();
         }
         let tenants = TenantState {
-            allocated: HashMap::from([("t".to_string(), HashMap::from([(Generation::Hopper, 3)]))]),
+            allocated: HashMap::from([(
+                "t".to_string(),
+                HashMap::from([(Generation::Hopper, 3000)]),
+            )]),
             ..Default::default()
         };
         let r = run(&nodes, &[], &[job("c", 2, Policy::Cost)], &config, &tenants);

@@ -2,8 +2,18 @@
 //! gang or none.
 
 use crate::compiled::Compiled;
-use crate::domain::{JobInput, Policy, TaskPlacement};
+use crate::domain::{GpuUnit, JobInput, Policy, TaskPlacement};
 use crate::fleet::{self, Fleet, NEVER};
+use crate::units;
+
+/// What orders the choice among slots besides the policy: the discount of
+/// preferred regions, and the smallest share waiting in the pass's queue
+/// (packing avoids leaving less than that on a GPU).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Prefs {
+    pub(crate) discount: f64,
+    pub(crate) min_share: u32,
+}
 
 /// Places every task of a job or none.
 pub(crate) fn place_job(
@@ -13,37 +23,33 @@ pub(crate) fn place_job(
     classes: &[u32],
     policy: Policy,
     end: u64,
-    discount: f64,
+    prefs: Prefs,
 ) -> Option<Vec<TaskPlacement>> {
+    let Prefs {
+        discount,
+        min_share,
+    } = prefs;
+    let whole = job.unit == GpuUnit::Whole;
     if classes.is_empty()
-        || job.gpus_per_task == 0
-        || job.gpus_per_task as usize > fleet::MAX_GPUS_PER_SLOT
+        || (whole
+            && (job.gpus_per_task == 0 || job.gpus_per_task as usize > fleet::MAX_GPUS_PER_SLOT))
     {
         return None;
     }
     let tasks = job.tasks.max(1);
     let per_task = job.gpus_per_task;
     if policy == Policy::FirstFit {
+        if !whole {
+            return units::first_fit_units(fleet, job, classes, end);
+        }
         return first_fit(fleet, classes, tasks, per_task, end, compiled.nvlink);
     }
-    // Classes by effective price, grouped by locality.
-    let mut ordered: Vec<(u64, u32)> = classes
-        .iter()
-        .map(|&c| {
-            (
-                compiled.effective_price(&fleet.classes[c as usize], discount),
-                c,
-            )
-        })
-        .collect();
-    ordered.sort_unstable();
-    let mut groups: Vec<(u16, Vec<(u64, u32)>)> = Vec::new();
-    for (price, c) in ordered {
-        let group = compiled.group_of(&fleet.classes[c as usize]);
-        match groups.iter_mut().find(|(g, _)| *g == group) {
-            Some((_, list)) => list.push((price, c)),
-            None => groups.push((group, vec![(price, c)])),
+    let mut groups = ordered_groups(fleet, compiled, classes, discount);
+    if !whole {
+        if policy == Policy::Spread {
+            groups.sort_by_key(|(_, list)| std::cmp::Reverse(group_free(fleet, list, 1)));
         }
+        return units::place_units(fleet, job, &groups, policy, end, min_share);
     }
     if policy == Policy::Spread {
         // Emptiest group first.
@@ -68,6 +74,35 @@ pub(crate) fn place_job(
         }
     }
     None
+}
+
+/// Eligible classes by effective price, grouped by locality (a group is
+/// where one gang may be placed), groups in order of their cheapest class.
+fn ordered_groups(
+    fleet: &Fleet,
+    compiled: &Compiled,
+    classes: &[u32],
+    discount: f64,
+) -> Vec<(u16, Vec<(u64, u32)>)> {
+    let mut ordered: Vec<(u64, u32)> = classes
+        .iter()
+        .map(|&c| {
+            (
+                compiled.effective_price(&fleet.classes[c as usize], discount),
+                c,
+            )
+        })
+        .collect();
+    ordered.sort_unstable();
+    let mut groups: Vec<(u16, Vec<(u64, u32)>)> = Vec::new();
+    for (price, c) in ordered {
+        let group = compiled.group_of(&fleet.classes[c as usize]);
+        match groups.iter_mut().find(|(g, _)| *g == group) {
+            Some((_, list)) => list.push((price, c)),
+            None => groups.push((group, vec![(price, c)])),
+        }
+    }
+    groups
 }
 
 /// Turns a complete gang's tentative picks into placements, or gives an
@@ -101,6 +136,9 @@ fn placement(fleet: &Fleet, slot: u32, mask: u32) -> TaskPlacement {
         price_per_gpu_hour_micro_usd: class.price,
         gpu_uuids: fleet.uuids(slot, mask),
         generation: fleet.models[class.model as usize].generation,
+        share_milli: 0,
+        memory_limit_bytes: 0,
+        mig_profile: None,
     }
 }
 

@@ -43,6 +43,11 @@ pub(crate) fn preempt(
             let mut candidates: Vec<(i32, u32, u32)> = Vec::new();
             for &r in &fleet.running_by_slot[slot as usize] {
                 let run = &fleet.running[r as usize];
+                // A share or MIG instance frees no whole GPU when evicted
+                // (other shares may stay on its GPU): never a useful victim.
+                if run.fractional {
+                    continue;
+                }
                 if run.evicting {
                     available |= run.mask & s.healthy;
                 } else if run.preemptible && run.priority < job.priority {

@@ -70,13 +70,26 @@ pub(crate) fn reserve(
             if !s.schedulable || s.healthy.count_ones() < per_task {
                 continue;
             }
-            let mut ends: Vec<(u64, u32)> = fleet.running_by_slot[slot as usize]
-                .iter()
-                .map(|&r| {
-                    let run = &fleet.running[r as usize];
-                    (run.end, (run.mask & s.healthy).count_ones())
-                })
-                .collect();
+            // A GPU hosting shares frees only when all of them end: its
+            // latest end.
+            let mut shared_end: HashMap<u32, u64> = HashMap::new();
+            let mut ends: Vec<(u64, u32)> = Vec::new();
+            for &r in &fleet.running_by_slot[slot as usize] {
+                let run = &fleet.running[r as usize];
+                if run.fractional {
+                    if run.mask != 0 {
+                        let end = shared_end.entry(run.mask).or_insert(0);
+                        *end = (*end).max(run.end);
+                    }
+                } else {
+                    ends.push((run.end, (run.mask & s.healthy).count_ones()));
+                }
+            }
+            ends.extend(
+                shared_end
+                    .into_iter()
+                    .map(|(mask, end)| (end, (mask & s.healthy).count_ones())),
+            );
             ends.sort_unstable();
             let mut free = s.free.count_ones();
             let capacity = s.healthy.count_ones() / per_task;

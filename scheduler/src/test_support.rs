@@ -26,6 +26,7 @@ pub(crate) fn node(
                 memory_bytes: 80 << 30,
                 compute_capability: (9, 0),
                 healthy: true,
+                ..Default::default()
             })
             .collect(),
         ..Default::default()

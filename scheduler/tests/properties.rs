@@ -130,6 +130,7 @@ fn nodes(specs: &[NodeSpec]) -> Vec<NodeInput> {
                         memory_bytes: gib << 30,
                         compute_capability: (8, 0),
                         healthy: s.unhealthy & (1 << g) == 0 || g > 7,
+                        ..Default::default()
                     })
                     .collect(),
                 nvlink_groups: Vec::new(),
@@ -151,6 +152,7 @@ fn jobs(specs: &[JobSpec]) -> Vec<JobInput> {
             submitted_at: i as u64,
             tasks: s.tasks,
             gpus_per_task: s.gpus,
+            unit: Default::default(),
             constraints: Constraints {
                 generations: s.generation.map(|m| vec![MODELS[m].1]).unwrap_or_default(),
                 regions: s
@@ -185,6 +187,7 @@ fn h100_nodes(count: usize) -> Vec<NodeInput> {
                     memory_bytes: 80 << 30,
                     compute_capability: (9, 0),
                     healthy: true,
+                    ..Default::default()
                 })
                 .collect(),
             ..Default::default()
@@ -393,14 +396,14 @@ fn fair_share_converges_to_weights() {
         let now = tick * step;
         running.retain(|r| r.4 > now);
         let mut norm: HashMap<String, f64> = HashMap::new();
-        let mut allocated: HashMap<String, HashMap<Generation, u32>> = HashMap::new();
+        let mut allocated: HashMap<String, HashMap<Generation, u64>> = HashMap::new();
         for r in &running {
             *norm.entry(format!("t{}", r.1)).or_insert(0.0) += r.3.len() as f64;
             *allocated
                 .entry(format!("t{}", r.1))
                 .or_default()
                 .entry(Generation::Hopper)
-                .or_insert(0) += r.3.len() as u32;
+                .or_insert(0) += r.3.len() as u64 * 1000;
             gpu_seconds[r.1] += (r.3.len() as u64 * step) as f64;
         }
         fair.advance(now, &norm);

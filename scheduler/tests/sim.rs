@@ -2,7 +2,8 @@
 //!
 //! The small trace (tests/data/small_*.csv): n0 2×T4 ($0.35), n1 4×V100-32
 //! ($3.90), n2 8×A100 stand-in ($4.10); cadence 1 s. Under `cost`:
-//! - t=0: p0 (1 GPU) → cheapest, n0; p1 (4) → n1 (cheaper than n2).
+//! - t=0: p0 (half a GPU, a share) → cheapest, n0, whose GPU it shares is no
+//!   longer free for whole-GPU work; p1 (4) → n1 (cheaper than n2).
 //! - t=10: p2 (8) → n2, the only 8-GPU node.
 //! - t=20: p3 (2) fits nowhere (n0 has 1 free) and waits; p4 (1, T4 only)
 //!   takes n0's last GPU.
@@ -36,7 +37,8 @@ fn starts(report: &sim::PolicyReport, w: &Workload) -> Vec<(String, Option<u64>)
 fn small_trace_matches_the_hand_computed_schedule() {
     let w = small();
     assert_eq!(w.notes.skipped_no_gpu, 1, "p6 asks for no GPU");
-    assert_eq!(w.notes.fractional_rounded_up, 1, "p0 asks for half a GPU");
+    assert_eq!(w.notes.fractional_shares, 1, "p0 asks for half a GPU");
+    assert_eq!(w.jobs[0].gpu_milli, 500, "and is replayed as a share");
     let expected: Vec<(String, Option<u64>)> = [
         ("p0", 0),
         ("p1", 0),
@@ -65,18 +67,19 @@ fn small_trace_matches_the_hand_computed_schedule() {
         assert_eq!((s30.allocated_gpus, s30.stranded_gpus), (13, 1));
         // At 40 only p5 (8 GPUs) waits: n0's 1 and n2's 6 free GPUs are stranded.
         assert_eq!(at(40).map(|s| s.stranded_gpus), Some(7));
-        // Per job: GPUs × seconds × price / 3600, floored.
+        // Per job: thousandths of GPUs × seconds × price / 3600 / 1000,
+        // floored; p0 is billed as half a GPU.
         let price = |code: &str| openb::map_model(code).map(|m| m.2).unwrap_or(0);
         let cost = [
-            (1, 100, price("T4")),
-            (4, 50, price("V100M32")),
-            (8, 30, price("G2")),
-            (2, 40, price("G2")),
-            (1, 10, price("T4")),
-            (8, 10, price("G2")),
+            (500, 100, price("T4")),
+            (4000, 50, price("V100M32")),
+            (8000, 30, price("G2")),
+            (2000, 40, price("G2")),
+            (1000, 10, price("T4")),
+            (8000, 10, price("G2")),
         ]
         .iter()
-        .map(|&(g, s, p)| g * s * p / 3600)
+        .map(|&(g, s, p)| g * s * p / 3600 / 1000)
         .sum::<u64>();
         assert_eq!(r.cost_micro_usd, cost);
     }
@@ -117,4 +120,39 @@ fn a_coarser_cadence_delays_starts_to_the_tick() {
     // p2 arrives at 10: the next tick is 15.
     assert_eq!(r.starts[2], Some(15));
     assert!(r.series.iter().all(|s| s.time % 15 == 0));
+}
+
+#[test]
+fn shares_of_one_gpu_run_together_and_a_whole_gpu_waits_for_both() {
+    let nodes = "sn,gpu,model\nn0,1,T4\n";
+    let pods = "name,num_gpu,gpu_milli,creation_time,deletion_time\n\
+                a,1,460,0,100\n\
+                b,1,470,0,60\n\
+                w,1,1000,1,11\n\
+                c,1,70,2,12\n";
+    let w = openb::parse(nodes, pods).expect("valid");
+    assert_eq!(w.notes.fractional_shares, 3);
+    for policy in [
+        SimPolicy::Scheduler(Policy::Cost),
+        SimPolicy::Scheduler(Policy::FirstFit),
+        SimPolicy::BaselineFirstFit,
+        SimPolicy::BaselineBestFit,
+    ] {
+        let r = sim::simulate(&w, policy, &SimConfig::default());
+        let got: Vec<(String, Option<u64>)> = starts(&r, &w);
+        // a and b share the GPU at once; c (70) fills it (930 held before);
+        // the whole-GPU job waits until the last share leaves at 100.
+        let want: Vec<(String, Option<u64>)> = [("a", 0), ("b", 0), ("w", 100), ("c", 2)]
+            .iter()
+            .map(|(id, t)| (id.to_string(), Some(*t)))
+            .collect();
+        assert_eq!(got, want, "{}", policy.label());
+        // Billed as parts of a GPU: 0.46 × 100 + 0.47 × 60 + 0.07 × 10 + 1 × 10 s.
+        let gpu_secs = 0.46 * 100.0 + 0.47 * 60.0 + 0.07 * 10.0 + 10.0;
+        assert!(
+            (r.gpu_hours - gpu_secs / 3600.0).abs() < 1e-9,
+            "{}",
+            r.gpu_hours
+        );
+    }
 }

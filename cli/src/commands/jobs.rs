@@ -66,9 +66,22 @@ enum JobsCommand {
 
 #[derive(Debug, Args)]
 struct SubmitArgs {
-    /// GPUs per task (all on one node).
+    /// GPUs per task (all on one node). Required unless --gpu-share,
+    /// --gpu-memory or --mig asks for part of one GPU per task.
     #[arg(long)]
-    gpus: u32,
+    gpus: Option<u32>,
+    /// A share of one GPU per task, in thousandths (1-999), e.g. 470; packed
+    /// beside other shares, never beside whole-GPU work.
+    #[arg(long, value_name = "MILLI")]
+    gpu_share: Option<u32>,
+    /// GPU memory per task, e.g. 12GiB: alone or with --gpu-share a share of
+    /// one GPU with this much memory; with --mig any the least instance memory.
+    #[arg(long, value_name = "SIZE")]
+    gpu_memory: Option<String>,
+    /// One MIG instance per task: a profile such as 1g.10gb, or "any" for the
+    /// smallest instance with at least --gpu-memory and --gpu-share of the SMs.
+    #[arg(long, value_name = "PROFILE")]
+    mig: Option<String>,
     /// Tasks; all are placed at once or none.
     #[arg(long, default_value_t = 1)]
     tasks: u32,
@@ -482,11 +495,33 @@ fn build_spec(args: SubmitArgs) -> anyhow::Result<JobSpec> {
             .with_context(|| format!("--env {pair:?} must look like KEY=VALUE"))?;
         env.insert(key.to_string(), value.to_string());
     }
+    let gpu_memory_bytes = match &args.gpu_memory {
+        Some(text) => gpufleet_core::units::parse_size(text)
+            .map_err(|e| anyhow::anyhow!("--gpu-memory {text:?}: {e}; e.g. 12GiB"))?,
+        None => 0,
+    };
+    let (mig, mig_profile) = match args.mig.as_deref() {
+        None => (false, String::new()),
+        Some("any") => (true, String::new()),
+        Some(profile) => (true, profile.to_string()),
+    };
+    let fraction = mig || args.gpu_share.is_some() || gpu_memory_bytes > 0;
+    let gpus_per_task = match (args.gpus, fraction) {
+        (Some(n), _) => n,
+        (None, true) => 1,
+        (None, false) => {
+            bail!("--gpus N is required (or --gpu-share, --gpu-memory or --mig for part of a GPU)")
+        }
+    };
     Ok(JobSpec {
         name: args.name.unwrap_or_default(),
         tenant: args.tenant.unwrap_or_default(),
         tasks: args.tasks,
-        gpus_per_task: args.gpus,
+        gpus_per_task,
+        gpu_share_milli: args.gpu_share.unwrap_or(0),
+        gpu_memory_bytes,
+        mig_profile,
+        mig,
         constraints: Some(JobConstraints {
             generations,
             models: args.model,

@@ -10,3 +10,4 @@ pub mod telemetry;
 pub mod tokens;
 pub mod top;
 pub mod usage;
+pub mod waste;

@@ -381,6 +381,19 @@ pub async fn capacity(
         "FREE",
         "PRICE/GPU-H",
     ]);
+    // Columns for MIG instances and shared GPUs only where a fleet has them.
+    let fractions = response
+        .total
+        .as_ref()
+        .is_some_and(|t| t.mig_gpus > 0 || t.shared_gpus > 0);
+    if fractions {
+        headers.extend([
+            "MIG FREE/ALL",
+            "SHARED GPUS",
+            "SHARED FREE",
+            "ALLOCATED GPU",
+        ]);
+    }
     let mut table = output::table(&headers);
     let row = |group: &CapacityGroup, label: Option<&str>| {
         let mut cells: Vec<String> = args
@@ -418,6 +431,14 @@ pub async fn capacity(
             group.free_gpus.to_string(),
             price,
         ]);
+        if fractions {
+            cells.extend([
+                format!("{}/{}", group.free_mig_instances, group.mig_instances),
+                group.shared_gpus.to_string(),
+                format!("{:.3}", group.shared_free_milli as f64 / 1000.0),
+                format!("{:.3}", group.allocated_milli as f64 / 1000.0),
+            ]);
+        }
         cells
     };
     for group in &response.groups {

@@ -122,9 +122,15 @@ fn notes(workload: &Workload) -> Vec<String> {
         workload.nodes.len(),
         workload.total_gpus()
     )];
+    if n.fractional_shares > 0 {
+        out.push(format!(
+            "{} fractional tasks replayed as shares of a GPU",
+            n.fractional_shares
+        ));
+    }
     if n.fractional_rounded_up > 0 {
         out.push(format!(
-            "{} fractional tasks rounded up to whole GPUs",
+            "{} fractional tasks of several GPUs rounded up to whole GPUs",
             n.fractional_rounded_up
         ));
     }
@@ -222,6 +228,7 @@ fn to_json(workload: &Workload, reports: &[PolicyReport], walls: &[f64]) -> serd
             "gpus": workload.total_gpus(),
             "jobs": workload.jobs.len(),
             "fractional_rounded_up": n.fractional_rounded_up,
+            "fractional_shares": n.fractional_shares,
             "skipped_no_gpu": n.skipped_no_gpu,
             "skipped_no_deletion": n.skipped_no_deletion,
             "zero_duration": n.zero_duration,

@@ -103,7 +103,13 @@ enum UsageCommand {
         /// Only this tenant's usage (a token scoped to one tenant sees only its own).
         #[arg(long)]
         tenant: Option<String>,
+        /// Rank by used GPU-hours (allocated × measured activity of exactly
+        /// their GPUs) rather than allocated ones.
+        #[arg(long)]
+        by_used: bool,
     },
+    /// Jobs, tenants or workload classes by paid-but-idle GPU-hours and cost.
+    Waste(super::waste::WasteArgs),
     /// GPU-hours, share, utilisation and cost per generation, with the daily trend.
     ByGeneration {
         #[arg(long, default_value = "30d")]
@@ -196,6 +202,7 @@ fn print_report(
     dims: &[Dim],
     format: Format,
     trend: bool,
+    used: bool,
 ) -> anyhow::Result<()> {
     match format {
         Format::Json => output::print_json(report, true),
@@ -214,6 +221,9 @@ fn print_report(
                 ]
                 .map(String::from),
             );
+            if used {
+                header.push("used_gpu_hours".to_string());
+            }
             say!("{}", header.join(","));
             for row in &report.rows {
                 let mut cells: Vec<String> = dims
@@ -228,6 +238,12 @@ fn print_report(
                     row.mean_sm_utilization_percent
                         .map_or(String::new(), |u| format!("{u:.1}")),
                 );
+                if used {
+                    cells.push(format!(
+                        "{:.6}",
+                        row.used_gpu_milliseconds as f64 / 3_600_000.0
+                    ));
+                }
                 say!("{}", cells.join(","));
             }
             Ok(())
@@ -235,6 +251,9 @@ fn print_report(
         Format::Table => {
             let mut headers: Vec<&str> = dims.iter().map(|d| d.header()).collect();
             headers.extend(["GPU-HOURS", "COST", "SHARE", "ALLOCS", "SM UTIL"]);
+            if used {
+                headers.push("USED GPU-H");
+            }
             if trend {
                 headers.push("TREND");
             }
@@ -248,6 +267,9 @@ fn print_report(
                     row.allocations.to_string(),
                     util(row),
                 ]);
+                if used {
+                    cells.push(hours(row.used_gpu_milliseconds));
+                }
                 if trend {
                     let values: Vec<f64> = row
                         .series
@@ -280,6 +302,9 @@ fn print_report(
                     total.allocations.to_string(),
                     util(total),
                 ]);
+                if used {
+                    cells.push(hours(total.used_gpu_milliseconds));
+                }
                 table.add_row(cells);
             }
             output::print_table(&table);
@@ -301,6 +326,7 @@ pub async fn usage(address: &str, format: Format, args: UsageArgs) -> anyhow::Re
             since,
             limit,
             tenant,
+            by_used,
         } => {
             let (dim, proto) = match by {
                 TopBy::WorkloadClass => (Dim::WorkloadClass, UsageDimension::WorkloadClass),
@@ -313,10 +339,15 @@ pub async fn usage(address: &str, format: Format, args: UsageArgs) -> anyhow::Re
                     since: Some(when("--since", &since)?),
                     limit,
                     tenant: tenant.unwrap_or_default(),
+                    by_used,
                 })
                 .await?
                 .into_inner();
-            print_report(&report, &[dim], format, false)?;
+            print_report(&report, &[dim], format, false, by_used)?;
+        }
+        UsageCommand::Waste(args) => {
+            let since = when("--since", super::waste::since(&args))?;
+            super::waste::run(&mut client, format, args, since).await?;
         }
         UsageCommand::ByGeneration { since, tenant } => {
             let report = client
@@ -326,7 +357,7 @@ pub async fn usage(address: &str, format: Format, args: UsageArgs) -> anyhow::Re
                 })
                 .await?
                 .into_inner();
-            print_report(&report, &[Dim::Generation], format, true)?;
+            print_report(&report, &[Dim::Generation], format, true, false)?;
         }
         UsageCommand::Report {
             group_by,
@@ -351,7 +382,7 @@ pub async fn usage(address: &str, format: Format, args: UsageArgs) -> anyhow::Re
                 tenant: tenant.unwrap_or_default(),
             };
             let report = client.get_usage_report(request).await?.into_inner();
-            print_report(&report, &group_by, format, series.is_some())?;
+            print_report(&report, &group_by, format, series.is_some(), false)?;
         }
         UsageCommand::Records {
             since,
@@ -399,7 +430,14 @@ pub async fn usage(address: &str, format: Format, args: UsageArgs) -> anyhow::Re
                         r.workload_class.clone()
                     },
                     format!("{}/{}", r.provider, r.region),
-                    r.gpu_count.to_string(),
+                    // A share or MIG instance: the part of its GPU billed.
+                    if !r.mig_profile.is_empty() {
+                        format!("MIG {}", r.mig_profile)
+                    } else if r.gpu_share_milli > 0 {
+                        format!("{}/1000", r.gpu_share_milli)
+                    } else {
+                        r.gpu_count.to_string()
+                    },
                     r.model.clone(),
                     hours(r.gpu_milliseconds),
                     output::usd(r.cost_micro_usd),

@@ -475,23 +475,28 @@ fn best<'a>(matches: impl Iterator<Item = (&'a PriceKey, u64)>) -> Option<u64> {
         .map(|(_, p)| p)
 }
 
-/// Exact cost of `gpus` GPUs over `[from_ms, to_ms)` on a timeline, in
-/// micro-USD per GPU-hour × GPU-ms (see [`crate::usage::rollup::micro_usd`]).
-pub fn cost_exact(timeline: &[(u64, u64)], from_ms: u64, to_ms: u64, gpus: u32) -> u128 {
+/// Cost of `milli_gpus` thousandths of GPUs (1000 per whole GPU, or a
+/// share) over `[from_ms, to_ms)` on a timeline, in micro-USD per GPU-hour ×
+/// GPU-ms (see [`crate::usage::rollup::micro_usd`]). Exact for whole GPUs;
+/// a share's GPU-ms per price segment round down, as its GPU-time does.
+pub fn cost_exact(timeline: &[(u64, u64)], from_ms: u64, to_ms: u64, milli_gpus: u64) -> u128 {
+    let segment = |price: u64, lo: u64, hi: u64| -> u128 {
+        price as u128 * ((hi - lo) as u128 * milli_gpus as u128 / 1000)
+    };
     let mut total = 0u128;
     for (i, &(at, price)) in timeline.iter().enumerate() {
         let next = timeline.get(i + 1).map_or(u64::MAX, |(t, _)| *t);
         let lo = at.max(from_ms);
         let hi = next.min(to_ms);
         if hi > lo {
-            total += price as u128 * (hi - lo) as u128 * gpus as u128;
+            total += segment(price, lo, hi);
         }
     }
     // Before the timeline's first point (never, for a record's own span).
     if let Some(&(first, price)) = timeline.first()
         && from_ms < first
     {
-        total += price as u128 * (first.min(to_ms) - from_ms) as u128 * gpus as u128;
+        total += segment(price, from_ms, first.min(to_ms));
     }
     total
 }

@@ -183,7 +183,7 @@ fn timeline_and_cost_follow_each_change() {
     );
     // 2 GPUs from 31 s to 91 s: 30 s at $2, 30 s at $3, per GPU-hour.
     let timeline = book.timeline(&n, 31_000, 91_000, 0);
-    let exact = cost_exact(&timeline, 31_000, 91_000, 2);
+    let exact = cost_exact(&timeline, 31_000, 91_000, 2_000);
     assert_eq!(exact, 2_000_000 * 30_000 * 2 + 3_000_000 * 30_000 * 2);
     // = $0.0417 (2 × 30 s × $2/h + 2 × 30 s × $3/h = 2 × (1/120 h) × 5).
     assert_eq!(crate::usage::rollup::micro_usd(exact), 83_333);

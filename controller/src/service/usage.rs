@@ -4,7 +4,7 @@ use gpufleet_proto::v1::{
     MarketElasticityRequest, MarketElasticityResponse, MarketInterruptionsRequest,
     MarketInterruptionsResponse, MarketPricesRequest, MarketPricesResponse, MarketTightnessRequest,
     MarketTightnessResponse, TopUsageRequest, UsageByGenerationRequest, UsageDimension,
-    UsageReportRequest, UsageReportResponse,
+    UsageReportRequest, UsageReportResponse, UsageWasteRequest, UsageWasteResponse,
 };
 use prost_types::Timestamp;
 use tonic::{Request, Response, Status};
@@ -15,6 +15,7 @@ use crate::limits;
 use crate::state::Controller;
 use crate::usage::ReportQuery;
 use crate::usage::rollup::{DAY, HOUR, MINUTE};
+use crate::usage::waste::WasteQuery;
 use crate::validate;
 
 /// Reports may reach this far back.
@@ -191,6 +192,7 @@ impl Usage for UsageService {
             series_secs: series,
             limit: r.limit as usize,
             tenant,
+            by_used: false,
         };
         bounded(self.controller.usage_report(&query, r.include_running))
     }
@@ -227,8 +229,56 @@ impl Usage for UsageService {
             series_secs: None,
             limit: if r.limit == 0 { 10 } else { r.limit as usize },
             tenant,
+            by_used: r.by_used,
         };
         bounded(self.controller.usage_report(&query, true))
+    }
+
+    async fn usage_waste(
+        &self,
+        request: Request<UsageWasteRequest>,
+    ) -> Result<Response<UsageWasteResponse>, Status> {
+        let who = caller(&self.controller, &request, Action::ReadUsage)?;
+        let r = request.into_inner();
+        let tenant = report_tenant(&who, &r.tenant)?;
+        let by = match UsageDimension::try_from(r.by) {
+            Ok(
+                d @ (UsageDimension::WorkloadClass
+                | UsageDimension::JobName
+                | UsageDimension::Tenant),
+            ) => d,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "by: accepted: job_name, tenant, workload_class",
+                ));
+            }
+        };
+        let limit = match r.limit {
+            0 => 20,
+            n if n > 1000 => return Err(Status::invalid_argument("limit: at most 1000")),
+            n => n as usize,
+        };
+        let (since, until) = range(
+            self.controller.clock().unix_secs(),
+            r.since.as_ref(),
+            r.until.as_ref(),
+            7 * DAY,
+        )?;
+        let query = WasteQuery {
+            by,
+            since_secs: since,
+            until_secs: until,
+            limit,
+            tenant,
+        };
+        let answer = self.controller.usage_waste(&query);
+        limits::check_response(
+            "the waste report",
+            prost::Message::encoded_len(&answer),
+            "ask for fewer rows (limit) or a shorter range",
+        )
+        .map_err(to_status)?;
+        Ok(Response::new(answer))
     }
 
     async fn usage_by_generation(
@@ -252,6 +302,7 @@ impl Usage for UsageService {
             series_secs: Some(step),
             limit: 0,
             tenant,
+            by_used: false,
         };
         bounded(self.controller.usage_report(&query, true))
     }

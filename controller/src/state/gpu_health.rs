@@ -18,8 +18,10 @@ impl UsageFeed {
     fn observe(&mut self, samples: &[GpuSample]) -> Vec<(String, i32)> {
         let mut changes = Vec::new();
         for sample in samples {
-            if let Some(allocation) = self.gpu_owner.get(&sample.uuid) {
-                self.acc.entry(allocation.clone()).or_default().add(sample);
+            if let Some(owners) = self.gpu_owner.get(&sample.uuid) {
+                for allocation in owners {
+                    self.acc.entry(allocation.clone()).or_default().add(sample);
+                }
             }
             if let Some(&seen) = self.overrides.get(&sample.uuid) {
                 if sample.health == GpuHealth::Healthy as i32 || last_fault_seen(sample) > seen {

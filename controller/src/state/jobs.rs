@@ -425,16 +425,13 @@ impl Controller {
             if let Some(before) = state.jobs.get(&job.id) {
                 for task in &before.tasks {
                     for uuid in &task.gpu_uuids {
-                        if feed.gpu_owner.get(uuid) == Some(&task.allocation_id) {
-                            feed.gpu_owner.remove(uuid);
-                        }
+                        feed.disown(uuid, &task.allocation_id);
                     }
                 }
             }
             for task in job.tasks.iter().filter(|t| task_holds_gpus(t)) {
                 for uuid in &task.gpu_uuids {
-                    feed.gpu_owner
-                        .insert(uuid.clone(), task.allocation_id.clone());
+                    feed.own(uuid, &task.allocation_id);
                 }
             }
             if history::is_resident(&job) {

@@ -48,6 +48,18 @@ impl Controller {
         state.ledger.report(query, &live, now)
     }
 
+    /// Jobs, tenants or workload classes by paid-but-idle GPU-time, running
+    /// allocations included up to now.
+    pub fn usage_waste(
+        &self,
+        query: &usage::waste::WasteQuery,
+    ) -> gpufleet_proto::v1::UsageWasteResponse {
+        let state = self.lock();
+        let now = self.inner.clock.unix_secs();
+        let live = self.live_usage(&state, now * 1000);
+        state.ledger.waste(query, &live, now)
+    }
+
     /// Ledger records (and live ones when asked, first) matching `filter`,
     /// one page.
     pub fn list_usage(

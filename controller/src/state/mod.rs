@@ -132,8 +132,9 @@ impl WaitHistogram {
 /// ingest does not wait for the state lock. Order: state, then this.
 #[derive(Default)]
 struct UsageFeed {
-    /// GPU UUID → allocation id holding it.
-    gpu_owner: HashMap<String, String>,
+    /// GPU (or MIG instance) UUID → allocation ids holding it: one, or
+    /// every share of a shared GPU.
+    gpu_owner: HashMap<String, Vec<String>>,
     /// Telemetry of running allocations, by allocation id.
     acc: HashMap<String, usage::Accumulator>,
     /// Last health reported per GPU UUID (absent: healthy).
@@ -141,6 +142,24 @@ struct UsageFeed {
     queue_wait: WaitHistogram,
     /// GPUs an operator returned to service → latest fault time (ns) known then.
     overrides: HashMap<String, i128>,
+}
+
+impl UsageFeed {
+    fn own(&mut self, uuid: &str, allocation_id: &str) {
+        let owners = self.gpu_owner.entry(uuid.to_string()).or_default();
+        if !owners.iter().any(|a| a == allocation_id) {
+            owners.push(allocation_id.to_string());
+        }
+    }
+
+    fn disown(&mut self, uuid: &str, allocation_id: &str) {
+        if let Some(owners) = self.gpu_owner.get_mut(uuid) {
+            owners.retain(|a| a != allocation_id);
+            if owners.is_empty() {
+                self.gpu_owner.remove(uuid);
+            }
+        }
+    }
 }
 
 struct Inner {
@@ -284,8 +303,7 @@ impl Controller {
                 }
                 for task in job.tasks.iter().filter(|t| task_holds_gpus(t)) {
                     for uuid in &task.gpu_uuids {
-                        feed.gpu_owner
-                            .insert(uuid.clone(), task.allocation_id.clone());
+                        feed.own(uuid, &task.allocation_id);
                     }
                 }
                 state.jobs.insert(job.id.clone(), job);

@@ -250,10 +250,10 @@ impl Controller {
 
     pub fn capacity(&self, group_by: &[CapacityDimension]) -> Result<GetCapacityResponse> {
         let state = self.lock();
-        let held = held_gpus(&state);
+        let held = capacity::held_units(state.jobs.values());
         let mut response = capacity::summarize(
             state.nodes.iter().map(|(id, e)| (id.as_str(), &e.record)),
-            &|uuid| held.contains_key(uuid),
+            &|uuid| held.get(uuid).copied().unwrap_or_default(),
             group_by,
         )?;
         response.as_of = Some(self.now_ts());

@@ -74,7 +74,13 @@ impl Controller {
                                         .gpus
                                         .iter()
                                         .filter_map(|g| g.info.as_ref())
-                                        .find(|i| p.gpu_uuids.first() == Some(&i.uuid))
+                                        .find(|i| {
+                                            // A MIG instance's model is its GPU's.
+                                            p.gpu_uuids.first().is_some_and(|u| {
+                                                *u == i.uuid
+                                                    || i.mig_instances.iter().any(|m| m.uuid == *u)
+                                            })
+                                        })
                                 })
                                 .map(|i| i.model.clone())
                                 .unwrap_or_default();
@@ -112,6 +118,9 @@ impl Controller {
                                 generation: placement::generation_wire(p.generation),
                                 model,
                                 address,
+                                gpu_share_milli: p.share_milli,
+                                gpu_memory_limit_bytes: p.memory_limit_bytes,
+                                mig_profile: p.mig_profile.unwrap_or_default(),
                                 ..Default::default()
                             }
                         })

@@ -451,7 +451,14 @@ pub(super) fn desired_allocations(state: &State, node_id: &str) -> Vec<Allocatio
                     gpu_uuids: t.gpu_uuids.clone(),
                     workload: job.spec.as_ref().and_then(|s| s.workload.clone()),
                     gang: gang_for(job, t.index),
-                    ..Allocation::default()
+                    // A MIG instance is whole to its workload: only a share
+                    // tells the agent to share (MPS or time-slicing).
+                    gpu_share_milli: if t.mig_profile.is_empty() {
+                        t.gpu_share_milli
+                    } else {
+                        0
+                    },
+                    gpu_memory_limit_bytes: t.gpu_memory_limit_bytes,
                 })
         })
         .collect();

@@ -153,6 +153,9 @@ fn signal(
             })
             .collect(),
         spot_nodes: 0,
+        supply_milli: g.supply_milli,
+        allocated_milli: g.allocated_milli,
+        pending_demand_milli: g.pending_demand_milli,
     }
 }
 
@@ -176,6 +179,9 @@ pub fn signals_for_minute(
         // A job eligible with two providers of one region counts once per
         // provider here; take the larger rather than the sum.
         r.pending_demand_gpus = r.pending_demand_gpus.max(g.pending_demand_gpus);
+        r.supply_milli += g.supply_milli;
+        r.allocated_milli += g.allocated_milli;
+        r.pending_demand_milli = r.pending_demand_milli.max(g.pending_demand_milli);
         r.asks.extend(g.asks.iter().copied());
         if r.demand_curve.is_empty() {
             r.demand_curve = g.demand_curve.clone();

@@ -4,6 +4,7 @@
 
 pub mod market;
 pub mod rollup;
+pub mod waste;
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -96,11 +97,34 @@ pub fn ms_ts(ms: u64) -> Timestamp {
     }
 }
 
+/// The profiling (GPM) activities of a sample, 0..100: (SM active, tensor
+/// active). The seam for the GPM fields `GpuSample` gains from field 46 up
+/// (issue 24, the agent's half): until a sample carries them, both are
+/// absent and usage falls back to the coarse utilisation. Absent, never 0,
+/// on GPUs without GPM.
+pub fn profiling_activity(sample: &GpuSample) -> (Option<f64>, Option<f64>) {
+    let _ = sample;
+    (None, None)
+}
+
+/// What a record says its GPUs did, 0..100, and whether profiling measured
+/// it: SM activity (GPM) when known, else NVML's coarse utilisation.
+pub fn activity_of(record: &UsageRecord) -> (Option<f64>, bool) {
+    match record.mean_sm_active_percent {
+        Some(a) => (Some(a), true),
+        None => (record.mean_sm_utilization_percent, false),
+    }
+}
+
 /// Telemetry of one allocation's GPUs while it runs.
 #[derive(Debug, Clone, Default)]
 pub struct Accumulator {
     util_sum: f64,
     util_n: u64,
+    sm_active_sum: f64,
+    sm_active_n: u64,
+    tensor_active_sum: f64,
+    tensor_active_n: u64,
     mem_sum: f64,
     mem_n: u64,
     /// Joules integrated from power samples.
@@ -150,6 +174,15 @@ impl Accumulator {
             self.mem_sum += u as f64;
             self.mem_n += 1;
         }
+        let (sm_active, tensor_active) = profiling_activity(sample);
+        if let Some(a) = sm_active {
+            self.sm_active_sum += a;
+            self.sm_active_n += 1;
+        }
+        if let Some(a) = tensor_active {
+            self.tensor_active_sum += a;
+            self.tensor_active_n += 1;
+        }
         let (Some(power), Some(at)) = (sample.power_usage_milliwatts, sample.sampled_at.as_ref())
         else {
             return;
@@ -196,21 +229,34 @@ pub fn build_record(
     }
     .max(started);
     let gpus = task.gpu_uuids.len() as u32;
-    let gpu_ms = (ended - started) * gpus as u64;
+    // Weighted by the share (milli-GPU-seconds): a GPU shared by two
+    // halves is billed 0.5 + 0.5, never twice.
+    let milli = crate::placement::task_milli_gpus(task);
+    let gpu_ms = (ended - started) * milli / 1000;
     let spec = job.spec.clone().unwrap_or_default();
     let timeline = match node.price_timeline.as_slice() {
         [] => vec![(started, task.price_per_gpu_hour_micro_usd)],
         given => given.to_vec(),
     };
     let price = timeline[0].1;
-    let cost_exact = crate::pricing::cost_exact(&timeline, started, ended, gpus);
-    let (sm, mem, energy) = match acc {
+    let cost_exact = crate::pricing::cost_exact(&timeline, started, ended, milli);
+    let mean = |sum: f64, n: u64| (n > 0).then(|| sum / n as f64);
+    let (sm, mem, energy, sm_active, tensor_active) = match acc {
         Some(a) => (
-            (a.util_n > 0).then(|| a.util_sum / a.util_n as f64),
-            (a.mem_n > 0).then(|| a.mem_sum / a.mem_n as f64),
-            a.energy_joules(),
+            mean(a.util_sum, a.util_n),
+            mean(a.mem_sum, a.mem_n),
+            // A share's GPU is measured whole: its energy is split by share.
+            a.energy_joules().map(|e| {
+                if task.gpu_share_milli > 0 && task.mig_profile.is_empty() {
+                    e * task.gpu_share_milli as f64 / 1000.0
+                } else {
+                    e
+                }
+            }),
+            mean(a.sm_active_sum, a.sm_active_n),
+            mean(a.tensor_active_sum, a.tensor_active_n),
         ),
-        None => (None, None, None),
+        None => (None, None, None, None, None),
     };
     Some(UsageRecord {
         allocation_id: task.allocation_id.clone(),
@@ -248,6 +294,10 @@ pub fn build_record(
                 price_per_gpu_hour_micro_usd: price,
             })
             .collect(),
+        gpu_share_milli: task.gpu_share_milli,
+        mig_profile: task.mig_profile.clone(),
+        mean_sm_active_percent: sm_active,
+        mean_tensor_active_percent: tensor_active,
     })
 }
 
@@ -273,8 +323,11 @@ fn contribution(record: &UsageRecord) -> Option<Contribution> {
         end_ms: end,
         gpus: record.gpu_count,
         prices: price_timeline(record),
+        share_milli: record.gpu_share_milli,
         mean_util: record.mean_sm_utilization_percent,
         energy_joules: record.energy_joules,
+        activity: activity_of(record).0,
+        activity_profiled: activity_of(record).1,
     })
 }
 
@@ -340,6 +393,8 @@ pub struct ReportQuery {
     pub limit: usize,
     /// Only this tenant's usage.
     pub tenant: Option<String>,
+    /// Rank rows by used GPU-time (allocated × measured activity).
+    pub by_used: bool,
 }
 
 /// The id of a record's entry in the end-time index.
@@ -531,14 +586,14 @@ impl Ledger {
         }
     }
 
-    /// Grouped totals from the rollups, plus `live` records (running
-    /// allocations up to now), rendered as the API's report.
-    pub fn report(
+    /// Grouped rows from the rollups plus `live` records (running
+    /// allocations up to now), unsorted, and the series' bucket width.
+    pub(crate) fn rows(
         &self,
         query: &ReportQuery,
         live: &[UsageRecord],
         now_secs: u64,
-    ) -> UsageReportResponse {
+    ) -> (Vec<rollup::Row>, u64) {
         let (rows, width) = self.rollups.query(
             &query.group_by,
             query.since_secs,
@@ -581,11 +636,29 @@ impl Ledger {
                 }
             }
         }
-        let mut rows: Vec<rollup::Row> = merged.into_values().collect();
+        (merged.into_values().collect(), width)
+    }
+
+    /// Grouped totals from the rollups, plus `live` records (running
+    /// allocations up to now), rendered as the API's report.
+    pub fn report(
+        &self,
+        query: &ReportQuery,
+        live: &[UsageRecord],
+        now_secs: u64,
+    ) -> UsageReportResponse {
+        let (mut rows, width) = self.rows(query, live, now_secs);
         rows.sort_by(|a, b| {
-            b.total
-                .gpu_ms
-                .cmp(&a.total.gpu_ms)
+            let key = |c: &Cell| {
+                if query.by_used {
+                    c.active_gpu_ms as u64
+                } else {
+                    c.gpu_ms
+                }
+            };
+            key(&b.total)
+                .cmp(&key(&a.total))
+                .then_with(|| b.total.gpu_ms.cmp(&a.total.gpu_ms))
                 .then_with(|| format!("{:?}", a.dims).cmp(&format!("{:?}", b.dims)))
         });
         let mut total = Cell::default();
@@ -614,6 +687,7 @@ impl Ledger {
             mean_sm_utilization_percent: (cell.util_weight > 0.0)
                 .then(|| cell.util_weighted / cell.util_weight),
             energy_joules: (cell.energy_joules > 0.0).then_some(cell.energy_joules),
+            used_gpu_milliseconds: cell.active_gpu_ms.round() as u64,
             series: series
                 .iter()
                 .map(|(bucket, c)| UsagePoint {
@@ -647,12 +721,7 @@ impl Ledger {
 }
 
 fn add_cell(into: &mut Cell, other: &Cell) {
-    into.gpu_ms += other.gpu_ms;
-    into.cost_exact += other.cost_exact;
-    into.allocations += other.allocations;
-    into.util_weighted += other.util_weighted;
-    into.util_weight += other.util_weight;
-    into.energy_joules += other.energy_joules;
+    into.add(other);
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ pub const DAY: u64 = 86_400;
 pub const MONTH: u64 = 30 * DAY;
 
 /// One record's contribution, ready to be split over buckets.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Contribution {
     pub dims: Dims,
     pub start_ms: u64,
@@ -26,8 +26,27 @@ pub struct Contribution {
     pub gpus: u32,
     /// (from ms, price per GPU-hour in micro-USD), first at `start_ms`.
     pub prices: Vec<(u64, u64)>,
+    /// 0: whole GPUs. Else the thousandths of its one GPU the allocation
+    /// held: its GPU-time (and cost) is weighted by it.
+    pub share_milli: u32,
     pub mean_util: Option<f64>,
     pub energy_joules: Option<f64>,
+    /// What the GPUs did, 0..100: SM activity from profiling when known,
+    /// else the coarse utilisation (see [`crate::usage::activity_of`]).
+    pub activity: Option<f64>,
+    /// `activity` came from the profiling (GPM) fields.
+    pub activity_profiled: bool,
+}
+
+impl Contribution {
+    /// Thousandths of GPUs held: 1000 per whole GPU, else the share.
+    pub fn milli_gpus(&self) -> u64 {
+        if self.share_milli > 0 {
+            self.share_milli as u64
+        } else {
+            self.gpus as u64 * 1000
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -41,16 +60,31 @@ pub struct Cell {
     pub util_weighted: f64,
     pub util_weight: f64,
     pub energy_joules: f64,
+    /// Σ activity (0..1) × GPU-ms over the GPU-time with a measured
+    /// activity: the GPU-time the silicon was busy.
+    pub active_gpu_ms: f64,
+    /// GPU-ms with a measured activity.
+    pub measured_gpu_ms: f64,
+    /// Of it, measured by the profiling (GPM) fields.
+    pub profiled_gpu_ms: f64,
+    /// Σ (1 − activity) × `cost_exact` over the measured GPU-time: what
+    /// the idle part cost (one field, not two: a cell is kept per bucket
+    /// and combination, so every byte counts).
+    pub idle_cost: f64,
 }
 
 impl Cell {
-    fn add(&mut self, other: &Cell) {
+    pub fn add(&mut self, other: &Cell) {
         self.gpu_ms += other.gpu_ms;
         self.cost_exact += other.cost_exact;
         self.allocations += other.allocations;
         self.util_weighted += other.util_weighted;
         self.util_weight += other.util_weight;
         self.energy_joules += other.energy_joules;
+        self.active_gpu_ms += other.active_gpu_ms;
+        self.measured_gpu_ms += other.measured_gpu_ms;
+        self.profiled_gpu_ms += other.profiled_gpu_ms;
+        self.idle_cost += other.idle_cost;
     }
 }
 
@@ -166,7 +200,17 @@ impl Rollups {
                 let to = (bucket + width_ms).min(end_ms);
                 if to > from || instant {
                     let ms = to - from;
-                    let gpu_ms = ms * c.gpus as u64;
+                    // GPU-ms weighted by the share: milli-GPU-seconds.
+                    let gpu_ms = ms * c.milli_gpus() / 1000;
+                    // Each second at the price in force then, weighted likewise.
+                    let cost_exact =
+                        crate::pricing::cost_exact(&c.prices, from, to, c.milli_gpus());
+                    let activity = c.activity.map(|a| (a / 100.0).clamp(0.0, 1.0));
+                    let measured = if activity.is_some() {
+                        gpu_ms as f64
+                    } else {
+                        0.0
+                    };
                     let share = if instant {
                         1.0
                     } else {
@@ -175,7 +219,7 @@ impl Rollups {
                     let cell = Cell {
                         combo,
                         gpu_ms,
-                        cost_exact: crate::pricing::cost_exact(&c.prices, from, to, c.gpus),
+                        cost_exact,
                         allocations: u32::from(first && bucket <= c.start_ms),
                         util_weighted: c.mean_util.map_or(0.0, |u| u * gpu_ms as f64),
                         util_weight: if c.mean_util.is_some() {
@@ -184,6 +228,10 @@ impl Rollups {
                             0.0
                         },
                         energy_joules: c.energy_joules.map_or(0.0, |e| e * share),
+                        active_gpu_ms: activity.map_or(0.0, |a| a * gpu_ms as f64),
+                        measured_gpu_ms: measured,
+                        profiled_gpu_ms: if c.activity_profiled { measured } else { 0.0 },
+                        idle_cost: activity.map_or(0.0, |a| (1.0 - a) * cost_exact as f64),
                     };
                     let b = gran.buckets.entry(bucket / 1000).or_default();
                     match b.index.get(&combo) {
@@ -391,6 +439,7 @@ mod tests {
                 prices: vec![(start, 3_930_000)],
                 mean_util: Some(50.0),
                 energy_joules: Some(1000.0),
+                ..Default::default()
             },
             now,
         );
@@ -403,6 +452,7 @@ mod tests {
                 prices: vec![(start, 1_000_000)],
                 mean_util: None,
                 energy_joules: None,
+                ..Default::default()
             },
             now,
         );
@@ -452,6 +502,7 @@ mod tests {
                     prices: vec![(start, 3_930_000)],
                     mean_util: None,
                     energy_joules: None,
+                    ..Default::default()
                 },
                 now,
             );
@@ -473,6 +524,7 @@ mod tests {
                 prices: vec![(1000, 1)],
                 mean_util: None,
                 energy_joules: None,
+                ..Default::default()
             },
             now * 10,
         );
@@ -499,6 +551,7 @@ mod tests {
                     prices: vec![(start, 1_000_000)],
                     mean_util: None,
                     energy_joules: None,
+                    ..Default::default()
                 },
                 now,
             );
@@ -534,6 +587,7 @@ mod tests {
             prices: vec![(0, 1)],
             mean_util: None,
             energy_joules: None,
+            ..Default::default()
         };
         r.add(&c, 60);
         r.prune(100 * DAY);

@@ -13,7 +13,11 @@
 //! pass runs if anything is pending. Deterministic: no wall clock, no
 //! randomness (the seed only drives [`workload::synthetic`]).
 //!
-//! Not modelled yet: fractional GPUs, FGD, the paper's inflation mode,
+//! Shares of a GPU (openb's `gpu_milli` < 1000) are replayed as shares: a
+//! GPU hosting shares is not free for whole-GPU work until its last share
+//! leaves, and a share is billed as its part of the GPU.
+//!
+//! Not modelled yet: FGD, the paper's inflation mode,
 //! what-if edits, history replay, preemption (no workload job is
 //! preemptible), multi-task gangs.
 
@@ -25,7 +29,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 
 use crate::config::{SchedulerConfig, TenantState};
-use crate::domain::{Constraints, Generation, JobInput, Outcome, Policy};
+use crate::domain::{Constraints, Generation, GpuUnit, JobInput, Outcome, Policy};
 use crate::fleet::{Fleet, GpuInput, NodeInput, RunningInput, lowest_bits};
 use crate::pass::schedule;
 use crate::queue::FairShare;
@@ -98,6 +102,19 @@ impl Default for SimConfig {
 struct Run {
     node: u32,
     mask: u32,
+    /// 0: whole GPUs; else its share of the one GPU in `mask`.
+    milli: u32,
+}
+
+impl Run {
+    /// GPUs held, a share counting as its part of a GPU.
+    fn gpus(&self) -> f64 {
+        if self.milli > 0 {
+            f64::from(self.milli) / 1000.0
+        } else {
+            f64::from(self.mask.count_ones())
+        }
+    }
 }
 
 /// Simulates one policy over the workload (jobs must be sorted by arrival).
@@ -125,8 +142,10 @@ struct Engine<'a> {
     /// The nodes as the scheduler is given them (built once).
     node_inputs: Vec<NodeInput>,
     node_index: HashMap<&'a str, u32>,
-    /// Free GPU positions per node.
+    /// Free GPU positions per node (a GPU hosting shares is not free).
     free: Vec<u32>,
+    /// Per node, per GPU position: thousandths held by shares.
+    shares: Vec<[u32; 32]>,
     running: HashMap<usize, Run>,
     departures: BinaryHeap<Reverse<(u64, usize)>>,
     /// Job indexes in arrival order.
@@ -159,6 +178,7 @@ impl<'a> Engine<'a> {
                 .map(|(i, n)| (n.id.as_str(), i as u32))
                 .collect(),
             free: workload.nodes.iter().map(|n| full_mask(n.gpus)).collect(),
+            shares: vec![[0; 32]; workload.nodes.len()],
             running: HashMap::new(),
             departures: BinaryHeap::new(),
             pending: Vec::new(),
@@ -188,7 +208,7 @@ impl<'a> Engine<'a> {
                 }
                 self.departures.pop();
                 if let Some(run) = self.running.remove(&job) {
-                    self.free[run.node as usize] |= run.mask;
+                    self.release(run);
                 }
             }
             while next_arrival < jobs.len() && jobs[next_arrival].arrival <= tick {
@@ -238,21 +258,45 @@ impl<'a> Engine<'a> {
         let mut running: HashMap<String, f64> = HashMap::new();
         for (&job, run) in &self.running {
             let tenant = &self.workload.jobs[job].tenant;
-            *running.entry(tenant.clone()).or_insert(0.0) += f64::from(run.mask.count_ones());
+            *running.entry(tenant.clone()).or_insert(0.0) += run.gpus();
         }
         self.fair.advance(now, &running);
     }
 
-    fn start(&mut self, job: usize, node: u32, mask: u32, now: u64) {
+    /// Returns a run's GPUs: a shared GPU once its last share leaves.
+    fn release(&mut self, run: Run) {
+        if run.milli == 0 {
+            self.free[run.node as usize] |= run.mask;
+            return;
+        }
+        let pos = run.mask.trailing_zeros() as usize;
+        let held = &mut self.shares[run.node as usize][pos.min(31)];
+        *held = held.saturating_sub(run.milli);
+        if *held == 0 {
+            self.free[run.node as usize] |= run.mask;
+        }
+    }
+
+    fn start(&mut self, job: usize, node: u32, mask: u32, milli: u32, now: u64) {
         let spec = &self.workload.jobs[job];
         let price = self.workload.nodes[node as usize].price_per_gpu_hour_micro_usd;
         self.free[node as usize] &= !mask;
-        self.running.insert(job, Run { node, mask });
+        if milli > 0 {
+            let pos = (mask.trailing_zeros() as usize).min(31);
+            self.shares[node as usize][pos] += milli;
+        }
+        self.running.insert(job, Run { node, mask, milli });
         self.departures
             .push(Reverse((now.saturating_add(spec.duration), job)));
         self.starts[job] = Some(now);
-        let gpu_secs = u128::from(mask.count_ones()) * u128::from(spec.duration);
-        let cost = gpu_secs * u128::from(price) / 3600;
+        // Thousandths of GPU-seconds: a share is billed as its part.
+        let milli_held = if milli > 0 {
+            u128::from(milli)
+        } else {
+            u128::from(mask.count_ones()) * 1000
+        };
+        let gpu_secs = milli_held * u128::from(spec.duration);
+        let cost = gpu_secs * u128::from(price) / 3600 / 1000;
         self.cost_micro_usd = self
             .cost_micro_usd
             .saturating_add(u64::try_from(cost).unwrap_or(u64::MAX));
@@ -264,7 +308,7 @@ impl<'a> Engine<'a> {
         let nodes = &self.workload.nodes;
         let jobs = &self.workload.jobs;
         let mut running_inputs = Vec::with_capacity(self.running.len());
-        let mut allocated: HashMap<String, HashMap<Generation, u32>> = HashMap::new();
+        let mut allocated: HashMap<String, HashMap<Generation, u64>> = HashMap::new();
         // Sorted so the fleet (and so every tie-break) is the same each run.
         let mut running: Vec<(&usize, &Run)> = self.running.iter().collect();
         running.sort_unstable_by_key(|(job, _)| **job);
@@ -280,12 +324,14 @@ impl<'a> Engine<'a> {
                 gpu_uuids: positions(run.mask).map(|p| gpu_uuid(&node.id, p)).collect(),
                 expected_end: None,
                 evicting: false,
+                share_milli: run.milli,
+                ..Default::default()
             });
             *allocated
                 .entry(spec.tenant.clone())
                 .or_default()
                 .entry(node.generation)
-                .or_insert(0) += run.mask.count_ones();
+                .or_insert(0) += (run.gpus() * 1000.0).round() as u64;
         }
         let mut fleet = Fleet::build(&self.node_inputs, &running_inputs);
         let inputs: Vec<JobInput> = self
@@ -309,13 +355,13 @@ impl<'a> Engine<'a> {
                         .iter()
                         .filter_map(|u| uuid_position(u))
                         .fold(0u32, |m, p| m | (1 << p));
-                    Some((node, mask))
+                    Some((node, mask, task.share_milli))
                 }),
                 // No job is preemptible, so the scheduler never asks to evict.
                 Outcome::Preempting { .. } | Outcome::Pending(_) => None,
             };
             match placed {
-                Some((node, mask)) => self.start(job, node, mask, now),
+                Some((node, mask, milli)) => self.start(job, node, mask, milli, now),
                 None => still_pending.push(job),
             }
         }
@@ -331,12 +377,22 @@ impl<'a> Engine<'a> {
         let mut still_pending = Vec::with_capacity(pending.len());
         // Free capacity only shrinks within a pass: a request shape that
         // failed once fails again.
-        let mut failed: HashSet<(u32, &[String])> = HashSet::new();
+        let mut failed: HashSet<(u32, u32, &[String])> = HashSet::new();
         for job in pending {
             let spec = &self.workload.jobs[job];
-            let shape = (spec.gpus, spec.models.as_slice());
+            let shape = (spec.gpus, spec.gpu_milli, spec.models.as_slice());
             if failed.contains(&shape) {
                 still_pending.push(job);
+                continue;
+            }
+            if spec.gpu_milli > 0 {
+                match self.baseline_share(spec, best_fit) {
+                    Some((node, pos)) => self.start(job, node, 1 << pos, spec.gpu_milli, now),
+                    None => {
+                        failed.insert(shape);
+                        still_pending.push(job);
+                    }
+                }
                 continue;
             }
             let mut chosen: Option<(u32, u32)> = None; // (node, free after)
@@ -356,7 +412,7 @@ impl<'a> Engine<'a> {
             match chosen {
                 Some((node, _)) => {
                     let mask = lowest_bits(self.free[node as usize], spec.gpus);
-                    self.start(job, node, mask, now);
+                    self.start(job, node, mask, 0, now);
                 }
                 None => {
                     failed.insert(shape);
@@ -365,6 +421,39 @@ impl<'a> Engine<'a> {
             }
         }
         self.pending = still_pending;
+    }
+}
+
+impl Engine<'_> {
+    /// The baselines' GPU for a share: the first GPU (node order, then
+    /// position) already shared with room or free, or the one left with
+    /// the least share after placing it.
+    fn baseline_share(&self, spec: &SimJob, best_fit: bool) -> Option<(u32, u32)> {
+        let mut chosen: Option<(u32, u32, u32)> = None; // (node, pos, left)
+        for (i, node) in self.workload.nodes.iter().enumerate() {
+            if !allows(spec, node) {
+                continue;
+            }
+            for pos in 0..node.gpus.min(32) {
+                let held = self.shares[i][pos as usize];
+                let fits = if held > 0 {
+                    held + spec.gpu_milli <= 1000
+                } else {
+                    self.free[i] & (1 << pos) != 0
+                };
+                if !fits {
+                    continue;
+                }
+                let left = 1000 - held - spec.gpu_milli;
+                if chosen.is_none_or(|(_, _, best)| left < best) {
+                    chosen = Some((i as u32, pos, left));
+                }
+                if !best_fit || left == 0 {
+                    return chosen.map(|(n, p, _)| (n, p));
+                }
+            }
+        }
+        chosen.map(|(n, p, _)| (n, p))
     }
 }
 
@@ -413,6 +502,7 @@ fn node_input(node: &SimNode) -> NodeInput {
                 memory_bytes: 0,
                 compute_capability: (0, 0),
                 healthy: true,
+                ..Default::default()
             })
             .collect(),
         nvlink_groups: Vec::new(),
@@ -429,7 +519,15 @@ fn job_input(job: &SimJob, index: usize) -> JobInput {
         // Arrival first, then workload order: ties stay deterministic.
         submitted_at: job.arrival.saturating_mul(1_000_000_000) + index as u64 % 1_000_000_000,
         tasks: 1,
-        gpus_per_task: job.gpus,
+        gpus_per_task: if job.gpu_milli > 0 { 1 } else { job.gpus },
+        unit: if job.gpu_milli > 0 {
+            GpuUnit::Share {
+                milli: job.gpu_milli,
+                memory_bytes: 0,
+            }
+        } else {
+            GpuUnit::Whole
+        },
         constraints: Constraints {
             models: job.models.clone(),
             ..Default::default()

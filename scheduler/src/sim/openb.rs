@@ -10,8 +10,9 @@
 //!   [`MODEL_MAP`]; G2 and G3 are Alibaba-internal codes with documented
 //!   stand-ins;
 //! - pods with `num_gpu` = 0 are skipped and counted;
-//! - `gpu_milli` < 1000 (a shared fraction of one GPU) becomes one whole GPU
-//!   and is counted, as the scheduler has no fractional GPUs yet;
+//! - `gpu_milli` < 1000 on a one-GPU pod (a shared fraction of one GPU) is
+//!   replayed as a share of a GPU and counted; on a pod of several GPUs
+//!   (none in the published trace) it becomes whole GPUs and is counted;
 //! - duration = deletion − creation (at least 1 s); pods without a deletion
 //!   time are skipped and counted;
 //! - `cpu_milli`, `memory_mib`, `qos`, `pod_phase` and `scheduled_time` are
@@ -184,9 +185,15 @@ pub fn parse_pods(text: &str) -> Result<(Vec<SimJob>, WorkloadNotes), ParseError
             continue;
         };
         let milli = table.number(line, row, "gpu_milli")?.unwrap_or(1000);
-        if milli < 1000 {
+        let share = if milli >= 1000 || milli == 0 {
+            0
+        } else if gpus == 1 {
+            notes.fractional_shares += 1;
+            milli as u32
+        } else {
             notes.fractional_rounded_up += 1;
-        }
+            0
+        };
         if deleted <= created {
             notes.zero_duration += 1;
         }
@@ -208,6 +215,7 @@ pub fn parse_pods(text: &str) -> Result<(Vec<SimJob>, WorkloadNotes), ParseError
             arrival: created,
             duration: deleted.saturating_sub(created).max(1),
             gpus: u32::try_from(gpus).unwrap_or(u32::MAX),
+            gpu_milli: share,
             models,
         });
     }
@@ -256,7 +264,8 @@ mod tests {
             WorkloadNotes {
                 skipped_no_gpu: 1,
                 skipped_no_deletion: 1,
-                fractional_rounded_up: 1,
+                fractional_rounded_up: 0,
+                fractional_shares: 1,
                 zero_duration: 1,
             }
         );

@@ -105,7 +105,13 @@ impl PolicyReport {
                 let wait = start.saturating_sub(job.arrival);
                 all.push(wait);
                 by_class[size_class(job.gpus)].push(wait);
-                gpu_hours += f64::from(job.gpus) * job.duration as f64 / 3600.0;
+                // A share counts as its part of a GPU.
+                let gpus = if job.gpu_milli > 0 {
+                    f64::from(job.gpu_milli) / 1000.0
+                } else {
+                    f64::from(job.gpus)
+                };
+                gpu_hours += gpus * job.duration as f64 / 3600.0;
             }
         }
         let placed = all.len() as u64;

@@ -16,7 +16,8 @@ pub struct SimNode {
     pub region: String,
 }
 
-/// One job: a single task of `gpus` whole GPUs on one node.
+/// One job: a single task of `gpus` whole GPUs on one node, or of a share
+/// of one GPU.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SimJob {
     pub id: String,
@@ -27,6 +28,9 @@ pub struct SimJob {
     /// Run time once placed, virtual seconds (at least 1).
     pub duration: u64,
     pub gpus: u32,
+    /// 0: `gpus` whole GPUs. Else a share of one GPU in thousandths (like
+    /// openb's `gpu_milli`), packed beside other shares; `gpus` is then 1.
+    pub gpu_milli: u32,
     /// Allowed catalogue models; empty = any.
     pub models: Vec<String>,
 }
@@ -38,8 +42,11 @@ pub struct WorkloadNotes {
     pub skipped_no_gpu: u64,
     /// Pods without a deletion time (no duration to replay).
     pub skipped_no_deletion: u64,
-    /// Pods asking for a fraction of a GPU, given one whole GPU.
+    /// Pods asking for a fraction of each of several GPUs, given whole GPUs
+    /// (a share is of one GPU).
     pub fractional_rounded_up: u64,
+    /// Pods asking for a fraction of one GPU, replayed as shares.
+    pub fractional_shares: u64,
     /// Pods whose deletion time equals their creation time (run 1 s).
     pub zero_duration: u64,
 }
@@ -137,6 +144,7 @@ pub fn synthetic(nodes: usize, jobs: usize, seed: u64) -> Workload {
                 arrival: rng.below(MONTH),
                 duration: 60 + rng.below(2 * 24 * 3600),
                 gpus,
+                gpu_milli: 0,
                 models,
             }
         })
