@@ -1,6 +1,8 @@
 //! GPU discovery and telemetry behind one trait: the real NVML backend and a
 //! simulated one for development, demos and tests.
 
+mod gpm;
+pub mod mig;
 pub mod nvml;
 pub mod simulated;
 

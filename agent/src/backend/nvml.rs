@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use gpufleet_proto::v1::{GpuInfo, GpuProcess, GpuSample, NvLinkPeer};
+use gpufleet_proto::v1::{GpmMetrics, GpuInfo, GpuProcess, GpuSample, MigSample, NvLinkPeer};
 use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::enum_wrappers::device::{Clock, PcieUtilCounter, TemperatureSensor};
 use nvml_wrapper::enums::device::{SampleValue, UsedGpuMemory};
@@ -17,7 +17,8 @@ use nvml_wrapper::sys_exports::field_id;
 use nvml_wrapper::{Device, Nvml};
 use tracing::{debug, warn};
 
-use super::{GpuBackend, now_timestamp};
+use super::gpm::{GpmKey, GpmTracker};
+use super::{GpuBackend, mig, now_timestamp};
 use crate::health::RawXid;
 use gpufleet_core::catalog;
 
@@ -43,7 +44,13 @@ pub enum NvmlInitError {
 /// GPUs as the driver reports them.
 pub struct NvmlBackend {
     nvml: Arc<Nvml>,
-    gpus: Vec<GpuInfo>,
+    /// Static facts, except the MIG layout, which every sample refreshes
+    /// (an operator may reconfigure an idle GPU while the agent runs).
+    gpus: Mutex<Vec<GpuInfo>>,
+    /// Per GPU (as `gpus`): NVML said it supports GPM (Hopper and newer).
+    gpm_supported: Vec<bool>,
+    /// Previous GPM samples, to compute metrics over each interval.
+    gpm: GpmTracker,
     driver_version: String,
     /// XIDs the event thread received since the last `drain_xids`.
     xids: Arc<Mutex<Vec<RawXid>>>,
@@ -61,7 +68,7 @@ const NVLINK_DATA_RETRY_SAMPLES: u32 = 60;
 impl std::fmt::Debug for NvmlBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NvmlBackend")
-            .field("gpus", &self.gpus.len())
+            .field("gpus", &self.gpm_supported.len())
             .finish_non_exhaustive()
     }
 }
@@ -69,6 +76,8 @@ impl std::fmt::Debug for NvmlBackend {
 impl Drop for NvmlBackend {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // GPM samples must go back to NVML before it shuts down.
+        self.gpm.release(&self.nvml, |_| false);
     }
 }
 
@@ -291,6 +300,7 @@ impl NvmlBackend {
             .map(cuda_version_string)
             .unwrap_or_default();
         let mut gpus = Vec::with_capacity(count as usize);
+        let mut gpm_supported = Vec::with_capacity(count as usize);
         for index in 0..count {
             let device = nvml
                 .device_by_index(index)
@@ -316,6 +326,8 @@ impl NvmlBackend {
                     })
                 })
                 .collect();
+            let mig = mig::discover(&device);
+            gpm_supported.push(device.gpm_support().unwrap_or(false));
             gpus.push(GpuInfo {
                 index,
                 uuid,
@@ -332,7 +344,8 @@ impl NvmlBackend {
                 persistence_mode: device.is_in_persistent_mode().ok(),
                 numa_node: device.numa_node_id().ok(),
                 nvlink_peers,
-                ..GpuInfo::default()
+                mig_enabled: mig.enabled,
+                mig_instances: mig.instances,
             });
         }
         resolve_nvlink_peers(&mut gpus);
@@ -359,19 +372,23 @@ impl NvmlBackend {
         Ok(Self {
             nvml,
             nvlink_data_skip: gpus.iter().map(|_| AtomicU32::new(0)).collect(),
-            gpus,
+            gpus: Mutex::new(gpus),
+            gpm_supported,
+            gpm: GpmTracker::default(),
             driver_version,
             xids,
             stop,
         })
     }
 
+    /// One GPU's sample, and its MIG state as NVML shows it now.
     fn sample_one(
         &self,
         info: &GpuInfo,
+        gpm_supported: bool,
         nvlink_data_skip: &AtomicU32,
         now: prost_types::Timestamp,
-    ) -> GpuSample {
+    ) -> (GpuSample, Option<mig::MigState>) {
         let mut sample = GpuSample {
             uuid: info.uuid.clone(),
             index: info.index,
@@ -384,7 +401,7 @@ impl NvmlBackend {
             Ok(d) => d,
             Err(e) => {
                 sample.sample_error = one_line(e);
-                return sample;
+                return (sample, None);
             }
         };
         if let Ok(u) = device.utilization_rates() {
@@ -413,6 +430,26 @@ impl NvmlBackend {
         sample.pcie_tx_kib_per_second = device.pcie_throughput(PcieUtilCounter::Send).ok();
         sample.pcie_rx_kib_per_second = device.pcie_throughput(PcieUtilCounter::Receive).ok();
         sample.mig_enabled = device.mig_mode().ok().map(|m| m.current == 1);
+        let mig = mig::discover(&device);
+        let instance_gpm = if gpm_supported {
+            self.sample_gpm(&device, info.index, &mig, &mut sample)
+        } else {
+            HashMap::new()
+        };
+        sample.mig_samples = mig
+            .instances
+            .iter()
+            .zip(&mig.memory_used)
+            .map(|(m, used)| MigSample {
+                uuid: m.uuid.clone(),
+                gpu_instance_id: m.gpu_instance_id,
+                compute_instance_id: m.compute_instance_id,
+                profile: m.profile.clone(),
+                memory_used_bytes: *used,
+                memory_total_bytes: Some(m.memory_bytes),
+                gpm: instance_gpm.get(&m.gpu_instance_id).cloned().flatten(),
+            })
+            .collect();
         if let Ok(processes) = device.running_compute_processes() {
             sample.processes = processes
                 .into_iter()
@@ -480,7 +517,44 @@ impl NvmlBackend {
                 nvlink_data_skip.store(NVLINK_DATA_RETRY_SAMPLES, Ordering::Relaxed);
             }
         }
-        sample
+        (sample, Some(mig))
+    }
+
+    /// GPM metrics of the whole GPU (into `sample`), or per GPU instance
+    /// of a GPU in MIG mode (NVML samples GPM per GPU instance there).
+    fn sample_gpm(
+        &self,
+        device: &Device<'_>,
+        gpu_index: u32,
+        mig: &mig::MigState,
+        sample: &mut GpuSample,
+    ) -> HashMap<u32, Option<GpmMetrics>> {
+        let nvml: &Nvml = &self.nvml;
+        if !mig.enabled {
+            let key = GpmKey {
+                gpu_index,
+                gpu_instance_id: None,
+            };
+            sample.gpm = self.gpm.measure(nvml, key, || device.gpm_sample());
+            return HashMap::new();
+        }
+        let mut by_instance = HashMap::new();
+        for instance in &mig.instances {
+            let gi = instance.gpu_instance_id;
+            // Compute instances of one GPU instance share its metrics.
+            by_instance.entry(gi).or_insert_with(|| {
+                let key = GpmKey {
+                    gpu_index,
+                    gpu_instance_id: Some(gi),
+                };
+                self.gpm.measure(nvml, key, || device.gpm_mig_sample(gi))
+            });
+        }
+        // Samples of GPU instances that no longer exist are freed.
+        self.gpm.release(nvml, |k| {
+            k.gpu_index != gpu_index || k.gpu_instance_id.is_none_or(|gi| by_instance.contains_key(&gi))
+        });
+        by_instance
     }
 }
 
@@ -582,16 +656,31 @@ impl GpuBackend for NvmlBackend {
     }
 
     fn gpus(&self) -> Vec<GpuInfo> {
-        self.gpus.clone()
+        self.gpus.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn sample(&self) -> Vec<GpuSample> {
         let now = now_timestamp();
-        self.gpus
+        let infos = self.gpus();
+        let mut samples = Vec::with_capacity(infos.len());
+        let mut layouts = Vec::with_capacity(infos.len());
+        for ((info, skip), &gpm) in infos
             .iter()
             .zip(&self.nvlink_data_skip)
-            .map(|(info, skip)| self.sample_one(info, skip, now))
-            .collect()
+            .zip(&self.gpm_supported)
+        {
+            let (sample, mig) = self.sample_one(info, gpm, skip, now);
+            samples.push(sample);
+            layouts.push(mig);
+        }
+        let mut gpus = self.gpus.lock().unwrap_or_else(|e| e.into_inner());
+        for (info, mig) in gpus.iter_mut().zip(layouts) {
+            if let Some(mig) = mig {
+                info.mig_enabled = mig.enabled;
+                info.mig_instances = mig.instances;
+            }
+        }
+        samples
     }
 
     fn visible_gpu_count(&self) -> Option<u32> {
