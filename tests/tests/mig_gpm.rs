@@ -135,5 +135,8 @@ fn gpm_metrics_arrive_per_gpu_and_per_mig_instance_and_stay_absent_without_gpm()
     // New values are those of the next interval.
     write_fake_nvml_config(dir.path(), &machine(5.0)).unwrap();
     let third = backend.sample();
-    assert_eq!(third[1].gpm.as_ref().and_then(|g| g.tensor_active), Some(0.05));
+    assert_eq!(
+        third[1].gpm.as_ref().and_then(|g| g.tensor_active),
+        Some(0.05)
+    );
 }

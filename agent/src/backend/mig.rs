@@ -26,6 +26,95 @@ pub fn profile_from_name(name: &str) -> Option<&str> {
 
 /// Compute slices of a full MIG-capable GPU (A100, H100, H200, B200).
 const FULL_GPU_SLICES: u32 = 7;
+/// Memory slices of a MIG-capable GPU: a `1g` profile gets one eighth.
+const MEMORY_SLICES: u32 = 8;
+/// The most instances one GPU can be split into.
+pub const MAX_INSTANCES: usize = 7;
+
+/// A MIG profile name taken apart: `1g.10gb` is one GPU-instance slice with
+/// one compute slice and 10 GB; `1c.3g.40gb` is a one-slice compute
+/// instance inside a three-slice GPU instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MigProfile {
+    pub compute_slices: u32,
+    pub gpu_instance_slices: u32,
+    pub memory_gb: u32,
+}
+
+/// Parses `<g>g.<m>gb` or `<c>c.<g>g.<m>gb`; `None` for anything else.
+pub fn parse_profile(profile: &str) -> Option<MigProfile> {
+    let parts: Vec<&str> = profile.split('.').collect();
+    let number = |s: &str, suffix: &str| -> Option<u32> {
+        let n = s.strip_suffix(suffix)?;
+        (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| n.parse().ok())
+            .flatten()
+    };
+    let (compute, gi, gb) = match parts.as_slice() {
+        [g, m] => (number(g, "g")?, number(g, "g")?, number(m, "gb")?),
+        [c, g, m] => (number(c, "c")?, number(g, "g")?, number(m, "gb")?),
+        _ => return None,
+    };
+    (compute >= 1 && compute <= gi && gi <= FULL_GPU_SLICES && gb >= 1).then_some(MigProfile {
+        compute_slices: compute,
+        gpu_instance_slices: gi,
+        memory_gb: gb,
+    })
+}
+
+/// GPU-instance slices of a MIG-capable model (by its catalogue name),
+/// `None` for a GPU without MIG.
+pub fn model_slices(model: &str) -> Option<u32> {
+    if model.starts_with("A30") {
+        return Some(4);
+    }
+    ["A100", "H100", "H200", "H20-", "B200", "GH200", "GB200"]
+        .iter()
+        .any(|family| model.contains(family))
+        .then_some(FULL_GPU_SLICES)
+}
+
+/// Checks that `profiles` fit one GPU of `model` with `memory_bytes`: a
+/// MIG-capable model, at most its slices and its memory. The error names
+/// the problem and what would fit.
+pub fn check_layout(profiles: &[String], model: &str, memory_bytes: u64) -> Result<(), String> {
+    let Some(slices) = model_slices(model) else {
+        return Err(format!(
+            "{model} does not support MIG (A30, A100, H100, H200, B200 do)"
+        ));
+    };
+    if profiles.is_empty() || profiles.len() > MAX_INSTANCES {
+        return Err(format!(
+            "a layout lists 1 to {MAX_INSTANCES} profiles, e.g. 3g.40gb,2g.20gb,1g.10gb,1g.10gb"
+        ));
+    }
+    let gib = (memory_bytes >> 30).max(1);
+    let (mut used_slices, mut used_memory) = (0, 0);
+    for p in profiles {
+        let parsed = parse_profile(p).ok_or_else(|| {
+            format!("{p:?} is not a MIG profile; write <slices>g.<memory>gb, e.g. 1g.10gb")
+        })?;
+        used_slices += parsed.gpu_instance_slices;
+        used_memory += memory_slices(parsed, gib);
+    }
+    if used_slices > slices {
+        return Err(format!(
+            "the profiles need {used_slices} compute slices; a {model} has {slices}"
+        ));
+    }
+    if used_memory > MEMORY_SLICES {
+        return Err(format!(
+            "the profiles need {used_memory} eighths of the memory; a {model} has {MEMORY_SLICES}"
+        ));
+    }
+    Ok(())
+}
+
+/// Memory slices (eighths) a profile takes on a GPU of `gpu_gib`.
+pub fn memory_slices(profile: MigProfile, gpu_gib: u64) -> u32 {
+    let per_slice = (gpu_gib as f64 / f64::from(MEMORY_SLICES)).max(1.0);
+    ((f64::from(profile.memory_gb) / per_slice).round() as u32).max(1)
+}
 
 /// The instance's share of the GPU's SMs in thousandths: from SM counts
 /// when NVML gives both, else from the profile's compute slices (`3g` of
@@ -128,6 +217,56 @@ mod tests {
         );
         assert_eq!(profile_from_name("NVIDIA H100 80GB HBM3"), None);
         assert_eq!(profile_from_name("X MIG "), None);
+    }
+
+    #[test]
+    fn profiles_parse_and_layouts_must_fit() {
+        assert_eq!(
+            parse_profile("1c.3g.40gb"),
+            Some(MigProfile {
+                compute_slices: 1,
+                gpu_instance_slices: 3,
+                memory_gb: 40
+            })
+        );
+        assert_eq!(parse_profile("3g.40gb").map(|p| p.compute_slices), Some(3));
+        for bad in [
+            "",
+            "1g",
+            "g.10gb",
+            "8g.80gb",
+            "2c.1g.10gb",
+            "1g.0gb",
+            "1g.10GB",
+        ] {
+            assert_eq!(parse_profile(bad), None, "{bad}");
+        }
+        let gb80 = 80 << 30;
+        let layout = |s: &str| s.split(',').map(String::from).collect::<Vec<_>>();
+        assert!(
+            check_layout(
+                &layout("3g.40gb,2g.20gb,1g.10gb,1g.10gb"),
+                "H100-SXM-80GB",
+                gb80
+            )
+            .is_ok()
+        );
+        assert!(
+            check_layout(
+                &layout("1g.10gb,1g.10gb,1g.10gb,1g.10gb,1g.10gb,1g.10gb,1g.10gb"),
+                "H100-SXM-80GB",
+                gb80
+            )
+            .is_ok()
+        );
+        let err = check_layout(&layout("4g.40gb,4g.40gb"), "H100-SXM-80GB", gb80).unwrap_err();
+        assert!(err.contains("8 compute slices"), "{err}");
+        let err =
+            check_layout(&layout("3g.40gb,3g.40gb,1g.10gb"), "H100-SXM-80GB", gb80).unwrap_err();
+        assert!(err.contains("9 eighths"), "{err}");
+        let err = check_layout(&layout("1g.10gb"), "L4", 24 << 30).unwrap_err();
+        assert!(err.contains("does not support MIG"), "{err}");
+        assert!(check_layout(&layout("1g.6gb,1g.6gb,2g.12gb"), "A30-24GB", 24 << 30).is_ok());
     }
 
     #[test]

@@ -552,7 +552,9 @@ impl NvmlBackend {
         }
         // Samples of GPU instances that no longer exist are freed.
         self.gpm.release(nvml, |k| {
-            k.gpu_index != gpu_index || k.gpu_instance_id.is_none_or(|gi| by_instance.contains_key(&gi))
+            k.gpu_index != gpu_index
+                || k.gpu_instance_id
+                    .is_none_or(|gi| by_instance.contains_key(&gi))
         });
         by_instance
     }

@@ -20,7 +20,6 @@ use clap::CommandFactory;
 use gpufleet_core::layered::{Layers, invalid, read_file};
 
 use crate::health::HealthPolicy;
-use gpufleet_core::catalog;
 use gpufleet_core::parse_size;
 
 pub use gpufleet_core::layered::ConfigError;
@@ -449,7 +448,7 @@ impl AgentConfig {
                 ));
             }
             for decl in &self.simulated_gpus {
-                catalog::parse_gpu_declaration(decl)
+                crate::backend::simulated::parse_declaration(decl)
                     .map_err(|e| invalid("simulated_gpus", e.to_string()))?;
             }
         }

@@ -112,18 +112,28 @@ impl Supervisor {
         self.status(&id).ok_or(SupervisorError::NotFound(id))
     }
 
+    /// `uuid` is a GPU of this node or one of its MIG instances, as the
+    /// backend sees them now (an operator may change a MIG layout).
     fn check_known_gpu(&self, uuid: &str) -> Result<(), SupervisorError> {
-        if self.inner.node_gpus.iter().any(|g| g == uuid) {
+        let gpus = self.inner.backend.gpus();
+        let known: Vec<&str> = gpus
+            .iter()
+            .flat_map(|g| {
+                std::iter::once(g.uuid.as_str())
+                    .chain(g.mig_instances.iter().map(|m| m.uuid.as_str()))
+            })
+            .collect();
+        if known.contains(&uuid) {
             Ok(())
         } else {
             Err(invalid(
                 "gpu_uuids",
                 format!(
-                    "{uuid} is not a GPU of this node (its GPUs: {})",
-                    if self.inner.node_gpus.is_empty() {
+                    "{uuid} is not a GPU of this node (its GPUs and MIG instances: {})",
+                    if known.is_empty() {
                         "none".to_string()
                     } else {
-                        self.inner.node_gpus.join(", ")
+                        known.join(", ")
                     }
                 ),
             ))

@@ -142,7 +142,6 @@ struct Inner {
     /// (uid, gid) workloads run as; `None`: the agent's own.
     run_as: std::sync::OnceLock<(u32, u32)>,
     settings: SupervisorSettings,
-    node_gpus: Vec<String>,
     backend: Arc<dyn GpuBackend>,
     runtime: Arc<dyn WorkloadRuntime>,
     state: Mutex<State>,
@@ -188,14 +187,12 @@ impl Supervisor {
         settings: SupervisorSettings,
         runtime: Arc<dyn WorkloadRuntime>,
     ) -> Self {
-        let node_gpus = backend.gpus().into_iter().map(|g| g.uuid).collect();
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let start_permits = Arc::new(Semaphore::new(settings.max_concurrent_starts.max(1)));
         Self {
             inner: Arc::new(Inner {
                 run_as: std::sync::OnceLock::new(),
                 settings,
-                node_gpus,
                 backend,
                 runtime,
                 state: Mutex::new(State::default()),

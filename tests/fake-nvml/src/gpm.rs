@@ -203,7 +203,11 @@ pub unsafe extern "C" fn nvmlGpmMetricsGet(request: *mut MetricsGet) -> Ret {
     if first >= second {
         return ERROR_INVALID_ARGUMENT;
     }
-    for metric in request.metrics.iter_mut().take(request.num_metrics as usize) {
+    for metric in request
+        .metrics
+        .iter_mut()
+        .take(request.num_metrics as usize)
+    {
         metric.info = MetricInfo {
             short_name: std::ptr::null_mut(),
             long_name: std::ptr::null_mut(),

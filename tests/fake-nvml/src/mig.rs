@@ -152,7 +152,9 @@ pub unsafe extern "C" fn nvmlDeviceGetGpuInstanceId(device: Device, id: *mut c_u
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetComputeInstanceId(device: Device, id: *mut c_uint) -> Ret {
     // SAFETY: forwarded contract.
-    with_mig(device, |_, m| unsafe { put(id, Some(m.compute_instance_id)) })
+    with_mig(device, |_, m| unsafe {
+        put(id, Some(m.compute_instance_id))
+    })
 }
 
 #[repr(C)]
