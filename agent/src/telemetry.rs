@@ -93,6 +93,8 @@ impl Telemetry {
                 }
             }
         }
+        // Shared allocations over their GPU memory limit are stopped.
+        supervisor.enforce_memory_limits(&samples);
         let now = SystemTime::now();
         let mut xids = backend.drain_xids();
         xids.append(&mut self.kmsg_xids.lock().unwrap_or_else(|e| e.into_inner()));

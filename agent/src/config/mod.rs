@@ -20,6 +20,7 @@ use clap::CommandFactory;
 use gpufleet_core::layered::{Layers, invalid, read_file};
 
 use crate::health::HealthPolicy;
+use crate::sharing::{DEFAULT_MPS_PIPE_DIRECTORY, SharingMode};
 use gpufleet_core::parse_size;
 
 pub use gpufleet_core::layered::ConfigError;
@@ -100,6 +101,17 @@ pub struct AgentConfig {
     /// the next agent start to re-adopt (an agent upgrade or restart does
     /// not kill jobs); `false`: stop them with their grace period.
     pub keep_workloads_on_exit: bool,
+    /// How shared GPU allocations are enforced (`crate::sharing`).
+    pub gpu_sharing: SharingConfig,
+}
+
+/// The `gpu_sharing` and `mps_pipe_directory` keys. `Default` (what
+/// embedders get) is time-slicing, so tests never depend on whether the
+/// machine runs an MPS daemon; [`AgentConfig::load`] defaults to `auto`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SharingConfig {
+    pub mode: SharingMode,
+    pub mps_pipe_directory: PathBuf,
 }
 
 /// PEM files for dialling an `https://` controller. Without `ca`, the
@@ -279,6 +291,10 @@ impl AgentConfig {
             max_concurrent_starts: crate::supervisor::DEFAULT_MAX_CONCURRENT_STARTS,
             shim_program: None,
             keep_workloads_on_exit: false,
+            gpu_sharing: SharingConfig {
+                mode: SharingMode::TimeSlicing,
+                mps_pipe_directory: DEFAULT_MPS_PIPE_DIRECTORY.into(),
+            },
         }
     }
 
@@ -391,6 +407,18 @@ impl AgentConfig {
                 }),
             shim_program: None,
             keep_workloads_on_exit: s.keep_workloads_on_exit.unwrap_or(true),
+            gpu_sharing: SharingConfig {
+                mode: match s.gpu_sharing {
+                    Some(m) => m
+                        .trim()
+                        .parse()
+                        .map_err(|e: String| invalid("gpu_sharing", e))?,
+                    None => SharingMode::Auto,
+                },
+                mps_pipe_directory: s
+                    .mps_pipe_directory
+                    .unwrap_or_else(|| DEFAULT_MPS_PIPE_DIRECTORY.into()),
+            },
         };
         config.validate()?;
         Ok(config)

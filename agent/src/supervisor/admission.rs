@@ -2,7 +2,7 @@
 //! controller's desired state, reconciled against what runs (started when
 //! missing, stopped when no longer wanted, forgotten once finished).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use gpufleet_proto::v1::{Allocation, DesiredState, WorkloadState, WorkloadStatus};
@@ -88,19 +88,27 @@ impl Supervisor {
             if st.workloads.contains_key(&allocation.allocation_id) {
                 return Err(SupervisorError::AlreadyExists(allocation.allocation_id));
             }
+            // Shares of one GPU may run side by side up to a whole GPU;
+            // anything else needs the GPU to itself.
+            let mut shared: HashMap<&str, u32> = HashMap::new();
             for (id, w) in &st.workloads {
                 if w.terminal() {
                     continue;
                 }
-                if let Some(uuid) = allocation
+                for uuid in allocation
                     .gpu_uuids
                     .iter()
-                    .find(|u| w.allocation.gpu_uuids.contains(u))
+                    .filter(|u| w.allocation.gpu_uuids.contains(u))
                 {
-                    return Err(SupervisorError::GpuBusy {
-                        uuid: uuid.clone(),
-                        holder: id.clone(),
-                    });
+                    let (mine, theirs) = (allocation.gpu_share_milli, w.allocation.gpu_share_milli);
+                    let total = shared.entry(uuid.as_str()).or_insert(mine);
+                    *total = total.saturating_add(theirs);
+                    if mine == 0 || theirs == 0 || *total > 1000 {
+                        return Err(SupervisorError::GpuBusy {
+                            uuid: uuid.clone(),
+                            holder: id.clone(),
+                        });
+                    }
                 }
             }
             self.admit(&mut st, allocation.clone(), Source::Local)

@@ -20,6 +20,7 @@
 //! this file holds the shared state and the queries.
 
 mod admission;
+mod enforce;
 mod logs;
 mod recovery;
 mod start;
@@ -39,6 +40,7 @@ use tokio::sync::{Semaphore, broadcast, watch};
 use crate::backend::GpuBackend;
 use crate::runtime::WorkloadRuntime;
 use crate::runtime::process::ProcessRuntime;
+use crate::sharing::GpuSharing;
 use crate::workload_store as store;
 use workload::Workload;
 
@@ -74,6 +76,8 @@ pub struct SupervisorSettings {
     /// more wait their turn. Each one holds a blocking thread for its
     /// launch.
     pub max_concurrent_starts: usize,
+    /// How shared GPU allocations are enforced (MPS or time-slicing).
+    pub gpu_sharing: GpuSharing,
 }
 
 impl SupervisorSettings {
@@ -88,6 +92,7 @@ impl SupervisorSettings {
             shim_program: PathBuf::from("/proc/self/exe"),
             shim_launch: ShimLaunch::Host,
             max_concurrent_starts: DEFAULT_MAX_CONCURRENT_STARTS,
+            gpu_sharing: GpuSharing::TimeSlicing,
         }
     }
 }

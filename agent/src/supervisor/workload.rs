@@ -40,6 +40,9 @@ pub(super) struct Workload {
     /// Wakes the start task of a gang rank that waits for rank 0's
     /// rendezvous port once a desired state brought it.
     pub(super) port_known: Arc<Notify>,
+    /// Why the agent stopped it on its own (a GPU memory overrun): it then
+    /// ends Failed with this reason rather than Stopped.
+    pub(super) enforced: Option<String>,
 }
 
 impl Workload {
@@ -66,6 +69,7 @@ impl Workload {
             stop_while_queued: Arc::new(Notify::new()),
             done,
             port_known: Arc::new(Notify::new()),
+            enforced: None,
         }
     }
 
@@ -119,6 +123,11 @@ impl Workload {
         let finished = exit.finished_at;
         self.finished_at = Some(self.started_at.map_or(finished, |s| finished.max(s)));
         (self.state, self.message) = outcome(self.stop_requested, exit);
+        if let Some(reason) = &self.enforced
+            && exit.start_error.is_none()
+        {
+            (self.state, self.message) = (WorkloadState::Failed, reason.clone());
+        }
         self.running = None;
     }
 }
