@@ -1,9 +1,9 @@
 //! Shared and MIG allocations on a real agent (nvml backend on the fake
 //! NVML, process runtime): a MIG workload sees only its `MIG-…` UUID; two
 //! half-GPU workloads run side by side with their share in their
-//! environment (a third does not fit, nor a whole-GPU one); the one whose process grows past its GPU memory limit (as
-//! NVML reports it) is stopped by the agent and fails with the reason,
-//! while the other keeps running.
+//! environment (a third does not fit, nor a whole-GPU one); the one whose
+//! process grows past its GPU memory limit (as NVML reports it) is stopped
+//! by the agent and fails with the reason, while the other keeps running.
 
 use std::time::Duration;
 

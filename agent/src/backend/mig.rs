@@ -30,6 +30,8 @@ const FULL_GPU_SLICES: u32 = 7;
 const MEMORY_SLICES: u32 = 8;
 /// The most instances one GPU can be split into.
 pub const MAX_INSTANCES: usize = 7;
+/// The most MIG devices the agent lists per GPU (docs/limits.md).
+pub const MAX_MIG_DEVICES: u32 = 16;
 
 /// A MIG profile name taken apart: `1g.10gb` is one GPU-instance slice with
 /// one compute slice and 10 GB; `1c.3g.40gb` is a one-slice compute
@@ -168,7 +170,9 @@ pub fn discover(device: &Device<'_>) -> MigState {
         return MigState::default();
     }
     let gpu_sms = device.attributes().ok().map(|a| a.multiprocessor_count);
-    let slots = device.mig_device_count().unwrap_or(0);
+    // NVML bounds this (7 on A100/H100); the cap keeps a confused driver
+    // from making one sample unbounded.
+    let slots = device.mig_device_count().unwrap_or(0).min(MAX_MIG_DEVICES);
     let mut instances = Vec::new();
     let mut memory_used = Vec::new();
     for index in 0..slots {

@@ -712,13 +712,52 @@ mod tests {
         assert!(!msg.contains('\n'), "{msg}");
     }
 
+    /// On a GPU host: `cargo test -p gpufleet-agent --lib -- --ignored real_gpus`.
+    /// Hopper and newer must report GPM ratios from the second sample on
+    /// (older GPUs none); a GPU in MIG mode must list its instances with
+    /// MIG UUIDs, profiles, memory and SM shares, and sample each.
     #[test]
     #[ignore = "needs an NVIDIA GPU"]
-    fn real_gpus_report_samples() {
+    fn real_gpus_report_samples_gpm_and_mig_instances() {
+        use gpufleet_proto::v1::GpuGeneration;
         let backend = NvmlBackend::new(None).unwrap();
-        assert!(!backend.gpus().is_empty());
+        let gpus = backend.gpus();
+        assert!(!gpus.is_empty());
         let samples = backend.sample();
-        assert_eq!(samples.len(), backend.gpus().len());
+        assert_eq!(samples.len(), gpus.len());
         assert!(samples[0].memory_total_bytes.is_some());
+        // GPM compares two samples; give the counters time to move.
+        std::thread::sleep(Duration::from_secs(1));
+        let samples = backend.sample();
+        for (g, s) in gpus.iter().zip(&samples) {
+            let hopper = g.generation >= GpuGeneration::Hopper as i32;
+            let ratio = |v: Option<f64>| v.is_some_and(|v| (0.0..=1.0).contains(&v));
+            if g.mig_enabled {
+                assert!(!g.mig_instances.is_empty(), "{g:?}");
+                assert_eq!(s.mig_samples.len(), g.mig_instances.len(), "{s:?}");
+                for m in &g.mig_instances {
+                    assert!(m.uuid.starts_with("MIG-"), "{m:?}");
+                    assert!(super::mig::parse_profile(&m.profile).is_some(), "{m:?}");
+                    assert!(
+                        m.memory_bytes > 0 && m.memory_bytes <= g.memory_bytes,
+                        "{m:?}"
+                    );
+                    assert!((1..=1000).contains(&m.sm_share_milli), "{m:?}");
+                }
+                for m in &s.mig_samples {
+                    assert!(m.memory_total_bytes.is_some(), "{m:?}");
+                    if hopper {
+                        let gpm = m.gpm.as_ref().expect("GPM per MIG instance on Hopper");
+                        assert!(ratio(gpm.sm_active), "{gpm:?}");
+                    }
+                }
+            } else if hopper {
+                let gpm = s.gpm.as_ref().expect("GPM on Hopper and newer");
+                assert!(ratio(gpm.sm_active) && ratio(gpm.tensor_active), "{gpm:?}");
+                assert!(ratio(gpm.dram_active), "{gpm:?}");
+            } else {
+                assert_eq!(s.gpm, None, "no GPM before Hopper: absent, not zero");
+            }
+        }
     }
 }

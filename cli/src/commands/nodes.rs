@@ -311,6 +311,29 @@ fn print_node(node: &Node) {
         ]);
     }
     output::print_table(&table);
+    let mig: Vec<_> = node
+        .gpus
+        .iter()
+        .filter_map(|g| g.info.as_ref())
+        .filter(|i| i.mig_enabled)
+        .collect();
+    if !mig.is_empty() {
+        say!();
+        say!("MIG instances:");
+        let mut table = output::table(&["GPU", "UUID", "PROFILE", "MEMORY", "SM SHARE"]);
+        for info in mig {
+            for m in &info.mig_instances {
+                table.add_row(vec![
+                    info.index.to_string(),
+                    m.uuid.clone(),
+                    m.profile.clone(),
+                    format!("{:.1} GiB", m.memory_bytes as f64 / (1u64 << 30) as f64),
+                    format!("{:.1}%", f64::from(m.sm_share_milli) / 10.0),
+                ]);
+            }
+        }
+        output::print_table(&table);
+    }
 }
 
 /// A fleet grouping dimension, shared by `capacity` and `telemetry aggregates`.
