@@ -84,6 +84,16 @@ async fn mig_and_shared_workloads_see_their_device_and_a_memory_overrun_fails_wi
         statuses.iter().all(|s| s.state() == WorkloadState::Running),
         "{statuses:?}"
     );
+    // A GPU in MIG mode is allocated only through its instances.
+    let refused = supervisor
+        .run_local(allocation("parent", MIG_GPU, 0, 0))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("is in MIG mode") && refused.contains(MIG),
+        "{refused}"
+    );
     // A third half does not fit beside two, nor does a whole-GPU workload.
     for extra in [
         allocation("half-c", GPU, 500, 0),

@@ -131,6 +131,21 @@ impl Supervisor {
                     .chain(g.mig_instances.iter().map(|m| m.uuid.as_str()))
             })
             .collect();
+        if let Some(g) = gpus.iter().find(|g| g.uuid == uuid && g.mig_enabled) {
+            // CUDA shows a MIG-mode GPU only through its instances.
+            let instances: Vec<&str> = g.mig_instances.iter().map(|m| m.uuid.as_str()).collect();
+            return Err(invalid(
+                "gpu_uuids",
+                format!(
+                    "{uuid} is in MIG mode: allocate one of its MIG instances ({})",
+                    if instances.is_empty() {
+                        "it has none; create some with nvidia-smi mig".to_string()
+                    } else {
+                        instances.join(", ")
+                    }
+                ),
+            ));
+        }
         if known.contains(&uuid) {
             Ok(())
         } else {
