@@ -102,7 +102,7 @@ fn gpm_metrics_arrive_per_gpu_and_per_mig_instance_and_stay_absent_without_gpm()
     assert!(first[0].mig_samples.iter().all(|m| m.gpm.is_none()));
 
     let second = backend.sample();
-    let gpm = second[1].gpm.clone().expect("whole-GPU GPM on the H100");
+    let gpm = second[1].gpm.expect("whole-GPU GPM on the H100");
     assert_eq!(gpm.gr_engine_active, Some(0.9));
     assert_eq!(gpm.sm_active, Some(0.8));
     assert_eq!(gpm.sm_occupancy, Some(0.355));
@@ -119,11 +119,11 @@ fn gpm_metrics_arrive_per_gpu_and_per_mig_instance_and_stay_absent_without_gpm()
 
     // Per MIG GPU instance; a metric the instance lacks is absent.
     let mig = &second[0].mig_samples;
-    let one = mig[0].gpm.clone().expect("GPM of the 1g.10gb instance");
+    let one = mig[0].gpm.expect("GPM of the 1g.10gb instance");
     assert_eq!(one.sm_active, Some(0.4));
     assert_eq!(one.tensor_active, Some(0.25));
     assert_eq!(one.fp64_active, None);
-    let three = mig[1].gpm.clone().expect("GPM of the 3g.40gb instance");
+    let three = mig[1].gpm.expect("GPM of the 3g.40gb instance");
     assert_eq!(three.sm_active, Some(0.0), "a measured zero is zero");
     assert_eq!(three.tensor_active, None);
     assert_eq!(second[0].gpm, None, "a MIG GPU reports per instance");

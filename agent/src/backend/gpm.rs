@@ -75,7 +75,7 @@ fn ratio(percent: f64) -> Option<f64> {
 /// A GPM rate in MiB per second as bytes per second.
 fn bytes_per_second(mib_per_second: f64) -> Option<u64> {
     (mib_per_second.is_finite() && mib_per_second >= 0.0)
-        .then(|| (mib_per_second * 1024.0 * 1024.0) as u64)
+        .then_some((mib_per_second * 1024.0 * 1024.0) as u64)
 }
 
 /// Turns one `nvmlGpmMetricsGet` answer into `GpmMetrics`; a metric NVML

@@ -447,7 +447,7 @@ impl NvmlBackend {
                 profile: m.profile.clone(),
                 memory_used_bytes: *used,
                 memory_total_bytes: Some(m.memory_bytes),
-                gpm: instance_gpm.get(&m.gpu_instance_id).cloned().flatten(),
+                gpm: instance_gpm.get(&m.gpu_instance_id).copied().flatten(),
             })
             .collect();
         if let Ok(processes) = device.running_compute_processes() {

@@ -347,8 +347,8 @@ fn simulated_gpm(
         fp64_active: Some(0.0),
         pcie_tx_bytes_per_second: kib(12_000_000.0),
         pcie_rx_bytes_per_second: kib(14_000_000.0),
-        nvlink_tx_bytes_per_second: nvlink.then(|| (a * 180e9) as u64),
-        nvlink_rx_bytes_per_second: nvlink.then(|| (a * 180e9) as u64),
+        nvlink_tx_bytes_per_second: nvlink.then_some((a * 180e9) as u64),
+        nvlink_rx_bytes_per_second: nvlink.then_some((a * 180e9) as u64),
     }
 }
 
@@ -625,11 +625,11 @@ mod tests {
         }
         let mig = &last[0].mig_samples;
         assert_eq!(mig.len(), 4);
-        let busy = mig[2].gpm.clone().unwrap();
+        let busy = mig[2].gpm.unwrap();
         assert!(busy.sm_active.unwrap() > 0.7, "{busy:?}");
         assert!(busy.tensor_active.unwrap() > 0.0);
         assert!(mig[2].memory_used_bytes.unwrap() > mig[2].memory_total_bytes.unwrap() / 2);
-        let idle = mig[3].gpm.clone().unwrap();
+        let idle = mig[3].gpm.unwrap();
         assert!(idle.sm_active.unwrap() < 0.01, "{idle:?}");
         assert_eq!(last[0].gpm, None, "a MIG GPU reports GPM per instance");
         // The A100 (Ampere) has no GPM: absent, never zero.
@@ -644,8 +644,8 @@ mod tests {
         for _ in 0..10 {
             last = b.sample();
         }
-        let busy = last[0].gpm.clone().unwrap();
-        let idle = last[1].gpm.clone().unwrap();
+        let busy = last[0].gpm.unwrap();
+        let idle = last[1].gpm.unwrap();
         assert!(busy.sm_active.unwrap() > 0.7 && busy.sm_active.unwrap() <= 1.0);
         assert!(busy.tensor_active.unwrap() > 0.05);
         assert!(busy.nvlink_tx_bytes_per_second.unwrap() > 0);

@@ -66,7 +66,7 @@ mod tests {
 
     async fn wait_state(sup: &Supervisor, id: &str, want: WorkloadState) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !sup.status(id).is_some_and(|s| s.state == want as i32) {
+        while sup.status(id).is_none_or(|s| s.state != want as i32) {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "{id} never became {want:?}: {:?}",
@@ -98,7 +98,7 @@ mod tests {
         wait_state(&sup, "b", WorkloadState::Running).await;
         let requests = runtime.launch_requests();
         let a = requests.iter().find(|r| r.allocation_id() == "a").unwrap();
-        assert_eq!(a.gpu_uuids, [gpu.clone()]);
+        assert_eq!(a.gpu_uuids, std::slice::from_ref(&gpu));
         assert!(
             a.gpu_env
                 .contains(&("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE".into(), "50".into())),
