@@ -35,6 +35,8 @@ pub const METRIC_BYTES: usize = 64;
 
 /// GPUs (with MIG instances) one agent may report.
 pub const HELLO_GPUS: usize = 256;
+/// Profiles in one MIG layout (`SetMigLayout`): a GPU has 7 slices.
+pub const MIG_LAYOUT_PROFILES: usize = 7;
 /// MIG instances one GPU may report (NVML has at most 7 today).
 pub const HELLO_MIG_INSTANCES: usize = 16;
 /// Workloads one agent may report in its hello.

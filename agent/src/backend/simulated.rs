@@ -103,6 +103,8 @@ struct SimGpu {
 
 /// GPUs that exist only in memory.
 pub struct SimulatedBackend {
+    /// For the UUIDs of MIG instances made by `apply_mig_layout`.
+    node_id: String,
     gpus: Mutex<Vec<SimGpu>>,
     xids: Mutex<Vec<RawXid>>,
     last_sample: Mutex<Option<SystemTime>>,
@@ -189,6 +191,7 @@ impl SimulatedBackend {
             g.info.nvlink_peers = p;
         }
         Ok(Self {
+            node_id: node_id.to_string(),
             gpus: Mutex::new(gpus),
             xids: Mutex::new(Vec::new()),
             last_sample: Mutex::new(None),
@@ -302,8 +305,10 @@ fn mig_instances(node_id: &str, index: u32, spec: &ModelSpec, layout: &[String])
             let parsed: MigProfile = mig::parse_profile(profile)?;
             let eighths = u64::from(mig::memory_slices(parsed, gib));
             let gi = i as u32 + 1;
-            let uuid =
-                simulated_uuid(&format!("{node_id}/mig/{index}"), gi).replacen("GPU-", "MIG-", 1);
+            // The profile is part of the name: a new layout makes new
+            // instances, as the driver does.
+            let uuid = simulated_uuid(&format!("{node_id}/mig/{index}/{profile}"), gi)
+                .replacen("GPU-", "MIG-", 1);
             Some(SimMig {
                 info: MigInstance {
                     uuid,
@@ -545,6 +550,21 @@ impl GpuBackend for SimulatedBackend {
 
     fn as_simulated(&self) -> Option<&SimulatedBackend> {
         Some(self)
+    }
+
+    /// Lasts until the agent restarts (the declaration's layout comes
+    /// back; the controller's wish, sent again, re-applies it).
+    fn apply_mig_layout(&self, gpu_uuid: &str, profiles: &[String]) -> Result<(), String> {
+        let mut gpus = self.lock();
+        let g = gpus
+            .iter_mut()
+            .find(|g| g.info.uuid == gpu_uuid)
+            .ok_or_else(|| format!("no simulated GPU {gpu_uuid}"))?;
+        mig::check_layout(profiles, g.spec.model, g.spec.memory_bytes)?;
+        g.mig = mig_instances(&self.node_id, g.info.index, g.spec, profiles);
+        g.info.mig_enabled = true;
+        g.info.mig_instances = g.mig.iter().map(|m| m.info.clone()).collect();
+        Ok(())
     }
 
     fn set_busy(&self, busy_uuids: &HashSet<String>) {

@@ -186,6 +186,8 @@ impl Supervisor {
             return;
         }
         st.applied_generation = desired.generation;
+        // Applied by the sampler once each GPU is idle (mig_layout.rs).
+        st.mig_layouts = desired.mig_layouts.clone();
         let wanted: HashSet<&str> = desired
             .allocations
             .iter()

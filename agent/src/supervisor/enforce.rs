@@ -93,6 +93,7 @@ mod tests {
                 shared("a", &gpu, 500, 12 << 30),
                 shared("b", &gpu, 500, 12 << 30),
             ],
+            ..Default::default()
         });
         wait_state(&sup, "a", WorkloadState::Running).await;
         wait_state(&sup, "b", WorkloadState::Running).await;

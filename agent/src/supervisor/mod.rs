@@ -21,6 +21,9 @@
 
 mod admission;
 mod enforce;
+mod mig_layout;
+
+pub use mig_layout::LayoutOutcome;
 mod logs;
 mod recovery;
 mod start;
@@ -141,6 +144,11 @@ struct State {
     /// The busy set the backend was last told.
     busy: HashSet<String>,
     shutting_down: bool,
+    /// MIG layouts the controller wants (`mig_layout.rs`).
+    mig_layouts: Vec<gpufleet_proto::v1::MigLayout>,
+    /// Layouts the backend refused, by GPU, so the same wish is not tried
+    /// every sample: (profiles, why).
+    mig_refused: HashMap<String, (Vec<String>, String)>,
 }
 
 struct Inner {
@@ -157,6 +165,9 @@ struct Inner {
     /// the state lock, after checking `shutting_down`, so that once that is
     /// set the count can only fall.
     launching: watch::Sender<usize>,
+    /// Told when the GPU inventory changed (a MIG layout was applied), so
+    /// the uplink says hello again with the new instances.
+    inventory_changed: Arc<tokio::sync::Notify>,
 }
 
 /// Handle to the workload manager; cheap to clone.
@@ -204,6 +215,7 @@ impl Supervisor {
                 events,
                 start_permits,
                 launching: watch::channel(0).0,
+                inventory_changed: Arc::new(tokio::sync::Notify::new()),
             }),
         }
     }

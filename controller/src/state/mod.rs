@@ -450,6 +450,7 @@ mod gpu_health;
 mod jobs;
 mod ledger;
 mod logs;
+mod mig_layout;
 mod nodes;
 mod scheduling;
 mod sessions;
