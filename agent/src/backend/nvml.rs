@@ -692,6 +692,20 @@ impl GpuBackend for NvmlBackend {
     fn drain_xids(&self) -> Vec<RawXid> {
         std::mem::take(&mut *self.xids.lock().unwrap_or_else(|e| e.into_inner()))
     }
+
+    /// Not through NVML yet (GPU/compute instance creation is not wrapped
+    /// by nvml-wrapper): the refusal says how to do it by hand.
+    fn apply_mig_layout(&self, gpu_uuid: &str, profiles: &[String]) -> Result<(), String> {
+        let index = self
+            .gpus()
+            .iter()
+            .find(|g| g.uuid == gpu_uuid)
+            .map_or_else(|| gpu_uuid.to_string(), |g| g.index.to_string());
+        Err(format!(
+            "the nvml backend does not create MIG instances yet; on this host run `nvidia-smi mig -i {index} -dci && nvidia-smi mig -i {index} -dgi && nvidia-smi mig -i {index} -cgi {} -C`, then restart the agent",
+            profiles.join(",")
+        ))
+    }
 }
 
 #[cfg(test)]
