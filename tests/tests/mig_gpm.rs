@@ -140,3 +140,51 @@ fn gpm_metrics_arrive_per_gpu_and_per_mig_instance_and_stay_absent_without_gpm()
         Some(0.05)
     );
 }
+
+#[test]
+fn a_mig_layout_is_applied_through_nvml_on_the_gpu_in_mig_mode_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = fake_nvml_in(dir.path()).unwrap();
+    write_fake_nvml_config(dir.path(), &machine(70.0)).unwrap();
+    let backend = NvmlBackend::new(Some(lib.as_os_str())).unwrap();
+    let layout: Vec<String> = ["3g.40gb", "2g.20gb", "1g.10gb", "1g.10gb"]
+        .map(String::from)
+        .to_vec();
+
+    backend.apply_mig_layout(MIG_GPU, &layout).unwrap();
+    let gpu = backend.gpus().remove(0);
+    let mut got: Vec<&str> = gpu
+        .mig_instances
+        .iter()
+        .map(|m| m.profile.as_str())
+        .collect();
+    got.sort_unstable();
+    assert_eq!(got, ["1g.10gb", "1g.10gb", "2g.20gb", "3g.40gb"]);
+    // The old instances are gone; the new ones have new UUIDs.
+    assert!(
+        gpu.mig_instances
+            .iter()
+            .all(|m| m.uuid != MIG_1G && m.uuid != MIG_3G)
+    );
+    let memory: Vec<u64> = gpu
+        .mig_instances
+        .iter()
+        .map(|m| m.memory_bytes >> 30)
+        .collect();
+    assert_eq!(memory.iter().sum::<u64>(), 40 + 20 + 10 + 10, "{memory:?}");
+    // Samples show the new layout too.
+    assert_eq!(backend.sample()[0].mig_samples.len(), 4);
+
+    // Applying it again makes the same layout afresh.
+    backend.apply_mig_layout(MIG_GPU, &layout).unwrap();
+    assert_eq!(backend.gpus()[0].mig_instances.len(), 4);
+
+    // What does not fit, and a GPU not in MIG mode, are refused with why.
+    let err = backend
+        .apply_mig_layout(MIG_GPU, &["4g.40gb".into(), "4g.40gb".into()])
+        .unwrap_err();
+    assert!(err.contains("compute slices"), "{err}");
+    assert_eq!(backend.gpus()[0].mig_instances.len(), 4, "left as it was");
+    let err = backend.apply_mig_layout(H100, &layout).unwrap_err();
+    assert!(err.contains("MIG mode is off"), "{err}");
+}

@@ -3,6 +3,7 @@
 
 mod gpm;
 pub mod mig;
+mod mig_apply;
 pub mod nvml;
 pub mod simulated;
 

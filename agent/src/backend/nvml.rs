@@ -693,18 +693,27 @@ impl GpuBackend for NvmlBackend {
         std::mem::take(&mut *self.xids.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Not through NVML yet (GPU/compute instance creation is not wrapped
-    /// by nvml-wrapper): the refusal says how to do it by hand.
+    /// Destroys the GPU's MIG instances and creates `profiles`
+    /// (`mig_apply.rs`); the next sample reads the new layout.
     fn apply_mig_layout(&self, gpu_uuid: &str, profiles: &[String]) -> Result<(), String> {
-        let index = self
+        let info = self
             .gpus()
-            .iter()
+            .into_iter()
             .find(|g| g.uuid == gpu_uuid)
-            .map_or_else(|| gpu_uuid.to_string(), |g| g.index.to_string());
-        Err(format!(
-            "the nvml backend does not create MIG instances yet; on this host run `nvidia-smi mig -i {index} -dci && nvidia-smi mig -i {index} -dgi && nvidia-smi mig -i {index} -cgi {} -C`, then restart the agent",
-            profiles.join(",")
-        ))
+            .ok_or_else(|| format!("no GPU {gpu_uuid} on this node"))?;
+        if !info.model.is_empty() {
+            mig::check_layout(profiles, &info.model, info.memory_bytes)?;
+        }
+        let device = self.nvml.device_by_uuid(gpu_uuid).map_err(one_line)?;
+        super::mig_apply::apply(&device, profiles)?;
+        // Read the new layout now, so the hello that follows reports it.
+        let state = mig::discover(&device);
+        let mut gpus = self.gpus.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(g) = gpus.iter_mut().find(|g| g.uuid == gpu_uuid) {
+            g.mig_enabled = state.enabled;
+            g.mig_instances = state.instances;
+        }
+        Ok(())
     }
 }
 

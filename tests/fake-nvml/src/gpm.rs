@@ -134,16 +134,16 @@ pub unsafe extern "C" fn nvmlGpmMigSampleGet(
     sample: *mut c_void,
 ) -> Ret {
     with_gpu(device, |g| {
-        g.gpm.as_ref().map_or(ERROR_NOT_SUPPORTED, |_| {
-            match g
-                .mig_instances
+        g.gpm.as_ref().map_or(
+            ERROR_NOT_SUPPORTED,
+            |_| match crate::mig_layout::instances(g)
                 .iter()
                 .find(|m| m.gpu_instance_id == gpu_instance_id)
             {
                 Some(m) => record(sample, m.gpm.as_ref()),
                 None => ERROR_NOT_FOUND,
-            }
-        })
+            },
+        )
     })
 }
 

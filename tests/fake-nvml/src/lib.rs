@@ -34,8 +34,8 @@
 //! once, in order (append to inject another). `lost: true` makes every call
 //! for that GPU fail with `NVML_ERROR_GPU_IS_LOST`.
 //!
-//! MIG and GPM (`"mig_instances"`, `"gpm"`, `"sm_count"`): see [`mig`]
-//! and [`gpm`].
+//! MIG and GPM (`"mig_instances"`, `"gpm"`, `"sm_count"`): see [`mig`],
+//! [`mig_layout`] (creating and destroying instances) and [`gpm`].
 //!
 //! nvml-wrapper resolves symbols lazily (a missing one fails only the call
 //! that needs it), so only the functions the agent uses are exported.
@@ -50,6 +50,7 @@ use serde::Deserialize;
 
 pub mod gpm;
 pub mod mig;
+pub mod mig_layout;
 
 pub use mig::FakeMigInstance;
 

@@ -25,7 +25,7 @@ use crate::{
 };
 
 /// One MIG compute instance.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FakeMigInstance {
     pub uuid: String,
@@ -58,6 +58,21 @@ pub(crate) fn is_mig_handle(device: Device) -> bool {
     device as usize & MIG_BIT != 0
 }
 
+/// (compute slices, GPU instance slices) of a profile name such as
+/// `1c.3g.40gb` or `3g.40gb` (1, 1 for anything else).
+pub(crate) fn parse_slices(profile: &str) -> (u32, u32) {
+    let number = |s: &str, suffix: &str| s.strip_suffix(suffix)?.parse::<u32>().ok();
+    let parts: Vec<&str> = profile.split('.').collect();
+    match parts.as_slice() {
+        [g, _] => number(g, "g").map_or((1, 1), |g| (g, g)),
+        [c, g, _] => match (number(c, "c"), number(g, "g")) {
+            (Some(c), Some(g)) => (c, g),
+            _ => (1, 1),
+        },
+        _ => (1, 1),
+    }
+}
+
 fn mig_enabled(g: &FakeGpu) -> bool {
     value(g, "mig_mode") == Some(1.0)
 }
@@ -76,7 +91,7 @@ pub(crate) fn with_mig(device: Device, f: impl FnOnce(&FakeGpu, &FakeMigInstance
     if g.lost {
         return crate::ERROR_GPU_IS_LOST;
     }
-    match g.mig_instances.get(instance) {
+    match crate::mig_layout::instances(g).get(instance) {
         Some(m) if mig_enabled(g) => f(g, m),
         _ => ERROR_INVALID_ARGUMENT,
     }
@@ -111,7 +126,7 @@ pub unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
         if index >= MAX_MIG_DEVICES {
             return ERROR_INVALID_ARGUMENT;
         }
-        if !mig_enabled(g) || index as usize >= g.mig_instances.len() {
+        if !mig_enabled(g) || index as usize >= crate::mig_layout::instances(g).len() {
             return ERROR_NOT_FOUND;
         }
         // SAFETY: forwarded contract.
