@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Scrapes a real gpufleet-agent (simulated GPUs), then a real controller
-# with an agent connected, and lints both scrapes with `promtool check metrics`. Installs Debian's prometheus package (promtool)
-# when missing; CI runs this as root. Usage: tests/promtool.sh [agent-binary]
+# Scrapes a real gpufleet-agent (simulated GPUs, one in MIG mode), then a
+# real controller with an agent connected, and lints both scrapes with
+# `promtool check metrics`. Evaluates every query of NVIDIA's dcgm-exporter
+# Grafana dashboard (tests/dcgm-exporter-dashboard-queries.txt) with
+# Prometheus's engine (`promtool test rules`) over the agent's scrape and
+# fails unless each returns data. Installs Debian's prometheus package
+# (promtool) when missing; CI runs this as root.
+# Usage: tests/promtool.sh [agent-binary]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,7 +38,8 @@ source tests/bound-addr.sh
 # The controller address is unreachable on purpose: the agent keeps
 # retrying and serves /metrics all the same.
 GPUFLEET_LOG=info "$agent" --log-format json \
-    --gpu-backend simulated --simulated-gpus 8xH100-SXM-80GB,1xL4 \
+    --gpu-backend simulated \
+    --simulated-gpus 7xH100-SXM-80GB,1xH100-SXM-80GB:mig=3g.40gb+2g.20gb+1g.10gb+1g.10gb,1xL4 \
     --controller http://127.0.0.1:9 \
     --data-dir "$work/data" --listen 127.0.0.1:0 \
     --metrics-listen 127.0.0.1:0 --sample-interval 200ms \
@@ -59,6 +65,44 @@ fi
 echo "$(grep -c '^[A-Za-z]' "$work/scrape") series scraped; running promtool check metrics"
 promtool check metrics <"$work/scrape"
 echo "promtool: OK"
+
+# The dashboard's queries over the scrape: each must return at least one
+# series. Its template variables ($Hostname, $gpu) select everything, as
+# "All" does; label_values(M, L) (a Grafana variable query) becomes the
+# number of distinct non-empty L on M.
+rules=$work/dashboard-test.yml
+{
+    echo "tests:"
+    echo "  - interval: 1m"
+    echo "    input_series:"
+    grep '^DCGM_FI_' "$work/scrape" | while IFS= read -r line; do
+        series=${line% *}
+        echo "      - series: '${series//\'/\'\'}'"
+        echo "        values: '${line##* }'"
+    done
+    echo "    promql_expr_test:"
+    grep -v '^#' tests/dcgm-exporter-dashboard-queries.txt | while IFS= read -r line; do
+        [[ -n $line ]] || continue
+        query=${line#* | }
+        query=${query//\$Hostname/.+}
+        query=${query//\$gpu/.+}
+        if [[ $query =~ ^label_values\((.*),\ *([A-Za-z_]+)\)$ ]]; then
+            m=${BASH_REMATCH[1]} l=${BASH_REMATCH[2]}
+            query="count by ($l) ($m) unless on($l) count by ($l) ({__name__=\"${m%%\{*}\",$l=\"\"})"
+        fi
+        echo "      - expr: 'count(${query//\'/\'\'}) > bool 0'"
+        echo "        eval_time: 0m"
+        echo "        exp_samples:"
+        echo "          - labels: '{}'"
+        echo "            value: 1"
+    done
+} >"$rules"
+echo "$(grep -c 'expr:' "$rules") dashboard queries; running promtool test rules"
+if ! promtool test rules "$rules"; then
+    echo "FAIL: a query of the dcgm-exporter dashboard returned nothing on the agent's scrape" >&2
+    exit 1
+fi
+echo "dcgm-exporter dashboard queries: OK"
 
 # The controller's fleet /metrics, with one agent connected so that the
 # capacity, telemetry and market families carry samples.

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod runtime;
 pub mod service;
+pub mod sharing;
 pub mod shim;
 pub mod store;
 pub mod supervisor;
@@ -163,6 +164,14 @@ pub async fn start(
     settings.default_grace = config.stop_grace_period;
     settings.log_max_bytes = config.log_max_bytes;
     settings.max_concurrent_starts = config.max_concurrent_starts;
+    settings.gpu_sharing = crate::sharing::GpuSharing::detect(
+        config.gpu_sharing.mode,
+        &config.gpu_sharing.mps_pipe_directory,
+    );
+    tracing::info!(
+        gpu_sharing = settings.gpu_sharing.name(),
+        "how shared GPU allocations are enforced"
+    );
     if let Some(program) = &config.shim_program {
         settings.shim_program = program.clone();
     }

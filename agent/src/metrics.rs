@@ -13,7 +13,8 @@
 //!   (a metric name may not contain its type).
 //!
 //! gpufleet adds the labels `provider`, `region` and `job_id` (the job on
-//! the GPU, empty when idle). It is not `job`: Prometheus sets `job` on
+//! the GPU, empty when idle). Profiling (`DCGM_FI_PROF_*`) and per-MIG-
+//! instance series are rendered by [`profiling`]. It is not `job`: Prometheus sets `job` on
 //! every scraped series and would rename ours to `exported_job`.
 
 use std::collections::HashMap;
@@ -35,6 +36,8 @@ use tokio::task::JoinHandle;
 use crate::log_retention::RetentionStats;
 use crate::outbox::{Outbox, OutboxStats};
 use crate::telemetry::Telemetry;
+
+mod profiling;
 
 /// Prometheus text format 0.0.4.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -228,7 +231,7 @@ const GPU_GAUGES: &[(&str, &str, Extract)] = &[
 ];
 
 /// Escapes a label value: backslash, double quote and newline.
-fn escape_label(v: &str) -> String {
+pub(crate) fn escape_label(v: &str) -> String {
     let mut out = String::with_capacity(v.len());
     for c in v.chars() {
         match c {
@@ -242,7 +245,7 @@ fn escape_label(v: &str) -> String {
 }
 
 /// Writes a number the way Prometheus parses it.
-fn value(v: f64) -> String {
+pub(crate) fn value(v: f64) -> String {
     if v.is_nan() {
         "NaN".into()
     } else if v.is_infinite() {
@@ -252,7 +255,7 @@ fn value(v: f64) -> String {
     }
 }
 
-fn family(out: &mut String, name: &str, help: &str, kind: &str) {
+pub(crate) fn family(out: &mut String, name: &str, help: &str, kind: &str) {
     // HELP text escapes backslash and newline.
     let help = help.replace('\\', "\\\\").replace('\n', "\\n");
     let _ = writeln!(out, "# HELP {name} {help}");
@@ -268,6 +271,28 @@ fn health_name(h: GpuHealth) -> &'static str {
     }
 }
 
+/// The labels of every per-GPU series: dcgm-exporter's (`gpu`, `UUID`,
+/// `device`, `model_name`, `pci_bus_id`, `Hostname`) and gpufleet's.
+pub(crate) fn gpu_labels(
+    identity: &NodeIdentity,
+    g: Option<&GpuInfo>,
+    s: &GpuSample,
+    job: &str,
+) -> String {
+    format!(
+        "gpu=\"{}\",UUID=\"{}\",device=\"nvidia{}\",model_name=\"{}\",pci_bus_id=\"{}\",Hostname=\"{}\",provider=\"{}\",region=\"{}\",job_id=\"{}\"",
+        s.index,
+        escape_label(&s.uuid),
+        s.index,
+        escape_label(g.map_or("", |g| g.name.as_str())),
+        escape_label(g.map_or("", |g| g.pci_bus_id.as_str())),
+        escape_label(&identity.hostname),
+        escape_label(&identity.provider),
+        escape_label(&identity.region),
+        escape_label(job),
+    )
+}
+
 /// The whole exposition for one host.
 pub fn render(
     identity: &NodeIdentity,
@@ -279,20 +304,9 @@ pub fn render(
     let labels: Vec<(&GpuSample, String)> = samples
         .iter()
         .map(|s| {
-            let g = info.get(s.uuid.as_str());
-            let l = format!(
-                "gpu=\"{}\",UUID=\"{}\",device=\"nvidia{}\",model_name=\"{}\",pci_bus_id=\"{}\",Hostname=\"{}\",provider=\"{}\",region=\"{}\",job_id=\"{}\"",
-                s.index,
-                escape_label(&s.uuid),
-                s.index,
-                escape_label(g.map_or("", |g| g.name.as_str())),
-                escape_label(g.map_or("", |g| g.pci_bus_id.as_str())),
-                escape_label(&identity.hostname),
-                escape_label(&identity.provider),
-                escape_label(&identity.region),
-                escape_label(jobs.get(&s.uuid).map_or("", String::as_str)),
-            );
-            (s, l)
+            let g = info.get(s.uuid.as_str()).copied();
+            let job = jobs.get(&s.uuid).map_or("", String::as_str);
+            (s, gpu_labels(identity, g, s, job))
         })
         .collect();
     let mut out = String::with_capacity(512 + samples.len() * 6 * 1024);
@@ -301,15 +315,21 @@ pub fn render(
             .iter()
             .filter_map(|(s, l)| Some((l, extract(s)?)))
             .collect();
+        let mig_rows = profiling::mig_fb_rows(name, identity, &info, samples, jobs);
         // A field no GPU reports is left out entirely, not written as 0.
-        if rows.is_empty() {
+        if rows.is_empty() && mig_rows.is_empty() {
             continue;
         }
         family(&mut out, name, help, "gauge");
         for (l, v) in rows {
             let _ = writeln!(out, "{name}{{{l}}} {}", value(v));
         }
+        for (l, v) in mig_rows {
+            let _ = writeln!(out, "{name}{{{l}}} {}", value(v));
+        }
     }
+
+    profiling::render(&mut out, identity, &info, samples, jobs);
 
     family(
         &mut out,
@@ -616,6 +636,90 @@ mod tests {
         assert!(!text.contains("DCGM_FI_DEV_GPU_TEMP"), "{text}");
         // One HELP/TYPE per family.
         assert_eq!(text.matches("# TYPE DCGM_FI_DEV_GPU_UTIL gauge").count(), 1);
+    }
+
+    #[test]
+    fn profiling_gauges_per_gpu_and_per_mig_instance_in_dcgm_units() {
+        use gpufleet_proto::v1::{GpmMetrics, MigSample};
+        let identity = host_h();
+        let gpus = [
+            GpuInfo {
+                index: 0,
+                uuid: "GPU-a".into(),
+                name: "H100".into(),
+                ..Default::default()
+            },
+            GpuInfo {
+                index: 1,
+                uuid: "GPU-m".into(),
+                name: "H100".into(),
+                ..Default::default()
+            },
+            GpuInfo {
+                index: 2,
+                uuid: "GPU-old".into(),
+                name: "A100".into(),
+                ..Default::default()
+            },
+        ];
+        let samples = [
+            GpuSample {
+                uuid: "GPU-a".into(),
+                index: 0,
+                gpm: Some(GpmMetrics {
+                    tensor_active: Some(0.25),
+                    pcie_tx_bytes_per_second: Some(1_048_576),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            GpuSample {
+                uuid: "GPU-m".into(),
+                index: 1,
+                mig_enabled: Some(true),
+                mig_samples: vec![MigSample {
+                    uuid: "MIG-1".into(),
+                    gpu_instance_id: 9,
+                    profile: "1g.10gb".into(),
+                    memory_used_bytes: Some(3 << 30),
+                    memory_total_bytes: Some(10 << 30),
+                    gpm: Some(GpmMetrics {
+                        tensor_active: Some(0.5),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            GpuSample {
+                uuid: "GPU-old".into(),
+                index: 2,
+                ..Default::default()
+            },
+        ];
+        let jobs = HashMap::from([("MIG-1".to_string(), "job-m".to_string())]);
+        let text = render(&identity, &gpus, &samples, &jobs);
+        let whole = r#"gpu="0",UUID="GPU-a",device="nvidia0",model_name="H100",pci_bus_id="",Hostname="h",provider="aws",region="r",job_id="""#;
+        let mig = r#"gpu="1",UUID="GPU-m",device="nvidia1",model_name="H100",pci_bus_id="",Hostname="h",provider="aws",region="r",job_id="job-m",GPU_I_PROFILE="1g.10gb",GPU_I_ID="9""#;
+        assert!(
+            text.contains(&format!(
+                "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE{{{whole}}} 0.25\n"
+            )),
+            "{text}"
+        );
+        assert!(text.contains(&format!("DCGM_FI_PROF_PIPE_TENSOR_ACTIVE{{{mig}}} 0.5\n")));
+        assert!(text.contains(&format!("DCGM_FI_PROF_PCIE_TX_BYTES{{{whole}}} 1048576\n")));
+        assert!(text.contains(&format!("DCGM_FI_DEV_FB_USED{{{mig}}} 3072\n")));
+        assert!(text.contains(&format!("DCGM_FI_DEV_FB_FREE{{{mig}}} 7168\n")));
+        assert_eq!(
+            text.matches("# TYPE DCGM_FI_PROF_PIPE_TENSOR_ACTIVE gauge")
+                .count(),
+            1
+        );
+        // No GPU reports SM occupancy, and the A100 has no GPM at all:
+        // absent, never zero.
+        assert!(!text.contains("DCGM_FI_PROF_SM_OCCUPANCY"), "{text}");
+        assert!(!text.contains("DCGM_FI_PROF_PIPE_TENSOR_ACTIVE{gpu=\"2\""));
     }
 
     /// Host `h` of aws region `r`: labels `Hostname="h",provider="aws",region="r"`.

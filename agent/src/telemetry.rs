@@ -93,6 +93,8 @@ impl Telemetry {
                 }
             }
         }
+        // Shared allocations over their GPU memory limit are stopped.
+        supervisor.enforce_memory_limits(&samples);
         let now = SystemTime::now();
         let mut xids = backend.drain_xids();
         xids.append(&mut self.kmsg_xids.lock().unwrap_or_else(|e| e.into_inner()));
@@ -140,6 +142,8 @@ impl Telemetry {
             // NVML calls and the outbox write block; keep them off the
             // async workers.
             let sampled = tokio::task::spawn_blocking(move || {
+                // An operator's MIG layouts, on GPUs that became idle.
+                s.apply_mig_layouts();
                 let samples = this.sample_once(b.as_ref(), &s);
                 if samples.is_empty() {
                     return Ok(());

@@ -97,6 +97,8 @@ enum SessionError {
     Timeout(Duration),
     #[error("{0}")]
     Outbox(#[from] crate::outbox::OutboxError),
+    #[error("a MIG layout changed this node's GPUs; saying hello again")]
+    InventoryChanged,
 }
 
 impl SessionError {
@@ -207,7 +209,9 @@ impl Uplink {
                 Err(e) => e,
             };
             let text = err.to_string();
-            if outage.as_deref() != Some(text.as_str()) {
+            if matches!(err, SessionError::InventoryChanged) {
+                info!(controller = %self.controller, "{text}");
+            } else if outage.as_deref() != Some(text.as_str()) {
                 match err {
                     SessionError::Rejected { .. } => {
                         error!(controller = %self.controller, "{text}; retrying")
@@ -229,7 +233,8 @@ impl Uplink {
     fn hello(&self) -> AgentHello {
         AgentHello {
             identity: Some(self.telemetry.identity.clone()),
-            gpus: self.telemetry.gpus.clone(),
+            // Live, not the GPUs at start: a MIG layout may have changed.
+            gpus: self.supervisor.gpus(),
             join_token: self.join_token.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             driver_version: self.telemetry.driver_version.clone(),
@@ -287,6 +292,7 @@ impl Uplink {
         // where to start.
         let mut sent_up_to: Option<u64> = None;
         let mut backlog: VecDeque<AgentMessage> = VecDeque::new();
+        let inventory = self.supervisor.inventory_changed();
         loop {
             // Registered before reading the outbox, so an append between
             // the read and the wait still wakes us.
@@ -316,6 +322,9 @@ impl Uplink {
                     }
                 },
                 _ = &mut appended, if sent_up_to.is_some() && backlog.is_empty() => {},
+                // A new hello carries the new GPUs; the outbox replays
+                // whatever the controller has not acknowledged.
+                _ = inventory.notified() => return Err(SessionError::InventoryChanged),
                 _ = heartbeat_tick.tick() => {
                     if last_sent.elapsed() >= heartbeat {
                         let _ = tx.try_send(unsequenced(Body::Telemetry(TelemetryBatch::default())));

@@ -348,6 +348,7 @@ async fn uplink_says_hello_reconciles_and_answers_log_requests() {
         .send(controller_message::Body::DesiredState(DesiredState {
             generation: 1,
             allocations: vec![alloc],
+            ..Default::default()
         }))
         .await;
     let mut last_seq = batch.0;
@@ -483,6 +484,7 @@ async fn uplink_retries_after_a_refusal_and_rehellos_with_current_statuses() {
             body: Some(controller_message::Body::DesiredState(DesiredState {
                 generation: 5,
                 allocations: vec![allocation("job-9.0", &["true"], &[])],
+                ..Default::default()
             })),
         }))
         .await

@@ -106,6 +106,7 @@ fn desired(generation: u64, ids: &[(&str, &[&str])]) -> DesiredState {
             .iter()
             .map(|(id, argv)| allocation(id, argv, &[]))
             .collect(),
+        ..Default::default()
     }
 }
 

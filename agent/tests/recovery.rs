@@ -383,6 +383,7 @@ fn workloads_an_older_agent_recorded_are_re_adopted() {
         sup.reconcile(&gpufleet_proto::v1::DesiredState {
             generation: 1,
             allocations: Vec::new(),
+            ..Default::default()
         });
         for id in ["old-runs-on", "old-stoppable", "old-ended"] {
             assert!(sup.status(id).is_none(), "{id}");

@@ -267,6 +267,7 @@ async fn reconcile_starts_missing_and_stops_undesired() {
     sup.reconcile(&DesiredState {
         generation: 2,
         allocations: vec![a.clone(), quick.clone(), bad.clone()],
+        ..Default::default()
     });
     assert_eq!(sup.applied_generation(), 2);
     // Starts run apart from reconcile: job-a is running once its shim answers.
@@ -295,6 +296,7 @@ async fn reconcile_starts_missing_and_stops_undesired() {
     sup.reconcile(&DesiredState {
         generation: 2,
         allocations: vec![a.clone(), quick.clone()],
+        ..Default::default()
     });
     assert_eq!(
         state(&sup.status("job-q.0").unwrap()),
@@ -304,6 +306,7 @@ async fn reconcile_starts_missing_and_stops_undesired() {
     sup.reconcile(&DesiredState {
         generation: 1,
         allocations: vec![],
+        ..Default::default()
     });
     assert_eq!(
         state(&sup.status("job-a.0").unwrap()),
@@ -314,6 +317,7 @@ async fn reconcile_starts_missing_and_stops_undesired() {
     sup.reconcile(&DesiredState {
         generation: 3,
         allocations: vec![],
+        ..Default::default()
     });
     assert!(sup.status("job-q.0").is_none());
     assert!(sup.status("job-bad.0").is_none());
@@ -328,6 +332,7 @@ async fn reconcile_starts_missing_and_stops_undesired() {
     sup.reconcile(&DesiredState {
         generation: 4,
         allocations: vec![],
+        ..Default::default()
     });
     assert!(sup.status("job-a.0").is_none());
 

@@ -38,6 +38,10 @@ pub(crate) struct Options {
     /// Measured window.
     #[arg(long, default_value_t = 60)]
     seconds: u64,
+    /// Hopper profiling too: every GPU serves GPM metrics, and every other
+    /// GPU is in MIG mode with seven 1g.10gb instances (GPM per instance).
+    #[arg(long)]
+    profiling: bool,
 }
 
 fn sibling(name: &str) -> anyhow::Result<PathBuf> {
@@ -48,10 +52,16 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
         .join(name))
 }
 
-fn fake_machine(gpus: u32) -> String {
+fn fake_machine(gpus: u32, profiling: bool) -> String {
+    let gpm = serde_json::json!({
+        "graphics_util": 93.0, "sm_util": 88.0, "sm_occupancy": 41.0, "any_tensor_util": 62.0,
+        "dram_bw_util": 55.0, "fp16_util": 40.0, "fp32_util": 9.0, "fp64_util": 0.0,
+        "pcie_tx_mib_per_sec": 1100.0, "pcie_rx_mib_per_sec": 1300.0,
+        "nvlink_total_tx_mib_per_sec": 90_000.0, "nvlink_total_rx_mib_per_sec": 90_000.0
+    });
     let gpus: Vec<serde_json::Value> = (0..gpus)
         .map(|i| {
-            serde_json::json!({
+            let mut gpu = serde_json::json!({
                 "uuid": format!("GPU-00000000-0000-0000-0000-{i:012}"),
                 "name": "NVIDIA H100 80GB HBM3",
                 "pci_bus_id": format!("00000000:{:02X}:00.0", 0x18 + i * 0x10),
@@ -73,7 +83,25 @@ fn fake_machine(gpus: u32) -> String {
                     "numa_node": 0, "cc_major": 9, "cc_minor": 0
                 },
                 "processes": [ { "pid": 100_000 + i, "used_memory": 64_424_509_440u64 } ]
-            })
+            });
+            if profiling {
+                gpu["gpm"] = gpm.clone();
+                gpu["values"]["sm_count"] = 132.into();
+                if i % 2 == 1 {
+                    gpu["values"]["mig_mode"] = 1.into();
+                    gpu["mig_instances"] = (0..7u32)
+                        .map(|m| {
+                            serde_json::json!({
+                                "uuid": format!("MIG-{i:08}-0000-0000-0000-{m:012}"),
+                                "profile": "1g.10gb", "gpu_instance_id": 7 + m,
+                                "memory_total": 10_737_418_240u64, "memory_used": 5_368_709_120u64,
+                                "sm_count": 16, "gpm": gpm
+                            })
+                        })
+                        .collect();
+                }
+            }
+            gpu
         })
         .collect();
     serde_json::json!({ "driver_version": "550.54.15", "cuda_driver_version": 12040, "gpus": gpus })
@@ -151,7 +179,7 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
     check_file(&fake, "the fake NVML library")?;
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("fake-nvml.json");
-    std::fs::write(&config, fake_machine(o.gpus))?;
+    std::fs::write(&config, fake_machine(o.gpus, o.profiling))?;
 
     let runtime = tokio::runtime::Runtime::new()?;
     let controller = runtime.block_on(async {
@@ -198,8 +226,15 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
     let cpu_percent = (cpu1 - cpu0) / wall * 100.0;
     let verdict = |ok: bool| if ok { "ok" } else { "OVER" };
     println!(
-        "agent-overhead: {} GPUs via fake NVML, sample interval {}, {:.0} s window",
-        o.gpus, o.sample_interval, wall
+        "agent-overhead: {} GPUs via fake NVML, sample interval {}, {:.0} s window{}",
+        o.gpus,
+        o.sample_interval,
+        wall,
+        if o.profiling {
+            ", GPM on every GPU, every other GPU in MIG mode (7 instances)"
+        } else {
+            ""
+        }
     );
     println!(
         "{:<28} {:>10} {:>10} {:>6}",
@@ -228,6 +263,7 @@ pub(crate) fn run(o: Options) -> anyhow::Result<()> {
         serde_json::json!({
             "bench": "agent-overhead",
             "gpus": o.gpus,
+            "profiling": o.profiling,
             "sample_interval": o.sample_interval,
             "window_s": (wall * 10.0).round() / 10.0,
             "cpu_percent_of_core": (cpu_percent * 1000.0).round() / 1000.0,

@@ -35,8 +35,10 @@ pub const METRIC_BYTES: usize = 64;
 
 /// GPUs (with MIG instances) one agent may report.
 pub const HELLO_GPUS: usize = 256;
-/// MIG instances one GPU reports (an H100 has at most 7).
-pub const HELLO_MIG_INSTANCES: usize = 64;
+/// Profiles in one MIG layout (`SetMigLayout`): a GPU has 7 slices.
+pub const MIG_LAYOUT_PROFILES: usize = 7;
+/// MIG instances one GPU may report (NVML has at most 7 today).
+pub const HELLO_MIG_INSTANCES: usize = 16;
 /// `spec.mig_profile`, e.g. `1g.10gb` (NVML's longest are under 20 bytes).
 pub const MIG_PROFILE_BYTES: usize = 32;
 /// Workloads one agent may report in its hello.
@@ -153,6 +155,20 @@ pub fn check_hello(hello: &AgentHello) -> Result<()> {
             gpu.nvlink_peers.len(),
             HELLO_GPUS,
         )?;
+        check_count(
+            &format!("hello.gpus[{i}].mig_instances"),
+            gpu.mig_instances.len(),
+            HELLO_MIG_INSTANCES,
+        )?;
+        for (j, m) in gpu.mig_instances.iter().enumerate() {
+            for (field, value) in [("uuid", &m.uuid), ("profile", &m.profile)] {
+                check_filter(
+                    &format!("hello.gpus[{i}].mig_instances[{j}].{field}"),
+                    value,
+                    AGENT_TEXT_BYTES,
+                )?;
+            }
+        }
     }
     for (i, gpu) in hello.gpus.iter().enumerate() {
         check_count(
@@ -299,6 +315,34 @@ mod tests {
         assert_eq!(
             field_of(check_hello(&hello(base.clone(), vec![gpu])).unwrap_err()),
             "hello.gpus[0].name"
+        );
+        let mig = |n: usize, profile: &str| GpuInfo {
+            uuid: "GPU-1".into(),
+            mig_enabled: true,
+            mig_instances: vec![
+                gpufleet_proto::v1::MigInstance {
+                    uuid: "MIG-1".into(),
+                    profile: profile.into(),
+                    ..Default::default()
+                };
+                n
+            ],
+            ..Default::default()
+        };
+        assert!(check_hello(&hello(base.clone(), vec![mig(7, "1g.10gb")])).is_ok());
+        assert_eq!(
+            field_of(
+                check_hello(&hello(
+                    base.clone(),
+                    vec![mig(HELLO_MIG_INSTANCES + 1, "1g.10gb")]
+                ))
+                .unwrap_err()
+            ),
+            "hello.gpus[0].mig_instances"
+        );
+        assert_eq!(
+            field_of(check_hello(&hello(base.clone(), vec![mig(1, "1g\n")])).unwrap_err()),
+            "hello.gpus[0].mig_instances[0].profile"
         );
         let gpus = vec![GpuInfo::default(); HELLO_GPUS + 1];
         assert_eq!(

@@ -567,6 +567,35 @@ pub fn cancel_reason(reason: &str) -> Result<()> {
 }
 
 /// A cordon reason, under the same rule as a cancel reason.
+/// A MIG layout: 1 to 7 profile names like `3g.40gb` or `1c.3g.40gb`
+/// (whether they fit the GPU is the agent's to say; it knows the model).
+pub fn mig_profiles(field: &str, profiles: &[String]) -> Result<()> {
+    limits::check_count(field, profiles.len(), limits::MIG_LAYOUT_PROFILES)?;
+    for p in profiles {
+        let number = |s: &str, suffix: &str| {
+            s.strip_suffix(suffix).is_some_and(|n| {
+                !n.is_empty() && n.len() <= 3 && n.bytes().all(|b| b.is_ascii_digit())
+            })
+        };
+        let parts: Vec<&str> = p.split('.').collect();
+        let ok = match parts.as_slice() {
+            [g, m] => number(g, "g") && number(m, "gb"),
+            [c, g, m] => number(c, "c") && number(g, "g") && number(m, "gb"),
+            _ => false,
+        };
+        if !ok {
+            return Err(ControllerError::invalid(
+                field,
+                format!(
+                    "{:?} is not a MIG profile; write <slices>g.<memory>gb, e.g. 1g.10gb",
+                    p.chars().take(32).collect::<String>()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub fn cordon_reason(reason: &str) -> Result<()> {
     limits::check_reason("reason", reason)
 }

@@ -1,6 +1,9 @@
 //! GPU discovery and telemetry behind one trait: the real NVML backend and a
 //! simulated one for development, demos and tests.
 
+mod gpm;
+pub mod mig;
+mod mig_apply;
 pub mod nvml;
 pub mod simulated;
 
@@ -36,6 +39,15 @@ pub trait GpuBackend: Send + Sync + std::fmt::Debug {
     /// The agent's workload pids per GPU UUID, before each sample (the
     /// simulated backend reports them as the GPU's compute processes).
     fn set_workload_pids(&self, _pids: &HashMap<String, Vec<u32>>) {}
+    /// Splits GPU `gpu_uuid` into MIG instances of `profiles` (e.g.
+    /// `3g.40gb`), destroying the instances it has. The supervisor calls it
+    /// only for a GPU no workload uses. `Err`: why not, one line.
+    fn apply_mig_layout(&self, gpu_uuid: &str, _profiles: &[String]) -> Result<(), String> {
+        Err(format!(
+            "the {} GPU backend cannot change the MIG layout of {gpu_uuid}",
+            self.name()
+        ))
+    }
     /// The simulated backend, for fault injection in tests and demos.
     fn as_simulated(&self) -> Option<&simulated::SimulatedBackend> {
         None

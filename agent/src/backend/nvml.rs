@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use gpufleet_proto::v1::{GpuInfo, GpuProcess, GpuSample, NvLinkPeer};
+use gpufleet_proto::v1::{GpmMetrics, GpuInfo, GpuProcess, GpuSample, MigSample, NvLinkPeer};
 use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::enum_wrappers::device::{Clock, PcieUtilCounter, TemperatureSensor};
 use nvml_wrapper::enums::device::{SampleValue, UsedGpuMemory};
@@ -17,7 +17,8 @@ use nvml_wrapper::sys_exports::field_id;
 use nvml_wrapper::{Device, Nvml};
 use tracing::{debug, warn};
 
-use super::{GpuBackend, now_timestamp};
+use super::gpm::{GpmKey, GpmTracker};
+use super::{GpuBackend, mig, now_timestamp};
 use crate::health::RawXid;
 use gpufleet_core::catalog;
 
@@ -43,7 +44,13 @@ pub enum NvmlInitError {
 /// GPUs as the driver reports them.
 pub struct NvmlBackend {
     nvml: Arc<Nvml>,
-    gpus: Vec<GpuInfo>,
+    /// Static facts, except the MIG layout, which every sample refreshes
+    /// (an operator may reconfigure an idle GPU while the agent runs).
+    gpus: Mutex<Vec<GpuInfo>>,
+    /// Per GPU (as `gpus`): NVML said it supports GPM (Hopper and newer).
+    gpm_supported: Vec<bool>,
+    /// Previous GPM samples, to compute metrics over each interval.
+    gpm: GpmTracker,
     driver_version: String,
     /// XIDs the event thread received since the last `drain_xids`.
     xids: Arc<Mutex<Vec<RawXid>>>,
@@ -61,7 +68,7 @@ const NVLINK_DATA_RETRY_SAMPLES: u32 = 60;
 impl std::fmt::Debug for NvmlBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NvmlBackend")
-            .field("gpus", &self.gpus.len())
+            .field("gpus", &self.gpm_supported.len())
             .finish_non_exhaustive()
     }
 }
@@ -69,6 +76,8 @@ impl std::fmt::Debug for NvmlBackend {
 impl Drop for NvmlBackend {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // GPM samples must go back to NVML before it shuts down.
+        self.gpm.release(&self.nvml, |_| false);
     }
 }
 
@@ -291,6 +300,7 @@ impl NvmlBackend {
             .map(cuda_version_string)
             .unwrap_or_default();
         let mut gpus = Vec::with_capacity(count as usize);
+        let mut gpm_supported = Vec::with_capacity(count as usize);
         for index in 0..count {
             let device = nvml
                 .device_by_index(index)
@@ -316,6 +326,8 @@ impl NvmlBackend {
                     })
                 })
                 .collect();
+            let mig = mig::discover(&device);
+            gpm_supported.push(device.gpm_support().unwrap_or(false));
             gpus.push(GpuInfo {
                 index,
                 uuid,
@@ -332,7 +344,8 @@ impl NvmlBackend {
                 persistence_mode: device.is_in_persistent_mode().ok(),
                 numa_node: device.numa_node_id().ok(),
                 nvlink_peers,
-                ..GpuInfo::default()
+                mig_enabled: mig.enabled,
+                mig_instances: mig.instances,
             });
         }
         resolve_nvlink_peers(&mut gpus);
@@ -359,19 +372,23 @@ impl NvmlBackend {
         Ok(Self {
             nvml,
             nvlink_data_skip: gpus.iter().map(|_| AtomicU32::new(0)).collect(),
-            gpus,
+            gpus: Mutex::new(gpus),
+            gpm_supported,
+            gpm: GpmTracker::default(),
             driver_version,
             xids,
             stop,
         })
     }
 
+    /// One GPU's sample, and its MIG state as NVML shows it now.
     fn sample_one(
         &self,
         info: &GpuInfo,
+        gpm_supported: bool,
         nvlink_data_skip: &AtomicU32,
         now: prost_types::Timestamp,
-    ) -> GpuSample {
+    ) -> (GpuSample, Option<mig::MigState>) {
         let mut sample = GpuSample {
             uuid: info.uuid.clone(),
             index: info.index,
@@ -384,7 +401,7 @@ impl NvmlBackend {
             Ok(d) => d,
             Err(e) => {
                 sample.sample_error = one_line(e);
-                return sample;
+                return (sample, None);
             }
         };
         if let Ok(u) = device.utilization_rates() {
@@ -413,6 +430,26 @@ impl NvmlBackend {
         sample.pcie_tx_kib_per_second = device.pcie_throughput(PcieUtilCounter::Send).ok();
         sample.pcie_rx_kib_per_second = device.pcie_throughput(PcieUtilCounter::Receive).ok();
         sample.mig_enabled = device.mig_mode().ok().map(|m| m.current == 1);
+        let mig = mig::discover(&device);
+        let instance_gpm = if gpm_supported {
+            self.sample_gpm(&device, info.index, &mig, &mut sample)
+        } else {
+            HashMap::new()
+        };
+        sample.mig_samples = mig
+            .instances
+            .iter()
+            .zip(&mig.memory_used)
+            .map(|(m, used)| MigSample {
+                uuid: m.uuid.clone(),
+                gpu_instance_id: m.gpu_instance_id,
+                compute_instance_id: m.compute_instance_id,
+                profile: m.profile.clone(),
+                memory_used_bytes: *used,
+                memory_total_bytes: Some(m.memory_bytes),
+                gpm: instance_gpm.get(&m.gpu_instance_id).copied().flatten(),
+            })
+            .collect();
         if let Ok(processes) = device.running_compute_processes() {
             sample.processes = processes
                 .into_iter()
@@ -480,7 +517,46 @@ impl NvmlBackend {
                 nvlink_data_skip.store(NVLINK_DATA_RETRY_SAMPLES, Ordering::Relaxed);
             }
         }
-        sample
+        (sample, Some(mig))
+    }
+
+    /// GPM metrics of the whole GPU (into `sample`), or per GPU instance
+    /// of a GPU in MIG mode (NVML samples GPM per GPU instance there).
+    fn sample_gpm(
+        &self,
+        device: &Device<'_>,
+        gpu_index: u32,
+        mig: &mig::MigState,
+        sample: &mut GpuSample,
+    ) -> HashMap<u32, Option<GpmMetrics>> {
+        let nvml: &Nvml = &self.nvml;
+        if !mig.enabled {
+            let key = GpmKey {
+                gpu_index,
+                gpu_instance_id: None,
+            };
+            sample.gpm = self.gpm.measure(nvml, key, || device.gpm_sample());
+            return HashMap::new();
+        }
+        let mut by_instance = HashMap::new();
+        for instance in &mig.instances {
+            let gi = instance.gpu_instance_id;
+            // Compute instances of one GPU instance share its metrics.
+            by_instance.entry(gi).or_insert_with(|| {
+                let key = GpmKey {
+                    gpu_index,
+                    gpu_instance_id: Some(gi),
+                };
+                self.gpm.measure(nvml, key, || device.gpm_mig_sample(gi))
+            });
+        }
+        // Samples of GPU instances that no longer exist are freed.
+        self.gpm.release(nvml, |k| {
+            k.gpu_index != gpu_index
+                || k.gpu_instance_id
+                    .is_none_or(|gi| by_instance.contains_key(&gi))
+        });
+        by_instance
     }
 }
 
@@ -582,16 +658,31 @@ impl GpuBackend for NvmlBackend {
     }
 
     fn gpus(&self) -> Vec<GpuInfo> {
-        self.gpus.clone()
+        self.gpus.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn sample(&self) -> Vec<GpuSample> {
         let now = now_timestamp();
-        self.gpus
+        let infos = self.gpus();
+        let mut samples = Vec::with_capacity(infos.len());
+        let mut layouts = Vec::with_capacity(infos.len());
+        for ((info, skip), &gpm) in infos
             .iter()
             .zip(&self.nvlink_data_skip)
-            .map(|(info, skip)| self.sample_one(info, skip, now))
-            .collect()
+            .zip(&self.gpm_supported)
+        {
+            let (sample, mig) = self.sample_one(info, gpm, skip, now);
+            samples.push(sample);
+            layouts.push(mig);
+        }
+        let mut gpus = self.gpus.lock().unwrap_or_else(|e| e.into_inner());
+        for (info, mig) in gpus.iter_mut().zip(layouts) {
+            if let Some(mig) = mig {
+                info.mig_enabled = mig.enabled;
+                info.mig_instances = mig.instances;
+            }
+        }
+        samples
     }
 
     fn visible_gpu_count(&self) -> Option<u32> {
@@ -600,6 +691,29 @@ impl GpuBackend for NvmlBackend {
 
     fn drain_xids(&self) -> Vec<RawXid> {
         std::mem::take(&mut *self.xids.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Destroys the GPU's MIG instances and creates `profiles`
+    /// (`mig_apply.rs`); the next sample reads the new layout.
+    fn apply_mig_layout(&self, gpu_uuid: &str, profiles: &[String]) -> Result<(), String> {
+        let info = self
+            .gpus()
+            .into_iter()
+            .find(|g| g.uuid == gpu_uuid)
+            .ok_or_else(|| format!("no GPU {gpu_uuid} on this node"))?;
+        if !info.model.is_empty() {
+            mig::check_layout(profiles, &info.model, info.memory_bytes)?;
+        }
+        let device = self.nvml.device_by_uuid(gpu_uuid).map_err(one_line)?;
+        super::mig_apply::apply(&device, profiles)?;
+        // Read the new layout now, so the hello that follows reports it.
+        let state = mig::discover(&device);
+        let mut gpus = self.gpus.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(g) = gpus.iter_mut().find(|g| g.uuid == gpu_uuid) {
+            g.mig_enabled = state.enabled;
+            g.mig_instances = state.instances;
+        }
+        Ok(())
     }
 }
 
@@ -621,13 +735,52 @@ mod tests {
         assert!(!msg.contains('\n'), "{msg}");
     }
 
+    /// On a GPU host: `cargo test -p gpufleet-agent --lib -- --ignored real_gpus`.
+    /// Hopper and newer must report GPM ratios from the second sample on
+    /// (older GPUs none); a GPU in MIG mode must list its instances with
+    /// MIG UUIDs, profiles, memory and SM shares, and sample each.
     #[test]
     #[ignore = "needs an NVIDIA GPU"]
-    fn real_gpus_report_samples() {
+    fn real_gpus_report_samples_gpm_and_mig_instances() {
+        use gpufleet_proto::v1::GpuGeneration;
         let backend = NvmlBackend::new(None).unwrap();
-        assert!(!backend.gpus().is_empty());
+        let gpus = backend.gpus();
+        assert!(!gpus.is_empty());
         let samples = backend.sample();
-        assert_eq!(samples.len(), backend.gpus().len());
+        assert_eq!(samples.len(), gpus.len());
         assert!(samples[0].memory_total_bytes.is_some());
+        // GPM compares two samples; give the counters time to move.
+        std::thread::sleep(Duration::from_secs(1));
+        let samples = backend.sample();
+        for (g, s) in gpus.iter().zip(&samples) {
+            let hopper = g.generation >= GpuGeneration::Hopper as i32;
+            let ratio = |v: Option<f64>| v.is_some_and(|v| (0.0..=1.0).contains(&v));
+            if g.mig_enabled {
+                assert!(!g.mig_instances.is_empty(), "{g:?}");
+                assert_eq!(s.mig_samples.len(), g.mig_instances.len(), "{s:?}");
+                for m in &g.mig_instances {
+                    assert!(m.uuid.starts_with("MIG-"), "{m:?}");
+                    assert!(super::mig::parse_profile(&m.profile).is_some(), "{m:?}");
+                    assert!(
+                        m.memory_bytes > 0 && m.memory_bytes <= g.memory_bytes,
+                        "{m:?}"
+                    );
+                    assert!((1..=1000).contains(&m.sm_share_milli), "{m:?}");
+                }
+                for m in &s.mig_samples {
+                    assert!(m.memory_total_bytes.is_some(), "{m:?}");
+                    if hopper {
+                        let gpm = m.gpm.as_ref().expect("GPM per MIG instance on Hopper");
+                        assert!(ratio(gpm.sm_active), "{gpm:?}");
+                    }
+                }
+            } else if hopper {
+                let gpm = s.gpm.as_ref().expect("GPM on Hopper and newer");
+                assert!(ratio(gpm.sm_active) && ratio(gpm.tensor_active), "{gpm:?}");
+                assert!(ratio(gpm.dram_active), "{gpm:?}");
+            } else {
+                assert_eq!(s.gpm, None, "no GPM before Hopper: absent, not zero");
+            }
+        }
     }
 }

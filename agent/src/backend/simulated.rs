@@ -1,15 +1,24 @@
 //! Simulated GPUs built from catalog declarations. Utilisation, memory,
-//! power and temperature follow the workloads the supervisor runs on them,
-//! ramping between samples so dashboards look alive.
+//! power, temperature and (on Hopper and newer) GPM profiling metrics
+//! follow the workloads the supervisor runs on them, ramping between
+//! samples so dashboards look alive.
+//!
+//! A declaration may split its GPUs into MIG instances:
+//! `1xH100-SXM-80GB:mig=3g.40gb+2g.20gb+1g.10gb+1g.10gb`. Each instance gets
+//! a stable `MIG-…` UUID and its own memory and profiling values, busy
+//! when a workload holds its UUID.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use gpufleet_proto::v1::{GpuInfo, GpuProcess, GpuSample, NvLinkPeer};
+use gpufleet_proto::v1::{
+    GpmMetrics, GpuGeneration, GpuInfo, GpuProcess, GpuSample, MigInstance, MigSample, NvLinkPeer,
+};
 use rand::Rng;
 
 use super::GpuBackend;
+use super::mig::{self, MigProfile};
 use super::nvml::throttle_reason_names;
 use crate::health::RawXid;
 use gpufleet_core::catalog::{self, CatalogError, ModelSpec};
@@ -23,6 +32,15 @@ fn rng_small(base: f64) -> u32 {
 const PCI_BUSES: [u8; 8] = [0x18, 0x2a, 0x3a, 0x5d, 0x9a, 0xab, 0xba, 0xdb];
 const IDLE_TEMP_C: f64 = 32.0;
 const SIM_DRIVER: &str = "550.54.15-simulated";
+
+/// Why a simulated GPU declaration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DeclarationError {
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error("invalid MIG layout in {decl:?}: {reason}")]
+    Mig { decl: String, reason: String },
+}
 
 /// A fault the simulated backend can be told to show, for tests and demos.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,8 +69,22 @@ struct SimFaults {
     lost: bool,
 }
 
+/// One simulated MIG instance and its current values.
+struct SimMig {
+    info: MigInstance,
+    busy: bool,
+    util: f64,
+    mem_frac: f64,
+    busy_mem_frac: f64,
+    tensor: f64,
+}
+
 struct SimGpu {
     info: GpuInfo,
+    mig: Vec<SimMig>,
+    /// How much of its work a busy period runs on tensor cores (0–1),
+    /// picked once per busy period like its memory.
+    tensor: f64,
     spec: &'static ModelSpec,
     busy: bool,
     faults: SimFaults,
@@ -71,6 +103,8 @@ struct SimGpu {
 
 /// GPUs that exist only in memory.
 pub struct SimulatedBackend {
+    /// For the UUIDs of MIG instances made by `apply_mig_layout`.
+    node_id: String,
     gpus: Mutex<Vec<SimGpu>>,
     xids: Mutex<Vec<RawXid>>,
     last_sample: Mutex<Option<SystemTime>>,
@@ -86,10 +120,10 @@ impl SimulatedBackend {
     /// Builds GPUs from declarations like `8xH100-SXM-80GB`, indexed in
     /// order. UUIDs derive from `node_id` and the index, so they are stable
     /// across restarts of the same node.
-    pub fn new(node_id: &str, declarations: &[String]) -> Result<Self, CatalogError> {
+    pub fn new(node_id: &str, declarations: &[String]) -> Result<Self, DeclarationError> {
         let mut gpus = Vec::new();
         for decl in declarations {
-            let (count, spec) = catalog::parse_gpu_declaration(decl)?;
+            let (count, spec, layout) = parse_declaration(decl)?;
             for _ in 0..count {
                 let index = gpus.len() as u32;
                 let info = GpuInfo {
@@ -110,8 +144,16 @@ impl SimulatedBackend {
                     nvlink_peers: Vec::new(),
                     ..GpuInfo::default()
                 };
+                let mig = mig_instances(node_id, index, spec, &layout);
+                let info = GpuInfo {
+                    mig_enabled: !layout.is_empty(),
+                    mig_instances: mig.iter().map(|m| m.info.clone()).collect(),
+                    ..info
+                };
                 gpus.push(SimGpu {
                     info,
+                    mig,
+                    tensor: 0.5,
                     spec,
                     busy: false,
                     util: 0.0,
@@ -149,6 +191,7 @@ impl SimulatedBackend {
             g.info.nvlink_peers = p;
         }
         Ok(Self {
+            node_id: node_id.to_string(),
             gpus: Mutex::new(gpus),
             xids: Mutex::new(Vec::new()),
             last_sample: Mutex::new(None),
@@ -230,6 +273,113 @@ fn fnv1a64(data: &[u8], seed: u64) -> u64 {
     hash ^ (hash >> 31)
 }
 
+/// A declaration taken apart: `2xH100-SXM-80GB:mig=3g.40gb+1g.10gb` is two
+/// H100s, each split into those MIG instances (empty layout: no MIG).
+pub fn parse_declaration(
+    decl: &str,
+) -> Result<(u32, &'static ModelSpec, Vec<String>), DeclarationError> {
+    let (gpus, layout) = match decl.split_once(":mig=") {
+        Some((gpus, layout)) => (gpus, layout.split('+').map(String::from).collect()),
+        None => (decl, Vec::new()),
+    };
+    let (count, spec) = catalog::parse_gpu_declaration(gpus)?;
+    if !layout.is_empty() {
+        mig::check_layout(&layout, spec.model, spec.memory_bytes).map_err(|reason| {
+            DeclarationError::Mig {
+                decl: decl.to_string(),
+                reason,
+            }
+        })?;
+    }
+    Ok((count, spec, layout))
+}
+
+/// The MIG instances of simulated GPU `index`, with stable UUIDs; GPU
+/// instance ids count from 1 in the declared order.
+fn mig_instances(node_id: &str, index: u32, spec: &ModelSpec, layout: &[String]) -> Vec<SimMig> {
+    let gib = spec.memory_bytes >> 30;
+    layout
+        .iter()
+        .enumerate()
+        .filter_map(|(i, profile)| {
+            let parsed: MigProfile = mig::parse_profile(profile)?;
+            let eighths = u64::from(mig::memory_slices(parsed, gib));
+            let gi = i as u32 + 1;
+            // The profile is part of the name: a new layout makes new
+            // instances, as the driver does.
+            let uuid = simulated_uuid(&format!("{node_id}/mig/{index}/{profile}"), gi)
+                .replacen("GPU-", "MIG-", 1);
+            Some(SimMig {
+                info: MigInstance {
+                    uuid,
+                    profile: profile.clone(),
+                    memory_bytes: spec.memory_bytes / 8 * eighths,
+                    sm_share_milli: mig::sm_share_milli(None, None, profile),
+                    gpu_instance_id: gi,
+                    compute_instance_id: 0,
+                },
+                busy: false,
+                util: 0.0,
+                mem_frac: 0.0,
+                busy_mem_frac: 0.75,
+                tensor: 0.5,
+            })
+        })
+        .collect()
+}
+
+/// GPM-like values for a GPU (or instance) at `activity` (0–1) whose work
+/// is `tensor` tensor-bound, holding `mem_frac` of its memory: SM activity
+/// tracks utilisation a little below it, as on real parts, and the pipes
+/// split what the SMs do.
+fn simulated_gpm(
+    activity: f64,
+    tensor: f64,
+    mem_frac: f64,
+    pcie: impl Fn(f64) -> Option<u32>,
+    nvlink: bool,
+) -> GpmMetrics {
+    let a = activity.clamp(0.0, 1.0);
+    let kib = |base: f64| pcie(base).map(|k| u64::from(k) * 1024);
+    GpmMetrics {
+        gr_engine_active: Some(a),
+        sm_active: Some(a * 0.92),
+        sm_occupancy: Some(a * (0.25 + 0.3 * mem_frac)),
+        tensor_active: Some(a * tensor),
+        dram_active: Some(a * (0.2 + 0.5 * mem_frac)),
+        fp16_active: Some(a * tensor * 0.6),
+        fp32_active: Some(a * (1.0 - tensor) * 0.4),
+        fp64_active: Some(0.0),
+        pcie_tx_bytes_per_second: kib(12_000_000.0),
+        pcie_rx_bytes_per_second: kib(14_000_000.0),
+        nvlink_tx_bytes_per_second: nvlink.then_some((a * 180e9) as u64),
+        nvlink_rx_bytes_per_second: nvlink.then_some((a * 180e9) as u64),
+    }
+}
+
+/// One MIG instance's sample: its own memory and profiling values, which
+/// ramp towards its workload like a whole GPU's.
+fn sample_mig(m: &mut SimMig, has_gpm: bool, rng: &mut impl Rng) -> MigSample {
+    let (util_t, mem_t) = if m.busy {
+        (rng.random_range(0.85..1.0), m.busy_mem_frac)
+    } else {
+        (0.0, 0.0)
+    };
+    m.util += (util_t - m.util) * 0.5;
+    m.mem_frac += (mem_t - m.mem_frac) * 0.5;
+    let total = m.info.memory_bytes;
+    MigSample {
+        uuid: m.info.uuid.clone(),
+        gpu_instance_id: m.info.gpu_instance_id,
+        compute_instance_id: m.info.compute_instance_id,
+        profile: m.info.profile.clone(),
+        memory_used_bytes: Some((total as f64 * m.mem_frac) as u64),
+        memory_total_bytes: Some(total),
+        // A MIG instance has no PCIe or NVLink rates of its own in GPM.
+        gpm: has_gpm.then(|| simulated_gpm(m.util, m.tensor, m.mem_frac, |_| None, false)),
+    }
+}
+
 fn pci_bus_id(index: u32) -> String {
     let bus = PCI_BUSES
         .get(index as usize)
@@ -301,6 +451,7 @@ impl GpuBackend for SimulatedBackend {
                     };
                 }
                 let throttle = g.faults.throttle | if busy { 0x4 } else { 0x1 };
+                let has_gpm = g.spec.generation as i32 >= GpuGeneration::Hopper as i32;
                 let pcie = |base: f64| {
                     if busy {
                         Some((base * (0.5 + g.util / 200.0)) as u32)
@@ -363,7 +514,14 @@ impl GpuBackend for SimulatedBackend {
                             ..Default::default()
                         })
                         .collect(),
-                    mig_enabled: Some(false),
+                    mig_enabled: Some(!g.mig.is_empty()),
+                    gpm: (has_gpm && g.mig.is_empty())
+                        .then(|| simulated_gpm(g.util / 100.0, g.tensor, g.mem_frac, pcie, nvlink)),
+                    mig_samples: g
+                        .mig
+                        .iter_mut()
+                        .map(|m| sample_mig(m, has_gpm, &mut rng))
+                        .collect(),
                     ..Default::default()
                 }
             })
@@ -380,7 +538,13 @@ impl GpuBackend for SimulatedBackend {
 
     fn set_workload_pids(&self, pids: &HashMap<String, Vec<u32>>) {
         for g in self.lock().iter_mut() {
-            g.pids = pids.get(&g.info.uuid).cloned().unwrap_or_default();
+            // A MIG GPU's processes are those of its instances.
+            g.pids = std::iter::once(&g.info.uuid)
+                .chain(g.mig.iter().map(|m| &m.info.uuid))
+                .filter_map(|u| pids.get(u))
+                .flatten()
+                .copied()
+                .collect();
         }
     }
 
@@ -388,12 +552,37 @@ impl GpuBackend for SimulatedBackend {
         Some(self)
     }
 
+    /// Lasts until the agent restarts (the declaration's layout comes
+    /// back; the controller's wish, sent again, re-applies it).
+    fn apply_mig_layout(&self, gpu_uuid: &str, profiles: &[String]) -> Result<(), String> {
+        let mut gpus = self.lock();
+        let g = gpus
+            .iter_mut()
+            .find(|g| g.info.uuid == gpu_uuid)
+            .ok_or_else(|| format!("no simulated GPU {gpu_uuid}"))?;
+        mig::check_layout(profiles, g.spec.model, g.spec.memory_bytes)?;
+        g.mig = mig_instances(&self.node_id, g.info.index, g.spec, profiles);
+        g.info.mig_enabled = true;
+        g.info.mig_instances = g.mig.iter().map(|m| m.info.clone()).collect();
+        Ok(())
+    }
+
     fn set_busy(&self, busy_uuids: &HashSet<String>) {
         let mut rng = rand::rng();
         for g in self.lock().iter_mut() {
-            let busy = busy_uuids.contains(&g.info.uuid);
+            for m in &mut g.mig {
+                let busy = busy_uuids.contains(&m.info.uuid);
+                if busy && !m.busy {
+                    m.busy_mem_frac = rng.random_range(0.6..0.9);
+                    m.tensor = rng.random_range(0.1..0.8);
+                }
+                m.busy = busy;
+            }
+            // A MIG GPU is busy while any of its instances is.
+            let busy = busy_uuids.contains(&g.info.uuid) || g.mig.iter().any(|m| m.busy);
             if busy && !g.busy {
                 g.busy_mem_frac = rng.random_range(0.6..0.9);
+                g.tensor = rng.random_range(0.1..0.8);
             }
             g.busy = busy;
         }
@@ -425,6 +614,76 @@ mod tests {
         assert_eq!(gpus[2].model, "T4");
         assert_eq!(gpus[0].pci_bus_id, "00000000:18:00.0");
         assert!(SimulatedBackend::new("n1", &["2xQ9000".into()]).is_err());
+    }
+
+    #[test]
+    fn mig_declarations_make_instances_whose_values_follow_their_workloads() {
+        let decl = "1xH100-SXM-80GB:mig=3g.40gb+2g.20gb+1g.10gb+1g.10gb".to_string();
+        let b = SimulatedBackend::new("n1", &[decl.clone(), "1xA100-SXM-80GB".into()]).unwrap();
+        let gpus = b.gpus();
+        assert!(gpus[0].mig_enabled);
+        let profiles: Vec<&str> = gpus[0]
+            .mig_instances
+            .iter()
+            .map(|m| m.profile.as_str())
+            .collect();
+        assert_eq!(profiles, ["3g.40gb", "2g.20gb", "1g.10gb", "1g.10gb"]);
+        let one = &gpus[0].mig_instances[2];
+        assert!(one.uuid.starts_with("MIG-"), "{one:?}");
+        assert_eq!(one.memory_bytes, gpus[0].memory_bytes / 8);
+        assert_eq!(one.sm_share_milli, 142);
+        // Stable across restarts, distinct per instance.
+        let again = SimulatedBackend::new("n1", &[decl]).unwrap();
+        assert_eq!(again.gpus()[0].mig_instances, gpus[0].mig_instances);
+        assert_ne!(gpus[0].mig_instances[2].uuid, gpus[0].mig_instances[3].uuid);
+        assert!(!gpus[1].mig_enabled);
+
+        b.set_busy(&HashSet::from([one.uuid.clone()]));
+        let mut last = Vec::new();
+        for _ in 0..10 {
+            last = b.sample();
+        }
+        let mig = &last[0].mig_samples;
+        assert_eq!(mig.len(), 4);
+        let busy = mig[2].gpm.unwrap();
+        assert!(busy.sm_active.unwrap() > 0.7, "{busy:?}");
+        assert!(busy.tensor_active.unwrap() > 0.0);
+        assert!(mig[2].memory_used_bytes.unwrap() > mig[2].memory_total_bytes.unwrap() / 2);
+        let idle = mig[3].gpm.unwrap();
+        assert!(idle.sm_active.unwrap() < 0.01, "{idle:?}");
+        assert_eq!(last[0].gpm, None, "a MIG GPU reports GPM per instance");
+        // The A100 (Ampere) has no GPM: absent, never zero.
+        assert_eq!(last[1].gpm, None);
+    }
+
+    #[test]
+    fn whole_hopper_gpus_report_gpm_following_their_workload() {
+        let b = SimulatedBackend::new("n1", &["2xH100-SXM-80GB".into()]).unwrap();
+        b.set_busy(&HashSet::from([b.gpus()[0].uuid.clone()]));
+        let mut last = Vec::new();
+        for _ in 0..10 {
+            last = b.sample();
+        }
+        let busy = last[0].gpm.unwrap();
+        let idle = last[1].gpm.unwrap();
+        assert!(busy.sm_active.unwrap() > 0.7 && busy.sm_active.unwrap() <= 1.0);
+        assert!(busy.tensor_active.unwrap() > 0.05);
+        assert!(busy.nvlink_tx_bytes_per_second.unwrap() > 0);
+        assert!(idle.sm_active.unwrap() < 0.01);
+    }
+
+    #[test]
+    fn bad_mig_layouts_name_the_problem() {
+        for (decl, want) in [
+            ("1xL4:mig=1g.10gb", "does not support MIG"),
+            ("1xH100-SXM-80GB:mig=4g.40gb+4g.40gb", "compute slices"),
+            ("1xH100-SXM-80GB:mig=1g.10", "not a MIG profile"),
+        ] {
+            let err = SimulatedBackend::new("n", &[decl.into()])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{decl}: {err}");
+        }
     }
 
     #[test]

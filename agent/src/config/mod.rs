@@ -20,7 +20,7 @@ use clap::CommandFactory;
 use gpufleet_core::layered::{Layers, invalid, read_file};
 
 use crate::health::HealthPolicy;
-use gpufleet_core::catalog;
+use crate::sharing::{DEFAULT_MPS_PIPE_DIRECTORY, SharingMode};
 use gpufleet_core::parse_size;
 
 pub use gpufleet_core::layered::ConfigError;
@@ -103,6 +103,17 @@ pub struct AgentConfig {
     pub keep_workloads_on_exit: bool,
     /// Spot interruption notices to watch for; `None`: none.
     pub interruptions: Option<InterruptionConfig>,
+    /// How shared GPU allocations are enforced (`crate::sharing`).
+    pub gpu_sharing: SharingConfig,
+}
+
+/// The `gpu_sharing` and `mps_pipe_directory` keys. `Default` (what
+/// embedders get) is time-slicing, so tests never depend on whether the
+/// machine runs an MPS daemon; [`AgentConfig::load`] defaults to `auto`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SharingConfig {
+    pub mode: SharingMode,
+    pub mps_pipe_directory: PathBuf,
 }
 
 /// Where the agent reads its cloud's spot interruption notices.
@@ -336,6 +347,10 @@ impl AgentConfig {
             shim_program: None,
             keep_workloads_on_exit: false,
             interruptions: None,
+            gpu_sharing: SharingConfig {
+                mode: SharingMode::TimeSlicing,
+                mps_pipe_directory: DEFAULT_MPS_PIPE_DIRECTORY.into(),
+            },
         }
     }
 
@@ -449,6 +464,18 @@ impl AgentConfig {
             shim_program: None,
             keep_workloads_on_exit: s.keep_workloads_on_exit.unwrap_or(true),
             interruptions: interruption_config(&s.spot)?,
+            gpu_sharing: SharingConfig {
+                mode: match s.gpu_sharing {
+                    Some(m) => m
+                        .trim()
+                        .parse()
+                        .map_err(|e: String| invalid("gpu_sharing", e))?,
+                    None => SharingMode::Auto,
+                },
+                mps_pipe_directory: s
+                    .mps_pipe_directory
+                    .unwrap_or_else(|| DEFAULT_MPS_PIPE_DIRECTORY.into()),
+            },
         };
         config.validate()?;
         Ok(config)
@@ -506,7 +533,7 @@ impl AgentConfig {
                 ));
             }
             for decl in &self.simulated_gpus {
-                catalog::parse_gpu_declaration(decl)
+                crate::backend::simulated::parse_declaration(decl)
                     .map_err(|e| invalid("simulated_gpus", e.to_string()))?;
             }
         }

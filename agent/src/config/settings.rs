@@ -89,6 +89,16 @@ pub struct AgentSettings {
     /// Also read XIDs from /dev/kmsg where readable [default: true].
     #[arg(long, env = "GPUFLEET_READ_KMSG", value_name = "BOOL", value_parser = boolean)]
     pub read_kmsg: Option<bool>,
+    /// How shared GPU allocations are enforced: mps (CUDA MPS limits), time-slicing (memory watched), or auto (mps when the MPS daemon's pipe exists) [default: auto].
+    #[arg(
+        long,
+        env = "GPUFLEET_GPU_SHARING",
+        value_name = "auto|mps|time-slicing"
+    )]
+    pub gpu_sharing: Option<String>,
+    /// Pipe directory of the node's CUDA MPS control daemon [default: /tmp/nvidia-mps].
+    #[arg(long, env = "GPUFLEET_MPS_PIPE_DIRECTORY", value_name = "DIR")]
+    pub mps_pipe_directory: Option<PathBuf>,
     /// CA (PEM) that signed the controller's certificate; use with an https:// controller.
     #[arg(long, env = "GPUFLEET_TLS_CA", value_name = "PEM")]
     pub tls_ca: Option<PathBuf>,

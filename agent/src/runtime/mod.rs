@@ -53,8 +53,13 @@ pub struct LaunchRequest {
     pub working_dir: Option<PathBuf>,
     /// (uid, gid) to run as; `None`: the agent's own user.
     pub run_as: Option<(u32, u32)>,
-    /// The GPUs the workload may see, by UUID.
+    /// The GPUs the workload may see, by UUID (a `MIG-…` UUID for a MIG
+    /// instance).
     pub gpu_uuids: Vec<String>,
+    /// The limits of a shared GPU allocation (`crate::sharing`: CUDA MPS
+    /// variables, the share and memory limit); empty for whole GPUs. A
+    /// runtime sets them after the job's env, so a job cannot lift them.
+    pub gpu_env: Vec<(String, String)>,
     /// The workload's home and default working directory.
     pub allocation_dir: PathBuf,
     /// Where its combined stdout and stderr go (appended), capped at

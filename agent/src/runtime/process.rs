@@ -265,6 +265,7 @@ impl WorkloadRuntime for ProcessRuntime {
             ("CUDA_VISIBLE_DEVICES".into(), gpus.clone()),
             ("NVIDIA_VISIBLE_DEVICES".into(), gpus),
         ]);
+        env.extend(request.gpu_env.iter().cloned());
         env.extend(request.identity_env());
         let records_root = store::records_root(&self.data_dir);
         if let Err(e) = store::create_records_root(&records_root) {

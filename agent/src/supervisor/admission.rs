@@ -2,7 +2,7 @@
 //! controller's desired state, reconciled against what runs (started when
 //! missing, stopped when no longer wanted, forgotten once finished).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use gpufleet_proto::v1::{Allocation, DesiredState, WorkloadState, WorkloadStatus};
@@ -88,19 +88,27 @@ impl Supervisor {
             if st.workloads.contains_key(&allocation.allocation_id) {
                 return Err(SupervisorError::AlreadyExists(allocation.allocation_id));
             }
+            // Shares of one GPU may run side by side up to a whole GPU;
+            // anything else needs the GPU to itself.
+            let mut shared: HashMap<&str, u32> = HashMap::new();
             for (id, w) in &st.workloads {
                 if w.terminal() {
                     continue;
                 }
-                if let Some(uuid) = allocation
+                for uuid in allocation
                     .gpu_uuids
                     .iter()
-                    .find(|u| w.allocation.gpu_uuids.contains(u))
+                    .filter(|u| w.allocation.gpu_uuids.contains(u))
                 {
-                    return Err(SupervisorError::GpuBusy {
-                        uuid: uuid.clone(),
-                        holder: id.clone(),
-                    });
+                    let (mine, theirs) = (allocation.gpu_share_milli, w.allocation.gpu_share_milli);
+                    let total = shared.entry(uuid.as_str()).or_insert(mine);
+                    *total = total.saturating_add(theirs);
+                    if mine == 0 || theirs == 0 || *total > 1000 {
+                        return Err(SupervisorError::GpuBusy {
+                            uuid: uuid.clone(),
+                            holder: id.clone(),
+                        });
+                    }
                 }
             }
             self.admit(&mut st, allocation.clone(), Source::Local)
@@ -112,18 +120,43 @@ impl Supervisor {
         self.status(&id).ok_or(SupervisorError::NotFound(id))
     }
 
+    /// `uuid` is a GPU of this node or one of its MIG instances, as the
+    /// backend sees them now (an operator may change a MIG layout).
     fn check_known_gpu(&self, uuid: &str) -> Result<(), SupervisorError> {
-        if self.inner.node_gpus.iter().any(|g| g == uuid) {
+        let gpus = self.inner.backend.gpus();
+        let known: Vec<&str> = gpus
+            .iter()
+            .flat_map(|g| {
+                std::iter::once(g.uuid.as_str())
+                    .chain(g.mig_instances.iter().map(|m| m.uuid.as_str()))
+            })
+            .collect();
+        if let Some(g) = gpus.iter().find(|g| g.uuid == uuid && g.mig_enabled) {
+            // CUDA shows a MIG-mode GPU only through its instances.
+            let instances: Vec<&str> = g.mig_instances.iter().map(|m| m.uuid.as_str()).collect();
+            return Err(invalid(
+                "gpu_uuids",
+                format!(
+                    "{uuid} is in MIG mode: allocate one of its MIG instances ({})",
+                    if instances.is_empty() {
+                        "it has none; create some with nvidia-smi mig".to_string()
+                    } else {
+                        instances.join(", ")
+                    }
+                ),
+            ));
+        }
+        if known.contains(&uuid) {
             Ok(())
         } else {
             Err(invalid(
                 "gpu_uuids",
                 format!(
-                    "{uuid} is not a GPU of this node (its GPUs: {})",
-                    if self.inner.node_gpus.is_empty() {
+                    "{uuid} is not a GPU of this node (its GPUs and MIG instances: {})",
+                    if known.is_empty() {
                         "none".to_string()
                     } else {
-                        self.inner.node_gpus.join(", ")
+                        known.join(", ")
                     }
                 ),
             ))
@@ -153,6 +186,8 @@ impl Supervisor {
             return;
         }
         st.applied_generation = desired.generation;
+        // Applied by the sampler once each GPU is idle (mig_layout.rs).
+        st.mig_layouts = desired.mig_layouts.clone();
         let wanted: HashSet<&str> = desired
             .allocations
             .iter()

@@ -22,6 +22,10 @@
 mod admission;
 mod interrupt;
 pub use self::interrupt::{INTERRUPT_FILE, Interruption};
+mod enforce;
+mod mig_layout;
+
+pub use mig_layout::LayoutOutcome;
 mod logs;
 mod recovery;
 mod start;
@@ -41,6 +45,7 @@ use tokio::sync::{Semaphore, broadcast, watch};
 use crate::backend::GpuBackend;
 use crate::runtime::WorkloadRuntime;
 use crate::runtime::process::ProcessRuntime;
+use crate::sharing::GpuSharing;
 use crate::workload_store as store;
 use workload::Workload;
 
@@ -76,6 +81,8 @@ pub struct SupervisorSettings {
     /// more wait their turn. Each one holds a blocking thread for its
     /// launch.
     pub max_concurrent_starts: usize,
+    /// How shared GPU allocations are enforced (MPS or time-slicing).
+    pub gpu_sharing: GpuSharing,
 }
 
 impl SupervisorSettings {
@@ -90,6 +97,7 @@ impl SupervisorSettings {
             shim_program: PathBuf::from("/proc/self/exe"),
             shim_launch: ShimLaunch::Host,
             max_concurrent_starts: DEFAULT_MAX_CONCURRENT_STARTS,
+            gpu_sharing: GpuSharing::TimeSlicing,
         }
     }
 }
@@ -138,13 +146,17 @@ struct State {
     /// The busy set the backend was last told.
     busy: HashSet<String>,
     shutting_down: bool,
+    /// MIG layouts the controller wants (`mig_layout.rs`).
+    mig_layouts: Vec<gpufleet_proto::v1::MigLayout>,
+    /// Layouts the backend refused, by GPU, so the same wish is not tried
+    /// every sample: (profiles, why).
+    mig_refused: HashMap<String, (Vec<String>, String)>,
 }
 
 struct Inner {
     /// (uid, gid) workloads run as; `None`: the agent's own.
     run_as: std::sync::OnceLock<(u32, u32)>,
     settings: SupervisorSettings,
-    node_gpus: Vec<String>,
     backend: Arc<dyn GpuBackend>,
     runtime: Arc<dyn WorkloadRuntime>,
     state: Mutex<State>,
@@ -155,6 +167,9 @@ struct Inner {
     /// the state lock, after checking `shutting_down`, so that once that is
     /// set the count can only fall.
     launching: watch::Sender<usize>,
+    /// Told when the GPU inventory changed (a MIG layout was applied), so
+    /// the uplink says hello again with the new instances.
+    inventory_changed: Arc<tokio::sync::Notify>,
 }
 
 /// Handle to the workload manager; cheap to clone.
@@ -190,20 +205,19 @@ impl Supervisor {
         settings: SupervisorSettings,
         runtime: Arc<dyn WorkloadRuntime>,
     ) -> Self {
-        let node_gpus = backend.gpus().into_iter().map(|g| g.uuid).collect();
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let start_permits = Arc::new(Semaphore::new(settings.max_concurrent_starts.max(1)));
         Self {
             inner: Arc::new(Inner {
                 run_as: std::sync::OnceLock::new(),
                 settings,
-                node_gpus,
                 backend,
                 runtime,
                 state: Mutex::new(State::default()),
                 events,
                 start_permits,
                 launching: watch::channel(0).0,
+                inventory_changed: Arc::new(tokio::sync::Notify::new()),
             }),
         }
     }

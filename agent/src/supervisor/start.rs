@@ -168,6 +168,7 @@ impl Supervisor {
             working_dir: (!spec.working_dir.is_empty()).then(|| PathBuf::from(spec.working_dir)),
             run_as: self.inner.run_as.get().copied(),
             gpu_uuids: allocation.gpu_uuids.clone(),
+            gpu_env: self.inner.settings.gpu_sharing.env(&allocation),
             allocation_dir,
             log_path,
             log_max_bytes: self.inner.settings.log_max_bytes,

@@ -48,6 +48,7 @@ fn desired(generation: u64, allocations: Vec<Allocation>) -> DesiredState {
     DesiredState {
         generation,
         allocations,
+        ..Default::default()
     }
 }
 

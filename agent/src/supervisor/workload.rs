@@ -43,6 +43,9 @@ pub(super) struct Workload {
     /// Set when a spot interruption stops it: it then ends `Interrupted`
     /// with this message, not `Stopped`.
     pub(super) interrupted: Option<String>,
+    /// Why the agent stopped it on its own (a GPU memory overrun): it then
+    /// ends Failed with this reason rather than Stopped.
+    pub(super) enforced: Option<String>,
 }
 
 impl Workload {
@@ -70,6 +73,7 @@ impl Workload {
             done,
             port_known: Arc::new(Notify::new()),
             interrupted: None,
+            enforced: None,
         }
     }
 
@@ -123,7 +127,11 @@ impl Workload {
         let finished = exit.finished_at;
         self.finished_at = Some(self.started_at.map_or(finished, |s| finished.max(s)));
         (self.state, self.message) = outcome(self.stop_requested, exit);
-        if let Some(why) = &self.interrupted
+        if let Some(reason) = &self.enforced
+            && exit.start_error.is_none()
+        {
+            (self.state, self.message) = (WorkloadState::Failed, reason.clone());
+        } else if let Some(why) = &self.interrupted
             && matches!(self.state, WorkloadState::Stopped | WorkloadState::Failed)
             && exit.start_error.is_none()
         {

@@ -53,6 +53,21 @@ enum NodesCommand {
     /// Forget the agent identity bound to a node id, so a reinstalled host
     /// can register under it again (admin).
     ResetIdentity { node_id: String },
+    /// Split a GPU into MIG instances, e.g. `mig-layout node-1 0
+    /// 3g.40gb,2g.20gb,1g.10gb,1g.10gb`. The agent applies it once no
+    /// workload runs on the GPU (drain or cordon the node first); the
+    /// scheduler never changes a layout. `--withdraw` drops the wish.
+    MigLayout {
+        node_id: String,
+        /// GPU index (as `nodes get` shows) or UUID.
+        gpu: String,
+        /// Comma-separated MIG profiles, at most 7.
+        #[arg(required_unless_present = "withdraw")]
+        profiles: Option<String>,
+        /// Drop the wanted layout of this GPU (its instances stay as they are).
+        #[arg(long, conflicts_with = "profiles")]
+        withdraw: bool,
+    },
 }
 
 pub async fn nodes(address: &str, format: Format, args: NodesArgs) -> anyhow::Result<ExitCode> {
@@ -157,6 +172,53 @@ pub async fn nodes(address: &str, format: Format, args: NodesArgs) -> anyhow::Re
                 format,
                 &format!("GPU {gpu_uuid} returned to service"),
             )?;
+        }
+        NodesCommand::MigLayout {
+            node_id,
+            gpu,
+            profiles,
+            withdraw: _,
+        } => {
+            let node = fleet
+                .get_node(GetNodeRequest {
+                    node_id: node_id.clone(),
+                })
+                .await?
+                .into_inner();
+            let gpu_uuid = node
+                .gpus
+                .iter()
+                .filter_map(|g| g.info.as_ref())
+                .find(|i| i.uuid == gpu || i.index.to_string() == gpu)
+                .map(|i| i.uuid.clone())
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "node {node_id} has no GPU {gpu:?}; `gpufleet nodes get {node_id}` lists its GPUs"
+                    )
+                })?;
+            let profiles: Vec<String> = profiles
+                .iter()
+                .flat_map(|p| p.split(','))
+                .map(|p| p.trim().to_string())
+                .filter(|p| !p.is_empty())
+                .collect();
+            let node = fleet
+                .set_mig_layout(gpufleet_proto::v1::SetMigLayoutRequest {
+                    node_id,
+                    gpu_uuid: gpu_uuid.clone(),
+                    profiles: profiles.clone(),
+                })
+                .await?
+                .into_inner();
+            let what = if profiles.is_empty() {
+                format!("no MIG layout wanted for GPU {gpu_uuid}")
+            } else {
+                format!(
+                    "MIG layout {} wanted for GPU {gpu_uuid}; the agent applies it once the GPU is idle (`gpufleet nodes get` shows its instances)",
+                    profiles.join(",")
+                )
+            };
+            print_change(&node, format, &what)?;
         }
         NodesCommand::Uncordon { node_id } => {
             let node = fleet
@@ -314,6 +376,55 @@ fn print_node(node: &Node) {
         ]);
     }
     output::print_table(&table);
+    let mig: Vec<_> = node
+        .gpus
+        .iter()
+        .filter_map(|g| g.info.as_ref())
+        .filter(|i| i.mig_enabled)
+        .collect();
+    if !mig.is_empty() {
+        say!();
+        say!("MIG instances:");
+        let mut table = output::table(&["GPU", "UUID", "PROFILE", "MEMORY", "SM SHARE"]);
+        for info in mig {
+            for m in &info.mig_instances {
+                table.add_row(vec![
+                    info.index.to_string(),
+                    m.uuid.clone(),
+                    m.profile.clone(),
+                    format!("{:.1} GiB", m.memory_bytes as f64 / (1u64 << 30) as f64),
+                    format!("{:.1}%", f64::from(m.sm_share_milli) / 10.0),
+                ]);
+            }
+        }
+        output::print_table(&table);
+    }
+    if !node.mig_layouts.is_empty() {
+        say!();
+        say!("Wanted MIG layouts (applied by the agent once the GPU is idle):");
+        for l in &node.mig_layouts {
+            let have = node
+                .gpus
+                .iter()
+                .filter_map(|g| g.info.as_ref())
+                .find(|i| i.uuid == l.gpu_uuid)
+                .map(|i| {
+                    let mut p: Vec<&str> =
+                        i.mig_instances.iter().map(|m| m.profile.as_str()).collect();
+                    p.sort_unstable();
+                    p
+                })
+                .unwrap_or_default();
+            let mut want: Vec<&str> = l.profiles.iter().map(String::as_str).collect();
+            want.sort_unstable();
+            say!(
+                "  {}: {} ({})",
+                l.gpu_uuid,
+                l.profiles.join(","),
+                if have == want { "applied" } else { "pending" }
+            );
+        }
+    }
 }
 
 /// A fleet grouping dimension, shared by `capacity` and `telemetry aggregates`.

@@ -155,6 +155,8 @@ pub fn render_frame(response: &GetLatestResponse, sort: SortKey) -> Vec<String> 
         "PROVIDER/REGION",
         "MODEL",
         "UTIL",
+        "SM",
+        "TENSOR",
         "MEM",
         "TEMP",
         "POWER",
@@ -181,6 +183,8 @@ pub fn render_frame(response: &GetLatestResponse, sort: SortKey) -> Vec<String> 
             info.model,
             s.gpu_utilization_percent
                 .map_or("-".into(), |u| format!("{u}%")),
+            profiling_cell(&s, |g| g.sm_active),
+            profiling_cell(&s, |g| g.tensor_active),
             match (s.memory_used_bytes, s.memory_total_bytes) {
                 (Some(used), Some(total)) => format!("{:.1}/{:.0} GiB", gib(used), gib(total)),
                 (Some(used), None) => format!("{:.1} GiB", gib(used)),
@@ -210,6 +214,23 @@ pub fn render_frame(response: &GetLatestResponse, sort: SortKey) -> Vec<String> 
         lines.push("no GPUs match: start an agent, or loosen the filters".to_string());
     }
     lines
+}
+
+/// A GPM activity (0–1) as a percentage: the GPU's own, or the busiest
+/// MIG instance's with a `*` (a MIG GPU reports per instance); `-` on a GPU
+/// without GPM (before Hopper).
+fn profiling_cell(
+    s: &gpufleet_proto::v1::GpuSample,
+    pick: fn(&gpufleet_proto::v1::GpmMetrics) -> Option<f64>,
+) -> String {
+    if let Some(v) = s.gpm.as_ref().and_then(pick) {
+        return format!("{:.0}%", v * 100.0);
+    }
+    s.mig_samples
+        .iter()
+        .filter_map(|m| m.gpm.as_ref().and_then(pick))
+        .reduce(f64::max)
+        .map_or("-".into(), |v| format!("{:.0}%*", v * 100.0))
 }
 
 #[cfg(test)]
@@ -264,5 +285,47 @@ mod tests {
         assert!(by_node[0].contains("2 nodes, 3 GPUs"), "{}", by_node[0]);
         assert!(by_node[0].contains("mean util 50%"), "{}", by_node[0]);
         assert!(by_node[0].contains("power 600 W"), "{}", by_node[0]);
+    }
+
+    #[test]
+    fn profiling_columns_show_gpm_per_gpu_or_busiest_mig_instance() {
+        use gpufleet_proto::v1::{GpmMetrics, MigSample};
+        let mut whole = gpu("a", 0, Some(90), 500);
+        if let Some(s) = whole.sample.as_mut() {
+            s.gpm = Some(GpmMetrics {
+                sm_active: Some(0.8),
+                tensor_active: Some(0.25),
+                ..Default::default()
+            });
+        }
+        let mut mig = gpu("a", 1, Some(50), 300);
+        if let Some(s) = mig.sample.as_mut() {
+            s.mig_samples = [0.1, 0.6]
+                .map(|t| MigSample {
+                    gpm: Some(GpmMetrics {
+                        sm_active: Some(t),
+                        tensor_active: Some(t / 2.0),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .to_vec();
+        }
+        let old = gpu("a", 2, Some(50), 300);
+        let response = GetLatestResponse {
+            gpus: vec![whole, mig, old],
+            ..Default::default()
+        };
+        let lines = render_frame(&response, SortKey::Node);
+        let row = |gpu: &str| {
+            lines[2..]
+                .iter()
+                .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                .find(|c| c[1] == gpu)
+                .map(|c| (c[5].to_string(), c[6].to_string()))
+        };
+        assert_eq!(row("0"), Some(("80%".into(), "25%".into())), "{lines:?}");
+        assert_eq!(row("1"), Some(("60%*".into(), "30%*".into())), "{lines:?}");
+        assert_eq!(row("2"), Some(("-".into(), "-".into())), "{lines:?}");
     }
 }

@@ -171,6 +171,18 @@ impl Fleet for FleetService {
             .map_err(to_status)
     }
 
+    async fn set_mig_layout(
+        &self,
+        request: Request<gpufleet_proto::v1::SetMigLayoutRequest>,
+    ) -> Result<Response<Node>, Status> {
+        caller(&self.controller, &request, Action::OperateFleet)?;
+        let request = request.into_inner();
+        self.controller
+            .set_mig_layout(&request.node_id, &request.gpu_uuid, &request.profiles)
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
     async fn uncordon_gpu(
         &self,
         request: Request<gpufleet_proto::v1::UncordonGpuRequest>,

@@ -485,6 +485,7 @@ pub mod interruptions;
 mod jobs;
 mod ledger;
 mod logs;
+mod mig_layout;
 mod nodes;
 pub mod prices;
 mod scheduling;

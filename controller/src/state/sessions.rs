@@ -116,6 +116,10 @@ impl Controller {
                 .map(|p| p.record.cordon_reason.clone())
                 .unwrap_or_default(),
             drain_deadline: previous.as_ref().and_then(|p| p.record.drain_deadline),
+            mig_layouts: previous
+                .as_ref()
+                .map(|p| p.record.mig_layouts.clone())
+                .unwrap_or_default(),
         };
         batch.put(Keyspace::Nodes, &node_id, &record);
         self.inner.store.write(batch);
@@ -419,6 +423,7 @@ impl Controller {
             body: Some(controller_message::Body::DesiredState(DesiredState {
                 generation: entry.generation,
                 allocations,
+                mig_layouts: entry.record.mig_layouts.clone(),
             })),
         };
         // Sent once the writes it reflects are durable, in order with the

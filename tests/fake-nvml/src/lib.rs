@@ -34,6 +34,9 @@
 //! once, in order (append to inject another). `lost: true` makes every call
 //! for that GPU fail with `NVML_ERROR_GPU_IS_LOST`.
 //!
+//! MIG and GPM (`"mig_instances"`, `"gpm"`, `"sm_count"`): see [`mig`],
+//! [`mig_layout`] (creating and destroying instances) and [`gpm`].
+//!
 //! nvml-wrapper resolves symbols lazily (a missing one fails only the call
 //! that needs it), so only the functions the agent uses are exported.
 
@@ -44,6 +47,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Deserialize;
+
+pub mod gpm;
+pub mod mig;
+pub mod mig_layout;
+
+pub use mig::FakeMigInstance;
 
 /// Environment variable naming the JSON file.
 pub const CONFIG_ENV: &str = "GPUFLEET_FAKE_NVML_CONFIG";
@@ -86,6 +95,11 @@ pub struct FakeGpu {
     pub xids: Vec<u64>,
     #[serde(default)]
     pub lost: bool,
+    /// MIG compute instances (shown when `values.mig_mode` is 1).
+    #[serde(default)]
+    pub mig_instances: Vec<FakeMigInstance>,
+    /// GPM metrics by key ([`gpm::METRIC_KEYS`]); absent: no GPM (pre-Hopper).
+    pub gpm: Option<HashMap<String, f64>>,
 }
 
 /// One NVLink's data counters, KiB since the (fake) driver loaded.
@@ -101,6 +115,9 @@ pub struct FakeNvLink {
 pub struct FakeProcess {
     pub pid: u32,
     pub used_memory: u64,
+    /// The MIG instance it runs in (`NVML` reports `UINT_MAX` outside MIG).
+    pub gpu_instance_id: Option<u32>,
+    pub compute_instance_id: Option<u32>,
 }
 
 /// NVML field ids served by `nvmlDeviceGetFieldValues`, and their keys.
@@ -129,22 +146,22 @@ const FIELD_NVLINK_DATA_RX: c_uint = 139;
 /// The scope id that asks for the sum over all links.
 const SCOPE_ALL_LINKS: c_uint = c_uint::MAX;
 
-type Ret = c_uint;
-const SUCCESS: Ret = 0;
-const ERROR_UNINITIALIZED: Ret = 1;
-const ERROR_INVALID_ARGUMENT: Ret = 2;
-const ERROR_NOT_SUPPORTED: Ret = 3;
-const ERROR_NOT_FOUND: Ret = 6;
-const ERROR_INSUFFICIENT_SIZE: Ret = 7;
-const ERROR_TIMEOUT: Ret = 10;
-const ERROR_GPU_IS_LOST: Ret = 15;
+pub(crate) type Ret = c_uint;
+pub(crate) const SUCCESS: Ret = 0;
+pub(crate) const ERROR_UNINITIALIZED: Ret = 1;
+pub(crate) const ERROR_INVALID_ARGUMENT: Ret = 2;
+pub(crate) const ERROR_NOT_SUPPORTED: Ret = 3;
+pub(crate) const ERROR_NOT_FOUND: Ret = 6;
+pub(crate) const ERROR_INSUFFICIENT_SIZE: Ret = 7;
+pub(crate) const ERROR_TIMEOUT: Ret = 10;
+pub(crate) const ERROR_GPU_IS_LOST: Ret = 15;
 const EVENT_TYPE_XID_CRITICAL_ERROR: c_ulonglong = 8;
 const VALUE_TYPE_UNSIGNED_LONG_LONG: c_uint = 3;
 
 /// A device handle is its index + 1 (never null).
-type Device = *mut c_void;
+pub(crate) type Device = *mut c_void;
 
-fn handle(index: usize) -> Device {
+pub(crate) fn handle(index: usize) -> Device {
     (index + 1) as Device
 }
 
@@ -183,7 +200,7 @@ fn config_path() -> Option<std::path::PathBuf> {
 /// The current config; re-parsed only when the file changed. A missing or
 /// malformed file reads as a machine with no GPUs (the error goes to stderr
 /// once per change, for whoever debugs the test).
-fn config() -> Arc<FakeConfig> {
+pub(crate) fn config() -> Arc<FakeConfig> {
     let Some(path) = config_path() else {
         return Arc::new(FakeConfig::default());
     };
@@ -209,7 +226,11 @@ fn config() -> Arc<FakeConfig> {
 
 /// Runs `f` with the GPU behind `device`, mapping a bad handle and a lost
 /// GPU to NVML's errors.
-fn with_gpu(device: Device, f: impl FnOnce(&FakeGpu) -> Ret) -> Ret {
+pub(crate) fn with_gpu(device: Device, f: impl FnOnce(&FakeGpu) -> Ret) -> Ret {
+    if mig::is_mig_handle(device) {
+        // NVML answers most device queries on a MIG handle this way.
+        return ERROR_NOT_SUPPORTED;
+    }
     let c = config();
     let index = (device as usize).wrapping_sub(1);
     match c.gpus.get(index) {
@@ -243,7 +264,7 @@ fn nvlink_data(g: &FakeGpu, field: c_uint, scope: c_uint) -> Result<u64, Ret> {
         .ok_or(ERROR_INVALID_ARGUMENT)
 }
 
-fn value(g: &FakeGpu, key: &str) -> Option<f64> {
+pub(crate) fn value(g: &FakeGpu, key: &str) -> Option<f64> {
     g.values.get(key).copied().filter(|v| v.is_finite())
 }
 
@@ -251,7 +272,7 @@ fn value(g: &FakeGpu, key: &str) -> Option<f64> {
 ///
 /// # Safety
 /// `out` must be null or valid for a write of `T`.
-unsafe fn put<T>(out: *mut T, v: Option<T>) -> Ret {
+pub(crate) unsafe fn put<T>(out: *mut T, v: Option<T>) -> Ret {
     match v {
         None => ERROR_NOT_SUPPORTED,
         Some(_) if out.is_null() => ERROR_INVALID_ARGUMENT,
@@ -267,7 +288,7 @@ unsafe fn put<T>(out: *mut T, v: Option<T>) -> Ret {
 ///
 /// # Safety
 /// `buf` must be null or valid for `len` bytes.
-unsafe fn put_str(buf: *mut c_char, len: c_uint, s: &str) -> Ret {
+pub(crate) unsafe fn put_str(buf: *mut c_char, len: c_uint, s: &str) -> Ret {
     if buf.is_null() {
         return ERROR_INVALID_ARGUMENT;
     }
@@ -383,6 +404,10 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByUUID(
 /// `buf` valid for `len` bytes.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetUUID(device: Device, buf: *mut c_char, len: c_uint) -> Ret {
+    if mig::is_mig_handle(device) {
+        // SAFETY: forwarded contract.
+        return mig::with_mig(device, |_, m| unsafe { put_str(buf, len, &m.uuid) });
+    }
     // SAFETY: forwarded contract.
     with_gpu(device, |g| unsafe { put_str(buf, len, &g.uuid) })
 }
@@ -391,6 +416,14 @@ pub unsafe extern "C" fn nvmlDeviceGetUUID(device: Device, buf: *mut c_char, len
 /// `buf` valid for `len` bytes.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetName(device: Device, buf: *mut c_char, len: c_uint) -> Ret {
+    if mig::is_mig_handle(device) {
+        // The driver names a MIG device "<GPU name> MIG <profile>".
+        return mig::with_mig(device, |g, m| {
+            let name = format!("{} MIG {}", g.name, m.profile);
+            // SAFETY: forwarded contract.
+            unsafe { put_str(buf, len, &name) }
+        });
+    }
     // SAFETY: forwarded contract.
     with_gpu(device, |g| unsafe { put_str(buf, len, &g.name) })
 }
@@ -526,11 +559,7 @@ pub struct MemoryV2 {
 /// `memory` valid for a write of `nvmlMemory_v2_t`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(device: Device, memory: *mut MemoryV2) -> Ret {
-    with_gpu(device, |g| {
-        let (Some(total), Some(used)) = (value(g, "memory_total"), value(g, "memory_used")) else {
-            return ERROR_NOT_SUPPORTED;
-        };
-        let (total, used) = (total as u64, used as u64);
+    let answer = |total: u64, used: u64| {
         // SAFETY: forwarded contract.
         unsafe {
             put(
@@ -544,6 +573,15 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(device: Device, memory: *mut
                 }),
             )
         }
+    };
+    if mig::is_mig_handle(device) {
+        return mig::with_mig(device, |_, m| answer(m.memory_total, m.memory_used));
+    }
+    with_gpu(device, |g| {
+        let (Some(total), Some(used)) = (value(g, "memory_total"), value(g, "memory_used")) else {
+            return ERROR_NOT_SUPPORTED;
+        };
+        answer(total as u64, used as u64)
     })
 }
 
@@ -703,8 +741,20 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
     if count.is_null() {
         return ERROR_INVALID_ARGUMENT;
     }
-    with_gpu(device, |g| {
-        let n = g.processes.len();
+    let list = |g: &FakeGpu, only: Option<&FakeMigInstance>| {
+        // A MIG handle lists only the processes in its instance; the
+        // parent lists them all, each with its instance ids.
+        let processes: Vec<&FakeProcess> = g
+            .processes
+            .iter()
+            .filter(|p| {
+                only.is_none_or(|m| {
+                    p.gpu_instance_id == Some(m.gpu_instance_id)
+                        && p.compute_instance_id.unwrap_or(0) == m.compute_instance_id
+                })
+            })
+            .collect();
+        let n = processes.len();
         // SAFETY: `count` non-null and valid per contract.
         let room = unsafe { count.read() } as usize;
         // SAFETY: as above.
@@ -715,19 +765,23 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
         if infos.is_null() || room < n {
             return ERROR_INSUFFICIENT_SIZE;
         }
-        for (i, p) in g.processes.iter().enumerate() {
+        for (i, p) in processes.iter().enumerate() {
             // SAFETY: i < n <= room, the caller's buffer length.
             unsafe {
                 infos.add(i).write(ProcessInfo {
                     pid: p.pid,
                     used_gpu_memory: p.used_memory,
-                    gpu_instance_id: u32::MAX,
-                    compute_instance_id: u32::MAX,
+                    gpu_instance_id: p.gpu_instance_id.unwrap_or(u32::MAX),
+                    compute_instance_id: p.compute_instance_id.unwrap_or(u32::MAX),
                 });
             }
         }
         SUCCESS
-    })
+    };
+    if mig::is_mig_handle(device) {
+        return mig::with_mig(device, |g, m| list(g, Some(m)));
+    }
+    with_gpu(device, |g| list(g, None))
 }
 
 #[repr(C)]
