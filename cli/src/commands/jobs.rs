@@ -509,6 +509,7 @@ fn build_spec(args: SubmitArgs) -> anyhow::Result<JobSpec> {
             env,
             working_dir: String::new(),
             stop_grace_period_seconds: args.grace_period.unwrap_or(0),
+            container: None,
         }),
         priority: args.priority,
         preemptible: args.preemptible,
