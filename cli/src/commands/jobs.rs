@@ -156,8 +156,11 @@ struct SubmitArgs {
     /// Wait for the job to end and exit with its outcome.
     #[arg(long)]
     wait: bool,
-    /// The command and its arguments, after `--`. Run directly, not by a shell.
-    #[arg(last = true, required = true, value_name = "CMD")]
+    #[command(flatten)]
+    image: super::image::ImageArgs,
+    /// The command and its arguments, after `--`. Run directly, not by a
+    /// shell; with --image, the container's command (none: the image's).
+    #[arg(last = true, required_unless_present = "image", value_name = "CMD")]
     command: Vec<String>,
 }
 
@@ -509,7 +512,7 @@ fn build_spec(args: SubmitArgs) -> anyhow::Result<JobSpec> {
             env,
             working_dir: String::new(),
             stop_grace_period_seconds: args.grace_period.unwrap_or(0),
-            container: None,
+            container: args.image.container()?,
         }),
         priority: args.priority,
         preemptible: args.preemptible,

@@ -1,5 +1,6 @@
 pub mod completions;
 pub mod dev;
+pub mod image;
 pub mod jobs;
 pub mod nodes;
 pub mod simulate;

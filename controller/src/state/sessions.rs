@@ -185,7 +185,7 @@ impl Controller {
                     }
                 } else if matches!(
                     task.state(),
-                    WorkloadState::Starting | WorkloadState::Running
+                    WorkloadState::Starting | WorkloadState::Pulling | WorkloadState::Running
                 ) {
                     task.set_state(WorkloadState::Lost);
                     task.message = "the agent reconnected without this workload (it restarted or lost track of it)".to_string();
@@ -439,7 +439,7 @@ pub(super) fn desired_allocations(state: &State, node_id: &str) -> Vec<Allocatio
     let mut allocations: Vec<Allocation> = state
         .jobs
         .values()
-        .filter(|job| matches!(job.state(), JobState::Scheduled | JobState::Running))
+        .filter(|job| is_desired(job))
         .flat_map(|job| {
             job.tasks
                 .iter()

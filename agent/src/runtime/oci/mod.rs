@@ -560,15 +560,18 @@ impl RunningWorkload for ContainerWorkload {
         self.kill_container();
     }
 
+    /// Waits for the attached client, then removes the container (killing
+    /// it first should the client have died before it): its exit status is
+    /// in the shim's record and its output in the log already, so nothing
+    /// of it is needed any more, and once the end is reported no container
+    /// of the allocation is left.
     fn wait(self: Arc<Self>, on_started: OnStarted) -> BoxFuture<Ended> {
         Box::pin(async move {
             let ended = self.inner.clone().wait(on_started).await;
-            // A client killed by a signal may leave its container running.
-            let client_killed = matches!(&ended, Ended::Exited(e) if e.signal.is_some())
-                || matches!(ended, Ended::Lost(_));
-            if client_killed {
-                let (podman, name) = (self.podman.clone(), self.name.clone());
-                let _ = tokio::task::spawn_blocking(move || podman.kill(&name, "KILL")).await;
+            let (podman, name) = (self.podman.clone(), self.name.clone());
+            let removed = tokio::task::spawn_blocking(move || podman.remove(&name)).await;
+            if let Ok(Err(why)) = removed {
+                warn!(container = %self.name, %why, "cannot remove the ended container; the next agent start reaps it");
             }
             container_ending(ended)
         })
@@ -679,12 +682,13 @@ impl WorkloadRuntime for Runtimes {
                 super::FoundState::Lost(_) => {}
             }
         }
-        // A running or ended one keeps its container until its status was
-        // delivered (forget); anything else of ours goes now.
+        // A running one keeps its container (its wait removes it); one that
+        // ended while the agent was away has its status in its records and
+        // its output in its log, so its container goes now with the rest.
         let owned: std::collections::HashSet<String> = adoption
             .found
             .iter()
-            .filter(|f| !matches!(f.state, super::FoundState::Lost(_)))
+            .filter(|f| matches!(f.state, super::FoundState::Running(_)))
             .map(|f| f.allocation.allocation_id.clone())
             .collect();
         let problems = oci.reap(&|id| owned.contains(id) || known(id));
