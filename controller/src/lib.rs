@@ -11,6 +11,7 @@ pub mod limits;
 pub mod memory;
 pub mod metrics;
 pub mod placement;
+pub mod secrets;
 pub mod server;
 pub mod service;
 pub mod state;

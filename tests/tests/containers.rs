@@ -350,3 +350,69 @@ async fn a_missing_image_fails_with_the_registrys_reason_after_pulling() -> anyh
     assert!(message.contains("not on this node"), "{message}");
     cluster.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_credentials_go_by_reference_and_are_never_stored_with_the_job() -> anyhow::Result<()> {
+    use gpufleet_proto::v1::PutRegistrySecretRequest;
+    use gpufleet_proto::v1::secrets_client::SecretsClient;
+    if !podman_ready("registry_credentials_go_by_reference_and_are_never_stored_with_the_job")? {
+        return Ok(());
+    }
+    let (cluster, _guard) = cluster("oci-secret", 1, false, Vec::new()).await?;
+    let password = "pw-7c1d0f-never-in-a-record";
+    let with_secret = |name: &str| {
+        image_job(
+            1,
+            &["true"],
+            ContainerSpec {
+                image: "localhost/gpufleet-private:1".into(),
+                registry_secret: name.into(),
+                ..Default::default()
+            },
+        )
+    };
+    // A job that names a secret its tenant does not have is refused.
+    let err = cluster.submit_spec(with_secret("ghcr")).await.unwrap_err();
+    assert!(format!("{err:#}").contains("has no registry secret"), "{err:#}");
+    SecretsClient::new(cluster.channel().await?)
+        .put_registry_secret(PutRegistrySecretRequest {
+            tenant: String::new(),
+            name: "ghcr".into(),
+            registry: "localhost".into(),
+            username: "bot".into(),
+            password: password.into(),
+        })
+        .await?;
+    let job = cluster.submit_spec(with_secret("ghcr")).await?;
+    let job = cluster.wait_job(&job.id, "to end", ended).await?;
+    // The pull ran (with the credential) and failed with podman's reason.
+    assert_eq!(job.state(), JobState::Failed);
+    assert!(job.tasks[0].message.contains("cannot pull image"), "{job:?}");
+    assert!(!format!("{job:?}").contains(password));
+    // Neither the controller's store nor the agent's files hold it in a job
+    // or workload record; the agent's pull credential file is gone.
+    let agent_dir = cluster.data_dir().join("agents").join("oci-secret");
+    for file in walk(&agent_dir)? {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(!text.contains(password), "{} holds the password", file.display());
+    }
+    cluster.shutdown().await
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let mut files = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    Ok(files)
+}

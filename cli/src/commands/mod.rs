@@ -3,6 +3,7 @@ pub mod dev;
 pub mod image;
 pub mod jobs;
 pub mod nodes;
+pub mod secrets;
 pub mod simulate;
 pub mod telemetry;
 pub mod tokens;

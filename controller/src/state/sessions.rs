@@ -399,7 +399,26 @@ impl Controller {
     /// Sends the node its whole desired allocation set if it changed (or
     /// always, with `force`).
     pub(super) fn push_desired(&self, state: &mut State, node_id: &str, force: bool) {
-        let allocations = desired_allocations(state, node_id);
+        let mut allocations = desired_allocations(state, node_id);
+        // Credentials only on the wire, resolved now (never in a record).
+        for allocation in &mut allocations {
+            let Some(secret) = allocation
+                .workload
+                .as_ref()
+                .and_then(|w| w.container.as_ref())
+                .map(|c| c.registry_secret.as_str())
+                .filter(|s| !s.is_empty())
+            else {
+                continue;
+            };
+            let tenant = state
+                .jobs
+                .get(&allocation.job_id)
+                .and_then(|j| j.spec.as_ref())
+                .map(|s| s.tenant.as_str())
+                .unwrap_or_default();
+            allocation.registry_auth = self.inner.secrets.resolve(tenant, secret);
+        }
         let Some(entry) = state.nodes.get_mut(node_id) else {
             return;
         };
