@@ -126,6 +126,7 @@ pub fn fleet_inputs(nodes: usize, rng: &mut StdRng) -> Vec<NodeInput> {
                     })
                     .collect(),
                 nvlink_groups: Vec::new(),
+                oci: false,
             }
         })
         .collect()

@@ -62,6 +62,10 @@ pub fn node_input(node: &Node, connected: bool) -> NodeInput {
             })
             .collect(),
         nvlink_groups: nvlink_groups(node),
+        oci: node
+            .identity
+            .as_ref()
+            .is_some_and(|i| i.runtimes.iter().any(|r| r == "oci")),
     }
 }
 
@@ -172,11 +176,18 @@ pub fn job_input(job: &Job) -> JobInput {
         submitted_at,
         tasks: spec.tasks.max(1),
         gpus_per_task: spec.gpus_per_task,
-        constraints: spec
-            .constraints
-            .as_ref()
-            .map(constraints)
-            .unwrap_or_default(),
+        constraints: Constraints {
+            // An image job runs only where an agent has the oci runtime.
+            require_oci: spec
+                .workload
+                .as_ref()
+                .is_some_and(|w| w.container.is_some()),
+            ..spec
+                .constraints
+                .as_ref()
+                .map(constraints)
+                .unwrap_or_default()
+        },
         policy: policy_of(spec.placement_policy),
         max_runtime_secs: (spec.max_runtime_seconds > 0).then_some(spec.max_runtime_seconds as u64),
         not_before: ts_secs(job.not_before.as_ref()),
@@ -339,6 +350,8 @@ pub fn constraints(c: &JobConstraints) -> Constraints {
         allow_spot: c.allow_spot,
         locality: locality_from_wire(c.locality),
         require_nvlink: c.require_nvlink,
+        // From the workload, not the constraints message: see `job_input`.
+        require_oci: false,
     }
 }
 
@@ -453,6 +466,7 @@ mod tests {
                 allow_spot: true,
                 locality: Locality::Provider,
                 require_nvlink: true,
+                require_oci: false,
             }
         );
         assert_eq!(

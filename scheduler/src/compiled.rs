@@ -16,6 +16,7 @@ pub(crate) struct Compiled {
     pub(crate) allow_spot: bool,
     pub(crate) locality: Locality,
     pub(crate) nvlink: bool,
+    pub(crate) oci: bool,
 }
 
 pub(crate) fn model_matches(constraints: &Constraints, model: &fleet::ModelInfo) -> bool {
@@ -55,11 +56,13 @@ impl Compiled {
             allow_spot: c.allow_spot,
             locality,
             nvlink: c.require_nvlink,
+            oci: c.require_oci,
         }
     }
 
     pub(crate) fn class_ok(&self, class: &fleet::Class) -> bool {
         self.models[class.model as usize]
+            && (class.oci || !self.oci)
             && class.price <= self.max_price
             && (self.allow_spot || !class.spot)
             && self

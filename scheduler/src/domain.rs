@@ -88,6 +88,8 @@ pub struct Constraints {
     pub locality: Locality,
     /// Multi-GPU tasks need NVLink-connected GPUs (where topology is known).
     pub require_nvlink: bool,
+    /// A container-image job: only nodes that run images (`oci`) fit.
+    pub require_oci: bool,
 }
 
 /// How to choose among GPUs that satisfy every constraint.

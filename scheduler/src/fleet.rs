@@ -29,6 +29,8 @@ pub struct NodeInput {
     pub gpus: Vec<GpuInput>,
     /// Sets of GPU positions that are all NVLink-connected; empty = unknown.
     pub nvlink_groups: Vec<Vec<u32>>,
+    /// Runs container images (its agent advertises the `oci` runtime).
+    pub oci: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -76,6 +78,8 @@ pub(crate) struct Class {
     pub(crate) model: u16,
     pub(crate) price: u64,
     pub(crate) spot: bool,
+    /// Its nodes run container images.
+    pub(crate) oci: bool,
     /// `buckets[k]`: schedulable, unreserved slots with exactly k free GPUs.
     pub(crate) buckets: Vec<Vec<u32>>,
     /// Schedulable slots under a reservation (checked only by jobs that can
@@ -169,7 +173,7 @@ impl Fleet {
         // Keys borrow from `nodes`: a pass rebuilds the fleet, and a key
         // copied per GPU was most of the build.
         let mut model_index: HashMap<ModelKey<'_>, u16> = HashMap::new();
-        let mut class_index: HashMap<(u16, u16, u16, u64, bool), u32> = HashMap::new();
+        let mut class_index: HashMap<(u16, u16, u16, u64, bool, bool), u32> = HashMap::new();
         let mut node_index: HashMap<&str, u32> = HashMap::with_capacity(nodes.len());
         // Per node, per GPU position in `NodeInput::gpus`: its slot and bit.
         let mut gpu_slots: Vec<Vec<Option<(u32, u32)>>> = Vec::with_capacity(nodes.len());
@@ -222,6 +226,7 @@ impl Fleet {
                             model,
                             node.price_per_gpu_hour_micro_usd,
                             node.spot,
+                            node.oci,
                         );
                         let class = *class_index.entry(class_key).or_insert_with(|| {
                             fleet.classes.push(Class {
@@ -230,6 +235,7 @@ impl Fleet {
                                 model,
                                 price: node.price_per_gpu_hour_micro_usd,
                                 spot: node.spot,
+                                oci: node.oci,
                                 buckets: vec![Vec::new(); MAX_GPUS_PER_SLOT + 1],
                                 reserved: Vec::new(),
                                 slots: Vec::new(),

@@ -271,6 +271,7 @@ mod tests {
                 })
                 .collect(),
             nvlink_groups: Vec::new(),
+            oci: false,
         }
     }
 

@@ -133,6 +133,7 @@ fn nodes(specs: &[NodeSpec]) -> Vec<NodeInput> {
                     })
                     .collect(),
                 nvlink_groups: Vec::new(),
+                oci: false,
             }
         })
         .collect()

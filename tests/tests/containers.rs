@@ -416,3 +416,36 @@ fn walk(dir: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
     }
     Ok(files)
 }
+
+/// Needs no podman: the agent has no oci runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_job_waits_for_a_node_that_runs_images_and_explain_says_why() -> anyhow::Result<()> {
+    let cluster = Cluster::start(&[NodeSpec::new("plain", "aws", "us-east-1", "2xL4", 0.8)]).await?;
+    let nodes = cluster
+        .fleet()
+        .await?
+        .list_nodes(gpufleet_proto::v1::ListNodesRequest::default())
+        .await?
+        .into_inner()
+        .nodes;
+    let runtimes = &nodes[0].identity.as_ref().map(|i| i.runtimes.clone());
+    assert_eq!(runtimes.as_deref(), Some(&["process".to_string()][..]));
+    let job = cluster
+        .submit_spec(image_job(1, &["true"], ContainerSpec::default()))
+        .await?;
+    let job = cluster
+        .wait_job(&job.id, "an explained pending reason", |j| {
+            j.pending_reason
+                .as_ref()
+                .is_some_and(|r| r.message.contains("container images"))
+        })
+        .await?;
+    assert_eq!(job.state(), JobState::Pending);
+    let reason = job.pending_reason.unwrap_or_default();
+    println!("{}", reason.message);
+    assert!(
+        reason.exclusions.iter().any(|e| e.constraint == "runtime"),
+        "{reason:?}"
+    );
+    cluster.shutdown().await
+}

@@ -416,6 +416,7 @@ fn node_input(node: &SimNode) -> NodeInput {
             })
             .collect(),
         nvlink_groups: Vec::new(),
+        oci: false,
     }
 }
 
