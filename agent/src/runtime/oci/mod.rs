@@ -3,24 +3,25 @@
 //!
 //! A launch pulls the image as the job's pull policy says (its progress is
 //! the workload's `Pulling` status; a refusal ends the launch with the
-//! registry's own reason), creates the container with everything decided
-//! up front (name and labels from the allocation, `--init` so pid 1 is
-//! catatonit, which forwards SIGTERM, the GPUs by CDI name when a spec
-//! names them all, else `NVIDIA_VISIBLE_DEVICES`, mounts only under the
-//! agent's allowed host paths, `--log-driver passthrough`), then hands
-//! `podman start --attach <name>` to the process runtime's shim. That
-//! shim is what a process workload runs under: it caps the log the
-//! container writes straight into (no second copy in podman's storage),
-//! records how it ended, and outlives an agent restart, so re-adoption is
-//! the process runtime's. `podman start --attach` forwards the shim's
-//! SIGTERM to the container and exits with its status.
+//! registry's own reason), decides everything up front (name and labels
+//! from the allocation, `--init` so pid 1 is catatonit, which forwards
+//! SIGTERM, the GPUs by CDI name when a spec names them all, else
+//! `NVIDIA_VISIBLE_DEVICES`, mounts only under the agent's allowed host
+//! paths, `--log-driver passthrough`), then hands `podman run --rm
+//! --replace …` to the process runtime's shim. That shim is what a process
+//! workload runs under: it caps the log the container writes straight into
+//! (no second copy in podman's storage), records how it ended, and
+//! outlives an agent restart, so re-adoption is the process runtime's. The
+//! attached `podman run` forwards the shim's SIGTERM to the container,
+//! exits with its status and removes it. One podman call per start, the
+//! same as a bare `podman run --rm` (an image found present is not looked
+//! up again for a minute).
 //!
 //! What podman keeps is made to follow the allocation: the grace period's
 //! SIGKILL goes to the container too (killing the client would not stop
-//! it), a container whose client died is killed when the wait ends, the
-//! container is removed once its status was delivered
-//! ([`OciRuntime::remove`], from `forget`), and after an agent restart
-//! every container this agent labelled that no adopted workload owns is
+//! it); a container whose client was killed or died is removed when the
+//! wait ends; `forget` removes whatever is left; and after an agent restart
+//! every container this agent labelled that no running workload owns is
 //! removed ([`OciRuntime::reap`]).
 
 pub mod cdi;
@@ -92,7 +93,15 @@ pub struct OciRuntime {
     /// Where pull credentials live for the length of one pull.
     auth_dir: PathBuf,
     process: Arc<ProcessRuntime>,
+    /// Images found or pulled recently, and when.
+    images_seen: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
+
+/// How long an image found present is trusted to stay (see
+/// [`OciRuntime::recently_present`]).
+const IMAGE_SEEN_FOR: Duration = Duration::from_secs(60);
+/// Most images remembered as present.
+const IMAGES_SEEN_MAX: usize = 1024;
 
 impl OciRuntime {
     /// Checks that podman answers; an error says how to fix it.
@@ -118,6 +127,7 @@ impl OciRuntime {
             owner,
             auth_dir: data_dir.join("oci"),
             process,
+            images_seen: Default::default(),
         })
     }
 
@@ -153,17 +163,13 @@ impl OciRuntime {
             LaunchError::Failed(message)
         };
         let name = container_name(request.allocation_id());
-        // Left by a launch that died between create and start.
-        if let Err(why) = self.podman.remove(&name) {
-            return Err(fail(&mut log, format!("cannot remove the stale container {name}: {why}")));
-        }
         match self.pull_as_needed(spec, request.allocation.registry_auth.as_ref(), control) {
             Ok(()) => {}
             Err(PullError::Withdrawn) => return Err(LaunchError::Withdrawn),
             Err(PullError::Failed(why)) => return Err(fail(&mut log, why)),
         }
         let cdi_names = cdi::gpu_device_names(&self.settings.cdi_spec_dirs);
-        let create = CreateArgs {
+        let run = RunArgs {
             name: &name,
             owner: &self.owner,
             network: &self.settings.network,
@@ -172,38 +178,24 @@ impl OciRuntime {
         }
         .build(request, spec)
         .map_err(|why| fail(&mut log, why))?;
-        control.progress("creating the container");
-        let args: Vec<&str> = create.iter().map(String::as_str).collect();
-        if let Err(why) = self.podman.check(&args) {
-            let _ = self.podman.remove(&name);
-            return Err(fail(&mut log, format!("cannot create the container: {why}")));
-        }
-        // The shim runs the attached client; the container's output goes
-        // straight into the shim's log pipe (passthrough).
+        control.progress("starting the container");
+        // The shim runs the attached `podman run`; the container's output
+        // goes straight into the shim's log pipe (passthrough).
         let mut inner = request.clone();
         inner.allocation.registry_auth = None;
-        inner.argv = vec![
-            self.podman.program().to_string_lossy().into_owned(),
-            "start".into(),
-            "--attach".into(),
-            "--".into(),
-            name.clone(),
-        ];
+        inner.argv = std::iter::once(self.podman.program().to_string_lossy().into_owned())
+            .chain(run)
+            .collect();
         // Podman itself runs as root; the container's user is set above.
         inner.run_as = None;
         inner.working_dir = None;
         inner.env = Vec::new();
-        match self.process.launch(&inner, control) {
-            Ok(launched) => Ok(Launched {
-                workload: self.wrap(request.allocation_id(), launched.workload),
-                pid: launched.pid,
-                started_at: launched.started_at,
-            }),
-            Err(e) => {
-                let _ = self.podman.remove(&name);
-                Err(e)
-            }
-        }
+        let launched = self.process.launch(&inner, control)?;
+        Ok(Launched {
+            workload: self.wrap(request.allocation_id(), launched.workload),
+            pid: launched.pid,
+            started_at: launched.started_at,
+        })
     }
 
     /// Pulls the image when the policy says so; the error is the
@@ -220,9 +212,16 @@ impl OciRuntime {
             other => other,
         };
         let present = || {
-            self.podman
-                .image_exists(image)
-                .map_err(|why| PullError::Failed(format!("cannot look up image {image}: {why}")))
+            if self.recently_present(image) {
+                return Ok(true);
+            }
+            let present = self.podman.image_exists(image).map_err(|why| {
+                PullError::Failed(format!("cannot look up image {image}: {why}"))
+            })?;
+            if present {
+                self.saw_present(image);
+            }
+            Ok(present)
         };
         match policy {
             PullPolicy::Never => {
@@ -249,10 +248,35 @@ impl OciRuntime {
             &|| control.withdrawn(),
         );
         drop(authfile);
+        if result.is_ok() {
+            self.saw_present(image);
+        }
         result.map_err(|e| match e {
             PullError::Failed(why) => PullError::Failed(format!("cannot pull image {image}: {why}")),
             other => other,
         })
+    }
+
+    /// Whether `image` was found or pulled here within
+    /// [`IMAGE_SEEN_FOR`]: then it is not looked up again (a podman call
+    /// per start would double the cost of a short container). An image
+    /// removed meanwhile makes `podman run --pull never` fail with podman's
+    /// reason in the log.
+    fn recently_present(&self, image: &str) -> bool {
+        let seen = self.images_seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.get(image)
+            .is_some_and(|at| at.elapsed() < IMAGE_SEEN_FOR)
+    }
+
+    fn saw_present(&self, image: &str) {
+        let mut seen = self.images_seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= IMAGES_SEEN_MAX {
+            seen.retain(|_, at| at.elapsed() < IMAGE_SEEN_FOR);
+            if seen.len() >= IMAGES_SEEN_MAX {
+                seen.clear();
+            }
+        }
+        seen.insert(image.to_string(), std::time::Instant::now());
     }
 
     /// A registry credential file for one pull (0600), removed on drop.
@@ -367,8 +391,8 @@ impl Drop for AuthFile {
     }
 }
 
-/// The facts `podman create` needs beyond the request.
-struct CreateArgs<'a> {
+/// The facts `podman run` needs beyond the request.
+struct RunArgs<'a> {
     name: &'a str,
     owner: &'a str,
     network: &'a str,
@@ -377,13 +401,16 @@ struct CreateArgs<'a> {
     cdi: bool,
 }
 
-impl CreateArgs<'_> {
-    /// The `podman create` argv (without the program), or why the request
-    /// cannot run here.
+impl RunArgs<'_> {
+    /// The `podman run` argv (without the program), or why the request
+    /// cannot run here. `--replace`: a container of the same name left by
+    /// an earlier attempt goes; `--rm`: podman removes it when it ends.
     fn build(&self, request: &LaunchRequest, spec: &ContainerSpec) -> Result<Vec<String>, String> {
         let id = request.allocation_id();
         let mut args: Vec<String> = [
-            "create",
+            "run",
+            "--replace",
+            "--rm",
             "--name",
             self.name,
             "--init",
@@ -560,18 +587,24 @@ impl RunningWorkload for ContainerWorkload {
         self.kill_container();
     }
 
-    /// Waits for the attached client, then removes the container (killing
-    /// it first should the client have died before it): its exit status is
-    /// in the shim's record and its output in the log already, so nothing
-    /// of it is needed any more, and once the end is reported no container
-    /// of the allocation is left.
+    /// Waits for the attached client. Its exit status is in the shim's
+    /// record and the output in the log, so the container is not needed
+    /// any more: `podman run --rm` removed it, and where the client was
+    /// killed first it is removed (killed) here, so that once the end is
+    /// reported no container of the allocation is left.
     fn wait(self: Arc<Self>, on_started: OnStarted) -> BoxFuture<Ended> {
         Box::pin(async move {
             let ended = self.inner.clone().wait(on_started).await;
-            let (podman, name) = (self.podman.clone(), self.name.clone());
-            let removed = tokio::task::spawn_blocking(move || podman.remove(&name)).await;
-            if let Ok(Err(why)) = removed {
-                warn!(container = %self.name, %why, "cannot remove the ended container; the next agent start reaps it");
+            // `podman run --rm` removed it when it ended normally; a client
+            // that was killed (or is gone) may have left it running.
+            let client_killed = matches!(&ended, Ended::Exited(e) if e.signal.is_some())
+                || matches!(ended, Ended::Lost(_));
+            if client_killed {
+                let (podman, name) = (self.podman.clone(), self.name.clone());
+                let removed = tokio::task::spawn_blocking(move || podman.remove(&name)).await;
+                if let Ok(Err(why)) = removed {
+                    warn!(container = %self.name, %why, "cannot remove the ended container; the next agent start reaps it");
+                }
             }
             container_ending(ended)
         })

@@ -28,7 +28,7 @@ fn request(spec: ContainerSpec, gpus: &[&str], run_as: Option<(u32, u32)>) -> La
 }
 
 fn build(spec: ContainerSpec, gpus: &[&str], cdi: bool, allowed: &[PathBuf]) -> Result<Vec<String>, String> {
-    CreateArgs {
+    RunArgs {
         name: "gpufleet-job-1.0",
         owner: "/var/lib/agent",
         network: "host",
