@@ -27,9 +27,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use runtime::WorkloadRuntime as _;
 use gpufleet_proto::v1::NodeIdentity;
 use gpufleet_proto::v1::agent_server::AgentServer;
+use runtime::WorkloadRuntime as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;

@@ -220,29 +220,29 @@ pub fn run(args: DispatchArgs) -> anyhow::Result<()> {
             ]],
         );
     } else {
-    report::table(
-        &["goal", "measured", "target", ""],
-        &[
-            vec![
-                "jobs/s end to end".into(),
-                format!("{jobs_per_s:.0}"),
-                format!(">= {TARGET_JOBS_PER_S:.0}"),
-                verdict(jobs_per_s >= TARGET_JOBS_PER_S).into(),
+        report::table(
+            &["goal", "measured", "target", ""],
+            &[
+                vec![
+                    "jobs/s end to end".into(),
+                    format!("{jobs_per_s:.0}"),
+                    format!(">= {TARGET_JOBS_PER_S:.0}"),
+                    verdict(jobs_per_s >= TARGET_JOBS_PER_S).into(),
+                ],
+                vec![
+                    "submit → running p50".into(),
+                    format!("{:.2} ms", to_running.p50),
+                    format!("<= {TARGET_P50_MS} ms"),
+                    verdict(to_running.p50 <= TARGET_P50_MS).into(),
+                ],
+                vec![
+                    "submit → running p99".into(),
+                    format!("{:.2} ms", to_running.p99),
+                    format!("<= {TARGET_P99_MS} ms"),
+                    verdict(to_running.p99 <= TARGET_P99_MS).into(),
+                ],
             ],
-            vec![
-                "submit → running p50".into(),
-                format!("{:.2} ms", to_running.p50),
-                format!("<= {TARGET_P50_MS} ms"),
-                verdict(to_running.p50 <= TARGET_P50_MS).into(),
-            ],
-            vec![
-                "submit → running p99".into(),
-                format!("{:.2} ms", to_running.p99),
-                format!("<= {TARGET_P99_MS} ms"),
-                verdict(to_running.p99 <= TARGET_P99_MS).into(),
-            ],
-        ],
-    );
+        );
     }
     let latencies: serde_json::Map<String, serde_json::Value> = stages
         .iter()
@@ -288,8 +288,18 @@ impl Baseline {
         let argv = match image {
             None => vec![TRIVIAL.to_string()],
             Some(image) => [
-                "podman", "run", "--rm", "--init", "--network", "host", "--pull", "never",
-                "--log-driver", "passthrough", image, TRIVIAL,
+                "podman",
+                "run",
+                "--rm",
+                "--init",
+                "--network",
+                "host",
+                "--pull",
+                "never",
+                "--log-driver",
+                "passthrough",
+                image,
+                TRIVIAL,
             ]
             .map(String::from)
             .to_vec(),
@@ -301,7 +311,7 @@ impl Baseline {
         if self.argv.len() == 1 {
             format!("spawn of `{}`", self.argv[0])
         } else {
-            format!("`podman run --rm` of the same image and flags")
+            "`podman run --rm` of the same image and flags".to_string()
         }
     }
 }
@@ -378,13 +388,12 @@ async fn through_gpufleet(
     clients::use_admin_token(&dir.path().join("controller")).await?;
     let mut config = agent_config(&endpoint, dir.path(), args.gpus);
     if args.image.is_some() {
-        config.oci = Some(gpufleet_agent::runtime::oci::OciSettings::new("podman".into()));
+        config.oci = Some(gpufleet_agent::runtime::oci::OciSettings::new(
+            "podman".into(),
+        ));
     }
-    let agent = gpufleet_agent::start(
-        config,
-        Some(TcpListener::bind("127.0.0.1:0").await?),
-    )
-    .await?;
+    let agent =
+        gpufleet_agent::start(config, Some(TcpListener::bind("127.0.0.1:0").await?)).await?;
     clients::wait_nodes_ready(&endpoint, 1, Duration::from_secs(30)).await?;
 
     let outcome = async {

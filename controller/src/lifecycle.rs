@@ -192,9 +192,7 @@ pub fn derive_job_state(job: &mut Job, now: SystemTime) -> Vec<TaskStatus> {
         job.exit_code = Some(0);
         job.message = "all tasks exited with code 0".to_string();
         job.finished_at = Some(now);
-    } else if matches!(job.state(), JobState::Scheduled | JobState::Pulling)
-        && !states.is_empty()
-    {
+    } else if matches!(job.state(), JobState::Scheduled | JobState::Pulling) && !states.is_empty() {
         if states
             .iter()
             .all(|s| matches!(s, WorkloadState::Running | WorkloadState::Succeeded))

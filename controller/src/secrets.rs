@@ -58,21 +58,23 @@ impl RegistrySecrets {
         })
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<(String, String), StoredRegistrySecret>> {
+    fn read(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, BTreeMap<(String, String), StoredRegistrySecret>> {
         self.secrets.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Creates or replaces one; `now_unix` stamps it.
+    /// Creates or replaces `secret` (its tenant, name, registry and user
+    /// name) with `password`; `now_unix` stamps it.
     pub fn put(
         &self,
         store: &dyn Store,
-        tenant: &str,
-        name: &str,
-        registry: &str,
-        username: &str,
+        secret: RegistrySecret,
         password: &str,
         now_unix: u64,
     ) -> Result<RegistrySecret> {
+        let (tenant, name) = (secret.tenant.as_str(), secret.name.as_str());
+        let (registry, username) = (secret.registry.as_str(), secret.username.as_str());
         crate::validate::tenant_name(tenant)?;
         gpufleet_core::container::check_secret_name("name", name)
             .map_err(|v| ControllerError::invalid(v.field, v.message))?;
@@ -101,14 +103,11 @@ impl RegistrySecrets {
             )));
         }
         let info = RegistrySecret {
-            tenant: tenant.to_string(),
-            name: name.to_string(),
-            registry: registry.to_string(),
-            username: username.to_string(),
             updated_at: Some(prost_types::Timestamp {
                 seconds: i64::try_from(now_unix).unwrap_or(i64::MAX),
                 nanos: 0,
             }),
+            ..secret.clone()
         };
         let record = StoredRegistrySecret {
             info: Some(info.clone()),
@@ -172,7 +171,10 @@ fn check_text(field: &str, value: &str, max: usize) -> Result<()> {
     gpufleet_core::limits::check_bytes(field, value, max)
         .map_err(|v| ControllerError::invalid(v.field, v.message))?;
     if value.chars().any(char::is_control) {
-        return Err(ControllerError::invalid(field, "must not contain control characters"));
+        return Err(ControllerError::invalid(
+            field,
+            "must not contain control characters",
+        ));
     }
     Ok(())
 }
@@ -182,26 +184,53 @@ mod tests {
     use super::*;
     use crate::store::MemoryStore;
 
+    fn secret(tenant: &str, name: &str, registry: &str, username: &str) -> RegistrySecret {
+        RegistrySecret {
+            tenant: tenant.into(),
+            name: name.into(),
+            registry: registry.into(),
+            username: username.into(),
+            updated_at: None,
+        }
+    }
+
     #[test]
     fn secrets_are_kept_per_tenant_served_without_passwords_and_survive_a_restart() {
         let store = MemoryStore::default();
         let secrets = RegistrySecrets::load(&store).unwrap();
         let info = secrets
-            .put(&store, "team-a", "ghcr", "ghcr.io", "bot", "s3cret", 100)
+            .put(
+                &store,
+                secret("team-a", "ghcr", "ghcr.io", "bot"),
+                "s3cret",
+                100,
+            )
             .unwrap();
         assert_eq!(info.registry, "ghcr.io");
         secrets
-            .put(&store, "team-b", "ghcr", "ghcr.io", "other", "x", 100)
+            .put(
+                &store,
+                secret("team-b", "ghcr", "ghcr.io", "other"),
+                "x",
+                100,
+            )
             .unwrap();
         let listed = secrets.list(Some("team-a"));
         assert_eq!(listed.len(), 1);
         assert!(!format!("{listed:?}").contains("s3cret"));
         let again = RegistrySecrets::load(&store).unwrap();
         let auth = again.resolve("team-a", "ghcr").unwrap();
-        assert_eq!((auth.username.as_str(), auth.password.as_str()), ("bot", "s3cret"));
+        assert_eq!(
+            (auth.username.as_str(), auth.password.as_str()),
+            ("bot", "s3cret")
+        );
         assert!(again.resolve("team-c", "ghcr").is_none());
         again.delete(&store, "team-a", "ghcr").unwrap();
-        assert!(!RegistrySecrets::load(&store).unwrap().exists("team-a", "ghcr"));
+        assert!(
+            !RegistrySecrets::load(&store)
+                .unwrap()
+                .exists("team-a", "ghcr")
+        );
         assert!(matches!(
             again.delete(&store, "team-a", "ghcr"),
             Err(ControllerError::NotFound(_))
@@ -216,10 +245,22 @@ mod tests {
             Err(ControllerError::InvalidArgument { field, .. }) => field,
             other => panic!("{other:?}"),
         };
-        assert_eq!(field(secrets.put(&store, "t", "../x", "ghcr.io", "u", "p", 0)), "name");
-        assert_eq!(field(secrets.put(&store, "t", "x", "https://ghcr.io", "u", "p", 0)), "registry");
-        assert_eq!(field(secrets.put(&store, "t", "x", "ghcr.io", "u", "", 0)), "password");
+        assert_eq!(
+            field(secrets.put(&store, secret("t", "../x", "ghcr.io", "u"), "p", 0)),
+            "name"
+        );
+        assert_eq!(
+            field(secrets.put(&store, secret("t", "x", "https://ghcr.io", "u"), "p", 0)),
+            "registry"
+        );
+        assert_eq!(
+            field(secrets.put(&store, secret("t", "x", "ghcr.io", "u"), "", 0)),
+            "password"
+        );
         let long = "p".repeat(PASSWORD_BYTES + 1);
-        assert_eq!(field(secrets.put(&store, "t", "x", "ghcr.io", "u", &long, 0)), "password");
+        assert_eq!(
+            field(secrets.put(&store, secret("t", "x", "ghcr.io", "u"), &long, 0)),
+            "password"
+        );
     }
 }

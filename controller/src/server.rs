@@ -8,8 +8,8 @@ use anyhow::Context;
 use gpufleet_proto::v1::agent_control_server::AgentControlServer;
 use gpufleet_proto::v1::fleet_server::FleetServer;
 use gpufleet_proto::v1::jobs_server::JobsServer;
-use gpufleet_proto::v1::telemetry_server::TelemetryServer;
 use gpufleet_proto::v1::secrets_server::SecretsServer;
+use gpufleet_proto::v1::telemetry_server::TelemetryServer;
 use gpufleet_proto::v1::tokens_server::TokensServer;
 use gpufleet_proto::v1::usage_server::UsageServer;
 use tokio::net::TcpListener;
@@ -20,8 +20,8 @@ use tonic::transport::server::TcpIncoming;
 use crate::config::ControllerConfig;
 use crate::service::guard::{AGENT_MESSAGE_BYTES, RESPONSE_BYTES, service_request_limit};
 use crate::service::{
-    AgentControlService, FleetService, Guarded, JobsService, Settled, TelemetryService,
-    SecretsService, TokensService, UsageService,
+    AgentControlService, FleetService, Guarded, JobsService, SecretsService, Settled,
+    TelemetryService, TokensService, UsageService,
 };
 use crate::state::Controller;
 use crate::store::SledStore;

@@ -32,7 +32,10 @@ pub fn check_container(prefix: &str, spec: &ContainerSpec) -> Result<(), Violati
     if PullPolicy::try_from(spec.pull).is_err() {
         return Err(Violation::new(
             field("pull"),
-            format!("{} is not a pull policy: always, missing or never", spec.pull),
+            format!(
+                "{} is not a pull policy: always, missing or never",
+                spec.pull
+            ),
         ));
     }
     check_count(&field("mounts"), spec.mounts.len(), MOUNTS)?;
@@ -49,7 +52,10 @@ pub fn check_container(prefix: &str, spec: &ContainerSpec) -> Result<(), Violati
     if spec.shm_size_bytes > SHM_MAX_BYTES {
         return Err(Violation::new(
             field("shm_size_bytes"),
-            format!("{} bytes; at most {SHM_MAX_BYTES} (512 GiB)", spec.shm_size_bytes),
+            format!(
+                "{} bytes; at most {SHM_MAX_BYTES} (512 GiB)",
+                spec.shm_size_bytes
+            ),
         ));
     }
     if !spec.workdir.is_empty() {
@@ -67,7 +73,11 @@ pub fn check_container(prefix: &str, spec: &ContainerSpec) -> Result<(), Violati
             "must be uid, uid:gid or a user name (letters, digits, _ . - :)",
         ));
     }
-    check_count(&field("entrypoint"), spec.entrypoint.len(), ENTRYPOINT_COUNT)?;
+    check_count(
+        &field("entrypoint"),
+        spec.entrypoint.len(),
+        ENTRYPOINT_COUNT,
+    )?;
     for (i, arg) in spec.entrypoint.iter().enumerate() {
         let name = format!("{prefix}.entrypoint[{i}]");
         check_bytes(&name, arg, ARG_BYTES)?;

@@ -514,9 +514,17 @@ mod tests {
         let e = explain(&fleet, &job, Some(PendingReason::NoFeasibleNodes));
         let names: Vec<&str> = e.exclusions.iter().map(|x| x.constraint.name()).collect();
         assert_eq!(names, ["runtime"]);
-        assert!(e.message.contains("cannot run container images"), "{}", e.message);
+        assert!(
+            e.message.contains("cannot run container images"),
+            "{}",
+            e.message
+        );
         assert_eq!(e.regions[0].verdict, RegionVerdict::NoOciRuntime);
-        assert!(e.summary.contains("no node that runs container images"), "{}", e.summary);
+        assert!(
+            e.summary.contains("no node that runs container images"),
+            "{}",
+            e.summary
+        );
     }
 
     #[test]

@@ -68,7 +68,11 @@ fn run_setup(args: &[String]) -> Result<(), String> {
         .rev()
         .find(|l| !l.trim().is_empty())
         .unwrap_or("no output");
-    Err(format!("{} exited with {}: {last}", script.display(), output.status))
+    Err(format!(
+        "{} exited with {}: {last}",
+        script.display(),
+        output.status
+    ))
 }
 
 /// Names of the containers (any state) whose allocation label is `id`.

@@ -165,8 +165,8 @@ async fn a_sigkilled_agent_re_adopts_its_container_and_the_job_ends_once() -> an
         &endpoint,
         &token,
         &[
-            "jobs", "submit", "--gpus", "1", "--image", TEST_IMAGE, "--pull", "never",
-            "--mount", &mount, "--", "sh", "-c", script,
+            "jobs", "submit", "--gpus", "1", "--image", TEST_IMAGE, "--pull", "never", "--mount",
+            &mount, "--", "sh", "-c", script,
         ],
     )
     .await?;
@@ -214,7 +214,11 @@ async fn a_sigkilled_agent_re_adopts_its_container_and_the_job_ends_once() -> an
     if status.code().is_some() {
         bail!("the agent should have died of SIGKILL, not {status}");
     }
-    assert_eq!(containers_of(&allocation)?.len(), 1, "the container outlives the agent");
+    assert_eq!(
+        containers_of(&allocation)?.len(),
+        1,
+        "the container outlives the agent"
+    );
 
     let _agent = start_agent(dir, &endpoint, 2)?;
     wait_oci_node(&endpoint, &token).await?;
@@ -237,7 +241,10 @@ async fn a_sigkilled_agent_re_adopts_its_container_and_the_job_ends_once() -> an
     assert_eq!(runs.lines().count(), 1, "{runs}");
     assert!(!states.contains(&WorkloadState::Lost), "{states:?}");
     assert_eq!(
-        states.iter().filter(|s| **s == WorkloadState::Succeeded).count(),
+        states
+            .iter()
+            .filter(|s| **s == WorkloadState::Succeeded)
+            .count(),
         1,
         "{states:?}"
     );

@@ -13,7 +13,8 @@ use gpufleet_proto::v1::{
     WorkloadSpec, WorkloadState,
 };
 use gpufleet_tests::podman::{
-    ContainerGuard, TEST_IMAGE, containers_of, podman_ready, remove_test_cdi_spec, write_test_cdi_spec,
+    ContainerGuard, TEST_IMAGE, containers_of, podman_ready, remove_test_cdi_spec,
+    write_test_cdi_spec,
 };
 use gpufleet_tests::{Cluster, NodeSpec, eventually, job_log};
 use tokio_stream::StreamExt;
@@ -86,7 +87,11 @@ async fn watch_states(
         };
         let mut stream = stream.into_inner();
         while let Some(Ok(job)) = stream.next().await {
-            let message = job.tasks.first().map(|t| t.message.clone()).unwrap_or_default();
+            let message = job
+                .tasks
+                .first()
+                .map(|t| t.message.clone())
+                .unwrap_or_default();
             if seen.last().map(|(s, _)| *s) != Some(job.state()) {
                 seen.push((job.state(), message));
             }
@@ -100,9 +105,10 @@ async fn watch_states(
 
 /// Waits until podman has no container of the allocation any more.
 async fn wait_container_removed(allocation_id: &str) -> anyhow::Result<()> {
-    eventually(&format!("the container of {allocation_id} to be removed"), || async {
-        Ok(containers_of(allocation_id)?.is_empty().then_some(()))
-    })
+    eventually(
+        &format!("the container of {allocation_id} to be removed"),
+        || async { Ok(containers_of(allocation_id)?.is_empty().then_some(())) },
+    )
     .await
 }
 
@@ -144,7 +150,10 @@ async fn an_image_job_sees_exactly_its_gpus_its_env_and_its_mounts() -> anyhow::
     let gpus = &job.tasks[0].gpu_uuids;
     assert_eq!(gpus.len(), 2);
     // Exactly two device nodes, and they are the allocated GPUs'.
-    let devices: Vec<&str> = log.lines().filter(|l| l.starts_with("/dev/nvidia")).collect();
+    let devices: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("/dev/nvidia"))
+        .collect();
     assert_eq!(devices.len(), 2, "{log}");
     let cdi: Vec<&str> = log
         .lines()
@@ -155,12 +164,24 @@ async fn an_image_job_sees_exactly_its_gpus_its_env_and_its_mounts() -> anyhow::
     let mut seen = cdi.clone();
     expected.sort();
     seen.sort();
-    assert_eq!(seen, expected, "the CDI devices are the allocated GPUs\n{log}");
+    assert_eq!(
+        seen, expected,
+        "the CDI devices are the allocated GPUs\n{log}"
+    );
     let visible = gpus.join(",");
-    assert!(log.contains(&format!("CUDA_VISIBLE_DEVICES={visible}\n")), "{log}");
-    assert!(log.contains(&format!("NVIDIA_VISIBLE_DEVICES={visible}\n")), "{log}");
+    assert!(
+        log.contains(&format!("CUDA_VISIBLE_DEVICES={visible}\n")),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("NVIDIA_VISIBLE_DEVICES={visible}\n")),
+        "{log}"
+    );
     assert!(log.contains("GREETING=hello from the job\n"), "{log}");
-    assert!(log.contains(&format!("GPUFLEET_JOB_ID={}\n", job.id)), "{log}");
+    assert!(
+        log.contains(&format!("GPUFLEET_JOB_ID={}\n", job.id)),
+        "{log}"
+    );
     assert!(log.contains("mounted input\n"), "{log}");
     assert!(log.contains("data-read-only\n"), "{log}");
     assert!(log.contains("shm=131072\n"), "{log}");
@@ -188,9 +209,15 @@ async fn without_a_cdi_spec_gpus_go_by_nvidia_visible_devices() -> anyhow::Resul
     let log = job_log(&cluster, &job.id, 0).await?;
     assert_eq!(job.state(), JobState::Succeeded, "{job:?}\n{log}");
     let gpu = &job.tasks[0].gpu_uuids[0];
-    assert!(log.contains(&format!("NVIDIA_VISIBLE_DEVICES={gpu}\n")), "{log}");
+    assert!(
+        log.contains(&format!("NVIDIA_VISIBLE_DEVICES={gpu}\n")),
+        "{log}"
+    );
     assert!(!log.contains("GPUFLEET_TEST_CDI_"), "{log}");
-    assert!(log.contains("No such file or directory"), "no device without the hook\n{log}");
+    assert!(
+        log.contains("No such file or directory"),
+        "no device without the hook\n{log}"
+    );
     cluster.shutdown().await
 }
 
@@ -200,7 +227,8 @@ async fn a_mount_outside_the_allowed_paths_fails_the_task_with_the_reason() -> a
         return Ok(());
     }
     let allowed = tempfile::tempdir()?;
-    let (cluster, _guard) = cluster("oci-mounts", 1, false, vec![allowed.path().to_path_buf()]).await?;
+    let (cluster, _guard) =
+        cluster("oci-mounts", 1, false, vec![allowed.path().to_path_buf()]).await?;
     let job = cluster
         .submit_spec(image_job(
             1,
@@ -231,7 +259,8 @@ async fn cancel_stops_a_container_politely_then_by_force_after_the_grace() -> an
     let (cluster, _guard) = cluster("oci-cancel", 2, false, Vec::new()).await?;
     // One handles SIGTERM (forwarded by the container's init); one ignores
     // it and is killed when the grace period is over.
-    let polite = "trap 'echo got SIGTERM; exit 0' TERM; echo started; while true; do sleep 0.1; done";
+    let polite =
+        "trap 'echo got SIGTERM; exit 0' TERM; echo started; while true; do sleep 0.1; done";
     let stubborn = "trap '' TERM; echo started; while true; do sleep 0.1; done";
     let mut ids = Vec::new();
     for script in [polite, stubborn] {
@@ -244,7 +273,10 @@ async fn cancel_stops_a_container_politely_then_by_force_after_the_grace() -> an
             .wait_job(&job.id, "to run", |j| j.state() == JobState::Running)
             .await?;
         eventually("the container to print", || async {
-            Ok(job_log_now(&cluster, &job.id).await?.contains("started").then_some(()))
+            Ok(job_log_now(&cluster, &job.id)
+                .await?
+                .contains("started")
+                .then_some(()))
         })
         .await?;
         ids.push(job.id);
@@ -263,8 +295,12 @@ async fn cancel_stops_a_container_politely_then_by_force_after_the_grace() -> an
             .first()
             .is_some_and(|t| gpufleet_core::is_terminal_workload(t.state()))
     };
-    let polite_job = cluster.wait_job(&ids[0], "its task to end", task_ended).await?;
-    let stubborn_job = cluster.wait_job(&ids[1], "its task to end", task_ended).await?;
+    let polite_job = cluster
+        .wait_job(&ids[0], "its task to end", task_ended)
+        .await?;
+    let stubborn_job = cluster
+        .wait_job(&ids[1], "its task to end", task_ended)
+        .await?;
     let task = &polite_job.tasks[0];
     assert_eq!(polite_job.state(), JobState::Cancelled);
     assert_eq!(task.state(), WorkloadState::Stopped, "{task:?}");
@@ -327,7 +363,9 @@ async fn a_missing_image_fails_with_the_registrys_reason_after_pulling() -> anyh
     // Podman's (the registry's) own words, not a generic error.
     assert!(message.contains("localhost"), "{message}");
     assert!(
-        states.iter().any(|(s, m)| *s == JobState::Pulling && m.contains("pulling")),
+        states
+            .iter()
+            .any(|(s, m)| *s == JobState::Pulling && m.contains("pulling")),
         "the job showed Pulling with progress: {states:?}"
     );
     println!("states: {states:?}\nmessage: {message}");
@@ -352,7 +390,8 @@ async fn a_missing_image_fails_with_the_registrys_reason_after_pulling() -> anyh
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn registry_credentials_go_by_reference_and_are_never_stored_with_the_job() -> anyhow::Result<()> {
+async fn registry_credentials_go_by_reference_and_are_never_stored_with_the_job()
+-> anyhow::Result<()> {
     use gpufleet_proto::v1::PutRegistrySecretRequest;
     use gpufleet_proto::v1::secrets_client::SecretsClient;
     if !podman_ready("registry_credentials_go_by_reference_and_are_never_stored_with_the_job")? {
@@ -373,7 +412,10 @@ async fn registry_credentials_go_by_reference_and_are_never_stored_with_the_job(
     };
     // A job that names a secret its tenant does not have is refused.
     let err = cluster.submit_spec(with_secret("ghcr")).await.unwrap_err();
-    assert!(format!("{err:#}").contains("has no registry secret"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("has no registry secret"),
+        "{err:#}"
+    );
     SecretsClient::new(cluster.channel().await?)
         .put_registry_secret(PutRegistrySecretRequest {
             tenant: String::new(),
@@ -387,7 +429,10 @@ async fn registry_credentials_go_by_reference_and_are_never_stored_with_the_job(
     let job = cluster.wait_job(&job.id, "to end", ended).await?;
     // The pull ran (with the credential) and failed with podman's reason.
     assert_eq!(job.state(), JobState::Failed);
-    assert!(job.tasks[0].message.contains("cannot pull image"), "{job:?}");
+    assert!(
+        job.tasks[0].message.contains("cannot pull image"),
+        "{job:?}"
+    );
     assert!(!format!("{job:?}").contains(password));
     // Neither the controller's store nor the agent's files hold it in a job
     // or workload record; the agent's pull credential file is gone.
@@ -395,7 +440,11 @@ async fn registry_credentials_go_by_reference_and_are_never_stored_with_the_job(
     for file in walk(&agent_dir)? {
         let bytes = std::fs::read(&file).unwrap_or_default();
         let text = String::from_utf8_lossy(&bytes);
-        assert!(!text.contains(password), "{} holds the password", file.display());
+        assert!(
+            !text.contains(password),
+            "{} holds the password",
+            file.display()
+        );
     }
     cluster.shutdown().await
 }
@@ -419,8 +468,10 @@ fn walk(dir: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
 
 /// Needs no podman: the agent has no oci runtime.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_image_job_waits_for_a_node_that_runs_images_and_explain_says_why() -> anyhow::Result<()> {
-    let cluster = Cluster::start(&[NodeSpec::new("plain", "aws", "us-east-1", "2xL4", 0.8)]).await?;
+async fn an_image_job_waits_for_a_node_that_runs_images_and_explain_says_why() -> anyhow::Result<()>
+{
+    let cluster =
+        Cluster::start(&[NodeSpec::new("plain", "aws", "us-east-1", "2xL4", 0.8)]).await?;
     let nodes = cluster
         .fleet()
         .await?

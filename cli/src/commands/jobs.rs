@@ -564,6 +564,13 @@ fn state_label(job: &Job) -> String {
 fn detail(job: &Job) -> String {
     match (&job.pending_reason, job.state()) {
         (Some(reason), JobState::Pending) => reason.message.clone(),
+        // The pull's progress is in the pulling task's status.
+        (_, JobState::Pulling) => job
+            .tasks
+            .iter()
+            .find(|t| t.state() == gpufleet_proto::v1::WorkloadState::Pulling)
+            .map(|t| format!("task {}: {}", t.index, t.message))
+            .unwrap_or_else(|| "-".to_string()),
         _ if !job.message.is_empty() => job.message.clone(),
         _ => "-".to_string(),
     }

@@ -32,7 +32,11 @@ impl Secrets for SecretsService {
         let who = caller(&self.controller, &request, Action::SubmitJobs)?;
         let r = request.into_inner();
         let tenant = who.submit_tenant(&r.tenant).map_err(to_status)?;
-        let tenant = if tenant.is_empty() { "default".to_string() } else { tenant };
+        let tenant = if tenant.is_empty() {
+            "default".to_string()
+        } else {
+            tenant
+        };
         let info = self
             .controller
             .put_registry_secret(&tenant, &r.name, &r.registry, &r.username, &r.password)
@@ -62,7 +66,11 @@ impl Secrets for SecretsService {
         let who = caller(&self.controller, &request, Action::SubmitJobs)?;
         let r = request.into_inner();
         let tenant = who.submit_tenant(&r.tenant).map_err(to_status)?;
-        let tenant = if tenant.is_empty() { "default".to_string() } else { tenant };
+        let tenant = if tenant.is_empty() {
+            "default".to_string()
+        } else {
+            tenant
+        };
         let info = self
             .controller
             .delete_registry_secret(&tenant, &r.name)

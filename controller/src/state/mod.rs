@@ -409,9 +409,16 @@ impl Controller {
         password: &str,
     ) -> Result<gpufleet_proto::v1::RegistrySecret> {
         let now = self.inner.clock.unix_secs();
+        let secret = gpufleet_proto::v1::RegistrySecret {
+            tenant: tenant.to_string(),
+            name: name.to_string(),
+            registry: registry.to_string(),
+            username: username.to_string(),
+            updated_at: None,
+        };
         self.inner
             .secrets
-            .put(&self.inner.store, tenant, name, registry, username, password, now)
+            .put(&self.inner.store, secret, password, now)
     }
 
     pub fn delete_registry_secret(

@@ -133,7 +133,11 @@ mod tests {
             r#"{"cdiVersion":"0.5.0","kind":"vendor.com/fpga","devices":[{"name":"GPU-z"}]}"#,
         )
         .unwrap();
-        std::fs::write(dir.path().join("README"), "name: GPU-y\nkind: nvidia.com/gpu").unwrap();
+        std::fs::write(
+            dir.path().join("README"),
+            "name: GPU-y\nkind: nvidia.com/gpu",
+        )
+        .unwrap();
         std::fs::write(dir.path().join("broken.json"), "{").unwrap();
         let names = gpu_device_names(&[dir.path().to_path_buf(), "/nonexistent".into()]);
         let mut names: Vec<_> = names.into_iter().collect();

@@ -215,9 +215,10 @@ impl OciRuntime {
             if self.recently_present(image) {
                 return Ok(true);
             }
-            let present = self.podman.image_exists(image).map_err(|why| {
-                PullError::Failed(format!("cannot look up image {image}: {why}"))
-            })?;
+            let present = self
+                .podman
+                .image_exists(image)
+                .map_err(|why| PullError::Failed(format!("cannot look up image {image}: {why}")))?;
             if present {
                 self.saw_present(image);
             }
@@ -252,7 +253,9 @@ impl OciRuntime {
             self.saw_present(image);
         }
         result.map_err(|e| match e {
-            PullError::Failed(why) => PullError::Failed(format!("cannot pull image {image}: {why}")),
+            PullError::Failed(why) => {
+                PullError::Failed(format!("cannot pull image {image}: {why}"))
+            }
             other => other,
         })
     }
@@ -325,14 +328,13 @@ impl OciRuntime {
     /// not name: what a crashed agent or a died shim left behind. Returns
     /// what it could not list or remove.
     pub fn reap(&self, keep: &dyn Fn(&str) -> bool) -> Vec<String> {
-        let containers =
-            match self
-                .podman
-                .list_labelled(OWNER_LABEL, &self.owner, ALLOCATION_LABEL)
-            {
-                Ok(containers) => containers,
-                Err(why) => return vec![format!("cannot list this agent's containers: {why}")],
-            };
+        let containers = match self
+            .podman
+            .list_labelled(OWNER_LABEL, &self.owner, ALLOCATION_LABEL)
+        {
+            Ok(containers) => containers,
+            Err(why) => return vec![format!("cannot list this agent's containers: {why}")],
+        };
         let mut problems = Vec::new();
         for (name, allocation_id) in containers {
             if keep(&allocation_id) {
@@ -484,14 +486,18 @@ impl RunArgs<'_> {
 /// The `--user` of a container: the job's, else the agent's
 /// `workload_user`. With a `workload_user` set, a job may pick only a
 /// numeric, non-root uid (a name could mean root inside the image).
-fn container_user(spec: &ContainerSpec, run_as: Option<(u32, u32)>) -> Result<Option<String>, String> {
+fn container_user(
+    spec: &ContainerSpec,
+    run_as: Option<(u32, u32)>,
+) -> Result<Option<String>, String> {
     if spec.user.is_empty() {
         return Ok(run_as.map(|(uid, gid)| format!("{uid}:{gid}")));
     }
     if run_as.is_some() {
-        let numeric_non_root = spec.user.split(':').all(|part| {
-            part.parse::<u32>().is_ok_and(|n| n != 0)
-        });
+        let numeric_non_root = spec
+            .user
+            .split(':')
+            .all(|part| part.parse::<u32>().is_ok_and(|n| n != 0));
         if !numeric_non_root {
             return Err(format!(
                 "container user {:?} refused: this agent runs workloads as an unprivileged workload_user, so a job may only name a numeric non-root uid[:gid]",
@@ -506,9 +512,9 @@ fn container_user(spec: &ContainerSpec, run_as: Option<(u32, u32)>) -> Result<Op
 fn allowed_source(source: &str, allowed: &[PathBuf]) -> Result<PathBuf, String> {
     let resolved = std::fs::canonicalize(source)
         .map_err(|e| format!("mount source {source:?} cannot be used: {e}"))?;
-    let under = allowed.iter().any(|root| {
-        std::fs::canonicalize(root).is_ok_and(|root| resolved.starts_with(root))
-    });
+    let under = allowed
+        .iter()
+        .any(|root| std::fs::canonicalize(root).is_ok_and(|root| resolved.starts_with(root)));
     if !under {
         let list: Vec<String> = allowed.iter().map(|p| p.display().to_string()).collect();
         return Err(format!(
@@ -518,7 +524,9 @@ fn allowed_source(source: &str, allowed: &[PathBuf]) -> Result<PathBuf, String> 
     }
     // Podman's --mount is comma-separated.
     if resolved.to_string_lossy().contains(',') {
-        return Err(format!("mount source {source:?} resolves to a path with a comma, which podman cannot mount"));
+        return Err(format!(
+            "mount source {source:?} resolves to a path with a comma, which podman cannot mount"
+        ));
     }
     Ok(resolved)
 }
@@ -528,7 +536,11 @@ fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -666,7 +678,11 @@ impl Runtimes {
 
 impl WorkloadRuntime for Runtimes {
     fn name(&self) -> &'static str {
-        if self.oci.is_some() { "process+oci" } else { "process" }
+        if self.oci.is_some() {
+            "process+oci"
+        } else {
+            "process"
+        }
     }
 
     fn runtimes(&self) -> Vec<String> {

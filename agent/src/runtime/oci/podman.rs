@@ -148,10 +148,9 @@ impl Podman {
             args.extend(["--authfile", &authfile_arg]);
         }
         args.extend(["--", image]);
-        let mut child = self
-            .command(&args)
-            .spawn()
-            .map_err(|e| PullError::Failed(format!("cannot run {}: {e}", self.program.display())))?;
+        let mut child = self.command(&args).spawn().map_err(|e| {
+            PullError::Failed(format!("cannot run {}: {e}", self.program.display()))
+        })?;
         // Podman prints its steps ("Copying blob …") on stderr; a thread
         // turns them into progress while this one watches the clock.
         let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
@@ -197,14 +196,12 @@ impl Podman {
             }
             std::thread::sleep(PULL_POLL);
         };
-        let stderr = reader
-            .and_then(|r| r.join().ok())
-            .unwrap_or_default();
+        let stderr = reader.and_then(|r| r.join().ok()).unwrap_or_default();
         match status {
             Ok(status) if status.success() => Ok(()),
-            Ok(status) => Err(PullError::Failed(error_line(&stderr).unwrap_or_else(|| {
-                format!("podman pull exited with {status}")
-            }))),
+            Ok(status) => Err(PullError::Failed(
+                error_line(&stderr).unwrap_or_else(|| format!("podman pull exited with {status}")),
+            )),
             Err(why) => Err(PullError::Failed(why)),
         }
     }
@@ -268,9 +265,7 @@ fn collect(mut child: std::process::Child, program: &Path) -> Result<Output, Str
     let status = child
         .wait()
         .map_err(|e| format!("cannot wait for {}: {e}", program.display()))?;
-    let stderr = err_reader
-        .and_then(|r| r.join().ok())
-        .unwrap_or_default();
+    let stderr = err_reader.and_then(|r| r.join().ok()).unwrap_or_default();
     Ok(Output {
         success: status.success(),
         code: status.code(),

@@ -17,7 +17,10 @@ fn request(spec: ContainerSpec, gpus: &[&str], run_as: Option<(u32, u32)>) -> La
         },
         local: false,
         argv: vec!["sh".into(), "-c".into(), "env".into()],
-        env: vec![("CUDA_VISIBLE_DEVICES".into(), "all".into()), ("X".into(), "1".into())],
+        env: vec![
+            ("CUDA_VISIBLE_DEVICES".into(), "all".into()),
+            ("X".into(), "1".into()),
+        ],
         working_dir: None,
         run_as,
         gpu_uuids: gpus.iter().map(|g| g.to_string()).collect(),
@@ -27,7 +30,12 @@ fn request(spec: ContainerSpec, gpus: &[&str], run_as: Option<(u32, u32)>) -> La
     }
 }
 
-fn build(spec: ContainerSpec, gpus: &[&str], cdi: bool, allowed: &[PathBuf]) -> Result<Vec<String>, String> {
+fn build(
+    spec: ContainerSpec,
+    gpus: &[&str],
+    cdi: bool,
+    allowed: &[PathBuf],
+) -> Result<Vec<String>, String> {
     RunArgs {
         name: "gpufleet-job-1.0",
         owner: "/var/lib/agent",
@@ -49,11 +57,20 @@ fn image() -> ContainerSpec {
 fn gpus_go_by_cdi_name_when_a_spec_names_them_else_by_variable() {
     let args = build(image(), &["GPU-a", "GPU-b"], true, &[]).unwrap();
     let joined = args.join(" ");
-    assert!(joined.contains("--device nvidia.com/gpu=GPU-a --device nvidia.com/gpu=GPU-b"), "{joined}");
+    assert!(
+        joined.contains("--device nvidia.com/gpu=GPU-a --device nvidia.com/gpu=GPU-b"),
+        "{joined}"
+    );
     assert!(joined.contains("--env NVIDIA_VISIBLE_DEVICES=GPU-a,GPU-b"));
     // The job's own CUDA_VISIBLE_DEVICES comes first, so podman keeps ours.
-    let ours = args.iter().rposition(|a| a == "CUDA_VISIBLE_DEVICES=GPU-a,GPU-b").unwrap();
-    let theirs = args.iter().position(|a| a == "CUDA_VISIBLE_DEVICES=all").unwrap();
+    let ours = args
+        .iter()
+        .rposition(|a| a == "CUDA_VISIBLE_DEVICES=GPU-a,GPU-b")
+        .unwrap();
+    let theirs = args
+        .iter()
+        .position(|a| a == "CUDA_VISIBLE_DEVICES=all")
+        .unwrap();
     assert!(theirs < ours);
     let args = build(image(), &["GPU-a"], false, &[]).unwrap();
     assert!(!args.iter().any(|a| a == "--device"));
@@ -84,7 +101,10 @@ fn mounts_only_under_allowed_paths() {
     let roots = [allowed.path().to_path_buf()];
     let args = build(mount(&inside), &[], false, &roots).unwrap();
     let resolved = std::fs::canonicalize(&inside).unwrap();
-    assert!(args.contains(&format!("type=bind,source={},target=/data,readonly=true", resolved.display())));
+    assert!(args.contains(&format!(
+        "type=bind,source={},target=/data,readonly=true",
+        resolved.display()
+    )));
     let err = build(mount(outside.path()), &[], false, &roots).unwrap_err();
     assert!(err.contains("oci_allowed_mounts"), "{err}");
     // A symlink inside that points outside is judged by where it points.
@@ -102,13 +122,26 @@ fn a_workload_user_allows_only_numeric_non_root_users() {
         user: user.into(),
         ..image()
     };
-    assert_eq!(container_user(&image(), Some((1000, 1000))).unwrap().as_deref(), Some("1000:1000"));
+    assert_eq!(
+        container_user(&image(), Some((1000, 1000)))
+            .unwrap()
+            .as_deref(),
+        Some("1000:1000")
+    );
     assert_eq!(container_user(&image(), None).unwrap(), None);
-    assert_eq!(container_user(&with("root"), None).unwrap().as_deref(), Some("root"));
+    assert_eq!(
+        container_user(&with("root"), None).unwrap().as_deref(),
+        Some("root")
+    );
     assert!(container_user(&with("root"), Some((1000, 1000))).is_err());
     assert!(container_user(&with("0"), Some((1000, 1000))).is_err());
     assert!(container_user(&with("1000:0"), Some((1000, 1000))).is_err());
-    assert_eq!(container_user(&with("4321:4321"), Some((1000, 1000))).unwrap().as_deref(), Some("4321:4321"));
+    assert_eq!(
+        container_user(&with("4321:4321"), Some((1000, 1000)))
+            .unwrap()
+            .as_deref(),
+        Some("4321:4321")
+    );
 }
 
 #[test]
@@ -144,9 +177,15 @@ fn a_signal_exit_status_reads_as_the_signal() {
             finished_at: std::time::UNIX_EPOCH,
         })
     };
-    assert_eq!(container_ending(exit(Some(143), None)), exit(None, Some(15)));
+    assert_eq!(
+        container_ending(exit(Some(143), None)),
+        exit(None, Some(15))
+    );
     assert_eq!(container_ending(exit(Some(3), None)), exit(Some(3), None));
-    assert_eq!(container_ending(exit(Some(125), None)), exit(Some(125), None));
+    assert_eq!(
+        container_ending(exit(Some(125), None)),
+        exit(Some(125), None)
+    );
     assert_eq!(container_ending(exit(None, Some(9))), exit(None, Some(9)));
 }
 
