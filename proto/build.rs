@@ -14,6 +14,7 @@ const PROTOS: &[&str] = &[
     "proto/gpufleet/v1/fleet.proto",
     "proto/gpufleet/v1/usage.proto",
     "proto/gpufleet/v1/telemetry.proto",
+    "proto/gpufleet/v1/secrets.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -31,6 +31,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use gpufleet_proto::v1::NodeIdentity;
 use gpufleet_proto::v1::agent_server::AgentServer;
+use runtime::WorkloadRuntime as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -138,28 +139,6 @@ pub async fn start(
         },
     };
     info!(%address, "address advertised to gang peers");
-    let identity = NodeIdentity {
-        node_id: node_id.clone(),
-        address,
-        provider: config.node.provider.clone(),
-        region: config.node.region.clone(),
-        zone: config.node.zone.clone(),
-        instance_type: config.node.instance_type.clone(),
-        price_per_gpu_hour_micro_usd: config.price_micro_usd(),
-        spot: config.node.spot,
-        labels: config.node.labels.clone().into_iter().collect(),
-        hostname: hostname::get()
-            .map(|h| h.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-    };
-    let telemetry = Arc::new(Telemetry::new(
-        identity,
-        backend.as_ref(),
-        config.monitoring.health.clone(),
-    ));
-    if config.monitoring.read_kmsg && config.gpu_backend == GpuBackendKind::Nvml {
-        telemetry.start_kmsg_reader();
-    }
     let mut settings = SupervisorSettings::new(config.data_dir.clone());
     settings.default_grace = config.stop_grace_period;
     settings.log_max_bytes = config.log_max_bytes;
@@ -175,7 +154,31 @@ pub async fn start(
     if let Some(program) = &config.shim_program {
         settings.shim_program = program.clone();
     }
-    let supervisor = Supervisor::new(backend.clone(), settings);
+    let runtime = workload_runtime(&config, &settings).await?;
+    let identity = NodeIdentity {
+        node_id: node_id.clone(),
+        address,
+        provider: config.node.provider.clone(),
+        region: config.node.region.clone(),
+        zone: config.node.zone.clone(),
+        instance_type: config.node.instance_type.clone(),
+        price_per_gpu_hour_micro_usd: config.price_micro_usd(),
+        spot: config.node.spot,
+        labels: config.node.labels.clone().into_iter().collect(),
+        hostname: hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        runtimes: runtime.runtimes(),
+    };
+    let telemetry = Arc::new(Telemetry::new(
+        identity,
+        backend.as_ref(),
+        config.monitoring.health.clone(),
+    ));
+    if config.monitoring.read_kmsg && config.gpu_backend == GpuBackendKind::Nvml {
+        telemetry.start_kmsg_reader();
+    }
+    let supervisor = Supervisor::with_runtime(backend.clone(), settings, runtime.clone());
     if let Some(name) = &config.workload_user {
         let user = nix::unistd::User::from_name(name)
             .map_err(|e| anyhow::anyhow!("cannot look up workload_user {name:?}: {e}"))?
@@ -451,4 +454,32 @@ impl RunningAgent {
             None => Ok(()),
         }
     }
+}
+
+/// The process runtime, plus the oci runtime when configured (podman must
+/// answer, else the agent does not start: a node that advertised `oci`
+/// without it would fail every image job placed on it).
+async fn workload_runtime(
+    config: &AgentConfig,
+    settings: &SupervisorSettings,
+) -> anyhow::Result<Arc<runtime::oci::Runtimes>> {
+    let process = Arc::new(runtime::process::ProcessRuntime::new(
+        settings.data_dir.clone(),
+        settings.shim_program.clone(),
+        settings.shim_launch,
+    ));
+    let oci = match config.oci.clone() {
+        Some(oci) => {
+            let data_dir = config.data_dir.clone();
+            let process = process.clone();
+            let built = tokio::task::spawn_blocking(move || {
+                runtime::oci::OciRuntime::new(oci, &data_dir, process)
+            })
+            .await
+            .context("starting the oci runtime panicked")?;
+            Some(built.map_err(anyhow::Error::msg)?)
+        }
+        None => None,
+    };
+    Ok(Arc::new(runtime::oci::Runtimes::new(process, oci)))
 }

@@ -67,6 +67,8 @@ pub enum Command {
     Telemetry(commands::telemetry::TelemetryArgs),
     /// Client tokens: create, list, revoke (admin), and whoami.
     Tokens(commands::tokens::TokensArgs),
+    /// Registry credentials of a tenant's image jobs: put (password on stdin), list, delete.
+    Secrets(commands::secrets::SecretsArgs),
     /// Print a shell completion script: bash, zsh or fish.
     Completions(commands::completions::CompletionsArgs),
     /// Replay a workload (openb trace or synthetic) through the scheduler in
@@ -133,6 +135,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             commands::telemetry::run(&cli.controller, cli.output, args).await
         }
         Command::Tokens(args) => commands::tokens::run(&cli.controller, cli.output, args).await,
+        Command::Secrets(args) => commands::secrets::run(&cli.controller, cli.output, args).await,
         Command::Completions(args) => commands::completions::run(&args),
         Command::Simulate(args) => commands::simulate::run(cli.output, &args),
     }

@@ -12,6 +12,7 @@ pub mod memory;
 pub mod metrics;
 pub mod placement;
 pub mod pricing;
+pub mod secrets;
 pub mod server;
 pub mod service;
 pub mod state;

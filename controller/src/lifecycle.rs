@@ -29,7 +29,10 @@ pub fn job_nodes(job: &Job) -> BTreeSet<String> {
 
 /// Whether the job's tasks should be running on their nodes.
 pub fn is_desired(job: &Job) -> bool {
-    matches!(job.state(), JobState::Scheduled | JobState::Running)
+    matches!(
+        job.state(),
+        JobState::Scheduled | JobState::Pulling | JobState::Running
+    )
 }
 
 /// Applies an agent's status to a task; returns whether anything changed.
@@ -189,14 +192,19 @@ pub fn derive_job_state(job: &mut Job, now: SystemTime) -> Vec<TaskStatus> {
         job.exit_code = Some(0);
         job.message = "all tasks exited with code 0".to_string();
         job.finished_at = Some(now);
-    } else if job.state() == JobState::Scheduled
-        && !states.is_empty()
-        && states
+    } else if matches!(job.state(), JobState::Scheduled | JobState::Pulling) && !states.is_empty() {
+        if states
             .iter()
             .all(|s| matches!(s, WorkloadState::Running | WorkloadState::Succeeded))
-    {
-        job.set_state(JobState::Running);
-        job.started_at = Some(now);
+        {
+            job.set_state(JobState::Running);
+            job.started_at = Some(now);
+        } else if states.contains(&WorkloadState::Pulling) {
+            // A task's image is being pulled: its message says how far.
+            job.set_state(JobState::Pulling);
+        } else {
+            job.set_state(JobState::Scheduled);
+        }
     }
     Vec::new()
 }
@@ -210,7 +218,7 @@ pub fn enforce_max_runtime(job: &mut Job, now: SystemTime) -> Option<Vec<TaskSta
         .as_ref()
         .map(|s| s.max_runtime_seconds)
         .filter(|s| *s > 0)?;
-    if job.state() != JobState::Running && job.state() != JobState::Scheduled {
+    if !is_desired(job) {
         return None;
     }
     let started = job
@@ -240,6 +248,29 @@ pub fn enforce_max_runtime(job: &mut Job, now: SystemTime) -> Option<Vec<TaskSta
 mod tests {
     use super::*;
     use gpufleet_proto::v1::{JobSpec, RetryPolicy};
+
+    #[test]
+    fn a_job_shows_pulling_while_a_task_pulls_its_image_then_running() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
+        let mut job = job_with_tasks(
+            &[WorkloadState::Pulling, WorkloadState::Starting],
+            RetryPolicy::default(),
+        );
+        job.set_state(JobState::Scheduled);
+        derive_job_state(&mut job, now);
+        assert_eq!(job.state(), JobState::Pulling);
+        assert!(is_desired(&job));
+        job.tasks[0].set_state(WorkloadState::Starting);
+        derive_job_state(&mut job, now);
+        assert_eq!(job.state(), JobState::Scheduled);
+        job.tasks[0].set_state(WorkloadState::Pulling);
+        derive_job_state(&mut job, now);
+        job.tasks[0].set_state(WorkloadState::Running);
+        job.tasks[1].set_state(WorkloadState::Running);
+        derive_job_state(&mut job, now);
+        assert_eq!(job.state(), JobState::Running);
+        assert!(job.started_at.is_some());
+    }
 
     fn job_with_tasks(states: &[WorkloadState], retry: RetryPolicy) -> Job {
         let mut job = Job {

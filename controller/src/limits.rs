@@ -52,6 +52,8 @@ pub const NODE_LABEL_VALUE_BYTES: usize = 256;
 /// Descriptive text an agent reports (zone, instance type, host name,
 /// versions, GPU name, model, serial, PCI bus id).
 pub const AGENT_TEXT_BYTES: usize = 256;
+/// Workload runtimes one agent advertises (`process`, `oci`): room to grow.
+pub const RUNTIMES: usize = 8;
 /// A workload status message from an agent; longer ones are clipped (a
 /// status is never refused: it carries state).
 pub const STATUS_MESSAGE_BYTES: usize = 4096;
@@ -117,6 +119,14 @@ pub fn check_hello(hello: &AgentHello) -> Result<()> {
             identity.labels.len(),
             NODE_LABEL_COUNT,
         )?;
+        check_count("hello.identity.runtimes", identity.runtimes.len(), RUNTIMES)?;
+        for (i, runtime) in identity.runtimes.iter().enumerate() {
+            check_filter(
+                &format!("hello.identity.runtimes[{i}]"),
+                runtime,
+                LABEL_BYTES,
+            )?;
+        }
         for (key, value) in &identity.labels {
             let shown: String = key.chars().take(64).collect();
             check_filter(

@@ -76,6 +76,10 @@ pub fn node_input(node: &Node, connected: bool) -> NodeInput {
         // Measured per (provider, region, generation); the controller's
         // fleet index fills it in (state::interruptions).
         interruption_milli_per_hour: 0,
+        oci: node
+            .identity
+            .as_ref()
+            .is_some_and(|i| i.runtimes.iter().any(|r| r == "oci")),
     }
 }
 
@@ -195,11 +199,18 @@ pub fn job_input(job: &Job) -> JobInput {
         tasks: spec.tasks.max(1),
         gpus_per_task: spec.gpus_per_task,
         unit: unit_of(spec),
-        constraints: spec
-            .constraints
-            .as_ref()
-            .map(constraints)
-            .unwrap_or_default(),
+        constraints: Constraints {
+            // An image job runs only where an agent has the oci runtime.
+            require_oci: spec
+                .workload
+                .as_ref()
+                .is_some_and(|w| w.container.is_some()),
+            ..spec
+                .constraints
+                .as_ref()
+                .map(constraints)
+                .unwrap_or_default()
+        },
         policy: policy_of(spec.placement_policy),
         max_runtime_secs: (spec.max_runtime_seconds > 0).then_some(spec.max_runtime_seconds as u64),
         not_before: ts_secs(job.not_before.as_ref()),
@@ -400,6 +411,8 @@ pub fn constraints(c: &JobConstraints) -> Constraints {
             .map(|rate| (rate.max(0.0) * 1000.0).round().min(u32::MAX as f64) as u32),
         locality: locality_from_wire(c.locality),
         require_nvlink: c.require_nvlink,
+        // From the workload, not the constraints message: see `job_input`.
+        require_oci: false,
     }
 }
 

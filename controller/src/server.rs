@@ -8,6 +8,7 @@ use anyhow::Context;
 use gpufleet_proto::v1::agent_control_server::AgentControlServer;
 use gpufleet_proto::v1::fleet_server::FleetServer;
 use gpufleet_proto::v1::jobs_server::JobsServer;
+use gpufleet_proto::v1::secrets_server::SecretsServer;
 use gpufleet_proto::v1::telemetry_server::TelemetryServer;
 use gpufleet_proto::v1::tokens_server::TokensServer;
 use gpufleet_proto::v1::usage_server::UsageServer;
@@ -19,8 +20,8 @@ use tonic::transport::server::TcpIncoming;
 use crate::config::ControllerConfig;
 use crate::service::guard::{AGENT_MESSAGE_BYTES, RESPONSE_BYTES, service_request_limit};
 use crate::service::{
-    AgentControlService, FleetService, Guarded, JobsService, Settled, TelemetryService,
-    TokensService, UsageService,
+    AgentControlService, FleetService, Guarded, JobsService, SecretsService, Settled,
+    TelemetryService, TokensService, UsageService,
 };
 use crate::state::Controller;
 use crate::store::SledStore;
@@ -192,7 +193,7 @@ async fn report_store_health(
     mut degraded: tokio::sync::watch::Receiver<crate::store::Degraded>,
     reporter: tonic_health::server::HealthReporter,
 ) {
-    const SERVICES: [&str; 7] = [
+    const SERVICES: [&str; 8] = [
         "",
         <JobsServer<JobsService> as tonic::server::NamedService>::NAME,
         <FleetServer<FleetService> as tonic::server::NamedService>::NAME,
@@ -200,6 +201,7 @@ async fn report_store_health(
         <AgentControlServer<AgentControlService> as tonic::server::NamedService>::NAME,
         <TelemetryServer<TelemetryService> as tonic::server::NamedService>::NAME,
         <TokensServer<TokensService> as tonic::server::NamedService>::NAME,
+        <SecretsServer<SecretsService> as tonic::server::NamedService>::NAME,
     ];
     loop {
         let status = if degraded.borrow_and_update().is_degraded() {
@@ -385,6 +387,9 @@ pub async fn start(
     health_reporter
         .set_serving::<TokensServer<TokensService>>()
         .await;
+    health_reporter
+        .set_serving::<SecretsServer<SecretsService>>()
+        .await;
     background.push(tokio::spawn(report_store_health(
         controller.store_health().subscribe(),
         health_reporter,
@@ -443,6 +448,12 @@ pub async fn start(
         .add_service(client_service(
             TokensServer::new(TokensService::new(controller.clone()))
                 .max_decoding_message_size(decode(TokensServer::<TokensService>::NAME))
+                .max_encoding_message_size(RESPONSE_BYTES),
+            &controller,
+        ))
+        .add_service(client_service(
+            SecretsServer::new(SecretsService::new(controller.clone()))
+                .max_decoding_message_size(decode(SecretsServer::<SecretsService>::NAME))
                 .max_encoding_message_size(RESPONSE_BYTES),
             &controller,
         ))

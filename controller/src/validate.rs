@@ -522,13 +522,28 @@ pub fn job_spec(mut spec: JobSpec, rules: &SubmitRules) -> Result<JobSpec> {
     }
 
     let workload = spec.workload.get_or_insert_with(Default::default);
-    if workload.argv.is_empty() {
+    if let Some(container) = &workload.container {
+        // An image job's argv is the container's command; empty runs the
+        // image's own. Its directory is the container's --workdir.
+        if !workload.working_dir.is_empty() {
+            return Err(ControllerError::invalid(
+                "spec.workload.working_dir",
+                "is a host directory and cannot be used with an image; give the container's directory with --workdir (spec.workload.container.workdir)",
+            ));
+        }
+        if container.image.is_empty() {
+            return Err(ControllerError::invalid(
+                "spec.workload.container.image",
+                "is required for a container job: give it with --image",
+            ));
+        }
+    } else if workload.argv.is_empty() {
         return Err(ControllerError::invalid(
             "spec.workload.argv",
             "must not be empty: give the command to run after `--`, e.g. `gpufleet jobs submit --gpus 1 -- python train.py`",
         ));
     }
-    if workload.argv[0].is_empty() {
+    if workload.argv.first().is_some_and(String::is_empty) {
         return Err(ControllerError::invalid(
             "spec.workload.argv[0]",
             "the program to run must not be an empty string",
@@ -769,6 +784,49 @@ mod tests {
             .env
             .insert("MASTER_PORT".into(), "29500".into());
         assert!(job_spec(s, &models()).is_ok());
+    }
+
+    #[test]
+    fn an_image_job_may_leave_argv_empty_and_has_its_container_checked() {
+        use gpufleet_proto::v1::{ContainerSpec, Mount};
+        let image = |container: ContainerSpec| {
+            let mut s = spec(1, &[]);
+            s.workload.as_mut().unwrap().container = Some(container);
+            s
+        };
+        let ok = ContainerSpec {
+            image: "localhost/test:1".into(),
+            ..Default::default()
+        };
+        job_spec(image(ok.clone()), &models()).unwrap();
+        let mut no_image = image(ContainerSpec::default());
+        assert_eq!(
+            field_of(job_spec(no_image.clone(), &models()).unwrap_err()),
+            "spec.workload.container.image"
+        );
+        no_image.workload.as_mut().unwrap().container = None;
+        assert_eq!(
+            field_of(job_spec(no_image, &models()).unwrap_err()),
+            "spec.workload.argv"
+        );
+        let mut host_dir = image(ok.clone());
+        host_dir.workload.as_mut().unwrap().working_dir = "/tmp".into();
+        assert_eq!(
+            field_of(job_spec(host_dir, &models()).unwrap_err()),
+            "spec.workload.working_dir"
+        );
+        let bad_mount = ContainerSpec {
+            mounts: vec![Mount {
+                source: "data".into(),
+                target: "/data".into(),
+                read_only: false,
+            }],
+            ..ok
+        };
+        assert_eq!(
+            field_of(job_spec(image(bad_mount), &models()).unwrap_err()),
+            "spec.workload.container.mounts[0].source"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 pub mod catalog;
 pub mod clock;
+pub mod container;
 pub mod layered;
 pub mod limits;
 pub mod private_file;

@@ -168,6 +168,9 @@ pub fn check_workload(prefix: &str, workload: &WorkloadSpec) -> Result<(), Viola
     if workload.working_dir.contains('\0') {
         return Err(Violation::new(working_dir, "contains a NUL byte"));
     }
+    if let Some(container) = &workload.container {
+        crate::container::check_container(&format!("{prefix}.container"), container)?;
+    }
     Ok(())
 }
 

@@ -18,6 +18,7 @@ pub(crate) struct Compiled {
     pub(crate) max_interruption_milli: u32,
     pub(crate) locality: Locality,
     pub(crate) nvlink: bool,
+    pub(crate) oci: bool,
 }
 
 pub(crate) fn model_matches(constraints: &Constraints, model: &fleet::ModelInfo) -> bool {
@@ -59,11 +60,13 @@ impl Compiled {
             max_interruption_milli: c.max_interruption_milli_per_hour.unwrap_or(u32::MAX),
             locality,
             nvlink: c.require_nvlink,
+            oci: c.require_oci,
         }
     }
 
     pub(crate) fn class_ok(&self, class: &fleet::Class) -> bool {
         self.models[class.model as usize]
+            && (class.oci || !self.oci)
             && class.price <= self.max_price
             && self.spot_ok(class)
             && self

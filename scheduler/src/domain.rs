@@ -95,6 +95,8 @@ pub struct Constraints {
     /// Multi-GPU tasks need NVLink-connected GPUs; a node that reports no
     /// links does not qualify.
     pub require_nvlink: bool,
+    /// A container-image job: only nodes that run images (`oci`) fit.
+    pub require_oci: bool,
 }
 
 /// How to choose among GPUs that satisfy every constraint.

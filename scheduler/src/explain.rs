@@ -17,6 +17,8 @@ use crate::units;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ExcludedBy {
     NodeNotReady,
+    /// An image job on a node whose agent has no `oci` runtime.
+    Runtime,
     Provider,
     Region,
     MaxPrice,
@@ -38,6 +40,7 @@ impl ExcludedBy {
     pub fn name(self) -> &'static str {
         match self {
             ExcludedBy::NodeNotReady => "node_not_ready",
+            ExcludedBy::Runtime => "runtime",
             ExcludedBy::Provider => "provider",
             ExcludedBy::Region => "region",
             ExcludedBy::MaxPrice => "max_price",
@@ -79,6 +82,8 @@ pub enum RegionVerdict {
     /// Its spot capacity is interrupted more often than the job allows.
     InterruptedTooOften,
     NotReady,
+    /// No node here runs container images.
+    NoOciRuntime,
 }
 
 impl RegionVerdict {
@@ -96,6 +101,7 @@ impl RegionVerdict {
             RegionVerdict::OnDemandOnly => "on_demand_only",
             RegionVerdict::InterruptedTooOften => "interrupted_too_often",
             RegionVerdict::NotReady => "not_ready",
+            RegionVerdict::NoOciRuntime => "no_oci_runtime",
         }
     }
 }
@@ -194,6 +200,8 @@ pub fn explain(fleet: &Fleet, job: &JobInput, reason: Option<PendingReason>) -> 
                     ExcludedBy::NodeNotReady,
                     fleet.node_ids[s.node as usize].clone(),
                 ))
+            } else if compiled.oci && !class.oci {
+                Some((ExcludedBy::Runtime, fleet.node_ids[s.node as usize].clone()))
             } else if compiled
                 .providers_allow
                 .as_ref()
@@ -250,6 +258,7 @@ pub fn explain(fleet: &Fleet, job: &JobInput, reason: Option<PendingReason>) -> 
                 {
                     entry.verdict = Some(match name {
                         ExcludedBy::NodeNotReady => RegionVerdict::NotReady,
+                        ExcludedBy::Runtime => RegionVerdict::NoOciRuntime,
                         ExcludedBy::Provider => RegionVerdict::ProviderFilter,
                         ExcludedBy::Region => RegionVerdict::RegionFilter,
                         ExcludedBy::MaxPrice
@@ -369,6 +378,7 @@ pub fn explain(fleet: &Fleet, job: &JobInput, reason: Option<PendingReason>) -> 
             let verdict = match r.verdict {
                 Some(
                     v @ (RegionVerdict::OverBid
+                    | RegionVerdict::NoOciRuntime
                     | RegionVerdict::RegionFilter
                     | RegionVerdict::ProviderFilter),
                 ) => v,
@@ -401,6 +411,10 @@ pub fn explain(fleet: &Fleet, job: &JobInput, reason: Option<PendingReason>) -> 
                     r.region, r.matching_gpus, r.free_matching_gpus
                 ),
                 RegionVerdict::NotReady => format!("{} has no ready nodes", r.region),
+                RegionVerdict::NoOciRuntime => format!(
+                    "{} has no node that runs container images (no agent there has the oci runtime)",
+                    r.region
+                ),
                 RegionVerdict::SpotOnly => {
                     format!("{} offers only spot capacity (spot not allowed)", r.region)
                 }
@@ -488,6 +502,9 @@ pub fn explain(fleet: &Fleet, job: &JobInput, reason: Option<PendingReason>) -> 
         };
         let detail = match name {
             ExcludedBy::NodeNotReady => format!("nodes not ready or cordoned: {shown}"),
+            ExcludedBy::Runtime => format!(
+                "cannot run container images (their agents have no oci runtime; set oci_enabled): {shown}"
+            ),
             ExcludedBy::Provider => format!("provider not allowed: {shown}"),
             ExcludedBy::Region => format!("region not allowed: {shown}"),
             ExcludedBy::MaxPrice => format!(
@@ -611,6 +628,52 @@ mod tests {
     use super::*;
     use crate::domain::{Constraints, Generation};
     use crate::test_support::node;
+
+    #[test]
+    fn an_image_job_fits_only_where_an_agent_runs_images_and_explain_says_so() {
+        let mut with_oci = node("a", "r1", 3_000_000, "H100-SXM-80GB", Generation::Hopper);
+        with_oci.oci = true;
+        let cheap = node("b", "r2", 1_000_000, "H100-SXM-80GB", Generation::Hopper);
+        let job = JobInput {
+            id: "img".into(),
+            tasks: 1,
+            gpus_per_task: 1,
+            constraints: Constraints {
+                require_oci: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        // The cheaper node cannot run it; the oci node can.
+        let mut fleet = Fleet::build(&[with_oci, cheap.clone()], &[]);
+        let r = crate::schedule(
+            &mut fleet,
+            std::slice::from_ref(&job),
+            &crate::SchedulerConfig::default(),
+            &crate::TenantState::default(),
+            0,
+        );
+        match &r.outcomes[0] {
+            crate::Outcome::Placed(tasks) => assert_eq!(tasks[0].node_id, "a"),
+            other => panic!("{other:?}"),
+        }
+        // Without any: pending, and explain names the runtime.
+        let fleet = Fleet::build(&[cheap], &[]);
+        let e = explain(&fleet, &job, Some(PendingReason::NoFeasibleNodes));
+        let names: Vec<&str> = e.exclusions.iter().map(|x| x.constraint.name()).collect();
+        assert_eq!(names, ["runtime"]);
+        assert!(
+            e.message.contains("cannot run container images"),
+            "{}",
+            e.message
+        );
+        assert_eq!(e.regions[0].verdict, RegionVerdict::NoOciRuntime);
+        assert!(
+            e.summary.contains("no node that runs container images"),
+            "{}",
+            e.summary
+        );
+    }
 
     #[test]
     fn exclusions_and_region_verdicts_are_named_and_worded() {

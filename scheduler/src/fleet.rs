@@ -39,6 +39,8 @@ pub struct NodeInput {
     /// Sets of GPU positions that are all NVLink-connected; empty: no
     /// links (a multi-GPU NVLink request does not fit here).
     pub nvlink_groups: Vec<Vec<u32>>,
+    /// Runs container images (its agent advertises the `oci` runtime).
+    pub oci: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -111,6 +113,8 @@ pub(crate) struct Class {
     /// See [`NodeInput::interruption_milli_per_hour`] (the highest of the
     /// class's nodes; they share provider, region and generation).
     pub(crate) interruption_milli: u32,
+    /// Its nodes run container images.
+    pub(crate) oci: bool,
     /// `buckets[k]`: schedulable, unreserved slots with exactly k free GPUs.
     pub(crate) buckets: Vec<Vec<u32>>,
     /// Schedulable slots under a reservation (checked only by jobs that can
@@ -220,7 +224,7 @@ impl Fleet {
         // Keys borrow from `nodes`: a pass rebuilds the fleet, and a key
         // copied per GPU was most of the build.
         let mut model_index: HashMap<ModelKey<'_>, u16> = HashMap::new();
-        let mut class_index: HashMap<(u16, u16, u16, u64, bool), u32> = HashMap::new();
+        let mut class_index: HashMap<(u16, u16, u16, u64, bool, bool), u32> = HashMap::new();
         let mut node_index: HashMap<&str, u32> = HashMap::with_capacity(nodes.len());
         // Per node, per GPU position in `NodeInput::gpus`: its slot and bit.
         let mut gpu_slots: Vec<Vec<Option<(u32, u32)>>> = Vec::with_capacity(nodes.len());
@@ -276,6 +280,7 @@ impl Fleet {
                             model,
                             node.price_per_gpu_hour_micro_usd,
                             node.spot,
+                            node.oci,
                         );
                         let class = *class_index.entry(class_key).or_insert_with(|| {
                             fleet.classes.push(Class {
@@ -285,6 +290,7 @@ impl Fleet {
                                 price: node.price_per_gpu_hour_micro_usd,
                                 spot: node.spot,
                                 interruption_milli: 0,
+                                oci: node.oci,
                                 buckets: vec![Vec::new(); MAX_GPUS_PER_SLOT + 1],
                                 reserved: Vec::new(),
                                 slots: Vec::new(),

@@ -2,6 +2,8 @@
 //! `127.0.0.1:0`. Waits poll a condition with a deadline; nothing sleeps a
 //! fixed time hoping things are done.
 
+pub mod podman;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;

@@ -10,6 +10,7 @@ use std::pin::Pin;
 
 use gpufleet_proto::v1::fleet_client::FleetClient;
 use gpufleet_proto::v1::jobs_client::JobsClient;
+use gpufleet_proto::v1::secrets_client::SecretsClient;
 use gpufleet_proto::v1::telemetry_client::TelemetryClient;
 use gpufleet_proto::v1::tokens_client::TokensClient;
 use gpufleet_proto::v1::usage_client::UsageClient;
@@ -437,6 +438,57 @@ fn rows() -> Vec<Row> {
                             region: "us-east-1".into(),
                             generation: GpuGeneration::Hopper as i32,
                             ..Default::default()
+                        })
+                        .await)
+                })
+            },
+        },
+        Row {
+            method: "gpufleet.v1.Secrets/PutRegistrySecret",
+            min_role: Submitter,
+            tenant_scoped: true,
+            fleet_admin: false,
+            call: |c, f, side| {
+                Box::pin(async move {
+                    ok(SecretsClient::new(c)
+                        .put_registry_secret(PutRegistrySecretRequest {
+                            tenant: f.tenant(side),
+                            name: "matrix".into(),
+                            registry: "registry.example.com".into(),
+                            username: "bot".into(),
+                            password: "pw".into(),
+                        })
+                        .await)
+                })
+            },
+        },
+        Row {
+            method: "gpufleet.v1.Secrets/ListRegistrySecrets",
+            min_role: Viewer,
+            tenant_scoped: true,
+            fleet_admin: false,
+            call: |c, f, side| {
+                Box::pin(async move {
+                    ok(SecretsClient::new(c)
+                        .list_registry_secrets(ListRegistrySecretsRequest {
+                            tenant: f.tenant(side),
+                        })
+                        .await)
+                })
+            },
+        },
+        Row {
+            method: "gpufleet.v1.Secrets/DeleteRegistrySecret",
+            min_role: Submitter,
+            tenant_scoped: true,
+            fleet_admin: false,
+            // NOT_FOUND for a secret already gone still passes auth.
+            call: |c, f, side| {
+                Box::pin(async move {
+                    ok(SecretsClient::new(c)
+                        .delete_registry_secret(DeleteRegistrySecretRequest {
+                            tenant: f.tenant(side),
+                            name: "matrix".into(),
                         })
                         .await)
                 })

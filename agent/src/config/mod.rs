@@ -105,6 +105,8 @@ pub struct AgentConfig {
     pub interruptions: Option<InterruptionConfig>,
     /// How shared GPU allocations are enforced (`crate::sharing`).
     pub gpu_sharing: SharingConfig,
+    /// The oci runtime (container images through podman); `None`: off.
+    pub oci: Option<crate::runtime::oci::OciSettings>,
 }
 
 /// The `gpu_sharing` and `mps_pipe_directory` keys. `Default` (what
@@ -222,6 +224,61 @@ where
         config: AgentConfig::from_settings(cli.settings)?,
         log_format: cli.log_format.unwrap_or_default(),
     })
+}
+
+/// The oci runtime's settings, when `oci_enabled`; its other keys are
+/// checked either way.
+fn oci_settings(
+    enabled: Option<bool>,
+    podman: Option<PathBuf>,
+    allowed_mounts: Option<settings::List<PathBuf>>,
+    cdi_spec_dirs: Option<settings::List<PathBuf>>,
+    pull: Option<String>,
+    pull_timeout: Option<String>,
+) -> Result<Option<crate::runtime::oci::OciSettings>, ConfigError> {
+    use gpufleet_proto::v1::PullPolicy;
+    let mut oci = crate::runtime::oci::OciSettings::new(
+        podman
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| PathBuf::from("podman")),
+    );
+    if let Some(list) = allowed_mounts {
+        for path in &list.0 {
+            if !path.is_absolute() {
+                return Err(invalid(
+                    "oci_allowed_mounts",
+                    format!("{} is not an absolute path", path.display()),
+                ));
+            }
+            if path == std::path::Path::new("/") {
+                return Err(invalid(
+                    "oci_allowed_mounts",
+                    "\"/\" would let jobs mount the whole host; name the data directories instead",
+                ));
+            }
+        }
+        oci.allowed_mounts = list.0;
+    }
+    if let Some(list) = cdi_spec_dirs {
+        oci.cdi_spec_dirs = list.0;
+    }
+    if let Some(policy) = pull {
+        oci.default_pull = match policy.trim() {
+            "always" => PullPolicy::Always,
+            "missing" => PullPolicy::Missing,
+            "never" => PullPolicy::Never,
+            other => {
+                return Err(invalid(
+                    "oci_pull",
+                    format!("{other:?} is not always, missing or never"),
+                ));
+            }
+        };
+    }
+    if let Some(timeout) = pull_timeout {
+        oci.pull_timeout = parse_duration("oci_pull_timeout", &timeout)?;
+    }
+    Ok(enabled.unwrap_or(false).then_some(oci))
 }
 
 fn parse_duration(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
@@ -351,6 +408,7 @@ impl AgentConfig {
                 mode: SharingMode::TimeSlicing,
                 mps_pipe_directory: DEFAULT_MPS_PIPE_DIRECTORY.into(),
             },
+            oci: None,
         }
     }
 
@@ -476,6 +534,14 @@ impl AgentConfig {
                     .mps_pipe_directory
                     .unwrap_or_else(|| DEFAULT_MPS_PIPE_DIRECTORY.into()),
             },
+            oci: oci_settings(
+                s.oci_enabled,
+                s.oci_podman,
+                s.oci_allowed_mounts,
+                s.oci_cdi_spec_dirs,
+                s.oci_pull,
+                s.oci_pull_timeout,
+            )?,
         };
         config.validate()?;
         Ok(config)

@@ -132,6 +132,24 @@ pub struct AgentSettings {
     /// re-adopt (true), or stop them with their grace period (false) [default: true].
     #[arg(long, env = "GPUFLEET_KEEP_WORKLOADS_ON_EXIT", value_name = "BOOL", value_parser = boolean)]
     pub keep_workloads_on_exit: Option<bool>,
+    /// Run container-image workloads with podman (the oci runtime); the agent then advertises oci [default: false].
+    #[arg(long, env = "GPUFLEET_OCI_ENABLED", value_name = "BOOL", value_parser = boolean)]
+    pub oci_enabled: Option<bool>,
+    /// The podman executable of the oci runtime [default: podman from PATH].
+    #[arg(long, env = "GPUFLEET_OCI_PODMAN", value_name = "PATH")]
+    pub oci_podman: Option<PathBuf>,
+    /// Host directories container jobs may mount from (and below), e.g. /data,/scratch [default: none].
+    #[arg(long, env = "GPUFLEET_OCI_ALLOWED_MOUNTS", value_name = "LIST")]
+    pub oci_allowed_mounts: Option<List<PathBuf>>,
+    /// Directories of CDI specs; a GPU a spec names is given to containers as nvidia.com/gpu=<UUID> [default: /etc/cdi,/var/run/cdi].
+    #[arg(long, env = "GPUFLEET_OCI_CDI_SPEC_DIRS", value_name = "LIST")]
+    pub oci_cdi_spec_dirs: Option<List<PathBuf>>,
+    /// Pull policy of image jobs that name none: always, missing or never [default: missing].
+    #[arg(long, env = "GPUFLEET_OCI_PULL", value_name = "POLICY")]
+    pub oci_pull: Option<String>,
+    /// Longest one image pull may take [default: 30m].
+    #[arg(long, env = "GPUFLEET_OCI_PULL_TIMEOUT", value_name = "DURATION")]
+    pub oci_pull_timeout: Option<String>,
     /// The `[node]` table: who this node is and what it costs.
     #[command(flatten)]
     #[serde(default)]

@@ -9,15 +9,16 @@
 //! The supervisor never knows which runtime it drives.
 //!
 //! Behind it: [`process::ProcessRuntime`] (exec argv without a shell, own
-//! process group, under a shim so work outlives an agent restart) and
-//! [`memory::MemoryRuntime`], an in-memory double for tests. A container
-//! runtime fits the same shape: image pulls happen in `launch` (reporting
-//! [`LaunchControl::progress`] and checking [`LaunchControl::withdrawn`]
-//! before the container starts), GPUs come as UUIDs to turn into CDI names,
-//! `adopt` finds containers by name or label, and `forget` removes the
-//! container once its status and logs were collected.
+//! process group, under a shim so work outlives an agent restart),
+//! [`oci::OciRuntime`] (podman containers: image pulls in `launch`,
+//! reported through [`LaunchControl::pulling`], GPUs by CDI name, the
+//! attached client under the process runtime's shim, the container removed
+//! in `forget` and reaped after a restart), [`oci::Runtimes`] (which of
+//! the two runs a workload, by whether its spec names an image) and
+//! [`memory::MemoryRuntime`], an in-memory double for tests.
 
 pub mod memory;
+pub mod oci;
 pub mod process;
 
 use std::future::Future;
@@ -105,9 +106,14 @@ pub trait LaunchControl: Send + Sync {
     /// before the workload may start: a launch that sees it gives up with
     /// [`LaunchError::Withdrawn`] and nothing runs.
     fn withdrawn(&self) -> bool;
-    /// A step of a slow launch (an image pull's progress): shown as the
-    /// message of the workload's `Starting` status.
+    /// A step of a slow launch: shown as the message of the workload's
+    /// `Starting` status.
     fn progress(&self, message: &str);
+    /// An image pull's progress: the workload's status turns `Pulling`
+    /// with this message (until the next [`LaunchControl::progress`]).
+    fn pulling(&self, message: &str) {
+        self.progress(message);
+    }
 }
 
 /// Why a launch ended without a running workload.
@@ -218,6 +224,12 @@ pub struct LogRead {
 pub trait WorkloadRuntime: Send + Sync + std::fmt::Debug {
     /// Short name, e.g. `process`.
     fn name(&self) -> &'static str;
+
+    /// The kinds of workload it runs, as the agent advertises them
+    /// (`process`, `oci`).
+    fn runtimes(&self) -> Vec<String> {
+        vec![self.name().to_string()]
+    }
 
     /// Starts a workload and returns once it runs (or could not start).
     /// Blocks; runs on a blocking thread within a Tokio runtime.

@@ -45,14 +45,26 @@ impl LaunchControl for Control<'_> {
     }
 
     fn progress(&self, message: &str) {
+        self.report(false, message);
+    }
+
+    fn pulling(&self, message: &str) {
+        self.report(true, message);
+    }
+}
+
+impl Control<'_> {
+    /// Publishes a launch step as the `Starting` (or `Pulling`) status.
+    fn report(&self, pulling: bool, message: &str) {
         let mut st = self.supervisor.lock();
         let Some(w) = st.workloads.get_mut(self.id) else {
             return;
         };
-        if w.state != WorkloadState::Starting || w.message == message {
+        if w.state != WorkloadState::Starting || (w.message == message && w.pulling == pulling) {
             return;
         }
-        w.message = message.to_string();
+        w.message = gpufleet_core::limits::escape_unsafe(message).into_owned();
+        w.pulling = pulling;
         let status = w.status();
         self.supervisor.emit(&mut st, status);
     }

@@ -39,6 +39,7 @@ fn allocation(id: &str, gpus: &[String]) -> Allocation {
             ]),
             working_dir: String::new(),
             stop_grace_period_seconds: 0,
+            container: None,
         }),
         ..Default::default()
     }

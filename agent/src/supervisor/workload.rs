@@ -27,6 +27,9 @@ pub(super) struct Workload {
     pub(super) exit_code: Option<i32>,
     pub(super) signal: Option<i32>,
     pub(super) message: String,
+    /// While `Starting`: its runtime is pulling its image, reported as
+    /// `Pulling` (the state machine itself stays `Starting`).
+    pub(super) pulling: bool,
     pub(super) started_at: Option<SystemTime>,
     pub(super) finished_at: Option<SystemTime>,
     pub(super) stop_requested: bool,
@@ -65,6 +68,7 @@ impl Workload {
             exit_code: None,
             signal: None,
             message: String::new(),
+            pulling: false,
             started_at: None,
             finished_at: None,
             stop_requested: false,
@@ -87,7 +91,11 @@ impl Workload {
             allocation_id: self.allocation.allocation_id.clone(),
             job_id: self.allocation.job_id.clone(),
             task_index: self.allocation.task_index,
-            state: self.state as i32,
+            state: if self.state == WorkloadState::Starting && self.pulling {
+                WorkloadState::Pulling as i32
+            } else {
+                self.state as i32
+            },
             exit_code: self.exit_code,
             signal: self.signal,
             message: self.message.clone(),

@@ -53,6 +53,7 @@ pub fn allocation(id: &str, argv: &[&str], gpus: &[String]) -> Allocation {
             env: HashMap::new(),
             working_dir: String::new(),
             stop_grace_period_seconds: 0,
+            container: None,
         }),
         ..Default::default()
     }

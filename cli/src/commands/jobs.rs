@@ -176,8 +176,11 @@ struct SubmitArgs {
     /// Wait for the job to end and exit with its outcome.
     #[arg(long)]
     wait: bool,
-    /// The command and its arguments, after `--`. Run directly, not by a shell.
-    #[arg(last = true, required = true, value_name = "CMD")]
+    #[command(flatten)]
+    image: super::image::ImageArgs,
+    /// The command and its arguments, after `--`. Run directly, not by a
+    /// shell; with --image, the container's command (none: the image's).
+    #[arg(last = true, required_unless_present = "image", value_name = "CMD")]
     command: Vec<String>,
 }
 
@@ -565,6 +568,7 @@ fn build_spec(args: SubmitArgs) -> anyhow::Result<JobSpec> {
             env,
             working_dir: String::new(),
             stop_grace_period_seconds: args.grace_period.unwrap_or(0),
+            container: args.image.container()?,
         }),
         priority: args.priority,
         preemptible: args.preemptible,
@@ -616,6 +620,13 @@ fn state_label(job: &Job) -> String {
 fn detail(job: &Job) -> String {
     match (&job.pending_reason, job.state()) {
         (Some(reason), JobState::Pending) => reason.message.clone(),
+        // The pull's progress is in the pulling task's status.
+        (_, JobState::Pulling) => job
+            .tasks
+            .iter()
+            .find(|t| t.state() == gpufleet_proto::v1::WorkloadState::Pulling)
+            .map(|t| format!("task {}: {}", t.index, t.message))
+            .unwrap_or_else(|| "-".to_string()),
         _ if !job.message.is_empty() => job.message.clone(),
         _ => "-".to_string(),
     }

@@ -1,10 +1,12 @@
 pub mod completions;
 pub mod dev;
 mod dev_market;
+pub mod image;
 pub mod jobs;
 pub mod market;
 pub mod nodes;
 pub mod prices;
+pub mod secrets;
 pub mod simulate;
 pub mod telemetry;
 pub mod tokens;

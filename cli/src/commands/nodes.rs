@@ -336,6 +336,14 @@ fn print_node(node: &Node) {
         node.agent_version,
         node.driver_version
     );
+    if !identity.runtimes.is_empty() {
+        let runtimes: Vec<String> = identity
+            .runtimes
+            .iter()
+            .map(|r| output::safe(r).into_owned())
+            .collect();
+        say!("Runtimes:      {}", runtimes.join(","));
+    }
     if !identity.labels.is_empty() {
         let labels: Vec<String> = identity
             .labels

@@ -54,6 +54,22 @@ impl Controller {
     pub fn submit_job(&self, spec: JobSpec) -> Result<Job> {
         let mut state = self.lock();
         let spec = validate::job_spec(spec, &self.submit_rules(&state))?;
+        if let Some(secret) = spec
+            .workload
+            .as_ref()
+            .and_then(|w| w.container.as_ref())
+            .map(|c| c.registry_secret.as_str())
+            .filter(|s| !s.is_empty())
+            && !self.inner.secrets.exists(&spec.tenant, secret)
+        {
+            return Err(crate::error::ControllerError::invalid(
+                "spec.workload.container.registry_secret",
+                format!(
+                    "tenant {:?} has no registry secret {secret:?}; create it with `gpufleet secrets put {secret} --registry HOST --username USER` (password on stdin)",
+                    spec.tenant
+                ),
+            ));
+        }
         // 28 random bits per second: a collision is rare but would
         // overwrite a finished job's record, so it is checked. Every job is
         // in the store from its submit on; the read goes to the store's

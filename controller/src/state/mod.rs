@@ -186,6 +186,8 @@ struct Inner {
     agent_streams: AtomicUsize,
     /// Client streams open now, per token and in all.
     stream_quotas: crate::stream_quota::StreamQuotas,
+    /// Tenants' registry credentials for image jobs.
+    secrets: crate::secrets::RegistrySecrets,
 }
 
 /// See [`Controller::agent_stream_started`].
@@ -247,6 +249,7 @@ impl Controller {
         let health = StoreHealth::new();
         let store = GroupCommit::with_health(store, health.clone())?;
         let migrated = history::migrate(&store)?;
+        let secrets = crate::secrets::RegistrySecrets::load(&store)?;
         if migrated > 0 {
             tracing::info!(
                 entries = migrated,
@@ -362,6 +365,7 @@ impl Controller {
                 closing: watch::channel(false).0,
                 agent_streams: AtomicUsize::new(0),
                 stream_quotas,
+                secrets,
             }),
         })
     }
@@ -427,6 +431,44 @@ impl Controller {
         self.inner
             .auth
             .create_token(&self.inner.store, name, role, tenant, ttl)
+    }
+
+    /// Creates or replaces a tenant's registry credential.
+    pub fn put_registry_secret(
+        &self,
+        tenant: &str,
+        name: &str,
+        registry: &str,
+        username: &str,
+        password: &str,
+    ) -> Result<gpufleet_proto::v1::RegistrySecret> {
+        let now = self.inner.clock.unix_secs();
+        let secret = gpufleet_proto::v1::RegistrySecret {
+            tenant: tenant.to_string(),
+            name: name.to_string(),
+            registry: registry.to_string(),
+            username: username.to_string(),
+            updated_at: None,
+        };
+        self.inner
+            .secrets
+            .put(&self.inner.store, secret, password, now)
+    }
+
+    pub fn delete_registry_secret(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<gpufleet_proto::v1::RegistrySecret> {
+        self.inner.secrets.delete(&self.inner.store, tenant, name)
+    }
+
+    /// Registry credentials without their passwords; `None`: every tenant's.
+    pub fn list_registry_secrets(
+        &self,
+        tenant: Option<&str>,
+    ) -> Vec<gpufleet_proto::v1::RegistrySecret> {
+        self.inner.secrets.list(tenant)
     }
 
     pub fn revoke_token(&self, id: &str) -> Result<TokenRecord> {

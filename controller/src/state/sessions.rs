@@ -189,7 +189,7 @@ impl Controller {
                     }
                 } else if matches!(
                     task.state(),
-                    WorkloadState::Starting | WorkloadState::Running
+                    WorkloadState::Starting | WorkloadState::Pulling | WorkloadState::Running
                 ) {
                     task.set_state(WorkloadState::Lost);
                     task.message = "the agent reconnected without this workload (it restarted or lost track of it)".to_string();
@@ -403,7 +403,26 @@ impl Controller {
     /// Sends the node its whole desired allocation set if it changed (or
     /// always, with `force`).
     pub(super) fn push_desired(&self, state: &mut State, node_id: &str, force: bool) {
-        let allocations = desired_allocations(state, node_id);
+        let mut allocations = desired_allocations(state, node_id);
+        // Credentials only on the wire, resolved now (never in a record).
+        for allocation in &mut allocations {
+            let Some(secret) = allocation
+                .workload
+                .as_ref()
+                .and_then(|w| w.container.as_ref())
+                .map(|c| c.registry_secret.as_str())
+                .filter(|s| !s.is_empty())
+            else {
+                continue;
+            };
+            let tenant = state
+                .jobs
+                .get(&allocation.job_id)
+                .and_then(|j| j.spec.as_ref())
+                .map(|s| s.tenant.as_str())
+                .unwrap_or_default();
+            allocation.registry_auth = self.inner.secrets.resolve(tenant, secret);
+        }
         let Some(entry) = state.nodes.get_mut(node_id) else {
             return;
         };
@@ -444,7 +463,7 @@ pub(super) fn desired_allocations(state: &State, node_id: &str) -> Vec<Allocatio
     let mut allocations: Vec<Allocation> = state
         .jobs
         .values()
-        .filter(|job| matches!(job.state(), JobState::Scheduled | JobState::Running))
+        .filter(|job| is_desired(job))
         .flat_map(|job| {
             job.tasks
                 .iter()
@@ -464,6 +483,8 @@ pub(super) fn desired_allocations(state: &State, node_id: &str) -> Vec<Allocatio
                         0
                     },
                     gpu_memory_limit_bytes: t.gpu_memory_limit_bytes,
+                    // Filled on the wire only (`push_desired`), never stored.
+                    registry_auth: None,
                 })
         })
         .collect();
