@@ -4,14 +4,18 @@
 //! backend, and [`conformance`] is the contract every backend passes.
 //!
 //! - [`SledStore`] (`sled_store.rs`): the embedded default, one sled tree.
+//! - [`EtcdStore`] (`etcd/`): etcd, for three controllers with leader
+//!   election (docs/ha.md).
 //! - [`MemoryStore`] (`memory.rs`): a `BTreeMap`, for tests and tools.
 //!
 //! Per-GPU telemetry rollups are not in it (see `crate::telemetry`).
 
+pub mod etcd;
 mod health;
 mod memory;
 mod sled_store;
 
+pub use self::etcd::EtcdStore;
 pub use self::health::{Degraded, StoreHealth, StorePart, describe};
 pub use self::memory::MemoryStore;
 pub use self::sled_store::{DEFAULT_CACHE_BYTES, SledStore};
@@ -49,6 +53,11 @@ pub enum StoreError {
     /// it has been announced.
     #[error("{0}; nothing was lost, retrying")]
     NotDurable(String),
+    /// A write of a controller that is no longer the leader (its etcd
+    /// lease lapsed, or another controller took over): refused by etcd,
+    /// nothing of it applied.
+    #[error("this controller is no longer the leader; its write was refused")]
+    Fenced,
 }
 
 /// A keyspace: every key of a record kind shares its prefix.
