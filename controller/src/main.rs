@@ -56,6 +56,21 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: ControllerConfig) -> anyhow::Result<()> {
+    if let config::StoreConfig::Etcd(etcd) = config.store.clone() {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        let ended = gpufleet_controller::ha::run(config, etcd, listener, shutdown_signal()).await?;
+        if ended == gpufleet_controller::ha::Ended::LostLeadership {
+            // At once, without unwinding: nothing this process holds may
+            // act after this instant (see ha.rs).
+            tracing::error!(
+                "lost the leadership; exiting so the supervisor restarts this controller as a standby"
+            );
+            std::process::exit(gpufleet_controller::ha::EXIT_LOST_LEADERSHIP);
+        }
+        return Ok(());
+    }
     let running = gpufleet_controller::start(config, None).await?;
     shutdown_signal().await;
     tracing::info!("shutting down");

@@ -5,6 +5,7 @@
 //! [`ControllerConfig`] with errors that name the key.
 
 mod settings;
+mod store;
 #[cfg(test)]
 mod tests;
 
@@ -22,6 +23,7 @@ use gpufleet_scheduler::{Policy, SchedulerConfig, TenantPolicy};
 
 pub use gpufleet_core::layered::ConfigError;
 pub use settings::{ControllerCli, ControllerSettings, TenantConfig};
+pub use store::{DEFAULT_ETCD_PREFIX, DEFAULT_LEADER_LEASE, EtcdConfig, StoreConfig};
 
 /// PEM files for TLS on the controller's gRPC listener.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -58,6 +60,8 @@ pub struct ControllerConfig {
     pub metrics_listen: SocketAddr,
     /// TLS on the gRPC listener (and mutual TLS for agents).
     pub tls: TlsServerConfig,
+    /// sled (embedded) or etcd (shared, with leader election).
+    pub store: StoreConfig,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
@@ -140,6 +144,7 @@ impl ControllerConfig {
             // Any free port: several test or dev controllers share a host.
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             tls: TlsServerConfig::default(),
+            store: StoreConfig::Sled,
         }
     }
 
@@ -155,6 +160,7 @@ impl ControllerConfig {
 
     /// Checks the layered settings and fills in the defaults.
     pub fn from_settings(file: ControllerSettings) -> Result<Self, ConfigError> {
+        let store = store::store_config(&file)?;
         let listen_text = file.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
         let listen = listen_text.parse().map_err(|_| ConfigError::Invalid {
             key: "listen".into(),
@@ -411,12 +417,13 @@ impl ControllerConfig {
                 key: file.tls_key.clone(),
                 client_ca: file.tls_client_ca.clone(),
             },
+            store,
         })
     }
 
     /// The effective configuration as a config file, for `--print-config`.
     pub fn to_toml(&self) -> String {
-        let file = ControllerSettings {
+        let mut file = ControllerSettings {
             listen: Some(self.listen.to_string()),
             data_dir: Some(self.data_dir.clone()),
             join_token: Some(self.join_token.clone()),
@@ -490,7 +497,9 @@ impl ControllerConfig {
             tls_cert: self.tls.cert.clone(),
             tls_key: self.tls.key.clone(),
             tls_client_ca: self.tls.client_ca.clone(),
+            ..ControllerSettings::default()
         };
+        store::store_settings(&self.store, &mut file);
         toml::to_string(&file).unwrap_or_default()
     }
 }

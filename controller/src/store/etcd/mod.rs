@@ -66,6 +66,8 @@ pub struct EtcdStore {
     /// `<prefix>s/`.
     root: Vec<u8>,
     fence: Arc<RwLock<Option<Fence>>>,
+    /// Flips to true on the first write refused by the fence.
+    fenced: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl EtcdStore {
@@ -76,6 +78,16 @@ impl EtcdStore {
             client,
             root,
             fence: Arc::default(),
+            fenced: Arc::new(tokio::sync::watch::channel(false).0),
+        }
+    }
+
+    /// Resolves once a write was refused by the fence: another controller
+    /// leads now.
+    pub fn fenced(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut fenced = self.fenced.subscribe();
+        async move {
+            let _ = fenced.wait_for(|fenced| *fenced).await;
         }
     }
 
@@ -160,6 +172,8 @@ impl Store for EtcdStore {
                 .map(|response| response.into_inner().succeeded)
         })??;
         if fenced && !succeeded {
+            self.fenced.send_replace(true);
+            tracing::error!("a write was refused: another controller leads now");
             return Err(StoreError::Fenced);
         }
         Ok(())
