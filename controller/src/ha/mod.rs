@@ -122,6 +122,7 @@ pub async fn run(
     let store = EtcdStore::new(Arc::clone(&client));
     store.set_fence(Some(leadership.fence.clone()));
     let fenced = store.fenced();
+    let disarm = watchdog(leadership.deadline_handle());
     let running = crate::server::start_serving(
         config,
         Box::new(store),
@@ -135,10 +136,42 @@ pub async fn run(
         _ = &mut shutdown => {
             tracing::info!("shutting down; handing leadership over");
             let result = running.shutdown().await;
+            disarm.store(true, std::sync::atomic::Ordering::SeqCst);
             hand_over(leadership).await;
             result.map(|()| Ended::Shutdown)
         }
     }
+}
+
+/// A thread outside the async runtime that exits the process once the
+/// leadership deadline passed. The keep-alive task notices too, but a
+/// process that was paused (SIGSTOP) wakes all its tasks at once, in no
+/// set order: this thread needs no runtime turn to stop them.
+/// Setting the returned flag stops it (a clean hand-over).
+fn watchdog(
+    deadline: Arc<std::sync::Mutex<std::time::Instant>>,
+) -> Arc<std::sync::atomic::AtomicBool> {
+    let disarmed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let disarm = Arc::clone(&disarmed);
+    let spawned = std::thread::Builder::new()
+        .name("leader-watchdog".into())
+        .spawn(move || {
+            loop {
+                if disarmed.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                let until = *deadline.lock().unwrap_or_else(|p| p.into_inner());
+                if std::time::Instant::now() >= until {
+                    tracing::error!("the leadership deadline passed; exiting");
+                    std::process::exit(EXIT_LOST_LEADERSHIP);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the leadership watchdog; the keep-alive task still steps down");
+    }
+    disarm
 }
 
 /// Revokes the lease so a standby takes over at once.

@@ -17,8 +17,7 @@ use tonic::codegen::http;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::server::NamedService;
 
-/// The metadata key of a standby's answer that holds the leader's URL.
-pub const LEADER_METADATA: &str = "gpufleet-leader";
+pub use gpufleet_core::leader::LEADER_METADATA;
 
 /// The answer a standby gives every call.
 pub fn not_leader(leader: Option<&str>) -> Status {

@@ -64,6 +64,8 @@ pub struct Election {
 pub struct Leadership {
     pub fence: Fence,
     lease: i64,
+    /// Until when this controller may act (moved on by each keep-alive).
+    deadline: Arc<Mutex<std::time::Instant>>,
     lost: watch::Receiver<bool>,
     keepalive: tokio::task::JoinHandle<()>,
     client: Arc<EtcdClient>,
@@ -78,7 +80,18 @@ impl Leadership {
     }
 
     pub fn is_lost(&self) -> bool {
-        *self.lost.borrow()
+        *self.lost.borrow() || std::time::Instant::now() >= self.deadline()
+    }
+
+    /// Until when this controller may act; a watchdog outside the async
+    /// runtime (`crate::ha`) reads it.
+    pub fn deadline(&self) -> std::time::Instant {
+        *self.deadline.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A handle on the deadline, for such a watchdog.
+    pub fn deadline_handle(&self) -> Arc<Mutex<std::time::Instant>> {
+        Arc::clone(&self.deadline)
     }
 
     /// Revokes the lease so a standby takes over without waiting for it
@@ -226,16 +239,19 @@ impl Election {
         tracing::info!(advertise = %self.options.advertise, lease, revision, "became the leader");
         let (lost_tx, lost) = watch::channel(false);
         let deadline = granted_at + self.deadline_after();
+        let shared_deadline = Arc::new(Mutex::new(deadline.into_std()));
         let keepalive = tokio::spawn(keep_alive(
             Arc::clone(&self.client),
             lease,
             self.options.ttl,
             deadline,
             lost_tx,
+            Arc::clone(&shared_deadline),
         ));
         Ok(Some(Leadership {
             fence,
             lease,
+            deadline: shared_deadline,
             lost,
             keepalive,
             client: Arc::clone(&self.client),
@@ -289,13 +305,17 @@ async fn keep_alive(
     ttl: Duration,
     mut deadline: Instant,
     lost: watch::Sender<bool>,
+    shared_deadline: Arc<Mutex<std::time::Instant>>,
 ) {
     let every = ttl / 4;
     loop {
         let sent = Instant::now();
         let renewed = tokio::time::timeout_at(deadline, renew(&client, lease)).await;
         match renewed {
-            Ok(Ok(true)) => deadline = sent + lease_deadline(ttl),
+            Ok(Ok(true)) => {
+                deadline = sent + lease_deadline(ttl);
+                *shared_deadline.lock().unwrap_or_else(|p| p.into_inner()) = deadline.into_std();
+            }
             Ok(Ok(false)) => {
                 tracing::warn!(lease, "the leader lease expired; stepping down");
                 let _ = lost.send(true);
