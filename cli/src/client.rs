@@ -129,6 +129,9 @@ async fn raw_channel(address: &str) -> anyhow::Result<Channel> {
     })
 }
 
+/// How long [`leader_channel`] waits for one controller's answer.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A connection to the leader among the comma-separated `addresses`.
 pub async fn leader_channel(addresses: &str) -> anyhow::Result<Channel> {
     use gpufleet_core::leader::{LEADER_METADATA, MAX_CONTROLLERS, controller_list};
@@ -150,26 +153,49 @@ pub async fn leader_channel(addresses: &str) -> anyhow::Result<Channel> {
         if !tried.insert(url.clone()) || tried.len() > 2 * MAX_CONTROLLERS {
             continue;
         }
-        let channel = match raw_channel(&url).await {
-            Ok(channel) => channel,
-            Err(e) => {
+        let channel = match tokio::time::timeout(2 * PROBE_TIMEOUT, raw_channel(&url)).await {
+            Ok(Ok(channel)) => channel,
+            Ok(Err(e)) => {
                 last_error = Some(e);
                 continue;
             }
+            Err(_) => {
+                last_error = Some(anyhow::anyhow!(
+                    "{url} did not answer within {:?}",
+                    2 * PROBE_TIMEOUT
+                ));
+                continue;
+            }
         };
-        let health = HealthClient::new(channel.clone())
-            .check(HealthCheckRequest {
+        // A controller that accepts connections but does not answer (a
+        // paused process) is skipped after PROBE_TIMEOUT.
+        let health = tokio::time::timeout(
+            PROBE_TIMEOUT,
+            HealthClient::new(channel.clone()).check(HealthCheckRequest {
                 service: String::new(),
-            })
-            .await;
-        if matches!(&health, Ok(r) if r.get_ref().status() == ServingStatus::Serving) {
+            }),
+        )
+        .await;
+        if matches!(&health, Ok(Ok(r)) if r.get_ref().status() == ServingStatus::Serving) {
             return Ok(channel);
         }
         // Not serving: a standby names the leader in its answer to any
         // call (it reads nothing: this one carries no token).
-        let probe = FleetClient::new(channel.clone())
-            .list_nodes(gpufleet_proto::v1::ListNodesRequest::default())
-            .await;
+        let probe = tokio::time::timeout(
+            PROBE_TIMEOUT,
+            FleetClient::new(channel.clone())
+                .list_nodes(gpufleet_proto::v1::ListNodesRequest::default()),
+        )
+        .await;
+        let probe = match probe {
+            Ok(probe) => probe,
+            Err(_) => {
+                last_error = Some(anyhow::anyhow!(
+                    "{url} did not answer within {PROBE_TIMEOUT:?}"
+                ));
+                continue;
+            }
+        };
         match probe {
             Err(status) if status.code() == tonic::Code::Unavailable => {
                 if let Some(leader) = status
