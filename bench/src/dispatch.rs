@@ -231,7 +231,12 @@ pub fn run(args: DispatchArgs) -> anyhow::Result<()> {
         println!();
         let sled_cpu = ms(job_cpu);
         report::table(
-            &["store (same run)", "jobs/s", "submit → running p50 / p99 (ms)", "machine CPU per job (ms)"],
+            &[
+                "store (same run)",
+                "jobs/s",
+                "submit → running p50 / p99 (ms)",
+                "machine CPU per job (ms)",
+            ],
             &[
                 vec![
                     "sled (embedded)".into(),
@@ -255,7 +260,11 @@ pub fn run(args: DispatchArgs) -> anyhow::Result<()> {
         );
         println!(
             "etcd goal: >= {ETCD_TARGET_JOBS_PER_S:.0} jobs/s: {}",
-            if etcd.jobs_per_s >= ETCD_TARGET_JOBS_PER_S { "ok" } else { "missed" }
+            if etcd.jobs_per_s >= ETCD_TARGET_JOBS_PER_S {
+                "ok"
+            } else {
+                "missed"
+            }
         );
     }
     let etcd_summary = on_etcd.as_ref().map(|etcd| {

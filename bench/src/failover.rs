@@ -63,7 +63,10 @@ struct Fleet {
 }
 
 pub fn run(args: FailoverArgs) -> anyhow::Result<()> {
-    ensure!(args.agents > 0 && args.kills > 0, "--agents and --kills must be > 0");
+    ensure!(
+        args.agents > 0 && args.kills > 0,
+        "--agents and --kills must be > 0"
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -122,7 +125,9 @@ async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
     let mut agents = Vec::new();
     for n in 0..args.agents {
         let config = fleet.agent_config(n);
-        agents.push(gpufleet_agent::start(config, Some(TcpListener::bind("127.0.0.1:0").await?)).await?);
+        agents.push(
+            gpufleet_agent::start(config, Some(TcpListener::bind("127.0.0.1:0").await?)).await?,
+        );
     }
     fleet.wait_ready(args.agents).await?;
 
@@ -138,7 +143,10 @@ async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
         // Submitted at the instant of the kill: retried until a leader
         // takes it (a refusal or no answer is not an acknowledgement).
         let (job_id, new_leader) = loop {
-            ensure!(killed_at.elapsed() < ROUND_DEADLINE, "no leader took the job within {ROUND_DEADLINE:?}");
+            ensure!(
+                killed_at.elapsed() < ROUND_DEADLINE,
+                "no leader took the job within {ROUND_DEADLINE:?}"
+            );
             if let Some(found) = fleet.try_submit(round).await {
                 break found;
             }
@@ -146,7 +154,10 @@ async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
         };
         let elected = killed_at.elapsed();
         let running = loop {
-            ensure!(killed_at.elapsed() < ROUND_DEADLINE, "job {job_id} did not run within {ROUND_DEADLINE:?}");
+            ensure!(
+                killed_at.elapsed() < ROUND_DEADLINE,
+                "job {job_id} did not run within {ROUND_DEADLINE:?}"
+            );
             if let Some(state) = fleet.state(new_leader, &job_id).await
                 && matches!(state, JobState::Running | JobState::Succeeded)
             {
@@ -172,15 +183,32 @@ async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
         let job = wait_for(ROUND_DEADLINE, "the failover jobs to end", || async {
             let mut jobs = fleet.jobs(leader).await?;
             let job = jobs
-                .get_job(GetJobRequest { job_id: job_id.clone() })
+                .get_job(GetJobRequest {
+                    job_id: job_id.clone(),
+                })
                 .await?
                 .into_inner();
-            Ok(matches!(job.state(), JobState::Succeeded | JobState::Failed | JobState::Lost | JobState::Cancelled).then_some(job))
+            Ok(matches!(
+                job.state(),
+                JobState::Succeeded | JobState::Failed | JobState::Lost | JobState::Cancelled
+            )
+            .then_some(job))
         })
         .await?;
-        ensure!(job.state() == JobState::Succeeded, "job {job_id} ended {:?}", job.state());
-        let allocation = job.tasks.first().map(|t| t.allocation_id.as_str()).unwrap_or_default();
-        ensure!(allocation == format!("{job_id}.0"), "job {job_id} needed a second run ({allocation})");
+        ensure!(
+            job.state() == JobState::Succeeded,
+            "job {job_id} ended {:?}",
+            job.state()
+        );
+        let allocation = job
+            .tasks
+            .first()
+            .map(|t| t.allocation_id.as_str())
+            .unwrap_or_default();
+        ensure!(
+            allocation == format!("{job_id}.0"),
+            "job {job_id} needed a second run ({allocation})"
+        );
     }
     for agent in agents {
         agent.shutdown().await?;
@@ -210,20 +238,42 @@ async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
     report::table(
         &["from the leader's SIGKILL to", "median (s)", "max (s)"],
         &[
-            vec!["a new leader took a job".into(), secs(median(&elected)), secs(worst(&elected))],
-            vec!["that job running on an agent".into(), secs(median(&running)), secs(worst(&running))],
-            vec!["leader lease (the floor, same run)".into(), secs(args.lease), secs(args.lease)],
+            vec![
+                "a new leader took a job".into(),
+                secs(median(&elected)),
+                secs(worst(&elected)),
+            ],
+            vec![
+                "that job running on an agent".into(),
+                secs(median(&running)),
+                secs(worst(&running)),
+            ],
+            vec![
+                "leader lease (the floor, same run)".into(),
+                secs(args.lease),
+                secs(args.lease),
+            ],
             vec![
                 "ratio failover / lease".into(),
-                format!("{:.2}", median(&running).as_secs_f64() / args.lease.as_secs_f64()),
-                format!("{:.2}", worst(&running).as_secs_f64() / args.lease.as_secs_f64()),
+                format!(
+                    "{:.2}",
+                    median(&running).as_secs_f64() / args.lease.as_secs_f64()
+                ),
+                format!(
+                    "{:.2}",
+                    worst(&running).as_secs_f64() / args.lease.as_secs_f64()
+                ),
             ],
         ],
     );
     println!(
         "goal: failover <= {} s, 0 jobs lost or run twice: {} (max {:.2} s, {} jobs each ran once)",
         TARGET_FAILOVER.as_secs(),
-        if worst(&running) <= TARGET_FAILOVER { "ok" } else { "missed" },
+        if worst(&running) <= TARGET_FAILOVER {
+            "ok"
+        } else {
+            "missed"
+        },
         worst(&running).as_secs_f64(),
         rounds.len()
     );
@@ -372,7 +422,9 @@ impl Fleet {
     async fn state(&self, index: usize, job_id: &str) -> Option<JobState> {
         let mut jobs = self.jobs(index).await.ok()?;
         let job = jobs
-            .get_job(GetJobRequest { job_id: job_id.to_string() })
+            .get_job(GetJobRequest {
+                job_id: job_id.to_string(),
+            })
             .await
             .ok()?
             .into_inner();
@@ -380,26 +432,33 @@ impl Fleet {
     }
 
     async fn wait_ready(&self, count: usize) -> anyhow::Result<()> {
-        wait_for(ROUND_DEADLINE, "every agent connected and Ready", || async {
-            let Ok(leader) = self.leader().await else {
-                return Ok(None);
-            };
-            let Ok(mut fleet) =
-                crate::clients::fleet_client(&format!("http://{}", self.controllers[leader].addr)).await
-            else {
-                return Ok(None);
-            };
-            let Ok(nodes) = fleet.list_nodes(ListNodesRequest::default()).await else {
-                return Ok(None);
-            };
-            let ready = nodes
-                .into_inner()
-                .nodes
-                .iter()
-                .filter(|n| n.connected && n.state() == NodeState::Ready)
-                .count();
-            Ok((ready >= count).then_some(()))
-        })
+        wait_for(
+            ROUND_DEADLINE,
+            "every agent connected and Ready",
+            || async {
+                let Ok(leader) = self.leader().await else {
+                    return Ok(None);
+                };
+                let Ok(mut fleet) = crate::clients::fleet_client(&format!(
+                    "http://{}",
+                    self.controllers[leader].addr
+                ))
+                .await
+                else {
+                    return Ok(None);
+                };
+                let Ok(nodes) = fleet.list_nodes(ListNodesRequest::default()).await else {
+                    return Ok(None);
+                };
+                let ready = nodes
+                    .into_inner()
+                    .nodes
+                    .iter()
+                    .filter(|n| n.connected && n.state() == NodeState::Ready)
+                    .count();
+                Ok((ready >= count).then_some(()))
+            },
+        )
         .await
         .with_context(|| self.logs())
     }

@@ -46,13 +46,36 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    let work = async {
+        match loaded.migrate_from_sled {
+            Some(dir) => migrate(config, dir).await,
+            None => run(config).await,
+        }
+    };
+    match runtime.block_on(work) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gpufleet-controller: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+async fn migrate(config: ControllerConfig, dir: std::path::PathBuf) -> anyhow::Result<()> {
+    let config::StoreConfig::Etcd(etcd) = &config.store else {
+        anyhow::bail!(
+            "--migrate-from-sled copies into etcd: also set store = \"etcd\" and etcd_endpoints"
+        );
+    };
+    let copied = gpufleet_controller::ha::migrate_from_sled(etcd, dir.clone()).await?;
+    for (space, count) in copied {
+        println!("{space:?}: {count} records");
+    }
+    println!(
+        "copied {} into etcd; start the controllers with store = \"etcd\"",
+        dir.display()
+    );
+    Ok(())
 }
 
 async fn run(config: ControllerConfig) -> anyhow::Result<()> {

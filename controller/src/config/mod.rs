@@ -83,6 +83,8 @@ pub struct Loaded {
     pub log_format: String,
     /// `--print-config`: print the effective configuration and exit.
     pub print_config: bool,
+    /// `--migrate-from-sled DIR`: copy that sled store into etcd and exit.
+    pub migrate_from_sled: Option<PathBuf>,
 }
 
 /// Loads the controller's configuration from its command line `argv`
@@ -104,6 +106,7 @@ where
     let mut cli = ControllerCli {
         config: path,
         print_config: false,
+        migrate_from_sled: None,
         log_format: None,
         settings,
     };
@@ -112,6 +115,7 @@ where
         config: ControllerConfig::from_settings(cli.settings)?,
         log_format: cli.log_format.unwrap_or_else(|| "text".to_string()),
         print_config: cli.print_config,
+        migrate_from_sled: cli.migrate_from_sled,
     })
 }
 

@@ -31,6 +31,11 @@ pub struct ControllerCli {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// Copy the sled store of this data dir into etcd (store = "etcd"),
+    /// then exit. Stop every controller first; the etcd prefix must be
+    /// empty.
+    #[arg(long, value_name = "DIR")]
+    pub migrate_from_sled: Option<PathBuf>,
     /// Log format [default: text].
     #[arg(long, env = "GPUFLEET_LOG_FORMAT", value_parser = ["text", "json"])]
     pub log_format: Option<String>,

@@ -174,6 +174,22 @@ fn watchdog(
     disarm
 }
 
+/// `--migrate-from-sled DIR`: copies that sled store into the configured
+/// etcd. Returns what it copied, per keyspace.
+pub async fn migrate_from_sled(
+    etcd: &EtcdConfig,
+    dir: std::path::PathBuf,
+) -> anyhow::Result<crate::store::etcd::migrate::Copied> {
+    let client = connect(etcd).await?;
+    tokio::task::spawn_blocking(move || {
+        let from = crate::store::SledStore::open(&dir)?;
+        let to = EtcdStore::new(client);
+        Ok(crate::store::etcd::migrate::copy_into(&from, &to)?)
+    })
+    .await
+    .context("the migration task failed")?
+}
+
 /// Revokes the lease so a standby takes over at once.
 async fn hand_over(leadership: Leadership) {
     leadership.resign().await;

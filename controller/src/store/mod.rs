@@ -93,6 +93,21 @@ pub enum Keyspace {
 }
 
 impl Keyspace {
+    /// Every keyspace (a migration copies them all).
+    pub const ALL: [Keyspace; 11] = [
+        Keyspace::Nodes,
+        Keyspace::Jobs,
+        Keyspace::Usage,
+        Keyspace::Market,
+        Keyspace::Tokens,
+        Keyspace::NodeIdentities,
+        Keyspace::Settings,
+        Keyspace::AgentSeq,
+        Keyspace::JobsByCreated,
+        Keyspace::JobsByFinished,
+        Keyspace::UsageByEnd,
+    ];
+
     fn prefix(self) -> &'static str {
         match self {
             Keyspace::Nodes => "node/",

@@ -33,6 +33,7 @@
 
 pub mod client;
 pub mod election;
+pub mod migrate;
 pub mod test_cluster;
 
 use std::sync::{Arc, RwLock};
@@ -80,6 +81,31 @@ impl EtcdStore {
             fence: Arc::default(),
             fenced: Arc::new(tokio::sync::watch::channel(false).0),
         }
+    }
+
+    /// The leader key's value (the leader's URL), if a controller leads.
+    pub fn leader(&self) -> Result<Option<String>, StoreError> {
+        let mut key = self.client.options().prefix.as_bytes().to_vec();
+        key.extend_from_slice(b"leader");
+        let client = Arc::clone(&self.client);
+        let response = self.client.block(async move {
+            client
+                .call("leader read", |index| {
+                    let mut kv = client.kv(index);
+                    let request = RangeRequest {
+                        key: key.clone(),
+                        ..Default::default()
+                    };
+                    async move { kv.range(request).await }
+                })
+                .await
+        })??;
+        Ok(response
+            .into_inner()
+            .kvs
+            .into_iter()
+            .next()
+            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
     }
 
     /// Resolves once a write was refused by the fence: another controller
