@@ -424,6 +424,13 @@ where
     health_reporter
         .set_serving::<TokensServer<TokensService>>()
         .await;
+    // Alive (standbys report it too; docs/ha.md): a liveness probe's service.
+    health_reporter
+        .set_service_status(
+            crate::ha::LIVENESS_SERVICE,
+            tonic_health::ServingStatus::Serving,
+        )
+        .await;
     background.push(tokio::spawn(report_store_health(
         controller.store_health().subscribe(),
         health_reporter,

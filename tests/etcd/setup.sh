@@ -66,6 +66,7 @@ start() {
             --initial-cluster "$cluster" --initial-cluster-state new \
             --initial-cluster-token "gpufleet-test" \
             --max-txn-ops 20000 --max-request-bytes 16777216 \
+            --auto-compaction-mode periodic --auto-compaction-retention 5m \
             --heartbeat-interval 50 --election-timeout 500 \
             --logger zap --log-outputs stderr \
             >"m$i/log" 2>&1 </dev/null) &

@@ -43,6 +43,10 @@ use crate::store::etcd::election::{Election, ElectionOptions, Leadership};
 use self::acceptor::Acceptor;
 use self::standby::Redirect;
 
+/// The health service a standby and the leader both report SERVING: a
+/// liveness probe asks for it (readiness asks for "", the leader only).
+pub const LIVENESS_SERVICE: &str = "gpufleet.live";
+
 /// The exit code of a leader that lost its leadership.
 pub const EXIT_LOST_LEADERSHIP: i32 = 3;
 
@@ -217,6 +221,10 @@ async fn serve_standby(
             .set_service_status(service, tonic_health::ServingStatus::NotServing)
             .await;
     }
+    // Alive, though not leading: what a liveness probe asks.
+    health
+        .set_service_status(LIVENESS_SERVICE, tonic_health::ServingStatus::Serving)
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(gpufleet_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
