@@ -295,6 +295,12 @@ pub trait Store: Send + Sync + 'static {
     fn recover(&self) -> Result<bool, StoreError> {
         Ok(false)
     }
+    /// The most writes one `apply` may carry (etcd refuses larger
+    /// transactions); None: no bound. The group commit splits its rounds
+    /// at batch boundaries to stay within it.
+    fn max_batch_ops(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Feeds `entries` to `step` in order, or reversed, until it returns

@@ -52,6 +52,10 @@ use super::{IdRange, Keyspace, Store, StoreError, WriteBatch};
 /// Keys per range read of a scan.
 const PAGE: i64 = 512;
 
+/// The most writes the controller puts in one transaction: etcd must run
+/// with `--max-txn-ops` at least this (docs/ha.md; its default is 128).
+pub const MAX_TXN_OPS: usize = 10_000;
+
 /// The leader's claim every write is checked against.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fence {
@@ -180,6 +184,10 @@ impl EtcdStore {
 }
 
 impl Store for EtcdStore {
+    fn max_batch_ops(&self) -> Option<usize> {
+        Some(MAX_TXN_OPS)
+    }
+
     fn apply(&self, batch: WriteBatch) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
