@@ -344,12 +344,12 @@ impl StoreRun {
 
 /// `store = "etcd"` on `endpoints`.
 pub fn etcd_store(endpoints: &[String]) -> StoreConfig {
-    StoreConfig::Etcd(EtcdConfig {
+    StoreConfig::Etcd(Box::new(EtcdConfig {
         options: EtcdOptions::new(endpoints.to_vec(), "/bench/"),
         password_file: None,
         leader_lease: gpufleet_controller::config::DEFAULT_LEADER_LEASE,
         advertise_url: None,
-    })
+    }))
 }
 
 /// Spawns `true` `total` times, `parallel` at a time, waiting for each:

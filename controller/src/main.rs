@@ -83,7 +83,8 @@ async fn run(config: ControllerConfig) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-        let ended = gpufleet_controller::ha::run(config, etcd, listener, shutdown_signal()).await?;
+        let ended =
+            gpufleet_controller::ha::run(config, *etcd, listener, shutdown_signal()).await?;
         if ended == gpufleet_controller::ha::Ended::LostLeadership {
             // At once, without unwinding: nothing this process holds may
             // act after this instant (see ha.rs).

@@ -147,11 +147,7 @@ impl RunningController {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        if let Some(leadership) = self
-            .leadership
-            .take()
-            .and_then(|l| std::sync::Arc::into_inner(l))
-        {
+        if let Some(leadership) = self.leadership.take().and_then(std::sync::Arc::into_inner) {
             leadership.resign().await;
         }
         Ok(())

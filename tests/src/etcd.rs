@@ -52,12 +52,12 @@ pub fn fresh_prefix(what: &str) -> String {
 /// `store = "etcd"` on `endpoints` under `prefix`, with a short leader
 /// lease so failover tests take seconds.
 pub fn store_config(endpoints: &[String], prefix: &str) -> StoreConfig {
-    StoreConfig::Etcd(EtcdConfig {
+    StoreConfig::Etcd(Box::new(EtcdConfig {
         options: EtcdOptions::new(endpoints.to_vec(), prefix),
         password_file: None,
         leader_lease: Duration::from_secs(2),
         advertise_url: None,
-    })
+    }))
 }
 
 /// The store config of a fresh prefix on the shared cluster.

@@ -20,7 +20,7 @@ pub enum StoreConfig {
     #[default]
     Sled,
     /// etcd, shared by several controllers with leader election.
-    Etcd(EtcdConfig),
+    Etcd(Box<EtcdConfig>),
 }
 
 #[derive(Debug, Clone)]
@@ -57,7 +57,7 @@ pub(super) fn store_config(file: &ControllerSettings) -> Result<StoreConfig, Con
             }
             Ok(StoreConfig::Sled)
         }
-        "etcd" => etcd_config(file).map(StoreConfig::Etcd),
+        "etcd" => etcd_config(file).map(|etcd| StoreConfig::Etcd(Box::new(etcd))),
         other => Err(invalid(
             "store",
             format!("{other:?} is not a store; accepted: sled, etcd"),

@@ -42,12 +42,10 @@ impl Acceptor {
                     stream
                 });
                 let sink = sinks.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                match (sink, accepted) {
-                    (Some(sink), accepted) => {
-                        let _ = sink.send(accepted).await;
-                    }
-                    // Between phases: the client retries.
-                    (None, _) => {}
+                // Between phases (no sink) the connection is dropped and
+                // the client retries.
+                if let Some(sink) = sink {
+                    let _ = sink.send(accepted).await;
                 }
             }
         });
