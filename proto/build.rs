@@ -5,6 +5,10 @@ use std::path::PathBuf;
 
 use prost::Message;
 
+/// etcd's v3 API, the subset the controller's etcd store calls (client
+/// only; see proto/etcd/rpc.proto for where it comes from).
+const ETCD_PROTOS: &[&str] = &["proto/etcd/kv.proto", "proto/etcd/rpc.proto"];
+
 const PROTOS: &[&str] = &[
     "proto/gpufleet/v1/types.proto",
     "proto/gpufleet/v1/auth.proto",
@@ -18,7 +22,7 @@ const PROTOS: &[&str] = &[
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    for proto in PROTOS {
+    for proto in PROTOS.iter().chain(ETCD_PROTOS) {
         println!("cargo:rerun-if-changed={proto}");
     }
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
@@ -43,5 +47,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Smaller per-RPC buffers than tonic's 8 KiB (src/codec.rs).
         .codec_path("crate::codec::GpufleetCodec")
         .compile_fds_with_config(descriptors, config)?;
+
+    let etcd = protox::compile(ETCD_PROTOS, ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(false)
+        .compile_fds_with_config(etcd, prost_build::Config::new())?;
     Ok(())
 }

@@ -1,6 +1,12 @@
 //! The connection to the controller: one long-lived `AgentControl.Connect`
 //! stream, redialled with exponential backoff whenever it breaks.
 //!
+//! With several controllers (`controller = "URL,URL,URL"`, docs/ha.md) the
+//! agent dials one at a time: a standby answers `UNAVAILABLE` naming the
+//! leader, and the agent dials that leader at once; a controller that
+//! cannot be reached makes it try the next one. The hello on every new
+//! stream resyncs the new leader with what runs here.
+//!
 //! Up: a hello carrying every workload's current status, then every event
 //! still in the [`Outbox`] (telemetry and workload status changes, written
 //! there first by the sampler and [`record_statuses`]) in seq order, then
@@ -45,7 +51,10 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Everything the uplink needs; runs until shutdown.
 pub(crate) struct Uplink {
-    pub(crate) controller: String,
+    /// Every controller this agent was given.
+    controllers: Vec<String>,
+    /// The one it dials now.
+    pub(crate) controller: std::sync::Mutex<String>,
     pub(crate) join_token: String,
     pub(crate) sample_interval: Duration,
     pub(crate) supervisor: Supervisor,
@@ -93,6 +102,8 @@ enum SessionError {
     Stream { code: Code, message: String },
     #[error("the controller closed the stream")]
     Ended,
+    #[error("{url} is a standby; the leader is at {leader}")]
+    Redirected { url: String, leader: String },
     #[error("the controller did not answer within {0:?}")]
     Timeout(Duration),
     #[error("{0}")]
@@ -118,6 +129,16 @@ impl SessionError {
             SessionError::Stream { code, message }
         }
     }
+}
+
+/// The leader a standby named in its answer.
+fn leader_hint(status: &Status) -> Option<String> {
+    status
+        .metadata()
+        .get(gpufleet_core::leader::LEADER_METADATA)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.starts_with("http://") || v.starts_with("https://"))
+        .map(str::to_string)
 }
 
 /// Exponential backoff with ±20% jitter, so a fleet that lost its
@@ -176,8 +197,10 @@ impl Uplink {
         telemetry: Arc<Telemetry>,
         outbox: Arc<Outbox>,
     ) -> Self {
+        let controllers = gpufleet_core::leader::controller_list(&controller);
         Self {
-            controller,
+            controller: std::sync::Mutex::new(controllers.first().cloned().unwrap_or(controller)),
+            controllers,
             join_token,
             sample_interval,
             supervisor,
@@ -185,6 +208,30 @@ impl Uplink {
             outbox,
             tls: None,
             node_secret: None,
+        }
+    }
+
+    /// The controller dialled now.
+    fn target(&self) -> String {
+        self.controller
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// After a failed session: the named leader, or the next controller.
+    fn retarget(&self, err: &SessionError) {
+        let current = self.target();
+        let next = match err {
+            SessionError::Redirected { leader, .. } => leader.clone(),
+            _ if self.controllers.len() > 1 => {
+                gpufleet_core::leader::next_controller(&self.controllers, &current, None)
+            }
+            _ => return,
+        };
+        if next != current {
+            info!(from = %current, to = %next, "dialling another controller");
+            *self.controller.lock().unwrap_or_else(|p| p.into_inner()) = next;
         }
     }
 
@@ -208,19 +255,26 @@ impl Uplink {
                 Ok(()) => SessionError::Ended,
                 Err(e) => e,
             };
+            self.retarget(&err);
+            if let SessionError::Redirected { .. } = err {
+                // A standby named the leader: dial it now.
+                backoff.reset();
+                info!("{err}");
+                continue;
+            }
             let text = err.to_string();
             if matches!(err, SessionError::InventoryChanged) {
-                info!(controller = %self.controller, "{text}");
+                info!(controller = %self.target(), "{text}");
             } else if outage.as_deref() != Some(text.as_str()) {
                 match err {
                     SessionError::Rejected { .. } => {
-                        error!(controller = %self.controller, "{text}; retrying")
+                        error!(controller = %self.target(), "{text}; retrying")
                     }
-                    _ => warn!(controller = %self.controller, "{text}; retrying"),
+                    _ => warn!(controller = %self.target(), "{text}; retrying"),
                 }
                 outage = Some(text);
             } else {
-                debug!(controller = %self.controller, "{text}; retrying");
+                debug!(controller = %self.target(), "{text}; retrying");
             }
             let delay = backoff.next_delay();
             tokio::select! {
@@ -253,15 +307,19 @@ impl Uplink {
     /// One stream's lifetime. Sets `healthy` once the controller accepted
     /// the hello.
     async fn session(&self, healthy: &mut bool) -> Result<(), SessionError> {
+        let url = self.target();
         let connect_err = |cause: String| SessionError::Connect {
-            url: self.controller.clone(),
+            url: url.clone(),
             cause,
         };
-        let mut endpoint = Endpoint::from_shared(self.controller.clone())
+        let mut endpoint = Endpoint::from_shared(url.clone())
             .map_err(|e| connect_err(e.to_string()))?
             .connect_timeout(CONNECT_TIMEOUT)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10));
+            // A controller that stops answering without closing the
+            // connection (paused, partitioned) is left within 15 s, so the
+            // agent finds the new leader soon after a failover (docs/ha.md).
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
         if let Some(tls) = &self.tls {
             endpoint = endpoint
                 .tls_config(tls.clone())
@@ -282,7 +340,13 @@ impl Uplink {
         let response = tokio::time::timeout(OPEN_TIMEOUT, client.connect(ReceiverStream::new(rx)))
             .await
             .map_err(|_| SessionError::Timeout(OPEN_TIMEOUT))?
-            .map_err(|s| SessionError::from_status(s, true))?;
+            .map_err(|s| match leader_hint(&s) {
+                Some(leader) if leader != url => SessionError::Redirected {
+                    url: url.clone(),
+                    leader,
+                },
+                _ => SessionError::from_status(s, true),
+            })?;
         let mut inbound = response.into_inner();
 
         let mut heartbeat = self.sample_interval;
@@ -371,7 +435,7 @@ impl Uplink {
                 self.outbox.raise_next_seq(ack.last_seq);
                 *sent_up_to = Some(ack.last_seq);
                 let backlog = self.outbox.stats().events;
-                info!(node_id = %ack.node_id, controller = %self.controller, backlog, "connected to the controller");
+                info!(node_id = %ack.node_id, controller = %self.target(), backlog, "connected to the controller");
                 (ack.heartbeat_interval_ms > 0)
                     .then(|| Duration::from_millis(u64::from(ack.heartbeat_interval_ms)))
             }

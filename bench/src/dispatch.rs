@@ -23,6 +23,9 @@ use anyhow::{Context, anyhow, bail};
 use clap::Args;
 use gpufleet_agent::{AgentConfig, NodeConfig};
 use gpufleet_controller::ControllerConfig;
+use gpufleet_controller::config::{EtcdConfig, StoreConfig};
+use gpufleet_controller::store::etcd::EtcdOptions;
+use gpufleet_controller::store::etcd::test_cluster::EtcdCluster;
 use gpufleet_proto::v1::{
     ContainerSpec, Job, JobSpec, JobState, PullPolicy, SubmitJobRequest, WatchJobRequest,
     WorkloadSpec,
@@ -64,6 +67,11 @@ pub struct DispatchArgs {
     /// of it. Use fewer jobs: each costs a container.
     #[arg(long, value_name = "REF")]
     image: Option<String>,
+    /// Also run the same jobs with the controller's state in a local
+    /// 3-member etcd (tests/etcd/setup.sh starts it under $TMPDIR), and
+    /// compare with sled in the same run.
+    #[arg(long)]
+    etcd: bool,
 }
 
 /// Goal of image dispatch against bare `podman run --rm` (issue 22).
@@ -89,8 +97,17 @@ pub fn run(args: DispatchArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let (samples, elapsed, busy) = runtime.block_on(through_gpufleet(&args))?;
+    let (samples, elapsed, busy) = runtime.block_on(through_gpufleet(&args, StoreConfig::Sled))?;
     let job_cpu = busy / samples.len().max(1) as u32;
+    let on_etcd = if args.etcd {
+        let cluster = EtcdCluster::start(3).map_err(|e| anyhow!("{e}"))?;
+        let store = etcd_store(cluster.endpoints());
+        let (samples, elapsed, busy) = runtime.block_on(through_gpufleet(&args, store))?;
+        drop(cluster);
+        Some(StoreRun::of(&samples, elapsed, busy)?)
+    } else {
+        None
+    };
     drop(runtime);
 
     if let Some(failed) = samples
@@ -244,6 +261,55 @@ pub fn run(args: DispatchArgs) -> anyhow::Result<()> {
             ],
         );
     }
+    if let Some(etcd) = &on_etcd {
+        println!();
+        let sled_cpu = ms(job_cpu);
+        report::table(
+            &[
+                "store (same run)",
+                "jobs/s",
+                "submit → running p50 / p99 (ms)",
+                "machine CPU per job (ms)",
+            ],
+            &[
+                vec![
+                    "sled (embedded)".into(),
+                    format!("{jobs_per_s:.0}"),
+                    format!("{:.2} / {:.2}", to_running.p50, to_running.p99),
+                    format!("{sled_cpu:.2}"),
+                ],
+                vec![
+                    "etcd (3 members, fenced transactions)".into(),
+                    format!("{:.0}", etcd.jobs_per_s),
+                    format!("{:.2} / {:.2}", etcd.to_running.p50, etcd.to_running.p99),
+                    format!("{:.2}", ms(etcd.cpu_per_job)),
+                ],
+                vec![
+                    "ratio etcd / sled".into(),
+                    format!("{:.3}", etcd.jobs_per_s / jobs_per_s),
+                    String::new(),
+                    String::new(),
+                ],
+            ],
+        );
+        println!(
+            "etcd goal: >= {ETCD_TARGET_JOBS_PER_S:.0} jobs/s: {}",
+            if etcd.jobs_per_s >= ETCD_TARGET_JOBS_PER_S {
+                "ok"
+            } else {
+                "missed"
+            }
+        );
+    }
+    let etcd_summary = on_etcd.as_ref().map(|etcd| {
+        serde_json::json!({
+            "jobs_per_s": etcd.jobs_per_s.round(),
+            "ratio_to_sled": (etcd.jobs_per_s / jobs_per_s * 1000.0).round() / 1000.0,
+            "submit_to_running_p50_ms": etcd.to_running.p50,
+            "submit_to_running_p99_ms": etcd.to_running.p99,
+            "cpu_ms_per_job": (ms(etcd.cpu_per_job) * 100.0).round() / 100.0,
+        })
+    });
     let latencies: serde_json::Map<String, serde_json::Value> = stages
         .iter()
         .map(|(name, l)| {
@@ -270,9 +336,55 @@ pub fn run(args: DispatchArgs) -> anyhow::Result<()> {
         "submit_to_running_p99_ms": to_running.p99,
         "jobs_without_running": without_running,
         "latencies": latencies,
+        "etcd": etcd_summary,
     });
     println!("{summary}");
     Ok(())
+}
+
+/// The etcd goal of issue 23: 50× Slurm's 9 jobs/s on this machine.
+const ETCD_TARGET_JOBS_PER_S: f64 = 500.0;
+
+/// One store's figures, for the side-by-side table.
+struct StoreRun {
+    jobs_per_s: f64,
+    to_running: Latency,
+    cpu_per_job: Duration,
+}
+
+impl StoreRun {
+    fn of(samples: &[Sample], elapsed: Duration, busy: Duration) -> anyhow::Result<Self> {
+        if let Some(failed) = samples
+            .iter()
+            .find(|s| s.job.state() != JobState::Succeeded)
+        {
+            bail!(
+                "job {} ended {:?} on etcd: {}",
+                failed.job.id,
+                failed.job.state(),
+                failed.job.message
+            );
+        }
+        Ok(Self {
+            jobs_per_s: samples.len() as f64 / elapsed.as_secs_f64(),
+            to_running: Latency::of(
+                samples
+                    .iter()
+                    .filter_map(|s| between(s.job.created_at, s.job.started_at)),
+            ),
+            cpu_per_job: busy / samples.len().max(1) as u32,
+        })
+    }
+}
+
+/// `store = "etcd"` on `endpoints`.
+pub fn etcd_store(endpoints: &[String]) -> StoreConfig {
+    StoreConfig::Etcd(Box::new(EtcdConfig {
+        options: EtcdOptions::new(endpoints.to_vec(), "/bench/"),
+        password_file: None,
+        leader_lease: gpufleet_controller::config::DEFAULT_LEADER_LEASE,
+        advertise_url: None,
+    }))
 }
 
 /// What the baseline runs: `true`, or bare `podman run --rm` of the image
@@ -374,6 +486,7 @@ fn take_one(remaining: &AtomicUsize) -> bool {
 /// over it.
 async fn through_gpufleet(
     args: &DispatchArgs,
+    store: StoreConfig,
 ) -> anyhow::Result<(Vec<Sample>, Duration, Duration)> {
     let dir = tempfile::tempdir()?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -383,6 +496,7 @@ async fn through_gpufleet(
     // Auth is on (every call carries the admin token); the per-token rate
     // limit is off, since one token drives every client here.
     config.rate_limit = None;
+    config.store = store;
     let controller = gpufleet_controller::start(config, Some(listener)).await?;
     let endpoint = controller.endpoint();
     clients::use_admin_token(&dir.path().join("controller")).await?;

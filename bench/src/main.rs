@@ -9,6 +9,7 @@ mod abuse;
 mod agent_overhead;
 mod clients;
 mod dispatch;
+mod failover;
 mod ingest;
 mod load;
 mod report;
@@ -67,6 +68,9 @@ enum Command {
     /// submission rate against one controller: errors, submit latency and
     /// the controller's memory over time.
     Load(load::LoadArgs),
+    /// Leader SIGKILL → a job submitted at that instant running, with three
+    /// controllers on a local 3-member etcd and 100 agents.
+    Failover(failover::FailoverArgs),
     /// Memory the controller's store keeps per retained finished job once
     /// its page cache is full (sled's per-page bookkeeping).
     StoreGrowth(store_growth::Args),
@@ -93,6 +97,7 @@ fn main() -> ExitCode {
         Command::WorkloadSpawn(args) => workload_spawn::run(args),
         Command::Dispatch(args) => dispatch::run(args),
         Command::Load(args) => load::run(args),
+        Command::Failover(args) => failover::run(args),
         Command::StoreGrowth(args) => store_growth::run(args),
         Command::TelemetryHistory(args) => telemetry_history::run(args),
         Command::Abuse(args) => abuse::run(args),

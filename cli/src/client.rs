@@ -1,4 +1,10 @@
 //! Connecting to the controller, and turning failures into one clear line.
+//!
+//! `--controller` may name several controllers that share etcd
+//! (`URL,URL,URL`, docs/ha.md): [`channel`] asks each in turn whether it
+//! serves (gRPC health); a standby answers NOT_SERVING, and its answer to a
+//! call names the leader (`gpufleet-leader`), which is dialled next. So a
+//! command reaches the leader whichever controller it was pointed at.
 
 use anyhow::Context;
 use gpufleet_proto::v1::fleet_client::FleetClient;
@@ -79,7 +85,7 @@ impl Interceptor for BearerToken {
 pub type Authed = InterceptedService<Channel, BearerToken>;
 
 pub async fn channel(address: &str) -> anyhow::Result<Authed> {
-    let channel = raw_channel(address).await?;
+    let channel = leader_channel(address).await?;
     Ok(InterceptedService::new(
         channel,
         BearerToken(TOKEN.get().cloned().flatten()),
@@ -121,6 +127,93 @@ async fn raw_channel(address: &str) -> anyhow::Result<Channel> {
             "cannot reach the controller at {uri}; is it running? Start a local one with `gpufleet dev`, or point --controller / GPUFLEET_CONTROLLER at yours"
         )
     })
+}
+
+/// How long [`leader_channel`] waits for one controller's answer.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A connection to the leader among the comma-separated `addresses`.
+pub async fn leader_channel(addresses: &str) -> anyhow::Result<Channel> {
+    use gpufleet_core::leader::{LEADER_METADATA, MAX_CONTROLLERS, controller_list};
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let mut candidates: std::collections::VecDeque<String> =
+        controller_list(addresses).into_iter().collect();
+    if candidates.len() > MAX_CONTROLLERS {
+        anyhow::bail!("--controller names more than {MAX_CONTROLLERS} controllers");
+    }
+    if candidates.len() <= 1 {
+        // One controller: no probe, its own answers say the rest.
+        return raw_channel(candidates.pop_front().as_deref().unwrap_or(addresses)).await;
+    }
+    let mut tried = std::collections::HashSet::new();
+    let mut last_error = None;
+    while let Some(url) = candidates.pop_front() {
+        if !tried.insert(url.clone()) || tried.len() > 2 * MAX_CONTROLLERS {
+            continue;
+        }
+        let channel = match tokio::time::timeout(2 * PROBE_TIMEOUT, raw_channel(&url)).await {
+            Ok(Ok(channel)) => channel,
+            Ok(Err(e)) => {
+                last_error = Some(e);
+                continue;
+            }
+            Err(_) => {
+                last_error = Some(anyhow::anyhow!(
+                    "{url} did not answer within {:?}",
+                    2 * PROBE_TIMEOUT
+                ));
+                continue;
+            }
+        };
+        // A controller that accepts connections but does not answer (a
+        // paused process) is skipped after PROBE_TIMEOUT.
+        let health = tokio::time::timeout(
+            PROBE_TIMEOUT,
+            HealthClient::new(channel.clone()).check(HealthCheckRequest {
+                service: String::new(),
+            }),
+        )
+        .await;
+        if matches!(&health, Ok(Ok(r)) if r.get_ref().status() == ServingStatus::Serving) {
+            return Ok(channel);
+        }
+        // Not serving: a standby names the leader in its answer to any
+        // call (it reads nothing: this one carries no token).
+        let probe = tokio::time::timeout(
+            PROBE_TIMEOUT,
+            FleetClient::new(channel.clone())
+                .list_nodes(gpufleet_proto::v1::ListNodesRequest::default()),
+        )
+        .await;
+        let probe = match probe {
+            Ok(probe) => probe,
+            Err(_) => {
+                last_error = Some(anyhow::anyhow!(
+                    "{url} did not answer within {PROBE_TIMEOUT:?}"
+                ));
+                continue;
+            }
+        };
+        match probe {
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                if let Some(leader) = status
+                    .metadata()
+                    .get(LEADER_METADATA)
+                    .and_then(|v| v.to_str().ok())
+                {
+                    candidates.push_front(leader.to_string());
+                }
+                last_error = Some(anyhow::Error::new(status));
+            }
+            // A leader whose store cannot write says so itself.
+            _ => return Ok(channel),
+        }
+    }
+    Err(last_error
+        .unwrap_or_else(|| anyhow::anyhow!("no controller answered"))
+        .context(format!("no leader among the controllers {addresses}")))
 }
 
 pub async fn jobs(address: &str) -> anyhow::Result<JobsClient<Authed>> {

@@ -349,8 +349,20 @@ impl Shared {
                 return Ok(());
             };
             // Cloned, not taken: a failed round is retried from the queue.
+            // A store that bounds a transaction (etcd's --max-txn-ops) gets
+            // the longest prefix of whole batches within it; the rest is
+            // the next round, so what is durable is still a prefix.
+            let limit = self.store.max_batch_ops();
             let mut round = WriteBatch::default();
-            for (_, batch) in &queue.batches {
+            let mut through = through;
+            let mut ops = 0;
+            for (number, batch) in &queue.batches {
+                let len = batch.ops().len();
+                if ops > 0 && limit.is_some_and(|limit| ops + len > limit) {
+                    break;
+                }
+                ops += len;
+                through = *number;
                 round.append(batch.clone());
             }
             (through, round)
@@ -501,6 +513,55 @@ mod tests {
     use futures::FutureExt;
     use gpufleet_proto::v1::Job;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// Records the size of every round it is given; bounds them at 4.
+    struct Bounded(MemoryStore, Arc<Mutex<Vec<usize>>>);
+
+    impl Store for Bounded {
+        fn apply(&self, batch: WriteBatch) -> Result<(), StoreError> {
+            self.1.lock().unwrap().push(batch.ops().len());
+            self.0.apply(batch)
+        }
+        fn get_raw(&self, space: Keyspace, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.0.get_raw(space, id)
+        }
+        fn visit_raw(
+            &self,
+            space: Keyspace,
+            range: IdRange<'_>,
+            visit: &mut dyn FnMut(&str, &[u8]) -> bool,
+        ) -> Result<(), StoreError> {
+            self.0.visit_raw(space, range, visit)
+        }
+        fn max_batch_ops(&self) -> Option<usize> {
+            Some(4)
+        }
+    }
+
+    #[test]
+    fn rounds_stay_within_the_stores_transaction_bound_and_in_order() {
+        let rounds = Arc::new(Mutex::new(Vec::new()));
+        let commit =
+            GroupCommit::new(Box::new(Bounded(MemoryStore::new(), Arc::clone(&rounds)))).unwrap();
+        let mut last = 0;
+        for n in 0..10 {
+            let mut batch = WriteBatch::default();
+            batch.put_raw(Keyspace::Jobs, &format!("a{n}"), vec![1]);
+            batch.put_raw(Keyspace::Jobs, &format!("b{n}"), vec![1]);
+            last = commit.write(batch);
+        }
+        let mut big = WriteBatch::default();
+        for n in 0..6 {
+            big.put_raw(Keyspace::Nodes, &format!("n{n}"), vec![1]);
+        }
+        last = last.max(commit.write(big));
+        commit.wait_durable(last).unwrap();
+        let rounds = rounds.lock().unwrap().clone();
+        assert_eq!(rounds.iter().sum::<usize>(), 26, "{rounds:?}");
+        // A batch larger than the bound goes alone; the others share.
+        assert!(rounds.iter().all(|&n| n <= 4 || n == 6), "{rounds:?}");
+        assert_eq!(commit.scan_raw(Keyspace::Jobs).unwrap().len(), 20);
+    }
 
     /// The in-memory store, whose `apply` waits while the test holds
     /// `gate` and fails while `fail` is set: the syncer's round can be

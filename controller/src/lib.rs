@@ -5,6 +5,7 @@ pub mod auth;
 pub mod commit;
 pub mod config;
 pub mod error;
+pub mod ha;
 pub mod history;
 pub mod lifecycle;
 pub mod limits;

@@ -46,7 +46,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    let work = async {
+        match loaded.migrate_from_sled {
+            Some(dir) => migrate(config, dir).await,
+            None => run(config).await,
+        }
+    };
+    match runtime.block_on(work) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gpufleet-controller: {e:#}");
@@ -55,7 +61,40 @@ fn main() -> ExitCode {
     }
 }
 
+async fn migrate(config: ControllerConfig, dir: std::path::PathBuf) -> anyhow::Result<()> {
+    let config::StoreConfig::Etcd(etcd) = &config.store else {
+        anyhow::bail!(
+            "--migrate-from-sled copies into etcd: also set store = \"etcd\" and etcd_endpoints"
+        );
+    };
+    let copied = gpufleet_controller::ha::migrate_from_sled(etcd, dir.clone()).await?;
+    for (space, count) in copied {
+        println!("{space:?}: {count} records");
+    }
+    println!(
+        "copied {} into etcd; start the controllers with store = \"etcd\"",
+        dir.display()
+    );
+    Ok(())
+}
+
 async fn run(config: ControllerConfig) -> anyhow::Result<()> {
+    if let config::StoreConfig::Etcd(etcd) = config.store.clone() {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        let ended =
+            gpufleet_controller::ha::run(config, *etcd, listener, shutdown_signal()).await?;
+        if ended == gpufleet_controller::ha::Ended::LostLeadership {
+            // At once, without unwinding: nothing this process holds may
+            // act after this instant (see ha.rs).
+            tracing::error!(
+                "lost the leadership; exiting so the supervisor restarts this controller as a standby"
+            );
+            std::process::exit(gpufleet_controller::ha::EXIT_LOST_LEADERSHIP);
+        }
+        return Ok(());
+    }
     let running = gpufleet_controller::start(config, None).await?;
     shutdown_signal().await;
     tracing::info!("shutting down");

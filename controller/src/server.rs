@@ -17,14 +17,15 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
-use crate::config::ControllerConfig;
+use crate::config::{ControllerConfig, StoreConfig};
 use crate::service::guard::{AGENT_MESSAGE_BYTES, RESPONSE_BYTES, service_request_limit};
 use crate::service::{
     AgentControlService, FleetService, Guarded, JobsService, SecretsService, Settled,
     TelemetryService, TokensService, UsageService,
 };
 use crate::state::Controller;
-use crate::store::SledStore;
+use crate::store::etcd::election::{Election, ElectionOptions, Leadership};
+use crate::store::{EtcdStore, SledStore, Store};
 use crate::telemetry::segments::{ROLLUP_DIR, SegmentRollupStore};
 use crate::validate::ModelFacts;
 
@@ -58,6 +59,8 @@ pub struct RunningController {
     metrics: JoinHandle<std::io::Result<()>>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     background: Vec<JoinHandle<()>>,
+    /// Held while this in-process controller leads (etcd store).
+    leadership: Option<std::sync::Arc<Leadership>>,
 }
 
 impl RunningController {
@@ -145,12 +148,15 @@ impl RunningController {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        if let Some(leadership) = self.leadership.take().and_then(std::sync::Arc::into_inner) {
+            leadership.resign().await;
+        }
         Ok(())
     }
 }
 
 /// The listener's TLS settings from PEM files; `None` for plain gRPC.
-fn server_tls(
+pub(crate) fn server_tls(
     config: &crate::config::TlsServerConfig,
 ) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
     use tonic::transport::{Certificate, Identity, ServerTlsConfig};
@@ -222,10 +228,73 @@ pub async fn start(
     config: ControllerConfig,
     listener: Option<TcpListener>,
 ) -> anyhow::Result<RunningController> {
+    let listener = match listener {
+        Some(listener) => listener,
+        None => TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?,
+    };
+    let local_addr = listener.local_addr()?;
+    // TCP_NODELAY: the desired state is a small write often queued behind
+    // another unacknowledged one (an Ack); with Nagle on it waits for the
+    // agent's delayed ACK, ~40 ms on Linux. The builder's own nodelay
+    // setting does not reach a listener passed in like this one.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let (store, leadership): (Box<dyn Store>, _) = match &config.store {
+        StoreConfig::Sled => {
+            std::fs::create_dir_all(&config.data_dir)
+                .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+            let store = SledStore::open_with_cache(&config.data_dir, config.store_cache_bytes)?;
+            (Box::new(store), None)
+        }
+        // In-process (tests, benchmarks): wait to be elected, then lead;
+        // the binary serves standby answers meanwhile (`crate::ha::run`).
+        StoreConfig::Etcd(etcd) => {
+            let client = crate::ha::connect(etcd).await?;
+            let election = Election::new(
+                std::sync::Arc::clone(&client),
+                ElectionOptions {
+                    advertise: crate::ha::advertise_url(&config, etcd, local_addr),
+                    ttl: etcd.leader_lease,
+                },
+            );
+            let leadership = election.campaign().await;
+            let store = EtcdStore::new(client);
+            store.set_fence(Some(leadership.fence.clone()));
+            (Box::new(store), Some(leadership))
+        }
+    };
+    let mut running = start_serving(config, store, incoming, local_addr).await?;
+    if let Some(leadership) = leadership {
+        let controller = running.controller.clone();
+        running.leadership = Some(std::sync::Arc::new(leadership));
+        let held = running.leadership.clone();
+        running.background.push(tokio::spawn(async move {
+            if let Some(held) = held {
+                held.lost().await;
+                tracing::error!("lost the leadership; this controller stops acting");
+                controller.close();
+            }
+        }));
+    }
+    Ok(running)
+}
+
+/// Serves `store` on `incoming` (bound at `local_addr`): rebuilds the
+/// state from the store, starts the background loops and the gRPC and
+/// metrics servers.
+pub(crate) async fn start_serving<I>(
+    config: ControllerConfig,
+    store: Box<dyn Store>,
+    incoming: I,
+    local_addr: SocketAddr,
+) -> anyhow::Result<RunningController>
+where
+    I: tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static,
+{
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let tls_config = config.tls.clone();
-    let store = SledStore::open_with_cache(&config.data_dir, config.store_cache_bytes)?;
     let rollups = SegmentRollupStore::open(&config.data_dir.join(ROLLUP_DIR))?;
     let metrics_listener = TcpListener::bind(config.metrics_listen)
         .await
@@ -236,13 +305,6 @@ pub async fn start(
             )
         })?;
     let metrics_addr = metrics_listener.local_addr()?;
-    let listener = match listener {
-        Some(listener) => listener,
-        None => TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?,
-    };
-    let local_addr = listener.local_addr()?;
     let known_models: Vec<ModelFacts> = gpufleet_core::catalog::MODELS
         .iter()
         .map(|m| ModelFacts {
@@ -252,12 +314,7 @@ pub async fn start(
             compute_capability: m.compute_capability,
         })
         .collect();
-    let controller = Controller::open(
-        config,
-        Box::new(store),
-        std::sync::Arc::new(rollups),
-        known_models,
-    )?;
+    let controller = Controller::open(config, store, std::sync::Arc::new(rollups), known_models)?;
 
     let mut background = Vec::new();
     let scheduler = controller.clone();
@@ -390,6 +447,13 @@ pub async fn start(
     health_reporter
         .set_serving::<SecretsServer<SecretsService>>()
         .await;
+    // Alive (standbys report it too; docs/ha.md): a liveness probe's service.
+    health_reporter
+        .set_service_status(
+            crate::ha::LIVENESS_SERVICE,
+            tonic_health::ServingStatus::Serving,
+        )
+        .await;
     background.push(tokio::spawn(report_store_health(
         controller.store_health().subscribe(),
         health_reporter,
@@ -468,11 +532,6 @@ pub async fn start(
                 .max_decoding_message_size(AGENT_MESSAGE_BYTES)
                 .max_encoding_message_size(AGENT_MESSAGE_BYTES),
         );
-    // TCP_NODELAY: the desired state is a small write often queued behind
-    // another unacknowledged one (an Ack); with Nagle on it waits for the
-    // agent's delayed ACK, ~40 ms on Linux. The builder's own nodelay
-    // setting does not reach a listener passed in like this one.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = shutdown_rx.await;
     }));
@@ -486,5 +545,6 @@ pub async fn start(
         metrics,
         server,
         background,
+        leadership: None,
     })
 }

@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod clock;
 pub mod container;
 pub mod layered;
+pub mod leader;
 pub mod limits;
 pub mod private_file;
 pub mod states;

@@ -189,7 +189,8 @@ def check_manifests(paths):
         config_maps = by_kind.get("ConfigMap", {})
         secrets = by_kind.get("Secret", {})
         pvcs = by_kind.get("PersistentVolumeClaim", {})
-        workloads = {**by_kind.get("Deployment", {}), **by_kind.get("DaemonSet", {})}
+        workloads = {**by_kind.get("Deployment", {}), **by_kind.get("DaemonSet", {}),
+                     **by_kind.get("StatefulSet", {})}
         for name, w in workloads.items():
             where = f"{path} {w['kind']}/{name}"
             pod = w["spec"]["template"]
@@ -221,6 +222,7 @@ def check_manifests(paths):
                             problem(cw, f"env {env['name']}: ConfigMap key {ref['configMapKeyRef']} is not rendered")
                 mounts = {m["name"] for m in c.get("volumeMounts", [])}
                 volumes = {v["name"] for v in spec.get("volumes", [])}
+                volumes |= {t["metadata"]["name"] for t in w["spec"].get("volumeClaimTemplates", [])}
                 for m in mounts - volumes:
                     problem(cw, f"mounts volume {m}, which the pod does not define")
             for v in spec.get("volumes", []):
@@ -236,7 +238,14 @@ def check_manifests(paths):
             for probe in ("livenessProbe", "readinessProbe"):
                 if c.get(probe, {}).get("grpc", {}).get("port") != 7070:
                     problem(path, f"controller {probe} must be a gRPC probe on port 7070")
-            if ctrl["spec"].get("strategy", {}).get("type") != "Recreate" or ctrl["spec"].get("replicas") != 1:
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            if env.get("GPUFLEET_STORE") == "etcd":
+                # Several controllers share etcd; one leads (docs/ha.md).
+                if ctrl["spec"].get("replicas", 1) < 2:
+                    problem(path, "an etcd-mode controller needs 2 or more replicas (standbys)")
+                if c.get("livenessProbe", {}).get("grpc", {}).get("service") != "gpufleet.live":
+                    problem(path, "an etcd-mode controller's liveness must ask for gpufleet.live (standbys are not SERVING)")
+            elif ctrl["spec"].get("strategy", {}).get("type") != "Recreate" or ctrl["spec"].get("replicas") != 1:
                 problem(path, "controller must be 1 replica with strategy Recreate (one writer on its store)")
         agent = workloads.get("gpufleet-agent")
         if agent is None:

@@ -63,5 +63,37 @@ seen=$(sed -n 's/^gpus: //p' "$work/out.txt")
 [[ $allocated == "$seen" ]] || fail "allocated GPUs '$allocated' differ from the workload's CUDA_VISIBLE_DEVICES '$seen'"
 echo "examples/python: OK (job succeeded on $allocated)"
 
+# --- Two controllers sharing etcd (docs/ha.md): the script is given only
+# the standby and must follow its answer to the leader. etcd comes from the
+# project's script (Debian's etcd-server), on unix sockets in a short path.
+etcd_dir=$(mktemp -d /tmp/etcdXXXX)
+eps=$(tests/etcd/setup.sh start "$etcd_dir" 1 $$)
+pids+=("$(cat "$etcd_dir/m1/pid")")
+ha_args=(--metrics-listen 127.0.0.1:0 --log-format json --join-token "$join_token"
+    --store etcd --etcd-endpoints "$eps" --etcd-prefix /python-ci/)
+GPUFLEET_LOG=info "$bin/gpufleet-controller" --listen 127.0.0.1:0 --data-dir "$work/leader" \
+    "${ha_args[@]}" >"$work/leader.log" 2>&1 &
+pids+=($!)
+leader=$(logged_field "$!" "$work/leader.log" "controller serving" local_addr)
+GPUFLEET_LOG=info "$bin/gpufleet-controller" --listen 127.0.0.1:0 --data-dir "$work/standby" \
+    "${ha_args[@]}" >"$work/standby.log" 2>&1 &
+pids+=($!)
+standby=$(logged_field "$!" "$work/standby.log" "controller standing by" local_addr)
+"$bin/gpufleet-agent" --controller "http://$standby,http://$leader" --join-token "$join_token" \
+    --gpu-backend simulated --simulated-gpus 2xL4 --node-id python-ha-node --data-dir "$work/ha-agent" \
+    --listen 127.0.0.1:0 --metrics-listen off >"$work/ha-agent.log" 2>&1 &
+pids+=($!)
+GPUFLEET_TOKEN=$(cat "$work/leader/admin.token")
+status=0
+timeout 120 "$PYTHON" examples/python/scheduler.py --controller "$standby" --gpus 1 \
+    --timeout 90 -- true >"$work/ha-out.txt" 2>&1 || status=$?
+cat "$work/ha-out.txt"
+[[ $status -eq 0 ]] || fail "scheduler.py via the standby exited $status"
+grep -q "is a standby; following the leader at http://$leader" "$work/ha-out.txt" \
+    || fail "scheduler.py did not follow the standby to the leader"
+grep -q "finished: JOB_STATE_SUCCEEDED" "$work/ha-out.txt" || fail "no SUCCEEDED via the standby"
+rm -rf "$etcd_dir"
+echo "examples/python: OK (followed the standby $standby to the leader $leader)"
+
 # The grpcurl examples in docs/grpc.md name real methods and valid bodies.
 "$PYTHON" examples/python/check_grpc_docs.py

@@ -10,6 +10,12 @@ The gRPC stubs are generated from ../../proto/proto at start-up into a
 temporary directory (grpcio-tools bundles protoc), so they always match the
 protos of this checkout. Exit status: 0 when the job succeeded, 1 when it
 ended otherwise, 2 on bad usage or an unreachable controller.
+
+With several controllers sharing etcd (docs/ha.md), give them all:
+--controller a:7070,b:7070,c:7070. A standby answers UNAVAILABLE with the
+leader's URL in the `gpufleet-leader` metadata; the script dials it and
+repeats the call (safe: a standby did nothing), and a watch that breaks
+because the leader died is resumed on the new one.
 """
 
 import argparse
@@ -45,9 +51,58 @@ def generate_stubs(out_dir):
     return jobs_pb2, jobs_grpc, types_pb2
 
 
+LEADER_METADATA = "gpufleet-leader"
+
+
+class Controllers:
+    """The controllers the script was given, and the one it talks to."""
+
+    def __init__(self, addresses, jobs_grpc):
+        self.addresses = [a.strip() for a in addresses.split(",") if a.strip()]
+        self.jobs_grpc = jobs_grpc
+        self.current = None
+        self.channel = None
+        self.jobs = None
+
+    def use(self, address, wait=5):
+        """Dials `address` (host:port or a leader's http:// URL)."""
+        address = address.removeprefix("http://")
+        channel = grpc.insecure_channel(address)
+        try:
+            grpc.channel_ready_future(channel).result(timeout=wait)
+        except grpc.FutureTimeoutError:
+            channel.close()
+            return False
+        if self.channel is not None:
+            self.channel.close()
+        self.current, self.channel = address, channel
+        self.jobs = self.jobs_grpc.JobsStub(channel)
+        return True
+
+    def connect(self, deadline):
+        """Dials the first controller that answers, trying each in turn."""
+        while time.monotonic() < deadline:
+            for address in self.addresses:
+                if self.use(address):
+                    return True
+        return False
+
+    def follow(self, error, deadline):
+        """After an UNAVAILABLE: dials the leader a standby named, else the
+        first controller that answers."""
+        leader = dict(error.trailing_metadata() or ()).get(LEADER_METADATA)
+        if leader and leader.removeprefix("http://") != self.current:
+            print(f"{self.current} is a standby; following the leader at {leader}", file=sys.stderr)
+            if self.use(leader):
+                return True
+        time.sleep(0.2)
+        return self.connect(deadline)
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--controller", default="127.0.0.1:7070", help="controller host:port (plaintext gRPC)")
+    p.add_argument("--controller", default="127.0.0.1:7070",
+                   help="controller host:port (plaintext gRPC), or several comma-separated")
     p.add_argument("--token", default=os.environ.get("GPUFLEET_TOKEN", ""),
                    help="bearer token with the submitter role or above (default: $GPUFLEET_TOKEN)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs for the job's one task")
@@ -70,13 +125,10 @@ def main():
     args = parse_args()
     with tempfile.TemporaryDirectory(prefix="gpufleet-stubs-") as stubs:
         jobs_pb2, jobs_grpc, types_pb2 = generate_stubs(stubs)
-        channel = grpc.insecure_channel(args.controller)
-        try:
-            grpc.channel_ready_future(channel).result(timeout=30)
-        except grpc.FutureTimeoutError:
+        controllers = Controllers(args.controller, jobs_grpc)
+        if not controllers.connect(time.monotonic() + 30):
             print(f"scheduler.py: cannot reach the controller at {args.controller}", file=sys.stderr)
             return 2
-        jobs = jobs_grpc.JobsStub(channel)
         # Every call carries the token; the controller answers UNAUTHENTICATED without one.
         md = (("authorization", f"Bearer {args.token}"),) if args.token else ()
 
@@ -95,8 +147,11 @@ def main():
             name=args.name, tenant=args.tenant, tasks=1, gpus_per_task=args.gpus,
             constraints=constraints, workload=types_pb2.WorkloadSpec(argv=args.argv),
         )
+        request = jobs_pb2.SubmitJobRequest(spec=spec)
         try:
-            job = jobs.SubmitJob(jobs_pb2.SubmitJobRequest(spec=spec), timeout=30, metadata=md).job
+            # Repeated only after a standby's redirect or an unreachable
+            # controller, never after the leader may have taken it.
+            job = submit(controllers, request, md)
         except grpc.RpcError as e:
             print(f"scheduler.py: SubmitJob failed: {e.code().name}: {e.details()}", file=sys.stderr)
             return 2
@@ -105,21 +160,32 @@ def main():
         state_name = jobs_pb2.JobState.Name
         last = None
         deadline = time.monotonic() + args.timeout
-        try:
-            for job in jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job.id),
-                                     timeout=max(1.0, deadline - time.monotonic()), metadata=md):
-                state = state_name(job.state)
-                if state != last:
-                    line = f"{job.id} {state.removeprefix('JOB_STATE_')}"
-                    if job.state == jobs_pb2.JOB_STATE_PENDING and job.pending_reason.message:
-                        line += f" ({job.pending_reason.message})"
-                    print(line, flush=True)
-                    last = state
-                if state in TERMINAL:
-                    break
-        except grpc.RpcError as e:
-            print(f"scheduler.py: WatchJob ended: {e.code().name}: {e.details()}", file=sys.stderr)
-            return 1
+        job_id = job.id
+        while True:
+            try:
+                watch = controllers.jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id),
+                                                  timeout=max(1.0, deadline - time.monotonic()), metadata=md)
+                for job in watch:
+                    state = state_name(job.state)
+                    if state != last:
+                        line = f"{job.id} {state.removeprefix('JOB_STATE_')}"
+                        if job.state == jobs_pb2.JOB_STATE_PENDING and job.pending_reason.message:
+                            line += f" ({job.pending_reason.message})"
+                        print(line, flush=True)
+                        last = state
+                    if state in TERMINAL:
+                        break
+                break
+            except grpc.RpcError as e:
+                # The leader died mid-watch: watch again on the new one.
+                if e.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline:
+                    print(f"scheduler.py: {controllers.current}: {e.details()}; finding the leader",
+                          file=sys.stderr)
+                    controllers.follow(e, deadline)
+                    continue
+                print(f"scheduler.py: WatchJob ended: {e.code().name}: {e.details()}", file=sys.stderr)
+                return 1
+        jobs = controllers.jobs
 
         for task in job.tasks:
             print(f"task {task.index}: node {task.node_id} ({task.provider}/{task.region}) "
@@ -132,6 +198,21 @@ def main():
             print("--- end of logs")
         print(f"{job.id} finished: {state_name(job.state)}")
         return 0 if job.state == jobs_pb2.JOB_STATE_SUCCEEDED else 1
+
+
+def submit(controllers, request, md):
+    """SubmitJob on the leader. A standby's UNAVAILABLE (it names the
+    leader) is safe to repeat elsewhere; an UNAVAILABLE without that name
+    may come from a leader that took the job and died, so it is raised."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return controllers.jobs.SubmitJob(request, timeout=30, metadata=md).job
+        except grpc.RpcError as e:
+            leader = dict(e.trailing_metadata() or ()).get(LEADER_METADATA)
+            if e.code() != grpc.StatusCode.UNAVAILABLE or not leader or time.monotonic() > deadline:
+                raise
+            controllers.follow(e, deadline)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,21 @@
 //! Bindings for the `gpufleet.v1` gRPC API, generated from `proto/` at build
-//! time. Nothing else lives here: conversions belong to the domain crates.
+//! time, and a client subset of etcd's v3 API (`etcd`). Nothing else lives
+//! here: conversions belong to the domain crates.
 
 #![allow(unreachable_pub, clippy::all, missing_docs)]
 
 pub mod v1 {
     tonic::include_proto!("gpufleet.v1");
+}
+
+/// etcd's v3 API (a client subset), for the controller's etcd store.
+pub mod etcd {
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
 }
 
 pub mod codec;

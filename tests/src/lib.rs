@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use gpufleet_agent::{AgentConfig, NodeConfig, RunningAgent};
+use gpufleet_controller::config::StoreConfig;
 use gpufleet_controller::{ControllerConfig, RunningController};
+
+pub mod etcd;
 use gpufleet_proto::v1::fleet_client::FleetClient;
 use gpufleet_proto::v1::jobs_client::JobsClient;
 use gpufleet_proto::v1::telemetry_client::TelemetryClient;
@@ -179,6 +182,9 @@ pub struct Cluster {
     leases: (Duration, Duration),
     /// Changes to the test controller's config, applied at every start.
     configure: fn(&mut ControllerConfig),
+    /// Where the controller keeps its state (sled in its data dir, or
+    /// etcd: [`Cluster::start_on_etcd`]).
+    store: StoreConfig,
 }
 
 /// The default test fleet: two nodes on two providers.
@@ -220,9 +226,33 @@ impl Cluster {
         leases: (Duration, Duration),
         configure: fn(&mut ControllerConfig),
     ) -> anyhow::Result<Self> {
+        Self::start_in_store(dir, nodes, leases, configure, StoreConfig::Sled).await
+    }
+
+    /// Like `start`, with the controller's state in etcd (a 3-member
+    /// cluster shared by the test process, a prefix of its own). None when
+    /// etcd cannot run here (outside CI; see [`etcd::shared`]).
+    pub async fn start_on_etcd(nodes: &[NodeSpec]) -> anyhow::Result<Option<Self>> {
+        let Some(store) = etcd::fresh_store_config()? else {
+            return Ok(None);
+        };
+        let leases = (Duration::from_secs(15), Duration::from_secs(60));
+        Self::start_in_store(tempfile::tempdir()?, nodes, leases, |_| {}, store)
+            .await
+            .map(Some)
+    }
+
+    async fn start_in_store(
+        dir: tempfile::TempDir,
+        nodes: &[NodeSpec],
+        leases: (Duration, Duration),
+        configure: fn(&mut ControllerConfig),
+        store: StoreConfig,
+    ) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let controller_addr = listener.local_addr()?;
         let mut config = controller_config(&dir.path().join("controller"), controller_addr, leases);
+        config.store = store.clone();
         configure(&mut config);
         let controller = gpufleet_controller::start(config, Some(listener)).await?;
         let admin_token = admin_token_in(&dir.path().join("controller"))?;
@@ -234,6 +264,7 @@ impl Cluster {
             admin_token,
             leases,
             configure,
+            store,
         };
         for node in nodes {
             cluster.add_agent(node).await?;
@@ -411,6 +442,7 @@ impl Cluster {
         })
         .await?;
         let mut config = controller_config(&self.dir.path().join("controller"), addr, self.leases);
+        config.store = self.store.clone();
         (self.configure)(&mut config);
         let controller = gpufleet_controller::start(config, Some(listener)).await?;
         self.controller = Some(controller);

@@ -212,7 +212,20 @@ async fn unsatisfiable_job_stays_pending_with_its_reason() -> anyhow::Result<()>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_restart_keeps_nodes_jobs_and_results() -> anyhow::Result<()> {
-    let mut cluster = Cluster::start(&two_nodes()).await?;
+    restart_keeps_nodes_jobs_and_results(Cluster::start(&two_nodes()).await?).await
+}
+
+/// The same, with the controller's state in a 3-member etcd: the
+/// restarted controller campaigns, leads and reloads everything from etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_restart_on_etcd_keeps_nodes_jobs_and_results() -> anyhow::Result<()> {
+    let Some(cluster) = Cluster::start_on_etcd(&two_nodes()).await? else {
+        return Ok(());
+    };
+    restart_keeps_nodes_jobs_and_results(cluster).await
+}
+
+async fn restart_keeps_nodes_jobs_and_results(mut cluster: Cluster) -> anyhow::Result<()> {
     let done = cluster.submit(1, &["sh", "-c", "exit 5"]).await?;
     let done = cluster.wait_job(&done.id, "to end", is_terminal).await?;
     let ok = cluster.submit(2, &["true"]).await?;

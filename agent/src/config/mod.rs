@@ -549,14 +549,25 @@ impl AgentConfig {
 
     /// Checks values that parse but make no sense.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let url = self.controller.trim();
-        if !(url.starts_with("http://") || url.starts_with("https://"))
-            || tonic::transport::Endpoint::from_shared(url.to_string()).is_err()
-        {
+        let urls = gpufleet_core::leader::controller_list(&self.controller);
+        if urls.is_empty() || urls.len() > gpufleet_core::leader::MAX_CONTROLLERS {
             return Err(invalid(
                 "controller",
-                format!("{url:?} is not a URL like http://controller:7070"),
+                format!(
+                    "give 1 to {} controller URLs, comma-separated",
+                    gpufleet_core::leader::MAX_CONTROLLERS
+                ),
             ));
+        }
+        for url in &urls {
+            if !(url.starts_with("http://") || url.starts_with("https://"))
+                || tonic::transport::Endpoint::from_shared(url.to_string()).is_err()
+            {
+                return Err(invalid(
+                    "controller",
+                    format!("{url:?} is not a URL like http://controller:7070"),
+                ));
+            }
         }
         let price = self.node.price_per_gpu_hour_usd;
         if !price.is_finite() || price < 0.0 {

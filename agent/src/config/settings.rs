@@ -47,7 +47,8 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Default, Deserialize, Args)]
 #[serde(deny_unknown_fields)]
 pub struct AgentSettings {
-    /// Controller URL [default: http://127.0.0.1:7070].
+    /// Controller URL, or several comma-separated (controllers sharing
+    /// etcd: the agent finds the leader) [default: http://127.0.0.1:7070].
     #[arg(long, env = "GPUFLEET_CONTROLLER", value_name = "URL")]
     pub controller: Option<String>,
     /// Token proving this agent may join the controller [default: none].

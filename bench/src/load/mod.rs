@@ -75,6 +75,10 @@ pub struct LoadArgs {
     /// [default: the controller's, 7d].
     #[arg(long)]
     finished_job_retention: Option<String>,
+    /// After the run on sled, the same run with the controller's state in
+    /// a local 3-member etcd (tests/etcd/setup.sh), and both side by side.
+    #[arg(long)]
+    etcd: bool,
 }
 
 /// Errors seen anywhere in the run, with the first few messages.
@@ -136,33 +140,99 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
             .context("cannot find this executable")?
             .with_file_name("gpufleet-controller"),
     };
-    let dir = tempfile::tempdir()?;
     let retention_args: Vec<String> = match &args.finished_job_retention {
         Some(retention) => vec!["--finished-job-retention".into(), retention.clone()],
         None => Vec::new(),
     };
-    let mut controller = ControllerProcess::start(&binary, dir.path(), &retention_args)?;
+    let (sled, sled_log_errors) = run_one(&args, &binary, &retention_args)?;
+    print_report(&args, &sled, sled_log_errors);
+    let mut failures = vec![(sled.errors, sled_log_errors)];
+    if args.etcd {
+        let cluster = gpufleet_controller::store::etcd::test_cluster::EtcdCluster::start(3)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut etcd_args = retention_args.clone();
+        etcd_args.extend([
+            "--store".to_string(),
+            "etcd".to_string(),
+            "--etcd-endpoints".to_string(),
+            cluster.endpoints().join(","),
+        ]);
+        println!();
+        println!("--- the same load with the controller's state in a 3-member etcd");
+        let (etcd, etcd_log_errors) = run_one(&args, &binary, &etcd_args)?;
+        drop(cluster);
+        print_report(&args, &etcd, etcd_log_errors);
+        compare(&sled, &etcd);
+        failures.push((etcd.errors, etcd_log_errors));
+    }
+    for (errors, log_errors) in failures {
+        if errors > 0 || log_errors > 0 {
+            bail!("{errors} client/agent errors, {log_errors} ERROR lines in the controller log");
+        }
+    }
+    Ok(())
+}
+
+/// One loaded run against a controller started with `extra_args`.
+fn run_one(
+    args: &LoadArgs,
+    binary: &std::path::Path,
+    extra_args: &[String],
+) -> anyhow::Result<(Outcome, usize)> {
+    let dir = tempfile::tempdir()?;
+    let mut controller = ControllerProcess::start(binary, dir.path(), extra_args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     let outcome = runtime.block_on(async {
         clients::use_admin_token(&dir.path().join("controller")).await?;
-        drive(&args, &mut controller).await
+        drive(args, &mut controller).await
     })?;
     drop(runtime);
     let log_errors = std::fs::read_to_string(&controller.log)
         .map(|log| log.lines().filter(|l| l.contains("ERROR")).count())
         .unwrap_or(0);
     drop(controller);
-    print_report(&args, &outcome, log_errors);
-    if outcome.errors > 0 || log_errors > 0 {
-        bail!(
-            "{} client/agent errors, {log_errors} ERROR lines in the controller log",
-            outcome.errors
-        );
-    }
-    Ok(())
+    Ok((outcome, log_errors))
+}
+
+/// sled and etcd side by side, from the same invocation.
+fn compare(sled: &Outcome, etcd: &Outcome) {
+    let p = |o: &Outcome, q: f64| report::percentile(&o.submit_latency, q) as f64 / 1000.0;
+    let rss = |o: &Outcome| o.rss.last().map_or(0, |p| p.rss) as f64 / (1 << 20) as f64;
+    println!();
+    report::table(
+        &[
+            "store (same run)",
+            "submits/s",
+            "submit p50 / p99 (ms)",
+            "errors",
+            "final RSS (MiB)",
+        ],
+        &[
+            vec![
+                "sled".into(),
+                format!("{:.1}", sled.achieved_rate),
+                format!("{:.2} / {:.2}", p(sled, 50.0), p(sled, 99.0)),
+                sled.errors.to_string(),
+                format!("{:.0}", rss(sled)),
+            ],
+            vec![
+                "etcd (3 members)".into(),
+                format!("{:.1}", etcd.achieved_rate),
+                format!("{:.2} / {:.2}", p(etcd, 50.0), p(etcd, 99.0)),
+                etcd.errors.to_string(),
+                format!("{:.0}", rss(etcd)),
+            ],
+        ],
+    );
+    let summary = serde_json::json!({
+        "bench": "load-stores",
+        "sled": {"submits_per_s": sled.achieved_rate, "submit_p50_ms": p(sled, 50.0), "submit_p99_ms": p(sled, 99.0), "errors": sled.errors},
+        "etcd": {"submits_per_s": etcd.achieved_rate, "submit_p50_ms": p(etcd, 50.0), "submit_p99_ms": p(etcd, 99.0), "errors": etcd.errors},
+    });
+    println!("{summary}");
 }
 
 struct Outcome {

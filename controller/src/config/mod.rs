@@ -5,6 +5,7 @@
 //! [`ControllerConfig`] with errors that name the key.
 
 mod settings;
+mod store;
 #[cfg(test)]
 mod tests;
 
@@ -22,6 +23,7 @@ use gpufleet_scheduler::{Policy, SchedulerConfig, TenantPolicy};
 
 pub use gpufleet_core::layered::ConfigError;
 pub use settings::{ControllerCli, ControllerSettings, TenantConfig};
+pub use store::{DEFAULT_ETCD_PREFIX, DEFAULT_LEADER_LEASE, EtcdConfig, StoreConfig};
 
 /// PEM files for TLS on the controller's gRPC listener.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -61,6 +63,8 @@ pub struct ControllerConfig {
     /// Where prices come from besides each node's config, in priority order.
     pub price_sources: Vec<crate::pricing::source::PriceSource>,
     pub price_refresh_interval: Duration,
+    /// sled (embedded) or etcd (shared, with leader election).
+    pub store: StoreConfig,
 }
 
 /// Most price sources (each is read every refresh).
@@ -86,6 +90,8 @@ pub struct Loaded {
     pub log_format: String,
     /// `--print-config`: print the effective configuration and exit.
     pub print_config: bool,
+    /// `--migrate-from-sled DIR`: copy that sled store into etcd and exit.
+    pub migrate_from_sled: Option<PathBuf>,
 }
 
 /// Loads the controller's configuration from its command line `argv`
@@ -107,6 +113,7 @@ where
     let mut cli = ControllerCli {
         config: path,
         print_config: false,
+        migrate_from_sled: None,
         log_format: None,
         settings,
     };
@@ -115,6 +122,7 @@ where
         config: ControllerConfig::from_settings(cli.settings)?,
         log_format: cli.log_format.unwrap_or_else(|| "text".to_string()),
         print_config: cli.print_config,
+        migrate_from_sled: cli.migrate_from_sled,
     })
 }
 
@@ -149,6 +157,7 @@ impl ControllerConfig {
             tls: TlsServerConfig::default(),
             price_sources: Vec::new(),
             price_refresh_interval: DEFAULT_PRICE_REFRESH_INTERVAL,
+            store: StoreConfig::Sled,
         }
     }
 
@@ -164,6 +173,7 @@ impl ControllerConfig {
 
     /// Checks the layered settings and fills in the defaults.
     pub fn from_settings(file: ControllerSettings) -> Result<Self, ConfigError> {
+        let store = store::store_config(&file)?;
         let listen_text = file.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
         let listen = listen_text.parse().map_err(|_| ConfigError::Invalid {
             key: "listen".into(),
@@ -450,12 +460,13 @@ impl ControllerConfig {
             },
             price_sources,
             price_refresh_interval,
+            store,
         })
     }
 
     /// The effective configuration as a config file, for `--print-config`.
     pub fn to_toml(&self) -> String {
-        let file = ControllerSettings {
+        let mut file = ControllerSettings {
             listen: Some(self.listen.to_string()),
             data_dir: Some(self.data_dir.clone()),
             join_token: Some(self.join_token.clone()),
@@ -533,7 +544,9 @@ impl ControllerConfig {
             tls_cert: self.tls.cert.clone(),
             tls_key: self.tls.key.clone(),
             tls_client_ca: self.tls.client_ca.clone(),
+            ..ControllerSettings::default()
         };
+        store::store_settings(&self.store, &mut file);
         toml::to_string(&file).unwrap_or_default()
     }
 }

@@ -31,6 +31,11 @@ pub struct ControllerCli {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// Copy the sled store of this data dir into etcd (store = "etcd"),
+    /// then exit. Stop every controller first; the etcd prefix must be
+    /// empty.
+    #[arg(long, value_name = "DIR")]
+    pub migrate_from_sled: Option<PathBuf>,
     /// Log format [default: text].
     #[arg(long, env = "GPUFLEET_LOG_FORMAT", value_parser = ["text", "json"])]
     pub log_format: Option<String>,
@@ -142,6 +147,42 @@ pub struct ControllerSettings {
     /// How often price sources are read [default: 5m].
     #[arg(long, env = "GPUFLEET_PRICE_REFRESH_INTERVAL", value_name = "DURATION")]
     pub price_refresh_interval: Option<String>,
+    /// Where the controller's state lives: sled (embedded, in data_dir) or
+    /// etcd (shared by several controllers, one of them the leader;
+    /// docs/ha.md) [default: sled].
+    #[arg(long, env = "GPUFLEET_STORE", value_name = "BACKEND")]
+    pub store: Option<String>,
+    /// etcd members' client URLs, comma-separated: http://host:2379,
+    /// https://host:2379 or unix:///path (store = "etcd").
+    #[arg(long, env = "GPUFLEET_ETCD_ENDPOINTS", value_name = "URLS")]
+    pub etcd_endpoints: Option<String>,
+    /// Prefix of every etcd key this fleet uses [default: /gpufleet/].
+    #[arg(long, env = "GPUFLEET_ETCD_PREFIX", value_name = "PREFIX")]
+    pub etcd_prefix: Option<String>,
+    /// PEM CA that signed the etcd members' certificates (https endpoints).
+    #[arg(long, env = "GPUFLEET_ETCD_CA_FILE", value_name = "PEM")]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// PEM client certificate for etcd (with etcd_key_file).
+    #[arg(long, env = "GPUFLEET_ETCD_CERT_FILE", value_name = "PEM")]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// PEM private key of etcd_cert_file.
+    #[arg(long, env = "GPUFLEET_ETCD_KEY_FILE", value_name = "PEM")]
+    pub etcd_key_file: Option<PathBuf>,
+    /// etcd user (with etcd_password_file), when etcd has auth enabled.
+    #[arg(long, env = "GPUFLEET_ETCD_USERNAME", value_name = "USER")]
+    pub etcd_username: Option<String>,
+    /// File holding the etcd user's password.
+    #[arg(long, env = "GPUFLEET_ETCD_PASSWORD_FILE", value_name = "PATH")]
+    pub etcd_password_file: Option<PathBuf>,
+    /// The leader's lease in etcd: how long a dead leader can hold the
+    /// fleet up before a standby takes over [default: 3s].
+    #[arg(long, env = "GPUFLEET_LEADER_LEASE", value_name = "DURATION")]
+    pub leader_lease: Option<String>,
+    /// URL clients and agents should dial to reach this controller, which
+    /// standbys name when they redirect to the leader [default:
+    /// http(s)://<the bound listen address>].
+    #[arg(long, env = "GPUFLEET_ADVERTISE_URL", value_name = "URL")]
+    pub advertise_url: Option<String>,
 }
 
 /// One `[tenants.NAME]` table.

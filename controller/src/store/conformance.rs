@@ -1,5 +1,6 @@
 //! The contract of [`Store`], run against every backend: a new backend
-//! (etcd) adds one line per test below.
+//! adds one line to `each_backend`. The etcd backend runs against a real
+//! 3-member etcd (tests/etcd/setup.sh), each check under its own prefix.
 
 use gpufleet_proto::v1::{Job, Node};
 
@@ -28,6 +29,9 @@ fn each_backend(check: impl Fn(&dyn Store)) {
     check(&MemoryStore::new());
     let dir = tempfile::tempdir().unwrap();
     check(&SledStore::open(dir.path()).unwrap());
+    if let Some(store) = super::etcd::test_cluster::fresh_store() {
+        check(&store);
+    }
 }
 
 #[test]

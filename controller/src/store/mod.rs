@@ -4,14 +4,18 @@
 //! backend, and [`conformance`] is the contract every backend passes.
 //!
 //! - [`SledStore`] (`sled_store.rs`): the embedded default, one sled tree.
+//! - [`EtcdStore`] (`etcd/`): etcd, for three controllers with leader
+//!   election (docs/ha.md).
 //! - [`MemoryStore`] (`memory.rs`): a `BTreeMap`, for tests and tools.
 //!
 //! Per-GPU telemetry rollups are not in it (see `crate::telemetry`).
 
+pub mod etcd;
 mod health;
 mod memory;
 mod sled_store;
 
+pub use self::etcd::EtcdStore;
 pub use self::health::{Degraded, StoreHealth, StorePart, describe};
 pub use self::memory::MemoryStore;
 pub use self::sled_store::{DEFAULT_CACHE_BYTES, SledStore};
@@ -49,6 +53,11 @@ pub enum StoreError {
     /// it has been announced.
     #[error("{0}; nothing was lost, retrying")]
     NotDurable(String),
+    /// A write of a controller that is no longer the leader (its etcd
+    /// lease lapsed, or another controller took over): refused by etcd,
+    /// nothing of it applied.
+    #[error("this controller is no longer the leader; its write was refused")]
+    Fenced,
 }
 
 /// A keyspace: every key of a record kind shares its prefix.
@@ -92,6 +101,25 @@ pub enum Keyspace {
 }
 
 impl Keyspace {
+    /// Every keyspace (a migration copies them all); `prefix` is an
+    /// exhaustive match, and a test checks every prefix it names is here.
+    pub const ALL: [Keyspace; 14] = [
+        Keyspace::Nodes,
+        Keyspace::Jobs,
+        Keyspace::Usage,
+        Keyspace::Market,
+        Keyspace::Tokens,
+        Keyspace::NodeIdentities,
+        Keyspace::Settings,
+        Keyspace::AgentSeq,
+        Keyspace::JobsByCreated,
+        Keyspace::JobsByFinished,
+        Keyspace::UsageByEnd,
+        Keyspace::Prices,
+        Keyspace::PriceHistory,
+        Keyspace::Interruptions,
+    ];
+
     fn prefix(self) -> &'static str {
         match self {
             Keyspace::Nodes => "node/",
@@ -282,6 +310,12 @@ pub trait Store: Send + Sync + 'static {
     fn recover(&self) -> Result<bool, StoreError> {
         Ok(false)
     }
+    /// The most writes one `apply` may carry (etcd refuses larger
+    /// transactions); None: no bound. The group commit splits its rounds
+    /// at batch boundaries to stay within it.
+    fn max_batch_ops(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Feeds `entries` to `step` in order, or reversed, until it returns
@@ -392,3 +426,31 @@ pub fn load_all<M: Message + Default>(
 
 #[cfg(test)]
 pub(crate) mod conformance;
+
+#[cfg(test)]
+mod tests {
+    use super::Keyspace;
+
+    /// `Keyspace::ALL` must list every keyspace, or a migration to etcd
+    /// silently leaves one behind: the source of `prefix` is read, and every
+    /// prefix it names must belong to a listed keyspace.
+    #[test]
+    fn all_lists_every_keyspace() {
+        let source = include_str!("mod.rs");
+        let start = source.find("fn prefix(self)").expect("prefix()");
+        let body = &source[start..start + source[start..].find("\n    }\n").expect("its end")];
+        let named = body.matches("=> \"").count();
+        let listed: std::collections::HashSet<&str> =
+            Keyspace::ALL.iter().map(|k| k.prefix()).collect();
+        assert_eq!(
+            listed.len(),
+            Keyspace::ALL.len(),
+            "a keyspace is listed twice"
+        );
+        assert_eq!(
+            named,
+            Keyspace::ALL.len(),
+            "Keyspace::ALL misses a keyspace"
+        );
+    }
+}
