@@ -161,6 +161,23 @@ fn two_halves_share_a_gpu_beside_a_mig_job_and_are_billed_once() -> anyhow::Resu
     );
     assert_eq!(total.allocated_milli, 1000 + 143);
 
+    // The node view names every holder of a shared or MIG GPU.
+    let node = controller.get_node("n1")?;
+    assert_eq!(node.allocated_gpus, 2);
+    let holders = |i: usize| {
+        node.gpus[i]
+            .job_id
+            .split(',')
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let mut shared = holders(0);
+    shared.sort();
+    let mut halves = vec![a.id.clone(), b.id.clone()];
+    halves.sort();
+    assert_eq!(shared, halves);
+    assert_eq!(holders(1), vec![mig.id.clone()]);
+
     // All three run for 100 s, then the halves end.
     let mut tasks = Vec::new();
     for id in [&mig.id, &a.id, &b.id] {

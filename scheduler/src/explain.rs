@@ -171,6 +171,11 @@ pub fn explain(fleet: &Fleet, job: &JobInput, reason: Option<PendingReason>) -> 
     let per_task = job.gpus_per_task.max(1);
     let tasks = job.tasks.max(1);
     let whole = job.unit == GpuUnit::Whole;
+    let by_slot = if whole {
+        units::BySlot::default()
+    } else {
+        units::BySlot::new(fleet)
+    };
     // Shares and MIG: per (provider, region), tasks that fit now.
     let mut unit_room: BTreeMap<(String, String), u64> = BTreeMap::new();
     let mut tallies: BTreeMap<ExcludedBy, Tally> = BTreeMap::new();
@@ -297,7 +302,7 @@ pub fn explain(fleet: &Fleet, job: &JobInput, reason: Option<PendingReason>) -> 
                 tally.values.insert(fleet.node_ids[s.node as usize].clone());
             }
             if !whole {
-                let (now, idle) = units::slot_room(fleet, &job.unit, slot);
+                let (now, idle) = units::slot_room(fleet, &by_slot, &job.unit, slot);
                 *unit_room
                     .entry((provider.clone(), region.clone()))
                     .or_default() += now;
@@ -317,7 +322,7 @@ pub fn explain(fleet: &Fleet, job: &JobInput, reason: Option<PendingReason>) -> 
                     tally.values.insert(format!(
                         "{} has {}",
                         fleet.node_ids[s.node as usize],
-                        units::slot_left(fleet, &job.unit, slot)
+                        units::slot_left(fleet, &by_slot, &job.unit, slot)
                     ));
                 }
             } else if s.healthy.count_ones() < per_task {

@@ -632,9 +632,46 @@ fn placement(fleet: &Fleet, pick: Pick) -> TaskPlacement {
     }
 }
 
+/// Shared GPUs and MIG instances by slot, built once per explanation so
+/// that looking a slot up does not walk every unit of the fleet.
+#[derive(Default)]
+pub(crate) struct BySlot {
+    shared: HashMap<u32, Vec<u32>>,
+    mig: HashMap<u32, Vec<u32>>,
+}
+
+impl BySlot {
+    pub(crate) fn new(fleet: &Fleet) -> Self {
+        let mut out = BySlot::default();
+        for (id, gpu) in fleet.shared.iter().enumerate() {
+            out.shared.entry(gpu.slot).or_default().push(id as u32);
+        }
+        for (id, unit) in fleet.mig_units.iter().enumerate() {
+            out.mig.entry(unit.slot).or_default().push(id as u32);
+        }
+        out
+    }
+
+    fn shared<'a>(&'a self, fleet: &'a Fleet, slot: u32) -> impl Iterator<Item = &'a SharedGpu> {
+        self.shared
+            .get(&slot)
+            .into_iter()
+            .flatten()
+            .map(|&g| &fleet.shared[g as usize])
+    }
+
+    fn mig<'a>(&'a self, fleet: &'a Fleet, slot: u32) -> impl Iterator<Item = &'a MigUnit> {
+        self.mig
+            .get(&slot)
+            .into_iter()
+            .flatten()
+            .map(|&u| &fleet.mig_units[u as usize])
+    }
+}
+
 /// What a slot offers one task of this unit: (tasks that fit now, tasks
 /// that would fit if nothing ran). For explanations, off the hot path.
-pub(crate) fn slot_room(fleet: &Fleet, unit: &GpuUnit, slot: u32) -> (u64, u64) {
+pub(crate) fn slot_room(fleet: &Fleet, by_slot: &BySlot, unit: &GpuUnit, slot: u32) -> (u64, u64) {
     let s = &fleet.slots[slot as usize];
     let class = &fleet.classes[s.class as usize];
     match unit {
@@ -651,16 +688,15 @@ pub(crate) fn slot_room(fleet: &Fleet, unit: &GpuUnit, slot: u32) -> (u64, u64) 
                 |free_milli: u32, free_memory: u64| shares_fitting(free_milli, free_memory, m, mem);
             let whole = fit(GpuUnit::WHOLE_MILLI, gpu_memory);
             let mut now = s.free.count_ones() as u64 * whole;
-            for gpu in fleet.shared.iter().filter(|g| g.slot == slot) {
+            for gpu in by_slot.shared(fleet, slot) {
                 now += fit(gpu.free_milli, gpu.free_memory);
             }
             (now, s.healthy.count_ones() as u64 * whole)
         }
         GpuUnit::Mig { .. } => {
-            let units = fleet
-                .mig_units
-                .iter()
-                .filter(|u| u.slot == slot && u.healthy && mig_matches(u, unit));
+            let units = by_slot
+                .mig(fleet, slot)
+                .filter(|u| u.healthy && mig_matches(u, unit));
             let (mut now, mut idle) = (0, 0);
             for u in units {
                 idle += 1;
@@ -673,15 +709,13 @@ pub(crate) fn slot_room(fleet: &Fleet, unit: &GpuUnit, slot: u32) -> (u64, u64) 
 
 /// What is left of a slot for this unit, in words: "300/1000 and 10 GiB
 /// free at most", "no free 1g.10gb instance".
-pub(crate) fn slot_left(fleet: &Fleet, unit: &GpuUnit, slot: u32) -> String {
+pub(crate) fn slot_left(fleet: &Fleet, by_slot: &BySlot, unit: &GpuUnit, slot: u32) -> String {
     let s = &fleet.slots[slot as usize];
     match unit {
         GpuUnit::Mig { .. } => format!("no free {}", kind_name(unit)),
         _ => {
-            let best = fleet
-                .shared
-                .iter()
-                .filter(|g| g.slot == slot)
+            let best = by_slot
+                .shared(fleet, slot)
                 .max_by_key(|g| (g.free_milli, g.free_memory));
             match best {
                 Some(g) if s.free == 0 => format!(

@@ -278,12 +278,16 @@ fn lease_transition(
 }
 
 /// GPU UUID → (job id, allocation id) for every GPU a task still holds.
-pub(super) fn held_gpus(state: &State) -> HashMap<String, (String, String)> {
-    let mut held = HashMap::new();
+/// (job id, allocation id) holding each GPU or MIG instance: one, or every
+/// share of a shared GPU.
+pub(super) fn held_gpus(state: &State) -> HashMap<String, Vec<(String, String)>> {
+    let mut held: HashMap<String, Vec<(String, String)>> = HashMap::new();
     for job in state.jobs.values() {
         for task in job.tasks.iter().filter(|t| task_holds_gpus(t)) {
             for uuid in &task.gpu_uuids {
-                held.insert(uuid.clone(), (job.id.clone(), task.allocation_id.clone()));
+                held.entry(uuid.clone())
+                    .or_default()
+                    .push((job.id.clone(), task.allocation_id.clone()));
             }
         }
     }
@@ -307,9 +311,23 @@ pub(super) fn node_view(state: &State, entry: &NodeEntry, telemetry: &TelemetryH
             .as_ref()
             .map(|i| i.uuid.clone())
             .unwrap_or_default();
-        if let Some((job_id, allocation_id)) = held.get(&uuid) {
-            gpu.job_id = job_id.clone();
-            gpu.allocation_id = allocation_id.clone();
+        // A shared GPU names every share's job; a MIG GPU its instances' jobs.
+        let instances = gpu
+            .info
+            .as_ref()
+            .map(|i| i.mig_instances.iter().map(|m| m.uuid.clone()).collect())
+            .unwrap_or_else(Vec::new);
+        let holders: Vec<&(String, String)> = std::iter::once(&uuid)
+            .chain(instances.iter())
+            .filter_map(|u| held.get(u))
+            .flatten()
+            .collect();
+        if !holders.is_empty() {
+            let join = |f: fn(&(String, String)) -> &str| {
+                holders.iter().map(|h| f(h)).collect::<Vec<_>>().join(",")
+            };
+            gpu.job_id = join(|h| h.0.as_str());
+            gpu.allocation_id = join(|h| h.1.as_str());
             allocated += 1;
         }
         gpu.latest = latest.remove(&uuid).map(Box::new);
