@@ -23,6 +23,22 @@ impl UsageFeed {
                     self.acc.entry(allocation.clone()).or_default().add(sample);
                 }
             }
+            // A MIG instance's own profiling (GPM) figures go to the
+            // allocation that holds it; NVML has no per-instance utilisation.
+            for mig in &sample.mig_samples {
+                let Some(owners) = self.gpu_owner.get(&mig.uuid) else {
+                    continue;
+                };
+                let own = GpuSample {
+                    uuid: mig.uuid.clone(),
+                    sampled_at: sample.sampled_at,
+                    gpm: mig.gpm,
+                    ..Default::default()
+                };
+                for allocation in owners {
+                    self.acc.entry(allocation.clone()).or_default().add(&own);
+                }
+            }
             if let Some(&seen) = self.overrides.get(&sample.uuid) {
                 if sample.health == GpuHealth::Healthy as i32 || last_fault_seen(sample) > seen {
                     self.overrides.remove(&sample.uuid);

@@ -98,13 +98,19 @@ pub fn ms_ts(ms: u64) -> Timestamp {
 }
 
 /// The profiling (GPM) activities of a sample, 0..100: (SM active, tensor
-/// active). The seam for the GPM fields `GpuSample` gains from field 46 up
-/// (issue 24, the agent's half): until a sample carries them, both are
-/// absent and usage falls back to the coarse utilisation. Absent, never 0,
-/// on GPUs without GPM.
+/// active), from the agent's `GpuSample.gpm` (ratios 0..1, as
+/// dcgm-exporter's). Absent, never 0, on GPUs without GPM: usage then falls
+/// back to the coarse utilisation.
 pub fn profiling_activity(sample: &GpuSample) -> (Option<f64>, Option<f64>) {
-    let _ = sample;
-    (None, None)
+    let Some(gpm) = sample.gpm.as_ref() else {
+        return (None, None);
+    };
+    let percent = |ratio: Option<f64>| {
+        ratio
+            .filter(|r| r.is_finite())
+            .map(|r| (r * 100.0).clamp(0.0, 100.0))
+    };
+    (percent(gpm.sm_active), percent(gpm.tensor_active))
 }
 
 /// What a record says its GPUs did, 0..100, and whether profiling measured
@@ -758,6 +764,41 @@ mod tests {
             model: "H100-SXM-80GB".into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn profiling_fields_reach_the_record_as_percentages() {
+        let mut acc = Accumulator::default();
+        for (sm, tensor) in [(0.40, Some(0.10)), (0.60, Some(0.30))] {
+            acc.add(&GpuSample {
+                uuid: "GPU-0".into(),
+                gpu_utilization_percent: Some(100),
+                gpm: Some(gpufleet_proto::v1::GpmMetrics {
+                    sm_active: Some(sm),
+                    tensor_active: tensor,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+        // A GPU without GPM: its fields stay absent, not zero.
+        acc.add(&GpuSample {
+            uuid: "GPU-0".into(),
+            gpu_utilization_percent: Some(100),
+            ..Default::default()
+        });
+        let record = build_record(
+            &job("a", ""),
+            &task(0, 60, 1, 1_000_000),
+            &NodeFacts::default(),
+            Some(&acc),
+            60_000,
+        )
+        .unwrap();
+        assert!((record.mean_sm_active_percent.unwrap() - 50.0).abs() < 1e-9);
+        assert!((record.mean_tensor_active_percent.unwrap() - 20.0).abs() < 1e-9);
+        assert_eq!(record.mean_sm_utilization_percent, Some(100.0));
+        assert_eq!(activity_of(&record), (record.mean_sm_active_percent, true));
     }
 
     #[test]
