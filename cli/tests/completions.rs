@@ -24,10 +24,24 @@ fn bash_script_completes_subcommands() {
          COMP_WORDS=(gpufleet jobs su); COMP_CWORD=2; COMP_LINE='gpufleet jobs su'; COMP_POINT=16\n\
          _gpufleet gpufleet su jobs; echo \"second: ${{COMPREPLY[*]}}\"\n"
     );
-    let Ok(out) = Command::new("bash").args(["--norc", "-c", &probe]).output() else {
+    // On stdin, not `-c`: the script passed 128 KiB, Linux's limit on one
+    // argument (MAX_ARG_STRLEN).
+    let Ok(mut bash) = Command::new("bash")
+        .arg("--norc")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
         // bash is part of every CI image we use; say so if it ever is not.
         panic!("bash is needed to test the bash completion script");
     };
+    {
+        use std::io::Write;
+        let mut stdin = bash.stdin.take().expect("piped stdin");
+        stdin.write_all(probe.as_bytes()).expect("bash reads the probe");
+    }
+    let out = bash.wait_with_output().expect("bash runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
