@@ -168,6 +168,35 @@ pub fn check_hello(hello: &AgentHello) -> Result<()> {
             }
         }
     }
+    check_count(
+        "hello.refused_mig_layouts",
+        hello.refused_mig_layouts.len(),
+        HELLO_GPUS,
+    )?;
+    for (i, l) in hello.refused_mig_layouts.iter().enumerate() {
+        check_filter(
+            &format!("hello.refused_mig_layouts[{i}].gpu_uuid"),
+            &l.gpu_uuid,
+            AGENT_TEXT_BYTES,
+        )?;
+        check_filter(
+            &format!("hello.refused_mig_layouts[{i}].error"),
+            &l.error,
+            AGENT_TEXT_BYTES,
+        )?;
+        check_count(
+            &format!("hello.refused_mig_layouts[{i}].profiles"),
+            l.profiles.len(),
+            MIG_LAYOUT_PROFILES,
+        )?;
+        for p in &l.profiles {
+            check_filter(
+                &format!("hello.refused_mig_layouts[{i}].profiles"),
+                p,
+                AGENT_TEXT_BYTES,
+            )?;
+        }
+    }
     check_count("hello.workloads", hello.workloads.len(), HELLO_WORKLOADS)?;
     Ok(())
 }
@@ -322,6 +351,16 @@ mod tests {
         assert_eq!(
             field_of(check_hello(&hello(base.clone(), vec![mig(1, "1g\n")])).unwrap_err()),
             "hello.gpus[0].mig_instances[0].profile"
+        );
+        let mut refusing = hello(base.clone(), vec![]);
+        refusing.refused_mig_layouts = vec![gpufleet_proto::v1::MigLayout {
+            gpu_uuid: "GPU-1".into(),
+            profiles: vec!["1g.10gb".into()],
+            error: "no\nway".into(),
+        }];
+        assert_eq!(
+            field_of(check_hello(&refusing).unwrap_err()),
+            "hello.refused_mig_layouts[0].error"
         );
         let gpus = vec![GpuInfo::default(); HELLO_GPUS + 1];
         assert_eq!(
