@@ -36,6 +36,7 @@ impl Controller {
         profiles: &[String],
     ) -> Result<Node> {
         validate::node_id("node_id", node_id)?;
+        crate::limits::check_filter("gpu_uuid", gpu_uuid, crate::limits::ID_BYTES)?;
         validate::mig_profiles("profiles", profiles)?;
         {
             let state = self.lock();
