@@ -108,7 +108,7 @@ enum SessionError {
     Timeout(Duration),
     #[error("{0}")]
     Outbox(#[from] crate::outbox::OutboxError),
-    #[error("a MIG layout changed this node's GPUs; saying hello again")]
+    #[error("a MIG layout was applied or refused; saying hello again")]
     InventoryChanged,
 }
 
@@ -301,6 +301,7 @@ impl Uplink {
                 .as_ref()
                 .map(|s| s.get())
                 .unwrap_or_default(),
+            refused_mig_layouts: self.supervisor.refused_mig_layouts(),
         }
     }
 

@@ -180,21 +180,31 @@ pub fn check_hello(hello: &AgentHello) -> Result<()> {
             }
         }
     }
-    for (i, gpu) in hello.gpus.iter().enumerate() {
-        check_count(
-            &format!("hello.gpus[{i}].mig_instances"),
-            gpu.mig_instances.len(),
-            HELLO_MIG_INSTANCES,
+    check_count(
+        "hello.refused_mig_layouts",
+        hello.refused_mig_layouts.len(),
+        HELLO_GPUS,
+    )?;
+    for (i, l) in hello.refused_mig_layouts.iter().enumerate() {
+        check_filter(
+            &format!("hello.refused_mig_layouts[{i}].gpu_uuid"),
+            &l.gpu_uuid,
+            AGENT_TEXT_BYTES,
         )?;
-        for (j, instance) in gpu.mig_instances.iter().enumerate() {
+        check_filter(
+            &format!("hello.refused_mig_layouts[{i}].error"),
+            &l.error,
+            AGENT_TEXT_BYTES,
+        )?;
+        check_count(
+            &format!("hello.refused_mig_layouts[{i}].profiles"),
+            l.profiles.len(),
+            MIG_LAYOUT_PROFILES,
+        )?;
+        for p in &l.profiles {
             check_filter(
-                &format!("hello.gpus[{i}].mig_instances[{j}].uuid"),
-                &instance.uuid,
-                AGENT_TEXT_BYTES,
-            )?;
-            check_filter(
-                &format!("hello.gpus[{i}].mig_instances[{j}].profile"),
-                &instance.profile,
+                &format!("hello.refused_mig_layouts[{i}].profiles"),
+                p,
                 AGENT_TEXT_BYTES,
             )?;
         }
@@ -353,6 +363,16 @@ mod tests {
         assert_eq!(
             field_of(check_hello(&hello(base.clone(), vec![mig(1, "1g\n")])).unwrap_err()),
             "hello.gpus[0].mig_instances[0].profile"
+        );
+        let mut refusing = hello(base.clone(), vec![]);
+        refusing.refused_mig_layouts = vec![gpufleet_proto::v1::MigLayout {
+            gpu_uuid: "GPU-1".into(),
+            profiles: vec!["1g.10gb".into()],
+            error: "no\nway".into(),
+        }];
+        assert_eq!(
+            field_of(check_hello(&refusing).unwrap_err()),
+            "hello.refused_mig_layouts[0].error"
         );
         let gpus = vec![GpuInfo::default(); HELLO_GPUS + 1];
         assert_eq!(

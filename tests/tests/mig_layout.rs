@@ -139,5 +139,16 @@ async fn a_mig_layout_waits_for_an_idle_gpu_then_the_hello_reports_its_instances
     }
     assert!(!supervisor.gpus()[1].mig_enabled);
     assert_eq!(supervisor.gpus()[0].mig_instances.len(), 4);
+    // The refusal reaches the operator through the hello.
+    let refused = eventually("the refusal on the node", || {
+        let (mut fleet, request) = (fleet.clone(), get());
+        async move {
+            let node = fleet.get_node(request).await?.into_inner();
+            Ok(node.mig_layouts.into_iter().find(|l| !l.error.is_empty()))
+        }
+    })
+    .await?;
+    assert!(refused.error.contains("compute slices"), "{refused:?}");
+    assert_eq!(refused.profiles, profiles("4g.40gb,4g.40gb"));
     cluster.shutdown().await
 }

@@ -28,6 +28,27 @@ pub enum LayoutOutcome {
     },
 }
 
+/// Longest refusal reason sent to the controller (its free-text limit is
+/// 256 bytes).
+const REASON_BYTES: usize = 240;
+
+/// `reason` on one line of printable characters, at most [`REASON_BYTES`].
+fn one_line_clipped(reason: &str) -> String {
+    let mut out = String::new();
+    for c in reason.chars() {
+        let c = if gpufleet_core::limits::is_unsafe_char(c) {
+            ' '
+        } else {
+            c
+        };
+        if out.len() + c.len_utf8() > REASON_BYTES {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// The GPU's instance profiles, sorted: what a layout is compared by.
 fn current_profiles(gpu: &GpuInfo) -> Vec<String> {
     let mut p: Vec<String> = gpu
@@ -48,6 +69,23 @@ impl Supervisor {
     /// The MIG layouts the controller last asked for.
     pub fn wanted_mig_layouts(&self) -> Vec<gpufleet_proto::v1::MigLayout> {
         self.lock().mig_layouts.clone()
+    }
+
+    /// The wanted layouts the backend refused, each with its one-line
+    /// reason (clipped to what a hello may carry).
+    pub fn refused_mig_layouts(&self) -> Vec<gpufleet_proto::v1::MigLayout> {
+        let st = self.lock();
+        st.mig_layouts
+            .iter()
+            .filter_map(|l| {
+                let (tried, reason) = st.mig_refused.get(&l.gpu_uuid)?;
+                (*tried == l.profiles).then(|| gpufleet_proto::v1::MigLayout {
+                    gpu_uuid: l.gpu_uuid.clone(),
+                    profiles: l.profiles.clone(),
+                    error: one_line_clipped(reason),
+                })
+            })
+            .collect()
     }
 
     /// Notified after a MIG layout was applied.
@@ -121,10 +159,13 @@ impl Supervisor {
             }
         }
         drop(st);
-        if outcomes
-            .iter()
-            .any(|o| matches!(o, LayoutOutcome::Applied { .. }))
-        {
+        // A new hello carries the new instances, or the refusal.
+        if outcomes.iter().any(|o| {
+            matches!(
+                o,
+                LayoutOutcome::Applied { .. } | LayoutOutcome::Refused { .. }
+            )
+        }) {
             self.inner.inventory_changed.notify_one();
         }
         outcomes

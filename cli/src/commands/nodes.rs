@@ -425,12 +425,14 @@ fn print_node(node: &Node) {
                 .unwrap_or_default();
             let mut want: Vec<&str> = l.profiles.iter().map(String::as_str).collect();
             want.sort_unstable();
-            say!(
-                "  {}: {} ({})",
-                l.gpu_uuid,
-                l.profiles.join(","),
-                if have == want { "applied" } else { "pending" }
-            );
+            let status = if have == want {
+                "applied".to_string()
+            } else if !l.error.is_empty() {
+                format!("refused: {}", l.error)
+            } else {
+                "pending".to_string()
+            };
+            say!("  {}: {} ({status})", l.gpu_uuid, l.profiles.join(","));
         }
     }
 }

@@ -9,6 +9,23 @@ use super::Controller;
 use crate::error::{ControllerError, Result};
 use crate::validate;
 
+/// The wishes with the agent's refusals (from its hello) recorded on them:
+/// a wish the agent refused as it is gets the reason; every other wish
+/// has none.
+pub(super) fn with_refusals(wanted: &[MigLayout], refused: &[MigLayout]) -> Vec<MigLayout> {
+    wanted
+        .iter()
+        .map(|w| MigLayout {
+            error: refused
+                .iter()
+                .find(|r| r.gpu_uuid == w.gpu_uuid && r.profiles == w.profiles)
+                .map(|r| r.error.clone())
+                .unwrap_or_default(),
+            ..w.clone()
+        })
+        .collect()
+}
+
 impl Controller {
     /// Wants `gpu_uuid` of `node_id` split into `profiles` (empty: the wish
     /// is withdrawn) and pushes the node's desired state.
@@ -19,6 +36,7 @@ impl Controller {
         profiles: &[String],
     ) -> Result<Node> {
         validate::node_id("node_id", node_id)?;
+        crate::limits::check_filter("gpu_uuid", gpu_uuid, crate::limits::ID_BYTES)?;
         validate::mig_profiles("profiles", profiles)?;
         {
             let state = self.lock();
@@ -42,6 +60,7 @@ impl Controller {
                 node.mig_layouts.push(MigLayout {
                     gpu_uuid: gpu_uuid.to_string(),
                     profiles: profiles.to_vec(),
+                    error: String::new(),
                 });
             }
         })?;

@@ -118,7 +118,12 @@ impl Controller {
             drain_deadline: previous.as_ref().and_then(|p| p.record.drain_deadline),
             mig_layouts: previous
                 .as_ref()
-                .map(|p| p.record.mig_layouts.clone())
+                .map(|p| {
+                    super::mig_layout::with_refusals(
+                        &p.record.mig_layouts,
+                        &hello.refused_mig_layouts,
+                    )
+                })
                 .unwrap_or_default(),
         };
         batch.put(Keyspace::Nodes, &node_id, &record);
