@@ -92,7 +92,7 @@ done
 # --- shell ---------------------------------------------------------------------
 step "shellcheck"
 run_check "shellcheck" shellcheck -x deploy/install-agent.sh deploy/ci-checks.sh examples/python/ci.sh \
-    tests/promtool.sh tests/bound-addr.sh
+    tests/promtool.sh tests/bound-addr.sh tests/etcd/setup.sh
 run_check "shellcheck (POSIX sh)" shellcheck -s sh deploy/kubernetes/base/node-config.sh
 
 # --- Dockerfiles ---------------------------------------------------------------

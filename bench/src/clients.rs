@@ -12,9 +12,9 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-/// `authorization: Bearer <admin token>` of the controller under test (one
-/// per benchmark run).
-static TOKEN: std::sync::OnceLock<MetadataValue<Ascii>> = std::sync::OnceLock::new();
+/// `authorization: Bearer <admin token>` of the controller under test (the
+/// latest one: `dispatch --etcd` starts a second controller).
+static TOKEN: std::sync::RwLock<Option<MetadataValue<Ascii>>> = std::sync::RwLock::new(None);
 
 /// Reads the bootstrap admin token the controller wrote in `data_dir`,
 /// waiting for it briefly (a controller binary writes it as it starts).
@@ -32,7 +32,7 @@ pub async fn use_admin_token(controller_data_dir: &std::path::Path) -> anyhow::R
     };
     let value = MetadataValue::try_from(format!("Bearer {}", text.trim()))
         .context("the admin token is not a header value")?;
-    let _ = TOKEN.set(value);
+    *TOKEN.write().unwrap_or_else(|p| p.into_inner()) = Some(value);
     Ok(())
 }
 
@@ -43,10 +43,9 @@ pub type Authed = InterceptedService<
 >;
 
 fn add_token(mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-    if let Some(value) = TOKEN.get() {
-        request
-            .metadata_mut()
-            .insert("authorization", value.clone());
+    let token = TOKEN.read().unwrap_or_else(|p| p.into_inner()).clone();
+    if let Some(value) = token {
+        request.metadata_mut().insert("authorization", value);
     }
     Ok(request)
 }

@@ -59,7 +59,6 @@ struct Fleet {
     lease: Duration,
     controllers: Vec<Controller>,
     starts: usize,
-    token: String,
 }
 
 pub fn run(args: FailoverArgs) -> anyhow::Result<()> {
@@ -94,7 +93,6 @@ async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
         lease: args.lease,
         controllers: Vec::new(),
         starts: 0,
-        token: String::new(),
     };
     for _ in 0..3 {
         let (child, log) = fleet.spawn("127.0.0.1:0")?;
@@ -110,17 +108,9 @@ async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
         });
     }
     fleet.leader().await?;
-    let token_path = fleet.dir.path().join("admin.token");
-    fleet.token = wait_for(ROUND_DEADLINE, "the admin token", || {
-        let path = token_path.clone();
-        async move {
-            Ok(std::fs::read_to_string(&path)
-                .ok()
-                .map(|t| t.trim().to_string())
-                .filter(|t| !t.is_empty()))
-        }
-    })
-    .await?;
+    // The first leader wrote the bootstrap admin token (every controller
+    // is given the same --admin-token-file); the bench's clients carry it.
+    crate::clients::use_admin_token(fleet.dir.path()).await?;
 
     let mut agents = Vec::new();
     for n in 0..args.agents {
