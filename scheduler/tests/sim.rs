@@ -13,6 +13,15 @@
 //!   stranded (1 on n0, 6 on n2: only p5, 8 GPUs, waits).
 //! - t=50: p1 leaves (n1 free, too small for p5). t=80: p3 leaves; p5 starts
 //!   on n2 (wait 55).
+//!
+//! `baseline-fgd` (FGD, Weng et al.) makes the same schedule here, checked
+//! by hand: the task mix is {½ share, 4, 8, 8, 2, 1-on-T4}, each count 1 (8
+//! twice). p0's ½ share raises n0's expected fragmentation by 500
+//! thousandths (6000 → 6500: the 2-GPU task no longer fits, the 1-GPU task
+//! finds half a GPU it cannot use), n1's by 2500 and n2's by 15500 (an
+//! 8-GPU node no longer takes the 8-GPU tasks): n0. p1 (4 GPUs) lowers
+//! n1's by 12000 (empty → full: nothing left to strand) and raises n2's by
+//! 4000: n1. Every later job has one node it fits on.
 
 use gpufleet_scheduler::sim::{self, SimConfig, SimPolicy, openb};
 use gpufleet_scheduler::{Policy, sim::Workload};
@@ -54,6 +63,7 @@ fn small_trace_matches_the_hand_computed_schedule() {
     for policy in [
         SimPolicy::Scheduler(Policy::Cost),
         SimPolicy::BaselineFirstFit,
+        SimPolicy::BaselineFgd,
     ] {
         let r = sim::simulate(&w, policy, &SimConfig::default());
         assert_eq!(starts(&r, &w), expected, "{}", policy.label());
@@ -137,6 +147,7 @@ fn shares_of_one_gpu_run_together_and_a_whole_gpu_waits_for_both() {
         SimPolicy::Scheduler(Policy::FirstFit),
         SimPolicy::BaselineFirstFit,
         SimPolicy::BaselineBestFit,
+        SimPolicy::BaselineFgd,
     ] {
         let r = sim::simulate(&w, policy, &SimConfig::default());
         let got: Vec<(String, Option<u64>)> = starts(&r, &w);
@@ -155,4 +166,13 @@ fn shares_of_one_gpu_run_together_and_a_whole_gpu_waits_for_both() {
             r.gpu_hours
         );
     }
+}
+
+#[test]
+fn fgd_is_a_labelled_baseline() {
+    let fgd = SimPolicy::parse("baseline-fgd").expect("known name");
+    assert_eq!(fgd, SimPolicy::BaselineFgd);
+    assert!(fgd.is_baseline());
+    assert!(!SimPolicy::Scheduler(Policy::Pack).is_baseline());
+    assert!(SimPolicy::ALL.contains(&fgd));
 }

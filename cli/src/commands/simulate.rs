@@ -34,7 +34,7 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "M", default_value_t = 10_000)]
     synthetic_jobs: usize,
     /// Policies to compare: `all`, or a comma-separated list of cost, pack,
-    /// spread, first-fit, baseline-first-fit, baseline-best-fit.
+    /// spread, first-fit, baseline-first-fit, baseline-best-fit, baseline-fgd.
     #[arg(long, default_value = "all")]
     policy: String,
     /// Scheduling tick grid in virtual time (`1s`, `30s`, `1m`).
@@ -211,7 +211,7 @@ fn table(workload: &Workload, reports: &[PolicyReport], walls: &[f64]) -> String
     let _ = writeln!(out, "{t}");
     let _ = writeln!(
         out,
-        "baseline-* policies are simple simulator baselines, not the gpufleet scheduler; FGD is not implemented yet."
+        "baseline-* policies are simulator baselines, not the gpufleet scheduler (baseline-fgd: FGD, Weng et al., ATC'23, from the paper's description)."
     );
     out
 }
@@ -235,7 +235,7 @@ fn to_json(workload: &Workload, reports: &[PolicyReport], walls: &[f64]) -> serd
         },
         "policies": reports.iter().zip(walls).map(|(r, wall)| json!({
             "policy": r.policy.label(),
-            "baseline": matches!(r.policy, SimPolicy::BaselineFirstFit | SimPolicy::BaselineBestFit),
+            "baseline": r.policy.is_baseline(),
             "jobs": r.jobs,
             "placed": r.placed,
             "never_placed": r.never_placed,
@@ -273,8 +273,8 @@ fn downsample(series: &[sim::Sample], points: usize) -> Vec<sim::Sample> {
 /// What a chart panel plots for one sample of one policy.
 type SeriesValue = dyn Fn(&PolicyReport, &sim::Sample) -> f64;
 
-const COLOURS: [&str; 6] = [
-    "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
+const COLOURS: [&str; 7] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
 ];
 
 /// Two stacked panels (allocation %, stranded GPUs) with one polyline per

@@ -17,10 +17,10 @@
 //! GPU hosting shares is not free for whole-GPU work until its last share
 //! leaves, and a share is billed as its part of the GPU.
 //!
-//! Not modelled yet: FGD, the paper's inflation mode,
-//! what-if edits, history replay, preemption (no workload job is
+//! Not modelled yet: history replay, preemption (no workload job is
 //! preemptible), multi-task gangs.
 
+mod fgd;
 pub mod openb;
 pub mod report;
 pub mod workload;
@@ -47,17 +47,21 @@ pub enum SimPolicy {
     /// Baseline (simulator only): jobs in arrival order, each on the node
     /// left with the fewest free GPUs after placing it.
     BaselineBestFit,
+    /// Baseline (simulator only): FGD (Weng et al., ATC'23) as the paper
+    /// describes it; see [`fgd`].
+    BaselineFgd,
 }
 
 impl SimPolicy {
     /// Every policy a default run compares.
-    pub const ALL: [SimPolicy; 6] = [
+    pub const ALL: [SimPolicy; 7] = [
         SimPolicy::Scheduler(Policy::Cost),
         SimPolicy::Scheduler(Policy::Pack),
         SimPolicy::Scheduler(Policy::Spread),
         SimPolicy::Scheduler(Policy::FirstFit),
         SimPolicy::BaselineFirstFit,
         SimPolicy::BaselineBestFit,
+        SimPolicy::BaselineFgd,
     ];
 
     /// The name on the command line and in reports.
@@ -69,7 +73,13 @@ impl SimPolicy {
             SimPolicy::Scheduler(Policy::FirstFit) => "first-fit",
             SimPolicy::BaselineFirstFit => "baseline-first-fit",
             SimPolicy::BaselineBestFit => "baseline-best-fit",
+            SimPolicy::BaselineFgd => "baseline-fgd",
         }
+    }
+
+    /// A simulator baseline rather than the gpufleet scheduler.
+    pub fn is_baseline(self) -> bool {
+        !matches!(self, SimPolicy::Scheduler(_))
     }
 
     pub fn parse(name: &str) -> Option<SimPolicy> {
@@ -154,6 +164,8 @@ struct Engine<'a> {
     fair: FairShare,
     cost_micro_usd: u64,
     passes: u64,
+    /// The FGD placer, for [`SimPolicy::BaselineFgd`] only.
+    fgd: Option<fgd::Fgd>,
 }
 
 impl<'a> Engine<'a> {
@@ -186,6 +198,7 @@ impl<'a> Engine<'a> {
             fair: FairShare::new(config.fair_share_half_life_secs),
             cost_micro_usd: 0,
             passes: 0,
+            fgd: (policy == SimPolicy::BaselineFgd).then(|| fgd::Fgd::new(workload)),
         }
     }
 
@@ -219,9 +232,9 @@ impl<'a> Engine<'a> {
                 self.passes += 1;
                 match self.policy {
                     SimPolicy::Scheduler(_) => self.scheduler_pass(tick),
-                    SimPolicy::BaselineFirstFit | SimPolicy::BaselineBestFit => {
-                        self.baseline_pass(tick)
-                    }
+                    SimPolicy::BaselineFirstFit
+                    | SimPolicy::BaselineBestFit
+                    | SimPolicy::BaselineFgd => self.baseline_pass(tick),
                 }
             }
             series.push(self.sample(tick));
@@ -383,6 +396,16 @@ impl<'a> Engine<'a> {
             let shape = (spec.gpus, spec.gpu_milli, spec.models.as_slice());
             if failed.contains(&shape) {
                 still_pending.push(job);
+                continue;
+            }
+            if let Some(fgd) = &mut self.fgd {
+                match fgd.place(spec, &self.workload.nodes, &self.free, &self.shares) {
+                    Some((node, mask)) => self.start(job, node, mask, spec.gpu_milli, now),
+                    None => {
+                        failed.insert(shape);
+                        still_pending.push(job);
+                    }
+                }
                 continue;
             }
             if spec.gpu_milli > 0 {
