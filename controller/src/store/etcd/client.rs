@@ -381,3 +381,60 @@ fn channel(
     }
     Ok(endpoint.connect_lazy())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::etcd::test_cluster::{EtcdCluster, skip_or_fail};
+    use crate::store::{EtcdStore, Keyspace, Store, WriteBatch};
+
+    fn etcdctl(cluster: &EtcdCluster, args: &[&str]) {
+        let status = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(cluster.endpoints().join(","))
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "etcdctl {args:?}");
+    }
+
+    #[test]
+    fn with_auth_on_the_store_logs_in_and_a_wrong_password_names_the_keys() {
+        let cluster = match EtcdCluster::start(1) {
+            Ok(cluster) => cluster,
+            Err(unavailable) => {
+                skip_or_fail(&unavailable);
+                return;
+            }
+        };
+        etcdctl(&cluster, &["user", "add", "root:secret-pw"]);
+        etcdctl(&cluster, &["auth", "enable"]);
+        let options = |password: &str| EtcdOptions {
+            auth: Some(EtcdAuth {
+                username: "root".into(),
+                password: password.into(),
+            }),
+            ..EtcdOptions::new(cluster.endpoints().to_vec(), "/auth/")
+        };
+        let store = EtcdStore::new(EtcdClient::connect(options("secret-pw")).unwrap());
+        let mut batch = WriteBatch::default();
+        batch.put_raw(Keyspace::Settings, "x", vec![1]);
+        store.apply(batch).unwrap();
+        assert_eq!(
+            store.get_raw(Keyspace::Settings, "x").unwrap(),
+            Some(vec![1])
+        );
+
+        let refused = EtcdClient::connect(options("wrong"))
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("etcd_password_file"), "{refused}");
+        // Without credentials etcd refuses the read.
+        let anonymous = EtcdStore::new(
+            EtcdClient::connect(EtcdOptions::new(cluster.endpoints().to_vec(), "/auth/")).unwrap(),
+        );
+        assert!(anonymous.get_raw(Keyspace::Settings, "x").is_err());
+    }
+}
