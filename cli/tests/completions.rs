@@ -39,7 +39,9 @@ fn bash_script_completes_subcommands() {
     {
         use std::io::Write;
         let mut stdin = bash.stdin.take().expect("piped stdin");
-        stdin.write_all(probe.as_bytes()).expect("bash reads the probe");
+        stdin
+            .write_all(probe.as_bytes())
+            .expect("bash reads the probe");
     }
     let out = bash.wait_with_output().expect("bash runs");
     let stdout = String::from_utf8_lossy(&out.stdout);

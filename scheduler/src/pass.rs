@@ -465,7 +465,7 @@ mod tests {
         let mut j = job("j", 2, Policy::Cost);
         j.constraints.require_nvlink = true;
         let r = run(
-            &[pcie.clone()],
+            std::slice::from_ref(&pcie),
             &[],
             &[j.clone()],
             &SchedulerConfig::default(),
