@@ -10,7 +10,7 @@ use gpufleet_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use super::{caller, to_status};
-use crate::auth::Action;
+use crate::auth::{Action, Principal};
 use crate::state::Controller;
 
 pub struct SecretsService {
@@ -31,12 +31,7 @@ impl Secrets for SecretsService {
     ) -> Result<Response<RegistrySecret>, Status> {
         let who = caller(&self.controller, &request, Action::SubmitJobs)?;
         let r = request.into_inner();
-        let tenant = who.submit_tenant(&r.tenant).map_err(to_status)?;
-        let tenant = if tenant.is_empty() {
-            "default".to_string()
-        } else {
-            tenant
-        };
+        let tenant = secret_tenant(&who, &r.tenant)?;
         let info = self
             .controller
             .put_registry_secret(&tenant, &r.name, &r.registry, &r.username, &r.password)
@@ -65,12 +60,7 @@ impl Secrets for SecretsService {
     ) -> Result<Response<RegistrySecret>, Status> {
         let who = caller(&self.controller, &request, Action::SubmitJobs)?;
         let r = request.into_inner();
-        let tenant = who.submit_tenant(&r.tenant).map_err(to_status)?;
-        let tenant = if tenant.is_empty() {
-            "default".to_string()
-        } else {
-            tenant
-        };
+        let tenant = secret_tenant(&who, &r.tenant)?;
         let info = self
             .controller
             .delete_registry_secret(&tenant, &r.name)
@@ -78,4 +68,15 @@ impl Secrets for SecretsService {
         tracing::info!(tenant = %info.tenant, name = %info.name, "registry secret deleted");
         Ok(Response::new(info))
     }
+}
+
+/// The tenant a secret is written under: the caller's own, or the one an
+/// admin names; `default` when none applies.
+fn secret_tenant(who: &Principal, requested: &str) -> Result<String, Status> {
+    let tenant = who.submit_tenant(requested).map_err(to_status)?;
+    Ok(if tenant.is_empty() {
+        "default".to_string()
+    } else {
+        tenant
+    })
 }

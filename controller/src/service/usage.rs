@@ -204,18 +204,7 @@ impl Usage for UsageService {
         let who = caller(&self.controller, &request, Action::ReadUsage)?;
         let r = request.into_inner();
         let tenant = report_tenant(&who, &r.tenant)?;
-        let by = match UsageDimension::try_from(r.by) {
-            Ok(
-                d @ (UsageDimension::WorkloadClass
-                | UsageDimension::JobName
-                | UsageDimension::Tenant),
-            ) => d,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "by: accepted: workload_class, job_name, tenant",
-                ));
-            }
-        };
+        let by = ranking_dimension(r.by)?;
         let (since, until) = range(
             self.controller.clock().unix_secs(),
             r.since.as_ref(),
@@ -241,18 +230,7 @@ impl Usage for UsageService {
         let who = caller(&self.controller, &request, Action::ReadUsage)?;
         let r = request.into_inner();
         let tenant = report_tenant(&who, &r.tenant)?;
-        let by = match UsageDimension::try_from(r.by) {
-            Ok(
-                d @ (UsageDimension::WorkloadClass
-                | UsageDimension::JobName
-                | UsageDimension::Tenant),
-            ) => d,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "by: accepted: job_name, tenant, workload_class",
-                ));
-            }
-        };
+        let by = ranking_dimension(r.by)?;
         let limit = match r.limit {
             0 => 20,
             n if n > 1000 => return Err(Status::invalid_argument("limit: at most 1000")),
@@ -436,5 +414,17 @@ impl Usage for UsageService {
             "the interruption report",
             "ask for fewer interruptions (limit) or a shorter range (since)",
         )
+    }
+}
+
+/// The dimensions a ranking (`top`, `waste`) groups by.
+fn ranking_dimension(by: i32) -> Result<UsageDimension, Status> {
+    match UsageDimension::try_from(by) {
+        Ok(
+            d @ (UsageDimension::WorkloadClass | UsageDimension::JobName | UsageDimension::Tenant),
+        ) => Ok(d),
+        _ => Err(Status::invalid_argument(
+            "by: accepted: workload_class, job_name, tenant",
+        )),
     }
 }
