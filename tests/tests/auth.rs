@@ -444,6 +444,68 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
+            method: "gpufleet.v1.Usage/MarketPrices",
+            min_role: Viewer,
+            tenant_scoped: false,
+            fleet_admin: false,
+            call: |c, _, _| {
+                Box::pin(async move {
+                    ok(UsageClient::new(c)
+                        .market_prices(gpufleet_proto::v1::MarketPricesRequest::default())
+                        .await)
+                })
+            },
+        },
+        Row {
+            method: "gpufleet.v1.Usage/MarketInterruptions",
+            min_role: Viewer,
+            tenant_scoped: false,
+            fleet_admin: false,
+            call: |c, _, _| {
+                Box::pin(async move {
+                    ok(UsageClient::new(c)
+                        .market_interruptions(
+                            gpufleet_proto::v1::MarketInterruptionsRequest::default(),
+                        )
+                        .await)
+                })
+            },
+        },
+        Row {
+            method: "gpufleet.v1.Usage/UsageWaste",
+            min_role: Viewer,
+            tenant_scoped: true,
+            fleet_admin: false,
+            call: |c, f, side| {
+                Box::pin(async move {
+                    ok(UsageClient::new(c)
+                        .usage_waste(gpufleet_proto::v1::UsageWasteRequest {
+                            by: UsageDimension::Tenant as i32,
+                            tenant: f.tenant(side),
+                            ..Default::default()
+                        })
+                        .await)
+                })
+            },
+        },
+        Row {
+            method: "gpufleet.v1.Fleet/SetMigLayout",
+            min_role: Operator,
+            tenant_scoped: false,
+            fleet_admin: false,
+            call: |c, _, _| {
+                Box::pin(async move {
+                    ok(FleetClient::new(c)
+                        .set_mig_layout(gpufleet_proto::v1::SetMigLayoutRequest {
+                            node_id: "no-such-node".into(),
+                            gpu_uuid: "GPU-none".into(),
+                            profiles: vec!["1g.10gb".into()],
+                        })
+                        .await)
+                })
+            },
+        },
+        Row {
             method: "gpufleet.v1.Secrets/PutRegistrySecret",
             min_role: Submitter,
             tenant_scoped: true,
