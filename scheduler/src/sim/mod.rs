@@ -21,8 +21,10 @@
 //! preemptible), multi-task gangs.
 
 mod fgd;
+pub mod history;
 pub mod openb;
 pub mod report;
+pub mod whatif;
 pub mod workload;
 
 use std::cmp::Reverse;
@@ -512,7 +514,7 @@ fn uuid_position(uuid: &str) -> Option<u32> {
 fn node_input(node: &SimNode) -> NodeInput {
     NodeInput {
         id: node.id.clone(),
-        provider: "sim".into(),
+        provider: node.provider.clone(),
         region: node.region.clone(),
         price_per_gpu_hour_micro_usd: node.price_per_gpu_hour_micro_usd,
         spot: false,
