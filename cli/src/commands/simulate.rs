@@ -55,7 +55,7 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "FILE", requires = "history")]
     fleet: Option<PathBuf>,
     /// What-if: add GPUs, e.g. 20xH100-SXM-80GB@nebius/eu-north1:$2.90 (nodes
-    /// of 8) or 3x4xL4@gcp/us-central1:0.80 (3 nodes of 4). Repeatable.
+    /// of 8) or 3x4xA10G@gcp/us-central1:0.80 (3 nodes of 4). Repeatable.
     #[arg(long, value_name = "[NODESx]GPUSxMODEL@PROVIDER/REGION:$PRICE")]
     add: Vec<String>,
     /// What-if: remove a node by id, or the nodes matching KEY=VALUE pairs

@@ -511,6 +511,11 @@ async fn export(
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
+    // A closed stdout (`| head`) ends as every command's does (status 141).
+    let failed = |e: std::io::Error| match out {
+        Some(path) => anyhow::Error::new(e).context(format!("--out: writing {}", path.display())),
+        None => output::stdout_error(e),
+    };
     let mut written = 0u64;
     loop {
         let page = client
@@ -518,7 +523,7 @@ async fn export(
             .await?
             .into_inner();
         for record in page.records.iter().filter(|r| !r.running) {
-            writeln!(sink, "{}", output::json_line(record)?).context("writing the export")?;
+            writeln!(sink, "{}", output::json_line(record)?).map_err(failed)?;
             written += 1;
         }
         if page.next_page_token.is_empty() {
@@ -526,6 +531,6 @@ async fn export(
         }
         request.page_token = page.next_page_token;
     }
-    sink.flush().context("writing the export")?;
+    sink.flush().map_err(failed)?;
     Ok(written)
 }

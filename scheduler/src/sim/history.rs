@@ -286,7 +286,8 @@ mod tests {
             },
         ];
         let (w, notes) = workload(nodes, &records).unwrap();
-        let got: Vec<(&str, u64, u64, u32, u32, Vec<String>)> = w
+        type Row<'a> = (&'a str, u64, u64, u32, u32, Vec<String>);
+        let got: Vec<Row<'_>> = w
             .jobs
             .iter()
             .map(|j| {

@@ -7,7 +7,7 @@
 //! - `--add [NODESx]GPUSxMODEL@PROVIDER/REGION:$PRICE`: GPUs of a model at
 //!   a price per GPU-hour. `20xH100-SXM-80GB@nebius/eu-north1:$2.90` adds
 //!   20 GPUs as nodes of [`DEFAULT_GPUS_PER_NODE`] (the last one smaller);
-//!   `3x4xL4@gcp/us-central1:0.80` adds 3 nodes of 4 GPUs.
+//!   `3x4xA10G@gcp/us-central1:0.80` adds 3 nodes of 4 GPUs.
 //! - `--remove NODE` or `--remove KEY=VALUE[,KEY=VALUE…][,count=N]`: nodes
 //!   by id, or those matching every selector (`node`, `model`, `provider`,
 //!   `region`, `generation`); with `count=N` only the last N matching nodes
