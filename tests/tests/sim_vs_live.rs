@@ -1,5 +1,5 @@
 //! The simulator and the live controller make the same decisions for the
-//! same inputs: a seeded workload is submitted to a real controller with
+//! same inputs: seeded workloads are submitted to a real controller with
 //! simulated agents on loopback, one job at a time (each waits for its
 //! scheduling pass), and replayed through `gpufleet_scheduler::sim` with one
 //! arrival per virtual second (so one pass per job, as live); every job
@@ -18,7 +18,7 @@ use gpufleet_scheduler::reason::WAITING_FOR_SCHEDULER;
 use gpufleet_scheduler::sim::{self, SimConfig, SimJob, SimNode, SimPolicy, Workload};
 use gpufleet_tests::{Cluster, NodeSpec};
 
-const SEED: u64 = 25;
+const SEEDS: [u64; 3] = [25, 7, 2026];
 const JOBS: usize = 14;
 
 fn fleet() -> Vec<NodeSpec> {
@@ -208,27 +208,26 @@ fn simulated(policy: Policy, nodes: &[Node], requests: &[Request]) -> Placements
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_simulator_places_a_seeded_workload_exactly_as_the_live_controller()
 -> anyhow::Result<()> {
-    let requests = workload(SEED);
-    for policy in [Policy::Cost, Policy::Pack, Policy::Spread] {
-        let (nodes, live) = live(policy, &requests).await?;
-        let simulated = simulated(policy, &nodes, &requests);
-        // The comparison means something only if both placed work and
-        // something was left pending (the fleet ran full).
-        assert!(
-            live.iter().filter(|p| p.is_some()).count() >= 5,
-            "{policy:?}: {live:?}"
-        );
-        assert!(
-            live.iter().any(|p| p.is_none()),
-            "{policy:?}: nothing pending: {live:?}"
-        );
-        for (i, (l, s)) in live.iter().zip(&simulated).enumerate() {
-            assert_eq!(
-                l, s,
-                "{policy:?}: job {i} ({:?}) placed live on {l:?}, simulated on {s:?}\nlive: {live:?}\nsim:  {simulated:?}",
-                requests[i]
-            );
+    let (mut placed, mut pending) = (0, 0);
+    for seed in SEEDS {
+        let requests = workload(seed);
+        for policy in [Policy::Cost, Policy::Pack, Policy::Spread] {
+            let (nodes, live) = live(policy, &requests).await?;
+            let simulated = simulated(policy, &nodes, &requests);
+            for (i, (l, s)) in live.iter().zip(&simulated).enumerate() {
+                assert_eq!(
+                    l, s,
+                    "seed {seed}, {policy:?}: job {i} ({:?}) placed live on {l:?}, simulated on {s:?}\nlive: {live:?}\nsim:  {simulated:?}",
+                    requests[i]
+                );
+            }
+            placed += live.iter().filter(|p| p.is_some()).count();
+            pending += live.iter().filter(|p| p.is_none()).count();
         }
     }
+    // The comparison means something only if work was placed and the
+    // fleet ran full (some jobs had to wait, so fragmentation decided).
+    assert!(placed >= 5 * SEEDS.len() * 3, "{placed} placed");
+    assert!(pending > 0, "nothing pending in any run");
     Ok(())
 }
