@@ -70,7 +70,7 @@ pub fn read_fleet(path: &Path) -> anyhow::Result<(Vec<SimNode>, Vec<String>)> {
             path.display()
         )
     })?;
-    let (mut no_gpus, mut mixed, mut clamped) = (0u64, 0u64, 0u64);
+    let (mut no_gpus, mut mixed, mut clamped, mut spot) = (0u64, 0u64, 0u64, 0u64);
     let mut nodes = Vec::with_capacity(list.nodes.len());
     for node in &list.nodes {
         let identity = node.identity.clone().unwrap_or_default();
@@ -96,6 +96,10 @@ pub fn read_fleet(path: &Path) -> anyhow::Result<(Vec<SimNode>, Vec<String>)> {
         };
         if infos.len() > MAX_NODE_GPUS {
             clamped += 1;
+        }
+        // The simulator has no spot capacity: such a node serves every job.
+        if identity.spot {
+            spot += 1;
         }
         nodes.push(SimNode {
             id: identity.node_id,
@@ -124,6 +128,11 @@ pub fn read_fleet(path: &Path) -> anyhow::Result<(Vec<SimNode>, Vec<String>)> {
     }
     if clamped > 0 {
         notes.push(format!("{clamped} nodes of over 32 GPUs counted as 32"));
+    }
+    if spot > 0 {
+        notes.push(format!(
+            "{spot} spot nodes replayed as on-demand capacity (any job may use them)"
+        ));
     }
     Ok((nodes, notes))
 }
@@ -240,6 +249,7 @@ mod tests {
                 provider: "aws".into(),
                 region: "us-east-1".into(),
                 price_per_gpu_hour_micro_usd: 3_930_000,
+                spot: id == "c",
                 ..Default::default()
             }),
             gpus: models
@@ -296,7 +306,8 @@ mod tests {
             notes,
             [
                 "1 nodes without GPUs left out of the fleet",
-                "1 nodes of mixed GPU models counted as their most common model"
+                "1 nodes of mixed GPU models counted as their most common model",
+                "1 spot nodes replayed as on-demand capacity (any job may use them)"
             ]
         );
         std::fs::write(&path, "{\"nodez\": []}").unwrap();
