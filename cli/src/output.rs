@@ -150,6 +150,25 @@ pub fn to_json<M: prost::Message + prost::Name>(message: &M) -> anyhow::Result<s
     Ok(dynamic.serialize_with_options(serde_json::value::Serializer, &options)?)
 }
 
+/// One message as one line of JSON (the protobuf JSON mapping), with every
+/// character a terminal acts on escaped: a JSON Lines record.
+pub fn json_line<M: prost::Message + prost::Name>(message: &M) -> anyhow::Result<String> {
+    let text = serde_json::to_string(&to_json(message)?)?;
+    Ok(json_safe(&text).into_owned())
+}
+
+/// Reads a message from its protobuf JSON mapping (what [`to_json`] and
+/// `-o json` write); unknown fields are errors.
+pub fn from_json<M: prost::Message + prost::Name + Default>(text: &str) -> anyhow::Result<M> {
+    let descriptor = pool()?
+        .get_message_by_name(&M::full_name())
+        .with_context(|| format!("no descriptor for {}", M::full_name()))?;
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let dynamic = DynamicMessage::deserialize(descriptor, &mut deserializer)?;
+    deserializer.end()?;
+    Ok(dynamic.transcode_to::<M>()?)
+}
+
 /// One JSON object per line (streams) or the whole object (single answers).
 pub fn print_json<M: prost::Message + prost::Name>(
     message: &M,

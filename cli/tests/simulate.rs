@@ -89,3 +89,259 @@ fn simulate_rejects_an_unknown_policy() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--policy `fgd` is unknown"));
 }
+
+/// `gpufleet -o json simulate` on the small sample trace with `extra`
+/// flags, two policies: the parsed JSON.
+fn simulate_json(extra: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_gpufleet"))
+        .args(["-o", "json", "simulate", "--nodes", NODES, "--pods", PODS])
+        .args(["--policy", "cost,baseline-first-fit"])
+        .args(extra)
+        .output()
+        .expect("gpufleet runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+fn per_policy(v: &serde_json::Value, field: &str) -> Vec<serde_json::Value> {
+    v["policies"]
+        .as_array()
+        .expect("policies")
+        .iter()
+        .map(|p| p[field].clone())
+        .collect()
+}
+
+#[test]
+fn what_if_remove_and_add_change_the_fleet_and_the_outcome() {
+    let base = simulate_json(&[]);
+    assert_eq!(base["workload"]["gpus"], 14);
+    assert_eq!(per_policy(&base, "never_placed"), [0, 0]);
+    assert_eq!(base["edits"], serde_json::json!([]));
+
+    // The only 8-GPU node gone: both 8-GPU pods can never run.
+    let removed = simulate_json(&["--remove", "model=A100"]);
+    assert_eq!(removed["workload"]["gpus"], 6);
+    assert_eq!(per_policy(&removed, "never_placed"), [2, 2]);
+    assert_eq!(
+        removed["edits"][0],
+        "--remove model=A100: removed 1 node(s), 8 GPUs"
+    );
+
+    // ... and an added one at $1 brings them back, cheaper.
+    let added = simulate_json(&[
+        "--remove",
+        "model=A100",
+        "--add",
+        "8xA100-SXM-40GB@nebius/eu-north1:$1",
+    ]);
+    assert_eq!(added["workload"]["gpus"], 14);
+    assert_eq!(per_policy(&added, "never_placed"), [0, 0]);
+    assert!(
+        added["edits"][1]
+            .as_str()
+            .unwrap()
+            .contains("added 8 × A100-SXM-40GB (Ampere) on 1 node(s) at nebius/eu-north1, $1.00"),
+        "{}",
+        added["edits"]
+    );
+    let cost = |v: &serde_json::Value| per_policy(v, "cost_usd")[1].as_f64().unwrap();
+    assert!(
+        cost(&added) < cost(&base),
+        "{} vs {}",
+        cost(&added),
+        cost(&base)
+    );
+}
+
+#[test]
+fn what_if_price_and_load() {
+    let free = simulate_json(&["--price", "*=$0"]);
+    assert_eq!(per_policy(&free, "cost_usd"), [0.0, 0.0]);
+    assert!(
+        free["edits"][0]
+            .as_str()
+            .unwrap()
+            .contains("3 node(s) repriced")
+    );
+
+    let half = simulate_json(&["--price", "V100=-50%"]);
+    let base = simulate_json(&[]);
+    let cost = |v: &serde_json::Value| per_policy(v, "cost_usd")[1].as_f64().unwrap();
+    assert!(cost(&half) < cost(&base));
+
+    // All pods arriving at once (×100) queue longer than as recorded.
+    let fast = simulate_json(&["--load", "100"]);
+    let p99 = |v: &serde_json::Value| v["policies"][0]["wait"]["p99_s"].as_u64().unwrap();
+    assert_eq!(p99(&base), 55);
+    assert_eq!(p99(&fast), 70);
+    assert!(
+        fast["edits"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("--load 100: arrivals 100.00× as fast")
+    );
+}
+
+#[test]
+fn what_if_table_lists_the_edits_and_bad_edits_name_the_flag() {
+    let out = Command::new(env!("CARGO_BIN_EXE_gpufleet"))
+        .args([
+            "simulate", "--nodes", NODES, "--pods", PODS, "--policy", "pack",
+        ])
+        .args([
+            "--add",
+            "2x8xH100-SXM-80GB@nebius/eu-north1:2.90",
+            "--load",
+            "1.5",
+        ])
+        .output()
+        .expect("gpufleet runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("what-if --add 2x8xH100-SXM-80GB@nebius/eu-north1:2.90: added 16 × H100-SXM-80GB (Hopper) on 2 node(s)"), "{stdout}");
+    assert!(stdout.contains("what-if --load 1.5"), "{stdout}");
+    assert!(stdout.contains("6 jobs on 5 nodes / 30 GPUs"), "{stdout}");
+
+    for (flag, value, needle) in [
+        (
+            "--add",
+            "1000000000xH100-SXM-80GB@a/b:$1",
+            "--add `1000000000xH100-SXM-80GB@a/b:$1`: GPU count 1000000000 is out of range 1..=1000000",
+        ),
+        (
+            "--add",
+            "20xH100@a/b:$1",
+            "model `H100` could be H100-PCIE-80GB or H100-SXM-80GB; name one",
+        ),
+        (
+            "--remove",
+            "model=H100",
+            "--remove `model=H100`: no node matches",
+        ),
+        (
+            "--remove",
+            "colour=red",
+            "--remove `colour=red`: unknown key `colour`; expected NODE_ID or KEY=VALUE",
+        ),
+        (
+            "--price",
+            "T4",
+            "--price `T4`: no `=PRICE`; expected MODEL[@PROVIDER[/REGION]]=$PRICE",
+        ),
+        (
+            "--load",
+            "-2",
+            "--load `-2`: -2 is out of range; expected a factor from 0.01 to 100",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_gpufleet"))
+            .args(["simulate", "--nodes", NODES, "--pods", PODS])
+            .arg(format!("{flag}={value}"))
+            .output()
+            .expect("gpufleet runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} {value} was accepted");
+        assert!(stderr.contains(needle), "{flag} {value}: {stderr}");
+    }
+}
+
+/// A fleet of one 4×H100 node as `gpufleet -o json nodes list` prints it.
+const FLEET_JSON: &str = r#"{
+  "nodes": [{
+    "identity": {"nodeId": "h1", "provider": "aws", "region": "us-east-1", "pricePerGpuHourMicroUsd": "3930000"},
+    "state": "NODE_STATE_READY",
+    "gpus": [
+      {"info": {"index": 0, "uuid": "GPU-0", "model": "H100-SXM-80GB", "generation": "GPU_GENERATION_HOPPER"}},
+      {"info": {"index": 1, "uuid": "GPU-1", "model": "H100-SXM-80GB", "generation": "GPU_GENERATION_HOPPER"}},
+      {"info": {"index": 2, "uuid": "GPU-2", "model": "H100-SXM-80GB", "generation": "GPU_GENERATION_HOPPER"}},
+      {"info": {"index": 3, "uuid": "GPU-3", "model": "H100-SXM-80GB", "generation": "GPU_GENERATION_HOPPER"}}
+    ]
+  }]
+}"#;
+
+/// Three finished allocations as `gpufleet usage export` writes them: a
+/// 4-GPU job from 0 s to 100 s, then two 2-GPU jobs submitted at 10 s and
+/// 20 s that waited for it.
+const HISTORY_JSONL: &str = concat!(
+    r#"{"allocationId":"a1","jobId":"job-000000000000000a","tenant":"ml","gpuCount":4,"startedAt":"2026-11-01T00:00:00Z","endedAt":"2026-11-01T00:01:40Z","jobSubmittedAt":"2026-11-01T00:00:00Z","jobTasks":1,"jobGpusPerTask":4}"#,
+    "\n",
+    r#"{"allocationId":"a2","jobId":"job-000000000000000b","tenant":"ml","gpuCount":2,"startedAt":"2026-11-01T00:01:40Z","endedAt":"2026-11-01T00:02:30Z","jobSubmittedAt":"2026-11-01T00:00:10Z","jobTasks":1,"jobGpusPerTask":2}"#,
+    "\n",
+    r#"{"allocationId":"a3","jobId":"job-000000000000000c","tenant":"ml","gpuCount":2,"startedAt":"2026-11-01T00:01:40Z","endedAt":"2026-11-01T00:01:50Z","jobSubmittedAt":"2026-11-01T00:00:20Z","jobTasks":1,"jobGpusPerTask":2,"jobConstraints":{"models":["H100-SXM-80GB"]}}"#,
+    "\n",
+);
+
+#[test]
+fn history_replays_on_the_fleet_and_what_if_applies_to_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fleet = dir.path().join("fleet.json");
+    let history = dir.path().join("history.jsonl");
+    std::fs::write(&fleet, FLEET_JSON).expect("write");
+    std::fs::write(&history, HISTORY_JSONL).expect("write");
+    let run = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_gpufleet"))
+            .args(["-o", "json", "simulate", "--policy", "cost", "--history"])
+            .arg(&history)
+            .arg("--fleet")
+            .arg(&fleet)
+            .args(extra)
+            .output()
+            .expect("gpufleet runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")
+    };
+    let replay = run(&[]);
+    assert_eq!(replay["workload"]["gpus"], 4);
+    assert_eq!(
+        replay["notes"][0],
+        "history: 3 records of 3 jobs, replayed as 3 tasks"
+    );
+    let p = &replay["policies"][0];
+    assert_eq!(p["placed"], 3);
+    // As it happened: both 2-GPU jobs start at 100 s (waits 90 s and 80 s).
+    assert_eq!(
+        (p["wait"]["p50_s"].as_u64(), p["wait"]["p99_s"].as_u64()),
+        (Some(80), Some(90))
+    );
+    // $3.93 × (4 × 100 s + 2 × 50 s + 2 × 10 s) / 3600, each run rounded
+    // down to the micro-USD.
+    let cost = p["cost_usd"].as_f64().unwrap();
+    assert!((cost - 3.93 * 520.0 / 3600.0).abs() < 5e-6, "{cost}");
+
+    // With four more H100s nobody waits.
+    let more = run(&["--add", "4xH100-SXM-80GB@aws/us-east-1:3.93"]);
+    assert_eq!(more["policies"][0]["wait"]["p99_s"], 0);
+
+    // --history needs --fleet, and a bad line is named.
+    let out = Command::new(env!("CARGO_BIN_EXE_gpufleet"))
+        .args(["simulate", "--history"])
+        .arg(&history)
+        .output()
+        .expect("gpufleet runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--fleet"));
+    std::fs::write(&history, "{\"jobId\": 5}\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_gpufleet"))
+        .args(["simulate", "--history"])
+        .arg(&history)
+        .arg("--fleet")
+        .arg(&fleet)
+        .output()
+        .expect("gpufleet runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("line 1 is not a usage record"), "{stderr}");
+}

@@ -16,6 +16,7 @@ use gpufleet_scheduler::format_usd;
 use gpufleet_scheduler::sim::{self, PolicyReport, SIZE_CLASSES, SimConfig, SimPolicy, Workload};
 use serde_json::json;
 
+use super::simulate_input;
 use crate::output::Format;
 
 #[derive(Debug, Args)]
@@ -46,6 +47,30 @@ pub struct SimulateArgs {
     /// Write a chart (allocation % and stranded GPUs over time) to this SVG file.
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
+    /// Replay a fleet's own history: finished allocations as `gpufleet
+    /// usage export` writes them (JSON Lines), on the nodes of --fleet.
+    #[arg(long, value_name = "FILE", requires = "fleet", conflicts_with_all = ["nodes", "pods", "synthetic_nodes"])]
+    history: Option<PathBuf>,
+    /// The fleet --history replays on: the output of `gpufleet -o json nodes list`.
+    #[arg(long, value_name = "FILE", requires = "history")]
+    fleet: Option<PathBuf>,
+    /// What-if: add GPUs, e.g. 20xH100-SXM-80GB@nebius/eu-north1:$2.90 (nodes
+    /// of 8) or 3x4xA10G@gcp/us-central1:0.80 (3 nodes of 4). Repeatable.
+    #[arg(long, value_name = "[NODESx]GPUSxMODEL@PROVIDER/REGION:$PRICE")]
+    add: Vec<String>,
+    /// What-if: remove a node by id, or the nodes matching KEY=VALUE pairs
+    /// (node, model, provider, region, generation; a model may be a family
+    /// like V100), the last N of them with count=N. Repeatable.
+    #[arg(long, value_name = "NODE|KEY=VALUE[,…][,count=N]")]
+    remove: Vec<String>,
+    /// What-if: the price per GPU-hour of a model (`*`: all), optionally
+    /// at one provider or region: A100-SXM-80GB@aws=$1.50, *@lambda=-20%. Repeatable.
+    #[arg(long, value_name = "MODEL[@PROVIDER[/REGION]]=$PRICE|±N%")]
+    price: Vec<String>,
+    /// What-if: arrivals this many times as fast (inter-arrival times
+    /// divided by it; durations unchanged), 0.01 to 100.
+    #[arg(long, value_name = "FACTOR")]
+    load: Option<String>,
 }
 
 pub fn run(format: Format, args: &SimulateArgs) -> anyhow::Result<ExitCode> {
@@ -56,7 +81,11 @@ pub fn run(format: Format, args: &SimulateArgs) -> anyhow::Result<ExitCode> {
     if cadence == 0 {
         anyhow::bail!("--cadence must be at least 1s");
     }
-    let workload = load(args)?;
+    let edits =
+        sim::whatif::Edits::parse(&args.add, &args.remove, &args.price, args.load.as_deref())?;
+    let (mut workload, mut input_notes) = load(args)?;
+    let applied = edits.apply(&mut workload, &simulate_input::catalogue())?;
+    input_notes.extend(applied.iter().map(|a| format!("what-if {a}")));
     let config = SimConfig {
         cadence_secs: cadence,
         ..Default::default()
@@ -73,8 +102,11 @@ pub fn run(format: Format, args: &SimulateArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("writing the chart to {}", path.display()))?;
     }
     match format {
-        Format::Json => println!("{}", to_json(&workload, &reports, &walls)),
-        _ => print!("{}", table(&workload, &reports, &walls)),
+        Format::Json => println!(
+            "{}",
+            to_json(&workload, &input_notes, &applied, &reports, &walls)
+        ),
+        _ => print!("{}", table(&workload, &input_notes, &reports, &walls)),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -97,13 +129,20 @@ fn parse_policies(list: &str) -> anyhow::Result<Vec<SimPolicy>> {
         .collect()
 }
 
-fn load(args: &SimulateArgs) -> anyhow::Result<Workload> {
+/// The workload, and lines saying what its reader changed beyond
+/// [`Workload::notes`].
+fn load(args: &SimulateArgs) -> anyhow::Result<(Workload, Vec<String>)> {
     if let Some(nodes) = args.synthetic_nodes {
-        return Ok(sim::workload::synthetic(
-            nodes,
-            args.synthetic_jobs,
-            args.seed,
-        ));
+        let workload = sim::workload::synthetic(nodes, args.synthetic_jobs, args.seed);
+        return Ok((workload, Vec::new()));
+    }
+    if let (Some(history), Some(fleet)) = (&args.history, &args.fleet) {
+        let (nodes, mut lines) = simulate_input::read_fleet(fleet)?;
+        let records = simulate_input::read_history(history)?;
+        let (workload, notes) = sim::history::workload(nodes, &records)
+            .map_err(|e| anyhow::anyhow!("--history {}: {e}", history.display()))?;
+        lines.extend(history_notes(&notes));
+        return Ok((workload, lines));
     }
     let (Some(nodes), Some(pods)) = (&args.nodes, &args.pods) else {
         anyhow::bail!("give --nodes FILE --pods FILE (openb format) or --synthetic-nodes N");
@@ -111,7 +150,42 @@ fn load(args: &SimulateArgs) -> anyhow::Result<Workload> {
     let read = |p: &PathBuf| {
         std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
     };
-    Ok(sim::openb::parse(&read(nodes)?, &read(pods)?)?)
+    Ok((sim::openb::parse(&read(nodes)?, &read(pods)?)?, Vec::new()))
+}
+
+fn history_notes(n: &sim::history::HistoryNotes) -> Vec<String> {
+    let mut out = vec![format!(
+        "history: {} records of {} jobs, replayed as {} tasks",
+        n.records, n.jobs, n.tasks
+    )];
+    for (count, what) in [
+        (n.gang_tasks, "tasks of gangs replayed as independent jobs"),
+        (
+            n.no_submit_time,
+            "tasks without a submit time arrive when they started (older controller)",
+        ),
+        (
+            n.multi_attempt,
+            "tasks that ran more than once replayed with their run times summed",
+        ),
+        (
+            n.mig_as_share,
+            "MIG instances replayed as their share of a GPU",
+        ),
+        (
+            n.unmodelled_constraints,
+            "tasks with provider/region/price/memory/spot constraints replayed without them",
+        ),
+        (
+            n.unplaceable,
+            "tasks allowed on no model of this fleet (never placed)",
+        ),
+    ] {
+        if count > 0 {
+            out.push(format!("{count} {what}"));
+        }
+    }
+    out
 }
 
 fn notes(workload: &Workload) -> Vec<String> {
@@ -157,7 +231,12 @@ fn secs(s: u64) -> String {
     }
 }
 
-fn table(workload: &Workload, reports: &[PolicyReport], walls: &[f64]) -> String {
+fn table(
+    workload: &Workload,
+    input_notes: &[String],
+    reports: &[PolicyReport],
+    walls: &[f64],
+) -> String {
     let mut t = comfy_table::Table::new();
     let mut header = vec!["".to_string()];
     header.extend(reports.iter().map(|r| r.policy.label().to_string()));
@@ -205,7 +284,7 @@ fn table(workload: &Workload, reports: &[PolicyReport], walls: &[f64]) -> String
         format!("{:.0}", r.end_time as f64 / wall_of(r).max(1e-9))
     });
     let mut out = String::new();
-    for note in notes(workload) {
+    for note in input_notes.iter().cloned().chain(notes(workload)) {
         let _ = writeln!(out, "{note}");
     }
     let _ = writeln!(out, "{t}");
@@ -220,9 +299,17 @@ fn wait_json(w: &sim::WaitStats) -> serde_json::Value {
     json!({ "jobs": w.jobs, "p50_s": w.p50, "p95_s": w.p95, "p99_s": w.p99, "mean_s": w.mean })
 }
 
-fn to_json(workload: &Workload, reports: &[PolicyReport], walls: &[f64]) -> serde_json::Value {
+fn to_json(
+    workload: &Workload,
+    input_notes: &[String],
+    edits: &[String],
+    reports: &[PolicyReport],
+    walls: &[f64],
+) -> serde_json::Value {
     let n = &workload.notes;
     json!({
+        "notes": input_notes,
+        "edits": edits,
         "workload": {
             "nodes": workload.nodes.len(),
             "gpus": workload.total_gpus(),

@@ -143,6 +143,24 @@ enum UsageCommand {
         #[arg(long)]
         tenant: Option<String>,
     },
+    /// Finished allocations with their jobs' requests (submit time, tasks,
+    /// GPUs, share, constraints, priority) and actual run times, one
+    /// protobuf-JSON `UsageRecord` per line, newest first: the input of
+    /// `gpufleet simulate --history`.
+    Export {
+        /// Allocations that ended after this (a duration like 30d, or an RFC 3339 time).
+        #[arg(long, default_value = "30d")]
+        since: String,
+        /// ... and before this (default: now).
+        #[arg(long)]
+        until: Option<String>,
+        /// Only this tenant's allocations (a token scoped to one tenant sees only its own).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Write to this file instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        out: Option<std::path::PathBuf>,
+    },
     /// Ledger records, newest first.
     Records {
         #[arg(long, default_value = "7d")]
@@ -384,6 +402,26 @@ pub async fn usage(address: &str, format: Format, args: UsageArgs) -> anyhow::Re
             let report = client.get_usage_report(request).await?.into_inner();
             print_report(&report, &group_by, format, series.is_some(), false)?;
         }
+        UsageCommand::Export {
+            since,
+            until,
+            tenant,
+            out,
+        } => {
+            let request = ListUsageRecordsRequest {
+                since: Some(when("--since", &since)?),
+                until: until.as_deref().map(|u| when("--until", u)).transpose()?,
+                tenant: tenant.unwrap_or_default(),
+                job_id: String::new(),
+                include_running: false,
+                page_size: 1000,
+                page_token: String::new(),
+            };
+            let written = export(&mut client, request, out.as_deref()).await?;
+            if let Some(path) = &out {
+                eprintln!("{written} records written to {}", path.display());
+            }
+        }
         UsageCommand::Records {
             since,
             tenant,
@@ -456,4 +494,43 @@ pub async fn usage(address: &str, format: Format, args: UsageArgs) -> anyhow::Re
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Pages through the ledger and writes each finished record as one JSON
+/// line as it arrives (memory holds one page, whatever the range).
+async fn export(
+    client: &mut UsageClient<client::Authed>,
+    mut request: ListUsageRecordsRequest,
+    out: Option<&std::path::Path>,
+) -> anyhow::Result<u64> {
+    use std::io::Write as _;
+    let mut sink: Box<dyn std::io::Write> = match out {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path)
+                .with_context(|| format!("--out: cannot create {}", path.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    // A closed stdout (`| head`) ends as every command's does (status 141).
+    let failed = |e: std::io::Error| match out {
+        Some(path) => anyhow::Error::new(e).context(format!("--out: writing {}", path.display())),
+        None => output::stdout_error(e),
+    };
+    let mut written = 0u64;
+    loop {
+        let page = client
+            .list_usage_records(request.clone())
+            .await?
+            .into_inner();
+        for record in page.records.iter().filter(|r| !r.running) {
+            writeln!(sink, "{}", output::json_line(record)?).map_err(failed)?;
+            written += 1;
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        request.page_token = page.next_page_token;
+    }
+    sink.flush().map_err(failed)?;
+    Ok(written)
 }

@@ -304,6 +304,13 @@ pub fn build_record(
         mig_profile: task.mig_profile.clone(),
         mean_sm_active_percent: sm_active,
         mean_tensor_active_percent: tensor_active,
+        job_submitted_at: job.created_at,
+        job_tasks: spec.tasks.max(1),
+        job_gpus_per_task: spec.gpus_per_task,
+        job_priority: spec.priority,
+        job_preemptible: spec.preemptible,
+        job_attempt: job.attempt,
+        job_constraints: spec.constraints.clone(),
     })
 }
 

@@ -230,6 +230,7 @@ mod tests {
             generation: Generation::Turing,
             gpus,
             price_per_gpu_hour_micro_usd: 1,
+            provider: "p".into(),
             region: "r".into(),
         }
     }

@@ -21,8 +21,10 @@
 //! preemptible), multi-task gangs.
 
 mod fgd;
+pub mod history;
 pub mod openb;
 pub mod report;
+pub mod whatif;
 pub mod workload;
 
 use std::cmp::Reverse;
@@ -161,6 +163,8 @@ struct Engine<'a> {
     /// Job indexes in arrival order.
     pending: Vec<usize>,
     starts: Vec<Option<u64>>,
+    /// Per job: (node index, GPU position mask) where it started.
+    placements: Vec<Option<(u32, u32)>>,
     fair: FairShare,
     cost_micro_usd: u64,
     passes: u64,
@@ -195,6 +199,7 @@ impl<'a> Engine<'a> {
             departures: BinaryHeap::new(),
             pending: Vec::new(),
             starts: vec![None; workload.jobs.len()],
+            placements: vec![None; workload.jobs.len()],
             fair: FairShare::new(config.fair_share_half_life_secs),
             cost_micro_usd: 0,
             passes: 0,
@@ -239,7 +244,7 @@ impl<'a> Engine<'a> {
             }
             series.push(self.sample(tick));
         }
-        PolicyReport::new(
+        let mut report = PolicyReport::new(
             self.policy,
             jobs,
             &self.workload.nodes,
@@ -247,7 +252,9 @@ impl<'a> Engine<'a> {
             series,
             self.passes,
             self.cost_micro_usd,
-        )
+        );
+        report.placements = self.placements;
+        report
     }
 
     fn sample(&self, time: u64) -> Sample {
@@ -302,6 +309,7 @@ impl<'a> Engine<'a> {
         self.departures
             .push(Reverse((now.saturating_add(spec.duration), job)));
         self.starts[job] = Some(now);
+        self.placements[job] = Some((node, mask));
         // Thousandths of GPU-seconds: a share is billed as its part.
         let milli_held = if milli > 0 {
             u128::from(milli)
@@ -512,7 +520,7 @@ fn uuid_position(uuid: &str) -> Option<u32> {
 fn node_input(node: &SimNode) -> NodeInput {
     NodeInput {
         id: node.id.clone(),
-        provider: "sim".into(),
+        provider: node.provider.clone(),
         region: node.region.clone(),
         price_per_gpu_hour_micro_usd: node.price_per_gpu_hour_micro_usd,
         spot: false,

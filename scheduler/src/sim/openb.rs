@@ -146,6 +146,7 @@ pub fn parse_nodes(text: &str) -> Result<Vec<SimNode>, ParseError> {
             generation,
             gpus: u32::try_from(gpus.min(32)).unwrap_or(32),
             price_per_gpu_hour_micro_usd: price,
+            provider: "alibaba".to_string(),
             region: "openb".to_string(),
         });
     }

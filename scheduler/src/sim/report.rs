@@ -84,6 +84,10 @@ pub struct PolicyReport {
     pub end_time: u64,
     /// Start time per job (workload order); `None` = never placed.
     pub starts: Vec<Option<u64>>,
+    /// Where each job started (workload order): the index of its node in
+    /// the workload and its GPU positions on it as a bit mask (a share: the
+    /// one GPU it shares). What the live controller is compared with.
+    pub placements: Vec<Option<(u32, u32)>>,
     pub series: Vec<Sample>,
 }
 
@@ -148,6 +152,7 @@ impl PolicyReport {
             passes,
             end_time: series.last().map_or(0, |s| s.time),
             starts,
+            placements: Vec::new(),
             series,
         }
     }

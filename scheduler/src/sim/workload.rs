@@ -13,6 +13,8 @@ pub struct SimNode {
     pub generation: Generation,
     pub gpus: u32,
     pub price_per_gpu_hour_micro_usd: u64,
+    /// Cloud or owner, as the live fleet names it (`aws`, `nebius`, …).
+    pub provider: String,
     pub region: String,
 }
 
@@ -119,6 +121,7 @@ pub fn synthetic(nodes: usize, jobs: usize, seed: u64) -> Workload {
                 generation,
                 gpus,
                 price_per_gpu_hour_micro_usd: price,
+                provider: "sim".to_string(),
                 region: format!("region-{}", i % 4),
             }
         })
