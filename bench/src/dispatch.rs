@@ -24,6 +24,7 @@ use clap::Args;
 use gpufleet_agent::{AgentConfig, NodeConfig};
 use gpufleet_controller::ControllerConfig;
 use gpufleet_controller::config::{EtcdConfig, StoreConfig};
+use gpufleet_controller::store::TrafficSnapshot;
 use gpufleet_controller::store::etcd::EtcdOptions;
 use gpufleet_controller::store::etcd::test_cluster::EtcdCluster;
 use gpufleet_proto::v1::{
@@ -97,14 +98,15 @@ pub fn run(args: DispatchArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let (samples, elapsed, busy) = runtime.block_on(through_gpufleet(&args, StoreConfig::Sled))?;
+    let (samples, elapsed, busy, sled_traffic) =
+        runtime.block_on(through_gpufleet(&args, StoreConfig::Sled))?;
     let job_cpu = busy / samples.len().max(1) as u32;
     let on_etcd = if args.etcd {
         let cluster = EtcdCluster::start(3).map_err(|e| anyhow!("{e}"))?;
         let store = etcd_store(cluster.endpoints());
-        let (samples, elapsed, busy) = runtime.block_on(through_gpufleet(&args, store))?;
+        let (samples, elapsed, busy, traffic) = runtime.block_on(through_gpufleet(&args, store))?;
         drop(cluster);
-        Some(StoreRun::of(&samples, elapsed, busy)?)
+        Some(StoreRun::of(&samples, elapsed, busy, traffic)?)
     } else {
         None
     };
@@ -292,6 +294,30 @@ pub fn run(args: DispatchArgs) -> anyhow::Result<()> {
                 ],
             ],
         );
+        println!();
+        let per_job = |t: &TrafficSnapshot, jobs: usize| {
+            let jobs = jobs.max(1) as f64;
+            vec![
+                format!("{:.2}", t.commits as f64 / jobs),
+                format!("{:.2}", t.writes as f64 / jobs),
+                format!("{:.0}", t.written_bytes as f64 / jobs),
+                format!("{:.2}", t.reads as f64 / jobs),
+            ]
+        };
+        let mut sled_row = vec!["sled".to_string()];
+        sled_row.extend(per_job(&sled_traffic, samples.len()));
+        let mut etcd_row = vec!["etcd".to_string()];
+        etcd_row.extend(per_job(&etcd.traffic, samples.len()));
+        report::table(
+            &[
+                "store traffic per job",
+                "commits (etcd txns)",
+                "key writes",
+                "bytes written",
+                "reads",
+            ],
+            &[sled_row, etcd_row],
+        );
         println!(
             "etcd goal: >= {ETCD_TARGET_JOBS_PER_S:.0} jobs/s: {}",
             if etcd.jobs_per_s >= ETCD_TARGET_JOBS_PER_S {
@@ -308,6 +334,7 @@ pub fn run(args: DispatchArgs) -> anyhow::Result<()> {
             "submit_to_running_p50_ms": etcd.to_running.p50,
             "submit_to_running_p99_ms": etcd.to_running.p99,
             "cpu_ms_per_job": (ms(etcd.cpu_per_job) * 100.0).round() / 100.0,
+            "store_per_job": traffic_json(&etcd.traffic, samples.len()),
         })
     });
     let latencies: serde_json::Map<String, serde_json::Value> = stages
@@ -336,6 +363,7 @@ pub fn run(args: DispatchArgs) -> anyhow::Result<()> {
         "submit_to_running_p99_ms": to_running.p99,
         "jobs_without_running": without_running,
         "latencies": latencies,
+        "store_per_job": traffic_json(&sled_traffic, samples.len()),
         "etcd": etcd_summary,
     });
     println!("{summary}");
@@ -345,15 +373,33 @@ pub fn run(args: DispatchArgs) -> anyhow::Result<()> {
 /// The etcd goal of issue 23: 50× Slurm's 9 jobs/s on this machine.
 const ETCD_TARGET_JOBS_PER_S: f64 = 500.0;
 
+/// What the controller asked of its store per measured job.
+fn traffic_json(traffic: &TrafficSnapshot, jobs: usize) -> serde_json::Value {
+    let per = |n: u64| (n as f64 / jobs.max(1) as f64 * 100.0).round() / 100.0;
+    serde_json::json!({
+        "commits": per(traffic.commits),
+        "key_writes": per(traffic.writes),
+        "bytes_written": per(traffic.written_bytes),
+        "reads": per(traffic.reads),
+    })
+}
+
 /// One store's figures, for the side-by-side table.
 struct StoreRun {
     jobs_per_s: f64,
     to_running: Latency,
     cpu_per_job: Duration,
+    /// What the controller asked of the store during the measured jobs.
+    traffic: TrafficSnapshot,
 }
 
 impl StoreRun {
-    fn of(samples: &[Sample], elapsed: Duration, busy: Duration) -> anyhow::Result<Self> {
+    fn of(
+        samples: &[Sample],
+        elapsed: Duration,
+        busy: Duration,
+        traffic: TrafficSnapshot,
+    ) -> anyhow::Result<Self> {
         if let Some(failed) = samples
             .iter()
             .find(|s| s.job.state() != JobState::Succeeded)
@@ -373,6 +419,7 @@ impl StoreRun {
                     .filter_map(|s| between(s.job.created_at, s.job.started_at)),
             ),
             cpu_per_job: busy / samples.len().max(1) as u32,
+            traffic,
         })
     }
 }
@@ -487,7 +534,7 @@ fn take_one(remaining: &AtomicUsize) -> bool {
 async fn through_gpufleet(
     args: &DispatchArgs,
     store: StoreConfig,
-) -> anyhow::Result<(Vec<Sample>, Duration, Duration)> {
+) -> anyhow::Result<(Vec<Sample>, Duration, Duration, TrafficSnapshot)> {
     let dir = tempfile::tempdir()?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let mut config = ControllerConfig::for_data_dir(dir.path().join("controller"));
@@ -514,6 +561,7 @@ async fn through_gpufleet(
         let image = args.image.as_deref();
         run_jobs(&endpoint, args.warmup, args.concurrency, image).await?;
         let busy = report::machine_busy()?;
+        let traffic = controller.controller().store_traffic();
         let started = Instant::now();
         let samples = run_jobs(&endpoint, args.jobs, args.concurrency, image).await?;
         let elapsed = started.elapsed();
@@ -521,6 +569,7 @@ async fn through_gpufleet(
             samples,
             elapsed,
             report::machine_busy()?.saturating_sub(busy),
+            controller.controller().store_traffic().since(&traffic),
         ))
     }
     .await;

@@ -42,7 +42,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::store::{IdRange, Keyspace, Store, StoreError, StoreHealth, StorePart, WriteBatch};
+use crate::store::{
+    IdRange, Keyspace, Store, StoreError, StoreHealth, StorePart, StoreTraffic, WriteBatch,
+};
 
 /// Writes queued but not yet durable, at most; a writer beyond it waits
 /// for the syncer (a stalled disk then stalls the controller instead of
@@ -76,6 +78,7 @@ pub struct GroupCommit {
 struct Shared {
     store: Box<dyn Store>,
     health: Arc<StoreHealth>,
+    traffic: Arc<StoreTraffic>,
     queue: Mutex<Queue>,
     /// The syncer waits here for writes; writers wait here for room.
     changed: Condvar,
@@ -121,6 +124,7 @@ impl GroupCommit {
         let shared = Arc::new(Shared {
             store,
             health,
+            traffic: Arc::default(),
             queue: Mutex::new(Queue::default()),
             changed: Condvar::new(),
             durable: watch::channel(Durable::default()).0,
@@ -210,6 +214,11 @@ impl GroupCommit {
     /// Whether the store's writes work; shared with whoever reports it.
     pub fn health(&self) -> &Arc<StoreHealth> {
         &self.shared.health
+    }
+
+    /// What was asked of the store so far (commits, writes, reads).
+    pub fn traffic(&self) -> &Arc<StoreTraffic> {
+        &self.shared.traffic
     }
 
     /// The latest queued (not yet durable) batch that wrote `id`; 0 when
@@ -343,7 +352,7 @@ impl Shared {
     /// Applies everything queued as one atomic batch, syncs, then sends
     /// what was held behind it and publishes the new durable point.
     fn sync_round(&self) -> Result<(), StoreError> {
-        let (through, round) = {
+        let (through, round, batches) = {
             let queue = self.lock();
             let Some(&(through, _)) = queue.batches.back() else {
                 return Ok(());
@@ -356,17 +365,23 @@ impl Shared {
             let mut round = WriteBatch::default();
             let mut through = through;
             let mut ops = 0;
+            let mut batches = 0;
             for (number, batch) in &queue.batches {
                 let len = batch.ops().len();
                 if ops > 0 && limit.is_some_and(|limit| ops + len > limit) {
                     break;
                 }
                 ops += len;
+                batches += 1;
                 through = *number;
                 round.append(batch.clone());
             }
-            (through, round)
+            // A key written by several batches of the round (a job
+            // scheduled, then running) is written once, with its last
+            // value: what applying them in order leaves.
+            (through, round.coalesced(), batches)
         };
+        let (writes, bytes) = (round.ops().len(), round.bytes());
         // Atomic and synced: the inner store's apply returns once durable.
         if let Err(e) = self.store.apply(round) {
             self.health.failed(StorePart::State, &e);
@@ -375,6 +390,7 @@ impl Shared {
             return Err(e);
         }
         self.health.recovered(StorePart::State);
+        self.traffic.committed(batches, writes, bytes);
         {
             let mut queue = self.lock();
             while queue.batches.front().is_some_and(|(n, _)| *n <= through) {
@@ -435,6 +451,7 @@ impl Store for GroupCommit {
         }
         // Absent from the overlay: either never queued, or already applied
         // (a round applies before it clears the overlay).
+        self.shared.traffic.read();
         self.shared.store.get_raw(space, id)
     }
 
@@ -449,6 +466,7 @@ impl Store for GroupCommit {
         let Some((start, end)) = space.bounds(range) else {
             return Ok(());
         };
+        self.shared.traffic.read();
         // Taken before the store is read: a round that applies meanwhile
         // only makes the store agree with what was taken.
         let mut queued: VecDeque<(String, Option<Vec<u8>>)> = {
@@ -677,6 +695,38 @@ mod tests {
             counter.fetch_add(1, Ordering::SeqCst);
         });
         assert_eq!(ran.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn traffic_counts_rounds_their_last_writes_and_reads_that_reach_the_store() {
+        let (inner, commit) = gated();
+        let mut batch = put("job-a");
+        batch.append(put("job-a"));
+        batch.delete(Keyspace::Jobs, "job-b");
+        let bytes = put("job-a").bytes() + Keyspace::Jobs.key("job-b").len();
+        commit.apply(batch).unwrap();
+        let after_write = commit.traffic().snapshot();
+        assert_eq!(
+            after_write,
+            crate::store::TrafficSnapshot {
+                commits: 1,
+                batches: 1,
+                writes: 2,
+                written_bytes: bytes as u64,
+                reads: 0,
+            },
+            "job-a written twice in the round is one write"
+        );
+        assert!(stored(&inner, "job-a"));
+        // A queued write is read from the overlay, not the store.
+        let gate = inner.gate.lock().unwrap();
+        commit.write(put("job-c"));
+        assert!(commit.get_raw(Keyspace::Jobs, "job-c").unwrap().is_some());
+        assert_eq!(commit.traffic().snapshot().reads, 0);
+        assert!(commit.get_raw(Keyspace::Jobs, "job-a").unwrap().is_some());
+        ids(&commit, IdRange::default());
+        drop(gate);
+        assert_eq!(commit.traffic().snapshot().since(&after_write).reads, 2);
     }
 
     #[test]

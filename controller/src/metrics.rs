@@ -125,6 +125,7 @@ pub struct StoreStatus {
     pub failures: u64,
     pub reopens: u64,
     pub degraded: crate::store::Degraded,
+    pub traffic: crate::store::TrafficSnapshot,
 }
 
 const GROUPING: [CapacityDimension; 3] = [
@@ -178,6 +179,7 @@ impl Snapshot {
                     failures: health.failures(),
                     reopens: health.reopens(),
                     degraded: health.now(),
+                    traffic: controller.store_traffic(),
                 }
             },
             market: controller.market_tightness(controller.clock().unix_secs().saturating_sub(120)),
@@ -348,6 +350,32 @@ pub fn render(snapshot: &Snapshot) -> String {
         &[],
         snapshot.store.reopens as f64,
     );
+    let traffic = &snapshot.store.traffic;
+    for (name, help, value) in [
+        (
+            "gpufleet_controller_store_commits_total",
+            "Group-commit rounds applied to the state store, each one atomic batch (on etcd one transaction, a quorum round trip).",
+            traffic.commits,
+        ),
+        (
+            "gpufleet_controller_store_written_keys_total",
+            "Key writes (puts and deletes) those rounds carried, each key once per round.",
+            traffic.writes,
+        ),
+        (
+            "gpufleet_controller_store_written_bytes_total",
+            "Bytes of those key writes, keys plus values.",
+            traffic.written_bytes,
+        ),
+        (
+            "gpufleet_controller_store_reads_total",
+            "Reads that reached the state store (a key read, or a range walk: on etcd a round trip per 512 keys); reads of queued writes are answered from memory and not counted.",
+            traffic.reads,
+        ),
+    ] {
+        e.family(name, Kind::Counter, help);
+        e.sample(name, &[], value as f64);
+    }
     e.family(
         "gpufleet_controller_store_degraded",
         Kind::Gauge,
@@ -790,6 +818,13 @@ mod tests {
                     state: Some("the controller's disk is full".into()),
                     rollups: None,
                 },
+                traffic: crate::store::TrafficSnapshot {
+                    commits: 5,
+                    batches: 9,
+                    writes: 20,
+                    written_bytes: 4_096,
+                    reads: 2,
+                },
             },
             rollup_disk: Some(crate::telemetry::RollupDiskUsage {
                 segments: 3,
@@ -874,6 +909,10 @@ mod tests {
         assert!(text.contains("gpufleet_nodes{state=\"lost\"} 0\n"));
         assert!(text.contains("gpufleet_jobs{state=\"running\"} 2\n"));
         assert!(text.contains("gpufleet_controller_heap_bytes 83886080\n"));
+        assert!(text.contains("gpufleet_controller_store_commits_total 5\n"));
+        assert!(text.contains("gpufleet_controller_store_written_keys_total 20\n"));
+        assert!(text.contains("gpufleet_controller_store_written_bytes_total 4096\n"));
+        assert!(text.contains("gpufleet_controller_store_reads_total 2\n"));
         assert!(
             text.contains("gpufleet_telemetry_rollup_segments 3\n"),
             "{text}"

@@ -106,6 +106,37 @@ fn a_retried_attempt_keeps_its_usage_record() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A task is billed when it ends, in the write that ends it; whatever its
+/// agent reports later (a replay, a late different ending, its hello after
+/// the controller crashed) bills it no second time.
+#[test]
+fn an_ended_task_is_billed_once_whatever_is_reported_after() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let controller = open(dir.path())?;
+    let a = connect(&controller, hello("node-a", Vec::new()))?;
+    let job = controller.submit_job(spec(1, 0))?;
+    assert_eq!(controller.schedule_pass()?, 1);
+    let placed = controller.get_job(&job.id)?;
+    controller.record_workload_status("node-a", status(&placed, 0, WorkloadState::Running, 0))?;
+    let done = status(&placed, 0, WorkloadState::Succeeded, 0);
+    controller.record_workload_status("node-a", done.clone())?;
+    controller.record_workload_status("node-a", done.clone())?;
+    controller.record_workload_status("node-a", status(&placed, 0, WorkloadState::Failed, 1))?;
+    assert_eq!(usage(&controller, &job.id).len(), 1);
+    controller.wait_settled()?;
+    // A crash: the store reopened as it was, the agent's hello repeats the end.
+    drop(a);
+    drop(controller);
+    let controller = open(dir.path())?;
+    let _a = connect(&controller, hello("node-a", vec![done.clone()]))?;
+    controller.record_workload_status("node-a", done)?;
+    let records = usage(&controller, &job.id);
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].ended_as, WorkloadState::Succeeded as i32);
+    assert_eq!(controller.get_job(&job.id)?.state(), JobState::Succeeded);
+    Ok(())
+}
+
 #[test]
 fn a_gang_partner_its_agent_never_received_is_released_after_a_crash() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

@@ -201,6 +201,20 @@ fn run_one(
 fn compare(sled: &Outcome, etcd: &Outcome) {
     let p = |o: &Outcome, q: f64| report::percentile(&o.submit_latency, q) as f64 / 1000.0;
     let rss = |o: &Outcome| o.rss.last().map_or(0, |p| p.rss) as f64 / (1 << 20) as f64;
+    let store = |o: &Outcome| {
+        o.store_per_s
+            .map_or("-".to_string(), |[commits, writes, bytes, reads]| {
+                format!(
+                    "{commits:.1} / {writes:.0} / {:.1} / {reads:.1}",
+                    bytes / 1024.0
+                )
+            })
+    };
+    let store_json = |o: &Outcome| {
+        o.store_per_s.map(|[commits, writes, bytes, reads]| {
+            serde_json::json!({"commits": commits, "key_writes": writes, "bytes_written": bytes, "reads": reads})
+        })
+    };
     println!();
     report::table(
         &[
@@ -209,6 +223,7 @@ fn compare(sled: &Outcome, etcd: &Outcome) {
             "submit p50 / p99 (ms)",
             "errors",
             "final RSS (MiB)",
+            "store commits / key writes / KiB written / reads per s",
         ],
         &[
             vec![
@@ -217,6 +232,7 @@ fn compare(sled: &Outcome, etcd: &Outcome) {
                 format!("{:.2} / {:.2}", p(sled, 50.0), p(sled, 99.0)),
                 sled.errors.to_string(),
                 format!("{:.0}", rss(sled)),
+                store(sled),
             ],
             vec![
                 "etcd (3 members)".into(),
@@ -224,13 +240,14 @@ fn compare(sled: &Outcome, etcd: &Outcome) {
                 format!("{:.2} / {:.2}", p(etcd, 50.0), p(etcd, 99.0)),
                 etcd.errors.to_string(),
                 format!("{:.0}", rss(etcd)),
+                store(etcd),
             ],
         ],
     );
     let summary = serde_json::json!({
         "bench": "load-stores",
-        "sled": {"submits_per_s": sled.achieved_rate, "submit_p50_ms": p(sled, 50.0), "submit_p99_ms": p(sled, 99.0), "errors": sled.errors},
-        "etcd": {"submits_per_s": etcd.achieved_rate, "submit_p50_ms": p(etcd, 50.0), "submit_p99_ms": p(etcd, 99.0), "errors": etcd.errors},
+        "sled": {"submits_per_s": sled.achieved_rate, "submit_p50_ms": p(sled, 50.0), "submit_p99_ms": p(sled, 99.0), "errors": sled.errors, "store_per_s": store_json(sled)},
+        "etcd": {"submits_per_s": etcd.achieved_rate, "submit_p50_ms": p(etcd, 50.0), "submit_p99_ms": p(etcd, 99.0), "errors": etcd.errors, "store_per_s": store_json(etcd)},
     });
     println!("{summary}");
 }
@@ -249,6 +266,9 @@ struct Outcome {
     unfinished: u64,
     failed: u64,
     rss: Vec<RssPoint>,
+    /// What the controller asked of its store per second of the run:
+    /// commits, key writes, bytes written, reads (None: not scraped).
+    store_per_s: Option<[f64; 4]>,
     /// Submit latency p50 and p99 (µs) over the interval ending at each RSS point.
     window_latency: Vec<Option<(u64, u64)>>,
 }
@@ -256,6 +276,31 @@ struct Outcome {
 /// The controller's live heap from its /metrics; None when it does not
 /// answer within a few seconds or does not count its heap (an older build).
 async fn scrape_heap(port: u16) -> Option<u64> {
+    scrape(port, &["gpufleet_controller_heap_bytes"])
+        .await
+        .and_then(|values| values.first().copied().flatten())
+}
+
+/// What the controller asked of its store so far, from its /metrics:
+/// commits, key writes, bytes written, reads.
+async fn scrape_store(port: u16) -> Option<[u64; 4]> {
+    let values = scrape(
+        port,
+        &[
+            "gpufleet_controller_store_commits_total",
+            "gpufleet_controller_store_written_keys_total",
+            "gpufleet_controller_store_written_bytes_total",
+            "gpufleet_controller_store_reads_total",
+        ],
+    )
+    .await?;
+    Some([values[0]?, values[1]?, values[2]?, values[3]?])
+}
+
+/// The values of unlabelled samples `names` from the controller's
+/// /metrics, in that order; None when it does not answer within a few
+/// seconds.
+async fn scrape(port: u16, names: &[&str]) -> Option<Vec<Option<u64>>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let scrape = async {
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -267,10 +312,13 @@ async fn scrape_heap(port: u16) -> Option<u64> {
             .ok()?;
         let mut body = String::new();
         stream.read_to_string(&mut body).await.ok()?;
-        body.lines()
-            .find_map(|line| line.strip_prefix("gpufleet_controller_heap_bytes "))
-            .and_then(|value| value.trim().parse::<f64>().ok())
-            .map(|bytes| bytes as u64)
+        let value = |name: &str| {
+            body.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+                .and_then(|value| value.trim().parse::<f64>().ok())
+                .map(|value| value as u64)
+        };
+        Some(names.iter().map(|name| value(name)).collect())
     };
     tokio::time::timeout(Duration::from_secs(5), scrape)
         .await
@@ -321,12 +369,14 @@ async fn drive(args: &LoadArgs, controller: &mut ControllerProcess) -> anyhow::R
     let started = Instant::now();
     let submitted = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(Mutex::new(Vec::<(Duration, u64)>::new()));
+    let (store_before, store_after);
     let rss_points = {
         let submitted = submitted.clone();
         let every = args.rss_every;
         let duration = args.duration;
         let pid_rss = |c: &ControllerProcess| c.rss_bytes();
         let metrics_port = controller.metrics_port;
+        store_before = scrape_store(metrics_port).await;
         let mut points = vec![RssPoint {
             at: Duration::ZERO,
             rss: pid_rss(controller)?,
@@ -359,6 +409,7 @@ async fn drive(args: &LoadArgs, controller: &mut ControllerProcess) -> anyhow::R
         let at = started.elapsed();
         let rss = pid_rss(controller)?;
         let heap = scrape_heap(metrics_port).await;
+        store_after = scrape_store(metrics_port).await;
         points.push(RssPoint {
             at,
             rss,
@@ -436,6 +487,11 @@ async fn drive(args: &LoadArgs, controller: &mut ControllerProcess) -> anyhow::R
         unfinished,
         failed,
         rss: rss_points,
+        store_per_s: store_before.zip(store_after).map(|(before, after)| {
+            std::array::from_fn(|i| {
+                after[i].saturating_sub(before[i]) as f64 / run_time.as_secs_f64()
+            })
+        }),
         window_latency: window_p99,
     })
 }

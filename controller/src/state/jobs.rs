@@ -9,6 +9,7 @@ use gpufleet_proto::v1::{
 };
 use tokio::sync::broadcast;
 
+use super::job_ids::Taken;
 use super::ledger::task_facts;
 use super::*;
 use crate::error::{ControllerError, Result};
@@ -71,18 +72,26 @@ impl Controller {
             ));
         }
         // 28 random bits per second: a collision is rare but would
-        // overwrite a finished job's record, so it is checked. Every job is
-        // in the store from its submit on; the read goes to the store's
-        // queue, then to sled (a lookup among the newest keys, which stay
-        // cached: see `history::new_job_id`; never a sync).
+        // overwrite a finished job's record, so it is checked: in memory
+        // where memory knows every id of that second (`job_ids`), else in
+        // the store (its queue, then sled or etcd).
         // One clock read for the id and the creation time: listings order
         // by the id's second, then the creation time.
         let now = self.inner.clock.now();
         let id = loop {
-            let candidate = history::new_job_id(now, uuid::Uuid::new_v4().as_u128() as u32);
-            if !state.jobs.contains_key(&candidate)
-                && history::get(&self.inner.store, &candidate)?.is_none()
-            {
+            let random = uuid::Uuid::new_v4().as_u128() as u32 & 0x0fff_ffff;
+            let candidate = history::new_job_id(now, random);
+            let second = history::submit_second(&candidate).unwrap_or(0);
+            if state.jobs.contains_key(&candidate) {
+                continue;
+            }
+            let taken = match state.issued_ids.check(second, random) {
+                Taken::Yes => true,
+                Taken::No => false,
+                Taken::AskTheStore => history::get(&self.inner.store, &candidate)?.is_some(),
+            };
+            if !taken {
+                state.issued_ids.issued(second, random);
                 break candidate;
             }
         };
@@ -391,12 +400,16 @@ impl Controller {
         let mut batch = WriteBatch::default();
         let now_ms = self.inner.clock.unix_secs() * 1000;
         let mut records = Vec::new();
-        let store = &self.inner.store;
         for job in &jobs {
             batch.put(Keyspace::Jobs, &job.id, job);
             history::index(&mut batch, state.jobs.get(&job.id), job);
             // A task that just ended gets its ledger record in the same
             // atomic batch: written exactly once, whatever restarts later.
+            // Exactly once without reading the store: a task ends once (an
+            // ended task never changes again, `lifecycle::apply_status`;
+            // allocation ids are unique per attempt), memory changes only
+            // with the write that makes it so, and that write carries the
+            // record, so a task that held GPUs in memory has none yet.
             let before = state.jobs.get(&job.id);
             let prefix = format!("{}.", job.id);
             let retired_here = retired
@@ -410,10 +423,7 @@ impl Controller {
                             .find(|t| t.allocation_id == task.allocation_id)
                     })
                     .is_some_and(task_holds_gpus);
-                if !was_holding
-                    || task_holds_gpus(task)
-                    || usage::has_record(store, &task.allocation_id)?
-                {
+                if !was_holding || task_holds_gpus(task) {
                     continue;
                 }
                 let facts = task_facts(state, task, now_ms);

@@ -95,6 +95,8 @@ struct State {
     /// Spot interruption rates the scheduler prices by, recomputed each
     /// market minute and at each interruption.
     interruption_rates: interruptions::InterruptionRates,
+    /// Job ids this controller issued lately (the collision check).
+    issued_ids: job_ids::IssuedIds,
 }
 
 /// What an agent gets back for a successful hello.
@@ -245,6 +247,7 @@ impl Controller {
             prices: Default::default(),
             interruptions: Default::default(),
             interruption_rates: Default::default(),
+            issued_ids: Default::default(),
         };
         let health = StoreHealth::new();
         let store = GroupCommit::with_health(store, health.clone())?;
@@ -293,6 +296,7 @@ impl Controller {
             Keyspace::Jobs,
             crate::store::IdRange::default(),
             |_, job| {
+                state.issued_ids.loaded(history::submit_second(&job.id));
                 placement::add_fair_share_usage(
                     &mut fair_usage,
                     &job,
@@ -513,6 +517,11 @@ impl Controller {
         self.inner.store.health()
     }
 
+    /// What this controller asked of its store so far (`/metrics`, benchmarks).
+    pub fn store_traffic(&self) -> crate::store::TrafficSnapshot {
+        self.inner.store.traffic().snapshot()
+    }
+
     /// [`Self::settled`], blocking the thread: for tests and tools outside
     /// an async runtime.
     pub fn wait_settled(&self) -> Result<()> {
@@ -524,6 +533,7 @@ impl Controller {
 mod capacity;
 mod gpu_health;
 pub mod interruptions;
+mod job_ids;
 mod jobs;
 mod ledger;
 mod logs;

@@ -14,11 +14,13 @@ pub mod etcd;
 mod health;
 mod memory;
 mod sled_store;
+mod traffic;
 
 pub use self::etcd::EtcdStore;
 pub use self::health::{Degraded, StoreHealth, StorePart, describe};
 pub use self::memory::MemoryStore;
 pub use self::sled_store::{DEFAULT_CACHE_BYTES, SledStore};
+pub use self::traffic::{StoreTraffic, TrafficSnapshot};
 
 use prost::Message;
 
@@ -201,6 +203,26 @@ impl WriteBatch {
     /// wins, as if the batches were applied one after the other.
     pub(crate) fn append(&mut self, other: WriteBatch) {
         self.ops.extend(other.ops);
+    }
+
+    /// The same writes with only the last write of each key, in key order:
+    /// applying it leaves what applying this batch leaves.
+    pub(crate) fn coalesced(self) -> WriteBatch {
+        let mut last = std::collections::BTreeMap::new();
+        for (key, value) in self.ops {
+            last.insert(key, value);
+        }
+        WriteBatch {
+            ops: last.into_iter().collect(),
+        }
+    }
+
+    /// Bytes of keys plus values.
+    pub(crate) fn bytes(&self) -> usize {
+        self.ops
+            .iter()
+            .map(|(key, value)| key.len() + value.as_ref().map_or(0, Vec::len))
+            .sum()
     }
 }
 
@@ -429,7 +451,25 @@ pub(crate) mod conformance;
 
 #[cfg(test)]
 mod tests {
-    use super::Keyspace;
+    use super::{Keyspace, WriteBatch};
+
+    #[test]
+    fn a_coalesced_batch_keeps_the_last_write_of_each_key_in_key_order() {
+        let mut batch = WriteBatch::default();
+        batch.put_raw(Keyspace::Jobs, "b", vec![1]);
+        batch.put_raw(Keyspace::Jobs, "a", vec![2]);
+        batch.delete(Keyspace::Jobs, "b");
+        batch.put_raw(Keyspace::Jobs, "a", vec![3, 4]);
+        let batch = batch.coalesced();
+        assert_eq!(
+            batch.ops(),
+            [
+                (Keyspace::Jobs.key("a"), Some(vec![3, 4])),
+                (Keyspace::Jobs.key("b"), None),
+            ]
+        );
+        assert_eq!(batch.bytes(), "job/a".len() + 2 + "job/b".len());
+    }
 
     /// `Keyspace::ALL` must list every keyspace, or a migration to etcd
     /// silently leaves one behind: the source of `prefix` is read, and every

@@ -476,7 +476,8 @@ impl Ledger {
     }
 
     /// Adds a record (already in the store, see [`put_record`]) to the
-    /// rollups. The caller adds each record once: [`has_record`] first.
+    /// rollups. The caller adds each record once: where the task that it
+    /// accounts for ended (`Controller::commit_jobs_retiring`).
     pub fn add(&mut self, record: &UsageRecord, now_secs: u64) {
         if let Some(c) = contribution(record) {
             self.rollups.add(&c, now_secs);
