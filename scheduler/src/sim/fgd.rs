@@ -23,6 +23,9 @@ use std::collections::HashMap;
 
 use crate::sim::workload::{SimJob, SimNode, Workload};
 
+/// Most memoised node states (a few MB).
+const MEMO_LIMIT: usize = 1 << 16;
+
 /// One task shape of the workload and how often it occurs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Shape {
@@ -108,6 +111,10 @@ impl Fgd {
             return f;
         }
         let f = self.compute(model, &key);
+        // Bounded: a long replay meets ever new states; recomputing is cheap.
+        if self.memo.len() >= MEMO_LIMIT {
+            self.memo.clear();
+        }
         self.memo.insert((model, key), f);
         f
     }
@@ -140,6 +147,28 @@ impl Fgd {
             .sum()
     }
 
+    /// The fleet's expected fragmentation in GPUs: `Σ_n F_n(M)` with the
+    /// popularities normalised to sum to 1, i.e. the free capacity a task
+    /// drawn from the mix could not use, summed over nodes.
+    pub(crate) fn fleet_fragmentation(
+        &mut self,
+        nodes: &[SimNode],
+        free: &[u32],
+        shares: &[[u32; 32]],
+    ) -> f64 {
+        let tasks: u64 = self.shapes.iter().map(|s| s.count).sum();
+        if tasks == 0 {
+            return 0.0;
+        }
+        let mut state = Vec::new();
+        let mut sum: u128 = 0;
+        for (i, node) in nodes.iter().enumerate() {
+            node_state(node, free[i], &shares[i], &mut state);
+            sum += u128::from(self.fragmentation(self.node_model[i], &state));
+        }
+        sum as f64 / tasks as f64 / 1000.0
+    }
+
     /// Where FGD puts `job`: `(node, GPU mask)`, or `None` when it fits
     /// nowhere. `free` is each node's mask of free GPUs, `shares` the
     /// thousandths held by shares per GPU position.
@@ -159,17 +188,7 @@ impl Fgd {
                 continue;
             }
             let model = self.node_model[i];
-            state.clear();
-            state.extend((0..node.gpus.min(32)).map(|p| {
-                let held = shares[i][p as usize].min(1000) as u16;
-                if free[i] & (1 << p) != 0 {
-                    1000
-                } else if held > 0 {
-                    1000 - held
-                } else {
-                    0 // whole-GPU work holds it
-                }
-            }));
+            node_state(node, free[i], &shares[i], &mut state);
             let before = self.fragmentation(model, &state) as i64;
             let consider = |after: u64, mask: u32, best: &mut Option<(i64, u32, u32)>| {
                 let delta = after as i64 - before;
@@ -207,6 +226,21 @@ impl Fgd {
         }
         best.map(|(_, node, mask)| (node, mask))
     }
+}
+
+/// Free thousandths per GPU position of a node.
+fn node_state(node: &SimNode, free: u32, shares: &[u32; 32], state: &mut Vec<u16>) {
+    state.clear();
+    state.extend((0..node.gpus.min(32)).map(|p| {
+        let held = shares[p as usize].min(1000) as u16;
+        if free & (1 << p) != 0 {
+            1000
+        } else if held > 0 {
+            1000 - held
+        } else {
+            0 // whole-GPU work holds it
+        }
+    }));
 }
 
 /// (whole GPUs, share thousandths): exactly one is non-zero.

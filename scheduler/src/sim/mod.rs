@@ -21,6 +21,7 @@
 //! preemptible), multi-task gangs.
 
 mod fgd;
+pub mod inflation;
 pub mod openb;
 pub mod report;
 pub mod workload;
