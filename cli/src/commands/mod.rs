@@ -8,6 +8,7 @@ pub mod nodes;
 pub mod prices;
 pub mod secrets;
 pub mod simulate;
+mod simulate_inflation;
 pub mod telemetry;
 pub mod tokens;
 pub mod top;
