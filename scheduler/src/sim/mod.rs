@@ -117,17 +117,6 @@ struct Run {
     milli: u32,
 }
 
-impl Run {
-    /// GPUs held, a share counting as its part of a GPU.
-    fn gpus(&self) -> f64 {
-        if self.milli > 0 {
-            f64::from(self.milli) / 1000.0
-        } else {
-            f64::from(self.mask.count_ones())
-        }
-    }
-}
-
 /// Simulates one policy over the workload (jobs must be sorted by arrival).
 pub fn simulate(workload: &Workload, policy: SimPolicy, config: &SimConfig) -> PolicyReport {
     Engine::new(workload, policy, config).run()
@@ -158,6 +147,15 @@ struct Engine<'a> {
     /// Per node, per GPU position: thousandths held by shares.
     shares: Vec<[u32; 32]>,
     running: HashMap<usize, Run>,
+    /// Running jobs by job index, ascending, and what the scheduler is
+    /// told of each (same order): kept as jobs start and leave, so a pass
+    /// does not rebuild them.
+    run_jobs: Vec<usize>,
+    run_inputs: Vec<RunningInput>,
+    /// Thousandths of GPUs held per tenant and generation (no zero entries).
+    allocated: HashMap<String, HashMap<Generation, u64>>,
+    /// Thousandths of GPUs held per tenant (no zero entries).
+    tenant_milli: HashMap<String, u64>,
     departures: BinaryHeap<Reverse<(u64, usize)>>,
     /// Job indexes in arrival order.
     pending: Vec<usize>,
@@ -193,6 +191,10 @@ impl<'a> Engine<'a> {
             free: workload.nodes.iter().map(|n| full_mask(n.gpus)).collect(),
             shares: vec![[0; 32]; workload.nodes.len()],
             running: HashMap::new(),
+            run_jobs: Vec::new(),
+            run_inputs: Vec::new(),
+            allocated: HashMap::new(),
+            tenant_milli: HashMap::new(),
             departures: BinaryHeap::new(),
             pending: Vec::new(),
             starts: vec![None; workload.jobs.len()],
@@ -223,6 +225,7 @@ impl<'a> Engine<'a> {
                 self.departures.pop();
                 if let Some(run) = self.running.remove(&job) {
                     self.release(run);
+                    self.forget(job, run);
                 }
             }
             while next_arrival < jobs.len() && jobs[next_arrival].arrival <= tick {
@@ -269,12 +272,74 @@ impl<'a> Engine<'a> {
 
     /// Decays and accrues tenants' usage as the controller's market minute does.
     fn advance_fair_share(&mut self, now: u64) {
-        let mut running: HashMap<String, f64> = HashMap::new();
-        for (&job, run) in &self.running {
-            let tenant = &self.workload.jobs[job].tenant;
-            *running.entry(tenant.clone()).or_insert(0.0) += run.gpus();
-        }
+        let running: HashMap<String, f64> = self
+            .tenant_milli
+            .iter()
+            .map(|(t, &milli)| (t.clone(), milli as f64 / 1000.0))
+            .collect();
         self.fair.advance(now, &running);
+    }
+
+    /// Records a started job in the running index and tenants' holdings.
+    fn remember(&mut self, job: usize, run: Run) {
+        let node = &self.workload.nodes[run.node as usize];
+        let spec = &self.workload.jobs[job];
+        let milli = held_milli(run);
+        *self
+            .allocated
+            .entry(spec.tenant.clone())
+            .or_default()
+            .entry(node.generation)
+            .or_insert(0) += milli;
+        *self.tenant_milli.entry(spec.tenant.clone()).or_insert(0) += milli;
+        if !matches!(self.policy, SimPolicy::Scheduler(_)) {
+            return;
+        }
+        let at = self.run_jobs.partition_point(|&j| j < job);
+        self.run_jobs.insert(at, job);
+        self.run_inputs.insert(
+            at,
+            RunningInput {
+                job_id: spec.id.clone(),
+                tenant: spec.tenant.clone(),
+                priority: spec.priority,
+                preemptible: false,
+                node_id: node.id.clone(),
+                gpu_uuids: positions(run.mask).map(|p| gpu_uuid(&node.id, p)).collect(),
+                expected_end: None,
+                evicting: false,
+                share_milli: run.milli,
+                ..Default::default()
+            },
+        );
+    }
+
+    /// Undoes [`Engine::remember`] for a job that left.
+    fn forget(&mut self, job: usize, run: Run) {
+        let generation = self.workload.nodes[run.node as usize].generation;
+        let tenant = &self.workload.jobs[job].tenant;
+        let milli = held_milli(run);
+        if let Some(per_gen) = self.allocated.get_mut(tenant) {
+            if let Some(held) = per_gen.get_mut(&generation) {
+                *held = held.saturating_sub(milli);
+                if *held == 0 {
+                    per_gen.remove(&generation);
+                }
+            }
+            if per_gen.is_empty() {
+                self.allocated.remove(tenant);
+            }
+        }
+        if let Some(held) = self.tenant_milli.get_mut(tenant) {
+            *held = held.saturating_sub(milli);
+            if *held == 0 {
+                self.tenant_milli.remove(tenant);
+            }
+        }
+        if let Ok(at) = self.run_jobs.binary_search(&job) {
+            self.run_jobs.remove(at);
+            self.run_inputs.remove(at);
+        }
     }
 
     /// Returns a run's GPUs: a shared GPU once its last share leaves.
@@ -299,7 +364,9 @@ impl<'a> Engine<'a> {
             let pos = (mask.trailing_zeros() as usize).min(31);
             self.shares[node as usize][pos] += milli;
         }
-        self.running.insert(job, Run { node, mask, milli });
+        let run = Run { node, mask, milli };
+        self.running.insert(job, run);
+        self.remember(job, run);
         self.departures
             .push(Reverse((now.saturating_add(spec.duration), job)));
         self.starts[job] = Some(now);
@@ -319,35 +386,10 @@ impl<'a> Engine<'a> {
     /// One production pass: fleet and queue built as the controller builds
     /// them, decisions applied.
     fn scheduler_pass(&mut self, now: u64) {
-        let nodes = &self.workload.nodes;
         let jobs = &self.workload.jobs;
-        let mut running_inputs = Vec::with_capacity(self.running.len());
-        let mut allocated: HashMap<String, HashMap<Generation, u64>> = HashMap::new();
-        // Sorted so the fleet (and so every tie-break) is the same each run.
-        let mut running: Vec<(&usize, &Run)> = self.running.iter().collect();
-        running.sort_unstable_by_key(|(job, _)| **job);
-        for (&job, run) in running {
-            let node = &nodes[run.node as usize];
-            let spec = &jobs[job];
-            running_inputs.push(RunningInput {
-                job_id: spec.id.clone(),
-                tenant: spec.tenant.clone(),
-                priority: spec.priority,
-                preemptible: false,
-                node_id: node.id.clone(),
-                gpu_uuids: positions(run.mask).map(|p| gpu_uuid(&node.id, p)).collect(),
-                expected_end: None,
-                evicting: false,
-                share_milli: run.milli,
-                ..Default::default()
-            });
-            *allocated
-                .entry(spec.tenant.clone())
-                .or_default()
-                .entry(node.generation)
-                .or_insert(0) += (run.gpus() * 1000.0).round() as u64;
-        }
-        let mut fleet = Fleet::build(&self.node_inputs, &running_inputs);
+        // Running work in job order, so the fleet (and so every tie-break)
+        // is the same each run.
+        let mut fleet = Fleet::build(&self.node_inputs, &self.run_inputs);
         let inputs: Vec<JobInput> = self
             .pending
             .iter()
@@ -355,7 +397,7 @@ impl<'a> Engine<'a> {
             .collect();
         let tenants = TenantState {
             usage: self.fair.usage().clone(),
-            allocated,
+            allocated: self.allocated.clone(),
         };
         let result = schedule(&mut fleet, &inputs, &self.scheduler_config, &tenants, now);
         let mut still_pending = Vec::with_capacity(self.pending.len());
@@ -478,6 +520,15 @@ impl Engine<'_> {
             }
         }
         chosen.map(|(n, p, _)| (n, p))
+    }
+}
+
+/// Thousandths of GPUs a run holds (a share its part).
+fn held_milli(run: Run) -> u64 {
+    if run.milli > 0 {
+        u64::from(run.milli)
+    } else {
+        u64::from(run.mask.count_ones()) * 1000
     }
 }
 
