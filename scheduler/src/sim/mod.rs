@@ -31,7 +31,7 @@ use std::collections::{BinaryHeap, HashMap, HashSet};
 
 use crate::config::{SchedulerConfig, TenantState};
 use crate::domain::{Constraints, Generation, GpuUnit, JobInput, Outcome, Policy};
-use crate::fleet::{Fleet, GpuInput, NodeInput, RunningInput, lowest_bits};
+use crate::fleet::{FleetTemplate, GpuInput, NodeInput, RunningInput, lowest_bits};
 use crate::pass::schedule;
 use crate::queue::FairShare;
 pub use report::{PolicyReport, SIZE_CLASSES, Sample, WaitStats};
@@ -141,6 +141,8 @@ struct Engine<'a> {
     scheduler_config: SchedulerConfig,
     /// The nodes as the scheduler is given them (built once).
     node_inputs: Vec<NodeInput>,
+    /// The scheduler's index of those nodes, for passes to start from.
+    template: Option<FleetTemplate>,
     node_index: HashMap<&'a str, u32>,
     /// Free GPU positions per node (a GPU hosting shares is not free).
     free: Vec<u32>,
@@ -169,7 +171,9 @@ struct Engine<'a> {
 
 impl<'a> Engine<'a> {
     fn new(workload: &'a Workload, policy: SimPolicy, config: &'a SimConfig) -> Self {
-        let node_inputs = workload.nodes.iter().map(node_input).collect();
+        let node_inputs: Vec<NodeInput> = workload.nodes.iter().map(node_input).collect();
+        let template =
+            matches!(policy, SimPolicy::Scheduler(_)).then(|| FleetTemplate::new(&node_inputs));
         Engine {
             workload,
             policy,
@@ -182,6 +186,7 @@ impl<'a> Engine<'a> {
                 ..Default::default()
             },
             node_inputs,
+            template,
             node_index: workload
                 .nodes
                 .iter()
@@ -389,7 +394,10 @@ impl<'a> Engine<'a> {
         let jobs = &self.workload.jobs;
         // Running work in job order, so the fleet (and so every tie-break)
         // is the same each run.
-        let mut fleet = Fleet::build(&self.node_inputs, &self.run_inputs);
+        let Some(template) = &self.template else {
+            return;
+        };
+        let mut fleet = template.build(&self.node_inputs, &self.run_inputs);
         let inputs: Vec<JobInput> = self
             .pending
             .iter()
