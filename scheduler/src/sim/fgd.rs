@@ -47,7 +47,10 @@ pub(crate) struct Fgd {
     node_model: Vec<u16>,
     /// Fragmentation of a (model, sorted free thousandths) state: nodes of
     /// one shape in one state (e.g. all empty ones) are computed once.
-    memo: HashMap<(u16, Vec<u16>), u64>,
+    /// Per model index (looked up by slice: no key is built to look).
+    memo: Vec<HashMap<Vec<u16>, u64>>,
+    /// Scratch for a sorted state.
+    sorted: Vec<u16>,
 }
 
 impl Fgd {
@@ -98,24 +101,31 @@ impl Fgd {
             shapes,
             allowed,
             node_model,
-            memo: HashMap::new(),
+            memo: vec![HashMap::new(); models.len()],
+            sorted: Vec::new(),
         }
     }
 
     /// `F_n(M)` (times the number of tasks) for a node of `model` whose GPUs
     /// have `free` thousandths free each.
     fn fragmentation(&mut self, model: u16, free: &[u16]) -> u64 {
-        let mut key = free.to_vec();
-        key.sort_unstable();
-        if let Some(&f) = self.memo.get(&(model, key.clone())) {
+        self.sorted.clear();
+        self.sorted.extend_from_slice(free);
+        self.sorted.sort_unstable();
+        let Some(memo) = self.memo.get(model as usize) else {
+            return self.compute(model, &self.sorted);
+        };
+        if let Some(&f) = memo.get(self.sorted.as_slice()) {
             return f;
         }
-        let f = self.compute(model, &key);
+        let f = self.compute(model, &self.sorted);
+        let key = self.sorted.clone();
+        let memo = &mut self.memo[model as usize];
         // Bounded: a long replay meets ever new states; recomputing is cheap.
-        if self.memo.len() >= MEMO_LIMIT {
-            self.memo.clear();
+        if memo.len() >= MEMO_LIMIT {
+            memo.clear();
         }
-        self.memo.insert((model, key), f);
+        memo.insert(key, f);
         f
     }
 
@@ -183,6 +193,7 @@ impl Fgd {
         // (increase, node, mask)
         let mut best: Option<(i64, u32, u32)> = None;
         let mut state: Vec<u16> = Vec::new();
+        let mut after: Vec<u16> = Vec::new();
         for (i, node) in nodes.iter().enumerate() {
             if !super::allows(job, node) {
                 continue;
@@ -201,7 +212,8 @@ impl Fgd {
                     continue;
                 }
                 let mask = crate::fleet::lowest_bits(free[i], gpus);
-                let mut after = state.clone();
+                after.clear();
+                after.extend_from_slice(&state);
                 for p in super::positions(mask) {
                     after[p as usize] = 0;
                 }
@@ -217,7 +229,8 @@ impl Fgd {
                         continue;
                     }
                     tried.push(f);
-                    let mut after = state.clone();
+                    after.clear();
+                    after.extend_from_slice(&state);
                     after[p] = f - milli as u16;
                     let frag = self.fragmentation(model, &after);
                     consider(frag, 1 << p, &mut best);
