@@ -146,6 +146,14 @@ struct Engine<'a> {
     node_index: HashMap<&'a str, u32>,
     /// Free GPU positions per node (a GPU hosting shares is not free).
     free: Vec<u32>,
+    /// Kept with `free` (see [`Engine::set_free`]), so that a sample
+    /// after a tick does not walk every node: GPUs in all, GPUs free, and
+    /// per model (index into `models`) how many nodes have k GPUs free.
+    total_gpus: u32,
+    free_gpus: u32,
+    models: Vec<&'a str>,
+    node_model: Vec<u16>,
+    free_hist: Vec<[u32; 33]>,
     /// Per node, per GPU position: thousandths held by shares.
     shares: Vec<[u32; 32]>,
     running: HashMap<usize, Run>,
@@ -161,6 +169,9 @@ struct Engine<'a> {
     departures: BinaryHeap<Reverse<(u64, usize)>>,
     /// Job indexes in arrival order.
     pending: Vec<usize>,
+    /// What the scheduler is told of each pending job (same order as
+    /// `pending`; scheduler policies only): built once at arrival.
+    pending_inputs: Vec<JobInput>,
     starts: Vec<Option<u64>>,
     fair: FairShare,
     cost_micro_usd: u64,
@@ -172,6 +183,22 @@ struct Engine<'a> {
 impl<'a> Engine<'a> {
     fn new(workload: &'a Workload, policy: SimPolicy, config: &'a SimConfig) -> Self {
         let node_inputs: Vec<NodeInput> = workload.nodes.iter().map(node_input).collect();
+        let mut models: Vec<&str> = Vec::new();
+        let node_model: Vec<u16> = workload
+            .nodes
+            .iter()
+            .map(|n| match models.iter().position(|m| *m == n.model) {
+                Some(i) => i as u16,
+                None => {
+                    models.push(&n.model);
+                    (models.len() - 1) as u16
+                }
+            })
+            .collect();
+        let mut free_hist = vec![[0u32; 33]; models.len()];
+        for (n, &m) in workload.nodes.iter().zip(&node_model) {
+            free_hist[m as usize][full_mask(n.gpus).count_ones() as usize] += 1;
+        }
         let template =
             matches!(policy, SimPolicy::Scheduler(_)).then(|| FleetTemplate::new(&node_inputs));
         Engine {
@@ -194,6 +221,15 @@ impl<'a> Engine<'a> {
                 .map(|(i, n)| (n.id.as_str(), i as u32))
                 .collect(),
             free: workload.nodes.iter().map(|n| full_mask(n.gpus)).collect(),
+            total_gpus: workload.nodes.iter().map(|n| n.gpus).sum(),
+            free_gpus: workload
+                .nodes
+                .iter()
+                .map(|n| full_mask(n.gpus).count_ones())
+                .sum(),
+            models,
+            node_model,
+            free_hist,
             shares: vec![[0; 32]; workload.nodes.len()],
             running: HashMap::new(),
             run_jobs: Vec::new(),
@@ -202,6 +238,7 @@ impl<'a> Engine<'a> {
             tenant_milli: HashMap::new(),
             departures: BinaryHeap::new(),
             pending: Vec::new(),
+            pending_inputs: Vec::new(),
             starts: vec![None; workload.jobs.len()],
             fair: FairShare::new(config.fair_share_half_life_secs),
             cost_micro_usd: 0,
@@ -235,6 +272,10 @@ impl<'a> Engine<'a> {
             }
             while next_arrival < jobs.len() && jobs[next_arrival].arrival <= tick {
                 self.pending.push(next_arrival);
+                if self.template.is_some() {
+                    self.pending_inputs
+                        .push(job_input(&jobs[next_arrival], next_arrival));
+                }
                 next_arrival += 1;
             }
             if !self.pending.is_empty() {
@@ -260,19 +301,55 @@ impl<'a> Engine<'a> {
     }
 
     fn sample(&self, time: u64) -> Sample {
-        let total: u32 = self.workload.nodes.iter().map(|n| n.gpus).sum();
-        let free: u32 = self.free.iter().map(|m| m.count_ones()).sum();
-        let pending: Vec<&SimJob> = self
-            .pending
-            .iter()
-            .map(|&i| &self.workload.jobs[i])
-            .collect();
         Sample {
             time,
-            allocated_gpus: total - free,
-            stranded_gpus: report::stranded_gpus(&self.workload.nodes, &self.free, &pending),
+            allocated_gpus: self.total_gpus - self.free_gpus,
+            stranded_gpus: self.stranded_gpus(),
             pending_jobs: self.pending.len() as u32,
         }
+    }
+
+    /// Free GPUs that no pending job can use: a free GPU on node N is
+    /// stranded when at least one job is pending and no pending job both
+    /// allows N's model and asks for no more GPUs than N has free. With
+    /// nothing pending, free GPUs are idle, not stranded (0).
+    fn stranded_gpus(&self) -> u32 {
+        if self.pending.is_empty() {
+            return 0;
+        }
+        // Smallest request any pending job could put on each model.
+        let mut any_model = u32::MAX;
+        let mut need = vec![u32::MAX; self.models.len()];
+        for &i in &self.pending {
+            let job = &self.workload.jobs[i];
+            if job.models.is_empty() {
+                any_model = any_model.min(job.gpus);
+            } else {
+                for model in &job.models {
+                    if let Some(m) = self.models.iter().position(|x| x == model) {
+                        need[m] = need[m].min(job.gpus);
+                    }
+                }
+            }
+        }
+        need.iter()
+            .zip(&self.free_hist)
+            .map(|(&need, hist)| {
+                let need = need.min(any_model).min(33) as usize;
+                (1..need).map(|k| k as u32 * hist[k]).sum::<u32>()
+            })
+            .sum()
+    }
+
+    /// Sets a node's free GPUs, keeping the counts beside them.
+    fn set_free(&mut self, node: u32, mask: u32) {
+        let n = node as usize;
+        let (before, after) = (self.free[n].count_ones(), mask.count_ones());
+        let hist = &mut self.free_hist[self.node_model[n] as usize];
+        hist[before as usize] -= 1;
+        hist[after as usize] += 1;
+        self.free_gpus = self.free_gpus + after - before;
+        self.free[n] = mask;
     }
 
     /// Decays and accrues tenants' usage as the controller's market minute does.
@@ -350,21 +427,21 @@ impl<'a> Engine<'a> {
     /// Returns a run's GPUs: a shared GPU once its last share leaves.
     fn release(&mut self, run: Run) {
         if run.milli == 0 {
-            self.free[run.node as usize] |= run.mask;
+            self.set_free(run.node, self.free[run.node as usize] | run.mask);
             return;
         }
         let pos = run.mask.trailing_zeros() as usize;
         let held = &mut self.shares[run.node as usize][pos.min(31)];
         *held = held.saturating_sub(run.milli);
         if *held == 0 {
-            self.free[run.node as usize] |= run.mask;
+            self.set_free(run.node, self.free[run.node as usize] | run.mask);
         }
     }
 
     fn start(&mut self, job: usize, node: u32, mask: u32, milli: u32, now: u64) {
         let spec = &self.workload.jobs[job];
         let price = self.workload.nodes[node as usize].price_per_gpu_hour_micro_usd;
-        self.free[node as usize] &= !mask;
+        self.set_free(node, self.free[node as usize] & !mask);
         if milli > 0 {
             let pos = (mask.trailing_zeros() as usize).min(31);
             self.shares[node as usize][pos] += milli;
@@ -391,26 +468,28 @@ impl<'a> Engine<'a> {
     /// One production pass: fleet and queue built as the controller builds
     /// them, decisions applied.
     fn scheduler_pass(&mut self, now: u64) {
-        let jobs = &self.workload.jobs;
         // Running work in job order, so the fleet (and so every tie-break)
         // is the same each run.
         let Some(template) = &self.template else {
             return;
         };
         let mut fleet = template.build(&self.node_inputs, &self.run_inputs);
-        let inputs: Vec<JobInput> = self
-            .pending
-            .iter()
-            .map(|&i| job_input(&jobs[i], i))
-            .collect();
         let tenants = TenantState {
             usage: self.fair.usage().clone(),
             allocated: self.allocated.clone(),
         };
-        let result = schedule(&mut fleet, &inputs, &self.scheduler_config, &tenants, now);
+        let result = schedule(
+            &mut fleet,
+            &self.pending_inputs,
+            &self.scheduler_config,
+            &tenants,
+            now,
+        );
         let mut still_pending = Vec::with_capacity(self.pending.len());
+        let mut still_inputs = Vec::with_capacity(self.pending.len());
         let pending = std::mem::take(&mut self.pending);
-        for (&job, outcome) in pending.iter().zip(&result.outcomes) {
+        let inputs = std::mem::take(&mut self.pending_inputs);
+        for ((&job, input), outcome) in pending.iter().zip(inputs).zip(&result.outcomes) {
             let placed = match outcome {
                 Outcome::Placed(tasks) => tasks.first().and_then(|task| {
                     let node = *self.node_index.get(task.node_id.as_str())?;
@@ -426,10 +505,14 @@ impl<'a> Engine<'a> {
             };
             match placed {
                 Some((node, mask, milli)) => self.start(job, node, mask, milli, now),
-                None => still_pending.push(job),
+                None => {
+                    still_pending.push(job);
+                    still_inputs.push(input);
+                }
             }
         }
         self.pending = still_pending;
+        self.pending_inputs = still_inputs;
     }
 
     /// One baseline pass: pending jobs in arrival order, each placed on the
