@@ -23,6 +23,10 @@ use crate::pass::schedule;
 use crate::sim::workload::{Rng, SimJob, Workload};
 use crate::sim::{Engine, SimConfig, SimPolicy, fgd, job_input, uuid_position};
 
+/// Most tasks one draw makes: a workload of tiny shares cannot make the
+/// draw unbounded (openb to 1,000 % of capacity is about 72,000 tasks).
+pub const MAX_TASKS: usize = 2_000_000;
+
 /// How an inflation run draws and reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InflationConfig {
@@ -113,7 +117,8 @@ fn demand_milli(job: &SimJob) -> u64 {
 }
 
 /// The tasks of an inflation run: drawn with replacement from `workload`
-/// until their demand reaches `max_demand_pct` of capacity, in draw order,
+/// until their demand reaches `max_demand_pct` of capacity (or
+/// [`MAX_TASKS`] were drawn), in draw order,
 /// arrival = position, never leaving. Empty when the workload has no jobs
 /// or no GPUs.
 pub fn sample_tasks(workload: &Workload, config: &InflationConfig) -> Vec<SimJob> {
@@ -125,7 +130,7 @@ pub fn sample_tasks(workload: &Workload, config: &InflationConfig) -> Vec<SimJob
     if workload.jobs.is_empty() || capacity_milli == 0 {
         return tasks;
     }
-    while demand < target {
+    while demand < target && tasks.len() < MAX_TASKS {
         let from = &workload.jobs[rng.below(workload.jobs.len() as u64) as usize];
         demand += demand_milli(from).max(1);
         let i = tasks.len() as u64;
