@@ -376,6 +376,46 @@ mod tests {
         );
     }
 
+    /// A task pinned to a model counts every free GPU of another model as
+    /// fragmented (it cannot run there at all). Nodes in list order: b
+    /// (2×A10), a (2×T4). Mix: a 1-GPU task pinned to A10 (p = 1) and an
+    /// unpinned half share (p = 1).
+    /// Empty: F(b) = 0 + 0 = 0; F(a) = 2000 (pinned task: wrong model) + 0.
+    /// A half share:
+    /// - on b/GPU0 → (500, 1000): pinned task still has a whole GPU, the
+    ///   half-used one is its fragment: 500; share fits: 0. Δ = +500;
+    /// - on a/GPU0 → (500, 1000): pinned: 1500 (all free), share: 0.
+    ///   Δ = 1500 − 2000 = −500.
+    ///   FGD takes the T4 and keeps the A10s whole; first fit would take b.
+    ///   Fleet F(M) after: (0 + 1500) / 2 tasks = 750 thousandths = 0.75 GPUs.
+    #[test]
+    fn a_pinned_task_makes_other_models_free_gpus_fragments() {
+        let mut b = node("b", 2);
+        b.model = "A10".into();
+        let nodes = vec![b, node("a", 2)];
+        let mut pinned = job(1, 0);
+        pinned.models = vec!["A10".into()];
+        let w = Workload {
+            nodes: nodes.clone(),
+            jobs: vec![pinned, job(1, 500)],
+            ..Default::default()
+        };
+        let mut fgd = Fgd::new(&w);
+        let (a10, t4) = (fgd.node_model[0], fgd.node_model[1]);
+        assert_eq!(fgd.fragmentation(a10, &[1000, 1000]), 0);
+        assert_eq!(fgd.fragmentation(t4, &[1000, 1000]), 2000);
+        assert_eq!(fgd.fragmentation(a10, &[500, 1000]), 500);
+        assert_eq!(fgd.fragmentation(t4, &[500, 1000]), 1500);
+        let mut shares = vec![[0u32; 32]; 2];
+        assert_eq!(
+            fgd.place(&job(1, 500), &nodes, &[0b11, 0b11], &shares),
+            Some((1, 0b01))
+        );
+        shares[1][0] = 500;
+        let f = fgd.fleet_fragmentation(&nodes, &[0b11, 0b10], &shares);
+        assert!((f - 0.75).abs() < 1e-12, "{f}");
+    }
+
     #[test]
     fn a_task_that_fits_nowhere_is_not_placed() {
         let nodes = vec![node("a", 2)];
