@@ -12,16 +12,13 @@
 //! every placer is deterministic.
 //!
 //! gpufleet's policies run the production scheduler ([`crate::schedule`])
-//! on one persistent [`Fleet`], one single-job pass per arriving task, so
-//! each pass sees exactly the placements before it; the baselines use the
+//! as the replay does: one single-job pass per arriving task on a fleet
+//! built, as the controller builds it, from the nodes and every earlier
+//! placement (so no reservation outlives its pass); the baselines use the
 //! simulator's placers.
 
-use crate::config::TenantState;
-use crate::domain::Outcome;
-use crate::fleet::Fleet;
-use crate::pass::schedule;
 use crate::sim::workload::{Rng, SimJob, Workload};
-use crate::sim::{Engine, SimConfig, SimPolicy, fgd, job_input, uuid_position};
+use crate::sim::{Engine, SimConfig, SimPolicy, fgd, job_input};
 
 /// Most tasks one draw makes: a workload of tiny shares cannot make the
 /// draw unbounded (openb to 1,000 % of capacity is about 72,000 tasks).
@@ -191,9 +188,9 @@ pub fn inflate_tasks(
     if engine.fgd.is_some() {
         engine.fgd = Some(fgd::Fgd::new(workload));
     }
-    let mut fleet =
-        matches!(policy, SimPolicy::Scheduler(_)).then(|| Fleet::build(&engine.node_inputs, &[]));
-    let tenants = TenantState::default();
+    // gpufleet's policies: one pass per task on a fleet built as the
+    // controller builds it, from the nodes and everything placed so far.
+    let is_scheduler = matches!(policy, SimPolicy::Scheduler(_));
     let steps = config.steps();
     let mut next_step = 0;
     let mut points = Vec::with_capacity(steps.len());
@@ -202,40 +199,17 @@ pub fn inflate_tasks(
         let now = i as u64;
         let demand = demand_milli(task);
         arrived += demand;
-        let ok = match &mut fleet {
-            Some(fleet) => {
-                let input = [job_input(task, i)];
-                let result = schedule(fleet, &input, &engine.scheduler_config, &tenants, now);
-                let placement = match result.outcomes.first() {
-                    Some(Outcome::Placed(tasks)) => tasks.first().and_then(|t| {
-                        let node = *engine.node_index.get(t.node_id.as_str())?;
-                        let mask = t
-                            .gpu_uuids
-                            .iter()
-                            .filter_map(|u| uuid_position(u))
-                            .fold(0u32, |m, p| m | (1 << p));
-                        Some((node, mask, t.share_milli))
-                    }),
-                    _ => None,
-                };
-                match placement {
-                    Some((node, mask, milli)) => {
-                        engine.start(i, node, mask, milli, now);
-                        true
-                    }
-                    None => false,
-                }
-            }
-            None => {
-                engine.pending.push(i);
-                engine.baseline_pass(now);
-                // A task that did not fit fails; it is not retried.
-                engine.pending.is_empty() || {
-                    engine.pending.clear();
-                    false
-                }
-            }
-        };
+        engine.pending.push(i);
+        if is_scheduler {
+            engine.pending_inputs.push(job_input(task, i));
+            engine.scheduler_pass(now);
+        } else {
+            engine.baseline_pass(now);
+        }
+        // A task that did not fit fails; it is not retried.
+        let ok = engine.pending.is_empty();
+        engine.pending.clear();
+        engine.pending_inputs.clear();
         if ok {
             allocated += demand;
             placed += 1;
