@@ -16,6 +16,7 @@ mod report;
 mod scheduler;
 mod scheduler_mixed;
 mod sim_agent;
+mod simulate;
 mod store_growth;
 mod telemetry_history;
 mod usage_query;
@@ -81,6 +82,10 @@ enum Command {
     /// read, oversized requests with and without a token); the
     /// controller's peak RSS.
     Abuse(abuse::AbuseArgs),
+    /// The trace-driven simulator: the openb trace and a synthetic month
+    /// replayed per policy (wall time, simulated s per wall s) against
+    /// baseline-first-fit in the same run; the inflation experiment.
+    Simulate(simulate::Args),
 }
 
 fn main() -> ExitCode {
@@ -101,6 +106,7 @@ fn main() -> ExitCode {
         Command::StoreGrowth(args) => store_growth::run(args),
         Command::TelemetryHistory(args) => telemetry_history::run(args),
         Command::Abuse(args) => abuse::run(args),
+        Command::Simulate(args) => simulate::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

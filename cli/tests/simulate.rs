@@ -345,3 +345,102 @@ fn history_replays_on_the_fleet_and_what_if_applies_to_it() {
     assert!(!out.status.success());
     assert!(stderr.contains("line 1 is not a usage record"), "{stderr}");
 }
+
+/// Inflation mode on the small sample: every policy on the same seeded
+/// draw, a row per demand step up to `--inflation-max`, the comparison
+/// matrix, the chart; and the same JSON for the same seed.
+#[test]
+fn simulate_inflation_reports_each_step_and_is_deterministic() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let chart = dir.path().join("inflation.svg");
+    let out = Command::new(env!("CARGO_BIN_EXE_gpufleet"))
+        .args([
+            "simulate",
+            "--nodes",
+            NODES,
+            "--pods",
+            PODS,
+            "--inflation",
+            "--inflation-max",
+            "120",
+            "--svg",
+        ])
+        .arg(&chart)
+        .output()
+        .expect("gpufleet runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "50 %",
+        "100 %",
+        "120 %",
+        "baseline-fgd",
+        "mean over 90–100 % arrived demand",
+        "failed tasks",
+    ] {
+        assert!(stdout.contains(needle), "{needle} missing in:\n{stdout}");
+    }
+    assert!(!stdout.contains("125 %"), "no step past --inflation-max");
+    let svg = std::fs::read_to_string(&chart).expect("the chart was written");
+    assert!(svg.contains("unallocated GPUs") && svg.contains("<polyline"));
+
+    let run = |seed: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_gpufleet"))
+            .args(["-o", "json", "simulate", "--nodes", NODES, "--pods", PODS])
+            .args([
+                "--inflation",
+                "--seed",
+                seed,
+                "--policy",
+                "pack,baseline-fgd",
+            ])
+            .output()
+            .expect("gpufleet runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        for p in v["policies"].as_array_mut().expect("policies") {
+            p["wall_s"] = serde_json::Value::Null;
+        }
+        v
+    };
+    let a = run("3");
+    assert_eq!(a["mode"], "inflation");
+    let points = a["policies"][0]["points"].as_array().expect("points");
+    assert_eq!(points.len(), 17, "50 %, 55 %, … 130 %");
+    let unallocated: Vec<f64> = points
+        .iter()
+        .map(|p| p["unallocated_gpus"].as_f64().expect("number"))
+        .collect();
+    assert!(
+        unallocated.windows(2).all(|w| w[1] <= w[0]),
+        "{unallocated:?}"
+    );
+    assert_eq!(a, run("3"));
+    assert_ne!(a, run("4"), "another seed draws other tasks");
+}
+
+#[test]
+fn simulate_inflation_flags_need_inflation() {
+    let out = Command::new(env!("CARGO_BIN_EXE_gpufleet"))
+        .args([
+            "simulate",
+            "--nodes",
+            NODES,
+            "--pods",
+            PODS,
+            "--inflation-max",
+            "120",
+        ])
+        .output()
+        .expect("gpufleet runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--inflation"));
+}

@@ -13,6 +13,7 @@
 //! its instances are listed in its class's `mig` (see `units.rs`).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::domain::Generation;
 
@@ -103,7 +104,7 @@ pub(crate) struct ModelInfo {
     pub(crate) compute_capability: (u32, u32),
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Class {
     pub(crate) provider: u16,
     pub(crate) region: u16,
@@ -134,7 +135,7 @@ pub(crate) struct Class {
     pub(crate) mig: Vec<u32>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Slot {
     pub(crate) node: u32,
     pub(crate) class: u32,
@@ -155,7 +156,7 @@ pub(crate) struct Slot {
     pub(crate) nvlink_groups: Vec<u32>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Running {
     pub(crate) job: u32,
     /// Whole GPUs it holds; for a share, its GPU (which frees only when
@@ -169,7 +170,7 @@ pub(crate) struct Running {
     pub(crate) evicting: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Interner {
     pub(crate) names: Vec<String>,
     index: HashMap<String, u16>,
@@ -191,12 +192,49 @@ impl Interner {
     }
 }
 
+/// What the running half of a build looks nodes and GPUs up in.
+#[derive(Debug, Clone)]
+struct NodeLookup<K> {
+    node_index: HashMap<K, u32>,
+    /// Per node, per GPU position in `NodeInput::gpus`: its slot and bit.
+    gpu_slots: Vec<Vec<Option<(u32, u32)>>>,
+    /// Per node: the range of its MIG instances in `Fleet::mig_units`.
+    node_mig: Vec<(u32, u32)>,
+}
+
+/// The node half of a [`Fleet`], indexed once for many passes over the
+/// same nodes with different running work (the simulator rebuilds the
+/// fleet every pass; its nodes never change). `template.build(nodes,
+/// running)` equals `Fleet::build(nodes, running)` for the nodes the
+/// template was made from.
+#[derive(Debug, Clone)]
+pub struct FleetTemplate {
+    fleet: Fleet,
+    lookup: NodeLookup<String>,
+}
+
+impl FleetTemplate {
+    pub fn new(nodes: &[NodeInput]) -> Self {
+        let (fleet, lookup) = Fleet::index_nodes(nodes, str::to_string);
+        FleetTemplate { fleet, lookup }
+    }
+
+    /// `nodes` must be the ones given to [`FleetTemplate::new`].
+    pub fn build(&self, nodes: &[NodeInput], running: &[RunningInput]) -> Fleet {
+        let mut fleet = self.fleet.clone();
+        fleet.add_running(nodes, &self.lookup, running);
+        fleet
+    }
+}
+
 /// The scheduler's index of the fleet for one pass.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Fleet {
-    pub(crate) node_ids: Vec<String>,
+    /// Shared, so that a [`FleetTemplate`] hands them to each pass
+    /// without copying every name.
+    pub(crate) node_ids: Arc<Vec<String>>,
     /// Per node: GPU UUIDs by position.
-    pub(crate) node_gpus: Vec<Vec<String>>,
+    pub(crate) node_gpus: Arc<Vec<Vec<String>>>,
     pub(crate) slots: Vec<Slot>,
     pub(crate) classes: Vec<Class>,
     /// Class ids by ascending price, then id.
@@ -220,26 +258,41 @@ impl Fleet {
     /// Builds the index. Running allocations mark their GPUs allocated;
     /// unknown nodes or GPUs in them are ignored.
     pub fn build(nodes: &[NodeInput], running: &[RunningInput]) -> Self {
+        let (mut fleet, lookup) = Fleet::index_nodes(nodes, |id| id);
+        fleet.add_running(nodes, &lookup, running);
+        fleet
+    }
+
+    /// The node half of [`Fleet::build`]: slots, classes and models, no
+    /// running work and no buckets yet. `key` gives the node index's key
+    /// for a node id (borrowed for one pass, owned for a template).
+    fn index_nodes<'n, K>(
+        nodes: &'n [NodeInput],
+        key: impl Fn(&'n str) -> K,
+    ) -> (Self, NodeLookup<K>)
+    where
+        K: std::hash::Hash + Eq,
+    {
         let mut fleet = Fleet::default();
+        let mut node_ids: Vec<String> = Vec::with_capacity(nodes.len());
+        let mut node_gpus: Vec<Vec<String>> = Vec::with_capacity(nodes.len());
         // Keys borrow from `nodes`: a pass rebuilds the fleet, and a key
         // copied per GPU was most of the build.
         let mut model_index: HashMap<ModelKey<'_>, u16> = HashMap::new();
         let mut class_index: HashMap<(u16, u16, u16, u64, bool, bool), u32> = HashMap::new();
-        let mut node_index: HashMap<&str, u32> = HashMap::with_capacity(nodes.len());
+        let mut node_index: HashMap<K, u32> = HashMap::with_capacity(nodes.len());
         // Per node, per GPU position in `NodeInput::gpus`: its slot and bit.
         let mut gpu_slots: Vec<Vec<Option<(u32, u32)>>> = Vec::with_capacity(nodes.len());
 
         // Per node: the range of its MIG instances in `fleet.mig_units`.
         let mut node_mig: Vec<(u32, u32)> = Vec::with_capacity(nodes.len());
         for node in nodes {
-            let node_idx = fleet.node_ids.len() as u32;
+            let node_idx = node_ids.len() as u32;
             let mig_start = fleet.mig_units.len() as u32;
-            node_index.entry(node.id.as_str()).or_insert(node_idx);
+            node_index.entry(key(node.id.as_str())).or_insert(node_idx);
             let mut slots_of_gpus = vec![None; node.gpus.len()];
-            fleet.node_ids.push(node.id.clone());
-            fleet
-                .node_gpus
-                .push(node.gpus.iter().map(|g| g.uuid.clone()).collect());
+            node_ids.push(node.id.clone());
+            node_gpus.push(node.gpus.iter().map(|g| g.uuid.clone()).collect());
             let provider = fleet.providers.intern(&node.provider);
             let region = fleet.regions.intern(&node.region);
             // One slot per model on this node.
@@ -364,6 +417,32 @@ impl Fleet {
             }
         }
 
+        fleet.node_ids = Arc::new(node_ids);
+        fleet.node_gpus = Arc::new(node_gpus);
+        let lookup = NodeLookup {
+            node_index,
+            gpu_slots,
+            node_mig,
+        };
+        (fleet, lookup)
+    }
+
+    /// The running half of [`Fleet::build`]: marks running work, then
+    /// indexes units, buckets and classes by price.
+    fn add_running<K>(
+        &mut self,
+        nodes: &[NodeInput],
+        lookup: &NodeLookup<K>,
+        running: &[RunningInput],
+    ) where
+        K: std::hash::Hash + Eq + std::borrow::Borrow<str>,
+    {
+        let fleet = self;
+        let NodeLookup {
+            node_index,
+            gpu_slots,
+            node_mig,
+        } = lookup;
         fleet.running_by_slot = vec![Vec::new(); fleet.slots.len()];
         // (slot, position) → id in `fleet.shared`.
         let mut shared_index: HashMap<(u32, u32), u32> = HashMap::new();
@@ -401,7 +480,7 @@ impl Fleet {
                     };
                     if bit != 0 && alloc.share_milli > 0 {
                         crate::units::charge_share(
-                            &mut fleet,
+                            fleet,
                             &mut shared_index,
                             slot,
                             pos,
@@ -438,7 +517,7 @@ impl Fleet {
             }
         }
 
-        crate::units::index_units(&mut fleet);
+        crate::units::index_units(fleet);
         for slot_idx in 0..fleet.slots.len() {
             if fleet.slots[slot_idx].schedulable {
                 fleet.bucket_insert(slot_idx as u32);
@@ -450,7 +529,6 @@ impl Fleet {
         let mut order: Vec<u32> = (0..fleet.classes.len() as u32).collect();
         order.sort_by_key(|&c| (fleet.classes[c as usize].price, c));
         fleet.classes_by_price = order;
-        fleet
     }
 
     pub fn node_count(&self) -> usize {

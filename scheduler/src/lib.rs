@@ -60,7 +60,7 @@ pub use domain::{
     TaskPlacement,
 };
 pub use explain::{ConstraintExclusion, ExcludedBy, Explanation, RegionExplanation, RegionVerdict};
-pub use fleet::{Fleet, GpuInput, MigInput, NEVER, NodeInput, RunningInput};
+pub use fleet::{Fleet, FleetTemplate, GpuInput, MigInput, NEVER, NodeInput, RunningInput};
 pub use pass::schedule;
 pub use queue::FairShare;
 pub use reason::PendingReason;

@@ -113,17 +113,21 @@ pub(crate) fn reserve(
             }
         }
     }
+    // Ties between groups go to the lowest group id: the map's iteration
+    // order must not pick (it differs between runs).
     let best = per_group
-        .into_values()
-        .filter(|list| list.len() >= tasks)
-        .map(|mut list| {
+        .into_iter()
+        .filter(|(_, list)| list.len() >= tasks)
+        .map(|(group, mut list)| {
             list.sort_unstable();
             list.truncate(tasks);
             let at = list.last().map_or(NEVER, |(t, _)| *t);
-            (at, list)
+            (at, group, list)
         })
-        .min_by_key(|(at, _)| *at);
-    let Some((at, list)) = best else { return false };
+        .min_by_key(|(at, group, _)| (*at, *group));
+    let Some((at, _, list)) = best else {
+        return false;
+    };
     for (_, slot) in list {
         fleet.reserve(slot, at);
     }

@@ -22,7 +22,7 @@ use crate::domain::{GpuUnit, JobInput, Policy, TaskPlacement};
 use crate::fleet::{self, Fleet, NEVER};
 
 /// A GPU hosting shares: what is left of it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct SharedGpu {
     pub(crate) slot: u32,
     pub(crate) pos: u32,
@@ -31,7 +31,7 @@ pub(crate) struct SharedGpu {
 }
 
 /// One MIG instance.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct MigUnit {
     pub(crate) slot: u32,
     pub(crate) uuid: String,

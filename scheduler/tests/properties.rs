@@ -3,8 +3,8 @@
 use std::collections::{HashMap, HashSet};
 
 use gpufleet_scheduler::{
-    Constraints, FairShare, Fleet, Generation, GpuInput, JobInput, Locality, NodeInput, Outcome,
-    Policy, RunningInput, SchedulerConfig, TenantPolicy, TenantState, schedule,
+    Constraints, FairShare, Fleet, FleetTemplate, Generation, GpuInput, JobInput, Locality,
+    NodeInput, Outcome, Policy, RunningInput, SchedulerConfig, TenantPolicy, TenantState, schedule,
 };
 use proptest::prelude::*;
 
@@ -218,6 +218,42 @@ fn gpu_facts(specs: &[NodeSpec]) -> HashMap<String, GpuFacts> {
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    /// A pass on a fleet built from a [`FleetTemplate`] (the simulator's
+    /// per-pass rebuild) decides exactly as one on `Fleet::build`, also when
+    /// the template is reused with other running work.
+    #[test]
+    fn a_template_built_fleet_decides_as_a_fresh_build(
+        node_specs in prop::collection::vec(node_strategy(), 1..30),
+        job_specs in prop::collection::vec(job_strategy(), 1..60),
+        share_milli in prop::sample::select(vec![0u32, 250, 500])) {
+        let node_inputs = nodes(&node_specs);
+        let job_inputs = jobs(&job_specs);
+        let template = FleetTemplate::new(&node_inputs);
+        for parity in 0..3usize {
+            let running: Vec<RunningInput> = node_inputs
+                .iter()
+                .enumerate()
+                .filter(|(i, n)| i % 3 == parity && !n.gpus.is_empty())
+                .map(|(i, n)| RunningInput {
+                    job_id: format!("run-{i}"),
+                    tenant: "t0".into(),
+                    node_id: n.id.clone(),
+                    gpu_uuids: vec![n.gpus[0].uuid.clone()],
+                    expected_end: Some(1_000 + i as u64),
+                    share_milli,
+                    ..Default::default()
+                })
+                .collect();
+            let mut fresh = Fleet::build(&node_inputs, &running);
+            let mut reused = template.build(&node_inputs, &running);
+            let config = SchedulerConfig::default();
+            let a = schedule(&mut fresh, &job_inputs, &config, &TenantState::default(), 100);
+            let b = schedule(&mut reused, &job_inputs, &config, &TenantState::default(), 100);
+            prop_assert_eq!(format!("{:?}", a.outcomes), format!("{:?}", b.outcomes));
+            prop_assert_eq!(fresh.free_gpu_count(), reused.free_gpu_count());
+        }
+    }
 
     /// Every placement respects every hard constraint; no GPU twice; gangs whole.
     #[test]

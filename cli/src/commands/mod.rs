@@ -9,6 +9,7 @@ pub mod prices;
 pub mod secrets;
 pub mod simulate;
 mod simulate_input;
+mod simulate_inflation;
 pub mod telemetry;
 pub mod tokens;
 pub mod top;

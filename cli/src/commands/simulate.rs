@@ -41,9 +41,23 @@ pub struct SimulateArgs {
     /// Scheduling tick grid in virtual time (`1s`, `30s`, `1m`).
     #[arg(long, default_value = "1s")]
     cadence: String,
-    /// Seed of the synthetic generator (the replay itself has no randomness).
+    /// Seed of the synthetic generator and of `--inflation`'s draw (the
+    /// replay itself has no randomness).
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Inflation mode (Weng et al., ATC'23): draw tasks from the workload
+    /// until arrived GPU demand reaches `--inflation-max` % of capacity,
+    /// never leaving; report unallocated GPUs per demand step.
+    #[arg(long)]
+    inflation: bool,
+    /// Inflation: stop drawing at this arrived demand, percent of capacity.
+    #[arg(long, value_name = "PCT", default_value_t = 130,
+          value_parser = clap::value_parser!(u32).range(50..=1000), requires = "inflation")]
+    inflation_max: u32,
+    /// Inflation: report every this many percent of capacity, from 50 %.
+    #[arg(long, value_name = "PCT", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=100), requires = "inflation")]
+    inflation_step: u32,
     /// Write a chart (allocation % and stranded GPUs over time) to this SVG file.
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
@@ -86,6 +100,16 @@ pub fn run(format: Format, args: &SimulateArgs) -> anyhow::Result<ExitCode> {
     let (mut workload, mut input_notes) = load(args)?;
     let applied = edits.apply(&mut workload, &simulate_input::catalogue())?;
     input_notes.extend(applied.iter().map(|a| format!("what-if {a}")));
+    if args.inflation {
+        let config = sim::inflation::InflationConfig {
+            seed: args.seed,
+            max_demand_pct: args.inflation_max,
+            step_pct: args.inflation_step,
+            ..Default::default()
+        };
+        super::simulate_inflation::run(format, &workload, &policies, &config, args.svg.as_deref())?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let config = SimConfig {
         cadence_secs: cadence,
         ..Default::default()

@@ -23,6 +23,9 @@ use std::collections::HashMap;
 
 use crate::sim::workload::{SimJob, SimNode, Workload};
 
+/// Most memoised node states (a few MB).
+const MEMO_LIMIT: usize = 1 << 16;
+
 /// One task shape of the workload and how often it occurs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Shape {
@@ -44,7 +47,10 @@ pub(crate) struct Fgd {
     node_model: Vec<u16>,
     /// Fragmentation of a (model, sorted free thousandths) state: nodes of
     /// one shape in one state (e.g. all empty ones) are computed once.
-    memo: HashMap<(u16, Vec<u16>), u64>,
+    /// Per model index (looked up by slice: no key is built to look).
+    memo: Vec<HashMap<Vec<u16>, u64>>,
+    /// Scratch for a sorted state.
+    sorted: Vec<u16>,
 }
 
 impl Fgd {
@@ -95,20 +101,31 @@ impl Fgd {
             shapes,
             allowed,
             node_model,
-            memo: HashMap::new(),
+            memo: vec![HashMap::new(); models.len()],
+            sorted: Vec::new(),
         }
     }
 
     /// `F_n(M)` (times the number of tasks) for a node of `model` whose GPUs
     /// have `free` thousandths free each.
     fn fragmentation(&mut self, model: u16, free: &[u16]) -> u64 {
-        let mut key = free.to_vec();
-        key.sort_unstable();
-        if let Some(&f) = self.memo.get(&(model, key.clone())) {
+        self.sorted.clear();
+        self.sorted.extend_from_slice(free);
+        self.sorted.sort_unstable();
+        let Some(memo) = self.memo.get(model as usize) else {
+            return self.compute(model, &self.sorted);
+        };
+        if let Some(&f) = memo.get(self.sorted.as_slice()) {
             return f;
         }
-        let f = self.compute(model, &key);
-        self.memo.insert((model, key), f);
+        let f = self.compute(model, &self.sorted);
+        let key = self.sorted.clone();
+        let memo = &mut self.memo[model as usize];
+        // Bounded: a long replay meets ever new states; recomputing is cheap.
+        if memo.len() >= MEMO_LIMIT {
+            memo.clear();
+        }
+        memo.insert(key, f);
         f
     }
 
@@ -140,6 +157,28 @@ impl Fgd {
             .sum()
     }
 
+    /// The fleet's expected fragmentation in GPUs: `Σ_n F_n(M)` with the
+    /// popularities normalised to sum to 1, i.e. the free capacity a task
+    /// drawn from the mix could not use, summed over nodes.
+    pub(crate) fn fleet_fragmentation(
+        &mut self,
+        nodes: &[SimNode],
+        free: &[u32],
+        shares: &[[u32; 32]],
+    ) -> f64 {
+        let tasks: u64 = self.shapes.iter().map(|s| s.count).sum();
+        if tasks == 0 {
+            return 0.0;
+        }
+        let mut state = Vec::new();
+        let mut sum: u128 = 0;
+        for (i, node) in nodes.iter().enumerate() {
+            node_state(node, free[i], &shares[i], &mut state);
+            sum += u128::from(self.fragmentation(self.node_model[i], &state));
+        }
+        sum as f64 / tasks as f64 / 1000.0
+    }
+
     /// Where FGD puts `job`: `(node, GPU mask)`, or `None` when it fits
     /// nowhere. `free` is each node's mask of free GPUs, `shares` the
     /// thousandths held by shares per GPU position.
@@ -154,22 +193,13 @@ impl Fgd {
         // (increase, node, mask)
         let mut best: Option<(i64, u32, u32)> = None;
         let mut state: Vec<u16> = Vec::new();
+        let mut after: Vec<u16> = Vec::new();
         for (i, node) in nodes.iter().enumerate() {
             if !super::allows(job, node) {
                 continue;
             }
             let model = self.node_model[i];
-            state.clear();
-            state.extend((0..node.gpus.min(32)).map(|p| {
-                let held = shares[i][p as usize].min(1000) as u16;
-                if free[i] & (1 << p) != 0 {
-                    1000
-                } else if held > 0 {
-                    1000 - held
-                } else {
-                    0 // whole-GPU work holds it
-                }
-            }));
+            node_state(node, free[i], &shares[i], &mut state);
             let before = self.fragmentation(model, &state) as i64;
             let consider = |after: u64, mask: u32, best: &mut Option<(i64, u32, u32)>| {
                 let delta = after as i64 - before;
@@ -182,7 +212,8 @@ impl Fgd {
                     continue;
                 }
                 let mask = crate::fleet::lowest_bits(free[i], gpus);
-                let mut after = state.clone();
+                after.clear();
+                after.extend_from_slice(&state);
                 for p in super::positions(mask) {
                     after[p as usize] = 0;
                 }
@@ -198,7 +229,8 @@ impl Fgd {
                         continue;
                     }
                     tried.push(f);
-                    let mut after = state.clone();
+                    after.clear();
+                    after.extend_from_slice(&state);
                     after[p] = f - milli as u16;
                     let frag = self.fragmentation(model, &after);
                     consider(frag, 1 << p, &mut best);
@@ -207,6 +239,21 @@ impl Fgd {
         }
         best.map(|(_, node, mask)| (node, mask))
     }
+}
+
+/// Free thousandths per GPU position of a node.
+fn node_state(node: &SimNode, free: u32, shares: &[u32; 32], state: &mut Vec<u16>) {
+    state.clear();
+    state.extend((0..node.gpus.min(32)).map(|p| {
+        let held = shares[p as usize].min(1000) as u16;
+        if free & (1 << p) != 0 {
+            1000
+        } else if held > 0 {
+            1000 - held
+        } else {
+            0 // whole-GPU work holds it
+        }
+    }));
 }
 
 /// (whole GPUs, share thousandths): exactly one is non-zero.
@@ -328,6 +375,46 @@ mod tests {
             fgd.place(&job(2, 0), &nodes, &free, &shares),
             Some((1, 0b0011))
         );
+    }
+
+    /// A task pinned to a model counts every free GPU of another model as
+    /// fragmented (it cannot run there at all). Nodes in list order: b
+    /// (2×A10), a (2×T4). Mix: a 1-GPU task pinned to A10 (p = 1) and an
+    /// unpinned half share (p = 1).
+    /// Empty: F(b) = 0 + 0 = 0; F(a) = 2000 (pinned task: wrong model) + 0.
+    /// A half share:
+    /// - on b/GPU0 → (500, 1000): pinned task still has a whole GPU, the
+    ///   half-used one is its fragment: 500; share fits: 0. Δ = +500;
+    /// - on a/GPU0 → (500, 1000): pinned: 1500 (all free), share: 0.
+    ///   Δ = 1500 − 2000 = −500.
+    ///   FGD takes the T4 and keeps the A10s whole; first fit would take b.
+    ///   Fleet F(M) after: (0 + 1500) / 2 tasks = 750 thousandths = 0.75 GPUs.
+    #[test]
+    fn a_pinned_task_makes_other_models_free_gpus_fragments() {
+        let mut b = node("b", 2);
+        b.model = "A10".into();
+        let nodes = vec![b, node("a", 2)];
+        let mut pinned = job(1, 0);
+        pinned.models = vec!["A10".into()];
+        let w = Workload {
+            nodes: nodes.clone(),
+            jobs: vec![pinned, job(1, 500)],
+            ..Default::default()
+        };
+        let mut fgd = Fgd::new(&w);
+        let (a10, t4) = (fgd.node_model[0], fgd.node_model[1]);
+        assert_eq!(fgd.fragmentation(a10, &[1000, 1000]), 0);
+        assert_eq!(fgd.fragmentation(t4, &[1000, 1000]), 2000);
+        assert_eq!(fgd.fragmentation(a10, &[500, 1000]), 500);
+        assert_eq!(fgd.fragmentation(t4, &[500, 1000]), 1500);
+        let mut shares = vec![[0u32; 32]; 2];
+        assert_eq!(
+            fgd.place(&job(1, 500), &nodes, &[0b11, 0b11], &shares),
+            Some((1, 0b01))
+        );
+        shares[1][0] = 500;
+        let f = fgd.fleet_fragmentation(&nodes, &[0b11, 0b10], &shares);
+        assert!((f - 0.75).abs() < 1e-12, "{f}");
     }
 
     #[test]

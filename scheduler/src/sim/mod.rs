@@ -17,11 +17,13 @@
 //! GPU hosting shares is not free for whole-GPU work until its last share
 //! leaves, and a share is billed as its part of the GPU.
 //!
-//! Not modelled yet: history replay, preemption (no workload job is
-//! preemptible), multi-task gangs.
+//! Not modelled yet: CPU and memory, preemption (no workload job is
+//! preemptible), multi-task gangs (history replays a gang's tasks as
+//! independent jobs).
 
 mod fgd;
 pub mod history;
+pub mod inflation;
 pub mod openb;
 pub mod report;
 pub mod whatif;
@@ -32,7 +34,7 @@ use std::collections::{BinaryHeap, HashMap, HashSet};
 
 use crate::config::{SchedulerConfig, TenantState};
 use crate::domain::{Constraints, Generation, GpuUnit, JobInput, Outcome, Policy};
-use crate::fleet::{Fleet, GpuInput, NodeInput, RunningInput, lowest_bits};
+use crate::fleet::{FleetTemplate, GpuInput, NodeInput, RunningInput, lowest_bits};
 use crate::pass::schedule;
 use crate::queue::FairShare;
 pub use report::{PolicyReport, SIZE_CLASSES, Sample, WaitStats};
@@ -118,17 +120,6 @@ struct Run {
     milli: u32,
 }
 
-impl Run {
-    /// GPUs held, a share counting as its part of a GPU.
-    fn gpus(&self) -> f64 {
-        if self.milli > 0 {
-            f64::from(self.milli) / 1000.0
-        } else {
-            f64::from(self.mask.count_ones())
-        }
-    }
-}
-
 /// Simulates one policy over the workload (jobs must be sorted by arrival).
 pub fn simulate(workload: &Workload, policy: SimPolicy, config: &SimConfig) -> PolicyReport {
     Engine::new(workload, policy, config).run()
@@ -153,15 +144,37 @@ struct Engine<'a> {
     scheduler_config: SchedulerConfig,
     /// The nodes as the scheduler is given them (built once).
     node_inputs: Vec<NodeInput>,
+    /// The scheduler's index of those nodes, for passes to start from.
+    template: Option<FleetTemplate>,
     node_index: HashMap<&'a str, u32>,
     /// Free GPU positions per node (a GPU hosting shares is not free).
     free: Vec<u32>,
+    /// Kept with `free` (see [`Engine::set_free`]), so that a sample
+    /// after a tick does not walk every node: GPUs in all, GPUs free, and
+    /// per model (index into `models`) how many nodes have k GPUs free.
+    total_gpus: u32,
+    free_gpus: u32,
+    models: Vec<&'a str>,
+    node_model: Vec<u16>,
+    free_hist: Vec<[u32; 33]>,
     /// Per node, per GPU position: thousandths held by shares.
     shares: Vec<[u32; 32]>,
     running: HashMap<usize, Run>,
+    /// Running jobs by job index, ascending, and what the scheduler is
+    /// told of each (same order): kept as jobs start and leave, so a pass
+    /// does not rebuild them.
+    run_jobs: Vec<usize>,
+    run_inputs: Vec<RunningInput>,
+    /// Thousandths of GPUs held per tenant and generation (no zero entries).
+    allocated: HashMap<String, HashMap<Generation, u64>>,
+    /// Thousandths of GPUs held per tenant (no zero entries).
+    tenant_milli: HashMap<String, u64>,
     departures: BinaryHeap<Reverse<(u64, usize)>>,
     /// Job indexes in arrival order.
     pending: Vec<usize>,
+    /// What the scheduler is told of each pending job (same order as
+    /// `pending`; scheduler policies only): built once at arrival.
+    pending_inputs: Vec<JobInput>,
     starts: Vec<Option<u64>>,
     /// Per job: (node index, GPU position mask) where it started.
     placements: Vec<Option<(u32, u32)>>,
@@ -174,7 +187,25 @@ struct Engine<'a> {
 
 impl<'a> Engine<'a> {
     fn new(workload: &'a Workload, policy: SimPolicy, config: &'a SimConfig) -> Self {
-        let node_inputs = workload.nodes.iter().map(node_input).collect();
+        let node_inputs: Vec<NodeInput> = workload.nodes.iter().map(node_input).collect();
+        let mut models: Vec<&str> = Vec::new();
+        let node_model: Vec<u16> = workload
+            .nodes
+            .iter()
+            .map(|n| match models.iter().position(|m| *m == n.model) {
+                Some(i) => i as u16,
+                None => {
+                    models.push(&n.model);
+                    (models.len() - 1) as u16
+                }
+            })
+            .collect();
+        let mut free_hist = vec![[0u32; 33]; models.len()];
+        for (n, &m) in workload.nodes.iter().zip(&node_model) {
+            free_hist[m as usize][full_mask(n.gpus).count_ones() as usize] += 1;
+        }
+        let template =
+            matches!(policy, SimPolicy::Scheduler(_)).then(|| FleetTemplate::new(&node_inputs));
         Engine {
             workload,
             policy,
@@ -187,6 +218,7 @@ impl<'a> Engine<'a> {
                 ..Default::default()
             },
             node_inputs,
+            template,
             node_index: workload
                 .nodes
                 .iter()
@@ -194,10 +226,24 @@ impl<'a> Engine<'a> {
                 .map(|(i, n)| (n.id.as_str(), i as u32))
                 .collect(),
             free: workload.nodes.iter().map(|n| full_mask(n.gpus)).collect(),
+            total_gpus: workload.nodes.iter().map(|n| n.gpus).sum(),
+            free_gpus: workload
+                .nodes
+                .iter()
+                .map(|n| full_mask(n.gpus).count_ones())
+                .sum(),
+            models,
+            node_model,
+            free_hist,
             shares: vec![[0; 32]; workload.nodes.len()],
             running: HashMap::new(),
+            run_jobs: Vec::new(),
+            run_inputs: Vec::new(),
+            allocated: HashMap::new(),
+            tenant_milli: HashMap::new(),
             departures: BinaryHeap::new(),
             pending: Vec::new(),
+            pending_inputs: Vec::new(),
             starts: vec![None; workload.jobs.len()],
             placements: vec![None; workload.jobs.len()],
             fair: FairShare::new(config.fair_share_half_life_secs),
@@ -227,10 +273,15 @@ impl<'a> Engine<'a> {
                 self.departures.pop();
                 if let Some(run) = self.running.remove(&job) {
                     self.release(run);
+                    self.forget(job, run);
                 }
             }
             while next_arrival < jobs.len() && jobs[next_arrival].arrival <= tick {
                 self.pending.push(next_arrival);
+                if self.template.is_some() {
+                    self.pending_inputs
+                        .push(job_input(&jobs[next_arrival], next_arrival));
+                }
                 next_arrival += 1;
             }
             if !self.pending.is_empty() {
@@ -258,54 +309,154 @@ impl<'a> Engine<'a> {
     }
 
     fn sample(&self, time: u64) -> Sample {
-        let total: u32 = self.workload.nodes.iter().map(|n| n.gpus).sum();
-        let free: u32 = self.free.iter().map(|m| m.count_ones()).sum();
-        let pending: Vec<&SimJob> = self
-            .pending
-            .iter()
-            .map(|&i| &self.workload.jobs[i])
-            .collect();
         Sample {
             time,
-            allocated_gpus: total - free,
-            stranded_gpus: report::stranded_gpus(&self.workload.nodes, &self.free, &pending),
+            allocated_gpus: self.total_gpus - self.free_gpus,
+            stranded_gpus: self.stranded_gpus(),
             pending_jobs: self.pending.len() as u32,
         }
     }
 
+    /// Free GPUs that no pending job can use: a free GPU on node N is
+    /// stranded when at least one job is pending and no pending job both
+    /// allows N's model and asks for no more GPUs than N has free. With
+    /// nothing pending, free GPUs are idle, not stranded (0).
+    fn stranded_gpus(&self) -> u32 {
+        if self.pending.is_empty() {
+            return 0;
+        }
+        // Smallest request any pending job could put on each model.
+        let mut any_model = u32::MAX;
+        let mut need = vec![u32::MAX; self.models.len()];
+        for &i in &self.pending {
+            let job = &self.workload.jobs[i];
+            if job.models.is_empty() {
+                any_model = any_model.min(job.gpus);
+            } else {
+                for model in &job.models {
+                    if let Some(m) = self.models.iter().position(|x| x == model) {
+                        need[m] = need[m].min(job.gpus);
+                    }
+                }
+            }
+        }
+        need.iter()
+            .zip(&self.free_hist)
+            .map(|(&need, hist)| {
+                let need = need.min(any_model).min(33) as usize;
+                (1..need).map(|k| k as u32 * hist[k]).sum::<u32>()
+            })
+            .sum()
+    }
+
+    /// Sets a node's free GPUs, keeping the counts beside them.
+    fn set_free(&mut self, node: u32, mask: u32) {
+        let n = node as usize;
+        let (before, after) = (self.free[n].count_ones(), mask.count_ones());
+        let hist = &mut self.free_hist[self.node_model[n] as usize];
+        hist[before as usize] -= 1;
+        hist[after as usize] += 1;
+        self.free_gpus = self.free_gpus + after - before;
+        self.free[n] = mask;
+    }
+
     /// Decays and accrues tenants' usage as the controller's market minute does.
     fn advance_fair_share(&mut self, now: u64) {
-        let mut running: HashMap<String, f64> = HashMap::new();
-        for (&job, run) in &self.running {
-            let tenant = &self.workload.jobs[job].tenant;
-            *running.entry(tenant.clone()).or_insert(0.0) += run.gpus();
-        }
+        let running: HashMap<String, f64> = self
+            .tenant_milli
+            .iter()
+            .map(|(t, &milli)| (t.clone(), milli as f64 / 1000.0))
+            .collect();
         self.fair.advance(now, &running);
+    }
+
+    /// Records a started job in the running index and tenants' holdings.
+    fn remember(&mut self, job: usize, run: Run) {
+        let node = &self.workload.nodes[run.node as usize];
+        let spec = &self.workload.jobs[job];
+        let milli = held_milli(run);
+        *self
+            .allocated
+            .entry(spec.tenant.clone())
+            .or_default()
+            .entry(node.generation)
+            .or_insert(0) += milli;
+        *self.tenant_milli.entry(spec.tenant.clone()).or_insert(0) += milli;
+        if !matches!(self.policy, SimPolicy::Scheduler(_)) {
+            return;
+        }
+        let at = self.run_jobs.partition_point(|&j| j < job);
+        self.run_jobs.insert(at, job);
+        self.run_inputs.insert(
+            at,
+            RunningInput {
+                job_id: spec.id.clone(),
+                tenant: spec.tenant.clone(),
+                priority: spec.priority,
+                preemptible: false,
+                node_id: node.id.clone(),
+                gpu_uuids: positions(run.mask).map(|p| gpu_uuid(&node.id, p)).collect(),
+                expected_end: None,
+                evicting: false,
+                share_milli: run.milli,
+                ..Default::default()
+            },
+        );
+    }
+
+    /// Undoes [`Engine::remember`] for a job that left.
+    fn forget(&mut self, job: usize, run: Run) {
+        let generation = self.workload.nodes[run.node as usize].generation;
+        let tenant = &self.workload.jobs[job].tenant;
+        let milli = held_milli(run);
+        if let Some(per_gen) = self.allocated.get_mut(tenant) {
+            if let Some(held) = per_gen.get_mut(&generation) {
+                *held = held.saturating_sub(milli);
+                if *held == 0 {
+                    per_gen.remove(&generation);
+                }
+            }
+            if per_gen.is_empty() {
+                self.allocated.remove(tenant);
+            }
+        }
+        if let Some(held) = self.tenant_milli.get_mut(tenant) {
+            *held = held.saturating_sub(milli);
+            if *held == 0 {
+                self.tenant_milli.remove(tenant);
+            }
+        }
+        if let Ok(at) = self.run_jobs.binary_search(&job) {
+            self.run_jobs.remove(at);
+            self.run_inputs.remove(at);
+        }
     }
 
     /// Returns a run's GPUs: a shared GPU once its last share leaves.
     fn release(&mut self, run: Run) {
         if run.milli == 0 {
-            self.free[run.node as usize] |= run.mask;
+            self.set_free(run.node, self.free[run.node as usize] | run.mask);
             return;
         }
         let pos = run.mask.trailing_zeros() as usize;
         let held = &mut self.shares[run.node as usize][pos.min(31)];
         *held = held.saturating_sub(run.milli);
         if *held == 0 {
-            self.free[run.node as usize] |= run.mask;
+            self.set_free(run.node, self.free[run.node as usize] | run.mask);
         }
     }
 
     fn start(&mut self, job: usize, node: u32, mask: u32, milli: u32, now: u64) {
         let spec = &self.workload.jobs[job];
         let price = self.workload.nodes[node as usize].price_per_gpu_hour_micro_usd;
-        self.free[node as usize] &= !mask;
+        self.set_free(node, self.free[node as usize] & !mask);
         if milli > 0 {
             let pos = (mask.trailing_zeros() as usize).min(31);
             self.shares[node as usize][pos] += milli;
         }
-        self.running.insert(job, Run { node, mask, milli });
+        let run = Run { node, mask, milli };
+        self.running.insert(job, run);
+        self.remember(job, run);
         self.departures
             .push(Reverse((now.saturating_add(spec.duration), job)));
         self.starts[job] = Some(now);
@@ -326,48 +477,28 @@ impl<'a> Engine<'a> {
     /// One production pass: fleet and queue built as the controller builds
     /// them, decisions applied.
     fn scheduler_pass(&mut self, now: u64) {
-        let nodes = &self.workload.nodes;
-        let jobs = &self.workload.jobs;
-        let mut running_inputs = Vec::with_capacity(self.running.len());
-        let mut allocated: HashMap<String, HashMap<Generation, u64>> = HashMap::new();
-        // Sorted so the fleet (and so every tie-break) is the same each run.
-        let mut running: Vec<(&usize, &Run)> = self.running.iter().collect();
-        running.sort_unstable_by_key(|(job, _)| **job);
-        for (&job, run) in running {
-            let node = &nodes[run.node as usize];
-            let spec = &jobs[job];
-            running_inputs.push(RunningInput {
-                job_id: spec.id.clone(),
-                tenant: spec.tenant.clone(),
-                priority: spec.priority,
-                preemptible: false,
-                node_id: node.id.clone(),
-                gpu_uuids: positions(run.mask).map(|p| gpu_uuid(&node.id, p)).collect(),
-                expected_end: None,
-                evicting: false,
-                share_milli: run.milli,
-                ..Default::default()
-            });
-            *allocated
-                .entry(spec.tenant.clone())
-                .or_default()
-                .entry(node.generation)
-                .or_insert(0) += (run.gpus() * 1000.0).round() as u64;
-        }
-        let mut fleet = Fleet::build(&self.node_inputs, &running_inputs);
-        let inputs: Vec<JobInput> = self
-            .pending
-            .iter()
-            .map(|&i| job_input(&jobs[i], i))
-            .collect();
+        // Running work in job order, so the fleet (and so every tie-break)
+        // is the same each run.
+        let Some(template) = &self.template else {
+            return;
+        };
+        let mut fleet = template.build(&self.node_inputs, &self.run_inputs);
         let tenants = TenantState {
             usage: self.fair.usage().clone(),
-            allocated,
+            allocated: self.allocated.clone(),
         };
-        let result = schedule(&mut fleet, &inputs, &self.scheduler_config, &tenants, now);
+        let result = schedule(
+            &mut fleet,
+            &self.pending_inputs,
+            &self.scheduler_config,
+            &tenants,
+            now,
+        );
         let mut still_pending = Vec::with_capacity(self.pending.len());
+        let mut still_inputs = Vec::with_capacity(self.pending.len());
         let pending = std::mem::take(&mut self.pending);
-        for (&job, outcome) in pending.iter().zip(&result.outcomes) {
+        let inputs = std::mem::take(&mut self.pending_inputs);
+        for ((&job, input), outcome) in pending.iter().zip(inputs).zip(&result.outcomes) {
             let placed = match outcome {
                 Outcome::Placed(tasks) => tasks.first().and_then(|task| {
                     let node = *self.node_index.get(task.node_id.as_str())?;
@@ -383,10 +514,14 @@ impl<'a> Engine<'a> {
             };
             match placed {
                 Some((node, mask, milli)) => self.start(job, node, mask, milli, now),
-                None => still_pending.push(job),
+                None => {
+                    still_pending.push(job);
+                    still_inputs.push(input);
+                }
             }
         }
         self.pending = still_pending;
+        self.pending_inputs = still_inputs;
     }
 
     /// One baseline pass: pending jobs in arrival order, each placed on the
@@ -485,6 +620,15 @@ impl Engine<'_> {
             }
         }
         chosen.map(|(n, p, _)| (n, p))
+    }
+}
+
+/// Thousandths of GPUs a run holds (a share its part).
+fn held_milli(run: Run) -> u64 {
+    if run.milli > 0 {
+        u64::from(run.milli)
+    } else {
+        u64::from(run.mask.count_ones()) * 1000
     }
 }
 

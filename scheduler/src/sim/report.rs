@@ -1,8 +1,6 @@
 //! What one simulated policy produced: queue waits (overall and per size
 //! class), allocation and stranded GPUs over time, jobs never placed, cost.
 
-use std::collections::HashMap;
-
 use crate::sim::SimPolicy;
 use crate::sim::workload::{SimJob, SimNode};
 
@@ -156,42 +154,6 @@ impl PolicyReport {
             series,
         }
     }
-}
-
-/// Free GPUs that no pending job can use: a free GPU on node N is stranded
-/// when at least one job is pending and no pending job both allows N's
-/// model and asks for no more GPUs than N has free. With nothing pending,
-/// free GPUs are idle, not stranded (0).
-pub(crate) fn stranded_gpus(nodes: &[SimNode], free: &[u32], pending: &[&SimJob]) -> u32 {
-    if pending.is_empty() {
-        return 0;
-    }
-    // Smallest request any pending job could put on each model.
-    let mut any_model = u32::MAX;
-    let mut per_model: HashMap<&str, u32> = HashMap::new();
-    for job in pending {
-        if job.models.is_empty() {
-            any_model = any_model.min(job.gpus);
-        } else {
-            for model in &job.models {
-                let need = per_model.entry(model.as_str()).or_insert(u32::MAX);
-                *need = (*need).min(job.gpus);
-            }
-        }
-    }
-    nodes
-        .iter()
-        .zip(free)
-        .map(|(node, &mask)| {
-            let free = mask.count_ones();
-            let need = per_model
-                .get(node.model.as_str())
-                .copied()
-                .unwrap_or(u32::MAX)
-                .min(any_model);
-            if free > 0 && free < need { free } else { 0 }
-        })
-        .sum()
 }
 
 #[cfg(test)]
