@@ -284,6 +284,7 @@ mod tests {
                 gpus: if i < 3 { 2 } else { 8 },
                 price_per_gpu_hour_micro_usd: 1_000_000 + i,
                 region: "r".into(),
+                provider: "sim".into(),
             })
             .collect();
         let shapes: [(u32, u32, &[&str]); 6] = [
