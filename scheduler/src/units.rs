@@ -278,16 +278,16 @@ enum Pick {
 }
 
 /// Places every task of a share or MIG job, or none.
-pub(crate) fn place_units(
+pub(crate) fn place_units<'a>(
     fleet: &mut Fleet,
     job: &JobInput,
-    groups: &[(u16, Vec<(u64, u32)>)],
+    groups: impl IntoIterator<Item = &'a [(u64, u32)]>,
     policy: Policy,
     end: u64,
     min_share: u32,
 ) -> Option<Vec<TaskPlacement>> {
     let tasks = job.tasks.max(1);
-    for (_, group) in groups {
+    for group in groups {
         let room: u64 = group
             .iter()
             .map(|&(_, c)| free_tasks(fleet, &job.unit, c, end))
@@ -623,6 +623,7 @@ fn placement(fleet: &Fleet, pick: Pick) -> TaskPlacement {
         node_id: fleet.node_ids[s.node as usize].clone(),
         provider: fleet.providers.names[class.provider as usize].clone(),
         region: fleet.regions.names[class.region as usize].clone(),
+        block: fleet.blocks.names[class.block as usize].clone(),
         price_per_gpu_hour_micro_usd: class.price,
         gpu_uuids: uuid,
         generation: fleet.models[class.model as usize].generation,
