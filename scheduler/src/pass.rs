@@ -243,7 +243,8 @@ fn decide<'a>(fleet: &mut Fleet, job: &'a JobInput, ctx: &mut PassCtx<'a>) -> (O
         PendingReason::InsufficientFreeGpus
     };
     // Shares and MIG instances neither preempt nor reserve: they wait for
-    // room (documented in docs/gpus.md).
+    // room (documented in docs/gpus.md). Whole-GPU jobs may evict shares,
+    // every share of a GPU together (preempt.rs).
     if ever
         && whole
         && !job.preemptible

@@ -1,5 +1,8 @@
 //! Preemption: the fewest lower-priority preemptible allocations whose
-//! eviction makes room for a job that does not fit.
+//! eviction makes room for a whole-GPU job that does not fit. Shares count
+//! as victims only all together: a shared GPU is freed by evicting every
+//! share on it (each preemptible and of a lower priority); MIG instances
+//! never are (their GPU stays in MIG mode).
 
 use std::collections::HashMap;
 
@@ -40,18 +43,48 @@ pub(crate) fn preempt(
                 continue;
             }
             let mut available = s.free;
-            let mut candidates: Vec<(i32, u32, u32)> = Vec::new();
+            // (priority, GPUs freed, victims): one whole-GPU allocation, or
+            // every share on one shared GPU (its highest priority).
+            let mut candidates: Vec<(i32, u32, Vec<u32>)> = Vec::new();
+            // Per shared GPU (its bit): the shares not yet being evicted,
+            // and whether each of them may be evicted for this job.
+            let mut shared: Vec<(u32, Vec<u32>, i32, bool)> = Vec::new();
             for &r in &fleet.running_by_slot[slot as usize] {
                 let run = &fleet.running[r as usize];
-                // A share or MIG instance frees no whole GPU when evicted
-                // (other shares may stay on its GPU): never a useful victim.
                 if run.fractional {
+                    // A MIG instance holds no whole GPU (its GPU stays in
+                    // MIG mode): never a useful victim. A share frees its
+                    // GPU only with every other share on it.
+                    if run.mask == 0 || run.mask & s.shared == 0 {
+                        continue;
+                    }
+                    let at = match shared.iter().position(|(bit, ..)| *bit == run.mask) {
+                        Some(at) => at,
+                        None => {
+                            shared.push((run.mask, Vec::new(), i32::MIN, true));
+                            shared.len() - 1
+                        }
+                    };
+                    let gpu = &mut shared[at];
+                    if !run.evicting {
+                        gpu.1.push(r);
+                        gpu.2 = gpu.2.max(run.priority);
+                        gpu.3 &= run.preemptible && run.priority < job.priority;
+                    }
                     continue;
                 }
                 if run.evicting {
                     available |= run.mask & s.healthy;
                 } else if run.preemptible && run.priority < job.priority {
-                    candidates.push((run.priority, run.mask.count_ones(), r));
+                    candidates.push((run.priority, run.mask.count_ones(), vec![r]));
+                }
+            }
+            for (bit, victims, priority, evictable) in shared {
+                if victims.is_empty() {
+                    // Every share on it is already being evicted.
+                    available |= bit & s.healthy;
+                } else if evictable {
+                    candidates.push((priority, 1, victims));
                 }
             }
             candidates.sort_unstable();
@@ -64,10 +97,12 @@ pub(crate) fn preempt(
             for m in 1..=capacity {
                 while available.count_ones() < m * per_task {
                     match cand.next() {
-                        Some((_, gpus, r)) => {
-                            available |= fleet.running[r as usize].mask & s.healthy;
+                        Some((_, gpus, runs)) => {
+                            for r in runs {
+                                available |= fleet.running[r as usize].mask & s.healthy;
+                                victims.push(r);
+                            }
                             cost += gpus;
-                            victims.push(r);
                         }
                         None => break,
                     }

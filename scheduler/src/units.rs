@@ -440,7 +440,11 @@ fn best_share(
             .iter()
             .filter(|&&g| {
                 let gpu = &fleet.shared[g as usize];
-                gpu.free_milli >= m && gpu.free_memory >= mem
+                // A reserved slot (held for a job ordered earlier, e.g. one
+                // evicting these very shares) takes only work that ends in
+                // time.
+                let reserved = fleet.slots[gpu.slot as usize].reserved_until;
+                gpu.free_milli >= m && gpu.free_memory >= mem && (reserved == 0 || end <= reserved)
             })
             .min_by_key(|&&g| (waste(fleet.shared[g as usize].free_milli - m), g))
             .map(|&g| (waste(fleet.shared[g as usize].free_milli - m), g));
