@@ -77,6 +77,10 @@ pub struct MigInput {
 /// compute capability.
 type ModelKey<'a> = (&'a str, Generation, u64, (u32, u32));
 
+/// What makes nodes one equivalence class: (provider, region, model,
+/// price, spot, oci, network block).
+type ClassKey = (u16, u16, u16, u64, bool, bool, u16);
+
 /// Work already holding GPUs.
 #[derive(Debug, Clone, Default)]
 pub struct RunningInput {
@@ -235,7 +239,7 @@ impl Fleet {
         // Keys borrow from `nodes`: a pass rebuilds the fleet, and a key
         // copied per GPU was most of the build.
         let mut model_index: HashMap<ModelKey<'_>, u16> = HashMap::new();
-        let mut class_index: HashMap<(u16, u16, u16, u64, bool, bool, u16), u32> = HashMap::new();
+        let mut class_index: HashMap<ClassKey, u32> = HashMap::new();
         let mut node_index: HashMap<&str, u32> = HashMap::with_capacity(nodes.len());
         // Per node, per GPU position in `NodeInput::gpus`: its slot and bit.
         let mut gpu_slots: Vec<Vec<Option<(u32, u32)>>> = Vec::with_capacity(nodes.len());

@@ -125,7 +125,9 @@ fn narrowed(
     tried: &[(usize, Option<u16>, usize)],
     key: impl Fn(&fleet::Class) -> Option<(u16, u16)>,
 ) -> Vec<Tier> {
-    let mut out: Vec<(usize, (u16, u16), Vec<(u64, u32)>)> = Vec::new();
+    // (parent group, key, classes)
+    type Part = (usize, (u16, u16), Vec<(u64, u32)>);
+    let mut out: Vec<Part> = Vec::new();
     for (parent, (_, list)) in groups.iter().enumerate() {
         let first = out.len();
         for &(price, c) in list {
