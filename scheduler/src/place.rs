@@ -50,9 +50,15 @@ pub(crate) fn place_job(
     // Each tier narrows the locality groups; a narrowed group that equals
     // one already tried is not tried again.
     let mut tried: Vec<(usize, Option<u16>, usize)> = Vec::new();
-    if tasks > 1 {
+    if tasks > 1 && (fleet.has_blocks || compiled.locality != Locality::Region) {
+        // A part of a group holds the gang only if the group does: groups
+        // that cannot are not narrowed (whole GPUs; units check per part).
+        let viable: Vec<bool> = groups
+            .iter()
+            .map(|(_, list)| !whole || group_capacity(fleet, list, per_task, end) >= tasks as u64)
+            .collect();
         if fleet.has_blocks {
-            let mut by_block = narrowed(fleet, &groups, &tried, |class| {
+            let mut by_block = narrowed(fleet, &groups, &viable, &tried, |class| {
                 (!fleet.blocks.names[class.block as usize].is_empty())
                     .then_some((class.region, class.block))
             });
@@ -68,7 +74,9 @@ pub(crate) fn place_job(
             );
         }
         if compiled.locality != Locality::Region {
-            let mut by_region = narrowed(fleet, &groups, &tried, |class| Some((class.region, 0)));
+            let mut by_region = narrowed(fleet, &groups, &viable, &tried, |class| {
+                Some((class.region, 0))
+            });
             if let Some(placements) =
                 place_tier(fleet, job, compiled, &mut by_region, policy, end, min_share)
             {
@@ -117,11 +125,12 @@ struct Tier {
     classes: Vec<(u64, u32)>,
 }
 
-/// Splits each locality group by `key` (classes whose key is `None` are
-/// left out), keeping price order; parts already tried are dropped.
+/// Splits each viable locality group by `key` (classes whose key is `None`
+/// are left out), keeping price order; parts already tried are dropped.
 fn narrowed(
     fleet: &Fleet,
     groups: &[(u16, Vec<(u64, u32)>)],
+    viable: &[bool],
     tried: &[(usize, Option<u16>, usize)],
     key: impl Fn(&fleet::Class) -> Option<(u16, u16)>,
 ) -> Vec<Tier> {
@@ -129,6 +138,9 @@ fn narrowed(
     type Part = (usize, (u16, u16), Vec<(u64, u32)>);
     let mut out: Vec<Part> = Vec::new();
     for (parent, (_, list)) in groups.iter().enumerate() {
+        if !viable[parent] {
+            continue;
+        }
         let first = out.len();
         for &(price, c) in list {
             let Some(k) = key(&fleet.classes[c as usize]) else {
