@@ -55,7 +55,7 @@ pub(crate) fn place_job(
         // that cannot are not narrowed (whole GPUs; units check per part).
         let viable: Vec<bool> = groups
             .iter()
-            .map(|(_, list)| !whole || group_capacity(fleet, list, per_task, end) >= tasks as u64)
+            .map(|(_, list)| !whole || has_room(fleet, list, per_task, end, tasks))
             .collect();
         if fleet.has_blocks {
             let mut by_block = narrowed(fleet, &groups, &viable, &tried, |class| {
@@ -196,7 +196,7 @@ fn place_tier(
     }
     for tier in tiers.iter() {
         let group = &tier.classes;
-        if group_capacity(fleet, group, per_task, end) < tasks as u64 {
+        if !has_room(fleet, group, per_task, end, tasks) {
             continue;
         }
         let mut taken: Vec<(u32, u32)> = Vec::with_capacity(tasks as usize);
@@ -284,13 +284,29 @@ fn placement(fleet: &Fleet, slot: u32, mask: u32) -> TaskPlacement {
 }
 
 fn group_free(fleet: &Fleet, group: &[(u64, u32)], per_task: u32) -> u64 {
-    group_capacity(fleet, group, per_task, NEVER)
+    group_capacity(fleet, group, per_task, NEVER, u64::MAX)
 }
 
-/// Tasks of `per_task` GPUs the group could take now (upper bound).
-fn group_capacity(fleet: &Fleet, group: &[(u64, u32)], per_task: u32, end: u64) -> u64 {
+/// The group could take `tasks` tasks of `per_task` GPUs now (upper bound;
+/// stops counting once they would fit).
+fn has_room(fleet: &Fleet, group: &[(u64, u32)], per_task: u32, end: u64, tasks: u32) -> bool {
+    group_capacity(fleet, group, per_task, end, tasks as u64) >= tasks as u64
+}
+
+/// Tasks of `per_task` GPUs the group could take now (upper bound), or at
+/// least `enough` once that many are counted.
+fn group_capacity(
+    fleet: &Fleet,
+    group: &[(u64, u32)],
+    per_task: u32,
+    end: u64,
+    enough: u64,
+) -> u64 {
     let mut total = 0u64;
     for &(_, c) in group {
+        if total >= enough {
+            break;
+        }
         let class = &fleet.classes[c as usize];
         for k in per_task as usize..=fleet::MAX_GPUS_PER_SLOT {
             total += class.buckets[k].len() as u64 * (k as u64 / per_task as u64);
