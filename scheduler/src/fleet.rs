@@ -174,6 +174,8 @@ pub(crate) struct Running {
     pub(crate) mask: u32,
     /// A share or a MIG instance: evicting it frees no whole GPU.
     pub(crate) fractional: bool,
+    /// A share's size on its GPU, as charged: (thousandths, bytes).
+    pub(crate) share: (u32, u64),
     pub(crate) end: u64,
     pub(crate) priority: i32,
     pub(crate) preemptible: bool,
@@ -395,6 +397,7 @@ impl Fleet {
             let node = node_index.get(alloc.node_id.as_str()).copied();
             // MIG work names its instance; the instance's slot is charged.
             let mut fractional = alloc.share_milli > 0;
+            let mut share = (0u32, 0u64);
             for uuid in &alloc.gpu_uuids {
                 let found = node.and_then(|n| {
                     let at = nodes[n as usize].gpus.iter().position(|g| g.uuid == *uuid);
@@ -419,7 +422,7 @@ impl Fleet {
                         1 << pos
                     };
                     if bit != 0 && alloc.share_milli > 0 {
-                        crate::units::charge_share(
+                        share = crate::units::charge_share(
                             &mut fleet,
                             &mut shared_index,
                             slot,
@@ -448,6 +451,7 @@ impl Fleet {
                     job,
                     mask,
                     fractional,
+                    share,
                     end: alloc.expected_end.unwrap_or(NEVER),
                     priority: alloc.priority,
                     preemptible: alloc.preemptible,

@@ -73,7 +73,8 @@ fn shares_fitting(free_milli: u32, free_memory: u64, m: u32, mem: u64) -> u64 {
         .map_or(by_share, |by_memory| by_share.min(by_memory))
 }
 
-/// Charges a running share to its GPU while the fleet is built.
+/// Charges a running share to its GPU while the fleet is built; returns
+/// what it charged (thousandths, bytes).
 pub(crate) fn charge_share(
     fleet: &mut Fleet,
     index: &mut HashMap<(u32, u32), u32>,
@@ -81,7 +82,7 @@ pub(crate) fn charge_share(
     pos: u32,
     milli: u32,
     memory_bytes: u64,
-) {
+) -> (u32, u64) {
     let gpu_memory = fleet.models
         [fleet.classes[fleet.slots[slot as usize].class as usize].model as usize]
         .memory_bytes;
@@ -102,6 +103,7 @@ pub(crate) fn charge_share(
     let gpu = &mut fleet.shared[id as usize];
     gpu.free_milli = gpu.free_milli.saturating_sub(milli);
     gpu.free_memory = gpu.free_memory.saturating_sub(memory);
+    (milli, memory)
 }
 
 /// Lists shared GPUs and MIG instances of schedulable slots in their

@@ -1,8 +1,9 @@
 //! Preemption beside fractions of GPUs: a whole-GPU job may evict
 //! lower-priority preemptible shares, but only every share of a GPU
-//! together (a share alone frees no GPU); MIG instances are never victims;
-//! shares and MIG jobs do not preempt (they wait for room); and the GPU
-//! being freed is not handed to other shares in the same pass.
+//! together (a share alone frees no GPU); a one-task share job evicts the
+//! fewest thousandths that make room for it; MIG instances are never
+//! victims and MIG jobs do not preempt; and the room being freed is not
+//! handed to other shares in the same pass.
 
 use gpufleet_scheduler::{
     Fleet, Generation, GpuInput, GpuUnit, JobInput, MigInput, NodeInput, Outcome, PendingReason,
@@ -202,9 +203,36 @@ fn the_gpu_being_freed_is_not_shared_out_again_in_the_same_pass() {
 }
 
 #[test]
-fn shares_and_mig_jobs_wait_rather_than_preempt() {
-    let nodes = [vec![Held::Shares(vec![(0, true); 4]), Held::Mig(0, true)]];
+fn a_share_evicts_the_fewest_lower_priority_shares_and_mig_jobs_wait() {
+    // GPU 0: four quarter shares of priorities 0, 0, 1 and 20 (one not
+    // preemptible); GPU 1: MIG, its instance held by preemptible work.
+    let nodes = [vec![
+        Held::Shares(vec![(1, true), (0, true), (0, true), (20, true)]),
+        Held::Mig(0, true),
+    ]];
     let (inputs, running) = fleet_of(&nodes);
+    let outcomes = pass(&inputs, &running, &[share("job-half", 500, 10)]);
+    assert_eq!(
+        outcomes[0],
+        Outcome::Preempting {
+            victims: vec!["share-0-0-1".into(), "share-0-0-2".into()]
+        },
+        "the two lowest-priority quarters make a half"
+    );
+    let left: Vec<RunningInput> = running
+        .iter()
+        .filter(|r| r.job_id != "share-0-0-1" && r.job_id != "share-0-0-2")
+        .cloned()
+        .collect();
+    match &pass(&inputs, &left, &[share("job-half", 500, 10)])[0] {
+        Outcome::Placed(tasks) => assert_eq!(tasks[0].gpu_uuids, vec!["GPU-0-0"]),
+        other => panic!("{other:?}"),
+    }
+    // More than the evictable quarters could free: it waits.
+    assert_eq!(
+        pass(&inputs, &running, &[share("job-big", 800, 10)])[0],
+        Outcome::Pending(PendingReason::InsufficientFreeGpus)
+    );
     let mig = JobInput {
         unit: GpuUnit::Mig {
             profile: Some("7g.80gb".into()),
@@ -213,30 +241,44 @@ fn shares_and_mig_jobs_wait_rather_than_preempt() {
         },
         ..share("job-mig", 0, 10)
     };
-    let outcomes = pass(&inputs, &running, &[share("job-share", 500, 10), mig]);
-    for outcome in outcomes {
-        assert_eq!(
-            outcome,
-            Outcome::Pending(PendingReason::InsufficientFreeGpus)
-        );
-    }
+    assert_eq!(
+        pass(&inputs, &running, &[mig])[0],
+        Outcome::Pending(PendingReason::InsufficientFreeGpus)
+    );
+}
+
+#[test]
+fn a_share_may_evict_a_whole_gpu_job() {
+    let nodes = [vec![Held::Whole(0, true)]];
+    let (inputs, running) = fleet_of(&nodes);
+    assert_eq!(
+        pass(&inputs, &running, &[share("job-half", 500, 10)])[0],
+        Outcome::Preempting {
+            victims: vec!["whole-0-0".into()]
+        }
+    );
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
 
-    /// A whole-GPU job's victims are always preemptible, of a lower
-    /// priority, never MIG work, and every share of a GPU goes with its
-    /// neighbours; evicting them makes room; and when evicting every
-    /// allowed victim would make room, it preempts rather than waits.
+    /// A whole-GPU or share job's victims are always preemptible, of a
+    /// lower priority, never MIG work, and for a whole-GPU job every share
+    /// of a GPU goes with its neighbours; evicting them makes room; and
+    /// when evicting every allowed victim would make room, it preempts
+    /// rather than waits.
     #[test]
-    fn whole_gpu_preemption_over_shares_is_sound_and_complete(
+    fn preemption_beside_shares_is_sound_and_complete(
         nodes in prop::collection::vec(prop::collection::vec(held_strategy(), 1..5), 1..4),
         gpus in 1u32..4,
+        milli in prop::option::weighted(0.5, prop::sample::select(vec![250u32, 500, 750, 1000])),
         priority in 1i32..4,
     ) {
         let (inputs, running) = fleet_of(&nodes);
-        let job = whole(gpus, priority);
+        let job = match milli {
+            Some(m) => share("job-urgent", m, priority),
+            None => whole(gpus, priority),
+        };
         let outcome = pass(&inputs, &running, std::slice::from_ref(&job))[0].clone();
         let evictable = |r: &RunningInput| {
             r.preemptible && r.priority < priority && !r.job_id.starts_with("mig-")
@@ -247,8 +289,9 @@ proptest! {
                     let r = running.iter().find(|r| r.job_id == *v);
                     prop_assert!(r.is_some_and(evictable), "victim {} may not be evicted", v);
                 }
-                // Shares go together: a victim share's GPU keeps none.
-                for v in victims.iter().filter(|v| v.starts_with("share-")) {
+                // For a whole-GPU job shares go together: a victim
+                // share's GPU keeps none.
+                for v in victims.iter().filter(|v| milli.is_none() && v.starts_with("share-")) {
                     let gpu = running.iter().find(|r| r.job_id == *v).map(|r| r.gpu_uuids.clone());
                     for r in running.iter().filter(|r| Some(&r.gpu_uuids) == gpu.as_ref()) {
                         prop_assert!(victims.contains(&r.job_id), "{} stays beside victim {}", r.job_id, v);
