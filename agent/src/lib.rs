@@ -132,7 +132,7 @@ pub async fn start(
                 warn!(
                     address = %fallback,
                     %why,
-                    "no private address found; gang peers on other nodes cannot reach this one: set node.address (--advertise-address)"
+                    "no private address found; gang peers on other nodes may not reach this one: set node.address (--advertise-address)"
                 );
                 fallback
             }

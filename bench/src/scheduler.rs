@@ -41,6 +41,10 @@ pub struct Args {
     churn_load: f64,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Network blocks per region (the nodes' `topology.block` labels) for
+    /// the main pass; 0: no labels, gangs skip the block tier.
+    #[arg(long, default_value_t = 0)]
+    blocks: usize,
 }
 
 /// (model, generation, memory GiB, compute capability, base price USD/GPU-h)
@@ -367,8 +371,15 @@ struct Fragmentation {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let mut rng = StdRng::seed_from_u64(args.seed);
-    let nodes = fleet_inputs(args.nodes, &mut rng);
+    let mut nodes = fleet_inputs(args.nodes, &mut rng);
     let jobs = job_inputs(args.jobs, &mut rng);
+    if args.blocks > 0 {
+        // Node n is in region n mod regions: its block splits each region.
+        let regions: usize = PROVIDERS.iter().map(|(_, r, _)| r.len()).sum();
+        for (n, node) in nodes.iter_mut().enumerate() {
+            node.block = format!("b{}", (n / regions) % args.blocks);
+        }
+    }
 
     let rss_before = report::rss_bytes();
     let fleet = Fleet::build(&nodes, &[]);
@@ -419,9 +430,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let rate = |m: &crate::scheduler_mixed::Mixed| m.placed as f64 / m.arrived.max(1) as f64;
 
     println!(
-        "scheduler: {} nodes, {gpus} GPUs, {} pending jobs",
+        "scheduler: {} nodes, {gpus} GPUs, {} pending jobs{}",
         args.nodes,
-        jobs.len()
+        jobs.len(),
+        if args.blocks > 0 {
+            format!(", {} network blocks per region", args.blocks)
+        } else {
+            String::new()
+        }
     );
     report::table(
         &[

@@ -115,6 +115,8 @@ pub fn settle_requeue(job: &mut Job) -> Vec<TaskStatus> {
     job.attempt += 1;
     let retired = std::mem::take(&mut job.tasks);
     job.scheduled_at = None;
+    // It described the ended attempt's placement.
+    job.placement_note.clear();
     job.started_at = None;
     job.exit_code = None;
     job.pending_reason = Some(PendingReason {

@@ -218,6 +218,7 @@ pub fn check_hello(hello: &AgentHello) -> Result<()> {
 pub fn clip_job(job: &mut Job) {
     let clip = gpufleet_core::limits::clip;
     clip(&mut job.message, SERVED_TEXT_BYTES);
+    clip(&mut job.placement_note, SERVED_TEXT_BYTES);
     if let Some(spec) = &mut job.spec {
         clip(&mut spec.name, NAME_BYTES);
     }

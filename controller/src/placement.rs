@@ -33,8 +33,19 @@ fn ts_secs(ts: Option<&prost_types::Timestamp>) -> Option<u64> {
 }
 
 /// A node is schedulable when Ready, connected, and not cordoned.
-pub fn node_input(node: &Node, connected: bool) -> NodeInput {
+pub fn node_input(node: &Node, connected: bool, block_label: &str) -> NodeInput {
     let identity = node.identity.clone().unwrap_or_default();
+    // An empty key turns the block preference off (an empty label key
+    // never names a block).
+    let block = if block_label.is_empty() {
+        String::new()
+    } else {
+        identity
+            .labels
+            .get(block_label)
+            .cloned()
+            .unwrap_or_default()
+    };
     let mut gpus: Vec<&gpufleet_proto::v1::GpuStatus> = node.gpus.iter().collect();
     gpus.sort_by_key(|g| g.info.as_ref().map_or(0, |i| i.index));
     NodeInput {
@@ -80,6 +91,68 @@ pub fn node_input(node: &Node, connected: bool) -> NodeInput {
             .identity
             .as_ref()
             .is_some_and(|i| i.runtimes.iter().any(|r| r == "oci")),
+        block,
+    }
+}
+
+/// Names shown in a placement note before "and N more".
+const NOTE_NAMES: usize = 8;
+
+/// What a gang's placement had to give up, in words (empty when nothing):
+/// the scheduler spans regions or network blocks only when no single one
+/// has room for every task, so spanning is always "had to". `block_label`
+/// is the label that names blocks (empty: blocks are not considered).
+pub fn placement_note(
+    placements: &[gpufleet_scheduler::TaskPlacement],
+    block_label: &str,
+) -> String {
+    if placements.len() < 2 {
+        return String::new();
+    }
+    fn distinct<'a>(values: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+        let mut out: Vec<&str> = Vec::new();
+        for v in values {
+            if !out.contains(&v) {
+                out.push(v);
+            }
+        }
+        out
+    }
+    fn list(names: &[&str]) -> String {
+        let shown: Vec<&str> = names.iter().take(NOTE_NAMES).copied().collect();
+        let mut text = shown.join(", ");
+        if names.len() > NOTE_NAMES {
+            text.push_str(&format!(" and {} more", names.len() - NOTE_NAMES));
+        }
+        text
+    }
+    let tasks = placements.len();
+    let regions = distinct(placements.iter().map(|p| p.region.as_str()));
+    let blocks: Vec<&str> = distinct(placements.iter().map(|p| p.block.as_str()))
+        .into_iter()
+        .map(|b| if b.is_empty() { "(unlabelled)" } else { b })
+        .collect();
+    let labelled = !block_label.is_empty() && placements.iter().any(|p| !p.block.is_empty());
+    let spans_blocks = labelled && blocks.len() > 1;
+    if regions.len() > 1 {
+        let mut note = format!(
+            "the gang spans regions {}: no single region had room for all {tasks} tasks",
+            list(&regions)
+        );
+        if spans_blocks {
+            note.push_str(&format!(
+                " (network blocks by {block_label}: {})",
+                list(&blocks)
+            ));
+        }
+        note
+    } else if spans_blocks {
+        format!(
+            "the gang spans network blocks (by {block_label}) {}: no single block had room for all {tasks} tasks",
+            list(&blocks)
+        )
+    } else {
+        String::new()
     }
 }
 
@@ -479,6 +552,57 @@ fn pending_reason(
 mod tests {
     use super::*;
     use gpufleet_proto::v1::{GpuInfo, GpuStatus, NvLinkPeer};
+
+    #[test]
+    fn a_placement_note_says_what_a_gang_had_to_span() {
+        let task = |region: &str, block: &str| gpufleet_scheduler::TaskPlacement {
+            node_id: "n".into(),
+            provider: "aws".into(),
+            region: region.into(),
+            block: block.into(),
+            price_per_gpu_hour_micro_usd: 1,
+            gpu_uuids: vec!["GPU-1".into()],
+            generation: Generation::Hopper,
+            share_milli: 0,
+            memory_limit_bytes: 0,
+            mig_profile: None,
+        };
+        let label = "topology.block";
+        assert_eq!(placement_note(&[task("r1", "b1")], label), "", "one task");
+        assert_eq!(
+            placement_note(&[task("r1", "b1"), task("r1", "b1")], label),
+            ""
+        );
+        assert_eq!(
+            placement_note(&[task("r1", ""), task("r1", "")], label),
+            "",
+            "unlabelled nodes: nothing known to say"
+        );
+        assert_eq!(
+            placement_note(&[task("r1", "b1"), task("r1", "b2"), task("r1", "")], label),
+            "the gang spans network blocks (by topology.block) b1, b2, (unlabelled): no single block had room for all 3 tasks"
+        );
+        assert_eq!(
+            placement_note(&[task("r1", "b1"), task("r1", "b2")], ""),
+            "",
+            "blocks off"
+        );
+        assert_eq!(
+            placement_note(&[task("r1", "b1"), task("r2", "b1")], label),
+            "the gang spans regions r1, r2: no single region had room for all 2 tasks"
+        );
+        assert_eq!(
+            placement_note(&[task("r1", "b1"), task("r2", "b2")], label),
+            "the gang spans regions r1, r2: no single region had room for all 2 tasks (network blocks by topology.block: b1, b2)"
+        );
+        let many: Vec<_> = (0..10).map(|i| task(&format!("r{i}"), "")).collect();
+        assert!(
+            placement_note(&many, label)
+                .starts_with("the gang spans regions r0, r1, r2, r3, r4, r5, r6, r7 and 2 more:"),
+            "{}",
+            placement_note(&many, label)
+        );
+    }
 
     #[test]
     fn generations_convert_both_ways() {

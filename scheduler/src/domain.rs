@@ -230,6 +230,9 @@ pub struct TaskPlacement {
     pub node_id: String,
     pub provider: String,
     pub region: String,
+    /// The node's network block ([`crate::NodeInput::block`]; empty: not
+    /// known).
+    pub block: String,
     pub price_per_gpu_hour_micro_usd: u64,
     /// Whole GPUs, or the one GPU a share is on, or the MIG instance's uuid.
     pub gpu_uuids: Vec<String>,

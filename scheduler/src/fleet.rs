@@ -1,7 +1,7 @@
 //! The fleet as the scheduler indexes it.
 //!
 //! Nodes are grouped into equivalence classes (provider, region, model,
-//! price, spot); each class keeps its schedulable nodes in buckets by free
+//! price, spot, runtime, network block); each class keeps its schedulable nodes in buckets by free
 //! GPU count, so one placement touches classes and buckets, not every node.
 //! A node with GPUs of several models is split into one slot per model
 //! (disjoint GPU sets), which keeps every slot homogeneous.
@@ -42,6 +42,10 @@ pub struct NodeInput {
     pub nvlink_groups: Vec<Vec<u32>>,
     /// Runs container images (its agent advertises the `oci` runtime).
     pub oci: bool,
+    /// The network block the node sits in (the value of the controller's
+    /// topology label, e.g. `topology.block`); empty: not known. A gang
+    /// prefers nodes of one block.
+    pub block: String,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -73,6 +77,10 @@ pub struct MigInput {
 /// A GPU model as the fleet tells models apart: name, generation, memory,
 /// compute capability.
 type ModelKey<'a> = (&'a str, Generation, u64, (u32, u32));
+
+/// What makes nodes one equivalence class: (provider, region, model,
+/// price, spot, oci, network block).
+type ClassKey = (u16, u16, u16, u64, bool, bool, u16);
 
 /// Work already holding GPUs.
 #[derive(Debug, Clone, Default)]
@@ -116,6 +124,9 @@ pub(crate) struct Class {
     pub(crate) interruption_milli: u32,
     /// Its nodes run container images.
     pub(crate) oci: bool,
+    /// Its nodes' network block (id into `Fleet::blocks`; the empty name:
+    /// not known).
+    pub(crate) block: u16,
     /// `buckets[k]`: schedulable, unreserved slots with exactly k free GPUs.
     pub(crate) buckets: Vec<Vec<u32>>,
     /// Schedulable slots under a reservation (checked only by jobs that can
@@ -164,6 +175,8 @@ pub(crate) struct Running {
     pub(crate) mask: u32,
     /// A share or a MIG instance: evicting it frees no whole GPU.
     pub(crate) fractional: bool,
+    /// A share's size on its GPU, as charged: (thousandths, bytes).
+    pub(crate) share: (u32, u64),
     pub(crate) end: u64,
     pub(crate) priority: i32,
     pub(crate) preemptible: bool,
@@ -241,6 +254,10 @@ pub struct Fleet {
     pub(crate) classes_by_price: Vec<u32>,
     pub(crate) providers: Interner,
     pub(crate) regions: Interner,
+    /// Network blocks by name; `""` (unlabelled) when any node has none.
+    pub(crate) blocks: Interner,
+    /// Some node names a network block: gangs try one block first.
+    pub(crate) has_blocks: bool,
     pub(crate) models: Vec<ModelInfo>,
     pub(crate) running: Vec<Running>,
     pub(crate) running_jobs: Vec<String>,
@@ -279,7 +296,7 @@ impl Fleet {
         // Keys borrow from `nodes`: a pass rebuilds the fleet, and a key
         // copied per GPU was most of the build.
         let mut model_index: HashMap<ModelKey<'_>, u16> = HashMap::new();
-        let mut class_index: HashMap<(u16, u16, u16, u64, bool, bool), u32> = HashMap::new();
+        let mut class_index: HashMap<ClassKey, u32> = HashMap::new();
         let mut node_index: HashMap<K, u32> = HashMap::with_capacity(nodes.len());
         // Per node, per GPU position in `NodeInput::gpus`: its slot and bit.
         let mut gpu_slots: Vec<Vec<Option<(u32, u32)>>> = Vec::with_capacity(nodes.len());
@@ -295,6 +312,8 @@ impl Fleet {
             node_gpus.push(node.gpus.iter().map(|g| g.uuid.clone()).collect());
             let provider = fleet.providers.intern(&node.provider);
             let region = fleet.regions.intern(&node.region);
+            let block = fleet.blocks.intern(&node.block);
+            fleet.has_blocks |= !node.block.is_empty();
             // One slot per model on this node.
             let mut slots_of_node: Vec<(u16, u32)> = Vec::new();
             let mut previous_model: Option<(ModelKey<'_>, u16)> = None;
@@ -334,6 +353,7 @@ impl Fleet {
                             node.price_per_gpu_hour_micro_usd,
                             node.spot,
                             node.oci,
+                            block,
                         );
                         let class = *class_index.entry(class_key).or_insert_with(|| {
                             fleet.classes.push(Class {
@@ -344,6 +364,7 @@ impl Fleet {
                                 spot: node.spot,
                                 interruption_milli: 0,
                                 oci: node.oci,
+                                block,
                                 buckets: vec![Vec::new(); MAX_GPUS_PER_SLOT + 1],
                                 reserved: Vec::new(),
                                 slots: Vec::new(),
@@ -455,6 +476,7 @@ impl Fleet {
             let node = node_index.get(alloc.node_id.as_str()).copied();
             // MIG work names its instance; the instance's slot is charged.
             let mut fractional = alloc.share_milli > 0;
+            let mut share = (0u32, 0u64);
             for uuid in &alloc.gpu_uuids {
                 let found = node.and_then(|n| {
                     let at = nodes[n as usize].gpus.iter().position(|g| g.uuid == *uuid);
@@ -479,7 +501,7 @@ impl Fleet {
                         1 << pos
                     };
                     if bit != 0 && alloc.share_milli > 0 {
-                        crate::units::charge_share(
+                        share = crate::units::charge_share(
                             fleet,
                             &mut shared_index,
                             slot,
@@ -508,6 +530,7 @@ impl Fleet {
                     job,
                     mask,
                     fractional,
+                    share,
                     end: alloc.expected_end.unwrap_or(NEVER),
                     priority: alloc.priority,
                     preemptible: alloc.preemptible,

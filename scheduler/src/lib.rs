@@ -13,7 +13,11 @@
 //! 2. Each job is matched against equivalence classes of nodes (provider,
 //!    region, model, price, spot) — never against every node — and placed by
 //!    its policy (below). A gang (several tasks) is placed whole or not at all,
-//!    by default inside one region.
+//!    by default inside one region. It prefers one network block (nodes of
+//!    one [`NodeInput::block`]) and, where its locality allows more than a
+//!    region, one region; it spans blocks or regions only when no single
+//!    one has room (each [`TaskPlacement`] names its region and block, so
+//!    the caller can say so).
 //! 3. The first job of each priority level that does not fit gets a
 //!    *reservation*: the nodes where it will fit earliest (from the expected
 //!    ends of running work, i.e. start + max runtime). Later jobs may use free

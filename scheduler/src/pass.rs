@@ -8,7 +8,7 @@ use crate::config::{SchedulerConfig, TenantState};
 use crate::domain::{Constraints, Generation, GpuUnit, JobInput, Outcome, PassResult, Policy};
 use crate::fleet::{Fleet, NEVER};
 use crate::place::{Prefs, place_job};
-use crate::preempt::{preempt, preemption_possible};
+use crate::preempt::{preempt, preempt_share, preemption_possible};
 use crate::queue;
 use crate::reason::PendingReason;
 use crate::reserve::{fits_when_idle, reserve, reserved_capacity_would_fit};
@@ -242,14 +242,20 @@ fn decide<'a>(fleet: &mut Fleet, job: &'a JobInput, ctx: &mut PassCtx<'a>) -> (O
     } else {
         PendingReason::InsufficientFreeGpus
     };
-    // Shares and MIG instances neither preempt nor reserve: they wait for
-    // room (documented in docs/gpus.md).
+    // Whole-GPU jobs and one-task shares may preempt (a whole-GPU job
+    // evicts every share of a GPU together); MIG jobs and share gangs wait
+    // for room, and fractions never reserve (docs/gpus.md).
+    let share = matches!(job.unit, GpuUnit::Share { .. }) && job.tasks <= 1;
     if ever
-        && whole
+        && (whole || share)
         && !job.preemptible
         && ctx.preemptions < config.max_preemptions
         && preemption_possible(fleet, job, &classes)
-        && let Some(victims) = preempt(fleet, job, &compiled, &classes, now)
+        && let Some(victims) = if whole {
+            preempt(fleet, job, &compiled, &classes, now)
+        } else {
+            preempt_share(fleet, job, &classes, now)
+        }
     {
         ctx.preemptions += 1;
         return (Outcome::Preempting { victims }, 0.0);

@@ -2,7 +2,7 @@
 //! gang or none.
 
 use crate::compiled::Compiled;
-use crate::domain::{GpuUnit, JobInput, Policy, TaskPlacement};
+use crate::domain::{GpuUnit, JobInput, Locality, Policy, TaskPlacement};
 use crate::fleet::{self, Fleet, NEVER};
 use crate::units;
 
@@ -44,19 +44,159 @@ pub(crate) fn place_job(
         }
         return first_fit(fleet, classes, tasks, per_task, end, compiled.nvlink);
     }
-    let mut groups = ordered_groups(fleet, compiled, classes, discount);
-    if !whole {
-        if policy == Policy::Spread {
-            groups.sort_by_key(|(_, list)| std::cmp::Reverse(group_free(fleet, list, 1)));
+    let groups = ordered_groups(fleet, compiled, classes, discount);
+    // A gang prefers one network block, then (where its locality allows
+    // more) one region; it spans them only when no single one has room.
+    // Each tier narrows the locality groups; a narrowed group that equals
+    // one already tried is not tried again.
+    let mut tried: Vec<(usize, Option<u16>, usize)> = Vec::new();
+    if tasks > 1 && (fleet.has_blocks || compiled.locality != Locality::Region) {
+        // A part of a group holds the gang only if the group does: groups
+        // that cannot are not narrowed (whole GPUs; units check per part).
+        let viable: Vec<bool> = groups
+            .iter()
+            .map(|(_, list)| !whole || has_room(fleet, list, per_task, end, tasks))
+            .collect();
+        if fleet.has_blocks {
+            let mut by_block = narrowed(fleet, &groups, &viable, &tried, |class| {
+                (!fleet.blocks.names[class.block as usize].is_empty())
+                    .then_some((class.region, class.block))
+            });
+            if let Some(placements) =
+                place_tier(fleet, job, compiled, &mut by_block, policy, end, min_share)
+            {
+                return Some(placements);
+            }
+            tried.extend(
+                by_block
+                    .iter()
+                    .map(|t| (t.parent, Some(t.region), t.classes.len())),
+            );
         }
-        return units::place_units(fleet, job, &groups, policy, end, min_share);
+        if compiled.locality != Locality::Region {
+            let mut by_region = narrowed(fleet, &groups, &viable, &tried, |class| {
+                Some((class.region, 0))
+            });
+            if let Some(placements) =
+                place_tier(fleet, job, compiled, &mut by_region, policy, end, min_share)
+            {
+                return Some(placements);
+            }
+            tried.extend(
+                by_region
+                    .iter()
+                    .map(|t| (t.parent, Some(t.region), t.classes.len())),
+            );
+        }
+    }
+    let mut whole_groups: Vec<Tier> = groups
+        .into_iter()
+        .enumerate()
+        .filter(|(i, (_, list))| {
+            !tried
+                .iter()
+                .any(|&(p, _, len)| p == *i && len == list.len())
+        })
+        .map(|(parent, (_, classes))| Tier {
+            parent,
+            region: 0,
+            classes,
+        })
+        .collect();
+    place_tier(
+        fleet,
+        job,
+        compiled,
+        &mut whole_groups,
+        policy,
+        end,
+        min_share,
+    )
+}
+
+/// Where one gang may be placed at one tier of preference: a locality
+/// group, or the part of one in a single region or network block.
+struct Tier {
+    /// Index of the locality group it narrows.
+    parent: usize,
+    /// Its region (narrowed tiers only).
+    region: u16,
+    /// (effective price, class), cheapest first.
+    classes: Vec<(u64, u32)>,
+}
+
+/// Splits each viable locality group by `key` (classes whose key is `None`
+/// are left out), keeping price order; parts already tried are dropped.
+fn narrowed(
+    fleet: &Fleet,
+    groups: &[(u16, Vec<(u64, u32)>)],
+    viable: &[bool],
+    tried: &[(usize, Option<u16>, usize)],
+    key: impl Fn(&fleet::Class) -> Option<(u16, u16)>,
+) -> Vec<Tier> {
+    // (parent group, key, classes)
+    type Part = (usize, (u16, u16), Vec<(u64, u32)>);
+    let mut out: Vec<Part> = Vec::new();
+    for (parent, (_, list)) in groups.iter().enumerate() {
+        if !viable[parent] {
+            continue;
+        }
+        let first = out.len();
+        for &(price, c) in list {
+            let Some(k) = key(&fleet.classes[c as usize]) else {
+                continue;
+            };
+            match out[first..].iter_mut().find(|(_, ok, _)| *ok == k) {
+                Some((_, _, part)) => part.push((price, c)),
+                None => out.push((parent, k, vec![(price, c)])),
+            }
+        }
+    }
+    let mut tiers: Vec<Tier> = out
+        .into_iter()
+        .filter(|(parent, (region, _), part)| {
+            !tried
+                .iter()
+                .any(|&(p, r, len)| p == *parent && r == Some(*region) && len == part.len())
+        })
+        .map(|(parent, (region, _), classes)| Tier {
+            parent,
+            region,
+            classes,
+        })
+        .collect();
+    // Cheapest part first, as groups are ordered.
+    tiers.sort_by_key(|t| t.classes.first().map_or(u64::MAX, |&(price, _)| price));
+    tiers
+}
+
+/// Places every task of the job inside one of `tiers` (tried in order), or
+/// none.
+fn place_tier(
+    fleet: &mut Fleet,
+    job: &JobInput,
+    compiled: &Compiled,
+    tiers: &mut [Tier],
+    policy: Policy,
+    end: u64,
+    min_share: u32,
+) -> Option<Vec<TaskPlacement>> {
+    let tasks = job.tasks.max(1);
+    let per_task = job.gpus_per_task;
+    if job.unit != GpuUnit::Whole {
+        if policy == Policy::Spread {
+            tiers.sort_by_key(|t| std::cmp::Reverse(group_free(fleet, &t.classes, 1)));
+        }
+        let groups = tiers.iter().map(|t| &t.classes[..]);
+        return units::place_units(fleet, job, groups, policy, end, min_share);
     }
     if policy == Policy::Spread {
         // Emptiest group first.
-        groups.sort_by_key(|(_, list)| std::cmp::Reverse(group_free(fleet, list, per_task)));
+        tiers.sort_by_key(|t| std::cmp::Reverse(group_free(fleet, &t.classes, per_task)));
     }
-    for (_, group) in &groups {
-        if group_capacity(fleet, group, per_task, end) < tasks as u64 {
+    for tier in tiers.iter() {
+        let group = &tier.classes;
+        if !has_room(fleet, group, per_task, end, tasks) {
             continue;
         }
         let mut taken: Vec<(u32, u32)> = Vec::with_capacity(tasks as usize);
@@ -133,6 +273,7 @@ fn placement(fleet: &Fleet, slot: u32, mask: u32) -> TaskPlacement {
         node_id: fleet.node_ids[s.node as usize].clone(),
         provider: fleet.providers.names[class.provider as usize].clone(),
         region: fleet.regions.names[class.region as usize].clone(),
+        block: fleet.blocks.names[class.block as usize].clone(),
         price_per_gpu_hour_micro_usd: class.price,
         gpu_uuids: fleet.uuids(slot, mask),
         generation: fleet.models[class.model as usize].generation,
@@ -143,13 +284,29 @@ fn placement(fleet: &Fleet, slot: u32, mask: u32) -> TaskPlacement {
 }
 
 fn group_free(fleet: &Fleet, group: &[(u64, u32)], per_task: u32) -> u64 {
-    group_capacity(fleet, group, per_task, NEVER)
+    group_capacity(fleet, group, per_task, NEVER, u64::MAX)
 }
 
-/// Tasks of `per_task` GPUs the group could take now (upper bound).
-fn group_capacity(fleet: &Fleet, group: &[(u64, u32)], per_task: u32, end: u64) -> u64 {
+/// The group could take `tasks` tasks of `per_task` GPUs now (upper bound;
+/// stops counting once they would fit).
+fn has_room(fleet: &Fleet, group: &[(u64, u32)], per_task: u32, end: u64, tasks: u32) -> bool {
+    group_capacity(fleet, group, per_task, end, tasks as u64) >= tasks as u64
+}
+
+/// Tasks of `per_task` GPUs the group could take now (upper bound), or at
+/// least `enough` once that many are counted.
+fn group_capacity(
+    fleet: &Fleet,
+    group: &[(u64, u32)],
+    per_task: u32,
+    end: u64,
+    enough: u64,
+) -> u64 {
     let mut total = 0u64;
     for &(_, c) in group {
+        if total >= enough {
+            break;
+        }
         let class = &fleet.classes[c as usize];
         for k in per_task as usize..=fleet::MAX_GPUS_PER_SLOT {
             total += class.buckets[k].len() as u64 * (k as u64 / per_task as u64);

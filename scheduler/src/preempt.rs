@@ -1,11 +1,17 @@
 //! Preemption: the fewest lower-priority preemptible allocations whose
-//! eviction makes room for a job that does not fit.
+//! eviction makes room for a job that does not fit. For a whole-GPU job,
+//! shares count as victims only all together: a shared GPU is freed by
+//! evicting every share on it (each preemptible and of a lower priority).
+//! A one-task share job evicts the fewest thousandths of a GPU that make
+//! room for it. MIG instances are never victims (their GPU stays in MIG
+//! mode), and MIG jobs do not preempt.
 
 use std::collections::HashMap;
 
 use crate::compiled::Compiled;
-use crate::domain::JobInput;
+use crate::domain::{GpuUnit, JobInput};
 use crate::fleet::Fleet;
+use crate::units::resolve_share;
 
 /// Whether eviction could possibly help: preemptible lower-priority work,
 /// or work already being evicted, runs in an eligible class.
@@ -40,18 +46,48 @@ pub(crate) fn preempt(
                 continue;
             }
             let mut available = s.free;
-            let mut candidates: Vec<(i32, u32, u32)> = Vec::new();
+            // (priority, GPUs freed, victims): one whole-GPU allocation, or
+            // every share on one shared GPU (its highest priority).
+            let mut candidates: Vec<(i32, u32, Vec<u32>)> = Vec::new();
+            // Per shared GPU (its bit): the shares not yet being evicted,
+            // and whether each of them may be evicted for this job.
+            let mut shared: Vec<(u32, Vec<u32>, i32, bool)> = Vec::new();
             for &r in &fleet.running_by_slot[slot as usize] {
                 let run = &fleet.running[r as usize];
-                // A share or MIG instance frees no whole GPU when evicted
-                // (other shares may stay on its GPU): never a useful victim.
                 if run.fractional {
+                    // A MIG instance holds no whole GPU (its GPU stays in
+                    // MIG mode): never a useful victim. A share frees its
+                    // GPU only with every other share on it.
+                    if run.mask == 0 || run.mask & s.shared == 0 {
+                        continue;
+                    }
+                    let at = match shared.iter().position(|(bit, ..)| *bit == run.mask) {
+                        Some(at) => at,
+                        None => {
+                            shared.push((run.mask, Vec::new(), i32::MIN, true));
+                            shared.len() - 1
+                        }
+                    };
+                    let gpu = &mut shared[at];
+                    if !run.evicting {
+                        gpu.1.push(r);
+                        gpu.2 = gpu.2.max(run.priority);
+                        gpu.3 &= run.preemptible && run.priority < job.priority;
+                    }
                     continue;
                 }
                 if run.evicting {
                     available |= run.mask & s.healthy;
                 } else if run.preemptible && run.priority < job.priority {
-                    candidates.push((run.priority, run.mask.count_ones(), r));
+                    candidates.push((run.priority, run.mask.count_ones(), vec![r]));
+                }
+            }
+            for (bit, victims, priority, evictable) in shared {
+                if victims.is_empty() {
+                    // Every share on it is already being evicted.
+                    available |= bit & s.healthy;
+                } else if evictable {
+                    candidates.push((priority, 1, victims));
                 }
             }
             candidates.sort_unstable();
@@ -64,10 +100,12 @@ pub(crate) fn preempt(
             for m in 1..=capacity {
                 while available.count_ones() < m * per_task {
                     match cand.next() {
-                        Some((_, gpus, r)) => {
-                            available |= fleet.running[r as usize].mask & s.healthy;
+                        Some((_, gpus, runs)) => {
+                            for r in runs {
+                                available |= fleet.running[r as usize].mask & s.healthy;
+                                victims.push(r);
+                            }
                             cost += gpus;
-                            victims.push(r);
                         }
                         None => break,
                     }
@@ -98,15 +136,26 @@ pub(crate) fn preempt(
     if list.iter().all(|(_, _, v)| v.is_empty()) && !uses_evicting {
         return None;
     }
-    let mut victim_jobs: Vec<u32> = list
+    let victims: Vec<u32> = list
         .iter()
-        .flat_map(|(_, _, v)| v.iter().map(|&r| fleet.running[r as usize].job))
+        .flat_map(|(_, _, v)| v.iter().copied())
+        .collect();
+    let slots: Vec<u32> = list.iter().map(|(_, slot, _)| *slot).collect();
+    Some(evict(fleet, &victims, &slots, now))
+}
+
+/// Marks the jobs of `victims` (running allocation ids) as being evicted
+/// and holds `slots` for the preemptor; returns the victim job ids.
+fn evict(fleet: &mut Fleet, victims: &[u32], slots: &[u32], now: u64) -> Vec<String> {
+    let mut victim_jobs: Vec<u32> = victims
+        .iter()
+        .map(|&r| fleet.running[r as usize].job)
         .collect();
     victim_jobs.sort_unstable();
     victim_jobs.dedup();
     // Hold the room: nothing may start on these slots until the job runs.
-    for (_, slot, _) in &list {
-        fleet.reserve(*slot, now.max(1));
+    for &slot in slots {
+        fleet.reserve(slot, now.max(1));
     }
     // Victims' allocations are now being evicted (for later jobs this pass).
     let mut newly_evicting = Vec::new();
@@ -126,10 +175,120 @@ pub(crate) fn preempt(
             fleet.classes[class].evicting += n;
         }
     }
-    Some(
-        victim_jobs
-            .into_iter()
-            .map(|j| fleet.running_jobs[j as usize].clone())
-            .collect(),
-    )
+    victim_jobs
+        .into_iter()
+        .map(|j| fleet.running_jobs[j as usize].clone())
+        .collect()
+}
+
+/// For a one-task share job that does not fit: the cheapest room that
+/// evicting lower-priority preemptible work makes, in thousandths of GPUs
+/// evicted: shares on one shared GPU (lowest priority first, then the
+/// smallest), or a whole-GPU allocation whose GPU then hosts the share.
+/// Work already being evicted counts as room (then no new victims). Returns
+/// the victim job ids, or None if eviction cannot help.
+pub(crate) fn preempt_share(
+    fleet: &mut Fleet,
+    job: &JobInput,
+    classes: &[u32],
+    now: u64,
+) -> Option<Vec<String>> {
+    let GpuUnit::Share {
+        milli,
+        memory_bytes,
+    } = job.unit
+    else {
+        return None;
+    };
+    if job.tasks > 1 {
+        return None;
+    }
+    // (thousandths evicted, slot, victims)
+    let mut best: Option<(u64, u32, Vec<u32>)> = None;
+    let mut consider = |cost: u64, slot: u32, victims: Vec<u32>| {
+        if best
+            .as_ref()
+            .is_none_or(|(c, s, _)| (cost, slot) < (*c, *s))
+        {
+            best = Some((cost, slot, victims));
+        }
+    };
+    for &c in classes {
+        let class = &fleet.classes[c as usize];
+        let gpu_memory = fleet.models[class.model as usize].memory_bytes;
+        let Some((m, mem)) = resolve_share(milli, memory_bytes, gpu_memory) else {
+            continue;
+        };
+        // Shares on one shared GPU.
+        for &g in &class.shared {
+            let gpu = &fleet.shared[g as usize];
+            let s = &fleet.slots[gpu.slot as usize];
+            let bit = 1u32 << gpu.pos;
+            if s.reserved_until != 0 || s.healthy & bit == 0 {
+                continue;
+            }
+            let (mut free_milli, mut free_memory) = (gpu.free_milli, gpu.free_memory);
+            let mut candidates: Vec<(i32, u32, u32)> = Vec::new();
+            let mut exclusive = false;
+            let mut being_evicted = false;
+            for &r in &fleet.running_by_slot[gpu.slot as usize] {
+                let run = &fleet.running[r as usize];
+                if run.mask & bit == 0 {
+                    continue;
+                }
+                if !run.fractional {
+                    exclusive = true; // inconsistent input: never shared out
+                } else if run.evicting {
+                    free_milli += run.share.0;
+                    free_memory += run.share.1;
+                    being_evicted = true;
+                } else if run.preemptible && run.priority < job.priority {
+                    candidates.push((run.priority, run.share.0, r));
+                }
+            }
+            if exclusive {
+                continue;
+            }
+            candidates.sort_unstable();
+            let mut victims = Vec::new();
+            let mut cost = 0u64;
+            for (_, share, r) in candidates {
+                if free_milli >= m && free_memory >= mem {
+                    break;
+                }
+                free_milli += share;
+                free_memory += fleet.running[r as usize].share.1;
+                cost += u64::from(share);
+                victims.push(r);
+            }
+            // Room without victims or evictions would have placed it.
+            if free_milli >= m && free_memory >= mem && (!victims.is_empty() || being_evicted) {
+                consider(cost, gpu.slot, victims);
+            }
+        }
+        // A whole-GPU allocation (or one being evicted) frees its GPUs.
+        if mem > gpu_memory {
+            continue;
+        }
+        for &slot in &class.slots {
+            let s = &fleet.slots[slot as usize];
+            if !s.schedulable || s.reserved_until != 0 {
+                continue;
+            }
+            for &r in &fleet.running_by_slot[slot as usize] {
+                let run = &fleet.running[r as usize];
+                if run.fractional || run.mask & s.healthy == 0 {
+                    continue;
+                }
+                if run.evicting {
+                    consider(0, slot, Vec::new());
+                } else if run.preemptible && run.priority < job.priority {
+                    let cost = u64::from(run.mask.count_ones()) * u64::from(GpuUnit::WHOLE_MILLI);
+                    consider(cost, slot, vec![r]);
+                }
+            }
+        }
+    }
+    let (_, slot, victims) = best?;
+    Some(evict(fleet, &victims, &[slot], now))
 }

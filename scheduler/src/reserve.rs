@@ -22,9 +22,14 @@ pub(crate) fn fits_when_idle(
         let tasks: u64 = (per_task..=fleet::MAX_GPUS_PER_SLOT)
             .map(|k| class.healthy_hist[k] as u64 * (k / per_task) as u64)
             .sum();
-        *per_group.entry(compiled.group_of(class)).or_insert(0) += tasks;
+        let group = per_group.entry(compiled.group_of(class)).or_insert(0);
+        *group += tasks;
+        // Enough in one group already: the rest cannot change the answer.
+        if *group >= job.tasks.max(1) as u64 {
+            return true;
+        }
     }
-    per_group.values().any(|&t| t >= job.tasks.max(1) as u64)
+    false
 }
 
 /// Whether the job would fit now if reservations were ignored.
@@ -45,9 +50,14 @@ pub(crate) fn reserved_capacity_would_fit(
         for &slot in &class.reserved {
             tasks += (fleet.slots[slot as usize].free.count_ones() / per_task) as u64;
         }
-        *per_group.entry(compiled.group_of(class)).or_insert(0) += tasks;
+        let group = per_group.entry(compiled.group_of(class)).or_insert(0);
+        *group += tasks;
+        // Enough in one group already: the rest cannot change the answer.
+        if *group >= job.tasks.max(1) as u64 {
+            return true;
+        }
     }
-    per_group.values().any(|&t| t >= job.tasks.max(1) as u64)
+    false
 }
 
 /// Reserves the slots where the job fits earliest. Returns whether it did.

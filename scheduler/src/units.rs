@@ -73,7 +73,8 @@ fn shares_fitting(free_milli: u32, free_memory: u64, m: u32, mem: u64) -> u64 {
         .map_or(by_share, |by_memory| by_share.min(by_memory))
 }
 
-/// Charges a running share to its GPU while the fleet is built.
+/// Charges a running share to its GPU while the fleet is built; returns
+/// what it charged (thousandths, bytes).
 pub(crate) fn charge_share(
     fleet: &mut Fleet,
     index: &mut HashMap<(u32, u32), u32>,
@@ -81,7 +82,7 @@ pub(crate) fn charge_share(
     pos: u32,
     milli: u32,
     memory_bytes: u64,
-) {
+) -> (u32, u64) {
     let gpu_memory = fleet.models
         [fleet.classes[fleet.slots[slot as usize].class as usize].model as usize]
         .memory_bytes;
@@ -102,6 +103,7 @@ pub(crate) fn charge_share(
     let gpu = &mut fleet.shared[id as usize];
     gpu.free_milli = gpu.free_milli.saturating_sub(milli);
     gpu.free_memory = gpu.free_memory.saturating_sub(memory);
+    (milli, memory)
 }
 
 /// Lists shared GPUs and MIG instances of schedulable slots in their
@@ -278,16 +280,16 @@ enum Pick {
 }
 
 /// Places every task of a share or MIG job, or none.
-pub(crate) fn place_units(
+pub(crate) fn place_units<'a>(
     fleet: &mut Fleet,
     job: &JobInput,
-    groups: &[(u16, Vec<(u64, u32)>)],
+    groups: impl IntoIterator<Item = &'a [(u64, u32)]>,
     policy: Policy,
     end: u64,
     min_share: u32,
 ) -> Option<Vec<TaskPlacement>> {
     let tasks = job.tasks.max(1);
-    for (_, group) in groups {
+    for group in groups {
         let room: u64 = group
             .iter()
             .map(|&(_, c)| free_tasks(fleet, &job.unit, c, end))
@@ -440,7 +442,11 @@ fn best_share(
             .iter()
             .filter(|&&g| {
                 let gpu = &fleet.shared[g as usize];
-                gpu.free_milli >= m && gpu.free_memory >= mem
+                // A reserved slot (held for a job ordered earlier, e.g. one
+                // evicting these very shares) takes only work that ends in
+                // time.
+                let reserved = fleet.slots[gpu.slot as usize].reserved_until;
+                gpu.free_milli >= m && gpu.free_memory >= mem && (reserved == 0 || end <= reserved)
             })
             .min_by_key(|&&g| (waste(fleet.shared[g as usize].free_milli - m), g))
             .map(|&g| (waste(fleet.shared[g as usize].free_milli - m), g));
@@ -623,6 +629,7 @@ fn placement(fleet: &Fleet, pick: Pick) -> TaskPlacement {
         node_id: fleet.node_ids[s.node as usize].clone(),
         provider: fleet.providers.names[class.provider as usize].clone(),
         region: fleet.regions.names[class.region as usize].clone(),
+        block: fleet.blocks.names[class.block as usize].clone(),
         price_per_gpu_hour_micro_usd: class.price,
         gpu_uuids: uuid,
         generation: fleet.models[class.model as usize].generation,

@@ -1,8 +1,12 @@
 //! Multi-node gangs end to end: three agents on loopback, a real
-//! rendezvous over the MASTER_ADDR:MASTER_PORT rank 0's agent chose, and a
-//! gang that fails and restarts as one.
+//! rendezvous over the MASTER_ADDR:MASTER_PORT rank 0's agent chose, a
+//! gang that fails and restarts as one, and a gang that keeps to one
+//! network block (`topology.block` labels) until it outgrows every block,
+//! and then says so.
 
-use gpufleet_proto::v1::{Job, JobSpec, JobState, RetryPolicy, WorkloadSpec};
+use std::collections::BTreeSet;
+
+use gpufleet_proto::v1::{ExplainJobRequest, Job, JobSpec, JobState, RetryPolicy, WorkloadSpec};
 use gpufleet_tests::{Cluster, NodeSpec, job_log, rendezvous_program};
 
 fn three_nodes() -> Vec<NodeSpec> {
@@ -118,5 +122,86 @@ async fn a_failed_rank_restarts_the_whole_gang_once() -> anyhow::Result<()> {
         job.tasks
     );
     assert!(marker.exists());
+    cluster.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gang_keeps_to_one_network_block_and_says_when_it_cannot() -> anyhow::Result<()> {
+    // One region; node-0 (block b1) is the cheapest, node-1 and node-2
+    // (block b2) dearer.
+    let mut cluster = Cluster::start(&[]).await?;
+    for (i, block, price) in [(0, "b1", 1.0), (1, "b2", 3.0), (2, "b2", 3.0)] {
+        let node = NodeSpec::new(
+            &format!("node-{i}"),
+            "aws",
+            "us-east-1",
+            "1xH100-SXM-80GB",
+            price,
+        );
+        let mut config = cluster.agent_config(&node);
+        config
+            .node
+            .labels
+            .insert("topology.block".into(), block.into());
+        cluster.add_agent_with(config).await?;
+    }
+    cluster.wait_ready(3).await?;
+    let argv = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let nodes_of =
+        |job: &Job| -> BTreeSet<String> { job.tasks.iter().map(|t| t.node_id.clone()).collect() };
+
+    // Two tasks fit in b2: the gang goes there, though node-0 is cheaper.
+    let pair = JobSpec {
+        tasks: 2,
+        ..gang(argv(&["true"]), 0)
+    };
+    let pair = cluster.submit_spec(pair).await?;
+    let pair = cluster.wait_job(&pair.id, "to end", is_terminal).await?;
+    assert_eq!(pair.state(), JobState::Succeeded, "{pair:?}");
+    assert_eq!(
+        nodes_of(&pair),
+        BTreeSet::from(["node-1".to_string(), "node-2".to_string()])
+    );
+    assert_eq!(pair.placement_note, "", "one block: nothing to say");
+
+    // Three tasks fit in no block: it spans b1 and b2, and says so in the
+    // job (every watcher sees it with the Scheduled version) and in explain.
+    let trio = cluster.submit_spec(gang(argv(&["sleep", "30"]), 0)).await?;
+    let trio = cluster
+        .wait_job(&trio.id, "to run", |j| j.state() == JobState::Running)
+        .await?;
+    assert_eq!(nodes_of(&trio).len(), 3);
+    // Shown with --nocapture; docs/workloads.md quotes it.
+    println!("Placement: {}", trio.placement_note);
+    assert!(
+        trio.placement_note
+            .starts_with("the gang spans network blocks (by topology.block) b")
+            && trio.placement_note.contains("b1")
+            && trio.placement_note.contains("b2")
+            && trio
+                .placement_note
+                .ends_with("no single block had room for all 3 tasks"),
+        "{}",
+        trio.placement_note
+    );
+    let mut jobs = cluster.jobs().await?;
+    let explained = jobs
+        .explain_job(ExplainJobRequest {
+            job_id: trio.id.clone(),
+        })
+        .await?
+        .into_inner();
+    assert!(
+        explained
+            .summary
+            .contains(&format!("placed, but {}", trio.placement_note)),
+        "{}",
+        explained.summary
+    );
+    jobs.cancel_job(gpufleet_proto::v1::CancelJobRequest {
+        job_id: trio.id.clone(),
+        reason: String::new(),
+    })
+    .await?;
     cluster.shutdown().await
 }

@@ -698,26 +698,93 @@ fn check_advertise_address(address: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// The address peers reach this node at when none is configured: the
+/// The address peers reach this node at when none is configured: a private
+/// address of this host (see [`choose_advertise_address`]), from the
 /// source address the kernel picks for the default route (a UDP socket
-/// "connected" to a TEST-NET address; no packet is sent), when it is a
-/// non-loopback IPv4 address. `Err` carries why it fell back to
-/// `127.0.0.1`, for the log.
+/// "connected" to a TEST-NET address; no packet is sent) and the addresses
+/// of the interfaces that are up. `Err` carries the address to use anyway
+/// and why it is not a private one, for the log.
 pub fn default_advertise_address() -> Result<String, (String, String)> {
-    const FALLBACK: &str = "127.0.0.1";
-    let probe = std::net::UdpSocket::bind("0.0.0.0:0")
+    let route_source = std::net::UdpSocket::bind("0.0.0.0:0")
         .and_then(|socket| {
             socket.connect("192.0.2.1:9")?;
             socket.local_addr()
         })
-        .map(|addr| addr.ip());
-    match probe {
-        Ok(ip) if !ip.is_loopback() && !ip.is_unspecified() => Ok(ip.to_string()),
-        Ok(ip) => Err((
-            FALLBACK.to_string(),
-            format!("the default route's source address is {ip}"),
+        .map(|addr| addr.ip())
+        .ok();
+    choose_advertise_address(route_source, &interface_addresses())
+}
+
+/// Addresses of this host's interfaces that are up, as (interface, address);
+/// empty when they cannot be listed.
+fn interface_addresses() -> Vec<(String, std::net::IpAddr)> {
+    use nix::net::if_::InterfaceFlags;
+    let Ok(list) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    list.filter(|i| i.flags.contains(InterfaceFlags::IFF_UP))
+        .filter_map(|i| {
+            let address = i.address.as_ref()?;
+            let ip = match (address.as_sockaddr_in(), address.as_sockaddr_in6()) {
+                (Some(v4), _) => std::net::IpAddr::V4(v4.ip()),
+                (_, Some(v6)) => std::net::IpAddr::V6(v6.ip()),
+                _ => return None,
+            };
+            Some((i.interface_name, ip))
+        })
+        .collect()
+}
+
+/// A private address: IPv4 in RFC 1918 (10/8, 172.16/12, 192.168/16), or
+/// an IPv6 unique local address (fc00::/7, RFC 4193).
+pub fn is_private_address(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_private(),
+        std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xfe00) == 0xfc00,
+    }
+}
+
+/// Picks the advertised address from the default route's source address
+/// and the host's interface addresses (given, so tests need no network):
+/// 1. the default route's source address, when it is private;
+/// 2. else the first private address of an interface, IPv4 before IPv6
+///    (interfaces in the order given, i.e. the kernel's);
+/// 3. else (`Err`, to be logged) the default route's source address when
+///    it is neither loopback nor unspecified: peers may reach a public
+///    address, but the fleet's traffic then leaves the private network;
+/// 4. else (`Err`) `127.0.0.1`: peers on other hosts cannot reach it.
+pub fn choose_advertise_address(
+    route_source: Option<std::net::IpAddr>,
+    interfaces: &[(String, std::net::IpAddr)],
+) -> Result<String, (String, String)> {
+    if let Some(ip) = route_source.filter(|ip| is_private_address(*ip)) {
+        return Ok(ip.to_string());
+    }
+    let private = |v4: bool| {
+        interfaces
+            .iter()
+            .find(|(_, ip)| ip.is_ipv4() == v4 && is_private_address(*ip))
+    };
+    if let Some((_, ip)) = private(true).or_else(|| private(false)) {
+        return Ok(ip.to_string());
+    }
+    match route_source {
+        Some(ip) if !ip.is_loopback() && !ip.is_unspecified() => Err((
+            ip.to_string(),
+            format!(
+                "no private address (RFC 1918 or IPv6 ULA) on any interface; the default route's source address {ip} is not private"
+            ),
         )),
-        Err(e) => Err((FALLBACK.to_string(), format!("no default route: {e}"))),
+        Some(ip) => Err((
+            "127.0.0.1".to_string(),
+            format!(
+                "no private address on any interface, and the default route's source address is {ip}"
+            ),
+        )),
+        None => Err((
+            "127.0.0.1".to_string(),
+            "no private address on any interface, and no default route".to_string(),
+        )),
     }
 }
 

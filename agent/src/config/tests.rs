@@ -383,3 +383,60 @@ fn every_file_key_is_a_flag_and_a_variable() {
         );
     }
 }
+
+#[test]
+fn the_default_advertised_address_is_a_private_one() {
+    use std::net::IpAddr;
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let ifs = |list: &[(&str, &str)]| -> Vec<(String, IpAddr)> {
+        list.iter().map(|(n, a)| (n.to_string(), ip(a))).collect()
+    };
+    // A host with a public and a private interface; the default route's
+    // source is the public one: the private one is advertised.
+    let host = ifs(&[
+        ("lo", "127.0.0.1"),
+        ("eth0", "203.0.113.7"),
+        ("eth1", "10.1.2.3"),
+        ("eth1", "fd00::3"),
+    ]);
+    assert_eq!(
+        choose_advertise_address(Some(ip("203.0.113.7")), &host),
+        Ok("10.1.2.3".into())
+    );
+    // The default route's own source wins when it is private.
+    let two_private = ifs(&[("eth0", "192.168.1.5"), ("eth1", "172.20.0.9")]);
+    assert_eq!(
+        choose_advertise_address(Some(ip("172.20.0.9")), &two_private),
+        Ok("172.20.0.9".into())
+    );
+    // IPv4 before IPv6; an IPv6 ULA when it is all there is.
+    assert_eq!(
+        choose_advertise_address(None, &ifs(&[("eth0", "fd12::1"), ("eth1", "192.168.7.7")])),
+        Ok("192.168.7.7".into())
+    );
+    assert_eq!(
+        choose_advertise_address(None, &ifs(&[("eth0", "2001:db8::1"), ("eth0", "fd12::1")])),
+        Ok("fd12::1".into())
+    );
+    // Not private: 172.32/12's neighbour, link-local, CGNAT, loopback.
+    let public_only = ifs(&[
+        ("lo", "127.0.0.1"),
+        ("eth0", "172.32.0.1"),
+        ("eth0", "169.254.1.1"),
+        ("eth0", "fe80::1"),
+        ("tailscale0", "100.64.0.1"),
+    ]);
+    let (address, why) = choose_advertise_address(Some(ip("172.32.0.1")), &public_only)
+        .expect_err("no private address");
+    assert_eq!(
+        address, "172.32.0.1",
+        "the public route source, with a warning"
+    );
+    assert!(why.contains("not private"), "{why}");
+    let (address, why) = choose_advertise_address(None, &public_only).expect_err("nothing");
+    assert_eq!(address, "127.0.0.1");
+    assert!(why.contains("no default route"), "{why}");
+    let (address, _) =
+        choose_advertise_address(Some(ip("127.0.0.1")), &[]).expect_err("loopback only");
+    assert_eq!(address, "127.0.0.1");
+}

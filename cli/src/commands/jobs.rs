@@ -712,6 +712,9 @@ fn print_job(job: &Job) {
     if !job.message.is_empty() {
         say!("Message:   {}", job.message);
     }
+    if !job.placement_note.is_empty() {
+        say!("Placement: {}", job.placement_note);
+    }
     if let (Some(reason), JobState::Pending) = (&job.pending_reason, job.state()) {
         say!("Pending:   {} — {}", reason.code, reason.message);
         for exclusion in &reason.exclusions {

@@ -48,6 +48,9 @@ pub struct ControllerConfig {
     pub node_not_ready_after: Duration,
     pub node_lost_after: Duration,
     pub scheduler: SchedulerConfig,
+    /// The node label whose value is the node's network block (empty: no
+    /// block preference for gangs).
+    pub topology_block_label: String,
     pub fair_share_half_life: Duration,
     pub queues: Vec<String>,
     pub usage_retention: crate::usage::Retention,
@@ -72,6 +75,8 @@ pub const MAX_PRICE_SOURCES: usize = 16;
 pub const DEFAULT_PRICE_REFRESH_INTERVAL: Duration = Duration::from_secs(300);
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+/// The label Kubernetes-style fleets use for a network block.
+pub const DEFAULT_TOPOLOGY_BLOCK_LABEL: &str = "topology.block";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/gpufleet/controller";
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9401";
 pub const DEFAULT_RATE_LIMIT_PER_TOKEN: u32 = 1000;
@@ -145,6 +150,7 @@ impl ControllerConfig {
             node_not_ready_after: Duration::from_secs(15),
             node_lost_after: Duration::from_secs(60),
             scheduler: SchedulerConfig::default(),
+            topology_block_label: DEFAULT_TOPOLOGY_BLOCK_LABEL.to_string(),
             fair_share_half_life: Duration::from_secs(24 * 3600),
             queues: vec!["default".to_string()],
             usage_retention: crate::usage::Retention::default(),
@@ -250,6 +256,22 @@ impl ControllerConfig {
                     ));
                 }
             };
+        }
+        let topology_block_label = file
+            .topology_block_label
+            .clone()
+            .unwrap_or_else(|| DEFAULT_TOPOLOGY_BLOCK_LABEL.to_string());
+        if topology_block_label.len() > crate::limits::NODE_LABEL_KEY_BYTES
+            || topology_block_label.chars().any(|c| c.is_control())
+        {
+            return Err(invalid(
+                "topology_block_label",
+                format!(
+                    "{:?} is not a node label key (at most {} bytes, no control characters); e.g. topology.block, or empty to turn the preference off",
+                    topology_block_label.chars().take(64).collect::<String>(),
+                    crate::limits::NODE_LABEL_KEY_BYTES
+                ),
+            ));
         }
         let half_life = duration(
             "fair_share_half_life",
@@ -449,6 +471,7 @@ impl ControllerConfig {
             node_not_ready_after: not_ready,
             node_lost_after: lost,
             scheduler,
+            topology_block_label,
             fair_share_half_life: half_life,
             queues,
             telemetry_retention: retention,
@@ -490,6 +513,7 @@ impl ControllerConfig {
                 }
                 .to_string(),
             ),
+            topology_block_label: Some(self.topology_block_label.clone()),
             fair_share_half_life: Some(
                 humantime::format_duration(self.fair_share_half_life).to_string(),
             ),

@@ -109,6 +109,11 @@ pub struct ControllerSettings {
     /// Half-life of past usage in fair share [default: 24h].
     #[arg(long, env = "GPUFLEET_FAIR_SHARE_HALF_LIFE", value_name = "DURATION")]
     pub fair_share_half_life: Option<String>,
+    /// Node label whose value names a node's network block: a gang prefers
+    /// nodes that share one value; empty turns the preference off
+    /// [default: topology.block].
+    #[arg(long, env = "GPUFLEET_TOPOLOGY_BLOCK_LABEL", value_name = "KEY")]
+    pub topology_block_label: Option<String>,
     /// Queues jobs may name (file only) [default: ["default"]].
     #[arg(skip)]
     pub queues: Option<Vec<String>>,

@@ -74,6 +74,29 @@ mod loading {
     }
 
     #[test]
+    fn topology_block_label_defaults_may_be_turned_off_and_is_checked() {
+        let c = load_with(None, &HashMap::new(), &[]).unwrap();
+        assert_eq!(c.topology_block_label, "topology.block");
+        let c = load_with(None, &HashMap::new(), &["--topology-block-label", ""]).unwrap();
+        assert_eq!(c.topology_block_label, "", "empty: no block preference");
+        let env = HashMap::from([(
+            "GPUFLEET_TOPOLOGY_BLOCK_LABEL".to_string(),
+            "rack\u{7}".to_string(),
+        )]);
+        let err = load_with(None, &env, &[]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("invalid topology_block_label"),
+            "{err}"
+        );
+        let long = "k".repeat(129);
+        let err = load_with(None, &HashMap::new(), &["--topology-block-label", &long]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("invalid topology_block_label"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn telemetry_keys_from_env_and_defaults() {
         let c = load_with(None, &HashMap::new(), &[]).unwrap();
         assert_eq!(c.telemetry_retention, Duration::from_secs(7 * 86_400));

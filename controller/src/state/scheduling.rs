@@ -44,7 +44,7 @@ impl Controller {
         if pending.is_empty() {
             return Ok(0);
         }
-        let mut fleet = fleet_index(&state);
+        let mut fleet = fleet_index(&state, &self.inner.config.topology_block_label);
         let inputs: Vec<gpufleet_scheduler::JobInput> =
             pending.iter().map(|j| placement::job_input(j)).collect();
         let tenants = placement::tenant_state(&state.fair, held);
@@ -62,6 +62,13 @@ impl Controller {
                     job.pending_reason = None;
                     job.scheduled_at = Some(ts);
                     job.not_before = None;
+                    job.placement_note = placement::placement_note(
+                        &placements,
+                        &self.inner.config.topology_block_label,
+                    );
+                    if !job.placement_note.is_empty() {
+                        tracing::info!(job_id = %job.id, note = %job.placement_note, "gang placed across regions or blocks");
+                    }
                     job.tasks = placements
                         .into_iter()
                         .enumerate()
@@ -236,7 +243,7 @@ impl Controller {
         let mut state = self.lock();
         let now = self.inner.clock.unix_secs().max(minute * 60);
         state.last_market_minute = state.last_market_minute.max(minute);
-        let fleet = fleet_index(&state);
+        let fleet = fleet_index(&state, &self.inner.config.topology_block_label);
         let pending: Vec<gpufleet_scheduler::JobInput> =
             placement::pending_jobs(state.jobs.values())
                 .into_iter()
@@ -286,7 +293,7 @@ impl Controller {
         let job = self
             .find_job(&state, id)?
             .ok_or_else(|| ControllerError::NotFound(format!("job {id} does not exist")))?;
-        let fleet = fleet_index(&state);
+        let fleet = fleet_index(&state, &self.inner.config.topology_block_label);
         let input = placement::job_input(&job);
         let code = match job.state() {
             JobState::Pending => job
@@ -299,6 +306,9 @@ impl Controller {
         let (mut reason, regions, mut summary) = placement::explain_job(&fleet, &input, &code);
         if job.state() != JobState::Pending {
             reason.code = String::new();
+            if !job.placement_note.is_empty() {
+                summary = format!("placed, but {}. {summary}", job.placement_note);
+            }
             summary = format!(
                 "job {} is {} (not pending); this is how the fleet looks to its request now: {summary}",
                 job.id,
@@ -352,12 +362,14 @@ fn spot_nodes(state: &State) -> std::collections::BTreeMap<(String, String, i32)
     out
 }
 
-pub(super) fn fleet_index(state: &State) -> Fleet {
+/// The scheduler's index of the fleet as it is now; `block_label`: the
+/// node label naming a node's network block (`topology_block_label`).
+pub(super) fn fleet_index(state: &State, block_label: &str) -> Fleet {
     let nodes: Vec<NodeInput> = state
         .nodes
         .values()
         .map(|e| {
-            let mut input = placement::node_input(&e.record, e.session.is_some());
+            let mut input = placement::node_input(&e.record, e.session.is_some(), block_label);
             // A price source's price wins over the node's configured one.
             if let Some(price) = state.prices.resolve(&prices::node_price_key(&e.record)) {
                 input.price_per_gpu_hour_micro_usd = price;
