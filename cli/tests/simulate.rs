@@ -444,3 +444,61 @@ fn simulate_inflation_flags_need_inflation() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--inflation"));
 }
+
+/// The market signals a live controller would have recorded, on the small
+/// trace's hand-computed schedule (scheduler/tests/sim.rs): p3 (2 GPUs, any
+/// model) waits from 20 s to 40 s, eligible on every generation; p5 (8
+/// GPUs) waits from 25 s to 80 s, eligible only on n2 (Ampere). So over the
+/// 100 s replayed Ampere's mean pending demand is (2 × 20 + 8 × 55) / 100 =
+/// 4.8 GPUs and Volta's 2 × 20 / 100 = 0.4; the peak is 25–30 s, when 10
+/// GPUs are wanted on Ampere and none is free (tightness 10 / max(0, 1)).
+/// The baselines record none.
+#[test]
+fn simulate_reports_the_market_signals_the_controller_would_record() {
+    let out = Command::new(env!("CARGO_BIN_EXE_gpufleet"))
+        .args(["-o", "json", "simulate", "--nodes", NODES, "--pods", PODS])
+        .args([
+            "--policy",
+            "cost,baseline-first-fit",
+            "--market-interval",
+            "1s",
+        ])
+        .output()
+        .expect("gpufleet runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let cost = &v["policies"][0]["market"];
+    let ampere = cost
+        .as_array()
+        .expect("market rows")
+        .iter()
+        .find(|m| m["generation"] == "Ampere")
+        .unwrap_or_else(|| panic!("no Ampere row in {cost}"));
+    assert_eq!(ampere["supply_gpus"], 8);
+    let demand = ampere["mean_pending_demand_gpus"].as_f64().expect("number");
+    assert!((demand - 4.8).abs() < 1e-9, "{demand}");
+    assert_eq!(ampere["peak_tightness"], 10.0);
+    let volta = cost
+        .as_array()
+        .expect("market rows")
+        .iter()
+        .find(|m| m["generation"] == "Volta")
+        .unwrap_or_else(|| panic!("no Volta row in {cost}"));
+    let volta_demand = volta["mean_pending_demand_gpus"].as_f64().expect("number");
+    assert!((volta_demand - 0.4).abs() < 1e-9, "{volta_demand}");
+    // Tightest first.
+    assert_eq!(cost[0]["generation"], "Ampere", "{cost}");
+    assert_eq!(v["policies"][1]["market"], serde_json::json!([]));
+
+    let bad = Command::new(env!("CARGO_BIN_EXE_gpufleet"))
+        .args(["simulate", "--nodes", NODES, "--pods", PODS])
+        .args(["--market-interval", "0s"])
+        .output()
+        .expect("gpufleet runs");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--market-interval"));
+}

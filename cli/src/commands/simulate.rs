@@ -85,6 +85,11 @@ pub struct SimulateArgs {
     /// divided by it; durations unchanged), 0.01 to 100.
     #[arg(long, value_name = "FACTOR")]
     load: Option<String>,
+    /// Market signals (gpufleet's policies): at most one snapshot of supply
+    /// and demand per this much virtual time, taken after a scheduling pass
+    /// and held until the next (`1m`, as the live controller records them).
+    #[arg(long, default_value = "1m")]
+    market_interval: String,
 }
 
 pub fn run(format: Format, args: &SimulateArgs) -> anyhow::Result<ExitCode> {
@@ -110,8 +115,20 @@ pub fn run(format: Format, args: &SimulateArgs) -> anyhow::Result<ExitCode> {
         super::simulate_inflation::run(format, &workload, &policies, &config, args.svg.as_deref())?;
         return Ok(ExitCode::SUCCESS);
     }
+    let market_interval = humantime::parse_duration(&args.market_interval)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "--market-interval `{}`: {e}; try 1m or 1h",
+                args.market_interval
+            )
+        })?
+        .as_secs();
+    if market_interval == 0 {
+        anyhow::bail!("--market-interval must be at least 1s");
+    }
     let config = SimConfig {
         cadence_secs: cadence,
+        market_interval_secs: market_interval,
         ..Default::default()
     };
     let mut reports = Vec::new();
@@ -312,11 +329,44 @@ fn table(
         let _ = writeln!(out, "{note}");
     }
     let _ = writeln!(out, "{t}");
+    out.push_str(&market_table(reports));
     let _ = writeln!(
         out,
         "baseline-* policies are simulator baselines, not the gpufleet scheduler (baseline-fgd: FGD, Weng et al., ATC'23, from the paper's description)."
     );
     out
+}
+
+/// Regions the replay found tightest, per gpufleet policy: what `gpufleet
+/// market tightness` would have shown (time-weighted over the replay).
+fn market_table(reports: &[PolicyReport]) -> String {
+    const REGIONS_SHOWN: usize = 5;
+    let mut t = comfy_table::Table::new();
+    t.set_header([
+        "market (time-weighted)",
+        "region",
+        "generation",
+        "supply",
+        "free",
+        "pending demand",
+        "tightness mean/peak",
+    ]);
+    let mut any = false;
+    for r in reports.iter().filter(|r| !r.market.is_empty()) {
+        for m in r.market.iter().take(REGIONS_SHOWN) {
+            any = true;
+            t.add_row([
+                r.policy.label().to_string(),
+                m.region.clone(),
+                m.generation.label().to_string(),
+                m.supply_gpus.to_string(),
+                format!("{:.1}", m.mean_free_gpus),
+                format!("{:.1}", m.mean_pending_demand_gpus),
+                format!("{:.2} / {:.2}", m.mean_tightness, m.peak_tightness),
+            ]);
+        }
+    }
+    if any { format!("{t}\n") } else { String::new() }
 }
 
 fn wait_json(w: &sim::WaitStats) -> serde_json::Value {
@@ -365,6 +415,18 @@ fn to_json(
             "series": downsample(&r.series, 500).iter()
                 .map(|s| json!([s.time, s.allocated_gpus, s.stranded_gpus, s.pending_jobs]))
                 .collect::<Vec<_>>(),
+            "market": r.market.iter().map(|m| json!({
+                "region": m.region,
+                "generation": m.generation.label(),
+                "supply_gpus": m.supply_gpus,
+                "mean_free_gpus": m.mean_free_gpus,
+                "mean_pending_demand_gpus": m.mean_pending_demand_gpus,
+                "mean_tightness": m.mean_tightness,
+                "peak_tightness": m.peak_tightness,
+                "demand_curve": m.demand_curve.iter()
+                    .map(|&(price, gpus)| json!({ "price_usd": price as f64 / 1e6, "gpus": gpus }))
+                    .collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
 }

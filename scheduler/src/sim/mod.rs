@@ -24,6 +24,7 @@
 mod fgd;
 pub mod history;
 pub mod inflation;
+pub mod market;
 pub mod openb;
 pub mod report;
 pub mod whatif;
@@ -100,6 +101,9 @@ pub struct SimConfig {
     pub cadence_secs: u64,
     /// The controller's default.
     pub fair_share_half_life_secs: f64,
+    /// Market signals: at most one snapshot per this many virtual seconds
+    /// (the live controller records one a minute).
+    pub market_interval_secs: u64,
 }
 
 impl Default for SimConfig {
@@ -107,6 +111,7 @@ impl Default for SimConfig {
         Self {
             cadence_secs: 1,
             fair_share_half_life_secs: 24.0 * 3600.0,
+            market_interval_secs: 60,
         }
     }
 }
@@ -183,6 +188,8 @@ struct Engine<'a> {
     passes: u64,
     /// The FGD placer, for [`SimPolicy::BaselineFgd`] only.
     fgd: Option<fgd::Fgd>,
+    /// Market signals, for gpufleet's policies only.
+    market: Option<market::MarketRecorder>,
 }
 
 impl<'a> Engine<'a> {
@@ -250,6 +257,8 @@ impl<'a> Engine<'a> {
             cost_micro_usd: 0,
             passes: 0,
             fgd: (policy == SimPolicy::BaselineFgd).then(|| fgd::Fgd::new(workload)),
+            market: matches!(policy, SimPolicy::Scheduler(_))
+                .then(|| market::MarketRecorder::new(config.market_interval_secs)),
         }
     }
 
@@ -305,6 +314,9 @@ impl<'a> Engine<'a> {
             self.cost_micro_usd,
         );
         report.placements = self.placements;
+        if let Some(market) = self.market {
+            report.market = market.finish(report.end_time);
+        }
         report
     }
 
@@ -522,6 +534,9 @@ impl<'a> Engine<'a> {
         }
         self.pending = still_pending;
         self.pending_inputs = still_inputs;
+        if let Some(market) = &mut self.market {
+            market.observe(now, &fleet, &self.pending_inputs);
+        }
     }
 
     /// One baseline pass: pending jobs in arrival order, each placed on the

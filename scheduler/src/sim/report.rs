@@ -87,6 +87,9 @@ pub struct PolicyReport {
     /// one GPU it shares). What the live controller is compared with.
     pub placements: Vec<Option<(u32, u32)>>,
     pub series: Vec<Sample>,
+    /// The market signals a live controller would have recorded (gpufleet's
+    /// policies; empty for the baselines).
+    pub market: Vec<crate::sim::market::RegionMarket>,
 }
 
 impl PolicyReport {
@@ -152,6 +155,7 @@ impl PolicyReport {
             starts,
             placements: Vec::new(),
             series,
+            market: Vec::new(),
         }
     }
 }
