@@ -98,7 +98,18 @@ pub struct OciRuntime {
     process: Arc<ProcessRuntime>,
     /// Images found or pulled recently, and when.
     images_seen: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// Containers `podman run --rm` removed itself (their client ended on
+    /// its own): forgetting them needs no `podman rm`, one podman process
+    /// per job saved. Emptied as their allocations are forgotten.
+    removed_by_podman: RemovedSet,
 }
+
+/// Names of containers known to be gone, shared with their handles.
+type RemovedSet = Arc<std::sync::Mutex<std::collections::HashSet<String>>>;
+
+/// podman's own exit status when it failed (not the container's command):
+/// the container may be left behind.
+const PODMAN_FAILED: i32 = 125;
 
 /// How long an image found present is trusted to stay (see
 /// [`OciRuntime::recently_present`]).
@@ -131,6 +142,7 @@ impl OciRuntime {
             auth_dir: data_dir.join("oci"),
             process,
             images_seen: Default::default(),
+            removed_by_podman: Default::default(),
         })
     }
 
@@ -311,6 +323,7 @@ impl OciRuntime {
             name: container_name(allocation_id),
             podman: self.podman.clone(),
             inner,
+            removed_by_podman: self.removed_by_podman.clone(),
         })
     }
 
@@ -319,6 +332,14 @@ impl OciRuntime {
     /// what this could not.
     pub fn remove(&self, allocation_id: &str) {
         let name = container_name(allocation_id);
+        let gone = self
+            .removed_by_podman
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&name);
+        if gone {
+            return;
+        }
         let podman = self.podman.clone();
         std::thread::spawn(move || {
             if let Err(why) = podman.remove(&name) {
@@ -581,6 +602,7 @@ struct ContainerWorkload {
     name: String,
     podman: Podman,
     inner: Arc<dyn RunningWorkload>,
+    removed_by_podman: RemovedSet,
 }
 
 impl ContainerWorkload {
@@ -632,6 +654,14 @@ impl RunningWorkload for ContainerWorkload {
             // that was killed (or is gone) may have left it running.
             let client_killed = matches!(&ended, Ended::Exited(e) if e.signal.is_some())
                 || matches!(ended, Ended::Lost(_));
+            let podman_failed =
+                matches!(&ended, Ended::Exited(e) if e.exit_code == Some(PODMAN_FAILED));
+            if !client_killed && !podman_failed {
+                self.removed_by_podman
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(self.name.clone());
+            }
             if client_killed {
                 let (podman, name) = (self.podman.clone(), self.name.clone());
                 let removed = tokio::task::spawn_blocking(move || podman.remove(&name)).await;
