@@ -114,11 +114,6 @@ impl LiveFleet {
         &mut self.fleet
     }
 
-    /// Running work with this key.
-    pub fn contains(&self, key: u64) -> bool {
-        self.jobs.contains_key(&key)
-    }
-
     /// Records work that started. `key` orders running work as a fresh
     /// build's input would be ordered (a key already running is replaced).
     pub fn start(&mut self, key: u64, run: &LiveRun) {
