@@ -2,8 +2,8 @@
 //! The Alibaba openb trace (8,152 tasks on 1,213 nodes) and a synthetic
 //! month (by default 20,000 jobs on 1,000 nodes; the goal's 1,000,000 jobs
 //! on 10,000 nodes is `--synthetic-nodes 10000 --synthetic-jobs 1000000`,
-//! which the production policies do not yet finish in reasonable time: a
-//! pass rebuilds the fleet with all running work), each under every
+//! which the production policies do not yet finish in a minute: the fleet
+//! is kept between passes, but the passes themselves now cost that), each under every
 //! policy asked for: wall time, simulated seconds per wall second, jobs
 //! per second, and the ratio to `baseline-first-fit` on the same input in
 //! the same run (the simplest placer: what the engine itself costs). Also

@@ -207,17 +207,18 @@ impl Interner {
 
 /// What the running half of a build looks nodes and GPUs up in.
 #[derive(Debug, Clone)]
-struct NodeLookup<K> {
-    node_index: HashMap<K, u32>,
+pub(crate) struct NodeLookup<K> {
+    pub(crate) node_index: HashMap<K, u32>,
     /// Per node, per GPU position in `NodeInput::gpus`: its slot and bit.
-    gpu_slots: Vec<Vec<Option<(u32, u32)>>>,
+    pub(crate) gpu_slots: Vec<Vec<Option<(u32, u32)>>>,
     /// Per node: the range of its MIG instances in `Fleet::mig_units`.
-    node_mig: Vec<(u32, u32)>,
+    pub(crate) node_mig: Vec<(u32, u32)>,
 }
 
 /// The node half of a [`Fleet`], indexed once for many passes over the
-/// same nodes with different running work (the simulator rebuilds the
-/// fleet every pass; its nodes never change). `template.build(nodes,
+/// same nodes with different running work (for a caller that rebuilds
+/// the fleet every pass; the simulator keeps a [`crate::live::LiveFleet`]
+/// instead). `template.build(nodes,
 /// running)` equals `Fleet::build(nodes, running)` for the nodes the
 /// template was made from.
 #[derive(Debug, Clone)]
@@ -269,7 +270,22 @@ pub struct Fleet {
     pub(crate) mig_units: Vec<crate::units::MigUnit>,
     /// Nodes whose GPUs beyond `MAX_GPUS_PER_SLOT` per model were ignored.
     pub skipped_gpus: u32,
+    /// Kept only by a [`crate::live::LiveFleet`]: what a pass changed, so
+    /// that the fleet can be put back in order without visiting every slot.
+    pub(crate) dirty: Option<Dirty>,
 }
+
+/// Slots whose free GPUs or reservation changed, and the bucket lists
+/// (class, free count; [`RESERVED_LIST`]: the class's reserved list) whose
+/// order changed, since the live fleet last settled.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Dirty {
+    pub(crate) slots: Vec<u32>,
+    pub(crate) buckets: Vec<(u32, u32)>,
+}
+
+/// The bucket key [`Dirty::buckets`] gives a class's reserved list.
+pub(crate) const RESERVED_LIST: u32 = MAX_GPUS_PER_SLOT as u32 + 1;
 
 impl Fleet {
     /// Builds the index. Running allocations mark their GPUs allocated;
@@ -283,7 +299,7 @@ impl Fleet {
     /// The node half of [`Fleet::build`]: slots, classes and models, no
     /// running work and no buckets yet. `key` gives the node index's key
     /// for a node id (borrowed for one pass, owned for a template).
-    fn index_nodes<'n, K>(
+    pub(crate) fn index_nodes<'n, K>(
         nodes: &'n [NodeInput],
         key: impl Fn(&'n str) -> K,
     ) -> (Self, NodeLookup<K>)
@@ -450,7 +466,7 @@ impl Fleet {
 
     /// The running half of [`Fleet::build`]: marks running work, then
     /// indexes units, buckets and classes by price.
-    fn add_running<K>(
+    pub(crate) fn add_running<K>(
         &mut self,
         nodes: &[NodeInput],
         lookup: &NodeLookup<K>,
@@ -574,6 +590,7 @@ impl Fleet {
     }
 
     pub(crate) fn bucket_insert(&mut self, slot_idx: u32) {
+        self.mark_dirty(slot_idx);
         let slot = &self.slots[slot_idx as usize];
         let class = &mut self.classes[slot.class as usize];
         let list = if slot.reserved_until != 0 {
@@ -587,6 +604,7 @@ impl Fleet {
     }
 
     pub(crate) fn bucket_remove(&mut self, slot_idx: u32) {
+        self.mark_dirty(slot_idx);
         let slot = &self.slots[slot_idx as usize];
         let pos = slot.pos as usize;
         let class = &mut self.classes[slot.class as usize];
@@ -602,7 +620,25 @@ impl Fleet {
     }
 
     /// Marks `mask` allocated on a slot, keeping the buckets right.
+    /// Notes a slot and the bucket list it sits in as changed (live
+    /// fleets only).
+    fn mark_dirty(&mut self, slot_idx: u32) {
+        if let Some(dirty) = &mut self.dirty {
+            let slot = &self.slots[slot_idx as usize];
+            let list = if slot.reserved_until != 0 {
+                RESERVED_LIST
+            } else {
+                slot.free.count_ones()
+            };
+            dirty.slots.push(slot_idx);
+            if slot.schedulable {
+                dirty.buckets.push((slot.class, list));
+            }
+        }
+    }
+
     pub(crate) fn take(&mut self, slot_idx: u32, mask: u32) {
+        self.mark_dirty(slot_idx);
         let schedulable = self.slots[slot_idx as usize].schedulable;
         if schedulable {
             self.bucket_remove(slot_idx);
@@ -615,6 +651,7 @@ impl Fleet {
 
     /// Returns `mask` to a slot's free GPUs.
     pub(crate) fn give_back(&mut self, slot_idx: u32, mask: u32) {
+        self.mark_dirty(slot_idx);
         let schedulable = self.slots[slot_idx as usize].schedulable;
         if schedulable {
             self.bucket_remove(slot_idx);

@@ -44,6 +44,7 @@
 
 pub mod explain;
 pub mod fleet;
+pub mod live;
 pub mod market;
 pub mod queue;
 pub mod reason;
@@ -65,6 +66,7 @@ pub use domain::{
 };
 pub use explain::{ConstraintExclusion, ExcludedBy, Explanation, RegionExplanation, RegionVerdict};
 pub use fleet::{Fleet, FleetTemplate, GpuInput, MigInput, NEVER, NodeInput, RunningInput};
+pub use live::{LiveFleet, LiveRun};
 pub use pass::schedule;
 pub use queue::FairShare;
 pub use reason::PendingReason;

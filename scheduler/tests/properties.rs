@@ -219,8 +219,8 @@ fn gpu_facts(specs: &[NodeSpec]) -> HashMap<String, GpuFacts> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
-    /// A pass on a fleet built from a [`FleetTemplate`] (the simulator's
-    /// per-pass rebuild) decides exactly as one on `Fleet::build`, also when
+    /// A pass on a fleet built from a [`FleetTemplate`] (a per-pass
+    /// rebuild over fixed nodes) decides exactly as one on `Fleet::build`, also when
     /// the template is reused with other running work.
     #[test]
     fn a_template_built_fleet_decides_as_a_fresh_build(

@@ -1,7 +1,10 @@
 //! The simulator: replays a [`Workload`] through the production scheduler
-//! ([`crate::schedule`], called exactly as the controller calls it: a fresh
-//! [`Fleet`] from nodes and running work, then one pass over the pending
-//! jobs) in virtual time, and through two simple baselines for comparison.
+//! ([`crate::schedule`], called as the controller calls it: the fleet of
+//! nodes and running work, then one pass over the pending jobs) in virtual
+//! time, and through two simple baselines for comparison. The fleet is a
+//! [`LiveFleet`]: starts and departures are applied to it, and before each
+//! pass it is in the state a fresh [`crate::Fleet::build`] would give, so
+//! decisions are the controller's without rebuilding every pass.
 //!
 //! Time model: jobs arrive at their arrival times and leave `duration`
 //! seconds after they start. Scheduling ticks lie on a grid of
@@ -35,7 +38,8 @@ use std::collections::{BinaryHeap, HashMap, HashSet};
 
 use crate::config::{SchedulerConfig, TenantState};
 use crate::domain::{Constraints, Generation, GpuUnit, JobInput, Outcome, Policy};
-use crate::fleet::{FleetTemplate, GpuInput, NodeInput, RunningInput, lowest_bits};
+use crate::fleet::{GpuInput, NodeInput, lowest_bits};
+use crate::live::{LiveFleet, LiveRun};
 use crate::pass::schedule;
 use crate::queue::FairShare;
 pub use report::{PolicyReport, SIZE_CLASSES, Sample, WaitStats};
@@ -147,10 +151,9 @@ struct Engine<'a> {
     policy: SimPolicy,
     config: &'a SimConfig,
     scheduler_config: SchedulerConfig,
-    /// The nodes as the scheduler is given them (built once).
-    node_inputs: Vec<NodeInput>,
-    /// The scheduler's index of those nodes, for passes to start from.
-    template: Option<FleetTemplate>,
+    /// The scheduler's fleet, kept as jobs start and leave (scheduler
+    /// policies only).
+    live: Option<LiveFleet>,
     node_index: HashMap<&'a str, u32>,
     /// Free GPU positions per node (a GPU hosting shares is not free).
     free: Vec<u32>,
@@ -165,11 +168,6 @@ struct Engine<'a> {
     /// Per node, per GPU position: thousandths held by shares.
     shares: Vec<[u32; 32]>,
     running: HashMap<usize, Run>,
-    /// Running jobs by job index, ascending, and what the scheduler is
-    /// told of each (same order): kept as jobs start and leave, so a pass
-    /// does not rebuild them.
-    run_jobs: Vec<usize>,
-    run_inputs: Vec<RunningInput>,
     /// Thousandths of GPUs held per tenant and generation (no zero entries).
     allocated: HashMap<String, HashMap<Generation, u64>>,
     /// Thousandths of GPUs held per tenant (no zero entries).
@@ -211,8 +209,11 @@ impl<'a> Engine<'a> {
         for (n, &m) in workload.nodes.iter().zip(&node_model) {
             free_hist[m as usize][full_mask(n.gpus).count_ones() as usize] += 1;
         }
-        let template =
-            matches!(policy, SimPolicy::Scheduler(_)).then(|| FleetTemplate::new(&node_inputs));
+        // Simulated nodes have no MIG GPUs, which is all a live fleet refuses.
+        let live = match policy {
+            SimPolicy::Scheduler(_) => LiveFleet::new(&node_inputs).ok(),
+            _ => None,
+        };
         Engine {
             workload,
             policy,
@@ -224,8 +225,7 @@ impl<'a> Engine<'a> {
                 },
                 ..Default::default()
             },
-            node_inputs,
-            template,
+            live,
             node_index: workload
                 .nodes
                 .iter()
@@ -244,8 +244,6 @@ impl<'a> Engine<'a> {
             free_hist,
             shares: vec![[0; 32]; workload.nodes.len()],
             running: HashMap::new(),
-            run_jobs: Vec::new(),
-            run_inputs: Vec::new(),
             allocated: HashMap::new(),
             tenant_milli: HashMap::new(),
             departures: BinaryHeap::new(),
@@ -287,7 +285,7 @@ impl<'a> Engine<'a> {
             }
             while next_arrival < jobs.len() && jobs[next_arrival].arrival <= tick {
                 self.pending.push(next_arrival);
-                if self.template.is_some() {
+                if self.live.is_some() {
                     self.pending_inputs
                         .push(job_input(&jobs[next_arrival], next_arrival));
                 }
@@ -394,24 +392,21 @@ impl<'a> Engine<'a> {
             .entry(node.generation)
             .or_insert(0) += milli;
         *self.tenant_milli.entry(spec.tenant.clone()).or_insert(0) += milli;
-        if !matches!(self.policy, SimPolicy::Scheduler(_)) {
+        let Some(live) = &mut self.live else {
             return;
-        }
-        let at = self.run_jobs.partition_point(|&j| j < job);
-        self.run_jobs.insert(at, job);
-        self.run_inputs.insert(
-            at,
-            RunningInput {
+        };
+        // Keyed by job index: a fresh build would list running work in
+        // job order.
+        live.start(
+            job as u64,
+            &LiveRun {
                 job_id: spec.id.clone(),
-                tenant: spec.tenant.clone(),
                 priority: spec.priority,
-                preemptible: false,
                 node_id: node.id.clone(),
                 gpu_uuids: positions(run.mask).map(|p| gpu_uuid(&node.id, p)).collect(),
-                expected_end: None,
-                evicting: false,
                 share_milli: run.milli,
-                ..Default::default()
+                memory_bytes: 0,
+                expected_end: None,
             },
         );
     }
@@ -438,9 +433,8 @@ impl<'a> Engine<'a> {
                 self.tenant_milli.remove(tenant);
             }
         }
-        if let Ok(at) = self.run_jobs.binary_search(&job) {
-            self.run_jobs.remove(at);
-            self.run_inputs.remove(at);
+        if let Some(live) = &mut self.live {
+            live.depart(job as u64);
         }
     }
 
@@ -491,16 +485,16 @@ impl<'a> Engine<'a> {
     fn scheduler_pass(&mut self, now: u64) {
         // Running work in job order, so the fleet (and so every tie-break)
         // is the same each run.
-        let Some(template) = &self.template else {
+        let Some(live) = &mut self.live else {
             return;
         };
-        let mut fleet = template.build(&self.node_inputs, &self.run_inputs);
+        let fleet = live.pass_fleet();
         let tenants = TenantState {
             usage: self.fair.usage().clone(),
             allocated: self.allocated.clone(),
         };
         let result = schedule(
-            &mut fleet,
+            fleet,
             &self.pending_inputs,
             &self.scheduler_config,
             &tenants,
