@@ -73,7 +73,7 @@ pub enum Command {
     Completions(commands::completions::CompletionsArgs),
     /// Replay a workload (openb trace or synthetic) through the scheduler in
     /// virtual time, every policy side by side. Local; no controller.
-    Simulate(commands::simulate::SimulateArgs),
+    Simulate(Box<commands::simulate::SimulateArgs>),
 }
 
 fn main() -> ExitCode {

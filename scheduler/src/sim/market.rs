@@ -77,10 +77,16 @@ impl MarketRecorder {
         }
     }
 
+    /// Whether a pass at `now` should be observed (at most one per
+    /// interval).
+    pub(crate) fn due(&self, now: u64) -> bool {
+        now >= self.next_at
+    }
+
     /// After a pass at `now`: the fleet as the pass left it and the jobs
     /// still pending.
     pub(crate) fn observe(&mut self, now: u64, fleet: &Fleet, pending: &[JobInput]) {
-        if now < self.next_at {
+        if !self.due(now) {
             return;
         }
         self.next_at = (now / self.interval_secs + 1) * self.interval_secs;

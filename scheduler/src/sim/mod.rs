@@ -500,6 +500,20 @@ impl<'a> Engine<'a> {
             &tenants,
             now,
         );
+        // The market as the pass left it: its placements charged, the jobs
+        // it could not place still waiting.
+        if let Some(market) = &mut self.market
+            && market.due(now)
+        {
+            let waiting: Vec<JobInput> = self
+                .pending_inputs
+                .iter()
+                .zip(&result.outcomes)
+                .filter(|(_, outcome)| !matches!(outcome, Outcome::Placed(_)))
+                .map(|(input, _)| input.clone())
+                .collect();
+            market.observe(now, fleet, &waiting);
+        }
         let mut still_pending = Vec::with_capacity(self.pending.len());
         let mut still_inputs = Vec::with_capacity(self.pending.len());
         let pending = std::mem::take(&mut self.pending);
@@ -528,9 +542,6 @@ impl<'a> Engine<'a> {
         }
         self.pending = still_pending;
         self.pending_inputs = still_inputs;
-        if let Some(market) = &mut self.market {
-            market.observe(now, &fleet, &self.pending_inputs);
-        }
     }
 
     /// One baseline pass: pending jobs in arrival order, each placed on the
