@@ -12,6 +12,7 @@
 //! The reference in the same run is the leader lease itself: no standby
 //! may lead before the dead leader's lease lapses, so it is the floor.
 
+use gpufleet_controller::ha::probe;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -98,7 +99,7 @@ async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
         let (child, log) = fleet.spawn("127.0.0.1:0")?;
         let addr = wait_for(ROUND_DEADLINE, "a controller to bind", || {
             let log = log.clone();
-            async move { Ok(logged_address(&log)) }
+            async move { Ok(probe::logged_address(&log)) }
         })
         .await?;
         fleet.controllers.push(Controller {
@@ -370,7 +371,9 @@ impl Fleet {
     async fn leader(&self) -> anyhow::Result<usize> {
         wait_for(ROUND_DEADLINE, "a leader", || async {
             for (index, controller) in self.controllers.iter().enumerate() {
-                if controller.child.is_some() && serving(controller.addr).await {
+                if controller.child.is_some()
+                    && probe::is_serving(controller.addr, Duration::from_millis(300)).await
+                {
                     return Ok(Some(index));
                 }
             }
@@ -387,7 +390,9 @@ impl Fleet {
     /// Submits on whichever controller serves; None when none took it.
     async fn try_submit(&self, round: usize) -> Option<(String, usize)> {
         for (index, controller) in self.controllers.iter().enumerate() {
-            if controller.child.is_none() || !serving(controller.addr).await {
+            if controller.child.is_none()
+                || !probe::is_serving(controller.addr, Duration::from_millis(300)).await
+            {
                 continue;
             }
             let mut jobs = self.jobs(index).await.ok()?;
@@ -466,41 +471,6 @@ fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(10)..].join("\n")
-}
-
-fn logged_address(log: &Path) -> Option<std::net::SocketAddr> {
-    let text = std::fs::read_to_string(log).ok()?;
-    text.lines().find_map(|line| {
-        let entry: serde_json::Value = serde_json::from_str(line).ok()?;
-        let fields = &entry["fields"];
-        if fields["message"] != "controller standing by" {
-            return None;
-        }
-        fields["local_addr"].as_str()?.parse().ok()
-    })
-}
-
-/// Whether the controller at `addr` serves (is the leader): a standby's
-/// health is NOT_SERVING.
-async fn serving(addr: std::net::SocketAddr) -> bool {
-    use tonic_health::pb::HealthCheckRequest;
-    use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::health_client::HealthClient;
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
-        return false;
-    };
-    let Ok(channel) = endpoint
-        .connect_timeout(Duration::from_millis(300))
-        .timeout(Duration::from_secs(1))
-        .connect()
-        .await
-    else {
-        return false;
-    };
-    HealthClient::new(channel)
-        .check(HealthCheckRequest::default())
-        .await
-        .is_ok_and(|r| r.into_inner().status() == ServingStatus::Serving)
 }
 
 /// Polls `check` until it yields, or fails after `deadline`.

@@ -48,29 +48,17 @@ fn simulate_prints_a_table_and_writes_the_chart() {
 #[test]
 fn simulate_json_is_the_same_for_the_same_seed() {
     let run = || {
-        let out = Command::new(env!("CARGO_BIN_EXE_gpufleet"))
-            .args(["-o", "json", "simulate", "--synthetic-nodes", "10"])
-            .args([
-                "--synthetic-jobs",
-                "200",
-                "--seed",
-                "7",
-                "--policy",
-                "cost,baseline-first-fit",
-            ])
-            .output()
-            .expect("gpufleet runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-        // Wall times differ between runs; everything else must not.
-        for p in v["policies"].as_array_mut().expect("policies") {
-            p["wall_s"] = serde_json::Value::Null;
-        }
-        v
+        json_of(&[
+            "simulate",
+            "--synthetic-nodes",
+            "10",
+            "--synthetic-jobs",
+            "200",
+            "--seed",
+            "7",
+            "--policy",
+            "cost,baseline-first-fit",
+        ])
     };
     let a = run();
     assert_eq!(a["policies"][0]["policy"], "cost");
@@ -90,13 +78,13 @@ fn simulate_rejects_an_unknown_policy() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--policy `fgd` is unknown"));
 }
 
-/// `gpufleet -o json simulate` on the small sample trace with `extra`
-/// flags, two policies: the parsed JSON.
-fn simulate_json(extra: &[&str]) -> serde_json::Value {
+/// `gpufleet -o json ARGS…`, which must succeed: its parsed answer, with
+/// each policy's wall time blanked (it differs between runs; nothing else
+/// may).
+fn json_of(args: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_gpufleet"))
-        .args(["-o", "json", "simulate", "--nodes", NODES, "--pods", PODS])
-        .args(["--policy", "cost,baseline-first-fit"])
-        .args(extra)
+        .args(["-o", "json"])
+        .args(args)
         .output()
         .expect("gpufleet runs");
     assert!(
@@ -104,7 +92,29 @@ fn simulate_json(extra: &[&str]) -> serde_json::Value {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).expect("json")
+    let mut v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    if let Some(policies) = v["policies"].as_array_mut() {
+        for p in policies {
+            p["wall_s"] = serde_json::Value::Null;
+        }
+    }
+    v
+}
+
+/// `gpufleet -o json simulate` on the small sample trace with `extra`
+/// flags, two policies: the parsed JSON.
+fn simulate_json(extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "simulate",
+        "--nodes",
+        NODES,
+        "--pods",
+        PODS,
+        "--policy",
+        "cost,baseline-first-fit",
+    ];
+    args.extend_from_slice(extra);
+    json_of(&args)
 }
 
 fn per_policy(v: &serde_json::Value, field: &str) -> Vec<serde_json::Value> {
@@ -389,27 +399,18 @@ fn simulate_inflation_reports_each_step_and_is_deterministic() {
     assert!(svg.contains("unallocated GPUs") && svg.contains("<polyline"));
 
     let run = |seed: &str| {
-        let out = Command::new(env!("CARGO_BIN_EXE_gpufleet"))
-            .args(["-o", "json", "simulate", "--nodes", NODES, "--pods", PODS])
-            .args([
-                "--inflation",
-                "--seed",
-                seed,
-                "--policy",
-                "pack,baseline-fgd",
-            ])
-            .output()
-            .expect("gpufleet runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-        for p in v["policies"].as_array_mut().expect("policies") {
-            p["wall_s"] = serde_json::Value::Null;
-        }
-        v
+        json_of(&[
+            "simulate",
+            "--nodes",
+            NODES,
+            "--pods",
+            PODS,
+            "--inflation",
+            "--seed",
+            seed,
+            "--policy",
+            "pack,baseline-fgd",
+        ])
     };
     let a = run("3");
     assert_eq!(a["mode"], "inflation");
@@ -455,22 +456,7 @@ fn simulate_inflation_flags_need_inflation() {
 /// The baselines record none.
 #[test]
 fn simulate_reports_the_market_signals_the_controller_would_record() {
-    let out = Command::new(env!("CARGO_BIN_EXE_gpufleet"))
-        .args(["-o", "json", "simulate", "--nodes", NODES, "--pods", PODS])
-        .args([
-            "--policy",
-            "cost,baseline-first-fit",
-            "--market-interval",
-            "1s",
-        ])
-        .output()
-        .expect("gpufleet runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let v = simulate_json(&["--market-interval", "1s"]);
     let cost = &v["policies"][0]["market"];
     let ampere = cost
         .as_array()

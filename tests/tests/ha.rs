@@ -16,6 +16,7 @@
 //! -p gpufleet-agent`. Without etcd the tests print how to enable it and
 //! pass, unless `CI` is set.
 
+use gpufleet_controller::ha::probe;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -34,9 +35,6 @@ use gpufleet_tests::{Authed, BearerToken, eventually};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tonic::service::interceptor::InterceptedService;
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 /// The tests start ~8 processes each: one at a time.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -86,37 +84,6 @@ fn tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
-/// The address a controller logged when it bound its listener.
-fn logged_address(log: &Path) -> Option<std::net::SocketAddr> {
-    let text = std::fs::read_to_string(log).ok()?;
-    text.lines().find_map(|line| {
-        let entry: serde_json::Value = serde_json::from_str(line).ok()?;
-        let fields = &entry["fields"];
-        if fields["message"] != "controller standing by" {
-            return None;
-        }
-        fields["local_addr"].as_str()?.parse().ok()
-    })
-}
-
-async fn serving(addr: std::net::SocketAddr) -> bool {
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
-        return false;
-    };
-    let Ok(channel) = endpoint
-        .connect_timeout(Duration::from_millis(500))
-        .timeout(Duration::from_secs(1))
-        .connect()
-        .await
-    else {
-        return false;
-    };
-    HealthClient::new(channel)
-        .check(HealthCheckRequest::default())
-        .await
-        .is_ok_and(|r| r.into_inner().status() == ServingStatus::Serving)
-}
-
 struct Ha {
     dir: tempfile::TempDir,
     etcd: EtcdCluster,
@@ -152,7 +119,7 @@ impl Ha {
             let daemon = ha.spawn_controller("127.0.0.1:0")?;
             let addr = eventually("a controller to bind its listener", || {
                 let log = daemon.log.clone();
-                async move { Ok(logged_address(&log)) }
+                async move { Ok(probe::logged_address(&log)) }
             })
             .await
             .with_context(|| tail(&daemon.log))?;
@@ -274,7 +241,9 @@ impl Ha {
     /// The index of the controller that serves (the leader).
     async fn leader(&self) -> Option<usize> {
         for (index, addr) in self.addrs.iter().enumerate() {
-            if self.controllers[index].is_some() && serving(*addr).await {
+            if self.controllers[index].is_some()
+                && probe::is_serving(*addr, Duration::from_millis(500)).await
+            {
                 return Some(index);
             }
         }
@@ -609,7 +578,7 @@ async fn a_paused_leader_is_replaced_and_rejoins_as_a_standby() -> anyhow::Resul
     paused.signal(Signal::SIGSTOP)?;
     let second = eventually("a standby to take over", || async {
         for (index, addr) in ha.addrs.iter().enumerate() {
-            if index != first && serving(*addr).await {
+            if index != first && probe::is_serving(*addr, Duration::from_millis(500)).await {
                 return Ok(Some(index));
             }
         }

@@ -17,6 +17,7 @@
 //! a standby.
 
 pub mod acceptor;
+pub mod probe;
 pub mod standby;
 
 use std::future::Future;
@@ -110,7 +111,7 @@ pub async fn run(
         let _ = standby_stopped.await;
     })
     .await?;
-    tracing::info!(local_addr = %acceptor.local_addr(), %advertise, "controller standing by");
+    tracing::info!(local_addr = %acceptor.local_addr(), %advertise, "{}", probe::STANDING_BY);
     let leadership = tokio::select! {
         leadership = election.campaign() => leadership,
         _ = &mut shutdown => {
