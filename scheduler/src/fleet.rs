@@ -162,6 +162,8 @@ pub(crate) struct Slot {
     pub(crate) schedulable: bool,
     /// Index within its bucket (or reserved list).
     pub(crate) pos: u32,
+    /// Index within its class's `slots`.
+    pub(crate) class_pos: u32,
     /// 0 = not reserved; else work placed here must end by this time.
     pub(crate) reserved_until: u64,
     pub(crate) nvlink_groups: Vec<u32>,
@@ -273,6 +275,8 @@ pub struct Fleet {
     /// Kept only by a [`crate::live::LiveFleet`]: what a pass changed, so
     /// that the fleet can be put back in order without visiting every slot.
     pub(crate) dirty: Option<Dirty>,
+    /// When each slot could first host one task, for reservations.
+    pub(crate) earliest_fit: crate::reserve::EarliestFit,
 }
 
 /// Slots whose free GPUs or reservation changed, and the bucket lists
@@ -395,9 +399,11 @@ impl Fleet {
                         let rate = &mut fleet.classes[class as usize].interruption_milli;
                         *rate = (*rate).max(node.interruption_milli_per_hour);
                         let slot = fleet.slots.len() as u32;
+                        let class_pos = fleet.classes[class as usize].slots.len() as u32;
                         fleet.slots.push(Slot {
                             node: node_idx,
                             class,
+                            class_pos,
                             gpus: 0,
                             healthy: 0,
                             free: 0,
@@ -639,6 +645,7 @@ impl Fleet {
 
     pub(crate) fn take(&mut self, slot_idx: u32, mask: u32) {
         self.mark_dirty(slot_idx);
+        self.earliest_fit.touch(slot_idx, self.slots.len());
         let schedulable = self.slots[slot_idx as usize].schedulable;
         if schedulable {
             self.bucket_remove(slot_idx);
@@ -652,6 +659,7 @@ impl Fleet {
     /// Returns `mask` to a slot's free GPUs.
     pub(crate) fn give_back(&mut self, slot_idx: u32, mask: u32) {
         self.mark_dirty(slot_idx);
+        self.earliest_fit.touch(slot_idx, self.slots.len());
         let schedulable = self.slots[slot_idx as usize].schedulable;
         if schedulable {
             self.bucket_remove(slot_idx);

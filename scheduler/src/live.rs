@@ -248,6 +248,7 @@ impl LiveFleet {
                     shared |= run.mask;
                 }
             }
+            fleet.earliest_fit.touch(slot, fleet.slots.len());
             let s = &mut fleet.slots[slot as usize];
             s.free = s.healthy & !occupied;
             s.shared = shared;
