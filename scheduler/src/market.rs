@@ -74,29 +74,37 @@ pub fn snapshot(fleet: &Fleet, pending: &[JobInput]) -> MarketSnapshot {
             fleet.models[class.model as usize].generation,
         );
         let group = out.groups.entry(key.clone()).or_default();
-        for &slot in &class.slots {
-            let s = &fleet.slots[slot as usize];
-            if !s.schedulable {
-                continue;
-            }
-            let healthy = s.healthy.count_ones();
-            let free = s.free.count_ones();
-            group.supply_gpus += healthy;
-            group.free_gpus += free;
-            group.allocated_gpus += healthy - free;
-            group.supply_milli += healthy as u64 * 1000;
-            // Held whole: healthy, not free, not hosting shares.
-            group.allocated_milli += (s.healthy & !s.free & !s.shared).count_ones() as u64 * 1000;
-            if healthy > 0 {
-                group.asks.push((class.price, healthy));
-            }
+        // From the class's counts, not its slots: a snapshot costs the
+        // same for 10 nodes of a class as for 10,000.
+        let supply: u32 = (1..=fleet::MAX_GPUS_PER_SLOT)
+            .map(|k| k as u32 * class.healthy_hist[k])
+            .sum();
+        let free: u32 = (1..=fleet::MAX_GPUS_PER_SLOT)
+            .map(|k| k as u32 * class.buckets[k].len() as u32)
+            .sum::<u32>()
+            + class
+                .reserved
+                .iter()
+                .map(|&slot| fleet.slots[slot as usize].free.count_ones())
+                .sum::<u32>();
+        group.supply_gpus += supply;
+        group.free_gpus += free;
+        group.allocated_gpus += supply.saturating_sub(free);
+        group.supply_milli += supply as u64 * 1000;
+        if supply > 0 {
+            group.asks.push((class.price, supply));
         }
+        // Held whole: healthy, not free, not hosting shares.
+        let mut hosting_shares = 0u64;
         for &g in &class.shared {
             let gpu = &fleet.shared[g as usize];
             if fleet.slots[gpu.slot as usize].healthy & (1 << gpu.pos) != 0 {
+                hosting_shares += 1;
                 group.allocated_milli += (1000 - gpu.free_milli.min(1000)) as u64;
             }
         }
+        group.allocated_milli +=
+            u64::from(supply.saturating_sub(free)).saturating_sub(hosting_shares) * 1000;
         for &u in &class.mig {
             let unit = &fleet.mig_units[u as usize];
             if unit.healthy {
@@ -311,5 +319,92 @@ mod tests {
         assert_eq!(at(2_500_000), Some(2));
         // 16 GPUs per task fit no node; the under-bidding Hopper job fits nowhere at its bid.
         assert_eq!(m.unmet_demand_gpus, 16 + 4);
+    }
+
+    /// Supply, free and allocated GPUs read from the classes' counts equal
+    /// what the slots themselves say, with unhealthy GPUs, cordoned nodes,
+    /// shares and reservations about.
+    #[test]
+    fn supply_from_class_counts_equals_the_slots() {
+        use crate::fleet::{GpuInput, NodeInput, RunningInput};
+        use crate::sim::workload::Rng;
+        let mut rng = Rng::new(3);
+        for _ in 0..200 {
+            let nodes: Vec<NodeInput> = (0..10)
+                .map(|n| NodeInput {
+                    id: format!("n{n}"),
+                    provider: "p".into(),
+                    region: format!("r{}", n % 2),
+                    price_per_gpu_hour_micro_usd: 1 + rng.below(2),
+                    schedulable: rng.below(6) != 0,
+                    gpus: (0..1 + rng.below(8))
+                        .map(|g| GpuInput {
+                            uuid: format!("n{n}-{g}"),
+                            model: "H100".into(),
+                            generation: Generation::Hopper,
+                            memory_bytes: 80 << 30,
+                            healthy: rng.below(8) != 0,
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                })
+                .collect();
+            let mut running = Vec::new();
+            for node in &nodes {
+                for gpu in &node.gpus {
+                    if rng.below(2) == 0 {
+                        running.push(RunningInput {
+                            job_id: format!("j{}", running.len()),
+                            node_id: node.id.clone(),
+                            gpu_uuids: vec![gpu.uuid.clone()],
+                            share_milli: [0, 250, 500][rng.below(3) as usize],
+                            ..Default::default()
+                        });
+                    }
+                }
+            }
+            let mut fleet = Fleet::build(&nodes, &running);
+            for slot in 0..fleet.slots.len() as u32 {
+                if rng.below(4) == 0 {
+                    fleet.reserve(slot, 100);
+                }
+            }
+            let m = snapshot(&fleet, &[]);
+            let mut want: BTreeMap<String, (u32, u32, u64, u32)> = BTreeMap::new();
+            for s in fleet.slots.iter().filter(|s| s.schedulable) {
+                let class = &fleet.classes[s.class as usize];
+                let w = want
+                    .entry(fleet.regions.names[class.region as usize].clone())
+                    .or_default();
+                w.0 += s.healthy.count_ones();
+                w.1 += s.free.count_ones();
+                w.2 += (s.healthy & !s.free & !s.shared).count_ones() as u64 * 1000;
+                if s.healthy.count_ones() > 0 {
+                    w.3 += s.healthy.count_ones();
+                }
+            }
+            for (key, g) in &m.groups {
+                let w = want.get(&key.1).copied().unwrap_or_default();
+                let shares: u64 = fleet
+                    .shared
+                    .iter()
+                    .filter(|gpu| {
+                        let s = &fleet.slots[gpu.slot as usize];
+                        fleet.regions.names[fleet.classes[s.class as usize].region as usize]
+                            == key.1
+                            && s.schedulable
+                            && s.healthy & (1 << gpu.pos) != 0
+                    })
+                    .map(|gpu| (1000 - gpu.free_milli.min(1000)) as u64)
+                    .sum();
+                assert_eq!(
+                    (g.supply_gpus, g.free_gpus, g.allocated_gpus),
+                    (w.0, w.1, w.0 - w.1)
+                );
+                assert_eq!(g.allocated_milli, w.2 + shares);
+                assert_eq!(g.asks.iter().map(|(_, n)| n).sum::<u32>(), w.3);
+            }
+        }
     }
 }
