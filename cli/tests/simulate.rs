@@ -43,6 +43,30 @@ fn simulate_prints_a_table_and_writes_the_chart() {
         svg.starts_with("<svg") && svg.contains("<polyline"),
         "{svg}"
     );
+    // The terminal chart: per panel a row of 60 columns per policy. Under
+    // cost, 5 of 14 GPUs are held until t=10 (a third: ▄), then 13 (█).
+    let panel = |title: &str| -> Vec<String> {
+        stdout
+            .lines()
+            .skip_while(|l| !l.starts_with(title))
+            .skip(1)
+            .take(7)
+            .map(str::to_string)
+            .collect()
+    };
+    let allocation = panel("GPUs allocated over time");
+    let stranded = panel("GPUs stranded over time");
+    for rows in [&allocation, &stranded] {
+        assert_eq!(rows.len(), 7, "{stdout}");
+        for row in rows.iter() {
+            let blocks = row.chars().filter(|c| ('▁'..='█').contains(c)).count();
+            assert_eq!(blocks, 60, "{row}");
+        }
+    }
+    let cost = allocation[0].trim_start();
+    assert!(cost.starts_with("cost"), "{cost}");
+    let line: String = cost.chars().filter(|c| ('▁'..='█').contains(c)).collect();
+    assert!(line.starts_with('▄') && line.contains('█'), "{line}");
 }
 
 #[test]

@@ -8,6 +8,7 @@ pub mod nodes;
 pub mod prices;
 pub mod secrets;
 pub mod simulate;
+mod simulate_chart;
 mod simulate_inflation;
 mod simulate_input;
 pub mod telemetry;

@@ -329,6 +329,7 @@ fn table(
         let _ = writeln!(out, "{note}");
     }
     let _ = writeln!(out, "{t}");
+    out.push_str(&super::simulate_chart::replay(reports));
     out.push_str(&market_table(reports));
     let _ = writeln!(
         out,

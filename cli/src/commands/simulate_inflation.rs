@@ -115,6 +115,7 @@ fn table(
     cells.extend(walls.iter().map(|w| format!("{w:.2}s")));
     t.add_row(cells);
     let _ = writeln!(out, "{t}");
+    out.push_str(&super::simulate_chart::inflation(reports));
 
     let (from, to) = COMPARE;
     let _ = writeln!(
