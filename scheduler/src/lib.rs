@@ -58,6 +58,7 @@ mod place;
 mod preempt;
 mod reserve;
 mod units;
+mod verdict;
 
 pub use config::{SchedulerConfig, TenantPolicy, TenantState};
 pub use domain::{

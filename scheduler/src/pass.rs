@@ -2,6 +2,7 @@
 //! job (place, preempt for, or say why it waits).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
 
 use crate::compiled::Compiled;
 use crate::config::{SchedulerConfig, TenantState};
@@ -13,6 +14,7 @@ use crate::queue;
 use crate::reason::PendingReason;
 use crate::reserve::{fits_when_idle, reserve, reserved_capacity_would_fit};
 use crate::units;
+use crate::verdict::{Verdict, Verdicts};
 
 /// Runs one scheduling pass. `fleet` is updated with every placement, so the
 /// caller may inspect it afterwards (e.g. to explain pending jobs).
@@ -38,7 +40,8 @@ pub fn schedule(
         reservations: 0,
         preemptions: 0,
         level_reserved: false,
-        failed: HashMap::new(),
+        failed: HashMap::default(),
+        verdicts: Verdicts::default(),
         // The smallest share anyone waits for: packing avoids leaving a GPU
         // with less than that (a sliver nothing in the queue could use).
         min_share: jobs
@@ -71,6 +74,9 @@ pub fn schedule(
         usage + running
     };
 
+    if config.measure_decisions {
+        ctx.result.decision_nanos.reserve_exact(jobs.len());
+    }
     let mut levels: Vec<i32> = jobs.iter().map(|j| j.priority).collect();
     levels.sort_unstable_by(|a, b| b.cmp(a));
     levels.dedup();
@@ -116,7 +122,10 @@ struct PassCtx<'a> {
     /// The current priority level already had its reservation attempt.
     level_reserved: bool,
     /// Request shape → (earliest end that failed, reason).
-    failed: HashMap<RequestShape<'a>, (u64, PendingReason)>,
+    failed: HashMap<ShapeKey<'a>, (u64, PendingReason), foldhash::fast::RandomState>,
+    /// Work already done for requests that resolve alike (skipped only
+    /// where its answer cannot have changed).
+    verdicts: Verdicts,
     /// The smallest share of the pass's queue, thousandths (0: none).
     min_share: u32,
 }
@@ -132,6 +141,37 @@ struct RequestShape<'a> {
     priority: i32,
     preemptible: bool,
     policy: Policy,
+}
+
+/// A request shape with its hash, computed once per decision: a failed
+/// decision looks its shape up and inserts it, and the map rehashes as it
+/// grows.
+struct ShapeKey<'a> {
+    hash: u64,
+    shape: RequestShape<'a>,
+}
+
+impl<'a> ShapeKey<'a> {
+    fn new(hasher: &impl BuildHasher, shape: RequestShape<'a>) -> Self {
+        ShapeKey {
+            hash: hasher.hash_one(&shape),
+            shape,
+        }
+    }
+}
+
+impl PartialEq for ShapeKey<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.shape == other.shape
+    }
+}
+
+impl Eq for ShapeKey<'_> {}
+
+impl Hash for ShapeKey<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
 }
 
 fn request_shape(job: &JobInput, policy: Policy) -> RequestShape<'_> {
@@ -163,7 +203,8 @@ fn decide<'a>(fleet: &mut Fleet, job: &'a JobInput, ctx: &mut PassCtx<'a>) -> (O
     // (capacity only shrinks within a pass). The head of a level is always
     // evaluated in full so that it can get its reservation.
     // The naive baseline keeps no such memory.
-    let shape = (quota.is_none() && policy != Policy::FirstFit).then(|| request_shape(job, policy));
+    let shape = (quota.is_none() && policy != Policy::FirstFit)
+        .then(|| ShapeKey::new(ctx.failed.hasher(), request_shape(job, policy)));
     if ctx.level_reserved
         && let Some(key) = &shape
         && let Some(&(failed_end, reason)) = ctx.failed.get(key)
@@ -208,18 +249,27 @@ fn decide<'a>(fleet: &mut Fleet, job: &'a JobInput, ctx: &mut PassCtx<'a>) -> (O
     if classes.is_empty() && over_quota {
         return (Outcome::Pending(PendingReason::QuotaExceeded), 0.0);
     }
-    if let Some(placements) = place_job(
-        fleet,
-        job,
-        &compiled,
-        &classes,
-        policy,
-        end,
-        Prefs {
-            discount: config.preferred_region_discount,
-            min_share: ctx.min_share,
-        },
-    ) {
+    let verdict: Option<Verdict> = shape.as_ref().and_then(|_| {
+        ctx.verdicts
+            .lookup(job, &compiled, &classes, policy, fleet.classes.len())
+    });
+    // A request that resolves like one that failed with an earlier end
+    // fails again (verdict.rs).
+    let known_to_fail = verdict.is_some_and(|v| v.failed_end.is_some_and(|e| end >= e));
+    if !known_to_fail
+        && let Some(placements) = place_job(
+            fleet,
+            job,
+            &compiled,
+            &classes,
+            policy,
+            end,
+            Prefs {
+                discount: config.preferred_region_discount,
+                min_share: ctx.min_share,
+            },
+        )
+    {
         let granted: f64 = placements
             .iter()
             .map(|p| p.milli_gpus() as f64 / 1000.0 * config.factor(p.generation))
@@ -230,18 +280,30 @@ fn decide<'a>(fleet: &mut Fleet, job: &'a JobInput, ctx: &mut PassCtx<'a>) -> (O
         }
         return (Outcome::Placed(placements), granted);
     }
-    let ever = if whole {
-        fits_when_idle(fleet, job, &compiled, &classes)
-    } else {
-        units::fits_when_idle(fleet, job, &compiled, &classes)
+    let ever = match verdict.and_then(|v| v.fits_when_idle) {
+        Some(ever) => ever,
+        None if whole => fits_when_idle(fleet, job, &compiled, &classes),
+        None => units::fits_when_idle(fleet, job, &compiled, &classes),
     };
+    let reserved_considered = whole && ever && !classes.is_empty();
+    let reserved_fits = reserved_considered
+        && !verdict.is_some_and(|v| v.reserved_would_not_fit)
+        && reserved_capacity_would_fit(fleet, job, &compiled, &classes);
     let mut reason = if classes.is_empty() || !ever {
         PendingReason::NoFeasibleNodes
-    } else if whole && reserved_capacity_would_fit(fleet, job, &compiled, &classes) {
+    } else if reserved_fits {
         PendingReason::ReservedForHigherPriority
     } else {
         PendingReason::InsufficientFreeGpus
     };
+    if let Some(known) = verdict {
+        ctx.verdicts.store(Verdict {
+            failed_end: Some(known.failed_end.map_or(end, |e| e.min(end))),
+            fits_when_idle: Some(ever),
+            reserved_would_not_fit: known.reserved_would_not_fit
+                || (reserved_considered && !reserved_fits),
+        });
+    }
     // Whole-GPU jobs and one-task shares may preempt (a whole-GPU job
     // evicts every share of a GPU together); MIG jobs and share gangs wait
     // for room, and fractions never reserve (docs/gpus.md).

@@ -112,7 +112,7 @@ impl LevelQueue {
         share_of: impl Fn(&str) -> f64,
         weight_of: impl Fn(&str) -> f64,
     ) -> Self {
-        let mut tenant_ids: HashMap<&str, usize> = HashMap::new();
+        let mut tenant_ids: HashMap<&str, usize, foldhash::fast::RandomState> = HashMap::default();
         let mut fifo: Vec<Vec<(u64, usize)>> = Vec::new();
         let mut names: Vec<&str> = Vec::new();
         for (job, tenant, submit) in jobs {
