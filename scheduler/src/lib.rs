@@ -53,6 +53,7 @@ pub mod sim;
 mod compiled;
 mod config;
 mod domain;
+mod eligible;
 mod pass;
 mod place;
 mod preempt;

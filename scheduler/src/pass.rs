@@ -7,6 +7,7 @@ use std::hash::{BuildHasher, Hash, Hasher};
 use crate::compiled::Compiled;
 use crate::config::{SchedulerConfig, TenantState};
 use crate::domain::{Constraints, Generation, GpuUnit, JobInput, Outcome, PassResult, Policy};
+use crate::eligible::Eligible;
 use crate::fleet::{Fleet, NEVER};
 use crate::place::{Prefs, place_job};
 use crate::preempt::{preempt, preempt_share, preemption_possible};
@@ -42,6 +43,7 @@ pub fn schedule(
         level_reserved: false,
         failed: HashMap::default(),
         verdicts: Verdicts::default(),
+        eligible: Eligible::default(),
         // The smallest share anyone waits for: packing avoids leaving a GPU
         // with less than that (a sliver nothing in the queue could use).
         min_share: jobs
@@ -126,6 +128,8 @@ struct PassCtx<'a> {
     /// Work already done for requests that resolve alike (skipped only
     /// where its answer cannot have changed).
     verdicts: Verdicts,
+    /// Eligible classes by constraints.
+    eligible: Eligible<'a>,
     /// The smallest share of the pass's queue, thousandths (0: none).
     min_share: u32,
 }
@@ -216,7 +220,8 @@ fn decide<'a>(fleet: &mut Fleet, job: &'a JobInput, ctx: &mut PassCtx<'a>) -> (O
     // Quotas count thousandths of GPUs: shares count as what they hold.
     let whole = job.unit == GpuUnit::Whole;
     let total_milli = job.tasks.max(1) as u64 * job.unit.requested_milli(job.gpus_per_task);
-    let held = ctx.allocated.get(job.tenant.as_str());
+    // Read only under a quota.
+    let held = quota.and_then(|_| ctx.allocated.get(job.tenant.as_str()));
     if let Some(max) = quota.and_then(|q| q.max_gpus) {
         let now_held: u64 = held.map_or(0, |h| h.values().sum());
         if now_held + total_milli > max as u64 * 1000 {
@@ -225,27 +230,32 @@ fn decide<'a>(fleet: &mut Fleet, job: &'a JobInput, ctx: &mut PassCtx<'a>) -> (O
     }
     // Classes the job may use, honouring per-generation quotas.
     let mut over_quota = false;
-    let classes: Vec<u32> = fleet
-        .classes_by_price
-        .iter()
-        .copied()
-        .filter(|&c| {
-            let class = &fleet.classes[c as usize];
-            if !compiled.class_ok(class) {
-                return false;
-            }
-            let generation = fleet.models[class.model as usize].generation;
-            let within = match quota.and_then(|q| q.max_gpus_per_generation.get(&generation)) {
-                Some(max) => {
-                    held.and_then(|h| h.get(&generation)).copied().unwrap_or(0) + total_milli
-                        <= *max as u64 * 1000
+    let classes: Vec<u32> = match quota {
+        None => ctx.eligible.classes(fleet, &job.constraints, &compiled),
+        Some(_) => fleet
+            .classes_by_price
+            .iter()
+            .copied()
+            // By ascending price: none past the job's cap qualifies.
+            .take_while(|&c| fleet.classes[c as usize].price <= compiled.max_price)
+            .filter(|&c| {
+                let class = &fleet.classes[c as usize];
+                if !compiled.class_ok(class) {
+                    return false;
                 }
-                None => true,
-            };
-            over_quota |= !within;
-            within
-        })
-        .collect();
+                let generation = fleet.models[class.model as usize].generation;
+                let within = match quota.and_then(|q| q.max_gpus_per_generation.get(&generation)) {
+                    Some(max) => {
+                        held.and_then(|h| h.get(&generation)).copied().unwrap_or(0) + total_milli
+                            <= *max as u64 * 1000
+                    }
+                    None => true,
+                };
+                over_quota |= !within;
+                within
+            })
+            .collect(),
+    };
     if classes.is_empty() && over_quota {
         return (Outcome::Pending(PendingReason::QuotaExceeded), 0.0);
     }
