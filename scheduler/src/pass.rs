@@ -79,16 +79,7 @@ pub fn schedule(
     if config.measure_decisions {
         ctx.result.decision_nanos.reserve_exact(jobs.len());
     }
-    let mut levels: Vec<i32> = jobs.iter().map(|j| j.priority).collect();
-    levels.sort_unstable_by(|a, b| b.cmp(a));
-    levels.dedup();
-    for level in levels {
-        let members: Vec<(usize, &str, u64)> = jobs
-            .iter()
-            .enumerate()
-            .filter(|(_, j)| j.priority == level)
-            .map(|(i, j)| (i, j.tenant.as_str(), j.submitted_at))
-            .collect();
+    for members in queue::levels(jobs) {
         let mut queue = queue::LevelQueue::new(members, share_now, |t| config.weight(t));
         ctx.level_reserved = false;
         while let Some((index, tenant_slot)) = queue.pop() {

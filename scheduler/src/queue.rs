@@ -11,7 +11,10 @@
 //! tenant's share of GPU time converges to its weight's share.
 
 use std::cmp::Ordering;
+use std::collections::binary_heap::PeekMut;
 use std::collections::{BinaryHeap, HashMap};
+
+use crate::domain::JobInput;
 
 /// Per-tenant decayed usage, in normalised GPU-hours. Pure: callers pass time.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -96,6 +99,24 @@ impl Ord for TenantKey {
     }
 }
 
+/// The jobs of each priority level, highest level first, each level in
+/// input order: (job index, tenant, submit time). One walk over the jobs.
+pub(crate) fn levels(jobs: &[JobInput]) -> Vec<Vec<(usize, &str, u64)>> {
+    let mut level_of: HashMap<i32, usize, foldhash::fast::RandomState> = HashMap::default();
+    let mut levels: Vec<(i32, Vec<(usize, &str, u64)>)> = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        let level = *level_of.entry(job.priority).or_insert_with(|| {
+            levels.push((job.priority, Vec::new()));
+            levels.len() - 1
+        });
+        levels[level]
+            .1
+            .push((i, job.tenant.as_str(), job.submitted_at));
+    }
+    levels.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    levels.into_iter().map(|(_, members)| members).collect()
+}
+
 /// Interleaves jobs of one priority level by tenant share.
 pub(crate) struct LevelQueue {
     /// Per tenant: (submit time, job index), latest first: pop from the end.
@@ -147,18 +168,36 @@ impl LevelQueue {
         }
     }
 
-    /// Next job and its tenant slot.
+    /// Next job and its tenant slot. The tenant stays at the top of the
+    /// heap until [`LevelQueue::done`], which must follow every pop.
     pub(crate) fn pop(&mut self) -> Option<(usize, usize)> {
-        let key = self.heap.pop()?;
-        let (_, job) = self.fifo[key.tenant].pop()?;
-        Some((job, key.tenant))
+        let tenant = self.heap.peek()?.tenant;
+        let (_, job) = self.fifo[tenant].pop()?;
+        Some((job, tenant))
     }
 
-    /// Returns the tenant to the heap after its job was handled; `granted`
+    /// Puts the tenant back in order after its job was handled; `granted`
     /// is the normalised GPUs it was given (0 when the job did not fit).
+    /// Its key is replaced in place (one sift instead of a pop and a
+    /// push); keys are totally ordered, so the order is the same.
     pub(crate) fn done(&mut self, tenant: usize, granted: f64) {
         self.share[tenant] += granted;
-        self.push_tenant(tenant);
+        let Some(mut top) = self.heap.peek_mut() else {
+            return;
+        };
+        debug_assert_eq!(top.tenant, tenant, "done follows pop");
+        match self.fifo[tenant].last() {
+            Some(&(submit, _)) => {
+                *top = TenantKey {
+                    share: self.share[tenant] / self.weight[tenant],
+                    next_submit: submit,
+                    tenant,
+                };
+            }
+            None => {
+                PeekMut::pop(top);
+            }
+        }
     }
 }
 
