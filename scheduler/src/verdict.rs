@@ -25,6 +25,24 @@ use crate::compiled::Compiled;
 use crate::domain::{GpuUnit, JobInput, Policy};
 use crate::fleet::MAX_GPUS_PER_SLOT;
 
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+thread_local! {
+    /// Set by tests that compare decisions with and without the pass's
+    /// shortcuts (this cache and `eligible.rs`).
+    static SHORTCUTS_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the pass's shortcuts are off (only ever, in tests).
+pub(crate) fn shortcuts_off() -> bool {
+    #[cfg(test)]
+    return SHORTCUTS_OFF.with(|off| off.get());
+    #[cfg(not(test))]
+    false
+}
+
 /// What is known about one resolved request this pass.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Verdict {
@@ -68,6 +86,7 @@ impl Verdicts {
             || per_task as usize > MAX_GPUS_PER_SLOT
             || (compiled.nvlink && per_task > 1)
             || policy == Policy::FirstFit
+            || shortcuts_off()
         {
             return None;
         }
