@@ -99,22 +99,42 @@ impl Ord for TenantKey {
     }
 }
 
-/// The jobs of each priority level, highest level first, each level in
-/// input order: (job index, tenant, submit time). One walk over the jobs.
-pub(crate) fn levels(jobs: &[JobInput]) -> Vec<Vec<(usize, &str, u64)>> {
+/// The jobs of one priority level by tenant: tenants in order of their
+/// first job, and each tenant's (submit time, job index) in input order.
+#[derive(Default)]
+pub(crate) struct Level<'a> {
+    names: Vec<&'a str>,
+    fifo: Vec<Vec<(u64, usize)>>,
+    tenant_ids: HashMap<&'a str, usize, foldhash::fast::RandomState>,
+}
+
+impl<'a> Level<'a> {
+    fn push(&mut self, job: usize, tenant: &'a str, submit: u64) {
+        let id = *self.tenant_ids.entry(tenant).or_insert_with(|| {
+            self.fifo.push(Vec::new());
+            self.names.push(tenant);
+            self.fifo.len() - 1
+        });
+        self.fifo[id].push((submit, job));
+    }
+}
+
+/// The jobs of each priority level, highest level first, grouped in one
+/// walk over the jobs.
+pub(crate) fn levels(jobs: &[JobInput]) -> Vec<Level<'_>> {
     let mut level_of: HashMap<i32, usize, foldhash::fast::RandomState> = HashMap::default();
-    let mut levels: Vec<(i32, Vec<(usize, &str, u64)>)> = Vec::new();
+    let mut levels: Vec<(i32, Level<'_>)> = Vec::new();
     for (i, job) in jobs.iter().enumerate() {
         let level = *level_of.entry(job.priority).or_insert_with(|| {
-            levels.push((job.priority, Vec::new()));
+            levels.push((job.priority, Level::default()));
             levels.len() - 1
         });
         levels[level]
             .1
-            .push((i, job.tenant.as_str(), job.submitted_at));
+            .push(i, job.tenant.as_str(), job.submitted_at);
     }
     levels.sort_unstable_by(|a, b| b.0.cmp(&a.0));
-    levels.into_iter().map(|(_, members)| members).collect()
+    levels.into_iter().map(|(_, level)| level).collect()
 }
 
 /// Interleaves jobs of one priority level by tenant share.
@@ -128,22 +148,26 @@ pub(crate) struct LevelQueue {
 
 impl LevelQueue {
     /// `jobs`: (job index, tenant, submit time) of one priority level.
+    #[cfg(test)]
     pub(crate) fn new(
         jobs: Vec<(usize, &str, u64)>,
         share_of: impl Fn(&str) -> f64,
         weight_of: impl Fn(&str) -> f64,
     ) -> Self {
-        let mut tenant_ids: HashMap<&str, usize, foldhash::fast::RandomState> = HashMap::default();
-        let mut fifo: Vec<Vec<(u64, usize)>> = Vec::new();
-        let mut names: Vec<&str> = Vec::new();
+        let mut level = Level::default();
         for (job, tenant, submit) in jobs {
-            let id = *tenant_ids.entry(tenant).or_insert_with(|| {
-                fifo.push(Vec::new());
-                names.push(tenant);
-                fifo.len() - 1
-            });
-            fifo[id].push((submit, job));
+            level.push(job, tenant, submit);
         }
+        Self::of_level(level, share_of, weight_of)
+    }
+
+    /// The queue of one level (see [`levels`]).
+    pub(crate) fn of_level(
+        level: Level<'_>,
+        share_of: impl Fn(&str) -> f64,
+        weight_of: impl Fn(&str) -> f64,
+    ) -> Self {
+        let Level { names, fifo, .. } = level;
         let mut queue = Self {
             fifo: Vec::with_capacity(fifo.len()),
             share: names.iter().map(|t| share_of(t)).collect(),
