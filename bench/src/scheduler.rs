@@ -5,7 +5,10 @@
 //! GPU, 20 % eight GPUs, 10 % gangs of 2–32 nodes × 8 GPUs; 30 % with a
 //! model or generation constraint; 20 % with a price cap. One full pass with
 //! the default policy (`cost`), timed per decision, against the naive
-//! baseline (first fit: a linear scan over nodes) on the same inputs.
+//! baseline (first fit: a linear scan over nodes) on the same inputs. The
+//! pass is one `schedule()` call: ordering the queue, every decision and
+//! the result; the fleet index (`Fleet::build`) is built before the
+//! stopwatch starts and is timed apart.
 //! Then fragmentation: a long random churn on a smaller fleet, counting
 //! pending 8-GPU jobs that could not be placed although 8 GPUs were free in
 //! one region — `pack` against first fit.
@@ -382,7 +385,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let rss_before = report::rss_bytes();
+    let build_started = Instant::now();
     let fleet = Fleet::build(&nodes, &[]);
+    // Not part of the pass (`schedule()` takes a built fleet); shown so that
+    // the whole cost is visible.
+    let build_secs = build_started.elapsed().as_secs_f64();
     let rss_after = report::rss_bytes();
     let gpus = fleet.gpu_count();
     let bytes_per_gpu = rss_after.saturating_sub(rss_before) as f64 / gpus.max(1) as f64;
@@ -487,6 +494,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "<= 2 s".into(),
             ],
             vec![
+                "fleet index build (before the pass)".into(),
+                format!("{build_secs:.2} s"),
+                "-".into(),
+            ],
+            vec![
                 "8-GPU jobs blocked by fragmentation, pack".into(),
                 format!(
                     "{:.1} % of {} pending job-steps",
@@ -557,6 +569,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "placed": ours.placed,
         "gpus_placed": ours.gpus_placed,
         "pass_seconds": ours.pass_secs,
+        "fleet_build_seconds": build_secs,
         "decisions_per_second": ours.decisions_per_sec,
         "p50_us": ours.p50_us,
         "p99_us": ours.p99_us,

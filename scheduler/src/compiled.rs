@@ -65,9 +65,13 @@ impl Compiled {
     }
 
     pub(crate) fn class_ok(&self, class: &fleet::Class) -> bool {
+        class.price <= self.max_price && self.class_ok_at_any_price(class)
+    }
+
+    /// [`Compiled::class_ok`] without the price cap.
+    pub(crate) fn class_ok_at_any_price(&self, class: &fleet::Class) -> bool {
         self.models[class.model as usize]
             && (class.oci || !self.oci)
-            && class.price <= self.max_price
             && self.spot_ok(class)
             && self
                 .providers_allow

@@ -278,6 +278,7 @@ pub struct PassResult {
     pub placed: usize,
     pub reservations: usize,
     /// (job index, nanoseconds) per decision, in queue order, when
-    /// [`crate::SchedulerConfig::measure_decisions`] is set (benchmarks).
+    /// [`crate::SchedulerConfig::measure_decisions`] is set (benchmarks);
+    /// each from the end of the decision before it in its priority level.
     pub decision_nanos: Vec<(usize, u64)>,
 }

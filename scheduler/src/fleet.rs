@@ -129,6 +129,8 @@ pub(crate) struct Class {
     pub(crate) block: u16,
     /// `buckets[k]`: schedulable, unreserved slots with exactly k free GPUs.
     pub(crate) buckets: Vec<Vec<u32>>,
+    /// Bit k set: `buckets[k]` is not empty (placement visits only those).
+    pub(crate) nonempty: u64,
     /// Schedulable slots under a reservation (checked only by jobs that can
     /// prove they end in time).
     pub(crate) reserved: Vec<u32>,
@@ -386,6 +388,7 @@ impl Fleet {
                                 oci: node.oci,
                                 block,
                                 buckets: vec![Vec::new(); MAX_GPUS_PER_SLOT + 1],
+                                nonempty: 0,
                                 reserved: Vec::new(),
                                 slots: Vec::new(),
                                 healthy_hist: vec![0; MAX_GPUS_PER_SLOT + 1],
@@ -602,7 +605,9 @@ impl Fleet {
         let list = if slot.reserved_until != 0 {
             &mut class.reserved
         } else {
-            &mut class.buckets[slot.free.count_ones() as usize]
+            let k = slot.free.count_ones() as usize;
+            class.nonempty |= 1 << k;
+            &mut class.buckets[k]
         };
         let pos = list.len() as u32;
         list.push(slot_idx);
@@ -617,7 +622,11 @@ impl Fleet {
         let list = if slot.reserved_until != 0 {
             &mut class.reserved
         } else {
-            &mut class.buckets[slot.free.count_ones() as usize]
+            let k = slot.free.count_ones() as usize;
+            if class.buckets[k].len() == 1 {
+                class.nonempty &= !(1 << k);
+            }
+            &mut class.buckets[k]
         };
         list.swap_remove(pos);
         if let Some(&moved) = list.get(pos) {
@@ -691,10 +700,14 @@ impl Fleet {
     pub(crate) fn uuids(&self, slot_idx: u32, mask: u32) -> Vec<String> {
         let slot = &self.slots[slot_idx as usize];
         let gpus = &self.node_gpus[slot.node as usize];
-        (0..MAX_GPUS_PER_SLOT)
-            .filter(|p| mask & (1 << p) != 0)
-            .filter_map(|p| gpus.get(p).cloned())
-            .collect()
+        let mut uuids = Vec::with_capacity(mask.count_ones() as usize);
+        let mut rest = mask;
+        while rest != 0 {
+            let p = rest.trailing_zeros() as usize;
+            rest &= rest - 1;
+            uuids.extend(gpus.get(p).cloned());
+        }
+        uuids
     }
 
     /// Picks `count` GPUs from `free`: inside one NVLink group when asked
@@ -728,4 +741,10 @@ pub(crate) fn lowest_bits(mut mask: u32, count: u32) -> u32 {
         mask &= !bit;
     }
     out
+}
+
+/// The non-empty buckets of a class with at least `per_task` free GPUs,
+/// as a bit set.
+pub(crate) fn buckets_from(class: &Class, per_task: u32) -> u64 {
+    class.nonempty & (u64::MAX << per_task.min(63))
 }

@@ -54,11 +54,13 @@ pub mod sim;
 mod compiled;
 mod config;
 mod domain;
+mod eligible;
 mod pass;
 mod place;
 mod preempt;
 mod reserve;
 mod units;
+mod verdict;
 
 pub use config::{SchedulerConfig, TenantPolicy, TenantState};
 pub use domain::{

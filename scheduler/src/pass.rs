@@ -2,10 +2,12 @@
 //! job (place, preempt for, or say why it waits).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
 
 use crate::compiled::Compiled;
 use crate::config::{SchedulerConfig, TenantState};
 use crate::domain::{Constraints, Generation, GpuUnit, JobInput, Outcome, PassResult, Policy};
+use crate::eligible::Eligible;
 use crate::fleet::{Fleet, NEVER};
 use crate::place::{Prefs, place_job};
 use crate::preempt::{preempt, preempt_share, preemption_possible};
@@ -13,6 +15,7 @@ use crate::queue;
 use crate::reason::PendingReason;
 use crate::reserve::{fits_when_idle, reserve, reserved_capacity_would_fit};
 use crate::units;
+use crate::verdict::{Verdict, Verdicts};
 
 /// Runs one scheduling pass. `fleet` is updated with every placement, so the
 /// caller may inspect it afterwards (e.g. to explain pending jobs).
@@ -38,7 +41,9 @@ pub fn schedule(
         reservations: 0,
         preemptions: 0,
         level_reserved: false,
-        failed: HashMap::new(),
+        failed: HashMap::default(),
+        verdicts: Verdicts::default(),
+        eligible: Eligible::default(),
         // The smallest share anyone waits for: packing avoids leaving a GPU
         // with less than that (a sliver nothing in the queue could use).
         min_share: jobs
@@ -71,31 +76,28 @@ pub fn schedule(
         usage + running
     };
 
-    let mut levels: Vec<i32> = jobs.iter().map(|j| j.priority).collect();
-    levels.sort_unstable_by(|a, b| b.cmp(a));
-    levels.dedup();
-    for level in levels {
-        let members: Vec<(usize, &str, u64)> = jobs
-            .iter()
-            .enumerate()
-            .filter(|(_, j)| j.priority == level)
-            .map(|(i, j)| (i, j.tenant.as_str(), j.submitted_at))
-            .collect();
-        let mut queue = queue::LevelQueue::new(members, share_now, |t| config.weight(t));
+    if config.measure_decisions {
+        ctx.result.decision_nanos.reserve_exact(jobs.len());
+    }
+    for level in queue::levels(jobs) {
+        let mut queue = queue::LevelQueue::of_level(level, share_now, |t| config.weight(t));
         ctx.level_reserved = false;
+        // A benchmark's stopwatch only: no decision reads it. Each decision
+        // is timed from the end of the one before (its queue step counts).
+        let mut last = config.measure_decisions.then(std::time::Instant::now);
         while let Some((index, tenant_slot)) = queue.pop() {
-            // A benchmark's stopwatch only: no decision reads it.
-            let started = config.measure_decisions.then(std::time::Instant::now);
             let (outcome, granted) = decide(fleet, &jobs[index], &mut ctx);
             if matches!(outcome, Outcome::Placed(_)) {
                 ctx.result.placed += 1;
             }
             ctx.result.outcomes[index] = outcome;
             queue.done(tenant_slot, granted);
-            if let Some(started) = started {
+            if let Some(started) = last {
+                let now = std::time::Instant::now();
                 ctx.result
                     .decision_nanos
-                    .push((index, started.elapsed().as_nanos() as u64));
+                    .push((index, (now - started).as_nanos() as u64));
+                last = Some(now);
             }
         }
     }
@@ -116,7 +118,12 @@ struct PassCtx<'a> {
     /// The current priority level already had its reservation attempt.
     level_reserved: bool,
     /// Request shape → (earliest end that failed, reason).
-    failed: HashMap<RequestShape<'a>, (u64, PendingReason)>,
+    failed: HashMap<ShapeKey<'a>, (u64, PendingReason), foldhash::fast::RandomState>,
+    /// Work already done for requests that resolve alike (skipped only
+    /// where its answer cannot have changed).
+    verdicts: Verdicts,
+    /// Eligible classes by constraints.
+    eligible: Eligible<'a>,
     /// The smallest share of the pass's queue, thousandths (0: none).
     min_share: u32,
 }
@@ -132,6 +139,37 @@ struct RequestShape<'a> {
     priority: i32,
     preemptible: bool,
     policy: Policy,
+}
+
+/// A request shape with its hash, computed once per decision: a failed
+/// decision looks its shape up and inserts it, and the map rehashes as it
+/// grows.
+struct ShapeKey<'a> {
+    hash: u64,
+    shape: RequestShape<'a>,
+}
+
+impl<'a> ShapeKey<'a> {
+    fn new(hasher: &impl BuildHasher, shape: RequestShape<'a>) -> Self {
+        ShapeKey {
+            hash: hasher.hash_one(&shape),
+            shape,
+        }
+    }
+}
+
+impl PartialEq for ShapeKey<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.shape == other.shape
+    }
+}
+
+impl Eq for ShapeKey<'_> {}
+
+impl Hash for ShapeKey<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
 }
 
 fn request_shape(job: &JobInput, policy: Policy) -> RequestShape<'_> {
@@ -163,7 +201,8 @@ fn decide<'a>(fleet: &mut Fleet, job: &'a JobInput, ctx: &mut PassCtx<'a>) -> (O
     // (capacity only shrinks within a pass). The head of a level is always
     // evaluated in full so that it can get its reservation.
     // The naive baseline keeps no such memory.
-    let shape = (quota.is_none() && policy != Policy::FirstFit).then(|| request_shape(job, policy));
+    let shape = (quota.is_none() && policy != Policy::FirstFit)
+        .then(|| ShapeKey::new(ctx.failed.hasher(), request_shape(job, policy)));
     if ctx.level_reserved
         && let Some(key) = &shape
         && let Some(&(failed_end, reason)) = ctx.failed.get(key)
@@ -175,7 +214,8 @@ fn decide<'a>(fleet: &mut Fleet, job: &'a JobInput, ctx: &mut PassCtx<'a>) -> (O
     // Quotas count thousandths of GPUs: shares count as what they hold.
     let whole = job.unit == GpuUnit::Whole;
     let total_milli = job.tasks.max(1) as u64 * job.unit.requested_milli(job.gpus_per_task);
-    let held = ctx.allocated.get(job.tenant.as_str());
+    // Read only under a quota.
+    let held = quota.and_then(|_| ctx.allocated.get(job.tenant.as_str()));
     if let Some(max) = quota.and_then(|q| q.max_gpus) {
         let now_held: u64 = held.map_or(0, |h| h.values().sum());
         if now_held + total_milli > max as u64 * 1000 {
@@ -184,42 +224,56 @@ fn decide<'a>(fleet: &mut Fleet, job: &'a JobInput, ctx: &mut PassCtx<'a>) -> (O
     }
     // Classes the job may use, honouring per-generation quotas.
     let mut over_quota = false;
-    let classes: Vec<u32> = fleet
-        .classes_by_price
-        .iter()
-        .copied()
-        .filter(|&c| {
-            let class = &fleet.classes[c as usize];
-            if !compiled.class_ok(class) {
-                return false;
-            }
-            let generation = fleet.models[class.model as usize].generation;
-            let within = match quota.and_then(|q| q.max_gpus_per_generation.get(&generation)) {
-                Some(max) => {
-                    held.and_then(|h| h.get(&generation)).copied().unwrap_or(0) + total_milli
-                        <= *max as u64 * 1000
+    let classes: Vec<u32> = match quota {
+        None => ctx.eligible.classes(fleet, &job.constraints, &compiled),
+        Some(_) => fleet
+            .classes_by_price
+            .iter()
+            .copied()
+            // By ascending price: none past the job's cap qualifies.
+            .take_while(|&c| fleet.classes[c as usize].price <= compiled.max_price)
+            .filter(|&c| {
+                let class = &fleet.classes[c as usize];
+                if !compiled.class_ok(class) {
+                    return false;
                 }
-                None => true,
-            };
-            over_quota |= !within;
-            within
-        })
-        .collect();
+                let generation = fleet.models[class.model as usize].generation;
+                let within = match quota.and_then(|q| q.max_gpus_per_generation.get(&generation)) {
+                    Some(max) => {
+                        held.and_then(|h| h.get(&generation)).copied().unwrap_or(0) + total_milli
+                            <= *max as u64 * 1000
+                    }
+                    None => true,
+                };
+                over_quota |= !within;
+                within
+            })
+            .collect(),
+    };
     if classes.is_empty() && over_quota {
         return (Outcome::Pending(PendingReason::QuotaExceeded), 0.0);
     }
-    if let Some(placements) = place_job(
-        fleet,
-        job,
-        &compiled,
-        &classes,
-        policy,
-        end,
-        Prefs {
-            discount: config.preferred_region_discount,
-            min_share: ctx.min_share,
-        },
-    ) {
+    let verdict: Option<Verdict> = shape.as_ref().and_then(|_| {
+        ctx.verdicts
+            .lookup(job, &compiled, &classes, policy, fleet.classes.len())
+    });
+    // A request that resolves like one that failed with an earlier end
+    // fails again (verdict.rs).
+    let known_to_fail = verdict.is_some_and(|v| v.failed_end.is_some_and(|e| end >= e));
+    if !known_to_fail
+        && let Some(placements) = place_job(
+            fleet,
+            job,
+            &compiled,
+            &classes,
+            policy,
+            end,
+            Prefs {
+                discount: config.preferred_region_discount,
+                min_share: ctx.min_share,
+            },
+        )
+    {
         let granted: f64 = placements
             .iter()
             .map(|p| p.milli_gpus() as f64 / 1000.0 * config.factor(p.generation))
@@ -230,18 +284,30 @@ fn decide<'a>(fleet: &mut Fleet, job: &'a JobInput, ctx: &mut PassCtx<'a>) -> (O
         }
         return (Outcome::Placed(placements), granted);
     }
-    let ever = if whole {
-        fits_when_idle(fleet, job, &compiled, &classes)
-    } else {
-        units::fits_when_idle(fleet, job, &compiled, &classes)
+    let ever = match verdict.and_then(|v| v.fits_when_idle) {
+        Some(ever) => ever,
+        None if whole => fits_when_idle(fleet, job, &compiled, &classes),
+        None => units::fits_when_idle(fleet, job, &compiled, &classes),
     };
+    let reserved_considered = whole && ever && !classes.is_empty();
+    let reserved_fits = reserved_considered
+        && !verdict.is_some_and(|v| v.reserved_would_not_fit)
+        && reserved_capacity_would_fit(fleet, job, &compiled, &classes);
     let mut reason = if classes.is_empty() || !ever {
         PendingReason::NoFeasibleNodes
-    } else if whole && reserved_capacity_would_fit(fleet, job, &compiled, &classes) {
+    } else if reserved_fits {
         PendingReason::ReservedForHigherPriority
     } else {
         PendingReason::InsufficientFreeGpus
     };
+    if let Some(known) = verdict {
+        ctx.verdicts.store(Verdict {
+            failed_end: Some(known.failed_end.map_or(end, |e| e.min(end))),
+            fits_when_idle: Some(ever),
+            reserved_would_not_fit: known.reserved_would_not_fit
+                || (reserved_considered && !reserved_fits),
+        });
+    }
     // Whole-GPU jobs and one-task shares may preempt (a whole-GPU job
     // evicts every share of a GPU together); MIG jobs and share gangs wait
     // for room, and fractions never reserve (docs/gpus.md).

@@ -308,7 +308,10 @@ fn group_capacity(
             break;
         }
         let class = &fleet.classes[c as usize];
-        for k in per_task as usize..=fleet::MAX_GPUS_PER_SLOT {
+        let mut ks = fleet::buckets_from(class, per_task);
+        while ks != 0 {
+            let k = ks.trailing_zeros() as usize;
+            ks &= ks - 1;
             total += class.buckets[k].len() as u64 * (k as u64 / per_task as u64);
         }
         if end != NEVER {
@@ -341,13 +344,16 @@ fn best_slot(
             break; // classes are in price order
         }
         let class = &fleet.classes[c as usize];
-        let ks: Box<dyn Iterator<Item = usize>> = if policy == Policy::Spread {
-            Box::new((per_task as usize..=fleet::MAX_GPUS_PER_SLOT).rev())
-        } else {
-            Box::new(per_task as usize..=fleet::MAX_GPUS_PER_SLOT)
-        };
+        let mut ks = fleet::buckets_from(class, per_task);
         let mut found: Option<(u64, u32, u32)> = None;
-        for k in ks {
+        while ks != 0 {
+            // Fewest free GPUs first; the most for spread.
+            let k = if policy == Policy::Spread {
+                63 - ks.leading_zeros() as usize
+            } else {
+                ks.trailing_zeros() as usize
+            };
+            ks &= !(1 << k);
             let bucket = &class.buckets[k];
             // The most recently added slot of a bucket first: cheap, and
             // deterministic for a given input.

@@ -11,7 +11,10 @@
 //! tenant's share of GPU time converges to its weight's share.
 
 use std::cmp::Ordering;
+use std::collections::binary_heap::PeekMut;
 use std::collections::{BinaryHeap, HashMap};
+
+use crate::domain::JobInput;
 
 /// Per-tenant decayed usage, in normalised GPU-hours. Pure: callers pass time.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -96,6 +99,44 @@ impl Ord for TenantKey {
     }
 }
 
+/// The jobs of one priority level by tenant: tenants in order of their
+/// first job, and each tenant's (submit time, job index) in input order.
+#[derive(Default)]
+pub(crate) struct Level<'a> {
+    names: Vec<&'a str>,
+    fifo: Vec<Vec<(u64, usize)>>,
+    tenant_ids: HashMap<&'a str, usize, foldhash::fast::RandomState>,
+}
+
+impl<'a> Level<'a> {
+    fn push(&mut self, job: usize, tenant: &'a str, submit: u64) {
+        let id = *self.tenant_ids.entry(tenant).or_insert_with(|| {
+            self.fifo.push(Vec::new());
+            self.names.push(tenant);
+            self.fifo.len() - 1
+        });
+        self.fifo[id].push((submit, job));
+    }
+}
+
+/// The jobs of each priority level, highest level first, grouped in one
+/// walk over the jobs.
+pub(crate) fn levels(jobs: &[JobInput]) -> Vec<Level<'_>> {
+    let mut level_of: HashMap<i32, usize, foldhash::fast::RandomState> = HashMap::default();
+    let mut levels: Vec<(i32, Level<'_>)> = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        let level = *level_of.entry(job.priority).or_insert_with(|| {
+            levels.push((job.priority, Level::default()));
+            levels.len() - 1
+        });
+        levels[level]
+            .1
+            .push(i, job.tenant.as_str(), job.submitted_at);
+    }
+    levels.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    levels.into_iter().map(|(_, level)| level).collect()
+}
+
 /// Interleaves jobs of one priority level by tenant share.
 pub(crate) struct LevelQueue {
     /// Per tenant: (submit time, job index), latest first: pop from the end.
@@ -107,22 +148,26 @@ pub(crate) struct LevelQueue {
 
 impl LevelQueue {
     /// `jobs`: (job index, tenant, submit time) of one priority level.
+    #[cfg(test)]
     pub(crate) fn new(
         jobs: Vec<(usize, &str, u64)>,
         share_of: impl Fn(&str) -> f64,
         weight_of: impl Fn(&str) -> f64,
     ) -> Self {
-        let mut tenant_ids: HashMap<&str, usize> = HashMap::new();
-        let mut fifo: Vec<Vec<(u64, usize)>> = Vec::new();
-        let mut names: Vec<&str> = Vec::new();
+        let mut level = Level::default();
         for (job, tenant, submit) in jobs {
-            let id = *tenant_ids.entry(tenant).or_insert_with(|| {
-                fifo.push(Vec::new());
-                names.push(tenant);
-                fifo.len() - 1
-            });
-            fifo[id].push((submit, job));
+            level.push(job, tenant, submit);
         }
+        Self::of_level(level, share_of, weight_of)
+    }
+
+    /// The queue of one level (see [`levels`]).
+    pub(crate) fn of_level(
+        level: Level<'_>,
+        share_of: impl Fn(&str) -> f64,
+        weight_of: impl Fn(&str) -> f64,
+    ) -> Self {
+        let Level { names, fifo, .. } = level;
         let mut queue = Self {
             fifo: Vec::with_capacity(fifo.len()),
             share: names.iter().map(|t| share_of(t)).collect(),
@@ -147,18 +192,36 @@ impl LevelQueue {
         }
     }
 
-    /// Next job and its tenant slot.
+    /// Next job and its tenant slot. The tenant stays at the top of the
+    /// heap until [`LevelQueue::done`], which must follow every pop.
     pub(crate) fn pop(&mut self) -> Option<(usize, usize)> {
-        let key = self.heap.pop()?;
-        let (_, job) = self.fifo[key.tenant].pop()?;
-        Some((job, key.tenant))
+        let tenant = self.heap.peek()?.tenant;
+        let (_, job) = self.fifo[tenant].pop()?;
+        Some((job, tenant))
     }
 
-    /// Returns the tenant to the heap after its job was handled; `granted`
+    /// Puts the tenant back in order after its job was handled; `granted`
     /// is the normalised GPUs it was given (0 when the job did not fit).
+    /// Its key is replaced in place (one sift instead of a pop and a
+    /// push); keys are totally ordered, so the order is the same.
     pub(crate) fn done(&mut self, tenant: usize, granted: f64) {
         self.share[tenant] += granted;
-        self.push_tenant(tenant);
+        let Some(mut top) = self.heap.peek_mut() else {
+            return;
+        };
+        debug_assert_eq!(top.tenant, tenant, "done follows pop");
+        match self.fifo[tenant].last() {
+            Some(&(submit, _)) => {
+                *top = TenantKey {
+                    share: self.share[tenant] / self.weight[tenant],
+                    next_submit: submit,
+                    tenant,
+                };
+            }
+            None => {
+                PeekMut::pop(top);
+            }
+        }
     }
 }
 
