@@ -178,6 +178,7 @@ fn simulated(policy: Policy, nodes: &[Node], requests: &[Request]) -> Placements
             gpus: r.gpus,
             gpu_milli: r.share_milli,
             models: r.models.clone(),
+            ..Default::default()
         })
         .collect();
     let workload = Workload {

@@ -200,7 +200,10 @@ fn history_notes(n: &sim::history::HistoryNotes) -> Vec<String> {
         n.records, n.jobs, n.tasks
     )];
     for (count, what) in [
-        (n.gang_tasks, "tasks of gangs replayed as independent jobs"),
+        (
+            n.gangs,
+            "gangs (jobs of several tasks) replayed as gangs, all tasks or none",
+        ),
         (
             n.no_submit_time,
             "tasks without a submit time arrive when they started (older controller)",

@@ -181,6 +181,7 @@ pub fn history_record(record: &UsageRecord) -> anyhow::Result<HistoryRecord> {
         models: c.models,
         generations,
         unmodelled_constraints: unmodelled,
+        preemptible: record.job_preemptible,
     })
 }
 
@@ -377,6 +378,7 @@ mod tests {
                 models: vec!["H100-SXM-80GB".into()],
                 generations: vec![Generation::Hopper, Generation::Blackwell],
                 unmodelled_constraints: true,
+                preemptible: false,
             }]
         );
         std::fs::write(&path, "{\"jobId\": \"x\"}\nnot json\n").unwrap();

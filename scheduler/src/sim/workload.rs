@@ -18,9 +18,9 @@ pub struct SimNode {
     pub region: String,
 }
 
-/// One job: a single task of `gpus` whole GPUs on one node, or of a share
-/// of one GPU.
-#[derive(Debug, Clone, PartialEq)]
+/// One job: `tasks` tasks (a gang when more than one: placed all or none),
+/// each of `gpus` whole GPUs on one node, or of a share of one GPU.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct SimJob {
     pub id: String,
     pub tenant: String,
@@ -35,6 +35,15 @@ pub struct SimJob {
     pub gpu_milli: u32,
     /// Allowed catalogue models; empty = any.
     pub models: Vec<String>,
+    /// Tasks (0 or 1: one task). A gang's tasks start together, may run on
+    /// several nodes, and leave together.
+    pub tasks: u32,
+    /// Lower-priority running work the scheduler may evict for a job of a
+    /// higher priority (it is requeued and runs again from the start).
+    pub preemptible: bool,
+    /// Stopped (and failed) this many seconds after it starts if still
+    /// running; the scheduler plans with start + this as its end.
+    pub max_runtime: Option<u64>,
 }
 
 /// What an input reader dropped or changed, so the report can say so.
@@ -149,6 +158,7 @@ pub fn synthetic(nodes: usize, jobs: usize, seed: u64) -> Workload {
                 gpus,
                 gpu_milli: 0,
                 models,
+                ..Default::default()
             }
         })
         .collect();
