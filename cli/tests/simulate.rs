@@ -488,3 +488,120 @@ fn simulate_reports_the_market_signals_the_controller_would_record() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--market-interval"));
 }
+
+/// Quotas from the command line and from a controller configuration file
+/// hold the scheduler back (a quota of 0 GPUs: nothing of the tenant
+/// runs); the baselines ignore quotas. A flag overrides the file.
+#[test]
+fn quotas_from_flags_and_a_controller_config_hold_a_tenant_back() {
+    let placed = |v: &serde_json::Value| per_policy(v, "placed");
+    // Every pod of the sample is tenant `openb`'s.
+    let v = simulate_json(&["--quota", "openb=0"]);
+    assert_eq!(placed(&v), [0, 6]);
+    let v = simulate_json(&["--quota", "openb=unlimited,Turing=0,Volta=0,Ampere=0"]);
+    assert_eq!(placed(&v), [0, 6]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("controller.toml");
+    std::fs::write(&config, "[tenants.openb]\nweight = 2.0\nmax_gpus = 0\n").expect("write");
+    let config = config.to_str().expect("utf-8 path");
+    let v = simulate_json(&["--controller-config", config]);
+    assert_eq!(placed(&v), [0, 6]);
+    let v = simulate_json(&["--controller-config", config, "--quota", "openb=unlimited"]);
+    assert_eq!(placed(&v), [6, 6]);
+
+    for (args, needle) in [
+        (
+            vec!["--quota", "openb"],
+            "--quota `openb`: use --quota TENANT=N",
+        ),
+        (
+            vec!["--quota", "openb=4,Kepler=1"],
+            "`Kepler` is not a GPU generation",
+        ),
+        (
+            vec!["--weight", "openb=0"],
+            "--weight `openb=0`: 0 is out of range",
+        ),
+        (
+            vec!["--controller-config", "/nonexistent/c.toml"],
+            "--controller-config /nonexistent/c.toml",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_gpufleet"))
+            .args(["simulate", "--nodes", NODES, "--pods", PODS])
+            .args(&args)
+            .output()
+            .expect("gpufleet runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(stderr.contains(needle), "{needle} missing in: {stderr}");
+    }
+}
+
+/// The synthetic workload's optional gangs, preemptible jobs and max
+/// runtimes: counted in the workload, acted on by the engine (jobs stopped
+/// at their max runtime, preemptions by gpufleet's policies only),
+/// deterministic for a seed; the percentages are bounded.
+#[test]
+fn synthetic_gangs_preemption_and_max_runtimes() {
+    let run = || {
+        json_of(&[
+            "simulate",
+            "--synthetic-nodes",
+            "10",
+            "--synthetic-jobs",
+            "300",
+            "--synthetic-gangs",
+            "10",
+            "--synthetic-preemptible",
+            "30",
+            "--synthetic-max-runtime",
+            "20",
+            "--policy",
+            "cost,baseline-first-fit",
+        ])
+    };
+    let v = run();
+    let w = &v["workload"];
+    for field in ["gangs", "preemptible_jobs", "max_runtime_jobs"] {
+        assert!(w[field].as_u64().unwrap_or(0) > 0, "{field}: {w}");
+    }
+    let preemptions = per_policy(&v, "preemptions");
+    assert!(preemptions[0].as_u64().unwrap_or(0) > 0, "{preemptions:?}");
+    assert_eq!(preemptions[1], 0, "baselines do not preempt");
+    for stops in per_policy(&v, "max_runtime_stops") {
+        assert!(stops.as_u64().unwrap_or(0) > 0, "{stops}");
+    }
+    assert_eq!(v, run());
+    // Without the options, none of it.
+    let plain = json_of(&[
+        "simulate",
+        "--synthetic-nodes",
+        "10",
+        "--synthetic-jobs",
+        "300",
+        "--policy",
+        "cost",
+    ]);
+    assert_eq!(plain["workload"]["gangs"], 0);
+    assert_eq!(plain["policies"][0]["preemptions"], 0);
+    for args in [
+        vec!["--synthetic-nodes", "3", "--synthetic-gangs", "101"],
+        vec![
+            "--nodes",
+            NODES,
+            "--pods",
+            PODS,
+            "--synthetic-preemptible",
+            "5",
+        ],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_gpufleet"))
+            .arg("simulate")
+            .args(&args)
+            .output()
+            .expect("gpufleet runs");
+        assert!(!out.status.success(), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--synthetic-"));
+    }
+}

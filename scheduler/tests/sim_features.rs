@@ -106,9 +106,17 @@ fn a_gang_starts_all_or_nothing_on_the_expected_nodes() {
         }
         let at = |t: u64| r.series.iter().find(|s| s.time == t).copied();
         assert_eq!(at(0).map(|s| s.allocated_gpus), Some(12), "{label}");
-        assert_eq!(at(20).map(|s| s.allocated_gpus), Some(8), "{label}: no partial gang");
+        assert_eq!(
+            at(20).map(|s| s.allocated_gpus),
+            Some(8),
+            "{label}: no partial gang"
+        );
         assert_eq!(at(30).map(|s| s.allocated_gpus), Some(8), "{label}");
-        assert_eq!(at(40).map(|s| s.allocated_gpus), Some(0), "{label}: left together");
+        assert_eq!(
+            at(40).map(|s| s.allocated_gpus),
+            Some(0),
+            "{label}: left together"
+        );
         // Each task billed on its own node: g2's two on the $1 nodes.
         let cost = 2 * bill(4000, 30, 1_000_000)
             + bill(4000, 20, 3_000_000)
@@ -140,17 +148,24 @@ fn a_higher_priority_job_preempts_a_preemptible_one_which_is_requeued() {
         assert_eq!(r.preempted_gpu_secs, 40.0);
         assert_eq!(r.never_placed, 0);
         assert_eq!(r.end_time, 131);
-        let cost = bill(4000, 10, 1_000_000) + bill(4000, 100, 1_000_000)
-            + bill(4000, 20, 1_000_000);
+        let cost =
+            bill(4000, 10, 1_000_000) + bill(4000, 100, 1_000_000) + bill(4000, 20, 1_000_000);
         assert_eq!(r.cost_micro_usd, cost);
         assert!((r.gpu_hours - (40.0 + 400.0 + 80.0) / 3600.0).abs() < 1e-9);
         // Between the eviction and the restart, b waits in the queue.
         let s10 = r.series.iter().find(|s| s.time == 10).copied();
-        assert_eq!(s10.map(|s| (s.allocated_gpus, s.pending_jobs)), Some((0, 2)));
+        assert_eq!(
+            s10.map(|s| (s.allocated_gpus, s.pending_jobs)),
+            Some((0, 2))
+        );
     }
     let mut w = w;
     w.jobs[0].preemptible = false;
-    let r = sim::simulate(&w, SimPolicy::Scheduler(Policy::Cost), &SimConfig::default());
+    let r = sim::simulate(
+        &w,
+        SimPolicy::Scheduler(Policy::Cost),
+        &SimConfig::default(),
+    );
     assert_eq!(starts(&r, &w), want(&[("b", 0), ("u", 100)]));
     assert_eq!((r.preemptions, r.preempted_gpu_secs), (0, 0.0));
     // The baselines do not preempt.
@@ -244,8 +259,16 @@ fn a_max_runtime_stops_a_job_and_frees_its_gpus_for_a_reserved_job() {
         );
         assert_eq!(r.max_runtime_stops, 2, "r and s1");
         let at = |t: u64| r.series.iter().find(|s| s.time == t).copied();
-        assert_eq!(at(47).map(|s| s.allocated_gpus), Some(4), "s1 stopped at 47");
-        assert_eq!(at(60).map(|s| s.allocated_gpus), Some(8), "big started at 60");
+        assert_eq!(
+            at(47).map(|s| s.allocated_gpus),
+            Some(4),
+            "s1 stopped at 47"
+        );
+        assert_eq!(
+            at(60).map(|s| s.allocated_gpus),
+            Some(8),
+            "big started at 60"
+        );
         // Billed for the time run: r 60 s, s1 40 s, big 10 s, s2 20 s.
         let cost = bill(4000, 60, 1_000_000)
             + bill(4000, 40, 1_000_000)
@@ -256,7 +279,11 @@ fn a_max_runtime_stops_a_job_and_frees_its_gpus_for_a_reserved_job() {
     // Without the limit, big waits for r's real end.
     let mut w = w;
     w.jobs[0].max_runtime = None;
-    let r = sim::simulate(&w, SimPolicy::Scheduler(Policy::Cost), &SimConfig::default());
+    let r = sim::simulate(
+        &w,
+        SimPolicy::Scheduler(Policy::Cost),
+        &SimConfig::default(),
+    );
     assert_eq!(r.starts[1], Some(1000));
     assert_eq!(r.max_runtime_stops, 1, "s1 only");
 }

@@ -34,6 +34,33 @@ pub struct SimulateArgs {
     /// Jobs in the synthetic workload (a 30-day month).
     #[arg(long, value_name = "M", default_value_t = 10_000)]
     synthetic_jobs: usize,
+    /// Synthetic: this percentage of jobs are gangs of 2-4 tasks of 8 GPUs.
+    #[arg(long, value_name = "PCT", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=100))]
+    synthetic_gangs: u32,
+    /// Synthetic: this percentage of jobs are preemptible batch work at
+    /// priority -1, which the others (priority 0) may evict.
+    #[arg(long, value_name = "PCT", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=100))]
+    synthetic_preemptible: u32,
+    /// Synthetic: this percentage of jobs have a max runtime (1h, 6h or 24h).
+    #[arg(long, value_name = "PCT", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=100))]
+    synthetic_max_runtime: u32,
+    /// Tenants' weights and quotas (and generation factors, reservation and
+    /// preemption limits, fair-share half-life) from a controller
+    /// configuration file: its `[tenants.NAME]` tables, as the controller
+    /// reads them.
+    #[arg(long, value_name = "FILE")]
+    controller_config: Option<PathBuf>,
+    /// A tenant's quota: most GPUs held at once, in all and per generation
+    /// (`unlimited` for no total): ml=16,Hopper=8. Repeatable; overrides
+    /// --controller-config for that tenant.
+    #[arg(long, value_name = "TENANT=N[,GENERATION=N...]")]
+    quota: Vec<String>,
+    /// A tenant's fair-share weight, 0 < W <= 1000 (default 1). Repeatable.
+    #[arg(long, value_name = "TENANT=W")]
+    weight: Vec<String>,
     /// Policies to compare: `all`, or a comma-separated list of cost, pack,
     /// spread, first-fit, baseline-first-fit, baseline-best-fit, baseline-fgd.
     #[arg(long, default_value = "all")]
@@ -126,11 +153,26 @@ pub fn run(format: Format, args: &SimulateArgs) -> anyhow::Result<ExitCode> {
     if market_interval == 0 {
         anyhow::bail!("--market-interval must be at least 1s");
     }
-    let config = SimConfig {
+    let mut config = SimConfig {
         cadence_secs: cadence,
         market_interval_secs: market_interval,
         ..Default::default()
     };
+    if let Some(path) = &args.controller_config {
+        let controller = gpufleet_controller::ControllerConfig::load(
+            [
+                std::ffi::OsString::from("gpufleet-controller"),
+                "--config".into(),
+                path.clone().into_os_string(),
+            ],
+            &std::collections::HashMap::new(),
+        )
+        .map_err(|e| anyhow::anyhow!("--controller-config {}: {e}", path.display()))?;
+        config.scheduler = controller.scheduler;
+        config.fair_share_half_life_secs = controller.fair_share_half_life.as_secs_f64();
+    }
+    sim::tenants::apply(&mut config.scheduler.tenants, &args.quota, &args.weight)
+        .map_err(|e| anyhow::anyhow!(e))?;
     let mut reports = Vec::new();
     let mut walls = Vec::new();
     for &policy in &policies {
@@ -173,8 +215,22 @@ fn parse_policies(list: &str) -> anyhow::Result<Vec<SimPolicy>> {
 /// The workload, and lines saying what its reader changed beyond
 /// [`Workload::notes`].
 fn load(args: &SimulateArgs) -> anyhow::Result<(Workload, Vec<String>)> {
+    if args.synthetic_nodes.is_none()
+        && (args.synthetic_gangs > 0
+            || args.synthetic_preemptible > 0
+            || args.synthetic_max_runtime > 0)
+    {
+        anyhow::bail!(
+            "--synthetic-gangs, --synthetic-preemptible and --synthetic-max-runtime shape the synthetic workload: give --synthetic-nodes N"
+        );
+    }
     if let Some(nodes) = args.synthetic_nodes {
-        let workload = sim::workload::synthetic(nodes, args.synthetic_jobs, args.seed);
+        let mix = sim::SyntheticMix {
+            gang_pct: args.synthetic_gangs,
+            preemptible_pct: args.synthetic_preemptible,
+            max_runtime_pct: args.synthetic_max_runtime,
+        };
+        let workload = sim::workload::synthetic_with(nodes, args.synthetic_jobs, args.seed, mix);
         return Ok((workload, Vec::new()));
     }
     if let (Some(history), Some(fleet)) = (&args.history, &args.fleet) {
@@ -232,6 +288,16 @@ fn history_notes(n: &sim::history::HistoryNotes) -> Vec<String> {
     out
 }
 
+/// Gangs, preemptible jobs, jobs with a max runtime.
+fn job_kinds(workload: &Workload) -> (usize, usize, usize) {
+    let jobs = &workload.jobs;
+    (
+        jobs.iter().filter(|j| j.tasks > 1).count(),
+        jobs.iter().filter(|j| j.preemptible).count(),
+        jobs.iter().filter(|j| j.max_runtime.is_some()).count(),
+    )
+}
+
 fn notes(workload: &Workload) -> Vec<String> {
     let n = &workload.notes;
     let mut out = vec![format!(
@@ -240,6 +306,16 @@ fn notes(workload: &Workload) -> Vec<String> {
         workload.nodes.len(),
         workload.total_gpus()
     )];
+    let (gangs, preemptible, limited) = job_kinds(workload);
+    for (count, what) in [
+        (gangs, "gangs (jobs of several tasks, placed all or none)"),
+        (preemptible, "preemptible jobs"),
+        (limited, "jobs with a max runtime"),
+    ] {
+        if count > 0 {
+            out.push(format!("{count} {what}"));
+        }
+    }
     if n.fractional_shares > 0 {
         out.push(format!(
             "{} fractional tasks replayed as shares of a GPU",
@@ -313,6 +389,12 @@ fn table(
         format!("{:.1} / {}", r.mean_stranded_gpus, r.peak_stranded_gpus)
     });
     row("GPU-hours", &|r| format!("{:.0}", r.gpu_hours));
+    row("preemptions (GPU-h lost)", &|r| {
+        format!("{} ({:.1})", r.preemptions, r.preempted_gpu_secs / 3600.0)
+    });
+    row("stopped at max runtime", &|r| {
+        r.max_runtime_stops.to_string()
+    });
     row("cost", &|r| format_usd(r.cost_micro_usd));
     row("passes", &|r| r.passes.to_string());
     let wall_of = |r: &PolicyReport| {
@@ -384,6 +466,7 @@ fn to_json(
     walls: &[f64],
 ) -> serde_json::Value {
     let n = &workload.notes;
+    let (gangs, preemptible, limited) = job_kinds(workload);
     json!({
         "notes": input_notes,
         "edits": edits,
@@ -396,6 +479,9 @@ fn to_json(
             "skipped_no_gpu": n.skipped_no_gpu,
             "skipped_no_deletion": n.skipped_no_deletion,
             "zero_duration": n.zero_duration,
+            "gangs": gangs,
+            "preemptible_jobs": preemptible,
+            "max_runtime_jobs": limited,
         },
         "policies": reports.iter().zip(walls).map(|(r, wall)| json!({
             "policy": r.policy.label(),
@@ -411,6 +497,9 @@ fn to_json(
             "mean_stranded_gpus": r.mean_stranded_gpus,
             "peak_stranded_gpus": r.peak_stranded_gpus,
             "gpu_hours": r.gpu_hours,
+            "preemptions": r.preemptions,
+            "preempted_gpu_seconds": r.preempted_gpu_secs,
+            "max_runtime_stops": r.max_runtime_stops,
             "cost_usd": r.cost_micro_usd as f64 / 1e6,
             "passes": r.passes,
             "end_time_s": r.end_time,

@@ -67,6 +67,7 @@ pub mod inflation;
 pub mod market;
 pub mod openb;
 pub mod report;
+pub mod tenants;
 pub mod whatif;
 pub mod workload;
 
@@ -80,7 +81,7 @@ use crate::live::{LiveFleet, LiveRun};
 use crate::pass::schedule;
 use crate::queue::FairShare;
 pub use report::{PolicyReport, SIZE_CLASSES, Sample, WaitStats};
-pub use workload::{SimJob, SimNode, Workload, WorkloadNotes};
+pub use workload::{SimJob, SimNode, SyntheticMix, Workload, WorkloadNotes};
 
 /// Who decides placements in a simulation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
