@@ -605,3 +605,52 @@ fn synthetic_gangs_preemption_and_max_runtimes() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("--synthetic-"));
     }
 }
+
+/// `--prices` replays a recorded price history (`gpufleet -o json market
+/// prices`): on the small trace, T4 costs $0.10 from the first change
+/// (virtual 0) and $10 from 30 s. The T4 runs are p0 (half a GPU, 0–100 s)
+/// and p4 (1 GPU, 20–30 s), billed ⌊500 × (30 × 0.1 + 70 × 10) / 3600⌋ and
+/// ⌊1000 × 10 × 0.1 / 3600⌋ micro-USD (× 10⁶) instead of at the trace's
+/// $0.35; nothing else moves (no decision changes here).
+#[test]
+fn prices_replay_a_recorded_price_history() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let prices = dir.path().join("prices.json");
+    std::fs::write(
+        &prices,
+        r#"{"current": [{"key": {"model": "T4"}, "pricePerGpuHourMicroUsd": "10000000",
+                         "source": "file:p.csv", "since": "2026-11-01T00:00:30Z"}],
+            "history": [
+              {"at": "2026-11-01T00:00:00Z", "key": {"model": "T4"},
+               "newPricePerGpuHourMicroUsd": "100000", "source": "file:p.csv"},
+              {"at": "2026-11-01T00:00:30Z", "key": {"model": "T4"},
+               "oldPricePerGpuHourMicroUsd": "100000",
+               "newPricePerGpuHourMicroUsd": "10000000", "source": "file:p.csv"}]}"#,
+    )
+    .expect("write");
+    let cost = |v: &serde_json::Value| {
+        (v["policies"][0]["cost_usd"].as_f64().expect("cost") * 1e6).round() as i64
+    };
+    let plain = simulate_json(&[]);
+    let moving = simulate_json(&["--prices", prices.to_str().expect("utf-8")]);
+    let at = |price: i64, milli: i64, secs: i64| milli * secs * price / 3600 / 1000;
+    let before = at(350_000, 500, 100) + at(350_000, 1000, 10);
+    let after = 500 * (30 * 100_000 + 70 * 10_000_000) / 3600 / 1000 + at(100_000, 1000, 10);
+    assert_eq!(cost(&moving) - cost(&plain), after - before);
+    let note = moving["notes"][0].as_str().unwrap_or("");
+    assert!(
+        note.starts_with(
+            "prices: 1 price changes on 1 of 3 nodes replayed from 2026-11-01T00:00:00Z"
+        ),
+        "{note}"
+    );
+    std::fs::write(&prices, "{}").expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpufleet"))
+        .args(["simulate", "--nodes", NODES, "--pods", PODS, "--prices"])
+        .arg(&prices)
+        .output()
+        .expect("gpufleet runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("no prices"), "{stderr}");
+}

@@ -287,3 +287,48 @@ fn a_max_runtime_stops_a_job_and_frees_its_gpus_for_a_reserved_job() {
     assert_eq!(r.starts[1], Some(1000));
     assert_eq!(r.max_runtime_stops, 1, "s1 only");
 }
+
+/// n0 (2 A100 at $1) and n1 (2 A100 at $2); n0's price moves to $3 at 100.
+/// a (1 GPU, 0–200 s) takes n0, the cheapest; it keeps running there and
+/// is billed 100 s at $1 and 100 s at $3. b (1 GPU, at 150, 10 s) takes
+/// n1, now the cheaper; without the move it takes n0's other GPU.
+#[test]
+fn prices_that_move_change_placements_and_bills_at_the_recorded_times() {
+    let mut n1 = a100("n1", 2);
+    n1.price_per_gpu_hour_micro_usd = 2_000_000;
+    let w = workload(
+        vec![a100("n0", 2), n1],
+        vec![job("a", 0, 200, 1), job("b", 150, 10, 1)],
+    );
+    let moving = SimConfig {
+        price_steps: vec![sim::PriceStep {
+            at: 100,
+            node: 0,
+            price_per_gpu_hour_micro_usd: 3_000_000,
+        }],
+        ..Default::default()
+    };
+    let r = sim::simulate(&w, SimPolicy::Scheduler(Policy::Cost), &moving);
+    assert_eq!(starts(&r, &w), want(&[("a", 0), ("b", 150)]));
+    assert_eq!(r.placements[0].map(|p| p.0), Some(0));
+    assert_eq!(
+        r.placements[1].map(|p| p.0),
+        Some(1),
+        "n1 is cheaper from 100"
+    );
+    let a = 1000 * (100 * 1_000_000 + 100 * 3_000_000) / 3600 / 1000;
+    assert_eq!(r.cost_micro_usd, a + bill(1000, 10, 2_000_000));
+    let r = sim::simulate(
+        &w,
+        SimPolicy::Scheduler(Policy::Cost),
+        &SimConfig::default(),
+    );
+    assert_eq!(r.placements[1].map(|p| p.0), Some(0));
+    assert_eq!(
+        r.cost_micro_usd,
+        bill(1000, 200, 1_000_000) + bill(1000, 10, 1_000_000)
+    );
+    // The baselines place by node order, but are billed the moving prices.
+    let r = sim::simulate(&w, SimPolicy::BaselineFirstFit, &moving);
+    assert_eq!(r.cost_micro_usd, a + bill(1000, 10, 3_000_000));
+}

@@ -61,6 +61,12 @@ pub struct SimulateArgs {
     /// A tenant's fair-share weight, 0 < W <= 1000 (default 1). Repeatable.
     #[arg(long, value_name = "TENANT=W")]
     weight: Vec<String>,
+    /// Prices that move: the price history the live system recorded, as
+    /// `gpufleet -o json market prices --since 30d` writes it; each node's
+    /// price changes at the recorded times (virtual time 0: a --history
+    /// replay's first submit, else the file's first change).
+    #[arg(long, value_name = "FILE")]
+    prices: Option<PathBuf>,
     /// Policies to compare: `all`, or a comma-separated list of cost, pack,
     /// spread, first-fit, baseline-first-fit, baseline-best-fit, baseline-fgd.
     #[arg(long, default_value = "all")]
@@ -129,9 +135,20 @@ pub fn run(format: Format, args: &SimulateArgs) -> anyhow::Result<ExitCode> {
     }
     let edits =
         sim::whatif::Edits::parse(&args.add, &args.remove, &args.price, args.load.as_deref())?;
-    let (mut workload, mut input_notes) = load(args)?;
+    let (mut workload, mut input_notes, start_ms) = load(args)?;
     let applied = edits.apply(&mut workload, &simulate_input::catalogue())?;
     input_notes.extend(applied.iter().map(|a| format!("what-if {a}")));
+    let mut price_steps = Vec::new();
+    if let Some(path) = &args.prices {
+        if args.inflation {
+            anyhow::bail!(
+                "--prices replays prices over time; --inflation has no time to replay them over"
+            );
+        }
+        let (steps, lines) = simulate_input::read_prices(path, &mut workload.nodes, start_ms)?;
+        price_steps = steps;
+        input_notes.extend(lines);
+    }
     if args.inflation {
         let config = sim::inflation::InflationConfig {
             seed: args.seed,
@@ -156,6 +173,7 @@ pub fn run(format: Format, args: &SimulateArgs) -> anyhow::Result<ExitCode> {
     let mut config = SimConfig {
         cadence_secs: cadence,
         market_interval_secs: market_interval,
+        price_steps,
         ..Default::default()
     };
     if let Some(path) = &args.controller_config {
@@ -212,9 +230,9 @@ fn parse_policies(list: &str) -> anyhow::Result<Vec<SimPolicy>> {
         .collect()
 }
 
-/// The workload, and lines saying what its reader changed beyond
-/// [`Workload::notes`].
-fn load(args: &SimulateArgs) -> anyhow::Result<(Workload, Vec<String>)> {
+/// The workload, lines saying what its reader changed beyond
+/// [`Workload::notes`], and the Unix ms of its virtual time 0 where known.
+fn load(args: &SimulateArgs) -> anyhow::Result<(Workload, Vec<String>, Option<u64>)> {
     if args.synthetic_nodes.is_none()
         && (args.synthetic_gangs > 0
             || args.synthetic_preemptible > 0
@@ -231,7 +249,7 @@ fn load(args: &SimulateArgs) -> anyhow::Result<(Workload, Vec<String>)> {
             max_runtime_pct: args.synthetic_max_runtime,
         };
         let workload = sim::workload::synthetic_with(nodes, args.synthetic_jobs, args.seed, mix);
-        return Ok((workload, Vec::new()));
+        return Ok((workload, Vec::new(), None));
     }
     if let (Some(history), Some(fleet)) = (&args.history, &args.fleet) {
         let (nodes, mut lines) = simulate_input::read_fleet(fleet)?;
@@ -239,7 +257,7 @@ fn load(args: &SimulateArgs) -> anyhow::Result<(Workload, Vec<String>)> {
         let (workload, notes) = sim::history::workload(nodes, &records)
             .map_err(|e| anyhow::anyhow!("--history {}: {e}", history.display()))?;
         lines.extend(history_notes(&notes));
-        return Ok((workload, lines));
+        return Ok((workload, lines, Some(notes.start_unix_ms)));
     }
     let (Some(nodes), Some(pods)) = (&args.nodes, &args.pods) else {
         anyhow::bail!("give --nodes FILE --pods FILE (openb format) or --synthetic-nodes N");
@@ -247,7 +265,11 @@ fn load(args: &SimulateArgs) -> anyhow::Result<(Workload, Vec<String>)> {
     let read = |p: &PathBuf| {
         std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
     };
-    Ok((sim::openb::parse(&read(nodes)?, &read(pods)?)?, Vec::new()))
+    Ok((
+        sim::openb::parse(&read(nodes)?, &read(pods)?)?,
+        Vec::new(),
+        None,
+    ))
 }
 
 fn history_notes(n: &sim::history::HistoryNotes) -> Vec<String> {

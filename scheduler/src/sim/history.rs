@@ -79,6 +79,8 @@ pub struct HistoryNotes {
     pub unmodelled_constraints: u64,
     /// Tasks that the fleet cannot run at all (no node of an allowed model).
     pub unplaceable: u64,
+    /// Unix milliseconds of virtual time 0 (the earliest arrival).
+    pub start_unix_ms: u64,
 }
 
 /// A history file or fleet that cannot be replayed.
@@ -205,6 +207,7 @@ pub fn workload(
     }
     notes.jobs = jobs_seen;
     let t0 = built.iter().map(|(a, _)| *a).min().unwrap_or(0);
+    notes.start_unix_ms = t0;
     for (arrival_ms, job) in &mut built {
         job.arrival = (*arrival_ms - t0) / 1000;
     }
@@ -353,6 +356,7 @@ mod tests {
                 mig_as_share: 0,
                 unmodelled_constraints: 1,
                 unplaceable: 1,
+                start_unix_ms: 90_000,
             }
         );
     }

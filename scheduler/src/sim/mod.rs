@@ -32,10 +32,13 @@
 //!   modelled), counted in [`PolicyReport::max_runtime_stops`].
 //! - Quotas, weights and generation factors: [`SimConfig::scheduler`], the
 //!   controller's `[tenants.*]` settings.
+//! - Prices that move ([`SimConfig::price_steps`], see [`prices`]): the
+//!   scheduler sees each node's price in force at every pass; runs are
+//!   billed per price segment.
 //!
 //! Which ticks run a pass: a tick runs when something changed since the
 //! previous one — an arrival, a departure (a job's end or its max runtime),
-//! or victims stopped by a preemption (the next tick on the grid runs, as
+//! a price change, or victims stopped by a preemption (the next tick on the grid runs, as
 //! their requeue asks the controller for a pass). A tick where nothing
 //! changed is skipped: nothing the pass reads is different. Free GPUs,
 //! running work, holdings against quotas, and the queue are unchanged; no
@@ -61,25 +64,28 @@
 //! Not modelled yet: CPU and memory, retry policies (a job stopped at its
 //! max runtime fails), node failures and spot interruptions.
 
+mod baseline;
 mod fgd;
 pub mod history;
 pub mod inflation;
 pub mod market;
 pub mod openb;
+pub mod prices;
 pub mod report;
 pub mod tenants;
 pub mod whatif;
 pub mod workload;
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
 
 use crate::config::{SchedulerConfig, TenantState};
 use crate::domain::{Constraints, Generation, GpuUnit, JobInput, Outcome, Policy};
-use crate::fleet::{GpuInput, NodeInput, lowest_bits};
+use crate::fleet::{GpuInput, NodeInput};
 use crate::live::{LiveFleet, LiveRun};
 use crate::pass::schedule;
 use crate::queue::FairShare;
+pub use prices::PriceStep;
 pub use report::{PolicyReport, SIZE_CLASSES, Sample, WaitStats};
 pub use workload::{SimJob, SimNode, SyntheticMix, Workload, WorkloadNotes};
 
@@ -151,6 +157,9 @@ pub struct SimConfig {
     /// preemption limits. Its `default_policy` is replaced by each
     /// simulated policy.
     pub scheduler: SchedulerConfig,
+    /// Nodes' prices changing during the replay (any order; empty: each
+    /// node keeps its own price).
+    pub price_steps: Vec<PriceStep>,
 }
 
 impl Default for SimConfig {
@@ -160,6 +169,7 @@ impl Default for SimConfig {
             fair_share_half_life_secs: 24.0 * 3600.0,
             market_interval_secs: 60,
             scheduler: SchedulerConfig::default(),
+            price_steps: Vec::new(),
         }
     }
 }
@@ -258,6 +268,16 @@ struct Engine<'a> {
     fgd: Option<fgd::Fgd>,
     /// Market signals, for gpufleet's policies only.
     market: Option<market::MarketRecorder>,
+    /// Each node's price now.
+    prices: Vec<u64>,
+    /// The price changes in time order, and the next one due.
+    price_steps: Vec<PriceStep>,
+    next_price_step: usize,
+    /// Per node whose price moved: (from, price) in time order, from 0.
+    price_timelines: HashMap<u32, Vec<(u64, u64)>>,
+    /// The scheduler's nodes, kept to rebuild its fleet when a price
+    /// moves (empty when none does).
+    node_inputs: Vec<NodeInput>,
 }
 
 impl<'a> Engine<'a> {
@@ -284,7 +304,22 @@ impl<'a> Engine<'a> {
             SimPolicy::Scheduler(_) => LiveFleet::new(&node_inputs).ok(),
             _ => None,
         };
+        let mut price_steps = config.price_steps.clone();
+        price_steps.sort_by_key(|s| (s.at, s.node));
         Engine {
+            prices: workload
+                .nodes
+                .iter()
+                .map(|n| n.price_per_gpu_hour_micro_usd)
+                .collect(),
+            next_price_step: 0,
+            price_timelines: HashMap::new(),
+            node_inputs: if price_steps.is_empty() {
+                Vec::new()
+            } else {
+                node_inputs
+            },
+            price_steps,
             workload,
             policy,
             config,
@@ -355,7 +390,12 @@ impl<'a> Engine<'a> {
         loop {
             let arrival = jobs.get(next_arrival).map(|j| j.arrival);
             let departure = self.next_departure();
-            let Some(event) = [arrival, departure, self.wake].into_iter().flatten().min() else {
+            let price = self.next_price_step();
+            let Some(event) = [arrival, departure, self.wake, price]
+                .into_iter()
+                .flatten()
+                .min()
+            else {
                 break;
             };
             let tick = event.div_ceil(cadence) * cadence;
@@ -363,6 +403,7 @@ impl<'a> Engine<'a> {
                 self.wake = None;
             }
             self.advance_fair_share(tick);
+            self.apply_prices(tick);
             while let Some(end) = self.next_departure() {
                 if end > tick {
                     break;
@@ -491,14 +532,24 @@ impl<'a> Engine<'a> {
                 .or_insert(0) += milli;
             *self.tenant_milli.entry(spec.tenant.clone()).or_insert(0) += milli;
         }
-        let Some(live) = &mut self.live else {
+        if self.live.is_none() {
             return;
-        };
+        }
+        let tasks = self.live_runs(job, runs, now);
+        // Keyed by job index: a fresh build would list running work in
+        // job order.
+        if let Some(live) = &mut self.live {
+            live.start_tasks(job as u64, &tasks);
+        }
+    }
+
+    /// A job's tasks as the scheduler is told of running work.
+    fn live_runs(&self, job: usize, runs: &[Run], start: u64) -> Vec<LiveRun> {
+        let spec = &self.workload.jobs[job];
         // As the controller tells the scheduler of running work: its end is
         // start + max runtime when it has one.
-        let expected_end = spec.max_runtime.map(|max| now.saturating_add(max));
-        let tasks: Vec<LiveRun> = runs
-            .iter()
+        let expected_end = spec.max_runtime.map(|max| start.saturating_add(max));
+        runs.iter()
             .map(|run| {
                 let node = &self.workload.nodes[run.node as usize];
                 LiveRun {
@@ -513,10 +564,7 @@ impl<'a> Engine<'a> {
                     preemptible: spec.preemptible,
                 }
             })
-            .collect();
-        // Keyed by job index: a fresh build would list running work in
-        // job order.
-        live.start_tasks(job as u64, &tasks);
+            .collect()
     }
 
     /// Undoes [`Engine::remember`] for one task of a job that left.
@@ -608,10 +656,10 @@ impl<'a> Engine<'a> {
         for run in running.runs() {
             self.release(run);
             self.forget(job, run);
-            // Thousandths of GPU-seconds: a share is billed as its part.
+            // Thousandths of GPU-seconds: a share is billed as its part, at
+            // the prices in force while it ran.
             let held = u128::from(held_milli(run)) * ran;
-            let price = self.workload.nodes[run.node as usize].price_per_gpu_hour_micro_usd;
-            let cost = held * u128::from(price) / 3600 / 1000;
+            let cost = self.bill(run, running.start, at);
             self.cost_micro_usd = self
                 .cost_micro_usd
                 .saturating_add(u64::try_from(cost).unwrap_or(u64::MAX));
@@ -725,136 +773,6 @@ impl<'a> Engine<'a> {
         }
         // The freed room and the requeued job are for the next pass.
         self.wake = Some(now + 1);
-    }
-
-    /// One baseline pass: pending jobs in arrival order, each placed on the
-    /// first (or best-fitting) node with enough free GPUs of an allowed
-    /// model; a job that does not fit waits without blocking later ones.
-    fn baseline_pass(&mut self, now: u64) {
-        let best_fit = self.policy == SimPolicy::BaselineBestFit;
-        let pending = std::mem::take(&mut self.pending);
-        let mut still_pending = Vec::with_capacity(pending.len());
-        // Free capacity only shrinks within a pass: a request shape that
-        // failed once fails again.
-        let mut failed: HashSet<(u32, u32, u32, &[String])> = HashSet::new();
-        for job in pending {
-            let spec = &self.workload.jobs[job];
-            let shape = (
-                spec.gpus,
-                spec.gpu_milli,
-                spec.tasks.max(1),
-                spec.models.as_slice(),
-            );
-            if failed.contains(&shape) {
-                still_pending.push(job);
-                continue;
-            }
-            let placed = if spec.tasks > 1 {
-                self.baseline_gang(spec, best_fit)
-            } else {
-                self.baseline_task(spec, best_fit).map(|run| vec![run])
-            };
-            match placed {
-                Some(runs) => self.start(job, runs, now),
-                None => {
-                    failed.insert(shape);
-                    still_pending.push(job);
-                }
-            }
-        }
-        self.pending = still_pending;
-    }
-
-    /// Where a baseline puts one task of `spec` now.
-    fn baseline_task(&mut self, spec: &SimJob, best_fit: bool) -> Option<Run> {
-        if let Some(fgd) = &mut self.fgd {
-            let (node, mask) = fgd.place(spec, &self.workload.nodes, &self.free, &self.shares)?;
-            return Some(Run {
-                node,
-                mask,
-                milli: spec.gpu_milli,
-            });
-        }
-        if spec.gpu_milli > 0 {
-            let (node, pos) = self.baseline_share(spec, best_fit)?;
-            return Some(Run {
-                node,
-                mask: 1 << pos,
-                milli: spec.gpu_milli,
-            });
-        }
-        let mut chosen: Option<(u32, u32)> = None; // (node, free after)
-        for (i, node) in self.workload.nodes.iter().enumerate() {
-            let free = self.free[i].count_ones();
-            if free < spec.gpus || !allows(spec, node) {
-                continue;
-            }
-            let left = free - spec.gpus;
-            if chosen.is_none_or(|(_, best)| left < best) {
-                chosen = Some((i as u32, left));
-            }
-            if !best_fit || left == 0 {
-                break;
-            }
-        }
-        let (node, _) = chosen?;
-        Some(Run {
-            node,
-            mask: lowest_bits(self.free[node as usize], spec.gpus),
-            milli: 0,
-        })
-    }
-
-    /// A gang on the baselines: its tasks placed one after another, each as
-    /// a single task would be with the earlier ones' GPUs taken; all or
-    /// none (the taken GPUs are given back either way, [`Engine::start`]
-    /// takes them).
-    fn baseline_gang(&mut self, spec: &SimJob, best_fit: bool) -> Option<Vec<Run>> {
-        let mut runs = Vec::with_capacity(spec.tasks as usize);
-        for _ in 0..spec.tasks {
-            let Some(run) = self.baseline_task(spec, best_fit) else {
-                break;
-            };
-            self.take(run);
-            runs.push(run);
-        }
-        for &run in runs.iter().rev() {
-            self.release(run);
-        }
-        (runs.len() == spec.tasks as usize).then_some(runs)
-    }
-}
-
-impl Engine<'_> {
-    /// The baselines' GPU for a share: the first GPU (node order, then
-    /// position) already shared with room or free, or the one left with
-    /// the least share after placing it.
-    fn baseline_share(&self, spec: &SimJob, best_fit: bool) -> Option<(u32, u32)> {
-        let mut chosen: Option<(u32, u32, u32)> = None; // (node, pos, left)
-        for (i, node) in self.workload.nodes.iter().enumerate() {
-            if !allows(spec, node) {
-                continue;
-            }
-            for pos in 0..node.gpus.min(32) {
-                let held = self.shares[i][pos as usize];
-                let fits = if held > 0 {
-                    held + spec.gpu_milli <= 1000
-                } else {
-                    self.free[i] & (1 << pos) != 0
-                };
-                if !fits {
-                    continue;
-                }
-                let left = 1000 - held - spec.gpu_milli;
-                if chosen.is_none_or(|(_, _, best)| left < best) {
-                    chosen = Some((i as u32, pos, left));
-                }
-                if !best_fit || left == 0 {
-                    return chosen.map(|(n, p, _)| (n, p));
-                }
-            }
-        }
-        chosen.map(|(n, p, _)| (n, p))
     }
 }
 
