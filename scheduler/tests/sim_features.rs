@@ -300,16 +300,19 @@ fn prices_that_move_change_placements_and_bills_at_the_recorded_times() {
         vec![a100("n0", 2), n1],
         vec![job("a", 0, 200, 1), job("b", 150, 10, 1)],
     );
+    let step = |at: u64, price: u64| sim::PriceStep {
+        at,
+        node: 0,
+        price_per_gpu_hour_micro_usd: price,
+    };
+    // A change after the last job changes nothing (no tick of its own).
     let moving = SimConfig {
-        price_steps: vec![sim::PriceStep {
-            at: 100,
-            node: 0,
-            price_per_gpu_hour_micro_usd: 3_000_000,
-        }],
+        price_steps: vec![step(10_000, 9_000_000), step(100, 3_000_000)],
         ..Default::default()
     };
     let r = sim::simulate(&w, SimPolicy::Scheduler(Policy::Cost), &moving);
     assert_eq!(starts(&r, &w), want(&[("a", 0), ("b", 150)]));
+    assert_eq!(r.end_time, 200);
     assert_eq!(r.placements[0].map(|p| p.0), Some(0));
     assert_eq!(
         r.placements[1].map(|p| p.0),

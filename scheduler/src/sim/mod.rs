@@ -38,7 +38,7 @@
 //!
 //! Which ticks run a pass: a tick runs when something changed since the
 //! previous one — an arrival, a departure (a job's end or its max runtime),
-//! a price change, or victims stopped by a preemption (the next tick on the grid runs, as
+//! a price change while jobs wait, or victims stopped by a preemption (the next tick on the grid runs, as
 //! their requeue asks the controller for a pass). A tick where nothing
 //! changed is skipped: nothing the pass reads is different. Free GPUs,
 //! running work, holdings against quotas, and the queue are unchanged; no
@@ -390,7 +390,10 @@ impl<'a> Engine<'a> {
         loop {
             let arrival = jobs.get(next_arrival).map(|j| j.arrival);
             let departure = self.next_departure();
-            let price = self.next_price_step();
+            // A price change is applied from its own time whenever the next
+            // tick runs; it needs a tick of its own only while jobs wait
+            // (a pass may place them elsewhere now).
+            let price = self.next_price_step().filter(|_| !self.pending.is_empty());
             let Some(event) = [arrival, departure, self.wake, price]
                 .into_iter()
                 .flatten()
