@@ -123,17 +123,19 @@ pub(crate) fn preempt(
             }
         }
     }
+    // Ties between groups go to the lowest group id (as reservations'):
+    // the map's iteration order must not pick (it differs between runs).
     let best = per_group
-        .into_values()
-        .filter(|list| list.len() >= tasks)
-        .map(|mut list| {
+        .into_iter()
+        .filter(|(_, list)| list.len() >= tasks)
+        .map(|(group, mut list)| {
             list.sort_by_key(|(cost, slot, _)| (*cost, *slot));
             list.truncate(tasks);
             let cost: u32 = list.iter().map(|(c, _, _)| *c).sum();
-            (cost, list)
+            (cost, group, list)
         })
-        .min_by_key(|(cost, _)| *cost)?;
-    let (_, list) = best;
+        .min_by_key(|(cost, group, _)| (*cost, *group))?;
+    let (_, _, list) = best;
     let uses_evicting = list.iter().any(|(_, slot, _)| {
         fleet.running_by_slot[*slot as usize]
             .iter()

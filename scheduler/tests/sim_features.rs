@@ -335,3 +335,37 @@ fn prices_that_move_change_placements_and_bills_at_the_recorded_times() {
     let r = sim::simulate(&w, SimPolicy::BaselineFirstFit, &moving);
     assert_eq!(r.cost_micro_usd, a + bill(1000, 10, 3_000_000));
 }
+
+/// Gangs, preemption, max runtimes and quotas together replay the same way
+/// every time (hash maps' orders, which differ between runs and map
+/// instances, must never pick between equal choices).
+#[test]
+fn a_replay_with_every_feature_is_deterministic() {
+    let mix = sim::SyntheticMix {
+        gang_pct: 5,
+        preemptible_pct: 30,
+        max_runtime_pct: 20,
+    };
+    let w = sim::workload::synthetic_with(50, 3000, 42, mix);
+    assert!(w.jobs.iter().any(|j| j.tasks > 1 && !j.preemptible));
+    let config = SimConfig {
+        scheduler: SchedulerConfig {
+            tenants: HashMap::from([(
+                "tenant-0".to_string(),
+                TenantPolicy {
+                    weight: 1.0,
+                    max_gpus: Some(100),
+                    max_gpus_per_generation: HashMap::from([(Generation::Hopper, 40)]),
+                },
+            )]),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let first = sim::simulate(&w, SimPolicy::Scheduler(Policy::Cost), &config);
+    assert!(first.preemptions > 0 && first.max_runtime_stops > 0);
+    for _ in 0..3 {
+        let again = sim::simulate(&w, SimPolicy::Scheduler(Policy::Cost), &config);
+        assert_eq!(again, first);
+    }
+}

@@ -1,7 +1,10 @@
 //! `gpufleet simulate`: replays a workload (the Alibaba openb trace format,
-//! or a synthetic one) through the production scheduler in virtual time,
-//! every policy side by side: a table, `-o json`, and an SVG chart of
-//! allocation and stranded GPUs over time. Runs locally; no controller.
+//! a synthetic one, or a fleet's own history) through the production
+//! scheduler in virtual time — gangs, preemption, max runtimes, tenants'
+//! quotas and weights (`--quota`, `--weight`, `--controller-config`) and
+//! recorded moving prices (`--prices`) — every policy side by side: a
+//! table, `-o json`, and an SVG chart of allocation and stranded GPUs over
+//! time. Runs locally; no controller.
 //! The logic is `gpufleet_scheduler::sim`; this file reads files, parses
 //! flags and formats.
 
