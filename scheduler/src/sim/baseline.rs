@@ -31,12 +31,17 @@ impl Engine<'_> {
                 continue;
             }
             let placed = if spec.tasks > 1 {
-                self.baseline_gang(spec, best_fit)
+                // Not empty: a gang has tasks.
+                self.baseline_gang(spec, best_fit).map(|mut runs| {
+                    let first = runs.remove(0);
+                    (first, runs)
+                })
             } else {
-                self.baseline_task(spec, best_fit).map(|run| vec![run])
+                self.baseline_task(spec, best_fit)
+                    .map(|run| (run, Vec::new()))
             };
             match placed {
-                Some(runs) => self.start(job, runs, now),
+                Some((first, more)) => self.start(job, first, more, now),
                 None => {
                     failed.insert(shape);
                     still_pending.push(job);
@@ -102,7 +107,7 @@ impl Engine<'_> {
         for &run in runs.iter().rev() {
             self.release(run);
         }
-        (runs.len() == spec.tasks as usize).then_some(runs)
+        (runs.len() == spec.tasks as usize && !runs.is_empty()).then_some(runs)
     }
 
     /// The baselines' GPU for a share: the first GPU (node order, then

@@ -174,6 +174,9 @@ impl Default for SimConfig {
     }
 }
 
+/// [`Engine::ends`] of a job that is not running.
+const NOT_RUNNING: u64 = u64::MAX;
+
 /// One task's placement.
 #[derive(Debug, Clone, Copy)]
 struct Run {
@@ -183,15 +186,14 @@ struct Run {
     milli: u32,
 }
 
-/// A job that is running: its tasks' placements, when it started and when
-/// it will leave (its end, or its max runtime).
+/// A job that is running: its tasks' placements and when it started (when
+/// it leaves is in [`Engine::ends`]).
 #[derive(Debug, Clone)]
 struct Running {
     first: Run,
     /// A gang's other tasks (empty for one task: no allocation).
     more: Vec<Run>,
     start: u64,
-    end: u64,
 }
 
 impl Running {
@@ -252,6 +254,9 @@ struct Engine<'a> {
     pending_inputs: Vec<JobInput>,
     /// A tick at or after this time must run (victims were stopped).
     wake: Option<u64>,
+    /// Per job: when its run ends ([`NOT_RUNNING`]: none), so that a
+    /// departure entry of a run stopped earlier is told apart cheaply.
+    ends: Vec<u64>,
     starts: Vec<Option<u64>>,
     /// Per job: (node index, GPU position mask) where it started (a gang:
     /// its first task).
@@ -356,6 +361,7 @@ impl<'a> Engine<'a> {
             pending_inputs: Vec::new(),
             wake: None,
             starts: vec![None; workload.jobs.len()],
+            ends: vec![NOT_RUNNING; workload.jobs.len()],
             placements: vec![None; workload.jobs.len()],
             fair: FairShare::new(config.fair_share_half_life_secs),
             cost_micro_usd: 0,
@@ -374,7 +380,7 @@ impl<'a> Engine<'a> {
     /// preemption, are dropped).
     fn next_departure(&mut self) -> Option<u64> {
         while let Some(&Reverse((end, job))) = self.departures.peek() {
-            if self.running.get(&job).is_some_and(|r| r.end == end) {
+            if self.ends[job] == end {
                 return Some(end);
             }
             self.departures.pop();
@@ -522,9 +528,9 @@ impl<'a> Engine<'a> {
     }
 
     /// Records a started job's tasks in tenants' holdings and the live fleet.
-    fn remember(&mut self, job: usize, runs: &[Run], now: u64) {
+    fn remember(&mut self, job: usize, first: Run, more: &[Run], now: u64) {
         let spec = &self.workload.jobs[job];
-        for &run in runs {
+        for &run in std::iter::once(&first).chain(more) {
             let node = &self.workload.nodes[run.node as usize];
             let milli = held_milli(run);
             *self
@@ -538,36 +544,43 @@ impl<'a> Engine<'a> {
         if self.live.is_none() {
             return;
         }
-        let tasks = self.live_runs(job, runs, now);
         // Keyed by job index: a fresh build would list running work in
-        // job order.
+        // job order. One task (the common case) without a list.
+        if more.is_empty() {
+            let task = self.live_run(job, first, now);
+            if let Some(live) = &mut self.live {
+                live.start(job as u64, &task);
+            }
+            return;
+        }
+        let tasks = self.live_runs(job, std::iter::once(first).chain(more.iter().copied()), now);
         if let Some(live) = &mut self.live {
             live.start_tasks(job as u64, &tasks);
         }
     }
 
     /// A job's tasks as the scheduler is told of running work.
-    fn live_runs(&self, job: usize, runs: &[Run], start: u64) -> Vec<LiveRun> {
+    fn live_runs(&self, job: usize, runs: impl Iterator<Item = Run>, start: u64) -> Vec<LiveRun> {
+        runs.map(|run| self.live_run(job, run, start)).collect()
+    }
+
+    /// One task as the scheduler is told of running work.
+    fn live_run(&self, job: usize, run: Run, start: u64) -> LiveRun {
         let spec = &self.workload.jobs[job];
-        // As the controller tells the scheduler of running work: its end is
-        // start + max runtime when it has one.
-        let expected_end = spec.max_runtime.map(|max| start.saturating_add(max));
-        runs.iter()
-            .map(|run| {
-                let node = &self.workload.nodes[run.node as usize];
-                LiveRun {
-                    // The job's index: victims are named by it.
-                    job_id: job.to_string(),
-                    priority: spec.priority,
-                    node_id: node.id.clone(),
-                    gpu_uuids: positions(run.mask).map(|p| gpu_uuid(&node.id, p)).collect(),
-                    share_milli: run.milli,
-                    memory_bytes: 0,
-                    expected_end,
-                    preemptible: spec.preemptible,
-                }
-            })
-            .collect()
+        let node = &self.workload.nodes[run.node as usize];
+        LiveRun {
+            // The job's index: victims are named by it.
+            job_id: job.to_string(),
+            priority: spec.priority,
+            node_id: node.id.clone(),
+            gpu_uuids: positions(run.mask).map(|p| gpu_uuid(&node.id, p)).collect(),
+            share_milli: run.milli,
+            memory_bytes: 0,
+            // As the controller tells the scheduler of running work: its
+            // end is start + max runtime when it has one.
+            expected_end: spec.max_runtime.map(|max| start.saturating_add(max)),
+            preemptible: spec.preemptible,
+        }
     }
 
     /// Undoes [`Engine::remember`] for one task of a job that left.
@@ -617,32 +630,28 @@ impl<'a> Engine<'a> {
         }
     }
 
-    /// Starts every task of a job at once.
-    fn start(&mut self, job: usize, runs: Vec<Run>, now: u64) {
-        let Some(&first) = runs.first() else {
-            return;
-        };
+    /// Starts every task of a job at once: `first`, and a gang's others.
+    fn start(&mut self, job: usize, first: Run, more: Vec<Run>, now: u64) {
         let spec = &self.workload.jobs[job];
-        for &run in &runs {
+        self.take(first);
+        for &run in &more {
             self.take(run);
         }
-        self.remember(job, &runs, now);
+        self.remember(job, first, &more, now);
         let ran = spec
             .max_runtime
             .map_or(spec.duration, |max| spec.duration.min(max));
         let end = now.saturating_add(ran);
         self.departures.push(Reverse((end, job)));
+        self.ends[job] = end;
         self.starts[job] = Some(now);
         self.placements[job] = Some((first.node, first.mask));
-        let mut runs = runs;
-        runs.remove(0);
         self.running.insert(
             job,
             Running {
                 first,
-                more: runs,
+                more,
                 start: now,
-                end,
             },
         );
     }
@@ -654,6 +663,7 @@ impl<'a> Engine<'a> {
         let Some(running) = self.running.remove(&job) else {
             return 0;
         };
+        self.ends[job] = NOT_RUNNING;
         let ran = u128::from(at.saturating_sub(running.start));
         let mut milli_secs = 0u128;
         for run in running.runs() {
@@ -716,24 +726,26 @@ impl<'a> Engine<'a> {
         // As the controller: victims of every preemption this pass, once.
         let mut victims: BTreeSet<usize> = BTreeSet::new();
         for ((&job, input), outcome) in pending.iter().zip(inputs).zip(&result.outcomes) {
-            let placed = match outcome {
-                Outcome::Placed(tasks) => tasks
+            let run_of = |task: &crate::domain::TaskPlacement| {
+                let node = *self.node_index.get(task.node_id.as_str())?;
+                let mask = task
+                    .gpu_uuids
                     .iter()
-                    .map(|task| {
-                        let node = *self.node_index.get(task.node_id.as_str())?;
-                        let mask = task
-                            .gpu_uuids
-                            .iter()
-                            .filter_map(|u| uuid_position(u))
-                            .fold(0u32, |m, p| m | (1 << p));
-                        Some(Run {
-                            node,
-                            mask,
-                            milli: task.share_milli,
-                        })
-                    })
-                    .collect::<Option<Vec<Run>>>()
-                    .filter(|runs| !runs.is_empty()),
+                    .filter_map(|u| uuid_position(u))
+                    .fold(0u32, |m, p| m | (1 << p));
+                Some(Run {
+                    node,
+                    mask,
+                    milli: task.share_milli,
+                })
+            };
+            let placed = match outcome {
+                // One task (the common case) without a list.
+                Outcome::Placed(tasks) => match tasks.split_first() {
+                    Some((first, [])) => run_of(first).map(|run| (run, Vec::new())),
+                    Some((first, more)) => run_of(first).zip(more.iter().map(run_of).collect()),
+                    None => None,
+                },
                 Outcome::Preempting { victims: named } => {
                     victims.extend(named.iter().filter_map(|v| v.parse::<usize>().ok()));
                     None
@@ -741,7 +753,7 @@ impl<'a> Engine<'a> {
                 Outcome::Pending(_) => None,
             };
             match placed {
-                Some(runs) => self.start(job, runs, now),
+                Some((first, more)) => self.start(job, first, more, now),
                 None => {
                     still_pending.push(job);
                     still_inputs.push(input);

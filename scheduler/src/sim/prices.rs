@@ -70,8 +70,8 @@ impl Engine<'_> {
         jobs.sort_unstable();
         for job in jobs {
             if let Some(running) = self.running.get(&job) {
-                let runs: Vec<Run> = running.runs().collect();
-                fresh.start_tasks(job as u64, &self.live_runs(job, &runs, running.start));
+                let tasks = self.live_runs(job, running.runs(), running.start);
+                fresh.start_tasks(job as u64, &tasks);
             }
         }
         self.live = Some(fresh);
@@ -82,7 +82,12 @@ impl Engine<'_> {
     /// once (rounded down).
     pub(super) fn bill(&self, run: Run, from: u64, to: u64) -> u128 {
         let held = u128::from(held_milli(run));
-        let Some(timeline) = self.price_timelines.get(&run.node) else {
+        let timeline = if self.price_timelines.is_empty() {
+            None
+        } else {
+            self.price_timelines.get(&run.node)
+        };
+        let Some(timeline) = timeline else {
             let price = self.prices[run.node as usize];
             return held * u128::from(to.saturating_sub(from)) * u128::from(price) / 3600 / 1000;
         };
