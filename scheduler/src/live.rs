@@ -92,6 +92,12 @@ pub struct LiveFleet {
     preemptible: Vec<BTreeMap<i32, u32>>,
     /// Classes whose preemptible work changed since the last settle.
     preemptible_touched: Vec<u32>,
+    /// Preemptible allocations running, plus those departed since the last
+    /// settle (a pass may have marked them): without any, no pass marked
+    /// evictions.
+    preemptible_runs: usize,
+    /// Of those, the departed ones.
+    preemptible_departed: usize,
     /// Slots changed by starts and departures since the last settle.
     touched: Vec<u32>,
     /// The shared-GPU list may differ from a fresh build's.
@@ -120,6 +126,8 @@ impl LiveFleet {
             run_order: Vec::new(),
             preemptible: vec![BTreeMap::new(); classes],
             preemptible_touched: Vec::new(),
+            preemptible_runs: 0,
+            preemptible_departed: 0,
             touched: Vec::new(),
             shares_dirty: false,
         })
@@ -201,12 +209,21 @@ impl LiveFleet {
                     .entry(run.priority)
                     .or_insert(0) += 1;
                 self.preemptible_touched.push(class);
+                self.preemptible_runs += 1;
             }
             self.fleet.running_jobs.push(run.job_id.clone());
-            self.fleet.running_by_slot[slot as usize].push(id);
+            // The slot's list stays in key order (then task order), as a
+            // fresh build lists it: usually at the end.
+            let order = (key, job.runs.len() as u32);
+            let list = &mut self.fleet.running_by_slot[slot as usize];
+            let at = list
+                .iter()
+                .rposition(|&r| self.run_order[r as usize] < order)
+                .map_or(0, |p| p + 1);
+            list.insert(at, id);
             self.run_slot.push(slot);
             self.run_key.push(key);
-            self.run_order.push((key, job.runs.len() as u32));
+            self.run_order.push(order);
             job.runs.push(id);
             self.touched.push(slot);
         }
@@ -240,10 +257,12 @@ impl LiveFleet {
                 }
             }
             self.preemptible_touched.push(class);
+            self.preemptible_departed += 1;
         }
         let list = &mut self.fleet.running_by_slot[slot as usize];
         if let Some(at) = list.iter().position(|&r| r == id) {
-            list.swap_remove(at);
+            // In order: the list stays in key order.
+            list.remove(at);
         }
         let last = (self.fleet.running.len() - 1) as u32;
         self.fleet.running.swap_remove(id as usize);
@@ -289,8 +308,11 @@ impl LiveFleet {
         slots.dedup();
         fleet.dirty = Some(dirty);
         // Work a pass marked as being evicted runs on unmarked: nothing
-        // here is being evicted (see the module documentation).
-        if fleet.classes.iter().any(|c| c.evicting > 0) {
+        // here is being evicted (see the module documentation). Only
+        // preemptible work is ever marked.
+        let marked = self.preemptible_runs > 0;
+        self.preemptible_runs -= std::mem::take(&mut self.preemptible_departed);
+        if marked && fleet.classes.iter().any(|c| c.evicting > 0) {
             for class in &mut fleet.classes {
                 class.evicting = 0;
             }
@@ -310,9 +332,6 @@ impl LiveFleet {
                 .unwrap_or(i32::MAX);
         }
         for &slot in &slots {
-            // A fresh build lists a slot's running work in input order.
-            let order = &self.run_order;
-            fleet.running_by_slot[slot as usize].sort_unstable_by_key(|&r| order[r as usize]);
             let schedulable = fleet.slots[slot as usize].schedulable;
             if schedulable {
                 fleet.bucket_remove(slot);
