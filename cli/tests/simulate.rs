@@ -512,3 +512,169 @@ fn simulate_reports_the_market_signals_the_controller_would_record() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--market-interval"));
 }
+
+/// Quotas from the command line and from a controller configuration file
+/// hold the scheduler back (a quota of 0 GPUs: nothing of the tenant
+/// runs); the baselines ignore quotas. A flag overrides the file.
+#[test]
+fn quotas_from_flags_and_a_controller_config_hold_a_tenant_back() {
+    let placed = |v: &serde_json::Value| per_policy(v, "placed");
+    // Every pod of the sample is tenant `openb`'s.
+    let v = simulate_json(&["--quota", "openb=0"]);
+    assert_eq!(placed(&v), [0, 6]);
+    let v = simulate_json(&["--quota", "openb=unlimited,Turing=0,Volta=0,Ampere=0"]);
+    assert_eq!(placed(&v), [0, 6]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("controller.toml");
+    std::fs::write(&config, "[tenants.openb]\nweight = 2.0\nmax_gpus = 0\n").expect("write");
+    let config = config.to_str().expect("utf-8 path");
+    let v = simulate_json(&["--controller-config", config]);
+    assert_eq!(placed(&v), [0, 6]);
+    let v = simulate_json(&["--controller-config", config, "--quota", "openb=unlimited"]);
+    assert_eq!(placed(&v), [6, 6]);
+
+    for (args, needle) in [
+        (
+            vec!["--quota", "openb"],
+            "--quota `openb`: use --quota TENANT=N",
+        ),
+        (
+            vec!["--quota", "openb=4,Kepler=1"],
+            "`Kepler` is not a GPU generation",
+        ),
+        (
+            vec!["--weight", "openb=0"],
+            "--weight `openb=0`: 0 is out of range",
+        ),
+        (
+            vec!["--controller-config", "/nonexistent/c.toml"],
+            "--controller-config /nonexistent/c.toml",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_gpufleet"))
+            .args(["simulate", "--nodes", NODES, "--pods", PODS])
+            .args(&args)
+            .output()
+            .expect("gpufleet runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(stderr.contains(needle), "{needle} missing in: {stderr}");
+    }
+}
+
+/// The synthetic workload's optional gangs, preemptible jobs and max
+/// runtimes: counted in the workload, acted on by the engine (jobs stopped
+/// at their max runtime, preemptions by gpufleet's policies only),
+/// deterministic for a seed; the percentages are bounded.
+#[test]
+fn synthetic_gangs_preemption_and_max_runtimes() {
+    let run = || {
+        json_of(&[
+            "simulate",
+            "--synthetic-nodes",
+            "10",
+            "--synthetic-jobs",
+            "300",
+            "--synthetic-gangs",
+            "10",
+            "--synthetic-preemptible",
+            "30",
+            "--synthetic-max-runtime",
+            "20",
+            "--policy",
+            "cost,baseline-first-fit",
+        ])
+    };
+    let v = run();
+    let w = &v["workload"];
+    for field in ["gangs", "preemptible_jobs", "max_runtime_jobs"] {
+        assert!(w[field].as_u64().unwrap_or(0) > 0, "{field}: {w}");
+    }
+    let preemptions = per_policy(&v, "preemptions");
+    assert!(preemptions[0].as_u64().unwrap_or(0) > 0, "{preemptions:?}");
+    assert_eq!(preemptions[1], 0, "baselines do not preempt");
+    for stops in per_policy(&v, "max_runtime_stops") {
+        assert!(stops.as_u64().unwrap_or(0) > 0, "{stops}");
+    }
+    assert_eq!(v, run());
+    // Without the options, none of it.
+    let plain = json_of(&[
+        "simulate",
+        "--synthetic-nodes",
+        "10",
+        "--synthetic-jobs",
+        "300",
+        "--policy",
+        "cost",
+    ]);
+    assert_eq!(plain["workload"]["gangs"], 0);
+    assert_eq!(plain["policies"][0]["preemptions"], 0);
+    for args in [
+        vec!["--synthetic-nodes", "3", "--synthetic-gangs", "101"],
+        vec![
+            "--nodes",
+            NODES,
+            "--pods",
+            PODS,
+            "--synthetic-preemptible",
+            "5",
+        ],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_gpufleet"))
+            .arg("simulate")
+            .args(&args)
+            .output()
+            .expect("gpufleet runs");
+        assert!(!out.status.success(), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--synthetic-"));
+    }
+}
+
+/// `--prices` replays a recorded price history (`gpufleet -o json market
+/// prices`): on the small trace, T4 costs $0.10 from the first change
+/// (virtual 0) and $10 from 30 s. The T4 runs are p0 (half a GPU, 0–100 s)
+/// and p4 (1 GPU, 20–30 s), billed ⌊500 × (30 × 0.1 + 70 × 10) / 3600⌋ and
+/// ⌊1000 × 10 × 0.1 / 3600⌋ micro-USD (× 10⁶) instead of at the trace's
+/// $0.35; nothing else moves (no decision changes here).
+#[test]
+fn prices_replay_a_recorded_price_history() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let prices = dir.path().join("prices.json");
+    std::fs::write(
+        &prices,
+        r#"{"current": [{"key": {"model": "T4"}, "pricePerGpuHourMicroUsd": "10000000",
+                         "source": "file:p.csv", "since": "2026-11-01T00:00:30Z"}],
+            "history": [
+              {"at": "2026-11-01T00:00:00Z", "key": {"model": "T4"},
+               "newPricePerGpuHourMicroUsd": "100000", "source": "file:p.csv"},
+              {"at": "2026-11-01T00:00:30Z", "key": {"model": "T4"},
+               "oldPricePerGpuHourMicroUsd": "100000",
+               "newPricePerGpuHourMicroUsd": "10000000", "source": "file:p.csv"}]}"#,
+    )
+    .expect("write");
+    let cost = |v: &serde_json::Value| {
+        (v["policies"][0]["cost_usd"].as_f64().expect("cost") * 1e6).round() as i64
+    };
+    let plain = simulate_json(&[]);
+    let moving = simulate_json(&["--prices", prices.to_str().expect("utf-8")]);
+    let at = |price: i64, milli: i64, secs: i64| milli * secs * price / 3600 / 1000;
+    let before = at(350_000, 500, 100) + at(350_000, 1000, 10);
+    let after = 500 * (30 * 100_000 + 70 * 10_000_000) / 3600 / 1000 + at(100_000, 1000, 10);
+    assert_eq!(cost(&moving) - cost(&plain), after - before);
+    let note = moving["notes"][0].as_str().unwrap_or("");
+    assert!(
+        note.starts_with(
+            "prices: 1 price changes on 1 of 3 nodes replayed from 2026-11-01T00:00:00Z"
+        ),
+        "{note}"
+    );
+    std::fs::write(&prices, "{}").expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpufleet"))
+        .args(["simulate", "--nodes", NODES, "--pods", PODS, "--prices"])
+        .arg(&prices)
+        .output()
+        .expect("gpufleet runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("no prices"), "{stderr}");
+}

@@ -13,10 +13,16 @@
 //! running shares name them). Only changed slots and lists are visited,
 //! plus the running shares, if any.
 //!
-//! Limits: running work here is never preemptible nor being evicted (so a
-//! pass never marks evictions), and nodes must have no MIG-enabled GPUs
-//! ([`LiveFleet::new`] refuses them): the per-pass state those carry is
-//! not put back.
+//! Running work may be preemptible: each class's lowest preemptible
+//! priority is kept from per-class counts, and a pass's evictions (work it
+//! marked as being evicted, and the class counts of it) are cleared when
+//! settling, as running work here is never being evicted (a caller stops
+//! the victims it is told of, or they run on unmarked). Each slot's list of
+//! running allocations is kept in key order (then task order), as a fresh
+//! build lists them: preemption breaks ties by that order.
+//!
+//! Limits: nodes must have no MIG-enabled GPUs ([`LiveFleet::new`] refuses
+//! them): the per-pass state those carry is not put back.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -36,6 +42,8 @@ pub struct LiveRun {
     pub memory_bytes: u64,
     /// Unix seconds by which it will have ended.
     pub expected_end: Option<u64>,
+    /// May be evicted for higher-priority work.
+    pub preemptible: bool,
 }
 
 /// Why [`LiveFleet::new`] refused the nodes.
@@ -77,6 +85,19 @@ pub struct LiveFleet {
     /// Per running allocation id: its slot and its job's key.
     run_slot: Vec<u32>,
     run_key: Vec<u64>,
+    /// Per running allocation id: its place in a fresh build's order (its
+    /// job's key, then its place among that job's allocations).
+    run_order: Vec<(u64, u32)>,
+    /// Per class: how many preemptible allocations run there, per priority.
+    preemptible: Vec<BTreeMap<i32, u32>>,
+    /// Classes whose preemptible work changed since the last settle.
+    preemptible_touched: Vec<u32>,
+    /// Preemptible allocations running, plus those departed since the last
+    /// settle (a pass may have marked them): without any, no pass marked
+    /// evictions.
+    preemptible_runs: usize,
+    /// Of those, the departed ones.
+    preemptible_departed: usize,
     /// Slots changed by starts and departures since the last settle.
     touched: Vec<u32>,
     /// The shared-GPU list may differ from a fresh build's.
@@ -94,6 +115,7 @@ impl LiveFleet {
         let (mut fleet, lookup) = Fleet::index_nodes(nodes, str::to_string);
         fleet.add_running(nodes, &lookup, &[]);
         fleet.dirty = Some(Dirty::default());
+        let classes = fleet.classes.len();
         Ok(LiveFleet {
             fleet,
             lookup,
@@ -101,6 +123,11 @@ impl LiveFleet {
             share_jobs: BTreeMap::new(),
             run_slot: Vec::new(),
             run_key: Vec::new(),
+            run_order: Vec::new(),
+            preemptible: vec![BTreeMap::new(); classes],
+            preemptible_touched: Vec::new(),
+            preemptible_runs: 0,
+            preemptible_departed: 0,
             touched: Vec::new(),
             shares_dirty: false,
         })
@@ -117,13 +144,33 @@ impl LiveFleet {
     /// Records work that started. `key` orders running work as a fresh
     /// build's input would be ordered (a key already running is replaced).
     pub fn start(&mut self, key: u64, run: &LiveRun) {
+        self.start_tasks(key, std::slice::from_ref(run));
+    }
+
+    /// Records a job of several tasks (a gang, possibly on several nodes)
+    /// that started, under one key: a fresh build's input lists them in
+    /// this order. A key already running is replaced.
+    pub fn start_tasks(&mut self, key: u64, tasks: &[LiveRun]) {
         self.depart(key);
+        let mut job = LiveJob::default();
+        for run in tasks {
+            self.add_task(key, run, &mut job);
+        }
+        if !job.shares.is_empty() {
+            self.share_jobs.insert(key, ());
+            self.shares_dirty = true;
+        }
+        if !job.runs.is_empty() {
+            self.jobs.insert(key, job);
+        }
+    }
+
+    fn add_task(&mut self, key: u64, run: &LiveRun, job: &mut LiveJob) {
         let Some(&node) = self.lookup.node_index.get(run.node_id.as_str()) else {
             return;
         };
         let gpus = &self.fleet.node_gpus[node as usize];
         let mut per_slot: Vec<(u32, u32)> = Vec::new();
-        let mut job = LiveJob::default();
         let mut share = (0u32, 0u64);
         for uuid in &run.gpu_uuids {
             let Some(at) = gpus.iter().position(|g| g == uuid) else {
@@ -153,22 +200,32 @@ impl LiveFleet {
                 share,
                 end: run.expected_end.unwrap_or(NEVER),
                 priority: run.priority,
-                preemptible: false,
+                preemptible: run.preemptible,
                 evicting: false,
             });
+            if run.preemptible {
+                let class = self.fleet.slots[slot as usize].class;
+                *self.preemptible[class as usize]
+                    .entry(run.priority)
+                    .or_insert(0) += 1;
+                self.preemptible_touched.push(class);
+                self.preemptible_runs += 1;
+            }
             self.fleet.running_jobs.push(run.job_id.clone());
-            self.fleet.running_by_slot[slot as usize].push(id);
+            // The slot's list stays in key order (then task order), as a
+            // fresh build lists it: usually at the end.
+            let order = (key, job.runs.len() as u32);
+            let list = &mut self.fleet.running_by_slot[slot as usize];
+            let at = list
+                .iter()
+                .rposition(|&r| self.run_order[r as usize] < order)
+                .map_or(0, |p| p + 1);
+            list.insert(at, id);
             self.run_slot.push(slot);
             self.run_key.push(key);
+            self.run_order.push(order);
             job.runs.push(id);
             self.touched.push(slot);
-        }
-        if !job.shares.is_empty() {
-            self.share_jobs.insert(key, ());
-            self.shares_dirty = true;
-        }
-        if !job.runs.is_empty() {
-            self.jobs.insert(key, job);
         }
     }
 
@@ -189,15 +246,30 @@ impl LiveFleet {
     fn remove_run(&mut self, id: u32, leaving: &mut LiveJob) {
         let slot = self.run_slot[id as usize];
         self.touched.push(slot);
+        let run = &self.fleet.running[id as usize];
+        if run.preemptible {
+            let class = self.fleet.slots[slot as usize].class;
+            let counts = &mut self.preemptible[class as usize];
+            if let Some(n) = counts.get_mut(&run.priority) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&run.priority);
+                }
+            }
+            self.preemptible_touched.push(class);
+            self.preemptible_departed += 1;
+        }
         let list = &mut self.fleet.running_by_slot[slot as usize];
         if let Some(at) = list.iter().position(|&r| r == id) {
-            list.swap_remove(at);
+            // In order: the list stays in key order.
+            list.remove(at);
         }
         let last = (self.fleet.running.len() - 1) as u32;
         self.fleet.running.swap_remove(id as usize);
         self.fleet.running_jobs.swap_remove(id as usize);
         self.run_slot.swap_remove(id as usize);
         self.run_key.swap_remove(id as usize);
+        self.run_order.swap_remove(id as usize);
         if id == last {
             return;
         }
@@ -235,6 +307,30 @@ impl LiveFleet {
         slots.sort_unstable();
         slots.dedup();
         fleet.dirty = Some(dirty);
+        // Work a pass marked as being evicted runs on unmarked: nothing
+        // here is being evicted (see the module documentation). Only
+        // preemptible work is ever marked.
+        let marked = self.preemptible_runs > 0;
+        self.preemptible_runs -= std::mem::take(&mut self.preemptible_departed);
+        if marked && fleet.classes.iter().any(|c| c.evicting > 0) {
+            for class in &mut fleet.classes {
+                class.evicting = 0;
+            }
+            for run in &mut fleet.running {
+                run.evicting = false;
+            }
+        }
+        let mut classes = std::mem::take(&mut self.preemptible_touched);
+        classes.sort_unstable();
+        classes.dedup();
+        for class in classes {
+            fleet.classes[class as usize].min_preemptible_priority = self.preemptible
+                [class as usize]
+                .keys()
+                .next()
+                .copied()
+                .unwrap_or(i32::MAX);
+        }
         for &slot in &slots {
             let schedulable = fleet.slots[slot as usize].schedulable;
             if schedulable {
@@ -347,14 +443,14 @@ mod tests {
     use crate::pass::schedule;
 
     /// Everything a pass can read, with running work by job id rather than
-    /// by allocation id (those differ by construction, and no decision reads
-    /// their order: reservations sort ends, and nothing is preemptible).
+    /// by allocation id (those differ by construction; no decision reads
+    /// them, only each slot's list order, compared here).
     fn canonical(f: &Fleet) -> String {
         let mut running: Vec<Vec<String>> = f
             .running_by_slot
             .iter()
             .map(|runs| {
-                let mut v: Vec<String> = runs
+                let v: Vec<String> = runs
                     .iter()
                     .map(|&r| {
                         let run = &f.running[r as usize];
@@ -371,7 +467,6 @@ mod tests {
                         )
                     })
                     .collect();
-                v.sort();
                 v
             })
             .collect();
@@ -413,8 +508,9 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Op {
         /// A pass over jobs of (GPUs or share milli, is share, priority,
-        /// max runtime); what it places starts.
-        Pass(Vec<(u8, bool, i8, Option<u16>)>, u8),
+        /// max runtime, preemptible, tasks); what it places starts, the
+        /// victims it names leave.
+        Pass(Vec<(u8, bool, i8, Option<u16>, bool, u8)>, u8),
         /// The n-th running job (mod count) leaves.
         Depart(u16),
     }
@@ -423,7 +519,14 @@ mod tests {
         prop_oneof![
             (
                 prop::collection::vec(
-                    (1u8..9, any::<bool>(), -1i8..2, prop::option::of(1u16..200)),
+                    (
+                        1u8..9,
+                        any::<bool>(),
+                        -1i8..2,
+                        prop::option::of(1u16..200),
+                        any::<bool>(),
+                        1u8..3
+                    ),
                     1..6
                 ),
                 0u8..4
@@ -446,7 +549,7 @@ mod tests {
         ) {
             let nodes = nodes(&shapes);
             let mut live = LiveFleet::new(&nodes).expect("no MIG");
-            let mut running: BTreeMap<u64, RunningInput> = BTreeMap::new();
+            let mut running: BTreeMap<u64, Vec<RunningInput>> = BTreeMap::new();
             let mut next_key = 0u64;
             let mut now = 1_000u64;
             for op in ops {
@@ -463,12 +566,13 @@ mod tests {
                         let jobs: Vec<JobInput> = jobs
                             .iter()
                             .enumerate()
-                            .map(|(i, &(size, share, priority, runtime))| JobInput {
+                            .map(|(i, &(size, share, priority, runtime, preemptible, tasks))| JobInput {
                                 id: format!("j{}", next_key + i as u64),
                                 tenant: format!("t{}", i % 2),
                                 priority: i32::from(priority),
+                                preemptible,
                                 submitted_at: now * 1000 + i as u64,
-                                tasks: 1,
+                                tasks: u32::from(tasks),
                                 gpus_per_task: if share { 1 } else { u32::from(size) },
                                 unit: if share {
                                     GpuUnit::Share { milli: u32::from(size) * 110, memory_bytes: 0 }
@@ -485,35 +589,54 @@ mod tests {
                             ..Default::default()
                         };
                         let result = schedule(live.pass_fleet(), &jobs, &config, &TenantState::default(), now);
+                        let mut victims: Vec<String> = Vec::new();
                         for (job, outcome) in jobs.iter().zip(&result.outcomes) {
                             let key = next_key;
                             next_key += 1;
-                            let Outcome::Placed(tasks) = outcome else { continue };
-                            for task in tasks {
-                                let end = job.max_runtime_secs.map(|r| now + r);
-                                live.start(key, &LiveRun {
-                                    job_id: job.id.clone(),
-                                    priority: job.priority,
-                                    node_id: task.node_id.clone(),
-                                    gpu_uuids: task.gpu_uuids.clone(),
-                                    share_milli: task.share_milli,
-                                    memory_bytes: 0,
-                                    expected_end: end,
-                                });
-                                running.insert(key, RunningInput {
-                                    job_id: job.id.clone(),
-                                    priority: job.priority,
-                                    node_id: task.node_id.clone(),
-                                    gpu_uuids: task.gpu_uuids.clone(),
-                                    share_milli: task.share_milli,
-                                    expected_end: end,
-                                    ..Default::default()
-                                });
-                            }
+                            let tasks = match outcome {
+                                Outcome::Placed(tasks) => tasks,
+                                Outcome::Preempting { victims: v } => {
+                                    victims.extend(v.iter().cloned());
+                                    continue;
+                                }
+                                Outcome::Pending(_) => continue,
+                            };
+                            let end = job.max_runtime_secs.map(|r| now + r);
+                            let runs: Vec<LiveRun> = tasks.iter().map(|task| LiveRun {
+                                job_id: job.id.clone(),
+                                priority: job.priority,
+                                node_id: task.node_id.clone(),
+                                gpu_uuids: task.gpu_uuids.clone(),
+                                share_milli: task.share_milli,
+                                memory_bytes: 0,
+                                expected_end: end,
+                                preemptible: job.preemptible,
+                            }).collect();
+                            live.start_tasks(key, &runs);
+                            running.insert(key, runs.iter().map(|run| RunningInput {
+                                job_id: run.job_id.clone(),
+                                priority: run.priority,
+                                preemptible: run.preemptible,
+                                node_id: run.node_id.clone(),
+                                gpu_uuids: run.gpu_uuids.clone(),
+                                share_milli: run.share_milli,
+                                expected_end: end,
+                                ..Default::default()
+                            }).collect());
+                        }
+                        // Victims are stopped, every task of them.
+                        let keys: Vec<u64> = running
+                            .iter()
+                            .filter(|(_, tasks)| tasks.iter().any(|t| victims.contains(&t.job_id)))
+                            .map(|(k, _)| *k)
+                            .collect();
+                        for key in keys {
+                            running.remove(&key);
+                            live.depart(key);
                         }
                     }
                 }
-                let inputs: Vec<RunningInput> = running.values().cloned().collect();
+                let inputs: Vec<RunningInput> = running.values().flatten().cloned().collect();
                 let fresh = Fleet::build(&nodes, &inputs);
                 prop_assert_eq!(canonical(live.pass_fleet()), canonical(&fresh));
             }

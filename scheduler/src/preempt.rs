@@ -46,13 +46,16 @@ pub(crate) fn preempt(
                 continue;
             }
             let mut available = s.free;
-            // (priority, GPUs freed, victims): one whole-GPU allocation, or
-            // every share on one shared GPU (its highest priority).
-            let mut candidates: Vec<(i32, u32, Vec<u32>)> = Vec::new();
+            // (priority, GPUs freed, place in the slot's list, victims): one
+            // whole-GPU allocation, or every share on one shared GPU (its
+            // highest priority). Ties go by the slot's list order, which a
+            // fresh build and a live fleet agree on (allocation ids differ).
+            let mut candidates: Vec<(i32, u32, usize, Vec<u32>)> = Vec::new();
             // Per shared GPU (its bit): the shares not yet being evicted,
-            // and whether each of them may be evicted for this job.
-            let mut shared: Vec<(u32, Vec<u32>, i32, bool)> = Vec::new();
-            for &r in &fleet.running_by_slot[slot as usize] {
+            // and whether each of them may be evicted for this job, and
+            // where its first such share is listed.
+            let mut shared: Vec<(u32, Vec<u32>, i32, bool, usize)> = Vec::new();
+            for (at, &r) in fleet.running_by_slot[slot as usize].iter().enumerate() {
                 let run = &fleet.running[r as usize];
                 if run.fractional {
                     // A MIG instance holds no whole GPU (its GPU stays in
@@ -64,12 +67,15 @@ pub(crate) fn preempt(
                     let at = match shared.iter().position(|(bit, ..)| *bit == run.mask) {
                         Some(at) => at,
                         None => {
-                            shared.push((run.mask, Vec::new(), i32::MIN, true));
+                            shared.push((run.mask, Vec::new(), i32::MIN, true, at));
                             shared.len() - 1
                         }
                     };
                     let gpu = &mut shared[at];
                     if !run.evicting {
+                        if gpu.1.is_empty() {
+                            gpu.4 = at;
+                        }
                         gpu.1.push(r);
                         gpu.2 = gpu.2.max(run.priority);
                         gpu.3 &= run.preemptible && run.priority < job.priority;
@@ -79,15 +85,15 @@ pub(crate) fn preempt(
                 if run.evicting {
                     available |= run.mask & s.healthy;
                 } else if run.preemptible && run.priority < job.priority {
-                    candidates.push((run.priority, run.mask.count_ones(), vec![r]));
+                    candidates.push((run.priority, run.mask.count_ones(), at, vec![r]));
                 }
             }
-            for (bit, victims, priority, evictable) in shared {
+            for (bit, victims, priority, evictable, at) in shared {
                 if victims.is_empty() {
                     // Every share on it is already being evicted.
                     available |= bit & s.healthy;
                 } else if evictable {
-                    candidates.push((priority, 1, victims));
+                    candidates.push((priority, 1, at, victims));
                 }
             }
             candidates.sort_unstable();
@@ -100,7 +106,7 @@ pub(crate) fn preempt(
             for m in 1..=capacity {
                 while available.count_ones() < m * per_task {
                     match cand.next() {
-                        Some((_, gpus, runs)) => {
+                        Some((_, gpus, _, runs)) => {
                             for r in runs {
                                 available |= fleet.running[r as usize].mask & s.healthy;
                                 victims.push(r);
@@ -117,8 +123,8 @@ pub(crate) fn preempt(
             }
         }
     }
-    // Ties between groups go to the lowest group id: the map's iteration
-    // order must not pick (it differs between runs).
+    // Ties between groups go to the lowest group id (as reservations'):
+    // the map's iteration order must not pick (it differs between runs).
     let best = per_group
         .into_iter()
         .filter(|(_, list)| list.len() >= tasks)
@@ -230,10 +236,11 @@ pub(crate) fn preempt_share(
                 continue;
             }
             let (mut free_milli, mut free_memory) = (gpu.free_milli, gpu.free_memory);
-            let mut candidates: Vec<(i32, u32, u32)> = Vec::new();
+            // (priority, share, place in the slot's list, allocation).
+            let mut candidates: Vec<(i32, u32, usize, u32)> = Vec::new();
             let mut exclusive = false;
             let mut being_evicted = false;
-            for &r in &fleet.running_by_slot[gpu.slot as usize] {
+            for (at, &r) in fleet.running_by_slot[gpu.slot as usize].iter().enumerate() {
                 let run = &fleet.running[r as usize];
                 if run.mask & bit == 0 {
                     continue;
@@ -245,7 +252,7 @@ pub(crate) fn preempt_share(
                     free_memory += run.share.1;
                     being_evicted = true;
                 } else if run.preemptible && run.priority < job.priority {
-                    candidates.push((run.priority, run.share.0, r));
+                    candidates.push((run.priority, run.share.0, at, r));
                 }
             }
             if exclusive {
@@ -254,7 +261,7 @@ pub(crate) fn preempt_share(
             candidates.sort_unstable();
             let mut victims = Vec::new();
             let mut cost = 0u64;
-            for (_, share, r) in candidates {
+            for (_, share, _, r) in candidates {
                 if free_milli >= m && free_memory >= mem {
                     break;
                 }

@@ -5,7 +5,9 @@
 //! arrival per virtual second (so one pass per job, as live); every job
 //! must land on the same node and the same GPUs, or stay pending in both.
 //! Jobs sleep for an hour, so none ends while the comparison runs: virtual
-//! and real time never have to agree on a departure.
+//! and real time never have to agree on a departure. Each workload ends
+//! with a gang (two 1-GPU tasks, placed together or not at all); its first
+//! task is compared.
 
 use std::collections::HashMap;
 
@@ -36,14 +38,15 @@ struct Request {
     gpus: u32,
     share_milli: u32,
     models: Vec<String>,
+    tasks: u32,
 }
 
 /// The seeded workload: mostly 1-2 GPUs, some 4, a few shares of a GPU,
 /// a quarter pinned to one model. More than the fleet holds, so some stay
-/// pending and fragmentation decides.
+/// pending and fragmentation decides. Then a gang of two 1-GPU tasks.
 fn workload(seed: u64) -> Vec<Request> {
     let mut rng = sim::workload::Rng::new(seed);
-    (0..JOBS)
+    let mut requests: Vec<Request> = (0..JOBS)
         .map(|_| {
             let (gpus, share_milli) = match rng.below(10) {
                 0..=3 => (1, 0),
@@ -60,9 +63,17 @@ fn workload(seed: u64) -> Vec<Request> {
                 gpus,
                 share_milli,
                 models,
+                tasks: 1,
             }
         })
-        .collect()
+        .collect();
+    requests.push(Request {
+        gpus: 1,
+        share_milli: 0,
+        models: Vec::new(),
+        tasks: 2,
+    });
+    requests
 }
 
 fn wire_policy(policy: Policy) -> PlacementPolicy {
@@ -84,6 +95,7 @@ async fn live(policy: Policy, requests: &[Request]) -> anyhow::Result<(Vec<Node>
     for r in requests {
         let job = cluster
             .submit_spec(JobSpec {
+                tasks: r.tasks,
                 gpus_per_task: r.gpus,
                 gpu_share_milli: r.share_milli,
                 constraints: Some(JobConstraints {
@@ -178,6 +190,8 @@ fn simulated(policy: Policy, nodes: &[Node], requests: &[Request]) -> Placements
             gpus: r.gpus,
             gpu_milli: r.share_milli,
             models: r.models.clone(),
+            tasks: r.tasks,
+            ..Default::default()
         })
         .collect();
     let workload = Workload {
@@ -208,7 +222,7 @@ fn simulated(policy: Policy, nodes: &[Node], requests: &[Request]) -> Placements
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_simulator_places_a_seeded_workload_exactly_as_the_live_controller()
 -> anyhow::Result<()> {
-    let (mut placed, mut pending) = (0, 0);
+    let (mut placed, mut pending, mut gangs) = (0, 0, 0);
     for seed in SEEDS {
         let requests = workload(seed);
         for policy in [Policy::Cost, Policy::Pack, Policy::Spread] {
@@ -222,6 +236,7 @@ async fn the_simulator_places_a_seeded_workload_exactly_as_the_live_controller()
                 );
             }
             placed += live.iter().filter(|p| p.is_some()).count();
+            gangs += usize::from(live.last().is_some_and(|p| p.is_some()));
             pending += live.iter().filter(|p| p.is_none()).count();
         }
     }
@@ -229,5 +244,6 @@ async fn the_simulator_places_a_seeded_workload_exactly_as_the_live_controller()
     // fleet ran full (some jobs had to wait, so fragmentation decided).
     assert!(placed >= 5 * SEEDS.len() * 3, "{placed} placed");
     assert!(pending > 0, "nothing pending in any run");
+    assert!(gangs > 0, "no gang was placed in any run");
     Ok(())
 }

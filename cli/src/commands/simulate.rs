@@ -1,7 +1,10 @@
 //! `gpufleet simulate`: replays a workload (the Alibaba openb trace format,
-//! or a synthetic one) through the production scheduler in virtual time,
-//! every policy side by side: a table, `-o json`, and an SVG chart of
-//! allocation and stranded GPUs over time. Runs locally; no controller.
+//! a synthetic one, or a fleet's own history) through the production
+//! scheduler in virtual time — gangs, preemption, max runtimes, tenants'
+//! quotas and weights (`--quota`, `--weight`, `--controller-config`) and
+//! recorded moving prices (`--prices`) — every policy side by side: a
+//! table, `-o json`, and an SVG chart of allocation and stranded GPUs over
+//! time. Runs locally; no controller.
 //! The logic is `gpufleet_scheduler::sim`; this file reads files, parses
 //! flags and formats.
 
@@ -34,6 +37,39 @@ pub struct SimulateArgs {
     /// Jobs in the synthetic workload (a 30-day month).
     #[arg(long, value_name = "M", default_value_t = 10_000)]
     synthetic_jobs: usize,
+    /// Synthetic: this percentage of jobs are gangs of 2-4 tasks of 8 GPUs.
+    #[arg(long, value_name = "PCT", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=100))]
+    synthetic_gangs: u32,
+    /// Synthetic: this percentage of jobs are preemptible batch work at
+    /// priority -1, which the others (priority 0) may evict.
+    #[arg(long, value_name = "PCT", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=100))]
+    synthetic_preemptible: u32,
+    /// Synthetic: this percentage of jobs have a max runtime (1h, 6h or 24h).
+    #[arg(long, value_name = "PCT", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=100))]
+    synthetic_max_runtime: u32,
+    /// Tenants' weights and quotas (and generation factors, reservation and
+    /// preemption limits, fair-share half-life) from a controller
+    /// configuration file: its `[tenants.NAME]` tables, as the controller
+    /// reads them.
+    #[arg(long, value_name = "FILE")]
+    controller_config: Option<PathBuf>,
+    /// A tenant's quota: most GPUs held at once, in all and per generation
+    /// (`unlimited` for no total): ml=16,Hopper=8. Repeatable; overrides
+    /// --controller-config for that tenant.
+    #[arg(long, value_name = "TENANT=N[,GENERATION=N...]")]
+    quota: Vec<String>,
+    /// A tenant's fair-share weight, 0 < W <= 1000 (default 1). Repeatable.
+    #[arg(long, value_name = "TENANT=W")]
+    weight: Vec<String>,
+    /// Prices that move: the price history the live system recorded, as
+    /// `gpufleet -o json market prices --since 30d` writes it; each node's
+    /// price changes at the recorded times (virtual time 0: a --history
+    /// replay's first submit, else the file's first change).
+    #[arg(long, value_name = "FILE")]
+    prices: Option<PathBuf>,
     /// Policies to compare: `all`, or a comma-separated list of cost, pack,
     /// spread, first-fit, baseline-first-fit, baseline-best-fit, baseline-fgd.
     #[arg(long, default_value = "all")]
@@ -102,9 +138,20 @@ pub fn run(format: Format, args: &SimulateArgs) -> anyhow::Result<ExitCode> {
     }
     let edits =
         sim::whatif::Edits::parse(&args.add, &args.remove, &args.price, args.load.as_deref())?;
-    let (mut workload, mut input_notes) = load(args)?;
+    let (mut workload, mut input_notes, start_ms) = load(args)?;
     let applied = edits.apply(&mut workload, &simulate_input::catalogue())?;
     input_notes.extend(applied.iter().map(|a| format!("what-if {a}")));
+    let mut price_steps = Vec::new();
+    if let Some(path) = &args.prices {
+        if args.inflation {
+            anyhow::bail!(
+                "--prices replays prices over time; --inflation has no time to replay them over"
+            );
+        }
+        let (steps, lines) = simulate_input::read_prices(path, &mut workload.nodes, start_ms)?;
+        price_steps = steps;
+        input_notes.extend(lines);
+    }
     if args.inflation {
         let config = sim::inflation::InflationConfig {
             seed: args.seed,
@@ -126,11 +173,27 @@ pub fn run(format: Format, args: &SimulateArgs) -> anyhow::Result<ExitCode> {
     if market_interval == 0 {
         anyhow::bail!("--market-interval must be at least 1s");
     }
-    let config = SimConfig {
+    let mut config = SimConfig {
         cadence_secs: cadence,
         market_interval_secs: market_interval,
+        price_steps,
         ..Default::default()
     };
+    if let Some(path) = &args.controller_config {
+        let controller = gpufleet_controller::ControllerConfig::load(
+            [
+                std::ffi::OsString::from("gpufleet-controller"),
+                "--config".into(),
+                path.clone().into_os_string(),
+            ],
+            &std::collections::HashMap::new(),
+        )
+        .map_err(|e| anyhow::anyhow!("--controller-config {}: {e}", path.display()))?;
+        config.scheduler = controller.scheduler;
+        config.fair_share_half_life_secs = controller.fair_share_half_life.as_secs_f64();
+    }
+    sim::tenants::apply(&mut config.scheduler.tenants, &args.quota, &args.weight)
+        .map_err(|e| anyhow::anyhow!(e))?;
     let mut reports = Vec::new();
     let mut walls = Vec::new();
     for &policy in &policies {
@@ -170,12 +233,26 @@ fn parse_policies(list: &str) -> anyhow::Result<Vec<SimPolicy>> {
         .collect()
 }
 
-/// The workload, and lines saying what its reader changed beyond
-/// [`Workload::notes`].
-fn load(args: &SimulateArgs) -> anyhow::Result<(Workload, Vec<String>)> {
+/// The workload, lines saying what its reader changed beyond
+/// [`Workload::notes`], and the Unix ms of its virtual time 0 where known.
+fn load(args: &SimulateArgs) -> anyhow::Result<(Workload, Vec<String>, Option<u64>)> {
+    if args.synthetic_nodes.is_none()
+        && (args.synthetic_gangs > 0
+            || args.synthetic_preemptible > 0
+            || args.synthetic_max_runtime > 0)
+    {
+        anyhow::bail!(
+            "--synthetic-gangs, --synthetic-preemptible and --synthetic-max-runtime shape the synthetic workload: give --synthetic-nodes N"
+        );
+    }
     if let Some(nodes) = args.synthetic_nodes {
-        let workload = sim::workload::synthetic(nodes, args.synthetic_jobs, args.seed);
-        return Ok((workload, Vec::new()));
+        let mix = sim::SyntheticMix {
+            gang_pct: args.synthetic_gangs,
+            preemptible_pct: args.synthetic_preemptible,
+            max_runtime_pct: args.synthetic_max_runtime,
+        };
+        let workload = sim::workload::synthetic_with(nodes, args.synthetic_jobs, args.seed, mix);
+        return Ok((workload, Vec::new(), None));
     }
     if let (Some(history), Some(fleet)) = (&args.history, &args.fleet) {
         let (nodes, mut lines) = simulate_input::read_fleet(fleet)?;
@@ -183,7 +260,7 @@ fn load(args: &SimulateArgs) -> anyhow::Result<(Workload, Vec<String>)> {
         let (workload, notes) = sim::history::workload(nodes, &records)
             .map_err(|e| anyhow::anyhow!("--history {}: {e}", history.display()))?;
         lines.extend(history_notes(&notes));
-        return Ok((workload, lines));
+        return Ok((workload, lines, Some(notes.start_unix_ms)));
     }
     let (Some(nodes), Some(pods)) = (&args.nodes, &args.pods) else {
         anyhow::bail!("give --nodes FILE --pods FILE (openb format) or --synthetic-nodes N");
@@ -191,7 +268,11 @@ fn load(args: &SimulateArgs) -> anyhow::Result<(Workload, Vec<String>)> {
     let read = |p: &PathBuf| {
         std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
     };
-    Ok((sim::openb::parse(&read(nodes)?, &read(pods)?)?, Vec::new()))
+    Ok((
+        sim::openb::parse(&read(nodes)?, &read(pods)?)?,
+        Vec::new(),
+        None,
+    ))
 }
 
 fn history_notes(n: &sim::history::HistoryNotes) -> Vec<String> {
@@ -200,7 +281,10 @@ fn history_notes(n: &sim::history::HistoryNotes) -> Vec<String> {
         n.records, n.jobs, n.tasks
     )];
     for (count, what) in [
-        (n.gang_tasks, "tasks of gangs replayed as independent jobs"),
+        (
+            n.gangs,
+            "gangs (jobs of several tasks) replayed as gangs, all tasks or none",
+        ),
         (
             n.no_submit_time,
             "tasks without a submit time arrive when they started (older controller)",
@@ -229,6 +313,16 @@ fn history_notes(n: &sim::history::HistoryNotes) -> Vec<String> {
     out
 }
 
+/// Gangs, preemptible jobs, jobs with a max runtime.
+fn job_kinds(workload: &Workload) -> (usize, usize, usize) {
+    let jobs = &workload.jobs;
+    (
+        jobs.iter().filter(|j| j.tasks > 1).count(),
+        jobs.iter().filter(|j| j.preemptible).count(),
+        jobs.iter().filter(|j| j.max_runtime.is_some()).count(),
+    )
+}
+
 fn notes(workload: &Workload) -> Vec<String> {
     let n = &workload.notes;
     let mut out = vec![format!(
@@ -237,6 +331,16 @@ fn notes(workload: &Workload) -> Vec<String> {
         workload.nodes.len(),
         workload.total_gpus()
     )];
+    let (gangs, preemptible, limited) = job_kinds(workload);
+    for (count, what) in [
+        (gangs, "gangs (jobs of several tasks, placed all or none)"),
+        (preemptible, "preemptible jobs"),
+        (limited, "jobs with a max runtime"),
+    ] {
+        if count > 0 {
+            out.push(format!("{count} {what}"));
+        }
+    }
     if n.fractional_shares > 0 {
         out.push(format!(
             "{} fractional tasks replayed as shares of a GPU",
@@ -310,6 +414,12 @@ fn table(
         format!("{:.1} / {}", r.mean_stranded_gpus, r.peak_stranded_gpus)
     });
     row("GPU-hours", &|r| format!("{:.0}", r.gpu_hours));
+    row("preemptions (GPU-h lost)", &|r| {
+        format!("{} ({:.1})", r.preemptions, r.preempted_gpu_secs / 3600.0)
+    });
+    row("stopped at max runtime", &|r| {
+        r.max_runtime_stops.to_string()
+    });
     row("cost", &|r| format_usd(r.cost_micro_usd));
     row("passes", &|r| r.passes.to_string());
     let wall_of = |r: &PolicyReport| {
@@ -382,6 +492,7 @@ fn to_json(
     walls: &[f64],
 ) -> serde_json::Value {
     let n = &workload.notes;
+    let (gangs, preemptible, limited) = job_kinds(workload);
     json!({
         "notes": input_notes,
         "edits": edits,
@@ -394,6 +505,9 @@ fn to_json(
             "skipped_no_gpu": n.skipped_no_gpu,
             "skipped_no_deletion": n.skipped_no_deletion,
             "zero_duration": n.zero_duration,
+            "gangs": gangs,
+            "preemptible_jobs": preemptible,
+            "max_runtime_jobs": limited,
         },
         "policies": reports.iter().zip(walls).map(|(r, wall)| json!({
             "policy": r.policy.label(),
@@ -409,6 +523,9 @@ fn to_json(
             "mean_stranded_gpus": r.mean_stranded_gpus,
             "peak_stranded_gpus": r.peak_stranded_gpus,
             "gpu_hours": r.gpu_hours,
+            "preemptions": r.preemptions,
+            "preempted_gpu_seconds": r.preempted_gpu_secs,
+            "max_runtime_stops": r.max_runtime_stops,
             "cost_usd": r.cost_micro_usd as f64 / 1e6,
             "passes": r.passes,
             "end_time_s": r.end_time,

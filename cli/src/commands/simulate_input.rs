@@ -10,10 +10,12 @@ use std::io::{BufRead, Read};
 use std::path::Path;
 
 use anyhow::Context;
-use gpufleet_proto::v1::{GpuGeneration, JobConstraints, ListNodesResponse, UsageRecord};
+use gpufleet_proto::v1::{
+    GpuGeneration, JobConstraints, ListNodesResponse, MarketPricesResponse, UsageRecord,
+};
 use gpufleet_scheduler::Generation;
-use gpufleet_scheduler::sim::SimNode;
 use gpufleet_scheduler::sim::history::HistoryRecord;
+use gpufleet_scheduler::sim::{PriceStep, SimNode};
 
 use crate::output;
 
@@ -25,6 +27,112 @@ pub const MAX_HISTORY_RECORDS: usize = 10_000_000;
 pub const MAX_HISTORY_LINE_BYTES: usize = 1 << 20;
 /// GPUs per simulated node (the simulator's per-node masks).
 const MAX_NODE_GPUS: usize = 32;
+
+/// Largest `--prices` file read (`gpufleet market prices -o json`).
+pub const MAX_PRICES_BYTES: u64 = 256 << 20;
+/// Most price changes one replay applies (over all nodes).
+pub const MAX_PRICE_STEPS: usize = 10_000_000;
+
+/// The prices of a `gpufleet market prices -o json` answer (the prices in
+/// force and their history) as each node's price over the replay, resolved
+/// as the controller resolves them (`gpufleet_controller::pricing::PriceBook`:
+/// the most specific key matching the node's provider, region and model,
+/// else the node's own price). Virtual time 0 is `start_ms` (Unix ms; a
+/// history replay's earliest submit), or else the earliest recorded
+/// change. Sets each node's price at time 0; returns the later changes
+/// (each at the next whole virtual second) and notes.
+pub fn read_prices(
+    path: &Path,
+    nodes: &mut [SimNode],
+    start_ms: Option<u64>,
+) -> anyhow::Result<(Vec<PriceStep>, Vec<String>)> {
+    use gpufleet_controller::pricing::{Change, Current, NodePriceKey, PriceBook, PriceKey};
+    let size = std::fs::metadata(path)
+        .with_context(|| format!("--prices: cannot read {}", path.display()))?
+        .len();
+    if size > MAX_PRICES_BYTES {
+        anyhow::bail!(
+            "--prices {}: {size} bytes is over the {MAX_PRICES_BYTES}-byte limit; export a shorter range with `gpufleet -o json market prices --since 30d`",
+            path.display()
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--prices: cannot read {}", path.display()))?;
+    let response: MarketPricesResponse = output::from_json(&text).with_context(|| {
+        format!(
+            "--prices {}: not the output of `gpufleet -o json market prices`",
+            path.display()
+        )
+    })?;
+    if response.current.is_empty() && response.history.is_empty() {
+        anyhow::bail!(
+            "--prices {}: no prices (neither prices in force nor changes); export them with `gpufleet -o json market prices --since 30d`",
+            path.display()
+        );
+    }
+    let ms = |t: &prost_types::Timestamp| {
+        t.seconds.max(0) as u64 * 1000 + (t.nanos.max(0) as u64) / 1_000_000
+    };
+    let current = response
+        .current
+        .iter()
+        .filter_map(|e| {
+            Some((
+                PriceKey::from_proto(e.key.as_ref()?),
+                Current {
+                    price: e.price_per_gpu_hour_micro_usd,
+                    source: e.source.clone(),
+                    since_ms: e.since.as_ref().map_or(0, ms),
+                },
+            ))
+        })
+        .collect();
+    let history: Vec<Change> = response.history.iter().map(Change::from_proto).collect();
+    let start = start_ms.unwrap_or_else(|| history.iter().map(|c| c.at_ms).min().unwrap_or(0));
+    let book = PriceBook::new(Vec::new(), current, history);
+    let mut steps = Vec::new();
+    let mut priced = 0usize;
+    for (i, node) in nodes.iter_mut().enumerate() {
+        let key = NodePriceKey {
+            provider: node.provider.clone(),
+            region: node.region.clone(),
+            model: node.model.clone(),
+            instance_type: String::new(),
+            spot: false,
+        };
+        let timeline = book.timeline(&key, start, u64::MAX, node.price_per_gpu_hour_micro_usd);
+        if timeline.len() > 1
+            || timeline.first().map(|(_, p)| *p) != Some(node.price_per_gpu_hour_micro_usd)
+        {
+            priced += 1;
+        }
+        if let Some(&(_, price)) = timeline.first() {
+            node.price_per_gpu_hour_micro_usd = price;
+        }
+        for &(at, price) in timeline.iter().skip(1) {
+            if steps.len() == MAX_PRICE_STEPS {
+                anyhow::bail!(
+                    "--prices {}: over {MAX_PRICE_STEPS} price changes across the fleet; export a shorter range (--since)",
+                    path.display()
+                );
+            }
+            steps.push(PriceStep {
+                at: (at - start).div_ceil(1000),
+                node: i as u32,
+                price_per_gpu_hour_micro_usd: price,
+            });
+        }
+    }
+    let from = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(start),
+    );
+    let notes = vec![format!(
+        "prices: {} price changes on {priced} of {} nodes replayed from {from} (virtual time 0)",
+        steps.len(),
+        nodes.len()
+    )];
+    Ok((steps, notes))
+}
 
 /// A wire generation as the scheduler's.
 pub fn generation(wire: i32) -> Generation {
@@ -181,6 +289,7 @@ pub fn history_record(record: &UsageRecord) -> anyhow::Result<HistoryRecord> {
         models: c.models,
         generations,
         unmodelled_constraints: unmodelled,
+        preemptible: record.job_preemptible,
     })
 }
 
@@ -377,6 +486,7 @@ mod tests {
                 models: vec!["H100-SXM-80GB".into()],
                 generations: vec![Generation::Hopper, Generation::Blackwell],
                 unmodelled_constraints: true,
+                preemptible: false,
             }]
         );
         std::fs::write(&path, "{\"jobId\": \"x\"}\nnot json\n").unwrap();

@@ -292,6 +292,7 @@ mod tests {
             gpus,
             gpu_milli: milli,
             models: Vec::new(),
+            ..Default::default()
         }
     }
 

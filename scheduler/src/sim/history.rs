@@ -4,13 +4,17 @@
 //! policy, with more nodes, or at other prices.
 //!
 //! Conversion rules (also in docs/simulate.md):
-//! - one simulated job per (job, task): the simulator places single tasks,
-//!   so a gang's tasks are replayed as independent jobs (counted);
+//! - one simulated job per job: a gang (a job of several tasks) replays as
+//!   a gang of that many tasks, placed all or none (counted), each task of
+//!   the first record's size, for the longest of its tasks' run times;
 //! - arrival = the job's submit time (the earliest of its records); records
 //!   from controllers that did not export it arrive at their start (counted:
 //!   their queue wait is lost);
 //! - duration = the task's actual run time, summed over its attempts (a
-//!   preempted or retried task ran several times), at least 1 s;
+//!   preempted or retried task ran several times; counted), at least 1 s;
+//! - priority and preemptible are the job's (a preemptible job may be
+//!   preempted again in the replay); max runtimes are not exported, so
+//!   none is replayed;
 //! - a share of a GPU replays as a share; a MIG instance as the share of
 //!   its GPU it was billed (counted);
 //! - model constraints are kept; generation constraints become the fleet's
@@ -52,6 +56,8 @@ pub struct HistoryRecord {
     /// The job asked for something the simulator does not model (provider,
     /// region, price, memory or spot constraints).
     pub unmodelled_constraints: bool,
+    /// The job was preemptible.
+    pub preemptible: bool,
 }
 
 /// What the conversion changed or dropped.
@@ -60,7 +66,9 @@ pub struct HistoryNotes {
     pub records: u64,
     pub jobs: u64,
     pub tasks: u64,
-    /// Tasks of gangs (jobs of several tasks), replayed independently.
+    /// Jobs of several tasks, replayed as gangs.
+    pub gangs: u64,
+    /// Their tasks.
     pub gang_tasks: u64,
     /// Tasks without a submit time: they arrive when they started.
     pub no_submit_time: u64,
@@ -71,6 +79,8 @@ pub struct HistoryNotes {
     pub unmodelled_constraints: u64,
     /// Tasks that the fleet cannot run at all (no node of an allowed model).
     pub unplaceable: u64,
+    /// Unix milliseconds of virtual time 0 (the earliest arrival).
+    pub start_unix_ms: u64,
 }
 
 /// A history file or fleet that cannot be replayed.
@@ -104,8 +114,8 @@ pub fn workload(
         records: records.len() as u64,
         ..Default::default()
     };
-    // Per (job, task): its records in a fixed order.
-    let mut tasks: BTreeMap<(&str, u32), Vec<&HistoryRecord>> = BTreeMap::new();
+    // Per job, per task: its records in a fixed order.
+    let mut jobs: BTreeMap<&str, BTreeMap<u32, Vec<&HistoryRecord>>> = BTreeMap::new();
     for r in records {
         if r.ended_ms < r.started_ms {
             return Err(HistoryError(format!(
@@ -113,38 +123,47 @@ pub fn workload(
                 r.job_id, r.task_index
             )));
         }
-        tasks.entry((&r.job_id, r.task_index)).or_default().push(r);
+        jobs.entry(&r.job_id)
+            .or_default()
+            .entry(r.task_index)
+            .or_default()
+            .push(r);
     }
-    let mut jobs_seen = 0u64;
-    let mut last_job = "";
-    let mut built: Vec<(u64, SimJob)> = Vec::with_capacity(tasks.len());
-    for ((job_id, task), runs) in &tasks {
-        if *job_id != last_job {
-            jobs_seen += 1;
-            last_job = job_id;
-        }
-        let first = runs[0];
-        let ran_ms: u64 = runs.iter().map(|r| r.ended_ms - r.started_ms).sum();
-        let submitted = runs.iter().filter_map(|r| r.submitted_ms).min();
-        let started = runs.iter().map(|r| r.started_ms).min().unwrap_or(0);
+    let jobs_seen = jobs.len() as u64;
+    let mut built: Vec<(u64, SimJob)> = Vec::with_capacity(jobs.len());
+    for (job_id, tasks) in &jobs {
+        // A gang: the tasks it asked for, or those recorded if more.
+        let Some((&first_task, first_runs)) = tasks.iter().next() else {
+            continue;
+        };
+        let first = first_runs[0];
+        let count = (first.tasks as usize).max(tasks.len()).max(1) as u32;
+        // Per task: run time summed over attempts; the gang holds its
+        // GPUs as long as its longest task ran.
+        let ran_ms: u64 = tasks
+            .values()
+            .map(|runs| runs.iter().map(|r| r.ended_ms - r.started_ms).sum::<u64>())
+            .max()
+            .unwrap_or(0);
+        let all = || tasks.values().flatten();
+        let submitted = all().filter_map(|r| r.submitted_ms).min();
+        let started = all().map(|r| r.started_ms).min().unwrap_or(0);
         let arrival_ms = match submitted {
             Some(s) => s.min(started),
             None => {
-                notes.no_submit_time += 1;
+                notes.no_submit_time += tasks.len() as u64;
                 started
             }
         };
-        if runs.len() > 1 {
-            notes.multi_attempt += 1;
-        }
-        if first.tasks > 1 {
-            notes.gang_tasks += 1;
-        }
-        if first.mig {
-            notes.mig_as_share += 1;
-        }
-        if first.unmodelled_constraints {
-            notes.unmodelled_constraints += 1;
+        let per_task = |count: fn(&HistoryRecord) -> bool| {
+            tasks.values().filter(|runs| count(runs[0])).count() as u64
+        };
+        notes.multi_attempt += tasks.values().filter(|runs| runs.len() > 1).count() as u64;
+        notes.mig_as_share += per_task(|r| r.mig);
+        notes.unmodelled_constraints += per_task(|r| r.unmodelled_constraints);
+        if count > 1 {
+            notes.gangs += 1;
+            notes.gang_tasks += u64::from(count);
         }
         let models = allowed_models(&nodes, first);
         if let Some(models) = &models
@@ -152,13 +171,19 @@ pub fn workload(
                 .iter()
                 .any(|n| models.iter().any(|m| m.eq_ignore_ascii_case(&n.model)))
         {
-            notes.unplaceable += 1;
+            notes.unplaceable += u64::from(count);
         }
+        notes.tasks += u64::from(count);
         let share = first.share_milli.min(999);
         built.push((
             arrival_ms,
             SimJob {
-                id: format!("{job_id}/{task}"),
+                // One task keeps its task's name; a gang is its job.
+                id: if count > 1 {
+                    job_id.to_string()
+                } else {
+                    format!("{job_id}/{first_task}")
+                },
                 tenant: first.tenant.clone(),
                 priority: first.priority,
                 arrival: 0,
@@ -174,12 +199,15 @@ pub fn workload(
                         m
                     }
                 }),
+                tasks: count,
+                preemptible: first.preemptible,
+                max_runtime: None,
             },
         ));
     }
     notes.jobs = jobs_seen;
-    notes.tasks = built.len() as u64;
     let t0 = built.iter().map(|(a, _)| *a).min().unwrap_or(0);
+    notes.start_unix_ms = t0;
     for (arrival_ms, job) in &mut built {
         job.arrival = (*arrival_ms - t0) / 1000;
     }
@@ -277,7 +305,7 @@ mod tests {
             HistoryRecord {
                 tasks: 2,
                 generations: vec![Generation::Hopper, Generation::Blackwell],
-                ..rec("job-d", 1, Some(120_000), 125_000, 135_000)
+                ..rec("job-d", 1, Some(120_000), 125_000, 133_000)
             },
             HistoryRecord {
                 models: vec!["A100-SXM-80GB".into()],
@@ -286,7 +314,7 @@ mod tests {
             },
         ];
         let (w, notes) = workload(nodes, &records).unwrap();
-        type Row<'a> = (&'a str, u64, u64, u32, u32, Vec<String>);
+        type Row<'a> = (&'a str, u64, u64, u32, u32, u32, Vec<String>);
         let got: Vec<Row<'_>> = w
             .jobs
             .iter()
@@ -297,6 +325,7 @@ mod tests {
                     j.duration,
                     j.gpus,
                     j.gpu_milli,
+                    j.tasks,
                     j.models.clone(),
                 )
             })
@@ -305,12 +334,13 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                ("job-a/0", 0, 31, 2, 0, s(&[])),
-                ("job-e/0", 5, 1, 2, 0, s(&["A100-SXM-80GB"])),
-                ("job-b/0", 10, 50, 2, 0, s(&[])),
-                ("job-d/0", 30, 10, 2, 0, s(&["H100-SXM-80GB"])),
-                ("job-d/1", 30, 10, 2, 0, s(&["H100-SXM-80GB"])),
-                ("job-c/0", 60, 1, 1, 250, s(&[])),
+                ("job-a/0", 0, 31, 2, 0, 1, s(&[])),
+                ("job-e/0", 5, 1, 2, 0, 1, s(&["A100-SXM-80GB"])),
+                ("job-b/0", 10, 50, 2, 0, 1, s(&[])),
+                // The gang replays as one gang of two 2-GPU tasks, for its
+                // longest task's 10 s.
+                ("job-d", 30, 10, 2, 0, 2, s(&["H100-SXM-80GB"])),
+                ("job-c/0", 60, 1, 1, 250, 1, s(&[])),
             ]
         );
         assert_eq!(
@@ -319,12 +349,14 @@ mod tests {
                 records: 7,
                 jobs: 5,
                 tasks: 6,
+                gangs: 1,
                 gang_tasks: 2,
                 no_submit_time: 1,
                 multi_attempt: 1,
                 mig_as_share: 0,
                 unmodelled_constraints: 1,
                 unplaceable: 1,
+                start_unix_ms: 90_000,
             }
         );
     }

@@ -106,11 +106,13 @@ impl InflationReport {
 
 /// GPUs a task asks for, thousandths.
 fn demand_milli(job: &SimJob) -> u64 {
-    if job.gpu_milli > 0 {
+    let per_task = if job.gpu_milli > 0 {
         u64::from(job.gpu_milli.min(1000))
     } else {
         u64::from(job.gpus) * 1000
-    }
+    };
+    // A gang asks for all its tasks at once.
+    per_task * u64::from(job.tasks.max(1))
 }
 
 /// The tasks of an inflation run: drawn with replacement from `workload`
@@ -134,8 +136,11 @@ pub fn sample_tasks(workload: &Workload, config: &InflationConfig) -> Vec<SimJob
         tasks.push(SimJob {
             id: format!("{}#{i}", from.id),
             arrival: i,
-            // Never leaves: the run ends before any departure is applied.
+            // Never leaves: the run ends before any departure is applied;
+            // nothing evicts it nor stops it at a max runtime.
             duration: u64::MAX / 4,
+            preemptible: false,
+            max_runtime: None,
             ..from.clone()
         });
     }
@@ -307,6 +312,7 @@ mod tests {
                 gpus,
                 gpu_milli: milli,
                 models: models.iter().map(|m| m.to_string()).collect(),
+                ..Default::default()
             })
             .collect();
         Workload {

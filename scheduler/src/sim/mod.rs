@@ -8,42 +8,86 @@
 //!
 //! Time model: jobs arrive at their arrival times and leave `duration`
 //! seconds after they start. Scheduling ticks lie on a grid of
-//! `cadence_secs`; a tick runs when something changed since the previous
-//! one (an arrival or a departure at or before it). A tick where nothing
-//! changed is skipped: the workload has no max runtimes, backoffs or
-//! preemptible jobs, so the pass would decide exactly as the last one did.
-//! At a tick, departures are applied first, then arrivals queued, then one
-//! pass runs if anything is pending. Deterministic: no wall clock, no
-//! randomness (the seed only drives [`workload::synthetic`]).
+//! `cadence_secs`. At a tick, departures are applied first, then arrivals
+//! queued, then one pass runs if anything is pending.
+//!
+//! What the controller does, the engine does at virtual time:
+//! - Gangs ([`SimJob::tasks`] > 1): the scheduler places every task or
+//!   none; all tasks start together, are billed on their own nodes, and
+//!   leave together.
+//! - Preemption: when a pass answers [`Outcome::Preempting`], each victim
+//!   is stopped at that tick (every task; the controller's agents stop them
+//!   and the job is requeued without backoff, same submit time, as
+//!   `lifecycle::requeue` does), billed for the time it ran (lost work,
+//!   counted in [`PolicyReport::preemptions`] and
+//!   [`PolicyReport::preempted_gpu_secs`]) and queued again; it runs its
+//!   whole duration again when placed. The preemptor places in a later
+//!   pass. The stop is immediate here; the controller waits for the
+//!   agents (seconds).
+//! - Max runtime ([`SimJob::max_runtime`]): the scheduler is told it
+//!   (`JobInput::max_runtime_secs`) and the running work's expected end is
+//!   start + max runtime (`LiveRun::expected_end`), as the controller tells
+//!   it, so reservations and backfill see real ends; a job still running at
+//!   start + max runtime is stopped then and fails (no retry policy is
+//!   modelled), counted in [`PolicyReport::max_runtime_stops`].
+//! - Quotas, weights and generation factors: [`SimConfig::scheduler`], the
+//!   controller's `[tenants.*]` settings.
+//! - Prices that move ([`SimConfig::price_steps`], see [`prices`]): the
+//!   scheduler sees each node's price in force at every pass; runs are
+//!   billed per price segment.
+//!
+//! Which ticks run a pass: a tick runs when something changed since the
+//! previous one — an arrival, a departure (a job's end or its max runtime),
+//! a price change while jobs wait, or victims stopped by a preemption (the next tick on the grid runs, as
+//! their requeue asks the controller for a pass). A tick where nothing
+//! changed is skipped: nothing the pass reads is different. Free GPUs,
+//! running work, holdings against quotas, and the queue are unchanged; no
+//! job has a backoff (no retry policy is modelled, a preempted job requeues
+//! without one); expected ends are fixed once work starts, so `now`
+//! advancing only makes backfill into a reservation harder for a job that
+//! already failed it; and a pass that asked for evictions is always
+//! followed by a tick. The one input that drifts is fair share: decayed
+//! usage can reorder tenants within a priority level, which can move a
+//! level's one reservation; the skipped ticks ignore that drift (the next
+//! event's pass sees it).
+//! Deterministic: no wall clock, no randomness (the seed only drives
+//! [`workload::synthetic`]).
 //!
 //! Shares of a GPU (openb's `gpu_milli` < 1000) are replayed as shares: a
 //! GPU hosting shares is not free for whole-GPU work until its last share
 //! leaves, and a share is billed as its part of the GPU.
 //!
-//! Not modelled yet: CPU and memory, preemption (no workload job is
-//! preemptible), multi-task gangs (history replays a gang's tasks as
-//! independent jobs).
+//! The baselines place gangs all-or-nothing too (task by task, first or
+//! best fit) and stop jobs at their max runtime, but ignore priorities,
+//! preemption and quotas: they are placement baselines.
+//!
+//! Not modelled yet: CPU and memory, retry policies (a job stopped at its
+//! max runtime fails), node failures and spot interruptions.
 
+mod baseline;
 mod fgd;
 pub mod history;
 pub mod inflation;
 pub mod market;
 pub mod openb;
+pub mod prices;
 pub mod report;
+pub mod tenants;
 pub mod whatif;
 pub mod workload;
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
 
 use crate::config::{SchedulerConfig, TenantState};
 use crate::domain::{Constraints, Generation, GpuUnit, JobInput, Outcome, Policy};
-use crate::fleet::{GpuInput, NodeInput, lowest_bits};
+use crate::fleet::{GpuInput, NodeInput};
 use crate::live::{LiveFleet, LiveRun};
 use crate::pass::schedule;
 use crate::queue::FairShare;
+pub use prices::PriceStep;
 pub use report::{PolicyReport, SIZE_CLASSES, Sample, WaitStats};
-pub use workload::{SimJob, SimNode, Workload, WorkloadNotes};
+pub use workload::{SimJob, SimNode, SyntheticMix, Workload, WorkloadNotes};
 
 /// Who decides placements in a simulation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -108,6 +152,14 @@ pub struct SimConfig {
     /// Market signals: at most one snapshot per this many virtual seconds
     /// (the live controller records one a minute).
     pub market_interval_secs: u64,
+    /// The scheduler's configuration as the controller would pass it:
+    /// tenants' weights and quotas, generation factors, reservation and
+    /// preemption limits. Its `default_policy` is replaced by each
+    /// simulated policy.
+    pub scheduler: SchedulerConfig,
+    /// Nodes' prices changing during the replay (any order; empty: each
+    /// node keeps its own price).
+    pub price_steps: Vec<PriceStep>,
 }
 
 impl Default for SimConfig {
@@ -116,17 +168,38 @@ impl Default for SimConfig {
             cadence_secs: 1,
             fair_share_half_life_secs: 24.0 * 3600.0,
             market_interval_secs: 60,
+            scheduler: SchedulerConfig::default(),
+            price_steps: Vec::new(),
         }
     }
 }
 
-/// A placement that is running.
+/// [`Engine::ends`] of a job that is not running.
+const NOT_RUNNING: u64 = u64::MAX;
+
+/// One task's placement.
 #[derive(Debug, Clone, Copy)]
 struct Run {
     node: u32,
     mask: u32,
     /// 0: whole GPUs; else its share of the one GPU in `mask`.
     milli: u32,
+}
+
+/// A job that is running: its tasks' placements and when it started (when
+/// it leaves is in [`Engine::ends`]).
+#[derive(Debug, Clone)]
+struct Running {
+    first: Run,
+    /// A gang's other tasks (empty for one task: no allocation).
+    more: Vec<Run>,
+    start: u64,
+}
+
+impl Running {
+    fn runs(&self) -> impl Iterator<Item = Run> + '_ {
+        std::iter::once(self.first).chain(self.more.iter().copied())
+    }
 }
 
 /// Simulates one policy over the workload (jobs must be sorted by arrival).
@@ -167,27 +240,49 @@ struct Engine<'a> {
     free_hist: Vec<[u32; 33]>,
     /// Per node, per GPU position: thousandths held by shares.
     shares: Vec<[u32; 32]>,
-    running: HashMap<usize, Run>,
+    running: HashMap<usize, Running>,
     /// Thousandths of GPUs held per tenant and generation (no zero entries).
     allocated: HashMap<String, HashMap<Generation, u64>>,
     /// Thousandths of GPUs held per tenant (no zero entries).
     tenant_milli: HashMap<String, u64>,
+    /// (end, job): a job whose running end differs was stopped before it.
     departures: BinaryHeap<Reverse<(u64, usize)>>,
     /// Job indexes in arrival order.
     pending: Vec<usize>,
     /// What the scheduler is told of each pending job (same order as
     /// `pending`; scheduler policies only): built once at arrival.
     pending_inputs: Vec<JobInput>,
+    /// A tick at or after this time must run (victims were stopped).
+    wake: Option<u64>,
+    /// Per job: when its run ends ([`NOT_RUNNING`]: none), so that a
+    /// departure entry of a run stopped earlier is told apart cheaply.
+    ends: Vec<u64>,
     starts: Vec<Option<u64>>,
-    /// Per job: (node index, GPU position mask) where it started.
+    /// Per job: (node index, GPU position mask) where it started (a gang:
+    /// its first task).
     placements: Vec<Option<(u32, u32)>>,
     fair: FairShare,
     cost_micro_usd: u64,
+    /// Thousandths of GPU-seconds run (billed), all attempts.
+    gpu_milli_secs: u128,
+    preemptions: u64,
+    preempted_milli_secs: u128,
+    max_runtime_stops: u64,
     passes: u64,
     /// The FGD placer, for [`SimPolicy::BaselineFgd`] only.
     fgd: Option<fgd::Fgd>,
     /// Market signals, for gpufleet's policies only.
     market: Option<market::MarketRecorder>,
+    /// Each node's price now.
+    prices: Vec<u64>,
+    /// The price changes in time order, and the next one due.
+    price_steps: Vec<PriceStep>,
+    next_price_step: usize,
+    /// Per node whose price moved: (from, price) in time order, from 0.
+    price_timelines: HashMap<u32, Vec<(u64, u64)>>,
+    /// The scheduler's nodes, kept to rebuild its fleet when a price
+    /// moves (empty when none does).
+    node_inputs: Vec<NodeInput>,
 }
 
 impl<'a> Engine<'a> {
@@ -214,7 +309,22 @@ impl<'a> Engine<'a> {
             SimPolicy::Scheduler(_) => LiveFleet::new(&node_inputs).ok(),
             _ => None,
         };
+        let mut price_steps = config.price_steps.clone();
+        price_steps.sort_by_key(|s| (s.at, s.node));
         Engine {
+            prices: workload
+                .nodes
+                .iter()
+                .map(|n| n.price_per_gpu_hour_micro_usd)
+                .collect(),
+            next_price_step: 0,
+            price_timelines: HashMap::new(),
+            node_inputs: if price_steps.is_empty() {
+                Vec::new()
+            } else {
+                node_inputs
+            },
+            price_steps,
             workload,
             policy,
             config,
@@ -223,7 +333,7 @@ impl<'a> Engine<'a> {
                     SimPolicy::Scheduler(p) => p,
                     _ => Policy::Cost,
                 },
-                ..Default::default()
+                ..config.scheduler.clone()
             },
             live,
             node_index: workload
@@ -249,15 +359,33 @@ impl<'a> Engine<'a> {
             departures: BinaryHeap::new(),
             pending: Vec::new(),
             pending_inputs: Vec::new(),
+            wake: None,
             starts: vec![None; workload.jobs.len()],
+            ends: vec![NOT_RUNNING; workload.jobs.len()],
             placements: vec![None; workload.jobs.len()],
             fair: FairShare::new(config.fair_share_half_life_secs),
             cost_micro_usd: 0,
+            gpu_milli_secs: 0,
+            preemptions: 0,
+            preempted_milli_secs: 0,
+            max_runtime_stops: 0,
             passes: 0,
             fgd: (policy == SimPolicy::BaselineFgd).then(|| fgd::Fgd::new(workload)),
             market: matches!(policy, SimPolicy::Scheduler(_))
                 .then(|| market::MarketRecorder::new(config.market_interval_secs)),
         }
+    }
+
+    /// The next departure still due (entries of jobs stopped earlier, by a
+    /// preemption, are dropped).
+    fn next_departure(&mut self) -> Option<u64> {
+        while let Some(&Reverse((end, job))) = self.departures.peek() {
+            if self.ends[job] == end {
+                return Some(end);
+            }
+            self.departures.pop();
+        }
+        None
     }
 
     fn run(mut self) -> PolicyReport {
@@ -267,20 +395,34 @@ impl<'a> Engine<'a> {
         let mut series = Vec::new();
         loop {
             let arrival = jobs.get(next_arrival).map(|j| j.arrival);
-            let departure = self.departures.peek().map(|Reverse((end, _))| *end);
-            let Some(event) = [arrival, departure].into_iter().flatten().min() else {
+            let departure = self.next_departure();
+            // A price change is applied from its own time whenever the next
+            // tick runs; it needs a tick of its own only while jobs wait
+            // (a pass may place them elsewhere now).
+            let price = self.next_price_step().filter(|_| !self.pending.is_empty());
+            let Some(event) = [arrival, departure, self.wake, price]
+                .into_iter()
+                .flatten()
+                .min()
+            else {
                 break;
             };
             let tick = event.div_ceil(cadence) * cadence;
+            if self.wake.is_some_and(|w| w <= tick) {
+                self.wake = None;
+            }
             self.advance_fair_share(tick);
-            while let Some(&Reverse((end, job))) = self.departures.peek() {
+            self.apply_prices(tick);
+            while let Some(end) = self.next_departure() {
                 if end > tick {
                     break;
                 }
-                self.departures.pop();
-                if let Some(run) = self.running.remove(&job) {
-                    self.release(run);
-                    self.forget(job, run);
+                if let Some(Reverse((_, job))) = self.departures.pop() {
+                    let spec = &jobs[job];
+                    if spec.max_runtime.is_some_and(|max| max < spec.duration) {
+                        self.max_runtime_stops += 1;
+                    }
+                    self.stop(job, end);
                 }
             }
             while next_arrival < jobs.len() && jobs[next_arrival].arrival <= tick {
@@ -311,6 +453,10 @@ impl<'a> Engine<'a> {
             self.passes,
             self.cost_micro_usd,
         );
+        report.gpu_hours = self.gpu_milli_secs as f64 / 1000.0 / 3600.0;
+        report.preemptions = self.preemptions;
+        report.preempted_gpu_secs = self.preempted_milli_secs as f64 / 1000.0;
+        report.max_runtime_stops = self.max_runtime_stops;
         report.placements = self.placements;
         if let Some(market) = self.market {
             report.market = market.finish(report.end_time);
@@ -329,8 +475,9 @@ impl<'a> Engine<'a> {
 
     /// Free GPUs that no pending job can use: a free GPU on node N is
     /// stranded when at least one job is pending and no pending job both
-    /// allows N's model and asks for no more GPUs than N has free. With
-    /// nothing pending, free GPUs are idle, not stranded (0).
+    /// allows N's model and asks for no more GPUs than N has free (per
+    /// task, for a gang). With nothing pending, free GPUs are idle, not
+    /// stranded (0).
     fn stranded_gpus(&self) -> u32 {
         if self.pending.is_empty() {
             return 0;
@@ -380,38 +527,63 @@ impl<'a> Engine<'a> {
         self.fair.advance(now, &running);
     }
 
-    /// Records a started job in the running index and tenants' holdings.
-    fn remember(&mut self, job: usize, run: Run) {
-        let node = &self.workload.nodes[run.node as usize];
+    /// Records a started job's tasks in tenants' holdings and the live fleet.
+    fn remember(&mut self, job: usize, first: Run, more: &[Run], now: u64) {
         let spec = &self.workload.jobs[job];
-        let milli = held_milli(run);
-        *self
-            .allocated
-            .entry(spec.tenant.clone())
-            .or_default()
-            .entry(node.generation)
-            .or_insert(0) += milli;
-        *self.tenant_milli.entry(spec.tenant.clone()).or_insert(0) += milli;
-        let Some(live) = &mut self.live else {
+        for &run in std::iter::once(&first).chain(more) {
+            let node = &self.workload.nodes[run.node as usize];
+            let milli = held_milli(run);
+            *self
+                .allocated
+                .entry(spec.tenant.clone())
+                .or_default()
+                .entry(node.generation)
+                .or_insert(0) += milli;
+            *self.tenant_milli.entry(spec.tenant.clone()).or_insert(0) += milli;
+        }
+        if self.live.is_none() {
             return;
-        };
+        }
         // Keyed by job index: a fresh build would list running work in
-        // job order.
-        live.start(
-            job as u64,
-            &LiveRun {
-                job_id: spec.id.clone(),
-                priority: spec.priority,
-                node_id: node.id.clone(),
-                gpu_uuids: positions(run.mask).map(|p| gpu_uuid(&node.id, p)).collect(),
-                share_milli: run.milli,
-                memory_bytes: 0,
-                expected_end: None,
-            },
-        );
+        // job order. One task (the common case) without a list.
+        if more.is_empty() {
+            let task = self.live_run(job, first, now);
+            if let Some(live) = &mut self.live {
+                live.start(job as u64, &task);
+            }
+            return;
+        }
+        let tasks = self.live_runs(job, std::iter::once(first).chain(more.iter().copied()), now);
+        if let Some(live) = &mut self.live {
+            live.start_tasks(job as u64, &tasks);
+        }
     }
 
-    /// Undoes [`Engine::remember`] for a job that left.
+    /// A job's tasks as the scheduler is told of running work.
+    fn live_runs(&self, job: usize, runs: impl Iterator<Item = Run>, start: u64) -> Vec<LiveRun> {
+        runs.map(|run| self.live_run(job, run, start)).collect()
+    }
+
+    /// One task as the scheduler is told of running work.
+    fn live_run(&self, job: usize, run: Run, start: u64) -> LiveRun {
+        let spec = &self.workload.jobs[job];
+        let node = &self.workload.nodes[run.node as usize];
+        LiveRun {
+            // The job's index: victims are named by it.
+            job_id: job.to_string(),
+            priority: spec.priority,
+            node_id: node.id.clone(),
+            gpu_uuids: positions(run.mask).map(|p| gpu_uuid(&node.id, p)).collect(),
+            share_milli: run.milli,
+            memory_bytes: 0,
+            // As the controller tells the scheduler of running work: its
+            // end is start + max runtime when it has one.
+            expected_end: spec.max_runtime.map(|max| start.saturating_add(max)),
+            preemptible: spec.preemptible,
+        }
+    }
+
+    /// Undoes [`Engine::remember`] for one task of a job that left.
     fn forget(&mut self, job: usize, run: Run) {
         let generation = self.workload.nodes[run.node as usize].generation;
         let tenant = &self.workload.jobs[job].tenant;
@@ -433,9 +605,6 @@ impl<'a> Engine<'a> {
                 self.tenant_milli.remove(tenant);
             }
         }
-        if let Some(live) = &mut self.live {
-            live.depart(job as u64);
-        }
     }
 
     /// Returns a run's GPUs: a shared GPU once its last share leaves.
@@ -452,32 +621,68 @@ impl<'a> Engine<'a> {
         }
     }
 
-    fn start(&mut self, job: usize, node: u32, mask: u32, milli: u32, now: u64) {
-        let spec = &self.workload.jobs[job];
-        let price = self.workload.nodes[node as usize].price_per_gpu_hour_micro_usd;
-        self.set_free(node, self.free[node as usize] & !mask);
-        if milli > 0 {
-            let pos = (mask.trailing_zeros() as usize).min(31);
-            self.shares[node as usize][pos] += milli;
+    /// Takes a run's GPUs (what [`Engine::release`] gives back).
+    fn take(&mut self, run: Run) {
+        self.set_free(run.node, self.free[run.node as usize] & !run.mask);
+        if run.milli > 0 {
+            let pos = (run.mask.trailing_zeros() as usize).min(31);
+            self.shares[run.node as usize][pos] += run.milli;
         }
-        let run = Run { node, mask, milli };
-        self.running.insert(job, run);
-        self.remember(job, run);
-        self.departures
-            .push(Reverse((now.saturating_add(spec.duration), job)));
+    }
+
+    /// Starts every task of a job at once: `first`, and a gang's others.
+    fn start(&mut self, job: usize, first: Run, more: Vec<Run>, now: u64) {
+        let spec = &self.workload.jobs[job];
+        self.take(first);
+        for &run in &more {
+            self.take(run);
+        }
+        self.remember(job, first, &more, now);
+        let ran = spec
+            .max_runtime
+            .map_or(spec.duration, |max| spec.duration.min(max));
+        let end = now.saturating_add(ran);
+        self.departures.push(Reverse((end, job)));
+        self.ends[job] = end;
         self.starts[job] = Some(now);
-        self.placements[job] = Some((node, mask));
-        // Thousandths of GPU-seconds: a share is billed as its part.
-        let milli_held = if milli > 0 {
-            u128::from(milli)
-        } else {
-            u128::from(mask.count_ones()) * 1000
+        self.placements[job] = Some((first.node, first.mask));
+        self.running.insert(
+            job,
+            Running {
+                first,
+                more,
+                start: now,
+            },
+        );
+    }
+
+    /// Stops a running job at `at` (its end, max runtime, or preemption):
+    /// frees every task and bills each for the time it ran on its node.
+    /// Returns the thousandths of GPU-seconds it ran.
+    fn stop(&mut self, job: usize, at: u64) -> u128 {
+        let Some(running) = self.running.remove(&job) else {
+            return 0;
         };
-        let gpu_secs = milli_held * u128::from(spec.duration);
-        let cost = gpu_secs * u128::from(price) / 3600 / 1000;
-        self.cost_micro_usd = self
-            .cost_micro_usd
-            .saturating_add(u64::try_from(cost).unwrap_or(u64::MAX));
+        self.ends[job] = NOT_RUNNING;
+        let ran = u128::from(at.saturating_sub(running.start));
+        let mut milli_secs = 0u128;
+        for run in running.runs() {
+            self.release(run);
+            self.forget(job, run);
+            // Thousandths of GPU-seconds: a share is billed as its part, at
+            // the prices in force while it ran.
+            let held = u128::from(held_milli(run)) * ran;
+            let cost = self.bill(run, running.start, at);
+            self.cost_micro_usd = self
+                .cost_micro_usd
+                .saturating_add(u64::try_from(cost).unwrap_or(u64::MAX));
+            milli_secs += held;
+        }
+        self.gpu_milli_secs += milli_secs;
+        if let Some(live) = &mut self.live {
+            live.depart(job as u64);
+        }
+        milli_secs
     }
 
     /// One production pass: fleet and queue built as the controller builds
@@ -518,22 +723,37 @@ impl<'a> Engine<'a> {
         let mut still_inputs = Vec::with_capacity(self.pending.len());
         let pending = std::mem::take(&mut self.pending);
         let inputs = std::mem::take(&mut self.pending_inputs);
+        // As the controller: victims of every preemption this pass, once.
+        let mut victims: BTreeSet<usize> = BTreeSet::new();
         for ((&job, input), outcome) in pending.iter().zip(inputs).zip(&result.outcomes) {
+            let run_of = |task: &crate::domain::TaskPlacement| {
+                let node = *self.node_index.get(task.node_id.as_str())?;
+                let mask = task
+                    .gpu_uuids
+                    .iter()
+                    .filter_map(|u| uuid_position(u))
+                    .fold(0u32, |m, p| m | (1 << p));
+                Some(Run {
+                    node,
+                    mask,
+                    milli: task.share_milli,
+                })
+            };
             let placed = match outcome {
-                Outcome::Placed(tasks) => tasks.first().and_then(|task| {
-                    let node = *self.node_index.get(task.node_id.as_str())?;
-                    let mask = task
-                        .gpu_uuids
-                        .iter()
-                        .filter_map(|u| uuid_position(u))
-                        .fold(0u32, |m, p| m | (1 << p));
-                    Some((node, mask, task.share_milli))
-                }),
-                // No job is preemptible, so the scheduler never asks to evict.
-                Outcome::Preempting { .. } | Outcome::Pending(_) => None,
+                // One task (the common case) without a list.
+                Outcome::Placed(tasks) => match tasks.split_first() {
+                    Some((first, [])) => run_of(first).map(|run| (run, Vec::new())),
+                    Some((first, more)) => run_of(first).zip(more.iter().map(run_of).collect()),
+                    None => None,
+                },
+                Outcome::Preempting { victims: named } => {
+                    victims.extend(named.iter().filter_map(|v| v.parse::<usize>().ok()));
+                    None
+                }
+                Outcome::Pending(_) => None,
             };
             match placed {
-                Some((node, mask, milli)) => self.start(job, node, mask, milli, now),
+                Some((first, more)) => self.start(job, first, more, now),
                 None => {
                     still_pending.push(job);
                     still_inputs.push(input);
@@ -542,104 +762,32 @@ impl<'a> Engine<'a> {
         }
         self.pending = still_pending;
         self.pending_inputs = still_inputs;
+        for victim in victims {
+            self.preempt(victim, now);
+        }
     }
 
-    /// One baseline pass: pending jobs in arrival order, each placed on the
-    /// first (or best-fitting) node with enough free GPUs of an allowed
-    /// model; a job that does not fit waits without blocking later ones.
-    fn baseline_pass(&mut self, now: u64) {
-        let best_fit = self.policy == SimPolicy::BaselineBestFit;
-        let pending = std::mem::take(&mut self.pending);
-        let mut still_pending = Vec::with_capacity(pending.len());
-        // Free capacity only shrinks within a pass: a request shape that
-        // failed once fails again.
-        let mut failed: HashSet<(u32, u32, &[String])> = HashSet::new();
-        for job in pending {
-            let spec = &self.workload.jobs[job];
-            let shape = (spec.gpus, spec.gpu_milli, spec.models.as_slice());
-            if failed.contains(&shape) {
-                still_pending.push(job);
-                continue;
-            }
-            if let Some(fgd) = &mut self.fgd {
-                match fgd.place(spec, &self.workload.nodes, &self.free, &self.shares) {
-                    Some((node, mask)) => self.start(job, node, mask, spec.gpu_milli, now),
-                    None => {
-                        failed.insert(shape);
-                        still_pending.push(job);
-                    }
-                }
-                continue;
-            }
-            if spec.gpu_milli > 0 {
-                match self.baseline_share(spec, best_fit) {
-                    Some((node, pos)) => self.start(job, node, 1 << pos, spec.gpu_milli, now),
-                    None => {
-                        failed.insert(shape);
-                        still_pending.push(job);
-                    }
-                }
-                continue;
-            }
-            let mut chosen: Option<(u32, u32)> = None; // (node, free after)
-            for (i, node) in self.workload.nodes.iter().enumerate() {
-                let free = self.free[i].count_ones();
-                if free < spec.gpus || !allows(spec, node) {
-                    continue;
-                }
-                let left = free - spec.gpus;
-                if chosen.is_none_or(|(_, best)| left < best) {
-                    chosen = Some((i as u32, left));
-                }
-                if !best_fit || left == 0 {
-                    break;
-                }
-            }
-            match chosen {
-                Some((node, _)) => {
-                    let mask = lowest_bits(self.free[node as usize], spec.gpus);
-                    self.start(job, node, mask, 0, now);
-                }
-                None => {
-                    failed.insert(shape);
-                    still_pending.push(job);
-                }
-            }
+    /// Stops a victim of a preemption and queues it again, as the
+    /// controller's requeue does: no backoff, its submit time kept, its
+    /// run so far lost.
+    fn preempt(&mut self, job: usize, now: u64) {
+        if !self.running.contains_key(&job) {
+            return;
         }
-        self.pending = still_pending;
-    }
-}
-
-impl Engine<'_> {
-    /// The baselines' GPU for a share: the first GPU (node order, then
-    /// position) already shared with room or free, or the one left with
-    /// the least share after placing it.
-    fn baseline_share(&self, spec: &SimJob, best_fit: bool) -> Option<(u32, u32)> {
-        let mut chosen: Option<(u32, u32, u32)> = None; // (node, pos, left)
-        for (i, node) in self.workload.nodes.iter().enumerate() {
-            if !allows(spec, node) {
-                continue;
-            }
-            for pos in 0..node.gpus.min(32) {
-                let held = self.shares[i][pos as usize];
-                let fits = if held > 0 {
-                    held + spec.gpu_milli <= 1000
-                } else {
-                    self.free[i] & (1 << pos) != 0
-                };
-                if !fits {
-                    continue;
-                }
-                let left = 1000 - held - spec.gpu_milli;
-                if chosen.is_none_or(|(_, _, best)| left < best) {
-                    chosen = Some((i as u32, pos, left));
-                }
-                if !best_fit || left == 0 {
-                    return chosen.map(|(n, p, _)| (n, p));
-                }
-            }
+        let lost = self.stop(job, now);
+        self.preemptions += 1;
+        self.preempted_milli_secs += lost;
+        self.starts[job] = None;
+        self.placements[job] = None;
+        // Pending stays in arrival (= index) order.
+        let at = self.pending.partition_point(|&j| j < job);
+        self.pending.insert(at, job);
+        if self.live.is_some() {
+            self.pending_inputs
+                .insert(at, job_input(&self.workload.jobs[job], job));
         }
-        chosen.map(|(n, p, _)| (n, p))
+        // The freed room and the requeued job are for the next pass.
+        self.wake = Some(now + 1);
     }
 }
 
@@ -710,10 +858,10 @@ fn job_input(job: &SimJob, index: usize) -> JobInput {
         id: job.id.clone(),
         tenant: job.tenant.clone(),
         priority: job.priority,
-        preemptible: false,
+        preemptible: job.preemptible,
         // Arrival first, then workload order: ties stay deterministic.
         submitted_at: job.arrival.saturating_mul(1_000_000_000) + index as u64 % 1_000_000_000,
-        tasks: 1,
+        tasks: job.tasks.max(1),
         gpus_per_task: if job.gpu_milli > 0 { 1 } else { job.gpus },
         unit: if job.gpu_milli > 0 {
             GpuUnit::Share {
@@ -728,7 +876,7 @@ fn job_input(job: &SimJob, index: usize) -> JobInput {
             ..Default::default()
         },
         policy: None,
-        max_runtime_secs: None,
+        max_runtime_secs: job.max_runtime,
         not_before: None,
     }
 }

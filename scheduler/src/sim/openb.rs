@@ -218,6 +218,7 @@ pub fn parse_pods(text: &str) -> Result<(Vec<SimJob>, WorkloadNotes), ParseError
             gpus: u32::try_from(gpus).unwrap_or(u32::MAX),
             gpu_milli: share,
             models,
+            ..Default::default()
         });
     }
     jobs.sort_by_key(|j| j.arrival);

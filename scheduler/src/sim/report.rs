@@ -68,9 +68,18 @@ pub struct PolicyReport {
     pub waits: WaitStats,
     /// Per [`SIZE_CLASSES`] entry.
     pub waits_by_class: [WaitStats; 3],
-    /// Σ GPUs × run hours × the node's price, micro-USD.
+    /// Σ GPUs × run hours × the node's price, micro-USD (every attempt:
+    /// a preempted run was billed too).
     pub cost_micro_usd: u64,
+    /// GPU-hours run, every attempt (a share counts as its part).
     pub gpu_hours: f64,
+    /// Jobs stopped and queued again by a preemption (a job preempted twice
+    /// counts twice).
+    pub preemptions: u64,
+    /// GPU-seconds the preempted runs had used: work lost.
+    pub preempted_gpu_secs: f64,
+    /// Jobs stopped at their max runtime (they fail).
+    pub max_runtime_stops: u64,
     pub total_gpus: u64,
     /// Time-weighted over the simulated span.
     pub mean_allocation_pct: f64,
@@ -80,7 +89,8 @@ pub struct PolicyReport {
     pub passes: u64,
     /// Virtual time of the last tick.
     pub end_time: u64,
-    /// Start time per job (workload order); `None` = never placed.
+    /// Start time per job (workload order), of its last attempt (a
+    /// preempted job's restart); `None` = not running or run at the end.
     pub starts: Vec<Option<u64>>,
     /// Where each job started (workload order): the index of its node in
     /// the workload and its GPU positions on it as a bit mask (a share: the
@@ -104,19 +114,12 @@ impl PolicyReport {
     ) -> Self {
         let mut all = Vec::new();
         let mut by_class: [Vec<u64>; 3] = Default::default();
-        let mut gpu_hours = 0.0;
         for (job, start) in jobs.iter().zip(&starts) {
             if let Some(start) = start {
                 let wait = start.saturating_sub(job.arrival);
                 all.push(wait);
-                by_class[size_class(job.gpus)].push(wait);
-                // A share counts as its part of a GPU.
-                let gpus = if job.gpu_milli > 0 {
-                    f64::from(job.gpu_milli) / 1000.0
-                } else {
-                    f64::from(job.gpus)
-                };
-                gpu_hours += gpus * job.duration as f64 / 3600.0;
+                // A gang's class is its GPUs over all tasks.
+                by_class[size_class(job.gpus.saturating_mul(job.tasks.max(1)))].push(wait);
             }
         }
         let placed = all.len() as u64;
@@ -137,7 +140,10 @@ impl PolicyReport {
             waits: WaitStats::of(all),
             waits_by_class: [WaitStats::of(c1), WaitStats::of(c2), WaitStats::of(c3)],
             cost_micro_usd,
-            gpu_hours,
+            gpu_hours: 0.0,
+            preemptions: 0,
+            preempted_gpu_secs: 0.0,
+            max_runtime_stops: 0,
             total_gpus,
             mean_allocation_pct: if span > 0.0 && total_gpus > 0 {
                 100.0 * alloc_area / span / total_gpus as f64

@@ -18,9 +18,9 @@ pub struct SimNode {
     pub region: String,
 }
 
-/// One job: a single task of `gpus` whole GPUs on one node, or of a share
-/// of one GPU.
-#[derive(Debug, Clone, PartialEq)]
+/// One job: `tasks` tasks (a gang when more than one: placed all or none),
+/// each of `gpus` whole GPUs on one node, or of a share of one GPU.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct SimJob {
     pub id: String,
     pub tenant: String,
@@ -35,6 +35,15 @@ pub struct SimJob {
     pub gpu_milli: u32,
     /// Allowed catalogue models; empty = any.
     pub models: Vec<String>,
+    /// Tasks (0 or 1: one task). A gang's tasks start together, may run on
+    /// several nodes, and leave together.
+    pub tasks: u32,
+    /// Lower-priority running work the scheduler may evict for a job of a
+    /// higher priority (it is requeued and runs again from the start).
+    pub preemptible: bool,
+    /// Stopped (and failed) this many seconds after it starts if still
+    /// running; the scheduler plans with start + this as its end.
+    pub max_runtime: Option<u64>,
 }
 
 /// What an input reader dropped or changed, so the report can say so.
@@ -149,6 +158,7 @@ pub fn synthetic(nodes: usize, jobs: usize, seed: u64) -> Workload {
                 gpus,
                 gpu_milli: 0,
                 models,
+                ..Default::default()
             }
         })
         .collect();
@@ -158,5 +168,45 @@ pub fn synthetic(nodes: usize, jobs: usize, seed: u64) -> Workload {
         notes: WorkloadNotes::default(),
     };
     workload.sort_jobs();
+    workload
+}
+
+/// Optional parts of the synthetic workload, each a percentage of jobs
+/// (0–100). All 0 (the default) leaves [`synthetic`]'s workload as it is:
+/// the draws for these come from a second generator of the same seed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyntheticMix {
+    /// Jobs made gangs of 2–4 tasks of 8 GPUs each (whole 8-GPU nodes).
+    pub gang_pct: u32,
+    /// Jobs made preemptible batch work at priority −1: the others (at 0)
+    /// may evict them.
+    pub preemptible_pct: u32,
+    /// Jobs given a max runtime of 1 h, 6 h or 24 h (a run longer than it
+    /// is stopped there).
+    pub max_runtime_pct: u32,
+}
+
+/// [`synthetic`], then `mix` applied.
+pub fn synthetic_with(nodes: usize, jobs: usize, seed: u64, mix: SyntheticMix) -> Workload {
+    let mut workload = synthetic(nodes, jobs, seed);
+    if mix == SyntheticMix::default() {
+        return workload;
+    }
+    let mut rng = Rng::new(seed ^ 0x6A09_E667_F3BC_C908);
+    for job in &mut workload.jobs {
+        let (gang, preemptible, limited) = (rng.below(100), rng.below(100), rng.below(100));
+        let (tasks, limit) = (2 + rng.below(3) as u32, rng.below(3));
+        if gang < u64::from(mix.gang_pct) {
+            job.tasks = tasks;
+            job.gpus = 8;
+        }
+        if preemptible < u64::from(mix.preemptible_pct) {
+            job.preemptible = true;
+            job.priority = -1;
+        }
+        if limited < u64::from(mix.max_runtime_pct) {
+            job.max_runtime = Some([3600, 6 * 3600, 24 * 3600][limit as usize]);
+        }
+    }
     workload
 }

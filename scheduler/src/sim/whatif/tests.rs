@@ -42,6 +42,7 @@ fn fleet() -> Workload {
                 gpus: 1,
                 gpu_milli: 0,
                 models: Vec::new(),
+                ..Default::default()
             })
             .collect(),
         notes: Default::default(),
