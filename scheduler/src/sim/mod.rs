@@ -80,7 +80,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
 
 use crate::config::{SchedulerConfig, TenantState};
-use crate::domain::{Constraints, Generation, GpuUnit, JobInput, Outcome, Policy};
+use crate::domain::{Constraints, GpuUnit, JobInput, Outcome, Policy};
 use crate::fleet::{GpuInput, NodeInput};
 use crate::live::{LiveFleet, LiveRun};
 use crate::pass::schedule;
@@ -242,7 +242,9 @@ struct Engine<'a> {
     shares: Vec<[u32; 32]>,
     running: HashMap<usize, Running>,
     /// Thousandths of GPUs held per tenant and generation (no zero entries).
-    allocated: HashMap<String, HashMap<Generation, u64>>,
+    /// What the scheduler is told of tenants: holdings kept here as work
+    /// starts and leaves, fair-share usage copied in before each pass.
+    tenants: TenantState,
     /// Thousandths of GPUs held per tenant (no zero entries).
     tenant_milli: HashMap<String, u64>,
     /// (end, job): a job whose running end differs was stopped before it.
@@ -354,7 +356,7 @@ impl<'a> Engine<'a> {
             free_hist,
             shares: vec![[0; 32]; workload.nodes.len()],
             running: HashMap::new(),
-            allocated: HashMap::new(),
+            tenants: TenantState::default(),
             tenant_milli: HashMap::new(),
             departures: BinaryHeap::new(),
             pending: Vec::new(),
@@ -534,6 +536,7 @@ impl<'a> Engine<'a> {
             let node = &self.workload.nodes[run.node as usize];
             let milli = held_milli(run);
             *self
+                .tenants
                 .allocated
                 .entry(spec.tenant.clone())
                 .or_default()
@@ -588,7 +591,7 @@ impl<'a> Engine<'a> {
         let generation = self.workload.nodes[run.node as usize].generation;
         let tenant = &self.workload.jobs[job].tenant;
         let milli = held_milli(run);
-        if let Some(per_gen) = self.allocated.get_mut(tenant) {
+        if let Some(per_gen) = self.tenants.allocated.get_mut(tenant) {
             if let Some(held) = per_gen.get_mut(&generation) {
                 *held = held.saturating_sub(milli);
                 if *held == 0 {
@@ -596,7 +599,7 @@ impl<'a> Engine<'a> {
                 }
             }
             if per_gen.is_empty() {
-                self.allocated.remove(tenant);
+                self.tenants.allocated.remove(tenant);
             }
         }
         if let Some(held) = self.tenant_milli.get_mut(tenant) {
@@ -694,15 +697,24 @@ impl<'a> Engine<'a> {
             return;
         };
         let fleet = live.pass_fleet();
-        let tenants = TenantState {
-            usage: self.fair.usage().clone(),
-            allocated: self.allocated.clone(),
-        };
+        // Values in place: the same few tenants every pass.
+        let usage = self.fair.usage();
+        self.tenants
+            .usage
+            .retain(|tenant, _| usage.contains_key(tenant));
+        for (tenant, &value) in usage {
+            match self.tenants.usage.get_mut(tenant) {
+                Some(held) => *held = value,
+                None => {
+                    self.tenants.usage.insert(tenant.clone(), value);
+                }
+            }
+        }
         let result = schedule(
             fleet,
             &self.pending_inputs,
             &self.scheduler_config,
-            &tenants,
+            &self.tenants,
             now,
         );
         // The market as the pass left it: its placements charged, the jobs
@@ -719,13 +731,13 @@ impl<'a> Engine<'a> {
                 .collect();
             market.observe(now, fleet, &waiting);
         }
-        let mut still_pending = Vec::with_capacity(self.pending.len());
-        let mut still_inputs = Vec::with_capacity(self.pending.len());
-        let pending = std::mem::take(&mut self.pending);
-        let inputs = std::mem::take(&mut self.pending_inputs);
+        let mut pending = std::mem::take(&mut self.pending);
+        let mut inputs = std::mem::take(&mut self.pending_inputs);
+        // Jobs that stay queued; the queue is compacted only if any left it.
+        let mut stays = Vec::with_capacity(pending.len());
         // As the controller: victims of every preemption this pass, once.
         let mut victims: BTreeSet<usize> = BTreeSet::new();
-        for ((&job, input), outcome) in pending.iter().zip(inputs).zip(&result.outcomes) {
+        for (&job, outcome) in pending.iter().zip(&result.outcomes) {
             let run_of = |task: &crate::domain::TaskPlacement| {
                 let node = *self.node_index.get(task.node_id.as_str())?;
                 let mask = task
@@ -752,16 +764,19 @@ impl<'a> Engine<'a> {
                 }
                 Outcome::Pending(_) => None,
             };
-            match placed {
-                Some((first, more)) => self.start(job, first, more, now),
-                None => {
-                    still_pending.push(job);
-                    still_inputs.push(input);
-                }
+            stays.push(placed.is_none());
+            if let Some((first, more)) = placed {
+                self.start(job, first, more, now);
             }
         }
-        self.pending = still_pending;
-        self.pending_inputs = still_inputs;
+        if stays.contains(&false) {
+            let mut keep = stays.iter();
+            pending.retain(|_| keep.next().copied().unwrap_or(true));
+            let mut keep = stays.iter();
+            inputs.retain(|_| keep.next().copied().unwrap_or(true));
+        }
+        self.pending = pending;
+        self.pending_inputs = inputs;
         for victim in victims {
             self.preempt(victim, now);
         }
