@@ -746,5 +746,14 @@ pub(crate) fn lowest_bits(mut mask: u32, count: u32) -> u32 {
 /// The non-empty buckets of a class with at least `per_task` free GPUs,
 /// as a bit set.
 pub(crate) fn buckets_from(class: &Class, per_task: u32) -> u64 {
+    // Lists must change through `bucket_insert` and `bucket_remove` only.
+    debug_assert!(
+        class
+            .buckets
+            .iter()
+            .enumerate()
+            .all(|(k, list)| list.is_empty() == (class.nonempty & (1 << k) == 0)),
+        "a bucket list changed without its bit"
+    );
     class.nonempty & (u64::MAX << per_task.min(63))
 }

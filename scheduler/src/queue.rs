@@ -133,7 +133,7 @@ pub(crate) fn levels(jobs: &[JobInput]) -> Vec<Level<'_>> {
             .1
             .push(i, job.tenant.as_str(), job.submitted_at);
     }
-    levels.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    levels.sort_unstable_by_key(|level| std::cmp::Reverse(level.0));
     levels.into_iter().map(|(_, level)| level).collect()
 }
 

@@ -1,7 +1,8 @@
 //! The pass's shortcuts (the verdict cache and the eligible-class lists)
 //! never change a decision: random fleets with running work, spot and
-//! NVLink nodes, and queues of several priorities, runtimes, price caps,
-//! gangs and shares, scheduled with the shortcuts and without.
+//! NVLink nodes and network blocks, and queues of several priorities,
+//! runtimes, price caps, gangs and shares, scheduled with the shortcuts and
+//! without.
 
 use proptest::prelude::*;
 
@@ -109,6 +110,12 @@ fn inputs(node_specs: &[NodeSpec]) -> (Vec<NodeInput>, Vec<RunningInput>) {
                     ..Default::default()
                 })
                 .collect(),
+            // Network blocks on most nodes: gangs try a block, then a region.
+            block: if i % 3 == 0 {
+                String::new()
+            } else {
+                format!("b{}", i % 2)
+            },
             nvlink_groups: if nvlink {
                 (0..gpus / 2).map(|p| vec![2 * p, 2 * p + 1]).collect()
             } else {
