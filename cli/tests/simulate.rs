@@ -43,8 +43,9 @@ fn simulate_prints_a_table_and_writes_the_chart() {
         svg.starts_with("<svg") && svg.contains("<polyline"),
         "{svg}"
     );
-    // The terminal chart: per panel a row of 60 columns per policy. Under
-    // cost, 5 of 14 GPUs are held until t=10 (a third: ▄), then 13 (█).
+    // The terminal chart: per panel a row of 60 columns per policy, scaled
+    // to the busiest column. Under cost, 5 of 14 GPUs are held until t=10
+    // (▄ on a scale whose top, █, is 13 of 14), then 13.
     let panel = |title: &str| -> Vec<String> {
         stdout
             .lines()
@@ -632,10 +633,11 @@ fn synthetic_gangs_preemption_and_max_runtimes() {
 
 /// `--prices` replays a recorded price history (`gpufleet -o json market
 /// prices`): on the small trace, T4 costs $0.10 from the first change
-/// (virtual 0) and $10 from 30 s. The T4 runs are p0 (half a GPU, 0–100 s)
-/// and p4 (1 GPU, 20–30 s), billed ⌊500 × (30 × 0.1 + 70 × 10) / 3600⌋ and
-/// ⌊1000 × 10 × 0.1 / 3600⌋ micro-USD (× 10⁶) instead of at the trace's
-/// $0.35; nothing else moves (no decision changes here).
+/// (virtual 0) and $10 from 30 s. Under cost the T4 runs are p0 (half a
+/// GPU, 0–100 s) and p4 (1 GPU, 40–50 s: it waits behind p3's reservation
+/// of n0, see scheduler/tests/sim.rs), billed ⌊500 × (30 × 0.1 + 70 × 10) /
+/// 3600⌋ and ⌊1000 × 10 × 10 / 3600⌋ micro-USD (× 10⁶) instead of at the
+/// trace's $0.35; nothing else moves (no decision changes here).
 #[test]
 fn prices_replay_a_recorded_price_history() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -659,7 +661,7 @@ fn prices_replay_a_recorded_price_history() {
     let moving = simulate_json(&["--prices", prices.to_str().expect("utf-8")]);
     let at = |price: i64, milli: i64, secs: i64| milli * secs * price / 3600 / 1000;
     let before = at(350_000, 500, 100) + at(350_000, 1000, 10);
-    let after = 500 * (30 * 100_000 + 70 * 10_000_000) / 3600 / 1000 + at(100_000, 1000, 10);
+    let after = 500 * (30 * 100_000 + 70 * 10_000_000) / 3600 / 1000 + at(10_000_000, 1000, 10);
     assert_eq!(cost(&moving) - cost(&plain), after - before);
     let note = moving["notes"][0].as_str().unwrap_or("");
     assert!(

@@ -24,7 +24,8 @@
 //!    GPUs on reserved nodes only if their own max runtime ends before the
 //!    reservation's start — so they cannot delay it. Jobs without a max runtime
 //!    never backfill into a reservation. A job that fits only once work with
-//!    no expected end has left gets none (there is no start to protect).
+//!    no expected end has left holds its first slot "until never": that slot
+//!    drains for it.
 //! 4. A job that does not fit, is not preemptible, and outranks preemptible
 //!    running work may evict the smallest set of such work that makes room.
 //!    The victims are stopped with their grace period and queued again; the

@@ -60,9 +60,10 @@ pub(crate) fn reserved_capacity_would_fit(
     false
 }
 
-/// Reserves the slots where the job fits earliest. Returns whether it did:
-/// not when it fits only once work with no expected end (no max runtime)
-/// has left, as there is no start to protect then.
+/// Reserves the slots where the job fits earliest. Returns whether it did.
+/// Where it fits only once work with no expected end (no max runtime) has
+/// left, the reservation is "until never" on the lowest group and slot:
+/// no work without a max runtime lands there, so the slot drains for it.
 pub(crate) fn reserve(
     fleet: &mut Fleet,
     job: &JobInput,
@@ -135,7 +136,7 @@ fn reserve_walk(
             (at, group, list)
         })
         .min_by_key(|(at, group, _)| (*at, *group));
-    let Some((at, _, list)) = best.filter(|(at, _, _)| *at != NEVER) else {
+    let Some((at, _, list)) = best else {
         return false;
     };
     for (_, slot) in list {
@@ -174,7 +175,7 @@ fn reserve_one(
         }
     }
     fleet.earliest_fit = index;
-    let Some((at, _, slot)) = best.filter(|(at, _, _)| *at != NEVER) else {
+    let Some((at, _, slot)) = best else {
         return false;
     };
     fleet.reserve(slot, at);
@@ -473,8 +474,11 @@ mod tests {
             let held: Vec<u64> = f.slots.iter().map(|s| s.reserved_until).collect();
             assert_eq!(held, vec![0, 50], "b frees 2 GPUs at 50, before a at 100");
         }
-        // With no expected end there is no start to protect: no reservation.
+        // With no expected end the job still holds the first slot (until
+        // never), so that it drains for it.
         let mut unknown = Fleet::build(&nodes, &[busy("a", 4, NEVER), busy("b", 2, NEVER)]);
-        assert!(!reserve(&mut unknown, &job, &compiled, &classes, 10));
+        assert!(reserve(&mut unknown, &job, &compiled, &classes, 10));
+        let held: Vec<u64> = unknown.slots.iter().map(|s| s.reserved_until).collect();
+        assert_eq!(held, vec![NEVER, 0]);
     }
 }

@@ -85,9 +85,14 @@ fn panel(
     );
 }
 
-/// Virtual time for an axis: `1m 40s`, `3days 2h`.
+/// Virtual time for an axis, in one unit: `100 s`, `45 min`, `7.5 h`, `149.3 days`.
 fn span(secs: u64) -> String {
-    humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
+    match secs {
+        0..120 => format!("{secs} s"),
+        120..7_200 => format!("{:.0} min", secs as f64 / 60.0),
+        7_200..172_800 => format!("{:.1} h", secs as f64 / 3600.0),
+        _ => format!("{:.1} days", secs as f64 / 86_400.0),
+    }
 }
 
 /// Allocation and stranded GPUs over virtual time, every policy.
@@ -119,12 +124,17 @@ pub(crate) fn replay(reports: &[PolicyReport]) -> String {
             .flat_map(|(_, v)| v.iter().flatten().copied())
             .fold(0.0f64, f64::max)
     };
-    let axis = ("0s".to_string(), span(end));
+    let axis = ("0 s".to_string(), span(end));
+    // Scaled to the busiest column (a lightly loaded trace would draw a
+    // flat floor on 0–100 %), the scale said in the title.
+    let top_allocation = peak(&allocation);
     panel(
         &mut out,
-        "GPUs allocated over time (% of all GPUs; ▁ 0 … █ 100 %; each column the mean of its span):",
+        &format!(
+            "GPUs allocated over time (% of all GPUs; ▁ 0 … █ {top_allocation:.1} %; each column the mean of its span):"
+        ),
         &allocation,
-        100.0,
+        top_allocation,
         (&axis.0, &axis.1),
     );
     let top = peak(&stranded);
@@ -203,6 +213,14 @@ mod tests {
         let c = column_means(&[(0, 1.0), (1, 2.0)], 2, 4);
         assert_eq!(c.iter().flatten().count(), 2, "{c:?}");
         assert_eq!(column_means(&[], 0, 3), vec![None, None, None]);
+    }
+
+    #[test]
+    fn axis_spans_read_in_one_unit() {
+        assert_eq!(span(100), "100 s");
+        assert_eq!(span(2_700), "45 min");
+        assert_eq!(span(27_000), "7.5 h");
+        assert_eq!(span(12_900_000), "149.3 days");
     }
 
     #[test]
