@@ -96,7 +96,7 @@ impl Engine<'_> {
     /// none (the taken GPUs are given back either way, [`Engine::start`]
     /// takes them).
     fn baseline_gang(&mut self, spec: &SimJob, best_fit: bool) -> Option<Vec<Run>> {
-        let mut runs = Vec::with_capacity(spec.tasks as usize);
+        let mut runs = Vec::new();
         for _ in 0..spec.tasks {
             let Some(run) = self.baseline_task(spec, best_fit) else {
                 break;

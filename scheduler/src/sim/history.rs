@@ -28,6 +28,10 @@ use std::collections::BTreeMap;
 use crate::domain::Generation;
 use crate::sim::workload::{SimJob, SimNode, Workload};
 
+/// Tasks a job may have: the controller's limit (`spec.tasks`,
+/// docs/limits.md), so a record claiming more is not from a controller.
+pub const MAX_TASKS: u32 = 4096;
+
 /// One finished allocation, in the simulator's plain terms.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct HistoryRecord {
@@ -121,6 +125,13 @@ pub fn workload(
             return Err(HistoryError(format!(
                 "record of {} task {}: ended before it started",
                 r.job_id, r.task_index
+            )));
+        }
+        if r.tasks > MAX_TASKS || r.task_index >= MAX_TASKS {
+            return Err(HistoryError(format!(
+                "record of {} task {}: job_tasks is {}; a job has at most {MAX_TASKS} tasks \
+                 (the controller's limit): export the history again from the controller",
+                r.job_id, r.task_index, r.tasks
             )));
         }
         jobs.entry(&r.job_id)
@@ -382,7 +393,17 @@ mod tests {
         assert!(err.contains("--fleet"), "{err}");
         let err = workload(nodes.clone(), &[]).unwrap_err().0;
         assert!(err.contains("gpufleet usage export"), "{err}");
-        let err = workload(nodes, &[rec("j", 3, None, 10, 5)]).unwrap_err().0;
+        let err = workload(nodes.clone(), &[rec("j", 3, None, 10, 5)])
+            .unwrap_err()
+            .0;
         assert_eq!(err, "record of j task 3: ended before it started");
+        // A gang larger than any controller accepts is refused, not
+        // allocated for.
+        let huge = HistoryRecord {
+            tasks: u32::MAX,
+            ..rec("j", 0, None, 0, 5)
+        };
+        let err = workload(nodes, &[huge]).unwrap_err().0;
+        assert!(err.contains("job_tasks is 4294967295"), "{err}");
     }
 }
