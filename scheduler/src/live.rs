@@ -639,6 +639,41 @@ mod tests {
                 let inputs: Vec<RunningInput> = running.values().flatten().cloned().collect();
                 let fresh = Fleet::build(&nodes, &inputs);
                 prop_assert_eq!(canonical(live.pass_fleet()), canonical(&fresh));
+                // The kept fleet decides as the fresh one, reservations
+                // included (its earliest-fit tables carried from earlier
+                // passes): a queue too large to fit, heads of every width.
+                let probe: Vec<JobInput> = (1..=8u32)
+                    .rev()
+                    .map(|width| JobInput {
+                        id: format!("probe{width}"),
+                        tenant: "probe".into(),
+                        priority: 100 + width as i32,
+                        tasks: 1 + width % 2,
+                        gpus_per_task: width,
+                        max_runtime_secs: Some(u64::from(width) * 50),
+                        ..Default::default()
+                    })
+                    .collect();
+                let (mut kept, mut built) = (live.pass_fleet().clone(), fresh.clone());
+                let config = SchedulerConfig::default();
+                let a = schedule(&mut kept, &probe, &config, &TenantState::default(), now);
+                let b = schedule(&mut built, &probe, &config, &TenantState::default(), now);
+                // Victims are a set (allocation ids, which order them, differ).
+                let sorted = |outcomes: Vec<Outcome>| -> Vec<Outcome> {
+                    outcomes
+                        .into_iter()
+                        .map(|o| match o {
+                            Outcome::Preempting { mut victims } => {
+                                victims.sort();
+                                Outcome::Preempting { victims }
+                            }
+                            other => other,
+                        })
+                        .collect()
+                };
+                prop_assert_eq!(sorted(a.outcomes), sorted(b.outcomes));
+                let held = |f: &Fleet| f.slots.iter().map(|s| s.reserved_until).collect::<Vec<_>>();
+                prop_assert_eq!(held(&kept), held(&built));
             }
         }
     }
