@@ -651,12 +651,6 @@ mod tests {
                         tasks: 1 + width % 2,
                         gpus_per_task: width,
                         max_runtime_secs: Some(u64::from(width) * 50),
-                        // Preemptible: placement and reservations only.
-                        // A gang's choice of victims can differ between a
-                        // kept fleet and a fresh build (ties between
-                        // allocations of one gang), so eviction is not
-                        // compared here.
-                        preemptible: true,
                         ..Default::default()
                     })
                     .collect();

@@ -64,15 +64,17 @@ pub(crate) fn preempt(
                     if run.mask == 0 || run.mask & s.shared == 0 {
                         continue;
                     }
-                    let at = match shared.iter().position(|(bit, ..)| *bit == run.mask) {
-                        Some(at) => at,
+                    let gpu = match shared.iter().position(|(bit, ..)| *bit == run.mask) {
+                        Some(gpu) => gpu,
                         None => {
                             shared.push((run.mask, Vec::new(), i32::MIN, true, at));
                             shared.len() - 1
                         }
                     };
-                    let gpu = &mut shared[at];
+                    let gpu = &mut shared[gpu];
                     if !run.evicting {
+                        // Where its first evictable share is listed (the
+                        // tie-break a fresh build and a live fleet share).
                         if gpu.1.is_empty() {
                             gpu.4 = at;
                         }
@@ -152,15 +154,18 @@ pub(crate) fn preempt(
     Some(evict(fleet, &victims, &slots, now))
 }
 
-/// Marks the jobs of `victims` (running allocation ids) as being evicted
-/// and holds `slots` for the preemptor; returns the victim job ids.
+/// Marks the jobs of `victims` (running allocation ids) as being evicted —
+/// every allocation of each, so a gang's other tasks count as room for
+/// later jobs of the pass — and holds `slots` for the preemptor; returns
+/// the victim job ids, sorted (a set: the same for a fresh build and a
+/// live fleet, whose allocation ids differ).
 fn evict(fleet: &mut Fleet, victims: &[u32], slots: &[u32], now: u64) -> Vec<String> {
-    let mut victim_jobs: Vec<u32> = victims
+    let mut names: Vec<String> = victims
         .iter()
-        .map(|&r| fleet.running[r as usize].job)
+        .map(|&r| fleet.running_jobs[fleet.running[r as usize].job as usize].clone())
         .collect();
-    victim_jobs.sort_unstable();
-    victim_jobs.dedup();
+    names.sort_unstable();
+    names.dedup();
     // Hold the room: nothing may start on these slots until the job runs.
     for &slot in slots {
         fleet.reserve(slot, now.max(1));
@@ -168,7 +173,11 @@ fn evict(fleet: &mut Fleet, victims: &[u32], slots: &[u32], now: u64) -> Vec<Str
     // Victims' allocations are now being evicted (for later jobs this pass).
     let mut newly_evicting = Vec::new();
     for (r, run) in fleet.running.iter_mut().enumerate() {
-        if victim_jobs.contains(&run.job) && !run.evicting {
+        if !run.evicting
+            && names
+                .binary_search(&fleet.running_jobs[run.job as usize])
+                .is_ok()
+        {
             run.evicting = true;
             newly_evicting.push(r);
         }
@@ -183,10 +192,7 @@ fn evict(fleet: &mut Fleet, victims: &[u32], slots: &[u32], now: u64) -> Vec<Str
             fleet.classes[class].evicting += n;
         }
     }
-    victim_jobs
-        .into_iter()
-        .map(|j| fleet.running_jobs[j as usize].clone())
-        .collect()
+    names
 }
 
 /// For a one-task share job that does not fit: the cheapest room that
