@@ -679,4 +679,15 @@ fn prices_replay_a_recorded_price_history() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("no prices"), "{stderr}");
+    // A fixed --price beside the recorded history is refused, not ignored.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpufleet"))
+        .args([
+            "simulate", "--nodes", NODES, "--pods", PODS, "--price", "T4=$1", "--prices",
+        ])
+        .arg(&prices)
+        .output()
+        .expect("gpufleet runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--price and --prices together"), "{stderr}");
 }

@@ -143,6 +143,14 @@ pub fn run(format: Format, args: &SimulateArgs) -> anyhow::Result<ExitCode> {
     input_notes.extend(applied.iter().map(|a| format!("what-if {a}")));
     let mut price_steps = Vec::new();
     if let Some(path) = &args.prices {
+        // A fixed --price would be overwritten by each node's recorded
+        // history: refuse rather than ignore it.
+        if !args.price.is_empty() {
+            anyhow::bail!(
+                "--price and --prices together: --prices replays each node's recorded price over time, which would \
+                 override --price; edit the exported price file instead, or use --price without --prices"
+            );
+        }
         if args.inflation {
             anyhow::bail!(
                 "--prices replays prices over time; --inflation has no time to replay them over"
