@@ -114,8 +114,11 @@ impl<'a> Eligible<'a> {
             .filter(|&c| compiled.class_ok_at_any_price(&fleet.classes[c as usize]))
             .collect();
         let classes = within_cap(&any_price);
-        if self.cached_ids + any_price.len() <= MAX_CACHED_IDS {
-            self.cached_ids += any_price.len();
+        // Each entry counts at least one: lists that came out empty bound
+        // the map too.
+        let cost = any_price.len().max(1);
+        if self.cached_ids + cost <= MAX_CACHED_IDS {
+            self.cached_ids += cost;
             self.lists.insert(key, any_price);
         }
         classes
