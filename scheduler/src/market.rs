@@ -326,44 +326,10 @@ mod tests {
     /// shares and reservations about.
     #[test]
     fn supply_from_class_counts_equals_the_slots() {
-        use crate::fleet::{GpuInput, NodeInput, RunningInput};
         use crate::sim::workload::Rng;
         let mut rng = Rng::new(3);
         for _ in 0..200 {
-            let nodes: Vec<NodeInput> = (0..10)
-                .map(|n| NodeInput {
-                    id: format!("n{n}"),
-                    provider: "p".into(),
-                    region: format!("r{}", n % 2),
-                    price_per_gpu_hour_micro_usd: 1 + rng.below(2),
-                    schedulable: rng.below(6) != 0,
-                    gpus: (0..1 + rng.below(8))
-                        .map(|g| GpuInput {
-                            uuid: format!("n{n}-{g}"),
-                            model: "H100".into(),
-                            generation: Generation::Hopper,
-                            memory_bytes: 80 << 30,
-                            healthy: rng.below(8) != 0,
-                            ..Default::default()
-                        })
-                        .collect(),
-                    ..Default::default()
-                })
-                .collect();
-            let mut running = Vec::new();
-            for node in &nodes {
-                for gpu in &node.gpus {
-                    if rng.below(2) == 0 {
-                        running.push(RunningInput {
-                            job_id: format!("j{}", running.len()),
-                            node_id: node.id.clone(),
-                            gpu_uuids: vec![gpu.uuid.clone()],
-                            share_milli: [0, 250, 500][rng.below(3) as usize],
-                            ..Default::default()
-                        });
-                    }
-                }
-            }
+            let (nodes, running) = crate::test_support::random_fleet(&mut rng, 2);
             let mut fleet = Fleet::build(&nodes, &running);
             for slot in 0..fleet.slots.len() as u32 {
                 if rng.below(4) == 0 {

@@ -341,52 +341,13 @@ mod tests {
     use crate::sim::workload::Rng;
     use crate::{Generation, Policy};
 
-    fn fleet(rng: &mut Rng) -> (Vec<NodeInput>, Vec<RunningInput>) {
-        let nodes: Vec<NodeInput> = (0..12)
-            .map(|n| NodeInput {
-                id: format!("n{n}"),
-                provider: "p".into(),
-                region: format!("r{}", n % 3),
-                price_per_gpu_hour_micro_usd: 1 + rng.below(3),
-                schedulable: rng.below(10) != 0,
-                gpus: (0..[2, 4, 8][rng.below(3) as usize])
-                    .map(|g| GpuInput {
-                        uuid: format!("n{n}-{g}"),
-                        model: "H100".into(),
-                        generation: Generation::Hopper,
-                        healthy: rng.below(12) != 0,
-                        ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            })
-            .collect();
-        let mut running = Vec::new();
-        for node in &nodes {
-            for gpu in &node.gpus {
-                if rng.below(3) != 0 {
-                    let share = rng.below(3) == 0;
-                    running.push(RunningInput {
-                        job_id: format!("j{}", running.len()),
-                        node_id: node.id.clone(),
-                        gpu_uuids: vec![gpu.uuid.clone()],
-                        share_milli: if share { 300 } else { 0 },
-                        expected_end: (rng.below(4) != 0).then(|| 100 + rng.below(50)),
-                        ..Default::default()
-                    });
-                }
-            }
-        }
-        (nodes, running)
-    }
-
     /// The one-task reservation read from the kept tables chooses what the
     /// general walk chooses, also after GPUs were taken and given back.
     #[test]
     fn earliest_fit_tables_choose_as_the_walk() {
         let mut rng = Rng::new(7);
         for round in 0..200 {
-            let (nodes, running) = fleet(&mut rng);
+            let (nodes, running) = crate::test_support::random_fleet(&mut rng, 3);
             let mut kept = Fleet::build(&nodes, &running);
             // Up to 12 widths: past 8 a class's tables start over.
             for step in 0..12 {
