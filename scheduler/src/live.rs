@@ -363,8 +363,10 @@ impl LiveFleet {
             } else {
                 &mut class.buckets[list as usize]
             };
-            // A fresh build lists slots in slot order.
-            list.sort_unstable();
+            // A fresh build lists slots in slot order. The list was in order
+            // before the pass moved a few slots: a run-adaptive (stable)
+            // sort puts it back in about one walk.
+            list.sort();
             for (pos, &slot) in list.iter().enumerate() {
                 fleet.slots[slot as usize].pos = pos as u32;
             }

@@ -160,15 +160,12 @@ fn reserve_one(
     let mut best: Option<(u64, u16, u32)> = None;
     for &c in classes {
         let group = compiled.group_of(&fleet.classes[c as usize]);
-        let table = index.table(fleet, c, width);
-        let slots = &fleet.classes[c as usize].slots;
-        for (fit, &slot) in table.iter().zip(slots) {
-            let at = match *fit {
-                Fit::Excluded => continue,
-                Fit::Now => now,
-                Fit::At(at) => at,
-            };
-            let key = (at, group, slot);
+        let first = index.table(fleet, c, width).first();
+        let keys = [
+            first.now.map(|slot| (now, group, slot)),
+            first.at.map(|(at, slot)| (at, group, slot)),
+        ];
+        for key in keys.into_iter().flatten() {
             if best.is_none_or(|b| key < b) {
                 best = Some(key);
             }
@@ -233,8 +230,8 @@ pub(crate) enum Fit {
 /// slot's running work.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct EarliestFit {
-    /// Per class: (width, one entry per slot of `Class::slots`, in order).
-    tables: Vec<Vec<(u32, Vec<Fit>)>>,
+    /// Per class: one table per task width asked for.
+    tables: Vec<Vec<Table>>,
     /// Slots changed since the tables were last brought up to date.
     dirty: Vec<u32>,
     /// Some table exists (else changes need not be noted).
@@ -274,9 +271,10 @@ impl EarliestFit {
             let Some(tables) = self.tables.get_mut(s.class as usize) else {
                 continue;
             };
-            for (width, table) in tables.iter_mut() {
-                if let Some(entry) = table.get_mut(s.class_pos as usize) {
-                    *entry = fit(fleet, slot, *width, &mut ends);
+            for table in tables.iter_mut() {
+                if let Some(entry) = table.fits.get_mut(s.class_pos as usize) {
+                    *entry = fit(fleet, slot, table.width, &mut ends);
+                    table.first = None;
                 }
             }
         }
@@ -285,13 +283,13 @@ impl EarliestFit {
     }
 
     /// The class's table for `width`, built on first use.
-    fn table(&mut self, fleet: &Fleet, class: u32, width: u32) -> &[Fit] {
+    fn table(&mut self, fleet: &Fleet, class: u32, width: u32) -> &mut Table {
         if self.tables.len() < fleet.classes.len() {
             self.tables.resize_with(fleet.classes.len(), Vec::new);
         }
         self.active = true;
         let tables = &mut self.tables[class as usize];
-        let at = match tables.iter().position(|(w, _)| *w == width) {
+        let at = match tables.iter().position(|t| t.width == width) {
             Some(at) => at,
             None => {
                 // Bounded: a class keeps tables for a few widths (a queue
@@ -300,16 +298,71 @@ impl EarliestFit {
                     tables.clear();
                 }
                 let mut ends = Vec::new();
-                let table = fleet.classes[class as usize]
+                let fits = fleet.classes[class as usize]
                     .slots
                     .iter()
                     .map(|&slot| fit(fleet, slot, width, &mut ends))
                     .collect();
-                tables.push((width, table));
+                tables.push(Table {
+                    width,
+                    fits,
+                    first: None,
+                });
                 tables.len() - 1
             }
         };
-        &tables[at].1
+        let table = &mut tables[at];
+        if table.first.is_none() {
+            table.first = Some(First::of(&table.fits, &fleet.classes[class as usize].slots));
+        }
+        table
+    }
+}
+
+/// One class's entries for one task width, and where it fits first.
+#[derive(Debug, Clone)]
+struct Table {
+    width: u32,
+    /// One entry per slot of `Class::slots`, in order.
+    fits: Vec<Fit>,
+    /// Kept until an entry changes.
+    first: Option<First>,
+}
+
+impl Table {
+    fn first(&self) -> First {
+        self.first.unwrap_or_default()
+    }
+}
+
+/// The earliest of a class's entries: the lowest slot that fits now, and
+/// the earliest (time, lowest slot) that fits later. Which of the two is
+/// earlier depends on `now`, so both are kept.
+#[derive(Debug, Clone, Copy, Default)]
+struct First {
+    now: Option<u32>,
+    at: Option<(u64, u32)>,
+}
+
+impl First {
+    fn of(fits: &[Fit], slots: &[u32]) -> First {
+        let mut first = First::default();
+        for (fit, &slot) in fits.iter().zip(slots) {
+            match *fit {
+                Fit::Excluded => {}
+                Fit::Now => {
+                    if first.now.is_none_or(|s| slot < s) {
+                        first.now = Some(slot);
+                    }
+                }
+                Fit::At(at) => {
+                    if first.at.is_none_or(|b| (at, slot) < b) {
+                        first.at = Some((at, slot));
+                    }
+                }
+            }
+        }
+        first
     }
 }
 
