@@ -101,6 +101,27 @@ fn simulate_rejects_an_unknown_policy() {
         .expect("gpufleet runs");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--policy `fgd` is unknown"));
+    // Synthetic sizes are bounded (no fleet, or one too large to hold).
+    for (flag, value) in [
+        ("--synthetic-nodes", "0"),
+        ("--synthetic-nodes", "1000001"),
+        ("--synthetic-jobs", "10000001"),
+    ] {
+        let mut args = vec!["simulate", flag, value];
+        if flag == "--synthetic-jobs" {
+            args.extend(["--synthetic-nodes", "10"]);
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_gpufleet"))
+            .args(&args)
+            .output()
+            .expect("gpufleet runs");
+        assert!(!out.status.success(), "{flag} {value}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(flag) && stderr.contains("is not in"),
+            "{stderr}"
+        );
+    }
 }
 
 /// `gpufleet -o json ARGS…`, which must succeed: its parsed answer, with

@@ -192,13 +192,33 @@ fn from_clap(cmd: &Command, e: clap::Error, origin: Origin) -> ConfigError {
     invalid(arg.get_id().as_str(), format!("{reason} (from {from})"))
 }
 
+/// Largest config file read: far above any real one, and read up to this
+/// whatever size the file reports (a pipe or a device reports none).
+pub const MAX_CONFIG_FILE_BYTES: u64 = 16 << 20;
+
 /// Reads a TOML file into `T`; unknown keys are errors when `T` says
 /// `deny_unknown_fields`.
 pub fn read_file<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    use std::io::Read as _;
+    let read_error = |source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|file| {
+            file.take(MAX_CONFIG_FILE_BYTES + 1)
+                .read_to_string(&mut text)
+        })
+        .map_err(read_error)?;
+    if text.len() as u64 > MAX_CONFIG_FILE_BYTES {
+        return Err(ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: format!(
+                "over {MAX_CONFIG_FILE_BYTES} bytes; a configuration file is a few kilobytes"
+            ),
+        });
+    }
     toml::from_str(&text).map_err(|e| ConfigError::Parse {
         path: path.to_path_buf(),
         // toml's message spans several lines (it quotes the source); keep
@@ -337,4 +357,30 @@ pub fn check_docs(
     );
     problems.sort();
     problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Doc {
+        #[allow(dead_code)]
+        key: Option<String>,
+    }
+
+    /// A config file is believed only up to the limit, whatever size it
+    /// reports; what fits is parsed as before.
+    #[test]
+    fn a_config_file_is_read_up_to_its_limit() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("big.toml");
+        let mut text = " ".repeat(MAX_CONFIG_FILE_BYTES as usize);
+        text.push_str("key = \"x\"\n");
+        std::fs::write(&path, &text).expect("write");
+        let err = read_file::<Doc>(&path).expect_err("too large");
+        assert!(err.to_string().contains("over 16777216 bytes"), "{err}");
+        std::fs::write(&path, "key = \"x\"\n").expect("write");
+        assert!(read_file::<Doc>(&path).is_ok());
+    }
 }

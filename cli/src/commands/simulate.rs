@@ -20,6 +20,12 @@ use gpufleet_scheduler::sim::{self, PolicyReport, SIZE_CLASSES, SimConfig, SimPo
 use serde_json::json;
 
 use super::simulate_input;
+
+/// Nodes a synthetic fleet may have (the internet-scale benchmark's fleet
+/// is 125,000).
+const MAX_SYNTHETIC_NODES: u64 = 1_000_000;
+/// Jobs a synthetic month may have (ten times the goal's month).
+const MAX_SYNTHETIC_JOBS: u64 = 10_000_000;
 use crate::output::Format;
 
 #[derive(Debug, Args)]
@@ -31,12 +37,14 @@ pub struct SimulateArgs {
     /// creation_time,deletion_time,scheduled_time`).
     #[arg(long, value_name = "FILE", requires = "nodes")]
     pods: Option<PathBuf>,
-    /// Generate a synthetic fleet of N nodes instead of reading files.
-    #[arg(long, value_name = "N", conflicts_with_all = ["nodes", "pods"])]
-    synthetic_nodes: Option<usize>,
-    /// Jobs in the synthetic workload (a 30-day month).
-    #[arg(long, value_name = "M", default_value_t = 10_000)]
-    synthetic_jobs: usize,
+    /// Generate a synthetic fleet of N nodes instead of reading files (1–1,000,000).
+    #[arg(long, value_name = "N", conflicts_with_all = ["nodes", "pods"],
+          value_parser = clap::value_parser!(u64).range(1..=MAX_SYNTHETIC_NODES))]
+    synthetic_nodes: Option<u64>,
+    /// Jobs in the synthetic workload, a 30-day month (1–10,000,000).
+    #[arg(long, value_name = "M", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_SYNTHETIC_JOBS))]
+    synthetic_jobs: u64,
     /// Synthetic: this percentage of jobs are gangs of 2-4 tasks of 8 GPUs.
     #[arg(long, value_name = "PCT", default_value_t = 0,
           value_parser = clap::value_parser!(u32).range(0..=100))]
@@ -259,7 +267,12 @@ fn load(args: &SimulateArgs) -> anyhow::Result<(Workload, Vec<String>, Option<u6
             preemptible_pct: args.synthetic_preemptible,
             max_runtime_pct: args.synthetic_max_runtime,
         };
-        let workload = sim::workload::synthetic_with(nodes, args.synthetic_jobs, args.seed, mix);
+        let workload = sim::workload::synthetic_with(
+            nodes as usize,
+            args.synthetic_jobs as usize,
+            args.seed,
+            mix,
+        );
         return Ok((workload, Vec::new(), None));
     }
     if let (Some(history), Some(fleet)) = (&args.history, &args.fleet) {
@@ -273,14 +286,11 @@ fn load(args: &SimulateArgs) -> anyhow::Result<(Workload, Vec<String>, Option<u6
     let (Some(nodes), Some(pods)) = (&args.nodes, &args.pods) else {
         anyhow::bail!("give --nodes FILE --pods FILE (openb format) or --synthetic-nodes N");
     };
-    let read = |p: &PathBuf| {
-        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
-    };
-    Ok((
-        sim::openb::parse(&read(nodes)?, &read(pods)?)?,
-        Vec::new(),
-        None,
-    ))
+    let max = simulate_input::MAX_TRACE_BYTES;
+    let fix = "split the trace";
+    let nodes = simulate_input::read_bounded("--nodes", nodes, max, fix)?;
+    let pods = simulate_input::read_bounded("--pods", pods, max, fix)?;
+    Ok((sim::openb::parse(&nodes, &pods)?, Vec::new(), None))
 }
 
 fn history_notes(n: &sim::history::HistoryNotes) -> Vec<String> {

@@ -30,6 +30,28 @@ const MAX_NODE_GPUS: usize = 32;
 
 /// Largest `--prices` file read (`gpufleet market prices -o json`).
 pub const MAX_PRICES_BYTES: u64 = 256 << 20;
+/// Largest openb `--nodes` or `--pods` file read (the published pod list is
+/// about 1.5 MB; ten million pods fit).
+pub const MAX_TRACE_BYTES: u64 = 1 << 30;
+
+/// A whole file as text, at most `max` bytes: what it says is only believed
+/// after reading (a pipe or a device reports no size).
+pub fn read_bounded(flag: &str, path: &Path, max: u64, fix: &str) -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("{flag}: cannot read {}", path.display()))?;
+    let mut text = String::new();
+    file.take(max + 1)
+        .read_to_string(&mut text)
+        .with_context(|| format!("{flag}: cannot read {} as UTF-8 text", path.display()))?;
+    if text.len() as u64 > max {
+        anyhow::bail!(
+            "{flag} {}: over the {max}-byte limit (docs/limits.md); {fix}",
+            path.display()
+        );
+    }
+    Ok(text)
+}
 /// Most price changes one replay applies (over all nodes).
 pub const MAX_PRICE_STEPS: usize = 10_000_000;
 
@@ -47,17 +69,12 @@ pub fn read_prices(
     start_ms: Option<u64>,
 ) -> anyhow::Result<(Vec<PriceStep>, Vec<String>)> {
     use gpufleet_controller::pricing::{Change, Current, NodePriceKey, PriceBook, PriceKey};
-    let size = std::fs::metadata(path)
-        .with_context(|| format!("--prices: cannot read {}", path.display()))?
-        .len();
-    if size > MAX_PRICES_BYTES {
-        anyhow::bail!(
-            "--prices {}: {size} bytes is over the {MAX_PRICES_BYTES}-byte limit; export a shorter range with `gpufleet -o json market prices --since 30d`",
-            path.display()
-        );
-    }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("--prices: cannot read {}", path.display()))?;
+    let text = read_bounded(
+        "--prices",
+        path,
+        MAX_PRICES_BYTES,
+        "export a shorter range with `gpufleet -o json market prices --since 30d`",
+    )?;
     let response: MarketPricesResponse = output::from_json(&text).with_context(|| {
         format!(
             "--prices {}: not the output of `gpufleet -o json market prices`",
@@ -161,17 +178,12 @@ pub fn catalogue() -> Vec<(&'static str, Generation)> {
 /// the fleet could do), nodes without GPUs are left out, a node of mixed
 /// models counts as its most common one, and at most 32 GPUs per node.
 pub fn read_fleet(path: &Path) -> anyhow::Result<(Vec<SimNode>, Vec<String>)> {
-    let size = std::fs::metadata(path)
-        .with_context(|| format!("--fleet: cannot read {}", path.display()))?
-        .len();
-    if size > MAX_FLEET_BYTES {
-        anyhow::bail!(
-            "--fleet {}: {size} bytes; at most {MAX_FLEET_BYTES}",
-            path.display()
-        );
-    }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("--fleet: cannot read {}", path.display()))?;
+    let text = read_bounded(
+        "--fleet",
+        path,
+        MAX_FLEET_BYTES,
+        "give the output of `gpufleet -o json nodes list`",
+    )?;
     let list: ListNodesResponse = output::from_json(&text).with_context(|| {
         format!(
             "--fleet {}: not the output of `gpufleet -o json nodes list`",
@@ -350,6 +362,31 @@ mod tests {
     use super::*;
     use gpufleet_proto::v1::{GpuInfo, GpuStatus, Node, NodeIdentity};
     use prost_types::Timestamp;
+
+    /// A file is believed only up to the limit, whatever size it reports.
+    #[test]
+    fn files_are_read_up_to_their_limit() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("f");
+        std::fs::write(&path, "0123456789!").expect("write");
+        let err = read_bounded("--prices", &path, 10, "export less").unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("--prices")
+                && text.contains("over the 10-byte limit")
+                && text.contains("export less"),
+            "{text}"
+        );
+        assert_eq!(
+            read_bounded("--prices", &path, 11, "-").expect("fits"),
+            "0123456789!"
+        );
+        let err = read_bounded("--fleet", &dir.path().join("missing"), 10, "-").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("--fleet: cannot read"),
+            "{err:#}"
+        );
+    }
 
     fn node(id: &str, models: &[&str]) -> Node {
         Node {
