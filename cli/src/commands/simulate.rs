@@ -26,6 +26,9 @@ use super::simulate_input;
 const MAX_SYNTHETIC_NODES: u64 = 1_000_000;
 /// Jobs a synthetic month may have (ten times the goal's month).
 const MAX_SYNTHETIC_JOBS: u64 = 10_000_000;
+/// Longest scheduling cadence and market interval.
+const MAX_CADENCE_SECS: u64 = 86_400;
+const MAX_MARKET_INTERVAL_SECS: u64 = 30 * 86_400;
 use crate::output::Format;
 
 #[derive(Debug, Args)]
@@ -141,8 +144,8 @@ pub fn run(format: Format, args: &SimulateArgs) -> anyhow::Result<ExitCode> {
     let cadence = humantime::parse_duration(&args.cadence)
         .map_err(|e| anyhow::anyhow!("--cadence `{}`: {e}; try 1s or 1m", args.cadence))?
         .as_secs();
-    if cadence == 0 {
-        anyhow::bail!("--cadence must be at least 1s");
+    if !(1..=MAX_CADENCE_SECS).contains(&cadence) {
+        anyhow::bail!("--cadence must be from 1s to 1day (a controller passes every second or so)");
     }
     let edits =
         sim::whatif::Edits::parse(&args.add, &args.remove, &args.price, args.load.as_deref())?;
@@ -186,8 +189,10 @@ pub fn run(format: Format, args: &SimulateArgs) -> anyhow::Result<ExitCode> {
             )
         })?
         .as_secs();
-    if market_interval == 0 {
-        anyhow::bail!("--market-interval must be at least 1s");
+    if !(1..=MAX_MARKET_INTERVAL_SECS).contains(&market_interval) {
+        anyhow::bail!(
+            "--market-interval must be from 1s to 30days (the live controller records one a minute)"
+        );
     }
     let mut config = SimConfig {
         cadence_secs: cadence,

@@ -42,6 +42,21 @@ pub(crate) fn column_means(points: &[(u64, f64)], end: u64, width: usize) -> Vec
         .collect()
 }
 
+/// At most `width` columns: past that, each the mean of its share of the
+/// values (in order).
+pub(crate) fn at_most(values: &[f64], width: usize) -> Vec<Option<f64>> {
+    let (n, width) = (values.len(), width.max(1));
+    if n <= width {
+        return values.iter().map(|v| Some(*v)).collect();
+    }
+    (0..width)
+        .map(|c| {
+            let part = &values[c * n / width..((c + 1) * n / width).max(c * n / width + 1)];
+            Some(part.iter().sum::<f64>() / part.len() as f64)
+        })
+        .collect()
+}
+
 /// One row: a block per column, scaled to `max` (blank where unknown).
 pub(crate) fn sparkline(values: &[Option<f64>], max: f64) -> String {
     values
@@ -156,7 +171,13 @@ pub(crate) fn inflation(reports: &[InflationReport]) -> String {
         .map(|r| {
             (
                 r.policy.label().to_string(),
-                r.points.iter().map(|p| Some(p.unallocated_pct)).collect(),
+                at_most(
+                    &r.points
+                        .iter()
+                        .map(|p| p.unallocated_pct)
+                        .collect::<Vec<_>>(),
+                    WIDTH,
+                ),
             )
         })
         .collect();
@@ -187,7 +208,7 @@ pub(crate) fn inflation(reports: &[InflationReport]) -> String {
         .unwrap_or(0);
     let _ = writeln!(
         out,
-        "unallocated GPUs as demand arrives (% of capacity; ▁ 0 … █ {top:.1} %; a column per step):"
+        "unallocated GPUs as demand arrives (% of capacity; ▁ 0 … █ {top:.1} %; a column per step, or the mean of neighbouring steps past {WIDTH}):"
     );
     for (label, values) in &rows {
         let _ = writeln!(out, "  {label:<label_width$}  {}", sparkline(values, top));
@@ -213,6 +234,15 @@ mod tests {
         let c = column_means(&[(0, 1.0), (1, 2.0)], 2, 4);
         assert_eq!(c.iter().flatten().count(), 2, "{c:?}");
         assert_eq!(column_means(&[], 0, 3), vec![None, None, None]);
+    }
+
+    #[test]
+    fn many_steps_become_at_most_width_columns() {
+        let values: Vec<f64> = (0..950).map(f64::from).collect();
+        let columns = at_most(&values, 60);
+        assert_eq!(columns.len(), 60);
+        assert_eq!(columns[0], Some((0..15).map(f64::from).sum::<f64>() / 15.0));
+        assert_eq!(at_most(&[1.0, 2.0], 60), vec![Some(1.0), Some(2.0)]);
     }
 
     #[test]

@@ -409,7 +409,7 @@ impl<'a> Engine<'a> {
             else {
                 break;
             };
-            let tick = event.div_ceil(cadence) * cadence;
+            let tick = event.div_ceil(cadence).saturating_mul(cadence);
             if self.wake.is_some_and(|w| w <= tick) {
                 self.wake = None;
             }
@@ -802,7 +802,7 @@ impl<'a> Engine<'a> {
                 .insert(at, job_input(&self.workload.jobs[job], job));
         }
         // The freed room and the requeued job are for the next pass.
-        self.wake = Some(now + 1);
+        self.wake = Some(now.saturating_add(1));
     }
 }
 
