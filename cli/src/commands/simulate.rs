@@ -587,7 +587,9 @@ fn downsample(series: &[sim::Sample], points: usize) -> Vec<sim::Sample> {
 /// What a chart panel plots for one sample of one policy.
 type SeriesValue = dyn Fn(&PolicyReport, &sim::Sample) -> f64;
 
-const COLOURS: [&str; 7] = [
+/// One colour per policy, in the order policies are given (the charts of
+/// both modes).
+pub(crate) const COLOURS: [&str; 7] = [
     "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
 ];
 
@@ -654,17 +656,27 @@ fn svg(reports: &[PolicyReport]) -> String {
         }
     }
     let legend_y = top + 2.0 * (panel + 50.0);
-    for (i, r) in reports.iter().enumerate() {
-        let y = legend_y + 20.0 * i as f64;
+    svg_legend(&mut s, reports.iter().map(|r| r.policy), left, legend_y);
+    s.push_str("</svg>\n");
+    s
+}
+
+/// One line per policy below a chart: its colour, then its name.
+pub(crate) fn svg_legend(
+    s: &mut String,
+    policies: impl Iterator<Item = SimPolicy>,
+    left: f64,
+    top: f64,
+) {
+    for (i, policy) in policies.enumerate() {
+        let y = top + 20.0 * i as f64;
         let _ = writeln!(
             s,
             r#"<rect x="{left}" y="{}" width="14" height="4" fill="{}"/><text x="{}" y="{y}">{}</text>"#,
             y - 4.0,
             COLOURS[i % COLOURS.len()],
             left + 20.0,
-            r.policy.label()
+            policy.label()
         );
     }
-    s.push_str("</svg>\n");
-    s
 }

@@ -15,6 +15,7 @@ use gpufleet_scheduler::sim::inflation::{self, InflationConfig, InflationReport}
 use gpufleet_scheduler::sim::{SimPolicy, Workload};
 use serde_json::json;
 
+use super::simulate::COLOURS;
 use crate::output::Format;
 
 /// The demand range the comparison averages over, percent of capacity.
@@ -183,10 +184,6 @@ fn to_json(
     })
 }
 
-const COLOURS: [&str; 7] = [
-    "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
-];
-
 /// Unallocated GPUs (y) against arrived demand (x), one polyline per
 /// policy, and a legend.
 fn svg(reports: &[InflationReport]) -> String {
@@ -241,17 +238,7 @@ fn svg(reports: &[InflationReport]) -> String {
             points.join(" ")
         );
     }
-    for (i, r) in reports.iter().enumerate() {
-        let y = height + 20.0 * i as f64;
-        let _ = writeln!(
-            s,
-            r#"<rect x="{left}" y="{}" width="14" height="4" fill="{}"/><text x="{}" y="{y}">{}</text>"#,
-            y - 4.0,
-            COLOURS[i % COLOURS.len()],
-            left + 20.0,
-            r.policy.label()
-        );
-    }
+    super::simulate::svg_legend(&mut s, reports.iter().map(|r| r.policy), left, height);
     s.push_str("</svg>\n");
     s
 }
